@@ -1,0 +1,20 @@
+"""Envelope encryption, no I/O: `seal` and `open` over AES-256-GCM with a keyring of KEKs.
+
+This package imports nothing from the rest of `broker`.
+"""
+
+from broker.crypto.aead import DecryptionFailed
+from broker.crypto.envelope import FORMAT_VERSION, Binding, Sealed, open, seal
+from broker.crypto.keyring import Kek, Keyring, KeyError_
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Binding",
+    "DecryptionFailed",
+    "Kek",
+    "KeyError_",
+    "Keyring",
+    "Sealed",
+    "open",
+    "seal",
+]

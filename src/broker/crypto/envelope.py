@@ -1,0 +1,90 @@
+"""Envelope encryption: a fresh data key (DEK) per seal, wrapped by the active KEK.
+
+    ciphertext  = 0x01 || AES-GCM(DEK, plaintext, aad=secret_aad(binding))
+    wrapped_dek = 0x01 || AES-GCM(KEK, DEK,       aad=dek_aad(kek_id, binding))
+
+Both associated data strings name the format version, tenant, connection id and
+secret version, so a ciphertext or wrapped key copied to another row fails to
+open; the wrapped DEK is also bound to the id of the KEK that wrapped it. The
+layout is pinned by the JSON vectors in tests/vectors/.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from broker.crypto import aead
+from broker.crypto.aead import DecryptionFailed, Random
+from broker.crypto.keyring import Keyring, KeyError_
+
+FORMAT_VERSION = 1
+_VERSION_BYTE = bytes([FORMAT_VERSION])
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """Where a sealed secret belongs; bound into the associated data."""
+
+    tenant: str
+    connection_id: str
+    secret_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """What the store keeps for a connection's secrets."""
+
+    ciphertext: bytes
+    wrapped_dek: bytes
+    kek_id: str
+
+
+def _field(value: str) -> bytes:
+    raw = value.encode("utf-8")
+    return struct.pack(">I", len(raw)) + raw
+
+
+def secret_aad(binding: Binding) -> bytes:
+    """Associated data for the secret ciphertext."""
+    return (
+        b"broker.secret"
+        + _VERSION_BYTE
+        + _field(binding.tenant)
+        + _field(binding.connection_id)
+        + struct.pack(">Q", binding.secret_version)
+    )
+
+
+def dek_aad(kek_id: str, binding: Binding) -> bytes:
+    """Associated data for the wrapped data key."""
+    return (
+        b"broker.dek"
+        + _VERSION_BYTE
+        + _field(kek_id)
+        + _field(binding.tenant)
+        + _field(binding.connection_id)
+        + struct.pack(">Q", binding.secret_version)
+    )
+
+
+def seal(keyring: Keyring, plaintext: bytes, binding: Binding, random: Random = os.urandom) -> Sealed:
+    """Encrypt `plaintext` under a fresh DEK and wrap the DEK under the active KEK."""
+    kek = keyring.active
+    dek = random(aead.KEY_SIZE)
+    ciphertext = _VERSION_BYTE + aead.encrypt(dek, plaintext, secret_aad(binding), random)
+    wrapped = _VERSION_BYTE + aead.encrypt(kek._key, dek, dek_aad(kek.id, binding), random)
+    return Sealed(ciphertext=ciphertext, wrapped_dek=wrapped, kek_id=kek.id)
+
+
+def open(keyring: Keyring, sealed: Sealed, binding: Binding) -> bytes:  # noqa: A001 - the recipe's verb
+    """Unwrap the DEK and open the ciphertext; any mismatch raises `DecryptionFailed`."""
+    try:
+        kek = keyring.get(sealed.kek_id)
+    except KeyError_:
+        raise DecryptionFailed() from None
+    if sealed.wrapped_dek[:1] != _VERSION_BYTE or sealed.ciphertext[:1] != _VERSION_BYTE:
+        raise DecryptionFailed()
+    dek = aead.decrypt(kek._key, sealed.wrapped_dek[1:], dek_aad(kek.id, binding))
+    return aead.decrypt(dek, sealed.ciphertext[1:], secret_aad(binding))

@@ -1,0 +1,107 @@
+"""The broker's error tree. Each class names the gRPC status it maps to.
+
+    BrokerError                      INTERNAL (never raised directly)
+    ├── InvalidArgument              INVALID_ARGUMENT, with field violations
+    ├── NotFound                     NOT_FOUND
+    ├── AlreadyExists                ALREADY_EXISTS
+    ├── FailedPrecondition           FAILED_PRECONDITION
+    ├── PermissionDenied             PERMISSION_DENIED
+    ├── Unauthenticated              UNAUTHENTICATED
+    ├── Aborted                      ABORTED (a stale etag)
+    ├── ResourceExhausted            RESOURCE_EXHAUSTED
+    ├── Unavailable                  UNAVAILABLE
+    ├── SecretUnavailable            INTERNAL (a stored secret cannot be opened)
+    └── NotImplementedYet            UNIMPLEMENTED (a feature the broker names but lacks)
+
+The gRPC layer translates these in one interceptor (`broker.api.interceptors`);
+nothing below `api/` imports grpc, so the status is named by a string here.
+Messages are written for the person reading them and never contain secret values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+class BrokerError(Exception):
+    """Base of every error the broker reports to a caller."""
+
+    status: str = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field: a dotted path (`config.port`, `secrets.password`) and what is wrong."""
+
+    field: str
+    description: str
+
+
+class InvalidArgument(BrokerError):
+    """The request is malformed; `violations` names each field at fault."""
+
+    status = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: Iterable[FieldViolation] | FieldViolation) -> None:
+        if isinstance(violations, FieldViolation):
+            violations = [violations]
+        self.violations = tuple(violations)
+        if not self.violations:
+            raise ValueError("InvalidArgument needs at least one violation")
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
+
+    @classmethod
+    def field(cls, field: str, description: str) -> InvalidArgument:
+        """Shorthand for a single bad field."""
+        return cls(FieldViolation(field, description))
+
+
+class NotFound(BrokerError):
+    status = "NOT_FOUND"
+
+
+class AlreadyExists(BrokerError):
+    status = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(BrokerError):
+    status = "FAILED_PRECONDITION"
+
+
+class PermissionDenied(BrokerError):
+    status = "PERMISSION_DENIED"
+
+
+class Unauthenticated(BrokerError):
+    status = "UNAUTHENTICATED"
+
+
+class Aborted(BrokerError):
+    status = "ABORTED"
+
+
+class ResourceExhausted(BrokerError):
+    status = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(BrokerError):
+    status = "UNAVAILABLE"
+
+
+class SecretUnavailable(BrokerError):
+    """A stored secret cannot be opened: tampered with, purged, or its master key is gone."""
+
+    status = "INTERNAL"
+
+
+class NotImplementedYet(BrokerError):
+    status = "UNIMPLEMENTED"
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; raised at start-up, names the setting."""

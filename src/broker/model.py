@@ -1,0 +1,172 @@
+"""Domain values shared by the service, store and API layers. No I/O, no grpc.
+
+Times are timezone-aware UTC datetimes. Secret values never live on these records:
+a `ConnectionRecord` carries only the sealed envelope and the *names* of its
+secret fields.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from broker.crypto.envelope import Sealed
+
+
+class Role(enum.StrEnum):
+    ADMIN = "admin"
+    EXECUTOR = "executor"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """A verified caller: parsed from the URI SAN of its client certificate."""
+
+    trust_domain: str
+    tenant: str
+    role: Role
+    name: str
+
+    @property
+    def spiffe_id(self) -> str:
+        return f"spiffe://{self.trust_domain}/tenant/{self.tenant}/{self.role.value}/{self.name}"
+
+    def __str__(self) -> str:
+        return self.spiffe_id
+
+
+class ConnectionStatus(enum.StrEnum):
+    ACTIVE = "active"
+    REVOKED = "revoked"
+    DELETED = "deleted"
+
+
+class TestStatus(enum.StrEnum):
+    __test__ = False  # not a pytest test class
+
+    UNTESTED = "untested"
+    SUCCESS = "success"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRecord:
+    """A stored connection as the store holds it: config in clear, secrets sealed.
+
+    `version` increments on every change and is the etag. `secret_version`
+    increments whenever the secrets are re-sealed (it is bound into the AAD).
+    `sealed` is None only after a purge destroyed the wrapped data key.
+    """
+
+    id: str
+    tenant: str
+    name: str
+    type: str
+    provider: str
+    config: dict[str, Any]
+    secret_fields: tuple[str, ...]
+    labels: dict[str, str]
+    status: ConnectionStatus
+    version: int
+    secret_version: int
+    sealed: Sealed | None
+    created_at: datetime
+    updated_at: datetime
+    created_by: str
+    deleted_at: datetime | None = None
+    purged_at: datetime | None = None
+    last_used_at: datetime | None = None
+    last_tested_at: datetime | None = None
+    test_status: TestStatus = TestStatus.UNTESTED
+
+    @property
+    def etag(self) -> str:
+        return f"v{self.version}"
+
+    @property
+    def live(self) -> bool:
+        """Not soft-deleted (it may still be revoked)."""
+        return self.deleted_at is None
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Lets one executor principal (a SPIFFE id) resolve one connection until `expires_at`."""
+
+    tenant: str
+    connection_id: str
+    principal: str
+    created_at: datetime
+    created_by: str
+    expires_at: datetime | None = None
+
+    def active_at(self, now: datetime) -> bool:
+        return self.expires_at is None or now < self.expires_at
+
+
+class Outcome(enum.StrEnum):
+    ALLOWED = "allowed"
+    DENIED = "denied"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One line of the audit trail. Never holds a secret value. `id` is set by the store."""
+
+    time: datetime
+    tenant: str
+    actor: str
+    action: str
+    outcome: Outcome
+    connection_id: str = ""
+    reason: str = ""
+    request_id: str = ""
+    peer: str = ""
+    details: dict[str, str] = field(default_factory=dict)
+    id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFilter:
+    """What `ListConnections` narrows by. `status=None` means active and revoked."""
+
+    type: str = ""
+    provider: str = ""
+    status: ConnectionStatus | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    name_prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GrantFilter:
+    connection_id: str = ""
+    principal: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditFilter:
+    connection_id: str = ""
+    actor: str = ""
+    action: str = ""
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+
+
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def new_id(prefix: str, now_ms: int | None = None) -> str:
+    """A sortable unique id: prefix, 48-bit millisecond time and 80 random bits (ULID layout)."""
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return prefix + "_" + "".join(reversed(chars))

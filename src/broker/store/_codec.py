@@ -1,0 +1,212 @@
+"""Records to SQL parameters and rows back to records, for the SQL backends.
+
+Times are INTEGER microseconds since the epoch (UTC); dicts are JSON text with
+sorted keys. Nothing here formats a value into an error message.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from broker.crypto.envelope import Sealed
+from broker.model import (
+    AuditEvent,
+    ConnectionRecord,
+    ConnectionStatus,
+    Grant,
+    Outcome,
+    TestStatus,
+)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+class Row(Protocol):
+    """A result row addressable by column name (sqlite3.Row, asyncpg.Record)."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+def to_micros(value: datetime) -> int:
+    """Microseconds since the epoch; a naive datetime is a programming error."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("the store needs timezone-aware datetimes")
+    return (value - _EPOCH) // _MICROSECOND
+
+
+def to_micros_or_none(value: datetime | None) -> int | None:
+    return None if value is None else to_micros(value)
+
+
+def from_micros(value: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=value)
+
+
+def from_micros_or_none(value: int | None) -> datetime | None:
+    return None if value is None else from_micros(value)
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+# Column order shared by INSERT and UPDATE; `tenant` and `id` come first.
+CONNECTION_COLUMNS = (
+    "tenant",
+    "id",
+    "name",
+    "type",
+    "provider",
+    "config",
+    "secret_fields",
+    "labels",
+    "status",
+    "version",
+    "secret_version",
+    "ciphertext",
+    "wrapped_dek",
+    "kek_id",
+    "created_at",
+    "updated_at",
+    "created_by",
+    "deleted_at",
+    "purged_at",
+    "last_used_at",
+    "last_tested_at",
+    "test_status",
+)
+
+
+def connection_params(record: ConnectionRecord) -> tuple[Any, ...]:
+    """Values in `CONNECTION_COLUMNS` order."""
+    sealed = record.sealed
+    return (
+        record.tenant,
+        record.id,
+        record.name,
+        record.type,
+        record.provider,
+        to_json(record.config),
+        to_json(list(record.secret_fields)),
+        to_json(record.labels),
+        record.status.value,
+        record.version,
+        record.secret_version,
+        None if sealed is None else sealed.ciphertext,
+        None if sealed is None else sealed.wrapped_dek,
+        None if sealed is None else sealed.kek_id,
+        to_micros(record.created_at),
+        to_micros(record.updated_at),
+        record.created_by,
+        to_micros_or_none(record.deleted_at),
+        to_micros_or_none(record.purged_at),
+        to_micros_or_none(record.last_used_at),
+        to_micros_or_none(record.last_tested_at),
+        record.test_status.value,
+    )
+
+
+def connection_from_row(row: Row) -> ConnectionRecord:
+    sealed = None
+    if row["wrapped_dek"] is not None:
+        sealed = Sealed(
+            ciphertext=bytes(row["ciphertext"]),
+            wrapped_dek=bytes(row["wrapped_dek"]),
+            kek_id=row["kek_id"],
+        )
+    return ConnectionRecord(
+        id=row["id"],
+        tenant=row["tenant"],
+        name=row["name"],
+        type=row["type"],
+        provider=row["provider"],
+        config=json.loads(row["config"]),
+        secret_fields=tuple(json.loads(row["secret_fields"])),
+        labels=json.loads(row["labels"]),
+        status=ConnectionStatus(row["status"]),
+        version=row["version"],
+        secret_version=row["secret_version"],
+        sealed=sealed,
+        created_at=from_micros(row["created_at"]),
+        updated_at=from_micros(row["updated_at"]),
+        created_by=row["created_by"],
+        deleted_at=from_micros_or_none(row["deleted_at"]),
+        purged_at=from_micros_or_none(row["purged_at"]),
+        last_used_at=from_micros_or_none(row["last_used_at"]),
+        last_tested_at=from_micros_or_none(row["last_tested_at"]),
+        test_status=TestStatus(row["test_status"]),
+    )
+
+
+GRANT_COLUMNS = ("tenant", "connection_id", "principal", "created_at", "created_by", "expires_at")
+
+
+def grant_params(grant: Grant) -> tuple[Any, ...]:
+    return (
+        grant.tenant,
+        grant.connection_id,
+        grant.principal,
+        to_micros(grant.created_at),
+        grant.created_by,
+        to_micros_or_none(grant.expires_at),
+    )
+
+
+def grant_from_row(row: Row) -> Grant:
+    return Grant(
+        tenant=row["tenant"],
+        connection_id=row["connection_id"],
+        principal=row["principal"],
+        created_at=from_micros(row["created_at"]),
+        created_by=row["created_by"],
+        expires_at=from_micros_or_none(row["expires_at"]),
+    )
+
+
+# `id` is assigned by the database and left out.
+AUDIT_COLUMNS = (
+    "tenant",
+    "time",
+    "actor",
+    "action",
+    "outcome",
+    "connection_id",
+    "reason",
+    "request_id",
+    "peer",
+    "details",
+)
+
+
+def audit_params(event: AuditEvent) -> tuple[Any, ...]:
+    return (
+        event.tenant,
+        to_micros(event.time),
+        event.actor,
+        event.action,
+        event.outcome.value,
+        event.connection_id,
+        event.reason,
+        event.request_id,
+        event.peer,
+        to_json(event.details),
+    )
+
+
+def audit_from_row(row: Row) -> AuditEvent:
+    return AuditEvent(
+        id=row["id"],
+        time=from_micros(row["time"]),
+        tenant=row["tenant"],
+        actor=row["actor"],
+        action=row["action"],
+        outcome=Outcome(row["outcome"]),
+        connection_id=row["connection_id"],
+        reason=row["reason"],
+        request_id=row["request_id"],
+        peer=row["peer"],
+        details=json.loads(row["details"]),
+    )

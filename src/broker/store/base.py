@@ -1,0 +1,121 @@
+"""The Store protocol: everything the service layer needs from persistence.
+
+Every method is scoped by tenant; a row of another tenant is indistinguishable
+from a missing one. Each write that changes state takes the `AuditEvent` that
+describes it and commits both in one transaction, so there is never a change
+without its audit record nor a record of a change that did not happen.
+
+Implementations: `broker.store.sqlite.SqliteStore` (the default). A PostgreSQL
+backend will implement the same protocol; keep SQL portable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol
+
+from broker.model import (
+    AuditEvent,
+    AuditFilter,
+    ConnectionFilter,
+    ConnectionRecord,
+    Grant,
+    GrantFilter,
+)
+
+
+class Store(Protocol):
+    async def open(self) -> None:
+        """Connect and apply pending migrations."""
+
+    async def close(self) -> None:
+        """Finish pending work and release connections."""
+
+    async def ping(self) -> None:
+        """Raise if the store cannot answer a trivial query."""
+
+    # ------------------------------------------------------------------ meta
+
+    async def get_meta(self, key: str) -> bytes | None:
+        """A broker-wide value (such as the sealed key-check canary), or None."""
+
+    async def put_meta(self, key: str, value: bytes) -> None:
+        """Insert or replace a broker-wide value."""
+
+    async def kek_ids_in_use(self) -> set[str]:
+        """Ids of every master key that wraps a data key still stored (purged rows excluded)."""
+
+    # ----------------------------------------------------------- connections
+
+    async def create_connection(self, record: ConnectionRecord, event: AuditEvent) -> None:
+        """Insert a new connection and its audit event.
+
+        Raises `AlreadyExists` when a live (not soft-deleted) connection of the same
+        tenant has the same name; nothing is written then.
+        """
+
+    async def get_connection(self, tenant: str, connection_id: str) -> ConnectionRecord | None:
+        """The connection in any state (active, revoked, deleted, purged), or None."""
+
+    async def find_connection_by_name(self, tenant: str, name: str) -> ConnectionRecord | None:
+        """The live (not soft-deleted) connection with this name, or None."""
+
+    async def list_connections(
+        self, tenant: str, filter: ConnectionFilter, limit: int, after_id: str | None
+    ) -> list[ConnectionRecord]:
+        """Up to `limit` connections ordered by id, with id > after_id when given.
+
+        `filter.status` None lists live ones (active and revoked); DELETED lists
+        soft-deleted, not purged ones; ACTIVE or REVOKED list only that status.
+        Every label in `filter.labels` must match. Filters are applied in SQL so
+        paging stays exact.
+        """
+
+    async def replace_connection(
+        self,
+        record: ConnectionRecord,
+        expected_version: int,
+        event: AuditEvent,
+        *,
+        drop_grants: bool = False,
+    ) -> None:
+        """Overwrite the row (tenant, id) with `record` if its version is still `expected_version`.
+
+        Raises `NotFound` when no such row exists, `Aborted` when its version
+        differs, `AlreadyExists` when the new name collides with another live
+        connection. `drop_grants` also deletes the connection's grants (purge).
+        All or nothing, with the audit event in the same transaction.
+        """
+
+    async def record_last_used(self, uses: Sequence[tuple[str, str, datetime]]) -> None:
+        """Set last_used_at for (tenant, connection_id, time) triples; does not change the version."""
+
+    # ---------------------------------------------------------------- grants
+
+    async def put_grant(self, grant: Grant, event: AuditEvent) -> None:
+        """Insert or replace the grant for (tenant, connection_id, principal)."""
+
+    async def delete_grant(self, tenant: str, connection_id: str, principal: str, event: AuditEvent) -> bool:
+        """Delete one grant and write `event`; False (and nothing written) when there was none."""
+
+    async def get_grant(self, tenant: str, connection_id: str, principal: str) -> Grant | None:
+        """The grant, expired or not, or None."""
+
+    async def list_grants(
+        self, tenant: str, filter: GrantFilter, limit: int, after: tuple[str, str] | None
+    ) -> list[Grant]:
+        """Up to `limit` grants ordered by (connection_id, principal), after that pair when given."""
+
+    # ----------------------------------------------------------------- audit
+
+    async def append_audit(self, events: Sequence[AuditEvent]) -> None:
+        """Durably append events in one transaction (one commit, one fsync for the batch)."""
+
+    async def list_audit(
+        self, tenant: str, filter: AuditFilter, limit: int, before_id: int | None
+    ) -> list[AuditEvent]:
+        """Up to `limit` events, newest first (descending id), with id < before_id when given.
+
+        `start_time` is inclusive, `end_time` exclusive.
+        """

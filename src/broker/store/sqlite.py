@@ -1,0 +1,461 @@
+"""The embedded SQLite backend of the `Store` protocol (aiosqlite).
+
+One writer connection, serialised by an `asyncio.Lock`, runs every change as
+`BEGIN IMMEDIATE ... COMMIT` (rolled back on any exception, so a change and
+its audit event land together or not at all). A second, query-only connection
+serves reads; WAL lets it read while the writer writes. `secure_delete` zeroes
+freed space, so a purged wrapped data key does not linger in the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiosqlite
+
+from broker.errors import Aborted, AlreadyExists, NotFound, Unavailable
+from broker.model import (
+    AuditEvent,
+    AuditFilter,
+    ConnectionFilter,
+    ConnectionRecord,
+    ConnectionStatus,
+    Grant,
+    GrantFilter,
+)
+from broker.store import _codec as codec
+from broker.store._migrate import apply_sqlite, load_migrations
+
+if TYPE_CHECKING:
+    from broker.store.base import Store
+
+# Statements are assembled from the constant column lists in `_codec`, never from input.
+_CONNECTION_SELECT = "SELECT " + ", ".join(codec.CONNECTION_COLUMNS) + " FROM connections"  # noqa: S608
+_CONNECTION_INSERT = (
+    f"INSERT INTO connections ({', '.join(codec.CONNECTION_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join('?' for _ in codec.CONNECTION_COLUMNS)})"
+)
+# last_used_at is flushed out of band by `record_last_used`, which leaves the version
+# alone; a replace based on an older read must not move it backwards.
+_CONNECTION_UPDATE = (
+    "UPDATE connections SET "  # noqa: S608
+    + ", ".join(
+        f"{col} = :{col}" for col in codec.CONNECTION_COLUMNS if col not in ("tenant", "id", "last_used_at")
+    )
+    + ", last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < :last_used_at"
+    " THEN :last_used_at ELSE last_used_at END"
+    " WHERE tenant = :tenant AND id = :id AND version = :expected_version"
+)
+_LABEL_INSERT = "INSERT INTO connection_labels (tenant, connection_id, key, value) VALUES (?, ?, ?, ?)"
+_GRANT_SELECT = "SELECT " + ", ".join(codec.GRANT_COLUMNS) + " FROM grants"  # noqa: S608
+_GRANT_UPSERT = (
+    f"INSERT INTO grants ({', '.join(codec.GRANT_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?) "  # noqa: S608
+    "ON CONFLICT (tenant, connection_id, principal) DO UPDATE SET "
+    "created_at = excluded.created_at, created_by = excluded.created_by, expires_at = excluded.expires_at"
+)
+_AUDIT_SELECT = "SELECT id, " + ", ".join(codec.AUDIT_COLUMNS) + " FROM audit_events"  # noqa: S608
+_AUDIT_INSERT = (
+    f"INSERT INTO audit_events ({', '.join(codec.AUDIT_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join('?' for _ in codec.AUDIT_COLUMNS)})"
+)
+
+_STATUS_WHERE: dict[ConnectionStatus | None, str] = {
+    None: "deleted_at IS NULL",
+    ConnectionStatus.ACTIVE: "status = 'active' AND deleted_at IS NULL",
+    ConnectionStatus.REVOKED: "status = 'revoked' AND deleted_at IS NULL",
+    ConnectionStatus.DELETED: "deleted_at IS NOT NULL AND purged_at IS NULL",
+}
+
+
+class SqliteStore:
+    """`Store` on one SQLite file; see the module docstring for the connection layout."""
+
+    def __init__(self, path: Path, *, busy_timeout_ms: int = 5000) -> None:
+        self.path = Path(path)
+        self._busy_timeout_ms = busy_timeout_ms
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        """Create the file (mode 0600) if needed, set the pragmas and apply pending migrations."""
+        if self._writer is not None:
+            raise RuntimeError("the store is already open")
+        _create_private_file(self.path)
+        writer = await self._connect()
+        try:
+            mode = await _pragma(writer, "journal_mode = WAL")
+            if str(mode).lower() != "wal":
+                raise RuntimeError(f"SQLite refused WAL mode for {self.path} (got {mode!r})")
+            await _pragma(writer, "synchronous = FULL")
+            # Zero freed space, so a purged wrapped data key does not survive in a free page.
+            if await _pragma(writer, "secure_delete = ON") != 1:
+                raise RuntimeError("SQLite refused secure_delete")
+            await apply_sqlite(writer, load_migrations())
+            reader = await self._connect()
+        except BaseException:
+            await writer.close()
+            raise
+        try:
+            await _pragma(reader, "query_only = ON")
+        except BaseException:
+            await reader.close()
+            await writer.close()
+            raise
+        self._writer, self._reader = writer, reader
+
+    async def _connect(self) -> aiosqlite.Connection:
+        # isolation_level=None: the sqlite3 module starts no transactions of its own.
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            conn.row_factory = sqlite3.Row
+            await _pragma(conn, f"busy_timeout = {int(self._busy_timeout_ms)}")
+            await _pragma(conn, "foreign_keys = ON")
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def close(self) -> None:
+        """Wait for the transaction in flight, then close both connections."""
+        async with self._write_lock:
+            writer, reader = self._writer, self._reader
+            self._writer = self._reader = None
+            try:
+                if reader is not None:
+                    await reader.close()
+            finally:
+                if writer is not None:
+                    await writer.close()
+
+    async def ping(self) -> None:
+        """Raise if the reader cannot answer `SELECT 1`."""
+        await self._read("SELECT 1", ())
+
+    # -------------------------------------------------------------- plumbing
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """`BEGIN IMMEDIATE` on the writer; COMMIT on success, ROLLBACK on any exception."""
+        async with self._write_lock:
+            conn = self._writer
+            if conn is None:
+                raise RuntimeError("the store is not open")
+            try:
+                await conn.execute("BEGIN IMMEDIATE")
+                yield conn
+                await conn.commit()
+            except BaseException as exc:
+                # Shielded so a cancelled caller still leaves the connection clean;
+                # rollback() is a no-op when no transaction is open.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(conn.rollback())
+                if _is_busy(exc):
+                    raise Unavailable("the database is busy; retry shortly") from exc
+                raise
+
+    async def _read(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+        conn = self._reader
+        if conn is None:
+            raise RuntimeError("the store is not open")
+        try:
+            return list(await conn.execute_fetchall(sql, params))
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                raise Unavailable("the database is busy; retry shortly") from exc
+            raise
+
+    @staticmethod
+    async def _insert_audit(conn: aiosqlite.Connection, events: Iterable[AuditEvent]) -> None:
+        await conn.executemany(_AUDIT_INSERT, [codec.audit_params(e) for e in events])
+
+    @staticmethod
+    async def _write_labels(conn: aiosqlite.Connection, record: ConnectionRecord) -> None:
+        await conn.execute(
+            "DELETE FROM connection_labels WHERE tenant = ? AND connection_id = ?", (record.tenant, record.id)
+        )
+        await conn.executemany(
+            _LABEL_INSERT, [(record.tenant, record.id, k, v) for k, v in sorted(record.labels.items())]
+        )
+
+    # ------------------------------------------------------------------ meta
+
+    async def get_meta(self, key: str) -> bytes | None:
+        """A broker-wide value, or None."""
+        rows = await self._read("SELECT value FROM meta WHERE key = ?", (key,))
+        return bytes(rows[0]["value"]) if rows else None
+
+    async def put_meta(self, key: str, value: bytes) -> None:
+        """Insert or replace a broker-wide value."""
+        async with self._transaction() as conn:
+            await conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    async def kek_ids_in_use(self) -> set[str]:
+        """Ids of the master keys that wrap a stored data key, across all tenants."""
+        rows = await self._read("SELECT DISTINCT kek_id FROM connections WHERE kek_id IS NOT NULL", ())
+        return {row["kek_id"] for row in rows}
+
+    # ----------------------------------------------------------- connections
+
+    async def create_connection(self, record: ConnectionRecord, event: AuditEvent) -> None:
+        """Insert the connection, its labels and its audit event; `AlreadyExists` on a live name."""
+        params = codec.connection_params(record)
+        try:
+            async with self._transaction() as conn:
+                await conn.execute(_CONNECTION_INSERT, params)
+                await self._write_labels(conn, record)
+                await self._insert_audit(conn, [event])
+        except sqlite3.IntegrityError as exc:
+            conflict = _connection_conflict(exc, record)
+            if conflict is None:
+                raise
+            raise conflict from exc
+
+    async def get_connection(self, tenant: str, connection_id: str) -> ConnectionRecord | None:
+        """The connection in any state, or None."""
+        rows = await self._read(_CONNECTION_SELECT + " WHERE tenant = ? AND id = ?", (tenant, connection_id))
+        return codec.connection_from_row(rows[0]) if rows else None
+
+    async def find_connection_by_name(self, tenant: str, name: str) -> ConnectionRecord | None:
+        """The live connection with this name, or None."""
+        rows = await self._read(
+            _CONNECTION_SELECT + " WHERE tenant = ? AND name = ? AND deleted_at IS NULL", (tenant, name)
+        )
+        return codec.connection_from_row(rows[0]) if rows else None
+
+    async def list_connections(
+        self, tenant: str, filter: ConnectionFilter, limit: int, after_id: str | None
+    ) -> list[ConnectionRecord]:
+        """Up to `limit` connections by id, every filter applied in SQL."""
+        _check_limit(limit)
+        where = ["tenant = ?", _STATUS_WHERE[filter.status]]
+        params: list[Any] = [tenant]
+        if filter.type:
+            where.append("type = ?")
+            params.append(filter.type)
+        if filter.provider:
+            where.append("provider = ?")
+            params.append(filter.provider)
+        if filter.name_prefix:
+            # substr, not LIKE: no wildcards to escape, and case-sensitive in SQLite too.
+            where.append("substr(name, 1, ?) = ?")
+            params += [len(filter.name_prefix), filter.name_prefix]
+        for key, value in sorted(filter.labels.items()):
+            where.append(
+                "EXISTS (SELECT 1 FROM connection_labels l WHERE l.tenant = connections.tenant"
+                " AND l.connection_id = connections.id AND l.key = ? AND l.value = ?)"
+            )
+            params += [key, value]
+        if after_id is not None:
+            where.append("id > ?")
+            params.append(after_id)
+        sql = f"{_CONNECTION_SELECT} WHERE {' AND '.join(where)} ORDER BY id LIMIT ?"
+        rows = await self._read(sql, [*params, limit])
+        return [codec.connection_from_row(row) for row in rows]
+
+    async def replace_connection(
+        self,
+        record: ConnectionRecord,
+        expected_version: int,
+        event: AuditEvent,
+        *,
+        drop_grants: bool = False,
+    ) -> None:
+        """Overwrite (tenant, id) if still at `expected_version`; all or nothing with `event`."""
+        if record.version <= expected_version:
+            raise ValueError("a replaced connection needs a version above the expected one")
+        params: dict[str, Any] = dict(
+            zip(codec.CONNECTION_COLUMNS, codec.connection_params(record), strict=True)
+        )
+        params["expected_version"] = expected_version
+        try:
+            async with self._transaction() as conn:
+                async with conn.execute(_CONNECTION_UPDATE, params) as cursor:
+                    changed = cursor.rowcount
+                if changed == 0:
+                    found = await conn.execute_fetchall(
+                        "SELECT 1 FROM connections WHERE tenant = ? AND id = ?", (record.tenant, record.id)
+                    )
+                    if not list(found):
+                        raise NotFound(f"connection {record.id} not found")
+                    raise Aborted(
+                        "the connection changed since it was read (etag mismatch); read it again and retry"
+                    )
+                await self._write_labels(conn, record)
+                if drop_grants:
+                    await conn.execute(
+                        "DELETE FROM grants WHERE tenant = ? AND connection_id = ?",
+                        (record.tenant, record.id),
+                    )
+                await self._insert_audit(conn, [event])
+        except sqlite3.IntegrityError as exc:
+            conflict = _connection_conflict(exc, record)
+            if conflict is None:
+                raise
+            raise conflict from exc
+
+    async def record_last_used(self, uses: Sequence[tuple[str, str, datetime]]) -> None:
+        """Raise last_used_at (never lower it) in one transaction; the version is untouched."""
+        if not uses:
+            return
+        params = []
+        for tenant, connection_id, when in uses:
+            micros = codec.to_micros(when)
+            params.append((micros, tenant, connection_id, micros))
+        async with self._transaction() as conn:
+            await conn.executemany(
+                "UPDATE connections SET last_used_at = ? WHERE tenant = ? AND id = ?"
+                " AND (last_used_at IS NULL OR last_used_at < ?)",
+                params,
+            )
+
+    # ---------------------------------------------------------------- grants
+
+    async def put_grant(self, grant: Grant, event: AuditEvent) -> None:
+        """Insert or replace the grant and write `event`; `NotFound` when the connection is unknown."""
+        params = codec.grant_params(grant)
+        try:
+            async with self._transaction() as conn:
+                await conn.execute(_GRANT_UPSERT, params)
+                await self._insert_audit(conn, [event])
+        except sqlite3.IntegrityError as exc:
+            if "FOREIGN KEY" in str(exc):
+                raise NotFound(f"connection {grant.connection_id} not found") from exc
+            raise
+
+    async def delete_grant(self, tenant: str, connection_id: str, principal: str, event: AuditEvent) -> bool:
+        """Delete one grant and write `event`; False and nothing written when there was none."""
+        async with self._transaction() as conn:
+            async with conn.execute(
+                "DELETE FROM grants WHERE tenant = ? AND connection_id = ? AND principal = ?",
+                (tenant, connection_id, principal),
+            ) as cursor:
+                deleted = cursor.rowcount
+            if deleted == 0:
+                return False
+            await self._insert_audit(conn, [event])
+        return True
+
+    async def get_grant(self, tenant: str, connection_id: str, principal: str) -> Grant | None:
+        """The grant, expired or not, or None."""
+        rows = await self._read(
+            _GRANT_SELECT + " WHERE tenant = ? AND connection_id = ? AND principal = ?",
+            (tenant, connection_id, principal),
+        )
+        return codec.grant_from_row(rows[0]) if rows else None
+
+    async def list_grants(
+        self, tenant: str, filter: GrantFilter, limit: int, after: tuple[str, str] | None
+    ) -> list[Grant]:
+        """Up to `limit` grants ordered by (connection_id, principal), after that pair when given."""
+        _check_limit(limit)
+        where = ["tenant = ?"]
+        params: list[Any] = [tenant]
+        if filter.connection_id:
+            where.append("connection_id = ?")
+            params.append(filter.connection_id)
+        if filter.principal:
+            where.append("principal = ?")
+            params.append(filter.principal)
+        if after is not None:
+            where.append("(connection_id > ? OR (connection_id = ? AND principal > ?))")
+            params += [after[0], after[0], after[1]]
+        sql = f"{_GRANT_SELECT} WHERE {' AND '.join(where)} ORDER BY connection_id, principal LIMIT ?"
+        rows = await self._read(sql, [*params, limit])
+        return [codec.grant_from_row(row) for row in rows]
+
+    # ----------------------------------------------------------------- audit
+
+    async def append_audit(self, events: Sequence[AuditEvent]) -> None:
+        """Append the batch in one transaction: one commit, one fsync."""
+        if not events:
+            return
+        params = [codec.audit_params(e) for e in events]
+        async with self._transaction() as conn:
+            await conn.executemany(_AUDIT_INSERT, params)
+
+    async def list_audit(
+        self, tenant: str, filter: AuditFilter, limit: int, before_id: int | None
+    ) -> list[AuditEvent]:
+        """Up to `limit` events, newest first, with id < before_id when given."""
+        _check_limit(limit)
+        where = ["tenant = ?"]
+        params: list[Any] = [tenant]
+        for column, value in (
+            ("connection_id", filter.connection_id),
+            ("actor", filter.actor),
+            ("action", filter.action),
+        ):
+            if value:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if filter.start_time is not None:
+            where.append("time >= ?")
+            params.append(codec.to_micros(filter.start_time))
+        if filter.end_time is not None:
+            where.append("time < ?")
+            params.append(codec.to_micros(filter.end_time))
+        if before_id is not None:
+            where.append("id < ?")
+            params.append(before_id)
+        sql = f"{_AUDIT_SELECT} WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?"
+        rows = await self._read(sql, [*params, limit])
+        return [codec.audit_from_row(row) for row in rows]
+
+
+def _create_private_file(path: Path) -> None:
+    """Create the database file owner-only before SQLite does (its WAL files copy the mode)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+async def _pragma(conn: aiosqlite.Connection, assignment: str) -> Any:
+    rows = list(await conn.execute_fetchall(f"PRAGMA {assignment}"))
+    return rows[0][0] if rows else None
+
+
+def _is_busy(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and getattr(exc, "sqlite_errorname", "").startswith(
+        "SQLITE_BUSY"
+    )
+
+
+def _check_limit(limit: int) -> None:
+    # SQLite reads a negative LIMIT as "no limit"; never let a bad page size list everything.
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+
+
+def _connection_conflict(exc: sqlite3.IntegrityError, record: ConnectionRecord) -> AlreadyExists | None:
+    """The domain error for a uniqueness violation on connections, or None for any other violation."""
+    message = str(exc)
+    if "UNIQUE" in message and "connections.name" in message:
+        return AlreadyExists(f"a connection named '{record.name}' already exists")
+    if "UNIQUE" in message and "connections.id" in message:
+        return AlreadyExists(f"connection {record.id} already exists")
+    return None
+
+
+if TYPE_CHECKING:
+
+    def _satisfies_protocol(store: SqliteStore) -> Store:
+        return store
