@@ -40,7 +40,9 @@ def generate(out_dir: Path) -> None:
             raise SystemExit("protoc failed")
         out_dir.mkdir(parents=True, exist_ok=True)
         for src in sorted((Path(tmp) / "broker" / "v1").iterdir()):
-            text = re.sub(r"^from broker\.v1 import", "from broker._proto import", src.read_text(), flags=re.M)
+            text = re.sub(
+                r"^from broker\.v1 import", "from broker._proto import", src.read_text(), flags=re.M
+            )
             (out_dir / src.name).write_text(HEADER + text)
     init = out_dir / "__init__.py"
     if not init.exists():

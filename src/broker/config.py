@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.crypto import Kek, Keyring, KeyError_
+from broker.crypto import Kek, KeyError_, Keyring
 from broker.errors import ConfigError
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -5,7 +5,7 @@ This package imports nothing from the rest of `broker`.
 
 from broker.crypto.aead import DecryptionFailed
 from broker.crypto.envelope import FORMAT_VERSION, Binding, Sealed, open, seal
-from broker.crypto.keyring import Kek, Keyring, KeyError_
+from broker.crypto.keyring import Kek, KeyError_, Keyring
 
 __all__ = [
     "FORMAT_VERSION",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from broker.crypto import aead
 from broker.crypto.aead import DecryptionFailed, Random
-from broker.crypto.keyring import Keyring, KeyError_
+from broker.crypto.keyring import KeyError_, Keyring
 
 FORMAT_VERSION = 1
 _VERSION_BYTE = bytes([FORMAT_VERSION])
@@ -78,7 +78,7 @@ def seal(keyring: Keyring, plaintext: bytes, binding: Binding, random: Random = 
     return Sealed(ciphertext=ciphertext, wrapped_dek=wrapped, kek_id=kek.id)
 
 
-def open(keyring: Keyring, sealed: Sealed, binding: Binding) -> bytes:  # noqa: A001 - the recipe's verb
+def open(keyring: Keyring, sealed: Sealed, binding: Binding) -> bytes:
     """Unwrap the DEK and open the ciphertext; any mismatch raises `DecryptionFailed`."""
     try:
         kek = keyring.get(sealed.kek_id)

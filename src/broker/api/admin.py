@@ -1,0 +1,109 @@
+"""AdminService: thin adapters from proto requests to the connection, access and audit services."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker import catalog
+from broker._proto import broker_pb2 as pb
+from broker._proto import broker_pb2_grpc
+from broker.api import convert
+from broker.api.interceptors import current_call
+from broker.model import AuditFilter, ConnectionFilter, GrantFilter
+from broker.sensitive import SecretFields
+from broker.service.access import AccessService
+from broker.service.audit import AuditLog
+from broker.service.connections import ConnectionPatch, ConnectionService, NewConnection
+
+
+class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
+    def __init__(self, connections: ConnectionService, access: AccessService, audit: AuditLog) -> None:
+        self._connections = connections
+        self._access = access
+        self._audit = audit
+
+    async def ListConnectionTypes(self, request: pb.ListConnectionTypesRequest, context: Any) -> Any:
+        return pb.ListConnectionTypesResponse(
+            types=[convert.connection_type(t) for t in catalog.list_types()]
+        )
+
+    async def CreateConnection(self, request: pb.CreateConnectionRequest, context: Any) -> pb.Connection:
+        new = NewConnection(
+            name=request.name,
+            type=request.type,
+            provider=request.provider,
+            config=convert.from_struct(request.config),
+            secrets=SecretFields(request.secrets),
+            labels=dict(request.labels),
+        )
+        return convert.connection(await self._connections.create(current_call(), new))
+
+    async def GetConnection(self, request: pb.GetConnectionRequest, context: Any) -> pb.Connection:
+        return convert.connection(await self._connections.get(current_call(), request.id))
+
+    async def ListConnections(self, request: pb.ListConnectionsRequest, context: Any) -> Any:
+        filter = ConnectionFilter(
+            type=request.type,
+            provider=request.provider,
+            status=convert.STATUS_FROM_PB.get(request.status),
+            labels=dict(request.labels),
+            name_prefix=request.name_prefix,
+        )
+        records, token = await self._connections.list(
+            current_call(), filter, request.page_size, request.page_token
+        )
+        return pb.ListConnectionsResponse(
+            connections=[convert.connection(r) for r in records], next_page_token=token
+        )
+
+    async def UpdateConnection(self, request: pb.UpdateConnectionRequest, context: Any) -> pb.Connection:
+        patch = ConnectionPatch(
+            id=request.id,
+            name=request.name if request.HasField("name") else None,
+            config=convert.from_struct(request.config) if request.HasField("config") else None,
+            secrets=SecretFields(request.secrets),
+            clear_secrets=tuple(request.clear_secrets),
+            labels=dict(request.labels.values) if request.HasField("labels") else None,
+            etag=request.etag,
+        )
+        return convert.connection(await self._connections.update(current_call(), patch))
+
+    async def DeleteConnection(self, request: pb.DeleteConnectionRequest, context: Any) -> pb.Connection:
+        return convert.connection(await self._connections.delete(current_call(), request.id))
+
+    async def RestoreConnection(self, request: pb.RestoreConnectionRequest, context: Any) -> pb.Connection:
+        return convert.connection(await self._connections.restore(current_call(), request.id))
+
+    async def PurgeConnection(self, request: pb.PurgeConnectionRequest, context: Any) -> Any:
+        await self._connections.purge(current_call(), request.id)
+        return pb.PurgeConnectionResponse(id=request.id)
+
+    async def RevokeConnection(self, request: pb.RevokeConnectionRequest, context: Any) -> pb.Connection:
+        return convert.connection(await self._connections.revoke(current_call(), request.id, request.reason))
+
+    async def GrantAccess(self, request: pb.GrantAccessRequest, context: Any) -> pb.Grant:
+        expires_at = convert.from_timestamp(request, "expires_at")
+        grant = await self._access.grant(current_call(), request.connection_id, request.principal, expires_at)
+        return convert.grant(grant)
+
+    async def RevokeAccess(self, request: pb.RevokeAccessRequest, context: Any) -> Any:
+        await self._access.revoke(current_call(), request.connection_id, request.principal)
+        return pb.RevokeAccessResponse()
+
+    async def ListGrants(self, request: pb.ListGrantsRequest, context: Any) -> Any:
+        filter = GrantFilter(connection_id=request.connection_id, principal=request.principal)
+        grants, token = await self._access.list(current_call(), filter, request.page_size, request.page_token)
+        return pb.ListGrantsResponse(grants=[convert.grant(g) for g in grants], next_page_token=token)
+
+    async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: Any) -> Any:
+        filter = AuditFilter(
+            connection_id=request.connection_id,
+            actor=request.actor,
+            action=request.action,
+            start_time=convert.from_timestamp(request, "start_time"),
+            end_time=convert.from_timestamp(request, "end_time"),
+        )
+        events, token = await self._audit.list(current_call(), filter, request.page_size, request.page_token)
+        return pb.ListAuditEventsResponse(
+            events=[convert.audit_event(e) for e in events], next_page_token=token
+        )

@@ -1,0 +1,126 @@
+"""Proto <-> domain conversion. The admin `Connection` is built here from the record,
+which holds no secret values, so redaction is a property of the types."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from broker import catalog
+from broker._proto import broker_pb2 as pb
+from broker.errors import InvalidArgument
+from broker.model import AuditEvent, ConnectionRecord, ConnectionStatus, Grant, TestStatus
+
+_STATUS_TO_PB = {
+    ConnectionStatus.ACTIVE: pb.CONNECTION_STATUS_ACTIVE,
+    ConnectionStatus.REVOKED: pb.CONNECTION_STATUS_REVOKED,
+    ConnectionStatus.DELETED: pb.CONNECTION_STATUS_DELETED,
+}
+STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
+_TEST_STATUS_TO_PB = {
+    TestStatus.UNTESTED: pb.TEST_STATUS_UNTESTED,
+    TestStatus.SUCCESS: pb.TEST_STATUS_SUCCESS,
+    TestStatus.FAILED: pb.TEST_STATUS_FAILED,
+}
+_KIND_TO_PB: dict[catalog.FieldKind, pb.FieldKind] = {
+    kind: getattr(pb, f"FIELD_KIND_{kind.name}") for kind in catalog.FieldKind
+}
+
+
+def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def from_timestamp(message: Any, field: str) -> datetime | None:
+    """The datetime in `message.<field>` when it is set."""
+    if not message.HasField(field):
+        return None
+    ts: timestamp_pb2.Timestamp = getattr(message, field)
+    if not 0 <= ts.nanos < 1_000_000_000:
+        raise InvalidArgument.field(field, "is not a valid timestamp")
+    try:
+        return ts.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgument.field(field, "is not a valid timestamp") from None
+
+
+def struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(values)
+    return message
+
+
+def from_struct(message: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(message)
+
+
+def connection(record: ConnectionRecord) -> pb.Connection:
+    """The redacted summary: names of secret fields, never their values."""
+    status = ConnectionStatus.DELETED if record.deleted_at is not None else record.status
+    return pb.Connection(
+        id=record.id,
+        name=record.name,
+        type=record.type,
+        provider=record.provider,
+        config=struct(record.config),
+        secret_fields=list(record.secret_fields),
+        labels=record.labels,
+        status=_STATUS_TO_PB[status],
+        etag=record.etag,
+        created_at=timestamp(record.created_at),
+        updated_at=timestamp(record.updated_at),
+        last_used_at=timestamp(record.last_used_at),
+        last_tested_at=timestamp(record.last_tested_at),
+        test_status=_TEST_STATUS_TO_PB[record.test_status],
+        deleted_at=timestamp(record.deleted_at),
+    )
+
+
+def grant(value: Grant) -> pb.Grant:
+    return pb.Grant(
+        connection_id=value.connection_id,
+        principal=value.principal,
+        expires_at=timestamp(value.expires_at),
+        created_at=timestamp(value.created_at),
+        created_by=value.created_by,
+    )
+
+
+def audit_event(event: AuditEvent) -> pb.AuditEvent:
+    return pb.AuditEvent(
+        id=event.id,
+        time=timestamp(event.time),
+        actor=event.actor,
+        action=event.action,
+        connection_id=event.connection_id,
+        outcome=event.outcome.value,
+        reason=event.reason,
+        request_id=event.request_id,
+        peer=event.peer,
+        details=event.details,
+    )
+
+
+def connection_type(value: catalog.ConnectionType) -> pb.ConnectionType:
+    fields = []
+    for spec in value.fields:
+        field = pb.FieldSpec(
+            name=spec.name,
+            kind=_KIND_TO_PB[spec.kind],
+            secret=spec.secret,
+            required=spec.required,
+            choices=list(spec.choices),
+            description=spec.description,
+        )
+        if spec.default is not None:
+            json_format.ParseDict(spec.default, field.default_value)
+        fields.append(field)
+    return pb.ConnectionType(
+        name=value.name, description=value.description, fields=fields, providers=list(value.providers)
+    )

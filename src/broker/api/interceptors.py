@@ -1,0 +1,117 @@
+"""One interceptor for every broker RPC: request id, identity, role, logging, errors.
+
+It authenticates the caller from the peer certificate, checks the role the
+service requires, makes the `Call` available to the servicer, and translates a
+`BrokerError` into its status in exactly one place. Unexpected exceptions
+become INTERNAL with the request id and nothing else: no stack trace or driver
+message reaches a caller.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+import structlog
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from broker.api.identity import principal_from_context
+from broker.errors import BrokerError, InvalidArgument, PermissionDenied
+from broker.model import Role
+from broker.service.context import Call
+
+log = structlog.get_logger("broker.api")
+
+_CURRENT_CALL: contextvars.ContextVar[Call] = contextvars.ContextVar("broker_call")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def current_call() -> Call:
+    """The authenticated call being served (set by the interceptor)."""
+    return _CURRENT_CALL.get()
+
+
+def _request_id(metadata: Any) -> str:
+    for key, value in metadata or ():
+        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+            return value
+    return uuid.uuid4().hex
+
+
+def _abort_args(error: BrokerError, request_id: str) -> tuple[Any, str, tuple[tuple[str, Any], ...]]:
+    code = getattr(grpc.StatusCode, error.status, grpc.StatusCode.INTERNAL)
+    trailers: list[tuple[str, Any]] = [("x-request-id", request_id)]
+    if isinstance(error, InvalidArgument):
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in error.violations
+            ]
+        )
+        status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=error.message)
+        status.details.add().Pack(bad_request)
+        trailers.append((_STATUS_DETAILS_KEY, status.SerializeToString()))
+    return code, error.message, tuple(trailers)
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Wraps the unary handlers of the services in `roles` (service name -> required role)."""
+
+    def __init__(self, trust_domain: str, roles: Mapping[str, Role]) -> None:
+        self._trust_domain = trust_domain
+        self._roles = dict(roles)
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
+        handler = await continuation(details)
+        service = details.method.split("/")[1] if details.method.count("/") == 2 else ""
+        role = self._roles.get(service)
+        if handler is None or role is None or handler.unary_unary is None:
+            return handler  # health checking and reflection: the TLS layer already required a client cert
+        method = details.method
+        inner = handler.unary_unary
+        trust_domain = self._trust_domain
+
+        async def wrapped(request: Any, context: Any) -> Any:
+            request_id = _request_id(context.invocation_metadata())
+            started = time.perf_counter()
+            outcome = "OK"
+            with structlog.contextvars.bound_contextvars(request_id=request_id, method=method):
+                try:
+                    principal = principal_from_context(context, trust_domain)
+                    if principal.role is not role:
+                        raise PermissionDenied(f"this call requires the {role.value} role")
+                    token = _CURRENT_CALL.set(Call(principal, request_id, context.peer()))
+                    try:
+                        response = await inner(request, context)
+                    finally:
+                        _CURRENT_CALL.reset(token)
+                    context.set_trailing_metadata((("x-request-id", request_id),))
+                    return response
+                except BrokerError as error:
+                    outcome = error.status
+                    abort = _abort_args(error, request_id)
+                except Exception as exc:
+                    if isinstance(exc, grpc.aio.AbortError):
+                        raise
+                    outcome = "INTERNAL"
+                    log.exception("unexpected_error", error_type=type(exc).__name__)
+                    abort = (
+                        grpc.StatusCode.INTERNAL,
+                        f"internal error (request id {request_id})",
+                        (("x-request-id", request_id),),
+                    )
+                finally:
+                    log.info("rpc", status=outcome, ms=round((time.perf_counter() - started) * 1000, 2))
+                await context.abort(abort[0], abort[1], trailing_metadata=abort[2])
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

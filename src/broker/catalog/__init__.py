@@ -1,0 +1,19 @@
+"""Connection types as data: their fields, which are secret, defaults, and validation.
+
+One registry (`list_types`, `get_type`) and one validator (`validate`), which is the only
+place a connection's content is checked. No I/O, no grpc.
+"""
+
+from broker.catalog._registry import get_type, list_types
+from broker.catalog._spec import ConnectionType, FieldKind, FieldSpec, Validated
+from broker.catalog._validate import validate
+
+__all__ = [
+    "ConnectionType",
+    "FieldKind",
+    "FieldSpec",
+    "Validated",
+    "get_type",
+    "list_types",
+    "validate",
+]

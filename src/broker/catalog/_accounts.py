@@ -1,0 +1,191 @@
+"""Connection types for accounts and API credentials: api_key, oauth2, aws, gcp, azure, custom.
+Pure data; `_validate` interprets it.
+"""
+
+from __future__ import annotations
+
+from broker.catalog import _values as v
+from broker.catalog._spec import PROVIDER, ConnectionType, Default, FieldKind, FieldSpec, is_, require, secret
+
+_GUID = r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
+_GUID_TEXT = "a GUID like 00000000-0000-0000-0000-000000000000"
+
+API_KEY = ConnectionType(
+    name="api_key",
+    description="An API key for a hosted service; the provider names the service.",
+    providers=(
+        "openai",
+        "anthropic",
+        "google_ai",
+        "github",
+        "slack",
+        "mistral",
+        "cohere",
+        "huggingface",
+        "custom",
+    ),
+    fields=(
+        secret("api_key", required=True, description="The API key."),
+        secret("api_secret", description="A second secret, where the API has one."),
+        FieldSpec("base_url", FieldKind.URL, description="API base URL; required for provider custom."),
+    ),
+    rules=(require("base_url", when=(is_(PROVIDER, "custom"),)),),
+)
+
+# Endpoints of the known providers, so a caller only supplies them for `custom`. Microsoft's
+# `common` tenant serves multi-tenant apps; a single-tenant app overrides both URLs.
+_OAUTH_ENDPOINTS = {
+    "google": ("https://accounts.google.com/o/oauth2/v2/auth", "https://oauth2.googleapis.com/token"),
+    "microsoft": (
+        "https://login.microsoftonline.com/common/oauth2/v2.0/authorize",
+        "https://login.microsoftonline.com/common/oauth2/v2.0/token",
+    ),
+    "github": ("https://github.com/login/oauth/authorize", "https://github.com/login/oauth/access_token"),
+    "slack": ("https://slack.com/oauth/v2/authorize", "https://slack.com/api/oauth.v2.access"),
+    "notion": ("https://api.notion.com/v1/oauth/authorize", "https://api.notion.com/v1/oauth/token"),
+}
+
+OAUTH2 = ConnectionType(
+    name="oauth2",
+    description="An OAuth2 client and, once authorised, its tokens; the provider names the service.",
+    providers=(*_OAUTH_ENDPOINTS, "custom"),
+    fields=(
+        FieldSpec(
+            "authorize_url",
+            FieldKind.URL,
+            description="Authorization endpoint; known for named providers, required for custom.",
+        ),
+        FieldSpec(
+            "token_url",
+            FieldKind.URL,
+            description="Token endpoint; known for named providers, required for custom.",
+        ),
+        FieldSpec("client_id", FieldKind.STRING, required=True, description="OAuth2 client id."),
+        # Public clients (PKCE, native apps) have no secret.
+        secret("client_secret", description="Client secret; none for public clients."),
+        FieldSpec(
+            "scopes",
+            FieldKind.STRING_LIST,
+            description="Scopes to request.",
+            # RFC 6749 scope tokens: printable ASCII without space, quote or backslash.
+            check=v.each(v.matching(r"[!#-\[\]-~]+", "a list of scope names without spaces")),
+        ),
+        secret("access_token", description="Current access token."),
+        secret("refresh_token", description="Refresh token."),
+        FieldSpec(
+            "expires_at",
+            FieldKind.TIMESTAMP,
+            description="When the access token expires (RFC 3339; stored in UTC).",
+        ),
+        FieldSpec(
+            "grant_type",
+            FieldKind.ENUM,
+            default="authorization_code",
+            choices=("authorization_code", "client_credentials"),
+            description="OAuth2 grant used to obtain tokens.",
+        ),
+    ),
+    rules=(
+        require("token_url", when=(is_(PROVIDER, "custom"),)),
+        # client_credentials never sends a user to the authorization endpoint.
+        require("authorize_url", when=(is_(PROVIDER, "custom"), is_("grant_type", "authorization_code"))),
+    ),
+    defaults=tuple(
+        Default(name, url, (is_(PROVIDER, provider),))
+        for provider, urls in _OAUTH_ENDPOINTS.items()
+        for name, url in zip(("authorize_url", "token_url"), urls, strict=True)
+    ),
+)
+
+AWS = ConnectionType(
+    name="aws",
+    description="AWS credentials: an access key, optionally a role to assume. Takes no provider.",
+    fields=(
+        # The key id identifies the key (it appears in CloudTrail); it is not the secret half.
+        FieldSpec(
+            "access_key_id",
+            FieldKind.STRING,
+            required=True,
+            description="Access key id (AKIA...).",
+            check=v.matching(r"[A-Z0-9]{16,128}", "an AWS access key id (uppercase letters and digits)"),
+        ),
+        secret("secret_access_key", required=True, description="Secret access key."),
+        secret("session_token", description="Session token of temporary credentials."),
+        FieldSpec(
+            "region",
+            FieldKind.STRING,
+            default="us-east-1",
+            description="Default region.",
+            check=v.matching(r"[a-z]{2}(-[a-z]+)+-\d{1,2}", "an AWS region like us-east-1"),
+        ),
+        FieldSpec(
+            "role_arn",
+            FieldKind.STRING,
+            description="IAM role to assume.",
+            check=v.matching(
+                r"arn:[a-z0-9-]+:iam::\d{12}:role/\S+",
+                "an IAM role ARN like arn:aws:iam::123456789012:role/name",
+            ),
+        ),
+    ),
+)
+
+GCP = ConnectionType(
+    name="gcp",
+    description="A Google Cloud service account key. Takes no provider.",
+    fields=(
+        secret(
+            "service_account_json",
+            required=True,
+            description="The service account key file (JSON).",
+            check=v.service_account_json,
+        ),
+        FieldSpec(
+            "project_id",
+            FieldKind.STRING,
+            description="Default project id.",
+            check=v.matching(r"([a-z0-9.-]+:)?[a-z][a-z0-9-]{4,28}[a-z0-9]", "a Google Cloud project id"),
+        ),
+    ),
+)
+
+AZURE = ConnectionType(
+    name="azure",
+    description="An Azure AD (Entra ID) application with a client secret. Takes no provider.",
+    fields=(
+        FieldSpec(
+            "tenant_id",
+            FieldKind.STRING,
+            required=True,
+            description="Directory (tenant) id or domain.",
+            check=v.matching(
+                rf"{_GUID}|[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+",
+                "a tenant GUID or a domain like contoso.onmicrosoft.com",
+            ),
+        ),
+        FieldSpec(
+            "client_id",
+            FieldKind.STRING,
+            required=True,
+            description="Application (client) id.",
+            check=v.matching(_GUID, _GUID_TEXT),
+        ),
+        secret("client_secret", required=True, description="Client secret."),
+        FieldSpec(
+            "subscription_id",
+            FieldKind.STRING,
+            description="Default subscription id.",
+            check=v.matching(_GUID, _GUID_TEXT),
+        ),
+    ),
+)
+
+# Free-form: any config keys, any secret names (checked in `_validate`), at least one secret.
+CUSTOM = ConnectionType(
+    name="custom",
+    description="Anything else: free config, freely named secrets (at least one). Takes no provider.",
+    fields=(),
+    open_config=True,
+)
+
+ACCOUNT_TYPES = (API_KEY, OAUTH2, AWS, GCP, AZURE, CUSTOM)

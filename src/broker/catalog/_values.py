@@ -1,0 +1,264 @@
+"""Parsing and checking single values: one parser per field kind, plus reusable checks.
+
+Every failure raises `Problem` with a message that names what is wrong and never quotes
+the value: a caller may have pasted a password into any field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from broker.catalog._spec import Check, FieldKind, FieldSpec, Problem
+
+MAX_STRING = 65_536
+MAX_URL = 2_048
+MAX_LIST = 256
+MAX_DEPTH = 32
+
+# `[^\S]` style classes would miss control characters; a URL or host may contain neither.
+_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
+_LINE_BREAK_OR_NUL = re.compile(r"[\r\n\x00]")
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Headers that carry credentials belong in the secret fields, where they are sealed.
+_CREDENTIAL_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key", "x-auth-token"}
+)
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise Problem("must be a string")
+    if len(value) > MAX_STRING:
+        raise Problem(f"must be at most {MAX_STRING} characters")
+    if "\x00" in value:
+        raise Problem("must not contain NUL characters")
+    return value
+
+
+def _integer(value: Any) -> int:
+    # A protobuf Struct carries every number as a double, so 5432.0 is an honest integer.
+    if isinstance(value, bool):
+        raise Problem("must be an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    raise Problem("must be an integer")
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Problem("must be a number")
+    if not math.isfinite(value):
+        raise Problem("must be a finite number")
+    return float(value)
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise Problem("must be true or false")
+    return value
+
+
+def _url(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise Problem("must be an http or https URL with a host")
+    if len(value) > MAX_URL:
+        raise Problem(f"must be at most {MAX_URL} characters")
+    if _SPACE_OR_CONTROL.search(value):
+        raise Problem("must not contain whitespace or control characters")
+    try:
+        parts = urlsplit(value)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        raise Problem("must be an http or https URL with a host") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise Problem("must be an http or https URL with a host")
+    if "@" in parts.netloc:
+        raise Problem("must not contain credentials (user:password@): use the secret fields")
+    if not port_ok:
+        raise Problem("has an invalid port")
+    return value
+
+
+def _enum(spec: FieldSpec, value: Any) -> str:
+    if not isinstance(value, str) or value not in spec.choices:
+        raise Problem("must be one of: " + ", ".join(spec.choices))
+    return value
+
+
+def _string_list(value: Any) -> list[str]:
+    if not isinstance(value, list | tuple) or not all(isinstance(item, str) and item for item in value):
+        raise Problem("must be a list of non-empty strings")
+    if len(value) > MAX_LIST:
+        raise Problem(f"must have at most {MAX_LIST} items")
+    return [_string(item) for item in value]
+
+
+def _string_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise Problem("must be an object of string values")
+    if len(value) > MAX_LIST:
+        raise Problem(f"must have at most {MAX_LIST} entries")
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not k or not isinstance(v, str):
+            raise Problem("must map non-empty names to string values")
+        # Map entries end up in headers and DSN options, where a line break is an injection.
+        if _LINE_BREAK_OR_NUL.search(k) or _LINE_BREAK_OR_NUL.search(v):
+            raise Problem("names and values must not contain line breaks or NUL characters")
+        out[_string(k)] = _string(v)
+    return out
+
+
+def _timestamp(value: Any) -> str:
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        raise Problem("must be an RFC 3339 timestamp with a time zone, like 2030-01-02T03:04:05Z")
+    try:
+        parsed = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    except ValueError:
+        raise Problem("must be a valid date and time") from None
+    return parsed.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def json_value(value: Any, depth: int = 0) -> Any:
+    """A deep copy of a JSON-able value (as a protobuf Struct carries it); raises Problem otherwise."""
+    if depth > MAX_DEPTH:
+        raise Problem(f"must not nest deeper than {MAX_DEPTH} levels")
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise Problem("must not contain NaN or infinite numbers")
+        return value
+    if isinstance(value, str):
+        return _string(value)
+    if isinstance(value, list | tuple):
+        return [json_value(v, depth + 1) for v in value]
+    if isinstance(value, Mapping):
+        if not all(isinstance(k, str) for k in value):
+            raise Problem("must have string keys")
+        return {k: json_value(v, depth + 1) for k, v in value.items()}
+    raise Problem("must be a JSON value")
+
+
+def _object(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise Problem("must be an object")
+    result: dict[str, Any] = json_value(value)
+    return result
+
+
+_PARSERS: dict[FieldKind, Callable[[Any], Any]] = {
+    FieldKind.STRING: _string,
+    FieldKind.INTEGER: _integer,
+    FieldKind.BOOLEAN: _boolean,
+    FieldKind.URL: _url,
+    FieldKind.STRING_LIST: _string_list,
+    FieldKind.STRING_MAP: _string_map,
+    FieldKind.NUMBER: _number,
+    FieldKind.TIMESTAMP: _timestamp,
+    FieldKind.OBJECT: _object,
+}
+
+
+def parse(spec: FieldSpec, value: Any) -> Any:
+    """The value parsed for `spec`'s kind and passed through its check; raises Problem."""
+    parsed = _enum(spec, value) if spec.kind is FieldKind.ENUM else _PARSERS[spec.kind](value)
+    return spec.check(parsed) if spec.check is not None else parsed
+
+
+# ----------------------------------------------------------------- checks for FieldSpec.check
+
+
+def integer_between(low: int, high: int) -> Check:
+    """Check: an integer in [low, high]."""
+
+    def check(value: int) -> int:
+        if not low <= value <= high:
+            raise Problem(f"must be an integer between {low} and {high}")
+        return value
+
+    return check
+
+
+def number_in(above: float, at_most: float) -> Check:
+    """Check: a number greater than `above` and at most `at_most`."""
+
+    def check(value: float) -> float:
+        if not above < value <= at_most:
+            raise Problem(f"must be greater than {above:g} and at most {at_most:g}")
+        return value
+
+    return check
+
+
+def matching(pattern: str, what: str) -> Check:
+    """Check: the whole string matches `pattern`; `what` completes "must be ..."."""
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise Problem(f"must be {what}")
+        return value
+
+    return check
+
+
+def each(check: Check) -> Check:
+    """Check: `check` holds for every item of a list."""
+
+    def check_all(values: list[Any]) -> list[Any]:
+        return [check(value) for value in values]
+
+    return check_all
+
+
+def host(value: str) -> str:
+    """Check: a host name or IP address without scheme, port or path; normalised to lowercase."""
+    problem = Problem("must be a host name or IP address (no scheme, port or path)")
+    if not value or len(value) > 253 or _SPACE_OR_CONTROL.search(value):
+        raise problem
+    try:
+        return str(ipaddress.ip_address(value.strip("[]")))
+    except ValueError:
+        pass
+    if not re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?", value):
+        raise problem
+    return value.lower()
+
+
+def email(value: str) -> str:
+    """Check: a plain address like name@example.com (no display name)."""
+    if len(value) > 254 or not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>.]+", value):
+        raise Problem("must be an email address like name@example.com")
+    return value
+
+
+def http_headers(value: dict[str, str]) -> dict[str, str]:
+    """Check: valid header names, none of them a credential header."""
+    if not all(_HEADER_NAME.fullmatch(name) for name in value):
+        raise Problem("header names must be HTTP tokens (letters, digits and -_.!#$%&'*+^`|~)")
+    if any(name.lower() in _CREDENTIAL_HEADERS for name in value):
+        raise Problem("must not carry credentials (Authorization, Cookie, API key headers): use auth_type")
+    return value
+
+
+def service_account_json(value: str) -> str:
+    """Check: a Google service account key file, i.e. a JSON object with type service_account."""
+    try:
+        document = json.loads(value)
+    except ValueError:
+        # JSONDecodeError's message holds only positions, but say nothing about the content anyway.
+        raise Problem("must be a JSON service account key file") from None
+    if not isinstance(document, dict) or document.get("type") != "service_account":
+        raise Problem('must be a JSON object with "type": "service_account"')
+    return value

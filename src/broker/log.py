@@ -1,0 +1,65 @@
+"""Structured JSON logging with one redaction processor in the chain.
+
+Every log line of a call carries its request id (bound in the API interceptor
+through structlog's contextvars). The redaction processor masks any value whose
+key names a secret and any `SecretFields`, wherever it sits in the event.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+from broker.sensitive import SecretFields
+
+REDACTED = "[redacted]"
+_SECRET_KEY = re.compile(
+    r"(?i)(pass(word|phrase)?|secret|token|api[_-]?key|authorization|private[_-]?key|credential|cookie)"
+)
+
+
+def _redact(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, SecretFields):
+        return repr(value)
+    if depth > 4:
+        return value
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) else _redact(v, depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_redact(v, depth + 1) for v in value]
+    return value
+
+
+def redact_secrets(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: mask secret-named keys and secret values anywhere in the event."""
+    for key in list(event):
+        if key != "event" and _SECRET_KEY.search(key):
+            event[key] = REDACTED
+        else:
+            event[key] = _redact(event[key])
+    return event
+
+
+def configure(level: str = "info", stream: TextIO | None = None) -> None:
+    """JSON lines to stdout (or `stream`), filtered at `level`."""
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact_secrets,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(sort_keys=True),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        cache_logger_on_first_use=False,
+    )

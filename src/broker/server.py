@@ -1,0 +1,163 @@
+"""Wiring: the store, the services and the two mTLS listeners; start-up and shutdown.
+
+    admin listener    AdminService (+ health, reflection)   role admin
+    resolve listener  ResolveService (+ health)             role executor
+
+Both require a client certificate signed by the configured CA (gRPC's Python
+default is *not* to require one). The broker refuses to start without a usable
+master key or with one that cannot open what the store holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from broker import log as broker_log
+from broker._proto import broker_pb2, broker_pb2_grpc
+from broker.api.admin import AdminServicer
+from broker.api.interceptors import CallInterceptor
+from broker.api.resolve import ResolveServicer
+from broker.config import Settings
+from broker.errors import ConfigError
+from broker.model import Role
+from broker.service.access import AccessService
+from broker.service.audit import AuditLog
+from broker.service.cache import ResolveCache
+from broker.service.connections import Clock, ConnectionService, utc_now
+from broker.service.keycheck import verify_keyring
+from broker.service.resolve import Resolver
+from broker.store.sqlite import SqliteStore
+
+log = structlog.get_logger("broker.server")
+
+ADMIN_SERVICE = broker_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+RESOLVE_SERVICE = broker_pb2.DESCRIPTOR.services_by_name["ResolveService"].full_name
+_ROLES = {ADMIN_SERVICE: Role.ADMIN, RESOLVE_SERVICE: Role.EXECUTOR}
+
+
+def _read(path: Path, setting: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror}") from None
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials:
+    """mTLS credentials that *require* a client certificate signed by the client CA."""
+    key = _read(settings.tls.key, "tls.key")
+    cert = _read(settings.tls.cert, "tls.cert")
+    ca = _read(settings.tls.client_ca, "tls.client_ca")
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+
+
+class Broker:
+    """The running service. `start()` binds both listeners; `stop()` drains and closes."""
+
+    def __init__(self, settings: Settings, clock: Clock = utc_now) -> None:
+        self.settings = settings
+        self._clock = clock
+        self.admin_port = 0
+        self.resolve_port = 0
+        self._servers: list[grpc.aio.Server] = []
+        self._health: list[health.aio.HealthServicer] = []
+
+    async def start(self) -> None:
+        settings = self.settings
+        keyring = settings.load_keyring()
+        credentials = server_credentials(settings)
+        self.store = SqliteStore(settings.storage_path)
+        await self.store.open()
+        try:
+            await verify_keyring(self.store, keyring)
+        except BaseException:
+            await self.store.close()
+            raise
+        cache = ResolveCache()
+        self.audit = AuditLog(self.store)
+        self.resolver = Resolver(
+            self.store, keyring, cache, self.audit, self._clock, cache_ttl_seconds=settings.cache_ttl_seconds
+        )
+        connections = ConnectionService(self.store, keyring, cache, self._clock)
+        access = AccessService(self.store, cache, self._clock)
+        interceptors = [CallInterceptor(settings.trust_domain, _ROLES)]
+
+        admin = grpc.aio.server(interceptors=interceptors)
+        broker_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(connections, access, self.audit), admin
+        )  # type: ignore[no-untyped-call]
+        resolve = grpc.aio.server(interceptors=interceptors)
+        broker_pb2_grpc.add_ResolveServiceServicer_to_server(ResolveServicer(self.resolver), resolve)  # type: ignore[no-untyped-call]
+        if settings.reflection:
+            reflection.enable_server_reflection([ADMIN_SERVICE, reflection.SERVICE_NAME], admin)
+
+        for server, service, addr in (
+            (admin, ADMIN_SERVICE, settings.admin_addr),
+            (resolve, RESOLVE_SERVICE, settings.resolve_addr),
+        ):
+            checker = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+            await checker.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self._health.append(checker)
+            try:
+                port = server.add_secure_port(addr, credentials)
+            except RuntimeError:
+                port = 0
+            if port == 0:
+                await self.store.close()
+                raise ConfigError(f"cannot listen on {addr}: address in use or not available")
+            if server is admin:
+                self.admin_port = port
+            else:
+                self.resolve_port = port
+            self._servers.append(server)
+
+        self.resolver.start()
+        for server in self._servers:
+            await server.start()
+        for checker, service in zip(self._health, (ADMIN_SERVICE, RESOLVE_SERVICE), strict=True):
+            await checker.set(service, health_pb2.HealthCheckResponse.SERVING)
+            await checker.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "broker_started",
+            admin=f"{settings.admin_addr.rpartition(':')[0]}:{self.admin_port}",
+            resolve=f"{settings.resolve_addr.rpartition(':')[0]}:{self.resolve_port}",
+            master_key_id=keyring.active.id,
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Mark NOT_SERVING, stop accepting, let in-flight calls finish, flush, close the store."""
+        grace = self.settings.grace_seconds if grace is None else grace
+        for checker in self._health:
+            await checker.enter_graceful_shutdown()
+        await asyncio.gather(*(server.stop(grace) for server in self._servers))
+        await self.resolver.close()
+        await self.audit.close()
+        await self.store.close()
+        log.info("broker_stopped")
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGINT or SIGTERM, then shut down gracefully."""
+    broker = Broker(settings)
+    await broker.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("broker_stopping", grace_seconds=settings.grace_seconds)
+    await broker.stop()
+
+
+def run(settings: Settings) -> int:
+    """Blocking entry point for the CLI: serve, return an exit code. ConfigError propagates."""
+    broker_log.configure(settings.log_level)
+    asyncio.run(serve(settings))
+    return 0

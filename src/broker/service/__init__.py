@@ -1,0 +1,1 @@
+"""Use-cases, no gRPC: connections, access (grants), resolve, audit."""

@@ -1,0 +1,110 @@
+"""Grants: which executor principal may resolve which connection, until when."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+
+from broker.errors import FailedPrecondition, InvalidArgument, NotFound
+from broker.identity import InvalidSpiffeId, parse_spiffe_id
+from broker.model import AuditEvent, Grant, GrantFilter, Outcome, Role
+from broker.service import paging
+from broker.service.cache import ResolveCache
+from broker.service.context import Call
+from broker.store import Store
+
+
+class AccessService:
+    def __init__(self, store: Store, cache: ResolveCache, clock: Callable[[], datetime]) -> None:
+        self._store = store
+        self._cache = cache
+        self._clock = clock
+
+    def _check_grantee(self, call: Call, principal: str) -> None:
+        if not principal:
+            raise InvalidArgument.field("principal", "is required")
+        try:
+            grantee = parse_spiffe_id(principal, call.principal.trust_domain)
+        except InvalidSpiffeId as exc:
+            raise InvalidArgument.field("principal", str(exc)) from None
+        if grantee.role is not Role.EXECUTOR:
+            raise InvalidArgument.field("principal", "must be an executor principal (.../executor/<name>)")
+        if grantee.tenant != call.tenant:
+            raise InvalidArgument.field("principal", f"must belong to tenant {call.tenant}")
+
+    async def _live_connection(self, call: Call, connection_id: str) -> None:
+        if not connection_id:
+            raise InvalidArgument.field("connection_id", "is required")
+        record = await self._store.get_connection(call.tenant, connection_id)
+        if record is None or record.purged_at is not None:
+            raise NotFound(f"connection {connection_id} not found")
+        if not record.live:
+            raise FailedPrecondition(f"connection {connection_id} is deleted")
+
+    def _event(self, call: Call, action: str, connection_id: str, principal: str) -> AuditEvent:
+        return AuditEvent(
+            time=self._clock(),
+            tenant=call.tenant,
+            actor=call.actor,
+            action=action,
+            outcome=Outcome.SUCCEEDED,
+            connection_id=connection_id,
+            request_id=call.request_id,
+            peer=call.peer,
+            details={"principal": principal},
+        )
+
+    async def grant(
+        self, call: Call, connection_id: str, principal: str, expires_at: datetime | None
+    ) -> Grant:
+        """Let `principal` resolve the connection; replaces an existing grant's expiry."""
+        self._check_grantee(call, principal)
+        now = self._clock()
+        if expires_at is not None and expires_at <= now:
+            raise InvalidArgument.field("expires_at", "must be in the future")
+        await self._live_connection(call, connection_id)
+        grant = Grant(
+            tenant=call.tenant,
+            connection_id=connection_id,
+            principal=principal,
+            created_at=now,
+            created_by=call.actor,
+            expires_at=expires_at,
+        )
+        event = self._event(call, "grant.create", connection_id, principal)
+        if expires_at is not None:
+            event.details["expires_at"] = expires_at.isoformat()
+        await self._store.put_grant(grant, event)
+        self._cache.invalidate_grant(call.tenant, connection_id, principal)
+        return grant
+
+    async def revoke(self, call: Call, connection_id: str, principal: str) -> None:
+        """Remove a grant; NOT_FOUND when there was none."""
+        if not connection_id:
+            raise InvalidArgument.field("connection_id", "is required")
+        if not principal:
+            raise InvalidArgument.field("principal", "is required")
+        event = self._event(call, "grant.revoke", connection_id, principal)
+        try:
+            if not await self._store.delete_grant(call.tenant, connection_id, principal, event):
+                raise NotFound(f"no grant of connection {connection_id} to {principal}")
+        finally:
+            self._cache.invalidate_grant(call.tenant, connection_id, principal)
+
+    async def list(
+        self, call: Call, filter: GrantFilter, page_size: int, page_token: str
+    ) -> tuple[list[Grant], str]:
+        """One page of grants ordered by (connection id, principal)."""
+        limit = paging.page_size(page_size)
+        after = paging.decode_token("grants", page_token)
+        if after is not None and not (
+            isinstance(after, list) and len(after) == 2 and all(isinstance(x, str) for x in after)
+        ):
+            raise InvalidArgument.field("page_token", "is not a token returned by this listing")
+        grants = await self._store.list_grants(
+            call.tenant, filter, limit + 1, tuple(after) if after else None
+        )
+        if len(grants) > limit:
+            last = grants[limit - 1]
+            return grants[:limit], paging.encode_token("grants", [last.connection_id, last.principal])
+        return grants, ""

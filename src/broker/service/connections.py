@@ -1,0 +1,310 @@
+"""Connection use-cases for admins: create, read, list, update and the lifecycle.
+
+Every write validates through the catalog, seals secrets under a fresh data key
+when they change, commits the row together with its audit event, then
+invalidates the Resolve cache. Nothing here returns a secret value.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from broker import catalog
+from broker.crypto import Keyring
+from broker.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from broker.model import (
+    AuditEvent,
+    ConnectionFilter,
+    ConnectionRecord,
+    ConnectionStatus,
+    Outcome,
+    new_id,
+)
+from broker.sensitive import SecretFields
+from broker.service import paging
+from broker.service.cache import ResolveCache
+from broker.service.context import Call
+from broker.service.sealing import open_secrets, seal
+from broker.store import Store
+
+Clock = Callable[[], datetime]
+
+_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9 ._:/@-]{0,126}[A-Za-z0-9._-])?$")
+_LABEL_KEY = re.compile(r"^[a-z0-9](?:[a-z0-9._/-]{0,61}[a-z0-9])?$")
+MAX_LABELS = 64
+MAX_LABEL_VALUE = 256
+MAX_SECRET_BYTES = 64 * 1024
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class NewConnection:
+    name: str
+    type: str
+    provider: str
+    config: dict[str, Any]
+    secrets: SecretFields
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ConnectionPatch:
+    """A partial update; None means "leave as is" (see UpdateConnectionRequest in the proto)."""
+
+    id: str
+    name: str | None = None
+    config: dict[str, Any] | None = None
+    secrets: SecretFields = field(default_factory=lambda: SecretFields({}))
+    clear_secrets: tuple[str, ...] = ()
+    labels: dict[str, str] | None = None
+    etag: str = ""
+
+
+def _check_name(name: str, violations: list[FieldViolation]) -> None:
+    if not name:
+        violations.append(FieldViolation("name", "is required"))
+    elif not _NAME.fullmatch(name):
+        violations.append(
+            FieldViolation(
+                "name",
+                "must be 1-128 characters: letters, digits, space and ._:/@- , "
+                "starting and ending with a letter or digit",
+            )
+        )
+
+
+def _check_labels(labels: Mapping[str, str], violations: list[FieldViolation]) -> None:
+    if len(labels) > MAX_LABELS:
+        violations.append(FieldViolation("labels", f"at most {MAX_LABELS} labels"))
+    for key, value in labels.items():
+        if not _LABEL_KEY.fullmatch(key):
+            violations.append(
+                FieldViolation(f"labels.{key[:64]}", "key must be 1-63 of a-z 0-9 . _ / - (lowercase)")
+            )
+        elif len(value) > MAX_LABEL_VALUE:
+            violations.append(
+                FieldViolation(f"labels.{key}", f"value must be at most {MAX_LABEL_VALUE} characters")
+            )
+
+
+def _check_secret_sizes(secrets: SecretFields, violations: list[FieldViolation]) -> None:
+    for name, value in secrets.reveal().items():
+        if len(value.encode()) > MAX_SECRET_BYTES:
+            violations.append(
+                FieldViolation(f"secrets.{name[:64]}", f"must be at most {MAX_SECRET_BYTES} bytes")
+            )
+
+
+def _validate(
+    name: str,
+    type_: str,
+    provider: str,
+    config: Mapping[str, Any],
+    secrets: SecretFields,
+    labels: Mapping[str, str],
+) -> catalog.Validated:
+    """All checks of a connection's content; raises one InvalidArgument listing every violation."""
+    violations: list[FieldViolation] = []
+    _check_name(name, violations)
+    _check_labels(labels, violations)
+    _check_secret_sizes(secrets, violations)
+    try:
+        validated = catalog.validate(type_, provider, config, secrets.reveal())
+    except InvalidArgument as exc:
+        violations.extend(exc.violations)
+    if violations:
+        raise InvalidArgument(violations)
+    return validated
+
+
+class ConnectionService:
+    def __init__(self, store: Store, keyring: Keyring, cache: ResolveCache, clock: Clock = utc_now) -> None:
+        self._store = store
+        self._keyring = keyring
+        self._cache = cache
+        self._clock = clock
+
+    def _event(self, call: Call, action: str, connection_id: str, **details: str) -> AuditEvent:
+        return AuditEvent(
+            time=self._clock(),
+            tenant=call.tenant,
+            actor=call.actor,
+            action=action,
+            outcome=Outcome.SUCCEEDED,
+            connection_id=connection_id,
+            request_id=call.request_id,
+            peer=call.peer,
+            details=details,
+        )
+
+    async def create(self, call: Call, new: NewConnection) -> ConnectionRecord:
+        """Validate, seal and store a new connection; the reply is its redacted record."""
+        validated = _validate(new.name, new.type, new.provider, new.config, new.secrets, new.labels)
+        secrets = SecretFields(validated.secrets)
+        now = self._clock()
+        connection_id = new_id("conn")
+        record = ConnectionRecord(
+            id=connection_id,
+            tenant=call.tenant,
+            name=new.name,
+            type=validated.type,
+            provider=validated.provider,
+            config=validated.config,
+            secret_fields=secrets.names,
+            labels=dict(new.labels),
+            status=ConnectionStatus.ACTIVE,
+            version=1,
+            secret_version=1,
+            sealed=seal(self._keyring, secrets, call.tenant, connection_id, 1),
+            created_at=now,
+            updated_at=now,
+            created_by=call.actor,
+        )
+        event = self._event(
+            call, "connection.create", connection_id, type=record.type, secret_fields=",".join(secrets.names)
+        )
+        await self._store.create_connection(record, event)
+        return record
+
+    async def get(self, call: Call, connection_id: str) -> ConnectionRecord:
+        """The connection in any state but purged; another tenant's id is not found."""
+        if not connection_id:
+            raise InvalidArgument.field("id", "is required")
+        record = await self._store.get_connection(call.tenant, connection_id)
+        if record is None or record.purged_at is not None:
+            raise NotFound(f"connection {connection_id} not found")
+        return record
+
+    async def list(
+        self, call: Call, filter: ConnectionFilter, page_size: int, page_token: str
+    ) -> tuple[list[ConnectionRecord], str]:
+        """One page of connections ordered by id, and the token for the next page ("" at the end)."""
+        limit = paging.page_size(page_size)
+        after = paging.decode_token("connections", page_token)
+        if after is not None and not isinstance(after, str):
+            raise InvalidArgument.field("page_token", "is not a token returned by this listing")
+        records = await self._store.list_connections(call.tenant, filter, limit + 1, after)
+        next_token = paging.encode_token("connections", records[limit - 1].id) if len(records) > limit else ""
+        return records[:limit], next_token
+
+    async def update(self, call: Call, patch: ConnectionPatch) -> ConnectionRecord:
+        """Apply a partial update; secrets are re-sealed under a new data key only when they change."""
+        current = await self.get(call, patch.id)
+        if patch.etag and patch.etag != current.etag:
+            raise Aborted("the connection changed since it was read (etag mismatch); read it again and retry")
+        if not current.live:
+            raise FailedPrecondition(f"connection {current.id} is deleted; restore it before updating")
+
+        config = dict(current.config)
+        for key, value in (patch.config or {}).items():
+            if value is None:
+                config.pop(key, None)
+            else:
+                config[key] = value
+        secrets_changed = bool(patch.secrets.names or patch.clear_secrets)
+        old_secrets = open_secrets(self._keyring, current).reveal()
+        merged = {k: v for k, v in old_secrets.items() if k not in patch.clear_secrets}
+        merged.update(patch.secrets.reveal())
+        name = current.name if patch.name is None else patch.name
+        labels = current.labels if patch.labels is None else patch.labels
+        validated = _validate(name, current.type, current.provider, config, SecretFields(merged), labels)
+
+        secrets = SecretFields(validated.secrets)
+        secret_version = current.secret_version + 1 if secrets_changed else current.secret_version
+        sealed = (
+            seal(self._keyring, secrets, call.tenant, current.id, secret_version)
+            if secrets_changed
+            else current.sealed
+        )
+        record = replace(
+            current,
+            name=name,
+            config=validated.config,
+            labels=dict(labels),
+            secret_fields=secrets.names,
+            secret_version=secret_version,
+            sealed=sealed,
+            version=current.version + 1,
+            updated_at=self._clock(),
+        )
+        changed = [
+            f
+            for f, differs in (
+                ("name", record.name != current.name),
+                ("config", record.config != current.config),
+                ("labels", record.labels != current.labels),
+                ("secrets", secrets_changed),
+            )
+            if differs
+        ]
+        event = self._event(call, "connection.update", current.id, changed=",".join(changed))
+        await self._commit(record, current, event)
+        return record
+
+    async def delete(self, call: Call, connection_id: str) -> ConnectionRecord:
+        """Soft delete: hidden from lists, resolvable by nobody, restorable until purged."""
+        current = await self.get(call, connection_id)
+        if not current.live:
+            return current
+        record = replace(
+            current, deleted_at=self._clock(), version=current.version + 1, updated_at=self._clock()
+        )
+        await self._commit(record, current, self._event(call, "connection.delete", current.id))
+        return record
+
+    async def restore(self, call: Call, connection_id: str) -> ConnectionRecord:
+        """Undo a soft delete; fails when the name was taken meanwhile."""
+        current = await self.get(call, connection_id)
+        if current.live:
+            raise FailedPrecondition(f"connection {current.id} is not deleted")
+        record = replace(current, deleted_at=None, version=current.version + 1, updated_at=self._clock())
+        await self._commit(record, current, self._event(call, "connection.restore", current.id))
+        return record
+
+    async def purge(self, call: Call, connection_id: str) -> None:
+        """Destroy the wrapped data key (and ciphertext) of a soft-deleted connection, and its grants."""
+        current = await self.get(call, connection_id)
+        if current.live:
+            raise FailedPrecondition(f"connection {current.id} must be deleted before it can be purged")
+        now = self._clock()
+        record = replace(current, sealed=None, purged_at=now, version=current.version + 1, updated_at=now)
+        await self._commit(
+            record, current, self._event(call, "connection.purge", current.id), drop_grants=True
+        )
+
+    async def revoke(self, call: Call, connection_id: str, reason: str) -> ConnectionRecord:
+        """Mark revoked: stays listed, never resolves again."""
+        if len(reason) > 512:
+            raise InvalidArgument.field("reason", "must be at most 512 characters")
+        current = await self.get(call, connection_id)
+        if not current.live:
+            raise FailedPrecondition(f"connection {current.id} is deleted")
+        if current.status is ConnectionStatus.REVOKED:
+            return current
+        record = replace(
+            current, status=ConnectionStatus.REVOKED, version=current.version + 1, updated_at=self._clock()
+        )
+        event = replace(self._event(call, "connection.revoke", current.id), reason=reason)
+        await self._commit(record, current, event)
+        return record
+
+    async def _commit(
+        self,
+        record: ConnectionRecord,
+        current: ConnectionRecord,
+        event: AuditEvent,
+        *,
+        drop_grants: bool = False,
+    ) -> None:
+        try:
+            await self._store.replace_connection(record, current.version, event, drop_grants=drop_grants)
+        finally:
+            # Invalidate even on failure: the row may have changed under us (Aborted).
+            self._cache.invalidate_connection(record.tenant, record.id)

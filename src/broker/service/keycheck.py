@@ -1,0 +1,58 @@
+"""Start-up check that the configured master key can open what the store holds.
+
+A sealed canary is kept in the store's meta table. Starting with a different
+master key would otherwise look healthy until the first Resolve failed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+
+from broker import crypto
+from broker.crypto import Binding, DecryptionFailed, Keyring
+from broker.errors import ConfigError
+from broker.store import Store
+
+_META_KEY = "keycheck"
+_BINDING = Binding(tenant="", connection_id="broker-keycheck", secret_version=0)
+
+
+async def verify_keyring(store: Store, keyring: Keyring) -> None:
+    """Raise `ConfigError` unless the keyring opens the canary and holds every KEK in use."""
+    missing = await store.kek_ids_in_use() - keyring.ids
+    if missing:
+        raise ConfigError(
+            "the store holds data keys wrapped by master key(s) "
+            f"{', '.join(sorted(missing))} that are not configured: wrong master key?"
+        )
+    raw = await store.get_meta(_META_KEY)
+    if raw is None:
+        await store.put_meta(_META_KEY, _encode(crypto.seal(keyring, os.urandom(16), _BINDING)))
+        return
+    try:
+        crypto.open(keyring, _decode(raw), _BINDING)
+    except (DecryptionFailed, ValueError, KeyError):
+        raise ConfigError(
+            "the master key cannot open this store's key check: it is not the key this store was created with"
+        ) from None
+
+
+def _encode(sealed: crypto.Sealed) -> bytes:
+    return json.dumps(
+        {
+            "kek_id": sealed.kek_id,
+            "ciphertext": base64.b64encode(sealed.ciphertext).decode(),
+            "wrapped_dek": base64.b64encode(sealed.wrapped_dek).decode(),
+        }
+    ).encode()
+
+
+def _decode(raw: bytes) -> crypto.Sealed:
+    doc = json.loads(raw)
+    return crypto.Sealed(
+        ciphertext=base64.b64decode(doc["ciphertext"]),
+        wrapped_dek=base64.b64decode(doc["wrapped_dek"]),
+        kek_id=doc["kek_id"],
+    )

@@ -1,0 +1,202 @@
+"""Resolve: release a connection's secrets to an executor holding a live grant.
+
+The hot path. Connection records and grants come from an in-memory cache that
+writes invalidate; the secret is opened per call (microseconds) and never
+cached in clear. Every outcome is audited, durably, before the caller hears it:
+a denial for any reason looks the same to the executor, the audit event records
+the true reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import structlog
+
+from broker.crypto import Keyring
+from broker.errors import InvalidArgument, PermissionDenied, SecretUnavailable
+from broker.model import AuditEvent, ConnectionRecord, ConnectionStatus, Grant, Outcome
+from broker.sensitive import SecretFields
+from broker.service.audit import AuditLog
+from broker.service.cache import MISSING, ResolveCache
+from broker.service.context import Call
+from broker.service.sealing import open_secrets
+from broker.store import Store
+
+log = structlog.get_logger("broker.resolve")
+
+DENIED_MESSAGE = "not permitted to resolve this connection"
+MAX_PURPOSE = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """What Resolve hands back: the record's public part and the opened secrets."""
+
+    record: ConnectionRecord
+    secrets: SecretFields
+    expires_at: datetime | None
+    cache_ttl_seconds: int
+
+
+def _secret_expiry(record: ConnectionRecord) -> datetime | None:
+    """When the released secret stops working: an OAuth2 access token's `expires_at`."""
+    value = record.config.get("expires_at") if record.type == "oauth2" else None
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+class Resolver:
+    def __init__(
+        self,
+        store: Store,
+        keyring: Keyring,
+        cache: ResolveCache,
+        audit: AuditLog,
+        clock: Callable[[], datetime],
+        cache_ttl_seconds: int = 60,
+        last_used_flush_seconds: float = 5.0,
+    ) -> None:
+        self._store = store
+        self._keyring = keyring
+        self._cache = cache
+        self._audit = audit
+        self._clock = clock
+        self._cache_ttl = cache_ttl_seconds
+        self._flush_every = last_used_flush_seconds
+        self._last_used: dict[tuple[str, str], datetime] = {}
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def resolve(
+        self, call: Call, *, connection_id: str = "", name: str = "", purpose: str = ""
+    ) -> Released:
+        """Check the grant, audit, return the opened secrets. Every denial looks the same to the caller."""
+        if bool(connection_id) == bool(name):
+            raise InvalidArgument.field("ref", "exactly one of connection_id or name is required")
+        if len(purpose) > MAX_PURPOSE:
+            raise InvalidArgument.field("purpose", f"must be at most {MAX_PURPOSE} characters")
+        now = self._clock()
+        record = await self._lookup(call.tenant, connection_id, name)
+        reason = await self._denial_reason(call, record, now)
+        ref_id = record.id if record is not None else connection_id
+        details = {"purpose": purpose} if purpose else {}
+        if name and record is None:
+            details["name"] = name
+        if reason:
+            await self._audit.append(self._event(call, now, ref_id, Outcome.DENIED, reason, details))
+            raise PermissionDenied(DENIED_MESSAGE)
+        assert record is not None
+        try:
+            secrets = open_secrets(self._keyring, record)
+        except SecretUnavailable:
+            await self._audit.append(
+                self._event(call, now, ref_id, Outcome.FAILED, "decrypt_failed", details)
+            )
+            raise
+        await self._audit.append(self._event(call, now, ref_id, Outcome.ALLOWED, "", details))
+        self._last_used[(record.tenant, record.id)] = now
+        expires_at = _secret_expiry(record)
+        ttl = self._cache_ttl
+        if expires_at is not None:
+            # Never let an executor cache a token past its expiry.
+            ttl = max(0, min(ttl, int((expires_at - now).total_seconds())))
+        return Released(record, secrets, expires_at=expires_at, cache_ttl_seconds=ttl)
+
+    async def _lookup(self, tenant: str, connection_id: str, name: str) -> ConnectionRecord | None:
+        cache = self._cache
+        if name:
+            cached_id = cache.connection_id_by_name(tenant, name)
+            record = cache.connection(tenant, cached_id) if cached_id else None
+            if record is not None and record.name == name and record.live:
+                return record
+            generation = cache.generation
+            record = await self._store.find_connection_by_name(tenant, name)
+        else:
+            record = cache.connection(tenant, connection_id)
+            if record is not None:
+                return record
+            generation = cache.generation
+            record = await self._store.get_connection(tenant, connection_id)
+        if record is not None:
+            cache.put_connection(record, generation)
+        return record
+
+    async def _grant(self, tenant: str, connection_id: str, principal: str) -> Grant | None:
+        cached = self._cache.grant(tenant, connection_id, principal)
+        if cached is not MISSING:
+            return cached  # type: ignore[return-value]
+        generation = self._cache.generation
+        grant = await self._store.get_grant(tenant, connection_id, principal)
+        self._cache.put_grant(tenant, connection_id, principal, grant, generation)
+        return grant
+
+    async def _denial_reason(self, call: Call, record: ConnectionRecord | None, now: datetime) -> str:
+        if record is None or record.purged_at is not None:
+            return "unknown_connection"
+        if not record.live:
+            return "connection_deleted"
+        if record.status is ConnectionStatus.REVOKED:
+            return "connection_revoked"
+        grant = await self._grant(call.tenant, record.id, call.actor)
+        if grant is None:
+            return "no_grant"
+        if not grant.active_at(now):
+            return "grant_expired"
+        return ""
+
+    @staticmethod
+    def _event(
+        call: Call, now: datetime, connection_id: str, outcome: Outcome, reason: str, details: dict[str, str]
+    ) -> AuditEvent:
+        return AuditEvent(
+            time=now,
+            tenant=call.tenant,
+            actor=call.actor,
+            action="connection.resolve",
+            outcome=outcome,
+            connection_id=connection_id,
+            reason=reason,
+            request_id=call.request_id,
+            peer=call.peer,
+            details=details,
+        )
+
+    # ------------------------------------------------------------- last used
+
+    def start(self) -> None:
+        """Start flushing last-used times in the background (batched, not per call)."""
+        self._flusher = asyncio.create_task(self._flush_periodically())
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_every)
+            await self.flush_last_used()
+
+    async def flush_last_used(self) -> None:
+        """Write the accumulated last-used times in one transaction."""
+        if not self._last_used:
+            return
+        batch, self._last_used = self._last_used, {}
+        try:
+            await self._store.record_last_used([(t, c, at) for (t, c), at in batch.items()])
+        except Exception as exc:
+            # Not worth failing anything for: keep the newest times for the next flush.
+            log.warning("last_used_flush_failed", error_type=type(exc).__name__, count=len(batch))
+            for key, at in batch.items():
+                self._last_used[key] = max(at, self._last_used.get(key, at))
+
+    async def close(self) -> None:
+        """Stop the background flusher and write what is left."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self.flush_last_used()

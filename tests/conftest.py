@@ -1,0 +1,174 @@
+"""Shared fixtures: a test PKI and a real broker on loopback ports."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import io
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from broker import log as broker_log
+from broker import pki
+from broker._proto import broker_pb2_grpc
+from broker.config import Settings, TlsFiles
+from broker.server import Broker
+
+TRUST_DOMAIN = "broker.local"
+
+
+def spiffe(tenant: str, role: str, name: str) -> str:
+    return f"spiffe://{TRUST_DOMAIN}/tenant/{tenant}/{role}/{name}"
+
+
+@dataclass(frozen=True)
+class Identity:
+    cert: bytes
+    key: bytes
+
+
+@dataclass
+class TestPki:
+    __test__ = False
+
+    ca: bytes
+    ca_key: bytes
+    server: Identity
+
+    def principal(self, spiffe_id: str) -> Identity:
+        return Identity(*pki.issue_principal_cert(self.ca, self.ca_key, spiffe_id))
+
+
+def _cert_without_spiffe(ca: bytes, ca_key: bytes) -> Identity:
+    """A client certificate from the right CA with only a DNS SAN."""
+    issuer = x509.load_pem_x509_certificate(ca)
+    signer = serialization.load_pem_private_key(ca_key, None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "no-spiffe")]))
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("client.example")]), critical=False)
+        .sign(signer, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return Identity(cert.public_bytes(serialization.Encoding.PEM), key_pem)
+
+
+@pytest.fixture(scope="session")
+def test_pki() -> TestPki:
+    ca, ca_key = pki.create_ca("broker test CA")
+    return TestPki(ca, ca_key, Identity(*pki.issue_server_cert(ca, ca_key, ["localhost", "127.0.0.1"])))
+
+
+@pytest.fixture(scope="session")
+def identities(test_pki: TestPki) -> dict[str, Identity]:
+    other_ca, other_key = pki.create_ca("some other CA")
+    return {
+        "admin": test_pki.principal(spiffe("default", "admin", "cli")),
+        "executor": test_pki.principal(spiffe("default", "executor", "demo")),
+        "executor2": test_pki.principal(spiffe("default", "executor", "other")),
+        "admin_b": test_pki.principal(spiffe("tenant-b", "admin", "cli")),
+        "executor_b": test_pki.principal(spiffe("tenant-b", "executor", "demo")),
+        "foreign_domain": test_pki.principal("spiffe://evil.example/tenant/default/admin/cli"),
+        "other_ca_admin": Identity(
+            *pki.issue_principal_cert(other_ca, other_key, spiffe("default", "admin", "cli"))
+        ),
+        "no_spiffe": _cert_without_spiffe(test_pki.ca, test_pki.ca_key),
+    }
+
+
+def write_settings(tmp_path: Path, test_pki: TestPki, **overrides: object) -> Settings:
+    tls = tmp_path / "tls"
+    tls.mkdir(exist_ok=True)
+    (tls / "server.pem").write_bytes(test_pki.server.cert)
+    (tls / "server-key.pem").write_bytes(test_pki.server.key)
+    (tls / "ca.pem").write_bytes(test_pki.ca)
+    key_file = tmp_path / "master.key"
+    if not key_file.exists():
+        key_file.write_text(base64.b64encode(os.urandom(32)).decode())
+    values: dict[str, object] = {
+        "tls": TlsFiles(tls / "server.pem", tls / "server-key.pem", tls / "ca.pem"),
+        "storage_path": tmp_path / "broker.db",
+        "master_key_file": key_file,
+        "admin_addr": "127.0.0.1:0",
+        "resolve_addr": "127.0.0.1:0",
+        "grace_seconds": 1.0,
+        "log_level": "debug",
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+class Running:
+    """A started broker and clients for it."""
+
+    def __init__(self, broker: Broker, test_pki: TestPki, identities: dict[str, Identity], logs: io.StringIO):
+        self.broker = broker
+        self.pki = test_pki
+        self.identities = identities
+        self.logs = logs
+        self._channels: list[grpc.aio.Channel] = []
+
+    def channel(self, identity: Identity | None, port: int) -> grpc.aio.Channel:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=self.pki.ca,
+            private_key=identity.key if identity else None,
+            certificate_chain=identity.cert if identity else None,
+        )
+        channel = grpc.aio.secure_channel(f"127.0.0.1:{port}", creds)
+        self._channels.append(channel)
+        return channel
+
+    def admin(self, who: str = "admin") -> broker_pb2_grpc.AdminServiceStub:
+        return broker_pb2_grpc.AdminServiceStub(self.channel(self.identities[who], self.broker.admin_port))
+
+    def resolver(self, who: str = "executor") -> broker_pb2_grpc.ResolveServiceStub:
+        return broker_pb2_grpc.ResolveServiceStub(
+            self.channel(self.identities[who], self.broker.resolve_port)
+        )
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+
+@pytest.fixture
+def make_broker(tmp_path: Path, test_pki: TestPki, identities: dict[str, Identity]) -> Callable[..., object]:
+    """Start a broker in this test's temp dir; settings overridable. Stopped at teardown."""
+    started: list[Running] = []
+
+    async def start(**overrides: object) -> Running:
+        logs = io.StringIO()
+        broker_log.configure("debug", logs)
+        broker = Broker(write_settings(tmp_path, test_pki, **overrides))
+        await broker.start()
+        running = Running(broker, test_pki, identities, logs)
+        started.append(running)
+        return running
+
+    yield start  # type: ignore[misc]
+
+
+@pytest.fixture
+async def running(make_broker: Callable[..., object]) -> AsyncIterator[Running]:
+    running: Running = await make_broker()  # type: ignore[misc]
+    yield running
+    await running.close()
+    await running.broker.stop(grace=0)

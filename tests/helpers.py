@@ -1,0 +1,53 @@
+"""Small helpers shared by the integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from broker._proto import broker_pb2 as pb
+
+EXECUTOR = "spiffe://broker.local/tenant/default/executor/demo"
+EXECUTOR2 = "spiffe://broker.local/tenant/default/executor/other"
+EXECUTOR_B = "spiffe://broker.local/tenant/tenant-b/executor/demo"
+
+
+def struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(values)
+    return message
+
+
+def db_request(name: str = "prod-db", password: str = "hunter2", **labels: str) -> pb.CreateConnectionRequest:
+    return pb.CreateConnectionRequest(
+        name=name,
+        type="database",
+        config=struct({"driver": "postgresql", "host": "db.internal", "database": "app", "username": "app"}),
+        secrets={"password": password},
+        labels=labels,
+    )
+
+
+async def rpc_error(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
+    """Await a call that must fail, and return its error."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value
+
+
+def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    """The BadRequest field violations carried by an INVALID_ARGUMENT error."""
+    status = rpc_status.from_call(error)
+    assert status is not None, "INVALID_ARGUMENT without status details"
+    found: dict[str, str] = {}
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        assert detail.Unpack(bad)
+        found.update({v.field: v.description for v in bad.field_violations})
+    return found
