@@ -67,8 +67,11 @@ class Broker:
         self.resolve_port = 0
         self._servers: list[grpc.aio.Server] = []
         self._health: list[health.aio.HealthServicer] = []
+        self._ports: list[int] = []
+        self._stopped = False
 
     async def start(self) -> None:
+        """Check keys and TLS files, open the store, bind both listeners, then report SERVING."""
         settings = self.settings
         keyring = settings.load_keyring()
         credentials = server_credentials(settings)
@@ -76,51 +79,34 @@ class Broker:
         await self.store.open()
         try:
             await verify_keyring(self.store, keyring)
+            cache = ResolveCache()
+            self.audit = AuditLog(self.store)
+            self.resolver = Resolver(
+                self.store,
+                keyring,
+                cache,
+                self.audit,
+                self._clock,
+                cache_ttl_seconds=settings.cache_ttl_seconds,
+            )
+            connections = ConnectionService(self.store, keyring, cache, self._clock)
+            access = AccessService(self.store, cache, self._clock)
+            admin = self._listener(ADMIN_SERVICE, settings.admin_addr, credentials)
+            add_admin = broker_pb2_grpc.add_AdminServiceServicer_to_server
+            add_admin(AdminServicer(connections, access, self.audit), admin)  # type: ignore[no-untyped-call]
+            if settings.reflection:
+                reflection.enable_server_reflection([ADMIN_SERVICE, reflection.SERVICE_NAME], admin)
+            resolve = self._listener(RESOLVE_SERVICE, settings.resolve_addr, credentials)
+            add_resolve = broker_pb2_grpc.add_ResolveServiceServicer_to_server
+            add_resolve(ResolveServicer(self.resolver), resolve)  # type: ignore[no-untyped-call]
+            self.admin_port, self.resolve_port = self._ports
+            for server in self._servers:
+                await server.start()
         except BaseException:
+            await asyncio.gather(*(server.stop(None) for server in self._servers))
             await self.store.close()
             raise
-        cache = ResolveCache()
-        self.audit = AuditLog(self.store)
-        self.resolver = Resolver(
-            self.store, keyring, cache, self.audit, self._clock, cache_ttl_seconds=settings.cache_ttl_seconds
-        )
-        connections = ConnectionService(self.store, keyring, cache, self._clock)
-        access = AccessService(self.store, cache, self._clock)
-        interceptors = [CallInterceptor(settings.trust_domain, _ROLES)]
-
-        admin = grpc.aio.server(interceptors=interceptors)
-        broker_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(connections, access, self.audit), admin
-        )  # type: ignore[no-untyped-call]
-        resolve = grpc.aio.server(interceptors=interceptors)
-        broker_pb2_grpc.add_ResolveServiceServicer_to_server(ResolveServicer(self.resolver), resolve)  # type: ignore[no-untyped-call]
-        if settings.reflection:
-            reflection.enable_server_reflection([ADMIN_SERVICE, reflection.SERVICE_NAME], admin)
-
-        for server, service, addr in (
-            (admin, ADMIN_SERVICE, settings.admin_addr),
-            (resolve, RESOLVE_SERVICE, settings.resolve_addr),
-        ):
-            checker = health.aio.HealthServicer()
-            health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-            await checker.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-            self._health.append(checker)
-            try:
-                port = server.add_secure_port(addr, credentials)
-            except RuntimeError:
-                port = 0
-            if port == 0:
-                await self.store.close()
-                raise ConfigError(f"cannot listen on {addr}: address in use or not available")
-            if server is admin:
-                self.admin_port = port
-            else:
-                self.resolve_port = port
-            self._servers.append(server)
-
         self.resolver.start()
-        for server in self._servers:
-            await server.start()
         for checker, service in zip(self._health, (ADMIN_SERVICE, RESOLVE_SERVICE), strict=True):
             await checker.set(service, health_pb2.HealthCheckResponse.SERVING)
             await checker.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -131,8 +117,31 @@ class Broker:
             master_key_id=keyring.active.id,
         )
 
+    def _listener(self, service: str, addr: str, credentials: grpc.ServerCredentials) -> grpc.aio.Server:
+        """A server bound to `addr` with the call interceptor and a health service (NOT_SERVING yet)."""
+        server = grpc.aio.server(
+            interceptors=[CallInterceptor(self.settings.trust_domain, _ROLES)],
+            # gRPC sets SO_REUSEPORT by default: a second broker would silently share the port.
+            options=[("grpc.so_reuseport", 0)],
+        )
+        self._servers.append(server)
+        checker = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+        self._health.append(checker)
+        try:
+            port = server.add_secure_port(addr, credentials)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise ConfigError(f"cannot listen on {addr}: address in use or not available")
+        self._ports.append(port)
+        return server
+
     async def stop(self, grace: float | None = None) -> None:
         """Mark NOT_SERVING, stop accepting, let in-flight calls finish, flush, close the store."""
+        if self._stopped:
+            return
+        self._stopped = True
         grace = self.settings.grace_seconds if grace is None else grace
         for checker in self._health:
             await checker.enter_graceful_shutdown()

@@ -1,0 +1,107 @@
+"""mTLS identity, roles and tenant isolation (invariants 3 and 6)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from broker._proto import broker_pb2 as pb
+from broker._proto import broker_pb2_grpc
+from tests.conftest import Running
+from tests.helpers import EXECUTOR_B, db_request, rpc_error
+
+
+async def test_no_client_certificate_is_refused_at_the_handshake(running: Running) -> None:
+    for port in (running.broker.admin_port, running.broker.resolve_port):
+        channel = running.channel(None, port)
+        stub = broker_pb2_grpc.AdminServiceStub(channel)
+        error = await rpc_error(stub.ListConnections(pb.ListConnectionsRequest(), timeout=5))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        health = health_pb2_grpc.HealthStub(channel)
+        error = await rpc_error(health.Check(health_pb2.HealthCheckRequest(), timeout=5))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_certificate_from_another_ca_is_refused(running: Running) -> None:
+    error = await rpc_error(
+        running.admin("other_ca_admin").ListConnections(pb.ListConnectionsRequest(), timeout=5)
+    )
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("who", ["no_spiffe", "foreign_domain"])
+async def test_certificate_without_an_accepted_spiffe_id_is_unauthenticated(
+    running: Running, who: str
+) -> None:
+    error = await rpc_error(running.admin(who).ListConnections(pb.ListConnectionsRequest()))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_wrong_role_is_permission_denied(running: Running) -> None:
+    # An executor certificate on the admin listener.
+    as_executor = broker_pb2_grpc.AdminServiceStub(
+        running.channel(running.identities["executor"], running.broker.admin_port)
+    )
+    error = await rpc_error(as_executor.ListConnections(pb.ListConnectionsRequest()))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    # An admin certificate on the resolve listener.
+    as_admin = broker_pb2_grpc.ResolveServiceStub(
+        running.channel(running.identities["admin"], running.broker.resolve_port)
+    )
+    error = await rpc_error(as_admin.Resolve(pb.ResolveRequest(name="x")))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_each_listener_serves_only_its_service(running: Running) -> None:
+    admin_on_resolve_port = broker_pb2_grpc.AdminServiceStub(
+        running.channel(running.identities["admin"], running.broker.resolve_port)
+    )
+    error = await rpc_error(admin_on_resolve_port.ListConnections(pb.ListConnectionsRequest()))
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_health_reports_both_services(running: Running) -> None:
+    for port, service in (
+        (running.broker.admin_port, "broker.v1.AdminService"),
+        (running.broker.resolve_port, "broker.v1.ResolveService"),
+    ):
+        health = health_pb2_grpc.HealthStub(running.channel(running.identities["executor"], port))
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_another_tenants_ids_look_exactly_like_unknown_ids(running: Running) -> None:
+    mine = await running.admin().CreateConnection(db_request(name="shared-name"))
+    theirs = running.admin("admin_b")
+    # The same name is free in the other tenant.
+    their_own = await theirs.CreateConnection(db_request(name="shared-name"))
+    assert (await theirs.ListConnections(pb.ListConnectionsRequest())).connections == [their_own]
+
+    unknown = "conn_00000000000000000000000000"
+    calls = {
+        "get": lambda cid: theirs.GetConnection(pb.GetConnectionRequest(id=cid)),
+        "update": lambda cid: theirs.UpdateConnection(pb.UpdateConnectionRequest(id=cid, name="stolen")),
+        "delete": lambda cid: theirs.DeleteConnection(pb.DeleteConnectionRequest(id=cid)),
+        "restore": lambda cid: theirs.RestoreConnection(pb.RestoreConnectionRequest(id=cid)),
+        "purge": lambda cid: theirs.PurgeConnection(pb.PurgeConnectionRequest(id=cid)),
+        "revoke": lambda cid: theirs.RevokeConnection(pb.RevokeConnectionRequest(id=cid)),
+        "grant": lambda cid: theirs.GrantAccess(
+            pb.GrantAccessRequest(connection_id=cid, principal=EXECUTOR_B)
+        ),
+        "ungrant": lambda cid: theirs.RevokeAccess(
+            pb.RevokeAccessRequest(connection_id=cid, principal=EXECUTOR_B)
+        ),
+    }
+    for name, call in calls.items():
+        cross = await rpc_error(call(mine.id))
+        missing = await rpc_error(call(unknown))
+        assert cross.code() == missing.code() == grpc.StatusCode.NOT_FOUND, name
+        assert cross.details().replace(mine.id, "ID") == missing.details().replace(unknown, "ID"), name
+    assert (await theirs.ListGrants(pb.ListGrantsRequest(connection_id=mine.id))).grants == []
+    assert (await theirs.ListAuditEvents(pb.ListAuditEventsRequest(connection_id=mine.id))).events == []
+    # Nothing of tenant A changed.
+    assert await running.admin().GetConnection(pb.GetConnectionRequest(id=mine.id)) == mine
+    # Tenant B's executor, even granted in B, cannot resolve A's connection.
+    error = await rpc_error(running.resolver("executor_b").Resolve(pb.ResolveRequest(connection_id=mine.id)))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
