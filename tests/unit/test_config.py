@@ -1,0 +1,87 @@
+"""Settings: TOML plus BROKER_* overrides; every error names the setting."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from broker.config import Settings
+from broker.errors import ConfigError
+
+MINIMAL = """
+[tls]
+cert = "tls/server.pem"
+key = "tls/server-key.pem"
+client_ca = "tls/ca.pem"
+[storage]
+path = "data/broker.db"
+[master_key]
+file = "master.key"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "broker.toml"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_file_with_defaults_and_relative_paths(tmp_path: Path) -> None:
+    settings = Settings.load(write(tmp_path, MINIMAL), environ={})
+    assert settings.tls.cert == tmp_path / "tls" / "server.pem"
+    assert settings.storage_path == tmp_path / "data" / "broker.db"
+    assert settings.admin_addr == "127.0.0.1:50051" and settings.resolve_addr == "127.0.0.1:50052"
+    assert settings.trust_domain == "broker.local" and settings.cache_ttl_seconds == 60
+    assert settings.grace_seconds == 20.0 and settings.reflection is True
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    env = {
+        "BROKER_LISTEN_ADMIN": "0.0.0.0:6000",
+        "BROKER_STORAGE_PATH": "/var/lib/broker/broker.db",
+        "BROKER_RESOLVE_CACHE_TTL_SECONDS": "5",
+        "BROKER_SERVER_REFLECTION": "false",
+        "BROKER_LOG_LEVEL": "WARNING",
+    }
+    settings = Settings.load(write(tmp_path, MINIMAL), environ=env)
+    assert settings.admin_addr == "0.0.0.0:6000"
+    assert settings.storage_path == Path("/var/lib/broker/broker.db")
+    assert (
+        settings.cache_ttl_seconds == 5 and settings.reflection is False and settings.log_level == "warning"
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "env", "names"),
+    [
+        ("", {"BROKER_LISTEN_ADMIN": "nonsense"}, "listen.admin"),
+        ("", {"BROKER_RESOLVE_CACHE_TTL_SECONDS": "soon"}, "BROKER_RESOLVE_CACHE_TTL_SECONDS"),
+        ("[server]\ngrace_seconds = -1\n", {}, "server.grace_seconds"),
+        ("[log]\nlevel = 'loud'\n", {}, "log.level"),
+        ("trust_domain = 'spiffe://x'\n", {}, "trust_domain"),
+        ("", {"BROKER_SERVER_REFLECTION": "maybe"}, "BROKER_SERVER_REFLECTION"),
+    ],
+)
+def test_errors_name_the_setting(tmp_path: Path, extra: str, env: dict[str, str], names: str) -> None:
+    with pytest.raises(ConfigError, match=names):
+        Settings.load(write(tmp_path, extra + MINIMAL), environ=env)
+
+
+def test_missing_required_settings_and_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"tls\.cert is required"):
+        Settings.load(write(tmp_path, "[storage]\npath = 'x'\n"), environ={})
+    with pytest.raises(ConfigError, match=r"broker\.toml"):
+        Settings.load(write(tmp_path, "this is = = not toml"), environ={})
+    with pytest.raises(ConfigError, match=r"cannot read|No such file"):
+        Settings.load(tmp_path / "absent.toml", environ={})
+
+
+def test_master_key_from_environment_is_preferred_and_never_printed(tmp_path: Path) -> None:
+    key = base64.b64encode(bytes(range(32))).decode()
+    settings = Settings.load(write(tmp_path, MINIMAL), environ={"BROKER_MASTER_KEY": key})
+    assert key not in repr(settings)
+    assert settings.load_keyring().active.id  # parsed from the variable, the file does not exist
+    with pytest.raises(ConfigError, match="BROKER_MASTER_KEY"):
+        Settings.load(write(tmp_path, MINIMAL), environ={"BROKER_MASTER_KEY": "short"}).load_keyring()

@@ -1,0 +1,42 @@
+"""The redaction processor masks secrets wherever they sit in a log event."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import structlog
+
+from broker import log
+from broker.sensitive import SecretFields
+
+
+def test_secret_named_keys_and_secret_values_are_masked() -> None:
+    stream = io.StringIO()
+    log.configure("debug", stream)
+    secrets = SecretFields({"password": "CANARY-1"})
+    structlog.get_logger().info(
+        "event",
+        password="CANARY-2",
+        headers={"Authorization": "Bearer CANARY-3", "Accept": "json"},
+        nested=[{"api_key": "CANARY-4"}],
+        value=secrets,
+        fine="visible",
+    )
+    line = stream.getvalue()
+    assert "CANARY" not in line
+    event = json.loads(line)
+    assert event["fine"] == "visible" and event["headers"]["Accept"] == "json"
+    assert event["password"] == log.REDACTED and event["headers"]["Authorization"] == log.REDACTED
+    assert event["value"] == "SecretFields(password=<redacted>)"
+
+
+def test_request_id_from_context_is_on_every_line() -> None:
+    stream = io.StringIO()
+    log.configure("info", stream)
+    with structlog.contextvars.bound_contextvars(request_id="req-1"):
+        structlog.get_logger().info("one")
+        structlog.get_logger().debug("filtered out")
+        structlog.get_logger().warning("two")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(e["event"], e["request_id"]) for e in lines] == [("one", "req-1"), ("two", "req-1")]
