@@ -85,3 +85,10 @@ def test_master_key_from_environment_is_preferred_and_never_printed(tmp_path: Pa
     assert settings.load_keyring().active.id  # parsed from the variable, the file does not exist
     with pytest.raises(ConfigError, match="BROKER_MASTER_KEY"):
         Settings.load(write(tmp_path, MINIMAL), environ={"BROKER_MASTER_KEY": "short"}).load_keyring()
+
+
+def test_the_shipped_example_config_loads() -> None:
+    example = Path(__file__).resolve().parents[2] / "deploy" / "broker.example.toml"
+    settings = Settings.load(example, environ={})
+    assert settings.admin_addr == "0.0.0.0:50051"
+    assert settings.master_key_file == Path("/etc/broker/master-key/master.key")

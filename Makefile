@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make run` (set up and serve) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA_DIR ?= .broker-dev
+
+.PHONY: install run test lint proto clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/broker dev --data-dir $(DATA_DIR)
+
+lint: install
+	$(BIN)/ruff check src tests proto
+	$(BIN)/ruff format --check src tests proto
+	$(BIN)/mypy --strict src
+
+test: lint
+	$(BIN)/pytest -q
+
+proto: install
+	$(BIN)/python proto/generate.py
+
+clean:
+	rm -rf $(VENV) $(DATA_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,198 @@
+"""The `brokerctl` command line: global options and one subcommand per AdminService call (and resolve)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_DATA_DIR = Path(".broker-dev")
+DEFAULT_ADDR = "127.0.0.1:50051"
+DEFAULT_RESOLVE_ADDR = "127.0.0.1:50052"
+
+_EPILOG = """\
+examples:
+  brokerctl types
+  brokerctl create orders-db --type database --config driver=postgresql \\
+      --config host=db.internal --config database=orders --config username=app --secret password
+  brokerctl list --label team=payments
+  brokerctl grant <id> spiffe://broker.local/tenant/default/executor/demo --expires-in 7d
+  brokerctl audit --connection <id> --since 1h
+
+Files default to the layout `broker dev` creates in --data-dir: tls/ca.pem, tls/admin.pem,
+tls/admin-key.pem, and tls/executor.pem for `resolve`.
+"""
+
+_SEALED_FIELD_HELP = (
+    "a secret field: field=@FILE reads a file (one trailing newline dropped; @- is stdin), "
+    "a bare field prompts without echo, field=VALUE works but lands in shell history (repeatable)"
+)
+_CONFIG_HELP = (
+    "a config field; VALUE is parsed as JSON when it can be (5432, true, [..]), else text (repeatable)"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser; each subcommand sets `command` to its name."""
+    parser = argparse.ArgumentParser(
+        prog="brokerctl",
+        description="Manage the broker's connections, grants and audit trail over mTLS.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_global_options(parser, suppress=False)
+    # The same options on every subcommand (without defaults, so they do not clobber the
+    # top-level values) let users write `brokerctl list --json` as well as `brokerctl --json list`.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common, suppress=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+
+    command("types", "List the connection types and their fields.")
+
+    p = command("create", "Create a connection; secrets are sealed and never shown again.")
+    p.add_argument("name")
+    p.add_argument("--type", required=True, help="connection type (see `brokerctl types`)")
+    p.add_argument(
+        "--provider", default="", help="provider, for types that take one (e.g. openai for api_key)"
+    )
+    _add_config_options(p)
+    p.add_argument(
+        "--secret", action="append", default=[], metavar="FIELD[=VALUE|=@FILE]", help=_SEALED_FIELD_HELP
+    )
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a label (repeatable)")
+
+    p = command("get", "Show a connection (secret field names only, never values).")
+    p.add_argument("id")
+
+    p = command("list", "List connections.")
+    p.add_argument("--type", default="")
+    p.add_argument("--provider", default="")
+    p.add_argument("--status", choices=("active", "revoked", "deleted"), help="default: active and revoked")
+    p.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="must match (repeatable)"
+    )
+    p.add_argument("--name-prefix", default="")
+    p.add_argument("--page-size", type=int, default=0, help="1..1000 (server default 100)")
+    p.add_argument("--page-token", default="", help="continue from a previous page")
+    p.add_argument("--all", action="store_true", help="follow page tokens to the end")
+
+    p = command("update", "Change a connection; only the given parts change.")
+    p.add_argument("id")
+    p.add_argument("--name", help="a new name")
+    _add_config_options(p, extra=" KEY=null removes the key.")
+    p.add_argument(
+        "--secret", action="append", default=[], metavar="FIELD[=VALUE|=@FILE]", help=_SEALED_FIELD_HELP
+    )
+    p.add_argument(
+        "--clear-secret", action="append", default=[], metavar="FIELD", help="remove a secret field"
+    )
+    p.add_argument(
+        "--label", action="append", metavar="KEY=VALUE", help="replaces ALL labels with the ones given"
+    )
+    p.add_argument("--clear-labels", action="store_true", help="remove every label")
+    p.add_argument("--etag", default="", help="apply only if the connection still has this etag")
+
+    for name, text in (
+        ("delete", "Soft-delete a connection (it can be restored until purged)."),
+        ("restore", "Restore a soft-deleted connection."),
+    ):
+        command(name, text).add_argument("id")
+
+    p = command("purge", "Delete a connection and its sealed secrets for good.")
+    p.add_argument("id")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    p = command("revoke", "Revoke a connection: it stays listed but can no longer be resolved.")
+    p.add_argument("id")
+    p.add_argument("--reason", default="", help="recorded in the audit trail")
+
+    p = command("grant", "Let an executor principal resolve a connection.")
+    p.add_argument("id")
+    p.add_argument("principal", help="spiffe://<trust-domain>/tenant/<tenant>/executor/<name>")
+    until = p.add_mutually_exclusive_group()
+    until.add_argument("--expires-in", metavar="DURATION", help="e.g. 30m, 1h, 7d")
+    until.add_argument("--expires-at", metavar="TIME", help="RFC 3339 (UTC when no offset is given)")
+
+    p = command("ungrant", "Take a grant away.")
+    p.add_argument("id")
+    p.add_argument("principal")
+
+    p = command("grants", "List grants.")
+    p.add_argument("--connection", default="", metavar="ID")
+    p.add_argument("--principal", default="")
+
+    p = command("audit", "Show audit events.")
+    p.add_argument("--connection", default="", metavar="ID")
+    p.add_argument("--actor", default="")
+    p.add_argument("--action", default="")
+    p.add_argument("--since", metavar="TIME", help="RFC 3339, or a duration such as 1h meaning that long ago")
+    p.add_argument("--until", metavar="TIME", help="same forms as --since")
+    p.add_argument("--limit", type=int, default=100, help="at most this many events (default 100)")
+
+    p = command(
+        "resolve",
+        "Resolve a connection as an executor and PRINT ITS SECRETS. This is the only command "
+        "that shows a secret. It uses the executor identity (tls/executor.pem) and --resolve-addr.",
+    )
+    p.add_argument("ref", metavar="ID_OR_NAME")
+    p.add_argument("--by-name", action="store_true", help="treat ID_OR_NAME as a connection name")
+    p.add_argument("--purpose", default="", help="why; recorded in the audit trail")
+    return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    group = parser.add_argument_group("connection options")
+    group.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        default=default(DEFAULT_DATA_DIR),
+        help="where `broker dev` keeps its files; TLS defaults come from DIR/tls (default ./.broker-dev)",
+    )
+    group.add_argument(
+        "--addr",
+        metavar="HOST:PORT",
+        default=default(DEFAULT_ADDR),
+        help=f"admin API (default {DEFAULT_ADDR})",
+    )
+    group.add_argument(
+        "--resolve-addr",
+        metavar="HOST:PORT",
+        default=default(DEFAULT_RESOLVE_ADDR),
+        help=f"resolve API, for `resolve` (default {DEFAULT_RESOLVE_ADDR})",
+    )
+    group.add_argument("--ca", type=Path, metavar="FILE", default=default(None), help="CA certificate (PEM)")
+    group.add_argument(
+        "--cert", type=Path, metavar="FILE", default=default(None), help="client certificate (PEM)"
+    )
+    group.add_argument(
+        "--key", type=Path, metavar="FILE", default=default(None), help="client private key (PEM)"
+    )
+    group.add_argument(
+        "--server-name",
+        metavar="NAME",
+        default=default(None),
+        help="the name to expect in the server certificate",
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        default=default(10.0),
+        help="seconds per call (default 10)",
+    )
+    group.add_argument("--json", action="store_true", default=default(False), help="print JSON")
+
+
+def _add_config_options(parser: argparse.ArgumentParser, extra: str = "") -> None:
+    parser.add_argument(
+        "--config", action="append", default=[], metavar="KEY=VALUE", help=_CONFIG_HELP + extra
+    )
+    parser.add_argument(
+        "--config-json", metavar="JSON", help="config fields as a JSON object, or @FILE; --config wins"
+    )

@@ -1,0 +1,156 @@
+"""Turning command-line text into request values: config, secrets, labels, times.
+
+Every problem is a `UsageError` with a message that names the flag at fault.
+Secret values are never part of a message.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+class UsageError(ValueError):
+    """The command line is wrong; the CLI prints the message and exits with status 2."""
+
+
+def parse_config(pairs: Sequence[str], json_text: str | None = None) -> dict[str, Any]:
+    """`--config-json` (an object, or `@file`) overlaid with each `--config k=v`.
+
+    A value is JSON when it parses as JSON (`5432`, `true`, `["a"]`, `null`),
+    otherwise the text itself.
+    """
+    config: dict[str, Any] = {}
+    if json_text is not None:
+        text = _read_text(json_text[1:], "--config-json") if json_text.startswith("@") else json_text
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--config-json is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise UsageError("--config-json must be a JSON object")
+        config.update(doc)
+    for pair in pairs:
+        key, value = _split(pair, "--config")
+        try:
+            config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            config[key] = value
+    return config
+
+
+def parse_labels(pairs: Sequence[str]) -> dict[str, str]:
+    """Each `--label k=v` as a map; a key given twice is an error."""
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, value = _split(pair, "--label")
+        if key in labels:
+            raise UsageError(f"--label {key} is given twice")
+        labels[key] = value
+    return labels
+
+
+def parse_secrets(specs: Sequence[str], prog: str = "brokerctl") -> dict[str, str]:
+    """Each `--secret`: `field=value`, `field=@file` (`@-` is stdin, `@@x` the literal `@x`), or `field`.
+
+    A bare `field` is prompted for without echo. A value typed on the command line
+    works, with a warning: it ends up in shell history and the process list.
+    """
+    secrets: dict[str, str] = {}
+    warned = stdin_used = False
+    for spec in specs:
+        field, sep, value = spec.partition("=")
+        field = field.strip()
+        if not field:
+            # The message never echoes `spec`: what follows the `=` may be a secret.
+            raise UsageError("--secret needs a field name before '=', as in password=@file")
+        if field in secrets:
+            raise UsageError(f"--secret {field} is given twice")
+        if not sep:
+            value = getpass.getpass(f"{field}: ")
+            if not value:
+                raise UsageError(f"no value entered for secret {field}")
+        elif value.startswith("@@"):
+            value = value[1:]
+            warned = _warn_inline(field, prog, warned)
+        elif value == "@-":
+            if stdin_used:
+                raise UsageError("only one --secret can read standard input (@-)")
+            stdin_used = True
+            value = _strip_newline(sys.stdin.read())
+        elif value.startswith("@"):
+            value = _strip_newline(_read_text(value[1:], f"--secret {field}"))
+        else:
+            warned = _warn_inline(field, prog, warned)
+        secrets[field] = value
+    return secrets
+
+
+_DURATION_PART = re.compile(r"(\d+)([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """`90s`, `30m`, `1h`, `7d`, `2w`, or a sum such as `1h30m`."""
+    compact = text.strip().lower()
+    parts = _DURATION_PART.findall(compact)
+    if not parts or "".join(n + u for n, u in parts) != compact:
+        raise UsageError(f"{text!r} is not a duration such as 30m, 1h, 7d or 1h30m")
+    seconds = sum(int(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise UsageError(f"duration {text!r} must be positive")
+    return dt.timedelta(seconds=seconds)
+
+
+def parse_time(text: str, now: dt.datetime, *, relative: bool = False) -> dt.datetime:
+    """An RFC 3339 time (UTC when it has no offset); with `relative`, a duration means that long ago."""
+    if relative and _DURATION_PART.match(text.strip().lower()):
+        return now - parse_duration(text)
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        hint = ", or a duration such as 1h meaning that long ago" if relative else ""
+        raise UsageError(f"{text!r} is not an RFC 3339 time such as 2025-01-31T12:00:00Z{hint}") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
+
+
+def _split(pair: str, flag: str) -> tuple[str, str]:
+    key, sep, value = pair.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UsageError(f"{flag} takes key=value, got {pair!r}")
+    return key, value
+
+
+def _read_text(path: str, flag: str) -> str:
+    try:
+        data = Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{flag}: {path} is not UTF-8 text") from None
+
+
+def _strip_newline(text: str) -> str:
+    """Drop the one newline an editor or `echo` adds; keep any other whitespace, it may matter."""
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text.removesuffix("\n")
+
+
+def _warn_inline(field: str, prog: str, warned: bool) -> bool:
+    if not warned:
+        print(
+            f"{prog}: warning: --secret {field}=... puts the value in your shell history and the "
+            f"process list; prefer {field}=@FILE, or just {field} to be prompted",
+            file=sys.stderr,
+        )
+    return True

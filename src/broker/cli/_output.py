@@ -1,0 +1,177 @@
+"""How `brokerctl` shows replies: aligned tables and key/value blocks, or JSON with `--json`.
+
+Only `render_resolved` prints secret values; every other reply type has no field
+that could hold one (the admin API is redacted by construction).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+from google.protobuf.message import Message
+
+from broker._proto import broker_pb2
+from broker.client import struct_to_dict
+
+_NONE = "-"
+
+
+def to_json(message: Message) -> str:
+    """The message as indented JSON, with the proto's own field names."""
+    doc = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return json.dumps(doc, indent=2, sort_keys=True)
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """Columns padded to their widest cell; the last column is not padded."""
+    grid = [list(headers), *(list(r) for r in rows)]
+    widths = [max(len(r[i]) for r in grid) for i in range(len(headers))]
+    lines = []
+    for row in grid:
+        cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)] + [row[-1]]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def fields(pairs: Sequence[tuple[str, str]]) -> str:
+    """A `key: value` block with the values aligned."""
+    width = max(len(k) for k, _ in pairs) + 1
+    return "\n".join(f"{(k + ':').ljust(width)}  {v}" for k, v in pairs)
+
+
+def timestamp(message: Message, name: str, unset: str = _NONE) -> str:
+    """An RFC 3339 UTC time to the second, or `unset` when the field is not set."""
+    if not message.HasField(name):
+        return unset
+    when: dt.datetime = getattr(message, name).ToDatetime(tzinfo=dt.UTC)
+    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def struct_text(message: struct_pb2.Struct) -> str:
+    """A Struct as compact JSON, `-` when empty."""
+    doc = struct_to_dict(message)
+    return json.dumps(doc, sort_keys=True) if doc else _NONE
+
+
+def render_types(reply: broker_pb2.ListConnectionTypesResponse) -> str:
+    """One row per connection type; secret fields are marked with `*`."""
+    rows = [
+        (
+            t.name,
+            ", ".join(t.providers) or _NONE,
+            ", ".join(f.name + ("*" if f.secret else "") for f in t.fields) or _NONE,
+            t.description,
+        )
+        for t in reply.types
+    ]
+    return table(("TYPE", "PROVIDERS", "FIELDS (* = secret)", "DESCRIPTION"), rows)
+
+
+def render_connection(c: broker_pb2.Connection) -> str:
+    """A connection's summary as a key/value block (it holds secret field names, never values)."""
+    return fields(
+        [
+            ("id", c.id),
+            ("name", c.name),
+            ("type", c.type),
+            ("provider", c.provider or _NONE),
+            ("status", _enum(broker_pb2.ConnectionStatus, c.status, "CONNECTION_STATUS_")),
+            ("config", struct_text(c.config)),
+            ("secrets", ", ".join(c.secret_fields) or _NONE),
+            ("labels", _labels(c.labels)),
+            ("etag", c.etag or _NONE),
+            ("created", timestamp(c, "created_at")),
+            ("updated", timestamp(c, "updated_at")),
+            ("last used", timestamp(c, "last_used_at")),
+            ("tested", _tested(c)),
+            ("deleted", timestamp(c, "deleted_at")),
+        ]
+    )
+
+
+def render_connections(connections: Iterable[broker_pb2.Connection]) -> str:
+    """The list view: one row per connection."""
+    rows = [
+        (
+            c.id,
+            c.name,
+            c.type,
+            c.provider or _NONE,
+            _enum(broker_pb2.ConnectionStatus, c.status, "CONNECTION_STATUS_"),
+            ",".join(c.secret_fields) or _NONE,
+            timestamp(c, "updated_at"),
+        )
+        for c in connections
+    ]
+    return table(("ID", "NAME", "TYPE", "PROVIDER", "STATUS", "SECRETS", "UPDATED"), rows)
+
+
+def render_grants(grants: Iterable[broker_pb2.Grant]) -> str:
+    """One row per grant."""
+    rows = [
+        (
+            g.connection_id,
+            g.principal,
+            timestamp(g, "expires_at", "never"),
+            timestamp(g, "created_at"),
+            g.created_by or _NONE,
+        )
+        for g in grants
+    ]
+    return table(("CONNECTION", "PRINCIPAL", "EXPIRES", "CREATED", "BY"), rows)
+
+
+def render_audit(events: Iterable[broker_pb2.AuditEvent]) -> str:
+    """One row per audit event, in the order the server returns them (newest first)."""
+    rows = [
+        (
+            timestamp(e, "time"),
+            e.actor,
+            e.action,
+            e.connection_id or _NONE,
+            e.outcome,
+            e.reason or _NONE,
+            _labels(e.details),
+        )
+        for e in events
+    ]
+    return table(("TIME", "ACTOR", "ACTION", "CONNECTION", "OUTCOME", "REASON", "DETAILS"), rows)
+
+
+def render_resolved(r: broker_pb2.ResolveResponse) -> str:
+    """A Resolve reply, secret values included: the one view that shows them."""
+    pairs = [
+        ("connection", r.connection_id),
+        ("name", r.name),
+        ("type", r.type),
+        ("provider", r.provider or _NONE),
+        ("config", struct_text(r.config)),
+        ("expires", timestamp(r, "expires_at", "never")),
+        ("cache ttl", f"{r.cache_ttl_seconds}s"),
+    ]
+    pairs += [(f"secret {k}", v) for k, v in sorted(r.secrets.items())]
+    return fields(pairs)
+
+
+def _enum(enum: Any, value: int, prefix: str) -> str:
+    try:
+        name: str = enum.Name(value)
+    except ValueError:
+        return str(value)
+    return name.removeprefix(prefix).lower()
+
+
+def _labels(labels: Any) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or _NONE
+
+
+def _tested(c: broker_pb2.Connection) -> str:
+    status = _enum(broker_pb2.TestStatus, c.test_status, "TEST_STATUS_")
+    if status == "unspecified":
+        return _NONE
+    when = timestamp(c, "last_tested_at")
+    return status if when == _NONE else f"{status} at {when}"

@@ -1,0 +1,136 @@
+"""`brokerctl`'s side of gRPC: mTLS channels to the two listeners, and errors worded for people."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from broker._proto import broker_pb2_grpc
+from broker.cli._input import UsageError
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """The files for one mTLS identity: the CA that signed the server, our certificate and key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def credentials(self) -> Any:
+        """gRPC channel credentials; a missing file is a `UsageError` naming it and its flag."""
+        ca = _read(self.ca, "CA certificate", "--ca")
+        cert = _read(self.cert, "client certificate", "--cert")
+        key = _read(self.key, "client key", "--key")
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+class Session:
+    """Channels to the admin and resolve listeners, opened on first use and closed by `close`.
+
+    A command uses one of the two; `addr` remembers which, for the error hint.
+    """
+
+    def __init__(
+        self,
+        admin_addr: str,
+        admin_tls: ClientTls,
+        resolve_addr: str,
+        resolve_tls: ClientTls,
+        *,
+        timeout: float,
+        server_name: str | None = None,
+    ) -> None:
+        self.timeout = timeout
+        self.addr = admin_addr
+        self._admin = (admin_addr, admin_tls)
+        self._resolve = (resolve_addr, resolve_tls)
+        self._server_name = server_name
+        self._channels: list[Any] = []
+        self._admin_stub: Any = None
+        self._resolve_stub: Any = None
+
+    @property
+    def admin(self) -> Any:
+        """The AdminService stub, over a channel opened on first use."""
+        if self._admin_stub is None:
+            channel = self._open(*self._admin)
+            self._admin_stub = broker_pb2_grpc.AdminServiceStub(channel)  # type: ignore[no-untyped-call]
+        self.addr = self._admin[0]
+        return self._admin_stub
+
+    @property
+    def resolver(self) -> Any:
+        """The ResolveService stub, over a channel opened on first use."""
+        if self._resolve_stub is None:
+            channel = self._open(*self._resolve)
+            self._resolve_stub = broker_pb2_grpc.ResolveServiceStub(channel)  # type: ignore[no-untyped-call]
+        self.addr = self._resolve[0]
+        return self._resolve_stub
+
+    def close(self) -> None:
+        """Close every channel this session opened."""
+        for channel in self._channels:
+            channel.close()
+        self._channels.clear()
+        self._admin_stub = self._resolve_stub = None
+
+    def _open(self, addr: str, tls: ClientTls) -> Any:
+        options = []
+        if self._server_name:
+            options.append(("grpc.ssl_target_name_override", self._server_name))
+        channel = grpc.secure_channel(addr, tls.credentials(), options=options)
+        self._channels.append(channel)
+        return channel
+
+
+def describe_error(error: grpc.RpcError, addr: str, prog: str = "brokerctl") -> list[str]:
+    """The lines to print for a failed call: the status, each bad field, and a hint where one helps."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = error.details() if hasattr(error, "details") else str(error)
+    lines = [f"{prog}: {code.name}: {details}"]
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        lines += [f"  {field}: {description}" for field, description in field_violations(error)]
+    elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        text = (details or "").lower()
+        if "handshake" in text or "ssl" in text or "certificate" in text:
+            lines.append(
+                f"{prog}: hint: the TLS handshake with {addr} failed; check --ca, --cert and --key "
+                "(and --server-name when the address is not in the server certificate)"
+            )
+        else:
+            lines.append(f"{prog}: hint: is `broker dev` running and listening on {addr}? (see --addr)")
+    return lines
+
+
+def field_violations(error: Any) -> Iterator[tuple[str, str]]:
+    """(field, description) from the google.rpc.BadRequest in the status details trailer, if any."""
+    try:
+        status = rpc_status.from_call(error)
+    except (ValueError, AttributeError):
+        # A trailer that disagrees with the status line is not worth failing over; the status is shown.
+        return
+    if status is None:
+        return
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            for violation in bad.field_violations:
+                yield violation.field, violation.description
+
+
+def _read(path: Path, what: str, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(
+            f"cannot read the {what} {path}: {exc.strerror}; run `broker dev` to create the dev "
+            f"files, or pass {flag} (and --data-dir)"
+        ) from None

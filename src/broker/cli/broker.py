@@ -1,0 +1,175 @@
+"""`broker`: run the server (`dev`, `serve`) and make its keys and certificates (`keygen`, `certs`).
+
+Exit status: what the server returns when it stops, 0 for the other commands,
+and 2 for a bad setting, a bad master key or a file that would be overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from broker import pki
+from broker.config import Settings
+from broker.errors import ConfigError
+
+PROG = "broker"
+_DEV_DIR = Path(".broker-dev")
+_ADMIN_ADDR = "127.0.0.1:50051"
+_RESOLVE_ADDR = "127.0.0.1:50052"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one broker command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "keygen":
+            return _keygen(args.out)
+        if args.command == "certs":
+            return _certs(args)
+        if args.command == "dev":
+            settings = _prepare_dev(args.data_dir, args.admin_addr, args.resolve_addr)
+        else:
+            settings = Settings.load(args.config)
+    except (ConfigError, ValueError, OSError) as exc:
+        return _fail(exc)
+    # Only ConfigError is expected from the server; anything else is a bug and keeps its traceback.
+    try:
+        return _run(settings)
+    except ConfigError as exc:
+        return _fail(exc)
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `broker` command line."""
+    parser = argparse.ArgumentParser(prog=PROG, description="A secrets broker for workflows and AI agents.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "dev",
+        help="run a local broker with generated keys and certificates",
+        description="Create a master key, a CA and certificates in --data-dir (once), then serve. "
+        "For development only: the master key sits next to the database.",
+    )
+    p.add_argument("--data-dir", type=Path, default=_DEV_DIR, help="default ./.broker-dev")
+    p.add_argument("--admin-addr", default=_ADMIN_ADDR, help=f"default {_ADMIN_ADDR}")
+    p.add_argument("--resolve-addr", default=_RESOLVE_ADDR, help=f"default {_RESOLVE_ADDR}")
+
+    p = sub.add_parser("serve", help="run the broker from a config file and BROKER_* variables")
+    p.add_argument("--config", type=Path, required=True, metavar="FILE", help="TOML settings file")
+
+    p = sub.add_parser("keygen", help="make a new master key (base64 of 32 random bytes)")
+    p.add_argument("--out", type=Path, metavar="FILE", help="write it to FILE (mode 0600) instead of stdout")
+
+    certs = sub.add_parser("certs", help="make a CA and certificates for mTLS")
+    csub = certs.add_subparsers(dest="certs_command", metavar="ACTION", required=True)
+    p = csub.add_parser("init", help="create a CA: DIR/ca.pem and DIR/ca-key.pem")
+    p.add_argument("--dir", type=Path, required=True)
+    p.add_argument("--common-name", default="broker CA", help="the CA's name (default 'broker CA')")
+    p.add_argument("--days", type=int, default=3650, help="validity (default 3650)")
+
+    p = csub.add_parser("issue", help="issue a client certificate for a principal (SPIFFE id)")
+    p.add_argument("--ca-dir", type=Path, required=True, help="folder with ca.pem and ca-key.pem")
+    p.add_argument(
+        "--principal",
+        required=True,
+        metavar="SPIFFE_ID",
+        help="spiffe://<trust-domain>/tenant/<tenant>/<admin|executor>/<name>",
+    )
+    p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.pem and PREFIX-key.pem")
+    p.add_argument("--days", type=int, default=365, help="validity (default 365)")
+
+    p = csub.add_parser("server", help="issue a TLS server certificate")
+    p.add_argument("--ca-dir", type=Path, required=True, help="folder with ca.pem and ca-key.pem")
+    p.add_argument("--host", action="append", required=True, help="a DNS name or IP address (repeatable)")
+    p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.pem and PREFIX-key.pem")
+    p.add_argument("--days", type=int, default=365, help="validity (default 365)")
+    return parser
+
+
+def _prepare_dev(data_dir: Path, admin_addr: str, resolve_addr: str) -> Settings:
+    created = pki.ensure_dev_layout(data_dir)
+    print(_banner(data_dir, admin_addr, resolve_addr, created), file=sys.stderr, flush=True)
+    return Settings.for_dev(data_dir, admin_addr, resolve_addr)
+
+
+def _run(settings: Settings) -> int:
+    # Imported here so that keygen and certs work without loading the server's dependencies.
+    from broker.server import run
+
+    return run(settings)
+
+
+def _banner(data_dir: Path, admin_addr: str, resolve_addr: str, created: bool) -> str:
+    hint = ["brokerctl"]
+    if data_dir != _DEV_DIR:
+        hint += ["--data-dir", str(data_dir)]
+    if admin_addr != _ADMIN_ADDR:
+        hint += ["--addr", admin_addr]
+    what = "created a master key, a CA and certificates" if created else "using the existing keys"
+    return "\n".join(
+        [
+            f"broker dev: data in {data_dir.resolve()} ({what})",
+            f"  admin API    {admin_addr}  (TLS; client certificate tls/admin.pem)",
+            f"  resolve API  {resolve_addr}  (mTLS; client certificate tls/executor.pem)",
+            f"  next, try:   {shlex.join([*hint, 'types'])}",
+            "  development only: the master key is a plain file next to the database.",
+        ]
+    )
+
+
+def _keygen(out: Path | None) -> int:
+    key = pki.new_master_key()
+    if out is None:
+        sys.stdout.write(key)
+    else:
+        pki.write_private(out, key.encode("ascii"))
+        print(f"{PROG}: wrote a new master key to {out} (mode 0600)", file=sys.stderr)
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    if args.certs_command == "init":
+        args.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        cert_pem, key_pem = pki.create_ca(args.common_name, days=args.days)
+        _write_pair(args.dir / "ca", cert_pem, key_pem)
+        return 0
+    ca_cert = (args.ca_dir / "ca.pem").read_bytes()
+    ca_key = (args.ca_dir / "ca-key.pem").read_bytes()
+    if args.certs_command == "issue":
+        cert_pem, key_pem = pki.issue_principal_cert(ca_cert, ca_key, args.principal, days=args.days)
+    else:
+        cert_pem, key_pem = pki.issue_server_cert(ca_cert, ca_key, args.host, days=args.days)
+    _write_pair(Path(args.out), cert_pem, key_pem)
+    return 0
+
+
+def _write_pair(prefix: Path, cert_pem: bytes, key_pem: bytes) -> None:
+    cert_path = prefix.with_name(prefix.name + ".pem")
+    key_path = prefix.with_name(prefix.name + "-key.pem")
+    # Check both first so that a refusal leaves no half-written pair behind.
+    for path in (cert_path, key_path):
+        if path.exists():
+            raise FileExistsError(f"{path} exists; refusing to overwrite it")
+    pki.write_private(key_path, key_pem)
+    pki.write_public(cert_path, cert_pem)
+    print(f"{PROG}: wrote {cert_path} and {key_path}", file=sys.stderr)
+
+
+def _fail(exc: Exception) -> int:
+    if isinstance(exc, FileExistsError) and exc.filename:
+        message = f"{exc.filename} exists; refusing to overwrite it"
+    elif isinstance(exc, OSError) and exc.filename and exc.strerror:
+        message = f"{exc.filename}: {exc.strerror}"
+    else:
+        message = str(exc)
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""`brokerctl`: the admin client. One subcommand per AdminService call, plus `resolve`.
+
+Exit status: 0 on success, 1 when the broker returned an error (or could not be
+reached), 2 for a usage problem found before any call (bad flags, missing files).
+"""
+
+from __future__ import annotations
+
+import os
+
+# grpc's core reads this once, on import: keep its info lines (a failed TLS handshake is
+# logged twice otherwise) out of a terminal tool's output. GRPC_VERBOSITY=INFO brings them back.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import argparse
+import datetime as dt
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from broker._proto import broker_pb2
+from broker.cli import _output as out
+from broker.cli._ctl_args import build_parser
+from broker.cli._input import (
+    UsageError,
+    parse_config,
+    parse_duration,
+    parse_labels,
+    parse_secrets,
+    parse_time,
+)
+from broker.cli._rpc import ClientTls, Session, describe_error
+
+PROG = "brokerctl"
+_MAX_PAGE = 1000
+_STATUS = {
+    "active": broker_pb2.CONNECTION_STATUS_ACTIVE,
+    "revoked": broker_pb2.CONNECTION_STATUS_REVOKED,
+    "deleted": broker_pb2.CONNECTION_STATUS_DELETED,
+}
+
+Handler = Callable[[argparse.Namespace, Session], int]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one brokerctl command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    session = open_session(args)
+    try:
+        return HANDLERS[args.command](args, session)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:
+        for line in describe_error(exc, session.addr, PROG):
+            print(line, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        session.close()
+
+
+def open_session(args: argparse.Namespace) -> Session:
+    """Channels for the admin identity (admin.pem) and the executor identity (executor.pem)."""
+    tls_dir = args.data_dir / "tls"
+
+    def identity(stem: str) -> ClientTls:
+        return ClientTls(
+            ca=args.ca or tls_dir / "ca.pem",
+            cert=args.cert or tls_dir / f"{stem}.pem",
+            key=args.key or tls_dir / f"{stem}-key.pem",
+        )
+
+    return Session(
+        args.addr,
+        identity("admin"),
+        args.resolve_addr,
+        identity("executor"),
+        timeout=args.timeout,
+        server_name=args.server_name,
+    )
+
+
+def _types(args: argparse.Namespace, s: Session) -> int:
+    reply = s.admin.ListConnectionTypes(broker_pb2.ListConnectionTypesRequest(), timeout=s.timeout)
+    return _show(args, reply, out.render_types)
+
+
+def _create(args: argparse.Namespace, s: Session) -> int:
+    request = broker_pb2.CreateConnectionRequest(
+        name=args.name,
+        type=args.type,
+        provider=args.provider,
+        labels=parse_labels(args.label),
+    )
+    request.config.update(parse_config(args.config, args.config_json))
+    # Secrets last: a prompt should come only once everything else on the line is known good.
+    request.secrets.update(parse_secrets(args.secret, PROG))
+    reply = s.admin.CreateConnection(request, timeout=s.timeout)
+    return _show(args, reply, out.render_connection)
+
+
+def _get(args: argparse.Namespace, s: Session) -> int:
+    reply = s.admin.GetConnection(broker_pb2.GetConnectionRequest(id=args.id), timeout=s.timeout)
+    return _show(args, reply, out.render_connection)
+
+
+def _list(args: argparse.Namespace, s: Session) -> int:
+    if not 0 <= args.page_size <= _MAX_PAGE:
+        raise UsageError(f"--page-size must be between 1 and {_MAX_PAGE}")
+    request = broker_pb2.ListConnectionsRequest(
+        type=args.type,
+        provider=args.provider,
+        status=_STATUS[args.status] if args.status else broker_pb2.CONNECTION_STATUS_UNSPECIFIED,
+        labels=parse_labels(args.label),
+        name_prefix=args.name_prefix,
+        page_size=args.page_size,
+        page_token=args.page_token,
+    )
+    if args.all:
+        connections = list(_pages(s.admin.ListConnections, request, "connections", s.timeout))
+        reply = broker_pb2.ListConnectionsResponse(connections=connections)
+    else:
+        reply = s.admin.ListConnections(request, timeout=s.timeout)
+    _show(args, reply, lambda r: out.render_connections(r.connections))
+    if reply.next_page_token and not args.json:
+        print(f"{PROG}: more: add --page-token {reply.next_page_token}, or use --all", file=sys.stderr)
+    return 0
+
+
+def _update(args: argparse.Namespace, s: Session) -> int:
+    request = broker_pb2.UpdateConnectionRequest(id=args.id, etag=args.etag, clear_secrets=args.clear_secret)
+    if args.name is not None:
+        request.name = args.name
+    if args.config or args.config_json is not None:
+        request.config.SetInParent()
+        request.config.update(parse_config(args.config, args.config_json))
+    if args.label is not None or args.clear_labels:
+        if args.label and args.clear_labels:
+            raise UsageError("--label and --clear-labels do not go together")
+        request.labels.SetInParent()
+        request.labels.values.update(parse_labels(args.label or []))
+    if args.secret:
+        request.secrets.update(parse_secrets(args.secret, PROG))
+    if not (request.HasField("name") or request.HasField("config") or request.HasField("labels")) and not (
+        request.secrets or request.clear_secrets
+    ):
+        raise UsageError("nothing to update: give --name, --config, --secret, --clear-secret or --label")
+    reply = s.admin.UpdateConnection(request, timeout=s.timeout)
+    return _show(args, reply, out.render_connection)
+
+
+def _delete(args: argparse.Namespace, s: Session) -> int:
+    reply = s.admin.DeleteConnection(broker_pb2.DeleteConnectionRequest(id=args.id), timeout=s.timeout)
+    return _show(args, reply, out.render_connection)
+
+
+def _restore(args: argparse.Namespace, s: Session) -> int:
+    reply = s.admin.RestoreConnection(broker_pb2.RestoreConnectionRequest(id=args.id), timeout=s.timeout)
+    return _show(args, reply, out.render_connection)
+
+
+def _purge(args: argparse.Namespace, s: Session) -> int:
+    if not args.yes and not _confirm(f"Purge {args.id} and its secrets for good? This cannot be undone."):
+        print(f"{PROG}: not purged", file=sys.stderr)
+        return 1
+    reply = s.admin.PurgeConnection(broker_pb2.PurgeConnectionRequest(id=args.id), timeout=s.timeout)
+    return _show(args, reply, lambda r: f"purged {r.id}")
+
+
+def _revoke(args: argparse.Namespace, s: Session) -> int:
+    request = broker_pb2.RevokeConnectionRequest(id=args.id, reason=args.reason)
+    reply = s.admin.RevokeConnection(request, timeout=s.timeout)
+    return _show(args, reply, out.render_connection)
+
+
+def _grant(args: argparse.Namespace, s: Session) -> int:
+    request = broker_pb2.GrantAccessRequest(connection_id=args.id, principal=args.principal)
+    now = dt.datetime.now(dt.UTC)
+    if args.expires_in:
+        request.expires_at.FromDatetime(now + parse_duration(args.expires_in))
+    elif args.expires_at:
+        request.expires_at.FromDatetime(parse_time(args.expires_at, now))
+    reply = s.admin.GrantAccess(request, timeout=s.timeout)
+    return _show(args, reply, lambda g: out.render_grants([g]))
+
+
+def _ungrant(args: argparse.Namespace, s: Session) -> int:
+    request = broker_pb2.RevokeAccessRequest(connection_id=args.id, principal=args.principal)
+    reply = s.admin.RevokeAccess(request, timeout=s.timeout)
+    return _show(args, reply, lambda _: f"{args.principal} can no longer resolve {args.id}")
+
+
+def _grants(args: argparse.Namespace, s: Session) -> int:
+    request = broker_pb2.ListGrantsRequest(connection_id=args.connection, principal=args.principal)
+    grants = list(_pages(s.admin.ListGrants, request, "grants", s.timeout))
+    return _show(args, broker_pb2.ListGrantsResponse(grants=grants), lambda r: out.render_grants(r.grants))
+
+
+def _audit(args: argparse.Namespace, s: Session) -> int:
+    if args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    now = dt.datetime.now(dt.UTC)
+    request = broker_pb2.ListAuditEventsRequest(
+        connection_id=args.connection,
+        actor=args.actor,
+        action=args.action,
+        page_size=min(args.limit, _MAX_PAGE),
+    )
+    if args.since:
+        request.start_time.FromDatetime(parse_time(args.since, now, relative=True))
+    if args.until:
+        request.end_time.FromDatetime(parse_time(args.until, now, relative=True))
+    events = []
+    for event in _pages(s.admin.ListAuditEvents, request, "events", s.timeout):
+        events.append(event)
+        if len(events) >= args.limit:
+            break
+    reply = broker_pb2.ListAuditEventsResponse(events=events)
+    return _show(args, reply, lambda r: out.render_audit(r.events))
+
+
+def _resolve(args: argparse.Namespace, s: Session) -> int:
+    request = broker_pb2.ResolveRequest(purpose=args.purpose)
+    if args.by_name:
+        request.name = args.ref
+    else:
+        request.connection_id = args.ref
+    reply = s.resolver.Resolve(request, timeout=s.timeout)
+    return _show(args, reply, out.render_resolved)
+
+
+HANDLERS: dict[str, Handler] = {
+    "types": _types,
+    "create": _create,
+    "get": _get,
+    "list": _list,
+    "update": _update,
+    "delete": _delete,
+    "restore": _restore,
+    "purge": _purge,
+    "revoke": _revoke,
+    "grant": _grant,
+    "ungrant": _ungrant,
+    "grants": _grants,
+    "audit": _audit,
+    "resolve": _resolve,
+}
+
+
+def _show(args: argparse.Namespace, reply: Any, render: Callable[[Any], str]) -> int:
+    text = out.to_json(reply) if args.json else render(reply)
+    if text:
+        print(text)
+    return 0
+
+
+def _pages(call: Any, request: Any, field: str, timeout: float) -> Iterator[Any]:
+    """Every item of a paged List call, following `next_page_token`."""
+    while True:
+        reply = call(request, timeout=timeout)
+        yield from getattr(reply, field)
+        if not reply.next_page_token:
+            return
+        request.page_token = reply.next_page_token
+
+
+def _confirm(question: str) -> bool:
+    # The prompt goes to stderr so that stdout stays clean for --json consumers.
+    if not sys.stdin.isatty():
+        raise UsageError("purge cannot be undone; pass --yes to confirm when not at a terminal")
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

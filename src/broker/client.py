@@ -1,0 +1,301 @@
+"""Executor SDK: fetch a connection's config and secrets from the Resolve API, with a TTL cache.
+
+    async with ResolveClient("broker:50052", ca=ca, cert=cert, key=key) as broker:
+        db = await broker.resolve(name="orders-db", purpose="nightly export")
+        connect(host=db.config["host"], password=db.secrets["password"])
+
+`SyncResolveClient` has the same API without `await`. The client authenticates with
+its certificate (its URI SAN is the executor's SPIFFE id) and sees only connections
+granted to it. Errors from the broker propagate unchanged as `grpc.RpcError`
+(`NOT_FOUND`, `PERMISSION_DENIED` when there is no live grant, `UNAVAILABLE`, ...).
+
+A reply is cached for its `cache_ttl_seconds` (the broker's choice; 0 means not at
+all) and never past its `expires_at`. Cached replies skip the broker, so they also
+skip its audit trail: the first resolve in each TTL window is the one recorded.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, NoReturn, Self
+
+import grpc
+import grpc.aio
+from google.protobuf import json_format, struct_pb2
+
+from broker._proto import broker_pb2, broker_pb2_grpc
+
+CacheKey = tuple[str, str]
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, repr=False)
+class Resolved:
+    """A resolved connection. `repr` masks the secret values; pickling is refused."""
+
+    connection_id: str
+    name: str
+    type: str
+    provider: str
+    config: dict[str, Any]
+    secrets: dict[str, str]
+    expires_at: dt.datetime | None
+    cache_ttl_seconds: int
+
+    def __repr__(self) -> str:
+        masked = {k: "***" for k in self.secrets}
+        return (
+            f"Resolved(connection_id={self.connection_id!r}, name={self.name!r}, type={self.type!r}, "
+            f"provider={self.provider!r}, config={self.config!r}, secrets={masked!r}, "
+            f"expires_at={self.expires_at!r}, cache_ttl_seconds={self.cache_ttl_seconds!r})"
+        )
+
+    def __reduce__(self) -> NoReturn:
+        # Pickles end up on disk and in queues; secrets should not travel that way by accident.
+        raise TypeError("a Resolved holds secrets and cannot be pickled")
+
+
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as a dict, whole numbers as ints (protobuf stores every number as a double)."""
+    result: dict[str, Any] = _plain(json_format.MessageToDict(struct))
+    return result
+
+
+class ResolvedCache:
+    """Resolved replies by ("id", x) or ("name", x), each until its TTL or its expiry, whichever is first.
+
+    `clock` is monotonic and measures the TTL; `wall_clock` (seconds since the epoch)
+    is only used to turn `expires_at` into a deadline on the monotonic clock.
+    """
+
+    def __init__(self, clock: Clock = time.monotonic, wall_clock: Clock = time.time) -> None:
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._entries: dict[CacheKey, tuple[float, Resolved]] = {}
+
+    def get(self, key: CacheKey) -> Resolved | None:
+        """The cached reply while it is fresh; a stale one is dropped."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        deadline, value = entry
+        if self._clock() < deadline:
+            return value
+        self._entries.pop(key, None)
+        return None
+
+    def put(self, key: CacheKey, value: Resolved) -> None:
+        """Keep `value` for its TTL, cut short by its `expires_at`; a TTL of 0 keeps nothing."""
+        if value.cache_ttl_seconds <= 0:
+            return
+        now = self._clock()
+        deadline = now + value.cache_ttl_seconds
+        if value.expires_at is not None:
+            remaining = value.expires_at.timestamp() - self._wall_clock()
+            if remaining <= 0:
+                return
+            deadline = min(deadline, now + remaining)
+        self._entries[key] = (deadline, value)
+
+    def invalidate(self, key: CacheKey | None = None) -> None:
+        """Forget one key, or everything."""
+        if key is None:
+            self._entries.clear()
+        else:
+            self._entries.pop(key, None)
+
+
+class _Base:
+    def __init__(
+        self,
+        channel: Any,
+        *,
+        cache: bool = True,
+        timeout: float | None = 10.0,
+        clock: Clock = time.monotonic,
+        wall_clock: Clock = time.time,
+    ) -> None:
+        self._channel = channel
+        self._stub = broker_pb2_grpc.ResolveServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._timeout = timeout
+        self._cache = ResolvedCache(clock, wall_clock) if cache else None
+
+    @classmethod
+    def from_channel(
+        cls,
+        channel: Any,
+        *,
+        cache: bool = True,
+        timeout: float | None = 10.0,
+        clock: Clock = time.monotonic,
+        wall_clock: Clock = time.time,
+    ) -> Self:
+        """A client over a channel you built (for credentials from a SPIFFE workload API, say)."""
+        client = cls.__new__(cls)
+        _Base.__init__(client, channel, cache=cache, timeout=timeout, clock=clock, wall_clock=wall_clock)
+        return client
+
+    def invalidate(self, connection_id: str | None = None, *, name: str | None = None) -> None:
+        """Drop a cached reply (after the secret was rotated, say), or all of them when no ref is given."""
+        if self._cache is None:
+            return
+        if connection_id is None and name is None:
+            self._cache.invalidate()
+        else:
+            self._cache.invalidate(_key(connection_id, name))
+
+    def _cached(self, key: CacheKey) -> Resolved | None:
+        return self._cache.get(key) if self._cache is not None else None
+
+    def _remember(self, key: CacheKey, reply: Any) -> Resolved:
+        value = _from_reply(reply)
+        if self._cache is not None:
+            self._cache.put(key, value)
+        return value
+
+
+class ResolveClient(_Base):
+    """Async (grpc.aio) client of the Resolve API; create it inside a running event loop."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        ca: Path,
+        cert: Path,
+        key: Path,
+        cache: bool = True,
+        timeout: float | None = 10.0,
+        server_name: str | None = None,
+        clock: Clock = time.monotonic,
+        wall_clock: Clock = time.time,
+    ) -> None:
+        channel = grpc.aio.secure_channel(target, _credentials(ca, cert, key), options=_options(server_name))
+        super().__init__(channel, cache=cache, timeout=timeout, clock=clock, wall_clock=wall_clock)
+
+    async def resolve(
+        self, connection_id: str | None = None, *, name: str | None = None, purpose: str = ""
+    ) -> Resolved:
+        """Resolve by id or by name (exactly one); `purpose` is recorded in the audit trail.
+
+        Raises ValueError for a bad reference and grpc.RpcError for what the broker refuses.
+        """
+        key = _key(connection_id, name)
+        cached = self._cached(key)
+        if cached is not None:
+            return cached
+        reply = await self._stub.Resolve(_request(key, purpose), timeout=self._timeout)
+        return self._remember(key, reply)
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+class SyncResolveClient(_Base):
+    """Blocking client of the Resolve API, with the same API as `ResolveClient`."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        ca: Path,
+        cert: Path,
+        key: Path,
+        cache: bool = True,
+        timeout: float | None = 10.0,
+        server_name: str | None = None,
+        clock: Clock = time.monotonic,
+        wall_clock: Clock = time.time,
+    ) -> None:
+        channel = grpc.secure_channel(target, _credentials(ca, cert, key), options=_options(server_name))
+        super().__init__(channel, cache=cache, timeout=timeout, clock=clock, wall_clock=wall_clock)
+
+    def resolve(
+        self, connection_id: str | None = None, *, name: str | None = None, purpose: str = ""
+    ) -> Resolved:
+        """Resolve by id or by name (exactly one); `purpose` is recorded in the audit trail.
+
+        Raises ValueError for a bad reference and grpc.RpcError for what the broker refuses.
+        """
+        key = _key(connection_id, name)
+        cached = self._cached(key)
+        if cached is not None:
+            return cached
+        reply = self._stub.Resolve(_request(key, purpose), timeout=self._timeout)
+        return self._remember(key, reply)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _key(connection_id: str | None, name: str | None) -> CacheKey:
+    if (connection_id is None) == (name is None):
+        raise ValueError("give exactly one of connection_id and name")
+    key = ("id", connection_id) if connection_id is not None else ("name", name or "")
+    if not key[1]:
+        raise ValueError(f"{'connection_id' if key[0] == 'id' else 'name'} must not be empty")
+    return key
+
+
+def _request(key: CacheKey, purpose: str) -> Any:
+    kind, value = key
+    if kind == "id":
+        return broker_pb2.ResolveRequest(connection_id=value, purpose=purpose)
+    return broker_pb2.ResolveRequest(name=value, purpose=purpose)
+
+
+def _from_reply(reply: Any) -> Resolved:
+    expires = reply.expires_at.ToDatetime(tzinfo=dt.UTC) if reply.HasField("expires_at") else None
+    return Resolved(
+        connection_id=reply.connection_id,
+        name=reply.name,
+        type=reply.type,
+        provider=reply.provider,
+        config=struct_to_dict(reply.config),
+        secrets=dict(reply.secrets),
+        expires_at=expires,
+        cache_ttl_seconds=reply.cache_ttl_seconds,
+    )
+
+
+def _credentials(ca: Path, cert: Path, key: Path) -> Any:
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes(), private_key=key.read_bytes(), certificate_chain=cert.read_bytes()
+    )
+
+
+def _options(server_name: str | None) -> list[tuple[str, str]]:
+    return [("grpc.ssl_target_name_override", server_name)] if server_name else []
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value

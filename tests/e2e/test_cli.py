@@ -1,0 +1,186 @@
+"""End to end, as a user would: `broker dev` in a subprocess, driven by `brokerctl --json`.
+
+A canary password goes in through `--secret password=@file` and must come out only
+through `resolve`: never in list or audit output, the server's logs, or the database file.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker import pki
+from broker.client import SyncResolveClient
+
+pytestmark = pytest.mark.e2e
+
+CANARY = "canary-e2e-4b1f9c0d-do-not-leak"
+EXECUTOR = "spiffe://broker.local/tenant/default/executor/demo"
+ADMIN = "spiffe://broker.local/tenant/default/admin/cli"
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 25.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class DevBroker:
+    process: subprocess.Popen[bytes]
+    data_dir: Path
+    admin_addr: str
+    resolve_addr: str
+    stdout: Path
+    stderr: Path
+
+    def logs(self) -> str:
+        return self.stdout.read_text(errors="replace") + self.stderr.read_text(errors="replace")
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run `brokerctl --json ARGS` against this broker."""
+        argv = [sys.executable, "-m", "broker.cli.brokerctl", "--json", "--data-dir", str(self.data_dir)]
+        argv += ["--addr", self.admin_addr, "--resolve-addr", self.resolve_addr, "--timeout", "5", *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+    def ok(self, *args: str) -> tuple[Any, str]:
+        """`ctl` that must succeed: (parsed JSON stdout, raw stdout + stderr)."""
+        result = self.ctl(*args)
+        assert result.returncode == 0, f"brokerctl {' '.join(args)} failed:\n{result.stderr}\n{self.logs()}"
+        return json.loads(result.stdout), result.stdout + result.stderr
+
+
+@pytest.fixture
+def dev_broker(tmp_path: Path) -> Iterator[DevBroker]:
+    data_dir = tmp_path / "dev"
+    admin, resolve = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    stdout, stderr = tmp_path / "broker.out", tmp_path / "broker.err"
+    argv = [sys.executable, "-m", "broker.cli.broker", "dev", "--data-dir", str(data_dir)]
+    argv += ["--admin-addr", admin, "--resolve-addr", resolve]
+    # Files, not pipes: a chatty server must never block on a full pipe nobody reads.
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        process = subprocess.Popen(argv, stdout=out, stderr=err, cwd=tmp_path)
+    broker = DevBroker(process, data_dir, admin, resolve, stdout, stderr)
+    try:
+        _wait_until_serving(broker)
+        yield broker
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def _wait_until_serving(broker: DevBroker) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if broker.process.poll() is not None:
+            pytest.fail(f"broker dev exited with {broker.process.returncode}:\n{broker.logs()}")
+        result = broker.ctl("types")
+        if result.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"broker dev did not serve within {START_TIMEOUT:g}s:\n{result.stderr}\n{broker.logs()}"
+            )
+        time.sleep(0.25)
+
+
+def test_secret_lifecycle_through_the_cli(dev_broker: DevBroker, tmp_path: Path) -> None:
+    secret_file = tmp_path / "password.txt"
+    secret_file.write_text(CANARY + "\n")
+    seen: list[str] = []  # every byte brokerctl printed, except resolve's
+
+    types, raw = dev_broker.ok("types")
+    assert "database" in {t["name"] for t in types["types"]}
+
+    created, raw = dev_broker.ok(
+        "create",
+        "e2e-db",
+        "--type",
+        "database",
+        "--config",
+        "driver=postgresql",
+        "--config",
+        "host=db.internal",
+        "--config",
+        "database=app",
+        "--config",
+        "username=app",
+        "--secret",
+        f"password=@{secret_file}",
+        "--label",
+        "suite=e2e",
+    )
+    seen.append(raw)
+    connection_id = created["id"]
+    assert created["secret_fields"] == ["password"]
+
+    listed, raw = dev_broker.ok("list")
+    seen.append(raw)
+    assert [c["id"] for c in listed["connections"]] == [connection_id]
+
+    got, raw = dev_broker.ok("get", connection_id)
+    seen.append(raw)
+    assert got["name"] == "e2e-db"
+
+    grant, raw = dev_broker.ok("grant", connection_id, EXECUTOR, "--expires-in", "1h")
+    seen.append(raw)
+    assert grant["principal"] == EXECUTOR
+
+    resolved, _ = dev_broker.ok("resolve", connection_id, "--purpose", "e2e test")
+    assert resolved["secrets"] == {"password": CANARY}
+    by_name, _ = dev_broker.ok("resolve", "e2e-db", "--by-name")
+    assert by_name["connection_id"] == connection_id
+
+    # The executor SDK sees the same thing through its own channel.
+    tls = dev_broker.data_dir / "tls"
+    with SyncResolveClient(
+        dev_broker.resolve_addr, ca=tls / "ca.pem", cert=tls / "executor.pem", key=tls / "executor-key.pem"
+    ) as client:
+        assert client.resolve(name="e2e-db", purpose="sdk").secrets == {"password": CANARY}
+
+    audit, raw = dev_broker.ok("audit", "--connection", connection_id)
+    seen.append(raw)
+    actors = {e.get("actor") for e in audit["events"]}
+    assert len(audit["events"]) >= 3, audit  # create, grant, resolve at least
+    assert ADMIN in actors and EXECUTOR in actors, actors
+
+    grants, raw = dev_broker.ok("grants", "--connection", connection_id)
+    seen.append(raw)
+    assert [g["principal"] for g in grants["grants"]] == [EXECUTOR]
+
+    # A bad request gets a field-level error and leaks nothing.
+    bad = dev_broker.ctl("create", "bad-db", "--type", "database", "--secret", f"password=@{secret_file}")
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
+    seen.append(bad.stdout + bad.stderr)
+
+    for text in seen:
+        assert CANARY not in text
+
+    dev_broker.process.send_signal(signal.SIGTERM)
+    assert dev_broker.process.wait(timeout=STOP_TIMEOUT) == 0, dev_broker.logs()
+    assert CANARY not in dev_broker.logs()
+    for path in dev_broker.data_dir.glob("broker.db*"):
+        assert CANARY.encode() not in path.read_bytes(), path.name
+
+
+def test_unreachable_broker_gets_a_hint(tmp_path: Path) -> None:
+    pki.ensure_dev_layout(tmp_path / "dev")
+    addr = f"127.0.0.1:{free_port()}"
+    argv = [sys.executable, "-m", "broker.cli.brokerctl", "--data-dir", str(tmp_path / "dev"), "--addr", addr]
+    result = subprocess.run([*argv, "types"], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stderr and "broker dev" in result.stderr and addr in result.stderr

@@ -1,0 +1,399 @@
+"""brokerctl without a server: parsing, the requests each command builds, output and errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from broker import pki
+from broker._proto import broker_pb2 as pb
+from broker.cli import brokerctl
+from broker.cli._ctl_args import build_parser
+from broker.cli._rpc import ClientTls, Session, describe_error
+
+CANARY = "canary-51d2-secret"
+
+
+class FakeStub:
+    """Records each call; answers from `replies[method]` (a list is consumed in order)."""
+
+    def __init__(self, replies: dict[str, Any]) -> None:
+        self.replies = replies
+        self.calls: list[tuple[str, Any]] = []
+
+    def __getattr__(self, method: str) -> Any:
+        def call(request: Any, timeout: float | None = None) -> Any:
+            self.calls.append((method, _copy(request)))
+            reply = self.replies[method]
+            if isinstance(reply, list):
+                reply = reply.pop(0)
+            if isinstance(reply, Exception):
+                raise reply
+            return reply
+
+        return call
+
+
+def _copy(request: Any) -> Any:
+    clone = type(request)()
+    clone.CopyFrom(request)
+    return clone
+
+
+class FakeSession:
+    def __init__(self, replies: dict[str, Any]) -> None:
+        self.admin = FakeStub(replies)
+        self.resolver = FakeStub(replies)
+        self.timeout = 10.0
+        self.addr = "127.0.0.1:50051"
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Install a FakeSession for the next brokerctl.main call; returns a setter for replies."""
+    sessions: list[FakeSession] = []
+
+    def install(**replies: Any) -> FakeSession:
+        session = FakeSession(replies)
+        sessions.append(session)
+        monkeypatch.setattr(brokerctl, "open_session", lambda args: session)
+        return session
+
+    yield install
+    assert all(s.closed for s in sessions)
+
+
+def connection(**overrides: Any) -> pb.Connection:
+    c = pb.Connection(
+        id="conn_1",
+        name="orders-db",
+        type="database",
+        provider="postgres",
+        secret_fields=["password"],
+        status=pb.CONNECTION_STATUS_ACTIVE,
+        etag="3",
+    )
+    c.config.update({"host": "db.internal", "port": 5432})
+    c.updated_at.FromDatetime(dt.datetime(2025, 1, 2, 3, 4, 5))
+    for key, value in overrides.items():
+        setattr(c, key, value)
+    return c
+
+
+# ------------------------------------------------------------------ parsing
+
+
+def test_global_options_work_before_and_after_the_command() -> None:
+    parser = build_parser()
+    before = parser.parse_args(["--json", "--addr", "h:1", "--data-dir", "d", "types"])
+    after = parser.parse_args(["types", "--json", "--addr", "h:1", "--data-dir", "d"])
+    for args in (before, after):
+        assert args.json is True and args.addr == "h:1" and args.data_dir == Path("d")
+    defaults = parser.parse_args(["types"])
+    assert defaults.json is False
+    assert defaults.addr == "127.0.0.1:50051" and defaults.resolve_addr == "127.0.0.1:50052"
+    assert defaults.data_dir == Path(".broker-dev")
+
+
+def test_create_requires_a_type(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["create", "x"])
+    assert info.value.code == 2
+    assert "--type" in capsys.readouterr().err
+
+
+def test_grant_expiry_options_are_exclusive() -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["grant", "c", "p", "--expires-in", "1h", "--expires-at", "2030-01-01"])
+
+
+def test_default_identities_come_from_the_data_dir(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["--data-dir", str(tmp_path), "types"])
+    session = brokerctl.open_session(args)
+    assert session._admin == (
+        "127.0.0.1:50051",
+        ClientTls(*(tmp_path / "tls" / n for n in ("ca.pem", "admin.pem", "admin-key.pem"))),
+    )
+    resolve_files = (tmp_path / "tls" / n for n in ("ca.pem", "executor.pem", "executor-key.pem"))
+    assert session._resolve == ("127.0.0.1:50052", ClientTls(*resolve_files))
+    override = build_parser().parse_args(
+        ["resolve", "x", "--cert", "c.pem", "--key", "k.pem", "--ca", "a.pem"]
+    )
+    assert brokerctl.open_session(override)._resolve[1] == ClientTls(
+        Path("a.pem"), Path("c.pem"), Path("k.pem")
+    )
+
+
+def test_missing_certificate_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert brokerctl.main(["--data-dir", str(tmp_path), "types"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read the CA certificate" in err and "broker dev" in err
+
+
+# ----------------------------------------------------------------- requests
+
+
+def test_create_builds_the_request(fake: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "pw").write_text(CANARY + "\n")
+    session = fake(CreateConnection=connection())
+    argv = ["create", "orders-db", "--type", "database", "--provider", "postgres", "--config", "port=5432"]
+    argv += [
+        "--config",
+        "host=db.internal",
+        "--secret",
+        f"password=@{tmp_path / 'pw'}",
+        "--label",
+        "team=pay",
+    ]
+    assert brokerctl.main(argv) == 0
+    [(method, request)] = session.admin.calls
+    assert method == "CreateConnection"
+    assert (request.name, request.type, request.provider) == ("orders-db", "database", "postgres")
+    assert dict(request.config) == {"port": 5432, "host": "db.internal"}
+    assert dict(request.secrets) == {"password": CANARY}
+    assert dict(request.labels) == {"team": "pay"}
+    out = capsys.readouterr().out
+    assert "orders-db" in out and "password" in out and CANARY not in out
+
+
+def test_update_sends_only_what_was_given(fake: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    session = fake(UpdateConnection=connection())
+    assert brokerctl.main(["update", "conn_1", "--name", "renamed"]) == 0
+    request = session.admin.calls[0][1]
+    assert request.name == "renamed"
+    assert not request.HasField("config") and not request.HasField("labels")
+
+    session = fake(UpdateConnection=connection())
+    monkeypatch.setattr("getpass.getpass", lambda prompt="": CANARY)
+    argv = ["update", "conn_1", "--config", "port=null", "--label", "a=1", "--secret", "password"]
+    argv += ["--clear-secret", "sslkey", "--etag", "3"]
+    assert brokerctl.main(argv) == 0
+    request = session.admin.calls[0][1]
+    assert not request.HasField("name")
+    assert request.config.fields["port"].WhichOneof("kind") == "null_value"
+    assert dict(request.labels.values) == {"a": "1"}
+    assert dict(request.secrets) == {"password": CANARY}
+    assert list(request.clear_secrets) == ["sslkey"] and request.etag == "3"
+
+
+def test_update_clear_labels_sends_an_empty_label_set(fake: Any) -> None:
+    session = fake(UpdateConnection=connection())
+    assert brokerctl.main(["update", "conn_1", "--clear-labels"]) == 0
+    request = session.admin.calls[0][1]
+    assert request.HasField("labels") and not request.labels.values
+
+
+def test_update_with_nothing_to_change_is_refused(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    session = fake()
+    assert brokerctl.main(["update", "conn_1"]) == 2
+    assert session.admin.calls == []
+    assert "nothing to update" in capsys.readouterr().err
+
+
+def test_list_all_follows_page_tokens(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    pages = [
+        pb.ListConnectionsResponse(connections=[connection(id="conn_1")], next_page_token="t1"),
+        pb.ListConnectionsResponse(connections=[connection(id="conn_2", name="other")]),
+    ]
+    session = fake(ListConnections=pages)
+    argv = ["list", "--all", "--status", "deleted", "--label", "team=pay", "--type", "database", "--json"]
+    assert brokerctl.main(argv) == 0
+    tokens = [request.page_token for _, request in session.admin.calls]
+    assert tokens == ["", "t1"]
+    first = session.admin.calls[0][1]
+    assert first.status == pb.CONNECTION_STATUS_DELETED and dict(first.labels) == {"team": "pay"}
+    doc = json.loads(capsys.readouterr().out)
+    assert [c["id"] for c in doc["connections"]] == ["conn_1", "conn_2"]
+    assert doc["connections"][0]["secret_fields"] == ["password"]
+
+
+def test_list_table_and_next_page_hint(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake(ListConnections=pb.ListConnectionsResponse(connections=[connection()], next_page_token="tok"))
+    assert brokerctl.main(["list"]) == 0
+    captured = capsys.readouterr()
+    header, row = captured.out.splitlines()
+    assert header.split() == ["ID", "NAME", "TYPE", "PROVIDER", "STATUS", "SECRETS", "UPDATED"]
+    assert row.split() == [
+        "conn_1",
+        "orders-db",
+        "database",
+        "postgres",
+        "active",
+        "password",
+        "2025-01-02T03:04:05Z",
+    ]
+    assert header.index("NAME") == row.index("orders-db")  # aligned
+    assert "--page-token tok" in captured.err
+
+
+def test_grant_with_expires_in(fake: Any) -> None:
+    session = fake(GrantAccess=pb.Grant(connection_id="conn_1", principal="p"))
+    before = dt.datetime.now(dt.UTC)
+    assert brokerctl.main(["grant", "conn_1", "spiffe://x/tenant/t/executor/e", "--expires-in", "1h"]) == 0
+    request = session.admin.calls[0][1]
+    expires = request.expires_at.ToDatetime(tzinfo=dt.UTC)
+    assert dt.timedelta(minutes=59) < expires - before <= dt.timedelta(hours=1, seconds=5)
+    assert request.principal == "spiffe://x/tenant/t/executor/e"
+
+
+def test_grant_without_expiry_leaves_it_unset(fake: Any) -> None:
+    session = fake(GrantAccess=pb.Grant())
+    assert brokerctl.main(["grant", "conn_1", "p"]) == 0
+    assert not session.admin.calls[0][1].HasField("expires_at")
+
+
+def test_audit_pages_until_the_limit(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    page = [pb.AuditEvent(id=i, actor="a", action="connection.create", outcome="succeeded") for i in range(3)]
+    session = fake(
+        ListAuditEvents=[
+            pb.ListAuditEventsResponse(events=page, next_page_token="n"),
+            pb.ListAuditEventsResponse(events=page, next_page_token="m"),
+        ]
+    )
+    assert brokerctl.main(["audit", "--limit", "4", "--since", "1h", "--action", "connection.create"]) == 0
+    first = session.admin.calls[0][1]
+    assert first.page_size == 4 and first.action == "connection.create"
+    assert first.HasField("start_time") and not first.HasField("end_time")
+    assert len(session.admin.calls) == 2
+    assert len(capsys.readouterr().out.splitlines()) == 1 + 4
+
+
+def test_resolve_by_name_uses_the_resolver(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    reply = pb.ResolveResponse(connection_id="conn_1", name="orders-db", secrets={"password": CANARY})
+    session = fake(Resolve=reply)
+    assert brokerctl.main(["resolve", "orders-db", "--by-name", "--purpose", "debug"]) == 0
+    [(method, request)] = session.resolver.calls
+    assert method == "Resolve" and request.name == "orders-db" and request.purpose == "debug"
+    assert CANARY in capsys.readouterr().out  # resolve is the one command that shows a secret
+
+
+def test_resolve_help_says_it_prints_secrets(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["resolve", "--help"])
+    assert "PRINT ITS SECRETS" in capsys.readouterr().out
+
+
+def test_purge_needs_confirmation(fake: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    session = fake(PurgeConnection=pb.PurgeConnectionResponse(id="conn_1"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))  # not a terminal
+    assert brokerctl.main(["purge", "conn_1"]) == 2
+    assert session.admin.calls == []
+    assert brokerctl.main(["purge", "conn_1", "--yes"]) == 0
+    assert session.admin.calls[0][1].id == "conn_1"
+
+
+def test_purge_asks_at_a_terminal(fake: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    session = fake(PurgeConnection=pb.PurgeConnectionResponse(id="conn_1"))
+    monkeypatch.setattr("sys.stdin", Tty("n\n"))
+    assert brokerctl.main(["purge", "conn_1"]) == 1
+    monkeypatch.setattr("sys.stdin", Tty("yes\n"))
+    assert brokerctl.main(["purge", "conn_1"]) == 0
+    assert len(session.admin.calls) == 1
+
+
+def test_types_table_marks_secret_fields(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fields = [pb.FieldSpec(name="host"), pb.FieldSpec(name="password", secret=True)]
+    types = pb.ListConnectionTypesResponse(types=[pb.ConnectionType(name="database", fields=fields)])
+    fake(ListConnectionTypes=types)
+    assert brokerctl.main(["types"]) == 0
+    assert "host, password*" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------- errors
+
+
+class FakeRpcError(grpc.RpcError):  # type: ignore[misc]  # grpc is untyped
+    def __init__(self, code: grpc.StatusCode, details: str, trailers: tuple[Any, ...] = ()) -> None:
+        self._code, self._details, self._trailers = code, details, trailers
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[Any, ...]:
+        return self._trailers
+
+
+def invalid_argument() -> FakeRpcError:
+    bad = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(
+                field="config.port", description="must be an integer"
+            ),
+            error_details_pb2.BadRequest.FieldViolation(field="name", description="is required"),
+        ]
+    )
+    detail = any_pb2.Any()
+    detail.Pack(bad)
+    status = status_pb2.Status(
+        code=code_pb2.INVALID_ARGUMENT, message="2 fields are invalid", details=[detail]
+    )
+    trailer = (("grpc-status-details-bin", status.SerializeToString()),)
+    return FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "2 fields are invalid", trailer)
+
+
+def test_invalid_argument_lists_each_field(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake(CreateConnection=invalid_argument())
+    assert brokerctl.main(["create", "x", "--type", "database"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "brokerctl: INVALID_ARGUMENT: 2 fields are invalid",
+        "  config.port: must be an integer",
+        "  name: is required",
+    ]
+
+
+def test_not_found_is_one_line(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake(GetConnection=FakeRpcError(grpc.StatusCode.NOT_FOUND, "connection conn_9 not found"))
+    assert brokerctl.main(["get", "conn_9"]) == 1
+    assert capsys.readouterr().err == "brokerctl: NOT_FOUND: connection conn_9 not found\n"
+
+
+def test_unreachable_broker_gets_a_hint_with_the_address() -> None:
+    error = FakeRpcError(
+        grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; Connection refused"
+    )
+    lines = describe_error(error, "127.0.0.1:6000")
+    assert lines[0].startswith("brokerctl: UNAVAILABLE: failed to connect")
+    assert "broker dev" in lines[1] and "127.0.0.1:6000" in lines[1]
+    tls = FakeRpcError(grpc.StatusCode.UNAVAILABLE, "Ssl handshake failed: CERTIFICATE_VERIFY_FAILED")
+    assert "--ca" in describe_error(tls, "h:1")[1]
+
+
+def test_session_opens_channels_lazily_and_closes_them(tmp_path: Path) -> None:
+    files = ClientTls(tmp_path / "ca.pem", tmp_path / "c.pem", tmp_path / "k.pem")
+    session = Session("a:1", files, "b:2", files, timeout=1.0)
+    session.close()  # nothing opened, nothing read: the files do not even exist
+    assert session.addr == "a:1"
+
+
+def test_session_reuses_one_channel_per_listener(tmp_path: Path) -> None:
+    pki.ensure_dev_layout(tmp_path)
+    tls = tmp_path / "tls"
+    admin = ClientTls(tls / "ca.pem", tls / "admin.pem", tls / "admin-key.pem")
+    executor = ClientTls(tls / "ca.pem", tls / "executor.pem", tls / "executor-key.pem")
+    session = Session("127.0.0.1:1", admin, "127.0.0.1:2", executor, timeout=1.0)
+    assert session.admin is session.admin  # channels are idle until a call, so no socket is opened
+    assert session.addr == "127.0.0.1:1"
+    assert session.resolver is session.resolver
+    assert session.addr == "127.0.0.1:2"
+    assert len(session._channels) == 2
+    session.close()
+    assert session._channels == []

@@ -1,0 +1,260 @@
+"""The executor SDK over a fake channel and a fake clock: the cache, refs, errors and masking."""
+
+from __future__ import annotations
+
+import datetime as dt
+import pickle
+from typing import Any
+
+import grpc
+import pytest
+
+from broker._proto import broker_pb2 as pb
+from broker.client import ResolveClient, Resolved, SyncResolveClient
+
+CANARY = "canary-93be-secret"
+WALL_START = 1_750_000_000.0  # seconds since the epoch when the fake clocks start
+
+
+class Clock:
+    """Both clocks move together: `now` is monotonic, `wall` is seconds since the epoch."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wall(self) -> float:
+        return WALL_START + (self.now - 1000.0)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def reply(ttl: int = 60, expires_in: float | None = None, **overrides: Any) -> pb.ResolveResponse:
+    message = pb.ResolveResponse(
+        connection_id="conn_1",
+        name="orders-db",
+        type="database",
+        provider="postgres",
+        secrets={"password": CANARY},
+        cache_ttl_seconds=ttl,
+        **overrides,
+    )
+    message.config.update({"host": "db.internal", "port": 5432, "ratio": 0.5, "tags": [1, "a"]})
+    if expires_in is not None:
+        message.expires_at.FromDatetime(dt.datetime.fromtimestamp(WALL_START + expires_in, dt.UTC))
+    return message
+
+
+class FakeChannel:
+    """Stands in for a grpc channel: the generated stub asks it for a `unary_unary` callable."""
+
+    def __init__(self, *replies: Any, is_async: bool) -> None:
+        self.replies = list(replies)
+        self.requests: list[pb.ResolveRequest] = []
+        self.timeouts: list[float | None] = []
+        self.is_async = is_async
+        self.closed = False
+
+    def unary_unary(self, method: str, **_: Any) -> Any:
+        assert method == "/broker.v1.ResolveService/Resolve"
+        return self._call_async if self.is_async else self._call
+
+    def _call(self, request: pb.ResolveRequest, timeout: float | None = None) -> pb.ResolveResponse:
+        self.requests.append(request)
+        self.timeouts.append(timeout)
+        answer = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer  # type: ignore[no-any-return]
+
+    async def _call_async(
+        self, request: pb.ResolveRequest, timeout: float | None = None
+    ) -> pb.ResolveResponse:
+        return self._call(request, timeout)
+
+    def close(self) -> Any:
+        self.closed = True
+        if self.is_async:
+
+            async def done() -> None:
+                return None
+
+            return done()
+        return None
+
+
+def sync_client(channel: FakeChannel, clock: Clock, **kwargs: Any) -> SyncResolveClient:
+    return SyncResolveClient.from_channel(channel, clock=clock.monotonic, wall_clock=clock.wall, **kwargs)
+
+
+class RpcFailure(grpc.RpcError):  # type: ignore[misc]  # grpc is untyped
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.PERMISSION_DENIED
+
+
+# ------------------------------------------------------------------ cache
+
+
+def test_reply_is_cached_for_exactly_its_ttl() -> None:
+    clock, channel = Clock(), FakeChannel(reply(ttl=30), is_async=False)
+    client = sync_client(channel, clock)
+    first = client.resolve("conn_1")
+    clock.advance(29.999)
+    assert client.resolve("conn_1") is first
+    assert len(channel.requests) == 1
+    clock.advance(0.001)  # the TTL is over at exactly 30 s
+    client.resolve("conn_1")
+    assert len(channel.requests) == 2
+
+
+def test_ttl_zero_means_no_caching() -> None:
+    clock, channel = Clock(), FakeChannel(reply(ttl=0), is_async=False)
+    client = sync_client(channel, clock)
+    client.resolve("conn_1")
+    client.resolve("conn_1")
+    assert len(channel.requests) == 2
+
+
+def test_cache_false_always_asks_the_broker() -> None:
+    clock, channel = Clock(), FakeChannel(reply(ttl=600), is_async=False)
+    client = sync_client(channel, clock, cache=False)
+    client.resolve("conn_1")
+    client.resolve("conn_1")
+    assert len(channel.requests) == 2
+
+
+def test_never_served_past_expires_at() -> None:
+    clock, channel = Clock(), FakeChannel(reply(ttl=300, expires_in=10), is_async=False)
+    client = sync_client(channel, clock)
+    first = client.resolve("conn_1")
+    assert first.expires_at == dt.datetime.fromtimestamp(WALL_START + 10, dt.UTC)
+    clock.advance(9.5)
+    assert client.resolve("conn_1") is first
+    clock.advance(0.5)
+    client.resolve("conn_1")
+    assert len(channel.requests) == 2
+
+
+def test_already_expired_reply_is_returned_but_not_cached() -> None:
+    clock, channel = Clock(), FakeChannel(reply(ttl=300, expires_in=-1), is_async=False)
+    client = sync_client(channel, clock)
+    assert client.resolve("conn_1").secrets == {"password": CANARY}
+    client.resolve("conn_1")
+    assert len(channel.requests) == 2
+
+
+def test_id_and_name_are_cached_separately() -> None:
+    clock, channel = Clock(), FakeChannel(reply(), is_async=False)
+    client = sync_client(channel, clock)
+    client.resolve("conn_1")
+    client.resolve(name="orders-db")
+    client.resolve(name="orders-db")
+    client.resolve(connection_id="conn_1")
+    assert [r.WhichOneof("ref") for r in channel.requests] == ["connection_id", "name"]
+    assert channel.requests[1].name == "orders-db"
+
+
+def test_invalidate_one_ref_or_all() -> None:
+    clock, channel = Clock(), FakeChannel(reply(), is_async=False)
+    client = sync_client(channel, clock)
+    client.resolve("conn_1")
+    client.resolve(name="orders-db")
+    client.invalidate(name="orders-db")
+    client.resolve("conn_1")
+    client.resolve(name="orders-db")
+    assert len(channel.requests) == 3
+    client.invalidate()
+    client.resolve("conn_1")
+    assert len(channel.requests) == 4
+
+
+def test_errors_propagate_and_are_not_cached() -> None:
+    clock = Clock()
+    channel = FakeChannel(RpcFailure(), reply(), is_async=False)
+    client = sync_client(channel, clock)
+    with pytest.raises(grpc.RpcError):
+        client.resolve("conn_1")
+    assert client.resolve("conn_1").connection_id == "conn_1"
+    assert len(channel.requests) == 2
+
+
+# ------------------------------------------------------------------- refs
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"connection_id": "c", "name": "n"}, {"connection_id": ""}, {"name": ""}],
+)
+def test_exactly_one_non_empty_ref(kwargs: dict[str, str]) -> None:
+    channel = FakeChannel(reply(), is_async=False)
+    with pytest.raises(ValueError):
+        sync_client(channel, Clock()).resolve(**kwargs)
+    assert channel.requests == []
+
+
+def test_request_carries_purpose_and_timeout() -> None:
+    channel = FakeChannel(reply(), is_async=False)
+    sync_client(channel, Clock(), timeout=2.5).resolve(name="orders-db", purpose="nightly export")
+    assert channel.requests[0].purpose == "nightly export"
+    assert channel.timeouts == [2.5]
+
+
+# ----------------------------------------------------------------- values
+
+
+def test_resolved_values() -> None:
+    resolved = sync_client(FakeChannel(reply(), is_async=False), Clock()).resolve("conn_1")
+    assert resolved.config == {"host": "db.internal", "port": 5432, "ratio": 0.5, "tags": [1, "a"]}
+    assert isinstance(resolved.config["port"], int)
+    assert resolved.secrets == {"password": CANARY}
+    assert (resolved.name, resolved.type, resolved.provider) == ("orders-db", "database", "postgres")
+    assert resolved.expires_at is None and resolved.cache_ttl_seconds == 60
+
+
+def test_repr_masks_secret_values_and_pickling_is_refused() -> None:
+    resolved = sync_client(FakeChannel(reply(), is_async=False), Clock()).resolve("conn_1")
+    text = repr(resolved)
+    assert CANARY not in text and CANARY not in str(resolved) and CANARY not in f"{resolved}"
+    assert "'password': '***'" in text and "db.internal" in text
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(resolved)
+
+
+def test_resolved_is_frozen() -> None:
+    resolved = Resolved("c", "n", "t", "p", {}, {}, None, 0)
+    with pytest.raises(AttributeError):
+        resolved.name = "other"  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------ async
+
+
+async def test_async_client_caches_and_closes() -> None:
+    clock, channel = Clock(), FakeChannel(reply(ttl=5), is_async=True)
+    async with ResolveClient.from_channel(channel, clock=clock.monotonic, wall_clock=clock.wall) as client:
+        first = await client.resolve("conn_1", purpose="job 7")
+        assert await client.resolve("conn_1") is first
+        clock.advance(5)
+        await client.resolve("conn_1")
+        assert len(channel.requests) == 2
+        with pytest.raises(ValueError):
+            await client.resolve()
+    assert channel.closed
+
+
+async def test_async_errors_propagate() -> None:
+    channel = FakeChannel(RpcFailure(), is_async=True)
+    client = ResolveClient.from_channel(channel)
+    with pytest.raises(grpc.RpcError):
+        await client.resolve(name="x")
+    await client.close()
+
+
+def test_sync_client_context_manager_closes() -> None:
+    channel = FakeChannel(reply(), is_async=False)
+    with SyncResolveClient.from_channel(channel) as client:
+        client.resolve("conn_1")
+    assert channel.closed
