@@ -81,9 +81,11 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             request_id = _request_id(context.invocation_metadata())
             started = time.perf_counter()
             outcome = "OK"
+            caller = ""
             with structlog.contextvars.bound_contextvars(request_id=request_id, method=method):
                 try:
                     principal = principal_from_context(context, trust_domain)
+                    caller = principal.spiffe_id
                     if principal.role is not role:
                         raise PermissionDenied(f"this call requires the {role.value} role")
                     token = _CURRENT_CALL.set(Call(principal, request_id, context.peer()))
@@ -107,7 +109,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         (("x-request-id", request_id),),
                     )
                 finally:
-                    log.info("rpc", status=outcome, ms=round((time.perf_counter() - started) * 1000, 2))
+                    elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
+                    log.info("rpc", status=outcome, ms=elapsed_ms, principal=caller, peer=context.peer())
                 await context.abort(abort[0], abort[1], trailing_metadata=abort[2])
 
         return grpc.unary_unary_rpc_method_handler(
