@@ -7,7 +7,7 @@ from datetime import datetime
 
 from broker.errors import FailedPrecondition, InvalidArgument, NotFound
 from broker.identity import InvalidSpiffeId, parse_spiffe_id
-from broker.model import AuditEvent, Grant, GrantFilter, Outcome, Role
+from broker.model import Grant, GrantFilter, Role
 from broker.service import paging
 from broker.service.cache import ResolveCache
 from broker.service.context import Call
@@ -41,19 +41,6 @@ class AccessService:
         if not record.live:
             raise FailedPrecondition(f"connection {connection_id} is deleted")
 
-    def _event(self, call: Call, action: str, connection_id: str, principal: str) -> AuditEvent:
-        return AuditEvent(
-            time=self._clock(),
-            tenant=call.tenant,
-            actor=call.actor,
-            action=action,
-            outcome=Outcome.SUCCEEDED,
-            connection_id=connection_id,
-            request_id=call.request_id,
-            peer=call.peer,
-            details={"principal": principal},
-        )
-
     async def grant(
         self, call: Call, connection_id: str, principal: str, expires_at: datetime | None
     ) -> Grant:
@@ -71,9 +58,10 @@ class AccessService:
             created_by=call.actor,
             expires_at=expires_at,
         )
-        event = self._event(call, "grant.create", connection_id, principal)
+        details = {"principal": principal}
         if expires_at is not None:
-            event.details["expires_at"] = expires_at.isoformat()
+            details["expires_at"] = expires_at.isoformat()
+        event = call.audit_event(now, "grant.create", connection_id, details=details)
         await self._store.put_grant(grant, event)
         self._cache.invalidate_grant(call.tenant, connection_id, principal)
         return grant
@@ -84,7 +72,9 @@ class AccessService:
             raise InvalidArgument.field("connection_id", "is required")
         if not principal:
             raise InvalidArgument.field("principal", "is required")
-        event = self._event(call, "grant.revoke", connection_id, principal)
+        event = call.audit_event(
+            self._clock(), "grant.revoke", connection_id, details={"principal": principal}
+        )
         try:
             if not await self._store.delete_grant(call.tenant, connection_id, principal, event):
                 raise NotFound(f"no grant of connection {connection_id} to {principal}")

@@ -21,7 +21,6 @@ from broker.model import (
     ConnectionFilter,
     ConnectionRecord,
     ConnectionStatus,
-    Outcome,
     new_id,
 )
 from broker.sensitive import SecretFields
@@ -132,17 +131,7 @@ class ConnectionService:
         self._clock = clock
 
     def _event(self, call: Call, action: str, connection_id: str, **details: str) -> AuditEvent:
-        return AuditEvent(
-            time=self._clock(),
-            tenant=call.tenant,
-            actor=call.actor,
-            action=action,
-            outcome=Outcome.SUCCEEDED,
-            connection_id=connection_id,
-            request_id=call.request_id,
-            peer=call.peer,
-            details=details,
-        )
+        return call.audit_event(self._clock(), action, connection_id, details=details)
 
     async def create(self, call: Call, new: NewConnection) -> ConnectionRecord:
         """Validate, seal and store a new connection; the reply is its redacted record."""
@@ -291,7 +280,7 @@ class ConnectionService:
         record = replace(
             current, status=ConnectionStatus.REVOKED, version=current.version + 1, updated_at=self._clock()
         )
-        event = replace(self._event(call, "connection.revoke", current.id), reason=reason)
+        event = call.audit_event(self._clock(), "connection.revoke", current.id, reason=reason)
         await self._commit(record, current, event)
         return record
 

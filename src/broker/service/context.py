@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
-from broker.model import Principal
+from broker.model import AuditEvent, Outcome, Principal
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,3 +23,26 @@ class Call:
     @property
     def actor(self) -> str:
         return self.principal.spiffe_id
+
+    def audit_event(
+        self,
+        time: datetime,
+        action: str,
+        connection_id: str,
+        outcome: Outcome = Outcome.SUCCEEDED,
+        reason: str = "",
+        details: dict[str, str] | None = None,
+    ) -> AuditEvent:
+        """The audit event for something this call did; the one place events are built."""
+        return AuditEvent(
+            time=time,
+            tenant=self.tenant,
+            actor=self.actor,
+            action=action,
+            outcome=outcome,
+            connection_id=connection_id,
+            reason=reason,
+            request_id=self.request_id,
+            peer=self.peer,
+            details=details or {},
+        )

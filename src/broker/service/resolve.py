@@ -19,7 +19,7 @@ import structlog
 
 from broker.crypto import Keyring
 from broker.errors import InvalidArgument, PermissionDenied, SecretUnavailable
-from broker.model import AuditEvent, ConnectionRecord, ConnectionStatus, Grant, Outcome
+from broker.model import ConnectionRecord, ConnectionStatus, Grant, Outcome
 from broker.sensitive import SecretFields
 from broker.service.audit import AuditLog
 from broker.service.cache import MISSING, ResolveCache
@@ -30,6 +30,7 @@ from broker.store import Store
 log = structlog.get_logger("broker.resolve")
 
 DENIED_MESSAGE = "not permitted to resolve this connection"
+RESOLVE = "connection.resolve"
 MAX_PURPOSE = 256
 
 
@@ -91,17 +92,17 @@ class Resolver:
         if name and record is None:
             details["name"] = name
         if reason:
-            await self._audit.append(self._event(call, now, ref_id, Outcome.DENIED, reason, details))
+            await self._audit.append(call.audit_event(now, RESOLVE, ref_id, Outcome.DENIED, reason, details))
             raise PermissionDenied(DENIED_MESSAGE)
         assert record is not None
         try:
             secrets = open_secrets(self._keyring, record)
         except SecretUnavailable:
             await self._audit.append(
-                self._event(call, now, ref_id, Outcome.FAILED, "decrypt_failed", details)
+                call.audit_event(now, RESOLVE, ref_id, Outcome.FAILED, "decrypt_failed", details)
             )
             raise
-        await self._audit.append(self._event(call, now, ref_id, Outcome.ALLOWED, "", details))
+        await self._audit.append(call.audit_event(now, RESOLVE, ref_id, Outcome.ALLOWED, "", details))
         self._last_used[(record.tenant, record.id)] = now
         expires_at = _secret_expiry(record)
         ttl = self._cache_ttl
@@ -151,23 +152,6 @@ class Resolver:
         if not grant.active_at(now):
             return "grant_expired"
         return ""
-
-    @staticmethod
-    def _event(
-        call: Call, now: datetime, connection_id: str, outcome: Outcome, reason: str, details: dict[str, str]
-    ) -> AuditEvent:
-        return AuditEvent(
-            time=now,
-            tenant=call.tenant,
-            actor=call.actor,
-            action="connection.resolve",
-            outcome=outcome,
-            connection_id=connection_id,
-            reason=reason,
-            request_id=call.request_id,
-            peer=call.peer,
-            details=details,
-        )
 
     # ------------------------------------------------------------- last used
 
