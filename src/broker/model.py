@@ -53,6 +53,65 @@ class TestStatus(enum.StrEnum):
     FAILED = "failed"
 
 
+class TestCategory(enum.StrEnum):
+    """Why a connection test ended as it did."""
+
+    __test__ = False
+
+    OK = "ok"
+    TIMEOUT = "timeout"
+    DNS_FAILURE = "dns_failure"
+    CONNECTION_REFUSED = "connection_refused"
+    TLS_ERROR = "tls_error"
+    AUTH_FAILED = "auth_failed"
+    PERMISSION_DENIED = "permission_denied"
+    NOT_FOUND = "not_found"
+    PROTOCOL_ERROR = "protocol_error"
+    BLOCKED_BY_POLICY = "blocked_by_policy"
+    INVALID_CONFIG = "invalid_config"
+    UNEXPECTED_RESPONSE = "unexpected_response"
+    UNSUPPORTED = "unsupported"
+
+
+class TestStage(enum.StrEnum):
+    """How far a connection test got."""
+
+    __test__ = False
+
+    RESOLVE_ADDRESS = "resolve_address"
+    CONNECT = "connect"
+    TLS = "tls"
+    AUTHENTICATE = "authenticate"
+    SAMPLE_OPERATION = "sample_operation"
+
+
+@dataclass(frozen=True, slots=True)
+class TestResult:
+    """A connection test's outcome. `message` and `details` are scrubbed of secrets before storing."""
+
+    __test__ = False
+
+    success: bool
+    category: TestCategory
+    stage: TestStage
+    message: str
+    details: dict[str, str] = field(default_factory=dict)
+    verified: tuple[str, ...] = ()
+    not_verified: tuple[str, ...] = ()
+    latency_ms: int = 0
+    tested_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class McpTool:
+    """A tool an MCP server offers; `definition_hash` changes when anything about it changes."""
+
+    name: str
+    description: str
+    input_schema: dict[str, Any]
+    definition_hash: str
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionRecord:
     """A stored connection as the store holds it: config in clear, secrets sealed.
@@ -82,6 +141,7 @@ class ConnectionRecord:
     last_used_at: datetime | None = None
     last_tested_at: datetime | None = None
     test_status: TestStatus = TestStatus.UNTESTED
+    last_test: TestResult | None = None
 
     @property
     def etag(self) -> str:

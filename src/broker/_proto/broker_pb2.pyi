@@ -39,6 +39,32 @@ class TestStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TEST_STATUS_UNTESTED: _ClassVar[TestStatus]
     TEST_STATUS_SUCCESS: _ClassVar[TestStatus]
     TEST_STATUS_FAILED: _ClassVar[TestStatus]
+
+class TestCategory(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TEST_CATEGORY_UNSPECIFIED: _ClassVar[TestCategory]
+    TEST_CATEGORY_OK: _ClassVar[TestCategory]
+    TEST_CATEGORY_TIMEOUT: _ClassVar[TestCategory]
+    TEST_CATEGORY_DNS_FAILURE: _ClassVar[TestCategory]
+    TEST_CATEGORY_CONNECTION_REFUSED: _ClassVar[TestCategory]
+    TEST_CATEGORY_TLS_ERROR: _ClassVar[TestCategory]
+    TEST_CATEGORY_AUTH_FAILED: _ClassVar[TestCategory]
+    TEST_CATEGORY_PERMISSION_DENIED: _ClassVar[TestCategory]
+    TEST_CATEGORY_NOT_FOUND: _ClassVar[TestCategory]
+    TEST_CATEGORY_PROTOCOL_ERROR: _ClassVar[TestCategory]
+    TEST_CATEGORY_BLOCKED_BY_POLICY: _ClassVar[TestCategory]
+    TEST_CATEGORY_INVALID_CONFIG: _ClassVar[TestCategory]
+    TEST_CATEGORY_UNEXPECTED_RESPONSE: _ClassVar[TestCategory]
+    TEST_CATEGORY_UNSUPPORTED: _ClassVar[TestCategory]
+
+class TestStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TEST_STAGE_UNSPECIFIED: _ClassVar[TestStage]
+    TEST_STAGE_RESOLVE_ADDRESS: _ClassVar[TestStage]
+    TEST_STAGE_CONNECT: _ClassVar[TestStage]
+    TEST_STAGE_TLS: _ClassVar[TestStage]
+    TEST_STAGE_AUTHENTICATE: _ClassVar[TestStage]
+    TEST_STAGE_SAMPLE_OPERATION: _ClassVar[TestStage]
 FIELD_KIND_UNSPECIFIED: FieldKind
 FIELD_KIND_STRING: FieldKind
 FIELD_KIND_INTEGER: FieldKind
@@ -58,6 +84,26 @@ TEST_STATUS_UNSPECIFIED: TestStatus
 TEST_STATUS_UNTESTED: TestStatus
 TEST_STATUS_SUCCESS: TestStatus
 TEST_STATUS_FAILED: TestStatus
+TEST_CATEGORY_UNSPECIFIED: TestCategory
+TEST_CATEGORY_OK: TestCategory
+TEST_CATEGORY_TIMEOUT: TestCategory
+TEST_CATEGORY_DNS_FAILURE: TestCategory
+TEST_CATEGORY_CONNECTION_REFUSED: TestCategory
+TEST_CATEGORY_TLS_ERROR: TestCategory
+TEST_CATEGORY_AUTH_FAILED: TestCategory
+TEST_CATEGORY_PERMISSION_DENIED: TestCategory
+TEST_CATEGORY_NOT_FOUND: TestCategory
+TEST_CATEGORY_PROTOCOL_ERROR: TestCategory
+TEST_CATEGORY_BLOCKED_BY_POLICY: TestCategory
+TEST_CATEGORY_INVALID_CONFIG: TestCategory
+TEST_CATEGORY_UNEXPECTED_RESPONSE: TestCategory
+TEST_CATEGORY_UNSUPPORTED: TestCategory
+TEST_STAGE_UNSPECIFIED: TestStage
+TEST_STAGE_RESOLVE_ADDRESS: TestStage
+TEST_STAGE_CONNECT: TestStage
+TEST_STAGE_TLS: TestStage
+TEST_STAGE_AUTHENTICATE: TestStage
+TEST_STAGE_SAMPLE_OPERATION: TestStage
 
 class FieldSpec(_message.Message):
     __slots__ = ("name", "kind", "secret", "required", "default_value", "choices", "description")
@@ -100,7 +146,7 @@ class ListConnectionTypesResponse(_message.Message):
     def __init__(self, types: _Optional[_Iterable[_Union[ConnectionType, _Mapping]]] = ...) -> None: ...
 
 class Connection(_message.Message):
-    __slots__ = ("id", "name", "type", "provider", "config", "secret_fields", "labels", "status", "etag", "created_at", "updated_at", "last_used_at", "last_tested_at", "test_status", "deleted_at")
+    __slots__ = ("id", "name", "type", "provider", "config", "secret_fields", "labels", "status", "etag", "created_at", "updated_at", "last_used_at", "last_tested_at", "test_status", "deleted_at", "last_test", "stale")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +169,8 @@ class Connection(_message.Message):
     LAST_TESTED_AT_FIELD_NUMBER: _ClassVar[int]
     TEST_STATUS_FIELD_NUMBER: _ClassVar[int]
     DELETED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_TEST_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     type: str
@@ -138,10 +186,12 @@ class Connection(_message.Message):
     last_tested_at: _timestamp_pb2.Timestamp
     test_status: TestStatus
     deleted_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., provider: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., secret_fields: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., status: _Optional[_Union[ConnectionStatus, str]] = ..., etag: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_tested_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., test_status: _Optional[_Union[TestStatus, str]] = ..., deleted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    last_test: TestResult
+    stale: bool
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., provider: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., secret_fields: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., status: _Optional[_Union[ConnectionStatus, str]] = ..., etag: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_tested_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., test_status: _Optional[_Union[TestStatus, str]] = ..., deleted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_test: _Optional[_Union[TestResult, _Mapping]] = ..., stale: _Optional[bool] = ...) -> None: ...
 
 class CreateConnectionRequest(_message.Message):
-    __slots__ = ("name", "type", "provider", "config", "secrets", "labels")
+    __slots__ = ("name", "type", "provider", "config", "secrets", "labels", "test_before_save")
     class SecretsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -162,13 +212,15 @@ class CreateConnectionRequest(_message.Message):
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     SECRETS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    TEST_BEFORE_SAVE_FIELD_NUMBER: _ClassVar[int]
     name: str
     type: str
     provider: str
     config: _struct_pb2.Struct
     secrets: _containers.ScalarMap[str, str]
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., provider: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., secrets: _Optional[_Mapping[str, str]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    test_before_save: bool
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., provider: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., secrets: _Optional[_Mapping[str, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., test_before_save: _Optional[bool] = ...) -> None: ...
 
 class GetConnectionRequest(_message.Message):
     __slots__ = ("id",)
@@ -223,7 +275,7 @@ class Labels(_message.Message):
     def __init__(self, values: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class UpdateConnectionRequest(_message.Message):
-    __slots__ = ("id", "name", "config", "secrets", "clear_secrets", "labels", "etag")
+    __slots__ = ("id", "name", "config", "secrets", "clear_secrets", "labels", "etag", "test_before_save")
     class SecretsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +290,7 @@ class UpdateConnectionRequest(_message.Message):
     CLEAR_SECRETS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     ETAG_FIELD_NUMBER: _ClassVar[int]
+    TEST_BEFORE_SAVE_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     config: _struct_pb2.Struct
@@ -245,7 +298,8 @@ class UpdateConnectionRequest(_message.Message):
     clear_secrets: _containers.RepeatedScalarFieldContainer[str]
     labels: Labels
     etag: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., secrets: _Optional[_Mapping[str, str]] = ..., clear_secrets: _Optional[_Iterable[str]] = ..., labels: _Optional[_Union[Labels, _Mapping]] = ..., etag: _Optional[str] = ...) -> None: ...
+    test_before_save: bool
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., secrets: _Optional[_Mapping[str, str]] = ..., clear_secrets: _Optional[_Iterable[str]] = ..., labels: _Optional[_Union[Labels, _Mapping]] = ..., etag: _Optional[str] = ..., test_before_save: _Optional[bool] = ...) -> None: ...
 
 class DeleteConnectionRequest(_message.Message):
     __slots__ = ("id",)
@@ -391,6 +445,126 @@ class ListAuditEventsResponse(_message.Message):
     events: _containers.RepeatedCompositeFieldContainer[AuditEvent]
     next_page_token: str
     def __init__(self, events: _Optional[_Iterable[_Union[AuditEvent, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class TestResult(_message.Message):
+    __slots__ = ("success", "latency_ms", "category", "stage", "message", "details", "verified", "not_verified", "tested_at")
+    class DetailsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    NOT_VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    TESTED_AT_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    latency_ms: int
+    category: TestCategory
+    stage: TestStage
+    message: str
+    details: _containers.ScalarMap[str, str]
+    verified: _containers.RepeatedScalarFieldContainer[str]
+    not_verified: _containers.RepeatedScalarFieldContainer[str]
+    tested_at: _timestamp_pb2.Timestamp
+    def __init__(self, success: _Optional[bool] = ..., latency_ms: _Optional[int] = ..., category: _Optional[_Union[TestCategory, str]] = ..., stage: _Optional[_Union[TestStage, str]] = ..., message: _Optional[str] = ..., details: _Optional[_Mapping[str, str]] = ..., verified: _Optional[_Iterable[str]] = ..., not_verified: _Optional[_Iterable[str]] = ..., tested_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ConnectionDraft(_message.Message):
+    __slots__ = ("name", "type", "provider", "config", "secrets")
+    class SecretsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    SECRETS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: str
+    provider: str
+    config: _struct_pb2.Struct
+    secrets: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., provider: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., secrets: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class TestConnectionRequest(_message.Message):
+    __slots__ = ("id", "draft")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    draft: ConnectionDraft
+    def __init__(self, id: _Optional[str] = ..., draft: _Optional[_Union[ConnectionDraft, _Mapping]] = ...) -> None: ...
+
+class McpTool(_message.Message):
+    __slots__ = ("name", "description", "input_schema", "definition_hash")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    DEFINITION_HASH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    input_schema: _struct_pb2.Struct
+    definition_hash: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., input_schema: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., definition_hash: _Optional[str] = ...) -> None: ...
+
+class DiscoverMcpToolsRequest(_message.Message):
+    __slots__ = ("id", "draft")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    draft: ConnectionDraft
+    def __init__(self, id: _Optional[str] = ..., draft: _Optional[_Union[ConnectionDraft, _Mapping]] = ...) -> None: ...
+
+class DiscoverMcpToolsResponse(_message.Message):
+    __slots__ = ("result", "tools")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    result: TestResult
+    tools: _containers.RepeatedCompositeFieldContainer[McpTool]
+    def __init__(self, result: _Optional[_Union[TestResult, _Mapping]] = ..., tools: _Optional[_Iterable[_Union[McpTool, _Mapping]]] = ...) -> None: ...
+
+class RefreshMcpToolsRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class RefreshMcpToolsResponse(_message.Message):
+    __slots__ = ("result", "tools", "added", "removed", "changed")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    result: TestResult
+    tools: _containers.RepeatedCompositeFieldContainer[McpTool]
+    added: _containers.RepeatedScalarFieldContainer[str]
+    removed: _containers.RepeatedScalarFieldContainer[str]
+    changed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, result: _Optional[_Union[TestResult, _Mapping]] = ..., tools: _Optional[_Iterable[_Union[McpTool, _Mapping]]] = ..., added: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[str]] = ..., changed: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListMcpToolsRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ListMcpToolsResponse(_message.Message):
+    __slots__ = ("tools", "discovered_at")
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    DISCOVERED_AT_FIELD_NUMBER: _ClassVar[int]
+    tools: _containers.RepeatedCompositeFieldContainer[McpTool]
+    discovered_at: _timestamp_pb2.Timestamp
+    def __init__(self, tools: _Optional[_Iterable[_Union[McpTool, _Mapping]]] = ..., discovered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ResolveRequest(_message.Message):
     __slots__ = ("connection_id", "name", "purpose")

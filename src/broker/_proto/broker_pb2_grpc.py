@@ -104,6 +104,26 @@ class AdminServiceStub:
                 request_serializer=broker_dot_v1_dot_broker__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_broker__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.TestConnection = channel.unary_unary(
+                '/broker.v1.AdminService/TestConnection',
+                request_serializer=broker_dot_v1_dot_broker__pb2.TestConnectionRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.TestResult.FromString,
+                _registered_method=True)
+        self.DiscoverMcpTools = channel.unary_unary(
+                '/broker.v1.AdminService/DiscoverMcpTools',
+                request_serializer=broker_dot_v1_dot_broker__pb2.DiscoverMcpToolsRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.DiscoverMcpToolsResponse.FromString,
+                _registered_method=True)
+        self.RefreshMcpTools = channel.unary_unary(
+                '/broker.v1.AdminService/RefreshMcpTools',
+                request_serializer=broker_dot_v1_dot_broker__pb2.RefreshMcpToolsRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.RefreshMcpToolsResponse.FromString,
+                _registered_method=True)
+        self.ListMcpTools = channel.unary_unary(
+                '/broker.v1.AdminService/ListMcpTools',
+                request_serializer=broker_dot_v1_dot_broker__pb2.ListMcpToolsRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.ListMcpToolsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -191,6 +211,30 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TestConnection(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DiscoverMcpTools(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RefreshMcpTools(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMcpTools(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -258,6 +302,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEvents,
                     request_deserializer=broker_dot_v1_dot_broker__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=broker_dot_v1_dot_broker__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'TestConnection': grpc.unary_unary_rpc_method_handler(
+                    servicer.TestConnection,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.TestConnectionRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.TestResult.SerializeToString,
+            ),
+            'DiscoverMcpTools': grpc.unary_unary_rpc_method_handler(
+                    servicer.DiscoverMcpTools,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.DiscoverMcpToolsRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.DiscoverMcpToolsResponse.SerializeToString,
+            ),
+            'RefreshMcpTools': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefreshMcpTools,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.RefreshMcpToolsRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.RefreshMcpToolsResponse.SerializeToString,
+            ),
+            'ListMcpTools': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMcpTools,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.ListMcpToolsRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.ListMcpToolsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -615,6 +679,114 @@ class AdminService:
             '/broker.v1.AdminService/ListAuditEvents',
             broker_dot_v1_dot_broker__pb2.ListAuditEventsRequest.SerializeToString,
             broker_dot_v1_dot_broker__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TestConnection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.AdminService/TestConnection',
+            broker_dot_v1_dot_broker__pb2.TestConnectionRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.TestResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiscoverMcpTools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.AdminService/DiscoverMcpTools',
+            broker_dot_v1_dot_broker__pb2.DiscoverMcpToolsRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.DiscoverMcpToolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefreshMcpTools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.AdminService/RefreshMcpTools',
+            broker_dot_v1_dot_broker__pb2.RefreshMcpToolsRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.RefreshMcpToolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMcpTools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.AdminService/ListMcpTools',
+            broker_dot_v1_dot_broker__pb2.ListMcpToolsRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.ListMcpToolsResponse.FromString,
             options,
             channel_credentials,
             insecure,

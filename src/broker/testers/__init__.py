@@ -1,0 +1,70 @@
+"""Connection testers, one module per kind, and the runner that applies the shared rules."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+import structlog
+
+from broker.egress import Blocked, DnsFailure, EgressPolicy
+from broker.model import TestCategory, TestResult, TestStage
+from broker.testers.base import Target, Tester, TestFailure
+from broker.testers.scrub import scrub
+
+log = structlog.get_logger("broker.testers")
+
+__all__ = ["Target", "TestFailure", "Tester", "run_test", "run_tester"]
+
+
+def _registry() -> Mapping[str, Tester]:
+    """Testers by connection type. Imported lazily: some pull in large drivers."""
+    from broker.testers import registry
+
+    return registry.TESTERS
+
+
+async def run_test(target: Target, egress: EgressPolicy) -> TestResult:
+    """Test a connection with the tester registered for its type; always returns a result."""
+    return await run_tester(_registry().get(target.type), target, egress)
+
+
+async def run_tester(tester: Tester | None, target: Target, egress: EgressPolicy) -> TestResult:
+    """Run `tester` within the total timeout, classify what escapes it, time and scrub the result."""
+    started = time.perf_counter()
+    try:
+        if tester is None:
+            raise TestFailure(
+                TestCategory.UNSUPPORTED,
+                TestStage.RESOLVE_ADDRESS,
+                f"testing {target.type} connections is not supported",
+            )
+        async with asyncio.timeout(egress.settings.total_timeout):
+            result = await tester(target, egress)
+    except TestFailure as failure:
+        result = failure.result
+    except Blocked as blocked:
+        result = TestFailure(TestCategory.BLOCKED_BY_POLICY, TestStage.RESOLVE_ADDRESS, blocked.reason).result
+    except DnsFailure as failure:
+        result = TestFailure(TestCategory.DNS_FAILURE, TestStage.RESOLVE_ADDRESS, str(failure)).result
+    except TimeoutError:
+        result = TestFailure(
+            TestCategory.TIMEOUT, TestStage.CONNECT, f"no answer within {egress.settings.total_timeout:g} s"
+        ).result
+    except Exception as exc:
+        # A tester bug or an unclassified driver error: report its type, never a traceback.
+        log.warning("tester_error", type=target.type, error_type=type(exc).__name__)
+        result = TestFailure(
+            TestCategory.PROTOCOL_ERROR, TestStage.CONNECT, f"{type(exc).__name__}: {exc}"
+        ).result
+    secrets = list(target.secrets.reveal().values())
+    return dataclasses.replace(
+        result,
+        message=scrub(result.message, secrets)[:500],
+        details={k: scrub(v, secrets)[:500] for k, v in result.details.items()},
+        latency_ms=round((time.perf_counter() - started) * 1000),
+        tested_at=datetime.now(UTC),
+    )
