@@ -23,20 +23,36 @@ naming the setting, raised at start-up.
     [server]
     grace_seconds = 20              # BROKER_SERVER_GRACE_SECONDS
     reflection = true               # BROKER_SERVER_REFLECTION
+    [testing]
+    tests_per_minute = 30           # per principal, tests and tool discovery together
+    stale_after_days = 7            # a success older than this marks the connection stale
+    [egress]                        # outbound calls made for connection tests and discovery
+    allow_loopback = false          # BROKER_EGRESS_ALLOW_LOOPBACK (`broker dev` allows it)
+    allow_private = true            # BROKER_EGRESS_ALLOW_PRIVATE (10/8, 172.16/12, 192.168/16,
+                                    #   100.64/10, fc00::/7)
+    allow_cidrs = []                # BROKER_EGRESS_ALLOW_CIDRS="10.1.0.0/16,fd00::/8"; never lifts the
+                                    #   always-blocked link-local/metadata/multicast/reserved ranges
+    deny_cidrs = []                 # BROKER_EGRESS_DENY_CIDRS; wins over everything else
+    allow_hosts = []                # BROKER_EGRESS_ALLOW_HOSTS; when set, only these ("*.example.com" ok)
+    connect_timeout = 5.0           # BROKER_EGRESS_CONNECT_TIMEOUT (seconds)
+    total_timeout = 15.0            # BROKER_EGRESS_TOTAL_TIMEOUT (seconds, a whole test)
+    max_response_bytes = 1048576    # BROKER_EGRESS_MAX_RESPONSE_BYTES
+    max_redirects = 3               # BROKER_EGRESS_MAX_REDIRECTS
 
-Relative paths in the file are relative to the file's folder.
+Environment lists are comma-separated. Relative paths in the file are relative to the file's folder.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from broker.crypto import Kek, KeyError_, Keyring
+from broker.egress.policy import EgressSettings, parse_allowed_host, parse_cidr
 from broker.errors import ConfigError
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -64,6 +80,9 @@ class Settings:
     log_level: str = "info"
     grace_seconds: float = 20.0
     reflection: bool = True
+    tests_per_minute: int = 30
+    stale_after_days: float = 7.0
+    egress: EgressSettings = field(default_factory=EgressSettings)
 
     @classmethod
     def load(cls, path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -91,6 +110,8 @@ class Settings:
             master_key_file=data_dir / "master.key",
             admin_addr=admin_addr,
             resolve_addr=resolve_addr,
+            # Local development tests services on this machine.
+            egress=EgressSettings(allow_loopback=True),
         )
 
     def load_keyring(self) -> Keyring:
@@ -193,6 +214,50 @@ def _address(src: _Source, key: str, default: str) -> str:
     return addr
 
 
+def _list(src: _Source, key: str, parse: Callable[[str], object]) -> tuple[str, ...]:
+    """`egress.<key>`: a TOML list of strings or a comma-separated variable, each item checked by `parse`."""
+    value, name = src.raw("egress", key)
+    if value is None:
+        return ()
+    if isinstance(value, str) and name.startswith("BROKER_"):
+        items = [item.strip() for item in value.split(",") if item.strip()]
+    elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+        items = [item.strip() for item in value]
+    else:
+        raise ConfigError(f"{name} must be a list of strings")
+    for item in items:
+        try:
+            parse(item)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    return tuple(items)
+
+
+def _count(src: _Source, key: str, default: int, low: int, high: int) -> int:
+    value = src.number("egress", key, default, low, high)
+    if not float(value).is_integer():
+        raise ConfigError(f"{src.raw('egress', key)[1]} must be a whole number")
+    return int(value)
+
+
+def _egress(src: _Source) -> EgressSettings:
+    connect = src.number("egress", "connect_timeout", 5.0, 0.01, 300)
+    total = src.number("egress", "total_timeout", 15.0, 0.01, 3600)
+    if connect > total:
+        raise ConfigError("egress.connect_timeout must not exceed egress.total_timeout")
+    return EgressSettings(
+        allow_loopback=src.flag("egress", "allow_loopback", False),
+        allow_private=src.flag("egress", "allow_private", True),
+        allow_cidrs=_list(src, "allow_cidrs", parse_cidr),
+        deny_cidrs=_list(src, "deny_cidrs", parse_cidr),
+        allow_hosts=_list(src, "allow_hosts", parse_allowed_host),
+        connect_timeout=connect,
+        total_timeout=total,
+        max_response_bytes=_count(src, "max_response_bytes", 1024 * 1024, 1, 1 << 30),
+        max_redirects=_count(src, "max_redirects", 3, 0, 20),
+    )
+
+
 def _build(src: _Source) -> Settings:
     tls = TlsFiles(
         cert=src.required_path("tls", "cert"),
@@ -221,4 +286,7 @@ def _build(src: _Source) -> Settings:
         log_level=level,
         grace_seconds=src.number("server", "grace_seconds", 20.0, 0, 600),
         reflection=src.flag("server", "reflection", True),
+        tests_per_minute=int(src.number("testing", "tests_per_minute", 30, 1, 100_000)),
+        stale_after_days=src.number("testing", "stale_after_days", 7.0, 0, 3650),
+        egress=_egress(src),
     )

@@ -5,6 +5,7 @@
     ├── NotFound                     NOT_FOUND
     ├── AlreadyExists                ALREADY_EXISTS
     ├── FailedPrecondition           FAILED_PRECONDITION
+    │   └── ConnectionTestFailed     ... with the TestResult in the details
     ├── PermissionDenied             PERMISSION_DENIED
     ├── Unauthenticated              UNAUTHENTICATED
     ├── Aborted                      ABORTED (a stale etag)
@@ -22,6 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from broker.model import TestResult
 
 
 class BrokerError(Exception):
@@ -71,6 +76,14 @@ class AlreadyExists(BrokerError):
 
 class FailedPrecondition(BrokerError):
     status = "FAILED_PRECONDITION"
+
+
+class ConnectionTestFailed(FailedPrecondition):
+    """`test_before_save` was set and the test failed; nothing was written."""
+
+    def __init__(self, result: TestResult) -> None:
+        super().__init__(f"the connection test failed ({result.category.value}): {result.message}")
+        self.result = result
 
 
 class PermissionDenied(BrokerError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -25,6 +26,7 @@ from broker.api.admin import AdminServicer
 from broker.api.interceptors import CallInterceptor
 from broker.api.resolve import ResolveServicer
 from broker.config import Settings
+from broker.egress import EgressPolicy
 from broker.errors import ConfigError
 from broker.model import Role
 from broker.service.access import AccessService
@@ -32,8 +34,11 @@ from broker.service.audit import AuditLog
 from broker.service.cache import ResolveCache
 from broker.service.connections import Clock, ConnectionService, utc_now
 from broker.service.keycheck import verify_keyring
+from broker.service.ratelimit import RateLimiter
 from broker.service.resolve import Resolver
+from broker.service.testing import TestingService
 from broker.store.sqlite import SqliteStore
+from broker.testers.mcp import discover_tools
 
 log = structlog.get_logger("broker.server")
 
@@ -89,11 +94,21 @@ class Broker:
                 self._clock,
                 cache_ttl_seconds=settings.cache_ttl_seconds,
             )
-            connections = ConnectionService(self.store, keyring, cache, self._clock)
+            tests = TestingService(
+                self.store,
+                keyring,
+                self.audit,
+                EgressPolicy(settings.egress),
+                RateLimiter(rate=settings.tests_per_minute / 60, burst=settings.tests_per_minute),
+                self._clock,
+                stale_after=timedelta(days=settings.stale_after_days),
+                discover=discover_tools,
+            )
+            connections = ConnectionService(self.store, keyring, cache, self._clock, tests)
             access = AccessService(self.store, cache, self._clock)
             admin = self._listener(ADMIN_SERVICE, settings.admin_addr, credentials)
             add_admin = broker_pb2_grpc.add_AdminServiceServicer_to_server
-            add_admin(AdminServicer(connections, access, self.audit), admin)  # type: ignore[no-untyped-call]
+            add_admin(AdminServicer(connections, access, self.audit, tests), admin)  # type: ignore[no-untyped-call]
             if settings.reflection:
                 reflection.enable_server_reflection([ADMIN_SERVICE, reflection.SERVICE_NAME], admin)
             resolve = self._listener(RESOLVE_SERVICE, settings.resolve_addr, credentials)

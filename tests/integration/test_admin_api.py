@@ -101,12 +101,12 @@ async def test_partial_update_keeps_secrets_and_checks_etag(running: Running) ->
 
     renamed = await admin.UpdateConnection(
         pb.UpdateConnectionRequest(
-            id=created.id, name="renamed", config=struct({"port": 6543}), etag=created.etag
+            id=created.id, name="renamed", config=struct({"database": "analytics"}), etag=created.etag
         )
     )
     assert (
         renamed.name == "renamed"
-        and renamed.config["port"] == 6543
+        and renamed.config["database"] == "analytics"
         and renamed.config["host"] == "db.internal"
     )
     assert renamed.etag != created.etag
@@ -129,11 +129,47 @@ async def test_partial_update_keeps_secrets_and_checks_etag(running: Running) ->
         pb.UpdateConnectionRequest(id=created.id, labels=pb.Labels(values={"env": "prod"}))
     )
     assert dict(labelled.labels) == {"env": "prod"} and labelled.name == "renamed"
-    removed = await admin.UpdateConnection(
-        pb.UpdateConnectionRequest(id=created.id, config=struct({"port": None}))
+    moved = await admin.UpdateConnection(
+        pb.UpdateConnectionRequest(id=created.id, config=struct({"port": 6543}), secrets={"password": "p3"})
     )
-    assert removed.config["port"] == 5432  # removing a defaulted field brings the default back
+    removed = await admin.UpdateConnection(
+        pb.UpdateConnectionRequest(id=created.id, config=struct({"port": None}), secrets={"password": "p3"})
+    )
+    assert (moved.config["port"], removed.config["port"]) == (6543, 5432)  # the default comes back
     assert rotated.etag != labelled.etag
+
+
+async def test_pointing_a_connection_elsewhere_needs_its_secrets_again(running: Running) -> None:
+    """An admin who can edit but never read a secret must not be able to send it to their own server."""
+    admin = running.admin()
+    created = await admin.CreateConnection(db_request(password="stays-home"))
+    for change in ({"host": "attacker.example"}, {"port": 6543}):
+        error = await rpc_error(
+            admin.UpdateConnection(pb.UpdateConnectionRequest(id=created.id, config=struct(change)))
+        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "secrets.password" in field_violations(error)
+    assert await admin.GetConnection(pb.GetConnectionRequest(id=created.id)) == created
+    api = await admin.CreateConnection(
+        pb.CreateConnectionRequest(
+            name="api",
+            type="http",
+            config=struct({"base_url": "https://api.example.com", "auth_type": "bearer"}),
+            secrets={"token": "tok-1234"},
+        )
+    )
+    error = await rpc_error(
+        admin.UpdateConnection(
+            pb.UpdateConnectionRequest(id=api.id, config=struct({"base_url": "https://attacker.example"}))
+        )
+    )
+    assert "secrets.token" in field_violations(error)
+    moved = await admin.UpdateConnection(
+        pb.UpdateConnectionRequest(
+            id=api.id, config=struct({"base_url": "https://api2.example.com"}), secrets={"token": "tok-5678"}
+        )
+    )
+    assert moved.config["base_url"] == "https://api2.example.com"
 
 
 async def test_invalid_update_changes_nothing(running: Running) -> None:

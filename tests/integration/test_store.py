@@ -29,7 +29,11 @@ from broker.model import (
     ConnectionStatus,
     Grant,
     GrantFilter,
+    McpTool,
     Outcome,
+    TestCategory,
+    TestResult,
+    TestStage,
     TestStatus,
 )
 from broker.store import Store
@@ -515,6 +519,60 @@ async def test_audit_append_and_list(store: Store) -> None:
 
 
 # ---------------------------------------------------------------------- meta
+
+
+async def test_test_results_keep_the_version_and_survive_a_replace(store: Store) -> None:
+    record = make_connection()
+    await store.create_connection(record, make_event())
+    result = TestResult(
+        success=False,
+        category=TestCategory.AUTH_FAILED,
+        stage=TestStage.AUTHENTICATE,
+        message="password authentication failed",
+        details={"server_version": "16.2"},
+        verified=("tcp reachable",),
+        not_verified=("credentials",),
+        latency_ms=12,
+        tested_at=T0 + timedelta(seconds=5),
+    )
+    await store.record_test_result(TENANT, record.id, result, make_event(action="connection.test"))
+    stored = await store.get_connection(TENANT, record.id)
+    assert stored is not None
+    assert (stored.version, stored.test_status, stored.last_tested_at) == (
+        1,
+        TestStatus.FAILED,
+        result.tested_at,
+    )
+    assert stored.last_test == result
+    # A replace built from the read before the test does not erase the result.
+    await store.replace_connection(dataclasses.replace(record, version=2, name="renamed"), 1, make_event())
+    after = await store.get_connection(TENANT, record.id)
+    assert after is not None and after.last_test == result and after.name == "renamed"
+    with pytest.raises(NotFound):
+        await store.record_test_result(OTHER, record.id, result, make_event(tenant=OTHER))
+    assert await audit_count(store, OTHER) == 0
+
+
+async def test_mcp_tools_replace_and_list(store: Store) -> None:
+    record = make_connection()
+    await store.create_connection(record, make_event())
+    assert await store.list_mcp_tools(TENANT, record.id) == ([], None)
+    tools = [
+        McpTool(
+            "search", "Search the web", {"type": "object", "properties": {"q": {"type": "string"}}}, "h1"
+        ),
+        McpTool("fetch", "Fetch a URL", {"type": "object"}, "h2"),
+    ]
+    await store.replace_mcp_tools(TENANT, record.id, tools, T0, make_event(action="mcp.refresh"))
+    listed, when = await store.list_mcp_tools(TENANT, record.id)
+    assert [t.name for t in listed] == ["fetch", "search"] and when == T0
+    assert listed[1] == tools[0]
+    await store.replace_mcp_tools(TENANT, record.id, tools[:1], T0 + timedelta(days=1), None)
+    listed, when = await store.list_mcp_tools(TENANT, record.id)
+    assert [t.name for t in listed] == ["search"] and when == T0 + timedelta(days=1)
+    assert await store.list_mcp_tools(OTHER, record.id) == ([], None)
+    with pytest.raises(NotFound):
+        await store.replace_mcp_tools(OTHER, record.id, tools, T0, None)
 
 
 async def test_meta_put_get_replace(store: Store) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from broker.config import Settings
+from broker.egress import EgressSettings
 from broker.errors import ConfigError
 
 MINIMAL = """
@@ -92,3 +93,70 @@ def test_the_shipped_example_config_loads() -> None:
     settings = Settings.load(example, environ={})
     assert settings.admin_addr == "0.0.0.0:50051"
     assert settings.master_key_file == Path("/etc/broker/master-key/master.key")
+
+
+def test_egress_defaults_block_loopback_and_dev_allows_it(tmp_path: Path) -> None:
+    egress = Settings.load(write(tmp_path, MINIMAL), environ={}).egress
+    assert egress == EgressSettings()
+    assert egress.allow_loopback is False and egress.allow_private is True
+    assert Settings.for_dev(tmp_path, "127.0.0.1:1", "127.0.0.1:2").egress.allow_loopback is True
+
+
+def test_egress_section_and_environment_overrides(tmp_path: Path) -> None:
+    section = """
+[egress]
+allow_loopback = true
+allow_private = false
+allow_cidrs = ["10.1.0.0/16", "fd00::/8"]
+deny_cidrs = ["10.1.2.0/24"]
+allow_hosts = ["api.example.com", "*.internal.example"]
+connect_timeout = 2
+total_timeout = 9.5
+max_response_bytes = 4096
+max_redirects = 0
+"""
+    egress = Settings.load(write(tmp_path, MINIMAL + section), environ={}).egress
+    assert egress == EgressSettings(
+        allow_loopback=True,
+        allow_private=False,
+        allow_cidrs=("10.1.0.0/16", "fd00::/8"),
+        deny_cidrs=("10.1.2.0/24",),
+        allow_hosts=("api.example.com", "*.internal.example"),
+        connect_timeout=2.0,
+        total_timeout=9.5,
+        max_response_bytes=4096,
+        max_redirects=0,
+    )
+    env = {
+        "BROKER_EGRESS_ALLOW_LOOPBACK": "false",
+        "BROKER_EGRESS_DENY_CIDRS": " 192.168.0.0/16, 127.0.0.2 ,",
+        "BROKER_EGRESS_ALLOW_HOSTS": "",
+        "BROKER_EGRESS_MAX_REDIRECTS": "5",
+    }
+    egress = Settings.load(write(tmp_path, MINIMAL + section), environ=env).egress
+    assert egress.allow_loopback is False and egress.max_redirects == 5
+    assert egress.deny_cidrs == ("192.168.0.0/16", "127.0.0.2") and egress.allow_hosts == ()
+    assert egress.allow_cidrs == ("10.1.0.0/16", "fd00::/8")  # not overridden: from the file
+
+
+@pytest.mark.parametrize(
+    ("section", "env", "message"),
+    [
+        ("deny_cidrs = ['10.0.0.0/33']", {}, r"egress\.deny_cidrs: '10\.0\.0\.0/33' is not an IP network"),
+        ("allow_cidrs = 'x'", {}, r"egress\.allow_cidrs must be a list of strings"),
+        ("allow_cidrs = [1]", {}, r"egress\.allow_cidrs must be a list of strings"),
+        ("", {"BROKER_EGRESS_ALLOW_CIDRS": "10.0.0.0/8,bogus"}, r"BROKER_EGRESS_ALLOW_CIDRS: 'bogus'"),
+        ("allow_hosts = ['evil@host']", {}, r"egress\.allow_hosts: 'evil@host'"),
+        ("allow_loopback = 'perhaps'", {}, r"egress\.allow_loopback must be true or false"),
+        ("", {"BROKER_EGRESS_ALLOW_PRIVATE": "2"}, r"BROKER_EGRESS_ALLOW_PRIVATE must be true or false"),
+        ("connect_timeout = 0", {}, r"egress\.connect_timeout must be between"),
+        ("connect_timeout = 20\ntotal_timeout = 10", {}, r"egress\.connect_timeout must not exceed"),
+        ("max_response_bytes = 1.5", {}, r"egress\.max_response_bytes must be a whole number"),
+        ("", {"BROKER_EGRESS_MAX_REDIRECTS": "99"}, r"BROKER_EGRESS_MAX_REDIRECTS must be between 0 and 20"),
+    ],
+)
+def test_egress_errors_name_the_setting(
+    tmp_path: Path, section: str, env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.load(write(tmp_path, MINIMAL + "[egress]\n" + section + "\n"), environ=env)

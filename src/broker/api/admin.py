@@ -9,18 +9,37 @@ from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc
 from broker.api import convert
 from broker.api.interceptors import current_call
-from broker.model import AuditFilter, ConnectionFilter, GrantFilter
+from broker.model import AuditFilter, ConnectionFilter, ConnectionRecord, GrantFilter
 from broker.sensitive import SecretFields
 from broker.service.access import AccessService
 from broker.service.audit import AuditLog
 from broker.service.connections import ConnectionPatch, ConnectionService, NewConnection
+from broker.service.testing import TestingService
+from broker.testers import Target
 
 
 class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
-    def __init__(self, connections: ConnectionService, access: AccessService, audit: AuditLog) -> None:
+    def __init__(
+        self, connections: ConnectionService, access: AccessService, audit: AuditLog, tests: TestingService
+    ) -> None:
         self._connections = connections
         self._access = access
         self._audit = audit
+        self._tests = tests
+
+    def _summary(self, record: ConnectionRecord) -> pb.Connection:
+        return convert.connection(record, stale=self._tests.is_stale(record))
+
+    def _draft_target(self, draft: pb.ConnectionDraft) -> Target:
+        return self._connections.draft_target(
+            NewConnection(
+                name=draft.name,
+                type=draft.type,
+                provider=draft.provider,
+                config=convert.from_struct(draft.config),
+                secrets=SecretFields(draft.secrets),
+            )
+        )
 
     async def ListConnectionTypes(self, request: pb.ListConnectionTypesRequest, context: Any) -> Any:
         return pb.ListConnectionTypesResponse(
@@ -35,11 +54,12 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
             config=convert.from_struct(request.config),
             secrets=SecretFields(request.secrets),
             labels=dict(request.labels),
+            test_before_save=request.test_before_save,
         )
-        return convert.connection(await self._connections.create(current_call(), new))
+        return self._summary(await self._connections.create(current_call(), new))
 
     async def GetConnection(self, request: pb.GetConnectionRequest, context: Any) -> pb.Connection:
-        return convert.connection(await self._connections.get(current_call(), request.id))
+        return self._summary(await self._connections.get(current_call(), request.id))
 
     async def ListConnections(self, request: pb.ListConnectionsRequest, context: Any) -> Any:
         filter = ConnectionFilter(
@@ -53,7 +73,7 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
             current_call(), filter, request.page_size, request.page_token
         )
         return pb.ListConnectionsResponse(
-            connections=[convert.connection(r) for r in records], next_page_token=token
+            connections=[self._summary(r) for r in records], next_page_token=token
         )
 
     async def UpdateConnection(self, request: pb.UpdateConnectionRequest, context: Any) -> pb.Connection:
@@ -65,21 +85,22 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
             clear_secrets=tuple(request.clear_secrets),
             labels=dict(request.labels.values) if request.HasField("labels") else None,
             etag=request.etag,
+            test_before_save=request.test_before_save,
         )
-        return convert.connection(await self._connections.update(current_call(), patch))
+        return self._summary(await self._connections.update(current_call(), patch))
 
     async def DeleteConnection(self, request: pb.DeleteConnectionRequest, context: Any) -> pb.Connection:
-        return convert.connection(await self._connections.delete(current_call(), request.id))
+        return self._summary(await self._connections.delete(current_call(), request.id))
 
     async def RestoreConnection(self, request: pb.RestoreConnectionRequest, context: Any) -> pb.Connection:
-        return convert.connection(await self._connections.restore(current_call(), request.id))
+        return self._summary(await self._connections.restore(current_call(), request.id))
 
     async def PurgeConnection(self, request: pb.PurgeConnectionRequest, context: Any) -> Any:
         await self._connections.purge(current_call(), request.id)
         return pb.PurgeConnectionResponse(id=request.id)
 
     async def RevokeConnection(self, request: pb.RevokeConnectionRequest, context: Any) -> pb.Connection:
-        return convert.connection(await self._connections.revoke(current_call(), request.id, request.reason))
+        return self._summary(await self._connections.revoke(current_call(), request.id, request.reason))
 
     async def GrantAccess(self, request: pb.GrantAccessRequest, context: Any) -> pb.Grant:
         expires_at = convert.from_timestamp(request, "expires_at")
@@ -106,4 +127,38 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
         events, token = await self._audit.list(current_call(), filter, request.page_size, request.page_token)
         return pb.ListAuditEventsResponse(
             events=[convert.audit_event(e) for e in events], next_page_token=token
+        )
+
+    async def TestConnection(self, request: pb.TestConnectionRequest, context: Any) -> pb.TestResult:
+        call = current_call()
+        if request.WhichOneof("target") == "draft":
+            result = await self._tests.test_draft(call, self._draft_target(request.draft))
+        else:
+            result = await self._tests.test_stored(call, request.id)
+        return convert.test_result(result)
+
+    async def DiscoverMcpTools(self, request: pb.DiscoverMcpToolsRequest, context: Any) -> Any:
+        call = current_call()
+        if request.WhichOneof("target") == "draft":
+            result, tools = await self._tests.discover(call, self._draft_target(request.draft))
+        else:
+            result, tools = await self._tests.discover_stored(call, request.id)
+        return pb.DiscoverMcpToolsResponse(
+            result=convert.test_result(result), tools=[convert.mcp_tool(t) for t in tools]
+        )
+
+    async def RefreshMcpTools(self, request: pb.RefreshMcpToolsRequest, context: Any) -> Any:
+        changes = await self._tests.refresh_tools(current_call(), request.id)
+        return pb.RefreshMcpToolsResponse(
+            result=convert.test_result(changes.result),
+            tools=[convert.mcp_tool(t) for t in changes.tools],
+            added=changes.added,
+            removed=changes.removed,
+            changed=changes.changed,
+        )
+
+    async def ListMcpTools(self, request: pb.ListMcpToolsRequest, context: Any) -> Any:
+        tools, discovered_at = await self._tests.list_tools(current_call(), request.id)
+        return pb.ListMcpToolsResponse(
+            tools=[convert.mcp_tool(t) for t in tools], discovered_at=convert.timestamp(discovered_at)
         )

@@ -11,7 +11,17 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from broker import catalog
 from broker._proto import broker_pb2 as pb
 from broker.errors import InvalidArgument
-from broker.model import AuditEvent, ConnectionRecord, ConnectionStatus, Grant, TestStatus
+from broker.model import (
+    AuditEvent,
+    ConnectionRecord,
+    ConnectionStatus,
+    Grant,
+    McpTool,
+    TestCategory,
+    TestResult,
+    TestStage,
+    TestStatus,
+)
 
 _STATUS_TO_PB = {
     ConnectionStatus.ACTIVE: pb.CONNECTION_STATUS_ACTIVE,
@@ -24,6 +34,10 @@ _TEST_STATUS_TO_PB = {
     TestStatus.SUCCESS: pb.TEST_STATUS_SUCCESS,
     TestStatus.FAILED: pb.TEST_STATUS_FAILED,
 }
+_CATEGORY_TO_PB: dict[TestCategory, pb.TestCategory] = {
+    c: getattr(pb, f"TEST_CATEGORY_{c.name}") for c in TestCategory
+}
+_STAGE_TO_PB: dict[TestStage, pb.TestStage] = {s: getattr(pb, f"TEST_STAGE_{s.name}") for s in TestStage}
 _KIND_TO_PB: dict[catalog.FieldKind, pb.FieldKind] = {
     kind: getattr(pb, f"FIELD_KIND_{kind.name}") for kind in catalog.FieldKind
 }
@@ -60,7 +74,30 @@ def from_struct(message: struct_pb2.Struct) -> dict[str, Any]:
     return json_format.MessageToDict(message)
 
 
-def connection(record: ConnectionRecord) -> pb.Connection:
+def test_result(result: TestResult) -> pb.TestResult:
+    return pb.TestResult(
+        success=result.success,
+        latency_ms=result.latency_ms,
+        category=_CATEGORY_TO_PB[result.category],
+        stage=_STAGE_TO_PB[result.stage],
+        message=result.message,
+        details=result.details,
+        verified=list(result.verified),
+        not_verified=list(result.not_verified),
+        tested_at=timestamp(result.tested_at),
+    )
+
+
+def mcp_tool(tool: McpTool) -> pb.McpTool:
+    return pb.McpTool(
+        name=tool.name,
+        description=tool.description,
+        input_schema=struct(tool.input_schema),
+        definition_hash=tool.definition_hash,
+    )
+
+
+def connection(record: ConnectionRecord, stale: bool = False) -> pb.Connection:
     """The redacted summary: names of secret fields, never their values."""
     status = ConnectionStatus.DELETED if record.deleted_at is not None else record.status
     return pb.Connection(
@@ -79,6 +116,8 @@ def connection(record: ConnectionRecord) -> pb.Connection:
         last_tested_at=timestamp(record.last_tested_at),
         test_status=_TEST_STATUS_TO_PB[record.test_status],
         deleted_at=timestamp(record.deleted_at),
+        last_test=test_result(record.last_test) if record.last_test is not None else None,
+        stale=stale,
     )
 
 

@@ -20,8 +20,9 @@ import grpc
 import structlog
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from broker.api import convert
 from broker.api.identity import principal_from_context
-from broker.errors import BrokerError, InvalidArgument, PermissionDenied
+from broker.errors import BrokerError, ConnectionTestFailed, InvalidArgument, PermissionDenied
 from broker.model import Role
 from broker.service.context import Call
 
@@ -56,6 +57,10 @@ def _abort_args(error: BrokerError, request_id: str) -> tuple[Any, str, tuple[tu
         )
         status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=error.message)
         status.details.add().Pack(bad_request)
+        trailers.append((_STATUS_DETAILS_KEY, status.SerializeToString()))
+    elif isinstance(error, ConnectionTestFailed):
+        status = status_pb2.Status(code=code_pb2.FAILED_PRECONDITION, message=error.message)
+        status.details.add().Pack(convert.test_result(error.result))
         trailers.append((_STATUS_DETAILS_KEY, status.SerializeToString()))
     return code, error.message, tuple(trailers)
 

@@ -70,6 +70,12 @@ OAUTH2 = ConnectionType(
             # RFC 6749 scope tokens: printable ASCII without space, quote or backslash.
             check=v.each(v.matching(r"[!#-\[\]-~]+", "a list of scope names without spaces")),
         ),
+        FieldSpec(
+            "verify_url",
+            FieldKind.URL,
+            description="URL a connection test calls with the access token; defaults to the provider's "
+            "user-info endpoint, required to test provider custom.",
+        ),
         secret("access_token", description="Current access token."),
         secret("refresh_token", description="Refresh token."),
         FieldSpec(

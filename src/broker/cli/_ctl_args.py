@@ -31,6 +31,9 @@ _CONFIG_HELP = (
 )
 
 
+_TEST_BEFORE_SAVE_HELP = "test first; save only if the test passes (the result is shown either way)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser; each subcommand sets `command` to its name."""
     parser = argparse.ArgumentParser(
@@ -62,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--secret", action="append", default=[], metavar="FIELD[=VALUE|=@FILE]", help=_SEALED_FIELD_HELP
     )
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a label (repeatable)")
+    p.add_argument("--test", action="store_true", help=_TEST_BEFORE_SAVE_HELP)
 
     p = command("get", "Show a connection (secret field names only, never values).")
     p.add_argument("id")
@@ -93,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--clear-labels", action="store_true", help="remove every label")
     p.add_argument("--etag", default="", help="apply only if the connection still has this etag")
+    p.add_argument("--test", action="store_true", help=_TEST_BEFORE_SAVE_HELP)
 
     for name, text in (
         ("delete", "Soft-delete a connection (it can be restored until purged)."),
@@ -132,6 +137,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=100, help="at most this many events (default 100)")
 
     p = command(
+        "test",
+        "Test a stored connection (ID or name), or a draft given with --type/--config/--secret "
+        "that is not stored. Outbound calls obey the broker's egress policy.",
+    )
+    p.add_argument("ref", nargs="?", metavar="ID_OR_NAME", help="a stored connection; omit with --type")
+    _add_draft_options(p)
+
+    p = command("mcp", "MCP tool servers: the tools a connection offers.")
+    mcp = p.add_subparsers(dest="mcp_command", metavar="MCP_COMMAND", required=True)
+    q = mcp.add_parser("tools", help="the tools stored at the last refresh", parents=[common])
+    q.add_argument("ref", metavar="ID_OR_NAME")
+    q = mcp.add_parser(
+        "refresh",
+        help="discover the tools now, store them, show what was added, removed or changed",
+        parents=[common],
+    )
+    q.add_argument("ref", metavar="ID_OR_NAME")
+    q = mcp.add_parser(
+        "discover",
+        help="list a server's tools without storing them (a stored connection or a draft)",
+        parents=[common],
+    )
+    q.add_argument("ref", nargs="?", metavar="ID_OR_NAME")
+    _add_draft_options(q)
+
+    p = command(
         "resolve",
         "Resolve a connection as an executor and PRINT ITS SECRETS. This is the only command "
         "that shows a secret. It uses the executor identity (tls/executor.pem) and --resolve-addr.",
@@ -140,6 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by-name", action="store_true", help="treat ID_OR_NAME as a connection name")
     p.add_argument("--purpose", default="", help="why; recorded in the audit trail")
     return parser
+
+
+def _add_draft_options(parser: argparse.ArgumentParser) -> None:
+    draft = parser.add_argument_group("draft (not stored)")
+    draft.add_argument(
+        "--draft", action="store_true", help="test a draft, not a stored connection (implied by --type)"
+    )
+    draft.add_argument("--type", default="", help="connection type of the draft")
+    draft.add_argument("--provider", default="")
+    _add_config_options(draft)  # type: ignore[arg-type]
+    draft.add_argument(
+        "--secret", action="append", default=[], metavar="FIELD[=VALUE|=@FILE]", help=_SEALED_FIELD_HELP
+    )
 
 
 def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:

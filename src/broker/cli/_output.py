@@ -157,6 +157,42 @@ def render_resolved(r: broker_pb2.ResolveResponse) -> str:
     return fields(pairs)
 
 
+def render_test_result(r: broker_pb2.TestResult) -> str:
+    """A test result: the verdict first, then what was and was not verified."""
+    verdict = "ok" if r.success else "FAILED"
+    category = _enum(broker_pb2.TestCategory, r.category, "TEST_CATEGORY_")
+    stage = _enum(broker_pb2.TestStage, r.stage, "TEST_STAGE_")
+    pairs = [
+        ("result", f"{verdict} ({category}) after {r.latency_ms} ms, reached {stage}"),
+        ("message", r.message or _NONE),
+    ]
+    pairs += [(key, value) for key, value in sorted(r.details.items())]
+    pairs.append(("verified", ", ".join(r.verified) or _NONE))
+    pairs.append(("not verified", ", ".join(r.not_verified) or _NONE))
+    return fields(pairs)
+
+
+def render_tools(tools: Iterable[broker_pb2.McpTool]) -> str:
+    """MCP tools: name, a one-line description, and the input schema's parameters."""
+    rows = []
+    for tool in tools:
+        schema = struct_to_dict(tool.input_schema)
+        params = ", ".join(sorted(schema.get("properties", {}))) if isinstance(schema, dict) else ""
+        description = " ".join(tool.description.split())
+        rows.append((tool.name, params or _NONE, description[:80] or _NONE))
+    return table(("TOOL", "PARAMETERS", "DESCRIPTION"), rows) if rows else "no tools"
+
+
+def render_tool_changes(r: broker_pb2.RefreshMcpToolsResponse) -> str:
+    """A refresh: the test verdict, what changed, then the tools."""
+    parts = [render_test_result(r.result)]
+    if r.result.success:
+        for label, names in (("added", r.added), ("removed", r.removed), ("changed", r.changed)):
+            parts.append(f"{label}: {', '.join(names) if names else _NONE}")
+        parts.append(render_tools(r.tools))
+    return "\n\n".join(parts)
+
+
 def _enum(enum: Any, value: int, prefix: str) -> str:
     try:
         name: str = enum.Name(value)

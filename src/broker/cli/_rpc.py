@@ -11,8 +11,9 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from broker._proto import broker_pb2_grpc
+from broker._proto import broker_pb2, broker_pb2_grpc
 from broker.cli._input import UsageError
+from broker.cli._output import render_test_result
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,12 @@ def describe_error(error: grpc.RpcError, addr: str, prog: str = "brokerctl") -> 
     lines = [f"{prog}: {code.name}: {details}"]
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         lines += [f"  {field}: {description}" for field, description in field_violations(error)]
+    elif code == grpc.StatusCode.FAILED_PRECONDITION:
+        lines += [
+            f"  {line}"
+            for r in _details(error, broker_pb2.TestResult)
+            for line in render_test_result(r).splitlines()
+        ]
     elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         text = (details or "").lower()
         if "handshake" in text or "ssl" in text or "certificate" in text:
@@ -111,6 +118,13 @@ def describe_error(error: grpc.RpcError, addr: str, prog: str = "brokerctl") -> 
 
 def field_violations(error: Any) -> Iterator[tuple[str, str]]:
     """(field, description) from the google.rpc.BadRequest in the status details trailer, if any."""
+    for bad in _details(error, error_details_pb2.BadRequest):
+        for violation in bad.field_violations:
+            yield violation.field, violation.description
+
+
+def _details(error: Any, kind: Any) -> Iterator[Any]:
+    """The messages of type `kind` packed in the status details trailer."""
     try:
         status = rpc_status.from_call(error)
     except (ValueError, AttributeError):
@@ -119,11 +133,10 @@ def field_violations(error: Any) -> Iterator[tuple[str, str]]:
     if status is None:
         return
     for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            for violation in bad.field_violations:
-                yield violation.field, violation.description
+        if detail.Is(kind.DESCRIPTOR):
+            message = kind()
+            detail.Unpack(message)
+            yield message
 
 
 def _read(path: Path, what: str, flag: str) -> bytes:

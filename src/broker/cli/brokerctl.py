@@ -97,6 +97,7 @@ def _create(args: argparse.Namespace, s: Session) -> int:
         labels=parse_labels(args.label),
     )
     request.config.update(parse_config(args.config, args.config_json))
+    request.test_before_save = args.test
     # Secrets last: a prompt should come only once everything else on the line is known good.
     request.secrets.update(parse_secrets(args.secret, PROG))
     reply = s.admin.CreateConnection(request, timeout=s.timeout)
@@ -132,7 +133,9 @@ def _list(args: argparse.Namespace, s: Session) -> int:
 
 
 def _update(args: argparse.Namespace, s: Session) -> int:
-    request = broker_pb2.UpdateConnectionRequest(id=args.id, etag=args.etag, clear_secrets=args.clear_secret)
+    request = broker_pb2.UpdateConnectionRequest(
+        id=args.id, etag=args.etag, clear_secrets=args.clear_secret, test_before_save=args.test
+    )
     if args.name is not None:
         request.name = args.name
     if args.config or args.config_json is not None:
@@ -233,6 +236,56 @@ def _resolve(args: argparse.Namespace, s: Session) -> int:
     return _show(args, reply, out.render_resolved)
 
 
+def _connection_id(s: Session, ref: str) -> str:
+    """An id as given, or the id of the live connection with that exact name."""
+    if ref.startswith("conn_"):
+        return ref
+    request = broker_pb2.ListConnectionsRequest(name_prefix=ref, page_size=_MAX_PAGE)
+    for connection in _pages(s.admin.ListConnections, request, "connections", s.timeout):
+        if connection.name == ref:
+            return str(connection.id)
+    raise UsageError(f"no connection named {ref!r} (or pass its id)")
+
+
+def _draft(args: argparse.Namespace) -> broker_pb2.ConnectionDraft:
+    draft = broker_pb2.ConnectionDraft(name="draft", type=args.type, provider=args.provider)
+    draft.config.update(parse_config(args.config, args.config_json))
+    draft.secrets.update(parse_secrets(args.secret, PROG))
+    return draft
+
+
+def _target(args: argparse.Namespace, s: Session) -> dict[str, Any]:
+    """`id=` for a stored connection, `draft=` for --type; exactly one of the two."""
+    if args.draft and not args.type:
+        raise UsageError("--draft needs --type (and --config/--secret as for create)")
+    if bool(args.ref) == bool(args.type):
+        raise UsageError("give a stored connection (ID_OR_NAME) or a draft (--type ...), not both or neither")
+    return {"id": _connection_id(s, args.ref)} if args.ref else {"draft": _draft(args)}
+
+
+def _test(args: argparse.Namespace, s: Session) -> int:
+    reply = s.admin.TestConnection(broker_pb2.TestConnectionRequest(**_target(args, s)), timeout=s.timeout)
+    _show(args, reply, out.render_test_result)
+    return 0 if reply.success else 1
+
+
+def _mcp(args: argparse.Namespace, s: Session) -> int:
+    if args.mcp_command == "tools":
+        request = broker_pb2.ListMcpToolsRequest(id=_connection_id(s, args.ref))
+        reply = s.admin.ListMcpTools(request, timeout=s.timeout)
+        return _show(args, reply, lambda r: out.render_tools(r.tools))
+    if args.mcp_command == "refresh":
+        refresh = broker_pb2.RefreshMcpToolsRequest(id=_connection_id(s, args.ref))
+        changes = s.admin.RefreshMcpTools(refresh, timeout=s.timeout)
+        _show(args, changes, out.render_tool_changes)
+        return 0 if changes.result.success else 1
+    discovered = s.admin.DiscoverMcpTools(
+        broker_pb2.DiscoverMcpToolsRequest(**_target(args, s)), timeout=s.timeout
+    )
+    _show(args, discovered, lambda r: out.render_test_result(r.result) + "\n\n" + out.render_tools(r.tools))
+    return 0 if discovered.result.success else 1
+
+
 HANDLERS: dict[str, Handler] = {
     "types": _types,
     "create": _create,
@@ -248,6 +301,8 @@ HANDLERS: dict[str, Handler] = {
     "grants": _grants,
     "audit": _audit,
     "resolve": _resolve,
+    "test": _test,
+    "mcp": _mcp,
 }
 
 

@@ -1,10 +1,29 @@
 """The one outbound policy: every connection made on a user's behalf goes through it.
 
-Addresses are checked after resolution, every DNS answer is checked, and the
-connection goes to the checked address (TLS still verifies the hostname), so
-DNS rebinding cannot slip a blocked address through.
+Host names are parsed the way the operating system would read them, addresses are
+checked after resolution, every DNS answer is checked, and the connection goes to
+the checked address (TLS still verifies the host name), so DNS rebinding cannot
+slip a blocked address through.
+
+    policy.py     EgressSettings, EgressPolicy (check_host, check_address, resolve)
+    addresses.py  which ranges are always blocked, loopback, private, public
+    hosts.py      parse_host, parse_url: what the user typed, normalised
+    tcp.py        open_connection, resolve_one, pinned_tls_context (drivers, SMTP)
+    http.py       http_client, request (checked redirects), read_body (byte cap)
 """
 
-from broker.egress.policy import Blocked, DnsFailure, EgressPolicy, EgressSettings
+from broker.egress.errors import Blocked, DnsFailure, InvalidTarget, ResponseTooLarge
+from broker.egress.hosts import Url, parse_host, parse_url
+from broker.egress.policy import EgressPolicy, EgressSettings
 
-__all__ = ["Blocked", "DnsFailure", "EgressPolicy", "EgressSettings"]
+__all__ = [
+    "Blocked",
+    "DnsFailure",
+    "EgressPolicy",
+    "EgressSettings",
+    "InvalidTarget",
+    "ResponseTooLarge",
+    "Url",
+    "parse_host",
+    "parse_url",
+]

@@ -21,6 +21,8 @@ from broker.model import (
     ConnectionFilter,
     ConnectionRecord,
     ConnectionStatus,
+    TestResult,
+    TestStatus,
     new_id,
 )
 from broker.sensitive import SecretFields
@@ -28,7 +30,9 @@ from broker.service import paging
 from broker.service.cache import ResolveCache
 from broker.service.context import Call
 from broker.service.sealing import open_secrets, seal
+from broker.service.testing import TestingService
 from broker.store import Store
+from broker.testers import Target
 
 Clock = Callable[[], datetime]
 
@@ -51,6 +55,7 @@ class NewConnection:
     config: dict[str, Any]
     secrets: SecretFields
     labels: dict[str, str] = field(default_factory=dict)
+    test_before_save: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class ConnectionPatch:
     clear_secrets: tuple[str, ...] = ()
     labels: dict[str, str] | None = None
     etag: str = ""
+    test_before_save: bool = False
 
 
 def _check_name(name: str, violations: list[FieldViolation]) -> None:
@@ -123,12 +129,61 @@ def _validate(
     return validated
 
 
+def _destination_fields(type_name: str) -> list[str]:
+    """Config fields that say where a connection's secrets are sent: URLs, host and port."""
+    spec = catalog.get_type(type_name)
+    return [f.name for f in spec.fields if f.kind is catalog.FieldKind.URL or f.name in ("host", "port")]
+
+
+def _check_secrets_follow_destination(
+    current: ConnectionRecord, new_config: Mapping[str, Any], given: SecretFields
+) -> None:
+    """Pointing a connection elsewhere needs its secrets again.
+
+    Otherwise an admin who may edit but never read a secret could aim the
+    connection at a server they control and test it, sending the stored secret there.
+    """
+    moved = [f for f in _destination_fields(current.type) if new_config.get(f) != current.config.get(f)]
+    missing = sorted(set(current.secret_fields) - set(given.names))
+    if moved and missing:
+        raise InvalidArgument(
+            FieldViolation(
+                f"secrets.{name}",
+                f"must be given again: changing config.{moved[0]} changes where the secrets are sent",
+            )
+            for name in missing
+        )
+
+
+def _target(validated: catalog.Validated) -> Target:
+    return Target(validated.type, validated.provider, validated.config, SecretFields(validated.secrets))
+
+
 class ConnectionService:
-    def __init__(self, store: Store, keyring: Keyring, cache: ResolveCache, clock: Clock = utc_now) -> None:
+    def __init__(
+        self,
+        store: Store,
+        keyring: Keyring,
+        cache: ResolveCache,
+        clock: Clock = utc_now,
+        tests: TestingService | None = None,
+    ) -> None:
         self._store = store
         self._keyring = keyring
         self._cache = cache
         self._clock = clock
+        self._tests = tests
+
+    async def _test_before_save(self, call: Call, validated: catalog.Validated) -> TestResult:
+        if self._tests is None:
+            raise FailedPrecondition("connection testing is not configured on this broker")
+        return await self._tests.test_before_save(call, _target(validated))
+
+    def draft_target(self, new: NewConnection) -> Target:
+        """Validate a draft exactly as `create` would, without storing anything."""
+        return _target(
+            _validate(new.name or "draft", new.type, new.provider, new.config, new.secrets, new.labels)
+        )
 
     def _event(self, call: Call, action: str, connection_id: str, **details: str) -> AuditEvent:
         return call.audit_event(self._clock(), action, connection_id, details=details)
@@ -136,6 +191,7 @@ class ConnectionService:
     async def create(self, call: Call, new: NewConnection) -> ConnectionRecord:
         """Validate, seal and store a new connection; the reply is its redacted record."""
         validated = _validate(new.name, new.type, new.provider, new.config, new.secrets, new.labels)
+        tested = await self._test_before_save(call, validated) if new.test_before_save else None
         secrets = SecretFields(validated.secrets)
         now = self._clock()
         connection_id = new_id("conn")
@@ -156,9 +212,13 @@ class ConnectionService:
             updated_at=now,
             created_by=call.actor,
         )
-        event = self._event(
-            call, "connection.create", connection_id, type=record.type, secret_fields=",".join(secrets.names)
-        )
+        details = {"type": record.type, "secret_fields": ",".join(secrets.names)}
+        if tested is not None:
+            record = replace(
+                record, last_test=tested, last_tested_at=tested.tested_at, test_status=TestStatus.SUCCESS
+            )
+            details["tested"] = tested.category.value
+        event = call.audit_event(now, "connection.create", connection_id, details=details)
         await self._store.create_connection(record, event)
         return record
 
@@ -204,6 +264,8 @@ class ConnectionService:
         name = current.name if patch.name is None else patch.name
         labels = current.labels if patch.labels is None else patch.labels
         validated = _validate(name, current.type, current.provider, config, SecretFields(merged), labels)
+        _check_secrets_follow_destination(current, validated.config, patch.secrets)
+        tested = await self._test_before_save(call, validated) if patch.test_before_save else None
 
         secrets = SecretFields(validated.secrets)
         secret_version = current.secret_version + 1 if secrets_changed else current.secret_version
@@ -235,6 +297,14 @@ class ConnectionService:
         ]
         event = self._event(call, "connection.update", current.id, changed=",".join(changed))
         await self._commit(record, current, event)
+        if tested is not None:
+            test_event = call.audit_event(
+                self._clock(), "connection.test", record.id, details={"before_save": "true"}
+            )
+            await self._store.record_test_result(call.tenant, record.id, tested, test_event)
+            record = replace(
+                record, last_test=tested, last_tested_at=tested.tested_at, test_status=TestStatus.SUCCESS
+            )
         return record
 
     async def delete(self, call: Call, connection_id: str) -> ConnectionRecord:

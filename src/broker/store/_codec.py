@@ -16,7 +16,11 @@ from broker.model import (
     ConnectionRecord,
     ConnectionStatus,
     Grant,
+    McpTool,
     Outcome,
+    TestCategory,
+    TestResult,
+    TestStage,
     TestStatus,
 )
 
@@ -77,7 +81,10 @@ CONNECTION_COLUMNS = (
     "last_used_at",
     "last_tested_at",
     "test_status",
+    "last_test",
 )
+# Test results are written out of band (`record_test_result`), never by a replace.
+TEST_COLUMNS = ("last_tested_at", "test_status", "last_test")
 
 
 def connection_params(record: ConnectionRecord) -> tuple[Any, ...]:
@@ -106,6 +113,7 @@ def connection_params(record: ConnectionRecord) -> tuple[Any, ...]:
         to_micros_or_none(record.last_used_at),
         to_micros_or_none(record.last_tested_at),
         record.test_status.value,
+        None if record.last_test is None else to_json(test_result_to_doc(record.last_test)),
     )
 
 
@@ -138,6 +146,58 @@ def connection_from_row(row: Row) -> ConnectionRecord:
         last_used_at=from_micros_or_none(row["last_used_at"]),
         last_tested_at=from_micros_or_none(row["last_tested_at"]),
         test_status=TestStatus(row["test_status"]),
+        last_test=None if row["last_test"] is None else test_result_from_doc(json.loads(row["last_test"])),
+    )
+
+
+def test_result_to_doc(result: TestResult) -> dict[str, Any]:
+    return {
+        "success": result.success,
+        "category": result.category.value,
+        "stage": result.stage.value,
+        "message": result.message,
+        "details": result.details,
+        "verified": list(result.verified),
+        "not_verified": list(result.not_verified),
+        "latency_ms": result.latency_ms,
+        "tested_at": to_micros_or_none(result.tested_at),
+    }
+
+
+def test_result_from_doc(doc: dict[str, Any]) -> TestResult:
+    return TestResult(
+        success=bool(doc["success"]),
+        category=TestCategory(doc["category"]),
+        stage=TestStage(doc["stage"]),
+        message=doc["message"],
+        details=dict(doc["details"]),
+        verified=tuple(doc["verified"]),
+        not_verified=tuple(doc["not_verified"]),
+        latency_ms=int(doc["latency_ms"]),
+        tested_at=from_micros_or_none(doc["tested_at"]),
+    )
+
+
+def mcp_tool_params(
+    tenant: str, connection_id: str, tool: McpTool, discovered_at: datetime
+) -> tuple[Any, ...]:
+    return (
+        tenant,
+        connection_id,
+        tool.name,
+        tool.description,
+        to_json(tool.input_schema),
+        tool.definition_hash,
+        to_micros(discovered_at),
+    )
+
+
+def mcp_tool_from_row(row: Row) -> McpTool:
+    return McpTool(
+        name=row["name"],
+        description=row["description"],
+        input_schema=json.loads(row["input_schema"]),
+        definition_hash=row["definition_hash"],
     )
 
 

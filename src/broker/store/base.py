@@ -22,6 +22,8 @@ from broker.model import (
     ConnectionRecord,
     Grant,
     GrantFilter,
+    McpTool,
+    TestResult,
 )
 
 
@@ -90,6 +92,27 @@ class Store(Protocol):
 
     async def record_last_used(self, uses: Sequence[tuple[str, str, datetime]]) -> None:
         """Set last_used_at for (tenant, connection_id, time) triples; does not change the version."""
+
+    async def record_test_result(
+        self, tenant: str, connection_id: str, result: TestResult, event: AuditEvent
+    ) -> None:
+        """Set last_tested_at, test_status and last_test (not the version) and write `event`.
+
+        Raises `NotFound` when the connection does not exist or was purged.
+        """
+
+    async def replace_mcp_tools(
+        self,
+        tenant: str,
+        connection_id: str,
+        tools: Sequence[McpTool],
+        discovered_at: datetime,
+        event: AuditEvent | None,
+    ) -> None:
+        """Replace the connection's stored MCP tools; `event` (when given) in the same transaction."""
+
+    async def list_mcp_tools(self, tenant: str, connection_id: str) -> tuple[list[McpTool], datetime | None]:
+        """The stored MCP tools ordered by name, and when they were discovered."""
 
     # ---------------------------------------------------------------- grants
 

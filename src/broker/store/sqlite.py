@@ -29,6 +29,9 @@ from broker.model import (
     ConnectionStatus,
     Grant,
     GrantFilter,
+    McpTool,
+    TestResult,
+    TestStatus,
 )
 from broker.store import _codec as codec
 from broker.store._migrate import apply_sqlite, load_migrations
@@ -43,11 +46,14 @@ _CONNECTION_INSERT = (
     f"VALUES ({', '.join('?' for _ in codec.CONNECTION_COLUMNS)})"
 )
 # last_used_at is flushed out of band by `record_last_used`, which leaves the version
-# alone; a replace based on an older read must not move it backwards.
+# alone; a replace based on an older read must not move it backwards. Test results
+# are likewise written only by `record_test_result`.
 _CONNECTION_UPDATE = (
     "UPDATE connections SET "  # noqa: S608
     + ", ".join(
-        f"{col} = :{col}" for col in codec.CONNECTION_COLUMNS if col not in ("tenant", "id", "last_used_at")
+        f"{col} = :{col}"
+        for col in codec.CONNECTION_COLUMNS
+        if col not in ("tenant", "id", "last_used_at", *codec.TEST_COLUMNS)
     )
     + ", last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < :last_used_at"
     " THEN :last_used_at ELSE last_used_at END"
@@ -321,6 +327,65 @@ class SqliteStore:
                 " AND (last_used_at IS NULL OR last_used_at < ?)",
                 params,
             )
+
+    async def record_test_result(
+        self, tenant: str, connection_id: str, result: TestResult, event: AuditEvent
+    ) -> None:
+        """Store a connection's latest test result with its audit event; the version is untouched."""
+        if result.tested_at is None:
+            raise ValueError("a recorded test result needs tested_at")
+        status = TestStatus.SUCCESS if result.success else TestStatus.FAILED
+        async with self._transaction() as conn:
+            async with conn.execute(
+                "UPDATE connections SET last_tested_at = ?, test_status = ?, last_test = ?"
+                " WHERE tenant = ? AND id = ? AND purged_at IS NULL",
+                (
+                    codec.to_micros(result.tested_at),
+                    status.value,
+                    codec.to_json(codec.test_result_to_doc(result)),
+                    tenant,
+                    connection_id,
+                ),
+            ) as cursor:
+                if cursor.rowcount == 0:
+                    raise NotFound(f"connection {connection_id} not found")
+            await self._insert_audit(conn, [event])
+
+    async def replace_mcp_tools(
+        self,
+        tenant: str,
+        connection_id: str,
+        tools: Sequence[McpTool],
+        discovered_at: datetime,
+        event: AuditEvent | None,
+    ) -> None:
+        """Replace the stored tool list of a connection (and write `event` when given)."""
+        async with self._transaction() as conn:
+            await conn.execute(
+                "DELETE FROM mcp_tools WHERE tenant = ? AND connection_id = ?", (tenant, connection_id)
+            )
+            try:
+                await conn.executemany(
+                    "INSERT INTO mcp_tools (tenant, connection_id, name, description, input_schema,"
+                    " definition_hash, discovered_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [codec.mcp_tool_params(tenant, connection_id, t, discovered_at) for t in tools],
+                )
+            except sqlite3.IntegrityError as exc:
+                if "FOREIGN KEY" in str(exc):
+                    raise NotFound(f"connection {connection_id} not found") from exc
+                raise
+            if event is not None:
+                await self._insert_audit(conn, [event])
+
+    async def list_mcp_tools(self, tenant: str, connection_id: str) -> tuple[list[McpTool], datetime | None]:
+        """The stored tools by name, and when they were discovered (None when never)."""
+        rows = await self._read(
+            "SELECT name, description, input_schema, definition_hash, discovered_at FROM mcp_tools"
+            " WHERE tenant = ? AND connection_id = ? ORDER BY name",
+            (tenant, connection_id),
+        )
+        when = codec.from_micros(rows[0]["discovered_at"]) if rows else None
+        return [codec.mcp_tool_from_row(row) for row in rows], when
 
     # ---------------------------------------------------------------- grants
 

@@ -1,0 +1,199 @@
+"""Testing connections and discovering MCP tools, always through the egress policy.
+
+Every test is audited (category and stage, never the message's details) and
+rate-limited per principal. A stored connection's latest result is kept on its
+row without changing its etag: testing is not editing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from broker.crypto import Keyring
+from broker.egress import EgressPolicy
+from broker.errors import ConnectionTestFailed, FailedPrecondition, InvalidArgument, NotFound
+from broker.model import ConnectionRecord, McpTool, Outcome, TestResult, TestStatus
+from broker.service.audit import AuditLog
+from broker.service.context import Call
+from broker.service.ratelimit import RateLimiter
+from broker.service.sealing import open_secrets
+from broker.store import Store
+from broker.testers import Target, run_test, run_tester
+
+Discover = Callable[[Target, EgressPolicy], Awaitable[tuple[TestResult, list[McpTool]]]]
+
+
+@dataclass(frozen=True)
+class ToolChanges:
+    """What a refresh found, compared with what was stored."""
+
+    result: TestResult
+    tools: list[McpTool]
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+
+
+def _outcome(result: TestResult) -> Outcome:
+    return Outcome.SUCCEEDED if result.success else Outcome.FAILED
+
+
+def _summary(result: TestResult) -> dict[str, str]:
+    return {
+        "category": result.category.value,
+        "stage": result.stage.value,
+        "latency_ms": str(result.latency_ms),
+    }
+
+
+class TestingService:
+    __test__ = False
+
+    def __init__(
+        self,
+        store: Store,
+        keyring: Keyring,
+        audit: AuditLog,
+        egress: EgressPolicy,
+        limiter: RateLimiter,
+        clock: Callable[[], datetime],
+        stale_after: timedelta = timedelta(days=7),
+        discover: Discover | None = None,
+    ) -> None:
+        self._store = store
+        self._keyring = keyring
+        self._audit = audit
+        self._egress = egress
+        self._limiter = limiter
+        self._clock = clock
+        self._stale_after = stale_after
+        self._discover = discover
+
+    def is_stale(self, record: ConnectionRecord) -> bool:
+        """Last tested successfully longer ago than the staleness window."""
+        return (
+            record.test_status is TestStatus.SUCCESS
+            and record.last_tested_at is not None
+            and self._clock() - record.last_tested_at > self._stale_after
+        )
+
+    async def _stored_target(self, call: Call, connection_id: str) -> tuple[ConnectionRecord, Target]:
+        if not connection_id:
+            raise InvalidArgument.field("id", "is required")
+        record = await self._store.get_connection(call.tenant, connection_id)
+        if record is None or record.purged_at is not None:
+            raise NotFound(f"connection {connection_id} not found")
+        if not record.live:
+            raise FailedPrecondition(f"connection {connection_id} is deleted")
+        secrets = open_secrets(self._keyring, record)
+        return record, Target(record.type, record.provider, record.config, secrets)
+
+    async def _run(self, call: Call, target: Target) -> TestResult:
+        self._limiter.check(call.actor, "connection tests")
+        return await run_test(target, self._egress)
+
+    async def test_stored(self, call: Call, connection_id: str) -> TestResult:
+        """Test a stored connection and keep the result on it."""
+        record, target = await self._stored_target(call, connection_id)
+        result = await self._run(call, target)
+        event = call.audit_event(
+            self._clock(),
+            "connection.test",
+            record.id,
+            _outcome(result),
+            result.category.value,
+            _summary(result),
+        )
+        await self._store.record_test_result(call.tenant, record.id, result, event)
+        return result
+
+    async def test_draft(self, call: Call, target: Target) -> TestResult:
+        """Test a connection that is not stored (nothing is written but the audit event)."""
+        result = await self._run(call, target)
+        details = {**_summary(result), "type": target.type, "draft": "true"}
+        await self._audit.append(
+            call.audit_event(
+                self._clock(), "connection.test", "", _outcome(result), result.category.value, details
+            )
+        )
+        return result
+
+    async def test_before_save(self, call: Call, target: Target) -> TestResult:
+        """Test a connection about to be saved; raise `ConnectionTestFailed` (nothing saved) on failure."""
+        result = await self.test_draft(call, target)
+        if not result.success:
+            raise ConnectionTestFailed(result)
+        return result
+
+    # -------------------------------------------------------------- MCP tools
+
+    async def _discover_tools(self, call: Call, target: Target) -> tuple[TestResult, list[McpTool]]:
+        if target.type != "mcp" or self._discover is None:
+            raise FailedPrecondition("tool discovery needs an mcp connection")
+        self._limiter.check(call.actor, "connection tests")
+        found: list[McpTool] = []
+        discover = self._discover
+
+        async def discovering(t: Target, egress: EgressPolicy) -> TestResult:
+            result, tools = await discover(t, egress)
+            found.extend(tools)
+            return result
+
+        # The runner gives discovery the same timeout, classification and scrubbing as a test.
+        return await run_tester(discovering, target, self._egress), found
+
+    async def discover(
+        self, call: Call, target: Target, connection_id: str = ""
+    ) -> tuple[TestResult, list[McpTool]]:
+        """List a server's tools without storing them."""
+        result, tools = await self._discover_tools(call, target)
+        details = {**_summary(result), "tool_count": str(len(tools))}
+        await self._audit.append(
+            call.audit_event(
+                self._clock(), "mcp.discover", connection_id, _outcome(result), result.category.value, details
+            )
+        )
+        return result, tools
+
+    async def discover_stored(self, call: Call, connection_id: str) -> tuple[TestResult, list[McpTool]]:
+        _, target = await self._stored_target(call, connection_id)
+        return await self.discover(call, target, connection_id)
+
+    async def refresh_tools(self, call: Call, connection_id: str) -> ToolChanges:
+        """Discover, store, and report added, removed and changed tools; a change is audited."""
+        record, target = await self._stored_target(call, connection_id)
+        result, tools = await self._discover_tools(call, target)
+        before, _ = await self._store.list_mcp_tools(call.tenant, record.id)
+        if not result.success:
+            event = call.audit_event(
+                self._clock(),
+                "mcp.refresh",
+                record.id,
+                Outcome.FAILED,
+                result.category.value,
+                _summary(result),
+            )
+            await self._audit.append(event)
+            return ToolChanges(result, before, [], [], [])
+        old = {t.name: t.definition_hash for t in before}
+        new = {t.name: t.definition_hash for t in tools}
+        added = sorted(new.keys() - old.keys())
+        removed = sorted(old.keys() - new.keys())
+        changed = sorted(n for n in new.keys() & old.keys() if new[n] != old[n])
+        details = {"tool_count": str(len(tools))}
+        for key, names in (("added", added), ("removed", removed), ("changed", changed)):
+            if names:
+                details[key] = ",".join(names)[:1000]
+        action = "mcp.tools_changed" if added or removed or changed else "mcp.refresh"
+        event = call.audit_event(self._clock(), action, record.id, Outcome.SUCCEEDED, "", details)
+        await self._store.replace_mcp_tools(call.tenant, record.id, tools, self._clock(), event)
+        return ToolChanges(result, sorted(tools, key=lambda t: t.name), added, removed, changed)
+
+    async def list_tools(self, call: Call, connection_id: str) -> tuple[list[McpTool], datetime | None]:
+        """The tools stored by the last refresh."""
+        record = await self._store.get_connection(call.tenant, connection_id) if connection_id else None
+        if record is None or record.purged_at is not None:
+            raise NotFound(f"connection {connection_id} not found")
+        return await self._store.list_mcp_tools(call.tenant, record.id)

@@ -1,0 +1,234 @@
+"""MySQL / MariaDB with aiomysql: connect to the checked IP, authenticate, `SELECT 1`, close.
+
+aiomysql silently continues in clear text when `ssl` is set but the server does not offer TLS,
+and sends the password in clear when the server asks for `mysql_clear_password`. A small
+Connection subclass refuses both before any credential is sent. `local_infile` stays off so a
+hostile server cannot read the broker's files with LOAD DATA LOCAL, and no option file is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiomysql
+import pymysql
+import structlog
+from pymysql.constants import CLIENT
+
+from broker.egress import EgressPolicy
+from broker.model import TestCategory, TestResult, TestStage
+from broker.testers._db_common import (
+    Server,
+    resolve_server,
+    success_notes,
+    tls_context,
+    tls_not_offered,
+    transport_failure,
+)
+from broker.testers.base import Target, TestFailure, passed
+
+log = structlog.get_logger("broker.testers.database")
+
+# MySQL / MariaDB error numbers.
+ACCESS_DENIED = 1045
+ACCESS_DENIED_NO_PASSWORD = 1698
+DB_ACCESS_DENIED = 1044
+HOST_NOT_ALLOWED = 1130
+UNKNOWN_DATABASE = 1049
+CANNOT_CONNECT = 2003
+# Options passed to the driver; anything else in `options` is reported as ignored.
+_SUPPORTED_OPTIONS = ("charset",)
+
+
+class _TlsNotOffered(Exception):
+    """The server's handshake lacks the SSL capability although TLS is required."""
+
+
+class _CleartextRefused(Exception):
+    """The server asked for the password in clear text over a connection without TLS."""
+
+
+class _StrictConnection(aiomysql.Connection):  # type: ignore[misc]
+    """aiomysql's Connection, refusing to authenticate without TLS when TLS was asked for, or
+    to send a clear-text password without TLS. Overrides private hooks of aiomysql 0.2/0.3."""
+
+    async def _request_authentication(self) -> None:
+        if self._ssl_context is not None and not self.server_capabilities & CLIENT.SSL:
+            raise _TlsNotOffered
+        if (
+            self._ssl_context is None
+            and self._password
+            and self._server_auth_plugin == "mysql_clear_password"
+        ):
+            raise _CleartextRefused
+        await super()._request_authentication()
+
+    async def _process_auth(self, plugin_name: bytes, auth_packet: Any) -> Any:
+        if plugin_name == b"mysql_clear_password" and not self._secure:
+            raise _CleartextRefused
+        return await super()._process_auth(plugin_name, auth_packet)
+
+
+async def test_mysql(target: Target, egress: EgressPolicy) -> TestResult:
+    """Connect to MySQL / MariaDB through the egress policy, authenticate and run `SELECT 1`."""
+    server = await resolve_server(target, egress, "mysql")
+    timeout = egress.settings.connect_timeout
+    ignored = sorted(k for k in server.options if k not in _SUPPORTED_OPTIONS)
+    extra = {"ignored_options": ",".join(ignored)} if ignored else {}
+    conn = _StrictConnection(
+        host=server.address,
+        port=server.port,
+        user=server.username,
+        password=server.password,
+        db=server.database,
+        ssl=tls_context(server) if server.ssl else None,
+        connect_timeout=timeout,
+        local_infile=False,
+        read_default_file=None,
+        charset=server.options.get("charset", "utf8mb4"),
+    )
+    try:
+        # aiomysql's connect_timeout covers only the TCP connect; bound the handshake too.
+        async with asyncio.timeout(timeout):
+            await conn._connect()  # what aiomysql.connect() does, with our subclass
+    except Exception as exc:
+        conn.close()
+        failure = _classify(exc, server, timeout)
+        log.info("database_test_failed", driver="mysql", category=failure.result.category)
+        raise failure from None
+    try:
+        async with asyncio.timeout(timeout), conn.cursor() as cursor:
+            await cursor.execute("SELECT 1")
+            row = await cursor.fetchone()
+        version = _version(str(conn.get_server_info()))
+    except pymysql.MySQLError as exc:
+        raise TestFailure(
+            TestCategory.UNEXPECTED_RESPONSE,
+            TestStage.SAMPLE_OPERATION,
+            f"connected, but SELECT 1 failed (error {_code(exc)})",
+            server.details(mysql_error=str(_code(exc))),
+        ) from None
+    except TimeoutError:
+        raise TestFailure(
+            TestCategory.TIMEOUT,
+            TestStage.SAMPLE_OPERATION,
+            f"connected, but SELECT 1 did not answer within {timeout:g} s",
+            server.details(),
+        ) from None
+    finally:
+        await _close(conn)
+    if not row or row[0] != 1:
+        raise TestFailure(
+            TestCategory.UNEXPECTED_RESPONSE,
+            TestStage.SAMPLE_OPERATION,
+            "connected, but SELECT 1 did not return 1",
+            server.details(),
+        )
+    verified, not_verified = success_notes(server, f"login as {server.username}")
+    return passed(
+        f"connected to {_product(version)} {version.split('-')[0]} as {server.username} and ran SELECT 1",
+        details=server.details(server_version=version, **extra),
+        verified=verified,
+        not_verified=not_verified,
+    )
+
+
+async def _close(conn: Any) -> None:
+    """Say goodbye (COM_QUIT) if the server listens; always release the socket."""
+    try:
+        async with asyncio.timeout(2):
+            await conn.ensure_closed()
+    except Exception:
+        conn.close()
+
+
+def _version(reported: str) -> str:
+    """The server's version; MariaDB prefixes it with "5.5.5-" for old clients' sake."""
+    return reported.removeprefix("5.5.5-") if "mariadb" in reported.lower() else reported
+
+
+def _product(version: str) -> str:
+    return "MariaDB" if "mariadb" in version.lower() else "MySQL"
+
+
+def _code(exc: BaseException) -> int:
+    args = getattr(exc, "args", ())
+    return args[0] if args and isinstance(args[0], int) else 0
+
+
+def _classify(exc: Exception, server: Server, timeout: float) -> TestFailure:
+    """A connect-time error as a test failure, in our words plus the MySQL error number."""
+    if isinstance(exc, _TlsNotOffered):
+        return tls_not_offered(server)
+    if isinstance(exc, _CleartextRefused):
+        return TestFailure(
+            TestCategory.AUTH_FAILED,
+            TestStage.AUTHENTICATE,
+            "the server asked for the password in clear text without TLS; refused (enable ssl)",
+            server.details(),
+            verified=("address allowed by egress policy", "tcp connect"),
+            not_verified=("credentials",),
+        )
+    # aiomysql wraps TCP and TLS failures in error 2003; the cause says what happened.
+    cause = exc.__cause__ if _code(exc) == CANNOT_CONNECT and exc.__cause__ is not None else exc
+    failure = transport_failure(cause, server, timeout)
+    if failure is not None:
+        return failure
+    if isinstance(exc, pymysql.MySQLError) and _code(exc):
+        return _server_error(exc, server)
+    # Without an error number the driver itself gave up on what it read (bad packet, early EOF).
+    if isinstance(exc, pymysql.MySQLError | ConnectionError | asyncio.IncompleteReadError):
+        return TestFailure(
+            TestCategory.PROTOCOL_ERROR,
+            TestStage.CONNECT,
+            f"{server.host}:{server.port} did not speak the MySQL protocol as expected",
+            server.details(error_type=type(exc).__name__),
+            verified=("address allowed by egress policy", "tcp connect"),
+        )
+    raise exc
+
+
+def _server_error(exc: BaseException, server: Server) -> TestFailure:
+    """An error the server sent during the handshake, by error number."""
+    code = _code(exc)
+    details = server.details(mysql_error=str(code))
+    reached = ("address allowed by egress policy", "tcp connect") + (("tls",) if server.ssl else ())
+    if code in (ACCESS_DENIED, ACCESS_DENIED_NO_PASSWORD):
+        return TestFailure(
+            TestCategory.AUTH_FAILED,
+            TestStage.AUTHENTICATE,
+            f"the server rejected the login for user {server.username} (error {code})",
+            details,
+            verified=reached,
+            not_verified=("credentials",),
+        )
+    if code == UNKNOWN_DATABASE:
+        return TestFailure(
+            TestCategory.NOT_FOUND,
+            TestStage.AUTHENTICATE,
+            f"database {server.database} does not exist on {server.host} (error {code})",
+            details,
+            verified=reached,
+        )
+    if code in (DB_ACCESS_DENIED, HOST_NOT_ALLOWED):
+        # For 1044 MariaDB does not say whether the database exists, so neither can we.
+        what = (
+            f"database {server.database} (or it does not exist)"
+            if code == DB_ACCESS_DENIED
+            else "this server from the broker's address"
+        )
+        return TestFailure(
+            TestCategory.PERMISSION_DENIED,
+            TestStage.AUTHENTICATE,
+            f"user {server.username} may not access {what} (error {code})",
+            details,
+            verified=reached,
+        )
+    return TestFailure(
+        TestCategory.UNEXPECTED_RESPONSE,
+        TestStage.AUTHENTICATE,
+        f"the server refused the session (error {code})",
+        server.details(mysql_error=str(code), server_message=str(exc)),
+        verified=reached,
+    )

@@ -1,0 +1,249 @@
+"""A real MCP server on loopback for the MCP tester's integration tests.
+
+The SDK's low-level `Server` serves a paginated tool list (the cursor is the
+offset of the next page) over Streamable HTTP at `/mcp`, in JSON or SSE
+response mode, and over the older HTTP+SSE transport at `/sse` +
+`/messages/`. A small ASGI middleware records every request and, when a token
+is set, answers 401 without it. `/html` and `/notjsonrpc` are plain HTTP
+endpoints that are not MCP servers. uvicorn runs in a background thread on a
+port chosen by the kernel and is stopped, and its socket closed, by `stop()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import mcp_types as types
+import uvicorn
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel.server import Server
+from mcp.server.sse import SseServerTransport
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+SERVER_NAME = "broker-test-mcp"
+SERVER_VERSION = "1.2.3"
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"x": {"type": "integer", "description": "a number"}},
+    "required": ["x"],
+}
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One HTTP request the server received."""
+
+    method: str
+    path: str
+    session_id: str | None
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Answered:
+    """One HTTP response the server sent."""
+
+    method: str
+    path: str
+    status: int
+    content_type: str
+
+
+class _Gate:
+    """ASGI middleware: records requests, and answers 401 unless the bearer token matches."""
+
+    def __init__(self, app: ASGIApp, owner: McpTestServer) -> None:
+        self._app = app
+        self._owner = owner
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        self._owner.seen.append(Seen(scope["method"], scope["path"], headers.get("mcp-session-id"), headers))
+        token = self._owner.token
+        if token is not None and headers.get("authorization") != f"Bearer {token}":
+            status = self._owner.reject_status
+            await JSONResponse({"error": "no"}, status_code=status)(scope, receive, send)
+            return
+        answered = self._owner.responses
+
+        async def recording_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                sent = {
+                    k.decode("latin-1").lower(): v.decode("latin-1") for k, v in message.get("headers", [])
+                }
+                answered.append(
+                    Answered(scope["method"], scope["path"], message["status"], sent.get("content-type", ""))
+                )
+            await send(message)
+
+        await self._app(scope, receive, recording_send)
+
+
+class McpTestServer:
+    """An MCP server with `tool_count` tools served `page_size` at a time.
+
+    With `token`, requests without `Authorization: Bearer <token>` get `reject_status`.
+    With `loop_cursor`, every page points to the second one (a broken server).
+    With `tls` (certificate file, key file), it serves HTTPS.
+    """
+
+    def __init__(
+        self,
+        *,
+        tool_count: int = 25,
+        page_size: int = 10,
+        json_response: bool = False,
+        token: str | None = None,
+        reject_status: int = 401,
+        loop_cursor: bool = False,
+        tls: tuple[str, str] | None = None,
+    ) -> None:
+        self.page_size = page_size
+        self.token = token
+        self.reject_status = reject_status
+        self.loop_cursor = loop_cursor
+        self.tls = tls
+        self.descriptions = {f"tool_{i:02d}": f"Tool number {i}." for i in range(tool_count)}
+        self.seen: list[Seen] = []
+        self.responses: list[Answered] = []
+        self.list_calls = 0
+        self.legacy_streams_closed = 0
+        self._server: Server[Any] = Server(
+            SERVER_NAME, version=SERVER_VERSION, on_list_tools=self._list_tools
+        )
+        self._app = _Gate(self._build_app(json_response), self)
+        self._uvicorn: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+        self.port = 0
+
+    @property
+    def base(self) -> str:
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The Streamable HTTP endpoint."""
+        return f"{self.base}/mcp"
+
+    @property
+    def sse_url(self) -> str:
+        """The legacy HTTP+SSE endpoint."""
+        return f"{self.base}/sse"
+
+    async def _list_tools(
+        self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        self.list_calls += 1
+        start = int(params.cursor) if params is not None and params.cursor else 0
+        names = sorted(self.descriptions)
+        page = names[start : start + self.page_size]
+        tools = [types.Tool(name=n, description=self.descriptions[n], input_schema=SCHEMA) for n in page]
+        following = start + self.page_size
+        cursor = str(following) if following < len(names) else None
+        if self.loop_cursor:
+            cursor = str(self.page_size)
+        return types.ListToolsResult(tools=tools, next_cursor=cursor)
+
+    def _build_app(self, json_response: bool) -> Starlette:
+        streamable = self._server.streamable_http_app(json_response=json_response)
+        legacy = SseServerTransport("/messages/")
+
+        async def handle_sse(request: Request) -> Response:
+            async with legacy.connect_sse(request.scope, request.receive, request._send) as (read, write):
+                await self._server.run(read, write, self._server.create_initialization_options())
+            self.legacy_streams_closed += 1
+            return Response()
+
+        async def html(request: Request) -> Response:
+            return HTMLResponse("<html><body>Welcome to nginx!</body></html>")
+
+        async def not_jsonrpc(request: Request) -> Response:
+            return JSONResponse({"status": "ok", "items": []})
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            async with self._server.session_manager.run():
+                yield
+
+        return Starlette(
+            routes=[
+                Route("/sse", endpoint=handle_sse, methods=["GET"]),
+                Mount("/messages/", app=legacy.handle_post_message),
+                Route("/html", endpoint=html, methods=["GET", "POST", "DELETE"]),
+                Route("/notjsonrpc", endpoint=not_jsonrpc, methods=["GET", "POST", "DELETE"]),
+                Mount("/", app=streamable),
+            ],
+            lifespan=lifespan,
+        )
+
+    def start(self) -> None:
+        """Serve on a free loopback port in a background thread; return once it accepts connections."""
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind(("127.0.0.1", 0))
+        self.port = self._socket.getsockname()[1]
+        certfile, keyfile = self.tls or (None, None)
+        config = uvicorn.Config(
+            self._app,
+            log_level="warning",
+            lifespan="on",
+            ws="none",
+            http="h11",
+            timeout_graceful_shutdown=2,
+            ssl_certfile=certfile,
+            ssl_keyfile=keyfile,
+        )
+        self._uvicorn = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._uvicorn.run, kwargs={"sockets": [self._socket]}, name="mcp-test-server", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._uvicorn.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the MCP test server did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        """Ask uvicorn to exit, wait for its thread, and close the listening socket."""
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            if self._thread.is_alive():
+                raise RuntimeError("the MCP test server did not stop")
+        if self._socket is not None:
+            self._socket.close()
+
+
+@contextlib.contextmanager
+def running(**options: Any) -> Iterator[McpTestServer]:
+    """An `McpTestServer` started for the duration of the block."""
+    server = McpTestServer(**options)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
