@@ -49,17 +49,41 @@ def redact_secrets(_logger: Any, _method: str, event: MutableMapping[str, Any]) 
 
 
 def configure(level: str = "info", stream: TextIO | None = None) -> None:
-    """JSON lines to stdout (or `stream`), filtered at `level`."""
+    """JSON lines to stdout (or `stream`), filtered at `level`.
+
+    Libraries that log through the standard `logging` module (grpc, the MCP SDK,
+    asyncio) are rendered by the same chain, redaction included, at WARNING and up.
+    """
+    out = stream or sys.stdout
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact_secrets,
+    ]
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            redact_secrets,
+            *shared,
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(sort_keys=True),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(sort_keys=True),
+            ],
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not getattr(h, "_broker", False)]
+    handler._broker = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(max(logging.WARNING, getattr(logging, level.upper())))

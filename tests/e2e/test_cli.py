@@ -21,6 +21,7 @@ import pytest
 
 from broker import pki
 from broker.client import SyncResolveClient
+from tests import mcpserver
 
 pytestmark = pytest.mark.e2e
 
@@ -50,11 +51,16 @@ class DevBroker:
     def logs(self) -> str:
         return self.stdout.read_text(errors="replace") + self.stderr.read_text(errors="replace")
 
+    def ctl_argv(self, json_output: bool = True) -> list[str]:
+        argv = [sys.executable, "-m", "broker.cli.brokerctl", "--data-dir", str(self.data_dir)]
+        argv += ["--addr", self.admin_addr, "--resolve-addr", self.resolve_addr, "--timeout", "20"]
+        return [*argv, "--json"] if json_output else argv
+
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run `brokerctl --json ARGS` against this broker."""
-        argv = [sys.executable, "-m", "broker.cli.brokerctl", "--json", "--data-dir", str(self.data_dir)]
-        argv += ["--addr", self.admin_addr, "--resolve-addr", self.resolve_addr, "--timeout", "5", *args]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        return subprocess.run(
+            [*self.ctl_argv(), *args], capture_output=True, text=True, timeout=60, check=False
+        )
 
     def ok(self, *args: str) -> tuple[Any, str]:
         """`ctl` that must succeed: (parsed JSON stdout, raw stdout + stderr)."""
@@ -175,6 +181,52 @@ def test_secret_lifecycle_through_the_cli(dev_broker: DevBroker, tmp_path: Path)
     assert CANARY not in dev_broker.logs()
     for path in dev_broker.data_dir.glob("broker.db*"):
         assert CANARY.encode() not in path.read_bytes(), path.name
+
+
+def test_testing_and_mcp_tools_through_the_cli(dev_broker: DevBroker, tmp_path: Path) -> None:
+    """`broker dev` allows loopback, so a local MCP server is reachable; metadata never is."""
+    token = "e2e-mcp-token-5f1c2a9b"
+    with mcpserver.running(token=token) as server:
+        dev_broker.ok(
+            "create", "tools", "--type", "mcp", "--config", f"server_url={server.url}",
+            "--config", "auth_type=bearer", "--secret", f"token={token}", "--test",
+        )  # fmt: skip
+        plain = dev_broker.ctl("test", "tools")
+        assert plain.returncode == 0, plain.stderr
+        result = json.loads(plain.stdout)
+        assert result["success"] and result["details"]["server_name"] == mcpserver.SERVER_NAME
+
+        refreshed, raw = dev_broker.ok("mcp", "refresh", "tools")
+        assert len(refreshed["added"]) == 25
+        tools, raw = dev_broker.ok("mcp", "tools", "tools")
+        assert len(tools["tools"]) == 25 and token not in raw
+
+        human = subprocess.run(
+            [*dev_broker.ctl_argv(json_output=False), "mcp", "tools", "tools"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert human.returncode == 0 and "tool_00" in human.stdout and "PARAMETERS" in human.stdout
+
+    blocked = dev_broker.ctl(
+        "test", "--draft", "--type", "http", "--config", "base_url=http://169.254.169.254/latest/meta-data/"
+    )
+    assert blocked.returncode == 1
+    assert json.loads(blocked.stdout)["category"] == "TEST_CATEGORY_BLOCKED_BY_POLICY"
+    password = _write(tmp_path / "pw", "pw-123456")
+    failing = dev_broker.ctl(
+        "create", "refused", "--type", "ssh", "--config", "host=127.0.0.1", "--config", f"port={free_port()}",
+        "--config", "username=u", "--secret", f"password=@{password}", "--test",
+    )  # fmt: skip
+    assert failing.returncode == 1 and "FAILED_PRECONDITION" in failing.stderr
+    assert "connection_refused" in failing.stderr
+    listed, _ = dev_broker.ok("list", "--name-prefix", "refused")
+    assert listed.get("connections", []) == []
+    assert token not in dev_broker.logs()
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 def test_unreachable_broker_gets_a_hint(tmp_path: Path) -> None:

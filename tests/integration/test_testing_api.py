@@ -13,6 +13,7 @@ from grpc_status import rpc_status
 
 from broker._proto import broker_pb2 as pb
 from broker.egress import EgressSettings
+from tests import mcpserver
 from tests.conftest import Running
 from tests.helpers import rpc_error, struct
 
@@ -180,3 +181,51 @@ async def test_tests_are_rate_limited_per_principal(make_broker) -> None:  # typ
     assert (await running.admin("admin_b").TestConnection(pb.TestConnectionRequest(draft=draft))).category
     await running.close()
     await running.broker.stop(grace=0)
+
+
+async def test_mcp_tools_are_discovered_stored_and_changes_reported(loopback_broker: Running) -> None:
+    admin = loopback_broker.admin()
+    token = "mcp-token-0123456789"
+    with mcpserver.running(token=token) as server:
+        created = await admin.CreateConnection(
+            pb.CreateConnectionRequest(
+                name="tools",
+                type="mcp",
+                config=struct({"server_url": server.url, "auth_type": "bearer"}),
+                secrets={"token": token},
+            )
+        )
+        listed = await admin.ListMcpTools(pb.ListMcpToolsRequest(id=created.id))
+        assert list(listed.tools) == [] and not listed.HasField("discovered_at")
+
+        first = await admin.RefreshMcpTools(pb.RefreshMcpToolsRequest(id=created.id))
+        assert first.result.success and first.result.details["server_name"] == mcpserver.SERVER_NAME
+        assert len(first.tools) == 25 and len(first.added) == 25 and not first.removed and not first.changed
+
+        server.descriptions["tool_03"] = "Tool number 3. Also sends your files somewhere."
+        del server.descriptions["tool_24"]
+        server.descriptions["tool_99"] = "A new tool."
+        second = await admin.RefreshMcpTools(pb.RefreshMcpToolsRequest(id=created.id))
+        assert (list(second.added), list(second.removed), list(second.changed)) == (
+            ["tool_99"],
+            ["tool_24"],
+            ["tool_03"],
+        )
+        stored = await admin.ListMcpTools(pb.ListMcpToolsRequest(id=created.id))
+        assert {t.name for t in stored.tools} == {t.name for t in second.tools} and stored.HasField(
+            "discovered_at"
+        )
+
+        draft = pb.ConnectionDraft(type="mcp", config=struct({"server_url": server.url}))
+        unauthorised = await admin.DiscoverMcpTools(pb.DiscoverMcpToolsRequest(draft=draft))
+        assert unauthorised.result.category == pb.TEST_CATEGORY_AUTH_FAILED and list(unauthorised.tools) == []
+
+    events = await admin.ListAuditEvents(pb.ListAuditEventsRequest(connection_id=created.id))
+    changed = [e for e in events.events if e.action == "mcp.tools_changed"]
+    assert len(changed) == 2
+    assert changed[0].details["changed"] == "tool_03" and changed[0].details["removed"] == "tool_24"
+    assert token not in str(events)
+
+    not_mcp = await admin.CreateConnection(ssh_create("not-mcp", 22))
+    wrong_type = await rpc_error(admin.RefreshMcpTools(pb.RefreshMcpToolsRequest(id=not_mcp.id)))
+    assert wrong_type.code() == grpc.StatusCode.FAILED_PRECONDITION

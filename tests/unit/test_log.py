@@ -40,3 +40,16 @@ def test_request_id_from_context_is_on_every_line() -> None:
         structlog.get_logger().warning("two")
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [(e["event"], e["request_id"]) for e in lines] == [("one", "req-1"), ("two", "req-1")]
+
+
+def test_standard_library_logs_go_through_the_same_redaction() -> None:
+    import logging
+
+    stream = io.StringIO()
+    log.configure("info", stream)
+    logging.getLogger("mcp.client.test").error("upstream failed")
+    logging.getLogger("mcp.client.test").info("below the floor")
+    (line,) = stream.getvalue().splitlines()
+    event = json.loads(line)
+    assert event["event"] == "upstream failed" and event["level"] == "error"
+    assert event["logger"] == "mcp.client.test"

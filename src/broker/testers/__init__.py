@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import structlog
 
 from broker.egress import Blocked, DnsFailure, EgressPolicy
+from broker.egress.errors import InvalidTarget
 from broker.model import TestCategory, TestResult, TestStage
 from broker.testers.base import Target, Tester, TestFailure
 from broker.testers.scrub import scrub
@@ -46,6 +47,8 @@ async def run_tester(tester: Tester | None, target: Target, egress: EgressPolicy
             result = await tester(target, egress)
     except TestFailure as failure:
         result = failure.result
+    except InvalidTarget as invalid:
+        result = TestFailure(TestCategory.INVALID_CONFIG, TestStage.RESOLVE_ADDRESS, invalid.reason).result
     except Blocked as blocked:
         result = TestFailure(TestCategory.BLOCKED_BY_POLICY, TestStage.RESOLVE_ADDRESS, blocked.reason).result
     except DnsFailure as failure:
