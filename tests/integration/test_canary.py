@@ -117,6 +117,32 @@ async def test_canary_appears_only_in_the_resolve_response(running: Running) -> 
     await ok(admin.GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR)))
     await ok(admin.ListGrants(pb.ListGrantsRequest()))
 
+    # Tests and discovery with the canary as a credential: stored, draft, blocked, unresolvable.
+    await ok(admin.TestConnection(pb.TestConnectionRequest(id=created.id)))
+    await ok(admin.TestConnection(pb.TestConnectionRequest(id=api.id)))
+    for config in (
+        {"base_url": "http://169.254.169.254/", "auth_type": "bearer"},
+        {"base_url": f"https://{CANARY[:8].lower()}.invalid/", "auth_type": "bearer"},
+    ):
+        draft = pb.ConnectionDraft(type="http", config=struct(config), secrets={"token": CANARY})
+        await ok(admin.TestConnection(pb.TestConnectionRequest(draft=draft)))
+    metadata = {"server_url": "http://[::ffff:169.254.169.254]/mcp", "auth_type": "bearer"}
+    mcp_draft = pb.ConnectionDraft(type="mcp", config=struct(metadata), secrets={"token": CANARY})
+    await ok(admin.DiscoverMcpTools(pb.DiscoverMcpToolsRequest(draft=mcp_draft)))
+    blocked = {"base_url": "http://169.254.169.254/", "auth_type": "bearer"}
+    await bad(
+        admin.CreateConnection(
+            pb.CreateConnectionRequest(
+                name="tested",
+                type="http",
+                config=struct(blocked),
+                secrets={"token": CANARY},
+                test_before_save=True,
+            )
+        )
+    )
+    await ok(admin.GetConnection(pb.GetConnectionRequest(id=created.id)))
+
     resolved = await running.resolver().Resolve(pb.ResolveRequest(connection_id=created.id, purpose="canary"))
     assert resolved.secrets["password"] == CANARY  # the one place it may appear
     await bad(running.resolver().Resolve(pb.ResolveRequest(connection_id=api.id)))  # no grant
