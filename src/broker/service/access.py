@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
-from broker.errors import FailedPrecondition, InvalidArgument, NotFound
+from broker.errors import InvalidArgument, NotFound
 from broker.identity import InvalidSpiffeId, parse_spiffe_id
 from broker.model import Grant, GrantFilter, Role
 from broker.service import paging
 from broker.service.cache import ResolveCache
 from broker.service.context import Call
+from broker.service.lookup import live_connection
 from broker.store import Store
 
 
@@ -32,15 +33,6 @@ class AccessService:
         if grantee.tenant != call.tenant:
             raise InvalidArgument.field("principal", f"must belong to tenant {call.tenant}")
 
-    async def _live_connection(self, call: Call, connection_id: str) -> None:
-        if not connection_id:
-            raise InvalidArgument.field("connection_id", "is required")
-        record = await self._store.get_connection(call.tenant, connection_id)
-        if record is None or record.purged_at is not None:
-            raise NotFound(f"connection {connection_id} not found")
-        if not record.live:
-            raise FailedPrecondition(f"connection {connection_id} is deleted")
-
     async def grant(
         self, call: Call, connection_id: str, principal: str, expires_at: datetime | None
     ) -> Grant:
@@ -49,7 +41,7 @@ class AccessService:
         now = self._clock()
         if expires_at is not None and expires_at <= now:
             raise InvalidArgument.field("expires_at", "must be in the future")
-        await self._live_connection(call, connection_id)
+        await live_connection(self._store, call.tenant, connection_id, field="connection_id")
         grant = Grant(
             tenant=call.tenant,
             connection_id=connection_id,

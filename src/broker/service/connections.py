@@ -15,7 +15,7 @@ from typing import Any
 
 from broker import catalog
 from broker.crypto import Keyring
-from broker.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from broker.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument
 from broker.model import (
     AuditEvent,
     ConnectionFilter,
@@ -29,6 +29,7 @@ from broker.sensitive import SecretFields
 from broker.service import paging
 from broker.service.cache import ResolveCache
 from broker.service.context import Call
+from broker.service.lookup import existing_connection
 from broker.service.sealing import open_secrets, seal
 from broker.service.testing import TestingService
 from broker.store import Store
@@ -224,12 +225,7 @@ class ConnectionService:
 
     async def get(self, call: Call, connection_id: str) -> ConnectionRecord:
         """The connection in any state but purged; another tenant's id is not found."""
-        if not connection_id:
-            raise InvalidArgument.field("id", "is required")
-        record = await self._store.get_connection(call.tenant, connection_id)
-        if record is None or record.purged_at is not None:
-            raise NotFound(f"connection {connection_id} not found")
-        return record
+        return await existing_connection(self._store, call.tenant, connection_id)
 
     async def list(
         self, call: Call, filter: ConnectionFilter, page_size: int, page_token: str

@@ -13,10 +13,11 @@ from datetime import datetime, timedelta
 
 from broker.crypto import Keyring
 from broker.egress import EgressPolicy
-from broker.errors import ConnectionTestFailed, FailedPrecondition, InvalidArgument, NotFound
+from broker.errors import ConnectionTestFailed, FailedPrecondition
 from broker.model import ConnectionRecord, McpTool, Outcome, TestResult, TestStatus
 from broker.service.audit import AuditLog
 from broker.service.context import Call
+from broker.service.lookup import existing_connection, live_connection
 from broker.service.ratelimit import RateLimiter
 from broker.service.sealing import open_secrets
 from broker.store import Store
@@ -80,13 +81,7 @@ class TestingService:
         )
 
     async def _stored_target(self, call: Call, connection_id: str) -> tuple[ConnectionRecord, Target]:
-        if not connection_id:
-            raise InvalidArgument.field("id", "is required")
-        record = await self._store.get_connection(call.tenant, connection_id)
-        if record is None or record.purged_at is not None:
-            raise NotFound(f"connection {connection_id} not found")
-        if not record.live:
-            raise FailedPrecondition(f"connection {connection_id} is deleted")
+        record = await live_connection(self._store, call.tenant, connection_id)
         secrets = open_secrets(self._keyring, record)
         return record, Target(record.type, record.provider, record.config, secrets)
 
@@ -193,7 +188,5 @@ class TestingService:
 
     async def list_tools(self, call: Call, connection_id: str) -> tuple[list[McpTool], datetime | None]:
         """The tools stored by the last refresh."""
-        record = await self._store.get_connection(call.tenant, connection_id) if connection_id else None
-        if record is None or record.purged_at is not None:
-            raise NotFound(f"connection {connection_id} not found")
+        record = await existing_connection(self._store, call.tenant, connection_id)
         return await self._store.list_mcp_tools(call.tenant, record.id)

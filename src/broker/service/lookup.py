@@ -1,0 +1,29 @@
+"""Finding a tenant's connection by id, with the errors every use-case reports the same way."""
+
+from __future__ import annotations
+
+from broker.errors import FailedPrecondition, InvalidArgument, NotFound
+from broker.model import ConnectionRecord
+from broker.store import Store
+
+
+async def existing_connection(
+    store: Store, tenant: str, connection_id: str, field: str = "id"
+) -> ConnectionRecord:
+    """The connection in any state but purged; another tenant's id is simply not found."""
+    if not connection_id:
+        raise InvalidArgument.field(field, "is required")
+    record = await store.get_connection(tenant, connection_id)
+    if record is None or record.purged_at is not None:
+        raise NotFound(f"connection {connection_id} not found")
+    return record
+
+
+async def live_connection(
+    store: Store, tenant: str, connection_id: str, field: str = "id"
+) -> ConnectionRecord:
+    """As `existing_connection`, and not soft-deleted."""
+    record = await existing_connection(store, tenant, connection_id, field)
+    if not record.live:
+        raise FailedPrecondition(f"connection {connection_id} is deleted")
+    return record
