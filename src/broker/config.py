@@ -23,6 +23,10 @@ naming the setting, raised at start-up.
     [server]
     grace_seconds = 20              # BROKER_SERVER_GRACE_SECONDS
     reflection = true               # BROKER_SERVER_REFLECTION
+    [oauth]
+    refresh_margin_seconds = 300    # a token expiring sooner is refreshed before Resolve returns it
+    default_token_lifetime_seconds = 3600   # when the provider gives no expires_in and no JWT exp
+    refresh_interval_seconds = 30   # how often the background refresher looks for expiring tokens
     [testing]
     tests_per_minute = 30           # per principal, tests and tool discovery together
     stale_after_days = 7            # a success older than this marks the connection stale
@@ -81,6 +85,9 @@ class Settings:
     grace_seconds: float = 20.0
     reflection: bool = True
     tests_per_minute: int = 30
+    oauth_refresh_margin_seconds: float = 300.0
+    oauth_default_token_lifetime_seconds: float = 3600.0
+    oauth_refresh_interval_seconds: float = 30.0
     stale_after_days: float = 7.0
     egress: EgressSettings = field(default_factory=EgressSettings)
 
@@ -287,6 +294,11 @@ def _build(src: _Source) -> Settings:
         grace_seconds=src.number("server", "grace_seconds", 20.0, 0, 600),
         reflection=src.flag("server", "reflection", True),
         tests_per_minute=int(src.number("testing", "tests_per_minute", 30, 1, 100_000)),
+        oauth_refresh_margin_seconds=src.number("oauth", "refresh_margin_seconds", 300, 0, 86400),
+        oauth_default_token_lifetime_seconds=src.number(
+            "oauth", "default_token_lifetime_seconds", 3600, 60, 86400 * 30
+        ),
+        oauth_refresh_interval_seconds=src.number("oauth", "refresh_interval_seconds", 30, 1, 3600),
         stale_after_days=src.number("testing", "stale_after_days", 7.0, 0, 3650),
         egress=_egress(src),
     )

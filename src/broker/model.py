@@ -43,6 +43,8 @@ class ConnectionStatus(enum.StrEnum):
     ACTIVE = "active"
     REVOKED = "revoked"
     DELETED = "deleted"
+    # An OAuth2 connection the provider refused to refresh: it needs re-authorization.
+    EXPIRED = "expired"
 
 
 class TestStatus(enum.StrEnum):
@@ -142,6 +144,8 @@ class ConnectionRecord:
     last_tested_at: datetime | None = None
     test_status: TestStatus = TestStatus.UNTESTED
     last_test: TestResult | None = None
+    # Set when an OAuth2 refresh was refused (invalid_grant); cleared by re-authorization.
+    reauth_required_at: datetime | None = None
 
     @property
     def etag(self) -> str:
@@ -151,6 +155,29 @@ class ConnectionRecord:
     def live(self) -> bool:
         """Not soft-deleted (it may still be revoked)."""
         return self.deleted_at is None
+
+    @property
+    def presented_status(self) -> ConnectionStatus:
+        """What admins see: deleted, else revoked, else expired (needs re-authorization), else active."""
+        if self.deleted_at is not None:
+            return ConnectionStatus.DELETED
+        if self.status is ConnectionStatus.REVOKED:
+            return ConnectionStatus.REVOKED
+        if self.reauth_required_at is not None:
+            return ConnectionStatus.EXPIRED
+        return ConnectionStatus.ACTIVE
+
+    @property
+    def token_expires_at(self) -> datetime | None:
+        """When the released secret stops working: an OAuth2 access token's `expires_at`."""
+        value = self.config.get("expires_at") if self.type == "oauth2" else None
+        if not isinstance(value, str):
+            return None
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        return parsed if parsed.tzinfo is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +217,23 @@ class AuditEvent:
     peer: str = ""
     details: dict[str, str] = field(default_factory=dict)
     id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PendingAuthorization:
+    """An authorization-code flow between Begin and Complete, keyed by a hash of its state.
+
+    `sealed` holds the PKCE verifier and, for a new connection, the draft (with its
+    client secret); it is bound to `"oauth-state:" + state_hash` like a connection's secrets.
+    """
+
+    state_hash: str
+    tenant: str
+    actor: str
+    connection_id: str
+    created_at: datetime
+    expires_at: datetime
+    sealed: Sealed
 
 
 @dataclass(frozen=True, slots=True)

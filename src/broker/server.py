@@ -34,6 +34,7 @@ from broker.service.audit import AuditLog
 from broker.service.cache import ResolveCache
 from broker.service.connections import Clock, ConnectionService, utc_now
 from broker.service.keycheck import verify_keyring
+from broker.service.oauth import OAuthService, OAuthSettings
 from broker.service.ratelimit import RateLimiter
 from broker.service.resolve import Resolver
 from broker.service.testing import TestingService
@@ -62,6 +63,14 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
 
 
+def _oauth_settings(settings: Settings) -> OAuthSettings:
+    return OAuthSettings(
+        refresh_margin=timedelta(seconds=settings.oauth_refresh_margin_seconds),
+        default_lifetime=timedelta(seconds=settings.oauth_default_token_lifetime_seconds),
+        refresh_interval_seconds=settings.oauth_refresh_interval_seconds,
+    )
+
+
 class Broker:
     """The running service. `start()` binds both listeners; `stop()` drains and closes."""
 
@@ -86,6 +95,10 @@ class Broker:
             await verify_keyring(self.store, keyring)
             cache = ResolveCache()
             self.audit = AuditLog(self.store)
+            egress = EgressPolicy(settings.egress)
+            self.oauth = OAuthService(
+                self.store, keyring, self.audit, egress, cache, self._clock, _oauth_settings(settings)
+            )
             self.resolver = Resolver(
                 self.store,
                 keyring,
@@ -93,22 +106,26 @@ class Broker:
                 self.audit,
                 self._clock,
                 cache_ttl_seconds=settings.cache_ttl_seconds,
+                oauth=self.oauth,
             )
             tests = TestingService(
                 self.store,
                 keyring,
                 self.audit,
-                EgressPolicy(settings.egress),
+                egress,
                 RateLimiter(rate=settings.tests_per_minute / 60, burst=settings.tests_per_minute),
                 self._clock,
                 stale_after=timedelta(days=settings.stale_after_days),
                 discover=discover_tools,
             )
-            connections = ConnectionService(self.store, keyring, cache, self._clock, tests)
+            connections = ConnectionService(
+                self.store, keyring, cache, self._clock, tests, revoke_upstream=self.oauth.revoke_upstream
+            )
+            self.oauth.create_connection = connections.create_authorized
             access = AccessService(self.store, cache, self._clock)
             admin = self._listener(ADMIN_SERVICE, settings.admin_addr, credentials)
             add_admin = broker_pb2_grpc.add_AdminServiceServicer_to_server
-            add_admin(AdminServicer(connections, access, self.audit, tests), admin)  # type: ignore[no-untyped-call]
+            add_admin(AdminServicer(connections, access, self.audit, tests, self.oauth), admin)  # type: ignore[no-untyped-call]
             if settings.reflection:
                 reflection.enable_server_reflection([ADMIN_SERVICE, reflection.SERVICE_NAME], admin)
             resolve = self._listener(RESOLVE_SERVICE, settings.resolve_addr, credentials)
@@ -122,6 +139,7 @@ class Broker:
             await self.store.close()
             raise
         self.resolver.start()
+        self.oauth.start()
         for checker, service in zip(self._health, (ADMIN_SERVICE, RESOLVE_SERVICE), strict=True):
             await checker.set(service, health_pb2.HealthCheckResponse.SERVING)
             await checker.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -161,6 +179,7 @@ class Broker:
         for checker in self._health:
             await checker.enter_graceful_shutdown()
         await asyncio.gather(*(server.stop(grace) for server in self._servers))
+        await self.oauth.close()
         await self.resolver.close()
         await self.audit.close()
         await self.store.close()

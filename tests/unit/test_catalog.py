@@ -81,6 +81,7 @@ MINIMAL: list[tuple[str, str, dict[str, Any], dict[str, str], dict[str, Any]]] =
         {
             "authorize_url": "https://github.com/login/oauth/authorize",
             "token_url": "https://github.com/login/oauth/access_token",
+            "token_auth_method": "client_secret_post",
             "client_id": "cid",
             "grant_type": "authorization_code",
         },
@@ -131,7 +132,8 @@ ALL_TYPES = sorted(MINIMAL_BY_TYPE)
 
 def test_all_is_complete() -> None:
     public = {n for n in dir(broker.catalog) if not n.startswith("_")}
-    assert set(broker.catalog.__all__) == public - {"annotations"}
+    # `oauth_providers` is a public submodule (the provider table), not a re-exported name.
+    assert set(broker.catalog.__all__) == public - {"annotations", "oauth_providers"}
     assert sorted(broker.catalog.__all__) == [
         "ConnectionType",
         "FieldKind",
@@ -186,7 +188,9 @@ def test_fields_describe_themselves() -> None:
 def test_provider_lists() -> None:
     assert "custom" in get_type("api_key").providers
     assert {"openai", "anthropic", "google_ai", "huggingface"} <= set(get_type("api_key").providers)
-    assert {"google", "microsoft", "github", "slack", "notion", "custom"} == set(get_type("oauth2").providers)
+    assert {"google", "microsoft", "github", "slack", "notion", "atlassian", "dropbox", "custom"} == set(
+        get_type("oauth2").providers
+    )
     assert get_type("database").providers == ()
 
 

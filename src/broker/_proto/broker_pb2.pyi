@@ -32,6 +32,7 @@ class ConnectionStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONNECTION_STATUS_ACTIVE: _ClassVar[ConnectionStatus]
     CONNECTION_STATUS_REVOKED: _ClassVar[ConnectionStatus]
     CONNECTION_STATUS_DELETED: _ClassVar[ConnectionStatus]
+    CONNECTION_STATUS_EXPIRED: _ClassVar[ConnectionStatus]
 
 class TestStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -80,6 +81,7 @@ CONNECTION_STATUS_UNSPECIFIED: ConnectionStatus
 CONNECTION_STATUS_ACTIVE: ConnectionStatus
 CONNECTION_STATUS_REVOKED: ConnectionStatus
 CONNECTION_STATUS_DELETED: ConnectionStatus
+CONNECTION_STATUS_EXPIRED: ConnectionStatus
 TEST_STATUS_UNSPECIFIED: TestStatus
 TEST_STATUS_UNTESTED: TestStatus
 TEST_STATUS_SUCCESS: TestStatus
@@ -565,6 +567,45 @@ class ListMcpToolsResponse(_message.Message):
     tools: _containers.RepeatedCompositeFieldContainer[McpTool]
     discovered_at: _timestamp_pb2.Timestamp
     def __init__(self, tools: _Optional[_Iterable[_Union[McpTool, _Mapping]]] = ..., discovered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class BeginAuthorizationRequest(_message.Message):
+    __slots__ = ("connection_id", "draft", "redirect_uri", "scopes", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
+    REDIRECT_URI_FIELD_NUMBER: _ClassVar[int]
+    SCOPES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    connection_id: str
+    draft: ConnectionDraft
+    redirect_uri: str
+    scopes: _containers.RepeatedScalarFieldContainer[str]
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, connection_id: _Optional[str] = ..., draft: _Optional[_Union[ConnectionDraft, _Mapping]] = ..., redirect_uri: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class BeginAuthorizationResponse(_message.Message):
+    __slots__ = ("authorization_url", "state", "expires_at")
+    AUTHORIZATION_URL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    authorization_url: str
+    state: str
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, authorization_url: _Optional[str] = ..., state: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CompleteAuthorizationRequest(_message.Message):
+    __slots__ = ("state", "code")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    code: str
+    def __init__(self, state: _Optional[str] = ..., code: _Optional[str] = ...) -> None: ...
 
 class ResolveRequest(_message.Message):
     __slots__ = ("connection_id", "name", "purpose")

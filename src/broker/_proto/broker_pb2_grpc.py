@@ -124,6 +124,16 @@ class AdminServiceStub:
                 request_serializer=broker_dot_v1_dot_broker__pb2.ListMcpToolsRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_broker__pb2.ListMcpToolsResponse.FromString,
                 _registered_method=True)
+        self.BeginAuthorization = channel.unary_unary(
+                '/broker.v1.AdminService/BeginAuthorization',
+                request_serializer=broker_dot_v1_dot_broker__pb2.BeginAuthorizationRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.BeginAuthorizationResponse.FromString,
+                _registered_method=True)
+        self.CompleteAuthorization = channel.unary_unary(
+                '/broker.v1.AdminService/CompleteAuthorization',
+                request_serializer=broker_dot_v1_dot_broker__pb2.CompleteAuthorizationRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.Connection.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -235,6 +245,18 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BeginAuthorization(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteAuthorization(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -322,6 +344,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListMcpTools,
                     request_deserializer=broker_dot_v1_dot_broker__pb2.ListMcpToolsRequest.FromString,
                     response_serializer=broker_dot_v1_dot_broker__pb2.ListMcpToolsResponse.SerializeToString,
+            ),
+            'BeginAuthorization': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginAuthorization,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.BeginAuthorizationRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.BeginAuthorizationResponse.SerializeToString,
+            ),
+            'CompleteAuthorization': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteAuthorization,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.CompleteAuthorizationRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.Connection.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -787,6 +819,60 @@ class AdminService:
             '/broker.v1.AdminService/ListMcpTools',
             broker_dot_v1_dot_broker__pb2.ListMcpToolsRequest.SerializeToString,
             broker_dot_v1_dot_broker__pb2.ListMcpToolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BeginAuthorization(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.AdminService/BeginAuthorization',
+            broker_dot_v1_dot_broker__pb2.BeginAuthorizationRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.BeginAuthorizationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteAuthorization(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.AdminService/CompleteAuthorization',
+            broker_dot_v1_dot_broker__pb2.CompleteAuthorizationRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.Connection.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,23 +9,31 @@ from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc
 from broker.api import convert
 from broker.api.interceptors import current_call
+from broker.errors import InvalidArgument
 from broker.model import AuditFilter, ConnectionFilter, ConnectionRecord, GrantFilter
 from broker.sensitive import SecretFields
 from broker.service.access import AccessService
 from broker.service.audit import AuditLog
 from broker.service.connections import ConnectionPatch, ConnectionService, NewConnection
+from broker.service.oauth import DraftAuthorization, OAuthService
 from broker.service.testing import TestingService
 from broker.testers import Target
 
 
 class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
     def __init__(
-        self, connections: ConnectionService, access: AccessService, audit: AuditLog, tests: TestingService
+        self,
+        connections: ConnectionService,
+        access: AccessService,
+        audit: AuditLog,
+        tests: TestingService,
+        oauth: OAuthService,
     ) -> None:
         self._connections = connections
         self._access = access
         self._audit = audit
         self._tests = tests
+        self._oauth = oauth
 
     def _summary(self, record: ConnectionRecord) -> pb.Connection:
         return convert.connection(record, stale=self._tests.is_stale(record))
@@ -162,3 +170,39 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
         return pb.ListMcpToolsResponse(
             tools=[convert.mcp_tool(t) for t in tools], discovered_at=convert.timestamp(discovered_at)
         )
+
+    async def BeginAuthorization(self, request: pb.BeginAuthorizationRequest, context: Any) -> Any:
+        call = current_call()
+        scopes = list(request.scopes)
+        if request.WhichOneof("target") == "draft":
+            draft = request.draft
+            if draft.type not in ("", "oauth2"):
+                raise InvalidArgument.field("draft.type", "must be oauth2")
+            if not draft.name:
+                raise InvalidArgument.field("draft.name", "is required: it names the connection to create")
+            target = self._connections.draft_target(
+                NewConnection(
+                    name=draft.name,
+                    type="oauth2",
+                    provider=draft.provider,
+                    config=convert.from_struct(draft.config),
+                    secrets=SecretFields(draft.secrets),
+                    labels=dict(request.labels),
+                )
+            )
+            pending = DraftAuthorization(
+                draft.name, target.provider, dict(target.config), target.secrets, dict(request.labels)
+            )
+            url, state, expires_at = await self._oauth.begin(
+                call, request.redirect_uri, scopes, draft=pending
+            )
+        else:
+            url, state, expires_at = await self._oauth.begin(
+                call, request.redirect_uri, scopes, connection_id=request.connection_id
+            )
+        return pb.BeginAuthorizationResponse(
+            authorization_url=url, state=state, expires_at=convert.timestamp(expires_at)
+        )
+
+    async def CompleteAuthorization(self, request: pb.CompleteAuthorizationRequest, context: Any) -> Any:
+        return self._summary(await self._oauth.complete(current_call(), request.state, request.code))

@@ -27,6 +27,7 @@ _STATUS_TO_PB = {
     ConnectionStatus.ACTIVE: pb.CONNECTION_STATUS_ACTIVE,
     ConnectionStatus.REVOKED: pb.CONNECTION_STATUS_REVOKED,
     ConnectionStatus.DELETED: pb.CONNECTION_STATUS_DELETED,
+    ConnectionStatus.EXPIRED: pb.CONNECTION_STATUS_EXPIRED,
 }
 STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
 _TEST_STATUS_TO_PB = {
@@ -99,7 +100,6 @@ def mcp_tool(tool: McpTool) -> pb.McpTool:
 
 def connection(record: ConnectionRecord, stale: bool = False) -> pb.Connection:
     """The redacted summary: names of secret fields, never their values."""
-    status = ConnectionStatus.DELETED if record.deleted_at is not None else record.status
     return pb.Connection(
         id=record.id,
         name=record.name,
@@ -108,7 +108,7 @@ def connection(record: ConnectionRecord, stale: bool = False) -> pb.Connection:
         config=struct(record.config),
         secret_fields=list(record.secret_fields),
         labels=record.labels,
-        status=_STATUS_TO_PB[status],
+        status=_STATUS_TO_PB[record.presented_status],
         etag=record.etag,
         created_at=timestamp(record.created_at),
         updated_at=timestamp(record.updated_at),

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from broker.catalog import _values as v
 from broker.catalog._spec import PROVIDER, ConnectionType, Default, FieldKind, FieldSpec, is_, require, secret
+from broker.catalog.oauth_providers import PROVIDERS as OAUTH_PROVIDERS
+from broker.catalog.oauth_providers import TOKEN_AUTH_METHODS
 
 _GUID = r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
 _GUID_TEXT = "a GUID like 00000000-0000-0000-0000-000000000000"
@@ -32,23 +34,24 @@ API_KEY = ConnectionType(
     rules=(require("base_url", when=(is_(PROVIDER, "custom"),)),),
 )
 
-# Endpoints of the known providers, so a caller only supplies them for `custom`. Microsoft's
-# `common` tenant serves multi-tenant apps; a single-tenant app overrides both URLs.
-_OAUTH_ENDPOINTS = {
-    "google": ("https://accounts.google.com/o/oauth2/v2/auth", "https://oauth2.googleapis.com/token"),
-    "microsoft": (
-        "https://login.microsoftonline.com/common/oauth2/v2.0/authorize",
-        "https://login.microsoftonline.com/common/oauth2/v2.0/token",
-    ),
-    "github": ("https://github.com/login/oauth/authorize", "https://github.com/login/oauth/access_token"),
-    "slack": ("https://slack.com/oauth/v2/authorize", "https://slack.com/api/oauth.v2.access"),
-    "notion": ("https://api.notion.com/v1/oauth/authorize", "https://api.notion.com/v1/oauth/token"),
-}
+# Endpoint defaults come from the one provider table, so a caller only supplies them for
+# `custom` (or to override, e.g. a single-tenant Microsoft app).
+_OAUTH_DEFAULTS = tuple(
+    Default(name, value, (is_(PROVIDER, provider.name),))
+    for provider in OAUTH_PROVIDERS.values()
+    for name, value in (
+        ("authorize_url", provider.authorize_url),
+        ("token_url", provider.token_url),
+        ("revocation_url", provider.revocation_url),
+        ("token_auth_method", provider.token_auth_method),
+    )
+    if value is not None
+)
 
 OAUTH2 = ConnectionType(
     name="oauth2",
     description="An OAuth2 client and, once authorised, its tokens; the provider names the service.",
-    providers=(*_OAUTH_ENDPOINTS, "custom"),
+    providers=(*OAUTH_PROVIDERS, "custom"),
     fields=(
         FieldSpec(
             "authorize_url",
@@ -59,6 +62,18 @@ OAUTH2 = ConnectionType(
             "token_url",
             FieldKind.URL,
             description="Token endpoint; known for named providers, required for custom.",
+        ),
+        FieldSpec(
+            "revocation_url",
+            FieldKind.URL,
+            description="RFC 7009 token revocation endpoint; known for named providers that have one.",
+        ),
+        FieldSpec(
+            "token_auth_method",
+            FieldKind.ENUM,
+            default="client_secret_basic",
+            choices=TOKEN_AUTH_METHODS,
+            description="How the client authenticates at the token endpoint; known for named providers.",
         ),
         FieldSpec("client_id", FieldKind.STRING, required=True, description="OAuth2 client id."),
         # Public clients (PKCE, native apps) have no secret.
@@ -96,11 +111,7 @@ OAUTH2 = ConnectionType(
         # client_credentials never sends a user to the authorization endpoint.
         require("authorize_url", when=(is_(PROVIDER, "custom"), is_("grant_type", "authorization_code"))),
     ),
-    defaults=tuple(
-        Default(name, url, (is_(PROVIDER, provider),))
-        for provider, urls in _OAUTH_ENDPOINTS.items()
-        for name, url in zip(("authorize_url", "token_url"), urls, strict=True)
-    ),
+    defaults=_OAUTH_DEFAULTS,
 )
 
 AWS = ConnectionType(

@@ -162,6 +162,27 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("ref", nargs="?", metavar="ID_OR_NAME")
     _add_draft_options(q)
 
+    p = command("oauth", "OAuth2: authorize a connection in the browser (authorization code with PKCE).")
+    oauth = p.add_subparsers(dest="oauth_command", metavar="OAUTH_COMMAND", required=True)
+    q = oauth.add_parser(
+        "connect", help="create an oauth2 connection by signing in at the provider", parents=[common]
+    )
+    q.add_argument("name", help="the new connection's name")
+    q.add_argument(
+        "--provider", required=True, help="google, microsoft, github, slack, notion, ... or custom"
+    )
+    _add_config_options(q)
+    q.add_argument(
+        "--secret", action="append", default=[], metavar="FIELD[=VALUE|=@FILE]", help=_SEALED_FIELD_HELP
+    )
+    q.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a label (repeatable)")
+    _add_flow_options(q)
+    q = oauth.add_parser(
+        "reauthorize", help="sign in again for an existing oauth2 connection", parents=[common]
+    )
+    q.add_argument("ref", metavar="ID_OR_NAME")
+    _add_flow_options(q)
+
     p = command(
         "resolve",
         "Resolve a connection as an executor and PRINT ITS SECRETS. This is the only command "
@@ -171,6 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by-name", action="store_true", help="treat ID_OR_NAME as a connection name")
     p.add_argument("--purpose", default="", help="why; recorded in the audit trail")
     return parser
+
+
+def _add_flow_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scope", action="append", default=[], help="a scope to ask for (repeatable)")
+    parser.add_argument(
+        "--port", type=int, default=0, help="loopback port for the redirect (default: any free)"
+    )
+    parser.add_argument(
+        "--paste", action="store_true", help="do not listen: paste the URL the browser was redirected to"
+    )
+    parser.add_argument(
+        "--wait", type=float, default=600, help="seconds to wait for the redirect (default 600)"
+    )
 
 
 def _add_draft_options(parser: argparse.ArgumentParser) -> None:

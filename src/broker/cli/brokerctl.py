@@ -31,6 +31,7 @@ from broker.cli._input import (
     parse_secrets,
     parse_time,
 )
+from broker.cli._oauth_callback import CallbackListener, Redirect, parse_redirect
 from broker.cli._rpc import ClientTls, Session, describe_error
 
 PROG = "brokerctl"
@@ -286,6 +287,49 @@ def _mcp(args: argparse.Namespace, s: Session) -> int:
     return 0 if discovered.result.success else 1
 
 
+def _oauth(args: argparse.Namespace, s: Session) -> int:
+    request = broker_pb2.BeginAuthorizationRequest(scopes=args.scope)
+    if args.oauth_command == "connect":
+        request.draft.name = args.name
+        request.draft.type = "oauth2"
+        request.draft.provider = args.provider
+        request.draft.config.update(parse_config(args.config, args.config_json))
+        request.draft.secrets.update(parse_secrets(args.secret, PROG))
+        request.labels.update(parse_labels(args.label))
+    else:
+        request.connection_id = _connection_id(s, args.ref)
+    if args.paste:
+        request.redirect_uri = f"http://127.0.0.1:{args.port or 8976}/callback"
+        redirect = _begin_and_wait(s, request, None, args.wait)
+    else:
+        with CallbackListener(args.port) as listener:
+            request.redirect_uri = listener.redirect_uri
+            redirect = _begin_and_wait(s, request, listener, args.wait)
+    complete = broker_pb2.CompleteAuthorizationRequest(state=redirect.state, code=redirect.code)
+    reply = s.admin.CompleteAuthorization(complete, timeout=s.timeout)
+    return _show(args, reply, out.render_connection)
+
+
+def _begin_and_wait(
+    s: Session, request: broker_pb2.BeginAuthorizationRequest, listener: CallbackListener | None, wait: float
+) -> Redirect:
+    begun = s.admin.BeginAuthorization(request, timeout=s.timeout)
+    print(
+        f"Open this URL in a browser and sign in:\n\n  {begun.authorization_url}\n",
+        file=sys.stderr,
+        flush=True,
+    )
+    if listener is not None:
+        print(f"Waiting for the redirect to {listener.redirect_uri} ...", file=sys.stderr, flush=True)
+        redirect = listener.wait(wait)
+    else:
+        print("Then paste the URL your browser was sent to:", file=sys.stderr, flush=True)
+        redirect = parse_redirect(sys.stdin.readline())
+    if redirect.state != begun.state:
+        raise UsageError("the redirect's state does not match this authorization; start again")
+    return redirect
+
+
 HANDLERS: dict[str, Handler] = {
     "types": _types,
     "create": _create,
@@ -303,6 +347,7 @@ HANDLERS: dict[str, Handler] = {
     "resolve": _resolve,
     "test": _test,
     "mcp": _mcp,
+    "oauth": _oauth,
 }
 
 

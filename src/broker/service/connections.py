@@ -8,12 +8,12 @@ invalidates the Resolve cache. Nothing here returns a secret value.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from broker import catalog
+from broker import catalog, oauth
 from broker.crypto import Keyring
 from broker.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument
 from broker.model import (
@@ -30,6 +30,7 @@ from broker.service import paging
 from broker.service.cache import ResolveCache
 from broker.service.context import Call
 from broker.service.lookup import existing_connection
+from broker.service.oauth import DraftAuthorization, token_config, token_secrets
 from broker.service.sealing import open_secrets, seal
 from broker.service.testing import TestingService
 from broker.store import Store
@@ -168,7 +169,9 @@ class ConnectionService:
         cache: ResolveCache,
         clock: Clock = utc_now,
         tests: TestingService | None = None,
+        revoke_upstream: Callable[[ConnectionRecord], Awaitable[str]] | None = None,
     ) -> None:
+        self._revoke_upstream = revoke_upstream
         self._store = store
         self._keyring = keyring
         self._cache = cache
@@ -222,6 +225,20 @@ class ConnectionService:
         event = call.audit_event(now, "connection.create", connection_id, details=details)
         await self._store.create_connection(record, event)
         return record
+
+    async def create_authorized(
+        self, call: Call, draft: DraftAuthorization, tokens: oauth.TokenSet
+    ) -> ConnectionRecord:
+        """Create the oauth2 connection a completed authorization-code flow produced."""
+        new = NewConnection(
+            name=draft.name,
+            type="oauth2",
+            provider=draft.provider,
+            config=token_config(draft.config, tokens),
+            secrets=SecretFields(token_secrets(draft.secrets.reveal(), tokens)),
+            labels=draft.labels,
+        )
+        return await self.create(call, new)
 
     async def get(self, call: Call, connection_id: str) -> ConnectionRecord:
         """The connection in any state but purged; another tenant's id is not found."""
@@ -346,7 +363,15 @@ class ConnectionService:
         record = replace(
             current, status=ConnectionStatus.REVOKED, version=current.version + 1, updated_at=self._clock()
         )
-        event = call.audit_event(self._clock(), "connection.revoke", current.id, reason=reason)
+        details = {}
+        if self._revoke_upstream is not None:
+            # The provider's answer is recorded; the local revoke happens whatever it was.
+            upstream = await self._revoke_upstream(current)
+            if upstream:
+                details["upstream_revocation"] = upstream
+        event = call.audit_event(
+            self._clock(), "connection.revoke", current.id, reason=reason, details=details
+        )
         await self._commit(record, current, event)
         return record
 

@@ -18,12 +18,19 @@ from datetime import datetime
 import structlog
 
 from broker.crypto import Keyring
-from broker.errors import InvalidArgument, PermissionDenied, SecretUnavailable
+from broker.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    SecretUnavailable,
+    Unavailable,
+)
 from broker.model import ConnectionRecord, ConnectionStatus, Grant, Outcome
 from broker.sensitive import SecretFields
 from broker.service.audit import AuditLog
 from broker.service.cache import MISSING, ResolveCache
 from broker.service.context import Call
+from broker.service.oauth import OAuthService
 from broker.service.sealing import open_secrets
 from broker.store import Store
 
@@ -44,17 +51,6 @@ class Released:
     cache_ttl_seconds: int
 
 
-def _secret_expiry(record: ConnectionRecord) -> datetime | None:
-    """When the released secret stops working: an OAuth2 access token's `expires_at`."""
-    value = record.config.get("expires_at") if record.type == "oauth2" else None
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        return None
-
-
 class Resolver:
     def __init__(
         self,
@@ -65,7 +61,9 @@ class Resolver:
         clock: Callable[[], datetime],
         cache_ttl_seconds: int = 60,
         last_used_flush_seconds: float = 5.0,
+        oauth: OAuthService | None = None,
     ) -> None:
+        self._oauth = oauth
         self._store = store
         self._keyring = keyring
         self._cache = cache
@@ -102,9 +100,22 @@ class Resolver:
                 call.audit_event(now, RESOLVE, ref_id, Outcome.FAILED, "decrypt_failed", details)
             )
             raise
+        if record.type == "oauth2" and self._oauth is not None:
+            try:
+                record, secrets = await self._oauth.fresh(record, secrets)
+            except FailedPrecondition:
+                event = call.audit_event(
+                    now, RESOLVE, ref_id, Outcome.DENIED, "reauthorization_required", details
+                )
+                await self._audit.append(event)
+                raise
+            except Unavailable:
+                event = call.audit_event(now, RESOLVE, ref_id, Outcome.FAILED, "token_unavailable", details)
+                await self._audit.append(event)
+                raise
         await self._audit.append(call.audit_event(now, RESOLVE, ref_id, Outcome.ALLOWED, "", details))
         self._last_used[(record.tenant, record.id)] = now
-        expires_at = _secret_expiry(record)
+        expires_at = record.token_expires_at
         ttl = self._cache_ttl
         if expires_at is not None:
             # Never let an executor cache a token past its expiry.

@@ -18,6 +18,7 @@ from broker.model import (
     Grant,
     McpTool,
     Outcome,
+    PendingAuthorization,
     TestCategory,
     TestResult,
     TestStage,
@@ -82,6 +83,8 @@ CONNECTION_COLUMNS = (
     "last_tested_at",
     "test_status",
     "last_test",
+    "reauth_required_at",
+    "secret_expires_at",
 )
 # Test results are written out of band (`record_test_result`), never by a replace.
 TEST_COLUMNS = ("last_tested_at", "test_status", "last_test")
@@ -114,6 +117,9 @@ def connection_params(record: ConnectionRecord) -> tuple[Any, ...]:
         to_micros_or_none(record.last_tested_at),
         record.test_status.value,
         None if record.last_test is None else to_json(test_result_to_doc(record.last_test)),
+        to_micros_or_none(record.reauth_required_at),
+        # Derived, for the background refresher's scan; read back through `token_expires_at`.
+        to_micros_or_none(record.token_expires_at),
     )
 
 
@@ -147,6 +153,7 @@ def connection_from_row(row: Row) -> ConnectionRecord:
         last_tested_at=from_micros_or_none(row["last_tested_at"]),
         test_status=TestStatus(row["test_status"]),
         last_test=None if row["last_test"] is None else test_result_from_doc(json.loads(row["last_test"])),
+        reauth_required_at=from_micros_or_none(row["reauth_required_at"]),
     )
 
 
@@ -269,4 +276,30 @@ def audit_from_row(row: Row) -> AuditEvent:
         request_id=row["request_id"],
         peer=row["peer"],
         details=json.loads(row["details"]),
+    )
+
+
+def oauth_state_params(p: PendingAuthorization) -> tuple[Any, ...]:
+    return (
+        p.state_hash,
+        p.tenant,
+        p.actor,
+        p.connection_id,
+        to_micros(p.created_at),
+        to_micros(p.expires_at),
+        p.sealed.ciphertext,
+        p.sealed.wrapped_dek,
+        p.sealed.kek_id,
+    )
+
+
+def oauth_state_from_row(row: Row) -> PendingAuthorization:
+    return PendingAuthorization(
+        state_hash=row["state_hash"],
+        tenant=row["tenant"],
+        actor=row["actor"],
+        connection_id=row["connection_id"],
+        created_at=from_micros(row["created_at"]),
+        expires_at=from_micros(row["expires_at"]),
+        sealed=Sealed(bytes(row["ciphertext"]), bytes(row["wrapped_dek"]), row["kek_id"]),
     )

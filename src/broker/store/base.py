@@ -23,6 +23,7 @@ from broker.model import (
     Grant,
     GrantFilter,
     McpTool,
+    PendingAuthorization,
     TestResult,
 )
 
@@ -113,6 +114,20 @@ class Store(Protocol):
 
     async def list_mcp_tools(self, tenant: str, connection_id: str) -> tuple[list[McpTool], datetime | None]:
         """The stored MCP tools ordered by name, and when they were discovered."""
+
+    async def list_expiring_tokens(self, before: datetime, limit: int) -> list[tuple[str, str]]:
+        """(tenant, id) of live, active, not-expired connections whose token expires before `before`."""
+
+    # ----------------------------------------------------------------- oauth
+
+    async def put_oauth_state(self, pending: PendingAuthorization, event: AuditEvent) -> None:
+        """Store a pending authorization-code flow with its audit event."""
+
+    async def take_oauth_state(self, state_hash: str) -> PendingAuthorization | None:
+        """Atomically remove and return a pending flow (single use), or None."""
+
+    async def delete_expired_oauth_states(self, now: datetime) -> int:
+        """Forget flows that expired before completing; returns how many."""
 
     # ---------------------------------------------------------------- grants
 

@@ -30,6 +30,7 @@ from broker.model import (
     Grant,
     GrantFilter,
     McpTool,
+    PendingAuthorization,
     TestResult,
     TestStatus,
 )
@@ -74,9 +75,10 @@ _AUDIT_INSERT = (
 
 _STATUS_WHERE: dict[ConnectionStatus | None, str] = {
     None: "deleted_at IS NULL",
-    ConnectionStatus.ACTIVE: "status = 'active' AND deleted_at IS NULL",
+    ConnectionStatus.ACTIVE: "status = 'active' AND deleted_at IS NULL AND reauth_required_at IS NULL",
     ConnectionStatus.REVOKED: "status = 'revoked' AND deleted_at IS NULL",
     ConnectionStatus.DELETED: "deleted_at IS NOT NULL AND purged_at IS NULL",
+    ConnectionStatus.EXPIRED: "status = 'active' AND deleted_at IS NULL AND reauth_required_at IS NOT NULL",
 }
 
 
@@ -211,7 +213,10 @@ class SqliteStore:
 
     async def kek_ids_in_use(self) -> set[str]:
         """Ids of the master keys that wrap a stored data key, across all tenants."""
-        rows = await self._read("SELECT DISTINCT kek_id FROM connections WHERE kek_id IS NOT NULL", ())
+        rows = await self._read(
+            "SELECT kek_id FROM connections WHERE kek_id IS NOT NULL UNION SELECT kek_id FROM oauth_states",
+            (),
+        )
         return {row["kek_id"] for row in rows}
 
     # ----------------------------------------------------------- connections
@@ -386,6 +391,48 @@ class SqliteStore:
         )
         when = codec.from_micros(rows[0]["discovered_at"]) if rows else None
         return [codec.mcp_tool_from_row(row) for row in rows], when
+
+    async def list_expiring_tokens(self, before: datetime, limit: int) -> list[tuple[str, str]]:
+        """(tenant, id) of live, active connections whose token expires before `before`, soonest first."""
+        _check_limit(limit)
+        rows = await self._read(
+            "SELECT tenant, id FROM connections WHERE secret_expires_at IS NOT NULL AND secret_expires_at < ?"
+            " AND deleted_at IS NULL AND status = 'active' AND reauth_required_at IS NULL"
+            " ORDER BY secret_expires_at LIMIT ?",
+            (codec.to_micros(before), limit),
+        )
+        return [(row["tenant"], row["id"]) for row in rows]
+
+    # ----------------------------------------------------------------- oauth
+
+    async def put_oauth_state(self, pending: PendingAuthorization, event: AuditEvent) -> None:
+        """Store a pending authorization-code flow and its audit event."""
+        async with self._transaction() as conn:
+            await conn.execute(
+                "INSERT INTO oauth_states (state_hash, tenant, actor, connection_id, created_at, expires_at,"
+                " ciphertext, wrapped_dek, kek_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                codec.oauth_state_params(pending),
+            )
+            await self._insert_audit(conn, [event])
+
+    async def take_oauth_state(self, state_hash: str) -> PendingAuthorization | None:
+        """Remove and return a pending flow: a state can be used once, whoever wins."""
+        async with self._transaction() as conn:
+            rows = list(
+                await conn.execute_fetchall("SELECT * FROM oauth_states WHERE state_hash = ?", (state_hash,))
+            )
+            if not rows:
+                return None
+            await conn.execute("DELETE FROM oauth_states WHERE state_hash = ?", (state_hash,))
+        return codec.oauth_state_from_row(rows[0])
+
+    async def delete_expired_oauth_states(self, now: datetime) -> int:
+        """Forget flows that were never completed; returns how many."""
+        async with (
+            self._transaction() as conn,
+            conn.execute("DELETE FROM oauth_states WHERE expires_at <= ?", (codec.to_micros(now),)) as cursor,
+        ):
+            return int(cursor.rowcount)
 
     # ---------------------------------------------------------------- grants
 

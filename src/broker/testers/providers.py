@@ -2,9 +2,10 @@
 
 `broker.testers.http` interprets these. An API key provider's endpoint is a path under a
 base URL (the connection's `base_url` overrides `default_base`, so tests and proxies can
-aim it elsewhere); an OAuth2 provider's endpoint is a full user-info URL (the connection's
-`verify_url` overrides it). Each endpoint is the cheapest read-only call that proves the
-credential: a model list, the current user, or an auth test.
+aim it elsewhere); an OAuth2 provider's endpoint is a full user-info URL from the provider
+table in `broker.catalog.oauth_providers` (the connection's `verify_url` overrides it).
+Each endpoint is the cheapest read-only call that proves the credential: a model list,
+the current user, or an auth test.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from broker.catalog.oauth_providers import PROVIDERS as OAUTH_PROVIDERS
+from broker.catalog.oauth_providers import OAuthProvider
 
 
 class Reading(enum.Enum):
@@ -96,34 +100,37 @@ API_KEY_PROVIDERS: Mapping[str, ApiKeyProvider] = {
     ),
 }
 
+# How each OAuth2 provider's user-info answer reads (operation, success, identity fields).
+# Where to call it, with which method and headers, comes from the one provider table.
+_USERINFO_READING: Mapping[str, tuple[str, Reading, tuple[str, ...]]] = {
+    "google": ("read user info", Reading.STATUS, ("email",)),
+    "microsoft": ("read user info", Reading.STATUS, ("email", "name")),
+    "github": ("read the current user", Reading.STATUS, ("login",)),
+    "slack": ("auth.test", Reading.SLACK_OK, ("team", "user")),
+    "notion": ("read the current user", Reading.STATUS, ("name", "type")),
+    "atlassian": ("read the current user", Reading.STATUS, ("email", "name")),
+    "dropbox": ("read the current account", Reading.STATUS, ("email",)),
+}
+
+
+def _userinfo(provider: OAuthProvider, url: str) -> Endpoint:
+    operation, reading, identity = _USERINFO_READING.get(
+        provider.name, ("read user info", Reading.STATUS, ())
+    )
+    return Endpoint(
+        provider.userinfo_method,
+        url,
+        operation,
+        headers=provider.userinfo_headers,
+        reading=reading,
+        identity=identity,
+    )
+
+
 OAUTH2_USERINFO: Mapping[str, Endpoint] = {
-    "google": Endpoint(
-        "GET", "https://openidconnect.googleapis.com/v1/userinfo", "read user info", identity=("email",)
-    ),
-    "microsoft": Endpoint(
-        "GET", "https://graph.microsoft.com/oidc/userinfo", "read user info", identity=("email", "name")
-    ),
-    "github": Endpoint(
-        "GET",
-        "https://api.github.com/user",
-        "read the current user",
-        headers=_GITHUB_HEADERS,
-        identity=("login",),
-    ),
-    "slack": Endpoint(
-        "POST",
-        "https://slack.com/api/auth.test",
-        "auth.test",
-        reading=Reading.SLACK_OK,
-        identity=("team", "user"),
-    ),
-    "notion": Endpoint(
-        "GET",
-        "https://api.notion.com/v1/users/me",
-        "read the current user",
-        headers={"Notion-Version": "2022-06-28"},
-        identity=("name", "type"),
-    ),
+    name: _userinfo(provider, provider.userinfo_url)
+    for name, provider in OAUTH_PROVIDERS.items()
+    if provider.userinfo_url
 }
 
 # A provider without an entry (oauth2 `custom`) needs a `verify_url`; it is read by status alone.

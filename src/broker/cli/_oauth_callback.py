@@ -1,0 +1,79 @@
+"""The browser half of `brokerctl oauth connect`: a one-shot loopback listener for the redirect.
+
+The provider sends the user's browser to `http://127.0.0.1:<port>/callback?code=...&state=...`;
+the listener takes that one request, answers a short page, and hands the code and state
+back. Alternatively the user pastes the URL the browser ended up on.
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
+
+from broker.cli._input import UsageError
+
+_PAGE = b"<!doctype html><title>broker</title><p>Authorization received. You can close this window.</p>"
+
+
+@dataclass(frozen=True)
+class Redirect:
+    code: str
+    state: str
+
+
+def parse_redirect(url: str) -> Redirect:
+    """The code and state of a redirect URL; the provider's error when it refused."""
+    query = parse_qs(urlsplit(url.strip()).query)
+    if "error" in query:
+        raise UsageError(f"the provider refused the authorization: {query['error'][0]}")
+    code, state = query.get("code", [""])[0], query.get("state", [""])[0]
+    if not code or not state:
+        raise UsageError("the redirect URL has no code and state")
+    return Redirect(code, state)
+
+
+class CallbackListener:
+    """Listens on 127.0.0.1 for exactly one request to /callback."""
+
+    def __init__(self, port: int = 0) -> None:
+        self._received: list[str] = []
+        self._done = threading.Event()
+        listener = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if urlsplit(self.path).path != "/callback":
+                    self.send_error(404)
+                    return
+                listener._received.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.end_headers()
+                self.wfile.write(_PAGE)
+                listener._done.set()
+
+            def log_message(self, format: str, *args: object) -> None:
+                return  # the query holds the code: keep it off the terminal
+
+        self._server = http.server.HTTPServer(("127.0.0.1", port), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def redirect_uri(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/callback"
+
+    def __enter__(self) -> CallbackListener:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def wait(self, timeout: float) -> Redirect:
+        """The code and state of the first redirect, within `timeout` seconds."""
+        if not self._done.wait(timeout):
+            raise UsageError(f"no redirect arrived within {timeout:g} s; try again, or use --paste")
+        return parse_redirect(self._received[0])

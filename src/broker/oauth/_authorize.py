@@ -1,0 +1,109 @@
+"""The front-channel half: which provider, the state and PKCE pair, and the authorization URL."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
+from authlib.oauth2.rfc7636 import create_s256_code_challenge
+
+from broker.catalog.oauth_providers import PROVIDERS, TOKEN_AUTH_METHODS, OAuthProvider, TokenAuthMethod
+from broker.oauth._types import OAuthError
+
+CUSTOM = "custom"
+# Parameters the flow itself sets; a provider's extra parameters never replace them.
+_CORE_PARAMS = frozenset(
+    {
+        "response_type",
+        "client_id",
+        "redirect_uri",
+        "scope",
+        "state",
+        "code_challenge",
+        "code_challenge_method",
+    }
+)
+
+
+def provider_for(provider_name: str, config: Mapping[str, Any]) -> OAuthProvider:
+    """The provider a connection talks to: the table entry, overridden by its validated config.
+
+    `custom` takes everything from the config. The config's `scopes` become `default_scopes`
+    and its `verify_url` the `userinfo_url`. Raises `OAuthError(kind="invalid_config")`.
+    """
+    if provider_name == CUSTOM:
+        token_url = config.get("token_url")
+        if not token_url:
+            raise OAuthError("invalid_config", "provider custom needs a token_url")
+        base = OAuthProvider(name=CUSTOM, authorize_url="", token_url=str(token_url))
+    else:
+        known = PROVIDERS.get(provider_name)
+        if known is None:
+            raise OAuthError("invalid_config", f"unknown OAuth2 provider {provider_name!r}")
+        base = known
+    changes: dict[str, Any] = {
+        name: str(config[key])
+        for name, key in (
+            ("authorize_url", "authorize_url"),
+            ("token_url", "token_url"),
+            ("revocation_url", "revocation_url"),
+            ("userinfo_url", "verify_url"),
+        )
+        if config.get(key)
+    }
+    method = config.get("token_auth_method")
+    if method:
+        if method not in TOKEN_AUTH_METHODS:
+            raise OAuthError("invalid_config", "token_auth_method is not one the client supports")
+        changes["token_auth_method"] = cast(TokenAuthMethod, method)
+    scopes = config.get("scopes")
+    if scopes:
+        changes["default_scopes"] = tuple(str(s) for s in scopes)
+    return dataclasses.replace(base, **changes)
+
+
+def new_state() -> str:
+    """A fresh `state`: 256 random bits, URL-safe."""
+    return secrets.token_urlsafe(32)
+
+
+def new_pkce() -> tuple[str, str]:
+    """A fresh PKCE pair: (code_verifier, S256 code_challenge) per RFC 7636."""
+    # 64 random bytes make 86 characters of [A-Za-z0-9_-]: inside RFC 7636's 43..128.
+    verifier = secrets.token_urlsafe(64)
+    return verifier, str(create_s256_code_challenge(verifier))
+
+
+def authorization_url(
+    provider: OAuthProvider,
+    client_id: str,
+    redirect_uri: str,
+    scopes: Sequence[str],
+    state: str,
+    code_challenge: str,
+) -> str:
+    """The URL to send the user to: an authorization code request with `state` and PKCE S256.
+
+    `scopes` are sent as given (joined with the provider's separator; omitted when empty),
+    plus the provider's extra parameters.
+    """
+    if not provider.authorize_url:
+        raise OAuthError("invalid_config", f"provider {provider.name} has no authorization endpoint")
+    extra = {k: v for k, v in provider.extra_authorize_params.items() if k not in _CORE_PARAMS}
+    scope = provider.scope_separator.join(scopes) or None
+    return str(
+        prepare_grant_uri(
+            provider.authorize_url,
+            client_id,
+            "code",
+            redirect_uri=redirect_uri,
+            scope=scope,
+            state=state,
+            code_challenge=code_challenge,
+            code_challenge_method="S256",
+            **extra,
+        )
+    )

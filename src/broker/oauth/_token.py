@@ -1,0 +1,290 @@
+"""The back-channel half: token requests (code, refresh, client credentials) and RFC 7009 revocation.
+
+Authlib builds the request bodies and the client authentication; every request is sent by
+`broker.egress.http.request` on a policy-checked client, so each connection goes to an
+address the egress policy allowed. (Authlib's `AsyncOAuth2Client` is an httpx client of its
+own, built with its own transport; it is not used, so nothing can bypass the policy.)
+
+Answers are classified once, in `_failure`: the provider's error code (RFC 6749 section 5.2,
+or the 200-with-error dialects of GitHub and Slack) and the HTTP status decide the kind. No
+token, code, verifier or client secret is ever put into an exception: messages name the
+endpoint, the status and a well-formed error code, never the provider's description, which
+may echo what was sent.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import ssl
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+import certifi
+import httpx
+from authlib.oauth2.auth import ClientAuth
+from authlib.oauth2.rfc6749.parameters import prepare_token_request
+from authlib.oauth2.rfc7009 import prepare_revoke_token_request
+
+from broker.catalog.oauth_providers import OAuthProvider
+from broker.egress import EgressPolicy, ResponseTooLarge
+from broker.egress.http import http_client, request
+from broker.oauth._expiry import infer_expiry
+from broker.oauth._types import ClientCredentials, ErrorKind, OAuthError, TokenSet
+
+_HEADERS = {
+    "Accept": "application/json",  # GitHub answers form data without it
+    "Content-Type": "application/x-www-form-urlencoded",
+    "User-Agent": "secrets-broker",
+}
+# What an error code may look like to be repeated in messages, audit and logs.
+_ERROR_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Codes that mean the grant itself is dead, including GitHub's and Slack's own words.
+_REAUTHORIZE = frozenset(
+    {
+        "invalid_grant",
+        "bad_verification_code",
+        "bad_refresh_token",
+        "invalid_code",
+        "code_already_used",
+        "invalid_refresh_token",
+        "token_revoked",
+        "token_expired",
+    }
+)
+# Codes that mean the client or its registration is wrong: authorizing again will not help.
+_MISCONFIGURED = frozenset(
+    {
+        "invalid_client",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "unsupported_token_type",
+        "incorrect_client_credentials",
+        "redirect_uri_mismatch",
+        "bad_redirect_uri",
+        "invalid_client_id",
+        "bad_client_secret",
+    }
+)
+_BUSY = frozenset({"temporarily_unavailable", "server_error", "slow_down", "ratelimited"})
+_TRANSIENT_STATUS = frozenset({408, 425, 429})
+
+
+@functools.cache
+def _trust() -> ssl.SSLContext:
+    # The same trust as the testers: the system store plus certifi's bundle.
+    context = ssl.create_default_context()
+    context.load_verify_locations(cafile=certifi.where())
+    return context
+
+
+async def exchange_code(
+    egress: EgressPolicy,
+    provider: OAuthProvider,
+    client: ClientCredentials,
+    code: str,
+    redirect_uri: str,
+    code_verifier: str,
+    *,
+    now: datetime,
+    default_lifetime: timedelta,
+) -> TokenSet:
+    """Exchange an authorization code (with its PKCE verifier) for tokens."""
+    if not code:
+        raise OAuthError("invalid_grant", "no authorization code to exchange")
+    body = prepare_token_request(
+        "authorization_code", redirect_uri=redirect_uri, code=code, code_verifier=code_verifier
+    )
+    document = await _token_call(egress, provider, client, body, now)
+    return _token_set(document, now, default_lifetime, None)
+
+
+async def refresh(
+    egress: EgressPolicy,
+    provider: OAuthProvider,
+    client: ClientCredentials,
+    refresh_token: str,
+    *,
+    now: datetime,
+    default_lifetime: timedelta,
+) -> TokenSet:
+    """New tokens for a refresh token; when the answer has no refresh token, the given one is kept."""
+    if not refresh_token:
+        raise OAuthError("invalid_grant", "no refresh token to refresh with; authorize again")
+    body = prepare_token_request("refresh_token", refresh_token=refresh_token)
+    document = await _token_call(egress, provider, client, body, now)
+    return _token_set(document, now, default_lifetime, refresh_token)
+
+
+async def client_credentials_token(
+    egress: EgressPolicy,
+    provider: OAuthProvider,
+    client: ClientCredentials,
+    scopes: Sequence[str],
+    *,
+    now: datetime,
+    default_lifetime: timedelta,
+) -> TokenSet:
+    """A token for the client itself (client credentials grant), with `scopes` when given."""
+    body = prepare_token_request("client_credentials", scope=provider.scope_separator.join(scopes))
+    document = await _token_call(egress, provider, client, body, now)
+    return _token_set(document, now, default_lifetime, None)
+
+
+async def revoke(
+    egress: EgressPolicy,
+    provider: OAuthProvider,
+    client: ClientCredentials,
+    token: str,
+    token_type_hint: str | None,
+) -> None:
+    """Revoke a token at the provider's RFC 7009 endpoint; raises `OAuthError` when that fails."""
+    if not provider.revocation_url:
+        raise OAuthError(
+            "invalid_config",
+            f"provider {provider.name} has no RFC 7009 revocation endpoint; revoke the grant at the provider",
+        )
+    body, _ = prepare_revoke_token_request(token, token_type_hint)
+    response = await _post(egress, provider, client, provider.revocation_url, body, "revocation endpoint")
+    if not 200 <= response.status_code < 300:
+        raise _failure(response, _document(response), "revocation endpoint", datetime.now(UTC))
+
+
+async def _token_call(
+    egress: EgressPolicy, provider: OAuthProvider, client: ClientCredentials, body: str, now: datetime
+) -> dict[str, Any]:
+    response = await _post(egress, provider, client, provider.token_url, body, "token endpoint")
+    document = _document(response)
+    # GitHub and Slack report errors in 200 answers: `error`, or Slack's `"ok": false`.
+    if (
+        not 200 <= response.status_code < 300
+        or document is None
+        or "error" in document
+        or document.get("ok") is False
+    ):
+        raise _failure(response, document, "token endpoint", now)
+    return document
+
+
+async def _post(
+    egress: EgressPolicy,
+    provider: OAuthProvider,
+    client: ClientCredentials,
+    url: str,
+    body: str,
+    what: str,
+) -> httpx.Response:
+    """POST a form with client authentication; transport failures become `OAuthError`.
+
+    `Blocked` and `DnsFailure` from the egress policy propagate unchanged.
+    """
+    # A public client (no secret) can only identify itself.
+    method = provider.token_auth_method if client.client_secret else "none"
+    auth = ClientAuth(client.client_id, client.client_secret, method)
+    uri, headers, content = auth.prepare("POST", url, dict(_HEADERS), body)
+    try:
+        async with http_client(egress, verify=_trust()) as http:
+            return await request(http, "POST", uri, headers=headers, content=content.encode())
+    except TimeoutError:
+        raise OAuthError("transient", f"the {what} did not answer within the time limit") from None
+    except httpx.TimeoutException:
+        raise OAuthError("transient", f"the {what} did not answer in time") from None
+    except httpx.TooManyRedirects:
+        raise OAuthError("invalid_config", f"the {what} redirects too often") from None
+    except ResponseTooLarge:
+        raise OAuthError("invalid_config", f"the {what}'s answer is too large") from None
+    except httpx.InvalidURL:
+        raise OAuthError("invalid_config", f"the {what} URL is not valid") from None
+    except httpx.TransportError as exc:
+        # httpx's messages name the host and the OS error, never the request body.
+        raise OAuthError("transient", f"cannot reach the {what} ({type(exc).__name__})") from None
+
+
+def _document(response: httpx.Response) -> dict[str, Any] | None:
+    """The answer as a JSON object (or, from old servers, form data); None when it is neither."""
+    try:
+        document = json.loads(response.content)
+    except ValueError:
+        if "x-www-form-urlencoded" not in response.headers.get("content-type", ""):
+            return None
+        try:
+            return dict(parse_qsl(response.content.decode(), keep_blank_values=True))
+        except ValueError:
+            return None
+    return document if isinstance(document, dict) else None
+
+
+def _token_set(
+    document: dict[str, Any], now: datetime, default_lifetime: timedelta, kept_refresh: str | None
+) -> TokenSet:
+    access = document.get("access_token")
+    if not isinstance(access, str) or not access:
+        raise OAuthError("invalid_config", "the token endpoint's answer has no access_token")
+    refresh_token = document.get("refresh_token")
+    if not isinstance(refresh_token, str) or not refresh_token:
+        refresh_token = kept_refresh
+    token_type = document.get("token_type")
+    expires_at, source = infer_expiry(access, document.get("expires_in"), now, default_lifetime)
+    return TokenSet(
+        access_token=access,
+        refresh_token=refresh_token,
+        expires_at=expires_at,
+        scopes=_scopes(document.get("scope")),
+        token_type=token_type if isinstance(token_type, str) and token_type else "Bearer",
+        expiry_source=source,
+    )
+
+
+def _scopes(value: object) -> tuple[str, ...]:
+    # RFC 6749 separates granted scopes with spaces; GitHub and Slack answer with commas.
+    if isinstance(value, str):
+        return tuple(s for s in re.split(r"[\s,]+", value) if s)
+    if isinstance(value, list):
+        return tuple(s for s in value if isinstance(s, str) and s)
+    return ()
+
+
+def _failure(
+    response: httpx.Response, document: dict[str, Any] | None, what: str, now: datetime
+) -> OAuthError:
+    """The `OAuthError` an unsuccessful answer means."""
+    status = response.status_code
+    raw = document.get("error") if document is not None else None
+    code = raw if isinstance(raw, str) and _ERROR_CODE.fullmatch(raw) else None
+    retry_after = _retry_after(response.headers.get("retry-after"), now)
+    kind: ErrorKind
+    if status >= 500 or status in _TRANSIENT_STATUS or code in _BUSY:
+        kind = "transient"
+    elif code in _MISCONFIGURED:
+        kind = "invalid_config"
+    elif code in _REAUTHORIZE or status in (400, 401):
+        # RFC 6749 section 5.2 errors come as 400 (401 for client authentication); one without a
+        # readable code still means this grant will not work again.
+        kind = "invalid_grant"
+    else:
+        kind = "invalid_config"
+    if code is None and 200 <= status < 300:
+        message = f"the {what}'s answer (HTTP {status}) is not a token response"
+    else:
+        message = f"the {what} answered HTTP {status}" + (f" {code}" if code else "")
+    return OAuthError(kind, message, error=code, status=status, retry_after=retry_after)
+
+
+def _retry_after(value: str | None, now: datetime) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None when absent or bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - now).total_seconds())

@@ -1,0 +1,489 @@
+"""OAuth2 lifecycle: authorization code with PKCE, client credentials, single-flight refresh.
+
+Tokens live in the connection's sealed secrets (`access_token`, `refresh_token`, next to
+`client_secret`); `expires_at` and the granted `scopes` are plain config. The rules that
+keep a connection alive:
+
+- one refresh at a time per connection in this process (concurrent callers share it), and a
+  compare-and-swap on the row version so a writer that lost a race never overwrites a newer
+  token;
+- a rotated refresh token is stored durably before any caller sees the new access token;
+- expiry is never unknown (`expires_in`, else the JWT `exp`, else a default lifetime);
+- `invalid_grant` marks the connection expired (re-authorize); transient failures are
+  retried, and while the current token is valid it is still served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+
+from broker import crypto, oauth
+from broker.crypto import Binding, DecryptionFailed, Keyring
+from broker.egress import Blocked, DnsFailure, EgressPolicy
+from broker.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
+from broker.model import AuditEvent, ConnectionRecord, ConnectionStatus, Outcome, PendingAuthorization
+from broker.sensitive import SecretFields
+from broker.service.audit import AuditLog
+from broker.service.cache import ResolveCache
+from broker.service.context import Call
+from broker.service.lookup import live_connection
+from broker.service.sealing import open_secrets, seal
+from broker.store import Store
+
+log = structlog.get_logger("broker.oauth")
+
+SYSTEM_ACTOR = "broker:oauth"
+CLIENT_CREDENTIALS = "client_credentials"
+_STATE_ERROR = "unknown, expired or already used; start the authorization again"
+
+
+@dataclass(frozen=True)
+class OAuthSettings:
+    refresh_margin: timedelta = timedelta(minutes=5)
+    default_lifetime: timedelta = timedelta(hours=1)
+    state_ttl: timedelta = timedelta(minutes=10)
+    refresh_interval_seconds: float = 30.0
+    # Pauses before the second and third attempt at a transiently failing token endpoint.
+    retry_delays: tuple[float, ...] = (0.25, 1.0)
+
+
+@dataclass(frozen=True)
+class DraftAuthorization:
+    """A new oauth2 connection to create when the flow completes."""
+
+    name: str
+    provider: str
+    config: dict[str, Any]
+    secrets: SecretFields
+    labels: dict[str, str]
+
+
+CreateConnection = Callable[[Call, DraftAuthorization, oauth.TokenSet], Awaitable[ConnectionRecord]]
+
+
+def _state_hash(state: str) -> str:
+    return hashlib.sha256(state.encode()).hexdigest()
+
+
+def _state_binding(tenant: str, state_hash: str) -> Binding:
+    return Binding(tenant=tenant, connection_id="oauth-state:" + state_hash, secret_version=0)
+
+
+def _check_redirect_uri(uri: str) -> None:
+    parts = urlsplit(uri)
+    loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
+    if (
+        parts.scheme not in ("https", "http")
+        or not parts.hostname
+        or (parts.scheme == "http" and not loopback)
+    ):
+        raise InvalidArgument.field("redirect_uri", "must be an https URL, or http on a loopback address")
+    if parts.username or parts.password or parts.fragment:
+        raise InvalidArgument.field("redirect_uri", "must not carry credentials or a fragment")
+
+
+def token_config(config: Mapping[str, Any], tokens: oauth.TokenSet) -> dict[str, Any]:
+    """Config with the token's expiry and granted scopes (non-secret metadata)."""
+    updated = dict(config)
+    updated["expires_at"] = tokens.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if tokens.scopes:
+        updated["scopes"] = list(tokens.scopes)
+    return updated
+
+
+def token_secrets(secrets: Mapping[str, str], tokens: oauth.TokenSet) -> dict[str, str]:
+    """Secrets with the new access token and, when the provider rotated it, the new refresh token."""
+    updated = {**secrets, "access_token": tokens.access_token}
+    if tokens.refresh_token:
+        updated["refresh_token"] = tokens.refresh_token
+    return updated
+
+
+class OAuthService:
+    def __init__(
+        self,
+        store: Store,
+        keyring: Keyring,
+        audit: AuditLog,
+        egress: EgressPolicy,
+        cache: ResolveCache,
+        clock: Callable[[], datetime],
+        settings: OAuthSettings = OAuthSettings(),
+    ) -> None:
+        self._store = store
+        self._keyring = keyring
+        self._audit = audit
+        self._egress = egress
+        self._cache = cache
+        self._clock = clock
+        self.settings = settings
+        self._inflight: dict[tuple[str, str], asyncio.Task[ConnectionRecord]] = {}
+        self._background: asyncio.Task[None] | None = None
+        self.create_connection: CreateConnection | None = None  # wired by the server
+
+    # -------------------------------------------------------- authorization
+
+    def _client(self, config: Mapping[str, Any], secrets: Mapping[str, str]) -> oauth.ClientCredentials:
+        return oauth.ClientCredentials(str(config.get("client_id", "")), secrets.get("client_secret", ""))
+
+    async def begin(
+        self,
+        call: Call,
+        redirect_uri: str,
+        scopes: list[str],
+        *,
+        connection_id: str = "",
+        draft: DraftAuthorization | None = None,
+    ) -> tuple[str, str, datetime]:
+        """Start a flow: (authorization URL, state, expiry). The verifier stays sealed here."""
+        _check_redirect_uri(redirect_uri)
+        payload: dict[str, Any] = {"redirect_uri": redirect_uri}
+        if draft is not None:
+            provider_name, config, secrets = draft.provider, draft.config, draft.secrets.reveal()
+            payload["draft"] = {
+                "name": draft.name,
+                "provider": draft.provider,
+                "config": draft.config,
+                "secrets": secrets,
+                "labels": draft.labels,
+            }
+        else:
+            record = await live_connection(self._store, call.tenant, connection_id, field="connection_id")
+            if record.type != "oauth2":
+                raise FailedPrecondition(f"connection {record.id} is not an oauth2 connection")
+            provider_name, config = record.provider, record.config
+            secrets = open_secrets(self._keyring, record).reveal()
+        provider = oauth.provider_for(provider_name, config)
+        state = oauth.new_state()
+        verifier, challenge = oauth.new_pkce()
+        wanted = scopes or list(config.get("scopes") or provider.default_scopes)
+        url = oauth.authorization_url(
+            provider, self._client(config, secrets).client_id, redirect_uri, wanted, state, challenge
+        )
+        payload["verifier"] = verifier
+        now = self._clock()
+        state_hash = _state_hash(state)
+        sealed = crypto.seal(
+            self._keyring, json.dumps(payload).encode(), _state_binding(call.tenant, state_hash)
+        )
+        pending = PendingAuthorization(
+            state_hash=state_hash,
+            tenant=call.tenant,
+            actor=call.actor,
+            connection_id=connection_id,
+            created_at=now,
+            expires_at=now + self.settings.state_ttl,
+            sealed=sealed,
+        )
+        event = call.audit_event(now, "oauth.begin", connection_id, details={"provider": provider.name})
+        await self._store.put_oauth_state(pending, event)
+        return url, state, pending.expires_at
+
+    async def complete(self, call: Call, state: str, code: str) -> ConnectionRecord:
+        """Exchange the code (with the sealed verifier) and store the tokens on the connection."""
+        if not state:
+            raise InvalidArgument.field("state", "is required")
+        if not code:
+            raise InvalidArgument.field("code", "is required")
+        now = self._clock()
+        pending = await self._store.take_oauth_state(_state_hash(state))
+        reason = ""
+        if pending is None or pending.tenant != call.tenant or pending.actor != call.actor:
+            reason = "unknown_state"
+        elif pending.expires_at <= now:
+            reason = "state_expired"
+        if pending is None or reason:
+            await self._audit.append(call.audit_event(now, "oauth.complete", "", Outcome.FAILED, reason))
+            raise InvalidArgument.field("state", _STATE_ERROR)
+        try:
+            payload = json.loads(
+                crypto.open(self._keyring, pending.sealed, _state_binding(call.tenant, pending.state_hash))
+            )
+        except DecryptionFailed:
+            raise InvalidArgument.field("state", _STATE_ERROR) from None
+        draft = payload.get("draft")
+        record: ConnectionRecord | None = None
+        if draft is not None:
+            provider_name, config, secrets = draft["provider"], draft["config"], draft["secrets"]
+        else:
+            record = await live_connection(self._store, call.tenant, pending.connection_id, field="state")
+            provider_name, config = record.provider, record.config
+            secrets = open_secrets(self._keyring, record).reveal()
+        provider = oauth.provider_for(provider_name, config)
+        try:
+            tokens = await oauth.exchange_code(
+                self._egress,
+                provider,
+                self._client(config, secrets),
+                code,
+                payload["redirect_uri"],
+                payload["verifier"],
+                now=now,
+                default_lifetime=self.settings.default_lifetime,
+            )
+        except (oauth.OAuthError, Blocked, DnsFailure) as exc:
+            detail = exc.error or exc.kind if isinstance(exc, oauth.OAuthError) else type(exc).__name__
+            await self._audit.append(
+                call.audit_event(now, "oauth.complete", pending.connection_id, Outcome.FAILED, str(detail))
+            )
+            raise FailedPrecondition(
+                f"the provider did not accept the authorization code ({detail})"
+            ) from None
+        if record is None:
+            if self.create_connection is None:
+                raise FailedPrecondition("creating oauth2 connections is not configured on this broker")
+            new = DraftAuthorization(
+                draft["name"], provider_name, config, SecretFields(secrets), dict(draft.get("labels") or {})
+            )
+            return await self.create_connection(call, new, tokens)
+        stored = await self._store_tokens(
+            record, secrets, tokens, "oauth.authorize", call.actor, call.request_id
+        )
+        if record.reauth_required_at is not None:
+            log.info("oauth_connection_recovered", connection_id=record.id)
+        return stored
+
+    # ---------------------------------------------------------- resolve path
+
+    def _needs_token(self, record: ConnectionRecord, secrets: Mapping[str, str]) -> bool:
+        expires = record.token_expires_at
+        if not secrets.get("access_token"):
+            return True
+        return expires is None or expires - self._clock() <= self.settings.refresh_margin
+
+    async def fresh(
+        self, record: ConnectionRecord, secrets: SecretFields
+    ) -> tuple[ConnectionRecord, SecretFields]:
+        """The record and secrets with a token good for at least the refresh margin."""
+        if record.reauth_required_at is not None:
+            raise FailedPrecondition(f"connection {record.id} needs re-authorization")
+        values = secrets.reveal()
+        if not self._needs_token(record, values):
+            return record, secrets
+        cc = record.config.get("grant_type") == CLIENT_CREDENTIALS
+        if not cc and not values.get("refresh_token"):
+            expires = record.token_expires_at
+            if values.get("access_token") and (expires is None or expires > self._clock()):
+                return record, secrets  # cannot refresh; still valid
+            raise FailedPrecondition(f"connection {record.id} needs re-authorization (no refresh token)")
+        refreshed = await self._single_flight(record.tenant, record.id)
+        if refreshed.reauth_required_at is not None:
+            raise FailedPrecondition(f"connection {record.id} needs re-authorization")
+        return refreshed, open_secrets(self._keyring, refreshed)
+
+    async def _single_flight(self, tenant: str, connection_id: str) -> ConnectionRecord:
+        key = (tenant, connection_id)
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.create_task(self._refresh(tenant, connection_id))
+            self._inflight[key] = task
+            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+        # Shielded: a caller that gives up must not cancel the refresh others are waiting for.
+        return await asyncio.shield(task)
+
+    async def _refresh(self, tenant: str, connection_id: str) -> ConnectionRecord:
+        record = await self._store.get_connection(tenant, connection_id)
+        if record is None or not record.live or record.presented_status is not ConnectionStatus.ACTIVE:
+            raise FailedPrecondition(f"connection {connection_id} cannot be refreshed in its current state")
+        secrets = open_secrets(self._keyring, record).reveal()
+        if not self._needs_token(record, secrets):
+            return record  # another refresh (here or in another process) got there first
+        provider = oauth.provider_for(record.provider, record.config)
+        client = self._client(record.config, secrets)
+        failure = ""
+        for delay in (0.0, *self.settings.retry_delays):
+            await asyncio.sleep(delay)
+            now = self._clock()
+            try:
+                if record.config.get("grant_type") == CLIENT_CREDENTIALS:
+                    scopes = list(record.config.get("scopes") or provider.default_scopes)
+                    tokens = await oauth.client_credentials_token(
+                        self._egress,
+                        provider,
+                        client,
+                        scopes,
+                        now=now,
+                        default_lifetime=self.settings.default_lifetime,
+                    )
+                else:
+                    tokens = await oauth.refresh(
+                        self._egress,
+                        provider,
+                        client,
+                        secrets["refresh_token"],
+                        now=now,
+                        default_lifetime=self.settings.default_lifetime,
+                    )
+            except oauth.OAuthError as exc:
+                if exc.kind == "invalid_grant":
+                    return await self._mark_expired(record, exc.error or exc.kind)
+                failure = exc.error or exc.kind
+                if exc.kind != "transient":
+                    break
+                continue
+            except (Blocked, DnsFailure) as exc:
+                failure = type(exc).__name__
+                break
+            return await self._store_tokens(record, secrets, tokens, "oauth.refresh", SYSTEM_ACTOR, "")
+        return await self._refresh_failed(record, failure)
+
+    async def _refresh_failed(self, record: ConnectionRecord, failure: str) -> ConnectionRecord:
+        """A refresh that could not complete: keep serving a still-valid token, else report unavailable."""
+        now = self._clock()
+        await self._audit.append(self._system_event(record, "oauth.refresh", Outcome.FAILED, failure))
+        log.warning("oauth_refresh_failed", connection_id=record.id, reason=failure)
+        expires = record.token_expires_at
+        if expires is not None and expires > now:
+            return record
+        raise Unavailable(
+            f"the token of connection {record.id} expired and the provider could not refresh it"
+        )
+
+    def _system_event(
+        self, record: ConnectionRecord, action: str, outcome: Outcome, reason: str = "", **details: str
+    ) -> AuditEvent:
+        return AuditEvent(
+            time=self._clock(),
+            tenant=record.tenant,
+            actor=SYSTEM_ACTOR,
+            action=action,
+            outcome=outcome,
+            connection_id=record.id,
+            reason=reason,
+            details=details,
+        )
+
+    async def _mark_expired(self, record: ConnectionRecord, reason: str) -> ConnectionRecord:
+        """The provider refused the refresh token: the connection needs re-authorization."""
+        now = self._clock()
+        marked = replace(record, reauth_required_at=now, version=record.version + 1, updated_at=now)
+        event = self._system_event(record, "oauth.expired", Outcome.FAILED, reason)
+        try:
+            await self._store.replace_connection(marked, record.version, event)
+        except Aborted:
+            latest = await self._store.get_connection(record.tenant, record.id)
+            return latest or record
+        finally:
+            self._cache.invalidate_connection(record.tenant, record.id)
+        log.warning("oauth_connection_expired", connection_id=record.id, reason=reason)
+        return marked
+
+    async def _store_tokens(
+        self,
+        record: ConnectionRecord,
+        old_secrets: Mapping[str, str],
+        tokens: oauth.TokenSet,
+        action: str,
+        actor: str,
+        request_id: str,
+    ) -> ConnectionRecord:
+        """Seal the new tokens onto the row with a compare-and-swap; never overwrite a newer token."""
+        used_refresh_token = old_secrets.get("refresh_token")
+        for _ in range(3):
+            now = self._clock()
+            secrets = SecretFields(token_secrets(old_secrets, tokens))
+            secret_version = record.secret_version + 1
+            updated = replace(
+                record,
+                config=token_config(record.config, tokens),
+                secret_fields=secrets.names,
+                secret_version=secret_version,
+                sealed=seal(self._keyring, secrets, record.tenant, record.id, secret_version),
+                version=record.version + 1,
+                updated_at=now,
+                reauth_required_at=None,
+            )
+            details = {
+                "expiry_source": tokens.expiry_source,
+                "rotated": str(bool(tokens.refresh_token)).lower(),
+            }
+            if record.reauth_required_at is not None:
+                details["recovered"] = "true"
+            event = AuditEvent(
+                time=now,
+                tenant=record.tenant,
+                actor=actor,
+                action=action,
+                outcome=Outcome.SUCCEEDED,
+                connection_id=record.id,
+                request_id=request_id,
+                details=details,
+            )
+            try:
+                await self._store.replace_connection(updated, record.version, event)
+                return updated
+            except Aborted:
+                latest = await self._store.get_connection(record.tenant, record.id)
+                if latest is None or latest.sealed is None:
+                    raise
+                latest_secrets = open_secrets(self._keyring, latest).reveal()
+                if latest_secrets.get("refresh_token") != used_refresh_token and action == "oauth.refresh":
+                    return latest  # someone else refreshed: theirs is newer, ours is dropped
+                # Another kind of change won (labels, a rename): put our tokens on top of it.
+                record, old_secrets = latest, latest_secrets
+            finally:
+                self._cache.invalidate_connection(record.tenant, record.id)
+        raise Unavailable(f"connection {record.id} kept changing while its token was being stored; retry")
+
+    # ------------------------------------------------------------ background
+
+    def start(self) -> None:
+        """Refresh tokens approaching expiry in the background, so most Resolves never wait."""
+        self._background = asyncio.create_task(self._refresh_periodically())
+
+    async def _refresh_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.refresh_interval_seconds)
+            await self.refresh_due()
+
+    async def refresh_due(self) -> int:
+        """Refresh every token expiring within twice the margin; returns how many were attempted."""
+        now = self._clock()
+        due = await self._store.list_expiring_tokens(now + 2 * self.settings.refresh_margin, limit=100)
+        for tenant, connection_id in due:
+            try:
+                await self._single_flight(tenant, connection_id)
+            except Exception as exc:  # one bad connection must not stop the others
+                log.warning(
+                    "oauth_background_refresh_failed", connection_id=connection_id, error=type(exc).__name__
+                )
+        await self._store.delete_expired_oauth_states(now)
+        return len(due)
+
+    async def revoke_upstream(self, record: ConnectionRecord) -> str:
+        """Ask the provider to revoke the connection's tokens; returns the outcome for the audit record."""
+        if record.type != "oauth2" or record.sealed is None:
+            return ""
+        secrets = open_secrets(self._keyring, record).reveal()
+        token, hint = secrets.get("refresh_token"), "refresh_token"
+        if not token:
+            token, hint = secrets.get("access_token"), "access_token"
+        if not token:
+            return "no_token"
+        try:
+            provider = oauth.provider_for(record.provider, record.config)
+            await oauth.revoke(self._egress, provider, self._client(record.config, secrets), token, hint)
+        except (oauth.OAuthError, Blocked, DnsFailure) as exc:
+            reason = exc.error or exc.kind if isinstance(exc, oauth.OAuthError) else type(exc).__name__
+            log.warning("oauth_upstream_revoke_failed", connection_id=record.id, reason=reason)
+            return f"failed: {reason}"
+        return "revoked"
+
+    async def close(self) -> None:
+        if self._background is not None:
+            self._background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._background
+        for task in list(self._inflight.values()):
+            with contextlib.suppress(Exception):
+                await task

@@ -1,0 +1,377 @@
+"""A real OAuth2 authorization server on loopback for the OAuth2 tests.
+
+Hand-written on Starlette (it is test code, and every rule it enforces is visible here):
+
+- `GET /authorize` checks the client, redirect URI, `response_type=code`, `state` and the
+  PKCE S256 challenge, auto-approves, and answers 302 to `redirect_uri?code=...&state=...`.
+- `POST /token` serves authorization_code (single-use codes, PKCE verifier checked),
+  refresh_token (rotating: the old refresh token dies with each use, unless
+  `rotate_refresh_tokens=False`, which answers without a refresh token) and
+  client_credentials, with client authentication by `client_secret_basic`,
+  `client_secret_post` or `none` (public client; `client_auth` says which is required).
+- `GET|POST /userinfo` answers a valid, unexpired, unrevoked bearer token; `POST /revoke` is
+  RFC 7009.
+
+Access tokens are opaque, or with `jwt_tokens` HS256 JWTs carrying `exp`. `expires_in` is
+their lifetime; `send_expires_in=False` leaves it out of the answer. Faults for the token
+endpoint: `fail_next`, `invalid_grant_next`, `delay`, and `before_reply`, an async callback
+awaited (on the server's own event loop, in its thread: block it with threading primitives,
+e.g. `await asyncio.to_thread(event.wait)`) after the request is counted and before any
+answer. Every token request is counted in `token_requests[grant_type]`, faults included.
+
+uvicorn runs in a background thread on a port chosen by the kernel, as in `tests/mcpserver.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import json
+import secrets
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+CODE_LIFETIME = 600
+USER = {"sub": "user-1", "email": "user@example.com"}
+
+
+@dataclass
+class _Code:
+    client_id: str
+    redirect_uri: str
+    challenge: str | None
+    scope: str
+    expires: float
+
+
+@dataclass
+class AccessToken:
+    client_id: str
+    scope: str
+    expires: float
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def s256(verifier: str) -> str:
+    """RFC 7636 S256: BASE64URL(SHA256(verifier)), computed independently of the client."""
+    return _b64url(hashlib.sha256(verifier.encode("ascii")).digest())
+
+
+class OAuthTestServer:
+    """One client (`client_id`, `client_secret`) at an authorization server on loopback."""
+
+    def __init__(
+        self,
+        *,
+        client_auth: str = "client_secret_basic",
+        require_pkce: bool = True,
+        expires_in: int = 3600,
+        send_expires_in: bool = True,
+        jwt_tokens: bool = False,
+        rotate_refresh_tokens: bool = True,
+        redirect_uris: tuple[str, ...] | None = None,
+    ) -> None:
+        self.client_id = "test-client-" + secrets.token_hex(4)
+        self.client_secret = "cs-" + secrets.token_urlsafe(24)
+        self.client_auth = client_auth
+        self.require_pkce = require_pkce
+        self.expires_in = expires_in
+        self.send_expires_in = send_expires_in
+        self.jwt_tokens = jwt_tokens
+        self.rotate_refresh_tokens = rotate_refresh_tokens
+        # None accepts any http(s) redirect URI.
+        self.redirect_uris = redirect_uris
+        self.delay = 0.0
+        self.before_reply: Callable[[str], Awaitable[None]] | None = None
+        self.token_requests: Counter[str] = Counter()
+        self.revocation_requests = 0
+        self.authorize_requests: list[dict[str, str]] = []
+        self.token_forms: list[dict[str, str]] = []  # the form fields of each token request
+        self.client_auth_seen: list[str] = []  # "basic", "post" or "none" per token/revoke request
+        self.access_tokens: dict[str, AccessToken] = {}
+        self.refresh_tokens: dict[str, str] = {}  # refresh token -> scope
+        self.revoked: list[str] = []
+        self._codes: dict[str, _Code] = {}
+        self._faults: list[tuple[int, dict[str, str]]] = []
+        self._jwt_key = secrets.token_bytes(32)
+        self._lock = threading.Lock()
+        self._app = Starlette(
+            routes=[
+                Route("/authorize", self._authorize, methods=["GET"]),
+                Route("/token", self._token, methods=["POST"]),
+                Route("/userinfo", self._userinfo, methods=["GET", "POST"]),
+                Route("/revoke", self._revoke, methods=["POST"]),
+            ]
+        )
+        self._uvicorn: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None
+        self.port = 0
+
+    # ------------------------------------------------------------------ addresses
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def authorize_url(self) -> str:
+        return f"{self.url}/authorize"
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.url}/token"
+
+    @property
+    def revocation_url(self) -> str:
+        return f"{self.url}/revoke"
+
+    @property
+    def userinfo_url(self) -> str:
+        return f"{self.url}/userinfo"
+
+    # ------------------------------------------------------------------ test controls
+
+    def fail_next(self, n: int = 1, status: int = 503, retry_after: str | int | None = None) -> None:
+        """The next `n` token requests answer `status` with `temporarily_unavailable`."""
+        headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
+        with self._lock:
+            self._faults.extend([(status, headers)] * n)
+
+    def invalid_grant_next(self) -> None:
+        """The next token request answers 400 invalid_grant, whatever it carries."""
+        with self._lock:
+            self._faults.append((400, {}))
+
+    def valid_access_tokens(self) -> set[str]:
+        """The access tokens that are neither expired nor revoked."""
+        now = time.time()
+        return {t for t, info in list(self.access_tokens.items()) if info.expires > now}
+
+    # ------------------------------------------------------------------ endpoints
+
+    async def _authorize(self, request: Request) -> Response:
+        query = dict(request.query_params)
+        self.authorize_requests.append(query)
+        if query.get("client_id") != self.client_id:
+            return PlainTextResponse("unknown client", status_code=400)
+        redirect_uri = query.get("redirect_uri", "")
+        allowed = redirect_uri.startswith(("http://", "https://"))
+        if not allowed or (self.redirect_uris is not None and redirect_uri not in self.redirect_uris):
+            # Never redirect to an unchecked URI: an open redirector leaks codes.
+            return PlainTextResponse("redirect_uri not registered", status_code=400)
+        state = query.get("state")
+
+        def back(**params: str) -> Response:
+            params = {**params, **({"state": state} if state else {})}
+            sep = "&" if "?" in redirect_uri else "?"
+            return RedirectResponse(f"{redirect_uri}{sep}{urlencode(params)}", status_code=302)
+
+        if query.get("response_type") != "code":
+            return back(error="unsupported_response_type")
+        if not state:
+            return back(error="invalid_request")
+        challenge = query.get("code_challenge")
+        method = query.get("code_challenge_method")
+        if (challenge is None and self.require_pkce) or (challenge is not None and method != "S256"):
+            return back(error="invalid_request")
+        code = secrets.token_urlsafe(24)
+        self._codes[code] = _Code(
+            self.client_id, redirect_uri, challenge, query.get("scope", ""), time.time() + CODE_LIFETIME
+        )
+        return back(code=code)
+
+    def _client_authenticated(self, request: Request, form: dict[str, str]) -> bool:
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("basic "):
+            try:
+                pair = base64.b64decode(header[6:], validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                return False
+            client_id, _, secret = pair.partition(":")
+            self.client_auth_seen.append("basic")
+            ok = self.client_auth == "client_secret_basic" and client_id == self.client_id
+            return ok and hmac.compare_digest(secret, self.client_secret)
+        if "client_secret" in form:
+            self.client_auth_seen.append("post")
+            ok = self.client_auth == "client_secret_post" and form.get("client_id") == self.client_id
+            return ok and hmac.compare_digest(form["client_secret"], self.client_secret)
+        self.client_auth_seen.append("none")
+        return self.client_auth == "none" and form.get("client_id") == self.client_id
+
+    @staticmethod
+    def _error(error: str, status: int = 400, headers: dict[str, str] | None = None) -> Response:
+        return JSONResponse(
+            {"error": error, "error_description": f"{error} (test server)"},
+            status_code=status,
+            headers={"Cache-Control": "no-store", **(headers or {})},
+        )
+
+    async def _token(self, request: Request) -> Response:
+        form = dict(parse_qsl((await request.body()).decode(), keep_blank_values=True))
+        grant = form.get("grant_type", "")
+        self.token_requests[grant] += 1
+        self.token_forms.append(form)
+        if self.before_reply is not None:
+            await self.before_reply(grant)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        with self._lock:
+            fault = self._faults.pop(0) if self._faults else None
+        if fault is not None:
+            status, headers = fault
+            error = "invalid_grant" if status == 400 else "temporarily_unavailable"
+            return self._error(error, status, headers)
+        if not self._client_authenticated(request, form):
+            return self._error("invalid_client", 401, {"WWW-Authenticate": 'Basic realm="test"'})
+        if grant == "authorization_code":
+            return self._code_grant(form)
+        if grant == "refresh_token":
+            return self._refresh_grant(form)
+        if grant == "client_credentials":
+            return self._issue(form.get("scope", ""), with_refresh=False)
+        return self._error("unsupported_grant_type")
+
+    def _code_grant(self, form: dict[str, str]) -> Response:
+        # Popped before any check: a code is single-use even when the attempt fails.
+        code = self._codes.pop(form.get("code", ""), None)
+        if code is None or code.expires < time.time() or code.redirect_uri != form.get("redirect_uri"):
+            return self._error("invalid_grant")
+        verifier = form.get("code_verifier")
+        challenge = code.challenge
+        if challenge is not None and (verifier is None or not hmac.compare_digest(s256(verifier), challenge)):
+            return self._error("invalid_grant")
+        return self._issue(code.scope, with_refresh=True)
+
+    def _refresh_grant(self, form: dict[str, str]) -> Response:
+        token = form.get("refresh_token", "")
+        with self._lock:
+            if self.rotate_refresh_tokens:
+                scope = self.refresh_tokens.pop(token, None)
+            else:
+                scope = self.refresh_tokens.get(token)
+        if scope is None:
+            return self._error("invalid_grant")
+        return self._issue(scope, with_refresh=self.rotate_refresh_tokens)
+
+    def _issue(self, scope: str, *, with_refresh: bool) -> Response:
+        now = time.time()
+        expires = now + self.expires_in
+        if self.jwt_tokens:
+            access = self._jwt({"sub": USER["sub"], "iat": int(now), "exp": int(expires), "scope": scope})
+        else:
+            access = "at-" + secrets.token_urlsafe(24)
+        self.access_tokens[access] = AccessToken(self.client_id, scope, expires)
+        body: dict[str, Any] = {"access_token": access, "token_type": "Bearer"}
+        if self.send_expires_in:
+            body["expires_in"] = self.expires_in
+        if scope:
+            body["scope"] = scope
+        if with_refresh:
+            refresh = "rt-" + secrets.token_urlsafe(24)
+            self.refresh_tokens[refresh] = scope
+            body["refresh_token"] = refresh
+        return JSONResponse(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+    def _jwt(self, claims: dict[str, Any]) -> str:
+        header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+        payload = _b64url(json.dumps(claims).encode())
+        signature = hmac.new(self._jwt_key, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+        return f"{header}.{payload}.{_b64url(signature)}"
+
+    async def _userinfo(self, request: Request) -> Response:
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        info = self.access_tokens.get(token)
+        if info is None or info.expires <= time.time():
+            return JSONResponse(
+                {"error": "invalid_token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+            )
+        return JSONResponse(USER)
+
+    async def _revoke(self, request: Request) -> Response:
+        form = dict(parse_qsl((await request.body()).decode(), keep_blank_values=True))
+        self.revocation_requests += 1
+        if not self._client_authenticated(request, form):
+            return self._error("invalid_client", 401)
+        token = form.get("token", "")
+        if not token:
+            return self._error("invalid_request")
+        # RFC 7009: an unknown token is not an error; the answer is 200 either way.
+        if (
+            self.access_tokens.pop(token, None) is not None
+            or self.refresh_tokens.pop(token, None) is not None
+        ):
+            self.revoked.append(token)
+        return Response(status_code=200)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Serve on a free loopback port in a background thread; return once it accepts connections."""
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind(("127.0.0.1", 0))
+        self.port = self._socket.getsockname()[1]
+        config = uvicorn.Config(
+            self._app,
+            log_level="warning",
+            lifespan="off",
+            ws="none",
+            http="h11",
+            timeout_graceful_shutdown=2,
+        )
+        self._uvicorn = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._uvicorn.run,
+            kwargs={"sockets": [self._socket]},
+            name="oauth-test-server",
+            daemon=True,
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._uvicorn.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the OAuth2 test server did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        """Ask uvicorn to exit, wait for its thread, and close the listening socket."""
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            if self._thread.is_alive():
+                raise RuntimeError("the OAuth2 test server did not stop")
+        if self._socket is not None:
+            self._socket.close()
+
+
+@contextlib.contextmanager
+def running(**options: Any) -> Iterator[OAuthTestServer]:
+    """An `OAuthTestServer` started for the duration of the block."""
+    server = OAuthTestServer(**options)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
