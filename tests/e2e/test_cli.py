@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from broker import pki
 from broker.client import SyncResolveClient
-from tests import mcpserver
+from tests import mcpserver, oauthserver
 
 pytestmark = pytest.mark.e2e
 
@@ -222,6 +223,40 @@ def test_testing_and_mcp_tools_through_the_cli(dev_broker: DevBroker, tmp_path: 
     listed, _ = dev_broker.ok("list", "--name-prefix", "refused")
     assert listed.get("connections", []) == []
     assert token not in dev_broker.logs()
+
+
+def test_oauth_connect_through_the_browser_redirect(dev_broker: DevBroker, tmp_path: Path) -> None:
+    """`brokerctl oauth connect` prints the URL, catches the redirect on loopback, and completes."""
+    with oauthserver.running() as server:
+        secret = _write(tmp_path / "client-secret", server.client_secret)
+        argv = [
+            *dev_broker.ctl_argv(), "oauth", "connect", "calendar", "--provider", "custom",
+            "--config", f"client_id={server.client_id}", "--config", f"authorize_url={server.authorize_url}",
+            "--config", f"token_url={server.token_url}", "--secret", f"client_secret=@{secret}",
+            "--scope", "calendar", "--wait", "30",
+        ]  # fmt: skip
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            url = ""
+            assert process.stderr is not None
+            for line in process.stderr:
+                if line.strip().startswith("http"):
+                    url = line.strip()
+                    break
+            assert url.startswith(server.authorize_url)
+            # The browser: the provider approves and redirects to brokerctl's loopback listener.
+            landed = httpx.get(url, follow_redirects=True, timeout=10)
+            assert landed.status_code == 200 and "close this window" in landed.text
+            out, err = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+        assert process.returncode == 0, err
+        created = json.loads(out)
+        assert created["type"] == "oauth2" and created["status"] == "CONNECTION_STATUS_ACTIVE"
+        assert server.client_secret not in out + err
+        assert server.token_requests["authorization_code"] == 1
 
 
 def _write(path: Path, text: str) -> Path:

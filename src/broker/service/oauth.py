@@ -196,9 +196,9 @@ class OAuthService:
         if not code:
             raise InvalidArgument.field("code", "is required")
         now = self._clock()
-        pending = await self._store.take_oauth_state(_state_hash(state))
+        pending = await self._store.take_oauth_state(_state_hash(state), call.tenant, call.actor)
         reason = ""
-        if pending is None or pending.tenant != call.tenant or pending.actor != call.actor:
+        if pending is None:
             reason = "unknown_state"
         elif pending.expires_at <= now:
             reason = "state_expired"

@@ -123,8 +123,11 @@ class Store(Protocol):
     async def put_oauth_state(self, pending: PendingAuthorization, event: AuditEvent) -> None:
         """Store a pending authorization-code flow with its audit event."""
 
-    async def take_oauth_state(self, state_hash: str) -> PendingAuthorization | None:
-        """Atomically remove and return a pending flow (single use), or None."""
+    async def take_oauth_state(self, state_hash: str, tenant: str, actor: str) -> PendingAuthorization | None:
+        """Atomically remove and return the flow this tenant's actor began (single use), or None.
+
+        Another caller presenting the state finds nothing and consumes nothing.
+        """
 
     async def delete_expired_oauth_states(self, now: datetime) -> int:
         """Forget flows that expired before completing; returns how many."""

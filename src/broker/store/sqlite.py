@@ -73,6 +73,9 @@ _AUDIT_INSERT = (
     f"VALUES ({', '.join('?' for _ in codec.AUDIT_COLUMNS)})"
 )
 
+_OAUTH_STATE_SELECT = "SELECT * FROM oauth_states WHERE state_hash = ? AND tenant = ? AND actor = ?"
+_OAUTH_STATE_DELETE = "DELETE FROM oauth_states WHERE state_hash = ? AND tenant = ? AND actor = ?"
+
 _STATUS_WHERE: dict[ConnectionStatus | None, str] = {
     None: "deleted_at IS NULL",
     ConnectionStatus.ACTIVE: "status = 'active' AND deleted_at IS NULL AND reauth_required_at IS NULL",
@@ -415,15 +418,14 @@ class SqliteStore:
             )
             await self._insert_audit(conn, [event])
 
-    async def take_oauth_state(self, state_hash: str) -> PendingAuthorization | None:
-        """Remove and return a pending flow: a state can be used once, whoever wins."""
+    async def take_oauth_state(self, state_hash: str, tenant: str, actor: str) -> PendingAuthorization | None:
+        """Remove and return the caller's pending flow: a state can be used once, by its owner."""
+        key = (state_hash, tenant, actor)
         async with self._transaction() as conn:
-            rows = list(
-                await conn.execute_fetchall("SELECT * FROM oauth_states WHERE state_hash = ?", (state_hash,))
-            )
+            rows = list(await conn.execute_fetchall(_OAUTH_STATE_SELECT, key))
             if not rows:
                 return None
-            await conn.execute("DELETE FROM oauth_states WHERE state_hash = ?", (state_hash,))
+            await conn.execute(_OAUTH_STATE_DELETE, key)
         return codec.oauth_state_from_row(rows[0])
 
     async def delete_expired_oauth_states(self, now: datetime) -> int:

@@ -1,0 +1,343 @@
+"""The OAuth2 lifecycle through the broker, against a real authorization server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import grpc
+import httpx
+import pytest
+
+from broker._proto import broker_pb2 as pb
+from broker.egress import EgressSettings
+from tests import oauthserver
+from tests.conftest import Running
+from tests.helpers import EXECUTOR, field_violations, rpc_error, struct
+
+REDIRECT = "http://127.0.0.1:8976/callback"
+
+
+@pytest.fixture
+def server() -> Iterator[oauthserver.OAuthTestServer]:
+    with oauthserver.running() as s:
+        yield s
+
+
+@pytest.fixture
+def start(make_broker: Callable[..., Any]) -> Callable[..., Any]:
+    """A broker that may reach loopback (the authorization server), with a 30 s refresh margin."""
+
+    async def go(**overrides: Any) -> Running:
+        settings: dict[str, Any] = {
+            "egress": EgressSettings(allow_loopback=True),
+            "oauth_refresh_margin_seconds": 30.0,
+            "oauth_refresh_interval_seconds": 3600.0,
+        }
+        running: Running = await make_broker(**{**settings, **overrides})
+        return running
+
+    return go
+
+
+@pytest.fixture
+async def broker(start: Callable[..., Any]) -> AsyncIterator[Running]:
+    running: Running = await start()
+    yield running
+    await running.close()
+    await running.broker.stop(grace=0)
+
+
+def draft(server: oauthserver.OAuthTestServer, name: str = "calendar", **config: Any) -> pb.ConnectionDraft:
+    values = {
+        "client_id": server.client_id,
+        "authorize_url": server.authorize_url,
+        "token_url": server.token_url,
+        "revocation_url": server.revocation_url,
+        "verify_url": server.userinfo_url,
+        **config,
+    }
+    return pb.ConnectionDraft(
+        name=name, type="oauth2", provider="custom", config=struct(values),
+        secrets={"client_secret": server.client_secret},
+    )  # fmt: skip
+
+
+def follow_authorization(url: str) -> tuple[str, str]:
+    """What the user's browser does: sign in (auto-approved) and land on the redirect."""
+    response = httpx.get(url, follow_redirects=False)
+    assert response.status_code == 302, response.text
+    query = parse_qs(urlsplit(response.headers["location"]).query)
+    assert "error" not in query, query
+    return query["code"][0], query["state"][0]
+
+
+async def authorize(running: Running, server: oauthserver.OAuthTestServer, **config: Any) -> pb.Connection:
+    admin = running.admin()
+    begun = await admin.BeginAuthorization(
+        pb.BeginAuthorizationRequest(
+            draft=draft(server, **config), redirect_uri=REDIRECT, scopes=["calendar"]
+        )
+    )
+    code, state = await asyncio.to_thread(follow_authorization, begun.authorization_url)
+    assert state == begun.state
+    created = await admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=state, code=code))
+    await admin.GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
+    return created
+
+
+async def resolve(running: Running, connection_id: str) -> pb.ResolveResponse:
+    return await running.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id))
+
+
+async def test_authorization_code_with_pkce_creates_a_working_connection(
+    broker: Running, server: oauthserver.OAuthTestServer
+) -> None:
+    created = await authorize(broker, server)
+    assert created.type == "oauth2" and created.status == pb.CONNECTION_STATUS_ACTIVE
+    assert sorted(created.secret_fields) == ["access_token", "client_secret", "refresh_token"]
+    assert list(created.config["scopes"]) == ["calendar"] and created.config["expires_at"]
+    # PKCE: the authorization request carried an S256 challenge, the token request its verifier.
+    (asked,) = server.authorize_requests
+    assert asked["code_challenge_method"] == "S256"
+    (exchange,) = [f for f in server.token_forms if f.get("grant_type") == "authorization_code"]
+    assert oauthserver.s256(exchange["code_verifier"]) == asked["code_challenge"]
+
+    released = await resolve(broker, created.id)
+    assert released.secrets["access_token"] in server.valid_access_tokens()
+    assert released.HasField("expires_at") and 0 < released.cache_ttl_seconds <= 60
+    test = await broker.admin().TestConnection(pb.TestConnectionRequest(id=created.id))
+    assert test.success, test
+
+
+async def test_state_is_single_use_bound_and_expiring(
+    broker: Running, server: oauthserver.OAuthTestServer
+) -> None:
+    admin = broker.admin()
+    begun = await admin.BeginAuthorization(
+        pb.BeginAuthorizationRequest(draft=draft(server), redirect_uri=REDIRECT)
+    )
+    code, state = await asyncio.to_thread(follow_authorization, begun.authorization_url)
+    # Another admin (another tenant) holding the state gets nothing, and burns nothing of ours.
+    other = await rpc_error(
+        broker.admin("admin_b").CompleteAuthorization(pb.CompleteAuthorizationRequest(state=state, code=code))
+    )
+    assert "state" in field_violations(other)
+    await admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=state, code=code))
+    reused = await rpc_error(
+        admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=state, code=code))
+    )
+    assert reused.code() == grpc.StatusCode.INVALID_ARGUMENT and "state" in field_violations(reused)
+
+    second = pb.BeginAuthorizationRequest(draft=draft(server, name="second"), redirect_uri=REDIRECT)
+    begun = await admin.BeginAuthorization(second)
+    code, state = await asyncio.to_thread(follow_authorization, begun.authorization_url)
+    db = sqlite3.connect(broker.broker.settings.storage_path)
+    with db:
+        db.execute("UPDATE oauth_states SET expires_at = 0")
+    db.close()
+    expired = await rpc_error(
+        admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=state, code=code))
+    )
+    assert "state" in field_violations(expired)
+    names = [c.name for c in (await admin.ListConnections(pb.ListConnectionsRequest())).connections]
+    assert names == ["calendar"]
+    bad_redirect = await rpc_error(
+        admin.BeginAuthorization(
+            pb.BeginAuthorizationRequest(draft=draft(server), redirect_uri="http://evil.example/cb")
+        )
+    )
+    assert "redirect_uri" in field_violations(bad_redirect)
+
+
+async def test_100_concurrent_resolves_share_one_refresh(
+    broker: Running, server: oauthserver.OAuthTestServer
+) -> None:
+    server.expires_in = 20  # inside the 30 s margin: the next Resolve must refresh
+    created = await authorize(broker, server)
+    server.expires_in = 3600
+    server.delay = 0.2  # keep the refresh in flight while the calls pile up
+    stub = broker.resolver()
+    replies = await asyncio.gather(
+        *(stub.Resolve(pb.ResolveRequest(connection_id=created.id)) for _ in range(100))
+    )
+    assert server.token_requests["refresh_token"] == 1
+    tokens = {r.secrets["access_token"] for r in replies}
+    assert len(tokens) == 1 and tokens <= server.valid_access_tokens()
+    events = await broker.admin().ListAuditEvents(pb.ListAuditEventsRequest(action="oauth.refresh"))
+    assert len(events.events) == 1 and events.events[0].details["rotated"] == "true"
+
+
+async def test_the_rotated_refresh_token_survives_a_restart(
+    start: Callable[..., Any], server: oauthserver.OAuthTestServer
+) -> None:
+    server.expires_in = 20
+    first: Running = await start()
+    created = await authorize(first, server)
+    before = (await resolve(first, created.id)).secrets["access_token"]  # refreshes (and rotates)
+    assert server.token_requests["refresh_token"] == 1
+    await first.close()
+    await first.broker.stop(grace=0)
+
+    second: Running = await start()
+    after = (await resolve(second, created.id)).secrets[
+        "access_token"
+    ]  # refreshes with the stored rotated token
+    assert server.token_requests["refresh_token"] == 2 and after != before
+    assert after in server.valid_access_tokens()
+    await second.close()
+    await second.broker.stop(grace=0)
+
+
+async def test_a_refresh_cut_off_by_shutdown_is_not_lost(
+    start: Callable[..., Any], server: oauthserver.OAuthTestServer
+) -> None:
+    server.expires_in = 20
+    first: Running = await start()
+    created = await authorize(first, server)
+    arrived, release = threading.Event(), threading.Event()
+
+    async def hold(grant_type: str) -> None:
+        arrived.set()
+        await asyncio.to_thread(release.wait, 10)
+
+    server.before_reply = hold
+    call = asyncio.ensure_future(resolve(first, created.id))
+    assert await asyncio.to_thread(arrived.wait, 10)
+    call.cancel()  # the caller goes away; the broker shuts down while the provider answers
+    stopping = asyncio.ensure_future(first.broker.stop(grace=0))
+    await asyncio.sleep(0.1)
+    release.set()
+    await stopping
+    await first.close()
+    server.before_reply = None
+    assert server.token_requests["refresh_token"] == 1
+
+    second: Running = await start()
+    released = await resolve(second, created.id)  # needs the token the cut-off refresh stored
+    assert server.token_requests["refresh_token"] == 2
+    assert released.secrets["access_token"] in server.valid_access_tokens()
+    await second.close()
+    await second.broker.stop(grace=0)
+
+
+@pytest.mark.parametrize("jwt", [True, False], ids=["jwt-exp", "default-lifetime"])
+async def test_missing_expires_in_never_leaves_expiry_unknown(start: Callable[..., Any], jwt: bool) -> None:
+    with oauthserver.running(send_expires_in=False, jwt_tokens=jwt, expires_in=7200) as server:
+        running: Running = await start(oauth_default_token_lifetime_seconds=900.0)
+        created = await authorize(running, server)
+        expires_at = datetime.fromisoformat(created.config["expires_at"])
+        expected = timedelta(seconds=7200 if jwt else 900)
+        assert abs(expires_at - datetime.now(UTC) - expected) < timedelta(seconds=10)
+        events = await running.admin().ListAuditEvents(pb.ListAuditEventsRequest(action="connection.create"))
+        assert events.events
+        await running.close()
+        await running.broker.stop(grace=0)
+
+
+async def test_invalid_grant_expires_the_connection_until_reauthorized(
+    broker: Running, server: oauthserver.OAuthTestServer
+) -> None:
+    server.expires_in = 20
+    created = await authorize(broker, server)
+    server.invalid_grant_next()
+    error = await rpc_error(resolve(broker, created.id))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "re-authorization" in error.details()
+    admin = broker.admin()
+    expired = await admin.GetConnection(pb.GetConnectionRequest(id=created.id))
+    assert expired.status == pb.CONNECTION_STATUS_EXPIRED
+    listed = await admin.ListConnections(pb.ListConnectionsRequest(status=pb.CONNECTION_STATUS_EXPIRED))
+    assert [c.id for c in listed.connections] == [created.id]
+    again = await rpc_error(resolve(broker, created.id))  # no second call to the provider
+    assert again.code() == grpc.StatusCode.FAILED_PRECONDITION and server.token_requests["refresh_token"] == 1
+
+    server.expires_in = 3600
+    begun = await admin.BeginAuthorization(
+        pb.BeginAuthorizationRequest(connection_id=created.id, redirect_uri=REDIRECT)
+    )
+    code, state = await asyncio.to_thread(follow_authorization, begun.authorization_url)
+    recovered = await admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=state, code=code))
+    assert recovered.id == created.id and recovered.status == pb.CONNECTION_STATUS_ACTIVE
+    assert (await resolve(broker, created.id)).secrets["access_token"] in server.valid_access_tokens()
+    actions = [
+        e.action
+        for e in (await admin.ListAuditEvents(pb.ListAuditEventsRequest(connection_id=created.id))).events
+    ]
+    assert "oauth.expired" in actions and "oauth.authorize" in actions
+    (authorized,) = [
+        e for e in (await admin.ListAuditEvents(pb.ListAuditEventsRequest(action="oauth.authorize"))).events
+    ]
+    assert authorized.details["recovered"] == "true"
+
+
+async def test_a_transient_failure_serves_the_still_valid_token(
+    broker: Running, server: oauthserver.OAuthTestServer
+) -> None:
+    server.expires_in = 20  # still valid, but inside the margin
+    created = await authorize(broker, server)
+    current = server.valid_access_tokens()
+    server.fail_next(3, status=503)
+    released = await resolve(broker, created.id)
+    assert released.secrets["access_token"] in current
+    assert server.token_requests["refresh_token"] == 3  # retried with backoff
+    status = (await broker.admin().GetConnection(pb.GetConnectionRequest(id=created.id))).status
+    assert status == pb.CONNECTION_STATUS_ACTIVE
+    failed = await broker.admin().ListAuditEvents(pb.ListAuditEventsRequest(action="oauth.refresh"))
+    assert [e.outcome for e in failed.events] == ["failed"]
+
+
+async def test_client_credentials_fetch_on_demand_and_keep_until_near_expiry(
+    broker: Running, server: oauthserver.OAuthTestServer
+) -> None:
+    admin = broker.admin()
+    config = {
+        "client_id": server.client_id, "token_url": server.token_url, "grant_type": "client_credentials",
+        "scopes": ["reports"],
+    }  # fmt: skip
+    created = await admin.CreateConnection(
+        pb.CreateConnectionRequest(
+            name="machine", type="oauth2", provider="custom", config=struct(config),
+            secrets={"client_secret": server.client_secret},
+        )
+    )  # fmt: skip
+    await admin.GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
+    first = await resolve(broker, created.id)
+    second = await resolve(broker, created.id)
+    assert first.secrets["access_token"] == second.secrets["access_token"]
+    assert server.token_requests["client_credentials"] == 1
+
+
+async def test_revoke_calls_the_providers_revocation_endpoint(
+    broker: Running, server: oauthserver.OAuthTestServer
+) -> None:
+    created = await authorize(broker, server)
+    await broker.admin().RevokeConnection(pb.RevokeConnectionRequest(id=created.id, reason="offboarding"))
+    assert server.revocation_requests == 1 and server.revoked
+    (event,) = (
+        await broker.admin().ListAuditEvents(pb.ListAuditEventsRequest(action="connection.revoke"))
+    ).events
+    assert event.details["upstream_revocation"] == "revoked"
+
+
+async def test_no_oauth_secret_reaches_logs_audit_or_errors(
+    broker: Running, server: oauthserver.OAuthTestServer
+) -> None:
+    server.expires_in = 20
+    created = await authorize(broker, server)
+    await resolve(broker, created.id)
+    server.invalid_grant_next()
+    server.expires_in = 20
+    error = await rpc_error(resolve(broker, created.id))
+    audit = await broker.admin().ListAuditEvents(pb.ListAuditEventsRequest(page_size=1000))
+    secrets = [server.client_secret, *server.access_tokens, *server.refresh_tokens]
+    secrets += [f["code"] for f in server.token_forms if "code" in f]
+    secrets += [f["code_verifier"] for f in server.token_forms if "code_verifier" in f]
+    haystack = broker.logs.getvalue() + str(audit) + str(error.details()) + str(error.trailing_metadata())
+    haystack += str(await broker.admin().GetConnection(pb.GetConnectionRequest(id=created.id)))
+    for secret in secrets:
+        assert secret not in haystack
