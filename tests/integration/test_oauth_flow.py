@@ -341,3 +341,16 @@ async def test_no_oauth_secret_reaches_logs_audit_or_errors(
     haystack += str(await broker.admin().GetConnection(pb.GetConnectionRequest(id=created.id)))
     for secret in secrets:
         assert secret not in haystack
+
+
+async def test_the_background_refresher_renews_tokens_before_anyone_asks(
+    broker: Running, server: oauthserver.OAuthTestServer
+) -> None:
+    server.expires_in = 20  # inside the margin
+    created = await authorize(broker, server)
+    server.expires_in = 3600
+    assert await broker.broker.oauth.refresh_due() == 1
+    assert server.token_requests["refresh_token"] == 1
+    await resolve(broker, created.id)  # served from the renewed token: no refresh on the hot path
+    assert server.token_requests["refresh_token"] == 1
+    assert await broker.broker.oauth.refresh_due() == 0
