@@ -23,6 +23,8 @@ naming the setting, raised at start-up.
     [server]
     grace_seconds = 20              # BROKER_SERVER_GRACE_SECONDS
     reflection = true               # BROKER_SERVER_REFLECTION
+    [metrics]
+    listen = "127.0.0.1:9464"       # Prometheus /metrics; "" turns it off (BROKER_METRICS_LISTEN)
     [oauth]
     refresh_margin_seconds = 300    # a token expiring sooner is refreshed before Resolve returns it
     default_token_lifetime_seconds = 3600   # when the provider gives no expires_in and no JWT exp
@@ -85,6 +87,7 @@ class Settings:
     grace_seconds: float = 20.0
     reflection: bool = True
     tests_per_minute: int = 30
+    metrics_listen: str = "127.0.0.1:9464"
     oauth_refresh_margin_seconds: float = 300.0
     oauth_default_token_lifetime_seconds: float = 3600.0
     oauth_refresh_interval_seconds: float = 30.0
@@ -265,6 +268,20 @@ def _egress(src: _Source) -> EgressSettings:
     )
 
 
+def _metrics_address(src: _Source) -> str:
+    value, name = src.raw("metrics", "listen")
+    if value is None:
+        return "127.0.0.1:9464"
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be host:port, or empty to turn metrics off")
+    if not value.strip():
+        return ""
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{name} must be host:port, or empty to turn metrics off")
+    return value.strip()
+
+
 def _build(src: _Source) -> Settings:
     tls = TlsFiles(
         cert=src.required_path("tls", "cert"),
@@ -294,6 +311,7 @@ def _build(src: _Source) -> Settings:
         grace_seconds=src.number("server", "grace_seconds", 20.0, 0, 600),
         reflection=src.flag("server", "reflection", True),
         tests_per_minute=int(src.number("testing", "tests_per_minute", 30, 1, 100_000)),
+        metrics_listen=_metrics_address(src),
         oauth_refresh_margin_seconds=src.number("oauth", "refresh_margin_seconds", 300, 0, 86400),
         oauth_default_token_lifetime_seconds=src.number(
             "oauth", "default_token_lifetime_seconds", 3600, 60, 86400 * 30

@@ -14,13 +14,16 @@ import asyncio
 import signal
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from broker import log as broker_log
+from broker import metrics
 from broker._proto import broker_pb2, broker_pb2_grpc
 from broker.api.admin import AdminServicer
 from broker.api.interceptors import CallInterceptor
@@ -82,6 +85,8 @@ class Broker:
         self._servers: list[grpc.aio.Server] = []
         self._health: list[health.aio.HealthServicer] = []
         self._ports: list[int] = []
+        self._metrics_server: Any = None
+        self.metrics_port = 0
         self._stopped = False
 
     async def start(self) -> None:
@@ -140,6 +145,7 @@ class Broker:
             raise
         self.resolver.start()
         self.oauth.start()
+        self.metrics_port = self._start_metrics()
         for checker, service in zip(self._health, (ADMIN_SERVICE, RESOLVE_SERVICE), strict=True):
             await checker.set(service, health_pb2.HealthCheckResponse.SERVING)
             await checker.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -149,6 +155,21 @@ class Broker:
             resolve=f"{settings.resolve_addr.rpartition(':')[0]}:{self.resolve_port}",
             master_key_id=keyring.active.id,
         )
+
+    def _start_metrics(self) -> int:
+        """Serve /metrics on its own port; 0 when turned off."""
+        if not self.settings.metrics_listen:
+            return 0
+        host, _, port = self.settings.metrics_listen.rpartition(":")
+        try:
+            self._metrics_server, _thread = start_http_server(
+                int(port), host.strip("[]"), registry=metrics.REGISTRY
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"metrics.listen: cannot listen on {self.settings.metrics_listen}: {exc.strerror}"
+            ) from None
+        return int(self._metrics_server.server_port)
 
     def _listener(self, service: str, addr: str, credentials: grpc.ServerCredentials) -> grpc.aio.Server:
         """A server bound to `addr` with the call interceptor and a health service (NOT_SERVING yet)."""
@@ -181,6 +202,9 @@ class Broker:
         await asyncio.gather(*(server.stop(grace) for server in self._servers))
         await self.oauth.close()
         await self.resolver.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         await self.audit.close()
         await self.store.close()
         log.info("broker_stopped")

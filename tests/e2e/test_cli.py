@@ -76,7 +76,7 @@ def dev_broker(tmp_path: Path) -> Iterator[DevBroker]:
     admin, resolve = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     stdout, stderr = tmp_path / "broker.out", tmp_path / "broker.err"
     argv = [sys.executable, "-m", "broker.cli.broker", "dev", "--data-dir", str(data_dir)]
-    argv += ["--admin-addr", admin, "--resolve-addr", resolve]
+    argv += ["--admin-addr", admin, "--resolve-addr", resolve, "--metrics-addr", f"127.0.0.1:{free_port()}"]
     # Files, not pipes: a chatty server must never block on a full pipe nobody reads.
     with stdout.open("wb") as out, stderr.open("wb") as err:
         process = subprocess.Popen(argv, stdout=out, stderr=err, cwd=tmp_path)

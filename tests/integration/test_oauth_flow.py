@@ -14,6 +14,7 @@ import grpc
 import httpx
 import pytest
 
+from broker import metrics
 from broker._proto import broker_pb2 as pb
 from broker.egress import EgressSettings
 from tests import oauthserver
@@ -89,6 +90,10 @@ async def authorize(running: Running, server: oauthserver.OAuthTestServer, **con
     created = await admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=state, code=code))
     await admin.GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
     return created
+
+
+def expired_count() -> float:
+    return metrics.REGISTRY.get_sample_value("broker_oauth_refreshes_total", {"outcome": "expired"}) or 0.0
 
 
 async def resolve(running: Running, connection_id: str) -> pb.ResolveResponse:
@@ -246,8 +251,10 @@ async def test_invalid_grant_expires_the_connection_until_reauthorized(
     server.expires_in = 20
     created = await authorize(broker, server)
     server.invalid_grant_next()
+    expired_before = expired_count()
     error = await rpc_error(resolve(broker, created.id))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "re-authorization" in error.details()
+    assert expired_count() == expired_before + 1
     admin = broker.admin()
     expired = await admin.GetConnection(pb.GetConnectionRequest(id=created.id))
     assert expired.status == pb.CONNECTION_STATUS_EXPIRED

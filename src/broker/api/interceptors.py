@@ -20,6 +20,7 @@ import grpc
 import structlog
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from broker import metrics
 from broker.api import convert
 from broker.api.identity import principal_from_context
 from broker.errors import BrokerError, ConnectionTestFailed, InvalidArgument, PermissionDenied
@@ -79,6 +80,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or role is None or handler.unary_unary is None:
             return handler  # health checking and reflection: the TLS layer already required a client cert
         method = details.method
+        service_name, method_name = service.rpartition(".")[2], method.rpartition("/")[2]
         inner = handler.unary_unary
         trust_domain = self._trust_domain
 
@@ -114,7 +116,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         (("x-request-id", request_id),),
                     )
                 finally:
-                    elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
+                    elapsed = time.perf_counter() - started
+                    metrics.RPCS.labels(service_name, method_name, outcome).inc()
+                    metrics.RPC_SECONDS.labels(service_name, method_name).observe(elapsed)
+                    elapsed_ms = round(elapsed * 1000, 2)
                     log.info("rpc", status=outcome, ms=elapsed_ms, principal=caller, peer=context.peer())
                 await context.abort(abort[0], abort[1], trailing_metadata=abort[2])
 

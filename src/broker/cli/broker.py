@@ -7,6 +7,7 @@ and 2 for a bad setting, a bad master key or a file that would be overwritten.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ PROG = "broker"
 _DEV_DIR = Path(".broker-dev")
 _ADMIN_ADDR = "127.0.0.1:50051"
 _RESOLVE_ADDR = "127.0.0.1:50052"
+_METRICS_ADDR = "127.0.0.1:9464"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "certs":
             return _certs(args)
         if args.command == "dev":
-            settings = _prepare_dev(args.data_dir, args.admin_addr, args.resolve_addr)
+            settings = _prepare_dev(args.data_dir, args.admin_addr, args.resolve_addr, args.metrics_addr)
         else:
             settings = Settings.load(args.config)
     except (ConfigError, ValueError, OSError) as exc:
@@ -58,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=_DEV_DIR, help="default ./.broker-dev")
     p.add_argument("--admin-addr", default=_ADMIN_ADDR, help=f"default {_ADMIN_ADDR}")
     p.add_argument("--resolve-addr", default=_RESOLVE_ADDR, help=f"default {_RESOLVE_ADDR}")
+    p.add_argument(
+        "--metrics-addr",
+        default=_METRICS_ADDR,
+        help=f"Prometheus /metrics (default {_METRICS_ADDR}; '' for none)",
+    )
 
     p = sub.add_parser("serve", help="run the broker from a config file and BROKER_* variables")
     p.add_argument("--config", type=Path, required=True, metavar="FILE", help="TOML settings file")
@@ -91,10 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _prepare_dev(data_dir: Path, admin_addr: str, resolve_addr: str) -> Settings:
+def _prepare_dev(data_dir: Path, admin_addr: str, resolve_addr: str, metrics_addr: str) -> Settings:
     created = pki.ensure_dev_layout(data_dir)
     print(_banner(data_dir, admin_addr, resolve_addr, created), file=sys.stderr, flush=True)
-    return Settings.for_dev(data_dir, admin_addr, resolve_addr)
+    return dataclasses.replace(
+        Settings.for_dev(data_dir, admin_addr, resolve_addr), metrics_listen=metrics_addr
+    )
 
 
 def _run(settings: Settings) -> int:

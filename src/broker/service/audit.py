@@ -14,9 +14,11 @@ same transaction as the change itself.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import structlog
 
+from broker import metrics
 from broker.errors import InvalidArgument, Unavailable
 from broker.model import AuditEvent, AuditFilter
 from broker.service import paging
@@ -48,8 +50,11 @@ class AuditLog:
         while self._pending:
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]
+            started = time.perf_counter()
             try:
                 await self._store.append_audit([event for event, _ in batch])
+                metrics.AUDIT_WRITE_SECONDS.observe(time.perf_counter() - started)
+                metrics.AUDIT_BATCH_SIZE.observe(len(batch))
             except Exception as exc:
                 log.error("audit_write_failed", batch_size=len(batch), error_type=type(exc).__name__)
                 for _, future in batch:

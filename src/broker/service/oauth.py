@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from broker import crypto, oauth
+from broker import crypto, metrics, oauth
 from broker.crypto import Binding, DecryptionFailed, Keyring
 from broker.egress import Blocked, DnsFailure, EgressPolicy
 from broker.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
@@ -334,6 +334,7 @@ class OAuthService:
             except (Blocked, DnsFailure) as exc:
                 failure = type(exc).__name__
                 break
+            metrics.OAUTH_REFRESHES.labels("refreshed").inc()
             return await self._store_tokens(record, secrets, tokens, "oauth.refresh", SYSTEM_ACTOR, "")
         return await self._refresh_failed(record, failure)
 
@@ -344,7 +345,9 @@ class OAuthService:
         log.warning("oauth_refresh_failed", connection_id=record.id, reason=failure)
         expires = record.token_expires_at
         if expires is not None and expires > now:
+            metrics.OAUTH_REFRESHES.labels("served_stale").inc()
             return record
+        metrics.OAUTH_REFRESHES.labels("failed").inc()
         raise Unavailable(
             f"the token of connection {record.id} expired and the provider could not refresh it"
         )
@@ -375,6 +378,7 @@ class OAuthService:
             return latest or record
         finally:
             self._cache.invalidate_connection(record.tenant, record.id)
+        metrics.OAUTH_REFRESHES.labels("expired").inc()
         log.warning("oauth_connection_expired", connection_id=record.id, reason=reason)
         return marked
 

@@ -17,6 +17,7 @@ from datetime import datetime
 
 import structlog
 
+from broker import metrics
 from broker.crypto import Keyring
 from broker.errors import (
     FailedPrecondition,
@@ -90,12 +91,14 @@ class Resolver:
         if name and record is None:
             details["name"] = name
         if reason:
+            metrics.RESOLVES.labels("denied", reason).inc()
             await self._audit.append(call.audit_event(now, RESOLVE, ref_id, Outcome.DENIED, reason, details))
             raise PermissionDenied(DENIED_MESSAGE)
         assert record is not None
         try:
             secrets = open_secrets(self._keyring, record)
         except SecretUnavailable:
+            metrics.RESOLVES.labels("failed", "decrypt_failed").inc()
             await self._audit.append(
                 call.audit_event(now, RESOLVE, ref_id, Outcome.FAILED, "decrypt_failed", details)
             )
@@ -110,10 +113,12 @@ class Resolver:
                 await self._audit.append(event)
                 raise
             except Unavailable:
+                metrics.RESOLVES.labels("failed", "token_unavailable").inc()
                 event = call.audit_event(now, RESOLVE, ref_id, Outcome.FAILED, "token_unavailable", details)
                 await self._audit.append(event)
                 raise
         await self._audit.append(call.audit_event(now, RESOLVE, ref_id, Outcome.ALLOWED, "", details))
+        metrics.RESOLVES.labels("allowed", "").inc()
         self._last_used[(record.tenant, record.id)] = now
         expires_at = record.token_expires_at
         ttl = self._cache_ttl
@@ -128,15 +133,18 @@ class Resolver:
             cached_id = cache.connection_id_by_name(tenant, name)
             record = cache.connection(tenant, cached_id) if cached_id else None
             if record is not None and record.name == name and record.live:
+                metrics.RESOLVE_CACHE.labels("hit").inc()
                 return record
             generation = cache.generation
             record = await self._store.find_connection_by_name(tenant, name)
         else:
             record = cache.connection(tenant, connection_id)
             if record is not None:
+                metrics.RESOLVE_CACHE.labels("hit").inc()
                 return record
             generation = cache.generation
             record = await self._store.get_connection(tenant, connection_id)
+        metrics.RESOLVE_CACHE.labels("miss").inc()
         if record is not None:
             cache.put_connection(record, generation)
         return record

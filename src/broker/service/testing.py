@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from broker import metrics
 from broker.crypto import Keyring
 from broker.egress import EgressPolicy
 from broker.errors import ConnectionTestFailed, FailedPrecondition
@@ -87,7 +88,9 @@ class TestingService:
 
     async def _run(self, call: Call, target: Target) -> TestResult:
         self._limiter.check(call.actor, "connection tests")
-        return await run_test(target, self._egress)
+        result = await run_test(target, self._egress)
+        metrics.CONNECTION_TESTS.labels(target.type, result.category.value).inc()
+        return result
 
     async def test_stored(self, call: Call, connection_id: str) -> TestResult:
         """Test a stored connection and keep the result on it."""

@@ -1,0 +1,62 @@
+"""Prometheus metrics: one registry, served on its own port (`[metrics] listen`).
+
+No label ever holds a secret or an unbounded value: no connection names, ids or
+principals. Labels are methods, status codes, connection types, outcomes and
+reasons from fixed sets.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+RPCS = Counter(
+    "broker_rpcs",
+    "RPCs handled, by service, method and status code.",
+    ["service", "method", "code"],
+    registry=REGISTRY,
+)
+RPC_SECONDS = Histogram(
+    "broker_rpc_duration_seconds",
+    "RPC latency, by service and method.",
+    ["service", "method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+RESOLVES = Counter(
+    "broker_resolves",
+    "Resolve outcomes: allowed, or denied/failed by reason.",
+    ["outcome", "reason"],
+    registry=REGISTRY,
+)
+RESOLVE_CACHE = Counter(
+    "broker_resolve_cache_lookups",
+    "Resolve cache lookups, by result (hit or miss).",
+    ["result"],
+    registry=REGISTRY,
+)
+CONNECTION_TESTS = Counter(
+    "broker_connection_tests",
+    "Connection tests, by type and category.",
+    ["type", "category"],
+    registry=REGISTRY,
+)
+OAUTH_REFRESHES = Counter(
+    "broker_oauth_refreshes",
+    "OAuth2 token refreshes, by outcome (refreshed, expired, failed, served_stale).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+AUDIT_WRITE_SECONDS = Histogram(
+    "broker_audit_write_duration_seconds",
+    "Time to durably write one group-committed batch of audit events.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+    registry=REGISTRY,
+)
+AUDIT_BATCH_SIZE = Histogram(
+    "broker_audit_batch_size",
+    "Audit events per group-committed batch.",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
+    registry=REGISTRY,
+)
