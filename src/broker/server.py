@@ -203,7 +203,8 @@ class Broker:
         await self.oauth.close()
         await self.resolver.close()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
+            # shutdown() waits for the serving thread's next poll: not on the event loop.
+            await asyncio.to_thread(self._metrics_server.shutdown)
             self._metrics_server.server_close()
         await self.audit.close()
         await self.store.close()

@@ -11,7 +11,8 @@ from tests.helpers import EXECUTOR, db_request, rpc_error, struct
 CANARY = "CANARY-metrics-9c1d0e"
 
 
-async def test_metrics_after_a_session(running: Running) -> None:
+async def test_metrics_after_a_session(make_broker) -> None:  # type: ignore[no-untyped-def]
+    running: Running = await make_broker(metrics_listen="127.0.0.1:0")
     admin = running.admin()
     created = await admin.CreateConnection(db_request(name="payroll-db-prod", password=CANARY))
     await admin.GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
@@ -45,3 +46,5 @@ async def test_metrics_after_a_session(running: Running) -> None:
     assert 'broker_connection_tests_total{category="blocked_by_policy",type="http"}' in text
     for forbidden in (CANARY, "payroll-db-prod", created.id, "spiffe://", "executor/demo"):
         assert forbidden not in text, forbidden
+    await running.close()
+    await running.broker.stop(grace=0)
