@@ -45,6 +45,8 @@ class ConnectionStatus(enum.StrEnum):
     DELETED = "deleted"
     # An OAuth2 connection the provider refused to refresh: it needs re-authorization.
     EXPIRED = "expired"
+    # Stopped by the security monitor until an admin reinstates it.
+    SUSPENDED = "suspended"
 
 
 class TestStatus(enum.StrEnum):
@@ -146,6 +148,8 @@ class ConnectionRecord:
     last_test: TestResult | None = None
     # Set when an OAuth2 refresh was refused (invalid_grant); cleared by re-authorization.
     reauth_required_at: datetime | None = None
+    # Set by the security monitor; cleared only by ReinstateConnection.
+    suspended_at: datetime | None = None
 
     @property
     def etag(self) -> str:
@@ -158,11 +162,13 @@ class ConnectionRecord:
 
     @property
     def presented_status(self) -> ConnectionStatus:
-        """What admins see: deleted, else revoked, else expired (needs re-authorization), else active."""
+        """What admins see: deleted, revoked, suspended, expired (needs re-authorization), else active."""
         if self.deleted_at is not None:
             return ConnectionStatus.DELETED
         if self.status is ConnectionStatus.REVOKED:
             return ConnectionStatus.REVOKED
+        if self.suspended_at is not None:
+            return ConnectionStatus.SUSPENDED
         if self.reauth_required_at is not None:
             return ConnectionStatus.EXPIRED
         return ConnectionStatus.ACTIVE
@@ -217,6 +223,9 @@ class AuditEvent:
     peer: str = ""
     details: dict[str, str] = field(default_factory=dict)
     id: int = 0
+    # The hash chain, set by the store when the event is appended.
+    hash: str = ""
+    prev_hash: str = ""
 
 
 @dataclass(frozen=True, slots=True)

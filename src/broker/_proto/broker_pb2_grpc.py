@@ -134,6 +134,26 @@ class AdminServiceStub:
                 request_serializer=broker_dot_v1_dot_broker__pb2.CompleteAuthorizationRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_broker__pb2.Connection.FromString,
                 _registered_method=True)
+        self.ReinstateConnection = channel.unary_unary(
+                '/broker.v1.AdminService/ReinstateConnection',
+                request_serializer=broker_dot_v1_dot_broker__pb2.ReinstateConnectionRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.Connection.FromString,
+                _registered_method=True)
+        self.ListSecurityEvents = channel.unary_unary(
+                '/broker.v1.AdminService/ListSecurityEvents',
+                request_serializer=broker_dot_v1_dot_broker__pb2.ListSecurityEventsRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.ListSecurityEventsResponse.FromString,
+                _registered_method=True)
+        self.VerifyAuditLog = channel.unary_unary(
+                '/broker.v1.AdminService/VerifyAuditLog',
+                request_serializer=broker_dot_v1_dot_broker__pb2.VerifyAuditLogRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.VerifyAuditLogResponse.FromString,
+                _registered_method=True)
+        self.ExportAuditEvents = channel.unary_stream(
+                '/broker.v1.AdminService/ExportAuditEvents',
+                request_serializer=broker_dot_v1_dot_broker__pb2.ExportAuditEventsRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.AuditEvent.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -257,6 +277,31 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReinstateConnection(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSecurityEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyAuditLog(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportAuditEvents(self, request, context):
+        """Oldest first, as JSON-able events, for shipping to long-term storage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -354,6 +399,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.CompleteAuthorization,
                     request_deserializer=broker_dot_v1_dot_broker__pb2.CompleteAuthorizationRequest.FromString,
                     response_serializer=broker_dot_v1_dot_broker__pb2.Connection.SerializeToString,
+            ),
+            'ReinstateConnection': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReinstateConnection,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.ReinstateConnectionRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.Connection.SerializeToString,
+            ),
+            'ListSecurityEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSecurityEvents,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.ListSecurityEventsRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.ListSecurityEventsResponse.SerializeToString,
+            ),
+            'VerifyAuditLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyAuditLog,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.VerifyAuditLogRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.VerifyAuditLogResponse.SerializeToString,
+            ),
+            'ExportAuditEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportAuditEvents,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.ExportAuditEventsRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.AuditEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -873,6 +938,114 @@ class AdminService:
             '/broker.v1.AdminService/CompleteAuthorization',
             broker_dot_v1_dot_broker__pb2.CompleteAuthorizationRequest.SerializeToString,
             broker_dot_v1_dot_broker__pb2.Connection.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReinstateConnection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.AdminService/ReinstateConnection',
+            broker_dot_v1_dot_broker__pb2.ReinstateConnectionRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.Connection.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSecurityEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.AdminService/ListSecurityEvents',
+            broker_dot_v1_dot_broker__pb2.ListSecurityEventsRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.ListSecurityEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyAuditLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.AdminService/VerifyAuditLog',
+            broker_dot_v1_dot_broker__pb2.VerifyAuditLogRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.VerifyAuditLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/broker.v1.AdminService/ExportAuditEvents',
+            broker_dot_v1_dot_broker__pb2.ExportAuditEventsRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.AuditEvent.FromString,
             options,
             channel_credentials,
             insecure,

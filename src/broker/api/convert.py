@@ -28,6 +28,7 @@ _STATUS_TO_PB = {
     ConnectionStatus.REVOKED: pb.CONNECTION_STATUS_REVOKED,
     ConnectionStatus.DELETED: pb.CONNECTION_STATUS_DELETED,
     ConnectionStatus.EXPIRED: pb.CONNECTION_STATUS_EXPIRED,
+    ConnectionStatus.SUSPENDED: pb.CONNECTION_STATUS_SUSPENDED,
 }
 STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
 _TEST_STATUS_TO_PB = {
@@ -143,6 +144,8 @@ def audit_event(event: AuditEvent) -> pb.AuditEvent:
         request_id=event.request_id,
         peer=event.peer,
         details=event.details,
+        hash=event.hash,
+        prev_hash=event.prev_hash,
     )
 
 
