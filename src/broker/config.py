@@ -29,8 +29,12 @@ naming the setting, raised at start-up.
     refresh_margin_seconds = 300    # a token expiring sooner is refreshed before Resolve returns it
     default_token_lifetime_seconds = 3600   # when the provider gives no expires_in and no JWT exp
     refresh_interval_seconds = 30   # how often the background refresher looks for expiring tokens
+    [limits]                        # token buckets per principal and class of call
+    resolve_per_second = 200        # sustained Resolves per executor (burst: resolve_burst)
+    resolve_burst = 400
+    admin_writes_per_minute = 600   # creates, updates, grants... per admin (burst: a minute's worth)
+    tests_per_minute = 30           # connection tests and tool discovery per admin
     [testing]
-    tests_per_minute = 30           # per principal, tests and tool discovery together
     stale_after_days = 7            # a success older than this marks the connection stale
     [egress]                        # outbound calls made for connection tests and discovery
     allow_loopback = false          # BROKER_EGRESS_ALLOW_LOOPBACK (`broker dev` allows it)
@@ -87,6 +91,9 @@ class Settings:
     grace_seconds: float = 20.0
     reflection: bool = True
     tests_per_minute: int = 30
+    resolve_per_second: float = 200.0
+    resolve_burst: int = 400
+    admin_writes_per_minute: int = 600
     metrics_listen: str = "127.0.0.1:9464"
     oauth_refresh_margin_seconds: float = 300.0
     oauth_default_token_lifetime_seconds: float = 3600.0
@@ -310,7 +317,10 @@ def _build(src: _Source) -> Settings:
         log_level=level,
         grace_seconds=src.number("server", "grace_seconds", 20.0, 0, 600),
         reflection=src.flag("server", "reflection", True),
-        tests_per_minute=int(src.number("testing", "tests_per_minute", 30, 1, 100_000)),
+        tests_per_minute=int(src.number("limits", "tests_per_minute", 30, 1, 100_000)),
+        resolve_per_second=src.number("limits", "resolve_per_second", 200, 0.01, 1_000_000),
+        resolve_burst=int(src.number("limits", "resolve_burst", 400, 1, 1_000_000)),
+        admin_writes_per_minute=int(src.number("limits", "admin_writes_per_minute", 600, 1, 1_000_000)),
         metrics_listen=_metrics_address(src),
         oauth_refresh_margin_seconds=src.number("oauth", "refresh_margin_seconds", 300, 0, 86400),
         oauth_default_token_lifetime_seconds=src.number(

@@ -99,7 +99,13 @@ class Aborted(BrokerError):
 
 
 class ResourceExhausted(BrokerError):
+    """Over a rate limit; `retry_after` seconds until a call would be accepted."""
+
     status = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Unavailable(BrokerError):

@@ -60,3 +60,18 @@ AUDIT_BATCH_SIZE = Histogram(
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
     registry=REGISTRY,
 )
+RATE_LIMITED = Counter(
+    "broker_rate_limited", "Calls refused by a rate limit, by class of call.", ["kind"], registry=REGISTRY
+)
+SECURITY_EVENTS = Counter(
+    "broker_security_events",
+    "Security events raised by the monitor, by rule.",
+    ["rule"],
+    registry=REGISTRY,
+)
+SECURITY_ALERTS = Counter(
+    "broker_security_alert_deliveries",
+    "Security events POSTed to the alert webhook, by outcome (delivered, failed, dropped).",
+    ["outcome"],
+    registry=REGISTRY,
+)

@@ -27,6 +27,7 @@ from broker import metrics
 from broker._proto import broker_pb2, broker_pb2_grpc
 from broker.api.admin import AdminServicer
 from broker.api.interceptors import CallInterceptor
+from broker.api.ratelimit import RateLimitInterceptor
 from broker.api.resolve import ResolveServicer
 from broker.config import Settings
 from broker.egress import EgressPolicy
@@ -38,7 +39,7 @@ from broker.service.cache import ResolveCache
 from broker.service.connections import Clock, ConnectionService, utc_now
 from broker.service.keycheck import verify_keyring
 from broker.service.oauth import OAuthService, OAuthSettings
-from broker.service.ratelimit import RateLimiter
+from broker.service.ratelimit import Limit, RateLimits
 from broker.service.resolve import Resolver
 from broker.service.testing import TestingService
 from broker.store.sqlite import SqliteStore
@@ -74,6 +75,19 @@ def _oauth_settings(settings: Settings) -> OAuthSettings:
     )
 
 
+def _rate_limits(settings: Settings, audit: AuditLog, clock: Clock) -> RateLimits:
+    per_minute = (settings.admin_writes_per_minute, settings.tests_per_minute)
+    return RateLimits(
+        {
+            "resolve": Limit(settings.resolve_per_second, settings.resolve_burst),
+            "admin_write": Limit(per_minute[0] / 60, per_minute[0]),
+            "test": Limit(per_minute[1] / 60, per_minute[1]),
+        },
+        audit,
+        clock,
+    )
+
+
 class Broker:
     """The running service. `start()` binds both listeners; `stop()` drains and closes."""
 
@@ -100,6 +114,7 @@ class Broker:
             await verify_keyring(self.store, keyring)
             cache = ResolveCache()
             self.audit = AuditLog(self.store)
+            self._limits = _rate_limits(settings, self.audit, self._clock)
             egress = EgressPolicy(settings.egress)
             self.oauth = OAuthService(
                 self.store, keyring, self.audit, egress, cache, self._clock, _oauth_settings(settings)
@@ -118,7 +133,6 @@ class Broker:
                 keyring,
                 self.audit,
                 egress,
-                RateLimiter(rate=settings.tests_per_minute / 60, burst=settings.tests_per_minute),
                 self._clock,
                 stale_after=timedelta(days=settings.stale_after_days),
                 discover=discover_tools,
@@ -174,7 +188,11 @@ class Broker:
     def _listener(self, service: str, addr: str, credentials: grpc.ServerCredentials) -> grpc.aio.Server:
         """A server bound to `addr` with the call interceptor and a health service (NOT_SERVING yet)."""
         server = grpc.aio.server(
-            interceptors=[CallInterceptor(self.settings.trust_domain, _ROLES)],
+            # Identity and error mapping first; the rate limit runs inside it, for a known caller.
+            interceptors=[
+                CallInterceptor(self.settings.trust_domain, _ROLES),
+                RateLimitInterceptor(self._limits),
+            ],
             # gRPC sets SO_REUSEPORT by default: a second broker would silently share the port.
             options=[("grpc.so_reuseport", 0)],
         )

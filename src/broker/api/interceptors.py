@@ -14,6 +14,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -23,7 +24,13 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from broker import metrics
 from broker.api import convert
 from broker.api.identity import principal_from_context
-from broker.errors import BrokerError, ConnectionTestFailed, InvalidArgument, PermissionDenied
+from broker.errors import (
+    BrokerError,
+    ConnectionTestFailed,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from broker.model import Role
 from broker.service.context import Call
 
@@ -58,6 +65,12 @@ def _abort_args(error: BrokerError, request_id: str) -> tuple[Any, str, tuple[tu
         )
         status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=error.message)
         status.details.add().Pack(bad_request)
+        trailers.append((_STATUS_DETAILS_KEY, status.SerializeToString()))
+    elif isinstance(error, ResourceExhausted) and error.retry_after > 0:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromTimedelta(timedelta(seconds=error.retry_after))
+        status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=error.message)
+        status.details.add().Pack(retry)
         trailers.append((_STATUS_DETAILS_KEY, status.SerializeToString()))
     elif isinstance(error, ConnectionTestFailed):
         status = status_pb2.Status(code=code_pb2.FAILED_PRECONDITION, message=error.message)

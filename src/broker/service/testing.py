@@ -1,8 +1,9 @@
 """Testing connections and discovering MCP tools, always through the egress policy.
 
 Every test is audited (category and stage, never the message's details) and
-rate-limited per principal. A stored connection's latest result is kept on its
-row without changing its etag: testing is not editing.
+rate-limited per principal (in the API layer, with every other class of call). A
+stored connection's latest result is kept on its row without changing its etag:
+testing is not editing.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from broker.model import ConnectionRecord, McpTool, Outcome, TestResult, TestSta
 from broker.service.audit import AuditLog
 from broker.service.context import Call
 from broker.service.lookup import existing_connection, live_connection
-from broker.service.ratelimit import RateLimiter
 from broker.service.sealing import open_secrets
 from broker.store import Store
 from broker.testers import Target, run_test, run_tester
@@ -59,7 +59,6 @@ class TestingService:
         keyring: Keyring,
         audit: AuditLog,
         egress: EgressPolicy,
-        limiter: RateLimiter,
         clock: Callable[[], datetime],
         stale_after: timedelta = timedelta(days=7),
         discover: Discover | None = None,
@@ -68,7 +67,6 @@ class TestingService:
         self._keyring = keyring
         self._audit = audit
         self._egress = egress
-        self._limiter = limiter
         self._clock = clock
         self._stale_after = stale_after
         self._discover = discover
@@ -87,7 +85,6 @@ class TestingService:
         return record, Target(record.type, record.provider, record.config, secrets)
 
     async def _run(self, call: Call, target: Target) -> TestResult:
-        self._limiter.check(call.actor, "connection tests")
         result = await run_test(target, self._egress)
         metrics.CONNECTION_TESTS.labels(target.type, result.category.value).inc()
         return result
@@ -130,7 +127,6 @@ class TestingService:
     async def _discover_tools(self, call: Call, target: Target) -> tuple[TestResult, list[McpTool]]:
         if target.type != "mcp" or self._discover is None:
             raise FailedPrecondition("tool discovery needs an mcp connection")
-        self._limiter.check(call.actor, "connection tests")
         found: list[McpTool] = []
         discover = self._discover
 
