@@ -74,7 +74,7 @@ async def test_invalid_input_names_fields_and_writes_nothing(running: Running) -
     bad_name = await rpc_error(admin.CreateConnection(db_request(name="")))
     assert "name" in field_violations(bad_name)
     bad_label = await rpc_error(admin.CreateConnection(db_request(name="ok", **{"Bad Key": "v"})))
-    assert any(f.startswith("labels.") for f in field_violations(bad_label))
+    assert "labels" in field_violations(bad_label)
 
     listed = await admin.ListConnections(pb.ListConnectionsRequest(status=pb.CONNECTION_STATUS_UNSPECIFIED))
     assert list(listed.connections) == []

@@ -13,6 +13,7 @@ import sqlite3
 import urllib.parse
 from pathlib import Path
 
+import grpc
 from google.protobuf.message import Message
 
 from broker._proto import broker_pb2 as pb
@@ -180,3 +181,52 @@ async def test_canary_appears_only_in_the_resolve_response(running: Running) -> 
     await running.broker.stop(grace=0)
     for path in db_path.parent.glob(db_path.name + "*"):
         assert_absent(path.read_bytes(), f"{path.name} after shutdown")
+
+
+async def test_malformed_oversized_and_wrongly_typed_input_leaks_nothing(running: Running) -> None:
+    """Refused input never comes back: not in the error, the logs, the audit trail or the metrics."""
+    admin = running.admin()
+    huge = CANARY * 5000  # ~120 KB
+    c, pg = struct, {"driver": "postgresql"}
+    refused = [
+        pb.CreateConnectionRequest(
+            name=huge, type="database", config=c({"driver": "sqlite", "database": "/x"})
+        ),
+        pb.CreateConnectionRequest(
+            name="big", type="custom", config=c({"blob": huge}), secrets={"k": "v1234"}
+        ),
+        pb.CreateConnectionRequest(name="many", type="custom", secrets={f"s{i}": CANARY for i in range(100)}),
+        pb.CreateConnectionRequest(name="long", type="custom", secrets={"k": huge * 2}),
+        pb.CreateConnectionRequest(
+            name="typed", type="database", config=c({**pg, "port": [CANARY], "ssl": CANARY})
+        ),
+        pb.CreateConnectionRequest(name="label", type="custom", secrets={"k": "v1234"}, labels={CANARY: "x"}),
+        pb.CreateConnectionRequest(name="label2", type="custom", secrets={"k": "v1234"}, labels={"k": huge}),
+        pb.CreateConnectionRequest(name="url", type="http", config=c({"base_url": f"https://{CANARY}@x/"})),
+        pb.CreateConnectionRequest(
+            name="hdr",
+            type="http",
+            config=c({"base_url": "https://x.example", "headers": {"Authorization": CANARY}}),
+        ),
+    ]
+    texts: list[str] = []
+    for request in refused:
+        try:
+            await admin.CreateConnection(request)
+        except grpc.aio.AioRpcError as exc:
+            error = exc
+        else:
+            raise AssertionError(f"accepted: {request.name[:20]}")
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, request.name[:20]
+        texts.append(str(error.details()) + str(error.trailing_metadata()))
+    assert (await admin.ListConnections(pb.ListConnectionsRequest())).connections == []
+    bad_time = pb.GrantAccessRequest(
+        connection_id="conn_x", principal="spiffe://broker.local/tenant/default/executor/demo"
+    )
+    bad_time.expires_at.seconds, bad_time.expires_at.nanos = 2**40, 5
+    texts.append(str((await rpc_error(admin.GrantAccess(bad_time))).details()))
+    purpose = await rpc_error(running.resolver().Resolve(pb.ResolveRequest(name="x", purpose=huge)))
+    texts.append(str(purpose.details()))
+    audit = await admin.ListAuditEvents(pb.ListAuditEventsRequest(page_size=1000))
+    for text in (*texts, running.logs.getvalue(), str(audit)):
+        assert_absent(text.encode(), "a refusal")

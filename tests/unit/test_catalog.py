@@ -847,3 +847,10 @@ def test_canary_in_type_name_is_not_echoed() -> None:
     with pytest.raises(InvalidArgument) as raised:
         validate(f"{CANARY}", CANARY, {"a": CANARY}, {"b": CANARY})
     assert CANARY not in str(raised.value)
+
+
+def test_urls_with_impossible_host_names_are_refused() -> None:
+    for url in ("https://exa+mple.com/", "https://-bad.example/", "http://a_b!.example/"):
+        with pytest.raises(InvalidArgument):
+            validate("http", "", {"base_url": url}, {})
+    assert validate("http", "", {"base_url": "https://bücher.example/"}, {}).config["base_url"]

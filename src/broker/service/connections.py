@@ -7,6 +7,7 @@ invalidates the Resolve cache. Nothing here returns a secret value.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -43,6 +44,8 @@ _LABEL_KEY = re.compile(r"^[a-z0-9](?:[a-z0-9._/-]{0,61}[a-z0-9])?$")
 MAX_LABELS = 64
 MAX_LABEL_VALUE = 256
 MAX_SECRET_BYTES = 64 * 1024
+MAX_SECRET_FIELDS = 64
+MAX_CONFIG_BYTES = 64 * 1024
 
 
 def utc_now() -> datetime:
@@ -90,10 +93,11 @@ def _check_name(name: str, violations: list[FieldViolation]) -> None:
 def _check_labels(labels: Mapping[str, str], violations: list[FieldViolation]) -> None:
     if len(labels) > MAX_LABELS:
         violations.append(FieldViolation("labels", f"at most {MAX_LABELS} labels"))
-    for key, value in labels.items():
+    for position, (key, value) in enumerate(sorted(labels.items()), start=1):
         if not _LABEL_KEY.fullmatch(key):
+            # The bad key is not echoed: it is input we refused, and may be anything.
             violations.append(
-                FieldViolation(f"labels.{key[:64]}", "key must be 1-63 of a-z 0-9 . _ / - (lowercase)")
+                FieldViolation("labels", f"key #{position} must be 1-63 of a-z 0-9 . _ / - (lowercase)")
             )
         elif len(value) > MAX_LABEL_VALUE:
             violations.append(
@@ -101,7 +105,12 @@ def _check_labels(labels: Mapping[str, str], violations: list[FieldViolation]) -
             )
 
 
-def _check_secret_sizes(secrets: SecretFields, violations: list[FieldViolation]) -> None:
+def _check_sizes(config: Mapping[str, Any], secrets: SecretFields, violations: list[FieldViolation]) -> None:
+    """Bounds that keep one connection small, whatever its type allows."""
+    if len(json.dumps(config, default=str)) > MAX_CONFIG_BYTES:
+        violations.append(FieldViolation("config", f"must be at most {MAX_CONFIG_BYTES} bytes as JSON"))
+    if len(secrets.names) > MAX_SECRET_FIELDS:
+        violations.append(FieldViolation("secrets", f"at most {MAX_SECRET_FIELDS} secret fields"))
     for name, value in secrets.reveal().items():
         if len(value.encode()) > MAX_SECRET_BYTES:
             violations.append(
@@ -121,7 +130,7 @@ def _validate(
     violations: list[FieldViolation] = []
     _check_name(name, violations)
     _check_labels(labels, violations)
-    _check_secret_sizes(secrets, violations)
+    _check_sizes(config, secrets, violations)
     try:
         validated = catalog.validate(type_, provider, config, secrets.reveal())
     except InvalidArgument as exc:
