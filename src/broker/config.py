@@ -25,6 +25,9 @@ naming the setting, raised at start-up.
     reflection = true               # BROKER_SERVER_REFLECTION
     [metrics]
     listen = "127.0.0.1:9464"       # Prometheus /metrics; "" turns it off (BROKER_METRICS_LISTEN)
+    [audit]
+    retention_days = 365            # BROKER_AUDIT_RETENTION_DAYS (at least 90); older events are
+                                    #   pruned daily behind a checkpoint that keeps the chain verifiable
     [oauth]
     refresh_margin_seconds = 300    # a token expiring sooner is refreshed before Resolve returns it
     default_token_lifetime_seconds = 3600   # when the provider gives no expires_in and no JWT exp
@@ -48,6 +51,21 @@ naming the setting, raised at start-up.
     total_timeout = 15.0            # BROKER_EGRESS_TOTAL_TIMEOUT (seconds, a whole test)
     max_response_bytes = 1048576    # BROKER_EGRESS_MAX_RESPONSE_BYTES
     max_redirects = 3               # BROKER_EGRESS_MAX_REDIRECTS
+    [monitor]                       # security monitor; a threshold of 0 turns its rule off
+    failed_tests = 5                # failed tests of one connection within the window suspend it
+    failed_tests_window_seconds = 600
+    denied_resolves = 20            # probing denials of one principal within the window flag it
+    denied_window_seconds = 60
+    block_seconds = 0               # > 0: a flagged principal's Resolves are denied this long
+    spike_min_count = 100           # Resolves of one principal x connection in a window above
+    spike_factor = 10               #   max(spike_min_count, spike_factor x its average) alert
+    spike_window_seconds = 60
+    suspend_on_spike = false        # and suspend the connection
+    new_principal_peer = true       # alert on a principal's first Resolve of a connection from a new host
+    oauth_refresh_failures = 3      # failed refreshes of one connection within the window alert
+    oauth_refresh_window_seconds = 3600
+    alert_webhook = ""              # "tenant/connection_id" of a webhook connection that receives
+                                    #   every tenant's security events (signed like webhook tests)
 
 Environment lists are comma-separated. Relative paths in the file are relative to the file's folder.
 """
@@ -64,6 +82,7 @@ from typing import Any
 from broker.crypto import Kek, KeyError_, Keyring
 from broker.egress.policy import EgressSettings, parse_allowed_host, parse_cidr
 from broker.errors import ConfigError
+from broker.service.monitor import MonitorSettings
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -99,7 +118,9 @@ class Settings:
     oauth_default_token_lifetime_seconds: float = 3600.0
     oauth_refresh_interval_seconds: float = 30.0
     stale_after_days: float = 7.0
+    audit_retention_days: int = 365
     egress: EgressSettings = field(default_factory=EgressSettings)
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
 
     @classmethod
     def load(cls, path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -257,6 +278,13 @@ def _count(src: _Source, key: str, default: int, low: int, high: int) -> int:
     return int(value)
 
 
+def _whole(src: _Source, section: str, key: str, default: int, low: int, high: int) -> int:
+    value = src.number(section, key, default, low, high)
+    if not float(value).is_integer():
+        raise ConfigError(f"{src.raw(section, key)[1]} must be a whole number")
+    return int(value)
+
+
 def _egress(src: _Source) -> EgressSettings:
     connect = src.number("egress", "connect_timeout", 5.0, 0.01, 300)
     total = src.number("egress", "total_timeout", 15.0, 0.01, 3600)
@@ -287,6 +315,38 @@ def _metrics_address(src: _Source) -> str:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{name} must be host:port, or empty to turn metrics off")
     return value.strip()
+
+
+def _monitor(src: _Source) -> MonitorSettings:
+    def count(key: str, default: int) -> int:
+        value = src.number("monitor", key, default, 0, 1_000_000)
+        if not float(value).is_integer():
+            raise ConfigError(f"{src.raw('monitor', key)[1]} must be a whole number")
+        return int(value)
+
+    def seconds(key: str, default: float) -> float:
+        return src.number("monitor", key, default, 1, 86400 * 7)
+
+    webhook = src.text("monitor", "alert_webhook", "") or ""
+    if webhook:
+        tenant, sep, connection_id = webhook.partition("/")
+        if not sep or not tenant or not connection_id or "/" in connection_id:
+            raise ConfigError(f"{src.raw('monitor', 'alert_webhook')[1]} must be tenant/connection_id")
+    return MonitorSettings(
+        failed_tests=count("failed_tests", 5),
+        failed_tests_window_seconds=seconds("failed_tests_window_seconds", 600),
+        denied_resolves=count("denied_resolves", 20),
+        denied_window_seconds=seconds("denied_window_seconds", 60),
+        block_seconds=src.number("monitor", "block_seconds", 0, 0, 86400 * 7),
+        spike_factor=src.number("monitor", "spike_factor", 10, 1, 1_000_000),
+        spike_min_count=count("spike_min_count", 100),
+        spike_window_seconds=seconds("spike_window_seconds", 60),
+        suspend_on_spike=src.flag("monitor", "suspend_on_spike", False),
+        new_principal_peer=src.flag("monitor", "new_principal_peer", True),
+        oauth_refresh_failures=count("oauth_refresh_failures", 3),
+        oauth_refresh_window_seconds=seconds("oauth_refresh_window_seconds", 3600),
+        alert_webhook=webhook,
+    )
 
 
 def _build(src: _Source) -> Settings:
@@ -328,5 +388,7 @@ def _build(src: _Source) -> Settings:
         ),
         oauth_refresh_interval_seconds=src.number("oauth", "refresh_interval_seconds", 30, 1, 3600),
         stale_after_days=src.number("testing", "stale_after_days", 7.0, 0, 3650),
+        audit_retention_days=_whole(src, "audit", "retention_days", 365, 90, 36500),
         egress=_egress(src),
+        monitor=_monitor(src),
     )

@@ -271,6 +271,16 @@ class AuditFilter:
     end_time: datetime | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class AuditChainReport:
+    """The result of walking the audit hash chain: ids and a generic problem, never contents."""
+
+    ok: bool
+    events_checked: int
+    first_broken_id: int = 0
+    problem: str = ""
+
+
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
 
@@ -283,3 +293,45 @@ def new_id(prefix: str, now_ms: int | None = None) -> str:
         chars.append(_CROCKFORD[value & 31])
         value >>= 5
     return prefix + "_" + "".join(reversed(chars))
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityEvent:
+    """Something the security monitor noticed, and what it did. Never holds a secret value.
+
+    `rule` is one of failed_tests, denied_burst, volume_spike, new_principal_peer,
+    oauth_refresh_failures (or rate_limited); `action` is alerted, connection_suspended
+    or principal_blocked. `id` is set by the store.
+    """
+
+    time: datetime
+    tenant: str
+    rule: str
+    severity: str
+    action: str
+    principal: str = ""
+    connection_id: str = ""
+    peer: str = ""
+    details: dict[str, str] = field(default_factory=dict)
+    id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityEventFilter:
+    rule: str = ""
+    connection_id: str = ""
+    principal: str = ""
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SeenFact:
+    """A fact the monitor remembers: `kind` "principal" (subject a connection id, object a
+    principal) or "peer" (subject a principal, object a peer host)."""
+
+    tenant: str
+    kind: str
+    subject: str
+    object: str
+    first_seen: datetime

@@ -30,18 +30,22 @@ from broker.api.interceptors import CallInterceptor
 from broker.api.ratelimit import RateLimitInterceptor
 from broker.api.resolve import ResolveServicer
 from broker.config import Settings
+from broker.crypto import Keyring
 from broker.egress import EgressPolicy
 from broker.errors import ConfigError
 from broker.model import Role
 from broker.service.access import AccessService
+from broker.service.alerts import AlertSender, parse_target
 from broker.service.audit import AuditLog
 from broker.service.cache import ResolveCache
 from broker.service.connections import Clock, ConnectionService, utc_now
 from broker.service.keycheck import verify_keyring
+from broker.service.monitor import Monitor
 from broker.service.oauth import OAuthService, OAuthSettings
 from broker.service.ratelimit import Limit, RateLimits
 from broker.service.resolve import Resolver
 from broker.service.testing import TestingService
+from broker.store import Store
 from broker.store.sqlite import SqliteStore
 from broker.testers.mcp import discover_tools
 
@@ -88,6 +92,22 @@ def _rate_limits(settings: Settings, audit: AuditLog, clock: Clock) -> RateLimit
     )
 
 
+def _security_monitor(
+    settings: Settings,
+    store: Store,
+    keyring: Keyring,
+    egress: EgressPolicy,
+    cache: ResolveCache,
+    clock: Clock,
+) -> Monitor:
+    """The monitor, with an alert sender when `monitor.alert_webhook` names a webhook connection."""
+    alerts = None
+    if settings.monitor.alert_webhook:
+        target = parse_target(settings.monitor.alert_webhook)
+        alerts = AlertSender(store, keyring, egress, target, clock)
+    return Monitor(store, cache, clock, settings.monitor, alerts)
+
+
 class Broker:
     """The running service. `start()` binds both listeners; `stop()` drains and closes."""
 
@@ -113,9 +133,13 @@ class Broker:
         try:
             await verify_keyring(self.store, keyring)
             cache = ResolveCache()
-            self.audit = AuditLog(self.store)
+            self.audit = AuditLog(
+                self.store, clock=self._clock, retention=timedelta(days=settings.audit_retention_days)
+            )
             self._limits = _rate_limits(settings, self.audit, self._clock)
             egress = EgressPolicy(settings.egress)
+            self.monitor = _security_monitor(settings, self.store, keyring, egress, cache, self._clock)
+            await self.monitor.open()
             self.oauth = OAuthService(
                 self.store, keyring, self.audit, egress, cache, self._clock, _oauth_settings(settings)
             )
@@ -127,6 +151,7 @@ class Broker:
                 self._clock,
                 cache_ttl_seconds=settings.cache_ttl_seconds,
                 oauth=self.oauth,
+                monitor=self.monitor,
             )
             tests = TestingService(
                 self.store,
@@ -136,15 +161,18 @@ class Broker:
                 self._clock,
                 stale_after=timedelta(days=settings.stale_after_days),
                 discover=discover_tools,
+                monitor=self.monitor,
             )
             connections = ConnectionService(
                 self.store, keyring, cache, self._clock, tests, revoke_upstream=self.oauth.revoke_upstream
             )
             self.oauth.create_connection = connections.create_authorized
+            self.oauth.on_refresh_failure = self.monitor.oauth_refresh_failed
             access = AccessService(self.store, cache, self._clock)
             admin = self._listener(ADMIN_SERVICE, settings.admin_addr, credentials)
             add_admin = broker_pb2_grpc.add_AdminServiceServicer_to_server
-            add_admin(AdminServicer(connections, access, self.audit, tests, self.oauth), admin)  # type: ignore[no-untyped-call]
+            servicer = AdminServicer(connections, access, self.audit, tests, self.oauth, monitor=self.monitor)
+            add_admin(servicer, admin)  # type: ignore[no-untyped-call]
             if settings.reflection:
                 reflection.enable_server_reflection([ADMIN_SERVICE, reflection.SERVICE_NAME], admin)
             resolve = self._listener(RESOLVE_SERVICE, settings.resolve_addr, credentials)
@@ -159,6 +187,8 @@ class Broker:
             raise
         self.resolver.start()
         self.oauth.start()
+        self.monitor.start()
+        self.audit.start_pruning()
         self.metrics_port = self._start_metrics()
         for checker, service in zip(self._health, (ADMIN_SERVICE, RESOLVE_SERVICE), strict=True):
             await checker.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -220,6 +250,7 @@ class Broker:
         await asyncio.gather(*(server.stop(grace) for server in self._servers))
         await self.oauth.close()
         await self.resolver.close()
+        await self.monitor.close()
         if self._metrics_server is not None:
             # shutdown() waits for the serving thread's next poll: not on the event loop.
             await asyncio.to_thread(self._metrics_server.shutdown)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import os
 import sqlite3
 import stat
@@ -176,8 +177,8 @@ async def test_create_then_get_and_find_by_name(store: Store) -> None:
     assert await store.find_connection_by_name(TENANT, "missing") is None
 
     [event] = await store.list_audit(TENANT, AuditFilter(), 10, None)
-    assert event.id > 0
-    assert dataclasses.replace(event, id=0) == make_event(connection_id=record.id)
+    assert event.id > 0 and len(event.hash) == 64 and len(event.prev_hash) == 64
+    assert dataclasses.replace(event, id=0, hash="", prev_hash="") == make_event(connection_id=record.id)
 
 
 async def test_duplicate_live_name_is_already_exists_and_writes_nothing(store: Store) -> None:
@@ -491,7 +492,9 @@ async def test_audit_append_and_list(store: Store) -> None:
     events = await store.list_audit(TENANT, AuditFilter(), 100, None)
     assert [e.details["i"] for e in events] == [str(i) for i in reversed(range(20))]
     assert [e.id for e in events] == sorted((e.id for e in events), reverse=True)
-    assert dataclasses.replace(events[-1], id=0) == batch[0]
+    assert dataclasses.replace(events[-1], id=0, hash="", prev_hash="") == batch[0]
+    # Listed events carry their link in the (global) hash chain, newest first.
+    assert all(newer.prev_hash == older.hash for newer, older in itertools.pairwise(events))
 
     def details(filter: AuditFilter) -> list[int]:
         return [int(e.details["i"]) for e in filtered[filter]]

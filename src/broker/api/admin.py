@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from broker import catalog
@@ -9,12 +10,13 @@ from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc
 from broker.api import convert
 from broker.api.interceptors import current_call
-from broker.errors import InvalidArgument
-from broker.model import AuditFilter, ConnectionFilter, ConnectionRecord, GrantFilter
+from broker.errors import FailedPrecondition, InvalidArgument
+from broker.model import AuditFilter, ConnectionFilter, ConnectionRecord, GrantFilter, SecurityEventFilter
 from broker.sensitive import SecretFields
 from broker.service.access import AccessService
 from broker.service.audit import AuditLog
 from broker.service.connections import ConnectionPatch, ConnectionService, NewConnection
+from broker.service.monitor import Monitor
 from broker.service.oauth import DraftAuthorization, OAuthService
 from broker.service.testing import TestingService
 from broker.testers import Target
@@ -28,7 +30,9 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
         audit: AuditLog,
         tests: TestingService,
         oauth: OAuthService,
+        monitor: Monitor | None = None,
     ) -> None:
+        self._monitor = monitor
         self._connections = connections
         self._access = access
         self._audit = audit
@@ -137,6 +141,26 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
             events=[convert.audit_event(e) for e in events], next_page_token=token
         )
 
+    async def VerifyAuditLog(self, request: pb.VerifyAuditLogRequest, context: Any) -> Any:
+        report = await self._audit.verify(current_call())
+        return pb.VerifyAuditLogResponse(
+            ok=report.ok,
+            events_checked=report.events_checked,
+            first_broken_id=report.first_broken_id,
+            problem=report.problem,
+        )
+
+    async def ExportAuditEvents(
+        self, request: pb.ExportAuditEventsRequest, context: Any
+    ) -> AsyncIterator[pb.AuditEvent]:
+        filter = AuditFilter(
+            connection_id=request.connection_id,
+            start_time=convert.from_timestamp(request, "start_time"),
+            end_time=convert.from_timestamp(request, "end_time"),
+        )
+        async for event in self._audit.export(current_call(), filter):
+            yield convert.audit_event(event)
+
     async def TestConnection(self, request: pb.TestConnectionRequest, context: Any) -> pb.TestResult:
         call = current_call()
         if request.WhichOneof("target") == "draft":
@@ -206,3 +230,30 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
 
     async def CompleteAuthorization(self, request: pb.CompleteAuthorizationRequest, context: Any) -> Any:
         return self._summary(await self._oauth.complete(current_call(), request.state, request.code))
+
+    # -------------------------------------------------------------- security
+
+    def _security(self) -> Monitor:
+        if self._monitor is None:
+            raise FailedPrecondition("the security monitor is not running on this broker")
+        return self._monitor
+
+    async def ReinstateConnection(
+        self, request: pb.ReinstateConnectionRequest, context: Any
+    ) -> pb.Connection:
+        record = await self._security().reinstate(current_call(), request.id, request.reason)
+        return self._summary(record)
+
+    async def ListSecurityEvents(self, request: pb.ListSecurityEventsRequest, context: Any) -> Any:
+        filter = SecurityEventFilter(
+            rule=request.rule,
+            connection_id=request.connection_id,
+            principal=request.principal,
+            start_time=convert.from_timestamp(request, "start_time"),
+            end_time=convert.from_timestamp(request, "end_time"),
+        )
+        monitor = self._security()
+        events, token = await monitor.list(current_call(), filter, request.page_size, request.page_token)
+        return pb.ListSecurityEventsResponse(
+            events=[convert.security_event(e) for e in events], next_page_token=token
+        )

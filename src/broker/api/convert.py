@@ -17,6 +17,7 @@ from broker.model import (
     ConnectionStatus,
     Grant,
     McpTool,
+    SecurityEvent,
     TestCategory,
     TestResult,
     TestStage,
@@ -146,6 +147,20 @@ def audit_event(event: AuditEvent) -> pb.AuditEvent:
         details=event.details,
         hash=event.hash,
         prev_hash=event.prev_hash,
+    )
+
+
+def security_event(event: SecurityEvent) -> pb.SecurityEvent:
+    return pb.SecurityEvent(
+        id=event.id,
+        time=timestamp(event.time),
+        rule=event.rule,
+        severity=event.severity,
+        principal=event.principal,
+        connection_id=event.connection_id,
+        peer=event.peer,
+        action=event.action,
+        details=event.details,
     )
 
 

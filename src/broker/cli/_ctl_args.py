@@ -17,6 +17,8 @@ examples:
   brokerctl list --label team=payments
   brokerctl grant <id> spiffe://broker.local/tenant/default/executor/demo --expires-in 7d
   brokerctl audit --connection <id> --since 1h
+  brokerctl audit verify
+  brokerctl audit export --since 30d > audit.jsonl
 
 Files default to the layout `broker dev` creates in --data-dir: tls/ca.pem, tls/admin.pem,
 tls/admin-key.pem, and tls/executor.pem for `resolve`.
@@ -128,13 +130,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connection", default="", metavar="ID")
     p.add_argument("--principal", default="")
 
-    p = command("audit", "Show audit events.")
+    p = command(
+        "audit",
+        "Show audit events, newest first; `audit verify` checks the hash chain, "
+        "`audit export` streams events as JSON lines.",
+    )
     p.add_argument("--connection", default="", metavar="ID")
     p.add_argument("--actor", default="")
     p.add_argument("--action", default="")
     p.add_argument("--since", metavar="TIME", help="RFC 3339, or a duration such as 1h meaning that long ago")
     p.add_argument("--until", metavar="TIME", help="same forms as --since")
     p.add_argument("--limit", type=int, default=100, help="at most this many events (default 100)")
+    # Optional: a bare `brokerctl audit ...` lists events as before.
+    audit = p.add_subparsers(dest="audit_command", metavar="AUDIT_COMMAND", required=False)
+    audit.add_parser(
+        "verify",
+        help="walk the whole audit hash chain; exit 1 naming the first broken event "
+        "(waits up to 10 minutes, or --timeout when longer)",
+        parents=[common],
+    )
+    q = audit.add_parser(
+        "export",
+        help="stream the tenant's events oldest first, one JSON object per line, to stdout "
+        "(no deadline: it runs until the last event)",
+        parents=[common],
+    )
+    q.add_argument("--since", required=True, metavar="TIME", help="RFC 3339, or a duration such as 30d")
+    q.add_argument("--until", metavar="TIME", help="same forms as --since (exclusive)")
+    q.add_argument("--connection", default="", metavar="ID", help="only this connection's events")
+
+    p = command("reinstate", "Reinstate a connection the security monitor suspended (audited).")
+    p.add_argument("id")
+    p.add_argument("--reason", default="", help="recorded in the audit trail")
+
+    p = command("security", "The security monitor: the events its rules raised.")
+    security = p.add_subparsers(dest="security_command", metavar="SECURITY_COMMAND", required=True)
+    q = security.add_parser("events", help="security events, newest first", parents=[common])
+    q.add_argument(
+        "--rule",
+        default="",
+        help="failed_tests, denied_burst, volume_spike, new_principal_peer, oauth_refresh_failures, ...",
+    )
+    q.add_argument("--connection", default="", metavar="ID")
+    q.add_argument("--principal", default="", help="a SPIFFE id")
+    q.add_argument("--since", metavar="TIME", help="RFC 3339, or a duration such as 1h meaning that long ago")
+    q.add_argument("--until", metavar="TIME", help="same forms as --since")
+    q.add_argument("--limit", type=int, default=100, help="at most this many events (default 100)")
 
     p = command(
         "test",

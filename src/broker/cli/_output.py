@@ -142,6 +142,19 @@ def render_audit(events: Iterable[broker_pb2.AuditEvent]) -> str:
     return table(("TIME", "ACTOR", "ACTION", "CONNECTION", "OUTCOME", "REASON", "DETAILS"), rows)
 
 
+def json_line(message: Message) -> str:
+    """The message as one line of compact JSON with the proto's field names (for JSON Lines files)."""
+    doc = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def render_verify(r: broker_pb2.VerifyAuditLogResponse) -> str:
+    """The verdict of VerifyAuditLog: ok with a count, or the first broken event and why."""
+    if r.ok:
+        return f"ok: the audit chain is intact ({r.events_checked} events checked)"
+    return f"BROKEN at event {r.first_broken_id}: {r.problem} ({r.events_checked} events checked)"
+
+
 def render_resolved(r: broker_pb2.ResolveResponse) -> str:
     """A Resolve reply, secret values included: the one view that shows them."""
     pairs = [
@@ -191,6 +204,23 @@ def render_tool_changes(r: broker_pb2.RefreshMcpToolsResponse) -> str:
             parts.append(f"{label}: {', '.join(names) if names else _NONE}")
         parts.append(render_tools(r.tools))
     return "\n\n".join(parts)
+
+
+def render_security_events(events: Iterable[broker_pb2.SecurityEvent]) -> str:
+    """One row per security event, newest first."""
+    rows = [
+        (
+            timestamp(e, "time"),
+            e.rule,
+            e.severity,
+            e.action,
+            e.principal or _NONE,
+            e.connection_id or _NONE,
+            _labels(e.details),
+        )
+        for e in events
+    ]
+    return table(("TIME", "RULE", "SEVERITY", "ACTION", "PRINCIPAL", "CONNECTION", "DETAILS"), rows)
 
 
 def _enum(enum: Any, value: int, prefix: str) -> str:

@@ -1,4 +1,5 @@
-"""`broker`: run the server (`dev`, `serve`) and make its keys and certificates (`keygen`, `certs`).
+"""`broker`: run the server (`dev`, `serve`), make its keys and certificates (`keygen`, `certs`),
+and check a value against an audit fingerprint (`audit fingerprint`).
 
 Exit status: what the server returns when it stops, 0 for the other commands,
 and 2 for a bad setting, a bad master key or a file that would be overwritten.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import getpass
 import shlex
 import sys
 from pathlib import Path
@@ -31,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
             return _keygen(args.out)
         if args.command == "certs":
             return _certs(args)
+        if args.command == "audit":
+            return _audit_fingerprint(args)
         if args.command == "dev":
             settings = _prepare_dev(args.data_dir, args.admin_addr, args.resolve_addr, args.metrics_addr)
         else:
@@ -95,6 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", action="append", required=True, help="a DNS name or IP address (repeatable)")
     p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.pem and PREFIX-key.pem")
     p.add_argument("--days", type=int, default=365, help="validity (default 365)")
+
+    audit = sub.add_parser("audit", help="audit log tools that need the master key")
+    asub = audit.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    p = asub.add_parser(
+        "fingerprint",
+        help="the keyed fingerprint of a value read from stdin, as audit events record it",
+        description="Audit events never hold a secret; where one must be identified (the refresh "
+        "token an OAuth refresh used) they hold fp1:<key id>:<HMAC-SHA256>, keyed by the master "
+        "key. Pipe a candidate value in (one trailing newline is dropped) to print its fingerprint, "
+        "or add --check to compare it with one from the audit log (exit 0 match, 1 no match).",
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", type=Path, metavar="FILE", help="the broker's TOML settings file")
+    where.add_argument("--data-dir", type=Path, metavar="DIR", help="a `broker dev` data directory")
+    p.add_argument("--check", metavar="FINGERPRINT", help="compare with this fingerprint instead of printing")
     return parser
 
 
@@ -129,6 +148,30 @@ def _banner(data_dir: Path, admin_addr: str, resolve_addr: str, created: bool) -
             "  development only: the master key is a plain file next to the database.",
         ]
     )
+
+
+def _audit_fingerprint(args: argparse.Namespace) -> int:
+    from broker.service.fingerprint import fingerprint, matches
+
+    if args.config is not None:
+        settings = Settings.load(args.config)
+    else:
+        settings = Settings.for_dev(args.data_dir, _ADMIN_ADDR, _RESOLVE_ADDR)
+    keyring = settings.load_keyring()
+    if sys.stdin.isatty():
+        value = getpass.getpass("value (not echoed): ")
+    else:
+        value = sys.stdin.read()
+        value = value[:-1] if value.endswith("\n") else value
+        value = value[:-1] if value.endswith("\r") else value
+    if args.check is None:
+        print(fingerprint(keyring.active, value))
+        return 0
+    if matches(keyring, value, args.check):
+        print("match: this value has that fingerprint")
+        return 0
+    print("no match: this value does not have that fingerprint")
+    return 1
 
 
 def _keygen(out: Path | None) -> int:

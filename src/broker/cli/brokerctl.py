@@ -36,6 +36,7 @@ from broker.cli._rpc import ClientTls, Session, describe_error
 
 PROG = "brokerctl"
 _MAX_PAGE = 1000
+_VERIFY_TIMEOUT = 600.0
 _STATUS = {
     "active": broker_pb2.CONNECTION_STATUS_ACTIVE,
     "revoked": broker_pb2.CONNECTION_STATUS_REVOKED,
@@ -205,6 +206,10 @@ def _grants(args: argparse.Namespace, s: Session) -> int:
 
 
 def _audit(args: argparse.Namespace, s: Session) -> int:
+    if args.audit_command == "verify":
+        return _audit_verify(args, s)
+    if args.audit_command == "export":
+        return _audit_export(args, s)
     if args.limit < 1:
         raise UsageError("--limit must be at least 1")
     now = dt.datetime.now(dt.UTC)
@@ -225,6 +230,31 @@ def _audit(args: argparse.Namespace, s: Session) -> int:
             break
     reply = broker_pb2.ListAuditEventsResponse(events=events)
     return _show(args, reply, lambda r: out.render_audit(r.events))
+
+
+def _audit_verify(args: argparse.Namespace, s: Session) -> int:
+    """Exit 0 when the chain is intact, 1 when it is broken (the first broken event is printed)."""
+    request = broker_pb2.VerifyAuditLogRequest()
+    reply = s.admin.VerifyAuditLog(request, timeout=max(s.timeout, _VERIFY_TIMEOUT))
+    _show(args, reply, out.render_verify)
+    return 0 if reply.ok else 1
+
+
+def _audit_export(args: argparse.Namespace, s: Session) -> int:
+    """Events oldest first as JSON lines on stdout; the count on stderr."""
+    now = dt.datetime.now(dt.UTC)
+    request = broker_pb2.ExportAuditEventsRequest(connection_id=args.connection)
+    request.start_time.FromDatetime(parse_time(args.since, now, relative=True))
+    if args.until:
+        request.end_time.FromDatetime(parse_time(args.until, now, relative=True))
+    count = 0
+    # No deadline: a long export must not be cut off halfway; Ctrl-C stops it.
+    for event in s.admin.ExportAuditEvents(request, timeout=None):
+        sys.stdout.write(out.json_line(event) + "\n")
+        count += 1
+    sys.stdout.flush()
+    print(f"{PROG}: exported {count} events", file=sys.stderr)
+    return 0
 
 
 def _resolve(args: argparse.Namespace, s: Session) -> int:
@@ -330,6 +360,35 @@ def _begin_and_wait(
     return redirect
 
 
+def _reinstate(args: argparse.Namespace, s: Session) -> int:
+    request = broker_pb2.ReinstateConnectionRequest(id=args.id, reason=args.reason)
+    reply = s.admin.ReinstateConnection(request, timeout=s.timeout)
+    return _show(args, reply, out.render_connection)
+
+
+def _security(args: argparse.Namespace, s: Session) -> int:
+    if args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    now = dt.datetime.now(dt.UTC)
+    request = broker_pb2.ListSecurityEventsRequest(
+        rule=args.rule,
+        connection_id=args.connection,
+        principal=args.principal,
+        page_size=min(args.limit, _MAX_PAGE),
+    )
+    if args.since:
+        request.start_time.FromDatetime(parse_time(args.since, now, relative=True))
+    if args.until:
+        request.end_time.FromDatetime(parse_time(args.until, now, relative=True))
+    events = []
+    for event in _pages(s.admin.ListSecurityEvents, request, "events", s.timeout):
+        events.append(event)
+        if len(events) >= args.limit:
+            break
+    reply = broker_pb2.ListSecurityEventsResponse(events=events)
+    return _show(args, reply, lambda r: out.render_security_events(r.events))
+
+
 HANDLERS: dict[str, Handler] = {
     "types": _types,
     "create": _create,
@@ -348,6 +407,8 @@ HANDLERS: dict[str, Handler] = {
     "test": _test,
     "mcp": _mcp,
     "oauth": _oauth,
+    "reinstate": _reinstate,
+    "security": _security,
 }
 
 

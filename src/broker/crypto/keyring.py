@@ -12,6 +12,9 @@ import hashlib
 from collections.abc import Iterable
 from typing import NoReturn
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from broker.crypto.aead import KEY_SIZE
 
 
@@ -40,6 +43,10 @@ class Kek:
         if len(raw) != KEY_SIZE:
             raise KeyError_(f"a master key must decode to {KEY_SIZE} bytes, got {len(raw)}")
         return cls(raw)
+
+    def derive(self, info: bytes) -> bytes:
+        """A 32-byte subkey for one purpose named by `info` (HKDF-SHA256); the key itself stays here."""
+        return HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=None, info=info).derive(self._key)
 
     def __repr__(self) -> str:
         return f"Kek(id={self.id!r}, key=<redacted>)"

@@ -9,18 +9,27 @@ of that batch with the outcome.
 
 Admin mutations do not come through here: the store writes their events in the
 same transaction as the change itself.
+
+A failed or stuck write fails its batch (the callers get UNAVAILABLE, nothing is
+released) and the writer goes on with the next batch; it never stops taking work.
+
+The store chains every event into one hash chain (`broker.store._chain`); this
+module verifies it, exports events for long-term storage, and prunes events older
+than the retention period behind a checkpoint that keeps the rest verifiable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 
 import structlog
 
 from broker import metrics
-from broker.errors import InvalidArgument, Unavailable
-from broker.model import AuditEvent, AuditFilter
+from broker.errors import BrokerError, InvalidArgument, Unavailable
+from broker.model import AuditChainReport, AuditEvent, AuditFilter
 from broker.service import paging
 from broker.service.context import Call
 from broker.store import Store
@@ -28,14 +37,38 @@ from broker.store import Store
 log = structlog.get_logger("broker.audit")
 
 MAX_BATCH = 512
+# A write that takes longer fails its batch rather than holding every Resolve behind it.
+WRITE_TIMEOUT_SECONDS = 10.0
+DEFAULT_RETENTION = timedelta(days=365)
+MIN_RETENTION = timedelta(days=90)
+PRUNE_INTERVAL_SECONDS = 86400.0
+_EXPORT_PAGE = 500
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 class AuditLog:
-    def __init__(self, store: Store, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self,
+        store: Store,
+        max_batch: int = MAX_BATCH,
+        *,
+        clock: Callable[[], datetime] = _utc_now,
+        retention: timedelta = DEFAULT_RETENTION,
+        write_timeout: float = WRITE_TIMEOUT_SECONDS,
+    ) -> None:
+        if retention < MIN_RETENTION:
+            raise ValueError(f"audit retention must be at least {MIN_RETENTION.days} days")
         self._store = store
         self._max_batch = max_batch
+        self._clock = clock
+        self.retention = retention
+        self._write_timeout = write_timeout
         self._pending: list[tuple[AuditEvent, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._pruner: asyncio.Task[None] | None = None
 
     async def append(self, event: AuditEvent) -> None:
         """Return once `event` is durably stored; raise `Unavailable` if it could not be."""
@@ -52,23 +85,34 @@ class AuditLog:
             del self._pending[: self._max_batch]
             started = time.perf_counter()
             try:
-                await self._store.append_audit([event for event, _ in batch])
+                await asyncio.wait_for(
+                    self._store.append_audit([event for event, _ in batch]), self._write_timeout
+                )
                 metrics.AUDIT_WRITE_SECONDS.observe(time.perf_counter() - started)
                 metrics.AUDIT_BATCH_SIZE.observe(len(batch))
-            except Exception as exc:
+            except BaseException as exc:
                 log.error("audit_write_failed", batch_size=len(batch), error_type=type(exc).__name__)
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(
-                            Unavailable("the audit log cannot be written; nothing was released")
+                            Unavailable(
+                                "the audit log cannot be written, so nothing was released; "
+                                "retry once the broker's storage is writable again"
+                            )
                         )
+                if not isinstance(exc, Exception):
+                    raise  # cancelled: the waiters of this batch were answered; the next append restarts
             else:
                 for _, future in batch:
                     if not future.done():
                         future.set_result(None)
 
     async def close(self) -> None:
-        """Wait for every accepted event to be written."""
+        """Stop pruning and wait for every accepted event to be written."""
+        if self._pruner is not None:
+            self._pruner.cancel()
+            await asyncio.wait([self._pruner])
+            self._pruner = None
         while self._writer is not None and not self._writer.done():
             await asyncio.wait([self._writer])
 
@@ -86,3 +130,44 @@ class AuditLog:
         if len(events) > limit:
             return events[:limit], paging.encode_token("audit", events[limit - 1].id)
         return events, ""
+
+    async def verify(self, call: Call) -> AuditChainReport:
+        """Walk the whole (global) chain; the report holds ids and a generic problem only."""
+        report = await self._store.verify_audit_chain()
+        if not report.ok:
+            log.warning("audit_chain_broken", first_broken_id=report.first_broken_id, problem=report.problem)
+        return report
+
+    async def export(self, call: Call, filter: AuditFilter) -> AsyncIterator[AuditEvent]:
+        """Every event of the caller's tenant matching `filter`, oldest first, read page by page."""
+        if filter.start_time and filter.end_time and filter.start_time >= filter.end_time:
+            raise InvalidArgument.field("end_time", "must be after start_time")
+        after: int | None = None
+        while True:
+            events = await self._store.export_audit(call.tenant, filter, _EXPORT_PAGE, after)
+            for event in events:
+                yield event
+            if len(events) < _EXPORT_PAGE:
+                return
+            after = events[-1].id
+
+    async def prune(self) -> int:
+        """Delete events older than the retention period (in batches, behind a checkpoint)."""
+        now = self._clock()
+        pruned = await self._store.prune_audit(now - self.retention, now)
+        if pruned:
+            log.info("audit_pruned", events=pruned, retention_days=self.retention.days)
+        return pruned
+
+    def start_pruning(self, interval_seconds: float = PRUNE_INTERVAL_SECONDS) -> None:
+        """Prune now and then every `interval_seconds`, in the background."""
+        self._pruner = asyncio.create_task(self._prune_periodically(interval_seconds))
+
+    async def _prune_periodically(self, interval_seconds: float) -> None:
+        while True:
+            try:
+                await self.prune()
+            except Exception as exc:  # a failed run is retried at the next interval
+                message = exc.message if isinstance(exc, BrokerError) else ""
+                log.error("audit_prune_failed", error_type=type(exc).__name__, error=message)
+            await asyncio.sleep(interval_seconds)

@@ -36,6 +36,7 @@ from broker.sensitive import SecretFields
 from broker.service.audit import AuditLog
 from broker.service.cache import ResolveCache
 from broker.service.context import Call
+from broker.service.fingerprint import fingerprint
 from broker.service.lookup import live_connection
 from broker.service.sealing import open_secrets, seal
 from broker.store import Store
@@ -130,6 +131,8 @@ class OAuthService:
         self._inflight: dict[tuple[str, str], asyncio.Task[ConnectionRecord]] = {}
         self._background: asyncio.Task[None] | None = None
         self.create_connection: CreateConnection | None = None  # wired by the server
+        # The security monitor's oauth_refresh_failures rule (wired by the server).
+        self.on_refresh_failure: Callable[[ConnectionRecord, str], None] | None = None
 
     # -------------------------------------------------------- authorization
 
@@ -343,6 +346,8 @@ class OAuthService:
         now = self._clock()
         await self._audit.append(self._system_event(record, "oauth.refresh", Outcome.FAILED, failure))
         log.warning("oauth_refresh_failed", connection_id=record.id, reason=failure)
+        if self.on_refresh_failure is not None:
+            self.on_refresh_failure(record, failure)
         expires = record.token_expires_at
         if expires is not None and expires > now:
             metrics.OAUTH_REFRESHES.labels("served_stale").inc()
@@ -413,6 +418,9 @@ class OAuthService:
             }
             if record.reauth_required_at is not None:
                 details["recovered"] = "true"
+            if action == "oauth.refresh" and used_refresh_token:
+                # Which token was spent, without the token: a keyed fingerprint (service/fingerprint.py).
+                details["refresh_token_fp"] = fingerprint(self._keyring.active, used_refresh_token)
             event = AuditEvent(
                 time=now,
                 tenant=record.tenant,

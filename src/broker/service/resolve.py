@@ -31,6 +31,7 @@ from broker.sensitive import SecretFields
 from broker.service.audit import AuditLog
 from broker.service.cache import MISSING, ResolveCache
 from broker.service.context import Call
+from broker.service.monitor import Monitor
 from broker.service.oauth import OAuthService
 from broker.service.sealing import open_secrets
 from broker.store import Store
@@ -63,7 +64,9 @@ class Resolver:
         cache_ttl_seconds: int = 60,
         last_used_flush_seconds: float = 5.0,
         oauth: OAuthService | None = None,
+        monitor: Monitor | None = None,
     ) -> None:
+        self._monitor = monitor
         self._oauth = oauth
         self._store = store
         self._keyring = keyring
@@ -89,10 +92,12 @@ class Resolver:
         ref_id = record.id if record is not None else connection_id
         details = {"purpose": purpose} if purpose else {}
         if name and record is None:
-            details["name"] = name
+            details["name"] = name[:128]
         if reason:
             metrics.RESOLVES.labels("denied", reason).inc()
             await self._audit.append(call.audit_event(now, RESOLVE, ref_id, Outcome.DENIED, reason, details))
+            if self._monitor is not None:
+                self._monitor.resolve_denied(call, ref_id, reason, now)
             raise PermissionDenied(DENIED_MESSAGE)
         assert record is not None
         try:
@@ -118,6 +123,8 @@ class Resolver:
                 await self._audit.append(event)
                 raise
         await self._audit.append(call.audit_event(now, RESOLVE, ref_id, Outcome.ALLOWED, "", details))
+        if self._monitor is not None:
+            self._monitor.resolve_allowed(call, record.id, now)
         metrics.RESOLVES.labels("allowed", "").inc()
         self._last_used[(record.tenant, record.id)] = now
         expires_at = record.token_expires_at
@@ -159,12 +166,16 @@ class Resolver:
         return grant
 
     async def _denial_reason(self, call: Call, record: ConnectionRecord | None, now: datetime) -> str:
+        if self._monitor is not None and self._monitor.blocked(call.tenant, call.actor, now):
+            return "principal_blocked"
         if record is None or record.purged_at is not None:
             return "unknown_connection"
         if not record.live:
             return "connection_deleted"
         if record.status is ConnectionStatus.REVOKED:
             return "connection_revoked"
+        if record.suspended_at is not None:
+            return "connection_suspended"
         grant = await self._grant(call.tenant, record.id, call.actor)
         if grant is None:
             return "no_grant"

@@ -20,6 +20,7 @@ from broker.model import ConnectionRecord, McpTool, Outcome, TestResult, TestSta
 from broker.service.audit import AuditLog
 from broker.service.context import Call
 from broker.service.lookup import existing_connection, live_connection
+from broker.service.monitor import Monitor
 from broker.service.sealing import open_secrets
 from broker.store import Store
 from broker.testers import Target, run_test, run_tester
@@ -62,7 +63,9 @@ class TestingService:
         clock: Callable[[], datetime],
         stale_after: timedelta = timedelta(days=7),
         discover: Discover | None = None,
+        monitor: Monitor | None = None,
     ) -> None:
+        self._monitor = monitor
         self._store = store
         self._keyring = keyring
         self._audit = audit
@@ -102,6 +105,8 @@ class TestingService:
             _summary(result),
         )
         await self._store.record_test_result(call.tenant, record.id, result, event)
+        if self._monitor is not None:
+            await self._monitor.test_finished(call, record.id, result.success, result.category.value)
         return result
 
     async def test_draft(self, call: Call, target: Target) -> TestResult:

@@ -19,6 +19,8 @@ from broker.model import (
     McpTool,
     Outcome,
     PendingAuthorization,
+    SecurityEvent,
+    SeenFact,
     TestCategory,
     TestResult,
     TestStage,
@@ -85,6 +87,7 @@ CONNECTION_COLUMNS = (
     "last_test",
     "reauth_required_at",
     "secret_expires_at",
+    "suspended_at",
 )
 # Test results are written out of band (`record_test_result`), never by a replace.
 TEST_COLUMNS = ("last_tested_at", "test_status", "last_test")
@@ -120,6 +123,7 @@ def connection_params(record: ConnectionRecord) -> tuple[Any, ...]:
         to_micros_or_none(record.reauth_required_at),
         # Derived, for the background refresher's scan; read back through `token_expires_at`.
         to_micros_or_none(record.token_expires_at),
+        to_micros_or_none(record.suspended_at),
     )
 
 
@@ -154,6 +158,7 @@ def connection_from_row(row: Row) -> ConnectionRecord:
         test_status=TestStatus(row["test_status"]),
         last_test=None if row["last_test"] is None else test_result_from_doc(json.loads(row["last_test"])),
         reauth_required_at=from_micros_or_none(row["reauth_required_at"]),
+        suspended_at=from_micros_or_none(row["suspended_at"]),
     )
 
 
@@ -276,6 +281,8 @@ def audit_from_row(row: Row) -> AuditEvent:
         request_id=row["request_id"],
         peer=row["peer"],
         details=json.loads(row["details"]),
+        hash=row["hash"] or "",
+        prev_hash=row["prev_hash"] or "",
     )
 
 
@@ -302,4 +309,57 @@ def oauth_state_from_row(row: Row) -> PendingAuthorization:
         created_at=from_micros(row["created_at"]),
         expires_at=from_micros(row["expires_at"]),
         sealed=Sealed(bytes(row["ciphertext"]), bytes(row["wrapped_dek"]), row["kek_id"]),
+    )
+
+
+# `id` is assigned by the database and left out.
+SECURITY_EVENT_COLUMNS = (
+    "tenant",
+    "time",
+    "rule",
+    "severity",
+    "action",
+    "principal",
+    "connection_id",
+    "peer",
+    "details",
+)
+
+
+def security_event_params(event: SecurityEvent) -> tuple[Any, ...]:
+    return (
+        event.tenant,
+        to_micros(event.time),
+        event.rule,
+        event.severity,
+        event.action,
+        event.principal,
+        event.connection_id,
+        event.peer,
+        to_json(event.details),
+    )
+
+
+def security_event_from_row(row: Row) -> SecurityEvent:
+    return SecurityEvent(
+        id=row["id"],
+        time=from_micros(row["time"]),
+        tenant=row["tenant"],
+        rule=row["rule"],
+        severity=row["severity"],
+        action=row["action"],
+        principal=row["principal"],
+        connection_id=row["connection_id"],
+        peer=row["peer"],
+        details=json.loads(row["details"]),
+    )
+
+
+def seen_fact_from_row(row: Row) -> SeenFact:
+    return SeenFact(
+        tenant=row["tenant"],
+        kind=row["kind"],
+        subject=row["subject"],
+        object=row["object"],
+        first_seen=from_micros(row["first_seen"]),
     )

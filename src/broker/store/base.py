@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Protocol
 
 from broker.model import (
+    AuditChainReport,
     AuditEvent,
     AuditFilter,
     ConnectionFilter,
@@ -24,6 +25,9 @@ from broker.model import (
     GrantFilter,
     McpTool,
     PendingAuthorization,
+    SecurityEvent,
+    SecurityEventFilter,
+    SeenFact,
     TestResult,
 )
 
@@ -132,6 +136,25 @@ class Store(Protocol):
     async def delete_expired_oauth_states(self, now: datetime) -> int:
         """Forget flows that expired before completing; returns how many."""
 
+    # -------------------------------------------------------------- security
+
+    async def add_security_event(self, event: SecurityEvent) -> SecurityEvent:
+        """Store a security event; returns it with its id."""
+
+    async def list_security_events(
+        self, tenant: str, filter: SecurityEventFilter, limit: int, before_id: int | None
+    ) -> list[SecurityEvent]:
+        """Up to `limit` events of `tenant`, newest first, with id < before_id when given.
+
+        `start_time` is inclusive, `end_time` exclusive.
+        """
+
+    async def remember_seen(self, facts: Sequence[SeenFact], keep: int) -> None:
+        """Insert facts not yet stored; keep only the newest `keep` objects per (tenant, kind, subject)."""
+
+    async def load_seen(self, limit: int) -> list[SeenFact]:
+        """Up to `limit` remembered facts, newest first."""
+
     # ---------------------------------------------------------------- grants
 
     async def put_grant(self, grant: Grant, event: AuditEvent) -> None:
@@ -159,4 +182,25 @@ class Store(Protocol):
         """Up to `limit` events, newest first (descending id), with id < before_id when given.
 
         `start_time` is inclusive, `end_time` exclusive.
+        """
+
+    async def export_audit(
+        self, tenant: str, filter: AuditFilter, limit: int, after_id: int | None
+    ) -> list[AuditEvent]:
+        """Like `list_audit`, but oldest first (ascending id), with id > after_id when given."""
+
+    async def verify_audit_chain(self) -> AuditChainReport:
+        """Walk the whole hash chain from the newest checkpoint, in id order and in pages.
+
+        Every event's prev_hash must be its predecessor's hash and its hash must match
+        its canonical form; the report names the first event where either fails.
+        """
+
+    async def prune_audit(self, before: datetime, now: datetime, batch_size: int = 1000) -> int:
+        """Delete the oldest events, up to the first one at or after `before`, in batches.
+
+        Each batch is checked against the chain first and deleted in one transaction
+        with a checkpoint (id and hash of its last event). Raises `FailedPrecondition`
+        (keeping the evidence) when the chain is broken in the part to delete.
+        Returns how many events were deleted.
         """

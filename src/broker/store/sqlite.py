@@ -14,14 +14,16 @@ import contextlib
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
-from broker.errors import Aborted, AlreadyExists, NotFound, Unavailable
+from broker.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from broker.model import (
+    AuditChainReport,
     AuditEvent,
     AuditFilter,
     ConnectionFilter,
@@ -31,9 +33,13 @@ from broker.model import (
     GrantFilter,
     McpTool,
     PendingAuthorization,
+    SecurityEvent,
+    SecurityEventFilter,
+    SeenFact,
     TestResult,
     TestStatus,
 )
+from broker.store import _chain as chain
 from broker.store import _codec as codec
 from broker.store._migrate import apply_sqlite, load_migrations
 
@@ -67,21 +73,35 @@ _GRANT_UPSERT = (
     "ON CONFLICT (tenant, connection_id, principal) DO UPDATE SET "
     "created_at = excluded.created_at, created_by = excluded.created_by, expires_at = excluded.expires_at"
 )
-_AUDIT_SELECT = "SELECT id, " + ", ".join(codec.AUDIT_COLUMNS) + " FROM audit_events"  # noqa: S608
-_AUDIT_INSERT = (
-    f"INSERT INTO audit_events ({', '.join(codec.AUDIT_COLUMNS)}) "  # noqa: S608
-    f"VALUES ({', '.join('?' for _ in codec.AUDIT_COLUMNS)})"
+_AUDIT_SELECT = (
+    "SELECT id, " + ", ".join(codec.AUDIT_COLUMNS) + ", prev_hash, hash FROM audit_events"  # noqa: S608
 )
+# The id is given, not assigned: it is part of the hashed form, computed before the insert.
+_AUDIT_INSERT = (
+    f"INSERT INTO audit_events (id, {', '.join(codec.AUDIT_COLUMNS)}, prev_hash, hash) "  # noqa: S608
+    f"VALUES (?, {', '.join('?' for _ in codec.AUDIT_COLUMNS)}, ?, ?)"
+)
+_AUDIT_PAGE = 1000
 
+_SECURITY_EVENT_SELECT = "SELECT id, " + ", ".join(codec.SECURITY_EVENT_COLUMNS) + " FROM security_events"  # noqa: S608
+_SECURITY_EVENT_INSERT = (
+    f"INSERT INTO security_events ({', '.join(codec.SECURITY_EVENT_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join('?' for _ in codec.SECURITY_EVENT_COLUMNS)})"
+)
 _OAUTH_STATE_SELECT = "SELECT * FROM oauth_states WHERE state_hash = ? AND tenant = ? AND actor = ?"
 _OAUTH_STATE_DELETE = "DELETE FROM oauth_states WHERE state_hash = ? AND tenant = ? AND actor = ?"
 
 _STATUS_WHERE: dict[ConnectionStatus | None, str] = {
     None: "deleted_at IS NULL",
-    ConnectionStatus.ACTIVE: "status = 'active' AND deleted_at IS NULL AND reauth_required_at IS NULL",
+    ConnectionStatus.ACTIVE: (
+        "status = 'active' AND deleted_at IS NULL AND reauth_required_at IS NULL AND suspended_at IS NULL"
+    ),
     ConnectionStatus.REVOKED: "status = 'revoked' AND deleted_at IS NULL",
     ConnectionStatus.DELETED: "deleted_at IS NOT NULL AND purged_at IS NULL",
-    ConnectionStatus.EXPIRED: "status = 'active' AND deleted_at IS NULL AND reauth_required_at IS NOT NULL",
+    ConnectionStatus.EXPIRED: (
+        "status = 'active' AND deleted_at IS NULL AND reauth_required_at IS NOT NULL AND suspended_at IS NULL"
+    ),
+    ConnectionStatus.SUSPENDED: "status = 'active' AND deleted_at IS NULL AND suspended_at IS NOT NULL",
 }
 
 
@@ -94,6 +114,9 @@ class SqliteStore:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
+        # Verifying and pruning the audit chain exclude each other: a prune under a
+        # running verification would look like deleted events.
+        self._chain_lock = asyncio.Lock()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -112,6 +135,7 @@ class SqliteStore:
             if await _pragma(writer, "secure_delete = ON") != 1:
                 raise RuntimeError("SQLite refused secure_delete")
             await apply_sqlite(writer, load_migrations())
+            await _backfill_audit_chain(writer)
             reader = await self._connect()
         except BaseException:
             await writer.close()
@@ -187,7 +211,19 @@ class SqliteStore:
 
     @staticmethod
     async def _insert_audit(conn: aiosqlite.Connection, events: Iterable[AuditEvent]) -> None:
-        await conn.executemany(_AUDIT_INSERT, [codec.audit_params(e) for e in events])
+        """Append events to the hash chain; the one place audit rows are written.
+
+        Runs inside the caller's write transaction, whose lock fixes the order: each
+        event gets the next id and links to the hash of the event before it.
+        """
+        last_id, last_hash = await _chain_tail(conn)
+        params = []
+        for event in events:
+            last_id += 1
+            linked = replace(event, id=last_id, prev_hash=last_hash)
+            last_hash = chain.event_hash(linked)
+            params.append((last_id, *codec.audit_params(linked), linked.prev_hash, last_hash))
+        await conn.executemany(_AUDIT_INSERT, params)
 
     @staticmethod
     async def _write_labels(conn: aiosqlite.Connection, record: ConnectionRecord) -> None:
@@ -401,7 +437,7 @@ class SqliteStore:
         rows = await self._read(
             "SELECT tenant, id FROM connections WHERE secret_expires_at IS NOT NULL AND secret_expires_at < ?"
             " AND deleted_at IS NULL AND status = 'active' AND reauth_required_at IS NULL"
-            " ORDER BY secret_expires_at LIMIT ?",
+            " AND suspended_at IS NULL ORDER BY secret_expires_at LIMIT ?",
             (codec.to_micros(before), limit),
         )
         return [(row["tenant"], row["id"]) for row in rows]
@@ -435,6 +471,72 @@ class SqliteStore:
             conn.execute("DELETE FROM oauth_states WHERE expires_at <= ?", (codec.to_micros(now),)) as cursor,
         ):
             return int(cursor.rowcount)
+
+    # -------------------------------------------------------------- security
+
+    async def add_security_event(self, event: SecurityEvent) -> SecurityEvent:
+        """Store a security event; returns it with the id the database gave it."""
+        params = codec.security_event_params(event)
+        async with self._transaction() as conn, conn.execute(_SECURITY_EVENT_INSERT, params) as cursor:
+            event_id = cursor.lastrowid
+        return replace(event, id=int(event_id or 0))
+
+    async def list_security_events(
+        self, tenant: str, filter: SecurityEventFilter, limit: int, before_id: int | None
+    ) -> list[SecurityEvent]:
+        """Up to `limit` of the tenant's events, newest first, with id < before_id when given."""
+        _check_limit(limit)
+        where = ["tenant = ?"]
+        params: list[Any] = [tenant]
+        for column, value in (
+            ("rule", filter.rule),
+            ("connection_id", filter.connection_id),
+            ("principal", filter.principal),
+        ):
+            if value:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if filter.start_time is not None:
+            where.append("time >= ?")
+            params.append(codec.to_micros(filter.start_time))
+        if filter.end_time is not None:
+            where.append("time < ?")
+            params.append(codec.to_micros(filter.end_time))
+        if before_id is not None:
+            where.append("id < ?")
+            params.append(before_id)
+        sql = f"{_SECURITY_EVENT_SELECT} WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?"
+        rows = await self._read(sql, [*params, limit])
+        return [codec.security_event_from_row(row) for row in rows]
+
+    async def remember_seen(self, facts: Sequence[SeenFact], keep: int) -> None:
+        """Insert new facts (existing ones keep their first_seen), then trim each subject to `keep`."""
+        if not facts:
+            return
+        _check_limit(keep)
+        async with self._transaction() as conn:
+            await conn.executemany(
+                "INSERT INTO monitor_seen (tenant, kind, subject, object, first_seen) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (tenant, kind, subject, object) DO NOTHING",
+                [(f.tenant, f.kind, f.subject, f.object, codec.to_micros(f.first_seen)) for f in facts],
+            )
+            subjects = sorted({(f.tenant, f.kind, f.subject) for f in facts})
+            await conn.executemany(
+                "DELETE FROM monitor_seen WHERE tenant = ? AND kind = ? AND subject = ? AND object NOT IN"
+                " (SELECT object FROM monitor_seen WHERE tenant = ? AND kind = ? AND subject = ?"
+                " ORDER BY first_seen DESC, object LIMIT ?)",
+                [(*key, *key, keep) for key in subjects],
+            )
+
+    async def load_seen(self, limit: int) -> list[SeenFact]:
+        """Up to `limit` remembered facts, newest first."""
+        _check_limit(limit)
+        rows = await self._read(
+            "SELECT tenant, kind, subject, object, first_seen FROM monitor_seen"
+            " ORDER BY first_seen DESC LIMIT ?",
+            (limit,),
+        )
+        return [codec.seen_fact_from_row(row) for row in rows]
 
     # ---------------------------------------------------------------- grants
 
@@ -497,37 +599,183 @@ class SqliteStore:
         """Append the batch in one transaction: one commit, one fsync."""
         if not events:
             return
-        params = [codec.audit_params(e) for e in events]
         async with self._transaction() as conn:
-            await conn.executemany(_AUDIT_INSERT, params)
+            await self._insert_audit(conn, events)
 
     async def list_audit(
         self, tenant: str, filter: AuditFilter, limit: int, before_id: int | None
     ) -> list[AuditEvent]:
         """Up to `limit` events, newest first, with id < before_id when given."""
         _check_limit(limit)
-        where = ["tenant = ?"]
-        params: list[Any] = [tenant]
-        for column, value in (
-            ("connection_id", filter.connection_id),
-            ("actor", filter.actor),
-            ("action", filter.action),
-        ):
-            if value:
-                where.append(f"{column} = ?")
-                params.append(value)
-        if filter.start_time is not None:
-            where.append("time >= ?")
-            params.append(codec.to_micros(filter.start_time))
-        if filter.end_time is not None:
-            where.append("time < ?")
-            params.append(codec.to_micros(filter.end_time))
+        where, params = _audit_where(tenant, filter)
         if before_id is not None:
             where.append("id < ?")
             params.append(before_id)
         sql = f"{_AUDIT_SELECT} WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?"
         rows = await self._read(sql, [*params, limit])
         return [codec.audit_from_row(row) for row in rows]
+
+    async def export_audit(
+        self, tenant: str, filter: AuditFilter, limit: int, after_id: int | None
+    ) -> list[AuditEvent]:
+        """Up to `limit` events, oldest first, with id > after_id when given."""
+        _check_limit(limit)
+        where, params = _audit_where(tenant, filter)
+        if after_id is not None:
+            where.append("id > ?")
+            params.append(after_id)
+        sql = f"{_AUDIT_SELECT} WHERE {' AND '.join(where)} ORDER BY id LIMIT ?"
+        rows = await self._read(sql, [*params, limit])
+        return [codec.audit_from_row(row) for row in rows]
+
+    async def verify_audit_chain(self) -> AuditChainReport:
+        """Walk the chain from the newest checkpoint in pages of `_AUDIT_PAGE` (bounded memory)."""
+        async with self._chain_lock:
+            start = await self._read(_CHECKPOINT_SELECT, ())
+            after, expected = (start[0]["last_id"], start[0]["last_hash"]) if start else (0, chain.GENESIS)
+            walk = chain.ChainWalk(expected)
+            while walk.ok:
+                rows = await self._read(
+                    f"{_AUDIT_SELECT} WHERE id > ? ORDER BY id LIMIT ?", (after, _AUDIT_PAGE)
+                )
+                for row in rows:
+                    if not _check_row(walk, row):
+                        break
+                if len(rows) < _AUDIT_PAGE:
+                    break
+                after = rows[-1]["id"]
+        return AuditChainReport(walk.ok, walk.checked, walk.broken_id, walk.problem)
+
+    async def prune_audit(self, before: datetime, now: datetime, batch_size: int = 1000) -> int:
+        """Delete the oldest events before `before`, batch by batch, each with its checkpoint."""
+        _check_limit(batch_size)
+        cutoff = codec.to_micros(before)
+        pruned = 0
+        run_id: int | None = None
+        async with self._chain_lock:
+            while True:
+                async with self._transaction() as conn:
+                    start = list(await conn.execute_fetchall(_CHECKPOINT_SELECT))
+                    after, expected = (
+                        (start[0]["last_id"], start[0]["last_hash"]) if start else (0, chain.GENESIS)
+                    )
+                    rows = list(
+                        await conn.execute_fetchall(
+                            f"{_AUDIT_SELECT} WHERE id > ? ORDER BY id LIMIT ?", (after, batch_size)
+                        )
+                    )
+                    # A prefix only: the chain must stay contiguous even where times are not monotonic.
+                    batch = []
+                    for row in rows:
+                        if row["time"] >= cutoff:
+                            break
+                        batch.append(row)
+                    if not batch:
+                        return pruned
+                    walk = chain.ChainWalk(expected)
+                    for row in batch:
+                        if not _check_row(walk, row):
+                            raise FailedPrecondition(
+                                f"the audit chain is broken at event {walk.broken_id} ({walk.problem}); "
+                                "pruning stopped there so the evidence is kept"
+                            )
+                    last_id, last_hash = batch[-1]["id"], batch[-1]["hash"]
+                    await conn.execute("DELETE FROM audit_events WHERE id <= ?", (last_id,))
+                    if run_id is None:
+                        async with conn.execute(
+                            "INSERT INTO audit_checkpoints (last_id, last_hash, pruned_count, created_at)"
+                            " VALUES (?, ?, ?, ?)",
+                            (last_id, last_hash, len(batch), codec.to_micros(now)),
+                        ) as cursor:
+                            run_id = cursor.lastrowid
+                    else:
+                        await conn.execute(
+                            "UPDATE audit_checkpoints SET last_id = ?, last_hash = ?,"
+                            " pruned_count = pruned_count + ? WHERE id = ?",
+                            (last_id, last_hash, len(batch), run_id),
+                        )
+                pruned += len(batch)
+                if len(batch) < batch_size:
+                    return pruned
+
+
+_CHECKPOINT_SELECT = "SELECT last_id, last_hash FROM audit_checkpoints ORDER BY last_id DESC LIMIT 1"
+
+
+def _audit_where(tenant: str, filter: AuditFilter) -> tuple[list[str], list[Any]]:
+    """The WHERE terms (and their parameters) of an audit listing, tenant first."""
+    where = ["tenant = ?"]
+    params: list[Any] = [tenant]
+    for column, value in (
+        ("connection_id", filter.connection_id),
+        ("actor", filter.actor),
+        ("action", filter.action),
+    ):
+        if value:
+            where.append(f"{column} = ?")
+            params.append(value)
+    if filter.start_time is not None:
+        where.append("time >= ?")
+        params.append(codec.to_micros(filter.start_time))
+    if filter.end_time is not None:
+        where.append("time < ?")
+        params.append(codec.to_micros(filter.end_time))
+    return where, params
+
+
+async def _chain_tail(conn: aiosqlite.Connection) -> tuple[int, str]:
+    """(id, hash) of the newest event, else of the newest checkpoint, else (0, GENESIS)."""
+    rows = list(await conn.execute_fetchall("SELECT id, hash FROM audit_events ORDER BY id DESC LIMIT 1"))
+    if rows:
+        return int(rows[0]["id"]), str(rows[0]["hash"] or "")
+    rows = list(await conn.execute_fetchall(_CHECKPOINT_SELECT))
+    if rows:
+        return int(rows[0]["last_id"]), str(rows[0]["last_hash"])
+    return 0, chain.GENESIS
+
+
+def _check_row(walk: chain.ChainWalk, row: sqlite3.Row) -> bool:
+    """Feed one stored row to the walk; a row whose fields no longer parse is a break."""
+    try:
+        event = codec.audit_from_row(row)
+    except (ValueError, TypeError, KeyError):
+        return walk.unreadable(int(row["id"]))
+    return walk.check(event)
+
+
+async def _backfill_audit_chain(conn: aiosqlite.Connection) -> None:
+    """Hash the events written before the chain existed (migration 0004), in one transaction.
+
+    Only while the chain has not begun (no hashed event, no checkpoint): once it has, an
+    event without a hash is a break for `verify_audit_chain` to report, never re-hashed.
+    """
+    begun = await conn.execute_fetchall(
+        "SELECT 1 FROM audit_events WHERE hash IS NOT NULL UNION ALL SELECT 1 FROM audit_checkpoints LIMIT 1"
+    )
+    if list(begun):
+        return
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        after, prev = 0, chain.GENESIS
+        while True:
+            rows = list(
+                await conn.execute_fetchall(
+                    f"{_AUDIT_SELECT} WHERE id > ? ORDER BY id LIMIT ?", (after, _AUDIT_PAGE)
+                )
+            )
+            updates = []
+            for row in rows:
+                event = replace(codec.audit_from_row(row), prev_hash=prev)
+                prev = chain.event_hash(event)
+                updates.append((event.prev_hash, prev, event.id))
+            await conn.executemany("UPDATE audit_events SET prev_hash = ?, hash = ? WHERE id = ?", updates)
+            if len(rows) < _AUDIT_PAGE:
+                break
+            after = rows[-1]["id"]
+        await conn.commit()
+    except BaseException:
+        await conn.rollback()
+        raise
 
 
 def _create_private_file(path: Path) -> None:

@@ -1,0 +1,530 @@
+"""The security monitor: rules over what the broker serves, security events, suspension.
+
+Rules (each set in `[monitor]`; a threshold of 0 turns its rule off):
+
+- failed_tests: N failed tests of one stored connection within a window suspend it;
+- denied_burst: N probing denials (unknown connection, no or expired grant, deleted or
+  revoked connection) of one principal within a window flag it, and with
+  `block_seconds` > 0 deny its Resolves for that long;
+- volume_spike: a principal x connection's Resolves in the current window above
+  max(min_count, factor x the exponentially weighted average of its earlier windows)
+  alert, and suspend the connection with `suspend_on_spike`;
+- new_principal_peer: a principal's first Resolve of a connection, from a peer host
+  never seen for that principal, alerts (what was seen is persisted, bounded);
+- oauth_refresh_failures: N failed refreshes of one connection within a window alert.
+
+The Resolve path feeds the monitor in memory (a few dict and deque operations, no
+store read); the store is written only when a rule fires, and in the background.
+Counters are per process: with several replicas, each counts what it serves.
+A security event never holds a secret: rule, principal, connection id, peer, what
+was done, and a few counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections import deque
+from collections.abc import Callable, Coroutine, Hashable
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+from urllib.parse import unquote
+
+import structlog
+
+from broker import metrics
+from broker.errors import Aborted, InvalidArgument
+from broker.model import (
+    AuditEvent,
+    ConnectionRecord,
+    ConnectionStatus,
+    Outcome,
+    SecurityEvent,
+    SecurityEventFilter,
+    SeenFact,
+)
+from broker.service import paging
+from broker.service.alerts import AlertSender
+from broker.service.cache import ResolveCache
+from broker.service.context import Call
+from broker.service.lookup import existing_connection
+from broker.store import Store
+
+log = structlog.get_logger("broker.monitor")
+
+SYSTEM_ACTOR = "broker:monitor"
+WARNING = "warning"
+CRITICAL = "critical"
+ALERTED = "alerted"
+SUSPENDED = "connection_suspended"
+BLOCKED = "principal_blocked"
+# Denials that look like probing; a blocked principal's or a suspended connection's own
+# denials do not count again.
+PROBING_REASONS = frozenset(
+    {"unknown_connection", "connection_deleted", "connection_revoked", "no_grant", "grant_expired"}
+)
+MAX_REASON = 512
+_CODE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    failed_tests: int = 5
+    failed_tests_window_seconds: float = 600.0
+    denied_resolves: int = 20
+    denied_window_seconds: float = 60.0
+    block_seconds: float = 0.0
+    spike_factor: float = 10.0
+    spike_min_count: int = 100
+    spike_window_seconds: float = 60.0
+    # Weight of the newest finished window in the average.
+    spike_smoothing: float = 0.3
+    suspend_on_spike: bool = False
+    new_principal_peer: bool = True
+    oauth_refresh_failures: int = 3
+    oauth_refresh_window_seconds: float = 3600.0
+    # "tenant/connection_id" of a webhook connection that receives every tenant's events.
+    alert_webhook: str = ""
+    # Keys per in-memory table, and objects remembered per subject by new_principal_peer.
+    max_tracked: int = 100_000
+    seen_per_subject: int = 256
+    seen_flush_seconds: float = 5.0
+
+
+# ------------------------------------------------------------------ arithmetic
+
+
+class Burst:
+    """Fires when `threshold` hits of one key fall within `window` seconds, then starts over.
+
+    Only the last `threshold` times per key are kept: the burst is there exactly
+    when the oldest of them is less than `window` before the newest.
+    """
+
+    def __init__(self, threshold: int, window: float, max_keys: int = 100_000) -> None:
+        self.threshold = threshold
+        self.window = window
+        self._max_keys = max_keys
+        self._times: dict[Hashable, deque[float]] = {}
+
+    def hit(self, key: Hashable, t: float) -> bool:
+        if self.threshold < 1:
+            return False
+        times = self._times.get(key)
+        if times is None:
+            if len(self._times) >= self._max_keys:
+                del self._times[next(iter(self._times))]
+            times = self._times[key] = deque(maxlen=self.threshold)
+        times.append(t)
+        if len(times) == self.threshold and t - times[0] < self.window:
+            del self._times[key]
+            return True
+        return False
+
+    def forget(self, key: Hashable) -> None:
+        self._times.pop(key, None)
+
+
+@dataclass
+class _Rate:
+    origin: float
+    window: int = 0
+    count: int = 0
+    average: float | None = None
+    fired: bool = False
+
+
+class Spike:
+    """Counts per key in consecutive windows (from the key's first hit) against an EWMA baseline.
+
+    `hit` returns (count, baseline) the first time in a window that the count goes
+    above max(min_count, factor x baseline); the baseline is the exponentially
+    weighted average of the earlier windows (empty ones count as 0), 0 before any.
+    """
+
+    def __init__(
+        self, factor: float, min_count: int, window: float, smoothing: float, max_keys: int = 100_000
+    ) -> None:
+        self.factor = factor
+        self.min_count = min_count
+        self.window = window
+        self.smoothing = smoothing
+        self._max_keys = max_keys
+        self._rates: dict[Hashable, _Rate] = {}
+
+    def hit(self, key: Hashable, t: float) -> tuple[int, float] | None:
+        if self.min_count < 1:
+            return None
+        rate = self._rates.get(key)
+        if rate is None:
+            if len(self._rates) >= self._max_keys:
+                del self._rates[next(iter(self._rates))]
+            rate = self._rates[key] = _Rate(origin=t)
+        index = int((t - rate.origin) // self.window)
+        if index > rate.window:
+            self._roll(rate, index)
+        rate.count += 1
+        baseline = rate.average or 0.0
+        if not rate.fired and rate.count > max(self.min_count, self.factor * baseline):
+            rate.fired = True
+            return rate.count, baseline
+        return None
+
+    def _roll(self, rate: _Rate, index: int) -> None:
+        a = self.smoothing
+        average = float(rate.count) if rate.average is None else a * rate.count + (1 - a) * rate.average
+        empty = min(index - rate.window - 1, 10_000)
+        rate.average = average * (1 - a) ** empty
+        rate.window, rate.count, rate.fired = index, 0, False
+
+
+class Seen:
+    """Objects seen per (tenant, kind, subject), newest last, at most `per_subject` each."""
+
+    def __init__(self, per_subject: int, max_subjects: int) -> None:
+        self._per_subject = per_subject
+        self._max_subjects = max_subjects
+        self._objects: dict[tuple[str, str, str], dict[str, None]] = {}
+
+    def __contains__(self, fact: tuple[str, str, str, str]) -> bool:
+        objects = self._objects.get(fact[:3])
+        return objects is not None and fact[3] in objects
+
+    def add(self, tenant: str, kind: str, subject: str, obj: str) -> None:
+        key = (tenant, kind, subject)
+        objects = self._objects.get(key)
+        if objects is None:
+            if len(self._objects) >= self._max_subjects:
+                del self._objects[next(iter(self._objects))]
+            objects = self._objects[key] = {}
+        objects[obj] = None
+        if len(objects) > self._per_subject:
+            del objects[next(iter(objects))]
+
+
+def peer_host(peer: str) -> str:
+    """The host of a gRPC peer string (`ipv4:10.0.0.5:51234`, `ipv6:%5B::1%5D:5555`)."""
+    kind, sep, rest = unquote(peer).partition(":")
+    if sep and kind in ("ipv4", "ipv6"):
+        host = rest.rpartition(":")[0].strip("[]")
+        return host or rest
+    return peer
+
+
+def _seconds(when: datetime) -> float:
+    return when.timestamp()
+
+
+def _code(text: str) -> str:
+    """A short code from outside (an OAuth error code) as is; anything else is not repeated."""
+    return text if _CODE.fullmatch(text) else "other"
+
+
+# --------------------------------------------------------------------- monitor
+
+
+class Monitor:
+    """The rules, their state, and what happens when one fires. See the module docstring."""
+
+    def __init__(
+        self,
+        store: Store,
+        cache: ResolveCache,
+        clock: Callable[[], datetime],
+        settings: MonitorSettings = MonitorSettings(),
+        alerts: AlertSender | None = None,
+    ) -> None:
+        self._store = store
+        self._cache = cache
+        self._clock = clock
+        self.settings = s = settings
+        self._alerts = alerts
+        self._failed_tests = Burst(s.failed_tests, s.failed_tests_window_seconds, s.max_tracked)
+        self._denied = Burst(s.denied_resolves, s.denied_window_seconds, s.max_tracked)
+        self._oauth = Burst(s.oauth_refresh_failures, s.oauth_refresh_window_seconds, s.max_tracked)
+        smoothing = s.spike_smoothing
+        self._spike = Spike(
+            s.spike_factor, s.spike_min_count, s.spike_window_seconds, smoothing, s.max_tracked
+        )
+        self._seen = Seen(s.seen_per_subject, s.max_tracked)
+        self._new_facts: list[SeenFact] = []
+        self._blocked: dict[tuple[str, str], float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._flusher: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        """Load what new_principal_peer remembers."""
+        facts = await self._store.load_seen(self.settings.max_tracked)
+        for fact in reversed(facts):  # oldest first, so the newest stay when a subject is full
+            self._seen.add(fact.tenant, fact.kind, fact.subject, fact.object)
+
+    def start(self) -> None:
+        """Flush what is seen in the background, and start sending alerts."""
+        self._flusher = asyncio.create_task(self._flush_periodically())
+        if self._alerts is not None:
+            self._alerts.start()
+
+    async def settle(self) -> None:
+        """Wait until every event raised so far is stored and what was seen is flushed."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+        await self.flush_seen()
+
+    async def close(self) -> None:
+        """Stop the flusher, finish pending events, write what is left, let queued alerts go."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self.settle()
+        if self._alerts is not None:
+            await self._alerts.close()
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.seen_flush_seconds)
+            await self.flush_seen()
+
+    async def flush_seen(self) -> None:
+        """Persist newly seen facts in one transaction; on failure they are kept for the next try."""
+        if not self._new_facts:
+            return
+        batch, self._new_facts = self._new_facts, []
+        try:
+            await self._store.remember_seen(batch, self.settings.seen_per_subject)
+        except Exception as exc:
+            log.warning("monitor_seen_flush_failed", error_type=type(exc).__name__, count=len(batch))
+            self._new_facts = batch[-self.settings.max_tracked :] + self._new_facts
+
+    # ------------------------------------------------- the Resolve path
+
+    def blocked(self, tenant: str, principal: str, now: datetime) -> bool:
+        """Whether the principal is in a cool-down after a denied burst."""
+        until = self._blocked.get((tenant, principal))
+        if until is None:
+            return False
+        if _seconds(now) < until:
+            return True
+        del self._blocked[(tenant, principal)]
+        return False
+
+    def resolve_denied(self, call: Call, connection_id: str, reason: str, now: datetime) -> None:
+        """A denied Resolve; probing reasons count towards denied_burst."""
+        if reason not in PROBING_REASONS:
+            return
+        key = (call.tenant, call.actor)
+        if not self._denied.hit(key, _seconds(now)):
+            return
+        s = self.settings
+        details = {"count": str(s.denied_resolves), "window_seconds": f"{s.denied_window_seconds:g}"}
+        details["last_reason"] = reason
+        action, severity = ALERTED, WARNING
+        if s.block_seconds > 0:
+            self._blocked[key] = _seconds(now) + s.block_seconds
+            if len(self._blocked) > s.max_tracked:
+                del self._blocked[next(iter(self._blocked))]
+            action, severity = BLOCKED, CRITICAL
+            details["block_seconds"] = f"{s.block_seconds:g}"
+        event = self._event(now, call, "denied_burst", severity, action, connection_id, details)
+        self._spawn(self._record(event, suspend=False))
+
+    def resolve_allowed(self, call: Call, connection_id: str, now: datetime) -> None:
+        """A released secret: volume_spike and new_principal_peer."""
+        s = self.settings
+        spike = self._spike.hit((call.tenant, call.actor, connection_id), _seconds(now))
+        if spike is not None:
+            count, baseline = spike
+            suspend = s.suspend_on_spike
+            details = {
+                "count": str(count),
+                "baseline": f"{baseline:.1f}",
+                "window_seconds": f"{s.spike_window_seconds:g}",
+            }
+            severity = CRITICAL if suspend else WARNING
+            event = self._event(now, call, "volume_spike", severity, ALERTED, connection_id, details)
+            self._spawn(self._record(event, suspend=suspend))
+        self._saw(call, connection_id, now)
+
+    def _saw(self, call: Call, connection_id: str, now: datetime) -> None:
+        tenant, actor = call.tenant, call.actor
+        new_pair = (tenant, "principal", connection_id, actor) not in self._seen
+        host = peer_host(call.peer)
+        new_peer = bool(host) and (tenant, "peer", actor, host) not in self._seen
+        if not (new_pair or new_peer):
+            return
+        if new_pair:
+            self._remember(SeenFact(tenant, "principal", connection_id, actor, now))
+        if new_peer:
+            self._remember(SeenFact(tenant, "peer", actor, host, now))
+        if new_pair and new_peer and self.settings.new_principal_peer:
+            details = {"peer_host": host}
+            event = self._event(now, call, "new_principal_peer", WARNING, ALERTED, connection_id, details)
+            self._spawn(self._record(event, suspend=False))
+
+    def _remember(self, fact: SeenFact) -> None:
+        self._seen.add(fact.tenant, fact.kind, fact.subject, fact.object)
+        if len(self._new_facts) < self.settings.max_tracked:
+            self._new_facts.append(fact)
+
+    # ------------------------------------------------------ other feeds
+
+    async def test_finished(self, call: Call, connection_id: str, success: bool, category: str) -> None:
+        """A stored connection's test; enough failures in the window suspend it (before this returns)."""
+        if success:
+            return
+        now = self._clock()
+        if not self._failed_tests.hit((call.tenant, connection_id), _seconds(now)):
+            return
+        s = self.settings
+        details = {
+            "count": str(s.failed_tests),
+            "window_seconds": f"{s.failed_tests_window_seconds:g}",
+            "last_category": category,
+        }
+        event = self._event(now, call, "failed_tests", CRITICAL, ALERTED, connection_id, details)
+        await self._record(event, suspend=True)
+
+    def oauth_refresh_failed(self, record: ConnectionRecord, failure: str) -> None:
+        """A refresh that could not complete; enough of them in the window alert."""
+        now = self._clock()
+        if not self._oauth.hit((record.tenant, record.id), _seconds(now)):
+            return
+        s = self.settings
+        details = {
+            "count": str(s.oauth_refresh_failures),
+            "window_seconds": f"{s.oauth_refresh_window_seconds:g}",
+            "last_failure": _code(failure),
+        }
+        event = SecurityEvent(
+            time=now,
+            tenant=record.tenant,
+            rule="oauth_refresh_failures",
+            severity=WARNING,
+            action=ALERTED,
+            connection_id=record.id,
+            details=details,
+        )
+        self._spawn(self._record(event, suspend=False))
+
+    # ------------------------------------------------------ when a rule fires
+
+    @staticmethod
+    def _event(
+        now: datetime,
+        call: Call,
+        rule: str,
+        severity: str,
+        action: str,
+        connection_id: str,
+        details: dict[str, str],
+    ) -> SecurityEvent:
+        return SecurityEvent(
+            time=now,
+            tenant=call.tenant,
+            rule=rule,
+            severity=severity,
+            action=action,
+            principal=call.actor,
+            connection_id=connection_id,
+            peer=call.peer,
+            details=details,
+        )
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _record(self, event: SecurityEvent, *, suspend: bool) -> None:
+        """Suspend when asked, store the event, count, log, alert. Never raises."""
+        try:
+            if suspend and event.connection_id and await self._suspend(event):
+                event = replace(event, action=SUSPENDED, severity=CRITICAL)
+            stored = await self._store.add_security_event(event)
+        except Exception as exc:
+            log.error("security_event_not_stored", rule=event.rule, error_type=type(exc).__name__)
+            stored = event
+        metrics.SECURITY_EVENTS.labels(event.rule).inc()
+        log.warning(
+            "security_event",
+            rule=stored.rule,
+            action=stored.action,
+            tenant=stored.tenant,
+            principal=stored.principal,
+            connection_id=stored.connection_id,
+            **stored.details,
+        )
+        if self._alerts is not None:
+            self._alerts.send(stored)
+
+    async def _suspend(self, event: SecurityEvent) -> bool:
+        """Set suspended_at with a compare-and-swap; False when there was nothing to suspend."""
+        tenant, connection_id = event.tenant, event.connection_id
+        for _ in range(3):
+            record = await self._store.get_connection(tenant, connection_id)
+            if (
+                record is None
+                or not record.live
+                or record.status is ConnectionStatus.REVOKED
+                or record.suspended_at is not None
+            ):
+                return False
+            now = self._clock()
+            suspended = replace(record, suspended_at=now, version=record.version + 1, updated_at=now)
+            audit = AuditEvent(
+                time=now,
+                tenant=tenant,
+                actor=SYSTEM_ACTOR,
+                action="connection.suspend",
+                outcome=Outcome.SUCCEEDED,
+                connection_id=connection_id,
+                reason=event.rule,
+                details={"principal": event.principal} if event.principal else {},
+            )
+            try:
+                await self._store.replace_connection(suspended, record.version, audit)
+            except Aborted:
+                continue  # changed under us: read again
+            finally:
+                self._cache.invalidate_connection(tenant, connection_id)
+            return True
+        return False
+
+    # ------------------------------------------------------------- admin
+
+    async def reinstate(self, call: Call, connection_id: str, reason: str) -> ConnectionRecord:
+        """Clear a suspension (audited); a connection that is not suspended is returned unchanged."""
+        if len(reason) > MAX_REASON:
+            raise InvalidArgument.field("reason", f"must be at most {MAX_REASON} characters")
+        current = await existing_connection(self._store, call.tenant, connection_id)
+        if current.suspended_at is None:
+            return current
+        now = self._clock()
+        record = replace(current, suspended_at=None, version=current.version + 1, updated_at=now)
+        details = {"suspended_at": current.suspended_at.isoformat()}
+        event = call.audit_event(now, "connection.reinstate", current.id, reason=reason, details=details)
+        try:
+            await self._store.replace_connection(record, current.version, event)
+        finally:
+            self._cache.invalidate_connection(current.tenant, current.id)
+        self._failed_tests.forget((current.tenant, current.id))
+        return record
+
+    async def list(
+        self, call: Call, filter: SecurityEventFilter, page_size: int, page_token: str
+    ) -> tuple[list[SecurityEvent], str]:
+        """One page of the caller's tenant's security events, newest first."""
+        if filter.start_time and filter.end_time and filter.start_time >= filter.end_time:
+            raise InvalidArgument.field("end_time", "must be after start_time")
+        limit = paging.page_size(page_size)
+        before = paging.decode_token("security", page_token)
+        if before is not None and not isinstance(before, int):
+            raise InvalidArgument.field("page_token", "is not a token returned by this listing")
+        events = await self._store.list_security_events(call.tenant, filter, limit + 1, before)
+        if len(events) > limit:
+            return events[:limit], paging.encode_token("security", events[limit - 1].id)
+        return events, ""
