@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -282,6 +283,16 @@ class AuditChainReport:
 
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+_ID = re.compile(r"^[a-z]{1,12}_[0-9a-z]{26}$")
+
+
+def shown_id(value: str) -> str:
+    """`value` if it has the shape of one of our ids, else a placeholder.
+
+    Errors name the id they could not find; input that is not an id (a pasted
+    secret, say) is not echoed back.
+    """
+    return value if _ID.fullmatch(value) else "(not a valid id)"
 
 
 def new_id(prefix: str, now_ms: int | None = None) -> str:

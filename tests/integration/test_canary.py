@@ -14,8 +14,10 @@ import urllib.parse
 from pathlib import Path
 
 import grpc
+import prometheus_client
 from google.protobuf.message import Message
 
+from broker import metrics
 from broker._proto import broker_pb2 as pb
 from tests.conftest import Running
 from tests.helpers import EXECUTOR, db_request, rpc_error, struct
@@ -155,8 +157,26 @@ async def test_canary_appears_only_in_the_resolve_response(running: Running) -> 
     await ok(admin.DeleteConnection(pb.DeleteConnectionRequest(id=api.id)))
     await ok(admin.PurgeConnection(pb.PurgeConnectionRequest(id=api.id)))
     await ok(admin.RevokeAccess(pb.RevokeAccessRequest(connection_id=created.id, principal=EXECUTOR)))
+    # OAuth, security and audit RPCs, with the canary where a secret or a state would go.
+    oauth_draft = pb.ConnectionDraft(
+        name="oauth-canary", type="oauth2", provider="custom", secrets={"client_secret": CANARY},
+        config=struct({"client_id": "c1", "authorize_url": "https://idp.example/a", "token_url": "https://idp.example/t"}),
+    )  # fmt: skip
+    begun = await admin.BeginAuthorization(
+        pb.BeginAuthorizationRequest(draft=oauth_draft, redirect_uri="http://127.0.0.1:8976/cb")
+    )
+    responses.append(begun)
+    await bad(admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=CANARY, code=CANARY)))
+    await bad(admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=begun.state, code=CANARY)))
+    await bad(admin.ReinstateConnection(pb.ReinstateConnectionRequest(id=CANARY)))
+    await ok(admin.ReinstateConnection(pb.ReinstateConnectionRequest(id=created.id, reason="routine")))
+    await ok(admin.ListSecurityEvents(pb.ListSecurityEventsRequest()))
+    await ok(admin.VerifyAuditLog(pb.VerifyAuditLogRequest()))
+    async for exported in admin.ExportAuditEvents(pb.ExportAuditEventsRequest()):
+        responses.append(exported)
     audit = await admin.ListAuditEvents(pb.ListAuditEventsRequest(page_size=1000))
     responses.append(audit)
+    assert_absent(prometheus_client.generate_latest(metrics.REGISTRY), "metrics")
     await running.broker.resolver.flush_last_used()
 
     for response in responses:

@@ -44,3 +44,12 @@ def test_secret_fields_mask_repr_and_refuse_pickling() -> None:
     assert SecretFields.from_bytes(secrets.to_bytes()) == secrets
     with pytest.raises(ValueError):
         SecretFields.from_bytes(b'{"a": 1}')
+
+
+def test_only_id_shaped_values_are_echoed_in_errors() -> None:
+    from broker.model import new_id, shown_id
+
+    real = new_id("conn")
+    assert shown_id(real) == real
+    for value in ("sk-live-0123456789", "conn_" + "x" * 40, "", "conn_ABC"):
+        assert shown_id(value) == "(not a valid id)"

@@ -7,7 +7,7 @@ from datetime import datetime
 
 from broker.errors import InvalidArgument, NotFound
 from broker.identity import InvalidSpiffeId, parse_spiffe_id
-from broker.model import Grant, GrantFilter, Role
+from broker.model import Grant, GrantFilter, Role, shown_id
 from broker.service import paging
 from broker.service.cache import ResolveCache
 from broker.service.context import Call
@@ -69,7 +69,7 @@ class AccessService:
         )
         try:
             if not await self._store.delete_grant(call.tenant, connection_id, principal, event):
-                raise NotFound(f"no grant of connection {connection_id} to {principal}")
+                raise NotFound(f"no grant of connection {shown_id(connection_id)} to that principal")
         finally:
             self._cache.invalidate_grant(call.tenant, connection_id, principal)
 

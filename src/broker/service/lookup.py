@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from broker.errors import FailedPrecondition, InvalidArgument, NotFound
-from broker.model import ConnectionRecord
+from broker.model import ConnectionRecord, shown_id
 from broker.store import Store
 
 
@@ -15,7 +15,7 @@ async def existing_connection(
         raise InvalidArgument.field(field, "is required")
     record = await store.get_connection(tenant, connection_id)
     if record is None or record.purged_at is not None:
-        raise NotFound(f"connection {connection_id} not found")
+        raise NotFound(f"connection {shown_id(connection_id)} not found")
     return record
 
 
@@ -25,5 +25,5 @@ async def live_connection(
     """As `existing_connection`, and not soft-deleted."""
     record = await existing_connection(store, tenant, connection_id, field)
     if not record.live:
-        raise FailedPrecondition(f"connection {connection_id} is deleted")
+        raise FailedPrecondition(f"connection {record.id} is deleted")
     return record
