@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= .broker-dev
 
-.PHONY: install run test lint proto clean
+.PHONY: install run test lint proto clean bench bench-rss
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ lint: install
 
 test: lint
 	$(BIN)/pytest -q
+
+# Resolve against a bare grpc.aio echo server, 10,000 connections (~2-3 min); docs/PERFORMANCE.md.
+bench: install
+	$(BIN)/python -m bench
+
+# Server RSS with 100,000 stored connections (seeding takes ~2 min).
+bench-rss: install
+	$(BIN)/python -m bench --rss
 
 proto: install
 	$(BIN)/python proto/generate.py

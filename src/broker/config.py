@@ -11,18 +11,38 @@ naming the setting, raised at start-up.
     cert = "tls/server.pem"         # BROKER_TLS_CERT
     key = "tls/server-key.pem"      # BROKER_TLS_KEY
     client_ca = "tls/ca.pem"        # BROKER_TLS_CLIENT_CA
+    reload_interval_seconds = 5     # BROKER_TLS_RELOAD_INTERVAL_SECONDS: how often new handshakes
+                                    #   look for changed files (0: every handshake)
     [storage]
-    path = "broker.db"              # BROKER_STORAGE_PATH
+    path = "broker.db"              # BROKER_STORAGE_PATH: the SQLite file (the default backend)
+    url = ""                        # BROKER_STORAGE_URL: "postgresql://user@host:5432/db?sslmode=verify-full"
+                                    #   selects PostgreSQL (several replicas on one database); when set,
+                                    #   path is ignored. Keep the password out of the URL: asyncpg reads
+                                    #   PGPASSWORD / PGPASSFILE (~/.pgpass) like libpq does
+    pool_min = 1                    # BROKER_STORAGE_POOL_MIN: PostgreSQL connections kept open
+    pool_max = 10                   # BROKER_STORAGE_POOL_MAX: at most this many per replica
     [master_key]
     file = "master.key"             # BROKER_MASTER_KEY_FILE (or the key itself in BROKER_MASTER_KEY)
     old_files = []                  # keys kept for unwrapping only, during rotation
+    dir = ""                        # BROKER_MASTER_KEY_DIR: key directory mode instead of file/old_files
+                                    #   (<kek-id>.key files + an `active` marker; `broker keys ...`)
+    operators = []                  # BROKER_MASTER_KEY_OPERATORS: SPIFFE ids of admins allowed to call
+                                    #   RotateMasterKey (broker-wide); empty: nobody may
     [resolve]
     cache_ttl_seconds = 60          # BROKER_RESOLVE_CACHE_TTL_SECONDS
+    superseded_grace_seconds = 3600 # BROKER_RESOLVE_SUPERSEDED_GRACE_SECONDS: how long Resolve can
+                                    #   still say when a replaced secret version was superseded
     [log]
     level = "info"                  # BROKER_LOG_LEVEL
     [server]
     grace_seconds = 20              # BROKER_SERVER_GRACE_SECONDS
     reflection = true               # BROKER_SERVER_REFLECTION
+    drain_delay_seconds = 1         # BROKER_SERVER_DRAIN_DELAY_SECONDS: after SIGTERM, keep serving (as
+                                    #   NOT_SERVING) until calls stop arriving for 0.1 s, at most this long
+    [health]
+    store_probe_seconds = 5         # BROKER_HEALTH_STORE_PROBE_SECONDS: store ping; NOT_SERVING on failure
+    cert = "tls/probe.pem"          # BROKER_HEALTH_CERT (no default): the client certificate and key
+    key = "tls/probe-key.pem"       # BROKER_HEALTH_KEY (no default):  `broker health` presents
     [metrics]
     listen = "127.0.0.1:9464"       # Prometheus /metrics; "" turns it off (BROKER_METRICS_LISTEN)
     [audit]
@@ -79,6 +99,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from broker import keydir
 from broker.crypto import Kek, KeyError_, Keyring
 from broker.egress.policy import EgressSettings, parse_allowed_host, parse_cidr
 from broker.errors import ConfigError
@@ -97,11 +118,19 @@ class TlsFiles:
 @dataclass(frozen=True)
 class Settings:
     tls: TlsFiles
-    storage_path: Path
+    # None only when storage_url selects PostgreSQL.
+    storage_path: Path | None
+    # The PostgreSQL DSN (storage.url); may hold a password, so never printed (repr=False).
+    storage_url: str | None = field(default=None, repr=False)
+    storage_pool_min: int = 1
+    storage_pool_max: int = 10
     master_key_file: Path | None = None
     # The base64 key from BROKER_MASTER_KEY; never printed (repr=False).
     master_key_env: str | None = field(default=None, repr=False)
     old_master_key_files: tuple[Path, ...] = ()
+    master_key_dir: Path | None = None
+    master_key_operators: tuple[str, ...] = ()
+    superseded_grace_seconds: float = 3600.0
     admin_addr: str = "127.0.0.1:50051"
     resolve_addr: str = "127.0.0.1:50052"
     trust_domain: str = "broker.local"
@@ -109,6 +138,11 @@ class Settings:
     log_level: str = "info"
     grace_seconds: float = 20.0
     reflection: bool = True
+    drain_delay_seconds: float = 1.0
+    tls_reload_seconds: float = 5.0
+    health_probe_seconds: float = 5.0
+    health_cert: Path | None = None
+    health_key: Path | None = None
     tests_per_minute: int = 30
     resolve_per_second: float = 200.0
     resolve_burst: int = 400
@@ -154,6 +188,8 @@ class Settings:
 
     def load_keyring(self) -> Keyring:
         """The master key (active) and any older keys, read from their files or the environment."""
+        if self.master_key_dir is not None:
+            return keydir.load(self.master_key_dir)
         if self.master_key_env:
             active = _parse_key(self.master_key_env, "BROKER_MASTER_KEY")
         elif self.master_key_file is not None:
@@ -349,6 +385,46 @@ def _monitor(src: _Source) -> MonitorSettings:
     )
 
 
+def _master_key_dir(src: _Source) -> Path | None:
+    value, _name = src.raw("master_key", "dir")
+    if value == "":
+        return None
+    return src.path("master_key", "dir")
+
+
+def _operators(src: _Source) -> tuple[str, ...]:
+    """`master_key.operators`: SPIFFE ids, a TOML list or a comma-separated variable."""
+    value, name = src.raw("master_key", "operators")
+    if value is None:
+        return ()
+    if isinstance(value, str) and name.startswith("BROKER_"):
+        items = [item.strip() for item in value.split(",") if item.strip()]
+    elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+        items = [item.strip() for item in value]
+    else:
+        raise ConfigError(f"{name} must be a list of SPIFFE ids")
+    for item in items:
+        if not item.startswith("spiffe://") or "/admin/" not in item:
+            raise ConfigError(f"{name}: {item[:100]!r} is not an admin SPIFFE id (spiffe://.../admin/...)")
+    return tuple(items)
+
+
+def _storage(src: _Source) -> tuple[str | None, int, int]:
+    """`storage.url` (None: SQLite at storage.path) and the PostgreSQL pool bounds."""
+    value, name = src.raw("storage", "url")
+    url: str | None = None
+    if value is not None and value != "":
+        if not isinstance(value, str) or not value.strip().startswith(("postgresql://", "postgres://")):
+            # The value is not echoed: it may carry a password.
+            raise ConfigError(f"{name} must be a postgresql:// URL")
+        url = value.strip()
+    pool_min = _whole(src, "storage", "pool_min", 1, 0, 1000)
+    pool_max = _whole(src, "storage", "pool_max", 10, 1, 1000)
+    if pool_min > pool_max:
+        raise ConfigError("storage.pool_min must not exceed storage.pool_max")
+    return url, pool_min, pool_max
+
+
 def _build(src: _Source) -> Settings:
     tls = TlsFiles(
         cert=src.required_path("tls", "cert"),
@@ -358,18 +434,31 @@ def _build(src: _Source) -> Settings:
     old = src.doc.get("master_key", {}).get("old_files", [])
     if not isinstance(old, list) or not all(isinstance(p, str) for p in old):
         raise ConfigError("master_key.old_files must be a list of paths")
+    key_dir, operators = _master_key_dir(src), _operators(src)
+    if key_dir is not None and (old or src.path("master_key", "file") or src.env.get("BROKER_MASTER_KEY")):
+        raise ConfigError(
+            "master_key.dir replaces master_key.file, master_key.old_files and BROKER_MASTER_KEY: "
+            "set only one"
+        )
     level = (src.text("log", "level", "info") or "info").lower()
     if level not in _LOG_LEVELS:
         raise ConfigError(f"log.level must be one of {', '.join(_LOG_LEVELS)}")
+    storage_url, pool_min, pool_max = _storage(src)
     trust_domain = src.text("", "trust_domain", "broker.local") or "broker.local"
     if "/" in trust_domain or ":" in trust_domain:
         raise ConfigError("trust_domain must be a bare name such as broker.local")
     return Settings(
         tls=tls,
-        storage_path=src.required_path("storage", "path"),
+        storage_path=src.path("storage", "path") if storage_url else src.required_path("storage", "path"),
+        storage_url=storage_url,
+        storage_pool_min=pool_min,
+        storage_pool_max=pool_max,
         master_key_file=src.path("master_key", "file"),
         master_key_env=src.env.get("BROKER_MASTER_KEY") or None,
         old_master_key_files=tuple(src.base / Path(p).expanduser() for p in old),
+        master_key_dir=key_dir,
+        master_key_operators=operators,
+        superseded_grace_seconds=src.number("resolve", "superseded_grace_seconds", 3600, 0, 86400 * 30),
         admin_addr=_address(src, "admin", "127.0.0.1:50051"),
         resolve_addr=_address(src, "resolve", "127.0.0.1:50052"),
         trust_domain=trust_domain,
@@ -377,6 +466,11 @@ def _build(src: _Source) -> Settings:
         log_level=level,
         grace_seconds=src.number("server", "grace_seconds", 20.0, 0, 600),
         reflection=src.flag("server", "reflection", True),
+        drain_delay_seconds=src.number("server", "drain_delay_seconds", 1.0, 0, 600),
+        tls_reload_seconds=src.number("tls", "reload_interval_seconds", 5.0, 0, 3600),
+        health_probe_seconds=src.number("health", "store_probe_seconds", 5.0, 0.1, 3600),
+        health_cert=src.path("health", "cert"),
+        health_key=src.path("health", "key"),
         tests_per_minute=int(src.number("limits", "tests_per_minute", 30, 1, 100_000)),
         resolve_per_second=src.number("limits", "resolve_per_second", 200, 0.01, 1_000_000),
         resolve_burst=int(src.number("limits", "resolve_burst", 400, 1, 1_000_000)),

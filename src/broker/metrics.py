@@ -7,7 +7,7 @@ reasons from fixed sets.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -73,5 +73,24 @@ SECURITY_ALERTS = Counter(
     "broker_security_alert_deliveries",
     "Security events POSTed to the alert webhook, by outcome (delivered, failed, dropped).",
     ["outcome"],
+    registry=REGISTRY,
+)
+# Master keys: ids are short hashes of the keys (safe to show) and few (one per rotation).
+KEK_WRAPS = Gauge(
+    "broker_kek_wraps",
+    "AES-GCM encryptions made under each master key (persisted; the random-nonce limit is 2^32).",
+    ["kek_id"],
+    registry=REGISTRY,
+)
+DEKS_BY_KEK = Gauge(
+    "broker_deks_by_kek",
+    "Stored data keys wrapped by each master key: connections, pending OAuth flows, the key-check canary.",
+    ["kek_id"],
+    registry=REGISTRY,
+)
+KEK_ACTIVE = Gauge(
+    "broker_kek_active",
+    "1 for the master key that wraps new data keys, 0 for the others in the keyring.",
+    ["kek_id"],
     registry=REGISTRY,
 )

@@ -6,14 +6,27 @@
 Both require a client certificate signed by the configured CA (gRPC's Python
 default is *not* to require one). The broker refuses to start without a usable
 master key or with one that cannot open what the store holds.
+
+Health: every listener serves grpc.health.v1 for its service and for "" (overall).
+Each is NOT_SERVING until everything has started, while the store does not answer
+the background ping (every `health.store_probe_seconds`) and from the moment
+shutdown begins. The TLS files are watched (`broker.tlsreload`): new handshakes
+pick up a rotated certificate, key or client CA without a restart.
+
+Shutdown (SIGTERM or SIGINT): NOT_SERVING; serve what was already sent, then
+refuse new calls with UNAVAILABLE while those under way finish (`broker.api.drain`),
+all within `server.grace_seconds`; stop the listeners; then stop the background
+work, flush the batched writes (last-used times, security-monitor state, audit
+events) and close the store, in that order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import time
+from collections.abc import Awaitable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,6 +39,7 @@ from broker import log as broker_log
 from broker import metrics
 from broker._proto import broker_pb2, broker_pb2_grpc
 from broker.api.admin import AdminServicer
+from broker.api.drain import DrainGate
 from broker.api.interceptors import CallInterceptor
 from broker.api.ratelimit import RateLimitInterceptor
 from broker.api.resolve import ResolveServicer
@@ -40,35 +54,22 @@ from broker.service.audit import AuditLog
 from broker.service.cache import ResolveCache
 from broker.service.connections import Clock, ConnectionService, utc_now
 from broker.service.keycheck import verify_keyring
+from broker.service.keys import MasterKeys
 from broker.service.monitor import Monitor
 from broker.service.oauth import OAuthService, OAuthSettings
 from broker.service.ratelimit import Limit, RateLimits
 from broker.service.resolve import Resolver
 from broker.service.testing import TestingService
 from broker.store import Store
-from broker.store.sqlite import SqliteStore
+from broker.store.select import store_for
 from broker.testers.mcp import discover_tools
+from broker.tlsreload import TlsReloader
 
 log = structlog.get_logger("broker.server")
 
 ADMIN_SERVICE = broker_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 RESOLVE_SERVICE = broker_pb2.DESCRIPTOR.services_by_name["ResolveService"].full_name
 _ROLES = {ADMIN_SERVICE: Role.ADMIN, RESOLVE_SERVICE: Role.EXECUTOR}
-
-
-def _read(path: Path, setting: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror}") from None
-
-
-def server_credentials(settings: Settings) -> grpc.ServerCredentials:
-    """mTLS credentials that *require* a client certificate signed by the client CA."""
-    key = _read(settings.tls.key, "tls.key")
-    cert = _read(settings.tls.cert, "tls.cert")
-    ca = _read(settings.tls.client_ca, "tls.client_ca")
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
 
 
 def _oauth_settings(settings: Settings) -> OAuthSettings:
@@ -108,6 +109,21 @@ def _security_monitor(
     return Monitor(store, cache, clock, settings.monitor, alerts)
 
 
+def _master_keys(
+    settings: Settings, store: Store, keyring: Keyring, audit: AuditLog, clock: Clock
+) -> MasterKeys:
+    """Wrap counts, key gauges, RotateMasterKey, and (with master_key.dir) following the key directory."""
+    return MasterKeys(
+        store,
+        keyring,
+        audit,
+        clock,
+        key_dir=settings.master_key_dir,
+        operators=settings.master_key_operators,
+        superseded_grace_seconds=settings.superseded_grace_seconds,
+    )
+
+
 class Broker:
     """The running service. `start()` binds both listeners; `stop()` drains and closes."""
 
@@ -117,7 +133,13 @@ class Broker:
         self.admin_port = 0
         self.resolve_port = 0
         self._servers: list[grpc.aio.Server] = []
-        self._health: list[health.aio.HealthServicer] = []
+        self._health: list[tuple[health.aio.HealthServicer, str]] = []
+        # SERVING needs all three: started, store answering, not draining.
+        self._ready = False
+        self._store_ok = True
+        self._draining = False
+        self._store_probe: asyncio.Task[None] | None = None
+        self._gate = DrainGate()
         self._ports: list[int] = []
         self._metrics_server: Any = None
         self.metrics_port = 0
@@ -127,8 +149,10 @@ class Broker:
         """Check keys and TLS files, open the store, bind both listeners, then report SERVING."""
         settings = self.settings
         keyring = settings.load_keyring()
-        credentials = server_credentials(settings)
-        self.store = SqliteStore(settings.storage_path)
+        # Reads and checks the TLS files now: a bad file stops the start with a ConfigError.
+        self.tls = TlsReloader(settings.tls, settings.tls_reload_seconds)
+        # PostgreSQL when storage.url is set, else SQLite at storage.path.
+        self.store = store_for(settings)
         await self.store.open()
         try:
             await verify_keyring(self.store, keyring)
@@ -169,16 +193,20 @@ class Broker:
             self.oauth.create_connection = connections.create_authorized
             self.oauth.on_refresh_failure = self.monitor.oauth_refresh_failed
             access = AccessService(self.store, cache, self._clock)
-            admin = self._listener(ADMIN_SERVICE, settings.admin_addr, credentials)
+            self.keys = _master_keys(settings, self.store, keyring, self.audit, self._clock)
+            admin = self._listener(ADMIN_SERVICE, settings.admin_addr)
             add_admin = broker_pb2_grpc.add_AdminServiceServicer_to_server
-            servicer = AdminServicer(connections, access, self.audit, tests, self.oauth, monitor=self.monitor)
+            servicer = AdminServicer(
+                connections, access, self.audit, tests, self.oauth, monitor=self.monitor, keys=self.keys
+            )
             add_admin(servicer, admin)  # type: ignore[no-untyped-call]
             if settings.reflection:
                 reflection.enable_server_reflection([ADMIN_SERVICE, reflection.SERVICE_NAME], admin)
-            resolve = self._listener(RESOLVE_SERVICE, settings.resolve_addr, credentials)
+            resolve = self._listener(RESOLVE_SERVICE, settings.resolve_addr)
             add_resolve = broker_pb2_grpc.add_ResolveServiceServicer_to_server
             add_resolve(ResolveServicer(self.resolver), resolve)  # type: ignore[no-untyped-call]
             self.admin_port, self.resolve_port = self._ports
+            await self._publish_health()  # NOT_SERVING: the servicer starts out SERVING for ""
             for server in self._servers:
                 await server.start()
         except BaseException:
@@ -189,10 +217,11 @@ class Broker:
         self.oauth.start()
         self.monitor.start()
         self.audit.start_pruning()
+        self.keys.start()
         self.metrics_port = self._start_metrics()
-        for checker, service in zip(self._health, (ADMIN_SERVICE, RESOLVE_SERVICE), strict=True):
-            await checker.set(service, health_pb2.HealthCheckResponse.SERVING)
-            await checker.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._store_probe = asyncio.create_task(self._probe_store())
+        self._ready = True
+        await self._publish_health()
         log.info(
             "broker_started",
             admin=f"{settings.admin_addr.rpartition(':')[0]}:{self.admin_port}",
@@ -215,11 +244,41 @@ class Broker:
             ) from None
         return int(self._metrics_server.server_port)
 
-    def _listener(self, service: str, addr: str, credentials: grpc.ServerCredentials) -> grpc.aio.Server:
+    async def _publish_health(self) -> None:
+        """Set every listener's service and overall status from the current state."""
+        serving = self._ready and self._store_ok and not self._draining
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for checker, service in self._health:
+            await checker.set(service, status)
+            await checker.set("", status)
+
+    async def _probe_store(self) -> None:
+        """Ping the store every `health.store_probe_seconds`; flip the health status when that changes."""
+        interval = self.settings.health_probe_seconds
+        while True:
+            await asyncio.sleep(interval)
+            problem = None
+            try:
+                await asyncio.wait_for(self.store.ping(), timeout=max(interval, 1.0))
+            except Exception as exc:  # any failure means "not answering"; the type is enough to log
+                problem = type(exc).__name__
+            if (problem is None) == self._store_ok:
+                continue
+            self._store_ok = problem is None
+            if problem is None:
+                log.info("store_reachable_again")
+            else:
+                log.warning("store_unreachable", error_type=problem)
+            await self._publish_health()
+
+    def _listener(self, service: str, addr: str) -> grpc.aio.Server:
         """A server bound to `addr` with the call interceptor and a health service (NOT_SERVING yet)."""
         server = grpc.aio.server(
             # Identity and error mapping first; the rate limit runs inside it, for a known caller.
             interceptors=[
+                self._gate,  # outermost: counts calls under way, refuses new ones while draining
                 CallInterceptor(self.settings.trust_domain, _ROLES),
                 RateLimitInterceptor(self._limits),
             ],
@@ -229,9 +288,10 @@ class Broker:
         self._servers.append(server)
         checker = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-        self._health.append(checker)
+        self._health.append((checker, service))
         try:
-            port = server.add_secure_port(addr, credentials)
+            # Own credentials per listener: gRPC tracks which TLS configuration each one serves.
+            port = server.add_secure_port(addr, self.tls.credentials())
         except RuntimeError:
             port = 0
         if port == 0:
@@ -245,29 +305,50 @@ class Broker:
             return
         self._stopped = True
         grace = self.settings.grace_seconds if grace is None else grace
-        for checker in self._health:
-            await checker.enter_graceful_shutdown()
-        await asyncio.gather(*(server.stop(grace) for server in self._servers))
-        await self.oauth.close()
-        await self.resolver.close()
-        await self.monitor.close()
+        began = time.monotonic()
+        self._draining = True
+        if self._store_probe is not None:
+            self._store_probe.cancel()
+            await asyncio.wait([self._store_probe])
+        for checker, _ in self._health:
+            await checker.enter_graceful_shutdown()  # NOT_SERVING, and stays so
+        # Serve what was already sent, then refuse (UNAVAILABLE) until no call is under way or
+        # arriving (see broker.api.drain); calls still running when the grace ends are cancelled.
+        deadline = began + grace
+        await self._gate.drain(began + min(self.settings.drain_delay_seconds, grace), deadline)
+        remaining = max(0.0, deadline - time.monotonic())
+        await asyncio.gather(*(server.stop(remaining) for server in self._servers))
+        # The listeners are gone: nothing adds work now. Stop the background tasks, then flush
+        # what they batch (last-used times, monitor state, then the audit events every step may
+        # have appended) and close the store last. A failing step does not skip the ones after it.
+        await self._shutdown_step("oauth", self.oauth.close())
+        await self._shutdown_step("last_used", self.resolver.close())
+        await self._shutdown_step("monitor", self.monitor.close())
+        await self._shutdown_step("master_keys", self.keys.close())
         if self._metrics_server is not None:
             # shutdown() waits for the serving thread's next poll: not on the event loop.
-            await asyncio.to_thread(self._metrics_server.shutdown)
+            await self._shutdown_step("metrics", asyncio.to_thread(self._metrics_server.shutdown))
             self._metrics_server.server_close()
-        await self.audit.close()
+        await self._shutdown_step("audit", self.audit.close())
         await self.store.close()
         log.info("broker_stopped")
+
+    async def _shutdown_step(self, name: str, step: Awaitable[None]) -> None:
+        try:
+            await step
+        except Exception as exc:
+            log.error("shutdown_step_failed", step=name, error_type=type(exc).__name__)
 
 
 async def serve(settings: Settings) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully."""
     broker = Broker(settings)
-    await broker.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Before start(): a SIGTERM that arrives while starting still ends in a graceful stop.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    await broker.start()
     await stop.wait()
     log.info("broker_stopping", grace_seconds=settings.grace_seconds)
     await broker.stop()

@@ -182,3 +182,15 @@ async def test_tampered_or_swapped_ciphertext_is_never_released(running: Running
     assert {e.connection_id for e in failed} == {a.id, c.id} and {e.reason for e in failed} == {
         "decrypt_failed"
     }
+
+
+async def test_control_characters_are_invalid_argument_not_a_driver_error(running: Running) -> None:
+    for request in (
+        pb.ResolveRequest(name="bad\x00name"),
+        pb.ResolveRequest(connection_id="conn_\x00"),
+        pb.ResolveRequest(name="ok", purpose="line\nbreak"),
+    ):
+        error = await rpc_error(running.resolver().Resolve(request))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    label = await rpc_error(running.admin().CreateConnection(db_request(name="nul", env="a\x00b")))
+    assert "labels.env" in field_violations(label)

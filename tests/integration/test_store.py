@@ -1,7 +1,11 @@
 """Contract tests for the `Store` protocol, run against every backend in `BACKENDS`.
 
-The first part holds for any backend; the last part (file mode, bytes on disk,
-migrations, transactions broken on purpose) is specific to SQLite.
+The first part holds for any backend (SQLite, and PostgreSQL when
+BROKER_TEST_POSTGRES_DSN is set: one database per session, emptied before each
+test; the PostgreSQL specifics each get a fresh database); then come PostgreSQL specifics (several
+stores on one database, as several replicas would be, migrations, purge), and last
+the SQLite specifics (file mode, bytes on disk, migrations, transactions broken on
+purpose).
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from broker.crypto.envelope import Sealed
-from broker.errors import Aborted, AlreadyExists, NotFound
+from broker.errors import Aborted, AlreadyExists, NotFound, Unavailable
 from broker.model import (
+    AuditChainReport,
     AuditEvent,
     AuditFilter,
     ConnectionFilter,
@@ -32,13 +38,22 @@ from broker.model import (
     GrantFilter,
     McpTool,
     Outcome,
+    PendingAuthorization,
+    SecurityEvent,
+    SecurityEventFilter,
+    SeenFact,
     TestCategory,
     TestResult,
     TestStage,
     TestStatus,
 )
 from broker.store import Store
+from broker.store import _chain as chain
+from broker.store._migrate import load_migrations
+from broker.store._pg_migrate import load_postgres_migrations
+from broker.store.postgres import PostgresStore
 from broker.store.sqlite import SqliteStore
+from tests.postgres_db import fresh_database, reset, shared_postgres, with_database  # noqa: F401 (fixture)
 
 T0 = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
 TENANT = "acme"
@@ -46,19 +61,36 @@ OTHER = "globex"
 
 # ------------------------------------------------------------------ fixtures
 
-BACKENDS: dict[str, Callable[[Path], Store]] = {
-    "sqlite": lambda tmp: SqliteStore(tmp / "broker.db"),
+
+@contextlib.asynccontextmanager
+async def _sqlite(request: pytest.FixtureRequest, tmp: Path) -> AsyncIterator[Store]:
+    yield SqliteStore(tmp / "broker.db")
+
+
+@contextlib.asynccontextmanager
+async def _postgres(request: pytest.FixtureRequest, tmp: Path) -> AsyncIterator[Store]:
+    # The session's database, emptied first (skipped without BROKER_TEST_POSTGRES_DSN).
+    dsn = request.getfixturevalue("shared_postgres")
+    await reset(dsn)
+    yield PostgresStore(dsn, pool_min=1, pool_max=4)
+
+
+BACKENDS: dict[
+    str, Callable[[pytest.FixtureRequest, Path], contextlib.AbstractAsyncContextManager[Store]]
+] = {
+    "sqlite": _sqlite,
+    "postgres": _postgres,
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    backend = BACKENDS[request.param](tmp_path)
-    await backend.open()
-    try:
-        yield backend
-    finally:
-        await backend.close()
+    async with BACKENDS[request.param](request, tmp_path) as backend:
+        await backend.open()
+        try:
+            yield backend
+        finally:
+            await backend.close()
 
 
 @pytest.fixture
@@ -609,6 +641,377 @@ async def test_concurrent_writes_and_reads(store: Store) -> None:
     await asyncio.gather(*(writer(i) for i in range(30)), *(reader() for _ in range(5)))
     assert len(await list_ids(store, ConnectionFilter())) == 30
     assert await audit_count(store) == 30 * 4
+
+
+# --------------------------------------------------------------------- oauth
+
+
+def make_pending(
+    state_hash: str, tenant: str = TENANT, actor: str = "alice", **changes: Any
+) -> PendingAuthorization:
+    pending = PendingAuthorization(
+        state_hash=state_hash,
+        tenant=tenant,
+        actor=actor,
+        connection_id="conn_pending",
+        created_at=T0,
+        expires_at=T0 + timedelta(minutes=10),
+        sealed=sealed(),
+    )
+    return dataclasses.replace(pending, **changes)
+
+
+async def test_oauth_state_is_taken_once_and_only_by_its_owner(store: Store) -> None:
+    pending = make_pending("h1")
+    await store.put_oauth_state(pending, make_event(action="oauth.begin"))
+    assert await store.kek_ids_in_use() == {"kek-1"}
+    assert await audit_count(store) == 1
+
+    assert await store.take_oauth_state("h1", OTHER, "alice") is None
+    assert await store.take_oauth_state("h1", TENANT, "bob") is None
+    assert await store.take_oauth_state("h1", TENANT, "alice") == pending
+    assert await store.take_oauth_state("h1", TENANT, "alice") is None
+    assert await store.kek_ids_in_use() == set()
+
+
+async def test_concurrent_takes_of_one_state_give_it_to_one_caller(store: Store) -> None:
+    await store.put_oauth_state(make_pending("h1"), make_event())
+    taken = await asyncio.gather(*(store.take_oauth_state("h1", TENANT, "alice") for _ in range(10)))
+    assert sum(t is not None for t in taken) == 1
+
+
+async def test_expired_oauth_states_are_forgotten(store: Store) -> None:
+    for i, minutes in enumerate((0, 1, 60)):
+        expires = T0 + timedelta(minutes=minutes)
+        await store.put_oauth_state(make_pending(f"h{i}", expires_at=expires), make_event())
+    assert await store.delete_expired_oauth_states(T0 + timedelta(minutes=1)) == 2  # expires_at <= now
+    assert await store.delete_expired_oauth_states(T0 + timedelta(minutes=1)) == 0
+    assert await store.take_oauth_state("h2", TENANT, "alice") is not None
+
+
+async def test_list_expiring_tokens(store: Store) -> None:
+    def token(minutes: int, **changes: Any) -> dict[str, Any]:
+        return {
+            "type": "oauth2",
+            "config": {"expires_at": (T0 + timedelta(minutes=minutes)).isoformat()},
+            **changes,
+        }
+
+    soon = await create(store, **token(5))
+    sooner = await create(store, OTHER, **token(1))
+    await create(store, **token(120))
+    await create(store, **token(2, status=ConnectionStatus.REVOKED))
+    await create(store, **token(2, suspended_at=T0))
+    await create(store, **token(2, reauth_required_at=T0))
+    await create(store)  # no token at all
+
+    assert await store.list_expiring_tokens(T0 + timedelta(hours=1), 10) == [
+        (OTHER, sooner.id),
+        (TENANT, soon.id),
+    ]
+    assert await store.list_expiring_tokens(T0 + timedelta(hours=1), 1) == [(OTHER, sooner.id)]
+    assert await store.list_expiring_tokens(T0, 10) == []
+
+
+# ------------------------------------------------------------------ security
+
+
+async def test_security_events_newest_first_filtered_and_paged(store: Store) -> None:
+    minute = timedelta(minutes=1)
+    events = [
+        SecurityEvent(
+            time=T0 + i * minute,
+            tenant=TENANT,
+            rule="failed_tests" if i % 2 else "denied_burst",
+            severity="high",
+            action="alerted",
+            principal=f"p{i % 3}",
+            connection_id=f"conn_{i % 2}",
+            peer="ipv4:10.0.0.1",
+            details={"i": str(i)},
+        )
+        for i in range(10)
+    ]
+    stored = [await store.add_security_event(e) for e in events]
+    assert [s.id for s in stored] == sorted({s.id for s in stored}) and stored[0].id > 0
+    assert all(s == dataclasses.replace(e, id=s.id) for s, e in zip(stored, events, strict=True))
+    other = await store.add_security_event(dataclasses.replace(events[0], tenant=OTHER))
+
+    listed = await store.list_security_events(TENANT, SecurityEventFilter(), 100, None)
+    assert listed == list(reversed(stored))
+    assert await store.list_security_events(OTHER, SecurityEventFilter(), 100, None) == [other]
+
+    def numbers(found: list[SecurityEvent]) -> list[int]:
+        return [int(e.details["i"]) for e in found]
+
+    by_rule = await store.list_security_events(TENANT, SecurityEventFilter(rule="failed_tests"), 100, None)
+    assert numbers(by_rule) == [9, 7, 5, 3, 1]
+    window = SecurityEventFilter(principal="p0", start_time=T0 + 3 * minute, end_time=T0 + 9 * minute)
+    assert numbers(await store.list_security_events(TENANT, window, 100, None)) == [6, 3]
+    by_connection = SecurityEventFilter(connection_id="conn_0")
+    assert numbers(await store.list_security_events(TENANT, by_connection, 100, None)) == [8, 6, 4, 2, 0]
+
+    paged: list[int] = []
+    before: int | None = None
+    while page := await store.list_security_events(TENANT, SecurityEventFilter(), 3, before):
+        paged += [e.id for e in page]
+        before = page[-1].id
+    assert paged == [e.id for e in listed]
+
+
+async def test_seen_facts_keep_the_newest_objects_per_subject(store: Store) -> None:
+    second = timedelta(seconds=1)
+    facts = [SeenFact(TENANT, "peer", "p1", f"host{i}", T0 + i * second) for i in range(5)]
+    facts.append(SeenFact(TENANT, "principal", "conn_1", "p1", T0))
+    facts.append(SeenFact(OTHER, "peer", "p1", "host0", T0))
+    await store.remember_seen(facts, keep=3)
+    # Seen again later: the first sighting is kept.
+    await store.remember_seen([SeenFact(TENANT, "peer", "p1", "host4", T0 + timedelta(days=1))], keep=3)
+    await store.remember_seen([], keep=3)
+
+    loaded = await store.load_seen(100)
+    assert sorted(f.object for f in loaded if (f.tenant, f.kind) == (TENANT, "peer")) == [
+        "host2",
+        "host3",
+        "host4",
+    ]
+    assert [f.first_seen for f in loaded] == sorted((f.first_seen for f in loaded), reverse=True)
+    assert SeenFact(TENANT, "peer", "p1", "host4", T0 + 4 * second) in loaded
+    assert len(loaded) == 5 and len(await store.load_seen(2)) == 2
+
+
+# ------------------------------------------------------------- audit chain
+
+
+async def test_export_audit_is_oldest_first_and_pages(store: Store) -> None:
+    for i in range(12):
+        await store.append_audit([make_event(details={"i": str(i)}), make_event(OTHER)])
+    newest_first = await store.list_audit(TENANT, AuditFilter(), 100, None)
+
+    exported: list[AuditEvent] = []
+    after: int | None = None
+    while page := await store.export_audit(TENANT, AuditFilter(), 5, after):
+        exported += page
+        after = page[-1].id
+    assert exported == list(reversed(newest_first))
+    assert [e.details["i"] for e in exported] == [str(i) for i in range(12)]
+    window = AuditFilter(start_time=T0, end_time=T0)
+    assert await store.export_audit(TENANT, window, 100, None) == []
+
+
+async def test_the_chain_verifies_and_pruning_keeps_the_rest_verifiable(store: Store) -> None:
+    minute = timedelta(minutes=1)
+    await create(store)  # at T0
+    await store.append_audit([make_event(time=T0 + i * minute, details={"i": str(i)}) for i in range(30)])
+    assert await store.verify_audit_chain() == AuditChainReport(True, 31)
+
+    # Everything before T0 + 10 min: the create event and events 0..9, in batches of 4.
+    assert await store.prune_audit(T0 + 10 * minute, now=T0 + timedelta(days=1), batch_size=4) == 11
+    assert await store.verify_audit_chain() == AuditChainReport(True, 20)
+    oldest = await store.export_audit(TENANT, AuditFilter(), 1, None)
+    assert oldest[0].details == {"i": "10"}
+
+    # Prune everything, then append: the new event links to the checkpoint.
+    assert await store.prune_audit(T0 + timedelta(days=1), now=T0 + timedelta(days=1)) == 20
+    assert await store.verify_audit_chain() == AuditChainReport(True, 0)
+    await store.append_audit([make_event(time=T0 + timedelta(days=2))])
+    [last] = await store.list_audit(TENANT, AuditFilter(), 10, None)
+    assert last.id == 32 and last.prev_hash != chain.GENESIS
+    assert await store.verify_audit_chain() == AuditChainReport(True, 1)
+
+
+# ------------------------------------------------------------- master keys
+
+
+async def test_master_key_bookkeeping_and_rewrap(store: Store) -> None:
+    def under(kek_id: str) -> Sealed:
+        return dataclasses.replace(sealed(), kek_id=kek_id)
+
+    a = await create(store, sealed=under("kek-old"))
+    b = await create(store, sealed=under("kek-new"))
+    c = await create(store, OTHER, sealed=under("kek-old"))
+    await store.put_oauth_state(make_pending("h1", sealed=under("kek-old")), make_event())
+    assert await store.deks_by_kek() == {"kek-old": 3, "kek-new": 1}
+
+    first = await store.list_deks_not_under("kek-new", 2)
+    rest = await store.list_deks_not_under("kek-new", 2, (first[-1].kind, first[-1].tenant, first[-1].key))
+    found = first + rest
+    assert [(d.kind, d.tenant, d.key) for d in found] == sorted(
+        [("connection", TENANT, a.id), ("connection", OTHER, c.id), ("oauth_state", TENANT, "h1")]
+    )
+    assert found[0].secret_version == 1 and found[0].sealed == a.sealed
+
+    rewrapped = [
+        (d, Sealed(d.sealed.ciphertext, b"\x02REWRAPPED-" + d.key.encode(), "kek-new")) for d in found
+    ]
+    stale = dataclasses.replace(found[0], sealed=dataclasses.replace(found[0].sealed, wrapped_dek=b"other"))
+    assert await store.rewrap_deks([*rewrapped, (stale, rewrapped[0][1])], {"kek-new": 3}) == 3
+    assert await store.deks_by_kek() == {"kek-new": 4}
+    got = await store.get_connection(TENANT, a.id)
+    assert got is not None and got.version == a.version and got.sealed == rewrapped[0][1]
+
+    # A replace built from a read before the rewrap keeps the re-wrapped key (same ciphertext)...
+    await store.replace_connection(next_version(a, name="renamed"), a.version, make_event())
+    got = await store.get_connection(TENANT, a.id)
+    assert got is not None and got.name == "renamed" and got.sealed == rewrapped[0][1]
+    # ...and one with a new secret writes its own, remembering when the old version was superseded.
+    assert await store.superseded_at(TENANT, b.id, 1) is None
+    resealed = next_version(b, secret_version=2, sealed=under("kek-new"))
+    await store.replace_connection(resealed, b.version, make_event())
+    assert await store.get_connection(TENANT, b.id) == resealed
+    assert await store.superseded_at(TENANT, b.id, 1) == resealed.updated_at
+    assert await store.superseded_at(OTHER, b.id, 1) is None
+    assert await store.purge_superseded(resealed.updated_at) == 0
+    assert await store.purge_superseded(resealed.updated_at + timedelta(seconds=1)) == 1
+
+    assert await store.kek_wraps() == {"kek-new": 3}
+    await store.add_kek_wraps({"kek-new": 2, "kek-unused": 0})
+    await store.add_kek_wraps({})
+    assert await store.kek_wraps() == {"kek-new": 5}
+
+
+# -------------------------------------------------------- postgres specifics
+
+
+@pytest.fixture
+async def pg_dsn() -> AsyncIterator[str]:
+    async with fresh_database() as dsn:
+        yield dsn
+
+
+@contextlib.asynccontextmanager
+async def replicas(dsn: str, count: int) -> AsyncIterator[list[PostgresStore]]:
+    """`count` stores on one database, opened at once, as replicas starting together would."""
+    stores = [PostgresStore(dsn, pool_min=1, pool_max=3) for _ in range(count)]
+    await asyncio.gather(*(s.open() for s in stores))
+    try:
+        yield stores
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_postgres_replicas_migrate_once_and_share_one_audit_chain(pg_dsn: str) -> None:
+    async with replicas(pg_dsn, 3) as stores:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            rows = await conn.fetch("SELECT version, name, checksum FROM schema_migrations ORDER BY version")
+        finally:
+            await conn.close()
+        shipped = load_postgres_migrations()
+        assert [(r["version"], r["name"], r["checksum"]) for r in rows] == [
+            (m.version, m.name, m.checksum) for m in shipped
+        ]
+        # The PostgreSQL scripts mirror the SQLite ones, version for version.
+        assert [(m.version, m.name) for m in shipped] == [(m.version, m.name) for m in load_migrations()]
+
+        async def work(store: Store, i: int) -> None:
+            await create(store, name=f"replica-write-{i}")
+            await store.append_audit([make_event(action="resolve") for _ in range(5)])
+
+        await asyncio.gather(*(work(stores[i % 3], i) for i in range(30)))
+        assert await stores[1].verify_audit_chain() == AuditChainReport(True, 180)
+        exported = await stores[2].export_audit(TENANT, AuditFilter(), 1000, None)
+        assert [e.id for e in exported] == list(range(1, 181))
+
+
+async def test_postgres_compare_and_swap_across_replicas(pg_dsn: str) -> None:
+    async with replicas(pg_dsn, 2) as (one, two):
+        record = await create(one)
+        results = await asyncio.gather(
+            one.replace_connection(next_version(record, name="by-one"), record.version, make_event()),
+            two.replace_connection(next_version(record, name="by-two"), record.version, make_event()),
+            return_exceptions=True,
+        )
+        assert sorted(type(r).__name__ for r in results) == ["Aborted", "NoneType"]
+        assert await audit_count(one) == 2
+
+        await one.put_oauth_state(make_pending("h1"), make_event())
+        taken = await asyncio.gather(*(s.take_oauth_state("h1", TENANT, "alice") for s in (one, two) * 5))
+        assert sum(t is not None for t in taken) == 1
+
+
+async def test_postgres_refuses_edited_or_unknown_migrations(pg_dsn: str) -> None:
+    async with replicas(pg_dsn, 1):
+        pass
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("UPDATE schema_migrations SET checksum = 'edited' WHERE version = 1")
+        with pytest.raises(RuntimeError, match="0001_initial was changed after it was applied"):
+            await PostgresStore(pg_dsn).open()
+        await conn.execute(
+            "UPDATE schema_migrations SET checksum = $1 WHERE version = 1",
+            load_postgres_migrations()[0].checksum,
+        )
+        await conn.execute("INSERT INTO schema_migrations VALUES (9999, 'future', 'x', 0)")
+        with pytest.raises(RuntimeError, match="written by a newer version"):
+            await PostgresStore(pg_dsn).open()
+    finally:
+        await conn.close()
+
+
+async def test_postgres_purge_overwrites_the_sealed_columns(pg_dsn: str) -> None:
+    async with replicas(pg_dsn, 1) as (store,):
+        record = await create(store)
+        await store.put_grant(make_grant(record.id, "spiffe://x"), make_event())
+        purged = next_version(soft_deleted(record), sealed=None, purged_at=T0 + timedelta(seconds=2))
+        await store.replace_connection(purged, record.version, make_event(), drop_grants=True)
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        row = await conn.fetchrow("SELECT ciphertext, wrapped_dek, kek_id FROM connections")
+        assert tuple(row) == (None, None, None)
+        assert await conn.fetchval("SELECT count(*) FROM grants") == 0
+    finally:
+        await conn.close()
+
+
+async def test_postgres_failing_statement_rolls_back_the_whole_transaction(pg_dsn: str) -> None:
+    async with replicas(pg_dsn, 1) as (store,):
+        record = make_connection(labels={"env": "prod"})
+        with pytest.raises(asyncpg.NotNullViolationError):
+            await store.create_connection(record, make_event(actor=None))
+        assert await store.get_connection(TENANT, record.id) is None
+        assert await list_ids(store, ConnectionFilter(labels={"env": "prod"})) == []
+        assert await audit_count(store) == 0
+        await create(store, name=record.name)
+
+
+async def test_postgres_cancelled_writes_are_all_or_nothing(pg_dsn: str) -> None:
+    async with replicas(pg_dsn, 1) as (store,):
+        for i in range(20):
+            record = make_connection()
+            task = asyncio.create_task(store.create_connection(record, make_event(connection_id=record.id)))
+            await asyncio.sleep(i * 0.0003)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            got = await store.get_connection(TENANT, record.id)
+            events = await store.list_audit(TENANT, AuditFilter(connection_id=record.id), 10, None)
+            assert (got is None) == (events == [])
+        await create(store)
+        assert (await store.verify_audit_chain()).ok
+
+
+async def test_postgres_lost_connections_are_unavailable_then_recover(pg_dsn: str) -> None:
+    async with replicas(pg_dsn, 1) as (store,):
+        record = await create(store)
+        admin = await asyncpg.connect(with_database(pg_dsn, "postgres"))
+        try:
+            killed = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = $1 AND application_name = 'broker'",
+                pg_dsn.rpartition("/")[2],
+            )
+        finally:
+            await admin.close()
+        assert killed >= 1
+        with contextlib.suppress(Unavailable):  # the pool may notice the dead connection first
+            await store.get_connection(TENANT, record.id)
+        assert await store.get_connection(TENANT, record.id) == record
+
+    unreachable = PostgresStore("postgresql://postgres:pw-never-shown@127.0.0.1:1/nothing")
+    with pytest.raises(Unavailable) as raised:
+        await unreachable.open()
+    assert "pw-never-shown" not in str(raised.value) and "pw-never-shown" not in repr(unreachable)
 
 
 # ------------------------------------------------------------ sqlite specifics

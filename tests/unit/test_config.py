@@ -160,3 +160,28 @@ def test_egress_errors_name_the_setting(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         Settings.load(write(tmp_path, MINIMAL + "[egress]\n" + section + "\n"), environ=env)
+
+
+def test_storage_url_selects_postgresql_and_is_never_echoed(tmp_path: Path) -> None:
+    from broker.store.postgres import PostgresStore
+    from broker.store.select import store_for
+    from broker.store.sqlite import SqliteStore
+
+    no_path = MINIMAL.replace('[storage]\npath = "data/broker.db"\n', "[storage]\npool_max = 4\n")
+    url = "postgresql://broker:s3cret-pw@db.internal:5432/broker"
+    settings = Settings.load(write(tmp_path, no_path), environ={"BROKER_STORAGE_URL": url})
+    assert settings.storage_url == url and settings.storage_path is None
+    assert (settings.storage_pool_min, settings.storage_pool_max) == (1, 4)
+    assert "s3cret-pw" not in repr(settings)
+    store = store_for(settings)
+    assert isinstance(store, PostgresStore) and "s3cret-pw" not in repr(store)
+
+    default = Settings.load(write(tmp_path, MINIMAL), environ={"BROKER_STORAGE_URL": ""})
+    assert default.storage_url is None and isinstance(store_for(default), SqliteStore)
+    with pytest.raises(ConfigError, match=r"storage\.path is required"):
+        Settings.load(write(tmp_path, no_path), environ={})
+    with pytest.raises(ConfigError, match="BROKER_STORAGE_URL must be a postgresql:// URL") as raised:
+        Settings.load(write(tmp_path, MINIMAL), environ={"BROKER_STORAGE_URL": "mysql://u:s3cret-pw@h/db"})
+    assert "s3cret-pw" not in str(raised.value)
+    with pytest.raises(ConfigError, match=r"storage\.pool_min must not exceed storage\.pool_max"):
+        Settings.load(write(tmp_path, MINIMAL), environ={"BROKER_STORAGE_POOL_MIN": "20"})

@@ -702,18 +702,41 @@ class CompleteAuthorizationRequest(_message.Message):
     code: str
     def __init__(self, state: _Optional[str] = ..., code: _Optional[str] = ...) -> None: ...
 
+class RotateMasterKeyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RotateMasterKeyResponse(_message.Message):
+    __slots__ = ("active_kek_id", "previous_kek_id", "deks_by_kek")
+    class DeksByKekEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    ACTIVE_KEK_ID_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_KEK_ID_FIELD_NUMBER: _ClassVar[int]
+    DEKS_BY_KEK_FIELD_NUMBER: _ClassVar[int]
+    active_kek_id: str
+    previous_kek_id: str
+    deks_by_kek: _containers.ScalarMap[str, int]
+    def __init__(self, active_kek_id: _Optional[str] = ..., previous_kek_id: _Optional[str] = ..., deks_by_kek: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
 class ResolveRequest(_message.Message):
-    __slots__ = ("connection_id", "name", "purpose")
+    __slots__ = ("connection_id", "name", "purpose", "known_secret_version")
     CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_SECRET_VERSION_FIELD_NUMBER: _ClassVar[int]
     connection_id: str
     name: str
     purpose: str
-    def __init__(self, connection_id: _Optional[str] = ..., name: _Optional[str] = ..., purpose: _Optional[str] = ...) -> None: ...
+    known_secret_version: int
+    def __init__(self, connection_id: _Optional[str] = ..., name: _Optional[str] = ..., purpose: _Optional[str] = ..., known_secret_version: _Optional[int] = ...) -> None: ...
 
 class ResolveResponse(_message.Message):
-    __slots__ = ("connection_id", "name", "type", "provider", "config", "secrets", "expires_at", "cache_ttl_seconds")
+    __slots__ = ("connection_id", "name", "type", "provider", "config", "secrets", "expires_at", "cache_ttl_seconds", "secret_version", "superseded_at")
     class SecretsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -729,6 +752,8 @@ class ResolveResponse(_message.Message):
     SECRETS_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     CACHE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SECRET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_AT_FIELD_NUMBER: _ClassVar[int]
     connection_id: str
     name: str
     type: str
@@ -737,4 +762,6 @@ class ResolveResponse(_message.Message):
     secrets: _containers.ScalarMap[str, str]
     expires_at: _timestamp_pb2.Timestamp
     cache_ttl_seconds: int
-    def __init__(self, connection_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., provider: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., secrets: _Optional[_Mapping[str, str]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cache_ttl_seconds: _Optional[int] = ...) -> None: ...
+    secret_version: int
+    superseded_at: _timestamp_pb2.Timestamp
+    def __init__(self, connection_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., provider: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., secrets: _Optional[_Mapping[str, str]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cache_ttl_seconds: _Optional[int] = ..., secret_version: _Optional[int] = ..., superseded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

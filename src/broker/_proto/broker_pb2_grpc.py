@@ -154,6 +154,11 @@ class AdminServiceStub:
                 request_serializer=broker_dot_v1_dot_broker__pb2.ExportAuditEventsRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_broker__pb2.AuditEvent.FromString,
                 _registered_method=True)
+        self.RotateMasterKey = channel.unary_unary(
+                '/broker.v1.AdminService/RotateMasterKey',
+                request_serializer=broker_dot_v1_dot_broker__pb2.RotateMasterKeyRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.RotateMasterKeyResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -302,6 +307,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateMasterKey(self, request, context):
+        """Broker-wide: only principals listed in master_key.operators (else PERMISSION_DENIED),
+        and only with master_key.dir (else FAILED_PRECONDITION). Nothing is re-wrapped here:
+        run `broker keys rewrap` next.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -419,6 +433,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ExportAuditEvents,
                     request_deserializer=broker_dot_v1_dot_broker__pb2.ExportAuditEventsRequest.FromString,
                     response_serializer=broker_dot_v1_dot_broker__pb2.AuditEvent.SerializeToString,
+            ),
+            'RotateMasterKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateMasterKey,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.RotateMasterKeyRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.RotateMasterKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1046,6 +1065,33 @@ class AdminService:
             '/broker.v1.AdminService/ExportAuditEvents',
             broker_dot_v1_dot_broker__pb2.ExportAuditEventsRequest.SerializeToString,
             broker_dot_v1_dot_broker__pb2.AuditEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateMasterKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.AdminService/RotateMasterKey',
+            broker_dot_v1_dot_broker__pb2.RotateMasterKeyRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.RotateMasterKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

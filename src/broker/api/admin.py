@@ -16,6 +16,7 @@ from broker.sensitive import SecretFields
 from broker.service.access import AccessService
 from broker.service.audit import AuditLog
 from broker.service.connections import ConnectionPatch, ConnectionService, NewConnection
+from broker.service.keys import MasterKeys
 from broker.service.monitor import Monitor
 from broker.service.oauth import DraftAuthorization, OAuthService
 from broker.service.testing import TestingService
@@ -31,7 +32,9 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
         tests: TestingService,
         oauth: OAuthService,
         monitor: Monitor | None = None,
+        keys: MasterKeys | None = None,
     ) -> None:
+        self._keys = keys
         self._monitor = monitor
         self._connections = connections
         self._access = access
@@ -257,3 +260,11 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
         return pb.ListSecurityEventsResponse(
             events=[convert.security_event(e) for e in events], next_page_token=token
         )
+
+    # ----------------------------------------------------------- master keys
+
+    async def RotateMasterKey(self, request: pb.RotateMasterKeyRequest, context: Any) -> Any:
+        if self._keys is None:
+            raise FailedPrecondition("master-key rotation is not available on this broker")
+        active, previous, deks = await self._keys.rotate(current_call())
+        return pb.RotateMasterKeyResponse(active_kek_id=active, previous_kek_id=previous, deks_by_kek=deks)

@@ -21,6 +21,7 @@ class ResolveServicer(broker_pb2_grpc.ResolveServiceServicer):
             connection_id=request.connection_id,
             name=request.name,
             purpose=request.purpose,
+            known_secret_version=request.known_secret_version,
         )
         record = released.record
         return pb.ResolveResponse(
@@ -32,4 +33,6 @@ class ResolveServicer(broker_pb2_grpc.ResolveServiceServicer):
             secrets=released.secrets.reveal(),
             expires_at=convert.timestamp(released.expires_at),
             cache_ttl_seconds=released.cache_ttl_seconds,
+            secret_version=record.secret_version,
+            superseded_at=convert.timestamp(released.superseded_at),
         )

@@ -1,5 +1,6 @@
 """`broker`: run the server (`dev`, `serve`), make its keys and certificates (`keygen`, `certs`),
-and check a value against an audit fingerprint (`audit fingerprint`).
+check a value against an audit fingerprint (`audit fingerprint`) and probe a running
+broker's health (`health`: exit 0 SERVING, 1 otherwise).
 
 Exit status: what the server returns when it stops, 0 for the other commands,
 and 2 for a bad setting, a bad master key or a file that would be overwritten.
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 from broker import pki
+from broker.cli import _health, _keys
 from broker.config import Settings
 from broker.errors import ConfigError
 
@@ -35,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
             return _certs(args)
         if args.command == "audit":
             return _audit_fingerprint(args)
+        if args.command == "keys":
+            return _keys.run(args)
+        if args.command == "health":
+            return _health.run(args, _settings_for(args))
         if args.command == "dev":
             settings = _prepare_dev(args.data_dir, args.admin_addr, args.resolve_addr, args.metrics_addr)
         else:
@@ -114,7 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--config", type=Path, metavar="FILE", help="the broker's TOML settings file")
     where.add_argument("--data-dir", type=Path, metavar="DIR", help="a `broker dev` data directory")
     p.add_argument("--check", metavar="FINGERPRINT", help="compare with this fingerprint instead of printing")
+
+    _keys.add_parser(sub)
+    _health.add_parser(sub)
     return parser
+
+
+def _settings_for(args: argparse.Namespace) -> Settings:
+    """The settings of `--config FILE`, or of the `broker dev` layout in `--data-dir DIR`."""
+    if args.config is not None:
+        return Settings.load(args.config)
+    return Settings.for_dev(args.data_dir, _ADMIN_ADDR, _RESOLVE_ADDR)
 
 
 def _prepare_dev(data_dir: Path, admin_addr: str, resolve_addr: str, metrics_addr: str) -> Settings:

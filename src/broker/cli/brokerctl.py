@@ -210,26 +210,30 @@ def _audit(args: argparse.Namespace, s: Session) -> int:
         return _audit_verify(args, s)
     if args.audit_command == "export":
         return _audit_export(args, s)
+    request = broker_pb2.ListAuditEventsRequest(
+        connection_id=args.connection, actor=args.actor, action=args.action
+    )
+    events = _recent_events(args, s, s.admin.ListAuditEvents, request)
+    reply = broker_pb2.ListAuditEventsResponse(events=events)
+    return _show(args, reply, lambda r: out.render_audit(r.events))
+
+
+def _recent_events(args: argparse.Namespace, s: Session, call: Any, request: Any) -> list[Any]:
+    """Up to --limit events of a paged listing, within --since/--until."""
     if args.limit < 1:
         raise UsageError("--limit must be at least 1")
     now = dt.datetime.now(dt.UTC)
-    request = broker_pb2.ListAuditEventsRequest(
-        connection_id=args.connection,
-        actor=args.actor,
-        action=args.action,
-        page_size=min(args.limit, _MAX_PAGE),
-    )
+    request.page_size = min(args.limit, _MAX_PAGE)
     if args.since:
         request.start_time.FromDatetime(parse_time(args.since, now, relative=True))
     if args.until:
         request.end_time.FromDatetime(parse_time(args.until, now, relative=True))
-    events = []
-    for event in _pages(s.admin.ListAuditEvents, request, "events", s.timeout):
+    events: list[Any] = []
+    for event in _pages(call, request, "events", s.timeout):
         events.append(event)
         if len(events) >= args.limit:
             break
-    reply = broker_pb2.ListAuditEventsResponse(events=events)
-    return _show(args, reply, lambda r: out.render_audit(r.events))
+    return events
 
 
 def _audit_verify(args: argparse.Namespace, s: Session) -> int:
@@ -367,24 +371,10 @@ def _reinstate(args: argparse.Namespace, s: Session) -> int:
 
 
 def _security(args: argparse.Namespace, s: Session) -> int:
-    if args.limit < 1:
-        raise UsageError("--limit must be at least 1")
-    now = dt.datetime.now(dt.UTC)
     request = broker_pb2.ListSecurityEventsRequest(
-        rule=args.rule,
-        connection_id=args.connection,
-        principal=args.principal,
-        page_size=min(args.limit, _MAX_PAGE),
+        rule=args.rule, connection_id=args.connection, principal=args.principal
     )
-    if args.since:
-        request.start_time.FromDatetime(parse_time(args.since, now, relative=True))
-    if args.until:
-        request.end_time.FromDatetime(parse_time(args.until, now, relative=True))
-    events = []
-    for event in _pages(s.admin.ListSecurityEvents, request, "events", s.timeout):
-        events.append(event)
-        if len(events) >= args.limit:
-            break
+    events = _recent_events(args, s, s.admin.ListSecurityEvents, request)
     reply = broker_pb2.ListSecurityEventsResponse(events=events)
     return _show(args, reply, lambda r: out.render_security_events(r.events))
 

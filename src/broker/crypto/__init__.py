@@ -4,7 +4,7 @@ This package imports nothing from the rest of `broker`.
 """
 
 from broker.crypto.aead import DecryptionFailed
-from broker.crypto.envelope import FORMAT_VERSION, Binding, Sealed, open, seal
+from broker.crypto.envelope import FORMAT_VERSION, Binding, Sealed, open, rewrap, seal
 from broker.crypto.keyring import Kek, KeyError_, Keyring
 
 __all__ = [
@@ -16,5 +16,6 @@ __all__ = [
     "Keyring",
     "Sealed",
     "open",
+    "rewrap",
     "seal",
 ]

@@ -75,16 +75,34 @@ def seal(keyring: Keyring, plaintext: bytes, binding: Binding, random: Random = 
     dek = random(aead.KEY_SIZE)
     ciphertext = _VERSION_BYTE + aead.encrypt(dek, plaintext, secret_aad(binding), random)
     wrapped = _VERSION_BYTE + aead.encrypt(kek._key, dek, dek_aad(kek.id, binding), random)
+    keyring.count_wrap(kek.id)
     return Sealed(ciphertext=ciphertext, wrapped_dek=wrapped, kek_id=kek.id)
 
 
-def open(keyring: Keyring, sealed: Sealed, binding: Binding) -> bytes:
-    """Unwrap the DEK and open the ciphertext; any mismatch raises `DecryptionFailed`."""
+def _unwrap(keyring: Keyring, sealed: Sealed, binding: Binding) -> bytes:
     try:
         kek = keyring.get(sealed.kek_id)
     except KeyError_:
         raise DecryptionFailed() from None
     if sealed.wrapped_dek[:1] != _VERSION_BYTE or sealed.ciphertext[:1] != _VERSION_BYTE:
         raise DecryptionFailed()
-    dek = aead.decrypt(kek._key, sealed.wrapped_dek[1:], dek_aad(kek.id, binding))
+    return aead.decrypt(kek._key, sealed.wrapped_dek[1:], dek_aad(kek.id, binding))
+
+
+def open(keyring: Keyring, sealed: Sealed, binding: Binding) -> bytes:
+    """Unwrap the DEK and open the ciphertext; any mismatch raises `DecryptionFailed`."""
+    dek = _unwrap(keyring, sealed, binding)
     return aead.decrypt(dek, sealed.ciphertext[1:], secret_aad(binding))
+
+
+def rewrap(keyring: Keyring, sealed: Sealed, binding: Binding, random: Random = os.urandom) -> Sealed:
+    """Wrap the same DEK under the active KEK: the ciphertext bytes are kept as they are.
+
+    The data is never decrypted. The DEK must unwrap under its recorded KEK with this
+    binding (else `DecryptionFailed`); the new wrapped DEK carries the same binding.
+    """
+    dek = _unwrap(keyring, sealed, binding)
+    kek = keyring.active
+    wrapped = _VERSION_BYTE + aead.encrypt(kek._key, dek, dek_aad(kek.id, binding), random)
+    keyring.count_wrap(kek.id)
+    return Sealed(ciphertext=sealed.ciphertext, wrapped_dek=wrapped, kek_id=kek.id)

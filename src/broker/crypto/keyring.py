@@ -56,13 +56,37 @@ class Kek:
 
 
 class Keyring:
-    """The active KEK wraps new data keys; every KEK in the ring can unwrap."""
+    """The active KEK wraps new data keys; every KEK in the ring can unwrap.
 
-    __slots__ = ("_by_id", "active")
+    Mutable on purpose: every service shares one ring, so `activate` (master-key
+    rotation) switches all of them at once. It also counts, per KEK id, the wraps
+    made since the last `take_wrap_counts`, for the persisted AES-GCM usage count.
+    """
+
+    __slots__ = ("_by_id", "_wraps", "active")
 
     def __init__(self, active: Kek, older: Iterable[Kek] = ()) -> None:
         self.active = active
         self._by_id = {k.id: k for k in (*older, active)}
+        self._wraps: dict[str, int] = {}
+
+    def add(self, kek: Kek) -> None:
+        """Make `kek` available for unwrapping (it does not become active)."""
+        self._by_id.setdefault(kek.id, kek)
+
+    def activate(self, kek: Kek) -> None:
+        """Wrap new data keys under `kek` from now on; the previous active key keeps unwrapping."""
+        self.add(kek)
+        self.active = self._by_id[kek.id]
+
+    def count_wrap(self, kek_id: str, n: int = 1) -> None:
+        """Record `n` AES-GCM encryptions under `kek_id` (the envelope module counts each wrap)."""
+        self._wraps[kek_id] = self._wraps.get(kek_id, 0) + n
+
+    def take_wrap_counts(self) -> dict[str, int]:
+        """The wraps counted since the last call, per KEK id; the counters restart at zero."""
+        counts, self._wraps = self._wraps, {}
+        return counts
 
     def get(self, kek_id: str) -> Kek:
         try:

@@ -103,6 +103,8 @@ def _check_labels(labels: Mapping[str, str], violations: list[FieldViolation]) -
             violations.append(
                 FieldViolation(f"labels.{key}", f"value must be at most {MAX_LABEL_VALUE} characters")
             )
+        elif not value.isprintable():
+            violations.append(FieldViolation(f"labels.{key}", "value must not contain control characters"))
 
 
 def _check_sizes(config: Mapping[str, Any], secrets: SecretFields, violations: list[FieldViolation]) -> None:

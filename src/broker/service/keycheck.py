@@ -39,6 +39,24 @@ async def verify_keyring(store: Store, keyring: Keyring) -> None:
         ) from None
 
 
+async def canary_kek_id(store: Store) -> str | None:
+    """The master key that wraps the key-check canary's data key (None before the first start)."""
+    raw = await store.get_meta(_META_KEY)
+    return None if raw is None else _decode(raw).kek_id
+
+
+async def rewrap_canary(store: Store, keyring: Keyring) -> bool:
+    """Re-wrap the canary's data key under the active key (master-key rotation); True if it changed."""
+    raw = await store.get_meta(_META_KEY)
+    if raw is None:
+        return False
+    sealed = _decode(raw)
+    if sealed.kek_id == keyring.active.id:
+        return False
+    await store.put_meta(_META_KEY, _encode(crypto.rewrap(keyring, sealed, _BINDING)))
+    return True
+
+
 def _encode(sealed: crypto.Sealed) -> bytes:
     return json.dumps(
         {

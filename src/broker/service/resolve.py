@@ -41,6 +41,10 @@ log = structlog.get_logger("broker.resolve")
 DENIED_MESSAGE = "not permitted to resolve this connection"
 RESOLVE = "connection.resolve"
 MAX_PURPOSE = 256
+# Labelled children of the per-call outcomes, looked up once rather than on every Resolve.
+_ALLOWED = metrics.RESOLVES.labels("allowed", "")
+_CACHE_HIT = metrics.RESOLVE_CACHE.labels("hit")
+_CACHE_MISS = metrics.RESOLVE_CACHE.labels("miss")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,8 @@ class Released:
     secrets: SecretFields
     expires_at: datetime | None
     cache_ttl_seconds: int
+    # When the secret version the executor said it holds was replaced (see ResolveRequest).
+    superseded_at: datetime | None = None
 
 
 class Resolver:
@@ -79,13 +85,24 @@ class Resolver:
         self._flusher: asyncio.Task[None] | None = None
 
     async def resolve(
-        self, call: Call, *, connection_id: str = "", name: str = "", purpose: str = ""
+        self,
+        call: Call,
+        *,
+        connection_id: str = "",
+        name: str = "",
+        purpose: str = "",
+        known_secret_version: int = 0,
     ) -> Released:
         """Check the grant, audit, return the opened secrets. Every denial looks the same to the caller."""
+        if known_secret_version < 0:
+            raise InvalidArgument.field("known_secret_version", "must not be negative")
         if bool(connection_id) == bool(name):
             raise InvalidArgument.field("ref", "exactly one of connection_id or name is required")
         if len(purpose) > MAX_PURPOSE:
             raise InvalidArgument.field("purpose", f"must be at most {MAX_PURPOSE} characters")
+        for field_name, text in (("name", name), ("connection_id", connection_id), ("purpose", purpose)):
+            if not text.isprintable():
+                raise InvalidArgument.field(field_name, "must not contain control characters")
         now = self._clock()
         record = await self._lookup(call.tenant, connection_id, name)
         reason = await self._denial_reason(call, record, now)
@@ -125,14 +142,20 @@ class Resolver:
         await self._audit.append(call.audit_event(now, RESOLVE, ref_id, Outcome.ALLOWED, "", details))
         if self._monitor is not None:
             self._monitor.resolve_allowed(call, record.id, now)
-        metrics.RESOLVES.labels("allowed", "").inc()
+        _ALLOWED.inc()
         self._last_used[(record.tenant, record.id)] = now
         expires_at = record.token_expires_at
         ttl = self._cache_ttl
         if expires_at is not None:
             # Never let an executor cache a token past its expiry.
             ttl = max(0, min(ttl, int((expires_at - now).total_seconds())))
-        return Released(record, secrets, expires_at=expires_at, cache_ttl_seconds=ttl)
+        superseded_at = None
+        if 0 < known_secret_version < record.secret_version:
+            # Only for an executor holding an old version: no extra read on the common path.
+            superseded_at = await self._store.superseded_at(record.tenant, record.id, known_secret_version)
+        return Released(
+            record, secrets, expires_at=expires_at, cache_ttl_seconds=ttl, superseded_at=superseded_at
+        )
 
     async def _lookup(self, tenant: str, connection_id: str, name: str) -> ConnectionRecord | None:
         cache = self._cache
@@ -140,18 +163,18 @@ class Resolver:
             cached_id = cache.connection_id_by_name(tenant, name)
             record = cache.connection(tenant, cached_id) if cached_id else None
             if record is not None and record.name == name and record.live:
-                metrics.RESOLVE_CACHE.labels("hit").inc()
+                _CACHE_HIT.inc()
                 return record
             generation = cache.generation
             record = await self._store.find_connection_by_name(tenant, name)
         else:
             record = cache.connection(tenant, connection_id)
             if record is not None:
-                metrics.RESOLVE_CACHE.labels("hit").inc()
+                _CACHE_HIT.inc()
                 return record
             generation = cache.generation
             record = await self._store.get_connection(tenant, connection_id)
-        metrics.RESOLVE_CACHE.labels("miss").inc()
+        _CACHE_MISS.inc()
         if record is not None:
             cache.put_connection(record, generation)
         return record

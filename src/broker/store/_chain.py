@@ -17,10 +17,11 @@ where `doc` has exactly these keys:
 and an event's `hash` is the lowercase hex SHA-256 of that form. Because `prev_hash`
 is inside the hashed bytes, each event commits to the whole history before it.
 
-There is one chain across all tenants, in append (id) order: a store has a single
-writer (SQLite's writer lock; the PostgreSQL backend will take a table lock for
-appends), so the order is well defined, and one chain means deleting or reordering any
-tenant's events breaks the links around them. Verification reports only ids and a
+There is one chain across all tenants, in append (id) order: appends have a single
+writer (SQLite's writer lock; on PostgreSQL a transaction-level advisory lock that
+every replica takes for its appends, see `store/postgres.py` for the cost), so the order
+is well defined, and one chain means deleting or reordering any tenant's events breaks
+the links around them. Verification reports only ids and a
 generic problem, never another tenant's contents.
 
 SHA-256 is unkeyed: someone who can write the database and recompute every later hash

@@ -5,16 +5,19 @@ from a missing one. Each write that changes state takes the `AuditEvent` that
 describes it and commits both in one transaction, so there is never a change
 without its audit record nor a record of a change that did not happen.
 
-Implementations: `broker.store.sqlite.SqliteStore` (the default). A PostgreSQL
-backend will implement the same protocol; keep SQL portable.
+Implementations: `broker.store.sqlite.SqliteStore` (the default) and
+`broker.store.postgres.PostgresStore` (`storage.url`, several replicas); both pass
+the contract suite in `tests/integration/test_store.py`. Keep SQL portable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Literal, Protocol
 
+from broker.crypto import Sealed
 from broker.model import (
     AuditChainReport,
     AuditEvent,
@@ -30,6 +33,21 @@ from broker.model import (
     SeenFact,
     TestResult,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class WrappedDek:
+    """A stored data key, for master-key rotation: where it is and how it is bound.
+
+    `kind` "connection": `key` is the connection id, bound with its secret version.
+    `kind` "oauth_state": `key` is the pending flow's state hash (secret version 0).
+    """
+
+    kind: Literal["connection", "oauth_state"]
+    tenant: str
+    key: str
+    secret_version: int
+    sealed: Sealed
 
 
 class Store(Protocol):
@@ -204,3 +222,41 @@ class Store(Protocol):
         (keeping the evidence) when the chain is broken in the part to delete.
         Returns how many events were deleted.
         """
+
+    # ----------------------------------------------------------- master keys
+
+    async def deks_by_kek(self) -> dict[str, int]:
+        """How many stored data keys (connections and pending oauth flows) each master key wraps."""
+
+    async def list_deks_not_under(
+        self, kek_id: str, limit: int, after: tuple[str, str, str] | None = None
+    ) -> list[WrappedDek]:
+        """Up to `limit` stored data keys wrapped by a key other than `kek_id`.
+
+        Ordered by (kind, tenant, key); only those after `after` when given.
+        """
+
+    async def rewrap_deks(
+        self, rewrapped: Sequence[tuple[WrappedDek, Sealed]], wraps: Mapping[str, int]
+    ) -> int:
+        """Replace wrapped_dek and kek_id of each row that still holds the old wrapped key.
+
+        Compare-and-swap per row (a row re-sealed or purged meanwhile is skipped);
+        never changes the version or the ciphertext. `wraps` is added to the
+        per-key counts in the same transaction. Returns how many rows changed.
+        """
+
+    async def add_kek_wraps(self, wraps: Mapping[str, int]) -> None:
+        """Add to the persisted count of encryptions made under each master key."""
+
+    async def kek_wraps(self) -> dict[str, int]:
+        """The persisted count of encryptions made under each master key."""
+
+    async def superseded_at(self, tenant: str, connection_id: str, secret_version: int) -> datetime | None:
+        """When that secret version was replaced by a newer one, while still remembered, else None.
+
+        `replace_connection` records it in the same transaction when the secret version rises.
+        """
+
+    async def purge_superseded(self, before: datetime) -> int:
+        """Forget secret versions replaced before `before`; returns how many."""

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
+from broker.crypto import Sealed
 from broker.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from broker.model import (
     AuditChainReport,
@@ -42,6 +43,7 @@ from broker.model import (
 from broker.store import _chain as chain
 from broker.store import _codec as codec
 from broker.store._migrate import apply_sqlite, load_migrations
+from broker.store.base import WrappedDek
 
 if TYPE_CHECKING:
     from broker.store.base import Store
@@ -54,17 +56,23 @@ _CONNECTION_INSERT = (
 )
 # last_used_at is flushed out of band by `record_last_used`, which leaves the version
 # alone; a replace based on an older read must not move it backwards. Test results
-# are likewise written only by `record_test_result`.
+# are likewise written only by `record_test_result`. `broker keys rewrap` re-wraps a
+# data key without touching the version; a replace based on an older read that keeps
+# the same ciphertext (same data key) keeps the stored, possibly re-wrapped, key.
 _CONNECTION_UPDATE = (
     "UPDATE connections SET "  # noqa: S608
     + ", ".join(
         f"{col} = :{col}"
         for col in codec.CONNECTION_COLUMNS
-        if col not in ("tenant", "id", "last_used_at", *codec.TEST_COLUMNS)
+        if col not in ("tenant", "id", "last_used_at", "wrapped_dek", "kek_id", *codec.TEST_COLUMNS)
     )
     + ", last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < :last_used_at"
     " THEN :last_used_at ELSE last_used_at END"
-    " WHERE tenant = :tenant AND id = :id AND version = :expected_version"
+    + "".join(
+        f", {col} = CASE WHEN ciphertext = :ciphertext THEN {col} ELSE :{col} END"
+        for col in ("wrapped_dek", "kek_id")
+    )
+    + " WHERE tenant = :tenant AND id = :id AND version = :expected_version"
 )
 _LABEL_INSERT = "INSERT INTO connection_labels (tenant, connection_id, key, value) VALUES (?, ?, ?, ?)"
 _GRANT_SELECT = "SELECT " + ", ".join(codec.GRANT_COLUMNS) + " FROM grants"  # noqa: S608
@@ -333,6 +341,19 @@ class SqliteStore:
         params["expected_version"] = expected_version
         try:
             async with self._transaction() as conn:
+                # The replaced secret version is remembered (not its ciphertext) for Resolve.
+                await conn.execute(
+                    "INSERT OR IGNORE INTO secret_versions (tenant, connection_id, secret_version,"
+                    " superseded_at) SELECT tenant, id, secret_version, ? FROM connections"
+                    " WHERE tenant = ? AND id = ? AND version = ? AND secret_version < ?",
+                    (
+                        codec.to_micros(record.updated_at),
+                        record.tenant,
+                        record.id,
+                        expected_version,
+                        record.secret_version,
+                    ),
+                )
                 async with conn.execute(_CONNECTION_UPDATE, params) as cursor:
                     changed = cursor.rowcount
                 if changed == 0:
@@ -697,6 +718,114 @@ class SqliteStore:
                 pruned += len(batch)
                 if len(batch) < batch_size:
                     return pruned
+
+    # ----------------------------------------------------------- master keys
+
+    async def deks_by_kek(self) -> dict[str, int]:
+        """How many stored data keys each master key wraps (connections and pending flows)."""
+        rows = await self._read(
+            "SELECT kek_id, COUNT(*) AS n FROM (SELECT kek_id FROM connections WHERE kek_id IS NOT NULL"
+            " UNION ALL SELECT kek_id FROM oauth_states) GROUP BY kek_id",
+            (),
+        )
+        return {row["kek_id"]: int(row["n"]) for row in rows}
+
+    async def list_deks_not_under(
+        self, kek_id: str, limit: int, after: tuple[str, str, str] | None = None
+    ) -> list[WrappedDek]:
+        """Up to `limit` stored data keys wrapped by another master key, by (kind, tenant, key)."""
+        _check_limit(limit)
+        cursor = after or ("", "", "")
+        rows = await self._read(
+            "SELECT * FROM (SELECT 'connection' AS kind, tenant, id AS key, secret_version, ciphertext,"
+            " wrapped_dek, kek_id FROM connections WHERE kek_id IS NOT NULL AND kek_id <> ?"
+            " UNION ALL SELECT 'oauth_state', tenant, state_hash, 0, ciphertext, wrapped_dek, kek_id"
+            " FROM oauth_states WHERE kek_id <> ?) WHERE (kind, tenant, key) > (?, ?, ?)"
+            " ORDER BY kind, tenant, key LIMIT ?",
+            (kek_id, kek_id, *cursor, limit),
+        )
+        return [
+            WrappedDek(
+                kind=row["kind"],
+                tenant=row["tenant"],
+                key=row["key"],
+                secret_version=int(row["secret_version"]),
+                sealed=Sealed(bytes(row["ciphertext"]), bytes(row["wrapped_dek"]), row["kek_id"]),
+            )
+            for row in rows
+        ]
+
+    async def rewrap_deks(
+        self, rewrapped: Sequence[tuple[WrappedDek, Sealed]], wraps: Mapping[str, int]
+    ) -> int:
+        """Store re-wrapped keys, each only if its row still holds the key read; one transaction.
+
+        Only wrapped_dek and kek_id change (never the version, the ciphertext or anything
+        else); `wraps` is added to the per-key counts in the same transaction. Returns
+        how many rows were updated: a row re-sealed or purged meanwhile is left alone.
+        """
+        updated = 0
+        async with self._transaction() as conn:
+            for old, new in rewrapped:
+                if new.ciphertext != old.sealed.ciphertext:
+                    raise ValueError("a re-wrap must keep the ciphertext")
+                if old.kind == "connection":
+                    sql = (
+                        "UPDATE connections SET wrapped_dek = ?, kek_id = ? WHERE tenant = ? AND id = ?"
+                        " AND secret_version = ? AND kek_id = ? AND wrapped_dek = ? AND ciphertext = ?"
+                    )
+                    params: tuple[Any, ...] = (new.wrapped_dek, new.kek_id, old.tenant, old.key)
+                    params += (old.secret_version, old.sealed.kek_id, old.sealed.wrapped_dek, new.ciphertext)
+                else:
+                    sql = (
+                        "UPDATE oauth_states SET wrapped_dek = ?, kek_id = ?"
+                        " WHERE tenant = ? AND state_hash = ? AND kek_id = ? AND wrapped_dek = ?"
+                        " AND ciphertext = ?"
+                    )
+                    params = (new.wrapped_dek, new.kek_id, old.tenant, old.key)
+                    params += (old.sealed.kek_id, old.sealed.wrapped_dek, new.ciphertext)
+                async with conn.execute(sql, params) as cursor:
+                    updated += cursor.rowcount
+            await self._add_wraps(conn, wraps)
+        return updated
+
+    async def add_kek_wraps(self, wraps: Mapping[str, int]) -> None:
+        """Add to the persisted count of encryptions under each master key."""
+        if any(wraps.values()):
+            async with self._transaction() as conn:
+                await self._add_wraps(conn, wraps)
+
+    @staticmethod
+    async def _add_wraps(conn: aiosqlite.Connection, wraps: Mapping[str, int]) -> None:
+        await conn.executemany(
+            "INSERT INTO kek_wraps (kek_id, wraps) VALUES (?, ?)"
+            " ON CONFLICT (kek_id) DO UPDATE SET wraps = wraps + excluded.wraps",
+            [(kek_id, n) for kek_id, n in sorted(wraps.items()) if n],
+        )
+
+    async def kek_wraps(self) -> dict[str, int]:
+        """The persisted count of encryptions under each master key."""
+        rows = await self._read("SELECT kek_id, wraps FROM kek_wraps", ())
+        return {row["kek_id"]: int(row["wraps"]) for row in rows}
+
+    async def superseded_at(self, tenant: str, connection_id: str, secret_version: int) -> datetime | None:
+        """When this secret version of the connection was replaced, if still remembered."""
+        rows = await self._read(
+            "SELECT superseded_at FROM secret_versions WHERE tenant = ? AND connection_id = ?"
+            " AND secret_version = ?",
+            (tenant, connection_id, secret_version),
+        )
+        return codec.from_micros(rows[0]["superseded_at"]) if rows else None
+
+    async def purge_superseded(self, before: datetime) -> int:
+        """Forget secret versions replaced before `before`; returns how many."""
+        async with (
+            self._transaction() as conn,
+            conn.execute(
+                "DELETE FROM secret_versions WHERE superseded_at < ?", (codec.to_micros(before),)
+            ) as cursor,
+        ):
+            return int(cursor.rowcount)
 
 
 _CHECKPOINT_SELECT = "SELECT last_id, last_hash FROM audit_checkpoints ORDER BY last_id DESC LIMIT 1"

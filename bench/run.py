@@ -1,0 +1,520 @@
+"""`make bench`: the broker's Resolve against a bare grpc.aio echo server, on one machine, in one run.
+
+    python -m bench                  the full run (10,000 connections; about 3 minutes)
+    python -m bench --smoke          a few seconds: tiny seed, short windows (the test suite runs it)
+    python -m bench --rss            100,000 stored connections: the server's RSS after resolving a sample
+
+Prints a table and writes the JSON (default bench/results/latest.json). See docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench import world
+from bench.load import LoadResult, LoadSpec, Window, client_pool, run_load, warm_pool
+from broker._proto import broker_pb2 as pb
+from broker._proto import broker_pb2_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "bench" / "results" / "latest.json"
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Plan:
+    connections: int
+    processes: int
+    channels: int
+    concurrency: int
+    warmup: float
+    duration: float
+    lead: float
+    create_concurrency: int
+    paging_runs: int
+
+
+FULL = Plan(10_000, 2, 2, 32, 2.0, 10.0, 1.0, 8, 3)
+SMOKE = Plan(40, 1, 1, 4, 0.1, 0.5, 0.3, 2, 1)
+RSS = Plan(100_000, 2, 2, 32, 1.0, 30.0, 1.0, 8, 1)
+
+
+# ------------------------------------------------------------------ servers
+
+
+@dataclass
+class Server:
+    kind: str
+    process: subprocess.Popen[bytes]
+    info: dict[str, Any]
+
+    @property
+    def pid(self) -> int:
+        return int(self.info["pid"])
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of every thread of the server process."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+
+    def status_kb(self, key: str) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        return 0
+
+    def reset_peak_rss(self) -> bool:
+        """Reset VmHWM to the current RSS (Linux clear_refs 5); False where not permitted."""
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+        except OSError:
+            return False
+        return True
+
+    def metrics(self) -> dict[str, float]:
+        """The broker's Prometheus samples (name{labels} -> value); empty for the echo server."""
+        port = self.info.get("metrics")
+        if not port:
+            return {}
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(kind: str, root: Path, *args: str) -> Server:
+    ready = root / f"{kind}.ready"
+    ready.unlink(missing_ok=True)
+    log = (root / f"{kind}.log").open("ab")
+    process = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "bench.servers", kind, str(root), *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            tail = (root / f"{kind}.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the {kind} server did not start:\n{tail}")
+        time.sleep(0.05)
+    return Server(kind, process, json.loads(ready.read_text()))
+
+
+# ---------------------------------------------------------------- measuring
+
+
+@dataclass
+class Probe(Window):
+    server: Server
+    cpu: list[float] = field(default_factory=list)
+    samples: list[dict[str, float]] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.cpu.append(self.server.cpu_seconds())
+        self.samples.append(self.server.metrics())
+
+    def end(self) -> None:
+        self.start()
+
+    def delta(self, name: str) -> float:
+        return self.samples[1].get(name, 0.0) - self.samples[0].get(name, 0.0)
+
+
+def _row(
+    name: str, server: Server, mode: str, result: LoadResult, probe: Probe, **extra: Any
+) -> dict[str, Any]:
+    calls = result.calls
+    cpu = probe.cpu[1] - probe.cpu[0]
+    row: dict[str, Any] = {
+        "scenario": name,
+        "server": server.kind,
+        "mode": mode,
+        "calls": calls,
+        "ok": result.ok,
+        "codes": dict(result.codes),
+        "dropped": result.dropped,
+        "seconds": result.duration,
+        "rps": round(result.ok / result.duration, 1),
+        **{f"p{p:g}_ms": round(result.percentile(p), 3) for p in (50, 90, 99, 99.9)},
+        "cpu_s_per_1k": round(cpu / calls * 1000, 4) if calls else None,
+        "peak_rss_mb": round(server.status_kb("VmHWM") / 1024, 1),
+    }
+    batches = probe.delta("broker_audit_batch_size_count") if probe.samples[0] else 0
+    if batches:
+        row["audit_commits"] = int(batches)
+        row["audit_events_per_commit"] = round(probe.delta("broker_audit_batch_size_sum") / batches, 1)
+        row["audit_commit_ms"] = round(
+            probe.delta("broker_audit_write_duration_seconds_sum") / batches * 1000, 2
+        )
+    misses = probe.delta('broker_resolve_cache_lookups_total{result="miss"}') if probe.samples[0] else 0
+    if probe.samples and probe.samples[0]:
+        row["cache_misses"] = int(misses)
+    row.update(extra)
+    return row
+
+
+PROFILE_DIR: Path | None = None  # --profile: py-spy records the broker during these scenarios
+PROFILED = ("resolve_hot", "resolve_uniform")
+
+
+def _py_spy(name: str, server: Server, seconds: float) -> subprocess.Popen[bytes] | None:
+    if PROFILE_DIR is None or name not in PROFILED:
+        return None
+    PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+    py_spy = Path(sys.executable).with_name("py-spy")
+    command = [str(py_spy), "record", "--pid", str(server.pid), "--duration", str(int(seconds) + 1)]
+    command += [
+        "--rate",
+        "200",
+        "--nonblocking",
+        "--format",
+        "raw",
+        "--output",
+        str(PROFILE_DIR / f"{name}.txt"),
+    ]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
+
+
+def measure(
+    name: str, server: Server, spec: LoadSpec, pool: Any, plan: Plan, mode: str = "closed", **extra: Any
+) -> dict[str, Any]:
+    server.reset_peak_rss()
+    probe = Probe(server)
+    spy = _py_spy(name, server, plan.lead + spec.warmup + spec.duration)
+    result = run_load(spec, pool, plan.processes, probe, lead=plan.lead)
+    if spy is not None:
+        spy.wait(60)
+    row = _row(name, server, mode, result, probe, **extra)
+    print(
+        f"  {name:<28} {row['rps']:>9.1f} req/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms",
+        flush=True,
+    )
+    return row
+
+
+def _channel(env: world.BenchEnv, identity: world.Identity, port: int) -> grpc.aio.Channel:
+    creds = grpc.ssl_channel_credentials(env.ca, identity.key, identity.cert)
+    return grpc.aio.secure_channel(f"127.0.0.1:{port}", creds)
+
+
+async def _sample_response(env: world.BenchEnv, port: int, connection_id: str) -> bytes:
+    async with _channel(env, env.executor, port) as channel:
+        stub = broker_pb2_grpc.ResolveServiceStub(channel)  # type: ignore[no-untyped-call]
+        response = await stub.Resolve(pb.ResolveRequest(connection_id=connection_id, purpose="bench"))
+    return bytes(response.SerializeToString())
+
+
+async def _page_all(env: world.BenchEnv, port: int, page_size: int) -> tuple[float, int, int]:
+    """Seconds, pages and connections for one walk through every connection."""
+    async with _channel(env, env.admin, port) as channel:
+        stub = broker_pb2_grpc.AdminServiceStub(channel)  # type: ignore[no-untyped-call]
+        await channel.channel_ready()
+        started = time.perf_counter()
+        token, pages, seen = "", 0, 0
+        while True:
+            page = await stub.ListConnections(
+                pb.ListConnectionsRequest(page_size=page_size, page_token=token)
+            )
+            pages += 1
+            seen += len(page.connections)
+            token = page.next_page_token
+            if not token:
+                return time.perf_counter() - started, pages, seen
+
+
+def measure_paging(env: world.BenchEnv, server: Server, plan: Plan, page_size: int) -> dict[str, Any]:
+    server.reset_peak_rss()
+    runs = []
+    cpu0 = server.cpu_seconds()
+    for _ in range(plan.paging_runs):
+        runs.append(asyncio.run(_page_all(env, server.info["admin"], page_size)))
+    cpu = server.cpu_seconds() - cpu0
+    seconds = sorted(r[0] for r in runs)
+    row = {
+        "scenario": f"admin_list_paging_{page_size}",
+        "server": server.kind,
+        "mode": "sequential",
+        "page_size": page_size,
+        "runs": len(runs),
+        "pages": runs[0][1],
+        "connections_listed": runs[0][2],
+        "calls": sum(r[1] for r in runs),
+        "ok": sum(r[1] for r in runs),
+        "codes": {"OK": sum(r[1] for r in runs)},
+        "total_seconds_median": round(seconds[len(seconds) // 2], 3),
+        "total_seconds_best": round(seconds[0], 3),
+        "cpu_s_per_1k": round(cpu / sum(r[1] for r in runs) * 1000, 4),
+        "peak_rss_mb": round(server.status_kb("VmHWM") / 1024, 1),
+    }
+    print(
+        f"  {row['scenario']:<28} {row['connections_listed']} connections in "
+        f"{row['total_seconds_median']:.3f} s "
+        f"({row['pages']} pages)",
+        flush=True,
+    )
+    return row
+
+
+# --------------------------------------------------------------------- runs
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.partition(":")[2].strip()
+            break
+    import google.protobuf
+
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "protobuf": google.protobuf.__version__,
+        "kernel": platform.release(),
+    }
+
+
+def run_bench(plan: Plan, root: Path) -> dict[str, Any]:
+    env = world.make_env(root)
+    print(f"seeding {plan.connections} connections and grants ...", flush=True)
+    ids, seed_seconds = asyncio.run(world.seed(env, plan.connections))
+    print(f"  seeded in {seed_seconds:.1f} s", flush=True)
+    hot = ids[len(ids) // 2]
+    rows: list[dict[str, Any]] = []
+    servers: list[Server] = []
+    pool = client_pool(plan.processes)
+    try:
+        broker = start_server("broker", root)
+        servers.append(broker)
+        response = asyncio.run(_sample_response(env, broker.info["resolve"], hot))
+        (root / "response.bin").write_bytes(response)
+        echo = start_server("echo", root, str(root / "response.bin"))
+        servers.append(echo)
+        warm_pool(pool, plan.processes)
+        base = LoadSpec(
+            port=0,
+            ca=env.ca,
+            cert=env.executor.cert,
+            key=env.executor.key,
+            call="resolve",
+            ids=(hot,),
+            concurrency=plan.concurrency,
+            channels=plan.channels,
+            warmup=plan.warmup,
+            duration=plan.duration,
+        )
+        on_echo = replace(base, port=echo.info["resolve"])
+        on_broker = replace(base, port=broker.info["resolve"])
+        print("closed loop (saturation):", flush=True)
+        rows.append(measure("echo", echo, on_echo, pool, plan))
+        rows.append(measure("resolve_hot", broker, on_broker, pool, plan))
+        # Cold cache at the start: only the hot connection was resolved so far.
+        uniform = replace(on_broker, ids=tuple(ids), warmup=min(plan.warmup, 0.5))
+        rows.append(measure("resolve_uniform", broker, uniform, pool, plan, connections=len(ids)))
+        one = {"pool": pool, "plan": plan}
+        rows.append(measure("echo_one_in_flight", echo, replace(on_echo, concurrency=1), **one))
+        one_broker = replace(on_broker, concurrency=1)
+        rows.append(measure("resolve_durable_audit_one_in_flight", broker, one_broker, **one))
+        echo_rps, hot_rps = rows[0]["rps"], rows[1]["rps"]
+        print("open loop at half of saturation:", flush=True)
+        for name, server, spec, saturation in (
+            ("echo_open_half", echo, on_echo, echo_rps),
+            ("resolve_hot_open_half", broker, on_broker, hot_rps),
+        ):
+            rate = max(1.0, saturation / 2)
+            open_spec = replace(spec, rate=rate / plan.processes)
+            rows.append(measure(name, server, open_spec, pool, plan, mode="open", offered_rps=round(rate, 1)))
+        print("admin:", flush=True)
+        for page_size in (100, 1000):
+            rows.append(measure_paging(env, broker, plan, page_size))
+        create = replace(
+            on_broker,
+            port=broker.info["admin"],
+            cert=env.admin.cert,
+            key=env.admin.key,
+            call="create",
+            concurrency=plan.create_concurrency,
+            warmup=min(plan.warmup, 0.5),
+        )
+        rows.append(measure("admin_create", broker, create, pool, plan))
+    finally:
+        pool.terminate()
+        pool.join()
+        for server in servers:
+            server.stop()
+    by_name = {row["scenario"]: row for row in rows}
+    # Throughput ratios, and the same compared by the server's CPU per call: on a shared 2-core
+    # machine the load client competes with the server, and CPU per call is the steadier measure.
+    cpu = {name: row.get("cpu_s_per_1k") or 0.0 for name, row in by_name.items()}
+    ratios = {
+        "resolve_hot_cpu_vs_echo": _ratio(cpu["echo"], cpu["resolve_hot"]),
+        "resolve_uniform_cpu_vs_echo": _ratio(cpu["echo"], cpu["resolve_uniform"]),
+        "resolve_hot_vs_echo": _ratio(by_name["resolve_hot"]["rps"], echo_rps),
+        "resolve_uniform_vs_echo": _ratio(by_name["resolve_uniform"]["rps"], echo_rps),
+        "resolve_one_in_flight_vs_echo": _ratio(
+            by_name["resolve_durable_audit_one_in_flight"]["rps"], by_name["echo_one_in_flight"]["rps"]
+        ),
+    }
+    return {
+        "kind": "bench",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "plan": plan.__dict__,
+        "seed_seconds": round(seed_seconds, 1),
+        "ratios": ratios,
+        "scenarios": rows,
+    }
+
+
+def run_rss(plan: Plan, root: Path) -> dict[str, Any]:
+    """Seed 100,000 connections, resolve a uniform sample of them, report the broker's RSS."""
+    env = world.make_env(root)
+    print(f"seeding {plan.connections} connections and grants (this takes a while) ...", flush=True)
+    ids, seed_seconds = asyncio.run(world.seed(env, plan.connections, chunk=256))
+    print(f"  seeded in {seed_seconds:.1f} s", flush=True)
+    pool = client_pool(plan.processes)
+    broker = start_server("broker", root)
+    try:
+        warm_pool(pool, plan.processes)
+        rss_idle = broker.status_kb("VmRSS")
+        spec = LoadSpec(
+            port=broker.info["resolve"],
+            ca=env.ca,
+            cert=env.executor.cert,
+            key=env.executor.key,
+            call="resolve",
+            ids=tuple(ids),
+            concurrency=plan.concurrency,
+            channels=plan.channels,
+            warmup=plan.warmup,
+            duration=plan.duration,
+        )
+        row = measure("resolve_uniform_100k", broker, spec, pool, plan, connections=len(ids))
+        cached = broker.metrics().get('broker_resolve_cache_lookups_total{result="miss"}', 0)
+        paging = measure_paging(env, broker, plan, 1000)
+        row.update(
+            rss_after_start_mb=round(rss_idle / 1024, 1),
+            rss_now_mb=round(broker.status_kb("VmRSS") / 1024, 1),
+            peak_rss_mb=round(broker.status_kb("VmHWM") / 1024, 1),
+            connections_cached=int(cached),
+        )
+    finally:
+        pool.terminate()
+        pool.join()
+        broker.stop()
+    return {
+        "kind": "rss",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "plan": plan.__dict__,
+        "seed_seconds": round(seed_seconds, 1),
+        "scenarios": [row, paging],
+    }
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else 0.0
+
+
+def table(report: dict[str, Any]) -> str:
+    head = (
+        "scenario",
+        "mode",
+        "ok",
+        "errors",
+        "req/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "CPU s/1k",
+        "RSS MB",
+    )
+    lines = ["{:<36} {:<6} {:>8} {:>6} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8} {:>7}".format(*head)]
+    for row in report["scenarios"]:
+        if "total_seconds_median" in row:
+            lines.append(
+                f"{row['scenario']:<36} {'seq':<6} {row['ok']:>8} {0:>6} "
+                f"{row['connections_listed']} listed in {row['total_seconds_median']:.3f} s "
+                f"(best {row['total_seconds_best']:.3f} s){'':>8} "
+                f"{row['cpu_s_per_1k']:>8.3f} {row['peak_rss_mb']:>7.1f}"
+            )
+            continue
+        lines.append(
+            "{:<36} {:<6} {:>8} {:>6} {:>9.1f} {:>7.2f} {:>7.2f} {:>7.2f} {:>8.2f} {:>8.3f} {:>7.1f}".format(
+                row["scenario"],
+                row["mode"],
+                row["ok"],
+                row["calls"] - row["ok"] + row.get("dropped", 0),
+                row["rps"],
+                row["p50_ms"],
+                row["p90_ms"],
+                row["p99_ms"],
+                row["p99.9_ms"],
+                row["cpu_s_per_1k"] or 0.0,
+                row["peak_rss_mb"],
+            )
+        )
+    for name, value in report.get("ratios", {}).items():
+        lines.append(f"ratio {name}: {value:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--smoke", action="store_true", help="a few seconds: tiny seed, short windows")
+    mode.add_argument("--rss", action="store_true", help="RSS with 100,000 stored connections")
+    parser.add_argument("--out", type=Path, help=f"the JSON report (default {DEFAULT_OUT.relative_to(REPO)})")
+    parser.add_argument("--connections", type=int, help="override the number of seeded connections")
+    parser.add_argument("--duration", type=float, help="override the measured seconds per scenario")
+    parser.add_argument("--profile", type=Path, help="py-spy the broker during resolve_hot/_uniform into DIR")
+    args = parser.parse_args(argv)
+    global PROFILE_DIR
+    PROFILE_DIR = args.profile
+    plan = SMOKE if args.smoke else RSS if args.rss else FULL
+    if args.connections:
+        plan = replace(plan, connections=args.connections)
+    if args.duration:
+        plan = replace(plan, duration=args.duration)
+    out = args.out or (DEFAULT_OUT.with_name("rss.json") if args.rss else DEFAULT_OUT)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="broker-bench-") as tmp:
+        report = (run_rss if args.rss else run_bench)(plan, Path(tmp))
+    report["wall_seconds"] = round(time.monotonic() - started, 1)
+    print()
+    print(table(report))
+    print(f"\n{report['wall_seconds']:.0f} s in total; JSON: {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")

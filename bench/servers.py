@@ -1,0 +1,98 @@
+"""The two servers under test, each run in its own process (`python -m bench.servers ...`).
+
+    broker <dir>             broker.server.Broker with <dir>/broker.toml
+    echo <dir> <response>    a bare grpc.aio server on the same mTLS files: ResolveService
+                             answering every call with the response bytes in <response>
+
+Each writes {"pid", ports...} to <dir>/<kind>.ready once it serves, and stops on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from broker import log as broker_log
+from broker._proto import broker_pb2 as pb
+from broker.config import Settings
+from broker.server import Broker
+
+
+async def _until_sigterm() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def _ready(root: Path, kind: str, info: dict[str, Any]) -> None:
+    tmp = root / f"{kind}.ready.tmp"
+    tmp.write_text(json.dumps({"pid": os.getpid(), **info}))
+    tmp.rename(root / f"{kind}.ready")
+
+
+async def serve_broker(root: Path) -> None:
+    settings = Settings.load(root / "broker.toml", environ={})
+    broker_log.configure(settings.log_level)
+    broker = Broker(settings)
+    await broker.start()
+    ports = {"admin": broker.admin_port, "resolve": broker.resolve_port, "metrics": broker.metrics_port}
+    _ready(root, "broker", ports)
+    await _until_sigterm()
+    await broker.stop(grace=1)
+
+
+async def serve_echo(root: Path, response_file: Path) -> None:
+    """No interceptors, no work: parse the request, return a prebuilt response of Resolve's size."""
+    settings = Settings.load(root / "broker.toml", environ={})
+    response = pb.ResolveResponse.FromString(response_file.read_bytes())  # noqa: ASYNC240 (start-up)
+
+    async def resolve(request: pb.ResolveRequest, context: Any) -> pb.ResolveResponse:
+        return response
+
+    handler = grpc.method_handlers_generic_handler(
+        "broker.v1.ResolveService",
+        {
+            "Resolve": grpc.unary_unary_rpc_method_handler(
+                resolve,
+                request_deserializer=pb.ResolveRequest.FromString,
+                response_serializer=pb.ResolveResponse.SerializeToString,
+            )
+        },
+    )
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((handler,))
+    tls = settings.tls
+    # The broker's own mTLS setup: its server key pair, client certificate required, same CA.
+    credentials = grpc.ssl_server_credentials(
+        [(tls.key.read_bytes(), tls.cert.read_bytes())],
+        root_certificates=tls.client_ca.read_bytes(),
+        require_client_auth=True,
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    await server.start()
+    _ready(root, "echo", {"resolve": port})
+    await _until_sigterm()
+    await server.stop(1)
+
+
+def main(argv: list[str]) -> None:
+    kind, root = argv[0], Path(argv[1])
+    if kind == "broker":
+        asyncio.run(serve_broker(root))
+    elif kind == "echo":
+        asyncio.run(serve_echo(root, Path(argv[2])))
+    else:
+        raise SystemExit(f"unknown server kind {kind!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,233 @@
+"""`broker keys ...`: master-key rotation from the command line.
+
+    init     create master_key.dir from existing key files (or one new key)
+    rotate   add a new key to master_key.dir and make it active
+    rewrap   re-wrap every stored data key under the active key (resumable)
+    status   what each key wraps, and how many encryptions it has made
+    retire   delete an old key's file, only when nothing uses it any more
+
+They work on the store file directly and may run next to a running broker (the
+store serialises writers; the rewrap changes a row only if it still holds what
+was read). A running broker in directory mode follows the `active` marker within
+a few seconds (it logs `master_key_activated`); no restart or signal is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from broker import keydir
+from broker.config import Settings
+from broker.errors import ConfigError
+from broker.store import Store
+
+PROG = "broker keys"
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The `keys` command group."""
+    keys = sub.add_parser(
+        "keys",
+        help="rotate, re-wrap and retire master keys (needs master_key.dir)",
+        description="Master-key rotation. The data is never re-encrypted: rotation adds a key, "
+        "rewrap wraps each data key again under it, retire deletes an old key nothing uses.",
+    )
+    ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = ksub.add_parser(name, help=help, description=help)
+        p.add_argument(
+            "--config", type=Path, required=True, metavar="FILE", help="the broker's TOML settings"
+        )
+        return p
+
+    p = command(
+        "init", "create master_key.dir holding existing key files (the first is active), or one new key"
+    )
+    p.add_argument("--import", dest="imports", type=Path, action="append", default=[], metavar="KEYFILE")
+    command("rotate", "add a new master key to master_key.dir and make it active")
+    p = command("rewrap", "re-wrap every stored data key under the active master key")
+    p.add_argument("--batch", type=int, default=500, help="rows per transaction (default 500)")
+    p.add_argument(
+        "--pause",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="pause between batches, to go easy on a busy store (default 0, at most 10)",
+    )
+    command("status", "show the active key and, per key, the data keys it wraps and its encryption count")
+    p = command("retire", "delete a master key's file; refused while anything still uses that key")
+    p.add_argument("kek_id", metavar="ID")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one `broker keys` action; ConfigError and ValueError propagate to the caller."""
+    settings = Settings.load(args.config)
+    action = args.keys_command
+    if action == "init":
+        return _init(settings, args.imports)
+    key_dir = _require_dir(settings)
+    if action == "rotate":
+        return _rotate(settings, key_dir)
+    if action == "rewrap":
+        if not 0 <= args.pause <= 10:
+            raise ValueError("--pause must be between 0 and 10 seconds")
+        return asyncio.run(_rewrap(settings, args.batch, args.pause))
+    if action == "status":
+        return asyncio.run(_status(settings))
+    return asyncio.run(_retire(settings, key_dir, args.kek_id))
+
+
+async def _open_store(settings: Settings) -> Store:
+    """The store the broker uses (SQLite file or PostgreSQL), opened."""
+    from broker.store.select import store_for
+
+    store = store_for(settings)
+    await store.open()
+    return store
+
+
+def _require_dir(settings: Settings) -> Path:
+    if settings.master_key_dir is None:
+        raise ConfigError(
+            "master_key.dir is not set: this broker reads a single master key. Create a key directory "
+            "with `broker keys init --config FILE --import <your key file>`, set master_key.dir to it "
+            "and remove master_key.file"
+        )
+    return settings.master_key_dir
+
+
+def _init(settings: Settings, imports: list[Path]) -> int:
+    key_dir = _require_dir(settings)
+    texts = []
+    for path in imports:
+        try:
+            texts.append(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"--import: cannot read {path}: {exc.strerror}") from None
+    kek = keydir.init(key_dir, texts)
+    print(
+        f"{PROG}: created {key_dir} with {len(keydir.key_ids(key_dir))} key(s); active: {kek.id}",
+        file=sys.stderr,
+    )
+    print(kek.id)
+    return 0
+
+
+def _rotate(settings: Settings, key_dir: Path) -> int:
+    previous = settings.load_keyring().active.id
+    kek = keydir.add_key(key_dir)
+    keydir.set_active(key_dir, kek.id)
+    print(
+        f"{PROG}: {kek.id} is now the active master key (was {previous}). Running brokers switch "
+        "within seconds (they log master_key_activated); then run `broker keys rewrap`.",
+        file=sys.stderr,
+    )
+    print(kek.id)
+    return 0
+
+
+def _progress(started: float) -> Callable[[int, int], None]:
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = width * done // total if total else width
+        rate = done / max(time.monotonic() - started, 1e-6)
+        bar = "#" * filled + "." * (width - filled)
+        print(f"\r{PROG}: rewrap [{bar}] {done}/{total} ({rate:.0f}/s)", end="", file=sys.stderr, flush=True)
+
+    return show
+
+
+async def _rewrap(settings: Settings, batch: int, pause: float) -> int:
+    from broker.service.keys import key_status, rewrap_all
+    from broker.store.select import store_for
+
+    keyring = settings.load_keyring()
+    store = store_for(settings)
+    await store.open()
+    try:
+        report = await rewrap_all(
+            store, keyring, batch=batch, progress=_progress(time.monotonic()), pause=pause
+        )
+        status = await key_status(store, keyring)
+    finally:
+        await store.close()
+    print(file=sys.stderr)
+    print(
+        f"{PROG}: re-wrapped {report.rewrapped} data key(s) under {keyring.active.id}; "
+        f"{report.skipped} changed meanwhile (re-sealed or removed by the broker); "
+        f"{len(report.failed)} failed",
+        file=sys.stderr,
+    )
+    for where in report.failed:
+        print(
+            f"{PROG}: cannot unwrap the data key of {where} (tampered, or its key is missing)",
+            file=sys.stderr,
+        )
+    _print_usage(status.active, status.deks, status.wraps)
+    left = sum(n for kek_id, n in status.deks.items() if kek_id != status.active)
+    if left:
+        print(f"{PROG}: {left} data key(s) still use older keys; run rewrap again", file=sys.stderr)
+    return 1 if report.failed or left else 0
+
+
+async def _status(settings: Settings) -> int:
+    from broker.service.keys import key_status
+    from broker.store.select import store_for
+
+    keyring = settings.load_keyring()
+    store = store_for(settings)
+    await store.open()
+    try:
+        status = await key_status(store, keyring)
+    finally:
+        await store.close()
+    _print_usage(status.active, status.deks, status.wraps, status.available)
+    return 0
+
+
+def _print_usage(
+    active: str, deks: dict[str, int], wraps: dict[str, int], available: frozenset[str] | None = None
+) -> None:
+    ids = sorted(set(deks) | set(available or ()) | ({active} if available is not None else set()))
+    print(f"{'kek_id':<18}{'state':<10}{'data_keys':>11}{'wraps':>14}")
+    for kek_id in ids:
+        if kek_id == active:
+            state = "active"
+        elif available is not None and kek_id not in available:
+            state = "MISSING"
+        else:
+            state = "old"
+        print(f"{kek_id:<18}{state:<10}{deks.get(kek_id, 0):>11}{wraps.get(kek_id, 0):>14}")
+
+
+async def _retire(settings: Settings, key_dir: Path, kek_id: str) -> int:
+    from broker.service.keys import key_status
+    from broker.store.select import store_for
+
+    keyring = settings.load_keyring()
+    if kek_id == keyring.active.id:
+        raise ConfigError(f"master key {kek_id} is the active key; rotate to a new key first")
+    if kek_id not in keydir.key_ids(key_dir):
+        raise ConfigError(f"no key file for {kek_id} in {key_dir}")
+    store = store_for(settings)
+    await store.open()
+    try:
+        in_use = (await key_status(store, keyring)).deks.get(kek_id, 0)
+    finally:
+        await store.close()
+    if in_use:
+        print(
+            f"{PROG}: refusing to retire {kek_id}: {in_use} stored data key(s) still use it; "
+            "run `broker keys rewrap` first",
+            file=sys.stderr,
+        )
+        return 1
+    keydir.remove_key(key_dir, kek_id)
+    print(f"{PROG}: retired {kek_id}: its key file is deleted", file=sys.stderr)
+    return 0

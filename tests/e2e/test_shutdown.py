@@ -1,0 +1,243 @@
+"""SIGTERM during a stream of Resolves, against `broker serve` in a subprocess.
+
+Every call sent before the signal completes with OK (also those still queued inside
+gRPC core, which a bare `server.stop()` would cancel), calls refused afterwards are
+UNAVAILABLE (never INTERNAL or CANCELLED), the process exits 0 within the grace
+period, and the audit log (read after a restart on the same data) holds exactly one
+allowed `connection.resolve` event per OK response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from broker import pki
+from broker._proto import broker_pb2 as pb
+from broker._proto import broker_pb2_grpc
+from broker.api.drain import SHUTTING_DOWN
+from tests.e2e.test_cli import free_port
+from tests.helpers import db_request
+
+pytestmark = pytest.mark.e2e
+
+ADMIN = "spiffe://broker.local/tenant/default/admin/cli"
+EXECUTOR = "spiffe://broker.local/tenant/default/executor/demo"
+PROBE = "spiffe://broker.local/tenant/default/executor/probe"
+GRACE_SECONDS = 10
+CLIENTS = 4
+SIGTERM_AFTER_OK = 300  # responses before the signal
+MAX_CALLS = 4000
+
+
+@dataclass
+class Served:
+    """A `broker serve` set-up: its files, and the process while it runs."""
+
+    root: Path
+    config: Path
+    admin_addr: str
+    resolve_addr: str
+    process: subprocess.Popen[bytes] | None = None
+    runs: int = 0
+
+    def start(self) -> subprocess.Popen[bytes]:
+        self.runs += 1
+        out = (self.root / f"broker-{self.runs}.log").open("wb")
+        argv = [sys.executable, "-m", "broker.cli.broker", "serve", "--config", str(self.config)]
+        self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=self.root)
+        out.close()
+        deadline = time.monotonic() + 20
+        while True:
+            # The probe container's way of asking: exit 0 only once SERVING.
+            probe = subprocess.run(
+                [sys.executable, "-m", "broker.cli.broker", "health", "--config", str(self.config)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            if probe.returncode == 0:
+                assert probe.stdout.startswith("SERVING")
+                return self.process
+            assert self.process.poll() is None, f"broker exited early:\n{self.logs()}"
+            assert time.monotonic() < deadline, (
+                f"not SERVING in time: {probe.stdout}{probe.stderr}\n{self.logs()}"
+            )
+            time.sleep(0.2)
+
+    def logs(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(self.root.glob("broker-*.log")))
+
+    def channel(self, who: str, addr: str) -> grpc.aio.Channel:
+        tls = self.root / "tls"
+        creds = grpc.ssl_channel_credentials(
+            (tls / "ca.pem").read_bytes(),
+            (tls / f"{who}-key.pem").read_bytes(),
+            (tls / f"{who}.pem").read_bytes(),
+        )
+        return grpc.aio.secure_channel(addr, creds)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    ca, ca_key = pki.create_ca("shutdown test CA")
+    (tls / "ca.pem").write_bytes(ca)
+    pairs = {
+        "server": pki.issue_server_cert(ca, ca_key, ["localhost", "127.0.0.1"]),
+        "admin": pki.issue_principal_cert(ca, ca_key, ADMIN),
+        "executor": pki.issue_principal_cert(ca, ca_key, EXECUTOR),
+        "probe": pki.issue_principal_cert(ca, ca_key, PROBE),
+    }
+    for name, (cert, key) in pairs.items():
+        (tls / f"{name}.pem").write_bytes(cert)
+        pki.write_private(tls / f"{name}-key.pem", key)
+    pki.write_private(tmp_path / "master.key", base64.b64encode(os.urandom(32)))
+    admin, resolve = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    config = tmp_path / "broker.toml"
+    config.write_text(
+        f"""
+[listen]
+admin = "{admin}"
+resolve = "{resolve}"
+[tls]
+cert = "tls/server.pem"
+key = "tls/server-key.pem"
+client_ca = "tls/ca.pem"
+[storage]
+path = "data/broker.db"
+[master_key]
+file = "master.key"
+[server]
+grace_seconds = {GRACE_SECONDS}
+[health]
+cert = "tls/probe.pem"
+key = "tls/probe-key.pem"
+[metrics]
+listen = ""
+[limits]
+resolve_per_second = 1000000
+resolve_burst = 1000000
+[monitor]
+spike_min_count = 1000000
+"""
+    )
+    (tmp_path / "data").mkdir()
+    setup = Served(tmp_path, config, admin, resolve)
+    try:
+        yield setup
+    finally:
+        if setup.process is not None and setup.process.poll() is None:
+            setup.process.kill()
+            setup.process.wait(timeout=10)
+
+
+@dataclass
+class Outcomes:
+    calls: list[tuple[float, float, grpc.StatusCode]] = field(default_factory=list)  # (sent, done, code)
+    errors: list[str] = field(default_factory=list)
+    ok: int = 0
+    sigterm_at: float | None = None
+
+
+async def _client(served: Served, connection_id: str, outcomes: Outcomes, done: asyncio.Event) -> None:
+    """Resolve in a loop on one channel until told to stop or shut out for good."""
+    async with served.channel("executor", served.resolve_addr) as channel:
+        stub = broker_pb2_grpc.ResolveServiceStub(channel)
+        refused = 0
+        while not done.is_set() and len(outcomes.calls) < MAX_CALLS:
+            sent = time.monotonic()
+            try:
+                reply = await stub.Resolve(
+                    pb.ResolveRequest(connection_id=connection_id), timeout=GRACE_SECONDS * 2
+                )
+                code = grpc.StatusCode.OK
+                assert reply.secrets["password"] == "hunter2"
+                outcomes.ok += 1
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                outcomes.errors.append(
+                    f"{sent - (outcomes.sigterm_at or sent):+.4f}s {code.name}: {exc.details()}"
+                )
+            outcomes.calls.append((sent, time.monotonic(), code))
+            if code != grpc.StatusCode.OK and outcomes.sigterm_at is not None:
+                refused += 1
+                if refused >= 5:
+                    return  # the broker is gone; a few refusals per client are evidence enough
+                await asyncio.sleep(0.05)
+
+
+async def test_sigterm_drains_in_flight_resolves_and_audits_each_one(served: Served) -> None:
+    process = served.start()
+    async with served.channel("admin", served.admin_addr) as channel:
+        admin = broker_pb2_grpc.AdminServiceStub(channel)
+        created = await admin.CreateConnection(db_request(name="drained"))
+        await admin.GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
+
+    outcomes = Outcomes()
+    done = asyncio.Event()
+    clients = [asyncio.ensure_future(_client(served, created.id, outcomes, done)) for _ in range(CLIENTS)]
+    deadline = time.monotonic() + 30
+    while outcomes.ok < SIGTERM_AFTER_OK:
+        assert time.monotonic() < deadline and not any(c.done() for c in clients), served.logs()
+        await asyncio.sleep(0.005)
+    outcomes.sigterm_at = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    returncode = await asyncio.to_thread(process.wait, GRACE_SECONDS + 10)
+    exited_after = time.monotonic() - outcomes.sigterm_at
+    await asyncio.wait(clients, timeout=10)
+    done.set()
+    await asyncio.gather(*clients)
+
+    assert returncode == 0, served.logs()
+    assert exited_after < GRACE_SECONDS, f"took {exited_after:.1f}s to exit"
+    sigterm_at = outcomes.sigterm_at
+    before = [code for sent, _, code in outcomes.calls if sent < sigterm_at]
+    after = [code for sent, _, code in outcomes.calls if sent >= sigterm_at]
+    assert len(outcomes.calls) < MAX_CALLS
+    # Everything already sent when the signal came completes...
+    assert set(before) == {grpc.StatusCode.OK}, outcomes.errors
+    # ...and what came later is either served (still draining) or refused as UNAVAILABLE.
+    assert set(after) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, outcomes.errors
+    assert grpc.StatusCode.UNAVAILABLE in after
+    # Refused by the drain gate while the process was still up, as a retryable "shutting down".
+    assert any(SHUTTING_DOWN in error for error in outcomes.errors), outcomes.errors
+    # And once it is gone, a new call cannot connect: UNAVAILABLE too.
+    async with served.channel("executor", served.resolve_addr) as channel:
+        stub = broker_pb2_grpc.ResolveServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Resolve(pb.ResolveRequest(connection_id=created.id), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    logs = served.logs()
+    assert "broker_stopping" in logs and "broker_stopped" in logs
+
+    # The same data, a new process: one allowed audit event per OK response, none missing.
+    served.start()
+    allowed = 0
+    async with served.channel("admin", served.admin_addr) as channel:
+        admin = broker_pb2_grpc.AdminServiceStub(channel)
+        token = ""
+        while True:
+            page = await admin.ListAuditEvents(
+                pb.ListAuditEventsRequest(action="connection.resolve", page_size=1000, page_token=token)
+            )
+            allowed += sum(1 for event in page.events if event.outcome == "allowed")
+            token = page.next_page_token
+            if not token:
+                break
+    assert allowed == outcomes.ok
+    served.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    assert served.process.wait(timeout=GRACE_SECONDS + 10) == 0  # type: ignore[union-attr]

@@ -1,0 +1,70 @@
+"""The benchmark harness cannot rot: its smoke variant runs end to end and writes a sane report.
+
+It asserts that the harness works (servers start, every scenario runs, status codes are
+counted, the JSON is complete), never a timing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SCENARIOS = {
+    "echo",
+    "resolve_hot",
+    "resolve_uniform",
+    "echo_one_in_flight",
+    "resolve_durable_audit_one_in_flight",
+    "echo_open_half",
+    "resolve_hot_open_half",
+    "admin_list_paging_100",
+    "admin_list_paging_1000",
+    "admin_create",
+}
+
+
+def test_bench_smoke_writes_every_scenario(tmp_path: Path) -> None:
+    out = tmp_path / "smoke.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "ratio resolve_hot_vs_echo" in done.stdout  # the table was printed
+
+    report = json.loads(out.read_text())
+    rows = {row["scenario"]: row for row in report["scenarios"]}
+    assert set(rows) == SCENARIOS
+    assert report["machine"]["nproc"] >= 1 and report["machine"]["grpcio"]
+    for name, row in rows.items():
+        assert row["ok"] > 0, name
+        assert row["codes"].get("OK", 0) == row["ok"], name
+        assert set(row["codes"]) == {"OK"}, (name, row["codes"])  # raised limits: nothing refused
+        assert row["cpu_s_per_1k"] is not None and row["cpu_s_per_1k"] >= 0, name
+        assert row["peak_rss_mb"] > 0, name
+        if "rps" in row:
+            assert row["rps"] > 0, name
+            assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] <= row["p99.9_ms"], name
+    assert rows["resolve_hot"]["server"] == "broker" and rows["echo"]["server"] == "echo"
+    # Durable audit: every allowed Resolve was committed, in group commits.
+    hot = rows["resolve_hot"]
+    assert hot["audit_commits"] > 0 and hot["audit_events_per_commit"] >= 1
+    assert rows["resolve_uniform"]["cache_misses"] > 0  # cold cache at the start
+    assert rows["admin_list_paging_100"]["connections_listed"] >= report["plan"]["connections"]
+    assert rows["resolve_hot_open_half"]["offered_rps"] > 0
+    ratios = report["ratios"]
+    assert set(ratios) == {
+        "resolve_hot_vs_echo",
+        "resolve_uniform_vs_echo",
+        "resolve_one_in_flight_vs_echo",
+        "resolve_hot_cpu_vs_echo",
+        "resolve_uniform_cpu_vs_echo",
+    }
+    assert all(value > 0 for value in ratios.values())
