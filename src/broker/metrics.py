@@ -94,3 +94,9 @@ KEK_ACTIVE = Gauge(
     ["kek_id"],
     registry=REGISTRY,
 )
+CONNECTIONS = Gauge(
+    "broker_connections",
+    "Stored connections by type and status (all tenants), refreshed with the store health probe.",
+    ["type", "status"],
+    registry=REGISTRY,
+)

@@ -219,6 +219,7 @@ class Broker:
         self.audit.start_pruning()
         self.keys.start()
         self.metrics_port = self._start_metrics()
+        await self._refresh_gauges()
         self._store_probe = asyncio.create_task(self._probe_store())
         self._ready = True
         await self._publish_health()
@@ -264,6 +265,8 @@ class Broker:
                 await asyncio.wait_for(self.store.ping(), timeout=max(interval, 1.0))
             except Exception as exc:  # any failure means "not answering"; the type is enough to log
                 problem = type(exc).__name__
+            if problem is None:
+                await self._refresh_gauges()
             if (problem is None) == self._store_ok:
                 continue
             self._store_ok = problem is None
@@ -272,6 +275,17 @@ class Broker:
             else:
                 log.warning("store_unreachable", error_type=problem)
             await self._publish_health()
+
+    async def _refresh_gauges(self) -> None:
+        """Store-derived gauges; a failure here is not a health problem, only a stale gauge."""
+        try:
+            counts = await self.store.count_connections()
+        except Exception as exc:
+            log.warning("gauge_refresh_failed", error_type=type(exc).__name__)
+            return
+        metrics.CONNECTIONS.clear()
+        for (type_, status), n in counts.items():
+            metrics.CONNECTIONS.labels(type_, status).set(n)
 
     def _listener(self, service: str, addr: str) -> grpc.aio.Server:
         """A server bound to `addr` with the call interceptor and a health service (NOT_SERVING yet)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import httpx
 
 from broker._proto import broker_pb2 as pb
@@ -23,6 +25,7 @@ async def test_metrics_after_a_session(make_broker) -> None:  # type: ignore[no-
     draft = pb.ConnectionDraft(type="http", config=struct({"base_url": "http://169.254.169.254/"}))
     await admin.TestConnection(pb.TestConnectionRequest(draft=draft))
 
+    await running.broker._refresh_gauges()  # the store probe does this every few seconds
     port = running.broker.metrics_port
     assert port
     async with httpx.AsyncClient() as client:
@@ -37,8 +40,16 @@ async def test_metrics_after_a_session(make_broker) -> None:  # type: ignore[no-
         "broker_connection_tests_total",
         "broker_audit_write_duration_seconds_bucket",
         "broker_audit_batch_size_bucket",
+        "broker_connections",
+        "broker_rate_limited",
+        "broker_oauth_refreshes",
+        "broker_security_events",
+        "broker_kek_wraps",
+        "broker_deks_by_kek",
     ):
-        assert family in text, family
+        base = family.removesuffix("_total").removesuffix("_bucket")
+        assert re.search(rf"^# TYPE {base}(_total)? ", text, re.MULTILINE), family
+    assert 'broker_connections{status="active",type="database"} 1.0' in text
     assert (
         'broker_rpcs_total{code="INVALID_ARGUMENT",method="CreateConnection",service="AdminService"}' in text
     )

@@ -40,12 +40,22 @@ class DrainGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.active = 0
         self.refusing = False
         self.last_arrival = float("-inf")
+        # The wrapped chain per broker method: the services are fixed, so the handlers every
+        # interceptor builds are built once per method, not once per call (measurable on Resolve).
+        self._handlers: dict[str, Any] = {}
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith("/broker."):
-            return handler
+        if not details.method.startswith("/broker."):
+            return await continuation(details)
         self.last_arrival = self._clock()
+        cached = self._handlers.get(details.method)
+        if cached is None:
+            cached = self._handlers[details.method] = self._wrap(await continuation(details))
+        return cached
+
+    def _wrap(self, handler: Any) -> Any:
+        if handler is None:
+            return None
         kwargs = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,

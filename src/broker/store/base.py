@@ -57,6 +57,9 @@ class Store(Protocol):
     async def close(self) -> None:
         """Finish pending work and release connections."""
 
+    async def count_connections(self) -> dict[tuple[str, str], int]:
+        """Connections (not purged) by (type, presented status), across tenants: for metrics."""
+
     async def ping(self) -> None:
         """Raise if the store cannot answer a trivial query."""
 

@@ -181,6 +181,11 @@ class PostgresStore:
         if pool is not None:
             await pool.close()
 
+    async def count_connections(self) -> dict[tuple[str, str], int]:
+        """Connections (not purged) by (type, status as admins see it), across tenants."""
+        rows = await self._fetch(codec.COUNT_BY_TYPE_AND_STATUS)
+        return {(row["type"], row["state"]): int(row["n"]) for row in rows}
+
     async def ping(self) -> None:
         """Raise if the database cannot answer `SELECT 1`."""
         await self._fetch("SELECT 1")

@@ -180,6 +180,11 @@ class SqliteStore:
                 if writer is not None:
                     await writer.close()
 
+    async def count_connections(self) -> dict[tuple[str, str], int]:
+        """Connections (not purged) by (type, status as admins see it), across tenants."""
+        rows = await self._read(codec.COUNT_BY_TYPE_AND_STATUS, ())
+        return {(row["type"], row["state"]): int(row["n"]) for row in rows}
+
     async def ping(self) -> None:
         """Raise if the reader cannot answer `SELECT 1`."""
         await self._read("SELECT 1", ())
