@@ -208,8 +208,13 @@ class PostgresStore:
             raise Unavailable("the database is unavailable; retry shortly") from exc
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        """A read: one statement in autocommit."""
+        """A read: one statement in autocommit, tried once more on another connection if the first
+        one was lost (a read is safe to repeat; the pool drops the dead connection)."""
         pool = self._require_pool()
+        try:
+            return list(await pool.fetch(sql, *args))
+        except _UNAVAILABLE:
+            pass
         try:
             return list(await pool.fetch(sql, *args))
         except _UNAVAILABLE as exc:
