@@ -207,10 +207,13 @@ class Broker:
             add_resolve(ResolveServicer(self.resolver), resolve)  # type: ignore[no-untyped-call]
             self.admin_port, self.resolve_port = self._ports
             await self._publish_health()  # NOT_SERVING: the servicer starts out SERVING for ""
+            self.metrics_port = self._start_metrics()
             for server in self._servers:
                 await server.start()
         except BaseException:
             await asyncio.gather(*(server.stop(None) for server in self._servers))
+            if self._metrics_server is not None:
+                self._metrics_server.server_close()
             await self.store.close()
             raise
         self.resolver.start()
@@ -218,7 +221,6 @@ class Broker:
         self.monitor.start()
         self.audit.start_pruning()
         self.keys.start()
-        self.metrics_port = self._start_metrics()
         await self._refresh_gauges()
         self._store_probe = asyncio.create_task(self._probe_store())
         self._ready = True

@@ -129,6 +129,7 @@ class Resolver:
             try:
                 record, secrets = await self._oauth.fresh(record, secrets)
             except FailedPrecondition:
+                metrics.RESOLVES.labels("denied", "reauthorization_required").inc()
                 event = call.audit_event(
                     now, RESOLVE, ref_id, Outcome.DENIED, "reauthorization_required", details
                 )
