@@ -84,8 +84,8 @@ naming the setting, raised at start-up.
     new_principal_peer = true       # alert on a principal's first Resolve of a connection from a new host
     oauth_refresh_failures = 3      # failed refreshes of one connection within the window alert
     oauth_refresh_window_seconds = 3600
-    alert_webhook = ""              # "tenant/connection_id" of a webhook connection that receives
-                                    #   every tenant's security events (signed like webhook tests)
+    alert_webhook = "ops/conn_..."  # unset by default; "tenant/connection_id" of a webhook connection
+                                    #   that receives every tenant's security events (signed)
 
 Environment lists are comma-separated. Relative paths in the file are relative to the file's folder.
 """
