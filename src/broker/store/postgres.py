@@ -125,6 +125,10 @@ _UNAVAILABLE = (
     asyncpg.exceptions.OperatorInterventionError,  # shutdown, query cancelled or timed out
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
     asyncpg.exceptions.TransactionRollbackError,  # deadlock or serialization failure
+    # What a pooled connection whose server backend was just terminated can raise on its next
+    # use (seen: "cannot switch to state 11; another operation is in progress").
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.InterfaceError,
 )
 
 
