@@ -27,13 +27,6 @@ from broker.model import (
     TestStatus,
 )
 
-# What admins see as a connection's status, in SQL (the same order as `presented_status`).
-COUNT_BY_TYPE_AND_STATUS = (
-    "SELECT type, CASE WHEN deleted_at IS NOT NULL THEN 'deleted' WHEN status = 'revoked' THEN 'revoked'"
-    " WHEN suspended_at IS NOT NULL THEN 'suspended' WHEN reauth_required_at IS NOT NULL THEN 'expired'"
-    " ELSE 'active' END AS state, COUNT(*) AS n FROM connections WHERE purged_at IS NULL GROUP BY 1, 2"
-)
-
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 

@@ -58,9 +58,9 @@ from broker.model import (
 )
 from broker.store import _chain as chain
 from broker.store import _codec as codec
+from broker.store import _sql
 from broker.store._pg_migrate import AUDIT_LOCK, apply_postgres, load_postgres_migrations
 from broker.store.base import WrappedDek
-from broker.store.sqlite import _STATUS_WHERE
 
 if TYPE_CHECKING:
     from broker.store.base import Store
@@ -187,7 +187,7 @@ class PostgresStore:
 
     async def count_connections(self) -> dict[tuple[str, str], int]:
         """Connections (not purged) by (type, status as admins see it), across tenants."""
-        rows = await self._fetch(codec.COUNT_BY_TYPE_AND_STATUS)
+        rows = await self._fetch(_sql.COUNT_BY_TYPE_AND_STATUS)
         return {(row["type"], row["state"]): int(row["n"]) for row in rows}
 
     async def ping(self) -> None:
@@ -310,8 +310,8 @@ class PostgresStore:
     ) -> list[ConnectionRecord]:
         """Up to `limit` connections by id (byte order), every filter applied in SQL."""
         _check_limit(limit)
-        arg = _Args()
-        where = [f"tenant = {arg(tenant)}", _STATUS_WHERE[filter.status]]
+        arg = _sql.Params(numbered=True)
+        where = [f"tenant = {arg(tenant)}", _sql.STATUS_WHERE[filter.status]]
         if filter.type:
             where.append(f"type = {arg(filter.type)}")
         if filter.provider:
@@ -504,16 +504,13 @@ class PostgresStore:
     ) -> list[SecurityEvent]:
         """Up to `limit` of the tenant's events, newest first, with id < before_id when given."""
         _check_limit(limit)
-        arg = _Args()
-        where = [f"tenant = {arg(tenant)}"]
-        for column, value in (
+        arg = _sql.Params(numbered=True)
+        equals = [
             ("rule", filter.rule),
             ("connection_id", filter.connection_id),
             ("principal", filter.principal),
-        ):
-            if value:
-                where.append(f"{column} = {arg(value)}")
-        _time_range(where, arg, filter.start_time, filter.end_time)
+        ]
+        where = _sql.event_where(arg, tenant, equals, filter.start_time, filter.end_time)
         if before_id is not None:
             where.append(f"id < {arg(before_id)}")
         sql = f"{_SECURITY_EVENT_SELECT} WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT {arg(limit)}"
@@ -590,7 +587,7 @@ class PostgresStore:
     ) -> list[Grant]:
         """Up to `limit` grants ordered by (connection_id, principal), after that pair when given."""
         _check_limit(limit)
-        arg = _Args()
+        arg = _sql.Params(numbered=True)
         where = [f"tenant = {arg(tenant)}"]
         if filter.connection_id:
             where.append(f"connection_id = {arg(filter.connection_id)}")
@@ -617,8 +614,8 @@ class PostgresStore:
     ) -> list[AuditEvent]:
         """Up to `limit` events, newest first, with id < before_id when given."""
         _check_limit(limit)
-        arg = _Args()
-        where = _audit_where(arg, tenant, filter)
+        arg = _sql.Params(numbered=True)
+        where = _sql.event_where(arg, tenant, _sql.audit_equals(filter), filter.start_time, filter.end_time)
         if before_id is not None:
             where.append(f"id < {arg(before_id)}")
         sql = f"{_AUDIT_SELECT} WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT {arg(limit)}"
@@ -630,8 +627,8 @@ class PostgresStore:
     ) -> list[AuditEvent]:
         """Up to `limit` events, oldest first, with id > after_id when given."""
         _check_limit(limit)
-        arg = _Args()
-        where = _audit_where(arg, tenant, filter)
+        arg = _sql.Params(numbered=True)
+        where = _sql.event_where(arg, tenant, _sql.audit_equals(filter), filter.start_time, filter.end_time)
         if after_id is not None:
             where.append(f"id > {arg(after_id)}")
         sql = f"{_AUDIT_SELECT} WHERE {' AND '.join(where)} ORDER BY id LIMIT {arg(limit)}"
@@ -849,39 +846,6 @@ class PostgresStore:
                 "DELETE FROM secret_versions WHERE superseded_at < $1", codec.to_micros(before)
             )
         return _row_count(done)
-
-
-class _Args:
-    """Collects the parameters of a statement being assembled; calling it returns `$n`."""
-
-    def __init__(self) -> None:
-        self.values: list[Any] = []
-
-    def __call__(self, value: Any) -> str:
-        self.values.append(value)
-        return f"${len(self.values)}"
-
-
-def _audit_where(arg: _Args, tenant: str, filter: AuditFilter) -> list[str]:
-    """The WHERE terms of an audit listing, tenant first."""
-    where = [f"tenant = {arg(tenant)}"]
-    for column, value in (
-        ("connection_id", filter.connection_id),
-        ("actor", filter.actor),
-        ("action", filter.action),
-    ):
-        if value:
-            where.append(f"{column} = {arg(value)}")
-    _time_range(where, arg, filter.start_time, filter.end_time)
-    return where
-
-
-def _time_range(where: list[str], arg: _Args, start: datetime | None, end: datetime | None) -> None:
-    """`time` from `start` (inclusive) to `end` (exclusive)."""
-    if start is not None:
-        where.append(f"time >= {arg(codec.to_micros(start))}")
-    if end is not None:
-        where.append(f"time < {arg(codec.to_micros(end))}")
 
 
 async def _chain_tail(conn: asyncpg.Connection) -> tuple[int, str]:

@@ -29,7 +29,6 @@ from broker.model import (
     AuditFilter,
     ConnectionFilter,
     ConnectionRecord,
-    ConnectionStatus,
     Grant,
     GrantFilter,
     McpTool,
@@ -42,6 +41,7 @@ from broker.model import (
 )
 from broker.store import _chain as chain
 from broker.store import _codec as codec
+from broker.store import _sql
 from broker.store._migrate import apply_sqlite, load_migrations
 from broker.store.base import WrappedDek
 
@@ -98,19 +98,6 @@ _SECURITY_EVENT_INSERT = (
 )
 _OAUTH_STATE_SELECT = "SELECT * FROM oauth_states WHERE state_hash = ? AND tenant = ? AND actor = ?"
 _OAUTH_STATE_DELETE = "DELETE FROM oauth_states WHERE state_hash = ? AND tenant = ? AND actor = ?"
-
-_STATUS_WHERE: dict[ConnectionStatus | None, str] = {
-    None: "deleted_at IS NULL",
-    ConnectionStatus.ACTIVE: (
-        "status = 'active' AND deleted_at IS NULL AND reauth_required_at IS NULL AND suspended_at IS NULL"
-    ),
-    ConnectionStatus.REVOKED: "status = 'revoked' AND deleted_at IS NULL",
-    ConnectionStatus.DELETED: "deleted_at IS NOT NULL AND purged_at IS NULL",
-    ConnectionStatus.EXPIRED: (
-        "status = 'active' AND deleted_at IS NULL AND reauth_required_at IS NOT NULL AND suspended_at IS NULL"
-    ),
-    ConnectionStatus.SUSPENDED: "status = 'active' AND deleted_at IS NULL AND suspended_at IS NOT NULL",
-}
 
 
 class SqliteStore:
@@ -182,7 +169,7 @@ class SqliteStore:
 
     async def count_connections(self) -> dict[tuple[str, str], int]:
         """Connections (not purged) by (type, status as admins see it), across tenants."""
-        rows = await self._read(codec.COUNT_BY_TYPE_AND_STATUS, ())
+        rows = await self._read(_sql.COUNT_BY_TYPE_AND_STATUS, ())
         return {(row["type"], row["state"]): int(row["n"]) for row in rows}
 
     async def ping(self) -> None:
@@ -304,7 +291,7 @@ class SqliteStore:
     ) -> list[ConnectionRecord]:
         """Up to `limit` connections by id, every filter applied in SQL."""
         _check_limit(limit)
-        where = ["tenant = ?", _STATUS_WHERE[filter.status]]
+        where = ["tenant = ?", _sql.STATUS_WHERE[filter.status]]
         params: list[Any] = [tenant]
         if filter.type:
             where.append("type = ?")
@@ -512,27 +499,16 @@ class SqliteStore:
     ) -> list[SecurityEvent]:
         """Up to `limit` of the tenant's events, newest first, with id < before_id when given."""
         _check_limit(limit)
-        where = ["tenant = ?"]
-        params: list[Any] = [tenant]
-        for column, value in (
-            ("rule", filter.rule),
-            ("connection_id", filter.connection_id),
-            ("principal", filter.principal),
-        ):
-            if value:
-                where.append(f"{column} = ?")
-                params.append(value)
-        if filter.start_time is not None:
-            where.append("time >= ?")
-            params.append(codec.to_micros(filter.start_time))
-        if filter.end_time is not None:
-            where.append("time < ?")
-            params.append(codec.to_micros(filter.end_time))
+        arg = _sql.Params(numbered=False)
+        where = _sql.event_where(
+            arg, tenant, _sql.security_equals(filter), filter.start_time, filter.end_time
+        )
         if before_id is not None:
-            where.append("id < ?")
-            params.append(before_id)
-        sql = f"{_SECURITY_EVENT_SELECT} WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?"
-        rows = await self._read(sql, [*params, limit])
+            where.append(f"id < {arg(before_id)}")
+        statement = (
+            f"{_SECURITY_EVENT_SELECT} WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT {arg(limit)}"
+        )
+        rows = await self._read(statement, arg.values)
         return [codec.security_event_from_row(row) for row in rows]
 
     async def remember_seen(self, facts: Sequence[SeenFact], keep: int) -> None:
@@ -633,12 +609,12 @@ class SqliteStore:
     ) -> list[AuditEvent]:
         """Up to `limit` events, newest first, with id < before_id when given."""
         _check_limit(limit)
-        where, params = _audit_where(tenant, filter)
+        arg = _sql.Params(numbered=False)
+        where = _sql.event_where(arg, tenant, _sql.audit_equals(filter), filter.start_time, filter.end_time)
         if before_id is not None:
-            where.append("id < ?")
-            params.append(before_id)
-        sql = f"{_AUDIT_SELECT} WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?"
-        rows = await self._read(sql, [*params, limit])
+            where.append(f"id < {arg(before_id)}")
+        statement = f"{_AUDIT_SELECT} WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT {arg(limit)}"
+        rows = await self._read(statement, arg.values)
         return [codec.audit_from_row(row) for row in rows]
 
     async def export_audit(
@@ -646,12 +622,12 @@ class SqliteStore:
     ) -> list[AuditEvent]:
         """Up to `limit` events, oldest first, with id > after_id when given."""
         _check_limit(limit)
-        where, params = _audit_where(tenant, filter)
+        arg = _sql.Params(numbered=False)
+        where = _sql.event_where(arg, tenant, _sql.audit_equals(filter), filter.start_time, filter.end_time)
         if after_id is not None:
-            where.append("id > ?")
-            params.append(after_id)
-        sql = f"{_AUDIT_SELECT} WHERE {' AND '.join(where)} ORDER BY id LIMIT ?"
-        rows = await self._read(sql, [*params, limit])
+            where.append(f"id > {arg(after_id)}")
+        statement = f"{_AUDIT_SELECT} WHERE {' AND '.join(where)} ORDER BY id LIMIT {arg(limit)}"
+        rows = await self._read(statement, arg.values)
         return [codec.audit_from_row(row) for row in rows]
 
     async def verify_audit_chain(self) -> AuditChainReport:
@@ -834,27 +810,6 @@ class SqliteStore:
 
 
 _CHECKPOINT_SELECT = "SELECT last_id, last_hash FROM audit_checkpoints ORDER BY last_id DESC LIMIT 1"
-
-
-def _audit_where(tenant: str, filter: AuditFilter) -> tuple[list[str], list[Any]]:
-    """The WHERE terms (and their parameters) of an audit listing, tenant first."""
-    where = ["tenant = ?"]
-    params: list[Any] = [tenant]
-    for column, value in (
-        ("connection_id", filter.connection_id),
-        ("actor", filter.actor),
-        ("action", filter.action),
-    ):
-        if value:
-            where.append(f"{column} = ?")
-            params.append(value)
-    if filter.start_time is not None:
-        where.append("time >= ?")
-        params.append(codec.to_micros(filter.start_time))
-    if filter.end_time is not None:
-        where.append("time < ?")
-        params.append(codec.to_micros(filter.end_time))
-    return where, params
 
 
 async def _chain_tail(conn: aiosqlite.Connection) -> tuple[int, str]:
