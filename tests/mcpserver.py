@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import mcp_types as types
-import uvicorn
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import Server
 from mcp.server.sse import SseServerTransport
@@ -29,6 +26,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tests.asgithread import ThreadedUvicorn
 
 SERVER_NAME = "broker-test-mcp"
 SERVER_VERSION = "1.2.3"
@@ -125,9 +124,7 @@ class McpTestServer:
             SERVER_NAME, version=SERVER_VERSION, on_list_tools=self._list_tools
         )
         self._app = _Gate(self._build_app(json_response), self)
-        self._uvicorn: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._socket: socket.socket | None = None
+        self._http: ThreadedUvicorn | None = None
         self.port = 0
 
     @property
@@ -193,42 +190,14 @@ class McpTestServer:
 
     def start(self) -> None:
         """Serve on a free loopback port in a background thread; return once it accepts connections."""
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind(("127.0.0.1", 0))
-        self.port = self._socket.getsockname()[1]
-        certfile, keyfile = self.tls or (None, None)
-        config = uvicorn.Config(
-            self._app,
-            log_level="warning",
-            lifespan="on",
-            ws="none",
-            http="h11",
-            timeout_graceful_shutdown=2,
-            ssl_certfile=certfile,
-            ssl_keyfile=keyfile,
-        )
-        self._uvicorn = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._uvicorn.run, kwargs={"sockets": [self._socket]}, name="mcp-test-server", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._uvicorn.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the MCP test server did not start")
-            time.sleep(0.01)
+        self._http = ThreadedUvicorn(self._app, "MCP test server", lifespan="on", tls=self.tls)
+        self._http.start()
+        self.port = self._http.port
 
     def stop(self) -> None:
-        """Ask uvicorn to exit, wait for its thread, and close the listening socket."""
-        if self._uvicorn is not None:
-            self._uvicorn.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            if self._thread.is_alive():
-                raise RuntimeError("the MCP test server did not stop")
-        if self._socket is not None:
-            self._socket.close()
+        """Stop serving and close the listening socket."""
+        if self._http is not None:
+            self._http.stop()
 
 
 @contextlib.contextmanager

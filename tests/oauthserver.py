@@ -32,7 +32,6 @@ import hashlib
 import hmac
 import json
 import secrets
-import socket
 import threading
 import time
 from collections import Counter
@@ -41,11 +40,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
+
+from tests.asgithread import ThreadedUvicorn
 
 CODE_LIFETIME = 600
 USER = {"sub": "user-1", "email": "user@example.com"}
@@ -122,9 +122,7 @@ class OAuthTestServer:
                 Route("/revoke", self._revoke, methods=["POST"]),
             ]
         )
-        self._uvicorn: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._socket: socket.socket | None = None
+        self._http: ThreadedUvicorn | None = None
         self.port = 0
 
     # ------------------------------------------------------------------ addresses
@@ -328,42 +326,14 @@ class OAuthTestServer:
 
     def start(self) -> None:
         """Serve on a free loopback port in a background thread; return once it accepts connections."""
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind(("127.0.0.1", 0))
-        self.port = self._socket.getsockname()[1]
-        config = uvicorn.Config(
-            self._app,
-            log_level="warning",
-            lifespan="off",
-            ws="none",
-            http="h11",
-            timeout_graceful_shutdown=2,
-        )
-        self._uvicorn = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._uvicorn.run,
-            kwargs={"sockets": [self._socket]},
-            name="oauth-test-server",
-            daemon=True,
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._uvicorn.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the OAuth2 test server did not start")
-            time.sleep(0.01)
+        self._http = ThreadedUvicorn(self._app, "OAuth2 test server", lifespan="off", tls=None)
+        self._http.start()
+        self.port = self._http.port
 
     def stop(self) -> None:
-        """Ask uvicorn to exit, wait for its thread, and close the listening socket."""
-        if self._uvicorn is not None:
-            self._uvicorn.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            if self._thread.is_alive():
-                raise RuntimeError("the OAuth2 test server did not stop")
-        if self._socket is not None:
-            self._socket.close()
+        """Stop serving and close the listening socket."""
+        if self._http is not None:
+            self._http.stop()
 
 
 @contextlib.contextmanager
