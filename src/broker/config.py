@@ -288,9 +288,12 @@ def _address(src: _Source, key: str, default: str) -> str:
     return addr
 
 
-def _list(src: _Source, key: str, parse: Callable[[str], object]) -> tuple[str, ...]:
-    """`egress.<key>`: a TOML list of strings or a comma-separated variable, each item checked by `parse`."""
-    value, name = src.raw("egress", key)
+def _list(
+    src: _Source, section: str, key: str, parse: Callable[[str], object], what: str = "strings"
+) -> tuple[str, ...]:
+    """`<section>.<key>`: a TOML list of strings or a comma-separated variable; `parse` checks each item
+    (a ValueError names the problem)."""
+    value, name = src.raw(section, key)
     if value is None:
         return ()
     if isinstance(value, str) and name.startswith("BROKER_"):
@@ -298,7 +301,7 @@ def _list(src: _Source, key: str, parse: Callable[[str], object]) -> tuple[str, 
     elif isinstance(value, list) and all(isinstance(item, str) for item in value):
         items = [item.strip() for item in value]
     else:
-        raise ConfigError(f"{name} must be a list of strings")
+        raise ConfigError(f"{name} must be a list of {what}")
     for item in items:
         try:
             parse(item)
@@ -329,9 +332,9 @@ def _egress(src: _Source) -> EgressSettings:
     return EgressSettings(
         allow_loopback=src.flag("egress", "allow_loopback", False),
         allow_private=src.flag("egress", "allow_private", True),
-        allow_cidrs=_list(src, "allow_cidrs", parse_cidr),
-        deny_cidrs=_list(src, "deny_cidrs", parse_cidr),
-        allow_hosts=_list(src, "allow_hosts", parse_allowed_host),
+        allow_cidrs=_list(src, "egress", "allow_cidrs", parse_cidr),
+        deny_cidrs=_list(src, "egress", "deny_cidrs", parse_cidr),
+        allow_hosts=_list(src, "egress", "allow_hosts", parse_allowed_host),
         connect_timeout=connect,
         total_timeout=total,
         max_response_bytes=_count(src, "max_response_bytes", 1024 * 1024, 1, 1 << 30),
@@ -392,21 +395,14 @@ def _master_key_dir(src: _Source) -> Path | None:
     return src.path("master_key", "dir")
 
 
+def _admin_spiffe_id(item: str) -> None:
+    if not item.startswith("spiffe://") or "/admin/" not in item:
+        raise ValueError(f"{item[:100]!r} is not an admin SPIFFE id (spiffe://.../admin/...)")
+
+
 def _operators(src: _Source) -> tuple[str, ...]:
     """`master_key.operators`: SPIFFE ids, a TOML list or a comma-separated variable."""
-    value, name = src.raw("master_key", "operators")
-    if value is None:
-        return ()
-    if isinstance(value, str) and name.startswith("BROKER_"):
-        items = [item.strip() for item in value.split(",") if item.strip()]
-    elif isinstance(value, list) and all(isinstance(item, str) for item in value):
-        items = [item.strip() for item in value]
-    else:
-        raise ConfigError(f"{name} must be a list of SPIFFE ids")
-    for item in items:
-        if not item.startswith("spiffe://") or "/admin/" not in item:
-            raise ConfigError(f"{name}: {item[:100]!r} is not an admin SPIFFE id (spiffe://.../admin/...)")
-    return tuple(items)
+    return _list(src, "master_key", "operators", _admin_spiffe_id, what="SPIFFE ids")
 
 
 def _storage(src: _Source) -> tuple[str | None, int, int]:

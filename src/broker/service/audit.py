@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import structlog
@@ -120,16 +120,12 @@ class AuditLog:
         self, call: Call, filter: AuditFilter, page_size: int, page_token: str
     ) -> tuple[list[AuditEvent], str]:
         """One page of the caller's tenant's events, newest first."""
-        if filter.start_time and filter.end_time and filter.start_time >= filter.end_time:
-            raise InvalidArgument.field("end_time", "must be after start_time")
-        limit = paging.page_size(page_size)
-        before = paging.decode_token("audit", page_token)
-        if before is not None and not isinstance(before, int):
-            raise InvalidArgument.field("page_token", "is not a token returned by this listing")
-        events = await self._store.list_audit(call.tenant, filter, limit + 1, before)
-        if len(events) > limit:
-            return events[:limit], paging.encode_token("audit", events[limit - 1].id)
-        return events, ""
+
+        def fetch(limit: int, before: int | None) -> Awaitable[list[AuditEvent]]:
+            return self._store.list_audit(call.tenant, filter, limit, before)
+
+        window = (filter.start_time, filter.end_time)
+        return await paging.newest_first("audit", window, page_size, page_token, fetch)
 
     async def verify(self, call: Call) -> AuditChainReport:
         """Walk the whole (global) chain; the report holds ids and a generic problem only."""

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import re
 from collections import deque
-from collections.abc import Callable, Coroutine, Hashable
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -518,13 +518,9 @@ class Monitor:
         self, call: Call, filter: SecurityEventFilter, page_size: int, page_token: str
     ) -> tuple[list[SecurityEvent], str]:
         """One page of the caller's tenant's security events, newest first."""
-        if filter.start_time and filter.end_time and filter.start_time >= filter.end_time:
-            raise InvalidArgument.field("end_time", "must be after start_time")
-        limit = paging.page_size(page_size)
-        before = paging.decode_token("security", page_token)
-        if before is not None and not isinstance(before, int):
-            raise InvalidArgument.field("page_token", "is not a token returned by this listing")
-        events = await self._store.list_security_events(call.tenant, filter, limit + 1, before)
-        if len(events) > limit:
-            return events[:limit], paging.encode_token("security", events[limit - 1].id)
-        return events, ""
+
+        def fetch(limit: int, before: int | None) -> Awaitable[list[SecurityEvent]]:
+            return self._store.list_security_events(call.tenant, filter, limit, before)
+
+        window = (filter.start_time, filter.end_time)
+        return await paging.newest_first("security", window, page_size, page_token, fetch)

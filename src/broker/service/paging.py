@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
 
 from broker.errors import InvalidArgument
 
@@ -40,3 +42,36 @@ def decode_token(kind: str, token: str) -> Any:
     if found_kind != kind:
         raise InvalidArgument.field("page_token", "is not a token returned by this listing")
     return position
+
+
+class _Numbered(Protocol):
+    @property
+    def id(self) -> int: ...
+
+
+Event = TypeVar("Event", bound=_Numbered)
+
+
+async def newest_first(
+    kind: str,
+    window: tuple[datetime | None, datetime | None],
+    page_size_requested: int,
+    page_token: str,
+    fetch: Callable[[int, int | None], Awaitable[Sequence[Event]]],
+) -> tuple[list[Event], str]:
+    """One page of an event listing ordered by descending id, for a (start, end) time window.
+
+    `fetch(limit, before_id)` reads from the store; one row more than the page tells
+    whether another page follows.
+    """
+    start, end = window
+    if start and end and start >= end:
+        raise InvalidArgument.field("end_time", "must be after start_time")
+    limit = page_size(page_size_requested)
+    before = decode_token(kind, page_token)
+    if before is not None and not isinstance(before, int):
+        raise InvalidArgument.field("page_token", "is not a token returned by this listing")
+    events = list(await fetch(limit + 1, before))
+    if len(events) > limit:
+        return events[:limit], encode_token(kind, events[limit - 1].id)
+    return events, ""
