@@ -282,8 +282,9 @@ def _connection_id(s: Session, ref: str) -> str:
     raise UsageError(f"no connection named {ref!r} (or pass its id)")
 
 
-def _draft(args: argparse.Namespace) -> broker_pb2.ConnectionDraft:
-    draft = broker_pb2.ConnectionDraft(name="draft", type=args.type, provider=args.provider)
+def _draft(args: argparse.Namespace, name: str = "draft", type_: str = "") -> broker_pb2.ConnectionDraft:
+    """A connection from --provider/--config/--secret (and --type unless `type_` is given), not stored."""
+    draft = broker_pb2.ConnectionDraft(name=name, type=type_ or args.type, provider=args.provider)
     draft.config.update(parse_config(args.config, args.config_json))
     draft.secrets.update(parse_secrets(args.secret, PROG))
     return draft
@@ -324,11 +325,7 @@ def _mcp(args: argparse.Namespace, s: Session) -> int:
 def _oauth(args: argparse.Namespace, s: Session) -> int:
     request = broker_pb2.BeginAuthorizationRequest(scopes=args.scope)
     if args.oauth_command == "connect":
-        request.draft.name = args.name
-        request.draft.type = "oauth2"
-        request.draft.provider = args.provider
-        request.draft.config.update(parse_config(args.config, args.config_json))
-        request.draft.secrets.update(parse_secrets(args.secret, PROG))
+        request.draft.CopyFrom(_draft(args, name=args.name, type_="oauth2"))
         request.labels.update(parse_labels(args.label))
     else:
         request.connection_id = _connection_id(s, args.ref)
