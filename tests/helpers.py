@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -51,3 +53,31 @@ def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
         assert detail.Unpack(bad)
         found.update({v.field: v.description for v in bad.field_violations})
     return found
+
+
+class Recorder:
+    """A `ChangeSink` that remembers what it was told, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+
+    def connection_changed(self, tenant: str, connection_id: str) -> None:
+        self.calls.append(("connection", tenant, connection_id))
+
+    def grant_changed(self, tenant: str, connection_id: str, principal: str) -> None:
+        self.calls.append(("grant", tenant, connection_id, principal))
+
+    def changes_unseen(self) -> None:
+        self.calls.append(("unseen",))
+
+    def changes_seen(self) -> None:
+        self.calls.append(("seen",))
+
+
+async def eventually(condition: Callable[[], bool], within: float, what: str) -> float:
+    """Seconds until `condition` held; fails after `within`."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < within, f"not within {within} s: {what}"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started

@@ -100,3 +100,9 @@ CONNECTIONS = Gauge(
     ["type", "status"],
     registry=REGISTRY,
 )
+CHANGE_LISTENER_CONNECTED = Gauge(
+    "broker_change_listener_connected",
+    "1 while this replica sees other replicas' changes (PostgreSQL LISTEN) and so uses its Resolve "
+    "cache; 0 while it cannot, when every Resolve reads the database. Always 1 on SQLite.",
+    registry=REGISTRY,
+)

@@ -80,16 +80,18 @@ def _oauth_settings(settings: Settings) -> OAuthSettings:
     )
 
 
-def _rate_limits(settings: Settings, audit: AuditLog, clock: Clock) -> RateLimits:
+def _rate_limits(settings: Settings, store: Store, audit: AuditLog, clock: Clock) -> RateLimits:
+    """Resolve buckets per replica; the per-minute ones shared through the store (see ratelimit.py)."""
     per_minute = (settings.admin_writes_per_minute, settings.tests_per_minute)
     return RateLimits(
         {
             "resolve": Limit(settings.resolve_per_second, settings.resolve_burst),
-            "admin_write": Limit(per_minute[0] / 60, per_minute[0]),
-            "test": Limit(per_minute[1] / 60, per_minute[1]),
+            "admin_write": Limit(per_minute[0] / 60, per_minute[0], shared=True),
+            "test": Limit(per_minute[1] / 60, per_minute[1], shared=True),
         },
         audit,
         clock,
+        store,
     )
 
 
@@ -157,10 +159,12 @@ class Broker:
         try:
             await verify_keyring(self.store, keyring)
             cache = ResolveCache()
+            # Other replicas' writes (PostgreSQL) invalidate this cache from here on.
+            await self.store.watch(cache)
             self.audit = AuditLog(
                 self.store, clock=self._clock, retention=timedelta(days=settings.audit_retention_days)
             )
-            self._limits = _rate_limits(settings, self.audit, self._clock)
+            self._limits = _rate_limits(settings, self.store, self.audit, self._clock)
             egress = EgressPolicy(settings.egress)
             self.monitor = _security_monitor(settings, self.store, keyring, egress, cache, self._clock)
             await self.monitor.open()

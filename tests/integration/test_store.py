@@ -998,7 +998,7 @@ async def test_postgres_lost_connections_are_unavailable_then_recover(pg_dsn: st
         try:
             killed = await admin.fetchval(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE datname = $1 AND application_name = 'broker'",
+                " WHERE datname = $1 AND application_name LIKE 'broker/%'",
                 pg_dsn.rpartition("/")[2],
             )
         finally:

@@ -1,15 +1,20 @@
 """In-memory caches for the Resolve path: connection records and grants.
 
-Writes invalidate after they commit. A reader that loaded a value from the store
-while a write was committing must not put that stale value back: every entry is
-offered with the generation seen *before* the read, and dropped if an
-invalidation happened since.
+Writes invalidate after they commit: this process's own writes directly, other
+replicas' through the store's change feed (`Store.watch`; this class is the
+`ChangeSink`). A reader that loaded a value from the store while a write was
+committing must not put that stale value back: every entry is offered with the
+generation seen *before* the read, and dropped if an invalidation happened since.
+
+While the feed is down (`changes_unseen`), the cache holds nothing and accepts
+nothing, so every Resolve reads the store: slower, never stale.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
+from broker import metrics
 from broker.model import ConnectionRecord, Grant
 
 _MISSING: Final = object()
@@ -21,6 +26,7 @@ class ResolveCache:
     def __init__(self, max_connections: int = 100_000) -> None:
         self._max = max_connections
         self.generation = 0
+        self._keeping = True  # False while other writers' changes could go unseen
         self._by_id: dict[tuple[str, str], ConnectionRecord] = {}
         self._id_by_name: dict[tuple[str, str], str] = {}
         # (tenant, connection_id) -> principal -> grant or None (known absent)
@@ -33,7 +39,7 @@ class ResolveCache:
         return self._id_by_name.get((tenant, name))
 
     def put_connection(self, record: ConnectionRecord, generation: int) -> None:
-        if generation != self.generation:
+        if generation != self.generation or not self._keeping:
             return
         if len(self._by_id) >= self._max:
             # Cheap bound: forget the oldest inserted entries rather than grow without limit.
@@ -50,7 +56,7 @@ class ResolveCache:
     def put_grant(
         self, tenant: str, connection_id: str, principal: str, grant: Grant | None, generation: int
     ) -> None:
-        if generation != self.generation:
+        if generation != self.generation or not self._keeping:
             return
         self._grants.setdefault((tenant, connection_id), {})[principal] = grant
 
@@ -69,6 +75,25 @@ class ResolveCache:
         self._by_id.clear()
         self._id_by_name.clear()
         self._grants.clear()
+
+    # ---------------------------------------------------------- ChangeSink
+
+    def connection_changed(self, tenant: str, connection_id: str) -> None:
+        self.invalidate_connection(tenant, connection_id)
+
+    def grant_changed(self, tenant: str, connection_id: str, principal: str) -> None:
+        self.invalidate_grant(tenant, connection_id, principal)
+
+    def changes_unseen(self) -> None:
+        self._keeping = False
+        self.clear()
+        metrics.CHANGE_LISTENER_CONNECTED.set(0)
+
+    def changes_seen(self) -> None:
+        # Clear first: whatever was cached before may have changed unseen.
+        self.clear()
+        self._keeping = True
+        metrics.CHANGE_LISTENER_CONNECTED.set(1)
 
     def _forget(self, tenant: str, connection_id: str) -> None:
         record = self._by_id.pop((tenant, connection_id), None)

@@ -4,9 +4,10 @@ Tokens live in the connection's sealed secrets (`access_token`, `refresh_token`,
 `client_secret`); `expires_at` and the granted `scopes` are plain config. The rules that
 keep a connection alive:
 
-- one refresh at a time per connection in this process (concurrent callers share it), and a
-  compare-and-swap on the row version so a writer that lost a race never overwrites a newer
-  token;
+- one refresh at a time per connection in this process (concurrent callers share it), one
+  process at a time across replicas (`Store.refresh_lock`; the waiters then re-read the row
+  and use the holder's token), and a compare-and-swap on the row version so a writer that
+  lost a race never overwrites a newer token;
 - a rotated refresh token is stored durably before any caller sees the new access token;
 - expiry is never unknown (`expires_in`, else the JWT `exp`, else a default lifetime);
 - `invalid_grant` marks the connection expired (re-authorize); transient failures are
@@ -288,11 +289,17 @@ class OAuthService:
         key = (tenant, connection_id)
         task = self._inflight.get(key)
         if task is None:
-            task = asyncio.create_task(self._refresh(tenant, connection_id))
+            task = asyncio.create_task(self._refresh_as_the_only_replica(tenant, connection_id))
             self._inflight[key] = task
             task.add_done_callback(lambda _: self._inflight.pop(key, None))
         # Shielded: a caller that gives up must not cancel the refresh others are waiting for.
         return await asyncio.shield(task)
+
+    async def _refresh_as_the_only_replica(self, tenant: str, connection_id: str) -> ConnectionRecord:
+        # Other replicas wait here; `_refresh` re-reads the row under the lock and finds
+        # the token the holder stored, so the token endpoint is called once, not per replica.
+        async with self._store.refresh_lock(tenant, connection_id):
+            return await self._refresh(tenant, connection_id)
 
     async def _refresh(self, tenant: str, connection_id: str) -> ConnectionRecord:
         record = await self._store.get_connection(tenant, connection_id)

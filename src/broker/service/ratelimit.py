@@ -1,10 +1,18 @@
 """Rate limits: a token bucket per principal and class of call.
 
 Classes: `resolve`, `admin_write` (every admin call that changes something),
-`test` (connection tests and MCP discovery). Reads are not limited. Buckets
-live in this process: with several replicas each enforces its own (issue 8).
-Taking a token has no await in it, so concurrent calls on the event loop can
-never overshoot a bucket.
+`test` (connection tests and MCP discovery). Reads are not limited.
+
+Where a bucket lives:
+* `resolve`: in this process. Taking a token has no await in it, so concurrent
+  calls on the event loop can never overshoot, and the hot path pays no round
+  trip. With several replicas each enforces the configured rate on its own, so
+  the total across R replicas is up to R times it. That is deliberate: an
+  executor keeps one long-lived HTTP/2 connection to one replica, so dividing
+  the rate by R would throttle every executor to 1/R of what it was given.
+* `admin_write` and `test` (`shared=True`): in the store (`Store.take_rate_token`),
+  one bucket per principal for all replicas together, so N per minute means N in
+  total. These calls write to the store anyway; the bucket adds one transaction.
 """
 
 from __future__ import annotations
@@ -16,11 +24,12 @@ from datetime import datetime
 
 import structlog
 
-from broker import metrics
+from broker import metrics, tokenbucket
 from broker.errors import ResourceExhausted
 from broker.model import Outcome
 from broker.service.audit import AuditLog
 from broker.service.context import Call
+from broker.store import Store
 
 log = structlog.get_logger("broker.ratelimit")
 
@@ -40,18 +49,16 @@ class RateLimiter:
         """Take one token: 0.0 when allowed, else the seconds until one is available."""
         now = self._clock()
         tokens, updated = self._buckets.get(key, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - updated) * self._rate)
-        if tokens >= 1.0:
-            self._buckets[key] = (tokens - 1.0, now)
-            return 0.0
+        tokens, wait = tokenbucket.take(tokens, updated, now, self._rate, self._burst)
         self._buckets[key] = (tokens, now)
-        return (1.0 - tokens) / self._rate
+        return wait
 
 
 @dataclass(frozen=True)
 class Limit:
     rate_per_second: float
     burst: int
+    shared: bool = False  # one bucket in the store for every replica, not one per process
 
 
 class RateLimits:
@@ -62,20 +69,28 @@ class RateLimits:
         limits: Mapping[str, Limit],
         audit: AuditLog,
         clock: Callable[[], datetime],
+        store: Store,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._limiters = {
-            name: RateLimiter(limit.rate_per_second, limit.burst, monotonic) for name, limit in limits.items()
+        self._shared = {name: limit for name, limit in limits.items() if limit.shared}
+        self._local = {
+            name: RateLimiter(limit.rate_per_second, limit.burst, monotonic)
+            for name, limit in limits.items()
+            if not limit.shared
         }
         self._audit = audit
         self._clock = clock
+        self._store = store
 
     async def enforce(self, call: Call, kind: str) -> None:
         """Take a token of class `kind` for the caller, or raise RESOURCE_EXHAUSTED with a retry hint."""
-        limiter = self._limiters.get(kind)
-        if limiter is None:
+        limiter = self._local.get(kind)
+        if limiter is not None:
+            wait = limiter.take(call.actor)
+        elif (shared := self._shared.get(kind)) is not None:
+            wait = await self._store.take_rate_token(kind, call.actor, shared.rate_per_second, shared.burst)
+        else:
             return
-        wait = limiter.take(call.actor)
         if wait <= 0:
             return
         metrics.RATE_LIMITED.labels(kind).inc()

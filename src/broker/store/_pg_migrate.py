@@ -20,6 +20,9 @@ from broker.store._migrate import Migration, load_migrations
 # Advisory lock keys (one 64-bit namespace per database); "broker" in ASCII, then a number.
 MIGRATION_LOCK = 0x62726F6B65720001
 AUDIT_LOCK = 0x62726F6B65720002
+# The two-key form (class, key) is a separate space from the one-key form above:
+# (REFRESH_LOCK_CLASS, a 32-bit hash of the connection) per OAuth2 token refresh.
+REFRESH_LOCK_CLASS = 0x62726F6B  # "brok"
 
 _BOOTSTRAP = """
 CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -13,6 +13,7 @@ the contract suite in `tests/integration/test_store.py`. Keep SQL portable.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol
@@ -50,9 +51,46 @@ class WrappedDek:
     sealed: Sealed
 
 
+class ChangeSink(Protocol):
+    """What learns of changes other writers (other replicas) commit: the Resolve cache."""
+
+    def connection_changed(self, tenant: str, connection_id: str) -> None:
+        """The connection row changed (its grants may have too)."""
+
+    def grant_changed(self, tenant: str, connection_id: str, principal: str) -> None:
+        """One grant changed."""
+
+    def changes_unseen(self) -> None:
+        """Other writers' changes may go unseen from now on: forget everything, keep nothing."""
+
+    def changes_seen(self) -> None:
+        """Changes are seen again (or too many to name): forget everything, then keep again."""
+
+
 class Store(Protocol):
     async def open(self) -> None:
         """Connect and apply pending migrations."""
+
+    async def watch(self, sink: ChangeSink) -> None:
+        """Tell `sink` of changes other processes commit from now on, until `close()`.
+
+        SQLite has no other writer process: nothing to watch. PostgreSQL LISTENs
+        (`broker.store._pg_changes`) and calls `changes_unseen` whenever it cannot.
+        """
+
+    def refresh_lock(self, tenant: str, connection_id: str) -> AbstractAsyncContextManager[None]:
+        """Held around an OAuth2 token refresh, so one process at a time refreshes a connection.
+
+        Within a process the caller already runs one refresh per connection; this
+        extends that across replicas (a PostgreSQL advisory lock). No-op on SQLite.
+        """
+
+    async def take_rate_token(self, kind: str, principal: str, rate_per_second: float, burst: int) -> float:
+        """Take one token from the shared bucket (kind, principal): 0.0, or seconds until one refills.
+
+        Buckets hold up to `burst` tokens and refill at `rate_per_second`, on the
+        store's clock, so every replica draws from the same bucket.
+        """
 
     async def close(self) -> None:
         """Finish pending work and release connections."""

@@ -3,7 +3,7 @@
 A pool of connections (`pool_min`..`pool_max`). Reads are single statements in
 autocommit (READ COMMITTED). Every change runs in one READ COMMITTED transaction,
 rolled back on any exception, so a change and its audit event land together or
-not at all. Concurrency between replicas rests on three things:
+not at all. Concurrency between replicas rests on these:
 
 * `replace_connection` is a compare-and-swap, `UPDATE ... WHERE version = $n`: a
   concurrent writer of the same row waits for the row lock, re-checks the WHERE
@@ -17,6 +17,15 @@ not at all. Concurrency between replicas rests on three things:
   WAL flush). Because nothing takes a row lock after the advisory lock, a
   transaction holding it never waits for one: no deadlock.
 * `take_oauth_state` is a single `DELETE ... RETURNING`: one caller gets the row.
+* Writes that change what Resolve serves (a connection row, a grant, re-wrapped keys)
+  NOTIFY in their transaction; every replica LISTENs and invalidates its cache
+  (`_pg_changes`, which also says what happens while a listener is down).
+* An OAuth2 refresh holds a per-connection advisory lock (`refresh_lock`) on a
+  session of a separate small pool, so one replica calls the token endpoint.
+* Shared rate-limit buckets are rows taken under their row lock, on the server's clock.
+
+Every session carries `application_name` = `broker/<pid>/<host>`, so pg_stat_activity
+tells replicas apart.
 
 Purging overwrites the sealed columns with NULL in the UPDATE, as on SQLite. Unlike
 SQLite's `secure_delete`, PostgreSQL keeps the old row version in the table until
@@ -31,6 +40,9 @@ destroying it) leaves the lingering bytes useless. See the README.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+import socket
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -38,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from broker import tokenbucket
 from broker.crypto import Sealed
 from broker.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from broker.model import (
@@ -58,9 +71,10 @@ from broker.model import (
 )
 from broker.store import _chain as chain
 from broker.store import _codec as codec
+from broker.store import _pg_changes as changes
 from broker.store import _sql
-from broker.store._pg_migrate import AUDIT_LOCK, apply_postgres, load_postgres_migrations
-from broker.store.base import WrappedDek
+from broker.store._pg_migrate import AUDIT_LOCK, REFRESH_LOCK_CLASS, apply_postgres, load_postgres_migrations
+from broker.store.base import ChangeSink, WrappedDek
 
 if TYPE_CHECKING:
     from broker.store.base import Store
@@ -132,6 +146,21 @@ _UNAVAILABLE = (
 )
 
 
+def application_name() -> str:
+    """How this process's sessions appear in pg_stat_activity: `broker/<pid>/<host>`.
+
+    One value per replica, so an operator (or a test) can tell replicas' sessions apart.
+    PostgreSQL keeps at most 63 bytes of it; the pid comes first so it always survives.
+    """
+    return f"broker/{os.getpid()}/{socket.gethostname()}".encode()[:63].decode(errors="ignore")
+
+
+def _refresh_lock_key(tenant: str, connection_id: str) -> int:
+    """A 32-bit key per connection; a collision only makes two refreshes take turns."""
+    digest = hashlib.blake2b(f"{tenant}\0{connection_id}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
 class PostgresStore:
     """`Store` on a PostgreSQL database; see the module docstring for the concurrency model."""
 
@@ -142,6 +171,7 @@ class PostgresStore:
         pool_min: int = 1,
         pool_max: int = 10,
         command_timeout: float = 30.0,
+        heartbeat_seconds: float = 1.0,
     ) -> None:
         if not 0 <= pool_min <= pool_max or pool_max < 1:
             raise ValueError("need 0 <= pool_min <= pool_max and pool_max >= 1")
@@ -149,7 +179,12 @@ class PostgresStore:
         self._pool_min = pool_min
         self._pool_max = pool_max
         self._command_timeout = command_timeout
+        self._heartbeat = heartbeat_seconds
+        self._server_settings = {"application_name": application_name()}
         self._pool: asyncpg.Pool | None = None
+        # Sessions that only hold OAuth refresh locks (see `refresh_lock`); opened on demand.
+        self._lock_pool: asyncpg.Pool | None = None
+        self._listener: changes.Listener | None = None
 
     def __repr__(self) -> str:
         # The DSN may carry a password: never part of a repr or a log line.
@@ -167,23 +202,103 @@ class PostgresStore:
                 min_size=self._pool_min,
                 max_size=self._pool_max,
                 command_timeout=self._command_timeout,
-                server_settings={"application_name": "broker"},
+                server_settings=self._server_settings,
             )
         except _UNAVAILABLE as exc:
             raise Unavailable("cannot connect to the PostgreSQL database (storage.url)") from exc
         try:
             async with pool.acquire() as conn:
                 await apply_postgres(conn, load_postgres_migrations())
+            # min_size 0: no session is opened until a refresh needs a lock.
+            self._lock_pool = await asyncpg.create_pool(
+                self._dsn, min_size=0, max_size=self._pool_max, server_settings=self._server_settings
+            )
         except BaseException:
             await pool.close()
             raise
         self._pool = pool
 
+    async def watch(self, sink: ChangeSink) -> None:
+        """LISTEN for other replicas' changes on a session of its own (`_pg_changes`)."""
+        if self._listener is not None:
+            raise RuntimeError("the store is already watched")
+
+        def connect() -> Any:
+            return asyncpg.connect(self._dsn, server_settings=self._server_settings)
+
+        self._listener = changes.Listener(connect, sink, heartbeat_seconds=self._heartbeat)
+        await self._listener.start(first_attempt_timeout=5.0)
+
+    @property
+    def listener(self) -> changes.Listener | None:
+        """The change listener once `watch()` was called (its state: `listening`, `server_pid`)."""
+        return self._listener
+
     async def close(self) -> None:
-        """Wait for the connections in use to be released, then close the pool."""
+        """Stop listening; wait for the connections in use to be released, then close the pools."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.close()
+        lock_pool, self._lock_pool = self._lock_pool, None
+        if lock_pool is not None:
+            await lock_pool.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+
+    @contextlib.asynccontextmanager
+    async def refresh_lock(self, tenant: str, connection_id: str) -> AsyncIterator[None]:
+        """A transaction-level advisory lock on a session of the lock pool, held while the body runs.
+
+        The lock pool is separate from the query pool on purpose: a holder does its
+        work (reads, the compare-and-swap write) on the query pool, so holders can never
+        use up the sessions they need to finish. Rolling back releases the lock; so does
+        the server if this process dies (its session ends).
+        """
+        if self._lock_pool is None:
+            raise RuntimeError("the store is not open")
+        async with self._lock_pool.acquire() as conn:
+            transaction = conn.transaction()
+            try:
+                await transaction.start()
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1, $2)",
+                    REFRESH_LOCK_CLASS,
+                    _refresh_lock_key(tenant, connection_id),
+                )
+            except _UNAVAILABLE as exc:
+                raise Unavailable("the database is unavailable; retry shortly") from exc
+            try:
+                yield
+            finally:
+                # A lost session released the lock already; nothing to roll back then.
+                with contextlib.suppress(*_UNAVAILABLE):
+                    await transaction.rollback()
+
+    async def take_rate_token(self, kind: str, principal: str, rate_per_second: float, burst: int) -> float:
+        """Take from the shared bucket under its row lock, on the database server's clock."""
+        async with self._transaction() as conn:
+            # Insert a full bucket, or lock the existing row (the no-op update) and read it;
+            # `now` is read after the lock was granted.
+            row = await conn.fetchrow(
+                "INSERT INTO rate_buckets (kind, principal, tokens, updated_at)"
+                " VALUES ($1, $2, $3, extract(epoch FROM clock_timestamp()))"
+                " ON CONFLICT (kind, principal) DO UPDATE SET kind = excluded.kind"
+                " RETURNING tokens, updated_at, extract(epoch FROM clock_timestamp())::float8 AS now",
+                kind,
+                principal,
+                float(burst),
+            )
+            now = row["now"]
+            tokens, wait = tokenbucket.take(row["tokens"], row["updated_at"], now, rate_per_second, burst)
+            await conn.execute(
+                "UPDATE rate_buckets SET tokens = $3, updated_at = $4 WHERE kind = $1 AND principal = $2",
+                kind,
+                principal,
+                tokens,
+                now,
+            )
+        return wait
 
     async def count_connections(self) -> dict[tuple[str, str], int]:
         """Connections (not purged) by (type, status as admins see it), across tenants."""
@@ -374,6 +489,7 @@ class PostgresStore:
                         record.tenant,
                         record.id,
                     )
+                await changes.notify(conn, changes.connection_changed(record.tenant, record.id))
                 await self._insert_audit(conn, [event])
         except asyncpg.UniqueViolationError as exc:
             conflict = _connection_conflict(exc, record)
@@ -554,6 +670,9 @@ class PostgresStore:
         try:
             async with self._transaction() as conn:
                 await conn.execute(_GRANT_UPSERT, *codec.grant_params(grant))
+                await changes.notify(
+                    conn, changes.grant_changed(grant.tenant, grant.connection_id, grant.principal)
+                )
                 await self._insert_audit(conn, [event])
         except asyncpg.ForeignKeyViolationError as exc:
             raise NotFound(f"connection {grant.connection_id} not found") from exc
@@ -569,6 +688,7 @@ class PostgresStore:
             )
             if _row_count(done) == 0:
                 return False
+            await changes.notify(conn, changes.grant_changed(tenant, connection_id, principal))
             await self._insert_audit(conn, [event])
         return True
 
@@ -805,6 +925,9 @@ class PostgresStore:
                         new.ciphertext,
                     )
                 updated += _row_count(done)
+            if updated:
+                # Cached records hold the old wrapped keys; one message rather than one per row.
+                await changes.notify(conn, changes.everything_changed())
             await self._add_wraps(conn, wraps)
         return updated
 

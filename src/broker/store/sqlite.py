@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
+from broker import tokenbucket
 from broker.crypto import Sealed
 from broker.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from broker.model import (
@@ -43,7 +46,7 @@ from broker.store import _chain as chain
 from broker.store import _codec as codec
 from broker.store import _sql
 from broker.store._migrate import apply_sqlite, load_migrations
-from broker.store.base import WrappedDek
+from broker.store.base import ChangeSink, WrappedDek
 
 if TYPE_CHECKING:
     from broker.store.base import Store
@@ -166,6 +169,33 @@ class SqliteStore:
             finally:
                 if writer is not None:
                     await writer.close()
+
+    async def watch(self, sink: ChangeSink) -> None:
+        """Nothing to watch: this process is the file's only writer, and tells its cache itself."""
+        sink.changes_seen()
+
+    def refresh_lock(self, tenant: str, connection_id: str) -> AbstractAsyncContextManager[None]:
+        """No lock needed: one process, which already runs one refresh per connection at a time."""
+        return contextlib.nullcontext()
+
+    async def take_rate_token(self, kind: str, principal: str, rate_per_second: float, burst: int) -> float:
+        """Read, refill, take and write back under the write lock (one writer: atomic)."""
+        async with self._transaction() as conn:
+            now = time.time()
+            cursor = await conn.execute(
+                "SELECT tokens, updated_at FROM rate_buckets WHERE kind = ? AND principal = ?",
+                (kind, principal),
+            )
+            row = await cursor.fetchone()
+            tokens, updated = (row[0], row[1]) if row is not None else (float(burst), now)
+            tokens, wait = tokenbucket.take(tokens, updated, now, rate_per_second, burst)
+            await conn.execute(
+                "INSERT INTO rate_buckets (kind, principal, tokens, updated_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (kind, principal) DO UPDATE SET tokens = excluded.tokens,"
+                " updated_at = excluded.updated_at",
+                (kind, principal, tokens, now),
+            )
+        return wait
 
     async def count_connections(self) -> dict[tuple[str, str], int]:
         """Connections (not purged) by (type, status as admins see it), across tenants."""
