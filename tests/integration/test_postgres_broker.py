@@ -1,9 +1,9 @@
 """End to end on PostgreSQL: brokers started with `storage.url`, driven over gRPC.
 
 Each test gets a fresh database (skipped without BROKER_TEST_POSTGRES_DSN). Two
-brokers on one database stand in for two replicas; what this does NOT yet cover
-(cache invalidation across replicas, single-flight refresh across replicas, shared
-rate limits) is the second half of issue 8.
+brokers in this process stand in for two replicas; tests/integration/test_replicas.py
+runs three `broker serve` processes for what replicas must agree on (invalidation,
+one token refresh, shared rate limits, a lost database session).
 """
 
 from __future__ import annotations
