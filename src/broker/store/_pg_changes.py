@@ -113,6 +113,7 @@ class Listener:
         backoff = 0.1
         while True:
             conn = None
+            listened = False
             try:
                 conn = await asyncio.wait_for(self._connect(), timeout=max(self._heartbeat * 5, 5.0))
                 self._lost.clear()
@@ -120,7 +121,7 @@ class Listener:
                 conn.add_termination_listener(self._on_terminated)
                 await conn.add_listener(CHANNEL, self._on_message)
                 # LISTEN is in effect: from here on every commit is notified to us.
-                self.listening = True
+                self.listening = listened = True
                 self._sink.changes_seen()
                 log.info("change_listener_connected")
                 connected.set()
@@ -129,8 +130,9 @@ class Listener:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure to connect or to keep listening
-                if self.listening:
-                    log.warning("change_listener_lost", error_type=type(exc).__name__)
+                # Once per attempt, so at most every `max_backoff_seconds` while it lasts.
+                event = "change_listener_lost" if listened else "change_listener_connect_failed"
+                log.warning(event, error_type=type(exc).__name__, retry_in_seconds=backoff)
             finally:
                 self._set_unseen()
                 if conn is not None:

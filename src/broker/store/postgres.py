@@ -211,7 +211,12 @@ class PostgresStore:
                 await apply_postgres(conn, load_postgres_migrations())
             # min_size 0: no session is opened until a refresh needs a lock.
             self._lock_pool = await asyncpg.create_pool(
-                self._dsn, min_size=0, max_size=self._pool_max, server_settings=self._server_settings
+                self._dsn,
+                min_size=0,
+                max_size=self._pool_max,
+                # Bounds the wait for a lock whose holder is stuck: then Unavailable, not a hang.
+                command_timeout=self._command_timeout,
+                server_settings=self._server_settings,
             )
         except BaseException:
             await pool.close()

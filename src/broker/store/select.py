@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from broker.config import Settings
     from broker.store.base import Store
 
+
 def store_for(settings: Settings) -> Store:
     """A new, unopened store for these settings (`await store.open()` next)."""
     if settings.storage_url:
