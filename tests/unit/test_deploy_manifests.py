@@ -8,8 +8,8 @@
   schemas written here, covering exactly the fields these manifests use
   (additionalProperties: false, enums from the CRDs), so a typo or an unknown field fails.
 - Each kustomization is rendered by a tiny renderer of the subset we use (`resources`,
-  `namespace`, `labels`); when `kubectl` is installed, its `kubectl kustomize` output
-  must equal ours, so the renderer cannot drift from the real tool.
+  `namespace`, `labels`, `patches` by strategic merge); when `kubectl` is installed, its
+  `kubectl kustomize` output must equal ours, so the renderer cannot drift from the real tool.
 - The invariants that matter: non-root, read-only root filesystem, no secret value in
   any file, probes, requests and limits, pinned images, and a configuration that the
   broker's own settings loader accepts and that agrees with ports and mounts.
@@ -48,20 +48,68 @@ OLDEST, NEWEST = "1.29.0", kubernetes_validate.utils.latest_version() + ".0"
 CONFIG_PATH = "/etc/broker/broker.toml"
 # Secrets created out of band and documented in deploy/README.md; every other mounted
 # Secret must come from a cert-manager Certificate of the same kustomization.
-OUT_OF_BAND_SECRETS = {"broker-master-key", "broker-ca"}
+OUT_OF_BAND_SECRETS = {"broker-master-key", "broker-ca", "broker-postgres"}
+# What the loader sees for an environment variable taken from a Secret (never in a file).
+SECRET_ENV_PLACEHOLDERS = {"BROKER_STORAGE_URL": "postgresql://broker@postgres.invalid:5432/broker"}
 
 # --- rendering ---------------------------------------------------------------------
 
-_SUPPORTED_KUSTOMIZE_KEYS = {"apiVersion", "kind", "namespace", "labels", "resources"}
+_SUPPORTED_KUSTOMIZE_KEYS = {"apiVersion", "kind", "namespace", "labels", "resources", "patches"}
 _TEMPLATED_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
+# patchMergeKey of the Kubernetes API for the lists the patches here touch; any other list
+# in a patch replaces the original one (as it does for kustomize when the schema has no key).
+_MERGE_KEYS = {"containers": "name", "volumes": "name", "env": "name", "volumeMounts": "mountPath"}
 
 
 def _load_yaml(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
 
+def _merge(original: Any, patch: Any) -> Any:
+    """A strategic merge patch, for the subset used here: maps merge, `null` removes a key,
+    the lists of `_MERGE_KEYS` merge by key (`$patch: delete` removes an entry; new entries
+    come first, as kustomize puts them), other lists and scalars are replaced."""
+    if not (isinstance(original, dict) and isinstance(patch, dict)):
+        return copy.deepcopy(patch)
+    merged = copy.deepcopy(original)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif key in _MERGE_KEYS and key in merged:
+            merged[key] = _merge_list(merged[key], value, _MERGE_KEYS[key])
+        else:
+            merged[key] = _merge(merged.get(key), value)
+    return merged
+
+
+def _merge_list(original: list[Any], patch: list[Any], key: str) -> list[Any]:
+    directives = {item.get("$patch") for item in patch} - {None}
+    assert directives <= {"delete"}, f"render() does not know $patch: {sorted(directives)}"
+    deleted = {item[key] for item in patch if item.get("$patch") == "delete"}
+    updates = {item[key]: item for item in patch if item.get("$patch") is None}
+    present = {item[key] for item in original}
+    assert deleted <= present, f"the patch deletes {sorted(deleted - present)}, which is not there"
+    added = [copy.deepcopy(item) for item in patch if item.get("$patch") is None and item[key] not in present]
+    kept = [_merge(item, updates.get(item[key], {})) for item in original if item[key] not in deleted]
+    return added + kept
+
+
+def _patch(objects: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    """Apply one strategic merge patch file to the object of its kind and name."""
+    (patch,) = _load_yaml(path)
+    targets = [
+        o for o in objects if (o["kind"], o["metadata"]["name"]) == (patch["kind"], patch["metadata"]["name"])
+    ]
+    assert len(targets) == 1, f"{path}: {len(targets)} objects match the patch"
+    if patch.get("$patch") == "delete":
+        return [o for o in objects if o is not targets[0]]
+    assert "$patch" not in patch, f"{path}: render() knows only `$patch: delete` for a whole object"
+    return [_merge(o, patch) if o is targets[0] else o for o in objects]
+
+
 def render(directory: Path) -> list[dict[str, Any]]:
-    """The subset of kustomize these manifests use: resources, namespace, labels."""
+    """The subset of kustomize these manifests use: resources, patches (strategic merge,
+    by file), namespace, labels; applied in kustomize's order."""
     (spec,) = _load_yaml(directory / "kustomization.yaml")
     unsupported = set(spec) - _SUPPORTED_KUSTOMIZE_KEYS
     assert not unsupported, f"{directory}: extend render() before using {sorted(unsupported)}"
@@ -69,6 +117,9 @@ def render(directory: Path) -> list[dict[str, Any]]:
     for resource in spec["resources"]:
         path = directory / resource
         objects += render(path) if path.is_dir() else copy.deepcopy(_load_yaml(path))
+    for entry in spec.get("patches", []):
+        assert set(entry) == {"path"}, f"{directory}: render() applies patches from files only"
+        objects = _patch(objects, directory / entry["path"])
     for obj in objects:
         metadata = obj.setdefault("metadata", {})
         if "namespace" in spec:
@@ -96,14 +147,16 @@ def all_objects() -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def test_every_manifest_file_is_part_of_a_kustomization() -> None:
-    listed = {
-        (d / r).resolve()
-        for d in KUSTOMIZATIONS
-        for r in _load_yaml(d / "kustomization.yaml")[0]["resources"]
-    }
+    listed = set()
+    for d in KUSTOMIZATIONS:
+        (spec,) = _load_yaml(d / "kustomization.yaml")
+        listed |= {(d / r).resolve() for r in spec["resources"] if (d / r).is_file()}
+        listed |= {(d / p["path"]).resolve() for p in spec.get("patches", [])}
     files = {p.resolve() for p in KUBERNETES.rglob("*.yaml") if p.name != "kustomization.yaml"}
     assert files == listed
-    assert {d.name for d in KUSTOMIZATIONS} == {"base", "sidecar"}
+    assert {d.name for d in KUSTOMIZATIONS} == {"base", "postgres", "sidecar"}
+    # Nothing of the patch syntax is left over in what is applied.
+    assert "$patch" not in json.dumps(RENDERED)
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed: render() only")
@@ -334,7 +387,7 @@ def test_pods_run_as_non_root_with_a_locked_down_container() -> None:
             assert ctx["runAsNonRoot"] is True and ctx.get("runAsUser", pod_ctx["runAsUser"]) > 0, name
             assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}, name
             containers += 1
-    assert containers == 3
+    assert containers == 4
 
 
 def test_service_accounts_mount_no_token() -> None:
@@ -355,16 +408,27 @@ def test_every_container_has_requests_limits_probes_and_a_pinned_image() -> None
             assert container["imagePullPolicy"] == "IfNotPresent", name
 
 
+def _pre_stop_seconds(container: dict[str, Any]) -> int:
+    hook = container.get("lifecycle", {}).get("preStop")
+    if hook is None:
+        return 0
+    command = hook["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2, command
+    return int(command[1])
+
+
 def test_broker_containers_probe_start_readiness_and_liveness() -> None:
     found = list(broker_containers())
-    assert len(found) == 2
+    assert len(found) == 3
     for where, pod, container in found:
         assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(container), where
         readiness = container["readinessProbe"]["exec"]["command"]
         assert readiness[:4] == ["broker", "health", "--config", CONFIG_PATH], where
         # A store outage or a drain makes the broker not ready; only a dead process restarts it.
         assert container["livenessProbe"]["httpGet"]["path"] == "/metrics", where
-        assert pod["terminationGracePeriodSeconds"] > _settings(pod).grace_seconds, where
+        # The preStop hook runs within the grace period, before SIGTERM starts the drain.
+        drain = _pre_stop_seconds(container) + _settings(where, pod).grace_seconds
+        assert pod["terminationGracePeriodSeconds"] > drain, where
 
 
 def test_probe_commands_parse_with_the_broker_cli() -> None:
@@ -375,7 +439,7 @@ def test_probe_commands_parse_with_the_broker_cli() -> None:
         if "exec" in c[probe]
     ]
     commands.append(_dockerfile_json("HEALTHCHECK", after="CMD"))
-    assert len(commands) == 4
+    assert len(commands) == 5
     parser = broker_cli.build_parser()
     for argv in commands:
         assert argv[0] == "broker"
@@ -398,17 +462,35 @@ def _file_source(pod: dict[str, Any], container: dict[str, Any], path: str) -> d
     return _mounts(pod, container)[best][0]
 
 
-def _settings(pod: dict[str, Any]) -> Settings:
+def _broker_environment(container: dict[str, Any]) -> dict[str, str]:
+    """The container's BROKER_* variables as the loader sees them; a value from a Secret
+    becomes its placeholder (`SECRET_ENV_PLACEHOLDERS`)."""
+    environ = {}
+    for var in container.get("env", []):
+        if not var["name"].startswith("BROKER_"):
+            continue
+        if "value" in var:
+            environ[var["name"]] = var["value"]
+        else:
+            assert "secretKeyRef" in var["valueFrom"], var["name"]
+            environ[var["name"]] = SECRET_ENV_PLACEHOLDERS[var["name"]]
+    return environ
+
+
+def _settings(where: str, pod: dict[str, Any], *, with_env: bool = True) -> Settings:
+    """The broker's settings in this pod: the ConfigMap's broker.toml of the same
+    kustomization (`where` starts with its name) and, unless `with_env` is off, the
+    container's BROKER_* variables."""
     (container,) = [c for c in long_running_containers(pod) if "/secrets-broker/broker:" in c["image"]]
     volume = _file_source(pod, container, CONFIG_PATH)
     (configmap,) = [
-        o for objects in RENDERED.values() for o in objects
+        o for o in RENDERED[where.split("/")[0]]
         if o["kind"] == "ConfigMap" and o["metadata"]["name"] == volume["configMap"]["name"]
     ]  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "broker.toml"
         path.write_text(configmap["data"]["broker.toml"])
-        return Settings.load(path, environ={})
+        return Settings.load(path, environ=_broker_environment(container) if with_env else {})
 
 
 def _port(addr: str) -> int:
@@ -417,7 +499,7 @@ def _port(addr: str) -> int:
 
 def test_broker_config_agrees_with_ports_and_mounts() -> None:
     for where, pod, container in broker_containers():
-        settings = _settings(pod)
+        settings = _settings(where, pod)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["metrics"] == _port(settings.metrics_listen) == 9464, where
         assert ports["grpc-admin"] == _port(settings.admin_addr) == 50051, where
@@ -437,8 +519,11 @@ def test_broker_config_agrees_with_ports_and_mounts() -> None:
         key_volume = _file_source(pod, container, str(settings.master_key_file))
         assert key_volume["secret"]["secretName"] == "broker-master-key", where
         assert [i["path"] for i in key_volume["secret"]["items"]] == [settings.master_key_file.name]
-        data = _file_source(pod, container, str(settings.storage_path))
-        assert "persistentVolumeClaim" in data, f"{where}: the database must be on a volume"
+        if settings.storage_url is None:
+            data = _file_source(pod, container, str(settings.storage_path))
+            assert "persistentVolumeClaim" in data, f"{where}: the database must be on a volume"
+        else:  # PostgreSQL: nothing of the broker's is stored in the pod
+            assert not any("persistentVolumeClaim" in v for v in pod["volumes"]), where
         assert "emptyDir" in _file_source(pod, container, "/tmp/x"), where
         for _, (volume, mount) in _mounts(pod, container).items():
             writable = not mount.get("readOnly", False)
@@ -453,10 +538,15 @@ def test_mounted_secrets_come_from_certificates_or_are_documented() -> None:
         for obj in objects:
             if obj["kind"] not in _TEMPLATED_KINDS:
                 continue
-            for volume in obj["spec"]["template"]["spec"]["volumes"]:
+            pod = obj["spec"]["template"]["spec"]
+            for volume in pod["volumes"]:
                 if "secret" in volume:
                     secret = volume["secret"]["secretName"]
                     assert secret in issued | OUT_OF_BAND_SECRETS, f"{name}: {secret}"
+            for container in pod.get("initContainers", []) + pod["containers"]:
+                for var in container.get("env", []):
+                    ref = var.get("valueFrom", {}).get("secretKeyRef")
+                    assert ref is None or ref["name"] in OUT_OF_BAND_SECRETS, f"{name}: {var['name']}"
         issuers = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Issuer"}
         for obj in objects:
             if obj["kind"] == "Certificate":
@@ -489,11 +579,12 @@ def test_certificates_carry_the_identities_the_broker_expects() -> None:
             principal = parse_spiffe_id(uri, "broker.local")
             assert principal.role.value == obj["metadata"]["labels"]["broker.local/principal-role"]
             principals += 1
-    assert principals == 3 and probes == 2
+    assert principals == 5 and probes == 3  # base and postgres: 2 and 1 each; sidecar: 1 and 1
 
 
-def test_service_and_monitor_select_the_broker() -> None:
-    objects = RENDERED["base"]
+@pytest.mark.parametrize("name", ["base", "postgres"])
+def test_service_and_monitor_select_the_broker(name: str) -> None:
+    objects = RENDERED[name]
     by_kind = {o["kind"]: o for o in objects}
     pod_labels = by_kind["Deployment"]["spec"]["template"]["metadata"]["labels"]
     service = by_kind["Service"]
@@ -506,8 +597,9 @@ def test_service_and_monitor_select_the_broker() -> None:
     assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 
 
-def test_network_policy_admits_each_port_only_from_its_callers() -> None:
-    policy = next(o for o in RENDERED["base"] if o["kind"] == "NetworkPolicy")
+@pytest.mark.parametrize("name", ["base", "postgres"])
+def test_network_policy_admits_each_port_only_from_its_callers(name: str) -> None:
+    policy = _only(RENDERED[name], "NetworkPolicy")  # the base's; postgres adds broker-postgres
     by_port: dict[int, list[dict[str, Any]]] = {}
     for rule in policy["spec"]["ingress"]:
         assert rule.get("from") and rule.get("ports"), "a rule without peers or ports admits everyone"
@@ -521,6 +613,133 @@ def test_network_policy_admits_each_port_only_from_its_callers() -> None:
     assert admin["namespaceSelector"]["matchLabels"] == {"broker.local/admin": "true"}
     excepted = {c for rule in policy["spec"]["egress"] for to in rule["to"] for c in to["ipBlock"]["except"]}
     assert "169.254.0.0/16" in excepted  # cloud metadata, whatever the broker's own egress policy says
+
+
+# --- the two shapes of the central broker: SQLite (base) and PostgreSQL -------------
+
+
+def _only(objects: list[dict[str, Any]], kind: str, name: str = "broker") -> dict[str, Any]:
+    (obj,) = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    return obj
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {var["name"]: var for var in container.get("env", [])}
+
+
+def test_base_is_one_replica_on_sqlite() -> None:
+    deployment = _only(RENDERED["base"], "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    # Two pods must never open the SQLite file at once, not even during a rollout.
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    claim = _only(RENDERED["base"], "PersistentVolumeClaim", "broker-data")
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def test_postgres_overlay_changes_only_the_deployment_and_the_store() -> None:
+    base = {_key(o): o for o in RENDERED["base"]}
+    overlay = {_key(o): o for o in RENDERED["postgres"]}
+    assert set(base) - set(overlay) == {("PersistentVolumeClaim", "broker", "broker-data")}
+    assert set(overlay) - set(base) == {("NetworkPolicy", "broker", "broker-postgres")}
+    changed = {key for key in set(base) & set(overlay) if base[key] != overlay[key]}
+    assert changed == {("Deployment", "broker", "broker")}
+
+
+def test_postgres_overlay_runs_three_replicas_that_roll_without_a_gap() -> None:
+    deployment = _only(RENDERED["postgres"], "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 3
+    rolling = {"maxUnavailable": 0, "maxSurge": 1}  # never fewer than three ready
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": rolling}
+    pod_labels = spec["template"]["metadata"]["labels"]
+    # A voluntary disruption (node drain) takes at most one of the three.
+    budget = _only(RENDERED["postgres"], "PodDisruptionBudget")
+    assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert budget["spec"].get("maxUnavailable") == 1 or budget["spec"].get("minAvailable") == 2
+    # Replicas on different nodes: a hard spread over hostnames that a surge pod still fits
+    # (maxSkew 1, not a required anti-affinity, which would leave it pending on three nodes).
+    pod = spec["template"]["spec"]
+    (by_node,) = [c for c in pod["topologySpreadConstraints"] if c["topologyKey"] == "kubernetes.io/hostname"]
+    assert by_node["whenUnsatisfiable"] == "DoNotSchedule" and by_node["maxSkew"] == 1
+    assert by_node["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert by_node["nodeTaintsPolicy"] == "Honor"  # a tainted control-plane node would block the surge pod
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in pod.get("affinity", {}).get(
+        "podAntiAffinity", {}
+    )
+
+
+def test_postgres_overlay_keeps_the_base_hardening_probes_and_master_key() -> None:
+    base_pod = _only(RENDERED["base"], "Deployment")["spec"]["template"]["spec"]
+    pod = _only(RENDERED["postgres"], "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"] == base_pod["securityContext"]
+    assert pod["automountServiceAccountToken"] is False
+    (base_container,) = base_pod["containers"]
+    (container,) = pod["containers"]
+    for field in ("securityContext", "startupProbe", "readinessProbe", "livenessProbe", "resources", "ports"):
+        assert container[field] == base_container[field], field
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # Every replica holds the same master key: the one Secret, mounted read-only.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["master-key"] == {v["name"]: v for v in base_pod["volumes"]}["master-key"]
+    (key_mount,) = [m for m in container["volumeMounts"] if m["name"] == "master-key"]
+    assert key_mount["readOnly"] is True and "subPath" not in key_mount
+
+
+def test_postgres_overlay_takes_the_dsn_from_a_secret_and_stores_nothing_in_the_pod() -> None:
+    deployment = _only(RENDERED["postgres"], "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    where = "postgres/Deployment/broker/broker"
+    env = _env(container)
+    # storage.url only from the Secret; the ConfigMap alone would mean SQLite, so the DSN
+    # (with its password) is in no ConfigMap and no manifest.
+    assert env["BROKER_STORAGE_URL"] == {
+        "name": "BROKER_STORAGE_URL",
+        "valueFrom": {"secretKeyRef": {"name": "broker-postgres", "key": "url", "optional": False}},
+    }
+    assert _settings(where, pod, with_env=False).storage_url is None
+    for obj in RENDERED["postgres"]:
+        assert "postgresql://" not in json.dumps(obj.get("data", {})), _key(obj)
+    settings = _settings(where, pod)
+    assert settings.storage_url == SECRET_ENV_PLACEHOLDERS["BROKER_STORAGE_URL"]
+    # No SQLite: no claim, no data volume; the only writable mount is /tmp.
+    assert not any(o["kind"] == "PersistentVolumeClaim" for o in RENDERED["postgres"])
+    assert not any("persistentVolumeClaim" in v or "hostPath" in v for v in pod["volumes"])
+    writable = [m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly", False)]
+    assert writable == ["/tmp"]
+    # TLS to PostgreSQL verified against the database's CA: a default for asyncpg that a DSN
+    # could only make explicit; the CA file is the Secret's ca.crt alone (not its url key).
+    assert env["PGSSLMODE"]["value"] == "verify-full"
+    root_cert = env["PGSSLROOTCERT"]["value"]
+    ca_volume = _file_source(pod, container, root_cert)
+    assert ca_volume["secret"]["secretName"] == "broker-postgres"
+    assert ca_volume["secret"]["items"] == [{"key": "ca.crt", "path": Path(root_cert).name}]
+    # The password is in the DSN only: no PGPASSWORD/PGPASSFILE in the environment, where
+    # any asyncpg call that was not given a password would pick it up.
+    assert not {"PGPASSWORD", "PGPASSFILE"} & set(env)
+
+
+def test_postgres_connection_budget_is_documented() -> None:
+    """deploy/README.md sizes max_connections from these manifests' numbers."""
+    deployment = _only(RENDERED["postgres"], "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    settings = _settings("postgres/Deployment/broker", pod)
+    # pool_max pooled + pool_max held only under OAuth refresh locks + 1 listening, per pod;
+    # during a rollout the surge pod runs next to the three replicas.
+    per_pod = 2 * settings.storage_pool_max + 1
+    pods = deployment["spec"]["replicas"] + deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"]
+    readme = " ".join((DEPLOY / "README.md").read_text().split())
+    assert f"2 x {settings.storage_pool_max} + 1 = {per_pod}" in readme
+    assert f"{pods} x {per_pod} = {pods * per_pod}" in readme
+
+
+def test_postgres_overlay_lets_the_broker_reach_its_database() -> None:
+    pod_labels = _only(RENDERED["postgres"], "Deployment")["spec"]["template"]["metadata"]["labels"]
+    policy = _only(RENDERED["postgres"], "NetworkPolicy", "broker-postgres")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Egress"] and "ingress" not in policy["spec"]
+    (rule,) = policy["spec"]["egress"]
+    assert rule["to"] and rule["ports"] == [{"port": 5432, "protocol": "TCP"}]
 
 
 # --- no secret in any file ---------------------------------------------------------
