@@ -108,12 +108,19 @@ def _in_thread(coro: Coroutine[Any, Any, T]) -> T:
     return result[0]
 
 
-@pytest.fixture(scope="session")
-def shared_postgres() -> Iterator[str]:
-    """One database for the session's contract tests; dropped at the end."""
+@contextlib.contextmanager
+def fresh_database_blocking() -> Iterator[str]:
+    """`fresh_database()` for fixtures that run outside an event loop (module or session scope)."""
     dsn = base_dsn()
     name = _in_thread(_create(dsn))
     try:
         yield with_database(dsn, name)
     finally:
         _in_thread(_drop(dsn, name))
+
+
+@pytest.fixture(scope="session")
+def shared_postgres() -> Iterator[str]:
+    """One database for the session's contract tests; dropped at the end."""
+    with fresh_database_blocking() as dsn:
+        yield dsn

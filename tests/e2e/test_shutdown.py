@@ -10,25 +10,21 @@ allowed `connection.resolve` event per OK response.
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
-from broker import pki
 from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc
 from broker.api.drain import SHUTTING_DOWN
-from tests.e2e.test_cli import free_port
 from tests.helpers import db_request
+from tests.processes import Served, prepare
 
 pytestmark = pytest.mark.e2e
 
@@ -41,108 +37,22 @@ SIGTERM_AFTER_OK = 300  # responses before the signal
 MAX_CALLS = 4000
 
 
-@dataclass
-class Served:
-    """A `broker serve` set-up: its files, and the process while it runs."""
-
-    root: Path
-    config: Path
-    admin_addr: str
-    resolve_addr: str
-    process: subprocess.Popen[bytes] | None = None
-    runs: int = 0
-
-    def start(self) -> subprocess.Popen[bytes]:
-        self.runs += 1
-        out = (self.root / f"broker-{self.runs}.log").open("wb")
-        argv = [sys.executable, "-m", "broker.cli.broker", "serve", "--config", str(self.config)]
-        self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=self.root)
-        out.close()
-        deadline = time.monotonic() + 20
-        while True:
-            # The probe container's way of asking: exit 0 only once SERVING.
-            probe = subprocess.run(
-                [sys.executable, "-m", "broker.cli.broker", "health", "--config", str(self.config)],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-            )
-            if probe.returncode == 0:
-                assert probe.stdout.startswith("SERVING")
-                return self.process
-            assert self.process.poll() is None, f"broker exited early:\n{self.logs()}"
-            assert time.monotonic() < deadline, (
-                f"not SERVING in time: {probe.stdout}{probe.stderr}\n{self.logs()}"
-            )
-            time.sleep(0.2)
-
-    def logs(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in sorted(self.root.glob("broker-*.log")))
-
-    def channel(self, who: str, addr: str) -> grpc.aio.Channel:
-        tls = self.root / "tls"
-        creds = grpc.ssl_channel_credentials(
-            (tls / "ca.pem").read_bytes(),
-            (tls / f"{who}-key.pem").read_bytes(),
-            (tls / f"{who}.pem").read_bytes(),
-        )
-        return grpc.aio.secure_channel(addr, creds)
-
-
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
-    tls = tmp_path / "tls"
-    tls.mkdir()
-    ca, ca_key = pki.create_ca("shutdown test CA")
-    (tls / "ca.pem").write_bytes(ca)
-    pairs = {
-        "server": pki.issue_server_cert(ca, ca_key, ["localhost", "127.0.0.1"]),
-        "admin": pki.issue_principal_cert(ca, ca_key, ADMIN),
-        "executor": pki.issue_principal_cert(ca, ca_key, EXECUTOR),
-        "probe": pki.issue_principal_cert(ca, ca_key, PROBE),
+    identities = {"admin": ADMIN, "executor": EXECUTOR, "probe": PROBE}
+    prepare(tmp_path, identities, "shutdown test CA")
+    settings: dict[str, dict[str, Any]] = {
+        "storage": {"path": "data/broker.db"},
+        "server": {"grace_seconds": GRACE_SECONDS},
+        "limits": {"resolve_per_second": 1000000, "resolve_burst": 1000000},
+        "monitor": {"spike_min_count": 1000000},
     }
-    for name, (cert, key) in pairs.items():
-        (tls / f"{name}.pem").write_bytes(cert)
-        pki.write_private(tls / f"{name}-key.pem", key)
-    pki.write_private(tmp_path / "master.key", base64.b64encode(os.urandom(32)))
-    admin, resolve = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    config = tmp_path / "broker.toml"
-    config.write_text(
-        f"""
-[listen]
-admin = "{admin}"
-resolve = "{resolve}"
-[tls]
-cert = "tls/server.pem"
-key = "tls/server-key.pem"
-client_ca = "tls/ca.pem"
-[storage]
-path = "data/broker.db"
-[master_key]
-file = "master.key"
-[server]
-grace_seconds = {GRACE_SECONDS}
-[health]
-cert = "tls/probe.pem"
-key = "tls/probe-key.pem"
-[metrics]
-listen = ""
-[limits]
-resolve_per_second = 1000000
-resolve_burst = 1000000
-[monitor]
-spike_min_count = 1000000
-"""
-    )
     (tmp_path / "data").mkdir()
-    setup = Served(tmp_path, config, admin, resolve)
+    setup = Served.create(tmp_path, "broker", settings)
     try:
         yield setup
     finally:
-        if setup.process is not None and setup.process.poll() is None:
-            setup.process.kill()
-            setup.process.wait(timeout=10)
+        setup.kill(timeout=10)
 
 
 @dataclass

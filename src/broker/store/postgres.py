@@ -24,8 +24,8 @@ not at all. Concurrency between replicas rests on these:
   session of a separate small pool, so one replica calls the token endpoint.
 * Shared rate-limit buckets are rows taken under their row lock, on the server's clock.
 
-Every session carries `application_name` = `broker/<pid>/<host>`, so pg_stat_activity
-tells replicas apart.
+Every session carries `application_name` = `broker/<pid>/<use>/<host>` (use: query,
+lock or listen), so pg_stat_activity tells replicas, and a replica's sessions, apart.
 
 Purging overwrites the sealed columns with NULL in the UPDATE, as on SQLite. Unlike
 SQLite's `secure_delete`, PostgreSQL keeps the old row version in the table until
@@ -146,13 +146,14 @@ _UNAVAILABLE = (
 )
 
 
-def application_name() -> str:
-    """How this process's sessions appear in pg_stat_activity: `broker/<pid>/<host>`.
+def _session_settings(use: str) -> dict[str, str]:
+    """How this process's sessions appear in pg_stat_activity: `broker/<pid>/<use>/<host>`.
 
-    One value per replica, so an operator (or a test) can tell replicas' sessions apart.
-    PostgreSQL keeps at most 63 bytes of it; the pid comes first so it always survives.
+    So an operator (or a test) can tell replicas, and what each session is for, apart.
+    PostgreSQL keeps at most 63 bytes of it; the pid and use come first so they survive.
     """
-    return f"broker/{os.getpid()}/{socket.gethostname()}".encode()[:63].decode(errors="ignore")
+    name = f"broker/{os.getpid()}/{use}/{socket.gethostname()}"
+    return {"application_name": name.encode()[:63].decode(errors="ignore")}
 
 
 def _refresh_lock_key(tenant: str, connection_id: str) -> int:
@@ -180,7 +181,6 @@ class PostgresStore:
         self._pool_max = pool_max
         self._command_timeout = command_timeout
         self._heartbeat = heartbeat_seconds
-        self._server_settings = {"application_name": application_name()}
         self._pool: asyncpg.Pool | None = None
         # Sessions that only hold OAuth refresh locks (see `refresh_lock`); opened on demand.
         self._lock_pool: asyncpg.Pool | None = None
@@ -202,7 +202,7 @@ class PostgresStore:
                 min_size=self._pool_min,
                 max_size=self._pool_max,
                 command_timeout=self._command_timeout,
-                server_settings=self._server_settings,
+                server_settings=_session_settings("query"),
             )
         except _UNAVAILABLE as exc:
             raise Unavailable("cannot connect to the PostgreSQL database (storage.url)") from exc
@@ -216,7 +216,7 @@ class PostgresStore:
                 max_size=self._pool_max,
                 # Bounds the wait for a lock whose holder is stuck: then Unavailable, not a hang.
                 command_timeout=self._command_timeout,
-                server_settings=self._server_settings,
+                server_settings=_session_settings("lock"),
             )
         except BaseException:
             await pool.close()
@@ -229,7 +229,7 @@ class PostgresStore:
             raise RuntimeError("the store is already watched")
 
         def connect() -> Any:
-            return asyncpg.connect(self._dsn, server_settings=self._server_settings)
+            return asyncpg.connect(self._dsn, server_settings=_session_settings("listen"))
 
         self._listener = changes.Listener(connect, sink, heartbeat_seconds=self._heartbeat)
         await self._listener.start(first_attempt_timeout=5.0)
