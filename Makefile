@@ -25,7 +25,8 @@ lint: install
 test: lint
 	$(BIN)/pytest -q
 
-# Resolve against a bare grpc.aio echo server, 10,000 connections (~2-3 min); docs/PERFORMANCE.md.
+# Resolve against a bare grpc.aio echo server, 10,000 connections, then 1 vs 2 broker replicas on
+# PostgreSQL if BROKER_BENCH_POSTGRES_DSN or BROKER_TEST_POSTGRES_DSN is set (~3.5 min); docs/PERFORMANCE.md.
 bench: install
 	$(BIN)/python -m bench
 

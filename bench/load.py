@@ -41,6 +41,9 @@ class LoadSpec:
     cert: bytes
     key: bytes
     call: str  # "resolve" or "create"
+    # Several servers (replicas): each process's channels go round-robin over these instead
+    # of `port`; with `concurrency` a multiple of `channels`, calls in flight split evenly.
+    ports: tuple[int, ...] = ()
     ids: tuple[str, ...] = ()  # Resolve targets, picked uniformly at random
     concurrency: int = 32  # closed loop: calls in flight per process
     channels: int = 2  # HTTP/2 connections per process
@@ -106,13 +109,19 @@ def _caller(
     raise ValueError(f"unknown call {spec.call!r}")
 
 
+def _channel_ports(spec: LoadSpec) -> list[int]:
+    """The port of each of a process's channels: every target gets the same number."""
+    targets = spec.ports or (spec.port,)
+    if spec.channels % len(targets):
+        raise ValueError(f"{spec.channels} channels do not split evenly over {len(targets)} ports")
+    return [targets[i % len(targets)] for i in range(spec.channels)]
+
+
 async def _run(spec: LoadSpec) -> LoadResult:
     creds = grpc.ssl_channel_credentials(spec.ca, spec.key, spec.cert)
     # A local subchannel pool: each channel really is its own HTTP/2 connection.
     options = [("grpc.use_local_subchannel_pool", 1)]
-    channels = [
-        grpc.aio.secure_channel(f"127.0.0.1:{spec.port}", creds, options) for _ in range(spec.channels)
-    ]
+    channels = [grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options) for port in _channel_ports(spec)]
     counter = itertools.count()
     callers = [_caller(spec, ch, lambda: next(counter)) for ch in channels]
     try:
@@ -233,6 +242,6 @@ def _noop(_: int) -> int:
     return os.getpid()
 
 
-def warm_pool(pool: Any, processes: int) -> None:
-    """Import grpc and the stubs in every worker before anything is timed."""
-    pool.map(_noop, range(processes * 4), chunksize=1)
+def warm_pool(pool: Any, processes: int) -> list[int]:
+    """Import grpc and the stubs in every worker before anything is timed; the workers' pids."""
+    return sorted(set(pool.map(_noop, range(processes * 4), chunksize=1)))

@@ -1,8 +1,12 @@
 """`make bench`: the broker's Resolve against a bare grpc.aio echo server, on one machine, in one run.
 
-    python -m bench                  the full run (10,000 connections; about 3 minutes)
+    python -m bench                  the full run (10,000 connections; about 3.5 minutes)
     python -m bench --smoke          a few seconds: tiny seed, short windows (the test suite runs it)
     python -m bench --rss            100,000 stored connections: the server's RSS after resolving a sample
+    python -m bench --replicas-only  only the PostgreSQL replica scenario (1 replica, then 2)
+
+The replica scenario needs a PostgreSQL server (BROKER_BENCH_POSTGRES_DSN, else
+BROKER_TEST_POSTGRES_DSN); without one it is skipped, and the report says why.
 
 Prints a table and writes the JSON (default bench/results/latest.json). See docs/PERFORMANCE.md.
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -19,13 +24,14 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from bench import world
+from bench import postgres, world
 from bench.load import LoadResult, LoadSpec, Window, client_pool, run_load, warm_pool
 from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc
@@ -67,9 +73,7 @@ class Server:
         return int(self.info["pid"])
 
     def cpu_seconds(self) -> float:
-        """utime + stime of every thread of the server process."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK
+        return process_cpu_seconds(self.pid)
 
     def status_kb(self, key: str) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -100,33 +104,67 @@ class Server:
         return samples
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
+        stop_processes([self.process])
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of `pid` (OSError once it has ended)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def stop_processes(processes: list[subprocess.Popen[bytes]], timeout: float = 15) -> None:
+    """SIGTERM all at once (they drain in parallel), then wait for each; SIGKILL past `timeout`."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(15)
+
+
+@dataclass
+class Launch:
+    """A server process started but not yet serving: `ready()` waits for its ready file."""
+
+    kind: str
+    name: str
+    root: Path
+    process: subprocess.Popen[bytes]
+
+    def ready(self, timeout: float = 60) -> Server:
+        ready = self.root / f"{self.name}.ready"
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
                 self.process.kill()
-                self.process.wait()
+                self.process.wait(15)
+                tail = (self.root / f"{self.name}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the {self.name} server did not start:\n{tail}")
+            time.sleep(0.05)
+        return Server(self.kind, self.process, json.loads(ready.read_text()))
+
+
+def launch_server(kind: str, root: Path, *args: str, name: str = "") -> Launch:
+    """Start `python -m bench.servers kind root args...`; `name` (default: kind) names its files."""
+    name = name or kind
+    (root / f"{name}.ready").unlink(missing_ok=True)
+    with (root / f"{name}.log").open("ab") as log:
+        process = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "bench.servers", kind, str(root), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+    return Launch(kind, name, root, process)
 
 
 def start_server(kind: str, root: Path, *args: str) -> Server:
-    ready = root / f"{kind}.ready"
-    ready.unlink(missing_ok=True)
-    log = (root / f"{kind}.log").open("ab")
-    process = subprocess.Popen(  # noqa: S603
-        [sys.executable, "-m", "bench.servers", kind, str(root), *args],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=REPO,
-    )
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            tail = (root / f"{kind}.log").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"the {kind} server did not start:\n{tail}")
-        time.sleep(0.05)
-    return Server(kind, process, json.loads(ready.read_text()))
+    return launch_server(kind, root, *args).ready()
 
 
 # ---------------------------------------------------------------- measuring
@@ -149,23 +187,32 @@ class Probe(Window):
         return self.samples[1].get(name, 0.0) - self.samples[0].get(name, 0.0)
 
 
-def _row(
-    name: str, server: Server, mode: str, result: LoadResult, probe: Probe, **extra: Any
-) -> dict[str, Any]:
-    calls = result.calls
-    cpu = probe.cpu[1] - probe.cpu[0]
-    row: dict[str, Any] = {
-        "scenario": name,
-        "server": server.kind,
-        "mode": mode,
-        "calls": calls,
+def _load_fields(result: LoadResult) -> dict[str, Any]:
+    """What the load client saw: calls and their codes, throughput, latency percentiles."""
+    return {
+        "calls": result.calls,
         "ok": result.ok,
         "codes": dict(result.codes),
         "dropped": result.dropped,
         "seconds": result.duration,
         "rps": round(result.ok / result.duration, 1),
         **{f"p{p:g}_ms": round(result.percentile(p), 3) for p in (50, 90, 99, 99.9)},
-        "cpu_s_per_1k": round(cpu / calls * 1000, 4) if calls else None,
+    }
+
+
+def _per_1k(cpu: float, calls: int) -> float | None:
+    return round(cpu / calls * 1000, 4) if calls else None
+
+
+def _row(
+    name: str, server: Server, mode: str, result: LoadResult, probe: Probe, **extra: Any
+) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "scenario": name,
+        "server": server.kind,
+        "mode": mode,
+        **_load_fields(result),
+        "cpu_s_per_1k": _per_1k(probe.cpu[1] - probe.cpu[0], result.calls),
         "peak_rss_mb": round(server.status_kb("VmHWM") / 1024, 1),
     }
     batches = probe.delta("broker_audit_batch_size_count") if probe.samples[0] else 0
@@ -221,13 +268,8 @@ def measure(
     return row
 
 
-def _channel(env: world.BenchEnv, identity: world.Identity, port: int) -> grpc.aio.Channel:
-    creds = grpc.ssl_channel_credentials(env.ca, identity.key, identity.cert)
-    return grpc.aio.secure_channel(f"127.0.0.1:{port}", creds)
-
-
 async def _sample_response(env: world.BenchEnv, port: int, connection_id: str) -> bytes:
-    async with _channel(env, env.executor, port) as channel:
+    async with world.channel(env, env.executor, port) as channel:
         stub = broker_pb2_grpc.ResolveServiceStub(channel)  # type: ignore[no-untyped-call]
         response = await stub.Resolve(pb.ResolveRequest(connection_id=connection_id, purpose="bench"))
     return bytes(response.SerializeToString())
@@ -235,7 +277,7 @@ async def _sample_response(env: world.BenchEnv, port: int, connection_id: str) -
 
 async def _page_all(env: world.BenchEnv, port: int, page_size: int) -> tuple[float, int, int]:
     """Seconds, pages and connections for one walk through every connection."""
-    async with _channel(env, env.admin, port) as channel:
+    async with world.channel(env, env.admin, port) as channel:
         stub = broker_pb2_grpc.AdminServiceStub(channel)  # type: ignore[no-untyped-call]
         await channel.channel_ready()
         started = time.perf_counter()
@@ -284,6 +326,84 @@ def measure_paging(env: world.BenchEnv, server: Server, plan: Plan, page_size: i
     return row
 
 
+def _cpu_by_pid(pids: list[int]) -> dict[int, float]:
+    cpu = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):  # ended meanwhile: its last CPU is lost, a backend's at most
+            cpu[pid] = process_cpu_seconds(pid)
+    return cpu
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat: user, nice, system, irq, softirq)."""
+    user, nice, system, _idle, _iowait, irq, softirq = Path("/proc/stat").read_text().split()[1:8]
+    return sum(int(jiffies) for jiffies in (user, nice, system, irq, softirq)) / _TICK
+
+
+@dataclass
+class CpuShares(Window):
+    """CPU seconds of each role (replicas, database backends, load client) in the measured window,
+    and of the whole machine: what else ran, and what stayed idle."""
+
+    roles: dict[str, Callable[[], list[int]]]
+    used: dict[str, float] = field(default_factory=dict)
+    machine: float = 0.0
+    seconds: float = 0.0
+    _first: dict[str, dict[int, float]] = field(default_factory=dict)
+    _started: tuple[float, float] = (0.0, 0.0)
+
+    def _sample(self) -> dict[str, dict[int, float]]:
+        return {role: _cpu_by_pid(pids()) for role, pids in self.roles.items()}
+
+    def start(self) -> None:
+        self._first = self._sample()
+        self._started = time.monotonic(), machine_busy_seconds()
+
+    def end(self) -> None:
+        last = self._sample()
+        self.seconds = time.monotonic() - self._started[0]
+        self.machine = machine_busy_seconds() - self._started[1]
+        for role, now in last.items():
+            # A process first seen at the end started inside the window: all its CPU counts.
+            self.used[role] = sum(cpu - self._first[role].get(pid, 0.0) for pid, cpu in now.items())
+
+    def cores(self) -> dict[str, float]:
+        """Average cores busy per role, then `other` (anything else running) and `idle`: they add
+        up to the machine's cores."""
+        busy = {role: used / self.seconds for role, used in self.used.items()}
+        machine = self.machine / self.seconds
+        busy["other"] = max(0.0, machine - sum(busy.values()))
+        busy["idle"] = max(0.0, (os.cpu_count() or 1) - machine)
+        return {role: round(cores, 2) for role, cores in busy.items()}
+
+
+def measure_replicas(
+    name: str, spec: LoadSpec, replicas: list[Server], shares: CpuShares, pool: Any, plan: Plan
+) -> dict[str, Any]:
+    """One closed-loop run of `spec` (its `ports`: the replicas it loads); CPU of every role."""
+    for replica in replicas:
+        replica.reset_peak_rss()
+    result = run_load(spec, pool, plan.processes, shares, lead=plan.lead)
+    row: dict[str, Any] = {
+        "scenario": name,
+        "server": "broker",
+        "mode": "closed",
+        "replicas_loaded": len(spec.ports),
+        **_load_fields(result),
+        # Every running replica, the idle one of the 1-replica run too.
+        "cpu_s_per_1k": _per_1k(shares.used["replicas"], result.calls),
+        "cores": shares.cores(),
+        "peak_rss_mb": max(round(r.status_kb("VmHWM") / 1024, 1) for r in replicas),
+    }
+    cores = ", ".join(f"{role} {value:.2f}" for role, value in row["cores"].items())
+    print(
+        f"  {name:<28} {row['rps']:>9.1f} req/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms"
+        f"  cores: {cores}",
+        flush=True,
+    )
+    return row
+
+
 # --------------------------------------------------------------------- runs
 
 
@@ -305,15 +425,36 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run_bench(plan: Plan, root: Path) -> dict[str, Any]:
+def run_bench(plan: Plan, root: Path, *, sqlite: bool = True) -> dict[str, Any]:
+    """The SQLite scenarios against the echo server (unless not `sqlite`), then the replica scenario."""
     env = world.make_env(root)
+    report: dict[str, Any] = {
+        "kind": "bench",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "plan": plan.__dict__,
+    }
+    pool = client_pool(plan.processes)
+    try:
+        load_pids = warm_pool(pool, plan.processes)
+        if sqlite:
+            report.update(run_sqlite(env, plan, pool))
+        report["postgres_replicas"] = run_replicas(env, plan, pool, load_pids)
+    finally:
+        pool.terminate()
+        pool.join()
+    return report
+
+
+def run_sqlite(env: world.BenchEnv, plan: Plan, pool: Any) -> dict[str, Any]:
+    """The broker on SQLite against the echo server: scenarios and ratios."""
+    root = env.root
     print(f"seeding {plan.connections} connections and grants ...", flush=True)
     ids, seed_seconds = asyncio.run(world.seed(env, plan.connections))
     print(f"  seeded in {seed_seconds:.1f} s", flush=True)
     hot = ids[len(ids) // 2]
     rows: list[dict[str, Any]] = []
     servers: list[Server] = []
-    pool = client_pool(plan.processes)
     try:
         broker = start_server("broker", root)
         servers.append(broker)
@@ -321,7 +462,6 @@ def run_bench(plan: Plan, root: Path) -> dict[str, Any]:
         (root / "response.bin").write_bytes(response)
         echo = start_server("echo", root, str(root / "response.bin"))
         servers.append(echo)
-        warm_pool(pool, plan.processes)
         base = LoadSpec(
             port=0,
             ca=env.ca,
@@ -369,10 +509,7 @@ def run_bench(plan: Plan, root: Path) -> dict[str, Any]:
         )
         rows.append(measure("admin_create", broker, create, pool, plan))
     finally:
-        pool.terminate()
-        pool.join()
-        for server in servers:
-            server.stop()
+        stop_processes([server.process for server in servers])
     by_name = {row["scenario"]: row for row in rows}
     # Throughput ratios, and the same compared by the server's CPU per call: on a shared 2-core
     # machine the load client competes with the server, and CPU per call is the steadier measure.
@@ -386,14 +523,95 @@ def run_bench(plan: Plan, root: Path) -> dict[str, Any]:
             by_name["resolve_durable_audit_one_in_flight"]["rps"], by_name["echo_one_in_flight"]["rps"]
         ),
     }
+    return {"seed_seconds": round(seed_seconds, 1), "ratios": ratios, "scenarios": rows}
+
+
+REPLICAS = 2
+
+
+def shared_cores_caveat() -> str:
+    return (
+        f"{os.cpu_count()} CPU cores shared by the load client, every replica and PostgreSQL: "
+        "the ratio shows how they split those cores, not how replicas with a core each would scale"
+    )
+
+
+def run_replicas(env: world.BenchEnv, plan: Plan, pool: Any, load_pids: list[int]) -> dict[str, Any]:
+    """Warm Resolve on one PostgreSQL database: 1 replica loaded, then 2 with the load split evenly.
+
+    Skipped (and said so, in the output and the report) without a PostgreSQL server.
+    """
+    dsn = postgres.server_dsn()
+    if dsn is None:
+        print(f"postgres replicas: skipped: {postgres.skip_reason()}", flush=True)
+        return {"skipped": postgres.skip_reason()}
+    print(f"postgres replicas: {REPLICAS} brokers on a fresh database ...", flush=True)
+    with postgres.temporary_database(dsn) as (database, url):
+        names = [f"replica-{n}" for n in range(1, REPLICAS + 1)]
+        for name in names:
+            world.replica_config(env, name, url)
+        # Started together, as a deployment would: migrations run once, under their advisory lock.
+        launches = [launch_server("broker", env.root, name, name=name) for name in names]
+        try:
+            replicas = [launch.ready() for launch in launches]
+            return _replica_runs(env, plan, pool, replicas, database, load_pids)
+        finally:
+            stop_processes([launch.process for launch in launches])
+
+
+def _replica_runs(
+    env: world.BenchEnv,
+    plan: Plan,
+    pool: Any,
+    replicas: list[Server],
+    database: str,
+    load_pids: list[int],
+) -> dict[str, Any]:
+    admin = replicas[0].info["admin"]
+    ids, seed_seconds = asyncio.run(world.seed_through_admin(env, admin, plan.connections))
+    print(
+        f"  seeded {len(ids)} connections and grants through replica-1's admin API in {seed_seconds:.1f} s",
+        flush=True,
+    )
+    ports = tuple(replica.info["resolve"] for replica in replicas)
+    # Warm: every replica has resolved every connection once, so each one's own cache holds them.
+    started = time.perf_counter()
+    asyncio.run(world.warm_caches(env, ports, ids))
+    warmed = time.perf_counter() - started
+    print(f"  every replica resolved each connection once in {warmed:.1f} s", flush=True)
+    spec = LoadSpec(
+        port=0,
+        ca=env.ca,
+        cert=env.executor.cert,
+        key=env.executor.key,
+        call="resolve",
+        ids=tuple(ids),
+        concurrency=plan.concurrency,
+        # The same channels in both runs, a multiple of the replicas so they split evenly.
+        channels=-(-plan.channels // REPLICAS) * REPLICAS,
+        warmup=plan.warmup,
+        duration=plan.duration,
+    )
+    roles: dict[str, Callable[[], list[int]]] = {
+        "replicas": lambda: [replica.pid for replica in replicas],
+        "postgres": lambda: postgres.backend_pids(database),
+        "load": lambda: load_pids,
+    }
+
+    def run(name: str, loaded: tuple[int, ...]) -> dict[str, Any]:
+        return measure_replicas(name, replace(spec, ports=loaded), replicas, CpuShares(roles), pool, plan)
+
+    one = run("postgres_1_replica", ports[:1])
+    two = run(f"postgres_{REPLICAS}_replicas", ports)
     return {
-        "kind": "bench",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine(),
-        "plan": plan.__dict__,
+        "connections": len(ids),
         "seed_seconds": round(seed_seconds, 1),
-        "ratios": ratios,
-        "scenarios": rows,
+        "in_flight": plan.concurrency * plan.processes,
+        "runs": [one, two],
+        "scaling_ratio": _ratio(two["rps"], one["rps"]),
+        # Above 1: a call costs the replicas less CPU with two of them (each less busy).
+        "cpu_per_call_ratio": _ratio(one["cpu_s_per_1k"] or 0.0, two["cpu_s_per_1k"] or 0.0),
+        "caveat": shared_cores_caveat(),
     }
 
 
@@ -462,33 +680,52 @@ def table(report: dict[str, Any]) -> str:
         "RSS MB",
     )
     lines = ["{:<36} {:<6} {:>8} {:>6} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8} {:>7}".format(*head)]
-    for row in report["scenarios"]:
-        if "total_seconds_median" in row:
-            lines.append(
-                f"{row['scenario']:<36} {'seq':<6} {row['ok']:>8} {0:>6} "
-                f"{row['connections_listed']} listed in {row['total_seconds_median']:.3f} s "
-                f"(best {row['total_seconds_best']:.3f} s){'':>8} "
-                f"{row['cpu_s_per_1k']:>8.3f} {row['peak_rss_mb']:>7.1f}"
-            )
-            continue
-        lines.append(
-            "{:<36} {:<6} {:>8} {:>6} {:>9.1f} {:>7.2f} {:>7.2f} {:>7.2f} {:>8.2f} {:>8.3f} {:>7.1f}".format(
-                row["scenario"],
-                row["mode"],
-                row["ok"],
-                row["calls"] - row["ok"] + row.get("dropped", 0),
-                row["rps"],
-                row["p50_ms"],
-                row["p90_ms"],
-                row["p99_ms"],
-                row["p99.9_ms"],
-                row["cpu_s_per_1k"] or 0.0,
-                row["peak_rss_mb"],
-            )
-        )
+    lines += [_table_line(row) for row in report.get("scenarios", [])]
     for name, value in report.get("ratios", {}).items():
         lines.append(f"ratio {name}: {value:.3f}")
+    if "postgres_replicas" in report:
+        lines += _replica_lines(report["postgres_replicas"])
     return "\n".join(lines)
+
+
+def _table_line(row: dict[str, Any]) -> str:
+    if "total_seconds_median" in row:
+        return (
+            f"{row['scenario']:<36} {'seq':<6} {row['ok']:>8} {0:>6} "
+            f"{row['connections_listed']} listed in {row['total_seconds_median']:.3f} s "
+            f"(best {row['total_seconds_best']:.3f} s){'':>8} "
+            f"{row['cpu_s_per_1k']:>8.3f} {row['peak_rss_mb']:>7.1f}"
+        )
+    return "{:<36} {:<6} {:>8} {:>6} {:>9.1f} {:>7.2f} {:>7.2f} {:>7.2f} {:>8.2f} {:>8.3f} {:>7.1f}".format(
+        row["scenario"],
+        row["mode"],
+        row["ok"],
+        row["calls"] - row["ok"] + row.get("dropped", 0),
+        row["rps"],
+        row["p50_ms"],
+        row["p90_ms"],
+        row["p99_ms"],
+        row["p99.9_ms"],
+        row["cpu_s_per_1k"] or 0.0,
+        row["peak_rss_mb"],
+    )
+
+
+def _replica_lines(section: dict[str, Any]) -> list[str]:
+    if "skipped" in section:
+        return [f"postgres replicas: skipped: {section['skipped']}"]
+    lines = [
+        f"postgres replicas: warm Resolve, uniform over {section['connections']} connections, "
+        f"{section['in_flight']} calls in flight in both runs (CPU s/1k: all replicas)"
+    ]
+    lines += [_table_line(row) for row in section["runs"]]
+    for row in section["runs"]:
+        cores = ", ".join(f"{role} {value:.2f}" for role, value in row["cores"].items())
+        lines.append(f"  cores busy in {row['scenario']}: {cores}")
+    lines.append(f"scaling_ratio (2 replicas / 1 replica): {section['scaling_ratio']:.3f}")
+    lines.append(f"  CPU per call, 1 replica / 2 replicas: {section['cpu_per_call_ratio']:.3f}")
+    lines.append(f"  caveat: {section['caveat']}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -496,11 +733,16 @@ def main(argv: list[str] | None = None) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--smoke", action="store_true", help="a few seconds: tiny seed, short windows")
     mode.add_argument("--rss", action="store_true", help="RSS with 100,000 stored connections")
+    parser.add_argument(
+        "--replicas-only", action="store_true", help="only the PostgreSQL replica scenario (not with --rss)"
+    )
     parser.add_argument("--out", type=Path, help=f"the JSON report (default {DEFAULT_OUT.relative_to(REPO)})")
     parser.add_argument("--connections", type=int, help="override the number of seeded connections")
     parser.add_argument("--duration", type=float, help="override the measured seconds per scenario")
     parser.add_argument("--profile", type=Path, help="py-spy the broker during resolve_hot/_uniform into DIR")
     args = parser.parse_args(argv)
+    if args.rss and args.replicas_only:
+        parser.error("--replicas-only does not go with --rss")
     global PROFILE_DIR
     PROFILE_DIR = args.profile
     plan = SMOKE if args.smoke else RSS if args.rss else FULL
@@ -511,7 +753,10 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or (DEFAULT_OUT.with_name("rss.json") if args.rss else DEFAULT_OUT)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="broker-bench-") as tmp:
-        report = (run_rss if args.rss else run_bench)(plan, Path(tmp))
+        if args.rss:
+            report = run_rss(plan, Path(tmp))
+        else:
+            report = run_bench(plan, Path(tmp), sqlite=not args.replicas_only)
     report["wall_seconds"] = round(time.monotonic() - started, 1)
     print()
     print(table(report))

@@ -1,15 +1,18 @@
 """The two servers under test, each run in its own process (`python -m bench.servers ...`).
 
-    broker <dir>             broker.server.Broker with <dir>/broker.toml
+    broker <dir> [<name>]    broker.server.Broker with <dir>/<name>.toml (name: broker);
+                             one name per replica when several share a PostgreSQL database
     echo <dir> <response>    a bare grpc.aio server on the same mTLS files: ResolveService
                              answering every call with the response bytes in <response>
 
-Each writes {"pid", ports...} to <dir>/<kind>.ready once it serves, and stops on SIGTERM.
+Each writes {"pid", ports...} to <dir>/<name>.ready (the echo server: echo.ready) once it
+serves, and stops on SIGTERM, or by itself once the process that started it is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -25,28 +28,36 @@ from broker.config import Settings
 from broker.server import Broker
 
 
-async def _until_sigterm() -> None:
+async def _until_stopped() -> None:
+    """Until SIGTERM or SIGINT, or until the bench that started us is gone.
+
+    A bench killed outright (SIGKILL, e.g. by a test's timeout) can stop nothing; polling
+    for the parent once a second keeps its servers from running on forever.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    parent = os.getppid()
+    while not stop.is_set() and os.getppid() == parent:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
 
 
-def _ready(root: Path, kind: str, info: dict[str, Any]) -> None:
-    tmp = root / f"{kind}.ready.tmp"
+def _ready(root: Path, name: str, info: dict[str, Any]) -> None:
+    tmp = root / f"{name}.ready.tmp"
     tmp.write_text(json.dumps({"pid": os.getpid(), **info}))
-    tmp.rename(root / f"{kind}.ready")
+    tmp.rename(root / f"{name}.ready")
 
 
-async def serve_broker(root: Path) -> None:
-    settings = Settings.load(root / "broker.toml", environ={})
+async def serve_broker(root: Path, name: str = "broker") -> None:
+    settings = Settings.load(root / f"{name}.toml", environ={})
     broker_log.configure(settings.log_level)
     broker = Broker(settings)
     await broker.start()
     ports = {"admin": broker.admin_port, "resolve": broker.resolve_port, "metrics": broker.metrics_port}
-    _ready(root, "broker", ports)
-    await _until_sigterm()
+    _ready(root, name, ports)
+    await _until_stopped()
     await broker.stop(grace=1)
 
 
@@ -80,14 +91,14 @@ async def serve_echo(root: Path, response_file: Path) -> None:
     port = server.add_secure_port("127.0.0.1:0", credentials)
     await server.start()
     _ready(root, "echo", {"resolve": port})
-    await _until_sigterm()
+    await _until_stopped()
     await server.stop(1)
 
 
 def main(argv: list[str]) -> None:
     kind, root = argv[0], Path(argv[1])
     if kind == "broker":
-        asyncio.run(serve_broker(root))
+        asyncio.run(serve_broker(root, *argv[2:3]))
     elif kind == "echo":
         asyncio.run(serve_echo(root, Path(argv[2])))
     else:

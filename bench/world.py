@@ -5,18 +5,30 @@ grant checks) straight into the store, with `synchronous = OFF` on the store's
 writer for the duration: the bench database is throw-away, and 10,000 fsyncs
 would otherwise dominate the run. The broker reopens the file with its own
 pragmas (`synchronous = FULL`).
+
+Replicas on PostgreSQL get one TOML each (`replica_config`) beside the first: the same
+TLS files, CA and master key, their own ports. Their store is seeded through the admin
+API of a running replica (`seed_through_admin`), the way an operator would fill it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+import grpc
+from google.protobuf import struct_pb2
 
 from broker import pki
+from broker._proto import broker_pb2 as pb
+from broker._proto import broker_pb2_grpc
 from broker.config import Settings
 from broker.identity import parse_spiffe_id
 from broker.sensitive import SecretFields
@@ -29,6 +41,8 @@ from broker.store.sqlite import SqliteStore
 TRUST_DOMAIN = "broker.local"
 ADMIN = f"spiffe://{TRUST_DOMAIN}/tenant/bench/admin/bench"
 EXECUTOR = f"spiffe://{TRUST_DOMAIN}/tenant/bench/executor/bench"
+T = TypeVar("T")
+R = TypeVar("R")
 
 # Limits raised so they never cap the numbers: the bench measures the broker, not its
 # token buckets (the defaults are 200 Resolves/s per executor, 600 admin writes/min).
@@ -42,7 +56,7 @@ cert = "tls/server.pem"
 key = "tls/server-key.pem"
 client_ca = "tls/ca.pem"
 [storage]
-path = "broker.db"
+{storage}
 [master_key]
 file = "master.key"
 [log]
@@ -50,7 +64,7 @@ level = "{log_level}"
 [server]
 grace_seconds = 2
 [metrics]
-listen = "127.0.0.1:0"
+listen = "{metrics_listen}"
 [limits]
 resolve_per_second = 1000000
 resolve_burst = 1000000
@@ -94,10 +108,30 @@ def make_env(root: Path, log_level: str = "info") -> BenchEnv:
     (tls / "server.pem").write_bytes(server[0])
     pki.write_private(tls / "server-key.pem", server[1])
     pki.write_private(root / "master.key", base64.b64encode(os.urandom(32)))
-    (root / "broker.toml").write_text(BENCH_CONFIG.format(trust_domain=TRUST_DOMAIN, log_level=log_level))
+    (root / "broker.toml").write_text(
+        _broker_toml('path = "broker.db"', metrics_listen="127.0.0.1:0", log_level=log_level)
+    )
     admin = Identity(*pki.issue_principal_cert(ca, ca_key, ADMIN))
     executor = Identity(*pki.issue_principal_cert(ca, ca_key, EXECUTOR))
     return BenchEnv(root, ca, admin, executor)
+
+
+def _broker_toml(storage: str, *, metrics_listen: str, log_level: str = "info") -> str:
+    return BENCH_CONFIG.format(
+        trust_domain=TRUST_DOMAIN, log_level=log_level, storage=storage, metrics_listen=metrics_listen
+    )
+
+
+def replica_config(env: BenchEnv, name: str, database_url: str) -> Path:
+    """`<root>/<name>.toml`: a broker on PostgreSQL at `database_url`, metrics off.
+
+    Relative paths resolve against the TOML's directory, so every replica written here
+    shares the TLS files, the CA and the master key of `env`; ports are picked by the OS.
+    """
+    # A JSON string is a valid TOML basic string (same escapes), whatever the URL holds.
+    path = env.root / f"{name}.toml"
+    path.write_text(_broker_toml(f"url = {json.dumps(database_url)}", metrics_listen=""))
+    return path
 
 
 def new_http_connection(name: str) -> NewConnection:
@@ -139,3 +173,64 @@ async def seed(env: BenchEnv, count: int, *, grant: bool = True, chunk: int = 64
     finally:
         await store.close()
     return ids, time.perf_counter() - started
+
+
+def channel(env: BenchEnv, identity: Identity, port: int) -> grpc.aio.Channel:
+    """A channel to 127.0.0.1:`port` over the bench's mTLS, as `identity`."""
+    creds = grpc.ssl_channel_credentials(env.ca, identity.key, identity.cert)
+    return grpc.aio.secure_channel(f"127.0.0.1:{port}", creds)
+
+
+async def _each(items: Iterable[T], work: Callable[[T], Awaitable[R]], in_flight: int) -> list[R]:
+    """`work` on every item, at most `in_flight` at a time; the results in order."""
+    gate = asyncio.Semaphore(in_flight)
+
+    async def one(item: T) -> R:
+        async with gate:
+            return await work(item)
+
+    return list(await asyncio.gather(*(one(item) for item in items)))
+
+
+def _create_request(new: NewConnection) -> pb.CreateConnectionRequest:
+    config = struct_pb2.Struct()
+    config.update(new.config)
+    return pb.CreateConnectionRequest(
+        name=new.name, type=new.type, config=config, secrets=new.secrets.reveal(), labels=new.labels
+    )
+
+
+async def seed_through_admin(
+    env: BenchEnv, admin_port: int, count: int, *, in_flight: int = 32
+) -> tuple[list[str], float]:
+    """`seed`'s connections and grants, made over a running broker's admin API; ids and seconds."""
+    async with channel(env, env.admin, admin_port) as admin_channel:
+        admin = broker_pb2_grpc.AdminServiceStub(admin_channel)  # type: ignore[no-untyped-call]
+        await asyncio.wait_for(admin_channel.channel_ready(), 10)
+
+        async def create_and_grant(i: int) -> str:
+            created = await admin.CreateConnection(
+                _create_request(new_http_connection(f"conn-{i:06d}")), timeout=30
+            )
+            grant = pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR)
+            await admin.GrantAccess(grant, timeout=30)
+            return str(created.id)
+
+        started = time.perf_counter()
+        ids = await _each(range(count), create_and_grant, in_flight)
+    return ids, time.perf_counter() - started
+
+
+async def warm_caches(env: BenchEnv, resolve_ports: Iterable[int], ids: list[str]) -> None:
+    """Resolve every id once on every port, so each replica's own Resolve cache holds them all."""
+    await asyncio.gather(*(_resolve_each(env, port, ids, in_flight=32) for port in resolve_ports))
+
+
+async def _resolve_each(env: BenchEnv, port: int, ids: list[str], *, in_flight: int) -> None:
+    async with channel(env, env.executor, port) as resolve_channel:
+        resolve = broker_pb2_grpc.ResolveServiceStub(resolve_channel).Resolve  # type: ignore[no-untyped-call]
+
+        async def resolve_one(connection_id: str) -> None:
+            await resolve(pb.ResolveRequest(connection_id=connection_id, purpose="bench warm-up"), timeout=30)
+
+        await _each(ids, resolve_one, in_flight)

@@ -1,7 +1,9 @@
 """The benchmark harness cannot rot: its smoke variant runs end to end and writes a sane report.
 
 It asserts that the harness works (servers start, every scenario runs, status codes are
-counted, the JSON is complete), never a timing.
+counted, the JSON is complete), never a timing. The PostgreSQL replica scenario runs when
+BROKER_BENCH_POSTGRES_DSN or BROKER_TEST_POSTGRES_DSN is set (CI sets the second); without
+either the report must say it was skipped, and why.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+from bench.postgres import DSN_VARIABLES, server_dsn
 
 REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = {
@@ -70,6 +75,25 @@ def _run_and_check(out: Path) -> None:
         "resolve_uniform_cpu_vs_echo",
     }
     assert all(value > 0 for value in ratios.values())
+    _check_replicas(report["postgres_replicas"], done.stdout)
+
+
+def _check_replicas(section: dict[str, Any], stdout: str) -> None:
+    if server_dsn() is None:
+        assert all(variable in section["skipped"] for variable in DSN_VARIABLES), section
+        assert "postgres replicas: skipped" in stdout
+        return
+    assert "skipped" not in section, section
+    assert section["scaling_ratio"] > 0 and section["cpu_per_call_ratio"] > 0
+    assert "scaling_ratio (2 replicas / 1 replica)" in stdout and "caveat:" in stdout
+    one, two = section["runs"]
+    assert (one["scenario"], one["replicas_loaded"]) == ("postgres_1_replica", 1)
+    assert (two["scenario"], two["replicas_loaded"]) == ("postgres_2_replicas", 2)
+    assert section["connections"] > 0 and section["in_flight"] > 0
+    for row in (one, two):
+        assert row["ok"] > 0 and set(row["codes"]) == {"OK"}, row
+        assert 0 < row["p50_ms"] <= row["p99_ms"], row
+        assert row["cores"]["replicas"] > 0 and row["cores"]["load"] > 0, row
 
 
 def test_bench_smoke_writes_every_scenario(tmp_path: Path) -> None:
