@@ -155,10 +155,11 @@ def make_broker(tmp_path: Path, test_pki: TestPki, identities: dict[str, Identit
     """Start a broker in this test's temp dir; settings overridable. Stopped at teardown."""
     started: list[Running] = []
 
-    async def start(**overrides: object) -> Running:
+    async def start(clock: Callable[[], dt.datetime] | None = None, **overrides: object) -> Running:
         logs = io.StringIO()
         broker_log.configure("debug", logs)
-        broker = Broker(write_settings(tmp_path, test_pki, **overrides))
+        settings = write_settings(tmp_path, test_pki, **overrides)
+        broker = Broker(settings) if clock is None else Broker(settings, clock=clock)
         await broker.start()
         running = Running(broker, test_pki, identities, logs)
         started.append(running)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -81,3 +82,16 @@ async def eventually(condition: Callable[[], bool], within: float, what: str) ->
         assert time.monotonic() - started < within, f"not within {within} s: {what}"
         await asyncio.sleep(0.01)
     return time.monotonic() - started
+
+
+class ShiftedClock:
+    """The real time plus an offset a test moves forward: ages tokens without waiting."""
+
+    def __init__(self) -> None:
+        self.offset = datetime.timedelta(0)
+
+    def __call__(self) -> datetime.datetime:
+        return datetime.datetime.now(datetime.UTC) + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += datetime.timedelta(seconds=seconds)

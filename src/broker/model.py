@@ -177,7 +177,15 @@ class ConnectionRecord:
     @property
     def token_expires_at(self) -> datetime | None:
         """When the released secret stops working: an OAuth2 access token's `expires_at`."""
-        value = self.config.get("expires_at") if self.type == "oauth2" else None
+        return self._oauth2_time("expires_at")
+
+    @property
+    def token_issued_at(self) -> datetime | None:
+        """When the broker obtained the OAuth2 access token (`issued_at`), if recorded."""
+        return self._oauth2_time("issued_at")
+
+    def _oauth2_time(self, key: str) -> datetime | None:
+        value = self.config.get(key) if self.type == "oauth2" else None
         if not isinstance(value, str):
             return None
         try:

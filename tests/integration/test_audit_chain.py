@@ -26,8 +26,15 @@ from broker.store._migrate import apply_sqlite, load_migrations
 from broker.store.sqlite import SqliteStore
 from tests import oauthserver
 from tests.conftest import Running
-from tests.helpers import EXECUTOR, db_request, field_violations, rpc_error
-from tests.integration.test_oauth_flow import authorize, server, start  # noqa: F401 (fixtures)
+from tests.helpers import EXECUTOR, ShiftedClock, db_request, field_violations, rpc_error
+from tests.integration.test_oauth_flow import (  # noqa: F401 (fixtures)
+    SHORT_LIFE,
+    age_past_half_life,
+    authorize,
+    clock,
+    server,
+    start,
+)
 
 T0 = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
 GENERIC_PROBLEMS = {chain.PROBLEM_HASH, chain.PROBLEM_LINK, chain.PROBLEM_MISSING, chain.PROBLEM_UNREADABLE}
@@ -332,11 +339,13 @@ def test_retention_has_a_floor() -> None:
 async def test_an_oauth_refresh_records_a_fingerprint_of_the_token_it_used(
     start: Callable[..., Any],  # noqa: F811
     server: oauthserver.OAuthTestServer,  # noqa: F811
+    clock: ShiftedClock,  # noqa: F811
 ) -> None:
     running: Running = await start()
     try:
-        server.expires_in = 20  # inside the refresh margin: the next Resolve refreshes
+        server.expires_in = SHORT_LIFE
         created = await authorize(running, server)
+        age_past_half_life(clock)  # the next Resolve refreshes
         [used] = list(server.refresh_tokens)
         await running.resolver().Resolve(pb.ResolveRequest(connection_id=created.id))
         page = await running.admin().ListAuditEvents(pb.ListAuditEventsRequest(action="oauth.refresh"))

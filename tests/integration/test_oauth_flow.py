@@ -19,7 +19,7 @@ from broker._proto import broker_pb2 as pb
 from broker.egress import EgressSettings
 from tests import oauthserver
 from tests.conftest import Running
-from tests.helpers import EXECUTOR, field_violations, rpc_error, struct
+from tests.helpers import EXECUTOR, ShiftedClock, field_violations, rpc_error, struct
 
 REDIRECT = "http://127.0.0.1:8976/callback"
 
@@ -30,8 +30,22 @@ def server() -> Iterator[oauthserver.OAuthTestServer]:
         yield s
 
 
+SHORT_LIFE = 20  # seconds a short-lived token lives: shorter than the 30 s margin below
+
+
 @pytest.fixture
-def start(make_broker: Callable[..., Any]) -> Callable[..., Any]:
+def clock() -> ShiftedClock:
+    return ShiftedClock()
+
+
+def age_past_half_life(clock: ShiftedClock) -> None:
+    """Make the brokers' short-lived tokens due: one living no longer than the refresh margin
+    is refreshed once half its life is gone (not on every Resolve)."""
+    clock.advance(SHORT_LIFE * 0.6)
+
+
+@pytest.fixture
+def start(make_broker: Callable[..., Any], clock: ShiftedClock) -> Callable[..., Any]:
     """A broker that may reach loopback (the authorization server), with a 30 s refresh margin."""
 
     async def go(**overrides: Any) -> Running:
@@ -40,7 +54,7 @@ def start(make_broker: Callable[..., Any]) -> Callable[..., Any]:
             "oauth_refresh_margin_seconds": 30.0,
             "oauth_refresh_interval_seconds": 3600.0,
         }
-        running: Running = await make_broker(**{**settings, **overrides})
+        running: Running = await make_broker(clock=clock, **{**settings, **overrides})
         return running
 
     return go
@@ -161,10 +175,11 @@ async def test_state_is_single_use_bound_and_expiring(
 
 
 async def test_100_concurrent_resolves_share_one_refresh(
-    broker: Running, server: oauthserver.OAuthTestServer
+    broker: Running, server: oauthserver.OAuthTestServer, clock: ShiftedClock
 ) -> None:
-    server.expires_in = 20  # inside the 30 s margin: the next Resolve must refresh
+    server.expires_in = SHORT_LIFE
     created = await authorize(broker, server)
+    age_past_half_life(clock)  # the next Resolve must refresh
     server.expires_in = 3600
     server.delay = 0.2  # keep the refresh in flight while the calls pile up
     stub = broker.resolver()
@@ -178,18 +193,35 @@ async def test_100_concurrent_resolves_share_one_refresh(
     assert len(events.events) == 1 and events.events[0].details["rotated"] == "true"
 
 
-async def test_the_rotated_refresh_token_survives_a_restart(
-    start: Callable[..., Any], server: oauthserver.OAuthTestServer
+async def test_a_token_living_shorter_than_the_margin_is_refreshed_at_half_life_not_every_call(
+    broker: Running, server: oauthserver.OAuthTestServer, clock: ShiftedClock
 ) -> None:
-    server.expires_in = 20
+    server.expires_in = SHORT_LIFE  # as Keycloak's default 5 minutes against our default 5 minute margin
+    created = await authorize(broker, server)
+    assert created.config["issued_at"] <= created.config["expires_at"]
+    for _ in range(5):
+        await resolve(broker, created.id)
+    assert server.token_requests["refresh_token"] == 0  # fresh: no refresh on every Resolve
+    age_past_half_life(clock)
+    for _ in range(5):
+        await resolve(broker, created.id)
+    assert server.token_requests["refresh_token"] == 1  # half its life gone: refreshed once
+
+
+async def test_the_rotated_refresh_token_survives_a_restart(
+    start: Callable[..., Any], server: oauthserver.OAuthTestServer, clock: ShiftedClock
+) -> None:
+    server.expires_in = SHORT_LIFE
     first: Running = await start()
     created = await authorize(first, server)
+    age_past_half_life(clock)
     before = (await resolve(first, created.id)).secrets["access_token"]  # refreshes (and rotates)
     assert server.token_requests["refresh_token"] == 1
     await first.close()
     await first.broker.stop(grace=0)
 
     second: Running = await start()
+    age_past_half_life(clock)
     after = (await resolve(second, created.id)).secrets[
         "access_token"
     ]  # refreshes with the stored rotated token
@@ -200,11 +232,12 @@ async def test_the_rotated_refresh_token_survives_a_restart(
 
 
 async def test_a_refresh_cut_off_by_shutdown_is_not_lost(
-    start: Callable[..., Any], server: oauthserver.OAuthTestServer
+    start: Callable[..., Any], server: oauthserver.OAuthTestServer, clock: ShiftedClock
 ) -> None:
-    server.expires_in = 20
+    server.expires_in = SHORT_LIFE
     first: Running = await start()
     created = await authorize(first, server)
+    age_past_half_life(clock)
     arrived, release = threading.Event(), threading.Event()
 
     async def hold(grant_type: str) -> None:
@@ -224,6 +257,7 @@ async def test_a_refresh_cut_off_by_shutdown_is_not_lost(
     assert server.token_requests["refresh_token"] == 1
 
     second: Running = await start()
+    age_past_half_life(clock)
     released = await resolve(second, created.id)  # needs the token the cut-off refresh stored
     assert server.token_requests["refresh_token"] == 2
     assert released.secrets["access_token"] in server.valid_access_tokens()
@@ -246,10 +280,11 @@ async def test_missing_expires_in_never_leaves_expiry_unknown(start: Callable[..
 
 
 async def test_invalid_grant_expires_the_connection_until_reauthorized(
-    broker: Running, server: oauthserver.OAuthTestServer
+    broker: Running, server: oauthserver.OAuthTestServer, clock: ShiftedClock
 ) -> None:
-    server.expires_in = 20
+    server.expires_in = SHORT_LIFE
     created = await authorize(broker, server)
+    age_past_half_life(clock)
     server.invalid_grant_next()
     expired_before = expired_count()
     error = await rpc_error(resolve(broker, created.id))
@@ -283,10 +318,11 @@ async def test_invalid_grant_expires_the_connection_until_reauthorized(
 
 
 async def test_a_transient_failure_serves_the_still_valid_token(
-    broker: Running, server: oauthserver.OAuthTestServer
+    broker: Running, server: oauthserver.OAuthTestServer, clock: ShiftedClock
 ) -> None:
-    server.expires_in = 20  # still valid, but inside the margin
+    server.expires_in = SHORT_LIFE
     created = await authorize(broker, server)
+    age_past_half_life(clock)  # still valid, but due
     current = server.valid_access_tokens()
     server.fail_next(3, status=503)
     released = await resolve(broker, created.id)
@@ -332,13 +368,14 @@ async def test_revoke_calls_the_providers_revocation_endpoint(
 
 
 async def test_no_oauth_secret_reaches_logs_audit_or_errors(
-    broker: Running, server: oauthserver.OAuthTestServer
+    broker: Running, server: oauthserver.OAuthTestServer, clock: ShiftedClock
 ) -> None:
-    server.expires_in = 20
+    server.expires_in = SHORT_LIFE
     created = await authorize(broker, server)
+    age_past_half_life(clock)
     await resolve(broker, created.id)
     server.invalid_grant_next()
-    server.expires_in = 20
+    age_past_half_life(clock)
     error = await rpc_error(resolve(broker, created.id))
     audit = await broker.admin().ListAuditEvents(pb.ListAuditEventsRequest(page_size=1000))
     secrets = [server.client_secret, *server.access_tokens, *server.refresh_tokens]
@@ -351,10 +388,11 @@ async def test_no_oauth_secret_reaches_logs_audit_or_errors(
 
 
 async def test_the_background_refresher_renews_tokens_before_anyone_asks(
-    broker: Running, server: oauthserver.OAuthTestServer
+    broker: Running, server: oauthserver.OAuthTestServer, clock: ShiftedClock
 ) -> None:
-    server.expires_in = 20  # inside the margin
+    server.expires_in = SHORT_LIFE
     created = await authorize(broker, server)
+    age_past_half_life(clock)
     server.expires_in = 3600
     assert await broker.broker.oauth.refresh_due() == 1
     assert server.token_requests["refresh_token"] == 1

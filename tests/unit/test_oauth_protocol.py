@@ -361,11 +361,11 @@ def test_answer_without_an_access_token_is_invalid_config() -> None:
 
 
 def test_reprs_mask_secrets() -> None:
-    tokens = oauth.TokenSet("at-SECRET", "rt-SECRET", NOW, ("a",), "Bearer", "expires_in")
+    tokens = oauth.TokenSet("at-SECRET", "rt-SECRET", NOW, ("a",), "Bearer", "expires_in", NOW)
     credentials = oauth.ClientCredentials("cid", "cs-SECRET")
     for text in (repr(tokens), str(tokens), repr(credentials), str(credentials)):
         assert "SECRET" not in text
     assert "access_token=<set>" in repr(tokens) and "refresh_token=<set>" in repr(tokens)
     assert "cid" in repr(credentials)
-    no_refresh = oauth.TokenSet("at", None, NOW, (), "Bearer", "default")
+    no_refresh = oauth.TokenSet("at", None, NOW, (), "Bearer", "default", NOW)
     assert "refresh_token=<unset>" in repr(no_refresh)

@@ -99,6 +99,12 @@ OAUTH2 = ConnectionType(
             description="When the access token expires (RFC 3339; stored in UTC).",
         ),
         FieldSpec(
+            "issued_at",
+            FieldKind.TIMESTAMP,
+            description="When the broker obtained the access token (RFC 3339; stored in UTC). A token "
+            "living no longer than the refresh margin is refreshed at half its life.",
+        ),
+        FieldSpec(
             "grant_type",
             FieldKind.ENUM,
             default="authorization_code",

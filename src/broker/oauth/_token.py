@@ -236,6 +236,7 @@ def _token_set(
         scopes=_scopes(document.get("scope")),
         token_type=token_type if isinstance(token_type, str) and token_type else "Bearer",
         expiry_source=source,
+        issued_at=now,
     )
 
 

@@ -35,6 +35,7 @@ class TokenSet(_Unpicklable):
 
     `scopes` are those the response stated (empty when it did not say; RFC 6749 then
     means "as requested"). `expiry_source` says where `expires_at` came from.
+    `issued_at` is when the request was made: with `expires_at`, the token's lifetime.
     """
 
     access_token: str
@@ -43,6 +44,7 @@ class TokenSet(_Unpicklable):
     scopes: tuple[str, ...]
     token_type: str
     expiry_source: ExpirySource
+    issued_at: datetime
 
     def __repr__(self) -> str:
         return (

@@ -95,9 +95,10 @@ def _check_redirect_uri(uri: str) -> None:
 
 
 def token_config(config: Mapping[str, Any], tokens: oauth.TokenSet) -> dict[str, Any]:
-    """Config with the token's expiry and granted scopes (non-secret metadata)."""
+    """Config with the token's issue and expiry times and granted scopes (non-secret metadata)."""
     updated = dict(config)
     updated["expires_at"] = tokens.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    updated["issued_at"] = tokens.issued_at.strftime("%Y-%m-%dT%H:%M:%SZ")
     if tokens.scopes:
         updated["scopes"] = list(tokens.scopes)
     return updated
@@ -263,7 +264,16 @@ class OAuthService:
         expires = record.token_expires_at
         if not secrets.get("access_token"):
             return True
-        return expires is None or expires - self._clock() <= self.settings.refresh_margin
+        if expires is None:
+            return True
+        margin = self.settings.refresh_margin
+        issued = record.token_issued_at
+        if issued is not None and issued < expires:
+            # A token that lives no longer than the margin (Keycloak's default is 5 minutes,
+            # as is ours) would otherwise be refreshed on every Resolve: refresh it when half
+            # its life is gone instead.
+            margin = min(margin, (expires - issued) / 2)
+        return expires - self._clock() <= margin
 
     async def fresh(
         self, record: ConnectionRecord, secrets: SecretFields
