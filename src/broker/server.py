@@ -47,12 +47,13 @@ from broker.config import Settings
 from broker.crypto import Keyring
 from broker.egress import EgressPolicy
 from broker.errors import ConfigError
-from broker.model import Role
+from broker.model import Outcome, Role
 from broker.service.access import AccessService
 from broker.service.alerts import AlertSender, parse_target
 from broker.service.audit import AuditLog
 from broker.service.cache import ResolveCache
 from broker.service.connections import Clock, ConnectionService, utc_now
+from broker.service.context import Call
 from broker.service.keycheck import verify_keyring
 from broker.service.keys import MasterKeys
 from broker.service.monitor import Monitor
@@ -236,6 +237,13 @@ class Broker:
             master_key_id=keyring.active.id,
         )
 
+    async def _audit_wrong_role(self, call: Call, method: str) -> None:
+        """A certificate of this trust domain used on the other listener: worth an audit record."""
+        details = {"method": method.rpartition("/")[2]}
+        await self.audit.append(
+            call.audit_event(self._clock(), "rpc.denied", "", Outcome.DENIED, "wrong_role", details)
+        )
+
     def _start_metrics(self) -> int:
         """Serve /metrics on its own port; 0 when turned off."""
         if not self.settings.metrics_listen:
@@ -299,7 +307,7 @@ class Broker:
             # Identity and error mapping first; the rate limit runs inside it, for a known caller.
             interceptors=[
                 self._gate,  # outermost: counts calls under way, refuses new ones while draining
-                CallInterceptor(self.settings.trust_domain, _ROLES),
+                CallInterceptor(self.settings.trust_domain, _ROLES, self._audit_wrong_role),
                 RateLimitInterceptor(self._limits),
             ],
             # gRPC sets SO_REUSEPORT by default: a second broker would silently share the port.

@@ -9,7 +9,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc
 from tests.conftest import Running
-from tests.helpers import EXECUTOR_B, db_request, rpc_error
+from tests.helpers import EXECUTOR, EXECUTOR_B, db_request, rpc_error
+
+ADMIN = "spiffe://broker.local/tenant/default/admin/cli"
 
 
 async def test_no_client_certificate_is_refused_at_the_handshake(running: Running) -> None:
@@ -51,6 +53,13 @@ async def test_wrong_role_is_permission_denied(running: Running) -> None:
     )
     error = await rpc_error(as_admin.Resolve(pb.ResolveRequest(name="x")))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Both refusals are audited, for the caller's tenant, with the method they tried.
+    page = await running.admin().ListAuditEvents(pb.ListAuditEventsRequest(action="rpc.denied"))
+    seen = {(e.actor, e.outcome, e.reason, e.details["method"]) for e in page.events}
+    assert seen == {
+        (EXECUTOR, "denied", "wrong_role", "ListConnections"),
+        (ADMIN, "denied", "wrong_role", "Resolve"),
+    }
 
 
 async def test_each_listener_serves_only_its_service(running: Running) -> None:

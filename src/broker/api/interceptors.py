@@ -1,8 +1,9 @@
 """One interceptor for every broker RPC: request id, identity, role, logging, errors.
 
 It authenticates the caller from the peer certificate, checks the role the
-service requires, makes the `Call` available to the servicer, and translates a
-`BrokerError` into its status in exactly one place. Unexpected exceptions
+service requires (a valid certificate used with the wrong role is reported to
+`on_wrong_role`, which audits it), makes the `Call` available to the servicer,
+and translates a `BrokerError` into its status in exactly one place. Unexpected exceptions
 become INTERNAL with the request id and nothing else: no stack trace or driver
 message reaches a caller.
 """
@@ -82,12 +83,20 @@ def _abort_args(error: BrokerError, request_id: str) -> tuple[Any, str, tuple[tu
     return code, error.message, tuple(trailers)
 
 
+# Told of a call refused because the caller's role does not match the service: the caller is
+# known (a valid certificate of this trust domain), so the refusal can be audited for its tenant.
+WrongRoleHook = Callable[[Call, str], Awaitable[None]]
+
+
 class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Wraps the unary and server-streaming handlers of the services in `roles` (service -> role)."""
 
-    def __init__(self, trust_domain: str, roles: Mapping[str, Role]) -> None:
+    def __init__(
+        self, trust_domain: str, roles: Mapping[str, Role], on_wrong_role: WrongRoleHook | None = None
+    ) -> None:
         self._trust_domain = trust_domain
         self._roles = dict(roles)
+        self._on_wrong_role = on_wrong_role
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
         handler = await continuation(details)
@@ -95,7 +104,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         role = self._roles.get(service)
         if handler is None or role is None:
             return handler  # health checking and reflection: the TLS layer already required a client cert
-        guard = _Guard(self._trust_domain, role, details.method)
+        guard = _Guard(self._trust_domain, role, details.method, self._on_wrong_role)
         if handler.unary_unary is not None:
             unary = handler.unary_unary
 
@@ -148,6 +157,7 @@ class _Guard:
     trust_domain: str
     role: Role
     method: str
+    on_wrong_role: WrongRoleHook | None = None
 
     @contextlib.asynccontextmanager
     async def serving(self, context: Any) -> AsyncIterator[None]:
@@ -164,9 +174,11 @@ class _Guard:
         try:
             principal = principal_from_context(context, self.trust_domain)
             caller = principal.spiffe_id
+            call = Call(principal, request_id, context.peer())
             if principal.role is not self.role:
+                await self._wrong_role(call)
                 raise PermissionDenied(f"this call requires the {self.role.value} role")
-            token = _CURRENT_CALL.set(Call(principal, request_id, context.peer()))
+            token = _CURRENT_CALL.set(call)
             try:
                 yield
             finally:
@@ -201,3 +213,11 @@ class _Guard:
             with contextlib.suppress(ValueError):
                 structlog.contextvars.reset_contextvars(**bound)
         await context.abort(abort[0], abort[1], trailing_metadata=abort[2])
+
+    async def _wrong_role(self, call: Call) -> None:
+        if self.on_wrong_role is None:
+            return
+        try:
+            await self.on_wrong_role(call, self.method)
+        except Exception as exc:  # the refusal stands whether or not it could be recorded
+            log.warning("wrong_role_audit_failed", error_type=type(exc).__name__)
