@@ -12,6 +12,10 @@ granted to it. Errors from the broker propagate unchanged as `grpc.RpcError`
 A reply is cached for its `cache_ttl_seconds` (the broker's choice; 0 means not at
 all) and never past its `expires_at`. Cached replies skip the broker, so they also
 skip its audit trail: the first resolve in each TTL window is the one recorded.
+
+When a ref is resolved again (its TTL ran out, it was invalidated, or `refresh=True`),
+the client tells the broker which `secret_version` it received last, and the answer's
+`superseded_at` says when that secret was replaced (an executor rebuilds its pools then).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn, Self
@@ -36,7 +40,14 @@ Clock = Callable[[], float]
 
 @dataclass(frozen=True, repr=False)
 class Resolved:
-    """A resolved connection. `repr` masks the secret values; pickling is refused."""
+    """A resolved connection. `repr` masks the secret values; pickling is refused.
+
+    `secret_version` rises each time the connection's secrets change. `superseded_at`
+    is set on the first answer after a change: the secret this client held for the
+    same ref (and connection) was replaced at that time. It is None on a first resolve,
+    on answers served from the cache, and once the broker no longer remembers the old
+    version (`resolve.superseded_grace_seconds`); compare `secret_version` to be sure.
+    """
 
     connection_id: str
     name: str
@@ -46,13 +57,16 @@ class Resolved:
     secrets: dict[str, str]
     expires_at: dt.datetime | None
     cache_ttl_seconds: int
+    secret_version: int = 0
+    superseded_at: dt.datetime | None = None
 
     def __repr__(self) -> str:
         masked = {k: "***" for k in self.secrets}
         return (
             f"Resolved(connection_id={self.connection_id!r}, name={self.name!r}, type={self.type!r}, "
             f"provider={self.provider!r}, config={self.config!r}, secrets={masked!r}, "
-            f"expires_at={self.expires_at!r}, cache_ttl_seconds={self.cache_ttl_seconds!r})"
+            f"expires_at={self.expires_at!r}, cache_ttl_seconds={self.cache_ttl_seconds!r}, "
+            f"secret_version={self.secret_version!r}, superseded_at={self.superseded_at!r})"
         )
 
     def __reduce__(self) -> NoReturn:
@@ -124,6 +138,9 @@ class _Base:
         self._stub = broker_pb2_grpc.ResolveServiceStub(channel)  # type: ignore[no-untyped-call]
         self._timeout = timeout
         self._cache = ResolvedCache(clock, wall_clock) if cache else None
+        # (connection_id, secret_version) last received per ref; outlives cache entries, so a
+        # re-resolve can name the version it held. One small tuple per ref ever resolved.
+        self._held: dict[CacheKey, tuple[str, int]] = {}
 
     @classmethod
     def from_channel(
@@ -141,7 +158,10 @@ class _Base:
         return client
 
     def invalidate(self, connection_id: str | None = None, *, name: str | None = None) -> None:
-        """Drop a cached reply (after the secret was rotated, say), or all of them when no ref is given."""
+        """Drop a cached reply (after the secret was rotated, say), or all of them when no ref is given.
+
+        The secret version last received is kept, so the next resolve still learns `superseded_at`.
+        """
         if self._cache is None:
             return
         if connection_id is None and name is None:
@@ -149,13 +169,28 @@ class _Base:
         else:
             self._cache.invalidate(_key(connection_id, name))
 
-    def _cached(self, key: CacheKey) -> Resolved | None:
-        return self._cache.get(key) if self._cache is not None else None
+    def _cached(self, key: CacheKey, refresh: bool) -> Resolved | None:
+        return self._cache.get(key) if self._cache is not None and not refresh else None
+
+    def _request_for(self, key: CacheKey, purpose: str) -> Any:
+        held = self._held.get(key)
+        return _request(key, purpose, held[1] if held is not None else 0)
 
     def _remember(self, key: CacheKey, reply: Any) -> Resolved:
         value = _from_reply(reply)
+        held = self._held.get(key)
+        if held is not None and held[0] == value.connection_id:
+            # Concurrent resolves may answer out of order; versions only rise.
+            self._held[key] = (value.connection_id, max(held[1], value.secret_version))
+        else:
+            self._held[key] = (value.connection_id, value.secret_version)
+            if value.superseded_at is not None:
+                # A name now pointing at another connection: the time is of that one's history.
+                value = replace(value, superseded_at=None)
         if self._cache is not None:
-            self._cache.put(key, value)
+            # The news is for this caller; later cache hits must not report it again.
+            cached = value if value.superseded_at is None else replace(value, superseded_at=None)
+            self._cache.put(key, cached)
         return value
 
 
@@ -179,17 +214,23 @@ class ResolveClient(_Base):
         super().__init__(channel, cache=cache, timeout=timeout, clock=clock, wall_clock=wall_clock)
 
     async def resolve(
-        self, connection_id: str | None = None, *, name: str | None = None, purpose: str = ""
+        self,
+        connection_id: str | None = None,
+        *,
+        name: str | None = None,
+        purpose: str = "",
+        refresh: bool = False,
     ) -> Resolved:
         """Resolve by id or by name (exactly one); `purpose` is recorded in the audit trail.
 
-        Raises ValueError for a bad reference and grpc.RpcError for what the broker refuses.
+        `refresh=True` skips the cache and asks the broker. Raises ValueError for a bad
+        reference and grpc.RpcError for what the broker refuses.
         """
         key = _key(connection_id, name)
-        cached = self._cached(key)
+        cached = self._cached(key, refresh)
         if cached is not None:
             return cached
-        reply = await self._stub.Resolve(_request(key, purpose), timeout=self._timeout)
+        reply = await self._stub.Resolve(self._request_for(key, purpose), timeout=self._timeout)
         return self._remember(key, reply)
 
     async def close(self) -> None:
@@ -225,17 +266,23 @@ class SyncResolveClient(_Base):
         super().__init__(channel, cache=cache, timeout=timeout, clock=clock, wall_clock=wall_clock)
 
     def resolve(
-        self, connection_id: str | None = None, *, name: str | None = None, purpose: str = ""
+        self,
+        connection_id: str | None = None,
+        *,
+        name: str | None = None,
+        purpose: str = "",
+        refresh: bool = False,
     ) -> Resolved:
         """Resolve by id or by name (exactly one); `purpose` is recorded in the audit trail.
 
-        Raises ValueError for a bad reference and grpc.RpcError for what the broker refuses.
+        `refresh=True` skips the cache and asks the broker. Raises ValueError for a bad
+        reference and grpc.RpcError for what the broker refuses.
         """
         key = _key(connection_id, name)
-        cached = self._cached(key)
+        cached = self._cached(key, refresh)
         if cached is not None:
             return cached
-        reply = self._stub.Resolve(_request(key, purpose), timeout=self._timeout)
+        reply = self._stub.Resolve(self._request_for(key, purpose), timeout=self._timeout)
         return self._remember(key, reply)
 
     def close(self) -> None:
@@ -260,15 +307,18 @@ def _key(connection_id: str | None, name: str | None) -> CacheKey:
     return key
 
 
-def _request(key: CacheKey, purpose: str) -> Any:
+def _request(key: CacheKey, purpose: str, known_secret_version: int) -> Any:
     kind, value = key
     if kind == "id":
-        return broker_pb2.ResolveRequest(connection_id=value, purpose=purpose)
-    return broker_pb2.ResolveRequest(name=value, purpose=purpose)
+        return broker_pb2.ResolveRequest(
+            connection_id=value, purpose=purpose, known_secret_version=known_secret_version
+        )
+    return broker_pb2.ResolveRequest(name=value, purpose=purpose, known_secret_version=known_secret_version)
 
 
 def _from_reply(reply: Any) -> Resolved:
     expires = reply.expires_at.ToDatetime(tzinfo=dt.UTC) if reply.HasField("expires_at") else None
+    superseded = reply.superseded_at.ToDatetime(tzinfo=dt.UTC) if reply.HasField("superseded_at") else None
     return Resolved(
         connection_id=reply.connection_id,
         name=reply.name,
@@ -278,6 +328,8 @@ def _from_reply(reply: Any) -> Resolved:
         secrets=dict(reply.secrets),
         expires_at=expires,
         cache_ttl_seconds=reply.cache_ttl_seconds,
+        secret_version=reply.secret_version,
+        superseded_at=superseded,
     )
 
 

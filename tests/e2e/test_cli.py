@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from broker import pki
+from broker import keydir, pki
 from broker.client import SyncResolveClient
 from tests import mcpserver, oauthserver
 
@@ -271,3 +271,51 @@ def test_unreachable_broker_gets_a_hint(tmp_path: Path) -> None:
     result = subprocess.run([*argv, "types"], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 1
     assert "UNAVAILABLE" in result.stderr and "broker dev" in result.stderr and addr in result.stderr
+
+
+def test_master_key_rotation_through_brokerctl(tmp_path: Path) -> None:
+    """`broker serve` with a key directory and the dev admin as operator; `brokerctl keys rotate`."""
+    data_dir = tmp_path / "dev"
+    pki.ensure_dev_layout(data_dir)
+    tls, key_dir = data_dir / "tls", tmp_path / "keys"
+    old = keydir.init(key_dir, [])
+    admin, resolve = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    config = _write(
+        tmp_path / "broker.toml",
+        f'[listen]\nadmin = "{admin}"\nresolve = "{resolve}"\n'
+        f'[tls]\ncert = "{tls / "server.pem"}"\nkey = "{tls / "server-key.pem"}"\n'
+        f'client_ca = "{tls / "ca.pem"}"\n[storage]\npath = "{tmp_path / "broker.db"}"\n'
+        f'[master_key]\ndir = "{key_dir}"\noperators = ["{ADMIN}"]\n[metrics]\nlisten = ""\n',
+    )
+    stdout, stderr = tmp_path / "broker.out", tmp_path / "broker.err"
+    argv = [sys.executable, "-m", "broker.cli.broker", "serve", "--config", str(config)]
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        process = subprocess.Popen(argv, stdout=out, stderr=err, cwd=tmp_path)
+    broker = DevBroker(process, data_dir, admin, resolve, stdout, stderr)
+    try:
+        _wait_until_serving(broker)
+        rotated, raw = broker.ok("keys", "rotate")
+        assert rotated["previous_kek_id"] == old.id and rotated["active_kek_id"] != old.id
+        assert keydir.active_id(key_dir) == rotated["active_kek_id"]
+        assert rotated["deks_by_kek"] == {old.id: "1"}  # the store's key-check canary
+        assert "broker keys rewrap" in raw
+
+        text = subprocess.run(
+            [*broker.ctl_argv(json_output=False), "keys", "rotate"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert text.returncode == 0, text.stderr
+        newest = keydir.active_id(key_dir)
+        assert text.stdout.splitlines()[:2] == [
+            f"active key:    {newest}",
+            f"previous key:  {rotated['active_kek_id']}",
+        ]
+        events, _ = broker.ok("audit", "--action", "master_key.rotate")
+        assert [e["details"]["kek_id"] for e in events["events"]] == [newest, rotated["active_kek_id"]]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)

@@ -377,6 +377,89 @@ def test_unreachable_broker_gets_a_hint_with_the_address() -> None:
     assert "--ca" in describe_error(tls, "h:1")[1]
 
 
+# -------------------------------------------------------------- master keys
+
+
+def rotated() -> pb.RotateMasterKeyResponse:
+    return pb.RotateMasterKeyResponse(
+        active_kek_id="kek_new", previous_kek_id="kek_old", deks_by_kek={"kek_old": 12}
+    )
+
+
+def test_keys_rotate_calls_rotate_master_key_and_shows_the_keys(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    session = fake(RotateMasterKey=rotated())
+    assert brokerctl.main(["keys", "rotate"]) == 0
+    [(method, request)] = session.admin.calls
+    assert method == "RotateMasterKey" and request == pb.RotateMasterKeyRequest()
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[:2] == ["active key:    kek_new", "previous key:  kek_old"]
+    assert [line.split() for line in lines[3:]] == [
+        ["KEY", "STATE", "DATA", "KEYS"],
+        ["kek_new", "active", "0"],  # listed even though it wraps nothing yet
+        ["kek_old", "old", "12"],
+    ]
+    assert "kek_new is now the active master key (was kek_old)" in captured.err
+    assert "broker keys rewrap" in captured.err
+
+
+def test_keys_rotate_json_keeps_stdout_machine_readable(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake(RotateMasterKey=rotated())
+    assert brokerctl.main(["keys", "rotate", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "active_kek_id": "kek_new",
+        "previous_kek_id": "kek_old",
+        "deks_by_kek": {"kek_old": "12"},  # int64 is a string in proto3 JSON
+    }
+
+
+def test_keys_needs_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["keys"])
+    assert info.value.code == 2
+    assert "KEYS_COMMAND" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "hint"),
+    [
+        (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "rotating the master key needs a principal listed in master_key.operators",
+            "must be listed in the broker's master_key.operators",
+        ),
+        (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "this broker reads a single master key (master_key.file or BROKER_MASTER_KEY); "
+            "rotation needs master_key.dir",
+            "`broker keys init --import`",
+        ),
+    ],
+)
+def test_keys_rotate_refusals_say_what_to_change(
+    fake: Any, capsys: pytest.CaptureFixture[str], code: grpc.StatusCode, details: str, hint: str
+) -> None:
+    fake(RotateMasterKey=FakeRpcError(code, details))
+    assert brokerctl.main(["keys", "rotate"]) == 1
+    captured = capsys.readouterr()
+    status, hint_line = captured.err.splitlines()
+    assert status == f"brokerctl: {code.name}: {details}"
+    assert hint_line.startswith("brokerctl: hint: ") and hint in hint_line
+    assert captured.out == ""
+
+
+def test_keys_rotate_other_errors_are_reported_as_usual(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake(RotateMasterKey=FakeRpcError(grpc.StatusCode.UNIMPLEMENTED, "Method not found!"))
+    assert brokerctl.main(["keys", "rotate"]) == 1
+    assert capsys.readouterr().err == "brokerctl: UNIMPLEMENTED: Method not found!\n"
+
+
 def test_session_opens_channels_lazily_and_closes_them(tmp_path: Path) -> None:
     files = ClientTls(tmp_path / "ca.pem", tmp_path / "c.pem", tmp_path / "k.pem")
     session = Session("a:1", files, "b:2", files, timeout=1.0)

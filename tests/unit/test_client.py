@@ -33,15 +33,15 @@ class Clock:
 
 
 def reply(ttl: int = 60, expires_in: float | None = None, **overrides: Any) -> pb.ResolveResponse:
-    message = pb.ResolveResponse(
-        connection_id="conn_1",
-        name="orders-db",
-        type="database",
-        provider="postgres",
-        secrets={"password": CANARY},
-        cache_ttl_seconds=ttl,
-        **overrides,
-    )
+    fields: dict[str, Any] = {
+        "connection_id": "conn_1",
+        "name": "orders-db",
+        "type": "database",
+        "provider": "postgres",
+        "secrets": {"password": CANARY},
+        "cache_ttl_seconds": ttl,
+    }
+    message = pb.ResolveResponse(**(fields | overrides))
     message.config.update({"host": "db.internal", "port": 5432, "ratio": 0.5, "tags": [1, "a"]})
     if expires_in is not None:
         message.expires_at.FromDatetime(dt.datetime.fromtimestamp(WALL_START + expires_in, dt.UTC))
@@ -181,6 +181,111 @@ def test_errors_propagate_and_are_not_cached() -> None:
     assert len(channel.requests) == 2
 
 
+# -------------------------------------------------------- secret versions
+
+
+def superseded(seconds_ago: float = 30) -> dict[str, Any]:
+    """Reply fields for a secret replaced `seconds_ago` before the fake wall clock's start."""
+    when = pb.ResolveResponse()
+    when.superseded_at.FromDatetime(dt.datetime.fromtimestamp(WALL_START - seconds_ago, dt.UTC))
+    return {"superseded_at": when.superseded_at}
+
+
+def test_reresolve_after_the_ttl_sends_the_version_held_and_surfaces_superseded_at() -> None:
+    clock = Clock()
+    channel = FakeChannel(
+        reply(ttl=30, secret_version=3), reply(ttl=30, secret_version=4, **superseded()), is_async=False
+    )
+    client = sync_client(channel, clock)
+    first = client.resolve("conn_1")
+    assert first.secret_version == 3 and first.superseded_at is None
+    assert channel.requests[0].known_secret_version == 0  # nothing held yet
+    clock.advance(30)
+    second = client.resolve("conn_1")
+    assert channel.requests[1].known_secret_version == 3
+    assert second.secret_version == 4
+    assert second.superseded_at == dt.datetime.fromtimestamp(WALL_START - 30, dt.UTC)
+    # Told once: the cached copy does not report the change again.
+    again = client.resolve("conn_1")
+    assert len(channel.requests) == 2
+    assert again.secret_version == 4 and again.superseded_at is None
+    assert again.secrets == second.secrets
+    clock.advance(30)
+    client.resolve("conn_1")
+    assert channel.requests[2].known_secret_version == 4
+
+
+def test_refresh_skips_the_cache_and_sends_the_version_held() -> None:
+    clock = Clock()
+    channel = FakeChannel(
+        reply(ttl=600, secret_version=1), reply(ttl=600, secret_version=2, **superseded()), is_async=False
+    )
+    client = sync_client(channel, clock)
+    client.resolve(name="orders-db")
+    fresh = client.resolve(name="orders-db", refresh=True)
+    assert [r.known_secret_version for r in channel.requests] == [0, 1]
+    assert fresh.secret_version == 2 and fresh.superseded_at is not None
+    assert client.resolve(name="orders-db").superseded_at is None  # served from the cache
+    assert len(channel.requests) == 2
+
+
+def test_invalidate_drops_the_reply_but_not_the_version_held() -> None:
+    clock, channel = Clock(), FakeChannel(reply(secret_version=7), is_async=False)
+    client = sync_client(channel, clock)
+    client.resolve("conn_1")
+    client.invalidate()
+    client.resolve("conn_1")
+    assert [r.known_secret_version for r in channel.requests] == [0, 7]
+
+
+def test_versions_are_held_per_ref_and_without_a_cache() -> None:
+    clock, channel = Clock(), FakeChannel(reply(secret_version=5), is_async=False)
+    client = sync_client(channel, clock, cache=False)
+    client.resolve("conn_1")
+    client.resolve(name="orders-db")  # another ref: it has held nothing yet
+    client.resolve("conn_1")
+    assert [r.known_secret_version for r in channel.requests] == [0, 0, 5]
+
+
+def test_superseded_at_of_another_connection_is_not_reported() -> None:
+    # The name now belongs to a different connection: the broker's time is of that one's history.
+    clock = Clock()
+    channel = FakeChannel(
+        reply(ttl=0, secret_version=3),
+        reply(ttl=0, secret_version=9, connection_id="conn_2", **superseded()),
+        reply(ttl=0, secret_version=9, connection_id="conn_2"),
+        is_async=False,
+    )
+    client = sync_client(channel, clock)
+    client.resolve(name="orders-db")
+    other = client.resolve(name="orders-db")
+    assert other.connection_id == "conn_2" and other.superseded_at is None
+    client.resolve(name="orders-db")
+    assert [r.known_secret_version for r in channel.requests] == [0, 3, 9]
+
+
+def test_an_older_answer_arriving_late_does_not_lower_the_version_held() -> None:
+    clock = Clock()
+    channel = FakeChannel(reply(ttl=0, secret_version=4), reply(ttl=0, secret_version=2), is_async=False)
+    client = sync_client(channel, clock)
+    client.resolve("conn_1")
+    client.resolve("conn_1")
+    client.resolve("conn_1")
+    assert [r.known_secret_version for r in channel.requests] == [0, 4, 4]
+
+
+async def test_async_client_sends_the_version_held() -> None:
+    clock = Clock()
+    channel = FakeChannel(
+        reply(ttl=5, secret_version=1), reply(secret_version=2, **superseded()), is_async=True
+    )
+    async with ResolveClient.from_channel(channel, clock=clock.monotonic, wall_clock=clock.wall) as client:
+        await client.resolve("conn_1")
+        fresh = await client.resolve("conn_1", refresh=True)
+    assert [r.known_secret_version for r in channel.requests] == [0, 1]
+    assert fresh.superseded_at is not None
+
+
 # ------------------------------------------------------------------- refs
 
 
@@ -212,6 +317,7 @@ def test_resolved_values() -> None:
     assert resolved.secrets == {"password": CANARY}
     assert (resolved.name, resolved.type, resolved.provider) == ("orders-db", "database", "postgres")
     assert resolved.expires_at is None and resolved.cache_ttl_seconds == 60
+    assert resolved.secret_version == 0 and resolved.superseded_at is None
 
 
 def test_repr_masks_secret_values_and_pickling_is_refused() -> None:

@@ -225,6 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flow_options(q)
 
     p = command(
+        "keys",
+        "Master keys (broker-wide; only for principals in the broker's master_key.operators).",
+    )
+    keys = p.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND", required=True)
+    keys.add_parser(
+        "rotate",
+        help="make a new master key active on the running broker (RotateMasterKey; needs master_key.dir); "
+        "nothing is re-wrapped: run `broker keys rewrap` next",
+        parents=[common],
+    )
+
+    p = command(
         "resolve",
         "Resolve a connection as an executor and PRINT ITS SECRETS. This is the only command "
         "that shows a secret. It uses the executor identity (tls/executor.pem) and --resolve-addr.",

@@ -170,6 +170,17 @@ def render_resolved(r: broker_pb2.ResolveResponse) -> str:
     return fields(pairs)
 
 
+def render_rotated(r: broker_pb2.RotateMasterKeyResponse) -> str:
+    """RotateMasterKey's answer: the new and previous key ids, and the data keys each wraps."""
+    head = fields([("active key", r.active_kek_id), ("previous key", r.previous_kek_id or _NONE)])
+    ids = sorted(set(r.deks_by_kek) | ({r.active_kek_id} if r.active_kek_id else set()))
+    rows = [
+        (kek_id, "active" if kek_id == r.active_kek_id else "old", str(r.deks_by_kek.get(kek_id, 0)))
+        for kek_id in ids
+    ]
+    return head + "\n\n" + table(("KEY", "STATE", "DATA KEYS"), rows)
+
+
 def render_test_result(r: broker_pb2.TestResult) -> str:
     """A test result: the verdict first, then what was and was not verified."""
     verdict = "ok" if r.success else "FAILED"

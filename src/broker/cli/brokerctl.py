@@ -376,6 +376,36 @@ def _security(args: argparse.Namespace, s: Session) -> int:
     return _show(args, reply, lambda r: out.render_security_events(r.events))
 
 
+_ROTATE_HINTS = {
+    grpc.StatusCode.PERMISSION_DENIED: "the admin identity in use (--cert, default DIR/tls/admin.pem) "
+    "must be listed in the broker's master_key.operators",
+    grpc.StatusCode.FAILED_PRECONDITION: "rotation needs a broker with master_key.dir that it can write "
+    "to; `broker keys init --import` moves a single key file into one",
+}
+
+
+def _keys(args: argparse.Namespace, s: Session) -> int:
+    """`keys rotate`: the only keys command served by the broker; the rest are `broker keys`."""
+    try:
+        reply = s.admin.RotateMasterKey(broker_pb2.RotateMasterKeyRequest(), timeout=s.timeout)
+    except grpc.RpcError as exc:
+        hint = _ROTATE_HINTS.get(exc.code()) if hasattr(exc, "code") else None
+        if hint is None:
+            raise
+        for line in describe_error(exc, s.addr, PROG):
+            print(line, file=sys.stderr)
+        print(f"{PROG}: hint: {hint}", file=sys.stderr)
+        return 1
+    _show(args, reply, out.render_rotated)
+    print(
+        f"{PROG}: {reply.active_kek_id} is now the active master key (was {reply.previous_kek_id}). "
+        "Other replicas switch within seconds (they log master_key_activated); "
+        "then run `broker keys rewrap`.",
+        file=sys.stderr,
+    )
+    return 0
+
+
 HANDLERS: dict[str, Handler] = {
     "types": _types,
     "create": _create,
@@ -396,6 +426,7 @@ HANDLERS: dict[str, Handler] = {
     "oauth": _oauth,
     "reinstate": _reinstate,
     "security": _security,
+    "keys": _keys,
 }
 
 
