@@ -164,7 +164,7 @@ async def test_an_unreadable_row_is_a_break_not_a_crash(store: SqliteStore) -> N
 
 
 async def test_verify_walks_in_pages(store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("broker.store.sqlite._AUDIT_PAGE", 7)
+    monkeypatch.setattr("broker.store.sqlite._audit._AUDIT_PAGE", 7)
     await store.append_audit([event(i) for i in range(30)])
     assert (await store.verify_audit_chain()).events_checked == 30
     edit_db(store.path, ("UPDATE audit_events SET reason = 'x' WHERE id = 22", ()))

@@ -19,7 +19,7 @@ is inside the hashed bytes, each event commits to the whole history before it.
 
 There is one chain across all tenants, in append (id) order: appends have a single
 writer (SQLite's writer lock; on PostgreSQL a transaction-level advisory lock that
-every replica takes for its appends, see `store/postgres.py` for the cost), so the order
+every replica takes for its appends, see `store/postgres/` for the cost), so the order
 is well defined, and one chain means deleting or reordering any tenant's events breaks
 the links around them. Verification reports only ids and a
 generic problem, never another tenant's contents.
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.model import AuditEvent
-from broker.store._codec import to_micros
+from broker.store._codec import Row, audit_from_row, to_micros
 
 FORMAT_VERSION = 1
 GENESIS = "0" * 64
@@ -100,6 +100,14 @@ class ChainWalk:
             return self._broken(event.id, PROBLEM_HASH)
         self.expected_prev = event.hash
         return True
+
+    def check_row(self, row: Row) -> bool:
+        """`check` a stored row; a row whose fields no longer parse is a break."""
+        try:
+            event = audit_from_row(row)
+        except (ValueError, TypeError, KeyError):
+            return self.unreadable(int(row["id"]))
+        return self.check(event)
 
     def unreadable(self, event_id: int) -> bool:
         """Record an event whose stored fields no longer parse."""

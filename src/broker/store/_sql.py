@@ -73,3 +73,9 @@ def audit_equals(filter: AuditFilter) -> list[tuple[str, str]]:
 def security_equals(filter: SecurityEventFilter) -> list[tuple[str, str]]:
     """The exact-match columns of a security-event listing."""
     return [("rule", filter.rule), ("connection_id", filter.connection_id), ("principal", filter.principal)]
+
+
+def check_limit(limit: int) -> None:
+    """Refuse a page size below 1: SQLite reads a negative LIMIT as "no limit"."""
+    if limit < 1:
+        raise ValueError("limit must be at least 1")

@@ -74,8 +74,9 @@ class Store(Protocol):
     async def watch(self, sink: ChangeSink) -> None:
         """Tell `sink` of changes other processes commit from now on, until `close()`.
 
-        SQLite has no other writer process: nothing to watch. PostgreSQL LISTENs
-        (`broker.store._pg_changes`) and calls `changes_unseen` whenever it cannot.
+        SQLite has no other writer process: it only tells the sink `changes_seen`.
+        PostgreSQL LISTENs (`broker.store._pg_changes`) and calls `changes_unseen`
+        whenever it cannot.
         """
 
     def refresh_lock(self, tenant: str, connection_id: str) -> AbstractAsyncContextManager[None]:
