@@ -12,7 +12,6 @@ port chosen by the kernel and is stopped, and its socket closed, by `stop()`.
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -209,10 +208,3 @@ def running(**options: Any) -> Iterator[McpTestServer]:
         yield server
     finally:
         server.stop()
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (bound, then closed)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])

@@ -27,7 +27,6 @@ import base64
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -40,18 +39,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker import pki
+from tests.helpers import free_port
 
 BROKER = [sys.executable, "-m", "broker.cli.broker"]
 PROBE = "spiffe://broker.local/tenant/default/executor/probe"
 Sections = Mapping[str, Mapping[str, Any]]
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # ------------------------------------------------------------------ settings files

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 from broker import keydir, pki
 from broker.client import SyncResolveClient
 from tests import mcpserver, oauthserver
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -31,13 +31,6 @@ EXECUTOR = "spiffe://broker.local/tenant/default/executor/demo"
 ADMIN = "spiffe://broker.local/tenant/default/admin/cli"
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 25.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_cli import DevBroker, _write, dev_broker, free_port  # noqa: F401 (the fixture)
+from tests.e2e.test_cli import DevBroker, _write, dev_broker  # noqa: F401 (the fixture)
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.e2e
 

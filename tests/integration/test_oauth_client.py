@@ -14,7 +14,7 @@ import pytest
 
 from broker import oauth
 from broker.egress import Blocked, EgressPolicy, EgressSettings
-from tests.mcpserver import free_port
+from tests.helpers import free_port
 from tests.oauthserver import OAuthTestServer, running, s256
 
 pytestmark = pytest.mark.integration

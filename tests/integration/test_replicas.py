@@ -37,9 +37,9 @@ import pytest
 from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc
 from tests import oauthserver
-from tests.helpers import EXECUTOR, db_request, rpc_error, struct
+from tests.helpers import EXECUTOR, db_request, free_port, rpc_error, struct
 from tests.postgres_db import fresh_database_blocking
-from tests.processes import Replicas, free_port
+from tests.processes import Replicas
 
 pytestmark = pytest.mark.integration
 

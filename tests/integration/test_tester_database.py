@@ -33,6 +33,7 @@ from broker.model import TestCategory, TestResult, TestStage
 from broker.sensitive import SecretFields
 from broker.testers import Target, run_tester
 from broker.testers import database as db
+from tests.helpers import free_port
 
 PG_DSN = os.environ.get("BROKER_TEST_POSTGRES_DSN", "")
 MY_DSN = os.environ.get("BROKER_TEST_MYSQL_DSN", "")
@@ -75,13 +76,6 @@ def target(password: str | None = None, **config: Any) -> Target:
 
 async def run(t: Target, egress: EgressPolicy | None = None) -> TestResult:
     return await run_tester(db.test_database, t, egress or policy())
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

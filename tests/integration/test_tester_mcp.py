@@ -19,7 +19,8 @@ from broker.model import McpTool, TestCategory, TestResult, TestStage
 from broker.sensitive import SecretFields
 from broker.testers import Target, run_tester
 from broker.testers import mcp as mcp_tester
-from tests.mcpserver import SCHEMA, SERVER_NAME, SERVER_VERSION, McpTestServer, free_port, running
+from tests.helpers import free_port
+from tests.mcpserver import SCHEMA, SERVER_NAME, SERVER_VERSION, McpTestServer, running
 
 pytestmark = pytest.mark.integration
 
