@@ -124,6 +124,9 @@ class ResolvedCache:
             self._entries.pop(key, None)
 
 
+MAX_HELD = 10_000  # refs whose last secret version the client remembers
+
+
 class _Base:
     def __init__(
         self,
@@ -139,7 +142,8 @@ class _Base:
         self._timeout = timeout
         self._cache = ResolvedCache(clock, wall_clock) if cache else None
         # (connection_id, secret_version) last received per ref; outlives cache entries, so a
-        # re-resolve can name the version it held. One small tuple per ref ever resolved.
+        # re-resolve can name the version it held. Bounded: past MAX_HELD refs the oldest go
+        # (a forgotten ref is sent as version 0, which only costs it one superseded_at).
         self._held: dict[CacheKey, tuple[str, int]] = {}
 
     @classmethod
@@ -183,6 +187,8 @@ class _Base:
             # Concurrent resolves may answer out of order; versions only rise.
             self._held[key] = (value.connection_id, max(held[1], value.secret_version))
         else:
+            if key not in self._held and len(self._held) >= MAX_HELD:
+                del self._held[next(iter(self._held))]
             self._held[key] = (value.connection_id, value.secret_version)
             if value.superseded_at is not None:
                 # A name now pointing at another connection: the time is of that one's history.

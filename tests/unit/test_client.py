@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
+from broker import client as client_module
 from broker._proto import broker_pb2 as pb
 from broker.client import ResolveClient, Resolved, SyncResolveClient
 
@@ -245,6 +246,16 @@ def test_versions_are_held_per_ref_and_without_a_cache() -> None:
     client.resolve(name="orders-db")  # another ref: it has held nothing yet
     client.resolve("conn_1")
     assert [r.known_secret_version for r in channel.requests] == [0, 0, 5]
+
+
+def test_versions_held_are_bounded_oldest_forgotten_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client_module, "MAX_HELD", 2)
+    clock, channel = Clock(), FakeChannel(reply(secret_version=5), is_async=False)
+    client = sync_client(channel, clock, cache=False)
+    for ref in ("conn_1", "conn_2", "conn_1", "conn_3", "conn_2", "conn_1"):
+        client.resolve(ref)
+    # Held after each call: {1}, {1,2}, {1,2}, {2,3} (conn_1 was the oldest), {2,3}, {3,1}.
+    assert [r.known_secret_version for r in channel.requests] == [0, 0, 5, 0, 5, 0]
 
 
 def test_superseded_at_of_another_connection_is_not_reported() -> None:
