@@ -276,7 +276,22 @@ def test_resolve_by_name_uses_the_resolver(fake: Any, capsys: pytest.CaptureFixt
     assert brokerctl.main(["resolve", "orders-db", "--by-name", "--purpose", "debug"]) == 0
     [(method, request)] = session.resolver.calls
     assert method == "Resolve" and request.name == "orders-db" and request.purpose == "debug"
-    assert CANARY in capsys.readouterr().out  # resolve is the one command that shows a secret
+    shown = capsys.readouterr().out
+    assert CANARY in shown  # resolve is the one command that shows a secret
+    assert "secret version" in shown and "superseded" not in shown
+
+
+def test_resolve_shows_when_the_version_held_was_superseded(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reply = pb.ResolveResponse(connection_id="conn_1", name="orders-db", secret_version=4)
+    reply.superseded_at.FromSeconds(1_700_000_000)
+    session = fake(Resolve=reply)
+    assert brokerctl.main(["resolve", "conn_1", "--known-version", "3"]) == 0
+    [(_, request)] = session.resolver.calls
+    assert request.known_secret_version == 3
+    shown = capsys.readouterr().out
+    assert "4" in shown and "superseded" in shown and "2023-11-14" in shown
 
 
 def test_resolve_help_says_it_prints_secrets(capsys: pytest.CaptureFixture[str]) -> None:

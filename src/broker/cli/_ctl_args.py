@@ -244,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", metavar="ID_OR_NAME")
     p.add_argument("--by-name", action="store_true", help="treat ID_OR_NAME as a connection name")
     p.add_argument("--purpose", default="", help="why; recorded in the audit trail")
+    p.add_argument(
+        "--known-version",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the secret version you hold; the answer then says when it was superseded",
+    )
     return parser
 
 

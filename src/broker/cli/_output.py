@@ -165,7 +165,10 @@ def render_resolved(r: broker_pb2.ResolveResponse) -> str:
         ("config", struct_text(r.config)),
         ("expires", timestamp(r, "expires_at", "never")),
         ("cache ttl", f"{r.cache_ttl_seconds}s"),
+        ("secret version", str(r.secret_version)),
     ]
+    if r.HasField("superseded_at"):
+        pairs.append(("superseded", timestamp(r, "superseded_at", _NONE)))
     pairs += [(f"secret {k}", v) for k, v in sorted(r.secrets.items())]
     return fields(pairs)
 

@@ -262,7 +262,7 @@ def _audit_export(args: argparse.Namespace, s: Session) -> int:
 
 
 def _resolve(args: argparse.Namespace, s: Session) -> int:
-    request = broker_pb2.ResolveRequest(purpose=args.purpose)
+    request = broker_pb2.ResolveRequest(purpose=args.purpose, known_secret_version=args.known_version)
     if args.by_name:
         request.name = args.ref
     else:
