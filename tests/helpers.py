@@ -75,6 +75,9 @@ class Recorder:
     def changes_seen(self) -> None:
         self.calls.append(("seen",))
 
+    def principal_blocked(self, tenant: str, principal: str, until: float) -> None:
+        self.calls.append(("blocked", tenant, principal, str(until)))
+
 
 async def eventually(condition: Callable[[], bool], within: float, what: str) -> float:
     """Seconds until `condition` held; fails after `within`."""

@@ -59,6 +59,7 @@ from broker.service.keys import MasterKeys
 from broker.service.monitor import Monitor
 from broker.service.oauth import OAuthService, OAuthSettings
 from broker.service.ratelimit import Limit, RateLimits
+from broker.service.replicas import ReplicaChanges
 from broker.service.resolve import Resolver
 from broker.service.testing import TestingService
 from broker.store import Store
@@ -160,8 +161,6 @@ class Broker:
         try:
             await verify_keyring(self.store, keyring)
             cache = ResolveCache()
-            # Other replicas' writes (PostgreSQL) invalidate this cache from here on.
-            await self.store.watch(cache)
             self.audit = AuditLog(
                 self.store, clock=self._clock, retention=timedelta(days=settings.audit_retention_days)
             )
@@ -169,6 +168,9 @@ class Broker:
             egress = EgressPolicy(settings.egress)
             self.monitor = _security_monitor(settings, self.store, keyring, egress, cache, self._clock)
             await self.monitor.open()
+            # Other replicas' writes (PostgreSQL) invalidate this cache, and their blocks reach
+            # this monitor, from here on.
+            await self.store.watch(ReplicaChanges(cache, self.monitor))
             self.oauth = OAuthService(
                 self.store, keyring, self.audit, egress, cache, self._clock, _oauth_settings(settings)
             )

@@ -8,15 +8,18 @@ one token refresh, shared rate limits, a lost database session).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
+import grpc
 import pytest
 
 from broker._proto import broker_pb2 as pb
+from broker.service.monitor import MonitorSettings
 from tests.conftest import Running
-from tests.helpers import EXECUTOR, db_request
+from tests.helpers import EXECUTOR, db_request, rpc_error
 from tests.postgres_db import fresh_database
 
 CANARY = "pg-canary-5b1e0d7c"
@@ -74,3 +77,38 @@ async def test_create_grant_resolve_and_audit_across_two_replicas(
             assert CANARY.encode().hex() not in dump, table[0]
     finally:
         await conn.close()
+
+
+async def test_a_principal_blocked_by_one_replica_is_blocked_by_the_other(
+    make_broker: Callable[..., Any], database: str
+) -> None:
+    monitor = MonitorSettings(denied_resolves=3, denied_window_seconds=60, block_seconds=60)
+    a, b = [
+        await make_broker(storage_path=None, storage_url=database, storage_pool_max=4, monitor=monitor)
+        for _ in range(2)
+    ]
+    try:
+        created = await a.admin().CreateConnection(db_request(name="warehouse", password=CANARY))
+        await a.admin().GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
+        assert (await b.resolver().Resolve(pb.ResolveRequest(connection_id=created.id))).secrets
+        for _ in range(3):  # probing through A: A's monitor blocks the executor...
+            error = await rpc_error(a.resolver().Resolve(pb.ResolveRequest(connection_id="conn_nope")))
+            assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+
+        async def denied_on_b() -> bool:  # ...and B hears of it: its granted Resolve is refused
+            try:
+                await b.resolver().Resolve(pb.ResolveRequest(connection_id=created.id))
+            except grpc.aio.AioRpcError as error:
+                return error.code() == grpc.StatusCode.PERMISSION_DENIED
+            return False
+
+        deadline = asyncio.get_running_loop().time() + 1
+        while not await denied_on_b():
+            assert asyncio.get_running_loop().time() < deadline, "B still serves the blocked principal"
+            await asyncio.sleep(0.02)
+        page = await b.admin().ListAuditEvents(pb.ListAuditEventsRequest(action="connection.resolve"))
+        assert page.events[0].reason == "principal_blocked"
+    finally:
+        for running in (a, b):
+            await running.close()
+            await running.broker.stop(grace=0)

@@ -119,6 +119,11 @@ async def test_postgres_writes_of_one_replica_reach_the_others_sink(pg_dsn: str)
         await asyncio.sleep(0.2)
         assert sink.calls == []
 
+        # A block is not a row, but the other replicas hear of it the same way.
+        await a.announce_block(TENANT, EXECUTOR, 1_900_000_000.5)
+        blocked = ("blocked", TENANT, EXECUTOR, "1900000000.5")
+        await eventually(lambda: blocked in sink.calls, 1, "block announced")
+
         # Re-wrapped keys: every cached record is out of date; the sink forgets everything.
         [dek] = await a.list_deks_not_under("kek-2", 10)
         new = Sealed(dek.sealed.ciphertext, b"rewrapped", "kek-2")

@@ -9,13 +9,15 @@ network partition, which no error ever reports).
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from broker import metrics
 from broker.model import ConnectionRecord, ConnectionStatus, Grant
 from broker.service.cache import MISSING, ResolveCache
-from broker.store._pg_changes import Listener, connection_changed, deliver, grant_changed
+from broker.service.monitor import Monitor
+from broker.service.replicas import ReplicaChanges
+from broker.store._pg_changes import Listener, connection_changed, deliver, grant_changed, principal_blocked
 from tests.helpers import Recorder, eventually
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -47,22 +49,43 @@ def grant(principal: str = "etl") -> Grant:
     )
 
 
+def replica(cache: ResolveCache) -> tuple[ReplicaChanges, Monitor]:
+    """The sink the server builds; the monitor needs no store for blocks."""
+    monitor = Monitor(None, cache, lambda: T0)  # type: ignore[arg-type]
+    return ReplicaChanges(cache, monitor), monitor
+
+
 def test_messages_invalidate_exactly_what_they_name() -> None:
     cache = ResolveCache()
+    sink, _ = replica(cache)
     cache.put_connection(record(), cache.generation)
     cache.put_connection(record("conn_2", "other"), cache.generation)
     cache.put_grant("acme", "conn_2", "etl", grant(), cache.generation)
-    deliver(cache, grant_changed("acme", "conn_2", "etl"))
+    deliver(sink, grant_changed("acme", "conn_2", "etl"))
     assert cache.grant("acme", "conn_2", "etl") is MISSING and cache.connection("acme", "conn_2") is not None
-    deliver(cache, connection_changed("acme", "conn_1"))
+    deliver(sink, connection_changed("acme", "conn_1"))
     assert cache.connection("acme", "conn_1") is None and cache.connection_id_by_name("acme", "db") is None
     assert cache.connection("acme", "conn_2") is not None
 
 
+def test_a_block_announced_by_another_replica_blocks_here_until_the_same_time() -> None:
+    sink, monitor = replica(ResolveCache())
+    until = T0.timestamp() + 60
+    deliver(sink, principal_blocked("acme", "spiffe://x/tenant/acme/executor/etl", until))
+    assert monitor.blocked("acme", "spiffe://x/tenant/acme/executor/etl", T0)
+    assert not monitor.blocked("other", "spiffe://x/tenant/acme/executor/etl", T0)
+    assert not monitor.blocked("acme", "spiffe://x/tenant/acme/executor/etl", T0 + timedelta(seconds=61))
+    # An earlier end never shortens a longer block already held.
+    monitor.block("acme", "p", until)
+    monitor.block("acme", "p", until - 30)
+    assert monitor.blocked("acme", "p", T0 + timedelta(seconds=45))
+
+
 def test_an_unreadable_message_forgets_everything() -> None:
     cache = ResolveCache()
+    sink, _ = replica(cache)
     cache.put_connection(record(), cache.generation)
-    deliver(cache, '{"not": "a list"}')
+    deliver(sink, '{"not": "a list"}')
     assert cache.connection("acme", "conn_1") is None
     cache.put_connection(record(), cache.generation)  # and keeps caching
     assert cache.connection("acme", "conn_1") is not None

@@ -1,10 +1,10 @@
 """In-memory caches for the Resolve path: connection records and grants.
 
 Writes invalidate after they commit: this process's own writes directly, other
-replicas' through the store's change feed (`Store.watch`; this class is the
-`ChangeSink`). A reader that loaded a value from the store while a write was
-committing must not put that stale value back: every entry is offered with the
-generation seen *before* the read, and dropped if an invalidation happened since.
+replicas' through the store's change feed (`Store.watch`, `service.replicas`). A
+reader that loaded a value from the store while a write was committing must not
+put that stale value back: every entry is offered with the generation seen
+*before* the read, and dropped if an invalidation happened since.
 
 While the feed is down (`changes_unseen`), the cache holds nothing and accepts
 nothing, so every Resolve reads the store: slower, never stale.
@@ -76,13 +76,7 @@ class ResolveCache:
         self._id_by_name.clear()
         self._grants.clear()
 
-    # ---------------------------------------------------------- ChangeSink
-
-    def connection_changed(self, tenant: str, connection_id: str) -> None:
-        self.invalidate_connection(tenant, connection_id)
-
-    def grant_changed(self, tenant: str, connection_id: str, principal: str) -> None:
-        self.invalidate_grant(tenant, connection_id, principal)
+    # ------------------------------------------- the change feed (ReplicaChanges)
 
     def changes_unseen(self) -> None:
         self._keeping = False

@@ -15,7 +15,9 @@ Rules (each set in `[monitor]`; a threshold of 0 turns its rule off):
 
 The Resolve path feeds the monitor in memory (a few dict and deque operations, no
 store read); the store is written only when a rule fires, and in the background.
-Counters are per process: with several replicas, each counts what it serves.
+Counters are per process: with several replicas, each counts what it serves. A block
+is shared: the replica that blocks announces it (`Store.announce_block`) and every
+replica's monitor denies the principal until the same time.
 A security event never holds a secret: rule, principal, connection id, peer, what
 was done, and a few counters.
 """
@@ -302,6 +304,14 @@ class Monitor:
 
     # ------------------------------------------------- the Resolve path
 
+    def block(self, tenant: str, principal: str, until: float) -> None:
+        """Deny the principal's Resolves until `until` (seconds since the epoch); here, or told
+        by another replica's monitor through the store's change feed."""
+        key = (tenant, principal)
+        self._blocked[key] = max(until, self._blocked.get(key, until))
+        if len(self._blocked) > self.settings.max_tracked:
+            del self._blocked[next(iter(self._blocked))]
+
     def blocked(self, tenant: str, principal: str, now: datetime) -> bool:
         """Whether the principal is in a cool-down after a denied burst."""
         until = self._blocked.get((tenant, principal))
@@ -324,9 +334,9 @@ class Monitor:
         details["last_reason"] = reason
         action, severity = ALERTED, WARNING
         if s.block_seconds > 0:
-            self._blocked[key] = _seconds(now) + s.block_seconds
-            if len(self._blocked) > s.max_tracked:
-                del self._blocked[next(iter(self._blocked))]
+            until = _seconds(now) + s.block_seconds
+            self.block(call.tenant, call.actor, until)
+            self._spawn(self._announce_block(call.tenant, call.actor, until))
             action, severity = BLOCKED, CRITICAL
             details["block_seconds"] = f"{s.block_seconds:g}"
         event = self._event(now, call, "denied_burst", severity, action, connection_id, details)
@@ -438,6 +448,13 @@ class Monitor:
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _announce_block(self, tenant: str, principal: str, until: float) -> None:
+        """Other replicas block the principal too; a failure leaves the block to this replica."""
+        try:
+            await self._store.announce_block(tenant, principal, until)
+        except Exception as exc:
+            log.error("block_not_announced", error_type=type(exc).__name__)
 
     async def _record(self, event: SecurityEvent, *, suspend: bool) -> None:
         """Suspend when asked, store the event, count, log, alert. Never raises."""

@@ -1,7 +1,8 @@
 """Cross-replica change feed on PostgreSQL: writes NOTIFY, every replica LISTENs.
 
 A write that changes what Resolve serves (a connection row, a grant, re-wrapped
-keys) calls `notify()` inside its transaction; PostgreSQL delivers the message to
+keys) calls `notify()` inside its transaction (so does a principal blocked by a
+replica's monitor, which is not a row); PostgreSQL delivers the message to
 every listening session when, and only if, the transaction commits. `Listener`
 keeps one dedicated connection per replica LISTENing and hands each message to a
 `ChangeSink` (the Resolve cache).
@@ -48,6 +49,10 @@ def everything_changed() -> str:
     return _EVERYTHING
 
 
+def principal_blocked(tenant: str, principal: str, until: float) -> str:
+    return json.dumps(["b", tenant, principal, until])
+
+
 async def notify(conn: asyncpg.Connection, *payloads: str) -> None:
     """Queue messages for every listener; delivered when this transaction commits."""
     # Payloads are a few hundred bytes at most (ids and principals are bounded), far
@@ -65,6 +70,8 @@ def deliver(sink: ChangeSink, payload: str) -> None:
             sink.connection_changed(message[1], message[2])
         elif kind == "g":
             sink.grant_changed(message[1], message[2], message[3])
+        elif kind == "b":
+            sink.principal_blocked(message[1], message[2], float(message[3]))
         else:
             sink.changes_seen()  # "*", or a kind a newer replica sends: drop everything
     except (ValueError, IndexError, TypeError, KeyError):

@@ -52,7 +52,7 @@ class WrappedDek:
 
 
 class ChangeSink(Protocol):
-    """What learns of changes other writers (other replicas) commit: the Resolve cache."""
+    """What learns of changes other writers (other replicas) make: the Resolve cache and monitor."""
 
     def connection_changed(self, tenant: str, connection_id: str) -> None:
         """The connection row changed (its grants may have too)."""
@@ -66,6 +66,9 @@ class ChangeSink(Protocol):
     def changes_seen(self) -> None:
         """Changes are seen again (or too many to name): forget everything, then keep again."""
 
+    def principal_blocked(self, tenant: str, principal: str, until: float) -> None:
+        """Another replica's monitor blocked a principal until `until` (seconds since the epoch)."""
+
 
 class Store(Protocol):
     async def open(self) -> None:
@@ -77,6 +80,12 @@ class Store(Protocol):
         SQLite has no other writer process: it only tells the sink `changes_seen`.
         PostgreSQL LISTENs (`broker.store._pg_changes`) and calls `changes_unseen`
         whenever it cannot.
+        """
+
+    async def announce_block(self, tenant: str, principal: str, until: float) -> None:
+        """Tell the other replicas' monitors that this one blocked a principal (`principal_blocked`).
+
+        Not a row: a block lives in each replica's memory. No-op on SQLite (one process).
         """
 
     def refresh_lock(self, tenant: str, connection_id: str) -> AbstractAsyncContextManager[None]:

@@ -134,6 +134,11 @@ class PostgresBase:
         self._listener = changes.Listener(connect, sink, heartbeat_seconds=self._heartbeat)
         await self._listener.start(first_attempt_timeout=5.0)
 
+    async def announce_block(self, tenant: str, principal: str, until: float) -> None:
+        """NOTIFY the other replicas (and this one's own listener, harmlessly) of a block."""
+        async with self._transaction() as conn:
+            await changes.notify(conn, changes.principal_blocked(tenant, principal, until))
+
     @property
     def listener(self) -> changes.Listener | None:
         """The change listener once `watch()` was called (its state: `listening`, `server_pid`)."""

@@ -107,6 +107,9 @@ class SqliteBase:
         """Nothing to watch: this process is the file's only writer, and tells its cache itself."""
         sink.changes_seen()
 
+    async def announce_block(self, tenant: str, principal: str, until: float) -> None:
+        """No other replica to tell."""
+
     def refresh_lock(self, tenant: str, connection_id: str) -> AbstractAsyncContextManager[None]:
         """No lock needed: one process, which already runs one refresh per connection at a time."""
         return contextlib.nullcontext()

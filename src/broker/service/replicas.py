@@ -1,0 +1,33 @@
+"""What this replica hears of other replicas' changes (`Store.watch`), handed to what it affects.
+
+Rows that changed and the state of the feed go to the Resolve cache; a principal
+blocked by another replica's monitor goes to this replica's monitor.
+"""
+
+from __future__ import annotations
+
+from broker.service.cache import ResolveCache
+from broker.service.monitor import Monitor
+
+
+class ReplicaChanges:
+    """The `ChangeSink` the server gives the store."""
+
+    def __init__(self, cache: ResolveCache, monitor: Monitor) -> None:
+        self._cache = cache
+        self._monitor = monitor
+
+    def connection_changed(self, tenant: str, connection_id: str) -> None:
+        self._cache.invalidate_connection(tenant, connection_id)
+
+    def grant_changed(self, tenant: str, connection_id: str, principal: str) -> None:
+        self._cache.invalidate_grant(tenant, connection_id, principal)
+
+    def changes_unseen(self) -> None:
+        self._cache.changes_unseen()
+
+    def changes_seen(self) -> None:
+        self._cache.changes_seen()
+
+    def principal_blocked(self, tenant: str, principal: str, until: float) -> None:
+        self._monitor.block(tenant, principal, until)
