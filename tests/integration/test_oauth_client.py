@@ -282,6 +282,21 @@ async def test_before_reply_sees_each_token_request(server: OAuthTestServer) -> 
 # ------------------------------------------------------------------ client credentials, client auth
 
 
+async def test_a_secret_http_basic_cannot_carry_is_a_clear_config_error(server: OAuthTestServer) -> None:
+    secret = "sécret-€-7c1d"  # the euro sign is not Latin-1
+    with pytest.raises(oauth.OAuthError) as caught:
+        await oauth.client_credentials_token(
+            LOOPBACK,
+            provider(server),
+            oauth.ClientCredentials(server.client_id, secret),
+            (),
+            now=datetime.now(UTC),
+            default_lifetime=DEFAULT_LIFETIME,
+        )
+    assert caught.value.kind == "invalid_config" and "client_secret_post" in str(caught.value)
+    assert secret not in str(caught.value) and server.token_requests == {}
+
+
 async def test_client_credentials(server: OAuthTestServer) -> None:
     tokens = await oauth.client_credentials_token(
         LOOPBACK,

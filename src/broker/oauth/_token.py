@@ -185,7 +185,15 @@ async def _post(
     # A public client (no secret) can only identify itself.
     method = provider.token_auth_method if client.client_secret else "none"
     auth = ClientAuth(client.client_id, client.client_secret, method)
-    uri, headers, content = auth.prepare("POST", url, dict(_HEADERS), body)
+    try:
+        uri, headers, content = auth.prepare("POST", url, dict(_HEADERS), body)
+    except UnicodeEncodeError:
+        # Authlib encodes HTTP Basic credentials as Latin-1: say so, never with the secret.
+        raise OAuthError(
+            "invalid_config",
+            "the client id or secret has characters HTTP Basic authentication cannot carry"
+            " (Latin-1 only); set token_auth_method to client_secret_post",
+        ) from None
     try:
         async with http_client(egress, verify=_trust()) as http:
             return await request(http, "POST", uri, headers=headers, content=content.encode())
