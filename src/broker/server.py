@@ -64,7 +64,7 @@ from broker.service.resolve import Resolver
 from broker.service.testing import TestingService
 from broker.store import Store
 from broker.store.select import store_for
-from broker.testers.mcp import discover_tools
+from broker.testers import mcp
 from broker.tlsreload import TlsReloader
 
 log = structlog.get_logger("broker.server")
@@ -143,6 +143,7 @@ class Broker:
         self._store_ok = True
         self._draining = False
         self._store_probe: asyncio.Task[None] | None = None
+        self._mcp_preload: asyncio.Task[None] | None = None
         self._gate = DrainGate()
         self._ports: list[int] = []
         self._metrics_server: Any = None
@@ -191,7 +192,7 @@ class Broker:
                 egress,
                 self._clock,
                 stale_after=timedelta(days=settings.stale_after_days),
-                discover=discover_tools,
+                discover=mcp.discover_tools,
                 monitor=self.monitor,
             )
             connections = ConnectionService(
@@ -230,6 +231,8 @@ class Broker:
         self.keys.start()
         await self._refresh_gauges()
         self._store_probe = asyncio.create_task(self._probe_store())
+        # Not needed to serve, so not on the way to SERVING; loaded now so no test waits for it.
+        self._mcp_preload = asyncio.create_task(mcp.preload())
         self._ready = True
         await self._publish_health()
         log.info(
@@ -359,6 +362,8 @@ class Broker:
             # shutdown() waits for the serving thread's next poll: not on the event loop.
             await self._shutdown_step("metrics", asyncio.to_thread(self._metrics_server.shutdown))
             self._metrics_server.server_close()
+        if self._mcp_preload is not None:
+            await self._shutdown_step("mcp_preload", self._mcp_preload)  # a thread: cannot be cancelled
         await self._shutdown_step("audit", self.audit.close())
         await self.store.close()
         log.info("broker_stopped")

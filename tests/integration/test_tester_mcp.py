@@ -18,7 +18,7 @@ from broker.egress import EgressPolicy, EgressSettings
 from broker.model import McpTool, TestCategory, TestResult, TestStage
 from broker.sensitive import SecretFields
 from broker.testers import Target, run_tester
-from broker.testers import mcp as mcp_tester
+from broker.testers import _mcp_client as mcp_tester
 from tests.helpers import free_port
 from tests.mcpserver import SCHEMA, SERVER_NAME, SERVER_VERSION, McpTestServer, running
 

@@ -1,314 +1,43 @@
-"""MCP tool servers: connect, initialize, list every tool, close the session.
+"""MCP tool servers: the connection test and tool discovery (the work is in `_mcp_client`).
 
-Built on the `mcp` SDK's client (`ClientSession` over its Streamable HTTP or
-legacy HTTP+SSE transport); all of its HTTP traffic goes through the egress
-policy by way of `EgressTransport`. `discover_tools` returns the result and
-the tools, each with a hash of its definition so a silent change is visible;
-`test_mcp` is the same steps as a connection tester.
+The `mcp` SDK takes over half a second to import, so this module does not import
+it: the broker and the CLIs start without it, `preload()` loads it in a thread
+once the broker serves, and the first test or discovery loads it if that has not
+happened yet.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import hashlib
-import json
-import ssl
-import urllib.parse
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+import asyncio
+import importlib
+from typing import TYPE_CHECKING
 
-import httpx
-import httpx2
-import mcp_types as types
-from mcp.client.session import ClientSession
-from mcp.client.sse import sse_client
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.exceptions import MCPError
-from pydantic import ValidationError
+if TYPE_CHECKING:
+    from types import ModuleType
 
-from broker.egress import Blocked, DnsFailure, EgressPolicy
-from broker.egress.http import http_client
-from broker.model import McpTool, TestCategory, TestResult, TestStage
-from broker.testers._mcp_transport import EgressTransport, ExchangeLog
-from broker.testers.base import Target, TestFailure, passed
+    from broker.egress import EgressPolicy
+    from broker.model import McpTool, TestResult
+    from broker.testers.base import Target
 
-# Bounds on one listing: a server that pages forever must not hold a test open.
-MAX_PAGES = 50
-MAX_TOOLS = 5000
-
-_CLIENT_INFO = types.Implementation(name="broker", version="1")
-_Streams = tuple[Any, Any]
+_CLIENT = "broker.testers._mcp_client"
 
 
-def tool_definition_hash(name: str, description: str, input_schema: Mapping[str, Any]) -> str:
-    """SHA-256 hex of the canonical JSON of a tool's name, description and input schema."""
-    canonical = json.dumps(
-        {"name": name, "description": description, "inputSchema": input_schema},
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()
+def _client() -> ModuleType:
+    return importlib.import_module(_CLIENT)
 
 
-def _to_tool(tool: types.Tool) -> McpTool:
-    wire = tool.model_dump(mode="json", by_alias=True)
-    description = tool.description or ""
-    schema: dict[str, Any] = wire.get("inputSchema") or {}
-    return McpTool(tool.name, description, schema, tool_definition_hash(tool.name, description, schema))
-
-
-def _auth_headers(target: Target) -> dict[str, str]:
-    config = target.config
-    auth = config.get("auth_type", "none")
-    if auth == "api_key":
-        return {str(config.get("api_key_header") or "X-API-Key"): target.secret("api_key")}
-    if auth == "bearer":
-        return {"Authorization": f"Bearer {target.secret('token')}"}
-    if auth == "basic":
-        pair = f"{config.get('username', '')}:{target.secret('password')}".encode()
-        return {"Authorization": f"Basic {base64.b64encode(pair).decode()}"}
-    return {}
-
-
-def _endpoint(url: str) -> str:
-    """The URL without userinfo, query or fragment: safe to show."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"[{host}]" if ":" in host else host
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-@dataclass
-class _Progress:
-    """How far a discovery got, for the stage of a failure."""
-
-    stage: TestStage = TestStage.CONNECT
-    pages: int = 0
-    details: dict[str, str] = field(default_factory=dict)
-
-
-@contextlib.asynccontextmanager
-async def _open(target: Target, transport: EgressTransport) -> AsyncIterator[_Streams]:
-    """The SDK transport named by the config, over `transport`. Streamable HTTP sends DELETE on exit."""
-    url = str(target.config["server_url"])
-    if target.config.get("transport", "streamable_http") == "sse":
-
-        def factory(
-            headers: dict[str, str] | None = None,
-            timeout: httpx2.Timeout | None = None,
-            auth: httpx2.Auth | None = None,
-        ) -> httpx2.AsyncClient:
-            # An auth flow (OAuth discovery) would make requests of its own; we never ask for one.
-            if auth is not None:
-                raise ValueError("MCP client auth flows are not supported")
-            return transport.client(headers, timeout)
-
-        async with sse_client(url, httpx_client_factory=factory) as streams:
-            yield streams
-    else:
-        async with (
-            transport.client() as client,
-            streamable_http_client(url, http_client=client, terminate_on_close=True) as streams,
-        ):
-            yield streams
-
-
-async def _list_all(session: ClientSession, progress: _Progress) -> list[McpTool]:
-    tools: dict[str, McpTool] = {}
-    cursor: str | None = None
-    seen_cursors: set[str] = set()
-    while True:
-        if progress.pages >= MAX_PAGES:
-            raise TestFailure(
-                TestCategory.UNEXPECTED_RESPONSE,
-                TestStage.SAMPLE_OPERATION,
-                f"the server listed more than {MAX_PAGES} pages of tools",
-            )
-        params = types.PaginatedRequestParams(cursor=cursor) if cursor is not None else None
-        page = await session.list_tools(params=params)
-        progress.pages += 1
-        for tool in page.tools:
-            if tool.name in tools:
-                raise TestFailure(
-                    TestCategory.PROTOCOL_ERROR,
-                    TestStage.SAMPLE_OPERATION,
-                    f"the server listed the tool {tool.name!r} twice",
-                )
-            tools[tool.name] = _to_tool(tool)
-        if len(tools) > MAX_TOOLS:
-            raise TestFailure(
-                TestCategory.UNEXPECTED_RESPONSE,
-                TestStage.SAMPLE_OPERATION,
-                f"the server listed more than {MAX_TOOLS} tools",
-            )
-        cursor = page.next_cursor
-        if cursor is None:
-            return list(tools.values())
-        if cursor in seen_cursors:
-            raise TestFailure(
-                TestCategory.PROTOCOL_ERROR, TestStage.SAMPLE_OPERATION, "the server repeated a page cursor"
-            )
-        seen_cursors.add(cursor)
+async def preload() -> None:
+    """Import the MCP client off the event loop, so no call waits for it later."""
+    await asyncio.to_thread(_client)
 
 
 async def discover_tools(target: Target, egress: EgressPolicy) -> tuple[TestResult, list[McpTool]]:
-    """Connect, initialize, list every tool (following cursors) and close the session.
-
-    Raises `TestFailure` with a category, or lets the policy's `Blocked` / `DnsFailure`
-    through; run it under `run_tester` for the timeout, classification and scrubbing.
-    """
-    timeout = float(target.config.get("timeout_seconds", 30.0))
-    url = str(target.config["server_url"])
-    transport_name = str(target.config.get("transport", "streamable_http"))
-    progress = _Progress(details={"endpoint": _endpoint(url), "transport": transport_name})
-    connect = min(egress.settings.connect_timeout, timeout)
-    # Each read and write may take `timeout`; the runner bounds the whole test.
-    limits = httpx.Timeout(timeout, connect=connect)
-    async with http_client(egress, headers=_auth_headers(target), timeout=limits) as egress_client:
-        transport = EgressTransport(egress_client, egress.settings.max_response_bytes)
-        try:
-            async with (
-                _open(target, transport) as (read, write),
-                ClientSession(read, write, read_timeout_seconds=timeout, client_info=_CLIENT_INFO) as session,
-            ):
-                init = await session.initialize()
-                progress.stage = TestStage.SAMPLE_OPERATION
-                tools = await _list_all(session, progress)
-        except TestFailure:
-            raise
-        except Exception as exc:
-            # The SDK's task groups wrap the real cause in exception groups; `_classify` digs it out.
-            raise _classify(exc, transport.log, progress) from None
-    details = {
-        **progress.details,
-        "server_name": init.server_info.name,
-        "server_version": init.server_info.version,
-        "protocol_version": init.protocol_version,
-        "tool_count": str(len(tools)),
-        "pages": str(progress.pages),
-    }
-    if any(e.method == "DELETE" and e.status < 300 for e in transport.log.exchanges):
-        details["session_closed"] = "true"
-    auth = target.config.get("auth_type", "none")
-    result = passed(
-        f"MCP server {init.server_info.name} {init.server_info.version} lists {len(tools)} tools",
-        TestStage.SAMPLE_OPERATION,
-        details,
-        verified=("connection", "mcp initialize", "tools/list")
-        + (("credentials",) if auth != "none" else ()),
-        not_verified=("tool calls",),
-    )
-    return result, tools
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    """Every exception in `exc`'s groups and cause chains, outermost first."""
-    found: list[BaseException] = []
-    pending: list[BaseException] = [exc]
-    while pending and len(found) < 200:
-        current = pending.pop(0)
-        if current in found:
-            continue
-        found.append(current)
-        if isinstance(current, BaseExceptionGroup):
-            pending.extend(current.exceptions)
-        for linked in (current.__cause__, current.__context__):
-            if linked is not None:
-                pending.append(linked)
-    return found
-
-
-_STATUS = {
-    401: (TestCategory.AUTH_FAILED, TestStage.AUTHENTICATE, "the server rejected the credentials (HTTP 401)"),
-    403: (TestCategory.PERMISSION_DENIED, TestStage.AUTHENTICATE, "the server denied access (HTTP 403)"),
-    404: (TestCategory.NOT_FOUND, TestStage.CONNECT, "no MCP endpoint at this URL (HTTP 404)"),
-}
-
-
-def _classify(exc: Exception, log: ExchangeLog, progress: _Progress) -> Exception:
-    """The policy error inside `exc`, or a `TestFailure` naming what went wrong."""
-    errors = _leaves(exc)
-    for error in errors:
-        if isinstance(error, Blocked | DnsFailure | TestFailure):
-            return error
-    details = dict(progress.details)
-
-    def failure(category: TestCategory, stage: TestStage, message: str) -> TestFailure:
-        return TestFailure(category, stage, message, details)
-
-    bad = log.first_error()
-    if bad is None:
-        status_error = next((e for e in errors if isinstance(e, httpx2.HTTPStatusError)), None)
-        if status_error is not None:
-            details["http_status"] = str(status_error.response.status_code)
-            bad_status = status_error.response.status_code
-        else:
-            bad_status = 0
-    else:
-        details["http_status"] = str(bad.status)
-        bad_status = bad.status
-    if bad_status in _STATUS:
-        return failure(*_STATUS[bad_status])
-    if bad_status:
-        return failure(
-            TestCategory.UNEXPECTED_RESPONSE, progress.stage, f"the server answered HTTP {bad_status}"
-        )
-    if log.too_large:
-        return failure(
-            TestCategory.UNEXPECTED_RESPONSE, progress.stage, "the server's response was too large"
-        )
-    if any(isinstance(e, ssl.SSLError) for e in errors):
-        return failure(TestCategory.TLS_ERROR, TestStage.TLS, "TLS handshake failed")
-    if any(isinstance(e, httpx2.TimeoutException | TimeoutError) for e in errors) or any(
-        isinstance(e, MCPError) and e.code == types.REQUEST_TIMEOUT for e in errors
-    ):
-        return failure(TestCategory.TIMEOUT, progress.stage, "the MCP server did not answer in time")
-    if any(isinstance(e, ConnectionRefusedError) for e in errors):
-        return failure(TestCategory.CONNECTION_REFUSED, TestStage.CONNECT, "connection refused")
-    if any(isinstance(e, httpx2.ConnectError) for e in errors):
-        return failure(TestCategory.CONNECTION_REFUSED, TestStage.CONNECT, "cannot connect to the server")
-    foreign = log.first_foreign()
-    if foreign is not None:
-        details["content_type"] = foreign.content_type.partition(";")[0]
-        return failure(
-            TestCategory.PROTOCOL_ERROR,
-            progress.stage,
-            f"not an MCP server: it answered with {details['content_type']}",
-        )
-    mcp_error = next((e for e in errors if isinstance(e, MCPError)), None)
-    if mcp_error is not None and mcp_error.code == types.PARSE_ERROR:
-        return failure(
-            TestCategory.PROTOCOL_ERROR, progress.stage, "not an MCP server: its answer is not JSON-RPC"
-        )
-    if mcp_error is not None:
-        return failure(
-            TestCategory.PROTOCOL_ERROR, progress.stage, f"MCP error: {_first_line(mcp_error.message)}"
-        )
-    if any(isinstance(e, ValidationError) for e in errors):
-        return failure(TestCategory.PROTOCOL_ERROR, progress.stage, "the server sent an invalid MCP message")
-    if any(isinstance(e, httpx2.TransportError) for e in errors):
-        return failure(TestCategory.PROTOCOL_ERROR, progress.stage, "the connection failed mid-exchange")
-    cause = next((e for e in errors if not isinstance(e, BaseExceptionGroup)), exc)
-    return failure(
-        TestCategory.PROTOCOL_ERROR,
-        progress.stage,
-        f"MCP client error: {type(cause).__name__}: {_first_line(str(cause))}",
-    )
-
-
-def _first_line(text: str) -> str:
-    return text.strip().partition("\n")[0][:200]
+    """Connect, initialize, list every tool and close the session (`_mcp_client.discover_tools`)."""
+    result: tuple[TestResult, list[McpTool]] = await _client().discover_tools(target, egress)
+    return result
 
 
 async def test_mcp(target: Target, egress: EgressPolicy) -> TestResult:
     """Test an MCP connection: initialize, list every tool, close the session."""
-    result, _tools = await discover_tools(target, egress)
+    result: TestResult = await _client().test_mcp(target, egress)
     return result
-
-
-__all__ = ["MAX_PAGES", "MAX_TOOLS", "discover_tools", "test_mcp", "tool_definition_hash"]
