@@ -17,8 +17,8 @@ naming the setting, raised at start-up.
     path = "broker.db"              # BROKER_STORAGE_PATH: the SQLite file (the default backend)
     url = ""                        # BROKER_STORAGE_URL: "postgresql://user@host:5432/db?sslmode=verify-full"
                                     #   selects PostgreSQL (several replicas on one database); when set,
-                                    #   path is ignored. Keep the password out of the URL: asyncpg reads
-                                    #   PGPASSWORD / PGPASSFILE (~/.pgpass) like libpq does
+                                    #   path is ignored. A password in the URL: set it from a secret;
+                                    #   or asyncpg reads PGPASSWORD / PGPASSFILE (~/.pgpass) like libpq
     pool_min = 1                    # BROKER_STORAGE_POOL_MIN: PostgreSQL connections kept open
     pool_max = 10                   # BROKER_STORAGE_POOL_MAX: at most this many per replica
     [master_key]
