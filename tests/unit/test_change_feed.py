@@ -150,3 +150,13 @@ async def test_an_unanswered_heartbeat_stops_the_cache_and_reconnects() -> None:
         assert connections[0].terminated
     finally:
         await listener.close()
+
+
+def test_a_change_the_sink_failed_to_apply_forgets_everything() -> None:
+    class Failing(Recorder):
+        def connection_changed(self, tenant: str, connection_id: str) -> None:
+            raise RuntimeError("a bug")
+
+    sink = Failing()
+    deliver(sink, connection_changed("acme", "conn_1"))
+    assert sink.calls == [("seen",)]  # the safe reading: nothing cached survives

@@ -77,6 +77,9 @@ def deliver(sink: ChangeSink, payload: str) -> None:
     except (ValueError, IndexError, TypeError, KeyError):
         log.warning("change_message_unreadable", length=len(payload))
         sink.changes_seen()
+    except Exception as exc:  # a sink that failed may have missed the change: drop everything
+        log.error("change_message_not_applied", error_type=type(exc).__name__)
+        sink.changes_seen()
 
 
 class Listener:
@@ -96,6 +99,7 @@ class Listener:
         self._max_backoff = max_backoff_seconds
         self._task: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
+        self._conn: asyncpg.Connection | None = None  # the session being listened on
         self.listening = False
         self.server_pid: int | None = None  # the listening session's backend, for operators and tests
 
@@ -123,6 +127,7 @@ class Listener:
             listened = False
             try:
                 conn = await asyncio.wait_for(self._connect(), timeout=max(self._heartbeat * 5, 5.0))
+                self._conn = conn
                 self._lost.clear()
                 self.server_pid = conn.get_server_pid()
                 conn.add_termination_listener(self._on_terminated)
@@ -161,11 +166,12 @@ class Listener:
         self.listening = False
         self._sink.changes_unseen()
 
-    def _on_terminated(self, _conn: Any) -> None:
+    def _on_terminated(self, conn: Any) -> None:
         # Called by asyncpg on the event loop as soon as the connection is lost: stop trusting
-        # the cache now, not at the next heartbeat.
-        self._set_unseen()
-        self._lost.set()
+        # the cache now, not at the next heartbeat. (Not for a session already given up.)
+        if conn is self._conn:
+            self._set_unseen()
+            self._lost.set()
 
     def _on_message(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         deliver(self._sink, payload)
