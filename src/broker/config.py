@@ -48,6 +48,7 @@ naming the setting, raised at start-up.
     [audit]
     retention_days = 365            # BROKER_AUDIT_RETENTION_DAYS (at least 90); older events are
                                     #   pruned daily behind a checkpoint that keeps the chain verifiable
+    seal_interval_seconds = 60      # how often the chain's tail is sealed (a MAC under the master key)
     [oauth]
     refresh_margin_seconds = 300    # a token expiring sooner is refreshed before Resolve returns it
     default_token_lifetime_seconds = 3600   # when the provider gives no expires_in and no JWT exp
@@ -153,6 +154,7 @@ class Settings:
     oauth_refresh_interval_seconds: float = 30.0
     stale_after_days: float = 7.0
     audit_retention_days: int = 365
+    audit_seal_interval_seconds: float = 60.0
     egress: EgressSettings = field(default_factory=EgressSettings)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
 
@@ -479,6 +481,7 @@ def _build(src: _Source) -> Settings:
         oauth_refresh_interval_seconds=src.number("oauth", "refresh_interval_seconds", 30, 1, 3600),
         stale_after_days=src.number("testing", "stale_after_days", 7.0, 0, 3650),
         audit_retention_days=_whole(src, "audit", "retention_days", 365, 90, 36500),
+        audit_seal_interval_seconds=src.number("audit", "seal_interval_seconds", 60, 1, 3600),
         egress=_egress(src),
         monitor=_monitor(src),
     )

@@ -11,6 +11,7 @@ import enum
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -282,12 +283,36 @@ class AuditFilter:
 
 @dataclass(frozen=True, slots=True)
 class AuditChainReport:
-    """The result of walking the audit hash chain: ids and a generic problem, never contents."""
+    """The result of walking the audit hash chain: ids and a generic problem, never contents.
+
+    Seals (`AuditSeal`) met on the way are checked too: `seals_checked` matched,
+    `seals_unverifiable` were made under a master key no longer configured, and
+    `unsealed_events` are the newest events no seal covers yet.
+    """
 
     ok: bool
     events_checked: int
     first_broken_id: int = 0
     problem: str = ""
+    seals_checked: int = 0
+    seals_unverifiable: int = 0
+    unsealed_events: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSeal:
+    """A MAC over the audit chain's tail (`last_id`, `last_hash`) under a key derived from the
+    master key `kek_id`: whoever rewrites the chain without that key cannot make it match."""
+
+    last_id: int
+    last_hash: str
+    kek_id: str
+    mac: str
+    sealed_at: datetime
+
+
+# A seal's verdict: True (its MAC verifies), False (it does not), None (its key is not configured).
+SealCheck = Callable[[AuditSeal], bool | None]
 
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"

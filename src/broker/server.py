@@ -163,7 +163,11 @@ class Broker:
             await verify_keyring(self.store, keyring)
             cache = ResolveCache()
             self.audit = AuditLog(
-                self.store, clock=self._clock, retention=timedelta(days=settings.audit_retention_days)
+                self.store,
+                clock=self._clock,
+                retention=timedelta(days=settings.audit_retention_days),
+                keyring=keyring,
+                seal_interval=settings.audit_seal_interval_seconds,
             )
             self._limits = _rate_limits(settings, self.store, self.audit, self._clock)
             egress = EgressPolicy(settings.egress)
@@ -228,6 +232,7 @@ class Broker:
         self.oauth.start()
         self.monitor.start()
         self.audit.start_pruning()
+        self.audit.start_sealing()
         self.keys.start()
         await self._refresh_gauges()
         self._store_probe = asyncio.create_task(self._probe_store())

@@ -26,7 +26,7 @@ from broker.store._migrate import apply_sqlite, load_migrations
 from broker.store.sqlite import SqliteStore
 from tests import oauthserver
 from tests.conftest import Running
-from tests.helpers import EXECUTOR, ShiftedClock, db_request, field_violations, rpc_error
+from tests.helpers import EXECUTOR, ShiftedClock, db_request, field_violations, no_seals, rpc_error
 from tests.integration.test_oauth_flow import (  # noqa: F401 (fixtures)
     SHORT_LIFE,
     age_past_half_life,
@@ -159,16 +159,16 @@ def _swap(a: int, b: int, columns: str) -> list[tuple[str, tuple[Any, ...]]]:
 async def test_an_unreadable_row_is_a_break_not_a_crash(store: SqliteStore) -> None:
     await store.append_audit([event(i) for i in range(3)])
     edit_db(store.path, ("UPDATE audit_events SET details = 'not json', outcome = 'nope' WHERE id = 2", ()))
-    report = await store.verify_audit_chain()
+    report = await store.verify_audit_chain(no_seals)
     assert (report.ok, report.first_broken_id, report.problem) == (False, 2, chain.PROBLEM_UNREADABLE)
 
 
 async def test_verify_walks_in_pages(store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("broker.store.sqlite._audit._AUDIT_PAGE", 7)
     await store.append_audit([event(i) for i in range(30)])
-    assert (await store.verify_audit_chain()).events_checked == 30
+    assert (await store.verify_audit_chain(no_seals)).events_checked == 30
     edit_db(store.path, ("UPDATE audit_events SET reason = 'x' WHERE id = 22", ()))
-    report = await store.verify_audit_chain()
+    report = await store.verify_audit_chain(no_seals)
     assert (report.first_broken_id, report.events_checked) == (22, 22)
 
 
@@ -182,7 +182,7 @@ async def test_events_written_with_a_change_join_the_same_chain(store: SqliteSto
     events = list(reversed(await store.list_audit("acme", AuditFilter(), 10, None)))
     assert [e.id for e in events] == [1, 2, 3]
     assert [e.prev_hash for e in events] == [chain.GENESIS, events[0].hash, events[1].hash]
-    assert (await store.verify_audit_chain()).ok
+    assert (await store.verify_audit_chain(no_seals)).ok
 
 
 # --------------------------------------------------------------- backfill
@@ -207,7 +207,7 @@ async def test_events_from_before_the_chain_are_hashed_on_open(tmp_path: Path) -
         assert events[0].prev_hash == chain.GENESIS
         assert all(e.hash == chain.event_hash(e) for e in events)
         await store.append_audit([event(5)])
-        report = await store.verify_audit_chain()
+        report = await store.verify_audit_chain(no_seals)
         assert (report.ok, report.events_checked) == (True, 6)
     finally:
         await store.close()
@@ -217,7 +217,7 @@ async def test_events_from_before_the_chain_are_hashed_on_open(tmp_path: Path) -
     store = SqliteStore(path)
     await store.open()
     try:
-        report = await store.verify_audit_chain()
+        report = await store.verify_audit_chain(no_seals)
         assert (report.ok, report.first_broken_id, report.problem) == (False, 2, chain.PROBLEM_MISSING)
     finally:
         await store.close()
@@ -296,12 +296,12 @@ async def test_pruning_keeps_the_rest_verifiable_behind_a_checkpoint(store: Sqli
         ).fetchall()
         assert db.execute("SELECT min(id), count(*) FROM audit_events").fetchone() == (8, 8)
     assert (last_id, count) == (7, 7) and len(last_hash) == 64
-    report = await store.verify_audit_chain()
+    report = await store.verify_audit_chain(no_seals)
     assert (report.ok, report.events_checked) == (True, 8)
     assert await log.prune() == 0  # event 8 is recent: nothing before it may go
 
     edit_db(store.path, ("UPDATE audit_events SET actor = 'someone else' WHERE id = 9", ()))
-    report = await store.verify_audit_chain()
+    report = await store.verify_audit_chain(no_seals)
     assert (report.ok, report.first_broken_id) == (False, 9)
 
 
@@ -310,11 +310,11 @@ async def test_pruning_in_batches_and_appending_after_everything_was_pruned(stor
     assert await store.prune_audit(T0 + timedelta(seconds=1), T0, batch_size=10) == 25
     with sqlite3.connect(store.path) as db:
         assert db.execute("SELECT last_id, pruned_count FROM audit_checkpoints").fetchall() == [(25, 25)]
-    assert (await store.verify_audit_chain()).ok
+    assert (await store.verify_audit_chain(no_seals)).ok
     await store.append_audit([event(99)])  # continues from the checkpoint
     [latest] = await store.list_audit("acme", AuditFilter(), 10, None)
     assert latest.id == 26 and latest.prev_hash != chain.GENESIS
-    report = await store.verify_audit_chain()
+    report = await store.verify_audit_chain(no_seals)
     assert (report.ok, report.events_checked) == (True, 1)
 
 
@@ -325,7 +325,7 @@ async def test_pruning_stops_at_a_broken_link_and_keeps_the_evidence(store: Sqli
         await store.prune_audit(T0 + timedelta(seconds=1), T0, batch_size=3)
     with sqlite3.connect(store.path) as db:
         assert db.execute("SELECT min(id) FROM audit_events").fetchone() == (4,)  # batches 1-3 went
-    assert (await store.verify_audit_chain()).first_broken_id == 7
+    assert (await store.verify_audit_chain(no_seals)).first_broken_id == 7
 
 
 def test_retention_has_a_floor() -> None:

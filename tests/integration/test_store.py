@@ -53,6 +53,7 @@ from broker.store._migrate import load_migrations
 from broker.store._pg_migrate import load_postgres_migrations
 from broker.store.postgres import PostgresStore
 from broker.store.sqlite import SqliteStore
+from tests.helpers import no_seals
 from tests.postgres_db import fresh_database, reset, shared_postgres, with_database  # noqa: F401 (fixture)
 
 T0 = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
@@ -803,21 +804,21 @@ async def test_the_chain_verifies_and_pruning_keeps_the_rest_verifiable(store: S
     minute = timedelta(minutes=1)
     await create(store)  # at T0
     await store.append_audit([make_event(time=T0 + i * minute, details={"i": str(i)}) for i in range(30)])
-    assert await store.verify_audit_chain() == AuditChainReport(True, 31)
+    assert await store.verify_audit_chain(no_seals) == AuditChainReport(True, 31, unsealed_events=31)
 
     # Everything before T0 + 10 min: the create event and events 0..9, in batches of 4.
     assert await store.prune_audit(T0 + 10 * minute, now=T0 + timedelta(days=1), batch_size=4) == 11
-    assert await store.verify_audit_chain() == AuditChainReport(True, 20)
+    assert await store.verify_audit_chain(no_seals) == AuditChainReport(True, 20, unsealed_events=20)
     oldest = await store.export_audit(TENANT, AuditFilter(), 1, None)
     assert oldest[0].details == {"i": "10"}
 
     # Prune everything, then append: the new event links to the checkpoint.
     assert await store.prune_audit(T0 + timedelta(days=1), now=T0 + timedelta(days=1)) == 20
-    assert await store.verify_audit_chain() == AuditChainReport(True, 0)
+    assert await store.verify_audit_chain(no_seals) == AuditChainReport(True, 0, unsealed_events=0)
     await store.append_audit([make_event(time=T0 + timedelta(days=2))])
     [last] = await store.list_audit(TENANT, AuditFilter(), 10, None)
     assert last.id == 32 and last.prev_hash != chain.GENESIS
-    assert await store.verify_audit_chain() == AuditChainReport(True, 1)
+    assert await store.verify_audit_chain(no_seals) == AuditChainReport(True, 1, unsealed_events=1)
 
 
 # ------------------------------------------------------------- master keys
@@ -909,7 +910,9 @@ async def test_postgres_replicas_migrate_once_and_share_one_audit_chain(pg_dsn: 
             await store.append_audit([make_event(action="resolve") for _ in range(5)])
 
         await asyncio.gather(*(work(stores[i % 3], i) for i in range(30)))
-        assert await stores[1].verify_audit_chain() == AuditChainReport(True, 180)
+        assert await stores[1].verify_audit_chain(no_seals) == AuditChainReport(
+            True, 180, unsealed_events=180
+        )
         exported = await stores[2].export_audit(TENANT, AuditFilter(), 1000, None)
         assert [e.id for e in exported] == list(range(1, 181))
 
@@ -988,7 +991,7 @@ async def test_postgres_cancelled_writes_are_all_or_nothing(pg_dsn: str) -> None
             events = await store.list_audit(TENANT, AuditFilter(connection_id=record.id), 10, None)
             assert (got is None) == (events == [])
         await create(store)
-        assert (await store.verify_audit_chain()).ok
+        assert (await store.verify_audit_chain(no_seals)).ok
 
 
 async def test_postgres_lost_connections_are_unavailable_then_recover(pg_dsn: str) -> None:

@@ -642,16 +642,22 @@ class VerifyAuditLogRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class VerifyAuditLogResponse(_message.Message):
-    __slots__ = ("ok", "events_checked", "first_broken_id", "problem")
+    __slots__ = ("ok", "events_checked", "first_broken_id", "problem", "seals_checked", "seals_unverifiable", "unsealed_events")
     OK_FIELD_NUMBER: _ClassVar[int]
     EVENTS_CHECKED_FIELD_NUMBER: _ClassVar[int]
     FIRST_BROKEN_ID_FIELD_NUMBER: _ClassVar[int]
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    SEALS_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    SEALS_UNVERIFIABLE_FIELD_NUMBER: _ClassVar[int]
+    UNSEALED_EVENTS_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     events_checked: int
     first_broken_id: int
     problem: str
-    def __init__(self, ok: _Optional[bool] = ..., events_checked: _Optional[int] = ..., first_broken_id: _Optional[int] = ..., problem: _Optional[str] = ...) -> None: ...
+    seals_checked: int
+    seals_unverifiable: int
+    unsealed_events: int
+    def __init__(self, ok: _Optional[bool] = ..., events_checked: _Optional[int] = ..., first_broken_id: _Optional[int] = ..., problem: _Optional[str] = ..., seals_checked: _Optional[int] = ..., seals_unverifiable: _Optional[int] = ..., unsealed_events: _Optional[int] = ...) -> None: ...
 
 class ExportAuditEventsRequest(_message.Message):
     __slots__ = ("start_time", "end_time", "connection_id")

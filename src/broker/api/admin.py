@@ -151,6 +151,9 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
             events_checked=report.events_checked,
             first_broken_id=report.first_broken_id,
             problem=report.problem,
+            seals_checked=report.seals_checked,
+            seals_unverifiable=report.seals_unverifiable,
+            unsealed_events=report.unsealed_events,
         )
 
     async def ExportAuditEvents(

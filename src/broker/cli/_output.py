@@ -149,10 +149,13 @@ def json_line(message: Message) -> str:
 
 
 def render_verify(r: broker_pb2.VerifyAuditLogResponse) -> str:
-    """The verdict of VerifyAuditLog: ok with a count, or the first broken event and why."""
-    if r.ok:
-        return f"ok: the audit chain is intact ({r.events_checked} events checked)"
-    return f"BROKEN at event {r.first_broken_id}: {r.problem} ({r.events_checked} events checked)"
+    """The verdict of VerifyAuditLog: ok with counts, or the first broken event and why."""
+    if not r.ok:
+        return f"BROKEN at event {r.first_broken_id}: {r.problem} ({r.events_checked} events checked)"
+    seals = f"{r.seals_checked} seals matched, {r.unsealed_events} newest events not sealed yet"
+    if r.seals_unverifiable:
+        seals += f", {r.seals_unverifiable} seals under master keys no longer configured"
+    return f"ok: the audit chain is intact ({r.events_checked} events checked; {seals})"
 
 
 def render_resolved(r: broker_pb2.ResolveResponse) -> str:

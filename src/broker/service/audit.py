@@ -28,15 +28,17 @@ from datetime import UTC, datetime, timedelta
 import structlog
 
 from broker import metrics
+from broker.crypto import Keyring
 from broker.errors import BrokerError, InvalidArgument, Unavailable
-from broker.model import AuditChainReport, AuditEvent, AuditFilter
-from broker.service import paging
+from broker.model import AuditChainReport, AuditEvent, AuditFilter, AuditSeal
+from broker.service import auditseal, paging
 from broker.service.context import Call
 from broker.store import Store
 
 log = structlog.get_logger("broker.audit")
 
 MAX_BATCH = 512
+SEAL_INTERVAL_SECONDS = 60.0
 # A write that takes longer fails its batch rather than holding every Resolve behind it.
 WRITE_TIMEOUT_SECONDS = 10.0
 DEFAULT_RETENTION = timedelta(days=365)
@@ -58,6 +60,8 @@ class AuditLog:
         clock: Callable[[], datetime] = _utc_now,
         retention: timedelta = DEFAULT_RETENTION,
         write_timeout: float = WRITE_TIMEOUT_SECONDS,
+        keyring: Keyring | None = None,
+        seal_interval: float = SEAL_INTERVAL_SECONDS,
     ) -> None:
         if retention < MIN_RETENTION:
             raise ValueError(f"audit retention must be at least {MIN_RETENTION.days} days")
@@ -69,6 +73,11 @@ class AuditLog:
         self._pending: list[tuple[AuditEvent, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._pruner: asyncio.Task[None] | None = None
+        # Seals (service/auditseal.py) need the master key; without a keyring there are none.
+        self._keyring = keyring
+        self._seal_interval = seal_interval
+        self._sealer: asyncio.Task[None] | None = None
+        self._sealed_up_to = 0
 
     async def append(self, event: AuditEvent) -> None:
         """Return once `event` is durably stored; raise `Unavailable` if it could not be."""
@@ -108,13 +117,46 @@ class AuditLog:
                         future.set_result(None)
 
     async def close(self) -> None:
-        """Stop pruning and wait for every accepted event to be written."""
-        if self._pruner is not None:
-            self._pruner.cancel()
-            await asyncio.wait([self._pruner])
-            self._pruner = None
+        """Stop pruning and sealing, wait for every accepted event to be written, seal the tail."""
+        for task in (self._pruner, self._sealer):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
+        self._pruner = self._sealer = None
         while self._writer is not None and not self._writer.done():
             await asyncio.wait([self._writer])
+        await self._seal_logging_failure()
+
+    # ----------------------------------------------------------------- seals
+
+    async def seal(self) -> AuditSeal | None:
+        """Seal the chain's tail if it moved since the last seal; the seal made, else None."""
+        if self._keyring is None:
+            return None
+        last_id, last_hash = await self._store.audit_tail()
+        if last_id <= self._sealed_up_to:
+            return None
+        made = auditseal.make_seal(self._keyring.active, last_id, last_hash, self._clock())
+        await self._store.add_audit_seal(made)
+        self._sealed_up_to = last_id
+        # The log's copy is the one the database cannot take back (see service/auditseal.py).
+        log.info("audit_sealed", last_id=last_id, last_hash=last_hash, kek_id=made.kek_id, mac=made.mac)
+        return made
+
+    def start_sealing(self) -> None:
+        """Seal every `seal_interval` seconds, in the background."""
+        self._sealer = asyncio.create_task(self._seal_periodically())
+
+    async def _seal_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self._seal_interval)
+            await self._seal_logging_failure()
+
+    async def _seal_logging_failure(self) -> None:
+        try:
+            await self.seal()
+        except Exception as exc:  # the next interval tries again
+            log.error("audit_seal_failed", error_type=type(exc).__name__)
 
     async def list(
         self, call: Call, filter: AuditFilter, page_size: int, page_token: str
@@ -129,7 +171,7 @@ class AuditLog:
 
     async def verify(self, call: Call) -> AuditChainReport:
         """Walk the whole (global) chain; the report holds ids and a generic problem only."""
-        report = await self._store.verify_audit_chain()
+        report = await self._store.verify_audit_chain(auditseal.checker(self._keyring))
         if not report.ok:
             log.warning("audit_chain_broken", first_broken_id=report.first_broken_id, problem=report.problem)
         return report

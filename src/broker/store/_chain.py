@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
-from broker.model import AuditEvent
+from broker.model import AuditChainReport, AuditEvent, AuditSeal, SealCheck
 from broker.store._codec import Row, audit_from_row, to_micros
 
 FORMAT_VERSION = 1
@@ -46,6 +47,11 @@ PROBLEM_LINK = "the link to the previous event is broken: an event before this o
 PROBLEM_HASH = "the event does not match its hash: it was edited or moved"
 PROBLEM_MISSING = "the event has no hash"
 PROBLEM_UNREADABLE = "the event cannot be read back: a stored field was edited"
+PROBLEM_SEAL_MISMATCH = (
+    "the event's hash differs from the one sealed: the chain was rewritten from here or earlier"
+)
+PROBLEM_SEAL_FORGED = "a seal does not verify under its master key: it was forged or edited"
+PROBLEM_SEAL_MISSING = "a sealed event is missing: the newest events were cut off"
 
 
 def canonical_bytes(event: AuditEvent) -> bytes:
@@ -82,6 +88,11 @@ class ChainWalk:
     checked: int = 0
     broken_id: int = 0
     problem: str = ""
+    last_id: int = 0
+    seals_checked: int = 0
+    seals_unverifiable: int = 0
+    since_seal: int = 0  # events checked after the newest seal that matched
+    _sealed: dict[int, str] = field(default_factory=dict)  # id -> hash, seals not yet reached
 
     @property
     def ok(self) -> bool:
@@ -99,7 +110,43 @@ class ChainWalk:
         if event_hash(event) != event.hash:
             return self._broken(event.id, PROBLEM_HASH)
         self.expected_prev = event.hash
+        self.last_id = event.id
+        self.since_seal += 1
+        sealed = self._sealed.pop(event.id, None)
+        if sealed is not None:
+            if sealed != event.hash:
+                return self._broken(event.id, PROBLEM_SEAL_MISMATCH)
+            self.seals_checked += 1
+            self.since_seal = 0
         return True
+
+    def add_seals(self, seals: Iterable[AuditSeal], seal_ok: SealCheck) -> bool:
+        """Seals for events still ahead of the walk; False (a break) when one's MAC fails."""
+        for seal in seals:
+            verdict = seal_ok(seal)
+            if verdict is None:
+                self.seals_unverifiable += 1
+            elif not verdict:
+                return self._broken(seal.last_id, PROBLEM_SEAL_FORGED)
+            else:
+                self._sealed[seal.last_id] = seal.last_hash
+        return self.ok
+
+    def finish(self, seals_beyond_the_end: Iterable[AuditSeal], seal_ok: SealCheck) -> None:
+        """After the last event: a verified seal of an event that is not there means a cut tail."""
+        if self.ok and self.add_seals(seals_beyond_the_end, seal_ok) and self._sealed:
+            self._broken(min(self._sealed), PROBLEM_SEAL_MISSING)
+
+    def report(self) -> AuditChainReport:
+        return AuditChainReport(
+            self.ok,
+            self.checked,
+            self.broken_id,
+            self.problem,
+            seals_checked=self.seals_checked,
+            seals_unverifiable=self.seals_unverifiable,
+            unsealed_events=self.since_seal if self.ok else 0,
+        )
 
     def check_row(self, row: Row) -> bool:
         """`check` a stored row; a row whose fields no longer parse is a break."""

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from broker.crypto.envelope import Sealed
 from broker.model import (
     AuditEvent,
+    AuditSeal,
     ConnectionRecord,
     ConnectionStatus,
     Grant,
@@ -363,3 +364,17 @@ def seen_fact_from_row(row: Row) -> SeenFact:
         object=row["object"],
         first_seen=from_micros(row["first_seen"]),
     )
+
+
+SEAL_COLUMNS = ("last_id", "last_hash", "kek_id", "mac", "sealed_at")
+
+
+def seal_params(seal: AuditSeal) -> tuple[Any, ...]:
+    return (seal.last_id, seal.last_hash, seal.kek_id, seal.mac, to_micros(seal.sealed_at))
+
+
+def seal_from_row(row: Row) -> AuditSeal:
+    return AuditSeal(
+        int(row["last_id"]), str(row["last_hash"]), str(row["kek_id"]), str(row["mac"]),
+        from_micros(row["sealed_at"]),
+    )  # fmt: skip

@@ -23,12 +23,14 @@ from broker.model import (
     AuditChainReport,
     AuditEvent,
     AuditFilter,
+    AuditSeal,
     ConnectionFilter,
     ConnectionRecord,
     Grant,
     GrantFilter,
     McpTool,
     PendingAuthorization,
+    SealCheck,
     SecurityEvent,
     SecurityEventFilter,
     SeenFact,
@@ -258,12 +260,20 @@ class Store(Protocol):
     ) -> list[AuditEvent]:
         """Like `list_audit`, but oldest first (ascending id), with id > after_id when given."""
 
-    async def verify_audit_chain(self) -> AuditChainReport:
+    async def verify_audit_chain(self, seal_ok: SealCheck) -> AuditChainReport:
         """Walk the whole hash chain from the newest checkpoint, in id order and in pages.
 
         Every event's prev_hash must be its predecessor's hash and its hash must match
-        its canonical form; the report names the first event where either fails.
+        its canonical form; the report names the first event where either fails. Each
+        seal of an event on the way is judged by `seal_ok` and, when it verifies, must
+        match the event's hash; a verified seal of an event that is gone is a cut tail.
         """
+
+    async def audit_tail(self) -> tuple[int, str]:
+        """(id, hash) of the newest audit event (or of the newest checkpoint; (0, GENESIS) if none)."""
+
+    async def add_audit_seal(self, seal: AuditSeal) -> None:
+        """Store a seal; a seal of the same `last_id` already stored (another replica's) stays."""
 
     async def prune_audit(self, before: datetime, now: datetime, batch_size: int = 1000) -> int:
         """Delete the oldest events, up to the first one at or after `before`, in batches.

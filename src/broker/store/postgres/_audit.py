@@ -5,19 +5,31 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
+import asyncpg
+
 from broker.errors import FailedPrecondition, Unavailable
-from broker.model import AuditChainReport, AuditEvent, AuditFilter
+from broker.model import AuditChainReport, AuditEvent, AuditFilter, AuditSeal, SealCheck
 from broker.store import _chain as chain
 from broker.store import _codec as codec
 from broker.store import _sql
 from broker.store._pg_migrate import AUDIT_LOCK
-from broker.store.postgres._base import _CHECKPOINT_SELECT, _UNAVAILABLE, PostgresBase
+from broker.store.postgres._base import _CHECKPOINT_SELECT, _UNAVAILABLE, PostgresBase, _chain_tail
 
 # Statements are assembled from the constant column lists in `_codec`, never from input.
 _AUDIT_SELECT = (
     "SELECT id, " + ", ".join(codec.AUDIT_COLUMNS) + ", prev_hash, hash FROM audit_events"  # noqa: S608
 )
 _AUDIT_PAGE = 1000
+_SEAL_SELECT = "SELECT " + ", ".join(codec.SEAL_COLUMNS) + " FROM audit_seals"  # noqa: S608
+_SEAL_INSERT = f"INSERT INTO audit_seals ({', '.join(codec.SEAL_COLUMNS)}) VALUES ($1, $2, $3, $4, $5)"  # noqa: S608
+
+
+async def _seals(conn: asyncpg.Connection, after_id: int, up_to_id: int) -> list[AuditSeal]:
+    """Seals of events with after_id < id <= up_to_id."""
+    rows = await conn.fetch(
+        f"{_SEAL_SELECT} WHERE last_id > $1 AND last_id <= $2 ORDER BY last_id", after_id, up_to_id
+    )
+    return [codec.seal_from_row(row) for row in rows]
 
 
 class Audit(PostgresBase):
@@ -56,8 +68,9 @@ class Audit(PostgresBase):
         rows = await self._fetch(sql, *arg.values)
         return [codec.audit_from_row(row) for row in rows]
 
-    async def verify_audit_chain(self) -> AuditChainReport:
-        """Walk the chain in pages inside one REPEATABLE READ, READ ONLY transaction.
+    async def verify_audit_chain(self, seal_ok: SealCheck) -> AuditChainReport:
+        """Walk the chain, with the seals of each page's events, in pages inside one
+        REPEATABLE READ, READ ONLY transaction.
 
         The snapshot holds still while the walk pages through it, so a prune or an
         append by any replica meanwhile cannot look like a break. Appends commit in id
@@ -73,20 +86,37 @@ class Audit(PostgresBase):
                 after, expected = (
                     (start[0]["last_id"], start[0]["last_hash"]) if start else (0, chain.GENESIS)
                 )
+                sealed_up_to = await conn.fetchval("SELECT coalesce(max(last_id), 0) FROM audit_seals")
                 walk = chain.ChainWalk(expected)
                 while walk.ok:
                     rows = await conn.fetch(
                         f"{_AUDIT_SELECT} WHERE id > $1 ORDER BY id LIMIT $2", after, _AUDIT_PAGE
                     )
+                    if rows and not walk.add_seals(await _seals(conn, after, rows[-1]["id"]), seal_ok):
+                        break
                     for row in rows:
                         if not walk.check_row(row):
                             break
                     if len(rows) < _AUDIT_PAGE:
                         break
                     after = rows[-1]["id"]
+                walk.finish(await _seals(conn, max(after, walk.last_id), sealed_up_to), seal_ok)
         except _UNAVAILABLE as exc:
             raise Unavailable("the database is unavailable; retry shortly") from exc
-        return AuditChainReport(walk.ok, walk.checked, walk.broken_id, walk.problem)
+        return walk.report()
+
+    async def audit_tail(self) -> tuple[int, str]:
+        """(id, hash) of the newest committed event, or of the newest checkpoint, or (0, GENESIS)."""
+        try:
+            async with self._require_pool().acquire() as conn:
+                return await _chain_tail(conn)
+        except _UNAVAILABLE as exc:
+            raise Unavailable("the database is unavailable; retry shortly") from exc
+
+    async def add_audit_seal(self, seal: AuditSeal) -> None:
+        """Insert the seal unless its event is sealed already (by another replica, say)."""
+        async with self._transaction() as conn:
+            await conn.execute(_SEAL_INSERT + " ON CONFLICT (last_id) DO NOTHING", *codec.seal_params(seal))
 
     async def prune_audit(self, before: datetime, now: datetime, batch_size: int = 1000) -> int:
         """Delete the oldest events before `before`, batch by batch, each with its checkpoint.
@@ -125,6 +155,7 @@ class Audit(PostgresBase):
                         )
                 last_id, last_hash = batch[-1]["id"], batch[-1]["hash"]
                 await conn.execute("DELETE FROM audit_events WHERE id <= $1", last_id)
+                await conn.execute("DELETE FROM audit_seals WHERE last_id <= $1", last_id)
                 if run_id is None:
                     run_id = await conn.fetchval(
                         "INSERT INTO audit_checkpoints (last_id, last_hash, pruned_count, created_at)"

@@ -6,11 +6,22 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from broker.errors import FailedPrecondition
-from broker.model import AuditChainReport, AuditEvent, AuditFilter
+from broker.model import AuditChainReport, AuditEvent, AuditFilter, AuditSeal, SealCheck
 from broker.store import _chain as chain
 from broker.store import _codec as codec
 from broker.store import _sql
-from broker.store.sqlite._base import _AUDIT_PAGE, _AUDIT_SELECT, _CHECKPOINT_SELECT, SqliteBase
+from broker.store.sqlite._base import (
+    _AUDIT_PAGE,
+    _AUDIT_SELECT,
+    _CHECKPOINT_SELECT,
+    SqliteBase,
+    _chain_tail,
+)
+
+# Statements are assembled from the constant column lists in `_codec`, never from input.
+_SEAL_SELECT = "SELECT " + ", ".join(codec.SEAL_COLUMNS) + " FROM audit_seals"  # noqa: S608
+_SEALED_UP_TO = "SELECT max(last_id) FROM audit_seals"
+_SEAL_INSERT = f"INSERT INTO audit_seals ({', '.join(codec.SEAL_COLUMNS)}) VALUES (?, ?, ?, ?, ?)"  # noqa: S608
 
 
 class Audit(SqliteBase):
@@ -49,23 +60,46 @@ class Audit(SqliteBase):
         rows = await self._read(statement, arg.values)
         return [codec.audit_from_row(row) for row in rows]
 
-    async def verify_audit_chain(self) -> AuditChainReport:
-        """Walk the chain from the newest checkpoint in pages of `_AUDIT_PAGE` (bounded memory)."""
+    async def verify_audit_chain(self, seal_ok: SealCheck) -> AuditChainReport:
+        """Walk the chain from the newest checkpoint in pages of `_AUDIT_PAGE` (bounded memory),
+        with the seals of each page's events."""
         async with self._chain_lock:
             start = await self._read(_CHECKPOINT_SELECT, ())
             after, expected = (start[0]["last_id"], start[0]["last_hash"]) if start else (0, chain.GENESIS)
+            # Seals made from here on may name events appended meanwhile; those before must find theirs.
+            sealed_up_to = (await self._read(_SEALED_UP_TO, ()))[0][0] or 0
             walk = chain.ChainWalk(expected)
             while walk.ok:
                 rows = await self._read(
                     f"{_AUDIT_SELECT} WHERE id > ? ORDER BY id LIMIT ?", (after, _AUDIT_PAGE)
                 )
+                if rows and not walk.add_seals(await self._seals(after, rows[-1]["id"]), seal_ok):
+                    break
                 for row in rows:
                     if not walk.check_row(row):
                         break
                 if len(rows) < _AUDIT_PAGE:
                     break
                 after = rows[-1]["id"]
-        return AuditChainReport(walk.ok, walk.checked, walk.broken_id, walk.problem)
+            walk.finish(await self._seals(max(after, walk.last_id), sealed_up_to), seal_ok)
+        return walk.report()
+
+    async def _seals(self, after_id: int, up_to_id: int) -> list[AuditSeal]:
+        """Seals of events with after_id < id <= up_to_id."""
+        rows = await self._read(
+            f"{_SEAL_SELECT} WHERE last_id > ? AND last_id <= ? ORDER BY last_id", (after_id, up_to_id)
+        )
+        return [codec.seal_from_row(row) for row in rows]
+
+    async def audit_tail(self) -> tuple[int, str]:
+        """(id, hash) of the newest event, or of the newest checkpoint, or (0, GENESIS)."""
+        async with self._transaction() as conn:
+            return await _chain_tail(conn)
+
+    async def add_audit_seal(self, seal: AuditSeal) -> None:
+        """Insert the seal unless its event is sealed already."""
+        async with self._transaction() as conn:
+            await conn.execute(_SEAL_INSERT + " ON CONFLICT (last_id) DO NOTHING", codec.seal_params(seal))
 
     async def prune_audit(self, before: datetime, now: datetime, batch_size: int = 1000) -> int:
         """Delete the oldest events before `before`, batch by batch, each with its checkpoint."""
@@ -102,6 +136,7 @@ class Audit(SqliteBase):
                             )
                     last_id, last_hash = batch[-1]["id"], batch[-1]["hash"]
                     await conn.execute("DELETE FROM audit_events WHERE id <= ?", (last_id,))
+                    await conn.execute("DELETE FROM audit_seals WHERE last_id <= ?", (last_id,))
                     if run_id is None:
                         async with conn.execute(
                             "INSERT INTO audit_checkpoints (last_id, last_hash, pruned_count, created_at)"
