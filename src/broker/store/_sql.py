@@ -47,22 +47,36 @@ class Params:
         return f"${len(self.values)}" if self._numbered else "?"
 
 
-def event_where(
+def event_page(
     arg: Params,
+    select: str,
     tenant: str,
     equals: Iterable[tuple[str, str]],
     start: datetime | None,
     end: datetime | None,
-) -> list[str]:
-    """WHERE terms of an event listing: the tenant, each non-empty (column, value), and
-    `time` from `start` (inclusive) to `end` (exclusive). Columns come from our code, not input."""
+    limit: int,
+    *,
+    before_id: int | None = None,
+    after_id: int | None = None,
+) -> str:
+    """One page of an event listing (audit or security events): the tenant, each non-empty
+    (column, value), `time` from `start` (inclusive) to `end` (exclusive); newest first below
+    `before_id`, or oldest first above `after_id` when that is given. Columns come from our code."""
+    check_limit(limit)
     where = [f"tenant = {arg(tenant)}"]
     where += [f"{column} = {arg(value)}" for column, value in equals if value]
     if start is not None:
         where.append(f"time >= {arg(to_micros(start))}")
     if end is not None:
         where.append(f"time < {arg(to_micros(end))}")
-    return where
+    if after_id is not None:
+        where.append(f"id > {arg(after_id)}")
+        order = "id"
+    else:
+        if before_id is not None:
+            where.append(f"id < {arg(before_id)}")
+        order = "id DESC"
+    return f"{select} WHERE {' AND '.join(where)} ORDER BY {order} LIMIT {arg(limit)}"
 
 
 def audit_equals(filter: AuditFilter) -> list[tuple[str, str]]:

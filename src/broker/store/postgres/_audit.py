@@ -46,12 +46,11 @@ class Audit(PostgresBase):
         self, tenant: str, filter: AuditFilter, limit: int, before_id: int | None
     ) -> list[AuditEvent]:
         """Up to `limit` events, newest first, with id < before_id when given."""
-        _sql.check_limit(limit)
         arg = _sql.Params(numbered=True)
-        where = _sql.event_where(arg, tenant, _sql.audit_equals(filter), filter.start_time, filter.end_time)
-        if before_id is not None:
-            where.append(f"id < {arg(before_id)}")
-        sql = f"{_AUDIT_SELECT} WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT {arg(limit)}"
+        equals = _sql.audit_equals(filter)
+        sql = _sql.event_page(
+            arg, _AUDIT_SELECT, tenant, equals, filter.start_time, filter.end_time, limit, before_id=before_id
+        )
         rows = await self._fetch(sql, *arg.values)
         return [codec.audit_from_row(row) for row in rows]
 
@@ -59,12 +58,11 @@ class Audit(PostgresBase):
         self, tenant: str, filter: AuditFilter, limit: int, after_id: int | None
     ) -> list[AuditEvent]:
         """Up to `limit` events, oldest first, with id > after_id when given."""
-        _sql.check_limit(limit)
         arg = _sql.Params(numbered=True)
-        where = _sql.event_where(arg, tenant, _sql.audit_equals(filter), filter.start_time, filter.end_time)
-        if after_id is not None:
-            where.append(f"id > {arg(after_id)}")
-        sql = f"{_AUDIT_SELECT} WHERE {' AND '.join(where)} ORDER BY id LIMIT {arg(limit)}"
+        equals = _sql.audit_equals(filter)
+        sql = _sql.event_page(
+            arg, _AUDIT_SELECT, tenant, equals, filter.start_time, filter.end_time, limit, after_id=after_id
+        )
         rows = await self._fetch(sql, *arg.values)
         return [codec.audit_from_row(row) for row in rows]
 

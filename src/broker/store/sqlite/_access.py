@@ -142,17 +142,19 @@ class Access(SqliteBase):
         self, tenant: str, filter: SecurityEventFilter, limit: int, before_id: int | None
     ) -> list[SecurityEvent]:
         """Up to `limit` of the tenant's events, newest first, with id < before_id when given."""
-        _sql.check_limit(limit)
         arg = _sql.Params(numbered=False)
-        where = _sql.event_where(
-            arg, tenant, _sql.security_equals(filter), filter.start_time, filter.end_time
+        equals = _sql.security_equals(filter)
+        sql = _sql.event_page(
+            arg,
+            _SECURITY_EVENT_SELECT,
+            tenant,
+            equals,
+            filter.start_time,
+            filter.end_time,
+            limit,
+            before_id=before_id,
         )
-        if before_id is not None:
-            where.append(f"id < {arg(before_id)}")
-        statement = (
-            f"{_SECURITY_EVENT_SELECT} WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT {arg(limit)}"
-        )
-        rows = await self._read(statement, arg.values)
+        rows = await self._read(sql, arg.values)
         return [codec.security_event_from_row(row) for row in rows]
 
     async def remember_seen(self, facts: Sequence[SeenFact], keep: int) -> None:

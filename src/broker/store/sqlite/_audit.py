@@ -38,26 +38,24 @@ class Audit(SqliteBase):
         self, tenant: str, filter: AuditFilter, limit: int, before_id: int | None
     ) -> list[AuditEvent]:
         """Up to `limit` events, newest first, with id < before_id when given."""
-        _sql.check_limit(limit)
         arg = _sql.Params(numbered=False)
-        where = _sql.event_where(arg, tenant, _sql.audit_equals(filter), filter.start_time, filter.end_time)
-        if before_id is not None:
-            where.append(f"id < {arg(before_id)}")
-        statement = f"{_AUDIT_SELECT} WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT {arg(limit)}"
-        rows = await self._read(statement, arg.values)
+        equals = _sql.audit_equals(filter)
+        sql = _sql.event_page(
+            arg, _AUDIT_SELECT, tenant, equals, filter.start_time, filter.end_time, limit, before_id=before_id
+        )
+        rows = await self._read(sql, arg.values)
         return [codec.audit_from_row(row) for row in rows]
 
     async def export_audit(
         self, tenant: str, filter: AuditFilter, limit: int, after_id: int | None
     ) -> list[AuditEvent]:
         """Up to `limit` events, oldest first, with id > after_id when given."""
-        _sql.check_limit(limit)
         arg = _sql.Params(numbered=False)
-        where = _sql.event_where(arg, tenant, _sql.audit_equals(filter), filter.start_time, filter.end_time)
-        if after_id is not None:
-            where.append(f"id > {arg(after_id)}")
-        statement = f"{_AUDIT_SELECT} WHERE {' AND '.join(where)} ORDER BY id LIMIT {arg(limit)}"
-        rows = await self._read(statement, arg.values)
+        equals = _sql.audit_equals(filter)
+        sql = _sql.event_page(
+            arg, _AUDIT_SELECT, tenant, equals, filter.start_time, filter.end_time, limit, after_id=after_id
+        )
+        rows = await self._read(sql, arg.values)
         return [codec.audit_from_row(row) for row in rows]
 
     async def verify_audit_chain(self, seal_ok: SealCheck) -> AuditChainReport:
