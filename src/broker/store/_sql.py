@@ -6,8 +6,6 @@ filters are written once against a `Params` collector that knows the style.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from datetime import datetime
 from typing import Any
 
 from broker.model import AuditFilter, ConnectionStatus, SecurityEventFilter
@@ -51,40 +49,35 @@ def event_page(
     arg: Params,
     select: str,
     tenant: str,
-    equals: Iterable[tuple[str, str]],
-    start: datetime | None,
-    end: datetime | None,
+    filter: AuditFilter | SecurityEventFilter,
     limit: int,
     *,
-    before_id: int | None = None,
-    after_id: int | None = None,
+    cursor: int | None,
+    oldest_first: bool,
 ) -> str:
-    """One page of an event listing (audit or security events): the tenant, each non-empty
-    (column, value), `time` from `start` (inclusive) to `end` (exclusive); newest first below
-    `before_id`, or oldest first above `after_id` when that is given. Columns come from our code."""
+    """One page of an event listing (audit or security events): the tenant, each exact-match
+    filter that is set, `time` from start_time (inclusive) to end_time (exclusive); newest first
+    with id < cursor, or oldest first with id > cursor (when given)."""
     check_limit(limit)
+    equals = _audit_equals(filter) if isinstance(filter, AuditFilter) else _security_equals(filter)
     where = [f"tenant = {arg(tenant)}"]
     where += [f"{column} = {arg(value)}" for column, value in equals if value]
-    if start is not None:
-        where.append(f"time >= {arg(to_micros(start))}")
-    if end is not None:
-        where.append(f"time < {arg(to_micros(end))}")
-    if after_id is not None:
-        where.append(f"id > {arg(after_id)}")
-        order = "id"
-    else:
-        if before_id is not None:
-            where.append(f"id < {arg(before_id)}")
-        order = "id DESC"
+    if filter.start_time is not None:
+        where.append(f"time >= {arg(to_micros(filter.start_time))}")
+    if filter.end_time is not None:
+        where.append(f"time < {arg(to_micros(filter.end_time))}")
+    if cursor is not None:
+        where.append(f"id {'>' if oldest_first else '<'} {arg(cursor)}")
+    order = "id" if oldest_first else "id DESC"
     return f"{select} WHERE {' AND '.join(where)} ORDER BY {order} LIMIT {arg(limit)}"
 
 
-def audit_equals(filter: AuditFilter) -> list[tuple[str, str]]:
+def _audit_equals(filter: AuditFilter) -> list[tuple[str, str]]:
     """The exact-match columns of an audit listing."""
     return [("connection_id", filter.connection_id), ("actor", filter.actor), ("action", filter.action)]
 
 
-def security_equals(filter: SecurityEventFilter) -> list[tuple[str, str]]:
+def _security_equals(filter: SecurityEventFilter) -> list[tuple[str, str]]:
     """The exact-match columns of a security-event listing."""
     return [("rule", filter.rule), ("connection_id", filter.connection_id), ("principal", filter.principal)]
 

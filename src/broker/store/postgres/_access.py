@@ -140,16 +140,8 @@ class Access(PostgresBase):
     ) -> list[SecurityEvent]:
         """Up to `limit` of the tenant's events, newest first, with id < before_id when given."""
         arg = _sql.Params(numbered=True)
-        equals = _sql.security_equals(filter)
         sql = _sql.event_page(
-            arg,
-            _SECURITY_EVENT_SELECT,
-            tenant,
-            equals,
-            filter.start_time,
-            filter.end_time,
-            limit,
-            before_id=before_id,
+            arg, _SECURITY_EVENT_SELECT, tenant, filter, limit, cursor=before_id, oldest_first=False
         )
         rows = await self._fetch(sql, *arg.values)
         return [codec.security_event_from_row(row) for row in rows]

@@ -47,10 +47,7 @@ class Audit(PostgresBase):
     ) -> list[AuditEvent]:
         """Up to `limit` events, newest first, with id < before_id when given."""
         arg = _sql.Params(numbered=True)
-        equals = _sql.audit_equals(filter)
-        sql = _sql.event_page(
-            arg, _AUDIT_SELECT, tenant, equals, filter.start_time, filter.end_time, limit, before_id=before_id
-        )
+        sql = _sql.event_page(arg, _AUDIT_SELECT, tenant, filter, limit, cursor=before_id, oldest_first=False)
         rows = await self._fetch(sql, *arg.values)
         return [codec.audit_from_row(row) for row in rows]
 
@@ -59,10 +56,7 @@ class Audit(PostgresBase):
     ) -> list[AuditEvent]:
         """Up to `limit` events, oldest first, with id > after_id when given."""
         arg = _sql.Params(numbered=True)
-        equals = _sql.audit_equals(filter)
-        sql = _sql.event_page(
-            arg, _AUDIT_SELECT, tenant, equals, filter.start_time, filter.end_time, limit, after_id=after_id
-        )
+        sql = _sql.event_page(arg, _AUDIT_SELECT, tenant, filter, limit, cursor=after_id, oldest_first=True)
         rows = await self._fetch(sql, *arg.values)
         return [codec.audit_from_row(row) for row in rows]
 

@@ -39,10 +39,7 @@ class Audit(SqliteBase):
     ) -> list[AuditEvent]:
         """Up to `limit` events, newest first, with id < before_id when given."""
         arg = _sql.Params(numbered=False)
-        equals = _sql.audit_equals(filter)
-        sql = _sql.event_page(
-            arg, _AUDIT_SELECT, tenant, equals, filter.start_time, filter.end_time, limit, before_id=before_id
-        )
+        sql = _sql.event_page(arg, _AUDIT_SELECT, tenant, filter, limit, cursor=before_id, oldest_first=False)
         rows = await self._read(sql, arg.values)
         return [codec.audit_from_row(row) for row in rows]
 
@@ -51,10 +48,7 @@ class Audit(SqliteBase):
     ) -> list[AuditEvent]:
         """Up to `limit` events, oldest first, with id > after_id when given."""
         arg = _sql.Params(numbered=False)
-        equals = _sql.audit_equals(filter)
-        sql = _sql.event_page(
-            arg, _AUDIT_SELECT, tenant, equals, filter.start_time, filter.end_time, limit, after_id=after_id
-        )
+        sql = _sql.event_page(arg, _AUDIT_SELECT, tenant, filter, limit, cursor=after_id, oldest_first=True)
         rows = await self._read(sql, arg.values)
         return [codec.audit_from_row(row) for row in rows]
 
