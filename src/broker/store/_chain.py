@@ -34,11 +34,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from broker.model import AuditChainReport, AuditEvent, AuditSeal, SealCheck
-from broker.store._codec import Row, audit_from_row, to_micros
+from broker.store._codec import Row, audit_from_row, audit_params, to_micros
 
 FORMAT_VERSION = 1
 GENESIS = "0" * 64
@@ -78,6 +78,18 @@ def canonical_bytes(event: AuditEvent) -> bytes:
 def event_hash(event: AuditEvent) -> str:
     """SHA-256 (lowercase hex) of the canonical form."""
     return hashlib.sha256(canonical_bytes(event)).hexdigest()
+
+
+def linked_rows(events: Iterable[AuditEvent], last_id: int, last_hash: str) -> list[tuple[Any, ...]]:
+    """Audit rows (id, the columns, prev_hash, hash) extending the chain whose tail is
+    (last_id, last_hash): each event gets the next id and links to the one before it."""
+    rows = []
+    for event in events:
+        last_id += 1
+        linked = replace(event, id=last_id, prev_hash=last_hash)
+        last_hash = event_hash(linked)
+        rows.append((last_id, *audit_params(linked), linked.prev_hash, last_hash))
+    return rows
 
 
 @dataclass

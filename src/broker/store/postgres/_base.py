@@ -10,7 +10,6 @@ import hashlib
 import os
 import socket
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -230,13 +229,7 @@ class PostgresBase:
         # READ COMMITTED: this statement's snapshot is taken after the lock was granted,
         # so it sees the previous holder's committed events.
         last_id, last_hash = await _chain_tail(conn)
-        params = []
-        for event in events:
-            last_id += 1
-            linked = replace(event, id=last_id, prev_hash=last_hash)
-            last_hash = chain.event_hash(linked)
-            params.append((last_id, *codec.audit_params(linked), linked.prev_hash, last_hash))
-        await conn.executemany(_AUDIT_INSERT, params)
+        await conn.executemany(_AUDIT_INSERT, chain.linked_rows(events, last_id, last_hash))
 
 
 async def _chain_tail(conn: asyncpg.Connection) -> tuple[int, str]:

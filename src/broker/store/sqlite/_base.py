@@ -159,13 +159,7 @@ class SqliteBase:
         event gets the next id and links to the hash of the event before it.
         """
         last_id, last_hash = await _chain_tail(conn)
-        params = []
-        for event in events:
-            last_id += 1
-            linked = replace(event, id=last_id, prev_hash=last_hash)
-            last_hash = chain.event_hash(linked)
-            params.append((last_id, *codec.audit_params(linked), linked.prev_hash, last_hash))
-        await conn.executemany(_AUDIT_INSERT, params)
+        await conn.executemany(_AUDIT_INSERT, chain.linked_rows(events, last_id, last_hash))
 
 
 async def _chain_tail(conn: aiosqlite.Connection) -> tuple[int, str]:
