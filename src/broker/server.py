@@ -188,6 +188,7 @@ class Broker:
                 cache_ttl_seconds=settings.cache_ttl_seconds,
                 oauth=self.oauth,
                 monitor=self.monitor,
+                superseded_grace=timedelta(seconds=settings.superseded_grace_seconds),
             )
             tests = TestingService(
                 self.store,

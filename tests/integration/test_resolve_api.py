@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import sqlite3
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import grpc
 import pytest
 
 from broker._proto import broker_pb2 as pb
+from broker.cli import _output as out
+from broker.cli import broker as broker_cli
 from broker.service.resolve import DENIED_MESSAGE
 from tests.conftest import Running
 from tests.helpers import EXECUTOR, EXECUTOR2, db_request, field_violations, rpc_error
@@ -194,3 +200,65 @@ async def test_control_characters_are_invalid_argument_not_a_driver_error(runnin
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     label = await rpc_error(running.admin().CreateConnection(db_request(name="nul", env="a\x00b")))
     assert "labels.env" in field_violations(label)
+
+
+# ------------------------------------------------- who received a value?
+
+
+async def test_the_audit_finds_every_executor_that_received_a_leaked_value(
+    running: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    admin = running.admin()
+    created = await admin.CreateConnection(db_request(name="leaky", password="leaked-pw-1"))
+    for principal in (EXECUTOR, EXECUTOR2):
+        await admin.GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=principal))
+    await running.resolver("executor").Resolve(pb.ResolveRequest(connection_id=created.id))
+    await running.resolver("executor2").Resolve(pb.ResolveRequest(connection_id=created.id))
+    await admin.UpdateConnection(pb.UpdateConnectionRequest(id=created.id, secrets={"password": "new-pw-2"}))
+    await running.resolver("executor2").Resolve(pb.ResolveRequest(connection_id=created.id))
+
+    released = [e for e in await resolve_events(running) if e.outcome == "allowed"]
+    assert len(released) == 3
+    assert all(set(e.details) == {"fp.password"} for e in released)
+    assert all(e.details["fp.password"].startswith("fp1:") for e in released)
+    assert "leaked-pw-1" not in str(released) and "new-pw-2" not in str(released)
+
+    export = tmp_path / "audit.jsonl"
+    request = pb.ExportAuditEventsRequest()
+    request.start_time.FromDatetime(datetime.now(UTC) - timedelta(hours=1))
+    lines = [out.json_line(e) async for e in admin.ExportAuditEvents(request)]
+    export.write_text("\n".join(lines) + "\n")
+
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO("leaked-pw-1\n"))
+    command = ["audit", "fingerprint", "--data-dir", str(tmp_path), "--search", str(export)]
+    assert broker_cli.main(command) == 0
+    found = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(e["actor"] for e in found) == sorted([EXECUTOR, EXECUTOR2])
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("never-released"))
+    assert broker_cli.main(command) == 1
+    assert capsys.readouterr().out == ""
+
+
+async def test_superseded_at_is_reported_only_within_its_grace(make_broker: Callable[..., object]) -> None:
+    now = [datetime.now(UTC)]
+    running: Running = await make_broker(  # type: ignore[misc]
+        clock=lambda: now[0], superseded_grace_seconds=60.0
+    )
+    try:
+        admin = running.admin()
+        created = await admin.CreateConnection(db_request(name="graceful", password="v1"))
+        await admin.GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
+        await admin.UpdateConnection(pb.UpdateConnectionRequest(id=created.id, secrets={"password": "v2"}))
+        request = pb.ResolveRequest(connection_id=created.id, known_secret_version=1)
+
+        now[0] += timedelta(seconds=59)
+        assert (await running.resolver().Resolve(request)).HasField("superseded_at")
+        # Past the grace, whether or not the periodic purge has run yet.
+        now[0] += timedelta(seconds=2)
+        late = await running.resolver().Resolve(request)
+        assert late.secret_version == 2 and not late.HasField("superseded_at")
+    finally:
+        await running.close()
+        await running.broker.stop(grace=0)

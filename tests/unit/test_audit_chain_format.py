@@ -10,7 +10,8 @@ import pytest
 
 from broker.crypto import Kek, Keyring
 from broker.model import AuditEvent, Outcome
-from broker.service.fingerprint import fingerprint, matches
+from broker.sensitive import SecretFields
+from broker.service.fingerprint import Fingerprinter, all_fingerprints, fingerprint, matches
 from broker.store import _chain as chain
 
 EVENT = AuditEvent(
@@ -131,3 +132,18 @@ def test_audit_retention_setting_defaults_to_a_year_and_has_a_floor() -> None:
     for bad in ("89", "100.5", "forever"):
         with pytest.raises(ConfigError, match="BROKER_AUDIT_RETENTION_DAYS"):
             Settings.load(None, {**env, "BROKER_AUDIT_RETENTION_DAYS": bad})
+
+
+def test_resolve_fingerprints_match_the_checkable_form_and_follow_the_active_key() -> None:
+    keyring = Keyring(KEY)
+    released = Fingerprinter(keyring)
+    secrets = SecretFields({"password": "pw-1", "api_key": "k-2"})
+    assert released.released(secrets) == {
+        "fp.password": fingerprint(KEY, "pw-1"),
+        "fp.api_key": fingerprint(KEY, "k-2"),
+    }
+    rotated = Kek(bytes(range(1, 33)))
+    keyring.activate(rotated)
+    after = released.released(secrets)["fp.password"]
+    assert after == fingerprint(rotated, "pw-1") and matches(keyring, "pw-1", after)
+    assert all_fingerprints(keyring, "pw-1") == {fingerprint(KEY, "pw-1"), after}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import getpass
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -111,15 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = asub.add_parser(
         "fingerprint",
         help="the keyed fingerprint of a value read from stdin, as audit events record it",
-        description="Audit events never hold a secret; where one must be identified (the refresh "
-        "token an OAuth refresh used) they hold fp1:<key id>:<HMAC-SHA256>, keyed by the master "
-        "key. Pipe a candidate value in (one trailing newline is dropped) to print its fingerprint, "
-        "or add --check to compare it with one from the audit log (exit 0 match, 1 no match).",
+        description="Audit events never hold a secret; where one must be identified (each secret "
+        "field a Resolve released: details fp.<field>; the refresh token an OAuth refresh used) they "
+        "hold fp1:<key id>:<HMAC-SHA256>, keyed by the master key. Pipe a candidate value in (one "
+        "trailing newline is dropped) to print its fingerprint; add --check to compare it with one "
+        "from the audit log (exit 0 match, 1 no match), or --search to list every event of an "
+        "export (`brokerctl audit export`) that names it (exit 0 found, 1 none).",
     )
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--config", type=Path, metavar="FILE", help="the broker's TOML settings file")
     where.add_argument("--data-dir", type=Path, metavar="DIR", help="a `broker dev` data directory")
-    p.add_argument("--check", metavar="FINGERPRINT", help="compare with this fingerprint instead of printing")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument(
+        "--check", metavar="FINGERPRINT", help="compare with this fingerprint instead of printing"
+    )
+    what.add_argument(
+        "--search",
+        type=Path,
+        metavar="EXPORT",
+        help="print the events of this JSON-lines export that hold the value's fingerprint, under any "
+        "configured master key: who received a leaked value",
+    )
 
     _keys.add_parser(sub)
     _health.add_parser(sub)
@@ -167,7 +180,7 @@ def _banner(data_dir: Path, admin_addr: str, resolve_addr: str, created: bool) -
 
 
 def _audit_fingerprint(args: argparse.Namespace) -> int:
-    from broker.service.fingerprint import fingerprint, matches
+    from broker.service.fingerprint import all_fingerprints, fingerprint, matches
 
     if args.config is not None:
         settings = Settings.load(args.config)
@@ -180,6 +193,8 @@ def _audit_fingerprint(args: argparse.Namespace) -> int:
         value = sys.stdin.read()
         value = value[:-1] if value.endswith("\n") else value
         value = value[:-1] if value.endswith("\r") else value
+    if args.search is not None:
+        return _search_export(args.search, all_fingerprints(keyring, value))
     if args.check is None:
         print(fingerprint(keyring.active, value))
         return 0
@@ -188,6 +203,32 @@ def _audit_fingerprint(args: argparse.Namespace) -> int:
         return 0
     print("no match: this value does not have that fingerprint")
     return 1
+
+
+def _search_export(path: Path, fingerprints: set[str]) -> int:
+    """Print each exported event with one of `fingerprints` among its details; the count on stderr."""
+    found = 0
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    event = None
+                details = event.get("details", {}) if isinstance(event, dict) else None
+                if not isinstance(details, dict):
+                    print(f"{PROG}: {path}:{number}: not an exported audit event", file=sys.stderr)
+                    return 2
+                if any(isinstance(v, str) and v in fingerprints for v in details.values()):
+                    sys.stdout.write(line if line.endswith("\n") else line + "\n")
+                    found += 1
+    except OSError as exc:
+        print(f"{PROG}: cannot read {path}: {exc.strerror}", file=sys.stderr)
+        return 2
+    print(f"{PROG}: {found} events hold this value's fingerprint", file=sys.stderr)
+    return 0 if found else 1
 
 
 def _keygen(out: Path | None) -> int:

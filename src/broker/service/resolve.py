@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 
@@ -31,6 +31,7 @@ from broker.sensitive import SecretFields
 from broker.service.audit import AuditLog
 from broker.service.cache import MISSING, ResolveCache
 from broker.service.context import Call
+from broker.service.fingerprint import Fingerprinter
 from broker.service.monitor import Monitor
 from broker.service.oauth import OAuthService
 from broker.service.sealing import open_secrets
@@ -71,8 +72,11 @@ class Resolver:
         last_used_flush_seconds: float = 5.0,
         oauth: OAuthService | None = None,
         monitor: Monitor | None = None,
+        superseded_grace: timedelta = timedelta(hours=1),
     ) -> None:
         self._monitor = monitor
+        self._superseded_grace = superseded_grace
+        self._fingerprints = Fingerprinter(keyring)
         self._oauth = oauth
         self._store = store
         self._keyring = keyring
@@ -140,6 +144,9 @@ class Resolver:
                 event = call.audit_event(now, RESOLVE, ref_id, Outcome.FAILED, "token_unavailable", details)
                 await self._audit.append(event)
                 raise
+        # Which values went out, without the values: after a leak, `broker audit fingerprint
+        # --search` finds every executor that received the leaked one.
+        details.update(self._fingerprints.released(secrets))
         await self._audit.append(call.audit_event(now, RESOLVE, ref_id, Outcome.ALLOWED, "", details))
         if self._monitor is not None:
             self._monitor.resolve_allowed(call, record.id, now)
@@ -152,8 +159,11 @@ class Resolver:
             ttl = max(0, min(ttl, int((expires_at - now).total_seconds())))
         superseded_at = None
         if 0 < known_secret_version < record.secret_version:
-            # Only for an executor holding an old version: no extra read on the common path.
+            # Only for an executor holding an old version: no extra read on the common path. The
+            # store's copy is purged periodically, so the documented grace is applied here.
             superseded_at = await self._store.superseded_at(record.tenant, record.id, known_secret_version)
+            if superseded_at is not None and now - superseded_at > self._superseded_grace:
+                superseded_at = None
         return Released(
             record, secrets, expires_at=expires_at, cache_ttl_seconds=ttl, superseded_at=superseded_at
         )
