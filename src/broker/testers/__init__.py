@@ -14,7 +14,7 @@ from broker.egress import Blocked, DnsFailure, EgressPolicy
 from broker.egress.errors import InvalidTarget
 from broker.model import TestCategory, TestResult, TestStage
 from broker.testers.base import Target, Tester, TestFailure
-from broker.testers.scrub import scrub
+from broker.testers.scrub import Scrubber
 
 log = structlog.get_logger("broker.testers")
 
@@ -36,6 +36,28 @@ async def run_test(target: Target, egress: EgressPolicy) -> TestResult:
 async def run_tester(tester: Tester | None, target: Target, egress: EgressPolicy) -> TestResult:
     """Run `tester` within the total timeout, classify what escapes it, time and scrub the result."""
     started = time.perf_counter()
+    result = await _outcome(tester, target, egress)
+    return _finished(result, _scrubber(target), started)
+
+
+def _scrubber(target: Target) -> Scrubber:
+    """Every secret of the target, and every credential the tester composed from them."""
+    return Scrubber(target.secrets.reveal().values(), target.sent.forms)
+
+
+def _finished(result: TestResult, scrubber: Scrubber, started: float) -> TestResult:
+    # Cut after scrubbing: a cut form would no longer be recognised.
+    return dataclasses.replace(
+        result,
+        message=scrubber.cut_text(result.message)[:500],
+        details={k: scrubber.cut_text(v)[:500] for k, v in result.details.items()},
+        latency_ms=round((time.perf_counter() - started) * 1000),
+        tested_at=datetime.now(UTC),
+    )
+
+
+async def _outcome(tester: Tester | None, target: Target, egress: EgressPolicy) -> TestResult:
+    """What `tester` found, or the failure its exception means; never raises but for cancellation."""
     try:
         if tester is None:
             raise TestFailure(
@@ -63,11 +85,4 @@ async def run_tester(tester: Tester | None, target: Target, egress: EgressPolicy
         result = TestFailure(
             TestCategory.PROTOCOL_ERROR, TestStage.CONNECT, f"{type(exc).__name__}: {exc}"
         ).result
-    secrets = list(target.secrets.reveal().values())
-    return dataclasses.replace(
-        result,
-        message=scrub(result.message, secrets)[:500],
-        details={k: scrub(v, secrets)[:500] for k, v in result.details.items()},
-        latency_ms=round((time.perf_counter() - started) * 1000),
-        tested_at=datetime.now(UTC),
-    )
+    return result

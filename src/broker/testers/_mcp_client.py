@@ -9,7 +9,6 @@ the tools, each with a hash of its definition so a silent change is visible;
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import json
@@ -66,10 +65,11 @@ def _auth_headers(target: Target) -> dict[str, str]:
     if auth == "api_key":
         return {str(config.get("api_key_header") or "X-API-Key"): target.secret("api_key")}
     if auth == "bearer":
-        return {"Authorization": f"Bearer {target.secret('token')}"}
+        return {"Authorization": target.sent.bearer(target.secret("token"))}
     if auth == "basic":
-        pair = f"{config.get('username', '')}:{target.secret('password')}".encode()
-        return {"Authorization": f"Basic {base64.b64encode(pair).decode()}"}
+        return {
+            "Authorization": target.sent.basic(str(config.get("username", "")), target.secret("password"))
+        }
     return {}
 
 
