@@ -1,8 +1,9 @@
 """Servers that echo what the broker sent them: nothing of a secret, composed or not, comes back.
 
-Real servers on loopback, driven through the admin API of a real broker: an HTTP server that
-puts the Basic credentials into a redirect's Location; an SMTP server whose 535 reply quotes
-the AUTH PLAIN message. Each secret is then searched for, in every form the
+Real servers on loopback, driven through the admin API of a real broker: an MCP server that
+reflects a request header into its name and into a tool's name, description and input schema;
+an HTTP server that puts the Basic credentials into a redirect's Location; an SMTP server whose
+535 reply quotes the AUTH PLAIN message. Each secret is then searched for, in every form the
 broker composed and every encoding of those, in the responses, the audit, the logs and the
 database files.
 """
@@ -23,6 +24,7 @@ from google.protobuf.message import Message
 
 from broker._proto import broker_pb2 as pb
 from broker.egress import EgressSettings
+from tests import mcpserver
 from tests.conftest import Running
 from tests.helpers import struct
 from tests.httpservers import Answer, Seen, serve
@@ -91,6 +93,86 @@ def _assert_nowhere(running: Running, secret: str, responses: Iterable[Message])
     _assert_absent(repr(audit), secret, "audit rows")
     for path in db_path.parent.glob(db_path.name + "*"):
         _assert_absent(path.read_bytes(), secret, path.name)
+
+
+# --------------------------------------------------------------------------------------- MCP
+
+
+async def test_an_mcp_server_echoing_the_api_key_into_its_tools_stores_and_returns_no_key(
+    broker: Running,
+) -> None:
+    admin = broker.admin()
+    with mcpserver.running(echo_header="X-Key") as server:
+        created = await admin.CreateConnection(
+            pb.CreateConnectionRequest(
+                name="echo-key",
+                type="mcp",
+                config=struct({"server_url": server.url, "auth_type": "api_key", "api_key_header": "X-Key"}),
+                secrets={"api_key": KEY},
+            )
+        )
+        refreshed = await admin.RefreshMcpTools(pb.RefreshMcpToolsRequest(id=created.id))
+        assert server.echoed == KEY  # the server did reflect the key
+        _assert_absent(refreshed, KEY, "RefreshMcpTools")
+        assert refreshed.result.success, refreshed.result
+        assert refreshed.result.details["tools_redacted"] == "1"
+        assert refreshed.result.details["server_name"] == "echo [redacted]"
+        echo = next(t for t in refreshed.tools if t.name.startswith("echo_"))
+        assert echo.name == "echo_[redacted]" and echo.description == "Uses [redacted] for you."
+        assert dict(echo.input_schema["properties"]).keys() == {"[redacted]"}
+        assert list(echo.input_schema["required"]) == ["[redacted]"]
+        assert "echo_[redacted]" in refreshed.added and len(refreshed.tools) == 26
+
+        listed = await admin.ListMcpTools(pb.ListMcpToolsRequest(id=created.id))
+        assert list(listed.tools) == list(refreshed.tools)
+        discovered = await admin.DiscoverMcpTools(pb.DiscoverMcpToolsRequest(id=created.id))
+        assert {t.name: t.definition_hash for t in discovered.tools} == {
+            t.name: t.definition_hash for t in refreshed.tools
+        }
+        tested = await admin.TestConnection(pb.TestConnectionRequest(id=created.id))
+        fetched = await admin.GetConnection(pb.GetConnectionRequest(id=created.id))
+        assert fetched.last_test == tested and tested.success
+
+        # The hash is of the scrubbed form: the same echo is no change, even with a new key.
+        again = await admin.RefreshMcpTools(pb.RefreshMcpToolsRequest(id=created.id))
+        assert (list(again.added), list(again.removed), list(again.changed)) == ([], [], [])
+        await admin.UpdateConnection(pb.UpdateConnectionRequest(id=created.id, secrets={"api_key": ROTATED}))
+        rotated = await admin.RefreshMcpTools(pb.RefreshMcpToolsRequest(id=created.id))
+        assert server.echoed == ROTATED
+        assert (list(rotated.added), list(rotated.removed), list(rotated.changed)) == ([], [], [])
+        audit = await admin.ListAuditEvents(pb.ListAuditEventsRequest(connection_id=created.id))
+
+    responses = [refreshed, listed, discovered, tested, fetched, again, rotated, audit]
+    for secret in (KEY, ROTATED):
+        _assert_nowhere(broker, secret, responses)
+
+
+async def test_an_mcp_server_echoing_basic_credentials_into_its_name_and_tools_leaks_nothing(
+    broker: Running,
+) -> None:
+    admin = broker.admin()
+    with mcpserver.running(echo_header="Authorization") as server:
+        created = await admin.CreateConnection(
+            pb.CreateConnectionRequest(
+                name="echo-basic",
+                type="mcp",
+                config=struct({"server_url": server.url, "auth_type": "basic", "username": USER}),
+                secrets={"password": PASSWORD},
+            )
+        )
+        tested = await admin.TestConnection(pb.TestConnectionRequest(id=created.id))
+        assert server.echoed is not None and server.echoed.startswith("Basic ")
+        fetched = await admin.GetConnection(pb.GetConnectionRequest(id=created.id))
+        assert tested.success and fetched.last_test == tested
+        assert tested.details["server_name"] == "echo [redacted]"
+        assert tested.details["server_version"] == "[redacted]"
+        refreshed = await admin.RefreshMcpTools(pb.RefreshMcpToolsRequest(id=created.id))
+        listed = await admin.ListMcpTools(pb.ListMcpToolsRequest(id=created.id))
+        discovered = await admin.DiscoverMcpTools(pb.DiscoverMcpToolsRequest(id=created.id))
+        assert "echo_[redacted]" in {t.name for t in listed.tools}
+        audit = await admin.ListAuditEvents(pb.ListAuditEventsRequest(connection_id=created.id))
+
+    _assert_nowhere(broker, PASSWORD, [tested, fetched, refreshed, listed, discovered, audit])
 
 
 # -------------------------------------------------------------------------------------- HTTP

@@ -1,10 +1,12 @@
-"""The scrubber and the composed credential forms it is told about."""
+"""The scrubber, the composed credential forms it is told about, and scrubbed MCP tool definitions."""
 
 from __future__ import annotations
 
 import base64
 import urllib.parse
 
+from broker.model import McpTool
+from broker.testers.mcp import scrub_tools, tool_definition_hash
 from broker.testers.scrub import MASK, Scrubber
 from broker.testers.sent import SentCredentials
 
@@ -79,3 +81,60 @@ def test_a_form_cut_short_at_the_end_of_a_text_is_masked_too() -> None:
     assert scrubber.cut_text(f"secret was {PASSWORD[:6]}") == f"secret was {MASK}"
     assert scrubber.cut_text(f"{PASSWORD[:6]} in the middle") == f"{PASSWORD[:6]} in the middle"
     assert scrubber.cut_text("ordinary text") == "ordinary text"
+
+
+def test_json_is_scrubbed_in_keys_values_and_numbers_and_colliding_keys_are_kept() -> None:
+    scrubber = Scrubber([TOKEN, "86753091"])
+    schema = {
+        "type": "object",
+        "properties": {TOKEN: {"default": f"Bearer {TOKEN}", "enum": [TOKEN, 1]}, f"{TOKEN}": 2},
+        "pin": 86753091,
+        "flag": True,
+        "nothing": None,
+    }
+    schema["properties"][_b64(TOKEN.encode())] = {"x": 1.5}
+    assert scrubber.json(schema) == {
+        "type": "object",
+        "properties": {MASK: 2, f"{MASK}#2": {"x": 1.5}},
+        "pin": MASK,
+        "flag": True,
+        "nothing": None,
+    }
+
+
+def _tool(name: str, description: str = "does things", schema: dict[str, object] | None = None) -> McpTool:
+    schema = schema if schema is not None else {"type": "object"}
+    return McpTool(name, description, schema, tool_definition_hash(name, description, schema))
+
+
+def test_tools_are_scrubbed_and_hashed_in_their_scrubbed_form() -> None:
+    plain = _tool("plain")
+    leaky = _tool(f"call_{TOKEN}", f"sends {TOKEN}", {"properties": {TOKEN: {"type": "string"}}})
+    tools, redacted = scrub_tools([plain, leaky], Scrubber([TOKEN]))
+    assert redacted == 1
+    assert tools[0] is plain
+    masked = tools[1]
+    assert (masked.name, masked.description, masked.input_schema) == (
+        f"call_{MASK}",
+        f"sends {MASK}",
+        {"properties": {MASK: {"type": "string"}}},
+    )
+    assert masked.definition_hash == tool_definition_hash(
+        masked.name, masked.description, masked.input_schema
+    )
+    # A rotated secret echoed the same way is the same stored tool: no spurious change.
+    rotated = "tok-2c44aa10"
+    again, _ = scrub_tools(
+        [_tool(f"call_{rotated}", f"sends {rotated}", {"properties": {rotated: {}}})], Scrubber([rotated])
+    )
+    assert again[0].name == masked.name and again[0].description == masked.description
+
+
+def test_tool_names_that_collide_once_masked_are_told_apart() -> None:
+    other = "tok-0a1b2c3d"
+    tools, redacted = scrub_tools(
+        [_tool(f"t_{TOKEN}"), _tool(f"t_{other}"), _tool("t_" + MASK)], Scrubber([TOKEN, other])
+    )
+    assert redacted == 2
+    assert [t.name for t in tools] == [f"t_{MASK}", f"t_{MASK}#2", f"t_{MASK}#3"]
+    assert len({t.definition_hash for t in tools}) == 3

@@ -5,20 +5,24 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 
 import structlog
 
 from broker.egress import Blocked, DnsFailure, EgressPolicy
 from broker.egress.errors import InvalidTarget
-from broker.model import TestCategory, TestResult, TestStage
+from broker.model import McpTool, TestCategory, TestResult, TestStage
 from broker.testers.base import Target, Tester, TestFailure
+from broker.testers.mcp import scrub_tools
 from broker.testers.scrub import Scrubber
 
 log = structlog.get_logger("broker.testers")
 
-__all__ = ["Target", "TestFailure", "Tester", "run_test", "run_tester"]
+__all__ = ["Discover", "Target", "TestFailure", "Tester", "run_discovery", "run_test", "run_tester"]
+
+# Tool discovery: a tester that also returns the server's tools.
+Discover = Callable[[Target, EgressPolicy], Awaitable[tuple[TestResult, list[McpTool]]]]
 
 
 def _registry() -> Mapping[str, Tester]:
@@ -38,6 +42,27 @@ async def run_tester(tester: Tester | None, target: Target, egress: EgressPolicy
     started = time.perf_counter()
     result = await _outcome(tester, target, egress)
     return _finished(result, _scrubber(target), started)
+
+
+async def run_discovery(
+    discover: Discover, target: Target, egress: EgressPolicy
+) -> tuple[TestResult, list[McpTool]]:
+    """`run_tester` for tool discovery: the tools are scrubbed too, and the result says how many were."""
+    started = time.perf_counter()
+    found: list[McpTool] = []
+
+    async def discovering(t: Target, e: EgressPolicy) -> TestResult:
+        result, tools = await discover(t, e)
+        found.extend(tools)
+        return result
+
+    result = await _outcome(discovering, target, egress)
+    scrubber = _scrubber(target)
+    tools, redacted = scrub_tools(found, scrubber)
+    if redacted:
+        # The server echoed a credential into its tools: worth knowing, whatever else it did.
+        result = dataclasses.replace(result, details={**result.details, "tools_redacted": str(redacted)})
+    return _finished(result, scrubber, started), tools
 
 
 def _scrubber(target: Target) -> Scrubber:

@@ -1,7 +1,8 @@
 """Remove secret values, and what the broker composed from them, from what a server sent back.
 
 Each secret and each composed credential (`broker.testers.sent`) is masked plain, URL-encoded,
-base64 (standard, URL-safe, unpadded) and hex.
+base64 (standard, URL-safe, unpadded) and hex. Text is scrubbed as a whole string; JSON (an MCP
+tool's input schema) in every string it holds, keys included.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import base64
 import re
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
+from typing import Any
 
 MASK = "[redacted]"
 # Shorter values would mask ordinary words; validation keeps real secrets longer.
@@ -68,3 +70,30 @@ class Scrubber:
                     break
                 at = text.find(head, at + 1)
         return text if cut == len(text) else text[:cut] + MASK
+
+    def json(self, value: Any) -> Any:
+        """A JSON value with every string masked, object keys included; a number that spells a secret too.
+
+        Keys that become equal once masked are told apart by a `#2`, `#3`... suffix, so nothing is lost.
+        """
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            found: dict[str, Any] = {}
+            for key, item in value.items():
+                found[distinct(self.text(str(key)), found)] = self.json(item)
+            return found
+        if isinstance(value, list):
+            return [self.json(item) for item in value]
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return MASK if self.text(str(value)) != str(value) else value
+        return value
+
+
+def distinct(name: str, taken: Container[str]) -> str:
+    """`name`, or `name#2`, `name#3`... when it is taken: masked names may collide."""
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}#{n}"
+    return candidate
