@@ -4,7 +4,9 @@ The SDK's low-level `Server` serves a paginated tool list (the cursor is the
 offset of the next page) over Streamable HTTP at `/mcp`, in JSON or SSE
 response mode, and over the older HTTP+SSE transport at `/sse` +
 `/messages/`. A small ASGI middleware records every request and, when a token
-is set, answers 401 without it. `/html` and `/notjsonrpc` are plain HTTP
+is set, answers 401 without it. With `echo_header`, the server behaves like one that
+reflects what it was sent: that header's value goes into its name and into an extra
+tool's name, description and input schema. `/html` and `/notjsonrpc` are plain HTTP
 endpoints that are not MCP servers. uvicorn runs in a background thread on a
 port chosen by the kernel and is stopped, and its socket closed, by `stop()`.
 """
@@ -70,6 +72,9 @@ class _Gate:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         self._owner.seen.append(Seen(scope["method"], scope["path"], headers.get("mcp-session-id"), headers))
+        echoed = headers.get(self._owner.echo_header or "")
+        if echoed:
+            self._owner.echo(echoed)
         token = self._owner.token
         if token is not None and headers.get("authorization") != f"Bearer {token}":
             status = self._owner.reject_status
@@ -96,6 +101,7 @@ class McpTestServer:
     With `token`, requests without `Authorization: Bearer <token>` get `reject_status`.
     With `loop_cursor`, every page points to the second one (a broken server).
     With `tls` (certificate file, key file), it serves HTTPS.
+    With `echo_header`, that request header is echoed into the server name and an extra tool.
     """
 
     def __init__(
@@ -108,8 +114,11 @@ class McpTestServer:
         reject_status: int = 401,
         loop_cursor: bool = False,
         tls: tuple[str, str] | None = None,
+        echo_header: str | None = None,
     ) -> None:
         self.page_size = page_size
+        self.echo_header = echo_header.lower() if echo_header else None
+        self.echoed: str | None = None
         self.token = token
         self.reject_status = reject_status
         self.loop_cursor = loop_cursor
@@ -125,6 +134,12 @@ class McpTestServer:
         self._app = _Gate(self._build_app(json_response), self)
         self._http: ThreadedUvicorn | None = None
         self.port = 0
+
+    def echo(self, value: str) -> None:
+        """Reflect `value` from now on: the server's name and version, and the echo tool."""
+        self.echoed = value
+        self._server.name = f"echo {value}"
+        self._server.version = value
 
     @property
     def base(self) -> str:
@@ -149,6 +164,16 @@ class McpTestServer:
         names = sorted(self.descriptions)
         page = names[start : start + self.page_size]
         tools = [types.Tool(name=n, description=self.descriptions[n], input_schema=SCHEMA) for n in page]
+        if self.echoed is not None and start == 0:
+            value = self.echoed
+            schema = {
+                "type": "object",
+                "properties": {value: {"type": "string", "default": value, "description": f"send {value}"}},
+                "required": [value],
+            }
+            tools.append(
+                types.Tool(name=f"echo_{value}", description=f"Uses {value} for you.", input_schema=schema)
+            )
         following = start + self.page_size
         cursor = str(following) if following < len(names) else None
         if self.loop_cursor:

@@ -7,7 +7,7 @@ import json
 import pickle
 from collections.abc import Awaitable, Iterator
 from datetime import UTC, datetime, timedelta
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 import httpx
 import pytest
@@ -15,6 +15,7 @@ import pytest
 from broker import oauth
 from broker.egress import Blocked, EgressPolicy, EgressSettings
 from tests.helpers import free_port
+from tests.httpservers import Answer, Seen, serve
 from tests.oauthserver import OAuthTestServer, running, s256
 
 pytestmark = pytest.mark.integration
@@ -466,3 +467,46 @@ async def test_no_secret_in_errors_or_reprs(server: OAuthTestServer) -> None:
     for value in (tokens, client(server)):
         with pytest.raises(TypeError, match="cannot be pickled"):
             pickle.dumps(value)
+
+
+@pytest.mark.parametrize(
+    ("echoed", "auth_method"),
+    [
+        ("refresh_token", "client_secret_basic"),
+        ("client_secret", "client_secret_post"),
+        ("client_secret", "client_secret_basic"),
+        ("code", "client_secret_basic"),
+        ("code_verifier", "client_secret_basic"),
+    ],
+)
+async def test_an_error_code_that_echoes_a_secret_sent_is_not_repeated(echoed: str, auth_method: str) -> None:
+    secret, refresh_token, code, verifier = "cs-7Hq2xN4p", "rt-90ab12cd34ef", "ac-55f0e1d2", "v" * 43
+
+    def echo(seen: Seen) -> Answer:
+        form = dict(parse_qsl(seen.body.decode()))
+        if echoed == "client_secret" and auth_method == "client_secret_basic":
+            value = base64.b64decode(seen.headers["authorization"].split()[1]).decode().partition(":")[2]
+        else:
+            value = form[echoed]
+        return Answer.json({"error": value}, status=400)
+
+    with serve(echo) as token_server:
+        config = {"token_url": token_server.url + "/token", "token_auth_method": auth_method}
+        with pytest.raises(oauth.OAuthError) as caught:
+            credentials = oauth.ClientCredentials("client-1", secret)
+            now = datetime.now(UTC)
+            if echoed in ("code", "code_verifier"):
+                await oauth.exchange_code(
+                    LOOPBACK, oauth.provider_for("custom", config), credentials, code, REDIRECT, verifier,
+                    now=now, default_lifetime=DEFAULT_LIFETIME,
+                )  # fmt: skip
+            else:
+                await oauth.refresh(
+                    LOOPBACK, oauth.provider_for("custom", config), credentials, refresh_token,
+                    now=now, default_lifetime=DEFAULT_LIFETIME,
+                )  # fmt: skip
+    error = caught.value
+    assert (error.kind, error.status, error.error) == ("invalid_grant", 400, None)
+    assert str(error) == "the token endpoint answered HTTP 400"
+    for value in (secret, refresh_token, code, verifier):
+        assert value not in str(error) and value not in repr(error)

@@ -17,7 +17,7 @@ from broker import catalog, pki
 from broker.egress import EgressPolicy, EgressSettings
 from broker.model import McpTool, TestCategory, TestResult, TestStage
 from broker.sensitive import SecretFields
-from broker.testers import Target, run_tester
+from broker.testers import Target, run_discovery, run_tester
 from broker.testers import _mcp_client as mcp_tester
 from tests.helpers import free_port
 from tests.mcpserver import SCHEMA, SERVER_NAME, SERVER_VERSION, McpTestServer, running
@@ -56,14 +56,7 @@ def _target(url: str, secrets: dict[str, str] | None = None, **config: Any) -> T
 
 async def _discover(target: Target, policy: EgressPolicy | None = None) -> tuple[TestResult, list[McpTool]]:
     """Discovery under the shared runner, the way the service calls it."""
-    found: list[McpTool] = []
-
-    async def collect(t: Target, egress: EgressPolicy) -> TestResult:
-        result, tools = await mcp_tester.discover_tools(t, egress)
-        found.extend(tools)
-        return result
-
-    return await run_tester(collect, target, policy or _policy()), found
+    return await run_discovery(mcp_tester.discover_tools, target, policy or _policy())
 
 
 async def _test(target: Target, policy: EgressPolicy | None = None) -> TestResult:

@@ -277,11 +277,15 @@ def test_expiry_needs_an_aware_now() -> None:
 
 
 def answer(status: int, body: object = None, headers: dict[str, str] | None = None) -> httpx.Response:
+    # An answer to a refresh, as the client gets it: the request it answers is attached.
+    sent = httpx.Request(
+        "POST", "https://idp.example/token", content=b"grant_type=refresh_token&refresh_token=rt"
+    )
     if body is None:
-        return httpx.Response(status, headers=headers)
+        return httpx.Response(status, headers=headers, request=sent)
     if isinstance(body, str):
-        return httpx.Response(status, text=body, headers=headers)
-    return httpx.Response(status, json=body, headers=headers)
+        return httpx.Response(status, text=body, headers=headers, request=sent)
+    return httpx.Response(status, json=body, headers=headers, request=sent)
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,13 @@ Answers are classified once, in `_failure`: the provider's error code (RFC 6749 
 or the 200-with-error dialects of GitHub and Slack) and the HTTP status decide the kind. No
 token, code, verifier or client secret is ever put into an exception: messages name the
 endpoint, the status and a well-formed error code, never the provider's description, which
-may echo what was sent.
+may echo what was sent; a "code" that repeats a secret the request carried is dropped too.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import functools
 import json
 import re
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_plus
 
 import certifi
 import httpx
@@ -43,6 +45,8 @@ _HEADERS = {
 }
 # What an error code may look like to be repeated in messages, audit and logs.
 _ERROR_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Request fields that carry a secret (RFC 6749, RFC 7636, RFC 7009).
+_SECRET_FIELDS = frozenset({"code", "code_verifier", "refresh_token", "client_secret", "token"})
 # Codes that mean the grant itself is dead, including GitHub's and Slack's own words.
 _REAUTHORIZE = frozenset(
     {
@@ -264,6 +268,8 @@ def _failure(
     status = response.status_code
     raw = document.get("error") if document is not None else None
     code = raw if isinstance(raw, str) and _ERROR_CODE.fullmatch(raw) else None
+    if code is not None and _echoes_a_secret(code, response.request):
+        code = None
     retry_after = _retry_after(response.headers.get("retry-after"), now)
     kind: ErrorKind
     if status >= 500 or status in _TRANSIENT_STATUS or code in _BUSY:
@@ -281,6 +287,25 @@ def _failure(
     else:
         message = f"the {what} answered HTTP {status}" + (f" {code}" if code else "")
     return OAuthError(kind, message, error=code, status=status, retry_after=retry_after)
+
+
+def _echoes_a_secret(code: str, sent: httpx.Request) -> bool:
+    """Whether an error "code" repeats a secret the request carried (form field or Basic header).
+
+    Such a code is no code: repeated in messages, audit and logs, it would leak what it echoes.
+    """
+    form = parse_qsl(sent.content.decode("utf-8", "replace"), keep_blank_values=True)
+    secrets = [value for name, value in form if name in _SECRET_FIELDS]
+    scheme, _, credentials = sent.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "basic" and credentials:
+        secrets.append(credentials)
+        with contextlib.suppress(ValueError):
+            # RFC 6749 section 2.3.1: id and secret are form-encoded, then joined and base64-encoded.
+            secrets.append(unquote_plus(base64.b64decode(credentials).decode("latin-1").partition(":")[2]))
+    # Both ways: a code that holds a secret, or one long enough to be a piece of one.
+    return any(
+        len(secret) >= 4 and (secret in code or (len(code) >= 8 and code in secret)) for secret in secrets
+    )
 
 
 def _retry_after(value: str | None, now: datetime) -> float | None:

@@ -1,5 +1,8 @@
 """Testing connections and discovering MCP tools, always through the egress policy.
 
+What a server sends back (results, tool definitions) is scrubbed by the testers' runner
+before anything here stores, audits or returns it.
+
 Every test is audited (category and stage, never the message's details) and
 rate-limited per principal (in the API layer, with every other class of call). A
 stored connection's latest result is kept on its row without changing its etag:
@@ -8,7 +11,7 @@ testing is not editing.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -23,9 +26,7 @@ from broker.service.lookup import existing_connection, live_connection
 from broker.service.monitor import Monitor
 from broker.service.sealing import open_secrets
 from broker.store import Store
-from broker.testers import Target, run_test, run_tester
-
-Discover = Callable[[Target, EgressPolicy], Awaitable[tuple[TestResult, list[McpTool]]]]
+from broker.testers import Discover, Target, run_discovery, run_test
 
 
 @dataclass(frozen=True)
@@ -132,16 +133,8 @@ class TestingService:
     async def _discover_tools(self, call: Call, target: Target) -> tuple[TestResult, list[McpTool]]:
         if target.type != "mcp" or self._discover is None:
             raise FailedPrecondition("tool discovery needs an mcp connection")
-        found: list[McpTool] = []
-        discover = self._discover
-
-        async def discovering(t: Target, egress: EgressPolicy) -> TestResult:
-            result, tools = await discover(t, egress)
-            found.extend(tools)
-            return result
-
         # The runner gives discovery the same timeout, classification and scrubbing as a test.
-        return await run_tester(discovering, target, self._egress), found
+        return await run_discovery(self._discover, target, self._egress)
 
     async def discover(
         self, call: Call, target: Target, connection_id: str = ""

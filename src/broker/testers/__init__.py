@@ -5,20 +5,24 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 
 import structlog
 
 from broker.egress import Blocked, DnsFailure, EgressPolicy
 from broker.egress.errors import InvalidTarget
-from broker.model import TestCategory, TestResult, TestStage
+from broker.model import McpTool, TestCategory, TestResult, TestStage
 from broker.testers.base import Target, Tester, TestFailure
-from broker.testers.scrub import scrub
+from broker.testers.mcp import scrub_tools
+from broker.testers.scrub import Scrubber
 
 log = structlog.get_logger("broker.testers")
 
-__all__ = ["Target", "TestFailure", "Tester", "run_test", "run_tester"]
+__all__ = ["Discover", "Target", "TestFailure", "Tester", "run_discovery", "run_test", "run_tester"]
+
+# Tool discovery: a tester that also returns the server's tools.
+Discover = Callable[[Target, EgressPolicy], Awaitable[tuple[TestResult, list[McpTool]]]]
 
 
 def _registry() -> Mapping[str, Tester]:
@@ -36,6 +40,49 @@ async def run_test(target: Target, egress: EgressPolicy) -> TestResult:
 async def run_tester(tester: Tester | None, target: Target, egress: EgressPolicy) -> TestResult:
     """Run `tester` within the total timeout, classify what escapes it, time and scrub the result."""
     started = time.perf_counter()
+    result = await _outcome(tester, target, egress)
+    return _finished(result, _scrubber(target), started)
+
+
+async def run_discovery(
+    discover: Discover, target: Target, egress: EgressPolicy
+) -> tuple[TestResult, list[McpTool]]:
+    """`run_tester` for tool discovery: the tools are scrubbed too, and the result says how many were."""
+    started = time.perf_counter()
+    found: list[McpTool] = []
+
+    async def discovering(t: Target, e: EgressPolicy) -> TestResult:
+        result, tools = await discover(t, e)
+        found.extend(tools)
+        return result
+
+    result = await _outcome(discovering, target, egress)
+    scrubber = _scrubber(target)
+    tools, redacted = scrub_tools(found, scrubber)
+    if redacted:
+        # The server echoed a credential into its tools: worth knowing, whatever else it did.
+        result = dataclasses.replace(result, details={**result.details, "tools_redacted": str(redacted)})
+    return _finished(result, scrubber, started), tools
+
+
+def _scrubber(target: Target) -> Scrubber:
+    """Every secret of the target, and every credential the tester composed from them."""
+    return Scrubber(target.secrets.reveal().values(), target.sent.forms)
+
+
+def _finished(result: TestResult, scrubber: Scrubber, started: float) -> TestResult:
+    # Cut after scrubbing: a cut form would no longer be recognised.
+    return dataclasses.replace(
+        result,
+        message=scrubber.cut_text(result.message)[:500],
+        details={k: scrubber.cut_text(v)[:500] for k, v in result.details.items()},
+        latency_ms=round((time.perf_counter() - started) * 1000),
+        tested_at=datetime.now(UTC),
+    )
+
+
+async def _outcome(tester: Tester | None, target: Target, egress: EgressPolicy) -> TestResult:
+    """What `tester` found, or the failure its exception means; never raises but for cancellation."""
     try:
         if tester is None:
             raise TestFailure(
@@ -63,11 +110,4 @@ async def run_tester(tester: Tester | None, target: Target, egress: EgressPolicy
         result = TestFailure(
             TestCategory.PROTOCOL_ERROR, TestStage.CONNECT, f"{type(exc).__name__}: {exc}"
         ).result
-    secrets = list(target.secrets.reveal().values())
-    return dataclasses.replace(
-        result,
-        message=scrub(result.message, secrets)[:500],
-        details={k: scrub(v, secrets)[:500] for k, v in result.details.items()},
-        latency_ms=round((time.perf_counter() - started) * 1000),
-        tested_at=datetime.now(UTC),
-    )
+    return result

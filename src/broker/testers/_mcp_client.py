@@ -9,13 +9,10 @@ the tools, each with a hash of its definition so a silent change is visible;
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
-import json
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +30,7 @@ from broker.egress.http import http_client
 from broker.model import McpTool, TestCategory, TestResult, TestStage
 from broker.testers._mcp_transport import EgressTransport, ExchangeLog
 from broker.testers.base import Target, TestFailure, passed
+from broker.testers.mcp import tool_definition_hash
 
 # Bounds on one listing: a server that pages forever must not hold a test open.
 MAX_PAGES = 50
@@ -40,17 +38,6 @@ MAX_TOOLS = 5000
 
 _CLIENT_INFO = types.Implementation(name="broker", version="1")
 _Streams = tuple[Any, Any]
-
-
-def tool_definition_hash(name: str, description: str, input_schema: Mapping[str, Any]) -> str:
-    """SHA-256 hex of the canonical JSON of a tool's name, description and input schema."""
-    canonical = json.dumps(
-        {"name": name, "description": description, "inputSchema": input_schema},
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _to_tool(tool: types.Tool) -> McpTool:
@@ -66,10 +53,11 @@ def _auth_headers(target: Target) -> dict[str, str]:
     if auth == "api_key":
         return {str(config.get("api_key_header") or "X-API-Key"): target.secret("api_key")}
     if auth == "bearer":
-        return {"Authorization": f"Bearer {target.secret('token')}"}
+        return {"Authorization": target.sent.bearer(target.secret("token"))}
     if auth == "basic":
-        pair = f"{config.get('username', '')}:{target.secret('password')}".encode()
-        return {"Authorization": f"Basic {base64.b64encode(pair).decode()}"}
+        return {
+            "Authorization": target.sent.basic(str(config.get("username", "")), target.secret("password"))
+        }
     return {}
 
 

@@ -2,30 +2,35 @@
 
 A tester is an async function `(target, egress) -> TestResult`. It reaches the
 network only through `egress` (the policy); it may raise `TestFailure` to end
-with a category, or return `passed(...)`. The runner (`broker.testers.run_test`)
-adds latency and time, maps policy and timeout errors, and scrubs every secret
-from the message and details in one place, so testers need not remember to.
+with a category, or return `passed(...)`. Every credential it composes from a
+secret (a Basic or bearer header, an SMTP AUTH payload) it builds with
+`target.sent`, which remembers it. The runner (`broker.testers.run_test`) adds
+latency and time, maps policy and timeout errors, and scrubs every secret and
+every composed form from the message and details in one place, so testers need
+not remember to.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from broker.egress import EgressPolicy
 from broker.model import TestCategory, TestResult, TestStage
 from broker.sensitive import SecretFields
+from broker.testers.sent import SentCredentials
 
 
 @dataclass(frozen=True)
 class Target:
-    """A validated connection to test: config with defaults applied, and its secrets."""
+    """A validated connection to test: config with defaults applied, its secrets, and what was sent."""
 
     type: str
     provider: str
     config: Mapping[str, Any]
     secrets: SecretFields
+    sent: SentCredentials = field(default_factory=SentCredentials, repr=False, compare=False)
 
     def secret(self, name: str) -> str:
         """One secret value, or "" when not set. Testers call this; nothing else does."""

@@ -23,7 +23,6 @@ auth_type api_key.
 from __future__ import annotations
 
 import asyncio
-import base64
 import errno
 import json
 import ssl
@@ -49,6 +48,7 @@ from broker.testers.providers import (
     KeyStyle,
     Reading,
 )
+from broker.testers.sent import SentCredentials
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Identity encoding keeps the byte cap a cap on what the server sends, not on what it inflates to.
@@ -241,24 +241,25 @@ def _timeout(target: Target, egress: EgressPolicy) -> float:
     return min(float(configured), total) if configured else total
 
 
-def _bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+def _bearer(sent: SentCredentials, token: str) -> dict[str, str]:
+    return {"Authorization": sent.bearer(token)}
 
 
 def _http_auth(target: Target) -> dict[str, str]:
     kind = target.config.get("auth_type", "none")
     if kind == "bearer":
-        return _bearer(target.secret("token"))
+        return _bearer(target.sent, target.secret("token"))
     if kind == "basic":
-        pair = f"{target.config.get('username', '')}:{target.secret('password')}".encode()
-        return {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
+        return {
+            "Authorization": target.sent.basic(target.config.get("username", ""), target.secret("password"))
+        }
     if kind == "api_key":
         return {target.config.get("api_key_header") or "X-API-Key": target.secret("api_key_value")}
     if kind == "oauth2":
         token = target.secret("access_token")
         if not token:
             raise TestFailure(TestCategory.INVALID_CONFIG, TestStage.RESOLVE_ADDRESS, NOT_AUTHORIZED)
-        return _bearer(token)
+        return _bearer(target.sent, token)
     return {}
 
 
@@ -345,11 +346,11 @@ def _slack_failure(error: object, details: dict[str, str], rejected: str) -> Tes
     )
 
 
-def _key_headers(endpoint: Endpoint, key: str) -> dict[str, str]:
-    sent = {**endpoint.headers, **_BASE_HEADERS}
+def _key_headers(endpoint: Endpoint, key: str, sent: SentCredentials) -> dict[str, str]:
+    headers = {**endpoint.headers, **_BASE_HEADERS}
     if endpoint.key_style is KeyStyle.BEARER:
-        return {**sent, **_bearer(key)}
-    return {**sent, endpoint.key_header: key}
+        return {**headers, **_bearer(sent, key)}
+    return {**headers, endpoint.key_header: key}
 
 
 async def _call(egress: EgressPolicy, endpoint: Endpoint, url: str, headers: dict[str, str]) -> Reply:
@@ -378,10 +379,10 @@ async def test_api_key(target: Target, egress: EgressPolicy) -> TestResult:
                 TestStage.RESOLVE_ADDRESS,
                 "provider custom needs a base_url to test",
             )
-        return await probe(egress, base, {}, _bearer(key), egress.settings.total_timeout)
+        return await probe(egress, base, {}, _bearer(target.sent, key), egress.settings.total_timeout)
     endpoint = provider.endpoint
     url = (base or provider.default_base).rstrip("/") + endpoint.url
-    reply = await _call(egress, endpoint, url, _key_headers(endpoint, key))
+    reply = await _call(egress, endpoint, url, _key_headers(endpoint, key, target.sent))
     return verdict(reply, endpoint, details_of(reply, provider=target.provider), "api key")
 
 
@@ -410,7 +411,7 @@ async def test_oauth2(target: Target, egress: EgressPolicy) -> TestResult:
             "provider custom needs a verify_url to test",
         )
     expiry = _expiry(target)
-    reply = await _call(egress, endpoint, url, _key_headers(endpoint, token))
+    reply = await _call(egress, endpoint, url, _key_headers(endpoint, token, target.sent))
     details = details_of(reply, provider=target.provider, **expiry)
     try:
         result = verdict(reply, endpoint, details, "access token")

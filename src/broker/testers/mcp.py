@@ -1,4 +1,5 @@
-"""MCP tool servers: the connection test and tool discovery (the work is in `_mcp_client`).
+"""MCP tool servers: the connection test, tool discovery (the work is in `_mcp_client`), and
+the tool definitions as the broker keeps them: scrubbed, with a hash of the scrubbed form.
 
 The `mcp` SDK takes over half a second to import, so this module does not import
 it: the broker and the CLIs start without it, `preload()` loads it in a thread
@@ -9,14 +10,20 @@ happened yet.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib
-from typing import TYPE_CHECKING
+import json
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from broker.model import McpTool
+from broker.testers.scrub import Scrubber, distinct
 
 if TYPE_CHECKING:
     from types import ModuleType
 
     from broker.egress import EgressPolicy
-    from broker.model import McpTool, TestResult
+    from broker.model import TestResult
     from broker.testers.base import Target
 
 _CLIENT = "broker.testers._mcp_client"
@@ -24,6 +31,37 @@ _CLIENT = "broker.testers._mcp_client"
 
 def _client() -> ModuleType:
     return importlib.import_module(_CLIENT)
+
+
+def tool_definition_hash(name: str, description: str, input_schema: Mapping[str, Any]) -> str:
+    """SHA-256 hex of the canonical JSON of a tool's name, description and input schema."""
+    canonical = json.dumps(
+        {"name": name, "description": description, "inputSchema": input_schema},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def scrub_tools(tools: Iterable[McpTool], scrubber: Scrubber) -> tuple[list[McpTool], int]:
+    """The tools with every secret form masked (name, description, schema), and how many had one.
+
+    A scrubbed tool's hash is of its scrubbed form, so it stays the same from one refresh to the
+    next (even across a secret rotation) and change detection works on what is stored. A tool
+    whose name held a secret keeps the masked name; names that collide once masked get `#2`...
+    """
+    kept: dict[str, McpTool] = {}
+    redacted = 0
+    for tool in tools:
+        original = (tool.name, tool.description, tool.input_schema)
+        masked = (scrubber.text(tool.name), scrubber.text(tool.description), scrubber.json(tool.input_schema))
+        redacted += masked != original
+        name, description, schema = distinct(masked[0], kept), masked[1], masked[2]
+        if (name, description, schema) != original:
+            tool = McpTool(name, description, schema, tool_definition_hash(name, description, schema))
+        kept[name] = tool
+    return list(kept.values()), redacted
 
 
 async def preload() -> None:

@@ -1,10 +1,17 @@
-"""Remove secret values, in every common encoding, from text that leaves the broker."""
+"""Remove secret values, and what the broker composed from them, from what a server sent back.
+
+Each secret and each composed credential (`broker.testers.sent`) is masked plain, URL-encoded,
+base64 (standard, URL-safe, unpadded) and hex. Text is scrubbed as a whole string; JSON (an MCP
+tool's input schema) in every string it holds, keys included.
+"""
 
 from __future__ import annotations
 
 import base64
+import re
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
+from typing import Any
 
 MASK = "[redacted]"
 # Shorter values would mask ordinary words; validation keeps real secrets longer.
@@ -21,18 +28,72 @@ def _forms(value: str) -> set[str]:
         base64.b64encode(raw).decode(),
         base64.urlsafe_b64encode(raw).decode(),
         base64.b64encode(raw).decode().rstrip("="),
+        base64.urlsafe_b64encode(raw).decode().rstrip("="),
         raw.hex(),
     }
     return {f for f in forms if len(f) >= MIN_LENGTH}
 
 
-def scrub(text: str, secrets: Iterable[str]) -> str:
-    """`text` with each secret (plain, URL-encoded, base64, hex) replaced by a mask."""
-    forms: set[str] = set()
-    for value in secrets:
-        if len(value) >= MIN_LENGTH:
-            forms |= _forms(value)
-    # Longest first, so a form that contains another is masked whole.
-    for form in sorted(forms, key=len, reverse=True):
-        text = text.replace(form, MASK)
-    return text
+class Scrubber:
+    """Masks every form of the given secrets and composed credentials, built once per test."""
+
+    def __init__(self, secrets: Iterable[str], composed: Iterable[str] = ()) -> None:
+        forms: set[str] = set()
+        for value in (*secrets, *composed):
+            if len(value) >= MIN_LENGTH:
+                forms |= _forms(value)
+        # Longest first, so a form that contains another is masked whole; one pass over the text.
+        ordered = sorted(forms, key=lambda f: (-len(f), f))
+        self._forms = ordered
+        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+
+    def text(self, text: str) -> str:
+        """`text` with every known form masked."""
+        if self._pattern is None:
+            return text
+        return self._pattern.sub(MASK, text)
+
+    def cut_text(self, text: str) -> str:
+        """`text` scrubbed, and also a form's beginning left at its very end.
+
+        Testers shorten what servers say; a form cut there would pass `text` whole, and its
+        first part still gives the secret's first characters away.
+        """
+        text = self.text(text)
+        cut = len(text)
+        for form in self._forms:
+            head = form[:MIN_LENGTH]
+            at = text.find(head, max(0, len(text) - len(form) + 1))
+            while at != -1 and at < cut:
+                if form.startswith(text[at:]):
+                    cut = at
+                    break
+                at = text.find(head, at + 1)
+        return text if cut == len(text) else text[:cut] + MASK
+
+    def json(self, value: Any) -> Any:
+        """A JSON value with every string masked, object keys included; a number that spells a secret too.
+
+        Keys that become equal once masked are told apart by a `#2`, `#3`... suffix, so nothing is lost.
+        """
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            found: dict[str, Any] = {}
+            for key, item in value.items():
+                found[distinct(self.text(str(key)), found)] = self.json(item)
+            return found
+        if isinstance(value, list):
+            return [self.json(item) for item in value]
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return MASK if self.text(str(value)) != str(value) else value
+        return value
+
+
+def distinct(name: str, taken: Container[str]) -> str:
+    """`name`, or `name#2`, `name#3`... when it is taken: masked names may collide."""
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}#{n}"
+    return candidate

@@ -43,6 +43,9 @@ async def test_smtp(target: Target, egress: EgressPolicy) -> TestResult:
             TestStage.RESOLVE_ADDRESS,
             "username and password must be set together for SMTP AUTH",
         )
+    if username:
+        # aiosmtplib composes the AUTH payloads itself; declare every one it may send.
+        target.sent.smtp_auth(username, password)
     addresses = (await egress.resolve(host, port))[:_MAX_ATTEMPTS]
     # A trailing dot is valid DNS but would never match a certificate's name.
     tls = pinned_tls_context(host.rstrip("."), cafile=CAFILE) if encryption != "none" else None

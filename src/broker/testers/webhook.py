@@ -92,7 +92,7 @@ def _auth_headers(target: Target, body: bytes) -> dict[str, str]:
     kind = target.config.get("auth_type", "none")
     secret = target.secret("auth_secret")
     if kind == "bearer":
-        return {"Authorization": f"Bearer {secret}"}
+        return {"Authorization": target.sent.bearer(secret)}
     if kind == "hmac":
         timestamp = int(time.time())
         return {TIMESTAMP_HEADER: str(timestamp), SIGNATURE_HEADER: sign(secret, timestamp, body)}

@@ -1,0 +1,140 @@
+"""The scrubber, the composed credential forms it is told about, and scrubbed MCP tool definitions."""
+
+from __future__ import annotations
+
+import base64
+import urllib.parse
+
+from broker.model import McpTool
+from broker.testers.mcp import scrub_tools, tool_definition_hash
+from broker.testers.scrub import MASK, Scrubber
+from broker.testers.sent import SentCredentials
+
+USER = "ada-lo"  # `user:` is then not whole base64 groups, so the pair hides the password's own base64
+PASSWORD = "pw/Lovelace+1815="
+TOKEN = "tok-8d0e3b5f"
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def test_each_secret_is_masked_in_every_encoding() -> None:
+    scrubber = Scrubber([PASSWORD])
+    raw = PASSWORD.encode()
+    for form in (
+        PASSWORD,
+        urllib.parse.quote(PASSWORD, safe=""),
+        urllib.parse.quote_plus(PASSWORD),
+        _b64(raw),
+        _b64(raw).rstrip("="),
+        base64.urlsafe_b64encode(raw).decode(),
+        base64.urlsafe_b64encode(raw).decode().rstrip("="),
+        raw.hex(),
+    ):
+        assert scrubber.text(f"said <{form}>") == f"said <{MASK}>", form
+
+
+def test_short_values_and_no_secrets_change_nothing() -> None:
+    assert Scrubber(["abc"]).text("abc abcd") == "abc abcd"
+    assert Scrubber([]).text("anything") == "anything"
+
+
+def test_basic_credentials_are_masked_with_and_without_the_prefix_and_encoded() -> None:
+    sent = SentCredentials()
+    header = sent.basic(USER, PASSWORD)
+    blob = _b64(f"{USER}:{PASSWORD}".encode())
+    assert header == f"Basic {blob}"
+    assert blob.find(_b64(PASSWORD.encode()).rstrip("=")) == -1  # why the secret alone is not enough
+    scrubber = Scrubber([PASSWORD], sent.forms)
+    for echo in (header, blob, blob.rstrip("="), urllib.parse.quote(header, safe=""), f"{USER}:{PASSWORD}"):
+        assert MASK in scrubber.text(echo) and blob[:8] not in scrubber.text(echo), echo
+    assert scrubber.text(f"Location: /in/{urllib.parse.quote(header)}") == f"Location: /in/{MASK}"
+
+
+def test_smtp_auth_plain_with_and_without_authzid_and_login_pieces_are_masked() -> None:
+    sent = SentCredentials()
+    sent.smtp_auth(USER, PASSWORD)
+    scrubber = Scrubber([PASSWORD], sent.forms)
+    plain = _b64(f"\0{USER}\0{PASSWORD}".encode())
+    with_authzid = _b64(f"{USER}\0{USER}\0{PASSWORD}".encode())
+    login_user, login_password = _b64(USER.encode()), _b64(PASSWORD.encode())
+    for echo in (plain, with_authzid, login_user, login_password):
+        assert scrubber.text(f"535 5.7.8 {echo} refused") == f"535 5.7.8 {MASK} refused", echo
+
+
+def test_bearer_headers_and_query_parameters_are_masked() -> None:
+    sent = SentCredentials()
+    assert sent.bearer(TOKEN) == f"Bearer {TOKEN}"
+    assert sent.query("api key", PASSWORD) == "api+key=" + urllib.parse.quote_plus(PASSWORD)
+    scrubber = Scrubber([TOKEN, PASSWORD], sent.forms)
+    assert scrubber.text(f"got Bearer {TOKEN}.") == f"got {MASK}."
+    assert scrubber.text(f"GET /v1?api+key={urllib.parse.quote_plus(PASSWORD)}&x=1") == f"GET /v1?{MASK}&x=1"
+
+
+def test_a_form_cut_short_at_the_end_of_a_text_is_masked_too() -> None:
+    sent = SentCredentials()
+    sent.smtp_auth(USER, PASSWORD)
+    scrubber = Scrubber([PASSWORD], sent.forms)
+    plain = _b64(f"\0{USER}\0{PASSWORD}".encode())
+    assert scrubber.cut_text(f"535 {plain[:20]}") == f"535 {MASK}"
+    assert scrubber.cut_text(f"secret was {PASSWORD[:6]}") == f"secret was {MASK}"
+    assert scrubber.cut_text(f"{PASSWORD[:6]} in the middle") == f"{PASSWORD[:6]} in the middle"
+    assert scrubber.cut_text("ordinary text") == "ordinary text"
+
+
+def test_json_is_scrubbed_in_keys_values_and_numbers_and_colliding_keys_are_kept() -> None:
+    scrubber = Scrubber([TOKEN, "86753091"])
+    schema = {
+        "type": "object",
+        "properties": {TOKEN: {"default": f"Bearer {TOKEN}", "enum": [TOKEN, 1]}, f"{TOKEN}": 2},
+        "pin": 86753091,
+        "flag": True,
+        "nothing": None,
+    }
+    schema["properties"][_b64(TOKEN.encode())] = {"x": 1.5}
+    assert scrubber.json(schema) == {
+        "type": "object",
+        "properties": {MASK: 2, f"{MASK}#2": {"x": 1.5}},
+        "pin": MASK,
+        "flag": True,
+        "nothing": None,
+    }
+
+
+def _tool(name: str, description: str = "does things", schema: dict[str, object] | None = None) -> McpTool:
+    schema = schema if schema is not None else {"type": "object"}
+    return McpTool(name, description, schema, tool_definition_hash(name, description, schema))
+
+
+def test_tools_are_scrubbed_and_hashed_in_their_scrubbed_form() -> None:
+    plain = _tool("plain")
+    leaky = _tool(f"call_{TOKEN}", f"sends {TOKEN}", {"properties": {TOKEN: {"type": "string"}}})
+    tools, redacted = scrub_tools([plain, leaky], Scrubber([TOKEN]))
+    assert redacted == 1
+    assert tools[0] is plain
+    masked = tools[1]
+    assert (masked.name, masked.description, masked.input_schema) == (
+        f"call_{MASK}",
+        f"sends {MASK}",
+        {"properties": {MASK: {"type": "string"}}},
+    )
+    assert masked.definition_hash == tool_definition_hash(
+        masked.name, masked.description, masked.input_schema
+    )
+    # A rotated secret echoed the same way is the same stored tool: no spurious change.
+    rotated = "tok-2c44aa10"
+    again, _ = scrub_tools(
+        [_tool(f"call_{rotated}", f"sends {rotated}", {"properties": {rotated: {}}})], Scrubber([rotated])
+    )
+    assert again[0].name == masked.name and again[0].description == masked.description
+
+
+def test_tool_names_that_collide_once_masked_are_told_apart() -> None:
+    other = "tok-0a1b2c3d"
+    tools, redacted = scrub_tools(
+        [_tool(f"t_{TOKEN}"), _tool(f"t_{other}"), _tool("t_" + MASK)], Scrubber([TOKEN, other])
+    )
+    assert redacted == 2
+    assert [t.name for t in tools] == [f"t_{MASK}", f"t_{MASK}#2", f"t_{MASK}#3"]
+    assert len({t.definition_hash for t in tools}) == 3
