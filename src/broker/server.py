@@ -13,11 +13,15 @@ the background ping (every `health.store_probe_seconds`) and from the moment
 shutdown begins. The TLS files are watched (`broker.tlsreload`): new handshakes
 pick up a rotated certificate, key or client CA without a restart.
 
+Each listener has its own interceptor chain, drain gate included: nothing one listener
+built for a call can answer on the other (invariant 9).
+
 Shutdown (SIGTERM or SIGINT): NOT_SERVING; serve what was already sent, then
-refuse new calls with UNAVAILABLE while those under way finish (`broker.api.drain`),
-all within `server.grace_seconds`; stop the listeners; then stop the background
-work, flush the batched writes (last-used times, security-monitor state, audit
-events) and close the store, in that order.
+refuse new calls with UNAVAILABLE while those under way finish (`broker.api.drain`);
+stop the listeners as soon as that work is done; then stop the background work,
+flush the batched writes (last-used times, security-monitor state, audit events)
+and close the store, in that order. All of it within `server.grace_seconds`: the
+listeners close at the latest `_flush_reserve(grace)` before the grace period ends.
 """
 
 from __future__ import annotations
@@ -72,6 +76,11 @@ log = structlog.get_logger("broker.server")
 ADMIN_SERVICE = broker_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 RESOLVE_SERVICE = broker_pb2.DESCRIPTOR.services_by_name["ResolveService"].full_name
 _ROLES = {ADMIN_SERVICE: Role.ADMIN, RESOLVE_SERVICE: Role.EXECUTOR}
+
+
+def _flush_reserve(grace: float) -> float:
+    """What the grace period keeps for the steps after the listeners close (flushing, mostly ms)."""
+    return min(1.0, grace / 5)
 
 
 def _oauth_settings(settings: Settings) -> OAuthSettings:
@@ -144,7 +153,7 @@ class Broker:
         self._draining = False
         self._store_probe: asyncio.Task[None] | None = None
         self._mcp_preload: asyncio.Task[None] | None = None
-        self._gate = DrainGate()
+        self._gates: list[DrainGate] = []  # one per listener, like everything in its chain
         self._ports: list[int] = []
         self._metrics_server: Any = None
         self.metrics_port = 0
@@ -213,7 +222,8 @@ class Broker:
             )
             add_admin(servicer, admin)  # type: ignore[no-untyped-call]
             if settings.reflection:
-                reflection.enable_server_reflection([ADMIN_SERVICE, reflection.SERVICE_NAME], admin)
+                listed = [ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+                reflection.enable_server_reflection(listed, admin)
             resolve = self._listener(RESOLVE_SERVICE, settings.resolve_addr)
             add_resolve = broker_pb2_grpc.add_ResolveServiceServicer_to_server
             add_resolve(ResolveServicer(self.resolver), resolve)  # type: ignore[no-untyped-call]
@@ -313,10 +323,12 @@ class Broker:
 
     def _listener(self, service: str, addr: str) -> grpc.aio.Server:
         """A server bound to `addr` with the call interceptor and a health service (NOT_SERVING yet)."""
+        gate = DrainGate()
+        self._gates.append(gate)
         server = grpc.aio.server(
             # Identity and error mapping first; the rate limit runs inside it, for a known caller.
             interceptors=[
-                self._gate,  # outermost: counts calls under way, refuses new ones while draining
+                gate,  # outermost: counts calls under way, refuses new ones while draining
                 CallInterceptor(self.settings.trust_domain, _ROLES, self._audit_wrong_role),
                 RateLimitInterceptor(self._limits),
             ],
@@ -350,12 +362,21 @@ class Broker:
             await asyncio.wait([self._store_probe])
         for checker, _ in self._health:
             await checker.enter_graceful_shutdown()  # NOT_SERVING, and stays so
-        # Serve what was already sent, then refuse (UNAVAILABLE) until no call is under way or
-        # arriving (see broker.api.drain); calls still running when the grace ends are cancelled.
-        deadline = began + grace
-        await self._gate.drain(began + min(self.settings.drain_delay_seconds, grace), deadline)
-        remaining = max(0.0, deadline - time.monotonic())
-        await asyncio.gather(*(server.stop(remaining) for server in self._servers))
+        # Serve what was already sent, then refuse (UNAVAILABLE) until no call is under way, then
+        # hold new calls until none arrives (see broker.api.drain); calls still running when the
+        # listeners' deadline comes are cancelled.
+        closed_by = began + grace - _flush_reserve(grace)
+        settle_until = began + min(self.settings.drain_delay_seconds, grace)
+        await asyncio.gather(*(gate.drain(settle_until, closed_by) for gate in self._gates))
+        remaining = max(0.0, closed_by - time.monotonic())
+        stopping = asyncio.gather(*(server.stop(remaining) for server in self._servers))
+        # One turn of the loop and each stop has begun (no new streams, GOAWAY sent, the port
+        # closed): only now are the held calls answered, so their retries cannot reach a server
+        # that is half stopped (which would answer them CANCELLED).
+        await asyncio.sleep(0)
+        for gate in self._gates:
+            gate.release()
+        await stopping
         # The listeners are gone: nothing adds work now. Stop the background tasks, then flush
         # what they batch (last-used times, monitor state, then the audit events every step may
         # have appended) and close the store last. A failing step does not skip the ones after it.
