@@ -51,13 +51,13 @@ from broker.config import Settings
 from broker.crypto import Keyring
 from broker.egress import EgressPolicy
 from broker.errors import ConfigError
-from broker.model import Outcome, Role
+from broker.model import Role
 from broker.service.access import AccessService
 from broker.service.alerts import AlertSender, parse_target
 from broker.service.audit import AuditLog
 from broker.service.cache import ResolveCache
 from broker.service.connections import Clock, ConnectionService, utc_now
-from broker.service.context import Call
+from broker.service.denials import WrongRoleAudit
 from broker.service.keycheck import verify_keyring
 from broker.service.keys import MasterKeys
 from broker.service.monitor import Monitor
@@ -182,6 +182,10 @@ class Broker:
             egress = EgressPolicy(settings.egress)
             self.monitor = _security_monitor(settings, self.store, keyring, egress, cache, self._clock)
             await self.monitor.open()
+            # A certificate of this trust domain used on the other listener: audited, bounded.
+            self.wrong_role = WrongRoleAudit(
+                self.audit, self.monitor, self._clock, settings.denied_audits_per_minute
+            )
             # Other replicas' writes (PostgreSQL) invalidate this cache, and their blocks reach
             # this monitor, from here on.
             await self.store.watch(ReplicaChanges(cache, self.monitor))
@@ -241,6 +245,7 @@ class Broker:
         self.resolver.start()
         self.oauth.start()
         self.monitor.start()
+        self.wrong_role.start()
         self.audit.start_pruning()
         self.audit.start_sealing()
         self.keys.start()
@@ -255,13 +260,6 @@ class Broker:
             admin=f"{settings.admin_addr.rpartition(':')[0]}:{self.admin_port}",
             resolve=f"{settings.resolve_addr.rpartition(':')[0]}:{self.resolve_port}",
             master_key_id=keyring.active.id,
-        )
-
-    async def _audit_wrong_role(self, call: Call, method: str) -> None:
-        """A certificate of this trust domain used on the other listener: worth an audit record."""
-        details = {"method": method.rpartition("/")[2]}
-        await self.audit.append(
-            call.audit_event(self._clock(), "rpc.denied", "", Outcome.DENIED, "wrong_role", details)
         )
 
     def _start_metrics(self) -> int:
@@ -329,7 +327,7 @@ class Broker:
             # Identity and error mapping first; the rate limit runs inside it, for a known caller.
             interceptors=[
                 gate,  # outermost: counts calls under way, refuses new ones while draining
-                CallInterceptor(self.settings.trust_domain, _ROLES, self._audit_wrong_role),
+                CallInterceptor(self.settings.trust_domain, _ROLES, self.wrong_role.refused),
                 RateLimitInterceptor(self._limits),
             ],
             # gRPC sets SO_REUSEPORT by default: a second broker would silently share the port.
@@ -382,6 +380,7 @@ class Broker:
         # have appended) and close the store last. A failing step does not skip the ones after it.
         await self._shutdown_step("oauth", self.oauth.close())
         await self._shutdown_step("last_used", self.resolver.close())
+        await self._shutdown_step("wrong_role", self.wrong_role.close())
         await self._shutdown_step("monitor", self.monitor.close())
         await self._shutdown_step("master_keys", self.keys.close())
         if self._metrics_server is not None:
