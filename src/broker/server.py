@@ -13,15 +13,14 @@ the background ping (every `health.store_probe_seconds`) and from the moment
 shutdown begins. The TLS files are watched (`broker.tlsreload`): new handshakes
 pick up a rotated certificate, key or client CA without a restart.
 
-Each listener has its own interceptor chain, drain gate included: nothing one listener
-built for a call can answer on the other (invariant 9).
+Each listener has its own interceptor chain (drain gate included), so neither can
+answer the other's services (invariant 9).
 
 Shutdown (SIGTERM or SIGINT): NOT_SERVING; serve what was already sent, then
 refuse new calls with UNAVAILABLE while those under way finish (`broker.api.drain`);
-stop the listeners as soon as that work is done; then stop the background work,
-flush the batched writes (last-used times, security-monitor state, audit events)
-and close the store, in that order. All of it within `server.grace_seconds`: the
-listeners close at the latest `_flush_reserve(grace)` before the grace period ends.
+stop the listeners once that work is done; then stop the background work, flush
+the batched writes (last-used times, security-monitor state, audit events) and
+close the store, in that order; all within `server.grace_seconds`.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ from broker import log as broker_log
 from broker import metrics
 from broker._proto import broker_pb2, broker_pb2_grpc
 from broker.api.admin import AdminServicer
-from broker.api.drain import DrainGate
+from broker.api.drain import DrainGate, stop_listeners
 from broker.api.interceptors import CallInterceptor
 from broker.api.ratelimit import RateLimitInterceptor
 from broker.api.resolve import ResolveServicer
@@ -76,11 +75,6 @@ log = structlog.get_logger("broker.server")
 ADMIN_SERVICE = broker_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 RESOLVE_SERVICE = broker_pb2.DESCRIPTOR.services_by_name["ResolveService"].full_name
 _ROLES = {ADMIN_SERVICE: Role.ADMIN, RESOLVE_SERVICE: Role.EXECUTOR}
-
-
-def _flush_reserve(grace: float) -> float:
-    """What the grace period keeps for the steps after the listeners close (flushing, mostly ms)."""
-    return min(1.0, grace / 5)
 
 
 def _oauth_settings(settings: Settings) -> OAuthSettings:
@@ -360,21 +354,11 @@ class Broker:
             await asyncio.wait([self._store_probe])
         for checker, _ in self._health:
             await checker.enter_graceful_shutdown()  # NOT_SERVING, and stays so
-        # Serve what was already sent, then refuse (UNAVAILABLE) until no call is under way, then
-        # hold new calls until none arrives (see broker.api.drain); calls still running when the
-        # listeners' deadline comes are cancelled.
-        closed_by = began + grace - _flush_reserve(grace)
+        # Serve what was already sent, refuse (UNAVAILABLE) while the calls under way finish, then
+        # close (see broker.api.drain); calls still running when `closed_by` comes are cancelled.
+        closed_by = began + grace - min(1.0, grace / 5)  # the rest of the grace is for flushing
         settle_until = began + min(self.settings.drain_delay_seconds, grace)
-        await asyncio.gather(*(gate.drain(settle_until, closed_by) for gate in self._gates))
-        remaining = max(0.0, closed_by - time.monotonic())
-        stopping = asyncio.gather(*(server.stop(remaining) for server in self._servers))
-        # One turn of the loop and each stop has begun (no new streams, GOAWAY sent, the port
-        # closed): only now are the held calls answered, so their retries cannot reach a server
-        # that is half stopped (which would answer them CANCELLED).
-        await asyncio.sleep(0)
-        for gate in self._gates:
-            gate.release()
-        await stopping
+        await stop_listeners(list(zip(self._gates, self._servers, strict=True)), settle_until, closed_by)
         # The listeners are gone: nothing adds work now. Stop the background tasks, then flush
         # what they batch (last-used times, monitor state, then the audit events every step may
         # have appended) and close the store last. A failing step does not skip the ones after it.

@@ -17,11 +17,12 @@ phases (the broker runs them on every gate together, then stops the servers):
 3. hold: once no call is under way, a new call is held, not answered, so a client
    that retries at once waits on its call instead of sending another; when none
    has arrived for `QUIET_SECONDS` nothing is queued inside gRPC core;
-4. the broker starts `server.stop()` (no new streams, GOAWAY to every client), and
-   only then `release()`s the held calls: they get UNAVAILABLE like the refused
-   ones, and a retry finds the listener closed (UNAVAILABLE, never CANCELLED).
+4. `server.stop()` begins (no new streams, GOAWAY to every client), and only then
+   are the held calls `release()`d: they get UNAVAILABLE like the refused ones, and
+   a retry finds the listener closed (UNAVAILABLE, never CANCELLED).
 
-Every phase ends at the deadline the broker gives (within `server.grace_seconds`).
+`stop_listeners` runs all four on every listener together. Every phase ends at the
+deadline the broker gives (within `server.grace_seconds`).
 Only the broker's own services pass through the gate: health checks keep answering
 (NOT_SERVING) and are never counted.
 
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -132,3 +133,20 @@ class DrainGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def release(self) -> None:
         """Answer the held calls (UNAVAILABLE); call it once the server has begun to stop."""
         self._released.set()
+
+
+async def stop_listeners(
+    listeners: Sequence[tuple[DrainGate, grpc.aio.Server]], settle_until: float, closed_by: float
+) -> None:
+    """Drain every listener together, then stop its server; `time.monotonic()` times. What still
+    runs at `closed_by` is cancelled."""
+    await asyncio.gather(*(gate.drain(settle_until, closed_by) for gate, _ in listeners))
+    remaining = max(0.0, closed_by - time.monotonic())
+    stopping = asyncio.gather(*(server.stop(remaining) for _, server in listeners))
+    # One turn of the loop and each stop has begun: only now are the held calls answered, so
+    # their retries cannot reach a server that is half stopped (it would answer them CANCELLED;
+    # answering them first gave dozens of CANCELLED with 20 clients retrying at once).
+    await asyncio.sleep(0)
+    for gate, _ in listeners:
+        gate.release()
+    await stopping
