@@ -72,10 +72,8 @@ class DrainGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             cached = self._handlers[details.method] = self._wrap(await continuation(details))
         return cached
 
-    async def _admit(self, context: Any) -> None:
-        """Return to serve the call; abort it with UNAVAILABLE while refusing (after the hold)."""
-        if not self.refusing:
-            return
+    async def _refuse(self, context: Any) -> None:
+        """Abort the call with UNAVAILABLE (once released, when held)."""
         if self.holding:
             await self._released.wait()
         await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
@@ -91,7 +89,8 @@ class DrainGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             unary = handler.unary_unary
 
             async def counted(request: Any, context: Any) -> Any:
-                await self._admit(context)
+                if self.refusing:  # checked here: no extra await on a call that is served
+                    await self._refuse(context)
                 self.active += 1
                 try:
                     return await unary(request, context)
@@ -103,7 +102,8 @@ class DrainGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             stream = handler.unary_stream
 
             async def counted_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                await self._admit(context)
+                if self.refusing:
+                    await self._refuse(context)
                 self.active += 1
                 try:
                     async for response in stream(request, context):
