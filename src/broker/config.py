@@ -58,6 +58,8 @@ naming the setting, raised at start-up.
     resolve_burst = 400
     admin_writes_per_minute = 600   # creates, updates, grants... per admin (burst: a minute's worth)
     tests_per_minute = 30           # connection tests and tool discovery per admin
+    denied_audits_per_minute = 10   # calls refused for the caller's role, audited one by one per
+                                    #   principal and minute; the rest in one summary record a minute
     [testing]
     stale_after_days = 7            # a success older than this marks the connection stale
     [egress]                        # outbound calls made for connection tests and discovery
@@ -85,6 +87,8 @@ naming the setting, raised at start-up.
     new_principal_peer = true       # alert on a principal's first Resolve of a connection from a new host
     oauth_refresh_failures = 3      # failed refreshes of one connection within the window alert
     oauth_refresh_window_seconds = 3600
+    wrong_role = 20                 # calls of one principal refused for its role (the other listener)
+    wrong_role_window_seconds = 60  #   within the window alert, once per window
     alert_webhook = "ops/conn_..."  # unset by default; "tenant/connection_id" of a webhook connection
                                     #   that receives every tenant's security events (signed)
 
@@ -148,6 +152,7 @@ class Settings:
     resolve_per_second: float = 200.0
     resolve_burst: int = 400
     admin_writes_per_minute: int = 600
+    denied_audits_per_minute: int = 10
     metrics_listen: str = "127.0.0.1:9464"
     oauth_refresh_margin_seconds: float = 300.0
     oauth_default_token_lifetime_seconds: float = 3600.0
@@ -386,6 +391,8 @@ def _monitor(src: _Source) -> MonitorSettings:
         new_principal_peer=src.flag("monitor", "new_principal_peer", True),
         oauth_refresh_failures=count("oauth_refresh_failures", 3),
         oauth_refresh_window_seconds=seconds("oauth_refresh_window_seconds", 3600),
+        wrong_role=count("wrong_role", 20),
+        wrong_role_window_seconds=seconds("wrong_role_window_seconds", 60),
         alert_webhook=webhook,
     )
 
@@ -473,6 +480,7 @@ def _build(src: _Source) -> Settings:
         resolve_per_second=src.number("limits", "resolve_per_second", 200, 0.01, 1_000_000),
         resolve_burst=int(src.number("limits", "resolve_burst", 400, 1, 1_000_000)),
         admin_writes_per_minute=int(src.number("limits", "admin_writes_per_minute", 600, 1, 1_000_000)),
+        denied_audits_per_minute=int(src.number("limits", "denied_audits_per_minute", 10, 0, 1_000_000)),
         metrics_listen=_metrics_address(src),
         oauth_refresh_margin_seconds=src.number("oauth", "refresh_margin_seconds", 300, 0, 86400),
         oauth_default_token_lifetime_seconds=src.number(

@@ -63,6 +63,12 @@ AUDIT_BATCH_SIZE = Histogram(
 RATE_LIMITED = Counter(
     "broker_rate_limited", "Calls refused by a rate limit, by class of call.", ["kind"], registry=REGISTRY
 )
+DENIALS_NOT_AUDITED = Counter(
+    "broker_denials_not_audited",
+    "Refused calls only counted into a per-window audit summary, not audited one by one, by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
 SECURITY_EVENTS = Counter(
     "broker_security_events",
     "Security events raised by the monitor, by rule.",

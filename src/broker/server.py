@@ -13,11 +13,14 @@ the background ping (every `health.store_probe_seconds`) and from the moment
 shutdown begins. The TLS files are watched (`broker.tlsreload`): new handshakes
 pick up a rotated certificate, key or client CA without a restart.
 
+Each listener has its own interceptor chain (drain gate included), so neither can
+answer the other's services (invariant 9).
+
 Shutdown (SIGTERM or SIGINT): NOT_SERVING; serve what was already sent, then
-refuse new calls with UNAVAILABLE while those under way finish (`broker.api.drain`),
-all within `server.grace_seconds`; stop the listeners; then stop the background
-work, flush the batched writes (last-used times, security-monitor state, audit
-events) and close the store, in that order.
+refuse new calls with UNAVAILABLE while those under way finish (`broker.api.drain`);
+stop the listeners once that work is done; then stop the background work, flush
+the batched writes (last-used times, security-monitor state, audit events) and
+close the store, in that order; all within `server.grace_seconds`.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from broker import log as broker_log
 from broker import metrics
 from broker._proto import broker_pb2, broker_pb2_grpc
 from broker.api.admin import AdminServicer
-from broker.api.drain import DrainGate
+from broker.api.drain import DrainGate, stop_listeners
 from broker.api.interceptors import CallInterceptor
 from broker.api.ratelimit import RateLimitInterceptor
 from broker.api.resolve import ResolveServicer
@@ -47,13 +50,13 @@ from broker.config import Settings
 from broker.crypto import Keyring
 from broker.egress import EgressPolicy
 from broker.errors import ConfigError
-from broker.model import Outcome, Role
+from broker.model import Role
 from broker.service.access import AccessService
 from broker.service.alerts import AlertSender, parse_target
 from broker.service.audit import AuditLog
 from broker.service.cache import ResolveCache
 from broker.service.connections import Clock, ConnectionService, utc_now
-from broker.service.context import Call
+from broker.service.denials import WrongRoleAudit
 from broker.service.keycheck import verify_keyring
 from broker.service.keys import MasterKeys
 from broker.service.monitor import Monitor
@@ -144,7 +147,7 @@ class Broker:
         self._draining = False
         self._store_probe: asyncio.Task[None] | None = None
         self._mcp_preload: asyncio.Task[None] | None = None
-        self._gate = DrainGate()
+        self._gates: list[DrainGate] = []  # one per listener, like everything in its chain
         self._ports: list[int] = []
         self._metrics_server: Any = None
         self.metrics_port = 0
@@ -173,6 +176,10 @@ class Broker:
             egress = EgressPolicy(settings.egress)
             self.monitor = _security_monitor(settings, self.store, keyring, egress, cache, self._clock)
             await self.monitor.open()
+            # A certificate of this trust domain used on the other listener: audited, bounded.
+            self.wrong_role = WrongRoleAudit(
+                self.audit, self.monitor, self._clock, settings.denied_audits_per_minute
+            )
             # Other replicas' writes (PostgreSQL) invalidate this cache, and their blocks reach
             # this monitor, from here on.
             await self.store.watch(ReplicaChanges(cache, self.monitor))
@@ -214,7 +221,8 @@ class Broker:
             )
             add_admin(servicer, admin)  # type: ignore[no-untyped-call]
             if settings.reflection:
-                reflection.enable_server_reflection([ADMIN_SERVICE, reflection.SERVICE_NAME], admin)
+                listed = [ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+                reflection.enable_server_reflection(listed, admin)
             resolve = self._listener(RESOLVE_SERVICE, settings.resolve_addr)
             add_resolve = broker_pb2_grpc.add_ResolveServiceServicer_to_server
             add_resolve(ResolveServicer(self.resolver), resolve)  # type: ignore[no-untyped-call]
@@ -232,6 +240,7 @@ class Broker:
         self.resolver.start()
         self.oauth.start()
         self.monitor.start()
+        self.wrong_role.start()
         self.audit.start_pruning()
         self.audit.start_sealing()
         self.keys.start()
@@ -246,13 +255,6 @@ class Broker:
             admin=f"{settings.admin_addr.rpartition(':')[0]}:{self.admin_port}",
             resolve=f"{settings.resolve_addr.rpartition(':')[0]}:{self.resolve_port}",
             master_key_id=keyring.active.id,
-        )
-
-    async def _audit_wrong_role(self, call: Call, method: str) -> None:
-        """A certificate of this trust domain used on the other listener: worth an audit record."""
-        details = {"method": method.rpartition("/")[2]}
-        await self.audit.append(
-            call.audit_event(self._clock(), "rpc.denied", "", Outcome.DENIED, "wrong_role", details)
         )
 
     def _start_metrics(self) -> int:
@@ -314,11 +316,13 @@ class Broker:
 
     def _listener(self, service: str, addr: str) -> grpc.aio.Server:
         """A server bound to `addr` with the call interceptor and a health service (NOT_SERVING yet)."""
+        gate = DrainGate()
+        self._gates.append(gate)
         server = grpc.aio.server(
             # Identity and error mapping first; the rate limit runs inside it, for a known caller.
             interceptors=[
-                self._gate,  # outermost: counts calls under way, refuses new ones while draining
-                CallInterceptor(self.settings.trust_domain, _ROLES, self._audit_wrong_role),
+                gate,  # outermost: counts calls under way, refuses new ones while draining
+                CallInterceptor(self.settings.trust_domain, _ROLES, self.wrong_role.refused),
                 RateLimitInterceptor(self._limits),
             ],
             # gRPC sets SO_REUSEPORT by default: a second broker would silently share the port.
@@ -351,17 +355,17 @@ class Broker:
             await asyncio.wait([self._store_probe])
         for checker, _ in self._health:
             await checker.enter_graceful_shutdown()  # NOT_SERVING, and stays so
-        # Serve what was already sent, then refuse (UNAVAILABLE) until no call is under way or
-        # arriving (see broker.api.drain); calls still running when the grace ends are cancelled.
-        deadline = began + grace
-        await self._gate.drain(began + min(self.settings.drain_delay_seconds, grace), deadline)
-        remaining = max(0.0, deadline - time.monotonic())
-        await asyncio.gather(*(server.stop(remaining) for server in self._servers))
+        # Serve what was already sent, refuse (UNAVAILABLE) while the calls under way finish, then
+        # close (see broker.api.drain); calls still running when `closed_by` comes are cancelled.
+        closed_by = began + grace - min(1.0, grace / 5)  # the rest of the grace is for flushing
+        settle_until = began + min(self.settings.drain_delay_seconds, grace)
+        await stop_listeners(list(zip(self._gates, self._servers, strict=True)), settle_until, closed_by)
         # The listeners are gone: nothing adds work now. Stop the background tasks, then flush
         # what they batch (last-used times, monitor state, then the audit events every step may
         # have appended) and close the store last. A failing step does not skip the ones after it.
         await self._shutdown_step("oauth", self.oauth.close())
         await self._shutdown_step("last_used", self.resolver.close())
+        await self._shutdown_step("wrong_role", self.wrong_role.close())
         await self._shutdown_step("monitor", self.monitor.close())
         await self._shutdown_step("master_keys", self.keys.close())
         if self._metrics_server is not None:

@@ -3,7 +3,8 @@
 Every call sent before the signal completes with OK (also those still queued inside
 gRPC core, which a bare `server.stop()` would cancel), calls refused afterwards are
 UNAVAILABLE (never INTERNAL or CANCELLED), the process exits 0 within the grace
-period, and the audit log (read after a restart on the same data) holds exactly one
+period (and, with clients that retry at once, as soon as the work under way is done), and the
+audit log (read after a restart on the same data) holds exactly one
 allowed `connection.resolve` event per OK response.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +37,8 @@ GRACE_SECONDS = 10
 CLIENTS = 4
 SIGTERM_AFTER_OK = 300  # responses before the signal
 MAX_CALLS = 4000
+RETRYING_CLIENTS = 6
+MAX_RETRYING_CALLS = 200_000  # a bound on a broken run, never reached by a good one
 
 
 @pytest.fixture
@@ -151,3 +155,62 @@ async def test_sigterm_drains_in_flight_resolves_and_audits_each_one(served: Ser
     assert allowed == outcomes.ok
     served.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
     assert served.process.wait(timeout=GRACE_SECONDS + 10) == 0  # type: ignore[union-attr]
+
+
+async def _retrying_client(
+    served: Served, connection_id: str, outcomes: Outcomes, process: subprocess.Popen[bytes]
+) -> None:
+    """Resolve in a loop, retrying at once on any error (a retry policy, a load balancer), until the
+    process is gone."""
+    async with served.channel("executor", served.resolve_addr) as channel:
+        stub = broker_pb2_grpc.ResolveServiceStub(channel)
+        while len(outcomes.calls) < MAX_RETRYING_CALLS:
+            sent = time.monotonic()
+            try:
+                await stub.Resolve(pb.ResolveRequest(connection_id=connection_id), timeout=GRACE_SECONDS * 2)
+                code = grpc.StatusCode.OK
+                outcomes.ok += 1
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code != grpc.StatusCode.UNAVAILABLE or SHUTTING_DOWN in (exc.details() or ""):
+                    outcomes.errors.append(f"{code.name}: {exc.details()}")
+            outcomes.calls.append((sent, time.monotonic(), code))
+            if code != grpc.StatusCode.OK and process.poll() is not None:
+                return
+
+
+async def test_clients_that_retry_at_once_do_not_hold_the_drain_open(served: Served) -> None:
+    """Refused calls are not arrivals: the process exits soon after the work under way is done,
+    well within the grace period, and no call is ever answered CANCELLED."""
+    process = served.start()
+    async with served.channel("admin", served.admin_addr) as channel:
+        admin = broker_pb2_grpc.AdminServiceStub(channel)
+        created = await admin.CreateConnection(db_request(name="retried"))
+        await admin.GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
+
+    outcomes = Outcomes()
+    clients = [
+        asyncio.ensure_future(_retrying_client(served, created.id, outcomes, process))
+        for _ in range(RETRYING_CLIENTS)
+    ]
+    deadline = time.monotonic() + 30
+    while outcomes.ok < SIGTERM_AFTER_OK:
+        assert time.monotonic() < deadline and not any(c.done() for c in clients), served.logs()
+        await asyncio.sleep(0.005)
+    outcomes.sigterm_at = sigterm_at = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    returncode = await asyncio.to_thread(process.wait, GRACE_SECONDS + 10)
+    exited_after = time.monotonic() - sigterm_at
+    await asyncio.wait_for(asyncio.gather(*clients), timeout=10)
+
+    assert returncode == 0, served.logs()
+    codes = {code for _, _, code in outcomes.calls}
+    refused = [e for e in outcomes.errors if SHUTTING_DOWN in e]
+    unexpected = [e for e in outcomes.errors if SHUTTING_DOWN not in e]
+    assert grpc.StatusCode.CANCELLED not in codes, unexpected[:10]
+    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, unexpected[:10]
+    assert refused and not unexpected, unexpected[:10]
+    # The drain settles (drain_delay_seconds, 1 s by default), refuses until the calls under way
+    # are done, closes, flushes: far from the grace period, however fast the clients retry.
+    assert exited_after < GRACE_SECONDS / 2, f"took {exited_after:.1f}s to exit ({len(refused)} refused)"
+    assert "broker_stopped" in served.logs()

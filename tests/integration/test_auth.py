@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc
@@ -12,6 +13,7 @@ from tests.conftest import Running
 from tests.helpers import EXECUTOR, EXECUTOR_B, db_request, rpc_error
 
 ADMIN = "spiffe://broker.local/tenant/default/admin/cli"
+SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 async def test_no_client_certificate_is_refused_at_the_handshake(running: Running) -> None:
@@ -62,12 +64,52 @@ async def test_wrong_role_is_permission_denied(running: Running) -> None:
     }
 
 
-async def test_each_listener_serves_only_its_service(running: Running) -> None:
-    admin_on_resolve_port = broker_pb2_grpc.AdminServiceStub(
-        running.channel(running.identities["admin"], running.broker.resolve_port)
-    )
-    error = await rpc_error(admin_on_resolve_port.ListConnections(pb.ListConnectionsRequest()))
-    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+async def _reflection(running: Running, port: int) -> list[str]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(running.channel(running.identities["admin"], port))
+    call = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    return [service.name async for reply in call for service in reply.list_services_response.service]
+
+
+async def test_each_listener_serves_only_its_own_services_whatever_was_called_before(
+    running: Running,
+) -> None:
+    """Invariant 9: the handler a listener built for a call never answers on the other listener."""
+    admin_port, resolve_port = running.broker.admin_port, running.broker.resolve_port
+    created = await running.admin().CreateConnection(db_request(name="cross-served", password="hunter2"))
+    await running.admin().GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
+
+    async def every_service_on_the_wrong_port() -> None:
+        # Each with the identity that the service accepts on its own port: only the port is wrong.
+        admin_on_resolve = broker_pb2_grpc.AdminServiceStub(
+            running.channel(running.identities["admin"], resolve_port)
+        )
+        resolve_on_admin = broker_pb2_grpc.ResolveServiceStub(
+            running.channel(running.identities["executor"], admin_port)
+        )
+        wrong = {
+            "AdminService on the resolve port": lambda: admin_on_resolve.ListConnections(
+                pb.ListConnectionsRequest()
+            ),
+            "ResolveService on the admin port": lambda: resolve_on_admin.Resolve(
+                pb.ResolveRequest(connection_id=created.id)
+            ),
+            "reflection on the resolve port": lambda: _reflection(running, resolve_port),
+        }
+        for what, call in wrong.items():
+            error = await rpc_error(call())
+            assert error.code() == grpc.StatusCode.UNIMPLEMENTED, what
+
+    await every_service_on_the_wrong_port()  # nothing called yet on either port
+    # Warm every service on its own port...
+    assert (await running.admin().ListConnections(pb.ListConnectionsRequest())).connections
+    assert (await running.resolver().Resolve(pb.ResolveRequest(connection_id=created.id))).secrets
+    assert "broker.v1.AdminService" in await _reflection(running, admin_port)
+    # ...and none of them answers on the other one.
+    await every_service_on_the_wrong_port()
+    # Health answers on both: each listener reports its own service.
+    for port in (admin_port, resolve_port):
+        health = health_pb2_grpc.HealthStub(running.channel(running.identities["executor"], port))
+        assert (await health.Check(health_pb2.HealthCheckRequest())).status == SERVING
 
 
 async def test_health_reports_both_services(running: Running) -> None:

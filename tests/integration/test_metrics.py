@@ -44,6 +44,7 @@ async def test_metrics_after_a_session(make_broker) -> None:  # type: ignore[no-
         "broker_rate_limited",
         "broker_oauth_refreshes",
         "broker_security_events",
+        "broker_denials_not_audited",
         "broker_kek_wraps",
         "broker_deks_by_kek",
     ):

@@ -15,11 +15,12 @@ import httpx
 import pytest
 
 from broker._proto import broker_pb2 as pb
+from broker._proto import broker_pb2_grpc
 from broker.egress import EgressSettings
 from broker.service.monitor import MonitorSettings
 from broker.testers import webhook
 from tests.conftest import Running
-from tests.helpers import EXECUTOR, EXECUTOR2, db_request, rpc_error, struct
+from tests.helpers import EXECUTOR, EXECUTOR2, ShiftedClock, db_request, rpc_error, struct
 from tests.httpservers import Answer, LocalServer, Route, Seen, serve
 
 CANARY = "CANARY-monitor-5e1b7a"
@@ -176,6 +177,68 @@ async def test_denied_burst_without_block_only_alerts(start: Start) -> None:
     assert (event.action, event.principal, event.details["last_reason"]) == ("alerted", EXECUTOR2, "no_grant")
     assert (await resolve(running, good)).name == "db"
     await stop(running)
+
+
+# ------------------------------------------------------------ wrong role
+
+
+WRONG_ROLE_CALLS = 1500
+
+
+async def wrong_role_calls(running: Running, count: int) -> None:
+    """`count` executor calls to the admin listener, 50 at a time: each PERMISSION_DENIED."""
+    as_executor = broker_pb2_grpc.AdminServiceStub(
+        running.channel(running.identities["executor"], running.broker.admin_port)
+    )
+    for start in range(0, count, 50):
+        batch = [
+            rpc_error(as_executor.ListConnections(pb.ListConnectionsRequest()))
+            for _ in range(min(50, count - start))
+        ]
+        for error in await asyncio.gather(*batch):
+            assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_wrong_role_calls_are_audited_up_to_a_limit_then_summarised_and_raise_an_event(
+    start: Start,
+) -> None:
+    """Defaults: 10 full audit records per principal and minute, a security event from 20 in a minute."""
+    clock = ShiftedClock()
+    running = await start(clock=clock)
+    good = await granted(running, "db", EXECUTOR)
+    await wrong_role_calls(running, WRONG_ROLE_CALLS)
+
+    admin = running.admin()
+    listed = await admin.ListAuditEvents(pb.ListAuditEventsRequest(action="rpc.denied", page_size=1000))
+    full = listed.events
+    assert len(full) == 10  # not 1,500
+    assert {(e.actor, e.reason, e.details["method"]) for e in full} == {
+        (EXECUTOR, "wrong_role", "ListConnections")
+    }
+    (event,) = await events(running, rule="wrong_role_burst")  # one per principal and window
+    assert (event.principal, event.severity, event.action) == (EXECUTOR, "warning", "alerted")
+    assert event.details["count"] == "20" and event.details["last_method"] == "ListConnections"
+    # The same principal's own listener still serves it: no block, no rate limit.
+    assert (await resolve(running, good)).secrets["password"] == CANARY
+
+    # The window passes: the next denial writes one summary of what was only counted.
+    clock.advance(61)
+    await wrong_role_calls(running, 1)
+    (summary,) = (
+        await admin.ListAuditEvents(pb.ListAuditEventsRequest(action="rpc.denied.suppressed"))
+    ).events
+    assert (summary.actor, summary.outcome, summary.reason) == (EXECUTOR, "denied", "wrong_role")
+    assert summary.details["count"] == str(WRONG_ROLE_CALLS - 10)
+    assert summary.details["methods"] == "ListConnections"
+    after = (await admin.ListAuditEvents(pb.ListAuditEventsRequest(action="rpc.denied"))).events
+    assert len(after) == 11  # a new window: audited in full again
+
+    # A window still open at shutdown is summarised then, not lost.
+    await wrong_role_calls(running, 14)
+    await stop(running)
+    again = await start()
+    summaries = await again.admin().ListAuditEvents(pb.ListAuditEventsRequest(action="rpc.denied.suppressed"))
+    assert [e.details["count"] for e in summaries.events] == ["5", str(WRONG_ROLE_CALLS - 10)]
 
 
 # ------------------------------------------------------------ volume spike

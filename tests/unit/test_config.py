@@ -95,6 +95,17 @@ def test_the_shipped_example_config_loads() -> None:
     assert settings.master_key_file == Path("/etc/broker/master-key/master.key")
 
 
+def test_wrong_role_limits_have_defaults_and_can_be_set(tmp_path: Path) -> None:
+    defaults = Settings.load(write(tmp_path, MINIMAL), environ={})
+    assert defaults.denied_audits_per_minute == 10
+    assert (defaults.monitor.wrong_role, defaults.monitor.wrong_role_window_seconds) == (20, 60)
+    section = "\n[limits]\ndenied_audits_per_minute = 3\n[monitor]\nwrong_role = 0\n"
+    settings = Settings.load(write(tmp_path, MINIMAL + section), environ={})
+    assert settings.denied_audits_per_minute == 3 and settings.monitor.wrong_role == 0
+    with pytest.raises(ConfigError, match="WRONG_ROLE_WINDOW_SECONDS"):
+        Settings.load(write(tmp_path, MINIMAL), environ={"BROKER_MONITOR_WRONG_ROLE_WINDOW_SECONDS": "0"})
+
+
 def test_egress_defaults_block_loopback_and_dev_allows_it(tmp_path: Path) -> None:
     egress = Settings.load(write(tmp_path, MINIMAL), environ={}).egress
     assert egress == EgressSettings()

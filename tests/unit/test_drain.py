@@ -114,3 +114,57 @@ async def test_drain_never_outlasts_its_bounds(monkeypatch: pytest.MonkeyPatch) 
     clock.now = 200.0
     await gate.drain(settle_until=200.0, deadline=200.0)  # grace 0: no waiting at all
     assert clock.now == 200.0
+
+
+async def test_refused_calls_are_not_arrivals_and_do_not_hold_the_drain_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    gate = DrainGate(clock)
+
+    async def body(request: Any, context: Any) -> str:
+        return "served"
+
+    steps: list[float] = []
+
+    async def tick(_: float) -> None:
+        # A client that retries at once: a refused call arrives on every tick, for ever.
+        steps.append(clock.now)
+        clock.now += 0.01
+        if gate.refusing and not gate.holding:
+            handler = await _gated(gate, "/broker.v1.ResolveService/Resolve", body)
+            with pytest.raises(Aborted):
+                await handler.unary_unary(None, Context())
+        gate.active = 1 if clock.now < 100.2 else 0  # the one call under way ends at 100.2
+
+    monkeypatch.setattr(asyncio, "sleep", tick)
+    gate.last_arrival, gate.active = clock.now, 1
+    await gate.drain(settle_until=100.0, deadline=110.0)
+    # Refused from the start (no settling asked for), done as soon as the call under way ended:
+    # 0.2 s of retries did not count (the last arrival that counts is the one at 100.0).
+    assert gate.refusing and gate.holding
+    assert clock.now == pytest.approx(100.2, abs=0.011) and len(steps) > 15
+
+
+async def test_once_idle_new_calls_are_held_until_released_then_refused() -> None:
+    clock = Clock()
+    gate = DrainGate(clock)
+    served = []
+
+    async def body(request: Any, context: Any) -> str:
+        served.append(request)
+        return "served"
+
+    await gate.drain(settle_until=clock.now, deadline=clock.now)  # no time left: straight to holding
+    assert gate.refusing and gate.holding
+    clock.now += 1
+    handler = await _gated(gate, "/broker.v1.ResolveService/Resolve", body)
+    assert gate.last_arrival == clock.now  # a held call is an arrival: it is not answered yet
+    context = Context()
+    held = asyncio.ensure_future(handler.unary_unary("request", context))
+    await asyncio.sleep(0.01)
+    assert not held.done() and context.aborted is None and gate.active == 0
+    gate.release()
+    with pytest.raises(Aborted):
+        await held
+    assert context.aborted == (grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN) and served == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from broker.model import (
     AuditEvent,
+    AuditFilter,
     ConnectionRecord,
     ConnectionStatus,
     Outcome,
@@ -17,8 +19,10 @@ from broker.model import (
     Role,
     SecurityEventFilter,
 )
+from broker.service.audit import AuditLog
 from broker.service.cache import ResolveCache
 from broker.service.context import Call
+from broker.service.denials import WINDOW_SECONDS, WrongRoleAudit
 from broker.service.monitor import Burst, Monitor, MonitorSettings, Seen, Spike, peer_host
 from broker.store.sqlite import SqliteStore
 
@@ -57,6 +61,13 @@ def test_burst_keys_are_separate_and_zero_turns_it_off() -> None:
     assert not burst.hit("a", 0) and not burst.hit("b", 1) and burst.hit("a", 2)
     off = Burst(threshold=0, window=10)
     assert not any(off.hit("k", t) for t in range(100))
+
+
+def test_burst_once_per_window_stays_quiet_for_a_window_after_firing() -> None:
+    burst = Burst(threshold=2, window=10, once_per_window=True)
+    assert [burst.hit("k", t) for t in (0, 1, 2, 3, 10.9)] == [False, True, False, False, False]
+    assert [burst.hit("k", t) for t in (11, 12)] == [False, True]  # the window since firing passed
+    assert burst.hit("other", 12.5) is False and burst.hit("other", 13)
 
 
 def test_burst_memory_is_bounded() -> None:
@@ -257,3 +268,50 @@ async def test_oauth_refresh_failures_alert_at_the_threshold(store: SqliteStore)
     (event,) = await store.list_security_events("default", SecurityEventFilter(), 10, None)
     assert event.rule == "oauth_refresh_failures" and event.connection_id == "conn_1"
     assert event.details["last_failure"] == "other"  # only a short, plain code is repeated
+
+
+async def test_wrong_role_alerts_once_per_window_and_blocks_nothing(store: SqliteStore) -> None:
+    clock = FakeClock()
+    settings = MonitorSettings(wrong_role=3, wrong_role_window_seconds=10)
+    monitor = Monitor(store, ResolveCache(), clock, settings)
+    for _ in range(50):  # a flood within one window: one event
+        monitor.wrong_role(call(), "ListConnections", clock.advance(0.1))
+    monitor.wrong_role(call(ADMIN), "Resolve", clock())  # another principal: its own count
+    await monitor.settle()
+    (event,) = await store.list_security_events("default", SecurityEventFilter(), 10, None)
+    assert (event.rule, event.principal, event.details["last_method"]) == (
+        "wrong_role_burst",
+        EXECUTOR.spiffe_id,
+        "ListConnections",
+    )
+    assert not monitor.blocked("default", EXECUTOR.spiffe_id, clock())
+    clock.advance(10)
+    for _ in range(3):
+        monitor.wrong_role(call(), "GetConnection", clock.advance(0.1))
+    await monitor.settle()
+    assert await rules(store) == [("wrong_role_burst", "alerted")] * 2
+
+
+async def test_wrong_role_audit_keeps_one_window_per_principal_under_concurrency(store: SqliteStore) -> None:
+    clock = FakeClock()
+    audit = AuditLog(store, clock=clock)
+    monitor = Monitor(store, ResolveCache(), clock, MonitorSettings(wrong_role=0))
+    refusals = WrongRoleAudit(audit, monitor, clock, per_window=4)
+    method = "/broker.v1.AdminService/ListConnections"
+    await asyncio.gather(*(refusals.refused(call(), method) for _ in range(30)))
+    await refusals.refused(call(ADMIN), "/broker.v1.ResolveService/Resolve")
+    await refusals.flush()  # nothing has passed yet
+    clock.advance(WINDOW_SECONDS)
+    await refusals.flush()
+    await audit.close()
+
+    def actions(events: list[AuditEvent]) -> list[tuple[str, str, str]]:
+        return [(e.action, e.actor.rpartition("/")[2], e.details.get("count", "")) for e in events]
+
+    events = await store.export_audit("default", AuditFilter(), 100, None)
+    assert actions(events) == [
+        *[("rpc.denied", "demo", "")] * 4,
+        ("rpc.denied", "cli", ""),
+        ("rpc.denied.suppressed", "demo", "26"),  # the admin's window counted nothing more
+    ]
+    assert events[-1].details["methods"] == "ListConnections" and events[-1].outcome is Outcome.DENIED

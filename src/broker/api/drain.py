@@ -1,28 +1,42 @@
-"""Draining: a shutdown that keeps its promise to calls already sent.
+"""Draining: a shutdown that keeps its promise to calls already sent, and ends when the work ends.
 
 `grpc.aio`'s `server.stop(grace)` cancels, at once and whatever the grace period,
 every call that gRPC core has received but not yet handed to Python (the queue
-behind the one outstanding request-call): those clients see CANCELLED although
-they sent their call before the shutdown began (seen with grpcio 1.85 under load).
-So the broker does not stop its servers while calls may still be queued:
+behind the one outstanding request-call), and every call that reaches the server
+while the stop begins: those clients see CANCELLED. So the broker stops a server
+only once no call can be in that queue. Each listener has its own gate, with these
+phases (the broker runs them on every gate together, then stops the servers):
 
 1. settle: serve every call as usual (health already says NOT_SERVING) until no
    call has arrived for `QUIET_SECONDS`, at most `server.drain_delay_seconds`;
    what was queued when SIGTERM came is dispatched and served in this phase;
 2. refuse: a call dispatched now gets UNAVAILABLE at once, a retryable "shutting
-   down", while the calls under way finish; until none is under way and none has
-   arrived for `QUIET_SECONDS`, at most until the grace period ends;
-3. then `server.stop()` with what is left of the grace period.
+   down", while the calls under way finish. A refused call is not an arrival: a
+   client that retries at once on UNAVAILABLE (a retry policy, a load balancer)
+   cannot hold the drain open;
+3. hold: once no call is under way, a new call is held, not answered, so a client
+   that retries at once waits on its call instead of sending another; when none
+   has arrived for `QUIET_SECONDS` nothing is queued inside gRPC core;
+4. `server.stop()` begins (no new streams, GOAWAY to every client), and only then
+   are the held calls `release()`d: they get UNAVAILABLE like the refused ones, and
+   a retry finds the listener closed (UNAVAILABLE, never CANCELLED).
 
-Only the broker's own services pass through the gate: health checks keep
-answering (NOT_SERVING) and are never counted as calls under way.
+`stop_listeners` runs all four on every listener together. Every phase ends at the
+deadline the broker gives (within `server.grace_seconds`).
+Only the broker's own services pass through the gate: health checks keep answering
+(NOT_SERVING) and are never counted.
+
+The gate also caches the wrapped handler chain per method. It is one gate per
+listener (server), because the handler a server's continuation returns is that
+server's own: a cache shared by two listeners would let one answer the other's
+services (invariant 9).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -33,25 +47,36 @@ _POLL_SECONDS = 0.01
 
 
 class DrainGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Counts the broker calls under way and, once told to refuse, turns new ones away."""
+    """One listener's gate: counts the broker calls under way and, once told to, turns new ones away."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self.active = 0
         self.refusing = False
+        self.holding = False
         self.last_arrival = float("-inf")
-        # The wrapped chain per broker method: the services are fixed, so the handlers every
-        # interceptor builds are built once per method, not once per call (measurable on Resolve).
+        self._released = asyncio.Event()
+        # The wrapped chain per method of this listener: its services are fixed, so the handlers
+        # every interceptor builds are built once per method, not once per call (measurable on
+        # Resolve).
         self._handlers: dict[str, Any] = {}
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
         if not details.method.startswith("/broker."):
             return await continuation(details)
-        self.last_arrival = self._clock()
+        # A call refused at once says nothing about what gRPC core still queues; a held one does.
+        if self.holding or not self.refusing:
+            self.last_arrival = self._clock()
         cached = self._handlers.get(details.method)
         if cached is None:
             cached = self._handlers[details.method] = self._wrap(await continuation(details))
         return cached
+
+    async def _refuse(self, context: Any) -> None:
+        """Abort the call with UNAVAILABLE (once released, when held)."""
+        if self.holding:
+            await self._released.wait()
+        await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
     def _wrap(self, handler: Any) -> Any:
         if handler is None:
@@ -64,8 +89,8 @@ class DrainGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             unary = handler.unary_unary
 
             async def counted(request: Any, context: Any) -> Any:
-                if self.refusing:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                if self.refusing:  # checked here: no extra await on a call that is served
+                    await self._refuse(context)
                 self.active += 1
                 try:
                     return await unary(request, context)
@@ -78,7 +103,7 @@ class DrainGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             async def counted_stream(request: Any, context: Any) -> AsyncIterator[Any]:
                 if self.refusing:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                    await self._refuse(context)
                 self.active += 1
                 try:
                     async for response in stream(request, context):
@@ -90,14 +115,38 @@ class DrainGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return handler
 
     def quiet(self) -> bool:
-        """No call has arrived for `QUIET_SECONDS`."""
+        """No call (held or served) has arrived for `QUIET_SECONDS`."""
         return self._clock() - self.last_arrival >= QUIET_SECONDS
 
     async def drain(self, settle_until: float, deadline: float) -> None:
-        """Phases 1 and 2 above; times are `clock()` values. Returns when stopping is safe or due."""
+        """Phases 1 to 3 above; times are `clock()` values. Returns when stopping is safe or due."""
         # Polling, not an Event: "quiet" is about time passing without arrivals.
         while self._clock() < min(settle_until, deadline) and not self.quiet():  # noqa: ASYNC110
             await asyncio.sleep(_POLL_SECONDS)
         self.refusing = True
+        while self._clock() < deadline and self.active:  # noqa: ASYNC110
+            await asyncio.sleep(_POLL_SECONDS)
+        self.holding = True
         while self._clock() < deadline and (self.active or not self.quiet()):  # noqa: ASYNC110
             await asyncio.sleep(_POLL_SECONDS)
+
+    def release(self) -> None:
+        """Answer the held calls (UNAVAILABLE); call it once the server has begun to stop."""
+        self._released.set()
+
+
+async def stop_listeners(
+    listeners: Sequence[tuple[DrainGate, grpc.aio.Server]], settle_until: float, closed_by: float
+) -> None:
+    """Drain every listener together, then stop its server; `time.monotonic()` times. What still
+    runs at `closed_by` is cancelled."""
+    await asyncio.gather(*(gate.drain(settle_until, closed_by) for gate, _ in listeners))
+    remaining = max(0.0, closed_by - time.monotonic())
+    stopping = asyncio.gather(*(server.stop(remaining) for _, server in listeners))
+    # One turn of the loop and each stop has begun: only now are the held calls answered, so
+    # their retries cannot reach a server that is half stopped (it would answer them CANCELLED;
+    # answering them first gave dozens of CANCELLED with 20 clients retrying at once).
+    await asyncio.sleep(0)
+    for gate, _ in listeners:
+        gate.release()
+    await stopping

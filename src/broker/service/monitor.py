@@ -11,7 +11,11 @@ Rules (each set in `[monitor]`; a threshold of 0 turns its rule off):
   alert, and suspend the connection with `suspend_on_spike`;
 - new_principal_peer: a principal's first Resolve of a connection, from a peer host
   never seen for that principal, alerts (what was seen is persisted, bounded);
-- oauth_refresh_failures: N failed refreshes of one connection within a window alert.
+- oauth_refresh_failures: N failed refreshes of one connection within a window alert;
+- wrong_role: N calls of one principal refused for its role (an executor on the admin
+  listener, an admin on the Resolve listener) within a window alert, once per window:
+  a valid certificate probing the other listener. It blocks nothing; the refusals are
+  audited (bounded, `broker.service.denials`).
 
 The Resolve path feeds the monitor in memory (a few dict and deque operations, no
 store read); the store is written only when a rule fires, and in the background.
@@ -87,6 +91,8 @@ class MonitorSettings:
     new_principal_peer: bool = True
     oauth_refresh_failures: int = 3
     oauth_refresh_window_seconds: float = 3600.0
+    wrong_role: int = 20
+    wrong_role_window_seconds: float = 60.0
     # "tenant/connection_id" of a webhook connection that receives every tenant's events.
     alert_webhook: str = ""
     # Keys per in-memory table, and objects remembered per subject by new_principal_peer.
@@ -99,21 +105,31 @@ class MonitorSettings:
 
 
 class Burst:
-    """Fires when `threshold` hits of one key fall within `window` seconds, then starts over.
+    """Fires when `threshold` hits of one key fall within `window` seconds, then starts over
+    (with `once_per_window`: after `window` seconds, so a sustained flood fires once a window).
 
     Only the last `threshold` times per key are kept: the burst is there exactly
     when the oldest of them is less than `window` before the newest.
     """
 
-    def __init__(self, threshold: int, window: float, max_keys: int = 100_000) -> None:
+    def __init__(
+        self, threshold: int, window: float, max_keys: int = 100_000, *, once_per_window: bool = False
+    ) -> None:
         self.threshold = threshold
         self.window = window
         self._max_keys = max_keys
         self._times: dict[Hashable, deque[float]] = {}
+        self._once_per_window = once_per_window
+        self._fired: dict[Hashable, float] = {}  # key -> when it last fired (once_per_window)
 
     def hit(self, key: Hashable, t: float) -> bool:
         if self.threshold < 1:
             return False
+        fired = self._fired.get(key)
+        if fired is not None:
+            if t - fired < self.window:
+                return False
+            del self._fired[key]
         times = self._times.get(key)
         if times is None:
             if len(self._times) >= self._max_keys:
@@ -122,11 +138,16 @@ class Burst:
         times.append(t)
         if len(times) == self.threshold and t - times[0] < self.window:
             del self._times[key]
+            if self._once_per_window:
+                if len(self._fired) >= self._max_keys:
+                    del self._fired[next(iter(self._fired))]
+                self._fired[key] = t
             return True
         return False
 
     def forget(self, key: Hashable) -> None:
         self._times.pop(key, None)
+        self._fired.pop(key, None)
 
 
 @dataclass
@@ -246,6 +267,9 @@ class Monitor:
         self._failed_tests = Burst(s.failed_tests, s.failed_tests_window_seconds, s.max_tracked)
         self._denied = Burst(s.denied_resolves, s.denied_window_seconds, s.max_tracked)
         self._oauth = Burst(s.oauth_refresh_failures, s.oauth_refresh_window_seconds, s.max_tracked)
+        self._wrong_role = Burst(
+            s.wrong_role, s.wrong_role_window_seconds, s.max_tracked, once_per_window=True
+        )
         smoothing = s.spike_smoothing
         self._spike = Spike(
             s.spike_factor, s.spike_min_count, s.spike_window_seconds, smoothing, s.max_tracked
@@ -418,6 +442,19 @@ class Monitor:
             connection_id=record.id,
             details=details,
         )
+        self._spawn(self._record(event, suspend=False))
+
+    def wrong_role(self, call: Call, method: str, now: datetime) -> None:
+        """A call refused because the caller's role does not match the listener's service."""
+        if not self._wrong_role.hit((call.tenant, call.actor), _seconds(now)):
+            return
+        s = self.settings
+        details = {
+            "count": str(s.wrong_role),
+            "window_seconds": f"{s.wrong_role_window_seconds:g}",
+            "last_method": method,
+        }
+        event = self._event(now, call, "wrong_role_burst", WARNING, ALERTED, "", details)
         self._spawn(self._record(event, suspend=False))
 
     # ------------------------------------------------------ when a rule fires
