@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import grpc
 import pytest
 
 from broker import catalog, oauth
+from broker._proto import broker_pb2 as pb
 from broker.egress import Blocked, EgressPolicy, EgressSettings, InvalidTarget
 from broker.egress.http import request
 from broker.errors import InvalidArgument
@@ -27,6 +29,8 @@ from broker.sensitive import SecretFields
 from broker.testers import Target, run_test, run_tester
 from broker.testers._mcp_client import discover_tools
 from tests import mcpserver, oauthserver
+from tests.conftest import Running
+from tests.helpers import field_violations, rpc_error, struct
 from tests.httpservers import Answer, LocalServer, Seen, serve
 
 pytestmark = pytest.mark.integration
@@ -264,3 +268,55 @@ def test_the_catalog_refuses_a_url_the_policy_cannot_read_and_keeps_the_others(
         # Valid spellings are kept as typed; the policy judges them when they are used.
         url = f"https://{host}/x"
         assert catalog.validate(kind, provider, {**config, field: url}, secrets).config[field] == url
+
+
+# --------------------------------------------------------------------- through the admin API
+
+
+def _draft(kind: str, field: str, url: str) -> pb.ConnectionDraft:
+    return pb.ConnectionDraft(type=kind, config=struct({field: url}))
+
+
+API_FIELDS = [("http", "base_url", "/"), ("webhook", "url", "/hook"), ("mcp", "server_url", "/mcp")]
+
+
+@pytest.mark.parametrize(("kind", "field", "path"), API_FIELDS)
+async def test_the_api_answers_the_same_category_for_a_stored_or_draft_test(
+    running: Running, servers: Servers, kind: str, field: str, path: str
+) -> None:
+    """The default policy blocks loopback; every spelling of it is blocked_by_policy, nothing sent."""
+    admin = running.admin()
+    port = servers.mcp.port if kind == "mcp" else servers.http.port
+    before = servers.received()
+    for host in ["127.0.0.1", "0177.0.0.1", "2130706433", "\uff11\uff12\uff17.0.0.1", "0251.0376.0251.0376"]:
+        url = f"http://{host}:{port}{path}"
+        draft = await admin.TestConnection(pb.TestConnectionRequest(draft=_draft(kind, field, url)))
+        assert draft.category == pb.TEST_CATEGORY_BLOCKED_BY_POLICY, (host, draft.message)
+        created = await admin.CreateConnection(
+            pb.CreateConnectionRequest(name=f"c{abs(hash(host))}", type=kind, config=struct({field: url}))
+        )
+        assert created.config[field] == url  # kept as typed
+        stored = await admin.TestConnection(pb.TestConnectionRequest(id=created.id))
+        assert stored.category == pb.TEST_CATEGORY_BLOCKED_BY_POLICY, (host, stored.message)
+        if kind == "mcp":
+            found = await admin.DiscoverMcpTools(pb.DiscoverMcpToolsRequest(id=created.id))
+            assert found.result.category == pb.TEST_CATEGORY_BLOCKED_BY_POLICY
+    assert servers.received() == before
+
+
+@pytest.mark.parametrize(("kind", "field", "path"), API_FIELDS)
+async def test_a_url_that_is_not_valid_at_all_is_invalid_argument_naming_the_field(
+    running: Running, kind: str, field: str, path: str
+) -> None:
+    admin = running.admin()
+    for host in INVALID_HOSTS:
+        url = f"http://{host}:8080{path}"
+        create = pb.CreateConnectionRequest(name="x", type=kind, config=struct({field: url}))
+        for call in (
+            admin.CreateConnection(create),
+            admin.TestConnection(pb.TestConnectionRequest(draft=_draft(kind, field, url))),
+        ):
+            error = await rpc_error(call)
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, host
+            assert list(field_violations(error)) == [f"config.{field}"], host
+    assert (await admin.ListConnections(pb.ListConnectionsRequest())).connections == []
