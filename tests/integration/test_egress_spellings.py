@@ -11,6 +11,10 @@ that move it.
 
 from __future__ import annotations
 
+import contextlib
+import socketserver
+import threading
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -79,14 +83,37 @@ DENY = EgressPolicy(EgressSettings(allow_loopback=False))
 TOKEN = "t0ken-for-spelling-tests"
 
 
+class _SshBanner(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        self.server.accepted += 1  # type: ignore[attr-defined]
+        self.request.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+
+
+@contextlib.contextmanager
+def ssh_banner() -> Iterator[socketserver.ThreadingTCPServer]:
+    """A loopback TCP server that greets like sshd and counts connections."""
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _SshBanner)
+    server.accepted = 0  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
 @dataclass
 class Servers:
     http: LocalServer
     mcp: mcpserver.McpTestServer
     oauth: oauthserver.OAuthTestServer
+    ssh: socketserver.ThreadingTCPServer
 
     def received(self) -> int:
-        return len(self.http.requests) + len(self.mcp.seen) + sum(self.oauth.token_requests.values())
+        ssh: int = self.ssh.accepted  # type: ignore[attr-defined]
+        return len(self.http.requests) + len(self.mcp.seen) + sum(self.oauth.token_requests.values()) + ssh
 
 
 def _answer(seen: Seen) -> Answer:
@@ -99,8 +126,13 @@ def _answer(seen: Seen) -> Answer:
 
 @pytest.fixture(scope="module")
 def servers() -> Iterator[Servers]:
-    with serve(_answer) as http, mcpserver.running() as mcp, oauthserver.running() as auth:
-        yield Servers(http, mcp, auth)
+    with (
+        serve(_answer) as http,
+        mcpserver.running() as mcp,
+        oauthserver.running() as auth,
+        ssh_banner() as ssh,
+    ):
+        yield Servers(http, mcp, auth, ssh)
 
 
 def _category(result: Any) -> str:
@@ -166,6 +198,15 @@ async def _oauth_token(host: str, s: Servers, policy: EgressPolicy) -> str:
     return TestCategory.OK.value
 
 
+async def _ssh_test(host: str, s: Servers, policy: EgressPolicy) -> str:
+    """A host field rather than a URL: read by the same parser (`parse_host`)."""
+    port = s.ssh.server_address[1]
+    # A host field has neither brackets nor percent-encoding: the same host as typed there.
+    typed = host.strip("[]") if host.startswith("[") else urllib.parse.unquote(host)
+    config = {"host": typed, "port": port, "username": "u"}
+    return _category(await run_test(_target("ssh", "", config, {"password": "p"}), policy))
+
+
 Path = Callable[[str, Servers, EgressPolicy], Awaitable[str]]
 PATHS: dict[str, Path] = {
     "http test": _http_test,
@@ -175,6 +216,7 @@ PATHS: dict[str, Path] = {
     "mcp test": _mcp_test,
     "mcp discover": _mcp_discover,
     "oauth token": _oauth_token,
+    "ssh host": _ssh_test,
 }
 OK = TestCategory.OK.value
 BLOCKED = TestCategory.BLOCKED_BY_POLICY.value
@@ -254,6 +296,15 @@ URL_FIELDS = [
     ("oauth2", "custom", "verify_url", {**OAUTH_CONFIG, "token_url": "https://a.example/t"}, {}),
     ("oauth2", "custom", "token_url", OAUTH_CONFIG, {}),
 ]
+
+
+def test_the_catalog_refuses_a_host_field_the_policy_cannot_read() -> None:
+    for host in INVALID_HOSTS[:3]:
+        with pytest.raises(InvalidArgument) as caught:
+            catalog.validate("ssh", "", {"host": host, "username": "u"}, {"password": "p"})
+        assert [v.field for v in caught.value.violations] == ["config.host"], host
+    for host in ["0177.0.0.1", "0x7f.1", "2852039166", "169.254.169.0254"]:
+        assert catalog.validate("ssh", "", {"host": host, "username": "u"}, {"password": "p"})
 
 
 @pytest.mark.parametrize(("kind", "provider", "field", "config", "secrets"), URL_FIELDS)

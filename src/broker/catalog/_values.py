@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from broker.catalog._spec import Check, FieldKind, FieldSpec, Problem
-from broker.egress import InvalidTarget, parse_url
+from broker.egress import InvalidTarget, parse_host, parse_url
 
 MAX_STRING = 65_536
 MAX_URL = 2_048
@@ -239,6 +239,11 @@ def host(value: str) -> str:
         pass
     if not re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?", value):
         raise problem
+    try:
+        # What the egress policy will make of it: `256.1.1.1` or `1.2.3.4.5` is no host at all.
+        parse_host(value)
+    except InvalidTarget:
+        raise problem from None
     return value.lower()
 
 
