@@ -30,6 +30,7 @@ from broker.egress.http import request
 from broker.errors import InvalidArgument
 from broker.model import TestCategory
 from broker.sensitive import SecretFields
+from broker.service.monitor import MonitorSettings
 from broker.testers import Target, run_test, run_tester
 from broker.testers._mcp_client import discover_tools
 from tests import mcpserver, oauthserver
@@ -371,3 +372,28 @@ async def test_a_url_that_is_not_valid_at_all_is_invalid_argument_naming_the_fie
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, host
             assert list(field_violations(error)) == [f"config.{field}"], host
     assert (await admin.ListConnections(pb.ListConnectionsRequest())).connections == []
+
+
+async def test_the_alert_webhook_reads_its_url_like_every_other_path(make_broker: Any) -> None:
+    with serve(lambda seen: Answer(204)) as hook:
+        first: Running = await make_broker()
+        url = f"http://0177.0.0.1:{hook.port}/alerts"
+        created = await first.admin().CreateConnection(
+            pb.CreateConnectionRequest(name="soc", type="webhook", config=struct({"url": url}))
+        )
+        await first.close()
+        await first.broker.stop(grace=0)
+        monitor = MonitorSettings(
+            denied_resolves=1, new_principal_peer=False, alert_webhook=f"default/{created.id}"
+        )
+        running: Running = await make_broker(monitor=monitor, egress=EgressSettings(allow_loopback=True))
+        try:
+            resolve = running.resolver().Resolve(pb.ResolveRequest(connection_id="conn_probe"))
+            assert (await rpc_error(resolve)).code() == grpc.StatusCode.PERMISSION_DENIED
+            await running.broker.monitor.settle()
+            await running.broker.monitor.close()  # lets the queued alert go
+            assert [(seen.method, seen.path) for seen in hook.requests] == [("POST", "/alerts")]
+            assert "security_alert_failed" not in running.logs.getvalue()
+        finally:
+            await running.close()
+            await running.broker.stop(grace=0)
