@@ -130,17 +130,37 @@ def test_invalid_target_is_a_blocked_and_a_value_error() -> None:
     ("url", "expected"),
     [
         ("http://example.com", Url("http", "example.com", 80)),
-        ("HTTPS://Example.com./path?q=1#f", Url("https", "example.com", 443)),
-        ("https://example.com:8443/", Url("https", "example.com", 8443)),
-        ("http://[::1]:8080/x", Url("http", "::1", 8080)),
-        ("http://0xa9fea9fe/latest/meta-data", Url("http", "169.254.169.254", 80)),
-        ("http://[::ffff:169.254.169.254]/", Url("http", "::ffff:a9fe:a9fe", 80)),
-        ("http://host:/", Url("http", "host", 80)),
-        ("  http://example.com/  ", Url("http", "example.com", 80)),
+        ("HTTPS://Example.com./path?q=1#f", Url("https", "example.com", 443, "/path?q=1#f")),
+        ("https://example.com:8443/", Url("https", "example.com", 8443, "/")),
+        ("http://[::1]:8080/x", Url("http", "::1", 8080, "/x")),
+        ("http://0xa9fea9fe/latest/meta-data", Url("http", "169.254.169.254", 80, "/latest/meta-data")),
+        ("http://[::ffff:169.254.169.254]/", Url("http", "::ffff:a9fe:a9fe", 80, "/")),
+        ("http://host:/", Url("http", "host", 80, "/")),
+        ("  http://example.com/  ", Url("http", "example.com", 80, "/")),
+        ("http://%31%32%37.1:8080?q", Url("http", "127.0.0.1", 8080, "?q")),
     ],
 )
 def test_parse_url(url: str, expected: Url) -> None:
     assert parse_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "text"),
+    [
+        # What HTTP clients are given: the host in standard form, the rest exactly as typed.
+        ("http://0251.0376.0251.0376/latest?a=%20#f", "http://169.254.169.254/latest?a=%20#f"),
+        # Zero-padded parts are octal to inet_aton and browsers alike: 0254 is 172.
+        ("http://169.254.169.0254:80/", "http://169.254.169.172/"),
+        ("https://0x7f.1:08443", "https://127.0.0.1:8443"),
+        ("http://\uff11\uff12\uff17.0.0.1/", "http://127.0.0.1/"),
+        ("http://[::FFFF:169.254.169.254]/", "http://[::ffff:a9fe:a9fe]/"),
+        ("http://[fe80::1%25eth0]:81/", "http://[fe80::1]:81/"),
+        ("http://\u043f\u0440\u0438\u043c\u0435\u0440.\u0440\u0444/", "http://xn--e1afmkfd.xn--p1ai/"),
+        ("HTTP://\uff25xample.COM./", "http://example.com/"),
+    ],
+)
+def test_url_text_is_the_standard_spelling(url: str, text: str) -> None:
+    assert parse_url(url).text == text
 
 
 @pytest.mark.parametrize(
@@ -162,6 +182,12 @@ def test_parse_url(url: str, expected: Url) -> None:
         ("http://[::1/", "unterminated"),
         ("http://exa mple.com/", "whitespace"),
         ("http://example.com/\r\nX-Injected: 1", "whitespace"),
+        ("http://256.1.1.1/", "not a valid one"),
+        ("http://1.2.3.4.5/", "not a valid one"),
+        ("http://%ff.example/", "not UTF-8"),
+        ("http://%2525.example/", "not allowed"),
+        ("http://ex%2Fample.com/", "not allowed"),
+        ("http://\uff11\uff16\uff19.254.169.254\uff1a80/", "international domain name"),
     ],
 )
 def test_parse_url_refuses(url: str, reason: str) -> None:

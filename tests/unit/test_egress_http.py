@@ -109,6 +109,11 @@ async def test_allow_hosts_applies_to_plain_client_calls() -> None:
         "file:///etc/passwd",
         "gopher://127.0.0.1:6379/_FLUSHALL",
         "http://not-allowed.example/",
+        # Spellings httpx itself refuses: the policy reads them first, as the address.
+        "http://0251.0376.0251.0376/",
+        "http://0251.254.169.254/",
+        "http://%31%36%39.254.169.254/",
+        "//0xa9fea9fe/",
     ],
 )
 async def test_a_redirect_to_a_refused_target_is_not_followed(location: str) -> None:
@@ -117,6 +122,24 @@ async def test_a_redirect_to_a_refused_target_is_not_followed(location: str) -> 
         with pytest.raises(Blocked):
             await request(client, "GET", "http://api.example/start")
     assert [str(r.url) for r in server.seen] == ["http://api.example/start"]
+
+
+async def test_an_odd_spelling_of_an_allowed_address_is_sent_in_standard_form() -> None:
+    server = Recorder(
+        {
+            "http://127.0.0.1:8080/start": redirect("http://0177.0.0.1:8080/next?k=v"),
+            "http://127.0.0.1:8080/next": ok(),
+        }
+    )
+    policy = make_policy(allow_loopback=True)
+    async with server.client(policy) as client:
+        response = await request(client, "GET", "http://\uff11\uff12\uff17.1:8080/start")
+    assert response.content == b"ok"
+    assert [str(r.url) for r in server.seen] == [
+        "http://127.0.0.1:8080/start",
+        "http://127.0.0.1:8080/next?k=v",
+    ]
+    assert server.seen[0].headers["host"] == "127.0.0.1:8080"
 
 
 async def test_redirects_are_followed_up_to_the_limit() -> None:

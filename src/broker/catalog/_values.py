@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from broker.catalog._spec import Check, FieldKind, FieldSpec, Problem
+from broker.egress import InvalidTarget, parse_host, parse_url
 
 MAX_STRING = 65_536
 MAX_URL = 2_048
@@ -68,24 +69,6 @@ def _boolean(value: Any) -> bool:
     return value
 
 
-# Host names after IDNA encoding (IP literals are checked by `ipaddress` first).
-_HOST = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]{0,252}[a-z0-9_.])?")
-
-
-def _host_ok(host: str) -> bool:
-    """An IP literal, or a host name that is valid once IDNA-encoded."""
-    try:
-        ipaddress.ip_address(host.split("%")[0])
-        return True
-    except ValueError:
-        pass
-    try:
-        ascii_host = host.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        return False
-    return _HOST.fullmatch(ascii_host) is not None
-
-
 def _url(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise Problem("must be an http or https URL with a host")
@@ -102,10 +85,13 @@ def _url(value: Any) -> str:
         raise Problem("must be an http or https URL with a host")
     if "@" in parts.netloc:
         raise Problem("must not contain credentials (user:password@): use the secret fields")
-    if not _host_ok(parts.hostname):
-        raise Problem("has an invalid host name")
     if not port_ok:
         raise Problem("has an invalid port")
+    try:
+        # The egress policy's own parser: a URL saved here is read the same way when it is used.
+        parse_url(value)
+    except InvalidTarget:
+        raise Problem("has an invalid host name") from None
     return value
 
 
@@ -253,6 +239,11 @@ def host(value: str) -> str:
         pass
     if not re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?", value):
         raise problem
+    try:
+        # What the egress policy will make of it: `256.1.1.1` or `1.2.3.4.5` is no host at all.
+        parse_host(value)
+    except InvalidTarget:
+        raise problem from None
     return value.lower()
 
 

@@ -6,6 +6,13 @@ treat as one (`inet_aton` forms such as `2852039166`, `0251.0376.0251.0376`,
 would really be contacted; anything else becomes a lower-case ASCII host name.
 Ambiguous input (a name ending in a number that is not a valid address, a `%` or
 `@` in a name) is refused rather than guessed at.
+
+`parse_url` reads a URL's host the same way (after undoing percent-encoding, as a
+browser does), and `Url.text` is the URL rewritten with that host in its standard
+form (`http://0251.0376.0251.0376/x` -> `http://169.254.169.254/x`). Every user-given
+URL goes through it before any HTTP client sees it: clients disagree on odd
+spellings (httpx refuses octal, reads `127.1` as a name), and the policy must judge
+the address, not the client's opinion of the spelling.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import unicodedata
+import urllib.parse
 from typing import NamedTuple
 
 import idna
@@ -30,11 +38,20 @@ _ZONE = re.compile(r"^[A-Za-z0-9_.~-]+$")
 
 
 class Url(NamedTuple):
-    """An http(s) URL's scheme, host (a normalised name or an IP literal) and port."""
+    """An http(s) URL's scheme, host (a normalised name or an IP literal), port, and the rest
+    (path, query and fragment, exactly as typed)."""
 
     scheme: str
     host: str
     port: int
+    rest: str = ""
+
+    @property
+    def text(self) -> str:
+        """The URL with its host in standard form: what HTTP clients are given."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        port = "" if self.port == DEFAULT_PORTS[self.scheme] else f":{self.port}"
+        return f"{self.scheme}://{host}{port}{self.rest}"
 
 
 def _has_control(text: str) -> bool:
@@ -155,9 +172,21 @@ def parse_url(url: str) -> Url:
     else:
         host_part, colon, port_text = authority.partition(":")
         port_part = colon + port_text
+        host_part = _percent_decoded(host_part)
     if port_part and not re.fullmatch(r":[0-9]{0,5}", port_part):
         raise InvalidTarget(f"invalid port in {authority!r}")
     port = int(port_part[1:]) if port_part[1:] else DEFAULT_PORTS[scheme]
     if not 1 <= port <= 65535:
         raise InvalidTarget(f"port {port} is out of range")
-    return Url(scheme, host_text(parse_host(host_part)), port)
+    return Url(scheme, host_text(parse_host(host_part)), port, rest[len(authority) :])
+
+
+def _percent_decoded(host: str) -> str:
+    # A browser decodes %XX in a host before reading it, so `%31%32%37.0.0.1` is 127.0.0.1;
+    # decoded once only: a `%` left after that makes parse_host refuse the host.
+    if "%" not in host:
+        return host
+    try:
+        return urllib.parse.unquote(host, errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidTarget("the URL's host is percent-encoded but not UTF-8") from None

@@ -4,7 +4,11 @@ httpcore opens TCP through a network backend; ours resolves through the policy
 and connects to a checked IP, then httpcore starts TLS with the original host
 name, so certificates are verified as usual. A request hook also refuses, before
 anything is sent, URLs with credentials, other schemes, hosts outside
-`allow_hosts` and blocked IP literals.
+`allow_hosts` and blocked IP literals. httpx refuses some spellings of an address
+(octal, full-width digits) before that hook runs, so a user-given URL is first read
+by `EgressPolicy.check_url` and the client gets its `.text`; `request()` does that
+itself, and reads redirect locations the same way (`redirect_url`; a response
+hook hands httpx the location in that form).
 
 Redirects: `http_client` does not follow them. `request()` follows up to
 `max_redirects` hops itself, each checked like the first; once a hop leaves the
@@ -17,6 +21,8 @@ refused. Bodies are read up to `max_response_bytes` (see `read_body`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any, cast
@@ -28,7 +34,7 @@ from broker.egress.errors import Blocked, InvalidTarget, ResponseTooLarge
 from broker.egress.hosts import parse_url
 from broker.egress.policy import EgressPolicy
 
-__all__ = ["PolicyClient", "http_client", "read_body", "request"]
+__all__ = ["PolicyClient", "http_client", "read_body", "redirect_url", "request"]
 
 # Keyword arguments httpx only honours on the transport: passed there, not silently ignored.
 _TRANSPORT_KWARGS = ("verify", "cert", "http1", "http2", "limits", "local_address", "socket_options")
@@ -38,6 +44,8 @@ _REFUSED_KWARGS = ("proxy", "mounts", "app", "uds")
 _CROSS_ORIGIN_HEADERS = frozenset(
     {"accept", "accept-encoding", "accept-language", "user-agent", "content-type"}
 )
+# A URL with a scheme (RFC 3986), as opposed to a reference relative to the current one.
+_ABSOLUTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 # Each address gets the full connect timeout; a few are enough for an IPv6/IPv4 fallback.
 _MAX_ATTEMPTS = 3
 
@@ -89,10 +97,19 @@ class PolicyClient(httpx.AsyncClient):
 
 def _request_hook(policy: EgressPolicy) -> Any:
     async def check(request: httpx.Request) -> None:
-        url = parse_url(str(request.url))
-        policy.check_host(url.host)
+        policy.check_url(str(request.url))
 
     return check
+
+
+async def _standard_location(response: httpx.Response) -> None:
+    # httpx reads a redirect's Location itself, even when not following it (to offer
+    # `next_request`), and fails the whole exchange on a spelling of an address it does not
+    # know. It gets the location as the policy reads it: absolute, host in standard form.
+    location = response.headers.get("location")
+    if location is not None:
+        with contextlib.suppress(InvalidTarget):
+            response.headers["location"] = str(redirect_url(response.request.url, location))
 
 
 def http_client(policy: EgressPolicy, **kwargs: Any) -> httpx.AsyncClient:
@@ -118,6 +135,7 @@ def http_client(policy: EgressPolicy, **kwargs: Any) -> httpx.AsyncClient:
         raise TypeError("http_client accepts only an httpx.MockTransport as transport")
     hooks = dict(kwargs.pop("event_hooks", None) or {})
     hooks["request"] = [_request_hook(policy), *hooks.get("request", [])]
+    hooks["response"] = [_standard_location, *hooks.get("response", [])]
     settings = policy.settings
     kwargs.setdefault("timeout", httpx.Timeout(settings.total_timeout, connect=settings.connect_timeout))
     kwargs.setdefault("follow_redirects", False)
@@ -152,6 +170,23 @@ async def read_body(response: httpx.Response, limit: int, *, truncate: bool = Fa
     return body
 
 
+def redirect_url(base: httpx.URL, location: str) -> httpx.URL:
+    """Where a redirect's `location` points from `base`; an absolute one is read by `parse_url`.
+
+    So a redirect to an odd spelling of an address is judged like a URL the user typed.
+    Raises `InvalidTarget` when it is not an http(s) URL that can be read.
+    """
+    location = location.strip()
+    if location.startswith("//"):  # scheme-relative
+        location = f"{base.scheme}:{location}"
+    try:
+        if _ABSOLUTE.match(location):
+            return httpx.URL(parse_url(location).text)
+        return base.join(location)
+    except httpx.InvalidURL:
+        raise InvalidTarget("the redirect location is not a valid URL") from None
+
+
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     return url.scheme, url.host, url.port
 
@@ -173,11 +208,8 @@ def _next_request(
     left_origin: bool,
 ) -> tuple[httpx.Request, bool]:
     """The request for the next hop, and whether the chain has now left `origin`."""
-    try:
-        url = previous.url.join(response.headers["location"])
-    except httpx.InvalidURL:
-        raise InvalidTarget("the redirect location is not a valid URL") from None
-    policy.check_host(parse_url(str(url)).host)
+    url = redirect_url(previous.url, response.headers["location"])
+    policy.check_url(str(url))
     left_origin = left_origin or _origin(url) != origin
     method = _redirect_method(previous.method, response.status_code)
     keep_body = method == previous.method
@@ -235,5 +267,8 @@ async def request(
             return await request(client, method, url, truncate=truncate, **kwargs)
     if not isinstance(client_or_policy, PolicyClient):
         raise TypeError("request() needs a client made by broker.egress.http.http_client")
+    if isinstance(url, str):
+        # Read by the policy's parser before httpx: see `EgressPolicy.check_url`.
+        url = client_or_policy.egress_policy.check_url(url).text
     async with asyncio.timeout(client_or_policy.egress_policy.settings.total_timeout):
         return await _follow(client_or_policy, method, url, truncate, dict(kwargs))

@@ -1,5 +1,7 @@
 """The egress policy: settings, the address check, and pinned resolution.
 
+URLs are read by `hosts.parse_url` (see `check_url`), never first by an HTTP client.
+
 Order of the address rules (the first that applies decides):
 
 1. always blocked: link-local and cloud metadata addresses, unspecified, multicast,
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 
 from broker.egress.addresses import IPAddress, Kind, Verdict, classify, without_scope
 from broker.egress.errors import Blocked, DnsFailure, InvalidTarget
-from broker.egress.hosts import host_text, parse_host
+from broker.egress.hosts import Url, host_text, parse_host, parse_url
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
@@ -154,6 +156,18 @@ class EgressPolicy:
             raise Blocked(f"host {host_text(parsed)} is not in egress.allow_hosts")
         if not isinstance(parsed, str):
             self.check_address(parsed)
+        return parsed
+
+    def check_url(self, url: str) -> Url:
+        """Parse a user-given http(s) URL with the policy's own parser and check its host.
+
+        Every path that sends to a URL calls this first and hands `.text` (the host in
+        standard form) to its HTTP client, so an odd spelling of an address is judged as
+        the address (`Blocked`) or refused as malformed (`InvalidTarget`) the same way
+        everywhere, whatever the client would have made of it.
+        """
+        parsed = parse_url(url)
+        self.check_host(parsed.host)
         return parsed
 
     async def resolve(self, host: str, port: int) -> list[IPAddress]:

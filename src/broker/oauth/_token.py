@@ -33,7 +33,7 @@ from authlib.oauth2.rfc6749.parameters import prepare_token_request
 from authlib.oauth2.rfc7009 import prepare_revoke_token_request
 
 from broker.catalog.oauth_providers import OAuthProvider
-from broker.egress import EgressPolicy, ResponseTooLarge
+from broker.egress import EgressPolicy, InvalidTarget, ResponseTooLarge
 from broker.egress.http import http_client, request
 from broker.oauth._expiry import infer_expiry
 from broker.oauth._types import ClientCredentials, ErrorKind, OAuthError, TokenSet
@@ -184,8 +184,13 @@ async def _post(
 ) -> httpx.Response:
     """POST a form with client authentication; transport failures become `OAuthError`.
 
-    `Blocked` and `DnsFailure` from the egress policy propagate unchanged.
+    A URL (or redirect) the egress policy cannot read is `invalid_config`; `Blocked`
+    and `DnsFailure` from the policy propagate unchanged.
     """
+    try:
+        url = egress.check_url(url).text
+    except InvalidTarget as exc:
+        raise OAuthError("invalid_config", f"the {what} URL is not valid: {exc.reason}") from None
     # A public client (no secret) can only identify itself.
     method = provider.token_auth_method if client.client_secret else "none"
     auth = ClientAuth(client.client_id, client.client_secret, method)
@@ -209,8 +214,8 @@ async def _post(
         raise OAuthError("invalid_config", f"the {what} redirects too often") from None
     except ResponseTooLarge:
         raise OAuthError("invalid_config", f"the {what}'s answer is too large") from None
-    except httpx.InvalidURL:
-        raise OAuthError("invalid_config", f"the {what} URL is not valid") from None
+    except (httpx.InvalidURL, InvalidTarget):
+        raise OAuthError("invalid_config", f"the {what} redirected to a URL that is not valid") from None
     except httpx.TransportError as exc:
         # httpx's messages name the host and the OS error, never the request body.
         raise OAuthError("transient", f"cannot reach the {what} ({type(exc).__name__})") from None

@@ -166,6 +166,8 @@ class AlertSender:
         async with (
             http_client(self._egress) as client,
             # Streamed and never read: only the status matters, whatever the receiver sends.
-            client.stream(method, config["url"], content=body, headers=headers) as response,
+            client.stream(
+                method, self._egress.check_url(config["url"]).text, content=body, headers=headers
+            ) as response,
         ):
             return response.status_code

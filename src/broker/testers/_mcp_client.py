@@ -81,9 +81,11 @@ class _Progress:
 
 
 @contextlib.asynccontextmanager
-async def _open(target: Target, transport: EgressTransport) -> AsyncIterator[_Streams]:
-    """The SDK transport named by the config, over `transport`. Streamable HTTP sends DELETE on exit."""
-    url = str(target.config["server_url"])
+async def _open(target: Target, url: str, transport: EgressTransport) -> AsyncIterator[_Streams]:
+    """The SDK transport named by the config, to `url` over `transport`.
+
+    Streamable HTTP sends DELETE on exit.
+    """
     if target.config.get("transport", "streamable_http") == "sse":
 
         def factory(
@@ -151,7 +153,8 @@ async def discover_tools(target: Target, egress: EgressPolicy) -> tuple[TestResu
     through; run it under `run_tester` for the timeout, classification and scrubbing.
     """
     timeout = float(target.config.get("timeout_seconds", 30.0))
-    url = str(target.config["server_url"])
+    # The SDK's httpx2 would refuse some spellings of an address before the policy saw them.
+    url = egress.check_url(str(target.config["server_url"])).text
     transport_name = str(target.config.get("transport", "streamable_http"))
     progress = _Progress(details={"endpoint": _endpoint(url), "transport": transport_name})
     connect = min(egress.settings.connect_timeout, timeout)
@@ -161,7 +164,7 @@ async def discover_tools(target: Target, egress: EgressPolicy) -> tuple[TestResu
         transport = EgressTransport(egress_client, egress.settings.max_response_bytes)
         try:
             async with (
-                _open(target, transport) as (read, write),
+                _open(target, url, transport) as (read, write),
                 ClientSession(read, write, read_timeout_seconds=timeout, client_info=_CLIENT_INFO) as session,
             ):
                 init = await session.initialize()

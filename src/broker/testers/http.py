@@ -34,8 +34,8 @@ from typing import Any
 import certifi
 import httpx
 
-from broker.egress import EgressPolicy
-from broker.egress.http import http_client
+from broker.egress import EgressPolicy, InvalidTarget, parse_url
+from broker.egress.http import http_client, redirect_url
 from broker.model import TestCategory, TestResult, TestStage
 from broker.testers.base import Target, TestFailure, passed
 from broker.testers.providers import (
@@ -76,7 +76,7 @@ def trust() -> ssl.SSLContext:
 
 def shown(url: httpx.URL | str) -> str:
     """`url` as results show it: scheme, host, port and path. The query may carry a key."""
-    parsed = httpx.URL(url)
+    parsed = httpx.URL(parse_url(url).text if isinstance(url, str) else url)
     return f"{parsed.scheme}://{parsed.netloc.decode('ascii')}{parsed.path}"
 
 
@@ -85,13 +85,20 @@ def _client(egress: EgressPolicy, timeout: float) -> httpx.AsyncClient:
     return http_client(egress, verify=trust(), timeout=httpx.Timeout(timeout, connect=connect))
 
 
-def _redirect_target(reply: Reply) -> httpx.URL | None:
-    """Where a redirect may be followed: same origin, or an upgrade to https on the same host."""
+def _location(reply: Reply) -> httpx.URL | None:
+    """Where a redirect points, read as the egress policy reads URLs; None if it cannot be read."""
     if reply.status not in _REDIRECTS or not reply.location:
         return None
-    here = reply.url
-    there = here.join(reply.location)
-    if there.host != here.host or there.scheme not in ("http", "https"):
+    try:
+        return redirect_url(reply.url, reply.location)
+    except InvalidTarget:
+        return None
+
+
+def _redirect_target(reply: Reply) -> httpx.URL | None:
+    """Where a redirect may be followed: same origin, or an upgrade to https on the same host."""
+    here, there = reply.url, _location(reply)
+    if there is None or there.host != here.host or there.scheme not in ("http", "https"):
         return None
     same = there.scheme == here.scheme and there.port == here.port
     upgrade = here.scheme == "http" and there.scheme == "https" and there.port is None
@@ -140,7 +147,7 @@ async def fetch(
     `stage` is the stage a failure after connecting is reported at.
     """
     limit = egress.settings.max_response_bytes if read_body else 0
-    current = httpx.URL(url)
+    current = httpx.URL(egress.check_url(url).text)
     try:
         async with asyncio.timeout(budget), _client(egress, budget) as client:
             for _ in range(egress.settings.max_redirects if follow_redirects else 0):
@@ -205,8 +212,11 @@ def transport_failure(exc: httpx.HTTPError, stage: TestStage, timeout: float) ->
 def details_of(reply: Reply, **extra: str) -> dict[str, str]:
     """Non-secret facts about an answer: method, endpoint, status, and where a redirect pointed."""
     found = {"method": reply.method, "endpoint": shown(reply.url), "status": str(reply.status), **extra}
-    if reply.status in _REDIRECTS and reply.location:
-        found["location"] = shown(reply.url.join(reply.location))
+    location = _location(reply)
+    if location is not None:
+        found["location"] = shown(location)
+    elif reply.status in _REDIRECTS and reply.location:
+        found["location"] = "(not a valid http or https URL)"
     return found
 
 
