@@ -78,11 +78,7 @@ class AccessService:
     ) -> tuple[list[Grant], str]:
         """One page of grants ordered by (connection id, principal)."""
         limit = paging.page_size(page_size)
-        after = paging.decode_token("grants", page_token)
-        if after is not None and not (
-            isinstance(after, list) and len(after) == 2 and all(isinstance(x, str) for x in after)
-        ):
-            raise InvalidArgument.field("page_token", "is not a token returned by this listing")
+        after = paging.decode_token("grants", page_token, paging.text_pair)
         grants = await self._store.list_grants(
             call.tenant, filter, limit + 1, tuple(after) if after else None
         )

@@ -136,7 +136,9 @@ def _validate(
     try:
         validated = catalog.validate(type_, provider, config, secrets.reveal())
     except InvalidArgument as exc:
-        violations.extend(exc.violations)
+        # One violation per field: a 1 MB secret is too long in bytes and in characters, said once.
+        reported = {v.field for v in violations}
+        violations.extend(v for v in exc.violations if v.field not in reported)
     if violations:
         raise InvalidArgument(violations)
     return validated
@@ -260,9 +262,12 @@ class ConnectionService:
     ) -> tuple[list[ConnectionRecord], str]:
         """One page of connections ordered by id, and the token for the next page ("" at the end)."""
         limit = paging.page_size(page_size)
-        after = paging.decode_token("connections", page_token)
-        if after is not None and not isinstance(after, str):
-            raise InvalidArgument.field("page_token", "is not a token returned by this listing")
+        # Filters obey the rules labels are stored under; each one is a clause in the query.
+        violations: list[FieldViolation] = []
+        _check_labels(filter.labels, violations)
+        if violations:
+            raise InvalidArgument(violations)
+        after = paging.decode_token("connections", page_token, paging.text)
         records = await self._store.list_connections(call.tenant, filter, limit + 1, after)
         next_token = paging.encode_token("connections", records[limit - 1].id) if len(records) > limit else ""
         return records[:limit], next_token
@@ -281,6 +286,8 @@ class ConnectionService:
                 config.pop(key, None)
             else:
                 config[key] = value
+        if len(patch.clear_secrets) > MAX_SECRET_FIELDS:
+            raise InvalidArgument.field("clear_secrets", f"at most {MAX_SECRET_FIELDS} names")
         secrets_changed = bool(patch.secrets.names or patch.clear_secrets)
         old_secrets = open_secrets(self._keyring, current).reveal()
         merged = {k: v for k, v in old_secrets.items() if k not in patch.clear_secrets}
