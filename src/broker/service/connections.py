@@ -30,6 +30,7 @@ from broker.sensitive import SecretFields
 from broker.service import paging
 from broker.service.cache import ResolveCache
 from broker.service.context import Call
+from broker.service.inputs import require_printable
 from broker.service.lookup import existing_connection
 from broker.service.oauth import DraftAuthorization, token_config, token_secrets
 from broker.service.sealing import open_secrets, seal
@@ -262,6 +263,7 @@ class ConnectionService:
     ) -> tuple[list[ConnectionRecord], str]:
         """One page of connections ordered by id, and the token for the next page ("" at the end)."""
         limit = paging.page_size(page_size)
+        require_printable(type=filter.type, provider=filter.provider, name_prefix=filter.name_prefix)
         # Filters obey the rules labels are stored under; each one is a clause in the query.
         violations: list[FieldViolation] = []
         _check_labels(filter.labels, violations)
@@ -373,6 +375,7 @@ class ConnectionService:
         """Mark revoked: stays listed, never resolves again."""
         if len(reason) > 512:
             raise InvalidArgument.field("reason", "must be at most 512 characters")
+        require_printable(reason=reason)
         current = await self.get(call, connection_id)
         if not current.live:
             raise FailedPrecondition(f"connection {current.id} is deleted")
