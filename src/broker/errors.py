@@ -47,18 +47,44 @@ class FieldViolation:
     description: str
 
 
+# What an INVALID_ARGUMENT carries to the caller is bounded: the message and the BadRequest
+# details travel in the trailers, and gRPC refuses metadata over 8 KiB (the caller then sees
+# RESOURCE_EXHAUSTED instead of the problem). These bounds keep both under about 5 KiB.
+MAX_SHOWN_VIOLATIONS = 10
+MAX_FIELD_CHARS = 100
+MAX_DESCRIPTION_CHARS = 200
+MAX_MESSAGE_CHARS = 1000
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class InvalidArgument(BrokerError):
-    """The request is malformed; `violations` names each field at fault."""
+    """The request is malformed; `violations` names each field at fault.
+
+    Repeated violations (same field, same description) are kept once. `shown` is what a
+    caller receives: the first few violations, clipped, then one "and N more".
+    """
 
     status = "INVALID_ARGUMENT"
 
     def __init__(self, violations: Iterable[FieldViolation] | FieldViolation) -> None:
         if isinstance(violations, FieldViolation):
             violations = [violations]
-        self.violations = tuple(violations)
+        self.violations = tuple(dict.fromkeys(violations))
         if not self.violations:
             raise ValueError("InvalidArgument needs at least one violation")
-        super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
+        shown = [
+            FieldViolation(_clip(v.field, MAX_FIELD_CHARS), _clip(v.description, MAX_DESCRIPTION_CHARS))
+            for v in self.violations[:MAX_SHOWN_VIOLATIONS]
+        ]
+        hidden = len(self.violations) - len(shown)
+        if hidden:
+            shown.append(FieldViolation("", f"and {hidden} more"))
+        self.shown = tuple(shown)
+        message = "; ".join(f"{v.field}: {v.description}" if v.field else v.description for v in shown)
+        super().__init__(_clip(message, MAX_MESSAGE_CHARS))
 
     @classmethod
     def field(cls, field: str, description: str) -> InvalidArgument:

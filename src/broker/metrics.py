@@ -17,6 +17,12 @@ RPCS = Counter(
     ["service", "method", "code"],
     registry=REGISTRY,
 )
+MALFORMED_REQUESTS = Counter(
+    "broker_malformed_requests",
+    "Requests whose body did not decode as the method's message, by service and method.",
+    ["service", "method"],
+    registry=REGISTRY,
+)
 RPC_SECONDS = Histogram(
     "broker_rpc_duration_seconds",
     "RPC latency, by service and method.",

@@ -136,12 +136,14 @@ def test_all_is_complete() -> None:
     assert set(broker.catalog.__all__) == public - {"annotations", "oauth_providers"}
     assert sorted(broker.catalog.__all__) == [
         "ConnectionType",
+        "FIELD_NAME",
         "FieldKind",
         "FieldSpec",
         "Validated",
         "get_type",
         "list_types",
         "validate",
+        "validate_field",
     ]
 
 

@@ -51,7 +51,7 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
                 name=draft.name,
                 type=draft.type,
                 provider=draft.provider,
-                config=convert.from_struct(draft.config),
+                config=convert.from_struct(draft.config, "draft.config"),
                 secrets=SecretFields(draft.secrets),
             )
         )
@@ -66,7 +66,7 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
             name=request.name,
             type=request.type,
             provider=request.provider,
-            config=convert.from_struct(request.config),
+            config=convert.from_struct(request.config, "config"),
             secrets=SecretFields(request.secrets),
             labels=dict(request.labels),
             test_before_save=request.test_before_save,
@@ -95,7 +95,7 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
         patch = ConnectionPatch(
             id=request.id,
             name=request.name if request.HasField("name") else None,
-            config=convert.from_struct(request.config) if request.HasField("config") else None,
+            config=convert.from_struct(request.config, "config") if request.HasField("config") else None,
             secrets=SecretFields(request.secrets),
             clear_secrets=tuple(request.clear_secrets),
             labels=dict(request.labels.values) if request.HasField("labels") else None,
@@ -215,7 +215,7 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
                     name=draft.name,
                     type="oauth2",
                     provider=draft.provider,
-                    config=convert.from_struct(draft.config),
+                    config=convert.from_struct(draft.config, "draft.config"),
                     secrets=SecretFields(draft.secrets),
                     labels=dict(request.labels),
                 )

@@ -3,6 +3,7 @@ which holds no secret values, so redaction is a property of the types."""
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,7 +11,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from broker import catalog
 from broker._proto import broker_pb2 as pb
-from broker.errors import InvalidArgument
+from broker.errors import FieldViolation, InvalidArgument
 from broker.model import (
     AuditEvent,
     ConnectionRecord,
@@ -73,8 +74,44 @@ def struct(values: dict[str, Any]) -> struct_pb2.Struct:
     return message
 
 
-def from_struct(message: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(message)
+def from_struct(message: struct_pb2.Struct, field: str) -> dict[str, Any]:
+    """The Struct in request field `field` as plain values; NaN or Infinity is INVALID_ARGUMENT.
+
+    JSON has no such numbers, so they cannot be stored or sent anywhere; each one found is
+    named by its path (`config.port`, `config.headers[2]`).
+    """
+    bad: list[str] = []
+    values = _from_fields(message, field, bad)
+    if bad:
+        raise InvalidArgument(
+            FieldViolation(path, "must be a finite number, not NaN or Infinity") for path in bad
+        )
+    return values
+
+
+def _from_fields(message: struct_pb2.Struct, path: str, bad: list[str]) -> dict[str, Any]:
+    # A key that is not even a plausible field name may be a pasted secret: not quoted in a path.
+    return {
+        key: _from_value(value, f"{path}.{key}" if catalog.FIELD_NAME.fullmatch(key) else path, bad)
+        for key, value in message.fields.items()
+    }
+
+
+def _from_value(value: struct_pb2.Value, path: str, bad: list[str]) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        if not math.isfinite(value.number_value):
+            bad.append(path)
+        return value.number_value
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return _from_fields(value.struct_value, path, bad)
+    if kind == "list_value":
+        return [_from_value(item, f"{path}[{i}]", bad) for i, item in enumerate(value.list_value.values)]
+    return None  # null_value, or a Value with no kind set (as MessageToDict reads it)
 
 
 def test_result(result: TestResult) -> pb.TestResult:

@@ -64,7 +64,7 @@ def _abort_args(error: BrokerError, request_id: str) -> tuple[Any, str, tuple[tu
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in error.violations
+                for v in error.shown
             ]
         )
         status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=error.message)
@@ -81,6 +81,32 @@ def _abort_args(error: BrokerError, request_id: str) -> tuple[Any, str, tuple[tu
         status.details.add().Pack(convert.test_result(error.result))
         trailers.append((_STATUS_DETAILS_KEY, status.SerializeToString()))
     return code, error.message, tuple(trailers)
+
+
+class _Malformed:
+    """What the request deserializer yields for bytes that are not the method's message."""
+
+
+_MALFORMED = _Malformed()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer`, returning `_MALFORMED` instead of raising.
+
+    gRPC calls the deserializer before any interceptor code runs, so a decode error would end
+    the call as UNKNOWN, unauthenticated and unaudited; as a marker it reaches the guard,
+    which checks the caller first and then refuses the request as INVALID_ARGUMENT.
+    """
+    if deserializer is None:
+        return None
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception:  # DecodeError, a recursion limit, invalid UTF-8: all the same to a caller
+            return _MALFORMED
+
+    return decode
 
 
 # Told of a call refused because the caller's role does not match the service: the caller is
@@ -109,26 +135,26 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             unary = handler.unary_unary
 
             async def wrapped(request: Any, context: Any) -> Any:
-                async with guard.serving(context):
+                async with guard.serving(context, request):
                     return await unary(request, context)
                 raise AssertionError("unreachable: serving() aborts the call on every error")
 
             return grpc.unary_unary_rpc_method_handler(
                 wrapped,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             stream = handler.unary_stream
 
             async def wrapped_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                async with guard.serving(context):
+                async with guard.serving(context, request):
                     async for response in stream(request, context):
                         yield response
 
             return grpc.unary_stream_rpc_method_handler(
                 wrapped_stream,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return None  # a kind of handler nobody wraps yet: UNIMPLEMENTED, never unauthenticated
@@ -150,6 +176,11 @@ def _rpc_seconds(method: str) -> Any:
     return metrics.RPC_SECONDS.labels(*_metric_names(method))
 
 
+@functools.lru_cache(maxsize=256)
+def _malformed_counter(method: str) -> Any:
+    return metrics.MALFORMED_REQUESTS.labels(*_metric_names(method))
+
+
 @dataclass(frozen=True)
 class _Guard:
     """The one code path for every wrapped call: identity, role, the `Call`, logs, metrics, errors."""
@@ -160,13 +191,19 @@ class _Guard:
     on_wrong_role: WrongRoleHook | None = None
 
     @contextlib.asynccontextmanager
-    async def serving(self, context: Any) -> AsyncIterator[None]:
+    async def serving(self, context: Any, request: Any) -> AsyncIterator[None]:
         """Run the body as the authenticated caller; any error ends the call with its status.
 
+        A request that did not decode is refused only once the caller is known and allowed,
+        so it is authenticated (and a wrong role audited) like any other call.
+
         The context variables are reset quietly: a stream the client abandoned is closed
-        later by the event loop, in another context, where a reset cannot apply.
+        later by the event loop, in another context, where a reset cannot apply. By then the
+        call is gone too, and asking its context for the peer crashes gRPC (a segfault, found
+        by the fuzz test), so the peer is read once, here.
         """
         request_id = _request_id(context.invocation_metadata())
+        peer = context.peer()
         started = time.perf_counter()
         outcome = "OK"
         caller = ""
@@ -174,10 +211,12 @@ class _Guard:
         try:
             principal = principal_from_context(context, self.trust_domain)
             caller = principal.spiffe_id
-            call = Call(principal, request_id, context.peer())
+            call = Call(principal, request_id, peer)
             if principal.role is not self.role:
                 await self._wrong_role(call)
                 raise PermissionDenied(f"this call requires the {self.role.value} role")
+            if request is _MALFORMED:
+                self._malformed()
             token = _CURRENT_CALL.set(call)
             try:
                 yield
@@ -209,10 +248,16 @@ class _Guard:
             # A line per successful call at debug only: JSON-rendering it on every call cost ~10%
             # of Resolve throughput (docs/PERFORMANCE.md). Failures keep theirs, request id included.
             emit = log.debug if outcome == "OK" else log.info
-            emit("rpc", status=outcome, ms=round(elapsed * 1000, 2), principal=caller, peer=context.peer())
+            emit("rpc", status=outcome, ms=round(elapsed * 1000, 2), principal=caller, peer=peer)
             with contextlib.suppress(ValueError):
                 structlog.contextvars.reset_contextvars(**bound)
         await context.abort(abort[0], abort[1], trailing_metadata=abort[2])
+
+    def _malformed(self) -> None:
+        # One line, no traceback: the bytes are the caller's problem, and may hold anything.
+        log.warning("malformed_request")
+        _malformed_counter(self.method).inc()
+        raise InvalidArgument.field("request", "malformed request: not a valid message for this method")
 
     async def _wrong_role(self, call: Call) -> None:
         if self.on_wrong_role is None:

@@ -6,9 +6,11 @@ place a connection's content is checked. No I/O, no grpc.
 
 from broker.catalog._registry import get_type, list_types
 from broker.catalog._spec import ConnectionType, FieldKind, FieldSpec, Validated
-from broker.catalog._validate import validate
+from broker.catalog._validate import NAME as FIELD_NAME
+from broker.catalog._validate import validate, validate_field
 
 __all__ = [
+    "FIELD_NAME",
     "ConnectionType",
     "FieldKind",
     "FieldSpec",
@@ -16,4 +18,5 @@ __all__ = [
     "get_type",
     "list_types",
     "validate",
+    "validate_field",
 ]

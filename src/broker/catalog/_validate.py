@@ -232,3 +232,14 @@ def validate(
     for rule in run.ctype.rules:
         run.check_rule(rule)
     return run.result()
+
+
+def validate_field(type_name: str, name: str, value: Any, path: str) -> Any:
+    """One config field of a type, checked as `validate` checks it; violations are reported at `path`."""
+    spec = get_type(type_name).spec(name)
+    if spec is None:
+        raise ValueError(f"type {type_name} has no field {name}")
+    try:
+        return parse(spec, value)
+    except Problem as problem:
+        raise InvalidArgument.field(path, str(problem)) from None

@@ -11,6 +11,7 @@ from broker.model import Grant, GrantFilter, Role, shown_id
 from broker.service import paging
 from broker.service.cache import ResolveCache
 from broker.service.context import Call
+from broker.service.inputs import require_printable
 from broker.service.lookup import live_connection
 from broker.store import Store
 
@@ -64,6 +65,7 @@ class AccessService:
             raise InvalidArgument.field("connection_id", "is required")
         if not principal:
             raise InvalidArgument.field("principal", "is required")
+        require_printable(connection_id=connection_id, principal=principal)
         event = call.audit_event(
             self._clock(), "grant.revoke", connection_id, details={"principal": principal}
         )
@@ -78,11 +80,8 @@ class AccessService:
     ) -> tuple[list[Grant], str]:
         """One page of grants ordered by (connection id, principal)."""
         limit = paging.page_size(page_size)
-        after = paging.decode_token("grants", page_token)
-        if after is not None and not (
-            isinstance(after, list) and len(after) == 2 and all(isinstance(x, str) for x in after)
-        ):
-            raise InvalidArgument.field("page_token", "is not a token returned by this listing")
+        require_printable(connection_id=filter.connection_id, principal=filter.principal)
+        after = paging.decode_token("grants", page_token, paging.text_pair)
         grants = await self._store.list_grants(
             call.tenant, filter, limit + 1, tuple(after) if after else None
         )

@@ -33,6 +33,7 @@ from broker.errors import BrokerError, InvalidArgument, Unavailable
 from broker.model import AuditChainReport, AuditEvent, AuditFilter, AuditSeal
 from broker.service import auditseal, paging
 from broker.service.context import Call
+from broker.service.inputs import require_printable
 from broker.store import Store
 
 log = structlog.get_logger("broker.audit")
@@ -49,6 +50,10 @@ _EXPORT_PAGE = 500
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def _check_filter(filter: AuditFilter) -> None:
+    require_printable(connection_id=filter.connection_id, actor=filter.actor, action=filter.action)
 
 
 class AuditLog:
@@ -166,6 +171,7 @@ class AuditLog:
         def fetch(limit: int, before: int | None) -> Awaitable[list[AuditEvent]]:
             return self._store.list_audit(call.tenant, filter, limit, before)
 
+        _check_filter(filter)
         window = (filter.start_time, filter.end_time)
         return await paging.newest_first("audit", window, page_size, page_token, fetch)
 
@@ -178,6 +184,7 @@ class AuditLog:
 
     async def export(self, call: Call, filter: AuditFilter) -> AsyncIterator[AuditEvent]:
         """Every event of the caller's tenant matching `filter`, oldest first, read page by page."""
+        _check_filter(filter)
         if filter.start_time and filter.end_time and filter.start_time >= filter.end_time:
             raise InvalidArgument.field("end_time", "must be after start_time")
         after: int | None = None

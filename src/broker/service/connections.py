@@ -30,6 +30,7 @@ from broker.sensitive import SecretFields
 from broker.service import paging
 from broker.service.cache import ResolveCache
 from broker.service.context import Call
+from broker.service.inputs import require_printable
 from broker.service.lookup import existing_connection
 from broker.service.oauth import DraftAuthorization, token_config, token_secrets
 from broker.service.sealing import open_secrets, seal
@@ -136,7 +137,9 @@ def _validate(
     try:
         validated = catalog.validate(type_, provider, config, secrets.reveal())
     except InvalidArgument as exc:
-        violations.extend(exc.violations)
+        # One violation per field: a 1 MB secret is too long in bytes and in characters, said once.
+        reported = {v.field for v in violations}
+        violations.extend(v for v in exc.violations if v.field not in reported)
     if violations:
         raise InvalidArgument(violations)
     return validated
@@ -260,9 +263,13 @@ class ConnectionService:
     ) -> tuple[list[ConnectionRecord], str]:
         """One page of connections ordered by id, and the token for the next page ("" at the end)."""
         limit = paging.page_size(page_size)
-        after = paging.decode_token("connections", page_token)
-        if after is not None and not isinstance(after, str):
-            raise InvalidArgument.field("page_token", "is not a token returned by this listing")
+        require_printable(type=filter.type, provider=filter.provider, name_prefix=filter.name_prefix)
+        # Filters obey the rules labels are stored under; each one is a clause in the query.
+        violations: list[FieldViolation] = []
+        _check_labels(filter.labels, violations)
+        if violations:
+            raise InvalidArgument(violations)
+        after = paging.decode_token("connections", page_token, paging.text)
         records = await self._store.list_connections(call.tenant, filter, limit + 1, after)
         next_token = paging.encode_token("connections", records[limit - 1].id) if len(records) > limit else ""
         return records[:limit], next_token
@@ -281,6 +288,8 @@ class ConnectionService:
                 config.pop(key, None)
             else:
                 config[key] = value
+        if len(patch.clear_secrets) > MAX_SECRET_FIELDS:
+            raise InvalidArgument.field("clear_secrets", f"at most {MAX_SECRET_FIELDS} names")
         secrets_changed = bool(patch.secrets.names or patch.clear_secrets)
         old_secrets = open_secrets(self._keyring, current).reveal()
         merged = {k: v for k, v in old_secrets.items() if k not in patch.clear_secrets}
@@ -366,6 +375,7 @@ class ConnectionService:
         """Mark revoked: stays listed, never resolves again."""
         if len(reason) > 512:
             raise InvalidArgument.field("reason", "must be at most 512 characters")
+        require_printable(reason=reason)
         current = await self.get(call, connection_id)
         if not current.live:
             raise FailedPrecondition(f"connection {current.id} is deleted")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from broker.errors import FailedPrecondition, InvalidArgument, NotFound
 from broker.model import ConnectionRecord, shown_id
+from broker.service.inputs import require_printable
 from broker.store import Store
 
 
@@ -13,6 +14,7 @@ async def existing_connection(
     """The connection in any state but purged; another tenant's id is simply not found."""
     if not connection_id:
         raise InvalidArgument.field(field, "is required")
+    require_printable(**{field: connection_id})
     record = await store.get_connection(tenant, connection_id)
     if record is None or record.purged_at is not None:
         raise NotFound(f"connection {shown_id(connection_id)} not found")

@@ -55,6 +55,7 @@ from broker.service import paging
 from broker.service.alerts import AlertSender
 from broker.service.cache import ResolveCache
 from broker.service.context import Call
+from broker.service.inputs import require_printable
 from broker.service.lookup import existing_connection
 from broker.store import Store
 
@@ -554,6 +555,7 @@ class Monitor:
         """Clear a suspension (audited); a connection that is not suspended is returned unchanged."""
         if len(reason) > MAX_REASON:
             raise InvalidArgument.field("reason", f"must be at most {MAX_REASON} characters")
+        require_printable(reason=reason)
         current = await existing_connection(self._store, call.tenant, connection_id)
         if current.suspended_at is None:
             return current
@@ -576,5 +578,6 @@ class Monitor:
         def fetch(limit: int, before: int | None) -> Awaitable[list[SecurityEvent]]:
             return self._store.list_security_events(call.tenant, filter, limit, before)
 
+        require_printable(rule=filter.rule, connection_id=filter.connection_id, principal=filter.principal)
         window = (filter.start_time, filter.end_time)
         return await paging.newest_first("security", window, page_size, page_token, fetch)

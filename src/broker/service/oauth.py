@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from broker import crypto, metrics, oauth
+from broker import catalog, crypto, metrics, oauth
 from broker.crypto import Binding, DecryptionFailed, Keyring
 from broker.egress import Blocked, DnsFailure, EgressPolicy
 from broker.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
@@ -82,7 +82,10 @@ def _state_binding(tenant: str, state_hash: str) -> Binding:
 
 
 def _check_redirect_uri(uri: str) -> None:
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError:  # an unclosed IPv6 bracket, for one
+        raise InvalidArgument.field("redirect_uri", "is not a valid URL") from None
     loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
     if (
         parts.scheme not in ("https", "http")
@@ -152,6 +155,8 @@ class OAuthService:
     ) -> tuple[str, str, datetime]:
         """Start a flow: (authorization URL, state, expiry). The verifier stays sealed here."""
         _check_redirect_uri(redirect_uri)
+        if scopes:
+            scopes = catalog.validate_field("oauth2", "scopes", scopes, path="scopes")
         payload: dict[str, Any] = {"redirect_uri": redirect_uri}
         if draft is not None:
             provider_name, config, secrets = draft.provider, draft.config, draft.secrets.reveal()
