@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import sqlite3
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -28,6 +29,7 @@ from tests import mcpserver
 from tests.conftest import Running
 from tests.helpers import struct
 from tests.httpservers import Answer, Seen, serve
+from tests.postgres_db import fresh_database
 
 pytestmark = pytest.mark.integration
 
@@ -269,3 +271,34 @@ async def test_an_smtp_535_echoing_auth_plain_leaks_nothing_into_last_test(
     _assert_nowhere(broker, PASSWORD, [tested, fetched])
     blob = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()
     assert blob[:28] not in tested.message  # 21 bytes: the user and the password's first ten characters
+
+
+# ------------------------------------------------------------------ text no store accepts
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+async def test_a_server_sending_nul_is_stored_not_internal(
+    make_broker: Callable[..., Any], store: str
+) -> None:
+    """PostgreSQL's text refuses NUL: it becomes U+FFFD (lone surrogates too: tests/unit/test_scrub.py)."""
+    async with contextlib.AsyncExitStack() as stack:
+        overrides: dict[str, Any] = {}
+        if store == "postgresql":
+            dsn = await stack.enter_async_context(fresh_database())
+            overrides = {"storage_path": None, "storage_url": dsn, "storage_pool_max": 4}
+        running: Running = await make_broker(egress=EgressSettings(allow_loopback=True), **overrides)
+        stack.push_async_callback(running.broker.stop, 0)
+        stack.push_async_callback(running.close)
+        admin = running.admin()
+        with mcpserver.running() as server:
+            server.descriptions["tool_00"] = "nul \x00 here"
+            created = await admin.CreateConnection(
+                pb.CreateConnectionRequest(
+                    name="odd-text", type="mcp", config=struct({"server_url": server.url})
+                )
+            )
+            refreshed = await admin.RefreshMcpTools(pb.RefreshMcpToolsRequest(id=created.id))
+        listed = await admin.ListMcpTools(pb.ListMcpToolsRequest(id=created.id))
+        assert refreshed.result.success, refreshed.result
+        descriptions = {t.name: t.description for t in listed.tools}
+        assert descriptions["tool_00"] == "nul \ufffd here"

@@ -138,3 +138,10 @@ def test_tool_names_that_collide_once_masked_are_told_apart() -> None:
     assert redacted == 2
     assert [t.name for t in tools] == [f"t_{MASK}", f"t_{MASK}#2", f"t_{MASK}#3"]
     assert len({t.definition_hash for t in tools}) == 3
+
+
+def test_text_no_store_accepts_becomes_the_replacement_character() -> None:
+    scrubber = Scrubber([])
+    assert scrubber.text("a\x00b\ud800c\udfffd") == "a\ufffdb\ufffdc\ufffdd"
+    schema = scrubber.json({"k\x00": ["\ud83d", 1]})
+    assert schema == {"k\ufffd": ["\ufffd", 1]}

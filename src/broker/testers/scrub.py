@@ -16,6 +16,7 @@ from typing import Any
 MASK = "[redacted]"
 # Shorter values would mask ordinary words; validation keeps real secrets longer.
 MIN_LENGTH = 4
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 def _forms(value: str) -> set[str]:
@@ -48,7 +49,8 @@ class Scrubber:
         self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
 
     def text(self, text: str) -> str:
-        """`text` with every known form masked."""
+        """`text` with every known form masked, made storable (see `storable`)."""
+        text = storable(text)
         if self._pattern is None:
             return text
         return self._pattern.sub(MASK, text)
@@ -88,6 +90,12 @@ class Scrubber:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return MASK if self.text(str(value)) != str(value) else value
         return value
+
+
+def storable(text: str) -> str:
+    """`text` that every store and the wire accept: NUL (PostgreSQL's text refuses it) and lone
+    surrogates (not UTF-8; a JSON string from a server may hold one) become U+FFFD."""
+    return _UNSTORABLE.sub("\ufffd", text)
 
 
 def distinct(name: str, taken: Container[str]) -> str:
