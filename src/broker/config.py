@@ -58,8 +58,9 @@ naming the setting, raised at start-up.
     resolve_burst = 400
     admin_writes_per_minute = 600   # creates, updates, grants... per admin (burst: a minute's worth)
     tests_per_minute = 30           # connection tests and tool discovery per admin
-    denied_audits_per_minute = 10   # calls refused for the caller's role, audited one by one per
-                                    #   principal and minute; the rest in one summary record a minute
+    denied_audits_per_minute = 10   # calls refused for the caller's role or over a rate limit, audited
+                                    #   one by one per principal, kind and minute; the rest in one
+                                    #   summary record a minute
     [testing]
     stale_after_days = 7            # a success older than this marks the connection stale
     [egress]                        # outbound calls made for connection tests and discovery

@@ -56,7 +56,7 @@ from broker.service.alerts import AlertSender, parse_target
 from broker.service.audit import AuditLog
 from broker.service.cache import ResolveCache
 from broker.service.connections import Clock, ConnectionService, utc_now
-from broker.service.denials import WrongRoleAudit
+from broker.service.denials import DenialAudit
 from broker.service.keycheck import verify_keyring
 from broker.service.keys import MasterKeys
 from broker.service.monitor import Monitor
@@ -85,7 +85,7 @@ def _oauth_settings(settings: Settings) -> OAuthSettings:
     )
 
 
-def _rate_limits(settings: Settings, store: Store, audit: AuditLog, clock: Clock) -> RateLimits:
+def _rate_limits(settings: Settings, store: Store, denials: DenialAudit) -> RateLimits:
     """Resolve buckets per replica; the per-minute ones shared through the store (see ratelimit.py)."""
     per_minute = (settings.admin_writes_per_minute, settings.tests_per_minute)
     return RateLimits(
@@ -94,8 +94,7 @@ def _rate_limits(settings: Settings, store: Store, audit: AuditLog, clock: Clock
             "admin_write": Limit(per_minute[0] / 60, per_minute[0], shared=True),
             "test": Limit(per_minute[1] / 60, per_minute[1], shared=True),
         },
-        audit,
-        clock,
+        denials,
         store,
     )
 
@@ -172,14 +171,14 @@ class Broker:
                 keyring=keyring,
                 seal_interval=settings.audit_seal_interval_seconds,
             )
-            self._limits = _rate_limits(settings, self.store, self.audit, self._clock)
             egress = EgressPolicy(settings.egress)
             self.monitor = _security_monitor(settings, self.store, keyring, egress, cache, self._clock)
             await self.monitor.open()
-            # A certificate of this trust domain used on the other listener: audited, bounded.
-            self.wrong_role = WrongRoleAudit(
+            # Wrong-role and rate-limited calls: audited up to a limit per principal, then counted.
+            self.denials = DenialAudit(
                 self.audit, self.monitor, self._clock, settings.denied_audits_per_minute
             )
+            self._limits = _rate_limits(settings, self.store, self.denials)
             # Other replicas' writes (PostgreSQL) invalidate this cache, and their blocks reach
             # this monitor, from here on.
             await self.store.watch(ReplicaChanges(cache, self.monitor))
@@ -240,7 +239,7 @@ class Broker:
         self.resolver.start()
         self.oauth.start()
         self.monitor.start()
-        self.wrong_role.start()
+        self.denials.start()
         self.audit.start_pruning()
         self.audit.start_sealing()
         self.keys.start()
@@ -322,7 +321,7 @@ class Broker:
             # Identity and error mapping first; the rate limit runs inside it, for a known caller.
             interceptors=[
                 gate,  # outermost: counts calls under way, refuses new ones while draining
-                CallInterceptor(self.settings.trust_domain, _ROLES, self.wrong_role.refused),
+                CallInterceptor(self.settings.trust_domain, _ROLES, self.denials.wrong_role),
                 RateLimitInterceptor(self._limits),
             ],
             # gRPC sets SO_REUSEPORT by default: a second broker would silently share the port.
@@ -365,7 +364,7 @@ class Broker:
         # have appended) and close the store last. A failing step does not skip the ones after it.
         await self._shutdown_step("oauth", self.oauth.close())
         await self._shutdown_step("last_used", self.resolver.close())
-        await self._shutdown_step("wrong_role", self.wrong_role.close())
+        await self._shutdown_step("denials", self.denials.close())
         await self._shutdown_step("monitor", self.monitor.close())
         await self._shutdown_step("master_keys", self.keys.close())
         if self._metrics_server is not None:

@@ -22,7 +22,7 @@ from broker.model import (
 from broker.service.audit import AuditLog
 from broker.service.cache import ResolveCache
 from broker.service.context import Call
-from broker.service.denials import WINDOW_SECONDS, WrongRoleAudit
+from broker.service.denials import WINDOW_SECONDS, DenialAudit
 from broker.service.monitor import Burst, Monitor, MonitorSettings, Seen, Spike, peer_host
 from broker.store.sqlite import SqliteStore
 
@@ -296,10 +296,10 @@ async def test_wrong_role_audit_keeps_one_window_per_principal_under_concurrency
     clock = FakeClock()
     audit = AuditLog(store, clock=clock)
     monitor = Monitor(store, ResolveCache(), clock, MonitorSettings(wrong_role=0))
-    refusals = WrongRoleAudit(audit, monitor, clock, per_window=4)
+    refusals = DenialAudit(audit, monitor, clock, per_window=4)
     method = "/broker.v1.AdminService/ListConnections"
-    await asyncio.gather(*(refusals.refused(call(), method) for _ in range(30)))
-    await refusals.refused(call(ADMIN), "/broker.v1.ResolveService/Resolve")
+    await asyncio.gather(*(refusals.wrong_role(call(), method) for _ in range(30)))
+    await refusals.wrong_role(call(ADMIN), "/broker.v1.ResolveService/Resolve")
     await refusals.flush()  # nothing has passed yet
     clock.advance(WINDOW_SECONDS)
     await refusals.flush()

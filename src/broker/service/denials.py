@@ -1,18 +1,20 @@
-"""Calls refused for the caller's role: audited in full up to a limit per principal, then summarised.
+"""Refused calls: audited in full up to a limit per principal, then counted and summarised.
 
-A valid certificate of this trust domain with the wrong role for the listener (an
-executor on the admin listener, an admin on the Resolve listener) is refused
-PERMISSION_DENIED and, since its tenant is known, audited as `rpc.denied` with reason
-`wrong_role`. Without a limit a loop of such calls writes an audit row per call
-(1,500 rows in 3 s), which fills the store and buries what else the audit holds.
+Two kinds of refusal can come in floods that would otherwise write an audit row per
+call (1,500 rows in 3 s) and bury what else the audit holds:
+* a valid certificate of this trust domain with the wrong role for the listener (an
+  executor on the admin listener, an admin on the Resolve listener): PERMISSION_DENIED,
+  audited as `rpc.denied` with reason `wrong_role` and the method;
+* a call over its rate limit: RESOURCE_EXHAUSTED, audited as `rate_limited` with the
+  class of call as the reason (`broker.service.ratelimit`).
 
-So each principal has fixed windows of `WINDOW_SECONDS`, from its first refusal: the
-first `per_window` refusals of a window are audited one by one (with the method); the
-rest are only counted, and one `rpc.denied.suppressed` record per window says how
-many there were and which methods they tried. The summary is written once the window
-has passed: by the principal's next refusal, by the periodic `flush`, or at `close`
-(shutdown). Every refusal, audited or counted, also feeds the monitor's `wrong_role`
-rule, which raises a security event for a burst.
+Each (principal, action, reason) has fixed windows of `WINDOW_SECONDS`, from its first
+refusal: the first `per_window` refusals of a window are audited one by one; the rest
+are only counted, and one `<action>.suppressed` record per window says how many there
+were (and, for wrong-role calls, which methods they tried). The summary is written once
+the window has passed: by the next such refusal, by the periodic `flush`, or at `close`
+(shutdown). Every wrong-role refusal, audited or counted, also feeds the monitor's
+`wrong_role` rule, which raises a security event for a burst.
 
 Callers whose certificate carries no accepted identity are refused UNAUTHENTICATED
 before any of this: they have no tenant to audit for, and are not audited (only
@@ -38,21 +40,23 @@ from broker.service.monitor import Monitor
 log = structlog.get_logger("broker.denials")
 
 WINDOW_SECONDS = 60.0
-REASON = "wrong_role"
+WRONG_ROLE = "wrong_role"
 MAX_TRACKED = 100_000  # principals with an open window; the oldest is summarised early beyond it
 
 
 @dataclass
 class _Window:
+    action: str
+    reason: str
     started: float
     audited: int = 0
     suppressed: int = 0
-    methods: set[str] = field(default_factory=set)
+    methods: set[str] = field(default_factory=set)  # the listener's own method names: a small, fixed set
     last: Call | None = None  # the latest suppressed call: its request id and peer go in the summary
 
 
-class WrongRoleAudit:
-    """The audit of calls refused for their role; `refused` is the interceptor's wrong-role hook."""
+class DenialAudit:
+    """The bounded audit of refused calls; `wrong_role` is the interceptor's wrong-role hook."""
 
     def __init__(
         self,
@@ -67,18 +71,25 @@ class WrongRoleAudit:
         self._clock = clock
         self._per_window = per_window
         self._flush_seconds = flush_seconds
-        # (tenant, principal) -> its window, oldest first: a window that passed is removed and a
-        # new one appended, so the ones that have passed are always at the front.
-        self._windows: dict[tuple[str, str], _Window] = {}
+        # (tenant, principal, action, reason) -> its window, oldest first: a window that passed
+        # is removed and a new one appended, so the ones that have passed are always at the front.
+        self._windows: dict[tuple[str, str, str, str], _Window] = {}
         self._flusher: asyncio.Task[None] | None = None
 
-    async def refused(self, call: Call, method: str) -> None:
-        """A call refused for its role: audited in full, or counted towards the window's summary."""
+    async def wrong_role(self, call: Call, method: str) -> None:
+        """A call refused for its role (`method` is the full gRPC method): watched and audited."""
         now = self._clock()
         name = method.rpartition("/")[2]
         self._monitor.wrong_role(call, name, now)
+        await self.refused(call, "rpc.denied", WRONG_ROLE, name, now)
+
+    async def refused(
+        self, call: Call, action: str, reason: str, method: str = "", now: datetime | None = None
+    ) -> None:
+        """A refused call: audited in full, or counted towards its window's summary."""
+        now = self._clock() if now is None else now
         t = now.timestamp()
-        key = (call.tenant, call.actor)
+        key = (call.tenant, call.actor, action, reason)
         # The bookkeeping first, with no await in it: concurrent refusals of one principal must
         # see one window. The writes come after.
         passed: list[_Window] = []
@@ -89,32 +100,31 @@ class WrongRoleAudit:
         if window is None:
             if len(self._windows) >= MAX_TRACKED:
                 passed.append(self._windows.pop(next(iter(self._windows))))
-            window = self._windows[key] = _Window(started=t)
+            window = self._windows[key] = _Window(action, reason, started=t)
         in_full = window.audited < self._per_window
         if in_full:
             window.audited += 1
         else:
             window.suppressed += 1
-            window.methods.add(name)  # the listener's own method names: a small, fixed set
+            if method:
+                window.methods.add(method)
             window.last = call
-            metrics.DENIALS_NOT_AUDITED.labels(REASON).inc()
+            metrics.DENIALS_NOT_AUDITED.labels(reason).inc()
         for done in passed:
             await self._summarise(done)
         if in_full:
-            details = {"method": name}
-            await self._audit.append(call.audit_event(now, "rpc.denied", "", Outcome.DENIED, REASON, details))
+            details = {"method": method} if method else {}
+            await self._audit.append(call.audit_event(now, action, "", Outcome.DENIED, reason, details))
 
     async def _summarise(self, window: _Window) -> None:
         """One audit record for what a window only counted; nothing when it counted nothing."""
         if window.last is None:
             return
-        details = {
-            "count": str(window.suppressed),
-            "window_seconds": f"{WINDOW_SECONDS:g}",
-            "methods": ",".join(sorted(window.methods)),
-        }
+        details = {"count": str(window.suppressed), "window_seconds": f"{WINDOW_SECONDS:g}"}
+        if window.methods:
+            details["methods"] = ",".join(sorted(window.methods))
         event = window.last.audit_event(
-            self._clock(), "rpc.denied.suppressed", "", Outcome.DENIED, REASON, details
+            self._clock(), f"{window.action}.suppressed", "", Outcome.DENIED, window.reason, details
         )
         try:
             await self._audit.append(event)

@@ -13,6 +13,10 @@ Where a bucket lives:
 * `admin_write` and `test` (`shared=True`): in the store (`Store.take_rate_token`),
   one bucket per principal for all replicas together, so N per minute means N in
   total. These calls write to the store anyway; the bucket adds one transaction.
+
+A refusal is audited as `rate_limited` (reason: the class of call) through
+`broker.service.denials`: in full up to a limit per principal and minute, then counted
+and summarised, so a client looping over its limit cannot flood the audit.
 """
 
 from __future__ import annotations
@@ -20,15 +24,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 
 import structlog
 
 from broker import metrics, tokenbucket
 from broker.errors import ResourceExhausted
-from broker.model import Outcome
-from broker.service.audit import AuditLog
 from broker.service.context import Call
+from broker.service.denials import DenialAudit
 from broker.store import Store
 
 log = structlog.get_logger("broker.ratelimit")
@@ -62,13 +64,12 @@ class Limit:
 
 
 class RateLimits:
-    """One limiter per class; over the limit is audited, counted and RESOURCE_EXHAUSTED."""
+    """One limiter per class; over the limit is audited (bounded), counted and RESOURCE_EXHAUSTED."""
 
     def __init__(
         self,
         limits: Mapping[str, Limit],
-        audit: AuditLog,
-        clock: Callable[[], datetime],
+        denials: DenialAudit,
         store: Store,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -78,8 +79,7 @@ class RateLimits:
             for name, limit in limits.items()
             if not limit.shared
         }
-        self._audit = audit
-        self._clock = clock
+        self._denials = denials
         self._store = store
 
     async def enforce(self, call: Call, kind: str) -> None:
@@ -94,9 +94,8 @@ class RateLimits:
         if wait <= 0:
             return
         metrics.RATE_LIMITED.labels(kind).inc()
-        event = call.audit_event(self._clock(), "rate_limited", "", Outcome.DENIED, kind)
         try:
-            await self._audit.append(event)
+            await self._denials.refused(call, "rate_limited", kind)
         except Exception as exc:  # the refusal stands whether or not it could be recorded
             log.warning("rate_limit_audit_failed", error_type=type(exc).__name__)
         retry = max(0.001, wait)
