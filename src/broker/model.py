@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from broker.catalog import destination_digest
 from broker.crypto.envelope import Sealed
 
 
@@ -152,6 +153,13 @@ class ConnectionRecord:
     reauth_required_at: datetime | None = None
     # Set by the security monitor; cleared only by ReinstateConnection.
     suspended_at: datetime | None = None
+    # Where the secrets may be sent (`catalog.destination_digest`), bound into their
+    # ciphertext. Derived once per record, so a cached record costs Resolve nothing.
+    destination: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        digest = destination_digest(self.type, self.provider, self.config)
+        object.__setattr__(self, "destination", digest)  # frozen: set once, here
 
     @property
     def etag(self) -> str:
