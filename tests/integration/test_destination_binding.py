@@ -316,11 +316,12 @@ async def test_legitimate_changes_re_seal_and_keep_working(
 
 def seal_format_1(key_file: Path, plaintext: bytes, binding: Binding) -> tuple[bytes, bytes, str]:
     """(ciphertext, wrapped_dek, kek_id) exactly as the broker sealed them before format 2."""
-    kek = Kek(base64.b64decode(key_file.read_text()))
+    raw = base64.b64decode(key_file.read_text())
+    kek_id = Kek(raw).id
     dek, nonce, wrap_nonce = AESGCM.generate_key(256), b"\x01" * 12, b"\x02" * 12
     ciphertext = b"\x01" + nonce + AESGCM(dek).encrypt(nonce, plaintext, secret_aad(binding, 1))
-    wrapped = b"\x01" + wrap_nonce + AESGCM(kek._key).encrypt(wrap_nonce, dek, dek_aad(kek.id, binding, 1))
-    return ciphertext, wrapped, kek.id
+    wrapped = b"\x01" + wrap_nonce + AESGCM(raw).encrypt(wrap_nonce, dek, dek_aad(kek_id, binding, 1))
+    return ciphertext, wrapped, kek_id
 
 
 async def test_rows_sealed_before_the_binding_are_re_sealed_at_start_then_bound(

@@ -106,7 +106,7 @@ def test_format_1_rows_open_only_for_the_migration() -> None:
     wrapped = (
         b"\x01"
         + nonce
-        + AESGCM(KEYRING.active._key).encrypt(nonce, dek, old.dek_aad(KEYRING.active.id, binding, 1))
+        + AESGCM(bytes(range(32))).encrypt(nonce, dek, old.dek_aad(KEYRING.active.id, binding, 1))
     )
     v1 = dataclasses.replace(r, sealed=crypto.Sealed(ciphertext, wrapped, KEYRING.active.id))
     with pytest.raises(SecretUnavailable):
