@@ -97,7 +97,7 @@ def test_only_the_bound_destination_opens() -> None:
 def test_format_1_rows_open_only_for_the_migration() -> None:
     r = record()
     old = crypto.envelope
-    binding = sealing.binding(r)
+    binding = r.binding
     dek = bytes(32)
     nonce = bytes(12)
     ciphertext = (
@@ -117,9 +117,9 @@ def test_format_1_rows_open_only_for_the_migration() -> None:
 @pytest.mark.parametrize("value", ["text", 12345, 1 << 40, None, b""])
 def test_sealed_columns_of_the_wrong_sql_type_read_as_nothing_that_opens(value: object) -> None:
     """What a store reads from a column of the wrong SQL type reaches `open` as no bytes."""
-    sealed = crypto.seal(KEYRING, b"secret", sealing.binding(record()))
+    sealed = crypto.seal(KEYRING, b"secret", record().binding)
     for column in ("ciphertext", "wrapped_dek", "kek_id"):
         row = {"ciphertext": sealed.ciphertext, "wrapped_dek": sealed.wrapped_dek, "kek_id": sealed.kek_id}
         row[column] = value
         with pytest.raises(DecryptionFailed):
-            crypto.open(KEYRING, sealed_from_row(row), sealing.binding(record()))
+            crypto.open(KEYRING, sealed_from_row(row), record().binding)

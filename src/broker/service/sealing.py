@@ -1,7 +1,7 @@
 """Sealing and opening a connection's secrets with the row's binding.
 
-The binding names the tenant, connection id, secret version and the record's
-destination digest (`ConnectionRecord.destination`), so secrets of a row whose
+The binding (`ConnectionRecord.binding`) names the tenant, connection id, secret
+version and the record's destination digest, so secrets of a row whose
 destination was changed in the database without re-sealing do not open. Rows
 sealed before the destination was bound (format 1) are opened only by the
 start-up migration (`service.rebind`), which re-seals them.
@@ -21,18 +21,14 @@ from broker.service.audit import AuditLog
 DECRYPT_FAILED = "decrypt_failed"
 
 
-def row_binding(tenant: str, connection_id: str, secret_version: int, destination: bytes = b"") -> Binding:
-    """The binding of a connection row; the data key's wrapping does not use `destination`."""
-    return Binding(tenant, connection_id, secret_version, destination)
-
-
-def binding(record: ConnectionRecord) -> Binding:
-    return Binding(record.tenant, record.id, record.secret_version, record.destination)
+def row_binding(tenant: str, connection_id: str, secret_version: int) -> Binding:
+    """A connection row's binding without its destination: enough to (re-)wrap its data key."""
+    return Binding(tenant, connection_id, secret_version)
 
 
 def seal(keyring: Keyring, secrets: SecretFields, record: ConnectionRecord) -> crypto.Sealed:
     """Seal under a fresh data key bound to `record`: its row, secret version and destination."""
-    return crypto.seal(keyring, secrets.to_bytes(), binding(record))
+    return crypto.seal(keyring, secrets.to_bytes(), record.binding)
 
 
 def open_secrets(keyring: Keyring, record: ConnectionRecord, *, accept_unbound: bool = False) -> SecretFields:
@@ -43,7 +39,7 @@ def open_secrets(keyring: Keyring, record: ConnectionRecord, *, accept_unbound: 
     if record.sealed is None:
         raise SecretUnavailable("the connection's secret was purged")
     try:
-        plaintext = crypto.open(keyring, record.sealed, binding(record), accept_unbound=accept_unbound)
+        plaintext = crypto.open(keyring, record.sealed, record.binding, accept_unbound=accept_unbound)
         return SecretFields.from_bytes(plaintext)
     except (DecryptionFailed, ValueError):
         raise SecretUnavailable(
