@@ -11,7 +11,7 @@
     ├── Aborted                      ABORTED (a stale etag)
     ├── ResourceExhausted            RESOURCE_EXHAUSTED
     ├── Unavailable                  UNAVAILABLE
-    ├── SecretUnavailable            INTERNAL (a stored secret cannot be opened)
+    ├── SecretUnavailable            DATA_LOSS (a stored secret cannot be opened)
     └── NotImplementedYet            UNIMPLEMENTED (a feature the broker names but lacks)
 
 The gRPC layer translates these in one interceptor (`broker.api.interceptors`);
@@ -139,9 +139,13 @@ class Unavailable(BrokerError):
 
 
 class SecretUnavailable(BrokerError):
-    """A stored secret cannot be opened: tampered with, purged, or its master key is gone."""
+    """A stored secret cannot be opened: tampered with, purged, or its master key is gone.
 
-    status = "INTERNAL"
+    DATA_LOSS, not INTERNAL: the stored row is unusable (audited as decrypt_failed),
+    which is no bug of the broker's and no reason for a client to retry.
+    """
+
+    status = "DATA_LOSS"
 
 
 class NotImplementedYet(BrokerError):

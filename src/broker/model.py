@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from broker.crypto.envelope import Sealed
+from broker.catalog import destination_digest
+from broker.crypto.envelope import Binding, Sealed
 
 
 class Role(enum.StrEnum):
@@ -152,6 +153,20 @@ class ConnectionRecord:
     reauth_required_at: datetime | None = None
     # Set by the security monitor; cleared only by ReinstateConnection.
     suspended_at: datetime | None = None
+    # What the sealed secrets are bound to: this row, its secret version and where the
+    # secrets may be sent (`catalog.destination_digest`). Derived once per record, so a
+    # cached record costs Resolve nothing.
+    binding: Binding = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        digest = destination_digest(self.type, self.provider, self.config)
+        binding = Binding(self.tenant, self.id, self.secret_version, digest)
+        object.__setattr__(self, "binding", binding)  # frozen: set once, here
+
+    @property
+    def destination(self) -> bytes:
+        """The digest of where the secrets may be sent."""
+        return self.binding.destination
 
     @property
     def etag(self) -> str:

@@ -62,6 +62,7 @@ from broker.service.keys import MasterKeys
 from broker.service.monitor import Monitor
 from broker.service.oauth import OAuthService, OAuthSettings
 from broker.service.ratelimit import Limit, RateLimits
+from broker.service.rebind import rebind_unbound
 from broker.service.replicas import ReplicaChanges
 from broker.service.resolve import Resolver
 from broker.service.testing import TestingService
@@ -163,6 +164,8 @@ class Broker:
         await self.store.open()
         try:
             await verify_keyring(self.store, keyring)
+            # Before any listener opens: rows sealed before the destination binding are re-sealed.
+            await rebind_unbound(self.store, keyring, self._clock)
             cache = ResolveCache()
             self.audit = AuditLog(
                 self.store,
@@ -206,8 +209,9 @@ class Broker:
                 discover=mcp.discover_tools,
                 monitor=self.monitor,
             )
+            revoke_upstream = self.oauth.revoke_upstream
             connections = ConnectionService(
-                self.store, keyring, cache, self._clock, tests, revoke_upstream=self.oauth.revoke_upstream
+                self.store, keyring, cache, self._clock, tests, revoke_upstream, audit=self.audit
             )
             self.oauth.create_connection = connections.create_authorized
             self.oauth.on_refresh_failure = self.monitor.oauth_refresh_failed

@@ -72,7 +72,7 @@ async def keys_cli(config: Path, *args: str) -> tuple[int, str, str]:
 
 def record(keyring: Keyring, i: int, now: datetime) -> ConnectionRecord:
     connection_id = new_id("conn")
-    return ConnectionRecord(
+    unsealed = ConnectionRecord(
         id=connection_id,
         tenant="default",
         name=f"db-{i:04d}",
@@ -84,11 +84,12 @@ def record(keyring: Keyring, i: int, now: datetime) -> ConnectionRecord:
         status=ConnectionStatus.ACTIVE,
         version=1,
         secret_version=1,
-        sealed=seal(keyring, SecretFields({"password": f"pw-{i}"}), "default", connection_id, 1),
+        sealed=None,
         created_at=now,
         updated_at=now,
         created_by=OPERATOR,
     )
+    return replace(unsealed, sealed=seal(keyring, SecretFields({"password": f"pw-{i}"}), unsealed))
 
 
 async def create_many(store: Store, keyring: Keyring, count: int) -> list[ConnectionRecord]:

@@ -179,7 +179,7 @@ async def test_tampered_or_swapped_ciphertext_is_never_released(running: Running
     running.broker.resolver._cache.clear()  # the broker would otherwise serve its cached (good) rows
     for conn in (a, c):
         error = await rpc_error(running.resolver().Resolve(pb.ResolveRequest(connection_id=conn.id)))
-        assert error.code() == grpc.StatusCode.INTERNAL
+        assert error.code() == grpc.StatusCode.DATA_LOSS
         assert "secret-" not in str(error.details())
     assert (await running.resolver().Resolve(pb.ResolveRequest(connection_id=b.id))).secrets[
         "password"

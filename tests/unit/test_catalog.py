@@ -140,6 +140,8 @@ def test_all_is_complete() -> None:
         "FieldKind",
         "FieldSpec",
         "Validated",
+        "destination_digest",
+        "destination_fields",
         "get_type",
         "list_types",
         "validate",

@@ -13,9 +13,14 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import broker.crypto as crypto
+from broker.catalog import destination_digest, destination_fields
 from broker.crypto import Binding, DecryptionFailed, Kek, KeyError_, Keyring, Sealed
 
-VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "envelope_v1.json").read_text())["cases"]
+_VECTOR_DIR = Path(__file__).parent.parent / "vectors"
+# Format 1 (no destination bound): still opened, for the migration, but never written.
+V1_VECTORS = json.loads((_VECTOR_DIR / "envelope_v1.json").read_text())["cases"]
+VECTORS = json.loads((_VECTOR_DIR / "envelope_v2.json").read_text())["cases"]
+ALL_VECTORS = [*V1_VECTORS, *VECTORS]
 
 
 def det_random(seed: bytes) -> Callable[[int], bytes]:
@@ -34,7 +39,10 @@ def det_random(seed: bytes) -> Callable[[int], bytes]:
 
 def vector_parts(case: dict[str, object]) -> tuple[Keyring, Binding, Sealed]:
     keyring = Keyring(Kek(bytes.fromhex(str(case["kek"]))))
-    binding = Binding(str(case["tenant"]), str(case["connection_id"]), int(case["secret_version"]))  # type: ignore[call-overload]
+    destination = bytes.fromhex(str(case.get("destination", "")))
+    binding = Binding(
+        str(case["tenant"]), str(case["connection_id"]), int(case["secret_version"]), destination
+    )  # type: ignore[call-overload]
     sealed = Sealed(
         bytes.fromhex(str(case["ciphertext"])), bytes.fromhex(str(case["wrapped_dek"])), str(case["kek_id"])
     )
@@ -54,16 +62,53 @@ def test_seal_reproduces_vector(case: dict[str, object]) -> None:
 @pytest.mark.parametrize("case", VECTORS, ids=lambda c: c["description"])
 def test_open_vector(case: dict[str, object]) -> None:
     keyring, binding, sealed = vector_parts(case)
+    assert sealed.format_version == crypto.FORMAT_VERSION == 2
     assert crypto.open(keyring, sealed, binding) == bytes.fromhex(str(case["plaintext"]))
 
 
+@pytest.mark.parametrize("case", V1_VECTORS, ids=lambda c: c["description"])
+def test_format_1_opens_only_when_unbound_is_accepted(case: dict[str, object]) -> None:
+    keyring, binding, sealed = vector_parts(case)
+    assert sealed.format_version == crypto.UNBOUND_FORMAT_VERSION == 1
+    with pytest.raises(DecryptionFailed):
+        crypto.open(keyring, sealed, binding)
+    plaintext = bytes.fromhex(str(case["plaintext"]))
+    assert crypto.open(keyring, sealed, binding, accept_unbound=True) == plaintext
+    # Format 1 binds no destination: whatever the caller names is not checked.
+    elsewhere = dataclasses.replace(binding, destination=b"\xff" * 32)
+    assert crypto.open(keyring, sealed, elsewhere, accept_unbound=True) == plaintext
+    # Rotation keeps the format: the re-wrapped key is still format 1 and opens the same way.
+    rotated = Keyring(Kek(bytes(range(32))), older=[keyring.active])
+    rewrapped = crypto.rewrap(rotated, sealed, binding)
+    assert rewrapped.wrapped_dek[0] == rewrapped.format_version == 1
+    assert crypto.open(rotated, rewrapped, binding, accept_unbound=True) == plaintext
+
+
 @pytest.mark.parametrize("case", VECTORS, ids=lambda c: c["description"])
+def test_destination_digest_matches_vector(case: dict[str, object]) -> None:
+    """The digest is pinned: a change to it would make every stored row fail to open."""
+    where = case["destination_of"]
+    if where is None:
+        assert case["destination"] == ""
+        return
+    assert isinstance(where, dict)
+    digest = destination_digest(where["type"], where["provider"], where["config"])
+    assert digest.hex() == case["destination"]
+    # An independent computation of what broker/catalog/_destination.py documents.
+    fields = destination_fields(where["type"])
+    chosen = where["config"] if where["type"] == "custom" else {f: where["config"].get(f) for f in fields}
+    doc = {"config": chosen, "provider": where["provider"], "type": where["type"]}
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert hashlib.sha256(b"broker.destination.v1\n" + canonical.encode()).hexdigest() == case["destination"]
+
+
+@pytest.mark.parametrize("case", ALL_VECTORS, ids=lambda c: f"v{c['ciphertext'][:2]} {c['description']}")
 def test_vector_opens_with_plain_aes_gcm(case: dict[str, object]) -> None:
     """The layout is what the docstring says: another implementation can open it."""
     kek = bytes.fromhex(str(case["kek"]))
     wrapped = bytes.fromhex(str(case["wrapped_dek"]))
     ciphertext = bytes.fromhex(str(case["ciphertext"]))
-    assert wrapped[0] == ciphertext[0] == 1
+    assert wrapped[0] == ciphertext[0] in (1, 2)
     dek = AESGCM(kek).decrypt(wrapped[1:13], wrapped[13:], bytes.fromhex(str(case["dek_aad"])))
     plain = AESGCM(dek).decrypt(ciphertext[1:13], ciphertext[13:], bytes.fromhex(str(case["secret_aad"])))
     assert plain == bytes.fromhex(str(case["plaintext"]))
@@ -74,7 +119,7 @@ def keyring() -> Keyring:
     return Keyring(Kek(bytes(range(32))))
 
 
-BINDING = Binding("default", "conn_a", 1)
+BINDING = Binding("default", "conn_a", 1, hashlib.sha256(b"where").digest())
 
 
 def test_round_trip_uses_fresh_data_key_each_time(keyring: Keyring) -> None:
@@ -112,13 +157,22 @@ def test_truncated_blobs_fail(keyring: Keyring) -> None:
         Binding("other-tenant", "conn_a", 1),
         Binding("default", "conn_b", 1),
         Binding("default", "conn_a", 2),
+        Binding("default", "conn_a", 1, hashlib.sha256(b"elsewhere").digest()),
     ],
-    ids=["tenant", "connection", "secret_version"],
+    ids=["tenant", "connection", "secret_version", "destination"],
 )
 def test_bound_to_its_row(keyring: Keyring, other: Binding) -> None:
     sealed = crypto.seal(keyring, b"secret", BINDING)
     with pytest.raises(DecryptionFailed):
         crypto.open(keyring, sealed, other)
+
+
+def test_relabelling_as_format_1_does_not_drop_the_destination(keyring: Keyring) -> None:
+    """A downgrade: both version bytes set to 1 (no destination bound) must not open, even unbound."""
+    sealed = crypto.seal(keyring, b"secret", BINDING)
+    relabelled = Sealed(b"\x01" + sealed.ciphertext[1:], b"\x01" + sealed.wrapped_dek[1:], sealed.kek_id)
+    with pytest.raises(DecryptionFailed):
+        crypto.open(keyring, relabelled, BINDING, accept_unbound=True)
 
 
 def test_swapped_ciphertexts_between_rows_fail(keyring: Keyring) -> None:

@@ -42,7 +42,11 @@ def test_rewrap_matches_an_independent_computation_and_keeps_the_ciphertext() ->
     # The same DEK (drawn first by seal, seed 7) wrapped under K2 with the nonce drawn by rewrap.
     dek = bytes((7 + i) % 256 for i in range(32))
     nonce = bytes((100 + i) % 256 for i in range(12))
-    expected = b"\x01" + nonce + AESGCM(bytes(range(32, 64))).encrypt(nonce, dek, dek_aad(K2.id, BINDING))
+    expected = (
+        bytes([crypto.FORMAT_VERSION])
+        + nonce
+        + AESGCM(bytes(range(32, 64))).encrypt(nonce, dek, dek_aad(K2.id, BINDING))
+    )
     assert rewrapped.wrapped_dek == expected
     assert crypto.open(ring, rewrapped, BINDING) == b"s3cret"
     # Without the old key the rewrapped blob still opens; the original does not.

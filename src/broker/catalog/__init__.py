@@ -1,9 +1,11 @@
 """Connection types as data: their fields, which are secret, defaults, and validation.
 
 One registry (`list_types`, `get_type`) and one validator (`validate`), which is the only
-place a connection's content is checked. No I/O, no grpc.
+place a connection's content is checked; `destination_digest` says where a connection's
+secrets are sent. No I/O, no grpc.
 """
 
+from broker.catalog._destination import destination_digest, destination_fields
 from broker.catalog._registry import get_type, list_types
 from broker.catalog._spec import ConnectionType, FieldKind, FieldSpec, Validated
 from broker.catalog._validate import NAME as FIELD_NAME
@@ -15,6 +17,8 @@ __all__ = [
     "FieldKind",
     "FieldSpec",
     "Validated",
+    "destination_digest",
+    "destination_fields",
     "get_type",
     "list_types",
     "validate",

@@ -29,7 +29,12 @@ API_KEY = ConnectionType(
     fields=(
         secret("api_key", required=True, description="The API key."),
         secret("api_secret", description="A second secret, where the API has one."),
-        FieldSpec("base_url", FieldKind.URL, description="API base URL; required for provider custom."),
+        FieldSpec(
+            "base_url",
+            FieldKind.URL,
+            description="API base URL; required for provider custom.",
+            destination=True,
+        ),
     ),
     rules=(require("base_url", when=(is_(PROVIDER, "custom"),)),),
 )
@@ -56,16 +61,19 @@ OAUTH2 = ConnectionType(
         FieldSpec(
             "authorize_url",
             FieldKind.URL,
+            destination=True,
             description="Authorization endpoint; known for named providers, required for custom.",
         ),
         FieldSpec(
             "token_url",
             FieldKind.URL,
+            destination=True,
             description="Token endpoint; known for named providers, required for custom.",
         ),
         FieldSpec(
             "revocation_url",
             FieldKind.URL,
+            destination=True,
             description="RFC 7009 token revocation endpoint; known for named providers that have one.",
         ),
         FieldSpec(
@@ -88,6 +96,7 @@ OAUTH2 = ConnectionType(
         FieldSpec(
             "verify_url",
             FieldKind.URL,
+            destination=True,
             description="URL a connection test calls with the access token; defaults to the provider's "
             "user-info endpoint, required to test provider custom.",
         ),

@@ -29,6 +29,9 @@ def _check_type(ctype: ConnectionType) -> None:
             raise fail(f"{spec.name}: choices go with kind enum, and only with it")
         if spec.secret and (spec.kind is not FieldKind.STRING or spec.default is not None):
             raise fail(f"{spec.name}: a secret is a string without a default")
+        # A URL says where something is sent: forgetting the mark would leave it unbound.
+        if (spec.kind is FieldKind.URL and not spec.destination) or (spec.secret and spec.destination):
+            raise fail(f"{spec.name}: a URL is a destination field, a secret never is")
     derived = {d.field for d in ctype.defaults}
     conds = [c for r in ctype.rules for c in r.when] + [c for d in ctype.defaults for c in d.when]
     for cond in conds:

@@ -26,12 +26,19 @@ _LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 def _port(description: str, default: int | None = None) -> FieldSpec:
     return FieldSpec(
-        "port", FieldKind.INTEGER, default=default, description=description, check=v.integer_between(1, 65535)
+        "port",
+        FieldKind.INTEGER,
+        default=default,
+        description=description,
+        check=v.integer_between(1, 65535),
+        destination=True,
     )
 
 
 def _host(description: str, *, required: bool = False) -> FieldSpec:
-    return FieldSpec("host", FieldKind.STRING, required=required, description=description, check=v.host)
+    return FieldSpec(
+        "host", FieldKind.STRING, required=required, description=description, check=v.host, destination=True
+    )
 
 
 def _auth_type(*choices: str) -> FieldSpec:
@@ -81,6 +88,7 @@ DATABASE = ConnectionType(
             required=True,
             choices=("postgresql", "mysql", "sqlite", "mssql"),
             description="Database engine.",
+            destination=True,
         ),
         _host("Server host name or IP address; required except for sqlite."),
         _port("Server port; defaults to 5432 (postgresql), 3306 (mysql) or 1433 (mssql); not for sqlite."),
@@ -122,7 +130,9 @@ HTTP = ConnectionType(
     name="http",
     description="An HTTP API reached at a base URL, with optional authentication.",
     fields=(
-        FieldSpec("base_url", FieldKind.URL, required=True, description="Base URL, http or https."),
+        FieldSpec(
+            "base_url", FieldKind.URL, required=True, description="Base URL, http or https.", destination=True
+        ),
         _auth_type("bearer", "basic", "api_key", "oauth2"),
         secret("token", "Bearer token; required when auth_type is bearer."),
         FieldSpec("username", FieldKind.STRING, description="User name; required when auth_type is basic."),
@@ -177,7 +187,9 @@ WEBHOOK = ConnectionType(
     name="webhook",
     description="An outbound webhook: requests sent to one URL.",
     fields=(
-        FieldSpec("url", FieldKind.URL, required=True, description="Target URL, http or https."),
+        FieldSpec(
+            "url", FieldKind.URL, required=True, description="Target URL, http or https.", destination=True
+        ),
         FieldSpec(
             "method", FieldKind.ENUM, default="POST", choices=("POST", "PUT"), description="HTTP method."
         ),
@@ -197,7 +209,13 @@ MCP = ConnectionType(
     name="mcp",
     description="A Model Context Protocol tool server over HTTP.",
     fields=(
-        FieldSpec("server_url", FieldKind.URL, required=True, description="MCP endpoint URL, http or https."),
+        FieldSpec(
+            "server_url",
+            FieldKind.URL,
+            required=True,
+            description="MCP endpoint URL, http or https.",
+            destination=True,
+        ),
         FieldSpec(
             "transport",
             FieldKind.ENUM,

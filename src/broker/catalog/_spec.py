@@ -43,7 +43,9 @@ class FieldSpec:
     """One field of a connection type. Secret fields travel in `secrets`, all others in `config`.
 
     `default` of None means there is no default. `check` is a validation hook beyond the
-    kind (ranges, formats); it is not part of the API's view of the field.
+    kind (ranges, formats); it is not part of the API's view of the field. `destination`
+    marks a field that says where the secrets are sent (a URL, host, port, driver): a
+    change to it needs the secrets again, and its value is bound into their ciphertext.
     """
 
     name: str
@@ -54,6 +56,7 @@ class FieldSpec:
     choices: tuple[str, ...] = ()
     description: str = ""
     check: Check | None = field(default=None, repr=False, compare=False)
+    destination: bool = False
 
 
 def secret(name: str, description: str, *, required: bool = False, check: Check | None = None) -> FieldSpec:

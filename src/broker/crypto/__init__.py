@@ -4,11 +4,20 @@ This package imports nothing from the rest of `broker`.
 """
 
 from broker.crypto.aead import DecryptionFailed
-from broker.crypto.envelope import FORMAT_VERSION, Binding, Sealed, open, rewrap, seal
+from broker.crypto.envelope import (
+    FORMAT_VERSION,
+    UNBOUND_FORMAT_VERSION,
+    Binding,
+    Sealed,
+    open,
+    rewrap,
+    seal,
+)
 from broker.crypto.keyring import Kek, KeyError_, Keyring
 
 __all__ = [
     "FORMAT_VERSION",
+    "UNBOUND_FORMAT_VERSION",
     "Binding",
     "DecryptionFailed",
     "Kek",

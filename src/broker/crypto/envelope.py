@@ -1,12 +1,19 @@
 """Envelope encryption: a fresh data key (DEK) per seal, wrapped by the active KEK.
 
-    ciphertext  = 0x01 || AES-GCM(DEK, plaintext, aad=secret_aad(binding))
-    wrapped_dek = 0x01 || AES-GCM(KEK, DEK,       aad=dek_aad(kek_id, binding))
+    ciphertext  = v || AES-GCM(DEK, plaintext, aad=secret_aad(v, binding))
+    wrapped_dek = v || AES-GCM(KEK, DEK,       aad=dek_aad(v, kek_id, binding))
 
-Both associated data strings name the format version, tenant, connection id and
-secret version, so a ciphertext or wrapped key copied to another row fails to
-open; the wrapped DEK is also bound to the id of the KEK that wrapped it. The
-layout is pinned by the JSON vectors in tests/vectors/.
+`v` is the format version byte. Both associated data strings name it, the tenant,
+connection id and secret version, so a ciphertext or wrapped key copied to another
+row fails to open; the wrapped DEK is also bound to the id of the KEK that wrapped it.
+
+Format 2 (current) adds the binding's `destination` (a digest of where the secret
+may be sent) to the ciphertext's associated data, so a row re-pointed elsewhere
+without re-sealing fails to open. The wrapped DEK's associated data does not carry
+it, so master-key rotation re-wraps without reading any config. Format 1 (no
+destination) is opened only when the caller asks for it (`accept_unbound`): to
+migrate old rows and to read values that have no destination. The layouts are
+pinned by the JSON vectors in tests/vectors/.
 """
 
 from __future__ import annotations
@@ -19,17 +26,23 @@ from broker.crypto import aead
 from broker.crypto.aead import DecryptionFailed, Random
 from broker.crypto.keyring import KeyError_, Keyring
 
-FORMAT_VERSION = 1
-_VERSION_BYTE = bytes([FORMAT_VERSION])
+FORMAT_VERSION = 2
+UNBOUND_FORMAT_VERSION = 1  # sealed before the destination was bound
+_PREFIX = {version: bytes([version]) for version in (UNBOUND_FORMAT_VERSION, FORMAT_VERSION)}
 
 
 @dataclass(frozen=True, slots=True)
 class Binding:
-    """Where a sealed secret belongs; bound into the associated data."""
+    """Where a sealed secret belongs; bound into the associated data.
+
+    `destination` is an opaque digest of where the secret may be sent (empty for
+    values that are never sent anywhere); format 1 does not bind it.
+    """
 
     tenant: str
     connection_id: str
     secret_version: int
+    destination: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,69 +53,79 @@ class Sealed:
     wrapped_dek: bytes
     kek_id: str
 
+    @property
+    def format_version(self) -> int:
+        """The format version byte the ciphertext starts with (0 when there is none)."""
+        return self.ciphertext[0] if self.ciphertext else 0
+
 
 def _field(value: str) -> bytes:
-    raw = value.encode("utf-8")
+    return _bytes(value.encode("utf-8"))
+
+
+def _bytes(raw: bytes) -> bytes:
     return struct.pack(">I", len(raw)) + raw
 
 
-def secret_aad(binding: Binding) -> bytes:
+def _row(binding: Binding) -> bytes:
+    return _field(binding.tenant) + _field(binding.connection_id) + struct.pack(">Q", binding.secret_version)
+
+
+def secret_aad(binding: Binding, version: int = FORMAT_VERSION) -> bytes:
     """Associated data for the secret ciphertext."""
-    return (
-        b"broker.secret"
-        + _VERSION_BYTE
-        + _field(binding.tenant)
-        + _field(binding.connection_id)
-        + struct.pack(">Q", binding.secret_version)
-    )
+    if version == UNBOUND_FORMAT_VERSION:
+        return b"broker.secret\x01" + _row(binding)
+    return b"broker.secret" + _PREFIX[version] + _row(binding) + _bytes(binding.destination)
 
 
-def dek_aad(kek_id: str, binding: Binding) -> bytes:
+def dek_aad(kek_id: str, binding: Binding, version: int = FORMAT_VERSION) -> bytes:
     """Associated data for the wrapped data key."""
-    return (
-        b"broker.dek"
-        + _VERSION_BYTE
-        + _field(kek_id)
-        + _field(binding.tenant)
-        + _field(binding.connection_id)
-        + struct.pack(">Q", binding.secret_version)
-    )
+    return b"broker.dek" + _PREFIX[version] + _field(kek_id) + _row(binding)
 
 
 def seal(keyring: Keyring, plaintext: bytes, binding: Binding, random: Random = os.urandom) -> Sealed:
     """Encrypt `plaintext` under a fresh DEK and wrap the DEK under the active KEK."""
     kek = keyring.active
     dek = random(aead.KEY_SIZE)
-    ciphertext = _VERSION_BYTE + aead.encrypt(dek, plaintext, secret_aad(binding), random)
-    wrapped = _VERSION_BYTE + aead.encrypt(kek._key, dek, dek_aad(kek.id, binding), random)
+    prefix = _PREFIX[FORMAT_VERSION]
+    ciphertext = prefix + aead.encrypt(dek, plaintext, secret_aad(binding), random)
+    wrapped = prefix + aead.encrypt(kek._key, dek, dek_aad(kek.id, binding), random)
     keyring.count_wrap(kek.id)
     return Sealed(ciphertext=ciphertext, wrapped_dek=wrapped, kek_id=kek.id)
 
 
-def _unwrap(keyring: Keyring, sealed: Sealed, binding: Binding) -> bytes:
+def _unwrap(keyring: Keyring, sealed: Sealed, binding: Binding) -> tuple[int, bytes]:
+    """(format version, DEK)."""
+    version = sealed.ciphertext[0] if sealed.ciphertext else 0
+    if version not in _PREFIX or sealed.wrapped_dek[:1] != _PREFIX[version]:
+        raise DecryptionFailed()
     try:
         kek = keyring.get(sealed.kek_id)
     except KeyError_:
         raise DecryptionFailed() from None
-    if sealed.wrapped_dek[:1] != _VERSION_BYTE or sealed.ciphertext[:1] != _VERSION_BYTE:
+    return version, aead.decrypt(kek._key, sealed.wrapped_dek[1:], dek_aad(kek.id, binding, version))
+
+
+def open(keyring: Keyring, sealed: Sealed, binding: Binding, *, accept_unbound: bool = False) -> bytes:
+    """Unwrap the DEK and open the ciphertext; any mismatch raises `DecryptionFailed`.
+
+    Format 1 (destination not bound) opens only with `accept_unbound`.
+    """
+    version, dek = _unwrap(keyring, sealed, binding)
+    if version == UNBOUND_FORMAT_VERSION and not accept_unbound:
         raise DecryptionFailed()
-    return aead.decrypt(kek._key, sealed.wrapped_dek[1:], dek_aad(kek.id, binding))
-
-
-def open(keyring: Keyring, sealed: Sealed, binding: Binding) -> bytes:
-    """Unwrap the DEK and open the ciphertext; any mismatch raises `DecryptionFailed`."""
-    dek = _unwrap(keyring, sealed, binding)
-    return aead.decrypt(dek, sealed.ciphertext[1:], secret_aad(binding))
+    return aead.decrypt(dek, sealed.ciphertext[1:], secret_aad(binding, version))
 
 
 def rewrap(keyring: Keyring, sealed: Sealed, binding: Binding, random: Random = os.urandom) -> Sealed:
     """Wrap the same DEK under the active KEK: the ciphertext bytes are kept as they are.
 
-    The data is never decrypted. The DEK must unwrap under its recorded KEK with this
-    binding (else `DecryptionFailed`); the new wrapped DEK carries the same binding.
+    The data is never decrypted and the format version is kept. The DEK must unwrap
+    under its recorded KEK with this binding (else `DecryptionFailed`); the new
+    wrapped DEK carries the same binding.
     """
-    dek = _unwrap(keyring, sealed, binding)
+    version, dek = _unwrap(keyring, sealed, binding)
     kek = keyring.active
-    wrapped = _VERSION_BYTE + aead.encrypt(kek._key, dek, dek_aad(kek.id, binding), random)
+    wrapped = _PREFIX[version] + aead.encrypt(kek._key, dek, dek_aad(kek.id, binding, version), random)
     keyring.count_wrap(kek.id)
     return Sealed(ciphertext=sealed.ciphertext, wrapped_dek=wrapped, kek_id=kek.id)

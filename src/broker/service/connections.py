@@ -28,12 +28,13 @@ from broker.model import (
 )
 from broker.sensitive import SecretFields
 from broker.service import paging
+from broker.service.audit import AuditLog
 from broker.service.cache import ResolveCache
 from broker.service.context import Call
 from broker.service.inputs import require_printable
 from broker.service.lookup import existing_connection
 from broker.service.oauth import DraftAuthorization, token_config, token_secrets
-from broker.service.sealing import open_secrets, seal
+from broker.service.sealing import open_secrets, open_secrets_audited, seal
 from broker.service.testing import TestingService
 from broker.store import Store
 from broker.testers import Target
@@ -145,12 +146,6 @@ def _validate(
     return validated
 
 
-def _destination_fields(type_name: str) -> list[str]:
-    """Config fields that say where a connection's secrets are sent: URLs, host and port."""
-    spec = catalog.get_type(type_name)
-    return [f.name for f in spec.fields if f.kind is catalog.FieldKind.URL or f.name in ("host", "port")]
-
-
 def _check_secrets_follow_destination(
     current: ConnectionRecord, new_config: Mapping[str, Any], given: SecretFields
 ) -> None:
@@ -159,7 +154,9 @@ def _check_secrets_follow_destination(
     Otherwise an admin who may edit but never read a secret could aim the
     connection at a server they control and test it, sending the stored secret there.
     """
-    moved = [f for f in _destination_fields(current.type) if new_config.get(f) != current.config.get(f)]
+    moved = [
+        f for f in catalog.destination_fields(current.type) if new_config.get(f) != current.config.get(f)
+    ]
     missing = sorted(set(current.secret_fields) - set(given.names))
     if moved and missing:
         raise InvalidArgument(
@@ -184,7 +181,9 @@ class ConnectionService:
         clock: Clock = utc_now,
         tests: TestingService | None = None,
         revoke_upstream: Callable[[ConnectionRecord], Awaitable[str]] | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
+        self._audit = audit
         self._revoke_upstream = revoke_upstream
         self._store = store
         self._keyring = keyring
@@ -206,6 +205,13 @@ class ConnectionService:
     def _event(self, call: Call, action: str, connection_id: str, **details: str) -> AuditEvent:
         return call.audit_event(self._clock(), action, connection_id, details=details)
 
+    async def _open_secrets(self, call: Call, record: ConnectionRecord, action: str) -> SecretFields:
+        """The record's secrets; a failure to open is audited (when this service audits) and raised."""
+        if self._audit is None:
+            return open_secrets(self._keyring, record)
+        event = self._event(call, action, record.id)
+        return await open_secrets_audited(self._keyring, record, self._audit, event)
+
     async def create(self, call: Call, new: NewConnection) -> ConnectionRecord:
         """Validate, seal and store a new connection; the reply is its redacted record."""
         validated = _validate(new.name, new.type, new.provider, new.config, new.secrets, new.labels)
@@ -225,11 +231,12 @@ class ConnectionService:
             status=ConnectionStatus.ACTIVE,
             version=1,
             secret_version=1,
-            sealed=seal(self._keyring, secrets, call.tenant, connection_id, 1),
+            sealed=None,
             created_at=now,
             updated_at=now,
             created_by=call.actor,
         )
+        record = replace(record, sealed=seal(self._keyring, secrets, record))
         details = {"type": record.type, "secret_fields": ",".join(secrets.names)}
         if tested is not None:
             record = replace(
@@ -291,7 +298,7 @@ class ConnectionService:
         if len(patch.clear_secrets) > MAX_SECRET_FIELDS:
             raise InvalidArgument.field("clear_secrets", f"at most {MAX_SECRET_FIELDS} names")
         secrets_changed = bool(patch.secrets.names or patch.clear_secrets)
-        old_secrets = open_secrets(self._keyring, current).reveal()
+        old_secrets = (await self._open_secrets(call, current, "connection.update")).reveal()
         merged = {k: v for k, v in old_secrets.items() if k not in patch.clear_secrets}
         merged.update(patch.secrets.reveal())
         name = current.name if patch.name is None else patch.name
@@ -301,23 +308,19 @@ class ConnectionService:
         tested = await self._test_before_save(call, validated) if patch.test_before_save else None
 
         secrets = SecretFields(validated.secrets)
-        secret_version = current.secret_version + 1 if secrets_changed else current.secret_version
-        sealed = (
-            seal(self._keyring, secrets, call.tenant, current.id, secret_version)
-            if secrets_changed
-            else current.sealed
-        )
         record = replace(
             current,
             name=name,
             config=validated.config,
             labels=dict(labels),
             secret_fields=secrets.names,
-            secret_version=secret_version,
-            sealed=sealed,
             version=current.version + 1,
             updated_at=self._clock(),
         )
+        # The destination is bound into the ciphertext: moving it re-seals, secrets changed or not.
+        if secrets_changed or record.destination != current.destination:
+            record = replace(record, secret_version=current.secret_version + 1)
+            record = replace(record, sealed=seal(self._keyring, secrets, record))
         changed = [
             f
             for f, differs in (

@@ -29,7 +29,7 @@ from broker.service.audit import AuditLog
 from broker.service.context import Call
 from broker.service.keycheck import canary_kek_id, rewrap_canary
 from broker.service.oauth import _state_binding
-from broker.service.sealing import binding as connection_binding
+from broker.service.sealing import row_binding
 from broker.store import Store
 from broker.store.base import WrappedDek
 
@@ -41,9 +41,9 @@ MAX_BATCH = 10_000
 
 
 def dek_binding(dek: WrappedDek) -> Binding:
-    """The binding a stored data key was wrapped with."""
+    """The binding a stored data key was wrapped with (the destination is not part of it)."""
     if dek.kind == "connection":
-        return connection_binding(dek.tenant, dek.key, dek.secret_version)
+        return row_binding(dek.tenant, dek.key, dek.secret_version)
     return _state_binding(dek.tenant, dek.key)
 
 

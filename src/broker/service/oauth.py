@@ -31,7 +31,7 @@ import structlog
 from broker import catalog, crypto, metrics, oauth
 from broker.crypto import Binding, DecryptionFailed, Keyring
 from broker.egress import Blocked, DnsFailure, EgressPolicy
-from broker.errors import Aborted, FailedPrecondition, InvalidArgument, Unavailable
+from broker.errors import Aborted, FailedPrecondition, InvalidArgument, SecretUnavailable, Unavailable
 from broker.model import AuditEvent, ConnectionRecord, ConnectionStatus, Outcome, PendingAuthorization
 from broker.sensitive import SecretFields
 from broker.service.audit import AuditLog
@@ -39,7 +39,7 @@ from broker.service.cache import ResolveCache
 from broker.service.context import Call
 from broker.service.fingerprint import fingerprint
 from broker.service.lookup import live_connection
-from broker.service.sealing import open_secrets, seal
+from broker.service.sealing import DECRYPT_FAILED, open_secrets, open_secrets_audited, seal
 from broker.store import Store
 
 log = structlog.get_logger("broker.oauth")
@@ -172,7 +172,8 @@ class OAuthService:
             if record.type != "oauth2":
                 raise FailedPrecondition(f"connection {record.id} is not an oauth2 connection")
             provider_name, config = record.provider, record.config
-            secrets = open_secrets(self._keyring, record).reveal()
+            event = call.audit_event(self._clock(), "oauth.begin", record.id)
+            secrets = (await open_secrets_audited(self._keyring, record, self._audit, event)).reveal()
         provider = oauth.provider_for(provider_name, config)
         state = oauth.new_state()
         verifier, challenge = oauth.new_pkce()
@@ -216,8 +217,14 @@ class OAuthService:
             await self._audit.append(call.audit_event(now, "oauth.complete", "", Outcome.FAILED, reason))
             raise InvalidArgument.field("state", _STATE_ERROR)
         try:
+            # A flow begun before the destination binding (format 1) still completes.
             payload = json.loads(
-                crypto.open(self._keyring, pending.sealed, _state_binding(call.tenant, pending.state_hash))
+                crypto.open(
+                    self._keyring,
+                    pending.sealed,
+                    _state_binding(call.tenant, pending.state_hash),
+                    accept_unbound=True,
+                )
             )
         except DecryptionFailed:
             raise InvalidArgument.field("state", _STATE_ERROR) from None
@@ -228,7 +235,8 @@ class OAuthService:
         else:
             record = await live_connection(self._store, call.tenant, pending.connection_id, field="state")
             provider_name, config = record.provider, record.config
-            secrets = open_secrets(self._keyring, record).reveal()
+            event = call.audit_event(now, "oauth.complete", record.id)
+            secrets = (await open_secrets_audited(self._keyring, record, self._audit, event)).reveal()
         provider = oauth.provider_for(provider_name, config)
         try:
             tokens = await oauth.exchange_code(
@@ -320,7 +328,8 @@ class OAuthService:
         record = await self._store.get_connection(tenant, connection_id)
         if record is None or not record.live or record.presented_status is not ConnectionStatus.ACTIVE:
             raise FailedPrecondition(f"connection {connection_id} cannot be refreshed in its current state")
-        secrets = open_secrets(self._keyring, record).reveal()
+        event = self._system_event(record, "oauth.refresh", Outcome.FAILED)
+        secrets = (await open_secrets_audited(self._keyring, record, self._audit, event)).reveal()
         if not self._needs_token(record, secrets):
             return record  # another refresh (here or in another process) got there first
         provider = oauth.provider_for(record.provider, record.config)
@@ -423,17 +432,16 @@ class OAuthService:
         for _ in range(3):
             now = self._clock()
             secrets = SecretFields(token_secrets(old_secrets, tokens))
-            secret_version = record.secret_version + 1
             updated = replace(
                 record,
                 config=token_config(record.config, tokens),
                 secret_fields=secrets.names,
-                secret_version=secret_version,
-                sealed=seal(self._keyring, secrets, record.tenant, record.id, secret_version),
+                secret_version=record.secret_version + 1,
                 version=record.version + 1,
                 updated_at=now,
                 reauth_required_at=None,
             )
+            updated = replace(updated, sealed=seal(self._keyring, secrets, updated))
             details = {
                 "expiry_source": tokens.expiry_source,
                 "rotated": str(bool(tokens.refresh_token)).lower(),
@@ -498,7 +506,11 @@ class OAuthService:
         """Ask the provider to revoke the connection's tokens; returns the outcome for the audit record."""
         if record.type != "oauth2" or record.sealed is None:
             return ""
-        secrets = open_secrets(self._keyring, record).reveal()
+        try:
+            secrets = open_secrets(self._keyring, record).reveal()
+        except SecretUnavailable:
+            # Nothing is sent anywhere; the outcome lands in the revoke's audit event.
+            return f"failed: {DECRYPT_FAILED}"
         token, hint = secrets.get("refresh_token"), "refresh_token"
         if not token:
             token, hint = secrets.get("access_token"), "access_token"

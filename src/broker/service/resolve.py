@@ -34,7 +34,7 @@ from broker.service.context import Call
 from broker.service.fingerprint import Fingerprinter
 from broker.service.monitor import Monitor
 from broker.service.oauth import OAuthService
-from broker.service.sealing import open_secrets
+from broker.service.sealing import DECRYPT_FAILED, open_secrets
 from broker.store import Store
 
 log = structlog.get_logger("broker.resolve")
@@ -123,27 +123,15 @@ class Resolver:
         assert record is not None
         try:
             secrets = open_secrets(self._keyring, record)
+            if record.type == "oauth2" and self._oauth is not None:
+                # A refresh re-reads the row: it too may fail to open.
+                record, secrets = await self._oauth_fresh(call, now, ref_id, details, record, secrets)
         except SecretUnavailable:
-            metrics.RESOLVES.labels("failed", "decrypt_failed").inc()
+            metrics.RESOLVES.labels("failed", DECRYPT_FAILED).inc()
             await self._audit.append(
-                call.audit_event(now, RESOLVE, ref_id, Outcome.FAILED, "decrypt_failed", details)
+                call.audit_event(now, RESOLVE, ref_id, Outcome.FAILED, DECRYPT_FAILED, details)
             )
             raise
-        if record.type == "oauth2" and self._oauth is not None:
-            try:
-                record, secrets = await self._oauth.fresh(record, secrets)
-            except FailedPrecondition:
-                metrics.RESOLVES.labels("denied", "reauthorization_required").inc()
-                event = call.audit_event(
-                    now, RESOLVE, ref_id, Outcome.DENIED, "reauthorization_required", details
-                )
-                await self._audit.append(event)
-                raise
-            except Unavailable:
-                metrics.RESOLVES.labels("failed", "token_unavailable").inc()
-                event = call.audit_event(now, RESOLVE, ref_id, Outcome.FAILED, "token_unavailable", details)
-                await self._audit.append(event)
-                raise
         # Which values went out, without the values: after a leak, `broker audit fingerprint
         # --search` finds every executor that received the leaked one.
         details.update(self._fingerprints.released(secrets))
@@ -167,6 +155,32 @@ class Resolver:
         return Released(
             record, secrets, expires_at=expires_at, cache_ttl_seconds=ttl, superseded_at=superseded_at
         )
+
+    async def _oauth_fresh(
+        self,
+        call: Call,
+        now: datetime,
+        ref_id: str,
+        details: dict[str, str],
+        record: ConnectionRecord,
+        secrets: SecretFields,
+    ) -> tuple[ConnectionRecord, SecretFields]:
+        """The record and secrets with a fresh token; a refusal or outage is audited and raised."""
+        assert self._oauth is not None
+        try:
+            return await self._oauth.fresh(record, secrets)
+        except FailedPrecondition:
+            metrics.RESOLVES.labels("denied", "reauthorization_required").inc()
+            event = call.audit_event(
+                now, RESOLVE, ref_id, Outcome.DENIED, "reauthorization_required", details
+            )
+            await self._audit.append(event)
+            raise
+        except Unavailable:
+            metrics.RESOLVES.labels("failed", "token_unavailable").inc()
+            event = call.audit_event(now, RESOLVE, ref_id, Outcome.FAILED, "token_unavailable", details)
+            await self._audit.append(event)
+            raise
 
     async def _lookup(self, tenant: str, connection_id: str, name: str) -> ConnectionRecord | None:
         cache = self._cache

@@ -24,7 +24,7 @@ from broker.service.audit import AuditLog
 from broker.service.context import Call
 from broker.service.lookup import existing_connection, live_connection
 from broker.service.monitor import Monitor
-from broker.service.sealing import open_secrets
+from broker.service.sealing import open_secrets_audited
 from broker.store import Store
 from broker.testers import Discover, Target, run_discovery, run_test
 
@@ -83,9 +83,13 @@ class TestingService:
             and self._clock() - record.last_tested_at > self._stale_after
         )
 
-    async def _stored_target(self, call: Call, connection_id: str) -> tuple[ConnectionRecord, Target]:
+    async def _stored_target(
+        self, call: Call, connection_id: str, action: str
+    ) -> tuple[ConnectionRecord, Target]:
+        """The stored connection and what to test; a secret that does not open is audited as `action`."""
         record = await live_connection(self._store, call.tenant, connection_id)
-        secrets = open_secrets(self._keyring, record)
+        event = call.audit_event(self._clock(), action, record.id)
+        secrets = await open_secrets_audited(self._keyring, record, self._audit, event)
         return record, Target(record.type, record.provider, record.config, secrets)
 
     async def _run(self, call: Call, target: Target) -> TestResult:
@@ -95,7 +99,7 @@ class TestingService:
 
     async def test_stored(self, call: Call, connection_id: str) -> TestResult:
         """Test a stored connection and keep the result on it."""
-        record, target = await self._stored_target(call, connection_id)
+        record, target = await self._stored_target(call, connection_id, "connection.test")
         result = await self._run(call, target)
         event = call.audit_event(
             self._clock(),
@@ -150,12 +154,12 @@ class TestingService:
         return result, tools
 
     async def discover_stored(self, call: Call, connection_id: str) -> tuple[TestResult, list[McpTool]]:
-        _, target = await self._stored_target(call, connection_id)
+        _, target = await self._stored_target(call, connection_id, "mcp.discover")
         return await self.discover(call, target, connection_id)
 
     async def refresh_tools(self, call: Call, connection_id: str) -> ToolChanges:
         """Discover, store, and report added, removed and changed tools; a change is audited."""
-        record, target = await self._stored_target(call, connection_id)
+        record, target = await self._stored_target(call, connection_id, "mcp.refresh")
         result, tools = await self._discover_tools(call, target)
         before, _ = await self._store.list_mcp_tools(call.tenant, record.id)
         if not result.success:

@@ -128,14 +128,25 @@ def connection_params(record: ConnectionRecord) -> tuple[Any, ...]:
     )
 
 
+def _blob(value: Any) -> bytes:
+    # A sealed column written with another SQL type behind the broker's back (TEXT,
+    # INTEGER) reads as no bytes, which never opens: the caller sees decrypt_failed,
+    # not a TypeError (nor `bytes(<huge int>)` allocating that many zero bytes).
+    return bytes(value) if isinstance(value, bytes | bytearray | memoryview) else b""
+
+
+def sealed_from_row(row: Row) -> Sealed:
+    """The sealed columns (ciphertext, wrapped_dek, kek_id) of a row, whatever SQL types they hold."""
+    kek_id = row["kek_id"]
+    return Sealed(
+        _blob(row["ciphertext"]), _blob(row["wrapped_dek"]), kek_id if isinstance(kek_id, str) else ""
+    )
+
+
 def connection_from_row(row: Row) -> ConnectionRecord:
-    sealed = None
-    if row["wrapped_dek"] is not None:
-        sealed = Sealed(
-            ciphertext=bytes(row["ciphertext"]),
-            wrapped_dek=bytes(row["wrapped_dek"]),
-            kek_id=row["kek_id"],
-        )
+    # A purge clears all three sealed columns; NULL in only some of them is tampering.
+    purged = all(row[c] is None for c in ("ciphertext", "wrapped_dek", "kek_id"))
+    sealed = None if purged else sealed_from_row(row)
     return ConnectionRecord(
         id=row["id"],
         tenant=row["tenant"],
@@ -309,7 +320,7 @@ def oauth_state_from_row(row: Row) -> PendingAuthorization:
         connection_id=row["connection_id"],
         created_at=from_micros(row["created_at"]),
         expires_at=from_micros(row["expires_at"]),
-        sealed=Sealed(bytes(row["ciphertext"]), bytes(row["wrapped_dek"]), row["kek_id"]),
+        sealed=sealed_from_row(row),
     )
 
 

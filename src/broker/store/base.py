@@ -292,7 +292,7 @@ class Store(Protocol):
     async def list_deks_not_under(
         self, kek_id: str, limit: int, after: tuple[str, str, str] | None = None
     ) -> list[WrappedDek]:
-        """Up to `limit` stored data keys wrapped by a key other than `kek_id`.
+        """Up to `limit` stored data keys wrapped by a key other than `kek_id` ("" for every key).
 
         Ordered by (kind, tenant, key); only those after `after` when given.
         """

@@ -74,7 +74,7 @@ class Keys(SqliteBase):
                 tenant=row["tenant"],
                 key=row["key"],
                 secret_version=int(row["secret_version"]),
-                sealed=Sealed(bytes(row["ciphertext"]), bytes(row["wrapped_dek"]), row["kek_id"]),
+                sealed=codec.sealed_from_row(row),
             )
             for row in rows
         ]

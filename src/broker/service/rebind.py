@@ -1,0 +1,85 @@
+"""Re-seal connections sealed before their destination was bound (format 1) as format 2.
+
+Runs at every start, before the listeners open, so no request ever reads a row of
+format 1: outside this pass such a row does not open (`open_secrets` refuses it).
+Each row found is opened (format 1 binds no destination), sealed again under a fresh
+data key bound to the destination it holds now, with the same secret version (the
+value did not change), and written with a compare-and-swap on its version and an
+audit event; two replicas starting together each skip what the other did. A row
+that does not open stays as it is and keeps failing closed as decrypt_failed.
+
+The pass pages through the stored data keys (`Store.list_deks_not_under` with no
+key excluded) and reads nothing else once every row has format 2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+import structlog
+
+from broker.crypto import UNBOUND_FORMAT_VERSION, Keyring
+from broker.errors import Aborted, NotFound, SecretUnavailable
+from broker.model import AuditEvent, Outcome
+from broker.service.sealing import open_secrets, seal
+from broker.store import Store
+
+log = structlog.get_logger("broker.rebind")
+
+SYSTEM_ACTOR = "broker:rebind"
+ACTION = "connection.rebind"
+
+
+@dataclass
+class RebindReport:
+    """What one pass did."""
+
+    rebound: int = 0
+    skipped: int = 0  # changed meanwhile (another replica re-sealed it, an update, a purge)
+    failed: list[str] = field(default_factory=list)  # "tenant id" of rows that did not open
+
+
+async def rebind_unbound(
+    store: Store, keyring: Keyring, clock: Callable[[], datetime], *, batch: int = 500
+) -> RebindReport:
+    """Re-seal every connection of format 1 so its ciphertext binds its destination."""
+    report = RebindReport()
+    after: tuple[str, str, str] | None = None
+    while rows := await store.list_deks_not_under("", batch, after):
+        after = (rows[-1].kind, rows[-1].tenant, rows[-1].key)
+        for dek in rows:
+            if dek.kind != "connection" or dek.sealed.format_version != UNBOUND_FORMAT_VERSION:
+                continue
+            record = await store.get_connection(dek.tenant, dek.key)
+            if record is None or record.sealed != dek.sealed:
+                report.skipped += 1
+                continue
+            try:
+                secrets = open_secrets(keyring, record, accept_unbound=True)
+            except SecretUnavailable:
+                report.failed.append(f"{record.tenant} {record.id}")
+                log.warning("rebind_failed", tenant=record.tenant, connection_id=record.id)
+                continue
+            # The etag moves (caches and other replicas must see the new row); updated_at
+            # stays: nothing an admin set has changed.
+            updated = replace(record, version=record.version + 1)
+            updated = replace(updated, sealed=seal(keyring, secrets, updated))
+            event = AuditEvent(
+                time=clock(),
+                tenant=record.tenant,
+                actor=SYSTEM_ACTOR,
+                action=ACTION,
+                outcome=Outcome.SUCCEEDED,
+                connection_id=record.id,
+                details={"format": "2"},
+            )
+            try:
+                await store.replace_connection(updated, record.version, event)
+                report.rebound += 1
+            except (Aborted, NotFound):
+                report.skipped += 1
+    if report.rebound or report.failed:
+        log.info("rebind_done", rebound=report.rebound, skipped=report.skipped, failed=len(report.failed))
+    return report

@@ -1,0 +1,412 @@
+"""A connection's destination is bound into its ciphertext (issue 12, item 7; item 4's sealed-column types).
+
+Someone with write access to the database but not the master key re-points a sealed
+row at their own listener: every path that would open the secret fails closed as
+decrypt_failed (DATA_LOSS, audited) and nothing ever connects to the new destination.
+Legitimate changes (updates, token refresh, rotation) keep working, and rows sealed
+before the binding (format 1) are re-sealed at start.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import socket
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from broker._proto import broker_pb2 as pb
+from broker.crypto import Binding, Kek
+from broker.crypto.envelope import dek_aad, secret_aad
+from broker.egress import EgressSettings
+from tests.conftest import Running
+from tests.helpers import EXECUTOR, rpc_error, struct
+from tests.httpservers import Answer, serve
+from tests.postgres_db import fresh_database
+
+TOKEN = "tok-canary-7f3a9d"  # the secret that must never reach the attacker's listener
+
+
+@dataclass
+class RecordingListener:
+    """A loopback TCP listener that counts every connection made to it (and answers none)."""
+
+    port: int
+    accepted: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@contextlib.contextmanager
+def recording_listener() -> Iterator[RecordingListener]:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        server.settimeout(0.05)
+        found = RecordingListener(server.getsockname()[1])
+        stop = threading.Event()
+
+        def accept() -> None:
+            while not stop.is_set():
+                try:
+                    conn, peer = server.accept()
+                except TimeoutError:
+                    continue
+                found.accepted.append(f"{peer[0]}:{peer[1]}")
+                conn.close()
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        try:
+            yield found
+        finally:
+            stop.set()
+            thread.join(5)
+
+
+@pytest.fixture
+def attacker() -> Iterator[RecordingListener]:
+    with recording_listener() as listener:
+        yield listener
+
+
+@pytest.fixture
+def upstream() -> Iterator[str]:
+    """The legitimate server: answers 200 to everything."""
+    with serve(lambda seen: Answer.json({"ok": True})) as server:
+        yield server.url
+
+
+@pytest.fixture
+def start(make_broker: Callable[..., Any]) -> Callable[..., Any]:
+    """Start (or restart, on the same database and master key) a broker that may reach loopback."""
+
+    async def go(**overrides: Any) -> Running:
+        running: Running = await make_broker(egress=EgressSettings(allow_loopback=True), **overrides)
+        return running
+
+    return go
+
+
+async def stop(running: Running) -> None:
+    await running.close()
+    await running.broker.stop(grace=0)
+
+
+def http_request(name: str, base_url: str) -> pb.CreateConnectionRequest:
+    return pb.CreateConnectionRequest(
+        name=name,
+        type="http",
+        config=struct({"base_url": base_url, "auth_type": "bearer"}),
+        secrets={"token": TOKEN},
+    )
+
+
+def mcp_request(name: str, server_url: str) -> pb.CreateConnectionRequest:
+    return pb.CreateConnectionRequest(
+        name=name,
+        type="mcp",
+        config=struct({"server_url": server_url, "auth_type": "bearer"}),
+        secrets={"token": TOKEN},
+    )
+
+
+def oauth_request(name: str, token_url: str) -> pb.CreateConnectionRequest:
+    """An oauth2 connection whose access token has expired: the next Resolve refreshes it."""
+    return pb.CreateConnectionRequest(
+        name=name,
+        type="oauth2",
+        provider="custom",
+        config=struct(
+            {
+                "client_id": "client-1",
+                "token_url": token_url,
+                "authorize_url": token_url.replace("/token", "/authorize"),
+                "expires_at": "2020-01-01T00:00:00+00:00",
+            }
+        ),
+        secrets={"client_secret": TOKEN, "access_token": "old-access", "refresh_token": TOKEN + "-refresh"},
+    )
+
+
+async def create_and_grant(running: Running, request: pb.CreateConnectionRequest) -> pb.Connection:
+    admin = running.admin()
+    created = await admin.CreateConnection(request)
+    await admin.GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
+    return created
+
+
+async def failed_events(running: Running, connection_id: str) -> set[tuple[str, str]]:
+    """(action, reason) of every failed audit event of the connection."""
+    events = await running.admin().ListAuditEvents(pb.ListAuditEventsRequest(connection_id=connection_id))
+    return {(e.action, e.reason) for e in events.events if e.outcome == "failed"}
+
+
+def repoint_sqlite(path: Path, connection_id: str, key: str, url: str) -> None:
+    db = sqlite3.connect(path)
+    with db:
+        db.execute(
+            "UPDATE connections SET config = json_set(config, ?, ?) WHERE id = ?",
+            (f"$.{key}", url, connection_id),
+        )
+    db.close()
+
+
+async def expect_decrypt_failed(call: Any) -> None:
+    error = await rpc_error(call)
+    assert error.code() == grpc.StatusCode.DATA_LOSS, error
+    assert TOKEN not in str(error.details()) + str(error.trailing_metadata())
+
+
+async def assert_every_path_fails_closed(
+    running: Running,
+    http: pb.Connection,
+    mcp: pb.Connection,
+    oauth: pb.Connection,
+    attacker: RecordingListener,
+) -> None:
+    admin, resolver = running.admin(), running.resolver()
+    await expect_decrypt_failed(resolver.Resolve(pb.ResolveRequest(connection_id=http.id)))
+    await expect_decrypt_failed(resolver.Resolve(pb.ResolveRequest(connection_id=oauth.id)))
+    await expect_decrypt_failed(admin.TestConnection(pb.TestConnectionRequest(id=http.id)))
+    await expect_decrypt_failed(admin.DiscoverMcpTools(pb.DiscoverMcpToolsRequest(id=mcp.id)))
+    await expect_decrypt_failed(admin.RefreshMcpTools(pb.RefreshMcpToolsRequest(id=mcp.id)))
+    # The background refresher reads the row itself: it too sends nothing.
+    await running.broker.oauth.refresh_due()
+
+    assert attacker.accepted == []
+    assert await failed_events(running, http.id) == {
+        ("connection.resolve", "decrypt_failed"),
+        ("connection.test", "decrypt_failed"),
+    }
+    assert await failed_events(running, mcp.id) == {
+        ("mcp.discover", "decrypt_failed"),
+        ("mcp.refresh", "decrypt_failed"),
+    }
+    assert await failed_events(running, oauth.id) == {
+        ("connection.resolve", "decrypt_failed"),
+        ("oauth.refresh", "decrypt_failed"),
+    }
+    assert TOKEN not in running.logs.getvalue()
+
+
+async def test_a_row_re_pointed_in_sqlite_fails_closed_and_nothing_reaches_the_new_destination(
+    start: Callable[..., Any], upstream: str, attacker: RecordingListener
+) -> None:
+    running: Running = await start()
+    http = await create_and_grant(running, http_request("api", upstream))
+    mcp = await create_and_grant(running, mcp_request("tools", upstream + "/mcp"))
+    oauth = await create_and_grant(running, oauth_request("calendar", upstream + "/token"))
+    assert (await running.resolver().Resolve(pb.ResolveRequest(connection_id=http.id))).secrets[
+        "token"
+    ] == TOKEN
+    path = running.broker.settings.storage_path
+    await stop(running)
+
+    repoint_sqlite(path, http.id, "base_url", attacker.url)
+    repoint_sqlite(path, mcp.id, "server_url", attacker.url + "/mcp")
+    repoint_sqlite(path, oauth.id, "token_url", attacker.url + "/token")
+
+    running = await start()
+    try:
+        await assert_every_path_fails_closed(running, http, mcp, oauth, attacker)
+    finally:
+        await stop(running)
+
+
+@pytest.fixture
+async def postgres_dsn() -> AsyncIterator[str]:
+    async with fresh_database() as dsn:
+        yield dsn
+
+
+async def test_a_row_re_pointed_in_postgres_fails_closed_and_nothing_reaches_the_new_destination(
+    start: Callable[..., Any], upstream: str, attacker: RecordingListener, postgres_dsn: str
+) -> None:
+    pg = {"storage_path": None, "storage_url": postgres_dsn, "storage_pool_max": 4}
+    running: Running = await start(**pg)
+    http = await create_and_grant(running, http_request("api", upstream))
+    mcp = await create_and_grant(running, mcp_request("tools", upstream + "/mcp"))
+    oauth = await create_and_grant(running, oauth_request("calendar", upstream + "/token"))
+    await stop(running)
+
+    db = await asyncpg.connect(postgres_dsn)
+    try:
+        for connection_id, key, url in (
+            (http.id, "base_url", attacker.url),
+            (mcp.id, "server_url", attacker.url + "/mcp"),
+            (oauth.id, "token_url", attacker.url + "/token"),
+        ):
+            await db.execute(
+                "UPDATE connections SET config = jsonb_set(config::jsonb, $1, to_jsonb($2::text))::text"
+                " WHERE id = $3",
+                [key],
+                url,
+                connection_id,
+            )
+    finally:
+        await db.close()
+
+    running = await start(**pg)
+    try:
+        await assert_every_path_fails_closed(running, http, mcp, oauth, attacker)
+    finally:
+        await stop(running)
+
+
+async def test_legitimate_changes_re_seal_and_keep_working(
+    start: Callable[..., Any], upstream: str, attacker: RecordingListener
+) -> None:
+    running: Running = await start()
+    admin, resolver = running.admin(), running.resolver()
+    http = await create_and_grant(running, http_request("api", upstream))
+    # A webhook without auth still has a sealed (empty) secret set bound to its URL.
+    hook = await create_and_grant(
+        running,
+        pb.CreateConnectionRequest(name="hook", type="webhook", config=struct({"url": upstream + "/hook"})),
+    )
+
+    # A labels-only change keeps the seal (and the secret version).
+    await admin.UpdateConnection(
+        pb.UpdateConnectionRequest(id=http.id, labels=pb.Labels(values={"env": "prod"}))
+    )
+    assert (await resolver.Resolve(pb.ResolveRequest(connection_id=http.id))).secret_version == 1
+
+    # Moving with the secrets given again re-seals for the new destination.
+    moved_to = upstream + "/v2"
+    await admin.UpdateConnection(
+        pb.UpdateConnectionRequest(
+            id=http.id, config=struct({"base_url": moved_to}), secrets={"token": TOKEN}
+        )
+    )
+    resolved = await resolver.Resolve(pb.ResolveRequest(connection_id=http.id))
+    assert resolved.config["base_url"] == moved_to and resolved.secrets["token"] == TOKEN
+
+    # Moving without any secret to give: the service must re-seal all the same.
+    await admin.UpdateConnection(
+        pb.UpdateConnectionRequest(id=hook.id, config=struct({"url": upstream + "/new"}))
+    )
+    resolved = await resolver.Resolve(pb.ResolveRequest(connection_id=hook.id))
+    assert resolved.config["url"] == upstream + "/new" and resolved.secret_version == 2
+    assert (await admin.TestConnection(pb.TestConnectionRequest(id=http.id))).success
+
+    # All of it survives a restart (the start-up pass leaves format-2 rows alone).
+    await stop(running)
+    running = await start()
+    try:
+        for connection_id in (http.id, hook.id):
+            assert await running.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id))
+        events = await running.admin().ListAuditEvents(pb.ListAuditEventsRequest(action="connection.rebind"))
+        assert list(events.events) == []
+    finally:
+        await stop(running)
+    assert attacker.accepted == []
+
+
+def seal_format_1(key_file: Path, plaintext: bytes, binding: Binding) -> tuple[bytes, bytes, str]:
+    """(ciphertext, wrapped_dek, kek_id) exactly as the broker sealed them before format 2."""
+    raw = base64.b64decode(key_file.read_text())
+    kek_id = Kek(raw).id
+    dek, nonce, wrap_nonce = AESGCM.generate_key(256), b"\x01" * 12, b"\x02" * 12
+    ciphertext = b"\x01" + nonce + AESGCM(dek).encrypt(nonce, plaintext, secret_aad(binding, 1))
+    wrapped = b"\x01" + wrap_nonce + AESGCM(raw).encrypt(wrap_nonce, dek, dek_aad(kek_id, binding, 1))
+    return ciphertext, wrapped, kek_id
+
+
+async def test_rows_sealed_before_the_binding_are_re_sealed_at_start_then_bound(
+    start: Callable[..., Any], upstream: str, attacker: RecordingListener, tmp_path: Path
+) -> None:
+    running: Running = await start()
+    http = await create_and_grant(running, http_request("api", upstream))
+    path = running.broker.settings.storage_path
+    key_file = running.broker.settings.master_key_file
+    await stop(running)
+
+    # Turn the row into one an older broker wrote: format 1, no destination bound.
+    old = seal_format_1(key_file, b'{"token":"' + TOKEN.encode() + b'"}', Binding("default", http.id, 1))
+    db = sqlite3.connect(path)
+    with db:
+        db.execute(
+            "UPDATE connections SET ciphertext = ?, wrapped_dek = ?, kek_id = ? WHERE id = ?", (*old, http.id)
+        )
+    db.close()
+
+    running = await start()
+    try:
+        db = sqlite3.connect(path)
+        (ciphertext, version) = db.execute(
+            "SELECT ciphertext, secret_version FROM connections WHERE id = ?", (http.id,)
+        ).fetchone()
+        db.close()
+        assert ciphertext[0] == 2 and version == 1  # re-sealed, same secret version
+        resolved = await running.resolver().Resolve(pb.ResolveRequest(connection_id=http.id))
+        assert resolved.secrets["token"] == TOKEN
+        events = await running.admin().ListAuditEvents(pb.ListAuditEventsRequest(action="connection.rebind"))
+        assert [(e.connection_id, e.actor) for e in events.events] == [(http.id, "broker:rebind")]
+    finally:
+        await stop(running)
+
+    # From now on the row is bound: re-pointing it fails closed.
+    repoint_sqlite(path, http.id, "base_url", attacker.url)
+    running = await start()
+    try:
+        await expect_decrypt_failed(running.resolver().Resolve(pb.ResolveRequest(connection_id=http.id)))
+        await expect_decrypt_failed(running.admin().TestConnection(pb.TestConnectionRequest(id=http.id)))
+    finally:
+        await stop(running)
+    assert attacker.accepted == []
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("ciphertext", "text where a blob belongs"),
+        ("wrapped_dek", "text"),
+        ("ciphertext", 12345),
+        ("wrapped_dek", 1 << 40),  # bytes(1 << 40) would try to allocate a terabyte
+    ],
+    ids=["ciphertext-text", "wrapped_dek-text", "ciphertext-int", "wrapped_dek-huge-int"],
+)
+async def test_a_sealed_column_of_the_wrong_sql_type_is_decrypt_failed_not_internal(
+    start: Callable[..., Any], upstream: str, column: str, value: object
+) -> None:
+    running: Running = await start()
+    http = await create_and_grant(running, http_request("api", upstream))
+    path = running.broker.settings.storage_path
+    await stop(running)
+    db = sqlite3.connect(path)
+    with db:
+        db.execute(f"UPDATE connections SET {column} = ? WHERE id = ?", (value, http.id))
+    db.close()
+
+    running = await start()
+    try:
+        admin = running.admin()
+        await expect_decrypt_failed(running.resolver().Resolve(pb.ResolveRequest(connection_id=http.id)))
+        await expect_decrypt_failed(admin.TestConnection(pb.TestConnectionRequest(id=http.id)))
+        await expect_decrypt_failed(
+            admin.UpdateConnection(
+                pb.UpdateConnectionRequest(id=http.id, labels=pb.Labels(values={"a": "b"}))
+            )
+        )
+        assert await failed_events(running, http.id) == {
+            ("connection.resolve", "decrypt_failed"),
+            ("connection.test", "decrypt_failed"),
+            ("connection.update", "decrypt_failed"),
+        }
+        # The admin can still read and revoke the broken row.
+        assert (await admin.GetConnection(pb.GetConnectionRequest(id=http.id))).id == http.id
+        await admin.RevokeConnection(pb.RevokeConnectionRequest(id=http.id, reason="tampered"))
+    finally:
+        await stop(running)
