@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import socket
 import sqlite3
 import threading
@@ -410,3 +411,63 @@ async def test_a_sealed_column_of_the_wrong_sql_type_is_decrypt_failed_not_inter
         await admin.RevokeConnection(pb.RevokeConnectionRequest(id=http.id, reason="tampered"))
     finally:
         await stop(running)
+
+
+async def test_echoes_stored_before_scrubbing_knew_composed_credentials_are_scrubbed_at_start(
+    start: Callable[..., Any],
+) -> None:
+    """A format-1 row predates the scrubbing of composed credentials: its stored echoes go too."""
+    user, password = "svc-old9", "Old-pass-4c2e/+="
+    basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+    running: Running = await start()
+    created = await running.admin().CreateConnection(
+        pb.CreateConnectionRequest(
+            name="old-tools",
+            type="mcp",
+            config=struct({"server_url": "https://mcp.example/mcp", "auth_type": "basic", "username": user}),
+            secrets={"password": password},
+        )
+    )
+    path = running.broker.settings.storage_path
+    key_file = running.broker.settings.master_key_file
+    await stop(running)
+
+    # What an older broker kept: a format-1 row whose last test and tools echo the Basic header.
+    sealed = seal_format_1(
+        key_file, b'{"password":"' + password.encode() + b'"}', Binding("default", created.id, 1)
+    )
+    echoed = f"redirected to https://x/?auth=Basic {basic}"
+    last_test = {
+        "success": False,
+        "category": "unexpected_response",
+        "stage": "sample_operation",
+        "message": echoed,
+        "details": {"location": basic},
+        "verified": [],
+        "not_verified": [],
+        "latency_ms": 3,
+        "tested_at": 1,
+    }
+    db = sqlite3.connect(path)
+    with db:
+        db.execute(
+            "UPDATE connections SET ciphertext = ?, wrapped_dek = ?, kek_id = ?, last_test = ? WHERE id = ?",
+            (*sealed, json.dumps(last_test), created.id),
+        )
+        db.execute(
+            "INSERT INTO mcp_tools VALUES ('default', ?, ?, ?, ?, 'h', 1)",
+            (created.id, f"echo_{basic}", f"Uses Basic {basic}", json.dumps({basic: {"default": password}})),
+        )
+    db.close()
+
+    running = await start()
+    try:
+        fetched = await running.admin().GetConnection(pb.GetConnectionRequest(id=created.id))
+        listed = await running.admin().ListMcpTools(pb.ListMcpToolsRequest(id=created.id))
+    finally:
+        await stop(running)
+    assert fetched.last_test.message == "redirected to https://x/?auth=[redacted]"
+    assert [t.name for t in listed.tools] == ["echo_[redacted]"]
+    for found in (str(fetched), str(listed), *(p.read_bytes() for p in path.parent.glob(path.name + "*"))):
+        for form in (basic, password, base64.b64encode(password.encode()).decode()):
+            assert (form.encode() if isinstance(found, bytes) else form) not in found

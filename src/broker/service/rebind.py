@@ -8,6 +8,11 @@ value did not change), and written with a compare-and-swap on its version and an
 audit event; two replicas starting together each skip what the other did. A row
 that does not open stays as it is and keeps failing closed as decrypt_failed.
 
+Format 1 also means "written before servers' echoes of composed credentials were
+scrubbed": the row's last test result and its stored MCP tools are scrubbed again
+(`broker.testers.scrub_stored`) in the same pass, so no echo kept from before stays
+at rest.
+
 The pass pages through the stored data keys (`Store.list_deks_not_under` with no
 key excluded) and reads nothing else once every row has format 2.
 """
@@ -22,14 +27,16 @@ import structlog
 
 from broker.crypto import UNBOUND_FORMAT_VERSION, Keyring
 from broker.errors import Aborted, NotFound, SecretUnavailable
-from broker.model import AuditEvent, Outcome
+from broker.model import AuditEvent, ConnectionRecord, Outcome
 from broker.service.sealing import open_secrets, seal
 from broker.store import Store
+from broker.testers import Target, scrub_stored
 
 log = structlog.get_logger("broker.rebind")
 
 SYSTEM_ACTOR = "broker:rebind"
 ACTION = "connection.rebind"
+RESCRUB = "connection.rescrub"  # a stored test result scrubbed again (see the module's docstring)
 
 
 @dataclass
@@ -62,24 +69,40 @@ async def rebind_unbound(
                 report.failed.append(f"{record.tenant} {record.id}")
                 log.warning("rebind_failed", tenant=record.tenant, connection_id=record.id)
                 continue
+            target = Target(record.type, record.provider, record.config, secrets)
+            tools, discovered_at = await store.list_mcp_tools(record.tenant, record.id)
+            last_test, scrubbed_tools = scrub_stored(target, record.last_test, tools)
             # The etag moves (caches and other replicas must see the new row); updated_at
             # stays: nothing an admin set has changed.
             updated = replace(record, version=record.version + 1)
             updated = replace(updated, sealed=seal(keyring, secrets, updated))
-            event = AuditEvent(
-                time=clock(),
-                tenant=record.tenant,
-                actor=SYSTEM_ACTOR,
-                action=ACTION,
-                outcome=Outcome.SUCCEEDED,
-                connection_id=record.id,
-                details={"format": "2"},
-            )
             try:
-                await store.replace_connection(updated, record.version, event)
+                rebound = _event(clock, record, ACTION, {"format": "2"})
+                await store.replace_connection(updated, record.version, rebound)
                 report.rebound += 1
+                if last_test is not None and last_test != record.last_test and last_test.tested_at:
+                    rescrubbed = _event(clock, record, RESCRUB, {"field": "last_test"})
+                    await store.record_test_result(record.tenant, record.id, last_test, rescrubbed)
+                if scrubbed_tools != tools and discovered_at is not None:
+                    await store.replace_mcp_tools(
+                        record.tenant, record.id, scrubbed_tools, discovered_at, None
+                    )
             except (Aborted, NotFound):
                 report.skipped += 1
     if report.rebound or report.failed:
         log.info("rebind_done", rebound=report.rebound, skipped=report.skipped, failed=len(report.failed))
     return report
+
+
+def _event(
+    clock: Callable[[], datetime], record: ConnectionRecord, action: str, details: dict[str, str]
+) -> AuditEvent:
+    return AuditEvent(
+        time=clock(),
+        tenant=record.tenant,
+        actor=SYSTEM_ACTOR,
+        action=action,
+        outcome=Outcome.SUCCEEDED,
+        connection_id=record.id,
+        details=details,
+    )

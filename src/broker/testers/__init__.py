@@ -19,7 +19,16 @@ from broker.testers.scrub import Scrubber
 
 log = structlog.get_logger("broker.testers")
 
-__all__ = ["Discover", "Target", "TestFailure", "Tester", "run_discovery", "run_test", "run_tester"]
+__all__ = [
+    "Discover",
+    "Target",
+    "TestFailure",
+    "Tester",
+    "run_discovery",
+    "run_test",
+    "run_tester",
+    "scrub_stored",
+]
 
 # Tool discovery: a tester that also returns the server's tools.
 Discover = Callable[[Target, EgressPolicy], Awaitable[tuple[TestResult, list[McpTool]]]]
@@ -63,6 +72,30 @@ async def run_discovery(
         # The server echoed a credential into its tools: worth knowing, whatever else it did.
         result = dataclasses.replace(result, details={**result.details, "tools_redacted": str(redacted)})
     return _finished(result, scrubber, started), tools
+
+
+def scrub_stored(
+    target: Target, result: TestResult | None, tools: list[McpTool]
+) -> tuple[TestResult | None, list[McpTool]]:
+    """A stored test result and stored tools, scrubbed as today's runner would have.
+
+    For text kept by a broker older than `broker.testers.sent`: which credentials its tester
+    composed was not recorded, so every one it could have built from a secret (HTTP Basic and
+    SMTP AUTH with the configured user name) is masked along with each secret.
+    """
+    sent = target.sent
+    username = str(target.config.get("username", ""))
+    for value in target.secrets.reveal().values():
+        sent.basic(username, value)
+        sent.smtp_auth(username, value)
+    scrubber = _scrubber(target)
+    if result is not None:
+        result = dataclasses.replace(
+            result,
+            message=scrubber.cut_text(result.message),
+            details={k: scrubber.cut_text(v) for k, v in result.details.items()},
+        )
+    return result, scrub_tools(tools, scrubber)[0]
 
 
 def _scrubber(target: Target) -> Scrubber:
