@@ -51,7 +51,7 @@ def text(position: Any) -> bool:
         isinstance(position, str)
         and len(position) <= MAX_TOKEN_CHARS
         and position.isascii()
-        and (position.isprintable())
+        and position.isprintable()
     )
 
 
