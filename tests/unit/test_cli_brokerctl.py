@@ -15,6 +15,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from broker import pki
 from broker._proto import broker_pb2 as pb
+from broker.cli import _output as out
 from broker.cli import brokerctl
 from broker.cli._ctl_args import build_parser
 from broker.cli._rpc import ClientTls, Session, describe_error
@@ -495,3 +496,21 @@ def test_session_reuses_one_channel_per_listener(tmp_path: Path) -> None:
     assert len(session._channels) == 2
     session.close()
     assert session._channels == []
+
+
+HOSTILE = "Lists files.\x1b]0;owned\x07\x1b[2J\u202eexe.txt\x9b1m"
+
+
+def test_text_from_servers_cannot_drive_the_terminal(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """A tool description or error text with escape sequences is shown escaped, never executed."""
+    tool = pb.McpTool(name="ls\x1b[31m", description=HOSTILE)
+    fake(ListMcpTools=pb.ListMcpToolsResponse(tools=[tool]))
+    assert brokerctl.main(["mcp", "tools", "conn_1"]) == 0
+    fake(GetConnection=FakeRpcError(grpc.StatusCode.NOT_FOUND, f"no {HOSTILE}"))
+    assert brokerctl.main(["get", "conn_1"]) == 1
+    captured = capsys.readouterr()
+    for text in (captured.out, captured.err):
+        assert not any(c in text for c in "\x1b\x07\x9b\u202e"), repr(text)
+    assert "ls\\x1b[31m" in captured.out and "Lists files.\\x1b]0;owned\\x07" in captured.out
+    assert "\\u202eexe.txt" in captured.err
+    assert out.shown("héllo") == "héllo"  # everything printable is shown as it is

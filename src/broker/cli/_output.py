@@ -2,12 +2,18 @@
 
 Only `render_resolved` prints secret values; every other reply type has no field
 that could hold one (the admin API is redacted by construction).
+
+Much of what is shown was written by someone else: an MCP server's tool descriptions,
+a test's error text, another admin's labels. Tables and key/value blocks show control
+characters and bidirectional overrides escaped (`\x1b`, `\u202e`), so no reply can move
+the cursor, retitle the terminal or reorder what the reader sees. JSON escapes them itself.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -26,9 +32,23 @@ def to_json(message: Message) -> str:
     return json.dumps(doc, indent=2, sort_keys=True)
 
 
+# C0 and C1 controls (DEL included) and the bidirectional embeddings, overrides and isolates.
+_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(char: re.Match[str]) -> str:
+    code = ord(char.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def shown(text: str) -> str:
+    """`text` safe for a terminal: control characters and bidi overrides escaped, the rest as is."""
+    return _UNSHOWABLE.sub(_escape, text)
+
+
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     """Columns padded to their widest cell; the last column is not padded."""
-    grid = [list(headers), *(list(r) for r in rows)]
+    grid = [list(headers), *([shown(c) for c in r] for r in rows)]
     widths = [max(len(r[i]) for r in grid) for i in range(len(headers))]
     lines = []
     for row in grid:
@@ -39,8 +59,8 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 def fields(pairs: Sequence[tuple[str, str]]) -> str:
     """A `key: value` block with the values aligned."""
-    width = max(len(k) for k, _ in pairs) + 1
-    return "\n".join(f"{(k + ':').ljust(width)}  {v}" for k, v in pairs)
+    width = max(len(shown(k)) for k, _ in pairs) + 1
+    return "\n".join(f"{(shown(k) + ':').ljust(width)}  {shown(v)}" for k, v in pairs)
 
 
 def timestamp(message: Message, name: str, unset: str = _NONE) -> str:

@@ -13,7 +13,7 @@ from grpc_status import rpc_status
 
 from broker._proto import broker_pb2, broker_pb2_grpc
 from broker.cli._input import UsageError
-from broker.cli._output import render_test_result
+from broker.cli._output import render_test_result, shown
 
 
 @dataclass(frozen=True)
@@ -95,9 +95,9 @@ def describe_error(error: grpc.RpcError, addr: str, prog: str = "brokerctl") -> 
     """The lines to print for a failed call: the status, each bad field, and a hint where one helps."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
-    lines = [f"{prog}: {code.name}: {details}"]
+    lines = [f"{prog}: {code.name}: {shown(details or '')}"]
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        lines += [f"  {field}: {description}" for field, description in field_violations(error)]
+        lines += [f"  {shown(field)}: {shown(text)}" for field, text in field_violations(error)]
     elif code == grpc.StatusCode.FAILED_PRECONDITION:
         lines += [
             f"  {line}"
