@@ -167,16 +167,17 @@ class Broker:
             # Before any listener opens: rows sealed before the destination binding are re-sealed.
             await rebind_unbound(self.store, keyring, self._clock)
             cache = ResolveCache()
+            egress = EgressPolicy(settings.egress)
+            self.monitor = _security_monitor(settings, self.store, keyring, egress, cache, self._clock)
+            await self.monitor.open()
             self.audit = AuditLog(
                 self.store,
                 clock=self._clock,
                 retention=timedelta(days=settings.audit_retention_days),
                 keyring=keyring,
                 seal_interval=settings.audit_seal_interval_seconds,
+                watch=self.monitor.audited,  # a secret that does not open is a security event
             )
-            egress = EgressPolicy(settings.egress)
-            self.monitor = _security_monitor(settings, self.store, keyring, egress, cache, self._clock)
-            await self.monitor.open()
             # Wrong-role and rate-limited calls: audited up to a limit per principal, then counted.
             self.denials = DenialAudit(
                 self.audit, self.monitor, self._clock, settings.denied_audits_per_minute

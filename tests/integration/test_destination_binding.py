@@ -222,6 +222,11 @@ async def test_a_row_re_pointed_in_sqlite_fails_closed_and_nothing_reaches_the_n
     running = await start()
     try:
         await assert_every_path_fails_closed(running, http, mcp, oauth, attacker)
+        # Tampering is a security event: critical, once per connection however often it fails.
+        await running.broker.monitor.settle()
+        reply = await running.admin().ListSecurityEvents(pb.ListSecurityEventsRequest(rule="decrypt_failed"))
+        assert sorted(e.connection_id for e in reply.events) == sorted([http.id, mcp.id, oauth.id])
+        assert {(e.severity, e.action) for e in reply.events} == {("critical", "alerted")}
     finally:
         await stop(running)
 

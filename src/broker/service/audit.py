@@ -67,6 +67,7 @@ class AuditLog:
         write_timeout: float = WRITE_TIMEOUT_SECONDS,
         keyring: Keyring | None = None,
         seal_interval: float = SEAL_INTERVAL_SECONDS,
+        watch: Callable[[AuditEvent], None] | None = None,
     ) -> None:
         if retention < MIN_RETENTION:
             raise ValueError(f"audit retention must be at least {MIN_RETENTION.days} days")
@@ -83,9 +84,13 @@ class AuditLog:
         self._seal_interval = seal_interval
         self._sealer: asyncio.Task[None] | None = None
         self._sealed_up_to = 0
+        # Told of each event as it is appended (the security monitor); must not block.
+        self._watch = watch
 
     async def append(self, event: AuditEvent) -> None:
         """Return once `event` is durably stored; raise `Unavailable` if it could not be."""
+        if self._watch is not None:
+            self._watch(event)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((event, future))
         if self._writer is None or self._writer.done():

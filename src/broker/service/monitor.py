@@ -12,6 +12,9 @@ Rules (each set in `[monitor]`; a threshold of 0 turns its rule off):
 - new_principal_peer: a principal's first Resolve of a connection, from a peer host
   never seen for that principal, alerts (what was seen is persisted, bounded);
 - oauth_refresh_failures: N failed refreshes of one connection within a window alert;
+- decrypt_failed: a stored secret that does not open (tampered with, re-pointed in the
+  database without re-sealing, or its master key gone) is a critical event, once per
+  connection and hour; the monitor sees it in the audit stream (`audited`);
 - wrong_role: N calls of one principal refused for its role (an executor on the admin
   listener, an admin on the Resolve listener) within a window alert, once per window:
   a valid certificate probing the other listener. It blocks nothing; the refusals are
@@ -57,12 +60,14 @@ from broker.service.cache import ResolveCache
 from broker.service.context import Call
 from broker.service.inputs import require_printable
 from broker.service.lookup import existing_connection
+from broker.service.sealing import DECRYPT_FAILED
 from broker.store import Store
 
 log = structlog.get_logger("broker.monitor")
 
 SYSTEM_ACTOR = "broker:monitor"
 WARNING = "warning"
+DECRYPT_FAILED_ALERT_SECONDS = 3600.0
 CRITICAL = "critical"
 ALERTED = "alerted"
 SUSPENDED = "connection_suspended"
@@ -271,6 +276,7 @@ class Monitor:
         self._wrong_role = Burst(
             s.wrong_role, s.wrong_role_window_seconds, s.max_tracked, once_per_window=True
         )
+        self._decrypt_failed = Burst(1, DECRYPT_FAILED_ALERT_SECONDS, s.max_tracked, once_per_window=True)
         smoothing = s.spike_smoothing
         self._spike = Spike(
             s.spike_factor, s.spike_min_count, s.spike_window_seconds, smoothing, s.max_tracked
@@ -444,6 +450,26 @@ class Monitor:
             details=details,
         )
         self._spawn(self._record(event, suspend=False))
+
+    def audited(self, event: AuditEvent) -> None:
+        """Every event the audit log appends, in memory (no await: Resolve appends one per call)."""
+        if event.reason != DECRYPT_FAILED:
+            return
+        if not self._decrypt_failed.hit((event.tenant, event.connection_id), _seconds(event.time)):
+            return
+        details = {"action": event.action, "window_seconds": f"{DECRYPT_FAILED_ALERT_SECONDS:g}"}
+        security = SecurityEvent(
+            time=event.time,
+            tenant=event.tenant,
+            rule="decrypt_failed",
+            severity=CRITICAL,
+            action=ALERTED,
+            connection_id=event.connection_id,
+            principal=event.actor,
+            peer=event.peer,
+            details=details,
+        )
+        self._spawn(self._record(security, suspend=False))
 
     def wrong_role(self, call: Call, method: str, now: datetime) -> None:
         """A call refused because the caller's role does not match the listener's service."""
