@@ -33,7 +33,7 @@ class Call:
         reason: str = "",
         details: dict[str, str] | None = None,
     ) -> AuditEvent:
-        """The audit event for something this call did; the one place events are built."""
+        """The audit event for something this call did (work of the broker's own: `system_event`)."""
         return AuditEvent(
             time=time,
             tenant=self.tenant,
@@ -46,3 +46,27 @@ class Call:
             peer=self.peer,
             details=details or {},
         )
+
+
+def system_event(
+    time: datetime,
+    actor: str,
+    tenant: str,
+    connection_id: str,
+    action: str,
+    outcome: Outcome = Outcome.SUCCEEDED,
+    reason: str = "",
+    details: dict[str, str] | None = None,
+) -> AuditEvent:
+    """The audit event for work the broker did by itself (`actor` is `broker:<part>`): no caller,
+    so no request id and no peer."""
+    return AuditEvent(
+        time=time,
+        tenant=tenant,
+        actor=actor,
+        action=action,
+        outcome=outcome,
+        connection_id=connection_id,
+        reason=reason,
+        details=details or {},
+    )

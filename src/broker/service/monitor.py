@@ -49,7 +49,6 @@ from broker.model import (
     AuditEvent,
     ConnectionRecord,
     ConnectionStatus,
-    Outcome,
     SecurityEvent,
     SecurityEventFilter,
     SeenFact,
@@ -57,7 +56,7 @@ from broker.model import (
 from broker.service import paging
 from broker.service.alerts import AlertSender
 from broker.service.cache import ResolveCache
-from broker.service.context import Call
+from broker.service.context import Call, system_event
 from broker.service.inputs import require_printable
 from broker.service.lookup import existing_connection
 from broker.service.sealing import DECRYPT_FAILED
@@ -556,15 +555,15 @@ class Monitor:
                 return False
             now = self._clock()
             suspended = replace(record, suspended_at=now, version=record.version + 1, updated_at=now)
-            audit = AuditEvent(
-                time=now,
-                tenant=tenant,
-                actor=SYSTEM_ACTOR,
-                action="connection.suspend",
-                outcome=Outcome.SUCCEEDED,
-                connection_id=connection_id,
+            details = {"principal": event.principal} if event.principal else {}
+            audit = system_event(
+                now,
+                SYSTEM_ACTOR,
+                tenant,
+                connection_id,
+                "connection.suspend",
                 reason=event.rule,
-                details={"principal": event.principal} if event.principal else {},
+                details=details,
             )
             try:
                 await self._store.replace_connection(suspended, record.version, audit)

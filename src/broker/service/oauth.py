@@ -36,7 +36,7 @@ from broker.model import AuditEvent, ConnectionRecord, ConnectionStatus, Outcome
 from broker.sensitive import SecretFields
 from broker.service.audit import AuditLog
 from broker.service.cache import ResolveCache
-from broker.service.context import Call
+from broker.service.context import Call, system_event
 from broker.service.fingerprint import fingerprint
 from broker.service.lookup import live_connection
 from broker.service.sealing import DECRYPT_FAILED, open_secrets, open_secrets_audited, seal
@@ -391,16 +391,8 @@ class OAuthService:
     def _system_event(
         self, record: ConnectionRecord, action: str, outcome: Outcome, reason: str = "", **details: str
     ) -> AuditEvent:
-        return AuditEvent(
-            time=self._clock(),
-            tenant=record.tenant,
-            actor=SYSTEM_ACTOR,
-            action=action,
-            outcome=outcome,
-            connection_id=record.id,
-            reason=reason,
-            details=details,
-        )
+        now = self._clock()
+        return system_event(now, SYSTEM_ACTOR, record.tenant, record.id, action, outcome, reason, details)
 
     async def _mark_expired(self, record: ConnectionRecord, reason: str) -> ConnectionRecord:
         """The provider refused the refresh token: the connection needs re-authorization."""

@@ -27,7 +27,8 @@ import structlog
 
 from broker.crypto import UNBOUND_FORMAT_VERSION, Keyring
 from broker.errors import Aborted, NotFound, SecretUnavailable
-from broker.model import AuditEvent, ConnectionRecord, Outcome
+from broker.model import AuditEvent, ConnectionRecord
+from broker.service.context import system_event
 from broker.service.sealing import open_secrets, seal
 from broker.store import Store
 from broker.testers import Target, scrub_stored
@@ -77,11 +78,11 @@ async def rebind_unbound(
             updated = replace(record, version=record.version + 1)
             updated = replace(updated, sealed=seal(keyring, secrets, updated))
             try:
-                rebound = _event(clock, record, ACTION, {"format": "2"})
+                rebound = _event(clock(), record, ACTION, {"format": "2"})
                 await store.replace_connection(updated, record.version, rebound)
                 report.rebound += 1
                 if last_test is not None and last_test != record.last_test and last_test.tested_at:
-                    rescrubbed = _event(clock, record, RESCRUB, {"field": "last_test"})
+                    rescrubbed = _event(clock(), record, RESCRUB, {"field": "last_test"})
                     await store.record_test_result(record.tenant, record.id, last_test, rescrubbed)
                 if scrubbed_tools != tools and discovered_at is not None:
                     await store.replace_mcp_tools(
@@ -94,15 +95,5 @@ async def rebind_unbound(
     return report
 
 
-def _event(
-    clock: Callable[[], datetime], record: ConnectionRecord, action: str, details: dict[str, str]
-) -> AuditEvent:
-    return AuditEvent(
-        time=clock(),
-        tenant=record.tenant,
-        actor=SYSTEM_ACTOR,
-        action=action,
-        outcome=Outcome.SUCCEEDED,
-        connection_id=record.id,
-        details=details,
-    )
+def _event(now: datetime, record: ConnectionRecord, action: str, details: dict[str, str]) -> AuditEvent:
+    return system_event(now, SYSTEM_ACTOR, record.tenant, record.id, action, details=details)
