@@ -89,13 +89,7 @@ def scrub_stored(
         sent.basic(username, value)
         sent.smtp_auth(username, value)
     scrubber = _scrubber(target)
-    if result is not None:
-        result = dataclasses.replace(
-            result,
-            message=scrubber.cut_text(result.message),
-            details={k: scrubber.cut_text(v) for k, v in result.details.items()},
-        )
-    return result, scrub_tools(tools, scrubber)[0]
+    return None if result is None else _scrubbed(result, scrubber), scrub_tools(tools, scrubber)[0]
 
 
 def _scrubber(target: Target) -> Scrubber:
@@ -103,12 +97,19 @@ def _scrubber(target: Target) -> Scrubber:
     return Scrubber(target.secrets.reveal().values(), target.sent.forms)
 
 
-def _finished(result: TestResult, scrubber: Scrubber, started: float) -> TestResult:
+def _scrubbed(result: TestResult, scrubber: Scrubber) -> TestResult:
+    """The result's message and details scrubbed, then cut to 500 characters each."""
     # Cut after scrubbing: a cut form would no longer be recognised.
     return dataclasses.replace(
         result,
         message=scrubber.cut_text(result.message)[:500],
         details={k: scrubber.cut_text(v)[:500] for k, v in result.details.items()},
+    )
+
+
+def _finished(result: TestResult, scrubber: Scrubber, started: float) -> TestResult:
+    return dataclasses.replace(
+        _scrubbed(result, scrubber),
         latency_ms=round((time.perf_counter() - started) * 1000),
         tested_at=datetime.now(UTC),
     )
