@@ -33,6 +33,7 @@ from broker.config import Settings
 from broker.identity import parse_spiffe_id
 from broker.sensitive import SecretFields
 from broker.service.access import AccessService
+from broker.service.audit import AuditLog
 from broker.service.cache import ResolveCache
 from broker.service.connections import ConnectionService, NewConnection, utc_now
 from broker.service.context import Call
@@ -158,7 +159,7 @@ async def seed(env: BenchEnv, count: int, *, grant: bool = True, chunk: int = 64
         await store._writer.execute("PRAGMA synchronous = OFF")  # type: ignore[union-attr]
         keyring = settings.load_keyring()
         cache = ResolveCache()
-        connections = ConnectionService(store, keyring, cache)
+        connections = ConnectionService(store, keyring, cache, AuditLog(store))
         access = AccessService(store, cache, utc_now)
         admin = Call(parse_spiffe_id(ADMIN, TRUST_DOMAIN), "seed")
         ids: list[str] = []

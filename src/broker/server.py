@@ -210,9 +210,8 @@ class Broker:
                 discover=mcp.discover_tools,
                 monitor=self.monitor,
             )
-            revoke_upstream = self.oauth.revoke_upstream
             connections = ConnectionService(
-                self.store, keyring, cache, self._clock, tests, revoke_upstream, audit=self.audit
+                self.store, keyring, cache, self.audit, self._clock, tests, self.oauth.revoke_upstream
             )
             self.oauth.create_connection = connections.create_authorized
             self.oauth.on_refresh_failure = self.monitor.oauth_refresh_failed

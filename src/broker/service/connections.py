@@ -34,7 +34,7 @@ from broker.service.context import Call
 from broker.service.inputs import require_printable
 from broker.service.lookup import existing_connection
 from broker.service.oauth import DraftAuthorization, token_config, token_secrets
-from broker.service.sealing import open_secrets, open_secrets_audited, seal
+from broker.service.sealing import open_secrets_audited, seal
 from broker.service.testing import TestingService
 from broker.store import Store
 from broker.testers import Target
@@ -178,10 +178,10 @@ class ConnectionService:
         store: Store,
         keyring: Keyring,
         cache: ResolveCache,
+        audit: AuditLog,
         clock: Clock = utc_now,
         tests: TestingService | None = None,
         revoke_upstream: Callable[[ConnectionRecord], Awaitable[str]] | None = None,
-        audit: AuditLog | None = None,
     ) -> None:
         self._audit = audit
         self._revoke_upstream = revoke_upstream
@@ -204,13 +204,6 @@ class ConnectionService:
 
     def _event(self, call: Call, action: str, connection_id: str, **details: str) -> AuditEvent:
         return call.audit_event(self._clock(), action, connection_id, details=details)
-
-    async def _open_secrets(self, call: Call, record: ConnectionRecord, action: str) -> SecretFields:
-        """The record's secrets; a failure to open is audited (when this service audits) and raised."""
-        if self._audit is None:
-            return open_secrets(self._keyring, record)
-        event = self._event(call, action, record.id)
-        return await open_secrets_audited(self._keyring, record, self._audit, event)
 
     async def create(self, call: Call, new: NewConnection) -> ConnectionRecord:
         """Validate, seal and store a new connection; the reply is its redacted record."""
@@ -298,7 +291,8 @@ class ConnectionService:
         if len(patch.clear_secrets) > MAX_SECRET_FIELDS:
             raise InvalidArgument.field("clear_secrets", f"at most {MAX_SECRET_FIELDS} names")
         secrets_changed = bool(patch.secrets.names or patch.clear_secrets)
-        old_secrets = (await self._open_secrets(call, current, "connection.update")).reveal()
+        event = self._event(call, "connection.update", current.id)
+        old_secrets = (await open_secrets_audited(self._keyring, current, self._audit, event)).reveal()
         merged = {k: v for k, v in old_secrets.items() if k not in patch.clear_secrets}
         merged.update(patch.secrets.reveal())
         name = current.name if patch.name is None else patch.name
