@@ -6,10 +6,10 @@ import json
 import sqlite3
 from pathlib import Path
 
-from tests.e2e.test_cli import DevBroker, dev_broker  # noqa: F401 (fixture)
+from tests.devbroker import DevBroker
 
 
-def test_verify_then_export_then_catch_an_edit(dev_broker: DevBroker, tmp_path: Path) -> None:  # noqa: F811
+def test_verify_then_export_then_catch_an_edit(dev_broker: DevBroker, tmp_path: Path) -> None:
     secret = tmp_path / "pw.txt"
     secret.write_text("e2e-audit-pw\n")
     config = ["--config", "driver=postgresql", "--config", "host=db", "--config", "database=app"]

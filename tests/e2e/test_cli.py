@@ -10,11 +10,7 @@ import json
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -22,6 +18,8 @@ import pytest
 from broker import keydir, pki
 from broker.client import SyncResolveClient
 from tests import mcpserver, oauthserver
+from tests.devbroker import DevBroker, wait_until_serving
+from tests.devbroker import write as _write
 from tests.helpers import free_port
 
 pytestmark = pytest.mark.e2e
@@ -29,73 +27,7 @@ pytestmark = pytest.mark.e2e
 CANARY = "canary-e2e-4b1f9c0d-do-not-leak"
 EXECUTOR = "spiffe://broker.local/tenant/default/executor/demo"
 ADMIN = "spiffe://broker.local/tenant/default/admin/cli"
-START_TIMEOUT = 15.0
 STOP_TIMEOUT = 25.0
-
-
-@dataclass
-class DevBroker:
-    process: subprocess.Popen[bytes]
-    data_dir: Path
-    admin_addr: str
-    resolve_addr: str
-    stdout: Path
-    stderr: Path
-
-    def logs(self) -> str:
-        return self.stdout.read_text(errors="replace") + self.stderr.read_text(errors="replace")
-
-    def ctl_argv(self, json_output: bool = True) -> list[str]:
-        argv = [sys.executable, "-m", "broker.cli.brokerctl", "--data-dir", str(self.data_dir)]
-        argv += ["--addr", self.admin_addr, "--resolve-addr", self.resolve_addr, "--timeout", "20"]
-        return [*argv, "--json"] if json_output else argv
-
-    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """Run `brokerctl --json ARGS` against this broker."""
-        return subprocess.run(
-            [*self.ctl_argv(), *args], capture_output=True, text=True, timeout=60, check=False
-        )
-
-    def ok(self, *args: str) -> tuple[Any, str]:
-        """`ctl` that must succeed: (parsed JSON stdout, raw stdout + stderr)."""
-        result = self.ctl(*args)
-        assert result.returncode == 0, f"brokerctl {' '.join(args)} failed:\n{result.stderr}\n{self.logs()}"
-        return json.loads(result.stdout), result.stdout + result.stderr
-
-
-@pytest.fixture
-def dev_broker(tmp_path: Path) -> Iterator[DevBroker]:
-    data_dir = tmp_path / "dev"
-    admin, resolve = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    stdout, stderr = tmp_path / "broker.out", tmp_path / "broker.err"
-    argv = [sys.executable, "-m", "broker.cli.broker", "dev", "--data-dir", str(data_dir)]
-    argv += ["--admin-addr", admin, "--resolve-addr", resolve, "--metrics-addr", f"127.0.0.1:{free_port()}"]
-    # Files, not pipes: a chatty server must never block on a full pipe nobody reads.
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        process = subprocess.Popen(argv, stdout=out, stderr=err, cwd=tmp_path)
-    broker = DevBroker(process, data_dir, admin, resolve, stdout, stderr)
-    try:
-        _wait_until_serving(broker)
-        yield broker
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
-
-
-def _wait_until_serving(broker: DevBroker) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if broker.process.poll() is not None:
-            pytest.fail(f"broker dev exited with {broker.process.returncode}:\n{broker.logs()}")
-        result = broker.ctl("types")
-        if result.returncode == 0:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"broker dev did not serve within {START_TIMEOUT:g}s:\n{result.stderr}\n{broker.logs()}"
-            )
-        time.sleep(0.25)
 
 
 def test_secret_lifecycle_through_the_cli(dev_broker: DevBroker, tmp_path: Path) -> None:
@@ -252,11 +184,6 @@ def test_oauth_connect_through_the_browser_redirect(dev_broker: DevBroker, tmp_p
         assert server.token_requests["authorization_code"] == 1
 
 
-def _write(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
-
-
 def test_unreachable_broker_gets_a_hint(tmp_path: Path) -> None:
     pki.ensure_dev_layout(tmp_path / "dev")
     addr = f"127.0.0.1:{free_port()}"
@@ -286,7 +213,7 @@ def test_master_key_rotation_through_brokerctl(tmp_path: Path) -> None:
         process = subprocess.Popen(argv, stdout=out, stderr=err, cwd=tmp_path)
     broker = DevBroker(process, data_dir, admin, resolve, stdout, stderr)
     try:
-        _wait_until_serving(broker)
+        wait_until_serving(broker)
         rotated, raw = broker.ok("keys", "rotate")
         assert rotated["previous_kek_id"] == old.id and rotated["active_kek_id"] != old.id
         assert keydir.active_id(key_dir) == rotated["active_kek_id"]

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_cli import DevBroker, _write, dev_broker  # noqa: F401 (the fixture)
+from tests.devbroker import DevBroker
+from tests.devbroker import write as _write
 from tests.helpers import free_port
 
 pytestmark = pytest.mark.e2e
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.e2e
 FAILED_TESTS = 5  # the default of [monitor] failed_tests
 
 
-def test_suspension_by_failed_tests_then_reinstate(dev_broker: DevBroker, tmp_path: Path) -> None:  # noqa: F811
+def test_suspension_by_failed_tests_then_reinstate(dev_broker: DevBroker, tmp_path: Path) -> None:
     password = _write(tmp_path / "pw", "pw-security-e2e")
     created, _ = dev_broker.ok(
         "create", "bastion", "--type", "ssh", "--config", "host=127.0.0.1", "--config", f"port={free_port()}",
