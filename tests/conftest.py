@@ -20,10 +20,21 @@ from cryptography.x509.oid import NameOID
 from broker import log as broker_log
 from broker import pki
 from broker._proto import broker_pb2_grpc
+from broker.cli._ctl_settings import CLIENT_VARIABLES
 from broker.config import Settings, TlsFiles
 from broker.server import Broker
 
 TRUST_DOMAIN = "broker.local"
+
+
+@pytest.fixture(autouse=True)
+def _brokerctl_sees_only_the_test(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """No BROKER_* client variable or brokerctl profile of the user running the suite reaches a test."""
+    for variable in CLIENT_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.getbasetemp() / "no-profiles"))
 
 
 def spiffe(tenant: str, role: str, name: str) -> str:

@@ -184,15 +184,6 @@ def test_oauth_connect_through_the_browser_redirect(dev_broker: DevBroker, tmp_p
         assert server.token_requests["authorization_code"] == 1
 
 
-def test_unreachable_broker_gets_a_hint(tmp_path: Path) -> None:
-    pki.ensure_dev_layout(tmp_path / "dev")
-    addr = f"127.0.0.1:{free_port()}"
-    argv = [sys.executable, "-m", "broker.cli.brokerctl", "--data-dir", str(tmp_path / "dev"), "--addr", addr]
-    result = subprocess.run([*argv, "types"], capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 1
-    assert "UNAVAILABLE" in result.stderr and "broker dev" in result.stderr and addr in result.stderr
-
-
 def test_master_key_rotation_through_brokerctl(tmp_path: Path) -> None:
     """`broker serve` with a key directory and the dev admin as operator; `brokerctl keys rotate`."""
     data_dir = tmp_path / "dev"

@@ -281,48 +281,71 @@ def _add_draft_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    # No defaults here: _ctl_settings.resolve fills what no flag gave from BROKER_* variables,
+    # a profile, then the `broker dev` layout, so a default must not look like a flag given.
     def default(value: object) -> object:
         return argparse.SUPPRESS if suppress else value
 
-    group = parser.add_argument_group("connection options")
+    group = parser.add_argument_group(
+        "connection options (each also from a BROKER_* variable or a profile; flags win)"
+    )
+    group.add_argument(
+        "--profile",
+        metavar="NAME",
+        default=default(None),
+        help="a profile of ~/.config/broker/brokerctl.toml (env BROKER_PROFILE)",
+    )
     group.add_argument(
         "--data-dir",
         type=Path,
         metavar="DIR",
-        default=default(DEFAULT_DATA_DIR),
-        help="where `broker dev` keeps its files; TLS defaults come from DIR/tls (default ./.broker-dev)",
+        default=default(None),
+        help="a `broker dev` data directory: TLS files from DIR/tls (env BROKER_DATA_DIR; "
+        f"default ./{DEFAULT_DATA_DIR})",
     )
     group.add_argument(
         "--addr",
         metavar="HOST:PORT",
-        default=default(DEFAULT_ADDR),
-        help=f"admin API (default {DEFAULT_ADDR})",
+        default=default(None),
+        help=f"admin API (env BROKER_ADDR; default {DEFAULT_ADDR})",
     )
     group.add_argument(
         "--resolve-addr",
         metavar="HOST:PORT",
-        default=default(DEFAULT_RESOLVE_ADDR),
-        help=f"resolve API, for `resolve` (default {DEFAULT_RESOLVE_ADDR})",
-    )
-    group.add_argument("--ca", type=Path, metavar="FILE", default=default(None), help="CA certificate (PEM)")
-    group.add_argument(
-        "--cert", type=Path, metavar="FILE", default=default(None), help="client certificate (PEM)"
+        default=default(None),
+        help=f"resolve API, for `resolve` (env BROKER_RESOLVE_ADDR; default {DEFAULT_RESOLVE_ADDR})",
     )
     group.add_argument(
-        "--key", type=Path, metavar="FILE", default=default(None), help="client private key (PEM)"
+        "--ca", type=Path, metavar="FILE", default=default(None), help="CA certificate, PEM (env BROKER_CA)"
+    )
+    group.add_argument(
+        "--cert",
+        type=Path,
+        metavar="FILE",
+        default=default(None),
+        help="client certificate, PEM, for this command's identity (env BROKER_CERT for the admin, "
+        "BROKER_EXECUTOR_CERT for `resolve`)",
+    )
+    group.add_argument(
+        "--key",
+        type=Path,
+        metavar="FILE",
+        default=default(None),
+        help="its private key, PEM (env BROKER_KEY, BROKER_EXECUTOR_KEY)",
     )
     group.add_argument(
         "--server-name",
         metavar="NAME",
         default=default(None),
-        help="the name to expect in the server certificate",
+        help="the name to expect in the server certificate (env BROKER_SERVER_NAME; "
+        "default: the host of the address)",
     )
     group.add_argument(
         "--timeout",
         type=float,
         metavar="SECONDS",
-        default=default(10.0),
-        help="seconds per call (default 10)",
+        default=default(None),
+        help="seconds per call (env BROKER_TIMEOUT; default 10)",
     )
     group.add_argument("--json", action="store_true", default=default(False), help="print JSON")
 

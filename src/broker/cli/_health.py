@@ -1,7 +1,8 @@
 """`broker health`: one grpc.health.v1 Check over mTLS, for container probes.
 
 Exit 0 when the service is SERVING, 1 for anything else (NOT_SERVING, unknown
-service, no answer); the status is printed either way. The probe needs a client
+service, no answer); the status is printed either way, and a hint to stderr when
+the broker could not be reached (the same hints as `brokerctl`, from `_hints`). The probe needs a client
 identity: `--cert/--key`, else `health.cert`/`health.key` from the settings, else
 (with `--data-dir`) the executor certificate `broker dev` made. Any certificate from
 the client CA will do: health checking needs no role. The server is verified
@@ -11,8 +12,10 @@ against `--ca`, else `tls.client_ca` (one CA for both sides, as `broker certs` m
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from broker.cli._hints import HEALTH, connection_hint
 from broker.config import Settings
 from broker.errors import ConfigError
 
@@ -86,6 +89,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"SERVICE_UNKNOWN: {args.service!r} at {address}")
             else:
                 print(f"UNREACHABLE: {address}: {code.name}: {exc.details()}")
+                hint = connection_hint(code.name, exc.details() or "", address, args.timeout, HEALTH)
+                if hint:
+                    print(f"broker: hint: {hint}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{status}: {args.service or '(all)'} at {address}")

@@ -12,6 +12,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from broker._proto import broker_pb2, broker_pb2_grpc
+from broker.cli._hints import BROKERCTL, connection_hint
 from broker.cli._input import UsageError
 from broker.cli._output import render_test_result, shown
 
@@ -91,8 +92,13 @@ class Session:
         return channel
 
 
-def describe_error(error: grpc.RpcError, addr: str, prog: str = "brokerctl") -> list[str]:
-    """The lines to print for a failed call: the status, each bad field, and a hint where one helps."""
+def describe_error(
+    error: grpc.RpcError, addr: str, prog: str = "brokerctl", *, timeout: float | None = None
+) -> list[str]:
+    """The lines to print for a failed call: the status, each bad field, and a hint where one helps.
+
+    `timeout` is the call's deadline in seconds, for the hint when there was no answer in time.
+    """
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
     lines = [f"{prog}: {code.name}: {shown(details or '')}"]
@@ -105,14 +111,8 @@ def describe_error(error: grpc.RpcError, addr: str, prog: str = "brokerctl") -> 
             for line in render_test_result(r).splitlines()
         ]
     elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        text = (details or "").lower()
-        if "handshake" in text or "ssl" in text or "certificate" in text:
-            lines.append(
-                f"{prog}: hint: the TLS handshake with {addr} failed; check --ca, --cert and --key "
-                "(and --server-name when the address is not in the server certificate)"
-            )
-        else:
-            lines.append(f"{prog}: hint: is `broker dev` running and listening on {addr}? (see --addr)")
+        hint = connection_hint(code.name, details or "", addr, timeout, BROKERCTL)
+        lines += [f"{prog}: hint: {hint}"] if hint else []
     return lines
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 
 from broker._proto import broker_pb2
+from broker.cli import _ctl_settings
 from broker.cli import _output as out
 from broker.cli._ctl_args import build_parser
 from broker.cli._input import (
@@ -32,7 +33,7 @@ from broker.cli._input import (
     parse_time,
 )
 from broker.cli._oauth_callback import CallbackListener, Redirect, parse_redirect
-from broker.cli._rpc import ClientTls, Session, describe_error
+from broker.cli._rpc import Session, describe_error
 
 PROG = "brokerctl"
 _MAX_PAGE = 1000
@@ -49,40 +50,35 @@ Handler = Callable[[argparse.Namespace, Session], int]
 def main(argv: list[str] | None = None) -> int:
     """Run one brokerctl command; returns the exit status."""
     args = build_parser().parse_args(argv)
-    session = open_session(args)
+    session: Session | None = None
     try:
+        session = open_session(args)
         return HANDLERS[args.command](args, session)
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except grpc.RpcError as exc:
-        for line in describe_error(exc, session.addr, PROG):
+        assert session is not None  # no call is made without one
+        for line in describe_error(exc, session.addr, PROG, timeout=session.timeout):
             print(line, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     finally:
-        session.close()
+        if session is not None:
+            session.close()
 
 
 def open_session(args: argparse.Namespace) -> Session:
-    """Channels for the admin identity (admin.pem) and the executor identity (executor.pem)."""
-    tls_dir = args.data_dir / "tls"
-
-    def identity(stem: str) -> ClientTls:
-        return ClientTls(
-            ca=args.ca or tls_dir / "ca.pem",
-            cert=args.cert or tls_dir / f"{stem}.pem",
-            key=args.key or tls_dir / f"{stem}-key.pem",
-        )
-
+    """Channels for the admin and the executor identity, as flags, BROKER_* variables and a profile say."""
+    settings = _ctl_settings.resolve(args, os.environ, _ctl_settings.profile_file(os.environ))
     return Session(
-        args.addr,
-        identity("admin"),
-        args.resolve_addr,
-        identity("executor"),
-        timeout=args.timeout,
-        server_name=args.server_name,
+        settings.addr,
+        settings.admin,
+        settings.resolve_addr,
+        settings.executor,
+        timeout=settings.timeout,
+        server_name=settings.server_name,
     )
 
 
