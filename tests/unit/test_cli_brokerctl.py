@@ -21,6 +21,9 @@ from broker.cli._ctl_args import build_parser
 from broker.cli._rpc import ClientTls, Session, describe_error
 
 CANARY = "canary-51d2-secret"
+ID1 = "conn_00000000000000000000000001"  # the shape of a connection id: an id, not a name
+ID2 = "conn_00000000000000000000000002"
+ID9 = "conn_00000000000000000000000009"
 
 
 class FakeStub:
@@ -76,9 +79,14 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Any:
     assert all(s.closed for s in sessions)
 
 
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 def connection(**overrides: Any) -> pb.Connection:
     c = pb.Connection(
-        id="conn_1",
+        id=ID1,
         name="orders-db",
         type="database",
         provider="postgres",
@@ -171,14 +179,15 @@ def test_create_builds_the_request(fake: Any, tmp_path: Path, capsys: pytest.Cap
 
 def test_update_sends_only_what_was_given(fake: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     session = fake(UpdateConnection=connection())
-    assert brokerctl.main(["update", "conn_1", "--name", "renamed"]) == 0
+    assert brokerctl.main(["update", ID1, "--name", "renamed"]) == 0
     request = session.admin.calls[0][1]
     assert request.name == "renamed"
     assert not request.HasField("config") and not request.HasField("labels")
 
     session = fake(UpdateConnection=connection())
+    monkeypatch.setattr("sys.stdin", Tty())
     monkeypatch.setattr("getpass.getpass", lambda prompt="": CANARY)
-    argv = ["update", "conn_1", "--config", "port=null", "--label", "a=1", "--secret", "password"]
+    argv = ["update", ID1, "--config", "port=null", "--label", "a=1", "--secret", "password"]
     argv += ["--clear-secret", "sslkey", "--etag", "3"]
     assert brokerctl.main(argv) == 0
     request = session.admin.calls[0][1]
@@ -191,22 +200,22 @@ def test_update_sends_only_what_was_given(fake: Any, monkeypatch: pytest.MonkeyP
 
 def test_update_clear_labels_sends_an_empty_label_set(fake: Any) -> None:
     session = fake(UpdateConnection=connection())
-    assert brokerctl.main(["update", "conn_1", "--clear-labels"]) == 0
+    assert brokerctl.main(["update", ID1, "--clear-labels"]) == 0
     request = session.admin.calls[0][1]
     assert request.HasField("labels") and not request.labels.values
 
 
 def test_update_with_nothing_to_change_is_refused(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
     session = fake()
-    assert brokerctl.main(["update", "conn_1"]) == 2
+    assert brokerctl.main(["update", ID1]) == 2
     assert session.admin.calls == []
     assert "nothing to update" in capsys.readouterr().err
 
 
 def test_list_all_follows_page_tokens(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
     pages = [
-        pb.ListConnectionsResponse(connections=[connection(id="conn_1")], next_page_token="t1"),
-        pb.ListConnectionsResponse(connections=[connection(id="conn_2", name="other")]),
+        pb.ListConnectionsResponse(connections=[connection(id=ID1)], next_page_token="t1"),
+        pb.ListConnectionsResponse(connections=[connection(id=ID2, name="other")]),
     ]
     session = fake(ListConnections=pages)
     argv = ["list", "--all", "--status", "deleted", "--label", "team=pay", "--type", "database", "--json"]
@@ -216,7 +225,7 @@ def test_list_all_follows_page_tokens(fake: Any, capsys: pytest.CaptureFixture[s
     first = session.admin.calls[0][1]
     assert first.status == pb.CONNECTION_STATUS_DELETED and dict(first.labels) == {"team": "pay"}
     doc = json.loads(capsys.readouterr().out)
-    assert [c["id"] for c in doc["connections"]] == ["conn_1", "conn_2"]
+    assert [c["id"] for c in doc["connections"]] == [ID1, ID2]
     assert doc["connections"][0]["secret_fields"] == ["password"]
 
 
@@ -227,7 +236,7 @@ def test_list_table_and_next_page_hint(fake: Any, capsys: pytest.CaptureFixture[
     header, row = captured.out.splitlines()
     assert header.split() == ["ID", "NAME", "TYPE", "PROVIDER", "STATUS", "SECRETS", "UPDATED"]
     assert row.split() == [
-        "conn_1",
+        ID1,
         "orders-db",
         "database",
         "postgres",
@@ -240,9 +249,9 @@ def test_list_table_and_next_page_hint(fake: Any, capsys: pytest.CaptureFixture[
 
 
 def test_grant_with_expires_in(fake: Any) -> None:
-    session = fake(GrantAccess=pb.Grant(connection_id="conn_1", principal="p"))
+    session = fake(GrantAccess=pb.Grant(connection_id=ID1, principal="p"))
     before = dt.datetime.now(dt.UTC)
-    assert brokerctl.main(["grant", "conn_1", "spiffe://x/tenant/t/executor/e", "--expires-in", "1h"]) == 0
+    assert brokerctl.main(["grant", ID1, "spiffe://x/tenant/t/executor/e", "--expires-in", "1h"]) == 0
     request = session.admin.calls[0][1]
     expires = request.expires_at.ToDatetime(tzinfo=dt.UTC)
     assert dt.timedelta(minutes=59) < expires - before <= dt.timedelta(hours=1, seconds=5)
@@ -251,7 +260,7 @@ def test_grant_with_expires_in(fake: Any) -> None:
 
 def test_grant_without_expiry_leaves_it_unset(fake: Any) -> None:
     session = fake(GrantAccess=pb.Grant())
-    assert brokerctl.main(["grant", "conn_1", "p"]) == 0
+    assert brokerctl.main(["grant", ID1, "p"]) == 0
     assert not session.admin.calls[0][1].HasField("expires_at")
 
 
@@ -272,7 +281,7 @@ def test_audit_pages_until_the_limit(fake: Any, capsys: pytest.CaptureFixture[st
 
 
 def test_resolve_by_name_uses_the_resolver(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    reply = pb.ResolveResponse(connection_id="conn_1", name="orders-db", secrets={"password": CANARY})
+    reply = pb.ResolveResponse(connection_id=ID1, name="orders-db", secrets={"password": CANARY})
     session = fake(Resolve=reply)
     assert brokerctl.main(["resolve", "orders-db", "--by-name", "--purpose", "debug"]) == 0
     [(method, request)] = session.resolver.calls
@@ -285,10 +294,10 @@ def test_resolve_by_name_uses_the_resolver(fake: Any, capsys: pytest.CaptureFixt
 def test_resolve_shows_when_the_version_held_was_superseded(
     fake: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    reply = pb.ResolveResponse(connection_id="conn_1", name="orders-db", secret_version=4)
+    reply = pb.ResolveResponse(connection_id=ID1, name="orders-db", secret_version=4)
     reply.superseded_at.FromSeconds(1_700_000_000)
     session = fake(Resolve=reply)
-    assert brokerctl.main(["resolve", "conn_1", "--known-version", "3"]) == 0
+    assert brokerctl.main(["resolve", ID1, "--known-version", "3"]) == 0
     [(_, request)] = session.resolver.calls
     assert request.known_secret_version == 3
     shown = capsys.readouterr().out
@@ -302,24 +311,20 @@ def test_resolve_help_says_it_prints_secrets(capsys: pytest.CaptureFixture[str])
 
 
 def test_purge_needs_confirmation(fake: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    session = fake(PurgeConnection=pb.PurgeConnectionResponse(id="conn_1"))
+    session = fake(PurgeConnection=pb.PurgeConnectionResponse(id=ID1))
     monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))  # not a terminal
-    assert brokerctl.main(["purge", "conn_1"]) == 2
+    assert brokerctl.main(["purge", ID1]) == 2
     assert session.admin.calls == []
-    assert brokerctl.main(["purge", "conn_1", "--yes"]) == 0
-    assert session.admin.calls[0][1].id == "conn_1"
+    assert brokerctl.main(["purge", ID1, "--yes"]) == 0
+    assert session.admin.calls[0][1].id == ID1
 
 
 def test_purge_asks_at_a_terminal(fake: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    class Tty(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    session = fake(PurgeConnection=pb.PurgeConnectionResponse(id="conn_1"))
+    session = fake(PurgeConnection=pb.PurgeConnectionResponse(id=ID1))
     monkeypatch.setattr("sys.stdin", Tty("n\n"))
-    assert brokerctl.main(["purge", "conn_1"]) == 1
+    assert brokerctl.main(["purge", ID1]) == 1
     monkeypatch.setattr("sys.stdin", Tty("yes\n"))
-    assert brokerctl.main(["purge", "conn_1"]) == 0
+    assert brokerctl.main(["purge", ID1]) == 0
     assert len(session.admin.calls) == 1
 
 
@@ -369,17 +374,22 @@ def invalid_argument() -> FakeRpcError:
 def test_invalid_argument_lists_each_field(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
     fake(CreateConnection=invalid_argument())
     assert brokerctl.main(["create", "x", "--type", "database"]) == 1
+    # The status text repeats the violations; only a count is shown above them.
     assert capsys.readouterr().err.splitlines() == [
-        "brokerctl: INVALID_ARGUMENT: 2 fields are invalid",
+        "brokerctl: INVALID_ARGUMENT: 2 invalid fields",
         "  config.port: must be an integer",
         "  name: is required",
     ]
 
 
-def test_not_found_is_one_line(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    fake(GetConnection=FakeRpcError(grpc.StatusCode.NOT_FOUND, "connection conn_9 not found"))
-    assert brokerctl.main(["get", "conn_9"]) == 1
-    assert capsys.readouterr().err == "brokerctl: NOT_FOUND: connection conn_9 not found\n"
+def test_an_unknown_id_reads_like_an_unknown_name(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake(GetConnection=FakeRpcError(grpc.StatusCode.NOT_FOUND, f"connection {ID9} not found"))
+    assert brokerctl.main(["get", ID9]) == 1
+    assert capsys.readouterr().err == f"brokerctl: no connection named or with id {ID9}\n"
+    missing = FakeRpcError(grpc.StatusCode.NOT_FOUND, f"no grant of connection {ID9} to that principal")
+    fake(RevokeAccess=missing)
+    assert brokerctl.main(["ungrant", ID9, "p"]) == 1
+    assert capsys.readouterr().err == f"brokerctl: NOT_FOUND: {missing.details()}\n"
 
 
 def test_unreachable_broker_gets_a_hint_with_the_address() -> None:
@@ -429,7 +439,7 @@ def test_keys_rotate_json_keeps_stdout_machine_readable(
     assert json.loads(capsys.readouterr().out) == {
         "active_kek_id": "kek_new",
         "previous_kek_id": "kek_old",
-        "deks_by_kek": {"kek_old": "12"},  # int64 is a string in proto3 JSON
+        "deks_by_kek": {"kek_old": 12},  # a number, though int64 is a string in proto3 JSON
     }
 
 
@@ -505,9 +515,9 @@ def test_text_from_servers_cannot_drive_the_terminal(fake: Any, capsys: pytest.C
     """A tool description or error text with escape sequences is shown escaped, never executed."""
     tool = pb.McpTool(name="ls\x1b[31m", description=HOSTILE)
     fake(ListMcpTools=pb.ListMcpToolsResponse(tools=[tool]))
-    assert brokerctl.main(["mcp", "tools", "conn_1"]) == 0
+    assert brokerctl.main(["mcp", "tools", ID1]) == 0
     fake(GetConnection=FakeRpcError(grpc.StatusCode.NOT_FOUND, f"no {HOSTILE}"))
-    assert brokerctl.main(["get", "conn_1"]) == 1
+    assert brokerctl.main(["get", ID1]) == 1
     captured = capsys.readouterr()
     for text in (captured.out, captured.err):
         assert not any(c in text for c in "\x1b\x07\x9b\u202e"), repr(text)
