@@ -39,7 +39,7 @@ class FakeStub:
             reply = self.replies[method]
             if isinstance(reply, list):
                 reply = reply.pop(0)
-            if isinstance(reply, Exception):
+            if isinstance(reply, BaseException):
                 raise reply
             return reply
 
@@ -283,12 +283,16 @@ def test_audit_pages_until_the_limit(fake: Any, capsys: pytest.CaptureFixture[st
 def test_resolve_by_name_uses_the_resolver(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
     reply = pb.ResolveResponse(connection_id=ID1, name="orders-db", secrets={"password": CANARY})
     session = fake(Resolve=reply)
-    assert brokerctl.main(["resolve", "orders-db", "--by-name", "--purpose", "debug"]) == 0
+    assert brokerctl.main(["resolve", "orders-db", "--purpose", "debug"]) == 0
     [(method, request)] = session.resolver.calls
     assert method == "Resolve" and request.name == "orders-db" and request.purpose == "debug"
+    assert not request.connection_id  # the executor cannot list: the broker looks the name up
     shown = capsys.readouterr().out
     assert CANARY in shown  # resolve is the one command that shows a secret
     assert "secret version" in shown and "superseded" not in shown
+    session = fake(Resolve=reply)
+    assert brokerctl.main(["resolve", ID1, "--by-name"]) == 0  # old scripts: the name reading, forced
+    assert session.resolver.calls[0][1].name == ID1
 
 
 def test_resolve_shows_when_the_version_held_was_superseded(
@@ -307,7 +311,8 @@ def test_resolve_shows_when_the_version_held_was_superseded(
 def test_resolve_help_says_it_prints_secrets(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["resolve", "--help"])
-    assert "PRINT ITS SECRETS" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "PRINT ITS SECRETS" in shown and "--by-name" not in shown  # accepted, no longer needed
 
 
 def test_purge_needs_confirmation(fake: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -328,12 +333,88 @@ def test_purge_asks_at_a_terminal(fake: Any, monkeypatch: pytest.MonkeyPatch) ->
     assert len(session.admin.calls) == 1
 
 
-def test_types_table_marks_secret_fields(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def test_types_marks_secret_fields_and_wraps_to_the_width(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     fields = [pb.FieldSpec(name="host"), pb.FieldSpec(name="password", secret=True)]
-    types = pb.ListConnectionTypesResponse(types=[pb.ConnectionType(name="database", fields=fields)])
+    long = " ".join(["words"] * 40)
+    types = pb.ListConnectionTypesResponse(
+        types=[pb.ConnectionType(name="database", fields=fields, description=long, providers=["a", "b"])]
+    )
     fake(ListConnectionTypes=types)
     assert brokerctl.main(["types"]) == 0
-    assert "host, password*" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "fields: host, password*" in shown and "providers: a, b" in shown
+    rendered = out.render_types(types, 60).splitlines()
+    assert max(len(line) for line in rendered) <= 60
+    assert rendered[:2] == ["TYPE      DESCRIPTION", "database  " + " ".join(["words"] * 8)]
+    assert rendered[2].startswith("          words")  # continued under the description
+
+
+def test_types_with_a_type_shows_each_field(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    driver = pb.FieldSpec(
+        name="driver", kind=pb.FIELD_KIND_ENUM, required=True, choices=["pg", "my"], description="Engine."
+    )
+    port = pb.FieldSpec(name="port", kind=pb.FIELD_KIND_INTEGER)
+    port.default_value.number_value = 5432
+    secret = pb.FieldSpec(name="password", kind=pb.FIELD_KIND_STRING, secret=True)
+    database = pb.ConnectionType(name="database", description="A database.", fields=[driver, port, secret])
+    fake(ListConnectionTypes=pb.ListConnectionTypesResponse(types=[database, pb.ConnectionType(name="aws")]))
+    assert brokerctl.main(["types", "database"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "database: A database.",
+        "",
+        "FIELD     DETAILS",
+        "driver    enum, required, one of: pg | my",
+        "          Engine.",
+        "port      integer, optional, default 5432",
+        "password  string, optional, SECRET",
+    ]
+    fake(ListConnectionTypes=pb.ListConnectionTypesResponse(types=[database, pb.ConnectionType(name="aws")]))
+    assert brokerctl.main(["types", "--json", "database"]) == 0
+    assert json.loads(capsys.readouterr().out)["fields"][1]["default_value"] == 5432
+    fake(ListConnectionTypes=pb.ListConnectionTypesResponse(types=[database, pb.ConnectionType(name="aws")]))
+    assert brokerctl.main(["types", "nosuch"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "brokerctl: error: no connection type nosuch; the types are: database, aws\n"
+    )
+
+
+def test_grants_mark_expired_ones_and_active_hides_them(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    grants = [pb.Grant(connection_id=ID1, principal=p) for p in ("p-old", "p-new", "p-forever")]
+    grants[0].expires_at.FromDatetime(now - dt.timedelta(seconds=1))
+    grants[1].expires_at.FromDatetime(now + dt.timedelta(hours=1))
+    fake(ListGrants=pb.ListGrantsResponse(grants=grants))
+    assert brokerctl.main(["grants"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert rows[0][:4] == ["CONNECTION", "PRINCIPAL", "STATE", "EXPIRES"]
+    assert [r[1:3] for r in rows[1:]] == [["p-old", "expired"], ["p-new", "active"], ["p-forever", "active"]]
+    fake(ListGrants=pb.ListGrantsResponse(grants=grants))
+    assert brokerctl.main(["grants", "--active", "--json"]) == 0
+    assert [g["principal"] for g in json.loads(capsys.readouterr().out)["grants"]] == ["p-new", "p-forever"]
+
+
+def test_restore_and_purge_look_for_a_deleted_connection_first(fake: Any) -> None:
+    deleted = pb.ListConnectionsResponse(connections=[connection(id=ID2, name="orders-db")])
+    session = fake(ListConnections=[deleted, deleted], RestoreConnection=connection(id=ID2))
+    session.admin.replies["PurgeConnection"] = pb.PurgeConnectionResponse(id=ID2)
+    assert brokerctl.main(["restore", "orders-db"]) == 0
+    assert brokerctl.main(["purge", "orders-db", "--yes"]) == 0
+    lookups = [r for m, r in session.admin.calls if m == "ListConnections"]
+    assert [r.status for r in lookups] == [pb.CONNECTION_STATUS_DELETED] * 2
+    assert [r.id for m, r in session.admin.calls if m != "ListConnections"] == [ID2, ID2]
+
+
+def test_tables_show_non_ascii_as_it_is() -> None:
+    c = connection()
+    c.labels["team"] = "équipe"
+    c.config.update({"db": "héllo\u202e"})
+    shown = out.render_connection(c)
+    assert '"db": "héllo\\u202e"' in shown and "team=équipe" in shown  # bidi still escaped
 
 
 # ------------------------------------------------------------------- errors
@@ -390,6 +471,74 @@ def test_an_unknown_id_reads_like_an_unknown_name(fake: Any, capsys: pytest.Capt
     fake(RevokeAccess=missing)
     assert brokerctl.main(["ungrant", ID9, "p"]) == 1
     assert capsys.readouterr().err == f"brokerctl: NOT_FOUND: {missing.details()}\n"
+
+
+def test_a_long_violation_list_is_counted_in_full() -> None:
+    bad = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=f"labels.k{i}", description="is too long")
+            for i in range(2)
+        ]
+        + [error_details_pb2.BadRequest.FieldViolation(field="", description="and 5 more")]
+    )
+    detail = any_pb2.Any()
+    detail.Pack(bad)
+    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message="...", details=[detail])
+    error = FakeRpcError(
+        grpc.StatusCode.INVALID_ARGUMENT, "...", (("grpc-status-details-bin", status.SerializeToString()),)
+    )
+    assert describe_error(error, "h:1") == [
+        "brokerctl: INVALID_ARGUMENT: 7 invalid fields",
+        "  labels.k0: is too long",
+        "  labels.k1: is too long",
+        "  and 5 more",
+    ]
+
+
+def test_json_errors_go_to_stderr_as_one_object(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake(CreateConnection=invalid_argument())
+    assert brokerctl.main(["create", "x", "--type", "database", "--json"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and json.loads(captured.err) == {
+        "code": "INVALID_ARGUMENT",
+        "message": "2 fields are invalid",
+        "violations": [
+            {"field": "config.port", "description": "must be an integer"},
+            {"field": "name", "description": "is required"},
+        ],
+    }
+    fake(ListConnectionTypes=FakeRpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses"))
+    assert brokerctl.main(["--json", "types"]) == 1
+    doc = json.loads(capsys.readouterr().err)
+    assert doc["code"] == "UNAVAILABLE" and "127.0.0.1:50051" in doc["hint"] and "violations" not in doc
+    fake(RotateMasterKey=FakeRpcError(grpc.StatusCode.PERMISSION_DENIED, "not an operator"))
+    assert brokerctl.main(["keys", "rotate", "--json"]) == 1
+    assert "master_key.operators" in json.loads(capsys.readouterr().err)["hint"]
+    fake()
+    assert brokerctl.main(["list", "--page-size", "5000", "--json"]) == 2
+    assert json.loads(capsys.readouterr().err) == {
+        "code": "USAGE",
+        "message": "--page-size must be between 1 and 1000",
+    }
+
+
+def test_command_line_errors_are_json_with_json_and_argparse_text_without(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert brokerctl.main(["--json", "grant", ID1]) == 2
+    doc = json.loads(capsys.readouterr().err)
+    assert doc["code"] == "USAGE" and doc["message"] == "the following arguments are required: principal"
+    assert doc["usage"].startswith("usage: brokerctl grant")
+    assert brokerctl.main(["grant", ID1]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: brokerctl grant")
+    assert err.endswith("brokerctl grant: error: the following arguments are required: principal\n")
+
+
+def test_ctrl_c_anywhere_is_status_130_and_a_newline(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    session = fake(ListConnections=KeyboardInterrupt())
+    assert brokerctl.main(["list"]) == 130
+    assert capsys.readouterr().err == "\n" and session.closed
 
 
 def test_unreachable_broker_gets_a_hint_with_the_address() -> None:

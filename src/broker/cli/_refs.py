@@ -25,7 +25,7 @@ from broker.cli._rpc import pages
 
 _ID = re.compile(r"conn_[0-9a-z]{26}")
 # What the broker answers for an id it does not know, well-formed or not (service/lookup.py).
-_NOT_FOUND = re.compile(r"connection \S+ not found")
+_NOT_FOUND = re.compile(r"connection (?:\S+|\(not a valid id\)) not found")
 _PAGE = 1000
 _LIVE = broker_pb2.CONNECTION_STATUS_UNSPECIFIED  # every connection not deleted
 _DELETED = broker_pb2.CONNECTION_STATUS_DELETED
