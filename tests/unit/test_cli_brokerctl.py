@@ -116,6 +116,13 @@ def test_global_options_work_before_and_after_the_command() -> None:
     assert defaults.data_dir == Path(".broker-dev")
 
 
+def test_help_and_docstring_give_every_exit_status() -> None:
+    epilog = build_parser().epilog or ""
+    for status in ("0 ", "1 ", "2 ", "130 ", "141 "):
+        assert f"\n  {status}" in epilog
+    assert brokerctl.__doc__ is not None and "130" in brokerctl.__doc__ and "141" in brokerctl.__doc__
+
+
 def test_create_requires_a_type(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(["create", "x"])

@@ -16,8 +16,8 @@ examples:
   brokerctl create orders-db --type database --config driver=postgresql \\
       --config host=db.internal --config database=orders --config username=app --secret password
   brokerctl list --label team=payments
-  brokerctl grant <id> spiffe://broker.local/tenant/default/executor/demo --expires-in 7d
-  brokerctl audit --connection <id> --since 1h
+  brokerctl grant orders-db spiffe://broker.local/tenant/default/executor/demo --expires-in 7d
+  brokerctl audit --connection orders-db --since 1h
   brokerctl audit verify
   brokerctl audit export --since 30d > audit.jsonl
 

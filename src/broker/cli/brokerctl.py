@@ -84,16 +84,11 @@ def _run(args: argparse.Namespace) -> int:
         _print_error(args.json, {"code": "USAGE", "message": str(exc)}, f"{PROG}: error: {exc}")
         return 2
     except UnknownConnection as exc:
-        _print_error(args.json, {"code": "NOT_FOUND", "message": exc.message}, f"{PROG}: {exc.message}")
-        return 1
+        return _unknown(args, exc)
     except grpc.RpcError as exc:
-        ref = _ref_given(args)
-        if ref and is_unknown_connection(exc):
-            unknown = UnknownConnection(ref)
-            _print_error(
-                args.json, {"code": "NOT_FOUND", "message": unknown.message}, f"{PROG}: {unknown.message}"
-            )
-            return 1
+        if _ref_given(args) and is_unknown_connection(exc):
+            # The broker's words for an unknown id, in the words used for an unknown name.
+            return _unknown(args, UnknownConnection(_ref_given(args)))
         addr = session.addr if session is not None else args.addr
         _print_error(args.json, error_doc(exc, addr, PROG), *describe_error(exc, addr, PROG))
         return 1
@@ -116,6 +111,11 @@ def _print_error(as_json: bool, doc: dict[str, Any], *lines: str) -> None:
     else:
         for line in lines:
             print(line, file=sys.stderr)
+
+
+def _unknown(args: argparse.Namespace, exc: UnknownConnection) -> int:
+    _print_error(args.json, {"code": "NOT_FOUND", "message": exc.message}, f"{PROG}: {exc.message}")
+    return 1
 
 
 def _print_usage_error(exc: ArgumentsError, as_json: bool) -> None:
