@@ -198,3 +198,9 @@ def test_times() -> None:
         parse_time("1h", NOW)  # a duration only where the flag allows it
     with pytest.raises(UsageError, match="or a duration"):
         parse_time("yesterday", NOW, relative=True)
+
+
+def test_secret_from_a_closed_stdin_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.stdin", None)  # what Python makes of `<&-`
+    with pytest.raises(UsageError, match=r"^--secret token=@- reads standard input, but it is closed$"):
+        parse_secrets(["token=@-"])

@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 
 class UsageError(ValueError):
@@ -81,13 +81,20 @@ def parse_secrets(specs: Sequence[str], prog: str = "brokerctl") -> dict[str, st
             if stdin_used:
                 raise UsageError("only one --secret can read standard input (@-)")
             stdin_used = True
-            value = _strip_newline(sys.stdin.read())
+            value = _strip_newline(standard_input(f"--secret {field}=@-").read())
         elif value.startswith("@"):
             value = _strip_newline(_read_text(value[1:], f"--secret {field}"))
         else:
             warned = _warn_inline(field, prog, warned)
         secrets[field] = value
     return secrets
+
+
+def standard_input(purpose: str) -> TextIO:
+    """sys.stdin, or a `UsageError` naming `purpose` when the shell closed it (`<&-`)."""
+    if sys.stdin is None:
+        raise UsageError(f"{purpose} reads standard input, but it is closed")
+    return sys.stdin
 
 
 def _prompt(field: str) -> str:

@@ -37,6 +37,7 @@ from broker.cli._input import (
     parse_labels,
     parse_secrets,
     parse_time,
+    standard_input,
 )
 from broker.cli._json import json_line, to_json
 from broker.cli._oauth_callback import CallbackListener, Redirect, parse_redirect
@@ -441,7 +442,7 @@ def _begin_and_wait(
         redirect = listener.wait(wait)
     else:
         print("Then paste the URL your browser was sent to:", file=sys.stderr, flush=True)
-        redirect = parse_redirect(sys.stdin.readline())
+        redirect = parse_redirect(standard_input("--paste").readline())
     if redirect.state != begun.state:
         raise UsageError("the redirect's state does not match this authorization; start again")
     return redirect
@@ -524,7 +525,7 @@ def _show(args: argparse.Namespace, reply: Any, render: Callable[[Any], str]) ->
 
 def _confirm(question: str) -> bool:
     # The prompt goes to stderr so that stdout stays clean for --json consumers.
-    if not sys.stdin.isatty():
+    if sys.stdin is None or not sys.stdin.isatty():
         raise UsageError("purge cannot be undone; pass --yes to confirm when not at a terminal")
     print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
     return sys.stdin.readline().strip().lower() in ("y", "yes")
