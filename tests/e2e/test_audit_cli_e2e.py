@@ -41,4 +41,4 @@ def test_verify_then_export_then_catch_an_edit(dev_broker: DevBroker, tmp_path: 
     db.close()
     broken = dev_broker.ctl("audit", "verify")
     assert broken.returncode == 1
-    assert json.loads(broken.stdout)["first_broken_id"] == "2"
+    assert json.loads(broken.stdout)["first_broken_id"] == 2

@@ -208,7 +208,7 @@ def test_master_key_rotation_through_brokerctl(tmp_path: Path) -> None:
         rotated, raw = broker.ok("keys", "rotate")
         assert rotated["previous_kek_id"] == old.id and rotated["active_kek_id"] != old.id
         assert keydir.active_id(key_dir) == rotated["active_kek_id"]
-        assert rotated["deks_by_kek"] == {old.id: "1"}  # the store's key-check canary
+        assert rotated["deks_by_kek"] == {old.id: 1}  # the store's key-check canary
         assert "broker keys rewrap" in raw
 
         text = subprocess.run(

@@ -14,8 +14,8 @@ import grpc
 import pytest
 
 from broker._proto import broker_pb2 as pb
-from broker.cli import _output as out
 from broker.cli import broker as broker_cli
+from broker.cli._json import json_line
 from broker.service.resolve import DENIED_MESSAGE
 from tests.conftest import Running
 from tests.helpers import EXECUTOR, EXECUTOR2, db_request, field_violations, rpc_error
@@ -226,7 +226,7 @@ async def test_the_audit_finds_every_executor_that_received_a_leaked_value(
     export = tmp_path / "audit.jsonl"
     request = pb.ExportAuditEventsRequest()
     request.start_time.FromDatetime(datetime.now(UTC) - timedelta(hours=1))
-    lines = [out.json_line(e) async for e in admin.ExportAuditEvents(request)]
+    lines = [json_line(e) async for e in admin.ExportAuditEvents(request)]
     export.write_text("\n".join(lines) + "\n")
 
     capsys.readouterr()

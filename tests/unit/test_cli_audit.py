@@ -18,6 +18,8 @@ from broker.crypto import Kek
 from broker.service.fingerprint import fingerprint
 from tests.unit.test_cli_brokerctl import FakeSession
 
+ID1 = "conn_00000000000000000000000001"  # the shape of a connection id: an id, not a name
+
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -33,8 +35,8 @@ def test_plain_audit_still_lists_and_subcommands_parse() -> None:
     parser = build_parser()
     assert parser.parse_args(["audit", "--since", "1h"]).audit_command is None
     assert parser.parse_args(["audit", "verify", "--json"]).audit_command == "verify"
-    args = parser.parse_args(["audit", "export", "--since", "30d", "--until", "1d", "--connection", "conn_1"])
-    assert (args.audit_command, args.since, args.until, args.connection) == ("export", "30d", "1d", "conn_1")
+    args = parser.parse_args(["audit", "export", "--since", "30d", "--until", "1d", "--connection", ID1])
+    assert (args.audit_command, args.since, args.until, args.connection) == ("export", "30d", "1d", ID1)
 
 
 def test_export_needs_since(capsys: pytest.CaptureFixture[str]) -> None:
@@ -56,28 +58,26 @@ def test_verify_exit_status_follows_the_verdict(fake: Any, capsys: pytest.Captur
 
     fake(VerifyAuditLog=broken)
     assert brokerctl.main(["audit", "verify", "--json"]) == 1
-    assert json.loads(capsys.readouterr().out)["first_broken_id"] == "7"
+    assert json.loads(capsys.readouterr().out)["first_broken_id"] == 7
 
 
 def test_export_writes_one_json_object_per_line(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
     events = [
         pb.AuditEvent(
-            id=i, actor="a", action="connection.resolve", connection_id="conn_1", prev_hash="p", hash="h"
+            id=i, actor="a", action="connection.resolve", connection_id=ID1, prev_hash="p", hash="h"
         )
         for i in (1, 2, 3)
     ]
     session = fake(ExportAuditEvents=iter(events))
-    assert (
-        brokerctl.main(["audit", "export", "--since", "1h", "--until", "10m", "--connection", "conn_1"]) == 0
-    )
+    assert brokerctl.main(["audit", "export", "--since", "1h", "--until", "10m", "--connection", ID1]) == 0
     [(method, request)] = session.admin.calls
-    assert method == "ExportAuditEvents" and request.connection_id == "conn_1"
+    assert method == "ExportAuditEvents" and request.connection_id == ID1
     assert request.HasField("start_time") and request.HasField("end_time")
     assert request.start_time.ToDatetime() < request.end_time.ToDatetime()
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
-    assert [json.loads(line)["id"] for line in lines] == ["1", "2", "3"]
-    assert json.loads(lines[0])["connection_id"] == "conn_1" and json.loads(lines[0])["prev_hash"] == "p"
+    assert [json.loads(line)["id"] for line in lines] == [1, 2, 3]
+    assert json.loads(lines[0])["connection_id"] == ID1 and json.loads(lines[0])["prev_hash"] == "p"
     assert "exported 3 events" in captured.err
 
 

@@ -21,6 +21,9 @@ from broker.cli._ctl_args import build_parser
 from broker.cli._rpc import ClientTls, Session, describe_error
 
 CANARY = "canary-51d2-secret"
+ID1 = "conn_00000000000000000000000001"  # the shape of a connection id: an id, not a name
+ID2 = "conn_00000000000000000000000002"
+ID9 = "conn_00000000000000000000000009"
 
 
 class FakeStub:
@@ -36,7 +39,7 @@ class FakeStub:
             reply = self.replies[method]
             if isinstance(reply, list):
                 reply = reply.pop(0)
-            if isinstance(reply, Exception):
+            if isinstance(reply, BaseException):
                 raise reply
             return reply
 
@@ -76,9 +79,14 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Any:
     assert all(s.closed for s in sessions)
 
 
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 def connection(**overrides: Any) -> pb.Connection:
     c = pb.Connection(
-        id="conn_1",
+        id=ID1,
         name="orders-db",
         type="database",
         provider="postgres",
@@ -106,6 +114,13 @@ def test_global_options_work_before_and_after_the_command() -> None:
     assert defaults.json is False
     # Not given is None: _ctl_settings fills it from BROKER_* variables, a profile or the dev defaults.
     assert defaults.addr is None and defaults.resolve_addr is None and defaults.data_dir is None
+
+
+def test_help_and_docstring_give_every_exit_status() -> None:
+    epilog = build_parser().epilog or ""
+    for status in ("0 ", "1 ", "2 ", "130 ", "141 "):
+        assert f"\n  {status}" in epilog
+    assert brokerctl.__doc__ is not None and "130" in brokerctl.__doc__ and "141" in brokerctl.__doc__
 
 
 def test_create_requires_a_type(capsys: pytest.CaptureFixture[str]) -> None:
@@ -171,14 +186,15 @@ def test_create_builds_the_request(fake: Any, tmp_path: Path, capsys: pytest.Cap
 
 def test_update_sends_only_what_was_given(fake: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     session = fake(UpdateConnection=connection())
-    assert brokerctl.main(["update", "conn_1", "--name", "renamed"]) == 0
+    assert brokerctl.main(["update", ID1, "--name", "renamed"]) == 0
     request = session.admin.calls[0][1]
     assert request.name == "renamed"
     assert not request.HasField("config") and not request.HasField("labels")
 
     session = fake(UpdateConnection=connection())
+    monkeypatch.setattr("sys.stdin", Tty())
     monkeypatch.setattr("getpass.getpass", lambda prompt="": CANARY)
-    argv = ["update", "conn_1", "--config", "port=null", "--label", "a=1", "--secret", "password"]
+    argv = ["update", ID1, "--config", "port=null", "--label", "a=1", "--secret", "password"]
     argv += ["--clear-secret", "sslkey", "--etag", "3"]
     assert brokerctl.main(argv) == 0
     request = session.admin.calls[0][1]
@@ -191,22 +207,22 @@ def test_update_sends_only_what_was_given(fake: Any, monkeypatch: pytest.MonkeyP
 
 def test_update_clear_labels_sends_an_empty_label_set(fake: Any) -> None:
     session = fake(UpdateConnection=connection())
-    assert brokerctl.main(["update", "conn_1", "--clear-labels"]) == 0
+    assert brokerctl.main(["update", ID1, "--clear-labels"]) == 0
     request = session.admin.calls[0][1]
     assert request.HasField("labels") and not request.labels.values
 
 
 def test_update_with_nothing_to_change_is_refused(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
     session = fake()
-    assert brokerctl.main(["update", "conn_1"]) == 2
+    assert brokerctl.main(["update", ID1]) == 2
     assert session.admin.calls == []
     assert "nothing to update" in capsys.readouterr().err
 
 
 def test_list_all_follows_page_tokens(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
     pages = [
-        pb.ListConnectionsResponse(connections=[connection(id="conn_1")], next_page_token="t1"),
-        pb.ListConnectionsResponse(connections=[connection(id="conn_2", name="other")]),
+        pb.ListConnectionsResponse(connections=[connection(id=ID1)], next_page_token="t1"),
+        pb.ListConnectionsResponse(connections=[connection(id=ID2, name="other")]),
     ]
     session = fake(ListConnections=pages)
     argv = ["list", "--all", "--status", "deleted", "--label", "team=pay", "--type", "database", "--json"]
@@ -216,7 +232,7 @@ def test_list_all_follows_page_tokens(fake: Any, capsys: pytest.CaptureFixture[s
     first = session.admin.calls[0][1]
     assert first.status == pb.CONNECTION_STATUS_DELETED and dict(first.labels) == {"team": "pay"}
     doc = json.loads(capsys.readouterr().out)
-    assert [c["id"] for c in doc["connections"]] == ["conn_1", "conn_2"]
+    assert [c["id"] for c in doc["connections"]] == [ID1, ID2]
     assert doc["connections"][0]["secret_fields"] == ["password"]
 
 
@@ -227,7 +243,7 @@ def test_list_table_and_next_page_hint(fake: Any, capsys: pytest.CaptureFixture[
     header, row = captured.out.splitlines()
     assert header.split() == ["ID", "NAME", "TYPE", "PROVIDER", "STATUS", "SECRETS", "UPDATED"]
     assert row.split() == [
-        "conn_1",
+        ID1,
         "orders-db",
         "database",
         "postgres",
@@ -240,9 +256,9 @@ def test_list_table_and_next_page_hint(fake: Any, capsys: pytest.CaptureFixture[
 
 
 def test_grant_with_expires_in(fake: Any) -> None:
-    session = fake(GrantAccess=pb.Grant(connection_id="conn_1", principal="p"))
+    session = fake(GrantAccess=pb.Grant(connection_id=ID1, principal="p"))
     before = dt.datetime.now(dt.UTC)
-    assert brokerctl.main(["grant", "conn_1", "spiffe://x/tenant/t/executor/e", "--expires-in", "1h"]) == 0
+    assert brokerctl.main(["grant", ID1, "spiffe://x/tenant/t/executor/e", "--expires-in", "1h"]) == 0
     request = session.admin.calls[0][1]
     expires = request.expires_at.ToDatetime(tzinfo=dt.UTC)
     assert dt.timedelta(minutes=59) < expires - before <= dt.timedelta(hours=1, seconds=5)
@@ -251,7 +267,7 @@ def test_grant_with_expires_in(fake: Any) -> None:
 
 def test_grant_without_expiry_leaves_it_unset(fake: Any) -> None:
     session = fake(GrantAccess=pb.Grant())
-    assert brokerctl.main(["grant", "conn_1", "p"]) == 0
+    assert brokerctl.main(["grant", ID1, "p"]) == 0
     assert not session.admin.calls[0][1].HasField("expires_at")
 
 
@@ -272,23 +288,27 @@ def test_audit_pages_until_the_limit(fake: Any, capsys: pytest.CaptureFixture[st
 
 
 def test_resolve_by_name_uses_the_resolver(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    reply = pb.ResolveResponse(connection_id="conn_1", name="orders-db", secrets={"password": CANARY})
+    reply = pb.ResolveResponse(connection_id=ID1, name="orders-db", secrets={"password": CANARY})
     session = fake(Resolve=reply)
-    assert brokerctl.main(["resolve", "orders-db", "--by-name", "--purpose", "debug"]) == 0
+    assert brokerctl.main(["resolve", "orders-db", "--purpose", "debug"]) == 0
     [(method, request)] = session.resolver.calls
     assert method == "Resolve" and request.name == "orders-db" and request.purpose == "debug"
+    assert not request.connection_id  # the executor cannot list: the broker looks the name up
     shown = capsys.readouterr().out
     assert CANARY in shown  # resolve is the one command that shows a secret
     assert "secret version" in shown and "superseded" not in shown
+    session = fake(Resolve=reply)
+    assert brokerctl.main(["resolve", ID1, "--by-name"]) == 0  # old scripts: the name reading, forced
+    assert session.resolver.calls[0][1].name == ID1
 
 
 def test_resolve_shows_when_the_version_held_was_superseded(
     fake: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    reply = pb.ResolveResponse(connection_id="conn_1", name="orders-db", secret_version=4)
+    reply = pb.ResolveResponse(connection_id=ID1, name="orders-db", secret_version=4)
     reply.superseded_at.FromSeconds(1_700_000_000)
     session = fake(Resolve=reply)
-    assert brokerctl.main(["resolve", "conn_1", "--known-version", "3"]) == 0
+    assert brokerctl.main(["resolve", ID1, "--known-version", "3"]) == 0
     [(_, request)] = session.resolver.calls
     assert request.known_secret_version == 3
     shown = capsys.readouterr().out
@@ -298,37 +318,110 @@ def test_resolve_shows_when_the_version_held_was_superseded(
 def test_resolve_help_says_it_prints_secrets(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["resolve", "--help"])
-    assert "PRINT ITS SECRETS" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "PRINT ITS SECRETS" in shown and "--by-name" not in shown  # accepted, no longer needed
 
 
 def test_purge_needs_confirmation(fake: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    session = fake(PurgeConnection=pb.PurgeConnectionResponse(id="conn_1"))
+    session = fake(PurgeConnection=pb.PurgeConnectionResponse(id=ID1))
     monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))  # not a terminal
-    assert brokerctl.main(["purge", "conn_1"]) == 2
+    assert brokerctl.main(["purge", ID1]) == 2
     assert session.admin.calls == []
-    assert brokerctl.main(["purge", "conn_1", "--yes"]) == 0
-    assert session.admin.calls[0][1].id == "conn_1"
+    assert brokerctl.main(["purge", ID1, "--yes"]) == 0
+    assert session.admin.calls[0][1].id == ID1
 
 
 def test_purge_asks_at_a_terminal(fake: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    class Tty(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    session = fake(PurgeConnection=pb.PurgeConnectionResponse(id="conn_1"))
+    session = fake(PurgeConnection=pb.PurgeConnectionResponse(id=ID1))
     monkeypatch.setattr("sys.stdin", Tty("n\n"))
-    assert brokerctl.main(["purge", "conn_1"]) == 1
+    assert brokerctl.main(["purge", ID1]) == 1
     monkeypatch.setattr("sys.stdin", Tty("yes\n"))
-    assert brokerctl.main(["purge", "conn_1"]) == 0
+    assert brokerctl.main(["purge", ID1]) == 0
     assert len(session.admin.calls) == 1
 
 
-def test_types_table_marks_secret_fields(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def test_types_marks_secret_fields_and_wraps_to_the_width(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     fields = [pb.FieldSpec(name="host"), pb.FieldSpec(name="password", secret=True)]
-    types = pb.ListConnectionTypesResponse(types=[pb.ConnectionType(name="database", fields=fields)])
+    long = " ".join(["words"] * 40)
+    types = pb.ListConnectionTypesResponse(
+        types=[pb.ConnectionType(name="database", fields=fields, description=long, providers=["a", "b"])]
+    )
     fake(ListConnectionTypes=types)
     assert brokerctl.main(["types"]) == 0
-    assert "host, password*" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "fields: host, password*" in shown and "providers: a, b" in shown
+    rendered = out.render_types(types, 60).splitlines()
+    assert max(len(line) for line in rendered) <= 60
+    assert rendered[:2] == ["TYPE      DESCRIPTION", "database  " + " ".join(["words"] * 8)]
+    assert rendered[2].startswith("          words")  # continued under the description
+
+
+def test_types_with_a_type_shows_each_field(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    driver = pb.FieldSpec(
+        name="driver", kind=pb.FIELD_KIND_ENUM, required=True, choices=["pg", "my"], description="Engine."
+    )
+    port = pb.FieldSpec(name="port", kind=pb.FIELD_KIND_INTEGER)
+    port.default_value.number_value = 5432
+    secret = pb.FieldSpec(name="password", kind=pb.FIELD_KIND_STRING, secret=True)
+    database = pb.ConnectionType(name="database", description="A database.", fields=[driver, port, secret])
+    fake(ListConnectionTypes=pb.ListConnectionTypesResponse(types=[database, pb.ConnectionType(name="aws")]))
+    assert brokerctl.main(["types", "database"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "database: A database.",
+        "",
+        "FIELD     DETAILS",
+        "driver    enum, required, one of: pg | my",
+        "          Engine.",
+        "port      integer, optional, default 5432",
+        "password  string, optional, SECRET",
+    ]
+    fake(ListConnectionTypes=pb.ListConnectionTypesResponse(types=[database, pb.ConnectionType(name="aws")]))
+    assert brokerctl.main(["types", "--json", "database"]) == 0
+    assert json.loads(capsys.readouterr().out)["fields"][1]["default_value"] == 5432
+    fake(ListConnectionTypes=pb.ListConnectionTypesResponse(types=[database, pb.ConnectionType(name="aws")]))
+    assert brokerctl.main(["types", "nosuch"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "brokerctl: error: no connection type nosuch; the types are: database, aws\n"
+    )
+
+
+def test_grants_mark_expired_ones_and_active_hides_them(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    grants = [pb.Grant(connection_id=ID1, principal=p) for p in ("p-old", "p-new", "p-forever")]
+    grants[0].expires_at.FromDatetime(now - dt.timedelta(seconds=1))
+    grants[1].expires_at.FromDatetime(now + dt.timedelta(hours=1))
+    fake(ListGrants=pb.ListGrantsResponse(grants=grants))
+    assert brokerctl.main(["grants"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert rows[0][:4] == ["CONNECTION", "PRINCIPAL", "STATE", "EXPIRES"]
+    assert [r[1:3] for r in rows[1:]] == [["p-old", "expired"], ["p-new", "active"], ["p-forever", "active"]]
+    fake(ListGrants=pb.ListGrantsResponse(grants=grants))
+    assert brokerctl.main(["grants", "--active", "--json"]) == 0
+    assert [g["principal"] for g in json.loads(capsys.readouterr().out)["grants"]] == ["p-new", "p-forever"]
+
+
+def test_restore_and_purge_look_for_a_deleted_connection_first(fake: Any) -> None:
+    deleted = pb.ListConnectionsResponse(connections=[connection(id=ID2, name="orders-db")])
+    session = fake(ListConnections=[deleted, deleted], RestoreConnection=connection(id=ID2))
+    session.admin.replies["PurgeConnection"] = pb.PurgeConnectionResponse(id=ID2)
+    assert brokerctl.main(["restore", "orders-db"]) == 0
+    assert brokerctl.main(["purge", "orders-db", "--yes"]) == 0
+    lookups = [r for m, r in session.admin.calls if m == "ListConnections"]
+    assert [r.status for r in lookups] == [pb.CONNECTION_STATUS_DELETED] * 2
+    assert [r.id for m, r in session.admin.calls if m != "ListConnections"] == [ID2, ID2]
+
+
+def test_tables_show_non_ascii_as_it_is() -> None:
+    c = connection()
+    c.labels["team"] = "équipe"
+    c.config.update({"db": "héllo\u202e"})
+    shown = out.render_connection(c)
+    assert '"db": "héllo\\u202e"' in shown and "team=équipe" in shown  # bidi still escaped
 
 
 # ------------------------------------------------------------------- errors
@@ -369,17 +462,90 @@ def invalid_argument() -> FakeRpcError:
 def test_invalid_argument_lists_each_field(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
     fake(CreateConnection=invalid_argument())
     assert brokerctl.main(["create", "x", "--type", "database"]) == 1
+    # The status text repeats the violations; only a count is shown above them.
     assert capsys.readouterr().err.splitlines() == [
-        "brokerctl: INVALID_ARGUMENT: 2 fields are invalid",
+        "brokerctl: INVALID_ARGUMENT: 2 invalid fields",
         "  config.port: must be an integer",
         "  name: is required",
     ]
 
 
-def test_not_found_is_one_line(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    fake(GetConnection=FakeRpcError(grpc.StatusCode.NOT_FOUND, "connection conn_9 not found"))
-    assert brokerctl.main(["get", "conn_9"]) == 1
-    assert capsys.readouterr().err == "brokerctl: NOT_FOUND: connection conn_9 not found\n"
+def test_an_unknown_id_reads_like_an_unknown_name(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake(GetConnection=FakeRpcError(grpc.StatusCode.NOT_FOUND, f"connection {ID9} not found"))
+    assert brokerctl.main(["get", ID9]) == 1
+    assert capsys.readouterr().err == f"brokerctl: no connection named or with id {ID9}\n"
+    missing = FakeRpcError(grpc.StatusCode.NOT_FOUND, f"no grant of connection {ID9} to that principal")
+    fake(RevokeAccess=missing)
+    assert brokerctl.main(["ungrant", ID9, "p"]) == 1
+    assert capsys.readouterr().err == f"brokerctl: NOT_FOUND: {missing.details()}\n"
+
+
+def test_a_long_violation_list_is_counted_in_full() -> None:
+    bad = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=f"labels.k{i}", description="is too long")
+            for i in range(2)
+        ]
+        + [error_details_pb2.BadRequest.FieldViolation(field="", description="and 5 more")]
+    )
+    detail = any_pb2.Any()
+    detail.Pack(bad)
+    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message="...", details=[detail])
+    error = FakeRpcError(
+        grpc.StatusCode.INVALID_ARGUMENT, "...", (("grpc-status-details-bin", status.SerializeToString()),)
+    )
+    assert describe_error(error, "h:1") == [
+        "brokerctl: INVALID_ARGUMENT: 7 invalid fields",
+        "  labels.k0: is too long",
+        "  labels.k1: is too long",
+        "  and 5 more",
+    ]
+
+
+def test_json_errors_go_to_stderr_as_one_object(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake(CreateConnection=invalid_argument())
+    assert brokerctl.main(["create", "x", "--type", "database", "--json"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and json.loads(captured.err) == {
+        "code": "INVALID_ARGUMENT",
+        "message": "2 fields are invalid",
+        "violations": [
+            {"field": "config.port", "description": "must be an integer"},
+            {"field": "name", "description": "is required"},
+        ],
+    }
+    fake(ListConnectionTypes=FakeRpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses"))
+    assert brokerctl.main(["--json", "types"]) == 1
+    doc = json.loads(capsys.readouterr().err)
+    assert doc["code"] == "UNAVAILABLE" and "127.0.0.1:50051" in doc["hint"] and "violations" not in doc
+    fake(RotateMasterKey=FakeRpcError(grpc.StatusCode.PERMISSION_DENIED, "not an operator"))
+    assert brokerctl.main(["keys", "rotate", "--json"]) == 1
+    assert "master_key.operators" in json.loads(capsys.readouterr().err)["hint"]
+    fake()
+    assert brokerctl.main(["list", "--page-size", "5000", "--json"]) == 2
+    assert json.loads(capsys.readouterr().err) == {
+        "code": "USAGE",
+        "message": "--page-size must be between 1 and 1000",
+    }
+
+
+def test_command_line_errors_are_json_with_json_and_argparse_text_without(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert brokerctl.main(["--json", "grant", ID1]) == 2
+    doc = json.loads(capsys.readouterr().err)
+    assert doc["code"] == "USAGE" and doc["message"] == "the following arguments are required: principal"
+    assert doc["usage"].startswith("usage: brokerctl grant")
+    assert brokerctl.main(["grant", ID1]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: brokerctl grant")
+    assert err.endswith("brokerctl grant: error: the following arguments are required: principal\n")
+
+
+def test_ctrl_c_anywhere_is_status_130_and_a_newline(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    session = fake(ListConnections=KeyboardInterrupt())
+    assert brokerctl.main(["list"]) == 130
+    assert capsys.readouterr().err == "\n" and session.closed
 
 
 def test_unreachable_broker_gets_a_hint_with_the_address() -> None:
@@ -429,7 +595,7 @@ def test_keys_rotate_json_keeps_stdout_machine_readable(
     assert json.loads(capsys.readouterr().out) == {
         "active_kek_id": "kek_new",
         "previous_kek_id": "kek_old",
-        "deks_by_kek": {"kek_old": "12"},  # int64 is a string in proto3 JSON
+        "deks_by_kek": {"kek_old": 12},  # a number, though int64 is a string in proto3 JSON
     }
 
 
@@ -505,9 +671,9 @@ def test_text_from_servers_cannot_drive_the_terminal(fake: Any, capsys: pytest.C
     """A tool description or error text with escape sequences is shown escaped, never executed."""
     tool = pb.McpTool(name="ls\x1b[31m", description=HOSTILE)
     fake(ListMcpTools=pb.ListMcpToolsResponse(tools=[tool]))
-    assert brokerctl.main(["mcp", "tools", "conn_1"]) == 0
+    assert brokerctl.main(["mcp", "tools", ID1]) == 0
     fake(GetConnection=FakeRpcError(grpc.StatusCode.NOT_FOUND, f"no {HOSTILE}"))
-    assert brokerctl.main(["get", "conn_1"]) == 1
+    assert brokerctl.main(["get", ID1]) == 1
     captured = capsys.readouterr()
     for text in (captured.out, captured.err):
         assert not any(c in text for c in "\x1b\x07\x9b\u202e"), repr(text)

@@ -82,6 +82,11 @@ def test_secret_from_file_drops_one_trailing_newline(
     assert capsys.readouterr().err == ""  # no history warning for files
 
 
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 def test_secret_prompts_without_echo_for_a_bare_field(monkeypatch: pytest.MonkeyPatch) -> None:
     prompts: list[str] = []
 
@@ -89,15 +94,41 @@ def test_secret_prompts_without_echo_for_a_bare_field(monkeypatch: pytest.Monkey
         prompts.append(prompt)
         return CANARY
 
+    monkeypatch.setattr("sys.stdin", Tty())
     monkeypatch.setattr("getpass.getpass", fake_getpass)
     assert parse_secrets(["password"]) == {"password": CANARY}
     assert prompts == ["password: "]
 
 
-def test_secret_prompt_refuses_an_empty_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_secret_prompt_refuses_an_empty_answer_and_ctrl_d(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.stdin", Tty())
     monkeypatch.setattr("getpass.getpass", lambda prompt="": "")
     with pytest.raises(UsageError, match="no value entered for secret password"):
         parse_secrets(["password"])
+
+    def end_of_input(prompt: str = "") -> str:
+        raise EOFError
+
+    monkeypatch.setattr("getpass.getpass", end_of_input)
+    with pytest.raises(UsageError, match="no value entered for secret password"):
+        parse_secrets(["password"])
+
+
+@pytest.mark.parametrize("stdin", [io.StringIO("piped\n"), None], ids=["redirected", "closed"])
+def test_secret_prompt_without_a_terminal_names_the_forms_that_work(
+    monkeypatch: pytest.MonkeyPatch, stdin: io.StringIO | None
+) -> None:
+    def no_prompt(prompt: str = "") -> str:
+        raise AssertionError("getpass must not run without a terminal")
+
+    monkeypatch.setattr("sys.stdin", stdin)
+    monkeypatch.setattr("getpass.getpass", no_prompt)
+    with pytest.raises(UsageError) as info:
+        parse_secrets(["password"])
+    assert str(info.value) == (
+        "--secret password prompts for the value, but standard input is not a terminal "
+        "(closed or redirected); pass password=@- to read it from standard input, or password=@FILE"
+    )
 
 
 def test_inline_secret_works_but_warns_once_without_the_value(capsys: pytest.CaptureFixture[str]) -> None:
@@ -167,3 +198,9 @@ def test_times() -> None:
         parse_time("1h", NOW)  # a duration only where the flag allows it
     with pytest.raises(UsageError, match="or a duration"):
         parse_time("yesterday", NOW, relative=True)
+
+
+def test_secret_from_a_closed_stdin_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.stdin", None)  # what Python makes of `<&-`
+    with pytest.raises(UsageError, match=r"^--secret token=@- reads standard input, but it is closed$"):
+        parse_secrets(["token=@-"])

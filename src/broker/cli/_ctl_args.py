@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import NoReturn
 
 DEFAULT_DATA_DIR = Path(".broker-dev")
 DEFAULT_ADDR = "127.0.0.1:50051"
@@ -15,13 +16,25 @@ examples:
   brokerctl create orders-db --type database --config driver=postgresql \\
       --config host=db.internal --config database=orders --config username=app --secret password
   brokerctl list --label team=payments
-  brokerctl grant <id> spiffe://broker.local/tenant/default/executor/demo --expires-in 7d
-  brokerctl audit --connection <id> --since 1h
+  brokerctl grant orders-db spiffe://broker.local/tenant/default/executor/demo --expires-in 7d
+  brokerctl audit --connection orders-db --since 1h
   brokerctl audit verify
   brokerctl audit export --since 30d > audit.jsonl
 
+A connection is named by its id or its name (ID_OR_NAME), for every command.
+
 Files default to the layout `broker dev` creates in --data-dir: tls/ca.pem, tls/admin.pem,
 tls/admin-key.pem, and tls/executor.pem for `resolve`.
+
+exit status:
+  0    success
+  1    the call failed (the broker refused it or could not be reached, or an unknown
+       connection), or a negative verdict: `test` failed, `audit verify` found a break
+  2    usage: bad flags or values, unreadable files, no terminal for a prompt
+  130  interrupted (Ctrl-C)
+  141  standard output closed early (e.g. `| head`): stopped quietly, as Unix tools do
+With --json, errors are one JSON object on standard error: {"code", "message",
+"violations" (INVALID_ARGUMENT only), "hint" (when there is one)}; usage errors have code USAGE.
 """
 
 _SEALED_FIELD_HELP = (
@@ -36,9 +49,31 @@ _CONFIG_HELP = (
 _TEST_BEFORE_SAVE_HELP = "test first; save only if the test passes (the result is shown either way)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full parser; each subcommand sets `command` to its name."""
-    parser = argparse.ArgumentParser(
+class ArgumentsError(Exception):
+    """argparse refused the command line; `usage` is the usage of the (sub)command at fault."""
+
+    def __init__(self, usage: str, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+        self.prog = prog
+        self.message = message
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """Raises instead of printing: `main` prints the error as text or, with --json, as JSON."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ArgumentsError(self.format_usage(), self.prog, message)
+
+
+def build_parser(*, raising: bool = False) -> argparse.ArgumentParser:
+    """The full parser; each subcommand sets `command` to its name.
+
+    With `raising`, a bad command line raises `ArgumentsError` (subcommands too) rather than
+    printing and exiting as argparse does.
+    """
+    parser_class = _RaisingParser if raising else argparse.ArgumentParser
+    parser = parser_class(
         prog="brokerctl",
         description="Manage the broker's connections, grants and audit trail over mTLS.",
         epilog=_EPILOG,
@@ -54,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_text, description=help_text, parents=[common])
 
-    command("types", "List the connection types and their fields.")
+    p = command("types", "List the connection types; with TYPE, each field of that type.")
+    p.add_argument(
+        "type", nargs="?", metavar="TYPE", help="show each field: kind, required, default, allowed values"
+    )
 
     p = command("create", "Create a connection; secrets are sealed and never shown again.")
     p.add_argument("name")
@@ -70,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", action="store_true", help=_TEST_BEFORE_SAVE_HELP)
 
     p = command("get", "Show a connection (secret field names only, never values).")
-    p.add_argument("id")
+    _add_ref(p)
 
     p = command("list", "List connections.")
     p.add_argument("--type", default="")
@@ -85,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="follow page tokens to the end")
 
     p = command("update", "Change a connection; only the given parts change.")
-    p.add_argument("id")
+    _add_ref(p)
     p.add_argument("--name", help="a new name")
     _add_config_options(p, extra=" KEY=null removes the key.")
     p.add_argument(
@@ -105,37 +143,38 @@ def build_parser() -> argparse.ArgumentParser:
         ("delete", "Soft-delete a connection (it can be restored until purged)."),
         ("restore", "Restore a soft-deleted connection."),
     ):
-        command(name, text).add_argument("id")
+        _add_ref(command(name, text))
 
     p = command("purge", "Delete a connection and its sealed secrets for good.")
-    p.add_argument("id")
+    _add_ref(p)
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
     p = command("revoke", "Revoke a connection: it stays listed but can no longer be resolved.")
-    p.add_argument("id")
+    _add_ref(p)
     p.add_argument("--reason", default="", help="recorded in the audit trail")
 
     p = command("grant", "Let an executor principal resolve a connection.")
-    p.add_argument("id")
+    _add_ref(p)
     p.add_argument("principal", help="spiffe://<trust-domain>/tenant/<tenant>/executor/<name>")
     until = p.add_mutually_exclusive_group()
     until.add_argument("--expires-in", metavar="DURATION", help="e.g. 30m, 1h, 7d")
     until.add_argument("--expires-at", metavar="TIME", help="RFC 3339 (UTC when no offset is given)")
 
     p = command("ungrant", "Take a grant away.")
-    p.add_argument("id")
+    _add_ref(p)
     p.add_argument("principal")
 
-    p = command("grants", "List grants.")
-    p.add_argument("--connection", default="", metavar="ID")
+    p = command("grants", "List grants; STATE says which have expired.")
+    p.add_argument("--connection", default="", metavar="ID_OR_NAME")
     p.add_argument("--principal", default="")
+    p.add_argument("--active", action="store_true", help="hide expired grants")
 
     p = command(
         "audit",
         "Show audit events, newest first; `audit verify` checks the hash chain, "
         "`audit export` streams events as JSON lines.",
     )
-    p.add_argument("--connection", default="", metavar="ID")
+    p.add_argument("--connection", default="", metavar="ID_OR_NAME")
     p.add_argument("--actor", default="")
     p.add_argument("--action", default="")
     p.add_argument("--since", metavar="TIME", help="RFC 3339, or a duration such as 1h meaning that long ago")
@@ -157,10 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--since", required=True, metavar="TIME", help="RFC 3339, or a duration such as 30d")
     q.add_argument("--until", metavar="TIME", help="same forms as --since (exclusive)")
-    q.add_argument("--connection", default="", metavar="ID", help="only this connection's events")
+    q.add_argument("--connection", default="", metavar="ID_OR_NAME", help="only this connection's events")
 
     p = command("reinstate", "Reinstate a connection the security monitor suspended (audited).")
-    p.add_argument("id")
+    _add_ref(p)
     p.add_argument("--reason", default="", help="recorded in the audit trail")
 
     p = command("security", "The security monitor: the events its rules raised.")
@@ -171,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="failed_tests, denied_burst, volume_spike, new_principal_peer, oauth_refresh_failures, ...",
     )
-    q.add_argument("--connection", default="", metavar="ID")
+    q.add_argument("--connection", default="", metavar="ID_OR_NAME")
     q.add_argument("--principal", default="", help="a SPIFFE id")
     q.add_argument("--since", metavar="TIME", help="RFC 3339, or a duration such as 1h meaning that long ago")
     q.add_argument("--until", metavar="TIME", help="same forms as --since")
@@ -188,13 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("mcp", "MCP tool servers: the tools a connection offers.")
     mcp = p.add_subparsers(dest="mcp_command", metavar="MCP_COMMAND", required=True)
     q = mcp.add_parser("tools", help="the tools stored at the last refresh", parents=[common])
-    q.add_argument("ref", metavar="ID_OR_NAME")
+    _add_ref(q)
     q = mcp.add_parser(
         "refresh",
         help="discover the tools now, store them, show what was added, removed or changed",
         parents=[common],
     )
-    q.add_argument("ref", metavar="ID_OR_NAME")
+    _add_ref(q)
     q = mcp.add_parser(
         "discover",
         help="list a server's tools without storing them (a stored connection or a draft)",
@@ -221,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = oauth.add_parser(
         "reauthorize", help="sign in again for an existing oauth2 connection", parents=[common]
     )
-    q.add_argument("ref", metavar="ID_OR_NAME")
+    _add_ref(q)
     _add_flow_options(q)
 
     p = command(
@@ -241,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Resolve a connection as an executor and PRINT ITS SECRETS. This is the only command "
         "that shows a secret. It uses the executor identity (tls/executor.pem) and --resolve-addr.",
     )
-    p.add_argument("ref", metavar="ID_OR_NAME")
-    p.add_argument("--by-name", action="store_true", help="treat ID_OR_NAME as a connection name")
+    _add_ref(p)
+    # Names work without it now; kept so that old scripts still run (it forces the name reading).
+    p.add_argument("--by-name", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--purpose", default="", help="why; recorded in the audit trail")
     p.add_argument(
         "--known-version",
@@ -252,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the secret version you hold; the answer then says when it was superseded",
     )
     return parser
+
+
+def _add_ref(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ref", metavar="ID_OR_NAME", help="a connection's id or its name")
 
 
 def _add_flow_options(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 
 class UsageError(ValueError):
@@ -59,8 +59,8 @@ def parse_labels(pairs: Sequence[str]) -> dict[str, str]:
 def parse_secrets(specs: Sequence[str], prog: str = "brokerctl") -> dict[str, str]:
     """Each `--secret`: `field=value`, `field=@file` (`@-` is stdin, `@@x` the literal `@x`), or `field`.
 
-    A bare `field` is prompted for without echo. A value typed on the command line
-    works, with a warning: it ends up in shell history and the process list.
+    A bare `field` is prompted for without echo, at a terminal only. A value typed on the
+    command line works, with a warning: it ends up in shell history and the process list.
     """
     secrets: dict[str, str] = {}
     warned = stdin_used = False
@@ -73,9 +73,7 @@ def parse_secrets(specs: Sequence[str], prog: str = "brokerctl") -> dict[str, st
         if field in secrets:
             raise UsageError(f"--secret {field} is given twice")
         if not sep:
-            value = getpass.getpass(f"{field}: ")
-            if not value:
-                raise UsageError(f"no value entered for secret {field}")
+            value = _prompt(field)
         elif value.startswith("@@"):
             value = value[1:]
             warned = _warn_inline(field, prog, warned)
@@ -83,13 +81,41 @@ def parse_secrets(specs: Sequence[str], prog: str = "brokerctl") -> dict[str, st
             if stdin_used:
                 raise UsageError("only one --secret can read standard input (@-)")
             stdin_used = True
-            value = _strip_newline(sys.stdin.read())
+            value = _strip_newline(standard_input(f"--secret {field}=@-").read())
         elif value.startswith("@"):
             value = _strip_newline(_read_text(value[1:], f"--secret {field}"))
         else:
             warned = _warn_inline(field, prog, warned)
         secrets[field] = value
     return secrets
+
+
+def standard_input(purpose: str) -> TextIO:
+    """sys.stdin, or a `UsageError` naming `purpose` when the shell closed it (`<&-`)."""
+    if sys.stdin is None:
+        raise UsageError(f"{purpose} reads standard input, but it is closed")
+    return sys.stdin
+
+
+def _prompt(field: str) -> str:
+    """The value typed at a no-echo prompt; a `UsageError` when there is no terminal or no value."""
+    # With standard input closed or redirected, a script is running, not a person: getpass
+    # would prompt on /dev/tty (a script hangs on a question nobody sees) or, with no
+    # terminal at all, read stdin with echo and a GetPassWarning. Asking for @- or @FILE
+    # says plainly where the value should come from.
+    if sys.stdin is None or not sys.stdin.isatty():
+        raise UsageError(
+            f"--secret {field} prompts for the value, but standard input is not a terminal "
+            f"(closed or redirected); pass {field}=@- to read it from standard input, or {field}=@FILE"
+        )
+    try:
+        value = getpass.getpass(f"{field}: ")
+    except EOFError:  # Ctrl-D at the prompt
+        print(file=sys.stderr)
+        value = ""
+    if not value:
+        raise UsageError(f"no value entered for secret {field}")
+    return value
 
 
 _DURATION_PART = re.compile(r"(\d+)([smhdw])")

@@ -14,22 +14,19 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import textwrap
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
 from broker._proto import broker_pb2
+from broker.cli._json import plain_value
 from broker.client import struct_to_dict
 
 _NONE = "-"
-
-
-def to_json(message: Message) -> str:
-    """The message as indented JSON, with the proto's own field names."""
-    doc = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    return json.dumps(doc, indent=2, sort_keys=True)
+_MIN_WRAP = 20
 
 
 # C0 and C1 controls (DEL included) and the bidirectional embeddings, overrides and isolates.
@@ -57,6 +54,23 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def blocks(headers: tuple[str, str], items: Iterable[tuple[str, Sequence[str]]], width: int) -> str:
+    """A name column, then paragraphs wrapped to fit `width` columns, each item under the last."""
+    items = [(shown(name), [shown(p) for p in paragraphs]) for name, paragraphs in items]
+    indent = max([len(headers[0]), *(len(name) for name, _ in items)]) + 2
+    lines = [headers[0].ljust(indent) + headers[1]]
+    for name, paragraphs in items:
+        body = [line for p in paragraphs for line in wrap(p, width - indent)]
+        lines.append(name.ljust(indent) + body[0])
+        lines += [" " * indent + line for line in body[1:]]
+    return "\n".join(lines)
+
+
+def wrap(text: str, width: int) -> list[str]:
+    """`text` in lines of at most `width` characters (never narrower than 20), at least one line."""
+    return textwrap.wrap(text, max(width, _MIN_WRAP), break_on_hyphens=False) or [""]
+
+
 def fields(pairs: Sequence[tuple[str, str]]) -> str:
     """A `key: value` block with the values aligned."""
     width = max(len(shown(k)) for k, _ in pairs) + 1
@@ -72,23 +86,50 @@ def timestamp(message: Message, name: str, unset: str = _NONE) -> str:
 
 
 def struct_text(message: struct_pb2.Struct) -> str:
-    """A Struct as compact JSON, `-` when empty."""
+    """A Struct as compact JSON, `-` when empty; non-ASCII text as is (`shown` escapes what must be)."""
     doc = struct_to_dict(message)
-    return json.dumps(doc, sort_keys=True) if doc else _NONE
+    return json.dumps(doc, sort_keys=True, ensure_ascii=False) if doc else _NONE
 
 
-def render_types(reply: broker_pb2.ListConnectionTypesResponse) -> str:
-    """One row per connection type; secret fields are marked with `*`."""
-    rows = [
-        (
-            t.name,
-            ", ".join(t.providers) or _NONE,
-            ", ".join(f.name + ("*" if f.secret else "") for f in t.fields) or _NONE,
-            t.description,
-        )
-        for t in reply.types
+def render_types(reply: broker_pb2.ListConnectionTypesResponse, width: int) -> str:
+    """Each connection type, its fields (`*` = secret) and providers, wrapped to `width` columns."""
+    items = []
+    for t in reply.types:
+        paragraphs = [
+            t.description or _NONE,
+            "fields: " + (", ".join(f.name + ("*" if f.secret else "") for f in t.fields) or _NONE),
+        ]
+        if t.providers:
+            paragraphs.append("providers: " + ", ".join(t.providers))
+        items.append((t.name, paragraphs))
+    footer = wrap("* = secret. `brokerctl types TYPE` shows each field of a type.", width)
+    return blocks(("TYPE", "DESCRIPTION"), items, width) + "\n\n" + "\n".join(footer)
+
+
+def render_type(t: broker_pb2.ConnectionType, width: int) -> str:
+    """One connection type: each field's kind, whether it is required, its default, allowed values, secret."""
+    intro = [f"{t.name}: {t.description}" if t.description else t.name]
+    if t.providers:
+        intro.append("providers: " + ", ".join(t.providers))
+    text = "\n".join(line for p in intro for line in wrap(shown(p), width))
+    if not t.fields:
+        return text + "\n\nno fixed fields: any config, and secrets under any names"
+    items = [
+        (f.name, [_field_facts(f), f.description]) if f.description else (f.name, [_field_facts(f)])
+        for f in t.fields
     ]
-    return table(("TYPE", "PROVIDERS", "FIELDS (* = secret)", "DESCRIPTION"), rows)
+    return text + "\n\n" + blocks(("FIELD", "DETAILS"), items, width)
+
+
+def _field_facts(f: broker_pb2.FieldSpec) -> str:
+    facts = [_enum(broker_pb2.FieldKind, f.kind, "FIELD_KIND_"), "required" if f.required else "optional"]
+    if f.secret:
+        facts.append("SECRET")
+    if f.HasField("default_value"):
+        facts.append("default " + json.dumps(plain_value(f.default_value), ensure_ascii=False))
+    if f.choices:
+        facts.append("one of: " + " | ".join(f.choices))
+    return ", ".join(facts)
 
 
 def render_connection(c: broker_pb2.Connection) -> str:
@@ -130,19 +171,25 @@ def render_connections(connections: Iterable[broker_pb2.Connection]) -> str:
     return table(("ID", "NAME", "TYPE", "PROVIDER", "STATUS", "SECRETS", "UPDATED"), rows)
 
 
-def render_grants(grants: Iterable[broker_pb2.Grant]) -> str:
-    """One row per grant."""
+def render_grants(grants: Iterable[broker_pb2.Grant], now: dt.datetime) -> str:
+    """One row per grant; STATE says whether it has expired by `now`."""
     rows = [
         (
             g.connection_id,
             g.principal,
+            "expired" if grant_expired(g, now) else "active",
             timestamp(g, "expires_at", "never"),
             timestamp(g, "created_at"),
             g.created_by or _NONE,
         )
         for g in grants
     ]
-    return table(("CONNECTION", "PRINCIPAL", "EXPIRES", "CREATED", "BY"), rows)
+    return table(("CONNECTION", "PRINCIPAL", "STATE", "EXPIRES", "CREATED", "BY"), rows)
+
+
+def grant_expired(g: broker_pb2.Grant, now: dt.datetime) -> bool:
+    """True once the grant's expiry has passed (the broker refuses it from that instant)."""
+    return g.HasField("expires_at") and g.expires_at.ToDatetime(tzinfo=dt.UTC) <= now
 
 
 def render_audit(events: Iterable[broker_pb2.AuditEvent]) -> str:
@@ -160,12 +207,6 @@ def render_audit(events: Iterable[broker_pb2.AuditEvent]) -> str:
         for e in events
     ]
     return table(("TIME", "ACTOR", "ACTION", "CONNECTION", "OUTCOME", "REASON", "DETAILS"), rows)
-
-
-def json_line(message: Message) -> str:
-    """The message as one line of compact JSON with the proto's field names (for JSON Lines files)."""
-    doc = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    return json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
 def render_verify(r: broker_pb2.VerifyAuditLogResponse) -> str:

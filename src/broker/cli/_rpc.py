@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,28 +93,72 @@ class Session:
         return channel
 
 
+def pages(call: Any, request: Any, field: str, timeout: float) -> Iterator[Any]:
+    """Every item of a paged List call, following `next_page_token`."""
+    while True:
+        reply = call(request, timeout=timeout)
+        yield from getattr(reply, field)
+        if not reply.next_page_token:
+            return
+        request.page_token = reply.next_page_token
+
+
 def describe_error(
     error: grpc.RpcError, addr: str, prog: str = "brokerctl", *, timeout: float | None = None
 ) -> list[str]:
-    """The lines to print for a failed call: the status, each bad field, and a hint where one helps.
+    """The lines to print for a failed call: the status, each bad field once, and a hint where one helps.
 
     `timeout` is the call's deadline in seconds, for the hint when there was no answer in time.
     """
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
-    lines = [f"{prog}: {code.name}: {shown(details or '')}"]
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        lines += [f"  {shown(field)}: {shown(text)}" for field, text in field_violations(error)]
+    violations = list(field_violations(error)) if code == grpc.StatusCode.INVALID_ARGUMENT else []
+    # The status text repeats the violations: with them at hand, a count says enough.
+    summary = _count(violations) if violations else details or ""
+    lines = [f"{prog}: {code.name}: {shown(summary)}"]
+    if violations:
+        lines += [
+            f"  {shown(field)}: {shown(text)}" if field else f"  {shown(text)}" for field, text in violations
+        ]
     elif code == grpc.StatusCode.FAILED_PRECONDITION:
         lines += [
             f"  {line}"
             for r in _details(error, broker_pb2.TestResult)
             for line in render_test_result(r).splitlines()
         ]
-    elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        hint = connection_hint(code.name, details or "", addr, timeout, BROKERCTL)
-        lines += [f"{prog}: hint: {hint}"] if hint else []
-    return lines
+    hint = _hint(code, details or "", addr, timeout)
+    return [*lines, f"{prog}: hint: {hint}"] if hint else lines
+
+
+def error_doc(error: grpc.RpcError, addr: str, *, timeout: float | None = None) -> dict[str, Any]:
+    """A failed call for `--json`: code, message, violations (INVALID_ARGUMENT) and hint, if any."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = error.details() if hasattr(error, "details") else str(error)
+    doc: dict[str, Any] = {"code": code.name, "message": details or ""}
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        doc["violations"] = [{"field": f, "description": d} for f, d in field_violations(error)]
+    hint = _hint(code, details or "", addr, timeout)
+    if hint:
+        doc["hint"] = hint
+    return doc
+
+
+def _hint(code: grpc.StatusCode, details: str, addr: str, timeout: float | None) -> str | None:
+    """The same hint for text and JSON output: only failures to reach the broker get one."""
+    if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return None
+    return connection_hint(code.name, details, addr, timeout, BROKERCTL)
+
+
+def _count(violations: list[tuple[str, str]]) -> str:
+    fields = len({field for field, _ in violations if field})
+    more = sum(int(m.group(1)) for _, text in violations if (m := _MORE.fullmatch(text)))
+    total = fields + more
+    return f"{total} invalid field{'s' if total != 1 else ''}" if total else "invalid request"
+
+
+# How the broker ends a long violation list (errors.InvalidArgument): "and N more".
+_MORE = re.compile(r"and (\d+) more")
 
 
 def field_violations(error: Any) -> Iterator[tuple[str, str]]:

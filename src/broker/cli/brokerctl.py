@@ -1,7 +1,12 @@
 """`brokerctl`: the admin client. One subcommand per AdminService call, plus `resolve`.
 
-Exit status: 0 on success, 1 when the broker returned an error (or could not be
-reached), 2 for a usage problem found before any call (bad flags, missing files).
+Exit status: 0 on success; 1 when the call failed (the broker refused it or could not be
+reached, or no connection has the id or name given) or the verdict is negative (`test`
+failed, `audit verify` found a break); 2 for a usage problem (bad flags or values, unreadable
+files, a prompt with no terminal); 130 when interrupted (Ctrl-C); 141 when standard output
+was closed early, as by `| head`: like a Unix tool killed by SIGPIPE, it stops quietly.
+No traceback reaches the user in any of these. With --json, errors are a JSON object on
+standard error.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import argparse
 import datetime as dt
+import json
+import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -23,7 +30,7 @@ import grpc
 from broker._proto import broker_pb2
 from broker.cli import _ctl_settings
 from broker.cli import _output as out
-from broker.cli._ctl_args import build_parser
+from broker.cli._ctl_args import ArgumentsError, build_parser
 from broker.cli._input import (
     UsageError,
     parse_config,
@@ -31,13 +38,17 @@ from broker.cli._input import (
     parse_labels,
     parse_secrets,
     parse_time,
+    standard_input,
 )
+from broker.cli._json import json_line, to_json
 from broker.cli._oauth_callback import CallbackListener, Redirect, parse_redirect
-from broker.cli._rpc import Session, describe_error
+from broker.cli._refs import UnknownConnection, connection_id, is_unknown_connection, looks_like_id
+from broker.cli._rpc import Session, describe_error, error_doc, pages
 
 PROG = "brokerctl"
 _MAX_PAGE = 1000
 _VERIFY_TIMEOUT = 600.0
+_SIGPIPE_STATUS = 128 + 13
 _STATUS = {
     "active": broker_pb2.CONNECTION_STATUS_ACTIVE,
     "revoked": broker_pb2.CONNECTION_STATUS_REVOKED,
@@ -49,24 +60,91 @@ Handler = Callable[[argparse.Namespace, Session], int]
 
 def main(argv: list[str] | None = None) -> int:
     """Run one brokerctl command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        try:
+            args = build_parser(raising=True).parse_args(argv)
+        except ArgumentsError as exc:
+            # argparse stops before --json is known: the word on the line decides.
+            _print_usage_error(exc, as_json="--json" in argv)
+            return 2
+        return _run(args)
+    except KeyboardInterrupt:
+        # The newline ends a half-typed prompt line; the shell shows the status.
+        print(file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     session: Session | None = None
     try:
         session = open_session(args)
-        return HANDLERS[args.command](args, session)
+        status = HANDLERS[args.command](args, session)
+        sys.stdout.flush()  # inside the try: a closed pipe shows up here, not at exit
+        return status
     except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        _print_error(args.json, {"code": "USAGE", "message": str(exc)}, f"{PROG}: error: {exc}")
         return 2
+    except UnknownConnection as exc:
+        return _unknown(args, exc)
     except grpc.RpcError as exc:
+        if _ref_given(args) and is_unknown_connection(exc):
+            # The broker's words for an unknown id, in the words used for an unknown name.
+            return _unknown(args, UnknownConnection(_ref_given(args)))
         assert session is not None  # no call is made without one
-        for line in describe_error(exc, session.addr, PROG, timeout=session.timeout):
-            print(line, file=sys.stderr)
+        addr, timeout = session.addr, session.timeout
+        lines = describe_error(exc, addr, PROG, timeout=timeout)
+        _print_error(args.json, error_doc(exc, addr, timeout=timeout), *lines)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except BrokenPipeError:
+        # The reader is gone (`| head`). Point stdout at /dev/null so that the flush at exit
+        # cannot fail again, and stop quietly with the status a SIGPIPE death would give.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return _SIGPIPE_STATUS
     finally:
         if session is not None:
             session.close()
+
+
+def _print_error(as_json: bool, doc: dict[str, Any], *lines: str) -> None:
+    """An error on stderr: `doc` as one JSON object with --json, else the text `lines`."""
+    if as_json:
+        print(json.dumps(doc, sort_keys=True), file=sys.stderr)
+    else:
+        for line in lines:
+            print(line, file=sys.stderr)
+
+
+def _unknown(args: argparse.Namespace, exc: UnknownConnection) -> int:
+    _print_error(args.json, {"code": "NOT_FOUND", "message": exc.message}, f"{PROG}: {exc.message}")
+    return 1
+
+
+def _print_usage_error(exc: ArgumentsError, as_json: bool) -> None:
+    if as_json:
+        print(
+            json.dumps({"code": "USAGE", "message": exc.message, "usage": exc.usage.strip()}), file=sys.stderr
+        )
+    else:
+        sys.stderr.write(exc.usage)
+        print(f"{exc.prog}: error: {exc.message}", file=sys.stderr)
+
+
+def _ref_given(args: argparse.Namespace) -> str:
+    """The connection id or name on the command line, if the command takes one."""
+    return str(getattr(args, "ref", None) or getattr(args, "connection", None) or "")
+
+
+def _ref(args: argparse.Namespace, s: Session, *, deleted: bool = False) -> str:
+    """The id of the connection the command names (id or name); see `_refs`."""
+    return connection_id(s.admin, args.ref, s.timeout, deleted=deleted)
+
+
+def _filter_ref(args: argparse.Namespace, s: Session) -> str:
+    """--connection as an id, for a listing: a name is looked up; an id is kept, even a purged one's."""
+    return connection_id(s.admin, args.connection, s.timeout) if args.connection else ""
 
 
 def open_session(args: argparse.Namespace) -> Session:
@@ -84,7 +162,14 @@ def open_session(args: argparse.Namespace) -> Session:
 
 def _types(args: argparse.Namespace, s: Session) -> int:
     reply = s.admin.ListConnectionTypes(broker_pb2.ListConnectionTypesRequest(), timeout=s.timeout)
-    return _show(args, reply, out.render_types)
+    width = shutil.get_terminal_size().columns
+    if not args.type:
+        return _show(args, reply, lambda r: out.render_types(r, width))
+    for type_ in reply.types:
+        if type_.name == args.type:
+            return _show(args, type_, lambda t: out.render_type(t, width))
+    known = ", ".join(t.name for t in reply.types)
+    raise UsageError(f"no connection type {out.shown(args.type)}; the types are: {known}")
 
 
 def _create(args: argparse.Namespace, s: Session) -> int:
@@ -103,7 +188,8 @@ def _create(args: argparse.Namespace, s: Session) -> int:
 
 
 def _get(args: argparse.Namespace, s: Session) -> int:
-    reply = s.admin.GetConnection(broker_pb2.GetConnectionRequest(id=args.id), timeout=s.timeout)
+    # A deleted connection can still be shown; a live one of the same name comes first.
+    reply = s.admin.GetConnection(broker_pb2.GetConnectionRequest(id=_ref(args, s)), timeout=s.timeout)
     return _show(args, reply, out.render_connection)
 
 
@@ -120,7 +206,7 @@ def _list(args: argparse.Namespace, s: Session) -> int:
         page_token=args.page_token,
     )
     if args.all:
-        connections = list(_pages(s.admin.ListConnections, request, "connections", s.timeout))
+        connections = list(pages(s.admin.ListConnections, request, "connections", s.timeout))
         reply = broker_pb2.ListConnectionsResponse(connections=connections)
     else:
         reply = s.admin.ListConnections(request, timeout=s.timeout)
@@ -132,7 +218,7 @@ def _list(args: argparse.Namespace, s: Session) -> int:
 
 def _update(args: argparse.Namespace, s: Session) -> int:
     request = broker_pb2.UpdateConnectionRequest(
-        id=args.id, etag=args.etag, clear_secrets=args.clear_secret, test_before_save=args.test
+        id=_ref(args, s), etag=args.etag, clear_secrets=args.clear_secret, test_before_save=args.test
     )
     if args.name is not None:
         request.name = args.name
@@ -155,50 +241,59 @@ def _update(args: argparse.Namespace, s: Session) -> int:
 
 
 def _delete(args: argparse.Namespace, s: Session) -> int:
-    reply = s.admin.DeleteConnection(broker_pb2.DeleteConnectionRequest(id=args.id), timeout=s.timeout)
+    reply = s.admin.DeleteConnection(broker_pb2.DeleteConnectionRequest(id=_ref(args, s)), timeout=s.timeout)
     return _show(args, reply, out.render_connection)
 
 
 def _restore(args: argparse.Namespace, s: Session) -> int:
-    reply = s.admin.RestoreConnection(broker_pb2.RestoreConnectionRequest(id=args.id), timeout=s.timeout)
+    request = broker_pb2.RestoreConnectionRequest(id=_ref(args, s, deleted=True))
+    reply = s.admin.RestoreConnection(request, timeout=s.timeout)
     return _show(args, reply, out.render_connection)
 
 
 def _purge(args: argparse.Namespace, s: Session) -> int:
-    if not args.yes and not _confirm(f"Purge {args.id} and its secrets for good? This cannot be undone."):
+    connection = _ref(args, s, deleted=True)
+    if not args.yes and not _confirm(f"Purge {connection} and its secrets for good? This cannot be undone."):
         print(f"{PROG}: not purged", file=sys.stderr)
         return 1
-    reply = s.admin.PurgeConnection(broker_pb2.PurgeConnectionRequest(id=args.id), timeout=s.timeout)
+    reply = s.admin.PurgeConnection(broker_pb2.PurgeConnectionRequest(id=connection), timeout=s.timeout)
     return _show(args, reply, lambda r: f"purged {r.id}")
 
 
 def _revoke(args: argparse.Namespace, s: Session) -> int:
-    request = broker_pb2.RevokeConnectionRequest(id=args.id, reason=args.reason)
+    request = broker_pb2.RevokeConnectionRequest(id=_ref(args, s), reason=args.reason)
     reply = s.admin.RevokeConnection(request, timeout=s.timeout)
     return _show(args, reply, out.render_connection)
 
 
 def _grant(args: argparse.Namespace, s: Session) -> int:
-    request = broker_pb2.GrantAccessRequest(connection_id=args.id, principal=args.principal)
+    request = broker_pb2.GrantAccessRequest(connection_id=_ref(args, s), principal=args.principal)
     now = dt.datetime.now(dt.UTC)
     if args.expires_in:
         request.expires_at.FromDatetime(now + parse_duration(args.expires_in))
     elif args.expires_at:
         request.expires_at.FromDatetime(parse_time(args.expires_at, now))
     reply = s.admin.GrantAccess(request, timeout=s.timeout)
-    return _show(args, reply, lambda g: out.render_grants([g]))
+    return _show(args, reply, lambda g: out.render_grants([g], now))
 
 
 def _ungrant(args: argparse.Namespace, s: Session) -> int:
-    request = broker_pb2.RevokeAccessRequest(connection_id=args.id, principal=args.principal)
+    request = broker_pb2.RevokeAccessRequest(connection_id=_ref(args, s), principal=args.principal)
     reply = s.admin.RevokeAccess(request, timeout=s.timeout)
-    return _show(args, reply, lambda _: f"{args.principal} can no longer resolve {args.id}")
+    return _show(args, reply, lambda _: f"{args.principal} can no longer resolve {args.ref}")
 
 
 def _grants(args: argparse.Namespace, s: Session) -> int:
-    request = broker_pb2.ListGrantsRequest(connection_id=args.connection, principal=args.principal)
-    grants = list(_pages(s.admin.ListGrants, request, "grants", s.timeout))
-    return _show(args, broker_pb2.ListGrantsResponse(grants=grants), lambda r: out.render_grants(r.grants))
+    request = broker_pb2.ListGrantsRequest(connection_id=_filter_ref(args, s), principal=args.principal)
+    # The broker's clock is not in the reply; this machine's is close enough to mark and hide.
+    now = dt.datetime.now(dt.UTC)
+    grants = [
+        g
+        for g in pages(s.admin.ListGrants, request, "grants", s.timeout)
+        if not (args.active and out.grant_expired(g, now))
+    ]
+    reply = broker_pb2.ListGrantsResponse(grants=grants)
+    return _show(args, reply, lambda r: out.render_grants(r.grants, now))
 
 
 def _audit(args: argparse.Namespace, s: Session) -> int:
@@ -207,7 +302,7 @@ def _audit(args: argparse.Namespace, s: Session) -> int:
     if args.audit_command == "export":
         return _audit_export(args, s)
     request = broker_pb2.ListAuditEventsRequest(
-        connection_id=args.connection, actor=args.actor, action=args.action
+        connection_id=_filter_ref(args, s), actor=args.actor, action=args.action
     )
     events = _recent_events(args, s, s.admin.ListAuditEvents, request)
     reply = broker_pb2.ListAuditEventsResponse(events=events)
@@ -225,7 +320,7 @@ def _recent_events(args: argparse.Namespace, s: Session, call: Any, request: Any
     if args.until:
         request.end_time.FromDatetime(parse_time(args.until, now, relative=True))
     events: list[Any] = []
-    for event in _pages(call, request, "events", s.timeout):
+    for event in pages(call, request, "events", s.timeout):
         events.append(event)
         if len(events) >= args.limit:
             break
@@ -243,14 +338,14 @@ def _audit_verify(args: argparse.Namespace, s: Session) -> int:
 def _audit_export(args: argparse.Namespace, s: Session) -> int:
     """Events oldest first as JSON lines on stdout; the count on stderr."""
     now = dt.datetime.now(dt.UTC)
-    request = broker_pb2.ExportAuditEventsRequest(connection_id=args.connection)
+    request = broker_pb2.ExportAuditEventsRequest(connection_id=_filter_ref(args, s))
     request.start_time.FromDatetime(parse_time(args.since, now, relative=True))
     if args.until:
         request.end_time.FromDatetime(parse_time(args.until, now, relative=True))
     count = 0
     # No deadline: a long export must not be cut off halfway; Ctrl-C stops it.
     for event in s.admin.ExportAuditEvents(request, timeout=None):
-        sys.stdout.write(out.json_line(event) + "\n")
+        sys.stdout.write(json_line(event) + "\n")
         count += 1
     sys.stdout.flush()
     print(f"{PROG}: exported {count} events", file=sys.stderr)
@@ -259,23 +354,14 @@ def _audit_export(args: argparse.Namespace, s: Session) -> int:
 
 def _resolve(args: argparse.Namespace, s: Session) -> int:
     request = broker_pb2.ResolveRequest(purpose=args.purpose, known_secret_version=args.known_version)
-    if args.by_name:
+    # By name on the executor's side: an executor cannot list connections. Unknown names and
+    # ids are refused like any other denial (PERMISSION_DENIED), so none can be probed.
+    if args.by_name or not looks_like_id(args.ref):
         request.name = args.ref
     else:
         request.connection_id = args.ref
     reply = s.resolver.Resolve(request, timeout=s.timeout)
     return _show(args, reply, out.render_resolved)
-
-
-def _connection_id(s: Session, ref: str) -> str:
-    """An id as given, or the id of the live connection with that exact name."""
-    if ref.startswith("conn_"):
-        return ref
-    request = broker_pb2.ListConnectionsRequest(name_prefix=ref, page_size=_MAX_PAGE)
-    for connection in _pages(s.admin.ListConnections, request, "connections", s.timeout):
-        if connection.name == ref:
-            return str(connection.id)
-    raise UsageError(f"no connection named {ref!r} (or pass its id)")
 
 
 def _draft(args: argparse.Namespace, name: str = "draft", type_: str = "") -> broker_pb2.ConnectionDraft:
@@ -292,7 +378,7 @@ def _target(args: argparse.Namespace, s: Session) -> dict[str, Any]:
         raise UsageError("--draft needs --type (and --config/--secret as for create)")
     if bool(args.ref) == bool(args.type):
         raise UsageError("give a stored connection (ID_OR_NAME) or a draft (--type ...), not both or neither")
-    return {"id": _connection_id(s, args.ref)} if args.ref else {"draft": _draft(args)}
+    return {"id": _ref(args, s)} if args.ref else {"draft": _draft(args)}
 
 
 def _test(args: argparse.Namespace, s: Session) -> int:
@@ -303,11 +389,11 @@ def _test(args: argparse.Namespace, s: Session) -> int:
 
 def _mcp(args: argparse.Namespace, s: Session) -> int:
     if args.mcp_command == "tools":
-        request = broker_pb2.ListMcpToolsRequest(id=_connection_id(s, args.ref))
+        request = broker_pb2.ListMcpToolsRequest(id=_ref(args, s))
         reply = s.admin.ListMcpTools(request, timeout=s.timeout)
         return _show(args, reply, lambda r: out.render_tools(r.tools))
     if args.mcp_command == "refresh":
-        refresh = broker_pb2.RefreshMcpToolsRequest(id=_connection_id(s, args.ref))
+        refresh = broker_pb2.RefreshMcpToolsRequest(id=_ref(args, s))
         changes = s.admin.RefreshMcpTools(refresh, timeout=s.timeout)
         _show(args, changes, out.render_tool_changes)
         return 0 if changes.result.success else 1
@@ -324,7 +410,7 @@ def _oauth(args: argparse.Namespace, s: Session) -> int:
         request.draft.CopyFrom(_draft(args, name=args.name, type_="oauth2"))
         request.labels.update(parse_labels(args.label))
     else:
-        request.connection_id = _connection_id(s, args.ref)
+        request.connection_id = _ref(args, s)
     if args.paste:
         request.redirect_uri = f"http://127.0.0.1:{args.port or 8976}/callback"
         redirect = _begin_and_wait(s, request, None, args.wait)
@@ -351,21 +437,21 @@ def _begin_and_wait(
         redirect = listener.wait(wait)
     else:
         print("Then paste the URL your browser was sent to:", file=sys.stderr, flush=True)
-        redirect = parse_redirect(sys.stdin.readline())
+        redirect = parse_redirect(standard_input("--paste").readline())
     if redirect.state != begun.state:
         raise UsageError("the redirect's state does not match this authorization; start again")
     return redirect
 
 
 def _reinstate(args: argparse.Namespace, s: Session) -> int:
-    request = broker_pb2.ReinstateConnectionRequest(id=args.id, reason=args.reason)
+    request = broker_pb2.ReinstateConnectionRequest(id=_ref(args, s), reason=args.reason)
     reply = s.admin.ReinstateConnection(request, timeout=s.timeout)
     return _show(args, reply, out.render_connection)
 
 
 def _security(args: argparse.Namespace, s: Session) -> int:
     request = broker_pb2.ListSecurityEventsRequest(
-        rule=args.rule, connection_id=args.connection, principal=args.principal
+        rule=args.rule, connection_id=_filter_ref(args, s), principal=args.principal
     )
     events = _recent_events(args, s, s.admin.ListSecurityEvents, request)
     reply = broker_pb2.ListSecurityEventsResponse(events=events)
@@ -388,9 +474,8 @@ def _keys(args: argparse.Namespace, s: Session) -> int:
         hint = _ROTATE_HINTS.get(exc.code()) if hasattr(exc, "code") else None
         if hint is None:
             raise
-        for line in describe_error(exc, s.addr, PROG):
-            print(line, file=sys.stderr)
-        print(f"{PROG}: hint: {hint}", file=sys.stderr)
+        doc = error_doc(exc, s.addr, timeout=s.timeout) | {"hint": hint}
+        _print_error(args.json, doc, *describe_error(exc, s.addr, PROG), f"{PROG}: hint: {hint}")
         return 1
     _show(args, reply, out.render_rotated)
     print(
@@ -427,25 +512,15 @@ HANDLERS: dict[str, Handler] = {
 
 
 def _show(args: argparse.Namespace, reply: Any, render: Callable[[Any], str]) -> int:
-    text = out.to_json(reply) if args.json else render(reply)
+    text = to_json(reply) if args.json else render(reply)
     if text:
         print(text)
     return 0
 
 
-def _pages(call: Any, request: Any, field: str, timeout: float) -> Iterator[Any]:
-    """Every item of a paged List call, following `next_page_token`."""
-    while True:
-        reply = call(request, timeout=timeout)
-        yield from getattr(reply, field)
-        if not reply.next_page_token:
-            return
-        request.page_token = reply.next_page_token
-
-
 def _confirm(question: str) -> bool:
     # The prompt goes to stderr so that stdout stays clean for --json consumers.
-    if not sys.stdin.isatty():
+    if sys.stdin is None or not sys.stdin.isatty():
         raise UsageError("purge cannot be undone; pass --yes to confirm when not at a terminal")
     print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
     return sys.stdin.readline().strip().lower() in ("y", "yes")

@@ -86,8 +86,9 @@ def _check_name(name: str, violations: list[FieldViolation]) -> None:
         violations.append(
             FieldViolation(
                 "name",
-                "must be 1-128 characters: letters, digits, space and ._:/@- , "
-                "starting and ending with a letter or digit",
+                # Worded from `_NAME` itself: change the two together.
+                "must be 1 to 128 characters, each an ASCII letter, a digit, a space or one of . _ : / @ -, "
+                "starting with a letter or digit and ending with a letter, digit, '.', '_' or '-'",
             )
         )
 
