@@ -202,20 +202,31 @@ class Settings:
         An unknown key in the file is a ConfigError; unknown variables are listed in
         `unknown_variables` for the caller to warn about.
         """
+        if path is None:
+            return cls.from_toml("", Path.cwd(), environ)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from None
+        return cls.from_toml(text, path.resolve().parent, environ, f"config file {path}")
+
+    @classmethod
+    def from_toml(
+        cls,
+        text: str,
+        base: Path,
+        environ: Mapping[str, str] | None = None,
+        source: str = "config file",
+    ) -> Settings:
+        """`load` for TOML text whose relative paths are relative to `base`; `source` names it in errors."""
         env = dict(os.environ if environ is None else environ)
-        doc: dict[str, Any] = {}
-        base = Path.cwd()
-        if path is not None:
-            try:
-                doc = tomllib.loads(path.read_text())
-            except OSError as exc:
-                raise ConfigError(f"config file {path}: {exc.strerror}") from None
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"config file {path}: {exc}") from None
-            problem = _unknown_key(doc)
-            if problem:
-                raise ConfigError(f"config file {path}: {problem}")
-            base = path.resolve().parent
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        problem = _unknown_key(doc)
+        if problem:
+            raise ConfigError(f"{source}: {problem}")
         settings = _build(_Source(doc, env, base))
         return dataclasses.replace(settings, unknown_variables=_unknown_variables(env))
 
@@ -286,7 +297,7 @@ class _Source:
         """The value from the environment, else the file; and the setting's name for errors."""
         self.asked.add((section, key))
         name = f"{section}.{key}" if section else key
-        env_name = _variable(section, key)
+        env_name = variable(section, key)
         if env_name in self.env:
             return self.env[env_name], env_name
         table = self.doc.get(section, {}) if section else self.doc
@@ -314,7 +325,7 @@ class _Source:
         if p is None:
             if self.listing:
                 return self.base
-            raise ConfigError(f"{section}.{key} is required (or set {_variable(section, key)})")
+            raise ConfigError(f"{section}.{key} is required (or set {variable(section, key)})")
         return p
 
     def number(self, section: str, key: str, default: float, low: float, high: float) -> float:
@@ -340,8 +351,8 @@ class _Source:
         raise ConfigError(f"{name} must be true or false")
 
 
-def _variable(section: str, key: str) -> str:
-    """The environment variable of a setting: BROKER_<SECTION>_<KEY>."""
+def variable(section: str, key: str) -> str:
+    """The environment variable of a setting: BROKER_<SECTION>_<KEY> ("" section: top level)."""
     return "BROKER_" + (f"{section}_{key}" if section else key).upper()
 
 
@@ -391,7 +402,7 @@ def _unknown_key(doc: dict[str, Any]) -> str:
 
 def _unknown_variables(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     """BROKER_* variables that neither a setting, the master key nor a client reads."""
-    valid = {_variable(section, key) for section, key in _known()} | {MASTER_KEY_VARIABLE}
+    valid = {variable(section, key) for section, key in _known()} | {MASTER_KEY_VARIABLE}
     valid |= CLIENT_VARIABLES
     unknown = sorted(
         name
