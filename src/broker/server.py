@@ -78,6 +78,7 @@ log = structlog.get_logger("broker.server")
 ADMIN_SERVICE = broker_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 RESOLVE_SERVICE = broker_pb2.DESCRIPTOR.services_by_name["ResolveService"].full_name
 _ROLES = {ADMIN_SERVICE: Role.ADMIN, RESOLVE_SERVICE: Role.EXECUTOR}
+_ADDRESS_SETTINGS = {ADMIN_SERVICE: "listen.admin", RESOLVE_SERVICE: "listen.resolve"}
 
 
 class ListenError(ConfigError):
@@ -262,7 +263,7 @@ class Broker:
             self.oauth.on_refresh_failure = self.monitor.oauth_refresh_failed
             access = AccessService(self.store, cache, self._clock)
             self.keys = _master_keys(settings, self.store, keyring, self.audit, self._clock)
-            admin = self._listener(ADMIN_SERVICE, settings.admin_addr, "listen.admin")
+            admin = self._listener(ADMIN_SERVICE, settings.admin_addr)
             add_admin = broker_pb2_grpc.add_AdminServiceServicer_to_server
             servicer = AdminServicer(
                 connections, access, self.audit, tests, self.oauth, monitor=self.monitor, keys=self.keys
@@ -271,7 +272,7 @@ class Broker:
             if settings.reflection:
                 listed = [ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
                 reflection.enable_server_reflection(listed, admin)
-            resolve = self._listener(RESOLVE_SERVICE, settings.resolve_addr, "listen.resolve")
+            resolve = self._listener(RESOLVE_SERVICE, settings.resolve_addr)
             add_resolve = broker_pb2_grpc.add_ResolveServiceServicer_to_server
             add_resolve(ResolveServicer(self.resolver), resolve)  # type: ignore[no-untyped-call]
             self.admin_port, self.resolve_port = self._ports
@@ -362,8 +363,9 @@ class Broker:
         for (type_, status), n in counts.items():
             metrics.CONNECTIONS.labels(type_, status).set(n)
 
-    def _listener(self, service: str, addr: str, setting: str) -> grpc.aio.Server:
+    def _listener(self, service: str, addr: str) -> grpc.aio.Server:
         """A server bound to `addr` with the call interceptor and a health service (NOT_SERVING yet)."""
+        setting = _ADDRESS_SETTINGS[service]
         problem = _bind_problem(addr)
         if problem is not None:
             raise ListenError(setting, addr, problem)
