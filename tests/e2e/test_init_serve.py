@@ -6,6 +6,7 @@ the documented BROKER_LISTEN_* variables (which `broker init` also takes as its 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -27,6 +28,7 @@ BROKER = [sys.executable, "-m", "broker.cli.broker"]
 BIN = Path(sys.executable).parent  # where `broker` and `brokerctl` are installed
 
 
+@functools.cache
 def _brokerctl_reads_broker_addr() -> bool:
     """Whether brokerctl takes its address and identity from BROKER_ADDR, BROKER_CA, ... yet.
 
