@@ -242,7 +242,8 @@ def test_init_writes_a_layout_the_broker_loads_as_it_is(
 
     exports = (
         f"export BROKER_ADDR=broker.internal:50051 BROKER_RESOLVE_ADDR=broker.internal:50052 "
-        f"BROKER_CA={root}/tls/ca.pem BROKER_CERT={root}/tls/admin.pem BROKER_KEY={root}/tls/admin-key.pem"
+        f"BROKER_CA={root}/tls/ca.pem BROKER_CERT={root}/tls/admin.pem BROKER_KEY={root}/tls/admin-key.pem "
+        f"BROKER_EXECUTOR_CERT={root}/tls/executor.pem BROKER_EXECUTOR_KEY={root}/tls/executor-key.pem"
     )
     assert f"  broker serve --config {root}/broker.toml\n" in out
     assert f"  {exports}\n" in out and f"  broker health --config {root}/broker.toml" in out

@@ -253,6 +253,9 @@ def _exports(plan: _Plan) -> str:
         "BROKER_CA": str(tls / "ca.pem"),
         "BROKER_CERT": str(tls / "admin.pem"),
         "BROKER_KEY": str(tls / "admin-key.pem"),
+        # `brokerctl resolve` acts as the executor.
+        "BROKER_EXECUTOR_CERT": str(tls / "executor.pem"),
+        "BROKER_EXECUTOR_KEY": str(tls / "executor-key.pem"),
     }
     return "export " + " ".join(f"{name}={shlex.quote(value)}" for name, value in values.items())
 
