@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= .broker-dev
+# `make run ADMIN_ADDR=127.0.0.1:6051 RESOLVE_ADDR=127.0.0.1:6052 METRICS_ADDR=` (empty: no metrics).
+ADMIN_ADDR ?= 127.0.0.1:50051
+RESOLVE_ADDR ?= 127.0.0.1:50052
+METRICS_ADDR ?= 127.0.0.1:9464
 
 .PHONY: install run test lint proto clean bench bench-rss
 
@@ -15,7 +19,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: install
-	$(BIN)/broker dev --data-dir $(DATA_DIR)
+	$(BIN)/broker dev --data-dir $(DATA_DIR) --admin-addr $(ADMIN_ADDR) --resolve-addr $(RESOLVE_ADDR) \
+		--metrics-addr '$(METRICS_ADDR)'
 
 lint: install
 	$(BIN)/ruff check src tests proto

@@ -27,6 +27,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -284,7 +285,7 @@ def _without_broker_variables() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
 
 
-_BIND_FAILED = "cannot listen on"
+_BIND_FAILED = re.compile(r"cannot listen on|is in use \(another broker\?\)")
 
 
 class Replicas:
@@ -331,7 +332,7 @@ class Replicas:
                         waiting.remove(member)
                     continue
                 index = self.members.index(member)
-                if _BIND_FAILED in member.logs(tail=20) and retries[index] > 0:
+                if _BIND_FAILED.search(member.logs(tail=20)) and retries[index] > 0:
                     retries[index] -= 1
                     member.new_ports()
                     member.spawn()

@@ -43,6 +43,9 @@ naming the setting, raised at start-up.
     store_probe_seconds = 5         # BROKER_HEALTH_STORE_PROBE_SECONDS: store ping; NOT_SERVING on failure
     cert = "tls/probe.pem"          # BROKER_HEALTH_CERT (no default): the client certificate and key
     key = "tls/probe-key.pem"       # BROKER_HEALTH_KEY (no default):  `broker health` presents
+    server_name = "broker.internal" # BROKER_HEALTH_SERVER_NAME (no default): the name `broker health`
+                                    #   expects in the server certificate (it dials a wildcard
+                                    #   listener on loopback); default: the host it dials
     [metrics]
     listen = "127.0.0.1:9464"       # Prometheus /metrics; "" turns it off (BROKER_METRICS_LISTEN)
     [audit]
@@ -94,13 +97,19 @@ naming the setting, raised at start-up.
                                     #   that receives every tenant's security events (signed)
 
 Environment lists are comma-separated. Relative paths in the file are relative to the file's folder.
+A key or section the file does not know is an error naming the nearest valid one; an unknown
+BROKER_* variable is only warned about (`Settings.unknown_variables`), since the environment
+is shared with other programs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +121,25 @@ from broker.errors import ConfigError
 from broker.service.monitor import MonitorSettings
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+MASTER_KEY_VARIABLE = "BROKER_MASTER_KEY"
+# Read by `brokerctl` (and the executor tools), not by the server: known, so never warned about.
+CLIENT_VARIABLES = frozenset(
+    {
+        "BROKER_ADDR",
+        "BROKER_RESOLVE_ADDR",
+        "BROKER_CA",
+        "BROKER_CERT",
+        "BROKER_KEY",
+        "BROKER_SERVER_NAME",
+        "BROKER_PROFILE",
+        "BROKER_TIMEOUT",
+        "BROKER_DATA_DIR",
+        "BROKER_EXECUTOR_CERT",
+        "BROKER_EXECUTOR_KEY",
+    }
+)
+# Settings of the test suite and the benchmark, read by them alone.
+_TOOL_PREFIXES = ("BROKER_TEST_", "BROKER_BENCH_", "BROKER_FUZZ_")
 
 
 @dataclass(frozen=True)
@@ -149,6 +177,7 @@ class Settings:
     health_probe_seconds: float = 5.0
     health_cert: Path | None = None
     health_key: Path | None = None
+    health_server_name: str | None = None
     tests_per_minute: int = 30
     resolve_per_second: float = 200.0
     resolve_burst: int = 400
@@ -163,22 +192,50 @@ class Settings:
     audit_seal_interval_seconds: float = 60.0
     egress: EgressSettings = field(default_factory=EgressSettings)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
+    # BROKER_* variables no setting reads, with the nearest valid name ("" when none is near).
+    unknown_variables: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     @classmethod
     def load(cls, path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read the TOML file (optional) and override with BROKER_* variables."""
+        """Read the TOML file (optional) and override with BROKER_* variables.
+
+        An unknown key in the file is a ConfigError; unknown variables are listed in
+        `unknown_variables` for the caller to warn about.
+        """
+        if path is None:
+            return cls.from_toml("", Path.cwd(), environ)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from None
+        return cls.from_toml(text, path.resolve().parent, environ, f"config file {path}")
+
+    @classmethod
+    def from_toml(
+        cls,
+        text: str,
+        base: Path,
+        environ: Mapping[str, str] | None = None,
+        source: str = "config file",
+    ) -> Settings:
+        """`load` for TOML text whose relative paths are relative to `base`; `source` names it in errors."""
         env = dict(os.environ if environ is None else environ)
-        doc: dict[str, Any] = {}
-        base = Path.cwd()
-        if path is not None:
-            try:
-                doc = tomllib.loads(path.read_text())
-            except OSError as exc:
-                raise ConfigError(f"config file {path}: {exc.strerror}") from None
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"config file {path}: {exc}") from None
-            base = path.resolve().parent
-        return _build(_Source(doc, env, base))
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        problem = _unknown_key(doc)
+        if problem:
+            raise ConfigError(f"{source}: {problem}")
+        settings = _build(_Source(doc, env, base))
+        return dataclasses.replace(settings, unknown_variables=_unknown_variables(env))
+
+    def warnings(self) -> list[str]:
+        """One line per unknown BROKER_* variable, for the operator."""
+        return [
+            f"{name} is not a broker setting and is ignored" + (f"; did you mean {near}?" if near else "")
+            for name, near in self.unknown_variables
+        ]
 
     @classmethod
     def for_dev(cls, data_dir: Path, admin_addr: str, resolve_addr: str) -> Settings:
@@ -231,11 +288,16 @@ class _Source:
     doc: dict[str, Any]
     env: dict[str, str]
     base: Path
+    # Every (section, key) the builder asks for: the one list of valid settings (`_known`).
+    asked: set[tuple[str, str]] = field(default_factory=set)
+    # Listing the settings only: a missing required one is not an error.
+    listing: bool = False
 
     def raw(self, section: str, key: str) -> tuple[Any, str]:
         """The value from the environment, else the file; and the setting's name for errors."""
+        self.asked.add((section, key))
         name = f"{section}.{key}" if section else key
-        env_name = "BROKER_" + name.replace(".", "_").upper()
+        env_name = variable(section, key)
         if env_name in self.env:
             return self.env[env_name], env_name
         table = self.doc.get(section, {}) if section else self.doc
@@ -261,8 +323,9 @@ class _Source:
     def required_path(self, section: str, key: str) -> Path:
         p = self.path(section, key)
         if p is None:
-            env_name = f"BROKER_{section}_{key}".upper()
-            raise ConfigError(f"{section}.{key} is required (or set {env_name})")
+            if self.listing:
+                return self.base
+            raise ConfigError(f"{section}.{key} is required (or set {variable(section, key)})")
         return p
 
     def number(self, section: str, key: str, default: float, low: float, high: float) -> float:
@@ -286,6 +349,70 @@ class _Source:
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{name} must be true or false")
+
+
+def variable(section: str, key: str) -> str:
+    """The environment variable of a setting: BROKER_<SECTION>_<KEY> ("" section: top level)."""
+    return "BROKER_" + (f"{section}_{key}" if section else key).upper()
+
+
+@functools.cache
+def _known() -> frozenset[tuple[str, str]]:
+    """Every (section, key) a settings file may hold ("" is the top level): what the builder reads."""
+    src = _Source({}, {}, Path("/"), listing=True)
+    _build(src)
+    return frozenset(src.asked)
+
+
+def _nearest(name: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return close[0] if close else ""
+
+
+def _unknown_key(doc: dict[str, Any]) -> str:
+    """What is wrong with the first key of the file no setting reads; "" when there is none."""
+    known = _known()
+    sections = {section for section, _ in known if section}
+    top_keys = {key for section, key in known if not section}
+    for name, value in doc.items():
+        if name in sections:
+            if not isinstance(value, dict):
+                continue  # the builder says "[section] must be a table"
+            keys = sorted(key for section, key in known if section == name)
+            for key in value:
+                if key in keys:
+                    continue
+                owners = sorted(section for section, k in known if k == key)
+                near = _nearest(key, keys)
+                if owners == [""]:
+                    # TOML puts a key written below a [section] header into that section.
+                    hint = f"{key} belongs at the top of the file, before the first [section]"
+                elif owners:
+                    hint = f"it belongs in [{owners[0]}]"
+                else:
+                    hint = f"did you mean {near}?" if near else f"valid keys: {', '.join(keys)}"
+                return f"unknown key {key} in [{name}]; {hint}"
+        elif name not in top_keys:
+            what = "section" if isinstance(value, dict) else "key"
+            near = _nearest(name, sorted(sections | top_keys))
+            hint = f"did you mean {near}?" if near else f"valid: {', '.join(sorted(sections | top_keys))}"
+            return f"unknown {what} {name}; {hint}"
+    return ""
+
+
+def _unknown_variables(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """BROKER_* variables that neither a setting, the master key nor a client reads."""
+    valid = {variable(section, key) for section, key in _known()} | {MASTER_KEY_VARIABLE}
+    valid |= CLIENT_VARIABLES
+    unknown = sorted(
+        name
+        for name in env
+        if name.startswith("BROKER_") and name not in valid and not name.startswith(_TOOL_PREFIXES)
+    )
+    # Compared without the prefix all of them share, which would make any two names look alike.
+    suffixes = sorted(name.removeprefix("BROKER_") for name in valid)
+    nearest = {name: _nearest(name.removeprefix("BROKER_"), suffixes) for name in unknown}
+    return tuple((name, "BROKER_" + near if near else "") for name, near in nearest.items())
 
 
 def _address(src: _Source, key: str, default: str) -> str:
@@ -437,11 +564,9 @@ def _build(src: _Source) -> Settings:
         key=src.required_path("tls", "key"),
         client_ca=src.required_path("tls", "client_ca"),
     )
-    old = src.doc.get("master_key", {}).get("old_files", [])
-    if not isinstance(old, list) or not all(isinstance(p, str) for p in old):
-        raise ConfigError("master_key.old_files must be a list of paths")
+    old = _list(src, "master_key", "old_files", str, what="paths")
     key_dir, operators = _master_key_dir(src), _operators(src)
-    if key_dir is not None and (old or src.path("master_key", "file") or src.env.get("BROKER_MASTER_KEY")):
+    if key_dir is not None and (old or src.path("master_key", "file") or src.env.get(MASTER_KEY_VARIABLE)):
         raise ConfigError(
             "master_key.dir replaces master_key.file, master_key.old_files and BROKER_MASTER_KEY: "
             "set only one"
@@ -460,7 +585,7 @@ def _build(src: _Source) -> Settings:
         storage_pool_min=pool_min,
         storage_pool_max=pool_max,
         master_key_file=src.path("master_key", "file"),
-        master_key_env=src.env.get("BROKER_MASTER_KEY") or None,
+        master_key_env=src.env.get(MASTER_KEY_VARIABLE) or None,
         old_master_key_files=tuple(src.base / Path(p).expanduser() for p in old),
         master_key_dir=key_dir,
         master_key_operators=operators,
@@ -477,6 +602,7 @@ def _build(src: _Source) -> Settings:
         health_probe_seconds=src.number("health", "store_probe_seconds", 5.0, 0.1, 3600),
         health_cert=src.path("health", "cert"),
         health_key=src.path("health", "key"),
+        health_server_name=src.text("health", "server_name"),
         tests_per_minute=int(src.number("limits", "tests_per_minute", 30, 1, 100_000)),
         resolve_per_second=src.number("limits", "resolve_per_second", 200, 0.01, 1_000_000),
         resolve_burst=int(src.number("limits", "resolve_burst", 400, 1, 1_000_000)),

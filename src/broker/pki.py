@@ -72,11 +72,22 @@ def issue_principal_cert(
     `spiffe://<trust-domain>/tenant/<tenant>/<admin|executor>/<name>`.
     """
     try:
-        principal = parse_spiffe_id(spiffe_id)
+        parse_spiffe_id(spiffe_id)
     except ValueError as exc:
         raise ValueError(f"invalid principal {spiffe_id!r}: {exc}") from None
-    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_id)]
-    return _issue(ca_cert_pem, ca_key_pem, principal.name, sans, ExtendedKeyUsageOID.CLIENT_AUTH, days)
+    return issue_client_cert(ca_cert_pem, ca_key_pem, spiffe_id, days)
+
+
+def issue_client_cert(
+    ca_cert_pem: bytes, ca_key_pem: bytes, uri: str, days: int = 365
+) -> tuple[bytes, bytes]:
+    """A client certificate whose only URI SAN is `uri`, which need not name a principal: a SPIFFE id
+    such as spiffe://<trust-domain>/probe/<name> can only ask the health service. (cert PEM, key PEM)."""
+    if not uri.startswith("spiffe://"):
+        raise ValueError(f"invalid SPIFFE id {uri!r}: expected spiffe://...")
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
+    name = uri.rstrip("/").rpartition("/")[2]
+    return _issue(ca_cert_pem, ca_key_pem, name, sans, ExtendedKeyUsageOID.CLIENT_AUTH, days)
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -26,9 +26,11 @@ close the store, in that order; all within `server.grace_seconds`.
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
+import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -46,7 +48,7 @@ from broker.api.drain import DrainGate, stop_listeners
 from broker.api.interceptors import CallInterceptor
 from broker.api.ratelimit import RateLimitInterceptor
 from broker.api.resolve import ResolveServicer
-from broker.config import Settings
+from broker.config import Settings, variable
 from broker.crypto import Keyring
 from broker.egress import EgressPolicy
 from broker.errors import ConfigError
@@ -76,6 +78,48 @@ log = structlog.get_logger("broker.server")
 ADMIN_SERVICE = broker_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 RESOLVE_SERVICE = broker_pb2.DESCRIPTOR.services_by_name["ResolveService"].full_name
 _ROLES = {ADMIN_SERVICE: Role.ADMIN, RESOLVE_SERVICE: Role.EXECUTOR}
+_ADDRESS_SETTINGS = {ADMIN_SERVICE: "listen.admin", RESOLVE_SERVICE: "listen.resolve"}
+
+
+class ListenError(ConfigError):
+    """A listener's address cannot be bound; names the setting (and its variable) to change."""
+
+    def __init__(self, setting: str, address: str, reason: str) -> None:
+        self.setting, self.address, self.reason = setting, address, reason
+        section, _, key = setting.partition(".")
+        super().__init__(
+            f"{self.problem}; choose another with {setting} in the config file or {variable(section, key)}"
+        )
+
+    @property
+    def problem(self) -> str:
+        """What is wrong, without the advice (which depends on how the address was given)."""
+        if self.reason == "in use":
+            return f"{self.address} is in use (another broker?)"
+        return f"cannot listen on {self.address} ({self.setting}): {self.reason}"
+
+
+def _bind_problem(address: str) -> str | None:
+    """Why a plain socket cannot bind `address` ("in use", or the system's reason); None if it can.
+
+    Asked before gRPC binds: gRPC reports only "Failed to bind", and logs its own error line.
+    """
+    host, _, port = address.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (OSError, ValueError) as exc:
+        return getattr(exc, "strerror", None) or str(exc)
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            # As gRPC does: a port left in TIME_WAIT by an earlier run is free.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                return "in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+    return None
 
 
 def _oauth_settings(settings: Settings) -> OAuthSettings:
@@ -156,6 +200,8 @@ class Broker:
     async def start(self) -> None:
         """Check keys and TLS files, open the store, bind both listeners, then report SERVING."""
         settings = self.settings
+        for name, near in settings.unknown_variables:
+            log.warning("unknown_environment_variable", variable=name, did_you_mean=near or None)
         keyring = settings.load_keyring()
         # Reads and checks the TLS files now: a bad file stops the start with a ConfigError.
         self.tls = TlsReloader(settings.tls, settings.tls_reload_seconds)
@@ -264,15 +310,15 @@ class Broker:
         """Serve /metrics on its own port; 0 when turned off."""
         if not self.settings.metrics_listen:
             return 0
-        host, _, port = self.settings.metrics_listen.rpartition(":")
+        address = self.settings.metrics_listen
+        host, _, port = address.rpartition(":")
         try:
             self._metrics_server, _thread = start_http_server(
                 int(port), host.strip("[]"), registry=metrics.REGISTRY
             )
         except OSError as exc:
-            raise ConfigError(
-                f"metrics.listen: cannot listen on {self.settings.metrics_listen}: {exc.strerror}"
-            ) from None
+            reason = "in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+            raise ListenError("metrics.listen", address, reason) from None
         return int(self._metrics_server.server_port)
 
     async def _publish_health(self) -> None:
@@ -319,6 +365,10 @@ class Broker:
 
     def _listener(self, service: str, addr: str) -> grpc.aio.Server:
         """A server bound to `addr` with the call interceptor and a health service (NOT_SERVING yet)."""
+        setting = _ADDRESS_SETTINGS[service]
+        problem = _bind_problem(addr)
+        if problem is not None:
+            raise ListenError(setting, addr, problem)
         gate = DrainGate()
         self._gates.append(gate)
         server = grpc.aio.server(
@@ -341,7 +391,8 @@ class Broker:
         except RuntimeError:
             port = 0
         if port == 0:
-            raise ConfigError(f"cannot listen on {addr}: address in use or not available")
+            # Taken between the check and gRPC's own bind; its reason is not known here.
+            raise ListenError(setting, addr, _bind_problem(addr) or "address in use or not available")
         self._ports.append(port)
         return server
 
@@ -388,8 +439,8 @@ class Broker:
             log.error("shutdown_step_failed", step=name, error_type=type(exc).__name__)
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGINT or SIGTERM, then shut down gracefully."""
+async def serve(settings: Settings, on_serving: Callable[[Broker], None] | None = None) -> None:
+    """Run until SIGINT or SIGTERM, then shut down gracefully; `on_serving` is called once SERVING."""
     broker = Broker(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -397,13 +448,16 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await broker.start()
+    if on_serving is not None:
+        on_serving(broker)
     await stop.wait()
     log.info("broker_stopping", grace_seconds=settings.grace_seconds)
     await broker.stop()
 
 
-def run(settings: Settings) -> int:
-    """Blocking entry point for the CLI: serve, return an exit code. ConfigError propagates."""
+def run(settings: Settings, on_serving: Callable[[Broker], None] | None = None) -> int:
+    """Blocking entry point for the CLI: serve, return an exit code. ConfigError propagates
+    (ListenError when an address cannot be bound)."""
     broker_log.configure(settings.log_level)
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, on_serving))
     return 0

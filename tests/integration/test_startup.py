@@ -78,6 +78,7 @@ async def test_refuses_an_address_in_use(
     taken = f"127.0.0.1:{running.broker.admin_port}"
     other = tmp_path / "other"
     other.mkdir()
-    with pytest.raises(ConfigError, match="cannot listen"):
+    in_use = rf"^{taken} is in use \(another broker\?\); choose another with listen\.admin"
+    with pytest.raises(ConfigError, match=in_use):
         await Broker(write_settings(other, test_pki, admin_addr=taken)).start()
     await running.broker.stop(grace=0)

@@ -196,3 +196,81 @@ def test_storage_url_selects_postgresql_and_is_never_echoed(tmp_path: Path) -> N
     assert "s3cret-pw" not in str(raised.value)
     with pytest.raises(ConfigError, match=r"storage\.pool_min must not exceed storage\.pool_max"):
         Settings.load(write(tmp_path, MINIMAL), environ={"BROKER_STORAGE_POOL_MIN": "20"})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[resovle]\ncache_ttl_seconds = 5\n", "unknown section resovle; did you mean resolve?"),
+        (
+            "[resolve]\ncache_ttl = 5\n",
+            r"unknown key cache_ttl in \[resolve\]; did you mean cache_ttl_seconds\?",
+        ),
+        ("trust_domian = 'x'\n", "unknown key trust_domian; did you mean trust_domain?"),
+        ("[health]\nservername = 'x'\n", "did you mean server_name?"),
+        (
+            "[resolve]\nzzz = 1\n",
+            r"unknown key zzz in \[resolve\]; valid keys: cache_ttl_seconds, superseded",
+        ),
+        ("[qqqq]\nx = 1\n", "unknown section qqqq; valid: audit, egress, "),
+    ],
+)
+def test_an_unknown_key_in_the_file_names_it_and_the_nearest_valid_one(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    # The typo comes first in the file: its error wins over what the typo leaves missing.
+    with pytest.raises(ConfigError, match=message) as raised:
+        Settings.load(write(tmp_path, text + MINIMAL), environ={})
+    assert str(raised.value).startswith(f"config file {tmp_path / 'broker.toml'}: ")
+
+
+def test_a_typo_is_reported_even_when_it_leaves_a_required_setting_missing(tmp_path: Path) -> None:
+    text = MINIMAL.replace("[tls]", "[tsl]")
+    with pytest.raises(ConfigError, match=r"unknown section tsl; did you mean tls\?"):
+        Settings.load(write(tmp_path, text), environ={})
+    # A key written below the wrong header: TOML puts it in that section.
+    with pytest.raises(ConfigError, match=r"trust_domain belongs at the top of the file"):
+        Settings.load(write(tmp_path, MINIMAL + 'trust_domain = "example.org"\n'), environ={})
+    with pytest.raises(ConfigError, match=r"unknown key level in \[master_key\]; it belongs in \[log\]"):
+        Settings.load(write(tmp_path, MINIMAL + 'level = "debug"\n'), environ={})
+
+
+def test_keys_read_only_in_some_cases_are_valid_too(tmp_path: Path) -> None:
+    text = MINIMAL.replace('path = "data/broker.db"', 'path = "data/broker.db"\nurl = ""\npool_min = 1')
+    text += "old_files = []\noperators = []\n"  # still in [master_key]
+    text += '[health]\nserver_name = "broker.internal"\n[monitor]\nalert_webhook = "ops/conn_1"\n'
+    settings = Settings.load(write(tmp_path, text), environ={})
+    assert settings.health_server_name == "broker.internal" and settings.monitor.alert_webhook == "ops/conn_1"
+    dir_mode = MINIMAL.replace('file = "master.key"', 'dir = "keys"')
+    assert Settings.load(write(tmp_path, dir_mode), environ={}).master_key_dir == tmp_path / "keys"
+
+
+def test_unknown_broker_variables_are_warned_about_not_fatal(tmp_path: Path) -> None:
+    env = {
+        "BROKER_LOG_LEVL": "debug",
+        "BROKER_FOO": "1",
+        "BROKER_LISTEN_ADMIN": "127.0.0.1:1",  # a setting
+        "BROKER_MASTER_KEY": base64.b64encode(bytes(32)).decode(),  # the key itself
+        "BROKER_ADDR": "broker.internal:50051",  # read by brokerctl
+        "BROKER_SERVER_NAME": "broker.internal",
+        "BROKER_EXECUTOR_KEY": "x.pem",
+        "BROKER_TEST_POSTGRES_DSN": "postgresql://x",  # the test suite's
+        "BROKER_BENCH_POSTGRES_DSN": "postgresql://x",
+        "PATH": "/bin",
+    }
+    settings = Settings.load(write(tmp_path, MINIMAL), environ=env)
+    assert settings.admin_addr == "127.0.0.1:1" and settings.log_level == "info"
+    assert settings.unknown_variables == (("BROKER_FOO", ""), ("BROKER_LOG_LEVL", "BROKER_LOG_LEVEL"))
+    assert settings.warnings() == [
+        "BROKER_FOO is not a broker setting and is ignored",
+        "BROKER_LOG_LEVL is not a broker setting and is ignored; did you mean BROKER_LOG_LEVEL?",
+    ]
+    assert Settings.load(write(tmp_path, MINIMAL), environ={}).unknown_variables == ()
+
+
+def test_old_master_key_files_from_the_environment(tmp_path: Path) -> None:
+    env = {"BROKER_MASTER_KEY_OLD_FILES": "old1.key, /keys/old2.key"}
+    settings = Settings.load(write(tmp_path, MINIMAL), environ=env)
+    assert settings.old_master_key_files == (tmp_path / "old1.key", Path("/keys/old2.key"))
+    with pytest.raises(ConfigError, match=r"master_key\.old_files must be a list of paths"):
+        Settings.load(write(tmp_path, MINIMAL.replace('file = "master.key"', "old_files = 3")), environ={})

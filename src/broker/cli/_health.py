@@ -47,7 +47,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--key", type=Path, help="its private key (default: health.key)")
     p.add_argument("--ca", type=Path, help="CA that signed the server certificate (default: tls.client_ca)")
     p.add_argument("--target", metavar="HOST:PORT", help="dial this address instead of the listener's own")
-    p.add_argument("--server-name", help="name to expect in the server certificate (default: the host)")
+    p.add_argument(
+        "--server-name",
+        help="name to expect in the server certificate (default: health.server_name, else the host)",
+    )
     p.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT, help=f"seconds (default {DEFAULT_TIMEOUT:g})"
     )
@@ -78,7 +81,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         certificate_chain=_read(cert, "--cert"),
     )
     address = args.target or target(settings.resolve_addr if args.addr == "resolve" else settings.admin_addr)
-    options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
+    server_name = args.server_name or settings.health_server_name
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
     with grpc.secure_channel(address, credentials, options=options) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:

@@ -1,6 +1,6 @@
-"""`broker`: run the server (`dev`, `serve`), make its keys and certificates (`keygen`, `certs`),
-check a value against an audit fingerprint (`audit fingerprint`) and probe a running
-broker's health (`health`: exit 0 SERVING, 1 otherwise).
+"""`broker`: lay out a production broker (`init`), run the server (`dev`, `serve`), make its
+keys and certificates (`keygen`, `certs`), check a value against an audit fingerprint
+(`audit fingerprint`) and probe a running broker's health (`health`: exit 0 SERVING, 1 otherwise).
 
 Exit status: what the server returns when it stops, 0 for the other commands,
 and 2 for a bad setting, a bad master key or a file that would be overwritten.
@@ -14,24 +14,37 @@ import getpass
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from broker import pki
-from broker.cli import _health, _keys
+from broker.cli import _health, _init, _keys
 from broker.config import Settings
 from broker.errors import ConfigError
+
+if TYPE_CHECKING:
+    from broker.server import Broker
 
 PROG = "broker"
 _DEV_DIR = Path(".broker-dev")
 _ADMIN_ADDR = "127.0.0.1:50051"
 _RESOLVE_ADDR = "127.0.0.1:50052"
 _METRICS_ADDR = "127.0.0.1:9464"
+# How `broker dev` is told another address for each listener setting: its flag and `make run`'s variable.
+_DEV_ADDRESS_FLAGS = {
+    "listen.admin": ("--admin-addr", "ADMIN_ADDR"),
+    "listen.resolve": ("--resolve-addr", "RESOLVE_ADDR"),
+    "metrics.listen": ("--metrics-addr", "METRICS_ADDR"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one broker command; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "init":
+            return _init.run(args)
         if args.command == "keygen":
             return _keygen(args.out)
         if args.command == "certs":
@@ -42,15 +55,20 @@ def main(argv: list[str] | None = None) -> int:
             return _keys.run(args)
         if args.command == "health":
             return _health.run(args, _settings_for(args))
-        if args.command == "dev":
-            settings = _prepare_dev(args.data_dir, args.admin_addr, args.resolve_addr, args.metrics_addr)
+        dev = args.command == "dev"
+        if dev:
+            settings, on_serving = _prepare_dev(
+                args.data_dir, args.admin_addr, args.resolve_addr, args.metrics_addr
+            )
         else:
-            settings = Settings.load(args.config)
+            settings, on_serving = Settings.load(args.config), None
+            for warning in settings.warnings():
+                print(f"{PROG}: warning: {warning}", file=sys.stderr)
     except (ConfigError, ValueError, OSError) as exc:
         return _fail(exc)
     # Only ConfigError is expected from the server; anything else is a bug and keeps its traceback.
     try:
-        return _run(settings)
+        return _run(settings, on_serving, dev)
     except ConfigError as exc:
         return _fail(exc)
     except KeyboardInterrupt:
@@ -76,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=_METRICS_ADDR,
         help=f"Prometheus /metrics (default {_METRICS_ADDR}; '' for none)",
     )
+
+    _init.add_parser(sub)
 
     p = sub.add_parser("serve", help="run the broker from a config file and BROKER_* variables")
     p.add_argument("--config", type=Path, required=True, metavar="FILE", help="TOML settings file")
@@ -146,19 +166,37 @@ def _settings_for(args: argparse.Namespace) -> Settings:
     return Settings.for_dev(args.data_dir, _ADMIN_ADDR, _RESOLVE_ADDR)
 
 
-def _prepare_dev(data_dir: Path, admin_addr: str, resolve_addr: str, metrics_addr: str) -> Settings:
+def _prepare_dev(
+    data_dir: Path, admin_addr: str, resolve_addr: str, metrics_addr: str
+) -> tuple[Settings, Callable[[Broker], None]]:
+    """The dev settings, and what to print once the broker serves (not before: a port may be taken)."""
     created = pki.ensure_dev_layout(data_dir)
-    print(_banner(data_dir, admin_addr, resolve_addr, created), file=sys.stderr, flush=True)
-    return dataclasses.replace(
+    settings = dataclasses.replace(
         Settings.for_dev(data_dir, admin_addr, resolve_addr), metrics_listen=metrics_addr
     )
 
+    def on_serving(broker: Broker) -> None:
+        # The bound ports, which differ from the settings' when those say port 0.
+        admin = f"{admin_addr.rpartition(':')[0]}:{broker.admin_port}"
+        resolve = f"{resolve_addr.rpartition(':')[0]}:{broker.resolve_port}"
+        print(_banner(data_dir, admin, resolve, created), file=sys.stderr, flush=True)
 
-def _run(settings: Settings) -> int:
+    return settings, on_serving
+
+
+def _run(settings: Settings, on_serving: Callable[[Broker], None] | None = None, dev: bool = False) -> int:
     # Imported here so that keygen and certs work without loading the server's dependencies.
-    from broker.server import run
+    from broker.server import ListenError, run
 
-    return run(settings)
+    try:
+        return run(settings, on_serving)
+    except ListenError as exc:
+        if not dev:
+            raise
+        flag, make_variable = _DEV_ADDRESS_FLAGS[exc.setting]
+        raise ConfigError(
+            f"{exc.problem}; choose another with {flag} or make run {make_variable}=..."
+        ) from None
 
 
 def _banner(data_dir: Path, admin_addr: str, resolve_addr: str, created: bool) -> str:
@@ -167,10 +205,12 @@ def _banner(data_dir: Path, admin_addr: str, resolve_addr: str, created: bool) -
         hint += ["--data-dir", str(data_dir)]
     if admin_addr != _ADMIN_ADDR:
         hint += ["--addr", admin_addr]
+    if resolve_addr != _RESOLVE_ADDR:
+        hint += ["--resolve-addr", resolve_addr]
     what = "created a master key, a CA and certificates" if created else "using the existing keys"
     return "\n".join(
         [
-            f"broker dev: data in {data_dir.resolve()} ({what})",
+            f"broker dev: serving; data in {data_dir.resolve()} ({what})",
             f"  admin API    {admin_addr}  (TLS; client certificate tls/admin.pem)",
             f"  resolve API  {resolve_addr}  (mTLS; client certificate tls/executor.pem)",
             f"  next, try:   {shlex.join([*hint, 'types'])}",
