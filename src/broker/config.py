@@ -364,7 +364,8 @@ def _known() -> frozenset[tuple[str, str]]:
     return frozenset(src.asked)
 
 
-def _nearest(name: str, candidates: Iterable[str]) -> str:
+def nearest(name: str, candidates: Iterable[str]) -> str:
+    """The candidate closest to a misspelt `name` (difflib), or "" when none is close."""
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
     return close[0] if close else ""
 
@@ -383,7 +384,7 @@ def _unknown_key(doc: dict[str, Any]) -> str:
                 if key in keys:
                     continue
                 owners = sorted(section for section, k in known if k == key)
-                near = _nearest(key, keys)
+                near = nearest(key, keys)
                 if owners == [""]:
                     # TOML puts a key written below a [section] header into that section.
                     hint = f"{key} belongs at the top of the file, before the first [section]"
@@ -394,7 +395,7 @@ def _unknown_key(doc: dict[str, Any]) -> str:
                 return f"unknown key {key} in [{name}]; {hint}"
         elif name not in top_keys:
             what = "section" if isinstance(value, dict) else "key"
-            near = _nearest(name, sorted(sections | top_keys))
+            near = nearest(name, sorted(sections | top_keys))
             hint = f"did you mean {near}?" if near else f"valid: {', '.join(sorted(sections | top_keys))}"
             return f"unknown {what} {name}; {hint}"
     return ""
@@ -411,8 +412,8 @@ def _unknown_variables(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     )
     # Compared without the prefix all of them share, which would make any two names look alike.
     suffixes = sorted(name.removeprefix("BROKER_") for name in valid)
-    nearest = {name: _nearest(name.removeprefix("BROKER_"), suffixes) for name in unknown}
-    return tuple((name, "BROKER_" + near if near else "") for name, near in nearest.items())
+    near = {name: nearest(name.removeprefix("BROKER_"), suffixes) for name in unknown}
+    return tuple((name, "BROKER_" + close if close else "") for name, close in near.items())
 
 
 def _address(src: _Source, key: str, default: str) -> str:

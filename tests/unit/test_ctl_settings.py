@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from broker import config
 from broker.cli._ctl_args import build_parser
 from broker.cli._ctl_settings import CLIENT_VARIABLES, CtlSettings, profile_file, resolve
 from broker.cli._hints import BROKERCTL, HEALTH, Failure, classify, connection_hint
@@ -204,6 +205,9 @@ def test_no_client_variable_changes_a_server_setting() -> None:
     }
     with_client = {**required, **{variable: "x" for variable in CLIENT_VARIABLES}}
     assert Settings.load(None, with_client) == Settings.load(None, required)
+    # And the server knows each of them, so it never warns about one (its list is its own copy:
+    # config.py sits below the CLI and does not import it).
+    assert set(CLIENT_VARIABLES) == set(config.CLIENT_VARIABLES)
 
 
 # ------------------------------------------------------------------ errors

@@ -24,7 +24,6 @@ the profile file are relative to its folder; `~` is expanded in the file and in 
 from __future__ import annotations
 
 import argparse
-import difflib
 import math
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -35,6 +34,7 @@ from typing import Any
 from broker.cli._ctl_args import DEFAULT_ADDR, DEFAULT_DATA_DIR, DEFAULT_RESOLVE_ADDR
 from broker.cli._input import UsageError
 from broker.cli._rpc import ClientTls
+from broker.config import nearest
 
 DEFAULT_TIMEOUT = 10.0
 PROFILE_VARIABLE = "BROKER_PROFILE"
@@ -263,5 +263,5 @@ def _timeout(value: Any, source: str) -> float:
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    close = nearest(word, choices)
+    return f"; did you mean {close!r}?" if close else ""
