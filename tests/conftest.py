@@ -151,7 +151,9 @@ class Running:
 
 
 @pytest.fixture
-def make_broker(tmp_path: Path, test_pki: TestPki, identities: dict[str, Identity]) -> Callable[..., object]:
+async def make_broker(
+    tmp_path: Path, test_pki: TestPki, identities: dict[str, Identity]
+) -> AsyncIterator[Callable[..., object]]:
     """Start a broker in this test's temp dir; settings overridable. Stopped at teardown."""
     started: list[Running] = []
 
@@ -165,7 +167,10 @@ def make_broker(tmp_path: Path, test_pki: TestPki, identities: dict[str, Identit
         started.append(running)
         return running
 
-    yield start  # type: ignore[misc]
+    yield start
+    for running in started:  # stop() is idempotent: tests that stopped theirs are untouched
+        await running.close()
+        await running.broker.stop(grace=0)
 
 
 @pytest.fixture
