@@ -24,6 +24,26 @@ from broker.config import Settings, TlsFiles
 from broker.server import Broker
 
 TRUST_DOMAIN = "broker.local"
+TESTS = Path(__file__).resolve().parent
+# Markers follow the directory, so a new test file cannot forget them and `-m "not integration"`
+# is always the unit tests alone. e2e tests run real processes: they are integration tests too.
+MARKERS_BY_DIRECTORY: dict[str, tuple[str, ...]] = {
+    "unit": (),
+    "integration": ("integration",),
+    "e2e": ("e2e", "integration"),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        directory = item.path.resolve().relative_to(TESTS).parts[0]
+        if directory not in MARKERS_BY_DIRECTORY:
+            raise pytest.UsageError(
+                f"{item.nodeid}: tests live in tests/unit, tests/integration or tests/e2e "
+                "(the directory decides the markers; see tests/conftest.py)"
+            )
+        for marker in MARKERS_BY_DIRECTORY[directory]:
+            item.add_marker(marker)
 
 
 def spiffe(tenant: str, role: str, name: str) -> str:
