@@ -34,7 +34,8 @@ MARKERS_BY_DIRECTORY: dict[str, tuple[str, ...]] = {
 }
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by these markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         directory = item.path.resolve().relative_to(TESTS).parts[0]
         if directory not in MARKERS_BY_DIRECTORY:
@@ -44,6 +45,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             )
         for marker in MARKERS_BY_DIRECTORY[directory]:
             item.add_marker(marker)
+    # The bench smoke measures short windows and must not share the machine with the suite: it
+    # runs only when asked for by name (`-m bench`, as .ci/run does).
+    if "bench" not in (config.getoption("markexpr") or ""):
+        benches = [item for item in items if item.get_closest_marker("bench")]
+        if benches:
+            config.hook.pytest_deselected(items=benches)
+            items[:] = [item for item in items if not item.get_closest_marker("bench")]
 
 
 def spiffe(tenant: str, role: str, name: str) -> str:
