@@ -25,6 +25,34 @@ from broker.config import Settings, TlsFiles
 from broker.server import Broker
 
 TRUST_DOMAIN = "broker.local"
+TESTS = Path(__file__).resolve().parent
+# Markers follow the directory, so a new test file cannot forget them and `-m "not integration"`
+# is always the unit tests alone. e2e tests run real processes: they are integration tests too.
+MARKERS_BY_DIRECTORY: dict[str, tuple[str, ...]] = {
+    "unit": (),
+    "integration": ("integration",),
+    "e2e": ("e2e", "integration"),
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by these markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        directory = item.path.resolve().relative_to(TESTS).parts[0]
+        if directory not in MARKERS_BY_DIRECTORY:
+            raise pytest.UsageError(
+                f"{item.nodeid}: tests live in tests/unit, tests/integration or tests/e2e "
+                "(the directory decides the markers; see tests/conftest.py)"
+            )
+        for marker in MARKERS_BY_DIRECTORY[directory]:
+            item.add_marker(marker)
+    # The bench smoke measures short windows and must not share the machine with the suite: it
+    # runs only when asked for by name (`-m bench`, as .ci/run does).
+    if "bench" not in (config.getoption("markexpr") or ""):
+        benches = [item for item in items if item.get_closest_marker("bench")]
+        if benches:
+            config.hook.pytest_deselected(items=benches)
+            items[:] = [item for item in items if not item.get_closest_marker("bench")]
 
 
 @pytest.fixture(autouse=True)
@@ -162,7 +190,9 @@ class Running:
 
 
 @pytest.fixture
-def make_broker(tmp_path: Path, test_pki: TestPki, identities: dict[str, Identity]) -> Callable[..., object]:
+async def make_broker(
+    tmp_path: Path, test_pki: TestPki, identities: dict[str, Identity]
+) -> AsyncIterator[Callable[..., object]]:
     """Start a broker in this test's temp dir; settings overridable. Stopped at teardown."""
     started: list[Running] = []
 
@@ -176,7 +206,10 @@ def make_broker(tmp_path: Path, test_pki: TestPki, identities: dict[str, Identit
         started.append(running)
         return running
 
-    yield start  # type: ignore[misc]
+    yield start
+    for running in started:  # stop() is idempotent: tests that stopped theirs are untouched
+        await running.close()
+        await running.broker.stop(grace=0)
 
 
 @pytest.fixture

@@ -4,6 +4,12 @@ It asserts that the harness works (servers start, every scenario runs, status co
 counted, the JSON is complete), never a timing. The PostgreSQL replica scenario runs when
 BROKER_BENCH_POSTGRES_DSN or BROKER_TEST_POSTGRES_DSN is set (CI sets the second); without
 either the report must say it was skipped, and why.
+
+Not in the default run (marker `bench`; `.ci/run` runs it once, alone, with `pytest -m bench`).
+Each scenario measures a fixed 0.5 s window: on a starved machine (it used to share two cores with
+the whole suite) a window can close before any call started in it, and `resolve_hot` came back with
+`ok == 0`. That is a true measurement of a starved machine, not a broken harness, so the smoke runs
+where nothing else competes instead of being retried.
 """
 
 from __future__ import annotations
@@ -14,7 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bench.postgres import DSN_VARIABLES, server_dsn
+
+pytestmark = pytest.mark.bench
 
 REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = {
@@ -37,7 +47,7 @@ def _run_and_check(out: Path) -> None:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=150,  # seconds alone; generous because CI runs it beside the rest of the suite
+        timeout=150,  # about 15 s alone; generous for a slow machine
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -97,9 +107,4 @@ def _check_replicas(section: dict[str, Any], stdout: str) -> None:
 
 
 def test_bench_smoke_writes_every_scenario(tmp_path: Path) -> None:
-    # Once more on failure: it shares two cores with the rest of the suite, and a starved run
-    # has been seen to come back short (rarely, not reproduced alone). A broken harness fails twice.
-    try:
-        _run_and_check(tmp_path / "first.json")
-    except AssertionError:
-        _run_and_check(tmp_path / "second.json")
+    _run_and_check(tmp_path / "smoke.json")

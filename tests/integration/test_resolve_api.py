@@ -18,7 +18,7 @@ from broker.cli import broker as broker_cli
 from broker.cli._json import json_line
 from broker.service.resolve import DENIED_MESSAGE
 from tests.conftest import Running
-from tests.helpers import EXECUTOR, EXECUTOR2, db_request, field_violations, rpc_error
+from tests.helpers import EXECUTOR, EXECUTOR2, ShiftedClock, db_request, field_violations, rpc_error
 
 
 async def resolve_events(running: Running) -> list[pb.AuditEvent]:
@@ -78,14 +78,19 @@ async def test_every_denial_looks_the_same_and_audit_keeps_the_reason(running: R
     assert any(e.details.get("name") == "theirs" and e.reason == "unknown_connection" for e in events)
 
 
-async def test_grant_expiry_and_revocation_take_effect_immediately(running: Running) -> None:
+async def test_grant_expiry_and_revocation_take_effect_immediately(
+    make_broker: Callable[..., object],
+) -> None:
+    clock = ShiftedClock()
+    running: Running = await make_broker(clock=clock)  # type: ignore[misc]
     admin = running.admin()
     created = await admin.CreateConnection(db_request())
     request = pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR)
-    request.expires_at.FromDatetime(datetime.now(UTC) + timedelta(seconds=1))
+    request.expires_at.FromDatetime(clock() + timedelta(hours=1))
     await admin.GrantAccess(request)
+    clock.advance(3590)
     assert (await running.resolver().Resolve(pb.ResolveRequest(connection_id=created.id))).secrets
-    await asyncio.sleep(1.1)
+    clock.advance(10)
     expired = await rpc_error(running.resolver().Resolve(pb.ResolveRequest(connection_id=created.id)))
     assert expired.code() == grpc.StatusCode.PERMISSION_DENIED
     assert (await resolve_events(running))[0].reason == "grant_expired"
