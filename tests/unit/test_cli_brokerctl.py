@@ -508,7 +508,7 @@ def test_json_errors_go_to_stderr_as_one_object(fake: Any, capsys: pytest.Captur
     captured = capsys.readouterr()
     assert captured.out == "" and json.loads(captured.err) == {
         "code": "INVALID_ARGUMENT",
-        "message": "2 fields are invalid",
+        "message": "2 invalid fields",
         "violations": [
             {"field": "config.port", "description": "must be an integer"},
             {"field": "name", "description": "is required"},

@@ -103,6 +103,29 @@ def pages(call: Any, request: Any, field: str, timeout: float) -> Iterator[Any]:
         request.page_token = reply.next_page_token
 
 
+@dataclass(frozen=True)
+class _Failed:
+    """A failed call, read once for both outputs: text lines and the `--json` error object."""
+
+    code: grpc.StatusCode
+    details: str
+    # The status text repeats the violations: with them at hand, a count says enough.
+    summary: str
+    violations: list[tuple[str, str]]
+    hint: str | None
+
+
+def _failed(error: grpc.RpcError, addr: str, timeout: float | None) -> _Failed:
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = (error.details() if hasattr(error, "details") else str(error)) or ""
+    violations = list(field_violations(error)) if code == grpc.StatusCode.INVALID_ARGUMENT else []
+    hint = None
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        # Only a failure to reach the broker gets a hint.
+        hint = connection_hint(code.name, details, addr, timeout, BROKERCTL)
+    return _Failed(code, details, _count(violations) if violations else details, violations, hint)
+
+
 def describe_error(
     error: grpc.RpcError, addr: str, prog: str = "brokerctl", *, timeout: float | None = None
 ) -> list[str]:
@@ -110,44 +133,30 @@ def describe_error(
 
     `timeout` is the call's deadline in seconds, for the hint when there was no answer in time.
     """
-    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
-    details = error.details() if hasattr(error, "details") else str(error)
-    violations = list(field_violations(error)) if code == grpc.StatusCode.INVALID_ARGUMENT else []
-    # The status text repeats the violations: with them at hand, a count says enough.
-    summary = _count(violations) if violations else details or ""
-    lines = [f"{prog}: {code.name}: {shown(summary)}"]
-    if violations:
-        lines += [
-            f"  {shown(field)}: {shown(text)}" if field else f"  {shown(text)}" for field, text in violations
-        ]
-    elif code == grpc.StatusCode.FAILED_PRECONDITION:
+    failed = _failed(error, addr, timeout)
+    lines = [f"{prog}: {failed.code.name}: {shown(failed.summary)}"]
+    lines += [
+        f"  {shown(field)}: {shown(text)}" if field else f"  {shown(text)}"
+        for field, text in failed.violations
+    ]
+    if failed.code == grpc.StatusCode.FAILED_PRECONDITION:
         lines += [
             f"  {line}"
             for r in _details(error, broker_pb2.TestResult)
             for line in render_test_result(r).splitlines()
         ]
-    hint = _hint(code, details or "", addr, timeout)
-    return [*lines, f"{prog}: hint: {hint}"] if hint else lines
+    return [*lines, f"{prog}: hint: {failed.hint}"] if failed.hint else lines
 
 
 def error_doc(error: grpc.RpcError, addr: str, *, timeout: float | None = None) -> dict[str, Any]:
     """A failed call for `--json`: code, message, violations (INVALID_ARGUMENT) and hint, if any."""
-    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
-    details = error.details() if hasattr(error, "details") else str(error)
-    doc: dict[str, Any] = {"code": code.name, "message": details or ""}
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        doc["violations"] = [{"field": f, "description": d} for f, d in field_violations(error)]
-    hint = _hint(code, details or "", addr, timeout)
-    if hint:
-        doc["hint"] = hint
+    failed = _failed(error, addr, timeout)
+    doc: dict[str, Any] = {"code": failed.code.name, "message": failed.summary}
+    if failed.code == grpc.StatusCode.INVALID_ARGUMENT:
+        doc["violations"] = [{"field": f, "description": d} for f, d in failed.violations]
+    if failed.hint:
+        doc["hint"] = failed.hint
     return doc
-
-
-def _hint(code: grpc.StatusCode, details: str, addr: str, timeout: float | None) -> str | None:
-    """The same hint for text and JSON output: only failures to reach the broker get one."""
-    if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return None
-    return connection_hint(code.name, details, addr, timeout, BROKERCTL)
 
 
 def _count(violations: list[tuple[str, str]]) -> str:
