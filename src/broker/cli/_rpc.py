@@ -28,9 +28,9 @@ class ClientTls:
 
     def credentials(self) -> Any:
         """gRPC channel credentials; a missing file is a `UsageError` naming it and its flag."""
-        ca = _read(self.ca, "CA certificate", "--ca")
-        cert = _read(self.cert, "client certificate", "--cert")
-        key = _read(self.key, "client key", "--key")
+        ca = _read(self.ca, "CA certificate", "--ca, BROKER_CA or the profile's ca")
+        cert = _read(self.cert, "client certificate", "--cert, BROKER_CERT or the profile's cert")
+        key = _read(self.key, "client key", "--key, BROKER_KEY or the profile's key")
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
@@ -193,11 +193,11 @@ def _details(error: Any, kind: Any) -> Iterator[Any]:
             yield message
 
 
-def _read(path: Path, what: str, flag: str) -> bytes:
+def _read(path: Path, what: str, where: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
         raise UsageError(
-            f"cannot read the {what} {path}: {exc.strerror}; run `broker dev` to create the dev "
-            f"files, or pass {flag} (and --data-dir)"
+            f"cannot read the {what} {path}: {exc.strerror}; set it with {where} (`brokerctl "
+            "--help` lists the settings), or run `broker dev` here to create the dev files"
         ) from None
