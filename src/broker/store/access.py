@@ -28,6 +28,7 @@ from broker.store.lifecycle import EngineStore, check_limit
 
 # Statements are assembled from the constant column lists in `_codec`, never from input.
 _GRANT_SELECT = "SELECT " + ", ".join(codec.GRANT_COLUMNS) + " FROM grants"  # noqa: S608
+_GRANT_BY_KEY = _GRANT_SELECT + " WHERE tenant = ? AND connection_id = ? AND principal = ?"
 _GRANT_UPSERT = (
     f"INSERT INTO grants ({', '.join(codec.GRANT_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?) "  # noqa: S608
     "ON CONFLICT (tenant, connection_id, principal) DO UPDATE SET "
@@ -83,12 +84,7 @@ class Access(EngineStore):
 
     async def get_grant(self, tenant: str, connection_id: str, principal: str) -> Grant | None:
         """The grant, expired or not, or None."""
-        rows = await self._engine.fetch(
-            _GRANT_SELECT + " WHERE tenant = ? AND connection_id = ? AND principal = ?",
-            tenant,
-            connection_id,
-            principal,
-        )
+        rows = await self._engine.fetch(_GRANT_BY_KEY, tenant, connection_id, principal)
         return codec.grant_from_row(rows[0]) if rows else None
 
     async def list_grants(

@@ -23,6 +23,9 @@ from broker.store.lifecycle import EngineStore, check_limit
 
 # Statements are assembled from the constant column lists in `_codec`, never from input.
 _SELECT = "SELECT " + ", ".join(codec.CONNECTION_COLUMNS) + " FROM connections"  # noqa: S608
+# Resolve's reads on a cache miss: built once, so translated once.
+_BY_ID = _SELECT + " WHERE tenant = ? AND id = ?"
+_BY_LIVE_NAME = _SELECT + " WHERE tenant = ? AND name = ? AND deleted_at IS NULL"
 _INSERT = (
     f"INSERT INTO connections ({', '.join(codec.CONNECTION_COLUMNS)}) "  # noqa: S608
     f"VALUES ({', '.join('?' for _ in codec.CONNECTION_COLUMNS)})"
@@ -104,14 +107,12 @@ class Connections(EngineStore):
 
     async def get_connection(self, tenant: str, connection_id: str) -> ConnectionRecord | None:
         """The connection in any state, or None."""
-        rows = await self._engine.fetch(_SELECT + " WHERE tenant = ? AND id = ?", tenant, connection_id)
+        rows = await self._engine.fetch(_BY_ID, tenant, connection_id)
         return codec.connection_from_row(rows[0]) if rows else None
 
     async def find_connection_by_name(self, tenant: str, name: str) -> ConnectionRecord | None:
         """The live connection with this name, or None."""
-        rows = await self._engine.fetch(
-            _SELECT + " WHERE tenant = ? AND name = ? AND deleted_at IS NULL", tenant, name
-        )
+        rows = await self._engine.fetch(_BY_LIVE_NAME, tenant, name)
         return codec.connection_from_row(rows[0]) if rows else None
 
     async def list_connections(

@@ -43,6 +43,8 @@ Statements are the shared ones (`broker.store.sql`), translated by `postgres.eng
 
 from __future__ import annotations
 
+from typing import Any
+
 from broker.store.postgres.changes import Listener
 from broker.store.postgres.engine import PostgresEngine
 from broker.store.sql import SqlStore
@@ -53,22 +55,9 @@ __all__ = ["PostgresStore"]
 class PostgresStore(SqlStore):
     """`Store` on a PostgreSQL database; see the module docstring for the concurrency model."""
 
-    def __init__(
-        self,
-        dsn: str,
-        *,
-        pool_min: int = 1,
-        pool_max: int = 10,
-        command_timeout: float = 30.0,
-        heartbeat_seconds: float = 1.0,
-    ) -> None:
-        self.engine = PostgresEngine(
-            dsn,
-            pool_min=pool_min,
-            pool_max=pool_max,
-            command_timeout=command_timeout,
-            heartbeat_seconds=heartbeat_seconds,
-        )
+    def __init__(self, dsn: str, **options: Any) -> None:
+        """`options` are `PostgresEngine`'s: pool sizes, command timeout, listener heartbeat."""
+        self.engine = PostgresEngine(dsn, **options)
         super().__init__(self.engine)
 
     def __repr__(self) -> str:

@@ -62,6 +62,7 @@ class SqliteTx:
 class SqliteEngine:
     """The `Engine` on one SQLite file; see the module docstring."""
 
+    # The system clock to the millisecond (SQLite 3.40 has no `unixepoch('subsec')`).
     now_sql = "((julianday('now') - 2440587.5) * 86400.0)"
 
     def __init__(self, path: Path, *, busy_timeout_ms: int = 5000) -> None:
