@@ -4,12 +4,13 @@
   and compared: any difference not in ACCEPTED fails, and so does an ACCEPTED entry that is no
   longer true, so the list stays as short as the truth.
 * Databases migrated by the scripts as first released (two trees, copied under
-  tests/vectors/migrations_0008/) open with today's runners: nothing applied, nothing changed,
+  tests/vectors/migrations_0008.json) open with today's runners: nothing applied, nothing changed,
   and a database migrated from empty today has exactly their schema.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,9 @@ from tests.postgres_db import fresh_database
 from tests.schema_facts import Facts, postgres_exact, postgres_facts, sqlite_exact, sqlite_facts
 
 T = TypeVar("T")
-RELEASED = Path(__file__).resolve().parent.parent / "vectors" / "migrations_0008"
+RELEASED = json.loads(
+    (Path(__file__).resolve().parent.parent / "vectors" / "migrations_0008.json").read_text(encoding="utf-8")
+)
 
 _PK_MAY_BE_NULL = (
     "SQLite lets a PRIMARY KEY column other than INTEGER hold NULL (a documented legacy of its"
@@ -73,11 +76,7 @@ ACCEPTED: dict[str, tuple[str | None, str | None, str]] = {
 
 def released(engine: Engine) -> list[Migration]:
     """The scripts 0001-0008 as first released for `engine`, exactly as they were checksummed."""
-    folder = RELEASED / engine
-    return [
-        Migration(int(path.name[:4]), path.stem[5:], path.read_text(encoding="utf-8"))
-        for path in sorted(folder.glob("*.sql"))
-    ]
+    return [Migration(int(stem[:4]), stem[5:], sql) for stem, sql in sorted(RELEASED[engine].items())]
 
 
 async def migrate_sqlite(path: Path, migrations: list[Migration]) -> list[int]:
