@@ -3,7 +3,7 @@
 * Both live schemas, migrated from empty, read from each engine's catalog (tests/schema_facts.py)
   and compared: any difference not in ACCEPTED fails, and so does an ACCEPTED entry that is no
   longer true, so the list stays as short as the truth.
-* Databases migrated by the scripts as first released (two trees, copied under
+* Databases migrated by the scripts as first released (two trees, kept in
   tests/vectors/migrations_0008.json) open with today's runners: nothing applied, nothing changed,
   and a database migrated from empty today has exactly their schema.
 """
