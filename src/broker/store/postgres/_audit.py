@@ -12,8 +12,8 @@ from broker.model import AuditChainReport, AuditEvent, AuditFilter, AuditSeal, S
 from broker.store import _chain as chain
 from broker.store import _codec as codec
 from broker.store import _sql
-from broker.store._pg_migrate import AUDIT_LOCK
 from broker.store.postgres._base import _CHECKPOINT_SELECT, _UNAVAILABLE, PostgresBase, _chain_tail
+from broker.store.postgres.migrate import AUDIT_LOCK
 
 # Statements are assembled from the constant column lists in `_codec`, never from input.
 _AUDIT_SELECT = (

@@ -19,8 +19,9 @@ from broker.model import AuditEvent
 from broker.store import _chain as chain
 from broker.store import _codec as codec
 from broker.store import _pg_changes as changes
-from broker.store._pg_migrate import AUDIT_LOCK, REFRESH_LOCK_CLASS, apply_postgres, load_postgres_migrations
+from broker.store._migrate import load_migrations
 from broker.store.base import ChangeSink
+from broker.store.postgres.migrate import AUDIT_LOCK, REFRESH_LOCK_CLASS, apply_postgres
 
 # Statements are assembled from the constant column lists in `_codec`, never from input.
 _AUDIT_INSERT = (
@@ -107,7 +108,7 @@ class PostgresBase:
             raise Unavailable("cannot connect to the PostgreSQL database (storage.url)") from exc
         try:
             async with pool.acquire() as conn:
-                await apply_postgres(conn, load_postgres_migrations())
+                await apply_postgres(conn, load_migrations("postgres"))
             # min_size 0: no session is opened until a refresh needs a lock.
             self._lock_pool = await asyncpg.create_pool(
                 self._dsn,
