@@ -191,7 +191,7 @@ async def test_events_written_with_a_change_join_the_same_chain(store: SqliteSto
 async def test_events_from_before_the_chain_are_hashed_on_open(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     async with aiosqlite.connect(path, isolation_level=None) as conn:
-        await apply_sqlite(conn, load_migrations()[:3])  # a database from before migration 0004
+        await apply_sqlite(conn, load_migrations("sqlite")[:3])  # a database from before migration 0004
         for i in range(5):
             await conn.execute(
                 "INSERT INTO audit_events (tenant, time, actor, action, outcome, connection_id, reason,"

@@ -50,7 +50,6 @@ from broker.model import (
 from broker.store import Store
 from broker.store import _chain as chain
 from broker.store._migrate import load_migrations
-from broker.store._pg_migrate import load_postgres_migrations
 from broker.store.postgres import PostgresStore
 from broker.store.sqlite import SqliteStore
 from tests.helpers import no_seals
@@ -898,12 +897,9 @@ async def test_postgres_replicas_migrate_once_and_share_one_audit_chain(pg_dsn: 
             rows = await conn.fetch("SELECT version, name, checksum FROM schema_migrations ORDER BY version")
         finally:
             await conn.close()
-        shipped = load_postgres_migrations()
         assert [(r["version"], r["name"], r["checksum"]) for r in rows] == [
-            (m.version, m.name, m.checksum) for m in shipped
+            (m.version, m.name, m.checksum) for m in load_migrations("postgres")
         ]
-        # The PostgreSQL scripts mirror the SQLite ones, version for version.
-        assert [(m.version, m.name) for m in shipped] == [(m.version, m.name) for m in load_migrations()]
 
         async def work(store: Store, i: int) -> None:
             await create(store, name=f"replica-write-{i}")
@@ -943,7 +939,7 @@ async def test_postgres_refuses_edited_or_unknown_migrations(pg_dsn: str) -> Non
             await PostgresStore(pg_dsn).open()
         await conn.execute(
             "UPDATE schema_migrations SET checksum = $1 WHERE version = 1",
-            load_postgres_migrations()[0].checksum,
+            load_migrations("postgres")[0].checksum,
         )
         await conn.execute("INSERT INTO schema_migrations VALUES (9999, 'future', 'x', 0)")
         with pytest.raises(RuntimeError, match="written by a newer version"):

@@ -1,12 +1,11 @@
--- The initial schema. Times are INTEGER microseconds since the epoch (UTC);
--- config, labels, secret_fields and details are JSON text with sorted keys.
--- Kept close to portable SQL: a PostgreSQL backend needs only BYTEA for BLOB
--- and an identity column for audit_events.id.
+-- The initial schema. Times are BIGINT microseconds since the epoch (UTC); config,
+-- labels, secret_fields and details are JSON text with sorted keys (TEXT, not JSONB:
+-- the codec is shared). Engine words are in braces (see broker/store/_migrate.py).
 
 CREATE TABLE connections (
-    tenant          TEXT    NOT NULL,
-    id              TEXT    NOT NULL,
-    name            TEXT    NOT NULL,
+    tenant          {ordered_text} NOT NULL,
+    id              {ordered_text} NOT NULL,
+    name            {ordered_text} NOT NULL,
     type            TEXT    NOT NULL,
     provider        TEXT    NOT NULL,
     config          TEXT    NOT NULL,
@@ -18,8 +17,8 @@ CREATE TABLE connections (
     version         BIGINT  NOT NULL,
     secret_version  BIGINT  NOT NULL,
     -- The sealed envelope; all three are NULL once a purge destroyed the data key.
-    ciphertext      BLOB,
-    wrapped_dek     BLOB,
+    ciphertext      {bytes},
+    wrapped_dek     {bytes},
     kek_id          TEXT,
     created_at      BIGINT  NOT NULL,
     updated_at      BIGINT  NOT NULL,
@@ -35,14 +34,15 @@ CREATE TABLE connections (
 );
 
 -- A name is unique among the live connections of a tenant; soft-deleted rows free it.
+-- The store maps a violation of this index (by name) to AlreadyExists.
 CREATE UNIQUE INDEX connections_live_name ON connections (tenant, name) WHERE deleted_at IS NULL;
 
 -- Labels again, one row each, so label filters are exact in SQL and paging stays right.
 CREATE TABLE connection_labels (
-    tenant          TEXT    NOT NULL,
-    connection_id   TEXT    NOT NULL,
-    key             TEXT    NOT NULL,
-    value           TEXT    NOT NULL,
+    tenant          {ordered_text} NOT NULL,
+    connection_id   {ordered_text} NOT NULL,
+    key             {ordered_text} NOT NULL,
+    value           {ordered_text} NOT NULL,
     PRIMARY KEY (tenant, connection_id, key),
     FOREIGN KEY (tenant, connection_id) REFERENCES connections (tenant, id) ON DELETE CASCADE
 );
@@ -50,9 +50,9 @@ CREATE TABLE connection_labels (
 CREATE INDEX connection_labels_by_value ON connection_labels (tenant, key, value);
 
 CREATE TABLE grants (
-    tenant          TEXT    NOT NULL,
-    connection_id   TEXT    NOT NULL,
-    principal       TEXT    NOT NULL,
+    tenant          {ordered_text} NOT NULL,
+    connection_id   {ordered_text} NOT NULL,
+    principal       {ordered_text} NOT NULL,
     created_at      BIGINT  NOT NULL,
     created_by      TEXT    NOT NULL,
     expires_at      BIGINT,
@@ -65,13 +65,15 @@ CREATE INDEX grants_by_principal ON grants (tenant, principal, connection_id);
 -- No foreign key to connections: the trail outlives what it describes, and
 -- denied requests may name ids that never existed.
 CREATE TABLE audit_events (
-    id              INTEGER PRIMARY KEY AUTOINCREMENT,
-    tenant          TEXT    NOT NULL,
+    -- The id is part of the hashed chain form, so both stores assign it (tail + 1); on
+    -- PostgreSQL under the audit advisory lock. SQLite's AUTOINCREMENT predates the chain.
+    id              {sqlite: INTEGER PRIMARY KEY AUTOINCREMENT | postgres: BIGINT  PRIMARY KEY},
+    tenant          {ordered_text} NOT NULL,
     time            BIGINT  NOT NULL,
-    actor           TEXT    NOT NULL,
-    action          TEXT    NOT NULL,
+    actor           {ordered_text} NOT NULL,
+    action          {ordered_text} NOT NULL,
     outcome         TEXT    NOT NULL,
-    connection_id   TEXT    NOT NULL,
+    connection_id   {ordered_text} NOT NULL,
     reason          TEXT    NOT NULL,
     request_id      TEXT    NOT NULL,
     peer            TEXT    NOT NULL,
@@ -83,5 +85,5 @@ CREATE INDEX audit_events_by_connection ON audit_events (tenant, connection_id, 
 
 CREATE TABLE meta (
     key             TEXT    PRIMARY KEY,
-    value           BLOB    NOT NULL
+    value           {bytes} NOT NULL
 );

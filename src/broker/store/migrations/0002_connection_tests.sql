@@ -3,11 +3,11 @@
 -- The last test's result as JSON (category, stage, scrubbed message, details, latency).
 ALTER TABLE connections ADD COLUMN last_test TEXT;
 
--- The tools an MCP connection's server offered at the last refresh.
+-- The tools an MCP connection's server offered at the last refresh (listed by name).
 CREATE TABLE mcp_tools (
-    tenant          TEXT    NOT NULL,
-    connection_id   TEXT    NOT NULL,
-    name            TEXT    NOT NULL,
+    tenant          {ordered_text} NOT NULL,
+    connection_id   {ordered_text} NOT NULL,
+    name            {ordered_text} NOT NULL,
     description     TEXT    NOT NULL,
     input_schema    TEXT    NOT NULL,
     definition_hash TEXT    NOT NULL,

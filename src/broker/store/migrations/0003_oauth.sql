@@ -16,7 +16,7 @@ CREATE TABLE oauth_states (
     connection_id   TEXT    NOT NULL,
     created_at      BIGINT  NOT NULL,
     expires_at      BIGINT  NOT NULL,
-    ciphertext      BLOB    NOT NULL,
-    wrapped_dek     BLOB    NOT NULL,
+    ciphertext      {bytes} NOT NULL,
+    wrapped_dek     {bytes} NOT NULL,
     kek_id          TEXT    NOT NULL
 );

@@ -6,8 +6,8 @@ ALTER TABLE connections ADD COLUMN suspended_at BIGINT;
 -- Alerts from the monitor's rules. Never a secret value: rule, who, which connection,
 -- the peer address, what the broker did, and a few counters in `details`.
 CREATE TABLE security_events (
-    id              INTEGER PRIMARY KEY AUTOINCREMENT,
-    tenant          TEXT    NOT NULL,
+    id              {serial_key},
+    tenant          {ordered_text} NOT NULL,
     time            BIGINT  NOT NULL,
     rule            TEXT    NOT NULL,
     severity        TEXT    NOT NULL,
@@ -23,10 +23,10 @@ CREATE INDEX security_events_by_tenant ON security_events (tenant, id);
 -- (subject = connection id, object = principal), kind 'peer' is (subject = principal,
 -- object = peer host). Bounded: only the newest few hundred objects per subject are kept.
 CREATE TABLE monitor_seen (
-    tenant          TEXT    NOT NULL,
-    kind            TEXT    NOT NULL,
-    subject         TEXT    NOT NULL,
-    object          TEXT    NOT NULL,
+    tenant          {ordered_text} NOT NULL,
+    kind            {ordered_text} NOT NULL,
+    subject         {ordered_text} NOT NULL,
+    object          {ordered_text} NOT NULL,
     first_seen      BIGINT  NOT NULL,
     PRIMARY KEY (tenant, kind, subject, object)
 );

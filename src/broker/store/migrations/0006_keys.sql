@@ -2,7 +2,7 @@
 
 -- AES-GCM encryptions made under each master key (one per wrapped data key), for the
 -- random-nonce limit of 2^32 per key. Added to, never rewritten: several processes
--- (the broker, `broker keys rewrap`) count into the same rows.
+-- (every broker replica, `broker keys rewrap`) count into the same rows.
 CREATE TABLE kek_wraps (
     kek_id          TEXT    PRIMARY KEY,
     wraps           BIGINT  NOT NULL

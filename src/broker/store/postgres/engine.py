@@ -21,11 +21,12 @@ import asyncpg
 
 from broker.errors import Unavailable
 from broker.store._codec import Row
-from broker.store._pg_migrate import AUDIT_LOCK, REFRESH_LOCK_CLASS, apply_postgres, load_postgres_migrations
+from broker.store._migrate import load_migrations
 from broker.store.base import ChangeSink
 from broker.store.changes import deliver
 from broker.store.engine import Duplicate, MissingParent
 from broker.store.postgres import changes
+from broker.store.postgres.migrate import AUDIT_LOCK, REFRESH_LOCK_CLASS, apply_postgres
 
 # What a lost or overloaded database looks like; reported as UNAVAILABLE (retry), never
 # with the driver's message, which may name the server.
@@ -144,7 +145,7 @@ class PostgresEngine:
             raise Unavailable("cannot connect to the PostgreSQL database (storage.url)") from exc
         try:
             async with pool.acquire() as conn:
-                await apply_postgres(conn, load_postgres_migrations())
+                await apply_postgres(conn, load_migrations("postgres"))
             # min_size 0: no session is opened until a refresh needs a lock.
             self._lock_pool = await asyncpg.create_pool(
                 self._dsn,

@@ -87,7 +87,7 @@ class SqliteEngine:
             # Zero freed space, so a purged wrapped data key does not survive in a free page.
             if await _pragma(writer, "secure_delete = ON") != 1:
                 raise RuntimeError("SQLite refused secure_delete")
-            await apply_sqlite(writer, load_migrations())
+            await apply_sqlite(writer, load_migrations("sqlite"))
             await _backfill_audit_chain(writer)
             reader = await self._connect(query_only=True)
         except BaseException:

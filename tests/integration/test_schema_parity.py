@@ -1,0 +1,183 @@
+"""The one migration list builds the same schema on both engines, and keeps old databases opening.
+
+* Both live schemas, migrated from empty, read from each engine's catalog (tests/schema_facts.py)
+  and compared: any difference not in ACCEPTED fails, and so does an ACCEPTED entry that is no
+  longer true, so the list stays as short as the truth.
+* Databases migrated by the scripts as first released (two trees, kept in
+  tests/vectors/migrations_0008.json) open with today's runners: nothing applied, nothing changed,
+  and a database migrated from empty today has exactly their schema.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import aiosqlite
+import asyncpg
+import pytest
+
+from broker.store._migrate import Engine, Migration, apply_sqlite, load_migrations
+from broker.store.postgres.migrate import apply_postgres
+from tests.postgres_db import fresh_database
+from tests.schema_facts import Facts, postgres_exact, postgres_facts, sqlite_exact, sqlite_facts
+
+T = TypeVar("T")
+RELEASED = json.loads(
+    (Path(__file__).resolve().parent.parent / "vectors" / "migrations_0008.json").read_text(encoding="utf-8")
+)
+
+_PK_MAY_BE_NULL = (
+    "SQLite lets a PRIMARY KEY column other than INTEGER hold NULL (a documented legacy of its"
+    " own); the store always writes the key, and forbidding it would mean rebuilding the table"
+)
+_EQUALITY_ONLY = (
+    "only ever compared for equality, never ordered or paged on, so the database's default"
+    " collation cannot change a result"
+)
+
+# Every difference between the engines' schemas, fact by fact: (SQLite, PostgreSQL, why).
+ACCEPTED: dict[str, tuple[str | None, str | None, str]] = {
+    "audit_events.id default": (
+        "generated",
+        None,
+        "both stores write the id (tail + 1, as part of the hashed chain form; on PostgreSQL under"
+        " the audit advisory lock); SQLite's AUTOINCREMENT predates the chain and is never used",
+    ),
+    "schema_migrations.version type": (
+        "int",
+        "int32",
+        "created by each runner's bootstrap as INTEGER, which is 64 bits on SQLite and 32 on"
+        " PostgreSQL; versions have four digits",
+    ),
+    "meta.key null": ("null", "not null", _PK_MAY_BE_NULL),
+    "oauth_states.state_hash null": ("null", "not null", _PK_MAY_BE_NULL),
+    "kek_wraps.kek_id null": ("null", "not null", _PK_MAY_BE_NULL),
+    "audit_seals.last_id null": ("null", "not null", _PK_MAY_BE_NULL),
+    "meta.key order": ("bytes", "database default", _EQUALITY_ONLY),
+    "kek_wraps.kek_id order": ("bytes", "database default", _EQUALITY_ONLY),
+    "connections.kek_id order": ("bytes", "database default", _EQUALITY_ONLY),
+    "oauth_states.kek_id order": ("bytes", "database default", _EQUALITY_ONLY),
+    "oauth_states.state_hash order": (
+        "bytes",
+        "database default",
+        "compared for equality, and the one query that pages over it (master-key rewrap) says"
+        ' COLLATE "C" itself',
+    ),
+    "secret_versions.tenant order": ("bytes", "database default", _EQUALITY_ONLY),
+    "secret_versions.connection_id order": ("bytes", "database default", _EQUALITY_ONLY),
+    "rate_buckets.kind order": ("bytes", "database default", _EQUALITY_ONLY),
+    "rate_buckets.principal order": ("bytes", "database default", _EQUALITY_ONLY),
+}
+
+
+def released(engine: Engine) -> list[Migration]:
+    """The scripts 0001-0008 as first released for `engine`, exactly as they were checksummed."""
+    return [Migration(int(stem[:4]), stem[5:], sql) for stem, sql in sorted(RELEASED[engine].items())]
+
+
+async def migrate_sqlite(path: Path, migrations: list[Migration]) -> list[int]:
+    async with aiosqlite.connect(path, isolation_level=None) as conn:
+        return await apply_sqlite(conn, migrations)
+
+
+def read_sqlite(path: Path, reading: Callable[[sqlite3.Connection], T]) -> T:
+    db = sqlite3.connect(path)
+    try:
+        return reading(db)
+    finally:
+        db.close()
+
+
+def history(db: sqlite3.Connection) -> list[tuple[object, ...]]:
+    return db.execute("SELECT * FROM schema_migrations ORDER BY version").fetchall()
+
+
+def differences(sqlite: Facts, postgres: Facts) -> dict[str, tuple[str | None, str | None]]:
+    return {
+        key: (sqlite.get(key), postgres.get(key))
+        for key in sorted(sqlite.keys() | postgres.keys())
+        if sqlite.get(key) != postgres.get(key)
+    }
+
+
+async def test_both_engines_build_one_schema_but_for_the_declared_differences(tmp_path: Path) -> None:
+    await migrate_sqlite(tmp_path / "parity.db", load_migrations("sqlite"))
+    sqlite = read_sqlite(tmp_path / "parity.db", sqlite_facts)
+    async with fresh_database() as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await apply_postgres(conn, load_migrations("postgres"))
+            postgres = await postgres_facts(conn)
+        finally:
+            await conn.close()
+
+    # The reading is not vacuous: it sees the tables, keys, indexes and constraints.
+    assert sqlite["connections primary key"] == postgres["connections primary key"] == "tenant, id"
+    assert (
+        postgres["connections index connections_live_name"]
+        == "unique (tenant, name) where deleted_at is null"
+    )
+    assert postgres["grants foreign key (tenant, connection_id)"] == (
+        "connections (tenant, id) on delete CASCADE on update NO ACTION"
+    )
+    assert postgres["connections check (status)"] == "active deleted revoked"
+    assert postgres["rate_buckets.tokens type"] == "float"
+    assert postgres["security_events.details default"] == "'{}'"
+
+    found = differences(sqlite, postgres)
+    undeclared = {k: v for k, v in found.items() if ACCEPTED.get(k, (None, None))[:2] != v}
+    stale = sorted(ACCEPTED.keys() - found.keys())
+    assert not undeclared, (
+        "the engines' schemas differ where no difference is declared (SQLite, PostgreSQL); fix the"
+        f" migration, or add the difference to ACCEPTED with its reason: {undeclared}"
+    )
+    assert not stale, f"declared differences that are no longer there; remove them from ACCEPTED: {stale}"
+
+
+async def test_a_sqlite_database_from_the_released_scripts_opens_unchanged(tmp_path: Path) -> None:
+    old, new = tmp_path / "old.db", tmp_path / "new.db"
+    assert await migrate_sqlite(old, released("sqlite")) == list(range(1, 9))
+    schema, recorded = read_sqlite(old, sqlite_exact), read_sqlite(old, history)
+
+    assert await migrate_sqlite(old, load_migrations("sqlite")) == []
+    assert read_sqlite(old, sqlite_exact) == schema
+    assert read_sqlite(old, history) == recorded
+
+    await migrate_sqlite(new, load_migrations("sqlite"))
+    assert read_sqlite(new, sqlite_exact) == schema
+
+
+async def test_a_postgres_database_from_the_released_scripts_opens_unchanged() -> None:
+    async with fresh_database() as old, fresh_database() as new:
+        conn = await asyncpg.connect(old)
+        try:
+            assert await apply_postgres(conn, released("postgres")) == list(range(1, 9))
+            schema = await postgres_exact(conn)
+            recorded = await conn.fetch("SELECT * FROM schema_migrations ORDER BY version")
+
+            assert await apply_postgres(conn, load_migrations("postgres")) == []
+            assert await postgres_exact(conn) == schema
+            assert await conn.fetch("SELECT * FROM schema_migrations ORDER BY version") == recorded
+        finally:
+            await conn.close()
+        conn = await asyncpg.connect(new)
+        try:
+            await apply_postgres(conn, load_migrations("postgres"))
+            assert await postgres_exact(conn) == schema
+        finally:
+            await conn.close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"])
+def test_the_released_checksums_are_the_only_aliases(engine: Engine) -> None:
+    shipped = load_migrations(engine)
+    old = released(engine)
+    assert [(m.version, m.name) for m in shipped[: len(old)]] == [(m.version, m.name) for m in old]
+    for then, now in zip(old, shipped, strict=False):
+        # Each released checksum is accepted, and an alias is kept only where the text changed.
+        assert now.released_checksums == ({then.checksum} - {now.checksum})
+    assert all(not m.released_checksums for m in shipped[len(old) :])
