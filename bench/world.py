@@ -156,7 +156,7 @@ async def seed(env: BenchEnv, count: int, *, grant: bool = True, chunk: int = 64
     started = time.perf_counter()
     try:
         # The store's one writer connection: throw-away data, so no fsync per seeded row.
-        await store._writer.execute("PRAGMA synchronous = OFF")  # type: ignore[union-attr]
+        await store.engine.writer.execute("PRAGMA synchronous = OFF")  # type: ignore[union-attr]
         keyring = settings.load_keyring()
         cache = ResolveCache()
         connections = ConnectionService(store, keyring, cache, AuditLog(store))

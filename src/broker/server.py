@@ -69,7 +69,7 @@ from broker.service.replicas import ReplicaChanges
 from broker.service.resolve import Resolver
 from broker.service.testing import TestingService
 from broker.store import Store
-from broker.store.select import store_for
+from broker.store.open import store_for
 from broker.testers import mcp
 from broker.tlsreload import TlsReloader
 

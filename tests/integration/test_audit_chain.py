@@ -164,7 +164,7 @@ async def test_an_unreadable_row_is_a_break_not_a_crash(store: SqliteStore) -> N
 
 
 async def test_verify_walks_in_pages(store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("broker.store.sqlite._audit._AUDIT_PAGE", 7)
+    monkeypatch.setattr("broker.store.audit._AUDIT_PAGE", 7)
     await store.append_audit([event(i) for i in range(30)])
     assert (await store.verify_audit_chain(no_seals)).events_checked == 30
     edit_db(store.path, ("UPDATE audit_events SET reason = 'x' WHERE id = 22", ()))
@@ -374,7 +374,7 @@ async def test_resolves_fail_closed_while_the_audit_store_is_unwritable(running:
         acknowledged += 1
 
     store = running.broker.store
-    real = store._transaction
+    real = store.engine.transaction
     attempts = 0
 
     @contextlib.asynccontextmanager
@@ -384,7 +384,7 @@ async def test_resolves_fail_closed_while_the_audit_store_is_unwritable(running:
         raise sqlite3.OperationalError("disk I/O error")
         yield  # pragma: no cover
 
-    store._transaction = unwritable  # type: ignore[method-assign]
+    store.engine.transaction = unwritable  # type: ignore[method-assign]
     try:
         # One after another (each its own group-commit batch) and a burst: every one fails
         # promptly, so a failed batch never holds up the next.
@@ -414,7 +414,7 @@ async def test_resolves_fail_closed_while_the_audit_store_is_unwritable(running:
         ]
         assert (await verify(running)).ok
     finally:
-        store._transaction = real  # type: ignore[method-assign]
+        store.engine.transaction = real  # type: ignore[method-assign]
 
     # The fault cleared: Resolves succeed again, and every acknowledged one is on record.
     for _ in range(5):

@@ -74,7 +74,7 @@ async def _execute(store: Store, sql: str, rows: list[tuple[Any, ...]]) -> None:
     numbered = sql
     for i in range(1, sql.count("?") + 1):
         numbered = numbered.replace("?", f"${i}", 1)
-    conn = await asyncpg.connect(store._dsn)
+    conn = await asyncpg.connect(store.engine._dsn)
     try:
         await conn.executemany(numbered, rows)
     finally:

@@ -369,7 +369,7 @@ async def terminate_backends(conn: asyncpg.Connection, pid: int, only: str = "")
     return [str(row["application_name"]) for row in rows]
 
 
-# The replica's change listener (see broker.store.postgres._base._session_settings).
+# The replica's change listener (see broker.store.postgres.engine._session_settings).
 LISTENER_SESSION = "application_name LIKE 'broker/%/listen/%'"
 
 

@@ -93,6 +93,34 @@ async def test_postgres_refresh_lock_lets_one_replica_in_at_a_time(pg_dsn: str) 
 # ----------------------------------------------------------------- change feed
 
 
+async def test_a_stores_own_committed_writes_reach_its_sink_before_the_call_returns(store: Store) -> None:
+    # One feed for this process's writes and other replicas': the Resolve cache is told
+    # nowhere else, so a read right after a write is never served stale. (On PostgreSQL the
+    # replica's own NOTIFY arrives again later: harmless, it only forgets again.)
+    sink = Recorder()
+    await store.watch(sink)
+    record, untouched = await create(store), await create(store)
+    moved = dataclasses.replace(record, version=record.version + 1, labels={"moved": "yes"})
+    await store.replace_connection(moved, record.version, make_event(connection_id=record.id))
+    assert ("connection", TENANT, record.id) in sink.calls
+    sink.calls.clear()
+    await store.put_grant(make_grant(record.id, EXECUTOR), make_event(action="grant.create"))
+    assert ("grant", TENANT, record.id, EXECUTOR) in sink.calls
+    sink.calls.clear()
+    await store.delete_grant(TENANT, record.id, EXECUTOR, make_event(action="grant.delete"))
+    assert ("grant", TENANT, record.id, EXECUTOR) in sink.calls
+    await store.announce_block(TENANT, EXECUTOR, 1_900_000_000.5)
+    assert ("blocked", TENANT, EXECUTOR, "1900000000.5") in sink.calls
+
+    # Writes that did not commit (or changed nothing) say nothing.
+    stale = dataclasses.replace(untouched, version=untouched.version + 5, labels={"stale": "yes"})
+    with pytest.raises(Exception, match="changed since it was read"):
+        await store.replace_connection(stale, untouched.version + 1, make_event(connection_id=untouched.id))
+    assert not await store.delete_grant(TENANT, untouched.id, EXECUTOR, make_event(action="grant.delete"))
+    await asyncio.sleep(0.1)
+    assert [call for call in sink.calls if untouched.id in call] == []
+
+
 async def test_postgres_writes_of_one_replica_reach_the_others_sink(pg_dsn: str) -> None:
     async with replicas(pg_dsn, 2) as (a, b):
         sink = Recorder()

@@ -17,7 +17,8 @@ from broker.model import ConnectionRecord, ConnectionStatus, Grant
 from broker.service.cache import MISSING, ResolveCache
 from broker.service.monitor import Monitor
 from broker.service.replicas import ReplicaChanges
-from broker.store._pg_changes import Listener, connection_changed, deliver, grant_changed, principal_blocked
+from broker.store.changes import connection_changed, deliver, grant_changed, principal_blocked
+from broker.store.postgres.changes import Listener
 from tests.helpers import Recorder, eventually
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -174,8 +174,8 @@ def test_egress_errors_name_the_setting(
 
 
 def test_storage_url_selects_postgresql_and_is_never_echoed(tmp_path: Path) -> None:
+    from broker.store.open import store_for
     from broker.store.postgres import PostgresStore
-    from broker.store.select import store_for
     from broker.store.sqlite import SqliteStore
 
     no_path = MINIMAL.replace('[storage]\npath = "data/broker.db"\n', "[storage]\npool_max = 4\n")

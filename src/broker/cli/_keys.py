@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
 async def _open_store(settings: Settings) -> Store:
     """The store the broker uses (SQLite file or PostgreSQL), opened."""
-    from broker.store.select import store_for
+    from broker.store.open import store_for
 
     store = store_for(settings)
     await store.open()
@@ -145,7 +145,7 @@ def _progress(started: float) -> Callable[[int, int], None]:
 
 async def _rewrap(settings: Settings, batch: int, pause: float) -> int:
     from broker.service.keys import key_status, rewrap_all
-    from broker.store.select import store_for
+    from broker.store.open import store_for
 
     keyring = settings.load_keyring()
     store = store_for(settings)
@@ -178,7 +178,7 @@ async def _rewrap(settings: Settings, batch: int, pause: float) -> int:
 
 async def _status(settings: Settings) -> int:
     from broker.service.keys import key_status
-    from broker.store.select import store_for
+    from broker.store.open import store_for
 
     keyring = settings.load_keyring()
     store = store_for(settings)
@@ -208,7 +208,7 @@ def _print_usage(
 
 async def _retire(settings: Settings, key_dir: Path, kek_id: str) -> int:
     from broker.service.keys import key_status
-    from broker.store.select import store_for
+    from broker.store.open import store_for
 
     keyring = settings.load_keyring()
     if kek_id == keyring.active.id:

@@ -56,7 +56,6 @@ class AccessService:
             details["expires_at"] = expires_at.isoformat()
         event = call.audit_event(now, "grant.create", connection_id, details=details)
         await self._store.put_grant(grant, event)
-        self._cache.invalidate_grant(call.tenant, connection_id, principal)
         return grant
 
     async def revoke(self, call: Call, connection_id: str, principal: str) -> None:
@@ -69,11 +68,8 @@ class AccessService:
         event = call.audit_event(
             self._clock(), "grant.revoke", connection_id, details={"principal": principal}
         )
-        try:
-            if not await self._store.delete_grant(call.tenant, connection_id, principal, event):
-                raise NotFound(f"no grant of connection {shown_id(connection_id)} to that principal")
-        finally:
-            self._cache.invalidate_grant(call.tenant, connection_id, principal)
+        if not await self._store.delete_grant(call.tenant, connection_id, principal, event):
+            raise NotFound(f"no grant of connection {shown_id(connection_id)} to that principal")
 
     async def list(
         self, call: Call, filter: GrantFilter, page_size: int, page_token: str

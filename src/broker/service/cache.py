@@ -1,7 +1,7 @@
 """In-memory caches for the Resolve path: connection records and grants.
 
-Writes invalidate after they commit: this process's own writes directly, other
-replicas' through the store's change feed (`Store.watch`, `service.replicas`). A
+Writes invalidate after they commit, this process's and other replicas' alike,
+through the store's change feed (`Store.watch`, `service.replicas`), never by hand. A
 reader that loaded a value from the store while a write was committing must not
 put that stale value back: every entry is offered with the generation seen
 *before* the read, and dropped if an invalidation happened since.

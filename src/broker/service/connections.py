@@ -1,8 +1,8 @@
 """Connection use-cases for admins: create, read, list, update and the lifecycle.
 
 Every write validates through the catalog, seals secrets under a fresh data key
-when they change, commits the row together with its audit event, then
-invalidates the Resolve cache. Nothing here returns a secret value.
+when they change, commits the row together with its audit event; the store's
+change feed then invalidates the Resolve cache. Nothing here returns a secret value.
 """
 
 from __future__ import annotations
@@ -402,8 +402,5 @@ class ConnectionService:
         *,
         drop_grants: bool = False,
     ) -> None:
-        try:
-            await self._store.replace_connection(record, current.version, event, drop_grants=drop_grants)
-        finally:
-            # Invalidate even on failure: the row may have changed under us (Aborted).
-            self._cache.invalidate_connection(record.tenant, record.id)
+        # The store's change feed tells the Resolve cache once the change is committed.
+        await self._store.replace_connection(record, current.version, event, drop_grants=drop_grants)

@@ -569,8 +569,6 @@ class Monitor:
                 await self._store.replace_connection(suspended, record.version, audit)
             except Aborted:
                 continue  # changed under us: read again
-            finally:
-                self._cache.invalidate_connection(tenant, connection_id)
             return True
         return False
 
@@ -588,10 +586,7 @@ class Monitor:
         record = replace(current, suspended_at=None, version=current.version + 1, updated_at=now)
         details = {"suspended_at": current.suspended_at.isoformat()}
         event = call.audit_event(now, "connection.reinstate", current.id, reason=reason, details=details)
-        try:
-            await self._store.replace_connection(record, current.version, event)
-        finally:
-            self._cache.invalidate_connection(current.tenant, current.id)
+        await self._store.replace_connection(record, current.version, event)
         self._failed_tests.forget((current.tenant, current.id))
         return record
 

@@ -404,8 +404,6 @@ class OAuthService:
         except Aborted:
             latest = await self._store.get_connection(record.tenant, record.id)
             return latest or record
-        finally:
-            self._cache.invalidate_connection(record.tenant, record.id)
         metrics.OAUTH_REFRESHES.labels("expired").inc()
         log.warning("oauth_connection_expired", connection_id=record.id, reason=reason)
         return marked
@@ -465,8 +463,6 @@ class OAuthService:
                     return latest  # someone else refreshed: theirs is newer, ours is dropped
                 # Another kind of change won (labels, a rename): put our tokens on top of it.
                 record, old_secrets = latest, latest_secrets
-            finally:
-                self._cache.invalidate_connection(record.tenant, record.id)
         raise Unavailable(f"connection {record.id} kept changing while its token was being stored; retry")
 
     # ------------------------------------------------------------ background

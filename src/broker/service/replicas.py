@@ -1,4 +1,5 @@
-"""What this replica hears of other replicas' changes (`Store.watch`), handed to what it affects.
+"""What this replica hears from the store's change feed (`Store.watch`): its own committed writes
+and other replicas', handed to what they affect.
 
 Rows that changed and the state of the feed go to the Resolve cache; a principal
 blocked by another replica's monitor goes to this replica's monitor.

@@ -1,4 +1,4 @@
-"""The PostgreSQL backend of the `Store` protocol (asyncpg), for several broker replicas.
+"""The PostgreSQL store (asyncpg), for several broker replicas: `SqlStore` over `PostgresEngine`.
 
 A pool of connections (`pool_min`..`pool_max`). Reads are single statements in
 autocommit (READ COMMITTED). Every change runs in one READ COMMITTED transaction,
@@ -8,6 +8,7 @@ not at all. Concurrency between replicas rests on these:
 * `replace_connection` is a compare-and-swap, `UPDATE ... WHERE version = $n`: a
   concurrent writer of the same row waits for the row lock, re-checks the WHERE
   clause against the committed row and updates nothing (then `Aborted`).
+* The audit chain is verified in one REPEATABLE READ, READ ONLY transaction.
 * Audit appends are serialised by a transaction-level advisory lock
   (`pg_advisory_xact_lock(AUDIT_LOCK)`), taken as the last step of every
   transaction that writes an event, so all replicas extend one hash chain with
@@ -19,7 +20,8 @@ not at all. Concurrency between replicas rests on these:
 * `take_oauth_state` is a single `DELETE ... RETURNING`: one caller gets the row.
 * Writes that change what Resolve serves (a connection row, a grant, re-wrapped keys)
   NOTIFY in their transaction; every replica LISTENs and invalidates its cache
-  (`_pg_changes`, which also says what happens while a listener is down).
+  (`postgres.changes`, which also says what happens while a listener is down). The
+  writing replica's own cache is told right after the commit.
 * An OAuth2 refresh holds a per-connection advisory lock (`refresh_lock`) on a
   session of a separate small pool, so one replica calls the token endpoint.
 * Shared rate-limit buckets are rows taken under their row lock, on the server's clock.
@@ -36,31 +38,33 @@ anyway. What makes a purged secret unrecoverable on PostgreSQL is cryptographic:
 its data key is wrapped by a master key, and rotating that key away (and
 destroying it) leaves the lingering bytes useless. See the README.
 
-The class is put together from one part per concern: `_base` (lifecycle, pools and
-plumbing), `_connections`, `_access` (grants, OAuth states, security events, seen
-facts, rate buckets), `_audit` and `_keys` (meta and master keys).
+Statements are the shared ones (`broker.store.sql`), translated by `postgres.engine`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
-from broker.store.postgres._access import Access
-from broker.store.postgres._audit import Audit
-from broker.store.postgres._connections import Connections
-from broker.store.postgres._keys import Keys
-
-if TYPE_CHECKING:
-    from broker.store.base import Store
+from broker.store.postgres.changes import Listener
+from broker.store.postgres.engine import PostgresEngine
+from broker.store.sql import SqlStore
 
 __all__ = ["PostgresStore"]
 
 
-class PostgresStore(Connections, Access, Audit, Keys):
+class PostgresStore(SqlStore):
     """`Store` on a PostgreSQL database; see the module docstring for the concurrency model."""
 
+    def __init__(self, dsn: str, **options: Any) -> None:
+        """`options` are `PostgresEngine`'s: pool sizes, command timeout, listener heartbeat."""
+        self.engine = PostgresEngine(dsn, **options)
+        super().__init__(self.engine)
 
-if TYPE_CHECKING:
+    def __repr__(self) -> str:
+        # The DSN may carry a password: never part of a repr or a log line.
+        return f"PostgresStore(pool_min={self.engine.pool_min}, pool_max={self.engine.pool_max})"
 
-    def _satisfies_protocol(store: PostgresStore) -> Store:
-        return store
+    @property
+    def listener(self) -> Listener | None:
+        """The change listener once `watch()` was called (its state: `listening`, `server_pid`)."""
+        return self.engine.listener

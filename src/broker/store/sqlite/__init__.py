@@ -1,36 +1,31 @@
-"""The embedded SQLite backend of the `Store` protocol (aiosqlite).
+"""The embedded SQLite store (aiosqlite): `SqlStore` over `SqliteEngine`.
 
 One writer connection, serialised by an `asyncio.Lock`, runs every change as
 `BEGIN IMMEDIATE ... COMMIT` (rolled back on any exception, so a change and
 its audit event land together or not at all). A second, query-only connection
-serves reads; WAL lets it read while the writer writes. `secure_delete` zeroes
-freed space, so a purged wrapped data key does not linger in the file.
-
-The class is put together from one part per concern: `_base` (lifecycle and
-plumbing), `_connections`, `_access` (grants, OAuth states, security events,
-seen facts, rate buckets), `_audit` and `_keys` (meta and master keys).
+serves reads; WAL lets it read while the writer writes; the audit chain is
+verified on a connection of its own, in one read transaction. `secure_delete`
+zeroes freed space, so a purged wrapped data key does not linger in the file.
+Committed changes reach the change sink before the write call returns.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
 
-from broker.store.sqlite._access import Access
-from broker.store.sqlite._audit import Audit
-from broker.store.sqlite._connections import Connections
-from broker.store.sqlite._keys import Keys
-
-if TYPE_CHECKING:
-    from broker.store.base import Store
+from broker.store.sql import SqlStore
+from broker.store.sqlite.engine import SqliteEngine
 
 __all__ = ["SqliteStore"]
 
 
-class SqliteStore(Connections, Access, Audit, Keys):
+class SqliteStore(SqlStore):
     """`Store` on one SQLite file; see the module docstring for the connection layout."""
 
+    def __init__(self, path: Path, *, busy_timeout_ms: int = 5000) -> None:
+        self.engine = SqliteEngine(path, busy_timeout_ms=busy_timeout_ms)
+        super().__init__(self.engine)
 
-if TYPE_CHECKING:
-
-    def _satisfies_protocol(store: SqliteStore) -> Store:
-        return store
+    @property
+    def path(self) -> Path:
+        return self.engine.path

@@ -1,5 +1,8 @@
-"""Lifecycle and plumbing of `PostgresStore`: the pools, the change listener, the refresh lock,
-transactions, reads, and the one place audit rows are written. The concurrency model is
+"""The PostgreSQL engine (asyncpg): pools, transactions, the change listener and advisory locks.
+
+Statements arrive written for SQLite's syntax where the two differ only in spelling:
+`?` placeholders become `$1, $2, ...` and the `BINARY` collation becomes `"C"` (byte
+order on both), translated once per statement and cached. The concurrency model is
 described in `broker.store.postgres`.
 """
 
@@ -7,28 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
+import re
 import socket
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import asyncpg
 
 from broker.errors import Unavailable
-from broker.model import AuditEvent
-from broker.store import _chain as chain
-from broker.store import _codec as codec
-from broker.store import _pg_changes as changes
+from broker.store._codec import Row
 from broker.store._migrate import load_migrations
 from broker.store.base import ChangeSink
+from broker.store.changes import deliver
+from broker.store.engine import Duplicate, MissingParent
+from broker.store.postgres import changes
 from broker.store.postgres.migrate import AUDIT_LOCK, REFRESH_LOCK_CLASS, apply_postgres
-
-# Statements are assembled from the constant column lists in `_codec`, never from input.
-_AUDIT_INSERT = (
-    f"INSERT INTO audit_events (id, {', '.join(codec.AUDIT_COLUMNS)}, prev_hash, hash) "  # noqa: S608
-    f"VALUES ({', '.join(f'${i}' for i in range(1, len(codec.AUDIT_COLUMNS) + 4))})"
-)
-_CHECKPOINT_SELECT = "SELECT last_id, last_hash FROM audit_checkpoints ORDER BY last_id DESC LIMIT 1"
 
 # What a lost or overloaded database looks like; reported as UNAVAILABLE (retry), never
 # with the driver's message, which may name the server.
@@ -44,6 +42,20 @@ _UNAVAILABLE = (
     asyncpg.exceptions.InternalClientError,
     asyncpg.InterfaceError,
 )
+_RETRY = "the database is unavailable; retry shortly"
+_translated: dict[str, str] = {}
+
+
+def translate(sql: str) -> str:
+    """The statement in PostgreSQL's spelling (see the module docstring); cached."""
+    done = _translated.get(sql)
+    if done is None:
+        numbers = itertools.count(1)
+        done = re.sub(r"\?", lambda _: f"${next(numbers)}", sql).replace("COLLATE BINARY", 'COLLATE "C"')
+        if len(_translated) > 4096:  # statements are few, but label filters vary: stay bounded
+            _translated.clear()
+        _translated[sql] = done
+    return done
 
 
 def _session_settings(use: str) -> dict[str, str]:
@@ -62,8 +74,39 @@ def _refresh_lock_key(tenant: str, connection_id: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-class PostgresBase:
-    """The pools and their plumbing, which every part of `PostgresStore` builds on."""
+class PostgresTx:
+    """A transaction on a pooled connection (the `Tx` protocol)."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+        self.changes: list[str] = []
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        status = await self._conn.execute(translate(sql), *args)
+        return int(status.rpartition(" ")[2] or 0)  # the command tag: `UPDATE 1`, `DELETE 0`
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        await self._conn.executemany(translate(sql), rows)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        return list(await self._conn.fetch(translate(sql), *args))
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await self._conn.fetchval(translate(sql), *args)
+
+    async def changed(self, change: str) -> None:
+        await changes.notify(self._conn, change)
+        self.changes.append(change)
+
+    async def lock_audit(self) -> None:
+        """The audit advisory lock, held until commit; take it last (see `broker.store.postgres`)."""
+        await self._conn.execute("SELECT pg_advisory_xact_lock($1)", AUDIT_LOCK)
+
+
+class PostgresEngine:
+    """The `Engine` on a PostgreSQL database; see the module docstring."""
+
+    now_sql = "extract(epoch FROM clock_timestamp())::float8"
 
     def __init__(
         self,
@@ -77,30 +120,24 @@ class PostgresBase:
         if not 0 <= pool_min <= pool_max or pool_max < 1:
             raise ValueError("need 0 <= pool_min <= pool_max and pool_max >= 1")
         self._dsn = dsn
-        self._pool_min = pool_min
-        self._pool_max = pool_max
+        self.pool_min, self.pool_max = pool_min, pool_max
         self._command_timeout = command_timeout
         self._heartbeat = heartbeat_seconds
         self._pool: asyncpg.Pool | None = None
         # Sessions that only hold OAuth refresh locks (see `refresh_lock`); opened on demand.
         self._lock_pool: asyncpg.Pool | None = None
-        self._listener: changes.Listener | None = None
-
-    def __repr__(self) -> str:
-        # The DSN may carry a password: never part of a repr or a log line.
-        return f"PostgresStore(pool_min={self._pool_min}, pool_max={self._pool_max})"
-
-    # ------------------------------------------------------------ lifecycle
+        self.listener: changes.Listener | None = None
+        self._sink: ChangeSink | None = None
 
     async def open(self) -> None:
-        """Create the pool and apply pending migrations (under the migration advisory lock)."""
+        """Create the pools and apply pending migrations (under the migration advisory lock)."""
         if self._pool is not None:
             raise RuntimeError("the store is already open")
         try:
             pool = await asyncpg.create_pool(
                 self._dsn,
-                min_size=self._pool_min,
-                max_size=self._pool_max,
+                min_size=self.pool_min,
+                max_size=self.pool_max,
                 command_timeout=self._command_timeout,
                 server_settings=_session_settings("query"),
             )
@@ -113,7 +150,7 @@ class PostgresBase:
             self._lock_pool = await asyncpg.create_pool(
                 self._dsn,
                 min_size=0,
-                max_size=self._pool_max,
+                max_size=self.pool_max,
                 # Bounds the wait for a lock whose holder is stuck: then Unavailable, not a hang.
                 command_timeout=self._command_timeout,
                 server_settings=_session_settings("lock"),
@@ -123,38 +160,27 @@ class PostgresBase:
             raise
         self._pool = pool
 
+    async def close(self) -> None:
+        """Stop listening; wait for the connections in use to be released, then close the pools."""
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            await listener.close()
+        for pool in (self._lock_pool, self._pool):
+            if pool is not None:
+                await pool.close()
+        self._lock_pool = self._pool = None
+
     async def watch(self, sink: ChangeSink) -> None:
-        """LISTEN for other replicas' changes on a session of its own (`_pg_changes`)."""
-        if self._listener is not None:
+        """LISTEN for other replicas' changes on a session of its own (`changes.Listener`)."""
+        if self.listener is not None:
             raise RuntimeError("the store is already watched")
 
         def connect() -> Any:
             return asyncpg.connect(self._dsn, server_settings=_session_settings("listen"))
 
-        self._listener = changes.Listener(connect, sink, heartbeat_seconds=self._heartbeat)
-        await self._listener.start(first_attempt_timeout=5.0)
-
-    async def announce_block(self, tenant: str, principal: str, until: float) -> None:
-        """NOTIFY the other replicas (and this one's own listener, harmlessly) of a block."""
-        async with self._transaction() as conn:
-            await changes.notify(conn, changes.principal_blocked(tenant, principal, until))
-
-    @property
-    def listener(self) -> changes.Listener | None:
-        """The change listener once `watch()` was called (its state: `listening`, `server_pid`)."""
-        return self._listener
-
-    async def close(self) -> None:
-        """Stop listening; wait for the connections in use to be released, then close the pools."""
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            await listener.close()
-        lock_pool, self._lock_pool = self._lock_pool, None
-        if lock_pool is not None:
-            await lock_pool.close()
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.close()
+        self._sink = sink
+        self.listener = changes.Listener(connect, sink, heartbeat_seconds=self._heartbeat)
+        await self.listener.start(first_attempt_timeout=5.0)
 
     @contextlib.asynccontextmanager
     async def refresh_lock(self, tenant: str, connection_id: str) -> AsyncIterator[None]:
@@ -177,7 +203,7 @@ class PostgresBase:
                     _refresh_lock_key(tenant, connection_id),
                 )
             except _UNAVAILABLE as exc:
-                raise Unavailable("the database is unavailable; retry shortly") from exc
+                raise Unavailable(_RETRY) from exc
             try:
                 yield
             finally:
@@ -185,31 +211,52 @@ class PostgresBase:
                 with contextlib.suppress(*_UNAVAILABLE):
                     await transaction.rollback()
 
-    async def ping(self) -> None:
-        """Raise if the database cannot answer `SELECT 1`."""
-        await self._fetch("SELECT 1")
-
-    # -------------------------------------------------------------- plumbing
-
     def _require_pool(self) -> asyncpg.Pool:
         if self._pool is None:
             raise RuntimeError("the store is not open")
         return self._pool
 
     @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
+    async def transaction(self) -> AsyncIterator[PostgresTx]:
         """One READ COMMITTED transaction on a pooled connection; rolled back on any exception."""
-        pool = self._require_pool()
-        try:
-            async with pool.acquire() as conn, conn.transaction(isolation="read_committed"):
-                yield conn
-        except _UNAVAILABLE as exc:
-            raise Unavailable("the database is unavailable; retry shortly") from exc
+        async with (
+            self._mapped_errors(),
+            self._require_pool().acquire() as conn,
+            conn.transaction(isolation="read_committed"),
+        ):
+            tx = PostgresTx(conn)
+            yield tx
+        if self._sink is not None:
+            # This replica hears its own NOTIFY later too; the sink must know before we return.
+            for change in tx.changes:
+                deliver(self._sink, change)
 
-    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[PostgresTx]:
+        """A REPEATABLE READ, READ ONLY transaction: one snapshot for all its statements."""
+        async with (
+            self._mapped_errors(),
+            self._require_pool().acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            yield PostgresTx(conn)
+
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def _mapped_errors() -> AsyncIterator[None]:
+        try:
+            yield
+        except asyncpg.UniqueViolationError as exc:
+            raise Duplicate(exc.constraint_name or "") from exc
+        except asyncpg.ForeignKeyViolationError as exc:
+            raise MissingParent(str(exc)) from exc
+        except _UNAVAILABLE as exc:
+            raise Unavailable(_RETRY) from exc
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
         """A read: one statement in autocommit, tried once more on another connection if the first
         one was lost (a read is safe to repeat; the pool drops the dead connection)."""
-        pool = self._require_pool()
+        pool, sql = self._require_pool(), translate(sql)
         try:
             return list(await pool.fetch(sql, *args))
         except _UNAVAILABLE:
@@ -217,33 +264,4 @@ class PostgresBase:
         try:
             return list(await pool.fetch(sql, *args))
         except _UNAVAILABLE as exc:
-            raise Unavailable("the database is unavailable; retry shortly") from exc
-
-    @staticmethod
-    async def _insert_audit(conn: asyncpg.Connection, events: Iterable[AuditEvent]) -> None:
-        """Append events to the hash chain; the one place audit rows are written.
-
-        Always the last statement of its transaction: the advisory lock it takes is held
-        until commit, and a holder must never wait for a row lock (see `broker.store.postgres`).
-        """
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", AUDIT_LOCK)
-        # READ COMMITTED: this statement's snapshot is taken after the lock was granted,
-        # so it sees the previous holder's committed events.
-        last_id, last_hash = await _chain_tail(conn)
-        await conn.executemany(_AUDIT_INSERT, chain.linked_rows(events, last_id, last_hash))
-
-
-async def _chain_tail(conn: asyncpg.Connection) -> tuple[int, str]:
-    """(id, hash) of the newest event, else of the newest checkpoint, else (0, GENESIS)."""
-    row = await conn.fetchrow("SELECT id, hash FROM audit_events ORDER BY id DESC LIMIT 1")
-    if row is not None:
-        return int(row["id"]), str(row["hash"] or "")
-    row = await conn.fetchrow(_CHECKPOINT_SELECT)
-    if row is not None:
-        return int(row["last_id"]), str(row["last_hash"])
-    return 0, chain.GENESIS
-
-
-def _row_count(status: str) -> int:
-    """Rows touched, from a command tag such as `UPDATE 1` or `DELETE 0`."""
-    return int(status.rpartition(" ")[2] or 0)
+            raise Unavailable(_RETRY) from exc

@@ -1,10 +1,9 @@
-"""Who may use a connection, and how its use is watched and paced, on SQLite: grants,
-pending OAuth flows, security events, the monitor's remembered facts and rate buckets."""
+"""Who may use a connection, and how its use is watched and paced: grants, pending OAuth
+flows, security events, the monitor's remembered facts and shared rate buckets."""
 
 from __future__ import annotations
 
-import sqlite3
-import time
+import functools
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -22,11 +21,14 @@ from broker.model import (
     SeenFact,
 )
 from broker.store import _codec as codec
-from broker.store import _sql
-from broker.store.sqlite._base import SqliteBase
+from broker.store import changes
+from broker.store.audit import event_page
+from broker.store.engine import MissingParent
+from broker.store.lifecycle import EngineStore, check_limit
 
 # Statements are assembled from the constant column lists in `_codec`, never from input.
 _GRANT_SELECT = "SELECT " + ", ".join(codec.GRANT_COLUMNS) + " FROM grants"  # noqa: S608
+_GRANT_BY_KEY = _GRANT_SELECT + " WHERE tenant = ? AND connection_id = ? AND principal = ?"
 _GRANT_UPSERT = (
     f"INSERT INTO grants ({', '.join(codec.GRANT_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?) "  # noqa: S608
     "ON CONFLICT (tenant, connection_id, principal) DO UPDATE SET "
@@ -35,133 +37,135 @@ _GRANT_UPSERT = (
 _SECURITY_EVENT_SELECT = "SELECT id, " + ", ".join(codec.SECURITY_EVENT_COLUMNS) + " FROM security_events"  # noqa: S608
 _SECURITY_EVENT_INSERT = (
     f"INSERT INTO security_events ({', '.join(codec.SECURITY_EVENT_COLUMNS)}) "  # noqa: S608
-    f"VALUES ({', '.join('?' for _ in codec.SECURITY_EVENT_COLUMNS)})"
+    f"VALUES ({', '.join('?' for _ in codec.SECURITY_EVENT_COLUMNS)}) RETURNING id"
 )
-_OAUTH_STATE_SELECT = "SELECT * FROM oauth_states WHERE state_hash = ? AND tenant = ? AND actor = ?"
-_OAUTH_STATE_DELETE = "DELETE FROM oauth_states WHERE state_hash = ? AND tenant = ? AND actor = ?"
 
 
-class Access(SqliteBase):
+@functools.cache
+def _bucket_take(now_sql: str) -> str:
+    """Insert a full bucket, or lock the existing row (the no-op update), and read it with the
+    engine's clock (`now_sql`), read after the lock was granted."""
+    return (
+        f"INSERT INTO rate_buckets (kind, principal, tokens, updated_at) VALUES (?, ?, ?, {now_sql})"  # noqa: S608
+        " ON CONFLICT (kind, principal) DO UPDATE SET kind = excluded.kind"
+        f" RETURNING tokens, updated_at, {now_sql} AS now"
+    )
+
+
+class Access(EngineStore):
     """Grants, OAuth states, security events, seen facts and rate buckets."""
 
     # ---------------------------------------------------------------- grants
 
     async def put_grant(self, grant: Grant, event: AuditEvent) -> None:
         """Insert or replace the grant and write `event`; `NotFound` when the connection is unknown."""
-        params = codec.grant_params(grant)
         try:
-            async with self._transaction() as conn:
-                await conn.execute(_GRANT_UPSERT, params)
-                await self._insert_audit(conn, [event])
-        except sqlite3.IntegrityError as exc:
-            if "FOREIGN KEY" in str(exc):
-                raise NotFound(f"connection {grant.connection_id} not found") from exc
-            raise
+            async with self._engine.transaction() as tx:
+                await tx.execute(_GRANT_UPSERT, *codec.grant_params(grant))
+                await tx.changed(changes.grant_changed(grant.tenant, grant.connection_id, grant.principal))
+                await self._insert_audit(tx, [event])
+        except MissingParent as exc:
+            raise NotFound(f"connection {grant.connection_id} not found") from exc
 
     async def delete_grant(self, tenant: str, connection_id: str, principal: str, event: AuditEvent) -> bool:
         """Delete one grant and write `event`; False and nothing written when there was none."""
-        async with self._transaction() as conn:
-            async with conn.execute(
+        async with self._engine.transaction() as tx:
+            deleted = await tx.execute(
                 "DELETE FROM grants WHERE tenant = ? AND connection_id = ? AND principal = ?",
-                (tenant, connection_id, principal),
-            ) as cursor:
-                deleted = cursor.rowcount
+                tenant,
+                connection_id,
+                principal,
+            )
             if deleted == 0:
                 return False
-            await self._insert_audit(conn, [event])
+            await tx.changed(changes.grant_changed(tenant, connection_id, principal))
+            await self._insert_audit(tx, [event])
         return True
 
     async def get_grant(self, tenant: str, connection_id: str, principal: str) -> Grant | None:
         """The grant, expired or not, or None."""
-        rows = await self._read(
-            _GRANT_SELECT + " WHERE tenant = ? AND connection_id = ? AND principal = ?",
-            (tenant, connection_id, principal),
-        )
+        rows = await self._engine.fetch(_GRANT_BY_KEY, tenant, connection_id, principal)
         return codec.grant_from_row(rows[0]) if rows else None
 
     async def list_grants(
         self, tenant: str, filter: GrantFilter, limit: int, after: tuple[str, str] | None
     ) -> list[Grant]:
         """Up to `limit` grants ordered by (connection_id, principal), after that pair when given."""
-        _sql.check_limit(limit)
+        check_limit(limit)
         where = ["tenant = ?"]
-        params: list[Any] = [tenant]
+        args: list[Any] = [tenant]
         if filter.connection_id:
             where.append("connection_id = ?")
-            params.append(filter.connection_id)
+            args.append(filter.connection_id)
         if filter.principal:
             where.append("principal = ?")
-            params.append(filter.principal)
+            args.append(filter.principal)
         if after is not None:
-            where.append("(connection_id > ? OR (connection_id = ? AND principal > ?))")
-            params += [after[0], after[0], after[1]]
+            where.append("(connection_id, principal) > (?, ?)")
+            args += after
         sql = f"{_GRANT_SELECT} WHERE {' AND '.join(where)} ORDER BY connection_id, principal LIMIT ?"
-        rows = await self._read(sql, [*params, limit])
-        return [codec.grant_from_row(row) for row in rows]
+        return [codec.grant_from_row(row) for row in await self._engine.fetch(sql, *args, limit)]
 
     # ----------------------------------------------------------------- oauth
 
     async def put_oauth_state(self, pending: PendingAuthorization, event: AuditEvent) -> None:
         """Store a pending authorization-code flow and its audit event."""
-        async with self._transaction() as conn:
-            await conn.execute(
+        async with self._engine.transaction() as tx:
+            await tx.execute(
                 "INSERT INTO oauth_states (state_hash, tenant, actor, connection_id, created_at, expires_at,"
                 " ciphertext, wrapped_dek, kek_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                codec.oauth_state_params(pending),
+                *codec.oauth_state_params(pending),
             )
-            await self._insert_audit(conn, [event])
+            await self._insert_audit(tx, [event])
 
     async def take_oauth_state(self, state_hash: str, tenant: str, actor: str) -> PendingAuthorization | None:
-        """Remove and return the caller's pending flow: a state can be used once, by its owner."""
-        key = (state_hash, tenant, actor)
-        async with self._transaction() as conn:
-            rows = list(await conn.execute_fetchall(_OAUTH_STATE_SELECT, key))
-            if not rows:
-                return None
-            await conn.execute(_OAUTH_STATE_DELETE, key)
-        return codec.oauth_state_from_row(rows[0])
+        """Remove and return the caller's pending flow in one `DELETE ... RETURNING`: single use."""
+        async with self._engine.transaction() as tx:
+            rows = await tx.fetch(
+                "DELETE FROM oauth_states WHERE state_hash = ? AND tenant = ? AND actor = ? RETURNING *",
+                state_hash,
+                tenant,
+                actor,
+            )
+        return codec.oauth_state_from_row(rows[0]) if rows else None
 
     async def delete_expired_oauth_states(self, now: datetime) -> int:
         """Forget flows that were never completed; returns how many."""
-        async with (
-            self._transaction() as conn,
-            conn.execute("DELETE FROM oauth_states WHERE expires_at <= ?", (codec.to_micros(now),)) as cursor,
-        ):
-            return int(cursor.rowcount)
+        async with self._engine.transaction() as tx:
+            return await tx.execute("DELETE FROM oauth_states WHERE expires_at <= ?", codec.to_micros(now))
 
     # -------------------------------------------------------------- security
 
     async def add_security_event(self, event: SecurityEvent) -> SecurityEvent:
         """Store a security event; returns it with the id the database gave it."""
-        params = codec.security_event_params(event)
-        async with self._transaction() as conn, conn.execute(_SECURITY_EVENT_INSERT, params) as cursor:
-            event_id = cursor.lastrowid
-        return replace(event, id=int(event_id or 0))
+        async with self._engine.transaction() as tx:
+            event_id = await tx.fetchval(_SECURITY_EVENT_INSERT, *codec.security_event_params(event))
+        return replace(event, id=int(event_id))
 
     async def list_security_events(
         self, tenant: str, filter: SecurityEventFilter, limit: int, before_id: int | None
     ) -> list[SecurityEvent]:
         """Up to `limit` of the tenant's events, newest first, with id < before_id when given."""
-        arg = _sql.Params(numbered=False)
-        sql = _sql.event_page(
-            arg, _SECURITY_EVENT_SELECT, tenant, filter, limit, cursor=before_id, oldest_first=False
+        sql, args = event_page(
+            _SECURITY_EVENT_SELECT, tenant, filter, limit, cursor=before_id, oldest_first=False
         )
-        rows = await self._read(sql, arg.values)
-        return [codec.security_event_from_row(row) for row in rows]
+        return [codec.security_event_from_row(row) for row in await self._engine.fetch(sql, *args)]
 
     async def remember_seen(self, facts: Sequence[SeenFact], keep: int) -> None:
         """Insert new facts (existing ones keep their first_seen), then trim each subject to `keep`."""
         if not facts:
             return
-        _sql.check_limit(keep)
-        async with self._transaction() as conn:
-            await conn.executemany(
+        check_limit(keep)
+        # Sorted (and unique), so replicas remembering overlapping facts lock rows in one order.
+        rows = sorted({(f.tenant, f.kind, f.subject, f.object): f for f in facts}.items())
+        async with self._engine.transaction() as tx:
+            await tx.executemany(
                 "INSERT INTO monitor_seen (tenant, kind, subject, object, first_seen) VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT (tenant, kind, subject, object) DO NOTHING",
-                [(f.tenant, f.kind, f.subject, f.object, codec.to_micros(f.first_seen)) for f in facts],
+                [(*key, codec.to_micros(f.first_seen)) for key, f in rows],
             )
             subjects = sorted({(f.tenant, f.kind, f.subject) for f in facts})
-            await conn.executemany(
+            await tx.executemany(
                 "DELETE FROM monitor_seen WHERE tenant = ? AND kind = ? AND subject = ? AND object NOT IN"
                 " (SELECT object FROM monitor_seen WHERE tenant = ? AND kind = ? AND subject = ?"
                 " ORDER BY first_seen DESC, object LIMIT ?)",
@@ -170,31 +174,28 @@ class Access(SqliteBase):
 
     async def load_seen(self, limit: int) -> list[SeenFact]:
         """Up to `limit` remembered facts, newest first."""
-        _sql.check_limit(limit)
-        rows = await self._read(
+        check_limit(limit)
+        rows = await self._engine.fetch(
             "SELECT tenant, kind, subject, object, first_seen FROM monitor_seen"
             " ORDER BY first_seen DESC LIMIT ?",
-            (limit,),
+            limit,
         )
         return [codec.seen_fact_from_row(row) for row in rows]
 
     # ----------------------------------------------------------- rate limits
 
     async def take_rate_token(self, kind: str, principal: str, rate_per_second: float, burst: int) -> float:
-        """Read, refill, take and write back under the write lock (one writer: atomic)."""
-        async with self._transaction() as conn:
-            now = time.time()
-            cursor = await conn.execute(
-                "SELECT tokens, updated_at FROM rate_buckets WHERE kind = ? AND principal = ?",
-                (kind, principal),
+        """Take one token from the shared bucket under its row lock, on the database's clock."""
+        async with self._engine.transaction() as tx:
+            [row] = await tx.fetch(_bucket_take(self._engine.now_sql), kind, principal, float(burst))
+            tokens, wait = tokenbucket.take(
+                row["tokens"], row["updated_at"], row["now"], rate_per_second, burst
             )
-            row = await cursor.fetchone()
-            tokens, updated = (row[0], row[1]) if row is not None else (float(burst), now)
-            tokens, wait = tokenbucket.take(tokens, updated, now, rate_per_second, burst)
-            await conn.execute(
-                "INSERT INTO rate_buckets (kind, principal, tokens, updated_at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (kind, principal) DO UPDATE SET tokens = excluded.tokens,"
-                " updated_at = excluded.updated_at",
-                (kind, principal, tokens, now),
+            await tx.execute(
+                "UPDATE rate_buckets SET tokens = ?, updated_at = ? WHERE kind = ? AND principal = ?",
+                tokens,
+                row["now"],
+                kind,
+                principal,
             )
         return wait

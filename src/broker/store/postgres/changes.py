@@ -1,11 +1,12 @@
-"""Cross-replica change feed on PostgreSQL: writes NOTIFY, every replica LISTENs.
+"""The change feed across replicas on PostgreSQL: writes NOTIFY, every replica LISTENs.
 
-A write that changes what Resolve serves (a connection row, a grant, re-wrapped
-keys) calls `notify()` inside its transaction (so does a principal blocked by a
-replica's monitor, which is not a row); PostgreSQL delivers the message to
-every listening session when, and only if, the transaction commits. `Listener`
-keeps one dedicated connection per replica LISTENing and hands each message to a
-`ChangeSink` (the Resolve cache).
+Each change message (`broker.store.changes`) of a transaction is also sent with
+`notify()` in that transaction (so is a principal blocked by a replica's monitor,
+which is not a row); PostgreSQL delivers it to every listening session when, and
+only if, the transaction commits. `Listener` keeps one dedicated connection per
+replica LISTENing and hands each message to the `ChangeSink` (the Resolve cache);
+the writing replica's own listener hears its messages again, which only forgets
+what was forgotten already.
 
 A replica that is not listening would miss other replicas' changes, so the sink
 is told at once (`changes_unseen`: forget everything, cache nothing) when:
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,56 +30,18 @@ import asyncpg
 import structlog
 
 from broker.store.base import ChangeSink
+from broker.store.changes import deliver
 
 log = structlog.get_logger("broker.store.changes")
 
 CHANNEL = "broker_changes"
-_EVERYTHING = '["*"]'
 
 
-def connection_changed(tenant: str, connection_id: str) -> str:
-    return json.dumps(["c", tenant, connection_id])
-
-
-def grant_changed(tenant: str, connection_id: str, principal: str) -> str:
-    return json.dumps(["g", tenant, connection_id, principal])
-
-
-def everything_changed() -> str:
-    return _EVERYTHING
-
-
-def principal_blocked(tenant: str, principal: str, until: float) -> str:
-    return json.dumps(["b", tenant, principal, until])
-
-
-async def notify(conn: asyncpg.Connection, *payloads: str) -> None:
-    """Queue messages for every listener; delivered when this transaction commits."""
-    # Payloads are a few hundred bytes at most (ids and principals are bounded), far
+async def notify(conn: asyncpg.Connection, message: str) -> None:
+    """Queue a message (`broker.store.changes`) for every listener; sent when this transaction commits."""
+    # Messages are a few hundred bytes at most (ids and principals are bounded), far
     # below PostgreSQL's 8,000-byte limit.
-    for payload in payloads:
-        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
-
-
-def deliver(sink: ChangeSink, payload: str) -> None:
-    """Apply one message to the sink; an unreadable message forgets everything (the safe reading)."""
-    try:
-        message = json.loads(payload)
-        kind = message[0]
-        if kind == "c":
-            sink.connection_changed(message[1], message[2])
-        elif kind == "g":
-            sink.grant_changed(message[1], message[2], message[3])
-        elif kind == "b":
-            sink.principal_blocked(message[1], message[2], float(message[3]))
-        else:
-            sink.changes_seen()  # "*", or a kind a newer replica sends: drop everything
-    except (ValueError, IndexError, TypeError, KeyError):
-        log.warning("change_message_unreadable", length=len(payload))
-        sink.changes_seen()
-    except Exception as exc:  # a sink that failed may have missed the change: drop everything
-        log.error("change_message_not_applied", error_type=type(exc).__name__)
-        sink.changes_seen()
+    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, message)
 
 
 class Listener:

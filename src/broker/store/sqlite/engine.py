@@ -1,5 +1,9 @@
-"""Lifecycle and plumbing of `SqliteStore`: the two connections, the write transaction, reads,
-and the one place audit rows are written. The connection layout is in `broker.store.sqlite`.
+"""The SQLite engine: one writer connection behind an `asyncio.Lock`, one query-only reader.
+
+Every change runs as `BEGIN IMMEDIATE ... COMMIT` on the writer (rolled back on any
+exception); WAL lets the reader read meanwhile. This process is the file's only
+writer, so audit appends need no lock of their own and a refresh lock is a no-op;
+committed changes go straight to the sink, before the write call returns.
 """
 
 from __future__ import annotations
@@ -9,7 +13,6 @@ import contextlib
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,43 +20,62 @@ from typing import Any
 import aiosqlite
 
 from broker.errors import Unavailable
-from broker.model import AuditEvent
 from broker.store import _chain as chain
 from broker.store import _codec as codec
+from broker.store._codec import Row
 from broker.store._migrate import apply_sqlite, load_migrations
 from broker.store.base import ChangeSink
+from broker.store.changes import deliver
+from broker.store.engine import Duplicate, MissingParent
 
-# Statements are assembled from the constant column lists in `_codec`, never from input.
-_AUDIT_SELECT = (
-    "SELECT id, " + ", ".join(codec.AUDIT_COLUMNS) + ", prev_hash, hash FROM audit_events"  # noqa: S608
-)
-# The id is given, not assigned: it is part of the hashed form, computed before the insert.
-_AUDIT_INSERT = (
-    f"INSERT INTO audit_events (id, {', '.join(codec.AUDIT_COLUMNS)}, prev_hash, hash) "  # noqa: S608
-    f"VALUES (?, {', '.join('?' for _ in codec.AUDIT_COLUMNS)}, ?, ?)"
-)
-_AUDIT_PAGE = 1000
-_CHECKPOINT_SELECT = "SELECT last_id, last_hash FROM audit_checkpoints ORDER BY last_id DESC LIMIT 1"
+_AUDIT_SELECT = "SELECT id, " + ", ".join(codec.AUDIT_COLUMNS) + ", prev_hash, hash FROM audit_events"  # noqa: S608
 
 
-class SqliteBase:
-    """The connections and their plumbing, which every part of `SqliteStore` builds on."""
+class SqliteTx:
+    """A transaction on the writer connection (the `Tx` protocol)."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+        self.changes: list[str] = []
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        async with self._conn.execute(sql, args) as cursor:
+            return int(cursor.rowcount)
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        await self._conn.executemany(sql, rows)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        return list(await self._conn.execute_fetchall(sql, args))
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        rows = await self.fetch(sql, *args)
+        return rows[0][0] if rows else None  # type: ignore[index]
+
+    async def changed(self, change: str) -> None:
+        self.changes.append(change)
+
+    async def lock_audit(self) -> None:
+        """Nothing to take: the write lock already serialises every transaction."""
+
+
+class SqliteEngine:
+    """The `Engine` on one SQLite file; see the module docstring."""
+
+    # The system clock to the millisecond (SQLite 3.40 has no `unixepoch('subsec')`).
+    now_sql = "((julianday('now') - 2440587.5) * 86400.0)"
 
     def __init__(self, path: Path, *, busy_timeout_ms: int = 5000) -> None:
         self.path = Path(path)
         self._busy_timeout_ms = busy_timeout_ms
-        self._writer: aiosqlite.Connection | None = None
+        self.writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
-        # Verifying and pruning the audit chain exclude each other: a prune under a
-        # running verification would look like deleted events.
-        self._chain_lock = asyncio.Lock()
-
-    # ------------------------------------------------------------ lifecycle
+        self._sink: ChangeSink | None = None
 
     async def open(self) -> None:
         """Create the file (mode 0600) if needed, set the pragmas and apply pending migrations."""
-        if self._writer is not None:
+        if self.writer is not None:
             raise RuntimeError("the store is already open")
         _create_private_file(self.path)
         writer = await self._connect()
@@ -67,25 +89,21 @@ class SqliteBase:
                 raise RuntimeError("SQLite refused secure_delete")
             await apply_sqlite(writer, load_migrations("sqlite"))
             await _backfill_audit_chain(writer)
-            reader = await self._connect()
+            reader = await self._connect(query_only=True)
         except BaseException:
             await writer.close()
             raise
-        try:
-            await _pragma(reader, "query_only = ON")
-        except BaseException:
-            await reader.close()
-            await writer.close()
-            raise
-        self._writer, self._reader = writer, reader
+        self.writer, self._reader = writer, reader
 
-    async def _connect(self) -> aiosqlite.Connection:
+    async def _connect(self, *, query_only: bool = False) -> aiosqlite.Connection:
         # isolation_level=None: the sqlite3 module starts no transactions of its own.
         conn = await aiosqlite.connect(self.path, isolation_level=None)
         try:
             conn.row_factory = sqlite3.Row
             await _pragma(conn, f"busy_timeout = {int(self._busy_timeout_ms)}")
             await _pragma(conn, "foreign_keys = ON")
+            if query_only:
+                await _pragma(conn, "query_only = ON")
         except BaseException:
             await conn.close()
             raise
@@ -94,8 +112,8 @@ class SqliteBase:
     async def close(self) -> None:
         """Wait for the transaction in flight, then close both connections."""
         async with self._write_lock:
-            writer, reader = self._writer, self._reader
-            self._writer = self._reader = None
+            writer, reader = self.writer, self._reader
+            self.writer = self._reader = None
             try:
                 if reader is not None:
                     await reader.close()
@@ -104,73 +122,73 @@ class SqliteBase:
                     await writer.close()
 
     async def watch(self, sink: ChangeSink) -> None:
-        """Nothing to watch: this process is the file's only writer, and tells its cache itself."""
+        """No other writer to hear from: from now on this process's commits reach `sink`."""
+        self._sink = sink
         sink.changes_seen()
 
-    async def announce_block(self, tenant: str, principal: str, until: float) -> None:
-        """No other replica to tell."""
-
-    def refresh_lock(self, tenant: str, connection_id: str) -> AbstractAsyncContextManager[None]:
+    def refresh_lock(self, tenant: str, connection_id: str) -> contextlib.nullcontext[None]:
         """No lock needed: one process, which already runs one refresh per connection at a time."""
         return contextlib.nullcontext()
 
-    async def ping(self) -> None:
-        """Raise if the reader cannot answer `SELECT 1`."""
-        await self._read("SELECT 1", ())
-
-    # -------------------------------------------------------------- plumbing
-
     @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def transaction(self) -> AsyncIterator[SqliteTx]:
         """`BEGIN IMMEDIATE` on the writer; COMMIT on success, ROLLBACK on any exception."""
         async with self._write_lock:
-            conn = self._writer
+            conn = self.writer
             if conn is None:
                 raise RuntimeError("the store is not open")
+            tx = SqliteTx(conn)
             try:
                 await conn.execute("BEGIN IMMEDIATE")
-                yield conn
+                yield tx
                 await conn.commit()
             except BaseException as exc:
                 # Shielded so a cancelled caller still leaves the connection clean;
                 # rollback() is a no-op when no transaction is open.
                 with contextlib.suppress(Exception):
                     await asyncio.shield(conn.rollback())
-                if _is_busy(exc):
-                    raise Unavailable("the database is busy; retry shortly") from exc
+                _raise_mapped(exc)
                 raise
+        if self._sink is not None:
+            for change in tx.changes:
+                deliver(self._sink, change)
 
-    async def _read(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[SqliteTx]:
+        """A read transaction on a connection of its own (WAL keeps its view while others write)."""
+        if self.writer is None:
+            raise RuntimeError("the store is not open")
+        conn = await self._connect(query_only=True)
+        try:
+            await conn.execute("BEGIN")
+            yield SqliteTx(conn)
+        except sqlite3.Error as exc:
+            _raise_mapped(exc)
+            raise
+        finally:
+            await conn.close()
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
         conn = self._reader
         if conn is None:
             raise RuntimeError("the store is not open")
         try:
-            return list(await conn.execute_fetchall(sql, params))
+            return list(await conn.execute_fetchall(sql, args))
         except sqlite3.OperationalError as exc:
-            if _is_busy(exc):
-                raise Unavailable("the database is busy; retry shortly") from exc
+            _raise_mapped(exc)
             raise
 
-    @staticmethod
-    async def _insert_audit(conn: aiosqlite.Connection, events: Iterable[AuditEvent]) -> None:
-        """Append events to the hash chain; the one place audit rows are written.
 
-        Runs inside the caller's write transaction, whose lock fixes the order: each
-        event gets the next id and links to the hash of the event before it.
-        """
-        last_id, last_hash = await _chain_tail(conn)
-        await conn.executemany(_AUDIT_INSERT, chain.linked_rows(events, last_id, last_hash))
-
-
-async def _chain_tail(conn: aiosqlite.Connection) -> tuple[int, str]:
-    """(id, hash) of the newest event, else of the newest checkpoint, else (0, GENESIS)."""
-    rows = list(await conn.execute_fetchall("SELECT id, hash FROM audit_events ORDER BY id DESC LIMIT 1"))
-    if rows:
-        return int(rows[0]["id"]), str(rows[0]["hash"] or "")
-    rows = list(await conn.execute_fetchall(_CHECKPOINT_SELECT))
-    if rows:
-        return int(rows[0]["last_id"]), str(rows[0]["last_hash"])
-    return 0, chain.GENESIS
+def _raise_mapped(exc: BaseException) -> None:
+    """Raise the store's error for an SQLite one; return when there is none."""
+    if isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorname.startswith("SQLITE_BUSY"):
+        raise Unavailable("the database is busy; retry shortly") from exc
+    if isinstance(exc, sqlite3.IntegrityError):
+        message = str(exc)
+        if message.startswith("UNIQUE constraint failed: "):
+            raise Duplicate(message.removeprefix("UNIQUE constraint failed: ")) from exc
+        if message.startswith("FOREIGN KEY"):
+            raise MissingParent(message) from exc
 
 
 async def _backfill_audit_chain(conn: aiosqlite.Connection) -> None:
@@ -186,11 +204,11 @@ async def _backfill_audit_chain(conn: aiosqlite.Connection) -> None:
         return
     await conn.execute("BEGIN IMMEDIATE")
     try:
-        after, prev = 0, chain.GENESIS
+        after, prev, page = 0, chain.GENESIS, 1000
         while True:
             rows = list(
                 await conn.execute_fetchall(
-                    f"{_AUDIT_SELECT} WHERE id > ? ORDER BY id LIMIT ?", (after, _AUDIT_PAGE)
+                    f"{_AUDIT_SELECT} WHERE id > ? ORDER BY id LIMIT ?", (after, page)
                 )
             )
             updates = []
@@ -199,7 +217,7 @@ async def _backfill_audit_chain(conn: aiosqlite.Connection) -> None:
                 prev = chain.event_hash(event)
                 updates.append((event.prev_hash, prev, event.id))
             await conn.executemany("UPDATE audit_events SET prev_hash = ?, hash = ? WHERE id = ?", updates)
-            if len(rows) < _AUDIT_PAGE:
+            if len(rows) < page:
                 break
             after = rows[-1]["id"]
         await conn.commit()
@@ -223,9 +241,3 @@ def _create_private_file(path: Path) -> None:
 async def _pragma(conn: aiosqlite.Connection, assignment: str) -> Any:
     rows = list(await conn.execute_fetchall(f"PRAGMA {assignment}"))
     return rows[0][0] if rows else None
-
-
-def _is_busy(exc: BaseException) -> bool:
-    return isinstance(exc, sqlite3.OperationalError) and getattr(exc, "sqlite_errorname", "").startswith(
-        "SQLITE_BUSY"
-    )

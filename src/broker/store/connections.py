@@ -1,0 +1,285 @@
+"""Connections: the rows, their labels, test results, MCP tools and last use."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from broker.errors import Aborted, AlreadyExists, NotFound
+from broker.model import (
+    AuditEvent,
+    ConnectionFilter,
+    ConnectionRecord,
+    ConnectionStatus,
+    McpTool,
+    TestResult,
+    TestStatus,
+)
+from broker.store import _codec as codec
+from broker.store import changes
+from broker.store.engine import Duplicate, MissingParent, Tx
+from broker.store.lifecycle import EngineStore, check_limit
+
+# Statements are assembled from the constant column lists in `_codec`, never from input.
+_SELECT = "SELECT " + ", ".join(codec.CONNECTION_COLUMNS) + " FROM connections"  # noqa: S608
+# Resolve's reads on a cache miss: built once, so translated once.
+_BY_ID = _SELECT + " WHERE tenant = ? AND id = ?"
+_BY_LIVE_NAME = _SELECT + " WHERE tenant = ? AND name = ? AND deleted_at IS NULL"
+_INSERT = (
+    f"INSERT INTO connections ({', '.join(codec.CONNECTION_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join('?' for _ in codec.CONNECTION_COLUMNS)})"
+)
+# What a replace writes. last_used_at is flushed out of band by `record_last_used`, which
+# leaves the version alone: a replace based on an older read must not move it backwards.
+# Test results are written only by `record_test_result`. `broker keys rewrap` re-wraps a
+# data key without touching the version: a replace that keeps the ciphertext (the same
+# data key) keeps the stored, possibly re-wrapped, key (SET sees the row's old values).
+_UPDATED = tuple(col for col in codec.CONNECTION_COLUMNS if col not in ("tenant", "id", *codec.TEST_COLUMNS))
+_ASSIGNMENTS = {
+    "last_used_at": (
+        "last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < ? THEN ? ELSE last_used_at END"
+    ),
+    "wrapped_dek": "wrapped_dek = CASE WHEN ciphertext = ? THEN wrapped_dek ELSE ? END",
+    "kek_id": "kek_id = CASE WHEN ciphertext = ? THEN kek_id ELSE ? END",
+}
+_UPDATE = (
+    "UPDATE connections SET "  # noqa: S608
+    + ", ".join(_ASSIGNMENTS.get(col, f"{col} = ?") for col in _UPDATED)
+    + " WHERE tenant = ? AND id = ? AND version = ?"
+)
+# A unique constraint as each engine names it: SQLite by its columns, PostgreSQL by its name.
+_NAME_TAKEN = {"connections.tenant, connections.name", "connections_live_name"}
+_ID_TAKEN = {"connections.tenant, connections.id", "connections_pkey"}
+
+# `ListConnections` status filters; None lists live connections (active and revoked).
+STATUS_WHERE: dict[ConnectionStatus | None, str] = {
+    None: "deleted_at IS NULL",
+    ConnectionStatus.ACTIVE: (
+        "status = 'active' AND deleted_at IS NULL AND reauth_required_at IS NULL AND suspended_at IS NULL"
+    ),
+    ConnectionStatus.REVOKED: "status = 'revoked' AND deleted_at IS NULL",
+    ConnectionStatus.DELETED: "deleted_at IS NOT NULL AND purged_at IS NULL",
+    ConnectionStatus.EXPIRED: (
+        "status = 'active' AND deleted_at IS NULL AND reauth_required_at IS NOT NULL AND suspended_at IS NULL"
+    ),
+    ConnectionStatus.SUSPENDED: "status = 'active' AND deleted_at IS NULL AND suspended_at IS NOT NULL",
+}
+# What admins see as a connection's status, in SQL (the same order as `presented_status`).
+_COUNT_BY_TYPE_AND_STATUS = (
+    "SELECT type, CASE WHEN deleted_at IS NOT NULL THEN 'deleted' WHEN status = 'revoked' THEN 'revoked'"
+    " WHEN suspended_at IS NOT NULL THEN 'suspended' WHEN reauth_required_at IS NOT NULL THEN 'expired'"
+    " ELSE 'active' END AS state, COUNT(*) AS n FROM connections WHERE purged_at IS NULL GROUP BY 1, 2"
+)
+
+
+def _update_args(record: ConnectionRecord, expected_version: int) -> list[Any]:
+    values = dict(zip(codec.CONNECTION_COLUMNS, codec.connection_params(record), strict=True))
+    args: list[Any] = []
+    for col in _UPDATED:
+        if col == "last_used_at":
+            args += [values[col], values[col]]
+        elif col in _ASSIGNMENTS:
+            args += [values["ciphertext"], values[col]]
+        else:
+            args.append(values[col])
+    return [*args, record.tenant, record.id, expected_version]
+
+
+class Connections(EngineStore):
+    """The connection rows and what hangs off them."""
+
+    async def count_connections(self) -> dict[tuple[str, str], int]:
+        """Connections (not purged) by (type, status as admins see it), across tenants."""
+        rows = await self._engine.fetch(_COUNT_BY_TYPE_AND_STATUS)
+        return {(row["type"], row["state"]): int(row["n"]) for row in rows}
+
+    async def create_connection(self, record: ConnectionRecord, event: AuditEvent) -> None:
+        """Insert the connection, its labels and its audit event; `AlreadyExists` on a live name."""
+        try:
+            async with self._engine.transaction() as tx:
+                await tx.execute(_INSERT, *codec.connection_params(record))
+                await _write_labels(tx, record)
+                await self._insert_audit(tx, [event])
+        except Duplicate as exc:
+            _raise_conflict(exc, record)
+            raise
+
+    async def get_connection(self, tenant: str, connection_id: str) -> ConnectionRecord | None:
+        """The connection in any state, or None."""
+        rows = await self._engine.fetch(_BY_ID, tenant, connection_id)
+        return codec.connection_from_row(rows[0]) if rows else None
+
+    async def find_connection_by_name(self, tenant: str, name: str) -> ConnectionRecord | None:
+        """The live connection with this name, or None."""
+        rows = await self._engine.fetch(_BY_LIVE_NAME, tenant, name)
+        return codec.connection_from_row(rows[0]) if rows else None
+
+    async def list_connections(
+        self, tenant: str, filter: ConnectionFilter, limit: int, after_id: str | None
+    ) -> list[ConnectionRecord]:
+        """Up to `limit` connections by id (byte order), every filter applied in SQL."""
+        check_limit(limit)
+        where = ["tenant = ?", STATUS_WHERE[filter.status]]
+        args: list[Any] = [tenant]
+        if filter.type:
+            where.append("type = ?")
+            args.append(filter.type)
+        if filter.provider:
+            where.append("provider = ?")
+            args.append(filter.provider)
+        if filter.name_prefix:
+            # substr, not LIKE: no wildcards to escape, and case-sensitive on both engines.
+            where.append("substr(name, 1, ?) = ?")
+            args += [len(filter.name_prefix), filter.name_prefix]
+        for key, value in sorted(filter.labels.items()):
+            where.append(
+                "EXISTS (SELECT 1 FROM connection_labels l WHERE l.tenant = connections.tenant"
+                " AND l.connection_id = connections.id AND l.key = ? AND l.value = ?)"
+            )
+            args += [key, value]
+        if after_id is not None:
+            where.append("id > ?")
+            args.append(after_id)
+        sql = f"{_SELECT} WHERE {' AND '.join(where)} ORDER BY id LIMIT ?"
+        return [codec.connection_from_row(row) for row in await self._engine.fetch(sql, *args, limit)]
+
+    async def replace_connection(
+        self, record: ConnectionRecord, expected_version: int, event: AuditEvent, *, drop_grants: bool = False
+    ) -> None:
+        """Compare-and-swap on the version: all or nothing with `event` (see `broker.store.postgres`
+        for what makes it one on several replicas)."""
+        if record.version <= expected_version:
+            raise ValueError("a replaced connection needs a version above the expected one")
+        try:
+            async with self._engine.transaction() as tx:
+                # The replaced secret version is remembered (not its ciphertext) for Resolve.
+                await tx.execute(
+                    "INSERT INTO secret_versions (tenant, connection_id, secret_version, superseded_at)"
+                    " SELECT tenant, id, secret_version, ? FROM connections"
+                    " WHERE tenant = ? AND id = ? AND version = ? AND secret_version < ?"
+                    " ON CONFLICT DO NOTHING",
+                    codec.to_micros(record.updated_at),
+                    record.tenant,
+                    record.id,
+                    expected_version,
+                    record.secret_version,
+                )
+                if await tx.execute(_UPDATE, *_update_args(record, expected_version)) == 0:
+                    found = await tx.fetchval(
+                        "SELECT 1 FROM connections WHERE tenant = ? AND id = ?", record.tenant, record.id
+                    )
+                    if found is None:
+                        raise NotFound(f"connection {record.id} not found")
+                    raise Aborted(
+                        "the connection changed since it was read (etag mismatch); read it again and retry"
+                    )
+                await _write_labels(tx, record)
+                if drop_grants:
+                    await tx.execute(
+                        "DELETE FROM grants WHERE tenant = ? AND connection_id = ?", record.tenant, record.id
+                    )
+                await tx.changed(changes.connection_changed(record.tenant, record.id))
+                await self._insert_audit(tx, [event])
+        except Duplicate as exc:
+            _raise_conflict(exc, record)
+            raise
+
+    async def record_last_used(self, uses: Sequence[tuple[str, str, datetime]]) -> None:
+        """Raise last_used_at (never lower it) in one transaction; the version is untouched."""
+        if not uses:
+            return
+        # Rows are locked in key order, so two replicas flushing overlapping sets cannot deadlock.
+        rows = sorted((tenant, cid, codec.to_micros(when)) for tenant, cid, when in uses)
+        async with self._engine.transaction() as tx:
+            await tx.executemany(
+                "UPDATE connections SET last_used_at = ? WHERE tenant = ? AND id = ?"
+                " AND (last_used_at IS NULL OR last_used_at < ?)",
+                [(micros, tenant, cid, micros) for tenant, cid, micros in rows],
+            )
+
+    async def record_test_result(
+        self, tenant: str, connection_id: str, result: TestResult, event: AuditEvent
+    ) -> None:
+        """Store a connection's latest test result with its audit event; the version is untouched."""
+        if result.tested_at is None:
+            raise ValueError("a recorded test result needs tested_at")
+        status = TestStatus.SUCCESS if result.success else TestStatus.FAILED
+        async with self._engine.transaction() as tx:
+            done = await tx.execute(
+                "UPDATE connections SET last_tested_at = ?, test_status = ?, last_test = ?"
+                " WHERE tenant = ? AND id = ? AND purged_at IS NULL",
+                codec.to_micros(result.tested_at),
+                status.value,
+                codec.to_json(codec.test_result_to_doc(result)),
+                tenant,
+                connection_id,
+            )
+            if done == 0:
+                raise NotFound(f"connection {connection_id} not found")
+            await self._insert_audit(tx, [event])
+
+    async def replace_mcp_tools(
+        self,
+        tenant: str,
+        connection_id: str,
+        tools: Sequence[McpTool],
+        discovered_at: datetime,
+        event: AuditEvent | None,
+    ) -> None:
+        """Replace the stored tool list of a connection (and write `event` when given)."""
+        try:
+            async with self._engine.transaction() as tx:
+                await tx.execute(
+                    "DELETE FROM mcp_tools WHERE tenant = ? AND connection_id = ?", tenant, connection_id
+                )
+                await tx.executemany(
+                    "INSERT INTO mcp_tools (tenant, connection_id, name, description, input_schema,"
+                    " definition_hash, discovered_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [codec.mcp_tool_params(tenant, connection_id, t, discovered_at) for t in tools],
+                )
+                if event is not None:
+                    await self._insert_audit(tx, [event])
+        except MissingParent as exc:
+            raise NotFound(f"connection {connection_id} not found") from exc
+
+    async def list_mcp_tools(self, tenant: str, connection_id: str) -> tuple[list[McpTool], datetime | None]:
+        """The stored tools by name, and when they were discovered (None when never)."""
+        rows = await self._engine.fetch(
+            "SELECT name, description, input_schema, definition_hash, discovered_at FROM mcp_tools"
+            " WHERE tenant = ? AND connection_id = ? ORDER BY name",
+            tenant,
+            connection_id,
+        )
+        when = codec.from_micros(rows[0]["discovered_at"]) if rows else None
+        return [codec.mcp_tool_from_row(row) for row in rows], when
+
+    async def list_expiring_tokens(self, before: datetime, limit: int) -> list[tuple[str, str]]:
+        """(tenant, id) of live, active connections whose token expires before `before`, soonest first."""
+        check_limit(limit)
+        rows = await self._engine.fetch(
+            "SELECT tenant, id FROM connections WHERE secret_expires_at IS NOT NULL AND secret_expires_at < ?"
+            " AND deleted_at IS NULL AND status = 'active' AND reauth_required_at IS NULL"
+            " AND suspended_at IS NULL ORDER BY secret_expires_at LIMIT ?",
+            codec.to_micros(before),
+            limit,
+        )
+        return [(row["tenant"], row["id"]) for row in rows]
+
+
+async def _write_labels(tx: Tx, record: ConnectionRecord) -> None:
+    await tx.execute(
+        "DELETE FROM connection_labels WHERE tenant = ? AND connection_id = ?", record.tenant, record.id
+    )
+    await tx.executemany(
+        "INSERT INTO connection_labels (tenant, connection_id, key, value) VALUES (?, ?, ?, ?)",
+        [(record.tenant, record.id, k, v) for k, v in sorted(record.labels.items())],
+    )
+
+
+def _raise_conflict(exc: Duplicate, record: ConnectionRecord) -> None:
+    """Raise the domain error for a uniqueness violation on connections; return for any other."""
+    if exc.constraint in _NAME_TAKEN:
+        raise AlreadyExists(f"a connection named '{record.name}' already exists") from exc
+    if exc.constraint in _ID_TAKEN:
+        raise AlreadyExists(f"connection {record.id} already exists") from exc

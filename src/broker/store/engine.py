@@ -1,0 +1,79 @@
+"""What the one SQL store needs from a database engine: the `Engine` and its `Tx`.
+
+The queries (`connections`, `access`, `audit`, `keys`) are written once, with `?`
+placeholders; an engine (`sqlite.engine`, `postgres.engine`) carries only what
+genuinely differs: connections and pools, how a write transaction starts and is
+serialised, placeholder style and collation names, error classes, the clock used
+for rate buckets, and how committed changes reach the change feed (`changes`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+
+from broker.store._codec import Row
+from broker.store.base import ChangeSink
+
+
+class Duplicate(Exception):
+    """A unique constraint refused a write; `constraint` is how the engine names it."""
+
+    def __init__(self, constraint: str) -> None:
+        super().__init__(constraint)
+        self.constraint = constraint
+
+
+class MissingParent(Exception):
+    """A foreign key refused a write: the row it points at does not exist."""
+
+
+class Tx(Protocol):
+    """One write transaction: committed when its block ends, rolled back on any exception."""
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run one statement; how many rows it changed."""
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """Run one statement per row of parameters."""
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        """The rows of a query (or of a statement's RETURNING clause)."""
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        """The first column of the first row, or None."""
+
+    async def changed(self, change: str) -> None:
+        """A change Resolve must hear of (`broker.store.changes`): delivered once committed."""
+
+    async def lock_audit(self) -> None:
+        """Serialise audit appends and prunes until commit (across replicas, where there are any)."""
+
+
+class Engine(Protocol):
+    """A database behind the store; see the module docstring."""
+
+    # The database's clock in seconds since the epoch, as an SQL expression (shared rate buckets).
+    now_sql: str
+
+    async def open(self) -> None:
+        """Connect and apply pending migrations."""
+
+    async def close(self) -> None:
+        """Finish the transaction in flight and release every connection."""
+
+    def transaction(self) -> AbstractAsyncContextManager[Tx]:
+        """A write transaction; its changes reach the sink after commit, before the block returns."""
+
+    def snapshot(self) -> AbstractAsyncContextManager[Tx]:
+        """A read-only transaction whose view holds still while it lasts (to walk the audit chain)."""
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        """A read: one statement in autocommit."""
+
+    async def watch(self, sink: ChangeSink) -> None:
+        """Hand committed changes to `sink` from now on: this process's, and other replicas'."""
+
+    def refresh_lock(self, tenant: str, connection_id: str) -> AbstractAsyncContextManager[None]:
+        """Held around an OAuth2 token refresh, so one process at a time refreshes a connection."""

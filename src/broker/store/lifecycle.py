@@ -1,0 +1,87 @@
+"""The store's own plumbing over its `Engine`: lifecycle, the change feed, locks, and the one
+place audit rows are written."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
+
+from broker.model import AuditEvent
+from broker.store import _chain as chain
+from broker.store import _codec as codec
+from broker.store import changes
+from broker.store._codec import Row
+from broker.store.base import ChangeSink
+from broker.store.engine import Engine, Tx
+
+# Statements are assembled from the constant column lists in `_codec`, never from input.
+AUDIT_SELECT = "SELECT id, " + ", ".join(codec.AUDIT_COLUMNS) + ", prev_hash, hash FROM audit_events"  # noqa: S608
+# The id is given, not assigned: it is part of the hashed form, computed before the insert.
+_AUDIT_INSERT = (
+    f"INSERT INTO audit_events (id, {', '.join(codec.AUDIT_COLUMNS)}, prev_hash, hash) "  # noqa: S608
+    f"VALUES (?, {', '.join('?' for _ in codec.AUDIT_COLUMNS)}, ?, ?)"
+)
+CHECKPOINT_SELECT = "SELECT last_id, last_hash FROM audit_checkpoints ORDER BY last_id DESC LIMIT 1"
+_NEWEST_EVENT = "SELECT id, hash FROM audit_events ORDER BY id DESC LIMIT 1"
+
+
+class EngineStore:
+    """What every part of the store builds on: the engine and its plumbing."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def open(self) -> None:
+        """Connect and apply pending migrations."""
+        await self._engine.open()
+
+    async def close(self) -> None:
+        """Finish pending work and release connections."""
+        await self._engine.close()
+
+    async def ping(self) -> None:
+        """Raise if the store cannot answer `SELECT 1`."""
+        await self._engine.fetch("SELECT 1")
+
+    async def watch(self, sink: ChangeSink) -> None:
+        """Tell `sink` of every change committed from now on, this process's and other replicas'."""
+        await self._engine.watch(sink)
+
+    async def announce_block(self, tenant: str, principal: str, until: float) -> None:
+        """Tell every replica's monitor (this one's too, harmlessly) that a principal is blocked."""
+        async with self._engine.transaction() as tx:
+            await tx.changed(changes.principal_blocked(tenant, principal, until))
+
+    def refresh_lock(self, tenant: str, connection_id: str) -> AbstractAsyncContextManager[None]:
+        """Held around an OAuth2 token refresh, so one process at a time refreshes a connection."""
+        return self._engine.refresh_lock(tenant, connection_id)
+
+    @staticmethod
+    async def _insert_audit(tx: Tx, events: Iterable[AuditEvent]) -> None:
+        """Append events to the hash chain; the one place audit rows are written.
+
+        Always the last step of its transaction: the audit lock it takes is held until
+        commit, and a holder must never wait for a row lock (see `broker.store.postgres`).
+        """
+        await tx.lock_audit()
+        # READ COMMITTED: this statement's snapshot is taken after the lock was granted,
+        # so it sees the previous holder's committed events.
+        last_id, last_hash = await chain_tail(tx.fetch)
+        await tx.executemany(_AUDIT_INSERT, chain.linked_rows(events, last_id, last_hash))
+
+
+async def chain_tail(fetch: Callable[..., Awaitable[list[Row]]]) -> tuple[int, str]:
+    """(id, hash) of the newest event, else of the newest checkpoint, else (0, GENESIS)."""
+    rows = await fetch(_NEWEST_EVENT)
+    if rows:
+        return int(rows[0]["id"]), str(rows[0]["hash"] or "")
+    rows = await fetch(CHECKPOINT_SELECT)
+    if rows:
+        return int(rows[0]["last_id"]), str(rows[0]["last_hash"])
+    return 0, chain.GENESIS
+
+
+def check_limit(limit: int) -> None:
+    """Refuse a page size below 1: SQLite reads a negative LIMIT as "no limit"."""
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
