@@ -31,7 +31,7 @@ from broker.service.context import Call
 from broker.service.keys import MasterKeys, dek_binding
 from broker.service.sealing import seal
 from broker.store import Store
-from broker.store.base import WrappedDek
+from broker.store.protocols import WrappedDek
 from tests.conftest import Running, TestPki, spiffe, write_settings
 from tests.helpers import EXECUTOR, db_request, rpc_error
 

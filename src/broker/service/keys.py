@@ -31,7 +31,7 @@ from broker.service.keycheck import canary_kek_id, rewrap_canary
 from broker.service.oauth import _state_binding
 from broker.service.sealing import row_binding
 from broker.store import Store
-from broker.store.base import WrappedDek
+from broker.store.protocols import WrappedDek
 
 log = structlog.get_logger("broker.keys")
 

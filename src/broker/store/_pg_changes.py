@@ -29,7 +29,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from broker.store.base import ChangeSink
+from broker.store.protocols import ChangeSink
 
 log = structlog.get_logger("broker.store.changes")
 

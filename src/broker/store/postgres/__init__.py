@@ -51,7 +51,7 @@ from broker.store.postgres._connections import Connections
 from broker.store.postgres._keys import Keys
 
 if TYPE_CHECKING:
-    from broker.store.base import Store
+    from broker.store.protocols import Store
 
 __all__ = ["PostgresStore"]
 

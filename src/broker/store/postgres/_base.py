@@ -20,7 +20,7 @@ from broker.store import _chain as chain
 from broker.store import _codec as codec
 from broker.store import _pg_changes as changes
 from broker.store._pg_migrate import AUDIT_LOCK, REFRESH_LOCK_CLASS, apply_postgres, load_postgres_migrations
-from broker.store.base import ChangeSink
+from broker.store.protocols import ChangeSink
 
 # Statements are assembled from the constant column lists in `_codec`, never from input.
 _AUDIT_INSERT = (

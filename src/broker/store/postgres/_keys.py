@@ -12,8 +12,8 @@ from broker.crypto import Sealed
 from broker.store import _codec as codec
 from broker.store import _pg_changes as changes
 from broker.store import _sql
-from broker.store.base import WrappedDek
 from broker.store.postgres._base import PostgresBase, _row_count
+from broker.store.protocols import WrappedDek
 
 
 class Keys(PostgresBase):

@@ -21,7 +21,7 @@ from broker.store.sqlite._connections import Connections
 from broker.store.sqlite._keys import Keys
 
 if TYPE_CHECKING:
-    from broker.store.base import Store
+    from broker.store.protocols import Store
 
 __all__ = ["SqliteStore"]
 

@@ -21,7 +21,7 @@ from broker.model import AuditEvent
 from broker.store import _chain as chain
 from broker.store import _codec as codec
 from broker.store._migrate import apply_sqlite, load_migrations
-from broker.store.base import ChangeSink
+from broker.store.protocols import ChangeSink
 
 # Statements are assembled from the constant column lists in `_codec`, never from input.
 _AUDIT_SELECT = (

@@ -12,7 +12,7 @@ import aiosqlite
 from broker.crypto import Sealed
 from broker.store import _codec as codec
 from broker.store import _sql
-from broker.store.base import WrappedDek
+from broker.store.protocols import WrappedDek
 from broker.store.sqlite._base import SqliteBase
 
 
