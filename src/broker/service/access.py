@@ -13,12 +13,19 @@ from broker.service.cache import ResolveCache
 from broker.service.context import Call
 from broker.service.inputs import require_printable
 from broker.service.lookup import live_connection
-from broker.store import Store
+from broker.store import ConnectionStore, GrantStore
 
 
 class AccessService:
-    def __init__(self, store: Store, cache: ResolveCache, clock: Callable[[], datetime]) -> None:
-        self._store = store
+    def __init__(
+        self,
+        connections: ConnectionStore,
+        grants: GrantStore,
+        cache: ResolveCache,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._connections = connections
+        self._grants = grants
         self._cache = cache
         self._clock = clock
 
@@ -42,7 +49,7 @@ class AccessService:
         now = self._clock()
         if expires_at is not None and expires_at <= now:
             raise InvalidArgument.field("expires_at", "must be in the future")
-        await live_connection(self._store, call.tenant, connection_id, field="connection_id")
+        await live_connection(self._connections, call.tenant, connection_id, field="connection_id")
         grant = Grant(
             tenant=call.tenant,
             connection_id=connection_id,
@@ -55,7 +62,7 @@ class AccessService:
         if expires_at is not None:
             details["expires_at"] = expires_at.isoformat()
         event = call.audit_event(now, "grant.create", connection_id, details=details)
-        await self._store.put_grant(grant, event)
+        await self._grants.put_grant(grant, event)
         self._cache.invalidate_grant(call.tenant, connection_id, principal)
         return grant
 
@@ -70,7 +77,7 @@ class AccessService:
             self._clock(), "grant.revoke", connection_id, details={"principal": principal}
         )
         try:
-            if not await self._store.delete_grant(call.tenant, connection_id, principal, event):
+            if not await self._grants.delete_grant(call.tenant, connection_id, principal, event):
                 raise NotFound(f"no grant of connection {shown_id(connection_id)} to that principal")
         finally:
             self._cache.invalidate_grant(call.tenant, connection_id, principal)
@@ -82,7 +89,7 @@ class AccessService:
         limit = paging.page_size(page_size)
         require_printable(connection_id=filter.connection_id, principal=filter.principal)
         after = paging.decode_token("grants", page_token, paging.text_pair)
-        grants = await self._store.list_grants(
+        grants = await self._grants.list_grants(
             call.tenant, filter, limit + 1, tuple(after) if after else None
         )
         if len(grants) > limit:
