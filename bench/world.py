@@ -160,7 +160,7 @@ async def seed(env: BenchEnv, count: int, *, grant: bool = True, chunk: int = 64
         keyring = settings.load_keyring()
         cache = ResolveCache()
         connections = ConnectionService(store, keyring, cache, AuditLog(store))
-        access = AccessService(store, cache, utc_now)
+        access = AccessService(store, store, cache, utc_now)
         admin = Call(parse_spiffe_id(ADMIN, TRUST_DOMAIN), "seed")
         ids: list[str] = []
         for first in range(0, count, chunk):
