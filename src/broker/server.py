@@ -79,7 +79,7 @@ from broker.service import (
     utc_now,
     verify_keyring,
 )
-from broker.store import Coordination, Store
+from broker.store import ConnectionStore, Coordination, Store
 from broker.store.select import store_for
 from broker.testers import mcp
 from broker.tlsreload import TlsReloader
@@ -156,13 +156,13 @@ def _rate_limits(settings: Settings, coordination: Coordination, denials: Denial
 
 
 def _alert_sender(
-    settings: Settings, store: Store, keyring: Keyring, egress: EgressPolicy, clock: Clock
+    settings: Settings, connections: ConnectionStore, keyring: Keyring, egress: EgressPolicy, clock: Clock
 ) -> AlertSender | None:
     """The security monitor's alert sender when `monitor.alert_webhook` names a webhook connection."""
     if not settings.monitor.alert_webhook:
         return None
     target = parse_target(settings.monitor.alert_webhook)
-    return AlertSender(store, keyring, egress, target, clock)
+    return AlertSender(connections, keyring, egress, target, clock)
 
 
 @dataclass(frozen=True)
