@@ -34,7 +34,6 @@ from broker.identity import parse_spiffe_id
 from broker.sensitive import SecretFields
 from broker.service.access import AccessService
 from broker.service.audit import AuditLog
-from broker.service.cache import ResolveCache
 from broker.service.connections import ConnectionService, NewConnection, utc_now
 from broker.service.context import Call
 from broker.store.sqlite import SqliteStore
@@ -158,9 +157,8 @@ async def seed(env: BenchEnv, count: int, *, grant: bool = True, chunk: int = 64
         # The store's one writer connection: throw-away data, so no fsync per seeded row.
         await store.engine.writer.execute("PRAGMA synchronous = OFF")  # type: ignore[union-attr]
         keyring = settings.load_keyring()
-        cache = ResolveCache()
-        connections = ConnectionService(store, keyring, cache, AuditLog(store))
-        access = AccessService(store, cache, utc_now)
+        connections = ConnectionService(store, keyring, AuditLog(store))
+        access = AccessService(store, store, utc_now)
         admin = Call(parse_spiffe_id(ADMIN, TRUST_DOMAIN), "seed")
         ids: list[str] = []
         for first in range(0, count, chunk):

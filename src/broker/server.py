@@ -31,6 +31,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -43,32 +44,42 @@ from prometheus_client import start_http_server
 from broker import log as broker_log
 from broker import metrics
 from broker._proto import broker_pb2, broker_pb2_grpc
-from broker.api.admin import AdminServicer
-from broker.api.drain import DrainGate, stop_listeners
-from broker.api.interceptors import CallInterceptor
-from broker.api.ratelimit import RateLimitInterceptor
-from broker.api.resolve import ResolveServicer
+from broker.api import (
+    AdminServicer,
+    CallInterceptor,
+    DrainGate,
+    RateLimitInterceptor,
+    ResolveServicer,
+    stop_listeners,
+)
 from broker.config import Settings, variable
 from broker.crypto import Keyring
 from broker.egress import EgressPolicy
 from broker.errors import ConfigError
 from broker.model import Role
-from broker.service.access import AccessService
-from broker.service.alerts import AlertSender, parse_target
-from broker.service.audit import AuditLog
-from broker.service.cache import ResolveCache
-from broker.service.connections import Clock, ConnectionService, utc_now
-from broker.service.denials import DenialAudit
-from broker.service.keycheck import verify_keyring
-from broker.service.keys import MasterKeys
-from broker.service.monitor import Monitor
-from broker.service.oauth import OAuthService, OAuthSettings
-from broker.service.ratelimit import Limit, RateLimits
-from broker.service.rebind import rebind_unbound
-from broker.service.replicas import ReplicaChanges
-from broker.service.resolve import Resolver
-from broker.service.testing import TestingService
-from broker.store import Store
+from broker.service import (
+    AccessService,
+    AlertSender,
+    AuditLog,
+    Clock,
+    ConnectionService,
+    DenialAudit,
+    Limit,
+    MasterKeys,
+    Monitor,
+    OAuthService,
+    OAuthSettings,
+    RateLimits,
+    ReplicaChanges,
+    ResolveCache,
+    Resolver,
+    TestingService,
+    parse_target,
+    rebind_unbound,
+    utc_now,
+    verify_keyring,
+)
+from broker.store import ConnectionStore, Coordination, Store
 from broker.store.open import store_for
 from broker.testers import mcp
 from broker.tlsreload import TlsReloader
@@ -130,7 +141,7 @@ def _oauth_settings(settings: Settings) -> OAuthSettings:
     )
 
 
-def _rate_limits(settings: Settings, store: Store, denials: DenialAudit) -> RateLimits:
+def _rate_limits(settings: Settings, coordination: Coordination, denials: DenialAudit) -> RateLimits:
     """Resolve buckets per replica; the per-minute ones shared through the store (see ratelimit.py)."""
     per_minute = (settings.admin_writes_per_minute, settings.tests_per_minute)
     return RateLimits(
@@ -140,38 +151,129 @@ def _rate_limits(settings: Settings, store: Store, denials: DenialAudit) -> Rate
             "test": Limit(per_minute[1] / 60, per_minute[1], shared=True),
         },
         denials,
-        store,
+        coordination,
     )
 
 
-def _security_monitor(
-    settings: Settings,
-    store: Store,
-    keyring: Keyring,
-    egress: EgressPolicy,
-    cache: ResolveCache,
-    clock: Clock,
-) -> Monitor:
-    """The monitor, with an alert sender when `monitor.alert_webhook` names a webhook connection."""
-    alerts = None
-    if settings.monitor.alert_webhook:
-        target = parse_target(settings.monitor.alert_webhook)
-        alerts = AlertSender(store, keyring, egress, target, clock)
-    return Monitor(store, cache, clock, settings.monitor, alerts)
+def _alert_sender(
+    settings: Settings, connections: ConnectionStore, keyring: Keyring, egress: EgressPolicy, clock: Clock
+) -> AlertSender | None:
+    """The security monitor's alert sender when `monitor.alert_webhook` names a webhook connection."""
+    if not settings.monitor.alert_webhook:
+        return None
+    target = parse_target(settings.monitor.alert_webhook)
+    return AlertSender(connections, keyring, egress, target, clock)
 
 
-def _master_keys(
-    settings: Settings, store: Store, keyring: Keyring, audit: AuditLog, clock: Clock
-) -> MasterKeys:
-    """Wrap counts, key gauges, RotateMasterKey, and (with master_key.dir) following the key directory."""
-    return MasterKeys(
+@dataclass(frozen=True)
+class Services:
+    """Everything `build_services` makes: the listeners' servicers and interceptors and the
+    background work use these."""
+
+    cache: ResolveCache
+    monitor: Monitor
+    audit: AuditLog
+    denials: DenialAudit
+    limits: RateLimits
+    changes: ReplicaChanges
+    tests: TestingService
+    connections: ConnectionService
+    oauth: OAuthService
+    resolver: Resolver
+    access: AccessService
+    keys: MasterKeys
+
+
+def build_services(settings: Settings, store: Store, keyring: Keyring, clock: Clock) -> Services:
+    """Every service, in order, each from the collaborators it names; nothing is wired afterwards.
+
+    One store plays every role; each service is given it as the roles it uses. No I/O here:
+    `Broker.start` opens the monitor and the change feed once everything is built.
+    """
+    egress = EgressPolicy(settings.egress)
+    cache = ResolveCache()
+    monitor = Monitor(
+        events=store,
+        connections=store,
+        coordination=store,
+        clock=clock,
+        settings=settings.monitor,
+        alerts=_alert_sender(settings, store, keyring, egress, clock),
+    )
+    audit = AuditLog(
         store,
-        keyring,
-        audit,
-        clock,
+        clock=clock,
+        retention=timedelta(days=settings.audit_retention_days),
+        keyring=keyring,
+        seal_interval=settings.audit_seal_interval_seconds,
+        watch=monitor.audited,  # a secret that does not open is a security event
+    )
+    # Wrong-role and rate-limited calls: audited up to a limit per principal, then counted.
+    denials = DenialAudit(audit, monitor, clock, settings.denied_audits_per_minute)
+    # Other replicas' writes (PostgreSQL) invalidate this cache, and their blocks reach this monitor.
+    changes = ReplicaChanges(cache, monitor)
+    tests = TestingService(
+        connections=store,
+        keyring=keyring,
+        audit=audit,
+        egress=egress,
+        clock=clock,
+        stale_after=timedelta(days=settings.stale_after_days),
+        discover=mcp.discover_tools,
+        monitor=monitor,
+    )
+    connections = ConnectionService(
+        connections=store, keyring=keyring, audit=audit, clock=clock, tests=tests, egress=egress
+    )
+    oauth = OAuthService(
+        connections=store,
+        oauth_states=store,
+        coordination=store,
+        keyring=keyring,
+        audit=audit,
+        egress=egress,
+        clock=clock,
+        settings=_oauth_settings(settings),
+        create_connection=connections.create_authorized,  # a flow begun from a draft ends in a new row
+        on_refresh_failure=monitor.oauth_refresh_failed,
+    )
+    resolver = Resolver(
+        connections=store,
+        grants=store,
+        versions=store,
+        keyring=keyring,
+        cache=cache,
+        audit=audit,
+        clock=clock,
+        cache_ttl_seconds=settings.cache_ttl_seconds,
+        oauth=oauth,
+        monitor=monitor,
+        superseded_grace=timedelta(seconds=settings.superseded_grace_seconds),
+    )
+    # Wrap counts, key gauges, RotateMasterKey, and (with master_key.dir) following the key directory.
+    keys = MasterKeys(
+        key_store=store,
+        versions=store,
+        keyring=keyring,
+        audit=audit,
+        clock=clock,
         key_dir=settings.master_key_dir,
         operators=settings.master_key_operators,
         superseded_grace_seconds=settings.superseded_grace_seconds,
+    )
+    return Services(
+        cache=cache,
+        monitor=monitor,
+        audit=audit,
+        denials=denials,
+        limits=_rate_limits(settings, store, denials),
+        changes=changes,
+        tests=tests,
+        connections=connections,
+        oauth=oauth,
+        resolver=resolver,
+        access=AccessService(connections=store, grants=store, clock=clock),
+        keys=keys,
     )
 
 
@@ -211,62 +313,20 @@ class Broker:
         try:
             await verify_keyring(self.store, keyring)
             # Before any listener opens: rows sealed before the destination binding are re-sealed.
-            await rebind_unbound(self.store, keyring, self._clock)
-            cache = ResolveCache()
-            egress = EgressPolicy(settings.egress)
-            self.monitor = _security_monitor(settings, self.store, keyring, egress, cache, self._clock)
-            await self.monitor.open()
-            self.audit = AuditLog(
-                self.store,
-                clock=self._clock,
-                retention=timedelta(days=settings.audit_retention_days),
-                keyring=keyring,
-                seal_interval=settings.audit_seal_interval_seconds,
-                watch=self.monitor.audited,  # a secret that does not open is a security event
-            )
-            # Wrong-role and rate-limited calls: audited up to a limit per principal, then counted.
-            self.denials = DenialAudit(
-                self.audit, self.monitor, self._clock, settings.denied_audits_per_minute
-            )
-            self._limits = _rate_limits(settings, self.store, self.denials)
-            # Other replicas' writes (PostgreSQL) invalidate this cache, and their blocks reach
-            # this monitor, from here on.
-            await self.store.watch(ReplicaChanges(cache, self.monitor))
-            self.oauth = OAuthService(
-                self.store, keyring, self.audit, egress, cache, self._clock, _oauth_settings(settings)
-            )
-            self.resolver = Resolver(
-                self.store,
-                keyring,
-                cache,
-                self.audit,
-                self._clock,
-                cache_ttl_seconds=settings.cache_ttl_seconds,
-                oauth=self.oauth,
-                monitor=self.monitor,
-                superseded_grace=timedelta(seconds=settings.superseded_grace_seconds),
-            )
-            tests = TestingService(
-                self.store,
-                keyring,
-                self.audit,
-                egress,
-                self._clock,
-                stale_after=timedelta(days=settings.stale_after_days),
-                discover=mcp.discover_tools,
-                monitor=self.monitor,
-            )
-            connections = ConnectionService(
-                self.store, keyring, cache, self.audit, self._clock, tests, self.oauth.revoke_upstream
-            )
-            self.oauth.create_connection = connections.create_authorized
-            self.oauth.on_refresh_failure = self.monitor.oauth_refresh_failed
-            access = AccessService(self.store, cache, self._clock)
-            self.keys = _master_keys(settings, self.store, keyring, self.audit, self._clock)
+            await rebind_unbound(self.store, self.store, keyring, self._clock)
+            self.services = services = build_services(settings, self.store, keyring, self._clock)
+            await services.monitor.open()
+            await self.store.watch(services.changes)
             admin = self._listener(ADMIN_SERVICE, settings.admin_addr)
             add_admin = broker_pb2_grpc.add_AdminServiceServicer_to_server
             servicer = AdminServicer(
-                connections, access, self.audit, tests, self.oauth, monitor=self.monitor, keys=self.keys
+                services.connections,
+                services.access,
+                services.audit,
+                services.tests,
+                services.oauth,
+                monitor=services.monitor,
+                keys=services.keys,
             )
             add_admin(servicer, admin)  # type: ignore[no-untyped-call]
             if settings.reflection:
@@ -274,7 +334,7 @@ class Broker:
                 reflection.enable_server_reflection(listed, admin)
             resolve = self._listener(RESOLVE_SERVICE, settings.resolve_addr)
             add_resolve = broker_pb2_grpc.add_ResolveServiceServicer_to_server
-            add_resolve(ResolveServicer(self.resolver), resolve)  # type: ignore[no-untyped-call]
+            add_resolve(ResolveServicer(services.resolver), resolve)  # type: ignore[no-untyped-call]
             self.admin_port, self.resolve_port = self._ports
             await self._publish_health()  # NOT_SERVING: the servicer starts out SERVING for ""
             self.metrics_port = self._start_metrics()
@@ -286,13 +346,13 @@ class Broker:
                 self._metrics_server.server_close()
             await self.store.close()
             raise
-        self.resolver.start()
-        self.oauth.start()
-        self.monitor.start()
-        self.denials.start()
-        self.audit.start_pruning()
-        self.audit.start_sealing()
-        self.keys.start()
+        services.resolver.start()
+        services.oauth.start()
+        services.monitor.start()
+        services.denials.start()
+        services.audit.start_pruning()
+        services.audit.start_sealing()
+        services.keys.start()
         await self._refresh_gauges()
         self._store_probe = asyncio.create_task(self._probe_store())
         # Not needed to serve, so not on the way to SERVING; loaded now so no test waits for it.
@@ -375,8 +435,8 @@ class Broker:
             # Identity and error mapping first; the rate limit runs inside it, for a known caller.
             interceptors=[
                 gate,  # outermost: counts calls under way, refuses new ones while draining
-                CallInterceptor(self.settings.trust_domain, _ROLES, self.denials.wrong_role),
-                RateLimitInterceptor(self._limits),
+                CallInterceptor(self.settings.trust_domain, _ROLES, self.services.denials.wrong_role),
+                RateLimitInterceptor(self.services.limits),
             ],
             # gRPC sets SO_REUSEPORT by default: a second broker would silently share the port.
             options=[("grpc.so_reuseport", 0)],
@@ -417,18 +477,19 @@ class Broker:
         # The listeners are gone: nothing adds work now. Stop the background tasks, then flush
         # what they batch (last-used times, monitor state, then the audit events every step may
         # have appended) and close the store last. A failing step does not skip the ones after it.
-        await self._shutdown_step("oauth", self.oauth.close())
-        await self._shutdown_step("last_used", self.resolver.close())
-        await self._shutdown_step("denials", self.denials.close())
-        await self._shutdown_step("monitor", self.monitor.close())
-        await self._shutdown_step("master_keys", self.keys.close())
+        services = self.services
+        await self._shutdown_step("oauth", services.oauth.close())
+        await self._shutdown_step("last_used", services.resolver.close())
+        await self._shutdown_step("denials", services.denials.close())
+        await self._shutdown_step("monitor", services.monitor.close())
+        await self._shutdown_step("master_keys", services.keys.close())
         if self._metrics_server is not None:
             # shutdown() waits for the serving thread's next poll: not on the event loop.
             await self._shutdown_step("metrics", asyncio.to_thread(self._metrics_server.shutdown))
             self._metrics_server.server_close()
         if self._mcp_preload is not None:
             await self._shutdown_step("mcp_preload", self._mcp_preload)  # a thread: cannot be cancelled
-        await self._shutdown_step("audit", self.audit.close())
+        await self._shutdown_step("audit", services.audit.close())
         await self.store.close()
         log.info("broker_stopped")
 

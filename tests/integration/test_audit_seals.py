@@ -164,7 +164,7 @@ async def test_the_audit_log_seals_when_the_tail_moved_and_on_close(tmp_path: An
 async def test_verify_audit_log_reports_seals(running: Running) -> None:
     admin = running.admin()
     await admin.CreateConnection(db_request(name="sealed"))
-    assert await running.broker.audit.seal() is not None
+    assert await running.broker.services.audit.seal() is not None
     await admin.CreateConnection(db_request(name="after"))
     report = await admin.VerifyAuditLog(pb.VerifyAuditLogRequest())
     assert (report.ok, report.seals_checked, report.unsealed_events) == (True, 1, 1)

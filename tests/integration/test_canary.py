@@ -177,7 +177,7 @@ async def test_canary_appears_only_in_the_resolve_response(running: Running) -> 
     audit = await admin.ListAuditEvents(pb.ListAuditEventsRequest(page_size=1000))
     responses.append(audit)
     assert_absent(prometheus_client.generate_latest(metrics.REGISTRY), "metrics")
-    await running.broker.resolver.flush_last_used()
+    await running.broker.services.resolver.flush_last_used()
 
     for response in responses:
         assert_absent(

@@ -184,7 +184,7 @@ async def assert_every_path_fails_closed(
     await expect_decrypt_failed(admin.DiscoverMcpTools(pb.DiscoverMcpToolsRequest(id=mcp.id)))
     await expect_decrypt_failed(admin.RefreshMcpTools(pb.RefreshMcpToolsRequest(id=mcp.id)))
     # The background refresher reads the row itself: it too sends nothing.
-    await running.broker.oauth.refresh_due()
+    await running.broker.services.oauth.refresh_due()
 
     assert attacker.accepted == []
     assert await failed_events(running, http.id) == {
@@ -223,7 +223,7 @@ async def test_a_row_re_pointed_in_sqlite_fails_closed_and_nothing_reaches_the_n
     try:
         await assert_every_path_fails_closed(running, http, mcp, oauth, attacker)
         # Tampering is a security event: critical, once per connection however often it fails.
-        await running.broker.monitor.settle()
+        await running.broker.services.monitor.settle()
         reply = await running.admin().ListSecurityEvents(pb.ListSecurityEventsRequest(rule="decrypt_failed"))
         assert sorted(e.connection_id for e in reply.events) == sorted([http.id, mcp.id, oauth.id])
         assert {(e.severity, e.action) for e in reply.events} == {("critical", "alerted")}

@@ -390,8 +390,8 @@ async def test_the_alert_webhook_reads_its_url_like_every_other_path(make_broker
         try:
             resolve = running.resolver().Resolve(pb.ResolveRequest(connection_id="conn_probe"))
             assert (await rpc_error(resolve)).code() == grpc.StatusCode.PERMISSION_DENIED
-            await running.broker.monitor.settle()
-            await running.broker.monitor.close()  # lets the queued alert go
+            await running.broker.services.monitor.settle()
+            await running.broker.services.monitor.close()  # lets the queued alert go
             assert [(seen.method, seen.path) for seen in hook.requests] == [("POST", "/alerts")]
             assert "security_alert_failed" not in running.logs.getvalue()
         finally:

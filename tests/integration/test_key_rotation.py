@@ -31,7 +31,7 @@ from broker.service.context import Call
 from broker.service.keys import MasterKeys, dek_binding
 from broker.service.sealing import seal
 from broker.store import Store
-from broker.store.base import WrappedDek
+from broker.store.protocols import WrappedDek
 from tests.conftest import Running, TestPki, spiffe, write_settings
 from tests.helpers import EXECUTOR, db_request, rpc_error
 
@@ -122,7 +122,7 @@ async def test_rotation_survives_a_killed_rewrap_and_every_connection_still_reso
     assert code == 0, err
     new = new_id_out.strip()
     assert new != old.id and (key_dir / "active").read_text().strip() == new
-    await running.broker.keys.tick()  # the broker follows the marker (every few seconds on its own)
+    await running.broker.services.keys.tick()  # the broker follows the marker (every few seconds on its own)
     late = await running.admin().CreateConnection(db_request(name="after-rotation", password="late-pw"))
     assert (await store.get_connection("default", late.id)).sealed.kek_id == new  # type: ignore[union-attr]
 
@@ -253,7 +253,7 @@ async def test_single_file_mode_refuses_rotation_for_an_operator(
 
 async def test_rewrap_is_compare_and_swap_and_a_stale_update_keeps_the_new_wrap(running: Running) -> None:
     store = running.broker.store
-    keyring = running.broker.keys._keyring
+    keyring = running.broker.services.keys._keyring
     admin = running.admin()
     a = await admin.CreateConnection(db_request(name="cas-a", password="pw-a"))
     b = await admin.CreateConnection(db_request(name="cas-b", password="pw-b"))
@@ -297,7 +297,7 @@ async def test_wrap_counts_are_persisted_exposed_and_warned_about(running: Runni
     admin = running.admin()
     for i in range(3):
         await admin.CreateConnection(db_request(name=f"count-{i}"))
-    keys = running.broker.keys
+    keys = running.broker.services.keys
     active = keys._keyring.active.id
     await keys.flush()
     wraps = await running.broker.store.kek_wraps()
@@ -307,7 +307,8 @@ async def test_wrap_counts_are_persisted_exposed_and_warned_about(running: Runni
     assert metrics.REGISTRY.get_sample_value("broker_deks_by_kek", {"kek_id": active}) == 4
     assert metrics.REGISTRY.get_sample_value("broker_kek_active", {"kek_id": active}) == 1
 
-    low = MasterKeys(running.broker.store, keys._keyring, running.broker.audit, datetime.now, warn_wraps=2)
+    store = running.broker.store
+    low = MasterKeys(store, store, keys._keyring, running.broker.services.audit, datetime.now, warn_wraps=2)
     await low.flush()
     assert "master_key_wrap_limit_near" in running.logs.getvalue()
 

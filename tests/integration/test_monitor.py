@@ -73,7 +73,7 @@ async def denied(running: Running, connection_id: str, who: str = "executor") ->
 
 
 async def events(running: Running, who: str = "admin", **filters: Any) -> list[pb.SecurityEvent]:
-    await running.broker.monitor.settle()
+    await running.broker.services.monitor.settle()
     reply = await running.admin(who).ListSecurityEvents(pb.ListSecurityEventsRequest(**filters))
     return list(reply.events)
 
@@ -443,6 +443,6 @@ async def test_an_unreachable_alert_webhook_is_counted_never_raised(start: Start
     running = await start({"denied_resolves": 1, "alert_webhook": f"default/{created.id}"})
     await denied(running, "conn_probe")
     assert [e.rule for e in await events(running)] == ["denied_burst"]
-    await running.broker.monitor.close()  # lets the queued alert go (and fail)
+    await running.broker.services.monitor.close()  # lets the queued alert go (and fail)
     assert "security_alert_failed" in running.logs.getvalue()
     await stop(running)

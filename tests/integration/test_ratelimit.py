@@ -43,7 +43,7 @@ async def test_500_concurrent_resolves_never_overshoot_the_bucket(make_broker) -
     events = await admin.ListAuditEvents(pb.ListAuditEventsRequest(action="rate_limited", page_size=1000))
     assert len(events.events) == 10
     assert {(e.actor, e.reason) for e in events.events} == {(EXECUTOR, "resolve")}
-    await running.broker.denials.flush(everything=True)
+    await running.broker.services.denials.flush(everything=True)
     (summary,) = (
         await admin.ListAuditEvents(pb.ListAuditEventsRequest(action="rate_limited.suppressed"))
     ).events

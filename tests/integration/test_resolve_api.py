@@ -181,7 +181,7 @@ async def test_tampered_or_swapped_ciphertext_is_never_released(running: Running
         flipped = bytes([*blob[:-1], blob[-1] ^ 1])
         db.execute(f"UPDATE connections SET {column} = ? WHERE id = ?", (flipped, c.id))
     db.close()
-    running.broker.resolver._cache.clear()  # the broker would otherwise serve its cached (good) rows
+    running.broker.services.resolver._cache.clear()  # the broker would otherwise serve its cached (good) rows
     for conn in (a, c):
         error = await rpc_error(running.resolver().Resolve(pb.ResolveRequest(connection_id=conn.id)))
         assert error.code() == grpc.StatusCode.DATA_LOSS

@@ -52,7 +52,7 @@ def grant(principal: str = "etl") -> Grant:
 
 def replica(cache: ResolveCache) -> tuple[ReplicaChanges, Monitor]:
     """The sink the server builds; the monitor needs no store for blocks."""
-    monitor = Monitor(None, cache, lambda: T0)  # type: ignore[arg-type]
+    monitor = Monitor(None, None, None, lambda: T0)  # type: ignore[arg-type]
     return ReplicaChanges(cache, monitor), monitor
 
 

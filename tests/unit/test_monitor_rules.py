@@ -194,7 +194,7 @@ async def rules(store: SqliteStore, tenant: str = "default") -> list[tuple[str, 
 async def test_denied_burst_blocks_for_the_cool_down(store: SqliteStore) -> None:
     clock = FakeClock()
     settings = MonitorSettings(denied_resolves=3, denied_window_seconds=10, block_seconds=30)
-    monitor = Monitor(store, ResolveCache(), clock, settings)
+    monitor = Monitor(store, store, store, clock, settings)
     for _ in range(2):
         monitor.resolve_denied(call(), "conn_x", "no_grant", clock.advance(1))
     monitor.resolve_denied(call(), "conn_x", "principal_blocked", clock.advance(1))  # not probing
@@ -212,7 +212,9 @@ async def test_denied_burst_blocks_for_the_cool_down(store: SqliteStore) -> None
 async def test_failed_tests_suspend_with_compare_and_swap(store: SqliteStore) -> None:
     clock = FakeClock()
     cache = ResolveCache()
-    monitor = Monitor(store, cache, clock, MonitorSettings(failed_tests=2, failed_tests_window_seconds=60))
+    monitor = Monitor(
+        store, store, store, clock, MonitorSettings(failed_tests=2, failed_tests_window_seconds=60)
+    )
     await store.watch(ReplicaChanges(cache, monitor))  # as the server does: the feed invalidates
     stored = record()
     await store.create_connection(
@@ -241,14 +243,14 @@ async def test_failed_tests_suspend_with_compare_and_swap(store: SqliteStore) ->
 
 async def test_new_principal_peer_is_remembered_across_restarts(store: SqliteStore) -> None:
     clock = FakeClock()
-    monitor = Monitor(store, ResolveCache(), clock)
+    monitor = Monitor(store, store, store, clock)
     monitor.resolve_allowed(call(), "conn_a", clock())  # new principal, new peer: alert
     monitor.resolve_allowed(call(), "conn_b", clock())  # new principal for conn_b, known peer
     monitor.resolve_allowed(call(peer="ipv4:10.9.9.9:1"), "conn_a", clock())  # known pair, new peer
     await monitor.close()
     assert await rules(store) == [("new_principal_peer", "alerted")]
 
-    again = Monitor(store, ResolveCache(), clock)
+    again = Monitor(store, store, store, clock)
     await again.open()
     again.resolve_allowed(call(peer="ipv4:10.9.9.9:2"), "conn_b", clock())
     again.resolve_allowed(call(peer="ipv4:10.0.0.5:3"), "conn_c", clock())
@@ -261,7 +263,7 @@ async def test_new_principal_peer_is_remembered_across_restarts(store: SqliteSto
 
 async def test_oauth_refresh_failures_alert_at_the_threshold(store: SqliteStore) -> None:
     clock = FakeClock()
-    monitor = Monitor(store, ResolveCache(), clock, MonitorSettings(oauth_refresh_failures=2))
+    monitor = Monitor(store, store, store, clock, MonitorSettings(oauth_refresh_failures=2))
     monitor.oauth_refresh_failed(record(), "invalid_client")
     await monitor.settle()
     assert await rules(store) == []
@@ -275,7 +277,7 @@ async def test_oauth_refresh_failures_alert_at_the_threshold(store: SqliteStore)
 async def test_wrong_role_alerts_once_per_window_and_blocks_nothing(store: SqliteStore) -> None:
     clock = FakeClock()
     settings = MonitorSettings(wrong_role=3, wrong_role_window_seconds=10)
-    monitor = Monitor(store, ResolveCache(), clock, settings)
+    monitor = Monitor(store, store, store, clock, settings)
     for _ in range(50):  # a flood within one window: one event
         monitor.wrong_role(call(), "ListConnections", clock.advance(0.1))
     monitor.wrong_role(call(ADMIN), "Resolve", clock())  # another principal: its own count
@@ -297,7 +299,7 @@ async def test_wrong_role_alerts_once_per_window_and_blocks_nothing(store: Sqlit
 async def test_wrong_role_audit_keeps_one_window_per_principal_under_concurrency(store: SqliteStore) -> None:
     clock = FakeClock()
     audit = AuditLog(store, clock=clock)
-    monitor = Monitor(store, ResolveCache(), clock, MonitorSettings(wrong_role=0))
+    monitor = Monitor(store, store, store, clock, MonitorSettings(wrong_role=0))
     refusals = DenialAudit(audit, monitor, clock, per_window=4)
     method = "/broker.v1.AdminService/ListConnections"
     await asyncio.gather(*(refusals.wrong_role(call(), method) for _ in range(30)))

@@ -1,2 +1,22 @@
-"""gRPC adapters only: servicers, identity from the peer certificate, the call interceptor,
-and proto <-> domain conversion. The only layer (with server.py, client.py, cli/) that imports grpc."""
+"""gRPC adapters only: servicers, identity from the peer certificate, the interceptors, and
+proto <-> domain conversion. The only layer (with server.py, client.py, cli/) that imports grpc.
+
+The public face is what `broker.server` puts on a listener; `convert`, `identity` and the
+handler wrapping stay in their modules.
+"""
+
+from broker.api.admin import AdminServicer
+from broker.api.drain import DrainGate, stop_listeners
+from broker.api.interceptors import CallInterceptor, current_call
+from broker.api.ratelimit import RateLimitInterceptor
+from broker.api.resolve import ResolveServicer
+
+__all__ = [
+    "AdminServicer",
+    "CallInterceptor",
+    "DrainGate",
+    "RateLimitInterceptor",
+    "ResolveServicer",
+    "current_call",
+    "stop_listeners",
+]

@@ -41,6 +41,8 @@ from typing import Any
 
 import grpc
 
+from broker.api.handlers import Stream, Unary, wrap_handler
+
 QUIET_SECONDS = 0.1
 SHUTTING_DOWN = "the broker is shutting down; retry (another replica or in a moment)"
 _POLL_SECONDS = 0.01
@@ -69,7 +71,7 @@ class DrainGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             self.last_arrival = self._clock()
         cached = self._handlers.get(details.method)
         if cached is None:
-            cached = self._handlers[details.method] = self._wrap(await continuation(details))
+            cached = self._handlers[details.method] = wrap_handler(await continuation(details), self)
         return cached
 
     async def _refuse(self, context: Any) -> None:
@@ -78,41 +80,30 @@ class DrainGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             await self._released.wait()
         await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
-    def _wrap(self, handler: Any) -> Any:
-        if handler is None:
-            return None
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            unary = handler.unary_unary
+    def unary(self, behaviour: Unary) -> Unary:
+        async def counted(request: Any, context: Any) -> Any:
+            if self.refusing:  # checked here: no extra await on a call that is served
+                await self._refuse(context)
+            self.active += 1
+            try:
+                return await behaviour(request, context)
+            finally:
+                self.active -= 1
 
-            async def counted(request: Any, context: Any) -> Any:
-                if self.refusing:  # checked here: no extra await on a call that is served
-                    await self._refuse(context)
-                self.active += 1
-                try:
-                    return await unary(request, context)
-                finally:
-                    self.active -= 1
+        return counted
 
-            return grpc.unary_unary_rpc_method_handler(counted, **kwargs)
-        if handler.unary_stream is not None:
-            stream = handler.unary_stream
+    def stream(self, behaviour: Stream) -> Stream:
+        async def counted(request: Any, context: Any) -> AsyncIterator[Any]:
+            if self.refusing:
+                await self._refuse(context)
+            self.active += 1
+            try:
+                async for response in behaviour(request, context):
+                    yield response
+            finally:
+                self.active -= 1
 
-            async def counted_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                if self.refusing:
-                    await self._refuse(context)
-                self.active += 1
-                try:
-                    async for response in stream(request, context):
-                        yield response
-                finally:
-                    self.active -= 1
-
-            return grpc.unary_stream_rpc_method_handler(counted_stream, **kwargs)
-        return handler
+        return counted
 
     def quiet(self) -> bool:
         """No call (held or served) has arrived for `QUIET_SECONDS`."""

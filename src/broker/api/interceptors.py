@@ -27,6 +27,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from broker import metrics
 from broker.api import convert
+from broker.api.handlers import Stream, Unary, wrap_handler
 from broker.api.identity import principal_from_context
 from broker.errors import (
     BrokerError,
@@ -131,33 +132,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or role is None:
             return handler  # health checking and reflection: the TLS layer already required a client cert
         guard = _Guard(self._trust_domain, role, details.method, self._on_wrong_role)
-        if handler.unary_unary is not None:
-            unary = handler.unary_unary
-
-            async def wrapped(request: Any, context: Any) -> Any:
-                async with guard.serving(context, request):
-                    return await unary(request, context)
-                raise AssertionError("unreachable: serving() aborts the call on every error")
-
-            return grpc.unary_unary_rpc_method_handler(
-                wrapped,
-                request_deserializer=_tolerant(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            stream = handler.unary_stream
-
-            async def wrapped_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                async with guard.serving(context, request):
-                    async for response in stream(request, context):
-                        yield response
-
-            return grpc.unary_stream_rpc_method_handler(
-                wrapped_stream,
-                request_deserializer=_tolerant(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
-        return None  # a kind of handler nobody wraps yet: UNIMPLEMENTED, never unauthenticated
+        # A kind of handler nobody wraps is UNIMPLEMENTED (None), never unauthenticated.
+        return wrap_handler(handler, guard, _tolerant)
 
 
 def _metric_names(method: str) -> tuple[str, str]:
@@ -189,6 +165,22 @@ class _Guard:
     role: Role
     method: str
     on_wrong_role: WrongRoleHook | None = None
+
+    def unary(self, behaviour: Unary) -> Unary:
+        async def guarded(request: Any, context: Any) -> Any:
+            async with self.serving(context, request):
+                return await behaviour(request, context)
+            raise AssertionError("unreachable: serving() aborts the call on every error")
+
+        return guarded
+
+    def stream(self, behaviour: Stream) -> Stream:
+        async def guarded(request: Any, context: Any) -> AsyncIterator[Any]:
+            async with self.serving(context, request):
+                async for response in behaviour(request, context):
+                    yield response
+
+        return guarded
 
     @contextlib.asynccontextmanager
     async def serving(self, context: Any, request: Any) -> AsyncIterator[None]:

@@ -6,11 +6,13 @@ refusal is mapped to RESOURCE_EXHAUSTED (with a RetryInfo hint) in the one error
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
+from broker.api.handlers import Stream, Unary, wrap_handler
 from broker.api.interceptors import current_call
 from broker.service.ratelimit import RateLimits
 
@@ -46,17 +48,33 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
         handler = await continuation(details)
         kind = CLASSES.get(details.method.rpartition("/")[2])
-        if handler is None or kind is None or handler.unary_unary is None:
+        if handler is None or kind is None:
             return handler
-        inner = handler.unary_unary
-        limits = self._limits
+        return wrap_handler(handler, _Limited(self._limits, kind))
+
+
+@dataclass(frozen=True)
+class _Limited:
+    """Takes a token of `kind` for the caller before the method runs (a stream: before it starts)."""
+
+    limits: RateLimits
+    kind: str
+
+    def unary(self, behaviour: Unary) -> Unary:
+        limits, kind = self.limits, self.kind  # closure cells: no attribute lookups per call
 
         async def limited(request: Any, context: Any) -> Any:
             await limits.enforce(current_call(), kind)
-            return await inner(request, context)
+            return await behaviour(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            limited,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return limited
+
+    def stream(self, behaviour: Stream) -> Stream:
+        limits, kind = self.limits, self.kind
+
+        async def limited(request: Any, context: Any) -> AsyncIterator[Any]:
+            await limits.enforce(current_call(), kind)
+            async for response in behaviour(request, context):
+                yield response
+
+        return limited

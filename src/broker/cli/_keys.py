@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from broker import keydir
@@ -83,13 +84,17 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_retire(settings, key_dir, args.kek_id))
 
 
-async def _open_store(settings: Settings) -> Store:
-    """The store the broker uses (SQLite file or PostgreSQL), opened."""
+@contextlib.asynccontextmanager
+async def _opened_store(settings: Settings) -> AsyncIterator[Store]:
+    """The store the broker uses (SQLite file or PostgreSQL), open for the block, closed after it."""
     from broker.store.open import store_for
 
     store = store_for(settings)
     await store.open()
-    return store
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 def _require_dir(settings: Settings) -> Path:
@@ -145,18 +150,13 @@ def _progress(started: float) -> Callable[[int, int], None]:
 
 async def _rewrap(settings: Settings, batch: int, pause: float) -> int:
     from broker.service.keys import key_status, rewrap_all
-    from broker.store.open import store_for
 
     keyring = settings.load_keyring()
-    store = store_for(settings)
-    await store.open()
-    try:
+    async with _opened_store(settings) as store:
         report = await rewrap_all(
             store, keyring, batch=batch, progress=_progress(time.monotonic()), pause=pause
         )
         status = await key_status(store, keyring)
-    finally:
-        await store.close()
     print(file=sys.stderr)
     print(
         f"{PROG}: re-wrapped {report.rewrapped} data key(s) under {keyring.active.id}; "
@@ -178,15 +178,10 @@ async def _rewrap(settings: Settings, batch: int, pause: float) -> int:
 
 async def _status(settings: Settings) -> int:
     from broker.service.keys import key_status
-    from broker.store.open import store_for
 
     keyring = settings.load_keyring()
-    store = store_for(settings)
-    await store.open()
-    try:
+    async with _opened_store(settings) as store:
         status = await key_status(store, keyring)
-    finally:
-        await store.close()
     _print_usage(status.active, status.deks, status.wraps, status.available)
     return 0
 
@@ -208,19 +203,14 @@ def _print_usage(
 
 async def _retire(settings: Settings, key_dir: Path, kek_id: str) -> int:
     from broker.service.keys import key_status
-    from broker.store.open import store_for
 
     keyring = settings.load_keyring()
     if kek_id == keyring.active.id:
         raise ConfigError(f"master key {kek_id} is the active key; rotate to a new key first")
     if kek_id not in keydir.key_ids(key_dir):
         raise ConfigError(f"no key file for {kek_id} in {key_dir}")
-    store = store_for(settings)
-    await store.open()
-    try:
+    async with _opened_store(settings) as store:
         in_use = (await key_status(store, keyring)).deks.get(kek_id, 0)
-    finally:
-        await store.close()
     if in_use:
         print(
             f"{PROG}: refusing to retire {kek_id}: {in_use} stored data key(s) still use it; "

@@ -1,1 +1,102 @@
-"""Use-cases, no gRPC: connections, access (grants), resolve, audit."""
+"""Use-cases, no gRPC: the public face of the service layer.
+
+Each service is given its collaborators at construction (`broker.server.build_services`
+builds them in order) and names the store roles it uses (`broker.store.protocols`).
+Helpers the services share among themselves (`lookup`, `paging`, `sealing`, ...) stay
+in their modules.
+
+Each name is imported from its module when first asked for: `broker.config` imports
+`MonitorSettings` from here, and `brokerctl` (which reads the config module) should not
+pay for loading every use-case.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from broker.service.access import AccessService
+    from broker.service.alerts import AlertSender, parse_target
+    from broker.service.audit import AuditLog
+    from broker.service.cache import ResolveCache
+    from broker.service.connections import Clock, ConnectionPatch, ConnectionService, NewConnection, utc_now
+    from broker.service.context import Call
+    from broker.service.denials import DenialAudit
+    from broker.service.keycheck import verify_keyring
+    from broker.service.keys import MasterKeys
+    from broker.service.monitor import Monitor, MonitorSettings
+    from broker.service.oauth import DraftAuthorization, OAuthService, OAuthSettings
+    from broker.service.ratelimit import Limit, RateLimits
+    from broker.service.rebind import rebind_unbound
+    from broker.service.replicas import ReplicaChanges
+    from broker.service.resolve import Released, Resolver
+    from broker.service.testing import TestingService
+
+# Public name -> the module that defines it.
+_MODULES = {
+    "AccessService": "access",
+    "AlertSender": "alerts",
+    "AuditLog": "audit",
+    "Call": "context",
+    "Clock": "connections",
+    "ConnectionPatch": "connections",
+    "ConnectionService": "connections",
+    "DenialAudit": "denials",
+    "DraftAuthorization": "oauth",
+    "Limit": "ratelimit",
+    "MasterKeys": "keys",
+    "Monitor": "monitor",
+    "MonitorSettings": "monitor",
+    "NewConnection": "connections",
+    "OAuthService": "oauth",
+    "OAuthSettings": "oauth",
+    "parse_target": "alerts",
+    "RateLimits": "ratelimit",
+    "rebind_unbound": "rebind",
+    "Released": "resolve",
+    "ReplicaChanges": "replicas",
+    "ResolveCache": "cache",
+    "Resolver": "resolve",
+    "TestingService": "testing",
+    "utc_now": "connections",
+    "verify_keyring": "keycheck",
+}
+
+__all__ = [
+    "AccessService",
+    "AlertSender",
+    "AuditLog",
+    "Call",
+    "Clock",
+    "ConnectionPatch",
+    "ConnectionService",
+    "DenialAudit",
+    "DraftAuthorization",
+    "Limit",
+    "MasterKeys",
+    "Monitor",
+    "MonitorSettings",
+    "NewConnection",
+    "OAuthService",
+    "OAuthSettings",
+    "RateLimits",
+    "Released",
+    "ReplicaChanges",
+    "ResolveCache",
+    "Resolver",
+    "TestingService",
+    "parse_target",
+    "rebind_unbound",
+    "utc_now",
+    "verify_keyring",
+]
+
+
+def __getattr__(name: str) -> object:
+    module = _MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # asked once
+    return value

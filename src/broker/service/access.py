@@ -9,17 +9,21 @@ from broker.errors import InvalidArgument, NotFound
 from broker.identity import InvalidSpiffeId, parse_spiffe_id
 from broker.model import Grant, GrantFilter, Role, shown_id
 from broker.service import paging
-from broker.service.cache import ResolveCache
 from broker.service.context import Call
 from broker.service.inputs import require_printable
 from broker.service.lookup import live_connection
-from broker.store import Store
+from broker.store import ConnectionStore, GrantStore
 
 
 class AccessService:
-    def __init__(self, store: Store, cache: ResolveCache, clock: Callable[[], datetime]) -> None:
-        self._store = store
-        self._cache = cache
+    def __init__(
+        self,
+        connections: ConnectionStore,
+        grants: GrantStore,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._connections = connections
+        self._grants = grants
         self._clock = clock
 
     def _check_grantee(self, call: Call, principal: str) -> None:
@@ -42,7 +46,7 @@ class AccessService:
         now = self._clock()
         if expires_at is not None and expires_at <= now:
             raise InvalidArgument.field("expires_at", "must be in the future")
-        await live_connection(self._store, call.tenant, connection_id, field="connection_id")
+        await live_connection(self._connections, call.tenant, connection_id, field="connection_id")
         grant = Grant(
             tenant=call.tenant,
             connection_id=connection_id,
@@ -55,7 +59,7 @@ class AccessService:
         if expires_at is not None:
             details["expires_at"] = expires_at.isoformat()
         event = call.audit_event(now, "grant.create", connection_id, details=details)
-        await self._store.put_grant(grant, event)
+        await self._grants.put_grant(grant, event)
         return grant
 
     async def revoke(self, call: Call, connection_id: str, principal: str) -> None:
@@ -68,7 +72,7 @@ class AccessService:
         event = call.audit_event(
             self._clock(), "grant.revoke", connection_id, details={"principal": principal}
         )
-        if not await self._store.delete_grant(call.tenant, connection_id, principal, event):
+        if not await self._grants.delete_grant(call.tenant, connection_id, principal, event):
             raise NotFound(f"no grant of connection {shown_id(connection_id)} to that principal")
 
     async def list(
@@ -78,7 +82,7 @@ class AccessService:
         limit = paging.page_size(page_size)
         require_printable(connection_id=filter.connection_id, principal=filter.principal)
         after = paging.decode_token("grants", page_token, paging.text_pair)
-        grants = await self._store.list_grants(
+        grants = await self._grants.list_grants(
             call.tenant, filter, limit + 1, tuple(after) if after else None
         )
         if len(grants) > limit:

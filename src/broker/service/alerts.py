@@ -32,7 +32,7 @@ from broker.egress import EgressPolicy
 from broker.egress.http import http_client
 from broker.model import ConnectionStatus, SecurityEvent
 from broker.service.sealing import open_secrets
-from broker.store import Store
+from broker.store import ConnectionStore
 from broker.testers import webhook
 
 log = structlog.get_logger("broker.alerts")
@@ -78,14 +78,14 @@ class AlertSender:
 
     def __init__(
         self,
-        store: Store,
+        connections: ConnectionStore,
         keyring: Keyring,
         egress: EgressPolicy,
         target: tuple[str, str],
         clock: Callable[[], datetime],
         max_queue: int = MAX_QUEUE,
     ) -> None:
-        self._store = store
+        self._connections = connections
         self._keyring = keyring
         self._egress = egress
         self._target = target
@@ -139,7 +139,7 @@ class AlertSender:
 
     async def _post(self, event: SecurityEvent) -> int:
         tenant, connection_id = self._target
-        record = await self._store.get_connection(tenant, connection_id)
+        record = await self._connections.get_connection(tenant, connection_id)
         if (
             record is None
             or record.type != "webhook"

@@ -34,7 +34,7 @@ from broker.model import AuditChainReport, AuditEvent, AuditFilter, AuditSeal
 from broker.service import auditseal, paging
 from broker.service.context import Call
 from broker.service.inputs import require_printable
-from broker.store import Store
+from broker.store import AuditLogStore
 
 log = structlog.get_logger("broker.audit")
 
@@ -59,7 +59,7 @@ def _check_filter(filter: AuditFilter) -> None:
 class AuditLog:
     def __init__(
         self,
-        store: Store,
+        store: AuditLogStore,
         max_batch: int = MAX_BATCH,
         *,
         clock: Callable[[], datetime] = _utc_now,

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from broker import catalog, oauth
 from broker.crypto import Keyring
+from broker.egress import EgressPolicy
 from broker.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument
 from broker.model import (
     AuditEvent,
@@ -29,14 +30,13 @@ from broker.model import (
 from broker.sensitive import SecretFields
 from broker.service import paging
 from broker.service.audit import AuditLog
-from broker.service.cache import ResolveCache
 from broker.service.context import Call
 from broker.service.inputs import require_printable
 from broker.service.lookup import existing_connection
-from broker.service.oauth import DraftAuthorization, token_config, token_secrets
+from broker.service.oauth import DraftAuthorization, revoke_upstream, token_config, token_secrets
 from broker.service.sealing import open_secrets_audited, seal
 from broker.service.testing import TestingService
-from broker.store import Store
+from broker.store import ConnectionStore
 from broker.testers import Target
 
 Clock = Callable[[], datetime]
@@ -176,19 +176,18 @@ def _target(validated: catalog.Validated) -> Target:
 class ConnectionService:
     def __init__(
         self,
-        store: Store,
+        connections: ConnectionStore,
         keyring: Keyring,
-        cache: ResolveCache,
         audit: AuditLog,
         clock: Clock = utc_now,
         tests: TestingService | None = None,
-        revoke_upstream: Callable[[ConnectionRecord], Awaitable[str]] | None = None,
+        egress: EgressPolicy | None = None,
     ) -> None:
         self._audit = audit
-        self._revoke_upstream = revoke_upstream
-        self._store = store
+        # Revoking an oauth2 connection asks its provider to revoke the tokens too (through egress).
+        self._egress = egress
+        self._connections = connections
         self._keyring = keyring
-        self._cache = cache
         self._clock = clock
         self._tests = tests
 
@@ -238,7 +237,7 @@ class ConnectionService:
             )
             details["tested"] = tested.category.value
         event = call.audit_event(now, "connection.create", connection_id, details=details)
-        await self._store.create_connection(record, event)
+        await self._connections.create_connection(record, event)
         return record
 
     async def create_authorized(
@@ -257,7 +256,7 @@ class ConnectionService:
 
     async def get(self, call: Call, connection_id: str) -> ConnectionRecord:
         """The connection in any state but purged; another tenant's id is not found."""
-        return await existing_connection(self._store, call.tenant, connection_id)
+        return await existing_connection(self._connections, call.tenant, connection_id)
 
     async def list(
         self, call: Call, filter: ConnectionFilter, page_size: int, page_token: str
@@ -271,7 +270,7 @@ class ConnectionService:
         if violations:
             raise InvalidArgument(violations)
         after = paging.decode_token("connections", page_token, paging.text)
-        records = await self._store.list_connections(call.tenant, filter, limit + 1, after)
+        records = await self._connections.list_connections(call.tenant, filter, limit + 1, after)
         next_token = paging.encode_token("connections", records[limit - 1].id) if len(records) > limit else ""
         return records[:limit], next_token
 
@@ -332,7 +331,7 @@ class ConnectionService:
             test_event = call.audit_event(
                 self._clock(), "connection.test", record.id, details={"before_save": "true"}
             )
-            await self._store.record_test_result(call.tenant, record.id, tested, test_event)
+            await self._connections.record_test_result(call.tenant, record.id, tested, test_event)
             record = replace(
                 record, last_test=tested, last_tested_at=tested.tested_at, test_status=TestStatus.SUCCESS
             )
@@ -383,9 +382,9 @@ class ConnectionService:
             current, status=ConnectionStatus.REVOKED, version=current.version + 1, updated_at=self._clock()
         )
         details = {}
-        if self._revoke_upstream is not None:
+        if self._egress is not None:
             # The provider's answer is recorded; the local revoke happens whatever it was.
-            upstream = await self._revoke_upstream(current)
+            upstream = await revoke_upstream(self._keyring, self._egress, current)
             if upstream:
                 details["upstream_revocation"] = upstream
         event = call.audit_event(
@@ -403,4 +402,4 @@ class ConnectionService:
         drop_grants: bool = False,
     ) -> None:
         # The store's change feed tells the Resolve cache once the change is committed.
-        await self._store.replace_connection(record, current.version, event, drop_grants=drop_grants)
+        await self._connections.replace_connection(record, current.version, event, drop_grants=drop_grants)

@@ -13,13 +13,13 @@ import os
 from broker import crypto
 from broker.crypto import Binding, DecryptionFailed, Keyring
 from broker.errors import ConfigError
-from broker.store import Store
+from broker.store import KeyStore
 
 _META_KEY = "keycheck"
 _BINDING = Binding(tenant="", connection_id="broker-keycheck", secret_version=0)
 
 
-async def verify_keyring(store: Store, keyring: Keyring) -> None:
+async def verify_keyring(store: KeyStore, keyring: Keyring) -> None:
     """Raise `ConfigError` unless the keyring opens the canary and holds every KEK in use."""
     missing = await store.kek_ids_in_use() - keyring.ids
     if missing:
@@ -40,13 +40,13 @@ async def verify_keyring(store: Store, keyring: Keyring) -> None:
         ) from None
 
 
-async def canary_kek_id(store: Store) -> str | None:
+async def canary_kek_id(store: KeyStore) -> str | None:
     """The master key that wraps the key-check canary's data key (None before the first start)."""
     raw = await store.get_meta(_META_KEY)
     return None if raw is None else _decode(raw).kek_id
 
 
-async def rewrap_canary(store: Store, keyring: Keyring) -> bool:
+async def rewrap_canary(store: KeyStore, keyring: Keyring) -> bool:
     """Re-wrap the canary's data key under the active key (master-key rotation); True if it changed."""
     raw = await store.get_meta(_META_KEY)
     if raw is None:

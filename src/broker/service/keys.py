@@ -30,8 +30,7 @@ from broker.service.context import Call
 from broker.service.keycheck import canary_kek_id, rewrap_canary
 from broker.service.oauth import _state_binding
 from broker.service.sealing import row_binding
-from broker.store import Store
-from broker.store.base import WrappedDek
+from broker.store import KeyStore, SecretVersionStore, WrappedDek
 
 log = structlog.get_logger("broker.keys")
 
@@ -58,7 +57,7 @@ class RewrapReport:
 
 
 async def rewrap_all(
-    store: Store,
+    store: KeyStore,
     keyring: Keyring,
     *,
     batch: int = 500,
@@ -106,7 +105,7 @@ class KeyStatus:
     available: frozenset[str]  # keys this process can use
 
 
-async def key_status(store: Store, keyring: Keyring) -> KeyStatus:
+async def key_status(store: KeyStore, keyring: Keyring) -> KeyStatus:
     """What uses each master key, for `broker keys status` and `retire`."""
     deks = await store.deks_by_kek()
     canary = await canary_kek_id(store)
@@ -124,7 +123,8 @@ class MasterKeys:
 
     def __init__(
         self,
-        store: Store,
+        key_store: KeyStore,
+        versions: SecretVersionStore,
         keyring: Keyring,
         audit: AuditLog,
         clock: Callable[[], datetime],
@@ -135,7 +135,8 @@ class MasterKeys:
         interval: float = 5.0,
         warn_wraps: int = WARN_WRAPS,
     ) -> None:
-        self._store = store
+        self._key_store = key_store
+        self._versions = versions
         self._keyring = keyring
         self._audit = audit
         self._clock = clock
@@ -179,7 +180,7 @@ class MasterKeys:
             )
             await self._audit.append(event)
         log.info("master_key_rotated", kek_id=kek.id, previous_kek_id=previous)
-        status = await key_status(self._store, self._keyring)
+        status = await key_status(self._key_store, self._keyring)
         self._publish(status)
         return kek.id, previous, status.deks
 
@@ -208,18 +209,18 @@ class MasterKeys:
             if changed:
                 log.info("master_key_activated", kek_id=self._keyring.active.id)
         await self.flush()
-        await self._store.purge_superseded(self._clock() - self._grace)
+        await self._versions.purge_superseded(self._clock() - self._grace)
 
     async def flush(self) -> None:
         """Persist the wraps counted since the last flush; warn about keys near the nonce limit."""
         counts = self._keyring.take_wrap_counts()
         try:
-            await self._store.add_kek_wraps(counts)
+            await self._key_store.add_kek_wraps(counts)
         except BaseException:
             for kek_id, n in counts.items():  # kept for the next flush, never lost
                 self._keyring.count_wrap(kek_id, n)
             raise
-        self._publish(await key_status(self._store, self._keyring))
+        self._publish(await key_status(self._key_store, self._keyring))
 
     def _publish(self, status: KeyStatus) -> None:
         for kek_id, wraps in status.wraps.items():

@@ -5,11 +5,11 @@ from __future__ import annotations
 from broker.errors import FailedPrecondition, InvalidArgument, NotFound
 from broker.model import ConnectionRecord, shown_id
 from broker.service.inputs import require_printable
-from broker.store import Store
+from broker.store import ConnectionStore
 
 
 async def existing_connection(
-    store: Store, tenant: str, connection_id: str, field: str = "id"
+    store: ConnectionStore, tenant: str, connection_id: str, field: str = "id"
 ) -> ConnectionRecord:
     """The connection in any state but purged; another tenant's id is simply not found."""
     if not connection_id:
@@ -22,7 +22,7 @@ async def existing_connection(
 
 
 async def live_connection(
-    store: Store, tenant: str, connection_id: str, field: str = "id"
+    store: ConnectionStore, tenant: str, connection_id: str, field: str = "id"
 ) -> ConnectionRecord:
     """As `existing_connection`, and not soft-deleted."""
     record = await existing_connection(store, tenant, connection_id, field)

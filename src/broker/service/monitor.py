@@ -23,7 +23,7 @@ Rules (each set in `[monitor]`; a threshold of 0 turns its rule off):
 The Resolve path feeds the monitor in memory (a few dict and deque operations, no
 store read); the store is written only when a rule fires, and in the background.
 Counters are per process: with several replicas, each counts what it serves. A block
-is shared: the replica that blocks announces it (`Store.announce_block`) and every
+is shared: the replica that blocks announces it (`Coordination.announce_block`) and every
 replica's monitor denies the principal until the same time.
 A security event never holds a secret: rule, principal, connection id, peer, what
 was done, and a few counters.
@@ -55,12 +55,11 @@ from broker.model import (
 )
 from broker.service import paging
 from broker.service.alerts import AlertSender
-from broker.service.cache import ResolveCache
 from broker.service.context import Call, system_event
 from broker.service.inputs import require_printable
 from broker.service.lookup import existing_connection
 from broker.service.sealing import DECRYPT_FAILED
-from broker.store import Store
+from broker.store import ConnectionStore, Coordination, SecurityEventStore
 
 log = structlog.get_logger("broker.monitor")
 
@@ -258,14 +257,16 @@ class Monitor:
 
     def __init__(
         self,
-        store: Store,
-        cache: ResolveCache,
+        events: SecurityEventStore,
+        connections: ConnectionStore,
+        coordination: Coordination,
         clock: Callable[[], datetime],
         settings: MonitorSettings = MonitorSettings(),
         alerts: AlertSender | None = None,
     ) -> None:
-        self._store = store
-        self._cache = cache
+        self._events = events
+        self._connections = connections
+        self._coordination = coordination
         self._clock = clock
         self.settings = s = settings
         self._alerts = alerts
@@ -290,7 +291,7 @@ class Monitor:
 
     async def open(self) -> None:
         """Load what new_principal_peer remembers."""
-        facts = await self._store.load_seen(self.settings.max_tracked)
+        facts = await self._events.load_seen(self.settings.max_tracked)
         for fact in reversed(facts):  # oldest first, so the newest stay when a subject is full
             self._seen.add(fact.tenant, fact.kind, fact.subject, fact.object)
 
@@ -327,7 +328,7 @@ class Monitor:
             return
         batch, self._new_facts = self._new_facts, []
         try:
-            await self._store.remember_seen(batch, self.settings.seen_per_subject)
+            await self._events.remember_seen(batch, self.settings.seen_per_subject)
         except Exception as exc:
             log.warning("monitor_seen_flush_failed", error_type=type(exc).__name__, count=len(batch))
             self._new_facts = batch[-self.settings.max_tracked :] + self._new_facts
@@ -515,7 +516,7 @@ class Monitor:
     async def _announce_block(self, tenant: str, principal: str, until: float) -> None:
         """Other replicas block the principal too; a failure leaves the block to this replica."""
         try:
-            await self._store.announce_block(tenant, principal, until)
+            await self._coordination.announce_block(tenant, principal, until)
         except Exception as exc:
             log.error("block_not_announced", error_type=type(exc).__name__)
 
@@ -524,7 +525,7 @@ class Monitor:
         try:
             if suspend and event.connection_id and await self._suspend(event):
                 event = replace(event, action=SUSPENDED, severity=CRITICAL)
-            stored = await self._store.add_security_event(event)
+            stored = await self._events.add_security_event(event)
         except Exception as exc:
             log.error("security_event_not_stored", rule=event.rule, error_type=type(exc).__name__)
             stored = event
@@ -545,7 +546,7 @@ class Monitor:
         """Set suspended_at with a compare-and-swap; False when there was nothing to suspend."""
         tenant, connection_id = event.tenant, event.connection_id
         for _ in range(3):
-            record = await self._store.get_connection(tenant, connection_id)
+            record = await self._connections.get_connection(tenant, connection_id)
             if (
                 record is None
                 or not record.live
@@ -566,7 +567,7 @@ class Monitor:
                 details=details,
             )
             try:
-                await self._store.replace_connection(suspended, record.version, audit)
+                await self._connections.replace_connection(suspended, record.version, audit)
             except Aborted:
                 continue  # changed under us: read again
             return True
@@ -579,14 +580,14 @@ class Monitor:
         if len(reason) > MAX_REASON:
             raise InvalidArgument.field("reason", f"must be at most {MAX_REASON} characters")
         require_printable(reason=reason)
-        current = await existing_connection(self._store, call.tenant, connection_id)
+        current = await existing_connection(self._connections, call.tenant, connection_id)
         if current.suspended_at is None:
             return current
         now = self._clock()
         record = replace(current, suspended_at=None, version=current.version + 1, updated_at=now)
         details = {"suspended_at": current.suspended_at.isoformat()}
         event = call.audit_event(now, "connection.reinstate", current.id, reason=reason, details=details)
-        await self._store.replace_connection(record, current.version, event)
+        await self._connections.replace_connection(record, current.version, event)
         self._failed_tests.forget((current.tenant, current.id))
         return record
 
@@ -596,7 +597,7 @@ class Monitor:
         """One page of the caller's tenant's security events, newest first."""
 
         def fetch(limit: int, before: int | None) -> Awaitable[list[SecurityEvent]]:
-            return self._store.list_security_events(call.tenant, filter, limit, before)
+            return self._events.list_security_events(call.tenant, filter, limit, before)
 
         require_printable(rule=filter.rule, connection_id=filter.connection_id, principal=filter.principal)
         window = (filter.start_time, filter.end_time)

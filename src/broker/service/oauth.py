@@ -5,7 +5,7 @@ Tokens live in the connection's sealed secrets (`access_token`, `refresh_token`,
 keep a connection alive:
 
 - one refresh at a time per connection in this process (concurrent callers share it), one
-  process at a time across replicas (`Store.refresh_lock`; the waiters then re-read the row
+  process at a time across replicas (`Coordination.refresh_lock`; the waiters then re-read the row
   and use the holder's token), and a compare-and-swap on the row version so a writer that
   lost a race never overwrites a newer token;
 - a rotated refresh token is stored durably before any caller sees the new access token;
@@ -35,12 +35,11 @@ from broker.errors import Aborted, FailedPrecondition, InvalidArgument, SecretUn
 from broker.model import AuditEvent, ConnectionRecord, ConnectionStatus, Outcome, PendingAuthorization
 from broker.sensitive import SecretFields
 from broker.service.audit import AuditLog
-from broker.service.cache import ResolveCache
 from broker.service.context import Call, system_event
 from broker.service.fingerprint import fingerprint
 from broker.service.lookup import live_connection
 from broker.service.sealing import DECRYPT_FAILED, open_secrets, open_secrets_audited, seal
-from broker.store import Store
+from broker.store import ConnectionStore, Coordination, OAuthStateStore
 
 log = structlog.get_logger("broker.oauth")
 
@@ -97,6 +96,38 @@ def _check_redirect_uri(uri: str) -> None:
         raise InvalidArgument.field("redirect_uri", "must not carry credentials or a fragment")
 
 
+def _client(config: Mapping[str, Any], secrets: Mapping[str, str]) -> oauth.ClientCredentials:
+    return oauth.ClientCredentials(str(config.get("client_id", "")), secrets.get("client_secret", ""))
+
+
+async def revoke_upstream(keyring: Keyring, egress: EgressPolicy, record: ConnectionRecord) -> str:
+    """Ask the provider to revoke the connection's tokens; returns the outcome for the audit record.
+
+    No state of its own: `ConnectionService.revoke` calls it, so the two services need not know
+    each other both ways.
+    """
+    if record.type != "oauth2" or record.sealed is None:
+        return ""
+    try:
+        secrets = open_secrets(keyring, record).reveal()
+    except SecretUnavailable:
+        # Nothing is sent anywhere; the outcome lands in the revoke's audit event.
+        return f"failed: {DECRYPT_FAILED}"
+    token, hint = secrets.get("refresh_token"), "refresh_token"
+    if not token:
+        token, hint = secrets.get("access_token"), "access_token"
+    if not token:
+        return "no_token"
+    try:
+        provider = oauth.provider_for(record.provider, record.config)
+        await oauth.revoke(egress, provider, _client(record.config, secrets), token, hint)
+    except (oauth.OAuthError, Blocked, DnsFailure) as exc:
+        reason = exc.error or exc.kind if isinstance(exc, oauth.OAuthError) else type(exc).__name__
+        log.warning("oauth_upstream_revoke_failed", connection_id=record.id, reason=reason)
+        return f"failed: {reason}"
+    return "revoked"
+
+
 def token_config(config: Mapping[str, Any], tokens: oauth.TokenSet) -> dict[str, Any]:
     """Config with the token's issue and expiry times and granted scopes (non-secret metadata)."""
     updated = dict(config)
@@ -118,31 +149,34 @@ def token_secrets(secrets: Mapping[str, str], tokens: oauth.TokenSet) -> dict[st
 class OAuthService:
     def __init__(
         self,
-        store: Store,
+        connections: ConnectionStore,
+        oauth_states: OAuthStateStore,
+        coordination: Coordination,
         keyring: Keyring,
         audit: AuditLog,
         egress: EgressPolicy,
-        cache: ResolveCache,
         clock: Callable[[], datetime],
         settings: OAuthSettings = OAuthSettings(),
+        *,
+        create_connection: CreateConnection | None = None,
+        on_refresh_failure: Callable[[ConnectionRecord, str], None] | None = None,
     ) -> None:
-        self._store = store
+        self._connections = connections
+        self._oauth_states = oauth_states
+        self._coordination = coordination
         self._keyring = keyring
         self._audit = audit
         self._egress = egress
-        self._cache = cache
         self._clock = clock
         self.settings = settings
         self._inflight: dict[tuple[str, str], asyncio.Task[ConnectionRecord]] = {}
         self._background: asyncio.Task[None] | None = None
-        self.create_connection: CreateConnection | None = None  # wired by the server
-        # The security monitor's oauth_refresh_failures rule (wired by the server).
-        self.on_refresh_failure: Callable[[ConnectionRecord, str], None] | None = None
+        # Creates the connection a flow begun from a draft ends in (`ConnectionService`).
+        self._create_connection = create_connection
+        # The security monitor's oauth_refresh_failures rule.
+        self._on_refresh_failure = on_refresh_failure
 
     # -------------------------------------------------------- authorization
-
-    def _client(self, config: Mapping[str, Any], secrets: Mapping[str, str]) -> oauth.ClientCredentials:
-        return oauth.ClientCredentials(str(config.get("client_id", "")), secrets.get("client_secret", ""))
 
     async def begin(
         self,
@@ -168,7 +202,9 @@ class OAuthService:
                 "labels": draft.labels,
             }
         else:
-            record = await live_connection(self._store, call.tenant, connection_id, field="connection_id")
+            record = await live_connection(
+                self._connections, call.tenant, connection_id, field="connection_id"
+            )
             if record.type != "oauth2":
                 raise FailedPrecondition(f"connection {record.id} is not an oauth2 connection")
             provider_name, config = record.provider, record.config
@@ -179,7 +215,7 @@ class OAuthService:
         verifier, challenge = oauth.new_pkce()
         wanted = scopes or list(config.get("scopes") or provider.default_scopes)
         url = oauth.authorization_url(
-            provider, self._client(config, secrets).client_id, redirect_uri, wanted, state, challenge
+            provider, _client(config, secrets).client_id, redirect_uri, wanted, state, challenge
         )
         payload["verifier"] = verifier
         now = self._clock()
@@ -197,7 +233,7 @@ class OAuthService:
             sealed=sealed,
         )
         event = call.audit_event(now, "oauth.begin", connection_id, details={"provider": provider.name})
-        await self._store.put_oauth_state(pending, event)
+        await self._oauth_states.put_oauth_state(pending, event)
         return url, state, pending.expires_at
 
     async def complete(self, call: Call, state: str, code: str) -> ConnectionRecord:
@@ -207,7 +243,7 @@ class OAuthService:
         if not code:
             raise InvalidArgument.field("code", "is required")
         now = self._clock()
-        pending = await self._store.take_oauth_state(_state_hash(state), call.tenant, call.actor)
+        pending = await self._oauth_states.take_oauth_state(_state_hash(state), call.tenant, call.actor)
         reason = ""
         if pending is None:
             reason = "unknown_state"
@@ -233,7 +269,9 @@ class OAuthService:
         if draft is not None:
             provider_name, config, secrets = draft["provider"], draft["config"], draft["secrets"]
         else:
-            record = await live_connection(self._store, call.tenant, pending.connection_id, field="state")
+            record = await live_connection(
+                self._connections, call.tenant, pending.connection_id, field="state"
+            )
             provider_name, config = record.provider, record.config
             event = call.audit_event(now, "oauth.complete", record.id)
             secrets = (await open_secrets_audited(self._keyring, record, self._audit, event)).reveal()
@@ -242,7 +280,7 @@ class OAuthService:
             tokens = await oauth.exchange_code(
                 self._egress,
                 provider,
-                self._client(config, secrets),
+                _client(config, secrets),
                 code,
                 payload["redirect_uri"],
                 payload["verifier"],
@@ -258,12 +296,12 @@ class OAuthService:
                 f"the provider did not accept the authorization code ({detail})"
             ) from None
         if record is None:
-            if self.create_connection is None:
+            if self._create_connection is None:
                 raise FailedPrecondition("creating oauth2 connections is not configured on this broker")
             new = DraftAuthorization(
                 draft["name"], provider_name, config, SecretFields(secrets), dict(draft.get("labels") or {})
             )
-            return await self.create_connection(call, new, tokens)
+            return await self._create_connection(call, new, tokens)
         stored = await self._store_tokens(
             record, secrets, tokens, "oauth.authorize", call.actor, call.request_id
         )
@@ -321,11 +359,11 @@ class OAuthService:
     async def _refresh_as_the_only_replica(self, tenant: str, connection_id: str) -> ConnectionRecord:
         # Other replicas wait here; `_refresh` re-reads the row under the lock and finds
         # the token the holder stored, so the token endpoint is called once, not per replica.
-        async with self._store.refresh_lock(tenant, connection_id):
+        async with self._coordination.refresh_lock(tenant, connection_id):
             return await self._refresh(tenant, connection_id)
 
     async def _refresh(self, tenant: str, connection_id: str) -> ConnectionRecord:
-        record = await self._store.get_connection(tenant, connection_id)
+        record = await self._connections.get_connection(tenant, connection_id)
         if record is None or not record.live or record.presented_status is not ConnectionStatus.ACTIVE:
             raise FailedPrecondition(f"connection {connection_id} cannot be refreshed in its current state")
         event = self._system_event(record, "oauth.refresh", Outcome.FAILED)
@@ -333,7 +371,7 @@ class OAuthService:
         if not self._needs_token(record, secrets):
             return record  # another refresh (here or in another process) got there first
         provider = oauth.provider_for(record.provider, record.config)
-        client = self._client(record.config, secrets)
+        client = _client(record.config, secrets)
         failure = ""
         for delay in (0.0, *self.settings.retry_delays):
             await asyncio.sleep(delay)
@@ -377,8 +415,8 @@ class OAuthService:
         now = self._clock()
         await self._audit.append(self._system_event(record, "oauth.refresh", Outcome.FAILED, failure))
         log.warning("oauth_refresh_failed", connection_id=record.id, reason=failure)
-        if self.on_refresh_failure is not None:
-            self.on_refresh_failure(record, failure)
+        if self._on_refresh_failure is not None:
+            self._on_refresh_failure(record, failure)
         expires = record.token_expires_at
         if expires is not None and expires > now:
             metrics.OAUTH_REFRESHES.labels("served_stale").inc()
@@ -400,9 +438,9 @@ class OAuthService:
         marked = replace(record, reauth_required_at=now, version=record.version + 1, updated_at=now)
         event = self._system_event(record, "oauth.expired", Outcome.FAILED, reason)
         try:
-            await self._store.replace_connection(marked, record.version, event)
+            await self._connections.replace_connection(marked, record.version, event)
         except Aborted:
-            latest = await self._store.get_connection(record.tenant, record.id)
+            latest = await self._connections.get_connection(record.tenant, record.id)
             return latest or record
         metrics.OAUTH_REFRESHES.labels("expired").inc()
         log.warning("oauth_connection_expired", connection_id=record.id, reason=reason)
@@ -452,10 +490,10 @@ class OAuthService:
                 details=details,
             )
             try:
-                await self._store.replace_connection(updated, record.version, event)
+                await self._connections.replace_connection(updated, record.version, event)
                 return updated
             except Aborted:
-                latest = await self._store.get_connection(record.tenant, record.id)
+                latest = await self._connections.get_connection(record.tenant, record.id)
                 if latest is None or latest.sealed is None:
                     raise
                 latest_secrets = open_secrets(self._keyring, latest).reveal()
@@ -479,7 +517,7 @@ class OAuthService:
     async def refresh_due(self) -> int:
         """Refresh every token expiring within twice the margin; returns how many were attempted."""
         now = self._clock()
-        due = await self._store.list_expiring_tokens(now + 2 * self.settings.refresh_margin, limit=100)
+        due = await self._connections.list_expiring_tokens(now + 2 * self.settings.refresh_margin, limit=100)
         for tenant, connection_id in due:
             try:
                 await self._single_flight(tenant, connection_id)
@@ -487,31 +525,8 @@ class OAuthService:
                 log.warning(
                     "oauth_background_refresh_failed", connection_id=connection_id, error=type(exc).__name__
                 )
-        await self._store.delete_expired_oauth_states(now)
+        await self._oauth_states.delete_expired_oauth_states(now)
         return len(due)
-
-    async def revoke_upstream(self, record: ConnectionRecord) -> str:
-        """Ask the provider to revoke the connection's tokens; returns the outcome for the audit record."""
-        if record.type != "oauth2" or record.sealed is None:
-            return ""
-        try:
-            secrets = open_secrets(self._keyring, record).reveal()
-        except SecretUnavailable:
-            # Nothing is sent anywhere; the outcome lands in the revoke's audit event.
-            return f"failed: {DECRYPT_FAILED}"
-        token, hint = secrets.get("refresh_token"), "refresh_token"
-        if not token:
-            token, hint = secrets.get("access_token"), "access_token"
-        if not token:
-            return "no_token"
-        try:
-            provider = oauth.provider_for(record.provider, record.config)
-            await oauth.revoke(self._egress, provider, self._client(record.config, secrets), token, hint)
-        except (oauth.OAuthError, Blocked, DnsFailure) as exc:
-            reason = exc.error or exc.kind if isinstance(exc, oauth.OAuthError) else type(exc).__name__
-            log.warning("oauth_upstream_revoke_failed", connection_id=record.id, reason=reason)
-            return f"failed: {reason}"
-        return "revoked"
 
     async def close(self) -> None:
         if self._background is not None:

@@ -10,7 +10,7 @@ Where a bucket lives:
   the total across R replicas is up to R times it. That is deliberate: an
   executor keeps one long-lived HTTP/2 connection to one replica, so dividing
   the rate by R would throttle every executor to 1/R of what it was given.
-* `admin_write` and `test` (`shared=True`): in the store (`Store.take_rate_token`),
+* `admin_write` and `test` (`shared=True`): in the store (`Coordination.take_rate_token`),
   one bucket per principal for all replicas together, so N per minute means N in
   total. These calls write to the store anyway; the bucket adds one transaction.
 
@@ -31,7 +31,7 @@ from broker import metrics, tokenbucket
 from broker.errors import ResourceExhausted
 from broker.service.context import Call
 from broker.service.denials import DenialAudit
-from broker.store import Store
+from broker.store import Coordination
 
 log = structlog.get_logger("broker.ratelimit")
 
@@ -70,7 +70,7 @@ class RateLimits:
         self,
         limits: Mapping[str, Limit],
         denials: DenialAudit,
-        store: Store,
+        coordination: Coordination,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._shared = {name: limit for name, limit in limits.items() if limit.shared}
@@ -80,7 +80,7 @@ class RateLimits:
             if not limit.shared
         }
         self._denials = denials
-        self._store = store
+        self._coordination = coordination
 
     async def enforce(self, call: Call, kind: str) -> None:
         """Take a token of class `kind` for the caller, or raise RESOURCE_EXHAUSTED with a retry hint."""
@@ -88,7 +88,9 @@ class RateLimits:
         if limiter is not None:
             wait = limiter.take(call.actor)
         elif (shared := self._shared.get(kind)) is not None:
-            wait = await self._store.take_rate_token(kind, call.actor, shared.rate_per_second, shared.burst)
+            wait = await self._coordination.take_rate_token(
+                kind, call.actor, shared.rate_per_second, shared.burst
+            )
         else:
             return
         if wait <= 0:

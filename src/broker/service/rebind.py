@@ -13,7 +13,7 @@ scrubbed": the row's last test result and its stored MCP tools are scrubbed agai
 (`broker.testers.scrub_stored`) in the same pass, so no echo kept from before stays
 at rest.
 
-The pass pages through the stored data keys (`Store.list_deks_not_under` with no
+The pass pages through the stored data keys (`KeyStore.list_deks_not_under` with no
 key excluded) and reads nothing else once every row has format 2.
 """
 
@@ -30,7 +30,7 @@ from broker.errors import Aborted, NotFound, SecretUnavailable
 from broker.model import AuditEvent, ConnectionRecord
 from broker.service.context import system_event
 from broker.service.sealing import open_secrets, seal
-from broker.store import Store
+from broker.store import ConnectionStore, KeyStore
 from broker.testers import Target, scrub_stored
 
 log = structlog.get_logger("broker.rebind")
@@ -50,17 +50,22 @@ class RebindReport:
 
 
 async def rebind_unbound(
-    store: Store, keyring: Keyring, clock: Callable[[], datetime], *, batch: int = 500
+    connections: ConnectionStore,
+    key_store: KeyStore,
+    keyring: Keyring,
+    clock: Callable[[], datetime],
+    *,
+    batch: int = 500,
 ) -> RebindReport:
     """Re-seal every connection of format 1 so its ciphertext binds its destination."""
     report = RebindReport()
     after: tuple[str, str, str] | None = None
-    while rows := await store.list_deks_not_under("", batch, after):
+    while rows := await key_store.list_deks_not_under("", batch, after):
         after = (rows[-1].kind, rows[-1].tenant, rows[-1].key)
         for dek in rows:
             if dek.kind != "connection" or dek.sealed.format_version != UNBOUND_FORMAT_VERSION:
                 continue
-            record = await store.get_connection(dek.tenant, dek.key)
+            record = await connections.get_connection(dek.tenant, dek.key)
             if record is None or record.sealed != dek.sealed:
                 report.skipped += 1
                 continue
@@ -71,7 +76,7 @@ async def rebind_unbound(
                 log.warning("rebind_failed", tenant=record.tenant, connection_id=record.id)
                 continue
             target = Target(record.type, record.provider, record.config, secrets)
-            tools, discovered_at = await store.list_mcp_tools(record.tenant, record.id)
+            tools, discovered_at = await connections.list_mcp_tools(record.tenant, record.id)
             last_test, scrubbed_tools = scrub_stored(target, record.last_test, tools)
             # The etag moves (caches and other replicas must see the new row); updated_at
             # stays: nothing an admin set has changed.
@@ -79,13 +84,13 @@ async def rebind_unbound(
             updated = replace(updated, sealed=seal(keyring, secrets, updated))
             try:
                 rebound = _event(clock(), record, ACTION, {"format": "2"})
-                await store.replace_connection(updated, record.version, rebound)
+                await connections.replace_connection(updated, record.version, rebound)
                 report.rebound += 1
                 if last_test is not None and last_test != record.last_test and last_test.tested_at:
                     rescrubbed = _event(clock(), record, RESCRUB, {"field": "last_test"})
-                    await store.record_test_result(record.tenant, record.id, last_test, rescrubbed)
+                    await connections.record_test_result(record.tenant, record.id, last_test, rescrubbed)
                 if scrubbed_tools != tools and discovered_at is not None:
-                    await store.replace_mcp_tools(
+                    await connections.replace_mcp_tools(
                         record.tenant, record.id, scrubbed_tools, discovered_at, None
                     )
             except (Aborted, NotFound):

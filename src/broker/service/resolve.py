@@ -35,7 +35,7 @@ from broker.service.fingerprint import Fingerprinter
 from broker.service.monitor import Monitor
 from broker.service.oauth import OAuthService
 from broker.service.sealing import DECRYPT_FAILED, open_secrets
-from broker.store import Store
+from broker.store import ConnectionStore, GrantStore, SecretVersionStore
 
 log = structlog.get_logger("broker.resolve")
 
@@ -63,7 +63,9 @@ class Released:
 class Resolver:
     def __init__(
         self,
-        store: Store,
+        connections: ConnectionStore,
+        grants: GrantStore,
+        versions: SecretVersionStore,
         keyring: Keyring,
         cache: ResolveCache,
         audit: AuditLog,
@@ -78,7 +80,9 @@ class Resolver:
         self._superseded_grace = superseded_grace
         self._fingerprints = Fingerprinter(keyring)
         self._oauth = oauth
-        self._store = store
+        self._connections = connections
+        self._grants = grants
+        self._versions = versions
         self._keyring = keyring
         self._cache = cache
         self._audit = audit
@@ -149,7 +153,7 @@ class Resolver:
         if 0 < known_secret_version < record.secret_version:
             # Only for an executor holding an old version: no extra read on the common path. The
             # store's copy is purged periodically, so the documented grace is applied here.
-            superseded_at = await self._store.superseded_at(record.tenant, record.id, known_secret_version)
+            superseded_at = await self._versions.superseded_at(record.tenant, record.id, known_secret_version)
             if superseded_at is not None and now - superseded_at > self._superseded_grace:
                 superseded_at = None
         return Released(
@@ -191,14 +195,14 @@ class Resolver:
                 _CACHE_HIT.inc()
                 return record
             generation = cache.generation
-            record = await self._store.find_connection_by_name(tenant, name)
+            record = await self._connections.find_connection_by_name(tenant, name)
         else:
             record = cache.connection(tenant, connection_id)
             if record is not None:
                 _CACHE_HIT.inc()
                 return record
             generation = cache.generation
-            record = await self._store.get_connection(tenant, connection_id)
+            record = await self._connections.get_connection(tenant, connection_id)
         _CACHE_MISS.inc()
         if record is not None:
             cache.put_connection(record, generation)
@@ -209,7 +213,7 @@ class Resolver:
         if cached is not MISSING:
             return cached  # type: ignore[return-value]
         generation = self._cache.generation
-        grant = await self._store.get_grant(tenant, connection_id, principal)
+        grant = await self._grants.get_grant(tenant, connection_id, principal)
         self._cache.put_grant(tenant, connection_id, principal, grant, generation)
         return grant
 
@@ -248,7 +252,7 @@ class Resolver:
             return
         batch, self._last_used = self._last_used, {}
         try:
-            await self._store.record_last_used([(t, c, at) for (t, c), at in batch.items()])
+            await self._connections.record_last_used([(t, c, at) for (t, c), at in batch.items()])
         except Exception as exc:
             # Not worth failing anything for: keep the newest times for the next flush.
             log.warning("last_used_flush_failed", error_type=type(exc).__name__, count=len(batch))

@@ -25,7 +25,7 @@ from broker.service.context import Call
 from broker.service.lookup import existing_connection, live_connection
 from broker.service.monitor import Monitor
 from broker.service.sealing import open_secrets_audited
-from broker.store import Store
+from broker.store import ConnectionStore
 from broker.testers import Discover, Target, run_discovery, run_test
 
 
@@ -57,7 +57,7 @@ class TestingService:
 
     def __init__(
         self,
-        store: Store,
+        connections: ConnectionStore,
         keyring: Keyring,
         audit: AuditLog,
         egress: EgressPolicy,
@@ -67,7 +67,7 @@ class TestingService:
         monitor: Monitor | None = None,
     ) -> None:
         self._monitor = monitor
-        self._store = store
+        self._connections = connections
         self._keyring = keyring
         self._audit = audit
         self._egress = egress
@@ -87,7 +87,7 @@ class TestingService:
         self, call: Call, connection_id: str, action: str
     ) -> tuple[ConnectionRecord, Target]:
         """The stored connection and what to test; a secret that does not open is audited as `action`."""
-        record = await live_connection(self._store, call.tenant, connection_id)
+        record = await live_connection(self._connections, call.tenant, connection_id)
         event = call.audit_event(self._clock(), action, record.id)
         secrets = await open_secrets_audited(self._keyring, record, self._audit, event)
         return record, Target(record.type, record.provider, record.config, secrets)
@@ -109,7 +109,7 @@ class TestingService:
             result.category.value,
             _summary(result),
         )
-        await self._store.record_test_result(call.tenant, record.id, result, event)
+        await self._connections.record_test_result(call.tenant, record.id, result, event)
         if self._monitor is not None:
             await self._monitor.test_finished(call, record.id, result.success, result.category.value)
         return result
@@ -161,7 +161,7 @@ class TestingService:
         """Discover, store, and report added, removed and changed tools; a change is audited."""
         record, target = await self._stored_target(call, connection_id, "mcp.refresh")
         result, tools = await self._discover_tools(call, target)
-        before, _ = await self._store.list_mcp_tools(call.tenant, record.id)
+        before, _ = await self._connections.list_mcp_tools(call.tenant, record.id)
         if not result.success:
             event = call.audit_event(
                 self._clock(),
@@ -184,10 +184,10 @@ class TestingService:
                 details[key] = ",".join(names)[:1000]
         action = "mcp.tools_changed" if added or removed or changed else "mcp.refresh"
         event = call.audit_event(self._clock(), action, record.id, Outcome.SUCCEEDED, "", details)
-        await self._store.replace_mcp_tools(call.tenant, record.id, tools, self._clock(), event)
+        await self._connections.replace_mcp_tools(call.tenant, record.id, tools, self._clock(), event)
         return ToolChanges(result, sorted(tools, key=lambda t: t.name), added, removed, changed)
 
     async def list_tools(self, call: Call, connection_id: str) -> tuple[list[McpTool], datetime | None]:
         """The tools stored by the last refresh."""
-        record = await existing_connection(self._store, call.tenant, connection_id)
-        return await self._store.list_mcp_tools(call.tenant, record.id)
+        record = await existing_connection(self._connections, call.tenant, connection_id)
+        return await self._connections.list_mcp_tools(call.tenant, record.id)

@@ -1,5 +1,31 @@
-"""Persistence: the `Store` protocol and its backends."""
+"""Persistence: the store's role protocols (`broker.store.protocols`) and its backends."""
 
-from broker.store.base import Store
+from broker.store.protocols import (
+    AuditLogStore,
+    ChangeSink,
+    ConnectionStore,
+    Coordination,
+    GrantStore,
+    KeyStore,
+    Lifecycle,
+    OAuthStateStore,
+    SecretVersionStore,
+    SecurityEventStore,
+    Store,
+    WrappedDek,
+)
 
-__all__ = ["Store"]
+__all__ = [
+    "AuditLogStore",
+    "ChangeSink",
+    "ConnectionStore",
+    "Coordination",
+    "GrantStore",
+    "KeyStore",
+    "Lifecycle",
+    "OAuthStateStore",
+    "SecretVersionStore",
+    "SecurityEventStore",
+    "Store",
+    "WrappedDek",
+]

@@ -14,7 +14,7 @@ import json
 
 import structlog
 
-from broker.store.base import ChangeSink
+from broker.store.protocols import ChangeSink
 
 log = structlog.get_logger("broker.store.changes")
 

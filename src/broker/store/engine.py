@@ -14,7 +14,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 from broker.store._codec import Row
-from broker.store.base import ChangeSink
+from broker.store.protocols import ChangeSink
 
 
 class Duplicate(Exception):

@@ -9,9 +9,9 @@ from datetime import datetime
 from broker.crypto import Sealed
 from broker.store import _codec as codec
 from broker.store import changes
-from broker.store.base import WrappedDek
 from broker.store.engine import Tx
 from broker.store.lifecycle import EngineStore, check_limit
+from broker.store.protocols import WrappedDek
 
 # Every stored data key as (kind, tenant, key), in byte order on both engines (one collation
 # for the UNION too).

@@ -11,8 +11,8 @@ from broker.store import _chain as chain
 from broker.store import _codec as codec
 from broker.store import changes
 from broker.store._codec import Row
-from broker.store.base import ChangeSink
 from broker.store.engine import Engine, Tx
+from broker.store.protocols import ChangeSink
 
 # Statements are assembled from the constant column lists in `_codec`, never from input.
 AUDIT_SELECT = "SELECT id, " + ", ".join(codec.AUDIT_COLUMNS) + ", prev_hash, hash FROM audit_events"  # noqa: S608

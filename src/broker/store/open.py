@@ -14,7 +14,7 @@ from broker.store.sqlite import SqliteStore
 
 if TYPE_CHECKING:
     from broker.config import Settings
-    from broker.store.base import Store
+    from broker.store.protocols import Store
 
 
 def store_for(settings: Settings) -> Store:

@@ -16,7 +16,7 @@ from broker.store.connections import Connections
 from broker.store.keys import Keys
 
 if TYPE_CHECKING:
-    from broker.store.base import Store
+    from broker.store.protocols import Store
 
 
 class SqlStore(Connections, Access, Audit, Keys):

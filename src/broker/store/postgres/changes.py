@@ -29,8 +29,8 @@ from typing import Any
 import asyncpg
 import structlog
 
-from broker.store.base import ChangeSink
 from broker.store.changes import deliver
+from broker.store.protocols import ChangeSink
 
 log = structlog.get_logger("broker.store.changes")
 

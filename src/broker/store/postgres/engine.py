@@ -22,11 +22,11 @@ import asyncpg
 from broker.errors import Unavailable
 from broker.store._codec import Row
 from broker.store._migrate import load_migrations
-from broker.store.base import ChangeSink
 from broker.store.changes import deliver
 from broker.store.engine import Duplicate, MissingParent
 from broker.store.postgres import changes
 from broker.store.postgres.migrate import AUDIT_LOCK, REFRESH_LOCK_CLASS, apply_postgres
+from broker.store.protocols import ChangeSink
 
 # What a lost or overloaded database looks like; reported as UNAVAILABLE (retry), never
 # with the driver's message, which may name the server.

@@ -24,9 +24,9 @@ from broker.store import _chain as chain
 from broker.store import _codec as codec
 from broker.store._codec import Row
 from broker.store._migrate import apply_sqlite, load_migrations
-from broker.store.base import ChangeSink
 from broker.store.changes import deliver
 from broker.store.engine import Duplicate, MissingParent
+from broker.store.protocols import ChangeSink
 
 _AUDIT_SELECT = "SELECT id, " + ", ".join(codec.AUDIT_COLUMNS) + ", prev_hash, hash FROM audit_events"  # noqa: S608
 

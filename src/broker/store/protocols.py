@@ -1,4 +1,10 @@
-"""The Store protocol: everything the service layer needs from persistence.
+"""What the services need from persistence, one protocol per role.
+
+A service names the roles it uses (`Resolver` takes a `ConnectionStore`, a
+`GrantStore` and a `SecretVersionStore`), so what it can touch is in its
+signature; one store object plays every role. `Store` is all of them at once:
+what a backend implements and what `server.py` opens, watches and closes. No role
+has more than 12 methods (`tests/unit/test_store_protocols.py`).
 
 Every method is scoped by tenant; a row of another tenant is indistinguishable
 from a missing one. Each write that changes state takes the `AuditEvent` that
@@ -72,59 +78,21 @@ class ChangeSink(Protocol):
         """Another replica's monitor blocked a principal until `until` (seconds since the epoch)."""
 
 
-class Store(Protocol):
+class Lifecycle(Protocol):
+    """Opening, closing and probing the store: for the process that owns it (`server.py`, the CLI)."""
+
     async def open(self) -> None:
         """Connect and apply pending migrations."""
-
-    async def watch(self, sink: ChangeSink) -> None:
-        """Tell `sink` of changes other processes commit from now on, until `close()`.
-
-        SQLite has no other writer process: it only tells the sink `changes_seen`.
-        PostgreSQL LISTENs (`broker.store._pg_changes`) and calls `changes_unseen`
-        whenever it cannot.
-        """
-
-    async def announce_block(self, tenant: str, principal: str, until: float) -> None:
-        """Tell the other replicas' monitors that this one blocked a principal (`principal_blocked`).
-
-        Not a row: a block lives in each replica's memory. No-op on SQLite (one process).
-        """
-
-    def refresh_lock(self, tenant: str, connection_id: str) -> AbstractAsyncContextManager[None]:
-        """Held around an OAuth2 token refresh, so one process at a time refreshes a connection.
-
-        Within a process the caller already runs one refresh per connection; this
-        extends that across replicas (a PostgreSQL advisory lock). No-op on SQLite.
-        """
-
-    async def take_rate_token(self, kind: str, principal: str, rate_per_second: float, burst: int) -> float:
-        """Take one token from the shared bucket (kind, principal): 0.0, or seconds until one refills.
-
-        Buckets hold up to `burst` tokens and refill at `rate_per_second`, on the
-        store's clock, so every replica draws from the same bucket.
-        """
 
     async def close(self) -> None:
         """Finish pending work and release connections."""
 
-    async def count_connections(self) -> dict[tuple[str, str], int]:
-        """Connections (not purged) by (type, presented status), across tenants: for metrics."""
-
     async def ping(self) -> None:
         """Raise if the store cannot answer a trivial query."""
 
-    # ------------------------------------------------------------------ meta
 
-    async def get_meta(self, key: str) -> bytes | None:
-        """A broker-wide value (such as the sealed key-check canary), or None."""
-
-    async def put_meta(self, key: str, value: bytes) -> None:
-        """Insert or replace a broker-wide value."""
-
-    async def kek_ids_in_use(self) -> set[str]:
-        """Ids of every master key that wraps a data key still stored (purged rows excluded)."""
-
-    # ----------------------------------------------------------- connections
+class ConnectionStore(Protocol):
+    """Connection rows and what is recorded on them: tests, MCP tools, use, token expiry."""
 
     async def create_connection(self, record: ConnectionRecord, event: AuditEvent) -> None:
         """Insert a new connection and its audit event.
@@ -193,7 +161,43 @@ class Store(Protocol):
     async def list_expiring_tokens(self, before: datetime, limit: int) -> list[tuple[str, str]]:
         """(tenant, id) of live, active, not-expired connections whose token expires before `before`."""
 
-    # ----------------------------------------------------------------- oauth
+    async def count_connections(self) -> dict[tuple[str, str], int]:
+        """Connections (not purged) by (type, presented status), across tenants: for metrics."""
+
+
+class GrantStore(Protocol):
+    """Which executor principal may resolve which connection, until when."""
+
+    async def put_grant(self, grant: Grant, event: AuditEvent) -> None:
+        """Insert or replace the grant for (tenant, connection_id, principal)."""
+
+    async def delete_grant(self, tenant: str, connection_id: str, principal: str, event: AuditEvent) -> bool:
+        """Delete one grant and write `event`; False (and nothing written) when there was none."""
+
+    async def get_grant(self, tenant: str, connection_id: str, principal: str) -> Grant | None:
+        """The grant, expired or not, or None."""
+
+    async def list_grants(
+        self, tenant: str, filter: GrantFilter, limit: int, after: tuple[str, str] | None
+    ) -> list[Grant]:
+        """Up to `limit` grants ordered by (connection_id, principal), after that pair when given."""
+
+
+class SecretVersionStore(Protocol):
+    """When a connection's secret version was replaced: how long an executor's copy stays good."""
+
+    async def superseded_at(self, tenant: str, connection_id: str, secret_version: int) -> datetime | None:
+        """When that secret version was replaced by a newer one, while still remembered, else None.
+
+        `replace_connection` records it in the same transaction when the secret version rises.
+        """
+
+    async def purge_superseded(self, before: datetime) -> int:
+        """Forget secret versions replaced before `before`; returns how many."""
+
+
+class OAuthStateStore(Protocol):
+    """Pending authorization-code flows, each taken once."""
 
     async def put_oauth_state(self, pending: PendingAuthorization, event: AuditEvent) -> None:
         """Store a pending authorization-code flow with its audit event."""
@@ -207,7 +211,9 @@ class Store(Protocol):
     async def delete_expired_oauth_states(self, now: datetime) -> int:
         """Forget flows that expired before completing; returns how many."""
 
-    # -------------------------------------------------------------- security
+
+class SecurityEventStore(Protocol):
+    """The security monitor's events and the facts it remembers having seen."""
 
     async def add_security_event(self, event: SecurityEvent) -> SecurityEvent:
         """Store a security event; returns it with its id."""
@@ -226,23 +232,9 @@ class Store(Protocol):
     async def load_seen(self, limit: int) -> list[SeenFact]:
         """Up to `limit` remembered facts, newest first."""
 
-    # ---------------------------------------------------------------- grants
 
-    async def put_grant(self, grant: Grant, event: AuditEvent) -> None:
-        """Insert or replace the grant for (tenant, connection_id, principal)."""
-
-    async def delete_grant(self, tenant: str, connection_id: str, principal: str, event: AuditEvent) -> bool:
-        """Delete one grant and write `event`; False (and nothing written) when there was none."""
-
-    async def get_grant(self, tenant: str, connection_id: str, principal: str) -> Grant | None:
-        """The grant, expired or not, or None."""
-
-    async def list_grants(
-        self, tenant: str, filter: GrantFilter, limit: int, after: tuple[str, str] | None
-    ) -> list[Grant]:
-        """Up to `limit` grants ordered by (connection_id, principal), after that pair when given."""
-
-    # ----------------------------------------------------------------- audit
+class AuditLogStore(Protocol):
+    """The audit log: append, read, export, the hash chain, its seals and pruning."""
 
     async def append_audit(self, events: Sequence[AuditEvent]) -> None:
         """Durably append events in one transaction (one commit, one fsync for the batch)."""
@@ -284,7 +276,18 @@ class Store(Protocol):
         Returns how many events were deleted.
         """
 
-    # ----------------------------------------------------------- master keys
+
+class KeyStore(Protocol):
+    """Master-key bookkeeping: broker-wide values (the key-check canary), wrapped data keys, wrap counts."""
+
+    async def get_meta(self, key: str) -> bytes | None:
+        """A broker-wide value (such as the sealed key-check canary), or None."""
+
+    async def put_meta(self, key: str, value: bytes) -> None:
+        """Insert or replace a broker-wide value."""
+
+    async def kek_ids_in_use(self) -> set[str]:
+        """Ids of every master key that wraps a data key still stored (purged rows excluded)."""
 
     async def deks_by_kek(self) -> dict[str, int]:
         """How many stored data keys (connections and pending oauth flows) each master key wraps."""
@@ -313,11 +316,49 @@ class Store(Protocol):
     async def kek_wraps(self) -> dict[str, int]:
         """The persisted count of encryptions made under each master key."""
 
-    async def superseded_at(self, tenant: str, connection_id: str, secret_version: int) -> datetime | None:
-        """When that secret version was replaced by a newer one, while still remembered, else None.
 
-        `replace_connection` records it in the same transaction when the secret version rises.
+class Coordination(Protocol):
+    """What several replicas on one database share: the change feed, blocks, refresh locks, buckets."""
+
+    async def watch(self, sink: ChangeSink) -> None:
+        """Tell `sink` of changes other processes commit from now on, until `close()`.
+
+        SQLite has no other writer process: it only tells the sink `changes_seen`.
+        PostgreSQL LISTENs (`broker.store._pg_changes`) and calls `changes_unseen`
+        whenever it cannot.
         """
 
-    async def purge_superseded(self, before: datetime) -> int:
-        """Forget secret versions replaced before `before`; returns how many."""
+    async def announce_block(self, tenant: str, principal: str, until: float) -> None:
+        """Tell the other replicas' monitors that this one blocked a principal (`principal_blocked`).
+
+        Not a row: a block lives in each replica's memory. No-op on SQLite (one process).
+        """
+
+    def refresh_lock(self, tenant: str, connection_id: str) -> AbstractAsyncContextManager[None]:
+        """Held around an OAuth2 token refresh, so one process at a time refreshes a connection.
+
+        Within a process the caller already runs one refresh per connection; this
+        extends that across replicas (a PostgreSQL advisory lock). No-op on SQLite.
+        """
+
+    async def take_rate_token(self, kind: str, principal: str, rate_per_second: float, burst: int) -> float:
+        """Take one token from the shared bucket (kind, principal): 0.0, or seconds until one refills.
+
+        Buckets hold up to `burst` tokens and refill at `rate_per_second`, on the
+        store's clock, so every replica draws from the same bucket.
+        """
+
+
+class Store(
+    Lifecycle,
+    ConnectionStore,
+    GrantStore,
+    SecretVersionStore,
+    OAuthStateStore,
+    SecurityEventStore,
+    AuditLogStore,
+    KeyStore,
+    Coordination,
+    Protocol,
+):
+    """Every role at once: what a backend implements and what the process that opens it holds."""
