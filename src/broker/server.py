@@ -210,7 +210,8 @@ def build_services(settings: Settings, store: Store, keyring: Keyring, clock: Cl
     )
     # Wrong-role and rate-limited calls: audited up to a limit per principal, then counted.
     denials = DenialAudit(audit, monitor, clock, settings.denied_audits_per_minute)
-    # Other replicas' writes (PostgreSQL) invalidate this cache, and their blocks reach this monitor.
+    # The store's change feed: every committed write (this process's and other replicas') invalidates
+    # this cache, and blocks announced by any replica's monitor reach this one.
     changes = ReplicaChanges(cache, monitor)
     tests = TestingService(
         connections=store,
