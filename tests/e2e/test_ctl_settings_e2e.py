@@ -150,16 +150,16 @@ def test_failures_to_reach_the_broker_get_the_hint_that_matches(dev_broker: DevB
     addr = dev_broker.admin_addr
     assert result.returncode == 1 and "Hostname Verification Check failed" in result.stderr
     assert result.stderr.splitlines()[-1] == (
-        f"brokerctl: hint: the server certificate at {addr} does not hold the name checked (the host of "
-        "the address, or --server-name): pass --server-name (BROKER_SERVER_NAME, or server_name in the "
-        "profile) with a name it holds, or issue a server certificate for 127.0.0.1 "
-        "(`broker init --host 127.0.0.1` or `broker certs server --host 127.0.0.1`)"
+        f"brokerctl: hint: the server certificate at {addr} does not hold wrong.example (the server name "
+        "given): pass --server-name (BROKER_SERVER_NAME, or server_name in the profile) with a name it "
+        "holds, or issue a server certificate for wrong.example "
+        "(`broker init --host wrong.example` or `broker certs server --host wrong.example`)"
     )
     probe = [*BROKER, "health", "--data-dir", str(dev_broker.data_dir), "--target", dev_broker.resolve_addr]
     result = run([*probe, "--server-name", "wrong.example"], home, {})
     assert result.returncode == 1 and result.stdout.startswith(f"UNREACHABLE: {dev_broker.resolve_addr}")
     assert result.stderr.startswith(
-        f"broker: hint: the server certificate at {dev_broker.resolve_addr} does not hold the name checked"
+        f"broker: hint: the server certificate at {dev_broker.resolve_addr} does not hold wrong.example"
     )
     assert "pass --server-name with a name it holds" in result.stderr
 

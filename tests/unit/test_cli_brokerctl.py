@@ -58,6 +58,7 @@ class FakeSession:
         self.resolver = FakeStub(replies)
         self.timeout = 10.0
         self.addr = "127.0.0.1:50051"
+        self.server_name = None
         self.closed = False
 
     def close(self) -> None:

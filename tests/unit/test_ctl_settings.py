@@ -326,6 +326,10 @@ def test_a_host_name_mismatch_points_at_server_name_and_at_issuing_a_certificate
     assert "pass --server-name (BROKER_SERVER_NAME, or server_name in the profile)" in hint
     assert "`broker init --host broker.internal` or `broker certs server --host broker.internal`" in hint
     # `broker health` names its own options, in the same sentences.
+    # With a server name given, that is the name checked, and the one to issue a certificate for.
+    named = connection_hint("UNAVAILABLE", MISMATCH, "10.0.0.5:50051", 10, BROKERCTL, "broker.internal")
+    assert named is not None and "does not hold broker.internal (the server name given)" in named
+    assert "`broker certs server --host broker.internal`" in named and "10.0.0.5`" not in named
     health = connection_hint("UNAVAILABLE", MISMATCH, "broker.internal:50052", 5, HEALTH)
     assert health is not None and "pass --server-name with a name it holds" in health
 

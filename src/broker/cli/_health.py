@@ -93,7 +93,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"SERVICE_UNKNOWN: {args.service!r} at {address}")
             else:
                 print(f"UNREACHABLE: {address}: {code.name}: {exc.details()}")
-                hint = connection_hint(code.name, exc.details() or "", address, args.timeout, HEALTH)
+                hint = connection_hint(
+                    code.name, exc.details() or "", address, args.timeout, HEALTH, server_name
+                )
                 if hint:
                     print(f"broker: hint: {hint}", file=sys.stderr)
             return 1

@@ -89,18 +89,28 @@ def classify(code: str, details: str) -> Failure | None:
 
 
 def connection_hint(
-    code: str, details: str, addr: str, timeout: float | None, words: Vocabulary
+    code: str,
+    details: str,
+    addr: str,
+    timeout: float | None,
+    words: Vocabulary,
+    server_name: str | None = None,
 ) -> str | None:
-    """One sentence for a call to `addr` that failed with `code` and `details`; None: nothing to add."""
+    """One sentence for a call to `addr` that failed with `code` and `details`; None: nothing to add.
+
+    `server_name` is the name the server certificate was checked for, when not the address's host.
+    """
     failure = classify(code, details)
     if failure is None:
         return None
     host = addr.rpartition(":")[0].strip("[]") or addr
     if failure is Failure.HOST_NAME:
+        checked = server_name or host
+        how = "the server name given" if server_name else "the host of the address"
         return (
-            f"the server certificate at {addr} does not hold the name checked (the host of the address, "
-            f"or --server-name): pass {words.server_name} with a name it holds, or issue a server "
-            f"certificate for {host} (`broker init --host {host}` or `broker certs server --host {host}`)"
+            f"the server certificate at {addr} does not hold {checked} ({how}): pass "
+            f"{words.server_name} with a name it holds, or issue a server certificate for {checked} "
+            f"(`broker init --host {checked}` or `broker certs server --host {checked}`)"
         )
     if failure is Failure.HANDSHAKE:
         return (

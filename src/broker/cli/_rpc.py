@@ -54,7 +54,7 @@ class Session:
         self.addr = admin_addr
         self._admin = (admin_addr, admin_tls)
         self._resolve = (resolve_addr, resolve_tls)
-        self._server_name = server_name
+        self.server_name = server_name
         self._channels: list[Any] = []
         self._admin_stub: Any = None
         self._resolve_stub: Any = None
@@ -86,8 +86,8 @@ class Session:
 
     def _open(self, addr: str, tls: ClientTls) -> Any:
         options = []
-        if self._server_name:
-            options.append(("grpc.ssl_target_name_override", self._server_name))
+        if self.server_name:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
         channel = grpc.secure_channel(addr, tls.credentials(), options=options)
         self._channels.append(channel)
         return channel
@@ -115,25 +115,31 @@ class _Failed:
     hint: str | None
 
 
-def _failed(error: grpc.RpcError, addr: str, timeout: float | None) -> _Failed:
+def _failed(error: grpc.RpcError, addr: str, timeout: float | None, server_name: str | None) -> _Failed:
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = (error.details() if hasattr(error, "details") else str(error)) or ""
     violations = list(field_violations(error)) if code == grpc.StatusCode.INVALID_ARGUMENT else []
     hint = None
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         # Only a failure to reach the broker gets a hint.
-        hint = connection_hint(code.name, details, addr, timeout, BROKERCTL)
+        hint = connection_hint(code.name, details, addr, timeout, BROKERCTL, server_name)
     return _Failed(code, details, _count(violations) if violations else details, violations, hint)
 
 
 def describe_error(
-    error: grpc.RpcError, addr: str, prog: str = "brokerctl", *, timeout: float | None = None
+    error: grpc.RpcError,
+    addr: str,
+    prog: str = "brokerctl",
+    *,
+    timeout: float | None = None,
+    server_name: str | None = None,
 ) -> list[str]:
     """The lines to print for a failed call: the status, each bad field once, and a hint where one helps.
 
-    `timeout` is the call's deadline in seconds, for the hint when there was no answer in time.
+    `timeout` (the call's deadline in seconds) and `server_name` (the name the server certificate was
+    checked for, if not the address's host) make the hint precise.
     """
-    failed = _failed(error, addr, timeout)
+    failed = _failed(error, addr, timeout, server_name)
     lines = [f"{prog}: {failed.code.name}: {shown(failed.summary)}"]
     lines += [
         f"  {shown(field)}: {shown(text)}" if field else f"  {shown(text)}"
@@ -148,9 +154,11 @@ def describe_error(
     return [*lines, f"{prog}: hint: {failed.hint}"] if failed.hint else lines
 
 
-def error_doc(error: grpc.RpcError, addr: str, *, timeout: float | None = None) -> dict[str, Any]:
+def error_doc(
+    error: grpc.RpcError, addr: str, *, timeout: float | None = None, server_name: str | None = None
+) -> dict[str, Any]:
     """A failed call for `--json`: code, message, violations (INVALID_ARGUMENT) and hint, if any."""
-    failed = _failed(error, addr, timeout)
+    failed = _failed(error, addr, timeout, server_name)
     doc: dict[str, Any] = {"code": failed.code.name, "message": failed.summary}
     if failed.code == grpc.StatusCode.INVALID_ARGUMENT:
         doc["violations"] = [{"field": f, "description": d} for f, d in failed.violations]

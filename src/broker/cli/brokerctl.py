@@ -92,9 +92,9 @@ def _run(args: argparse.Namespace) -> int:
             # The broker's words for an unknown id, in the words used for an unknown name.
             return _unknown(args, UnknownConnection(_ref_given(args)))
         assert session is not None  # no call is made without one
-        addr, timeout = session.addr, session.timeout
-        lines = describe_error(exc, addr, PROG, timeout=timeout)
-        _print_error(args.json, error_doc(exc, addr, timeout=timeout), *lines)
+        addr, timeout, name = session.addr, session.timeout, session.server_name
+        lines = describe_error(exc, addr, PROG, timeout=timeout, server_name=name)
+        _print_error(args.json, error_doc(exc, addr, timeout=timeout, server_name=name), *lines)
         return 1
     except BrokenPipeError:
         # The reader is gone (`| head`). Point stdout at /dev/null so that the flush at exit
