@@ -20,8 +20,7 @@ from cryptography.x509.oid import NameOID
 from broker import log as broker_log
 from broker import pki
 from broker._proto import broker_pb2_grpc
-from broker.cli._ctl_settings import CLIENT_VARIABLES
-from broker.config import Settings, TlsFiles
+from broker.config import CLIENT_VARIABLES, Settings, TlsFiles
 from broker.server import Broker
 
 TRUST_DOMAIN = "broker.local"

@@ -122,22 +122,23 @@ from broker.service.monitor import MonitorSettings
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 MASTER_KEY_VARIABLE = "BROKER_MASTER_KEY"
-# Read by `brokerctl` (and the executor tools), not by the server: known, so never warned about.
-CLIENT_VARIABLES = frozenset(
-    {
-        "BROKER_ADDR",
-        "BROKER_RESOLVE_ADDR",
-        "BROKER_CA",
-        "BROKER_CERT",
-        "BROKER_KEY",
-        "BROKER_SERVER_NAME",
-        "BROKER_PROFILE",
-        "BROKER_TIMEOUT",
-        "BROKER_DATA_DIR",
-        "BROKER_EXECUTOR_CERT",
-        "BROKER_EXECUTOR_KEY",
-    }
-)
+# brokerctl's connection settings and the variables that set them (cli/_ctl_settings.py reads
+# them; the server does not, and never warns about them). None has a section, so none can be
+# mistaken for a server setting (BROKER_<SECTION>_<KEY>).
+CLIENT_SETTINGS = {
+    "addr": "BROKER_ADDR",
+    "resolve_addr": "BROKER_RESOLVE_ADDR",
+    "ca": "BROKER_CA",
+    "cert": "BROKER_CERT",
+    "key": "BROKER_KEY",
+    "executor_cert": "BROKER_EXECUTOR_CERT",
+    "executor_key": "BROKER_EXECUTOR_KEY",
+    "server_name": "BROKER_SERVER_NAME",
+    "timeout": "BROKER_TIMEOUT",
+    "data_dir": "BROKER_DATA_DIR",
+}
+CLIENT_PROFILE_VARIABLE = "BROKER_PROFILE"
+CLIENT_VARIABLES = frozenset({*CLIENT_SETTINGS.values(), CLIENT_PROFILE_VARIABLE})
 # Settings of the test suite and the benchmark, read by them alone.
 _TOOL_PREFIXES = ("BROKER_TEST_", "BROKER_BENCH_", "BROKER_FUZZ_")
 

@@ -34,26 +34,12 @@ from typing import Any
 from broker.cli._ctl_args import DEFAULT_ADDR, DEFAULT_DATA_DIR, DEFAULT_RESOLVE_ADDR
 from broker.cli._input import UsageError
 from broker.cli._rpc import ClientTls
-from broker.config import nearest
+from broker.config import CLIENT_PROFILE_VARIABLE as PROFILE_VARIABLE
+from broker.config import CLIENT_SETTINGS, nearest
 
 DEFAULT_TIMEOUT = 10.0
-PROFILE_VARIABLE = "BROKER_PROFILE"
-# Setting -> the variable that sets it. None of them has a section, so none can be mistaken for a
-# `broker serve` setting (BROKER_<SECTION>_<KEY>).
-VARIABLES = {
-    "addr": "BROKER_ADDR",
-    "resolve_addr": "BROKER_RESOLVE_ADDR",
-    "ca": "BROKER_CA",
-    "cert": "BROKER_CERT",
-    "key": "BROKER_KEY",
-    "executor_cert": "BROKER_EXECUTOR_CERT",
-    "executor_key": "BROKER_EXECUTOR_KEY",
-    "server_name": "BROKER_SERVER_NAME",
-    "timeout": "BROKER_TIMEOUT",
-    "data_dir": "BROKER_DATA_DIR",
-}
-# Every variable brokerctl reads: a server that warns about unknown BROKER_* variables allows these.
-CLIENT_VARIABLES = (*VARIABLES.values(), PROFILE_VARIABLE)
+# Setting -> the variable that sets it (the table lives in config.py, which the server reads too).
+VARIABLES = CLIENT_SETTINGS
 
 _PATHS = {"ca", "cert", "key", "executor_cert", "executor_key", "data_dir"}
 _PAIRS = (("cert", "key"), ("executor_cert", "executor_key"))
