@@ -121,6 +121,11 @@ from broker.errors import ConfigError
 from broker.service.monitor import MonitorSettings
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+# Where a broker listens unless told otherwise: `broker dev`, `broker init` and brokerctl start here.
+ADMIN_PORT, RESOLVE_PORT = 50051, 50052
+DEFAULT_ADMIN_ADDR = f"127.0.0.1:{ADMIN_PORT}"
+DEFAULT_RESOLVE_ADDR = f"127.0.0.1:{RESOLVE_PORT}"
+DEFAULT_METRICS_ADDR = "127.0.0.1:9464"
 MASTER_KEY_VARIABLE = "BROKER_MASTER_KEY"
 # brokerctl's connection settings and the variables that set them (cli/_ctl_settings.py reads
 # them; the server does not, and never warns about them). None has a section, so none can be
@@ -166,8 +171,8 @@ class Settings:
     master_key_dir: Path | None = None
     master_key_operators: tuple[str, ...] = ()
     superseded_grace_seconds: float = 3600.0
-    admin_addr: str = "127.0.0.1:50051"
-    resolve_addr: str = "127.0.0.1:50052"
+    admin_addr: str = DEFAULT_ADMIN_ADDR
+    resolve_addr: str = DEFAULT_RESOLVE_ADDR
     trust_domain: str = "broker.local"
     cache_ttl_seconds: int = 60
     log_level: str = "info"
@@ -184,7 +189,7 @@ class Settings:
     resolve_burst: int = 400
     admin_writes_per_minute: int = 600
     denied_audits_per_minute: int = 10
-    metrics_listen: str = "127.0.0.1:9464"
+    metrics_listen: str = DEFAULT_METRICS_ADDR
     oauth_refresh_margin_seconds: float = 300.0
     oauth_default_token_lifetime_seconds: float = 3600.0
     oauth_refresh_interval_seconds: float = 30.0
@@ -482,7 +487,7 @@ def _egress(src: _Source) -> EgressSettings:
 def _metrics_address(src: _Source) -> str:
     value, name = src.raw("metrics", "listen")
     if value is None:
-        return "127.0.0.1:9464"
+        return DEFAULT_METRICS_ADDR
     if not isinstance(value, str):
         raise ConfigError(f"{name} must be host:port, or empty to turn metrics off")
     if not value.strip():
@@ -592,8 +597,8 @@ def _build(src: _Source) -> Settings:
         master_key_dir=key_dir,
         master_key_operators=operators,
         superseded_grace_seconds=src.number("resolve", "superseded_grace_seconds", 3600, 0, 86400 * 30),
-        admin_addr=_address(src, "admin", "127.0.0.1:50051"),
-        resolve_addr=_address(src, "resolve", "127.0.0.1:50052"),
+        admin_addr=_address(src, "admin", DEFAULT_ADMIN_ADDR),
+        resolve_addr=_address(src, "resolve", DEFAULT_RESOLVE_ADDR),
         trust_domain=trust_domain,
         cache_ttl_seconds=int(src.number("resolve", "cache_ttl_seconds", 60, 0, 86400)),
         log_level=level,

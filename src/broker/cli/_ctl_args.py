@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 from typing import NoReturn
 
+from broker.config import DEFAULT_ADMIN_ADDR, DEFAULT_RESOLVE_ADDR
+
 DEFAULT_DATA_DIR = Path(".broker-dev")
-DEFAULT_ADDR = "127.0.0.1:50051"
-DEFAULT_RESOLVE_ADDR = "127.0.0.1:50052"
 
 _EPILOG = """\
 examples:
@@ -351,7 +351,7 @@ def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> N
         "--addr",
         metavar="HOST:PORT",
         default=default(None),
-        help=f"admin API (env BROKER_ADDR; default {DEFAULT_ADDR})",
+        help=f"admin API (env BROKER_ADDR; default {DEFAULT_ADMIN_ADDR})",
     )
     group.add_argument(
         "--resolve-addr",

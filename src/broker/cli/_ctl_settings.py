@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from broker.cli._ctl_args import DEFAULT_ADDR, DEFAULT_DATA_DIR, DEFAULT_RESOLVE_ADDR
+from broker.cli._ctl_args import DEFAULT_DATA_DIR
 from broker.cli._input import UsageError
 from broker.cli._rpc import ClientTls
 from broker.config import CLIENT_PROFILE_VARIABLE as PROFILE_VARIABLE
-from broker.config import CLIENT_SETTINGS, nearest
+from broker.config import CLIENT_SETTINGS, DEFAULT_ADMIN_ADDR, DEFAULT_RESOLVE_ADDR, nearest
 
 DEFAULT_TIMEOUT = 10.0
 # Setting -> the variable that sets it (the table lives in config.py, which the server reads too).
@@ -82,7 +82,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str], profile_path: 
     wanted, asked_by = _wanted_profile(args, environ)
     profile = _profile_layer(profile_path, wanted, asked_by)
     defaults: Layer = {
-        "addr": DEFAULT_ADDR,
+        "addr": DEFAULT_ADMIN_ADDR,
         "resolve_addr": DEFAULT_RESOLVE_ADDR,
         "timeout": DEFAULT_TIMEOUT,
         "data_dir": DEFAULT_DATA_DIR,

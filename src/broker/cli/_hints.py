@@ -10,10 +10,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from broker.cli._ctl_args import DEFAULT_ADDR, DEFAULT_RESOLVE_ADDR
+from broker.config import DEFAULT_ADMIN_ADDR, DEFAULT_RESOLVE_ADDR
 
 # Only these get "start one with `make run`": anywhere else, the user meant a broker of their own.
-DEV_ADDRESSES = frozenset({DEFAULT_ADDR, DEFAULT_RESOLVE_ADDR})
+DEV_ADDRESSES = frozenset({DEFAULT_ADMIN_ADDR, DEFAULT_RESOLVE_ADDR})
 
 
 class Failure(enum.Enum):

@@ -26,13 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker import keydir, pki
-from broker.config import Settings, variable
+from broker.config import ADMIN_PORT, RESOLVE_PORT, Settings, variable
+from broker.config import DEFAULT_METRICS_ADDR as METRICS_ADDR
 from broker.errors import ConfigError
 from broker.identity import parse_spiffe_id
 
 PROG = "broker init"
-ADMIN_PORT, RESOLVE_PORT = 50051, 50052
-METRICS_ADDR = "127.0.0.1:9464"
 LOCAL_HOSTS = ("localhost", "127.0.0.1")
 # The names of the three identities init issues, in the trust domain and tenant given.
 ADMIN_NAME, EXECUTOR_NAME, PROBE_NAME = "admin", "executor", "broker"

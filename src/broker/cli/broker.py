@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from broker import pki
 from broker.cli import _health, _init, _keys
-from broker.config import Settings
+from broker.config import DEFAULT_ADMIN_ADDR, DEFAULT_METRICS_ADDR, DEFAULT_RESOLVE_ADDR, Settings
 from broker.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -28,9 +28,6 @@ if TYPE_CHECKING:
 
 PROG = "broker"
 _DEV_DIR = Path(".broker-dev")
-_ADMIN_ADDR = "127.0.0.1:50051"
-_RESOLVE_ADDR = "127.0.0.1:50052"
-_METRICS_ADDR = "127.0.0.1:9464"
 # How `broker dev` is told another address for each listener setting: its flag and `make run`'s variable.
 _DEV_ADDRESS_FLAGS = {
     "listen.admin": ("--admin-addr", "ADMIN_ADDR"),
@@ -87,12 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         "For development only: the master key sits next to the database.",
     )
     p.add_argument("--data-dir", type=Path, default=_DEV_DIR, help="default ./.broker-dev")
-    p.add_argument("--admin-addr", default=_ADMIN_ADDR, help=f"default {_ADMIN_ADDR}")
-    p.add_argument("--resolve-addr", default=_RESOLVE_ADDR, help=f"default {_RESOLVE_ADDR}")
+    p.add_argument("--admin-addr", default=DEFAULT_ADMIN_ADDR, help=f"default {DEFAULT_ADMIN_ADDR}")
+    p.add_argument("--resolve-addr", default=DEFAULT_RESOLVE_ADDR, help=f"default {DEFAULT_RESOLVE_ADDR}")
     p.add_argument(
         "--metrics-addr",
-        default=_METRICS_ADDR,
-        help=f"Prometheus /metrics (default {_METRICS_ADDR}; '' for none)",
+        default=DEFAULT_METRICS_ADDR,
+        help=f"Prometheus /metrics (default {DEFAULT_METRICS_ADDR}; '' for none)",
     )
 
     _init.add_parser(sub)
@@ -163,7 +160,7 @@ def _settings_for(args: argparse.Namespace) -> Settings:
     """The settings of `--config FILE`, or of the `broker dev` layout in `--data-dir DIR`."""
     if args.config is not None:
         return Settings.load(args.config)
-    return Settings.for_dev(args.data_dir, _ADMIN_ADDR, _RESOLVE_ADDR)
+    return Settings.for_dev(args.data_dir, DEFAULT_ADMIN_ADDR, DEFAULT_RESOLVE_ADDR)
 
 
 def _prepare_dev(
@@ -203,9 +200,9 @@ def _banner(data_dir: Path, admin_addr: str, resolve_addr: str, created: bool) -
     hint = ["brokerctl"]
     if data_dir != _DEV_DIR:
         hint += ["--data-dir", str(data_dir)]
-    if admin_addr != _ADMIN_ADDR:
+    if admin_addr != DEFAULT_ADMIN_ADDR:
         hint += ["--addr", admin_addr]
-    if resolve_addr != _RESOLVE_ADDR:
+    if resolve_addr != DEFAULT_RESOLVE_ADDR:
         hint += ["--resolve-addr", resolve_addr]
     what = "created a master key, a CA and certificates" if created else "using the existing keys"
     return "\n".join(
@@ -225,7 +222,7 @@ def _audit_fingerprint(args: argparse.Namespace) -> int:
     if args.config is not None:
         settings = Settings.load(args.config)
     else:
-        settings = Settings.for_dev(args.data_dir, _ADMIN_ADDR, _RESOLVE_ADDR)
+        settings = Settings.for_dev(args.data_dir, DEFAULT_ADMIN_ADDR, DEFAULT_RESOLVE_ADDR)
     keyring = settings.load_keyring()
     if sys.stdin.isatty():
         value = getpass.getpass("value (not echoed): ")
