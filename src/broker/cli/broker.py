@@ -219,11 +219,7 @@ def _banner(data_dir: Path, admin_addr: str, resolve_addr: str, created: bool) -
 def _audit_fingerprint(args: argparse.Namespace) -> int:
     from broker.service.fingerprint import all_fingerprints, fingerprint, matches
 
-    if args.config is not None:
-        settings = Settings.load(args.config)
-    else:
-        settings = Settings.for_dev(args.data_dir, DEFAULT_ADMIN_ADDR, DEFAULT_RESOLVE_ADDR)
-    keyring = settings.load_keyring()
+    keyring = _settings_for(args).load_keyring()
     if sys.stdin.isatty():
         value = getpass.getpass("value (not echoed): ")
     else:
