@@ -210,7 +210,7 @@ def test_storage_url_selects_postgresql_and_is_never_echoed(tmp_path: Path) -> N
         ("[health]\nservername = 'x'\n", "did you mean server_name?"),
         (
             "[resolve]\nzzz = 1\n",
-            r"unknown key zzz in \[resolve\]; valid keys: cache_ttl_seconds, superseded",
+            r"unknown key zzz in \[resolve\]; valid keys: cache_entries, cache_ttl_seconds, superseded",
         ),
         ("[qqqq]\nx = 1\n", "unknown section qqqq; valid: audit, egress, "),
     ],
