@@ -33,7 +33,7 @@ naming the setting, raised at start-up.
     superseded_grace_seconds = 3600 # BROKER_RESOLVE_SUPERSEDED_GRACE_SECONDS: how long Resolve can
                                     #   still say when a replaced secret version was superseded
     cache_entries = 100000          # BROKER_RESOLVE_CACHE_ENTRIES: connections kept in memory for
-                                    #   Resolve (about 1.3 KB each), least recently used forgotten first
+                                    #   Resolve (about 1 KB each), least recently used forgotten first
     [log]
     level = "info"                  # BROKER_LOG_LEVEL
     [server]

@@ -140,6 +140,33 @@ def test_a_grant_is_kept_only_on_a_cached_connection() -> None:
     assert c.grant("acme", record.id, "other") is MISSING  # went with its connection
 
 
+def test_several_principals_each_keep_their_own_cached_grant() -> None:
+    c = cache()
+    record = http_record()
+    c.put_connection(record, c.generation)
+    ends = T0 + timedelta(days=1)
+    for principal, value in (("a", None), ("b", grant(record.id, "b", ends)), ("c", grant(record.id, "c"))):
+        c.put_grant("acme", record.id, principal, value, c.generation)
+    assert [c.grant("acme", record.id, p) for p in "abc"] == [None, ends, FOREVER]
+    c.invalidate_grant("acme", record.id, "a")  # the first one: the others stay
+    assert [c.grant("acme", record.id, p) for p in "abc"] == [MISSING, ends, FOREVER]
+    c.put_grant("acme", record.id, "b", None, c.generation)  # revoked and read again
+    c.invalidate_grant("acme", record.id, "c")
+    assert [c.grant("acme", record.id, p) for p in "abc"] == [MISSING, None, MISSING]
+
+
+def test_another_tenants_connection_id_is_a_miss() -> None:
+    c = cache()
+    record = http_record()
+    c.put_connection(record, c.generation)
+    c.put_grant("acme", record.id, "etl", grant(record.id), c.generation)
+    assert c.connection("other", record.id) is None
+    assert c.grant("other", record.id, "etl") is MISSING
+    assert c.connection_id_by_name("other", record.name) is None
+    c.invalidate_connection("other", record.id)  # names nothing of acme's
+    assert c.connection("acme", record.id) is not None
+
+
 def test_an_updated_connection_is_never_answered_with_the_old_bytes() -> None:
     c = cache()
     old = http_record(version=1, base_url="https://old.example.com")

@@ -11,7 +11,7 @@ nothing, so every Resolve reads the store: slower, never stale.
 
 The cache holds at most `max_entries` connections and forgets the least recently
 used one first; a connection's grants live on its entry and go with it. An entry
-keeps only what Resolve needs (`CachedConnection`: about 1.3 KB of heap with a grant,
+keeps only what Resolve needs (`CachedConnection`: about 1.0 KB of heap with a grant,
 against 3.3 KB for the store's `ConnectionRecord` and `Grant`; measured in
 tests/unit/test_resolve_cache.py), with the non-secret part of the answer already
 serialised, once per record version: an update is a new version, which the feed
@@ -63,7 +63,20 @@ class CachedConnection:
     are kept once, as `public`: the serialised non-secret part of the answer.
     """
 
-    __slots__ = ("binding", "grants", "id", "live", "name", "oauth", "public", "refusal", "sealed", "tenant")
+    __slots__ = (
+        "binding",
+        "grantee",
+        "grantee_ends",
+        "id",
+        "live",
+        "name",
+        "oauth",
+        "other_grants",
+        "public",
+        "refusal",
+        "sealed",
+        "tenant",
+    )
 
     def __init__(self, record: ConnectionRecord, public: bytes) -> None:
         self.tenant = sys.intern(record.tenant)
@@ -80,8 +93,33 @@ class CachedConnection:
         # OAuth2 decides per call whether to refresh from the token times in the config: those
         # few connections keep their whole record.
         self.oauth = record if record.type == "oauth2" else None
-        # principal -> when its grant ends (FOREVER), or None: known to have none.
-        self.grants: dict[str, datetime | None] | None = None
+        # Grants cached for this connection: when each principal's grant ends (FOREVER), or None
+        # when it is known to have none. Most connections have one caller: it is kept in two slots
+        # (a dict costs ~300 bytes per entry); any others in a dict.
+        self.grantee: str | None = None
+        self.grantee_ends: datetime | None = None
+        self.other_grants: dict[str, datetime | None] | None = None
+
+    def grant(self, principal: str) -> datetime | object | None:
+        """When `principal`'s cached grant ends, None when known absent, `MISSING` when not cached."""
+        if self.grantee == principal:
+            return self.grantee_ends
+        others = self.other_grants
+        return _MISSING if others is None else others.get(principal, _MISSING)
+
+    def put_grant(self, principal: str, ends: datetime | None) -> None:
+        if self.grantee is None or self.grantee == principal:
+            self.grantee, self.grantee_ends = sys.intern(principal), ends
+        else:
+            if self.other_grants is None:
+                self.other_grants = {}
+            self.other_grants[sys.intern(principal)] = ends
+
+    def forget_grant(self, principal: str) -> None:
+        if self.grantee == principal:
+            self.grantee = self.grantee_ends = None
+        elif self.other_grants is not None:
+            self.other_grants.pop(principal, None)
 
     @property
     def secret_version(self) -> int:
@@ -89,7 +127,11 @@ class CachedConnection:
 
 
 class ResolveCache:
-    """Connections by id (least recently used first) and by name, each with its grants."""
+    """Connections by id (least recently used first) and by tenant and name, each with its grants.
+
+    Keyed by the connection id alone (ids are random; no tuple to build per call): an entry
+    answers only for its own tenant, so another tenant's id is a miss, as it is in the store.
+    """
 
     def __init__(
         self, *, public_part: Callable[[ConnectionRecord], bytes], max_entries: int = DEFAULT_ENTRIES
@@ -101,68 +143,69 @@ class ResolveCache:
         self._max = max_entries
         self.generation = 0
         self._keeping = True  # False while other writers' changes could go unseen
-        self._by_id: OrderedDict[tuple[str, str], CachedConnection] = OrderedDict()
-        self._id_by_name: dict[tuple[str, str], str] = {}
+        self._by_id: OrderedDict[str, CachedConnection] = OrderedDict()
+        self._id_by_name: dict[str, dict[str, str]] = {}  # tenant -> name -> id
 
     def __len__(self) -> int:
         return len(self._by_id)
 
     def connection(self, tenant: str, connection_id: str) -> CachedConnection | None:
         """The cached entry, now the most recently used; None when not cached."""
-        key = (tenant, connection_id)
-        entry = self._by_id.get(key)
-        if entry is not None:
-            self._by_id.move_to_end(key)
+        entry = self._by_id.get(connection_id)
+        if entry is None or entry.tenant != tenant:
+            return None
+        self._by_id.move_to_end(connection_id)
         return entry
 
+    def _entry(self, tenant: str, connection_id: str) -> CachedConnection | None:
+        """The entry, without touching its recency."""
+        entry = self._by_id.get(connection_id)
+        return entry if entry is not None and entry.tenant == tenant else None
+
     def connection_id_by_name(self, tenant: str, name: str) -> str | None:
-        return self._id_by_name.get((tenant, name))
+        names = self._id_by_name.get(tenant)
+        return None if names is None else names.get(name)
 
     def put_connection(self, record: ConnectionRecord, generation: int) -> CachedConnection:
         """The record's entry, kept unless an invalidation happened since `generation` was read."""
         entry = CachedConnection(record, self.public_part(record))
         if generation != self.generation or not self._keeping:
             return entry
-        key = (entry.tenant, entry.id)
-        self._forget(*key)  # a deleted record may still hold its name's place
+        self._forget(self._by_id.get(entry.id))  # a deleted record may still hold its name's place
         while len(self._by_id) >= self._max:
             _, oldest = self._by_id.popitem(last=False)
             self._unname(oldest)
             metrics.RESOLVE_CACHE_EVICTIONS.inc()
-        self._by_id[key] = entry
+        self._by_id[entry.id] = entry
         if entry.live:
-            self._id_by_name[(entry.tenant, entry.name)] = entry.id
+            self._id_by_name.setdefault(entry.tenant, {})[entry.name] = entry.id
         metrics.RESOLVE_CACHE_ENTRIES.set(len(self._by_id))
         return entry
 
     def grant(self, tenant: str, connection_id: str, principal: str) -> datetime | object | None:
         """When the cached grant ends (`FOREVER` if never), None when known absent, or `MISSING`."""
-        entry = self._by_id.get((tenant, connection_id))
-        if entry is None or entry.grants is None:
-            return _MISSING
-        return entry.grants.get(principal, _MISSING)
+        entry = self._entry(tenant, connection_id)
+        return _MISSING if entry is None else entry.grant(principal)
 
     def put_grant(
         self, tenant: str, connection_id: str, principal: str, grant: Grant | None, generation: int
     ) -> None:
         """Kept on the connection's cached entry, unless something was invalidated since `generation`."""
-        entry = self._by_id.get((tenant, connection_id))
+        entry = self._entry(tenant, connection_id)
         if generation != self.generation or not self._keeping or entry is None:
             return
-        if entry.grants is None:
-            entry.grants = {}
-        entry.grants[sys.intern(principal)] = grant_ends(grant)
+        entry.put_grant(principal, grant_ends(grant))
 
     def invalidate_connection(self, tenant: str, connection_id: str) -> None:
         """Forget a connection (and every name pointing at it) and its grants."""
         self.generation += 1
-        self._forget(tenant, connection_id)
+        self._forget(self._entry(tenant, connection_id))
 
     def invalidate_grant(self, tenant: str, connection_id: str, principal: str) -> None:
         self.generation += 1
-        entry = self._by_id.get((tenant, connection_id))
-        if entry is not None and entry.grants is not None:
-            entry.grants.pop(principal, None)
+        entry = self._entry(tenant, connection_id)
+        if entry is not None:
+            entry.forget_grant(principal)
 
     def clear(self) -> None:
         self.generation += 1
@@ -183,16 +226,18 @@ class ResolveCache:
         self._keeping = True
         metrics.CHANGE_LISTENER_CONNECTED.set(1)
 
-    def _forget(self, tenant: str, connection_id: str) -> None:
-        entry = self._by_id.pop((tenant, connection_id), None)
+    def _forget(self, entry: CachedConnection | None) -> None:
         if entry is not None:
+            del self._by_id[entry.id]
             self._unname(entry)
             metrics.RESOLVE_CACHE_ENTRIES.set(len(self._by_id))
 
     def _unname(self, entry: CachedConnection) -> None:
-        key = (entry.tenant, entry.name)
-        if self._id_by_name.get(key) == entry.id:
-            del self._id_by_name[key]
+        names = self._id_by_name.get(entry.tenant)
+        if names is not None and names.get(entry.name) == entry.id:
+            del names[entry.name]
+            if not names:
+                del self._id_by_name[entry.tenant]
 
 
 MISSING = _MISSING
