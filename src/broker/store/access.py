@@ -45,12 +45,11 @@ def _bucket_take(now_sql: str) -> str:
 
 
 class Access(EngineStore):
-    """Grants, OAuth states, security events, seen facts and rate buckets."""
+    """Grants, OAuth states, security events, seen facts, rate buckets (contracts: `protocols`)."""
 
     # ---------------------------------------------------------------- grants
 
     async def put_grant(self, grant: Grant, event: AuditEvent) -> None:
-        """Insert or replace the grant and write `event`; `NotFound` when the connection is unknown."""
         try:
             async with self._engine.transaction() as tx:
                 await tx.execute(_GRANT_UPSERT, *codec.GRANTS.params(grant))
@@ -60,7 +59,6 @@ class Access(EngineStore):
             raise NotFound(f"connection {grant.connection_id} not found") from exc
 
     async def delete_grant(self, tenant: str, connection_id: str, principal: str, event: AuditEvent) -> bool:
-        """Delete one grant and write `event`; False and nothing written when there was none."""
         async with self._engine.transaction() as tx:
             deleted = await tx.execute(
                 "DELETE FROM grants WHERE tenant = ? AND connection_id = ? AND principal = ?",
@@ -75,14 +73,12 @@ class Access(EngineStore):
         return True
 
     async def get_grant(self, tenant: str, connection_id: str, principal: str) -> Grant | None:
-        """The grant, expired or not, or None."""
         rows = await self._engine.fetch(_GRANT_BY_KEY, tenant, connection_id, principal)
         return codec.GRANTS.from_row(rows[0]) if rows else None
 
     async def list_grants(
         self, tenant: str, filter: GrantFilter, limit: int, after: tuple[str, str] | None
     ) -> list[Grant]:
-        """Up to `limit` grants ordered by (connection_id, principal), after that pair when given."""
         check_limit(limit)
         where = ["tenant = ?"]
         args: list[Any] = [tenant]
@@ -101,7 +97,6 @@ class Access(EngineStore):
     # ----------------------------------------------------------------- oauth
 
     async def put_oauth_state(self, pending: PendingAuthorization, event: AuditEvent) -> None:
-        """Store a pending authorization-code flow and its audit event."""
         async with self._engine.transaction() as tx:
             await tx.execute(codec.OAUTH_STATES.insert, *codec.OAUTH_STATES.params(pending))
             await self._insert_audit(tx, [event])
@@ -118,14 +113,12 @@ class Access(EngineStore):
         return codec.OAUTH_STATES.from_row(rows[0]) if rows else None
 
     async def delete_expired_oauth_states(self, now: datetime) -> int:
-        """Forget flows that were never completed; returns how many."""
         async with self._engine.transaction() as tx:
             return await tx.execute("DELETE FROM oauth_states WHERE expires_at <= ?", codec.to_micros(now))
 
     # -------------------------------------------------------------- security
 
     async def add_security_event(self, event: SecurityEvent) -> SecurityEvent:
-        """Store a security event; returns it with the id the database gave it."""
         async with self._engine.transaction() as tx:
             event_id = await tx.fetchval(
                 codec.SECURITY_EVENTS.insert + " RETURNING id", *codec.SECURITY_EVENTS.params(event)
@@ -135,7 +128,6 @@ class Access(EngineStore):
     async def list_security_events(
         self, tenant: str, filter: SecurityEventFilter, limit: int, before_id: int | None
     ) -> list[SecurityEvent]:
-        """Up to `limit` of the tenant's events, newest first, with id < before_id when given."""
         sql, args = event_page(
             codec.SECURITY_EVENTS.select, tenant, filter, limit, cursor=before_id, oldest_first=False
         )
@@ -163,7 +155,6 @@ class Access(EngineStore):
             )
 
     async def load_seen(self, limit: int) -> list[SeenFact]:
-        """Up to `limit` remembered facts, newest first."""
         check_limit(limit)
         rows = await self._engine.fetch(codec.SEEN.select + " ORDER BY first_seen DESC LIMIT ?", limit)
         return [codec.SEEN.from_row(row) for row in rows]

@@ -65,7 +65,7 @@ async def _seals(tx: Tx, after_id: int, up_to_id: int) -> list[AuditSeal]:
 
 
 class Audit(EngineStore):
-    """Audit events; every change's own event is written by `_insert_audit`."""
+    """The audit log (`protocols.AuditLogStore`); every change's own event is written by `_insert_audit`."""
 
     async def append_audit(self, events: Sequence[AuditEvent]) -> None:
         """Append the batch in one transaction: one commit, one flush, one turn of the audit lock."""
@@ -77,7 +77,6 @@ class Audit(EngineStore):
     async def list_audit(
         self, tenant: str, filter: AuditFilter, limit: int, before_id: int | None
     ) -> list[AuditEvent]:
-        """Up to `limit` events, newest first, with id < before_id when given."""
         sql, args = event_page(
             codec.AUDIT.select, tenant, filter, limit, cursor=before_id, oldest_first=False
         )
@@ -86,7 +85,6 @@ class Audit(EngineStore):
     async def export_audit(
         self, tenant: str, filter: AuditFilter, limit: int, after_id: int | None
     ) -> list[AuditEvent]:
-        """Up to `limit` events, oldest first, with id > after_id when given."""
         sql, args = event_page(codec.AUDIT.select, tenant, filter, limit, cursor=after_id, oldest_first=True)
         return [codec.AUDIT.from_row(row) for row in await self._engine.fetch(sql, *args)]
 
@@ -119,11 +117,9 @@ class Audit(EngineStore):
         return walk.report()
 
     async def audit_tail(self) -> tuple[int, str]:
-        """(id, hash) of the newest committed event, or of the newest checkpoint, or (0, GENESIS)."""
         return await chain_tail(self._engine.fetch)
 
     async def add_audit_seal(self, seal: AuditSeal) -> None:
-        """Insert the seal unless its event is sealed already (by another replica, say)."""
         async with self._engine.transaction() as tx:
             await tx.execute(
                 codec.SEALS.insert + " ON CONFLICT (last_id) DO NOTHING", *codec.SEALS.params(seal)

@@ -84,15 +84,13 @@ def _update_args(record: ConnectionRecord, expected_version: int) -> list[Any]:
 
 
 class Connections(EngineStore):
-    """The connection rows and what hangs off them."""
+    """The connection rows and what hangs off them; the contracts are `protocols.ConnectionStore`'s."""
 
     async def count_connections(self) -> dict[tuple[str, str], int]:
-        """Connections (not purged) by (type, status as admins see it), across tenants."""
         rows = await self._engine.fetch(_COUNT_BY_TYPE_AND_STATUS)
         return {(row["type"], row["state"]): int(row["n"]) for row in rows}
 
     async def create_connection(self, record: ConnectionRecord, event: AuditEvent) -> None:
-        """Insert the connection, its labels and its audit event; `AlreadyExists` on a live name."""
         try:
             async with self._engine.transaction() as tx:
                 await tx.execute(_TABLE.insert, *_TABLE.params(record))
@@ -103,12 +101,10 @@ class Connections(EngineStore):
             raise
 
     async def get_connection(self, tenant: str, connection_id: str) -> ConnectionRecord | None:
-        """The connection in any state, or None."""
         rows = await self._engine.fetch(_BY_ID, tenant, connection_id)
         return _TABLE.from_row(rows[0]) if rows else None
 
     async def find_connection_by_name(self, tenant: str, name: str) -> ConnectionRecord | None:
-        """The live connection with this name, or None."""
         rows = await self._engine.fetch(_BY_LIVE_NAME, tenant, name)
         return _TABLE.from_row(rows[0]) if rows else None
 
@@ -183,7 +179,6 @@ class Connections(EngineStore):
             raise
 
     async def record_last_used(self, uses: Sequence[tuple[str, str, datetime]]) -> None:
-        """Raise last_used_at (never lower it) in one transaction; the version is untouched."""
         if not uses:
             return
         # Rows are locked in key order, so two replicas flushing overlapping sets cannot deadlock.
@@ -198,7 +193,6 @@ class Connections(EngineStore):
     async def record_test_result(
         self, tenant: str, connection_id: str, result: TestResult, event: AuditEvent
     ) -> None:
-        """Store a connection's latest test result with its audit event; the version is untouched."""
         if result.tested_at is None:
             raise ValueError("a recorded test result needs tested_at")
         status = TestStatus.SUCCESS if result.success else TestStatus.FAILED
@@ -224,7 +218,6 @@ class Connections(EngineStore):
         discovered_at: datetime,
         event: AuditEvent | None,
     ) -> None:
-        """Replace the stored tool list of a connection (and write `event` when given)."""
         when = codec.to_micros(discovered_at)
         try:
             async with self._engine.transaction() as tx:
@@ -242,7 +235,6 @@ class Connections(EngineStore):
             raise NotFound(f"connection {connection_id} not found") from exc
 
     async def list_mcp_tools(self, tenant: str, connection_id: str) -> tuple[list[McpTool], datetime | None]:
-        """The stored tools by name, and when they were discovered (None when never)."""
         rows = await self._engine.fetch(
             "SELECT name, description, input_schema, definition_hash, discovered_at FROM mcp_tools"
             " WHERE tenant = ? AND connection_id = ? ORDER BY name",
@@ -253,7 +245,6 @@ class Connections(EngineStore):
         return [codec.MCP_TOOLS.from_row(row) for row in rows], when
 
     async def list_expiring_tokens(self, before: datetime, limit: int) -> list[tuple[str, str]]:
-        """(tenant, id) of live, active connections whose token expires before `before`, soonest first."""
         check_limit(limit)
         rows = await self._engine.fetch(
             "SELECT tenant, id FROM connections WHERE secret_expires_at IS NOT NULL AND secret_expires_at < ?"
