@@ -26,7 +26,7 @@ from broker.errors import (
     SecretUnavailable,
     Unavailable,
 )
-from broker.model import ConnectionRecord, ConnectionStatus, Grant, Outcome
+from broker.model import ConnectionRecord, ConnectionStatus, Grant, GrantMode, Outcome
 from broker.sensitive import SecretFields
 from broker.service.audit import AuditLog
 from broker.service.cache import MISSING, ResolveCache
@@ -233,6 +233,8 @@ class Resolver:
             return "no_grant"
         if not grant.active_at(now):
             return "grant_expired"
+        if grant.mode is GrantMode.PROXY:
+            return "proxy_only"  # the broker may make calls with it; the executor never holds it
         return ""
 
     # ------------------------------------------------------------- last used

@@ -2,7 +2,7 @@
 
 A column has its field's name, and how a value is stored follows from the field's type:
 datetimes as INTEGER microseconds since the epoch (UTC), dicts and tuples as JSON text
-with sorted keys, enums by value, a `TestResult` as a JSON document, a `Sealed` envelope
+with sorted keys, enums by value, a `TestResult` or `GrantScope` as a JSON document, a `Sealed` envelope
 in three columns (ciphertext, wrapped_dek, kek_id), text and integers as they are. Every
 statement is assembled from these constant column lists, never from input, and nothing
 here formats a value into an error message.
@@ -26,6 +26,7 @@ from broker.model import (
     AuditSeal,
     ConnectionRecord,
     Grant,
+    GrantScope,
     McpTool,
     PendingAuthorization,
     SecurityEvent,
@@ -114,6 +115,10 @@ def _conversions(kind: Any) -> tuple[Convert, Convert]:
         return to_json, json.loads
     if kind is tuple:
         return (lambda v: to_json(list(v))), (lambda v: tuple(json.loads(v)))
+    if kind is GrantScope:
+        return (lambda v: to_json(dataclasses.asdict(v))), (
+            lambda v: GrantScope(**{key: tuple(items) for key, items in json.loads(v).items()})
+        )
     if kind is TestResult:
         return (lambda v: to_json(test_result_to_doc(v))), (lambda v: _test_result_from_doc(json.loads(v)))
     if isinstance(kind, type) and issubclass(kind, enum.Enum):

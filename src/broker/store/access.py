@@ -27,9 +27,9 @@ from broker.store.engine import MissingParent
 from broker.store.lifecycle import EngineStore, check_limit
 
 _GRANT_BY_KEY = codec.GRANTS.select + " WHERE tenant = ? AND connection_id = ? AND principal = ?"
-_GRANT_UPSERT = (
-    codec.GRANTS.insert + " ON CONFLICT (tenant, connection_id, principal) DO UPDATE SET "
-    "created_at = excluded.created_at, created_by = excluded.created_by, expires_at = excluded.expires_at"
+_GRANT_KEY = ("tenant", "connection_id", "principal")
+_GRANT_UPSERT = f"{codec.GRANTS.insert} ON CONFLICT ({', '.join(_GRANT_KEY)}) DO UPDATE SET " + ", ".join(
+    f"{c} = excluded.{c}" for c in codec.GRANTS.columns if c not in _GRANT_KEY
 )
 
 
