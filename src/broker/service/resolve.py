@@ -26,12 +26,13 @@ from broker.errors import (
     SecretUnavailable,
     Unavailable,
 )
-from broker.model import ConnectionRecord, ConnectionStatus, Grant, GrantMode, Outcome
+from broker.model import ConnectionRecord, Grant, GrantMode, Outcome
 from broker.sensitive import SecretFields
 from broker.service.audit import AuditLog
 from broker.service.cache import MISSING, ResolveCache
 from broker.service.context import Call
 from broker.service.fingerprint import Fingerprinter
+from broker.service.lookup import refusal
 from broker.service.monitor import Monitor
 from broker.service.oauth import OAuthService
 from broker.service.sealing import DECRYPT_FAILED, open_secrets
@@ -220,14 +221,10 @@ class Resolver:
     async def _denial_reason(self, call: Call, record: ConnectionRecord | None, now: datetime) -> str:
         if self._monitor is not None and self._monitor.blocked(call.tenant, call.actor, now):
             return "principal_blocked"
-        if record is None or record.purged_at is not None:
+        if record is None:
             return "unknown_connection"
-        if not record.live:
-            return "connection_deleted"
-        if record.status is ConnectionStatus.REVOKED:
-            return "connection_revoked"
-        if record.suspended_at is not None:
-            return "connection_suspended"
+        if reason := refusal(record):
+            return reason
         grant = await self._grant(call.tenant, record.id, call.actor)
         if grant is None:
             return "no_grant"

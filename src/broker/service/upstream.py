@@ -71,6 +71,14 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
 MAX_HEADERS, MAX_HEADER_BYTES, MAX_PATH, MAX_QUERY = 64, 16 * 1024, 2048, 8192
 
 
+class NotInjectable(FailedPrecondition):
+    """The connection cannot be used through the proxy (its type, or no credential or base URL yet)."""
+
+
+class AnswerTooLarge(FailedPrecondition):
+    """The upstream's answer is over the proxy's byte limit."""
+
+
 @functools.cache
 def _trust() -> ssl.SSLContext:
     # Built once: loading the trust store takes milliseconds, and a context is safe to share.
@@ -105,7 +113,7 @@ class UpstreamAnswer:
 def injection(
     connection_type: str, provider: str, config: Mapping[str, object], secrets: SecretFields
 ) -> Injection:
-    """How calls of this connection carry its credential; FAILED_PRECONDITION for a type not built."""
+    """How calls of this connection carry its credential; `NotInjectable` when they cannot."""
     values = secrets.reveal()
     sent = SentCredentials()
     headers: dict[str, str] = {}
@@ -124,7 +132,7 @@ def injection(
         elif auth == "oauth2":
             token = values.get("access_token")
             if not token:
-                raise FailedPrecondition("the connection has no access token yet; authorize it first")
+                raise NotInjectable("the connection has no access token yet; authorize it first")
             headers["Authorization"] = sent.bearer(token)
     elif connection_type == "api_key":
         known = API_KEY_PROVIDERS.get(provider)
@@ -136,11 +144,9 @@ def injection(
             headers = {**known.endpoint.headers, **headers}
             base = base or known.default_base
     else:
-        raise FailedPrecondition(
-            f"calls through the proxy are not built yet for {connection_type} connections"
-        )
+        raise NotInjectable(f"calls through the proxy are not built yet for {connection_type} connections")
     if not base:
-        raise FailedPrecondition("the connection has no base_url to send calls to")
+        raise NotInjectable("the connection has no base_url to send calls to")
     return Injection(base.rstrip("/"), headers, Scrubber(values.values(), sent.forms))
 
 
@@ -193,7 +199,7 @@ async def call(
 ) -> UpstreamAnswer:
     """Send `request` with the credential injected; the answer scrubbed (see the module docstring).
 
-    Raises INVALID_ARGUMENT for a request that may not be sent, FAILED_PRECONDITION for an
+    Raises INVALID_ARGUMENT for a request that may not be sent, `AnswerTooLarge` for an
     answer over `max_bytes`, and the egress and transport errors of `broker.egress.http`.
     """
     bad = _checked(request, connection.headers)
@@ -212,7 +218,7 @@ async def call(
         try:
             body = await read_body(response, max_bytes) if request.method != "HEAD" else b""
         except ResponseTooLarge:
-            raise FailedPrecondition(
+            raise AnswerTooLarge(
                 f"the upstream's answer is larger than {max_bytes} bytes, the proxy's limit"
             ) from None
         finally:
