@@ -61,6 +61,8 @@ naming the setting, raised at start-up.
     [limits]                        # token buckets per principal and class of call
     resolve_per_second = 200        # sustained Resolves per executor (burst: resolve_burst)
     resolve_burst = 400
+    proxy_per_second = 50           # sustained proxied calls per executor (burst: proxy_burst)
+    proxy_burst = 100
     admin_writes_per_minute = 600   # creates, updates, grants... per admin (burst: a minute's worth)
     tests_per_minute = 30           # connection tests and tool discovery per admin
     denied_audits_per_minute = 10   # calls refused for the caller's role or over a rate limit, audited
@@ -190,6 +192,8 @@ class Settings:
     tests_per_minute: int = 30
     resolve_per_second: float = 200.0
     resolve_burst: int = 400
+    proxy_per_second: float = 50.0
+    proxy_burst: int = 100
     admin_writes_per_minute: int = 600
     denied_audits_per_minute: int = 10
     metrics_listen: str = DEFAULT_METRICS_ADDR
@@ -617,6 +621,8 @@ def _build(src: _Source) -> Settings:
         tests_per_minute=int(src.number("limits", "tests_per_minute", 30, 1, 100_000)),
         resolve_per_second=src.number("limits", "resolve_per_second", 200, 0.01, 1_000_000),
         resolve_burst=int(src.number("limits", "resolve_burst", 400, 1, 1_000_000)),
+        proxy_per_second=src.number("limits", "proxy_per_second", 50, 0.01, 1_000_000),
+        proxy_burst=int(src.number("limits", "proxy_burst", 100, 1, 1_000_000)),
         admin_writes_per_minute=int(src.number("limits", "admin_writes_per_minute", 600, 1, 1_000_000)),
         denied_audits_per_minute=int(src.number("limits", "denied_audits_per_minute", 10, 0, 1_000_000)),
         metrics_listen=_metrics_address(src),

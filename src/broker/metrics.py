@@ -36,6 +36,12 @@ RESOLVES = Counter(
     ["outcome", "reason"],
     registry=REGISTRY,
 )
+PROXY_CALLS = Counter(
+    "broker_proxy_calls",
+    "Calls made through the proxy: allowed, or denied/failed by reason.",
+    ["outcome", "reason"],
+    registry=REGISTRY,
+)
 RESOLVE_CACHE = Counter(
     "broker_resolve_cache_lookups",
     "Resolve cache lookups, by result (hit or miss).",

@@ -211,9 +211,60 @@ class ConnectionRecord:
         return parsed if parsed.tzinfo is not None else None
 
 
+class GrantMode(enum.StrEnum):
+    RESOLVE = "resolve"  # the secret is released to the executor (Resolve)
+    PROXY = "proxy"  # the broker makes calls with it for the executor; Resolve is refused
+
+
+# Request paths a proxy grant's path prefixes never match: dot segments and encoded dots,
+# slashes or backslashes, which an upstream may resolve to a path outside the prefix.
+_AMBIGUOUS_PATH = re.compile(r"(^|/)\.{1,2}(/|$)|%2e|%2f|%5c|\\", re.IGNORECASE)
+
+
+def ambiguous_path(path: str) -> bool:
+    """True for a path that may mean another path to the upstream (see `_AMBIGUOUS_PATH`)."""
+    return _AMBIGUOUS_PATH.search(path) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class GrantScope:
+    """What a proxy grant allows; an empty tuple allows any. Checked before any key is unwrapped.
+
+    `methods` (upper case) and `path_prefixes` apply to HTTP calls: a prefix matches the path
+    itself and what lies below it ("/repos" matches "/repos" and "/repos/x", not "/reposx").
+    `tools` names the MCP tools that may be called.
+    """
+
+    methods: tuple[str, ...] = ()
+    path_prefixes: tuple[str, ...] = ()
+    tools: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.methods or self.path_prefixes or self.tools)
+
+    def allows_request(self, method: str, path: str) -> bool:
+        if self.methods and method.upper() not in self.methods:
+            return False
+        if not self.path_prefixes:
+            return True
+        if ambiguous_path(path):
+            return False
+        return any(
+            path == prefix or path.startswith(prefix if prefix.endswith("/") else prefix + "/")
+            for prefix in self.path_prefixes
+        )
+
+    def allows_tool(self, name: str) -> bool:
+        return not self.tools or name in self.tools
+
+
+UNSCOPED = GrantScope()
+
+
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """Lets one executor principal (a SPIFFE id) resolve one connection until `expires_at`."""
+    """Lets one executor principal (a SPIFFE id) use one connection until `expires_at`: by
+    Resolve (the secret is released) or, in PROXY mode, only through calls the broker makes."""
 
     tenant: str
     connection_id: str
@@ -221,6 +272,8 @@ class Grant:
     created_at: datetime
     created_by: str
     expires_at: datetime | None = None
+    mode: GrantMode = GrantMode.RESOLVE
+    scope: GrantScope = UNSCOPED
 
     def active_at(self, now: datetime) -> bool:
         return self.expires_at is None or now < self.expires_at

@@ -1,7 +1,7 @@
 """Wiring: the store, the services and the two mTLS listeners; start-up and shutdown.
 
     admin listener    AdminService (+ health, reflection)   role admin
-    resolve listener  ResolveService (+ health)             role executor
+    resolve listener  ResolveService, ProxyService (+ health)  role executor
 
 Both require a client certificate signed by the configured CA (gRPC's Python
 default is *not* to require one). The broker refuses to start without a usable
@@ -48,6 +48,7 @@ from broker.api import (
     AdminServicer,
     CallInterceptor,
     DrainGate,
+    ProxyServicer,
     RateLimitInterceptor,
     ResolveServicer,
     resolve_public_part,
@@ -70,6 +71,7 @@ from broker.service import (
     Monitor,
     OAuthService,
     OAuthSettings,
+    ProxyService,
     RateLimits,
     ReplicaChanges,
     ResolveCache,
@@ -89,7 +91,9 @@ log = structlog.get_logger("broker.server")
 
 ADMIN_SERVICE = broker_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 RESOLVE_SERVICE = broker_pb2.DESCRIPTOR.services_by_name["ResolveService"].full_name
-_ROLES = {ADMIN_SERVICE: Role.ADMIN, RESOLVE_SERVICE: Role.EXECUTOR}
+# Served beside ResolveService on the executor listener.
+PROXY_SERVICE = broker_pb2.DESCRIPTOR.services_by_name["ProxyService"].full_name
+_ROLES = {ADMIN_SERVICE: Role.ADMIN, RESOLVE_SERVICE: Role.EXECUTOR, PROXY_SERVICE: Role.EXECUTOR}
 _ADDRESS_SETTINGS = {ADMIN_SERVICE: "listen.admin", RESOLVE_SERVICE: "listen.resolve"}
 
 
@@ -143,11 +147,12 @@ def _oauth_settings(settings: Settings) -> OAuthSettings:
 
 
 def _rate_limits(settings: Settings, coordination: Coordination, denials: DenialAudit) -> RateLimits:
-    """Resolve buckets per replica; the per-minute ones shared through the store (see ratelimit.py)."""
+    """Resolve and proxy buckets per replica; the per-minute ones shared through the store (ratelimit.py)."""
     per_minute = (settings.admin_writes_per_minute, settings.tests_per_minute)
     return RateLimits(
         {
             "resolve": Limit(settings.resolve_per_second, settings.resolve_burst),
+            "proxy": Limit(settings.proxy_per_second, settings.proxy_burst),
             "admin_write": Limit(per_minute[0] / 60, per_minute[0], shared=True),
             "test": Limit(per_minute[1] / 60, per_minute[1], shared=True),
         },
@@ -181,6 +186,7 @@ class Services:
     connections: ConnectionService
     oauth: OAuthService
     resolver: Resolver
+    proxy: ProxyService
     access: AccessService
     keys: MasterKeys
 
@@ -274,6 +280,16 @@ def build_services(settings: Settings, store: Store, keyring: Keyring, clock: Cl
         connections=connections,
         oauth=oauth,
         resolver=resolver,
+        proxy=ProxyService(
+            connections=store,
+            grants=store,
+            keyring=keyring,
+            audit=audit,
+            egress=egress,
+            clock=clock,
+            max_response_bytes=settings.egress.max_response_bytes,
+            monitor=monitor,
+        ),
         access=AccessService(connections=store, grants=store, clock=clock),
         keys=keys,
     )
@@ -336,6 +352,9 @@ class Broker:
                 reflection.enable_server_reflection(listed, admin)
             resolve = self._listener(RESOLVE_SERVICE, settings.resolve_addr)
             ResolveServicer(services.resolver).add_to(resolve)
+            add_proxy = broker_pb2_grpc.add_ProxyServiceServicer_to_server
+            add_proxy(ProxyServicer(services.proxy), resolve)  # type: ignore[no-untyped-call]
+            self._health.append((self._health[-1][0], PROXY_SERVICE))
             self.admin_port, self.resolve_port = self._ports
             await self._publish_health()  # NOT_SERVING: the servicer starts out SERVING for ""
             self.metrics_port = self._start_metrics()

@@ -86,9 +86,15 @@ async def test_each_listener_serves_only_its_own_services_whatever_was_called_be
         resolve_on_admin = broker_pb2_grpc.ResolveServiceStub(
             running.channel(running.identities["executor"], admin_port)
         )
+        proxy_on_admin = broker_pb2_grpc.ProxyServiceStub(
+            running.channel(running.identities["executor"], admin_port)
+        )
         wrong = {
             "AdminService on the resolve port": lambda: admin_on_resolve.ListConnections(
                 pb.ListConnectionsRequest()
+            ),
+            "ProxyService on the admin port": lambda: proxy_on_admin.ProxyHttp(
+                pb.ProxyHttpRequest(connection_id=created.id, method="GET", path="/")
             ),
             "ResolveService on the admin port": lambda: resolve_on_admin.Resolve(
                 pb.ResolveRequest(connection_id=created.id)

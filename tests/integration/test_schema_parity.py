@@ -20,6 +20,8 @@ import aiosqlite
 import asyncpg
 import pytest
 
+from broker.model import Grant, GrantMode
+from broker.store._codec import GRANTS, from_micros
 from broker.store._migrate import Engine, Migration, apply_sqlite, load_migrations
 from broker.store.postgres.migrate import apply_postgres
 from tests.postgres_db import fresh_database
@@ -72,6 +74,10 @@ ACCEPTED: dict[str, tuple[str | None, str | None, str]] = {
     "rate_buckets.kind order": ("bytes", "database default", _EQUALITY_ONLY),
     "rate_buckets.principal order": ("bytes", "database default", _EQUALITY_ONLY),
 }
+
+
+# Migrations written after the one list replaced the two released trees.
+LATER = [m.version for m in load_migrations("sqlite") if m.version > 8]
 
 
 def released(engine: Engine) -> list[Migration]:
@@ -143,12 +149,35 @@ async def test_a_sqlite_database_from_the_released_scripts_opens_unchanged(tmp_p
     assert await migrate_sqlite(old, released("sqlite")) == list(range(1, 9))
     schema, recorded = read_sqlite(old, sqlite_exact), read_sqlite(old, history)
 
-    assert await migrate_sqlite(old, load_migrations("sqlite")) == []
-    assert read_sqlite(old, sqlite_exact) == schema
-    assert read_sqlite(old, history) == recorded
-
-    await migrate_sqlite(new, load_migrations("sqlite"))
+    # The rewritten 0001-0008 build what the released ones built, and are not applied again.
+    await migrate_sqlite(new, load_migrations("sqlite")[:8])
     assert read_sqlite(new, sqlite_exact) == schema
+    assert await migrate_sqlite(old, load_migrations("sqlite")) == LATER
+    assert read_sqlite(old, history)[:8] == recorded
+    await migrate_sqlite(new, load_migrations("sqlite"))
+    assert read_sqlite(old, sqlite_exact) == read_sqlite(new, sqlite_exact)
+
+
+async def test_grants_made_before_grant_modes_are_resolve_grants(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    await migrate_sqlite(path, released("sqlite"))
+
+    def add_grant(db: sqlite3.Connection) -> None:
+        db.execute(
+            "INSERT INTO grants (tenant, connection_id, principal, created_at, created_by)"
+            " VALUES ('t', 'conn_1', 'p', 0, 'admin')"
+        )
+        db.commit()
+
+    read_sqlite(path, add_grant)
+    await migrate_sqlite(path, load_migrations("sqlite"))
+
+    def grants(db: sqlite3.Connection) -> list[Grant]:
+        db.row_factory = sqlite3.Row
+        return [GRANTS.from_row(row) for row in db.execute(GRANTS.select)]
+
+    assert read_sqlite(path, grants) == [Grant("t", "conn_1", "p", from_micros(0), "admin")]
+    assert read_sqlite(path, grants)[0].mode is GrantMode.RESOLVE
 
 
 async def test_a_postgres_database_from_the_released_scripts_opens_unchanged() -> None:
@@ -159,15 +188,18 @@ async def test_a_postgres_database_from_the_released_scripts_opens_unchanged() -
             schema = await postgres_exact(conn)
             recorded = await conn.fetch("SELECT * FROM schema_migrations ORDER BY version")
 
-            assert await apply_postgres(conn, load_migrations("postgres")) == []
-            assert await postgres_exact(conn) == schema
-            assert await conn.fetch("SELECT * FROM schema_migrations ORDER BY version") == recorded
+            assert await apply_postgres(conn, load_migrations("postgres")) == LATER
+            assert (await conn.fetch("SELECT * FROM schema_migrations ORDER BY version"))[:8] == recorded
+            upgraded = await postgres_exact(conn)
         finally:
             await conn.close()
         conn = await asyncpg.connect(new)
         try:
-            await apply_postgres(conn, load_migrations("postgres"))
+            # The rewritten 0001-0008 build what the released ones built; the rest the same as above.
+            await apply_postgres(conn, load_migrations("postgres")[:8])
             assert await postgres_exact(conn) == schema
+            await apply_postgres(conn, load_migrations("postgres"))
+            assert await postgres_exact(conn) == upgraded
         finally:
             await conn.close()
 

@@ -36,6 +36,8 @@ from broker.model import (
     ConnectionStatus,
     Grant,
     GrantFilter,
+    GrantMode,
+    GrantScope,
     McpTool,
     Outcome,
     PendingAuthorization,
@@ -474,6 +476,25 @@ async def test_grants_put_get_list_and_delete(store: Store) -> None:
         TENANT, "conn_missing", principals[1], make_event(action="grant.delete")
     )
     assert await audit_count(store) == events + 1
+
+
+async def test_a_grant_keeps_its_mode_and_scope_and_a_put_replaces_them(store: Store) -> None:
+    conn = await create(store)
+    principal = "spiffe://example.org/tenant/acme/executor/agent"
+    await store.put_grant(make_grant(conn.id, principal), make_event(action="grant.put"))
+    assert await store.get_grant(TENANT, conn.id, principal) == make_grant(conn.id, principal)
+    assert make_grant(conn.id, principal).mode is GrantMode.RESOLVE
+
+    proxy = make_grant(
+        conn.id, principal, mode=GrantMode.PROXY, scope=GrantScope(("GET",), ("/v1/", "/user"), ())
+    )
+    await store.put_grant(proxy, make_event(action="grant.put"))
+    assert await store.get_grant(TENANT, conn.id, principal) == proxy
+    assert await store.list_grants(TENANT, GrantFilter(connection_id=conn.id), 10, None) == [proxy]
+
+    back = make_grant(conn.id, principal)
+    await store.put_grant(back, make_event(action="grant.put"))
+    assert await store.get_grant(TENANT, conn.id, principal) == back
 
 
 async def test_grant_for_unknown_connection_is_not_found(store: Store) -> None:

@@ -399,7 +399,7 @@ def test_grants_mark_expired_ones_and_active_hides_them(
     fake(ListGrants=pb.ListGrantsResponse(grants=grants))
     assert brokerctl.main(["grants"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
-    assert rows[0][:4] == ["CONNECTION", "PRINCIPAL", "STATE", "EXPIRES"]
+    assert rows[0][:6] == ["CONNECTION", "PRINCIPAL", "STATE", "MODE", "SCOPE", "EXPIRES"]
     assert [r[1:3] for r in rows[1:]] == [["p-old", "expired"], ["p-new", "active"], ["p-forever", "active"]]
     fake(ListGrants=pb.ListGrantsResponse(grants=grants))
     assert brokerctl.main(["grants", "--active", "--json"]) == 0

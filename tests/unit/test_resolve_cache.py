@@ -23,21 +23,16 @@ from broker.model import (
     ConnectionRecord,
     ConnectionStatus,
     Grant,
+    GrantMode,
     TestCategory,
     TestResult,
     TestStage,
     TestStatus,
 )
 from broker.sensitive import SecretFields
-from broker.service.cache import FOREVER, MISSING, ResolveCache
+from broker.service.cache import FOREVER, MISSING, GrantTerms, ResolveCache
 from broker.service.resolve import Released
-from broker.store._codec import (
-    CONNECTION_COLUMNS,
-    connection_from_row,
-    connection_params,
-    grant_from_row,
-    grant_params,
-)
+from broker.store._codec import CONNECTIONS, GRANTS
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 KEYRING = Keyring(Kek(bytes(32)))
@@ -83,20 +78,26 @@ def http_record(n: int = 1, *, version: int = 1, base_url: str = "") -> Connecti
     )
     secrets = SecretFields({"token": "tok-" + os.urandom(24).hex()})
     record = replace(record, sealed=crypto.seal(KEYRING, secrets.to_bytes(), record.binding))
-    return connection_from_row(dict(zip(CONNECTION_COLUMNS, connection_params(record), strict=True)))
+    return CONNECTIONS.from_row(dict(zip(CONNECTIONS.columns, CONNECTIONS.params(record), strict=True)))
+
+
+ALWAYS = GrantTerms(FOREVER, GrantMode.RESOLVE)
 
 
 def cache(entries: int = 100) -> ResolveCache:
     return ResolveCache(public_part=resolve_public_part, max_entries=entries)
 
 
-def grant(connection_id: str, principal: str = "etl", expires_at: datetime | None = None) -> Grant:
+def grant(
+    connection_id: str,
+    principal: str = "etl",
+    expires_at: datetime | None = None,
+    mode: GrantMode = GrantMode.RESOLVE,
+) -> Grant:
     """A grant as the store returns it."""
-    made = Grant(
-        "acme", connection_id, principal, T0, "spiffe://broker.local/tenant/acme/admin/ops", expires_at
-    )
-    columns = ("tenant", "connection_id", "principal", "created_at", "created_by", "expires_at")
-    return grant_from_row(dict(zip(columns, grant_params(made), strict=True)))
+    admin = "spiffe://broker.local/tenant/acme/admin/ops"
+    made = Grant("acme", connection_id, principal, T0, admin, expires_at, mode)
+    return GRANTS.from_row(dict(zip(GRANTS.columns, GRANTS.params(made), strict=True)))
 
 
 def evictions() -> float:
@@ -118,7 +119,7 @@ def test_the_least_recently_used_connection_goes_first_with_its_name_and_grants(
     assert all(c.connection("acme", r.id) is not None for r in (a, d, e))
     c.put_connection(b, c.generation)  # back, without the grant it had: read again from the store
     assert c.grant("acme", b.id, "etl") is MISSING
-    assert c.connection("acme", d.id) is not None and c.grant("acme", d.id, "etl") == FOREVER
+    assert c.connection("acme", d.id) is not None and c.grant("acme", d.id, "etl") == ALWAYS
     assert metrics.REGISTRY.get_sample_value("broker_resolve_cache_entries") == 3
 
 
@@ -131,7 +132,7 @@ def test_a_grant_is_kept_only_on_a_cached_connection() -> None:
     ends = T0 + timedelta(hours=1)
     c.put_grant("acme", record.id, "etl", grant(record.id, expires_at=ends), c.generation)
     c.put_grant("acme", record.id, "other", None, c.generation)
-    assert c.grant("acme", record.id, "etl") == ends
+    assert c.grant("acme", record.id, "etl") == GrantTerms(ends, GrantMode.RESOLVE)
     assert c.grant("acme", record.id, "other") is None  # known absent
     c.invalidate_grant("acme", record.id, "etl")
     assert c.grant("acme", record.id, "etl") is MISSING and c.connection("acme", record.id) is not None
@@ -145,11 +146,13 @@ def test_several_principals_each_keep_their_own_cached_grant() -> None:
     record = http_record()
     c.put_connection(record, c.generation)
     ends = T0 + timedelta(days=1)
-    for principal, value in (("a", None), ("b", grant(record.id, "b", ends)), ("c", grant(record.id, "c"))):
+    proxy = grant(record.id, "c", mode=GrantMode.PROXY)
+    for principal, value in (("a", None), ("b", grant(record.id, "b", ends)), ("c", proxy)):
         c.put_grant("acme", record.id, principal, value, c.generation)
-    assert [c.grant("acme", record.id, p) for p in "abc"] == [None, ends, FOREVER]
+    b_terms, c_terms = GrantTerms(ends, GrantMode.RESOLVE), GrantTerms(FOREVER, GrantMode.PROXY)
+    assert [c.grant("acme", record.id, p) for p in "abc"] == [None, b_terms, c_terms]
     c.invalidate_grant("acme", record.id, "a")  # the first one: the others stay
-    assert [c.grant("acme", record.id, p) for p in "abc"] == [MISSING, ends, FOREVER]
+    assert [c.grant("acme", record.id, p) for p in "abc"] == [MISSING, b_terms, c_terms]
     c.put_grant("acme", record.id, "b", None, c.generation)  # revoked and read again
     c.invalidate_grant("acme", record.id, "c")
     assert [c.grant("acme", record.id, p) for p in "abc"] == [MISSING, None, MISSING]

@@ -42,6 +42,12 @@ class TestStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TEST_STATUS_SUCCESS: _ClassVar[TestStatus]
     TEST_STATUS_FAILED: _ClassVar[TestStatus]
 
+class GrantMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GRANT_MODE_UNSPECIFIED: _ClassVar[GrantMode]
+    GRANT_MODE_RESOLVE: _ClassVar[GrantMode]
+    GRANT_MODE_PROXY: _ClassVar[GrantMode]
+
 class TestCategory(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TEST_CATEGORY_UNSPECIFIED: _ClassVar[TestCategory]
@@ -88,6 +94,9 @@ TEST_STATUS_UNSPECIFIED: TestStatus
 TEST_STATUS_UNTESTED: TestStatus
 TEST_STATUS_SUCCESS: TestStatus
 TEST_STATUS_FAILED: TestStatus
+GRANT_MODE_UNSPECIFIED: GrantMode
+GRANT_MODE_RESOLVE: GrantMode
+GRANT_MODE_PROXY: GrantMode
 TEST_CATEGORY_UNSPECIFIED: TestCategory
 TEST_CATEGORY_OK: TestCategory
 TEST_CATEGORY_TIMEOUT: TestCategory
@@ -337,29 +346,47 @@ class RevokeConnectionRequest(_message.Message):
     reason: str
     def __init__(self, id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class GrantScope(_message.Message):
+    __slots__ = ("methods", "path_prefixes", "tools")
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    PATH_PREFIXES_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    methods: _containers.RepeatedScalarFieldContainer[str]
+    path_prefixes: _containers.RepeatedScalarFieldContainer[str]
+    tools: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, methods: _Optional[_Iterable[str]] = ..., path_prefixes: _Optional[_Iterable[str]] = ..., tools: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class Grant(_message.Message):
-    __slots__ = ("connection_id", "principal", "expires_at", "created_at", "created_by")
+    __slots__ = ("connection_id", "principal", "expires_at", "created_at", "created_by", "mode", "scope")
     CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
     PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
     connection_id: str
     principal: str
     expires_at: _timestamp_pb2.Timestamp
     created_at: _timestamp_pb2.Timestamp
     created_by: str
-    def __init__(self, connection_id: _Optional[str] = ..., principal: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ...) -> None: ...
+    mode: GrantMode
+    scope: GrantScope
+    def __init__(self, connection_id: _Optional[str] = ..., principal: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ..., mode: _Optional[_Union[GrantMode, str]] = ..., scope: _Optional[_Union[GrantScope, _Mapping]] = ...) -> None: ...
 
 class GrantAccessRequest(_message.Message):
-    __slots__ = ("connection_id", "principal", "expires_at")
+    __slots__ = ("connection_id", "principal", "expires_at", "mode", "scope")
     CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
     PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
     connection_id: str
     principal: str
     expires_at: _timestamp_pb2.Timestamp
-    def __init__(self, connection_id: _Optional[str] = ..., principal: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    mode: GrantMode
+    scope: GrantScope
+    def __init__(self, connection_id: _Optional[str] = ..., principal: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[GrantMode, str]] = ..., scope: _Optional[_Union[GrantScope, _Mapping]] = ...) -> None: ...
 
 class RevokeAccessRequest(_message.Message):
     __slots__ = ("connection_id", "principal")
@@ -771,3 +798,41 @@ class ResolveResponse(_message.Message):
     secret_version: int
     superseded_at: _timestamp_pb2.Timestamp
     def __init__(self, connection_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., provider: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., secrets: _Optional[_Mapping[str, str]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cache_ttl_seconds: _Optional[int] = ..., secret_version: _Optional[int] = ..., superseded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class HttpHeader(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: str
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
+class ProxyHttpRequest(_message.Message):
+    __slots__ = ("connection_id", "name", "method", "path", "query", "headers", "body", "purpose")
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    connection_id: str
+    name: str
+    method: str
+    path: str
+    query: str
+    headers: _containers.RepeatedCompositeFieldContainer[HttpHeader]
+    body: bytes
+    purpose: str
+    def __init__(self, connection_id: _Optional[str] = ..., name: _Optional[str] = ..., method: _Optional[str] = ..., path: _Optional[str] = ..., query: _Optional[str] = ..., headers: _Optional[_Iterable[_Union[HttpHeader, _Mapping]]] = ..., body: _Optional[bytes] = ..., purpose: _Optional[str] = ...) -> None: ...
+
+class ProxyHttpResponse(_message.Message):
+    __slots__ = ("status", "headers", "body")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    status: int
+    headers: _containers.RepeatedCompositeFieldContainer[HttpHeader]
+    body: bytes
+    def __init__(self, status: _Optional[int] = ..., headers: _Optional[_Iterable[_Union[HttpHeader, _Mapping]]] = ..., body: _Optional[bytes] = ...) -> None: ...

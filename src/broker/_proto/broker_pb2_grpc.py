@@ -1176,3 +1176,78 @@ class ResolveService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ProxyServiceStub:
+    """Calls made for mTLS-authenticated executors, who never hold the secret.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ProxyHttp = channel.unary_unary(
+                '/broker.v1.ProxyService/ProxyHttp',
+                request_serializer=broker_dot_v1_dot_broker__pb2.ProxyHttpRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.ProxyHttpResponse.FromString,
+                _registered_method=True)
+
+
+class ProxyServiceServicer:
+    """Calls made for mTLS-authenticated executors, who never hold the secret.
+    """
+
+    def ProxyHttp(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ProxyServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ProxyHttp': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProxyHttp,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.ProxyHttpRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.ProxyHttpResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'broker.v1.ProxyService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('broker.v1.ProxyService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ProxyService:
+    """Calls made for mTLS-authenticated executors, who never hold the secret.
+    """
+
+    @staticmethod
+    def ProxyHttp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.ProxyService/ProxyHttp',
+            broker_dot_v1_dot_broker__pb2.ProxyHttpRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.ProxyHttpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

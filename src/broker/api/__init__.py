@@ -8,6 +8,7 @@ handler wrapping stay in their modules.
 from broker.api.admin import AdminServicer
 from broker.api.drain import DrainGate, stop_listeners
 from broker.api.interceptors import CallInterceptor, current_call
+from broker.api.proxy import ProxyServicer
 from broker.api.ratelimit import RateLimitInterceptor
 from broker.api.resolve import ResolveServicer, resolve_public_part
 
@@ -15,6 +16,7 @@ __all__ = [
     "AdminServicer",
     "CallInterceptor",
     "DrainGate",
+    "ProxyServicer",
     "RateLimitInterceptor",
     "ResolveServicer",
     "current_call",

@@ -119,7 +119,14 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
 
     async def GrantAccess(self, request: pb.GrantAccessRequest, context: Any) -> pb.Grant:
         expires_at = convert.from_timestamp(request, "expires_at")
-        grant = await self._access.grant(current_call(), request.connection_id, request.principal, expires_at)
+        grant = await self._access.grant(
+            current_call(),
+            request.connection_id,
+            request.principal,
+            expires_at,
+            convert.grant_mode(request.mode),
+            convert.grant_scope(request.scope),
+        )
         return convert.grant(grant)
 
     async def RevokeAccess(self, request: pb.RevokeAccessRequest, context: Any) -> Any:

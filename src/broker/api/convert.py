@@ -17,6 +17,8 @@ from broker.model import (
     ConnectionRecord,
     ConnectionStatus,
     Grant,
+    GrantMode,
+    GrantScope,
     McpTool,
     SecurityEvent,
     TestCategory,
@@ -160,14 +162,34 @@ def connection(record: ConnectionRecord, stale: bool = False) -> pb.Connection:
     )
 
 
+_GRANT_MODE_TO_PB = {GrantMode.RESOLVE: pb.GRANT_MODE_RESOLVE, GrantMode.PROXY: pb.GRANT_MODE_PROXY}
+_GRANT_MODE_FROM_PB: dict[int, GrantMode] = {int(v): k for k, v in _GRANT_MODE_TO_PB.items()}
+_GRANT_MODE_FROM_PB[pb.GRANT_MODE_UNSPECIFIED] = GrantMode.RESOLVE
+
+
 def grant(value: Grant) -> pb.Grant:
+    scope = value.scope
     return pb.Grant(
         connection_id=value.connection_id,
         principal=value.principal,
         expires_at=timestamp(value.expires_at),
         created_at=timestamp(value.created_at),
         created_by=value.created_by,
+        mode=_GRANT_MODE_TO_PB[value.mode],
+        scope=pb.GrantScope(methods=scope.methods, path_prefixes=scope.path_prefixes, tools=scope.tools),
     )
+
+
+def grant_mode(value: int) -> GrantMode:
+    """A request's mode; UNSPECIFIED is RESOLVE, an unknown number is INVALID_ARGUMENT."""
+    mode = _GRANT_MODE_FROM_PB.get(value)
+    if mode is None:
+        raise InvalidArgument.field("mode", "must be GRANT_MODE_RESOLVE or GRANT_MODE_PROXY")
+    return mode
+
+
+def grant_scope(value: pb.GrantScope) -> GrantScope:
+    return GrantScope(tuple(value.methods), tuple(value.path_prefixes), tuple(value.tools))
 
 
 def audit_event(event: AuditEvent) -> pb.AuditEvent:

@@ -19,6 +19,7 @@ from broker.service.ratelimit import RateLimits
 # Method name -> class of call. Reads are not limited.
 CLASSES = {
     "Resolve": "resolve",
+    "ProxyHttp": "proxy",
     "TestConnection": "test",
     "DiscoverMcpTools": "test",
     "RefreshMcpTools": "test",

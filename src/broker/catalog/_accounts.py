@@ -14,6 +14,7 @@ _GUID_TEXT = "a GUID like 00000000-0000-0000-0000-000000000000"
 
 API_KEY = ConnectionType(
     name="api_key",
+    proxy="http",
     description="An API key for a hosted service; the provider names the service.",
     providers=(
         "openai",
@@ -55,6 +56,7 @@ _OAUTH_DEFAULTS = tuple(
 
 OAUTH2 = ConnectionType(
     name="oauth2",
+    proxy="http",
     description="An OAuth2 client and, once authorised, its tokens; the provider names the service.",
     providers=(*OAUTH_PROVIDERS, "custom"),
     fields=(

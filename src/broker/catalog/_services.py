@@ -128,6 +128,7 @@ _HTTP_AUTH = {"bearer": ("token",), "basic": ("username", "password"), "api_key"
 
 HTTP = ConnectionType(
     name="http",
+    proxy="http",
     description="An HTTP API reached at a base URL, with optional authentication.",
     fields=(
         FieldSpec(
@@ -185,6 +186,7 @@ SMTP = ConnectionType(
 
 WEBHOOK = ConnectionType(
     name="webhook",
+    proxy="http",
     description="An outbound webhook: requests sent to one URL.",
     fields=(
         FieldSpec(
@@ -207,6 +209,7 @@ WEBHOOK = ConnectionType(
 
 MCP = ConnectionType(
     name="mcp",
+    proxy="mcp",
     description="A Model Context Protocol tool server over HTTP.",
     fields=(
         FieldSpec(

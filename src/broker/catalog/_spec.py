@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 class FieldKind(enum.StrEnum):
@@ -154,6 +154,9 @@ class ConnectionType:
     rules: tuple[Rule, ...] = field(default=(), repr=False)
     defaults: tuple[Default, ...] = field(default=(), repr=False)
     open_config: bool = field(default=False, repr=False)
+    # What the broker can do with it on an executor's behalf (proxy grants): "http" requests
+    # with the credential injected, "mcp" tool calls, or "" (nothing: the secret is only resolved).
+    proxy: Literal["http", "mcp", ""] = ""
 
     def spec(self, name: str) -> FieldSpec | None:
         """The field called `name`, or None."""

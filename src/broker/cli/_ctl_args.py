@@ -153,12 +153,28 @@ def build_parser(*, raising: bool = False) -> argparse.ArgumentParser:
     _add_ref(p)
     p.add_argument("--reason", default="", help="recorded in the audit trail")
 
-    p = command("grant", "Let an executor principal resolve a connection.")
+    p = command(
+        "grant",
+        "Let an executor principal use a connection: resolve its secret, or (--mode proxy) have the"
+        " broker make calls with it. Granting again replaces the grant's expiry, mode and scope.",
+    )
     _add_ref(p)
     p.add_argument("principal", help="spiffe://<trust-domain>/tenant/<tenant>/executor/<name>")
     until = p.add_mutually_exclusive_group()
     until.add_argument("--expires-in", metavar="DURATION", help="e.g. 30m, 1h, 7d")
     until.add_argument("--expires-at", metavar="TIME", help="RFC 3339 (UTC when no offset is given)")
+    p.add_argument(
+        "--mode",
+        choices=("resolve", "proxy"),
+        default="resolve",
+        help="resolve: the secret is released (default); proxy: the executor never holds it",
+    )
+    scope = p.add_argument_group("scope of a proxy grant (repeatable; none: any)")
+    scope.add_argument("--method", action="append", default=[], help="an HTTP method, e.g. GET")
+    scope.add_argument(
+        "--path", action="append", default=[], metavar="PREFIX", help="a path prefix, e.g. /v1/"
+    )
+    scope.add_argument("--tool", action="append", default=[], help="an MCP tool name")
 
     p = command("ungrant", "Take a grant away.")
     _add_ref(p)

@@ -172,19 +172,26 @@ def render_connections(connections: Iterable[broker_pb2.Connection]) -> str:
 
 
 def render_grants(grants: Iterable[broker_pb2.Grant], now: dt.datetime) -> str:
-    """One row per grant; STATE says whether it has expired by `now`."""
+    """One row per grant; STATE says whether it has expired by `now`, MODE how it may be used."""
     rows = [
         (
             g.connection_id,
             g.principal,
             "expired" if grant_expired(g, now) else "active",
+            "proxy" if g.mode == broker_pb2.GRANT_MODE_PROXY else "resolve",
+            _scope(g.scope),
             timestamp(g, "expires_at", "never"),
             timestamp(g, "created_at"),
             g.created_by or _NONE,
         )
         for g in grants
     ]
-    return table(("CONNECTION", "PRINCIPAL", "STATE", "EXPIRES", "CREATED", "BY"), rows)
+    return table(("CONNECTION", "PRINCIPAL", "STATE", "MODE", "SCOPE", "EXPIRES", "CREATED", "BY"), rows)
+
+
+def _scope(scope: broker_pb2.GrantScope) -> str:
+    parts = {"methods": scope.methods, "paths": scope.path_prefixes, "tools": scope.tools}
+    return " ".join(f"{name}={','.join(items)}" for name, items in parts.items() if items) or _NONE
 
 
 def grant_expired(g: broker_pb2.Grant, now: dt.datetime) -> bool:

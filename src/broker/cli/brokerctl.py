@@ -267,7 +267,12 @@ def _revoke(args: argparse.Namespace, s: Session) -> int:
 
 
 def _grant(args: argparse.Namespace, s: Session) -> int:
-    request = broker_pb2.GrantAccessRequest(connection_id=_ref(args, s), principal=args.principal)
+    request = broker_pb2.GrantAccessRequest(
+        connection_id=_ref(args, s),
+        principal=args.principal,
+        mode=broker_pb2.GRANT_MODE_PROXY if args.mode == "proxy" else broker_pb2.GRANT_MODE_RESOLVE,
+        scope=broker_pb2.GrantScope(methods=args.method, path_prefixes=args.path, tools=args.tool),
+    )
     now = dt.datetime.now(dt.UTC)
     if args.expires_in:
         request.expires_at.FromDatetime(now + parse_duration(args.expires_in))
@@ -280,7 +285,7 @@ def _grant(args: argparse.Namespace, s: Session) -> int:
 def _ungrant(args: argparse.Namespace, s: Session) -> int:
     request = broker_pb2.RevokeAccessRequest(connection_id=_ref(args, s), principal=args.principal)
     reply = s.admin.RevokeAccess(request, timeout=s.timeout)
-    return _show(args, reply, lambda _: f"{args.principal} can no longer resolve {args.ref}")
+    return _show(args, reply, lambda _: f"{args.principal} can no longer use {args.ref}")
 
 
 def _grants(args: argparse.Namespace, s: Session) -> int:

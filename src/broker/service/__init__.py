@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from broker.service.keys import MasterKeys
     from broker.service.monitor import Monitor, MonitorSettings
     from broker.service.oauth import DraftAuthorization, OAuthService, OAuthSettings
+    from broker.service.proxy import ProxyService
     from broker.service.ratelimit import Limit, RateLimits
     from broker.service.rebind import rebind_unbound
     from broker.service.replicas import ReplicaChanges
@@ -52,6 +53,7 @@ _MODULES = {
     "OAuthService": "oauth",
     "OAuthSettings": "oauth",
     "parse_target": "alerts",
+    "ProxyService": "proxy",
     "RateLimits": "ratelimit",
     "rebind_unbound": "rebind",
     "Released": "resolve",
@@ -80,6 +82,7 @@ __all__ = [
     "NewConnection",
     "OAuthService",
     "OAuthSettings",
+    "ProxyService",
     "RateLimits",
     "Released",
     "ReplicaChanges",

@@ -1,13 +1,14 @@
-"""Grants: which executor principal may resolve which connection, until when."""
+"""Grants: which executor principal may use which connection, how (resolve or proxy), until when."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
 
-from broker.errors import InvalidArgument, NotFound
+from broker import catalog
+from broker.errors import FieldViolation, InvalidArgument, NotFound
 from broker.identity import InvalidSpiffeId, parse_spiffe_id
-from broker.model import Grant, GrantFilter, Role, shown_id
+from broker.model import UNSCOPED, Grant, GrantFilter, GrantMode, GrantScope, Role, ambiguous_path, shown_id
 from broker.service import paging
 from broker.service.context import Call
 from broker.service.inputs import require_printable
@@ -39,14 +40,21 @@ class AccessService:
             raise InvalidArgument.field("principal", f"must belong to tenant {call.tenant}")
 
     async def grant(
-        self, call: Call, connection_id: str, principal: str, expires_at: datetime | None
+        self,
+        call: Call,
+        connection_id: str,
+        principal: str,
+        expires_at: datetime | None,
+        mode: GrantMode = GrantMode.RESOLVE,
+        scope: GrantScope = UNSCOPED,
     ) -> Grant:
-        """Let `principal` resolve the connection; replaces an existing grant's expiry."""
+        """Let `principal` use the connection; replaces an existing grant's expiry, mode and scope."""
         self._check_grantee(call, principal)
         now = self._clock()
         if expires_at is not None and expires_at <= now:
             raise InvalidArgument.field("expires_at", "must be in the future")
-        await live_connection(self._connections, call.tenant, connection_id, field="connection_id")
+        record = await live_connection(self._connections, call.tenant, connection_id, field="connection_id")
+        scope = checked_scope(record.type, mode, scope)
         grant = Grant(
             tenant=call.tenant,
             connection_id=connection_id,
@@ -54,10 +62,15 @@ class AccessService:
             created_at=now,
             created_by=call.actor,
             expires_at=expires_at,
+            mode=mode,
+            scope=scope,
         )
-        details = {"principal": principal}
+        details = {"principal": principal, "mode": mode.value}
         if expires_at is not None:
             details["expires_at"] = expires_at.isoformat()
+        for name in ("methods", "path_prefixes", "tools"):
+            if getattr(scope, name):
+                details[f"scope_{name}"] = " ".join(getattr(scope, name))
         event = call.audit_event(now, "grant.create", connection_id, details=details)
         await self._grants.put_grant(grant, event)
         return grant
@@ -89,3 +102,65 @@ class AccessService:
             last = grants[limit - 1]
             return grants[:limit], paging.encode_token("grants", [last.connection_id, last.principal])
         return grants, ""
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_MAX_PATH_PREFIXES, _MAX_TOOLS, _MAX_PATH, _MAX_TOOL = 32, 256, 512, 128
+
+
+def checked_scope(connection_type: str, mode: GrantMode, scope: GrantScope) -> GrantScope:
+    """The scope, normalised (methods upper case; each list sorted, without repeats), or
+    INVALID_ARGUMENT naming every part that does not fit the mode and the connection's type."""
+    kind = catalog.get_type(connection_type).proxy if mode is GrantMode.PROXY else None
+    if mode is GrantMode.PROXY and not kind:
+        raise InvalidArgument.field(
+            "mode", f"a {connection_type} connection cannot be used through the proxy; grant RESOLVE"
+        )
+    if mode is GrantMode.RESOLVE and scope:
+        raise InvalidArgument.field(
+            "scope", "applies only to PROXY grants: a resolved secret can be used beyond any scope"
+        )
+    if kind != "http" and (scope.methods or scope.path_prefixes):
+        raise InvalidArgument.field("scope", f"methods and path prefixes apply to HTTP calls, not {kind}")
+    if kind != "mcp" and scope.tools:
+        raise InvalidArgument.field("scope.tools", "apply to MCP connections only")
+    for name, most in (
+        ("path_prefixes", _MAX_PATH_PREFIXES),
+        ("tools", _MAX_TOOLS),
+        ("methods", len(_METHODS)),
+    ):
+        if len(getattr(scope, name)) > most:
+            raise InvalidArgument.field(f"scope.{name}", f"at most {most}")
+    bad = [
+        FieldViolation(f"scope.methods[{i}]", f"must be one of {', '.join(sorted(_METHODS))}")
+        for i, method in enumerate(scope.methods)
+        if method.upper() not in _METHODS
+    ]
+    bad += [
+        FieldViolation(
+            f"scope.path_prefixes[{i}]",
+            f"must start with '/' and hold at most {_MAX_PATH} printable ASCII characters, without"
+            " spaces, '?', '#', dot segments or encoded dots and slashes",
+        )
+        for i, prefix in enumerate(scope.path_prefixes)
+        if not (
+            prefix.startswith("/")
+            and len(prefix) <= _MAX_PATH
+            and prefix.isascii()
+            and prefix.isprintable()
+            and not any(c in prefix for c in " ?#")
+            and not ambiguous_path(prefix)
+        )
+    ]
+    bad += [
+        FieldViolation(f"scope.tools[{i}]", f"must be 1-{_MAX_TOOL} printable characters, no spaces")
+        for i, tool in enumerate(scope.tools)
+        if not (0 < len(tool) <= _MAX_TOOL and tool.isprintable() and not any(c.isspace() for c in tool))
+    ]
+    if bad:
+        raise InvalidArgument(bad)
+    return GrantScope(
+        tuple(sorted({m.upper() for m in scope.methods})),
+        tuple(sorted(set(scope.path_prefixes))),
+        tuple(sorted(set(scope.tools))),
+    )

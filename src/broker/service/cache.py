@@ -24,12 +24,14 @@ from __future__ import annotations
 import sys
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
 
 from broker import metrics
 from broker.crypto import Binding, Sealed
-from broker.model import ConnectionRecord, ConnectionStatus, Grant
+from broker.model import ConnectionRecord, Grant, GrantMode
+from broker.service.lookup import refusal
 
 _MISSING: Final = object()
 # The end of a grant that does not end: compares later than any `now`.
@@ -37,22 +39,25 @@ FOREVER: Final = datetime.max.replace(tzinfo=UTC)
 DEFAULT_ENTRIES: Final = 100_000
 
 
-def grant_ends(grant: Grant | None) -> datetime | None:
-    """When `grant` ends (`FOREVER` if never); None for no grant."""
-    return None if grant is None else grant.expires_at or FOREVER
+@dataclass(frozen=True, slots=True)
+class GrantTerms:
+    """What Resolve needs of a grant: when it ends (`FOREVER` if never) and its mode."""
+
+    ends: datetime
+    mode: GrantMode
 
 
-def _refusal(record: ConnectionRecord) -> str:
-    """Why a connection in this state is never released ("" when its state allows it)."""
-    if record.purged_at is not None:
-        return "unknown_connection"
-    if not record.live:
-        return "connection_deleted"
-    if record.status is ConnectionStatus.REVOKED:
-        return "connection_revoked"
-    if record.suspended_at is not None:
-        return "connection_suspended"
-    return ""
+# The terms of most grants: one object shared by every entry, so they cost an entry nothing.
+_RESOLVE_FOREVER: Final = GrantTerms(FOREVER, GrantMode.RESOLVE)
+
+
+def grant_terms(grant: Grant | None) -> GrantTerms | None:
+    """`grant`'s terms; None for no grant."""
+    if grant is None:
+        return None
+    if grant.expires_at is None and grant.mode is GrantMode.RESOLVE:
+        return _RESOLVE_FOREVER
+    return GrantTerms(grant.expires_at or FOREVER, grant.mode)
 
 
 class CachedConnection:
@@ -66,7 +71,7 @@ class CachedConnection:
     __slots__ = (
         "binding",
         "grantee",
-        "grantee_ends",
+        "grantee_terms",
         "id",
         "live",
         "name",
@@ -83,7 +88,7 @@ class CachedConnection:
         self.id = record.id
         self.name = record.name
         self.live = record.live
-        self.refusal = _refusal(record)
+        self.refusal = refusal(record)
         sealed = record.sealed
         if sealed is not None:
             sealed = Sealed(sealed.ciphertext, sealed.wrapped_dek, sys.intern(sealed.kek_id))
@@ -93,31 +98,31 @@ class CachedConnection:
         # OAuth2 decides per call whether to refresh from the token times in the config: those
         # few connections keep their whole record.
         self.oauth = record if record.type == "oauth2" else None
-        # Grants cached for this connection: when each principal's grant ends (FOREVER), or None
-        # when it is known to have none. Most connections have one caller: it is kept in two slots
+        # Grants cached for this connection: each principal's terms, or None when it is known to
+        # have none. Most connections have one caller: it is kept in two slots
         # (a dict costs ~300 bytes per entry); any others in a dict.
         self.grantee: str | None = None
-        self.grantee_ends: datetime | None = None
-        self.other_grants: dict[str, datetime | None] | None = None
+        self.grantee_terms: GrantTerms | None = None
+        self.other_grants: dict[str, GrantTerms | None] | None = None
 
-    def grant(self, principal: str) -> datetime | object | None:
-        """When `principal`'s cached grant ends, None when known absent, `MISSING` when not cached."""
+    def grant(self, principal: str) -> GrantTerms | object | None:
+        """`principal`'s cached grant terms, None when known absent, `MISSING` when not cached."""
         if self.grantee == principal:
-            return self.grantee_ends
+            return self.grantee_terms
         others = self.other_grants
         return _MISSING if others is None else others.get(principal, _MISSING)
 
-    def put_grant(self, principal: str, ends: datetime | None) -> None:
+    def put_grant(self, principal: str, terms: GrantTerms | None) -> None:
         if self.grantee is None or self.grantee == principal:
-            self.grantee, self.grantee_ends = sys.intern(principal), ends
+            self.grantee, self.grantee_terms = sys.intern(principal), terms
         else:
             if self.other_grants is None:
                 self.other_grants = {}
-            self.other_grants[sys.intern(principal)] = ends
+            self.other_grants[sys.intern(principal)] = terms
 
     def forget_grant(self, principal: str) -> None:
         if self.grantee == principal:
-            self.grantee = self.grantee_ends = None
+            self.grantee = self.grantee_terms = None
         elif self.other_grants is not None:
             self.other_grants.pop(principal, None)
 
@@ -182,8 +187,8 @@ class ResolveCache:
         metrics.RESOLVE_CACHE_ENTRIES.set(len(self._by_id))
         return entry
 
-    def grant(self, tenant: str, connection_id: str, principal: str) -> datetime | object | None:
-        """When the cached grant ends (`FOREVER` if never), None when known absent, or `MISSING`."""
+    def grant(self, tenant: str, connection_id: str, principal: str) -> GrantTerms | object | None:
+        """The cached grant's terms, None when known absent, or `MISSING`."""
         entry = self._entry(tenant, connection_id)
         return _MISSING if entry is None else entry.grant(principal)
 
@@ -194,7 +199,7 @@ class ResolveCache:
         entry = self._entry(tenant, connection_id)
         if generation != self.generation or not self._keeping or entry is None:
             return
-        entry.put_grant(principal, grant_ends(grant))
+        entry.put_grant(principal, grant_terms(grant))
 
     def invalidate_connection(self, tenant: str, connection_id: str) -> None:
         """Forget a connection (and every name pointing at it) and its grants."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from broker.errors import FailedPrecondition, InvalidArgument, NotFound
-from broker.model import ConnectionRecord, shown_id
+from broker.model import ConnectionRecord, ConnectionStatus, shown_id
 from broker.service.inputs import require_printable
 from broker.store import ConnectionStore
 
@@ -29,3 +29,17 @@ async def live_connection(
     if not record.live:
         raise FailedPrecondition(f"connection {record.id} is deleted")
     return record
+
+
+def refusal(record: ConnectionRecord) -> str:
+    """Why a connection in this state is never used for an executor ("" when it may be): the
+    denial reason that Resolve and the proxy audit."""
+    if record.purged_at is not None:
+        return "unknown_connection"
+    if not record.live:
+        return "connection_deleted"
+    if record.status is ConnectionStatus.REVOKED:
+        return "connection_revoked"
+    if record.suspended_at is not None:
+        return "connection_suspended"
+    return ""

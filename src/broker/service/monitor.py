@@ -70,10 +70,18 @@ CRITICAL = "critical"
 ALERTED = "alerted"
 SUSPENDED = "connection_suspended"
 BLOCKED = "principal_blocked"
-# Denials that look like probing; a blocked principal's or a suspended connection's own
-# denials do not count again.
+# Denials that look like probing (proxy_only: an executor trusted only with proxied calls asking
+# for the secret itself); a blocked principal's or a suspended connection's own denials do not
+# count again.
 PROBING_REASONS = frozenset(
-    {"unknown_connection", "connection_deleted", "connection_revoked", "no_grant", "grant_expired"}
+    {
+        "unknown_connection",
+        "connection_deleted",
+        "connection_revoked",
+        "no_grant",
+        "grant_expired",
+        "proxy_only",
+    }
 )
 MAX_REASON = 512
 _CODE = re.compile(r"[A-Za-z0-9._-]{1,64}")

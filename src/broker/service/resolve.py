@@ -27,10 +27,10 @@ from broker.errors import (
     SecretUnavailable,
     Unavailable,
 )
-from broker.model import ConnectionRecord, Outcome
+from broker.model import ConnectionRecord, GrantMode, Outcome
 from broker.sensitive import SecretFields
 from broker.service.audit import AuditLog
-from broker.service.cache import MISSING, CachedConnection, ResolveCache, grant_ends
+from broker.service.cache import MISSING, CachedConnection, GrantTerms, ResolveCache, grant_terms
 from broker.service.context import Call
 from broker.service.fingerprint import Fingerprinter
 from broker.service.monitor import Monitor
@@ -213,28 +213,30 @@ class Resolver:
         _CACHE_MISS.inc()
         return None if record is None else cache.put_connection(record, generation)
 
-    async def _grant_ends(self, tenant: str, connection_id: str, principal: str) -> datetime | None:
-        """When the principal's grant ends (`FOREVER` if never); None when it has none."""
+    async def _grant_terms(self, tenant: str, connection_id: str, principal: str) -> GrantTerms | None:
+        """The principal's grant as Resolve judges it; None when it has none."""
         cached = self._cache.grant(tenant, connection_id, principal)
         if cached is not MISSING:
             return cached  # type: ignore[return-value]
         generation = self._cache.generation
         grant = await self._grants.get_grant(tenant, connection_id, principal)
         self._cache.put_grant(tenant, connection_id, principal, grant, generation)
-        return grant_ends(grant)
+        return grant_terms(grant)
 
     async def _denial_reason(self, call: Call, entry: CachedConnection | None, now: datetime) -> str:
         if self._monitor is not None and self._monitor.blocked(call.tenant, call.actor, now):
             return "principal_blocked"
         if entry is None:
             return "unknown_connection"
-        if entry.refusal:  # deleted, revoked, suspended (cache._refusal)
+        if entry.refusal:  # deleted, revoked, suspended (`lookup.refusal`, kept on the entry)
             return entry.refusal
-        ends = await self._grant_ends(call.tenant, entry.id, call.actor)
-        if ends is None:
+        terms = await self._grant_terms(call.tenant, entry.id, call.actor)
+        if terms is None:
             return "no_grant"
-        if now >= ends:
+        if now >= terms.ends:
             return "grant_expired"
+        if terms.mode is GrantMode.PROXY:
+            return "proxy_only"  # the broker may make calls with it; the executor never holds it
         return ""
 
     # ------------------------------------------------------------- last used

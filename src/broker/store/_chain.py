@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from broker.model import AuditChainReport, AuditEvent, AuditSeal, SealCheck
-from broker.store._codec import Row, audit_from_row, audit_params, to_micros
+from broker.store._codec import AUDIT, Row, to_micros
 
 FORMAT_VERSION = 1
 GENESIS = "0" * 64
@@ -81,14 +81,14 @@ def event_hash(event: AuditEvent) -> str:
 
 
 def linked_rows(events: Iterable[AuditEvent], last_id: int, last_hash: str) -> list[tuple[Any, ...]]:
-    """Audit rows (id, the columns, prev_hash, hash) extending the chain whose tail is
-    (last_id, last_hash): each event gets the next id and links to the one before it."""
+    """Audit rows (`AUDIT.params`) extending the chain whose tail is (last_id, last_hash):
+    each event gets the next id and links to the one before it."""
     rows = []
     for event in events:
         last_id += 1
         linked = replace(event, id=last_id, prev_hash=last_hash)
         last_hash = event_hash(linked)
-        rows.append((last_id, *audit_params(linked), linked.prev_hash, last_hash))
+        rows.append(AUDIT.params(replace(linked, hash=last_hash)))
     return rows
 
 
@@ -163,7 +163,7 @@ class ChainWalk:
     def check_row(self, row: Row) -> bool:
         """`check` a stored row; a row whose fields no longer parse is a break."""
         try:
-            event = audit_from_row(row)
+            event = AUDIT.from_row(row)
         except (ValueError, TypeError, KeyError):
             return self.unreadable(int(row["id"]))
         return self.check(event)

@@ -1,35 +1,47 @@
-"""Records to SQL parameters and rows back to records, for the SQL backends.
+"""Records to SQL parameters and rows back to records: one `Table` per stored dataclass.
 
-Times are INTEGER microseconds since the epoch (UTC); dicts are JSON text with
-sorted keys. Nothing here formats a value into an error message.
+A column has its field's name, and how a value is stored follows from the field's type:
+datetimes as INTEGER microseconds since the epoch (UTC), dicts and tuples as JSON text
+with sorted keys, enums by value, a `TestResult` or `GrantScope` as a JSON document, a `Sealed` envelope
+in three columns (ciphertext, wrapped_dek, kek_id), text and integers as they are. Every
+statement is assembled from these constant column lists, never from input, and nothing
+here formats a value into an error message.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
+import operator
+import typing
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from types import NoneType
+from typing import Any, Generic, Protocol, TypeVar
 
 from broker.crypto.envelope import Sealed
 from broker.model import (
     AuditEvent,
     AuditSeal,
     ConnectionRecord,
-    ConnectionStatus,
     Grant,
+    GrantScope,
     McpTool,
-    Outcome,
     PendingAuthorization,
     SecurityEvent,
     SeenFact,
     TestCategory,
     TestResult,
     TestStage,
-    TestStatus,
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
+_SEALED_COLUMNS = ("ciphertext", "wrapped_dek", "kek_id")
+
+T = TypeVar("T")
+Convert = Callable[[Any], Any]
 
 
 class Row(Protocol):
@@ -45,87 +57,12 @@ def to_micros(value: datetime) -> int:
     return (value - _EPOCH) // _MICROSECOND
 
 
-def to_micros_or_none(value: datetime | None) -> int | None:
-    return None if value is None else to_micros(value)
-
-
 def from_micros(value: int) -> datetime:
     return _EPOCH + timedelta(microseconds=value)
 
 
-def from_micros_or_none(value: int | None) -> datetime | None:
-    return None if value is None else from_micros(value)
-
-
 def to_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-# Column order shared by INSERT and UPDATE; `tenant` and `id` come first.
-CONNECTION_COLUMNS = (
-    "tenant",
-    "id",
-    "name",
-    "type",
-    "provider",
-    "config",
-    "secret_fields",
-    "labels",
-    "status",
-    "version",
-    "secret_version",
-    "ciphertext",
-    "wrapped_dek",
-    "kek_id",
-    "created_at",
-    "updated_at",
-    "created_by",
-    "deleted_at",
-    "purged_at",
-    "last_used_at",
-    "last_tested_at",
-    "test_status",
-    "last_test",
-    "reauth_required_at",
-    "secret_expires_at",
-    "suspended_at",
-)
-# Test results are written out of band (`record_test_result`), never by a replace.
-TEST_COLUMNS = ("last_tested_at", "test_status", "last_test")
-
-
-def connection_params(record: ConnectionRecord) -> tuple[Any, ...]:
-    """Values in `CONNECTION_COLUMNS` order."""
-    sealed = record.sealed
-    return (
-        record.tenant,
-        record.id,
-        record.name,
-        record.type,
-        record.provider,
-        to_json(record.config),
-        to_json(list(record.secret_fields)),
-        to_json(record.labels),
-        record.status.value,
-        record.version,
-        record.secret_version,
-        None if sealed is None else sealed.ciphertext,
-        None if sealed is None else sealed.wrapped_dek,
-        None if sealed is None else sealed.kek_id,
-        to_micros(record.created_at),
-        to_micros(record.updated_at),
-        record.created_by,
-        to_micros_or_none(record.deleted_at),
-        to_micros_or_none(record.purged_at),
-        to_micros_or_none(record.last_used_at),
-        to_micros_or_none(record.last_tested_at),
-        record.test_status.value,
-        None if record.last_test is None else to_json(test_result_to_doc(record.last_test)),
-        to_micros_or_none(record.reauth_required_at),
-        # Derived, for the background refresher's scan; read back through `token_expires_at`.
-        to_micros_or_none(record.token_expires_at),
-        to_micros_or_none(record.suspended_at),
-    )
 
 
 def _blob(value: Any) -> bytes:
@@ -143,52 +80,19 @@ def sealed_from_row(row: Row) -> Sealed:
     )
 
 
-def connection_from_row(row: Row) -> ConnectionRecord:
-    # A purge clears all three sealed columns; NULL in only some of them is tampering.
-    purged = all(row[c] is None for c in ("ciphertext", "wrapped_dek", "kek_id"))
-    sealed = None if purged else sealed_from_row(row)
-    return ConnectionRecord(
-        id=row["id"],
-        tenant=row["tenant"],
-        name=row["name"],
-        type=row["type"],
-        provider=row["provider"],
-        config=json.loads(row["config"]),
-        secret_fields=tuple(json.loads(row["secret_fields"])),
-        labels=json.loads(row["labels"]),
-        status=ConnectionStatus(row["status"]),
-        version=row["version"],
-        secret_version=row["secret_version"],
-        sealed=sealed,
-        created_at=from_micros(row["created_at"]),
-        updated_at=from_micros(row["updated_at"]),
-        created_by=row["created_by"],
-        deleted_at=from_micros_or_none(row["deleted_at"]),
-        purged_at=from_micros_or_none(row["purged_at"]),
-        last_used_at=from_micros_or_none(row["last_used_at"]),
-        last_tested_at=from_micros_or_none(row["last_tested_at"]),
-        test_status=TestStatus(row["test_status"]),
-        last_test=None if row["last_test"] is None else test_result_from_doc(json.loads(row["last_test"])),
-        reauth_required_at=from_micros_or_none(row["reauth_required_at"]),
-        suspended_at=from_micros_or_none(row["suspended_at"]),
-    )
-
-
 def test_result_to_doc(result: TestResult) -> dict[str, Any]:
-    return {
-        "success": result.success,
+    doc = {f.name: getattr(result, f.name) for f in dataclasses.fields(TestResult)}
+    tested_at = result.tested_at
+    return doc | {
         "category": result.category.value,
         "stage": result.stage.value,
-        "message": result.message,
-        "details": result.details,
         "verified": list(result.verified),
         "not_verified": list(result.not_verified),
-        "latency_ms": result.latency_ms,
-        "tested_at": to_micros_or_none(result.tested_at),
+        "tested_at": None if tested_at is None else to_micros(tested_at),
     }
 
 
-def test_result_from_doc(doc: dict[str, Any]) -> TestResult:
+def _test_result_from_doc(doc: dict[str, Any]) -> TestResult:
     return TestResult(
         success=bool(doc["success"]),
         category=TestCategory(doc["category"]),
@@ -198,194 +102,127 @@ def test_result_from_doc(doc: dict[str, Any]) -> TestResult:
         verified=tuple(doc["verified"]),
         not_verified=tuple(doc["not_verified"]),
         latency_ms=int(doc["latency_ms"]),
-        tested_at=from_micros_or_none(doc["tested_at"]),
+        tested_at=None if doc["tested_at"] is None else from_micros(doc["tested_at"]),
     )
 
 
-def mcp_tool_params(
-    tenant: str, connection_id: str, tool: McpTool, discovered_at: datetime
-) -> tuple[Any, ...]:
-    return (
-        tenant,
-        connection_id,
-        tool.name,
-        tool.description,
-        to_json(tool.input_schema),
-        tool.definition_hash,
-        to_micros(discovered_at),
-    )
+def _conversions(kind: Any) -> tuple[Convert, Convert]:
+    """(to the column, from the column) for a value of type `kind`."""
+    kind = typing.get_origin(kind) or kind
+    if kind is datetime:
+        return to_micros, from_micros
+    if kind is dict:
+        return to_json, json.loads
+    if kind is tuple:
+        return (lambda v: to_json(list(v))), (lambda v: tuple(json.loads(v)))
+    if kind is GrantScope:
+        return (lambda v: to_json(dataclasses.asdict(v))), (
+            lambda v: GrantScope(**{key: tuple(items) for key, items in json.loads(v).items()})
+        )
+    if kind is TestResult:
+        return (lambda v: to_json(test_result_to_doc(v))), (lambda v: _test_result_from_doc(json.loads(v)))
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return operator.attrgetter("value"), kind
+    if kind is str:
+        # NULL only where the chain has not hashed an event yet (its `hash`), or by tampering.
+        return (lambda v: v), (lambda v: "" if v is None else str(v))
+    if kind is int:
+        return (lambda v: v), int
+    raise TypeError(f"no column type for {kind!r}")
 
 
-def mcp_tool_from_row(row: Row) -> McpTool:
-    return McpTool(
-        name=row["name"],
-        description=row["description"],
-        input_schema=json.loads(row["input_schema"]),
-        definition_hash=row["definition_hash"],
-    )
+def _or_none(convert: Convert) -> Convert:
+    return lambda v: None if v is None else convert(v)
 
 
-GRANT_COLUMNS = ("tenant", "connection_id", "principal", "created_at", "created_by", "expires_at")
+def _writer(field: str, write: Convert) -> Convert:
+    get = operator.attrgetter(field)
+    return lambda record: write(get(record))
 
 
-def grant_params(grant: Grant) -> tuple[Any, ...]:
-    return (
-        grant.tenant,
-        grant.connection_id,
-        grant.principal,
-        to_micros(grant.created_at),
-        grant.created_by,
-        to_micros_or_none(grant.expires_at),
-    )
+def _reader(column: str, read: Convert) -> Callable[[Row], Any]:
+    return lambda row: read(row[column])
 
 
-def grant_from_row(row: Row) -> Grant:
-    return Grant(
-        tenant=row["tenant"],
-        connection_id=row["connection_id"],
-        principal=row["principal"],
-        created_at=from_micros(row["created_at"]),
-        created_by=row["created_by"],
-        expires_at=from_micros_or_none(row["expires_at"]),
-    )
+def _sealed_writer(field: str, column: str) -> Convert:
+    get, part = operator.attrgetter(field), operator.attrgetter(column)
+    return lambda record: None if get(record) is None else part(get(record))
 
 
-# `id` is assigned by the database and left out.
-AUDIT_COLUMNS = (
-    "tenant",
-    "time",
-    "actor",
-    "action",
-    "outcome",
-    "connection_id",
-    "reason",
-    "request_id",
-    "peer",
-    "details",
+def _sealed_reader(optional: bool) -> Callable[[Row], Sealed | None]:
+    def read(row: Row) -> Sealed | None:
+        # A purge clears all three sealed columns; NULL in only some of them is tampering.
+        if optional and all(row[c] is None for c in _SEALED_COLUMNS):
+            return None
+        return sealed_from_row(row)
+
+    return read
+
+
+class Table(Generic[T]):
+    """How the dataclass `model` is stored in the table `name`; see the module docstring.
+
+    `generated` fields are assigned by the database: read back, never written. `derived`
+    columns are written from the record and never read back (for queries only).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        model: type[T],
+        *,
+        generated: tuple[str, ...] = (),
+        derived: Mapping[str, Callable[[T], Any]] | None = None,
+    ) -> None:
+        self._model = model
+        hints = typing.get_type_hints(model)
+        writes: dict[str, Convert] = {}
+        self._reads: list[tuple[str, Callable[[Row], Any]]] = []
+        for field in dataclasses.fields(model):  # type: ignore[arg-type]
+            if not field.init:
+                continue
+            args = typing.get_args(hints[field.name])
+            optional = NoneType in args
+            kind = next(a for a in args if a is not NoneType) if optional else hints[field.name]
+            if kind is Sealed:
+                self._reads.append((field.name, _sealed_reader(optional)))
+                writes |= {column: _sealed_writer(field.name, column) for column in _SEALED_COLUMNS}
+                continue
+            write, read = _conversions(kind)
+            if optional:
+                write, read = _or_none(write), _or_none(read)
+            self._reads.append((field.name, _reader(field.name, read)))
+            if field.name not in generated:
+                writes[field.name] = _writer(field.name, write)
+        writes |= derived or {}
+        self.columns = tuple(writes)
+        self._writes = tuple(writes.values())
+        # Names from the model's fields, never from input.
+        self.select = f"SELECT {', '.join((*generated, *self.columns))} FROM {name}"  # noqa: S608
+        placeholders = ", ".join("?" * len(writes))
+        self.insert = f"INSERT INTO {name} ({', '.join(self.columns)}) VALUES ({placeholders})"  # noqa: S608
+
+    def params(self, record: T) -> tuple[Any, ...]:
+        """The record's values in `columns` order."""
+        return tuple(write(record) for write in self._writes)
+
+    def from_row(self, row: Row) -> T:
+        return self._model(**{field: read(row) for field, read in self._reads})
+
+
+CONNECTIONS = Table(
+    "connections",
+    ConnectionRecord,
+    # For the background refresher's scan; read back through `token_expires_at`.
+    derived={
+        "secret_expires_at": lambda r: None if r.token_expires_at is None else to_micros(r.token_expires_at)
+    },
 )
-
-
-def audit_params(event: AuditEvent) -> tuple[Any, ...]:
-    return (
-        event.tenant,
-        to_micros(event.time),
-        event.actor,
-        event.action,
-        event.outcome.value,
-        event.connection_id,
-        event.reason,
-        event.request_id,
-        event.peer,
-        to_json(event.details),
-    )
-
-
-def audit_from_row(row: Row) -> AuditEvent:
-    return AuditEvent(
-        id=row["id"],
-        time=from_micros(row["time"]),
-        tenant=row["tenant"],
-        actor=row["actor"],
-        action=row["action"],
-        outcome=Outcome(row["outcome"]),
-        connection_id=row["connection_id"],
-        reason=row["reason"],
-        request_id=row["request_id"],
-        peer=row["peer"],
-        details=json.loads(row["details"]),
-        hash=row["hash"] or "",
-        prev_hash=row["prev_hash"] or "",
-    )
-
-
-def oauth_state_params(p: PendingAuthorization) -> tuple[Any, ...]:
-    return (
-        p.state_hash,
-        p.tenant,
-        p.actor,
-        p.connection_id,
-        to_micros(p.created_at),
-        to_micros(p.expires_at),
-        p.sealed.ciphertext,
-        p.sealed.wrapped_dek,
-        p.sealed.kek_id,
-    )
-
-
-def oauth_state_from_row(row: Row) -> PendingAuthorization:
-    return PendingAuthorization(
-        state_hash=row["state_hash"],
-        tenant=row["tenant"],
-        actor=row["actor"],
-        connection_id=row["connection_id"],
-        created_at=from_micros(row["created_at"]),
-        expires_at=from_micros(row["expires_at"]),
-        sealed=sealed_from_row(row),
-    )
-
-
-# `id` is assigned by the database and left out.
-SECURITY_EVENT_COLUMNS = (
-    "tenant",
-    "time",
-    "rule",
-    "severity",
-    "action",
-    "principal",
-    "connection_id",
-    "peer",
-    "details",
-)
-
-
-def security_event_params(event: SecurityEvent) -> tuple[Any, ...]:
-    return (
-        event.tenant,
-        to_micros(event.time),
-        event.rule,
-        event.severity,
-        event.action,
-        event.principal,
-        event.connection_id,
-        event.peer,
-        to_json(event.details),
-    )
-
-
-def security_event_from_row(row: Row) -> SecurityEvent:
-    return SecurityEvent(
-        id=row["id"],
-        time=from_micros(row["time"]),
-        tenant=row["tenant"],
-        rule=row["rule"],
-        severity=row["severity"],
-        action=row["action"],
-        principal=row["principal"],
-        connection_id=row["connection_id"],
-        peer=row["peer"],
-        details=json.loads(row["details"]),
-    )
-
-
-def seen_fact_from_row(row: Row) -> SeenFact:
-    return SeenFact(
-        tenant=row["tenant"],
-        kind=row["kind"],
-        subject=row["subject"],
-        object=row["object"],
-        first_seen=from_micros(row["first_seen"]),
-    )
-
-
-SEAL_COLUMNS = ("last_id", "last_hash", "kek_id", "mac", "sealed_at")
-
-
-def seal_params(seal: AuditSeal) -> tuple[Any, ...]:
-    return (seal.last_id, seal.last_hash, seal.kek_id, seal.mac, to_micros(seal.sealed_at))
-
-
-def seal_from_row(row: Row) -> AuditSeal:
-    return AuditSeal(
-        int(row["last_id"]), str(row["last_hash"]), str(row["kek_id"]), str(row["mac"]),
-        from_micros(row["sealed_at"]),
-    )  # fmt: skip
+GRANTS = Table("grants", Grant)
+AUDIT = Table("audit_events", AuditEvent)
+OAUTH_STATES = Table("oauth_states", PendingAuthorization)
+SECURITY_EVENTS = Table("security_events", SecurityEvent, generated=("id",))
+SEEN = Table("monitor_seen", SeenFact)
+SEALS = Table("audit_seals", AuditSeal)
+# The tool list of a connection: `tenant`, `connection_id` and `discovered_at` are written around it.
+MCP_TOOLS = Table("mcp_tools", McpTool)

@@ -26,18 +26,10 @@ from broker.store.audit import event_page
 from broker.store.engine import MissingParent
 from broker.store.lifecycle import EngineStore, check_limit
 
-# Statements are assembled from the constant column lists in `_codec`, never from input.
-_GRANT_SELECT = "SELECT " + ", ".join(codec.GRANT_COLUMNS) + " FROM grants"  # noqa: S608
-_GRANT_BY_KEY = _GRANT_SELECT + " WHERE tenant = ? AND connection_id = ? AND principal = ?"
-_GRANT_UPSERT = (
-    f"INSERT INTO grants ({', '.join(codec.GRANT_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?) "  # noqa: S608
-    "ON CONFLICT (tenant, connection_id, principal) DO UPDATE SET "
-    "created_at = excluded.created_at, created_by = excluded.created_by, expires_at = excluded.expires_at"
-)
-_SECURITY_EVENT_SELECT = "SELECT id, " + ", ".join(codec.SECURITY_EVENT_COLUMNS) + " FROM security_events"  # noqa: S608
-_SECURITY_EVENT_INSERT = (
-    f"INSERT INTO security_events ({', '.join(codec.SECURITY_EVENT_COLUMNS)}) "  # noqa: S608
-    f"VALUES ({', '.join('?' for _ in codec.SECURITY_EVENT_COLUMNS)}) RETURNING id"
+_GRANT_BY_KEY = codec.GRANTS.select + " WHERE tenant = ? AND connection_id = ? AND principal = ?"
+_GRANT_KEY = ("tenant", "connection_id", "principal")
+_GRANT_UPSERT = f"{codec.GRANTS.insert} ON CONFLICT ({', '.join(_GRANT_KEY)}) DO UPDATE SET " + ", ".join(
+    f"{c} = excluded.{c}" for c in codec.GRANTS.columns if c not in _GRANT_KEY
 )
 
 
@@ -53,22 +45,20 @@ def _bucket_take(now_sql: str) -> str:
 
 
 class Access(EngineStore):
-    """Grants, OAuth states, security events, seen facts and rate buckets."""
+    """Grants, OAuth states, security events, seen facts, rate buckets (contracts: `protocols`)."""
 
     # ---------------------------------------------------------------- grants
 
     async def put_grant(self, grant: Grant, event: AuditEvent) -> None:
-        """Insert or replace the grant and write `event`; `NotFound` when the connection is unknown."""
         try:
             async with self._engine.transaction() as tx:
-                await tx.execute(_GRANT_UPSERT, *codec.grant_params(grant))
+                await tx.execute(_GRANT_UPSERT, *codec.GRANTS.params(grant))
                 await tx.changed(changes.grant_changed(grant.tenant, grant.connection_id, grant.principal))
                 await self._insert_audit(tx, [event])
         except MissingParent as exc:
             raise NotFound(f"connection {grant.connection_id} not found") from exc
 
     async def delete_grant(self, tenant: str, connection_id: str, principal: str, event: AuditEvent) -> bool:
-        """Delete one grant and write `event`; False and nothing written when there was none."""
         async with self._engine.transaction() as tx:
             deleted = await tx.execute(
                 "DELETE FROM grants WHERE tenant = ? AND connection_id = ? AND principal = ?",
@@ -83,14 +73,12 @@ class Access(EngineStore):
         return True
 
     async def get_grant(self, tenant: str, connection_id: str, principal: str) -> Grant | None:
-        """The grant, expired or not, or None."""
         rows = await self._engine.fetch(_GRANT_BY_KEY, tenant, connection_id, principal)
-        return codec.grant_from_row(rows[0]) if rows else None
+        return codec.GRANTS.from_row(rows[0]) if rows else None
 
     async def list_grants(
         self, tenant: str, filter: GrantFilter, limit: int, after: tuple[str, str] | None
     ) -> list[Grant]:
-        """Up to `limit` grants ordered by (connection_id, principal), after that pair when given."""
         check_limit(limit)
         where = ["tenant = ?"]
         args: list[Any] = [tenant]
@@ -103,19 +91,14 @@ class Access(EngineStore):
         if after is not None:
             where.append("(connection_id, principal) > (?, ?)")
             args += after
-        sql = f"{_GRANT_SELECT} WHERE {' AND '.join(where)} ORDER BY connection_id, principal LIMIT ?"
-        return [codec.grant_from_row(row) for row in await self._engine.fetch(sql, *args, limit)]
+        sql = f"{codec.GRANTS.select} WHERE {' AND '.join(where)} ORDER BY connection_id, principal LIMIT ?"
+        return [codec.GRANTS.from_row(row) for row in await self._engine.fetch(sql, *args, limit)]
 
     # ----------------------------------------------------------------- oauth
 
     async def put_oauth_state(self, pending: PendingAuthorization, event: AuditEvent) -> None:
-        """Store a pending authorization-code flow and its audit event."""
         async with self._engine.transaction() as tx:
-            await tx.execute(
-                "INSERT INTO oauth_states (state_hash, tenant, actor, connection_id, created_at, expires_at,"
-                " ciphertext, wrapped_dek, kek_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                *codec.oauth_state_params(pending),
-            )
+            await tx.execute(codec.OAUTH_STATES.insert, *codec.OAUTH_STATES.params(pending))
             await self._insert_audit(tx, [event])
 
     async def take_oauth_state(self, state_hash: str, tenant: str, actor: str) -> PendingAuthorization | None:
@@ -127,29 +110,28 @@ class Access(EngineStore):
                 tenant,
                 actor,
             )
-        return codec.oauth_state_from_row(rows[0]) if rows else None
+        return codec.OAUTH_STATES.from_row(rows[0]) if rows else None
 
     async def delete_expired_oauth_states(self, now: datetime) -> int:
-        """Forget flows that were never completed; returns how many."""
         async with self._engine.transaction() as tx:
             return await tx.execute("DELETE FROM oauth_states WHERE expires_at <= ?", codec.to_micros(now))
 
     # -------------------------------------------------------------- security
 
     async def add_security_event(self, event: SecurityEvent) -> SecurityEvent:
-        """Store a security event; returns it with the id the database gave it."""
         async with self._engine.transaction() as tx:
-            event_id = await tx.fetchval(_SECURITY_EVENT_INSERT, *codec.security_event_params(event))
+            event_id = await tx.fetchval(
+                codec.SECURITY_EVENTS.insert + " RETURNING id", *codec.SECURITY_EVENTS.params(event)
+            )
         return replace(event, id=int(event_id))
 
     async def list_security_events(
         self, tenant: str, filter: SecurityEventFilter, limit: int, before_id: int | None
     ) -> list[SecurityEvent]:
-        """Up to `limit` of the tenant's events, newest first, with id < before_id when given."""
         sql, args = event_page(
-            _SECURITY_EVENT_SELECT, tenant, filter, limit, cursor=before_id, oldest_first=False
+            codec.SECURITY_EVENTS.select, tenant, filter, limit, cursor=before_id, oldest_first=False
         )
-        return [codec.security_event_from_row(row) for row in await self._engine.fetch(sql, *args)]
+        return [codec.SECURITY_EVENTS.from_row(row) for row in await self._engine.fetch(sql, *args)]
 
     async def remember_seen(self, facts: Sequence[SeenFact], keep: int) -> None:
         """Insert new facts (existing ones keep their first_seen), then trim each subject to `keep`."""
@@ -173,14 +155,9 @@ class Access(EngineStore):
             )
 
     async def load_seen(self, limit: int) -> list[SeenFact]:
-        """Up to `limit` remembered facts, newest first."""
         check_limit(limit)
-        rows = await self._engine.fetch(
-            "SELECT tenant, kind, subject, object, first_seen FROM monitor_seen"
-            " ORDER BY first_seen DESC LIMIT ?",
-            limit,
-        )
-        return [codec.seen_fact_from_row(row) for row in rows]
+        rows = await self._engine.fetch(codec.SEEN.select + " ORDER BY first_seen DESC LIMIT ?", limit)
+        return [codec.SEEN.from_row(row) for row in rows]
 
     # ----------------------------------------------------------- rate limits
 

@@ -12,11 +12,8 @@ from broker.model import AuditChainReport, AuditEvent, AuditFilter, AuditSeal, S
 from broker.store import _chain as chain
 from broker.store import _codec as codec
 from broker.store.engine import Tx
-from broker.store.lifecycle import AUDIT_SELECT, CHECKPOINT_SELECT, EngineStore, chain_tail, check_limit
+from broker.store.lifecycle import CHECKPOINT_SELECT, EngineStore, chain_tail, check_limit
 
-# Statements are assembled from the constant column lists in `_codec`, never from input.
-_SEAL_SELECT = "SELECT " + ", ".join(codec.SEAL_COLUMNS) + " FROM audit_seals"  # noqa: S608
-_SEAL_INSERT = f"INSERT INTO audit_seals ({', '.join(codec.SEAL_COLUMNS)}) VALUES (?, ?, ?, ?, ?)"  # noqa: S608
 _AUDIT_PAGE = 1000
 
 
@@ -62,13 +59,13 @@ def event_page(
 async def _seals(tx: Tx, after_id: int, up_to_id: int) -> list[AuditSeal]:
     """Seals of events with after_id < id <= up_to_id."""
     rows = await tx.fetch(
-        f"{_SEAL_SELECT} WHERE last_id > ? AND last_id <= ? ORDER BY last_id", after_id, up_to_id
+        f"{codec.SEALS.select} WHERE last_id > ? AND last_id <= ? ORDER BY last_id", after_id, up_to_id
     )
-    return [codec.seal_from_row(row) for row in rows]
+    return [codec.SEALS.from_row(row) for row in rows]
 
 
 class Audit(EngineStore):
-    """Audit events; every change's own event is written by `_insert_audit`."""
+    """The audit log (`protocols.AuditLogStore`); every change's own event is written by `_insert_audit`."""
 
     async def append_audit(self, events: Sequence[AuditEvent]) -> None:
         """Append the batch in one transaction: one commit, one flush, one turn of the audit lock."""
@@ -80,16 +77,16 @@ class Audit(EngineStore):
     async def list_audit(
         self, tenant: str, filter: AuditFilter, limit: int, before_id: int | None
     ) -> list[AuditEvent]:
-        """Up to `limit` events, newest first, with id < before_id when given."""
-        sql, args = event_page(AUDIT_SELECT, tenant, filter, limit, cursor=before_id, oldest_first=False)
-        return [codec.audit_from_row(row) for row in await self._engine.fetch(sql, *args)]
+        sql, args = event_page(
+            codec.AUDIT.select, tenant, filter, limit, cursor=before_id, oldest_first=False
+        )
+        return [codec.AUDIT.from_row(row) for row in await self._engine.fetch(sql, *args)]
 
     async def export_audit(
         self, tenant: str, filter: AuditFilter, limit: int, after_id: int | None
     ) -> list[AuditEvent]:
-        """Up to `limit` events, oldest first, with id > after_id when given."""
-        sql, args = event_page(AUDIT_SELECT, tenant, filter, limit, cursor=after_id, oldest_first=True)
-        return [codec.audit_from_row(row) for row in await self._engine.fetch(sql, *args)]
+        sql, args = event_page(codec.AUDIT.select, tenant, filter, limit, cursor=after_id, oldest_first=True)
+        return [codec.AUDIT.from_row(row) for row in await self._engine.fetch(sql, *args)]
 
     async def verify_audit_chain(self, seal_ok: SealCheck) -> AuditChainReport:
         """Walk the chain from the newest checkpoint, with the seals of each page's events, in
@@ -105,7 +102,9 @@ class Audit(EngineStore):
             sealed_up_to = await tx.fetchval("SELECT coalesce(max(last_id), 0) FROM audit_seals")
             walk = chain.ChainWalk(expected)
             while walk.ok:
-                rows = await tx.fetch(f"{AUDIT_SELECT} WHERE id > ? ORDER BY id LIMIT ?", after, _AUDIT_PAGE)
+                rows = await tx.fetch(
+                    f"{codec.AUDIT.select} WHERE id > ? ORDER BY id LIMIT ?", after, _AUDIT_PAGE
+                )
                 if rows and not walk.add_seals(await _seals(tx, after, rows[-1]["id"]), seal_ok):
                     break
                 for row in rows:
@@ -118,13 +117,13 @@ class Audit(EngineStore):
         return walk.report()
 
     async def audit_tail(self) -> tuple[int, str]:
-        """(id, hash) of the newest committed event, or of the newest checkpoint, or (0, GENESIS)."""
         return await chain_tail(self._engine.fetch)
 
     async def add_audit_seal(self, seal: AuditSeal) -> None:
-        """Insert the seal unless its event is sealed already (by another replica, say)."""
         async with self._engine.transaction() as tx:
-            await tx.execute(_SEAL_INSERT + " ON CONFLICT (last_id) DO NOTHING", *codec.seal_params(seal))
+            await tx.execute(
+                codec.SEALS.insert + " ON CONFLICT (last_id) DO NOTHING", *codec.SEALS.params(seal)
+            )
 
     async def prune_audit(self, before: datetime, now: datetime, batch_size: int = 1000) -> int:
         """Delete the oldest events before `before`, batch by batch, each with its checkpoint.
@@ -143,7 +142,9 @@ class Audit(EngineStore):
                 after, expected = (
                     (start[0]["last_id"], start[0]["last_hash"]) if start else (0, chain.GENESIS)
                 )
-                rows = await tx.fetch(f"{AUDIT_SELECT} WHERE id > ? ORDER BY id LIMIT ?", after, batch_size)
+                rows = await tx.fetch(
+                    f"{codec.AUDIT.select} WHERE id > ? ORDER BY id LIMIT ?", after, batch_size
+                )
                 # A prefix only: the chain must stay contiguous even where times are not monotonic.
                 batch = []
                 for row in rows:

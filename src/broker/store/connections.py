@@ -21,21 +21,18 @@ from broker.store import changes
 from broker.store.engine import Duplicate, MissingParent, Tx
 from broker.store.lifecycle import EngineStore, check_limit
 
-# Statements are assembled from the constant column lists in `_codec`, never from input.
-_SELECT = "SELECT " + ", ".join(codec.CONNECTION_COLUMNS) + " FROM connections"  # noqa: S608
+_TABLE = codec.CONNECTIONS
 # Resolve's reads on a cache miss: built once, so translated once.
-_BY_ID = _SELECT + " WHERE tenant = ? AND id = ?"
-_BY_LIVE_NAME = _SELECT + " WHERE tenant = ? AND name = ? AND deleted_at IS NULL"
-_INSERT = (
-    f"INSERT INTO connections ({', '.join(codec.CONNECTION_COLUMNS)}) "  # noqa: S608
-    f"VALUES ({', '.join('?' for _ in codec.CONNECTION_COLUMNS)})"
-)
+_BY_ID = _TABLE.select + " WHERE tenant = ? AND id = ?"
+_BY_LIVE_NAME = _TABLE.select + " WHERE tenant = ? AND name = ? AND deleted_at IS NULL"
 # What a replace writes. last_used_at is flushed out of band by `record_last_used`, which
 # leaves the version alone: a replace based on an older read must not move it backwards.
 # Test results are written only by `record_test_result`. `broker keys rewrap` re-wraps a
 # data key without touching the version: a replace that keeps the ciphertext (the same
 # data key) keeps the stored, possibly re-wrapped, key (SET sees the row's old values).
-_UPDATED = tuple(col for col in codec.CONNECTION_COLUMNS if col not in ("tenant", "id", *codec.TEST_COLUMNS))
+_UPDATED = tuple(
+    col for col in _TABLE.columns if col not in ("tenant", "id", "last_tested_at", "test_status", "last_test")
+)
 _ASSIGNMENTS = {
     "last_used_at": (
         "last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < ? THEN ? ELSE last_used_at END"
@@ -74,7 +71,7 @@ _COUNT_BY_TYPE_AND_STATUS = (
 
 
 def _update_args(record: ConnectionRecord, expected_version: int) -> list[Any]:
-    values = dict(zip(codec.CONNECTION_COLUMNS, codec.connection_params(record), strict=True))
+    values = dict(zip(_TABLE.columns, _TABLE.params(record), strict=True))
     args: list[Any] = []
     for col in _UPDATED:
         if col == "last_used_at":
@@ -87,18 +84,16 @@ def _update_args(record: ConnectionRecord, expected_version: int) -> list[Any]:
 
 
 class Connections(EngineStore):
-    """The connection rows and what hangs off them."""
+    """The connection rows and what hangs off them; the contracts are `protocols.ConnectionStore`'s."""
 
     async def count_connections(self) -> dict[tuple[str, str], int]:
-        """Connections (not purged) by (type, status as admins see it), across tenants."""
         rows = await self._engine.fetch(_COUNT_BY_TYPE_AND_STATUS)
         return {(row["type"], row["state"]): int(row["n"]) for row in rows}
 
     async def create_connection(self, record: ConnectionRecord, event: AuditEvent) -> None:
-        """Insert the connection, its labels and its audit event; `AlreadyExists` on a live name."""
         try:
             async with self._engine.transaction() as tx:
-                await tx.execute(_INSERT, *codec.connection_params(record))
+                await tx.execute(_TABLE.insert, *_TABLE.params(record))
                 await _write_labels(tx, record)
                 await self._insert_audit(tx, [event])
         except Duplicate as exc:
@@ -106,14 +101,12 @@ class Connections(EngineStore):
             raise
 
     async def get_connection(self, tenant: str, connection_id: str) -> ConnectionRecord | None:
-        """The connection in any state, or None."""
         rows = await self._engine.fetch(_BY_ID, tenant, connection_id)
-        return codec.connection_from_row(rows[0]) if rows else None
+        return _TABLE.from_row(rows[0]) if rows else None
 
     async def find_connection_by_name(self, tenant: str, name: str) -> ConnectionRecord | None:
-        """The live connection with this name, or None."""
         rows = await self._engine.fetch(_BY_LIVE_NAME, tenant, name)
-        return codec.connection_from_row(rows[0]) if rows else None
+        return _TABLE.from_row(rows[0]) if rows else None
 
     async def list_connections(
         self, tenant: str, filter: ConnectionFilter, limit: int, after_id: str | None
@@ -141,8 +134,8 @@ class Connections(EngineStore):
         if after_id is not None:
             where.append("id > ?")
             args.append(after_id)
-        sql = f"{_SELECT} WHERE {' AND '.join(where)} ORDER BY id LIMIT ?"
-        return [codec.connection_from_row(row) for row in await self._engine.fetch(sql, *args, limit)]
+        sql = f"{_TABLE.select} WHERE {' AND '.join(where)} ORDER BY id LIMIT ?"
+        return [_TABLE.from_row(row) for row in await self._engine.fetch(sql, *args, limit)]
 
     async def replace_connection(
         self, record: ConnectionRecord, expected_version: int, event: AuditEvent, *, drop_grants: bool = False
@@ -186,7 +179,6 @@ class Connections(EngineStore):
             raise
 
     async def record_last_used(self, uses: Sequence[tuple[str, str, datetime]]) -> None:
-        """Raise last_used_at (never lower it) in one transaction; the version is untouched."""
         if not uses:
             return
         # Rows are locked in key order, so two replicas flushing overlapping sets cannot deadlock.
@@ -201,7 +193,6 @@ class Connections(EngineStore):
     async def record_test_result(
         self, tenant: str, connection_id: str, result: TestResult, event: AuditEvent
     ) -> None:
-        """Store a connection's latest test result with its audit event; the version is untouched."""
         if result.tested_at is None:
             raise ValueError("a recorded test result needs tested_at")
         status = TestStatus.SUCCESS if result.success else TestStatus.FAILED
@@ -227,7 +218,7 @@ class Connections(EngineStore):
         discovered_at: datetime,
         event: AuditEvent | None,
     ) -> None:
-        """Replace the stored tool list of a connection (and write `event` when given)."""
+        when = codec.to_micros(discovered_at)
         try:
             async with self._engine.transaction() as tx:
                 await tx.execute(
@@ -236,7 +227,7 @@ class Connections(EngineStore):
                 await tx.executemany(
                     "INSERT INTO mcp_tools (tenant, connection_id, name, description, input_schema,"
                     " definition_hash, discovered_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [codec.mcp_tool_params(tenant, connection_id, t, discovered_at) for t in tools],
+                    [(tenant, connection_id, *codec.MCP_TOOLS.params(t), when) for t in tools],
                 )
                 if event is not None:
                     await self._insert_audit(tx, [event])
@@ -244,7 +235,6 @@ class Connections(EngineStore):
             raise NotFound(f"connection {connection_id} not found") from exc
 
     async def list_mcp_tools(self, tenant: str, connection_id: str) -> tuple[list[McpTool], datetime | None]:
-        """The stored tools by name, and when they were discovered (None when never)."""
         rows = await self._engine.fetch(
             "SELECT name, description, input_schema, definition_hash, discovered_at FROM mcp_tools"
             " WHERE tenant = ? AND connection_id = ? ORDER BY name",
@@ -252,10 +242,9 @@ class Connections(EngineStore):
             connection_id,
         )
         when = codec.from_micros(rows[0]["discovered_at"]) if rows else None
-        return [codec.mcp_tool_from_row(row) for row in rows], when
+        return [codec.MCP_TOOLS.from_row(row) for row in rows], when
 
     async def list_expiring_tokens(self, before: datetime, limit: int) -> list[tuple[str, str]]:
-        """(tenant, id) of live, active connections whose token expires before `before`, soonest first."""
         check_limit(limit)
         rows = await self._engine.fetch(
             "SELECT tenant, id FROM connections WHERE secret_expires_at IS NOT NULL AND secret_expires_at < ?"

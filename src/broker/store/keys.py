@@ -34,15 +34,13 @@ _REWRAP = {
 
 
 class Keys(EngineStore):
-    """Meta values and the master keys' view of the stored data keys."""
+    """Meta values and the master keys' view of the stored data keys (`protocols.KeyStore`)."""
 
     async def get_meta(self, key: str) -> bytes | None:
-        """A broker-wide value, or None."""
         rows = await self._engine.fetch("SELECT value FROM meta WHERE key = ?", key)
         return bytes(rows[0]["value"]) if rows else None
 
     async def put_meta(self, key: str, value: bytes) -> None:
-        """Insert or replace a broker-wide value."""
         async with self._engine.transaction() as tx:
             await tx.execute(
                 "INSERT INTO meta (key, value) VALUES (?, ?)"
@@ -52,14 +50,12 @@ class Keys(EngineStore):
             )
 
     async def kek_ids_in_use(self) -> set[str]:
-        """Ids of the master keys that wrap a stored data key, across all tenants."""
         rows = await self._engine.fetch(
             "SELECT kek_id FROM connections WHERE kek_id IS NOT NULL UNION SELECT kek_id FROM oauth_states"
         )
         return {row["kek_id"] for row in rows}
 
     async def deks_by_kek(self) -> dict[str, int]:
-        """How many stored data keys each master key wraps (connections and pending flows)."""
         rows = await self._engine.fetch(
             "SELECT kek_id, COUNT(*) AS n FROM (SELECT kek_id FROM connections WHERE kek_id IS NOT NULL"
             " UNION ALL SELECT kek_id FROM oauth_states) AS wrapped GROUP BY kek_id"
@@ -69,7 +65,6 @@ class Keys(EngineStore):
     async def list_deks_not_under(
         self, kek_id: str, limit: int, after: tuple[str, str, str] | None = None
     ) -> list[WrappedDek]:
-        """Up to `limit` stored data keys wrapped by another master key, by (kind, tenant, key)."""
         check_limit(limit)
         rows = await self._engine.fetch(_DEKS_NOT_UNDER, kek_id, kek_id, *(after or ("", "", "")), limit)
         return [
@@ -86,12 +81,6 @@ class Keys(EngineStore):
     async def rewrap_deks(
         self, rewrapped: Sequence[tuple[WrappedDek, Sealed]], wraps: Mapping[str, int]
     ) -> int:
-        """Store re-wrapped keys, each only if its row still holds the key read; one transaction.
-
-        Only wrapped_dek and kek_id change (never the version, the ciphertext or anything
-        else); `wraps` is added to the per-key counts in the same transaction. Returns
-        how many rows were updated: a row re-sealed or purged meanwhile is left alone.
-        """
         updated = 0
         async with self._engine.transaction() as tx:
             for old, new in rewrapped:
@@ -121,12 +110,10 @@ class Keys(EngineStore):
                 await _add_wraps(tx, wraps)
 
     async def kek_wraps(self) -> dict[str, int]:
-        """The persisted count of encryptions under each master key."""
         rows = await self._engine.fetch("SELECT kek_id, wraps FROM kek_wraps")
         return {row["kek_id"]: int(row["wraps"]) for row in rows}
 
     async def superseded_at(self, tenant: str, connection_id: str, secret_version: int) -> datetime | None:
-        """When this secret version of the connection was replaced, if still remembered."""
         rows = await self._engine.fetch(
             "SELECT superseded_at FROM secret_versions WHERE tenant = ? AND connection_id = ?"
             " AND secret_version = ?",
@@ -137,7 +124,6 @@ class Keys(EngineStore):
         return codec.from_micros(rows[0]["superseded_at"]) if rows else None
 
     async def purge_superseded(self, before: datetime) -> int:
-        """Forget secret versions replaced before `before`; returns how many."""
         async with self._engine.transaction() as tx:
             return await tx.execute(
                 "DELETE FROM secret_versions WHERE superseded_at < ?", codec.to_micros(before)

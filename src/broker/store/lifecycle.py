@@ -14,13 +14,6 @@ from broker.store._codec import Row
 from broker.store.engine import Engine, Tx
 from broker.store.protocols import ChangeSink
 
-# Statements are assembled from the constant column lists in `_codec`, never from input.
-AUDIT_SELECT = "SELECT id, " + ", ".join(codec.AUDIT_COLUMNS) + ", prev_hash, hash FROM audit_events"  # noqa: S608
-# The id is given, not assigned: it is part of the hashed form, computed before the insert.
-_AUDIT_INSERT = (
-    f"INSERT INTO audit_events (id, {', '.join(codec.AUDIT_COLUMNS)}, prev_hash, hash) "  # noqa: S608
-    f"VALUES (?, {', '.join('?' for _ in codec.AUDIT_COLUMNS)}, ?, ?)"
-)
 CHECKPOINT_SELECT = "SELECT last_id, last_hash FROM audit_checkpoints ORDER BY last_id DESC LIMIT 1"
 _NEWEST_EVENT = "SELECT id, hash FROM audit_events ORDER BY id DESC LIMIT 1"
 
@@ -67,7 +60,7 @@ class EngineStore:
         # READ COMMITTED: this statement's snapshot is taken after the lock was granted,
         # so it sees the previous holder's committed events.
         last_id, last_hash = await chain_tail(tx.fetch)
-        await tx.executemany(_AUDIT_INSERT, chain.linked_rows(events, last_id, last_hash))
+        await tx.executemany(codec.AUDIT.insert, chain.linked_rows(events, last_id, last_hash))
 
 
 async def chain_tail(fetch: Callable[..., Awaitable[list[Row]]]) -> tuple[int, str]:

@@ -2,18 +2,15 @@
 
 A service names the roles it uses (`Resolver` takes a `ConnectionStore`, a
 `GrantStore` and a `SecretVersionStore`), so what it can touch is in its
-signature; one store object plays every role. `Store` is all of them at once:
-what a backend implements and what `server.py` opens, watches and closes. No role
-has more than 12 methods (`tests/unit/test_store_protocols.py`).
+signature; one store object (`sql.SqlStore`, on SQLite or PostgreSQL) plays every
+role, and `Store` is all of them at once. No role has more than 12 methods
+(`tests/unit/test_store_protocols.py`); the contract suite is
+`tests/integration/test_store.py`, run on both engines.
 
 Every method is scoped by tenant; a row of another tenant is indistinguishable
 from a missing one. Each write that changes state takes the `AuditEvent` that
 describes it and commits both in one transaction, so there is never a change
 without its audit record nor a record of a change that did not happen.
-
-Implementations: `broker.store.sqlite.SqliteStore` (the default) and
-`broker.store.postgres.PostgresStore` (`storage.url`, several replicas); both pass
-the contract suite in `tests/integration/test_store.py`. Keep SQL portable.
 """
 
 from __future__ import annotations
@@ -60,7 +57,7 @@ class WrappedDek:
 
 
 class ChangeSink(Protocol):
-    """What learns of changes other writers (other replicas) make: the Resolve cache and monitor."""
+    """What hears of committed changes, whoever wrote them: the Resolve cache and the monitor."""
 
     def connection_changed(self, tenant: str, connection_id: str) -> None:
         """The connection row changed (its grants may have too)."""
@@ -321,12 +318,8 @@ class Coordination(Protocol):
     """What several replicas on one database share: the change feed, blocks, refresh locks, buckets."""
 
     async def watch(self, sink: ChangeSink) -> None:
-        """Tell `sink` of changes other processes commit from now on, until `close()`.
-
-        SQLite has no other writer process: it only tells the sink `changes_seen`.
-        PostgreSQL LISTENs (`broker.store._pg_changes`) and calls `changes_unseen`
-        whenever it cannot.
-        """
+        """Tell `sink` of every change committed from now on (this process's and, on PostgreSQL,
+        other replicas' by LISTEN, `postgres.changes`, which calls `changes_unseen` whenever it cannot)."""
 
     async def announce_block(self, tenant: str, principal: str, until: float) -> None:
         """Tell the other replicas' monitors that this one blocked a principal (`principal_blocked`).

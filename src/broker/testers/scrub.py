@@ -8,6 +8,7 @@ tool's input schema) in every string it holds, keys included.
 from __future__ import annotations
 
 import base64
+import json
 import re
 import urllib.parse
 from collections.abc import Container, Iterable
@@ -31,6 +32,11 @@ def _forms(value: str) -> set[str]:
         base64.b64encode(raw).decode().rstrip("="),
         base64.urlsafe_b64encode(raw).decode().rstrip("="),
         raw.hex(),
+        raw.hex().upper(),
+        # Inside a JSON string: `/`, quotes, backslashes and non-ASCII may come escaped.
+        json.dumps(value)[1:-1],
+        json.dumps(value, ensure_ascii=False)[1:-1],
+        value.replace("/", "\\/"),
     }
     return {f for f in forms if len(f) >= MIN_LENGTH}
 
@@ -47,6 +53,7 @@ class Scrubber:
         ordered = sorted(forms, key=lambda f: (-len(f), f))
         self._forms = ordered
         self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+        self._data_pattern: re.Pattern[bytes] | None = None
 
     def text(self, text: str) -> str:
         """`text` with every known form masked, made storable (see `storable`)."""
@@ -54,6 +61,15 @@ class Scrubber:
         if self._pattern is None:
             return text
         return self._pattern.sub(MASK, text)
+
+    def data(self, data: bytes) -> bytes:
+        """`data` (a body, any encoding that keeps ASCII as it is) with every known form masked."""
+        if not self._forms:
+            return data
+        if self._data_pattern is None:
+            encoded = sorted((f.encode() for f in self._forms), key=lambda f: (-len(f), f))
+            self._data_pattern = re.compile(b"|".join(map(re.escape, encoded)))
+        return self._data_pattern.sub(MASK.encode(), data)
 
     def cut_text(self, text: str) -> str:
         """`text` scrubbed, and also a form's beginning left at its very end.

@@ -1,44 +1,22 @@
 """The PostgreSQL store (asyncpg), for several broker replicas: `SqlStore` over `PostgresEngine`.
 
-A pool of connections (`pool_min`..`pool_max`). Reads are single statements in
-autocommit (READ COMMITTED). Every change runs in one READ COMMITTED transaction,
-rolled back on any exception, so a change and its audit event land together or
-not at all. Concurrency between replicas rests on these:
+Reads are single statements in autocommit; every change is one READ COMMITTED transaction,
+so a change and its audit event land together or not at all. docs/ARCHITECTURE.md
+("Several replicas on one database") describes the change feed, locks and shared buckets;
+what the code relies on between replicas:
 
 * `replace_connection` is a compare-and-swap, `UPDATE ... WHERE version = $n`: a
   concurrent writer of the same row waits for the row lock, re-checks the WHERE
   clause against the committed row and updates nothing (then `Aborted`).
-* The audit chain is verified in one REPEATABLE READ, READ ONLY transaction.
-* Audit appends are serialised by a transaction-level advisory lock
-  (`pg_advisory_xact_lock(AUDIT_LOCK)`), taken as the last step of every
-  transaction that writes an event, so all replicas extend one hash chain with
-  contiguous ids. The cost: audited writes of every replica commit one after
-  another (the group commit in `service.audit` makes one lock turn per batch, and
-  the lock is held only from the append to the commit, one round trip and one
-  WAL flush). Because nothing takes a row lock after the advisory lock, a
-  transaction holding it never waits for one: no deadlock.
+* Audit appends take `pg_advisory_xact_lock(AUDIT_LOCK)` as the last step of their
+  transaction, so all replicas extend one chain with contiguous ids. Audited writes of
+  every replica therefore commit one after another (group commit in `service.audit`
+  makes one lock turn per batch); nothing takes a row lock after it, so no deadlock.
 * `take_oauth_state` is a single `DELETE ... RETURNING`: one caller gets the row.
-* Writes that change what Resolve serves (a connection row, a grant, re-wrapped keys)
-  NOTIFY in their transaction; every replica LISTENs and invalidates its cache
-  (`postgres.changes`, which also says what happens while a listener is down). The
-  writing replica's own cache is told right after the commit.
-* An OAuth2 refresh holds a per-connection advisory lock (`refresh_lock`) on a
-  session of a separate small pool, so one replica calls the token endpoint.
-* Shared rate-limit buckets are rows taken under their row lock, on the server's clock.
 
-Every session carries `application_name` = `broker/<pid>/<use>/<host>` (use: query,
-lock or listen), so pg_stat_activity tells replicas, and a replica's sessions, apart.
-
-Purging overwrites the sealed columns with NULL in the UPDATE, as on SQLite. Unlike
-SQLite's `secure_delete`, PostgreSQL keeps the old row version in the table until
-VACUUM reclaims it (and even then does not zero the space), in the WAL until it is
-recycled, and in any base backup or replica. The store does not run VACUUM per
-purge: it cannot run in a transaction and would not erase the WAL or backups
-anyway. What makes a purged secret unrecoverable on PostgreSQL is cryptographic:
-its data key is wrapped by a master key, and rotating that key away (and
-destroying it) leaves the lingering bytes useless. See the README.
-
-Statements are the shared ones (`broker.store.sql`), translated by `postgres.engine`.
+A purge overwrites the sealed columns with NULL, but PostgreSQL keeps the old row
+version until VACUUM (which does not zero it), in the WAL and in backups: what makes
+a purged secret unrecoverable there is rotating its master key away (see the README).
 """
 
 from __future__ import annotations
@@ -53,7 +31,7 @@ __all__ = ["PostgresStore"]
 
 
 class PostgresStore(SqlStore):
-    """`Store` on a PostgreSQL database; see the module docstring for the concurrency model."""
+    """`Store` on a PostgreSQL database; see the module docstring."""
 
     def __init__(self, dsn: str, **options: Any) -> None:
         """`options` are `PostgresEngine`'s: pool sizes, command timeout, listener heartbeat."""

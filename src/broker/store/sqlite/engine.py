@@ -28,8 +28,6 @@ from broker.store.changes import deliver
 from broker.store.engine import Duplicate, MissingParent
 from broker.store.protocols import ChangeSink
 
-_AUDIT_SELECT = "SELECT id, " + ", ".join(codec.AUDIT_COLUMNS) + ", prev_hash, hash FROM audit_events"  # noqa: S608
-
 
 class SqliteTx:
     """A transaction on the writer connection (the `Tx` protocol)."""
@@ -208,12 +206,12 @@ async def _backfill_audit_chain(conn: aiosqlite.Connection) -> None:
         while True:
             rows = list(
                 await conn.execute_fetchall(
-                    f"{_AUDIT_SELECT} WHERE id > ? ORDER BY id LIMIT ?", (after, page)
+                    f"{codec.AUDIT.select} WHERE id > ? ORDER BY id LIMIT ?", (after, page)
                 )
             )
             updates = []
             for row in rows:
-                event = replace(codec.audit_from_row(row), prev_hash=prev)
+                event = replace(codec.AUDIT.from_row(row), prev_hash=prev)
                 prev = chain.event_hash(event)
                 updates.append((event.prev_hash, prev, event.id))
             await conn.executemany("UPDATE audit_events SET prev_hash = ?, hash = ? WHERE id = ?", updates)

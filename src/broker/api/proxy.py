@@ -1,0 +1,37 @@
+"""ProxyService: calls the broker makes with a connection's credential for an executor."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from broker._proto import broker_pb2 as pb
+from broker._proto import broker_pb2_grpc
+from broker.api.interceptors import current_call
+from broker.service.proxy import ProxyService
+from broker.service.upstream import UpstreamRequest
+
+
+class ProxyServicer(broker_pb2_grpc.ProxyServiceServicer):
+    def __init__(self, proxy: ProxyService) -> None:
+        self._proxy = proxy
+
+    async def ProxyHttp(self, request: pb.ProxyHttpRequest, context: Any) -> pb.ProxyHttpResponse:
+        upstream = UpstreamRequest(
+            request.method,
+            request.path,
+            request.query,
+            tuple((h.name, h.value) for h in request.headers),
+            request.body,
+        )
+        # The caller's deadline bounds the upstream call too (None: no deadline was set).
+        async with asyncio.timeout(context.time_remaining()):
+            answer = await self._proxy.http(
+                current_call(),
+                upstream,
+                connection_id=request.connection_id,
+                name=request.name,
+                purpose=request.purpose,
+            )
+        headers = [pb.HttpHeader(name=name, value=value) for name, value in answer.headers]
+        return pb.ProxyHttpResponse(status=answer.status, headers=headers, body=answer.body)

@@ -1,0 +1,232 @@
+"""One HTTP call to an upstream on an executor's behalf: the building block of proxy mode.
+
+`injection` says how a connection's credential goes on a request (from its type, its
+`auth_type` or its provider's data in `testers.providers`), and remembers every composed
+form (`testers.sent`) for the scrubber. `call` sends one request through the egress
+policy and returns the answer with every form of every secret masked:
+
+* The caller's path is joined to the connection's base URL; it must be an absolute path
+  with no dot segments or encoded dots and slashes (which an upstream might resolve
+  elsewhere), no backslash and no scheme-relative `//`.
+* The caller may not set the credential's header, `Authorization`, `Cookie`, `Host`, the
+  framing or hop-by-hop headers: refused (INVALID_ARGUMENT naming the header), never
+  silently replaced.
+* No redirect is followed: a 3xx is the answer, its `Location` scrubbed like every other
+  header. Following it would be another call, checked again (scope included).
+* Nothing is retried (a 429 or 503 comes back at once, `Retry-After` and all): a retry
+  could repeat a non-idempotent call, and the caller's deadline is theirs to spend.
+* The exchange is bounded by the policy's total timeout (and by the caller's deadline,
+  which the caller applies around `call`); the body by `max_bytes`, counted decoded so
+  compression cannot inflate past it. The answer's body is decoded, so `Content-Encoding`
+  and the framing headers are dropped.
+
+Not here: who may call (grants, scope), opening the secrets, audit; OAuth2, webhook
+and MCP connections (their injection is not built yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from broker.egress import EgressPolicy
+from broker.egress.errors import ResponseTooLarge
+from broker.egress.http import http_client, read_body
+from broker.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from broker.model import ambiguous_path
+from broker.sensitive import SecretFields
+from broker.testers.http import trust
+from broker.testers.providers import API_KEY_PROVIDERS, KeyStyle
+from broker.testers.scrub import Scrubber
+from broker.testers.sent import SentCredentials
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Never from the caller: the credential's carriers, the target, and what frames the message.
+_REFUSED_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+    }
+)
+# Not passed back: they describe the upstream's encoding of a body we decoded and re-framed.
+_DROPPED_ANSWER_HEADERS = frozenset(
+    {"content-encoding", "content-length", "transfer-encoding", "connection", "keep-alive", "trailer"}
+)
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
+MAX_HEADERS, MAX_HEADER_BYTES, MAX_PATH, MAX_QUERY = 64, 16 * 1024, 2048, 8192
+
+
+class NotInjectable(FailedPrecondition):
+    """The connection cannot be used through the proxy (its type, or no credential or base URL yet)."""
+
+
+class AnswerTooLarge(FailedPrecondition):
+    """The upstream's answer is over the proxy's byte limit."""
+
+
+@functools.cache
+def _trust() -> ssl.SSLContext:
+    # Built once: loading the trust store takes milliseconds, and a context is safe to share.
+    return trust()
+
+
+@dataclass(frozen=True)
+class Injection:
+    """Where a connection's calls go and what the broker adds to each; `scrubber` masks what it sent."""
+
+    base_url: str
+    headers: Mapping[str, str]
+    scrubber: Scrubber
+
+
+@dataclass(frozen=True)
+class UpstreamRequest:
+    method: str
+    path: str
+    query: str = ""
+    headers: Sequence[tuple[str, str]] = ()
+    body: bytes = b""
+
+
+@dataclass(frozen=True)
+class UpstreamAnswer:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+def injection(
+    connection_type: str, provider: str, config: Mapping[str, object], secrets: SecretFields
+) -> Injection:
+    """How calls of this connection carry its credential; `NotInjectable` when they cannot."""
+    values = secrets.reveal()
+    sent = SentCredentials()
+    headers: dict[str, str] = {}
+    base = str(config.get("base_url") or "")
+    if connection_type == "http":
+        extra = config.get("headers")
+        if isinstance(extra, Mapping):
+            headers.update({str(k): str(v) for k, v in extra.items()})
+        auth = config.get("auth_type", "none")
+        if auth == "bearer":
+            headers["Authorization"] = sent.bearer(values["token"])
+        elif auth == "basic":
+            headers["Authorization"] = sent.basic(str(config.get("username", "")), values["password"])
+        elif auth == "api_key":
+            headers[str(config.get("api_key_header") or "X-API-Key")] = values["api_key_value"]
+        elif auth == "oauth2":
+            token = values.get("access_token")
+            if not token:
+                raise NotInjectable("the connection has no access token yet; authorize it first")
+            headers["Authorization"] = sent.bearer(token)
+    elif connection_type == "api_key":
+        known = API_KEY_PROVIDERS.get(provider)
+        if known is None or known.endpoint.key_style is KeyStyle.BEARER:
+            headers["Authorization"] = sent.bearer(values["api_key"])
+        else:
+            headers[known.endpoint.key_header] = values["api_key"]
+        if known is not None:
+            headers = {**known.endpoint.headers, **headers}
+            base = base or known.default_base
+    else:
+        raise NotInjectable(f"calls through the proxy are not built yet for {connection_type} connections")
+    if not base:
+        raise NotInjectable("the connection has no base_url to send calls to")
+    return Injection(base.rstrip("/"), headers, Scrubber(values.values(), sent.forms))
+
+
+def _checked(request: UpstreamRequest, injected: Mapping[str, str]) -> list[FieldViolation]:
+    bad: list[FieldViolation] = []
+    if request.method not in METHODS:
+        bad.append(FieldViolation("method", f"must be one of {', '.join(sorted(METHODS))}"))
+    path = request.path
+    if not (
+        path.startswith("/")
+        and not path.startswith("//")
+        and len(path) <= MAX_PATH
+        and path.isascii()
+        and path.isprintable()
+        and not any(c in path for c in " ?#")
+        and not ambiguous_path(path)
+    ):
+        bad.append(
+            FieldViolation(
+                "path",
+                f"must be an absolute path (at most {MAX_PATH} printable ASCII characters) without"
+                " '//' at the start, spaces, '?', '#', backslashes, dot segments or encoded dots and slashes",
+            )
+        )
+    if len(request.query) > MAX_QUERY or not (request.query.isascii() and request.query.isprintable()):
+        bad.append(FieldViolation("query", f"must be at most {MAX_QUERY} printable ASCII characters"))
+    elif "#" in request.query or " " in request.query:
+        bad.append(FieldViolation("query", "must not hold '#' or spaces (percent-encode them)"))
+    if len(request.headers) > MAX_HEADERS:
+        return [*bad, FieldViolation("headers", f"at most {MAX_HEADERS}")]
+    if sum(len(n) + len(v) for n, v in request.headers) > MAX_HEADER_BYTES:
+        return [*bad, FieldViolation("headers", f"at most {MAX_HEADER_BYTES} bytes in all")]
+    reserved = _REFUSED_HEADERS | {name.lower() for name in injected}
+    for i, (name, value) in enumerate(request.headers):
+        if not _HEADER_NAME.fullmatch(name):
+            bad.append(FieldViolation(f"headers[{i}].name", "must be an HTTP header name"))
+        elif name.lower() in reserved:
+            bad.append(FieldViolation(f"headers[{i}].name", f"{name} is set by the broker, not the caller"))
+        if not value.isprintable() or not value.isascii():
+            bad.append(FieldViolation(f"headers[{i}].value", "must be printable ASCII"))
+    return bad
+
+
+async def call(
+    egress: EgressPolicy,
+    connection: Injection,
+    request: UpstreamRequest,
+    *,
+    max_bytes: int,
+) -> UpstreamAnswer:
+    """Send `request` with the credential injected; the answer scrubbed (see the module docstring).
+
+    Raises INVALID_ARGUMENT for a request that may not be sent, `AnswerTooLarge` for an
+    answer over `max_bytes`, and the egress and transport errors of `broker.egress.http`.
+    """
+    bad = _checked(request, connection.headers)
+    if bad:
+        raise InvalidArgument(bad)
+    url = connection.base_url + request.path + (f"?{request.query}" if request.query else "")
+    checked = egress.check_url(url).text
+    headers = [*request.headers, *connection.headers.items()]
+    client = http_client(egress, verify=_trust())
+    # The caller bounds the call by its deadline too (`asyncio.timeout` around this).
+    async with client, asyncio.timeout(egress.settings.total_timeout):
+        upstream = client.build_request(
+            request.method, checked, headers=headers, content=request.body or None
+        )
+        response = await client.send(upstream, stream=True)
+        try:
+            body = await read_body(response, max_bytes) if request.method != "HEAD" else b""
+        except ResponseTooLarge:
+            raise AnswerTooLarge(
+                f"the upstream's answer is larger than {max_bytes} bytes, the proxy's limit"
+            ) from None
+        finally:
+            await response.aclose()
+    scrub = connection.scrubber
+    answer_headers = [
+        (name, scrub.text(value))
+        for name, value in response.headers.multi_items()
+        if name.lower() not in _DROPPED_ANSWER_HEADERS
+    ]
+    return UpstreamAnswer(response.status_code, answer_headers, scrub.data(body))

@@ -1,0 +1,185 @@
+"""One proxied HTTP call (`service/upstream.py`) against real loopback servers: the credential
+reaches the upstream, never comes back, and nothing the caller sends can override it."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import time
+from typing import Any
+
+import pytest
+
+from broker.egress import Blocked, EgressPolicy, EgressSettings
+from broker.errors import FailedPrecondition, InvalidArgument
+from broker.sensitive import SecretFields
+from broker.service.upstream import Injection, UpstreamRequest, call, injection
+from broker.testers.scrub import MASK
+from tests.httpservers import Answer, Seen, serve
+
+TOKEN = "tok-Secret/With+Slash-4711"
+LOOPBACK = EgressPolicy(EgressSettings(allow_loopback=True))
+
+
+def bearer(url: str, **config: Any) -> Injection:
+    config = {"base_url": url, "auth_type": "bearer", **config}
+    return injection("http", "", config, SecretFields({"token": TOKEN}))
+
+
+def violations(caught: pytest.ExceptionInfo[InvalidArgument]) -> set[str]:
+    return {v.field for v in caught.value.violations}
+
+
+def echo(seen: Seen) -> Answer:
+    """Everything an upstream might echo back, in the forms a client would find it."""
+    received = seen.headers.get("authorization", "") + seen.headers.get("x-api-key", "")
+    document = {"you_sent": received, "path": seen.path}
+    # As an encoder that escapes "/" writes it (PHP's json_encode does).
+    escaped = TOKEN.replace("/", "\\/")
+    body = json.dumps(document)[:-1] + f', "escaped": "{escaped}"}}'
+    headers = {
+        "Content-Type": "application/json",
+        "X-Echo": received,
+        "X-Token-B64": base64.b64encode(TOKEN.encode()).decode(),
+    }
+    return Answer(200, body.encode(), headers)
+
+
+async def test_the_credential_reaches_the_upstream_and_never_comes_back() -> None:
+    with serve(echo) as upstream:
+        answer = await call(
+            LOOPBACK,
+            bearer(upstream.url, headers={"X-Team": "data"}),
+            UpstreamRequest("GET", "/v1/items", "page=2&q=a%20b", (("Accept", "application/json"),)),
+            max_bytes=65536,
+        )
+    [seen] = upstream.requests
+    assert seen.headers["authorization"] == f"Bearer {TOKEN}"
+    assert seen.headers["x-team"] == "data" and seen.headers["accept"] == "application/json"
+    assert seen.path == "/v1/items?page=2&q=a%20b"
+    assert answer.status == 200
+    body = json.loads(answer.body)
+    assert body == {"you_sent": MASK, "path": "/v1/items?page=2&q=a%20b", "escaped": MASK}
+    headers = dict(answer.headers)
+    assert headers["x-echo"] == MASK and headers["x-token-b64"] == MASK
+    assert TOKEN.encode() not in answer.body + str(answer.headers).encode()
+
+
+async def test_basic_and_provider_keys_are_injected_and_their_composed_forms_masked(tmp_path: Any) -> None:
+    with serve(echo) as upstream:
+        basic = injection(
+            "http",
+            "",
+            {"base_url": upstream.url, "auth_type": "basic", "username": "ann"},
+            SecretFields({"password": TOKEN}),
+        )
+        answer = await call(LOOPBACK, basic, UpstreamRequest("GET", "/"), max_bytes=65536)
+        anthropic = injection(
+            "api_key", "anthropic", {"base_url": upstream.url}, SecretFields({"api_key": TOKEN})
+        )
+        await call(LOOPBACK, anthropic, UpstreamRequest("POST", "/v1/messages", body=b"{}"), max_bytes=65536)
+    pair = base64.b64encode(f"ann:{TOKEN}".encode()).decode()
+    assert upstream.requests[0].headers["authorization"] == f"Basic {pair}"
+    assert pair not in answer.body.decode() and dict(answer.headers)["x-echo"] == MASK
+    sent = upstream.requests[1]
+    assert sent.headers["x-api-key"] == TOKEN and sent.headers["anthropic-version"] == "2023-06-01"
+    assert "authorization" not in sent.headers and sent.body == b"{}"
+
+
+async def test_the_caller_cannot_set_the_credential_or_framing_headers() -> None:
+    with serve(echo) as upstream:
+        api_key = injection(
+            "http",
+            "",
+            {"base_url": upstream.url, "auth_type": "api_key", "api_key_header": "X-Api-Key"},
+            SecretFields({"api_key_value": TOKEN}),
+        )
+        refused = (
+            ("x-API-key", "mine"),
+            ("Authorization", "Bearer mine"),
+            ("Cookie", "a=b"),
+            ("Host", "evil"),
+        )
+        with pytest.raises(InvalidArgument) as caught:
+            await call(LOOPBACK, api_key, UpstreamRequest("GET", "/", headers=refused), max_bytes=100)
+        with pytest.raises(InvalidArgument) as framing:
+            headers = (("Transfer-Encoding", "chunked"), ("bad name", "x"), ("X-Ok", "line\r\nbreak"))
+            await call(LOOPBACK, api_key, UpstreamRequest("POST", "/", headers=headers), max_bytes=100)
+    assert violations(caught) == {f"headers[{i}].name" for i in range(4)}
+    assert violations(framing) == {"headers[0].name", "headers[1].name", "headers[2].value"}
+    assert upstream.requests == []  # nothing was sent
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "v1/x",
+        "//evil.example/x",
+        "/a/../admin",
+        "/a/%2e%2e/admin",
+        "/a%2Fb",
+        "/a\\b",
+        "/a b",
+        "/a?x=1",
+        "/" + "a" * 3000,
+    ],
+)
+async def test_paths_that_could_leave_the_base_url_are_refused(path: str) -> None:
+    with serve(echo) as upstream, pytest.raises(InvalidArgument) as caught:
+        await call(LOOPBACK, bearer(upstream.url), UpstreamRequest("GET", path), max_bytes=100)
+    assert violations(caught) == {"path"} and upstream.requests == []
+
+
+async def test_a_redirect_is_the_answer_and_its_location_is_scrubbed() -> None:
+    def redirect(seen: Seen) -> Answer:
+        return Answer(302, b"", {"Location": f"https://elsewhere.example/cb?token={TOKEN}"})
+
+    with serve(redirect) as upstream:
+        answer = await call(LOOPBACK, bearer(upstream.url), UpstreamRequest("GET", "/login"), max_bytes=100)
+    assert answer.status == 302 and len(upstream.requests) == 1
+    assert dict(answer.headers)["location"] == f"https://elsewhere.example/cb?token={MASK}"
+
+
+async def test_a_429_comes_back_at_once_and_is_not_retried() -> None:
+    def busy(seen: Seen) -> Answer:
+        return Answer(429, b"slow down", {"Retry-After": "3600"})
+
+    with serve(busy) as upstream:
+        started = time.monotonic()
+        answer = await call(
+            LOOPBACK, bearer(upstream.url), UpstreamRequest("POST", "/jobs", body=b"x"), max_bytes=100
+        )
+    assert answer.status == 429 and dict(answer.headers)["retry-after"] == "3600"
+    assert len(upstream.requests) == 1 and time.monotonic() - started < 2
+
+
+async def test_a_compressed_body_is_decoded_scrubbed_and_capped() -> None:
+    def zipped(seen: Seen) -> Answer:
+        return Answer(200, gzip.compress(f"token={TOKEN};".encode() * 10), {"Content-Encoding": "gzip"})
+
+    with serve(zipped) as upstream:
+        answer = await call(LOOPBACK, bearer(upstream.url), UpstreamRequest("GET", "/"), max_bytes=4096)
+        with pytest.raises(FailedPrecondition, match="larger than 100 bytes"):
+            await call(LOOPBACK, bearer(upstream.url), UpstreamRequest("GET", "/"), max_bytes=100)
+    assert answer.body == f"token={MASK};".encode() * 10
+    assert "content-encoding" not in dict(answer.headers)
+
+
+async def test_the_egress_policy_applies() -> None:
+    with serve(echo) as upstream, pytest.raises(Blocked):
+        await call(
+            EgressPolicy(EgressSettings()),
+            bearer(upstream.url),
+            UpstreamRequest("GET", "/"),
+            max_bytes=100,
+        )
+    assert upstream.requests == []
+
+
+def test_types_without_injection_say_so() -> None:
+    for kind in ("database", "smtp", "webhook", "mcp", "oauth2"):
+        with pytest.raises(FailedPrecondition, match=f"not built yet for {kind}"):
+            injection(kind, "", {"base_url": "https://x.example"}, SecretFields({}))
+    with pytest.raises(FailedPrecondition, match="no access token yet"):
+        injection("http", "", {"base_url": "https://x.example", "auth_type": "oauth2"}, SecretFields({}))
