@@ -307,6 +307,23 @@ def build_parser(*, raising: bool = False) -> argparse.ArgumentParser:
         metavar="N",
         help="the secret version you hold; the answer then says when it was superseded",
     )
+
+    p = command(
+        "proxy",
+        "Have the broker make an HTTP call with a connection's credential, as an executor (like"
+        " resolve), and print the answer's body; the secret never reaches you. Exit 1 when the"
+        " upstream answers 400 or more.",
+    )
+    _add_ref(p)
+    p.add_argument("method", help="GET, HEAD, POST, PUT, PATCH, DELETE or OPTIONS")
+    p.add_argument("path", help="a path under the connection's base URL, e.g. /user")
+    p.add_argument("--query", default="", help="the query string, percent-encoded, without '?'")
+    p.add_argument(
+        "-H", "--header", action="append", default=[], metavar="'NAME: VALUE'", help="a header to send"
+    )
+    p.add_argument("--data", default="", metavar="TEXT|@FILE|@-", help="the body: text, a file or stdin")
+    p.add_argument("-i", "--include", action="store_true", help="print the status line and headers first")
+    p.add_argument("--purpose", default="", help="why; recorded in the audit trail")
     return parser
 
 

@@ -180,3 +180,17 @@ def _warn_inline(field: str, prog: str, warned: bool) -> bool:
             file=sys.stderr,
         )
     return True
+
+
+def read_data(spec: str) -> bytes:
+    """A request body from `--data`: the text itself, `@FILE`, `@-` (standard input), `@@x` for `@x`."""
+    if spec.startswith("@@"):
+        return spec[1:].encode()
+    if spec == "@-":
+        return standard_input("--data @-").buffer.read()
+    if spec.startswith("@"):
+        try:
+            return Path(spec[1:]).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--data {spec}: {exc.strerror or exc}") from None
+    return spec.encode()
