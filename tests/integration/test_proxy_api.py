@@ -4,14 +4,19 @@ audited."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
+import httpx
+import pytest
 
 from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc
+from broker.client import ResolveClient, SyncResolveClient
 from broker.egress import EgressSettings
 from tests.conftest import Running
 from tests.helpers import EXECUTOR, db_request, field_violations, rpc_error, struct
@@ -168,3 +173,52 @@ async def test_what_cannot_be_proxied_says_so(make_broker: Callable[..., object]
     assert upstream.requests == []
     reasons = [e.reason for e in reversed(await proxy_events(running))]
     assert reasons == ["not_injectable", "egress_blocked"]
+
+
+def sdk_files(running: Running, tmp_path: Path) -> dict[str, Path]:
+    identity = running.identities["executor"]
+    files = {"ca": running.pki.ca, "cert": identity.cert, "key": identity.key}
+    for stem, data in files.items():
+        (tmp_path / f"sdk-{stem}.pem").write_bytes(data)
+    return {stem: tmp_path / f"sdk-{stem}.pem" for stem in files}
+
+
+async def test_the_sdk_transports_make_plain_httpx_calls_through_the_proxy(
+    make_broker: Callable[..., object], tmp_path: Path
+) -> None:
+    running: Running = await make_broker(egress=EgressSettings(allow_loopback=True))  # type: ignore[misc]
+    target = f"127.0.0.1:{running.broker.resolve_port}"
+
+    def answer(seen: Seen) -> Answer:
+        echoed = {"got": seen.headers.get("authorization", ""), "path": seen.path, "body": seen.body.decode()}
+        return Answer(201 if seen.method == "POST" else 200, json.dumps(echoed).encode(), {"X-Seen": "1"})
+
+    with serve(answer) as upstream:
+        await api_connection(running, upstream, pb.GRANT_MODE_PROXY, path_prefixes=["/v1/"])
+        async with ResolveClient(target, **sdk_files(running, tmp_path)) as broker:
+            transport = broker.proxy_transport(name="api", purpose="sdk test")
+            async with httpx.AsyncClient(transport=transport, base_url="https://ignored.example") as http:
+                got = await http.get("/v1/items", params={"q": "a b"})
+                posted = await http.post("/v1/items", json={"n": 1})
+                outside = http.get("/admin")
+                with pytest.raises(grpc.RpcError) as denied:
+                    await outside
+
+        def sync_call() -> httpx.Response:
+            with SyncResolveClient(target, **sdk_files(running, tmp_path)) as sync_broker:
+                sync_transport = sync_broker.proxy_transport(name="api")
+                with httpx.Client(transport=sync_transport, base_url="http://api") as http:
+                    return http.get("/v1/sync")
+
+        synced = await asyncio.to_thread(sync_call)
+    assert got.status_code == 200 and got.json() == {
+        "got": "[redacted]",
+        "path": "/v1/items?q=a+b",
+        "body": "",
+    }
+    assert got.headers["x-seen"] == "1"
+    assert posted.status_code == 201 and posted.json()["body"] == '{"n":1}'
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert synced.json()["path"] == "/v1/sync"
+    assert [seen.headers["authorization"] for seen in upstream.requests] == [f"Bearer {TOKEN}"] * 3
+    assert TOKEN not in got.text + posted.text + synced.text
