@@ -20,8 +20,9 @@ policy and returns the answer with every form of every secret masked:
   compression cannot inflate past it. The answer's body is decoded, so `Content-Encoding`
   and the framing headers are dropped.
 
-Not here: who may call (grants, scope), opening the secrets, audit; OAuth2, webhook
-and MCP connections (their injection is not built yet).
+A webhook connection takes calls to its one URL by its one method, each body signed (hmac)
+or with its bearer token. Not here: who may call (grants, scope), opening the secrets,
+audit; `oauth2` and `mcp` connections (their injection is not built yet).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import asyncio
 import functools
 import re
 import ssl
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from broker.egress import EgressPolicy
@@ -39,6 +41,7 @@ from broker.egress.http import http_client, read_body
 from broker.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from broker.model import ambiguous_path
 from broker.sensitive import SecretFields
+from broker.testers import webhook
 from broker.testers.http import trust
 from broker.testers.providers import API_KEY_PROVIDERS, KeyStyle
 from broker.testers.scrub import Scrubber
@@ -87,11 +90,17 @@ def _trust() -> ssl.SSLContext:
 
 @dataclass(frozen=True)
 class Injection:
-    """Where a connection's calls go and what the broker adds to each; `scrubber` masks what it sent."""
+    """Where a connection's calls go and what the broker adds to each; `scrubber` masks what it sent.
+
+    A webhook (`only_method` set) takes calls to its one URL only (the path "/", no query), by
+    its one method, and `sign` adds the headers that authenticate each body.
+    """
 
     base_url: str
     headers: Mapping[str, str]
     scrubber: Scrubber
+    only_method: str = ""
+    sign: Callable[[bytes], Mapping[str, str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -119,9 +128,7 @@ def injection(
     headers: dict[str, str] = {}
     base = str(config.get("base_url") or "")
     if connection_type == "http":
-        extra = config.get("headers")
-        if isinstance(extra, Mapping):
-            headers.update({str(k): str(v) for k, v in extra.items()})
+        headers.update(_extra_headers(config))
         auth = config.get("auth_type", "none")
         if auth == "bearer":
             headers["Authorization"] = sent.bearer(values["token"])
@@ -143,6 +150,8 @@ def injection(
         if known is not None:
             headers = {**known.endpoint.headers, **headers}
             base = base or known.default_base
+    elif connection_type == "webhook":
+        return _webhook(config, values.get("auth_secret", ""), sent)
     else:
         raise NotInjectable(f"calls through the proxy are not built yet for {connection_type} connections")
     if not base:
@@ -150,9 +159,41 @@ def injection(
     return Injection(base.rstrip("/"), headers, Scrubber(values.values(), sent.forms))
 
 
-def _checked(request: UpstreamRequest, injected: Mapping[str, str]) -> list[FieldViolation]:
+def _extra_headers(config: Mapping[str, object]) -> dict[str, str]:
+    extra = config.get("headers")
+    return {str(k): str(v) for k, v in extra.items()} if isinstance(extra, Mapping) else {}
+
+
+def _webhook(config: Mapping[str, object], secret: str, sent: SentCredentials) -> Injection:
+    headers = _extra_headers(config)
+    auth = config.get("auth_type", "none")
+    sign: Callable[[bytes], Mapping[str, str]] | None = None
+    if auth == "bearer":
+        headers["Authorization"] = sent.bearer(secret)
+    elif auth == "hmac":
+
+        def sign(body: bytes) -> Mapping[str, str]:
+            stamp = int(time.time())
+            return {
+                webhook.TIMESTAMP_HEADER: str(stamp),
+                webhook.SIGNATURE_HEADER: webhook.sign(secret, stamp, body),
+            }
+
+    method = str(config.get("method") or "POST")
+    scrubber = Scrubber([secret] if secret else [], sent.forms)
+    return Injection(str(config["url"]), headers, scrubber, only_method=method, sign=sign)
+
+
+def _checked(request: UpstreamRequest, connection: Injection) -> list[FieldViolation]:
     bad: list[FieldViolation] = []
-    if request.method not in METHODS:
+    if connection.only_method:
+        if request.method != connection.only_method:
+            bad.append(FieldViolation("method", f"must be {connection.only_method}, this webhook's method"))
+        if request.path != "/" or request.query:
+            bad.append(
+                FieldViolation("path", "must be '/' with no query: a webhook takes calls to its one URL")
+            )
+    elif request.method not in METHODS:
         bad.append(FieldViolation("method", f"must be one of {', '.join(sorted(METHODS))}"))
     path = request.path
     if not (
@@ -179,7 +220,10 @@ def _checked(request: UpstreamRequest, injected: Mapping[str, str]) -> list[Fiel
         return [*bad, FieldViolation("headers", f"at most {MAX_HEADERS}")]
     if sum(len(n) + len(v) for n, v in request.headers) > MAX_HEADER_BYTES:
         return [*bad, FieldViolation("headers", f"at most {MAX_HEADER_BYTES} bytes in all")]
-    reserved = _REFUSED_HEADERS | {name.lower() for name in injected}
+    signed = (
+        {webhook.TIMESTAMP_HEADER.lower(), webhook.SIGNATURE_HEADER.lower()} if connection.sign else set()
+    )
+    reserved = _REFUSED_HEADERS | signed | {name.lower() for name in connection.headers}
     for i, (name, value) in enumerate(request.headers):
         if not _HEADER_NAME.fullmatch(name):
             bad.append(FieldViolation(f"headers[{i}].name", "must be an HTTP header name"))
@@ -202,12 +246,17 @@ async def call(
     Raises INVALID_ARGUMENT for a request that may not be sent, `AnswerTooLarge` for an
     answer over `max_bytes`, and the egress and transport errors of `broker.egress.http`.
     """
-    bad = _checked(request, connection.headers)
+    bad = _checked(request, connection)
     if bad:
         raise InvalidArgument(bad)
-    url = connection.base_url + request.path + (f"?{request.query}" if request.query else "")
+    if connection.only_method:
+        url = connection.base_url
+    else:
+        url = connection.base_url + request.path + (f"?{request.query}" if request.query else "")
     checked = egress.check_url(url).text
     headers = [*request.headers, *connection.headers.items()]
+    if connection.sign is not None:
+        headers += connection.sign(request.body).items()
     client = http_client(egress, verify=_trust())
     # The caller bounds the call by its deadline too (`asyncio.timeout` around this).
     async with client, asyncio.timeout(egress.settings.total_timeout):
