@@ -89,7 +89,7 @@ async def test_a_call_outside_the_scope_is_refused_before_any_key_is_unwrapped(
         # Make the secret impossible to open: only a call that gets past the checks would notice.
         with sqlite3.connect(running.broker.settings.storage_path, timeout=10) as db:
             db.execute("UPDATE connections SET ciphertext = x'00' WHERE id = ?", (conn,))
-        for method, path in (("POST", "/v1/items"), ("GET", "/v2/items"), ("GET", "/v1/../admin")):
+        for method, path in (("POST", "/v1/items"), ("GET", "/v2/items"), ("GET", "/v1")):
             error = await rpc_error(
                 proxy(running).ProxyHttp(pb.ProxyHttpRequest(name="api", method=method, path=path))
             )

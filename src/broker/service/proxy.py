@@ -42,6 +42,7 @@ from broker.service.upstream import (
     UpstreamAnswer,
     UpstreamRequest,
     call,
+    check_request,
     injection,
 )
 from broker.store import ConnectionStore, GrantStore
@@ -91,6 +92,7 @@ class ProxyService:
         ):
             if len(text) > most or not text.isprintable():
                 raise InvalidArgument.field(field_name, f"must be at most {most} printable characters")
+        check_request(request)  # before anything is audited: the path goes into the event
         now = self._clock()
         record = await (
             self._connections.get_connection(call_.tenant, connection_id)

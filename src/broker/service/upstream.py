@@ -184,16 +184,11 @@ def _webhook(config: Mapping[str, object], secret: str, sent: SentCredentials) -
     return Injection(str(config["url"]), headers, scrubber, only_method=method, sign=sign)
 
 
-def _checked(request: UpstreamRequest, connection: Injection) -> list[FieldViolation]:
+def check_request(request: UpstreamRequest, connection: Injection | None = None) -> None:
+    """INVALID_ARGUMENT naming every part of `request` that may not be sent; with `connection`,
+    also what that connection does not allow (its injected headers, a webhook's one URL)."""
     bad: list[FieldViolation] = []
-    if connection.only_method:
-        if request.method != connection.only_method:
-            bad.append(FieldViolation("method", f"must be {connection.only_method}, this webhook's method"))
-        if request.path != "/" or request.query:
-            bad.append(
-                FieldViolation("path", "must be '/' with no query: a webhook takes calls to its one URL")
-            )
-    elif request.method not in METHODS:
+    if request.method not in METHODS:
         bad.append(FieldViolation("method", f"must be one of {', '.join(sorted(METHODS))}"))
     path = request.path
     if not (
@@ -217,13 +212,20 @@ def _checked(request: UpstreamRequest, connection: Injection) -> list[FieldViola
     elif "#" in request.query or " " in request.query:
         bad.append(FieldViolation("query", "must not hold '#' or spaces (percent-encode them)"))
     if len(request.headers) > MAX_HEADERS:
-        return [*bad, FieldViolation("headers", f"at most {MAX_HEADERS}")]
+        raise InvalidArgument([*bad, FieldViolation("headers", f"at most {MAX_HEADERS}")])
     if sum(len(n) + len(v) for n, v in request.headers) > MAX_HEADER_BYTES:
-        return [*bad, FieldViolation("headers", f"at most {MAX_HEADER_BYTES} bytes in all")]
-    signed = (
-        {webhook.TIMESTAMP_HEADER.lower(), webhook.SIGNATURE_HEADER.lower()} if connection.sign else set()
-    )
-    reserved = _REFUSED_HEADERS | signed | {name.lower() for name in connection.headers}
+        raise InvalidArgument([*bad, FieldViolation("headers", f"at most {MAX_HEADER_BYTES} bytes in all")])
+    reserved = set(_REFUSED_HEADERS)
+    if connection is not None:
+        reserved |= {name.lower() for name in connection.headers}
+        if connection.sign is not None:
+            reserved |= {webhook.TIMESTAMP_HEADER.lower(), webhook.SIGNATURE_HEADER.lower()}
+        if connection.only_method and request.method != connection.only_method:
+            bad.append(FieldViolation("method", f"must be {connection.only_method}, this webhook's method"))
+        if connection.only_method and (path != "/" or request.query):
+            bad.append(
+                FieldViolation("path", "must be '/' with no query: a webhook takes calls to its one URL")
+            )
     for i, (name, value) in enumerate(request.headers):
         if not _HEADER_NAME.fullmatch(name):
             bad.append(FieldViolation(f"headers[{i}].name", "must be an HTTP header name"))
@@ -231,7 +233,8 @@ def _checked(request: UpstreamRequest, connection: Injection) -> list[FieldViola
             bad.append(FieldViolation(f"headers[{i}].name", f"{name} is set by the broker, not the caller"))
         if not value.isprintable() or not value.isascii():
             bad.append(FieldViolation(f"headers[{i}].value", "must be printable ASCII"))
-    return bad
+    if bad:
+        raise InvalidArgument(bad)
 
 
 async def call(
@@ -246,9 +249,7 @@ async def call(
     Raises INVALID_ARGUMENT for a request that may not be sent, `AnswerTooLarge` for an
     answer over `max_bytes`, and the egress and transport errors of `broker.egress.http`.
     """
-    bad = _checked(request, connection)
-    if bad:
-        raise InvalidArgument(bad)
+    check_request(request, connection)
     if connection.only_method:
         url = connection.base_url
     else:
