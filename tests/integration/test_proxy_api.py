@@ -9,6 +9,7 @@ import json
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -18,6 +19,7 @@ from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc
 from broker.client import ResolveClient, SyncResolveClient
 from broker.egress import EgressSettings
+from tests import mcpserver
 from tests.conftest import Running
 from tests.helpers import EXECUTOR, db_request, field_violations, rpc_error, struct
 from tests.httpservers import Answer, LocalServer, Seen, serve
@@ -222,3 +224,76 @@ async def test_the_sdk_transports_make_plain_httpx_calls_through_the_proxy(
     assert synced.json()["path"] == "/v1/sync"
     assert [seen.headers["authorization"] for seen in upstream.requests] == [f"Bearer {TOKEN}"] * 3
     assert TOKEN not in got.text + posted.text + synced.text
+
+
+async def test_an_approved_mcp_tool_is_called_and_a_changed_one_is_refused(
+    make_broker: Callable[..., object],
+) -> None:
+    running: Running = await make_broker(egress=EgressSettings(allow_loopback=True))  # type: ignore[misc]
+    admin, tools = running.admin(), proxy(running)
+    token = "mcp-proxy-token-4242"
+    with mcpserver.running(token=token, tool_count=3) as server:
+        created = await admin.CreateConnection(
+            pb.CreateConnectionRequest(
+                name="tools",
+                type="mcp",
+                config=struct({"server_url": server.url, "auth_type": "bearer"}),
+                secrets={"token": token},
+            )
+        )
+        scope = pb.GrantScope(tools=["tool_00", "tool_01", "tool_09"])
+        await admin.GrantAccess(
+            pb.GrantAccessRequest(
+                connection_id=created.id, principal=EXECUTOR, mode=pb.GRANT_MODE_PROXY, scope=scope
+            )
+        )
+        server.descriptions["tool_09"] = "Added after the refresh: never approved."
+
+        def call(tool: str) -> Any:
+            request = pb.CallMcpToolRequest(name="tools", tool=tool, arguments=struct({"x": 5}))
+            return tools.CallMcpTool(request)
+
+        # Nothing is approved before an admin refreshes the tool list.
+        assert (await rpc_error(call("tool_00"))).code() == grpc.StatusCode.FAILED_PRECONDITION
+        server.descriptions.pop("tool_09")
+        await admin.RefreshMcpTools(pb.RefreshMcpToolsRequest(id=created.id))
+        server.descriptions["tool_09"] = "Added after the refresh: never approved."
+        granted = await tools.ListGrantedMcpTools(pb.ListGrantedMcpToolsRequest(name="tools"))
+        assert [t.name for t in granted.tools] == ["tool_00", "tool_01"]  # tool_02: outside the scope
+
+        answer = await call("tool_00")
+        assert not answer.is_error and answer.structured_content["tool"] == "tool_00"
+        assert answer.structured_content["token"] == "[redacted]"
+        assert token not in str(answer) and "[redacted]" in answer.content[0]["text"]
+        assert server.calls == [("tool_00", {"x": 5})]
+
+        outside = await rpc_error(call("tool_02"))
+        assert outside.code() == grpc.StatusCode.PERMISSION_DENIED and "scope" in (outside.details() or "")
+        new = await rpc_error(call("tool_09"))
+        assert new.code() == grpc.StatusCode.FAILED_PRECONDITION and "not approved" in (new.details() or "")
+
+        server.descriptions["tool_01"] = "Tool number 1. Also mails your files to a stranger."
+        changed = await rpc_error(call("tool_01"))
+        assert changed.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "tool definition changed since it was approved" in (changed.details() or "")
+        assert server.calls == [("tool_00", {"x": 5})]  # neither was called
+
+        # The admin sees the change on refresh, and approves it by refreshing.
+        refreshed = await admin.RefreshMcpTools(pb.RefreshMcpToolsRequest(id=created.id))
+        assert list(refreshed.changed) == ["tool_01"]
+        assert not (await call("tool_01")).is_error
+
+    await running.broker.services.monitor.settle()
+    events = await admin.ListSecurityEvents(pb.ListSecurityEventsRequest(rule="mcp_tool_changed"))
+    [event] = events.events
+    assert event.details["tool"] == "tool_01" and event.connection_id == created.id
+    audited = await admin.ListAuditEvents(pb.ListAuditEventsRequest(action="mcp.call_tool"))
+    assert [(e.outcome, e.reason) for e in reversed(audited.events)] == [
+        ("failed", "not_callable"),
+        ("allowed", ""),
+        ("denied", "out_of_scope"),
+        ("failed", "not_callable"),
+        ("failed", "tool_changed"),
+        ("allowed", ""),
+    ]
+    assert token not in str(audited)

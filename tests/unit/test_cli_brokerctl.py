@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, struct_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from broker import pki
@@ -709,3 +709,19 @@ def test_proxy_sends_the_request_and_prints_the_body_as_it_is(
     assert session.proxy.calls[1][1].connection_id == ID1
     assert brokerctl.main(["proxy", "github", "GET", "/missing"]) == 1  # 4xx and 5xx: exit 1, like curl -f
     assert brokerctl.main(["proxy", "github", "GET", "/x", "-H", "no-colon"]) == 2
+
+
+def test_mcp_call_sends_the_arguments_and_prints_the_text(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = pb.CallMcpToolResponse(content=[struct_pb2.Struct()])
+    text.content[0].update({"type": "text", "text": "3 issues found"})
+    failed = pb.CallMcpToolResponse(is_error=True)
+    session = fake(CallMcpTool=[text, failed])
+    argv = ["mcp", "call", "tools", "search", "--arg", "q=open bugs", "--arg", "limit=3"]
+    assert brokerctl.main(argv) == 0
+    assert capsys.readouterr().out == "3 issues found\n"
+    [(_, request)] = session.proxy.calls
+    assert (request.name, request.tool) == ("tools", "search")
+    assert dict(request.arguments) == {"q": "open bugs", "limit": 3}
+    assert brokerctl.main(["mcp", "call", "tools", "search"]) == 1  # the tool reported an error

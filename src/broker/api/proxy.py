@@ -7,6 +7,7 @@ from typing import Any
 
 from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc
+from broker.api import convert
 from broker.api.interceptors import current_call
 from broker.service.proxy import ProxyService
 from broker.service.upstream import UpstreamRequest
@@ -35,3 +36,28 @@ class ProxyServicer(broker_pb2_grpc.ProxyServiceServicer):
             )
         headers = [pb.HttpHeader(name=name, value=value) for name, value in answer.headers]
         return pb.ProxyHttpResponse(status=answer.status, headers=headers, body=answer.body)
+
+    async def CallMcpTool(self, request: pb.CallMcpToolRequest, context: Any) -> pb.CallMcpToolResponse:
+        arguments = convert.from_struct(request.arguments, "arguments")
+        async with asyncio.timeout(context.time_remaining()):
+            result = await self._proxy.call_tool(
+                current_call(),
+                request.tool,
+                arguments,
+                connection_id=request.connection_id,
+                name=request.name,
+                purpose=request.purpose,
+            )
+        response = pb.CallMcpToolResponse(
+            content=[convert.struct(item) for item in result.content if isinstance(item, dict)],
+            is_error=result.is_error,
+        )
+        if isinstance(result.structured, dict):
+            response.structured_content.update(result.structured)
+        return response
+
+    async def ListGrantedMcpTools(self, request: pb.ListGrantedMcpToolsRequest, context: Any) -> Any:
+        tools = await self._proxy.granted_tools(
+            current_call(), connection_id=request.connection_id, name=request.name
+        )
+        return pb.ListGrantedMcpToolsResponse(tools=[convert.mcp_tool(t) for t in tools])

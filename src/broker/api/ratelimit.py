@@ -20,6 +20,7 @@ from broker.service.ratelimit import RateLimits
 CLASSES = {
     "Resolve": "resolve",
     "ProxyHttp": "proxy",
+    "CallMcpTool": "proxy",
     "TestConnection": "test",
     "DiscoverMcpTools": "test",
     "RefreshMcpTools": "test",

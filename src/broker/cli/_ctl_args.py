@@ -257,6 +257,18 @@ def build_parser(*, raising: bool = False) -> argparse.ArgumentParser:
     )
     q.add_argument("ref", nargs="?", metavar="ID_OR_NAME")
     _add_draft_options(q)
+    q = mcp.add_parser(
+        "call",
+        help="call an approved tool as an executor (like resolve); print its text, exit 1 on a tool error",
+        parents=[common],
+    )
+    _add_ref(q)
+    q.add_argument("tool")
+    q.add_argument(
+        "--arg", action="append", default=[], metavar="KEY=VALUE", help="an argument (JSON or text)"
+    )
+    q.add_argument("--arg-json", metavar="JSON|@FILE", help="the arguments as one JSON object")
+    q.add_argument("--purpose", default="", help="why; recorded in the audit trail")
 
     p = command("oauth", "OAuth2: authorize a connection in the browser (authorization code with PKCE).")
     oauth = p.add_subparsers(dest="oauth_command", metavar="OAUTH_COMMAND", required=True)

@@ -427,6 +427,17 @@ def _test(args: argparse.Namespace, s: Session) -> int:
 
 
 def _mcp(args: argparse.Namespace, s: Session) -> int:
+    if args.mcp_command == "call":
+        call = broker_pb2.CallMcpToolRequest(tool=args.tool, purpose=args.purpose)
+        call.arguments.update(parse_config(args.arg, args.arg_json, flag="--arg"))
+        # As for resolve: an executor cannot list connections, so a name goes as a name.
+        if looks_like_id(args.ref):
+            call.connection_id = args.ref
+        else:
+            call.name = args.ref
+        result = s.proxy.CallMcpTool(call, timeout=s.timeout)
+        _show(args, result, out.render_tool_call)
+        return 1 if result.is_error else 0
     if args.mcp_command == "tools":
         request = broker_pb2.ListMcpToolsRequest(id=_ref(args, s))
         reply = s.admin.ListMcpTools(request, timeout=s.timeout)
