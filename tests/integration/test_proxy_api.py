@@ -297,3 +297,45 @@ async def test_an_approved_mcp_tool_is_called_and_a_changed_one_is_refused(
         ("allowed", ""),
     ]
     assert token not in str(audited)
+
+
+async def test_a_streamed_answer_never_carries_the_secret_even_split_across_chunks(
+    make_broker: Callable[..., object],
+) -> None:
+    running: Running = await make_broker(egress=EgressSettings(allow_loopback=True))  # type: ignore[misc]
+    # The upstream echoes the token in pieces, each sent on its own after a pause, so the broker
+    # receives the token cut across chunks (and whole, once, at the end).
+    pieces = [b"start ", TOKEN[:7].encode(), TOKEN[7:15].encode(), TOKEN[15:].encode(), b" middle " * 500]
+    pieces.append(b"whole " + TOKEN.encode() + b" end")
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n")
+        for piece in pieces:
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        local = LocalServer(f"http://127.0.0.1:{port}", port, [])
+        await api_connection(running, local, pb.GRANT_MODE_PROXY)
+        request = pb.ProxyHttpRequest(name="api", method="GET", path="/download")
+        parts = [part async for part in proxy(running).ProxyHttpStream(request)]
+    finally:
+        server.close()
+        await server.wait_closed()
+    head, data = parts[0], [p.data for p in parts[1:]]
+    assert head.WhichOneof("part") == "head" and head.head.status == 200
+    assert all(p.WhichOneof("part") == "data" for p in parts[1:]) and len(data) > 2
+    body = b"".join(data)
+    assert body == b"start [redacted]" + b" middle " * 500 + b"whole [redacted] end"
+    assert not any(TOKEN[:7].encode() in chunk and TOKEN[7:15].encode() in chunk for chunk in data)
+    assert TOKEN.encode() not in body
+    [event] = await proxy_events(running)
+    assert event.outcome == "allowed" and event.details["streamed"] == "true"

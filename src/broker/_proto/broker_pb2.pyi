@@ -837,6 +837,14 @@ class ProxyHttpResponse(_message.Message):
     body: bytes
     def __init__(self, status: _Optional[int] = ..., headers: _Optional[_Iterable[_Union[HttpHeader, _Mapping]]] = ..., body: _Optional[bytes] = ...) -> None: ...
 
+class ProxyHttpChunk(_message.Message):
+    __slots__ = ("head", "data")
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    head: ProxyHttpResponse
+    data: bytes
+    def __init__(self, head: _Optional[_Union[ProxyHttpResponse, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
 class CallMcpToolRequest(_message.Message):
     __slots__ = ("connection_id", "name", "tool", "arguments", "purpose")
     CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -1193,6 +1193,11 @@ class ProxyServiceStub:
                 request_serializer=broker_dot_v1_dot_broker__pb2.ProxyHttpRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_broker__pb2.ProxyHttpResponse.FromString,
                 _registered_method=True)
+        self.ProxyHttpStream = channel.unary_stream(
+                '/broker.v1.ProxyService/ProxyHttpStream',
+                request_serializer=broker_dot_v1_dot_broker__pb2.ProxyHttpRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.ProxyHttpChunk.FromString,
+                _registered_method=True)
         self.CallMcpTool = channel.unary_unary(
                 '/broker.v1.ProxyService/CallMcpTool',
                 request_serializer=broker_dot_v1_dot_broker__pb2.CallMcpToolRequest.SerializeToString,
@@ -1211,6 +1216,13 @@ class ProxyServiceServicer:
 
     def ProxyHttp(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ProxyHttpStream(self, request, context):
+        """As ProxyHttp, for bodies of any size up to the stream limit, streamed back.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -1234,6 +1246,11 @@ def add_ProxyServiceServicer_to_server(servicer, server):
                     servicer.ProxyHttp,
                     request_deserializer=broker_dot_v1_dot_broker__pb2.ProxyHttpRequest.FromString,
                     response_serializer=broker_dot_v1_dot_broker__pb2.ProxyHttpResponse.SerializeToString,
+            ),
+            'ProxyHttpStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ProxyHttpStream,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.ProxyHttpRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.ProxyHttpChunk.SerializeToString,
             ),
             'CallMcpTool': grpc.unary_unary_rpc_method_handler(
                     servicer.CallMcpTool,
@@ -1274,6 +1291,33 @@ class ProxyService:
             '/broker.v1.ProxyService/ProxyHttp',
             broker_dot_v1_dot_broker__pb2.ProxyHttpRequest.SerializeToString,
             broker_dot_v1_dot_broker__pb2.ProxyHttpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProxyHttpStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/broker.v1.ProxyService/ProxyHttpStream',
+            broker_dot_v1_dot_broker__pb2.ProxyHttpRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.ProxyHttpChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,6 +20,7 @@ from broker.service.ratelimit import RateLimits
 CLASSES = {
     "Resolve": "resolve",
     "ProxyHttp": "proxy",
+    "ProxyHttpStream": "proxy",
     "CallMcpTool": "proxy",
     "TestConnection": "test",
     "DiscoverMcpTools": "test",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
@@ -51,12 +51,23 @@ from broker.service.upstream import (
     call,
     check_request,
     injection,
+    stream,
 )
 from broker.store import ConnectionStore, GrantStore
 from broker.testers import mcp
 from broker.testers.base import Target, TestFailure
 
 PROXY_HTTP = "connection.proxy"
+# What a call through `service.upstream` can fail with, besides the checks before it.
+_UPSTREAM_FAILURES = (
+    InvalidArgument,
+    Blocked,
+    InvalidTarget,
+    DnsFailure,
+    httpx.HTTPError,
+    TimeoutError,
+    FailedPrecondition,
+)
 CALL_TOOL = "mcp.call_tool"
 LIST_TOOLS = "mcp.list_granted_tools"
 TOOL_CHANGED = "tool definition changed since it was approved"
@@ -74,6 +85,7 @@ class ProxyService:
         clock: Callable[[], datetime],
         max_response_bytes: int,
         monitor: Monitor | None = None,
+        max_stream_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         self._connections = connections
         self._grants = grants
@@ -82,6 +94,7 @@ class ProxyService:
         self._egress = egress
         self._clock = clock
         self._max_bytes = max_response_bytes
+        self._max_stream_bytes = max_stream_bytes
         self._monitor = monitor
 
     async def http(
@@ -105,15 +118,47 @@ class ProxyService:
             target = injection(record.type, record.provider, record.config, secrets)
             use.details["host"] = httpx.URL(target.base_url).host
             answer = await call(self._egress, target, request, max_bytes=self._max_bytes)
-        except InvalidArgument:
-            raise  # a request this connection does not take: nothing left the broker
-        except (Blocked, InvalidTarget, DnsFailure, httpx.HTTPError, TimeoutError, FailedPrecondition) as exc:
-            reason = _failure_reason(exc)
-            await self._failed(use, reason, started)
-            raise _caller_error(exc, reason) from None
+        except _UPSTREAM_FAILURES as exc:
+            raise await self._upstream_failed(use, exc, started) from None
         use.details.update(status=str(answer.status), bytes=str(len(answer.body)))
         await self._done(use, started)
         return answer
+
+    async def http_stream(
+        self,
+        call_: Call,
+        request: UpstreamRequest,
+        *,
+        connection_id: str = "",
+        name: str = "",
+        purpose: str = "",
+    ) -> AsyncIterator[UpstreamAnswer | bytes]:
+        """As `http`, the answer streamed: its head, audited before it is yielded, then scrubbed
+        chunks of the body (at most `max_stream_bytes`)."""
+        check_request(request)
+        use = _Use(call_, PROXY_HTTP, {"method": request.method, "path": request.path}, self._clock())
+        record, _ = await self._authorize(
+            use, connection_id, name, purpose, lambda s: s.allows_request(request.method, request.path)
+        )
+        secrets = await self._open(use, record)
+        started = time.monotonic()
+        try:
+            target = injection(record.type, record.provider, record.config, secrets)
+            use.details["host"] = httpx.URL(target.base_url).host
+            chunks = stream(self._egress, target, request, max_bytes=self._max_stream_bytes)
+            head = await anext(chunks)
+            assert isinstance(head, UpstreamAnswer)  # `stream` yields its head first
+        except _UPSTREAM_FAILURES as exc:
+            raise await self._upstream_failed(use, exc, started) from None
+        use.details.update(status=str(head.status), streamed="true")
+        await self._done(use, started)
+        yield head
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except _UPSTREAM_FAILURES as exc:
+            # Audited again: the call was allowed, then its answer broke off.
+            raise await self._upstream_failed(use, exc, started) from None
 
     async def call_tool(
         self,
@@ -250,6 +295,14 @@ class ProxyService:
         if record is None:
             return "unknown_connection"
         return refusal(record)
+
+    async def _upstream_failed(self, use: _Use, exc: Exception, started: float) -> Exception:
+        """Audit a call the upstream did not answer; what to tell the caller."""
+        if isinstance(exc, InvalidArgument):
+            return exc  # a request this connection does not take: nothing left the broker
+        reason = _failure_reason(exc)
+        await self._failed(use, reason, started)
+        return _caller_error(exc, reason)
 
     async def _failed(self, use: _Use, reason: str, started: float) -> None:
         use.details["latency_ms"] = str(int((time.monotonic() - started) * 1000))

@@ -28,12 +28,15 @@ audit; `oauth2` and `mcp` connections (their injection is not built yet).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import re
 import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+import httpx
 
 from broker.egress import EgressPolicy
 from broker.egress.errors import ResponseTooLarge
@@ -237,6 +240,42 @@ def check_request(request: UpstreamRequest, connection: Injection | None = None)
         raise InvalidArgument(bad)
 
 
+@contextlib.asynccontextmanager
+async def _exchange(
+    egress: EgressPolicy, connection: Injection, request: UpstreamRequest
+) -> AsyncIterator[httpx.Response]:
+    """The upstream's response, its body not read yet; the request checked and sent first."""
+    check_request(request, connection)
+    if connection.only_method:
+        url = connection.base_url
+    else:
+        url = connection.base_url + request.path + (f"?{request.query}" if request.query else "")
+    checked = egress.check_url(url).text
+    headers = [*request.headers, *connection.headers.items()]
+    if connection.sign is not None:
+        headers += connection.sign(request.body).items()
+    async with http_client(egress, verify=_trust()) as client:
+        upstream = client.build_request(
+            request.method, checked, headers=headers, content=request.body or None
+        )
+        async with asyncio.timeout(egress.settings.total_timeout):
+            response = await client.send(upstream, stream=True)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+
+def _head(connection: Injection, response: httpx.Response) -> UpstreamAnswer:
+    """The status and the scrubbed headers (the framing ones dropped), with no body yet."""
+    headers = [
+        (name, connection.scrubber.text(value))
+        for name, value in response.headers.multi_items()
+        if name.lower() not in _DROPPED_ANSWER_HEADERS
+    ]
+    return UpstreamAnswer(response.status_code, headers, b"")
+
+
 async def call(
     egress: EgressPolicy,
     connection: Injection,
@@ -249,34 +288,36 @@ async def call(
     Raises INVALID_ARGUMENT for a request that may not be sent, `AnswerTooLarge` for an
     answer over `max_bytes`, and the egress and transport errors of `broker.egress.http`.
     """
-    check_request(request, connection)
-    if connection.only_method:
-        url = connection.base_url
-    else:
-        url = connection.base_url + request.path + (f"?{request.query}" if request.query else "")
-    checked = egress.check_url(url).text
-    headers = [*request.headers, *connection.headers.items()]
-    if connection.sign is not None:
-        headers += connection.sign(request.body).items()
-    client = http_client(egress, verify=_trust())
     # The caller bounds the call by its deadline too (`asyncio.timeout` around this).
-    async with client, asyncio.timeout(egress.settings.total_timeout):
-        upstream = client.build_request(
-            request.method, checked, headers=headers, content=request.body or None
-        )
-        response = await client.send(upstream, stream=True)
+    async with (
+        asyncio.timeout(egress.settings.total_timeout),
+        _exchange(egress, connection, request) as response,
+    ):
         try:
             body = await read_body(response, max_bytes) if request.method != "HEAD" else b""
         except ResponseTooLarge:
             raise AnswerTooLarge(
                 f"the upstream's answer is larger than {max_bytes} bytes, the proxy's limit"
             ) from None
-        finally:
-            await response.aclose()
-    scrub = connection.scrubber
-    answer_headers = [
-        (name, scrub.text(value))
-        for name, value in response.headers.multi_items()
-        if name.lower() not in _DROPPED_ANSWER_HEADERS
-    ]
-    return UpstreamAnswer(response.status_code, answer_headers, scrub.data(body))
+        head = _head(connection, response)
+    return UpstreamAnswer(head.status, head.headers, connection.scrubber.data(body))
+
+
+async def stream(
+    egress: EgressPolicy, connection: Injection, request: UpstreamRequest, *, max_bytes: int
+) -> AsyncIterator[UpstreamAnswer | bytes]:
+    """As `call`, the answer streamed: its head (an `UpstreamAnswer` without body), then the
+    body in scrubbed chunks as they arrive (`StreamScrubber`), at most `max_bytes` of it."""
+    async with _exchange(egress, connection, request) as response:
+        yield _head(connection, response)
+        scrubber, size = connection.scrubber.stream(), 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > max_bytes:
+                raise AnswerTooLarge(
+                    f"the upstream's answer is larger than {max_bytes} bytes, the proxy's limit"
+                )
+            if released := scrubber.feed(chunk):
+                yield released
+        if rest := scrubber.end():
+            yield rest
