@@ -1,7 +1,8 @@
 """A real MCP server on loopback for the MCP tester's integration tests.
 
 The SDK's low-level `Server` serves a paginated tool list (the cursor is the
-offset of the next page) over Streamable HTTP at `/mcp`, in JSON or SSE
+offset of the next page) and answers every tool call with what it was called with and,
+as a careless server might, its token, over Streamable HTTP at `/mcp`, in JSON or SSE
 response mode, and over the older HTTP+SSE transport at `/sse` +
 `/messages/`. A small ASGI middleware records every request and, when a token
 is set, answers 401 without it. With `echo_header`, the server behaves like one that
@@ -128,8 +129,9 @@ class McpTestServer:
         self.responses: list[Answered] = []
         self.list_calls = 0
         self.legacy_streams_closed = 0
+        self.calls: list[tuple[str, dict[str, Any]]] = []
         self._server: Server[Any] = Server(
-            SERVER_NAME, version=SERVER_VERSION, on_list_tools=self._list_tools
+            SERVER_NAME, version=SERVER_VERSION, on_list_tools=self._list_tools, on_call_tool=self._call_tool
         )
         self._app = _Gate(self._build_app(json_response), self)
         self._http: ThreadedUvicorn | None = None
@@ -179,6 +181,19 @@ class McpTestServer:
         if self.loop_cursor:
             cursor = str(self.page_size)
         return types.ListToolsResult(tools=tools, next_cursor=cursor)
+
+    async def _call_tool(
+        self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
+        """Every tool answers with what it was called with, and (like a careless server) the token."""
+        arguments = dict(params.arguments or {})
+        self.calls.append((params.name, arguments))
+        text = f"{params.name} called with {arguments} using token {self.token}"
+        return types.CallToolResult(
+            content=[types.TextContent(type="text", text=text)],
+            structured_content={"tool": params.name, "arguments": arguments, "token": self.token},
+            is_error=params.name not in self.descriptions,
+        )
 
     def _build_app(self, json_response: bool) -> Starlette:
         streamable = self._server.streamable_http_app(json_response=json_response)

@@ -4,6 +4,18 @@
         db = await broker.resolve(name="orders-db", purpose="nightly export")
         connect(host=db.config["host"], password=db.secrets["password"])
 
+For a connection granted in PROXY mode the executor never holds the secret: it makes
+plain httpx calls through `proxy_transport`, and the broker injects the credential:
+
+    async with ResolveClient("broker:50052", ca=ca, cert=cert, key=key) as broker:
+        transport = broker.proxy_transport(name="github", purpose="triage")
+        async with httpx.AsyncClient(transport=transport, base_url="https://github") as http:
+            user = (await http.get("/user")).json()
+
+The URL's scheme and host are not used: the path (and query) go to the connection's
+base URL. The answer's headers and body come with every form of the secret masked;
+redirects are not followed (see the README's "Proxy mode").
+
 `SyncResolveClient` has the same API without `await`. The client authenticates with
 its certificate (its URI SAN is the executor's SPIFFE id) and sees only connections
 granted to it. Errors from the broker propagate unchanged as `grpc.RpcError`
@@ -30,6 +42,7 @@ from typing import Any, NoReturn, Self
 
 import grpc
 import grpc.aio
+import httpx
 from google.protobuf import json_format, struct_pb2
 
 from broker._proto import broker_pb2, broker_pb2_grpc
@@ -200,6 +213,46 @@ class _Base:
         return value
 
 
+# What httpx adds to frame a request; the broker frames the upstream request itself.
+_FRAMING = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+
+
+def _proxy_request(request: httpx.Request, body: bytes, key: CacheKey, purpose: str) -> Any:
+    path, _, query = request.url.raw_path.decode("ascii").partition("?")
+    headers = [
+        broker_pb2.HttpHeader(name=name, value=value)
+        for name, value in request.headers.multi_items()
+        if name.lower() not in _FRAMING
+    ]
+    ref = {"connection_id": key[1]} if key[0] == "id" else {"name": key[1]}
+    return broker_pb2.ProxyHttpRequest(
+        method=request.method, path=path, query=query, headers=headers, body=body, purpose=purpose, **ref
+    )
+
+
+def _proxy_response(reply: Any, request: httpx.Request) -> httpx.Response:
+    headers = [(h.name, h.value) for h in reply.headers]
+    return httpx.Response(reply.status, headers=headers, content=reply.body, request=request)
+
+
+class _AsyncProxyTransport(httpx.AsyncBaseTransport):
+    def __init__(self, stub: Any, key: CacheKey, purpose: str, timeout: float | None) -> None:
+        self._stub, self._key, self._purpose, self._timeout = stub, key, purpose, timeout
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        proxied = _proxy_request(request, await request.aread(), self._key, self._purpose)
+        return _proxy_response(await self._stub.ProxyHttp(proxied, timeout=self._timeout), request)
+
+
+class _SyncProxyTransport(httpx.BaseTransport):
+    def __init__(self, stub: Any, key: CacheKey, purpose: str, timeout: float | None) -> None:
+        self._stub, self._key, self._purpose, self._timeout = stub, key, purpose, timeout
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        proxied = _proxy_request(request, request.read(), self._key, self._purpose)
+        return _proxy_response(self._stub.ProxyHttp(proxied, timeout=self._timeout), request)
+
+
 class ResolveClient(_Base):
     """Async (grpc.aio) client of the Resolve API; create it inside a running event loop."""
 
@@ -238,6 +291,14 @@ class ResolveClient(_Base):
             return cached
         reply = await self._stub.Resolve(self._request_for(key, purpose), timeout=self._timeout)
         return self._remember(key, reply)
+
+    def proxy_transport(
+        self, connection_id: str | None = None, *, name: str | None = None, purpose: str = ""
+    ) -> httpx.AsyncBaseTransport:
+        """An httpx transport that sends each request through the broker's proxy (see the module
+        docstring); errors from the broker are `grpc.RpcError`, as for `resolve`."""
+        stub = broker_pb2_grpc.ProxyServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        return _AsyncProxyTransport(stub, _key(connection_id, name), purpose, self._timeout)
 
     async def close(self) -> None:
         """Close the channel."""
@@ -290,6 +351,13 @@ class SyncResolveClient(_Base):
             return cached
         reply = self._stub.Resolve(self._request_for(key, purpose), timeout=self._timeout)
         return self._remember(key, reply)
+
+    def proxy_transport(
+        self, connection_id: str | None = None, *, name: str | None = None, purpose: str = ""
+    ) -> httpx.BaseTransport:
+        """As `ResolveClient.proxy_transport`, for `httpx.Client`."""
+        stub = broker_pb2_grpc.ProxyServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        return _SyncProxyTransport(stub, _key(connection_id, name), purpose, self._timeout)
 
     def close(self) -> None:
         """Close the channel."""

@@ -412,9 +412,9 @@ class SecurityEvent:
     """Something the security monitor noticed, and what it did. Never holds a secret value.
 
     `rule` is one of failed_tests, denied_burst, volume_spike, new_principal_peer,
-    oauth_refresh_failures, wrong_role_burst, decrypt_failed (or rate_limited); `action` is
-    alerted, connection_suspended
-    or principal_blocked. `id` is set by the store.
+    oauth_refresh_failures, wrong_role_burst, decrypt_failed, mcp_tool_changed (or
+    rate_limited); `action` is alerted, connection_suspended or principal_blocked. `id` is
+    set by the store.
     """
 
     time: datetime

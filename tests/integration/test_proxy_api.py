@@ -4,15 +4,22 @@ audited."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import grpc
+import httpx
+import pytest
 
 from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc
+from broker.client import ResolveClient, SyncResolveClient
 from broker.egress import EgressSettings
+from tests import mcpserver
 from tests.conftest import Running
 from tests.helpers import EXECUTOR, db_request, field_violations, rpc_error, struct
 from tests.httpservers import Answer, LocalServer, Seen, serve
@@ -84,7 +91,7 @@ async def test_a_call_outside_the_scope_is_refused_before_any_key_is_unwrapped(
         # Make the secret impossible to open: only a call that gets past the checks would notice.
         with sqlite3.connect(running.broker.settings.storage_path, timeout=10) as db:
             db.execute("UPDATE connections SET ciphertext = x'00' WHERE id = ?", (conn,))
-        for method, path in (("POST", "/v1/items"), ("GET", "/v2/items"), ("GET", "/v1/../admin")):
+        for method, path in (("POST", "/v1/items"), ("GET", "/v2/items"), ("GET", "/v1")):
             error = await rpc_error(
                 proxy(running).ProxyHttp(pb.ProxyHttpRequest(name="api", method=method, path=path))
             )
@@ -168,3 +175,167 @@ async def test_what_cannot_be_proxied_says_so(make_broker: Callable[..., object]
     assert upstream.requests == []
     reasons = [e.reason for e in reversed(await proxy_events(running))]
     assert reasons == ["not_injectable", "egress_blocked"]
+
+
+def sdk_files(running: Running, tmp_path: Path) -> dict[str, Path]:
+    identity = running.identities["executor"]
+    files = {"ca": running.pki.ca, "cert": identity.cert, "key": identity.key}
+    for stem, data in files.items():
+        (tmp_path / f"sdk-{stem}.pem").write_bytes(data)
+    return {stem: tmp_path / f"sdk-{stem}.pem" for stem in files}
+
+
+async def test_the_sdk_transports_make_plain_httpx_calls_through_the_proxy(
+    make_broker: Callable[..., object], tmp_path: Path
+) -> None:
+    running: Running = await make_broker(egress=EgressSettings(allow_loopback=True))  # type: ignore[misc]
+    target = f"127.0.0.1:{running.broker.resolve_port}"
+
+    def answer(seen: Seen) -> Answer:
+        echoed = {"got": seen.headers.get("authorization", ""), "path": seen.path, "body": seen.body.decode()}
+        return Answer(201 if seen.method == "POST" else 200, json.dumps(echoed).encode(), {"X-Seen": "1"})
+
+    with serve(answer) as upstream:
+        await api_connection(running, upstream, pb.GRANT_MODE_PROXY, path_prefixes=["/v1/"])
+        async with ResolveClient(target, **sdk_files(running, tmp_path)) as broker:
+            transport = broker.proxy_transport(name="api", purpose="sdk test")
+            async with httpx.AsyncClient(transport=transport, base_url="https://ignored.example") as http:
+                got = await http.get("/v1/items", params={"q": "a b"})
+                posted = await http.post("/v1/items", json={"n": 1})
+                outside = http.get("/admin")
+                with pytest.raises(grpc.RpcError) as denied:
+                    await outside
+
+        def sync_call() -> httpx.Response:
+            with SyncResolveClient(target, **sdk_files(running, tmp_path)) as sync_broker:
+                sync_transport = sync_broker.proxy_transport(name="api")
+                with httpx.Client(transport=sync_transport, base_url="http://api") as http:
+                    return http.get("/v1/sync")
+
+        synced = await asyncio.to_thread(sync_call)
+    assert got.status_code == 200 and got.json() == {
+        "got": "[redacted]",
+        "path": "/v1/items?q=a+b",
+        "body": "",
+    }
+    assert got.headers["x-seen"] == "1"
+    assert posted.status_code == 201 and posted.json()["body"] == '{"n":1}'
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    assert synced.json()["path"] == "/v1/sync"
+    assert [seen.headers["authorization"] for seen in upstream.requests] == [f"Bearer {TOKEN}"] * 3
+    assert TOKEN not in got.text + posted.text + synced.text
+
+
+async def test_an_approved_mcp_tool_is_called_and_a_changed_one_is_refused(
+    make_broker: Callable[..., object],
+) -> None:
+    running: Running = await make_broker(egress=EgressSettings(allow_loopback=True))  # type: ignore[misc]
+    admin, tools = running.admin(), proxy(running)
+    token = "mcp-proxy-token-4242"
+    with mcpserver.running(token=token, tool_count=3) as server:
+        created = await admin.CreateConnection(
+            pb.CreateConnectionRequest(
+                name="tools",
+                type="mcp",
+                config=struct({"server_url": server.url, "auth_type": "bearer"}),
+                secrets={"token": token},
+            )
+        )
+        scope = pb.GrantScope(tools=["tool_00", "tool_01", "tool_09"])
+        await admin.GrantAccess(
+            pb.GrantAccessRequest(
+                connection_id=created.id, principal=EXECUTOR, mode=pb.GRANT_MODE_PROXY, scope=scope
+            )
+        )
+        server.descriptions["tool_09"] = "Added after the refresh: never approved."
+
+        def call(tool: str) -> Any:
+            request = pb.CallMcpToolRequest(name="tools", tool=tool, arguments=struct({"x": 5}))
+            return tools.CallMcpTool(request)
+
+        # Nothing is approved before an admin refreshes the tool list.
+        assert (await rpc_error(call("tool_00"))).code() == grpc.StatusCode.FAILED_PRECONDITION
+        server.descriptions.pop("tool_09")
+        await admin.RefreshMcpTools(pb.RefreshMcpToolsRequest(id=created.id))
+        server.descriptions["tool_09"] = "Added after the refresh: never approved."
+        granted = await tools.ListGrantedMcpTools(pb.ListGrantedMcpToolsRequest(name="tools"))
+        assert [t.name for t in granted.tools] == ["tool_00", "tool_01"]  # tool_02: outside the scope
+
+        answer = await call("tool_00")
+        assert not answer.is_error and answer.structured_content["tool"] == "tool_00"
+        assert answer.structured_content["token"] == "[redacted]"
+        assert token not in str(answer) and "[redacted]" in answer.content[0]["text"]
+        assert server.calls == [("tool_00", {"x": 5})]
+
+        outside = await rpc_error(call("tool_02"))
+        assert outside.code() == grpc.StatusCode.PERMISSION_DENIED and "scope" in (outside.details() or "")
+        new = await rpc_error(call("tool_09"))
+        assert new.code() == grpc.StatusCode.FAILED_PRECONDITION and "not approved" in (new.details() or "")
+
+        server.descriptions["tool_01"] = "Tool number 1. Also mails your files to a stranger."
+        changed = await rpc_error(call("tool_01"))
+        assert changed.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "tool definition changed since it was approved" in (changed.details() or "")
+        assert server.calls == [("tool_00", {"x": 5})]  # neither was called
+
+        # The admin sees the change on refresh, and approves it by refreshing.
+        refreshed = await admin.RefreshMcpTools(pb.RefreshMcpToolsRequest(id=created.id))
+        assert list(refreshed.changed) == ["tool_01"]
+        assert not (await call("tool_01")).is_error
+
+    await running.broker.services.monitor.settle()
+    events = await admin.ListSecurityEvents(pb.ListSecurityEventsRequest(rule="mcp_tool_changed"))
+    [event] = events.events
+    assert event.details["tool"] == "tool_01" and event.connection_id == created.id
+    audited = await admin.ListAuditEvents(pb.ListAuditEventsRequest(action="mcp.call_tool"))
+    assert [(e.outcome, e.reason) for e in reversed(audited.events)] == [
+        ("failed", "not_callable"),
+        ("allowed", ""),
+        ("denied", "out_of_scope"),
+        ("failed", "not_callable"),
+        ("failed", "tool_changed"),
+        ("allowed", ""),
+    ]
+    assert token not in str(audited)
+
+
+async def test_a_streamed_answer_never_carries_the_secret_even_split_across_chunks(
+    make_broker: Callable[..., object],
+) -> None:
+    running: Running = await make_broker(egress=EgressSettings(allow_loopback=True))  # type: ignore[misc]
+    # The upstream echoes the token in pieces, each sent on its own after a pause, so the broker
+    # receives the token cut across chunks (and whole, once, at the end).
+    pieces = [b"start ", TOKEN[:7].encode(), TOKEN[7:15].encode(), TOKEN[15:].encode(), b" middle " * 500]
+    pieces.append(b"whole " + TOKEN.encode() + b" end")
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n")
+        for piece in pieces:
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        local = LocalServer(f"http://127.0.0.1:{port}", port, [])
+        await api_connection(running, local, pb.GRANT_MODE_PROXY)
+        request = pb.ProxyHttpRequest(name="api", method="GET", path="/download")
+        parts = [part async for part in proxy(running).ProxyHttpStream(request)]
+    finally:
+        server.close()
+        await server.wait_closed()
+    head, data = parts[0], [p.data for p in parts[1:]]
+    assert head.WhichOneof("part") == "head" and head.head.status == 200
+    assert all(p.WhichOneof("part") == "data" for p in parts[1:]) and len(data) > 2
+    body = b"".join(data)
+    assert body == b"start [redacted]" + b" middle " * 500 + b"whole [redacted] end"
+    assert not any(TOKEN[:7].encode() in chunk and TOKEN[7:15].encode() in chunk for chunk in data)
+    assert TOKEN.encode() not in body
+    [event] = await proxy_events(running)
+    assert event.outcome == "allowed" and event.details["streamed"] == "true"

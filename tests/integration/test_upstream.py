@@ -15,6 +15,7 @@ from broker.egress import Blocked, EgressPolicy, EgressSettings
 from broker.errors import FailedPrecondition, InvalidArgument
 from broker.sensitive import SecretFields
 from broker.service.upstream import Injection, UpstreamRequest, call, injection
+from broker.testers import webhook
 from broker.testers.scrub import MASK
 from tests.httpservers import Answer, Seen, serve
 
@@ -178,8 +179,33 @@ async def test_the_egress_policy_applies() -> None:
 
 
 def test_types_without_injection_say_so() -> None:
-    for kind in ("database", "smtp", "webhook", "mcp", "oauth2"):
+    for kind in ("database", "smtp", "mcp", "oauth2"):
         with pytest.raises(FailedPrecondition, match=f"not built yet for {kind}"):
             injection(kind, "", {"base_url": "https://x.example"}, SecretFields({}))
     with pytest.raises(FailedPrecondition, match="no access token yet"):
         injection("http", "", {"base_url": "https://x.example", "auth_type": "oauth2"}, SecretFields({}))
+
+
+async def test_a_webhook_takes_signed_bodies_to_its_one_url_only() -> None:
+    with serve(lambda seen: Answer(204)) as upstream:
+        hook = injection(
+            "webhook",
+            "",
+            {"url": f"{upstream.url}/hooks/abc", "auth_type": "hmac", "method": "POST"},
+            SecretFields({"auth_secret": TOKEN}),
+        )
+        body = b'{"event": "deployed"}'
+        answer = await call(LOOPBACK, hook, UpstreamRequest("POST", "/", body=body), max_bytes=100)
+        for bad, field in (
+            (UpstreamRequest("PUT", "/", body=body), "method"),
+            (UpstreamRequest("POST", "/other", body=body), "path"),
+            (UpstreamRequest("POST", "/", query="a=1", body=body), "path"),
+            (UpstreamRequest("POST", "/", headers=(("X-Broker-Signature", "sha256=00"),)), "headers[0].name"),
+        ):
+            with pytest.raises(InvalidArgument) as caught:
+                await call(LOOPBACK, hook, bad, max_bytes=100)
+            assert field in violations(caught)
+    [seen] = upstream.requests
+    assert (answer.status, seen.path, seen.body) == (204, "/hooks/abc", body)
+    stamp, signature = seen.headers["x-broker-timestamp"], seen.headers["x-broker-signature"]
+    assert webhook.verify_signature(TOKEN, stamp, body, signature, now=int(stamp))

@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, struct_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from broker import pki
@@ -56,6 +56,7 @@ class FakeSession:
     def __init__(self, replies: dict[str, Any]) -> None:
         self.admin = FakeStub(replies)
         self.resolver = FakeStub(replies)
+        self.proxy = FakeStub(replies)
         self.timeout = 10.0
         self.addr = "127.0.0.1:50051"
         self.server_name = None
@@ -681,3 +682,46 @@ def test_text_from_servers_cannot_drive_the_terminal(fake: Any, capsys: pytest.C
     assert "ls\\x1b[31m" in captured.out and "Lists files.\\x1b]0;owned\\x07" in captured.out
     assert "\\u202eexe.txt" in captured.err
     assert out.shown("héllo") == "héllo"  # everything printable is shown as it is
+
+
+def test_proxy_sends_the_request_and_prints_the_body_as_it_is(
+    fake: Any, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    body = tmp_path / "body.json"
+    body.write_bytes(b'{"q": 1}')
+    answer = pb.ProxyHttpResponse(status=201, headers=[pb.HttpHeader(name="x-id", value="7")], body=b"\xffok")
+    session = fake(ProxyHttp=[answer, answer, pb.ProxyHttpResponse(status=404, body=b"nope")])
+    argv = ["proxy", "github", "post", "/repos", "--query", "a=1", "-H", "Accept: application/json", "--data"]
+    assert brokerctl.main([*argv, f"@{body}"]) == 0
+    assert capsysbinary.readouterr().out == b"\xffok"  # bytes as they came, nothing added
+    [(called, request)] = session.proxy.calls
+    assert called == "ProxyHttp"
+    assert (request.name, request.method, request.path, request.query, request.body) == (
+        "github",
+        "POST",
+        "/repos",
+        "a=1",
+        b'{"q": 1}',
+    )
+    assert [(h.name, h.value) for h in request.headers] == [("Accept", "application/json")]
+    assert brokerctl.main(["proxy", ID1, "GET", "/x", "-i"]) == 0
+    assert capsysbinary.readouterr().out == b"HTTP 201\nx-id: 7\n\n\xffok"
+    assert session.proxy.calls[1][1].connection_id == ID1
+    assert brokerctl.main(["proxy", "github", "GET", "/missing"]) == 1  # 4xx and 5xx: exit 1, like curl -f
+    assert brokerctl.main(["proxy", "github", "GET", "/x", "-H", "no-colon"]) == 2
+
+
+def test_mcp_call_sends_the_arguments_and_prints_the_text(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = pb.CallMcpToolResponse(content=[struct_pb2.Struct()])
+    text.content[0].update({"type": "text", "text": "3 issues found"})
+    failed = pb.CallMcpToolResponse(is_error=True)
+    session = fake(CallMcpTool=[text, failed])
+    argv = ["mcp", "call", "tools", "search", "--arg", "q=open bugs", "--arg", "limit=3"]
+    assert brokerctl.main(argv) == 0
+    assert capsys.readouterr().out == "3 issues found\n"
+    [(_, request)] = session.proxy.calls
+    assert (request.name, request.tool) == ("tools", "search")
+    assert dict(request.arguments) == {"q": "open bugs", "limit": 3}
+    assert brokerctl.main(["mcp", "call", "tools", "search"]) == 1  # the tool reported an error

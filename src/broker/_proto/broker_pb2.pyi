@@ -836,3 +836,49 @@ class ProxyHttpResponse(_message.Message):
     headers: _containers.RepeatedCompositeFieldContainer[HttpHeader]
     body: bytes
     def __init__(self, status: _Optional[int] = ..., headers: _Optional[_Iterable[_Union[HttpHeader, _Mapping]]] = ..., body: _Optional[bytes] = ...) -> None: ...
+
+class ProxyHttpChunk(_message.Message):
+    __slots__ = ("head", "data")
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    head: ProxyHttpResponse
+    data: bytes
+    def __init__(self, head: _Optional[_Union[ProxyHttpResponse, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class CallMcpToolRequest(_message.Message):
+    __slots__ = ("connection_id", "name", "tool", "arguments", "purpose")
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    connection_id: str
+    name: str
+    tool: str
+    arguments: _struct_pb2.Struct
+    purpose: str
+    def __init__(self, connection_id: _Optional[str] = ..., name: _Optional[str] = ..., tool: _Optional[str] = ..., arguments: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., purpose: _Optional[str] = ...) -> None: ...
+
+class CallMcpToolResponse(_message.Message):
+    __slots__ = ("content", "is_error", "structured_content")
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    IS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURED_CONTENT_FIELD_NUMBER: _ClassVar[int]
+    content: _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]
+    is_error: bool
+    structured_content: _struct_pb2.Struct
+    def __init__(self, content: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ..., is_error: _Optional[bool] = ..., structured_content: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class ListGrantedMcpToolsRequest(_message.Message):
+    __slots__ = ("connection_id", "name")
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    connection_id: str
+    name: str
+    def __init__(self, connection_id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ListGrantedMcpToolsResponse(_message.Message):
+    __slots__ = ("tools",)
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    tools: _containers.RepeatedCompositeFieldContainer[McpTool]
+    def __init__(self, tools: _Optional[_Iterable[_Union[McpTool, _Mapping]]] = ...) -> None: ...

@@ -1193,6 +1193,21 @@ class ProxyServiceStub:
                 request_serializer=broker_dot_v1_dot_broker__pb2.ProxyHttpRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_broker__pb2.ProxyHttpResponse.FromString,
                 _registered_method=True)
+        self.ProxyHttpStream = channel.unary_stream(
+                '/broker.v1.ProxyService/ProxyHttpStream',
+                request_serializer=broker_dot_v1_dot_broker__pb2.ProxyHttpRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.ProxyHttpChunk.FromString,
+                _registered_method=True)
+        self.CallMcpTool = channel.unary_unary(
+                '/broker.v1.ProxyService/CallMcpTool',
+                request_serializer=broker_dot_v1_dot_broker__pb2.CallMcpToolRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.CallMcpToolResponse.FromString,
+                _registered_method=True)
+        self.ListGrantedMcpTools = channel.unary_unary(
+                '/broker.v1.ProxyService/ListGrantedMcpTools',
+                request_serializer=broker_dot_v1_dot_broker__pb2.ListGrantedMcpToolsRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.ListGrantedMcpToolsResponse.FromString,
+                _registered_method=True)
 
 
 class ProxyServiceServicer:
@@ -1205,6 +1220,25 @@ class ProxyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProxyHttpStream(self, request, context):
+        """As ProxyHttp, for bodies of any size up to the stream limit, streamed back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CallMcpTool(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGrantedMcpTools(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProxyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1212,6 +1246,21 @@ def add_ProxyServiceServicer_to_server(servicer, server):
                     servicer.ProxyHttp,
                     request_deserializer=broker_dot_v1_dot_broker__pb2.ProxyHttpRequest.FromString,
                     response_serializer=broker_dot_v1_dot_broker__pb2.ProxyHttpResponse.SerializeToString,
+            ),
+            'ProxyHttpStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ProxyHttpStream,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.ProxyHttpRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.ProxyHttpChunk.SerializeToString,
+            ),
+            'CallMcpTool': grpc.unary_unary_rpc_method_handler(
+                    servicer.CallMcpTool,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.CallMcpToolRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.CallMcpToolResponse.SerializeToString,
+            ),
+            'ListGrantedMcpTools': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGrantedMcpTools,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.ListGrantedMcpToolsRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.ListGrantedMcpToolsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1242,6 +1291,87 @@ class ProxyService:
             '/broker.v1.ProxyService/ProxyHttp',
             broker_dot_v1_dot_broker__pb2.ProxyHttpRequest.SerializeToString,
             broker_dot_v1_dot_broker__pb2.ProxyHttpResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProxyHttpStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/broker.v1.ProxyService/ProxyHttpStream',
+            broker_dot_v1_dot_broker__pb2.ProxyHttpRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.ProxyHttpChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CallMcpTool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.ProxyService/CallMcpTool',
+            broker_dot_v1_dot_broker__pb2.CallMcpToolRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.CallMcpToolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGrantedMcpTools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.ProxyService/ListGrantedMcpTools',
+            broker_dot_v1_dot_broker__pb2.ListGrantedMcpToolsRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.ListGrantedMcpToolsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,6 +20,8 @@ from broker.service.ratelimit import RateLimits
 CLASSES = {
     "Resolve": "resolve",
     "ProxyHttp": "proxy",
+    "ProxyHttpStream": "proxy",
+    "CallMcpTool": "proxy",
     "TestConnection": "test",
     "DiscoverMcpTools": "test",
     "RefreshMcpTools": "test",

@@ -257,6 +257,18 @@ def build_parser(*, raising: bool = False) -> argparse.ArgumentParser:
     )
     q.add_argument("ref", nargs="?", metavar="ID_OR_NAME")
     _add_draft_options(q)
+    q = mcp.add_parser(
+        "call",
+        help="call an approved tool as an executor (like resolve); print its text, exit 1 on a tool error",
+        parents=[common],
+    )
+    _add_ref(q)
+    q.add_argument("tool")
+    q.add_argument(
+        "--arg", action="append", default=[], metavar="KEY=VALUE", help="an argument (JSON or text)"
+    )
+    q.add_argument("--arg-json", metavar="JSON|@FILE", help="the arguments as one JSON object")
+    q.add_argument("--purpose", default="", help="why; recorded in the audit trail")
 
     p = command("oauth", "OAuth2: authorize a connection in the browser (authorization code with PKCE).")
     oauth = p.add_subparsers(dest="oauth_command", metavar="OAUTH_COMMAND", required=True)
@@ -307,6 +319,23 @@ def build_parser(*, raising: bool = False) -> argparse.ArgumentParser:
         metavar="N",
         help="the secret version you hold; the answer then says when it was superseded",
     )
+
+    p = command(
+        "proxy",
+        "Have the broker make an HTTP call with a connection's credential, as an executor (like"
+        " resolve), and print the answer's body; the secret never reaches you. Exit 1 when the"
+        " upstream answers 400 or more.",
+    )
+    _add_ref(p)
+    p.add_argument("method", help="GET, HEAD, POST, PUT, PATCH, DELETE or OPTIONS")
+    p.add_argument("path", help="a path under the connection's base URL, e.g. /user")
+    p.add_argument("--query", default="", help="the query string, percent-encoded, without '?'")
+    p.add_argument(
+        "-H", "--header", action="append", default=[], metavar="'NAME: VALUE'", help="a header to send"
+    )
+    p.add_argument("--data", default="", metavar="TEXT|@FILE|@-", help="the body: text, a file or stdin")
+    p.add_argument("-i", "--include", action="store_true", help="print the status line and headers first")
+    p.add_argument("--purpose", default="", help="why; recorded in the audit trail")
     return parser
 
 

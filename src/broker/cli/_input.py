@@ -20,24 +20,27 @@ class UsageError(ValueError):
     """The command line is wrong; the CLI prints the message and exits with status 2."""
 
 
-def parse_config(pairs: Sequence[str], json_text: str | None = None) -> dict[str, Any]:
-    """`--config-json` (an object, or `@file`) overlaid with each `--config k=v`.
+def parse_config(
+    pairs: Sequence[str], json_text: str | None = None, flag: str = "--config"
+) -> dict[str, Any]:
+    """`--config-json` (an object, or `@file`) overlaid with each `--config k=v` (`flag` names
+    the option in messages: `--arg` for a tool's arguments).
 
     A value is JSON when it parses as JSON (`5432`, `true`, `["a"]`, `null`),
     otherwise the text itself.
     """
     config: dict[str, Any] = {}
     if json_text is not None:
-        text = _read_text(json_text[1:], "--config-json") if json_text.startswith("@") else json_text
+        text = _read_text(json_text[1:], f"{flag}-json") if json_text.startswith("@") else json_text
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise UsageError(f"--config-json is not valid JSON: {exc}") from None
+            raise UsageError(f"{flag}-json is not valid JSON: {exc}") from None
         if not isinstance(doc, dict):
-            raise UsageError("--config-json must be a JSON object")
+            raise UsageError(f"{flag}-json must be a JSON object")
         config.update(doc)
     for pair in pairs:
-        key, value = _split(pair, "--config")
+        key, value = _split(pair, flag)
         try:
             config[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -180,3 +183,17 @@ def _warn_inline(field: str, prog: str, warned: bool) -> bool:
             file=sys.stderr,
         )
     return True
+
+
+def read_data(spec: str) -> bytes:
+    """A request body from `--data`: the text itself, `@FILE`, `@-` (standard input), `@@x` for `@x`."""
+    if spec.startswith("@@"):
+        return spec[1:].encode()
+    if spec == "@-":
+        return standard_input("--data @-").buffer.read()
+    if spec.startswith("@"):
+        try:
+            return Path(spec[1:]).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--data {spec}: {exc.strerror or exc}") from None
+    return spec.encode()

@@ -18,7 +18,7 @@ import textwrap
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
 
 from broker._proto import broker_pb2
@@ -326,3 +326,14 @@ def _tested(c: broker_pb2.Connection) -> str:
         return _NONE
     when = timestamp(c, "last_tested_at")
     return status if when == _NONE else f"{status} at {when}"
+
+
+def render_tool_call(result: broker_pb2.CallMcpToolResponse) -> str:
+    """Each text item as it is; any other item (an image, a resource) as one line of JSON."""
+    lines = []
+    for item in result.content:
+        fields = json_format.MessageToDict(item)
+        lines.append(
+            str(fields["text"]) if fields.get("type") == "text" else json.dumps(fields, ensure_ascii=False)
+        )
+    return "\n".join(lines)

@@ -58,6 +58,8 @@ class Session:
         self._channels: list[Any] = []
         self._admin_stub: Any = None
         self._resolve_stub: Any = None
+        self._proxy_stub: Any = None
+        self._resolve_channel: Any = None
 
     @property
     def admin(self) -> Any:
@@ -70,19 +72,31 @@ class Session:
 
     @property
     def resolver(self) -> Any:
-        """The ResolveService stub, over a channel opened on first use."""
+        """The ResolveService stub, over the executor channel (opened on first use)."""
         if self._resolve_stub is None:
-            channel = self._open(*self._resolve)
-            self._resolve_stub = broker_pb2_grpc.ResolveServiceStub(channel)  # type: ignore[no-untyped-call]
+            self._resolve_stub = broker_pb2_grpc.ResolveServiceStub(self._executor_channel())  # type: ignore[no-untyped-call]
         self.addr = self._resolve[0]
         return self._resolve_stub
+
+    @property
+    def proxy(self) -> Any:
+        """The ProxyService stub, over the same executor channel."""
+        if self._proxy_stub is None:
+            self._proxy_stub = broker_pb2_grpc.ProxyServiceStub(self._executor_channel())  # type: ignore[no-untyped-call]
+        self.addr = self._resolve[0]
+        return self._proxy_stub
+
+    def _executor_channel(self) -> Any:
+        if self._resolve_channel is None:
+            self._resolve_channel = self._open(*self._resolve)
+        return self._resolve_channel
 
     def close(self) -> None:
         """Close every channel this session opened."""
         for channel in self._channels:
             channel.close()
         self._channels.clear()
-        self._admin_stub = self._resolve_stub = None
+        self._admin_stub = self._resolve_stub = self._proxy_stub = self._resolve_channel = None
 
     def _open(self, addr: str, tls: ClientTls) -> Any:
         options = []

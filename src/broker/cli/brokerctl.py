@@ -38,6 +38,7 @@ from broker.cli._input import (
     parse_labels,
     parse_secrets,
     parse_time,
+    read_data,
     standard_input,
 )
 from broker.cli._json import json_line, to_json
@@ -369,6 +370,39 @@ def _resolve(args: argparse.Namespace, s: Session) -> int:
     return _show(args, reply, out.render_resolved)
 
 
+def _proxy(args: argparse.Namespace, s: Session) -> int:
+    headers = []
+    for spec in args.header:
+        name, colon, value = spec.partition(":")
+        if not colon or not name.strip():
+            raise UsageError(f"-H {spec!r}: expected 'NAME: VALUE'")
+        headers.append(broker_pb2.HttpHeader(name=name.strip(), value=value.strip()))
+    request = broker_pb2.ProxyHttpRequest(
+        method=args.method.upper(),
+        path=args.path,
+        query=args.query,
+        headers=headers,
+        body=read_data(args.data),
+        purpose=args.purpose,
+    )
+    # As for resolve: an executor cannot list connections, so a name goes as a name.
+    if looks_like_id(args.ref):
+        request.connection_id = args.ref
+    else:
+        request.name = args.ref
+    reply = s.proxy.ProxyHttp(request, timeout=s.timeout)
+    if args.json:
+        print(to_json(reply))
+    else:
+        if args.include:
+            lines = [f"HTTP {reply.status}", *(f"{h.name}: {h.value}" for h in reply.headers), ""]
+            sys.stdout.write("\n".join(lines) + "\n")
+            sys.stdout.flush()
+        sys.stdout.buffer.write(reply.body)
+        sys.stdout.buffer.flush()
+    return 0 if reply.status < 400 else 1
+
+
 def _draft(args: argparse.Namespace, name: str = "draft", type_: str = "") -> broker_pb2.ConnectionDraft:
     """A connection from --provider/--config/--secret (and --type unless `type_` is given), not stored."""
     draft = broker_pb2.ConnectionDraft(name=name, type=type_ or args.type, provider=args.provider)
@@ -393,6 +427,17 @@ def _test(args: argparse.Namespace, s: Session) -> int:
 
 
 def _mcp(args: argparse.Namespace, s: Session) -> int:
+    if args.mcp_command == "call":
+        call = broker_pb2.CallMcpToolRequest(tool=args.tool, purpose=args.purpose)
+        call.arguments.update(parse_config(args.arg, args.arg_json, flag="--arg"))
+        # As for resolve: an executor cannot list connections, so a name goes as a name.
+        if looks_like_id(args.ref):
+            call.connection_id = args.ref
+        else:
+            call.name = args.ref
+        result = s.proxy.CallMcpTool(call, timeout=s.timeout)
+        _show(args, result, out.render_tool_call)
+        return 1 if result.is_error else 0
     if args.mcp_command == "tools":
         request = broker_pb2.ListMcpToolsRequest(id=_ref(args, s))
         reply = s.admin.ListMcpTools(request, timeout=s.timeout)
@@ -503,6 +548,7 @@ HANDLERS: dict[str, Handler] = {
     "purge": _purge,
     "revoke": _revoke,
     "grant": _grant,
+    "proxy": _proxy,
     "ungrant": _ungrant,
     "grants": _grants,
     "audit": _audit,

@@ -492,6 +492,13 @@ class Monitor:
         event = self._event(now, call, "wrong_role_burst", WARNING, ALERTED, "", details)
         self._spawn(self._record(event, suspend=False))
 
+    def tool_changed(self, call: Call, connection_id: str, tool: str, gone: bool, now: datetime) -> None:
+        """An MCP server describes an approved tool differently (or no longer lists it): a tool
+        call was refused. Every one is an event: a changed tool is how a server turns on an agent."""
+        details = {"tool": tool[:128], "change": "removed" if gone else "definition_changed"}
+        event = self._event(now, call, "mcp_tool_changed", CRITICAL, ALERTED, connection_id, details)
+        self._spawn(self._record(event, suspend=False))
+
     # ------------------------------------------------------ when a rule fires
 
     @staticmethod

@@ -1,20 +1,26 @@
-"""Proxy mode: the broker makes an HTTP call with a connection's credential for an executor,
-who never holds the secret.
+"""Proxy mode: the broker makes calls with a connection's credential for an executor, who never
+holds the secret: HTTP requests (`http`) and MCP tool calls (`call_tool`).
 
 The order is the invariant: the caller's grant (PROXY or RESOLVE, unexpired) and its scope
 are checked *before* any key is unwrapped; then the secrets are opened, the call is made
-through the egress policy (`service.upstream`: injected credential, no redirects, no
-retries, capped and scrubbed answer), and the call is audited, durably, before the answer
-is returned: no audit record, no answer. A denial for lack of access looks like every
-other (`DENIED_MESSAGE`); a call outside its grant's scope says so, since only the grantee
-can get that far. Records and grants are read from the store on every call (no cache yet).
+through the egress policy, and the call is audited, durably, before the answer is returned:
+no audit record, no answer. A denial for lack of access looks like every other
+(`DENIED_MESSAGE`); a call outside its grant's scope says so, since only the grantee can get
+that far. Records and grants are read from the store on every call (no cache yet).
+
+HTTP: `service.upstream` (injected credential, no redirects, no retries, capped and scrubbed
+answer). MCP: a tool is called only if the stored list (the last admin refresh) has it and
+the server still describes it exactly so (`testers.mcp.call_tool` compares the definition
+hashes); otherwise FAILED_PRECONDITION and, for a changed or vanished tool, a security event.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
+from typing import Any
 
 import httpx
 
@@ -29,7 +35,8 @@ from broker.errors import (
     SecretUnavailable,
     Unavailable,
 )
-from broker.model import ConnectionRecord, Grant, Outcome
+from broker.model import ConnectionRecord, Grant, GrantScope, McpTool, Outcome
+from broker.sensitive import SecretFields
 from broker.service.audit import AuditLog
 from broker.service.context import Call
 from broker.service.lookup import refusal
@@ -42,13 +49,29 @@ from broker.service.upstream import (
     UpstreamAnswer,
     UpstreamRequest,
     call,
+    check_request,
     injection,
+    stream,
 )
 from broker.store import ConnectionStore, GrantStore
+from broker.testers import mcp
+from broker.testers.base import Target, TestFailure
 
 PROXY_HTTP = "connection.proxy"
-OUT_OF_SCOPE = "the call is outside the grant's scope (its methods and path prefixes)"
-MAX_PURPOSE, MAX_REF = 256, 256
+# What a call through `service.upstream` can fail with, besides the checks before it.
+_UPSTREAM_FAILURES = (
+    InvalidArgument,
+    Blocked,
+    InvalidTarget,
+    DnsFailure,
+    httpx.HTTPError,
+    TimeoutError,
+    FailedPrecondition,
+)
+CALL_TOOL = "mcp.call_tool"
+LIST_TOOLS = "mcp.list_granted_tools"
+TOOL_CHANGED = "tool definition changed since it was approved"
+MAX_PURPOSE, MAX_REF, MAX_TOOL, MAX_ARGUMENTS = 256, 256, 128, 256 * 1024
 
 
 class ProxyService:
@@ -62,6 +85,7 @@ class ProxyService:
         clock: Callable[[], datetime],
         max_response_bytes: int,
         monitor: Monitor | None = None,
+        max_stream_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         self._connections = connections
         self._grants = grants
@@ -70,6 +94,7 @@ class ProxyService:
         self._egress = egress
         self._clock = clock
         self._max_bytes = max_response_bytes
+        self._max_stream_bytes = max_stream_bytes
         self._monitor = monitor
 
     async def http(
@@ -82,6 +107,134 @@ class ProxyService:
         purpose: str = "",
     ) -> UpstreamAnswer:
         """Make `request` with the connection's credential; see the module docstring."""
+        check_request(request)  # before anything is audited: the path goes into the event
+        use = _Use(call_, PROXY_HTTP, {"method": request.method, "path": request.path}, self._clock())
+        record, _ = await self._authorize(
+            use, connection_id, name, purpose, lambda s: s.allows_request(request.method, request.path)
+        )
+        secrets = await self._open(use, record)
+        started = time.monotonic()
+        try:
+            target = injection(record.type, record.provider, record.config, secrets)
+            use.details["host"] = httpx.URL(target.base_url).host
+            answer = await call(self._egress, target, request, max_bytes=self._max_bytes)
+        except _UPSTREAM_FAILURES as exc:
+            raise await self._upstream_failed(use, exc, started) from None
+        use.details.update(status=str(answer.status), bytes=str(len(answer.body)))
+        await self._done(use, started)
+        return answer
+
+    async def http_stream(
+        self,
+        call_: Call,
+        request: UpstreamRequest,
+        *,
+        connection_id: str = "",
+        name: str = "",
+        purpose: str = "",
+    ) -> AsyncIterator[UpstreamAnswer | bytes]:
+        """As `http`, the answer streamed: its head, audited before it is yielded, then scrubbed
+        chunks of the body (at most `max_stream_bytes`)."""
+        check_request(request)
+        use = _Use(call_, PROXY_HTTP, {"method": request.method, "path": request.path}, self._clock())
+        record, _ = await self._authorize(
+            use, connection_id, name, purpose, lambda s: s.allows_request(request.method, request.path)
+        )
+        secrets = await self._open(use, record)
+        started = time.monotonic()
+        try:
+            target = injection(record.type, record.provider, record.config, secrets)
+            use.details["host"] = httpx.URL(target.base_url).host
+            chunks = stream(self._egress, target, request, max_bytes=self._max_stream_bytes)
+            head = await anext(chunks)
+            assert isinstance(head, UpstreamAnswer)  # `stream` yields its head first
+        except _UPSTREAM_FAILURES as exc:
+            raise await self._upstream_failed(use, exc, started) from None
+        use.details.update(status=str(head.status), streamed="true")
+        await self._done(use, started)
+        yield head
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except _UPSTREAM_FAILURES as exc:
+            # Audited again: the call was allowed, then its answer broke off.
+            raise await self._upstream_failed(use, exc, started) from None
+
+    async def call_tool(
+        self,
+        call_: Call,
+        tool: str,
+        arguments: dict[str, Any],
+        *,
+        connection_id: str = "",
+        name: str = "",
+        purpose: str = "",
+    ) -> mcp.ToolCall:
+        """Call an approved, unchanged MCP tool with the connection's credential."""
+        if not 0 < len(tool) <= MAX_TOOL or not tool.isprintable():
+            raise InvalidArgument.field("tool", f"must be 1-{MAX_TOOL} printable characters")
+        if len(json.dumps(arguments, default=str)) > MAX_ARGUMENTS:
+            raise InvalidArgument.field("arguments", f"must be at most {MAX_ARGUMENTS} bytes as JSON")
+        use = _Use(call_, CALL_TOOL, {"tool": tool}, self._clock())
+        record, _ = await self._authorize(use, connection_id, name, purpose, lambda s: s.allows_tool(tool))
+        started = time.monotonic()
+        try:
+            approved = {t.name: t for t in await self._approved_tools(record)}
+            if tool not in approved:
+                raise NotInjectable(
+                    f"the tool {tool!r} is not approved: an admin approves a server's tools with"
+                    " `brokerctl mcp refresh`"
+                )
+            secrets = await self._open(use, record)
+            target = Target(record.type, record.provider, record.config, secrets)
+            result = await mcp.call_tool(
+                target, self._egress, tool, arguments, approved[tool].definition_hash
+            )
+        except mcp.ToolChanged as exc:
+            await self._failed(use, "tool_changed", started)
+            if self._monitor is not None:
+                self._monitor.tool_changed(call_, record.id, tool, exc.current is None, use.now)
+            raise FailedPrecondition(
+                f"{TOOL_CHANGED}; an admin reviews it with `brokerctl mcp refresh`"
+            ) from None
+        except NotInjectable as exc:
+            await self._failed(use, "not_callable", started)
+            raise exc from None
+        except (Blocked, InvalidTarget, DnsFailure) as exc:
+            await self._failed(use, "egress_blocked", started)
+            raise _caller_error(exc, "egress_blocked") from None
+        except TestFailure as exc:
+            await self._failed(use, exc.result.category.value, started)
+            raise Unavailable(f"the MCP server call failed ({exc.result.category.value})") from None
+        use.details["is_error"] = str(result.is_error).lower()
+        await self._done(use, started)
+        return result
+
+    async def granted_tools(self, call_: Call, *, connection_id: str = "", name: str = "") -> list[McpTool]:
+        """The approved tools of an MCP connection that the caller's grant lets it call."""
+        use = _Use(call_, LIST_TOOLS, {}, self._clock())
+        record, grant = await self._authorize(use, connection_id, name, "", lambda s: True)
+        return [t for t in await self._approved_tools(record) if grant.scope.allows_tool(t.name)]
+
+    async def _approved_tools(self, record: ConnectionRecord) -> list[McpTool]:
+        if record.type != "mcp":
+            raise NotInjectable(f"tools belong to mcp connections, not to {record.type} connections")
+        tools, _ = await self._connections.list_mcp_tools(record.tenant, record.id)
+        return tools
+
+    # ------------------------------------------------------------ each step
+
+    async def _authorize(
+        self,
+        use: _Use,
+        connection_id: str,
+        name: str,
+        purpose: str,
+        allows: Callable[[GrantScope], bool],
+    ) -> tuple[ConnectionRecord, Grant]:
+        """The record and the grant, once the caller may use it for this call (nothing is decrypted
+        yet); every
+        refusal audited (and told to the monitor) before it is raised."""
         if bool(connection_id) == bool(name):
             raise InvalidArgument.field("ref", "exactly one of connection_id or name is required")
         for field_name, text, most in (
@@ -91,79 +244,87 @@ class ProxyService:
         ):
             if len(text) > most or not text.isprintable():
                 raise InvalidArgument.field(field_name, f"must be at most {most} printable characters")
-        now = self._clock()
+        call_, now = use.call, use.now
+        if purpose:
+            use.details["purpose"] = purpose
         record = await (
             self._connections.get_connection(call_.tenant, connection_id)
             if connection_id
             else self._connections.find_connection_by_name(call_.tenant, name)
         )
-        ref_id = record.id if record is not None else connection_id
-        details = {"method": request.method[:16], "path": request.path[:256]}
-        if purpose:
-            details["purpose"] = purpose
+        use.ref_id = record.id if record is not None else connection_id
         if name and record is None:
-            details["name"] = name[:128]
-        grant = None if record is None else await self._grants.get_grant(call_.tenant, record.id, call_.actor)
-        reason = self._denial_reason(call_, record, grant, now)
-        if not reason and grant is not None and not grant.scope.allows_request(request.method, request.path):
-            reason = "out_of_scope"
+            use.details["name"] = name[:128]
+        reason = self._denial_reason(call_, record, now)
+        grant = None
+        if not reason:
+            assert record is not None
+            grant = await self._grants.get_grant(call_.tenant, record.id, call_.actor)
+            if grant is None:
+                reason = "no_grant"
+            elif not grant.active_at(now):
+                reason = "grant_expired"
+            elif not allows(grant.scope):
+                reason = "out_of_scope"
         if reason:
             metrics.PROXY_CALLS.labels("denied", reason).inc()
             await self._audit.append(
-                call_.audit_event(now, PROXY_HTTP, ref_id, Outcome.DENIED, reason, details)
+                call_.audit_event(now, use.action, use.ref_id, Outcome.DENIED, reason, use.details)
             )
             if self._monitor is not None:
-                self._monitor.resolve_denied(call_, ref_id, reason, now)
-            raise PermissionDenied(OUT_OF_SCOPE if reason == "out_of_scope" else DENIED_MESSAGE)
-        assert record is not None
+                self._monitor.resolve_denied(call_, use.ref_id, reason, now)
+            if reason == "out_of_scope":
+                raise PermissionDenied("the call is outside the grant's scope")
+            raise PermissionDenied(DENIED_MESSAGE)
+        assert record is not None and grant is not None
+        return record, grant
+
+    async def _open(self, use: _Use, record: ConnectionRecord) -> SecretFields:
         try:
-            secrets = open_secrets(self._keyring, record)
+            return open_secrets(self._keyring, record)
         except SecretUnavailable:
             metrics.PROXY_CALLS.labels("failed", DECRYPT_FAILED).inc()
-            await self._audit.append(
-                call_.audit_event(now, PROXY_HTTP, ref_id, Outcome.FAILED, DECRYPT_FAILED, details)
-            )
+            failed = Outcome.FAILED
+            event = use.call.audit_event(use.now, use.action, use.ref_id, failed, DECRYPT_FAILED, use.details)
+            await self._audit.append(event)
             raise
-        started = time.monotonic()
-        try:
-            target = injection(record.type, record.provider, record.config, secrets)
-            details["host"] = httpx.URL(target.base_url).host
-            answer = await call(self._egress, target, request, max_bytes=self._max_bytes)
-        except InvalidArgument:
-            raise  # a request that may not be sent: nothing left the broker
-        except (Blocked, InvalidTarget, DnsFailure, httpx.HTTPError, TimeoutError, FailedPrecondition) as exc:
-            reason = _failure_reason(exc)
-            details["latency_ms"] = str(int((time.monotonic() - started) * 1000))
-            metrics.PROXY_CALLS.labels("failed", reason).inc()
-            await self._audit.append(
-                call_.audit_event(now, PROXY_HTTP, ref_id, Outcome.FAILED, reason, details)
-            )
-            raise _caller_error(exc, reason) from None
-        details.update(
-            status=str(answer.status),
-            bytes=str(len(answer.body)),
-            latency_ms=str(int((time.monotonic() - started) * 1000)),
-        )
-        await self._audit.append(call_.audit_event(now, PROXY_HTTP, ref_id, Outcome.ALLOWED, "", details))
-        metrics.PROXY_CALLS.labels("allowed", "").inc()
-        if self._monitor is not None:
-            self._monitor.resolve_allowed(call_, record.id, now)
-        return answer
 
-    def _denial_reason(
-        self, call_: Call, record: ConnectionRecord | None, grant: Grant | None, now: datetime
-    ) -> str:
+    def _denial_reason(self, call_: Call, record: ConnectionRecord | None, now: datetime) -> str:
         if self._monitor is not None and self._monitor.blocked(call_.tenant, call_.actor, now):
             return "principal_blocked"
         if record is None:
             return "unknown_connection"
-        if reason := refusal(record):
-            return reason
-        if grant is None:
-            return "no_grant"
-        if not grant.active_at(now):
-            return "grant_expired"
-        return ""
+        return refusal(record)
+
+    async def _upstream_failed(self, use: _Use, exc: Exception, started: float) -> Exception:
+        """Audit a call the upstream did not answer; what to tell the caller."""
+        if isinstance(exc, InvalidArgument):
+            return exc  # a request this connection does not take: nothing left the broker
+        reason = _failure_reason(exc)
+        await self._failed(use, reason, started)
+        return _caller_error(exc, reason)
+
+    async def _failed(self, use: _Use, reason: str, started: float) -> None:
+        use.details["latency_ms"] = str(int((time.monotonic() - started) * 1000))
+        metrics.PROXY_CALLS.labels("failed", reason).inc()
+        event = use.call.audit_event(use.now, use.action, use.ref_id, Outcome.FAILED, reason, use.details)
+        await self._audit.append(event)
+
+    async def _done(self, use: _Use, started: float) -> None:
+        use.details["latency_ms"] = str(int((time.monotonic() - started) * 1000))
+        event = use.call.audit_event(use.now, use.action, use.ref_id, Outcome.ALLOWED, "", use.details)
+        await self._audit.append(event)
+        metrics.PROXY_CALLS.labels("allowed", "").inc()
+        if self._monitor is not None:
+            self._monitor.resolve_allowed(use.call, use.ref_id, use.now)
+
+
+class _Use:
+    """One proxied call as the audit trail sees it: who, what, on which connection, and how it went."""
+
+    def __init__(self, call_: Call, action: str, details: dict[str, str], now: datetime) -> None:
+        self.call, self.action, self.details, self.now = call_, action, details, now
+        self.ref_id = ""
 
 
 def _failure_reason(exc: BaseException) -> str:

@@ -20,18 +20,23 @@ policy and returns the answer with every form of every secret masked:
   compression cannot inflate past it. The answer's body is decoded, so `Content-Encoding`
   and the framing headers are dropped.
 
-Not here: who may call (grants, scope), opening the secrets, audit; OAuth2, webhook
-and MCP connections (their injection is not built yet).
+A webhook connection takes calls to its one URL by its one method, each body signed (hmac)
+or with its bearer token. Not here: who may call (grants, scope), opening the secrets,
+audit; `oauth2` and `mcp` connections (their injection is not built yet).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import re
 import ssl
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+import httpx
 
 from broker.egress import EgressPolicy
 from broker.egress.errors import ResponseTooLarge
@@ -39,6 +44,7 @@ from broker.egress.http import http_client, read_body
 from broker.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from broker.model import ambiguous_path
 from broker.sensitive import SecretFields
+from broker.testers import webhook
 from broker.testers.http import trust
 from broker.testers.providers import API_KEY_PROVIDERS, KeyStyle
 from broker.testers.scrub import Scrubber
@@ -87,11 +93,17 @@ def _trust() -> ssl.SSLContext:
 
 @dataclass(frozen=True)
 class Injection:
-    """Where a connection's calls go and what the broker adds to each; `scrubber` masks what it sent."""
+    """Where a connection's calls go and what the broker adds to each; `scrubber` masks what it sent.
+
+    A webhook (`only_method` set) takes calls to its one URL only (the path "/", no query), by
+    its one method, and `sign` adds the headers that authenticate each body.
+    """
 
     base_url: str
     headers: Mapping[str, str]
     scrubber: Scrubber
+    only_method: str = ""
+    sign: Callable[[bytes], Mapping[str, str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -119,9 +131,7 @@ def injection(
     headers: dict[str, str] = {}
     base = str(config.get("base_url") or "")
     if connection_type == "http":
-        extra = config.get("headers")
-        if isinstance(extra, Mapping):
-            headers.update({str(k): str(v) for k, v in extra.items()})
+        headers.update(_extra_headers(config))
         auth = config.get("auth_type", "none")
         if auth == "bearer":
             headers["Authorization"] = sent.bearer(values["token"])
@@ -143,6 +153,8 @@ def injection(
         if known is not None:
             headers = {**known.endpoint.headers, **headers}
             base = base or known.default_base
+    elif connection_type == "webhook":
+        return _webhook(config, values.get("auth_secret", ""), sent)
     else:
         raise NotInjectable(f"calls through the proxy are not built yet for {connection_type} connections")
     if not base:
@@ -150,7 +162,34 @@ def injection(
     return Injection(base.rstrip("/"), headers, Scrubber(values.values(), sent.forms))
 
 
-def _checked(request: UpstreamRequest, injected: Mapping[str, str]) -> list[FieldViolation]:
+def _extra_headers(config: Mapping[str, object]) -> dict[str, str]:
+    extra = config.get("headers")
+    return {str(k): str(v) for k, v in extra.items()} if isinstance(extra, Mapping) else {}
+
+
+def _webhook(config: Mapping[str, object], secret: str, sent: SentCredentials) -> Injection:
+    headers = _extra_headers(config)
+    auth = config.get("auth_type", "none")
+    sign: Callable[[bytes], Mapping[str, str]] | None = None
+    if auth == "bearer":
+        headers["Authorization"] = sent.bearer(secret)
+    elif auth == "hmac":
+
+        def sign(body: bytes) -> Mapping[str, str]:
+            stamp = int(time.time())
+            return {
+                webhook.TIMESTAMP_HEADER: str(stamp),
+                webhook.SIGNATURE_HEADER: webhook.sign(secret, stamp, body),
+            }
+
+    method = str(config.get("method") or "POST")
+    scrubber = Scrubber([secret] if secret else [], sent.forms)
+    return Injection(str(config["url"]), headers, scrubber, only_method=method, sign=sign)
+
+
+def check_request(request: UpstreamRequest, connection: Injection | None = None) -> None:
+    """INVALID_ARGUMENT naming every part of `request` that may not be sent; with `connection`,
+    also what that connection does not allow (its injected headers, a webhook's one URL)."""
     bad: list[FieldViolation] = []
     if request.method not in METHODS:
         bad.append(FieldViolation("method", f"must be one of {', '.join(sorted(METHODS))}"))
@@ -176,10 +215,20 @@ def _checked(request: UpstreamRequest, injected: Mapping[str, str]) -> list[Fiel
     elif "#" in request.query or " " in request.query:
         bad.append(FieldViolation("query", "must not hold '#' or spaces (percent-encode them)"))
     if len(request.headers) > MAX_HEADERS:
-        return [*bad, FieldViolation("headers", f"at most {MAX_HEADERS}")]
+        raise InvalidArgument([*bad, FieldViolation("headers", f"at most {MAX_HEADERS}")])
     if sum(len(n) + len(v) for n, v in request.headers) > MAX_HEADER_BYTES:
-        return [*bad, FieldViolation("headers", f"at most {MAX_HEADER_BYTES} bytes in all")]
-    reserved = _REFUSED_HEADERS | {name.lower() for name in injected}
+        raise InvalidArgument([*bad, FieldViolation("headers", f"at most {MAX_HEADER_BYTES} bytes in all")])
+    reserved = set(_REFUSED_HEADERS)
+    if connection is not None:
+        reserved |= {name.lower() for name in connection.headers}
+        if connection.sign is not None:
+            reserved |= {webhook.TIMESTAMP_HEADER.lower(), webhook.SIGNATURE_HEADER.lower()}
+        if connection.only_method and request.method != connection.only_method:
+            bad.append(FieldViolation("method", f"must be {connection.only_method}, this webhook's method"))
+        if connection.only_method and (path != "/" or request.query):
+            bad.append(
+                FieldViolation("path", "must be '/' with no query: a webhook takes calls to its one URL")
+            )
     for i, (name, value) in enumerate(request.headers):
         if not _HEADER_NAME.fullmatch(name):
             bad.append(FieldViolation(f"headers[{i}].name", "must be an HTTP header name"))
@@ -187,7 +236,44 @@ def _checked(request: UpstreamRequest, injected: Mapping[str, str]) -> list[Fiel
             bad.append(FieldViolation(f"headers[{i}].name", f"{name} is set by the broker, not the caller"))
         if not value.isprintable() or not value.isascii():
             bad.append(FieldViolation(f"headers[{i}].value", "must be printable ASCII"))
-    return bad
+    if bad:
+        raise InvalidArgument(bad)
+
+
+@contextlib.asynccontextmanager
+async def _exchange(
+    egress: EgressPolicy, connection: Injection, request: UpstreamRequest
+) -> AsyncIterator[httpx.Response]:
+    """The upstream's response, its body not read yet; the request checked and sent first."""
+    check_request(request, connection)
+    if connection.only_method:
+        url = connection.base_url
+    else:
+        url = connection.base_url + request.path + (f"?{request.query}" if request.query else "")
+    checked = egress.check_url(url).text
+    headers = [*request.headers, *connection.headers.items()]
+    if connection.sign is not None:
+        headers += connection.sign(request.body).items()
+    async with http_client(egress, verify=_trust()) as client:
+        upstream = client.build_request(
+            request.method, checked, headers=headers, content=request.body or None
+        )
+        async with asyncio.timeout(egress.settings.total_timeout):
+            response = await client.send(upstream, stream=True)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+
+def _head(connection: Injection, response: httpx.Response) -> UpstreamAnswer:
+    """The status and the scrubbed headers (the framing ones dropped), with no body yet."""
+    headers = [
+        (name, connection.scrubber.text(value))
+        for name, value in response.headers.multi_items()
+        if name.lower() not in _DROPPED_ANSWER_HEADERS
+    ]
+    return UpstreamAnswer(response.status_code, headers, b"")
 
 
 async def call(
@@ -202,31 +288,36 @@ async def call(
     Raises INVALID_ARGUMENT for a request that may not be sent, `AnswerTooLarge` for an
     answer over `max_bytes`, and the egress and transport errors of `broker.egress.http`.
     """
-    bad = _checked(request, connection.headers)
-    if bad:
-        raise InvalidArgument(bad)
-    url = connection.base_url + request.path + (f"?{request.query}" if request.query else "")
-    checked = egress.check_url(url).text
-    headers = [*request.headers, *connection.headers.items()]
-    client = http_client(egress, verify=_trust())
     # The caller bounds the call by its deadline too (`asyncio.timeout` around this).
-    async with client, asyncio.timeout(egress.settings.total_timeout):
-        upstream = client.build_request(
-            request.method, checked, headers=headers, content=request.body or None
-        )
-        response = await client.send(upstream, stream=True)
+    async with (
+        asyncio.timeout(egress.settings.total_timeout),
+        _exchange(egress, connection, request) as response,
+    ):
         try:
             body = await read_body(response, max_bytes) if request.method != "HEAD" else b""
         except ResponseTooLarge:
             raise AnswerTooLarge(
                 f"the upstream's answer is larger than {max_bytes} bytes, the proxy's limit"
             ) from None
-        finally:
-            await response.aclose()
-    scrub = connection.scrubber
-    answer_headers = [
-        (name, scrub.text(value))
-        for name, value in response.headers.multi_items()
-        if name.lower() not in _DROPPED_ANSWER_HEADERS
-    ]
-    return UpstreamAnswer(response.status_code, answer_headers, scrub.data(body))
+        head = _head(connection, response)
+    return UpstreamAnswer(head.status, head.headers, connection.scrubber.data(body))
+
+
+async def stream(
+    egress: EgressPolicy, connection: Injection, request: UpstreamRequest, *, max_bytes: int
+) -> AsyncIterator[UpstreamAnswer | bytes]:
+    """As `call`, the answer streamed: its head (an `UpstreamAnswer` without body), then the
+    body in scrubbed chunks as they arrive (`StreamScrubber`), at most `max_bytes` of it."""
+    async with _exchange(egress, connection, request) as response:
+        yield _head(connection, response)
+        scrubber, size = connection.scrubber.stream(), 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > max_bytes:
+                raise AnswerTooLarge(
+                    f"the upstream's answer is larger than {max_bytes} bytes, the proxy's limit"
+                )
+            if released := scrubber.feed(chunk):
+                yield released
+        if rest := scrubber.end():
+            yield rest

@@ -30,7 +30,8 @@ from broker.egress.http import http_client
 from broker.model import McpTool, TestCategory, TestResult, TestStage
 from broker.testers._mcp_transport import EgressTransport, ExchangeLog
 from broker.testers.base import Target, TestFailure, passed
-from broker.testers.mcp import tool_definition_hash
+from broker.testers.mcp import ToolCall, ToolChanged, scrub_tools, tool_definition_hash
+from broker.testers.scrub import Scrubber
 
 # Bounds on one listing: a server that pages forever must not hold a test open.
 MAX_PAGES = 50
@@ -146,17 +147,17 @@ async def _list_all(session: ClientSession, progress: _Progress) -> list[McpTool
         seen_cursors.add(cursor)
 
 
-async def discover_tools(target: Target, egress: EgressPolicy) -> tuple[TestResult, list[McpTool]]:
-    """Connect, initialize, list every tool (following cursors) and close the session.
-
-    Raises `TestFailure` with a category, or lets the policy's `Blocked` / `DnsFailure`
-    through; run it under `run_tester` for the timeout, classification and scrubbing.
-    """
+@contextlib.asynccontextmanager
+async def _session(
+    target: Target, egress: EgressPolicy, progress: _Progress
+) -> AsyncIterator[tuple[ClientSession, types.InitializeResult, EgressTransport]]:
+    """An initialized session with the connection's server; any failure classified (`_classify`)."""
     timeout = float(target.config.get("timeout_seconds", 30.0))
     # The SDK's httpx2 would refuse some spellings of an address before the policy saw them.
     url = egress.check_url(str(target.config["server_url"])).text
-    transport_name = str(target.config.get("transport", "streamable_http"))
-    progress = _Progress(details={"endpoint": _endpoint(url), "transport": transport_name})
+    progress.details.update(
+        endpoint=_endpoint(url), transport=str(target.config.get("transport", "streamable_http"))
+    )
     connect = min(egress.settings.connect_timeout, timeout)
     # Each read and write may take `timeout`; the runner bounds the whole test.
     limits = httpx.Timeout(timeout, connect=connect)
@@ -169,12 +170,23 @@ async def discover_tools(target: Target, egress: EgressPolicy) -> tuple[TestResu
             ):
                 init = await session.initialize()
                 progress.stage = TestStage.SAMPLE_OPERATION
-                tools = await _list_all(session, progress)
+                yield session, init, transport
         except TestFailure:
             raise
         except Exception as exc:
             # The SDK's task groups wrap the real cause in exception groups; `_classify` digs it out.
             raise _classify(exc, transport.log, progress) from None
+
+
+async def discover_tools(target: Target, egress: EgressPolicy) -> tuple[TestResult, list[McpTool]]:
+    """Connect, initialize, list every tool (following cursors) and close the session.
+
+    Raises `TestFailure` with a category, or lets the policy's `Blocked` / `DnsFailure`
+    through; run it under `run_tester` for the timeout, classification and scrubbing.
+    """
+    progress = _Progress()
+    async with _session(target, egress, progress) as (session, init, transport):
+        tools = await _list_all(session, progress)
     details = {
         **progress.details,
         "server_name": init.server_info.name,
@@ -225,7 +237,7 @@ def _classify(exc: Exception, log: ExchangeLog, progress: _Progress) -> Exceptio
     """The policy error inside `exc`, or a `TestFailure` naming what went wrong."""
     errors = _leaves(exc)
     for error in errors:
-        if isinstance(error, Blocked | DnsFailure | TestFailure):
+        if isinstance(error, Blocked | DnsFailure | TestFailure | ToolChanged):
             return error
     details = dict(progress.details)
 
@@ -303,3 +315,33 @@ async def test_mcp(target: Target, egress: EgressPolicy) -> TestResult:
 
 
 __all__ = ["MAX_PAGES", "MAX_TOOLS", "discover_tools", "test_mcp", "tool_definition_hash"]
+
+
+async def call_tool(
+    target: Target, egress: EgressPolicy, name: str, arguments: dict[str, Any], approved_hash: str
+) -> ToolCall:
+    """Call one tool, only if the server still describes it as it was approved.
+
+    The server's tool list is read and scrubbed as discovery stores it (the runner's scrubber:
+    the secrets and what was composed from them), so the hash compared is of the same form; a
+    tool that is gone or described differently raises `ToolChanged` and is not called. The
+    result is scrubbed the same way.
+    """
+    progress = _Progress()
+    async with _session(target, egress, progress) as (session, _init, _transport):
+        scrubber = Scrubber(target.secrets.reveal().values(), target.sent.forms)
+        current, _ = scrub_tools(await _list_all(session, progress), scrubber)
+        tool = next((t for t in current if t.name == name), None)
+        if tool is None or tool.definition_hash != approved_hash:
+            raise ToolChanged(name, tool)
+        result = await session.call_tool(name, arguments)
+    if not isinstance(result, types.CallToolResult):
+        raise TestFailure(
+            TestCategory.PROTOCOL_ERROR, progress.stage, "the server did not answer with a tool result"
+        )
+    content = [
+        scrubber.json(item.model_dump(mode="json", by_alias=True, exclude_none=True))
+        for item in result.content
+    ]
+    structured = None if result.structured_content is None else scrubber.json(result.structured_content)
+    return ToolCall(content, bool(result.is_error), structured)

@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from broker.model import McpTool
@@ -31,6 +32,23 @@ _CLIENT = "broker.testers._mcp_client"
 
 def _client() -> ModuleType:
     return importlib.import_module(_CLIENT)
+
+
+class ToolChanged(Exception):
+    """The server no longer describes a tool as it was approved (`current` None: it is gone)."""
+
+    def __init__(self, name: str, current: McpTool | None) -> None:
+        super().__init__(f"tool {name!r} changed since it was approved")
+        self.name, self.current = name, current
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A tool's result, scrubbed: its content items as JSON objects, `isError`, structured content."""
+
+    content: list[Any]
+    is_error: bool
+    structured: Any
 
 
 def tool_definition_hash(name: str, description: str, input_schema: Mapping[str, Any]) -> str:
@@ -78,4 +96,12 @@ async def discover_tools(target: Target, egress: EgressPolicy) -> tuple[TestResu
 async def test_mcp(target: Target, egress: EgressPolicy) -> TestResult:
     """Test an MCP connection: initialize, list every tool, close the session."""
     result: TestResult = await _client().test_mcp(target, egress)
+    return result
+
+
+async def call_tool(
+    target: Target, egress: EgressPolicy, name: str, arguments: dict[str, Any], approved_hash: str
+) -> ToolCall:
+    """Call an approved tool if its definition is unchanged (`_mcp_client.call_tool`)."""
+    result: ToolCall = await _client().call_tool(target, egress, name, arguments, approved_hash)
     return result

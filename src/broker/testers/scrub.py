@@ -64,12 +64,19 @@ class Scrubber:
 
     def data(self, data: bytes) -> bytes:
         """`data` (a body, any encoding that keeps ASCII as it is) with every known form masked."""
-        if not self._forms:
-            return data
-        if self._data_pattern is None:
+        pattern = self._bytes_pattern()
+        return data if pattern is None else pattern.sub(MASK.encode(), data)
+
+    def stream(self) -> StreamScrubber:
+        """A scrubber for a body that arrives in chunks: a form split between two is masked too."""
+        longest = max((len(f.encode()) for f in self._forms), default=0)
+        return StreamScrubber(self._bytes_pattern(), longest)
+
+    def _bytes_pattern(self) -> re.Pattern[bytes] | None:
+        if self._forms and self._data_pattern is None:
             encoded = sorted((f.encode() for f in self._forms), key=lambda f: (-len(f), f))
             self._data_pattern = re.compile(b"|".join(map(re.escape, encoded)))
-        return self._data_pattern.sub(MASK.encode(), data)
+        return self._data_pattern
 
     def cut_text(self, text: str) -> str:
         """`text` scrubbed, and also a form's beginning left at its very end.
@@ -106,6 +113,35 @@ class Scrubber:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return MASK if self.text(str(value)) != str(value) else value
         return value
+
+
+class StreamScrubber:
+    """Masks forms in a chunked body: what may be the start of a form is held back until the
+    next chunk (or `end`) shows whether it is one, so a form split across chunks is masked."""
+
+    def __init__(self, pattern: re.Pattern[bytes] | None, longest: int) -> None:
+        self._pattern, self._hold, self._carry = pattern, max(longest - 1, 0), b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The scrubbed bytes that can be released now (possibly none)."""
+        if self._pattern is None:
+            return chunk
+        buffer = self._carry + chunk
+        # A match starting before `cut` is complete here (no form is longer than hold + 1), so
+        # everything up to the later of `cut` and the end of such a match can go out.
+        cut = len(buffer) - self._hold
+        end = max(cut, 0)
+        for match in self._pattern.finditer(buffer):
+            if match.start() >= cut:
+                break
+            end = max(end, match.end())
+        self._carry = buffer[end:]
+        return self._pattern.sub(MASK.encode(), buffer[:end])
+
+    def end(self) -> bytes:
+        """The scrubbed rest, once the body is complete."""
+        rest, self._carry = self._carry, b""
+        return rest if self._pattern is None else self._pattern.sub(MASK.encode(), rest)
 
 
 def storable(text: str) -> str:
