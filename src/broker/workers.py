@@ -164,6 +164,8 @@ class Supervisor:
             log.info("broker_stopping", grace_seconds=self._grace, workers=len(self._workers))
             return await self._stop_workers(keepers)
         finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
             for keeper in keepers:
                 keeper.cancel()
             os.close(lifeline_read)

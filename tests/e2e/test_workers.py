@@ -238,6 +238,26 @@ async def test_a_killed_worker_is_logged_and_restarted(served: Served) -> None:
         assert (await stub.Resolve(pb.ResolveRequest(connection_id=connection_id))).secrets["password"]
         await channel.close()
 
+    # The supervisor itself dies (SIGKILL, nothing forwarded): the workers see their lifeline close,
+    # drain and stop, rather than hold the port unsupervised.
+    served.process.kill()  # type: ignore[union-attr]
+    served.process.wait(10)  # type: ignore[union-attr]
+    deadline = time.monotonic() + GRACE_SECONDS + 10
+    while any(_alive(pid) for pid in now):
+        assert time.monotonic() < deadline, f"workers outlived their supervisor:\n{served.logs()}"
+        await asyncio.sleep(0.1)
+    gone = [e for e in _events(served) if e.get("event") == "supervisor_gone"]
+    assert sorted(e["worker"] for e in gone) == [0, 1], gone
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its new parent to reap it has stopped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
 
 async def _load(channel: grpc.aio.Channel, connection_id: str, calls: list[tuple[float, str]]) -> None:
     """Resolve in a loop (bounded) until refused; record (sent at, code) of each call."""
@@ -282,7 +302,7 @@ async def test_sigterm_drains_both_workers_with_no_failed_call(served: Served) -
     ), later
     # Both drained and stopped: no worker left behind.
     for pid in pids:
-        assert not Path(f"/proc/{pid}").exists(), f"worker {pid} still runs"
+        assert not _alive(pid), f"worker {pid} still runs"
     events = _events(served)
     stopped = [e for e in events if e.get("event") == "worker_stopped"]
     assert sorted((e["pid"], e["exit_code"]) for e in stopped) == sorted((pid, 0) for pid in pids), stopped
