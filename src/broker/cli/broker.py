@@ -205,8 +205,12 @@ def _serve_as_worker(settings: Settings, spec: tuple[int, int, int]) -> int:
             os.kill(os.getpid(), signal.SIGTERM)
 
         loop.add_reader(lifeline_fd, supervisor_gone)
-        os.write(ready_fd, b"serving\n")
-        os.close(ready_fd)
+        try:
+            os.write(ready_fd, b"serving\n")
+        except BrokenPipeError:
+            pass  # the supervisor is gone: the lifeline says so too, and this worker stops
+        finally:
+            os.close(ready_fd)
 
     try:
         return run(dataclasses.replace(settings, metrics_listen=""), on_serving, reuse_port=True)
