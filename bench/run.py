@@ -665,11 +665,24 @@ def _serve_workers(env: world.BenchEnv, config: Path, count: int, ports: dict[st
     while True:
         lines = log_path.read_text(errors="replace").splitlines()
         if any('"broker_started"' in line and '"worker":' not in line for line in lines):
+            _settle(process.pid)
             return Server("broker", process, {"pid": process.pid, **ports})
         if process.poll() is not None or time.monotonic() > deadline:
             stop_processes([process])
             raise RuntimeError(f"broker serve --workers {count} did not start:\n" + "\n".join(lines[-30:]))
         time.sleep(0.1)
+
+
+def _settle(pid: int, limit: float = 15.0) -> None:
+    """Wait (at most `limit` s) until `pid` and its children are nearly idle: what each worker does
+    just after SERVING (the MCP client's import, in a thread) must not land in a measured window."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        pids = _with_children(pid)
+        before = sum(_cpu_by_pid(pids).values())
+        time.sleep(0.5)
+        if sum(_cpu_by_pid(pids).values()) - before < 0.1 * len(pids):  # under 0.2 cores each
+            return
 
 
 def run_workers(
