@@ -207,8 +207,8 @@ def _serve_as_worker(settings: Settings, spec: tuple[int, int, int]) -> int:
         loop.add_reader(lifeline_fd, supervisor_gone)
         try:
             os.write(ready_fd, b"serving\n")
-        except BrokenPipeError:
-            pass  # the supervisor is gone: the lifeline says so too, and this worker stops
+        except OSError:
+            pass  # the supervisor is gone (a broken pipe): the lifeline says so too, and this worker stops
         finally:
             os.close(ready_fd)
 
