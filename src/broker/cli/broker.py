@@ -66,15 +66,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{PROG}: warning: {warning}", file=sys.stderr)
             workers = settings.workers if args.workers is None else args.workers
             if workers != 1:
-                from broker import workers as supervisor
+                from broker.workers import check
 
-                supervisor.check(settings, workers)
+                check(settings, workers)  # before anything starts: SQLite, port 0, a port in use
     except (ConfigError, ValueError, OSError) as exc:
         return _fail(exc)
     # Only ConfigError is expected from the server; anything else is a bug and keeps its traceback.
     try:
         if workers > 1:
-            return supervisor.run(settings, workers, args.config)
+            from broker.workers import run as supervise
+
+            return supervise(settings, workers, args.config)
         return _run(settings, on_serving, dev)
     except ConfigError as exc:
         return _fail(exc)
