@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -335,9 +336,21 @@ def test_workers_on_sqlite_are_refused_with_the_setting_named(sqlite_served: Ser
         assert not (sqlite_served.root / "broker.db").exists()  # refused before anything was opened
 
 
-def test_workers_with_port_0_are_refused(tmp_path: Path) -> None:
+def test_workers_that_cannot_work_are_refused_before_any_starts(tmp_path: Path) -> None:
     prepare(tmp_path, {"probe": PROBE}, "workers test CA")
+    # No database behind this URL: every refusal here comes before anything would connect.
     served = Served.create(tmp_path, "broker", {"storage": {"url": "postgresql://127.0.0.1:1/none"}})
+    refused = _serve(tmp_path, served.config, "--workers", "0")
+    assert refused.returncode == 2 and "--workers must be at least 1" in refused.stderr, refused.stderr
+
+    # A port held by another process (here a plain listener; a broker's workers would be refused too).
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", int(served.admin_addr.rpartition(":")[2])))
+        holder.listen()
+        refused = _serve(tmp_path, served.config, "--workers", "2")
+    assert refused.returncode == 2, refused.stderr
+    assert f"{served.admin_addr} is in use" in refused.stderr and "listen.admin" in refused.stderr
+
     served.resolve_addr = "127.0.0.1:0"
     served.write_config()
     refused = _serve(tmp_path, served.config, "--workers", "2")
