@@ -3,10 +3,11 @@
     python -m bench                  the full run (10,000 connections; about 3.5 minutes)
     python -m bench --smoke          a few seconds: tiny seed, short windows (the test suite runs it)
     python -m bench --rss            100,000 stored connections: the server's RSS after resolving each once
-    python -m bench --replicas-only  only the PostgreSQL replica scenario (1 replica, then 2)
+    python -m bench --replicas-only  only the PostgreSQL scenarios: 1 replica then 2, and
+                                     `broker serve --workers 1` then `--workers 2` on one port
 
-The replica scenario needs a PostgreSQL server (BROKER_BENCH_POSTGRES_DSN, else
-BROKER_TEST_POSTGRES_DSN); without one it is skipped, and the report says why.
+The PostgreSQL scenarios need a server (BROKER_BENCH_POSTGRES_DSN, else
+BROKER_TEST_POSTGRES_DSN); without one they are skipped, and the report says why.
 
 Prints a table and writes the JSON (default bench/results/latest.json). See docs/PERFORMANCE.md.
 """
@@ -16,9 +17,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
@@ -554,9 +557,12 @@ def run_replicas(env: world.BenchEnv, plan: Plan, pool: Any, load_pids: list[int
         launches = [launch_server("broker", env.root, name, name=name) for name in names]
         try:
             replicas = [launch.ready() for launch in launches]
-            return _replica_runs(env, plan, pool, replicas, database, load_pids)
+            section, ids = _replica_runs(env, plan, pool, replicas, database, load_pids)
         finally:
             stop_processes([launch.process for launch in launches])
+        # The same database and connections, now through `broker serve --workers`.
+        section["workers"] = run_workers(env, plan, pool, url, database, ids, load_pids)
+        return section
 
 
 def _replica_runs(
@@ -566,7 +572,7 @@ def _replica_runs(
     replicas: list[Server],
     database: str,
     load_pids: list[int],
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[str]]:
     admin = replicas[0].info["admin"]
     ids, seed_seconds = asyncio.run(world.seed_through_admin(env, admin, plan.connections))
     print(
@@ -603,7 +609,7 @@ def _replica_runs(
 
     one = run("postgres_1_replica", ports[:1])
     two = run(f"postgres_{REPLICAS}_replicas", ports)
-    return {
+    section = {
         "connections": len(ids),
         "seed_seconds": round(seed_seconds, 1),
         "in_flight": plan.concurrency * plan.processes,
@@ -613,6 +619,178 @@ def _replica_runs(
         "cpu_per_call_ratio": _ratio(one["cpu_s_per_1k"] or 0.0, two["cpu_s_per_1k"] or 0.0),
         "caveat": shared_cores_caveat(),
     }
+    return section, ids
+
+
+WORKERS = 2
+WORKER_IDS = 1000  # the connections the workers scenario resolves: few enough to warm every worker fast
+WORKER_CHANNELS = 8  # per load process: the kernel spreads connections, not calls, over the workers
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _with_children(pid: int) -> list[int]:
+    """`pid` and its child processes (a supervisor and its workers)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [pid, *(int(child) for child in children)]
+
+
+def _serve_workers(env: world.BenchEnv, config: Path, count: int, ports: dict[str, int]) -> Server:
+    """`broker serve --workers count` (1: a single process, as without the flag) on fixed ports; once
+    it logged `broker_started` (the supervisor: once every worker serves)."""
+    variables = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    variables |= {
+        "BROKER_LISTEN_ADMIN": f"127.0.0.1:{ports['admin']}",
+        "BROKER_LISTEN_RESOLVE": f"127.0.0.1:{ports['resolve']}",
+        "BROKER_METRICS_LISTEN": f"127.0.0.1:{ports['metrics']}",
+    }
+    log_path = env.root / f"workers-{count}.log"
+    command = [sys.executable, "-m", "broker.cli.broker", "serve", "--config", str(config)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(  # noqa: S603
+            [*command, "--workers", str(count)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=env.root,
+            env=variables,
+        )
+    deadline = time.monotonic() + 60
+    while True:
+        lines = log_path.read_text(errors="replace").splitlines()
+        if any('"broker_started"' in line and '"worker":' not in line for line in lines):
+            _settle(process.pid)
+            return Server("broker", process, {"pid": process.pid, **ports})
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_processes([process])
+            raise RuntimeError(f"broker serve --workers {count} did not start:\n" + "\n".join(lines[-30:]))
+        time.sleep(0.1)
+
+
+def _settle(pid: int, limit: float = 15.0) -> None:
+    """Wait (at most `limit` s) until `pid` and its children are nearly idle: what each worker does
+    just after SERVING (the MCP client's import, in a thread) must not land in a measured window."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        pids = _with_children(pid)
+        before = sum(_cpu_by_pid(pids).values())
+        time.sleep(0.5)
+        if sum(_cpu_by_pid(pids).values()) - before < 0.1 * len(pids):  # under 0.2 cores each
+            return
+
+
+def run_workers(
+    env: world.BenchEnv, plan: Plan, pool: Any, url: str, database: str, ids: list[str], load_pids: list[int]
+) -> dict[str, Any]:
+    """Warm Resolve through one port: `broker serve --workers 1`, then `--workers 2`, same load client."""
+    print(f"postgres workers: broker serve --workers 1, then {WORKERS}, on one port ...", flush=True)
+    config = world.replica_config(env, "workers", url)
+    hot = ids[:WORKER_IDS]
+    spec = LoadSpec(
+        port=0,
+        ca=env.ca,
+        cert=env.executor.cert,
+        key=env.executor.key,
+        call="resolve",
+        ids=tuple(hot),
+        concurrency=plan.concurrency,
+        channels=WORKER_CHANNELS,
+        warmup=plan.warmup,
+        duration=plan.duration,
+    )
+    rows = []
+    for count in (1, WORKERS):
+        ports = {"admin": _free_port(), "resolve": _free_port(), "metrics": _free_port()}
+        server = _serve_workers(env, config, count, ports)
+        try:
+            # Several connections, each resolving every id: every worker's cache very likely holds them
+            # (the warm-up window does the rest; cache misses in the window are reported).
+            asyncio.run(world.warm_caches(env, [ports["resolve"]] * 4, hot))
+            roles: dict[str, Callable[[], list[int]]] = {
+                "broker": functools.partial(_with_children, server.pid),
+                "postgres": lambda: postgres.backend_pids(database),
+                "load": lambda: load_pids,
+            }
+            rows.append(
+                measure_workers(
+                    f"postgres_workers_{count}",
+                    count,
+                    server,
+                    replace(spec, port=ports["resolve"]),
+                    CpuShares(roles),
+                    pool,
+                    plan,
+                )
+            )
+        finally:
+            stop_processes([server.process])
+    one, two = rows
+    return {
+        "connections": len(hot),
+        "in_flight": plan.concurrency * plan.processes,
+        "connections_to_the_port": WORKER_CHANNELS * plan.processes,
+        "runs": rows,
+        "scaling_ratio": _ratio(two["rps"], one["rps"]),
+        "cpu_per_call_ratio": _ratio(one["cpu_s_per_1k"] or 0.0, two["cpu_s_per_1k"] or 0.0),
+        "caveat": shared_cores_caveat(),
+    }
+
+
+def measure_workers(
+    name: str, workers: int, server: Server, spec: LoadSpec, shares: CpuShares, pool: Any, plan: Plan
+) -> dict[str, Any]:
+    """One closed-loop run against `broker serve --workers N`; CPU of the supervisor and workers."""
+    probe = Probe(server)
+    both = _Windows(shares, probe)
+    result = run_load(spec, pool, plan.processes, both, lead=plan.lead)
+    row: dict[str, Any] = {
+        "scenario": name,
+        "server": "broker",
+        "mode": "closed",
+        "workers": workers,
+        **_load_fields(result),
+        "cpu_s_per_1k": _per_1k(shares.used["broker"], result.calls),
+        "cores": shares.cores(),
+        "cache_misses": int(probe.delta('broker_resolve_cache_lookups_total{result="miss"}')),
+        "peak_rss_mb": max(_rss_mb(pid) for pid in _with_children(server.pid)),
+    }
+    cores = ", ".join(f"{role} {value:.2f}" for role, value in row["cores"].items())
+    print(
+        f"  {name:<28} {row['rps']:>9.1f} req/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms"
+        f"  cores: {cores}",
+        flush=True,
+    )
+    return row
+
+
+@dataclass
+class _Windows(Window):
+    """Several windows opened and closed together."""
+
+    first: Window
+    second: Window
+
+    def start(self) -> None:
+        self.first.start()
+        self.second.start()
+
+    def end(self) -> None:
+        self.first.end()
+        self.second.end()
+
+
+def _rss_mb(pid: int) -> float:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
 
 
 def run_rss(plan: Plan, root: Path) -> dict[str, Any]:
@@ -747,6 +925,23 @@ def _replica_lines(section: dict[str, Any]) -> list[str]:
     lines.append(f"scaling_ratio (2 replicas / 1 replica): {section['scaling_ratio']:.3f}")
     lines.append(f"  CPU per call, 1 replica / 2 replicas: {section['cpu_per_call_ratio']:.3f}")
     lines.append(f"  caveat: {section['caveat']}")
+    if "workers" in section:
+        lines += _workers_lines(section["workers"])
+    return lines
+
+
+def _workers_lines(section: dict[str, Any]) -> list[str]:
+    lines = [
+        f"postgres workers: warm Resolve on one port, uniform over {section['connections']} connections, "
+        f"{section['in_flight']} calls in flight over {section['connections_to_the_port']} connections "
+        "(CPU s/1k: supervisor and workers)"
+    ]
+    lines += [_table_line(row) for row in section["runs"]]
+    for row in section["runs"]:
+        cores = ", ".join(f"{role} {value:.2f}" for role, value in row["cores"].items())
+        lines.append(f"  cores busy in {row['scenario']}: {cores}; cache misses {row['cache_misses']}")
+    lines.append(f"workers_scaling_ratio (--workers {WORKERS} / --workers 1): {section['scaling_ratio']:.3f}")
+    lines.append(f"  CPU per call, 1 worker / {WORKERS} workers: {section['cpu_per_call_ratio']:.3f}")
     return lines
 
 

@@ -154,6 +154,7 @@ class Served:
     name: str = "broker"  # the logs are <root>/<name>-<run>.log
     env: Mapping[str, str] | None = None  # the environment of the process (None: this one's)
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # on top of `broker_settings`
+    serve_args: tuple[str, ...] = ()  # after `broker serve --config FILE` (e.g. --workers 2)
     process: subprocess.Popen[bytes] | None = None
     runs: int = 0
 
@@ -201,7 +202,7 @@ class Served:
         """Start the process; do not wait for it."""
         self.runs += 1
         out = (self.root / f"{self.name}-{self.runs}.log").open("wb")
-        argv = [*BROKER, "serve", "--config", str(self.config)]
+        argv = [*BROKER, "serve", "--config", str(self.config), *self.serve_args]
         env = None if self.env is None else dict(self.env)
         self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=self.root, env=env)
         out.close()
@@ -280,7 +281,7 @@ class Served:
 # ------------------------------------------------------------------ replicas
 
 
-def _without_broker_variables() -> dict[str, str]:
+def without_broker_variables() -> dict[str, str]:
     """This environment minus BROKER_* (a developer's BROKER_STORAGE_URL must not leak in)."""
     return {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
 
@@ -303,7 +304,7 @@ class Replicas:
     ) -> None:
         self.root = root
         self.pki = prepare(root, {"probe": PROBE, **(identities or {})}, "replicas test CA")
-        env = _without_broker_variables()
+        env = without_broker_variables()
         self.members = [
             Served.create(root, f"replica-{chr(ord('a') + i)}", settings, metrics=metrics, env=env)
             for i in range(count)

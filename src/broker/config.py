@@ -38,6 +38,8 @@ naming the setting, raised at start-up.
     level = "info"                  # BROKER_LOG_LEVEL
     [server]
     grace_seconds = 20              # BROKER_SERVER_GRACE_SECONDS
+    workers = 1                     # BROKER_SERVER_WORKERS: serving processes on the same ports
+                                    #   (PostgreSQL only; `broker serve --workers N` wins)
     reflection = true               # BROKER_SERVER_REFLECTION
     drain_delay_seconds = 1         # BROKER_SERVER_DRAIN_DELAY_SECONDS: after SIGTERM, keep serving (as
                                     #   NOT_SERVING) until calls stop arriving for 0.1 s, at most this long
@@ -182,6 +184,7 @@ class Settings:
     resolve_cache_entries: int = 100_000
     log_level: str = "info"
     grace_seconds: float = 20.0
+    workers: int = 1
     reflection: bool = True
     drain_delay_seconds: float = 1.0
     tls_reload_seconds: float = 5.0
@@ -611,6 +614,7 @@ def _build(src: _Source) -> Settings:
         resolve_cache_entries=_whole(src, "resolve", "cache_entries", 100_000, 1, 100_000_000),
         log_level=level,
         grace_seconds=src.number("server", "grace_seconds", 20.0, 0, 600),
+        workers=int(src.number("server", "workers", 1, 1, 64)),
         reflection=src.flag("server", "reflection", True),
         drain_delay_seconds=src.number("server", "drain_delay_seconds", 1.0, 0, 600),
         tls_reload_seconds=src.number("tls", "reload_interval_seconds", 5.0, 0, 3600),

@@ -3,9 +3,16 @@
 No label ever holds a secret or an unbounded value: no connection names, ids or
 principals. Labels are methods, status codes, connection types, outcomes and
 reasons from fixed sets.
+
+Under `broker serve --workers N` each worker runs in prometheus-client's multiprocess mode
+(PROMETHEUS_MULTIPROC_DIR, set by the supervisor in `broker.workers`, which serves the one
+endpoint): counters and histograms are summed over the workers, dead ones included; each gauge
+says below how the live workers' values combine (`multiprocess_mode`, ignored in one process).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -55,8 +62,9 @@ RESOLVE_CACHE_EVICTIONS = Counter(
 )
 RESOLVE_CACHE_ENTRIES = Gauge(
     "broker_resolve_cache_entries",
-    "Connections held by the Resolve cache.",
+    "Connections held by the Resolve cache (with several workers: the sum of their caches).",
     registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
 CONNECTION_TESTS = Counter(
     "broker_connection_tests",
@@ -109,28 +117,46 @@ KEK_WRAPS = Gauge(
     "AES-GCM encryptions made under each master key (persisted; the random-nonce limit is 2^32).",
     ["kek_id"],
     registry=REGISTRY,
+    multiprocess_mode="livemax",  # a persisted total that only grows: the freshest is the largest
 )
 DEKS_BY_KEK = Gauge(
     "broker_deks_by_kek",
     "Stored data keys wrapped by each master key: connections, pending OAuth flows, the key-check canary.",
     ["kek_id"],
     registry=REGISTRY,
+    multiprocess_mode="livemostrecent",  # read from the shared store: the newest reading
 )
 KEK_ACTIVE = Gauge(
     "broker_kek_active",
     "1 for the master key that wraps new data keys, 0 for the others in the keyring.",
     ["kek_id"],
     registry=REGISTRY,
+    multiprocess_mode="livemostrecent",
 )
 CONNECTIONS = Gauge(
     "broker_connections",
     "Stored connections by type and status (all tenants), refreshed with the store health probe.",
     ["type", "status"],
     registry=REGISTRY,
+    multiprocess_mode="livemostrecent",  # read from the shared store: the newest reading
 )
 CHANGE_LISTENER_CONNECTED = Gauge(
     "broker_change_listener_connected",
     "1 while this replica sees other replicas' changes (PostgreSQL LISTEN) and so uses its Resolve "
     "cache; 0 while it cannot, when every Resolve reads the database. Always 1 on SQLite.",
     registry=REGISTRY,
+    multiprocess_mode="livemin",  # with several workers: 0 while any one of them cannot
 )
+_counted: set[tuple[str, str]] = set()
+
+
+def set_connection_counts(counts: Mapping[tuple[str, str], int]) -> None:
+    """Publish the stored connections by (type, status); a pair no longer counted reads 0.
+
+    Zeroed rather than removed: multiprocess mode cannot remove a label set from the files.
+    """
+    for pair in _counted - counts.keys():
+        CONNECTIONS.labels(*pair).set(0)
+    for (type_, status), n in counts.items():
+        CONNECTIONS.labels(type_, status).set(n)
+    _counted.update(counts.keys())

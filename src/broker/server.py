@@ -115,10 +115,12 @@ class ListenError(ConfigError):
         return f"cannot listen on {self.address} ({self.setting}): {self.reason}"
 
 
-def _bind_problem(address: str) -> str | None:
+def bind_problem(address: str, reuse_port: bool = False) -> str | None:
     """Why a plain socket cannot bind `address` ("in use", or the system's reason); None if it can.
 
     Asked before gRPC binds: gRPC reports only "Failed to bind", and logs its own error line.
+    With `reuse_port` (a worker of `broker serve --workers`) the port may already be held by the
+    sibling workers, which the supervisor checked was free before starting any (broker.workers).
     """
     host, _, port = address.rpartition(":")
     try:
@@ -131,6 +133,8 @@ def _bind_problem(address: str) -> str | None:
         with socket.socket(family, kind, proto) as sock:
             # As gRPC does: a port left in TIME_WAIT by an earlier run is free.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             try:
                 sock.bind(sockaddr)
             except OSError as exc:
@@ -296,10 +300,15 @@ def build_services(settings: Settings, store: Store, keyring: Keyring, clock: Cl
 
 
 class Broker:
-    """The running service. `start()` binds both listeners; `stop()` drains and closes."""
+    """The running service. `start()` binds both listeners; `stop()` drains and closes.
 
-    def __init__(self, settings: Settings, clock: Clock = utc_now) -> None:
+    `reuse_port`: the listeners share their ports with the other workers of `broker serve --workers`
+    (SO_REUSEPORT: the kernel spreads new connections over them); off otherwise.
+    """
+
+    def __init__(self, settings: Settings, clock: Clock = utc_now, reuse_port: bool = False) -> None:
         self.settings = settings
+        self._reuse_port = reuse_port
         self._clock = clock
         self.admin_port = 0
         self.resolve_port = 0
@@ -439,14 +448,12 @@ class Broker:
         except Exception as exc:
             log.warning("gauge_refresh_failed", error_type=type(exc).__name__)
             return
-        metrics.CONNECTIONS.clear()
-        for (type_, status), n in counts.items():
-            metrics.CONNECTIONS.labels(type_, status).set(n)
+        metrics.set_connection_counts(counts)
 
     def _listener(self, service: str, addr: str) -> grpc.aio.Server:
         """A server bound to `addr` with the call interceptor and a health service (NOT_SERVING yet)."""
         setting = _ADDRESS_SETTINGS[service]
-        problem = _bind_problem(addr)
+        problem = bind_problem(addr, self._reuse_port)
         if problem is not None:
             raise ListenError(setting, addr, problem)
         gate = DrainGate()
@@ -459,7 +466,7 @@ class Broker:
                 RateLimitInterceptor(self.services.limits),
             ],
             # gRPC sets SO_REUSEPORT by default: a second broker would silently share the port.
-            options=[("grpc.so_reuseport", 0)],
+            options=[("grpc.so_reuseport", int(self._reuse_port))],
         )
         self._servers.append(server)
         checker = health.aio.HealthServicer()
@@ -472,7 +479,8 @@ class Broker:
             port = 0
         if port == 0:
             # Taken between the check and gRPC's own bind; its reason is not known here.
-            raise ListenError(setting, addr, _bind_problem(addr) or "address in use or not available")
+            reason = bind_problem(addr, self._reuse_port) or "address in use or not available"
+            raise ListenError(setting, addr, reason)
         self._ports.append(port)
         return server
 
@@ -520,9 +528,11 @@ class Broker:
             log.error("shutdown_step_failed", step=name, error_type=type(exc).__name__)
 
 
-async def serve(settings: Settings, on_serving: Callable[[Broker], None] | None = None) -> None:
+async def serve(
+    settings: Settings, on_serving: Callable[[Broker], None] | None = None, reuse_port: bool = False
+) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully; `on_serving` is called once SERVING."""
-    broker = Broker(settings)
+    broker = Broker(settings, reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Before start(): a SIGTERM that arrives while starting still ends in a graceful stop.
@@ -536,9 +546,11 @@ async def serve(settings: Settings, on_serving: Callable[[Broker], None] | None 
     await broker.stop()
 
 
-def run(settings: Settings, on_serving: Callable[[Broker], None] | None = None) -> int:
+def run(
+    settings: Settings, on_serving: Callable[[Broker], None] | None = None, reuse_port: bool = False
+) -> int:
     """Blocking entry point for the CLI: serve, return an exit code. ConfigError propagates
     (ListenError when an address cannot be bound)."""
     broker_log.configure(settings.log_level)
-    asyncio.run(serve(settings, on_serving))
+    asyncio.run(serve(settings, on_serving, reuse_port))
     return 0

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.devbroker import DevBroker
+from tests.httpservers import Answer, serve
 
 pytestmark = pytest.mark.e2e
 
@@ -62,3 +63,34 @@ def test_the_readme_sdk_example_prints_the_secret(dev_broker: DevBroker, tmp_pat
         "allowed",
         "nightly report",
     )
+
+
+def proxy_example() -> str:
+    section = README.split("## Proxy mode", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"^```python\n(.*?)^```$", section, re.DOTALL | re.MULTILINE)
+    return str(block)
+
+
+def test_the_readme_proxy_example_calls_through_the_broker(dev_broker: DevBroker, tmp_path: Path) -> None:
+    (tmp_path / ".broker-dev").symlink_to(dev_broker.data_dir, target_is_directory=True)
+    (dev_broker.data_dir / "key.txt").write_text("ghp-readme-example-1234")
+    # The example's `github` connection, pointed at a local stand-in for the GitHub API.
+    with serve(lambda seen: Answer.json({"login": "octocat", "auth": seen.headers["authorization"]})) as api:
+        dev_broker.ok(
+            "create", "github", "--type", "api_key", "--provider", "github",
+            "--config", f"base_url={api.url}", "--secret", f"api_key=@{dev_broker.data_dir / 'key.txt'}",
+        )  # fmt: skip
+        dev_broker.ok("grant", "github", EXECUTOR, "--mode", "proxy", "--method", "GET", "--path", "/user")
+        example = proxy_example()
+        assert DEV_RESOLVE_ADDR in example
+        ran = subprocess.run(
+            [sys.executable, "-c", example.replace(DEV_RESOLVE_ADDR, dev_broker.resolve_addr)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert (ran.returncode, ran.stdout) == (0, "{'login': 'octocat', 'auth': '[redacted]'}\n"), ran.stderr
+    [seen] = api.requests
+    assert seen.path == "/user" and seen.headers["authorization"] == "Bearer ghp-readme-example-1234"

@@ -104,6 +104,16 @@ def _check_replicas(section: dict[str, Any], stdout: str) -> None:
         assert row["ok"] > 0 and set(row["codes"]) == {"OK"}, row
         assert 0 < row["p50_ms"] <= row["p99_ms"], row
         assert row["cores"]["replicas"] > 0 and row["cores"]["load"] > 0, row
+    # `broker serve --workers 1`, then `--workers 2`, on one port, on the same database.
+    workers = section["workers"]
+    assert workers["scaling_ratio"] > 0 and "workers_scaling_ratio (--workers 2 / --workers 1)" in stdout
+    assert [(row["scenario"], row["workers"]) for row in workers["runs"]] == [
+        ("postgres_workers_1", 1),
+        ("postgres_workers_2", 2),
+    ]
+    for row in workers["runs"]:
+        assert row["ok"] > 0 and set(row["codes"]) == {"OK"}, row
+        assert row["cores"]["broker"] > 0 and row["cache_misses"] >= 0, row
 
 
 def test_bench_smoke_writes_every_scenario(tmp_path: Path) -> None:

@@ -88,6 +88,17 @@ async def test_basic_and_provider_keys_are_injected_and_their_composed_forms_mas
     assert "authorization" not in sent.headers and sent.body == b"{}"
 
 
+async def test_a_providers_default_headers_give_way_to_the_callers() -> None:
+    with serve(echo) as upstream:
+        anthropic = injection(
+            "api_key", "anthropic", {"base_url": upstream.url}, SecretFields({"api_key": TOKEN})
+        )
+        newer = UpstreamRequest("GET", "/v1/models", headers=(("Anthropic-Version", "2025-01-01"),))
+        await call(LOOPBACK, anthropic, newer, max_bytes=65536)
+    [seen] = upstream.requests
+    assert seen.headers["anthropic-version"] == "2025-01-01" and seen.headers["x-api-key"] == TOKEN
+
+
 async def test_the_caller_cannot_set_the_credential_or_framing_headers() -> None:
     with serve(echo) as upstream:
         api_key = injection(

@@ -53,18 +53,30 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "health":
             return _health.run(args, _settings_for(args))
         dev = args.command == "dev"
+        workers = 1
         if dev:
             settings, on_serving = _prepare_dev(
                 args.data_dir, args.admin_addr, args.resolve_addr, args.metrics_addr
             )
         else:
             settings, on_serving = Settings.load(args.config), None
+            if args.worker is not None:
+                return _serve_as_worker(settings, args.worker)  # the supervisor printed the warnings
             for warning in settings.warnings():
                 print(f"{PROG}: warning: {warning}", file=sys.stderr)
+            workers = settings.workers if args.workers is None else args.workers
+            if workers != 1:
+                from broker.workers import check
+
+                check(settings, workers)  # before anything starts: SQLite, port 0, a port in use
     except (ConfigError, ValueError, OSError) as exc:
         return _fail(exc)
     # Only ConfigError is expected from the server; anything else is a bug and keeps its traceback.
     try:
+        if workers > 1:
+            from broker.workers import run as supervise
+
+            return supervise(settings, workers, args.config)
         return _run(settings, on_serving, dev)
     except ConfigError as exc:
         return _fail(exc)
@@ -96,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the broker from a config file and BROKER_* variables")
     p.add_argument("--config", type=Path, required=True, metavar="FILE", help="TOML settings file")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="serve from N processes sharing the listeners' ports (PostgreSQL only; default: "
+        "server.workers, 1)",
+    )
+    # Internal: how the supervisor of --workers starts each worker (see broker/workers.py).
+    p.add_argument("--worker", type=_worker_spec, help=argparse.SUPPRESS)
 
     p = sub.add_parser("keygen", help="make a new master key (base64 of 32 random bytes)")
     p.add_argument("--out", type=Path, metavar="FILE", help="write it to FILE (mode 0600) instead of stdout")
@@ -154,6 +175,49 @@ def build_parser() -> argparse.ArgumentParser:
     _keys.add_parser(sub)
     _health.add_parser(sub)
     return parser
+
+
+def _worker_spec(text: str) -> tuple[int, int, int]:
+    """`--worker INDEX,READY_FD,LIFELINE_FD`."""
+    index, ready_fd, lifeline_fd = (int(part) for part in text.split(","))
+    return index, ready_fd, lifeline_fd
+
+
+def _serve_as_worker(settings: Settings, spec: tuple[int, int, int]) -> int:
+    """One worker of `broker serve --workers`: listeners shared with its siblings, no metrics listener
+    of its own (the supervisor serves them all), SERVING told through the ready pipe."""
+    import asyncio
+    import os
+    import signal
+
+    import structlog
+
+    from broker.server import run
+
+    index, ready_fd, lifeline_fd = spec
+    structlog.contextvars.bind_contextvars(worker=index)  # on every log line of this process
+
+    def on_serving(broker: Broker) -> None:
+        loop = asyncio.get_running_loop()
+
+        def supervisor_gone() -> None:
+            # The lifeline's write end closed: the supervisor died. Drain and stop as on SIGTERM.
+            loop.remove_reader(lifeline_fd)
+            structlog.get_logger("broker.workers").error("supervisor_gone", worker=index)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        loop.add_reader(lifeline_fd, supervisor_gone)
+        try:
+            os.write(ready_fd, b"serving\n")
+        except OSError:
+            pass  # the supervisor is gone (a broken pipe): the lifeline says so too, and this worker stops
+        finally:
+            os.close(ready_fd)
+
+    try:
+        return run(dataclasses.replace(settings, metrics_listen=""), on_serving, reuse_port=True)
+    except ConfigError as exc:
+        return _fail(exc)
 
 
 def _settings_for(args: argparse.Namespace) -> Settings:

@@ -95,12 +95,16 @@ def _trust() -> ssl.SSLContext:
 class Injection:
     """Where a connection's calls go and what the broker adds to each; `scrubber` masks what it sent.
 
-    A webhook (`only_method` set) takes calls to its one URL only (the path "/", no query), by
-    its one method, and `sign` adds the headers that authenticate each body.
+    `credentials` are the headers that carry the secret: the caller can never set them.
+    `defaults` (a provider's version or Accept header, the connection's extra headers) are
+    sent unless the caller sends its own. A webhook (`only_method` set) takes calls to its
+    one URL only (the path "/", no query), by its one method, and `sign` adds the headers
+    that authenticate each body.
     """
 
     base_url: str
-    headers: Mapping[str, str]
+    credentials: Mapping[str, str]
+    defaults: Mapping[str, str]
     scrubber: Scrubber
     only_method: str = ""
     sign: Callable[[bytes], Mapping[str, str]] | None = None
@@ -129,9 +133,9 @@ def injection(
     values = secrets.reveal()
     sent = SentCredentials()
     headers: dict[str, str] = {}
+    defaults = _extra_headers(config)
     base = str(config.get("base_url") or "")
     if connection_type == "http":
-        headers.update(_extra_headers(config))
         auth = config.get("auth_type", "none")
         if auth == "bearer":
             headers["Authorization"] = sent.bearer(values["token"])
@@ -151,7 +155,7 @@ def injection(
         else:
             headers[known.endpoint.key_header] = values["api_key"]
         if known is not None:
-            headers = {**known.endpoint.headers, **headers}
+            defaults = dict(known.endpoint.headers)
             base = base or known.default_base
     elif connection_type == "webhook":
         return _webhook(config, values.get("auth_secret", ""), sent)
@@ -159,7 +163,7 @@ def injection(
         raise NotInjectable(f"calls through the proxy are not built yet for {connection_type} connections")
     if not base:
         raise NotInjectable("the connection has no base_url to send calls to")
-    return Injection(base.rstrip("/"), headers, Scrubber(values.values(), sent.forms))
+    return Injection(base.rstrip("/"), headers, defaults, Scrubber(values.values(), sent.forms))
 
 
 def _extra_headers(config: Mapping[str, object]) -> dict[str, str]:
@@ -168,7 +172,7 @@ def _extra_headers(config: Mapping[str, object]) -> dict[str, str]:
 
 
 def _webhook(config: Mapping[str, object], secret: str, sent: SentCredentials) -> Injection:
-    headers = _extra_headers(config)
+    headers: dict[str, str] = {}
     auth = config.get("auth_type", "none")
     sign: Callable[[bytes], Mapping[str, str]] | None = None
     if auth == "bearer":
@@ -184,7 +188,9 @@ def _webhook(config: Mapping[str, object], secret: str, sent: SentCredentials) -
 
     method = str(config.get("method") or "POST")
     scrubber = Scrubber([secret] if secret else [], sent.forms)
-    return Injection(str(config["url"]), headers, scrubber, only_method=method, sign=sign)
+    return Injection(
+        str(config["url"]), headers, _extra_headers(config), scrubber, only_method=method, sign=sign
+    )
 
 
 def check_request(request: UpstreamRequest, connection: Injection | None = None) -> None:
@@ -220,7 +226,7 @@ def check_request(request: UpstreamRequest, connection: Injection | None = None)
         raise InvalidArgument([*bad, FieldViolation("headers", f"at most {MAX_HEADER_BYTES} bytes in all")])
     reserved = set(_REFUSED_HEADERS)
     if connection is not None:
-        reserved |= {name.lower() for name in connection.headers}
+        reserved |= {name.lower() for name in connection.credentials}
         if connection.sign is not None:
             reserved |= {webhook.TIMESTAMP_HEADER.lower(), webhook.SIGNATURE_HEADER.lower()}
         if connection.only_method and request.method != connection.only_method:
@@ -251,7 +257,9 @@ async def _exchange(
     else:
         url = connection.base_url + request.path + (f"?{request.query}" if request.query else "")
     checked = egress.check_url(url).text
-    headers = [*request.headers, *connection.headers.items()]
+    sent = {name.lower() for name, _ in request.headers}
+    defaults = [(name, value) for name, value in connection.defaults.items() if name.lower() not in sent]
+    headers = [*defaults, *request.headers, *connection.credentials.items()]
     if connection.sign is not None:
         headers += connection.sign(request.body).items()
     async with http_client(egress, verify=_trust()) as client:
