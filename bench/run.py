@@ -2,7 +2,7 @@
 
     python -m bench                  the full run (10,000 connections; about 3.5 minutes)
     python -m bench --smoke          a few seconds: tiny seed, short windows (the test suite runs it)
-    python -m bench --rss            100,000 stored connections: the server's RSS after resolving a sample
+    python -m bench --rss            100,000 stored connections: the server's RSS after resolving each once
     python -m bench --replicas-only  only the PostgreSQL scenarios: 1 replica then 2, and
                                      `broker serve --workers 1` then `--workers 2` on one port
 
@@ -794,40 +794,17 @@ def _rss_mb(pid: int) -> float:
 
 
 def run_rss(plan: Plan, root: Path) -> dict[str, Any]:
-    """Seed 100,000 connections, resolve a uniform sample of them, report the broker's RSS."""
+    """Seed 100,000 connections, resolve every one of them once, report the broker's RSS."""
     env = world.make_env(root)
     print(f"seeding {plan.connections} connections and grants (this takes a while) ...", flush=True)
     ids, seed_seconds = asyncio.run(world.seed(env, plan.connections, chunk=256))
     print(f"  seeded in {seed_seconds:.1f} s", flush=True)
-    pool = client_pool(plan.processes)
     broker = start_server("broker", root)
     try:
-        warm_pool(pool, plan.processes)
         rss_idle = broker.status_kb("VmRSS")
-        spec = LoadSpec(
-            port=broker.info["resolve"],
-            ca=env.ca,
-            cert=env.executor.cert,
-            key=env.executor.key,
-            call="resolve",
-            ids=tuple(ids),
-            concurrency=plan.concurrency,
-            channels=plan.channels,
-            warmup=plan.warmup,
-            duration=plan.duration,
-        )
-        row = measure("resolve_uniform_100k", broker, spec, pool, plan, connections=len(ids))
-        cached = broker.metrics().get('broker_resolve_cache_lookups_total{result="miss"}', 0)
+        row = measure_each_once(env, broker, ids, rss_idle)
         paging = measure_paging(env, broker, plan, 1000)
-        row.update(
-            rss_after_start_mb=round(rss_idle / 1024, 1),
-            rss_now_mb=round(broker.status_kb("VmRSS") / 1024, 1),
-            peak_rss_mb=round(broker.status_kb("VmHWM") / 1024, 1),
-            connections_cached=int(cached),
-        )
     finally:
-        pool.terminate()
-        pool.join()
         broker.stop()
     return {
         "kind": "rss",
@@ -837,6 +814,44 @@ def run_rss(plan: Plan, root: Path) -> dict[str, Any]:
         "seed_seconds": round(seed_seconds, 1),
         "scenarios": [row, paging],
     }
+
+
+def measure_each_once(env: world.BenchEnv, broker: Server, ids: list[str], rss_idle: int) -> dict[str, Any]:
+    """Resolve every id once (32 in flight), so the cache holds them all; then the broker's RSS."""
+    print(f"  resolving each of {len(ids)} connections once ...", flush=True)
+    cpu = broker.cpu_seconds()
+    started = time.perf_counter()
+    asyncio.run(world.warm_caches(env, [broker.info["resolve"]], ids))  # raises unless every call is OK
+    seconds = time.perf_counter() - started
+    cpu = broker.cpu_seconds() - cpu
+    samples = broker.metrics()
+    misses = int(samples.get('broker_resolve_cache_lookups_total{result="miss"}', 0))
+    evictions = int(samples.get("broker_resolve_cache_evictions_total", 0))
+    rss_kb = broker.status_kb("VmRSS")
+    row = {
+        "scenario": f"resolve_each_once_{len(ids) // 1000}k",
+        "server": broker.kind,
+        "mode": "each",
+        "calls": len(ids),
+        "ok": len(ids),
+        "codes": {"OK": len(ids)},
+        "seconds": round(seconds, 1),
+        "rps": round(len(ids) / seconds, 1),
+        "cpu_s_per_1k": _per_1k(cpu, len(ids)),
+        "rss_after_start_mb": round(rss_idle / 1024, 1),
+        "rss_after_mb": round(rss_kb / 1024, 1),
+        "peak_rss_mb": round(broker.status_kb("VmHWM") / 1024, 1),
+        "cache_misses": misses,
+        "cache_evictions": evictions,
+        # Everything the broker grew by, per resolved connection: cache, grants, monitor, allocator.
+        "kb_per_resolved_connection": round((rss_kb - rss_idle) / len(ids), 2),
+    }
+    print(
+        f"  {row['scenario']:<28} {row['rps']:>9.1f} req/s  RSS {row['rss_after_start_mb']:.1f} -> "
+        f"{row['rss_after_mb']:.1f} MB ({row['kb_per_resolved_connection']:.2f} KB per connection)",
+        flush=True,
+    )
+    return row
 
 
 def _ratio(a: float, b: float) -> float:
@@ -867,6 +882,13 @@ def table(report: dict[str, Any]) -> str:
 
 
 def _table_line(row: dict[str, Any]) -> str:
+    if row["mode"] == "each":
+        return (
+            f"{row['scenario']:<36} {'each':<6} {row['ok']:>8} {0:>6} {row['rps']:>9.1f} "
+            f"RSS {row['rss_after_start_mb']:.1f} MB at start, {row['rss_after_mb']:.1f} MB after "
+            f"({row['kb_per_resolved_connection']:.2f} KB per connection) "
+            f"{row['cpu_s_per_1k'] or 0.0:>8.3f} {row['peak_rss_mb']:>7.1f}"
+        )
     if "total_seconds_median" in row:
         return (
             f"{row['scenario']:<36} {'seq':<6} {row['ok']:>8} {0:>6} "

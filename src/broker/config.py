@@ -32,6 +32,8 @@ naming the setting, raised at start-up.
     cache_ttl_seconds = 60          # BROKER_RESOLVE_CACHE_TTL_SECONDS
     superseded_grace_seconds = 3600 # BROKER_RESOLVE_SUPERSEDED_GRACE_SECONDS: how long Resolve can
                                     #   still say when a replaced secret version was superseded
+    cache_entries = 100000          # BROKER_RESOLVE_CACHE_ENTRIES: connections kept in memory for
+                                    #   Resolve (about 1 KB each), least recently used forgotten first
     [log]
     level = "info"                  # BROKER_LOG_LEVEL
     [server]
@@ -179,6 +181,7 @@ class Settings:
     resolve_addr: str = DEFAULT_RESOLVE_ADDR
     trust_domain: str = "broker.local"
     cache_ttl_seconds: int = 60
+    resolve_cache_entries: int = 100_000
     log_level: str = "info"
     grace_seconds: float = 20.0
     workers: int = 1
@@ -608,6 +611,7 @@ def _build(src: _Source) -> Settings:
         resolve_addr=_address(src, "resolve", DEFAULT_RESOLVE_ADDR),
         trust_domain=trust_domain,
         cache_ttl_seconds=int(src.number("resolve", "cache_ttl_seconds", 60, 0, 86400)),
+        resolve_cache_entries=_whole(src, "resolve", "cache_entries", 100_000, 1, 100_000_000),
         log_level=level,
         grace_seconds=src.number("server", "grace_seconds", 20.0, 0, 600),
         workers=int(src.number("server", "workers", 1, 1, 64)),

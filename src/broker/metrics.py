@@ -55,6 +55,17 @@ RESOLVE_CACHE = Counter(
     ["result"],
     registry=REGISTRY,
 )
+RESOLVE_CACHE_EVICTIONS = Counter(
+    "broker_resolve_cache_evictions",
+    "Connections the Resolve cache forgot to stay within resolve.cache_entries (least recently used first).",
+    registry=REGISTRY,
+)
+RESOLVE_CACHE_ENTRIES = Gauge(
+    "broker_resolve_cache_entries",
+    "Connections held by the Resolve cache (with several workers: the sum of their caches).",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
 CONNECTION_TESTS = Counter(
     "broker_connection_tests",
     "Connection tests, by type and category.",

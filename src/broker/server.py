@@ -51,6 +51,7 @@ from broker.api import (
     ProxyServicer,
     RateLimitInterceptor,
     ResolveServicer,
+    resolve_public_part,
     stop_listeners,
 )
 from broker.config import Settings, variable
@@ -201,7 +202,7 @@ def build_services(settings: Settings, store: Store, keyring: Keyring, clock: Cl
     `Broker.start` opens the monitor and the change feed once everything is built.
     """
     egress = EgressPolicy(settings.egress)
-    cache = ResolveCache()
+    cache = ResolveCache(public_part=resolve_public_part, max_entries=settings.resolve_cache_entries)
     monitor = Monitor(
         events=store,
         connections=store,
@@ -359,8 +360,7 @@ class Broker:
                 listed = [ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
                 reflection.enable_server_reflection(listed, admin)
             resolve = self._listener(RESOLVE_SERVICE, settings.resolve_addr)
-            add_resolve = broker_pb2_grpc.add_ResolveServiceServicer_to_server
-            add_resolve(ResolveServicer(services.resolver), resolve)  # type: ignore[no-untyped-call]
+            ResolveServicer(services.resolver).add_to(resolve)
             add_proxy = broker_pb2_grpc.add_ProxyServiceServicer_to_server
             add_proxy(ProxyServicer(services.proxy), resolve)  # type: ignore[no-untyped-call]
             self._health.append((self._health[-1][0], PROXY_SERVICE))

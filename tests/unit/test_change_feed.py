@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from broker import metrics
+from broker.api import resolve_public_part
 from broker.model import ConnectionRecord, ConnectionStatus, Grant
 from broker.service.cache import MISSING, ResolveCache
 from broker.service.monitor import Monitor
@@ -57,7 +58,7 @@ def replica(cache: ResolveCache) -> tuple[ReplicaChanges, Monitor]:
 
 
 def test_messages_invalidate_exactly_what_they_name() -> None:
-    cache = ResolveCache()
+    cache = ResolveCache(public_part=resolve_public_part)
     sink, _ = replica(cache)
     cache.put_connection(record(), cache.generation)
     cache.put_connection(record("conn_2", "other"), cache.generation)
@@ -70,7 +71,7 @@ def test_messages_invalidate_exactly_what_they_name() -> None:
 
 
 def test_a_block_announced_by_another_replica_blocks_here_until_the_same_time() -> None:
-    sink, monitor = replica(ResolveCache())
+    sink, monitor = replica(ResolveCache(public_part=resolve_public_part))
     until = T0.timestamp() + 60
     deliver(sink, principal_blocked("acme", "spiffe://x/tenant/acme/executor/etl", until))
     assert monitor.blocked("acme", "spiffe://x/tenant/acme/executor/etl", T0)
@@ -83,7 +84,7 @@ def test_a_block_announced_by_another_replica_blocks_here_until_the_same_time() 
 
 
 def test_an_unreadable_message_forgets_everything() -> None:
-    cache = ResolveCache()
+    cache = ResolveCache(public_part=resolve_public_part)
     sink, _ = replica(cache)
     cache.put_connection(record(), cache.generation)
     deliver(sink, '{"not": "a list"}')
@@ -93,7 +94,7 @@ def test_an_unreadable_message_forgets_everything() -> None:
 
 
 def test_cache_holds_nothing_while_changes_are_unseen() -> None:
-    cache = ResolveCache()
+    cache = ResolveCache(public_part=resolve_public_part)
     cache.put_connection(record(), cache.generation)
     cache.changes_unseen()
     assert cache.connection("acme", "conn_1") is None

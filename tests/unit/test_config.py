@@ -210,7 +210,7 @@ def test_storage_url_selects_postgresql_and_is_never_echoed(tmp_path: Path) -> N
         ("[health]\nservername = 'x'\n", "did you mean server_name?"),
         (
             "[resolve]\nzzz = 1\n",
-            r"unknown key zzz in \[resolve\]; valid keys: cache_ttl_seconds, superseded",
+            r"unknown key zzz in \[resolve\]; valid keys: cache_entries, cache_ttl_seconds, superseded",
         ),
         ("[qqqq]\nx = 1\n", "unknown section qqqq; valid: audit, egress, "),
     ],
@@ -274,3 +274,28 @@ def test_old_master_key_files_from_the_environment(tmp_path: Path) -> None:
     assert settings.old_master_key_files == (tmp_path / "old1.key", Path("/keys/old2.key"))
     with pytest.raises(ConfigError, match=r"master_key\.old_files must be a list of paths"):
         Settings.load(write(tmp_path, MINIMAL.replace('file = "master.key"', "old_files = 3")), environ={})
+
+
+@pytest.mark.parametrize(
+    ("section", "env", "message"),
+    [
+        ("cache_entries = 0", {}, r"resolve\.cache_entries must be between 1 and"),
+        ("cache_entries = -5", {}, r"resolve\.cache_entries must be between 1 and"),
+        ("cache_entries = 2.5", {}, r"resolve\.cache_entries must be a whole number"),
+        ("cache_entries = 'many'", {}, r"resolve\.cache_entries must be a number"),
+        ("", {"BROKER_RESOLVE_CACHE_ENTRIES": "0"}, r"BROKER_RESOLVE_CACHE_ENTRIES must be between 1 and"),
+    ],
+)
+def test_the_resolve_cache_bound_is_a_positive_whole_number(
+    tmp_path: Path, section: str, env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.load(write(tmp_path, MINIMAL + "[resolve]\n" + section + "\n"), environ=env)
+
+
+def test_the_resolve_cache_bound_defaults_to_100k_and_is_set_by_file_or_variable(tmp_path: Path) -> None:
+    assert Settings.load(write(tmp_path, MINIMAL), environ={}).resolve_cache_entries == 100_000
+    in_file = Settings.load(write(tmp_path, MINIMAL + "[resolve]\ncache_entries = 5000\n"), environ={})
+    assert in_file.resolve_cache_entries == 5000
+    by_env = Settings.load(write(tmp_path, MINIMAL), environ={"BROKER_RESOLVE_CACHE_ENTRIES": "20000"})
+    assert by_env.resolve_cache_entries == 20000

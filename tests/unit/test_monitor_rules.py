@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.api import resolve_public_part
 from broker.model import (
     AuditEvent,
     AuditFilter,
@@ -211,7 +212,7 @@ async def test_denied_burst_blocks_for_the_cool_down(store: SqliteStore) -> None
 
 async def test_failed_tests_suspend_with_compare_and_swap(store: SqliteStore) -> None:
     clock = FakeClock()
-    cache = ResolveCache()
+    cache = ResolveCache(public_part=resolve_public_part)
     monitor = Monitor(
         store, store, store, clock, MonitorSettings(failed_tests=2, failed_tests_window_seconds=60)
     )

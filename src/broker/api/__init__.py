@@ -10,7 +10,7 @@ from broker.api.drain import DrainGate, stop_listeners
 from broker.api.interceptors import CallInterceptor, current_call
 from broker.api.proxy import ProxyServicer
 from broker.api.ratelimit import RateLimitInterceptor
-from broker.api.resolve import ResolveServicer
+from broker.api.resolve import ResolveServicer, resolve_public_part
 
 __all__ = [
     "AdminServicer",
@@ -20,5 +20,6 @@ __all__ = [
     "RateLimitInterceptor",
     "ResolveServicer",
     "current_call",
+    "resolve_public_part",
     "stop_listeners",
 ]

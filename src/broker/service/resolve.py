@@ -1,8 +1,9 @@
 """Resolve: release a connection's secrets to an executor holding a live grant.
 
-The hot path. Connection records and grants come from an in-memory cache that
-writes invalidate; the secret is opened per call (microseconds) and never
-cached in clear. Every outcome is audited, durably, before the caller hears it:
+The hot path. Connections (compact entries) and grants come from an in-memory
+cache that writes invalidate; the secret is opened per call (microseconds) and
+never cached in clear. The non-secret part of the answer comes serialised from the
+cache entry, built once per record version. Every outcome is audited, durably, before the caller hears it:
 a denial for any reason looks the same to the executor, the audit event records
 the true reason.
 """
@@ -26,13 +27,12 @@ from broker.errors import (
     SecretUnavailable,
     Unavailable,
 )
-from broker.model import ConnectionRecord, Grant, GrantMode, Outcome
+from broker.model import ConnectionRecord, GrantMode, Outcome
 from broker.sensitive import SecretFields
 from broker.service.audit import AuditLog
-from broker.service.cache import MISSING, ResolveCache
+from broker.service.cache import MISSING, CachedConnection, GrantTerms, ResolveCache, grant_terms
 from broker.service.context import Call
 from broker.service.fingerprint import Fingerprinter
-from broker.service.lookup import refusal
 from broker.service.monitor import Monitor
 from broker.service.oauth import OAuthService
 from broker.service.sealing import DECRYPT_FAILED, open_secrets
@@ -51,9 +51,10 @@ _CACHE_MISS = metrics.RESOLVE_CACHE.labels("miss")
 
 @dataclass(frozen=True, slots=True)
 class Released:
-    """What Resolve hands back: the record's public part and the opened secrets."""
+    """What Resolve hands back: the answer's non-secret part (serialised) and the opened secrets."""
 
-    record: ConnectionRecord
+    # `ResolveCache.public_part` of the record released: ids, name, type, config, secret version.
+    public: bytes
     secrets: SecretFields
     expires_at: datetime | None
     cache_ttl_seconds: int
@@ -113,11 +114,11 @@ class Resolver:
             if not text.isprintable():
                 raise InvalidArgument.field(field_name, "must not contain control characters")
         now = self._clock()
-        record = await self._lookup(call.tenant, connection_id, name)
-        reason = await self._denial_reason(call, record, now)
-        ref_id = record.id if record is not None else connection_id
+        entry = await self._lookup(call.tenant, connection_id, name)
+        reason = await self._denial_reason(call, entry, now)
+        ref_id = entry.id if entry is not None else connection_id
         details = {"purpose": purpose} if purpose else {}
-        if name and record is None:
+        if name and entry is None:
             details["name"] = name[:128]
         if reason:
             metrics.RESOLVES.labels("denied", reason).inc()
@@ -125,12 +126,18 @@ class Resolver:
             if self._monitor is not None:
                 self._monitor.resolve_denied(call, ref_id, reason, now)
             raise PermissionDenied(DENIED_MESSAGE)
-        assert record is not None
+        assert entry is not None
+        public, secret_version, expires_at = entry.public, entry.secret_version, None
         try:
-            secrets = open_secrets(self._keyring, record)
-            if record.type == "oauth2" and self._oauth is not None:
-                # A refresh re-reads the row: it too may fail to open.
-                record, secrets = await self._oauth_fresh(call, now, ref_id, details, record, secrets)
+            secrets = open_secrets(self._keyring, entry)
+            record = entry.oauth  # None unless OAuth2
+            if record is not None:
+                if self._oauth is not None:
+                    # A refresh re-reads the row: it too may fail to open.
+                    record, secrets = await self._oauth_fresh(call, now, ref_id, details, record, secrets)
+                if record is not entry.oauth:  # refreshed: a new version, not (yet) the cached one
+                    public, secret_version = self._cache.public_part(record), record.secret_version
+                expires_at = record.token_expires_at
         except SecretUnavailable:
             metrics.RESOLVES.labels("failed", DECRYPT_FAILED).inc()
             await self._audit.append(
@@ -142,23 +149,22 @@ class Resolver:
         details.update(self._fingerprints.released(secrets))
         await self._audit.append(call.audit_event(now, RESOLVE, ref_id, Outcome.ALLOWED, "", details))
         if self._monitor is not None:
-            self._monitor.resolve_allowed(call, record.id, now)
+            self._monitor.resolve_allowed(call, entry.id, now)
         _ALLOWED.inc()
-        self._last_used[(record.tenant, record.id)] = now
-        expires_at = record.token_expires_at
+        self._last_used[(entry.tenant, entry.id)] = now
         ttl = self._cache_ttl
         if expires_at is not None:
             # Never let an executor cache a token past its expiry.
             ttl = max(0, min(ttl, int((expires_at - now).total_seconds())))
         superseded_at = None
-        if 0 < known_secret_version < record.secret_version:
+        if 0 < known_secret_version < secret_version:
             # Only for an executor holding an old version: no extra read on the common path. The
             # store's copy is purged periodically, so the documented grace is applied here.
-            superseded_at = await self._versions.superseded_at(record.tenant, record.id, known_secret_version)
+            superseded_at = await self._versions.superseded_at(entry.tenant, entry.id, known_secret_version)
             if superseded_at is not None and now - superseded_at > self._superseded_grace:
                 superseded_at = None
         return Released(
-            record, secrets, expires_at=expires_at, cache_ttl_seconds=ttl, superseded_at=superseded_at
+            public, secrets, expires_at=expires_at, cache_ttl_seconds=ttl, superseded_at=superseded_at
         )
 
     async def _oauth_fresh(
@@ -187,50 +193,49 @@ class Resolver:
             await self._audit.append(event)
             raise
 
-    async def _lookup(self, tenant: str, connection_id: str, name: str) -> ConnectionRecord | None:
+    async def _lookup(self, tenant: str, connection_id: str, name: str) -> CachedConnection | None:
         cache = self._cache
         if name:
             cached_id = cache.connection_id_by_name(tenant, name)
-            record = cache.connection(tenant, cached_id) if cached_id else None
-            if record is not None and record.name == name and record.live:
+            entry = cache.connection(tenant, cached_id) if cached_id else None
+            if entry is not None and entry.name == name and entry.live:
                 _CACHE_HIT.inc()
-                return record
+                return entry
             generation = cache.generation
             record = await self._connections.find_connection_by_name(tenant, name)
         else:
-            record = cache.connection(tenant, connection_id)
-            if record is not None:
+            entry = cache.connection(tenant, connection_id)
+            if entry is not None:
                 _CACHE_HIT.inc()
-                return record
+                return entry
             generation = cache.generation
             record = await self._connections.get_connection(tenant, connection_id)
         _CACHE_MISS.inc()
-        if record is not None:
-            cache.put_connection(record, generation)
-        return record
+        return None if record is None else cache.put_connection(record, generation)
 
-    async def _grant(self, tenant: str, connection_id: str, principal: str) -> Grant | None:
+    async def _grant_terms(self, tenant: str, connection_id: str, principal: str) -> GrantTerms | None:
+        """The principal's grant as Resolve judges it; None when it has none."""
         cached = self._cache.grant(tenant, connection_id, principal)
         if cached is not MISSING:
             return cached  # type: ignore[return-value]
         generation = self._cache.generation
         grant = await self._grants.get_grant(tenant, connection_id, principal)
         self._cache.put_grant(tenant, connection_id, principal, grant, generation)
-        return grant
+        return grant_terms(grant)
 
-    async def _denial_reason(self, call: Call, record: ConnectionRecord | None, now: datetime) -> str:
+    async def _denial_reason(self, call: Call, entry: CachedConnection | None, now: datetime) -> str:
         if self._monitor is not None and self._monitor.blocked(call.tenant, call.actor, now):
             return "principal_blocked"
-        if record is None:
+        if entry is None:
             return "unknown_connection"
-        if reason := refusal(record):
-            return reason
-        grant = await self._grant(call.tenant, record.id, call.actor)
-        if grant is None:
+        if entry.refusal:  # deleted, revoked, suspended (`lookup.refusal`, kept on the entry)
+            return entry.refusal
+        terms = await self._grant_terms(call.tenant, entry.id, call.actor)
+        if terms is None:
             return "no_grant"
-        if not grant.active_at(now):
+        if now >= terms.ends:
             return "grant_expired"
-        if grant.mode is GrantMode.PROXY:
+        if terms.mode is GrantMode.PROXY:
             return "proxy_only"  # the broker may make calls with it; the executor never holds it
         return ""
 

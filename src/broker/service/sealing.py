@@ -10,6 +10,7 @@ start-up migration (`service.rebind`), which re-seals them.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Protocol
 
 from broker import crypto
 from broker.crypto import Binding, DecryptionFailed, Keyring
@@ -19,6 +20,19 @@ from broker.sensitive import SecretFields
 from broker.service.audit import AuditLog
 
 DECRYPT_FAILED = "decrypt_failed"
+
+
+class SealedRow(Protocol):
+    """What opening needs of a row: a `ConnectionRecord`, or the Resolve cache's compact entry."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def sealed(self) -> crypto.Sealed | None: ...
+
+    @property
+    def binding(self) -> Binding: ...
 
 
 def row_binding(tenant: str, connection_id: str, secret_version: int) -> Binding:
@@ -31,7 +45,7 @@ def seal(keyring: Keyring, secrets: SecretFields, record: ConnectionRecord) -> c
     return crypto.seal(keyring, secrets.to_bytes(), record.binding)
 
 
-def open_secrets(keyring: Keyring, record: ConnectionRecord, *, accept_unbound: bool = False) -> SecretFields:
+def open_secrets(keyring: Keyring, record: SealedRow, *, accept_unbound: bool = False) -> SecretFields:
     """Open the record's secrets; any failure is one opaque `SecretUnavailable`.
 
     `accept_unbound` also opens format 1 (no destination bound): for the migration only.
