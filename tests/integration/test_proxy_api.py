@@ -78,6 +78,9 @@ async def test_a_proxy_grant_makes_the_call_and_the_executor_never_sees_the_secr
     assert event.details["status"] == "200" and event.details["host"] == "127.0.0.1"
     assert event.details["purpose"] == "sync"
     assert "page=2" not in str(event)  # query values are not audited
+    await running.broker.services.resolver.flush_last_used()  # proxied calls count as uses
+    used = await running.admin().GetConnection(pb.GetConnectionRequest(id=event.connection_id))
+    assert used.HasField("last_used_at")
 
 
 async def test_a_call_outside_the_scope_is_refused_before_any_key_is_unwrapped(

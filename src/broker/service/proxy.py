@@ -86,6 +86,7 @@ class ProxyService:
         max_response_bytes: int,
         monitor: Monitor | None = None,
         max_stream_bytes: int = 256 * 1024 * 1024,
+        note_used: Callable[[str, str, datetime], None] | None = None,
     ) -> None:
         self._connections = connections
         self._grants = grants
@@ -95,6 +96,8 @@ class ProxyService:
         self._clock = clock
         self._max_bytes = max_response_bytes
         self._max_stream_bytes = max_stream_bytes
+        # Where a call counts as a use of the connection (last_used_at): Resolve's batched writer.
+        self._note_used = note_used
         self._monitor = monitor
 
     async def http(
@@ -317,6 +320,8 @@ class ProxyService:
         metrics.PROXY_CALLS.labels("allowed", "").inc()
         if self._monitor is not None:
             self._monitor.resolve_allowed(use.call, use.ref_id, use.now)
+        if self._note_used is not None:
+            self._note_used(use.call.tenant, use.ref_id, use.now)
 
 
 class _Use:

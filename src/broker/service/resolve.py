@@ -241,6 +241,10 @@ class Resolver:
 
     # ------------------------------------------------------------- last used
 
+    def note_used(self, tenant: str, connection_id: str, now: datetime) -> None:
+        """A use of the connection by an executor (a proxied call): written with the next batch."""
+        self._last_used[(tenant, connection_id)] = now
+
     def start(self) -> None:
         """Start flushing last-used times in the background (batched, not per call)."""
         self._flusher = asyncio.create_task(self._flush_periodically())
