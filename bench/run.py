@@ -34,7 +34,7 @@ from typing import Any
 
 import grpc
 
-from bench import postgres, world
+from bench import postgres, proxy, world
 from bench.load import LoadResult, LoadSpec, Window, client_pool, run_load, warm_pool
 from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc
@@ -442,11 +442,28 @@ def run_bench(plan: Plan, root: Path, *, sqlite: bool = True) -> dict[str, Any]:
         load_pids = warm_pool(pool, plan.processes)
         if sqlite:
             report.update(run_sqlite(env, plan, pool))
+            report["proxy"] = run_proxy(env, plan)
         report["postgres_replicas"] = run_replicas(env, plan, pool, load_pids)
     finally:
         pool.terminate()
         pool.join()
     return report
+
+
+def run_proxy(env: world.BenchEnv, plan: Plan) -> dict[str, Any]:
+    """ProxyHttp against the same GET sent straight to a local upstream (`bench/proxy.py`)."""
+    print("proxy: a GET through the broker vs straight to the upstream ...", flush=True)
+    proxy.proxy_config(env)
+    upstream = start_server("upstream", env.root)
+    broker = launch_server("broker", env.root, "proxy", name="proxy").ready()
+    try:
+        asyncio.run(proxy.prepare(env, broker.info["admin"], upstream.info["port"]))
+        seconds = plan.duration / 2
+        return asyncio.run(
+            proxy.measure(env, broker.info["resolve"], upstream.info["port"], seconds, plan.concurrency)
+        )
+    finally:
+        stop_processes([broker.process, upstream.process])
 
 
 def run_sqlite(env: world.BenchEnv, plan: Plan, pool: Any) -> dict[str, Any]:
@@ -876,9 +893,25 @@ def table(report: dict[str, Any]) -> str:
     lines += [_table_line(row) for row in report.get("scenarios", [])]
     for name, value in report.get("ratios", {}).items():
         lines.append(f"ratio {name}: {value:.3f}")
+    if "proxy" in report:
+        lines += _proxy_lines(report["proxy"])
     if "postgres_replicas" in report:
         lines += _replica_lines(report["postgres_replicas"])
     return "\n".join(lines)
+
+
+def _proxy_lines(section: dict[str, Any]) -> list[str]:
+    lines = ["", "proxy (GET, one client process):"]
+    for key in ("direct_one_in_flight", "proxy_one_in_flight", "direct_saturated", "proxy_saturated"):
+        row = section[key]
+        lines.append(
+            f"  {key:<22} {row['per_second']:>9} req/s  p50 {row['p50_ms']:>7} ms  p99 {row['p99_ms']:>7} ms"
+        )
+    lines.append(
+        f"  added by the proxy, one in flight: p50 {section['added_p50_ms']} ms,"
+        f" p99 {section['added_p99_ms']} ms; throughput proxy/direct {section['throughput_ratio']}"
+    )
+    return lines
 
 
 def _table_line(row: dict[str, Any]) -> str:

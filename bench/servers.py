@@ -95,12 +95,42 @@ async def serve_echo(root: Path, response_file: Path) -> None:
     await server.stop(1)
 
 
+async def serve_upstream(root: Path) -> None:
+    """The proxy scenario's upstream: HTTP/1.1 with keep-alive, the same small JSON answer to all."""
+    body = b'{"items": [1, 2, 3], "next": null}'
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:  # one request per loop: its head (GET: no body), then the answer
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    pass
+                if not line:
+                    break
+                writer.write(answer)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    _ready(root, "upstream", {"port": server.sockets[0].getsockname()[1]})
+    await _until_stopped()
+    server.close()
+
+
 def main(argv: list[str]) -> None:
     kind, root = argv[0], Path(argv[1])
     if kind == "broker":
         asyncio.run(serve_broker(root, *argv[2:3]))
     elif kind == "echo":
         asyncio.run(serve_echo(root, Path(argv[2])))
+    elif kind == "upstream":
+        asyncio.run(serve_upstream(root))
     else:
         raise SystemExit(f"unknown server kind {kind!r}")
 
