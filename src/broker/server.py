@@ -508,6 +508,7 @@ class Broker:
         # have appended) and close the store last. A failing step does not skip the ones after it.
         services = self.services
         await self._shutdown_step("oauth", services.oauth.close())
+        await self._shutdown_step("proxy", services.proxy.close())
         await self._shutdown_step("last_used", services.resolver.close())
         await self._shutdown_step("denials", services.denials.close())
         await self._shutdown_step("monitor", services.monitor.close())

@@ -51,6 +51,7 @@ from broker.service.upstream import (
     call,
     check_request,
     injection,
+    pooled_client,
     stream,
 )
 from broker.store import ConnectionStore, GrantStore
@@ -93,6 +94,7 @@ class ProxyService:
         self._keyring = keyring
         self._audit = audit
         self._egress = egress
+        self._http = pooled_client(egress)  # kept-alive connections to upstreams; see `close`
         self._clock = clock
         self._max_bytes = max_response_bytes
         self._max_stream_bytes = max_stream_bytes
@@ -120,7 +122,7 @@ class ProxyService:
         try:
             target = injection(record.type, record.provider, record.config, secrets)
             use.details["host"] = httpx.URL(target.base_url).host
-            answer = await call(self._egress, target, request, max_bytes=self._max_bytes)
+            answer = await call(self._http, target, request, max_bytes=self._max_bytes)
         except _UPSTREAM_FAILURES as exc:
             raise await self._upstream_failed(use, exc, started) from None
         use.details.update(status=str(answer.status), bytes=str(len(answer.body)))
@@ -148,7 +150,7 @@ class ProxyService:
         try:
             target = injection(record.type, record.provider, record.config, secrets)
             use.details["host"] = httpx.URL(target.base_url).host
-            chunks = stream(self._egress, target, request, max_bytes=self._max_stream_bytes)
+            chunks = stream(self._http, target, request, max_bytes=self._max_stream_bytes)
             head = await anext(chunks)
             assert isinstance(head, UpstreamAnswer)  # `stream` yields its head first
         except _UPSTREAM_FAILURES as exc:
@@ -224,6 +226,10 @@ class ProxyService:
             raise NotInjectable(f"tools belong to mcp connections, not to {record.type} connections")
         tools, _ = await self._connections.list_mcp_tools(record.tenant, record.id)
         return tools
+
+    async def close(self) -> None:
+        """Close the pooled upstream connections (at shutdown, after the listeners drained)."""
+        await self._http.aclose()
 
     # ------------------------------------------------------------ each step
 

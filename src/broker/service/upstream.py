@@ -35,12 +35,13 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import httpx
 
 from broker.egress import EgressPolicy
 from broker.egress.errors import ResponseTooLarge
-from broker.egress.http import http_client, read_body
+from broker.egress.http import PolicyClient, http_client, read_body
 from broker.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from broker.model import ambiguous_path
 from broker.sensitive import SecretFields
@@ -246,9 +247,25 @@ def check_request(request: UpstreamRequest, connection: Injection | None = None)
         raise InvalidArgument(bad)
 
 
+def pooled_client(egress: EgressPolicy) -> PolicyClient:
+    """One client for every proxied call: its connections are kept alive and reused, each one
+    opened to an address the policy checked, and every request's URL checked by its hook."""
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+    return cast(PolicyClient, http_client(egress, verify=_trust(), limits=limits))
+
+
+@contextlib.asynccontextmanager
+async def _client(egress: EgressPolicy | PolicyClient) -> AsyncIterator[PolicyClient]:
+    if isinstance(egress, PolicyClient):
+        yield egress
+    else:
+        async with http_client(egress, verify=_trust()) as client:
+            yield cast(PolicyClient, client)
+
+
 @contextlib.asynccontextmanager
 async def _exchange(
-    egress: EgressPolicy, connection: Injection, request: UpstreamRequest
+    egress: EgressPolicy | PolicyClient, connection: Injection, request: UpstreamRequest
 ) -> AsyncIterator[httpx.Response]:
     """The upstream's response, its body not read yet; the request checked and sent first."""
     check_request(request, connection)
@@ -256,17 +273,18 @@ async def _exchange(
         url = connection.base_url
     else:
         url = connection.base_url + request.path + (f"?{request.query}" if request.query else "")
-    checked = egress.check_url(url).text
     sent = {name.lower() for name, _ in request.headers}
     defaults = [(name, value) for name, value in connection.defaults.items() if name.lower() not in sent]
     headers = [*defaults, *request.headers, *connection.credentials.items()]
     if connection.sign is not None:
         headers += connection.sign(request.body).items()
-    async with http_client(egress, verify=_trust()) as client:
+    async with _client(egress) as client:
+        policy = client.egress_policy
+        checked = policy.check_url(url).text
         upstream = client.build_request(
             request.method, checked, headers=headers, content=request.body or None
         )
-        async with asyncio.timeout(egress.settings.total_timeout):
+        async with asyncio.timeout(policy.settings.total_timeout):
             response = await client.send(upstream, stream=True)
         try:
             yield response
@@ -285,7 +303,7 @@ def _head(connection: Injection, response: httpx.Response) -> UpstreamAnswer:
 
 
 async def call(
-    egress: EgressPolicy,
+    egress: EgressPolicy | PolicyClient,
     connection: Injection,
     request: UpstreamRequest,
     *,
@@ -293,12 +311,15 @@ async def call(
 ) -> UpstreamAnswer:
     """Send `request` with the credential injected; the answer scrubbed (see the module docstring).
 
+    `egress` is the proxy's `pooled_client`, or a policy (a client for this call alone).
+
     Raises INVALID_ARGUMENT for a request that may not be sent, `AnswerTooLarge` for an
     answer over `max_bytes`, and the egress and transport errors of `broker.egress.http`.
     """
     # The caller bounds the call by its deadline too (`asyncio.timeout` around this).
+    policy = egress.egress_policy if isinstance(egress, PolicyClient) else egress
     async with (
-        asyncio.timeout(egress.settings.total_timeout),
+        asyncio.timeout(policy.settings.total_timeout),
         _exchange(egress, connection, request) as response,
     ):
         try:
@@ -312,7 +333,7 @@ async def call(
 
 
 async def stream(
-    egress: EgressPolicy, connection: Injection, request: UpstreamRequest, *, max_bytes: int
+    egress: EgressPolicy | PolicyClient, connection: Injection, request: UpstreamRequest, *, max_bytes: int
 ) -> AsyncIterator[UpstreamAnswer | bytes]:
     """As `call`, the answer streamed: its head (an `UpstreamAnswer` without body), then the
     body in scrubbed chunks as they arrive (`StreamScrubber`), at most `max_bytes` of it."""
