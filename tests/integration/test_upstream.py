@@ -14,7 +14,7 @@ import pytest
 from broker.egress import Blocked, EgressPolicy, EgressSettings
 from broker.errors import FailedPrecondition, InvalidArgument
 from broker.sensitive import SecretFields
-from broker.service.upstream import Injection, UpstreamRequest, call, injection
+from broker.service.upstream import Injection, UpstreamRequest, call, injection, pooled_client
 from broker.testers import webhook
 from broker.testers.scrub import MASK
 from tests.httpservers import Answer, Seen, serve
@@ -220,3 +220,15 @@ async def test_a_webhook_takes_signed_bodies_to_its_one_url_only() -> None:
     assert (answer.status, seen.path, seen.body) == (204, "/hooks/abc", body)
     stamp, signature = seen.headers["x-broker-timestamp"], seen.headers["x-broker-signature"]
     assert webhook.verify_signature(TOKEN, stamp, body, signature, now=int(stamp))
+
+
+async def test_the_pooled_client_keeps_no_cookies_between_calls() -> None:
+    def sets_a_cookie(seen: Seen) -> Answer:
+        return Answer(200, b"ok", {"Set-Cookie": "session=abc123; Path=/"})
+
+    client = pooled_client(LOOPBACK)
+    async with client:
+        with serve(sets_a_cookie) as upstream:
+            for _ in range(2):
+                await call(client, bearer(upstream.url), UpstreamRequest("GET", "/"), max_bytes=100)
+    assert [seen.headers.get("cookie") for seen in upstream.requests] == [None, None]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import http.cookiejar
 import re
 import ssl
 import time
@@ -251,7 +252,10 @@ def pooled_client(egress: EgressPolicy) -> PolicyClient:
     """One client for every proxied call: its connections are kept alive and reused, each one
     opened to an address the policy checked, and every request's URL checked by its hook."""
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
-    return cast(PolicyClient, http_client(egress, verify=_trust(), limits=limits))
+    # No cookie jar: one client serves every tenant and executor, and an upstream's Set-Cookie
+    # must never ride along on someone else's next call.
+    jar = http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+    return cast(PolicyClient, http_client(egress, verify=_trust(), limits=limits, cookies=jar))
 
 
 @contextlib.asynccontextmanager
