@@ -45,6 +45,7 @@ from broker.service.resolve import DENIED_MESSAGE
 from broker.service.sealing import DECRYPT_FAILED, open_secrets
 from broker.service.upstream import (
     AnswerTooLarge,
+    Injection,
     NotInjectable,
     UpstreamAnswer,
     UpstreamRequest,
@@ -112,16 +113,8 @@ class ProxyService:
         purpose: str = "",
     ) -> UpstreamAnswer:
         """Make `request` with the connection's credential; see the module docstring."""
-        check_request(request)  # before anything is audited: the path goes into the event
-        use = _Use(call_, PROXY_HTTP, {"method": request.method, "path": request.path}, self._clock())
-        record, _ = await self._authorize(
-            use, connection_id, name, purpose, lambda s: s.allows_request(request.method, request.path)
-        )
-        secrets = await self._open(use, record)
-        started = time.monotonic()
+        use, target, started = await self._http_target(call_, request, connection_id, name, purpose)
         try:
-            target = injection(record.type, record.provider, record.config, secrets)
-            use.details["host"] = httpx.URL(target.base_url).host
             answer = await call(self._http, target, request, max_bytes=self._max_bytes)
         except _UPSTREAM_FAILURES as exc:
             raise await self._upstream_failed(use, exc, started) from None
@@ -140,16 +133,8 @@ class ProxyService:
     ) -> AsyncIterator[UpstreamAnswer | bytes]:
         """As `http`, the answer streamed: its head, audited before it is yielded, then scrubbed
         chunks of the body (at most `max_stream_bytes`)."""
-        check_request(request)
-        use = _Use(call_, PROXY_HTTP, {"method": request.method, "path": request.path}, self._clock())
-        record, _ = await self._authorize(
-            use, connection_id, name, purpose, lambda s: s.allows_request(request.method, request.path)
-        )
-        secrets = await self._open(use, record)
-        started = time.monotonic()
+        use, target, started = await self._http_target(call_, request, connection_id, name, purpose)
         try:
-            target = injection(record.type, record.provider, record.config, secrets)
-            use.details["host"] = httpx.URL(target.base_url).host
             chunks = stream(self._http, target, request, max_bytes=self._max_stream_bytes)
             head = await anext(chunks)
             assert isinstance(head, UpstreamAnswer)  # `stream` yields its head first
@@ -232,6 +217,24 @@ class ProxyService:
         await self._http.aclose()
 
     # ------------------------------------------------------------ each step
+
+    async def _http_target(
+        self, call_: Call, request: UpstreamRequest, connection_id: str, name: str, purpose: str
+    ) -> tuple[_Use, Injection, float]:
+        """The checks of an HTTP call, then the opened connection's injection, and when it began."""
+        check_request(request)  # before anything is audited: the path goes into the event
+        use = _Use(call_, PROXY_HTTP, {"method": request.method, "path": request.path}, self._clock())
+        record, _ = await self._authorize(
+            use, connection_id, name, purpose, lambda s: s.allows_request(request.method, request.path)
+        )
+        secrets = await self._open(use, record)
+        started = time.monotonic()
+        try:
+            target = injection(record.type, record.provider, record.config, secrets)
+        except NotInjectable as exc:
+            raise await self._upstream_failed(use, exc, started) from None
+        use.details["host"] = httpx.URL(target.base_url).host or ""
+        return use, target, started
 
     async def _authorize(
         self,
