@@ -20,10 +20,24 @@ DEV_RESOLVE_ADDR = "127.0.0.1:50052"  # what `make run` serves on; the test's br
 EXECUTOR = "spiffe://broker.local/tenant/default/executor/demo"
 
 
-def sdk_example() -> str:
-    section = README.split("## Executors: the SDK", 1)[1].split("\n## ", 1)[0]
+def python_example(heading: str) -> str:
+    """The one ```python block of the README's section `heading`."""
+    section = README.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
     (block,) = re.findall(r"^```python\n(.*?)^```$", section, re.DOTALL | re.MULTILINE)
     return str(block)
+
+
+def run_example(example: str, dev_broker: DevBroker, folder: Path) -> subprocess.CompletedProcess[str]:
+    """The example as written, but for the Resolve port (the test's broker has a free one)."""
+    assert DEV_RESOLVE_ADDR in example
+    return subprocess.run(
+        [sys.executable, "-c", example.replace(DEV_RESOLVE_ADDR, dev_broker.resolve_addr)],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def walkthrough_password() -> str:
@@ -44,16 +58,7 @@ def test_the_readme_sdk_example_prints_the_secret(dev_broker: DevBroker, tmp_pat
     )  # fmt: skip
     dev_broker.ok("grant", created["id"], EXECUTOR, "--expires-in", "7d")
 
-    example = sdk_example()
-    assert DEV_RESOLVE_ADDR in example
-    ran = subprocess.run(
-        [sys.executable, "-c", example.replace(DEV_RESOLVE_ADDR, dev_broker.resolve_addr)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    ran = run_example(python_example("Executors: the SDK"), dev_broker, tmp_path)
     assert (ran.returncode, ran.stdout) == (0, password + "\n"), ran.stderr
 
     audit, _ = dev_broker.ok("audit", "--action", "connection.resolve")
@@ -63,12 +68,6 @@ def test_the_readme_sdk_example_prints_the_secret(dev_broker: DevBroker, tmp_pat
         "allowed",
         "nightly report",
     )
-
-
-def proxy_example() -> str:
-    section = README.split("## Proxy mode", 1)[1].split("\n## ", 1)[0]
-    (block,) = re.findall(r"^```python\n(.*?)^```$", section, re.DOTALL | re.MULTILINE)
-    return str(block)
 
 
 def test_the_readme_proxy_example_calls_through_the_broker(dev_broker: DevBroker, tmp_path: Path) -> None:
@@ -81,16 +80,7 @@ def test_the_readme_proxy_example_calls_through_the_broker(dev_broker: DevBroker
             "--config", f"base_url={api.url}", "--secret", f"api_key=@{dev_broker.data_dir / 'key.txt'}",
         )  # fmt: skip
         dev_broker.ok("grant", "github", EXECUTOR, "--mode", "proxy", "--method", "GET", "--path", "/user")
-        example = proxy_example()
-        assert DEV_RESOLVE_ADDR in example
-        ran = subprocess.run(
-            [sys.executable, "-c", example.replace(DEV_RESOLVE_ADDR, dev_broker.resolve_addr)],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        ran = run_example(python_example("Proxy mode"), dev_broker, tmp_path)
     assert (ran.returncode, ran.stdout) == (0, "{'login': 'octocat', 'auth': '[redacted]'}\n"), ran.stderr
     [seen] = api.requests
     assert seen.path == "/user" and seen.headers["authorization"] == "Bearer ghp-readme-example-1234"
