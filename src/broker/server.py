@@ -48,7 +48,6 @@ from broker.api import (
     AdminServicer,
     CallInterceptor,
     DrainGate,
-    RateLimitInterceptor,
     ResolveServicer,
     stop_listeners,
 )
@@ -433,11 +432,12 @@ class Broker:
         gate = DrainGate()
         self._gates.append(gate)
         server = grpc.aio.server(
-            # Identity and error mapping first; the rate limit runs inside it, for a known caller.
+            # Identity, then the rate limit for the known caller, and the error mapping: one layer.
             interceptors=[
                 gate,  # outermost: counts calls under way, refuses new ones while draining
-                CallInterceptor(self.settings.trust_domain, _ROLES, self.services.denials.wrong_role),
-                RateLimitInterceptor(self.services.limits),
+                CallInterceptor(
+                    self.settings.trust_domain, _ROLES, self.services.denials.wrong_role, self.services.limits
+                ),
             ],
             # gRPC sets SO_REUSEPORT by default: a second broker would silently share the port.
             options=[("grpc.so_reuseport", 0)],

@@ -8,14 +8,12 @@ handler wrapping stay in their modules.
 from broker.api.admin import AdminServicer
 from broker.api.drain import DrainGate, stop_listeners
 from broker.api.interceptors import CallInterceptor, current_call
-from broker.api.ratelimit import RateLimitInterceptor
 from broker.api.resolve import ResolveServicer
 
 __all__ = [
     "AdminServicer",
     "CallInterceptor",
     "DrainGate",
-    "RateLimitInterceptor",
     "ResolveServicer",
     "current_call",
     "stop_listeners",
