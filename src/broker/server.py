@@ -527,7 +527,7 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def event_loop_name() -> str:
-    """"uvloop" or "asyncio": which event loop runs this coroutine (logged at start)."""
+    """ "uvloop" or "asyncio": which event loop runs this coroutine (logged at start)."""
     return type(asyncio.get_running_loop()).__module__.partition(".")[0]
 
 
