@@ -254,15 +254,23 @@ def _py_spy(name: str, server: Server, seconds: float) -> subprocess.Popen[bytes
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
 
 
+LOAD_PIDS: list[int] = []  # the load client's processes (`warm_pool`), for their CPU per scenario
+
+
 def measure(
     name: str, server: Server, spec: LoadSpec, pool: Any, plan: Plan, mode: str = "closed", **extra: Any
 ) -> dict[str, Any]:
     server.reset_peak_rss()
     probe = Probe(server)
     spy = _py_spy(name, server, plan.lead + spec.warmup + spec.duration)
+    client = _cpu_by_pid(LOAD_PIDS)
+    client_wall = time.monotonic()
     result = run_load(spec, pool, plan.processes, probe, lead=plan.lead)
     if spy is not None:
         spy.wait(60)
+    # Whole run (warm-up included): how much of its limit (one core per process) the client used.
+    used = sum(cpu - client.get(pid, cpu) for pid, cpu in _cpu_by_pid(LOAD_PIDS).items())
+    extra["load_client_cores"] = round(used / max(1e-9, time.monotonic() - client_wall), 2)
     row = _row(name, server, mode, result, probe, **extra)
     print(
         f"  {name:<28} {row['rps']:>9.1f} req/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms",
@@ -440,6 +448,7 @@ def run_bench(plan: Plan, root: Path, *, sqlite: bool = True) -> dict[str, Any]:
     pool = client_pool(plan.processes)
     try:
         load_pids = warm_pool(pool, plan.processes)
+        LOAD_PIDS[:] = load_pids
         if sqlite:
             report.update(run_sqlite(env, plan, pool))
             report["proxy"] = run_proxy(env, plan)
@@ -543,7 +552,39 @@ def run_sqlite(env: world.BenchEnv, plan: Plan, pool: Any) -> dict[str, Any]:
             by_name["resolve_durable_audit_one_in_flight"]["rps"], by_name["echo_one_in_flight"]["rps"]
         ),
     }
-    return {"seed_seconds": round(seed_seconds, 1), "ratios": ratios, "scenarios": rows}
+    loops = {server.kind: server.info.get("event_loop", "asyncio") for server in servers}
+    return {
+        "seed_seconds": round(seed_seconds, 1),
+        "event_loops": loops,
+        "ratios": ratios,
+        "latency_at_half_saturation": _latency(by_name, plan),
+        "scenarios": rows,
+    }
+
+
+LATENCY_TARGETS_MS = {"p50": 2.0, "p99": 10.0}  # issue 15: Resolve at half of its saturation rate
+
+
+def _latency(by_name: dict[str, Any], plan: Plan) -> dict[str, Any]:
+    """Open loop at half of each server's own saturation: Resolve against the targets, echo beside it."""
+    summary: dict[str, Any] = {"targets_ms": LATENCY_TARGETS_MS}
+    for key, name in (("resolve", "resolve_hot_open_half"), ("echo", "echo_open_half")):
+        row = by_name[name]
+        summary[key] = {
+            "offered_rps": row["offered_rps"],
+            "p50_ms": row["p50_ms"],
+            "p99_ms": row["p99_ms"],
+            "errors": row["calls"] - row["ok"] + row.get("dropped", 0),
+            "load_client_cores": row["load_client_cores"],
+        }
+    resolve = summary["resolve"]
+    summary["met"] = (
+        resolve["p50_ms"] <= LATENCY_TARGETS_MS["p50"]
+        and resolve["p99_ms"] <= LATENCY_TARGETS_MS["p99"]
+        and not resolve["errors"]
+    )
+    summary["load_client_limit_cores"] = plan.processes  # one event loop (one core at most) per process
+    return summary
 
 
 REPLICAS = 2
@@ -893,11 +934,30 @@ def table(report: dict[str, Any]) -> str:
     lines += [_table_line(row) for row in report.get("scenarios", [])]
     for name, value in report.get("ratios", {}).items():
         lines.append(f"ratio {name}: {value:.3f}")
+    if "latency_at_half_saturation" in report:
+        lines += _latency_lines(report["latency_at_half_saturation"], report.get("event_loops", {}))
     if "proxy" in report:
         lines += _proxy_lines(report["proxy"])
     if "postgres_replicas" in report:
         lines += _replica_lines(report["postgres_replicas"])
     return "\n".join(lines)
+
+
+def _latency_lines(latency: dict[str, Any], loops: dict[str, str]) -> list[str]:
+    targets, resolve, echo = latency["targets_ms"], latency["resolve"], latency["echo"]
+    verdict = "met" if latency["met"] else "NOT met"
+    return [
+        f"latency at half of saturation (open loop), targets p50 <= {targets['p50']:g} ms, "
+        f"p99 <= {targets['p99']:g} ms: {verdict}",
+        f"  Resolve (warm)  {resolve['offered_rps']:>8.1f}/s offered  p50 {resolve['p50_ms']:.2f} ms  "
+        f"p99 {resolve['p99_ms']:.2f} ms  errors {resolve['errors']}",
+        f"  echo reference  {echo['offered_rps']:>8.1f}/s offered  p50 {echo['p50_ms']:.2f} ms  "
+        f"p99 {echo['p99_ms']:.2f} ms  errors {echo['errors']}",
+        f"  load client: {resolve['load_client_cores']:.2f} / {echo['load_client_cores']:.2f} cores used "
+        f"(Resolve / echo) of its limit of {latency['load_client_limit_cores']} (one event loop per "
+        "process), on the same cores as the server: a client near its limit inflates the tail",
+        "  event loops: " + ", ".join(f"{kind} {loop}" for kind, loop in sorted(loops.items())),
+    ]
 
 
 def _proxy_lines(section: dict[str, Any]) -> list[str]:

@@ -5,8 +5,11 @@
     echo <dir> <response>    a bare grpc.aio server on the same mTLS files: ResolveService
                              answering every call with the response bytes in <response>
 
-Each writes {"pid", ports...} to <dir>/<name>.ready (the echo server: echo.ready) once it
-serves, and stops on SIGTERM, or by itself once the process that started it is gone.
+Each writes {"pid", "event_loop", ports...} to <dir>/<name>.ready (the echo server: echo.ready)
+once it serves, and stops on SIGTERM, or by itself once the process that started it is gone.
+
+Both run on the event loop `broker serve` would use (uvloop when installed), so the echo
+reference stays a fair ceiling; `BROKER_BENCH_LOOP=asyncio` runs both on asyncio's own loop.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import grpc
 from broker import log as broker_log
 from broker._proto import broker_pb2 as pb
 from broker.config import Settings
-from broker.server import Broker
+from broker.server import Broker, event_loop_name, loop_factory
 
 
 async def _until_stopped() -> None:
@@ -46,7 +49,7 @@ async def _until_stopped() -> None:
 
 def _ready(root: Path, name: str, info: dict[str, Any]) -> None:
     tmp = root / f"{name}.ready.tmp"
-    tmp.write_text(json.dumps({"pid": os.getpid(), **info}))
+    tmp.write_text(json.dumps({"pid": os.getpid(), "event_loop": event_loop_name(), **info}))
     tmp.rename(root / f"{name}.ready")
 
 
@@ -125,14 +128,16 @@ async def serve_upstream(root: Path) -> None:
 
 def main(argv: list[str]) -> None:
     kind, root = argv[0], Path(argv[1])
-    if kind == "broker":
-        asyncio.run(serve_broker(root, *argv[2:3]))
-    elif kind == "echo":
-        asyncio.run(serve_echo(root, Path(argv[2])))
-    elif kind == "upstream":
-        asyncio.run(serve_upstream(root))
-    else:
-        raise SystemExit(f"unknown server kind {kind!r}")
+    factory = None if os.environ.get("BROKER_BENCH_LOOP") == "asyncio" else loop_factory()
+    with asyncio.Runner(loop_factory=factory) as runner:
+        if kind == "broker":
+            runner.run(serve_broker(root, *argv[2:3]))
+        elif kind == "echo":
+            runner.run(serve_echo(root, Path(argv[2])))
+        elif kind == "upstream":
+            runner.run(serve_upstream(root))
+        else:
+            raise SystemExit(f"unknown server kind {kind!r}")
 
 
 if __name__ == "__main__":

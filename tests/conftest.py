@@ -1,7 +1,13 @@
-"""Shared fixtures: a test PKI and a real broker on loopback ports."""
+"""Shared fixtures: a test PKI and a real broker on loopback ports.
+
+The event loop: asyncio's own, or uvloop's with `BROKER_TEST_LOOP=uvloop` (the whole suite must
+pass on both, as `broker serve` uses uvloop when installed); tests marked `uvloop` run on it in
+every run, so CI covers both loops without running the suite twice.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import io
@@ -12,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import uvloop
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -52,6 +59,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if benches:
             config.hook.pytest_deselected(items=benches)
             items[:] = [item for item in items if not item.get_closest_marker("bench")]
+
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+TEST_LOOP = os.environ.get("BROKER_TEST_LOOP", "asyncio")
+if TEST_LOOP not in LOOPS:
+    raise pytest.UsageError(f"BROKER_TEST_LOOP={TEST_LOOP!r}: choose one of {', '.join(LOOPS)}")
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
+    """One loop per test: uvloop for tests marked `uvloop`, else the one BROKER_TEST_LOOP names."""
+    name = "uvloop" if item.get_closest_marker("uvloop") else TEST_LOOP
+    return {name: LOOPS[name]}
 
 
 @pytest.fixture(autouse=True)

@@ -1,12 +1,15 @@
 """Structured JSON logging with one redaction processor in the chain.
 
-Every log line of a call carries its request id (bound in the API interceptor
-through structlog's contextvars). The redaction processor masks any value whose
-key names a secret and any `SecretFields`, wherever it sits in the event.
+Every log line of a call carries its request id and method (`bind_call`, by the API
+interceptor: one context variable, cheaper per call than structlog's own; structlog's
+contextvars are merged too). The redaction processor masks any value whose key names a
+secret and any `SecretFields`, wherever it sits in the event.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import re
 import sys
@@ -21,6 +24,36 @@ REDACTED = "[redacted]"
 _SECRET_KEY = re.compile(
     r"(?i)(pass(word|phrase)?|secret|token|api[_-]?key|authorization|private[_-]?key|credential|cookie)"
 )
+
+
+# (request id, method) of the call being served; see `bind_call`.
+_CALL: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("broker_call", default=None)
+_debug = False
+
+
+def bind_call(request_id: str, method: str) -> contextvars.Token[tuple[str, str] | None]:
+    """Put `request_id` and `method` on every line logged in this context until `unbind_call`."""
+    return _CALL.set((request_id, method))
+
+
+def unbind_call(token: contextvars.Token[tuple[str, str] | None]) -> None:
+    """Undo `bind_call`; quietly, as a stream closed by the event loop runs in another context."""
+    with contextlib.suppress(ValueError):
+        _CALL.reset(token)
+
+
+def merge_call(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: the bound call's request id and method, unless the line sets its own."""
+    bound = _CALL.get()
+    if bound is not None:
+        event.setdefault("request_id", bound[0])
+        event.setdefault("method", bound[1])
+    return event
+
+
+def debug_enabled() -> bool:
+    """Whether debug lines are written: lets a hot path skip building a line nobody sees."""
+    return _debug
 
 
 def _redact(value: Any, depth: int = 0) -> Any:
@@ -54,9 +87,12 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
     Libraries that log through the standard `logging` module (grpc, the MCP SDK,
     asyncio) are rendered by the same chain, redaction included, at WARNING and up.
     """
+    global _debug
     out = stream or sys.stdout
+    _debug = getattr(logging, level.upper()) <= logging.DEBUG
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
+        merge_call,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact_secrets,

@@ -49,7 +49,6 @@ from broker.api import (
     CallInterceptor,
     DrainGate,
     ProxyServicer,
-    RateLimitInterceptor,
     ResolveServicer,
     resolve_public_part,
     stop_listeners,
@@ -320,7 +319,6 @@ class Broker:
         self._store_ok = True
         self._draining = False
         self._store_probe: asyncio.Task[None] | None = None
-        self._mcp_preload: asyncio.Task[None] | None = None
         self._gates: list[DrainGate] = []  # one per listener, like everything in its chain
         self._ports: list[int] = []
         self._metrics_server: Any = None
@@ -345,6 +343,12 @@ class Broker:
             self.services = services = build_services(settings, self.store, keyring, self._clock)
             await services.monitor.open()
             await self.store.watch(services.changes)
+            # Heavy imports before any listener opens: loaded after SERVING, the MCP SDK held the GIL
+            # for about a second while the first calls arrived (docs/PERFORMANCE.md, issue 15).
+            try:
+                await mcp.preload()
+            except Exception as exc:  # serving needs no MCP; its first test reports the problem again
+                log.warning("mcp_preload_failed", error_type=type(exc).__name__)
             admin = self._listener(ADMIN_SERVICE, settings.admin_addr)
             add_admin = broker_pb2_grpc.add_AdminServiceServicer_to_server
             servicer = AdminServicer(
@@ -385,8 +389,6 @@ class Broker:
         services.keys.start()
         await self._refresh_gauges()
         self._store_probe = asyncio.create_task(self._probe_store())
-        # Not needed to serve, so not on the way to SERVING; loaded now so no test waits for it.
-        self._mcp_preload = asyncio.create_task(mcp.preload())
         self._ready = True
         await self._publish_health()
         log.info(
@@ -394,6 +396,7 @@ class Broker:
             admin=f"{settings.admin_addr.rpartition(':')[0]}:{self.admin_port}",
             resolve=f"{settings.resolve_addr.rpartition(':')[0]}:{self.resolve_port}",
             master_key_id=keyring.active.id,
+            event_loop=event_loop_name(),
         )
 
     def _start_metrics(self) -> int:
@@ -460,11 +463,12 @@ class Broker:
         gate = DrainGate()
         self._gates.append(gate)
         server = grpc.aio.server(
-            # Identity and error mapping first; the rate limit runs inside it, for a known caller.
+            # Identity, then the rate limit for the known caller, and the error mapping: one layer.
             interceptors=[
                 gate,  # outermost: counts calls under way, refuses new ones while draining
-                CallInterceptor(self.settings.trust_domain, _ROLES, self.services.denials.wrong_role),
-                RateLimitInterceptor(self.services.limits),
+                CallInterceptor(
+                    self.settings.trust_domain, _ROLES, self.services.denials.wrong_role, self.services.limits
+                ),
             ],
             # gRPC sets SO_REUSEPORT by default: a second broker would silently share the port.
             options=[("grpc.so_reuseport", int(self._reuse_port))],
@@ -517,8 +521,6 @@ class Broker:
             # shutdown() waits for the serving thread's next poll: not on the event loop.
             await self._shutdown_step("metrics", asyncio.to_thread(self._metrics_server.shutdown))
             self._metrics_server.server_close()
-        if self._mcp_preload is not None:
-            await self._shutdown_step("mcp_preload", self._mcp_preload)  # a thread: cannot be cancelled
         await self._shutdown_step("audit", services.audit.close())
         await self.store.close()
         log.info("broker_stopped")
@@ -548,11 +550,27 @@ async def serve(
     await broker.stop()
 
 
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (`pip install 'broker[fast]'`), else None
+    (asyncio's own). The broker works the same on both; uvloop costs less CPU per call."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def event_loop_name() -> str:
+    """ "uvloop" or "asyncio": which event loop runs this coroutine (logged at start)."""
+    return type(asyncio.get_running_loop()).__module__.partition(".")[0]
+
+
 def run(
     settings: Settings, on_serving: Callable[[Broker], None] | None = None, reuse_port: bool = False
 ) -> int:
     """Blocking entry point for the CLI: serve, return an exit code. ConfigError propagates
     (ListenError when an address cannot be bound)."""
     broker_log.configure(settings.log_level)
-    asyncio.run(serve(settings, on_serving, reuse_port))
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(serve(settings, on_serving, reuse_port))
     return 0

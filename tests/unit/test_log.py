@@ -42,6 +42,25 @@ def test_request_id_from_context_is_on_every_line() -> None:
     assert [(e["event"], e["request_id"]) for e in lines] == [("one", "req-1"), ("two", "req-1")]
 
 
+def test_a_bound_call_puts_its_request_id_and_method_on_every_line_until_unbound() -> None:
+    stream = io.StringIO()
+    log.configure("info", stream)
+    assert not log.debug_enabled()
+    token = log.bind_call("req-2", "/broker.v1.ResolveService/Resolve")
+    structlog.get_logger().info("inside")
+    structlog.get_logger().info("own id", request_id="given")
+    log.unbind_call(token)
+    structlog.get_logger().info("after")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(e["event"], e.get("request_id"), e.get("method")) for e in lines] == [
+        ("inside", "req-2", "/broker.v1.ResolveService/Resolve"),
+        ("own id", "given", "/broker.v1.ResolveService/Resolve"),
+        ("after", None, None),
+    ]
+    log.configure("debug", stream)
+    assert log.debug_enabled()
+
+
 def test_standard_library_logs_go_through_the_same_redaction() -> None:
     import logging
 

@@ -9,7 +9,6 @@ from broker.api.admin import AdminServicer
 from broker.api.drain import DrainGate, stop_listeners
 from broker.api.interceptors import CallInterceptor, current_call
 from broker.api.proxy import ProxyServicer
-from broker.api.ratelimit import RateLimitInterceptor
 from broker.api.resolve import ResolveServicer, resolve_public_part
 
 __all__ = [
@@ -17,7 +16,6 @@ __all__ = [
     "CallInterceptor",
     "DrainGate",
     "ProxyServicer",
-    "RateLimitInterceptor",
     "ResolveServicer",
     "current_call",
     "resolve_public_part",

@@ -2,9 +2,9 @@
 the tool definitions as the broker keeps them: scrubbed, with a hash of the scrubbed form.
 
 The `mcp` SDK takes over half a second to import, so this module does not import
-it: the broker and the CLIs start without it, `preload()` loads it in a thread
-once the broker serves, and the first test or discovery loads it if that has not
-happened yet.
+it: the CLIs start without it, the broker's start-up loads it in a thread with
+`preload()` before its listeners open (so the import never competes with the first
+calls), and the first test or discovery loads it if that has not happened yet.
 """
 
 from __future__ import annotations

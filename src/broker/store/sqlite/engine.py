@@ -1,7 +1,8 @@
 """The SQLite engine: one writer connection behind an `asyncio.Lock`, one query-only reader.
 
 Every change runs as `BEGIN IMMEDIATE ... COMMIT` on the writer (rolled back on any
-exception); WAL lets the reader read meanwhile. This process is the file's only
+exception), its statements batched into as few hops to the writer's thread as their results
+allow (`SqliteTx`); WAL lets the reader read meanwhile. This process is the file's only
 writer, so audit appends need no lock of their own and a refresh lock is a no-op;
 committed changes go straight to the sink, before the write call returns.
 """
@@ -28,23 +29,58 @@ from broker.store.changes import deliver
 from broker.store.engine import Duplicate, MissingParent
 from broker.store.protocols import ChangeSink
 
+# One statement for the writer's thread: (sql, parameters, executemany?).
+_Step = tuple[str, Any, bool]
+
+
+def _run_steps(db: sqlite3.Connection, steps: list[_Step], fetch: bool) -> Any:
+    """On the writer's thread: run `steps` in order; the last one's rows (`fetch`) or rowcount."""
+    cursor: sqlite3.Cursor | None = None
+    for sql, parameters, many in steps:
+        cursor = db.executemany(sql, parameters) if many else db.execute(sql, parameters)
+    assert cursor is not None
+    return cursor.fetchall() if fetch else cursor.rowcount
+
+
+async def _on_thread(conn: aiosqlite.Connection, steps: list[_Step], fetch: bool) -> Any:
+    """Run `steps` in ONE hop to the connection's thread (each hop is a queue, a thread wake-up and
+    a loop wake-up). aiosqlite has no public call for several statements at once; `_execute` and
+    `_conn` are what its own `Cursor` uses for each of its calls (every SQLite store test runs
+    through here, so a release that changed them fails the suite, not production quietly)."""
+    return await conn._execute(_run_steps, conn._conn, steps, fetch)  # type: ignore[no-untyped-call]
+
 
 class SqliteTx:
-    """A transaction on the writer connection (the `Tx` protocol)."""
+    """A transaction on the writer connection (the `Tx` protocol).
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+    Statements whose result nobody reads (`BEGIN IMMEDIATE`, `executemany`) are queued and sent
+    with the next one that returns something, or with the COMMIT: an audit batch (BEGIN, the
+    chain's tail, the INSERTs, COMMIT) takes two hops to the writer's thread instead of four. An
+    error of a queued statement therefore surfaces at that later call, inside the same
+    transaction, which then rolls back as a whole.
+    """
+
+    def __init__(self, conn: aiosqlite.Connection, *, begin: bool = False) -> None:
         self._conn = conn
+        self._queued: list[_Step] = [("BEGIN IMMEDIATE", (), False)] if begin else []
+        # Whether anything reached the connection (so a ROLLBACK has something to undo).
+        self.sent = False
         self.changes: list[str] = []
 
+    async def _send(self, sql: str, args: Any, fetch: bool) -> Any:
+        steps = [*self._queued, (sql, args, False)]
+        self._queued.clear()
+        self.sent = True
+        return await _on_thread(self._conn, steps, fetch)
+
     async def execute(self, sql: str, *args: Any) -> int:
-        async with self._conn.execute(sql, args) as cursor:
-            return int(cursor.rowcount)
+        return int(await self._send(sql, args, False))
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        await self._conn.executemany(sql, rows)
+        self._queued.append((sql, list(rows), True))
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
-        return list(await self._conn.execute_fetchall(sql, args))
+        return list(await self._send(sql, args, True))
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         rows = await self.fetch(sql, *args)
@@ -55,6 +91,10 @@ class SqliteTx:
 
     async def lock_audit(self) -> None:
         """Nothing to take: the write lock already serialises every transaction."""
+
+    async def commit(self) -> None:
+        """Send what is queued and COMMIT, in one hop."""
+        await self._send("COMMIT", (), False)
 
 
 class SqliteEngine:
@@ -135,16 +175,16 @@ class SqliteEngine:
             conn = self.writer
             if conn is None:
                 raise RuntimeError("the store is not open")
-            tx = SqliteTx(conn)
+            tx = SqliteTx(conn, begin=True)  # BEGIN IMMEDIATE goes with the first statement sent
             try:
-                await conn.execute("BEGIN IMMEDIATE")
                 yield tx
-                await conn.commit()
+                await tx.commit()
             except BaseException as exc:
-                # Shielded so a cancelled caller still leaves the connection clean;
-                # rollback() is a no-op when no transaction is open.
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(conn.rollback())
+                # Shielded so a cancelled caller still leaves the connection clean; rollback() is
+                # a no-op when no transaction is open, and not needed when nothing was sent.
+                if tx.sent:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(conn.rollback())
                 _raise_mapped(exc)
                 raise
         if self._sink is not None:
