@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import os
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,10 +34,13 @@ class Principal:
     tenant: str
     role: Role
     name: str
+    # Built once: a principal is parsed once per certificate (`api.identity`), and its id is the
+    # actor of every call, a key of the monitor's state and of every audit event.
+    spiffe_id: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def spiffe_id(self) -> str:
-        return f"spiffe://{self.trust_domain}/tenant/{self.tenant}/{self.role.value}/{self.name}"
+    def __post_init__(self) -> None:
+        spiffe_id = f"spiffe://{self.trust_domain}/tenant/{self.tenant}/{self.role.value}/{self.name}"
+        object.__setattr__(self, "spiffe_id", sys.intern(spiffe_id))  # frozen: set once, here
 
     def __str__(self) -> str:
         return self.spiffe_id
