@@ -293,6 +293,7 @@ def build_services(settings: Settings, store: Store, keyring: Keyring, clock: Cl
             max_response_bytes=settings.egress.max_response_bytes,
             monitor=monitor,
             note_used=resolver.note_used,  # proxied calls count in last_used_at as Resolves do
+            oauth=oauth,  # OAuth2 tokens refreshed when due, and once after a 401
         ),
         access=AccessService(connections=store, grants=store, clock=clock),
         keys=keys,

@@ -19,7 +19,7 @@ from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc
 from broker.client import ResolveClient, SyncResolveClient
 from broker.egress import EgressSettings
-from tests import mcpserver
+from tests import mcpserver, oauthserver
 from tests.conftest import Running
 from tests.helpers import EXECUTOR, db_request, field_violations, rpc_error, struct
 from tests.httpservers import Answer, LocalServer, Seen, serve
@@ -342,3 +342,54 @@ async def test_a_streamed_answer_never_carries_the_secret_even_split_across_chun
     assert TOKEN.encode() not in body
     [event] = await proxy_events(running)
     assert event.outcome == "allowed" and event.details["streamed"] == "true"
+
+
+async def test_an_oauth2_token_refused_with_401_is_refreshed_once_and_the_call_tried_once_more(
+    make_broker: Callable[..., object],
+) -> None:
+    running: Running = await make_broker(egress=EgressSettings(allow_loopback=True))  # type: ignore[misc]
+    admin = running.admin()
+    refusing = serve(lambda seen: Answer.json({"error": "invalid_token"}, status=401))
+    with oauthserver.running() as provider, refusing as api:
+
+        async def machine(name: str, verify_url: str) -> None:
+            config = {
+                "client_id": provider.client_id,
+                "token_url": provider.token_url,
+                "grant_type": "client_credentials",
+                "verify_url": verify_url,  # a custom provider's API is the origin of this URL
+            }
+            created = await admin.CreateConnection(
+                pb.CreateConnectionRequest(
+                    name=name,
+                    type="oauth2",
+                    provider="custom",
+                    config=struct(config),
+                    secrets={"client_secret": provider.client_secret},
+                )
+            )
+            await admin.GrantAccess(
+                pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR, mode=pb.GRANT_MODE_PROXY)
+            )
+
+        def get(name: str, method: str = "GET") -> Any:
+            path = "/userinfo" if name == "machine" else "/me"
+            return proxy(running).ProxyHttp(pb.ProxyHttpRequest(name=name, method=method, path=path))
+
+        await machine("machine", provider.userinfo_url)
+        assert (await get("machine")).status == 200  # a token fetched when due (there was none)
+        assert provider.token_requests["client_credentials"] == 1
+        provider.access_tokens.clear()  # the provider revokes it early
+        assert (await get("machine")).status == 200  # refreshed once, tried once more
+        assert provider.token_requests["client_credentials"] == 2
+
+        # An API that refuses every token: one refresh, one more try, then its 401 is the answer.
+        await machine("refused", f"{api.url}/me")
+        assert (await get("refused")).status == 401
+        assert (len(api.requests), provider.token_requests["client_credentials"]) == (2, 4)
+        # A POST is never repeated (nor refreshed for): its 401 comes back at once.
+        assert (await get("refused", "POST")).status == 401
+        assert (len(api.requests), provider.token_requests["client_credentials"]) == (3, 4)
+    assert all(seen.headers["authorization"].startswith("Bearer ") for seen in api.requests)
+    retried = [e for e in await proxy_events(running) if e.details.get("retried") == "after_401"]
+    assert len(retried) == 2

@@ -190,7 +190,7 @@ async def test_the_egress_policy_applies() -> None:
 
 
 def test_types_without_injection_say_so() -> None:
-    for kind in ("database", "smtp", "mcp", "oauth2"):
+    for kind in ("database", "smtp", "mcp"):
         with pytest.raises(FailedPrecondition, match=f"not built yet for {kind}"):
             injection(kind, "", {"base_url": "https://x.example"}, SecretFields({}))
     with pytest.raises(FailedPrecondition, match="no access token yet"):

@@ -44,6 +44,8 @@ class OAuthProvider:
     scope_separator: str = " "
     userinfo_method: str = "GET"
     userinfo_headers: Mapping[str, str] = field(default_factory=dict)
+    # Where proxied API calls go, when that is not the origin of `userinfo_url`.
+    api_base_url: str | None = None
 
 
 _GITHUB_HEADERS = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": "2022-11-28"}
@@ -61,6 +63,7 @@ _ENTRIES = (
         # authorization of the same app returns none either.
         extra_authorize_params={"access_type": "offline", "prompt": "consent"},
         rotates_refresh_tokens=False,
+        api_base_url="https://www.googleapis.com",
     ),
     # The `common` tenant serves multi-tenant apps; a single-tenant app overrides the URLs.
     # Microsoft has no RFC 7009 endpoint (sign-out revokes sessions, not one token).

@@ -346,29 +346,46 @@ class OAuthService:
             raise FailedPrecondition(f"connection {record.id} needs re-authorization")
         return refreshed, open_secrets(self._keyring, refreshed)
 
-    async def _single_flight(self, tenant: str, connection_id: str) -> ConnectionRecord:
+    async def after_rejection(
+        self, record: ConnectionRecord, rejected_token: str
+    ) -> tuple[ConnectionRecord, SecretFields]:
+        """A new token after an API answered 401 to `rejected_token`, however long it had left.
+
+        Single-flight like `fresh`: a refresh under way (here, or on another replica, which
+        stored a different token by the time the lock is ours) is awaited, not repeated.
+        """
+        refreshed = await self._single_flight(record.tenant, record.id, rejected_token)
+        if refreshed.reauth_required_at is not None:
+            raise FailedPrecondition(f"connection {record.id} needs re-authorization")
+        return refreshed, open_secrets(self._keyring, refreshed)
+
+    async def _single_flight(self, tenant: str, connection_id: str, rejected: str = "") -> ConnectionRecord:
         key = (tenant, connection_id)
         task = self._inflight.get(key)
         if task is None:
-            task = asyncio.create_task(self._refresh_as_the_only_replica(tenant, connection_id))
+            task = asyncio.create_task(self._refresh_as_the_only_replica(tenant, connection_id, rejected))
             self._inflight[key] = task
             task.add_done_callback(lambda _: self._inflight.pop(key, None))
         # Shielded: a caller that gives up must not cancel the refresh others are waiting for.
         return await asyncio.shield(task)
 
-    async def _refresh_as_the_only_replica(self, tenant: str, connection_id: str) -> ConnectionRecord:
+    async def _refresh_as_the_only_replica(
+        self, tenant: str, connection_id: str, rejected: str = ""
+    ) -> ConnectionRecord:
         # Other replicas wait here; `_refresh` re-reads the row under the lock and finds
         # the token the holder stored, so the token endpoint is called once, not per replica.
         async with self._coordination.refresh_lock(tenant, connection_id):
-            return await self._refresh(tenant, connection_id)
+            return await self._refresh(tenant, connection_id, rejected)
 
-    async def _refresh(self, tenant: str, connection_id: str) -> ConnectionRecord:
+    async def _refresh(self, tenant: str, connection_id: str, rejected: str = "") -> ConnectionRecord:
+        """Refresh the stored token if it is due, or if it is still `rejected` (an API refused it)."""
         record = await self._connections.get_connection(tenant, connection_id)
         if record is None or not record.live or record.presented_status is not ConnectionStatus.ACTIVE:
             raise FailedPrecondition(f"connection {connection_id} cannot be refreshed in its current state")
         event = self._system_event(record, "oauth.refresh", Outcome.FAILED)
         secrets = (await open_secrets_audited(self._keyring, record, self._audit, event)).reveal()
-        if not self._needs_token(record, secrets):
+        refused = bool(rejected) and secrets.get("access_token") == rejected
+        if not refused and not self._needs_token(record, secrets):
             return record  # another refresh (here or in another process) got there first
         provider = oauth.provider_for(record.provider, record.config)
         client = _client(record.config, secrets)

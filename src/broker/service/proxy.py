@@ -41,11 +41,11 @@ from broker.service.audit import AuditLog
 from broker.service.context import Call
 from broker.service.lookup import refusal
 from broker.service.monitor import Monitor
+from broker.service.oauth import OAuthService
 from broker.service.resolve import DENIED_MESSAGE
 from broker.service.sealing import DECRYPT_FAILED, open_secrets
 from broker.service.upstream import (
     AnswerTooLarge,
-    Injection,
     NotInjectable,
     UpstreamAnswer,
     UpstreamRequest,
@@ -60,6 +60,8 @@ from broker.testers import mcp
 from broker.testers.base import Target, TestFailure
 
 PROXY_HTTP = "connection.proxy"
+# Methods a 401 may repeat once after a token refresh (RFC 9110 idempotent methods).
+_REPEATABLE = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 # What a call through `service.upstream` can fail with, besides the checks before it.
 _UPSTREAM_FAILURES = (
     InvalidArgument,
@@ -89,6 +91,7 @@ class ProxyService:
         monitor: Monitor | None = None,
         max_stream_bytes: int = 256 * 1024 * 1024,
         note_used: Callable[[str, str, datetime], None] | None = None,
+        oauth: OAuthService | None = None,
     ) -> None:
         self._connections = connections
         self._grants = grants
@@ -101,6 +104,7 @@ class ProxyService:
         self._max_stream_bytes = max_stream_bytes
         # Where a call counts as a use of the connection (last_used_at): Resolve's batched writer.
         self._note_used = note_used
+        self._oauth = oauth  # refreshes OAuth2 tokens: when due, and once after a 401
         self._monitor = monitor
 
     async def http(
@@ -115,7 +119,13 @@ class ProxyService:
         """Make `request` with the connection's credential; see the module docstring."""
         use, target, started = await self._http_target(call_, request, connection_id, name, purpose)
         try:
-            answer = await call(self._http, target, request, max_bytes=self._max_bytes)
+            answer = await call(self._http, target.injection, request, max_bytes=self._max_bytes)
+            if answer.status == 401 and target.oauth_token and request.method in _REPEATABLE:
+                # The provider refused a token it issued (revoked, rotated early): one refresh and
+                # one more try, never more. A non-idempotent call is not repeated.
+                target = await self._after_rejection(use, target, started)
+                use.details["retried"] = "after_401"
+                answer = await call(self._http, target.injection, request, max_bytes=self._max_bytes)
         except _UPSTREAM_FAILURES as exc:
             raise await self._upstream_failed(use, exc, started) from None
         use.details.update(status=str(answer.status), bytes=str(len(answer.body)))
@@ -135,7 +145,7 @@ class ProxyService:
         chunks of the body (at most `max_stream_bytes`)."""
         use, target, started = await self._http_target(call_, request, connection_id, name, purpose)
         try:
-            chunks = stream(self._http, target, request, max_bytes=self._max_stream_bytes)
+            chunks = stream(self._http, target.injection, request, max_bytes=self._max_stream_bytes)
             head = await anext(chunks)
             assert isinstance(head, UpstreamAnswer)  # `stream` yields its head first
         except _UPSTREAM_FAILURES as exc:
@@ -220,8 +230,9 @@ class ProxyService:
 
     async def _http_target(
         self, call_: Call, request: UpstreamRequest, connection_id: str, name: str, purpose: str
-    ) -> tuple[_Use, Injection, float]:
-        """The checks of an HTTP call, then the opened connection's injection, and when it began."""
+    ) -> tuple[_Use, _Target, float]:
+        """The checks of an HTTP call, then the opened connection's injection (an OAuth2 token
+        refreshed first when it is due, as for Resolve), and when it began."""
         check_request(request)  # before anything is audited: the path goes into the event
         use = _Use(call_, PROXY_HTTP, {"method": request.method, "path": request.path}, self._clock())
         record, _ = await self._authorize(
@@ -230,11 +241,21 @@ class ProxyService:
         secrets = await self._open(use, record)
         started = time.monotonic()
         try:
-            target = injection(record.type, record.provider, record.config, secrets)
-        except NotInjectable as exc:
+            if record.type == "oauth2" and self._oauth is not None:
+                record, secrets = await self._oauth.fresh(record, secrets)
+            target = _Target(record, secrets)
+        except (NotInjectable, FailedPrecondition, Unavailable) as exc:
             raise await self._upstream_failed(use, exc, started) from None
-        use.details["host"] = httpx.URL(target.base_url).host or ""
+        use.details["host"] = httpx.URL(target.injection.base_url).host or ""
         return use, target, started
+
+    async def _after_rejection(self, use: _Use, target: _Target, started: float) -> _Target:
+        assert self._oauth is not None
+        try:
+            record, secrets = await self._oauth.after_rejection(target.record, target.oauth_token)
+            return _Target(record, secrets)
+        except (NotInjectable, FailedPrecondition, Unavailable) as exc:
+            raise await self._upstream_failed(use, exc, started) from None
 
     async def _authorize(
         self,
@@ -331,6 +352,16 @@ class ProxyService:
             self._monitor.resolve_allowed(use.call, use.ref_id, use.now)
         if self._note_used is not None:
             self._note_used(use.call.tenant, use.ref_id, use.now)
+
+
+class _Target:
+    """A connection opened for a call: its record, how its credential is injected, and the
+    OAuth2 access token sent ("" for other types), which a 401 names as refused."""
+
+    def __init__(self, record: ConnectionRecord, secrets: SecretFields) -> None:
+        self.record = record
+        self.injection = injection(record.type, record.provider, record.config, secrets)
+        self.oauth_token = secrets.reveal().get("access_token", "") if record.type == "oauth2" else ""
 
 
 class _Use:

@@ -21,8 +21,9 @@ policy and returns the answer with every form of every secret masked:
   and the framing headers are dropped.
 
 A webhook connection takes calls to its one URL by its one method, each body signed (hmac)
-or with its bearer token. Not here: who may call (grants, scope), opening the secrets,
-audit; `oauth2` and `mcp` connections (their injection is not built yet).
+or with its bearer token; an `oauth2` connection's calls go to its provider's API with the
+access token (`service.proxy` refreshes it when due and after a 401). Not here: who may call
+(grants, scope), opening the secrets, audit; `mcp` connections (`testers.mcp.call_tool`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from typing import cast
 
 import httpx
 
+from broker import oauth
 from broker.egress import EgressPolicy
 from broker.egress.errors import ResponseTooLarge
 from broker.egress.http import PolicyClient, http_client, read_body
@@ -159,6 +161,12 @@ def injection(
         if known is not None:
             defaults = dict(known.endpoint.headers)
             base = base or known.default_base
+    elif connection_type == "oauth2":
+        token = values.get("access_token")
+        if not token:
+            raise NotInjectable("the connection has no access token yet; authorize it first")
+        headers["Authorization"] = sent.bearer(token)
+        base, defaults = _oauth2_api(provider, config)
     elif connection_type == "webhook":
         return _webhook(config, values.get("auth_secret", ""), sent)
     else:
@@ -166,6 +174,23 @@ def injection(
     if not base:
         raise NotInjectable("the connection has no base_url to send calls to")
     return Injection(base.rstrip("/"), headers, defaults, Scrubber(values.values(), sent.forms))
+
+
+def _oauth2_api(provider_name: str, config: Mapping[str, object]) -> tuple[str, dict[str, str]]:
+    """Where an OAuth2 connection's API calls go: the provider's API base, else the origin of
+    its user-info endpoint (`verify_url` for a custom provider); and its default headers."""
+    try:
+        provider = oauth.provider_for(provider_name, config)
+    except oauth.OAuthError as exc:
+        raise NotInjectable(str(exc)) from None
+    if provider.api_base_url:
+        return provider.api_base_url, dict(provider.userinfo_headers)
+    if not provider.userinfo_url:
+        raise NotInjectable(
+            "the connection names no API to call: set verify_url (the provider's user-info URL)"
+        )
+    url = httpx.URL(provider.userinfo_url)
+    return f"{url.scheme}://{url.netloc.decode('ascii')}", dict(provider.userinfo_headers)
 
 
 def _extra_headers(config: Mapping[str, object]) -> dict[str, str]:
