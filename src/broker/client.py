@@ -235,6 +235,30 @@ def _proxy_response(reply: Any, request: httpx.Request) -> httpx.Response:
     return httpx.Response(reply.status, headers=headers, content=reply.body, request=request)
 
 
+@dataclass(frozen=True)
+class ToolResult:
+    """An MCP tool's result as the broker returns it, scrubbed of the connection's secrets."""
+
+    content: list[dict[str, Any]]
+    is_error: bool
+    structured_content: dict[str, Any] | None
+
+
+def _tool_request(key: CacheKey, tool: str, arguments: dict[str, Any] | None, purpose: str) -> Any:
+    request = broker_pb2.CallMcpToolRequest(tool=tool, purpose=purpose)
+    request.arguments.update(arguments or {})
+    if key[0] == "id":
+        request.connection_id = key[1]
+    else:
+        request.name = key[1]
+    return request
+
+
+def _tool_result(reply: Any) -> ToolResult:
+    structured = struct_to_dict(reply.structured_content) if reply.HasField("structured_content") else None
+    return ToolResult([struct_to_dict(item) for item in reply.content], reply.is_error, structured)
+
+
 class _AsyncProxyTransport(httpx.AsyncBaseTransport):
     def __init__(self, stub: Any, key: CacheKey, purpose: str, timeout: float | None) -> None:
         self._stub, self._key, self._purpose, self._timeout = stub, key, purpose, timeout
@@ -300,6 +324,20 @@ class ResolveClient(_Base):
         stub = broker_pb2_grpc.ProxyServiceStub(self._channel)  # type: ignore[no-untyped-call]
         return _AsyncProxyTransport(stub, _key(connection_id, name), purpose, self._timeout)
 
+    async def call_tool(
+        self,
+        connection_id: str | None = None,
+        *,
+        name: str | None = None,
+        tool: str,
+        arguments: dict[str, Any] | None = None,
+        purpose: str = "",
+    ) -> ToolResult:
+        """Call an approved tool of an MCP connection through the broker (PROXY or RESOLVE grant)."""
+        stub = broker_pb2_grpc.ProxyServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        request = _tool_request(_key(connection_id, name), tool, arguments, purpose)
+        return _tool_result(await stub.CallMcpTool(request, timeout=self._timeout))
+
     async def close(self) -> None:
         """Close the channel."""
         await self._channel.close()
@@ -358,6 +396,20 @@ class SyncResolveClient(_Base):
         """As `ResolveClient.proxy_transport`, for `httpx.Client`."""
         stub = broker_pb2_grpc.ProxyServiceStub(self._channel)  # type: ignore[no-untyped-call]
         return _SyncProxyTransport(stub, _key(connection_id, name), purpose, self._timeout)
+
+    def call_tool(
+        self,
+        connection_id: str | None = None,
+        *,
+        name: str | None = None,
+        tool: str,
+        arguments: dict[str, Any] | None = None,
+        purpose: str = "",
+    ) -> ToolResult:
+        """As `ResolveClient.call_tool`, blocking."""
+        stub = broker_pb2_grpc.ProxyServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        request = _tool_request(_key(connection_id, name), tool, arguments, purpose)
+        return _tool_result(stub.CallMcpTool(request, timeout=self._timeout))
 
     def close(self) -> None:
         """Close the channel."""

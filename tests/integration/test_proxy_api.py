@@ -230,7 +230,7 @@ async def test_the_sdk_transports_make_plain_httpx_calls_through_the_proxy(
 
 
 async def test_an_approved_mcp_tool_is_called_and_a_changed_one_is_refused(
-    make_broker: Callable[..., object],
+    make_broker: Callable[..., object], tmp_path: Path
 ) -> None:
     running: Running = await make_broker(egress=EgressSettings(allow_loopback=True))  # type: ignore[misc]
     admin, tools = running.admin(), proxy(running)
@@ -266,9 +266,15 @@ async def test_an_approved_mcp_tool_is_called_and_a_changed_one_is_refused(
 
         answer = await call("tool_00")
         assert not answer.is_error and answer.structured_content["tool"] == "tool_00"
+        # The same through the SDK.
+        target = f"127.0.0.1:{running.broker.resolve_port}"
+        async with ResolveClient(target, **sdk_files(running, tmp_path)) as sdk:
+            result = await sdk.call_tool(name="tools", tool="tool_00", arguments={"x": 6})
+        assert result.structured_content == {"tool": "tool_00", "arguments": {"x": 6}, "token": "[redacted]"}
+        assert result.content[0]["type"] == "text" and not result.is_error
         assert answer.structured_content["token"] == "[redacted]"
         assert token not in str(answer) and "[redacted]" in answer.content[0]["text"]
-        assert server.calls == [("tool_00", {"x": 5})]
+        assert server.calls == [("tool_00", {"x": 5}), ("tool_00", {"x": 6})]
 
         outside = await rpc_error(call("tool_02"))
         assert outside.code() == grpc.StatusCode.PERMISSION_DENIED and "scope" in (outside.details() or "")
@@ -279,7 +285,7 @@ async def test_an_approved_mcp_tool_is_called_and_a_changed_one_is_refused(
         changed = await rpc_error(call("tool_01"))
         assert changed.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "tool definition changed since it was approved" in (changed.details() or "")
-        assert server.calls == [("tool_00", {"x": 5})]  # neither was called
+        assert len(server.calls) == 2  # neither was called
 
         # The admin sees the change on refresh, and approves it by refreshing.
         refreshed = await admin.RefreshMcpTools(pb.RefreshMcpToolsRequest(id=created.id))
@@ -294,6 +300,7 @@ async def test_an_approved_mcp_tool_is_called_and_a_changed_one_is_refused(
     assert [(e.outcome, e.reason) for e in reversed(audited.events)] == [
         ("failed", "not_callable"),
         ("allowed", ""),
+        ("allowed", ""),  # the SDK's call
         ("denied", "out_of_scope"),
         ("failed", "not_callable"),
         ("failed", "tool_changed"),
