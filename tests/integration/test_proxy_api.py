@@ -400,3 +400,25 @@ async def test_an_oauth2_token_refused_with_401_is_refreshed_once_and_the_call_t
     assert all(seen.headers["authorization"].startswith("Bearer ") for seen in api.requests)
     retried = [e for e in await proxy_events(running) if e.details.get("retried") == "after_401"]
     assert len(retried) == 2
+
+
+async def test_a_next_link_at_the_connections_origin_can_be_followed(
+    make_broker: Callable[..., object],
+) -> None:
+    running: Running = await make_broker(egress=EgressSettings(allow_loopback=True))  # type: ignore[misc]
+    with serve(echo) as upstream:
+        await api_connection(running, upstream, pb.GRANT_MODE_PROXY, path_prefixes=["/v1/"])
+
+        def get(path: str) -> Any:
+            return proxy(running).ProxyHttp(pb.ProxyHttpRequest(name="api", method="GET", path=path))
+
+        followed = await get(f"{upstream.url}/v1/items?page=2")
+        assert followed.status == 200 and upstream.requests[-1].path == "/v1/items?page=2"
+        elsewhere = await rpc_error(get("https://evil.example/v1/items?page=2"))
+        assert elsewhere.code() == grpc.StatusCode.INVALID_ARGUMENT and "path" in field_violations(elsewhere)
+        outside = await rpc_error(get(f"{upstream.url}/admin"))
+        assert outside.code() == grpc.StatusCode.PERMISSION_DENIED  # the scope applies to the path
+    assert len(upstream.requests) == 1
+    events = await proxy_events(running)
+    assert [e.details["path"] for e in reversed(events)] == ["/v1/items", "/admin"]
+    assert "page=2" not in str(events)

@@ -14,7 +14,7 @@ import pytest
 from broker.egress import Blocked, EgressPolicy, EgressSettings
 from broker.errors import FailedPrecondition, InvalidArgument
 from broker.sensitive import SecretFields
-from broker.service.upstream import Injection, UpstreamRequest, call, injection, pooled_client
+from broker.service.upstream import Injection, UpstreamRequest, call, injection, pooled_client, under_base
 from broker.testers import webhook
 from broker.testers.scrub import MASK
 from tests.httpservers import Answer, Seen, serve
@@ -232,3 +232,30 @@ async def test_the_pooled_client_keeps_no_cookies_between_calls() -> None:
             for _ in range(2):
                 await call(client, bearer(upstream.url), UpstreamRequest("GET", "/"), max_bytes=100)
     assert [seen.headers.get("cookie") for seen in upstream.requests] == [None, None]
+
+
+def test_a_url_under_the_base_url_becomes_a_path_and_any_other_is_refused() -> None:
+    base = "https://api.example.com/v1"
+
+    def made(path: str, query: str = "") -> tuple[str, str]:
+        request = under_base(UpstreamRequest("GET", path, query), base)
+        return request.path, request.query
+
+    assert made("/items", "a=1") == ("/items", "a=1")  # a path stays as it is
+    assert made("https://api.example.com/v1/items?page=2&per_page=50") == ("/items", "page=2&per_page=50")
+    assert made("https://API.example.com:443/v1") == ("/", "")
+    for url in (
+        "https://evil.example/v1/items",
+        "http://api.example.com/v1/items",  # another scheme is another origin
+        "https://api.example.com:8443/v1/items",
+        "https://api.example.com/v2/items",  # not under the base path
+        "https://api.example.com/v10/items",
+        "https://user:pw@api.example.com/v1/items",
+        "https://api.example.com/v1/items#frag",
+    ):
+        with pytest.raises(InvalidArgument) as caught:
+            made(url)
+        assert violations(caught) == {"path"}, url
+    with pytest.raises(InvalidArgument) as both:
+        made("https://api.example.com/v1/items", "a=1")
+    assert violations(both) == {"query"}

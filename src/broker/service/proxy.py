@@ -49,11 +49,13 @@ from broker.service.upstream import (
     NotInjectable,
     UpstreamAnswer,
     UpstreamRequest,
+    base_url,
     call,
     check_request,
     injection,
     pooled_client,
     stream,
+    under_base,
 )
 from broker.store import ConnectionStore, GrantStore
 from broker.testers import mcp
@@ -117,7 +119,7 @@ class ProxyService:
         purpose: str = "",
     ) -> UpstreamAnswer:
         """Make `request` with the connection's credential; see the module docstring."""
-        use, target, started = await self._http_target(call_, request, connection_id, name, purpose)
+        use, target, request, started = await self._http_target(call_, request, connection_id, name, purpose)
         try:
             answer = await call(self._http, target.injection, request, max_bytes=self._max_bytes)
             if answer.status == 401 and target.oauth_token and request.method in _REPEATABLE:
@@ -143,7 +145,7 @@ class ProxyService:
     ) -> AsyncIterator[UpstreamAnswer | bytes]:
         """As `http`, the answer streamed: its head, audited before it is yielded, then scrubbed
         chunks of the body (at most `max_stream_bytes`)."""
-        use, target, started = await self._http_target(call_, request, connection_id, name, purpose)
+        use, target, request, started = await self._http_target(call_, request, connection_id, name, purpose)
         try:
             chunks = stream(self._http, target.injection, request, max_bytes=self._max_stream_bytes)
             head = await anext(chunks)
@@ -176,7 +178,7 @@ class ProxyService:
         if len(json.dumps(arguments, default=str)) > MAX_ARGUMENTS:
             raise InvalidArgument.field("arguments", f"must be at most {MAX_ARGUMENTS} bytes as JSON")
         use = _Use(call_, CALL_TOOL, {"tool": tool}, self._clock())
-        record, _ = await self._authorize(use, connection_id, name, purpose, lambda s: s.allows_tool(tool))
+        record, _ = await self._authorize(use, connection_id, name, purpose, lambda _, s: s.allows_tool(tool))
         started = time.monotonic()
         try:
             approved = {t.name: t for t in await self._approved_tools(record)}
@@ -213,7 +215,7 @@ class ProxyService:
     async def granted_tools(self, call_: Call, *, connection_id: str = "", name: str = "") -> list[McpTool]:
         """The approved tools of an MCP connection that the caller's grant lets it call."""
         use = _Use(call_, LIST_TOOLS, {}, self._clock())
-        record, grant = await self._authorize(use, connection_id, name, "", lambda s: True)
+        record, grant = await self._authorize(use, connection_id, name, "", lambda _, s: True)
         return [t for t in await self._approved_tools(record) if grant.scope.allows_tool(t.name)]
 
     async def _approved_tools(self, record: ConnectionRecord) -> list[McpTool]:
@@ -230,14 +232,26 @@ class ProxyService:
 
     async def _http_target(
         self, call_: Call, request: UpstreamRequest, connection_id: str, name: str, purpose: str
-    ) -> tuple[_Use, _Target, float]:
+    ) -> tuple[_Use, _Target, UpstreamRequest, float]:
         """The checks of an HTTP call, then the opened connection's injection (an OAuth2 token
-        refreshed first when it is due, as for Resolve), and when it began."""
+        refreshed first when it is due, as for Resolve), the request with a URL in its path made
+        a path under the connection's base URL, and when it began."""
         check_request(request)  # before anything is audited: the path goes into the event
-        use = _Use(call_, PROXY_HTTP, {"method": request.method, "path": request.path}, self._clock())
-        record, _ = await self._authorize(
-            use, connection_id, name, purpose, lambda s: s.allows_request(request.method, request.path)
-        )
+        use = _Use(call_, PROXY_HTTP, {"method": request.method}, self._clock())
+        relative = [request]
+
+        def allows(record: ConnectionRecord, scope: GrantScope) -> bool:
+            # Scopes name paths under the base URL: a URL is made one first.
+            if request.path.startswith("/"):
+                relative[0] = request
+            else:
+                relative[0] = under_base(request, base_url(record.type, record.provider, record.config))
+            use.details["path"] = relative[0].path
+            return scope.allows_request(request.method, relative[0].path)
+
+        use.details["path"] = request.path if request.path.startswith("/") else "(a URL)"
+        record, _ = await self._authorize(use, connection_id, name, purpose, allows)
+        request = relative[0]
         secrets = await self._open(use, record)
         started = time.monotonic()
         try:
@@ -247,7 +261,7 @@ class ProxyService:
         except (NotInjectable, FailedPrecondition, Unavailable) as exc:
             raise await self._upstream_failed(use, exc, started) from None
         use.details["host"] = httpx.URL(target.injection.base_url).host or ""
-        return use, target, started
+        return use, target, request, started
 
     async def _after_rejection(self, use: _Use, target: _Target, started: float) -> _Target:
         assert self._oauth is not None
@@ -263,7 +277,7 @@ class ProxyService:
         connection_id: str,
         name: str,
         purpose: str,
-        allows: Callable[[GrantScope], bool],
+        allows: Callable[[ConnectionRecord, GrantScope], bool],
     ) -> tuple[ConnectionRecord, Grant]:
         """The record and the grant, once the caller may use it for this call (nothing is decrypted
         yet); every
@@ -297,7 +311,7 @@ class ProxyService:
                 reason = "no_grant"
             elif not grant.active_at(now):
                 reason = "grant_expired"
-            elif not allows(grant.scope):
+            elif not allows(record, grant.scope):
                 reason = "out_of_scope"
         if reason:
             metrics.PROXY_CALLS.labels("denied", reason).inc()

@@ -55,6 +55,8 @@ from broker.testers.scrub import Scrubber
 from broker.testers.sent import SentCredentials
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_ABSOLUTE = re.compile(r"^https?://", re.IGNORECASE)
+_PORTS = {"http": 80, "https": 443}
 # Never from the caller: the credential's carriers, the target, and what frames the message.
 _REFUSED_HEADERS = frozenset(
     {
@@ -128,6 +130,46 @@ class UpstreamAnswer:
     status: int
     headers: list[tuple[str, str]]
     body: bytes
+
+
+def base_url(connection_type: str, provider: str, config: Mapping[str, object]) -> str:
+    """Where this connection's proxied calls go (no secret needed); `NotInjectable` when nowhere."""
+    if connection_type == "webhook":
+        return str(config.get("url") or "")
+    if connection_type == "oauth2":
+        return _oauth2_api(provider, config)[0]
+    base = str(config.get("base_url") or "")
+    if connection_type == "api_key":
+        known = API_KEY_PROVIDERS.get(provider)
+        return base or (known.default_base if known is not None else "")
+    if connection_type == "http":
+        return base
+    raise NotInjectable(f"calls through the proxy are not built yet for {connection_type} connections")
+
+
+def under_base(request: UpstreamRequest, base: str) -> UpstreamRequest:
+    """`request` with an absolute URL in `path` turned into a path under `base` (and its query):
+    accepted only at the base URL's origin and under its path, so a `next` link an API returns
+    can be followed; any other URL is INVALID_ARGUMENT. A path is returned as it is."""
+    if not _ABSOLUTE.match(request.path):
+        return request
+    if request.query:
+        raise InvalidArgument.field("query", "must be empty when path is a URL (the URL carries the query)")
+    try:
+        url, root = httpx.URL(request.path), httpx.URL(base)
+    except httpx.InvalidURL:
+        raise InvalidArgument.field("path", "is not a valid URL") from None
+    prefix = root.path.rstrip("/")
+    origin = (url.scheme, url.host, url.port or _PORTS.get(url.scheme))
+    if (
+        origin != (root.scheme, root.host, root.port or _PORTS.get(root.scheme))
+        or url.fragment
+        or url.userinfo
+        or not (url.path == prefix or url.path.startswith(prefix + "/"))
+    ):
+        raise InvalidArgument.field("path", "a URL must be under the connection's base URL")
+    path = url.raw_path.decode("ascii").partition("?")[0][len(prefix) :] or "/"
+    return UpstreamRequest(request.method, path, url.query.decode("ascii"), request.headers, request.body)
 
 
 def injection(
@@ -227,6 +269,10 @@ def check_request(request: UpstreamRequest, connection: Injection | None = None)
     if request.method not in METHODS:
         bad.append(FieldViolation("method", f"must be one of {', '.join(sorted(METHODS))}"))
     path = request.path
+    if connection is None and _ABSOLUTE.match(path):
+        path = "/"  # a URL: checked once `under_base` has made it a path under the base URL
+    if len(request.path) > MAX_PATH or not (request.path.isascii() and request.path.isprintable()):
+        path = ""
     if not (
         path.startswith("/")
         and not path.startswith("//")
@@ -240,7 +286,8 @@ def check_request(request: UpstreamRequest, connection: Injection | None = None)
             FieldViolation(
                 "path",
                 f"must be an absolute path (at most {MAX_PATH} printable ASCII characters) without"
-                " '//' at the start, spaces, '?', '#', backslashes, dot segments or encoded dots and slashes",
+                " '//' at the start, spaces, '?', '#', backslashes, dot segments or encoded dots and"
+                " slashes, or a URL under the connection's base URL",
             )
         )
     if len(request.query) > MAX_QUERY or not (request.query.isascii() and request.query.isprintable()):
