@@ -176,11 +176,11 @@ def injection(
     connection_type: str, provider: str, config: Mapping[str, object], secrets: SecretFields
 ) -> Injection:
     """How calls of this connection carry its credential; `NotInjectable` when they cannot."""
+    base = base_url(connection_type, provider, config)  # NotInjectable for a type not built
     values = secrets.reveal()
     sent = SentCredentials()
     headers: dict[str, str] = {}
     defaults = _extra_headers(config)
-    base = str(config.get("base_url") or "")
     if connection_type == "http":
         auth = config.get("auth_type", "none")
         if auth == "bearer":
@@ -202,17 +202,14 @@ def injection(
             headers[known.endpoint.key_header] = values["api_key"]
         if known is not None:
             defaults = dict(known.endpoint.headers)
-            base = base or known.default_base
     elif connection_type == "oauth2":
         token = values.get("access_token")
         if not token:
             raise NotInjectable("the connection has no access token yet; authorize it first")
         headers["Authorization"] = sent.bearer(token)
-        base, defaults = _oauth2_api(provider, config)
-    elif connection_type == "webhook":
+        defaults = _oauth2_api(provider, config)[1]
+    else:  # webhook: `base_url` knows no other type
         return _webhook(config, values.get("auth_secret", ""), sent)
-    else:
-        raise NotInjectable(f"calls through the proxy are not built yet for {connection_type} connections")
     if not base:
         raise NotInjectable("the connection has no base_url to send calls to")
     return Injection(base.rstrip("/"), headers, defaults, Scrubber(values.values(), sent.forms))
