@@ -53,7 +53,10 @@ async def test_a_worker_that_fails_to_start_fails_the_start_with_its_exit_status
     events = [e["event"] for e in logs]
     assert "worker_failed_to_start" in events and "broker_started" not in events
     stopped = [e for e in logs if e["event"] == "worker_stopped"]  # the other one was stopped
-    assert [(e["worker"], e["exit_code"]) for e in stopped] == [(0, 0)], logs
+    # By its SIGTERM handler (exit 0), or by the signal itself if it came before the stand-in had
+    # installed its handler (a fresh interpreter takes a while to start).
+    ended = [(e["worker"], e.get("exit_code", e.get("signal"))) for e in stopped]
+    assert ended in ([(0, 0)], [(0, "SIGTERM")]), logs
 
 
 async def test_a_crash_loop_is_restarted_with_growing_delays_not_spun() -> None:
