@@ -238,20 +238,16 @@ class ProxyService:
         a path under the connection's base URL, and when it began."""
         check_request(request)  # before anything is audited: the path goes into the event
         use = _Use(call_, PROXY_HTTP, {"method": request.method}, self._clock())
-        relative = [request]
+        use.details["path"] = request.path if request.path.startswith("/") else "(a URL)"
 
         def allows(record: ConnectionRecord, scope: GrantScope) -> bool:
-            # Scopes name paths under the base URL: a URL is made one first.
-            if request.path.startswith("/"):
-                relative[0] = request
-            else:
-                relative[0] = under_base(request, base_url(record.type, record.provider, record.config))
-            use.details["path"] = relative[0].path
-            return scope.allows_request(request.method, relative[0].path)
+            nonlocal request
+            if not request.path.startswith("/"):  # scopes name paths under the base URL: make it one
+                request = under_base(request, base_url(record.type, record.provider, record.config))
+                use.details["path"] = request.path
+            return scope.allows_request(request.method, request.path)
 
-        use.details["path"] = request.path if request.path.startswith("/") else "(a URL)"
         record, _ = await self._authorize(use, connection_id, name, purpose, allows)
-        request = relative[0]
         secrets = await self._open(use, record)
         started = time.monotonic()
         try:

@@ -266,18 +266,21 @@ def check_request(request: UpstreamRequest, connection: Injection | None = None)
     if request.method not in METHODS:
         bad.append(FieldViolation("method", f"must be one of {', '.join(sorted(METHODS))}"))
     path = request.path
-    if connection is None and _ABSOLUTE.match(path):
-        path = "/"  # a URL: checked once `under_base` has made it a path under the base URL
-    if len(request.path) > MAX_PATH or not (request.path.isascii() and request.path.isprintable()):
-        path = ""
+    # A URL is checked as a path once `under_base` has made it one (`connection` is known then).
+    url = connection is None and _ABSOLUTE.match(path) is not None
     if not (
-        path.startswith("/")
-        and not path.startswith("//")
-        and len(path) <= MAX_PATH
+        len(path) <= MAX_PATH
         and path.isascii()
         and path.isprintable()
-        and not any(c in path for c in " ?#")
-        and not ambiguous_path(path)
+        and (
+            url
+            or (
+                path.startswith("/")
+                and not path.startswith("//")
+                and not any(c in path for c in " ?#")
+                and not ambiguous_path(path)
+            )
+        )
     ):
         bad.append(
             FieldViolation(
