@@ -358,14 +358,21 @@ def _audit_export(args: argparse.Namespace, s: Session) -> int:
     return 0
 
 
+def _executor_ref(request: Any, ref: str, *, by_name: bool = False) -> None:
+    """Set the request's `connection_id` or `name` from an id or a name, as an executor sends it.
+
+    An executor cannot list connections, so a name goes as a name. Unknown names and ids are
+    refused like any other denial (PERMISSION_DENIED), so none can be probed.
+    """
+    if by_name or not looks_like_id(ref):
+        request.name = ref
+    else:
+        request.connection_id = ref
+
+
 def _resolve(args: argparse.Namespace, s: Session) -> int:
     request = broker_pb2.ResolveRequest(purpose=args.purpose, known_secret_version=args.known_version)
-    # By name on the executor's side: an executor cannot list connections. Unknown names and
-    # ids are refused like any other denial (PERMISSION_DENIED), so none can be probed.
-    if args.by_name or not looks_like_id(args.ref):
-        request.name = args.ref
-    else:
-        request.connection_id = args.ref
+    _executor_ref(request, args.ref, by_name=args.by_name)
     reply = s.resolver.Resolve(request, timeout=s.timeout)
     return _show(args, reply, out.render_resolved)
 
@@ -385,11 +392,7 @@ def _proxy(args: argparse.Namespace, s: Session) -> int:
         body=read_data(args.data),
         purpose=args.purpose,
     )
-    # As for resolve: an executor cannot list connections, so a name goes as a name.
-    if looks_like_id(args.ref):
-        request.connection_id = args.ref
-    else:
-        request.name = args.ref
+    _executor_ref(request, args.ref)
     reply = s.proxy.ProxyHttp(request, timeout=s.timeout)
     if args.json:
         print(to_json(reply))
@@ -430,11 +433,7 @@ def _mcp(args: argparse.Namespace, s: Session) -> int:
     if args.mcp_command == "call":
         call = broker_pb2.CallMcpToolRequest(tool=args.tool, purpose=args.purpose)
         call.arguments.update(parse_config(args.arg, args.arg_json, flag="--arg"))
-        # As for resolve: an executor cannot list connections, so a name goes as a name.
-        if looks_like_id(args.ref):
-            call.connection_id = args.ref
-        else:
-            call.name = args.ref
+        _executor_ref(call, args.ref)
         result = s.proxy.CallMcpTool(call, timeout=s.timeout)
         _show(args, result, out.render_tool_call)
         return 1 if result.is_error else 0
