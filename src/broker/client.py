@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NoReturn, Self
+from typing import Any, NoReturn, Self, TypedDict
 
 import grpc
 import grpc.aio
@@ -224,9 +224,14 @@ def _proxy_request(request: httpx.Request, body: bytes, key: CacheKey, purpose: 
         for name, value in request.headers.multi_items()
         if name.lower() not in _FRAMING
     ]
-    ref = {"connection_id": key[1]} if key[0] == "id" else {"name": key[1]}
     return broker_pb2.ProxyHttpRequest(
-        method=request.method, path=path, query=query, headers=headers, body=body, purpose=purpose, **ref
+        method=request.method,
+        path=path,
+        query=query,
+        headers=headers,
+        body=body,
+        purpose=purpose,
+        **_ref(key),
     )
 
 
@@ -245,12 +250,8 @@ class ToolResult:
 
 
 def _tool_request(key: CacheKey, tool: str, arguments: dict[str, Any] | None, purpose: str) -> Any:
-    request = broker_pb2.CallMcpToolRequest(tool=tool, purpose=purpose)
+    request = broker_pb2.CallMcpToolRequest(tool=tool, purpose=purpose, **_ref(key))
     request.arguments.update(arguments or {})
-    if key[0] == "id":
-        request.connection_id = key[1]
-    else:
-        request.name = key[1]
     return request
 
 
@@ -433,13 +434,19 @@ def _key(connection_id: str | None, name: str | None) -> CacheKey:
     return key
 
 
+class _Ref(TypedDict, total=False):
+    """The request fields that name a connection: its id or its name."""
+
+    connection_id: str
+    name: str
+
+
+def _ref(key: CacheKey) -> _Ref:
+    return {"connection_id": key[1]} if key[0] == "id" else {"name": key[1]}
+
+
 def _request(key: CacheKey, purpose: str, known_secret_version: int) -> Any:
-    kind, value = key
-    if kind == "id":
-        return broker_pb2.ResolveRequest(
-            connection_id=value, purpose=purpose, known_secret_version=known_secret_version
-        )
-    return broker_pb2.ResolveRequest(name=value, purpose=purpose, known_secret_version=known_secret_version)
+    return broker_pb2.ResolveRequest(purpose=purpose, known_secret_version=known_secret_version, **_ref(key))
 
 
 def _from_reply(reply: Any) -> Resolved:
