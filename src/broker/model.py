@@ -230,6 +230,19 @@ def ambiguous_path(path: str) -> bool:
     return _AMBIGUOUS_PATH.search(path) is not None
 
 
+def plain_path(path: str, most: int) -> bool:
+    """An absolute path of at most `most` printable ASCII characters, with no space, query,
+    fragment or anything `ambiguous_path` refuses: what proxied calls and grant scopes take."""
+    return (
+        path.startswith("/")
+        and len(path) <= most
+        and path.isascii()
+        and path.isprintable()
+        and not any(c in path for c in " ?#")
+        and not ambiguous_path(path)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class GrantScope:
     """What a proxy grant allows; an empty tuple allows any. Checked before any key is unwrapped.

@@ -8,7 +8,7 @@ from datetime import datetime
 from broker import catalog
 from broker.errors import FieldViolation, InvalidArgument, NotFound
 from broker.identity import InvalidSpiffeId, parse_spiffe_id
-from broker.model import UNSCOPED, Grant, GrantFilter, GrantMode, GrantScope, Role, ambiguous_path, shown_id
+from broker.model import UNSCOPED, Grant, GrantFilter, GrantMode, GrantScope, Role, plain_path, shown_id
 from broker.service import paging
 from broker.service.context import Call
 from broker.service.inputs import require_printable
@@ -143,14 +143,7 @@ def checked_scope(connection_type: str, mode: GrantMode, scope: GrantScope) -> G
             " spaces, '?', '#', dot segments or encoded dots and slashes",
         )
         for i, prefix in enumerate(scope.path_prefixes)
-        if not (
-            prefix.startswith("/")
-            and len(prefix) <= _MAX_PATH
-            and prefix.isascii()
-            and prefix.isprintable()
-            and not any(c in prefix for c in " ?#")
-            and not ambiguous_path(prefix)
-        )
+        if not plain_path(prefix, _MAX_PATH)
     ]
     bad += [
         FieldViolation(f"scope.tools[{i}]", f"must be 1-{_MAX_TOOL} printable characters, no spaces")

@@ -46,7 +46,7 @@ from broker.egress import EgressPolicy
 from broker.egress.errors import ResponseTooLarge
 from broker.egress.http import PolicyClient, http_client, read_body
 from broker.errors import FailedPrecondition, FieldViolation, InvalidArgument
-from broker.model import ambiguous_path
+from broker.model import plain_path
 from broker.sensitive import SecretFields
 from broker.testers import webhook
 from broker.testers.http import trust
@@ -267,21 +267,11 @@ def check_request(request: UpstreamRequest, connection: Injection | None = None)
         bad.append(FieldViolation("method", f"must be one of {', '.join(sorted(METHODS))}"))
     path = request.path
     # A URL is checked as a path once `under_base` has made it one (`connection` is known then).
-    url = connection is None and _ABSOLUTE.match(path) is not None
-    if not (
-        len(path) <= MAX_PATH
-        and path.isascii()
-        and path.isprintable()
-        and (
-            url
-            or (
-                path.startswith("/")
-                and not path.startswith("//")
-                and not any(c in path for c in " ?#")
-                and not ambiguous_path(path)
-            )
-        )
-    ):
+    if connection is None and _ABSOLUTE.match(path):
+        fits = len(path) <= MAX_PATH and path.isascii() and path.isprintable()
+    else:
+        fits = plain_path(path, MAX_PATH) and not path.startswith("//")
+    if not fits:
         bad.append(
             FieldViolation(
                 "path",
