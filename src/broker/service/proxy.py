@@ -42,7 +42,7 @@ from broker.service.context import Call
 from broker.service.lookup import refusal
 from broker.service.monitor import Monitor
 from broker.service.oauth import OAuthService
-from broker.service.resolve import DENIED_MESSAGE
+from broker.service.resolve import DENIED_MESSAGE, MAX_PURPOSE
 from broker.service.sealing import DECRYPT_FAILED, open_secrets
 from broker.service.upstream import (
     AnswerTooLarge,
@@ -77,7 +77,7 @@ _UPSTREAM_FAILURES = (
 CALL_TOOL = "mcp.call_tool"
 LIST_TOOLS = "mcp.list_granted_tools"
 TOOL_CHANGED = "tool definition changed since it was approved"
-MAX_PURPOSE, MAX_REF, MAX_TOOL, MAX_ARGUMENTS = 256, 256, 128, 256 * 1024
+MAX_REF, MAX_TOOL, MAX_ARGUMENTS = 256, 128, 256 * 1024  # MAX_PURPOSE is Resolve's
 
 
 class ProxyService:

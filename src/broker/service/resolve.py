@@ -151,7 +151,7 @@ class Resolver:
         if self._monitor is not None:
             self._monitor.resolve_allowed(call, entry.id, now)
         _ALLOWED.inc()
-        self._last_used[(entry.tenant, entry.id)] = now
+        self.note_used(entry.tenant, entry.id, now)
         ttl = self._cache_ttl
         if expires_at is not None:
             # Never let an executor cache a token past its expiry.
