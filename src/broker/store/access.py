@@ -7,7 +7,6 @@ import functools
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
 
 from broker import tokenbucket
 from broker.errors import NotFound
@@ -24,7 +23,7 @@ from broker.store import _codec as codec
 from broker.store import changes
 from broker.store.audit import event_page
 from broker.store.engine import MissingParent
-from broker.store.lifecycle import EngineStore, check_limit
+from broker.store.lifecycle import EngineStore, Where, check_limit
 
 _GRANT_BY_KEY = codec.GRANTS.select + " WHERE tenant = ? AND connection_id = ? AND principal = ?"
 _GRANT_KEY = ("tenant", "connection_id", "principal")
@@ -79,20 +78,13 @@ class Access(EngineStore):
     async def list_grants(
         self, tenant: str, filter: GrantFilter, limit: int, after: tuple[str, str] | None
     ) -> list[Grant]:
-        check_limit(limit)
-        where = ["tenant = ?"]
-        args: list[Any] = [tenant]
-        if filter.connection_id:
-            where.append("connection_id = ?")
-            args.append(filter.connection_id)
-        if filter.principal:
-            where.append("principal = ?")
-            args.append(filter.principal)
+        where = Where("tenant = ?", tenant)
+        where.equals("connection_id", filter.connection_id)
+        where.equals("principal", filter.principal)
         if after is not None:
-            where.append("(connection_id, principal) > (?, ?)")
-            args += after
-        sql = f"{codec.GRANTS.select} WHERE {' AND '.join(where)} ORDER BY connection_id, principal LIMIT ?"
-        return [codec.GRANTS.from_row(row) for row in await self._engine.fetch(sql, *args, limit)]
+            where.add("(connection_id, principal) > (?, ?)", *after)
+        sql, args = where.page(codec.GRANTS.select, "connection_id, principal", limit)
+        return [codec.GRANTS.from_row(row) for row in await self._engine.fetch(sql, *args)]
 
     # ----------------------------------------------------------------- oauth
 

@@ -12,7 +12,7 @@ from broker.model import AuditChainReport, AuditEvent, AuditFilter, AuditSeal, S
 from broker.store import _chain as chain
 from broker.store import _codec as codec
 from broker.store.engine import Tx
-from broker.store.lifecycle import CHECKPOINT_SELECT, EngineStore, chain_tail, check_limit
+from broker.store.lifecycle import CHECKPOINT_SELECT, EngineStore, Where, chain_tail, check_limit
 
 _AUDIT_PAGE = 1000
 
@@ -29,7 +29,7 @@ def event_page(
     """One page of an event listing, and its parameters: the tenant, each exact-match filter
     that is set, `time` from start_time (inclusive) to end_time (exclusive); newest first
     with id < cursor, or oldest first with id > cursor (when given)."""
-    check_limit(limit)
+    where = Where("tenant = ?", tenant)
     if isinstance(filter, AuditFilter):
         equals = [("connection_id", filter.connection_id), ("actor", filter.actor), ("action", filter.action)]
     else:
@@ -38,22 +38,15 @@ def event_page(
             ("connection_id", filter.connection_id),
             ("principal", filter.principal),
         ]
-    where: list[str] = ["tenant = ?"]
-    args: list[Any] = [tenant]
     for column, value in equals:
-        if value:
-            where.append(f"{column} = ?")
-            args.append(value)
-    bounds = [("time >= ?", filter.start_time), ("time < ?", filter.end_time)]
-    for condition, when in bounds:
-        if when is not None:
-            where.append(condition)
-            args.append(codec.to_micros(when))
+        where.equals(column, value)
+    if filter.start_time is not None:
+        where.add("time >= ?", codec.to_micros(filter.start_time))
+    if filter.end_time is not None:
+        where.add("time < ?", codec.to_micros(filter.end_time))
     if cursor is not None:
-        where.append("id > ?" if oldest_first else "id < ?")
-        args.append(cursor)
-    order = "id" if oldest_first else "id DESC"
-    return f"{select} WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?", [*args, limit]
+        where.add("id > ?" if oldest_first else "id < ?", cursor)
+    return where.page(select, "id" if oldest_first else "id DESC", limit)
 
 
 async def _seals(tx: Tx, after_id: int, up_to_id: int) -> list[AuditSeal]:

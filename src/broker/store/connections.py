@@ -19,7 +19,7 @@ from broker.model import (
 from broker.store import _codec as codec
 from broker.store import changes
 from broker.store.engine import Duplicate, MissingParent, Tx
-from broker.store.lifecycle import EngineStore, check_limit
+from broker.store.lifecycle import EngineStore, Where, check_limit
 
 _TABLE = codec.CONNECTIONS
 # Resolve's reads on a cache miss: built once, so translated once.
@@ -112,30 +112,24 @@ class Connections(EngineStore):
         self, tenant: str, filter: ConnectionFilter, limit: int, after_id: str | None
     ) -> list[ConnectionRecord]:
         """Up to `limit` connections by id (byte order), every filter applied in SQL."""
-        check_limit(limit)
-        where = ["tenant = ?", STATUS_WHERE[filter.status]]
-        args: list[Any] = [tenant]
-        if filter.type:
-            where.append("type = ?")
-            args.append(filter.type)
-        if filter.provider:
-            where.append("provider = ?")
-            args.append(filter.provider)
+        where = Where("tenant = ?", tenant)
+        where.add(STATUS_WHERE[filter.status])
+        where.equals("type", filter.type)
+        where.equals("provider", filter.provider)
         if filter.name_prefix:
             # substr, not LIKE: no wildcards to escape, and case-sensitive on both engines.
-            where.append("substr(name, 1, ?) = ?")
-            args += [len(filter.name_prefix), filter.name_prefix]
+            where.add("substr(name, 1, ?) = ?", len(filter.name_prefix), filter.name_prefix)
         for key, value in sorted(filter.labels.items()):
-            where.append(
+            where.add(
                 "EXISTS (SELECT 1 FROM connection_labels l WHERE l.tenant = connections.tenant"
-                " AND l.connection_id = connections.id AND l.key = ? AND l.value = ?)"
+                " AND l.connection_id = connections.id AND l.key = ? AND l.value = ?)",
+                key,
+                value,
             )
-            args += [key, value]
         if after_id is not None:
-            where.append("id > ?")
-            args.append(after_id)
-        sql = f"{_TABLE.select} WHERE {' AND '.join(where)} ORDER BY id LIMIT ?"
-        return [_TABLE.from_row(row) for row in await self._engine.fetch(sql, *args, limit)]
+            where.add("id > ?", after_id)
+        sql, args = where.page(_TABLE.select, "id", limit)
+        return [_TABLE.from_row(row) for row in await self._engine.fetch(sql, *args)]
 
     async def replace_connection(
         self, record: ConnectionRecord, expected_version: int, event: AuditEvent, *, drop_grants: bool = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 from broker.model import AuditEvent
 from broker.store import _chain as chain
@@ -72,6 +73,29 @@ async def chain_tail(fetch: Callable[..., Awaitable[list[Row]]]) -> tuple[int, s
     if rows:
         return int(rows[0]["last_id"]), str(rows[0]["last_hash"])
     return 0, chain.GENESIS
+
+
+class Where:
+    """The conditions of one listing and their parameters, built up filter by filter; `page`
+    writes the statement. Conditions are constant SQL; only parameters come from input."""
+
+    def __init__(self, condition: str, *args: Any) -> None:
+        self.conditions, self.args = [condition], list(args)
+
+    def add(self, condition: str, *args: Any) -> None:
+        self.conditions.append(condition)
+        self.args += args
+
+    def equals(self, column: str, value: object) -> None:
+        """`column = value`, when the filter is set (not "" or None)."""
+        if value:
+            self.add(f"{column} = ?", value)
+
+    def page(self, select: str, order: str, limit: int) -> tuple[str, list[Any]]:
+        """The statement for one page of `limit` rows in `order`, and its parameters."""
+        check_limit(limit)
+        sql = f"{select} WHERE {' AND '.join(self.conditions)} ORDER BY {order} LIMIT ?"
+        return sql, [*self.args, limit]
 
 
 def check_limit(limit: int) -> None:
