@@ -170,6 +170,23 @@ def start_server(kind: str, root: Path, *args: str) -> Server:
     return launch_server(kind, root, *args).ready()
 
 
+def resolve_spec(env: world.BenchEnv, plan: Plan, ids: tuple[str, ...], channels: int) -> LoadSpec:
+    """Warm Resolve of `ids` as the bench executor, at the plan's concurrency and windows (port: 0,
+    set per server with `replace`)."""
+    return LoadSpec(
+        port=0,
+        ca=env.ca,
+        cert=env.executor.cert,
+        key=env.executor.key,
+        call="resolve",
+        ids=ids,
+        concurrency=plan.concurrency,
+        channels=channels,
+        warmup=plan.warmup,
+        duration=plan.duration,
+    )
+
+
 # ---------------------------------------------------------------- measuring
 
 
@@ -491,18 +508,7 @@ def run_sqlite(env: world.BenchEnv, plan: Plan, pool: Any) -> dict[str, Any]:
         (root / "response.bin").write_bytes(response)
         echo = start_server("echo", root, str(root / "response.bin"))
         servers.append(echo)
-        base = LoadSpec(
-            port=0,
-            ca=env.ca,
-            cert=env.executor.cert,
-            key=env.executor.key,
-            call="resolve",
-            ids=(hot,),
-            concurrency=plan.concurrency,
-            channels=plan.channels,
-            warmup=plan.warmup,
-            duration=plan.duration,
-        )
+        base = resolve_spec(env, plan, (hot,), plan.channels)
         on_echo = replace(base, port=echo.info["resolve"])
         on_broker = replace(base, port=broker.info["resolve"])
         print("closed loop (saturation):", flush=True)
@@ -643,19 +649,8 @@ def _replica_runs(
     asyncio.run(world.warm_caches(env, ports, ids))
     warmed = time.perf_counter() - started
     print(f"  every replica resolved each connection once in {warmed:.1f} s", flush=True)
-    spec = LoadSpec(
-        port=0,
-        ca=env.ca,
-        cert=env.executor.cert,
-        key=env.executor.key,
-        call="resolve",
-        ids=tuple(ids),
-        concurrency=plan.concurrency,
-        # The same channels in both runs, a multiple of the replicas so they split evenly.
-        channels=-(-plan.channels // REPLICAS) * REPLICAS,
-        warmup=plan.warmup,
-        duration=plan.duration,
-    )
+    # The same channels in both runs, a multiple of the replicas so they split evenly.
+    spec = resolve_spec(env, plan, tuple(ids), -(-plan.channels // REPLICAS) * REPLICAS)
     roles: dict[str, Callable[[], list[int]]] = {
         "replicas": lambda: [replica.pid for replica in replicas],
         "postgres": lambda: postgres.backend_pids(database),
@@ -750,18 +745,7 @@ def run_workers(
     print(f"postgres workers: broker serve --workers 1, then {WORKERS}, on one port ...", flush=True)
     config = world.replica_config(env, "workers", url)
     hot = ids[:WORKER_IDS]
-    spec = LoadSpec(
-        port=0,
-        ca=env.ca,
-        cert=env.executor.cert,
-        key=env.executor.key,
-        call="resolve",
-        ids=tuple(hot),
-        concurrency=plan.concurrency,
-        channels=WORKER_CHANNELS,
-        warmup=plan.warmup,
-        duration=plan.duration,
-    )
+    spec = resolve_spec(env, plan, tuple(hot), WORKER_CHANNELS)
     rows = []
     for count in (1, WORKERS):
         ports = {"admin": _free_port(), "resolve": _free_port(), "metrics": _free_port()}
