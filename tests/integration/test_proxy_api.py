@@ -422,3 +422,35 @@ async def test_a_next_link_at_the_connections_origin_can_be_followed(
     events = await proxy_events(running)
     assert [e.details["path"] for e in reversed(events)] == ["/v1/items", "/admin"]
     assert "page=2" not in str(events)
+
+
+async def test_a_token_that_cannot_be_refreshed_is_one_audited_failure(
+    make_broker: Callable[..., object],
+) -> None:
+    running: Running = await make_broker(egress=EgressSettings(allow_loopback=True))  # type: ignore[misc]
+    refusing = serve(lambda seen: Answer.json({"error": "invalid_client"}, status=401))
+    with refusing as token_server:
+        config = {
+            "client_id": "m",
+            "token_url": f"{token_server.url}/token",
+            "grant_type": "client_credentials",
+        }
+        created = await running.admin().CreateConnection(
+            pb.CreateConnectionRequest(
+                name="machine",
+                type="oauth2",
+                provider="custom",
+                config=struct(config),
+                secrets={"client_secret": "cs-1"},
+            )
+        )
+        await running.admin().GrantAccess(
+            pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR, mode=pb.GRANT_MODE_PROXY)
+        )
+        error = await rpc_error(
+            proxy(running).ProxyHttp(pb.ProxyHttpRequest(name="machine", method="GET", path="/"))
+        )
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and "could not refresh" in (error.details() or "")
+    assert [(e.outcome, e.reason) for e in await proxy_events(running)] == [
+        ("failed", "oauth_refresh_failed")
+    ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -120,16 +120,15 @@ class ProxyService:
     ) -> UpstreamAnswer:
         """Make `request` with the connection's credential; see the module docstring."""
         use, target, request, started = await self._http_target(call_, request, connection_id, name, purpose)
-        try:
-            answer = await call(self._http, target.injection, request, max_bytes=self._max_bytes)
-            if answer.status == 401 and target.oauth_token and request.method in _REPEATABLE:
-                # The provider refused a token it issued (revoked, rotated early): one refresh and
-                # one more try, never more. A non-idempotent call is not repeated.
-                target = await self._after_rejection(use, target, started)
-                use.details["retried"] = "after_401"
-                answer = await call(self._http, target.injection, request, max_bytes=self._max_bytes)
-        except _UPSTREAM_FAILURES as exc:
-            raise await self._upstream_failed(use, exc, started) from None
+        answer = await self._send(use, target, request, started)
+        if answer.status == 401 and target.oauth_token and request.method in _REPEATABLE:
+            # The provider refused a token it issued (revoked, rotated early): one refresh and
+            # one more try, never more. A non-idempotent call is not repeated.
+            assert self._oauth is not None
+            refreshed = self._oauth.after_rejection(target.record, target.oauth_token)
+            target = _Target(*await self._token(use, refreshed, started))
+            use.details["retried"] = "after_401"
+            answer = await self._send(use, target, request, started)
         use.details.update(status=str(answer.status), bytes=str(len(answer.body)))
         await self._done(use, started)
         return answer
@@ -250,22 +249,33 @@ class ProxyService:
         record, _ = await self._authorize(use, connection_id, name, purpose, allows)
         secrets = await self._open(use, record)
         started = time.monotonic()
+        if record.type == "oauth2" and self._oauth is not None:
+            record, secrets = await self._token(use, self._oauth.fresh(record, secrets), started)
         try:
-            if record.type == "oauth2" and self._oauth is not None:
-                record, secrets = await self._oauth.fresh(record, secrets)
             target = _Target(record, secrets)
-        except (NotInjectable, FailedPrecondition, Unavailable) as exc:
+        except NotInjectable as exc:
             raise await self._upstream_failed(use, exc, started) from None
         use.details["host"] = httpx.URL(target.injection.base_url).host or ""
         return use, target, request, started
 
-    async def _after_rejection(self, use: _Use, target: _Target, started: float) -> _Target:
-        assert self._oauth is not None
+    async def _send(
+        self, use: _Use, target: _Target, request: UpstreamRequest, started: float
+    ) -> UpstreamAnswer:
         try:
-            record, secrets = await self._oauth.after_rejection(target.record, target.oauth_token)
-            return _Target(record, secrets)
-        except (NotInjectable, FailedPrecondition, Unavailable) as exc:
+            return await call(self._http, target.injection, request, max_bytes=self._max_bytes)
+        except _UPSTREAM_FAILURES as exc:
             raise await self._upstream_failed(use, exc, started) from None
+
+    async def _token(
+        self, use: _Use, refresh: Awaitable[tuple[ConnectionRecord, SecretFields]], started: float
+    ) -> tuple[ConnectionRecord, SecretFields]:
+        """An OAuth2 refresh's result; its failure (re-authorization needed, the provider down) is
+        audited as `oauth_refresh_failed` and raised as the broker said it."""
+        try:
+            return await refresh
+        except (FailedPrecondition, Unavailable):
+            await self._failed(use, "oauth_refresh_failed", started)
+            raise
 
     async def _authorize(
         self,
