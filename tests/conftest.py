@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from broker import log as broker_log
 from broker import pki
@@ -201,6 +202,16 @@ class Running:
         return broker_pb2_grpc.ResolveServiceStub(
             self.channel(self.identities[who], self.broker.resolve_port)
         )
+
+    async def reflected_services(self, port: int, *, ask: bool = True) -> list[str]:
+        """The services reflection lists on `port`, asked as admin. With `ask=False` the stream
+        carries no request: where reflection is not served, a request still being sent when
+        UNIMPLEMENTED arrives can end the call INTERNAL on the client's side instead; a served
+        reflection ends it OK either way."""
+        stub = reflection_pb2_grpc.ServerReflectionStub(self.channel(self.identities["admin"], port))
+        requests = [reflection_pb2.ServerReflectionRequest(list_services="")] if ask else []
+        call = stub.ServerReflectionInfo(iter(requests))
+        return [service.name async for reply in call for service in reply.list_services_response.service]
 
     async def close(self) -> None:
         for channel in self._channels:

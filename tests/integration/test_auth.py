@@ -5,7 +5,6 @@ from __future__ import annotations
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc
@@ -64,16 +63,6 @@ async def test_wrong_role_is_permission_denied(running: Running) -> None:
     }
 
 
-async def _reflection(running: Running, port: int, *, ask: bool = True) -> list[str]:
-    """The services reflection lists on `port`. With `ask=False` the stream carries no request:
-    where reflection is not served, a request still being sent when UNIMPLEMENTED arrives can end
-    the call INTERNAL on the client's side instead; a served reflection ends it OK either way."""
-    stub = reflection_pb2_grpc.ServerReflectionStub(running.channel(running.identities["admin"], port))
-    requests = [reflection_pb2.ServerReflectionRequest(list_services="")] if ask else []
-    call = stub.ServerReflectionInfo(iter(requests))
-    return [service.name async for reply in call for service in reply.list_services_response.service]
-
-
 async def test_each_listener_serves_only_its_own_services_whatever_was_called_before(
     running: Running,
 ) -> None:
@@ -103,7 +92,7 @@ async def test_each_listener_serves_only_its_own_services_whatever_was_called_be
             "ResolveService on the admin port": lambda: resolve_on_admin.Resolve(
                 pb.ResolveRequest(connection_id=created.id)
             ),
-            "reflection on the resolve port": lambda: _reflection(running, resolve_port, ask=False),
+            "reflection on the resolve port": lambda: running.reflected_services(resolve_port, ask=False),
         }
         for what, call in wrong.items():
             error = await rpc_error(call())
@@ -113,7 +102,7 @@ async def test_each_listener_serves_only_its_own_services_whatever_was_called_be
     # Warm every service on its own port...
     assert (await running.admin().ListConnections(pb.ListConnectionsRequest())).connections
     assert (await running.resolver().Resolve(pb.ResolveRequest(connection_id=created.id))).secrets
-    assert "broker.v1.AdminService" in await _reflection(running, admin_port)
+    assert "broker.v1.AdminService" in await running.reflected_services(admin_port)
     # ...and none of them answers on the other one.
     await every_service_on_the_wrong_port()
     # Health answers on both: each listener reports its own service.

@@ -14,7 +14,6 @@ import grpc
 import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from broker import pki
 from broker._proto import broker_pb2 as pb
@@ -160,25 +159,16 @@ async def test_draining_reports_not_serving_to_watchers_then_refuses_new_calls(
 # -------------------------------------------------------------- reflection
 
 
-async def _reflected_services(running: Running, port: int) -> list[str]:
-    stub = reflection_pb2_grpc.ServerReflectionStub(running.channel(running.identities["admin"], port))
-    call = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
-    names = []
-    async for reply in call:
-        names += [service.name for service in reply.list_services_response.service]
-    return names
-
-
 async def test_reflection_is_on_the_admin_listener_only(running: Running) -> None:
-    assert "broker.v1.AdminService" in await _reflected_services(running, running.broker.admin_port)
-    error = await rpc_error(_reflected_services(running, running.broker.resolve_port))
+    assert "broker.v1.AdminService" in await running.reflected_services(running.broker.admin_port)
+    error = await rpc_error(running.reflected_services(running.broker.resolve_port, ask=False))
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 async def test_reflection_can_be_turned_off(make_broker: Callable[..., Awaitable[Running]]) -> None:
     running = await make_broker(reflection=False)
     try:
-        error = await rpc_error(_reflected_services(running, running.broker.admin_port))
+        error = await rpc_error(running.reflected_services(running.broker.admin_port, ask=False))
         assert error.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         await running.close()
