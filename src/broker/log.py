@@ -13,6 +13,7 @@ import contextvars
 import logging
 import re
 import sys
+import threading
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
@@ -81,6 +82,26 @@ def redact_secrets(_logger: Any, _method: str, event: MutableMapping[str, Any]) 
     return event
 
 
+# One lock for every line written, by structlog or by the standard `logging` handler: each takes
+# it, so a line from a library's thread (grpc's, the SQLite writer's) never lands between the two
+# writes of another line and breaks both (structlog's PrintLogger locks only against itself).
+_WRITE_LOCK = threading.RLock()
+
+
+class _Lines:
+    """structlog's logger: one JSON line per event, written whole under `_WRITE_LOCK` and flushed."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+
+    def msg(self, message: str) -> None:
+        with _WRITE_LOCK:
+            self._out.write(message + "\n")
+            self._out.flush()
+
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
+
+
 def configure(level: str = "info", stream: TextIO | None = None) -> None:
     """JSON lines to stdout (or `stream`), filtered at `level`.
 
@@ -104,10 +125,11 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
             structlog.processors.JSONRenderer(sort_keys=True),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=lambda *_: _Lines(out),
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(out)
+    handler.lock = _WRITE_LOCK  # whole lines, whichever thread logs through which of the two
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[

@@ -72,3 +72,35 @@ def test_standard_library_logs_go_through_the_same_redaction() -> None:
     event = json.loads(line)
     assert event["event"] == "upstream failed" and event["level"] == "error"
     assert event["logger"] == "mcp.client.test"
+
+
+def test_lines_from_structlog_and_standard_logging_in_several_threads_stay_whole() -> None:
+    """A library logging from its own thread (grpc's, the SQLite writer's) never splits another line."""
+    import logging
+    import threading
+    import time
+
+    class Yielding(io.StringIO):
+        def write(self, text: str) -> int:
+            time.sleep(0)  # let another thread run between any two writes
+            return super().write(text)
+
+    stream = Yielding()
+    log.configure("info", stream)
+
+    def ours() -> None:
+        for n in range(200):
+            structlog.get_logger("broker.test").info("ours", n=n)
+
+    def theirs() -> None:
+        for n in range(200):
+            logging.getLogger("grpc.test").warning("theirs %d", n)
+
+    threads = [threading.Thread(target=target) for target in (ours, theirs, ours, theirs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+    assert sorted(set(events)) == ["ours", *sorted({f"theirs {n}" for n in range(200)})]
+    assert len(events) == 800
