@@ -84,6 +84,15 @@ naming the setting, raised at start-up.
     total_timeout = 15.0            # BROKER_EGRESS_TOTAL_TIMEOUT (seconds, a whole test)
     max_response_bytes = 1048576    # BROKER_EGRESS_MAX_RESPONSE_BYTES
     max_redirects = 3               # BROKER_EGRESS_MAX_REDIRECTS
+    [leases]                        # dynamic database credentials (a database user per Resolve)
+    poll_seconds = 1                # how often the revocation worker looks for expired leases
+    batch_size = 50                 # leases dropped per batch (a restart with many due goes batch by batch)
+    min_retry_seconds = 1           # a failed drop is retried after this, doubling up to
+    max_retry_seconds = 300         #   this; it is never given up
+    creation_grace_seconds = 60     # a lease still being created after this lost its creator: undone
+    reconcile_seconds = 300         # how often each database's users named with the prefix are
+                                    #   compared with the live leases (and at start); orphans dropped
+    timeout_seconds = 10            # connecting and running one operation's statements
     [monitor]                       # security monitor; a threshold of 0 turns its rule off
     failed_tests = 5                # failed tests of one connection within the window suspend it
     failed_tests_window_seconds = 600
@@ -208,6 +217,7 @@ class Settings:
     audit_seal_interval_seconds: float = 60.0
     egress: EgressSettings = field(default_factory=EgressSettings)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
+    leases: LeaseSettings = field(default_factory=lambda: LeaseSettings())
     # BROKER_* variables no setting reads, with the nearest valid name ("" when none is near).
     unknown_variables: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
@@ -508,6 +518,35 @@ def _metrics_address(src: _Source) -> str:
     return value.strip()
 
 
+@dataclass(frozen=True)
+class LeaseSettings:
+    """`[leases]`: the revocation worker and the reconciler of dynamic database credentials."""
+
+    poll_seconds: float = 1.0
+    batch_size: int = 50
+    min_retry_seconds: float = 1.0
+    max_retry_seconds: float = 300.0
+    creation_grace_seconds: float = 60.0
+    reconcile_seconds: float = 300.0
+    timeout_seconds: float = 10.0
+
+
+def _leases(src: _Source) -> LeaseSettings:
+    settings = LeaseSettings(
+        poll_seconds=src.number("leases", "poll_seconds", 1.0, 0.05, 3600),
+        batch_size=_whole(src, "leases", "batch_size", 50, 1, 10_000),
+        min_retry_seconds=src.number("leases", "min_retry_seconds", 1.0, 0.01, 3600),
+        max_retry_seconds=src.number("leases", "max_retry_seconds", 300.0, 0.01, 86400),
+        creation_grace_seconds=src.number("leases", "creation_grace_seconds", 60.0, 1, 3600),
+        reconcile_seconds=src.number("leases", "reconcile_seconds", 300.0, 1, 86400),
+        timeout_seconds=src.number("leases", "timeout_seconds", 10.0, 0.1, 600),
+    )
+    if settings.creation_grace_seconds <= settings.timeout_seconds:
+        # Or a lease still being created would be undone under its creator.
+        raise ConfigError("leases.creation_grace_seconds must be longer than leases.timeout_seconds")
+    return settings
+
+
 def _monitor(src: _Source) -> MonitorSettings:
     def count(key: str, default: int) -> int:
         value = src.number("monitor", key, default, 0, 1_000_000)
@@ -640,4 +679,5 @@ def _build(src: _Source) -> Settings:
         audit_seal_interval_seconds=src.number("audit", "seal_interval_seconds", 60, 1, 3600),
         egress=_egress(src),
         monitor=_monitor(src),
+        leases=_leases(src),
     )

@@ -140,6 +140,30 @@ CONNECTIONS = Gauge(
     registry=REGISTRY,
     multiprocess_mode="livemostrecent",  # read from the shared store: the newest reading
 )
+LEASE_OPERATIONS = Counter(
+    "broker_lease_operations",
+    "Lease operations (create, renew, revoke, orphan_drop), by result: ok or a failure reason.",
+    ["operation", "result"],
+    registry=REGISTRY,
+)
+LEASE_CREATE_SECONDS = Histogram(
+    "broker_lease_create_duration_seconds",
+    "Time to create a lease's database user (connect, statements), successful ones.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+LEASE_REVOCATIONS_PENDING = Gauge(
+    "broker_lease_revocations_pending",
+    "Leases owed a drop now (expired or revoked, user not dropped yet), in every tenant.",
+    registry=REGISTRY,
+    multiprocess_mode="livemostrecent",  # read from the shared store: the newest reading
+)
+LEASE_REVOCATION_FAILURES = Counter(
+    "broker_lease_revocation_failures",
+    "Failed attempts to drop a lease's database user, by reason (each is retried).",
+    ["reason"],
+    registry=REGISTRY,
+)
 CHANGE_LISTENER_CONNECTED = Gauge(
     "broker_change_listener_connected",
     "1 while this replica sees other replicas' changes (PostgreSQL LISTEN) and so uses its Resolve "

@@ -182,6 +182,12 @@ class ConnectionRecord:
         return self.deleted_at is None
 
     @property
+    def dynamic(self) -> bool:
+        """A dynamic database connection: Resolve makes a fresh database user (a lease) with the
+        stored administrator's credentials, which are never released."""
+        return self.type == "database" and self.config.get("dynamic") is True
+
+    @property
     def presented_status(self) -> ConnectionStatus:
         """What admins see: deleted, revoked, suspended, expired (needs re-authorization), else active."""
         if self.deleted_at is not None:
@@ -338,6 +344,54 @@ class PendingAuthorization:
     created_at: datetime
     expires_at: datetime
     sealed: Sealed
+
+
+class LeaseState(enum.StrEnum):
+    """Where a lease (a database user made for one executor) is in its life."""
+
+    CREATING = "creating"  # the row is written first; the user may or may not exist yet
+    ACTIVE = "active"  # the user exists and was handed to the executor
+    REVOKING = "revoking"  # the user must be dropped: queued, retried until it is
+    REVOKED = "revoked"  # the user was dropped (or never created)
+
+
+LIVE_LEASE_STATES = (LeaseState.CREATING, LeaseState.ACTIVE)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A database user the broker created for one executor on a dynamic connection. The row
+    is the revocation queue too: `next_attempt_at` says when a drop is due again after a
+    failure, `claimed_until` which replica works on it now. Never holds the password."""
+
+    tenant: str
+    id: str
+    connection_id: str
+    principal: str  # the executor the credentials went to
+    username: str
+    state: LeaseState
+    created_at: datetime
+    expires_at: datetime  # when the user stops being valid (moved by renewals)
+    max_expires_at: datetime  # the most a renewal may reach
+    run_id: str = ""
+    revoke_reason: str = ""  # expired, revoked, grant_revoked, connection_revoked, ...
+    attempts: int = 0  # failed drops so far
+    last_error: str = ""  # the reason token of the last failed drop (never server text)
+    next_attempt_at: datetime | None = None
+    claimed_until: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseFilter:
+    """Which leases a listing or a bulk revocation means; unset fields match everything."""
+
+    connection_id: str = ""
+    principal: str = ""
+    run_id: str = ""
+    username_prefix: str = ""
+    state: LeaseState | None = None
+    lease_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,6 +65,7 @@ from broker.service import (
     Clock,
     ConnectionService,
     DenialAudit,
+    LeaseService,
     Limit,
     MasterKeys,
     Monitor,
@@ -192,6 +193,7 @@ class Services:
     proxy: ProxyService
     access: AccessService
     keys: MasterKeys
+    leases: LeaseService
 
 
 def build_services(settings: Settings, store: Store, keyring: Keyring, clock: Clock) -> Services:
@@ -222,7 +224,17 @@ def build_services(settings: Settings, store: Store, keyring: Keyring, clock: Cl
     denials = DenialAudit(audit, monitor, clock, settings.denied_audits_per_minute)
     # The store's change feed: every committed write (this process's and other replicas') invalidates
     # this cache, and blocks announced by any replica's monitor reach this one.
-    changes = ReplicaChanges(cache, monitor)
+    leases = LeaseService(
+        store=store,
+        connections=store,
+        grants=store,
+        keyring=keyring,
+        audit=audit,
+        egress=egress,
+        clock=clock,
+        settings=settings.leases,
+    )
+    changes = ReplicaChanges(cache, monitor, leases)
     tests = TestingService(
         connections=store,
         keyring=keyring,
@@ -234,7 +246,7 @@ def build_services(settings: Settings, store: Store, keyring: Keyring, clock: Cl
         monitor=monitor,
     )
     connections = ConnectionService(
-        connections=store, keyring=keyring, audit=audit, clock=clock, tests=tests, egress=egress
+        connections=store, keyring=keyring, audit=audit, clock=clock, tests=tests, egress=egress, leases=store
     )
     oauth = OAuthService(
         connections=store,
@@ -260,6 +272,7 @@ def build_services(settings: Settings, store: Store, keyring: Keyring, clock: Cl
         oauth=oauth,
         monitor=monitor,
         superseded_grace=timedelta(seconds=settings.superseded_grace_seconds),
+        leases=leases,  # a dynamic database connection's Resolve makes a lease
     )
     # Wrap counts, key gauges, RotateMasterKey, and (with master_key.dir) following the key directory.
     keys = MasterKeys(
@@ -297,6 +310,7 @@ def build_services(settings: Settings, store: Store, keyring: Keyring, clock: Cl
         ),
         access=AccessService(connections=store, grants=store, clock=clock),
         keys=keys,
+        leases=leases,
     )
 
 
@@ -358,6 +372,7 @@ class Broker:
                 services.audit,
                 services.tests,
                 services.oauth,
+                services.leases,
                 monitor=services.monitor,
                 keys=services.keys,
             )
@@ -366,7 +381,7 @@ class Broker:
                 listed = [ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
                 reflection.enable_server_reflection(listed, admin)
             resolve = self._listener(RESOLVE_SERVICE, settings.resolve_addr)
-            ResolveServicer(services.resolver).add_to(resolve)
+            ResolveServicer(services.resolver, services.leases).add_to(resolve)
             add_proxy = broker_pb2_grpc.add_ProxyServiceServicer_to_server
             add_proxy(ProxyServicer(services.proxy), resolve)  # type: ignore[no-untyped-call]
             self._health.append((self._health[-1][0], PROXY_SERVICE))
@@ -388,6 +403,7 @@ class Broker:
         services.audit.start_pruning()
         services.audit.start_sealing()
         services.keys.start()
+        services.leases.start()
         await self._refresh_gauges()
         self._store_probe = asyncio.create_task(self._probe_store())
         self._ready = True
@@ -514,6 +530,7 @@ class Broker:
         services = self.services
         await self._shutdown_step("oauth", services.oauth.close())
         await self._shutdown_step("proxy", services.proxy.close())
+        await self._shutdown_step("leases", services.leases.close())
         await self._shutdown_step("last_used", services.resolver.close())
         await self._shutdown_step("denials", services.denials.close())
         await self._shutdown_step("monitor", services.monitor.close())

@@ -73,6 +73,14 @@ class TestStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TEST_STAGE_TLS: _ClassVar[TestStage]
     TEST_STAGE_AUTHENTICATE: _ClassVar[TestStage]
     TEST_STAGE_SAMPLE_OPERATION: _ClassVar[TestStage]
+
+class LeaseState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LEASE_STATE_UNSPECIFIED: _ClassVar[LeaseState]
+    LEASE_STATE_CREATING: _ClassVar[LeaseState]
+    LEASE_STATE_ACTIVE: _ClassVar[LeaseState]
+    LEASE_STATE_REVOKING: _ClassVar[LeaseState]
+    LEASE_STATE_REVOKED: _ClassVar[LeaseState]
 FIELD_KIND_UNSPECIFIED: FieldKind
 FIELD_KIND_STRING: FieldKind
 FIELD_KIND_INTEGER: FieldKind
@@ -117,6 +125,11 @@ TEST_STAGE_CONNECT: TestStage
 TEST_STAGE_TLS: TestStage
 TEST_STAGE_AUTHENTICATE: TestStage
 TEST_STAGE_SAMPLE_OPERATION: TestStage
+LEASE_STATE_UNSPECIFIED: LeaseState
+LEASE_STATE_CREATING: LeaseState
+LEASE_STATE_ACTIVE: LeaseState
+LEASE_STATE_REVOKING: LeaseState
+LEASE_STATE_REVOKED: LeaseState
 
 class FieldSpec(_message.Message):
     __slots__ = ("name", "kind", "secret", "required", "default_value", "choices", "description")
@@ -757,19 +770,21 @@ class RotateMasterKeyResponse(_message.Message):
     def __init__(self, active_kek_id: _Optional[str] = ..., previous_kek_id: _Optional[str] = ..., deks_by_kek: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ResolveRequest(_message.Message):
-    __slots__ = ("connection_id", "name", "purpose", "known_secret_version")
+    __slots__ = ("connection_id", "name", "purpose", "known_secret_version", "run_id")
     CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
     KNOWN_SECRET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     connection_id: str
     name: str
     purpose: str
     known_secret_version: int
-    def __init__(self, connection_id: _Optional[str] = ..., name: _Optional[str] = ..., purpose: _Optional[str] = ..., known_secret_version: _Optional[int] = ...) -> None: ...
+    run_id: str
+    def __init__(self, connection_id: _Optional[str] = ..., name: _Optional[str] = ..., purpose: _Optional[str] = ..., known_secret_version: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class ResolveResponse(_message.Message):
-    __slots__ = ("connection_id", "name", "type", "provider", "config", "secrets", "expires_at", "cache_ttl_seconds", "secret_version", "superseded_at")
+    __slots__ = ("connection_id", "name", "type", "provider", "config", "secrets", "expires_at", "cache_ttl_seconds", "secret_version", "superseded_at", "lease")
     class SecretsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -787,6 +802,7 @@ class ResolveResponse(_message.Message):
     CACHE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SECRET_VERSION_FIELD_NUMBER: _ClassVar[int]
     SUPERSEDED_AT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
     connection_id: str
     name: str
     type: str
@@ -797,7 +813,98 @@ class ResolveResponse(_message.Message):
     cache_ttl_seconds: int
     secret_version: int
     superseded_at: _timestamp_pb2.Timestamp
-    def __init__(self, connection_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., provider: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., secrets: _Optional[_Mapping[str, str]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cache_ttl_seconds: _Optional[int] = ..., secret_version: _Optional[int] = ..., superseded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    lease: Lease
+    def __init__(self, connection_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., provider: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., secrets: _Optional[_Mapping[str, str]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cache_ttl_seconds: _Optional[int] = ..., secret_version: _Optional[int] = ..., superseded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...
+
+class Lease(_message.Message):
+    __slots__ = ("id", "connection_id", "principal", "username", "state", "created_at", "expires_at", "max_expires_at", "run_id", "revoke_reason", "revocation_attempts", "last_error", "next_attempt_at", "revoked_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    REVOKE_REASON_FIELD_NUMBER: _ClassVar[int]
+    REVOCATION_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ATTEMPT_AT_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    connection_id: str
+    principal: str
+    username: str
+    state: LeaseState
+    created_at: _timestamp_pb2.Timestamp
+    expires_at: _timestamp_pb2.Timestamp
+    max_expires_at: _timestamp_pb2.Timestamp
+    run_id: str
+    revoke_reason: str
+    revocation_attempts: int
+    last_error: str
+    next_attempt_at: _timestamp_pb2.Timestamp
+    revoked_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., connection_id: _Optional[str] = ..., principal: _Optional[str] = ..., username: _Optional[str] = ..., state: _Optional[_Union[LeaseState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., run_id: _Optional[str] = ..., revoke_reason: _Optional[str] = ..., revocation_attempts: _Optional[int] = ..., last_error: _Optional[str] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class RenewLeaseRequest(_message.Message):
+    __slots__ = ("lease_id", "increment_seconds")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    INCREMENT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    increment_seconds: int
+    def __init__(self, lease_id: _Optional[str] = ..., increment_seconds: _Optional[int] = ...) -> None: ...
+
+class RevokeLeaseRequest(_message.Message):
+    __slots__ = ("lease_id",)
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
+
+class ListLeasesRequest(_message.Message):
+    __slots__ = ("connection_id", "principal", "state", "run_id", "page_size", "page_token")
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    connection_id: str
+    principal: str
+    state: LeaseState
+    run_id: str
+    page_size: int
+    page_token: str
+    def __init__(self, connection_id: _Optional[str] = ..., principal: _Optional[str] = ..., state: _Optional[_Union[LeaseState, str]] = ..., run_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListLeasesResponse(_message.Message):
+    __slots__ = ("leases", "next_page_token")
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    leases: _containers.RepeatedCompositeFieldContainer[Lease]
+    next_page_token: str
+    def __init__(self, leases: _Optional[_Iterable[_Union[Lease, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class RevokeLeasesRequest(_message.Message):
+    __slots__ = ("connection_id", "principal", "username_prefix", "run_id", "lease_id")
+    CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    USERNAME_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    connection_id: str
+    principal: str
+    username_prefix: str
+    run_id: str
+    lease_id: str
+    def __init__(self, connection_id: _Optional[str] = ..., principal: _Optional[str] = ..., username_prefix: _Optional[str] = ..., run_id: _Optional[str] = ..., lease_id: _Optional[str] = ...) -> None: ...
+
+class RevokeLeasesResponse(_message.Message):
+    __slots__ = ("revoked",)
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    revoked: int
+    def __init__(self, revoked: _Optional[int] = ...) -> None: ...
 
 class HttpHeader(_message.Message):
     __slots__ = ("name", "value")

@@ -159,6 +159,16 @@ class AdminServiceStub:
                 request_serializer=broker_dot_v1_dot_broker__pb2.RotateMasterKeyRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_broker__pb2.RotateMasterKeyResponse.FromString,
                 _registered_method=True)
+        self.ListLeases = channel.unary_unary(
+                '/broker.v1.AdminService/ListLeases',
+                request_serializer=broker_dot_v1_dot_broker__pb2.ListLeasesRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.ListLeasesResponse.FromString,
+                _registered_method=True)
+        self.RevokeLeases = channel.unary_unary(
+                '/broker.v1.AdminService/RevokeLeases',
+                request_serializer=broker_dot_v1_dot_broker__pb2.RevokeLeasesRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.RevokeLeasesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -316,6 +326,18 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListLeases(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeLeases(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -438,6 +460,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RotateMasterKey,
                     request_deserializer=broker_dot_v1_dot_broker__pb2.RotateMasterKeyRequest.FromString,
                     response_serializer=broker_dot_v1_dot_broker__pb2.RotateMasterKeyResponse.SerializeToString,
+            ),
+            'ListLeases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLeases,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.ListLeasesRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.ListLeasesResponse.SerializeToString,
+            ),
+            'RevokeLeases': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeLeases,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.RevokeLeasesRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.RevokeLeasesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1102,6 +1134,60 @@ class AdminService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ListLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.AdminService/ListLeases',
+            broker_dot_v1_dot_broker__pb2.ListLeasesRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.ListLeasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.AdminService/RevokeLeases',
+            broker_dot_v1_dot_broker__pb2.RevokeLeasesRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.RevokeLeasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class ResolveServiceStub:
     """Releases secrets to mTLS-authenticated executors holding a live grant.
@@ -1118,6 +1204,16 @@ class ResolveServiceStub:
                 request_serializer=broker_dot_v1_dot_broker__pb2.ResolveRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_broker__pb2.ResolveResponse.FromString,
                 _registered_method=True)
+        self.RenewLease = channel.unary_unary(
+                '/broker.v1.ResolveService/RenewLease',
+                request_serializer=broker_dot_v1_dot_broker__pb2.RenewLeaseRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.Lease.FromString,
+                _registered_method=True)
+        self.RevokeLease = channel.unary_unary(
+                '/broker.v1.ResolveService/RevokeLease',
+                request_serializer=broker_dot_v1_dot_broker__pb2.RevokeLeaseRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.Lease.FromString,
+                _registered_method=True)
 
 
 class ResolveServiceServicer:
@@ -1130,6 +1226,19 @@ class ResolveServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewLease(self, request, context):
+        """An executor's own leases only; another executor's lease looks like an unknown one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeLease(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ResolveServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1137,6 +1246,16 @@ def add_ResolveServiceServicer_to_server(servicer, server):
                     servicer.Resolve,
                     request_deserializer=broker_dot_v1_dot_broker__pb2.ResolveRequest.FromString,
                     response_serializer=broker_dot_v1_dot_broker__pb2.ResolveResponse.SerializeToString,
+            ),
+            'RenewLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewLease,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.RenewLeaseRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.Lease.SerializeToString,
+            ),
+            'RevokeLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeLease,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.RevokeLeaseRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.Lease.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1167,6 +1286,60 @@ class ResolveService:
             '/broker.v1.ResolveService/Resolve',
             broker_dot_v1_dot_broker__pb2.ResolveRequest.SerializeToString,
             broker_dot_v1_dot_broker__pb2.ResolveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.ResolveService/RenewLease',
+            broker_dot_v1_dot_broker__pb2.RenewLeaseRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.Lease.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.ResolveService/RevokeLease',
+            broker_dot_v1_dot_broker__pb2.RevokeLeaseRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.Lease.FromString,
             options,
             channel_credentials,
             insecure,

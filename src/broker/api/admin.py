@@ -11,12 +11,20 @@ from broker._proto import broker_pb2_grpc
 from broker.api import convert
 from broker.api.interceptors import current_call
 from broker.errors import FailedPrecondition, InvalidArgument
-from broker.model import AuditFilter, ConnectionFilter, ConnectionRecord, GrantFilter, SecurityEventFilter
+from broker.model import (
+    AuditFilter,
+    ConnectionFilter,
+    ConnectionRecord,
+    GrantFilter,
+    LeaseFilter,
+    SecurityEventFilter,
+)
 from broker.sensitive import SecretFields
 from broker.service.access import AccessService
 from broker.service.audit import AuditLog
 from broker.service.connections import ConnectionPatch, ConnectionService, NewConnection
 from broker.service.keys import MasterKeys
+from broker.service.leases import LeaseService
 from broker.service.monitor import Monitor
 from broker.service.oauth import DraftAuthorization, OAuthService
 from broker.service.testing import TestingService
@@ -31,9 +39,11 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
         audit: AuditLog,
         tests: TestingService,
         oauth: OAuthService,
+        leases: LeaseService,
         monitor: Monitor | None = None,
         keys: MasterKeys | None = None,
     ) -> None:
+        self._leases = leases
         self._keys = keys
         self._monitor = monitor
         self._connections = connections
@@ -137,6 +147,26 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
         filter = GrantFilter(connection_id=request.connection_id, principal=request.principal)
         grants, token = await self._access.list(current_call(), filter, request.page_size, request.page_token)
         return pb.ListGrantsResponse(grants=[convert.grant(g) for g in grants], next_page_token=token)
+
+    async def ListLeases(self, request: pb.ListLeasesRequest, context: Any) -> Any:
+        filter = LeaseFilter(
+            connection_id=request.connection_id,
+            principal=request.principal,
+            run_id=request.run_id,
+            state=convert.lease_state(request.state),
+        )
+        leases, token = await self._leases.list(current_call(), filter, request.page_size, request.page_token)
+        return pb.ListLeasesResponse(leases=[convert.lease(x) for x in leases], next_page_token=token)
+
+    async def RevokeLeases(self, request: pb.RevokeLeasesRequest, context: Any) -> Any:
+        filter = LeaseFilter(
+            connection_id=request.connection_id,
+            principal=request.principal,
+            run_id=request.run_id,
+            username_prefix=request.username_prefix,
+            lease_id=request.lease_id,
+        )
+        return pb.RevokeLeasesResponse(revoked=await self._leases.revoke_matching(current_call(), filter))
 
     async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: Any) -> Any:
         filter = AuditFilter(

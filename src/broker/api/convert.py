@@ -19,6 +19,8 @@ from broker.model import (
     Grant,
     GrantMode,
     GrantScope,
+    Lease,
+    LeaseState,
     McpTool,
     SecurityEvent,
     TestCategory,
@@ -178,6 +180,44 @@ def grant(value: Grant) -> pb.Grant:
         mode=_GRANT_MODE_TO_PB[value.mode],
         scope=pb.GrantScope(methods=scope.methods, path_prefixes=scope.path_prefixes, tools=scope.tools),
     )
+
+
+_LEASE_STATE_TO_PB = {
+    LeaseState.CREATING: pb.LEASE_STATE_CREATING,
+    LeaseState.ACTIVE: pb.LEASE_STATE_ACTIVE,
+    LeaseState.REVOKING: pb.LEASE_STATE_REVOKING,
+    LeaseState.REVOKED: pb.LEASE_STATE_REVOKED,
+}
+_LEASE_STATE_FROM_PB: dict[int, LeaseState] = {int(n): state for state, n in _LEASE_STATE_TO_PB.items()}
+
+
+def lease(value: Lease) -> pb.Lease:
+    return pb.Lease(
+        id=value.id,
+        connection_id=value.connection_id,
+        principal=value.principal,
+        username=value.username,
+        state=_LEASE_STATE_TO_PB[value.state],
+        created_at=timestamp(value.created_at),
+        expires_at=timestamp(value.expires_at),
+        max_expires_at=timestamp(value.max_expires_at),
+        run_id=value.run_id,
+        revoke_reason=value.revoke_reason,
+        revocation_attempts=value.attempts,
+        last_error=value.last_error,
+        next_attempt_at=timestamp(value.next_attempt_at if value.state is LeaseState.REVOKING else None),
+        revoked_at=timestamp(value.revoked_at),
+    )
+
+
+def lease_state(value: int) -> LeaseState | None:
+    """A request's lease state filter; UNSPECIFIED is any, an unknown number is INVALID_ARGUMENT."""
+    if value == pb.LEASE_STATE_UNSPECIFIED:
+        return None
+    state = _LEASE_STATE_FROM_PB.get(value)
+    if state is None:
+        raise InvalidArgument.field("state", "is not a LeaseState")
+    return state
 
 
 def grant_mode(value: int) -> GrantMode:

@@ -13,6 +13,9 @@ CLASSES = {
     "ProxyHttp": "proxy",
     "ProxyHttpStream": "proxy",
     "CallMcpTool": "proxy",
+    # Each makes a statement run on a database: paced like Resolve.
+    "RenewLease": "resolve",
+    "RevokeLease": "resolve",
     "TestConnection": "test",
     "DiscoverMcpTools": "test",
     "RefreshMcpTools": "test",
@@ -30,6 +33,7 @@ CLASSES = {
             "RevokeAccess",
             "BeginAuthorization",
             "CompleteAuthorization",
+            "RevokeLeases",
         )
     },
 }

@@ -78,6 +78,56 @@ def auth_rules(
     return tuple(rules)
 
 
+def _statements(when: str, purpose: str) -> FieldSpec:
+    return FieldSpec(
+        f"{when}_statements",
+        FieldKind.STRING_LIST,
+        description=f"Dynamic: the SQL that {purpose} a lease's user, one statement each, with "
+        "{{name}}, {{password}}, {{expiration}}, {{group}}; empty: the driver's defaults.",
+        check=v.each(v.statement_template),
+    )
+
+
+# A dynamic database connection keeps an administrator's credentials, never released, and
+# makes a fresh user per Resolve (a lease, broker.service.leases); postgresql and mysql only.
+_DYNAMIC_FIELDS = (
+    FieldSpec(
+        "dynamic",
+        FieldKind.BOOLEAN,
+        description="Make a fresh, short-lived database user per Resolve (a lease); the stored "
+        "credentials are then the administrator's and are never released. postgresql and mysql "
+        "only; defaults to false.",
+    ),
+    FieldSpec(
+        "default_ttl",
+        FieldKind.INTEGER,
+        description="Dynamic: seconds a lease lasts unless renewed (capped at max_ttl); defaults to 3600.",
+        check=v.integer_between(1, 366 * 86400),
+    ),
+    FieldSpec(
+        "max_ttl",
+        FieldKind.INTEGER,
+        description="Dynamic: seconds a lease may last in all, renewals included; defaults to 86400.",
+        check=v.integer_between(1, 366 * 86400),
+    ),
+    FieldSpec(
+        "username_prefix",
+        FieldKind.STRING,
+        description="Dynamic: the start of every user name the broker makes (defaults to brk_); the "
+        "reconciler drops users named so with no live lease, and never touches any other user.",
+        check=v.matching(r"[a-z][a-z0-9_]{0,11}", "a lower-case letter then up to 11 of a-z, 0-9, _"),
+    ),
+    FieldSpec(
+        "group_role",
+        FieldKind.STRING,
+        description="Dynamic: the role whose privileges a lease's user gets (the default statements).",
+    ),
+    _statements("creation", "creates"),
+    _statements("renewal", "extends"),
+    _statements("revocation", "drops"),
+)
+
+
 DATABASE = ConnectionType(
     name="database",
     description="A SQL database: PostgreSQL, MySQL/MariaDB, SQLite or SQL Server. Takes no provider.",
@@ -110,10 +160,12 @@ DATABASE = ConnectionType(
             "ssl_ca", FieldKind.STRING, description="CA certificate (PEM) or its path, to verify the server."
         ),
         FieldSpec("options", FieldKind.STRING_MAP, description="Extra driver connection options."),
+        *_DYNAMIC_FIELDS,
     ),
     rules=(
         require("host", "username", when=(is_not("driver", "sqlite"),)),
         forbid("host", "port", "username", when=(is_("driver", "sqlite"),)),
+        forbid(*(f.name for f in _DYNAMIC_FIELDS), when=(is_("driver", "sqlite", "mssql"),)),
     ),
     defaults=(
         Default("port", 5432, (is_("driver", "postgresql"),)),

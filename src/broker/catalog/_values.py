@@ -228,6 +228,26 @@ def each(check: Check) -> Check:
     return check_all
 
 
+# The placeholders of a dynamic database connection's statement templates (broker.dbusers
+# renders each with the driver's own quoting).
+STATEMENT_PLACEHOLDERS = ("name", "password", "expiration", "group")
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_]+)\s*\}\}")
+
+
+def statement_template(value: str) -> str:
+    """Check: one SQL statement whose only `{{...}}` are the known placeholders."""
+    rest = _PLACEHOLDER.sub("", value)
+    if "{{" in rest or "}}" in rest:
+        raise Problem("has an unbalanced {{ or }}")
+    unknown = sorted({m for m in _PLACEHOLDER.findall(value) if m not in STATEMENT_PLACEHOLDERS})
+    if unknown:
+        known = ", ".join("{{" + p + "}}" for p in STATEMENT_PLACEHOLDERS)
+        raise Problem(f"uses an unknown placeholder {{{{{unknown[0][:32]}}}}}; known: {known}")
+    if not value.strip():
+        raise Problem("must not be blank")
+    return value
+
+
 def host(value: str) -> str:
     """Check: a host name or IP address without scheme, port or path; normalised to lowercase."""
     problem = Problem("must be a host name or IP address (no scheme, port or path)")

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from broker.service.denials import DenialAudit
     from broker.service.keycheck import verify_keyring
     from broker.service.keys import MasterKeys
+    from broker.service.leases import LeaseService
     from broker.service.monitor import Monitor, MonitorSettings
     from broker.service.oauth import DraftAuthorization, OAuthService, OAuthSettings
     from broker.service.proxy import ProxyService
@@ -45,6 +46,7 @@ _MODULES = {
     "ConnectionService": "connections",
     "DenialAudit": "denials",
     "DraftAuthorization": "oauth",
+    "LeaseService": "leases",
     "Limit": "ratelimit",
     "MasterKeys": "keys",
     "Monitor": "monitor",
@@ -75,6 +77,7 @@ __all__ = [
     "ConnectionService",
     "DenialAudit",
     "DraftAuthorization",
+    "LeaseService",
     "Limit",
     "MasterKeys",
     "Monitor",

@@ -70,6 +70,7 @@ class CachedConnection:
 
     __slots__ = (
         "binding",
+        "dynamic",
         "grantee",
         "grantee_terms",
         "id",
@@ -98,6 +99,8 @@ class CachedConnection:
         # OAuth2 decides per call whether to refresh from the token times in the config: those
         # few connections keep their whole record.
         self.oauth = record if record.type == "oauth2" else None
+        # A dynamic database connection makes a lease per Resolve from its config: kept whole too.
+        self.dynamic = record if record.dynamic else None
         # Grants cached for this connection: each principal's terms, or None when it is known to
         # have none. Most connections have one caller: it is kept in two slots
         # (a dict costs ~300 bytes per entry); any others in a dict.

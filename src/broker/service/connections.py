@@ -23,6 +23,8 @@ from broker.model import (
     ConnectionFilter,
     ConnectionRecord,
     ConnectionStatus,
+    LeaseFilter,
+    LeaseState,
     TestResult,
     TestStatus,
     new_id,
@@ -36,7 +38,7 @@ from broker.service.lookup import existing_connection
 from broker.service.oauth import DraftAuthorization, revoke_upstream, token_config, token_secrets
 from broker.service.sealing import open_secrets_audited, seal
 from broker.service.testing import TestingService
-from broker.store import ConnectionStore
+from broker.store import ConnectionStore, LeaseStore
 from broker.testers import Target
 
 Clock = Callable[[], datetime]
@@ -182,8 +184,11 @@ class ConnectionService:
         clock: Clock = utc_now,
         tests: TestingService | None = None,
         egress: EgressPolicy | None = None,
+        leases: LeaseStore | None = None,
     ) -> None:
         self._audit = audit
+        # A dynamic connection's leases: purging it would destroy the credentials that drop them.
+        self._leases = leases
         # Revoking an oauth2 connection asks its provider to revoke the tokens too (through egress).
         self._egress = egress
         self._connections = connections
@@ -363,10 +368,25 @@ class ConnectionService:
         if current.live:
             raise FailedPrecondition(f"connection {current.id} must be deleted before it can be purged")
         now = self._clock()
+        if self._leases is not None:
+            await self._leases_dropped(call, current.id, now)
         record = replace(current, sealed=None, purged_at=now, version=current.version + 1, updated_at=now)
         await self._commit(
             record, current, self._event(call, "connection.purge", current.id), drop_grants=True
         )
+
+    async def _leases_dropped(self, call: Call, connection_id: str, now: datetime) -> None:
+        """Refuse to purge while a lease's database user still waits to be dropped: that needs the
+        stored administrator's credentials, which a purge destroys."""
+        assert self._leases is not None
+        mine = LeaseFilter(connection_id=connection_id)
+        await self._leases.revoke_leases(call.tenant, mine, "connection_purged", now, None)
+        waiting = replace(mine, state=LeaseState.REVOKING)
+        if await self._leases.list_leases(call.tenant, waiting, 1, None):
+            raise FailedPrecondition(
+                f"connection {connection_id} has leases whose database users are still being dropped; "
+                f"purge it once `brokerctl leases --connection {connection_id} --state revoking` lists none"
+            )
 
     async def revoke(self, call: Call, connection_id: str, reason: str) -> ConnectionRecord:
         """Mark revoked: stays listed, never resolves again."""

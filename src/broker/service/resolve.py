@@ -27,12 +27,13 @@ from broker.errors import (
     SecretUnavailable,
     Unavailable,
 )
-from broker.model import ConnectionRecord, GrantMode, Outcome
+from broker.model import ConnectionRecord, GrantMode, Lease, Outcome
 from broker.sensitive import SecretFields
 from broker.service.audit import AuditLog
 from broker.service.cache import MISSING, CachedConnection, GrantTerms, ResolveCache, grant_terms
 from broker.service.context import Call
 from broker.service.fingerprint import Fingerprinter
+from broker.service.leases import LeaseService
 from broker.service.monitor import Monitor
 from broker.service.oauth import OAuthService
 from broker.service.sealing import DECRYPT_FAILED, open_secrets
@@ -43,6 +44,7 @@ log = structlog.get_logger("broker.resolve")
 DENIED_MESSAGE = "not permitted to resolve this connection"
 RESOLVE = "connection.resolve"
 MAX_PURPOSE = 256
+MAX_RUN_ID = 128
 # Labelled children of the per-call outcomes, looked up once rather than on every Resolve.
 _ALLOWED = metrics.RESOLVES.labels("allowed", "")
 _CACHE_HIT = metrics.RESOLVE_CACHE.labels("hit")
@@ -60,6 +62,9 @@ class Released:
     cache_ttl_seconds: int
     # When the secret version the executor said it holds was replaced (see ResolveRequest).
     superseded_at: datetime | None = None
+    # A dynamic database connection's fresh user: `secrets` holds its password, and the answer
+    # names its user instead of the stored administrator.
+    lease: Lease | None = None
 
 
 class Resolver:
@@ -77,7 +82,9 @@ class Resolver:
         oauth: OAuthService | None = None,
         monitor: Monitor | None = None,
         superseded_grace: timedelta = timedelta(hours=1),
+        leases: LeaseService | None = None,
     ) -> None:
+        self._leases = leases
         self._monitor = monitor
         self._superseded_grace = superseded_grace
         self._fingerprints = Fingerprinter(keyring)
@@ -102,6 +109,7 @@ class Resolver:
         name: str = "",
         purpose: str = "",
         known_secret_version: int = 0,
+        run_id: str = "",
     ) -> Released:
         """Check the grant, audit, return the opened secrets. Every denial looks the same to the caller."""
         if known_secret_version < 0:
@@ -110,7 +118,14 @@ class Resolver:
             raise InvalidArgument.field("ref", "exactly one of connection_id or name is required")
         if len(purpose) > MAX_PURPOSE:
             raise InvalidArgument.field("purpose", f"must be at most {MAX_PURPOSE} characters")
-        for field_name, text in (("name", name), ("connection_id", connection_id), ("purpose", purpose)):
+        if len(run_id) > MAX_RUN_ID:
+            raise InvalidArgument.field("run_id", f"must be at most {MAX_RUN_ID} characters")
+        for field_name, text in (
+            ("name", name),
+            ("connection_id", connection_id),
+            ("purpose", purpose),
+            ("run_id", run_id),
+        ):
             if not text.isprintable():
                 raise InvalidArgument.field(field_name, "must not contain control characters")
         now = self._clock()
@@ -127,10 +142,14 @@ class Resolver:
                 self._monitor.resolve_denied(call, ref_id, reason, now)
             raise PermissionDenied(DENIED_MESSAGE)
         assert entry is not None
-        public, secret_version, expires_at = entry.public, entry.secret_version, None
+        public, secret_version, expires_at, lease = entry.public, entry.secret_version, None, None
         try:
             secrets = open_secrets(self._keyring, entry)
             record = entry.oauth  # None unless OAuth2
+            if entry.dynamic is not None:
+                # The stored secret is the administrator's: it makes a user and is never released.
+                lease, secrets = await self._lease(call, entry.dynamic, secrets, now, ref_id, details, run_id)
+                expires_at = lease.expires_at
             if record is not None:
                 if self._oauth is not None:
                     # A refresh re-reads the row: it too may fail to open.
@@ -144,10 +163,11 @@ class Resolver:
                 call.audit_event(now, RESOLVE, ref_id, Outcome.FAILED, DECRYPT_FAILED, details)
             )
             raise
-        # Which values went out, without the values: after a leak, `broker audit fingerprint
-        # --search` finds every executor that received the leaked one.
-        details.update(self._fingerprints.released(secrets))
-        await self._audit.append(call.audit_event(now, RESOLVE, ref_id, Outcome.ALLOWED, "", details))
+        if lease is None:  # a lease's release was audited with its activation
+            # Which values went out, without the values: after a leak, `broker audit fingerprint
+            # --search` finds every executor that received the leaked one.
+            details.update(self._fingerprints.released(secrets))
+            await self._audit.append(call.audit_event(now, RESOLVE, ref_id, Outcome.ALLOWED, "", details))
         if self._monitor is not None:
             self._monitor.resolve_allowed(call, entry.id, now)
         _ALLOWED.inc()
@@ -164,8 +184,33 @@ class Resolver:
             if superseded_at is not None and now - superseded_at > self._superseded_grace:
                 superseded_at = None
         return Released(
-            public, secrets, expires_at=expires_at, cache_ttl_seconds=ttl, superseded_at=superseded_at
+            public,
+            secrets,
+            expires_at=expires_at,
+            cache_ttl_seconds=ttl,
+            superseded_at=superseded_at,
+            lease=lease,
         )
+
+    async def _lease(
+        self,
+        call: Call,
+        record: ConnectionRecord,
+        admin: SecretFields,
+        now: datetime,
+        ref_id: str,
+        details: dict[str, str],
+        run_id: str,
+    ) -> tuple[Lease, SecretFields]:
+        """A fresh database user for the caller; its release is audited with the lease's activation."""
+        if self._leases is None:
+            raise FailedPrecondition(f"connection {record.id} is dynamic, and leases are not enabled here")
+        released = call.audit_event(now, RESOLVE, ref_id, Outcome.ALLOWED, "", details)
+        try:
+            return await self._leases.issue(call, record, admin, now, run_id, released)
+        except Unavailable:
+            metrics.RESOLVES.labels("failed", "lease_failed").inc()
+            raise
 
     async def _oauth_fresh(
         self,

@@ -27,6 +27,7 @@ from broker.model import (
     ConnectionRecord,
     Grant,
     GrantScope,
+    Lease,
     McpTool,
     PendingAuthorization,
     SecurityEvent,
@@ -226,3 +227,4 @@ SEEN = Table("monitor_seen", SeenFact)
 SEALS = Table("audit_seals", AuditSeal)
 # The tool list of a connection: `tenant`, `connection_id` and `discovered_at` are written around it.
 MCP_TOOLS = Table("mcp_tools", McpTool)
+LEASES = Table("leases", Lease)

@@ -31,6 +31,8 @@ from broker.model import (
     ConnectionRecord,
     Grant,
     GrantFilter,
+    Lease,
+    LeaseFilter,
     McpTool,
     PendingAuthorization,
     SealCheck,
@@ -314,6 +316,59 @@ class KeyStore(Protocol):
         """The persisted count of encryptions made under each master key."""
 
 
+class LeaseStore(Protocol):
+    """Leases (database users made for executors) and their revocation queue; see `store.leases`."""
+
+    async def insert_lease(self, lease: Lease) -> None:
+        """Write a new lease, in state `creating`, before its user is created."""
+
+    async def activate_lease(self, tenant: str, lease_id: str, events: Sequence[AuditEvent]) -> bool:
+        """`creating` -> `active` with the events of its release; False when it was claimed for
+        revocation meanwhile (its creator took too long) or is gone."""
+
+    async def get_lease(self, tenant: str, lease_id: str) -> Lease | None: ...
+
+    async def list_leases(
+        self, tenant: str, filter: LeaseFilter, limit: int, after: str | None
+    ) -> list[Lease]:
+        """A page of leases by id, after the id `after`."""
+
+    async def renew_lease(
+        self, tenant: str, lease_id: str, expires_at: datetime, now: datetime, event: AuditEvent
+    ) -> bool:
+        """Move an active, unexpired lease's end to `expires_at` (at most its `max_expires_at`);
+        False, and nothing written, otherwise."""
+
+    async def revoke_leases(
+        self, tenant: str, filter: LeaseFilter, reason: str, now: datetime, event: AuditEvent | None
+    ) -> int:
+        """Queue every live lease matching `filter` for revocation now; how many. The event is
+        written only when there was one."""
+
+    async def claim_due_leases(
+        self, now: datetime, creating_before: datetime, claim_until: datetime, limit: int
+    ) -> list[Lease]:
+        """Up to `limit` leases owed a drop (expired, queued, or stuck `creating` since before
+        `creating_before`), in any tenant, claimed until `claim_until` by this caller only."""
+
+    async def lease_revoked(self, tenant: str, lease_id: str, now: datetime, event: AuditEvent) -> None:
+        """The user was dropped: the lease is `revoked`, with its event."""
+
+    async def lease_revocation_failed(
+        self, tenant: str, lease_id: str, error: str, next_attempt_at: datetime
+    ) -> None:
+        """A drop failed (`error`: a reason token): count it and try again at `next_attempt_at`."""
+
+    async def live_lease_usernames(self, usernames: Sequence[str]) -> set[str]:
+        """Which of `usernames` belong to a lease not yet revoked, in any tenant (the reconciler)."""
+
+    async def lease_connections(self) -> list[tuple[str, str]]:
+        """(tenant, connection id) of every connection with lease rows, in any tenant (the reconciler)."""
+
+    async def lease_counts(self, now: datetime) -> dict[str, int]:
+        """Leases per state, and `due`: how many are owed a drop now."""
+
+
 class Coordination(Protocol):
     """What several replicas on one database share: the change feed, blocks, refresh locks, buckets."""
 
@@ -351,6 +406,7 @@ class Store(
     SecurityEventStore,
     AuditLogStore,
     KeyStore,
+    LeaseStore,
     Coordination,
     Protocol,
 ):

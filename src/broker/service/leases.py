@@ -1,0 +1,462 @@
+"""Leases: a fresh database user per Resolve on a dynamic connection, dropped when it ends
+whatever happens in between.
+
+A dynamic database connection stores an administrator's credentials, which are never
+released: Resolve (`Resolver`, which checks the grant first) asks `issue` for a lease
+instead. The lease row is written `creating` before the user exists and turned `active`
+with the audit events of its release, so a crash in between leaves a row that the
+revocation worker finds once `creation_grace` has passed and undoes.
+
+Every end goes through the one queue in the lease table (`store.leases`): expiry, an
+executor's RevokeLease, an admin's RevokeLeases, and what this service hears from the
+change feed (a connection no longer live, a grant gone, a principal blocked). The
+worker claims due leases in bounded batches, drops their users, and on failure tries
+again with a capped backoff, forever. The reconciler lists the users carrying the
+connection's prefix in each database and drops those no live lease accounts for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import random
+import re
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+import structlog
+
+from broker import metrics
+from broker.config import LeaseSettings
+from broker.crypto import Keyring
+from broker.dbusers import LeaseDbError, UserAdmin, new_password, new_username
+from broker.egress import EgressPolicy
+from broker.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    SecretUnavailable,
+    Unavailable,
+)
+from broker.model import (
+    AuditEvent,
+    ConnectionRecord,
+    Lease,
+    LeaseFilter,
+    LeaseState,
+    Outcome,
+    new_id,
+)
+from broker.sensitive import SecretFields
+from broker.service import paging
+from broker.service.audit import AuditLog
+from broker.service.context import Call, system_event
+from broker.service.fingerprint import Fingerprinter
+from broker.service.inputs import require_printable
+from broker.service.sealing import open_secrets
+from broker.store import ConnectionStore, GrantStore, LeaseStore
+from broker.testers.base import Target
+
+log = structlog.get_logger("broker.leases")
+
+ACTOR = "broker:leases"
+DEFAULT_TTL = 3600
+DEFAULT_MAX_TTL = 86400
+DEFAULT_PREFIX = "brk_"
+
+# UserAdmin.open(target, egress, timeout=...): a seam for tests that need a database to fail.
+OpenAdmin = Callable[..., Awaitable[UserAdmin]]
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseTerms:
+    """How long a dynamic connection's leases last, and how their users are named."""
+
+    default_ttl: timedelta
+    max_ttl: timedelta
+    prefix: str
+
+    @classmethod
+    def of(cls, record: ConnectionRecord) -> LeaseTerms:
+        config = record.config
+        max_ttl = int(config.get("max_ttl") or DEFAULT_MAX_TTL)
+        default_ttl = min(int(config.get("default_ttl") or DEFAULT_TTL), max_ttl)
+        prefix = str(config.get("username_prefix") or DEFAULT_PREFIX)
+        return cls(timedelta(seconds=default_ttl), timedelta(seconds=max_ttl), prefix)
+
+    def ours(self, username: str) -> bool:
+        """Whether `username` is one the broker would have made: the prefix, then 16 of [a-z0-9]."""
+        return re.fullmatch(re.escape(self.prefix) + "[a-z0-9]{16}", username) is not None
+
+
+class LeaseService:
+    def __init__(
+        self,
+        store: LeaseStore,
+        connections: ConnectionStore,
+        grants: GrantStore,
+        keyring: Keyring,
+        audit: AuditLog,
+        egress: EgressPolicy,
+        clock: Callable[[], datetime],
+        settings: LeaseSettings = LeaseSettings(),  # noqa: B008 (frozen)
+        open_admin: OpenAdmin = UserAdmin.open,
+    ) -> None:
+        self._fingerprints = Fingerprinter(keyring)
+        self._store = store
+        self._connections = connections
+        self._grants = grants
+        self._keyring = keyring
+        self._audit = audit
+        self._egress = egress
+        self._clock = clock
+        self._settings = settings
+        self._open_admin = open_admin
+        self._wake = asyncio.Event()
+        self._pass_lock = asyncio.Lock()
+        # What the change feed said, checked by the worker: (tenant, connection id, principal);
+        # principal "" means every lease of the connection, connection "" every lease of the principal.
+        self._to_check: set[tuple[str, str, str]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------------ issue
+
+    async def issue(
+        self,
+        call: Call,
+        record: ConnectionRecord,
+        admin: SecretFields,
+        now: datetime,
+        run_id: str,
+        released: AuditEvent,
+    ) -> tuple[Lease, SecretFields]:
+        """Make a database user for the caller; the lease and its credentials. `released` is the
+        Resolve's audit event: written with the lease's activation, before the caller hears."""
+        terms = LeaseTerms.of(record)
+        lease = Lease(
+            tenant=record.tenant,
+            id=new_id("lease"),
+            connection_id=record.id,
+            principal=call.actor,
+            username=new_username(terms.prefix),
+            state=LeaseState.CREATING,
+            created_at=now,
+            expires_at=now + terms.default_ttl,
+            max_expires_at=now + terms.max_ttl,
+            run_id=run_id,
+        )
+        await self._store.insert_lease(lease)
+        password = new_password()
+        started = asyncio.get_running_loop().time()
+        details = {
+            "lease_id": lease.id,
+            "username": lease.username,
+            "expires_at": lease.expires_at.isoformat(),
+        }
+        if run_id:
+            details["run_id"] = run_id
+        try:
+            async with await self._session(record, admin) as db:
+                await db.create(lease.username, password, lease.expires_at)
+        except LeaseDbError as exc:
+            metrics.LEASE_OPERATIONS.labels("create", exc.reason).inc()
+            # The user may exist in part (a statement of several failed): the worker drops it.
+            await self._store.revoke_leases(
+                lease.tenant, LeaseFilter(lease_id=lease.id), "creation_failed", now, None
+            )
+            self._wake.set()
+            await self._audit.append(
+                call.audit_event(now, "lease.create", record.id, Outcome.FAILED, exc.reason, details)
+            )
+            raise Unavailable(
+                f"could not create a database user for connection {record.id} ({exc.reason})"
+            ) from None
+        credentials = SecretFields({"password": password})
+        released = replace(
+            released, details=released.details | details | self._fingerprints.released(credentials)
+        )
+        created = call.audit_event(now, "lease.create", record.id, Outcome.SUCCEEDED, "", details)
+        if not await self._store.activate_lease(lease.tenant, lease.id, [released, created]):
+            # Creating took longer than creation_grace: the worker has claimed it and drops the user.
+            raise Unavailable("creating the database user took too long; try again")
+        metrics.LEASE_OPERATIONS.labels("create", "ok").inc()
+        metrics.LEASE_CREATE_SECONDS.observe(asyncio.get_running_loop().time() - started)
+        return replace(lease, state=LeaseState.ACTIVE), credentials
+
+    # ------------------------------------------------------ executor: renew, revoke
+
+    async def renew(self, call: Call, lease_id: str, increment_seconds: int) -> Lease:
+        """Extend the caller's active lease by `increment_seconds` from now (0: the connection's
+        default), never past its `max_expires_at`; the database user's validity moves first."""
+        if increment_seconds < 0:
+            raise InvalidArgument.field("increment_seconds", "must not be negative")
+        lease = await self._own_lease(call, lease_id)
+        now = self._clock()
+        if lease.state is not LeaseState.ACTIVE or lease.expires_at <= now:
+            raise FailedPrecondition(f"lease {lease.id} has ended ({self._ended(lease, now)}); resolve again")
+        record = await self._connections.get_connection(lease.tenant, lease.connection_id)
+        grant = await self._grants.get_grant(lease.tenant, lease.connection_id, call.actor)
+        if record is None or not record.live or grant is None or not grant.active_at(now):
+            raise PermissionDenied(f"not permitted to renew lease {lease.id}")
+        terms = LeaseTerms.of(record)
+        increment = timedelta(seconds=increment_seconds) if increment_seconds else terms.default_ttl
+        expires_at = min(now + increment, lease.max_expires_at)
+        details = {"lease_id": lease.id, "expires_at": expires_at.isoformat()}
+        try:
+            # The database first: if the store write then fails, the user is valid longer than
+            # the lease, and the worker still drops it at the lease's (old) end. The other way
+            # round, a lease could outlive its user's validity.
+            async with await self._session(record, open_secrets(self._keyring, record)) as db:
+                await db.renew(lease.username, expires_at)
+        except (LeaseDbError, SecretUnavailable) as exc:
+            reason = exc.reason if isinstance(exc, LeaseDbError) else "decrypt_failed"
+            metrics.LEASE_OPERATIONS.labels("renew", reason).inc()
+            await self._audit.append(
+                call.audit_event(now, "lease.renew", lease.connection_id, Outcome.FAILED, reason, details)
+            )
+            raise Unavailable(f"could not extend the database user of lease {lease.id} ({reason})") from None
+        event = call.audit_event(now, "lease.renew", lease.connection_id, details=details)
+        if not await self._store.renew_lease(lease.tenant, lease.id, expires_at, now, event):
+            raise FailedPrecondition(f"lease {lease.id} has ended; resolve again")
+        metrics.LEASE_OPERATIONS.labels("renew", "ok").inc()
+        return replace(lease, expires_at=expires_at)
+
+    async def revoke(self, call: Call, lease_id: str) -> Lease:
+        """End the caller's lease now: queued, then dropped in this call unless the database
+        cannot be reached (then the worker keeps trying; the answer says `revoking`)."""
+        lease = await self._own_lease(call, lease_id)
+        now = self._clock()
+        event = call.audit_event(now, "lease.revoke", lease.connection_id, details={"lease_id": lease.id})
+        await self._store.revoke_leases(lease.tenant, LeaseFilter(lease_id=lease.id), "revoked", now, event)
+        await self.revoke_due()
+        found = await self._store.get_lease(lease.tenant, lease.id)
+        return found if found is not None else lease
+
+    async def _own_lease(self, call: Call, lease_id: str) -> Lease:
+        if not lease_id:
+            raise InvalidArgument.field("lease_id", "is required")
+        require_printable(lease_id=lease_id)
+        if len(lease_id) > 64:
+            raise InvalidArgument.field("lease_id", "must be at most 64 characters")
+        lease = await self._store.get_lease(call.tenant, lease_id)
+        if lease is None or lease.principal != call.actor:
+            # Another executor's lease looks exactly like an unknown one.
+            raise NotFound(f"lease {lease_id} not found")
+        return lease
+
+    @staticmethod
+    def _ended(lease: Lease, now: datetime) -> str:
+        if lease.state is LeaseState.ACTIVE:
+            return "expired"
+        return lease.revoke_reason or lease.state.value
+
+    # ---------------------------------------------------------------- admin
+
+    async def list(
+        self, call: Call, filter: LeaseFilter, page_size: int, page_token: str
+    ) -> tuple[list[Lease], str]:
+        limit = paging.page_size(page_size)
+        after = paging.decode_token("leases", page_token, paging.text) if page_token else None
+        leases = await self._store.list_leases(call.tenant, filter, limit + 1, after)
+        if len(leases) > limit:
+            return leases[:limit], paging.encode_token("leases", leases[limit - 1].id)
+        return leases, ""
+
+    async def revoke_matching(self, call: Call, filter: LeaseFilter) -> int:
+        """Queue every live lease that matches for revocation now; how many."""
+        if filter == LeaseFilter():
+            raise InvalidArgument.field(
+                "filter", "name at least one of connection_id, principal, username_prefix, run_id, lease_id"
+            )
+        now = self._clock()
+        event = call.audit_event(now, "lease.revoke", filter.connection_id, details=_filter_fields(filter))
+        count = await self._store.revoke_leases(call.tenant, filter, "revoked", now, event)
+        if count:
+            self._wake.set()
+        return count
+
+    # ------------------------------------------------------ what the feed says
+
+    def connection_changed(self, tenant: str, connection_id: str) -> None:
+        self._to_check.add((tenant, connection_id, ""))
+        self._wake.set()
+
+    def grant_changed(self, tenant: str, connection_id: str, principal: str) -> None:
+        self._to_check.add((tenant, connection_id, principal))
+        self._wake.set()
+
+    def principal_blocked(self, tenant: str, principal: str) -> None:
+        self._to_check.add((tenant, "", principal))
+        self._wake.set()
+
+    async def _check_changes(self) -> None:
+        """Queue the leases that a change ended: the connection no longer live, the grant gone
+        or expired, the principal blocked."""
+        checks, self._to_check = self._to_check, set()
+        now = self._clock()
+        for tenant, connection_id, principal in checks:
+            if not connection_id:
+                reason = "principal_blocked"
+            elif not principal:
+                record = await self._connections.get_connection(tenant, connection_id)
+                if record is not None and record.live and record.dynamic:
+                    continue
+                reason = "connection_revoked"
+            else:
+                grant = await self._grants.get_grant(tenant, connection_id, principal)
+                if grant is not None and grant.active_at(now):
+                    continue
+                reason = "grant_revoked"
+            selector = LeaseFilter(connection_id=connection_id, principal=principal)
+            event = system_event(now, ACTOR, tenant, connection_id, "lease.revoke", reason=reason)
+            await self._store.revoke_leases(tenant, selector, reason, now, event)
+
+    # ---------------------------------------------------------------- worker
+
+    def start(self) -> None:
+        """Start the revocation worker and the reconciler (which runs once now)."""
+        self._tasks = [asyncio.create_task(self._work()), asyncio.create_task(self._reconcile_periodically())]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _work(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                if self._to_check:
+                    await self._check_changes()
+                done = await self.revoke_due()
+                counts = await self._store.lease_counts(self._clock())
+                metrics.LEASE_REVOCATIONS_PENDING.set(counts["due"])
+            except Exception as exc:
+                log.error("lease_worker_failed", error_type=type(exc).__name__)
+                done = 0
+            if done >= self._settings.batch_size:
+                await asyncio.sleep(0)  # more are due: go on, letting Resolve calls in between
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._settings.poll_seconds)
+
+    async def revoke_due(self) -> int:
+        """One batch: claim the leases owed a drop, drop their users, record each outcome."""
+        async with self._pass_lock:
+            now = self._clock()
+            settings = self._settings
+            claimed = await self._store.claim_due_leases(
+                now,
+                now - timedelta(seconds=settings.creation_grace_seconds),
+                # Long enough to finish the batch; if this process dies, another takes over then.
+                now + timedelta(seconds=settings.timeout_seconds * 2 + 30),
+                settings.batch_size,
+            )
+            by_connection: dict[tuple[str, str], list[Lease]] = defaultdict(list)
+            for lease in claimed:
+                by_connection[(lease.tenant, lease.connection_id)].append(lease)
+            for (tenant, connection_id), leases in by_connection.items():
+                await self._drop(tenant, connection_id, leases)
+            return len(claimed)
+
+    async def _drop(self, tenant: str, connection_id: str, leases: Sequence[Lease]) -> None:
+        record = await self._connections.get_connection(tenant, connection_id)
+        if record is None or record.sealed is None:
+            # Purged: the administrator's credentials are gone. Still never given up: it shows
+            # in ListLeases with this reason, and an admin can restore nothing but knows.
+            await self._failed(leases, "connection_purged")
+            return
+        try:
+            admin = open_secrets(self._keyring, record)
+        except SecretUnavailable:
+            await self._failed(leases, "decrypt_failed")
+            return
+        try:
+            async with await self._session(record, admin) as db:
+                for lease in leases:
+                    try:
+                        await db.drop(lease.username)
+                    except LeaseDbError as exc:
+                        await self._failed([lease], exc.reason)
+                        continue
+                    now = self._clock()
+                    details = {"lease_id": lease.id, "username": lease.username}
+                    event = system_event(
+                        now,
+                        ACTOR,
+                        tenant,
+                        connection_id,
+                        "lease.revoked",
+                        reason=lease.revoke_reason,
+                        details=details,
+                    )
+                    await self._store.lease_revoked(tenant, lease.id, now, event)
+                    metrics.LEASE_OPERATIONS.labels("revoke", "ok").inc()
+        except LeaseDbError as exc:  # opening the session: nothing was dropped
+            await self._failed(leases, exc.reason)
+
+    async def _failed(self, leases: Sequence[Lease], reason: str) -> None:
+        settings = self._settings
+        for lease in leases:
+            delay = min(settings.max_retry_seconds, settings.min_retry_seconds * 2 ** min(lease.attempts, 20))
+            delay *= random.uniform(0.8, 1.0)  # noqa: S311 (spreads retries, not security)
+            metrics.LEASE_REVOCATION_FAILURES.labels(reason).inc()
+            log.warning(
+                "lease_revocation_failed", lease_id=lease.id, reason=reason, attempts=lease.attempts + 1
+            )
+            await self._store.lease_revocation_failed(
+                lease.tenant, lease.id, reason, self._clock() + timedelta(seconds=delay)
+            )
+
+    # ------------------------------------------------------------ reconciler
+
+    async def _reconcile_periodically(self) -> None:
+        while True:
+            try:
+                await self.reconcile()
+            except Exception as exc:
+                log.error("lease_reconcile_failed", error_type=type(exc).__name__)
+            await asyncio.sleep(self._settings.reconcile_seconds)
+
+    async def reconcile(self) -> int:
+        """Drop every user named like the broker's in each dynamic database that no live lease
+        accounts for (a crash between creating a user and writing its end); how many."""
+        dropped = 0
+        for tenant, connection_id in await self._store.lease_connections():
+            record = await self._connections.get_connection(tenant, connection_id)
+            if record is None or record.sealed is None or not record.dynamic:
+                continue
+            terms = LeaseTerms.of(record)
+            try:
+                admin = open_secrets(self._keyring, record)
+                async with await self._session(record, admin) as db:
+                    # Listed before the leases are read: a lease row always exists before its user.
+                    names = [name for name in await db.prefixed_users(terms.prefix) if terms.ours(name)]
+                    orphans = set(names) - await self._store.live_lease_usernames(names)
+                    for name in sorted(orphans):
+                        await db.drop(name)
+                        dropped += 1
+                        log.warning("lease_orphan_dropped", connection_id=connection_id, username=name)
+                        metrics.LEASE_OPERATIONS.labels("orphan_drop", "ok").inc()
+            except (LeaseDbError, SecretUnavailable) as exc:
+                reason = exc.reason if isinstance(exc, LeaseDbError) else "decrypt_failed"
+                log.warning("lease_reconcile_skipped", connection_id=connection_id, reason=reason)
+        return dropped
+
+    # ---------------------------------------------------------------- helpers
+
+    async def _session(self, record: ConnectionRecord, admin: SecretFields) -> UserAdmin:
+        """An administrative session to `record`'s database, through the egress policy."""
+        target = Target(record.type, record.provider, record.config, admin)
+        return await self._open_admin(target, self._egress, timeout=self._settings.timeout_seconds)
+
+
+def _filter_fields(filter: LeaseFilter) -> dict[str, str]:
+    """The filter's set fields, as an audit event's details."""
+    return {name: str(value) for name, value in dataclasses.asdict(filter).items() if value}

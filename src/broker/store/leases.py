@@ -1,0 +1,203 @@
+"""Leases: database users made for executors, and the durable queue that drops them.
+
+A lease row is written (`creating`) before its user exists and turned `active` with the
+audit events of its release in one transaction. From then on the row is its own
+revocation queue: expiry or a revocation makes it due, `claim_due_leases` hands a batch
+to exactly one worker (a conditional UPDATE: a row claimed by another replica, whose
+claim has not run out, is not claimed again), and the worker either finishes it
+(`revoked`, with its audit event) or records the failure and when to try again. Nothing
+here gives up on a lease.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from broker.model import AuditEvent, Lease, LeaseFilter, LeaseState
+from broker.store import _codec as codec
+from broker.store.lifecycle import EngineStore, Where
+
+_BY_ID = codec.LEASES.select + " WHERE tenant = ? AND id = ?"
+_LIVE = "state IN ('creating', 'active')"
+_NOT_REVOKED = "state <> 'revoked'"
+# Due: an active lease past its expiry, a revoking one whose retry time came, or a lease
+# stuck in `creating` past the creation grace (its creator died): none claimed by another
+# worker right now.
+_DUE = (
+    "((state = 'active' AND expires_at <= ?) OR (state = 'revoking' AND next_attempt_at <= ?)"
+    " OR (state = 'creating' AND created_at <= ?)) AND (claimed_until IS NULL OR claimed_until <= ?)"
+)
+
+
+def _matching(tenant: str, filter: LeaseFilter) -> Where:
+    where = Where("tenant = ?", tenant)
+    where.equals("id", filter.lease_id)
+    where.equals("connection_id", filter.connection_id)
+    where.equals("principal", filter.principal)
+    where.equals("run_id", filter.run_id)
+    if filter.state is not None:
+        where.add("state = ?", filter.state.value)
+    if filter.username_prefix:
+        # Not LIKE: `_` and `%` would be wildcards.
+        where.add("substr(username, 1, ?) = ?", len(filter.username_prefix), filter.username_prefix)
+    return where
+
+
+class Leases(EngineStore):
+    """The lease rows and their revocation queue (contracts: `protocols.LeaseStore`)."""
+
+    async def insert_lease(self, lease: Lease) -> None:
+        async with self._engine.transaction() as tx:
+            await tx.execute(codec.LEASES.insert, *codec.LEASES.params(lease))
+
+    async def activate_lease(self, tenant: str, lease_id: str, events: Sequence[AuditEvent]) -> bool:
+        async with self._engine.transaction() as tx:
+            changed = await tx.execute(
+                "UPDATE leases SET state = 'active' WHERE tenant = ? AND id = ? AND state = 'creating'"
+                " AND claimed_until IS NULL",
+                tenant,
+                lease_id,
+            )
+            if changed == 0:
+                return False
+            await self._insert_audit(tx, events)
+        return True
+
+    async def get_lease(self, tenant: str, lease_id: str) -> Lease | None:
+        rows = await self._engine.fetch(_BY_ID, tenant, lease_id)
+        return codec.LEASES.from_row(rows[0]) if rows else None
+
+    async def list_leases(
+        self, tenant: str, filter: LeaseFilter, limit: int, after: str | None
+    ) -> list[Lease]:
+        where = _matching(tenant, filter)
+        if after is not None:
+            where.add("id > ?", after)
+        sql, args = where.page(codec.LEASES.select, "id", limit)
+        return [codec.LEASES.from_row(row) for row in await self._engine.fetch(sql, *args)]
+
+    async def renew_lease(
+        self, tenant: str, lease_id: str, expires_at: datetime, now: datetime, event: AuditEvent
+    ) -> bool:
+        async with self._engine.transaction() as tx:
+            changed = await tx.execute(
+                "UPDATE leases SET expires_at = ? WHERE tenant = ? AND id = ? AND state = 'active'"
+                " AND expires_at > ? AND max_expires_at >= ?",
+                codec.to_micros(expires_at),
+                tenant,
+                lease_id,
+                codec.to_micros(now),
+                codec.to_micros(expires_at),
+            )
+            if changed == 0:
+                return False
+            await self._insert_audit(tx, [event])
+        return True
+
+    async def revoke_leases(
+        self, tenant: str, filter: LeaseFilter, reason: str, now: datetime, event: AuditEvent | None
+    ) -> int:
+        where = _matching(tenant, filter)
+        where.add(_LIVE)
+        async with self._engine.transaction() as tx:
+            count = await tx.execute(
+                "UPDATE leases SET state = 'revoking', revoke_reason = ?, next_attempt_at = ?"  # noqa: S608
+                f" WHERE {' AND '.join(where.conditions)}",
+                reason,
+                codec.to_micros(now),
+                *where.args,
+            )
+            if count and event is not None:
+                await self._insert_audit(tx, [event])
+        return count
+
+    async def claim_due_leases(
+        self, now: datetime, creating_before: datetime, claim_until: datetime, limit: int
+    ) -> list[Lease]:
+        """Claim up to `limit` due leases (any tenant) until `claim_until`; they come back
+        `revoking`, with why. Concurrent claimers never get the same lease."""
+        at, before = codec.to_micros(now), codec.to_micros(creating_before)
+        async with self._engine.transaction() as tx:
+            rows = await tx.fetch(
+                f"SELECT tenant, id FROM leases WHERE {_DUE} ORDER BY expires_at LIMIT ?",  # noqa: S608
+                at,
+                at,
+                before,
+                at,
+                limit,
+            )
+            claimed = []
+            for row in rows:
+                # Re-checks the condition on the locked row: if another replica claimed it since
+                # the SELECT, nothing changes here and the lease is not ours.
+                found = await tx.fetch(
+                    "UPDATE leases SET claimed_until = ?, state = 'revoking',"  # noqa: S608
+                    " revoke_reason = CASE WHEN revoke_reason <> '' THEN revoke_reason"
+                    " WHEN state = 'creating' THEN 'creation_abandoned' ELSE 'expired' END"
+                    f" WHERE tenant = ? AND id = ? AND {_DUE} RETURNING *",
+                    codec.to_micros(claim_until),
+                    row["tenant"],
+                    row["id"],
+                    at,
+                    at,
+                    before,
+                    at,
+                )
+                claimed += [codec.LEASES.from_row(r) for r in found]
+        return claimed
+
+    async def lease_revoked(self, tenant: str, lease_id: str, now: datetime, event: AuditEvent) -> None:
+        async with self._engine.transaction() as tx:
+            await tx.execute(
+                "UPDATE leases SET state = 'revoked', revoked_at = ?, claimed_until = NULL,"
+                " next_attempt_at = NULL WHERE tenant = ? AND id = ?",
+                codec.to_micros(now),
+                tenant,
+                lease_id,
+            )
+            await self._insert_audit(tx, [event])
+
+    async def lease_revocation_failed(
+        self, tenant: str, lease_id: str, error: str, next_attempt_at: datetime
+    ) -> None:
+        async with self._engine.transaction() as tx:
+            await tx.execute(
+                "UPDATE leases SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?,"
+                " claimed_until = NULL WHERE tenant = ? AND id = ? AND state = 'revoking'",
+                error,
+                codec.to_micros(next_attempt_at),
+                tenant,
+                lease_id,
+            )
+
+    async def live_lease_usernames(self, usernames: Sequence[str]) -> set[str]:
+        """Which of `usernames` belong to a lease not yet revoked, in any tenant."""
+        found: set[str] = set()
+        for start in range(0, len(usernames), 500):
+            chunk = list(usernames[start : start + 500])
+            marks = ", ".join("?" * len(chunk))
+            rows = await self._engine.fetch(
+                f"SELECT username FROM leases WHERE {_NOT_REVOKED} AND username IN ({marks})",  # noqa: S608
+                *chunk,
+            )
+            found.update(str(row["username"]) for row in rows)
+        return found
+
+    async def lease_connections(self) -> list[tuple[str, str]]:
+        """(tenant, connection id) of every connection that has lease rows: the reconciler's list."""
+        rows = await self._engine.fetch("SELECT DISTINCT tenant, connection_id FROM leases")
+        return [(str(row["tenant"]), str(row["connection_id"])) for row in rows]
+
+    async def lease_counts(self, now: datetime) -> dict[str, int]:
+        """How many leases are in each state, and `due`: those whose revocation is owed now."""
+        rows = await self._engine.fetch(
+            "SELECT state, COUNT(*) AS n, SUM(CASE WHEN state = 'revoking'"
+            " OR (state = 'active' AND expires_at <= ?) THEN 1 ELSE 0 END) AS due FROM leases GROUP BY state",
+            codec.to_micros(now),
+        )
+        counts = {state.value: 0 for state in LeaseState} | {"due": 0}
+        for row in rows:
+            counts[str(row["state"])] = int(row["n"])
+            counts["due"] += int(row["due"] or 0)
+        return counts
