@@ -6,15 +6,11 @@ cluster with password authentication and TLS, and SQLite files.
 from __future__ import annotations
 
 import asyncio
-import glob
 import hashlib
 import io
 import os
-import shutil
 import socket
 import sqlite3
-import subprocess
-import tempfile
 import urllib.parse
 import warnings
 from collections.abc import Iterator, Sequence
@@ -26,7 +22,7 @@ import aiomysql  # type: ignore[import-untyped]
 import asyncpg  # type: ignore[import-untyped]
 import pytest
 
-from broker import catalog, pki
+from broker import catalog
 from broker import log as broker_log
 from broker.egress import EgressPolicy, EgressSettings
 from broker.model import TestCategory, TestResult, TestStage
@@ -34,6 +30,7 @@ from broker.sensitive import SecretFields
 from broker.testers import Target, run_tester
 from broker.testers import database as db
 from tests.helpers import free_port
+from tests.pg_cluster import Cluster, throwaway_cluster
 
 PG_DSN = os.environ.get("BROKER_TEST_POSTGRES_DSN", "")
 MY_DSN = os.environ.get("BROKER_TEST_MYSQL_DSN", "")
@@ -122,25 +119,6 @@ def assert_failed(result: TestResult, category: TestCategory, stage: TestStage) 
 # --- throwaway PostgreSQL cluster: password auth (scram) and TLS ---------------------------------
 
 
-@dataclass(frozen=True)
-class Cluster:
-    port: int
-    ca_pem: str
-    ca_path: str
-
-
-def _pg_bindir() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
-    return Path(found[-1]).parent if found else None
-
-
-def _sh(argv: list[str], as_postgres: bool) -> None:
-    prefix = ["runuser", "-u", "postgres", "--"] if as_postgres else []
-    done = subprocess.run(prefix + argv, capture_output=True, text=True, timeout=60, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{argv[0]} failed: {done.stdout}\n{done.stderr}")
-
-
 async def _pg_setup(port: int, superuser_password: str) -> None:
     conn = await asyncpg.connect(
         host="127.0.0.1",
@@ -161,47 +139,12 @@ async def _pg_setup(port: int, superuser_password: str) -> None:
 
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[Cluster]:
-    """A PostgreSQL cluster of our own on a free port: scram-sha-256 for every login, TLS with a
-    certificate for TLS_HOST, and role broker_tls allowed only over TLS. Stopped at the end."""
-    bindir = _pg_bindir()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries not found: apt-get install postgresql")
-    as_postgres = os.geteuid() == 0  # initdb refuses to run as root
-    base = Path(tempfile.mkdtemp(prefix="broker-pgtest-"))
-    data, superuser_password = base / "data", "super-" + os.urandom(8).hex()
-    ca_pem, ca_key = pki.create_ca("broker database test CA")
-    cert_pem, key_pem = pki.issue_server_cert(ca_pem, ca_key, [TLS_HOST])
-    (base / "ca.pem").write_bytes(ca_pem)
-    (base / "server.crt").write_bytes(cert_pem)
-    (base / "server.key").write_bytes(key_pem)
-    (base / "server.key").chmod(0o600)
-    (base / "pwfile").write_text(superuser_password + "\n")
-    if as_postgres:
-        for path in (base, *base.iterdir()):
-            shutil.chown(path, "postgres", "postgres")
-    port = free_port()
-    started = False
-    try:
-        initdb = [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "scram-sha-256"]
-        _sh([*initdb, "--pwfile", str(base / "pwfile"), "--no-sync"], as_postgres)
-        with (data / "postgresql.conf").open("a") as conf:
-            conf.write(
-                f"listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{base}'\n"
-                f"ssl = on\nssl_cert_file = '{base}/server.crt'\nssl_key_file = '{base}/server.key'\n"
-                "fsync = off\n"
-            )
-        hba = (data / "pg_hba.conf").read_text()
-        tls_only = "hostssl all broker_tls 127.0.0.1/32 scram-sha-256\nhost all broker_tls 0.0.0.0/0 reject\n"
-        (data / "pg_hba.conf").write_text(tls_only + hba)
-        pg_ctl = [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-t", "30"]
-        _sh([*pg_ctl, "start"], as_postgres)
-        started = True
-        asyncio.run(_pg_setup(port, superuser_password))
-        yield Cluster(port, ca_pem.decode(), str(base / "ca.pem"))
-    finally:
-        if started:
-            _sh([*pg_ctl, "-m", "immediate", "stop"], as_postgres)
-        shutil.rmtree(base, ignore_errors=True)
+    """A PostgreSQL cluster of our own (tests/pg_cluster.py): scram-sha-256 for every login, TLS
+    with a certificate for TLS_HOST, and role broker_tls allowed only over TLS."""
+    tls_only = "hostssl all broker_tls 127.0.0.1/32 scram-sha-256\nhost all broker_tls 0.0.0.0/0 reject\n"
+    with throwaway_cluster([TLS_HOST], hba_first=tls_only) as cluster:
+        asyncio.run(_pg_setup(cluster.port, cluster.superuser_password))
+        yield cluster
 
 
 def cluster_config(cluster: Cluster, **overrides: Any) -> dict[str, Any]:

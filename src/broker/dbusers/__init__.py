@@ -1,0 +1,29 @@
+"""Short-lived database users for leases: create, renew, drop and list them on PostgreSQL and
+MySQL/MariaDB, with the connection's administrative credential, through the egress policy.
+
+    _templates.py  Statements, PLACEHOLDERS, statements_for (defaults per driver), template_problem,
+                   rendering with values the server's own rules quoted
+    _names.py      new_username (prefix + 16 random [a-z0-9]), new_password
+    _admin.py      UserAdmin: one administrative session (open, create, renew, drop, prefixed_users)
+    _postgres.py   the asyncpg session;  _mysql.py  the aiomysql session;  _session.py  what they share
+    _errors.py     LeaseDbError(reason, code): a token and a SQLSTATE / errno, never server text
+
+Every value reaches SQL quoted by the server's rules (PostgreSQL quote_ident / quote_literal,
+MySQL the driver's escape), never by string formatting, and statements run one at a time.
+"""
+
+from broker.dbusers._admin import UserAdmin
+from broker.dbusers._errors import LeaseDbError
+from broker.dbusers._names import new_password, new_username
+from broker.dbusers._templates import PLACEHOLDERS, Statements, statements_for, template_problem
+
+__all__ = [
+    "PLACEHOLDERS",
+    "LeaseDbError",
+    "Statements",
+    "UserAdmin",
+    "new_password",
+    "new_username",
+    "statements_for",
+    "template_problem",
+]

@@ -1,0 +1,26 @@
+"""The one error of this package: a short reason and a code, never server text or a secret."""
+
+from __future__ import annotations
+
+REASONS = frozenset(
+    {"blocked", "dns", "connect_failed", "timeout", "tls", "auth_failed", "statement_failed", "protocol"}
+)
+
+
+class LeaseDbError(Exception):
+    """A step failed. `reason` is a short token for metrics/ListLeases, never containing a secret
+    or server text: "blocked" (egress policy), "dns", "connect_failed", "timeout", "tls",
+    "auth_failed", "statement_failed" (+ `code`: SQLSTATE or MySQL errno as str), "protocol"."""
+
+    def __init__(self, reason: str, code: str = "") -> None:
+        if reason not in REASONS:
+            raise ValueError(f"unknown reason {reason!r}")
+        self.reason = reason
+        self.code = code
+        super().__init__(f"{reason} ({code})" if code else reason)
+
+    def __repr__(self) -> str:
+        return f"LeaseDbError({self.reason!r}, {self.code!r})"
+
+    def __reduce__(self) -> tuple[type[LeaseDbError], tuple[str, str]]:
+        return (LeaseDbError, (self.reason, self.code))

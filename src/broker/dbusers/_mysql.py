@@ -1,0 +1,182 @@
+"""MySQL / MariaDB administrative sessions with aiomysql, through the testers' TLS-strict
+connection (no clear-text fallback, no LOAD DATA LOCAL, no option files).
+
+User names are string literals (`'name'@'%'`) quoted by the driver's `escape`, which follows the
+server's NO_BACKSLASH_ESCAPES; role names are backtick identifiers. aiomysql always asks for
+CLIENT.MULTI_STATEMENTS; the session takes the flag back before the handshake, so the server
+refuses a string of several statements (a template, or a value that escaped its quotes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import aiomysql
+import pymysql
+from pymysql.constants import CLIENT
+
+from broker.dbusers._errors import LeaseDbError
+from broker.dbusers._session import checked_server, tls_for, transport_reason
+from broker.egress import EgressPolicy
+from broker.testers._db_mysql import (
+    ACCESS_DENIED,
+    ACCESS_DENIED_NO_PASSWORD,
+    CANNOT_CONNECT,
+    _CleartextRefused,
+    _StrictConnection,
+    _TlsNotOffered,
+)
+from broker.testers.base import Target
+
+T = TypeVar("T")
+UNKNOWN_THREAD = 1094  # KILL of a session that ended meanwhile
+# Client-side errors: the connection was lost or never worked.
+_LOST = {2006, 2013, 2055, CANNOT_CONNECT}
+
+
+class _QuietCursor(aiomysql.Cursor):  # type: ignore[misc]
+    """A cursor that does not fetch the server's warnings: aiomysql would turn them into Python
+    warnings carrying server text (a note for DROP USER IF EXISTS of a user already gone)."""
+
+    async def _show_warnings(self, conn: Any) -> None:
+        return None
+
+
+class MysqlSession:
+    """One aiomysql connection used for user administration."""
+
+    def __init__(self, conn: Any, timeout: float, mariadb: bool) -> None:
+        self._conn = conn
+        self._timeout = timeout
+        self.mariadb = mariadb
+
+    @classmethod
+    async def open(cls, target: Target, egress: EgressPolicy, bound: float) -> MysqlSession:
+        timeout = bound  # every await of the session is bounded by it
+        server = await checked_server(target, egress, "mysql")
+        conn = _StrictConnection(
+            host=server.address,
+            port=server.port,
+            user=server.username,
+            password=server.password,
+            db=server.database,
+            ssl=tls_for(server),
+            connect_timeout=timeout,
+            local_infile=False,
+            read_default_file=None,
+            charset=server.options.get("charset", "utf8mb4"),
+            cursorclass=_QuietCursor,
+            autocommit=True,
+        )
+        conn.client_flag &= ~CLIENT.MULTI_STATEMENTS
+        try:
+            # aiomysql's connect_timeout covers only the TCP connect; bound the handshake too.
+            async with asyncio.timeout(timeout):
+                await conn._connect()  # what aiomysql.connect() does, with the strict subclass
+        except Exception as exc:
+            conn.close()
+            raise _connect_error(exc) from None
+        return cls(conn, timeout, "mariadb" in str(conn.get_server_info()).lower())
+
+    async def _bounded(self, step: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await step
+        except pymysql.MySQLError as exc:
+            code = _code(exc)
+            if code in _LOST or not code:
+                raise LeaseDbError("connect_failed", str(code or "")) from None
+            raise LeaseDbError("statement_failed", str(code)) from None
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            raise LeaseDbError(transport_reason(exc) or "connect_failed") from None
+
+    async def _execute(self, sql: str, args: Sequence[Any] | None = None) -> list[Any]:
+        async with self._conn.cursor() as cursor:
+            # Without args aiomysql sends the text as is (no %-interpolation).
+            await cursor.execute(sql, args)
+            return list(await cursor.fetchall())
+
+    async def quote(self, values: Mapping[str, str]) -> dict[str, str]:
+        quoted = {}
+        for name, value in values.items():
+            if name == "group":
+                quoted[name] = "`" + value.replace("`", "``") + "`"
+            else:
+                quoted[name] = str(self._conn.escape(value))
+        return quoted
+
+    async def run(self, statements: Sequence[str]) -> None:
+        # Account statements commit on their own in MySQL: no transaction to wrap them in.
+        for statement in statements:
+            await self._bounded(self._execute(statement))
+
+    async def revoke(self, name: str, statements: Sequence[str]) -> None:
+        await self._kill_sessions(name)
+        await self.run(statements)
+        # A session that logged in between the kill and DROP USER would outlive the user.
+        await self._kill_sessions(name)
+
+    async def _kill_sessions(self, name: str) -> None:
+        rows = await self._bounded(
+            self._execute(
+                "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = %s AND ID <> CONNECTION_ID()",
+                (name,),
+            )
+        )
+        for (session_id,) in rows:
+            try:
+                await self._bounded(self._execute("KILL CONNECTION %s", (int(session_id),)))
+            except LeaseDbError as exc:
+                if exc.code != str(UNKNOWN_THREAD):
+                    raise
+
+    async def users_with_prefix(self, prefix: str) -> list[str]:
+        # Not LIKE: `_` and `%` in a prefix would be wildcards. Host '%' is where the broker
+        # creates users; MariaDB keeps roles in the same table with an empty host.
+        rows = await self._bounded(
+            self._execute(
+                "SELECT DISTINCT User FROM mysql.user"
+                " WHERE LEFT(User, CHAR_LENGTH(%s)) = %s AND Host = '%%' ORDER BY User",
+                (prefix, prefix),
+            )
+        )
+        return [_text(row[0]) for row in rows]
+
+    async def close(self) -> None:
+        try:
+            async with asyncio.timeout(min(self._timeout, 2)):
+                await self._conn.ensure_closed()
+        except Exception:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes | bytearray) else str(value)
+
+
+def _code(exc: BaseException) -> int:
+    args = getattr(exc, "args", ())
+    return args[0] if args and isinstance(args[0], int) else 0
+
+
+def _connect_error(exc: Exception) -> LeaseDbError:
+    """A connect-time error as a reason: the MySQL error number, never the server's text."""
+    if isinstance(exc, LeaseDbError):
+        return exc
+    if isinstance(exc, _TlsNotOffered | _CleartextRefused):
+        return LeaseDbError("tls")
+    code = _code(exc)
+    # aiomysql wraps TCP and TLS failures in error 2003; the cause says what happened.
+    cause = exc.__cause__ if code == CANNOT_CONNECT and exc.__cause__ is not None else exc
+    reason = transport_reason(cause)
+    if reason is not None:
+        return LeaseDbError(reason)
+    if isinstance(exc, pymysql.MySQLError) and code:
+        if code in (ACCESS_DENIED, ACCESS_DENIED_NO_PASSWORD):
+            return LeaseDbError("auth_failed", str(code))
+        return LeaseDbError("connect_failed", str(code))
+    return LeaseDbError("protocol")

@@ -1,0 +1,158 @@
+"""PostgreSQL administrative sessions with asyncpg.
+
+Every setting is given explicitly (password "" rather than None, an ssl context or False), so
+asyncpg never reads the broker host's PG* environment, ~/.pgpass or client certificates. The
+statement cache is off: a cached statement would keep a rendered CREATE ROLE, password and all,
+in the driver's memory and as a named prepared statement on the server. Statements go through
+the extended protocol (`fetch`), which refuses a string of several statements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import asyncpg
+
+from broker.dbusers._errors import LeaseDbError
+from broker.dbusers._session import checked_server, tls_for, transport_reason
+from broker.egress import EgressPolicy
+from broker.testers.base import Target
+
+T = TypeVar("T")
+_AUTH_STATES = {"28P01", "28000"}
+# Placeholders quoted as identifiers; the others are literals.
+_IDENTIFIERS = {"name", "group"}
+
+
+class PostgresSession:
+    """One asyncpg connection used for role administration."""
+
+    mariadb = False
+
+    def __init__(self, conn: Any, timeout: float) -> None:
+        self._conn = conn
+        self._timeout = timeout
+
+    @classmethod
+    async def open(cls, target: Target, egress: EgressPolicy, bound: float) -> PostgresSession:
+        timeout = bound  # every await of the session is bounded by it
+        server = await checked_server(target, egress, "postgresql")
+        tls = tls_for(server)
+        try:
+            conn = await asyncpg.connect(
+                host=server.address,
+                port=server.port,
+                user=server.username,
+                password=server.password,
+                database=server.database,
+                ssl=tls if tls is not None else False,
+                direct_tls=False,
+                timeout=timeout,
+                statement_cache_size=0,
+                server_settings=dict(server.options) or None,
+            )
+        except Exception as exc:
+            raise _connect_error(exc, server.ssl) from None
+        return cls(conn, timeout)
+
+    async def _bounded(self, step: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await step
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, asyncpg.PostgresConnectionError):
+                raise LeaseDbError("connect_failed", str(exc.sqlstate or "")) from None
+            raise LeaseDbError("statement_failed", str(exc.sqlstate or "")) from None
+        except asyncpg.InterfaceError:
+            # The connection is closed or in a state the driver refuses to use.
+            raise LeaseDbError("connect_failed") from None
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            raise LeaseDbError(transport_reason(exc) or "connect_failed") from None
+
+    async def quote(self, values: Mapping[str, str]) -> dict[str, str]:
+        """The server's own quote_ident / quote_literal, so its settings (encoding,
+        standard_conforming_strings) are the ones that read the result."""
+        names = list(values)
+        calls = ", ".join(
+            f"{'quote_ident' if name in _IDENTIFIERS else 'quote_literal'}(${i}::text)"
+            for i, name in enumerate(names, start=1)
+        )
+        row = await self._bounded(self._conn.fetchrow(f"SELECT {calls}", *(values[n] for n in names)))
+        return {name: str(row[i]) for i, name in enumerate(names)}
+
+    async def run(self, statements: Sequence[str]) -> None:
+        """All of them in one transaction: a failure half way leaves nothing behind."""
+        if not statements:
+            return
+        tx = self._conn.transaction()
+        await self._bounded(tx.start())
+        try:
+            for statement in statements:
+                await self._bounded(self._conn.fetch(statement))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self._timeout):
+                    await tx.rollback()
+            raise
+        await self._bounded(tx.commit())
+
+    async def revoke(self, name: str, statements: Sequence[str]) -> None:
+        """Terminate the role's sessions, run the revocation, then terminate any session that
+        logged in meanwhile: once the role is dropped its sessions have no name, so they are
+        found by the oid read before."""
+        oid = await self._bounded(self._conn.fetchval("SELECT oid FROM pg_roles WHERE rolname = $1", name))
+        await self._bounded(
+            self._conn.fetch(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE usename = $1 AND pid <> pg_backend_pid()",
+                name,
+            )
+        )
+        await self.run(statements)
+        if oid is not None:
+            await self._bounded(
+                self._conn.fetch(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE usesysid = $1 AND pid <> pg_backend_pid()",
+                    oid,
+                )
+            )
+
+    async def users_with_prefix(self, prefix: str) -> list[str]:
+        # Not LIKE: `_` and `%` in a prefix would be wildcards.
+        rows = await self._bounded(
+            self._conn.fetch(
+                "SELECT rolname FROM pg_roles WHERE left(rolname::text, char_length($1::text)) = $1::text"
+                " ORDER BY rolname",
+                prefix,
+            )
+        )
+        return [str(row[0]) for row in rows]
+
+    async def close(self) -> None:
+        try:
+            await self._conn.close(timeout=min(self._timeout, 2))
+        except Exception:
+            with contextlib.suppress(Exception):
+                self._conn.terminate()
+
+
+def _connect_error(exc: Exception, tls: bool) -> LeaseDbError:
+    """A connect-time error as a reason: SQLSTATE for what the server said, never its text."""
+    if isinstance(exc, LeaseDbError):
+        return exc
+    if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, asyncpg.PostgresConnectionError):
+        state = str(exc.sqlstate or "")
+        return LeaseDbError("auth_failed" if state in _AUTH_STATES else "connect_failed", state)
+    # asyncpg reports a refused SSLRequest as a bare ConnectionError: TLS is not offered.
+    if tls and type(exc) is ConnectionError:
+        return LeaseDbError("tls")
+    reason = transport_reason(exc)
+    if reason is not None:
+        return LeaseDbError(reason)
+    if isinstance(exc, asyncpg.InterfaceError):
+        return LeaseDbError("connect_failed")
+    return LeaseDbError("protocol")

@@ -1,0 +1,72 @@
+"""What an administrative session is to `UserAdmin`, and the steps both drivers share: the
+server's address through the egress policy, TLS, and the errors below the database protocol."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from broker.dbusers._errors import LeaseDbError
+from broker.egress import Blocked, DnsFailure, EgressPolicy
+from broker.testers._db_common import Server, resolve_server, tls_context
+from broker.testers.base import Target, TestFailure
+
+
+class Session(Protocol):
+    """One driver's administrative connection. Every method is bounded by the session's timeout
+    and raises only LeaseDbError (close: nothing)."""
+
+    mariadb: bool
+
+    async def quote(self, values: Mapping[str, str]) -> dict[str, str]:
+        """Each placeholder's value quoted as the server reads it (identifier or literal)."""
+        ...
+
+    async def run(self, statements: Sequence[str]) -> None:
+        """Run rendered statements in order, each on its own (never a multi-statement string)."""
+        ...
+
+    async def revoke(self, name: str, statements: Sequence[str]) -> None:
+        """End every session of user `name` (but ours), run the rendered revocation statements,
+        and end any session that logged in meanwhile."""
+        ...
+
+    async def users_with_prefix(self, prefix: str) -> list[str]:
+        """Users whose name starts with `prefix` (compared as text, not as a pattern)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+async def checked_server(target: Target, egress: EgressPolicy, engine: str) -> Server:
+    """The server's settings with a policy-checked address, or LeaseDbError before any packet."""
+    try:
+        return await resolve_server(target, egress, engine)
+    except (Blocked, TestFailure):  # TestFailure: a host that cannot be parsed (InvalidTarget)
+        raise LeaseDbError("blocked") from None
+    except DnsFailure:
+        raise LeaseDbError("dns") from None
+    except TimeoutError:
+        raise LeaseDbError("timeout") from None
+
+
+def tls_for(server: Server) -> ssl.SSLContext | None:
+    """The pinned TLS context when the connection requires TLS; an unusable ssl_ca is "tls"."""
+    if not server.ssl:
+        return None
+    try:
+        return tls_context(server)
+    except TestFailure:
+        raise LeaseDbError("tls") from None
+
+
+def transport_reason(exc: BaseException) -> str | None:
+    """The reason for an error below the database protocol (TCP, TLS, timeouts), or None."""
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return "tls"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, OSError):  # refused, unreachable, reset
+        return "connect_failed"
+    return None

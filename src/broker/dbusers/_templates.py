@@ -1,0 +1,115 @@
+"""Statement templates: their placeholders, the defaults per driver, and rendering with values
+that were already quoted by the server's own rules (never str.format of raw values)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+PLACEHOLDERS = ("name", "password", "expiration", "group")
+
+# Any `{{ word }}`; a word outside PLACEHOLDERS makes the template unacceptable.
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_]*)\s*\}\}")
+_KEYS = {
+    "creation": "creation_statements",
+    "renewal": "renewal_statements",
+    "revocation": "revocation_statements",
+}
+
+
+@dataclass(frozen=True)
+class Statements:
+    """A connection's statement templates, each list run in order, one statement at a time."""
+
+    creation: tuple[str, ...]
+    renewal: tuple[str, ...]
+    revocation: tuple[str, ...]
+
+
+_PG_DEFAULT = Statements(
+    creation=("CREATE ROLE {{name}} WITH LOGIN PASSWORD {{password}} VALID UNTIL {{expiration}}",),
+    renewal=("ALTER ROLE {{name}} VALID UNTIL {{expiration}}",),
+    revocation=("DROP ROLE IF EXISTS {{name}}",),
+)
+_PG_GROUP = ("GRANT {{group}} TO {{name}}",)
+_MY_DEFAULT = Statements(
+    creation=("CREATE USER {{name}}@'%' IDENTIFIED BY {{password}}",),
+    # MySQL has no login expiry: the broker's revocation ends the user.
+    renewal=(),
+    revocation=("DROP USER IF EXISTS {{name}}@'%'",),
+)
+# The default role makes the group's privileges active at login without SET ROLE.
+_MY_GROUP = {
+    True: ("GRANT {{group}} TO {{name}}@'%'", "SET DEFAULT ROLE {{group}} FOR {{name}}@'%'"),
+    False: ("GRANT {{group}} TO {{name}}@'%'", "SET DEFAULT ROLE {{group}} TO {{name}}@'%'"),
+}
+
+
+def template_problem(statement: str) -> str | None:
+    """Why a template is unacceptable (an unknown {{placeholder}}, unbalanced braces, empty), or None."""
+    if not isinstance(statement, str) or not statement.strip():
+        return "the statement is empty"
+    for match in _PLACEHOLDER.finditer(statement):
+        if match.group(1) not in PLACEHOLDERS:
+            shown = match.group(1)[:32] or "(empty)"
+            return f"unknown placeholder {{{{{shown}}}}} (known: {', '.join(PLACEHOLDERS)})"
+    rest = _PLACEHOLDER.sub("", statement)
+    if "{{" in rest or "}}" in rest:
+        return "unbalanced braces: a placeholder is written {{name}}"
+    return None
+
+
+def statements_for(driver: str, config: Mapping[str, Any], *, mariadb: bool = True) -> Statements:
+    """The connection's statement templates: config keys `creation_statements`,
+    `renewal_statements`, `revocation_statements` (lists of str; empty/absent -> the driver's
+    defaults). driver is "postgresql" or "mysql"; for "mysql", `mariadb` picks the default-role
+    syntax (UserAdmin passes what the server reports). Raises ValueError for a bad template."""
+    if driver == "postgresql":
+        default = _PG_DEFAULT
+        group: tuple[str, ...] = _PG_GROUP
+    elif driver == "mysql":
+        default, group = _MY_DEFAULT, _MY_GROUP[mariadb]
+    else:
+        raise ValueError(f"driver {driver!r} has no database users the broker can manage")
+    has_group = bool(config.get("group_role"))
+    if has_group:
+        default = Statements(default.creation + group, default.renewal, default.revocation)
+    chosen: dict[str, tuple[str, ...]] = {}
+    for field, key in _KEYS.items():
+        given = config.get(key) or ()
+        if isinstance(given, str) or not all(isinstance(s, str) for s in given):
+            raise ValueError(f"{key} must be a list of statements")
+        for index, statement in enumerate(given):
+            problem = template_problem(statement)
+            if problem is None and not has_group and "group" in placeholders_in(statement):
+                problem = "{{group}} is used but group_role is not set"
+            if problem is not None:
+                raise ValueError(f"{key}[{index}]: {problem}")
+        chosen[field] = tuple(given) or getattr(default, field)
+    return Statements(**chosen)
+
+
+def placeholders_in(statement: str) -> set[str]:
+    """The placeholder names a template uses."""
+    return {match.group(1) for match in _PLACEHOLDER.finditer(statement)}
+
+
+def render(statement: str, quoted: Mapping[str, str]) -> str:
+    """The statement with each placeholder replaced by its already-quoted value, in one pass (a
+    value that itself contains `{{name}}` is never expanded again)."""
+
+    def value(match: re.Match[str]) -> str:
+        return quoted[match.group(1)]
+
+    return _PLACEHOLDER.sub(value, statement)
+
+
+def expiration_text(expires_at: datetime, *, postgresql: bool) -> str:
+    """The expiry in UTC as each server reads it: PostgreSQL with the zone, MySQL without."""
+    if expires_at.tzinfo is None:
+        raise ValueError("expires_at must carry a time zone")
+    text = expires_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return text + "+00" if postgresql else text

@@ -1,0 +1,564 @@
+"""broker.dbusers against real servers: a throwaway PostgreSQL cluster that checks passwords
+(scram; tests/pg_cluster.py, one per module) and the shared MariaDB (root as the admin).
+
+Everything created on the shared MariaDB carries a name unique to this run and is dropped at the
+end, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import secrets
+import socket
+import traceback
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiomysql  # type: ignore[import-untyped]
+import asyncpg  # type: ignore[import-untyped]
+import pymysql
+import pytest
+
+from broker.dbusers import (
+    PLACEHOLDERS,
+    LeaseDbError,
+    UserAdmin,
+    new_password,
+    new_username,
+    statements_for,
+    template_problem,
+)
+from broker.egress import EgressPolicy, EgressSettings
+from broker.sensitive import SecretFields
+from broker.testers import Target
+from tests.helpers import free_port
+from tests.pg_cluster import Cluster, throwaway_cluster
+
+MY_DSN = os.environ.get("BROKER_TEST_MYSQL_DSN", "")
+TIMEOUT = 5.0
+HOSTILE = 'x"; DROP TABLE granted; --'
+# Quotes of every kind, a backslash before a quote, a semicolon and a placeholder-looking text.
+HOSTILE_PASSWORD = "it's \\' \"q\" `b`; DROP TABLE granted; -- {{name}}"
+
+
+def loopback(allow: bool = True) -> EgressPolicy:
+    return EgressPolicy(EgressSettings(allow_loopback=allow, connect_timeout=3.0, total_timeout=10.0))
+
+
+def admin_target(password: str, **config: Any) -> Target:
+    """A dynamic database connection as the lease service hands it over: the admin credential."""
+    return Target("database", "", {"ssl": False, **config}, SecretFields({"password": password}))
+
+
+def hour() -> datetime:
+    return datetime.now(UTC) + timedelta(hours=1)
+
+
+def unique_prefix() -> str:
+    """A prefix no other run uses, whose LIKE pattern (`_` a wildcard) also matches `<p>X...`."""
+    return "t" + secrets.token_hex(3) + "_"
+
+
+# --- PostgreSQL: a throwaway cluster that checks passwords ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Pg:
+    cluster: Cluster
+    group: str = "brk_readers"
+
+    def config(self, **overrides: Any) -> dict[str, Any]:
+        return {
+            "driver": "postgresql",
+            "host": "127.0.0.1",
+            "port": self.cluster.port,
+            "database": "postgres",
+            "username": "postgres",
+            "group_role": self.group,
+            **overrides,
+        }
+
+    def target(self, **overrides: Any) -> Target:
+        return admin_target(self.cluster.superuser_password, **self.config(**overrides))
+
+    async def superuser(self) -> Any:
+        return await asyncpg.connect(
+            host="127.0.0.1",
+            port=self.cluster.port,
+            user="postgres",
+            password=self.cluster.superuser_password,
+            database="postgres",
+            ssl=False,
+        )
+
+    async def login(self, user: str, password: str) -> Any:
+        return await asyncpg.connect(
+            host="127.0.0.1",
+            port=self.cluster.port,
+            user=user,
+            password=password,
+            database="postgres",
+            ssl=False,
+        )
+
+
+async def _pg_setup(pg: Pg) -> None:
+    conn = await pg.superuser()
+    try:
+        await conn.execute(f"CREATE ROLE {pg.group} NOLOGIN")
+        await conn.execute("CREATE TABLE granted (x int)")
+        await conn.execute("CREATE TABLE other (x int)")
+        await conn.execute("INSERT INTO granted VALUES (1)")
+        await conn.execute(f"GRANT SELECT ON granted TO {pg.group}")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[Pg]:
+    with throwaway_cluster() as cluster:
+        pg = Pg(cluster)
+        asyncio.run(_pg_setup(pg))
+        yield pg
+
+
+@contextlib.asynccontextmanager
+async def pg_admin(pg: Pg, **overrides: Any) -> AsyncIterator[UserAdmin]:
+    async with await UserAdmin.open(pg.target(**overrides), loopback(), timeout=TIMEOUT) as admin:
+        yield admin
+
+
+async def pg_roles(pg: Pg, prefix: str = "") -> dict[str, datetime | None]:
+    conn = await pg.superuser()
+    try:
+        rows = await conn.fetch("SELECT rolname, rolvaliduntil FROM pg_roles")
+    finally:
+        await conn.close()
+    return {r["rolname"]: r["rolvaliduntil"] for r in rows if r["rolname"].startswith(prefix)}
+
+
+async def test_postgresql_user_logs_in_and_can_do_what_the_group_grants_and_no_more(pg: Pg) -> None:
+    name, password = new_username("brk_"), new_password()
+    async with pg_admin(pg) as admin:
+        await admin.create(name, password, hour())
+        try:
+            user = await pg.login(name, password)
+            try:
+                assert await user.fetchval("SELECT x FROM granted") == 1
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await user.execute("INSERT INTO granted VALUES (2)")
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await user.fetch("SELECT * FROM other")
+            finally:
+                await user.close()
+            with pytest.raises(asyncpg.InvalidPasswordError):  # the server does check it
+                await pg.login(name, password[:-1] + ("a" if password[-1] != "a" else "b"))
+        finally:
+            await admin.drop(name)
+
+
+async def test_postgresql_expiry_refuses_login_and_renew_extends_it(pg: Pg) -> None:
+    name, password = new_username("brk_"), new_password()
+    async with pg_admin(pg) as admin:
+        await admin.create(name, password, hour())
+        try:
+            await admin.renew(name, datetime.now(UTC) - timedelta(seconds=1))
+            with pytest.raises(asyncpg.InvalidPasswordError):
+                await pg.login(name, password)
+            later = (datetime.now(UTC) + timedelta(hours=5)).replace(microsecond=0)
+            await admin.renew(name, later)
+            assert (await pg_roles(pg, name))[name] == later
+            await (await pg.login(name, password)).close()
+        finally:
+            await admin.drop(name)
+
+
+async def test_postgresql_drop_ends_the_session_removes_the_user_and_can_be_repeated(pg: Pg) -> None:
+    name, password = new_username("brk_"), new_password()
+    async with pg_admin(pg) as admin:
+        await admin.create(name, password, hour())
+        user = await pg.login(name, password)
+        try:
+            assert await user.fetchval("SELECT 1") == 1
+            await admin.drop(name)
+            with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
+                for _ in range(50):  # the backend gets SIGTERM; it may take a moment to go
+                    await user.fetchval("SELECT 1")
+                    await asyncio.sleep(0.05)
+        finally:
+            user.terminate()
+        assert name not in await pg_roles(pg)
+        await admin.drop(name)  # already gone: success
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await pg.login(name, password)
+
+
+async def test_postgresql_prefixed_users_lists_exactly_the_prefixed_users(pg: Pg) -> None:
+    prefix = unique_prefix()
+    names = sorted(new_username(prefix) for _ in range(2))
+    decoy = prefix[:-1] + "X" + "decoy"  # matches the LIKE pattern `<prefix>%`, not the prefix
+    conn = await pg.superuser()
+    await conn.execute(f'CREATE ROLE "{decoy}"')
+    try:
+        async with pg_admin(pg) as admin:
+            for name in names:
+                await admin.create(name, new_password(), hour())
+            try:
+                assert await admin.prefixed_users(prefix) == names
+            finally:
+                for name in names:
+                    await admin.drop(name)
+            assert await admin.prefixed_users(prefix) == []
+            with pytest.raises(ValueError):
+                await admin.prefixed_users("")
+            with pytest.raises(ValueError):
+                await admin.prefixed_users("t%")
+    finally:
+        await conn.execute(f'DROP ROLE "{decoy}"')
+        await conn.close()
+
+
+async def test_postgresql_hostile_group_role_is_quoted_not_executed(pg: Pg) -> None:
+    name = new_username("brk_")
+    async with pg_admin(pg, group_role=HOSTILE) as admin:
+        with pytest.raises(LeaseDbError) as failed:
+            await admin.create(name, new_password(), hour())
+    assert (failed.value.reason, failed.value.code) == ("statement_failed", "42704")  # no such role
+    conn = await pg.superuser()
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM granted") == 1  # the table is still there
+    finally:
+        await conn.close()
+    assert name not in await pg_roles(pg)  # the CREATE ROLE before the GRANT was rolled back
+
+
+async def test_postgresql_custom_templates_quote_hostile_values(pg: Pg) -> None:
+    """A custom template, a password full of quotes and a placeholder-looking text: the user is
+    created with exactly that password, and nothing else ran."""
+    templates = {
+        "creation_statements": [
+            "CREATE ROLE {{name}} LOGIN PASSWORD {{password}} VALID UNTIL {{ expiration }}"
+        ],
+        "revocation_statements": ["DROP ROLE IF EXISTS {{name}}"],
+        "group_role": None,
+    }
+    name = new_username("brk_")
+    async with pg_admin(pg, **templates) as admin:
+        await admin.create(name, HOSTILE_PASSWORD, hour())
+        try:
+            await (await pg.login(name, HOSTILE_PASSWORD)).close()
+        finally:
+            await admin.drop(name)
+    conn = await pg.superuser()
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM granted") == 1
+    finally:
+        await conn.close()
+
+
+async def test_postgresql_statements_run_one_at_a_time(pg: Pg) -> None:
+    """A template holding two statements is refused by the server, not run in part."""
+    two = {"creation_statements": ["CREATE ROLE {{name}} LOGIN; DROP TABLE granted"], "group_role": None}
+    name = new_username("brk_")
+    async with pg_admin(pg, **two) as admin:
+        with pytest.raises(LeaseDbError) as failed:
+            await admin.create(name, new_password(), hour())
+    assert failed.value.reason == "statement_failed"
+    assert name not in await pg_roles(pg)
+    conn = await pg.superuser()
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM granted") == 1
+    finally:
+        await conn.close()
+
+
+async def test_postgresql_wrong_admin_password_is_auth_failed_and_never_shown(pg: Pg) -> None:
+    wrong = "admin-Canary-" + secrets.token_hex(8)
+    with pytest.raises(LeaseDbError) as failed:
+        await UserAdmin.open(admin_target(wrong, **pg.config()), loopback(), timeout=TIMEOUT)
+    assert (failed.value.reason, failed.value.code) == ("auth_failed", "28P01")
+    assert_not_shown(failed.value, wrong)
+    # A statement the server refuses, on a session opened with the right password.
+    async with pg_admin(pg, group_role="brk_no_such_group") as admin:
+        with pytest.raises(LeaseDbError) as refused:
+            await admin.create(new_username("brk_"), new_password(), hour())
+    assert_not_shown(refused.value, pg.cluster.superuser_password)
+
+
+def assert_not_shown(error: LeaseDbError, secret: str) -> None:
+    for text in (str(error), repr(error), repr(error.args), "".join(traceback.format_exception(error))):
+        assert secret not in text
+
+
+# --- MariaDB: the shared server, root as the admin -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class My:
+    host: str
+    port: int
+    database: str
+    group: str
+
+    def target(self, **overrides: Any) -> Target:
+        config = {
+            "driver": "mysql",
+            "host": self.host,
+            "port": self.port,
+            "database": "test",
+            "username": "root",
+            "group_role": self.group,
+            **overrides,
+        }
+        return admin_target("", **config)
+
+    async def root(self) -> Any:
+        return await aiomysql.connect(
+            host=self.host, port=self.port, user="root", password="", autocommit=True
+        )
+
+    async def login(self, user: str, password: str) -> Any:
+        return await aiomysql.connect(
+            host=self.host, port=self.port, user=user, password=password, db=self.database, autocommit=True
+        )
+
+
+async def _root_sql(my: My, *statements: str) -> list[Any]:
+    conn = await my.root()
+    try:
+        rows: list[Any] = []
+        async with conn.cursor() as cur:
+            for statement in statements:
+                await cur.execute(statement)
+                rows = list(await cur.fetchall())
+        return rows
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def my() -> Iterator[My]:
+    """A unique database with tables `granted` and `other`, and a unique role that may SELECT
+    `granted`; dropped at the end with every user this module's prefixes created."""
+    if not MY_DSN:
+        pytest.skip("BROKER_TEST_MYSQL_DSN unset (e.g. mysql://root@127.0.0.1:3306/test)")
+    suffix = secrets.token_hex(4)
+    my = My("127.0.0.1", 3306, f"brk_test_{suffix}", f"brk_role_{suffix}")
+    setup = (
+        f"CREATE DATABASE `{my.database}`",
+        f"CREATE TABLE `{my.database}`.granted (x int)",
+        f"CREATE TABLE `{my.database}`.other (x int)",
+        f"INSERT INTO `{my.database}`.granted VALUES (1)",
+        f"CREATE ROLE `{my.group}`",
+        f"GRANT SELECT ON `{my.database}`.granted TO `{my.group}`",
+    )
+    try:
+        asyncio.run(_root_sql(my, *setup))
+        yield my
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", aiomysql.Warning)
+            asyncio.run(
+                _root_sql(my, f"DROP DATABASE IF EXISTS `{my.database}`", f"DROP ROLE IF EXISTS `{my.group}`")
+            )
+
+
+@contextlib.asynccontextmanager
+async def my_admin(my: My, **overrides: Any) -> AsyncIterator[UserAdmin]:
+    async with await UserAdmin.open(my.target(**overrides), loopback(), timeout=TIMEOUT) as admin:
+        yield admin
+
+
+async def my_users(my: My, name: str) -> list[Any]:
+    conn = await my.root()
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute("SELECT Host FROM mysql.user WHERE User = %s", (name,))
+            return list(await cur.fetchall())
+    finally:
+        conn.close()
+
+
+async def granted_rows(my: My) -> int:
+    rows = await _root_sql(my, f"SELECT count(*) FROM `{my.database}`.granted")
+    return int(rows[0][0])
+
+
+async def test_mysql_user_logs_in_and_can_do_what_the_group_grants_and_no_more(my: My) -> None:
+    name, password = new_username("brk_"), new_password()
+    async with my_admin(my) as admin:
+        await admin.create(name, password, hour())
+        try:
+            user = await my.login(name, password)
+            try:
+                async with user.cursor() as cur:
+                    await cur.execute("SELECT x FROM granted")
+                    assert await cur.fetchall() == ((1,),)
+                    with pytest.raises(pymysql.err.OperationalError) as insert:
+                        await cur.execute("INSERT INTO granted VALUES (2)")
+                    assert insert.value.args[0] == 1142  # command denied
+                    with pytest.raises(pymysql.err.OperationalError) as other:
+                        await cur.execute("SELECT * FROM other")
+                    assert other.value.args[0] == 1142
+            finally:
+                user.close()
+            with pytest.raises(pymysql.err.OperationalError) as wrong:
+                await my.login(name, "not-" + password)
+            assert wrong.value.args[0] == 1045
+            await admin.renew(name, hour())  # MySQL has no login expiry: nothing to do, no error
+        finally:
+            await admin.drop(name)
+
+
+async def test_mysql_drop_ends_the_session_removes_the_user_and_can_be_repeated(my: My) -> None:
+    name, password = new_username("brk_"), new_password()
+    async with my_admin(my) as admin:
+        await admin.create(name, password, hour())
+        user = await my.login(name, password)
+        try:
+            await admin.drop(name)
+            with pytest.raises(pymysql.err.OperationalError):  # 2013: lost connection (KILLed)
+                async with user.cursor() as cur:
+                    await cur.execute("SELECT 1")
+        finally:
+            user.close()
+        assert await my_users(my, name) == []
+        await admin.drop(name)  # already gone: success
+    with pytest.raises(pymysql.err.OperationalError) as refused:
+        await my.login(name, password)
+    assert refused.value.args[0] in (1045, 1698)  # MariaDB: 1698 for a user that does not exist
+
+
+async def test_mysql_prefixed_users_lists_exactly_the_prefixed_users(my: My) -> None:
+    prefix = unique_prefix()
+    names = sorted(new_username(prefix) for _ in range(2))
+    decoy = prefix[:-1] + "Xdecoy"  # matches LIKE '<prefix>%' (`_` is a wildcard), not the prefix
+    await _root_sql(my, f"CREATE USER '{decoy}'@'%' IDENTIFIED BY 'decoy-pw'")
+    try:
+        async with my_admin(my) as admin:
+            for name in names:
+                await admin.create(name, new_password(), hour())
+            try:
+                assert await admin.prefixed_users(prefix) == names
+            finally:
+                for name in names:
+                    await admin.drop(name)
+            assert await admin.prefixed_users(prefix) == []
+        assert len(await my_users(my, decoy)) == 1  # never touched
+    finally:
+        await _root_sql(my, f"DROP USER '{decoy}'@'%'")
+
+
+async def test_mysql_hostile_group_role_is_quoted_not_executed(my: My) -> None:
+    name = new_username("brk_")
+    async with my_admin(my, group_role=HOSTILE) as admin:
+        with pytest.raises(LeaseDbError) as failed:
+            await admin.create(name, new_password(), hour())
+    assert failed.value.reason == "statement_failed"
+    assert failed.value.code.isdigit()
+    assert await granted_rows(my) == 1
+    assert await my_users(my, name) == []  # the user made before the GRANT failed was dropped
+
+
+async def test_mysql_hostile_password_is_quoted_and_one_statement_runs_at_a_time(my: My) -> None:
+    name = new_username("brk_")
+    async with my_admin(my) as admin:
+        await admin.create(name, HOSTILE_PASSWORD, hour())
+        try:
+            (await my.login(name, HOSTILE_PASSWORD)).close()
+        finally:
+            await admin.drop(name)
+    two = {"creation_statements": ["CREATE USER {{name}}@'%'; DROP TABLE granted"], "group_role": None}
+    async with my_admin(my, **two) as admin:
+        with pytest.raises(LeaseDbError) as failed:
+            await admin.create(name, new_password(), hour())
+    assert (failed.value.reason, failed.value.code) == ("statement_failed", "1064")  # syntax error
+    assert await granted_rows(my) == 1
+    assert await my_users(my, name) == []
+
+
+async def test_mysql_wrong_admin_password_is_auth_failed_and_never_shown(my: My) -> None:
+    wrong = "admin-Canary-" + secrets.token_hex(8)
+    with pytest.raises(LeaseDbError) as failed:
+        await UserAdmin.open(admin_target(wrong, **{**my.target().config}), loopback(), timeout=TIMEOUT)
+    assert (failed.value.reason, failed.value.code) == ("auth_failed", "1045")
+    assert_not_shown(failed.value, wrong)
+
+
+# --- connecting: the egress policy, unreachable servers, templates -------------------------------
+
+
+@pytest.mark.parametrize("driver", ["postgresql", "mysql"])
+async def test_closed_port_is_connect_failed(driver: str) -> None:
+    target = admin_target("pw", driver=driver, host="127.0.0.1", port=free_port(), database="d", username="u")
+    with pytest.raises(LeaseDbError) as failed:
+        await UserAdmin.open(target, loopback(), timeout=TIMEOUT)
+    assert failed.value.reason == "connect_failed"
+
+
+@pytest.mark.parametrize("driver", ["postgresql", "mysql"])
+async def test_egress_policy_blocking_loopback_is_blocked_and_nothing_connects(driver: str) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        target = admin_target("pw", driver=driver, host="127.0.0.1", port=port, database="d", username="u")
+        with pytest.raises(LeaseDbError) as failed:
+            await UserAdmin.open(target, loopback(allow=False), timeout=TIMEOUT)
+        assert failed.value.reason == "blocked"
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nothing ever connected
+
+
+@pytest.mark.parametrize("driver", ["postgresql", "mysql"])
+async def test_silent_server_is_timeout(driver: str) -> None:
+    """A listener that never answers: the handshake is bounded by the timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        target = admin_target("pw", driver=driver, host="127.0.0.1", port=port, database="d", username="u")
+        with pytest.raises(LeaseDbError) as failed:
+            await UserAdmin.open(target, loopback(), timeout=0.5)
+    assert failed.value.reason == "timeout"
+
+
+def test_template_problems_are_named_and_bad_templates_refused() -> None:
+    assert template_problem("CREATE ROLE {{name}} PASSWORD {{password}} VALID UNTIL {{ expiration }}") is None
+    assert "unknown placeholder {{nope}}" in (template_problem("GRANT {{nope}} TO {{name}}") or "")
+    assert "unbalanced" in (template_problem("CREATE ROLE {{name}") or "")
+    assert "unbalanced" in (template_problem("CREATE ROLE {{name}} }}") or "")
+    assert "empty" in (template_problem("  ") or "")
+    assert PLACEHOLDERS == ("name", "password", "expiration", "group")
+    with pytest.raises(ValueError, match="nope"):
+        statements_for("postgresql", {"creation_statements": ["CREATE ROLE {{nope}}"]})
+    with pytest.raises(ValueError, match="group_role"):
+        statements_for("mysql", {"creation_statements": ["GRANT {{group}} TO {{name}}@'%'"]})
+    for prefix in ("", "Brk_", "1brk", "brk%", "b" * 13):
+        with pytest.raises(ValueError):
+            new_username(prefix)
+
+
+def test_defaults_per_driver() -> None:
+    pg = statements_for("postgresql", {"group_role": "readers"})
+    assert pg.creation == (
+        "CREATE ROLE {{name}} WITH LOGIN PASSWORD {{password}} VALID UNTIL {{expiration}}",
+        "GRANT {{group}} TO {{name}}",
+    )
+    assert pg.renewal == ("ALTER ROLE {{name}} VALID UNTIL {{expiration}}",)
+    assert statements_for("postgresql", {}).creation == pg.creation[:1]
+    mysql = statements_for("mysql", {"group_role": "readers"}, mariadb=False)
+    assert mysql.creation[-1] == "SET DEFAULT ROLE {{group}} TO {{name}}@'%'"
+    assert mysql.renewal == ()
+    custom = statements_for("mysql", {"renewal_statements": ["ALTER USER {{name}}@'%' ACCOUNT UNLOCK"]})
+    assert custom.renewal == ("ALTER USER {{name}}@'%' ACCOUNT UNLOCK",)
+    name = new_username("brk_")
+    assert re.fullmatch(r"brk_[a-z0-9]{16}", name), name
+    assert len(new_password()) >= 32 and new_password() != new_password()
