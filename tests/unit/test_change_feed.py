@@ -51,15 +51,16 @@ def grant(principal: str = "etl") -> Grant:
     )
 
 
-def replica(cache: ResolveCache) -> tuple[ReplicaChanges, Monitor]:
+def replica(cache: ResolveCache, leases: Recorder | None = None) -> tuple[ReplicaChanges, Monitor]:
     """The sink the server builds; the monitor needs no store for blocks."""
     monitor = Monitor(None, None, None, lambda: T0)  # type: ignore[arg-type]
-    return ReplicaChanges(cache, monitor), monitor
+    return ReplicaChanges(cache, monitor, leases or Recorder()), monitor
 
 
 def test_messages_invalidate_exactly_what_they_name() -> None:
     cache = ResolveCache(public_part=resolve_public_part)
-    sink, _ = replica(cache)
+    leases = Recorder()
+    sink, _ = replica(cache, leases)
     cache.put_connection(record(), cache.generation)
     cache.put_connection(record("conn_2", "other"), cache.generation)
     cache.put_grant("acme", "conn_2", "etl", grant(), cache.generation)
@@ -68,12 +69,16 @@ def test_messages_invalidate_exactly_what_they_name() -> None:
     deliver(sink, connection_changed("acme", "conn_1"))
     assert cache.connection("acme", "conn_1") is None and cache.connection_id_by_name("acme", "db") is None
     assert cache.connection("acme", "conn_2") is not None
+    # The lease service hears the same changes: each may end leases (a grant gone, a connection revoked).
+    assert leases.calls == [("grant", "acme", "conn_2", "etl"), ("connection", "acme", "conn_1")]
 
 
 def test_a_block_announced_by_another_replica_blocks_here_until_the_same_time() -> None:
-    sink, monitor = replica(ResolveCache(public_part=resolve_public_part))
+    leases = Recorder()
+    sink, monitor = replica(ResolveCache(public_part=resolve_public_part), leases)
     until = T0.timestamp() + 60
     deliver(sink, principal_blocked("acme", "spiffe://x/tenant/acme/executor/etl", until))
+    assert leases.calls == [("blocked", "acme", "spiffe://x/tenant/acme/executor/etl", str(until))]
     assert monitor.blocked("acme", "spiffe://x/tenant/acme/executor/etl", T0)
     assert not monitor.blocked("other", "spiffe://x/tenant/acme/executor/etl", T0)
     assert not monitor.blocked("acme", "spiffe://x/tenant/acme/executor/etl", T0 + timedelta(seconds=61))

@@ -60,8 +60,13 @@ class FakeChannel:
         self.closed = False
 
     def unary_unary(self, method: str, **_: Any) -> Any:
-        assert method == "/broker.v1.ResolveService/Resolve"
+        if method != "/broker.v1.ResolveService/Resolve":
+            return self._not_expected  # the stub makes a callable for every method of the service
         return self._call_async if self.is_async else self._call
+
+    @staticmethod
+    def _not_expected(*_: Any, **__: Any) -> Any:
+        raise AssertionError("only Resolve is expected here")
 
     def _call(self, request: pb.ResolveRequest, timeout: float | None = None) -> pb.ResolveResponse:
         self.requests.append(request)

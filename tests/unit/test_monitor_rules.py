@@ -27,6 +27,7 @@ from broker.service.denials import WINDOW_SECONDS, DenialAudit
 from broker.service.monitor import Burst, Monitor, MonitorSettings, Seen, Spike, peer_host
 from broker.service.replicas import ReplicaChanges
 from broker.store.sqlite import SqliteStore
+from tests.helpers import Recorder
 
 T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -216,7 +217,7 @@ async def test_failed_tests_suspend_with_compare_and_swap(store: SqliteStore) ->
     monitor = Monitor(
         store, store, store, clock, MonitorSettings(failed_tests=2, failed_tests_window_seconds=60)
     )
-    await store.watch(ReplicaChanges(cache, monitor))  # as the server does: the feed invalidates
+    await store.watch(ReplicaChanges(cache, monitor, Recorder()))  # as the server does: the feed invalidates
     stored = record()
     await store.create_connection(
         stored, AuditEvent(T0, "default", "t", "connection.create", Outcome.SUCCEEDED)

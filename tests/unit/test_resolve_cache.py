@@ -16,7 +16,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from broker import crypto, metrics
 from broker._proto import broker_pb2 as pb
-from broker.api import resolve_public_part
+from broker.api import convert, resolve_public_part
 from broker.api.resolve import answer
 from broker.crypto import Kek, Keyring
 from broker.model import (
@@ -24,6 +24,8 @@ from broker.model import (
     ConnectionStatus,
     Grant,
     GrantMode,
+    Lease,
+    LeaseState,
     TestCategory,
     TestResult,
     TestStage,
@@ -190,15 +192,31 @@ def test_the_answer_parses_as_the_full_response_field_by_field() -> None:
     expires_at = T0 + timedelta(minutes=30)
     superseded_at = T0 - timedelta(minutes=5)
     secrets = SecretFields({"token": "tok-1", "extra": "x"})
+    lease = Lease(
+        tenant="acme",
+        id="lease_1",
+        connection_id=record.id,
+        principal="spiffe://broker.local/tenant/acme/executor/etl",
+        username="brk_0123456789abcdef",
+        state=LeaseState.ACTIVE,
+        created_at=T0,
+        expires_at=expires_at,
+        max_expires_at=expires_at + timedelta(hours=1),
+    )
     released = Released(
         resolve_public_part(record),
         secrets,
         expires_at=expires_at,
         cache_ttl_seconds=42,
         superseded_at=superseded_at,
+        lease=lease,
     )
     config = struct_pb2.Struct()
     config.update(record.config)
+    plain_config = struct_pb2.Struct()
+    plain_config.CopyFrom(config)
+    # A lease's user replaces the stored one in the answer's config.
+    config.update({"username": lease.username})
     expected = pb.ResolveResponse(
         connection_id=record.id,
         name=record.name,
@@ -210,6 +228,7 @@ def test_the_answer_parses_as_the_full_response_field_by_field() -> None:
         cache_ttl_seconds=42,
         secret_version=record.secret_version,
         superseded_at=timestamp_pb2.Timestamp(seconds=int(superseded_at.timestamp())),
+        lease=convert.lease(lease),
     )
     parsed = pb.ResolveResponse.FromString(answer(released))
     assert parsed == expected
@@ -217,10 +236,11 @@ def test_the_answer_parses_as_the_full_response_field_by_field() -> None:
     covered = {field.name for field, _ in expected.ListFields()}
     assert covered == {field.name for field in pb.ResolveResponse.DESCRIPTOR.fields}
 
-    plain = replace(released, expires_at=None, superseded_at=None, cache_ttl_seconds=60)
+    plain = replace(released, expires_at=None, superseded_at=None, cache_ttl_seconds=60, lease=None)
     parsed = pb.ResolveResponse.FromString(answer(plain))
     assert not parsed.HasField("expires_at") and not parsed.HasField("superseded_at")
-    assert parsed.cache_ttl_seconds == 60 and parsed.config == config
+    assert not parsed.HasField("lease")
+    assert parsed.cache_ttl_seconds == 60 and parsed.config == plain_config
 
 
 def test_a_cached_http_connection_costs_at_most_2_kb() -> None:

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 REASONS = frozenset(
-    {"blocked", "dns", "connect_failed", "timeout", "tls", "auth_failed", "statement_failed", "protocol"}
+    {
+        "blocked",
+        "dns",
+        "connect_failed",
+        "timeout",
+        "tls",
+        "auth_failed",
+        "statement_failed",
+        "protocol",
+        "invalid_config",
+    }
 )
 
 
 class LeaseDbError(Exception):
     """A step failed. `reason` is a short token for metrics/ListLeases, never containing a secret
     or server text: "blocked" (egress policy), "dns", "connect_failed", "timeout", "tls",
-    "auth_failed", "statement_failed" (+ `code`: SQLSTATE or MySQL errno as str), "protocol"."""
+    "auth_failed", "statement_failed" (+ `code`: SQLSTATE or MySQL errno as str), "protocol",
+    "invalid_config" (the connection's statements cannot be used, e.g. {{group}} without group_role)."""
 
     def __init__(self, reason: str, code: str = "") -> None:
         if reason not in REASONS:

@@ -289,7 +289,7 @@ class LeaseService:
         self._to_check.add((tenant, connection_id, principal))
         self._wake.set()
 
-    def principal_blocked(self, tenant: str, principal: str) -> None:
+    def principal_blocked(self, tenant: str, principal: str, until: float) -> None:
         self._to_check.add((tenant, "", principal))
         self._wake.set()
 
@@ -454,7 +454,10 @@ class LeaseService:
     async def _session(self, record: ConnectionRecord, admin: SecretFields) -> UserAdmin:
         """An administrative session to `record`'s database, through the egress policy."""
         target = Target(record.type, record.provider, record.config, admin)
-        return await self._open_admin(target, self._egress, timeout=self._settings.timeout_seconds)
+        try:
+            return await self._open_admin(target, self._egress, timeout=self._settings.timeout_seconds)
+        except ValueError:  # the statements (checked before connecting) cannot be used
+            raise LeaseDbError("invalid_config") from None
 
 
 def _filter_fields(filter: LeaseFilter) -> dict[str, str]:

@@ -9,15 +9,26 @@ to exist (a revoked grant, a deleted connection, a blocked principal) queues its
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from broker.service.cache import ResolveCache
-from broker.service.leases import LeaseService
 from broker.service.monitor import Monitor
+
+
+class LeaseChanges(Protocol):
+    """What the lease service (`LeaseService`) hears: changes that may end leases."""
+
+    def connection_changed(self, tenant: str, connection_id: str) -> None: ...
+
+    def grant_changed(self, tenant: str, connection_id: str, principal: str) -> None: ...
+
+    def principal_blocked(self, tenant: str, principal: str, until: float) -> None: ...
 
 
 class ReplicaChanges:
     """The `ChangeSink` the server gives the store."""
 
-    def __init__(self, cache: ResolveCache, monitor: Monitor, leases: LeaseService) -> None:
+    def __init__(self, cache: ResolveCache, monitor: Monitor, leases: LeaseChanges) -> None:
         self._cache = cache
         self._monitor = monitor
         self._leases = leases
@@ -38,4 +49,4 @@ class ReplicaChanges:
 
     def principal_blocked(self, tenant: str, principal: str, until: float) -> None:
         self._monitor.block(tenant, principal, until)
-        self._leases.principal_blocked(tenant, principal)
+        self._leases.principal_blocked(tenant, principal, until)
