@@ -537,6 +537,20 @@ async def test_mysql_hostile_password_is_quoted_and_one_statement_runs_at_a_time
     assert await my_users(my, name) == []
 
 
+async def test_mysql_create_of_a_name_that_exists_fails_and_leaves_that_user_alone(my: My) -> None:
+    """Only what the failed create made is undone: the user that was there keeps working."""
+    name, password = new_username("brk_"), new_password()
+    async with my_admin(my) as admin:
+        await admin.create(name, password, hour())
+        try:
+            with pytest.raises(LeaseDbError) as failed:
+                await admin.create(name, new_password(), hour())
+            assert (failed.value.reason, failed.value.code) == ("statement_failed", "1396")
+            (await my.login(name, password)).close()
+        finally:
+            await admin.drop(name)
+
+
 async def test_mysql_wrong_admin_password_is_auth_failed_and_never_shown(my: My) -> None:
     wrong = "admin-Canary-" + secrets.token_hex(8)
     with pytest.raises(LeaseDbError) as failed:
