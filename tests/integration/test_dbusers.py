@@ -287,6 +287,19 @@ async def test_postgresql_custom_templates_quote_hostile_values(pg: Pg) -> None:
         await conn.close()
 
 
+@pytest.mark.parametrize("conforming", ["on", "off"])
+async def test_postgresql_quoting_follows_the_sessions_string_settings(pg: Pg, conforming: str) -> None:
+    """With standard_conforming_strings off a backslash escapes in '...': quoting that ignored the
+    session's settings would let the password's \\' end the literal."""
+    name = new_username("brk_")
+    async with pg_admin(pg, options={"standard_conforming_strings": conforming}) as admin:
+        await admin.create(name, HOSTILE_PASSWORD, hour())
+        try:
+            await (await pg.login(name, HOSTILE_PASSWORD)).close()
+        finally:
+            await admin.drop(name)
+
+
 async def test_postgresql_statements_run_one_at_a_time(pg: Pg) -> None:
     """A template holding two statements is refused by the server, not run in part."""
     two = {"creation_statements": ["CREATE ROLE {{name}} LOGIN; DROP TABLE granted"], "group_role": None}
