@@ -15,7 +15,7 @@ import secrets
 import socket
 import traceback
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -47,8 +47,22 @@ HOSTILE = 'x"; DROP TABLE granted; --'
 HOSTILE_PASSWORD = "it's \\' \"q\" `b`; DROP TABLE granted; -- {{name}}"
 
 
+# Names the test resolver maps to loopback; the cluster's certificate is for TLS_HOST only.
+TLS_HOST, OTHER_HOST = "db.broker.test", "other.broker.test"
+
+
+async def _resolver(host: str, port: int) -> Sequence[str]:
+    if host in (TLS_HOST, OTHER_HOST):
+        return ["127.0.0.1"]
+    if host.endswith(".invalid"):
+        raise OSError("no such host")
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(i[4][0]) for i in infos]
+
+
 def loopback(allow: bool = True) -> EgressPolicy:
-    return EgressPolicy(EgressSettings(allow_loopback=allow, connect_timeout=3.0, total_timeout=10.0))
+    settings = EgressSettings(allow_loopback=allow, connect_timeout=3.0, total_timeout=10.0)
+    return EgressPolicy(settings, resolver=_resolver)
 
 
 def admin_target(password: str, **config: Any) -> Target:
@@ -122,7 +136,7 @@ async def _pg_setup(pg: Pg) -> None:
 
 @pytest.fixture(scope="module")
 def pg() -> Iterator[Pg]:
-    with throwaway_cluster() as cluster:
+    with throwaway_cluster([TLS_HOST]) as cluster:
         pg = Pg(cluster)
         asyncio.run(_pg_setup(pg))
         yield pg
@@ -187,7 +201,15 @@ async def test_postgresql_drop_ends_the_session_removes_the_user_and_can_be_repe
         try:
             assert await user.fetchval("SELECT 1") == 1
             await admin.drop(name)
-            with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
+            # However the end reaches the client: AdminShutdown, a closed connection, or asyncpg
+            # refusing to use a connection the server's message left mid-state.
+            ended = (
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                asyncpg.InternalClientError,
+                ConnectionError,
+            )
+            with pytest.raises(ended):
                 for _ in range(50):  # the backend gets SIGTERM; it may take a moment to go
                     await user.fetchval("SELECT 1")
                     await asyncio.sleep(0.05)
@@ -203,8 +225,10 @@ async def test_postgresql_prefixed_users_lists_exactly_the_prefixed_users(pg: Pg
     prefix = unique_prefix()
     names = sorted(new_username(prefix) for _ in range(2))
     decoy = prefix[:-1] + "X" + "decoy"  # matches the LIKE pattern `<prefix>%`, not the prefix
+    group = prefix + "group"  # a group role (no login) with the prefix: not the broker's to drop
     conn = await pg.superuser()
-    await conn.execute(f'CREATE ROLE "{decoy}"')
+    await conn.execute(f'CREATE ROLE "{decoy}" LOGIN')
+    await conn.execute(f"CREATE ROLE {group} NOLOGIN")
     try:
         async with pg_admin(pg) as admin:
             for name in names:
@@ -221,6 +245,7 @@ async def test_postgresql_prefixed_users_lists_exactly_the_prefixed_users(pg: Pg
                 await admin.prefixed_users("t%")
     finally:
         await conn.execute(f'DROP ROLE "{decoy}"')
+        await conn.execute(f"DROP ROLE {group}")
         await conn.close()
 
 
@@ -262,6 +287,19 @@ async def test_postgresql_custom_templates_quote_hostile_values(pg: Pg) -> None:
         await conn.close()
 
 
+@pytest.mark.parametrize("conforming", ["on", "off"])
+async def test_postgresql_quoting_follows_the_sessions_string_settings(pg: Pg, conforming: str) -> None:
+    """With standard_conforming_strings off a backslash escapes in '...': quoting that ignored the
+    session's settings would let the password's \\' end the literal."""
+    name = new_username("brk_")
+    async with pg_admin(pg, options={"standard_conforming_strings": conforming}) as admin:
+        await admin.create(name, HOSTILE_PASSWORD, hour())
+        try:
+            await (await pg.login(name, HOSTILE_PASSWORD)).close()
+        finally:
+            await admin.drop(name)
+
+
 async def test_postgresql_statements_run_one_at_a_time(pg: Pg) -> None:
     """A template holding two statements is refused by the server, not run in part."""
     two = {"creation_statements": ["CREATE ROLE {{name}} LOGIN; DROP TABLE granted"], "group_role": None}
@@ -289,6 +327,34 @@ async def test_postgresql_wrong_admin_password_is_auth_failed_and_never_shown(pg
         with pytest.raises(LeaseDbError) as refused:
             await admin.create(new_username("brk_"), new_password(), hour())
     assert_not_shown(refused.value, pg.cluster.superuser_password)
+
+
+async def test_postgresql_admin_session_verifies_tls_for_the_host_name(pg: Pg) -> None:
+    tls = {"host": TLS_HOST, "ssl": True, "ssl_ca": pg.cluster.ca_pem}
+    async with pg_admin(pg, **tls) as admin:
+        assert await admin.prefixed_users("brk_") == []
+    for wrong in ({**tls, "host": OTHER_HOST}, {**tls, "ssl_ca": None}):
+        with pytest.raises(LeaseDbError) as failed:
+            await UserAdmin.open(pg.target(**wrong), loopback(), timeout=TIMEOUT)
+        assert failed.value.reason == "tls"
+
+
+async def test_postgresql_admin_session_ended_by_the_server_is_connect_failed(pg: Pg) -> None:
+    admin = await UserAdmin.open(pg.target(), loopback(), timeout=TIMEOUT)
+    conn = await pg.superuser()
+    try:
+        ended = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
+        assert ended == 1
+    finally:
+        await conn.close()
+    for _ in range(2):  # the first call may meet the server's goodbye, the second a closed socket
+        with pytest.raises(LeaseDbError) as failed:
+            await admin.prefixed_users("brk_")
+        assert failed.value.reason == "connect_failed"
+    await admin.close()  # never raises
 
 
 def assert_not_shown(error: LeaseDbError, secret: str) -> None:
@@ -439,7 +505,8 @@ async def test_mysql_prefixed_users_lists_exactly_the_prefixed_users(my: My) -> 
     prefix = unique_prefix()
     names = sorted(new_username(prefix) for _ in range(2))
     decoy = prefix[:-1] + "Xdecoy"  # matches LIKE '<prefix>%' (`_` is a wildcard), not the prefix
-    await _root_sql(my, f"CREATE USER '{decoy}'@'%' IDENTIFIED BY 'decoy-pw'")
+    group = prefix + "group"  # a role with the prefix: not the broker's to drop
+    await _root_sql(my, f"CREATE USER '{decoy}'@'%' IDENTIFIED BY 'decoy-pw'", f"CREATE ROLE `{group}`")
     try:
         async with my_admin(my) as admin:
             for name in names:
@@ -452,7 +519,7 @@ async def test_mysql_prefixed_users_lists_exactly_the_prefixed_users(my: My) -> 
             assert await admin.prefixed_users(prefix) == []
         assert len(await my_users(my, decoy)) == 1  # never touched
     finally:
-        await _root_sql(my, f"DROP USER '{decoy}'@'%'")
+        await _root_sql(my, f"DROP USER '{decoy}'@'%'", f"DROP ROLE `{group}`")
 
 
 async def test_mysql_hostile_group_role_is_quoted_not_executed(my: My) -> None:
@@ -481,6 +548,20 @@ async def test_mysql_hostile_password_is_quoted_and_one_statement_runs_at_a_time
     assert (failed.value.reason, failed.value.code) == ("statement_failed", "1064")  # syntax error
     assert await granted_rows(my) == 1
     assert await my_users(my, name) == []
+
+
+async def test_mysql_create_of_a_name_that_exists_fails_and_leaves_that_user_alone(my: My) -> None:
+    """Only what the failed create made is undone: the user that was there keeps working."""
+    name, password = new_username("brk_"), new_password()
+    async with my_admin(my) as admin:
+        await admin.create(name, password, hour())
+        try:
+            with pytest.raises(LeaseDbError) as failed:
+                await admin.create(name, new_password(), hour())
+            assert (failed.value.reason, failed.value.code) == ("statement_failed", "1396")
+            (await my.login(name, password)).close()
+        finally:
+            await admin.drop(name)
 
 
 async def test_mysql_wrong_admin_password_is_auth_failed_and_never_shown(my: My) -> None:
@@ -515,6 +596,21 @@ async def test_egress_policy_blocking_loopback_is_blocked_and_nothing_connects(d
         assert failed.value.reason == "blocked"
         with pytest.raises(BlockingIOError):
             listener.accept()  # nothing ever connected
+
+
+async def test_mysql_tls_required_never_falls_back(my: My) -> None:
+    """The shared MariaDB offers no TLS (or a certificate no system CA signed): refused either way."""
+    with pytest.raises(LeaseDbError) as failed:
+        await UserAdmin.open(my.target(ssl=True), loopback(), timeout=TIMEOUT)
+    assert failed.value.reason == "tls"
+
+
+@pytest.mark.parametrize("driver", ["postgresql", "mysql"])
+async def test_host_that_does_not_resolve_is_dns(driver: str) -> None:
+    target = admin_target("pw", driver=driver, host="db.invalid", port=5432, database="d", username="u")
+    with pytest.raises(LeaseDbError) as failed:
+        await UserAdmin.open(target, loopback(), timeout=TIMEOUT)
+    assert failed.value.reason == "dns"
 
 
 @pytest.mark.parametrize("driver", ["postgresql", "mysql"])

@@ -71,12 +71,17 @@ class UserAdmin:
         is undone (PostgreSQL: one transaction; MySQL: the revocation runs) and the error raised."""
         self._check_name(name)
         statements = await self._render(self._statements.creation, name, password, expires_at)
-        try:
+        if self._driver == "postgresql":
             await self._session.run(statements)
+            return
+        # MySQL commits each account statement: when the first fails nothing is ours to undo (it
+        # may be a user of that name that exists already), after that the user is.
+        await self._session.run(statements[:1])
+        try:
+            await self._session.run(statements[1:])
         except LeaseDbError:
-            if self._driver == "mysql":
-                with contextlib.suppress(LeaseDbError):
-                    await self.drop(name)
+            with contextlib.suppress(LeaseDbError):
+                await self.drop(name)
             raise
 
     async def renew(self, name: str, expires_at: datetime) -> None:

@@ -67,7 +67,8 @@ class MysqlSession:
             connect_timeout=timeout,
             local_infile=False,
             read_default_file=None,
-            charset=server.options.get("charset", "utf8mb4"),
+            # Whatever `options` says: escaping is done on text, and utf8mb4 carries every value.
+            charset="utf8mb4",
             cursorclass=_QuietCursor,
             autocommit=True,
         )

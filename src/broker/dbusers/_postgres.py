@@ -63,11 +63,11 @@ class PostgresSession:
             async with asyncio.timeout(self._timeout):
                 return await step
         except asyncpg.PostgresError as exc:
-            if isinstance(exc, asyncpg.PostgresConnectionError):
-                raise LeaseDbError("connect_failed", str(exc.sqlstate or "")) from None
-            raise LeaseDbError("statement_failed", str(exc.sqlstate or "")) from None
-        except asyncpg.InterfaceError:
-            # The connection is closed or in a state the driver refuses to use.
+            state = str(exc.sqlstate or "")
+            raise LeaseDbError(_statement_reason(state), state) from None
+        except (asyncpg.InterfaceError, asyncpg.InternalClientError):
+            # The connection is closed, or a message from the server (a terminated session) left it
+            # in a state the driver refuses to use.
             raise LeaseDbError("connect_failed") from None
         except (OSError, TimeoutError, ConnectionError) as exc:
             raise LeaseDbError(transport_reason(exc) or "connect_failed") from None
@@ -122,11 +122,12 @@ class PostgresSession:
             )
 
     async def users_with_prefix(self, prefix: str) -> list[str]:
-        # Not LIKE: `_` and `%` in a prefix would be wildcards.
+        # Not LIKE: `_` and `%` in a prefix would be wildcards. Only login roles: the broker's users
+        # log in, and a group role that happens to carry the prefix must never be dropped.
         rows = await self._bounded(
             self._conn.fetch(
-                "SELECT rolname FROM pg_roles WHERE left(rolname::text, char_length($1::text)) = $1::text"
-                " ORDER BY rolname",
+                "SELECT rolname FROM pg_roles WHERE rolcanlogin"
+                " AND left(rolname::text, char_length($1::text)) = $1::text ORDER BY rolname",
                 prefix,
             )
         )
@@ -138,6 +139,16 @@ class PostgresSession:
         except Exception:
             with contextlib.suppress(Exception):
                 self._conn.terminate()
+
+
+def _statement_reason(state: str) -> str:
+    """Class 08 and 57P (the session was ended: terminated, server shutting down) are the
+    connection's fault, 57014 a statement_timeout; anything else the server refused."""
+    if state.startswith(("08", "57P")):
+        return "connect_failed"
+    if state == "57014":
+        return "timeout"
+    return "statement_failed"
 
 
 def _connect_error(exc: Exception, tls: bool) -> LeaseDbError:
