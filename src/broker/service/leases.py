@@ -57,6 +57,7 @@ from broker.service.audit import AuditLog
 from broker.service.context import Call, system_event
 from broker.service.fingerprint import Fingerprinter
 from broker.service.inputs import require_printable
+from broker.service.lookup import refusal
 from broker.service.sealing import open_secrets
 from broker.store import ConnectionStore, GrantStore, LeaseStore
 from broker.testers.base import Target
@@ -303,9 +304,12 @@ class LeaseService:
                 reason = "principal_blocked"
             elif not principal:
                 record = await self._connections.get_connection(tenant, connection_id)
-                if record is not None and record.live and record.dynamic:
+                # Deleted, revoked or suspended (the denial reason Resolve gives), or no longer dynamic.
+                reason = "unknown_connection" if record is None else refusal(record)
+                if not reason and record is not None and not record.dynamic:
+                    reason = "connection_not_dynamic"
+                if not reason:
                     continue
-                reason = "connection_revoked"
             else:
                 grant = await self._grants.get_grant(tenant, connection_id, principal)
                 if grant is not None and grant.active_at(now):

@@ -1,0 +1,385 @@
+"""Leases through the broker's API on the real MariaDB (which checks passwords): Resolve on a
+dynamic connection makes a user that logs in with the group's privileges; renew, revoke, expiry,
+a revoked grant and the reconciler end it; another executor cannot touch it; and the stored
+administrator's password (a canary) never comes back through any answer, record or log.
+
+The admin is a user made for this module with a password, so the canary is real. Every user the
+broker makes carries a prefix unique to this module; everything is dropped at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import secrets
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiomysql
+import grpc
+import pymysql
+import pytest
+
+from broker._proto import broker_pb2 as pb
+from broker._proto import broker_pb2_grpc
+from broker.config import LeaseSettings
+from broker.egress import EgressSettings
+from tests.conftest import Running
+from tests.helpers import EXECUTOR, EXECUTOR2, rpc_error, struct
+
+DSN = os.environ.get("BROKER_TEST_MYSQL_DSN", "")
+
+
+@dataclass(frozen=True)
+class Server:
+    database: str
+    group: str
+    admin: str
+    canary: str  # the admin's password
+    prefix: str
+
+    async def login(self, user: str, password: str) -> aiomysql.Connection:
+        return await aiomysql.connect(
+            host="127.0.0.1", port=3306, user=user, password=password, db=self.database, autocommit=True
+        )
+
+    async def can_log_in(self, user: str, password: str) -> bool:
+        try:
+            conn = await self.login(user, password)
+        except pymysql.err.OperationalError as exc:
+            assert exc.args[0] in (1045, 1698), exc  # access denied, nothing else
+            return False
+        conn.close()
+        return True
+
+
+async def _as_root(*statements: str) -> list[Any]:
+    conn = await aiomysql.connect(host="127.0.0.1", port=3306, user="root", password="", autocommit=True)
+    try:
+        rows: list[Any] = []
+        async with conn.cursor() as cur:
+            for statement in statements:
+                with warnings.catch_warnings():  # "IF EXISTS" of what is gone already
+                    warnings.simplefilter("ignore", aiomysql.Warning)
+                    await cur.execute(statement)
+                rows = list(await cur.fetchall())
+        return rows
+    finally:
+        conn.close()
+
+
+async def users_named(prefix: str) -> set[str]:
+    rows = await _as_root(f"SELECT User FROM mysql.user WHERE LEFT(User, {len(prefix)}) = '{prefix}'")
+    return {str(row[0]) for row in rows}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    if not DSN:
+        pytest.skip("BROKER_TEST_MYSQL_DSN is not set (e.g. mysql://root@127.0.0.1:3306/test); CI sets it")
+    tag = secrets.token_hex(3)
+    found = Server(
+        f"lease_db_{tag}",
+        f"lease_role_{tag}",
+        f"lease_admin_{tag}",
+        "canary-" + secrets.token_hex(16),
+        f"t{tag}_",
+    )
+    asyncio.run(
+        _as_root(
+            f"CREATE DATABASE `{found.database}`",
+            f"CREATE TABLE `{found.database}`.granted (x int)",
+            f"CREATE TABLE `{found.database}`.other (x int)",
+            f"INSERT INTO `{found.database}`.granted VALUES (1)",
+            f"CREATE ROLE `{found.group}`",
+            f"GRANT SELECT ON `{found.database}`.granted TO `{found.group}`",
+            f"CREATE USER `{found.admin}`@'%' IDENTIFIED BY '{found.canary}'",
+            f"GRANT ALL PRIVILEGES ON *.* TO `{found.admin}`@'%' WITH GRANT OPTION",
+            f"GRANT `{found.group}` TO `{found.admin}`@'%' WITH ADMIN OPTION",
+        )
+    )
+    try:
+        yield found
+    finally:
+        leftovers = asyncio.run(users_named(found.prefix))
+        asyncio.run(
+            _as_root(
+                *(f"DROP USER IF EXISTS `{user}`@'%'" for user in leftovers),
+                f"DROP USER IF EXISTS `{found.admin}`@'%'",
+                f"DROP ROLE IF EXISTS `{found.group}`",
+                f"DROP DATABASE IF EXISTS `{found.database}`",
+            )
+        )
+
+
+FAST = LeaseSettings(
+    poll_seconds=0.1,
+    min_retry_seconds=0.1,
+    max_retry_seconds=0.5,
+    creation_grace_seconds=3,
+    reconcile_seconds=0.5,
+    timeout_seconds=2,
+)
+
+
+@pytest.fixture
+async def broker(make_broker: Callable[..., Awaitable[Running]]) -> AsyncIterator[Running]:
+    yield await make_broker(egress=EgressSettings(allow_loopback=True), leases=FAST)
+
+
+async def dynamic_connection(running: Running, server: Server, name: str = "ledger", **config: Any) -> str:
+    created = await running.admin().CreateConnection(
+        pb.CreateConnectionRequest(
+            name=name,
+            type="database",
+            config=struct(
+                {
+                    "driver": "mysql",
+                    "host": "127.0.0.1",
+                    "port": 3306,
+                    "database": server.database,
+                    "username": server.admin,
+                    "ssl": False,
+                    "dynamic": True,
+                    "group_role": server.group,
+                    "username_prefix": server.prefix,
+                    "default_ttl": 60,
+                    "max_ttl": 120,
+                }
+                | config
+            ),
+            secrets={"password": server.canary},
+        )
+    )
+    for principal in (EXECUTOR, EXECUTOR2):
+        await running.admin().GrantAccess(
+            pb.GrantAccessRequest(connection_id=created.id, principal=principal)
+        )
+    return str(created.id)
+
+
+async def lease_state(running: Running, lease_id: str) -> pb.Lease:
+    page = await running.admin().ListLeases(pb.ListLeasesRequest())
+    (found,) = [lease for lease in page.leases if lease.id == lease_id]
+    return found
+
+
+async def wait_for(condition: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not await condition():
+        assert asyncio.get_running_loop().time() < deadline, f"not within {within} s: {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_lease_is_a_fresh_user_with_the_groups_privileges_and_no_more(
+    broker: Running, server: Server
+) -> None:
+    connection_id = await dynamic_connection(broker, server)
+    answer = await broker.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id, run_id="run-1"))
+    user, password = answer.config["username"], answer.secrets["password"]
+    assert user.startswith(server.prefix) and len(user) == len(server.prefix) + 16
+    assert set(answer.secrets) == {"password"} and len(password) >= 32
+    assert answer.lease.username == user and answer.lease.state == pb.LEASE_STATE_ACTIVE
+    assert answer.lease.run_id == "run-1" and answer.lease.principal == EXECUTOR
+    lifetime = answer.lease.expires_at.ToDatetime() - answer.lease.created_at.ToDatetime()
+    assert lifetime == dt.timedelta(seconds=60) and answer.expires_at == answer.lease.expires_at
+    conn = await server.login(user, password)
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute("SELECT x FROM granted")
+            assert await cur.fetchall() == ((1,),)
+            with pytest.raises(pymysql.err.OperationalError) as denied:
+                await cur.execute("SELECT x FROM other")
+            assert denied.value.args[0] == 1142
+    finally:
+        conn.close()
+    assert not await server.can_log_in(user, password + "x")  # the server checks passwords
+    # A second Resolve is a second user.
+    again = await broker.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id))
+    assert again.config["username"] != user and again.lease.id != answer.lease.id
+    events = await broker.admin().ListAuditEvents(pb.ListAuditEventsRequest(connection_id=connection_id))
+    actions = [(e.action, e.outcome) for e in events.events]
+    assert actions.count(("lease.create", "succeeded")) == 2
+    assert actions.count(("connection.resolve", "allowed")) == 2
+
+
+async def test_renew_extends_up_to_max_ttl_and_only_the_holder_may_renew_or_revoke(
+    broker: Running, server: Server
+) -> None:
+    connection_id = await dynamic_connection(broker, server)
+    answer = await broker.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id))
+    lease = answer.lease
+    renewed = await broker.resolver().RenewLease(
+        pb.RenewLeaseRequest(lease_id=lease.id, increment_seconds=90)
+    )
+    assert renewed.expires_at.ToDatetime() > lease.expires_at.ToDatetime()
+    capped = await broker.resolver().RenewLease(
+        pb.RenewLeaseRequest(lease_id=lease.id, increment_seconds=3600)
+    )
+    assert capped.expires_at == lease.max_expires_at  # never past max_ttl
+    for call in (
+        broker.resolver("executor2").RenewLease(pb.RenewLeaseRequest(lease_id=lease.id)),
+        broker.resolver("executor2").RevokeLease(pb.RevokeLeaseRequest(lease_id=lease.id)),
+        broker.resolver("executor_b").RevokeLease(pb.RevokeLeaseRequest(lease_id=lease.id)),
+    ):
+        error = await rpc_error(call)
+        assert error.code() == grpc.StatusCode.NOT_FOUND  # exactly what an unknown id gets
+    unknown = await rpc_error(broker.resolver().RevokeLease(pb.RevokeLeaseRequest(lease_id="lease_nope")))
+    assert unknown.code() == grpc.StatusCode.NOT_FOUND and unknown.details().replace("lease_nope", "X") == (
+        error.details().replace(lease.id, "X")
+    )
+    assert await server.can_log_in(answer.config["username"], answer.secrets["password"])
+
+
+async def test_revoke_drops_the_user_at_once(broker: Running, server: Server) -> None:
+    connection_id = await dynamic_connection(broker, server)
+    answer = await broker.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id))
+    revoked = await broker.resolver().RevokeLease(pb.RevokeLeaseRequest(lease_id=answer.lease.id))
+    assert revoked.state == pb.LEASE_STATE_REVOKED and revoked.revoke_reason == "revoked"
+    assert not await server.can_log_in(answer.config["username"], answer.secrets["password"])
+    assert answer.config["username"] not in await users_named(server.prefix)
+    error = await rpc_error(broker.resolver().RenewLease(pb.RenewLeaseRequest(lease_id=answer.lease.id)))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_an_expired_lease_is_dropped_by_the_worker(broker: Running, server: Server) -> None:
+    connection_id = await dynamic_connection(broker, server, default_ttl=1)
+    answer = await broker.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id))
+    user, password = answer.config["username"], answer.secrets["password"]
+    assert await server.can_log_in(user, password)
+
+    async def gone() -> bool:
+        return not await server.can_log_in(user, password)
+
+    await wait_for(gone, 5, "the expired lease's user dropped")
+    state = await lease_state(broker, answer.lease.id)
+    assert state.state == pb.LEASE_STATE_REVOKED and state.revoke_reason == "expired"
+
+
+async def test_revoking_the_grant_or_the_connection_ends_their_leases(
+    broker: Running, server: Server
+) -> None:
+    connection_id = await dynamic_connection(broker, server)
+    mine = await broker.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id))
+    theirs = await broker.resolver("executor2").Resolve(pb.ResolveRequest(connection_id=connection_id))
+    await broker.admin().RevokeAccess(pb.RevokeAccessRequest(connection_id=connection_id, principal=EXECUTOR))
+
+    async def mine_gone() -> bool:
+        return (await lease_state(broker, mine.lease.id)).state == pb.LEASE_STATE_REVOKED
+
+    await wait_for(mine_gone, 5, "the lease of the revoked grant revoked")
+    assert (await lease_state(broker, mine.lease.id)).revoke_reason == "grant_revoked"
+    assert await server.can_log_in(theirs.config["username"], theirs.secrets["password"])
+    await broker.admin().RevokeConnection(pb.RevokeConnectionRequest(id=connection_id, reason="leak"))
+
+    async def theirs_gone() -> bool:
+        return not await server.can_log_in(theirs.config["username"], theirs.secrets["password"])
+
+    await wait_for(theirs_gone, 5, "the revoked connection's leases revoked")
+
+
+async def test_revoke_leases_by_run_and_purge_waits_for_them(broker: Running, server: Server) -> None:
+    connection_id = await dynamic_connection(broker, server)
+    run = [
+        await broker.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id, run_id="r7"))
+        for _ in range(3)
+    ]
+    other = await broker.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id, run_id="r8"))
+    error = await rpc_error(broker.admin().RevokeLeases(pb.RevokeLeasesRequest()))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    queued = await broker.admin().RevokeLeases(pb.RevokeLeasesRequest(run_id="r7"))
+    assert queued.revoked == 3
+
+    async def run_gone() -> bool:
+        return not (await users_named(server.prefix)) & {a.config["username"] for a in run}
+
+    await wait_for(run_gone, 5, "the run's users dropped")
+    assert await server.can_log_in(other.config["username"], other.secrets["password"])
+    await broker.admin().DeleteConnection(pb.DeleteConnectionRequest(id=connection_id))
+
+    async def other_gone() -> bool:
+        return not await server.can_log_in(other.config["username"], other.secrets["password"])
+
+    await wait_for(other_gone, 5, "a deleted connection's leases revoked")
+    await broker.admin().PurgeConnection(pb.PurgeConnectionRequest(id=connection_id))
+
+
+async def test_a_drop_that_fails_is_retried_and_purge_waits_for_it(broker: Running, server: Server) -> None:
+    connection_id = await dynamic_connection(broker, server)
+    answer = await broker.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id))
+    # The stored administrator's password goes wrong: every drop fails until it is put right.
+    await broker.admin().UpdateConnection(
+        pb.UpdateConnectionRequest(id=connection_id, secrets={"password": "wrong"})
+    )
+    revoking = await broker.resolver().RevokeLease(pb.RevokeLeaseRequest(lease_id=answer.lease.id))
+    assert revoking.state == pb.LEASE_STATE_REVOKING and revoking.last_error == "auth_failed"
+    assert await server.can_log_in(answer.config["username"], answer.secrets["password"])
+
+    async def retried() -> bool:
+        return (await lease_state(broker, answer.lease.id)).revocation_attempts >= 3
+
+    await wait_for(retried, 5, "the failed drop retried")
+    await broker.admin().DeleteConnection(pb.DeleteConnectionRequest(id=connection_id))
+    error = await rpc_error(broker.admin().PurgeConnection(pb.PurgeConnectionRequest(id=connection_id)))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "being dropped" in error.details()
+    await broker.admin().RestoreConnection(pb.RestoreConnectionRequest(id=connection_id))
+    await broker.admin().UpdateConnection(
+        pb.UpdateConnectionRequest(id=connection_id, secrets={"password": server.canary})
+    )
+
+    async def dropped() -> bool:
+        return (await lease_state(broker, answer.lease.id)).state == pb.LEASE_STATE_REVOKED
+
+    await wait_for(dropped, 5, "the drop done once the password is right")
+    assert not await server.can_log_in(answer.config["username"], answer.secrets["password"])
+
+
+async def test_the_reconciler_drops_prefixed_users_without_a_lease_and_nothing_else(
+    broker: Running, server: Server
+) -> None:
+    connection_id = await dynamic_connection(broker, server)
+    await broker.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id))  # a live lease
+    orphan = f"{server.prefix}{secrets.token_hex(8)}"
+    odd = f"{server.prefix}admin"  # the prefix, but not a name the broker makes
+    await _as_root(
+        f"CREATE USER `{orphan}`@'%' IDENTIFIED BY 'x'", f"CREATE USER `{odd}`@'%' IDENTIFIED BY 'x'"
+    )
+    try:
+
+        async def orphan_gone() -> bool:
+            return orphan not in await users_named(server.prefix)
+
+        await wait_for(orphan_gone, 5, "the orphan dropped by the reconciler")
+        names = await users_named(server.prefix)
+        assert odd in names
+        live = await broker.admin().ListLeases(pb.ListLeasesRequest(connection_id=connection_id))
+        assert {lease.username for lease in live.leases} <= names
+    finally:
+        await _as_root(f"DROP USER IF EXISTS `{odd}`@'%'", f"DROP USER IF EXISTS `{orphan}`@'%'")
+
+
+async def test_the_administrators_password_never_comes_back(broker: Running, server: Server) -> None:
+    """Invariant: a dynamic connection's stored credential is never released, by any path."""
+    connection_id = await dynamic_connection(broker, server)
+    seen: list[str] = []
+    answer = await broker.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id))
+    seen.append(str(answer))
+    seen.append(str(await broker.resolver().RenewLease(pb.RenewLeaseRequest(lease_id=answer.lease.id))))
+    seen.append(str(await broker.admin().GetConnection(pb.GetConnectionRequest(id=connection_id))))
+    seen.append(str(await broker.admin().TestConnection(pb.TestConnectionRequest(id=connection_id))))
+    seen.append(str(await broker.admin().ListLeases(pb.ListLeasesRequest())))
+    seen.append(str(await broker.admin().ListAuditEvents(pb.ListAuditEventsRequest())))
+    proxy_stub = broker_pb2_grpc.ProxyServiceStub(
+        broker.channel(broker.identities["executor"], broker.broker.resolve_port)
+    )
+    proxy = await rpc_error(
+        proxy_stub.ProxyHttp(pb.ProxyHttpRequest(connection_id=connection_id, method="GET", path="/"))
+    )
+    seen.append(proxy.details() or "")
+    seen.append(broker.logs.getvalue())
+    for text in seen:
+        assert server.canary not in text
+    assert server.admin not in str(answer.config)  # the lease's user replaced the administrator's
