@@ -134,10 +134,13 @@ class LeaseService:
         now: datetime,
         run_id: str,
         released: AuditEvent,
+        grant_ends: datetime,
     ) -> tuple[Lease, SecretFields]:
         """Make a database user for the caller; the lease and its credentials. `released` is the
-        Resolve's audit event: written with the lease's activation, before the caller hears."""
+        Resolve's audit event: written with the lease's activation, before the caller hears. A
+        lease never outlives the grant it was made under (`grant_ends`), renewals included."""
         terms = LeaseTerms.of(record)
+        max_expires_at = min(now + terms.max_ttl, grant_ends)
         lease = Lease(
             tenant=record.tenant,
             id=new_id("lease"),
@@ -146,8 +149,8 @@ class LeaseService:
             username=new_username(terms.prefix),
             state=LeaseState.CREATING,
             created_at=now,
-            expires_at=now + terms.default_ttl,
-            max_expires_at=now + terms.max_ttl,
+            expires_at=min(now + terms.default_ttl, max_expires_at),
+            max_expires_at=max_expires_at,
             run_id=run_id,
         )
         await self._store.insert_lease(lease)
@@ -339,8 +342,7 @@ class LeaseService:
                 if self._to_check:
                     await self._check_changes()
                 done = await self.revoke_due()
-                counts = await self._store.lease_counts(self._clock())
-                metrics.LEASE_REVOCATIONS_PENDING.set(counts["due"])
+                metrics.LEASE_REVOCATIONS_PENDING.set(await self._store.pending_revocations(self._clock()))
             except Exception as exc:
                 log.error("lease_worker_failed", error_type=type(exc).__name__)
                 done = 0

@@ -206,8 +206,10 @@ class Resolver:
         if self._leases is None:
             raise FailedPrecondition(f"connection {record.id} is dynamic, and leases are not enabled here")
         released = call.audit_event(now, RESOLVE, ref_id, Outcome.ALLOWED, "", details)
+        terms = await self._grant_terms(call.tenant, record.id, call.actor)  # cached by the denial check
+        grant_ends = terms.ends if terms is not None else now
         try:
-            return await self._leases.issue(call, record, admin, now, run_id, released)
+            return await self._leases.issue(call, record, admin, now, run_id, released, grant_ends)
         except Unavailable:
             metrics.RESOLVES.labels("failed", "lease_failed").inc()
             raise

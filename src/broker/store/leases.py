@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from broker.model import AuditEvent, Lease, LeaseFilter, LeaseState
+from broker.model import AuditEvent, Lease, LeaseFilter
 from broker.store import _codec as codec
 from broker.store.lifecycle import EngineStore, Where
 
@@ -189,15 +189,11 @@ class Leases(EngineStore):
         rows = await self._engine.fetch("SELECT DISTINCT tenant, connection_id FROM leases")
         return [(str(row["tenant"]), str(row["connection_id"])) for row in rows]
 
-    async def lease_counts(self, now: datetime) -> dict[str, int]:
-        """How many leases are in each state, and `due`: those whose revocation is owed now."""
+    async def pending_revocations(self, now: datetime) -> int:
+        """How many leases are owed a drop now: queued ones and active ones past their end."""
         rows = await self._engine.fetch(
-            "SELECT state, COUNT(*) AS n, SUM(CASE WHEN state = 'revoking'"
-            " OR (state = 'active' AND expires_at <= ?) THEN 1 ELSE 0 END) AS due FROM leases GROUP BY state",
+            "SELECT COUNT(*) AS n FROM leases"
+            " WHERE state = 'revoking' OR (state = 'active' AND expires_at <= ?)",
             codec.to_micros(now),
         )
-        counts = {state.value: 0 for state in LeaseState} | {"due": 0}
-        for row in rows:
-            counts[str(row["state"])] = int(row["n"])
-            counts["due"] += int(row["due"] or 0)
-        return counts
+        return int(rows[0]["n"])

@@ -365,8 +365,8 @@ class LeaseStore(Protocol):
     async def lease_connections(self) -> list[tuple[str, str]]:
         """(tenant, connection id) of every connection with lease rows, in any tenant (the reconciler)."""
 
-    async def lease_counts(self, now: datetime) -> dict[str, int]:
-        """Leases per state, and `due`: how many are owed a drop now."""
+    async def pending_revocations(self, now: datetime) -> int:
+        """How many leases are owed a drop now (queued, or active past their end), in any tenant."""
 
 
 class Coordination(Protocol):
