@@ -38,6 +38,9 @@ from broker.model import (
     GrantFilter,
     GrantMode,
     GrantScope,
+    Lease,
+    LeaseFilter,
+    LeaseState,
     McpTool,
     Outcome,
     PendingAuthorization,
@@ -889,6 +892,118 @@ async def test_master_key_bookkeeping_and_rewrap(store: Store) -> None:
     await store.add_kek_wraps({"kek-new": 2, "kek-unused": 0})
     await store.add_kek_wraps({})
     assert await store.kek_wraps() == {"kek-new": 5}
+
+
+# -------------------------------------------------------------------- leases
+
+
+def make_lease(username: str, tenant: str = TENANT, **changes: Any) -> Lease:
+    lease = Lease(
+        tenant=tenant,
+        id=f"lease_{next(_counter):08d}",
+        connection_id="conn_dyn",
+        principal="spiffe://x/tenant/acme/executor/etl",
+        username=username,
+        state=LeaseState.CREATING,
+        created_at=T0,
+        expires_at=T0 + timedelta(hours=1),
+        max_expires_at=T0 + timedelta(hours=2),
+    )
+    return dataclasses.replace(lease, **changes)
+
+
+async def test_a_lease_is_created_activated_renewed_within_its_max_and_read_back(store: Store) -> None:
+    lease = make_lease("brk_aaaaaaaaaaaaaaaa", run_id="run-1")
+    await store.insert_lease(lease)
+    assert await store.get_lease(TENANT, lease.id) == lease
+    assert await store.get_lease(OTHER, lease.id) is None  # another tenant's looks unknown
+    assert await store.activate_lease(TENANT, lease.id, [make_event(action="lease.create")])
+    assert not await store.activate_lease(TENANT, lease.id, [make_event(action="lease.create")])
+    later = T0 + timedelta(minutes=90)
+    assert await store.renew_lease(TENANT, lease.id, later, T0, make_event(action="lease.renew"))
+    assert (await store.get_lease(TENANT, lease.id)) == dataclasses.replace(
+        lease, state=LeaseState.ACTIVE, expires_at=later
+    )
+    too_late = T0 + timedelta(hours=3)
+    assert not await store.renew_lease(TENANT, lease.id, too_late, T0, make_event(action="lease.renew"))
+    expired = T0 + timedelta(hours=2)  # at its end: too late to renew
+    assert not await store.renew_lease(TENANT, lease.id, later, expired, make_event(action="lease.renew"))
+    actions = [e.action for e in await store.list_audit(TENANT, AuditFilter(), 10, None)]
+    assert sorted(actions) == ["lease.create", "lease.renew"]
+
+
+async def test_due_leases_are_claimed_once_and_failures_retried_later(store: Store) -> None:
+    due = make_lease("brk_due0000000000000", state=LeaseState.ACTIVE, expires_at=T0)
+    live = make_lease("brk_live000000000000", state=LeaseState.ACTIVE)
+    stuck = make_lease("brk_stuck00000000000", created_at=T0 - timedelta(minutes=5))
+    fresh = make_lease("brk_fresh00000000000")  # still being created
+    for lease in (due, live, stuck, fresh):
+        await store.insert_lease(lease)
+    now, grace = T0 + timedelta(seconds=1), T0 - timedelta(minutes=1)
+    claimed = await store.claim_due_leases(now, grace, now + timedelta(minutes=1), 10)
+    assert {(c.id, c.state, c.revoke_reason) for c in claimed} == {
+        (due.id, LeaseState.REVOKING, "expired"),
+        (stuck.id, LeaseState.REVOKING, "creation_abandoned"),
+    }
+    # Claimed: not handed out again while the claim lasts, nor activated by a late creator.
+    assert await store.claim_due_leases(now, grace, now + timedelta(minutes=1), 10) == []
+    assert not await store.activate_lease(TENANT, stuck.id, [make_event()])
+    assert await store.pending_revocations(now) == 2
+    await store.lease_revocation_failed(TENANT, due.id, "connect_failed", now + timedelta(seconds=5))
+    await store.lease_revoked(TENANT, stuck.id, now, make_event(action="lease.revoked"))
+    failed = await store.get_lease(TENANT, due.id)
+    assert failed is not None and (failed.attempts, failed.last_error) == (1, "connect_failed")
+    assert await store.claim_due_leases(now, grace, now + timedelta(minutes=1), 10) == []
+    retry_at = now + timedelta(seconds=5)
+    again = await store.claim_due_leases(retry_at, grace, retry_at + timedelta(minutes=1), 10)
+    assert [c.id for c in again] == [due.id]
+    revoked = await store.get_lease(TENANT, stuck.id)
+    assert revoked is not None and revoked.state is LeaseState.REVOKED and revoked.revoked_at == now
+    assert await store.pending_revocations(retry_at) == 1
+
+
+async def test_concurrent_claims_never_share_a_lease(store: Store) -> None:
+    leases = [make_lease(f"brk_{n:016d}", state=LeaseState.ACTIVE, expires_at=T0) for n in range(40)]
+    for lease in leases:
+        await store.insert_lease(lease)
+    now = T0 + timedelta(seconds=1)
+    batches = await asyncio.gather(
+        *(store.claim_due_leases(now, T0, now + timedelta(minutes=1), 7) for _ in range(8))
+    )
+    claimed = [lease.id for batch in batches for lease in batch]
+    assert sorted(claimed) == sorted(lease.id for lease in leases)  # each exactly once
+
+
+async def test_revoking_by_filter_takes_only_live_matching_leases(store: Store) -> None:
+    active = dict(state=LeaseState.ACTIVE)
+    a = make_lease("brk_a000000000000000", run_id="r1", **active)
+    b = make_lease("brk_b000000000000000", run_id="r1", principal="spiffe://x/other", **active)
+    c = make_lease("brkXc000000000000000", run_id="r2", **active)  # `_` must not be a wildcard
+    done = make_lease("brk_d000000000000000", run_id="r1", state=LeaseState.REVOKED)
+    theirs = make_lease("brk_e000000000000000", tenant=OTHER, run_id="r1", **active)
+    for lease in (a, b, c, done, theirs):
+        await store.insert_lease(lease)
+    event = make_event(action="lease.revoke")
+    assert await store.revoke_leases(TENANT, LeaseFilter(run_id="r1"), "revoked", T0, event) == 2
+    assert await store.revoke_leases(TENANT, LeaseFilter(username_prefix="brk_"), "revoked", T0, None) == 0
+    assert await store.revoke_leases(TENANT, LeaseFilter(username_prefix="brkX"), "revoked", T0, None) == 1
+    states = {
+        lease.username: lease.state for lease in await store.list_leases(TENANT, LeaseFilter(), 10, None)
+    }
+    assert states == {
+        a.username: LeaseState.REVOKING,
+        b.username: LeaseState.REVOKING,
+        c.username: LeaseState.REVOKING,
+        done.username: LeaseState.REVOKED,
+    }
+    revoking = await store.list_leases(TENANT, LeaseFilter(state=LeaseState.REVOKING), 2, None)
+    rest = await store.list_leases(TENANT, LeaseFilter(state=LeaseState.REVOKING), 2, revoking[-1].id)
+    assert len(revoking) == 2 and len(rest) == 1
+    assert await store.live_lease_usernames([a.username, done.username, theirs.username, "nobody"]) == {
+        a.username,  # revoking: not yet dropped, so still accounted for
+        theirs.username,
+    }
+    assert sorted(await store.lease_connections()) == [(TENANT, "conn_dyn"), (OTHER, "conn_dyn")]
 
 
 # -------------------------------------------------------- postgres specifics

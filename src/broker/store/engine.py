@@ -56,6 +56,10 @@ class Engine(Protocol):
 
     # The database's clock in seconds since the epoch, as an SQL expression (shared rate buckets).
     now_sql: str
+    # Appended to a SELECT in a write transaction: lock the rows read and skip those another
+    # transaction holds (PostgreSQL), so concurrent claimers take disjoint rows; "" where writers
+    # are serialised anyway (SQLite).
+    skip_locked_sql: str
 
     async def open(self) -> None:
         """Connect and apply pending migrations."""

@@ -3,8 +3,9 @@
 A lease row is written (`creating`) before its user exists and turned `active` with the
 audit events of its release in one transaction. From then on the row is its own
 revocation queue: expiry or a revocation makes it due, `claim_due_leases` hands a batch
-to exactly one worker (a conditional UPDATE: a row claimed by another replica, whose
-claim has not run out, is not claimed again), and the worker either finishes it
+to exactly one worker (the due rows are read locked, skipping those another replica's
+claim holds on PostgreSQL, then claimed by a conditional UPDATE: a row claimed by another
+replica, whose claim has not run out, is not claimed again), and the worker either finishes it
 (`revoked`, with its audit event) or records the failure and when to try again. Nothing
 here gives up on a lease.
 """
@@ -120,7 +121,8 @@ class Leases(EngineStore):
         at, before = codec.to_micros(now), codec.to_micros(creating_before)
         async with self._engine.transaction() as tx:
             rows = await tx.fetch(
-                f"SELECT tenant, id FROM leases WHERE {_DUE} ORDER BY expires_at LIMIT ?",  # noqa: S608
+                f"SELECT tenant, id FROM leases WHERE {_DUE} ORDER BY expires_at LIMIT ?"  # noqa: S608
+                + self._engine.skip_locked_sql,
                 at,
                 at,
                 before,

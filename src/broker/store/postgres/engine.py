@@ -107,6 +107,7 @@ class PostgresEngine:
     """The `Engine` on a PostgreSQL database; see the module docstring."""
 
     now_sql = "extract(epoch FROM clock_timestamp())::float8"
+    skip_locked_sql = " FOR UPDATE SKIP LOCKED"
 
     def __init__(
         self,
