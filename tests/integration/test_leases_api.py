@@ -383,3 +383,17 @@ async def test_the_administrators_password_never_comes_back(broker: Running, ser
     for text in seen:
         assert server.canary not in text
     assert server.admin not in str(answer.config)  # the lease's user replaced the administrator's
+
+
+async def test_a_lease_never_outlives_its_grant(broker: Running, server: Server) -> None:
+    connection_id = await dynamic_connection(broker, server)
+    ends = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=30)
+    grant = pb.GrantAccessRequest(connection_id=connection_id, principal=EXECUTOR)
+    grant.expires_at.FromDatetime(ends)
+    await broker.admin().GrantAccess(grant)
+    answer = await broker.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id))
+    assert (
+        answer.lease.expires_at.ToDatetime(dt.UTC) == ends == answer.lease.max_expires_at.ToDatetime(dt.UTC)
+    )
+    renewed = await broker.resolver().RenewLease(pb.RenewLeaseRequest(lease_id=answer.lease.id))
+    assert renewed.expires_at.ToDatetime(dt.UTC) == ends

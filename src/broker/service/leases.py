@@ -298,29 +298,58 @@ class LeaseService:
         self._wake.set()
 
     async def _check_changes(self) -> None:
-        """Queue the leases that a change ended: the connection no longer live, the grant gone
-        or expired, the principal blocked."""
+        """Queue the leases that a change ended (see `_end_reason`); a principal blocked ends all of its."""
         checks, self._to_check = self._to_check, set()
         now = self._clock()
         for tenant, connection_id, principal in checks:
-            if not connection_id:
-                reason = "principal_blocked"
-            elif not principal:
-                record = await self._connections.get_connection(tenant, connection_id)
-                # Deleted, revoked or suspended (the denial reason Resolve gives), or no longer dynamic.
-                reason = "unknown_connection" if record is None else refusal(record)
-                if not reason and record is not None and not record.dynamic:
-                    reason = "connection_not_dynamic"
-                if not reason:
-                    continue
-            else:
-                grant = await self._grants.get_grant(tenant, connection_id, principal)
-                if grant is not None and grant.active_at(now):
-                    continue
-                reason = "grant_revoked"
             selector = LeaseFilter(connection_id=connection_id, principal=principal)
-            event = system_event(now, ACTOR, tenant, connection_id, "lease.revoke", reason=reason)
-            await self._store.revoke_leases(tenant, selector, reason, now, event)
+            if not await self._store.list_leases(tenant, replace(selector, state=LeaseState.ACTIVE), 1, None):
+                continue  # most changes are to connections without leases: no write for them
+            if connection_id:
+                reason = await self._end_reason(tenant, connection_id, principal, now)
+            else:
+                reason = "principal_blocked"
+            if reason:
+                await self._queue(tenant, selector, reason, now)
+
+    async def _end_reason(self, tenant: str, connection_id: str, principal: str, now: datetime) -> str:
+        """Why the connection's leases (of `principal`, or all when "") may not live on, or "":
+        the connection deleted, revoked, suspended, purged or no longer dynamic; the grant gone."""
+        record = await self._connections.get_connection(tenant, connection_id)
+        if record is None:
+            return "unknown_connection"
+        reason = refusal(record) or ("" if record.dynamic else "connection_not_dynamic")
+        if reason or not principal:
+            return reason
+        grant = await self._grants.get_grant(tenant, connection_id, principal)
+        if grant is None:
+            return "grant_revoked"
+        return "" if grant.active_at(now) else "grant_expired"
+
+    async def _queue(self, tenant: str, selector: LeaseFilter, reason: str, now: datetime) -> None:
+        event = system_event(now, ACTOR, tenant, selector.connection_id, "lease.revoke", reason=reason)
+        if await self._store.revoke_leases(tenant, selector, reason, now, event):
+            self._wake.set()
+
+    async def _sweep(self, tenant: str, connection_id: str, now: datetime) -> None:
+        """What the change feed would have said, checked again: it may have been down, a grant may
+        have expired by time alone, or a lease become active after its grant was revoked."""
+        reason = await self._end_reason(tenant, connection_id, "", now)
+        if reason:
+            await self._queue(tenant, LeaseFilter(connection_id=connection_id), reason, now)
+            return
+        active: set[str] = set()
+        after: str | None = None
+        mine = LeaseFilter(connection_id=connection_id, state=LeaseState.ACTIVE)
+        while page := await self._store.list_leases(tenant, mine, 500, after):
+            active.update(lease.principal for lease in page)
+            after = page[-1].id
+        for principal in sorted(active):
+            reason = await self._end_reason(tenant, connection_id, principal, now)
+            if reason:
+                await self._queue(
+                    tenant, LeaseFilter(connection_id=connection_id, principal=principal), reason, now
+                )
 
     # ---------------------------------------------------------------- worker
 
@@ -431,10 +460,12 @@ class LeaseService:
             await asyncio.sleep(self._settings.reconcile_seconds)
 
     async def reconcile(self) -> int:
-        """Drop every user named like the broker's in each dynamic database that no live lease
-        accounts for (a crash between creating a user and writing its end); how many."""
+        """Queue the leases that may not live on (`_sweep`), then drop every user named like the
+        broker's in each dynamic database that no lease not yet revoked accounts for (a crash
+        between creating a user and writing its end); how many users were dropped."""
         dropped = 0
         for tenant, connection_id in await self._store.lease_connections():
+            await self._sweep(tenant, connection_id, self._clock())
             record = await self._connections.get_connection(tenant, connection_id)
             if record is None or record.sealed is None or not record.dynamic:
                 continue
