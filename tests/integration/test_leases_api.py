@@ -255,8 +255,12 @@ async def test_an_expired_lease_is_dropped_by_the_worker(broker: Running, server
         return not await server.can_log_in(user, password)
 
     await wait_for(gone, 5, "the expired lease's user dropped")
-    state = await lease_state(broker, answer.lease.id)
-    assert state.state == pb.LEASE_STATE_REVOKED and state.revoke_reason == "expired"
+
+    async def recorded() -> bool:  # the drop comes first, then its record
+        return (await lease_state(broker, answer.lease.id)).state == pb.LEASE_STATE_REVOKED
+
+    await wait_for(recorded, 5, "the lease recorded revoked")
+    assert (await lease_state(broker, answer.lease.id)).revoke_reason == "expired"
 
 
 async def test_revoking_the_grant_or_the_connection_ends_their_leases(

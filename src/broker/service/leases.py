@@ -204,7 +204,7 @@ class LeaseService:
             raise FailedPrecondition(f"lease {lease.id} has ended ({self._ended(lease, now)}); resolve again")
         record = await self._connections.get_connection(lease.tenant, lease.connection_id)
         grant = await self._grants.get_grant(lease.tenant, lease.connection_id, call.actor)
-        if record is None or not record.live or grant is None or not grant.active_at(now):
+        if record is None or refusal(record) or grant is None or not grant.active_at(now):
             raise PermissionDenied(f"not permitted to renew lease {lease.id}")
         terms = LeaseTerms.of(record)
         increment = timedelta(seconds=increment_seconds) if increment_seconds else terms.default_ttl
@@ -236,7 +236,7 @@ class LeaseService:
         now = self._clock()
         event = call.audit_event(now, "lease.revoke", lease.connection_id, details={"lease_id": lease.id})
         await self._store.revoke_leases(lease.tenant, LeaseFilter(lease_id=lease.id), "revoked", now, event)
-        await self.revoke_due()
+        await self.revoke_due(only=(lease.tenant, lease.id))
         found = await self._store.get_lease(lease.tenant, lease.id)
         return found if found is not None else lease
 
@@ -381,8 +381,9 @@ class LeaseService:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._settings.poll_seconds)
 
-    async def revoke_due(self) -> int:
-        """One batch: claim the leases owed a drop, drop their users, record each outcome."""
+    async def revoke_due(self, only: tuple[str, str] | None = None) -> int:
+        """One batch: claim the leases owed a drop (or only the lease `only`: tenant, id), drop
+        their users, record each outcome; how many were claimed."""
         async with self._pass_lock:
             now = self._clock()
             settings = self._settings
@@ -392,6 +393,7 @@ class LeaseService:
                 # Long enough to finish the batch; if this process dies, another takes over then.
                 now + timedelta(seconds=settings.timeout_seconds * 2 + 30),
                 settings.batch_size,
+                only,
             )
             by_connection: dict[tuple[str, str], list[Lease]] = defaultdict(list)
             for lease in claimed:

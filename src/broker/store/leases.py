@@ -114,19 +114,26 @@ class Leases(EngineStore):
         return count
 
     async def claim_due_leases(
-        self, now: datetime, creating_before: datetime, claim_until: datetime, limit: int
+        self,
+        now: datetime,
+        creating_before: datetime,
+        claim_until: datetime,
+        limit: int,
+        only: tuple[str, str] | None = None,
     ) -> list[Lease]:
-        """Claim up to `limit` due leases (any tenant) until `claim_until`; they come back
-        `revoking`, with why. Concurrent claimers never get the same lease."""
+        """Claim up to `limit` due leases (any tenant; or only the lease `only`: tenant, id) until
+        `claim_until`; they come back `revoking`, with why. Concurrent claimers never get the same lease."""
         at, before = codec.to_micros(now), codec.to_micros(creating_before)
+        where = _DUE
+        args: list[int | str] = [at, at, before, at]
+        if only is not None:
+            where += " AND tenant = ? AND id = ?"
+            args += only
         async with self._engine.transaction() as tx:
             rows = await tx.fetch(
-                f"SELECT tenant, id FROM leases WHERE {_DUE} ORDER BY expires_at LIMIT ?"  # noqa: S608
+                f"SELECT tenant, id FROM leases WHERE {where} ORDER BY expires_at LIMIT ?"  # noqa: S608
                 + self._engine.skip_locked_sql,
-                at,
-                at,
-                before,
-                at,
+                *args,
                 limit,
             )
             claimed = []

@@ -346,10 +346,16 @@ class LeaseStore(Protocol):
         written only when there was one."""
 
     async def claim_due_leases(
-        self, now: datetime, creating_before: datetime, claim_until: datetime, limit: int
+        self,
+        now: datetime,
+        creating_before: datetime,
+        claim_until: datetime,
+        limit: int,
+        only: tuple[str, str] | None = None,
     ) -> list[Lease]:
         """Up to `limit` leases owed a drop (expired, queued, or stuck `creating` since before
-        `creating_before`), in any tenant, claimed until `claim_until` by this caller only."""
+        `creating_before`), in any tenant or only the lease `only` (tenant, id), claimed until
+        `claim_until` by this caller only."""
 
     async def lease_revoked(self, tenant: str, lease_id: str, now: datetime, event: AuditEvent) -> None:
         """The user was dropped: the lease is `revoked`, with its event."""
