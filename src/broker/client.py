@@ -650,7 +650,10 @@ def _lease(message: Any) -> Lease:
     max_expires = (
         message.max_expires_at.ToDatetime(tzinfo=dt.UTC) if message.HasField("max_expires_at") else None
     )
-    state = broker_pb2.LeaseState.Name(message.state).removeprefix("LEASE_STATE_").lower()
+    try:
+        state = broker_pb2.LeaseState.Name(message.state).removeprefix("LEASE_STATE_").lower()
+    except ValueError:  # a state added to the broker after this client was built
+        state = str(message.state)
     return Lease(
         id=message.id,
         connection_id=message.connection_id,

@@ -8,6 +8,7 @@ is dropped at the end, also when the test fails.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import secrets
@@ -22,6 +23,7 @@ from typing import Any
 import pymysql
 import pytest
 
+from broker.client import SyncResolveClient
 from tests.devbroker import DevBroker
 
 pytestmark = pytest.mark.e2e
@@ -31,6 +33,7 @@ SECTION = README.split("## Dynamic database credentials", 1)[1].split("\n## ", 1
 MY_DSN = os.environ.get("BROKER_TEST_MYSQL_DSN", "")
 DEV_RESOLVE_ADDR = "127.0.0.1:50052"
 WAIT = 15.0
+EXECUTOR = "spiffe://broker.local/tenant/default/executor/demo"
 
 
 def block(language: str) -> str:
@@ -198,3 +201,37 @@ def test_the_readme_lease_example_makes_and_drops_database_users(
     [lease] = leases["leases"]
     assert lease["username"] == username and lease["state"] in ("LEASE_STATE_REVOKING", "LEASE_STATE_REVOKED")
     wait_until_dropped(username)
+
+
+def test_the_sync_sdk_renews_its_lease_until_close(dev_broker: DevBroker, names: Names) -> None:
+    statements = [re.sub(r"--[^\n]*", "", part).strip() for part in names.sql(block("sql")).split(";")]
+    run_sql(*(statement for statement in statements if statement))
+    (password_file,) = re.findall(r"^printf '[^']+' > (\S+)", block("sh"), re.MULTILINE)
+    admin_password = re.findall(r"IDENTIFIED BY '([^']+)'", block("sql"))[0]
+    password_path = Path(password_file.replace(".broker-dev/", f"{dev_broker.data_dir}/"))
+    password_path.write_text(admin_password)
+    dev_broker.ok(
+        "create", "short-lived", "--type", "database", "--config", "driver=mysql",
+        "--config", "host=127.0.0.1", "--config", f"database={names.database}",
+        "--config", f"username={names.admin}", "--secret", f"password=@{password_path}",
+        "--config", "dynamic=true", "--config", f"group_role={names.role}",
+        "--config", f"username_prefix={names.prefix}", "--config", "default_ttl=3", "--config", "max_ttl=60",
+    )  # fmt: skip
+    dev_broker.ok("grant", "short-lived", EXECUTOR, "--expires-in", "1h")
+    tls = dev_broker.data_dir / "tls"
+    with SyncResolveClient(
+        dev_broker.resolve_addr, ca=tls / "ca.pem", cert=tls / "executor.pem", key=tls / "executor-key.pem"
+    ) as client:
+        db = client.resolve(name="short-lived", run_id="renewal")
+        assert db.lease is not None
+        first_end = db.lease.expires_at
+        # After 2 s (2/3 of 3 s) the client's thread renews: the broker's lease moves on, and the
+        # user outlives its first end.
+        time.sleep(4.5)
+        [lease] = dev_broker.ok("leases", "--run-id", "renewal")[0]["leases"]
+        assert lease["state"] == "LEASE_STATE_ACTIVE"
+        assert dt.datetime.fromisoformat(lease["expires_at"]) > first_end
+        assert user_exists(db.lease.username)
+        with login(db.lease.username, db.secrets["password"], names.database).cursor() as cur:
+            cur.execute("SELECT count(*) FROM items")
+    wait_until_dropped(db.lease.username)  # close() revoked it
