@@ -71,8 +71,10 @@ MIN_RENEW_PAUSE = 1.0  # seconds after a renewal pass failed unexpectedly
 _START_LOCK = threading.Lock()  # one renewer thread per sync client, however many threads resolve
 # The renewer sleeps at most this long, so that a jump of the wall clock is noticed.
 _MAX_RENEW_WAIT = 60.0
-# Renewal answers that mean the lease is over: it is not tried again.
-_ENDED = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION})
+# Renewal answers that will not change: the lease ended (or is unknown), or the grant is gone.
+_ENDED = frozenset(
+    {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED}
+)
 
 
 @dataclass(frozen=True, repr=False)
@@ -258,7 +260,7 @@ class _Base:
         code = _code(exc)
         if code in _ENDED:
             self._leases.remove(lease.id)
-            log.info("lease %s ended; not renewed (%s)", lease.id, code.name)
+            log.info("lease %s is no longer renewed (%s)", lease.id, code.name)
         else:
             self._leases.retry_later(lease.id)
             log.warning("could not renew lease %s (%s); trying again", lease.id, code.name)
