@@ -860,3 +860,11 @@ def test_resolve_without_a_lease_shows_none(fake: Any, capsys: pytest.CaptureFix
     fake(Resolve=pb.ResolveResponse(connection_id=ID1, name="orders-db"))
     assert brokerctl.main(["resolve", ID1]) == 0
     assert "lease" not in capsys.readouterr().out
+
+
+def test_leases_revoke_keeps_filters_given_before_revoke(fake: Any) -> None:
+    # `leases --connection A revoke --run-id R` must not widen to every connection's run R.
+    session = fake(RevokeLeases=pb.RevokeLeasesResponse(revoked=1))
+    assert brokerctl.main(["leases", "--connection", ID1, "revoke", "--run-id", "r"]) == 0
+    [(_, request)] = session.admin.calls
+    assert (request.connection_id, request.run_id) == (ID1, "r")

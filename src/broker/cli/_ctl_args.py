@@ -236,7 +236,7 @@ def build_parser(*, raising: bool = False) -> argparse.ArgumentParser:
         "prints how many were queued",
         parents=[common],
     )
-    _add_lease_filters(q)
+    _add_lease_filters(q, inherit=True)
     q.add_argument("--prefix", default="", metavar="X", help="database user names starting with X")
 
     p = command("lease", "One lease of a dynamic database connection.")
@@ -385,10 +385,13 @@ def _add_ref(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ref", metavar="ID_OR_NAME", help="a connection's id or its name")
 
 
-def _add_lease_filters(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--connection", default="", metavar="ID_OR_NAME")
-    parser.add_argument("--principal", default="", help="the executor's SPIFFE id")
-    parser.add_argument("--run-id", default="", metavar="RUN", help="the run_id given to Resolve")
+def _add_lease_filters(parser: argparse.ArgumentParser, *, inherit: bool = False) -> None:
+    # `inherit` (for `leases revoke`): no defaults, so that a filter given before `revoke`
+    # is kept rather than reset to "" (which would widen what is revoked).
+    default = argparse.SUPPRESS if inherit else ""
+    parser.add_argument("--connection", default=default, metavar="ID_OR_NAME")
+    parser.add_argument("--principal", default=default, help="the executor's SPIFFE id")
+    parser.add_argument("--run-id", default=default, metavar="RUN", help="the run_id given to Resolve")
 
 
 def _add_flow_options(parser: argparse.ArgumentParser) -> None:
