@@ -28,11 +28,23 @@ skip its audit trail: the first resolve in each TTL window is the one recorded.
 When a ref is resolved again (its TTL ran out, it was invalidated, or `refresh=True`),
 the client tells the broker which `secret_version` it received last, and the answer's
 `superseded_at` says when that secret was replaced (an executor rebuilds its pools then).
+
+A dynamic database connection answers with a lease: a database user made for this call
+(`Resolved.lease`; `config["username"]` and `secrets["password"]` are its). The client renews
+the newest lease of each ref and `run_id` when 2/3 of its current life has passed, up to its
+`max_expires_at` (the async client from a task, the sync one from a daemon thread; see
+`held_leases`), and revokes every lease it still holds on `close()`; errors there are logged
+(logger `broker.client`), not raised. Cached answers are per `run_id`: a lease made for one
+run is never handed to another.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
+import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -46,9 +58,23 @@ import httpx
 from google.protobuf import json_format, struct_pb2
 
 from broker._proto import broker_pb2, broker_pb2_grpc
+from broker.held_leases import HeldLeases, Lease
 
-CacheKey = tuple[str, str]
+__all__ = ["Lease", "ResolveClient", "Resolved", "SyncResolveClient", "ToolResult", "struct_to_dict"]
+
+Ref = tuple[str, str]  # ("id", x) or ("name", x)
+CacheKey = tuple[str, str, str]  # a ref and the run_id it was resolved for
 Clock = Callable[[], float]
+
+log = logging.getLogger("broker.client")
+MIN_RENEW_PAUSE = 1.0  # seconds after a renewal pass failed unexpectedly
+_START_LOCK = threading.Lock()  # one renewer thread per sync client, however many threads resolve
+# The renewer sleeps at most this long, so that a jump of the wall clock is noticed.
+_MAX_RENEW_WAIT = 60.0
+# Renewal answers that will not change: the lease ended (or is unknown), or the grant is gone.
+_ENDED = frozenset(
+    {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED}
+)
 
 
 @dataclass(frozen=True, repr=False)
@@ -72,6 +98,7 @@ class Resolved:
     cache_ttl_seconds: int
     secret_version: int = 0
     superseded_at: dt.datetime | None = None
+    lease: Lease | None = None
 
     def __repr__(self) -> str:
         masked = {k: "***" for k in self.secrets}
@@ -79,7 +106,8 @@ class Resolved:
             f"Resolved(connection_id={self.connection_id!r}, name={self.name!r}, type={self.type!r}, "
             f"provider={self.provider!r}, config={self.config!r}, secrets={masked!r}, "
             f"expires_at={self.expires_at!r}, cache_ttl_seconds={self.cache_ttl_seconds!r}, "
-            f"secret_version={self.secret_version!r}, superseded_at={self.superseded_at!r})"
+            f"secret_version={self.secret_version!r}, superseded_at={self.superseded_at!r}, "
+            f"lease={self.lease!r})"
         )
 
     def __reduce__(self) -> NoReturn:
@@ -94,7 +122,7 @@ def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
 
 
 class ResolvedCache:
-    """Resolved replies by ("id", x) or ("name", x), each until its TTL or its expiry, whichever is first.
+    """Resolved replies by (ref, run_id), each until its TTL or its expiry, whichever is first.
 
     `clock` is monotonic and measures the TTL; `wall_clock` (seconds since the epoch)
     is only used to turn `expires_at` into a deadline on the monotonic clock.
@@ -129,12 +157,20 @@ class ResolvedCache:
             deadline = min(deadline, now + remaining)
         self._entries[key] = (deadline, value)
 
-    def invalidate(self, key: CacheKey | None = None) -> None:
-        """Forget one key, or everything."""
-        if key is None:
+    def invalidate(self, ref: Ref | None = None) -> None:
+        """Forget one ref's replies (for every run_id), or everything."""
+        if ref is None:
             self._entries.clear()
         else:
-            self._entries.pop(key, None)
+            for key in [k for k in self._entries if k[:2] == ref]:
+                del self._entries[key]
+
+    def drop_lease(self, lease_id: str) -> None:
+        """Forget the replies that carry this lease (it was revoked)."""
+        for key in [
+            k for k, (_, v) in self._entries.items() if v.lease is not None and v.lease.id == lease_id
+        ]:
+            del self._entries[key]
 
 
 MAX_HELD = 10_000  # refs whose last secret version the client remembers
@@ -157,7 +193,8 @@ class _Base:
         # (connection_id, secret_version) last received per ref; outlives cache entries, so a
         # re-resolve can name the version it held. Bounded: past MAX_HELD refs the oldest go
         # (a forgotten ref is sent as version 0, which only costs it one superseded_at).
-        self._held: dict[CacheKey, tuple[str, int]] = {}
+        self._held: dict[Ref, tuple[str, int]] = {}
+        self._leases = HeldLeases(wall_clock)
 
     @classmethod
     def from_channel(
@@ -190,34 +227,55 @@ class _Base:
         return self._cache.get(key) if self._cache is not None and not refresh else None
 
     def _request_for(self, key: CacheKey, purpose: str) -> Any:
-        held = self._held.get(key)
+        held = self._held.get(key[:2])
         return _request(key, purpose, held[1] if held is not None else 0)
 
     def _remember(self, key: CacheKey, reply: Any) -> Resolved:
         value = _from_reply(reply)
-        held = self._held.get(key)
+        ref: Ref = (key[0], key[1])
+        held = self._held.get(ref)
         if held is not None and held[0] == value.connection_id:
             # Concurrent resolves may answer out of order; versions only rise.
-            self._held[key] = (value.connection_id, max(held[1], value.secret_version))
+            self._held[ref] = (value.connection_id, max(held[1], value.secret_version))
         else:
-            if key not in self._held and len(self._held) >= MAX_HELD:
+            if ref not in self._held and len(self._held) >= MAX_HELD:
                 del self._held[next(iter(self._held))]
-            self._held[key] = (value.connection_id, value.secret_version)
+            self._held[ref] = (value.connection_id, value.secret_version)
             if value.superseded_at is not None:
                 # A name now pointing at another connection: the time is of that one's history.
                 value = replace(value, superseded_at=None)
+        if value.lease is not None:
+            self._leases.add(key, value.lease)
+            self._lease_added()
         if self._cache is not None:
             # The news is for this caller; later cache hits must not report it again.
             cached = value if value.superseded_at is None else replace(value, superseded_at=None)
             self._cache.put(key, cached)
         return value
 
+    def _lease_added(self) -> None:
+        """Make sure the renewer runs (each client type has its own)."""
+
+    def _renew_failed(self, lease: Lease, exc: grpc.RpcError) -> None:
+        code = _code(exc)
+        if code in _ENDED:
+            self._leases.remove(lease.id)
+            log.info("lease %s is no longer renewed (%s)", lease.id, code.name)
+        else:
+            self._leases.retry_later(lease.id)
+            log.warning("could not renew lease %s (%s); trying again", lease.id, code.name)
+
+    def _revoked(self, lease_id: str) -> None:
+        self._leases.remove(lease_id)
+        if self._cache is not None:
+            self._cache.drop_lease(lease_id)
+
 
 # What httpx adds to frame a request; the broker frames the upstream request itself.
 _FRAMING = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 
 
-def _proxy_request(request: httpx.Request, body: bytes, key: CacheKey, purpose: str) -> Any:
+def _proxy_request(request: httpx.Request, body: bytes, key: Ref, purpose: str) -> Any:
     path, _, query = request.url.raw_path.decode("ascii").partition("?")
     headers = [
         broker_pb2.HttpHeader(name=name, value=value)
@@ -249,7 +307,7 @@ class ToolResult:
     structured_content: dict[str, Any] | None
 
 
-def _tool_request(key: CacheKey, tool: str, arguments: dict[str, Any] | None, purpose: str) -> Any:
+def _tool_request(key: Ref, tool: str, arguments: dict[str, Any] | None, purpose: str) -> Any:
     request = broker_pb2.CallMcpToolRequest(tool=tool, purpose=purpose, **_ref(key))
     request.arguments.update(arguments or {})
     return request
@@ -261,7 +319,7 @@ def _tool_result(reply: Any) -> ToolResult:
 
 
 class _AsyncProxyTransport(httpx.AsyncBaseTransport):
-    def __init__(self, stub: Any, key: CacheKey, purpose: str, timeout: float | None) -> None:
+    def __init__(self, stub: Any, key: Ref, purpose: str, timeout: float | None) -> None:
         self._stub, self._key, self._purpose, self._timeout = stub, key, purpose, timeout
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -270,7 +328,7 @@ class _AsyncProxyTransport(httpx.AsyncBaseTransport):
 
 
 class _SyncProxyTransport(httpx.BaseTransport):
-    def __init__(self, stub: Any, key: CacheKey, purpose: str, timeout: float | None) -> None:
+    def __init__(self, stub: Any, key: Ref, purpose: str, timeout: float | None) -> None:
         self._stub, self._key, self._purpose, self._timeout = stub, key, purpose, timeout
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -304,18 +362,67 @@ class ResolveClient(_Base):
         name: str | None = None,
         purpose: str = "",
         refresh: bool = False,
+        run_id: str = "",
     ) -> Resolved:
         """Resolve by id or by name (exactly one); `purpose` is recorded in the audit trail.
 
-        `refresh=True` skips the cache and asks the broker. Raises ValueError for a bad
-        reference and grpc.RpcError for what the broker refuses.
+        `run_id` names the caller's run (workflow run, agent session): a lease made by this
+        call is recorded with it. `refresh=True` skips the cache and asks the broker. Raises
+        ValueError for a bad reference and grpc.RpcError for what the broker refuses.
         """
-        key = _key(connection_id, name)
+        key = (*_key(connection_id, name), run_id)
         cached = self._cached(key, refresh)
         if cached is not None:
             return cached
         reply = await self._stub.Resolve(self._request_for(key, purpose), timeout=self._timeout)
         return self._remember(key, reply)
+
+    async def renew_lease(self, lease_id: str, increment_seconds: int = 0) -> Lease:
+        """Extend a lease by `increment_seconds` from now (0: the connection's default_ttl), never
+        past its max_expires_at; the client's own renewals then follow the new end."""
+        request = broker_pb2.RenewLeaseRequest(lease_id=lease_id, increment_seconds=increment_seconds)
+        lease = _lease(await self._stub.RenewLease(request, timeout=self._timeout))
+        self._leases.renewed(lease)
+        return lease
+
+    async def revoke_lease(self, lease_id: str) -> Lease:
+        """End a lease now: its database user is dropped (state `revoked`, or `revoking` while the
+        broker keeps trying). Cached answers that carry it are dropped."""
+        reply = await self._stub.RevokeLease(
+            broker_pb2.RevokeLeaseRequest(lease_id=lease_id), timeout=self._timeout
+        )
+        self._revoked(lease_id)
+        return _lease(reply)
+
+    async def renew_due(self) -> float | None:
+        """Renew the held leases that are due; seconds until the next is due (None: none held).
+        The client's task calls this; errors are logged, not raised."""
+        for lease in self._leases.due():
+            request = broker_pb2.RenewLeaseRequest(lease_id=lease.id)
+            try:
+                self._leases.renewed(_lease(await self._stub.RenewLease(request, timeout=self._timeout)))
+            except grpc.RpcError as exc:
+                self._renew_failed(lease, exc)
+        return self._leases.seconds_to_next()
+
+    def _lease_added(self) -> None:
+        wake = getattr(self, "_wake", None)
+        if wake is None:
+            # Made here, not in __init__: from_channel skips __init__, and the loop must be running.
+            wake = self._wake = asyncio.Event()
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever())
+        wake.set()
+
+    async def _renew_forever(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                delay = await self.renew_due()
+            except Exception:  # the renewer must outlive one bad pass
+                log.exception("lease renewal pass failed")
+                delay = MIN_RENEW_PAUSE
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), _wait(delay))
 
     def proxy_transport(
         self, connection_id: str | None = None, *, name: str | None = None, purpose: str = ""
@@ -340,8 +447,22 @@ class ResolveClient(_Base):
         return _tool_result(await stub.CallMcpTool(request, timeout=self._timeout))
 
     async def close(self) -> None:
-        """Close the channel."""
+        """Stop renewing, revoke every lease still held (errors logged, not raised), close the channel."""
+        renewer = getattr(self, "_renewer", None)
+        if renewer is not None:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+        await asyncio.gather(*(self._revoke_quietly(lease) for lease in self._leases.take_live()))
         await self._channel.close()
+
+    async def _revoke_quietly(self, lease: Lease) -> None:
+        try:
+            await self._stub.RevokeLease(
+                broker_pb2.RevokeLeaseRequest(lease_id=lease.id), timeout=self._timeout
+            )
+        except grpc.RpcError as exc:
+            log.warning("could not revoke lease %s on close (%s)", lease.id, _code(exc).name)
 
     async def __aenter__(self) -> Self:
         return self
@@ -378,18 +499,64 @@ class SyncResolveClient(_Base):
         name: str | None = None,
         purpose: str = "",
         refresh: bool = False,
+        run_id: str = "",
     ) -> Resolved:
-        """Resolve by id or by name (exactly one); `purpose` is recorded in the audit trail.
-
-        `refresh=True` skips the cache and asks the broker. Raises ValueError for a bad
-        reference and grpc.RpcError for what the broker refuses.
-        """
-        key = _key(connection_id, name)
+        """As `ResolveClient.resolve`, blocking."""
+        key = (*_key(connection_id, name), run_id)
         cached = self._cached(key, refresh)
         if cached is not None:
             return cached
         reply = self._stub.Resolve(self._request_for(key, purpose), timeout=self._timeout)
         return self._remember(key, reply)
+
+    def renew_lease(self, lease_id: str, increment_seconds: int = 0) -> Lease:
+        """As `ResolveClient.renew_lease`, blocking."""
+        request = broker_pb2.RenewLeaseRequest(lease_id=lease_id, increment_seconds=increment_seconds)
+        lease = _lease(self._stub.RenewLease(request, timeout=self._timeout))
+        self._leases.renewed(lease)
+        return lease
+
+    def revoke_lease(self, lease_id: str) -> Lease:
+        """As `ResolveClient.revoke_lease`, blocking."""
+        reply = self._stub.RevokeLease(
+            broker_pb2.RevokeLeaseRequest(lease_id=lease_id), timeout=self._timeout
+        )
+        self._revoked(lease_id)
+        return _lease(reply)
+
+    def renew_due(self) -> float | None:
+        """As `ResolveClient.renew_due`, blocking; the client's daemon thread calls it."""
+        for lease in self._leases.due():
+            request = broker_pb2.RenewLeaseRequest(lease_id=lease.id)
+            try:
+                self._leases.renewed(_lease(self._stub.RenewLease(request, timeout=self._timeout)))
+            except grpc.RpcError as exc:
+                self._renew_failed(lease, exc)
+        return self._leases.seconds_to_next()
+
+    def _lease_added(self) -> None:
+        # A daemon thread, not renewal on access: a pool may use the user for an hour without
+        # calling the client, and the lease must not run out under it. Daemon: a program that
+        # forgets close() still exits (its leases then end at their expiry, or by the reconciler).
+        with _START_LOCK:
+            if getattr(self, "_renewer", None) is None:
+                self._wake = threading.Event()
+                self._closing = False
+                self._renewer = threading.Thread(
+                    target=self._renew_forever, name="broker-lease-renewer", daemon=True
+                )
+                self._renewer.start()
+        self._wake.set()
+
+    def _renew_forever(self) -> None:
+        while not self._closing:
+            self._wake.clear()
+            try:
+                delay = self.renew_due()
+            except Exception:  # the renewer must outlive one bad pass
+                log.exception("lease renewal pass failed")
+                delay = MIN_RENEW_PAUSE
+            self._wake.wait(_wait(delay))
 
     def proxy_transport(
         self, connection_id: str | None = None, *, name: str | None = None, purpose: str = ""
@@ -413,7 +580,19 @@ class SyncResolveClient(_Base):
         return _tool_result(stub.CallMcpTool(request, timeout=self._timeout))
 
     def close(self) -> None:
-        """Close the channel."""
+        """Stop renewing, revoke every lease still held (errors logged, not raised), close the channel."""
+        renewer: threading.Thread | None = getattr(self, "_renewer", None)
+        if renewer is not None:
+            self._closing = True
+            self._wake.set()
+            renewer.join()  # at most one RenewLease call, bounded by the timeout
+        for lease in self._leases.take_live():
+            try:
+                self._stub.RevokeLease(
+                    broker_pb2.RevokeLeaseRequest(lease_id=lease.id), timeout=self._timeout
+                )
+            except grpc.RpcError as exc:
+                log.warning("could not revoke lease %s on close (%s)", lease.id, _code(exc).name)
         self._channel.close()
 
     def __enter__(self) -> Self:
@@ -425,7 +604,7 @@ class SyncResolveClient(_Base):
         self.close()
 
 
-def _key(connection_id: str | None, name: str | None) -> CacheKey:
+def _key(connection_id: str | None, name: str | None) -> Ref:
     if (connection_id is None) == (name is None):
         raise ValueError("give exactly one of connection_id and name")
     key = ("id", connection_id) if connection_id is not None else ("name", name or "")
@@ -441,12 +620,14 @@ class _Ref(TypedDict, total=False):
     name: str
 
 
-def _ref(key: CacheKey) -> _Ref:
+def _ref(key: tuple[str, ...]) -> _Ref:
     return {"connection_id": key[1]} if key[0] == "id" else {"name": key[1]}
 
 
 def _request(key: CacheKey, purpose: str, known_secret_version: int) -> Any:
-    return broker_pb2.ResolveRequest(purpose=purpose, known_secret_version=known_secret_version, **_ref(key))
+    return broker_pb2.ResolveRequest(
+        purpose=purpose, known_secret_version=known_secret_version, run_id=key[2], **_ref(key)
+    )
 
 
 def _from_reply(reply: Any) -> Resolved:
@@ -463,7 +644,36 @@ def _from_reply(reply: Any) -> Resolved:
         cache_ttl_seconds=reply.cache_ttl_seconds,
         secret_version=reply.secret_version,
         superseded_at=superseded,
+        lease=_lease(reply.lease) if reply.HasField("lease") else None,
     )
+
+
+def _lease(message: Any) -> Lease:
+    max_expires = (
+        message.max_expires_at.ToDatetime(tzinfo=dt.UTC) if message.HasField("max_expires_at") else None
+    )
+    try:
+        state = broker_pb2.LeaseState.Name(message.state).removeprefix("LEASE_STATE_").lower()
+    except ValueError:  # a state added to the broker after this client was built
+        state = str(message.state)
+    return Lease(
+        id=message.id,
+        connection_id=message.connection_id,
+        username=message.username,
+        expires_at=message.expires_at.ToDatetime(tzinfo=dt.UTC),
+        max_expires_at=max_expires,
+        run_id=message.run_id,
+        state=state,
+    )
+
+
+def _code(exc: grpc.RpcError) -> grpc.StatusCode:
+    code = exc.code() if hasattr(exc, "code") else None
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+def _wait(delay: float | None) -> float:
+    return _MAX_RENEW_WAIT if delay is None else min(delay, _MAX_RENEW_WAIT)
 
 
 def _credentials(ca: Path, cert: Path, key: Path) -> Any:

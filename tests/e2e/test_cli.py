@@ -230,3 +230,21 @@ def test_master_key_rotation_through_brokerctl(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+
+
+def test_lease_commands_exit_statuses(dev_broker: DevBroker) -> None:
+    # No dynamic connection needed: the listing, the refusals and their statuses, as for other commands.
+    listed, _ = dev_broker.ok("leases", "--state", "active")
+    assert listed == {}  # no leases: proto3 JSON leaves the empty list out
+    table = dev_broker.ctl("leases", json_output=False)
+    assert table.returncode == 0 and table.stdout.split()[:3] == ["ID", "CONNECTION", "PRINCIPAL"]
+    unknown = dev_broker.ctl("lease", "revoke", "lease_nope")
+    assert unknown.returncode == 1 and json.loads(unknown.stderr)["code"] == "NOT_FOUND"
+    nothing = dev_broker.ctl("leases", "revoke")
+    assert nothing.returncode == 2 and json.loads(nothing.stderr)["code"] == "USAGE"
+    bad_state = dev_broker.ctl("leases", "--state", "gone")
+    assert bad_state.returncode == 2 and json.loads(bad_state.stderr)["code"] == "USAGE"
+    unknown_connection = dev_broker.ctl("leases", "revoke", "--connection", "no-such-db")
+    assert unknown_connection.returncode == 1 and json.loads(unknown_connection.stderr)["code"] == "NOT_FOUND"
+    queued, _ = dev_broker.ok("leases", "revoke", "--run-id", "nobody")
+    assert queued == {"revoked": 0}

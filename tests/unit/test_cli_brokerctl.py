@@ -725,3 +725,146 @@ def test_mcp_call_sends_the_arguments_and_prints_the_text(
     assert (request.name, request.tool) == ("tools", "search")
     assert dict(request.arguments) == {"q": "open bugs", "limit": 3}
     assert brokerctl.main(["mcp", "call", "tools", "search"]) == 1  # the tool reported an error
+
+
+# ------------------------------------------------------------------ leases
+
+
+def lease(**overrides: Any) -> pb.Lease:
+    x = pb.Lease(
+        id="lease_1",
+        connection_id=ID1,
+        principal="spiffe://x/tenant/t/executor/e",
+        username="brk_0123456789abcdef",
+        state=pb.LEASE_STATE_REVOKING,
+        revoke_reason="expired",
+        last_error="unreachable",
+        revocation_attempts=3,
+        run_id="run-7",
+    )
+    x.expires_at.FromDatetime(dt.datetime(2026, 1, 2, 3, 4, 5))
+    x.max_expires_at.FromDatetime(dt.datetime(2026, 1, 3, 3, 4, 5))
+    for key, value in overrides.items():
+        setattr(x, key, value)
+    return x
+
+
+def test_leases_sends_the_filters_and_shows_a_table(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    session = fake(ListLeases=pb.ListLeasesResponse(leases=[lease()], next_page_token="tok"))
+    argv = ["leases", "--connection", ID1, "--principal", "p", "--state", "revoking", "--run-id", "run-7"]
+    assert brokerctl.main(argv) == 0
+    [(method, request)] = session.admin.calls
+    assert method == "ListLeases" and request.connection_id == ID1 and request.principal == "p"
+    assert request.state == pb.LEASE_STATE_REVOKING and request.run_id == "run-7"
+    captured = capsys.readouterr()
+    header, row = captured.out.splitlines()
+    assert header.split()[:6] == ["ID", "CONNECTION", "PRINCIPAL", "USER", "STATE", "EXPIRES"]
+    assert "REASON / LAST ERROR" in header and header.endswith("ATTEMPTS")
+    assert row.split() == [
+        "lease_1",
+        ID1,
+        "spiffe://x/tenant/t/executor/e",
+        "brk_0123456789abcdef",
+        "revoking",
+        "2026-01-02T03:04:05Z",
+        "expired",
+        "/",
+        "unreachable",
+        "3",
+    ]
+    assert "--page-token tok" in captured.err
+
+
+def test_leases_all_follows_page_tokens_and_json_keeps_numbers(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    session = fake(
+        ListLeases=[
+            pb.ListLeasesResponse(leases=[lease()], next_page_token="t1"),
+            pb.ListLeasesResponse(leases=[lease(id="lease_2")]),
+        ]
+    )
+    assert brokerctl.main(["leases", "--all", "--json"]) == 0
+    assert [request.page_token for _, request in session.admin.calls] == ["", "t1"]
+    doc = json.loads(capsys.readouterr().out)
+    assert [x["id"] for x in doc["leases"]] == ["lease_1", "lease_2"]
+    assert (
+        doc["leases"][0]["revocation_attempts"] == 3 and doc["leases"][0]["state"] == "LEASE_STATE_REVOKING"
+    )
+
+
+def test_leases_rejects_an_unknown_state(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    assert brokerctl.main(["leases", "--state", "gone"]) == 2
+    assert "invalid choice: 'gone'" in capsys.readouterr().err
+
+
+def test_leases_revoke_needs_a_filter_and_prints_the_count(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    session = fake(RevokeLeases=pb.RevokeLeasesResponse(revoked=2))
+    assert brokerctl.main(["leases", "revoke"]) == 2
+    assert "needs --connection, --principal, --prefix or --run-id" in capsys.readouterr().err
+    assert session.admin.calls == []
+    assert brokerctl.main(["leases", "revoke", "--prefix", "brk_", "--run-id", "r", "--principal", "p"]) == 0
+    [(method, request)] = session.admin.calls
+    assert method == "RevokeLeases"
+    assert (request.username_prefix, request.run_id, request.principal, request.lease_id) == (
+        "brk_",
+        "r",
+        "p",
+        "",
+    )
+    assert capsys.readouterr().out == "queued 2 leases for revocation\n"
+
+
+def test_leases_revoke_json_says_zero(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    # proto3 JSON leaves a 0 out; a script must still read the count.
+    fake(RevokeLeases=pb.RevokeLeasesResponse(revoked=0))
+    assert brokerctl.main(["leases", "revoke", "--run-id", "r", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"revoked": 0}
+
+
+def test_lease_revoke_names_one_lease_and_an_unknown_one_fails(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    session = fake(RevokeLeases=[pb.RevokeLeasesResponse(revoked=1), pb.RevokeLeasesResponse(revoked=0)])
+    assert brokerctl.main(["lease", "revoke", "lease_1"]) == 0
+    assert session.admin.calls[0][1] == pb.RevokeLeasesRequest(lease_id="lease_1")
+    assert capsys.readouterr().out == "queued lease lease_1 for revocation\n"
+    assert brokerctl.main(["lease", "revoke", "lease_9", "--json"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert json.loads(captured.err)["code"] == "NOT_FOUND"
+
+
+def test_lease_needs_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    assert brokerctl.main(["lease"]) == 2
+    assert "LEASE_COMMAND" in capsys.readouterr().err
+
+
+def test_resolve_sends_the_run_id_and_shows_the_lease(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    reply = pb.ResolveResponse(connection_id=ID1, name="orders-db", secrets={"password": CANARY})
+    reply.config.update({"username": "brk_0123456789abcdef"})
+    reply.lease.CopyFrom(lease(state=pb.LEASE_STATE_ACTIVE, revoke_reason="", last_error=""))
+    session = fake(Resolve=reply)
+    assert brokerctl.main(["resolve", "orders-db", "--run-id", "run-7"]) == 0
+    assert session.resolver.calls[0][1].run_id == "run-7"
+    shown = dict(line.split(":  ", 1) for line in capsys.readouterr().out.splitlines())
+    shown = {key.rstrip(":"): value.strip() for key, value in shown.items()}
+    assert shown["lease"] == "lease_1" and shown["lease user"] == "brk_0123456789abcdef"
+    assert shown["lease expires"] == "2026-01-02T03:04:05Z" and shown["lease max"] == "2026-01-03T03:04:05Z"
+    assert shown["lease run"] == "run-7" and shown["secret password"] == CANARY
+
+
+def test_resolve_without_a_lease_shows_none(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake(Resolve=pb.ResolveResponse(connection_id=ID1, name="orders-db"))
+    assert brokerctl.main(["resolve", ID1]) == 0
+    assert "lease" not in capsys.readouterr().out
+
+
+def test_leases_revoke_keeps_filters_given_before_revoke(fake: Any) -> None:
+    # `leases --connection A revoke --run-id R` must not widen to every connection's run R.
+    session = fake(RevokeLeases=pb.RevokeLeasesResponse(revoked=1))
+    assert brokerctl.main(["leases", "--connection", ID1, "revoke", "--run-id", "r"]) == 0
+    [(_, request)] = session.admin.calls
+    assert (request.connection_id, request.run_id) == (ID1, "r")

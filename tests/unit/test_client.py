@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import pickle
+import threading
 from typing import Any
 
 import grpc
@@ -58,11 +60,31 @@ class FakeChannel:
         self.timeouts: list[float | None] = []
         self.is_async = is_async
         self.closed = False
+        # RenewLease / RevokeLease: each call as (method, lease_id); answers from `lease_answers`
+        # (a function of the request: a reply, or an exception to raise).
+        self.lease_calls: list[tuple[str, str]] = []
+        self.lease_answers: dict[str, Any] = {}
 
     def unary_unary(self, method: str, **_: Any) -> Any:
+        name = method.rsplit("/", 1)[1]
+        if name in ("RenewLease", "RevokeLease"):
+            return self._lease_call(name)
         if method != "/broker.v1.ResolveService/Resolve":
             return self._not_expected  # the stub makes a callable for every method of the service
         return self._call_async if self.is_async else self._call
+
+    def _lease_call(self, name: str) -> Any:
+        def call(request: Any, timeout: float | None = None) -> Any:
+            self.lease_calls.append((name, request.lease_id))
+            answer = self.lease_answers.get(name, lambda r: pb.Lease(id=r.lease_id))(request)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        async def call_async(request: Any, timeout: float | None = None) -> Any:
+            return call(request, timeout)
+
+        return call_async if self.is_async else call
 
     @staticmethod
     def _not_expected(*_: Any, **__: Any) -> Any:
@@ -380,3 +402,216 @@ def test_sync_client_context_manager_closes() -> None:
     with SyncResolveClient.from_channel(channel) as client:
         client.resolve("conn_1")
     assert channel.closed
+
+
+# ------------------------------------------------------------------ leases
+
+
+def at(seconds: float) -> dt.datetime:
+    """A time `seconds` after the fake wall clock's start."""
+    return dt.datetime.fromtimestamp(WALL_START + seconds, dt.UTC)
+
+
+def leased(
+    lease_id: str = "lease_1", life: float = 300, max_life: float = 3000, **fields: Any
+) -> pb.ResolveResponse:
+    """A dynamic connection's answer: a lease ending `life` seconds after the fake clock's start."""
+    message = reply(ttl=60, expires_in=life, secrets={"password": CANARY}, **fields)
+    message.config.update({"username": f"brk_{lease_id[-1] * 16}"})
+    message.lease.CopyFrom(pb.Lease(id=lease_id, connection_id="conn_1", username=f"brk_{lease_id[-1] * 16}"))
+    message.lease.expires_at.FromDatetime(at(life))
+    message.lease.max_expires_at.FromDatetime(at(max_life))
+    return message
+
+
+class RenewFrom:
+    """RenewLease answers: the lease extended by `life` s from the fake clock's now, up to `max_life`."""
+
+    def __init__(self, clock: Clock, life: float = 300, max_life: float = 3000) -> None:
+        self.clock, self.life, self.max_life = clock, life, max_life
+
+    def __call__(self, request: pb.RenewLeaseRequest) -> pb.Lease:
+        lease = pb.Lease(id=request.lease_id, state=pb.LEASE_STATE_ACTIVE)
+        lease.expires_at.FromDatetime(at(min(self.clock.now - 1000 + self.life, self.max_life)))
+        lease.max_expires_at.FromDatetime(at(self.max_life))
+        return lease
+
+
+class Unavailable(grpc.RpcError):  # type: ignore[misc]
+    def __init__(self, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+
+def test_a_lease_is_exposed_and_run_id_is_sent() -> None:
+    clock, channel = Clock(), FakeChannel(leased(), is_async=False)
+    with sync_client(channel, clock) as client:
+        resolved = client.resolve(name="orders-db", run_id="run-7")
+    assert channel.requests[0].run_id == "run-7"
+    assert resolved.lease is not None
+    assert (resolved.lease.id, resolved.lease.username) == ("lease_1", "brk_1111111111111111")
+    assert (resolved.lease.expires_at, resolved.lease.max_expires_at) == (at(300), at(3000))
+    assert resolved.config["username"] == resolved.lease.username
+    assert CANARY not in repr(resolved) and "lease_1" in repr(resolved)
+
+
+def test_a_cached_answer_is_never_served_to_another_run() -> None:
+    clock = Clock()
+    channel = FakeChannel(leased("lease_1"), leased("lease_2"), leased("lease_3"), is_async=False)
+    client = sync_client(channel, clock)
+    first = client.resolve(name="orders-db", run_id="run-a")
+    other = client.resolve(name="orders-db", run_id="run-b")
+    again = client.resolve(name="orders-db", run_id="run-a")
+    assert first.lease and other.lease and first.lease.id != other.lease.id
+    assert again is first and len(channel.requests) == 2
+    assert [r.run_id for r in channel.requests] == ["run-a", "run-b"]
+    client.invalidate(name="orders-db")  # every run's answer for the ref
+    assert client.resolve(name="orders-db", run_id="run-b").lease.id == "lease_3"  # type: ignore[union-attr]
+    client.close()
+
+
+def test_a_lease_is_renewed_after_two_thirds_of_its_life_up_to_its_max() -> None:
+    clock, channel = Clock(), FakeChannel(leased(life=300, max_life=700), is_async=False)
+    channel.lease_answers["RenewLease"] = RenewFrom(clock, life=300, max_life=700)
+    client = sync_client(channel, clock)
+    client.resolve(name="orders-db")
+    assert client.renew_due() == pytest.approx(200)
+    clock.advance(199)
+    client.renew_due()
+    assert channel.lease_calls == []
+    clock.advance(1)  # 2/3 of 300 s
+    assert client.renew_due() == pytest.approx(200)  # the new end is 500: renewed again at 400
+    assert channel.lease_calls == [("RenewLease", "lease_1")]
+    clock.advance(200)
+    client.renew_due()  # the answer reaches max_expires_at (700): no more renewals
+    assert len(channel.lease_calls) == 2
+    assert client.renew_due() is None
+    clock.advance(299)
+    client.renew_due()
+    assert len(channel.lease_calls) == 2
+    client.close()
+
+
+def test_only_the_newest_lease_of_a_ref_is_renewed_and_close_revokes_every_live_one() -> None:
+    clock = Clock()
+    channel = FakeChannel(leased("lease_1", life=300), leased("lease_2", life=300), is_async=False)
+    channel.lease_answers["RenewLease"] = RenewFrom(clock)
+    client = sync_client(channel, clock)
+    client.resolve(name="orders-db")
+    clock.advance(60)  # the cache TTL: resolving again makes a second lease
+    client.resolve(name="orders-db")
+    assert len(channel.requests) == 2
+    clock.advance(200)
+    client.renew_due()  # lease_1 is due (2/3 of its life) but no longer the newest
+    clock.advance(60)
+    client.renew_due()
+    assert channel.lease_calls == [("RenewLease", "lease_2")]
+    client.close()
+    # lease_1 ended at 300 (not renewed) and is not revoked; lease_2 was extended and is.
+    assert channel.lease_calls[1:] == [("RevokeLease", "lease_2")]
+    assert channel.closed
+
+
+def test_close_revokes_and_logs_failures_without_raising(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    channel = FakeChannel(leased("lease_1"), leased("lease_2"), is_async=False)
+    channel.lease_answers["RevokeLease"] = lambda r: Unavailable() if r.lease_id == "lease_1" else pb.Lease()
+    client = sync_client(channel, clock)
+    client.resolve(name="orders-db", run_id="a")
+    client.resolve(name="orders-db", run_id="b")
+    with caplog.at_level("WARNING", logger="broker.client"):
+        client.close()
+    assert sorted(channel.lease_calls) == [("RevokeLease", "lease_1"), ("RevokeLease", "lease_2")]
+    assert "could not revoke lease lease_1 on close (UNAVAILABLE)" in caplog.text
+    assert CANARY not in caplog.text and channel.closed
+
+
+def test_a_renewal_that_fails_is_retried_and_an_ended_lease_is_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock, channel = Clock(), FakeChannel(leased(life=300), is_async=False)
+    answers = [Unavailable(), Unavailable(grpc.StatusCode.FAILED_PRECONDITION)]
+    channel.lease_answers["RenewLease"] = lambda r: answers.pop(0)
+    client = sync_client(channel, clock)
+    client.resolve(name="orders-db")
+    clock.advance(200)
+    with caplog.at_level("INFO", logger="broker.client"):
+        assert client.renew_due() == pytest.approx(50)  # half of what is left
+        clock.advance(50)
+        assert client.renew_due() is None  # the broker says it ended: not tried again
+    assert channel.lease_calls == [("RenewLease", "lease_1")] * 2
+    assert "could not renew lease lease_1 (UNAVAILABLE)" in caplog.text
+    client.close()
+    assert channel.lease_calls[2:] == []  # nothing held any more: nothing to revoke
+
+
+def test_renew_and_revoke_lease_by_hand() -> None:
+    clock, channel = Clock(), FakeChannel(leased("lease_1"), leased("lease_2"), is_async=False)
+    channel.lease_answers["RenewLease"] = RenewFrom(clock, life=1000)
+    channel.lease_answers["RevokeLease"] = lambda r: pb.Lease(id=r.lease_id, state=pb.LEASE_STATE_REVOKED)
+    client = sync_client(channel, clock)
+    client.resolve(name="orders-db")
+    renewed = client.renew_lease("lease_1", increment_seconds=1000)
+    assert renewed.expires_at == at(1000) and renewed.id == "lease_1"
+    assert client.renew_due() == pytest.approx(2000 / 3)  # the schedule follows the new end
+    revoked = client.revoke_lease("lease_1")
+    assert revoked.state == "revoked"
+    # The revoked user's answer is not served from the cache any more, nor renewed or revoked again.
+    assert client.resolve(name="orders-db").lease.id == "lease_2"  # type: ignore[union-attr]
+    assert channel.lease_calls == [("RenewLease", "lease_1"), ("RevokeLease", "lease_1")]
+    client.close()  # lease_2 is revoked; lease_1 is not revoked again
+    assert channel.lease_calls[2:] == [("RevokeLease", "lease_2")]
+
+
+def test_sync_client_renews_from_a_thread_and_stops_on_close() -> None:
+    # Real clocks: a lease of 1.5 s is renewed after about 1 s by the daemon thread.
+    channel = FakeChannel(real_time_lease(life=1.5), is_async=False)
+    renewed = threading.Event()
+
+    def renew(request: pb.RenewLeaseRequest) -> pb.Lease:
+        renewed.set()
+        return real_time_lease(life=60).lease
+
+    channel.lease_answers["RenewLease"] = renew
+    client = SyncResolveClient.from_channel(channel)
+    before = renewer_threads()
+    client.resolve(name="orders-db")
+    assert renewer_threads() == before + 1
+    assert renewed.wait(5)
+    client.close()
+    assert channel.lease_calls == [("RenewLease", "lease_1"), ("RevokeLease", "lease_1")]
+    assert renewer_threads() == before
+
+
+def renewer_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name == "broker-lease-renewer" and t.is_alive())
+
+
+async def test_async_client_renews_in_a_task_and_revokes_on_close() -> None:
+    channel = FakeChannel(real_time_lease(life=1.5), is_async=True)
+    renewed = asyncio.Event()
+
+    def renew(request: pb.RenewLeaseRequest) -> pb.Lease:
+        renewed.set()
+        return real_time_lease(life=60).lease
+
+    channel.lease_answers["RenewLease"] = renew
+    async with ResolveClient.from_channel(channel) as client:
+        resolved = await client.resolve(name="orders-db", run_id="run-1")
+        assert resolved.lease is not None and channel.requests[0].run_id == "run-1"
+        await asyncio.wait_for(renewed.wait(), 5)
+    assert channel.lease_calls == [("RenewLease", "lease_1"), ("RevokeLease", "lease_1")]
+    assert channel.closed
+
+
+def real_time_lease(life: float) -> pb.ResolveResponse:
+    """A leased answer ending `life` seconds from now on the real clock."""
+    now = dt.datetime.now(dt.UTC)
+    message = reply(ttl=60)
+    message.lease.CopyFrom(pb.Lease(id="lease_1", connection_id="conn_1", username="brk_1111111111111111"))
+    message.lease.expires_at.FromDatetime(now + dt.timedelta(seconds=life))
+    message.lease.max_expires_at.FromDatetime(now + dt.timedelta(hours=1))
+    message.expires_at.CopyFrom(message.lease.expires_at)
+    return message

@@ -20,6 +20,8 @@ examples:
   brokerctl audit --connection orders-db --since 1h
   brokerctl audit verify
   brokerctl audit export --since 30d > audit.jsonl
+  brokerctl leases --connection orders-db --state active
+  brokerctl leases revoke --run-id nightly-42
 
 A connection is named by its id or its name (ID_OR_NAME), for every command.
 
@@ -214,6 +216,39 @@ def build_parser(*, raising: bool = False) -> argparse.ArgumentParser:
     q.add_argument("--until", metavar="TIME", help="same forms as --since (exclusive)")
     q.add_argument("--connection", default="", metavar="ID_OR_NAME", help="only this connection's events")
 
+    p = command(
+        "leases",
+        "List the leases of dynamic database connections (a database user per Resolve), newest first; "
+        "`leases revoke` ends every live lease that matches.",
+    )
+    _add_lease_filters(p)
+    p.add_argument(
+        "--state", choices=("active", "revoking", "revoked", "creating"), help="default: every state"
+    )
+    p.add_argument("--page-size", type=int, default=0, help="1..1000 (server default 100)")
+    p.add_argument("--page-token", default="", help="continue from a previous page")
+    p.add_argument("--all", action="store_true", help="follow page tokens to the end")
+    # Optional: a bare `brokerctl leases ...` lists, as `audit` does.
+    leases = p.add_subparsers(dest="leases_command", metavar="LEASES_COMMAND", required=False)
+    q = leases.add_parser(
+        "revoke",
+        help="queue every live lease that matches for revocation now (at least one filter); "
+        "prints how many were queued",
+        parents=[common],
+    )
+    _add_lease_filters(q, inherit=True)
+    q.add_argument("--prefix", default="", metavar="X", help="database user names starting with X")
+
+    p = command("lease", "One lease of a dynamic database connection.")
+    lease = p.add_subparsers(dest="lease_command", metavar="LEASE_COMMAND", required=True)
+    q = lease.add_parser(
+        "revoke",
+        help="queue the lease for revocation now: its database user is dropped (exit 1 when no live "
+        "lease has this id)",
+        parents=[common],
+    )
+    q.add_argument("lease_id", metavar="LEASE_ID")
+
     p = command("reinstate", "Reinstate a connection the security monitor suspended (audited).")
     _add_ref(p)
     p.add_argument("--reason", default="", help="recorded in the audit trail")
@@ -319,6 +354,13 @@ def build_parser(*, raising: bool = False) -> argparse.ArgumentParser:
         metavar="N",
         help="the secret version you hold; the answer then says when it was superseded",
     )
+    p.add_argument(
+        "--run-id",
+        default="",
+        metavar="RUN",
+        help="your run (workflow run, agent session), kept with a lease this call makes, so that "
+        "`leases revoke --run-id RUN` ends all of the run's leases",
+    )
 
     p = command(
         "proxy",
@@ -341,6 +383,15 @@ def build_parser(*, raising: bool = False) -> argparse.ArgumentParser:
 
 def _add_ref(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ref", metavar="ID_OR_NAME", help="a connection's id or its name")
+
+
+def _add_lease_filters(parser: argparse.ArgumentParser, *, inherit: bool = False) -> None:
+    # `inherit` (for `leases revoke`): no defaults, so that a filter given before `revoke`
+    # is kept rather than reset to "" (which would widen what is revoked).
+    default = argparse.SUPPRESS if inherit else ""
+    parser.add_argument("--connection", default=default, metavar="ID_OR_NAME")
+    parser.add_argument("--principal", default=default, help="the executor's SPIFFE id")
+    parser.add_argument("--run-id", default=default, metavar="RUN", help="the run_id given to Resolve")
 
 
 def _add_flow_options(parser: argparse.ArgumentParser) -> None:

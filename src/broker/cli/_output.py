@@ -240,8 +240,37 @@ def render_resolved(r: broker_pb2.ResolveResponse) -> str:
     ]
     if r.HasField("superseded_at"):
         pairs.append(("superseded", timestamp(r, "superseded_at", _NONE)))
+    if r.HasField("lease"):
+        # The user and password above are this lease's: they stop working when it ends.
+        pairs += [
+            ("lease", r.lease.id),
+            ("lease user", r.lease.username),
+            ("lease expires", timestamp(r.lease, "expires_at")),
+            ("lease max", timestamp(r.lease, "max_expires_at")),
+        ]
+        if r.lease.run_id:
+            pairs.append(("lease run", r.lease.run_id))
     pairs += [(f"secret {k}", v) for k, v in sorted(r.secrets.items())]
     return fields(pairs)
+
+
+def render_leases(leases: Iterable[broker_pb2.Lease]) -> str:
+    """One row per lease; REASON is why it ends, or the last failed attempt to drop its user."""
+    rows = [
+        (
+            x.id,
+            x.connection_id,
+            x.principal,
+            x.username,
+            _enum(broker_pb2.LeaseState, x.state, "LEASE_STATE_"),
+            timestamp(x, "expires_at"),
+            " / ".join(part for part in (x.revoke_reason, x.last_error) if part) or _NONE,
+            str(x.revocation_attempts),
+        )
+        for x in leases
+    ]
+    headers = ("ID", "CONNECTION", "PRINCIPAL", "USER", "STATE", "EXPIRES", "REASON / LAST ERROR", "ATTEMPTS")
+    return table(headers, rows)
 
 
 def render_rotated(r: broker_pb2.RotateMasterKeyResponse) -> str:
