@@ -373,6 +373,17 @@ async def test_revocations_due_during_an_outage_wait_and_all_complete_when_the_d
 
         db.cluster.stop()
         try:
+            # While it is away, a new lease or a renewal fails at once, and says why without detail.
+            for call in (
+                api.executor.Resolve(pb.ResolveRequest(connection_id=connection_id), timeout=10),
+                api.executor.RenewLease(pb.RenewLeaseRequest(lease_id=answers[0].lease.id), timeout=10),
+            ):
+                error = await rpc_error(call)
+                assert error.code() == grpc.StatusCode.UNAVAILABLE and "(connect_failed)" in error.details()
+                assert db.canary not in error.details()
+            (failed,) = [lease for lease in await leases_of(api, connection_id) if lease.id not in ids]
+            assert failed.revoke_reason == "creation_failed"  # its user may exist in part: dropped too
+            ids.add(failed.id)
             waiting: dict[str, pb.Lease] = {}
 
             async def all_waiting() -> bool:
@@ -384,11 +395,12 @@ async def test_revocations_due_during_an_outage_wait_and_all_complete_when_the_d
 
             await wait_for(all_waiting, 8, "every lease due in the outage revoking, retried")
             assert {lease.last_error for lease in waiting.values()} == {"connect_failed"}
-            assert all(lease.revoke_reason == "expired" for lease in waiting.values())
+            reasons = sorted(lease.revoke_reason for lease in waiting.values())
+            assert reasons == ["creation_failed"] + ["expired"] * 4
             text = metrics_text(broker)
-            assert metric(text, "broker_lease_revocations_pending") >= 4, text
+            assert metric(text, "broker_lease_revocations_pending") >= 5, text
             failures = metric(text, "broker_lease_revocation_failures_total")
-            assert failures - failures_before >= 8, text
+            assert failures - failures_before >= 10, text
             assert 'broker_lease_revocation_failures_total{reason="connect_failed"}' in text
 
             async def retried_again() -> bool:  # never gives up while the database is away
@@ -526,6 +538,29 @@ async def test_the_reconciler_drops_prefixed_login_roles_without_a_lease_and_not
                 )
             await conn.close()
         await api.executor.RevokeLease(pb.RevokeLeaseRequest(lease_id=live.lease.id), timeout=10)
+        assert not await db.roles(prefix)
+
+
+async def test_revoke_ends_a_session_the_leases_user_still_has_open(broker: Served, db: Db) -> None:
+    """The administrator is not a superuser: it must still end the user's session, not fail to."""
+    prefix = unique_prefix()
+    async with api_of(broker) as api:
+        connection_id = await dynamic_connection(api, db, prefix, default_ttl=60, max_ttl=60)
+        answer = await api.executor.Resolve(pb.ResolveRequest(connection_id=connection_id), timeout=10)
+        session = await db._connect(answer.config["username"], answer.secrets["password"])
+        try:
+            assert await session.fetchval("SELECT x FROM granted") == 1
+            revoked = await api.executor.RevokeLease(
+                pb.RevokeLeaseRequest(lease_id=answer.lease.id), timeout=10
+            )
+            assert revoked.state == pb.LEASE_STATE_REVOKED, revoked
+            ended = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
+            with pytest.raises(ended):
+                for _ in range(50):  # the backend gets SIGTERM; it may take a moment to go
+                    await session.fetchval("SELECT x FROM granted")
+                    await asyncio.sleep(0.05)
+        finally:
+            session.terminate()
         assert not await db.roles(prefix)
 
 
