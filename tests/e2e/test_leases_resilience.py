@@ -63,7 +63,7 @@ class Db:
     canary: str  # the admin's password: stored in the broker, never to be seen again
     group: str  # SELECT on `granted`, nothing on `other`
 
-    async def _connect(self, user: str, password: str) -> Any:
+    async def login(self, user: str, password: str) -> Any:
         return await asyncpg.connect(
             host="127.0.0.1",
             port=self.cluster.port,
@@ -75,7 +75,7 @@ class Db:
         )
 
     async def superuser(self) -> Any:
-        return await self._connect("postgres", self.cluster.superuser_password)
+        return await self.login("postgres", self.cluster.superuser_password)
 
     async def roles(self, prefix: str) -> dict[str, datetime | None]:
         """The roles named `prefix...`, with their VALID UNTIL."""
@@ -91,7 +91,7 @@ class Db:
 
     async def can_log_in(self, user: str, password: str) -> bool:
         try:
-            conn = await self._connect(user, password)
+            conn = await self.login(user, password)
         except asyncpg.InvalidPasswordError:  # 28P01: wrong password, expired or no such role
             return False
         await conn.close()
@@ -146,6 +146,7 @@ def new_broker(root: Path) -> Served:
         "egress": {"allow_loopback": True},
         "limits": {"resolve_per_second": 1000000, "resolve_burst": 1000000},
         "monitor": {"spike_min_count": 1000000},
+        "log": {"level": "debug"},  # as much in the log as it ever writes: the canary checks read it
     }
     return Served.create(root, "broker", settings, metrics=True, env=without_broker_variables())
 
@@ -280,7 +281,7 @@ async def test_expired_credentials_stop_logging_in_within_the_reconcilers_period
         answer = await api.executor.Resolve(pb.ResolveRequest(connection_id=connection_id), timeout=10)
         user, password = answer.config["username"], answer.secrets["password"]
         assert user.startswith(prefix) and user != db.admin
-        conn = await db._connect(user, password)
+        conn = await db.login(user, password)
         try:  # what the group grants, and no more
             assert await conn.fetchval("SELECT x FROM granted") == 1
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
@@ -454,7 +455,11 @@ async def test_kill_9_while_creating_users_leaves_no_orphan_after_restart(db: Db
                 # 30 Resolves in flight at any time (the cluster allows 100 connections).
                 burst = [asyncio.create_task(resolve_until_killed()) for _ in range(30)]
                 try:
-                    await wait_for(lambda: _at_least(issued, 30), 20, "30 leases issued")
+
+                    async def thirty_issued() -> bool:
+                        return len(issued) >= 30
+
+                    await wait_for(thirty_issued, 20, "30 leases issued")
                     served.kill()
                 finally:
                     stop.set()
@@ -547,7 +552,7 @@ async def test_revoke_ends_a_session_the_leases_user_still_has_open(broker: Serv
     async with api_of(broker) as api:
         connection_id = await dynamic_connection(api, db, prefix, default_ttl=60, max_ttl=60)
         answer = await api.executor.Resolve(pb.ResolveRequest(connection_id=connection_id), timeout=10)
-        session = await db._connect(answer.config["username"], answer.secrets["password"])
+        session = await db.login(answer.config["username"], answer.secrets["password"])
         try:
             assert await session.fetchval("SELECT x FROM granted") == 1
             revoked = await api.executor.RevokeLease(
@@ -565,11 +570,28 @@ async def test_revoke_ends_a_session_the_leases_user_still_has_open(broker: Serv
 
 
 async def test_the_administrators_password_never_reaches_the_log(broker: Served, db: Db) -> None:
-    """Runs after the others on the module's broker: issue, renew, expiry, outage and retries."""
+    """Last on the module's broker, whose log then holds all the tests' lease work (issue, renew,
+    expiry, outage, retries, orphans); this one adds a drop that fails on a wrong stored password
+    and succeeds once it is right again."""
+    prefix = unique_prefix()
+    async with api_of(broker) as api:
+        connection_id = await dynamic_connection(api, db, prefix, default_ttl=60, max_ttl=60)
+        answer = await api.executor.Resolve(pb.ResolveRequest(connection_id=connection_id), timeout=10)
+        await api.admin.TestConnection(pb.TestConnectionRequest(id=connection_id), timeout=10)
+        await api.admin.UpdateConnection(
+            pb.UpdateConnectionRequest(id=connection_id, secrets={"password": "wrong"}), timeout=10
+        )
+        revoking = await api.executor.RevokeLease(pb.RevokeLeaseRequest(lease_id=answer.lease.id), timeout=10)
+        assert revoking.state == pb.LEASE_STATE_REVOKING and revoking.last_error == "auth_failed"
+        await api.admin.UpdateConnection(
+            pb.UpdateConnectionRequest(id=connection_id, secrets={"password": db.canary}), timeout=10
+        )
+
+        async def dropped() -> bool:
+            return not await db.roles(prefix)
+
+        await wait_for(dropped, 3, "the drop done once the stored password is right again")
     logs = broker.logs()
-    assert "lease_revocation_failed" in logs  # the log does tell of lease work
+    assert "lease_revocation_failed" in logs and answer.lease.id in logs  # the log does tell of leases
     assert db.canary not in logs
-
-
-async def _at_least(items: list[Any], count: int) -> bool:
-    return len(items) >= count
+    assert answer.secrets["password"] not in logs
