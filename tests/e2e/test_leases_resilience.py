@@ -49,6 +49,9 @@ LEASES = {
     "reconcile_seconds": RECONCILE_SECONDS,
     "timeout_seconds": 2,
 }
+# However a session's end reaches asyncpg: AdminShutdown, a closed connection, or a refusal to use
+# a connection the server's message left mid-state.
+ENDED = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
 # Slack on top of a deadline the broker promises: a poll, a login handshake, a loaded machine.
 SLACK = 1.5
 
@@ -281,30 +284,37 @@ async def test_expired_credentials_stop_logging_in_within_the_reconcilers_period
         answer = await api.executor.Resolve(pb.ResolveRequest(connection_id=connection_id), timeout=10)
         user, password = answer.config["username"], answer.secrets["password"]
         assert user.startswith(prefix) and user != db.admin
-        conn = await db.login(user, password)
-        try:  # what the group grants, and no more
-            assert await conn.fetchval("SELECT x FROM granted") == 1
-            with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                await conn.fetch("SELECT x FROM other")
-        finally:
-            await conn.close()
-        assert not await db.can_log_in(user, password + "x")  # this server checks passwords
+        # A session opened before expiry, kept open: VALID UNTIL alone would let it run on.
+        session = await db.login(user, password)
+        try:
+            assert await session.fetchval("SELECT x FROM granted") == 1  # what the group grants
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):  # and no more
+                await session.fetch("SELECT x FROM other")
+            assert not await db.can_log_in(user, password + "x")  # this server checks passwords
 
-        expires_at = utc(answer.lease.expires_at)
-        while await db.can_log_in(user, password):
-            assert datetime.now(UTC) < expires_at + timedelta(seconds=RECONCILE_SECONDS + SLACK), (
-                f"still logs in {datetime.now(UTC) - expires_at} after expiry\n{broker.logs(tail=40)}"
+            expires_at = utc(answer.lease.expires_at)
+            while await db.can_log_in(user, password):
+                assert datetime.now(UTC) < expires_at + timedelta(seconds=RECONCILE_SECONDS + SLACK), (
+                    f"still logs in {datetime.now(UTC) - expires_at} after expiry\n{broker.logs(tail=40)}"
+                )
+                await asyncio.sleep(0.1)
+            # VALID UNTIL is whole seconds (rounded down): refused at most a second early, never sooner.
+            assert datetime.now(UTC) >= expires_at - timedelta(seconds=1)
+
+            async def dropped() -> bool:
+                lease = await lease_state(api, connection_id, answer.lease.id)
+                return lease.state == pb.LEASE_STATE_REVOKED and user not in await db.roles(prefix)
+
+            await wait_for(
+                dropped, RECONCILE_SECONDS + SLACK, "the expired lease revoked and its user dropped"
             )
-            await asyncio.sleep(0.1)
-        # VALID UNTIL is whole seconds (rounded down): refused at most a second early, never sooner.
-        assert datetime.now(UTC) >= expires_at - timedelta(seconds=1)
-
-        async def dropped() -> bool:
-            lease = await lease_state(api, connection_id, answer.lease.id)
-            return lease.state == pb.LEASE_STATE_REVOKED and user not in await db.roles(prefix)
-
-        await wait_for(dropped, RECONCILE_SECONDS + SLACK, "the expired lease revoked and its user dropped")
-        assert (await lease_state(api, connection_id, answer.lease.id)).revoke_reason == "expired"
+            assert (await lease_state(api, connection_id, answer.lease.id)).revoke_reason == "expired"
+            with pytest.raises(ENDED):  # the drop ended the open session too
+                for _ in range(50):  # the backend gets SIGTERM; it may take a moment to go
+                    await session.fetchval("SELECT x FROM granted")
+                    await asyncio.sleep(0.05)
+        finally:
+            session.terminate()
 
 
 async def test_renew_extends_validity_past_the_first_expiry_but_never_past_max_ttl(
@@ -559,8 +569,7 @@ async def test_revoke_ends_a_session_the_leases_user_still_has_open(broker: Serv
                 pb.RevokeLeaseRequest(lease_id=answer.lease.id), timeout=10
             )
             assert revoked.state == pb.LEASE_STATE_REVOKED, revoked
-            ended = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
-            with pytest.raises(ended):
+            with pytest.raises(ENDED):
                 for _ in range(50):  # the backend gets SIGTERM; it may take a moment to go
                     await session.fetchval("SELECT x FROM granted")
                     await asyncio.sleep(0.05)
