@@ -30,6 +30,23 @@ class Cluster:
     ca_path: str
     # The `postgres` superuser's password (scram, like every other login).
     superuser_password: str = field(default="", repr=False)
+    # The cluster's folder (data/, log): for `stop` and `start`.
+    base: str = ""
+
+    def _pg_ctl(self, *args: str) -> None:
+        bindir = _pg_bindir()
+        assert bindir is not None and self.base, "not a throwaway cluster"
+        base = Path(self.base)
+        pg_ctl = [str(bindir / "pg_ctl"), "-D", str(base / "data"), "-l", str(base / "log"), "-w", "-t", "30"]
+        _sh([*pg_ctl, *args], os.geteuid() == 0)
+
+    def stop(self) -> None:
+        """An outage: `pg_ctl stop -m fast` (sessions ended, new connections refused) until `start`."""
+        self._pg_ctl("-m", "fast", "stop")
+
+    def start(self) -> None:
+        """Start a stopped cluster again (same port, same data); returns once it accepts connections."""
+        self._pg_ctl("start")
 
 
 def _pg_bindir() -> Path | None:
@@ -80,8 +97,12 @@ def throwaway_cluster(tls_names: Sequence[str] = ("localhost",), hba_first: str 
         (data / "pg_hba.conf").write_text(hba_first + hba)
         _sh([*pg_ctl, "start"], as_postgres)
         started = True
-        yield Cluster(port, ca_pem.decode(), str(base / "ca.pem"), superuser_password)
+        yield Cluster(port, ca_pem.decode(), str(base / "ca.pem"), superuser_password, str(base))
     finally:
-        if started:
-            _sh([*pg_ctl, "-m", "immediate", "stop"], as_postgres)
-        shutil.rmtree(base, ignore_errors=True)
+        try:
+            if started:
+                # A test may have left it stopped (Cluster.stop): then this one has nothing to stop.
+                with contextlib.suppress(RuntimeError):
+                    _sh([*pg_ctl, "-m", "immediate", "stop"], as_postgres)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)

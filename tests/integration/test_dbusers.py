@@ -221,6 +221,45 @@ async def test_postgresql_drop_ends_the_session_removes_the_user_and_can_be_repe
             await pg.login(name, password)
 
 
+async def test_postgresql_drop_by_a_createrole_admin_ends_the_users_session_too(pg: Pg) -> None:
+    """The least-privilege administrator (CREATEROLE; not a superuser, not in pg_signal_backend)
+    may end only sessions of roles whose privileges it has: the drop still ends the user's session
+    instead of failing for as long as the user stays connected."""
+    admin_name, admin_password = f"adm_{secrets.token_hex(4)}", new_password()
+    name, password = new_username("brk_"), new_password()
+    root = await pg.superuser()
+    try:
+        for template in ("CREATE ROLE %I LOGIN CREATEROLE PASSWORD %L", "GRANT %I TO %I WITH ADMIN OPTION"):
+            args = (admin_name, admin_password) if "PASSWORD" in template else (pg.group, admin_name)
+            await root.execute(
+                await root.fetchval("SELECT format($1::text, $2::text, $3::text)", template, *args)
+            )
+        target = admin_target(admin_password, **pg.config(username=admin_name))
+        async with await UserAdmin.open(target, loopback(), timeout=TIMEOUT) as admin:
+            await admin.create(name, password, hour())
+            user = await pg.login(name, password)
+            try:
+                assert await user.fetchval("SELECT x FROM granted") == 1
+                await admin.drop(name)
+                ended = (
+                    asyncpg.PostgresError,
+                    asyncpg.InterfaceError,
+                    asyncpg.InternalClientError,
+                    ConnectionError,
+                )
+                with pytest.raises(ended):
+                    for _ in range(50):  # the backend gets SIGTERM; it may take a moment to go
+                        await user.fetchval("SELECT 1")
+                        await asyncio.sleep(0.05)
+            finally:
+                user.terminate()
+        assert name not in await pg_roles(pg)
+    finally:
+        for role in (name, admin_name):
+            await root.execute(await root.fetchval("SELECT format('DROP ROLE IF EXISTS %I', $1::text)", role))
+        await root.close()
+
+
 async def test_postgresql_prefixed_users_lists_exactly_the_prefixed_users(pg: Pg) -> None:
     prefix = unique_prefix()
     names = sorted(new_username(prefix) for _ in range(2))

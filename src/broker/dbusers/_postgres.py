@@ -102,24 +102,42 @@ class PostgresSession:
     async def revoke(self, name: str, statements: Sequence[str]) -> None:
         """Terminate the role's sessions, run the revocation, then terminate any session that
         logged in meanwhile: once the role is dropped its sessions have no name, so they are
-        found by the oid read before."""
+        found by the oid read before (not the ones already told to end, which may take a moment
+        to go: a second pg_terminate_backend on them would need privileges of a role now gone)."""
         oid = await self._bounded(self._conn.fetchval("SELECT oid FROM pg_roles WHERE rolname = $1", name))
-        await self._bounded(
-            self._conn.fetch(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE usename = $1 AND pid <> pg_backend_pid()",
-                name,
-            )
-        )
+        ended = await self._terminate_sessions_of(name)
         await self.run(statements)
         if oid is not None:
             await self._bounded(
                 self._conn.fetch(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE usesysid = $1 AND pid <> pg_backend_pid()",
+                    " WHERE usesysid = $1 AND pid <> pg_backend_pid() AND pid <> ALL($2::int[])",
                     oid,
+                    ended,
                 )
             )
+
+    async def _terminate_sessions_of(self, name: str) -> list[int]:
+        """End the sessions of role `name`; their pids. An administrator that is neither a superuser
+        nor in pg_signal_backend may only end sessions of roles whose privileges it has (42501, and
+        the drop would fail for as long as the user stays connected): it then makes itself a member
+        of the role, which CREATEROLE allows and the drop undoes, and tries again."""
+        terminate = (
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE usename = $1 AND pid <> pg_backend_pid()"
+        )
+        try:
+            rows = await self._bounded(self._conn.fetch(terminate, name))
+        except LeaseDbError as exc:
+            if exc.code != "42501":
+                raise
+            # The server's own quoting of the name (format %I), never ours.
+            grant = await self._bounded(
+                self._conn.fetchval("SELECT format('GRANT %I TO CURRENT_USER', $1::text)", name)
+            )
+            await self._bounded(self._conn.fetch(grant))
+            rows = await self._bounded(self._conn.fetch(terminate, name))
+        return [int(row[0]) for row in rows]
 
     async def users_with_prefix(self, prefix: str) -> list[str]:
         # Not LIKE: `_` and `%` in a prefix would be wildcards. Only login roles: the broker's users
