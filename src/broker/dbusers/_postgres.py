@@ -100,11 +100,19 @@ class PostgresSession:
         await self._bounded(tx.commit())
 
     async def revoke(self, name: str, statements: Sequence[str]) -> None:
-        """Terminate the role's sessions, run the revocation, then terminate any session that
-        logged in meanwhile: once the role is dropped its sessions have no name, so they are
+        """Refuse the role new logins, terminate its sessions, run the revocation, then terminate
+        any session that logged in meanwhile: once the role is dropped its sessions have no name, so they are
         found by the oid read before (not the ones already told to end, which may take a moment
         to go: a second pg_terminate_backend on them would need privileges of a role now gone)."""
         oid = await self._bounded(self._conn.fetchval("SELECT oid FROM pg_roles WHERE rolname = $1", name))
+        if oid is not None:
+            # First no new logins, so no session can start between the terminations and the drop.
+            # Best effort: the drop is what must succeed, and it is retried until it does.
+            with contextlib.suppress(LeaseDbError):
+                alter = await self._bounded(
+                    self._conn.fetchval("SELECT format('ALTER ROLE %I NOLOGIN', $1::text)", name)
+                )
+                await self._bounded(self._conn.fetch(alter))
         ended = await self._terminate_sessions_of(name)
         await self.run(statements)
         if oid is not None:

@@ -129,6 +129,10 @@ class Leases(EngineStore):
         if only is not None:
             where += " AND tenant = ? AND id = ?"
             args += only
+        # A read first: most passes find nothing due, and need no write transaction (on SQLite,
+        # the one writer's lock).
+        if not await self._engine.fetch(f"SELECT 1 FROM leases WHERE {where} LIMIT 1", *args):  # noqa: S608
+            return []
         async with self._engine.transaction() as tx:
             rows = await tx.fetch(
                 f"SELECT tenant, id FROM leases WHERE {where} ORDER BY expires_at LIMIT ?"  # noqa: S608
@@ -158,14 +162,16 @@ class Leases(EngineStore):
 
     async def lease_revoked(self, tenant: str, lease_id: str, now: datetime, event: AuditEvent) -> None:
         async with self._engine.transaction() as tx:
-            await tx.execute(
+            changed = await tx.execute(
                 "UPDATE leases SET state = 'revoked', revoked_at = ?, claimed_until = NULL,"
-                " next_attempt_at = NULL WHERE tenant = ? AND id = ?",
+                " next_attempt_at = NULL WHERE tenant = ? AND id = ? AND state = 'revoking'",
                 codec.to_micros(now),
                 tenant,
                 lease_id,
             )
-            await self._insert_audit(tx, [event])
+            # Already revoked: a second worker took over a claim that ran out, and dropped it too.
+            if changed:
+                await self._insert_audit(tx, [event])
 
     async def lease_revocation_failed(
         self, tenant: str, lease_id: str, error: str, next_attempt_at: datetime

@@ -358,7 +358,8 @@ class LeaseStore(Protocol):
         `claim_until` by this caller only."""
 
     async def lease_revoked(self, tenant: str, lease_id: str, now: datetime, event: AuditEvent) -> None:
-        """The user was dropped: the lease is `revoked`, with its event."""
+        """The user was dropped: the lease is `revoked`, with its event (once: a lease already
+        revoked, by a worker that took over a claim that ran out, stays as it is)."""
 
     async def lease_revocation_failed(
         self, tenant: str, lease_id: str, error: str, next_attempt_at: datetime
