@@ -222,8 +222,7 @@ def build_services(settings: Settings, store: Store, keyring: Keyring, clock: Cl
     )
     # Wrong-role and rate-limited calls: audited up to a limit per principal, then counted.
     denials = DenialAudit(audit, monitor, clock, settings.denied_audits_per_minute)
-    # The store's change feed: every committed write (this process's and other replicas') invalidates
-    # this cache, and blocks announced by any replica's monitor reach this one.
+    # Dynamic database connections: a user per Resolve, and the worker that drops each one.
     leases = LeaseService(
         store=store,
         connections=store,
@@ -234,6 +233,9 @@ def build_services(settings: Settings, store: Store, keyring: Keyring, clock: Cl
         clock=clock,
         settings=settings.leases,
     )
+    # The store's change feed: every committed write (this process's and other replicas') invalidates
+    # this cache, blocks announced by any replica's monitor reach this one, and changes that end
+    # leases reach the lease service.
     changes = ReplicaChanges(cache, monitor, leases)
     tests = TestingService(
         connections=store,

@@ -1,10 +1,10 @@
-"""MySQL / MariaDB administrative sessions with aiomysql, through the testers' TLS-strict
-connection (no clear-text fallback, no LOAD DATA LOCAL, no option files).
+"""MySQL / MariaDB administrative sessions with aiomysql, through the testers' strict
+connection (`testers._db_mysql.strict_connection`: no clear-text fallback, no LOAD DATA LOCAL,
+no option files, and no multi-statements, so the server refuses a string of several statements:
+a template, or a value that escaped its quotes).
 
 User names are string literals (`'name'@'%'`) quoted by the driver's `escape`, which follows the
-server's NO_BACKSLASH_ESCAPES; role names are backtick identifiers. aiomysql always asks for
-CLIENT.MULTI_STATEMENTS; the session takes the flag back before the handshake, so the server
-refuses a string of several statements (a template, or a value that escaped its quotes).
+server's NO_BACKSLASH_ESCAPES; role names are backtick identifiers.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 
 import aiomysql
 import pymysql
-from pymysql.constants import CLIENT
 
 from broker.dbusers._errors import LeaseDbError
 from broker.dbusers._session import checked_server, tls_for, transport_reason
@@ -26,8 +25,9 @@ from broker.testers._db_mysql import (
     ACCESS_DENIED_NO_PASSWORD,
     CANNOT_CONNECT,
     _CleartextRefused,
-    _StrictConnection,
     _TlsNotOffered,
+    connect,
+    strict_connection,
 )
 from broker.testers.base import Target
 
@@ -57,26 +57,17 @@ class MysqlSession:
     async def open(cls, target: Target, egress: EgressPolicy, bound: float) -> MysqlSession:
         timeout = bound  # every await of the session is bounded by it
         server = await checked_server(target, egress, "mysql")
-        conn = _StrictConnection(
-            host=server.address,
-            port=server.port,
-            user=server.username,
-            password=server.password,
-            db=server.database,
-            ssl=tls_for(server),
-            connect_timeout=timeout,
-            local_infile=False,
-            read_default_file=None,
+        conn = strict_connection(
+            server,
+            tls_for(server),
+            timeout,
             # Whatever `options` says: escaping is done on text, and utf8mb4 carries every value.
             charset="utf8mb4",
             cursorclass=_QuietCursor,
             autocommit=True,
         )
-        conn.client_flag &= ~CLIENT.MULTI_STATEMENTS
         try:
-            # aiomysql's connect_timeout covers only the TCP connect; bound the handshake too.
-            async with asyncio.timeout(timeout):
-                await conn._connect()  # what aiomysql.connect() does, with the strict subclass
+            await connect(conn)
         except Exception as exc:
             conn.close()
             raise _connect_error(exc) from None

@@ -19,6 +19,7 @@ import asyncpg
 from broker.dbusers._errors import LeaseDbError
 from broker.dbusers._session import checked_server, tls_for, transport_reason
 from broker.egress import EgressPolicy
+from broker.testers._db_postgres import connect
 from broker.testers.base import Target
 
 T = TypeVar("T")
@@ -42,18 +43,8 @@ class PostgresSession:
         server = await checked_server(target, egress, "postgresql")
         tls = tls_for(server)
         try:
-            conn = await asyncpg.connect(
-                host=server.address,
-                port=server.port,
-                user=server.username,
-                password=server.password,
-                database=server.database,
-                ssl=tls if tls is not None else False,
-                direct_tls=False,
-                timeout=timeout,
-                statement_cache_size=0,
-                server_settings=dict(server.options) or None,
-            )
+            # No statement cache: a rendered statement carries a password.
+            conn = await connect(server, tls, timeout, statement_cache_size=0)
         except Exception as exc:
             raise _connect_error(exc, server.ssl) from None
         return cls(conn, timeout)

@@ -9,6 +9,7 @@ hostile server cannot read the broker's files with LOAD DATA LOCAL, and no optio
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Any
 
 import aiomysql
@@ -70,28 +71,48 @@ class _StrictConnection(aiomysql.Connection):  # type: ignore[misc]
         return await super()._process_auth(plugin_name, auth_packet)
 
 
-async def test_mysql(target: Target, egress: EgressPolicy) -> TestResult:
-    """Connect to MySQL / MariaDB through the egress policy, authenticate and run `SELECT 1`."""
-    server = await resolve_server(target, egress, "mysql")
-    timeout = egress.settings.connect_timeout
-    ignored = sorted(k for k in server.options if k not in _SUPPORTED_OPTIONS)
-    extra = {"ignored_options": ",".join(ignored)} if ignored else {}
+def strict_connection(server: Server, tls: ssl.SSLContext | None, timeout: float, **options: Any) -> Any:
+    """An aiomysql connection to `server`'s checked address, not yet connected (`connect`):
+    TLS-strict (`_StrictConnection`), no LOAD DATA LOCAL, no option file, and one statement per
+    query: aiomysql turns multi-statements on, so a `;` that reached a query would run a second
+    statement. The testers and the lease users (broker.dbusers) connect through this."""
     conn = _StrictConnection(
         host=server.address,
         port=server.port,
         user=server.username,
         password=server.password,
         db=server.database,
-        ssl=tls_context(server) if server.ssl else None,
+        ssl=tls,
         connect_timeout=timeout,
         local_infile=False,
         read_default_file=None,
+        **options,
+    )
+    conn.client_flag &= ~CLIENT.MULTI_STATEMENTS
+    return conn
+
+
+async def connect(conn: Any) -> None:
+    """What aiomysql.connect() does, for a `strict_connection`; aiomysql's connect_timeout covers
+    only the TCP connect, so the handshake is bounded by it here too."""
+    async with asyncio.timeout(conn.connect_timeout):
+        await conn._connect()
+
+
+async def test_mysql(target: Target, egress: EgressPolicy) -> TestResult:
+    """Connect to MySQL / MariaDB through the egress policy, authenticate and run `SELECT 1`."""
+    server = await resolve_server(target, egress, "mysql")
+    timeout = egress.settings.connect_timeout
+    ignored = sorted(k for k in server.options if k not in _SUPPORTED_OPTIONS)
+    extra = {"ignored_options": ",".join(ignored)} if ignored else {}
+    conn = strict_connection(
+        server,
+        tls_context(server) if server.ssl else None,
+        timeout,
         charset=server.options.get("charset", "utf8mb4"),
     )
     try:
-        # aiomysql's connect_timeout covers only the TCP connect; bound the handshake too.
-        async with asyncio.timeout(timeout):
-            await conn._connect()  # what aiomysql.connect() does, with our subclass
+        await connect(conn)
     except Exception as exc:
         conn.close()
         failure = _classify(exc, server, timeout)

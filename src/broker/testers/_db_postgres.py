@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from typing import Any
 
 import asyncpg
@@ -27,22 +28,29 @@ _AUTH_STATES = {"28P01", "28000"}
 _CONFIG_STATES = {"42704", "22023", "42602"}  # unknown setting, bad value, bad name (from `options`)
 
 
+async def connect(server: Server, tls: ssl.SSLContext | None, timeout: float, **options: Any) -> Any:  # noqa: ASYNC109
+    """asyncpg to `server`'s checked address with every setting explicit (see the module
+    docstring); the testers and the lease users (broker.dbusers) connect through this."""
+    return await asyncpg.connect(
+        host=server.address,
+        port=server.port,
+        user=server.username,
+        password=server.password,
+        database=server.database,
+        ssl=tls if tls is not None else False,
+        direct_tls=False,
+        timeout=timeout,
+        server_settings=dict(server.options) or None,
+        **options,
+    )
+
+
 async def test_postgresql(target: Target, egress: EgressPolicy) -> TestResult:
     """Connect to PostgreSQL through the egress policy, authenticate and run `SELECT 1`."""
     server = await resolve_server(target, egress, "postgresql")
     timeout = egress.settings.connect_timeout
     try:
-        conn = await asyncpg.connect(
-            host=server.address,
-            port=server.port,
-            user=server.username,
-            password=server.password,
-            database=server.database,
-            ssl=tls_context(server) if server.ssl else False,
-            direct_tls=False,
-            timeout=timeout,
-            server_settings=dict(server.options) or None,
-        )
+        conn = await connect(server, tls_context(server) if server.ssl else None, timeout)
     except TestFailure:
         raise
     except Exception as exc:
