@@ -5,8 +5,9 @@
     python -m bench --rss            100,000 stored connections: the server's RSS after resolving each once
     python -m bench --replicas-only  only the PostgreSQL scenarios: 1 replica then 2, and
                                      `broker serve --workers 1` then `--workers 2` on one port
+    python -m bench --leases-only    only the leases scenario (issue 17, bench/leases.py)
 
-The PostgreSQL scenarios need a server (BROKER_BENCH_POSTGRES_DSN, else
+The PostgreSQL scenarios (replicas, leases) need a server (BROKER_BENCH_POSTGRES_DSN, else
 BROKER_TEST_POSTGRES_DSN); without one they are skipped, and the report says why.
 
 Prints a table and writes the JSON (default bench/results/latest.json). See docs/PERFORMANCE.md.
@@ -34,7 +35,7 @@ from typing import Any
 
 import grpc
 
-from bench import postgres, proxy, world
+from bench import leases, postgres, proxy, world
 from bench.load import LoadResult, LoadSpec, Window, client_pool, run_load, warm_pool
 from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc
@@ -55,10 +56,12 @@ class Plan:
     lead: float
     create_concurrency: int
     paging_runs: int
+    lease_creates: int = 200
+    outstanding_leases: int = 10_000
 
 
 FULL = Plan(10_000, 2, 2, 32, 2.0, 10.0, 1.0, 8, 3)
-SMOKE = Plan(40, 1, 1, 4, 0.1, 0.5, 0.3, 2, 1)
+SMOKE = Plan(40, 1, 1, 4, 0.1, 0.5, 0.3, 2, 1, lease_creates=10, outstanding_leases=300)
 RSS = Plan(100_000, 2, 2, 32, 1.0, 30.0, 1.0, 8, 1)
 
 
@@ -453,8 +456,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run_bench(plan: Plan, root: Path, *, sqlite: bool = True) -> dict[str, Any]:
-    """The SQLite scenarios against the echo server (unless not `sqlite`), then the replica scenario."""
+def run_bench(plan: Plan, root: Path, *, sqlite: bool = True, replicas: bool = True) -> dict[str, Any]:
+    """The SQLite scenarios against the echo server and the proxy (unless not `sqlite`), the replica
+    scenario (unless not `replicas`), then the leases scenario."""
     env = world.make_env(root)
     report: dict[str, Any] = {
         "kind": "bench",
@@ -469,7 +473,9 @@ def run_bench(plan: Plan, root: Path, *, sqlite: bool = True) -> dict[str, Any]:
         if sqlite:
             report.update(run_sqlite(env, plan, pool))
             report["proxy"] = run_proxy(env, plan)
-        report["postgres_replicas"] = run_replicas(env, plan, pool, load_pids)
+        if replicas:
+            report["postgres_replicas"] = run_replicas(env, plan, pool, load_pids)
+        report["leases"] = run_leases(env, plan)
     finally:
         pool.terminate()
         pool.join()
@@ -490,6 +496,100 @@ def run_proxy(env: world.BenchEnv, plan: Plan) -> dict[str, Any]:
         )
     finally:
         stop_processes([broker.process, upstream.process])
+
+
+LEASE_IN_FLIGHT = 8  # the leases scenario's concurrency: creation, and Resolve beside the lease table
+
+
+def run_leases(env: world.BenchEnv, plan: Plan) -> dict[str, Any]:
+    """Lease creation latency on the local PostgreSQL, and warm Resolve of a static connection with
+    no leases, then with `plan.outstanding_leases` in the lease table (`bench/leases.py`).
+
+    Skipped (and said so) without a PostgreSQL server.
+    """
+    dsn = postgres.server_dsn()
+    if dsn is None:
+        print(f"leases: skipped: {postgres.skip_reason()}", flush=True)
+        return {"skipped": postgres.skip_reason()}
+    print("leases: creation on the local PostgreSQL, Resolve beside outstanding leases ...", flush=True)
+    config = leases.leases_config(env)
+    seconds = plan.duration / 2
+    with leases.run_roles(dsn) as (group, prefix):
+
+        def started() -> Server:
+            return launch_server("broker", env.root, config.stem, name=config.stem).ready()
+
+        broker = started()
+        try:
+            ids = asyncio.run(leases.prepare(env, broker.info["admin"], dsn, group, prefix))
+            ports = broker.info["resolve"], broker.info["admin"]
+            creation = asyncio.run(
+                leases.measure_creation(env, *ports, ids["dynamic"], plan.lease_creates, LEASE_IN_FLIGHT)
+            )
+            samples = broker.metrics()
+            # The broker's own time per user (connect, statements), without Resolve and the audit.
+            count = samples.get("broker_lease_create_duration_seconds_count", 0.0)
+            if count:
+                creation["server_mean_ms"] = round(
+                    samples["broker_lease_create_duration_seconds_sum"] / count * 1000, 2
+                )
+            creation["roles_left"] = asyncio.run(leases.roles_with_prefix(dsn, prefix))
+        finally:
+            broker.stop()
+        runs = {}
+        inserted_seconds = 0.0
+        for label, outstanding in (
+            ("no_leases", 0),
+            (f"{plan.outstanding_leases}_outstanding", plan.outstanding_leases),
+        ):
+            if outstanding:
+                inserted_seconds = asyncio.run(
+                    leases.insert_outstanding(env.root / "leases.db", ids["dynamic"], prefix, outstanding)
+                )
+            broker = started()  # both runs on a freshly started broker, warmed up alike
+            try:
+                runs[label] = asyncio.run(
+                    leases.measure_resolve(
+                        env, broker.info["resolve"], ids["static"], LEASE_IN_FLIGHT, seconds
+                    )
+                ) | {"outstanding_leases": outstanding}
+            finally:
+                broker.stop()
+    base, loaded = runs.values()
+    section = {
+        "store": "sqlite",
+        "creation": creation,
+        "resolve_static": list(runs.values()),
+        "outstanding_inserted_seconds": inserted_seconds,
+        "p99_ratio": _ratio(loaded["p99_ms"], base["p99_ms"]),
+        "load_average_after": leases.load_average(),
+    }
+    return section
+
+
+def _lease_lines(section: dict[str, Any]) -> list[str]:
+    if "skipped" in section:
+        return [f"leases: skipped: {section['skipped']}"]
+    lines = ["leases (issue 17): creation on the local PostgreSQL (Resolve on a dynamic connection)"]
+    creation = section["creation"]
+    for key, row in creation.items():
+        if isinstance(row, dict):
+            lines.append(
+                f"  create {key:<20} {row['calls']:>5} leases  {row['per_second']:>7.1f}/s  "
+                f"p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms"
+            )
+    lines.append(
+        f"  broker's own mean {creation.get('server_mean_ms', 0.0):.2f} ms; {creation['revoked']} revoked in "
+        f"{creation['revoke_all_seconds']:.2f} s; roles left {creation['roles_left']}"
+    )
+    for row in section["resolve_static"]:
+        lines.append(
+            f"  resolve static, {row['outstanding_leases']:>6} outstanding leases: "
+            f"{row['per_second']:>8.1f}/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  "
+            f"(load average {row['load_average_before'][0]})"
+        )
+    lines.append(f"  p99 with / without outstanding leases: {section['p99_ratio']:.3f}")
+    return lines
 
 
 def run_sqlite(env: world.BenchEnv, plan: Plan, pool: Any) -> dict[str, Any]:
@@ -924,6 +1024,8 @@ def table(report: dict[str, Any]) -> str:
         lines += _proxy_lines(report["proxy"])
     if "postgres_replicas" in report:
         lines += _replica_lines(report["postgres_replicas"])
+    if "leases" in report:
+        lines += ["", *_lease_lines(report["leases"])]
     return "\n".join(lines)
 
 
@@ -1030,13 +1132,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--replicas-only", action="store_true", help="only the PostgreSQL replica scenario (not with --rss)"
     )
+    parser.add_argument(
+        "--leases-only", action="store_true", help="only the leases scenario (not with --rss)"
+    )
     parser.add_argument("--out", type=Path, help=f"the JSON report (default {DEFAULT_OUT.relative_to(REPO)})")
     parser.add_argument("--connections", type=int, help="override the number of seeded connections")
     parser.add_argument("--duration", type=float, help="override the measured seconds per scenario")
     parser.add_argument("--profile", type=Path, help="py-spy the broker during resolve_hot/_uniform into DIR")
     args = parser.parse_args(argv)
-    if args.rss and args.replicas_only:
-        parser.error("--replicas-only does not go with --rss")
+    if args.rss and (args.replicas_only or args.leases_only):
+        parser.error("--replicas-only and --leases-only do not go with --rss")
+    if args.replicas_only and args.leases_only:
+        parser.error("--replicas-only and --leases-only: choose one")
     global PROFILE_DIR
     PROFILE_DIR = args.profile
     plan = SMOKE if args.smoke else RSS if args.rss else FULL
@@ -1050,7 +1157,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.rss:
             report = run_rss(plan, Path(tmp))
         else:
-            report = run_bench(plan, Path(tmp), sqlite=not args.replicas_only)
+            only = args.replicas_only or args.leases_only
+            report = run_bench(plan, Path(tmp), sqlite=not only, replicas=not args.leases_only)
     report["wall_seconds"] = round(time.monotonic() - started, 1)
     print()
     print(table(report))
