@@ -16,6 +16,7 @@ Skipped without BROKER_TEST_POSTGRES_DSN (CI sets it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -23,6 +24,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -30,8 +32,10 @@ import pytest
 from broker import metrics
 from broker._proto import broker_pb2 as pb
 from broker.config import LeaseSettings
-from broker.egress import EgressSettings
+from broker.dbusers import UserAdmin
+from broker.egress import EgressPolicy, EgressSettings
 from broker.model import Lease, LeaseState
+from broker.service.leases import LeaseService
 from tests.conftest import Running
 from tests.helpers import EXECUTOR, db_request, struct
 from tests.postgres_db import base_dsn, fresh_database, with_database
@@ -110,7 +114,8 @@ StartBroker = Callable[[], Awaitable[Running]]
 
 
 @pytest.fixture
-def start_replica(make_broker: Callable[..., Awaitable[Running]], database: str) -> StartBroker:
+def start_replica(database: str, make_broker: Callable[..., Awaitable[Running]]) -> StartBroker:
+    # `database` first: set up before the brokers, dropped only after they stopped.
     async def start() -> Running:
         return await make_broker(
             storage_path=None,
@@ -309,3 +314,99 @@ async def test_a_restart_with_thousands_due_revokes_in_bounded_batches_while_res
     assert len(ordered) >= 50 and p99 < STORM_P99_BOUND
     assert not await roles.named()  # nothing was created, nothing left
     no_worker_failed(b)
+
+
+class GatedDrops:
+    """The real `UserAdmin.open`, whose sessions wait at `gate` before each drop once `entered`
+    is set: a replica slowed down in the middle of its batch (a fault through the service's seam,
+    the database itself is real)."""
+
+    def __init__(self, gated: bool) -> None:
+        self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
+        self.drops = 0
+        if not gated:
+            self.gate.set()
+
+    async def __call__(self, target: Any, egress: Any, *, timeout: float) -> Any:
+        real = await UserAdmin.open(target, egress, timeout=timeout)
+        outer = self
+
+        class Session:
+            async def __aenter__(self) -> Session:
+                await real.__aenter__()
+                return self
+
+            async def __aexit__(self, *exc: object) -> None:
+                await real.__aexit__(*exc)
+
+            async def drop(self, name: str) -> None:
+                outer.entered.set()
+                await outer.gate.wait()
+                await real.drop(name)
+                outer.drops += 1
+
+        return Session()
+
+
+def other_replica(running: Running, opened: GatedDrops, ahead: timedelta = timedelta(0)) -> LeaseService:
+    """A lease worker of another replica on `running`'s database, its clock `ahead`."""
+    return LeaseService(
+        store=running.broker.store,
+        connections=running.broker.store,
+        grants=running.broker.store,
+        keyring=running.broker.settings.load_keyring(),
+        audit=running.broker.services.audit,
+        egress=EgressPolicy(EgressSettings(allow_loopback=True)),
+        clock=lambda: datetime.now(UTC) + ahead,
+        settings=lease_settings(),
+        open_admin=opened,
+    )
+
+
+async def one_due_lease(start_replica: StartBroker, roles: Roles) -> tuple[Running, Lease]:
+    """A replica whose own worker is stopped, and one lease due on its dynamic connection."""
+    running = await start_replica()
+    connection_id = await dynamic_connection(running, roles)
+    await running.broker.services.leases.close()  # workers of our own instead
+    lease = storm_lease(connection_id, roles.prefix, 1, datetime.now(UTC))
+    await running.broker.store.insert_lease(lease)
+    return running, lease
+
+
+async def test_a_lease_claimed_by_a_replica_that_died_is_revoked_by_another_once_the_claim_ran_out(
+    start_replica: StartBroker, database: str, roles: Roles
+) -> None:
+    running, lease = await one_due_lease(start_replica, roles)
+    dying = GatedDrops(gated=True)
+    claimed = asyncio.create_task(other_replica(running, dying).revoke_due())
+    await asyncio.wait_for(dying.entered.wait(), 10)
+    claimed.cancel()  # killed with the lease claimed, before any outcome was written
+    with contextlib.suppress(asyncio.CancelledError):
+        await claimed
+    survivor = GatedDrops(gated=False)
+    assert await other_replica(running, survivor).revoke_due() == 0  # the claim still holds
+    # Later than the dead replica's claim: the lease is due again, and revoked once.
+    assert await other_replica(running, survivor, timedelta(minutes=5)).revoke_due() == 1
+    assert survivor.drops == 1
+    assert (await revoked_events(database))[lease.id] == 1
+    found = await running.broker.store.get_lease("default", lease.id)
+    assert found is not None and found.state is LeaseState.REVOKED and found.revoke_reason == "expired"
+
+
+async def test_a_replica_whose_claim_ran_out_mid_batch_does_not_record_the_revocation_twice(
+    start_replica: StartBroker, database: str, roles: Roles
+) -> None:
+    running, lease = await one_due_lease(start_replica, roles)
+    slow_drops, quick_drops = GatedDrops(gated=True), GatedDrops(gated=False)
+    slow = asyncio.create_task(other_replica(running, slow_drops).revoke_due())
+    await asyncio.wait_for(slow_drops.entered.wait(), 10)
+    # The slow replica holds the claim; later than the claim runs, another replica takes the lease
+    # over (as after a crash) and finishes it.
+    assert await other_replica(running, quick_drops, timedelta(minutes=5)).revoke_due() == 1
+    assert quick_drops.drops == 1
+    slow_drops.gate.set()  # now the slow one finishes its drop too (idempotent on the server)
+    assert await asyncio.wait_for(slow, 10) == 1
+    assert (await revoked_events(database))[lease.id] == 1  # one revocation on record, not two
+    found = await running.broker.store.get_lease("default", lease.id)
+    assert found is not None and found.state is LeaseState.REVOKED

@@ -23,9 +23,11 @@ _LIVE = "state IN ('creating', 'active')"
 _NOT_REVOKED = "state <> 'revoked'"
 # Due: an active lease past its expiry, a revoking one whose retry time came, or a lease
 # stuck in `creating` past the creation grace (its creator died): none claimed by another
-# worker right now.
+# worker right now. A revoking lease without a retry time was claimed straight from `active`
+# or `creating` by a worker that never recorded an outcome (it died): due once that claim ran out.
 _DUE = (
-    "((state = 'active' AND expires_at <= ?) OR (state = 'revoking' AND next_attempt_at <= ?)"
+    "((state = 'active' AND expires_at <= ?)"
+    " OR (state = 'revoking' AND (next_attempt_at IS NULL OR next_attempt_at <= ?))"
     " OR (state = 'creating' AND created_at <= ?)) AND (claimed_until IS NULL OR claimed_until <= ?)"
 )
 
@@ -149,14 +151,17 @@ class Leases(EngineStore):
 
     async def lease_revoked(self, tenant: str, lease_id: str, now: datetime, event: AuditEvent) -> None:
         async with self._engine.transaction() as tx:
-            await tx.execute(
+            # Only the first to finish records it: a worker whose claim ran out mid-batch may drop
+            # a user that another replica has taken over and dropped since (idempotent on the server).
+            changed = await tx.execute(
                 "UPDATE leases SET state = 'revoked', revoked_at = ?, claimed_until = NULL,"
-                " next_attempt_at = NULL WHERE tenant = ? AND id = ?",
+                " next_attempt_at = NULL WHERE tenant = ? AND id = ? AND state = 'revoking'",
                 codec.to_micros(now),
                 tenant,
                 lease_id,
             )
-            await self._insert_audit(tx, [event])
+            if changed:
+                await self._insert_audit(tx, [event])
 
     async def lease_revocation_failed(
         self, tenant: str, lease_id: str, error: str, next_attempt_at: datetime
