@@ -15,11 +15,14 @@ a group role made for the run. Every role the run makes carries a prefix unique 
   an empty lease table, then again with `outstanding` active leases (not due for an hour) in it.
   They are written straight into the store while the broker is stopped (no roles behind them:
   only the lease table's size is measured), and the broker is restarted for both runs alike.
+  Once on the SQLite store (the broker above), once on a PostgreSQL store (a temporary database,
+  as replicas use): the revocation worker scans the lease table every `poll_seconds` on either.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -36,16 +39,23 @@ from bench import postgres, world
 from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc
 from broker.model import Lease, LeaseState
+from broker.store.postgres import PostgresStore
 from broker.store.sqlite import SqliteStore
 
 _TIMEOUT = 30.0
 
 
-def leases_config(env: world.BenchEnv) -> Path:
-    """`<root>/leases.toml`: the bench broker's settings on a database of its own, loopback allowed
-    (the local PostgreSQL is the dynamic connection's server)."""
-    text = env.config.read_text().replace('path = "broker.db"', 'path = "leases.db"')
-    path = env.root / "leases.toml"
+def leases_config(env: world.BenchEnv, name: str, database: Path | str) -> Path:
+    """`<root>/<name>.toml`: the bench broker's settings on a store of its own (a SQLite file, or a
+    PostgreSQL URL), loopback allowed (the local PostgreSQL is the dynamic connection's server)."""
+    # A JSON string is a valid TOML basic string (same escapes), whatever the URL holds.
+    storage = (
+        f"path = {json.dumps(str(database))}"
+        if isinstance(database, Path)
+        else f"url = {json.dumps(database)}"
+    )
+    text = env.config.read_text().replace('path = "broker.db"', storage)
+    path = env.root / f"{name}.toml"
     path.write_text(text + "[egress]\nallow_loopback = true\n")
     return path
 
@@ -165,10 +175,28 @@ async def _each_at(
     return latencies, time.perf_counter() - started
 
 
+_CREATE_SECONDS = "broker_lease_create_duration_seconds"
+
+
+def _server_mean_ms(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """The broker's own mean time per user made between two metric samples (its connect and
+    statements, without Resolve and the audit)."""
+    count = after.get(f"{_CREATE_SECONDS}_count", 0.0) - before.get(f"{_CREATE_SECONDS}_count", 0.0)
+    total = after.get(f"{_CREATE_SECONDS}_sum", 0.0) - before.get(f"{_CREATE_SECONDS}_sum", 0.0)
+    return round(total / count * 1000, 2) if count else None
+
+
 async def measure_creation(
-    env: world.BenchEnv, resolve_port: int, admin_port: int, connection_id: str, count: int, in_flight: int
+    env: world.BenchEnv,
+    resolve_port: int,
+    admin_port: int,
+    connection_id: str,
+    count: int,
+    in_flight: int,
+    metrics: Callable[[], dict[str, float]],
 ) -> dict[str, Any]:
-    """Lease creation one at a time, then `in_flight` at a time; then every lease revoked."""
+    """Lease creation one at a time, then `in_flight` at a time; then every lease revoked.
+    `metrics` reads the broker's samples."""
     request = pb.ResolveRequest(connection_id=connection_id, purpose="bench lease")
     async with (
         world.channel(env, env.executor, resolve_port) as channel,
@@ -184,11 +212,13 @@ async def measure_creation(
         await _each_at(create, 3, 1)  # warm-up: the channel, the connection's cache entry
         report: dict[str, Any] = {}
         for label, concurrency in (("sequential", 1), (f"in_flight_{in_flight}", in_flight)):
+            before = await asyncio.to_thread(metrics)
             latencies, seconds = await _each_at(create, count, concurrency)
             report[label] = {
                 "in_flight": concurrency,
                 **_percentiles(latencies),
                 "per_second": round(count / seconds, 1),
+                "server_mean_ms": _server_mean_ms(before, await asyncio.to_thread(metrics)),
             }
         admin = broker_pb2_grpc.AdminServiceStub(admin_channel)  # type: ignore[no-untyped-call]
         started = time.perf_counter()
@@ -211,9 +241,9 @@ async def _until_dropped(admin: Any, connection_id: str, started: float) -> floa
 
 
 async def measure_resolve(
-    env: world.BenchEnv, resolve_port: int, connection_id: str, in_flight: int, seconds: float
+    env: world.BenchEnv, resolve_port: int, connection_id: str, in_flight: int, seconds: float, warmup: float
 ) -> dict[str, Any]:
-    """Warm Resolve of one static connection, `in_flight` at a time for `seconds`, after a 1 s warm-up."""
+    """Warm Resolve of one static connection, `in_flight` at a time for `seconds`, after `warmup` s."""
     request = pb.ResolveRequest(connection_id=connection_id, purpose="bench")
     async with world.channel(env, env.executor, resolve_port) as channel:
         resolve = broker_pb2_grpc.ResolveServiceStub(channel).Resolve  # type: ignore[no-untyped-call]
@@ -231,7 +261,7 @@ async def measure_resolve(
             await asyncio.gather(*(caller() for _ in range(in_flight)))
             return latencies
 
-        await window(1.0)
+        await window(warmup)
         load = load_average()
         latencies = await window(seconds)
     return {
@@ -243,15 +273,20 @@ async def measure_resolve(
     }
 
 
-async def insert_outstanding(database: Path, connection_id: str, prefix: str, count: int) -> float:
+async def insert_outstanding(database: Path | str, connection_id: str, prefix: str, count: int) -> float:
     """`count` active leases (due in an hour, for roles that do not exist) straight into the
-    stopped broker's store; the seconds it took."""
-    store = SqliteStore(database)
+    stopped broker's store (a SQLite file or a PostgreSQL URL); the seconds it took."""
+    store: SqliteStore | PostgresStore = (
+        SqliteStore(database)
+        if isinstance(database, Path)
+        else PostgresStore(database, pool_min=1, pool_max=8)
+    )
     await store.open()
     started = time.perf_counter()
     try:
-        # Throw-away data, as in world.seed: no fsync per row.
-        await store.engine.writer.execute("PRAGMA synchronous = OFF")  # type: ignore[union-attr]
+        if isinstance(store, SqliteStore):
+            # Throw-away data, as in world.seed: no fsync per row.
+            await store.engine.writer.execute("PRAGMA synchronous = OFF")  # type: ignore[union-attr]
         now = datetime.now(UTC)
         for first in range(0, count, 200):
             await asyncio.gather(

@@ -503,7 +503,8 @@ LEASE_IN_FLIGHT = 8  # the leases scenario's concurrency: creation, and Resolve 
 
 def run_leases(env: world.BenchEnv, plan: Plan) -> dict[str, Any]:
     """Lease creation latency on the local PostgreSQL, and warm Resolve of a static connection with
-    no leases, then with `plan.outstanding_leases` in the lease table (`bench/leases.py`).
+    no leases, then with `plan.outstanding_leases` in the lease table, on SQLite then on a PostgreSQL
+    store (`bench/leases.py`).
 
     Skipped (and said so) without a PostgreSQL server.
     """
@@ -512,59 +513,84 @@ def run_leases(env: world.BenchEnv, plan: Plan) -> dict[str, Any]:
         print(f"leases: skipped: {postgres.skip_reason()}", flush=True)
         return {"skipped": postgres.skip_reason()}
     print("leases: creation on the local PostgreSQL, Resolve beside outstanding leases ...", flush=True)
-    config = leases.leases_config(env)
-    seconds = plan.duration / 2
-    with leases.run_roles(dsn) as (group, prefix):
-
-        def started() -> Server:
-            return launch_server("broker", env.root, config.stem, name=config.stem).ready()
-
-        broker = started()
-        try:
-            ids = asyncio.run(leases.prepare(env, broker.info["admin"], dsn, group, prefix))
-            ports = broker.info["resolve"], broker.info["admin"]
-            creation = asyncio.run(
-                leases.measure_creation(env, *ports, ids["dynamic"], plan.lease_creates, LEASE_IN_FLIGHT)
-            )
-            samples = broker.metrics()
-            # The broker's own time per user (connect, statements), without Resolve and the audit.
-            count = samples.get("broker_lease_create_duration_seconds_count", 0.0)
-            if count:
-                creation["server_mean_ms"] = round(
-                    samples["broker_lease_create_duration_seconds_sum"] / count * 1000, 2
-                )
-            creation["roles_left"] = asyncio.run(leases.roles_with_prefix(dsn, prefix))
-        finally:
-            broker.stop()
-        runs = {}
-        inserted_seconds = 0.0
-        for label, outstanding in (
-            ("no_leases", 0),
-            (f"{plan.outstanding_leases}_outstanding", plan.outstanding_leases),
-        ):
-            if outstanding:
-                inserted_seconds = asyncio.run(
-                    leases.insert_outstanding(env.root / "leases.db", ids["dynamic"], prefix, outstanding)
-                )
-            broker = started()  # both runs on a freshly started broker, warmed up alike
+    section: dict[str, Any] = {"outstanding": {}}
+    with leases.run_roles(dsn) as roles:
+        config = leases.leases_config(env, "leases", env.root / "leases.db")
+        section["creation"], ids = _lease_creation(env, plan, config, dsn, roles)
+        section["outstanding"]["sqlite"] = _outstanding_runs(
+            env, plan, config, env.root / "leases.db", ids, roles
+        )
+        with postgres.temporary_database(dsn) as (_name, url):
+            config = leases.leases_config(env, "leases-pg", url)
+            broker = _lease_broker(env, config)
             try:
-                runs[label] = asyncio.run(
-                    leases.measure_resolve(
-                        env, broker.info["resolve"], ids["static"], LEASE_IN_FLIGHT, seconds
-                    )
-                ) | {"outstanding_leases": outstanding}
+                ids = asyncio.run(leases.prepare(env, broker.info["admin"], dsn, *roles))
             finally:
                 broker.stop()
-    base, loaded = runs.values()
-    section = {
-        "store": "sqlite",
-        "creation": creation,
-        "resolve_static": list(runs.values()),
-        "outstanding_inserted_seconds": inserted_seconds,
-        "p99_ratio": _ratio(loaded["p99_ms"], base["p99_ms"]),
-        "load_average_after": leases.load_average(),
-    }
+            section["outstanding"]["postgres"] = _outstanding_runs(env, plan, config, url, ids, roles)
+    section["load_average_after"] = leases.load_average()
     return section
+
+
+def _lease_broker(env: world.BenchEnv, config: Path) -> Server:
+    return launch_server("broker", env.root, config.stem, name=config.stem).ready()
+
+
+def _lease_creation(
+    env: world.BenchEnv, plan: Plan, config: Path, dsn: str, roles: tuple[str, str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Lease creation on the broker of `config`; the figures and the connections' ids."""
+    broker = _lease_broker(env, config)
+    try:
+        ids = asyncio.run(leases.prepare(env, broker.info["admin"], dsn, *roles))
+        ports = broker.info["resolve"], broker.info["admin"]
+        creation = asyncio.run(
+            leases.measure_creation(
+                env, *ports, ids["dynamic"], plan.lease_creates, LEASE_IN_FLIGHT, broker.metrics
+            )
+        )
+        creation["roles_left"] = asyncio.run(leases.roles_with_prefix(dsn, roles[1]))
+    finally:
+        broker.stop()
+    return creation, ids
+
+
+def _outstanding_runs(
+    env: world.BenchEnv,
+    plan: Plan,
+    config: Path,
+    database: Path | str,
+    ids: dict[str, str],
+    roles: tuple[str, str],
+) -> dict[str, Any]:
+    """Warm Resolve of the static connection with no leases, then with `plan.outstanding_leases`."""
+    runs = []
+    inserted_seconds = 0.0
+    for outstanding in (0, plan.outstanding_leases):
+        if outstanding:
+            inserted_seconds = asyncio.run(
+                leases.insert_outstanding(database, ids["dynamic"], roles[1], outstanding)
+            )
+        broker = _lease_broker(env, config)  # both runs on a freshly started broker, warmed up alike
+        try:
+            row = asyncio.run(
+                leases.measure_resolve(
+                    env,
+                    broker.info["resolve"],
+                    ids["static"],
+                    LEASE_IN_FLIGHT,
+                    plan.duration / 2,
+                    plan.warmup / 2,
+                )
+            )
+            runs.append(row | {"outstanding_leases": outstanding})
+        finally:
+            broker.stop()
+    return {
+        "runs": runs,
+        "inserted_seconds": inserted_seconds,
+        "p99_ratio": _ratio(runs[1]["p99_ms"], runs[0]["p99_ms"]),
+    }
 
 
 def _lease_lines(section: dict[str, Any]) -> list[str]:
@@ -576,19 +602,21 @@ def _lease_lines(section: dict[str, Any]) -> list[str]:
         if isinstance(row, dict):
             lines.append(
                 f"  create {key:<20} {row['calls']:>5} leases  {row['per_second']:>7.1f}/s  "
-                f"p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms"
+                f"p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  "
+                f"(the broker's own mean {row['server_mean_ms'] or 0.0:.2f} ms)"
             )
     lines.append(
-        f"  broker's own mean {creation.get('server_mean_ms', 0.0):.2f} ms; {creation['revoked']} revoked in "
+        f"  {creation['revoked']} revoked in "
         f"{creation['revoke_all_seconds']:.2f} s; roles left {creation['roles_left']}"
     )
-    for row in section["resolve_static"]:
-        lines.append(
-            f"  resolve static, {row['outstanding_leases']:>6} outstanding leases: "
-            f"{row['per_second']:>8.1f}/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  "
-            f"(load average {row['load_average_before'][0]})"
-        )
-    lines.append(f"  p99 with / without outstanding leases: {section['p99_ratio']:.3f}")
+    for store, part in section["outstanding"].items():
+        for row in part["runs"]:
+            lines.append(
+                f"  resolve static, {store} store, {row['outstanding_leases']:>6} outstanding leases: "
+                f"{row['per_second']:>8.1f}/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  "
+                f"(load average {row['load_average_before'][0]})"
+            )
+        lines.append(f"  {store}: p99 with / without outstanding leases: {part['p99_ratio']:.3f}")
     return lines
 
 
