@@ -273,9 +273,13 @@ async def measure_resolve(
     }
 
 
-async def insert_outstanding(database: Path | str, connection_id: str, prefix: str, count: int) -> float:
+async def insert_outstanding(
+    database: Path | str, connection_id: str, prefix: str, count: int
+) -> dict[str, float]:
     """`count` active leases (due in an hour, for roles that do not exist) straight into the
-    stopped broker's store (a SQLite file or a PostgreSQL URL); the seconds it took."""
+    stopped broker's store (a SQLite file or a PostgreSQL URL): the seconds it took, and what one
+    pass of the revocation worker's queries then costs (`worker_poll_ms`, it runs every
+    `poll_seconds`: the claim of due leases, none here, and the counts by state)."""
     store: SqliteStore | PostgresStore = (
         SqliteStore(database)
         if isinstance(database, Path)
@@ -295,9 +299,19 @@ async def insert_outstanding(database: Path | str, connection_id: str, prefix: s
                     for i in range(first, min(count, first + 200))
                 )
             )
+        inserted = time.perf_counter() - started
+        passes = 20
+        started = time.perf_counter()
+        for _ in range(passes):
+            now = datetime.now(UTC)
+            claimed = await store.claim_due_leases(now, now - timedelta(minutes=1), now, 50)
+            await store.lease_counts(now)
+            if claimed:
+                raise RuntimeError("the bench's outstanding leases must not be due")
+        poll = (time.perf_counter() - started) / passes
     finally:
         await store.close()
-    return round(time.perf_counter() - started, 1)
+    return {"inserted_seconds": round(inserted, 1), "worker_poll_ms": round(poll * 1000, 2)}
 
 
 def _outstanding(connection_id: str, prefix: str, index: int, now: datetime) -> Lease:
