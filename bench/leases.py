@@ -9,8 +9,10 @@ a group role made for the run. Every role the run makes carries a prefix unique 
 
 * creation: `creates` Resolves on the dynamic connection, one at a time, then `in_flight` at a
   time; p50 and p99 as the client sees them (Resolve, CREATE ROLE, GRANT, the audit), and the
-  broker's own `broker_lease_create_seconds` mean. Then all of them are revoked (RevokeLeases)
-  and the run waits until their roles are gone.
+  broker's own mean per phase (`broker_lease_create_duration_seconds`: session and statements).
+  Then all of them are revoked (RevokeLeases) and the run waits until their roles are gone.
+  The roles are dropped in a `finally`: a bench killed outright (SIGKILL) leaves them, unlike
+  its temporary databases (`bench/postgres.py`'s janitor); the prefix tells them apart.
 * outstanding: warm Resolve of the static connection, `in_flight` at a time for `seconds`, with
   an empty lease table, then again with `outstanding` active leases (not due for an hour) in it.
   They are written straight into the store while the broker is stopped (no roles behind them:
