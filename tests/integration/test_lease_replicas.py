@@ -1,6 +1,8 @@
 """Leases with two replicas on one PostgreSQL database: every due lease is dropped exactly once,
 and a restart with thousands of due leases works through them in bounded batches while Resolve
-on another connection keeps answering.
+on another connection keeps answering. A lease claimed by a replica that then died is taken over
+once the claim runs out, and a replica that finishes after such a takeover records nothing twice
+(two lease workers of our own on one store, one held at its drop through the service's seam).
 
 Two `Broker`s in this process share a fresh database (as in test_postgres_broker.py), both with
 their revocation workers running. The dynamic connection points at the local PostgreSQL as
