@@ -5,8 +5,9 @@
     python -m bench --rss            100,000 stored connections: the server's RSS after resolving each once
     python -m bench --replicas-only  only the PostgreSQL scenarios: 1 replica then 2, and
                                      `broker serve --workers 1` then `--workers 2` on one port
+    python -m bench --leases-only    only the leases scenario (issue 17, bench/leases.py)
 
-The PostgreSQL scenarios need a server (BROKER_BENCH_POSTGRES_DSN, else
+The PostgreSQL scenarios (replicas, leases) need a server (BROKER_BENCH_POSTGRES_DSN, else
 BROKER_TEST_POSTGRES_DSN); without one they are skipped, and the report says why.
 
 Prints a table and writes the JSON (default bench/results/latest.json). See docs/PERFORMANCE.md.
@@ -34,7 +35,7 @@ from typing import Any
 
 import grpc
 
-from bench import postgres, proxy, world
+from bench import leases, postgres, proxy, world
 from bench.load import LoadResult, LoadSpec, Window, client_pool, run_load, warm_pool
 from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc
@@ -55,10 +56,12 @@ class Plan:
     lead: float
     create_concurrency: int
     paging_runs: int
+    lease_creates: int = 200
+    outstanding_leases: int = 10_000
 
 
 FULL = Plan(10_000, 2, 2, 32, 2.0, 10.0, 1.0, 8, 3)
-SMOKE = Plan(40, 1, 1, 4, 0.1, 0.5, 0.3, 2, 1)
+SMOKE = Plan(40, 1, 1, 4, 0.1, 0.5, 0.3, 2, 1, lease_creates=10, outstanding_leases=300)
 RSS = Plan(100_000, 2, 2, 32, 1.0, 30.0, 1.0, 8, 1)
 
 
@@ -453,8 +456,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run_bench(plan: Plan, root: Path, *, sqlite: bool = True) -> dict[str, Any]:
-    """The SQLite scenarios against the echo server (unless not `sqlite`), then the replica scenario."""
+def run_bench(plan: Plan, root: Path, *, sqlite: bool = True, replicas: bool = True) -> dict[str, Any]:
+    """The SQLite scenarios against the echo server and the proxy (unless not `sqlite`), the replica
+    scenario (unless not `replicas`), then the leases scenario."""
     env = world.make_env(root)
     report: dict[str, Any] = {
         "kind": "bench",
@@ -469,7 +473,9 @@ def run_bench(plan: Plan, root: Path, *, sqlite: bool = True) -> dict[str, Any]:
         if sqlite:
             report.update(run_sqlite(env, plan, pool))
             report["proxy"] = run_proxy(env, plan)
-        report["postgres_replicas"] = run_replicas(env, plan, pool, load_pids)
+        if replicas:
+            report["postgres_replicas"] = run_replicas(env, plan, pool, load_pids)
+        report["leases"] = run_leases(env, plan)
     finally:
         pool.terminate()
         pool.join()
@@ -490,6 +496,130 @@ def run_proxy(env: world.BenchEnv, plan: Plan) -> dict[str, Any]:
         )
     finally:
         stop_processes([broker.process, upstream.process])
+
+
+LEASE_IN_FLIGHT = 8  # the leases scenario's concurrency: creation, and Resolve beside the lease table
+
+
+def run_leases(env: world.BenchEnv, plan: Plan) -> dict[str, Any]:
+    """Lease creation latency on the local PostgreSQL, and warm Resolve of a static connection with
+    no leases, then with `plan.outstanding_leases` in the lease table, on SQLite then on a PostgreSQL
+    store (`bench/leases.py`).
+
+    Skipped (and said so) without a PostgreSQL server.
+    """
+    dsn = postgres.server_dsn()
+    if dsn is None:
+        print(f"leases: skipped: {postgres.skip_reason()}", flush=True)
+        return {"skipped": postgres.skip_reason()}
+    print("leases: creation on the local PostgreSQL, Resolve beside outstanding leases ...", flush=True)
+    section: dict[str, Any] = {"outstanding": {}}
+    with leases.run_roles(dsn) as roles:
+        config = leases.leases_config(env, "leases", env.root / "leases.db")
+        section["creation"], ids = _lease_creation(env, plan, config, dsn, roles)
+        section["outstanding"]["sqlite"] = _outstanding_runs(
+            env, plan, config, env.root / "leases.db", ids, roles
+        )
+        with postgres.temporary_database(dsn) as (_name, url):
+            config = leases.leases_config(env, "leases-pg", url)
+            broker = _lease_broker(env, config)
+            try:
+                ids = asyncio.run(leases.prepare(env, broker.info["admin"], dsn, *roles))
+            finally:
+                broker.stop()
+            section["outstanding"]["postgres"] = _outstanding_runs(env, plan, config, url, ids, roles)
+    section["load_average_after"] = leases.load_average()
+    return section
+
+
+def _lease_broker(env: world.BenchEnv, config: Path) -> Server:
+    return launch_server("broker", env.root, config.stem, name=config.stem).ready()
+
+
+def _lease_creation(
+    env: world.BenchEnv, plan: Plan, config: Path, dsn: str, roles: tuple[str, str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Lease creation on the broker of `config`; the figures and the connections' ids."""
+    broker = _lease_broker(env, config)
+    try:
+        ids = asyncio.run(leases.prepare(env, broker.info["admin"], dsn, *roles))
+        ports = broker.info["resolve"], broker.info["admin"]
+        creation = asyncio.run(
+            leases.measure_creation(
+                env, *ports, ids["dynamic"], plan.lease_creates, LEASE_IN_FLIGHT, broker.metrics
+            )
+        )
+        creation["roles_left"] = asyncio.run(leases.roles_with_prefix(dsn, roles[1]))
+    finally:
+        broker.stop()
+    return creation, ids
+
+
+def _outstanding_runs(
+    env: world.BenchEnv,
+    plan: Plan,
+    config: Path,
+    database: Path | str,
+    ids: dict[str, str],
+    roles: tuple[str, str],
+) -> dict[str, Any]:
+    """Warm Resolve of the static connection with no leases, then with `plan.outstanding_leases`."""
+    runs = []
+    inserted: dict[str, float] = {}
+    for outstanding in (0, plan.outstanding_leases):
+        if outstanding:
+            inserted = asyncio.run(leases.insert_outstanding(database, ids["dynamic"], roles[1], outstanding))
+        broker = _lease_broker(env, config)  # both runs on a freshly started broker, warmed up alike
+        try:
+            row = asyncio.run(
+                leases.measure_resolve(
+                    env,
+                    broker.info["resolve"],
+                    ids["static"],
+                    LEASE_IN_FLIGHT,
+                    plan.duration / 2,
+                    plan.warmup / 2,
+                )
+            )
+            runs.append(row | {"outstanding_leases": outstanding})
+        finally:
+            broker.stop()
+    return {
+        "runs": runs,
+        **inserted,
+        "p99_ratio": _ratio(runs[1]["p99_ms"], runs[0]["p99_ms"]),
+    }
+
+
+def _lease_lines(section: dict[str, Any]) -> list[str]:
+    if "skipped" in section:
+        return [f"leases: skipped: {section['skipped']}"]
+    lines = ["leases (issue 17): creation on the local PostgreSQL (Resolve on a dynamic connection)"]
+    creation = section["creation"]
+    for key, row in creation.items():
+        if isinstance(row, dict):
+            lines.append(
+                f"  create {key:<20} {row['calls']:>5} leases  {row['per_second']:>7.1f}/s  "
+                f"p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  "
+                f"(the broker's own mean {row['server_mean_ms'] or 0.0:.2f} ms)"
+            )
+    lines.append(
+        f"  {creation['revoked']} revoked in "
+        f"{creation['revoke_all_seconds']:.2f} s; roles left {creation['roles_left']}"
+    )
+    for store, part in section["outstanding"].items():
+        for row in part["runs"]:
+            lines.append(
+                f"  resolve static, {store} store, {row['outstanding_leases']:>6} outstanding leases: "
+                f"{row['per_second']:>8.1f}/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  "
+                f"(load average {row['load_average_before'][0]})"
+            )
+        lines.append(
+            f"  {store}: p99 with / without outstanding leases: {part['p99_ratio']:.3f}; one pass of the"
+            f" revocation worker's queries over the {part['runs'][1]['outstanding_leases']} leases: "
+            f"{part['worker_poll_ms']:.2f} ms"
+        )
+    return lines
 
 
 def run_sqlite(env: world.BenchEnv, plan: Plan, pool: Any) -> dict[str, Any]:
@@ -924,6 +1054,8 @@ def table(report: dict[str, Any]) -> str:
         lines += _proxy_lines(report["proxy"])
     if "postgres_replicas" in report:
         lines += _replica_lines(report["postgres_replicas"])
+    if "leases" in report:
+        lines += ["", *_lease_lines(report["leases"])]
     return "\n".join(lines)
 
 
@@ -1030,13 +1162,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--replicas-only", action="store_true", help="only the PostgreSQL replica scenario (not with --rss)"
     )
+    parser.add_argument(
+        "--leases-only", action="store_true", help="only the leases scenario (not with --rss)"
+    )
     parser.add_argument("--out", type=Path, help=f"the JSON report (default {DEFAULT_OUT.relative_to(REPO)})")
     parser.add_argument("--connections", type=int, help="override the number of seeded connections")
     parser.add_argument("--duration", type=float, help="override the measured seconds per scenario")
     parser.add_argument("--profile", type=Path, help="py-spy the broker during resolve_hot/_uniform into DIR")
     args = parser.parse_args(argv)
-    if args.rss and args.replicas_only:
-        parser.error("--replicas-only does not go with --rss")
+    if args.rss and (args.replicas_only or args.leases_only):
+        parser.error("--replicas-only and --leases-only do not go with --rss")
+    if args.replicas_only and args.leases_only:
+        parser.error("--replicas-only and --leases-only: choose one")
     global PROFILE_DIR
     PROFILE_DIR = args.profile
     plan = SMOKE if args.smoke else RSS if args.rss else FULL
@@ -1050,7 +1187,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.rss:
             report = run_rss(plan, Path(tmp))
         else:
-            report = run_bench(plan, Path(tmp), sqlite=not args.replicas_only)
+            only = args.replicas_only or args.leases_only
+            report = run_bench(plan, Path(tmp), sqlite=not only, replicas=not args.leases_only)
     report["wall_seconds"] = round(time.monotonic() - started, 1)
     print()
     print(table(report))

@@ -1,9 +1,9 @@
 """The benchmark harness cannot rot: its smoke variant runs end to end and writes a sane report.
 
 It asserts that the harness works (servers start, every scenario runs, status codes are
-counted, the JSON is complete), never a timing. The PostgreSQL replica scenario runs when
-BROKER_BENCH_POSTGRES_DSN or BROKER_TEST_POSTGRES_DSN is set (CI sets the second); without
-either the report must say it was skipped, and why.
+counted, the JSON is complete), never a timing. The PostgreSQL replica and leases scenarios run
+when BROKER_BENCH_POSTGRES_DSN or BROKER_TEST_POSTGRES_DSN is set (CI sets the second); without
+either the report must say they were skipped, and why.
 
 Not in the default run (marker `bench`; `.ci/run` runs it once, alone, with `pytest -m bench`).
 Each scenario measures a fixed 0.5 s window: on a starved machine (it used to share two cores with
@@ -86,6 +86,7 @@ def _run_and_check(out: Path) -> None:
     }
     assert all(value > 0 for value in ratios.values())
     _check_replicas(report["postgres_replicas"], done.stdout)
+    _check_leases(report["leases"], done.stdout)
 
 
 def _check_replicas(section: dict[str, Any], stdout: str) -> None:
@@ -114,6 +115,30 @@ def _check_replicas(section: dict[str, Any], stdout: str) -> None:
     for row in workers["runs"]:
         assert row["ok"] > 0 and set(row["codes"]) == {"OK"}, row
         assert row["cores"]["broker"] > 0 and row["cache_misses"] >= 0, row
+
+
+def _check_leases(section: dict[str, Any], stdout: str) -> None:
+    if server_dsn() is None:
+        assert all(variable in section["skipped"] for variable in DSN_VARIABLES), section
+        assert "leases: skipped" in stdout
+        return
+    assert "skipped" not in section, section
+    assert "leases (issue 17)" in stdout and "p99 with / without outstanding leases" in stdout
+    creation = section["creation"]
+    for key in ("sequential", "in_flight_8"):
+        row = creation[key]
+        assert row["calls"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"], (key, row)
+        assert row["server_mean_ms"] > 0, (key, row)
+    # Every lease the run made (warm-up included) was revoked and its role is gone.
+    assert creation["revoked"] == creation["sequential"]["calls"] + creation["in_flight_8"]["calls"] + 3
+    assert creation["roles_left"] == 0
+    assert set(section["outstanding"]) == {"sqlite", "postgres"}
+    for store, part in section["outstanding"].items():
+        none, some = part["runs"]
+        assert none["outstanding_leases"] == 0 and some["outstanding_leases"] > 0, store
+        for row in (none, some):
+            assert row["calls"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"], (store, row)
+        assert part["p99_ratio"] > 0 and part["worker_poll_ms"] > 0, store
 
 
 def test_bench_smoke_writes_every_scenario(tmp_path: Path) -> None:

@@ -24,9 +24,11 @@ _LIVE = "state IN ('creating', 'active')"
 _NOT_REVOKED = "state <> 'revoked'"
 # Due: an active lease past its expiry, a revoking one whose retry time came, or a lease
 # stuck in `creating` past the creation grace (its creator died): none claimed by another
-# worker right now.
+# worker right now. A revoking lease without a retry time was claimed straight from `active`
+# or `creating` by a worker that never recorded an outcome (it died): due once that claim ran out.
 _DUE = (
-    "((state = 'active' AND expires_at <= ?) OR (state = 'revoking' AND next_attempt_at <= ?)"
+    "((state = 'active' AND expires_at <= ?)"
+    " OR (state = 'revoking' AND (next_attempt_at IS NULL OR next_attempt_at <= ?))"
     " OR (state = 'creating' AND created_at <= ?)) AND (claimed_until IS NULL OR claimed_until <= ?)"
 )
 
@@ -135,7 +137,7 @@ class Leases(EngineStore):
             return []
         async with self._engine.transaction() as tx:
             rows = await tx.fetch(
-                f"SELECT tenant, id FROM leases WHERE {where} ORDER BY expires_at LIMIT ?"  # noqa: S608
+                f"SELECT tenant, id FROM leases WHERE {where} ORDER BY expires_at, id LIMIT ?"  # noqa: S608
                 + self._engine.skip_locked_sql,
                 *args,
                 limit,
@@ -169,7 +171,8 @@ class Leases(EngineStore):
                 tenant,
                 lease_id,
             )
-            # Already revoked: a second worker took over a claim that ran out, and dropped it too.
+            # Only the first to finish records it: a worker whose claim ran out mid-batch may drop
+            # a user that another replica has taken over and dropped since (idempotent on the server).
             if changed:
                 await self._insert_audit(tx, [event])
 
