@@ -378,8 +378,12 @@ class LeaseService:
             if done >= self._settings.batch_size:
                 await asyncio.sleep(0)  # more are due: go on, letting Resolve calls in between
                 continue
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that arrives as the event is set (a change just before close), and the worker would
+            # never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._settings.poll_seconds)
+                async with asyncio.timeout(self._settings.poll_seconds):
+                    await self._wake.wait()
 
     async def revoke_due(self, only: tuple[str, str] | None = None) -> int:
         """One batch: claim the leases owed a drop (or only the lease `only`: tenant, id), drop
