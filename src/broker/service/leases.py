@@ -201,7 +201,7 @@ class LeaseService:
         lease = await self._own_lease(call, lease_id)
         now = self._clock()
         if lease.state is not LeaseState.ACTIVE or lease.expires_at <= now:
-            raise FailedPrecondition(f"lease {lease.id} has ended ({self._ended(lease, now)}); resolve again")
+            raise FailedPrecondition(f"lease {lease.id} has ended ({_ended(lease)}); resolve again")
         record = await self._connections.get_connection(lease.tenant, lease.connection_id)
         grant = await self._grants.get_grant(lease.tenant, lease.connection_id, call.actor)
         if record is None or refusal(record) or grant is None or not grant.active_at(now):
@@ -251,12 +251,6 @@ class LeaseService:
             # Another executor's lease looks exactly like an unknown one.
             raise NotFound(f"lease {lease_id} not found")
         return lease
-
-    @staticmethod
-    def _ended(lease: Lease, now: datetime) -> str:
-        if lease.state is LeaseState.ACTIVE:
-            return "expired"
-        return lease.revoke_reason or lease.state.value
 
     # ---------------------------------------------------------------- admin
 
@@ -501,6 +495,13 @@ class LeaseService:
             return await self._open_admin(target, self._egress, timeout=self._settings.timeout_seconds)
         except ValueError:  # the statements (checked before connecting) cannot be used
             raise LeaseDbError("invalid_config") from None
+
+
+def _ended(lease: Lease) -> str:
+    """Why a lease that cannot be renewed has ended, for the caller."""
+    if lease.state is LeaseState.ACTIVE:
+        return "expired"  # past its end, not yet dropped
+    return lease.revoke_reason or lease.state.value
 
 
 def _filter_fields(filter: LeaseFilter) -> dict[str, str]:
