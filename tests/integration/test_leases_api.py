@@ -28,7 +28,7 @@ from broker._proto import broker_pb2_grpc
 from broker.config import LeaseSettings
 from broker.egress import EgressSettings
 from tests.conftest import Running
-from tests.helpers import EXECUTOR, EXECUTOR2, rpc_error, struct
+from tests.helpers import EXECUTOR, EXECUTOR2, field_violations, rpc_error, struct
 
 DSN = os.environ.get("BROKER_TEST_MYSQL_DSN", "")
 
@@ -401,3 +401,35 @@ async def test_a_lease_never_outlives_its_grant(broker: Running, server: Server)
     )
     renewed = await broker.resolver().RenewLease(pb.RenewLeaseRequest(lease_id=answer.lease.id))
     assert renewed.expires_at.ToDatetime(dt.UTC) == ends
+
+
+async def test_bad_lease_input_is_invalid_argument_naming_the_field(broker: Running) -> None:
+    """On both engines a NUL would reach the store as a parameter; it is refused before."""
+    cases = [
+        (broker.admin().ListLeases(pb.ListLeasesRequest(principal="spiffe://x\x00")), "principal"),
+        (broker.admin().ListLeases(pb.ListLeasesRequest(state=99)), "state"),
+        (broker.admin().RevokeLeases(pb.RevokeLeasesRequest(username_prefix="p" * 600)), "username_prefix"),
+        (broker.admin().RevokeLeases(pb.RevokeLeasesRequest(run_id="r\n1")), "run_id"),
+        (broker.resolver().RenewLease(pb.RenewLeaseRequest(lease_id="lease\x00")), "lease_id"),
+        (
+            broker.resolver().RenewLease(pb.RenewLeaseRequest(lease_id="x", increment_seconds=-1)),
+            "increment_seconds",
+        ),
+        (broker.resolver().RevokeLease(pb.RevokeLeaseRequest()), "lease_id"),
+        (broker.resolver().Resolve(pb.ResolveRequest(name="db", run_id="r\x00")), "run_id"),
+        (broker.resolver().Resolve(pb.ResolveRequest(name="db", run_id="r" * 129)), "run_id"),
+    ]
+    for call, field in cases:
+        error = await rpc_error(call)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, error.details())
+        assert field in field_violations(error), (field, error.details())
+
+
+async def test_another_tenants_leases_are_invisible(broker: Running, server: Server) -> None:
+    connection_id = await dynamic_connection(broker, server)
+    answer = await broker.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id))
+    theirs = await broker.admin("admin_b").ListLeases(pb.ListLeasesRequest())
+    assert list(theirs.leases) == []
+    queued = await broker.admin("admin_b").RevokeLeases(pb.RevokeLeasesRequest(lease_id=answer.lease.id))
+    assert queued.revoked == 0
+    assert await server.can_log_in(answer.config["username"], answer.secrets["password"])

@@ -68,6 +68,7 @@ ACTOR = "broker:leases"
 DEFAULT_TTL = 3600
 DEFAULT_MAX_TTL = 86400
 DEFAULT_PREFIX = "brk_"
+MAX_FILTER = 512  # a SPIFFE id, an id, a run id or a prefix is far shorter
 
 # UserAdmin.open(target, egress, timeout=...): a seam for tests that need a database to fail.
 OpenAdmin = Callable[..., Awaitable[UserAdmin]]
@@ -257,6 +258,7 @@ class LeaseService:
     async def list(
         self, call: Call, filter: LeaseFilter, page_size: int, page_token: str
     ) -> tuple[list[Lease], str]:
+        _check_filter(filter)
         limit = paging.page_size(page_size)
         after = paging.decode_token("leases", page_token, paging.text) if page_token else None
         leases = await self._store.list_leases(call.tenant, filter, limit + 1, after)
@@ -266,6 +268,7 @@ class LeaseService:
 
     async def revoke_matching(self, call: Call, filter: LeaseFilter) -> int:
         """Queue every live lease that matches for revocation now; how many."""
+        _check_filter(filter)
         if filter == LeaseFilter():
             raise InvalidArgument.field(
                 "filter", "name at least one of connection_id, principal, username_prefix, run_id, lease_id"
@@ -502,6 +505,15 @@ def _ended(lease: Lease) -> str:
     if lease.state is LeaseState.ACTIVE:
         return "expired"  # past its end, not yet dropped
     return lease.revoke_reason or lease.state.value
+
+
+def _check_filter(filter: LeaseFilter) -> None:
+    """INVALID_ARGUMENT for a filter field no lease could match: control characters, or too long."""
+    fields = {name: value for name, value in _filter_fields(filter).items() if name != "state"}
+    require_printable(**fields)
+    for name, value in fields.items():
+        if len(value) > MAX_FILTER:
+            raise InvalidArgument.field(name, f"must be at most {MAX_FILTER} characters")
 
 
 def _filter_fields(filter: LeaseFilter) -> dict[str, str]:
