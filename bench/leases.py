@@ -281,7 +281,7 @@ async def insert_outstanding(
     """`count` active leases (due in an hour, for roles that do not exist) straight into the
     stopped broker's store (a SQLite file or a PostgreSQL URL): the seconds it took, and what one
     pass of the revocation worker's queries then costs (`worker_poll_ms`, it runs every
-    `poll_seconds`: the claim of due leases, none here, and the counts by state)."""
+    `poll_seconds`: the claim of due leases, none here, and the count of pending revocations)."""
     store: SqliteStore | PostgresStore = (
         SqliteStore(database)
         if isinstance(database, Path)
@@ -307,7 +307,7 @@ async def insert_outstanding(
         for _ in range(passes):
             now = datetime.now(UTC)
             claimed = await store.claim_due_leases(now, now - timedelta(minutes=1), now, 50)
-            await store.lease_counts(now)
+            await store.pending_revocations(now)
             if claimed:
                 raise RuntimeError("the bench's outstanding leases must not be due")
         poll = (time.perf_counter() - started) / passes
