@@ -329,6 +329,7 @@ async def test_a_drop_that_fails_is_retried_and_purge_waits_for_it(broker: Runni
     await broker.admin().DeleteConnection(pb.DeleteConnectionRequest(id=connection_id))
     error = await rpc_error(broker.admin().PurgeConnection(pb.PurgeConnectionRequest(id=connection_id)))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "being dropped" in error.details()
+    assert "--abandon" in error.details()
     await broker.admin().RestoreConnection(pb.RestoreConnectionRequest(id=connection_id))
     await broker.admin().UpdateConnection(
         pb.UpdateConnectionRequest(id=connection_id, secrets={"password": server.canary})
@@ -432,4 +433,26 @@ async def test_another_tenants_leases_are_invisible(broker: Running, server: Ser
     assert list(theirs.leases) == []
     queued = await broker.admin("admin_b").RevokeLeases(pb.RevokeLeasesRequest(lease_id=answer.lease.id))
     assert queued.revoked == 0
+    assert await server.can_log_in(answer.config["username"], answer.secrets["password"])
+
+
+async def test_leases_of_a_database_gone_for_good_can_be_abandoned_and_the_connection_purged(
+    broker: Running, server: Server
+) -> None:
+    connection_id = await dynamic_connection(broker, server)
+    answer = await broker.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id))
+    await broker.admin().UpdateConnection(
+        pb.UpdateConnectionRequest(id=connection_id, secrets={"password": "wrong"})
+    )  # every drop fails from now on, as if the database were gone
+    await broker.admin().DeleteConnection(pb.DeleteConnectionRequest(id=connection_id))
+    error = await rpc_error(broker.admin().PurgeConnection(pb.PurgeConnectionRequest(id=connection_id)))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    abandon = pb.RevokeLeasesRequest(connection_id=connection_id, abandon=True)
+    assert (await broker.admin().RevokeLeases(abandon)).revoked == 1
+    state = await lease_state(broker, answer.lease.id)
+    assert state.state == pb.LEASE_STATE_REVOKED and state.revoke_reason == "abandoned"
+    await broker.admin().PurgeConnection(pb.PurgeConnectionRequest(id=connection_id))
+    events = await broker.admin().ListAuditEvents(pb.ListAuditEventsRequest(action="lease.abandon"))
+    assert [e.connection_id for e in events.events] == [connection_id]
+    # Abandoned means left as it is: the user is still there, for someone to remove by hand.
     assert await server.can_log_in(answer.config["username"], answer.secrets["password"])

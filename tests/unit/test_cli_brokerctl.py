@@ -817,6 +817,14 @@ def test_leases_revoke_needs_a_filter_and_prints_the_count(
     assert capsys.readouterr().out == "queued 2 leases for revocation\n"
 
 
+def test_leases_revoke_abandon_says_what_it_did(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    session = fake(RevokeLeases=pb.RevokeLeasesResponse(revoked=3))
+    assert brokerctl.main(["leases", "revoke", "--run-id", "r", "--abandon"]) == 0
+    [(_, request)] = session.admin.calls
+    assert request.abandon and request.run_id == "r"
+    assert capsys.readouterr().out == "marked 3 leases revoked without dropping their users\n"
+
+
 def test_leases_revoke_json_says_zero(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
     # proto3 JSON leaves a 0 out; a script must still read the count.
     fake(RevokeLeases=pb.RevokeLeasesResponse(revoked=0))

@@ -887,18 +887,20 @@ class ListLeasesResponse(_message.Message):
     def __init__(self, leases: _Optional[_Iterable[_Union[Lease, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class RevokeLeasesRequest(_message.Message):
-    __slots__ = ("connection_id", "principal", "username_prefix", "run_id", "lease_id")
+    __slots__ = ("connection_id", "principal", "username_prefix", "run_id", "lease_id", "abandon")
     CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
     PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     USERNAME_PREFIX_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    ABANDON_FIELD_NUMBER: _ClassVar[int]
     connection_id: str
     principal: str
     username_prefix: str
     run_id: str
     lease_id: str
-    def __init__(self, connection_id: _Optional[str] = ..., principal: _Optional[str] = ..., username_prefix: _Optional[str] = ..., run_id: _Optional[str] = ..., lease_id: _Optional[str] = ...) -> None: ...
+    abandon: bool
+    def __init__(self, connection_id: _Optional[str] = ..., principal: _Optional[str] = ..., username_prefix: _Optional[str] = ..., run_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., abandon: _Optional[bool] = ...) -> None: ...
 
 class RevokeLeasesResponse(_message.Message):
     __slots__ = ("revoked",)

@@ -166,7 +166,8 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
             username_prefix=request.username_prefix,
             lease_id=request.lease_id,
         )
-        return pb.RevokeLeasesResponse(revoked=await self._leases.revoke_matching(current_call(), filter))
+        revoked = await self._leases.revoke_matching(current_call(), filter, abandon=request.abandon)
+        return pb.RevokeLeasesResponse(revoked=revoked)
 
     async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: Any) -> Any:
         filter = AuditFilter(

@@ -238,6 +238,12 @@ def build_parser(*, raising: bool = False) -> argparse.ArgumentParser:
     )
     _add_lease_filters(q, inherit=True)
     q.add_argument("--prefix", default="", metavar="X", help="database user names starting with X")
+    q.add_argument(
+        "--abandon",
+        action="store_true",
+        help="the database is gone for good: mark the leases revoked without dropping their users "
+        "(queued ones too), so the connection can be purged; remove any users left by hand",
+    )
 
     p = command("lease", "One lease of a dynamic database connection.")
     lease = p.add_subparsers(dest="lease_command", metavar="LEASE_COMMAND", required=True)

@@ -408,8 +408,12 @@ def _revoke_leases(args: argparse.Namespace, s: Session) -> int:
         principal=args.principal,
         username_prefix=args.prefix,
         run_id=args.run_id,
+        abandon=args.abandon,
     )
     reply = s.admin.RevokeLeases(request, timeout=s.timeout)
+    if args.abandon:
+        done = f"marked {reply.revoked} leases revoked without dropping their users"
+        return _show_revoked(args, reply.revoked, done)
     return _show_revoked(args, reply.revoked, f"queued {reply.revoked} leases for revocation")
 
 

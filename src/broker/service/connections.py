@@ -385,7 +385,9 @@ class ConnectionService:
         if await self._leases.list_leases(call.tenant, waiting, 1, None):
             raise FailedPrecondition(
                 f"connection {connection_id} has leases whose database users are still being dropped; "
-                f"purge it once `brokerctl leases --connection {connection_id} --state revoking` lists none"
+                f"purge it once `brokerctl leases --connection {connection_id} --state revoking` lists none "
+                f"(if the database is gone for good: `brokerctl leases revoke --connection {connection_id} "
+                "--abandon`)"
             )
 
     async def revoke(self, call: Call, connection_id: str, reason: str) -> ConnectionRecord:

@@ -266,16 +266,18 @@ class LeaseService:
             return leases[:limit], paging.encode_token("leases", leases[limit - 1].id)
         return leases, ""
 
-    async def revoke_matching(self, call: Call, filter: LeaseFilter) -> int:
-        """Queue every live lease that matches for revocation now; how many."""
+    async def revoke_matching(self, call: Call, filter: LeaseFilter, abandon: bool = False) -> int:
+        """Queue every live lease that matches for revocation now; how many. With `abandon` (the
+        database is gone for good), mark them revoked without dropping their users."""
         _check_filter(filter)
         if filter == LeaseFilter():
             raise InvalidArgument.field(
                 "filter", "name at least one of connection_id, principal, username_prefix, run_id, lease_id"
             )
         now = self._clock()
-        event = call.audit_event(now, "lease.revoke", filter.connection_id, details=_filter_fields(filter))
-        count = await self._store.revoke_leases(call.tenant, filter, "revoked", now, event)
+        action, reason = ("lease.abandon", "abandoned") if abandon else ("lease.revoke", "revoked")
+        event = call.audit_event(now, action, filter.connection_id, details=_filter_fields(filter))
+        count = await self._store.revoke_leases(call.tenant, filter, reason, now, event, abandon=abandon)
         if count:
             self._wake.set()
         return count

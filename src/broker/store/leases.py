@@ -99,14 +99,25 @@ class Leases(EngineStore):
         return True
 
     async def revoke_leases(
-        self, tenant: str, filter: LeaseFilter, reason: str, now: datetime, event: AuditEvent | None
+        self,
+        tenant: str,
+        filter: LeaseFilter,
+        reason: str,
+        now: datetime,
+        event: AuditEvent | None,
+        *,
+        abandon: bool = False,
     ) -> int:
         where = _matching(tenant, filter)
-        where.add(_LIVE)
+        if abandon:  # revoked at once, nothing dropped: queued leases too, and claims dropped
+            where.add(_NOT_REVOKED)
+            change = "state = 'revoked', revoke_reason = ?, revoked_at = ?, claimed_until = NULL"
+        else:
+            where.add(_LIVE)
+            change = "state = 'revoking', revoke_reason = ?, next_attempt_at = ?"
         async with self._engine.transaction() as tx:
             count = await tx.execute(
-                "UPDATE leases SET state = 'revoking', revoke_reason = ?, next_attempt_at = ?"  # noqa: S608
-                f" WHERE {' AND '.join(where.conditions)}",
+                f"UPDATE leases SET {change} WHERE {' AND '.join(where.conditions)}",  # noqa: S608
                 reason,
                 codec.to_micros(now),
                 *where.args,

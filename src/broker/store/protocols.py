@@ -340,10 +340,18 @@ class LeaseStore(Protocol):
         False, and nothing written, otherwise."""
 
     async def revoke_leases(
-        self, tenant: str, filter: LeaseFilter, reason: str, now: datetime, event: AuditEvent | None
+        self,
+        tenant: str,
+        filter: LeaseFilter,
+        reason: str,
+        now: datetime,
+        event: AuditEvent | None,
+        *,
+        abandon: bool = False,
     ) -> int:
         """Queue every live lease matching `filter` for revocation now; how many. The event is
-        written only when there was one."""
+        written only when there was one. With `abandon`, every matching lease not yet revoked
+        (queued ones too) is marked revoked at once, its user left as it is."""
 
     async def claim_due_leases(
         self,
