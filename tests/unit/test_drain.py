@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
-from broker.api.drain import QUIET_SECONDS, SHUTTING_DOWN, DrainGate
+from broker.api.drain import QUIET_SECONDS, QUIET_TURNS, SHUTTING_DOWN, DrainGate
 
 
 class Clock:
@@ -94,7 +94,8 @@ async def test_drain_settles_until_quiet_then_refuses_until_idle(monkeypatch: py
     settled = [t for refusing, t in steps if not refusing]
     refused = [t for refusing, t in steps if refusing]
     # Served normally until no arrival for QUIET_SECONDS, then refused until the long call ended.
-    assert settled[-1] == pytest.approx(100.3 + QUIET_SECONDS - 0.05, abs=0.051)
+    # (the last arrival is at 100.25; quiet takes QUIET_SECONDS and QUIET_TURNS turns of 0.05 s here)
+    assert settled[-1] == pytest.approx(100.25 + max(QUIET_SECONDS, QUIET_TURNS * 0.05), abs=0.051)
     assert refused and refused[-1] < 100.65 and gate.refusing
 
 
@@ -168,3 +169,25 @@ async def test_once_idle_new_calls_are_held_until_released_then_refused() -> Non
     with pytest.raises(Aborted):
         await held
     assert context.aborted == (grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN) and served == []
+
+
+async def test_a_stalled_loop_is_not_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calls that reached gRPC core while the loop stood still are dispatched only in the turns
+    after the stall: the stall itself must not count as quiet (then held calls could still sit
+    in core when the server stops, and be answered CANCELLED)."""
+    clock = Clock()
+    gate = DrainGate(clock)
+    ticks = 0
+
+    async def tick(_: float) -> None:
+        nonlocal ticks
+        ticks += 1
+        clock.now += 0.5 if ticks == 1 else 0.01  # a stall of 0.5 s, then ordinary turns
+        if ticks == 2:
+            gate.last_arrival = clock.now  # what queued during the stall arrives now
+
+    monkeypatch.setattr(asyncio, "sleep", tick)
+    gate.last_arrival = clock.now
+    await gate.drain(settle_until=101.0, deadline=110.0)
+    assert ticks >= 2 + QUIET_TURNS
+    assert clock.now >= 100.51 + QUIET_SECONDS

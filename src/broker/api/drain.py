@@ -46,6 +46,10 @@ from broker.api.handlers import Stream, Unary, wrap_handler
 QUIET_SECONDS = 0.1
 SHUTTING_DOWN = "the broker is shutting down; retry (another replica or in a moment)"
 _POLL_SECONDS = 0.01
+# Quiet also takes this many turns of the event loop without an arrival: a loop that was stalled
+# (a loaded machine) heard no arrivals while it stood still, and calls that reached gRPC core
+# meanwhile are dispatched only in the turns after it; time alone would call the stall quiet.
+QUIET_TURNS = 5
 
 
 class DrainGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -111,15 +115,26 @@ class DrainGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def drain(self, settle_until: float, deadline: float) -> None:
         """Phases 1 to 3 above; times are `clock()` values. Returns when stopping is safe or due."""
+        seen, turns = self.last_arrival, 0
+
+        def quiet() -> bool:
+            """`quiet()`, over at least `QUIET_TURNS` turns of the loop since the last arrival."""
+            return turns >= QUIET_TURNS and self.last_arrival == seen and self.quiet()
+
+        async def turn() -> None:
+            nonlocal seen, turns
+            await asyncio.sleep(_POLL_SECONDS)
+            seen, turns = self.last_arrival, (turns + 1 if self.last_arrival == seen else 0)
+
         # Polling, not an Event: "quiet" is about time passing without arrivals.
-        while self._clock() < min(settle_until, deadline) and not self.quiet():  # noqa: ASYNC110
-            await asyncio.sleep(_POLL_SECONDS)
+        while self._clock() < min(settle_until, deadline) and not quiet():
+            await turn()
         self.refusing = True
-        while self._clock() < deadline and self.active:  # noqa: ASYNC110
-            await asyncio.sleep(_POLL_SECONDS)
+        while self._clock() < deadline and self.active:
+            await turn()
         self.holding = True
-        while self._clock() < deadline and (self.active or not self.quiet()):  # noqa: ASYNC110
-            await asyncio.sleep(_POLL_SECONDS)
+        while self._clock() < deadline and (self.active or not quiet()):
+            await turn()
 
     def release(self) -> None:
         """Answer the held calls (UNAVAILABLE); call it once the server has begun to stop."""
