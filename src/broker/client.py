@@ -421,8 +421,11 @@ class ResolveClient(_Base):
             except Exception:  # the renewer must outlive one bad pass
                 log.exception("lease renewal pass failed")
                 delay = MIN_RENEW_PAUSE
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the cancellation
+            # from close() when the event is set at the same moment, and close() would never return.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), _wait(delay))
+                async with asyncio.timeout(_wait(delay)):
+                    await self._wake.wait()
 
     def proxy_transport(
         self, connection_id: str | None = None, *, name: str | None = None, purpose: str = ""

@@ -220,8 +220,10 @@ class Supervisor:
                 restart_in_seconds=delay,
                 **exit_reason(code),
             )
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
 
     async def _spawn(self, worker: _Worker, lifeline_read: int) -> asyncio.subprocess.Process:
         """Start a worker; it writes to its ready pipe once SERVING."""

@@ -117,8 +117,11 @@ class Listener:
     async def _watch(self, conn: asyncpg.Connection) -> None:
         """Return (by raising) when the connection is lost or stops answering the heartbeat."""
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # (close) that comes as the connection is lost, and the listener would not stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), self._heartbeat)
+                async with asyncio.timeout(self._heartbeat):
+                    await self._lost.wait()
             if self._lost.is_set():
                 raise ConnectionError("the listening connection was closed")
             # Raises TimeoutError when the server stopped answering (nothing else would tell us).
