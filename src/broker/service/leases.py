@@ -215,10 +215,10 @@ class LeaseService:
             # The database first: if the store write then fails, the user is valid longer than
             # the lease, and the worker still drops it at the lease's (old) end. The other way
             # round, a lease could outlive its user's validity.
-            async with await self._session(record, open_secrets(self._keyring, record)) as db:
+            async with await self._session(record) as db:
                 await db.renew(lease.username, expires_at)
-        except (LeaseDbError, SecretUnavailable) as exc:
-            reason = exc.reason if isinstance(exc, LeaseDbError) else "decrypt_failed"
+        except LeaseDbError as exc:
+            reason = exc.reason
             metrics.LEASE_OPERATIONS.labels("renew", reason).inc()
             await self._audit.append(
                 call.audit_event(now, "lease.renew", lease.connection_id, Outcome.FAILED, reason, details)
@@ -413,12 +413,7 @@ class LeaseService:
             await self._failed(leases, "connection_purged")
             return
         try:
-            admin = open_secrets(self._keyring, record)
-        except SecretUnavailable:
-            await self._failed(leases, "decrypt_failed")
-            return
-        try:
-            async with await self._session(record, admin) as db:
+            async with await self._session(record) as db:
                 for lease in leases:
                     try:
                         await db.drop(lease.username)
@@ -438,7 +433,7 @@ class LeaseService:
                     )
                     await self._store.lease_revoked(tenant, lease.id, now, event)
                     metrics.LEASE_OPERATIONS.labels("revoke", "ok").inc()
-        except LeaseDbError as exc:  # opening the session: nothing was dropped
+        except LeaseDbError as exc:  # opening the session (or the credentials): nothing was dropped
             await self._failed(leases, exc.reason)
 
     async def _failed(self, leases: Sequence[Lease], reason: str) -> None:
@@ -476,8 +471,7 @@ class LeaseService:
                 continue
             terms = LeaseTerms.of(record)
             try:
-                admin = open_secrets(self._keyring, record)
-                async with await self._session(record, admin) as db:
+                async with await self._session(record) as db:
                     # Listed before the leases are read: a lease row always exists before its user.
                     names = [name for name in await db.prefixed_users(terms.prefix) if terms.ours(name)]
                     orphans = set(names) - await self._store.live_lease_usernames(names)
@@ -486,15 +480,21 @@ class LeaseService:
                         dropped += 1
                         log.warning("lease_orphan_dropped", connection_id=connection_id, username=name)
                         metrics.LEASE_OPERATIONS.labels("orphan_drop", "ok").inc()
-            except (LeaseDbError, SecretUnavailable) as exc:
-                reason = exc.reason if isinstance(exc, LeaseDbError) else "decrypt_failed"
-                log.warning("lease_reconcile_skipped", connection_id=connection_id, reason=reason)
+            except LeaseDbError as exc:
+                log.warning("lease_reconcile_skipped", connection_id=connection_id, reason=exc.reason)
         return dropped
 
     # ---------------------------------------------------------------- helpers
 
-    async def _session(self, record: ConnectionRecord, admin: SecretFields) -> UserAdmin:
-        """An administrative session to `record`'s database, through the egress policy."""
+    async def _session(self, record: ConnectionRecord, admin: SecretFields | None = None) -> UserAdmin:
+        """An administrative session to `record`'s database, through the egress policy, with its
+        stored credentials (`admin`, when the caller opened them already). Every failure is a
+        LeaseDbError: an unusable configuration, credentials that do not open, the database."""
+        if admin is None:
+            try:
+                admin = open_secrets(self._keyring, record)
+            except SecretUnavailable:
+                raise LeaseDbError("decrypt_failed") from None
         target = Target(record.type, record.provider, record.config, admin)
         try:
             return await self._open_admin(target, self._egress, timeout=self._settings.timeout_seconds)
