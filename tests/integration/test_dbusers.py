@@ -18,6 +18,7 @@ import warnings
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiomysql  # type: ignore[import-untyped]
@@ -324,6 +325,35 @@ async def test_postgresql_custom_templates_quote_hostile_values(pg: Pg) -> None:
         assert await conn.fetchval("SELECT count(*) FROM granted") == 1
     finally:
         await conn.close()
+
+
+async def test_postgresql_a_server_that_logs_ddl_never_sees_the_password(pg: Pg) -> None:
+    """log_statement = ddl logs every CREATE ROLE: what it shows is the SCRAM verifier, which is
+    also what the server stores, and the user logs in with the password it stands for."""
+    conn = await pg.superuser()
+    try:
+        await conn.execute("ALTER SYSTEM SET log_statement = 'ddl'")
+        await conn.execute("SELECT pg_reload_conf()")
+        name, password = new_username("brk_"), new_password()
+        try:
+            async with pg_admin(pg) as admin:
+                await admin.create(name, password, hour())
+                try:
+                    await (await pg.login(name, password)).close()
+                    with pytest.raises(asyncpg.InvalidPasswordError):
+                        await pg.login(name, password[:-1])
+                    stored = await conn.fetchval("SELECT rolpassword FROM pg_authid WHERE rolname = $1", name)
+                finally:
+                    await admin.drop(name)
+        finally:
+            await conn.execute("ALTER SYSTEM RESET log_statement")
+            await conn.execute("SELECT pg_reload_conf()")
+    finally:
+        await conn.close()
+    assert stored.startswith("SCRAM-SHA-256$4096:")
+    server_log = (Path(pg.cluster.base) / "log").read_text(errors="replace")
+    assert f"CREATE ROLE {name}" in server_log and stored in server_log  # DDL was logged, as the verifier
+    assert password not in server_log
 
 
 @pytest.mark.parametrize("conforming", ["on", "off"])

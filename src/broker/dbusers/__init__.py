@@ -9,7 +9,8 @@ MySQL/MariaDB, with the connection's administrative credential, through the egre
     _errors.py     LeaseDbError(reason, code): a token and a SQLSTATE / errno, never server text
 
 Every value reaches SQL quoted by the server's rules (PostgreSQL quote_ident / quote_literal,
-MySQL the driver's escape), never by string formatting, and statements run one at a time.
+MySQL the driver's escape), never by string formatting, and statements run one at a time. On
+PostgreSQL a password reaches the server only as its SCRAM-SHA-256 verifier.
 """
 
 from broker.dbusers._admin import UserAdmin

@@ -119,7 +119,7 @@ class UserAdmin:
         used = set().union(*(placeholders_in(t) for t in templates)) if templates else set()
         available: dict[str, str | None] = {
             "name": name,
-            "password": password,
+            "password": None if password is None else self._session.password_form(password),
             "expiration": (
                 expiration_text(expires_at, postgresql=self._driver == "postgresql")
                 if expires_at is not None

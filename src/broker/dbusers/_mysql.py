@@ -91,6 +91,10 @@ class MysqlSession:
             await cursor.execute(sql, args)
             return list(await cursor.fetchall())
 
+    def password_form(self, password: str) -> str:
+        """What {{password}} stands for on this server: the password itself (IDENTIFIED BY)."""
+        return password
+
     async def quote(self, values: Mapping[str, str]) -> dict[str, str]:
         quoted = {}
         for name, value in values.items():

@@ -10,11 +10,16 @@ the extended protocol (`fetch`), which refuses a string of several statements.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import re
+import secrets
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
+from cryptography.hazmat.primitives import hashes, hmac
+from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
 from broker.dbusers._errors import LeaseDbError
 from broker.dbusers._session import checked_server, tls_for, transport_reason
@@ -26,6 +31,33 @@ T = TypeVar("T")
 _AUTH_STATES = {"28P01", "28000"}
 # Placeholders quoted as identifiers; the others are literals.
 _IDENTIFIERS = {"name", "group"}
+# PostgreSQL's own default for the verifiers it computes (scram_iterations, 4096 up to 17).
+SCRAM_ITERATIONS = 4096
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
+
+
+def scram_verifier(password: str, *, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL would store for `password` (RFC 5802, RFC 7677, in
+    PostgreSQL's `SCRAM-SHA-256$iterations:salt$StoredKey:ServerKey` form).
+
+    Only printable ASCII, which SASLprep (RFC 4013) leaves as it is, so the client's and this
+    verifier's view of the password cannot differ; the broker's own passwords are URL-safe."""
+    if _PRINTABLE_ASCII.fullmatch(password) is None:
+        raise ValueError("a password sent as a SCRAM verifier must be printable ASCII")
+    salt = secrets.token_bytes(16) if salt is None else salt
+    kdf = PBKDF2HMAC(algorithm=hashes.SHA256(), length=32, salt=salt, iterations=iterations)
+    salted = kdf.derive(password.encode())
+
+    def mac(message: bytes) -> bytes:
+        signer = hmac.HMAC(salted, hashes.SHA256())
+        signer.update(message)
+        return signer.finalize()
+
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(mac(b"Client Key"))
+    stored_key, server_key = digest.finalize(), mac(b"Server Key")
+    salt_b64, stored_b64, server_b64 = (base64.b64encode(b).decode() for b in (salt, stored_key, server_key))
+    return f"SCRAM-SHA-256${iterations}:{salt_b64}${stored_b64}:{server_b64}"
 
 
 class PostgresSession:
@@ -62,6 +94,10 @@ class PostgresSession:
             raise LeaseDbError("connect_failed") from None
         except (OSError, TimeoutError, ConnectionError) as exc:
             raise LeaseDbError(transport_reason(exc) or "connect_failed") from None
+
+    def password_form(self, password: str) -> str:
+        """What {{password}} stands for on this server: the password's SCRAM verifier."""
+        return scram_verifier(password)
 
     async def quote(self, values: Mapping[str, str]) -> dict[str, str]:
         """The server's own quote_ident / quote_literal, so its settings (encoding,

@@ -19,6 +19,11 @@ class Session(Protocol):
 
     mariadb: bool
 
+    def password_form(self, password: str) -> str:
+        """What the {{password}} placeholder stands for: the password, or a form of it the server
+        stores as it is and cannot turn back into the password (PostgreSQL's SCRAM verifier)."""
+        ...
+
     async def quote(self, values: Mapping[str, str]) -> dict[str, str]:
         """Each placeholder's value quoted as the server reads it (identifier or literal)."""
         ...
