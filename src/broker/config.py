@@ -529,6 +529,9 @@ class LeaseSettings:
     creation_grace_seconds: float = 60.0
     reconcile_seconds: float = 300.0
     timeout_seconds: float = 10.0
+    # Administrative sessions per dynamic connection: open at once at most, and kept this long unused.
+    admin_sessions: int = 4
+    admin_idle_seconds: float = 60.0
 
 
 def _leases(src: _Source) -> LeaseSettings:
@@ -540,6 +543,8 @@ def _leases(src: _Source) -> LeaseSettings:
         creation_grace_seconds=src.number("leases", "creation_grace_seconds", 60.0, 1, 3600),
         reconcile_seconds=src.number("leases", "reconcile_seconds", 300.0, 1, 86400),
         timeout_seconds=src.number("leases", "timeout_seconds", 10.0, 0.1, 600),
+        admin_sessions=_whole(src, "leases", "admin_sessions", 4, 1, 100),
+        admin_idle_seconds=src.number("leases", "admin_idle_seconds", 60.0, 0, 3600),
     )
     if settings.creation_grace_seconds <= settings.timeout_seconds:
         # Or a lease still being created would be undone under its creator.

@@ -24,7 +24,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -342,6 +342,12 @@ class GatedDrops:
             async def __aexit__(self, *exc: object) -> None:
                 await real.__aexit__(*exc)
 
+            async def ping(self) -> None:
+                await real.ping()
+
+            async def close(self) -> None:
+                await real.close()
+
             async def drop(self, name: str) -> None:
                 outer.entered.set()
                 await outer.gate.wait()
@@ -361,7 +367,8 @@ def other_replica(running: Running, opened: GatedDrops, ahead: timedelta = timed
         audit=running.broker.services.audit,
         egress=EgressPolicy(EgressSettings(allow_loopback=True)),
         clock=lambda: datetime.now(UTC) + ahead,
-        settings=lease_settings(),
+        # A session per use, as a worker that is never closed must keep none open.
+        settings=replace(lease_settings(), admin_idle_seconds=0),
         open_admin=opened,
     )
 

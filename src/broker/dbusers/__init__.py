@@ -5,6 +5,7 @@ MySQL/MariaDB, with the connection's administrative credential, through the egre
                    rendering with values the server's own rules quoted
     _names.py      new_username (prefix + 16 random [a-z0-9]), new_password
     _admin.py      UserAdmin: one administrative session (open, create, renew, drop, prefixed_users)
+    _pool.py       AdminPool: sessions kept per connection and reused, bounded, closed when idle
     _postgres.py   the asyncpg session;  _mysql.py  the aiomysql session;  _session.py  what they share
     _errors.py     LeaseDbError(reason, code): a token and a SQLSTATE / errno, never server text
 
@@ -16,10 +17,12 @@ PostgreSQL a password reaches the server only as its SCRAM-SHA-256 verifier.
 from broker.dbusers._admin import UserAdmin
 from broker.dbusers._errors import LeaseDbError
 from broker.dbusers._names import new_password, new_username
+from broker.dbusers._pool import AdminPool
 from broker.dbusers._templates import PLACEHOLDERS, Statements, statements_for, template_problem
 
 __all__ = [
     "PLACEHOLDERS",
+    "AdminPool",
     "LeaseDbError",
     "Statements",
     "UserAdmin",

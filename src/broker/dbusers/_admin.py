@@ -102,6 +102,10 @@ class UserAdmin:
         # The server already compared; this keeps the promise whatever its collation did.
         return [user for user in users if user.startswith(prefix)]
 
+    async def ping(self) -> None:
+        """LeaseDbError when the session no longer works."""
+        await self._session.ping()
+
     async def close(self) -> None:
         """Close the session; never raises."""
         with contextlib.suppress(Exception):

@@ -129,6 +129,9 @@ class MysqlSession:
                 if exc.code != str(UNKNOWN_THREAD):
                     raise
 
+    async def ping(self) -> None:
+        await self._bounded(self._execute("SELECT 1"))
+
     async def users_with_prefix(self, prefix: str) -> list[str]:
         # Not LIKE: `_` and `%` in a prefix would be wildcards. Host '%' is where the broker
         # creates users; MariaDB keeps roles in the same table with an empty host.

@@ -174,6 +174,9 @@ class PostgresSession:
             rows = await self._bounded(self._conn.fetch(terminate, name))
         return [int(row[0]) for row in rows]
 
+    async def ping(self) -> None:
+        await self._bounded(self._conn.fetchval("SELECT 1"))
+
     async def users_with_prefix(self, prefix: str) -> list[str]:
         # Not LIKE: `_` and `%` in a prefix would be wildcards. Only login roles: the broker's users
         # log in, and a group role that happens to carry the prefix must never be dropped.

@@ -37,6 +37,11 @@ class Session(Protocol):
         and end any session that logged in meanwhile."""
         ...
 
+    async def ping(self) -> None:
+        """A trivial query: LeaseDbError when the session no longer works (a kept session the server
+        or the network ended while it was idle)."""
+        ...
+
     async def users_with_prefix(self, prefix: str) -> list[str]:
         """Users whose name starts with `prefix` (compared as text, not as a pattern)."""
         ...

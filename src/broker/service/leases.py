@@ -23,7 +23,7 @@ import dataclasses
 import random
 import re
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -32,7 +32,7 @@ import structlog
 from broker import metrics
 from broker.config import LeaseSettings
 from broker.crypto import Keyring
-from broker.dbusers import LeaseDbError, UserAdmin, new_password, new_username
+from broker.dbusers import AdminPool, LeaseDbError, UserAdmin, new_password, new_username
 from broker.egress import EgressPolicy
 from broker.errors import (
     FailedPrecondition,
@@ -118,6 +118,7 @@ class LeaseService:
         self._clock = clock
         self._settings = settings
         self._open_admin = open_admin
+        self._pool = AdminPool(settings.admin_sessions, settings.admin_idle_seconds)
         self._wake = asyncio.Event()
         self._pass_lock = asyncio.Lock()
         # What the change feed said, checked by the worker: (tenant, connection id, principal);
@@ -165,7 +166,7 @@ class LeaseService:
         if run_id:
             details["run_id"] = run_id
         try:
-            async with await self._session(record, admin) as db:
+            async with self._session(record, admin) as db:
                 await db.create(lease.username, password, lease.expires_at)
         except LeaseDbError as exc:
             metrics.LEASE_OPERATIONS.labels("create", exc.reason).inc()
@@ -215,7 +216,7 @@ class LeaseService:
             # The database first: if the store write then fails, the user is valid longer than
             # the lease, and the worker still drops it at the lease's (old) end. The other way
             # round, a lease could outlive its user's validity.
-            async with await self._session(record) as db:
+            async with self._session(record) as db:
                 await db.renew(lease.username, expires_at)
         except LeaseDbError as exc:
             reason = exc.reason
@@ -362,6 +363,7 @@ class LeaseService:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._pool.close()
 
     async def _work(self) -> None:
         while True:
@@ -371,6 +373,7 @@ class LeaseService:
                     await self._check_changes()
                 done = await self.revoke_due()
                 metrics.LEASE_REVOCATIONS_PENDING.set(await self._store.pending_revocations(self._clock()))
+                await self._pool.prune()
             except Exception as exc:
                 log.error("lease_worker_failed", error_type=type(exc).__name__)
                 done = 0
@@ -413,7 +416,7 @@ class LeaseService:
             await self._failed(leases, "connection_purged")
             return
         try:
-            async with await self._session(record) as db:
+            async with self._session(record) as db:
                 for lease in leases:
                     try:
                         await db.drop(lease.username)
@@ -471,7 +474,7 @@ class LeaseService:
                 continue
             terms = LeaseTerms.of(record)
             try:
-                async with await self._session(record) as db:
+                async with self._session(record) as db:
                     # Listed before the leases are read: a lease row always exists before its user.
                     names = [name for name in await db.prefixed_users(terms.prefix) if terms.ours(name)]
                     orphans = set(names) - await self._store.live_lease_usernames(names)
@@ -486,20 +489,30 @@ class LeaseService:
 
     # ---------------------------------------------------------------- helpers
 
-    async def _session(self, record: ConnectionRecord, admin: SecretFields | None = None) -> UserAdmin:
-        """An administrative session to `record`'s database, through the egress policy, with its
-        stored credentials (`admin`, when the caller opened them already). Every failure is a
-        LeaseDbError: an unusable configuration, credentials that do not open, the database."""
-        if admin is None:
+    @contextlib.asynccontextmanager
+    async def _session(
+        self, record: ConnectionRecord, admin: SecretFields | None = None
+    ) -> AsyncIterator[UserAdmin]:
+        """An administrative session to `record`'s database: a kept one (`AdminPool`), or one opened
+        through the egress policy with its stored credentials (`admin`, when the caller opened
+        them already). Every failure to get one is a LeaseDbError: an unusable configuration,
+        credentials that do not open, the database."""
+
+        async def open_admin() -> UserAdmin:
+            credentials = admin
+            if credentials is None:
+                try:
+                    credentials = open_secrets(self._keyring, record)
+                except SecretUnavailable:
+                    raise LeaseDbError("decrypt_failed") from None
+            target = Target(record.type, record.provider, record.config, credentials)
             try:
-                admin = open_secrets(self._keyring, record)
-            except SecretUnavailable:
-                raise LeaseDbError("decrypt_failed") from None
-        target = Target(record.type, record.provider, record.config, admin)
-        try:
-            return await self._open_admin(target, self._egress, timeout=self._settings.timeout_seconds)
-        except ValueError:  # the statements (checked before connecting) cannot be used
-            raise LeaseDbError("invalid_config") from None
+                return await self._open_admin(target, self._egress, timeout=self._settings.timeout_seconds)
+            except ValueError:  # the statements (checked before connecting) cannot be used
+                raise LeaseDbError("invalid_config") from None
+
+        async with self._pool.session((record.tenant, record.id), record.version, open_admin) as db:
+            yield db
 
 
 def _ended(lease: Lease) -> str:
