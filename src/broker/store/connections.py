@@ -190,19 +190,18 @@ class Connections(EngineStore):
         if result.tested_at is None:
             raise ValueError("a recorded test result needs tested_at")
         status = TestStatus.SUCCESS if result.success else TestStatus.FAILED
-        async with self._engine.transaction() as tx:
-            done = await tx.execute(
-                "UPDATE connections SET last_tested_at = ?, test_status = ?, last_test = ?"
-                " WHERE tenant = ? AND id = ? AND purged_at IS NULL",
-                codec.to_micros(result.tested_at),
-                status.value,
-                codec.to_json(codec.test_result_to_doc(result)),
-                tenant,
-                connection_id,
-            )
-            if done == 0:
-                raise NotFound(f"connection {connection_id} not found")
-            await self._insert_audit(tx, [event])
+        recorded = await self._write(
+            "UPDATE connections SET last_tested_at = ?, test_status = ?, last_test = ?"
+            " WHERE tenant = ? AND id = ? AND purged_at IS NULL",
+            codec.to_micros(result.tested_at),
+            status.value,
+            codec.to_json(codec.test_result_to_doc(result)),
+            tenant,
+            connection_id,
+            events=[event],
+        )
+        if recorded == 0:
+            raise NotFound(f"connection {connection_id} not found")
 
     async def replace_mcp_tools(
         self,

@@ -3,7 +3,7 @@ place audit rows are written."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -49,6 +49,20 @@ class EngineStore:
     def refresh_lock(self, tenant: str, connection_id: str) -> AbstractAsyncContextManager[None]:
         """Held around an OAuth2 token refresh, so one process at a time refreshes a connection."""
         return self._engine.refresh_lock(tenant, connection_id)
+
+    async def _write(
+        self, sql: str, *args: Any, events: Sequence[AuditEvent] = (), change: str | None = None
+    ) -> int:
+        """Run one statement in a write transaction; how many rows it changed. Only when it changed
+        some: the `change` message and the audit `events` go in the same transaction."""
+        async with self._engine.transaction() as tx:
+            count = await tx.execute(sql, *args)
+            if count:
+                if change is not None:
+                    await tx.changed(change)
+                if events:
+                    await self._insert_audit(tx, events)
+        return count
 
     @staticmethod
     async def _insert_audit(tx: Tx, events: Iterable[AuditEvent]) -> None:
