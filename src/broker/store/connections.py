@@ -195,7 +195,7 @@ class Connections(EngineStore):
             " WHERE tenant = ? AND id = ? AND purged_at IS NULL",
             codec.to_micros(result.tested_at),
             status.value,
-            codec.to_json(codec.test_result_to_doc(result)),
+            codec.test_result_text(result),
             tenant,
             connection_id,
             events=[event],
