@@ -512,7 +512,7 @@ async def test_purge_drops_grants_and_kek_ids(store: Store) -> None:
     await create(store, OTHER, sealed=dataclasses.replace(sealed(), kek_id="kek-other"))
     for conn in (keep, gone):
         await store.put_grant(make_grant(conn.id, "spiffe://x"), make_event())
-    assert await store.kek_ids_in_use() == {"kek-old", "kek-new", "kek-other"}
+    assert set(await store.deks_by_kek()) == {"kek-old", "kek-new", "kek-other"}
 
     purged = next_version(soft_deleted(gone), sealed=None, purged_at=T0 + timedelta(seconds=2))
     await store.replace_connection(
@@ -522,7 +522,7 @@ async def test_purge_drops_grants_and_kek_ids(store: Store) -> None:
     assert await store.get_connection(TENANT, gone.id) == purged
     assert await store.get_grant(TENANT, gone.id, "spiffe://x") is None
     assert await store.get_grant(TENANT, keep.id, "spiffe://x") is not None
-    assert await store.kek_ids_in_use() == {"kek-old", "kek-other"}
+    assert set(await store.deks_by_kek()) == {"kek-old", "kek-other"}
 
 
 # --------------------------------------------------------------------- audit
@@ -688,14 +688,14 @@ def make_pending(
 async def test_oauth_state_is_taken_once_and_only_by_its_owner(store: Store) -> None:
     pending = make_pending("h1")
     await store.put_oauth_state(pending, make_event(action="oauth.begin"))
-    assert await store.kek_ids_in_use() == {"kek-1"}
+    assert set(await store.deks_by_kek()) == {"kek-1"}
     assert await audit_count(store) == 1
 
     assert await store.take_oauth_state("h1", OTHER, "alice") is None
     assert await store.take_oauth_state("h1", TENANT, "bob") is None
     assert await store.take_oauth_state("h1", TENANT, "alice") == pending
     assert await store.take_oauth_state("h1", TENANT, "alice") is None
-    assert await store.kek_ids_in_use() == set()
+    assert set(await store.deks_by_kek()) == set()
 
 
 async def test_concurrent_takes_of_one_state_give_it_to_one_caller(store: Store) -> None:

@@ -48,12 +48,6 @@ class Keys(EngineStore):
             value,
         )
 
-    async def kek_ids_in_use(self) -> set[str]:
-        rows = await self._engine.fetch(
-            "SELECT kek_id FROM connections WHERE kek_id IS NOT NULL UNION SELECT kek_id FROM oauth_states"
-        )
-        return {row["kek_id"] for row in rows}
-
     async def deks_by_kek(self) -> dict[str, int]:
         rows = await self._engine.fetch(
             "SELECT kek_id, COUNT(*) AS n FROM (SELECT kek_id FROM connections WHERE kek_id IS NOT NULL"

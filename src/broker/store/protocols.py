@@ -285,11 +285,9 @@ class KeyStore(Protocol):
     async def put_meta(self, key: str, value: bytes) -> None:
         """Insert or replace a broker-wide value."""
 
-    async def kek_ids_in_use(self) -> set[str]:
-        """Ids of every master key that wraps a data key still stored (purged rows excluded)."""
-
     async def deks_by_kek(self) -> dict[str, int]:
-        """How many stored data keys (connections and pending oauth flows) each master key wraps."""
+        """How many stored data keys (connections and pending oauth flows, purged rows excluded) each
+        master key wraps: every master key still in use is a key here."""
 
     async def list_deks_not_under(
         self, kek_id: str, limit: int, after: tuple[str, str, str] | None = None
