@@ -20,17 +20,16 @@ _NEWEST_EVENT = "SELECT id, hash FROM audit_events ORDER BY id DESC LIMIT 1"
 
 
 class EngineStore:
-    """What every part of the store builds on: the engine and its plumbing."""
+    """What every part of the store builds on: the engine and its plumbing (the contracts of the
+    methods without a docstring are `protocols.Lifecycle`'s and `protocols.Coordination`'s)."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
     async def open(self) -> None:
-        """Connect and apply pending migrations."""
         await self._engine.open()
 
     async def close(self) -> None:
-        """Finish pending work and release connections."""
         await self._engine.close()
 
     async def ping(self) -> None:
@@ -38,7 +37,6 @@ class EngineStore:
         await self._engine.fetch("SELECT 1")
 
     async def watch(self, sink: ChangeSink) -> None:
-        """Tell `sink` of every change committed from now on, this process's and other replicas'."""
         await self._engine.watch(sink)
 
     async def announce_block(self, tenant: str, principal: str, until: float) -> None:
@@ -47,7 +45,6 @@ class EngineStore:
             await tx.changed(changes.principal_blocked(tenant, principal, until))
 
     def refresh_lock(self, tenant: str, connection_id: str) -> AbstractAsyncContextManager[None]:
-        """Held around an OAuth2 token refresh, so one process at a time refreshes a connection."""
         return self._engine.refresh_lock(tenant, connection_id)
 
     async def _write(
