@@ -240,9 +240,8 @@ class Connections(EngineStore):
     async def list_expiring_tokens(self, before: datetime, limit: int) -> list[tuple[str, str]]:
         check_limit(limit)
         rows = await self._engine.fetch(
-            "SELECT tenant, id FROM connections WHERE secret_expires_at IS NOT NULL AND secret_expires_at < ?"
-            " AND deleted_at IS NULL AND status = 'active' AND reauth_required_at IS NULL"
-            " AND suspended_at IS NULL ORDER BY secret_expires_at LIMIT ?",
+            f"SELECT tenant, id FROM connections WHERE {STATUS_WHERE[ConnectionStatus.ACTIVE]}"  # noqa: S608
+            " AND secret_expires_at IS NOT NULL AND secret_expires_at < ? ORDER BY secret_expires_at LIMIT ?",
             codec.to_micros(before),
             limit,
         )
