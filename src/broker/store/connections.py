@@ -33,18 +33,25 @@ _BY_LIVE_NAME = _TABLE.select + " WHERE tenant = ? AND name = ? AND deleted_at I
 _UPDATED = tuple(
     col for col in _TABLE.columns if col not in ("tenant", "id", "last_tested_at", "test_status", "last_test")
 )
+# Each column's assignment and the record's values its parameters take, in order.
 _ASSIGNMENTS = {
     "last_used_at": (
-        "last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < ? THEN ? ELSE last_used_at END"
+        "last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < ? THEN ? ELSE last_used_at END",
+        ("last_used_at", "last_used_at"),
     ),
-    "wrapped_dek": "wrapped_dek = CASE WHEN ciphertext = ? THEN wrapped_dek ELSE ? END",
-    "kek_id": "kek_id = CASE WHEN ciphertext = ? THEN kek_id ELSE ? END",
+    "wrapped_dek": (
+        "wrapped_dek = CASE WHEN ciphertext = ? THEN wrapped_dek ELSE ? END",
+        ("ciphertext", "wrapped_dek"),
+    ),
+    "kek_id": ("kek_id = CASE WHEN ciphertext = ? THEN kek_id ELSE ? END", ("ciphertext", "kek_id")),
 }
+_SETS = [_ASSIGNMENTS.get(col, (f"{col} = ?", (col,))) for col in _UPDATED]
 _UPDATE = (
     "UPDATE connections SET "  # noqa: S608
-    + ", ".join(_ASSIGNMENTS.get(col, f"{col} = ?") for col in _UPDATED)
+    + ", ".join(assignment for assignment, _ in _SETS)
     + " WHERE tenant = ? AND id = ? AND version = ?"
 )
+_UPDATE_VALUES = [value for _, values in _SETS for value in values]
 # A unique constraint as each engine names it: SQLite by its columns, PostgreSQL by its name.
 _NAME_TAKEN = {"connections.tenant, connections.name", "connections_live_name"}
 _ID_TAKEN = {"connections.tenant, connections.id", "connections_pkey"}
@@ -72,15 +79,7 @@ _COUNT_BY_TYPE_AND_STATUS = (
 
 def _update_args(record: ConnectionRecord, expected_version: int) -> list[Any]:
     values = dict(zip(_TABLE.columns, _TABLE.params(record), strict=True))
-    args: list[Any] = []
-    for col in _UPDATED:
-        if col == "last_used_at":
-            args += [values[col], values[col]]
-        elif col in _ASSIGNMENTS:
-            args += [values["ciphertext"], values[col]]
-        else:
-            args.append(values[col])
-    return [*args, record.tenant, record.id, expected_version]
+    return [*(values[col] for col in _UPDATE_VALUES), record.tenant, record.id, expected_version]
 
 
 class Connections(EngineStore):
