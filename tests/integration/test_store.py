@@ -405,6 +405,37 @@ async def test_list_filters(store: Store) -> None:
     )
 
 
+async def test_presented_status_is_what_listing_and_counting_see(store: Store) -> None:
+    # Rows in every presented status, and the overlaps `presented_status` orders (deleted over
+    # revoked over suspended over expired), as the status filters and the metrics gauge see them.
+    later = T0 + timedelta(seconds=1)
+    rows = [
+        make_connection(),
+        make_connection(type="http"),
+        make_connection(status=ConnectionStatus.REVOKED),
+        make_connection(status=ConnectionStatus.REVOKED, suspended_at=later),
+        make_connection(suspended_at=later),
+        make_connection(suspended_at=later, reauth_required_at=later),
+        make_connection(reauth_required_at=later),
+        make_connection(deleted_at=later),
+        make_connection(deleted_at=later, status=ConnectionStatus.REVOKED, suspended_at=later),
+    ]
+    for record in rows:
+        await store.create_connection(record, make_event())
+    await store.create_connection(
+        make_connection(deleted_at=later, purged_at=later, sealed=None), make_event()
+    )
+
+    for status in ConnectionStatus:
+        expected = sorted(r.id for r in rows if r.presented_status is status)
+        assert await list_ids(store, ConnectionFilter(status=status)) == expected, status
+    counted: dict[tuple[str, str], int] = {}
+    for r in rows:
+        key = (r.type, r.presented_status.value)
+        counted[key] = counted.get(key, 0) + 1
+    assert await store.count_connections() == counted  # purged rows are not counted
+
+
 async def test_list_pages_through_every_row_exactly_once(store: Store) -> None:
     created = set()
     for i in range(250):
