@@ -69,11 +69,18 @@ STATUS_WHERE: dict[ConnectionStatus | None, str] = {
     ),
     ConnectionStatus.SUSPENDED: "status = 'active' AND deleted_at IS NULL AND suspended_at IS NOT NULL",
 }
-# What admins see as a connection's status, in SQL (the same order as `presented_status`).
+# What admins see as a connection's status, in SQL: the first status whose filter holds, in
+# `presented_status`'s order (on rows not purged, whose `status` is active or revoked).
+_PRESENTED_ORDER = (
+    ConnectionStatus.DELETED,
+    ConnectionStatus.REVOKED,
+    ConnectionStatus.SUSPENDED,
+    ConnectionStatus.EXPIRED,
+)
 _COUNT_BY_TYPE_AND_STATUS = (
-    "SELECT type, CASE WHEN deleted_at IS NOT NULL THEN 'deleted' WHEN status = 'revoked' THEN 'revoked'"
-    " WHEN suspended_at IS NOT NULL THEN 'suspended' WHEN reauth_required_at IS NOT NULL THEN 'expired'"
-    " ELSE 'active' END AS state, COUNT(*) AS n FROM connections WHERE purged_at IS NULL GROUP BY 1, 2"
+    "SELECT type, CASE "  # noqa: S608
+    + " ".join(f"WHEN {STATUS_WHERE[status]} THEN '{status.value}'" for status in _PRESENTED_ORDER)
+    + " ELSE 'active' END AS state, COUNT(*) AS n FROM connections WHERE purged_at IS NULL GROUP BY 1, 2"
 )
 
 
