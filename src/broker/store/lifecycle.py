@@ -1,5 +1,5 @@
-"""The store's own plumbing over its `Engine`: lifecycle, the change feed, locks, and the one
-place audit rows are written."""
+"""The store's own plumbing over its `Engine`: lifecycle, the change feed, locks, one-statement
+writes (`_write`), and the one place audit rows are written."""
 
 from __future__ import annotations
 
