@@ -405,6 +405,37 @@ async def test_list_filters(store: Store) -> None:
     )
 
 
+async def test_presented_status_is_what_listing_and_counting_see(store: Store) -> None:
+    # Rows in every presented status, and the overlaps `presented_status` orders (deleted over
+    # revoked over suspended over expired), as the status filters and the metrics gauge see them.
+    later = T0 + timedelta(seconds=1)
+    rows = [
+        make_connection(),
+        make_connection(type="http"),
+        make_connection(status=ConnectionStatus.REVOKED),
+        make_connection(status=ConnectionStatus.REVOKED, suspended_at=later),
+        make_connection(suspended_at=later),
+        make_connection(suspended_at=later, reauth_required_at=later),
+        make_connection(reauth_required_at=later),
+        make_connection(deleted_at=later),
+        make_connection(deleted_at=later, status=ConnectionStatus.REVOKED, suspended_at=later),
+    ]
+    for record in rows:
+        await store.create_connection(record, make_event())
+    await store.create_connection(
+        make_connection(deleted_at=later, purged_at=later, sealed=None), make_event()
+    )
+
+    for status in ConnectionStatus:
+        expected = sorted(r.id for r in rows if r.presented_status is status)
+        assert await list_ids(store, ConnectionFilter(status=status)) == expected, status
+    counted: dict[tuple[str, str], int] = {}
+    for r in rows:
+        key = (r.type, r.presented_status.value)
+        counted[key] = counted.get(key, 0) + 1
+    assert await store.count_connections() == counted  # purged rows are not counted
+
+
 async def test_list_pages_through_every_row_exactly_once(store: Store) -> None:
     created = set()
     for i in range(250):
@@ -512,7 +543,7 @@ async def test_purge_drops_grants_and_kek_ids(store: Store) -> None:
     await create(store, OTHER, sealed=dataclasses.replace(sealed(), kek_id="kek-other"))
     for conn in (keep, gone):
         await store.put_grant(make_grant(conn.id, "spiffe://x"), make_event())
-    assert await store.kek_ids_in_use() == {"kek-old", "kek-new", "kek-other"}
+    assert set(await store.deks_by_kek()) == {"kek-old", "kek-new", "kek-other"}
 
     purged = next_version(soft_deleted(gone), sealed=None, purged_at=T0 + timedelta(seconds=2))
     await store.replace_connection(
@@ -522,7 +553,7 @@ async def test_purge_drops_grants_and_kek_ids(store: Store) -> None:
     assert await store.get_connection(TENANT, gone.id) == purged
     assert await store.get_grant(TENANT, gone.id, "spiffe://x") is None
     assert await store.get_grant(TENANT, keep.id, "spiffe://x") is not None
-    assert await store.kek_ids_in_use() == {"kek-old", "kek-other"}
+    assert set(await store.deks_by_kek()) == {"kek-old", "kek-other"}
 
 
 # --------------------------------------------------------------------- audit
@@ -688,14 +719,14 @@ def make_pending(
 async def test_oauth_state_is_taken_once_and_only_by_its_owner(store: Store) -> None:
     pending = make_pending("h1")
     await store.put_oauth_state(pending, make_event(action="oauth.begin"))
-    assert await store.kek_ids_in_use() == {"kek-1"}
+    assert set(await store.deks_by_kek()) == {"kek-1"}
     assert await audit_count(store) == 1
 
     assert await store.take_oauth_state("h1", OTHER, "alice") is None
     assert await store.take_oauth_state("h1", TENANT, "bob") is None
     assert await store.take_oauth_state("h1", TENANT, "alice") == pending
     assert await store.take_oauth_state("h1", TENANT, "alice") is None
-    assert await store.kek_ids_in_use() == set()
+    assert set(await store.deks_by_kek()) == set()
 
 
 async def test_concurrent_takes_of_one_state_give_it_to_one_caller(store: Store) -> None:

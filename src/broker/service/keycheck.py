@@ -21,7 +21,7 @@ _BINDING = Binding(tenant="", connection_id="broker-keycheck", secret_version=0)
 
 async def verify_keyring(store: KeyStore, keyring: Keyring) -> None:
     """Raise `ConfigError` unless the keyring opens the canary and holds every KEK in use."""
-    missing = await store.kek_ids_in_use() - keyring.ids
+    missing = set(await store.deks_by_kek()) - keyring.ids
     if missing:
         raise ConfigError(
             "the store holds data keys wrapped by master key(s) "

@@ -2,8 +2,9 @@
 
 A column has its field's name, and how a value is stored follows from the field's type:
 datetimes as INTEGER microseconds since the epoch (UTC), dicts and tuples as JSON text
-with sorted keys, enums by value, a `TestResult` or `GrantScope` as a JSON document, a `Sealed` envelope
-in three columns (ciphertext, wrapped_dek, kek_id), text and integers as they are. Every
+with sorted keys, enums by value, a dataclass inside a record (`TestResult`, `GrantScope`)
+as a JSON document of its fields by the same rules, a `Sealed` envelope in three columns
+(ciphertext, wrapped_dek, kek_id), text and integers as they are. Every
 statement is assembled from these constant column lists, never from input, and nothing
 here formats a value into an error message.
 """
@@ -26,15 +27,12 @@ from broker.model import (
     AuditSeal,
     ConnectionRecord,
     Grant,
-    GrantScope,
     Lease,
     McpTool,
     PendingAuthorization,
     SecurityEvent,
     SeenFact,
-    TestCategory,
     TestResult,
-    TestStage,
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -81,55 +79,44 @@ def sealed_from_row(row: Row) -> Sealed:
     )
 
 
-def test_result_to_doc(result: TestResult) -> dict[str, Any]:
-    doc = {f.name: getattr(result, f.name) for f in dataclasses.fields(TestResult)}
-    tested_at = result.tested_at
-    return doc | {
-        "category": result.category.value,
-        "stage": result.stage.value,
-        "verified": list(result.verified),
-        "not_verified": list(result.not_verified),
-        "tested_at": None if tested_at is None else to_micros(tested_at),
-    }
-
-
-def _test_result_from_doc(doc: dict[str, Any]) -> TestResult:
-    return TestResult(
-        success=bool(doc["success"]),
-        category=TestCategory(doc["category"]),
-        stage=TestStage(doc["stage"]),
-        message=doc["message"],
-        details=dict(doc["details"]),
-        verified=tuple(doc["verified"]),
-        not_verified=tuple(doc["not_verified"]),
-        latency_ms=int(doc["latency_ms"]),
-        tested_at=None if doc["tested_at"] is None else from_micros(doc["tested_at"]),
-    )
-
-
-def _conversions(kind: Any) -> tuple[Convert, Convert]:
-    """(to the column, from the column) for a value of type `kind`."""
-    kind = typing.get_origin(kind) or kind
+def _conversions(hint: Any, *, in_column: bool = True) -> tuple[Convert, Convert]:
+    """(to the stored value, from it) for a value of type `hint`: a column's, or inside a JSON
+    document (not `in_column`), where dicts, tuples and dataclasses stay JSON values."""
+    args = typing.get_args(hint)
+    if NoneType in args:
+        write, read = _conversions(next(a for a in args if a is not NoneType), in_column=in_column)
+        return _or_none(write), _or_none(read)
+    kind = typing.get_origin(hint) or hint
+    if kind is dict or kind is tuple or dataclasses.is_dataclass(kind):
+        write, read = (dict, dict) if kind is dict else (list, tuple) if kind is tuple else _document(kind)
+        if not in_column:
+            return write, read
+        return (lambda v: to_json(write(v))), (lambda v: read(json.loads(v)))
     if kind is datetime:
         return to_micros, from_micros
-    if kind is dict:
-        return to_json, json.loads
-    if kind is tuple:
-        return (lambda v: to_json(list(v))), (lambda v: tuple(json.loads(v)))
-    if kind is GrantScope:
-        return (lambda v: to_json(dataclasses.asdict(v))), (
-            lambda v: GrantScope(**{key: tuple(items) for key, items in json.loads(v).items()})
-        )
-    if kind is TestResult:
-        return (lambda v: to_json(test_result_to_doc(v))), (lambda v: _test_result_from_doc(json.loads(v)))
     if isinstance(kind, type) and issubclass(kind, enum.Enum):
         return operator.attrgetter("value"), kind
     if kind is str:
         # NULL only where the chain has not hashed an event yet (its `hash`), or by tampering.
         return (lambda v: v), (lambda v: "" if v is None else str(v))
-    if kind is int:
-        return (lambda v: v), int
+    if kind is int or kind is bool:
+        return (lambda v: v), kind
     raise TypeError(f"no column type for {kind!r}")
+
+
+def _document(model: Any) -> tuple[Convert, Convert]:
+    """A dataclass (a `TestResult`, a `GrantScope`) as a JSON object of its fields, each
+    converted by its type; a field missing from a stored object takes its default."""
+    hints = typing.get_type_hints(model)
+    fields = {f.name: _conversions(hints[f.name], in_column=False) for f in dataclasses.fields(model)}
+
+    def write(value: Any) -> dict[str, Any]:
+        return {name: to(getattr(value, name)) for name, (to, _) in fields.items()}
+
+    def read(doc: dict[str, Any]) -> Any:
+        return model(**{name: back(doc[name]) for name, (_, back) in fields.items() if name in doc})
+
+    return write, read
 
 
 def _or_none(convert: Convert) -> Convert:
@@ -182,16 +169,12 @@ class Table(Generic[T]):
         for field in dataclasses.fields(model):  # type: ignore[arg-type]
             if not field.init:
                 continue
-            args = typing.get_args(hints[field.name])
-            optional = NoneType in args
-            kind = next(a for a in args if a is not NoneType) if optional else hints[field.name]
-            if kind is Sealed:
-                self._reads.append((field.name, _sealed_reader(optional)))
+            hint = hints[field.name]
+            if Sealed in (hint, *typing.get_args(hint)):
+                self._reads.append((field.name, _sealed_reader(hint is not Sealed)))
                 writes |= {column: _sealed_writer(field.name, column) for column in _SEALED_COLUMNS}
                 continue
-            write, read = _conversions(kind)
-            if optional:
-                write, read = _or_none(write), _or_none(read)
+            write, read = _conversions(hint)
             self._reads.append((field.name, _reader(field.name, read)))
             if field.name not in generated:
                 writes[field.name] = _writer(field.name, write)
@@ -228,3 +211,5 @@ SEALS = Table("audit_seals", AuditSeal)
 # The tool list of a connection: `tenant`, `connection_id` and `discovered_at` are written around it.
 MCP_TOOLS = Table("mcp_tools", McpTool)
 LEASES = Table("leases", Lease)
+# A `TestResult` as the `last_test` column holds it (`record_test_result` writes it alone).
+test_result_text: Convert = _conversions(TestResult)[0]

@@ -19,10 +19,10 @@ import hashlib
 import re
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Literal
+from typing import Any, Literal
 
 import aiosqlite
 
@@ -87,6 +87,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     applied_at  BIGINT  NOT NULL
 )
 """
+RECORDED = "SELECT version, name, checksum FROM schema_migrations"
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +107,10 @@ class Migration:
     @property
     def checksum(self) -> str:
         return hashlib.sha256(self.sql.encode("utf-8")).hexdigest()
+
+    def record(self) -> tuple[int, str, str, int]:
+        """Its row of `schema_migrations` (version, name, checksum, applied_at), applied now."""
+        return self.version, self.name, self.checksum, time.time_ns() // 1000
 
     def statements(self) -> list[str]:
         """The script split into single statements (a statement ends with `;` at the end of a line)."""
@@ -166,15 +171,16 @@ def load_migrations(engine: Engine) -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
-def check_recorded(migrations: list[Migration], recorded: Iterable[tuple[int, str, str]]) -> set[int]:
-    """The versions a database has applied, from its (version, name, checksum) rows.
+def check_recorded(migrations: list[Migration], recorded: Iterable[Sequence[Any]]) -> set[int]:
+    """The versions a database has applied, from its rows of `RECORDED` (version, name, checksum).
 
     Refuses a database whose recorded migrations differ from the shipped ones
     (edited after release) or are newer than this code knows.
     """
     known = {m.version: m for m in migrations}
     done: set[int] = set()
-    for version, name, checksum in recorded:
+    for row in recorded:
+        version, name, checksum = int(row[0]), str(row[1]), str(row[2])
         shipped = known.get(version)
         if shipped is None:
             raise RuntimeError(
@@ -190,8 +196,7 @@ def check_recorded(migrations: list[Migration], recorded: Iterable[tuple[int, st
 async def apply_sqlite(conn: aiosqlite.Connection, migrations: list[Migration]) -> list[int]:
     """Apply the pending migrations; return the versions applied now (see `check_recorded`)."""
     await conn.execute(BOOTSTRAP)
-    rows = await conn.execute_fetchall("SELECT version, name, checksum FROM schema_migrations")
-    check_recorded(migrations, ((int(v), str(n), str(c)) for v, n, c in rows))
+    check_recorded(migrations, await conn.execute_fetchall(RECORDED))
 
     applied: list[int] = []
     for migration in migrations:
@@ -206,7 +211,7 @@ async def apply_sqlite(conn: aiosqlite.Connection, migrations: list[Migration]) 
                     await conn.execute(statement)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name, checksum, applied_at) VALUES (?, ?, ?, ?)",
-                    (migration.version, migration.name, migration.checksum, time.time_ns() // 1000),
+                    migration.record(),
                 )
                 applied.append(migration.version)
             await conn.commit()

@@ -50,26 +50,25 @@ class Access(EngineStore):
 
     async def put_grant(self, grant: Grant, event: AuditEvent) -> None:
         try:
-            async with self._engine.transaction() as tx:
-                await tx.execute(_GRANT_UPSERT, *codec.GRANTS.params(grant))
-                await tx.changed(changes.grant_changed(grant.tenant, grant.connection_id, grant.principal))
-                await self._insert_audit(tx, [event])
+            await self._write(
+                _GRANT_UPSERT,
+                *codec.GRANTS.params(grant),
+                events=[event],
+                change=changes.grant_changed(grant.tenant, grant.connection_id, grant.principal),
+            )
         except MissingParent as exc:
             raise NotFound(f"connection {grant.connection_id} not found") from exc
 
     async def delete_grant(self, tenant: str, connection_id: str, principal: str, event: AuditEvent) -> bool:
-        async with self._engine.transaction() as tx:
-            deleted = await tx.execute(
-                "DELETE FROM grants WHERE tenant = ? AND connection_id = ? AND principal = ?",
-                tenant,
-                connection_id,
-                principal,
-            )
-            if deleted == 0:
-                return False
-            await tx.changed(changes.grant_changed(tenant, connection_id, principal))
-            await self._insert_audit(tx, [event])
-        return True
+        deleted = await self._write(
+            "DELETE FROM grants WHERE tenant = ? AND connection_id = ? AND principal = ?",
+            tenant,
+            connection_id,
+            principal,
+            events=[event],
+            change=changes.grant_changed(tenant, connection_id, principal),
+        )
+        return deleted > 0
 
     async def get_grant(self, tenant: str, connection_id: str, principal: str) -> Grant | None:
         rows = await self._engine.fetch(_GRANT_BY_KEY, tenant, connection_id, principal)
@@ -89,9 +88,7 @@ class Access(EngineStore):
     # ----------------------------------------------------------------- oauth
 
     async def put_oauth_state(self, pending: PendingAuthorization, event: AuditEvent) -> None:
-        async with self._engine.transaction() as tx:
-            await tx.execute(codec.OAUTH_STATES.insert, *codec.OAUTH_STATES.params(pending))
-            await self._insert_audit(tx, [event])
+        await self._write(codec.OAUTH_STATES.insert, *codec.OAUTH_STATES.params(pending), events=[event])
 
     async def take_oauth_state(self, state_hash: str, tenant: str, actor: str) -> PendingAuthorization | None:
         """Remove and return the caller's pending flow in one `DELETE ... RETURNING`: single use."""
@@ -105,8 +102,7 @@ class Access(EngineStore):
         return codec.OAUTH_STATES.from_row(rows[0]) if rows else None
 
     async def delete_expired_oauth_states(self, now: datetime) -> int:
-        async with self._engine.transaction() as tx:
-            return await tx.execute("DELETE FROM oauth_states WHERE expires_at <= ?", codec.to_micros(now))
+        return await self._write("DELETE FROM oauth_states WHERE expires_at <= ?", codec.to_micros(now))
 
     # -------------------------------------------------------------- security
 

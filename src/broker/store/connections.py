@@ -33,18 +33,25 @@ _BY_LIVE_NAME = _TABLE.select + " WHERE tenant = ? AND name = ? AND deleted_at I
 _UPDATED = tuple(
     col for col in _TABLE.columns if col not in ("tenant", "id", "last_tested_at", "test_status", "last_test")
 )
+# Each column's assignment and the record's values its parameters take, in order.
 _ASSIGNMENTS = {
     "last_used_at": (
-        "last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < ? THEN ? ELSE last_used_at END"
+        "last_used_at = CASE WHEN last_used_at IS NULL OR last_used_at < ? THEN ? ELSE last_used_at END",
+        ("last_used_at", "last_used_at"),
     ),
-    "wrapped_dek": "wrapped_dek = CASE WHEN ciphertext = ? THEN wrapped_dek ELSE ? END",
-    "kek_id": "kek_id = CASE WHEN ciphertext = ? THEN kek_id ELSE ? END",
+    "wrapped_dek": (
+        "wrapped_dek = CASE WHEN ciphertext = ? THEN wrapped_dek ELSE ? END",
+        ("ciphertext", "wrapped_dek"),
+    ),
+    "kek_id": ("kek_id = CASE WHEN ciphertext = ? THEN kek_id ELSE ? END", ("ciphertext", "kek_id")),
 }
+_SETS = [_ASSIGNMENTS.get(col, (f"{col} = ?", (col,))) for col in _UPDATED]
 _UPDATE = (
     "UPDATE connections SET "  # noqa: S608
-    + ", ".join(_ASSIGNMENTS.get(col, f"{col} = ?") for col in _UPDATED)
+    + ", ".join(assignment for assignment, _ in _SETS)
     + " WHERE tenant = ? AND id = ? AND version = ?"
 )
+_UPDATE_VALUES = [value for _, values in _SETS for value in values]
 # A unique constraint as each engine names it: SQLite by its columns, PostgreSQL by its name.
 _NAME_TAKEN = {"connections.tenant, connections.name", "connections_live_name"}
 _ID_TAKEN = {"connections.tenant, connections.id", "connections_pkey"}
@@ -62,25 +69,24 @@ STATUS_WHERE: dict[ConnectionStatus | None, str] = {
     ),
     ConnectionStatus.SUSPENDED: "status = 'active' AND deleted_at IS NULL AND suspended_at IS NOT NULL",
 }
-# What admins see as a connection's status, in SQL (the same order as `presented_status`).
+# What admins see as a connection's status, in SQL: the first status whose filter holds, in
+# `presented_status`'s order (on rows not purged, whose `status` is active or revoked).
+_PRESENTED_ORDER = (
+    ConnectionStatus.DELETED,
+    ConnectionStatus.REVOKED,
+    ConnectionStatus.SUSPENDED,
+    ConnectionStatus.EXPIRED,
+)
 _COUNT_BY_TYPE_AND_STATUS = (
-    "SELECT type, CASE WHEN deleted_at IS NOT NULL THEN 'deleted' WHEN status = 'revoked' THEN 'revoked'"
-    " WHEN suspended_at IS NOT NULL THEN 'suspended' WHEN reauth_required_at IS NOT NULL THEN 'expired'"
-    " ELSE 'active' END AS state, COUNT(*) AS n FROM connections WHERE purged_at IS NULL GROUP BY 1, 2"
+    "SELECT type, CASE "  # noqa: S608
+    + " ".join(f"WHEN {STATUS_WHERE[status]} THEN '{status.value}'" for status in _PRESENTED_ORDER)
+    + " ELSE 'active' END AS state, COUNT(*) AS n FROM connections WHERE purged_at IS NULL GROUP BY 1, 2"
 )
 
 
 def _update_args(record: ConnectionRecord, expected_version: int) -> list[Any]:
     values = dict(zip(_TABLE.columns, _TABLE.params(record), strict=True))
-    args: list[Any] = []
-    for col in _UPDATED:
-        if col == "last_used_at":
-            args += [values[col], values[col]]
-        elif col in _ASSIGNMENTS:
-            args += [values["ciphertext"], values[col]]
-        else:
-            args.append(values[col])
-    return [*args, record.tenant, record.id, expected_version]
+    return [*(values[col] for col in _UPDATE_VALUES), record.tenant, record.id, expected_version]
 
 
 class Connections(EngineStore):
@@ -190,19 +196,18 @@ class Connections(EngineStore):
         if result.tested_at is None:
             raise ValueError("a recorded test result needs tested_at")
         status = TestStatus.SUCCESS if result.success else TestStatus.FAILED
-        async with self._engine.transaction() as tx:
-            done = await tx.execute(
-                "UPDATE connections SET last_tested_at = ?, test_status = ?, last_test = ?"
-                " WHERE tenant = ? AND id = ? AND purged_at IS NULL",
-                codec.to_micros(result.tested_at),
-                status.value,
-                codec.to_json(codec.test_result_to_doc(result)),
-                tenant,
-                connection_id,
-            )
-            if done == 0:
-                raise NotFound(f"connection {connection_id} not found")
-            await self._insert_audit(tx, [event])
+        recorded = await self._write(
+            "UPDATE connections SET last_tested_at = ?, test_status = ?, last_test = ?"
+            " WHERE tenant = ? AND id = ? AND purged_at IS NULL",
+            codec.to_micros(result.tested_at),
+            status.value,
+            codec.test_result_text(result),
+            tenant,
+            connection_id,
+            events=[event],
+        )
+        if recorded == 0:
+            raise NotFound(f"connection {connection_id} not found")
 
     async def replace_mcp_tools(
         self,
@@ -241,9 +246,8 @@ class Connections(EngineStore):
     async def list_expiring_tokens(self, before: datetime, limit: int) -> list[tuple[str, str]]:
         check_limit(limit)
         rows = await self._engine.fetch(
-            "SELECT tenant, id FROM connections WHERE secret_expires_at IS NOT NULL AND secret_expires_at < ?"
-            " AND deleted_at IS NULL AND status = 'active' AND reauth_required_at IS NULL"
-            " AND suspended_at IS NULL ORDER BY secret_expires_at LIMIT ?",
+            f"SELECT tenant, id FROM connections WHERE {STATUS_WHERE[ConnectionStatus.ACTIVE]}"  # noqa: S608
+            " AND secret_expires_at IS NOT NULL AND secret_expires_at < ? ORDER BY secret_expires_at LIMIT ?",
             codec.to_micros(before),
             limit,
         )

@@ -41,19 +41,12 @@ class Keys(EngineStore):
         return bytes(rows[0]["value"]) if rows else None
 
     async def put_meta(self, key: str, value: bytes) -> None:
-        async with self._engine.transaction() as tx:
-            await tx.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?)"
-                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                key,
-                value,
-            )
-
-    async def kek_ids_in_use(self) -> set[str]:
-        rows = await self._engine.fetch(
-            "SELECT kek_id FROM connections WHERE kek_id IS NOT NULL UNION SELECT kek_id FROM oauth_states"
+        await self._write(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            key,
+            value,
         )
-        return {row["kek_id"] for row in rows}
 
     async def deks_by_kek(self) -> dict[str, int]:
         rows = await self._engine.fetch(
@@ -104,7 +97,6 @@ class Keys(EngineStore):
         return updated
 
     async def add_kek_wraps(self, wraps: Mapping[str, int]) -> None:
-        """Add to the persisted count of encryptions under each master key (an atomic increment)."""
         if any(wraps.values()):
             async with self._engine.transaction() as tx:
                 await _add_wraps(tx, wraps)
@@ -124,10 +116,9 @@ class Keys(EngineStore):
         return codec.from_micros(rows[0]["superseded_at"]) if rows else None
 
     async def purge_superseded(self, before: datetime) -> int:
-        async with self._engine.transaction() as tx:
-            return await tx.execute(
-                "DELETE FROM secret_versions WHERE superseded_at < ?", codec.to_micros(before)
-            )
+        return await self._write(
+            "DELETE FROM secret_versions WHERE superseded_at < ?", codec.to_micros(before)
+        )
 
 
 async def _add_wraps(tx: Tx, wraps: Mapping[str, int]) -> None:

@@ -51,21 +51,17 @@ class Leases(EngineStore):
     """The lease rows and their revocation queue (contracts: `protocols.LeaseStore`)."""
 
     async def insert_lease(self, lease: Lease) -> None:
-        async with self._engine.transaction() as tx:
-            await tx.execute(codec.LEASES.insert, *codec.LEASES.params(lease))
+        await self._write(codec.LEASES.insert, *codec.LEASES.params(lease))
 
     async def activate_lease(self, tenant: str, lease_id: str, events: Sequence[AuditEvent]) -> bool:
-        async with self._engine.transaction() as tx:
-            changed = await tx.execute(
-                "UPDATE leases SET state = 'active' WHERE tenant = ? AND id = ? AND state = 'creating'"
-                " AND claimed_until IS NULL",
-                tenant,
-                lease_id,
-            )
-            if changed == 0:
-                return False
-            await self._insert_audit(tx, events)
-        return True
+        activated = await self._write(
+            "UPDATE leases SET state = 'active' WHERE tenant = ? AND id = ? AND state = 'creating'"
+            " AND claimed_until IS NULL",
+            tenant,
+            lease_id,
+            events=events,
+        )
+        return activated > 0
 
     async def get_lease(self, tenant: str, lease_id: str) -> Lease | None:
         rows = await self._engine.fetch(_BY_ID, tenant, lease_id)
@@ -83,20 +79,17 @@ class Leases(EngineStore):
     async def renew_lease(
         self, tenant: str, lease_id: str, expires_at: datetime, now: datetime, event: AuditEvent
     ) -> bool:
-        async with self._engine.transaction() as tx:
-            changed = await tx.execute(
-                "UPDATE leases SET expires_at = ? WHERE tenant = ? AND id = ? AND state = 'active'"
-                " AND expires_at > ? AND max_expires_at >= ?",
-                codec.to_micros(expires_at),
-                tenant,
-                lease_id,
-                codec.to_micros(now),
-                codec.to_micros(expires_at),
-            )
-            if changed == 0:
-                return False
-            await self._insert_audit(tx, [event])
-        return True
+        renewed = await self._write(
+            "UPDATE leases SET expires_at = ? WHERE tenant = ? AND id = ? AND state = 'active'"
+            " AND expires_at > ? AND max_expires_at >= ?",
+            codec.to_micros(expires_at),
+            tenant,
+            lease_id,
+            codec.to_micros(now),
+            codec.to_micros(expires_at),
+            events=[event],
+        )
+        return renewed > 0
 
     async def revoke_leases(
         self,
@@ -115,16 +108,13 @@ class Leases(EngineStore):
         else:
             where.add(_LIVE)
             change = "state = 'revoking', revoke_reason = ?, next_attempt_at = ?"
-        async with self._engine.transaction() as tx:
-            count = await tx.execute(
-                f"UPDATE leases SET {change} WHERE {' AND '.join(where.conditions)}",  # noqa: S608
-                reason,
-                codec.to_micros(now),
-                *where.args,
-            )
-            if count and event is not None:
-                await self._insert_audit(tx, [event])
-        return count
+        return await self._write(
+            f"UPDATE leases SET {change} WHERE {' AND '.join(where.conditions)}",  # noqa: S608
+            reason,
+            codec.to_micros(now),
+            *where.args,
+            events=[] if event is None else [event],
+        )
 
     async def claim_due_leases(
         self,
@@ -137,8 +127,9 @@ class Leases(EngineStore):
         """Claim up to `limit` due leases (any tenant; or only the lease `only`: tenant, id) until
         `claim_until`; they come back `revoking`, with why. Concurrent claimers never get the same lease."""
         at, before = codec.to_micros(now), codec.to_micros(creating_before)
+        due = [at, at, before, at]  # `_DUE`'s parameters
         where = _DUE
-        args: list[int | str] = [at, at, before, at]
+        args: list[int | str] = [*due]
         if only is not None:
             where += " AND tenant = ? AND id = ?"
             args += only
@@ -165,43 +156,37 @@ class Leases(EngineStore):
                     codec.to_micros(claim_until),
                     row["tenant"],
                     row["id"],
-                    at,
-                    at,
-                    before,
-                    at,
+                    *due,
                 )
                 claimed += [codec.LEASES.from_row(r) for r in found]
         return claimed
 
     async def lease_revoked(self, tenant: str, lease_id: str, now: datetime, event: AuditEvent) -> None:
-        async with self._engine.transaction() as tx:
-            changed = await tx.execute(
-                "UPDATE leases SET state = 'revoked', revoked_at = ?, claimed_until = NULL,"
-                " next_attempt_at = NULL WHERE tenant = ? AND id = ? AND state = 'revoking'",
-                codec.to_micros(now),
-                tenant,
-                lease_id,
-            )
-            # Only the first to finish records it: a worker whose claim ran out mid-batch may drop
-            # a user that another replica has taken over and dropped since (idempotent on the server).
-            if changed:
-                await self._insert_audit(tx, [event])
+        # Only the first to finish records it (the event goes only with a row changed): a worker whose
+        # claim ran out mid-batch may drop a user that another replica has taken over and dropped since
+        # (idempotent on the server).
+        await self._write(
+            "UPDATE leases SET state = 'revoked', revoked_at = ?, claimed_until = NULL,"
+            " next_attempt_at = NULL WHERE tenant = ? AND id = ? AND state = 'revoking'",
+            codec.to_micros(now),
+            tenant,
+            lease_id,
+            events=[event],
+        )
 
     async def lease_revocation_failed(
         self, tenant: str, lease_id: str, error: str, next_attempt_at: datetime
     ) -> None:
-        async with self._engine.transaction() as tx:
-            await tx.execute(
-                "UPDATE leases SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?,"
-                " claimed_until = NULL WHERE tenant = ? AND id = ? AND state = 'revoking'",
-                error,
-                codec.to_micros(next_attempt_at),
-                tenant,
-                lease_id,
-            )
+        await self._write(
+            "UPDATE leases SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?,"
+            " claimed_until = NULL WHERE tenant = ? AND id = ? AND state = 'revoking'",
+            error,
+            codec.to_micros(next_attempt_at),
+            tenant,
+            lease_id,
+        )
 
     async def live_lease_usernames(self, usernames: Sequence[str]) -> set[str]:
-        """Which of `usernames` belong to a lease not yet revoked, in any tenant."""
         found: set[str] = set()
         for start in range(0, len(usernames), 500):
             chunk = list(usernames[start : start + 500])
@@ -214,12 +199,10 @@ class Leases(EngineStore):
         return found
 
     async def lease_connections(self) -> list[tuple[str, str]]:
-        """(tenant, connection id) of every connection that has lease rows: the reconciler's list."""
         rows = await self._engine.fetch("SELECT DISTINCT tenant, connection_id FROM leases")
         return [(str(row["tenant"]), str(row["connection_id"])) for row in rows]
 
     async def pending_revocations(self, now: datetime) -> int:
-        """How many leases are owed a drop now: queued ones and active ones past their end."""
         rows = await self._engine.fetch(
             "SELECT COUNT(*) AS n FROM leases"
             " WHERE state = 'revoking' OR (state = 'active' AND expires_at <= ?)",

@@ -1,9 +1,9 @@
-"""The store's own plumbing over its `Engine`: lifecycle, the change feed, locks, and the one
-place audit rows are written."""
+"""The store's own plumbing over its `Engine`: lifecycle, the change feed, locks, one-statement
+writes (`_write`), and the one place audit rows are written."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -20,17 +20,16 @@ _NEWEST_EVENT = "SELECT id, hash FROM audit_events ORDER BY id DESC LIMIT 1"
 
 
 class EngineStore:
-    """What every part of the store builds on: the engine and its plumbing."""
+    """What every part of the store builds on: the engine and its plumbing (the contracts of the
+    methods without a docstring are `protocols.Lifecycle`'s and `protocols.Coordination`'s)."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
     async def open(self) -> None:
-        """Connect and apply pending migrations."""
         await self._engine.open()
 
     async def close(self) -> None:
-        """Finish pending work and release connections."""
         await self._engine.close()
 
     async def ping(self) -> None:
@@ -38,7 +37,6 @@ class EngineStore:
         await self._engine.fetch("SELECT 1")
 
     async def watch(self, sink: ChangeSink) -> None:
-        """Tell `sink` of every change committed from now on, this process's and other replicas'."""
         await self._engine.watch(sink)
 
     async def announce_block(self, tenant: str, principal: str, until: float) -> None:
@@ -47,8 +45,21 @@ class EngineStore:
             await tx.changed(changes.principal_blocked(tenant, principal, until))
 
     def refresh_lock(self, tenant: str, connection_id: str) -> AbstractAsyncContextManager[None]:
-        """Held around an OAuth2 token refresh, so one process at a time refreshes a connection."""
         return self._engine.refresh_lock(tenant, connection_id)
+
+    async def _write(
+        self, sql: str, *args: Any, events: Sequence[AuditEvent] = (), change: str | None = None
+    ) -> int:
+        """Run one statement in a write transaction; how many rows it changed. Only when it changed
+        some: the `change` message and the audit `events` go in the same transaction."""
+        async with self._engine.transaction() as tx:
+            count = await tx.execute(sql, *args)
+            if count:
+                if change is not None:
+                    await tx.changed(change)
+                if events:
+                    await self._insert_audit(tx, events)
+        return count
 
     @staticmethod
     async def _insert_audit(tx: Tx, events: Iterable[AuditEvent]) -> None:

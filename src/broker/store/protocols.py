@@ -10,7 +10,9 @@ role, and `Store` is all of them at once. No role has more than 12 methods
 Every method is scoped by tenant; a row of another tenant is indistinguishable
 from a missing one. Each write that changes state takes the `AuditEvent` that
 describes it and commits both in one transaction, so there is never a change
-without its audit record nor a record of a change that did not happen.
+without its audit record nor a record of a change that did not happen. A listing
+applies every filter in SQL, so paging stays exact; a filter's `start_time` is
+inclusive and its `end_time` exclusive.
 """
 
 from __future__ import annotations
@@ -113,8 +115,7 @@ class ConnectionStore(Protocol):
 
         `filter.status` None lists live ones (active and revoked); DELETED lists
         soft-deleted, not purged ones; ACTIVE or REVOKED list only that status.
-        Every label in `filter.labels` must match. Filters are applied in SQL so
-        paging stays exact.
+        Every label in `filter.labels` must match.
         """
 
     async def replace_connection(
@@ -130,7 +131,6 @@ class ConnectionStore(Protocol):
         Raises `NotFound` when no such row exists, `Aborted` when its version
         differs, `AlreadyExists` when the new name collides with another live
         connection. `drop_grants` also deletes the connection's grants (purge).
-        All or nothing, with the audit event in the same transaction.
         """
 
     async def record_last_used(self, uses: Sequence[tuple[str, str, datetime]]) -> None:
@@ -220,10 +220,7 @@ class SecurityEventStore(Protocol):
     async def list_security_events(
         self, tenant: str, filter: SecurityEventFilter, limit: int, before_id: int | None
     ) -> list[SecurityEvent]:
-        """Up to `limit` events of `tenant`, newest first, with id < before_id when given.
-
-        `start_time` is inclusive, `end_time` exclusive.
-        """
+        """Up to `limit` events of `tenant`, newest first, with id < before_id when given."""
 
     async def remember_seen(self, facts: Sequence[SeenFact], keep: int) -> None:
         """Insert facts not yet stored; keep only the newest `keep` objects per (tenant, kind, subject)."""
@@ -241,10 +238,7 @@ class AuditLogStore(Protocol):
     async def list_audit(
         self, tenant: str, filter: AuditFilter, limit: int, before_id: int | None
     ) -> list[AuditEvent]:
-        """Up to `limit` events, newest first (descending id), with id < before_id when given.
-
-        `start_time` is inclusive, `end_time` exclusive.
-        """
+        """Up to `limit` events, newest first (descending id), with id < before_id when given."""
 
     async def export_audit(
         self, tenant: str, filter: AuditFilter, limit: int, after_id: int | None
@@ -285,11 +279,9 @@ class KeyStore(Protocol):
     async def put_meta(self, key: str, value: bytes) -> None:
         """Insert or replace a broker-wide value."""
 
-    async def kek_ids_in_use(self) -> set[str]:
-        """Ids of every master key that wraps a data key still stored (purged rows excluded)."""
-
     async def deks_by_kek(self) -> dict[str, int]:
-        """How many stored data keys (connections and pending oauth flows) each master key wraps."""
+        """How many stored data keys (connections and pending oauth flows, purged rows excluded) each
+        master key wraps: every master key still in use is a key here."""
 
     async def list_deks_not_under(
         self, kek_id: str, limit: int, after: tuple[str, str, str] | None = None

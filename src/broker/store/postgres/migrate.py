@@ -9,11 +9,9 @@ refuses a script edited after it was applied, as on SQLite.
 
 from __future__ import annotations
 
-import time
-
 import asyncpg
 
-from broker.store._migrate import BOOTSTRAP, Migration, check_recorded
+from broker.store._migrate import BOOTSTRAP, RECORDED, Migration, check_recorded
 
 # Advisory lock keys (one 64-bit namespace per database); "broker" in ASCII, then a number.
 MIGRATION_LOCK = 0x62726F6B65720001
@@ -34,10 +32,7 @@ async def apply_postgres(conn: asyncpg.Connection, migrations: list[Migration]) 
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
         await conn.execute(BOOTSTRAP)
-        recorded = await conn.fetch("SELECT version, name, checksum FROM schema_migrations")
-        done = check_recorded(
-            migrations, ((int(r["version"]), str(r["name"]), str(r["checksum"])) for r in recorded)
-        )
+        done = check_recorded(migrations, await conn.fetch(RECORDED))
 
         applied: list[int] = []
         for migration in migrations:
@@ -49,10 +44,7 @@ async def apply_postgres(conn: asyncpg.Connection, migrations: list[Migration]) 
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name, checksum, applied_at)"
                     " VALUES ($1, $2, $3, $4)",
-                    migration.version,
-                    migration.name,
-                    migration.checksum,
-                    time.time_ns() // 1000,
+                    *migration.record(),
                 )
             applied.append(migration.version)
         return applied
