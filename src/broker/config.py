@@ -532,6 +532,8 @@ class LeaseSettings:
     # Administrative sessions per dynamic connection: open at once at most, and kept this long unused.
     admin_sessions: int = 4
     admin_idle_seconds: float = 60.0
+    # Revoked leases are deleted this long after their revocation (the audit log keeps their story).
+    keep_revoked_days: int = 30
 
 
 def _leases(src: _Source) -> LeaseSettings:
@@ -545,6 +547,7 @@ def _leases(src: _Source) -> LeaseSettings:
         timeout_seconds=src.number("leases", "timeout_seconds", 10.0, 0.1, 600),
         admin_sessions=_whole(src, "leases", "admin_sessions", 4, 1, 100),
         admin_idle_seconds=src.number("leases", "admin_idle_seconds", 60.0, 0, 3600),
+        keep_revoked_days=_whole(src, "leases", "keep_revoked_days", 30, 1, 36500),
     )
     if settings.creation_grace_seconds <= settings.timeout_seconds:
         # Or a lease still being created would be undone under its creator.

@@ -225,6 +225,7 @@ def build_services(settings: Settings, store: Store, keyring: Keyring, clock: Cl
     # Dynamic database connections: a user per Resolve, and the worker that drops each one.
     leases = LeaseService(
         store=store,
+        revocations=store,
         connections=store,
         grants=store,
         keyring=keyring,

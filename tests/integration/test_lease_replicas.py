@@ -361,6 +361,7 @@ def other_replica(running: Running, opened: GatedDrops, ahead: timedelta = timed
     """A lease worker of another replica on `running`'s database, its clock `ahead`."""
     return LeaseService(
         store=running.broker.store,
+        revocations=running.broker.store,
         connections=running.broker.store,
         grants=running.broker.store,
         keyring=running.broker.settings.load_keyring(),

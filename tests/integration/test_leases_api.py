@@ -245,6 +245,26 @@ async def test_revoke_drops_the_user_at_once(broker: Running, server: Server) ->
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+async def test_a_revoked_lease_is_forgotten_after_keep_revoked_days_but_not_its_audit(
+    make_broker: Callable[..., Awaitable[Running]], server: Server
+) -> None:
+    now = [dt.datetime.now(dt.UTC)]
+    running = await make_broker(egress=EgressSettings(allow_loopback=True), leases=FAST, clock=lambda: now[0])
+    connection_id = await dynamic_connection(running, server)
+    answer = await running.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id))
+    await running.resolver().RevokeLease(pb.RevokeLeaseRequest(lease_id=answer.lease.id))
+    await asyncio.sleep(FAST.reconcile_seconds * 2)  # the reconciler's pass prunes, and kept it
+    assert (await lease_state(running, answer.lease.id)).state == pb.LEASE_STATE_REVOKED
+    now[0] += dt.timedelta(days=FAST.keep_revoked_days, seconds=1)
+
+    async def forgotten() -> bool:
+        return not (await running.admin().ListLeases(pb.ListLeasesRequest())).leases
+
+    await wait_for(forgotten, FAST.reconcile_seconds * 2 + 2, "the revoked lease pruned")
+    audit = await running.admin().ListAuditEvents(pb.ListAuditEventsRequest(connection_id=connection_id))
+    assert {"lease.create", "lease.revoke", "lease.revoked"} <= {event.action for event in audit.events}
+
+
 async def test_an_expired_lease_is_dropped_by_the_worker(broker: Running, server: Server) -> None:
     connection_id = await dynamic_connection(broker, server, default_ttl=1)
     answer = await broker.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id))

@@ -1037,6 +1037,25 @@ async def test_revoking_by_filter_takes_only_live_matching_leases(store: Store) 
     assert sorted(await store.lease_connections()) == [(TENANT, "conn_dyn"), (OTHER, "conn_dyn")]
 
 
+async def test_revoked_leases_are_pruned_after_their_revocation_and_nothing_else(store: Store) -> None:
+    old = make_lease("brk_old0000000000000", state=LeaseState.REVOKED, revoked_at=T0 - timedelta(days=31))
+    theirs = make_lease(
+        "brk_their00000000000", tenant=OTHER, state=LeaseState.REVOKED, revoked_at=T0 - timedelta(days=40)
+    )
+    recent = make_lease("brk_recent0000000000", state=LeaseState.REVOKED, revoked_at=T0 - timedelta(days=29))
+    revoking = make_lease("brk_revoking00000000", state=LeaseState.REVOKING)  # a drop still owed
+    active = make_lease("brk_active0000000000", state=LeaseState.ACTIVE, created_at=T0 - timedelta(days=90))
+    for lease in (old, theirs, recent, revoking, active):
+        await store.insert_lease(lease)
+    before = T0 - timedelta(days=30)
+    assert await store.prune_revoked_leases(before, 1) == 1  # in batches of `limit`
+    assert await store.prune_revoked_leases(before, 10) == 1
+    assert await store.prune_revoked_leases(before, 10) == 0
+    left = {lease.username for lease in await store.list_leases(TENANT, LeaseFilter(), 10, None)}
+    assert left == {recent.username, revoking.username, active.username}
+    assert await store.list_leases(OTHER, LeaseFilter(), 10, None) == []
+
+
 # -------------------------------------------------------- postgres specifics
 
 

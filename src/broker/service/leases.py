@@ -59,12 +59,14 @@ from broker.service.fingerprint import Fingerprinter
 from broker.service.inputs import require_printable
 from broker.service.lookup import refusal
 from broker.service.sealing import open_secrets
-from broker.store import ConnectionStore, GrantStore, LeaseStore
+from broker.store import ConnectionStore, GrantStore, LeaseStore, RevocationQueue
 from broker.testers.base import Target
 
 log = structlog.get_logger("broker.leases")
 
 ACTOR = "broker:leases"
+# Revoked leases deleted per transaction.
+_PRUNE_BATCH = 1000
 DEFAULT_TTL = 3600
 DEFAULT_MAX_TTL = 86400
 DEFAULT_PREFIX = "brk_"
@@ -99,6 +101,7 @@ class LeaseService:
     def __init__(
         self,
         store: LeaseStore,
+        revocations: RevocationQueue,
         connections: ConnectionStore,
         grants: GrantStore,
         keyring: Keyring,
@@ -110,6 +113,7 @@ class LeaseService:
     ) -> None:
         self._fingerprints = Fingerprinter(keyring)
         self._store = store
+        self._revocations = revocations
         self._connections = connections
         self._grants = grants
         self._keyring = keyring
@@ -372,7 +376,9 @@ class LeaseService:
                 if self._to_check:
                     await self._check_changes()
                 done = await self.revoke_due()
-                metrics.LEASE_REVOCATIONS_PENDING.set(await self._store.pending_revocations(self._clock()))
+                metrics.LEASE_REVOCATIONS_PENDING.set(
+                    await self._revocations.pending_revocations(self._clock())
+                )
                 await self._pool.prune()
             except Exception as exc:
                 log.error("lease_worker_failed", error_type=type(exc).__name__)
@@ -393,7 +399,7 @@ class LeaseService:
         async with self._pass_lock:
             now = self._clock()
             settings = self._settings
-            claimed = await self._store.claim_due_leases(
+            claimed = await self._revocations.claim_due_leases(
                 now,
                 now - timedelta(seconds=settings.creation_grace_seconds),
                 # Long enough to finish the batch; if this process dies, another takes over then.
@@ -434,7 +440,7 @@ class LeaseService:
                         reason=lease.revoke_reason,
                         details=details,
                     )
-                    await self._store.lease_revoked(tenant, lease.id, now, event)
+                    await self._revocations.lease_revoked(tenant, lease.id, now, event)
                     metrics.LEASE_OPERATIONS.labels("revoke", "ok").inc()
         except LeaseDbError as exc:  # opening the session (or the credentials): nothing was dropped
             await self._failed(leases, exc.reason)
@@ -448,7 +454,7 @@ class LeaseService:
             log.warning(
                 "lease_revocation_failed", lease_id=lease.id, reason=reason, attempts=lease.attempts + 1
             )
-            await self._store.lease_revocation_failed(
+            await self._revocations.lease_revocation_failed(
                 lease.tenant, lease.id, reason, self._clock() + timedelta(seconds=delay)
             )
 
@@ -456,18 +462,33 @@ class LeaseService:
 
     async def _reconcile_periodically(self) -> None:
         while True:
-            try:
-                await self.reconcile()
-            except Exception as exc:
-                log.error("lease_reconcile_failed", error_type=type(exc).__name__)
+            for step in (self.reconcile, self.prune_revoked):
+                try:
+                    await step()
+                except Exception as exc:
+                    log.error(f"lease_{step.__name__}_failed", error_type=type(exc).__name__)
             await asyncio.sleep(self._settings.reconcile_seconds)
+
+    async def prune_revoked(self) -> int:
+        """Delete the leases revoked more than `keep_revoked_days` ago, in batches; how many."""
+        before = self._clock() - timedelta(days=self._settings.keep_revoked_days)
+        pruned = 0
+        while True:
+            deleted = await self._revocations.prune_revoked_leases(before, _PRUNE_BATCH)
+            pruned += deleted
+            if deleted < _PRUNE_BATCH:
+                break
+            await asyncio.sleep(0)  # more to delete: let Resolve calls in between batches
+        if pruned:
+            log.info("leases_pruned", leases=pruned, keep_revoked_days=self._settings.keep_revoked_days)
+        return pruned
 
     async def reconcile(self) -> int:
         """Queue the leases that may not live on (`_sweep`), then drop every user named like the
         broker's in each dynamic database that no lease not yet revoked accounts for (a crash
         between creating a user and writing its end); how many users were dropped."""
         dropped = 0
-        for tenant, connection_id in await self._store.lease_connections():
+        for tenant, connection_id in await self._revocations.lease_connections():
             await self._sweep(tenant, connection_id, self._clock())
             record = await self._connections.get_connection(tenant, connection_id)
             if record is None or record.sealed is None or not record.dynamic:
@@ -477,7 +498,7 @@ class LeaseService:
                 async with self._session(record) as db:
                     # Listed before the leases are read: a lease row always exists before its user.
                     names = [name for name in await db.prefixed_users(terms.prefix) if terms.ours(name)]
-                    orphans = set(names) - await self._store.live_lease_usernames(names)
+                    orphans = set(names) - await self._revocations.live_lease_usernames(names)
                     for name in sorted(orphans):
                         await db.drop(name)
                         dropped += 1

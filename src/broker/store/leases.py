@@ -17,7 +17,7 @@ from datetime import datetime
 
 from broker.model import AuditEvent, Lease, LeaseFilter
 from broker.store import _codec as codec
-from broker.store.lifecycle import EngineStore, Where
+from broker.store.lifecycle import EngineStore, Where, check_limit
 
 _BY_ID = codec.LEASES.select + " WHERE tenant = ? AND id = ?"
 _LIVE = "state IN ('creating', 'active')"
@@ -48,7 +48,8 @@ def _matching(tenant: str, filter: LeaseFilter) -> Where:
 
 
 class Leases(EngineStore):
-    """The lease rows and their revocation queue (contracts: `protocols.LeaseStore`)."""
+    """The lease rows and their revocation queue (contracts: `protocols.LeaseStore` and
+    `protocols.RevocationQueue`)."""
 
     async def insert_lease(self, lease: Lease) -> None:
         await self._write(codec.LEASES.insert, *codec.LEASES.params(lease))
@@ -209,3 +210,12 @@ class Leases(EngineStore):
             codec.to_micros(now),
         )
         return int(rows[0]["n"])
+
+    async def prune_revoked_leases(self, before: datetime, limit: int) -> int:
+        check_limit(limit)
+        return await self._write(
+            "DELETE FROM leases WHERE (tenant, id) IN (SELECT tenant, id FROM leases"
+            " WHERE state = 'revoked' AND revoked_at < ? LIMIT ?)",
+            codec.to_micros(before),
+            limit,
+        )

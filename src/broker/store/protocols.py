@@ -309,7 +309,8 @@ class KeyStore(Protocol):
 
 
 class LeaseStore(Protocol):
-    """Leases (database users made for executors) and their revocation queue; see `store.leases`."""
+    """Leases (database users made for executors): their rows as executors and admins see and
+    change them; see `store.leases`."""
 
     async def insert_lease(self, lease: Lease) -> None:
         """Write a new lease, in state `creating`, before its user is created."""
@@ -345,6 +346,11 @@ class LeaseStore(Protocol):
         written only when there was one. With `abandon`, every matching lease not yet revoked
         (queued ones too) is marked revoked at once, its user left as it is."""
 
+
+class RevocationQueue(Protocol):
+    """The leases owed a drop, as the revocation worker and the reconciler work through them, in
+    every tenant; see `store.leases`."""
+
     async def claim_due_leases(
         self,
         now: datetime,
@@ -374,6 +380,10 @@ class LeaseStore(Protocol):
 
     async def pending_revocations(self, now: datetime) -> int:
         """How many leases are owed a drop now (queued, or active past their end), in any tenant."""
+
+    async def prune_revoked_leases(self, before: datetime, limit: int) -> int:
+        """Delete up to `limit` leases revoked before `before`, in any tenant; how many. Their story
+        stays in the audit log (lease.create, lease.revoke, lease.revoked)."""
 
 
 class Coordination(Protocol):
@@ -414,6 +424,7 @@ class Store(
     AuditLogStore,
     KeyStore,
     LeaseStore,
+    RevocationQueue,
     Coordination,
     Protocol,
 ):
