@@ -185,6 +185,35 @@ async def test_events_written_with_a_change_join_the_same_chain(store: SqliteSto
     assert (await store.verify_audit_chain(no_seals)).ok
 
 
+async def test_two_processes_appending_to_one_file_keep_one_chain(store: SqliteStore, tmp_path: Path) -> None:
+    # A second store on the same file, as the `broker` CLI's key commands open it while the broker
+    # serves: each append reads the chain's tail in its own transaction, so neither forks the chain.
+    other = SqliteStore(store.path)
+    await other.open()
+    try:
+        for i in range(5):
+            await asyncio.gather(
+                store.append_audit([event(10 * i + j) for j in range(3)]),
+                other.append_audit([event(10 * i + 5 + j) for j in range(2)]),
+            )
+    finally:
+        await other.close()
+    report = await store.verify_audit_chain(no_seals)
+    assert (report.ok, report.events_checked) == (True, 25)
+
+
+def test_the_tail_query_prefers_the_newest_event_then_the_newest_checkpoint() -> None:
+    with contextlib.closing(sqlite3.connect(":memory:")) as db:
+        db.row_factory = sqlite3.Row
+        db.execute("CREATE TABLE audit_events (id INTEGER PRIMARY KEY, hash TEXT)")
+        db.execute("CREATE TABLE audit_checkpoints (last_id INTEGER, last_hash TEXT)")
+        assert chain.tail(db.execute(chain.TAIL_QUERY).fetchall()) == (0, chain.GENESIS)
+        db.executemany("INSERT INTO audit_checkpoints VALUES (?, ?)", [(3, "c3"), (7, "c7")])
+        assert chain.tail(db.execute(chain.TAIL_QUERY).fetchall()) == (7, "c7")
+        db.executemany("INSERT INTO audit_events VALUES (?, ?)", [(8, "e8"), (9, "e9")])
+        assert chain.tail(db.execute(chain.TAIL_QUERY).fetchall()) == (9, "e9")
+
+
 # --------------------------------------------------------------- backfill
 
 

@@ -9,7 +9,7 @@ for rate buckets, and how committed changes reach the change feed (`changes`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
@@ -43,6 +43,17 @@ class Tx(Protocol):
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         """The first column of the first row, or None."""
+
+    async def write_from(
+        self, query: str, statement: str, rows: Callable[[list[Row]], Iterable[Sequence[Any]]]
+    ) -> None:
+        """Run `query`, then `statement` once per row of parameters `rows` makes of its result.
+
+        A write that depends on a read of the same transaction, given whole so an engine can do
+        both without a round trip to the caller in between (SQLite sends them with its next
+        statement or the COMMIT, in one hop to its writer's thread; an error surfaces there).
+        `rows` may run on another thread: it must use only what it was given.
+        """
 
     async def changed(self, change: str) -> None:
         """A change Resolve must hear of (`broker.store.changes`): delivered once committed."""

@@ -16,7 +16,6 @@ from broker.store.engine import Engine, Tx
 from broker.store.protocols import ChangeSink
 
 CHECKPOINT_SELECT = "SELECT last_id, last_hash FROM audit_checkpoints ORDER BY last_id DESC LIMIT 1"
-_NEWEST_EVENT = "SELECT id, hash FROM audit_events ORDER BY id DESC LIMIT 1"
 
 
 class EngineStore:
@@ -69,21 +68,15 @@ class EngineStore:
         commit, and a holder must never wait for a row lock (see `broker.store.postgres`).
         """
         await tx.lock_audit()
-        # READ COMMITTED: this statement's snapshot is taken after the lock was granted,
-        # so it sees the previous holder's committed events.
-        last_id, last_hash = await chain_tail(tx.fetch)
-        await tx.executemany(codec.AUDIT.insert, chain.linked_rows(events, last_id, last_hash))
+        # READ COMMITTED: the tail query's snapshot is taken after the lock was granted, so it
+        # sees the previous holder's committed events. One step, so SQLite sends the read, the
+        # INSERTs and the COMMIT to its writer's thread together.
+        await tx.write_from(chain.TAIL_QUERY, codec.AUDIT.insert, chain.linker(events))
 
 
 async def chain_tail(fetch: Callable[..., Awaitable[list[Row]]]) -> tuple[int, str]:
     """(id, hash) of the newest event, else of the newest checkpoint, else (0, GENESIS)."""
-    rows = await fetch(_NEWEST_EVENT)
-    if rows:
-        return int(rows[0]["id"]), str(rows[0]["hash"] or "")
-    rows = await fetch(CHECKPOINT_SELECT)
-    if rows:
-        return int(rows[0]["last_id"]), str(rows[0]["last_hash"])
-    return 0, chain.GENESIS
+    return chain.tail(await fetch(chain.TAIL_QUERY))
 
 
 class Where:

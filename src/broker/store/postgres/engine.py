@@ -14,7 +14,7 @@ import itertools
 import os
 import re
 import socket
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import asyncpg
@@ -93,6 +93,11 @@ class PostgresTx:
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         return await self._conn.fetchval(translate(sql), *args)
+
+    async def write_from(
+        self, query: str, statement: str, rows: Callable[[list[Row]], Iterable[Sequence[Any]]]
+    ) -> None:
+        await self.executemany(statement, rows(await self.fetch(query)))
 
     async def changed(self, change: str) -> None:
         await changes.notify(self._conn, change)

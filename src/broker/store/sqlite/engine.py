@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,15 +29,20 @@ from broker.store.changes import deliver
 from broker.store.engine import Duplicate, MissingParent
 from broker.store.protocols import ChangeSink
 
-# One statement for the writer's thread: (sql, parameters, executemany?).
-_Step = tuple[str, Any, bool]
+# One step for the writer's thread: a statement (or a read and the writes made from it), run on
+# the connection; its cursor holds the result.
+_Step = Callable[[sqlite3.Connection], sqlite3.Cursor]
+
+
+def _statement(sql: str, parameters: Any) -> _Step:
+    return lambda db: db.execute(sql, parameters)
 
 
 def _run_steps(db: sqlite3.Connection, steps: list[_Step], fetch: bool) -> Any:
     """On the writer's thread: run `steps` in order; the last one's rows (`fetch`) or rowcount."""
     cursor: sqlite3.Cursor | None = None
-    for sql, parameters, many in steps:
-        cursor = db.executemany(sql, parameters) if many else db.execute(sql, parameters)
+    for step in steps:
+        cursor = step(db)
     assert cursor is not None
     return cursor.fetchall() if fetch else cursor.rowcount
 
@@ -53,22 +58,22 @@ async def _on_thread(conn: aiosqlite.Connection, steps: list[_Step], fetch: bool
 class SqliteTx:
     """A transaction on the writer connection (the `Tx` protocol).
 
-    Statements whose result nobody reads (`BEGIN IMMEDIATE`, `executemany`) are queued and sent
-    with the next one that returns something, or with the COMMIT: an audit batch (BEGIN, the
-    chain's tail, the INSERTs, COMMIT) takes two hops to the writer's thread instead of four. An
-    error of a queued statement therefore surfaces at that later call, inside the same
+    Steps whose result nobody reads (`BEGIN IMMEDIATE`, `executemany`, `write_from`) are queued
+    and sent with the next statement that returns something, or with the COMMIT: an audit batch
+    (BEGIN, the chain's tail and the INSERTs made from it, COMMIT) takes one hop to the writer's
+    thread. An error of a queued step therefore surfaces at that later call, inside the same
     transaction, which then rolls back as a whole.
     """
 
     def __init__(self, conn: aiosqlite.Connection, *, begin: bool = False) -> None:
         self._conn = conn
-        self._queued: list[_Step] = [("BEGIN IMMEDIATE", (), False)] if begin else []
+        self._queued: list[_Step] = [_statement("BEGIN IMMEDIATE", ())] if begin else []
         # Whether anything reached the connection (so a ROLLBACK has something to undo).
         self.sent = False
         self.changes: list[str] = []
 
     async def _send(self, sql: str, args: Any, fetch: bool) -> Any:
-        steps = [*self._queued, (sql, args, False)]
+        steps = [*self._queued, _statement(sql, args)]
         self._queued.clear()
         self.sent = True
         return await _on_thread(self._conn, steps, fetch)
@@ -77,7 +82,8 @@ class SqliteTx:
         return int(await self._send(sql, args, False))
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        self._queued.append((sql, list(rows), True))
+        parameters = list(rows)
+        self._queued.append(lambda db: db.executemany(sql, parameters))
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         return list(await self._send(sql, args, True))
@@ -85,6 +91,11 @@ class SqliteTx:
     async def fetchval(self, sql: str, *args: Any) -> Any:
         rows = await self.fetch(sql, *args)
         return rows[0][0] if rows else None  # type: ignore[index]
+
+    async def write_from(
+        self, query: str, statement: str, rows: Callable[[list[Row]], Iterable[Sequence[Any]]]
+    ) -> None:
+        self._queued.append(lambda db: db.executemany(statement, rows(db.execute(query).fetchall())))
 
     async def changed(self, change: str) -> None:
         self.changes.append(change)
