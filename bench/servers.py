@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -58,6 +59,7 @@ async def serve_broker(root: Path, name: str = "broker") -> None:
     broker_log.configure(settings.log_level)
     broker = Broker(settings)
     await broker.start()
+    gc.freeze()  # as `broker serve` does once SERVING (broker.server.serve)
     ports = {"admin": broker.admin_port, "resolve": broker.resolve_port, "metrics": broker.metrics_port}
     _ready(root, name, ports)
     await _until_stopped()
@@ -93,6 +95,7 @@ async def serve_echo(root: Path, response_file: Path) -> None:
     )
     port = server.add_secure_port("127.0.0.1:0", credentials)
     await server.start()
+    gc.freeze()  # the broker's process does the same once serving: the ceiling gets it too
     _ready(root, "echo", {"resolve": port})
     await _until_stopped()
     await server.stop(1)

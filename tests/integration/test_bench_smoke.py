@@ -31,6 +31,7 @@ SCENARIOS = {
     "echo",
     "resolve_hot",
     "resolve_uniform",
+    "resolve_uniform_warm",
     "echo_one_in_flight",
     "resolve_durable_audit_one_in_flight",
     "echo_open_half",
@@ -74,12 +75,14 @@ def _run_and_check(out: Path) -> None:
     hot = rows["resolve_hot"]
     assert hot["audit_commits"] > 0 and hot["audit_events_per_commit"] >= 1
     assert rows["resolve_uniform"]["cache_misses"] > 0  # cold cache at the start
+    assert rows["resolve_uniform_warm"]["cache_misses"] == 0  # every connection resolved before
     assert rows["admin_list_paging_100"]["connections_listed"] >= report["plan"]["connections"]
     assert rows["resolve_hot_open_half"]["offered_rps"] > 0
     ratios = report["ratios"]
     assert set(ratios) == {
         "resolve_hot_vs_echo",
         "resolve_uniform_vs_echo",
+        "resolve_uniform_warm_vs_echo",
         "resolve_one_in_flight_vs_echo",
         "resolve_hot_cpu_vs_echo",
         "resolve_uniform_cpu_vs_echo",
