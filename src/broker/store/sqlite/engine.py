@@ -2,9 +2,11 @@
 
 Every change runs as `BEGIN IMMEDIATE ... COMMIT` on the writer (rolled back on any
 exception), its statements batched into as few hops to the writer's thread as their results
-allow (`SqliteTx`); WAL lets the reader read meanwhile. This process is the file's only
-writer, so audit appends need no lock of their own and a refresh lock is a no-op;
-committed changes go straight to the sink, before the write call returns.
+allow (`SqliteTx`); WAL lets the reader read meanwhile. Another process may write the same
+file (the `broker keys` commands): `BEGIN IMMEDIATE` takes SQLite's own write lock, so its
+writes and ours are serialised, and audit appends need no lock of their own (the chain's tail
+is read inside the transaction, never kept). A refresh lock is a no-op: only the server
+refreshes tokens. Committed changes go straight to the sink, before the write call returns.
 """
 
 from __future__ import annotations
