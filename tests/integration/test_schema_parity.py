@@ -6,6 +6,8 @@
 * Databases migrated by the scripts as first released (two trees, kept in
   tests/vectors/migrations_0008.json) open with today's runners: nothing applied, nothing changed,
   and a database migrated from empty today has exactly their schema.
+* Migrations that rebuild or fill in existing rows keep them: grants from before grant modes,
+  and the SQLite tables rebuilt by 0011 so that their key cannot be NULL.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from broker.model import Grant, GrantMode
 from broker.store._codec import GRANTS, from_micros
 from broker.store._migrate import Engine, Migration, apply_sqlite, load_migrations
 from broker.store.postgres.migrate import apply_postgres
+from broker.store.sqlite import SqliteStore
 from tests.postgres_db import fresh_database
 from tests.schema_facts import Facts, postgres_exact, postgres_facts, sqlite_exact, sqlite_facts
 
@@ -32,10 +35,6 @@ RELEASED = json.loads(
     (Path(__file__).resolve().parent.parent / "vectors" / "migrations_0008.json").read_text(encoding="utf-8")
 )
 
-_PK_MAY_BE_NULL = (
-    "SQLite lets a PRIMARY KEY column other than INTEGER hold NULL (a documented legacy of its"
-    " own); the store always writes the key, and forbidding it would mean rebuilding the table"
-)
 _EQUALITY_ONLY = (
     "only ever compared for equality, never ordered or paged on, so the database's default"
     " collation cannot change a result"
@@ -55,10 +54,6 @@ ACCEPTED: dict[str, tuple[str | None, str | None, str]] = {
         "created by each runner's bootstrap as INTEGER, which is 64 bits on SQLite and 32 on"
         " PostgreSQL; versions have four digits",
     ),
-    "meta.key null": ("null", "not null", _PK_MAY_BE_NULL),
-    "oauth_states.state_hash null": ("null", "not null", _PK_MAY_BE_NULL),
-    "kek_wraps.kek_id null": ("null", "not null", _PK_MAY_BE_NULL),
-    "audit_seals.last_id null": ("null", "not null", _PK_MAY_BE_NULL),
     "meta.key order": ("bytes", "database default", _EQUALITY_ONLY),
     "kek_wraps.kek_id order": ("bytes", "database default", _EQUALITY_ONLY),
     "connections.kek_id order": ("bytes", "database default", _EQUALITY_ONLY),
@@ -178,6 +173,73 @@ async def test_grants_made_before_grant_modes_are_resolve_grants(tmp_path: Path)
 
     assert read_sqlite(path, grants) == [Grant("t", "conn_1", "p", from_micros(0), "admin")]
     assert read_sqlite(path, grants)[0].mode is GrantMode.RESOLVE
+
+
+# Migration 0011 rebuilds these SQLite tables so that their key is NOT NULL: (key column, a row).
+KEY_NOT_NULL = 11
+KEYED_TABLES: dict[str, tuple[str, tuple[object, ...]]] = {
+    "meta": ("key", ("key_check", b"\x00sealed")),
+    "oauth_states": ("state_hash", ("9f86d0", "t", "admin", "conn_1", 1, 2, b"ct", b"dek", "kek-1")),
+    "kek_wraps": ("kek_id", ("kek-1", 7)),
+    "audit_seals": ("last_id", (5, "ab" * 32, "kek-1", "cd" * 32, 3)),
+}
+
+
+def insert(db: sqlite3.Connection, table: str, row: tuple[object, ...]) -> None:
+    db.execute(f"INSERT INTO {table} VALUES ({', '.join('?' * len(row))})", row)
+
+
+async def test_sqlite_keys_refuse_null_after_0011_and_the_rows_are_kept(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    await migrate_sqlite(path, load_migrations("sqlite")[: KEY_NOT_NULL - 1])
+
+    def fill(db: sqlite3.Connection) -> dict[str, list[tuple[object, ...]]]:
+        # Nothing refers to these tables, so rebuilding them leaves no foreign key, trigger or view behind.
+        tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        parents = {fk[2] for table in tables for fk in db.execute(f"PRAGMA foreign_key_list('{table}')")}
+        assert "connections" in parents
+        assert not parents & KEYED_TABLES.keys()
+        others = db.execute("SELECT type, name FROM sqlite_master WHERE type IN ('trigger', 'view')")
+        assert others.fetchall() == []
+        for table, (_, row) in KEYED_TABLES.items():
+            insert(db, table, row)
+            insert(db, table, (None, *row[1:]))  # taken before 0011; such a row is not kept
+        db.commit()
+        return {table: db.execute(f"SELECT * FROM {table}").fetchall() for table in KEYED_TABLES}
+
+    before = read_sqlite(path, fill)
+    assert all(len(rows) == 2 for rows in before.values())
+
+    store = SqliteStore(path)  # migrates as the broker does: foreign keys on, secure_delete
+    await store.open()
+    try:
+        assert await store.get_meta("key_check") == b"\x00sealed"
+        assert await store.kek_wraps() == {"kek-1": 7}
+    finally:
+        await store.close()
+
+    def check(db: sqlite3.Connection) -> None:
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert db.execute("PRAGMA index_info('oauth_states_by_kek')").fetchall() == [(0, 8, "kek_id")]
+        for table, (key, row) in KEYED_TABLES.items():
+            assert db.execute(f"SELECT * FROM {table}").fetchall() == [row] == before[table][:1]
+            with pytest.raises(sqlite3.IntegrityError) as refused:
+                insert(db, table, (None, *row[1:]))
+            assert str(refused.value) == f"NOT NULL constraint failed: {table}.{key}"
+
+    read_sqlite(path, check)
+
+
+async def test_the_sqlite_key_rebuild_changes_nothing_on_postgres() -> None:
+    async with fresh_database() as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await apply_postgres(conn, load_migrations("postgres")[: KEY_NOT_NULL - 1])
+            schema = await postgres_exact(conn)
+            assert await apply_postgres(conn, load_migrations("postgres")[:KEY_NOT_NULL]) == [KEY_NOT_NULL]
+            assert await postgres_exact(conn) == schema
+        finally:
+            await conn.close()
 
 
 async def test_a_postgres_database_from_the_released_scripts_opens_unchanged() -> None:

@@ -39,8 +39,11 @@ async def apply_postgres(conn: asyncpg.Connection, migrations: list[Migration]) 
             if migration.version in done:
                 continue
             async with conn.transaction():
-                # A script without parameters runs as one simple-protocol batch.
-                await conn.execute(migration.sql)
+                # A script without parameters runs as one simple-protocol batch. One that has no
+                # statement for PostgreSQL (all `{sqlite: ... | postgres: }`) is only recorded:
+                # asyncpg fails on a batch of comments alone (MagicStack/asyncpg#1259).
+                if migration.statements():
+                    await conn.execute(migration.sql)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name, checksum, applied_at)"
                     " VALUES ($1, $2, $3, $4)",
