@@ -34,3 +34,29 @@ def test_the_adapters_reach_testers_only_through_the_service_layer() -> None:
         for name, modules in imported.items()
     }
     assert {name: found for name, found in past_the_service.items() if found} == {}
+
+
+def private_names_imported(path: Path, package: str) -> list[str]:
+    """`module.name` for each `_name` that `path` imports from a module of `package`."""
+    return [
+        f"{node.module}.{alias.name}"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(package + ".")
+        for alias in node.names
+        if alias.name.startswith("_")
+    ]
+
+
+def test_services_share_only_public_names() -> None:
+    found = {
+        path.name: names
+        for path in sorted((SOURCE / "service").glob("*.py"))
+        if (names := private_names_imported(path, "broker.service"))
+    }
+    assert found == {}
+
+
+def test_the_check_finds_a_private_import(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("from broker.service.oauth import _state_hash, OAuthService\n")
+    assert private_names_imported(module, "broker.service") == ["broker.service.oauth._state_hash"]
