@@ -20,14 +20,19 @@ from broker.model import (
     SecurityEventFilter,
 )
 from broker.sensitive import SecretFields
-from broker.service.access import AccessService
-from broker.service.audit import AuditLog
-from broker.service.connections import ConnectionPatch, ConnectionService, NewConnection
-from broker.service.keys import MasterKeys
-from broker.service.leases import LeaseService
-from broker.service.monitor import Monitor
-from broker.service.oauth import DraftAuthorization, OAuthService
-from broker.service.testing import TestingService
+from broker.service import (
+    AccessService,
+    AuditLog,
+    ConnectionPatch,
+    ConnectionService,
+    DraftAuthorization,
+    LeaseService,
+    MasterKeys,
+    Monitor,
+    NewConnection,
+    OAuthService,
+    TestingService,
+)
 
 
 def _draft(draft: pb.ConnectionDraft) -> NewConnection:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from broker.service.replicas import ReplicaChanges
     from broker.service.resolve import Released, Resolver
     from broker.service.testing import TestingService
+    from broker.service.upstream import UpstreamRequest
 
 # Public name -> the module that defines it.
 _MODULES = {
@@ -61,6 +62,7 @@ _MODULES = {
     "ResolveCache": "cache",
     "Resolver": "resolve",
     "TestingService": "testing",
+    "UpstreamRequest": "upstream",
     "utc_now": "connections",
     "verify_keyring": "keycheck",
 }
@@ -89,6 +91,7 @@ __all__ = [
     "ResolveCache",
     "Resolver",
     "TestingService",
+    "UpstreamRequest",
     "parse_target",
     "rebind_unbound",
     "utc_now",
