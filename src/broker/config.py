@@ -133,7 +133,6 @@ from broker import keydir
 from broker.crypto import Kek, KeyError_, Keyring
 from broker.egress.policy import EgressSettings, parse_allowed_host, parse_cidr
 from broker.errors import ConfigError
-from broker.service.monitor import MonitorSettings
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 # Where a broker listens unless told otherwise: `broker dev`, `broker init` and brokerctl start here.
@@ -216,7 +215,7 @@ class Settings:
     audit_retention_days: int = 365
     audit_seal_interval_seconds: float = 60.0
     egress: EgressSettings = field(default_factory=EgressSettings)
-    monitor: MonitorSettings = field(default_factory=MonitorSettings)
+    monitor: MonitorSettings = field(default_factory=lambda: MonitorSettings())
     leases: LeaseSettings = field(default_factory=lambda: LeaseSettings())
     # BROKER_* variables no setting reads, with the nearest valid name ("" when none is near).
     unknown_variables: tuple[tuple[str, str], ...] = field(default=(), compare=False)
@@ -553,6 +552,34 @@ def _leases(src: _Source) -> LeaseSettings:
         # Or a lease still being created would be undone under its creator.
         raise ConfigError("leases.creation_grace_seconds must be longer than leases.timeout_seconds")
     return settings
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    """`[monitor]`: the security monitor's rules (`service/monitor.py`); a threshold of 0 turns one off."""
+
+    failed_tests: int = 5
+    failed_tests_window_seconds: float = 600.0
+    denied_resolves: int = 20
+    denied_window_seconds: float = 60.0
+    block_seconds: float = 0.0
+    spike_factor: float = 10.0
+    spike_min_count: int = 100
+    spike_window_seconds: float = 60.0
+    # Weight of the newest finished window in the average.
+    spike_smoothing: float = 0.3
+    suspend_on_spike: bool = False
+    new_principal_peer: bool = True
+    oauth_refresh_failures: int = 3
+    oauth_refresh_window_seconds: float = 3600.0
+    wrong_role: int = 20
+    wrong_role_window_seconds: float = 60.0
+    # "tenant/connection_id" of a webhook connection that receives every tenant's events.
+    alert_webhook: str = ""
+    # Keys per in-memory table, and objects remembered per subject by new_principal_peer.
+    max_tracked: int = 100_000
+    seen_per_subject: int = 256
+    seen_flush_seconds: float = 5.0
 
 
 def _monitor(src: _Source) -> MonitorSettings:

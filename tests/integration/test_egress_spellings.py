@@ -25,12 +25,12 @@ import pytest
 
 from broker import catalog, oauth
 from broker._proto import broker_pb2 as pb
+from broker.config import MonitorSettings
 from broker.egress import Blocked, EgressPolicy, EgressSettings, InvalidTarget
 from broker.egress.http import request
 from broker.errors import InvalidArgument
 from broker.model import TestCategory
 from broker.sensitive import SecretFields
-from broker.service.monitor import MonitorSettings
 from broker.testers import Target, run_test, run_tester
 from broker.testers._mcp_client import discover_tools
 from tests import mcpserver, oauthserver

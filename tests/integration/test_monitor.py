@@ -16,8 +16,8 @@ import pytest
 
 from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc
+from broker.config import MonitorSettings
 from broker.egress import EgressSettings
-from broker.service.monitor import MonitorSettings
 from broker.testers import webhook
 from tests.conftest import Running
 from tests.helpers import EXECUTOR, EXECUTOR2, ShiftedClock, db_request, rpc_error, struct

@@ -7,6 +7,7 @@ import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -14,11 +15,12 @@ import grpc
 import httpx
 import pytest
 
-from broker import metrics
+from broker import keydir, metrics
 from broker._proto import broker_pb2 as pb
 from broker.egress import EgressSettings
+from broker.service.keys import rewrap_all
 from tests import oauthserver
-from tests.conftest import Running
+from tests.conftest import Running, spiffe
 from tests.helpers import EXECUTOR, ShiftedClock, field_violations, rpc_error, struct
 
 REDIRECT = "http://127.0.0.1:8976/callback"
@@ -172,6 +174,34 @@ async def test_state_is_single_use_bound_and_expiring(
         )
     )
     assert "redirect_uri" in field_violations(bad_redirect)
+
+
+async def test_a_pending_authorization_completes_after_a_master_key_rotation_and_rewrap(
+    start: Callable[..., Any], server: oauthserver.OAuthTestServer, tmp_path: Path
+) -> None:
+    """The rewrap re-wraps a pending authorization's data key with the binding it was sealed with
+    (`state_binding`, which `service/oauth.py` and `service/keys.py` share)."""
+    key_dir = tmp_path / "keys"
+    keydir.init(key_dir, [])
+    operator = spiffe("default", "admin", "cli")
+    running: Running = await start(
+        master_key_file=None, master_key_dir=key_dir, master_key_operators=(operator,)
+    )
+    try:
+        admin = running.admin()
+        begun = await admin.BeginAuthorization(
+            pb.BeginAuthorizationRequest(draft=draft(server), redirect_uri=REDIRECT)
+        )
+        rotated = await admin.RotateMasterKey(pb.RotateMasterKeyRequest())
+        report = await rewrap_all(running.broker.store, keydir.load(key_dir))
+        assert (report.total, report.rewrapped, report.failed) == (1, 1, [])
+        assert await running.broker.store.deks_by_kek() == {rotated.active_kek_id: 1}
+        code, state = await asyncio.to_thread(follow_authorization, begun.authorization_url)
+        created = await admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=state, code=code))
+        assert created.status == pb.CONNECTION_STATUS_ACTIVE
+    finally:
+        await running.close()
+        await running.broker.stop(grace=0)
 
 
 async def test_100_concurrent_resolves_share_one_refresh(

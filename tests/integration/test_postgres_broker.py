@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from broker._proto import broker_pb2 as pb
-from broker.service.monitor import MonitorSettings
+from broker.config import MonitorSettings
 from tests.conftest import Running
 from tests.helpers import EXECUTOR, db_request, rpc_error
 from tests.postgres_db import fresh_database

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from broker.api import resolve_public_part
+from broker.config import MonitorSettings
 from broker.model import (
     AuditEvent,
     AuditFilter,
@@ -24,7 +25,7 @@ from broker.service.audit import AuditLog
 from broker.service.cache import ResolveCache
 from broker.service.context import Call
 from broker.service.denials import WINDOW_SECONDS, DenialAudit
-from broker.service.monitor import Burst, Monitor, MonitorSettings, Seen, Spike, peer_host
+from broker.service.monitor import Burst, Monitor, Seen, Spike, peer_host
 from broker.service.replicas import ReplicaChanges
 from broker.store.sqlite import SqliteStore
 from tests.helpers import Recorder

@@ -100,3 +100,21 @@ def test_the_service_face_loads_each_module_when_first_asked() -> None:
     assert set(service._MODULES) == set(service.__all__)
     with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
         service.Nothing  # noqa: B018
+
+
+def from_imports(path: Path) -> set[str]:
+    return {
+        node.module or ""
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom)
+    }
+
+
+def test_the_adapters_import_services_from_the_public_face() -> None:
+    imported = {path.name: from_imports(path) for path in sorted((SOURCE / "api").glob("*.py"))}
+    assert "broker.service" in imported["admin.py"]  # the walk finds its imports
+    deep = {
+        name: sorted(m for m in modules if m.startswith("broker.service."))
+        for name, modules in imported.items()
+    }
+    assert {name: found for name, found in deep.items() if found} == {}

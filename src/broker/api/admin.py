@@ -20,15 +20,30 @@ from broker.model import (
     SecurityEventFilter,
 )
 from broker.sensitive import SecretFields
-from broker.service.access import AccessService
-from broker.service.audit import AuditLog
-from broker.service.connections import ConnectionPatch, ConnectionService, NewConnection
-from broker.service.keys import MasterKeys
-from broker.service.leases import LeaseService
-from broker.service.monitor import Monitor
-from broker.service.oauth import DraftAuthorization, OAuthService
-from broker.service.testing import TestingService
-from broker.testers import Target
+from broker.service import (
+    AccessService,
+    AuditLog,
+    ConnectionPatch,
+    ConnectionService,
+    DraftAuthorization,
+    LeaseService,
+    MasterKeys,
+    Monitor,
+    NewConnection,
+    OAuthService,
+    TestingService,
+)
+
+
+def _draft(draft: pb.ConnectionDraft) -> NewConnection:
+    """A draft to test or discover with; `ConnectionService.draft_target` validates it."""
+    return NewConnection(
+        name=draft.name,
+        type=draft.type,
+        provider=draft.provider,
+        config=convert.from_struct(draft.config, "draft.config"),
+        secrets=SecretFields(draft.secrets),
+    )
 
 
 class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
@@ -54,17 +69,6 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
 
     def _summary(self, record: ConnectionRecord) -> pb.Connection:
         return convert.connection(record, stale=self._tests.is_stale(record))
-
-    def _draft_target(self, draft: pb.ConnectionDraft) -> Target:
-        return self._connections.draft_target(
-            NewConnection(
-                name=draft.name,
-                type=draft.type,
-                provider=draft.provider,
-                config=convert.from_struct(draft.config, "draft.config"),
-                secrets=SecretFields(draft.secrets),
-            )
-        )
 
     async def ListConnectionTypes(self, request: pb.ListConnectionTypesRequest, context: Any) -> Any:
         return pb.ListConnectionTypesResponse(
@@ -208,7 +212,8 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
     async def TestConnection(self, request: pb.TestConnectionRequest, context: Any) -> pb.TestResult:
         call = current_call()
         if request.WhichOneof("target") == "draft":
-            result = await self._tests.test_draft(call, self._draft_target(request.draft))
+            target = self._connections.draft_target(_draft(request.draft))
+            result = await self._tests.test_draft(call, target)
         else:
             result = await self._tests.test_stored(call, request.id)
         return convert.test_result(result)
@@ -216,7 +221,8 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
     async def DiscoverMcpTools(self, request: pb.DiscoverMcpToolsRequest, context: Any) -> Any:
         call = current_call()
         if request.WhichOneof("target") == "draft":
-            result, tools = await self._tests.discover(call, self._draft_target(request.draft))
+            target = self._connections.draft_target(_draft(request.draft))
+            result, tools = await self._tests.discover(call, target)
         else:
             result, tools = await self._tests.discover_stored(call, request.id)
         return pb.DiscoverMcpToolsResponse(

@@ -46,8 +46,7 @@ from broker.errors import (
     ResourceExhausted,
 )
 from broker.model import Role
-from broker.service.context import Call
-from broker.service.ratelimit import RateLimits
+from broker.service import Call, RateLimits
 
 log = structlog.get_logger("broker.api")
 

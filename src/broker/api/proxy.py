@@ -10,8 +10,7 @@ from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc
 from broker.api import convert
 from broker.api.interceptors import current_call
-from broker.service.proxy import ProxyService
-from broker.service.upstream import UpstreamRequest
+from broker.service import ProxyService, UpstreamRequest
 
 
 class ProxyServicer(broker_pb2_grpc.ProxyServiceServicer):

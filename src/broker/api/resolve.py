@@ -18,8 +18,7 @@ from broker._proto import broker_pb2_grpc
 from broker.api import convert
 from broker.api.interceptors import current_call
 from broker.model import ConnectionRecord
-from broker.service.leases import LeaseService
-from broker.service.resolve import Released, Resolver
+from broker.service import LeaseService, Released, Resolver
 
 SERVICE = "broker.v1.ResolveService"
 

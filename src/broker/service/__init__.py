@@ -5,9 +5,8 @@ builds them in order) and names the store roles it uses (`broker.store.protocols
 Helpers the services share among themselves (`lookup`, `paging`, `sealing`, ...) stay
 in their modules.
 
-Each name is imported from its module when first asked for: `broker.config` imports
-`MonitorSettings` from here, and `brokerctl` (which reads the config module) should not
-pay for loading every use-case.
+Each name is imported from its module when first asked for, so importing one service
+module (`broker keys` imports `service/keys.py`) does not load every use-case.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ if TYPE_CHECKING:
     from broker.service.keycheck import verify_keyring
     from broker.service.keys import MasterKeys
     from broker.service.leases import LeaseService
-    from broker.service.monitor import Monitor, MonitorSettings
+    from broker.service.monitor import Monitor
     from broker.service.oauth import DraftAuthorization, OAuthService, OAuthSettings
     from broker.service.proxy import ProxyService
     from broker.service.ratelimit import Limit, RateLimits
@@ -34,6 +33,7 @@ if TYPE_CHECKING:
     from broker.service.replicas import ReplicaChanges
     from broker.service.resolve import Released, Resolver
     from broker.service.testing import TestingService
+    from broker.service.upstream import UpstreamRequest
 
 # Public name -> the module that defines it.
 _MODULES = {
@@ -50,7 +50,6 @@ _MODULES = {
     "Limit": "ratelimit",
     "MasterKeys": "keys",
     "Monitor": "monitor",
-    "MonitorSettings": "monitor",
     "NewConnection": "connections",
     "OAuthService": "oauth",
     "OAuthSettings": "oauth",
@@ -63,6 +62,7 @@ _MODULES = {
     "ResolveCache": "cache",
     "Resolver": "resolve",
     "TestingService": "testing",
+    "UpstreamRequest": "upstream",
     "utc_now": "connections",
     "verify_keyring": "keycheck",
 }
@@ -81,7 +81,6 @@ __all__ = [
     "Limit",
     "MasterKeys",
     "Monitor",
-    "MonitorSettings",
     "NewConnection",
     "OAuthService",
     "OAuthSettings",
@@ -92,6 +91,7 @@ __all__ = [
     "ResolveCache",
     "Resolver",
     "TestingService",
+    "UpstreamRequest",
     "parse_target",
     "rebind_unbound",
     "utc_now",

@@ -28,8 +28,7 @@ from broker.errors import ConfigError, FailedPrecondition, PermissionDenied
 from broker.service.audit import AuditLog
 from broker.service.context import Call
 from broker.service.keycheck import canary_kek_id, rewrap_canary
-from broker.service.oauth import _state_binding
-from broker.service.sealing import row_binding
+from broker.service.sealing import row_binding, state_binding
 from broker.store import KeyStore, SecretVersionStore, WrappedDek
 
 log = structlog.get_logger("broker.keys")
@@ -43,7 +42,7 @@ def dek_binding(dek: WrappedDek) -> Binding:
     """The binding a stored data key was wrapped with (the destination is not part of it)."""
     if dek.kind == "connection":
         return row_binding(dek.tenant, dek.key, dek.secret_version)
-    return _state_binding(dek.tenant, dek.key)
+    return state_binding(dek.tenant, dek.key)
 
 
 @dataclass

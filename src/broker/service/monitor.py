@@ -44,6 +44,7 @@ from urllib.parse import unquote
 import structlog
 
 from broker import metrics
+from broker.config import MonitorSettings
 from broker.errors import Aborted, InvalidArgument
 from broker.model import (
     AuditEvent,
@@ -85,32 +86,6 @@ PROBING_REASONS = frozenset(
 )
 MAX_REASON = 512
 _CODE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-
-
-@dataclass(frozen=True)
-class MonitorSettings:
-    failed_tests: int = 5
-    failed_tests_window_seconds: float = 600.0
-    denied_resolves: int = 20
-    denied_window_seconds: float = 60.0
-    block_seconds: float = 0.0
-    spike_factor: float = 10.0
-    spike_min_count: int = 100
-    spike_window_seconds: float = 60.0
-    # Weight of the newest finished window in the average.
-    spike_smoothing: float = 0.3
-    suspend_on_spike: bool = False
-    new_principal_peer: bool = True
-    oauth_refresh_failures: int = 3
-    oauth_refresh_window_seconds: float = 3600.0
-    wrong_role: int = 20
-    wrong_role_window_seconds: float = 60.0
-    # "tenant/connection_id" of a webhook connection that receives every tenant's events.
-    alert_webhook: str = ""
-    # Keys per in-memory table, and objects remembered per subject by new_principal_peer.
-    max_tracked: int = 100_000
-    seen_per_subject: int = 256
-    seen_flush_seconds: float = 5.0
 
 
 # ------------------------------------------------------------------ arithmetic
@@ -269,7 +244,7 @@ class Monitor:
         connections: ConnectionStore,
         coordination: Coordination,
         clock: Callable[[], datetime],
-        settings: MonitorSettings = MonitorSettings(),
+        settings: MonitorSettings = MonitorSettings(),  # noqa: B008 (frozen)
         alerts: AlertSender | None = None,
     ) -> None:
         self._events = events

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from broker import catalog, crypto, metrics, oauth
-from broker.crypto import Binding, DecryptionFailed, Keyring
+from broker.crypto import DecryptionFailed, Keyring
 from broker.egress import Blocked, DnsFailure, EgressPolicy
 from broker.errors import Aborted, FailedPrecondition, InvalidArgument, SecretUnavailable, Unavailable
 from broker.model import AuditEvent, ConnectionRecord, ConnectionStatus, Outcome, PendingAuthorization
@@ -38,7 +38,7 @@ from broker.service.audit import AuditLog
 from broker.service.context import Call, system_event
 from broker.service.fingerprint import fingerprint
 from broker.service.lookup import live_connection
-from broker.service.sealing import DECRYPT_FAILED, open_secrets, open_secrets_audited, seal
+from broker.service.sealing import DECRYPT_FAILED, open_secrets, open_secrets_audited, seal, state_binding
 from broker.store import ConnectionStore, Coordination, OAuthStateStore
 
 log = structlog.get_logger("broker.oauth")
@@ -74,10 +74,6 @@ CreateConnection = Callable[[Call, DraftAuthorization, oauth.TokenSet], Awaitabl
 
 def _state_hash(state: str) -> str:
     return hashlib.sha256(state.encode()).hexdigest()
-
-
-def _state_binding(tenant: str, state_hash: str) -> Binding:
-    return Binding(tenant=tenant, connection_id="oauth-state:" + state_hash, secret_version=0)
 
 
 def _check_redirect_uri(uri: str) -> None:
@@ -221,7 +217,7 @@ class OAuthService:
         now = self._clock()
         state_hash = _state_hash(state)
         sealed = crypto.seal(
-            self._keyring, json.dumps(payload).encode(), _state_binding(call.tenant, state_hash)
+            self._keyring, json.dumps(payload).encode(), state_binding(call.tenant, state_hash)
         )
         pending = PendingAuthorization(
             state_hash=state_hash,
@@ -258,7 +254,7 @@ class OAuthService:
                 crypto.open(
                     self._keyring,
                     pending.sealed,
-                    _state_binding(call.tenant, pending.state_hash),
+                    state_binding(call.tenant, pending.state_hash),
                     accept_unbound=True,
                 )
             )

@@ -5,6 +5,10 @@ version and the record's destination digest, so secrets of a row whose
 destination was changed in the database without re-sealing do not open. Rows
 sealed before the destination was bound (format 1) are opened only by the
 start-up migration (`service.rebind`), which re-seals them.
+
+A stored data key is wrapped with its owner's binding without the destination: a
+connection row's (`row_binding`) or a pending OAuth authorization's (`state_binding`);
+`service.keys` re-wraps both.
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ class SealedRow(Protocol):
 def row_binding(tenant: str, connection_id: str, secret_version: int) -> Binding:
     """A connection row's binding without its destination: enough to (re-)wrap its data key."""
     return Binding(tenant, connection_id, secret_version)
+
+
+def state_binding(tenant: str, state_hash: str) -> Binding:
+    """A pending OAuth authorization's binding: its sealed verifier opens only for its tenant and state."""
+    return Binding(tenant=tenant, connection_id="oauth-state:" + state_hash, secret_version=0)
 
 
 def seal(keyring: Keyring, secrets: SecretFields, record: ConnectionRecord) -> crypto.Sealed:
