@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import cast
 
 import structlog
 
@@ -129,7 +130,7 @@ class Resolver:
             if not text.isprintable():
                 raise InvalidArgument.field(field_name, "must not contain control characters")
         now = self._clock()
-        entry = await self._lookup(call.tenant, connection_id, name)
+        entry = await self._lookup(call.tenant, connection_id, name, call.actor)
         reason = await self._denial_reason(call, entry, now)
         ref_id = entry.id if entry is not None else connection_id
         details = {"purpose": purpose} if purpose else {}
@@ -240,7 +241,9 @@ class Resolver:
             await self._audit.append(event)
             raise
 
-    async def _lookup(self, tenant: str, connection_id: str, name: str) -> CachedConnection | None:
+    async def _lookup(
+        self, tenant: str, connection_id: str, name: str, principal: str
+    ) -> CachedConnection | None:
         cache = self._cache
         if name:
             cached_id = cache.connection_id_by_name(tenant, name)
@@ -256,7 +259,20 @@ class Resolver:
                 _CACHE_HIT.inc()
                 return entry
             generation = cache.generation
-            record = await self._connections.get_connection(tenant, connection_id)
+            # A record not cached has no cached grant either: read the caller's alongside it, so a
+            # miss waits for one turn of the store instead of two in a row.
+            record, grant = await asyncio.gather(
+                self._connections.get_connection(tenant, connection_id),
+                self._grants.get_grant(tenant, connection_id, principal),
+            )
+            _CACHE_MISS.inc()
+            if record is None:
+                return None
+            entry = cache.put_connection(record, generation)
+            # On the entry itself: what `ResolveCache.put_grant` does when the cache kept it (nothing
+            # was awaited since), and an entry it did not keep serves this call alone.
+            entry.put_grant(principal, grant_terms(grant))
+            return entry
         _CACHE_MISS.inc()
         return None if record is None else cache.put_connection(record, generation)
 
@@ -277,7 +293,11 @@ class Resolver:
             return "unknown_connection"
         if entry.refusal:  # deleted, revoked, suspended (`lookup.refusal`, kept on the entry)
             return entry.refusal
-        terms = await self._grant_terms(call.tenant, entry.id, call.actor)
+        cached = entry.grant(call.actor)  # `_lookup` just returned the entry: nothing changed it since
+        if cached is MISSING:
+            terms = await self._grant_terms(call.tenant, entry.id, call.actor)
+        else:
+            terms = cast(GrantTerms | None, cached)
         if terms is None:
             return "no_grant"
         if now >= terms.ends:
