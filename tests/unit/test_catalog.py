@@ -475,6 +475,20 @@ def test_options_map_refuses_line_breaks() -> None:
     assert set(violations("database", "", config)) == {"config.options"}
 
 
+DYNAMIC_MYSQL = {"driver": "mysql", "host": "h", "database": "d", "username": "u", "dynamic": True}
+
+
+@pytest.mark.parametrize("field", ["renewal_statements", "revocation_statements"])
+def test_only_creation_statements_may_ask_for_the_password(field: str) -> None:
+    """The broker keeps no password after the user is made: a later statement asking for one
+    could never run (a revocation, never end), so it is refused when the connection is saved."""
+    statement = "ALTER USER {{name}}@'%' IDENTIFIED BY {{password}}"
+    found = violations("database", "", {**DYNAMIC_MYSQL, field: [statement]})
+    assert found == {f"config.{field}": "uses {{password}}, which has a value only in creation_statements"}
+    ok = validate("database", "", {**DYNAMIC_MYSQL, "creation_statements": [statement]}, {})
+    assert ok.config["creation_statements"] == [statement]
+
+
 # ------------------------------------------------------------------------- http, webhook, mcp
 
 
