@@ -633,6 +633,22 @@ async def test_mysql_create_of_a_name_that_exists_fails_and_leaves_that_user_alo
             await admin.drop(name)
 
 
+async def test_a_password_placeholder_with_no_value_is_invalid_config_naming_it(my: My) -> None:
+    """At renewal there is no password (the broker keeps none): a template that asks for one fails
+    before any statement runs, naming the placeholder."""
+    templates = {"renewal_statements": ["ALTER USER {{name}}@'%' IDENTIFIED BY {{password}}"]}
+    name, password = new_username("brk_"), new_password()
+    async with my_admin(my, **templates) as admin:
+        await admin.create(name, password, hour())
+        try:
+            with pytest.raises(LeaseDbError) as failed:
+                await admin.renew(name, hour())
+            assert (failed.value.reason, failed.value.code) == ("invalid_config", "{{password}}")
+            (await my.login(name, password)).close()  # nothing ran
+        finally:
+            await admin.drop(name)
+
+
 async def test_mysql_wrong_admin_password_is_auth_failed_and_never_shown(my: My) -> None:
     wrong = "admin-Canary-" + secrets.token_hex(8)
     with pytest.raises(LeaseDbError) as failed:

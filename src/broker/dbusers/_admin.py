@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -119,23 +119,26 @@ class UserAdmin:
         self, templates: tuple[str, ...], name: str, password: str | None, expires_at: datetime | None
     ) -> list[str]:
         """The templates with their placeholders quoted by the server's rules. A placeholder that has
-        no value for this step (the password at renewal) is a ValueError, never an empty string."""
+        no value in this step (the password at renewal) is LeaseDbError("invalid_config",
+        "{{placeholder}}"), never an empty string, before any statement runs. Only the values used
+        are computed (a SCRAM verifier costs a PBKDF2)."""
         used = set().union(*(placeholders_in(t) for t in templates)) if templates else set()
-        available: dict[str, str | None] = {
-            "name": name,
-            "password": None if password is None else self._session.password_form(password),
-            "expiration": (
+        session = self._session
+        available: dict[str, Callable[[], str | None]] = {
+            "name": lambda: name,
+            "password": lambda: None if password is None else session.password_form(password),
+            "expiration": lambda: (
                 expiration_text(expires_at, postgresql=self._driver == "postgresql")
                 if expires_at is not None
                 else None
             ),
-            "group": self._group or None,
+            "group": lambda: self._group or None,
         }
         values: dict[str, str] = {}
         for placeholder in sorted(used):
-            value = available[placeholder]
+            value = available[placeholder]()
             if value is None:
-                raise ValueError(f"{{{{{placeholder}}}}} has no value in this step")
+                raise LeaseDbError("invalid_config", f"{{{{{placeholder}}}}}")
             values[placeholder] = value
         quoted = await self._session.quote(values) if values else {}
         return [render(template, quoted) for template in templates]
