@@ -35,6 +35,7 @@ from broker.dbusers import (
     statements_for,
     template_problem,
 )
+from broker.dbusers._mysql import native_password_hash
 from broker.egress import EgressPolicy, EgressSettings
 from broker.sensitive import SecretFields
 from broker.testers import Target
@@ -455,12 +456,18 @@ class My:
 
     async def root(self) -> Any:
         return await aiomysql.connect(
-            host=self.host, port=self.port, user="root", password="", autocommit=True
+            host=self.host, port=self.port, user="root", password="", autocommit=True, charset="utf8mb4"
         )
 
-    async def login(self, user: str, password: str) -> Any:
+    async def login(self, user: str, password: str, *, use_database: bool = True) -> Any:
+        """Log in as `user`, into the test database (which takes the group's privileges) or none."""
         return await aiomysql.connect(
-            host=self.host, port=self.port, user=user, password=password, db=self.database, autocommit=True
+            host=self.host,
+            port=self.port,
+            user=user,
+            password=password,
+            db=self.database if use_database else None,
+            autocommit=True,
         )
 
 
@@ -633,6 +640,55 @@ async def test_mysql_create_of_a_name_that_exists_fails_and_leaves_that_user_alo
             await admin.drop(name)
 
 
+async def stored_password(my: My, name: str) -> str:
+    """What the server keeps for user `name`@'%' (its mysql_native_password hash)."""
+    rows = await _root_sql(
+        my, f"SELECT authentication_string FROM mysql.user WHERE User = '{name}' AND Host = '%'"
+    )
+    return str(rows[0][0])
+
+
+CLEAR = {"creation_statements": ["CREATE USER {{name}}@'%' IDENTIFIED BY {{password}}"], "group_role": None}
+HASHED_VIA = {
+    "creation_statements": [
+        "CREATE USER {{name}}@'%' IDENTIFIED VIA mysql_native_password USING {{password_hash}}"
+    ],
+    "group_role": None,
+}
+
+
+async def test_mariadb_password_hash_is_what_the_servers_password_function_gives(my: My) -> None:
+    """The hash the broker computes is MariaDB's own, for quotes and non-ASCII text too."""
+    conn = await my.root()
+    try:
+        async with conn.cursor() as cur:
+            for password in (new_password(), HOSTILE_PASSWORD, "pässwörd ✓"):
+                await cur.execute("SELECT PASSWORD(%s)", (password,))
+                assert (await cur.fetchone())[0] == native_password_hash(password)
+    finally:
+        conn.close()
+
+
+async def test_mysql_administrators_templates_keep_the_password_and_may_use_the_hash(my: My) -> None:
+    """{{password}} is still the password itself (quoted, whatever it holds), and {{password_hash}}
+    works in a template of the administrator's own."""
+    clear, via = new_username("brk_"), new_username("brk_")
+    async with my_admin(my, **CLEAR) as admin:
+        await admin.create(clear, HOSTILE_PASSWORD, hour())
+        try:
+            (await my.login(clear, HOSTILE_PASSWORD, use_database=False)).close()
+        finally:
+            await admin.drop(clear)
+    password = new_password()
+    async with my_admin(my, **HASHED_VIA) as admin:
+        await admin.create(via, password, hour())
+        try:
+            (await my.login(via, password, use_database=False)).close()
+            assert await stored_password(my, via) == native_password_hash(password)
+        finally:
+            await admin.drop(via)
+
+
 async def test_a_password_placeholder_with_no_value_is_invalid_config_naming_it(my: My) -> None:
     """At renewal there is no password (the broker keeps none): a template that asks for one fails
     before any statement runs, naming the placeholder."""
@@ -647,6 +703,77 @@ async def test_a_password_placeholder_with_no_value_is_invalid_config_naming_it(
             (await my.login(name, password)).close()  # nothing ran
         finally:
             await admin.drop(name)
+
+
+@contextlib.asynccontextmanager
+async def general_log(my: My) -> AsyncIterator[Any]:
+    """The shared server's general log, into mysql.general_log too, for the block (a cursor of root's
+    to read it with); the server's settings as they were afterwards. A named lock keeps two runs
+    of this from overlapping."""
+    conn = await my.root()
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute("SELECT GET_LOCK('broker_test_general_log', 60)")
+            assert (await cur.fetchone())[0] == 1
+            await cur.execute("SELECT @@global.general_log, @@global.log_output")
+            was_on, output = await cur.fetchone()
+            await cur.execute("SELECT COUNT(*) FROM mysql.general_log")
+            (rows_before,) = await cur.fetchone()
+            outputs = {o for o in str(output).split(",") if o not in ("", "NONE")} | {"TABLE"}
+            try:
+                await cur.execute("SET GLOBAL log_output = %s", (",".join(sorted(outputs)),))
+                await cur.execute("SET GLOBAL general_log = 1")
+                yield cur
+            finally:
+                await cur.execute("SET GLOBAL general_log = %s", (int(was_on),))
+                await cur.execute("SET GLOBAL log_output = %s", (output,))
+                if rows_before == 0:  # the table was empty: leave it so
+                    await cur.execute("TRUNCATE TABLE mysql.general_log")
+                await cur.execute("SELECT RELEASE_LOCK('broker_test_general_log')")
+    finally:
+        conn.close()
+
+
+async def log_lines(cur: Any, query: str, name: str) -> list[str]:
+    """The lines of a log table (`query` selects one text column) that mention `name`."""
+    await cur.execute(query)
+    lines = [
+        row[0].decode(errors="replace") if isinstance(row[0], bytes) else str(row[0])
+        for row in await cur.fetchall()
+    ]
+    return [line for line in lines if name in line]
+
+
+GENERAL_LOG = "SELECT argument FROM mysql.general_log"
+
+
+async def test_mariadb_general_log_shows_the_password_hash_never_the_password(my: My) -> None:
+    """The default creation statement gives MariaDB the password as its mysql_native_password hash,
+    which is what the server stores: the user logs in with the password, and the general log
+    (MariaDB writes statements there as they came) shows the hash. A template of the
+    administrator's that asks for {{password}} shows it there: the log is where it would be."""
+    name, password = new_username("brk_"), new_password()
+    clear, clear_password = new_username("brk_"), new_password()
+    async with general_log(my) as cur:
+        async with my_admin(my) as admin:
+            await admin.create(name, password, hour())
+            try:
+                (await my.login(name, password)).close()
+                with pytest.raises(pymysql.err.OperationalError) as wrong:
+                    await my.login(name, password[:-1])
+                assert wrong.value.args[0] == 1045
+                stored = await stored_password(my, name)
+            finally:
+                await admin.drop(name)
+        async with my_admin(my, **CLEAR) as admin:
+            await admin.create(clear, clear_password, hour())
+            await admin.drop(clear)
+        logged = await log_lines(cur, GENERAL_LOG, name)
+        logged_clear = await log_lines(cur, GENERAL_LOG, clear)
+    assert stored == native_password_hash(password)
+    assert f"CREATE USER '{name}'@'%' IDENTIFIED BY PASSWORD '{stored}'" in logged
+    assert not any(password in line for line in logged)
+    assert any(clear_password in line for line in logged_clear)
 
 
 async def test_mysql_wrong_admin_password_is_auth_failed_and_never_shown(my: My) -> None:
@@ -717,7 +844,7 @@ def test_template_problems_are_named_and_bad_templates_refused() -> None:
     assert "unbalanced" in (template_problem("CREATE ROLE {{name}") or "")
     assert "unbalanced" in (template_problem("CREATE ROLE {{name}} }}") or "")
     assert "empty" in (template_problem("  ") or "")
-    assert PLACEHOLDERS == ("name", "password", "expiration", "group")
+    assert PLACEHOLDERS == ("name", "password", "expiration", "group", "password_hash")
     with pytest.raises(ValueError, match="nope"):
         statements_for("postgresql", {"creation_statements": ["CREATE ROLE {{nope}}"]})
     with pytest.raises(ValueError, match="group_role"):
@@ -736,8 +863,20 @@ def test_defaults_per_driver() -> None:
     assert pg.renewal == ("ALTER ROLE {{name}} VALID UNTIL {{expiration}}",)
     assert statements_for("postgresql", {}).creation == pg.creation[:1]
     mysql = statements_for("mysql", {"group_role": "readers"}, mariadb=False)
-    assert mysql.creation[-1] == "SET DEFAULT ROLE {{group}} TO {{name}}@'%'"
+    assert mysql.creation == (
+        "CREATE USER {{name}}@'%' IDENTIFIED BY {{password}}",  # MySQL rewrites it out of its logs
+        "GRANT {{group}} TO {{name}}@'%'",
+        "SET DEFAULT ROLE {{group}} TO {{name}}@'%'",
+    )
     assert mysql.renewal == ()
+    mariadb = statements_for("mysql", {"group_role": "readers"})
+    assert mariadb.creation == (
+        "CREATE USER {{name}}@'%' IDENTIFIED BY PASSWORD {{password_hash}}",
+        "GRANT {{group}} TO {{name}}@'%'",
+        "SET DEFAULT ROLE {{group}} FOR {{name}}@'%'",
+    )
+    refusing = statements_for("mysql", {}, password_hashes=False)  # a MariaDB that takes no hash
+    assert refusing.creation == ("CREATE USER {{name}}@'%' IDENTIFIED BY {{password}}",)
     custom = statements_for("mysql", {"renewal_statements": ["ALTER USER {{name}}@'%' ACCOUNT UNLOCK"]})
     assert custom.renewal == ("ALTER USER {{name}}@'%' ACCOUNT UNLOCK",)
     name = new_username("brk_")

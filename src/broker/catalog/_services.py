@@ -80,7 +80,11 @@ def auth_rules(
 
 def _statements(when: str, purpose: str) -> FieldSpec:
     creation = when == "creation"
-    passwords = "{{password}}, " if creation else ""
+    passwords = (
+        "{{password}}, {{password_hash}} (the password as the server stores it: PostgreSQL, MariaDB), "
+        if creation
+        else ""
+    )
     return FieldSpec(
         f"{when}_statements",
         FieldKind.STRING_LIST,
