@@ -1,5 +1,7 @@
 """broker.dbusers against real servers: a throwaway PostgreSQL cluster that checks passwords
-(scram; tests/pg_cluster.py, one per module) and the shared MariaDB (root as the admin).
+(scram; tests/pg_cluster.py, one per module), the shared MariaDB (root as the admin), and a
+throwaway MariaDB (tests/mariadb_server.py) for what the shared one must not be given: a binary
+log, a password validation plugin.
 
 Everything created on the shared MariaDB carries a name unique to this run and is dropped at the
 end, also when a test fails.
@@ -40,6 +42,7 @@ from broker.egress import EgressPolicy, EgressSettings
 from broker.sensitive import SecretFields
 from broker.testers import Target
 from tests.helpers import free_port
+from tests.mariadb_server import throwaway_mariadb
 from tests.pg_cluster import Cluster, throwaway_cluster
 
 MY_DSN = os.environ.get("BROKER_TEST_MYSQL_DSN", "")
@@ -782,6 +785,123 @@ async def test_mysql_wrong_admin_password_is_auth_failed_and_never_shown(my: My)
         await UserAdmin.open(admin_target(wrong, **{**my.target().config}), loopback(), timeout=TIMEOUT)
     assert (failed.value.reason, failed.value.code) == ("auth_failed", "1045")
     assert_not_shown(failed.value, wrong)
+
+
+# --- a MariaDB of our own: its binary log, a password validation plugin ---------------------------
+
+# Every statement goes to all three logs: the binary log (only at start-up), and the general and
+# slow logs into their tables.
+LOGS_ON = (
+    "--log-bin=binlog",
+    "--server-id=1",
+    "--log-output=TABLE",
+    "--general-log=1",
+    "--slow-query-log=1",
+    "--long-query-time=0",
+)
+
+
+@pytest.fixture(scope="module")
+def own_my() -> Iterator[My]:
+    """A throwaway MariaDB with every log on: a database, tables and a role like `my`'s."""
+    with throwaway_mariadb(*LOGS_ON) as port:
+        own = My("127.0.0.1", port, "brk_own", "brk_own_role")
+        setup = (
+            # Every statement counts as slow, whatever the kind of query (the default filter keeps
+            # only some kinds); sessions take it from the global value when they open.
+            "SET GLOBAL log_slow_filter = ''",
+            "CREATE DATABASE test",  # where the admin connects (My.target)
+            f"CREATE DATABASE `{own.database}`",
+            f"CREATE TABLE `{own.database}`.granted (x int)",
+            f"CREATE ROLE `{own.group}`",
+            f"GRANT SELECT ON `{own.database}`.granted TO `{own.group}`",
+        )
+        asyncio.run(_root_sql(own, *setup))
+        yield own
+
+
+async def binary_log_lines(cur: Any, name: str) -> list[str]:
+    """The binary log's events (their text) that mention `name`."""
+    await cur.execute("SHOW BINARY LOGS")
+    lines: list[str] = []
+    for log, *_ in list(await cur.fetchall()):
+        await cur.execute(f"SHOW BINLOG EVENTS IN '{log}'")  # the server's own file names
+        lines += [str(row[5]) for row in await cur.fetchall()]
+    return [line for line in lines if name in line]
+
+
+async def test_mariadb_binary_slow_and_general_logs_show_the_hash_never_the_password(own_my: My) -> None:
+    """The binary log (kept for days, shipped to every replica), the slow log and the general log
+    all get the statement as it came: with the default template, the password's hash; with a
+    template that asks for {{password}}, the password (so each log is looked at where it would be)."""
+    name, password = new_username("brk_"), new_password()
+    clear, clear_password = new_username("brk_"), new_password()
+    async with my_admin(own_my) as admin:
+        await admin.create(name, password, hour())
+        (await own_my.login(name, password)).close()
+    async with my_admin(own_my, **CLEAR) as admin:
+        await admin.create(clear, clear_password, hour())
+        (await own_my.login(clear, clear_password, use_database=False)).close()
+    stored = await stored_password(own_my, name)
+    assert stored == native_password_hash(password)
+    conn = await own_my.root()
+    try:
+        async with conn.cursor() as cur:
+            logs = {
+                "binary": (await binary_log_lines(cur, name), await binary_log_lines(cur, clear)),
+                "slow": (
+                    await log_lines(cur, "SELECT sql_text FROM mysql.slow_log", name),
+                    await log_lines(cur, "SELECT sql_text FROM mysql.slow_log", clear),
+                ),
+                "general": (
+                    await log_lines(cur, GENERAL_LOG, name),
+                    await log_lines(cur, GENERAL_LOG, clear),
+                ),
+            }
+    finally:
+        conn.close()
+    for log, (lines, clear_lines) in logs.items():
+        assert any(f"IDENTIFIED BY PASSWORD '{stored}'" in line for line in lines), log
+        assert not any(password in line for line in lines), log
+        assert any(clear_password in line for line in clear_lines), log
+    async with my_admin(own_my) as admin:
+        await admin.drop(name)
+        await admin.drop(clear)
+
+
+@contextlib.asynccontextmanager
+async def password_validation(my: My) -> AsyncIterator[None]:
+    """simple_password_check active for the block: with strict_password_validation (on by default)
+    the server then refuses any password given as a hash."""
+    await _root_sql(my, "INSTALL SONAME 'simple_password_check'")
+    try:
+        yield
+    finally:
+        await _root_sql(my, "UNINSTALL SONAME 'simple_password_check'")
+
+
+async def test_a_mariadb_that_refuses_hashes_gets_the_password_and_has_no_password_hash(own_my: My) -> None:
+    """The default template falls back to the password itself (the server could not check a hash);
+    a template that asks for {{password_hash}} fails naming it before anything runs, and the
+    revocation statements still run."""
+    password = "Aa1-" + new_password()  # what simple_password_check asks for, whatever the rest is
+    name, other = new_username("brk_"), new_username("brk_")
+    async with password_validation(own_my):
+        async with my_admin(own_my) as admin:
+            await admin.create(name, password, hour())
+            try:
+                (await own_my.login(name, password)).close()
+            finally:
+                await admin.drop(name)
+        hashed = {
+            "creation_statements": ["CREATE USER {{name}}@'%' IDENTIFIED BY PASSWORD {{password_hash}}"]
+        }
+        async with my_admin(own_my, **hashed, group_role=None) as admin:
+            with pytest.raises(LeaseDbError) as refused:
+                await admin.create(other, password, hour())
+            assert (refused.value.reason, refused.value.code) == ("invalid_config", "{{password_hash}}")
+            await admin.drop(other)  # nothing to drop: success
+    assert await my_users(own_my, name) == [] and await my_users(own_my, other) == []
 
 
 # --- connecting: the egress policy, unreachable servers, templates -------------------------------
