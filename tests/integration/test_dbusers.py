@@ -1,5 +1,7 @@
 """broker.dbusers against real servers: a throwaway PostgreSQL cluster that checks passwords
-(scram; tests/pg_cluster.py, one per module) and the shared MariaDB (root as the admin).
+(scram; tests/pg_cluster.py, one per module), the shared MariaDB (root as the admin), and a
+throwaway MariaDB (tests/mariadb_server.py) for what the shared one must not be given: a binary
+log, a password validation plugin.
 
 Everything created on the shared MariaDB carries a name unique to this run and is dropped at the
 end, also when a test fails.
@@ -35,10 +37,12 @@ from broker.dbusers import (
     statements_for,
     template_problem,
 )
+from broker.dbusers._mysql import native_password_hash
 from broker.egress import EgressPolicy, EgressSettings
 from broker.sensitive import SecretFields
 from broker.testers import Target
 from tests.helpers import free_port
+from tests.mariadb_server import throwaway_mariadb
 from tests.pg_cluster import Cluster, throwaway_cluster
 
 MY_DSN = os.environ.get("BROKER_TEST_MYSQL_DSN", "")
@@ -455,12 +459,18 @@ class My:
 
     async def root(self) -> Any:
         return await aiomysql.connect(
-            host=self.host, port=self.port, user="root", password="", autocommit=True
+            host=self.host, port=self.port, user="root", password="", autocommit=True, charset="utf8mb4"
         )
 
-    async def login(self, user: str, password: str) -> Any:
+    async def login(self, user: str, password: str, *, use_database: bool = True) -> Any:
+        """Log in as `user`, into the test database (which takes the group's privileges) or none."""
         return await aiomysql.connect(
-            host=self.host, port=self.port, user=user, password=password, db=self.database, autocommit=True
+            host=self.host,
+            port=self.port,
+            user=user,
+            password=password,
+            db=self.database if use_database else None,
+            autocommit=True,
         )
 
 
@@ -633,12 +643,265 @@ async def test_mysql_create_of_a_name_that_exists_fails_and_leaves_that_user_alo
             await admin.drop(name)
 
 
+async def stored_password(my: My, name: str) -> str:
+    """What the server keeps for user `name`@'%' (its mysql_native_password hash)."""
+    rows = await _root_sql(
+        my, f"SELECT authentication_string FROM mysql.user WHERE User = '{name}' AND Host = '%'"
+    )
+    return str(rows[0][0])
+
+
+CLEAR = {"creation_statements": ["CREATE USER {{name}}@'%' IDENTIFIED BY {{password}}"], "group_role": None}
+HASHED_VIA = {
+    "creation_statements": [
+        "CREATE USER {{name}}@'%' IDENTIFIED VIA mysql_native_password USING {{password_hash}}"
+    ],
+    "group_role": None,
+}
+
+
+async def test_mariadb_password_hash_is_what_the_servers_password_function_gives(my: My) -> None:
+    """The hash the broker computes is MariaDB's own, for quotes and non-ASCII text too."""
+    conn = await my.root()
+    try:
+        async with conn.cursor() as cur:
+            for password in (new_password(), HOSTILE_PASSWORD, "pässwörd ✓"):
+                await cur.execute("SELECT PASSWORD(%s)", (password,))
+                assert (await cur.fetchone())[0] == native_password_hash(password)
+    finally:
+        conn.close()
+
+
+async def test_mysql_administrators_templates_keep_the_password_and_may_use_the_hash(my: My) -> None:
+    """{{password}} is still the password itself (quoted, whatever it holds), and {{password_hash}}
+    works in a template of the administrator's own."""
+    clear, via = new_username("brk_"), new_username("brk_")
+    async with my_admin(my, **CLEAR) as admin:
+        await admin.create(clear, HOSTILE_PASSWORD, hour())
+        try:
+            (await my.login(clear, HOSTILE_PASSWORD, use_database=False)).close()
+        finally:
+            await admin.drop(clear)
+    password = new_password()
+    async with my_admin(my, **HASHED_VIA) as admin:
+        await admin.create(via, password, hour())
+        try:
+            (await my.login(via, password, use_database=False)).close()
+            assert await stored_password(my, via) == native_password_hash(password)
+        finally:
+            await admin.drop(via)
+
+
+async def test_a_password_placeholder_with_no_value_is_invalid_config_naming_it(my: My) -> None:
+    """At renewal there is no password (the broker keeps none): a template that asks for one fails
+    before any statement runs, naming the placeholder."""
+    templates = {"renewal_statements": ["ALTER USER {{name}}@'%' IDENTIFIED BY {{password}}"]}
+    name, password = new_username("brk_"), new_password()
+    async with my_admin(my, **templates) as admin:
+        await admin.create(name, password, hour())
+        try:
+            with pytest.raises(LeaseDbError) as failed:
+                await admin.renew(name, hour())
+            assert (failed.value.reason, failed.value.code) == ("invalid_config", "{{password}}")
+            (await my.login(name, password)).close()  # nothing ran
+        finally:
+            await admin.drop(name)
+
+
+@contextlib.asynccontextmanager
+async def general_log(my: My) -> AsyncIterator[Any]:
+    """The shared server's general log, into mysql.general_log too, for the block (a cursor of root's
+    to read it with); the server's settings as they were afterwards. A named lock keeps two runs
+    of this from overlapping."""
+    conn = await my.root()
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute("SELECT GET_LOCK('broker_test_general_log', 60)")
+            assert (await cur.fetchone())[0] == 1
+            await cur.execute("SELECT @@global.general_log, @@global.log_output")
+            was_on, output = await cur.fetchone()
+            await cur.execute("SELECT COUNT(*) FROM mysql.general_log")
+            (rows_before,) = await cur.fetchone()
+            outputs = {o for o in str(output).split(",") if o not in ("", "NONE")} | {"TABLE"}
+            try:
+                await cur.execute("SET GLOBAL log_output = %s", (",".join(sorted(outputs)),))
+                await cur.execute("SET GLOBAL general_log = 1")
+                yield cur
+            finally:
+                await cur.execute("SET GLOBAL general_log = %s", (int(was_on),))
+                await cur.execute("SET GLOBAL log_output = %s", (output,))
+                if rows_before == 0:  # the table was empty: leave it so
+                    await cur.execute("TRUNCATE TABLE mysql.general_log")
+                await cur.execute("SELECT RELEASE_LOCK('broker_test_general_log')")
+    finally:
+        conn.close()
+
+
+async def log_lines(cur: Any, query: str, name: str) -> list[str]:
+    """The lines of a log table (`query` selects one text column) that mention `name`."""
+    await cur.execute(query)
+    lines = [
+        row[0].decode(errors="replace") if isinstance(row[0], bytes) else str(row[0])
+        for row in await cur.fetchall()
+    ]
+    return [line for line in lines if name in line]
+
+
+GENERAL_LOG = "SELECT argument FROM mysql.general_log"
+
+
+async def test_mariadb_general_log_shows_the_password_hash_never_the_password(my: My) -> None:
+    """The default creation statement gives MariaDB the password as its mysql_native_password hash,
+    which is what the server stores: the user logs in with the password, and the general log
+    (MariaDB writes statements there as they came) shows the hash. A template of the
+    administrator's that asks for {{password}} shows it there: the log is where it would be."""
+    name, password = new_username("brk_"), new_password()
+    clear, clear_password = new_username("brk_"), new_password()
+    async with general_log(my) as cur:
+        async with my_admin(my) as admin:
+            await admin.create(name, password, hour())
+            try:
+                (await my.login(name, password)).close()
+                with pytest.raises(pymysql.err.OperationalError) as wrong:
+                    await my.login(name, password[:-1])
+                assert wrong.value.args[0] == 1045
+                stored = await stored_password(my, name)
+            finally:
+                await admin.drop(name)
+        async with my_admin(my, **CLEAR) as admin:
+            await admin.create(clear, clear_password, hour())
+            await admin.drop(clear)
+        logged = await log_lines(cur, GENERAL_LOG, name)
+        logged_clear = await log_lines(cur, GENERAL_LOG, clear)
+    assert stored == native_password_hash(password)
+    assert f"CREATE USER '{name}'@'%' IDENTIFIED BY PASSWORD '{stored}'" in logged
+    assert not any(password in line for line in logged)
+    assert any(clear_password in line for line in logged_clear)
+
+
 async def test_mysql_wrong_admin_password_is_auth_failed_and_never_shown(my: My) -> None:
     wrong = "admin-Canary-" + secrets.token_hex(8)
     with pytest.raises(LeaseDbError) as failed:
         await UserAdmin.open(admin_target(wrong, **{**my.target().config}), loopback(), timeout=TIMEOUT)
     assert (failed.value.reason, failed.value.code) == ("auth_failed", "1045")
     assert_not_shown(failed.value, wrong)
+
+
+# --- a MariaDB of our own: its binary log, a password validation plugin ---------------------------
+
+# Every statement goes to all three logs: the binary log (only at start-up), and the general and
+# slow logs into their tables.
+LOGS_ON = (
+    "--log-bin=binlog",
+    "--server-id=1",
+    "--log-output=TABLE",
+    "--general-log=1",
+    "--slow-query-log=1",
+    "--long-query-time=0",
+)
+
+
+@pytest.fixture(scope="module")
+def own_my() -> Iterator[My]:
+    """A throwaway MariaDB with every log on: a database, tables and a role like `my`'s."""
+    with throwaway_mariadb(*LOGS_ON) as port:
+        own = My("127.0.0.1", port, "brk_own", "brk_own_role")
+        setup = (
+            # Every statement counts as slow, whatever the kind of query (the default filter keeps
+            # only some kinds); sessions take it from the global value when they open.
+            "SET GLOBAL log_slow_filter = ''",
+            "CREATE DATABASE test",  # where the admin connects (My.target)
+            f"CREATE DATABASE `{own.database}`",
+            f"CREATE TABLE `{own.database}`.granted (x int)",
+            f"CREATE ROLE `{own.group}`",
+            f"GRANT SELECT ON `{own.database}`.granted TO `{own.group}`",
+        )
+        asyncio.run(_root_sql(own, *setup))
+        yield own
+
+
+async def binary_log_lines(cur: Any, name: str) -> list[str]:
+    """The binary log's events (their text) that mention `name`."""
+    await cur.execute("SHOW BINARY LOGS")
+    lines: list[str] = []
+    for log, *_ in list(await cur.fetchall()):
+        await cur.execute(f"SHOW BINLOG EVENTS IN '{log}'")  # the server's own file names
+        lines += [str(row[5]) for row in await cur.fetchall()]
+    return [line for line in lines if name in line]
+
+
+async def test_mariadb_binary_slow_and_general_logs_show_the_hash_never_the_password(own_my: My) -> None:
+    """The binary log (kept for days, shipped to every replica), the slow log and the general log
+    all get the statement as it came: with the default template, the password's hash; with a
+    template that asks for {{password}}, the password (so each log is looked at where it would be)."""
+    name, password = new_username("brk_"), new_password()
+    clear, clear_password = new_username("brk_"), new_password()
+    async with my_admin(own_my) as admin:
+        await admin.create(name, password, hour())
+        (await own_my.login(name, password)).close()
+    async with my_admin(own_my, **CLEAR) as admin:
+        await admin.create(clear, clear_password, hour())
+        (await own_my.login(clear, clear_password, use_database=False)).close()
+    stored = await stored_password(own_my, name)
+    assert stored == native_password_hash(password)
+    conn = await own_my.root()
+    try:
+        async with conn.cursor() as cur:
+            logs = {
+                "binary": (await binary_log_lines(cur, name), await binary_log_lines(cur, clear)),
+                "slow": (
+                    await log_lines(cur, "SELECT sql_text FROM mysql.slow_log", name),
+                    await log_lines(cur, "SELECT sql_text FROM mysql.slow_log", clear),
+                ),
+                "general": (
+                    await log_lines(cur, GENERAL_LOG, name),
+                    await log_lines(cur, GENERAL_LOG, clear),
+                ),
+            }
+    finally:
+        conn.close()
+    for log, (lines, clear_lines) in logs.items():
+        assert any(f"IDENTIFIED BY PASSWORD '{stored}'" in line for line in lines), log
+        assert not any(password in line for line in lines), log
+        assert any(clear_password in line for line in clear_lines), log
+    async with my_admin(own_my) as admin:
+        await admin.drop(name)
+        await admin.drop(clear)
+
+
+@contextlib.asynccontextmanager
+async def password_validation(my: My) -> AsyncIterator[None]:
+    """simple_password_check active for the block: with strict_password_validation (on by default)
+    the server then refuses any password given as a hash."""
+    await _root_sql(my, "INSTALL SONAME 'simple_password_check'")
+    try:
+        yield
+    finally:
+        await _root_sql(my, "UNINSTALL SONAME 'simple_password_check'")
+
+
+async def test_a_mariadb_that_refuses_hashes_gets_the_password_and_has_no_password_hash(own_my: My) -> None:
+    """The default template falls back to the password itself (the server could not check a hash);
+    a template that asks for {{password_hash}} fails naming it before anything runs, and the
+    revocation statements still run."""
+    password = "Aa1-" + new_password()  # what simple_password_check asks for, whatever the rest is
+    name, other = new_username("brk_"), new_username("brk_")
+    async with password_validation(own_my):
+        async with my_admin(own_my) as admin:
+            await admin.create(name, password, hour())
+            try:
+                (await own_my.login(name, password)).close()
+            finally:
+                await admin.drop(name)
+        hashed = {
+            "creation_statements": ["CREATE USER {{name}}@'%' IDENTIFIED BY PASSWORD {{password_hash}}"]
+        }
+        async with my_admin(own_my, **hashed, group_role=None) as admin:
+            with pytest.raises(LeaseDbError) as refused:
+                await admin.create(other, password, hour())
+            assert (refused.value.reason, refused.value.code) == ("invalid_config", "{{password_hash}}")
+            await admin.drop(other)  # nothing to drop: success
+    assert await my_users(own_my, name) == [] and await my_users(own_my, other) == []
 
 
 # --- connecting: the egress policy, unreachable servers, templates -------------------------------
@@ -701,7 +964,7 @@ def test_template_problems_are_named_and_bad_templates_refused() -> None:
     assert "unbalanced" in (template_problem("CREATE ROLE {{name}") or "")
     assert "unbalanced" in (template_problem("CREATE ROLE {{name}} }}") or "")
     assert "empty" in (template_problem("  ") or "")
-    assert PLACEHOLDERS == ("name", "password", "expiration", "group")
+    assert PLACEHOLDERS == ("name", "password", "expiration", "group", "password_hash")
     with pytest.raises(ValueError, match="nope"):
         statements_for("postgresql", {"creation_statements": ["CREATE ROLE {{nope}}"]})
     with pytest.raises(ValueError, match="group_role"):
@@ -720,8 +983,20 @@ def test_defaults_per_driver() -> None:
     assert pg.renewal == ("ALTER ROLE {{name}} VALID UNTIL {{expiration}}",)
     assert statements_for("postgresql", {}).creation == pg.creation[:1]
     mysql = statements_for("mysql", {"group_role": "readers"}, mariadb=False)
-    assert mysql.creation[-1] == "SET DEFAULT ROLE {{group}} TO {{name}}@'%'"
+    assert mysql.creation == (
+        "CREATE USER {{name}}@'%' IDENTIFIED BY {{password}}",  # MySQL rewrites it out of its logs
+        "GRANT {{group}} TO {{name}}@'%'",
+        "SET DEFAULT ROLE {{group}} TO {{name}}@'%'",
+    )
     assert mysql.renewal == ()
+    mariadb = statements_for("mysql", {"group_role": "readers"})
+    assert mariadb.creation == (
+        "CREATE USER {{name}}@'%' IDENTIFIED BY PASSWORD {{password_hash}}",
+        "GRANT {{group}} TO {{name}}@'%'",
+        "SET DEFAULT ROLE {{group}} FOR {{name}}@'%'",
+    )
+    refusing = statements_for("mysql", {}, password_hashes=False)  # a MariaDB that takes no hash
+    assert refusing.creation == ("CREATE USER {{name}}@'%' IDENTIFIED BY {{password}}",)
     custom = statements_for("mysql", {"renewal_statements": ["ALTER USER {{name}}@'%' ACCOUNT UNLOCK"]})
     assert custom.renewal == ("ALTER USER {{name}}@'%' ACCOUNT UNLOCK",)
     name = new_username("brk_")

@@ -29,6 +29,7 @@ from broker.config import LeaseSettings
 from broker.egress import EgressSettings
 from tests.conftest import Running
 from tests.helpers import EXECUTOR, EXECUTOR2, field_violations, rpc_error, struct
+from tests.mariadb_server import throwaway_mariadb
 
 DSN = os.environ.get("BROKER_TEST_MYSQL_DSN", "")
 
@@ -444,6 +445,79 @@ async def test_bad_lease_input_is_invalid_argument_naming_the_field(broker: Runn
         error = await rpc_error(call)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, error.details())
         assert field in field_violations(error), (field, error.details())
+
+
+STRICT_ADMIN_PASSWORD = "Adm1n-" + secrets.token_hex(8)  # what simple_password_check asks for
+
+
+@pytest.fixture(scope="module")
+def strict_mariadb() -> Iterator[int]:
+    """A throwaway MariaDB with a password validation plugin: it refuses any password given as a
+    hash (strict_password_validation), so it has no {{password_hash}}. Its port; an admin `adm`."""
+    with throwaway_mariadb("--plugin-load-add=simple_password_check") as port:
+        admin = pymysql.connect(host="127.0.0.1", port=port, user="root", password="", autocommit=True)
+        try:
+            with admin.cursor() as cur:
+                cur.execute("CREATE DATABASE app")
+                cur.execute("CREATE USER adm@'%%' IDENTIFIED BY %s", (STRICT_ADMIN_PASSWORD,))
+                cur.execute("GRANT ALL PRIVILEGES ON *.* TO adm@'%' WITH GRANT OPTION")
+        finally:
+            admin.close()
+        yield port
+
+
+async def test_a_placeholder_the_server_cannot_fill_fails_the_lease_naming_it(
+    broker: Running, strict_mariadb: int
+) -> None:
+    """The catalog cannot know the server: {{password_hash}} is accepted when the connection is
+    saved, and the lease fails, UNAVAILABLE naming the placeholder, before any statement runs;
+    its revocation (the default statements) still runs to the end."""
+    prefix = "s" + secrets.token_hex(3) + "_"
+    created = await broker.admin().CreateConnection(
+        pb.CreateConnectionRequest(
+            name="strict",
+            type="database",
+            config=struct(
+                {
+                    "driver": "mysql",
+                    "host": "127.0.0.1",
+                    "port": strict_mariadb,
+                    "database": "app",
+                    "username": "adm",
+                    "ssl": False,
+                    "dynamic": True,
+                    "username_prefix": prefix,
+                    "creation_statements": [
+                        "CREATE USER {{name}}@'%' IDENTIFIED BY PASSWORD {{password_hash}}"
+                    ],
+                }
+            ),
+            secrets={"password": STRICT_ADMIN_PASSWORD},
+        )
+    )
+    await broker.admin().GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
+    error = await rpc_error(broker.resolver().Resolve(pb.ResolveRequest(connection_id=created.id)))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "invalid_config ({{password_hash}})" in (error.details() or ""), error.details()
+
+    async def revoked() -> bool:
+        page = await broker.admin().ListLeases(pb.ListLeasesRequest(connection_id=created.id))
+        return [(lease.state, lease.revoke_reason) for lease in page.leases] == [
+            (pb.LEASE_STATE_REVOKED, "creation_failed")
+        ]
+
+    await wait_for(revoked, 10, "the failed lease's revocation")
+    conn = await aiomysql.connect(
+        host="127.0.0.1", port=strict_mariadb, user="root", password="", autocommit=True
+    )
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute(
+                "SELECT COUNT(*) FROM mysql.user WHERE LEFT(User, %s) = %s", (len(prefix), prefix)
+            )
+            assert await cur.fetchone() == (0,)
+    finally:
+        conn.close()
 
 
 async def test_another_tenants_leases_are_invisible(broker: Running, server: Server) -> None:

@@ -475,6 +475,33 @@ def test_options_map_refuses_line_breaks() -> None:
     assert set(violations("database", "", config)) == {"config.options"}
 
 
+DYNAMIC_MYSQL = {"driver": "mysql", "host": "h", "database": "d", "username": "u", "dynamic": True}
+
+
+def test_statement_templates_take_the_known_placeholders_and_name_the_others() -> None:
+    hashed = [
+        "CREATE USER {{name}}@'%' IDENTIFIED BY PASSWORD {{ password_hash }}",
+        "GRANT {{group}} TO {{name}}",
+    ]
+    ok = validate("database", "", {**DYNAMIC_MYSQL, "creation_statements": hashed, "group_role": "r"}, {})
+    assert ok.config["creation_statements"] == hashed
+    found = violations("database", "", {**DYNAMIC_MYSQL, "creation_statements": ["CREATE USER {{hash}}"]})
+    assert found["config.creation_statements"].startswith("uses an unknown placeholder {{hash}}; known: ")
+    assert "{{password_hash}}" in found["config.creation_statements"]
+
+
+@pytest.mark.parametrize("placeholder", ["password", "password_hash"])
+@pytest.mark.parametrize("field", ["renewal_statements", "revocation_statements"])
+def test_only_creation_statements_may_ask_for_the_password(field: str, placeholder: str) -> None:
+    """The broker keeps no password after the user is made: a later statement asking for one
+    could never run (a revocation, never end), so it is refused when the connection is saved."""
+    statement = f"ALTER USER {{{{name}}}}@'%' IDENTIFIED BY {{{{{placeholder}}}}}"
+    found = violations("database", "", {**DYNAMIC_MYSQL, field: [statement]})
+    assert found == {
+        f"config.{field}": f"uses {{{{{placeholder}}}}}, which has a value only in creation_statements"
+    }
+
+
 # ------------------------------------------------------------------------- http, webhook, mcp
 
 

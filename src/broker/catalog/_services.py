@@ -79,12 +79,18 @@ def auth_rules(
 
 
 def _statements(when: str, purpose: str) -> FieldSpec:
+    creation = when == "creation"
+    passwords = (
+        "{{password}}, {{password_hash}} (the password as the server stores it: PostgreSQL, MariaDB), "
+        if creation
+        else ""
+    )
     return FieldSpec(
         f"{when}_statements",
         FieldKind.STRING_LIST,
         description=f"Dynamic: the SQL that {purpose} a lease's user, one statement each, with "
-        "{{name}}, {{password}}, {{expiration}}, {{group}}; empty: the driver's defaults.",
-        check=v.each(v.statement_template),
+        f"{{{{name}}}}, {passwords}{{{{expiration}}}}, {{{{group}}}}; empty: the driver's defaults.",
+        check=v.each(v.statement_template if creation else v.later_statement_template),
     )
 
 

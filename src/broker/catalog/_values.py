@@ -230,7 +230,9 @@ def each(check: Check) -> Check:
 
 # The placeholders of a dynamic database connection's statement templates (broker.dbusers
 # renders each with the driver's own quoting).
-STATEMENT_PLACEHOLDERS = ("name", "password", "expiration", "group")
+STATEMENT_PLACEHOLDERS = ("name", "password", "expiration", "group", "password_hash")
+# Only a creation statement has a password to fill these in: the broker keeps none afterwards.
+CREATION_ONLY_PLACEHOLDERS = ("password", "password_hash")
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_]+)\s*\}\}")
 
 
@@ -245,6 +247,16 @@ def statement_template(value: str) -> str:
         raise Problem(f"uses an unknown placeholder {{{{{unknown[0][:32]}}}}}; known: {known}")
     if not value.strip():
         raise Problem("must not be blank")
+    return value
+
+
+def later_statement_template(value: str) -> str:
+    """Check: a statement_template for renewal or revocation, without {{password}} or
+    {{password_hash}} (they have a value only when the user is created)."""
+    statement_template(value)
+    for name in CREATION_ONLY_PLACEHOLDERS:
+        if name in _PLACEHOLDER.findall(value):
+            raise Problem(f"uses {{{{{name}}}}}, which has a value only in creation_statements")
     return value
 
 

@@ -11,7 +11,9 @@ MySQL/MariaDB, with the connection's administrative credential, through the egre
 
 Every value reaches SQL quoted by the server's rules (PostgreSQL quote_ident / quote_literal,
 MySQL the driver's escape), never by string formatting, and statements run one at a time. On
-PostgreSQL a password reaches the server only as its SCRAM-SHA-256 verifier.
+PostgreSQL a password reaches the server only as its SCRAM-SHA-256 verifier; by default on
+MariaDB only as its mysql_native_password hash ({{password_hash}}), on MySQL as it is ({{password}},
+which MySQL rewrites out of its logs).
 """
 
 from broker.dbusers._admin import UserAdmin

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -34,7 +34,9 @@ class UserAdmin:
         self._session = session
         self._driver = driver
         self._group = str(config.get("group_role") or "")
-        self._statements: Statements = statements_for(driver, config, mariadb=session.mariadb)
+        self._statements: Statements = statements_for(
+            driver, config, mariadb=session.mariadb, password_hashes=session.password_hashes
+        )
 
     @classmethod
     async def open(
@@ -45,7 +47,10 @@ class UserAdmin:
         timeout: float,  # noqa: ASYNC109 (each step is bounded by it, not the whole session)
     ) -> UserAdmin:
         """Connect as the connection's admin credential. The templates are checked first (a bad
-        one is ValueError, before any packet is sent); a failure to connect is LeaseDbError."""
+        one is ValueError, before any packet is sent); a failure to connect is LeaseDbError. A
+        placeholder the server or the step has no value for ({{password_hash}} on MySQL) is
+        LeaseDbError("invalid_config", "{{password_hash}}") from the step that uses it, not here:
+        such a creation statement must not keep the revocations from running."""
         driver = str(target.config.get("driver", ""))
         if driver not in _MAX_NAME:
             raise ValueError(f"driver {driver!r} has no database users the broker can manage")
@@ -119,23 +124,29 @@ class UserAdmin:
         self, templates: tuple[str, ...], name: str, password: str | None, expires_at: datetime | None
     ) -> list[str]:
         """The templates with their placeholders quoted by the server's rules. A placeholder that has
-        no value for this step (the password at renewal) is a ValueError, never an empty string."""
+        no value in this step (the password at renewal) or on this server ({{password_hash}} on
+        MySQL) is LeaseDbError("invalid_config", "{{placeholder}}"), never an empty string, before
+        any statement runs. Only the forms used are computed (a SCRAM verifier costs a PBKDF2)."""
         used = set().union(*(placeholders_in(t) for t in templates)) if templates else set()
-        available: dict[str, str | None] = {
-            "name": name,
-            "password": None if password is None else self._session.password_form(password),
-            "expiration": (
+        session = self._session
+        available: dict[str, Callable[[], str | None]] = {
+            "name": lambda: name,
+            "password": lambda: None if password is None else session.password_form(password),
+            "password_hash": lambda: (
+                session.password_hash(password) if password is not None and session.password_hashes else None
+            ),
+            "expiration": lambda: (
                 expiration_text(expires_at, postgresql=self._driver == "postgresql")
                 if expires_at is not None
                 else None
             ),
-            "group": self._group or None,
+            "group": lambda: self._group or None,
         }
         values: dict[str, str] = {}
         for placeholder in sorted(used):
-            value = available[placeholder]
+            value = available[placeholder]()
             if value is None:
-                raise ValueError(f"{{{{{placeholder}}}}} has no value in this step")
+                raise LeaseDbError("invalid_config", f"{{{{{placeholder}}}}}")
             values[placeholder] = value
         quoted = await self._session.quote(values) if values else {}
         return [render(template, quoted) for template in templates]

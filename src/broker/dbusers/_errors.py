@@ -22,7 +22,8 @@ class LeaseDbError(Exception):
     """A step failed. `reason` is a short token for metrics/ListLeases, never containing a secret
     or server text: "blocked" (egress policy), "dns", "connect_failed", "timeout", "tls",
     "auth_failed", "statement_failed" (+ `code`: SQLSTATE or MySQL errno as str), "protocol",
-    "invalid_config" (the connection's statements cannot be used, e.g. {{group}} without group_role),
+    "invalid_config" (the connection's statements cannot be used, e.g. {{group}} without group_role;
+    + `code`: the placeholder that has no value, e.g. "{{password_hash}}" on MySQL),
     "decrypt_failed" (the connection's stored credentials do not open; raised by the lease service)."""
 
     def __init__(self, reason: str, code: str = "") -> None:

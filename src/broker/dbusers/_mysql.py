@@ -5,6 +5,12 @@ a template, or a value that escaped its quotes).
 
 User names are string literals (`'name'@'%'`) quoted by the driver's `escape`, which follows the
 server's NO_BACKSLASH_ESCAPES; role names are backtick identifiers.
+
+MariaDB writes a statement as it came to its general, slow and binary logs (MySQL rewrites the
+password of `IDENTIFIED BY` in them), so on MariaDB {{password_hash}} offers the password as its
+mysql_native_password hash, `IDENTIFIED BY PASSWORD '*...'`. MySQL's own default plugin
+(caching_sha2_password) stores a salted crypt form the broker does not compute: on MySQL there
+is no {{password_hash}}.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any, TypeVar
 
 import aiomysql
 import pymysql
+from cryptography.hazmat.primitives import hashes
 
 from broker.dbusers._errors import LeaseDbError
 from broker.dbusers._session import checked_server, tls_for, transport_reason
@@ -35,6 +42,25 @@ T = TypeVar("T")
 UNKNOWN_THREAD = 1094  # KILL of a session that ended meanwhile
 # Client-side errors: the connection was lost or never worked.
 _LOST = {2006, 2013, 2055, CANNOT_CONNECT}
+# MariaDB refuses a password given as a hash when a password validation plugin is active and
+# strict_password_validation is on (it cannot check a hash): then it has no {{password_hash}}.
+_HASHES_REFUSED = (
+    "SELECT @@strict_password_validation AND EXISTS (SELECT 1 FROM information_schema.PLUGINS"
+    " WHERE PLUGIN_TYPE = 'PASSWORD VALIDATION' AND PLUGIN_STATUS = 'ACTIVE')"
+)
+
+
+def native_password_hash(password: str) -> str:
+    """The mysql_native_password hash MariaDB stores for `password` (what its PASSWORD() returns):
+    `*` and the upper-case hex of SHA1(SHA1(password)), the password encoded as UTF-8 (the
+    connection's utf8mb4)."""
+
+    def sha1(data: bytes) -> bytes:
+        digest = hashes.Hash(hashes.SHA1())  # noqa: S303 (the server's own scheme, not our choice)
+        digest.update(data)
+        return digest.finalize()
+
+    return "*" + sha1(sha1(password.encode())).hex().upper()
 
 
 class _QuietCursor(aiomysql.Cursor):  # type: ignore[misc]
@@ -52,6 +78,7 @@ class MysqlSession:
         self._conn = conn
         self._timeout = timeout
         self.mariadb = mariadb
+        self.password_hashes = False  # MariaDB's is read from the server in `open`
 
     @classmethod
     async def open(cls, target: Target, egress: EgressPolicy, bound: float) -> MysqlSession:
@@ -71,7 +98,15 @@ class MysqlSession:
         except Exception as exc:
             conn.close()
             raise _connect_error(exc) from None
-        return cls(conn, timeout, "mariadb" in str(conn.get_server_info()).lower())
+        session = cls(conn, timeout, "mariadb" in str(conn.get_server_info()).lower())
+        if session.mariadb:
+            try:
+                [(refused,)] = await session._bounded(session._execute(_HASHES_REFUSED))
+            except BaseException:
+                await session.close()
+                raise
+            session.password_hashes = not refused
+        return session
 
     async def _bounded(self, step: Awaitable[T]) -> T:
         try:
@@ -94,6 +129,11 @@ class MysqlSession:
     def password_form(self, password: str) -> str:
         """What {{password}} stands for on this server: the password itself (IDENTIFIED BY)."""
         return password
+
+    def password_hash(self, password: str) -> str:
+        """What {{password_hash}} stands for on MariaDB: the mysql_native_password hash
+        (IDENTIFIED BY PASSWORD)."""
+        return native_password_hash(password)
 
     async def quote(self, values: Mapping[str, str]) -> dict[str, str]:
         quoted = {}

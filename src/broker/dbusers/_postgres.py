@@ -64,6 +64,7 @@ class PostgresSession:
     """One asyncpg connection used for role administration."""
 
     mariadb = False
+    password_hashes = True
 
     def __init__(self, conn: Any, timeout: float) -> None:
         self._conn = conn
@@ -97,6 +98,10 @@ class PostgresSession:
 
     def password_form(self, password: str) -> str:
         """What {{password}} stands for on this server: the password's SCRAM verifier."""
+        return scram_verifier(password)
+
+    def password_hash(self, password: str) -> str:
+        """What {{password_hash}} stands for on this server: the same, the SCRAM verifier."""
         return scram_verifier(password)
 
     async def quote(self, values: Mapping[str, str]) -> dict[str, str]:

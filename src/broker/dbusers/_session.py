@@ -18,10 +18,18 @@ class Session(Protocol):
     and raises only LeaseDbError (close: nothing)."""
 
     mariadb: bool
+    # Whether the server accepts a password as the form it stores (what {{password_hash}} needs).
+    password_hashes: bool
 
     def password_form(self, password: str) -> str:
         """What the {{password}} placeholder stands for: the password, or a form of it the server
         stores as it is and cannot turn back into the password (PostgreSQL's SCRAM verifier)."""
+        ...
+
+    def password_hash(self, password: str) -> str:
+        """What the {{password_hash}} placeholder stands for: the password as the server stores it
+        (PostgreSQL: its SCRAM verifier; MariaDB: its mysql_native_password hash). Only called
+        when `password_hashes`."""
         ...
 
     async def quote(self, values: Mapping[str, str]) -> dict[str, str]:

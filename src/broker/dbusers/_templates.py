@@ -9,7 +9,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-PLACEHOLDERS = ("name", "password", "expiration", "group")
+# {{password}}: what the default templates always meant (PostgreSQL: the SCRAM verifier; MySQL and
+# MariaDB: the password itself). {{password_hash}}: the password as the server stores it, for the
+# servers that accept one (PostgreSQL, MariaDB); see the sessions' password_form / password_hash.
+PLACEHOLDERS = ("name", "password", "expiration", "group", "password_hash")
 
 # Any `{{ word }}`; a word outside PLACEHOLDERS makes the template unacceptable.
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_]*)\s*\}\}")
@@ -36,11 +39,15 @@ _PG_DEFAULT = Statements(
 )
 _PG_GROUP = ("GRANT {{group}} TO {{name}}",)
 _MY_DEFAULT = Statements(
+    # MySQL rewrites this statement's password out of its general, slow and binary logs.
     creation=("CREATE USER {{name}}@'%' IDENTIFIED BY {{password}}",),
     # MySQL has no login expiry: the broker's revocation ends the user.
     renewal=(),
     revocation=("DROP USER IF EXISTS {{name}}@'%'",),
 )
+# MariaDB logs statements as they came: the password only as its mysql_native_password hash, the
+# plugin `IDENTIFIED BY 'password'` would have chosen too.
+_MARIADB_HASHED = ("CREATE USER {{name}}@'%' IDENTIFIED BY PASSWORD {{password_hash}}",)
 # The default role makes the group's privileges active at login without SET ROLE.
 _MY_GROUP = {
     True: ("GRANT {{group}} TO {{name}}@'%'", "SET DEFAULT ROLE {{group}} FOR {{name}}@'%'"),
@@ -62,16 +69,24 @@ def template_problem(statement: str) -> str | None:
     return None
 
 
-def statements_for(driver: str, config: Mapping[str, Any], *, mariadb: bool = True) -> Statements:
+def statements_for(
+    driver: str, config: Mapping[str, Any], *, mariadb: bool = True, password_hashes: bool = True
+) -> Statements:
     """The connection's statement templates: config keys `creation_statements`,
     `renewal_statements`, `revocation_statements` (lists of str; empty/absent -> the driver's
     defaults). driver is "postgresql" or "mysql"; for "mysql", `mariadb` picks the default-role
-    syntax (UserAdmin passes what the server reports). Raises ValueError for a bad template."""
+    syntax, and with `password_hashes` (the server accepts {{password_hash}}) MariaDB's default
+    creates the user from the password's hash (UserAdmin passes what the server reports). Raises
+    ValueError for a bad template. A placeholder with no value where it is used ({{password_hash}}
+    on a server that takes none) is left for UserAdmin to refuse when it renders the statement:
+    the revocation statements must run whatever the creation statements say."""
     if driver == "postgresql":
         default = _PG_DEFAULT
         group: tuple[str, ...] = _PG_GROUP
     elif driver == "mysql":
         default, group = _MY_DEFAULT, _MY_GROUP[mariadb]
+        if mariadb and password_hashes:
+            default = Statements(_MARIADB_HASHED, default.renewal, default.revocation)
     else:
         raise ValueError(f"driver {driver!r} has no database users the broker can manage")
     has_group = bool(config.get("group_role"))

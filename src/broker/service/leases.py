@@ -182,8 +182,9 @@ class LeaseService:
             await self._audit.append(
                 call.audit_event(now, "lease.create", record.id, Outcome.FAILED, exc.reason, details)
             )
+            # The reason and its code (an errno, a SQLSTATE, a placeholder): never server text.
             raise Unavailable(
-                f"could not create a database user for connection {record.id} ({exc.reason})"
+                f"could not create a database user for connection {record.id} ({exc})"
             ) from None
         credentials = SecretFields({"password": password})
         released = replace(
@@ -228,7 +229,7 @@ class LeaseService:
             await self._audit.append(
                 call.audit_event(now, "lease.renew", lease.connection_id, Outcome.FAILED, reason, details)
             )
-            raise Unavailable(f"could not extend the database user of lease {lease.id} ({reason})") from None
+            raise Unavailable(f"could not extend the database user of lease {lease.id} ({exc})") from None
         event = call.audit_event(now, "lease.renew", lease.connection_id, details=details)
         if not await self._store.renew_lease(lease.tenant, lease.id, expires_at, now, event):
             raise FailedPrecondition(f"lease {lease.id} has ended; resolve again")
