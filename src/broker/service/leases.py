@@ -97,6 +97,15 @@ class LeaseTerms:
         return re.fullmatch(re.escape(self.prefix) + "[a-z0-9]{16}", username) is not None
 
 
+def _stop_if_cancelled() -> None:
+    """Raise CancelledError once this task was asked to stop, even if the request was swallowed:
+    aiomysql's connect awaits `asyncio.wait_for`, which on Python 3.11 can eat a cancellation that
+    arrives as it finishes, and a worker loop that went on would keep `close()` waiting forever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class LeaseService:
     def __init__(
         self,
@@ -372,6 +381,7 @@ class LeaseService:
 
     async def _work(self) -> None:
         while True:
+            _stop_if_cancelled()
             self._wake.clear()
             try:
                 if self._to_check:
@@ -463,6 +473,7 @@ class LeaseService:
 
     async def _reconcile_periodically(self) -> None:
         while True:
+            _stop_if_cancelled()
             for step in (self.reconcile, self.prune_revoked):
                 try:
                     await step()
