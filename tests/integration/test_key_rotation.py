@@ -10,10 +10,9 @@ import asyncio
 import os
 import random
 import shutil
-import signal
 import sys
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,17 +21,16 @@ import pytest
 
 from broker import crypto, keydir, metrics
 from broker._proto import broker_pb2 as pb
-from broker.crypto import Keyring, Sealed
+from broker.crypto import Kek, Keyring, Sealed
 from broker.errors import ConfigError
 from broker.model import ConnectionRecord, ConnectionStatus, Grant, Principal, Role, new_id
 from broker.sensitive import SecretFields
-from broker.server import Broker
 from broker.service.context import Call
 from broker.service.keys import MasterKeys, dek_binding
 from broker.service.sealing import seal
 from broker.store import Store
 from broker.store.protocols import WrappedDek
-from tests.conftest import Running, TestPki, spiffe, write_settings
+from tests.conftest import Running, spiffe
 from tests.helpers import EXECUTOR, db_request, rpc_error
 
 N = 1000
@@ -51,23 +49,87 @@ def write_config(tmp_path: Path, key_dir: Path) -> Path:
     return path
 
 
-async def keys_cli(config: Path, *args: str) -> tuple[int, str, str]:
-    """Run `broker keys ...` as a subprocess without blocking the broker's event loop."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "broker.cli.broker",
-        "keys",
-        args[0],
-        "--config",
-        str(config),
-        *args[1:],
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+# pytest's own limit is 60 s (pyproject.toml). The end-to-end scenario keeps within a shorter one of
+# its own, so that a run too slow for it fails inside the test, where every `finally` still runs: a
+# pytest-timeout strikes between two steps of the event loop, and then the test's subprocesses and
+# brokers outlive it and fail the tests after it. Its `broker keys` commands get the first 50 s.
+CLI_BUDGET = 50.0
+SCENARIO_BUDGET = 54.0
+
+
+@dataclass
+class Command:
+    """One `broker keys` subprocess and the files its output goes to."""
+
+    args: tuple[str, ...]
+    process: asyncio.subprocess.Process
+    out: Path
+    err: Path
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+
+class KeysCli:
+    """`broker keys ...` as an operator runs it: subprocesses on the broker's store, never blocking
+    the broker's event loop.
+
+    Their output goes to files (nothing to drain while they run). A command still running at
+    `deadline` (the event loop's clock) is killed and fails the test with its stderr; `close` kills
+    whatever is still running, so a slow or stuck command fails this test and leaves nothing behind.
+    """
+
+    def __init__(self, config: Path, out_dir: Path, deadline: float) -> None:
+        out_dir.mkdir()
+        self._config = config
+        self._dir = out_dir
+        self.deadline = deadline
+        self._started: list[Command] = []
+
+    async def start(self, *args: str) -> Command:
+        n = len(self._started)
+        out, err = self._dir / f"{n}-{args[0]}.out", self._dir / f"{n}-{args[0]}.err"
+        with out.open("wb") as out_file, err.open("wb") as err_file:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "broker.cli.broker",
+                "keys",
+                args[0],
+                "--config",
+                str(self._config),
+                *args[1:],
+                stdout=out_file,
+                stderr=err_file,
+            )
+        command = Command(args, process, out, err)
+        self._started.append(command)
+        return command
+
+    async def run(self, *args: str) -> tuple[int, str, str]:
+        """Run a command to its end: exit status, stdout, stderr."""
+        command = await self.start(*args)
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                code = await command.process.wait()
+        except TimeoutError:
+            await _kill(command)
+            pytest.fail(f"{self.describe(command)}\nIt was still running at the test's deadline: killed")
+        return code, command.out.read_text(), command.stderr()
+
+    def describe(self, command: Command) -> str:
+        """The command, for a failure message: what it was and what it wrote to stderr."""
+        return f"`broker keys {' '.join(command.args)}`, stderr:\n{command.stderr()}"
+
+    async def close(self) -> None:
+        for command in self._started:
+            await _kill(command)
+
+
+async def _kill(command: Command) -> None:
+    if command.process.returncode is None:
+        command.process.kill()
+        await command.process.wait()
 
 
 def record(keyring: Keyring, i: int, now: datetime) -> ConnectionRecord:
@@ -102,11 +164,23 @@ async def create_many(store: Store, keyring: Keyring, count: int) -> list[Connec
 
 
 async def test_rotation_survives_a_killed_rewrap_and_every_connection_still_resolves(
-    make_broker: Callable[..., object], tmp_path: Path, test_pki: TestPki
+    make_broker: Callable[..., object], tmp_path: Path
 ) -> None:
+    # Every broker comes from make_broker, which stops them at teardown, whatever happened here.
     key_dir = tmp_path / "keys"
     old = keydir.init(key_dir, [])
-    config = write_config(tmp_path, key_dir)
+    now = asyncio.get_running_loop().time()
+    cli = KeysCli(write_config(tmp_path, key_dir), tmp_path / "cli", now + CLI_BUDGET)
+    try:
+        async with asyncio.timeout_at(now + SCENARIO_BUDGET):
+            await _rotation_scenario(make_broker, key_dir, old, cli, tmp_path)
+    finally:
+        await cli.close()
+
+
+async def _rotation_scenario(
+    make_broker: Callable[..., object], key_dir: Path, old: Kek, cli: KeysCli, tmp_path: Path
+) -> None:
     running: Running = await make_broker(master_key_file=None, master_key_dir=key_dir)  # type: ignore[misc]
     store = running.broker.store
     records = await create_many(store, keydir.load(key_dir), N)
@@ -118,7 +192,7 @@ async def test_rotation_survives_a_killed_rewrap_and_every_connection_still_reso
         )
     assert await store.deks_by_kek() == {old.id: N}
 
-    code, new_id_out, err = await keys_cli(config, "rotate")
+    code, new_id_out, err = await cli.run("rotate")
     assert code == 0, err
     new = new_id_out.strip()
     assert new != old.id and (key_dir / "active").read_text().strip() == new
@@ -127,56 +201,45 @@ async def test_rotation_survives_a_killed_rewrap_and_every_connection_still_reso
     assert (await store.get_connection("default", late.id)).sealed.kek_id == new  # type: ignore[union-attr]
 
     # Slow batches, killed once a good part (but not all) is done.
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "broker.cli.broker",
-        "keys",
-        "rewrap",
-        "--config",
-        str(config),
-        "--batch",
-        "10",
-        "--pause",
-        "0.03",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    rewrap = await cli.start("rewrap", "--batch", "10", "--pause", "0.03")
     try:
-        async with asyncio.timeout(30):
+        async with asyncio.timeout_at(cli.deadline):
             while (await store.deks_by_kek()).get(old.id, N) > N - 300:
-                assert proc.returncode is None, "rewrap finished before it could be killed"
+                if rewrap.process.returncode is not None:
+                    code = rewrap.process.returncode
+                    pytest.fail(f"{cli.describe(rewrap)}\nIt ended (status {code}) before it was killed")
                 await asyncio.sleep(0.02)
+    except TimeoutError:
+        left = await store.deks_by_kek()
+        pytest.fail(f"{cli.describe(rewrap)}\nAt the test's deadline it had not re-wrapped 300 keys: {left}")
     finally:
-        proc.send_signal(signal.SIGKILL)
-        await proc.wait()
+        await _kill(rewrap)
     half = await store.deks_by_kek()
     assert 0 < half[old.id] < N and half[new] + half[old.id] == N + 1, half
 
-    code, _, err = await keys_cli(config, "retire", old.id)
-    assert code == 1 and f"{half[old.id]} stored data key(s) still use it" in err
+    code, _, err = await cli.run("retire", old.id)
+    assert code == 1 and f"{half[old.id]} stored data key(s) still use it" in err, err
     assert (key_dir / f"{old.id}.key").exists()
 
     # The start-up check refuses a keyring without a key the store still needs.
     partial = tmp_path / "keys-without-old"
     shutil.copytree(key_dir, partial)
     (partial / f"{old.id}.key").unlink()
-    stranger = Broker(write_settings(tmp_path, test_pki, master_key_file=None, master_key_dir=partial))
     with pytest.raises(ConfigError, match=old.id):
-        await stranger.start()
+        await make_broker(master_key_file=None, master_key_dir=partial)  # type: ignore[misc]
 
-    code, _, err = await keys_cli(config, "rewrap", "--batch", "500")
+    code, _, err = await cli.run("rewrap", "--batch", "500")
     assert code == 0, err
     assert "rewrap [" in err and "re-wrapped" in err
     assert await store.deks_by_kek() == {new: N + 1}
 
-    code, status, _ = await keys_cli(config, "status")
-    assert code == 0
+    code, status, err = await cli.run("status")
+    assert code == 0, err
     rows = {line.split()[0]: line.split()[1:] for line in status.splitlines()[1:]}
     assert rows[new][:2] == ["active", str(N + 1 + 1)]  # connections and the key-check canary
     assert rows[old.id][:2] == ["old", "0"]
 
-    code, _, err = await keys_cli(config, "retire", old.id)
+    code, _, err = await cli.run("retire", old.id)
     assert code == 0, err
     assert not (key_dir / f"{old.id}.key").exists()
 

@@ -1257,6 +1257,33 @@ async def test_migrations_are_recorded_and_idempotent(tmp_path: Path) -> None:
     assert len(rows) == len({v for v, _ in rows})
 
 
+@pytest.mark.parametrize("with_rows", [False, True])
+async def test_an_up_to_date_store_opens_while_another_process_holds_the_write_lock(
+    tmp_path: Path, with_rows: bool
+) -> None:
+    # `broker keys status` and `retire` open the store next to a running broker and a rewrap, which
+    # take the write lock for each batch: with nothing to migrate or hash, opening takes no write lock.
+    path = tmp_path / "broker.db"
+    first = SqliteStore(path)
+    await first.open()
+    record = await create(first) if with_rows else None
+    await first.close()
+
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        store = SqliteStore(path, busy_timeout_ms=100)
+        await store.open()
+        try:
+            if record is not None:
+                assert await store.get_connection(TENANT, record.id) == record
+        finally:
+            await store.close()
+    finally:
+        holder.rollback()
+        holder.close()
+
+
 async def test_failing_statement_rolls_back_the_whole_transaction(sqlite_store: SqliteStore) -> None:
     record = make_connection(labels={"env": "prod"})
     bad_event = make_event(actor=None)  # violates NOT NULL after the connection row was written

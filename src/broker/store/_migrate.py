@@ -196,10 +196,12 @@ def check_recorded(migrations: list[Migration], recorded: Iterable[Sequence[Any]
 async def apply_sqlite(conn: aiosqlite.Connection, migrations: list[Migration]) -> list[int]:
     """Apply the pending migrations; return the versions applied now (see `check_recorded`)."""
     await conn.execute(BOOTSTRAP)
-    check_recorded(migrations, await conn.execute_fetchall(RECORDED))
+    recorded = check_recorded(migrations, await conn.execute_fetchall(RECORDED))
 
     applied: list[int] = []
-    for migration in migrations:
+    # Only a pending migration takes the write lock: an up-to-date store opens without waiting for
+    # the writers beside it (a running broker, a `broker keys rewrap`).
+    for migration in [m for m in migrations if m.version not in recorded]:
         await conn.execute("BEGIN IMMEDIATE")
         try:
             # Checked again under the write lock: another process may have applied it meanwhile.

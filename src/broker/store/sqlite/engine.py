@@ -248,11 +248,12 @@ async def _backfill_audit_chain(conn: aiosqlite.Connection) -> None:
 
     Only while the chain has not begun (no hashed event, no checkpoint): once it has, an
     event without a hash is a break for `verify_audit_chain` to report, never re-hashed.
+    With no event at all there is nothing to hash, and no write lock is taken.
     """
     begun = await conn.execute_fetchall(
         "SELECT 1 FROM audit_events WHERE hash IS NOT NULL UNION ALL SELECT 1 FROM audit_checkpoints LIMIT 1"
     )
-    if list(begun):
+    if list(begun) or not list(await conn.execute_fetchall("SELECT 1 FROM audit_events LIMIT 1")):
         return
     await conn.execute("BEGIN IMMEDIATE")
     try:
