@@ -10,6 +10,7 @@ import asyncio
 import os
 import random
 import shutil
+import sqlite3
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -257,6 +258,34 @@ async def _rotation_scenario(
     finally:
         await again.close()
         await again.broker.stop(grace=0)
+
+
+async def test_a_rewrap_that_meets_a_busy_store_says_so_in_one_line_and_can_be_run_again(
+    make_broker: Callable[..., object], tmp_path: Path
+) -> None:
+    key_dir = tmp_path / "keys"
+    old = keydir.init(key_dir, [])
+    cli = KeysCli(write_config(tmp_path, key_dir), tmp_path / "cli", asyncio.get_running_loop().time() + 50)
+    running: Running = await make_broker(master_key_file=None, master_key_dir=key_dir)  # type: ignore[misc]
+    try:
+        await create_many(running.broker.store, keydir.load(key_dir), 3)
+        code, new, err = await cli.run("rotate")
+        assert code == 0, err
+        # Another writer holds the store past the busy timeout (5 s) while the rewrap runs.
+        holder = sqlite3.connect(tmp_path / "broker.db", isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            code, _, err = await cli.run("rewrap")
+        finally:
+            holder.close()
+        assert code == 1 and "Traceback" not in err, err
+        assert "broker keys: error: the database is busy" in err and "run the command again" in err
+        assert await running.broker.store.deks_by_kek() == {old.id: 3}
+        code, _, err = await cli.run("rewrap")
+        assert code == 0, err
+        assert await running.broker.store.deks_by_kek() == {new.strip(): 3}
+    finally:
+        await cli.close()
 
 
 async def test_rotate_master_key_rpc_is_for_operators_only(

@@ -17,14 +17,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from broker import keydir
 from broker.config import Settings
-from broker.errors import ConfigError
+from broker.errors import BrokerError, ConfigError
 from broker.store import Store
 
 PROG = "broker keys"
@@ -78,10 +80,25 @@ def run(args: argparse.Namespace) -> int:
     if action == "rewrap":
         if not 0 <= args.pause <= 10:
             raise ValueError("--pause must be between 0 and 10 seconds")
-        return asyncio.run(_rewrap(settings, args.batch, args.pause))
+        return _on_store(_rewrap(settings, args.batch, args.pause))
     if action == "status":
-        return asyncio.run(_status(settings))
-    return asyncio.run(_retire(settings, key_dir, args.kek_id))
+        return _on_store(_status(settings))
+    return _on_store(_retire(settings, key_dir, args.kek_id))
+
+
+def _on_store(action: Coroutine[Any, Any, int]) -> int:
+    """Run an action on the store; a store that stays busy or unreachable is a one-line error
+    (exit 1, the action can be run again: each is resumable or read-only), not a traceback."""
+    try:
+        return asyncio.run(action)
+    except BrokerError as exc:  # Unavailable: busy past the timeout, or the database unreachable
+        message = exc.message
+    except sqlite3.OperationalError as exc:  # opening: a pending migration waits for the write lock
+        if not exc.sqlite_errorname.startswith("SQLITE_BUSY"):
+            raise
+        message = "the database is busy"
+    print(f"{PROG}: error: {message}; run the command again", file=sys.stderr)
+    return 1
 
 
 @contextlib.asynccontextmanager
