@@ -408,6 +408,12 @@ async def test_a_replica_whose_claim_ran_out_mid_batch_does_not_record_the_revoc
     start_replica: StartBroker, database: str, roles: Roles
 ) -> None:
     running, lease = await one_due_lease(start_replica, roles)
+    revoked = (
+        metrics.REGISTRY.get_sample_value(
+            "broker_lease_operations_total", {"operation": "revoke", "result": "ok"}
+        )
+        or 0.0
+    )
     slow_drops, quick_drops = GatedDrops(gated=True), GatedDrops(gated=False)
     slow = asyncio.create_task(other_replica(running, slow_drops).revoke_due())
     await asyncio.wait_for(slow_drops.entered.wait(), 10)
@@ -418,5 +424,12 @@ async def test_a_replica_whose_claim_ran_out_mid_batch_does_not_record_the_revoc
     slow_drops.gate.set()  # now the slow one finishes its drop too (idempotent on the server)
     assert await asyncio.wait_for(slow, 10) == 1
     assert (await revoked_events(database))[lease.id] == 1  # one revocation on record, not two
+    # ... and counted once: the slow replica's drop changed nothing on record.
+    assert (
+        metrics.REGISTRY.get_sample_value(
+            "broker_lease_operations_total", {"operation": "revoke", "result": "ok"}
+        )
+        == revoked + 1
+    )
     found = await running.broker.store.get_lease("default", lease.id)
     assert found is not None and found.state is LeaseState.REVOKED

@@ -981,7 +981,9 @@ async def test_due_leases_are_claimed_once_and_failures_retried_later(store: Sto
     assert not await store.activate_lease(TENANT, stuck.id, [make_event()])
     assert await store.pending_revocations(now) == 2
     await store.lease_revocation_failed(TENANT, due.id, "connect_failed", now + timedelta(seconds=5))
-    await store.lease_revoked(TENANT, stuck.id, now, make_event(action="lease.revoked"))
+    assert await store.lease_revoked(TENANT, stuck.id, now, make_event(action="lease.revoked"))
+    # Once only: a second worker's drop of the same lease records nothing.
+    assert not await store.lease_revoked(TENANT, stuck.id, now, make_event(action="lease.revoked"))
     failed = await store.get_lease(TENANT, due.id)
     assert failed is not None and (failed.attempts, failed.last_error) == (1, "connect_failed")
     assert await store.claim_due_leases(now, grace, now + timedelta(minutes=1), 10) == []

@@ -451,8 +451,8 @@ class LeaseService:
                         reason=lease.revoke_reason,
                         details=details,
                     )
-                    await self._revocations.lease_revoked(tenant, lease.id, now, event)
-                    metrics.LEASE_OPERATIONS.labels("revoke", "ok").inc()
+                    if await self._revocations.lease_revoked(tenant, lease.id, now, event):
+                        metrics.LEASE_OPERATIONS.labels("revoke", "ok").inc()  # once, like the event
         except LeaseDbError as exc:  # opening the session (or the credentials): nothing was dropped
             await self._failed(leases, exc.reason)
 

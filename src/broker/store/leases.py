@@ -162,17 +162,20 @@ class Leases(EngineStore):
                 claimed += [codec.LEASES.from_row(r) for r in found]
         return claimed
 
-    async def lease_revoked(self, tenant: str, lease_id: str, now: datetime, event: AuditEvent) -> None:
+    async def lease_revoked(self, tenant: str, lease_id: str, now: datetime, event: AuditEvent) -> bool:
         # Only the first to finish records it (the event goes only with a row changed): a worker whose
         # claim ran out mid-batch may drop a user that another replica has taken over and dropped since
         # (idempotent on the server).
-        await self._write(
-            "UPDATE leases SET state = 'revoked', revoked_at = ?, claimed_until = NULL,"
-            " next_attempt_at = NULL WHERE tenant = ? AND id = ? AND state = 'revoking'",
-            codec.to_micros(now),
-            tenant,
-            lease_id,
-            events=[event],
+        return (
+            await self._write(
+                "UPDATE leases SET state = 'revoked', revoked_at = ?, claimed_until = NULL,"
+                " next_attempt_at = NULL WHERE tenant = ? AND id = ? AND state = 'revoking'",
+                codec.to_micros(now),
+                tenant,
+                lease_id,
+                events=[event],
+            )
+            > 0
         )
 
     async def lease_revocation_failed(

@@ -363,9 +363,9 @@ class RevocationQueue(Protocol):
         `creating_before`), in any tenant or only the lease `only` (tenant, id), claimed until
         `claim_until` by this caller only."""
 
-    async def lease_revoked(self, tenant: str, lease_id: str, now: datetime, event: AuditEvent) -> None:
+    async def lease_revoked(self, tenant: str, lease_id: str, now: datetime, event: AuditEvent) -> bool:
         """The user was dropped: the lease is `revoked`, with its event (once: a lease already
-        revoked, by a worker that took over a claim that ran out, stays as it is)."""
+        revoked, by a worker that took over a claim that ran out, stays as it is, and this is False)."""
 
     async def lease_revocation_failed(
         self, tenant: str, lease_id: str, error: str, next_attempt_at: datetime
