@@ -201,18 +201,19 @@ async def _rotation_scenario(
     late = await running.admin().CreateConnection(db_request(name="after-rotation", password="late-pw"))
     assert (await store.get_connection("default", late.id)).sealed.kek_id == new  # type: ignore[union-attr]
 
-    # Slow batches, killed once a good part (but not all) is done.
-    rewrap = await cli.start("rewrap", "--batch", "10", "--pause", "0.03")
+    # Slow batches, killed once some (but far from all) are done: 100 keys take about a second, and
+    # the 900 left at least 9 s more, so a test process that stalls a few seconds still kills it midway.
+    rewrap = await cli.start("rewrap", "--batch", "10", "--pause", "0.1")
     try:
         async with asyncio.timeout_at(cli.deadline):
-            while (await store.deks_by_kek()).get(old.id, N) > N - 300:
+            while (await store.deks_by_kek()).get(old.id, N) > N - 100:
                 if rewrap.process.returncode is not None:
                     code = rewrap.process.returncode
                     pytest.fail(f"{cli.describe(rewrap)}\nIt ended (status {code}) before it was killed")
                 await asyncio.sleep(0.02)
     except TimeoutError:
         left = await store.deks_by_kek()
-        pytest.fail(f"{cli.describe(rewrap)}\nAt the test's deadline it had not re-wrapped 300 keys: {left}")
+        pytest.fail(f"{cli.describe(rewrap)}\nAt the test's deadline it had not re-wrapped 100 keys: {left}")
     finally:
         await _kill(rewrap)
     half = await store.deks_by_kek()
