@@ -60,3 +60,53 @@ def test_the_check_finds_a_private_import(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("from broker.service.oauth import _state_hash, OAuthService\n")
     assert private_names_imported(module, "broker.service") == ["broker.service.oauth._state_hash"]
+
+
+def private_testers_imports(path: Path) -> list[str]:
+    """What `path` takes from `broker.testers` that is private: a `_module` or a `_name`."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            module, names = node.module, [alias.name for alias in node.names]
+        elif isinstance(node, ast.Import):
+            module, names = "", [alias.name for alias in node.names]
+        else:
+            continue
+        for name in names:
+            full = f"{module}.{name}" if module else name
+            if full.startswith("broker.testers.") and any(part.startswith("_") for part in full.split(".")):
+                found.append(full)
+    return found
+
+
+def test_lease_users_take_only_public_names_from_the_testers() -> None:
+    # One way to connect per driver is broker.dbconnect's, not a tester's private module.
+    paths = sorted((SOURCE / "dbusers").glob("*.py"))
+    assert "broker.dbconnect.mysql" in imported_modules(SOURCE / "dbusers" / "_mysql.py")
+    found = {path.name: names for path in paths if (names := private_testers_imports(path))}
+    assert found == {}
+
+
+def test_the_check_finds_a_private_testers_import(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text(
+        "from broker.testers import Target, _registry\n"
+        "from broker.testers._db_mysql import connect\n"
+        "import broker.testers._db_common\n"
+    )
+    assert private_testers_imports(module) == [
+        "broker.testers._registry",
+        "broker.testers._db_mysql.connect",
+        "broker.testers._db_common",
+    ]
+
+
+def test_the_database_connections_sit_below_testers_and_lease_users() -> None:
+    imported = {path.name: imported_modules(path) for path in sorted((SOURCE / "dbconnect").glob("*.py"))}
+    assert "broker.egress.tcp" in imported["__init__.py"]  # the walk finds its imports
+    above = ("broker.testers", "broker.dbusers", "broker.service", "broker.store", "broker.api")
+    found = {
+        name: sorted(m for m in modules if any(m == up or m.startswith(up + ".") for up in above))
+        for name, modules in imported.items()
+    }
+    assert {name: modules for name, modules in found.items() if modules} == {}

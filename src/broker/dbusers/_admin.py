@@ -21,7 +21,7 @@ from broker.dbusers._templates import (
     statements_for,
 )
 from broker.egress import EgressPolicy
-from broker.testers.base import Target
+from broker.testers import Target
 
 # The longest user name each server accepts (PostgreSQL NAMEDATALEN-1, MySQL 5.7+/MariaDB 10.x).
 _MAX_NAME = {"postgresql": 63, "mysql": 32}

@@ -1,5 +1,5 @@
-"""MySQL / MariaDB administrative sessions with aiomysql, through the testers' strict
-connection (`testers._db_mysql.strict_connection`: no clear-text fallback, no LOAD DATA LOCAL,
+"""MySQL / MariaDB administrative sessions with aiomysql, through the strict connection the testers
+use too (`dbconnect.mysql.strict_connection`: no clear-text fallback, no LOAD DATA LOCAL,
 no option files, and no multi-statements, so the server refuses a string of several statements:
 a template, or a value that escaped its quotes).
 
@@ -24,19 +24,19 @@ import aiomysql
 import pymysql
 from cryptography.hazmat.primitives import hashes
 
-from broker.dbusers._errors import LeaseDbError
-from broker.dbusers._session import checked_server, tls_for, transport_reason
-from broker.egress import EgressPolicy
-from broker.testers._db_mysql import (
+from broker.dbconnect.mysql import (
     ACCESS_DENIED,
     ACCESS_DENIED_NO_PASSWORD,
     CANNOT_CONNECT,
-    _CleartextRefused,
-    _TlsNotOffered,
+    CleartextRefused,
+    TlsNotOffered,
     connect,
     strict_connection,
 )
-from broker.testers.base import Target
+from broker.dbusers._errors import LeaseDbError
+from broker.dbusers._session import checked_server, tls_for, transport_reason
+from broker.egress import EgressPolicy
+from broker.testers import Target
 
 T = TypeVar("T")
 UNKNOWN_THREAD = 1094  # KILL of a session that ended meanwhile
@@ -206,7 +206,7 @@ def _connect_error(exc: Exception) -> LeaseDbError:
     """A connect-time error as a reason: the MySQL error number, never the server's text."""
     if isinstance(exc, LeaseDbError):
         return exc
-    if isinstance(exc, _TlsNotOffered | _CleartextRefused):
+    if isinstance(exc, TlsNotOffered | CleartextRefused):
         return LeaseDbError("tls")
     code = _code(exc)
     # aiomysql wraps TCP and TLS failures in error 2003; the cause says what happened.

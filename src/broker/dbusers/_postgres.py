@@ -21,11 +21,11 @@ import asyncpg
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
+from broker.dbconnect.postgres import connect
 from broker.dbusers._errors import LeaseDbError
 from broker.dbusers._session import checked_server, tls_for, transport_reason
 from broker.egress import EgressPolicy
-from broker.testers._db_postgres import connect
-from broker.testers.base import Target
+from broker.testers import Target
 
 T = TypeVar("T")
 _AUTH_STATES = {"28P01", "28000"}

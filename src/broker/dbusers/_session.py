@@ -7,10 +7,10 @@ import ssl
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from broker.dbconnect import Server, UnusableCa, resolve_server, tls_context
 from broker.dbusers._errors import LeaseDbError
-from broker.egress import Blocked, DnsFailure, EgressPolicy
-from broker.testers._db_common import Server, resolve_server, tls_context
-from broker.testers.base import Target, TestFailure
+from broker.egress import Blocked, DnsFailure, EgressPolicy, InvalidTarget
+from broker.testers import Target
 
 
 class Session(Protocol):
@@ -61,7 +61,7 @@ async def checked_server(target: Target, egress: EgressPolicy, engine: str) -> S
     """The server's settings with a policy-checked address, or LeaseDbError before any packet."""
     try:
         return await resolve_server(target, egress, engine)
-    except (Blocked, TestFailure):  # TestFailure: a host that cannot be parsed (InvalidTarget)
+    except (Blocked, InvalidTarget):  # InvalidTarget: a host that cannot be parsed
         raise LeaseDbError("blocked") from None
     except DnsFailure:
         raise LeaseDbError("dns") from None
@@ -75,7 +75,7 @@ def tls_for(server: Server) -> ssl.SSLContext | None:
         return None
     try:
         return tls_context(server)
-    except TestFailure:
+    except UnusableCa:
         raise LeaseDbError("tls") from None
 
 

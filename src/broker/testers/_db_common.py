@@ -1,99 +1,26 @@
-"""What the network database testers share: the server's settings, a pinned TLS context, and
-the classification of errors that happen before the database protocol starts (TCP, TLS, timeouts).
+"""What the network database testers share: the pinned TLS context as a test failure, the
+classification of errors that happen before the database protocol starts (TCP, TLS, timeouts), and
+what a successful test says. The server's settings and the connections are `broker.dbconnect`'s.
 """
 
 from __future__ import annotations
 
 import errno
 import ssl
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 
-from broker.egress import EgressPolicy, InvalidTarget, parse_host
-from broker.egress.hosts import host_text
-from broker.egress.tcp import pinned_tls_context, resolve_one
+from broker import dbconnect
+from broker.dbconnect import Server, UnusableCa
 from broker.model import TestCategory, TestStage
-from broker.testers.base import Target, TestFailure
-
-PEM_MARKER = "-----BEGIN"
-
-
-@dataclass(frozen=True)
-class Server:
-    """A network database's settings from a validated config, plus the address the policy allowed."""
-
-    engine: str
-    host: str
-    port: int
-    database: str
-    username: str
-    password: str
-    ssl: bool
-    ssl_ca: str | None
-    options: Mapping[str, str] = field(default_factory=dict)
-    address: str = ""
-    # The host as TLS must verify it: normalised (lower case, no trailing dot, IPv6 unbracketed).
-    tls_name: str = ""
-
-    def details(self, **extra: str) -> dict[str, str]:
-        """Non-secret facts for a result: what was contacted, where, how."""
-        return {
-            "driver": self.engine,
-            "host": self.host,
-            "address": self.address,
-            "port": str(self.port),
-            "database": self.database,
-            "tls": "required" if self.ssl else "off",
-            **extra,
-        }
-
-
-async def resolve_server(target: Target, egress: EgressPolicy, engine: str) -> Server:
-    """The server's settings with `address` set to a policy-checked IP of `host`.
-
-    Raises `Blocked` / `DnsFailure` (mapped by the runner) before any packet goes to the server.
-    """
-    config = target.config
-    host = str(config["host"])
-    port = int(config["port"])
-    try:
-        tls_name = host_text(parse_host(host))
-    except InvalidTarget as exc:
-        raise TestFailure(TestCategory.INVALID_CONFIG, TestStage.RESOLVE_ADDRESS, exc.reason) from None
-    address = await resolve_one(egress, host, port)
-    return Server(
-        engine=engine,
-        host=host,
-        port=port,
-        database=str(config["database"]),
-        username=str(config.get("username") or ""),
-        password=target.secret("password"),
-        ssl=bool(config.get("ssl", True)),
-        ssl_ca=config.get("ssl_ca") or None,
-        options={str(k): str(v) for k, v in (config.get("options") or {}).items()},
-        address=str(address),
-        tls_name=tls_name,
-    )
+from broker.testers.base import TestFailure
 
 
 def tls_context(server: Server) -> ssl.SSLContext:
-    """A TLS context that verifies the certificate for the host name the user typed, although
-    the driver's socket goes to the checked IP. `ssl_ca` (PEM text or a file path on the broker
-    host) replaces the system trust store; without it the system CAs are used."""
-    ca = server.ssl_ca
-    pem = ca is not None and ca.lstrip().startswith(PEM_MARKER)
+    """The connection's pinned TLS context (`broker.dbconnect.tls_context`); an unusable `ssl_ca`
+    is an invalid config, found before anything is sent."""
     try:
-        return pinned_tls_context(
-            server.tls_name, cafile=None if pem else ca, cadata=ca.strip() if pem and ca else None
-        )
-    except FileNotFoundError:
-        raise TestFailure(
-            TestCategory.INVALID_CONFIG, TestStage.TLS, "ssl_ca names a file that does not exist"
-        ) from None
-    except (ssl.SSLError, ValueError, OSError):
-        raise TestFailure(
-            TestCategory.INVALID_CONFIG, TestStage.TLS, "ssl_ca is not a readable PEM CA certificate"
-        ) from None
+        return dbconnect.tls_context(server)
+    except UnusableCa as exc:
+        raise TestFailure(TestCategory.INVALID_CONFIG, TestStage.TLS, str(exc)) from None
 
 
 def transport_failure(exc: BaseException, server: Server, timeout: float) -> TestFailure | None:

@@ -1,102 +1,40 @@
 """MySQL / MariaDB with aiomysql: connect to the checked IP, authenticate, `SELECT 1`, close.
 
-aiomysql silently continues in clear text when `ssl` is set but the server does not offer TLS,
-and sends the password in clear when the server asks for `mysql_clear_password`. A small
-Connection subclass refuses both before any credential is sent. `local_infile` stays off so a
-hostile server cannot read the broker's files with LOAD DATA LOCAL, and no option file is read.
+The connection is `broker.dbconnect.mysql`'s TLS-strict one (no clear-text fallback, no clear-text
+password without TLS, no LOAD DATA LOCAL, no option file); this module is what the test does with
+it and how it reports what went wrong.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ssl
 from typing import Any
 
-import aiomysql
 import pymysql
 import structlog
-from pymysql.constants import CLIENT
 
+from broker.dbconnect import Server, resolve_server
+from broker.dbconnect.mysql import (
+    ACCESS_DENIED,
+    ACCESS_DENIED_NO_PASSWORD,
+    CANNOT_CONNECT,
+    DB_ACCESS_DENIED,
+    HOST_NOT_ALLOWED,
+    UNKNOWN_DATABASE,
+    CleartextRefused,
+    TlsNotOffered,
+    connect,
+    strict_connection,
+)
 from broker.egress import EgressPolicy
 from broker.model import TestCategory, TestResult, TestStage
-from broker.testers._db_common import (
-    Server,
-    resolve_server,
-    success_notes,
-    tls_context,
-    tls_not_offered,
-    transport_failure,
-)
+from broker.testers._db_common import success_notes, tls_context, tls_not_offered, transport_failure
 from broker.testers.base import Target, TestFailure, passed
 
 log = structlog.get_logger("broker.testers.database")
 
-# MySQL / MariaDB error numbers.
-ACCESS_DENIED = 1045
-ACCESS_DENIED_NO_PASSWORD = 1698
-DB_ACCESS_DENIED = 1044
-HOST_NOT_ALLOWED = 1130
-UNKNOWN_DATABASE = 1049
-CANNOT_CONNECT = 2003
 # Options passed to the driver; anything else in `options` is reported as ignored.
 _SUPPORTED_OPTIONS = ("charset",)
-
-
-class _TlsNotOffered(Exception):
-    """The server's handshake lacks the SSL capability although TLS is required."""
-
-
-class _CleartextRefused(Exception):
-    """The server asked for the password in clear text over a connection without TLS."""
-
-
-class _StrictConnection(aiomysql.Connection):  # type: ignore[misc]
-    """aiomysql's Connection, refusing to authenticate without TLS when TLS was asked for, or
-    to send a clear-text password without TLS. Overrides private hooks of aiomysql 0.2/0.3."""
-
-    async def _request_authentication(self) -> None:
-        if self._ssl_context is not None and not self.server_capabilities & CLIENT.SSL:
-            raise _TlsNotOffered
-        if (
-            self._ssl_context is None
-            and self._password
-            and self._server_auth_plugin == "mysql_clear_password"
-        ):
-            raise _CleartextRefused
-        await super()._request_authentication()
-
-    async def _process_auth(self, plugin_name: bytes, auth_packet: Any) -> Any:
-        if plugin_name == b"mysql_clear_password" and not self._secure:
-            raise _CleartextRefused
-        return await super()._process_auth(plugin_name, auth_packet)
-
-
-def strict_connection(server: Server, tls: ssl.SSLContext | None, timeout: float, **options: Any) -> Any:
-    """An aiomysql connection to `server`'s checked address, not yet connected (`connect`):
-    TLS-strict (`_StrictConnection`), no LOAD DATA LOCAL, no option file, and one statement per
-    query: aiomysql turns multi-statements on, so a `;` that reached a query would run a second
-    statement. The testers and the lease users (broker.dbusers) connect through this."""
-    conn = _StrictConnection(
-        host=server.address,
-        port=server.port,
-        user=server.username,
-        password=server.password,
-        db=server.database,
-        ssl=tls,
-        connect_timeout=timeout,
-        local_infile=False,
-        read_default_file=None,
-        **options,
-    )
-    conn.client_flag &= ~CLIENT.MULTI_STATEMENTS
-    return conn
-
-
-async def connect(conn: Any) -> None:
-    """What aiomysql.connect() does, for a `strict_connection`; aiomysql's connect_timeout covers
-    only the TCP connect, so the handshake is bounded by it here too."""
-    async with asyncio.timeout(conn.connect_timeout):
-        await conn._connect()
 
 
 async def test_mysql(target: Target, egress: EgressPolicy) -> TestResult:
@@ -180,9 +118,9 @@ def _code(exc: BaseException) -> int:
 
 def _classify(exc: Exception, server: Server, timeout: float) -> TestFailure:
     """A connect-time error as a test failure, in our words plus the MySQL error number."""
-    if isinstance(exc, _TlsNotOffered):
+    if isinstance(exc, TlsNotOffered):
         return tls_not_offered(server)
-    if isinstance(exc, _CleartextRefused):
+    if isinstance(exc, CleartextRefused):
         return TestFailure(
             TestCategory.AUTH_FAILED,
             TestStage.AUTHENTICATE,

@@ -1,24 +1,24 @@
 """PostgreSQL with asyncpg: connect to the checked IP, authenticate, `SELECT 1`, close.
 
-asyncpg is always given every setting explicitly (password "" rather than None, ssl context or
-False), so it never falls back to the broker host's PG* environment, ~/.pgpass or
-~/.postgresql client certificates, which would leak the broker's own credentials to a
-user-chosen server.
+The connection is `broker.dbconnect.postgres`'s, every setting explicit so asyncpg never reads the
+broker host's PG* environment, ~/.pgpass or client certificates; this module is what the test does
+with it and how it reports what went wrong.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 from typing import Any
 
 import asyncpg
 import structlog
 
+from broker.dbconnect import Server, resolve_server
+from broker.dbconnect.postgres import connect
 from broker.egress import EgressPolicy
 from broker.model import TestCategory, TestResult, TestStage
-from broker.testers._db_common import Server, resolve_server, success_notes, tls_context, transport_failure
+from broker.testers._db_common import success_notes, tls_context, transport_failure
 from broker.testers._db_common import tls_not_offered as _tls_not_offered
 from broker.testers.base import Target, TestFailure, passed
 
@@ -26,23 +26,6 @@ log = structlog.get_logger("broker.testers.database")
 
 _AUTH_STATES = {"28P01", "28000"}
 _CONFIG_STATES = {"42704", "22023", "42602"}  # unknown setting, bad value, bad name (from `options`)
-
-
-async def connect(server: Server, tls: ssl.SSLContext | None, timeout: float, **options: Any) -> Any:  # noqa: ASYNC109
-    """asyncpg to `server`'s checked address with every setting explicit (see the module
-    docstring); the testers and the lease users (broker.dbusers) connect through this."""
-    return await asyncpg.connect(
-        host=server.address,
-        port=server.port,
-        user=server.username,
-        password=server.password,
-        database=server.database,
-        ssl=tls if tls is not None else False,
-        direct_tls=False,
-        timeout=timeout,
-        server_settings=dict(server.options) or None,
-        **options,
-    )
 
 
 async def test_postgresql(target: Target, egress: EgressPolicy) -> TestResult:
