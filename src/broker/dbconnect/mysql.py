@@ -39,6 +39,12 @@ UNKNOWN_DATABASE = 1049
 CANNOT_CONNECT = 2003
 
 
+def error_code(exc: BaseException) -> int:
+    """The MySQL error number a driver error carries (its first argument), 0 when it has none."""
+    args = getattr(exc, "args", ())
+    return args[0] if args and isinstance(args[0], int) else 0
+
+
 class TlsNotOffered(Exception):
     """The server's handshake lacks the SSL capability although TLS is required."""
 

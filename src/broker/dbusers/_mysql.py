@@ -31,6 +31,7 @@ from broker.dbconnect.mysql import (
     CleartextRefused,
     TlsNotOffered,
     connect,
+    error_code,
     strict_connection,
 )
 from broker.dbusers._errors import LeaseDbError
@@ -113,7 +114,7 @@ class MysqlSession:
             async with asyncio.timeout(self._timeout):
                 return await step
         except pymysql.MySQLError as exc:
-            code = _code(exc)
+            code = error_code(exc)
             if code in _LOST or not code:
                 raise LeaseDbError("connect_failed", str(code or "")) from None
             raise LeaseDbError("statement_failed", str(code)) from None
@@ -197,18 +198,13 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes | bytearray) else str(value)
 
 
-def _code(exc: BaseException) -> int:
-    args = getattr(exc, "args", ())
-    return args[0] if args and isinstance(args[0], int) else 0
-
-
 def _connect_error(exc: Exception) -> LeaseDbError:
     """A connect-time error as a reason: the MySQL error number, never the server's text."""
     if isinstance(exc, LeaseDbError):
         return exc
     if isinstance(exc, TlsNotOffered | CleartextRefused):
         return LeaseDbError("tls")
-    code = _code(exc)
+    code = error_code(exc)
     # aiomysql wraps TCP and TLS failures in error 2003; the cause says what happened.
     cause = exc.__cause__ if code == CANNOT_CONNECT and exc.__cause__ is not None else exc
     reason = transport_reason(cause)

@@ -24,6 +24,7 @@ from broker.dbconnect.mysql import (
     CleartextRefused,
     TlsNotOffered,
     connect,
+    error_code,
     strict_connection,
 )
 from broker.egress import EgressPolicy
@@ -65,8 +66,8 @@ async def test_mysql(target: Target, egress: EgressPolicy) -> TestResult:
         raise TestFailure(
             TestCategory.UNEXPECTED_RESPONSE,
             TestStage.SAMPLE_OPERATION,
-            f"connected, but SELECT 1 failed (error {_code(exc)})",
-            server.details(mysql_error=str(_code(exc))),
+            f"connected, but SELECT 1 failed (error {error_code(exc)})",
+            server.details(mysql_error=str(error_code(exc))),
         ) from None
     except TimeoutError:
         raise TestFailure(
@@ -111,11 +112,6 @@ def _product(version: str) -> str:
     return "MariaDB" if "mariadb" in version.lower() else "MySQL"
 
 
-def _code(exc: BaseException) -> int:
-    args = getattr(exc, "args", ())
-    return args[0] if args and isinstance(args[0], int) else 0
-
-
 def _classify(exc: Exception, server: Server, timeout: float) -> TestFailure:
     """A connect-time error as a test failure, in our words plus the MySQL error number."""
     if isinstance(exc, TlsNotOffered):
@@ -130,11 +126,11 @@ def _classify(exc: Exception, server: Server, timeout: float) -> TestFailure:
             not_verified=("credentials",),
         )
     # aiomysql wraps TCP and TLS failures in error 2003; the cause says what happened.
-    cause = exc.__cause__ if _code(exc) == CANNOT_CONNECT and exc.__cause__ is not None else exc
+    cause = exc.__cause__ if error_code(exc) == CANNOT_CONNECT and exc.__cause__ is not None else exc
     failure = transport_failure(cause, server, timeout)
     if failure is not None:
         return failure
-    if isinstance(exc, pymysql.MySQLError) and _code(exc):
+    if isinstance(exc, pymysql.MySQLError) and error_code(exc):
         return _server_error(exc, server)
     # Without an error number the driver itself gave up on what it read (bad packet, early EOF).
     if isinstance(exc, pymysql.MySQLError | ConnectionError | asyncio.IncompleteReadError):
@@ -150,7 +146,7 @@ def _classify(exc: Exception, server: Server, timeout: float) -> TestFailure:
 
 def _server_error(exc: BaseException, server: Server) -> TestFailure:
     """An error the server sent during the handshake, by error number."""
-    code = _code(exc)
+    code = error_code(exc)
     details = server.details(mysql_error=str(code))
     reached = ("address allowed by egress policy", "tcp connect") + (("tls",) if server.ssl else ())
     if code in (ACCESS_DENIED, ACCESS_DENIED_NO_PASSWORD):
