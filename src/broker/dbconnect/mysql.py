@@ -27,6 +27,7 @@ __all__ = [
     "CleartextRefused",
     "TlsNotOffered",
     "connect",
+    "error_code",
     "strict_connection",
 ]
 
