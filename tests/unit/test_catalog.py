@@ -9,7 +9,19 @@ from typing import Any
 import pytest
 
 import broker.catalog
-from broker.catalog import ConnectionType, FieldKind, FieldSpec, Validated, get_type, list_types, validate
+from broker.catalog import (
+    STATEMENT_PLACEHOLDERS,
+    ConnectionType,
+    FieldKind,
+    FieldSpec,
+    Validated,
+    fill_statement,
+    get_type,
+    list_types,
+    statement_placeholders,
+    statement_problem,
+    validate,
+)
 from broker.catalog._registry import _check_type
 from broker.catalog._spec import Default, forbid, is_, require
 from broker.errors import FieldViolation, InvalidArgument
@@ -139,11 +151,15 @@ def test_all_is_complete() -> None:
         "FIELD_NAME",
         "FieldKind",
         "FieldSpec",
+        "STATEMENT_PLACEHOLDERS",
         "Validated",
         "destination_digest",
         "destination_fields",
+        "fill_statement",
         "get_type",
         "list_types",
+        "statement_placeholders",
+        "statement_problem",
         "validate",
         "validate_field",
     ]
@@ -488,6 +504,32 @@ def test_statement_templates_take_the_known_placeholders_and_name_the_others() -
     found = violations("database", "", {**DYNAMIC_MYSQL, "creation_statements": ["CREATE USER {{hash}}"]})
     assert found["config.creation_statements"].startswith("uses an unknown placeholder {{hash}}; known: ")
     assert "{{password_hash}}" in found["config.creation_statements"]
+
+
+def test_the_statement_grammar_names_each_problem() -> None:
+    """One grammar for saving a template (the catalog) and running it (broker.dbusers)."""
+    assert STATEMENT_PLACEHOLDERS == ("name", "password", "expiration", "group", "password_hash")
+    good = "CREATE ROLE {{name}} PASSWORD {{password}} VALID UNTIL {{ expiration }}"
+    assert statement_problem(good) is None
+    assert statement_placeholders(good) == {"name", "password", "expiration"}
+    assert (statement_problem("GRANT {{nope}} TO {{name}}") or "").startswith(
+        "uses an unknown placeholder {{nope}}"
+    )
+    # A digit used to read as unbalanced braces on saving and as unknown at lease time.
+    assert (statement_problem("GRANT {{name1}} TO {{name}}") or "").startswith(
+        "uses an unknown placeholder {{name1}}"
+    )
+    assert (statement_problem("GRANT {{}} TO {{name}}") or "").startswith("uses an unknown placeholder {{}}")
+    assert "unbalanced" in (statement_problem("CREATE ROLE {{name}") or "")
+    assert "unbalanced" in (statement_problem("CREATE ROLE {{name}} }}") or "")
+    assert statement_problem("  ") == "must not be blank"
+
+
+def test_filling_a_statement_never_expands_a_value_again() -> None:
+    filled = fill_statement(
+        "CREATE ROLE {{name}} PASSWORD {{ password }}", {"name": '"{{password}}"', "password": "'x'"}
+    )
+    assert filled == """CREATE ROLE "{{password}}" PASSWORD 'x'"""
 
 
 @pytest.mark.parametrize("placeholder", ["password", "password_hash"])

@@ -10,17 +10,27 @@ from broker.catalog._registry import get_type, list_types
 from broker.catalog._spec import ConnectionType, FieldKind, FieldSpec, Validated
 from broker.catalog._validate import NAME as FIELD_NAME
 from broker.catalog._validate import validate, validate_field
+from broker.catalog._values import (
+    STATEMENT_PLACEHOLDERS,
+    fill_statement,
+    statement_placeholders,
+    statement_problem,
+)
 
 __all__ = [
     "FIELD_NAME",
+    "STATEMENT_PLACEHOLDERS",
     "ConnectionType",
     "FieldKind",
     "FieldSpec",
     "Validated",
     "destination_digest",
     "destination_fields",
+    "fill_statement",
     "get_type",
     "list_types",
+    "statement_placeholders",
+    "statement_problem",
     "validate",
     "validate_field",
 ]

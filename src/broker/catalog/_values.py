@@ -228,25 +228,47 @@ def each(check: Check) -> Check:
     return check_all
 
 
-# The placeholders of a dynamic database connection's statement templates (broker.dbusers
-# renders each with the driver's own quoting).
+# The placeholders of a dynamic database connection's statement templates. This is their one
+# grammar: the catalog checks a template when the connection is saved, broker.dbusers again when it
+# renders one with the driver's own quoting (a row saved before a rule existed must not run).
 STATEMENT_PLACEHOLDERS = ("name", "password", "expiration", "group", "password_hash")
 # Only a creation statement has a password to fill these in: the broker keeps none afterwards.
 CREATION_ONLY_PLACEHOLDERS = ("password", "password_hash")
-_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_]+)\s*\}\}")
+# Any `{{ word }}`; a word outside STATEMENT_PLACEHOLDERS makes the template unacceptable.
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_]*)\s*\}\}")
+
+
+def statement_problem(statement: str) -> str | None:
+    """Why a statement template is unacceptable (blank, an unknown placeholder, unbalanced braces),
+    or None."""
+    if not isinstance(statement, str) or not statement.strip():
+        return "must not be blank"
+    for name in _PLACEHOLDER.findall(statement):
+        if name not in STATEMENT_PLACEHOLDERS:
+            known = ", ".join("{{" + p + "}}" for p in STATEMENT_PLACEHOLDERS)
+            return f"uses an unknown placeholder {{{{{name[:32]}}}}}; known: {known}"
+    rest = _PLACEHOLDER.sub("", statement)
+    if "{{" in rest or "}}" in rest:
+        return "has an unbalanced {{ or }} (a placeholder is written {{name}})"
+    return None
+
+
+def statement_placeholders(statement: str) -> set[str]:
+    """The placeholder names a statement template uses."""
+    return set(_PLACEHOLDER.findall(statement))
+
+
+def fill_statement(statement: str, quoted: Mapping[str, str]) -> str:
+    """The template with each placeholder replaced by its already-quoted value, in one pass (a
+    value that itself contains `{{name}}` is never expanded again)."""
+    return _PLACEHOLDER.sub(lambda match: quoted[match.group(1)], statement)
 
 
 def statement_template(value: str) -> str:
     """Check: one SQL statement whose only `{{...}}` are the known placeholders."""
-    rest = _PLACEHOLDER.sub("", value)
-    if "{{" in rest or "}}" in rest:
-        raise Problem("has an unbalanced {{ or }}")
-    unknown = sorted({m for m in _PLACEHOLDER.findall(value) if m not in STATEMENT_PLACEHOLDERS})
-    if unknown:
-        known = ", ".join("{{" + p + "}}" for p in STATEMENT_PLACEHOLDERS)
-        raise Problem(f"uses an unknown placeholder {{{{{unknown[0][:32]}}}}}; known: {known}")
-    if not value.strip():
-        raise Problem("must not be blank")
+    problem = statement_problem(value)
+    if problem is not None:
+        raise Problem(problem)
     return value
 
 
@@ -255,7 +277,7 @@ def later_statement_template(value: str) -> str:
     {{password_hash}} (they have a value only when the user is created)."""
     statement_template(value)
     for name in CREATION_ONLY_PLACEHOLDERS:
-        if name in _PLACEHOLDER.findall(value):
+        if name in statement_placeholders(value):
             raise Problem(f"uses {{{{{name}}}}}, which has a value only in creation_statements")
     return value
 

@@ -1,8 +1,8 @@
 """Short-lived database users for leases: create, renew, drop and list them on PostgreSQL and
 MySQL/MariaDB, with the connection's administrative credential, through the egress policy.
 
-    _templates.py  Statements, PLACEHOLDERS, statements_for (defaults per driver), template_problem,
-                   rendering with values the server's own rules quoted
+    _templates.py  Statements, statements_for (defaults per driver; the placeholders' grammar is
+                   broker.catalog's), expiration_text
     _names.py      new_username (prefix + 16 random [a-z0-9]), new_password
     _admin.py      UserAdmin: one administrative session (open, create, renew, drop, prefixed_users)
     _pool.py       AdminPool: sessions kept per connection and reused, bounded, closed when idle
@@ -20,10 +20,9 @@ from broker.dbusers._admin import UserAdmin
 from broker.dbusers._errors import LeaseDbError
 from broker.dbusers._names import new_password, new_username
 from broker.dbusers._pool import AdminPool
-from broker.dbusers._templates import PLACEHOLDERS, Statements, statements_for, template_problem
+from broker.dbusers._templates import Statements, statements_for
 
 __all__ = [
-    "PLACEHOLDERS",
     "AdminPool",
     "LeaseDbError",
     "Statements",
@@ -31,5 +30,4 @@ __all__ = [
     "new_password",
     "new_username",
     "statements_for",
-    "template_problem",
 ]

@@ -8,18 +8,13 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any
 
+from broker.catalog import fill_statement, statement_placeholders
 from broker.dbusers._errors import LeaseDbError
 from broker.dbusers._mysql import MysqlSession
 from broker.dbusers._names import check_prefix
 from broker.dbusers._postgres import PostgresSession
 from broker.dbusers._session import Session
-from broker.dbusers._templates import (
-    Statements,
-    expiration_text,
-    placeholders_in,
-    render,
-    statements_for,
-)
+from broker.dbusers._templates import Statements, expiration_text, statements_for
 from broker.egress import EgressPolicy
 from broker.testers import Target
 
@@ -127,7 +122,7 @@ class UserAdmin:
         no value in this step (the password at renewal) or on this server ({{password_hash}} on
         MySQL) is LeaseDbError("invalid_config", "{{placeholder}}"), never an empty string, before
         any statement runs. Only the forms used are computed (a SCRAM verifier costs a PBKDF2)."""
-        used = set().union(*(placeholders_in(t) for t in templates)) if templates else set()
+        used = set().union(*(statement_placeholders(t) for t in templates)) if templates else set()
         session = self._session
         available: dict[str, Callable[[], str | None]] = {
             "name": lambda: name,
@@ -149,4 +144,4 @@ class UserAdmin:
                 raise LeaseDbError("invalid_config", f"{{{{{placeholder}}}}}")
             values[placeholder] = value
         quoted = await self._session.quote(values) if values else {}
-        return [render(template, quoted) for template in templates]
+        return [fill_statement(template, quoted) for template in templates]

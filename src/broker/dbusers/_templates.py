@@ -1,21 +1,20 @@
-"""Statement templates: their placeholders, the defaults per driver, and rendering with values
-that were already quoted by the server's own rules (never str.format of raw values)."""
+"""Statement templates: the defaults per driver and the connection's own, checked again before
+they run. They are filled in (`broker.catalog.fill_statement`) with values already quoted by the
+server's own rules, never by str.format of raw values."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from broker.catalog import statement_placeholders, statement_problem
+
+# The placeholders' grammar is the catalog's (broker.catalog.statement_problem and friends).
 # {{password}}: what the default templates always meant (PostgreSQL: the SCRAM verifier; MySQL and
 # MariaDB: the password itself). {{password_hash}}: the password as the server stores it, for the
 # servers that accept one (PostgreSQL, MariaDB); see the sessions' password_form / password_hash.
-PLACEHOLDERS = ("name", "password", "expiration", "group", "password_hash")
-
-# Any `{{ word }}`; a word outside PLACEHOLDERS makes the template unacceptable.
-_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_]*)\s*\}\}")
 _KEYS = {
     "creation": "creation_statements",
     "renewal": "renewal_statements",
@@ -55,20 +54,6 @@ _MY_GROUP = {
 }
 
 
-def template_problem(statement: str) -> str | None:
-    """Why a template is unacceptable (an unknown {{placeholder}}, unbalanced braces, empty), or None."""
-    if not isinstance(statement, str) or not statement.strip():
-        return "the statement is empty"
-    for match in _PLACEHOLDER.finditer(statement):
-        if match.group(1) not in PLACEHOLDERS:
-            shown = match.group(1)[:32] or "(empty)"
-            return f"unknown placeholder {{{{{shown}}}}} (known: {', '.join(PLACEHOLDERS)})"
-    rest = _PLACEHOLDER.sub("", statement)
-    if "{{" in rest or "}}" in rest:
-        return "unbalanced braces: a placeholder is written {{name}}"
-    return None
-
-
 def statements_for(
     driver: str, config: Mapping[str, Any], *, mariadb: bool = True, password_hashes: bool = True
 ) -> Statements:
@@ -98,28 +83,13 @@ def statements_for(
         if isinstance(given, str) or not all(isinstance(s, str) for s in given):
             raise ValueError(f"{key} must be a list of statements")
         for index, statement in enumerate(given):
-            problem = template_problem(statement)
-            if problem is None and not has_group and "group" in placeholders_in(statement):
+            problem = statement_problem(statement)
+            if problem is None and not has_group and "group" in statement_placeholders(statement):
                 problem = "{{group}} is used but group_role is not set"
             if problem is not None:
                 raise ValueError(f"{key}[{index}]: {problem}")
         chosen[field] = tuple(given) or getattr(default, field)
     return Statements(**chosen)
-
-
-def placeholders_in(statement: str) -> set[str]:
-    """The placeholder names a template uses."""
-    return {match.group(1) for match in _PLACEHOLDER.finditer(statement)}
-
-
-def render(statement: str, quoted: Mapping[str, str]) -> str:
-    """The statement with each placeholder replaced by its already-quoted value, in one pass (a
-    value that itself contains `{{name}}` is never expanded again)."""
-
-    def value(match: re.Match[str]) -> str:
-        return quoted[match.group(1)]
-
-    return _PLACEHOLDER.sub(value, statement)
 
 
 def expiration_text(expires_at: datetime, *, postgresql: bool) -> str:
