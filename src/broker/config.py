@@ -43,6 +43,9 @@ naming the setting, raised at start-up.
     reflection = true               # BROKER_SERVER_REFLECTION
     drain_delay_seconds = 1         # BROKER_SERVER_DRAIN_DELAY_SECONDS: after SIGTERM, keep serving (as
                                     #   NOT_SERVING) until calls stop arriving for 0.1 s, at most this long
+    handshake_timeout_seconds = 10  # BROKER_SERVER_HANDSHAKE_TIMEOUT_SECONDS: a connection that has not
+                                    #   finished TLS and HTTP/2's opening by then is closed (gRPC's own
+                                    #   default, 120 s, lets unauthenticated sockets pile up)
     [health]
     store_probe_seconds = 5         # BROKER_HEALTH_STORE_PROBE_SECONDS: store ping; NOT_SERVING on failure
     cert = "tls/probe.pem"          # BROKER_HEALTH_CERT (no default): the client certificate and key
@@ -195,6 +198,7 @@ class Settings:
     workers: int = 1
     reflection: bool = True
     drain_delay_seconds: float = 1.0
+    handshake_timeout_seconds: float = 10.0
     tls_reload_seconds: float = 5.0
     health_probe_seconds: float = 5.0
     health_cert: Path | None = None
@@ -691,6 +695,7 @@ def _build(src: _Source) -> Settings:
         workers=int(src.number("server", "workers", 1, 1, 64)),
         reflection=src.flag("server", "reflection", True),
         drain_delay_seconds=src.number("server", "drain_delay_seconds", 1.0, 0, 600),
+        handshake_timeout_seconds=src.number("server", "handshake_timeout_seconds", 10.0, 0.1, 600),
         tls_reload_seconds=src.number("tls", "reload_interval_seconds", 5.0, 0, 3600),
         health_probe_seconds=src.number("health", "store_probe_seconds", 5.0, 0.1, 3600),
         health_cert=src.path("health", "cert"),

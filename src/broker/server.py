@@ -491,8 +491,12 @@ class Broker:
                     self.settings.trust_domain, _ROLES, self.services.denials.wrong_role, self.services.limits
                 ),
             ],
-            # gRPC sets SO_REUSEPORT by default: a second broker would silently share the port.
-            options=[("grpc.so_reuseport", int(self._reuse_port))],
+            options=[
+                # gRPC sets SO_REUSEPORT by default: a second broker would silently share the port.
+                ("grpc.so_reuseport", int(self._reuse_port)),
+                # Anyone who can reach the port can hold a socket until this ends, with no certificate.
+                ("grpc.server_handshake_timeout_ms", int(self.settings.handshake_timeout_seconds * 1000)),
+            ],
         )
         self._servers.append(server)
         checker = health.aio.HealthServicer()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -155,3 +158,23 @@ async def test_another_tenants_ids_look_exactly_like_unknown_ids(running: Runnin
     # Tenant B's executor, even granted in B, cannot resolve A's connection.
     error = await rpc_error(running.resolver("executor_b").Resolve(pb.ResolveRequest(connection_id=mine.id)))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_connection_that_never_handshakes_is_closed(make_broker: Any) -> None:
+    """Without a deadline on the handshake (gRPC's is 120 s), anyone who can reach a port holds
+    sockets, and the broker's file descriptors, without ever presenting a certificate."""
+    running: Running = await make_broker(handshake_timeout_seconds=1.0)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    silent = [
+        await asyncio.open_connection("127.0.0.1", port)
+        for port in (running.broker.admin_port, running.broker.resolve_port)
+    ]
+    for reader, writer in silent:
+        async with asyncio.timeout(6):
+            assert await reader.read() == b""  # the server closed it
+        writer.close()
+    assert loop.time() - began >= 0.9
+    # A client that does handshake is served as before.
+    page = await running.admin().ListConnections(pb.ListConnectionsRequest(), timeout=5)
+    assert list(page.connections) == []
