@@ -106,21 +106,21 @@ class TestPki:
         return Identity(*pki.issue_principal_cert(self.ca, self.ca_key, spiffe_id))
 
 
-def _cert_without_spiffe(ca: bytes, ca_key: bytes) -> Identity:
-    """A client certificate from the right CA with only a DNS SAN."""
+def client_cert(ca: bytes, ca_key: bytes, san: x509.GeneralName, not_after: dt.datetime) -> Identity:
+    """A client certificate from `ca` with the one SAN `san`, valid from five minutes ago until
+    `not_after`: for certificates `broker.pki` does not make (no SPIFFE id, a lifetime in seconds)."""
     issuer = x509.load_pem_x509_certificate(ca)
     signer = serialization.load_pem_private_key(ca_key, None)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "no-spiffe")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test client")]))
         .issuer_name(issuer.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("client.example")]), critical=False)
+        .not_valid_before(dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5))
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
         .sign(signer, hashes.SHA256())  # type: ignore[arg-type]
     )
     key_pem = key.private_bytes(
@@ -148,7 +148,12 @@ def identities(test_pki: TestPki) -> dict[str, Identity]:
         "other_ca_admin": Identity(
             *pki.issue_principal_cert(other_ca, other_key, spiffe("default", "admin", "cli"))
         ),
-        "no_spiffe": _cert_without_spiffe(test_pki.ca, test_pki.ca_key),
+        "no_spiffe": client_cert(
+            test_pki.ca,
+            test_pki.ca_key,
+            x509.DNSName("client.example"),
+            dt.datetime.now(dt.UTC) + dt.timedelta(days=1),
+        ),
     }
 
 

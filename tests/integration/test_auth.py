@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc
-from tests.conftest import Running
+from tests.conftest import Running, client_cert
 from tests.helpers import EXECUTOR, EXECUTOR_B, db_request, rpc_error
 
 ADMIN = "spiffe://broker.local/tenant/default/admin/cli"
@@ -178,3 +180,27 @@ async def test_a_connection_that_never_handshakes_is_closed(make_broker: Any) ->
     # A client that does handshake is served as before.
     page = await running.admin().ListConnections(pb.ListConnectionsRequest(), timeout=5)
     assert list(page.connections) == []
+
+
+async def test_a_certificate_that_expires_on_an_open_connection_stops_working(running: Running) -> None:
+    """The TLS layer checks a certificate once, when the connection opens; a short-lived one that
+    expires while its connection stays open must not go on identifying its holder."""
+    not_after = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)).replace(microsecond=0)
+    short_lived = client_cert(
+        running.pki.ca, running.pki.ca_key, x509.UniformResourceIdentifier(ADMIN), not_after
+    )
+    channel = running.channel(short_lived, running.broker.admin_port)
+    stub = broker_pb2_grpc.AdminServiceStub(channel)
+    await stub.ListConnections(pb.ListConnectionsRequest(), timeout=5)  # valid: served
+    await asyncio.sleep((not_after - dt.datetime.now(dt.UTC)).total_seconds() + 1.2)
+    # The same connection (nothing made the channel reconnect), past the certificate's end.
+    assert channel.get_state() == grpc.ChannelConnectivity.READY
+    error = await rpc_error(stub.ListConnections(pb.ListConnectionsRequest(), timeout=5))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error.details() == (
+        f"the client certificate expired at {not_after:%Y-%m-%dT%H:%M:%SZ}; connect again with a renewed one"
+    )
+    # A new connection with it fails at the handshake, as it always did.
+    fresh = broker_pb2_grpc.AdminServiceStub(running.channel(short_lived, running.broker.admin_port))
+    error = await rpc_error(fresh.ListConnections(pb.ListConnectionsRequest(), timeout=5))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE

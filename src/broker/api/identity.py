@@ -1,13 +1,18 @@
 """The caller's principal, from the URI SAN of its verified client certificate.
 
-The TLS layer has already checked the chain against the configured CA; here the
-certificate's single SPIFFE URI SAN becomes a `Principal`. Parsed identities are
-cached per certificate: a client presents the same certificate on every call of
-a connection.
+The TLS layer has already checked the chain against the configured CA, once, when the
+connection was opened; here the certificate's single SPIFFE URI SAN becomes a `Principal`, on
+every call. Parsed identities are cached per certificate: a client presents the same
+certificate on every call of a connection. The certificate's validity is checked on every
+call too, since a connection outlives the handshake: a short-lived certificate that expired
+while its connection stayed open identifies nobody.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import time
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -18,9 +23,17 @@ from broker.identity import InvalidSpiffeId, parse_spiffe_id
 from broker.model import Principal
 
 
+@dataclass(frozen=True, slots=True)
+class _Certified:
+    principal: Principal
+    not_before: float  # seconds since the epoch
+    not_after: float
+
+
 @lru_cache(maxsize=4096)
-def principal_from_pem(pem: bytes, trust_domain: str) -> Principal:
-    """Parse the certificate's one spiffe:// URI SAN; UNAUTHENTICATED for anything else."""
+def _certified(pem: bytes, trust_domain: str) -> _Certified:
+    """The certificate's one spiffe:// URI SAN as a principal, and when the certificate is valid;
+    UNAUTHENTICATED for anything else."""
     try:
         cert = x509.load_pem_x509_certificate(pem)
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -32,14 +45,28 @@ def principal_from_pem(pem: bytes, trust_domain: str) -> Principal:
     if len(uris) != 1:
         raise Unauthenticated("the client certificate must carry exactly one SPIFFE id")
     try:
-        return parse_spiffe_id(uris[0], trust_domain)
+        principal = parse_spiffe_id(uris[0], trust_domain)
     except InvalidSpiffeId as exc:
         raise Unauthenticated(f"the client certificate's SPIFFE id is not accepted: {exc}") from None
+    return _Certified(principal, cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp())
 
 
 def principal_from_context(context: Any, trust_domain: str) -> Principal:
-    """The verified principal of a grpc.aio call; UNAUTHENTICATED without a client certificate."""
+    """The verified principal of a grpc.aio call; UNAUTHENTICATED without a client certificate or
+    with one that is not valid at this moment."""
     pems = context.auth_context().get("x509_pem_cert")
     if not pems:
         raise Unauthenticated("a client certificate is required")
-    return principal_from_pem(bytes(pems[0]), trust_domain)
+    certified = _certified(bytes(pems[0]), trust_domain)
+    now = time.time()
+    if now > certified.not_after:
+        raise Unauthenticated(
+            f"the client certificate expired at {_utc(certified.not_after)}; connect again with a renewed one"
+        )
+    if now < certified.not_before:
+        raise Unauthenticated(f"the client certificate is not valid before {_utc(certified.not_before)}")
+    return certified.principal
+
+
+def _utc(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
