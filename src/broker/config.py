@@ -46,6 +46,9 @@ naming the setting, raised at start-up.
     handshake_timeout_seconds = 10  # BROKER_SERVER_HANDSHAKE_TIMEOUT_SECONDS: a connection that has not
                                     #   finished TLS and HTTP/2's opening by then is closed (gRPC's own
                                     #   default, 120 s, lets unauthenticated sockets pile up)
+    max_connection_age_seconds = 3600 # BROKER_SERVER_MAX_CONNECTION_AGE_SECONDS: a client connection is
+                                    #   asked to reconnect after this (calls under way finish), so a
+                                    #   client CA dropped by a TLS reload stops working on open ones too
     [health]
     store_probe_seconds = 5         # BROKER_HEALTH_STORE_PROBE_SECONDS: store ping; NOT_SERVING on failure
     cert = "tls/probe.pem"          # BROKER_HEALTH_CERT (no default): the client certificate and key
@@ -199,6 +202,7 @@ class Settings:
     reflection: bool = True
     drain_delay_seconds: float = 1.0
     handshake_timeout_seconds: float = 10.0
+    max_connection_age_seconds: float = 3600.0
     tls_reload_seconds: float = 5.0
     health_probe_seconds: float = 5.0
     health_cert: Path | None = None
@@ -696,6 +700,7 @@ def _build(src: _Source) -> Settings:
         reflection=src.flag("server", "reflection", True),
         drain_delay_seconds=src.number("server", "drain_delay_seconds", 1.0, 0, 600),
         handshake_timeout_seconds=src.number("server", "handshake_timeout_seconds", 10.0, 0.1, 600),
+        max_connection_age_seconds=src.number("server", "max_connection_age_seconds", 3600.0, 1, 86400 * 7),
         tls_reload_seconds=src.number("tls", "reload_interval_seconds", 5.0, 0, 3600),
         health_probe_seconds=src.number("health", "store_probe_seconds", 5.0, 0.1, 3600),
         health_cert=src.path("health", "cert"),

@@ -496,6 +496,9 @@ class Broker:
                 ("grpc.so_reuseport", int(self._reuse_port)),
                 # Anyone who can reach the port can hold a socket until this ends, with no certificate.
                 ("grpc.server_handshake_timeout_ms", int(self.settings.handshake_timeout_seconds * 1000)),
+                # TLS checks a client's chain once, at the handshake: a GOAWAY after this long makes
+                # every client handshake again, against the client CA of the day (calls under way finish).
+                ("grpc.max_connection_age_ms", int(self.settings.max_connection_age_seconds * 1000)),
             ],
         )
         self._servers.append(server)

@@ -340,6 +340,28 @@ async def test_kubernetes_secret_swap_rotates_certificate_and_client_ca(
     assert loop.failures == []
 
 
+async def test_a_dropped_client_ca_ends_open_connections_at_their_maximum_age(
+    make_broker: Callable[..., Awaitable[Running]], tmp_path: Path
+) -> None:
+    """TLS checks a client's chain only when the connection opens: without a maximum age, a client
+    of a dropped CA could keep its connection, and its access, until the broker restarts."""
+    running = await make_broker(tls_reload_seconds=0, max_connection_age_seconds=1)
+    admin = running.admin()
+    await admin.ListConnections(pb.ListConnectionsRequest(), timeout=5)
+    other_ca, _ = pki.create_ca("the client CA of the day")
+    (tmp_path / "tls" / "ca.pem").write_bytes(other_ca)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10  # 1 s of age, gRPC's jitter, and a reconnection on a busy machine
+    while True:
+        try:
+            await admin.ListConnections(pb.ListConnectionsRequest(), timeout=2)
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE  # the new handshake is refused
+            break
+        assert loop.time() < deadline, "the connection outlived its maximum age"
+        await asyncio.sleep(0.2)
+
+
 async def test_unusable_new_files_keep_the_old_certificate(
     make_broker: Callable[..., Awaitable[Running]], tmp_path: Path
 ) -> None:

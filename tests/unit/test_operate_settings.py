@@ -15,6 +15,7 @@ def test_defaults(tmp_path: Path) -> None:
     settings = Settings.load(write(tmp_path, MINIMAL), environ={})
     assert settings.health_probe_seconds == 5.0 and settings.tls_reload_seconds == 5.0
     assert settings.drain_delay_seconds == 1.0 and settings.handshake_timeout_seconds == 10.0
+    assert settings.max_connection_age_seconds == 3600.0
     assert settings.health_cert is None and settings.health_key is None
 
 
@@ -38,6 +39,7 @@ def test_file_and_environment(tmp_path: Path) -> None:
         ("BROKER_TLS_RELOAD_INTERVAL_SECONDS", "-1", "BROKER_TLS_RELOAD_INTERVAL_SECONDS"),
         ("BROKER_SERVER_DRAIN_DELAY_SECONDS", "soon", "BROKER_SERVER_DRAIN_DELAY_SECONDS"),
         ("BROKER_SERVER_HANDSHAKE_TIMEOUT_SECONDS", "0", "BROKER_SERVER_HANDSHAKE_TIMEOUT_SECONDS"),
+        ("BROKER_SERVER_MAX_CONNECTION_AGE_SECONDS", "0.5", "BROKER_SERVER_MAX_CONNECTION_AGE_SECONDS"),
         ("BROKER_HEALTH_CERT", " ", "BROKER_HEALTH_CERT"),
     ],
 )
