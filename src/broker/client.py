@@ -21,6 +21,9 @@ its certificate (its URI SAN is the executor's SPIFFE id) and sees only connecti
 granted to it. Errors from the broker propagate unchanged as `grpc.RpcError`
 (`NOT_FOUND`, `PERMISSION_DENIED` when there is no live grant, `UNAVAILABLE`, ...).
 
+The certificate files are read again when they change (`broker.certfiles`): a client with a
+short-lived certificate moves to the renewed one by itself.
+
 A reply is cached for its `cache_ttl_seconds` (the broker's choice; 0 means not at
 all) and never past its `expires_at`. Cached replies skip the broker, so they also
 skip its audit trail: the first resolve in each TTL window is the one recorded.
@@ -58,6 +61,7 @@ import httpx
 from google.protobuf import json_format, struct_pb2
 
 from broker._proto import broker_pb2, broker_pb2_grpc
+from broker.certfiles import CertificateFiles, TlsMaterial
 from broker.held_leases import HeldLeases, Lease
 
 __all__ = ["Lease", "ResolveClient", "Resolved", "SyncResolveClient", "ToolResult", "struct_to_dict"]
@@ -185,9 +189,16 @@ class _Base:
         timeout: float | None = 10.0,
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
+        files: CertificateFiles | None = None,
+        open_channel: Callable[[TlsMaterial], Any] | None = None,
     ) -> None:
         self._channel = channel
         self._stub = broker_pb2_grpc.ResolveServiceStub(channel)  # type: ignore[no-untyped-call]
+        # The TLS files, to move to renewed ones (None for a channel built by the caller), and the
+        # channel before the last renewal, where calls under way finish; closed at the next one.
+        self._files, self._open_channel = files, open_channel
+        self._retired: Any = None
+        self._retiring: set[asyncio.Task[None]] = set()  # the async client's closes of retired channels
         self._timeout = timeout
         self._cache = ResolvedCache(clock, wall_clock) if cache else None
         # (connection_id, secret_version) last received per ref; outlives cache entries, so a
@@ -222,6 +233,26 @@ class _Base:
             self._cache.invalidate()
         else:
             self._cache.invalidate(_key(connection_id, name))
+
+    def _current(self) -> Any:
+        """The Resolve stub, on a channel with the newest usable TLS files."""
+        material = self._files.renewed() if self._files is not None else None
+        if material is not None and self._open_channel is not None:
+            channel = self._open_channel(material)
+            retired, self._retired = self._retired, self._channel
+            self._channel = channel
+            self._stub = broker_pb2_grpc.ResolveServiceStub(channel)  # type: ignore[no-untyped-call]
+            if retired is not None:
+                self._close_retired(retired)
+            log.info("the client's TLS files changed: new calls use them")
+        return self._stub
+
+    def _proxy_stub(self) -> Any:
+        self._current()
+        return broker_pb2_grpc.ProxyServiceStub(self._channel)  # type: ignore[no-untyped-call]
+
+    def _close_retired(self, channel: Any) -> None:
+        """Close a channel replaced two renewals ago (each client type closes its own way)."""
 
     def _cached(self, key: CacheKey, refresh: bool) -> Resolved | None:
         return self._cache.get(key) if self._cache is not None and not refresh else None
@@ -319,21 +350,21 @@ def _tool_result(reply: Any) -> ToolResult:
 
 
 class _AsyncProxyTransport(httpx.AsyncBaseTransport):
-    def __init__(self, stub: Any, key: Ref, purpose: str, timeout: float | None) -> None:
+    def __init__(self, stub: Callable[[], Any], key: Ref, purpose: str, timeout: float | None) -> None:
         self._stub, self._key, self._purpose, self._timeout = stub, key, purpose, timeout
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         proxied = _proxy_request(request, await request.aread(), self._key, self._purpose)
-        return _proxy_response(await self._stub.ProxyHttp(proxied, timeout=self._timeout), request)
+        return _proxy_response(await self._stub().ProxyHttp(proxied, timeout=self._timeout), request)
 
 
 class _SyncProxyTransport(httpx.BaseTransport):
-    def __init__(self, stub: Any, key: Ref, purpose: str, timeout: float | None) -> None:
+    def __init__(self, stub: Callable[[], Any], key: Ref, purpose: str, timeout: float | None) -> None:
         self._stub, self._key, self._purpose, self._timeout = stub, key, purpose, timeout
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         proxied = _proxy_request(request, request.read(), self._key, self._purpose)
-        return _proxy_response(self._stub.ProxyHttp(proxied, timeout=self._timeout), request)
+        return _proxy_response(self._stub().ProxyHttp(proxied, timeout=self._timeout), request)
 
 
 class ResolveClient(_Base):
@@ -352,8 +383,19 @@ class ResolveClient(_Base):
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
     ) -> None:
-        channel = grpc.aio.secure_channel(target, _credentials(ca, cert, key), options=_options(server_name))
-        super().__init__(channel, cache=cache, timeout=timeout, clock=clock, wall_clock=wall_clock)
+        def open_channel(material: TlsMaterial) -> grpc.aio.Channel:
+            return grpc.aio.secure_channel(target, _credentials(material), options=_options(server_name))
+
+        files = CertificateFiles(ca, cert, key)
+        super().__init__(
+            open_channel(files.material),
+            cache=cache,
+            timeout=timeout,
+            clock=clock,
+            wall_clock=wall_clock,
+            files=files,
+            open_channel=open_channel,
+        )
 
     async def resolve(
         self,
@@ -374,21 +416,21 @@ class ResolveClient(_Base):
         cached = self._cached(key, refresh)
         if cached is not None:
             return cached
-        reply = await self._stub.Resolve(self._request_for(key, purpose), timeout=self._timeout)
+        reply = await self._current().Resolve(self._request_for(key, purpose), timeout=self._timeout)
         return self._remember(key, reply)
 
     async def renew_lease(self, lease_id: str, increment_seconds: int = 0) -> Lease:
         """Extend a lease by `increment_seconds` from now (0: the connection's default_ttl), never
         past its max_expires_at; the client's own renewals then follow the new end."""
         request = broker_pb2.RenewLeaseRequest(lease_id=lease_id, increment_seconds=increment_seconds)
-        lease = _lease(await self._stub.RenewLease(request, timeout=self._timeout))
+        lease = _lease(await self._current().RenewLease(request, timeout=self._timeout))
         self._leases.renewed(lease)
         return lease
 
     async def revoke_lease(self, lease_id: str) -> Lease:
         """End a lease now: its database user is dropped (state `revoked`, or `revoking` while the
         broker keeps trying). Cached answers that carry it are dropped."""
-        reply = await self._stub.RevokeLease(
+        reply = await self._current().RevokeLease(
             broker_pb2.RevokeLeaseRequest(lease_id=lease_id), timeout=self._timeout
         )
         self._revoked(lease_id)
@@ -400,7 +442,7 @@ class ResolveClient(_Base):
         for lease in self._leases.due():
             request = broker_pb2.RenewLeaseRequest(lease_id=lease.id)
             try:
-                self._leases.renewed(_lease(await self._stub.RenewLease(request, timeout=self._timeout)))
+                self._leases.renewed(_lease(await self._current().RenewLease(request, timeout=self._timeout)))
             except grpc.RpcError as exc:
                 self._renew_failed(lease, exc)
         return self._leases.seconds_to_next()
@@ -432,8 +474,7 @@ class ResolveClient(_Base):
     ) -> httpx.AsyncBaseTransport:
         """An httpx transport that sends each request through the broker's proxy (see the module
         docstring); errors from the broker are `grpc.RpcError`, as for `resolve`."""
-        stub = broker_pb2_grpc.ProxyServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        return _AsyncProxyTransport(stub, _key(connection_id, name), purpose, self._timeout)
+        return _AsyncProxyTransport(self._proxy_stub, _key(connection_id, name), purpose, self._timeout)
 
     async def call_tool(
         self,
@@ -445,7 +486,7 @@ class ResolveClient(_Base):
         purpose: str = "",
     ) -> ToolResult:
         """Call an approved tool of an MCP connection through the broker (PROXY or RESOLVE grant)."""
-        stub = broker_pb2_grpc.ProxyServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        stub = self._proxy_stub()
         request = _tool_request(_key(connection_id, name), tool, arguments, purpose)
         return _tool_result(await stub.CallMcpTool(request, timeout=self._timeout))
 
@@ -457,11 +498,19 @@ class ResolveClient(_Base):
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
         await asyncio.gather(*(self._revoke_quietly(lease) for lease in self._leases.take_live()))
+        await asyncio.gather(*self._retiring)
+        if self._retired is not None:
+            await self._retired.close()
         await self._channel.close()
+
+    def _close_retired(self, channel: Any) -> None:
+        task = asyncio.get_running_loop().create_task(channel.close())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _revoke_quietly(self, lease: Lease) -> None:
         try:
-            await self._stub.RevokeLease(
+            await self._current().RevokeLease(
                 broker_pb2.RevokeLeaseRequest(lease_id=lease.id), timeout=self._timeout
             )
         except grpc.RpcError as exc:
@@ -492,8 +541,19 @@ class SyncResolveClient(_Base):
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
     ) -> None:
-        channel = grpc.secure_channel(target, _credentials(ca, cert, key), options=_options(server_name))
-        super().__init__(channel, cache=cache, timeout=timeout, clock=clock, wall_clock=wall_clock)
+        def open_channel(material: TlsMaterial) -> grpc.Channel:
+            return grpc.secure_channel(target, _credentials(material), options=_options(server_name))
+
+        files = CertificateFiles(ca, cert, key)
+        super().__init__(
+            open_channel(files.material),
+            cache=cache,
+            timeout=timeout,
+            clock=clock,
+            wall_clock=wall_clock,
+            files=files,
+            open_channel=open_channel,
+        )
 
     def resolve(
         self,
@@ -509,19 +569,19 @@ class SyncResolveClient(_Base):
         cached = self._cached(key, refresh)
         if cached is not None:
             return cached
-        reply = self._stub.Resolve(self._request_for(key, purpose), timeout=self._timeout)
+        reply = self._current().Resolve(self._request_for(key, purpose), timeout=self._timeout)
         return self._remember(key, reply)
 
     def renew_lease(self, lease_id: str, increment_seconds: int = 0) -> Lease:
         """As `ResolveClient.renew_lease`, blocking."""
         request = broker_pb2.RenewLeaseRequest(lease_id=lease_id, increment_seconds=increment_seconds)
-        lease = _lease(self._stub.RenewLease(request, timeout=self._timeout))
+        lease = _lease(self._current().RenewLease(request, timeout=self._timeout))
         self._leases.renewed(lease)
         return lease
 
     def revoke_lease(self, lease_id: str) -> Lease:
         """As `ResolveClient.revoke_lease`, blocking."""
-        reply = self._stub.RevokeLease(
+        reply = self._current().RevokeLease(
             broker_pb2.RevokeLeaseRequest(lease_id=lease_id), timeout=self._timeout
         )
         self._revoked(lease_id)
@@ -532,7 +592,7 @@ class SyncResolveClient(_Base):
         for lease in self._leases.due():
             request = broker_pb2.RenewLeaseRequest(lease_id=lease.id)
             try:
-                self._leases.renewed(_lease(self._stub.RenewLease(request, timeout=self._timeout)))
+                self._leases.renewed(_lease(self._current().RenewLease(request, timeout=self._timeout)))
             except grpc.RpcError as exc:
                 self._renew_failed(lease, exc)
         return self._leases.seconds_to_next()
@@ -565,8 +625,7 @@ class SyncResolveClient(_Base):
         self, connection_id: str | None = None, *, name: str | None = None, purpose: str = ""
     ) -> httpx.BaseTransport:
         """As `ResolveClient.proxy_transport`, for `httpx.Client`."""
-        stub = broker_pb2_grpc.ProxyServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        return _SyncProxyTransport(stub, _key(connection_id, name), purpose, self._timeout)
+        return _SyncProxyTransport(self._proxy_stub, _key(connection_id, name), purpose, self._timeout)
 
     def call_tool(
         self,
@@ -578,7 +637,7 @@ class SyncResolveClient(_Base):
         purpose: str = "",
     ) -> ToolResult:
         """As `ResolveClient.call_tool`, blocking."""
-        stub = broker_pb2_grpc.ProxyServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        stub = self._proxy_stub()
         request = _tool_request(_key(connection_id, name), tool, arguments, purpose)
         return _tool_result(stub.CallMcpTool(request, timeout=self._timeout))
 
@@ -591,12 +650,17 @@ class SyncResolveClient(_Base):
             renewer.join()  # at most one RenewLease call, bounded by the timeout
         for lease in self._leases.take_live():
             try:
-                self._stub.RevokeLease(
+                self._current().RevokeLease(
                     broker_pb2.RevokeLeaseRequest(lease_id=lease.id), timeout=self._timeout
                 )
             except grpc.RpcError as exc:
                 log.warning("could not revoke lease %s on close (%s)", lease.id, _code(exc).name)
+        if self._retired is not None:
+            self._retired.close()
         self._channel.close()
+
+    def _close_retired(self, channel: Any) -> None:
+        channel.close()
 
     def __enter__(self) -> Self:
         return self
@@ -679,9 +743,9 @@ def _wait(delay: float | None) -> float:
     return _MAX_RENEW_WAIT if delay is None else min(delay, _MAX_RENEW_WAIT)
 
 
-def _credentials(ca: Path, cert: Path, key: Path) -> Any:
+def _credentials(material: TlsMaterial) -> Any:
     return grpc.ssl_channel_credentials(
-        root_certificates=ca.read_bytes(), private_key=key.read_bytes(), certificate_chain=cert.read_bytes()
+        root_certificates=material.ca, private_key=material.key, certificate_chain=material.cert
     )
 
 
