@@ -181,14 +181,36 @@ MAX_HELD = 10_000  # refs whose last secret version the client remembers
 
 
 class _Base:
+    _secure_channel: Callable[..., Any]  # grpc.aio.secure_channel or grpc.secure_channel
+
     def __init__(
         self,
-        channel: Any,
+        target: str,
         *,
+        ca: Path,
+        cert: Path,
+        key: Path,
         cache: bool = True,
         timeout: float | None = 10.0,
+        server_name: str | None = None,
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
+    ) -> None:
+        secure_channel, options = type(self)._secure_channel, _options(server_name)
+
+        def open_channel(material: TlsMaterial) -> Any:
+            return secure_channel(target, _credentials(material), options=options)
+
+        files = CertificateFiles(ca, cert, key)
+        self._setup(open_channel(files.material), cache, timeout, clock, wall_clock, files, open_channel)
+
+    def _setup(
+        self,
+        channel: Any,
+        cache: bool,
+        timeout: float | None,
+        clock: Clock,
+        wall_clock: Clock,
         files: CertificateFiles | None = None,
         open_channel: Callable[[TlsMaterial], Any] | None = None,
     ) -> None:
@@ -219,7 +241,7 @@ class _Base:
     ) -> Self:
         """A client over a channel you built (for credentials from a SPIFFE workload API, say)."""
         client = cls.__new__(cls)
-        _Base.__init__(client, channel, cache=cache, timeout=timeout, clock=clock, wall_clock=wall_clock)
+        client._setup(channel, cache, timeout, clock, wall_clock)
         return client
 
     def invalidate(self, connection_id: str | None = None, *, name: str | None = None) -> None:
@@ -370,32 +392,7 @@ class _SyncProxyTransport(httpx.BaseTransport):
 class ResolveClient(_Base):
     """Async (grpc.aio) client of the Resolve API; create it inside a running event loop."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        ca: Path,
-        cert: Path,
-        key: Path,
-        cache: bool = True,
-        timeout: float | None = 10.0,
-        server_name: str | None = None,
-        clock: Clock = time.monotonic,
-        wall_clock: Clock = time.time,
-    ) -> None:
-        def open_channel(material: TlsMaterial) -> grpc.aio.Channel:
-            return grpc.aio.secure_channel(target, _credentials(material), options=_options(server_name))
-
-        files = CertificateFiles(ca, cert, key)
-        super().__init__(
-            open_channel(files.material),
-            cache=cache,
-            timeout=timeout,
-            clock=clock,
-            wall_clock=wall_clock,
-            files=files,
-            open_channel=open_channel,
-        )
+    _secure_channel = staticmethod(grpc.aio.secure_channel)
 
     async def resolve(
         self,
@@ -528,32 +525,7 @@ class ResolveClient(_Base):
 class SyncResolveClient(_Base):
     """Blocking client of the Resolve API, with the same API as `ResolveClient`."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        ca: Path,
-        cert: Path,
-        key: Path,
-        cache: bool = True,
-        timeout: float | None = 10.0,
-        server_name: str | None = None,
-        clock: Clock = time.monotonic,
-        wall_clock: Clock = time.time,
-    ) -> None:
-        def open_channel(material: TlsMaterial) -> grpc.Channel:
-            return grpc.secure_channel(target, _credentials(material), options=_options(server_name))
-
-        files = CertificateFiles(ca, cert, key)
-        super().__init__(
-            open_channel(files.material),
-            cache=cache,
-            timeout=timeout,
-            clock=clock,
-            wall_clock=wall_clock,
-            files=files,
-            open_channel=open_channel,
-        )
+    _secure_channel = staticmethod(grpc.secure_channel)
 
     def resolve(
         self,

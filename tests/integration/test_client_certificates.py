@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -33,6 +34,12 @@ def short_lived(running: Running) -> tuple[Identity, dt.datetime]:
     return client_cert(running.pki.ca, running.pki.ca_key, san, not_after), not_after
 
 
+def sdk_options(running: Running, folder: Path) -> dict[str, Any]:
+    """An SDK client's arguments: TLS files in `folder`, no cache."""
+    files = {"ca": folder / "ca.pem", "cert": folder / "cert.pem", "key": folder / "key.pem"}
+    return {"target": f"127.0.0.1:{running.broker.resolve_port}", **files, "cache": False}
+
+
 async def granted(running: Running) -> str:
     created = await running.admin().CreateConnection(db_request(name="renewing", password="pw"))
     await running.admin().GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
@@ -47,13 +54,7 @@ async def test_the_async_client_moves_to_a_renewed_certificate(running: Running,
     connection_id = await granted(running)
     identity, not_after = short_lived(running)
     write_identity(tmp_path, running, identity)
-    async with ResolveClient(
-        f"127.0.0.1:{running.broker.resolve_port}",
-        ca=tmp_path / "ca.pem",
-        cert=tmp_path / "cert.pem",
-        key=tmp_path / "key.pem",
-        cache=False,
-    ) as client:
+    async with ResolveClient(**sdk_options(running, tmp_path)) as client:
         assert (await client.resolve(connection_id)).secrets == {"password": "pw"}
         # The certificate is renewed on disk (a key of its own), then the old one runs out.
         write_identity(tmp_path, running, running.pki.principal(EXECUTOR))
@@ -66,13 +67,7 @@ async def test_the_sync_client_moves_to_a_renewed_certificate(running: Running, 
     connection_id = await granted(running)
     identity, not_after = short_lived(running)
     write_identity(tmp_path, running, identity)
-    client = SyncResolveClient(
-        f"127.0.0.1:{running.broker.resolve_port}",
-        ca=tmp_path / "ca.pem",
-        cert=tmp_path / "cert.pem",
-        key=tmp_path / "key.pem",
-        cache=False,
-    )
+    client = SyncResolveClient(**sdk_options(running, tmp_path))
     try:
         first = await asyncio.to_thread(client.resolve, connection_id)
         assert first.secrets == {"password": "pw"}
@@ -91,13 +86,7 @@ async def test_without_renewed_files_the_expired_certificate_is_refused(
     connection_id = await granted(running)
     identity, not_after = short_lived(running)
     write_identity(tmp_path, running, identity)
-    async with ResolveClient(
-        f"127.0.0.1:{running.broker.resolve_port}",
-        ca=tmp_path / "ca.pem",
-        cert=tmp_path / "cert.pem",
-        key=tmp_path / "key.pem",
-        cache=False,
-    ) as client:
+    async with ResolveClient(**sdk_options(running, tmp_path)) as client:
         await client.resolve(connection_id)
         await past(not_after)
         with pytest.raises(grpc.RpcError) as refused:
