@@ -13,15 +13,17 @@ from typing import Any
 
 import grpc
 import mcp_types as types
+import pytest
 from google.protobuf.json_format import MessageToDict
 from mcp.server.context import ServerRequestContext
+from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
 
 from broker._proto import broker_pb2 as pb
 from broker.egress import EgressSettings
 from tests import mcpserver
 from tests.conftest import Running
-from tests.helpers import EXECUTOR, rpc_error, struct
+from tests.helpers import EXECUTOR, field_violations, rpc_error, struct
 from tests.httpservers import Answer, Seen, serve
 from tests.integration.test_proxy_api import proxy
 
@@ -64,6 +66,108 @@ async def _started(make_broker: Callable[..., object], **egress: Any) -> Running
     settings = EgressSettings(**{"allow_loopback": True, **egress})
     running: Running = await make_broker(egress=settings)  # type: ignore[misc]
     return running
+
+
+@pytest.mark.parametrize("transport", ["streamable_http", "sse"])
+async def test_a_tool_that_asks_the_client_for_sampling_elicitation_or_roots_is_refused_by_name(
+    make_broker: Callable[..., object], transport: str
+) -> None:
+    """The broker has no model, user or roots: it tells the server so, by name, and the executor
+    hears which feature the tool wanted (before: UNAVAILABLE "protocol_error")."""
+    running = await _started(make_broker)
+    told: list[str] = []
+
+    async def sample(ctx: ServerRequestContext[Any], arguments: dict[str, Any]) -> types.CallToolResult:
+        message = types.SamplingMessage(role="user", content=types.TextContent(type="text", text="hi"))
+        request = types.CreateMessageRequest(
+            params=types.CreateMessageRequestParams(messages=[message], max_tokens=5)
+        )
+        try:  # `send_request`: the SDK's `create_message` warns that sampling is deprecated
+            await ctx.session.send_request(request, types.CreateMessageResult, metadata=_related(ctx))
+        except MCPError as refused:
+            told.append(refused.message)
+            raise
+        return _text("sampled")
+
+    async def elicit(ctx: ServerRequestContext[Any], arguments: dict[str, Any]) -> types.CallToolResult:
+        schema: dict[str, Any] = {"type": "object", "properties": {"name": {"type": "string"}}}
+        await ctx.session.elicit_form("Your name?", schema, related_request_id=ctx.request_id)
+        return _text("elicited")
+
+    async def roots(ctx: ServerRequestContext[Any], arguments: dict[str, Any]) -> types.CallToolResult:
+        await ctx.session.send_request(types.ListRootsRequest(), types.ListRootsResult)
+        return _text("rooted")
+
+    behaviours = {"sample": sample, "elicit": elicit, "roots": roots}
+    with mcpserver.running(token=TOKEN, tool_count=1, behaviours=behaviours) as server:
+        await _tools_connection(running, server, transport)
+        for tool, feature in [
+            ("sample", "sampling (sampling/createMessage)"),
+            ("elicit", "elicitation (elicitation/create)"),
+            ("roots", "roots (roots/list)"),
+        ]:
+            error = await rpc_error(_call(running, tool, timeout=20))
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
+            assert f"the tool asked the client for {feature}" in (error.details() or "")
+            assert "do not support" in (error.details() or "")
+    assert told == [
+        "sampling (sampling/createMessage) is not supported: the client is a secrets broker"
+        " calling tools for an executor, with no model, user or roots to offer"
+    ]
+    assert await _audited(running) == [("failed", "client_feature_unsupported")] * 3
+
+
+async def test_a_json_rpc_error_for_the_call_is_told_scrubbed_and_bad_arguments_name_the_field(
+    make_broker: Callable[..., object],
+) -> None:
+    """The server answered (before: UNAVAILABLE "protocol_error", as if it had not)."""
+    running = await _started(make_broker)
+
+    async def raises(ctx: ServerRequestContext[Any], arguments: dict[str, Any]) -> types.CallToolResult:
+        raise RuntimeError(f"database down, token {TOKEN}")
+
+    async def picky(ctx: ServerRequestContext[Any], arguments: dict[str, Any]) -> types.CallToolResult:
+        raise MCPError(code=types.INVALID_PARAMS, message=f"x must be a number\n(auth {TOKEN})")
+
+    with mcpserver.running(
+        token=TOKEN, tool_count=1, behaviours={"raises": raises, "picky": picky}
+    ) as server:
+        await _tools_connection(running, server, "streamable_http")
+        failed = await rpc_error(_call(running, "raises", timeout=20))
+        refused = await rpc_error(_call(running, "picky", timeout=20, x="seven"))
+    assert failed.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "the MCP server answered the call with error" in (failed.details() or "")
+    assert "database down, token [redacted]" in (failed.details() or "")
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(refused)["arguments"] == (
+        f"the MCP server refused the arguments with error {types.INVALID_PARAMS}: x must be a number"
+    )
+    assert TOKEN not in str(failed.details()) + str(refused.details())
+    # The only log line with the token is the test server's own (it runs in this process).
+    logged = [line for line in running.logs.getvalue().splitlines() if TOKEN in line]
+    assert all("handler for 'tools/call' raised" in line for line in logged), logged
+    assert await _audited(running) == [("failed", "mcp_error"), ("failed", "invalid_arguments")]
+
+
+@pytest.mark.parametrize("transport", ["streamable_http", "sse"])
+async def test_an_answer_over_the_byte_cap_names_the_limit(
+    make_broker: Callable[..., object], transport: str
+) -> None:
+    """Before: UNAVAILABLE "unexpected_response", which says neither what nor which setting."""
+    running = await _started(make_broker, max_response_bytes=64 * 1024)
+
+    async def big(ctx: ServerRequestContext[Any], arguments: dict[str, Any]) -> types.CallToolResult:
+        return _text("z" * int(arguments["n"]))
+
+    with mcpserver.running(token=TOKEN, tool_count=1, behaviours={"big": big}) as server:
+        await _tools_connection(running, server, transport)
+        assert (await _call(running, "big", timeout=20, n=1000)).content[0]["text"] == "z" * 1000
+        error = await rpc_error(_call(running, "big", timeout=20, n=200_000))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.details() == (
+        "the MCP server's answer was over the broker's limit of 65536 bytes ([egress] max_response_bytes)"
+    )
+    assert await _audited(running) == [("allowed", ""), ("failed", "answer_too_large")]
 
 
 async def test_a_tool_call_cut_short_by_the_callers_deadline_is_audited_and_not_an_internal_error(

@@ -213,6 +213,11 @@ class ProxyService:
         except NotInjectable as exc:
             await self._failed(use, "not_callable", started)
             raise exc from None
+        except mcp.ToolError as exc:
+            await self._failed(use, exc.reason, started)
+            if exc.arguments:
+                raise InvalidArgument.field("arguments", exc.message) from None
+            raise FailedPrecondition(exc.message) from None
         except (Blocked, InvalidTarget, DnsFailure) as exc:
             await self._failed(use, "egress_blocked", started)
             raise _caller_error(exc, "egress_blocked") from None
