@@ -7,15 +7,17 @@ response mode, and over the older HTTP+SSE transport at `/sse` +
 `/messages/`. A small ASGI middleware records every request and, when a token
 is set, answers 401 without it. With `echo_header`, the server behaves like one that
 reflects what it was sent: that header's value goes into its name and into an extra
-tool's name, description and input schema. `/html` and `/notjsonrpc` are plain HTTP
-endpoints that are not MCP servers. uvicorn runs in a background thread on a
+tool's name, description and input schema. With `behaviours`, extra tools
+(listed first, with an open input schema) do what a real server's tools do: ask the client to
+sample or elicit, send progress or log notifications, answer at length or slowly. `/html` and
+`/notjsonrpc` are plain HTTP endpoints that are not MCP servers. uvicorn runs in a background thread on a
 port chosen by the kernel and is stopped, and its socket closed, by `stop()`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +40,10 @@ SCHEMA: dict[str, Any] = {
     "properties": {"x": {"type": "integer", "description": "a number"}},
     "required": ["x"],
 }
+OPEN_SCHEMA: dict[str, Any] = {"type": "object"}
+
+# What an extra tool does when called: the request's context and its arguments in, its result out.
+ToolBehaviour = Callable[[ServerRequestContext[Any], dict[str, Any]], Awaitable[types.CallToolResult]]
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,7 @@ class McpTestServer:
     With `loop_cursor`, every page points to the second one (a broken server).
     With `tls` (certificate file, key file), it serves HTTPS.
     With `echo_header`, that request header is echoed into the server name and an extra tool.
+    With `behaviours`, each named tool is listed first and does what its behaviour does.
     """
 
     def __init__(
@@ -116,6 +123,7 @@ class McpTestServer:
         loop_cursor: bool = False,
         tls: tuple[str, str] | None = None,
         echo_header: str | None = None,
+        behaviours: Mapping[str, ToolBehaviour] | None = None,
     ) -> None:
         self.page_size = page_size
         self.echo_header = echo_header.lower() if echo_header else None
@@ -125,6 +133,7 @@ class McpTestServer:
         self.loop_cursor = loop_cursor
         self.tls = tls
         self.descriptions = {f"tool_{i:02d}": f"Tool number {i}." for i in range(tool_count)}
+        self.behaviours = dict(behaviours or {})
         self.seen: list[Seen] = []
         self.responses: list[Answered] = []
         self.list_calls = 0
@@ -166,6 +175,11 @@ class McpTestServer:
         names = sorted(self.descriptions)
         page = names[start : start + self.page_size]
         tools = [types.Tool(name=n, description=self.descriptions[n], input_schema=SCHEMA) for n in page]
+        if start == 0:
+            tools[:0] = [
+                types.Tool(name=n, description=f"Edge case: {n}.", input_schema=OPEN_SCHEMA)
+                for n in sorted(self.behaviours)
+            ]
         if self.echoed is not None and start == 0:
             value = self.echoed
             schema = {
@@ -188,6 +202,9 @@ class McpTestServer:
         """Every tool answers with what it was called with, and (like a careless server) the token."""
         arguments = dict(params.arguments or {})
         self.calls.append((params.name, arguments))
+        behaviour = self.behaviours.get(params.name)
+        if behaviour is not None:
+            return await behaviour(ctx, arguments)
         text = f"{params.name} called with {arguments} using token {self.token}"
         return types.CallToolResult(
             content=[types.TextContent(type="text", text=text)],

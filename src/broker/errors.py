@@ -11,6 +11,7 @@
     ├── Aborted                      ABORTED (a stale etag)
     ├── ResourceExhausted            RESOURCE_EXHAUSTED
     ├── Unavailable                  UNAVAILABLE
+    ├── DeadlineExceeded             DEADLINE_EXCEEDED (an outbound call outlived the caller's deadline)
     ├── SecretUnavailable            DATA_LOSS (a stored secret cannot be opened)
     └── NotImplementedYet            UNIMPLEMENTED (a feature the broker names but lacks)
 
@@ -136,6 +137,10 @@ class ResourceExhausted(BrokerError):
 
 class Unavailable(BrokerError):
     status = "UNAVAILABLE"
+
+
+class DeadlineExceeded(BrokerError):
+    status = "DEADLINE_EXCEEDED"
 
 
 class SecretUnavailable(BrokerError):

@@ -302,6 +302,9 @@ def test_a_timeout_says_timeout_and_other_codes_get_no_hint() -> None:
     assert hint is not None and hint.startswith("no answer from 10.1.2.3:6051 within 2.5 s (timeout)")
     assert "--timeout (BROKER_TIMEOUT)" in hint
     assert connection_hint("NOT_FOUND", REFUSED, "10.1.2.3:6051", 2.5, BROKERCTL) is None
+    # The broker's own DEADLINE_EXCEEDED (a proxied MCP tool or HTTP call was too slow) reached us.
+    broker_said = "the upstream did not answer before the call's deadline"
+    assert connection_hint("DEADLINE_EXCEEDED", broker_said, "10.1.2.3:6051", 2.5, BROKERCTL) is None
 
 
 def test_only_the_dev_default_address_suggests_make_run() -> None:

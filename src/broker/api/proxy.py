@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,14 +18,14 @@ class ProxyServicer(broker_pb2_grpc.ProxyServiceServicer):
 
     async def ProxyHttp(self, request: pb.ProxyHttpRequest, context: Any) -> pb.ProxyHttpResponse:
         # The caller's deadline bounds the upstream call too (None: no deadline was set).
-        async with asyncio.timeout(context.time_remaining()):
-            answer = await self._proxy.http(
-                current_call(),
-                _upstream(request),
-                connection_id=request.connection_id,
-                name=request.name,
-                purpose=request.purpose,
-            )
+        answer = await self._proxy.http(
+            current_call(),
+            _upstream(request),
+            connection_id=request.connection_id,
+            name=request.name,
+            purpose=request.purpose,
+            time_left=context.time_remaining(),
+        )
         headers = [pb.HttpHeader(name=name, value=value) for name, value in answer.headers]
         return pb.ProxyHttpResponse(status=answer.status, headers=headers, body=answer.body)
 
@@ -49,15 +48,15 @@ class ProxyServicer(broker_pb2_grpc.ProxyServiceServicer):
 
     async def CallMcpTool(self, request: pb.CallMcpToolRequest, context: Any) -> pb.CallMcpToolResponse:
         arguments = convert.from_struct(request.arguments, "arguments")
-        async with asyncio.timeout(context.time_remaining()):
-            result = await self._proxy.call_tool(
-                current_call(),
-                request.tool,
-                arguments,
-                connection_id=request.connection_id,
-                name=request.name,
-                purpose=request.purpose,
-            )
+        result = await self._proxy.call_tool(
+            current_call(),
+            request.tool,
+            arguments,
+            connection_id=request.connection_id,
+            name=request.name,
+            purpose=request.purpose,
+            time_left=context.time_remaining(),
+        )
         response = pb.CallMcpToolResponse(
             content=[convert.struct(item) for item in result.content if isinstance(item, dict)],
             is_error=result.is_error,

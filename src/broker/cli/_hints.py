@@ -77,7 +77,9 @@ HEALTH = Vocabulary(
 def classify(code: str, details: str) -> Failure | None:
     """The kind of failure behind a status (its code's name and details), or None when the broker answered."""
     if code == "DEADLINE_EXCEEDED":
-        return Failure.TIMEOUT
+        # gRPC's own words: this client's deadline passed. Anything else is the broker's answer (a
+        # proxied call outlived the deadline), which reached us: the address is not in question.
+        return Failure.TIMEOUT if details.strip().lower() == "deadline exceeded" else None
     if code != "UNAVAILABLE":
         return None
     text = details.lower()

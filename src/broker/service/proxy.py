@@ -16,6 +16,8 @@ hashes); otherwise FAILED_PRECONDITION and, for a changed or vanished tool, a se
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +31,7 @@ from broker.crypto import Keyring
 from broker.egress import Blocked, DnsFailure, EgressPolicy, InvalidTarget
 from broker.errors import (
     BrokerError,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     PermissionDenied,
@@ -78,6 +81,9 @@ CALL_TOOL = "mcp.call_tool"
 LIST_TOOLS = "mcp.list_granted_tools"
 TOOL_CHANGED = "tool definition changed since it was approved"
 MAX_REF, MAX_TOOL, MAX_ARGUMENTS = 256, 128, 256 * 1024  # MAX_PURPOSE is Resolve's
+# The upstream part of a call stops this long before the caller's deadline, so that its failure is
+# audited and answered (DEADLINE_EXCEEDED, with what happened) before gRPC cancels the call.
+DEADLINE_MARGIN = 0.1
 
 
 class ProxyService:
@@ -117,18 +123,21 @@ class ProxyService:
         connection_id: str = "",
         name: str = "",
         purpose: str = "",
+        time_left: float | None = None,
     ) -> UpstreamAnswer:
-        """Make `request` with the connection's credential; see the module docstring."""
+        """Make `request` with the connection's credential; see the module docstring. `time_left`: the
+        seconds left of the caller's deadline, which bounds the upstream part (None: unbounded)."""
         use, target, request, started = await self._http_target(call_, request, connection_id, name, purpose)
-        answer = await self._send(use, target, request, started)
-        if answer.status == 401 and target.oauth_token and request.method in _REPEATABLE:
-            # The provider refused a token it issued (revoked, rotated early): one refresh and
-            # one more try, never more. A non-idempotent call is not repeated.
-            assert self._oauth is not None
-            refreshed = self._oauth.after_rejection(target.record, target.oauth_token)
-            target = _Target(*await self._token(use, refreshed, started))
-            use.details["retried"] = "after_401"
+        async with self._within(use, started, time_left):
             answer = await self._send(use, target, request, started)
+            if answer.status == 401 and target.oauth_token and request.method in _REPEATABLE:
+                # The provider refused a token it issued (revoked, rotated early): one refresh and
+                # one more try, never more. A non-idempotent call is not repeated.
+                assert self._oauth is not None
+                refreshed = self._oauth.after_rejection(target.record, target.oauth_token)
+                target = _Target(*await self._token(use, refreshed, started))
+                use.details["retried"] = "after_401"
+                answer = await self._send(use, target, request, started)
         use.details.update(status=str(answer.status), bytes=str(len(answer.body)))
         await self._done(use, started)
         return answer
@@ -170,8 +179,10 @@ class ProxyService:
         connection_id: str = "",
         name: str = "",
         purpose: str = "",
+        time_left: float | None = None,
     ) -> mcp.ToolCall:
-        """Call an approved, unchanged MCP tool with the connection's credential."""
+        """Call an approved, unchanged MCP tool with the connection's credential; `time_left` as for
+        `http`."""
         if not 0 < len(tool) <= MAX_TOOL or not tool.isprintable():
             raise InvalidArgument.field("tool", f"must be 1-{MAX_TOOL} printable characters")
         if len(json.dumps(arguments, default=str)) > MAX_ARGUMENTS:
@@ -188,9 +199,10 @@ class ProxyService:
                 )
             secrets = await self._open(use, record)
             target = Target(record.type, record.provider, record.config, secrets)
-            result = await mcp.call_tool(
-                target, self._egress, tool, arguments, approved[tool].definition_hash
-            )
+            async with self._within(use, started, time_left):
+                result = await mcp.call_tool(
+                    target, self._egress, tool, arguments, approved[tool].definition_hash
+                )
         except mcp.ToolChanged as exc:
             await self._failed(use, "tool_changed", started)
             if self._monitor is not None:
@@ -201,6 +213,11 @@ class ProxyService:
         except NotInjectable as exc:
             await self._failed(use, "not_callable", started)
             raise exc from None
+        except mcp.ToolError as exc:
+            await self._failed(use, exc.reason, started)
+            if exc.arguments:
+                raise InvalidArgument.field("arguments", exc.message) from None
+            raise FailedPrecondition(exc.message) from None
         except (Blocked, InvalidTarget, DnsFailure) as exc:
             await self._failed(use, "egress_blocked", started)
             raise _caller_error(exc, "egress_blocked") from None
@@ -356,6 +373,21 @@ class ProxyService:
         reason = _failure_reason(exc)
         await self._failed(use, reason, started)
         return _caller_error(exc, reason)
+
+    @contextlib.asynccontextmanager
+    async def _within(self, use: _Use, started: float, time_left: float | None) -> AsyncIterator[None]:
+        """The upstream part of a call, bounded by the caller's deadline. A call cut short (the
+        deadline, or the caller gone) is audited as failed: the upstream may have acted on it."""
+        try:
+            async with asyncio.timeout(None if time_left is None else max(time_left - DEADLINE_MARGIN, 0.0)):
+                yield
+        except TimeoutError:
+            await self._failed(use, "deadline_exceeded", started)
+            raise DeadlineExceeded("the upstream did not answer before the call's deadline") from None
+        except asyncio.CancelledError:
+            # The append joins a group commit that a cancelled waiter does not stop.
+            await self._failed(use, "cancelled", started)
+            raise
 
     async def _failed(self, use: _Use, reason: str, started: float) -> None:
         use.details["latency_ms"] = str(int((time.monotonic() - started) * 1000))

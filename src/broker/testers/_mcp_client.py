@@ -30,7 +30,7 @@ from broker.egress.http import http_client
 from broker.model import McpTool, TestCategory, TestResult, TestStage
 from broker.testers._mcp_transport import EgressTransport, ExchangeLog
 from broker.testers.base import Target, TestFailure, passed
-from broker.testers.mcp import ToolCall, ToolChanged, scrub_tools, tool_definition_hash
+from broker.testers.mcp import ToolCall, ToolChanged, ToolError, scrub_tools, tool_definition_hash
 from broker.testers.scrub import Scrubber
 
 # Bounds on one listing: a server that pages forever must not hold a test open.
@@ -39,6 +39,33 @@ MAX_TOOLS = 5000
 
 _CLIENT_INFO = types.Implementation(name="broker", version="1")
 _Streams = tuple[Any, Any]
+# What a server may ask of its client, which the broker has none of: a model, a user, roots.
+_CLIENT_FEATURES: tuple[tuple[type[Any], str], ...] = (
+    (types.CreateMessageRequest, "sampling (sampling/createMessage)"),
+    (types.ElicitRequest, "elicitation (elicitation/create)"),
+    (types.ListRootsRequest, "roots (roots/list)"),
+)
+
+
+class _BrokerSession(ClientSession):
+    """A client session that declares no client capability (no callbacks are given) and refuses
+    each request a server makes of its client with an error naming what is not supported, rather
+    than the SDK's anonymous one. What was refused is kept in `refused`, so a call that failed for
+    it can say so."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.refused: list[str] = []
+
+    async def dispatch_input_request(self, ctx: Any, request: Any) -> types.ErrorData:
+        """Refuse: the broker calls tools for an executor and has no model, user or roots to offer."""
+        feature = next((name for kind, name in _CLIENT_FEATURES if isinstance(request, kind)), "this request")
+        self.refused.append(feature)
+        return types.ErrorData(
+            code=types.INVALID_REQUEST,
+            message=f"{feature} is not supported: the client is a secrets broker calling tools for an"
+            " executor, with no model, user or roots to offer",
+        )
 
 
 def _to_tool(tool: types.Tool) -> McpTool:
@@ -150,7 +177,7 @@ async def _list_all(session: ClientSession, progress: _Progress) -> list[McpTool
 @contextlib.asynccontextmanager
 async def _session(
     target: Target, egress: EgressPolicy, progress: _Progress
-) -> AsyncIterator[tuple[ClientSession, types.InitializeResult, EgressTransport]]:
+) -> AsyncIterator[tuple[_BrokerSession, types.InitializeResult, EgressTransport]]:
     """An initialized session with the connection's server; any failure classified (`_classify`)."""
     timeout = float(target.config.get("timeout_seconds", 30.0))
     # The SDK's httpx2 would refuse some spellings of an address before the policy saw them.
@@ -166,7 +193,9 @@ async def _session(
         try:
             async with (
                 _open(target, url, transport) as (read, write),
-                ClientSession(read, write, read_timeout_seconds=timeout, client_info=_CLIENT_INFO) as session,
+                _BrokerSession(
+                    read, write, read_timeout_seconds=timeout, client_info=_CLIENT_INFO
+                ) as session,
             ):
                 init = await session.initialize()
                 progress.stage = TestStage.SAMPLE_OPERATION
@@ -237,7 +266,7 @@ def _classify(exc: Exception, log: ExchangeLog, progress: _Progress) -> Exceptio
     """The policy error inside `exc`, or a `TestFailure` naming what went wrong."""
     errors = _leaves(exc)
     for error in errors:
-        if isinstance(error, Blocked | DnsFailure | TestFailure | ToolChanged):
+        if isinstance(error, Blocked | DnsFailure | TestFailure | ToolChanged | ToolError):
             return error
     details = dict(progress.details)
 
@@ -304,6 +333,25 @@ def _classify(exc: Exception, log: ExchangeLog, progress: _Progress) -> Exceptio
     )
 
 
+def _tool_error(exc: MCPError, refused: list[str], log: ExchangeLog, scrubber: Scrubber) -> Exception:
+    """What a JSON-RPC error answering `tools/call` means for the executor; a failure of the exchange
+    itself (the connection, a timeout, the byte cap) is left to `_classify`."""
+    if log.too_large or exc.code in (types.CONNECTION_CLOSED, types.REQUEST_TIMEOUT):
+        return exc
+    said = f"error {exc.code}: {_first_line(scrubber.text(exc.message))}"
+    if refused:
+        return ToolError(
+            "client_feature_unsupported",
+            f"the tool asked the client for {refused[0]}, which tool calls through the broker do not"
+            f" support (the server then answered error {exc.code})",
+        )
+    if exc.code == types.INVALID_PARAMS:
+        return ToolError(
+            "invalid_arguments", f"the MCP server refused the arguments with {said}", arguments=True
+        )
+    return ToolError("mcp_error", f"the MCP server answered the call with {said}")
+
+
 def _first_line(text: str) -> str:
     return text.strip().partition("\n")[0][:200]
 
@@ -325,16 +373,32 @@ async def call_tool(
     The server's tool list is read and scrubbed as discovery stores it (the runner's scrubber:
     the secrets and what was composed from them), so the hash compared is of the same form; a
     tool that is gone or described differently raises `ToolChanged` and is not called. The
-    result is scrubbed the same way.
+    result is scrubbed the same way. A JSON-RPC error for the call, or an answer over the egress
+    policy's byte cap, raises `ToolError`.
     """
     progress = _Progress()
-    async with _session(target, egress, progress) as (session, _init, _transport):
-        scrubber = Scrubber(target.secrets.reveal().values(), target.sent.forms)
-        current, _ = scrub_tools(await _list_all(session, progress), scrubber)
-        tool = next((t for t in current if t.name == name), None)
-        if tool is None or tool.definition_hash != approved_hash:
-            raise ToolChanged(name, tool)
-        result = await session.call_tool(name, arguments)
+    log: ExchangeLog | None = None
+    try:
+        async with _session(target, egress, progress) as (session, _init, transport):
+            log = transport.log
+            scrubber = Scrubber(target.secrets.reveal().values(), target.sent.forms)
+            current, _ = scrub_tools(await _list_all(session, progress), scrubber)
+            tool = next((t for t in current if t.name == name), None)
+            if tool is None or tool.definition_hash != approved_hash:
+                raise ToolChanged(name, tool)
+            try:
+                result = await session.call_tool(name, arguments)
+            except MCPError as exc:
+                raise _tool_error(exc, session.refused, log, scrubber) from None
+    except TestFailure:
+        if log is not None and log.too_large:
+            limit = egress.settings.max_response_bytes
+            raise ToolError(
+                "answer_too_large",
+                f"the MCP server's answer was over the broker's limit of {limit} bytes"
+                " ([egress] max_response_bytes)",
+            ) from None
+        raise
     if not isinstance(result, types.CallToolResult):
         raise TestFailure(
             TestCategory.PROTOCOL_ERROR, progress.stage, "the server did not answer with a tool result"

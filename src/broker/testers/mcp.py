@@ -42,6 +42,16 @@ class ToolChanged(Exception):
         self.name, self.current = name, current
 
 
+class ToolError(Exception):
+    """A call the server answered with a JSON-RPC error instead of a result, or whose answer the
+    broker cannot take. `reason` goes into the audit trail; `message` (scrubbed, one bounded line)
+    is what the executor is told; `arguments`: the server refused the arguments."""
+
+    def __init__(self, reason: str, message: str, *, arguments: bool = False) -> None:
+        super().__init__(message)
+        self.reason, self.message, self.arguments = reason, message, arguments
+
+
 @dataclass(frozen=True)
 class ToolCall:
     """A tool's result, scrubbed: its content items as JSON objects, `isError`, structured content."""
