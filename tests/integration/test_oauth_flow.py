@@ -136,6 +136,43 @@ async def test_authorization_code_with_pkce_creates_a_working_connection(
     assert test.success, test
 
 
+async def test_an_openid_provider_issues_a_refresh_token_when_the_connection_asks_with_prompt_consent(
+    broker: Running,
+) -> None:
+    """OpenID Connect Core 11, as certified providers (panva's oidc-provider) apply it: without
+    prompt=consent, offline_access is dropped and no refresh token comes; `authorize_params` sends it."""
+    admin = broker.admin()
+    with oauthserver.running(offline_access_needs_consent=True) as server:
+        for params, refresh in (({}, False), ({"prompt": "consent"}, True)):
+            config = {"authorize_params": params} if params else {}
+            name = f"oidc{len(params)}"
+            begin = pb.BeginAuthorizationRequest(
+                draft=draft(server, name, **config),
+                redirect_uri=REDIRECT,
+                scopes=["openid", "offline_access"],
+            )
+            begun = await admin.BeginAuthorization(begin)
+            code, state = await asyncio.to_thread(follow_authorization, begun.authorization_url)
+            complete = pb.CompleteAuthorizationRequest(state=state, code=code)
+            created = await admin.CompleteAuthorization(complete)
+            assert ("refresh_token" in created.secret_fields) is refresh, params
+        assert [r.get("prompt") for r in server.authorize_requests] == [None, "consent"]
+        assert dict(created.config["authorize_params"]) == {"prompt": "consent"}
+
+        # The flow's own parameters are not the connection's to set.
+        for field in ("redirect_uri", "State", "client_secret"):
+            refused = await rpc_error(
+                admin.BeginAuthorization(
+                    pb.BeginAuthorizationRequest(
+                        draft=draft(server, "bad", authorize_params={field: "x"}), redirect_uri=REDIRECT
+                    )
+                )
+            )
+            assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "config.authorize_params" in field_violations(refused)
+    assert len(server.authorize_requests) == 2
+
+
 async def test_state_is_single_use_bound_and_expiring(
     broker: Running, server: oauthserver.OAuthTestServer
 ) -> None:

@@ -96,6 +96,14 @@ OAUTH2 = ConnectionType(
             check=v.each(v.matching(r"[!#-\[\]-~]+", "a list of scope names without spaces")),
         ),
         FieldSpec(
+            "authorize_params",
+            FieldKind.STRING_MAP,
+            description="Extra authorization request parameters, added to (or replacing) the provider's "
+            "own: prompt=consent for an OpenID Connect provider to issue a refresh token for "
+            "offline_access, audience or resource for the API the tokens are for.",
+            check=v.authorize_params,
+        ),
+        FieldSpec(
             "verify_url",
             FieldKind.URL,
             destination=True,
