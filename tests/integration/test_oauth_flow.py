@@ -434,6 +434,21 @@ async def test_revoke_calls_the_providers_revocation_endpoint(
     assert event.details["upstream_revocation"] == "revoked"
 
 
+async def test_purge_revokes_the_tokens_at_the_provider_before_destroying_them(
+    broker: Running, server: oauthserver.OAuthTestServer
+) -> None:
+    """Delete then purge: afterwards nobody holds the refresh token, so it is revoked first."""
+    created = await authorize(broker, server)
+    refresh_token = (await resolve(broker, created.id)).secrets["refresh_token"]
+    admin = broker.admin()
+    await admin.DeleteConnection(pb.DeleteConnectionRequest(id=created.id))
+    assert server.revocation_requests == 0  # a soft delete can be undone: the tokens stay
+    await admin.PurgeConnection(pb.PurgeConnectionRequest(id=created.id))
+    assert server.revoked == [refresh_token] and refresh_token not in server.refresh_tokens
+    (event,) = (await admin.ListAuditEvents(pb.ListAuditEventsRequest(action="connection.purge"))).events
+    assert event.details["upstream_revocation"] == "revoked"
+
+
 async def test_no_oauth_secret_reaches_logs_audit_or_errors(
     broker: Running, server: oauthserver.OAuthTestServer, clock: ShiftedClock
 ) -> None:

@@ -363,17 +363,27 @@ class ConnectionService:
         return record
 
     async def purge(self, call: Call, connection_id: str) -> None:
-        """Destroy the wrapped data key (and ciphertext) of a soft-deleted connection, and its grants."""
+        """Destroy the wrapped data key (and ciphertext) of a soft-deleted connection, and its grants.
+
+        An OAuth2 connection's tokens are revoked at the provider first: after the purge nobody
+        holds them, so nobody could revoke them any more (a refresh token may live for years).
+        """
         current = await self.get(call, connection_id)
         if current.live:
             raise FailedPrecondition(f"connection {current.id} must be deleted before it can be purged")
         now = self._clock()
         if self._leases is not None:
             await self._leases_dropped(call, current.id, now)
+        details = {}
+        if self._egress is not None:
+            # As for revoke: the provider's answer is recorded; the purge happens whatever it was.
+            upstream = await revoke_upstream(self._keyring, self._egress, current)
+            if upstream:
+                details["upstream_revocation"] = upstream
+        now = self._clock()
         record = replace(current, sealed=None, purged_at=now, version=current.version + 1, updated_at=now)
-        await self._commit(
-            record, current, self._event(call, "connection.purge", current.id), drop_grants=True
-        )
+        event = call.audit_event(now, "connection.purge", current.id, details=details)
+        await self._commit(record, current, event, drop_grants=True)
 
     async def _leases_dropped(self, call: Call, connection_id: str, now: datetime) -> None:
         """Refuse to purge while a lease's database user still waits to be dropped: that needs the
