@@ -434,6 +434,55 @@ async def test_revoke_calls_the_providers_revocation_endpoint(
     assert event.details["upstream_revocation"] == "revoked"
 
 
+async def test_a_client_credentials_connection_cannot_begin_an_authorization_and_says_why(
+    broker: Running, server: oauthserver.OAuthTestServer
+) -> None:
+    config = {
+        "client_id": server.client_id,
+        "token_url": server.token_url,
+        "grant_type": "client_credentials",
+    }
+    admin = broker.admin()
+    created = await admin.CreateConnection(
+        pb.CreateConnectionRequest(
+            name="machine", type="oauth2", provider="custom", config=struct(config),
+            secrets={"client_secret": server.client_secret},
+        )
+    )  # fmt: skip
+    stored = await rpc_error(
+        admin.BeginAuthorization(
+            pb.BeginAuthorizationRequest(connection_id=created.id, redirect_uri=REDIRECT)
+        )
+    )
+    assert stored.code() == grpc.StatusCode.FAILED_PRECONDITION and "client_credentials" in stored.details()
+    drafted = pb.ConnectionDraft(
+        name="m2", type="oauth2", provider="custom", config=struct(config),
+        secrets={"client_secret": server.client_secret},
+    )  # fmt: skip
+    draft_error = await rpc_error(
+        admin.BeginAuthorization(pb.BeginAuthorizationRequest(draft=drafted, redirect_uri=REDIRECT))
+    )
+    assert draft_error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "draft.config.grant_type" in field_violations(draft_error)
+
+
+async def test_a_refused_client_is_not_reported_as_a_refused_code(
+    broker: Running, server: oauthserver.OAuthTestServer
+) -> None:
+    """invalid_client at the code exchange (a wrong secret, basic where post is wanted) names the client."""
+    admin = broker.admin()
+    wrong = draft(server, token_auth_method="client_secret_post")
+    begun = await admin.BeginAuthorization(pb.BeginAuthorizationRequest(draft=wrong, redirect_uri=REDIRECT))
+    code, state = await asyncio.to_thread(follow_authorization, begun.authorization_url)
+    error = await rpc_error(
+        admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=state, code=code))
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "invalid_client" in error.details() and "client_secret" in error.details()
+    assert "did not accept the authorization code" not in error.details()
+    assert server.client_secret not in error.details() and code not in error.details()
+
+
 async def test_purge_revokes_the_tokens_at_the_provider_before_destroying_them(
     broker: Running, server: oauthserver.OAuthTestServer
 ) -> None:

@@ -96,6 +96,19 @@ def _client(config: Mapping[str, Any], secrets: Mapping[str, str]) -> oauth.Clie
     return oauth.ClientCredentials(str(config.get("client_id", "")), secrets.get("client_secret", ""))
 
 
+def _exchange_failed(exc: Exception, detail: str) -> str:
+    """What a failed code exchange means to the person who just signed in, and what to do."""
+    if isinstance(exc, oauth.OAuthError) and exc.kind == "invalid_config":
+        # invalid_client and its kin: the code may well be good, the client is not.
+        return (
+            f"the provider refused the token request ({detail}): check the connection's client_id,"
+            " client_secret, token_auth_method and token_url, then start the authorization again"
+        )
+    if isinstance(exc, oauth.OAuthError) and exc.kind == "invalid_grant":
+        return f"the provider did not accept the authorization code ({detail}); start the authorization again"
+    return f"the token endpoint could not be used ({detail}); start the authorization again"
+
+
 async def revoke_upstream(keyring: Keyring, egress: EgressPolicy, record: ConnectionRecord) -> str:
     """Ask the provider to revoke the connection's tokens; returns the outcome for the audit record.
 
@@ -206,13 +219,26 @@ class OAuthService:
             provider_name, config = record.provider, record.config
             event = call.audit_event(self._clock(), "oauth.begin", record.id)
             secrets = (await open_secrets_audited(self._keyring, record, self._audit, event)).reveal()
-        provider = oauth.provider_for(provider_name, config)
+        if config.get("grant_type") == CLIENT_CREDENTIALS:
+            if draft is not None:
+                raise InvalidArgument.field(
+                    "draft.config.grant_type", "is client_credentials: such a connection needs no sign-in"
+                )
+            raise FailedPrecondition(
+                f"connection {connection_id} uses the client_credentials grant: it gets its tokens without"
+                " anyone signing in"
+            )
         state = oauth.new_state()
         verifier, challenge = oauth.new_pkce()
-        wanted = scopes or list(config.get("scopes") or provider.default_scopes)
-        url = oauth.authorization_url(
-            provider, _client(config, secrets).client_id, redirect_uri, wanted, state, challenge
-        )
+        try:
+            provider = oauth.provider_for(provider_name, config)
+            wanted = scopes or list(config.get("scopes") or provider.default_scopes)
+            url = oauth.authorization_url(
+                provider, _client(config, secrets).client_id, redirect_uri, wanted, state, challenge
+            )
+        except oauth.OAuthError as exc:
+            # The connection's (or the provider table's) endpoints, not the request, are wrong.
+            raise FailedPrecondition(f"cannot start an authorization: {exc}") from None
         payload["verifier"] = verifier
         now = self._clock()
         state_hash = _state_hash(state)
@@ -288,9 +314,7 @@ class OAuthService:
             await self._audit.append(
                 call.audit_event(now, "oauth.complete", pending.connection_id, Outcome.FAILED, str(detail))
             )
-            raise FailedPrecondition(
-                f"the provider did not accept the authorization code ({detail})"
-            ) from None
+            raise FailedPrecondition(_exchange_failed(exc, str(detail))) from None
         if record is None:
             if self._create_connection is None:
                 raise FailedPrecondition("creating oauth2 connections is not configured on this broker")
