@@ -422,6 +422,48 @@ async def test_client_credentials_fetch_on_demand_and_keep_until_near_expiry(
     assert server.token_requests["client_credentials"] == 1
 
 
+@pytest.mark.parametrize("error", ["invalid_scope", "invalid_client", "invalid_grant"])
+async def test_a_refused_client_credentials_request_says_why_and_never_asks_for_a_sign_in(
+    broker: Running, server: oauthserver.OAuthTestServer, error: str
+) -> None:
+    """Nobody can sign in again for a client credentials connection: it is never marked expired."""
+    admin = broker.admin()
+    config = {
+        "client_id": server.client_id,
+        "token_url": server.token_url,
+        "grant_type": "client_credentials",
+    }
+    created = await admin.CreateConnection(
+        pb.CreateConnectionRequest(
+            name="machine", type="oauth2", provider="custom", config=struct(config),
+            secrets={"client_secret": server.client_secret},
+        )
+    )  # fmt: skip
+    await admin.GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
+    server.error_next(error, 401 if error == "invalid_client" else 400)
+    refused = await rpc_error(resolve(broker, created.id))
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error in refused.details() and "re-authoriz" not in refused.details()
+    assert server.token_requests["client_credentials"] == 1  # not retried
+    status = (await admin.GetConnection(pb.GetConnectionRequest(id=created.id))).status
+    assert status == pb.CONNECTION_STATUS_ACTIVE
+    assert (await resolve(broker, created.id)).secrets["access_token"] in server.valid_access_tokens()
+
+
+async def test_invalid_scope_at_refresh_is_reported_not_taken_for_a_dead_grant(
+    broker: Running, server: oauthserver.OAuthTestServer, clock: ShiftedClock
+) -> None:
+    server.expires_in = SHORT_LIFE
+    created = await authorize(broker, server)
+    clock.advance(SHORT_LIFE + 1)  # expired: nothing valid to serve meanwhile
+    server.error_next("invalid_scope")
+    refused = await rpc_error(resolve(broker, created.id))
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION and "invalid_scope" in refused.details()
+    status = (await broker.admin().GetConnection(pb.GetConnectionRequest(id=created.id))).status
+    assert status == pb.CONNECTION_STATUS_ACTIVE
+    assert (await resolve(broker, created.id)).secrets["access_token"] in server.valid_access_tokens()
+
+
 async def test_revoke_calls_the_providers_revocation_endpoint(
     broker: Running, server: oauthserver.OAuthTestServer
 ) -> None:

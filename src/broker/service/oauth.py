@@ -10,8 +10,11 @@ keep a connection alive:
   lost a race never overwrites a newer token;
 - a rotated refresh token is stored durably before any caller sees the new access token;
 - expiry is never unknown (`expires_in`, else the JWT `exp`, else a default lifetime);
-- `invalid_grant` marks the connection expired (re-authorize); transient failures are
-  retried, and while the current token is valid it is still served.
+- `invalid_grant` marks an authorization-code connection expired (re-authorize); a client
+  credentials connection has nothing to re-authorize, so its refusals, like `invalid_client` or
+  `invalid_scope` for any connection, are FAILED_PRECONDITION naming the error and leave the
+  connection as it is; transient failures are retried; while the current token is valid it is
+  still served.
 """
 
 from __future__ import annotations
@@ -409,12 +412,13 @@ class OAuthService:
             return record  # another refresh (here or in another process) got there first
         provider = oauth.provider_for(record.provider, record.config)
         client = _client(record.config, secrets)
-        failure = ""
+        cc = record.config.get("grant_type") == CLIENT_CREDENTIALS
+        failure, refused = "", False
         for delay in (0.0, *self.settings.retry_delays):
             await asyncio.sleep(delay)
             now = self._clock()
             try:
-                if record.config.get("grant_type") == CLIENT_CREDENTIALS:
+                if cc:
                     scopes = list(record.config.get("scopes") or provider.default_scopes)
                     tokens = await oauth.client_credentials_token(
                         self._egress,
@@ -434,10 +438,13 @@ class OAuthService:
                         default_lifetime=self.settings.default_lifetime,
                     )
             except oauth.OAuthError as exc:
-                if exc.kind == "invalid_grant":
+                # A client credentials grant has no user grant to lose: signing in again is no cure,
+                # whatever the provider calls its refusal.
+                if exc.kind == "invalid_grant" and not cc:
                     return await self._mark_expired(record, exc.error or exc.kind)
                 failure = exc.error or exc.kind
                 if exc.kind != "transient":
+                    refused = True
                     break
                 continue
             except (Blocked, DnsFailure) as exc:
@@ -445,10 +452,16 @@ class OAuthService:
                 break
             metrics.OAUTH_REFRESHES.labels("refreshed").inc()
             return await self._store_tokens(record, secrets, tokens, "oauth.refresh", SYSTEM_ACTOR, "")
-        return await self._refresh_failed(record, failure)
+        return await self._refresh_failed(record, failure, refused=refused)
 
-    async def _refresh_failed(self, record: ConnectionRecord, failure: str) -> ConnectionRecord:
-        """A refresh that could not complete: keep serving a still-valid token, else report unavailable."""
+    async def _refresh_failed(
+        self, record: ConnectionRecord, failure: str, *, refused: bool = False
+    ) -> ConnectionRecord:
+        """A refresh that could not complete: keep serving a still-valid token, else say why not.
+
+        `refused`: the provider answered with an error that retrying will not change (the client,
+        its secret or its scopes): FAILED_PRECONDITION naming the error; otherwise UNAVAILABLE.
+        """
         now = self._clock()
         await self._audit.append(self._system_event(record, "oauth.refresh", Outcome.FAILED, failure))
         log.warning("oauth_refresh_failed", connection_id=record.id, reason=failure)
@@ -459,6 +472,11 @@ class OAuthService:
             metrics.OAUTH_REFRESHES.labels("served_stale").inc()
             return record
         metrics.OAUTH_REFRESHES.labels("failed").inc()
+        if refused:
+            raise FailedPrecondition(
+                f"the provider refused to issue a token for connection {record.id} ({failure}); check its"
+                " client_id, client_secret, token_auth_method and scopes"
+            )
         raise Unavailable(
             f"the token of connection {record.id} expired and the provider could not refresh it"
         )
