@@ -440,6 +440,10 @@ async def test_a_refused_client_credentials_request_says_why_and_never_asks_for_
         )
     )  # fmt: skip
     await admin.GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
+    untested = await admin.TestConnection(pb.TestConnectionRequest(id=created.id))
+    assert (
+        not untested.success and "authorize" not in untested.message and "first Resolve" in untested.message
+    )
     server.error_next(error, 401 if error == "invalid_client" else 400)
     refused = await rpc_error(resolve(broker, created.id))
     assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
