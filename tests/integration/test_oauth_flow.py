@@ -158,6 +158,7 @@ async def test_an_openid_provider_issues_a_refresh_token_when_the_connection_ask
             assert ("refresh_token" in created.secret_fields) is refresh, params
         assert [r.get("prompt") for r in server.authorize_requests] == [None, "consent"]
         assert dict(created.config["authorize_params"]) == {"prompt": "consent"}
+        assert list(created.config["granted_scopes"]) == ["openid", "offline_access"]
 
         # The flow's own parameters are not the connection's to set.
         for field in ("redirect_uri", "State", "client_secret"):
@@ -171,6 +172,35 @@ async def test_an_openid_provider_issues_a_refresh_token_when_the_connection_ask
             assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "config.authorize_params" in field_violations(refused)
     assert len(server.authorize_requests) == 2
+
+
+async def test_a_scope_the_provider_dropped_is_asked_for_again_on_re_authorization(broker: Running) -> None:
+    """The granted scopes never replace the requested ones: connected without prompt=consent, the
+    provider dropped offline_access; with the parameter added, re-authorizing asks for it again."""
+    admin = broker.admin()
+    with oauthserver.running(offline_access_needs_consent=True) as server:
+        begin = pb.BeginAuthorizationRequest(
+            draft=draft(server, "idp"), redirect_uri=REDIRECT, scopes=["openid", "offline_access"]
+        )
+        begun = await admin.BeginAuthorization(begin)
+        code, state = await asyncio.to_thread(follow_authorization, begun.authorization_url)
+        created = await admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=state, code=code))
+        assert "refresh_token" not in created.secret_fields
+        assert list(created.config["scopes"]) == ["openid", "offline_access"]
+        assert list(created.config["granted_scopes"]) == ["openid"]
+
+        await admin.UpdateConnection(
+            pb.UpdateConnectionRequest(
+                id=created.id, config=struct({"authorize_params": {"prompt": "consent"}})
+            )
+        )
+        again = pb.BeginAuthorizationRequest(connection_id=created.id, redirect_uri=REDIRECT)
+        begun = await admin.BeginAuthorization(again)
+        code, state = await asyncio.to_thread(follow_authorization, begun.authorization_url)
+        renewed = await admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=state, code=code))
+    assert server.authorize_requests[-1]["scope"] == "openid offline_access"
+    assert "refresh_token" in renewed.secret_fields
+    assert list(renewed.config["granted_scopes"]) == ["openid", "offline_access"]
 
 
 async def test_state_is_single_use_bound_and_expiring(

@@ -91,9 +91,16 @@ OAUTH2 = ConnectionType(
         FieldSpec(
             "scopes",
             FieldKind.STRING_LIST,
-            description="Scopes to request.",
+            description="Scopes to request; an authorization asked with other scopes stores those.",
             # RFC 6749 scope tokens: printable ASCII without space, quote or backslash.
             check=v.each(v.matching(r"[!#-\[\]-~]+", "a list of scope names without spaces")),
+        ),
+        FieldSpec(
+            "granted_scopes",
+            FieldKind.STRING_LIST,
+            description="Scopes the provider granted with the current token, as its token response "
+            "said (set by the broker; absent when the response did not say, which means as requested). "
+            "`scopes` stays what is asked for.",
         ),
         FieldSpec(
             "authorize_params",

@@ -1,8 +1,8 @@
 """OAuth2 lifecycle: authorization code with PKCE, client credentials, single-flight refresh.
 
 Tokens live in the connection's sealed secrets (`access_token`, `refresh_token`, next to
-`client_secret`); `expires_at` and the granted `scopes` are plain config. The rules that
-keep a connection alive:
+`client_secret`); `expires_at`, the scopes asked for (`scopes`) and those granted
+(`granted_scopes`) are plain config. The rules that keep a connection alive:
 
 - one refresh at a time per connection in this process (concurrent callers share it), one
   process at a time across replicas (`Coordination.refresh_lock`; the waiters then re-read the row
@@ -141,12 +141,21 @@ async def revoke_upstream(keyring: Keyring, egress: EgressPolicy, record: Connec
 
 
 def token_config(config: Mapping[str, Any], tokens: oauth.TokenSet) -> dict[str, Any]:
-    """Config with the token's issue and expiry times and granted scopes (non-secret metadata)."""
+    """Config with the token's issue and expiry times and granted scopes (non-secret metadata).
+
+    The granted scopes go to `granted_scopes`, never over `scopes`: those are what the next
+    authorization or client credentials request asks for, and a provider that granted less (an
+    OpenID provider drops offline_access without prompt=consent) or names them differently must
+    not shrink or rewrite the request for good.
+    """
     updated = dict(config)
     updated["expires_at"] = tokens.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ")
     updated["issued_at"] = tokens.issued_at.strftime("%Y-%m-%dT%H:%M:%SZ")
     if tokens.scopes:
-        updated["scopes"] = list(tokens.scopes)
+        updated["granted_scopes"] = list(tokens.scopes)
+    else:
+        # RFC 6749 5.1: no scope in the answer means the scopes requested.
+        updated.pop("granted_scopes", None)
     return updated
 
 
@@ -243,6 +252,8 @@ class OAuthService:
             # The connection's (or the provider table's) endpoints, not the request, are wrong.
             raise FailedPrecondition(f"cannot start an authorization: {exc}") from None
         payload["verifier"] = verifier
+        # Stored on the connection when the flow completes: a re-authorization asks for them again.
+        payload["scopes"] = wanted
         now = self._clock()
         state_hash = _state_hash(state)
         sealed = crypto.seal(
@@ -290,13 +301,18 @@ class OAuthService:
         except DecryptionFailed:
             raise InvalidArgument.field("state", _STATE_ERROR) from None
         draft = payload.get("draft")
+        asked = payload.get("scopes")  # absent from flows begun before the broker stored them
         record: ConnectionRecord | None = None
         if draft is not None:
             provider_name, config, secrets = draft["provider"], draft["config"], draft["secrets"]
+            if asked:
+                config = {**config, "scopes": asked}
         else:
             record = await live_connection(
                 self._connections, call.tenant, pending.connection_id, field="state"
             )
+            if asked:
+                record = replace(record, config={**record.config, "scopes": asked})
             provider_name, config = record.provider, record.config
             event = call.audit_event(now, "oauth.complete", record.id)
             secrets = (await open_secrets_audited(self._keyring, record, self._audit, event)).reveal()
