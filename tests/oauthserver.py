@@ -12,6 +12,7 @@ Hand-written on Starlette (it is test code, and every rule it enforces is visibl
 - With `offline_access_needs_consent` it follows OpenID Connect Core section 11, as certified
   OpenID providers do: `offline_access` is dropped from a request without `prompt=consent`, and
   a refresh token is issued only for a grant that kept `offline_access`.
+- Authorization responses carry `iss` (RFC 9207, the server's `url`) unless `send_iss=False`.
 - `GET|POST /userinfo` answers a valid, unexpired, unrevoked bearer token; `POST /revoke` is
   RFC 7009.
 
@@ -93,6 +94,7 @@ class OAuthTestServer:
         rotate_refresh_tokens: bool = True,
         redirect_uris: tuple[str, ...] | None = None,
         offline_access_needs_consent: bool = False,
+        send_iss: bool = True,
     ) -> None:
         self.client_id = "test-client-" + secrets.token_hex(4)
         self.client_secret = "cs-" + secrets.token_urlsafe(24)
@@ -103,6 +105,7 @@ class OAuthTestServer:
         self.jwt_tokens = jwt_tokens
         self.rotate_refresh_tokens = rotate_refresh_tokens
         self.offline_access_needs_consent = offline_access_needs_consent
+        self.send_iss = send_iss
         # None accepts any http(s) redirect URI.
         self.redirect_uris = redirect_uris
         self.delay = 0.0
@@ -189,7 +192,12 @@ class OAuthTestServer:
         state = query.get("state")
 
         def back(**params: str) -> Response:
-            params = {**params, **({"state": state} if state else {})}
+            # RFC 9207: the issuer identifier in every authorization response, success or error.
+            params = {
+                **params,
+                **({"state": state} if state else {}),
+                **({"iss": self.url} if self.send_iss else {}),
+            }
             sep = "&" if "?" in redirect_uri else "?"
             return RedirectResponse(f"{redirect_uri}{sep}{urlencode(params)}", status_code=302)
 

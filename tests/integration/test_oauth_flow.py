@@ -174,6 +174,48 @@ async def test_an_openid_provider_issues_a_refresh_token_when_the_connection_ask
     assert len(server.authorize_requests) == 2
 
 
+async def test_a_connection_naming_its_issuer_completes_only_with_that_iss(broker: Running) -> None:
+    """RFC 9207: the redirect's iss must equal the configured issuer, checked before the code is sent
+    anywhere; a connection without an issuer tolerates iss (it has nothing to compare it with)."""
+    admin = broker.admin()
+    with oauthserver.running() as server, oauthserver.running() as other:
+
+        async def redirected(name: str, **config: Any) -> tuple[str, str, str]:
+            begin = pb.BeginAuthorizationRequest(draft=draft(server, name, **config), redirect_uri=REDIRECT)
+            begun = await admin.BeginAuthorization(begin)
+            response = await asyncio.to_thread(httpx.get, begun.authorization_url, follow_redirects=False)
+            query = parse_qs(urlsplit(response.headers["location"]).query)
+            return query["code"][0], query["state"][0], query["iss"][0]
+
+        code, state, iss = await redirected("named", issuer=server.url)
+        assert iss == server.url
+        for wrong, reason in ((other.url, "does not match"), ("", "is missing")):
+            code, state, _ = await redirected(f"named-{len(wrong)}", issuer=server.url)
+            complete = pb.CompleteAuthorizationRequest(state=state, code=code, iss=wrong)
+            refused = await rpc_error(admin.CompleteAuthorization(complete))
+            assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert reason in field_violations(refused)["iss"]
+            # The state is spent and the code never reached the token endpoint.
+            spent = await rpc_error(
+                admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=state, code=code, iss=iss))
+            )
+            assert "state" in field_violations(spent)
+        assert server.token_requests["authorization_code"] == 0
+
+        code, state, iss = await redirected("named", issuer=server.url)
+        created = await admin.CompleteAuthorization(
+            pb.CompleteAuthorizationRequest(state=state, code=code, iss=iss)
+        )
+        assert created.config["issuer"] == server.url and "refresh_token" in created.secret_fields
+        code, state, _ = await redirected("unnamed")
+        tolerated = pb.CompleteAuthorizationRequest(state=state, code=code, iss=other.url)
+        assert (await admin.CompleteAuthorization(tolerated)).status == pb.CONNECTION_STATUS_ACTIVE
+    failures = await admin.ListAuditEvents(pb.ListAuditEventsRequest(action="oauth.complete"))
+    assert sorted(e.reason for e in failures.events if e.outcome == "failed") == [
+        "iss_mismatch", "iss_missing", "unknown_state", "unknown_state",
+    ]  # fmt: skip
+
+
 async def test_a_scope_the_provider_dropped_is_asked_for_again_on_re_authorization(broker: Running) -> None:
     """The granted scopes never replace the requested ones: connected without prompt=consent, the
     provider dropped offline_access; with the parameter added, re-authorizing asks for it again."""

@@ -24,6 +24,7 @@ def test_a_refusal_shows_the_error_and_its_description_printable_and_bounded() -
     assert "\x1b" not in message and len(message) < 320
 
 
-def test_the_iss_parameter_is_tolerated() -> None:
+def test_the_iss_parameter_is_kept_for_the_broker_to_check() -> None:
     url = "http://127.0.0.1:8976/callback?code=c1&state=s1&iss=http%3A%2F%2F127.0.0.1%3A4111"
-    assert parse_redirect(url) == Redirect("c1", "s1")
+    assert parse_redirect(url) == Redirect("c1", "s1", "http://127.0.0.1:4111")
+    assert parse_redirect("http://127.0.0.1:8976/callback?code=c1&state=s1") == Redirect("c1", "s1", "")

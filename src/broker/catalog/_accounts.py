@@ -96,6 +96,14 @@ OAUTH2 = ConnectionType(
             check=v.each(v.matching(r"[!#-\[\]-~]+", "a list of scope names without spaces")),
         ),
         FieldSpec(
+            "issuer",
+            FieldKind.STRING,
+            description="The authorization server's issuer identifier (RFC 8414). When set, an "
+            "authorization completes only if the redirect's iss parameter equals it (RFC 9207): set it "
+            "for servers that send iss, and a response from another server cannot be passed off as theirs.",
+            check=v.matching(r"https?://[!-~]{1,500}", "an http(s) URL, like https://idp.example.com"),
+        ),
+        FieldSpec(
             "granted_scopes",
             FieldKind.STRING_LIST,
             description="Scopes the provider granted with the current token, as its token response "

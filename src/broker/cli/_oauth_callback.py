@@ -21,6 +21,7 @@ _PAGE = b"<!doctype html><title>broker</title><p>Authorization received. You can
 class Redirect:
     code: str
     state: str
+    iss: str = ""  # RFC 9207: the issuer the provider named, for the broker to check
 
 
 def parse_redirect(url: str) -> Redirect:
@@ -36,7 +37,7 @@ def parse_redirect(url: str) -> Redirect:
     code, state = query.get("code", [""])[0], query.get("state", [""])[0]
     if not code or not state:
         raise UsageError("the redirect URL has no code and state")
-    return Redirect(code, state)
+    return Redirect(code, state, query.get("iss", [""])[0])
 
 
 def _printable(text: str) -> str:

@@ -272,8 +272,12 @@ class OAuthService:
         await self._oauth_states.put_oauth_state(pending, event)
         return url, state, pending.expires_at
 
-    async def complete(self, call: Call, state: str, code: str) -> ConnectionRecord:
-        """Exchange the code (with the sealed verifier) and store the tokens on the connection."""
+    async def complete(self, call: Call, state: str, code: str, iss: str = "") -> ConnectionRecord:
+        """Exchange the code (with the sealed verifier) and store the tokens on the connection.
+
+        `iss` is the redirect's RFC 9207 issuer: when the connection names its `issuer`, they must
+        be equal, checked before the code goes anywhere.
+        """
         if not state:
             raise InvalidArgument.field("state", "is required")
         if not code:
@@ -316,6 +320,20 @@ class OAuthService:
             provider_name, config = record.provider, record.config
             event = call.audit_event(now, "oauth.complete", record.id)
             secrets = (await open_secrets_audited(self._keyring, record, self._audit, event)).reveal()
+        expected = str(config.get("issuer") or "")
+        if expected and iss != expected:
+            # RFC 9207 section 2.4: a response naming another server (or none, from a server that
+            # names itself) may be a mix-up; its code must not reach this token endpoint.
+            reason = "iss_mismatch" if iss else "iss_missing"
+            await self._audit.append(
+                call.audit_event(now, "oauth.complete", pending.connection_id, Outcome.FAILED, reason)
+            )
+            problem = "does not match" if iss else "is missing: it must match"
+            raise InvalidArgument.field(
+                "iss",
+                f"{problem} the connection's issuer; the response may come from another authorization"
+                " server (RFC 9207); start the authorization again",
+            )
         provider = oauth.provider_for(provider_name, config)
         try:
             tokens = await oauth.exchange_code(
