@@ -109,6 +109,7 @@ class OAuthTestServer:
         # None accepts any http(s) redirect URI.
         self.redirect_uris = redirect_uris
         self.delay = 0.0
+        self.revoke_delay = 0.0  # seconds the revocation endpoint takes to answer
         self.before_reply: Callable[[str], Awaitable[None]] | None = None
         self.token_requests: Counter[str] = Counter()
         self.revocation_requests = 0
@@ -327,6 +328,8 @@ class OAuthTestServer:
     async def _revoke(self, request: Request) -> Response:
         form = dict(parse_qsl((await request.body()).decode(), keep_blank_values=True))
         self.revocation_requests += 1
+        if self.revoke_delay:
+            await asyncio.sleep(self.revoke_delay)
         if not self._client_authenticated(request, form):
             return self._error("invalid_client", 401)
         token = form.get("token", "")

@@ -547,9 +547,11 @@ async def test_revoke_calls_the_providers_revocation_endpoint(
     await broker.admin().RevokeConnection(pb.RevokeConnectionRequest(id=created.id, reason="offboarding"))
     assert server.revocation_requests == 1 and server.revoked
     (event,) = (
-        await broker.admin().ListAuditEvents(pb.ListAuditEventsRequest(action="connection.revoke"))
+        await broker.admin().ListAuditEvents(
+            pb.ListAuditEventsRequest(action="connection.upstream_revocation")
+        )
     ).events
-    assert event.details["upstream_revocation"] == "revoked"
+    assert (event.outcome, event.details["upstream_revocation"]) == ("succeeded", "revoked")
 
 
 async def test_a_client_credentials_connection_cannot_begin_an_authorization_and_says_why(
@@ -601,6 +603,30 @@ async def test_a_refused_client_is_not_reported_as_a_refused_code(
     assert server.client_secret not in error.details() and code not in error.details()
 
 
+async def test_a_provider_slow_to_revoke_never_keeps_the_connection_from_being_revoked(
+    broker: Running, server: oauthserver.OAuthTestServer
+) -> None:
+    """The egress timeout (15 s) outlasts brokerctl's 10 s deadline: the local revoke comes first,
+    and the provider's answer, however late, is audited on its own."""
+    created = await authorize(broker, server)
+    server.revoke_delay = 3.0
+    admin = broker.admin()
+    revoke = pb.RevokeConnectionRequest(id=created.id, reason="leaked")
+    late = await rpc_error(admin.RevokeConnection(revoke, timeout=1))
+    assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    status = (await admin.GetConnection(pb.GetConnectionRequest(id=created.id))).status
+    assert status == pb.CONNECTION_STATUS_REVOKED
+    error = await rpc_error(resolve(broker, created.id))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED  # as for every revoked connection
+    upstream = pb.ListAuditEventsRequest(action="connection.upstream_revocation")
+    for _ in range(100):  # the provider answers after 3 s; the revocation was not abandoned
+        if (await admin.ListAuditEvents(upstream)).events:
+            break
+        await asyncio.sleep(0.1)
+    (event,) = (await admin.ListAuditEvents(upstream)).events
+    assert event.details["upstream_revocation"] == "revoked" and server.revoked
+
+
 async def test_purge_revokes_the_tokens_at_the_provider_before_destroying_them(
     broker: Running, server: oauthserver.OAuthTestServer
 ) -> None:
@@ -612,8 +638,9 @@ async def test_purge_revokes_the_tokens_at_the_provider_before_destroying_them(
     assert server.revocation_requests == 0  # a soft delete can be undone: the tokens stay
     await admin.PurgeConnection(pb.PurgeConnectionRequest(id=created.id))
     assert server.revoked == [refresh_token] and refresh_token not in server.refresh_tokens
-    (event,) = (await admin.ListAuditEvents(pb.ListAuditEventsRequest(action="connection.purge"))).events
-    assert event.details["upstream_revocation"] == "revoked"
+    upstream = pb.ListAuditEventsRequest(action="connection.upstream_revocation")
+    (event,) = (await admin.ListAuditEvents(upstream)).events
+    assert (event.outcome, event.details["upstream_revocation"]) == ("succeeded", "revoked")
 
 
 async def test_no_oauth_secret_reaches_logs_audit_or_errors(

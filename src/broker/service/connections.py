@@ -7,6 +7,7 @@ change feed then invalidates the Resolve cache. Nothing here returns a secret va
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -25,6 +26,7 @@ from broker.model import (
     ConnectionStatus,
     LeaseFilter,
     LeaseState,
+    Outcome,
     TestResult,
     TestStatus,
     new_id,
@@ -195,6 +197,8 @@ class ConnectionService:
         self._keyring = keyring
         self._clock = clock
         self._tests = tests
+        # Provider revocations under way; referenced so that they finish when their caller went away.
+        self._upstream_revocations: set[asyncio.Task[None]] = set()
 
     async def _test_before_save(self, call: Call, validated: catalog.Validated) -> TestResult:
         if self._tests is None:
@@ -374,16 +378,12 @@ class ConnectionService:
         now = self._clock()
         if self._leases is not None:
             await self._leases_dropped(call, current.id, now)
-        details = {}
-        if self._egress is not None:
-            # As for revoke: the provider's answer is recorded; the purge happens whatever it was.
-            upstream = await revoke_upstream(self._keyring, self._egress, current)
-            if upstream:
-                details["upstream_revocation"] = upstream
-        now = self._clock()
         record = replace(current, sealed=None, purged_at=now, version=current.version + 1, updated_at=now)
-        event = call.audit_event(now, "connection.purge", current.id, details=details)
-        await self._commit(record, current, event, drop_grants=True)
+        await self._commit(
+            record, current, self._event(call, "connection.purge", current.id), drop_grants=True
+        )
+        # `current` still holds the sealed tokens in memory: the one copy left.
+        await self._revoke_upstream(call, current)
 
     async def _leases_dropped(self, call: Call, connection_id: str, now: datetime) -> None:
         """Refuse to purge while a lease's database user still waits to be dropped: that needs the
@@ -413,17 +413,44 @@ class ConnectionService:
         record = replace(
             current, status=ConnectionStatus.REVOKED, version=current.version + 1, updated_at=self._clock()
         )
-        details = {}
-        if self._egress is not None:
-            # The provider's answer is recorded; the local revoke happens whatever it was.
-            upstream = await revoke_upstream(self._keyring, self._egress, current)
-            if upstream:
-                details["upstream_revocation"] = upstream
-        event = call.audit_event(
-            self._clock(), "connection.revoke", current.id, reason=reason, details=details
-        )
+        event = call.audit_event(self._clock(), "connection.revoke", current.id, reason=reason)
         await self._commit(record, current, event)
+        await self._revoke_upstream(call, current)
         return record
+
+    async def _revoke_upstream(self, call: Call, record: ConnectionRecord) -> None:
+        """Ask an oauth2 connection's provider to revoke its tokens, after the local change committed.
+
+        The local revoke or purge never waits for the provider: one slow to answer (up to the egress
+        timeout, longer than brokerctl's deadline) would otherwise keep a leaked credential
+        resolvable. The call is shielded from the caller giving up, and its outcome is an audit
+        event of its own, `connection.upstream_revocation`.
+        """
+        if self._egress is None or record.type != "oauth2":
+            return
+        task = asyncio.create_task(self._revoke_upstream_audited(call, record, self._egress))
+        self._upstream_revocations.add(task)
+        task.add_done_callback(self._upstream_revocations.discard)
+        await asyncio.shield(task)
+
+    async def _revoke_upstream_audited(
+        self, call: Call, record: ConnectionRecord, egress: EgressPolicy
+    ) -> None:
+        upstream = await revoke_upstream(self._keyring, egress, record)
+        if not upstream:
+            return
+        failed = upstream.startswith("failed")
+        outcome = Outcome.FAILED if failed else Outcome.SUCCEEDED
+        reason = upstream.removeprefix("failed: ") if failed else ""
+        event = call.audit_event(
+            self._clock(),
+            "connection.upstream_revocation",
+            record.id,
+            outcome,
+            reason,
+            details={"upstream_revocation": upstream},
+        )
+        await self._audit.append(event)
 
     async def _commit(
         self,
