@@ -607,19 +607,21 @@ async def test_a_provider_slow_to_revoke_never_keeps_the_connection_from_being_r
     broker: Running, server: oauthserver.OAuthTestServer
 ) -> None:
     """The egress timeout (15 s) outlasts brokerctl's 10 s deadline: the local revoke comes first,
-    and the provider's answer, however late, is audited on its own."""
+    the caller waits 5 s at most, and the provider's answer, however late, is audited on its own."""
     created = await authorize(broker, server)
-    server.revoke_delay = 3.0
+    server.revoke_delay = 7.0
     admin = broker.admin()
     revoke = pb.RevokeConnectionRequest(id=created.id, reason="leaked")
-    late = await rpc_error(admin.RevokeConnection(revoke, timeout=1))
-    assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    started = asyncio.get_running_loop().time()
+    revoked = await admin.RevokeConnection(revoke, timeout=6.5)
+    assert revoked.status == pb.CONNECTION_STATUS_REVOKED
+    assert asyncio.get_running_loop().time() - started < 6.5
     status = (await admin.GetConnection(pb.GetConnectionRequest(id=created.id))).status
     assert status == pb.CONNECTION_STATUS_REVOKED
     error = await rpc_error(resolve(broker, created.id))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED  # as for every revoked connection
     upstream = pb.ListAuditEventsRequest(action="connection.upstream_revocation")
-    for _ in range(100):  # the provider answers after 3 s; the revocation was not abandoned
+    for _ in range(100):  # the provider answers after 7 s; the revocation was not abandoned
         if (await admin.ListAuditEvents(upstream)).events:
             break
         await asyncio.sleep(0.1)

@@ -48,6 +48,9 @@ Clock = Callable[[], datetime]
 _NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9 ._:/@-]{0,126}[A-Za-z0-9._-])?$")
 _LABEL_KEY = re.compile(r"^[a-z0-9](?:[a-z0-9._/-]{0,61}[a-z0-9])?$")
 MAX_LABELS = 64
+# How long a revoke or purge waits for the provider's revocation before answering (it goes on
+# after): less than brokerctl's default deadline of 10 s.
+UPSTREAM_REVOCATION_WAIT = 5.0
 MAX_LABEL_VALUE = 256
 MAX_SECRET_BYTES = 64 * 1024
 MAX_SECRET_FIELDS = 64
@@ -423,15 +426,17 @@ class ConnectionService:
 
         The local revoke or purge never waits for the provider: one slow to answer (up to the egress
         timeout, longer than brokerctl's deadline) would otherwise keep a leaked credential
-        resolvable. The call is shielded from the caller giving up, and its outcome is an audit
-        event of its own, `connection.upstream_revocation`.
+        resolvable. The caller waits for the provider `UPSTREAM_REVOCATION_WAIT` seconds at most;
+        the call goes on without it, and its outcome is an audit event of its own,
+        `connection.upstream_revocation`.
         """
         if self._egress is None or record.type != "oauth2":
             return
         task = asyncio.create_task(self._revoke_upstream_audited(call, record, self._egress))
         self._upstream_revocations.add(task)
         task.add_done_callback(self._upstream_revocations.discard)
-        await asyncio.shield(task)
+        # asyncio.wait neither cancels the task at its timeout nor when this caller is cancelled.
+        await asyncio.wait({task}, timeout=UPSTREAM_REVOCATION_WAIT)
 
     async def _revoke_upstream_audited(
         self, call: Call, record: ConnectionRecord, egress: EgressPolicy
