@@ -456,6 +456,28 @@ async def test_invalid_grant_expires_the_connection_until_reauthorized(
     assert authorized.details["recovered"] == "true"
 
 
+async def test_a_slow_token_endpoint_never_holds_a_resolve_while_the_token_is_valid(
+    broker: Running, server: oauthserver.OAuthTestServer, clock: ShiftedClock
+) -> None:
+    """The refresh of a due but valid token goes on without the caller, who gets the valid token
+    at once (a token endpoint may take the egress timeout, 15 s, three times over)."""
+    server.expires_in = SHORT_LIFE
+    created = await authorize(broker, server)
+    current = (await resolve(broker, created.id)).secrets["access_token"]
+    age_past_half_life(clock)  # due, and valid for 8 s more
+    server.delay = 4.0
+    started = asyncio.get_running_loop().time()
+    released = await broker.resolver().Resolve(pb.ResolveRequest(connection_id=created.id), timeout=3)
+    assert released.secrets["access_token"] == current
+    assert asyncio.get_running_loop().time() - started < 3
+    for _ in range(100):  # the refresh was not abandoned: its token is stored once it comes
+        renewed = (await resolve(broker, created.id)).secrets["access_token"]
+        if renewed != current:
+            break
+        await asyncio.sleep(0.1)
+    assert renewed in server.valid_access_tokens() and server.token_requests["refresh_token"] == 1
+
+
 async def test_a_transient_failure_serves_the_still_valid_token(
     broker: Running, server: oauthserver.OAuthTestServer, clock: ShiftedClock
 ) -> None:

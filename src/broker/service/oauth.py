@@ -14,7 +14,7 @@ Tokens live in the connection's sealed secrets (`access_token`, `refresh_token`,
   credentials connection has nothing to re-authorize, so its refusals, like `invalid_client` or
   `invalid_scope` for any connection, are FAILED_PRECONDITION naming the error and leave the
   connection as it is; transient failures are retried; while the current token is valid it is
-  still served.
+  still served, and a caller holding it waits `refresh_wait` at most for a refresh under way.
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ class OAuthSettings:
     refresh_interval_seconds: float = 30.0
     # Pauses before the second and third attempt at a transiently failing token endpoint.
     retry_delays: tuple[float, ...] = (0.25, 1.0)
+    # How long a caller holding a still-valid token waits for its refresh before being given the
+    # valid one (the refresh goes on): a token endpoint may take the egress timeout, three times.
+    refresh_wait: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -398,7 +401,15 @@ class OAuthService:
             if values.get("access_token") and (expires is None or expires > self._clock()):
                 return record, secrets  # cannot refresh; still valid
             raise FailedPrecondition(f"connection {record.id} needs re-authorization (no refresh token)")
-        refreshed = await self._single_flight(record.tenant, record.id)
+        task = self._refresh_task(record.tenant, record.id)
+        expires = record.token_expires_at
+        if values.get("access_token") and expires is not None:
+            valid_for = (expires - self._clock()).total_seconds()
+            if valid_for > 0:
+                done, _ = await asyncio.wait({task}, timeout=min(self.settings.refresh_wait, valid_for))
+                if not done:
+                    return record, secrets  # still valid; the refresh goes on and stores its token
+        refreshed = await asyncio.shield(task)
         if refreshed.reauth_required_at is not None:
             raise FailedPrecondition(f"connection {record.id} needs re-authorization")
         return refreshed, open_secrets(self._keyring, refreshed)
@@ -417,14 +428,27 @@ class OAuthService:
         return refreshed, open_secrets(self._keyring, refreshed)
 
     async def _single_flight(self, tenant: str, connection_id: str, rejected: str = "") -> ConnectionRecord:
+        # Shielded: a caller that gives up must not cancel the refresh others are waiting for.
+        return await asyncio.shield(self._refresh_task(tenant, connection_id, rejected))
+
+    def _refresh_task(
+        self, tenant: str, connection_id: str, rejected: str = ""
+    ) -> asyncio.Task[ConnectionRecord]:
+        """The refresh under way for the connection, started if there is none."""
         key = (tenant, connection_id)
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.create_task(self._refresh_as_the_only_replica(tenant, connection_id, rejected))
             self._inflight[key] = task
-            task.add_done_callback(lambda _: self._inflight.pop(key, None))
-        # Shielded: a caller that gives up must not cancel the refresh others are waiting for.
-        return await asyncio.shield(task)
+            task.add_done_callback(lambda done: self._refresh_ended(key, done))
+        return task
+
+    def _refresh_ended(self, key: tuple[str, str], task: asyncio.Task[ConnectionRecord]) -> None:
+        self._inflight.pop(key, None)
+        # Retrieved here, as a refresh nobody waited for to the end may fail: its failure is
+        # audited and logged by the refresh itself.
+        if not task.cancelled():
+            task.exception()
 
     async def _refresh_as_the_only_replica(
         self, tenant: str, connection_id: str, rejected: str = ""
