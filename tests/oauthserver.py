@@ -9,12 +9,16 @@ Hand-written on Starlette (it is test code, and every rule it enforces is visibl
   `rotate_refresh_tokens=False`, which answers without a refresh token) and
   client_credentials, with client authentication by `client_secret_basic`,
   `client_secret_post` or `none` (public client; `client_auth` says which is required).
+- With `offline_access_needs_consent` it follows OpenID Connect Core section 11, as certified
+  OpenID providers do: `offline_access` is dropped from a request without `prompt=consent`, and
+  a refresh token is issued only for a grant that kept `offline_access`.
+- Authorization responses carry `iss` (RFC 9207, the server's `url`) unless `send_iss=False`.
 - `GET|POST /userinfo` answers a valid, unexpired, unrevoked bearer token; `POST /revoke` is
   RFC 7009.
 
 Access tokens are opaque, or with `jwt_tokens` HS256 JWTs carrying `exp`. `expires_in` is
 their lifetime; `send_expires_in=False` leaves it out of the answer. Faults for the token
-endpoint: `fail_next`, `invalid_grant_next`, `delay`, and `before_reply`, an async callback
+endpoint: `fail_next`, `invalid_grant_next`, `error_next`, `delay`, and `before_reply`, an async callback
 awaited (on the server's own event loop, in its thread: block it with threading primitives,
 e.g. `await asyncio.to_thread(event.wait)`) after the request is counted and before any
 answer. Every token request is counted in `token_requests[grant_type]`, faults included.
@@ -89,6 +93,8 @@ class OAuthTestServer:
         jwt_tokens: bool = False,
         rotate_refresh_tokens: bool = True,
         redirect_uris: tuple[str, ...] | None = None,
+        offline_access_needs_consent: bool = False,
+        send_iss: bool = True,
     ) -> None:
         self.client_id = "test-client-" + secrets.token_hex(4)
         self.client_secret = "cs-" + secrets.token_urlsafe(24)
@@ -98,9 +104,12 @@ class OAuthTestServer:
         self.send_expires_in = send_expires_in
         self.jwt_tokens = jwt_tokens
         self.rotate_refresh_tokens = rotate_refresh_tokens
+        self.offline_access_needs_consent = offline_access_needs_consent
+        self.send_iss = send_iss
         # None accepts any http(s) redirect URI.
         self.redirect_uris = redirect_uris
         self.delay = 0.0
+        self.revoke_delay = 0.0  # seconds the revocation endpoint takes to answer
         self.before_reply: Callable[[str], Awaitable[None]] | None = None
         self.token_requests: Counter[str] = Counter()
         self.revocation_requests = 0
@@ -111,7 +120,7 @@ class OAuthTestServer:
         self.refresh_tokens: dict[str, str] = {}  # refresh token -> scope
         self.revoked: list[str] = []
         self._codes: dict[str, _Code] = {}
-        self._faults: list[tuple[int, dict[str, str]]] = []
+        self._faults: list[tuple[int, dict[str, str], str]] = []
         self._jwt_key = secrets.token_bytes(32)
         self._lock = threading.Lock()
         self._app = Starlette(
@@ -153,12 +162,16 @@ class OAuthTestServer:
         """The next `n` token requests answer `status` with `temporarily_unavailable`."""
         headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
         with self._lock:
-            self._faults.extend([(status, headers)] * n)
+            self._faults.extend([(status, headers, "temporarily_unavailable")] * n)
 
     def invalid_grant_next(self) -> None:
         """The next token request answers 400 invalid_grant, whatever it carries."""
+        self.error_next("invalid_grant")
+
+    def error_next(self, error: str, status: int = 400) -> None:
+        """The next token request answers `status` with the RFC 6749 error code `error`."""
         with self._lock:
-            self._faults.append((400, {}))
+            self._faults.append((status, {}, error))
 
     def valid_access_tokens(self) -> set[str]:
         """The access tokens that are neither expired nor revoked."""
@@ -180,7 +193,12 @@ class OAuthTestServer:
         state = query.get("state")
 
         def back(**params: str) -> Response:
-            params = {**params, **({"state": state} if state else {})}
+            # RFC 9207: the issuer identifier in every authorization response, success or error.
+            params = {
+                **params,
+                **({"state": state} if state else {}),
+                **({"iss": self.url} if self.send_iss else {}),
+            }
             sep = "&" if "?" in redirect_uri else "?"
             return RedirectResponse(f"{redirect_uri}{sep}{urlencode(params)}", status_code=302)
 
@@ -192,10 +210,11 @@ class OAuthTestServer:
         method = query.get("code_challenge_method")
         if (challenge is None and self.require_pkce) or (challenge is not None and method != "S256"):
             return back(error="invalid_request")
+        scope = query.get("scope", "")
+        if self.offline_access_needs_consent and "consent" not in query.get("prompt", "").split():
+            scope = " ".join(s for s in scope.split() if s != "offline_access")
         code = secrets.token_urlsafe(24)
-        self._codes[code] = _Code(
-            self.client_id, redirect_uri, challenge, query.get("scope", ""), time.time() + CODE_LIFETIME
-        )
+        self._codes[code] = _Code(self.client_id, redirect_uri, challenge, scope, time.time() + CODE_LIFETIME)
         return back(code=code)
 
     def _client_authenticated(self, request: Request, form: dict[str, str]) -> bool:
@@ -236,8 +255,7 @@ class OAuthTestServer:
         with self._lock:
             fault = self._faults.pop(0) if self._faults else None
         if fault is not None:
-            status, headers = fault
-            error = "invalid_grant" if status == 400 else "temporarily_unavailable"
+            status, headers, error = fault
             return self._error(error, status, headers)
         if not self._client_authenticated(request, form):
             return self._error("invalid_client", 401, {"WWW-Authenticate": 'Basic realm="test"'})
@@ -258,7 +276,8 @@ class OAuthTestServer:
         challenge = code.challenge
         if challenge is not None and (verifier is None or not hmac.compare_digest(s256(verifier), challenge)):
             return self._error("invalid_grant")
-        return self._issue(code.scope, with_refresh=True)
+        offline = not self.offline_access_needs_consent or "offline_access" in code.scope.split()
+        return self._issue(code.scope, with_refresh=offline)
 
     def _refresh_grant(self, form: dict[str, str]) -> Response:
         token = form.get("refresh_token", "")
@@ -309,6 +328,8 @@ class OAuthTestServer:
     async def _revoke(self, request: Request) -> Response:
         form = dict(parse_qsl((await request.body()).decode(), keep_blank_values=True))
         self.revocation_requests += 1
+        if self.revoke_delay:
+            await asyncio.sleep(self.revoke_delay)
         if not self._client_authenticated(request, form):
             return self._error("invalid_client", 401)
         token = form.get("token", "")

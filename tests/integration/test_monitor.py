@@ -323,7 +323,8 @@ async def test_repeated_oauth_refresh_failures_alert(start: Start) -> None:
         await running.admin().GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
         for _ in range(2):
             error = await rpc_error(resolve(running, created.id))
-            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            # Retrying will not help: the client is refused (not UNAVAILABLE, which invites retries).
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "invalid_client" in error.details()
         assert await events(running, rule="oauth_refresh_failures") == []
         await rpc_error(resolve(running, created.id))
         (event,) = await events(running, rule="oauth_refresh_failures")

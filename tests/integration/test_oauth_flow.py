@@ -136,6 +136,115 @@ async def test_authorization_code_with_pkce_creates_a_working_connection(
     assert test.success, test
 
 
+async def test_an_openid_provider_issues_a_refresh_token_when_the_connection_asks_with_prompt_consent(
+    broker: Running,
+) -> None:
+    """OpenID Connect Core 11, as certified providers (panva's oidc-provider) apply it: without
+    prompt=consent, offline_access is dropped and no refresh token comes; `authorize_params` sends it."""
+    admin = broker.admin()
+    with oauthserver.running(offline_access_needs_consent=True) as server:
+        for params, refresh in (({}, False), ({"prompt": "consent"}, True)):
+            config = {"authorize_params": params} if params else {}
+            name = f"oidc{len(params)}"
+            begin = pb.BeginAuthorizationRequest(
+                draft=draft(server, name, **config),
+                redirect_uri=REDIRECT,
+                scopes=["openid", "offline_access"],
+            )
+            begun = await admin.BeginAuthorization(begin)
+            code, state = await asyncio.to_thread(follow_authorization, begun.authorization_url)
+            complete = pb.CompleteAuthorizationRequest(state=state, code=code)
+            created = await admin.CompleteAuthorization(complete)
+            assert ("refresh_token" in created.secret_fields) is refresh, params
+        assert [r.get("prompt") for r in server.authorize_requests] == [None, "consent"]
+        assert dict(created.config["authorize_params"]) == {"prompt": "consent"}
+        assert list(created.config["granted_scopes"]) == ["openid", "offline_access"]
+
+        # The flow's own parameters are not the connection's to set.
+        for field in ("redirect_uri", "State", "client_secret"):
+            refused = await rpc_error(
+                admin.BeginAuthorization(
+                    pb.BeginAuthorizationRequest(
+                        draft=draft(server, "bad", authorize_params={field: "x"}), redirect_uri=REDIRECT
+                    )
+                )
+            )
+            assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "config.authorize_params" in field_violations(refused)
+    assert len(server.authorize_requests) == 2
+
+
+async def test_a_connection_naming_its_issuer_completes_only_with_that_iss(broker: Running) -> None:
+    """RFC 9207: the redirect's iss must equal the configured issuer, checked before the code is sent
+    anywhere; a connection without an issuer tolerates iss (it has nothing to compare it with)."""
+    admin = broker.admin()
+    with oauthserver.running() as server, oauthserver.running() as other:
+
+        async def redirected(name: str, **config: Any) -> tuple[str, str, str]:
+            begin = pb.BeginAuthorizationRequest(draft=draft(server, name, **config), redirect_uri=REDIRECT)
+            begun = await admin.BeginAuthorization(begin)
+            response = await asyncio.to_thread(httpx.get, begun.authorization_url, follow_redirects=False)
+            query = parse_qs(urlsplit(response.headers["location"]).query)
+            return query["code"][0], query["state"][0], query["iss"][0]
+
+        code, state, iss = await redirected("named", issuer=server.url)
+        assert iss == server.url
+        for wrong, reason in ((other.url, "does not match"), ("", "is missing")):
+            code, state, _ = await redirected(f"named-{len(wrong)}", issuer=server.url)
+            complete = pb.CompleteAuthorizationRequest(state=state, code=code, iss=wrong)
+            refused = await rpc_error(admin.CompleteAuthorization(complete))
+            assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert reason in field_violations(refused)["iss"]
+            # The state is spent and the code never reached the token endpoint.
+            spent = await rpc_error(
+                admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=state, code=code, iss=iss))
+            )
+            assert "state" in field_violations(spent)
+        assert server.token_requests["authorization_code"] == 0
+
+        code, state, iss = await redirected("named", issuer=server.url)
+        created = await admin.CompleteAuthorization(
+            pb.CompleteAuthorizationRequest(state=state, code=code, iss=iss)
+        )
+        assert created.config["issuer"] == server.url and "refresh_token" in created.secret_fields
+        code, state, _ = await redirected("unnamed")
+        tolerated = pb.CompleteAuthorizationRequest(state=state, code=code, iss=other.url)
+        assert (await admin.CompleteAuthorization(tolerated)).status == pb.CONNECTION_STATUS_ACTIVE
+    failures = await admin.ListAuditEvents(pb.ListAuditEventsRequest(action="oauth.complete"))
+    assert sorted(e.reason for e in failures.events if e.outcome == "failed") == [
+        "iss_mismatch", "iss_missing", "unknown_state", "unknown_state",
+    ]  # fmt: skip
+
+
+async def test_a_scope_the_provider_dropped_is_asked_for_again_on_re_authorization(broker: Running) -> None:
+    """The granted scopes never replace the requested ones: connected without prompt=consent, the
+    provider dropped offline_access; with the parameter added, re-authorizing asks for it again."""
+    admin = broker.admin()
+    with oauthserver.running(offline_access_needs_consent=True) as server:
+        begin = pb.BeginAuthorizationRequest(
+            draft=draft(server, "idp"), redirect_uri=REDIRECT, scopes=["openid", "offline_access"]
+        )
+        begun = await admin.BeginAuthorization(begin)
+        code, state = await asyncio.to_thread(follow_authorization, begun.authorization_url)
+        created = await admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=state, code=code))
+        assert "refresh_token" not in created.secret_fields
+        assert list(created.config["scopes"]) == ["openid", "offline_access"]
+        assert list(created.config["granted_scopes"]) == ["openid"]
+
+        await admin.UpdateConnection(
+            pb.UpdateConnectionRequest(
+                id=created.id, config=struct({"authorize_params": {"prompt": "consent"}})
+            )
+        )
+        again = pb.BeginAuthorizationRequest(connection_id=created.id, redirect_uri=REDIRECT)
+        begun = await admin.BeginAuthorization(again)
+        code, state = await asyncio.to_thread(follow_authorization, begun.authorization_url)
+        renewed = await admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=state, code=code))
+    assert server.authorize_requests[-1]["scope"] == "openid offline_access"
+    assert "refresh_token" in renewed.secret_fields
+    assert list(renewed.config["granted_scopes"]) == ["openid", "offline_access"]
+
+
 async def test_state_is_single_use_bound_and_expiring(
     broker: Running, server: oauthserver.OAuthTestServer
 ) -> None:
@@ -347,6 +456,28 @@ async def test_invalid_grant_expires_the_connection_until_reauthorized(
     assert authorized.details["recovered"] == "true"
 
 
+async def test_a_slow_token_endpoint_never_holds_a_resolve_while_the_token_is_valid(
+    broker: Running, server: oauthserver.OAuthTestServer, clock: ShiftedClock
+) -> None:
+    """The refresh of a due but valid token goes on without the caller, who gets the valid token
+    at once (a token endpoint may take the egress timeout, 15 s, three times over)."""
+    server.expires_in = SHORT_LIFE
+    created = await authorize(broker, server)
+    current = (await resolve(broker, created.id)).secrets["access_token"]
+    age_past_half_life(clock)  # due, and valid for 8 s more
+    server.delay = 4.0
+    started = asyncio.get_running_loop().time()
+    released = await broker.resolver().Resolve(pb.ResolveRequest(connection_id=created.id), timeout=3)
+    assert released.secrets["access_token"] == current
+    assert asyncio.get_running_loop().time() - started < 3
+    for _ in range(100):  # the refresh was not abandoned: its token is stored once it comes
+        renewed = (await resolve(broker, created.id)).secrets["access_token"]
+        if renewed != current:
+            break
+        await asyncio.sleep(0.1)
+    assert renewed in server.valid_access_tokens() and server.token_requests["refresh_token"] == 1
+
+
 async def test_a_transient_failure_serves_the_still_valid_token(
     broker: Running, server: oauthserver.OAuthTestServer, clock: ShiftedClock
 ) -> None:
@@ -385,6 +516,52 @@ async def test_client_credentials_fetch_on_demand_and_keep_until_near_expiry(
     assert server.token_requests["client_credentials"] == 1
 
 
+@pytest.mark.parametrize("error", ["invalid_scope", "invalid_client", "invalid_grant"])
+async def test_a_refused_client_credentials_request_says_why_and_never_asks_for_a_sign_in(
+    broker: Running, server: oauthserver.OAuthTestServer, error: str
+) -> None:
+    """Nobody can sign in again for a client credentials connection: it is never marked expired."""
+    admin = broker.admin()
+    config = {
+        "client_id": server.client_id,
+        "token_url": server.token_url,
+        "grant_type": "client_credentials",
+    }
+    created = await admin.CreateConnection(
+        pb.CreateConnectionRequest(
+            name="machine", type="oauth2", provider="custom", config=struct(config),
+            secrets={"client_secret": server.client_secret},
+        )
+    )  # fmt: skip
+    await admin.GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
+    untested = await admin.TestConnection(pb.TestConnectionRequest(id=created.id))
+    assert (
+        not untested.success and "authorize" not in untested.message and "first Resolve" in untested.message
+    )
+    server.error_next(error, 401 if error == "invalid_client" else 400)
+    refused = await rpc_error(resolve(broker, created.id))
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error in refused.details() and "re-authoriz" not in refused.details()
+    assert server.token_requests["client_credentials"] == 1  # not retried
+    status = (await admin.GetConnection(pb.GetConnectionRequest(id=created.id))).status
+    assert status == pb.CONNECTION_STATUS_ACTIVE
+    assert (await resolve(broker, created.id)).secrets["access_token"] in server.valid_access_tokens()
+
+
+async def test_invalid_scope_at_refresh_is_reported_not_taken_for_a_dead_grant(
+    broker: Running, server: oauthserver.OAuthTestServer, clock: ShiftedClock
+) -> None:
+    server.expires_in = SHORT_LIFE
+    created = await authorize(broker, server)
+    clock.advance(SHORT_LIFE + 1)  # expired: nothing valid to serve meanwhile
+    server.error_next("invalid_scope")
+    refused = await rpc_error(resolve(broker, created.id))
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION and "invalid_scope" in refused.details()
+    status = (await broker.admin().GetConnection(pb.GetConnectionRequest(id=created.id))).status
+    assert status == pb.CONNECTION_STATUS_ACTIVE
+    assert (await resolve(broker, created.id)).secrets["access_token"] in server.valid_access_tokens()
+
+
 async def test_revoke_calls_the_providers_revocation_endpoint(
     broker: Running, server: oauthserver.OAuthTestServer
 ) -> None:
@@ -392,9 +569,102 @@ async def test_revoke_calls_the_providers_revocation_endpoint(
     await broker.admin().RevokeConnection(pb.RevokeConnectionRequest(id=created.id, reason="offboarding"))
     assert server.revocation_requests == 1 and server.revoked
     (event,) = (
-        await broker.admin().ListAuditEvents(pb.ListAuditEventsRequest(action="connection.revoke"))
+        await broker.admin().ListAuditEvents(
+            pb.ListAuditEventsRequest(action="connection.upstream_revocation")
+        )
     ).events
-    assert event.details["upstream_revocation"] == "revoked"
+    assert (event.outcome, event.details["upstream_revocation"]) == ("succeeded", "revoked")
+
+
+async def test_a_client_credentials_connection_cannot_begin_an_authorization_and_says_why(
+    broker: Running, server: oauthserver.OAuthTestServer
+) -> None:
+    config = {
+        "client_id": server.client_id,
+        "token_url": server.token_url,
+        "grant_type": "client_credentials",
+    }
+    admin = broker.admin()
+    created = await admin.CreateConnection(
+        pb.CreateConnectionRequest(
+            name="machine", type="oauth2", provider="custom", config=struct(config),
+            secrets={"client_secret": server.client_secret},
+        )
+    )  # fmt: skip
+    stored = await rpc_error(
+        admin.BeginAuthorization(
+            pb.BeginAuthorizationRequest(connection_id=created.id, redirect_uri=REDIRECT)
+        )
+    )
+    assert stored.code() == grpc.StatusCode.FAILED_PRECONDITION and "client_credentials" in stored.details()
+    drafted = pb.ConnectionDraft(
+        name="m2", type="oauth2", provider="custom", config=struct(config),
+        secrets={"client_secret": server.client_secret},
+    )  # fmt: skip
+    draft_error = await rpc_error(
+        admin.BeginAuthorization(pb.BeginAuthorizationRequest(draft=drafted, redirect_uri=REDIRECT))
+    )
+    assert draft_error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "draft.config.grant_type" in field_violations(draft_error)
+
+
+async def test_a_refused_client_is_not_reported_as_a_refused_code(
+    broker: Running, server: oauthserver.OAuthTestServer
+) -> None:
+    """invalid_client at the code exchange (a wrong secret, basic where post is wanted) names the client."""
+    admin = broker.admin()
+    wrong = draft(server, token_auth_method="client_secret_post")
+    begun = await admin.BeginAuthorization(pb.BeginAuthorizationRequest(draft=wrong, redirect_uri=REDIRECT))
+    code, state = await asyncio.to_thread(follow_authorization, begun.authorization_url)
+    error = await rpc_error(
+        admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=state, code=code))
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "invalid_client" in error.details() and "client_secret" in error.details()
+    assert "did not accept the authorization code" not in error.details()
+    assert server.client_secret not in error.details() and code not in error.details()
+
+
+async def test_a_provider_slow_to_revoke_never_keeps_the_connection_from_being_revoked(
+    broker: Running, server: oauthserver.OAuthTestServer
+) -> None:
+    """The egress timeout (15 s) outlasts brokerctl's 10 s deadline: the local revoke comes first,
+    the caller waits 5 s at most, and the provider's answer, however late, is audited on its own."""
+    created = await authorize(broker, server)
+    server.revoke_delay = 7.0
+    admin = broker.admin()
+    revoke = pb.RevokeConnectionRequest(id=created.id, reason="leaked")
+    started = asyncio.get_running_loop().time()
+    revoked = await admin.RevokeConnection(revoke, timeout=6.5)
+    assert revoked.status == pb.CONNECTION_STATUS_REVOKED
+    assert asyncio.get_running_loop().time() - started < 6.5
+    status = (await admin.GetConnection(pb.GetConnectionRequest(id=created.id))).status
+    assert status == pb.CONNECTION_STATUS_REVOKED
+    error = await rpc_error(resolve(broker, created.id))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED  # as for every revoked connection
+    upstream = pb.ListAuditEventsRequest(action="connection.upstream_revocation")
+    for _ in range(100):  # the provider answers after 7 s; the revocation was not abandoned
+        if (await admin.ListAuditEvents(upstream)).events:
+            break
+        await asyncio.sleep(0.1)
+    (event,) = (await admin.ListAuditEvents(upstream)).events
+    assert event.details["upstream_revocation"] == "revoked" and server.revoked
+
+
+async def test_purge_revokes_the_tokens_at_the_provider_before_destroying_them(
+    broker: Running, server: oauthserver.OAuthTestServer
+) -> None:
+    """Delete then purge: afterwards nobody holds the refresh token, so it is revoked first."""
+    created = await authorize(broker, server)
+    refresh_token = (await resolve(broker, created.id)).secrets["refresh_token"]
+    admin = broker.admin()
+    await admin.DeleteConnection(pb.DeleteConnectionRequest(id=created.id))
+    assert server.revocation_requests == 0  # a soft delete can be undone: the tokens stay
+    await admin.PurgeConnection(pb.PurgeConnectionRequest(id=created.id))
+    assert server.revoked == [refresh_token] and refresh_token not in server.refresh_tokens
+    upstream = pb.ListAuditEventsRequest(action="connection.upstream_revocation")
+    (event,) = (await admin.ListAuditEvents(upstream)).events
+    assert (event.outcome, event.details["upstream_revocation"]) == ("succeeded", "revoked")
 
 
 async def test_no_oauth_secret_reaches_logs_audit_or_errors(

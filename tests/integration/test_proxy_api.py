@@ -450,7 +450,8 @@ async def test_a_token_that_cannot_be_refreshed_is_one_audited_failure(
         error = await rpc_error(
             proxy(running).ProxyHttp(pb.ProxyHttpRequest(name="machine", method="GET", path="/"))
         )
-    assert error.code() == grpc.StatusCode.UNAVAILABLE and "could not refresh" in (error.details() or "")
+    # The provider refused the client: retrying will not help, so not UNAVAILABLE.
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "invalid_client" in (error.details() or "")
     assert [(e.outcome, e.reason) for e in await proxy_events(running)] == [
         ("failed", "oauth_refresh_failed")
     ]

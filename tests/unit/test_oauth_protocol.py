@@ -297,7 +297,10 @@ def answer(status: int, body: object = None, headers: dict[str, str] | None = No
             "invalid_grant",
             "invalid_grant",
         ),
-        (400, {"error": "invalid_scope"}, "invalid_grant", "invalid_scope"),
+        # The client asked for scopes it may not have (the broker sends none on refresh): its
+        # configuration, which signing in again would not change.
+        (400, {"error": "invalid_scope"}, "invalid_config", "invalid_scope"),
+        (400, {"error": "invalid_request"}, "invalid_config", "invalid_request"),
         (400, "<html>bad</html>", "invalid_grant", None),
         (401, None, "invalid_grant", None),
         (401, {"error": "invalid_client"}, "invalid_config", "invalid_client"),

@@ -741,12 +741,14 @@ class BeginAuthorizationResponse(_message.Message):
     def __init__(self, authorization_url: _Optional[str] = ..., state: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class CompleteAuthorizationRequest(_message.Message):
-    __slots__ = ("state", "code")
+    __slots__ = ("state", "code", "iss")
     STATE_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
+    ISS_FIELD_NUMBER: _ClassVar[int]
     state: str
     code: str
-    def __init__(self, state: _Optional[str] = ..., code: _Optional[str] = ...) -> None: ...
+    iss: str
+    def __init__(self, state: _Optional[str] = ..., code: _Optional[str] = ..., iss: _Optional[str] = ...) -> None: ...
 
 class RotateMasterKeyRequest(_message.Message):
     __slots__ = ()

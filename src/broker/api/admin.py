@@ -279,7 +279,8 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
         )
 
     async def CompleteAuthorization(self, request: pb.CompleteAuthorizationRequest, context: Any) -> Any:
-        return self._summary(await self._oauth.complete(current_call(), request.state, request.code))
+        completed = await self._oauth.complete(current_call(), request.state, request.code, request.iss)
+        return self._summary(completed)
 
     # -------------------------------------------------------------- security
 

@@ -91,9 +91,32 @@ OAUTH2 = ConnectionType(
         FieldSpec(
             "scopes",
             FieldKind.STRING_LIST,
-            description="Scopes to request.",
+            description="Scopes to request; an authorization asked with other scopes stores those.",
             # RFC 6749 scope tokens: printable ASCII without space, quote or backslash.
             check=v.each(v.matching(r"[!#-\[\]-~]+", "a list of scope names without spaces")),
+        ),
+        FieldSpec(
+            "issuer",
+            FieldKind.STRING,
+            description="The authorization server's issuer identifier (RFC 8414). When set, an "
+            "authorization completes only if the redirect's iss parameter equals it (RFC 9207): set it "
+            "for servers that send iss, and a response from another server cannot be passed off as theirs.",
+            check=v.matching(r"https?://[!-~]{1,500}", "an http(s) URL, like https://idp.example.com"),
+        ),
+        FieldSpec(
+            "granted_scopes",
+            FieldKind.STRING_LIST,
+            description="Scopes the provider granted with the current token, as its token response "
+            "said (set by the broker; absent when the response did not say, which means as requested). "
+            "`scopes` stays what is asked for.",
+        ),
+        FieldSpec(
+            "authorize_params",
+            FieldKind.STRING_MAP,
+            description="Extra authorization request parameters, added to (or replacing) the provider's "
+            "own: prompt=consent for an OpenID Connect provider to issue a refresh token for "
+            "offline_access, audience or resource for the API the tokens are for.",
+            check=v.authorize_params,
         ),
         FieldSpec(
             "verify_url",

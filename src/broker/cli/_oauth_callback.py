@@ -21,17 +21,27 @@ _PAGE = b"<!doctype html><title>broker</title><p>Authorization received. You can
 class Redirect:
     code: str
     state: str
+    iss: str = ""  # RFC 9207: the issuer the provider named, for the broker to check
 
 
 def parse_redirect(url: str) -> Redirect:
     """The code and state of a redirect URL; the provider's error when it refused."""
     query = parse_qs(urlsplit(url.strip()).query)
     if "error" in query:
-        raise UsageError(f"the provider refused the authorization: {query['error'][0]}")
+        # RFC 6749 4.1.2.1: error_description is for the developer; shown bounded and printable
+        # (it came through a browser from anywhere), never as terminal control sequences.
+        described = query.get("error_description", [""])[0]
+        described = "".join(c for c in described if c.isprintable())[:200]
+        suffix = f" ({described})" if described else ""
+        raise UsageError(f"the provider refused the authorization: {_printable(query['error'][0])}{suffix}")
     code, state = query.get("code", [""])[0], query.get("state", [""])[0]
     if not code or not state:
         raise UsageError("the redirect URL has no code and state")
-    return Redirect(code, state)
+    return Redirect(code, state, query.get("iss", [""])[0])
+
+
+def _printable(text: str) -> str:
+    return "".join(c for c in text if c.isprintable())[:64]
 
 
 class CallbackListener:

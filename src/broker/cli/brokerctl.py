@@ -532,7 +532,9 @@ def _oauth(args: argparse.Namespace, s: Session) -> int:
         with CallbackListener(args.port) as listener:
             request.redirect_uri = listener.redirect_uri
             redirect = _begin_and_wait(s, request, listener, args.wait)
-    complete = broker_pb2.CompleteAuthorizationRequest(state=redirect.state, code=redirect.code)
+    complete = broker_pb2.CompleteAuthorizationRequest(
+        state=redirect.state, code=redirect.code, iss=redirect.iss
+    )
     reply = s.admin.CompleteAuthorization(complete, timeout=s.timeout)
     return _show(args, reply, out.render_connection)
 

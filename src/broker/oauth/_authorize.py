@@ -32,7 +32,9 @@ def provider_for(provider_name: str, config: Mapping[str, Any]) -> OAuthProvider
     """The provider a connection talks to: the table entry, overridden by its validated config.
 
     `custom` takes everything from the config. The config's `scopes` become `default_scopes`
-    and its `verify_url` the `userinfo_url`. Raises `OAuthError(kind="invalid_config")`.
+    and its `verify_url` the `userinfo_url`; its `authorize_params` are added to the provider's
+    extra authorization parameters, replacing those of the same name. Raises
+    `OAuthError(kind="invalid_config")`.
     """
     if provider_name == CUSTOM:
         token_url = config.get("token_url")
@@ -62,6 +64,12 @@ def provider_for(provider_name: str, config: Mapping[str, Any]) -> OAuthProvider
     scopes = config.get("scopes")
     if scopes:
         changes["default_scopes"] = tuple(str(s) for s in scopes)
+    params = config.get("authorize_params")
+    if isinstance(params, Mapping) and params:
+        changes["extra_authorize_params"] = {
+            **base.extra_authorize_params,
+            **{str(k): str(v) for k, v in params.items()},
+        }
     return dataclasses.replace(base, **changes)
 
 

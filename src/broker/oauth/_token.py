@@ -60,10 +60,14 @@ _REAUTHORIZE = frozenset(
         "token_expired",
     }
 )
-# Codes that mean the client or its registration is wrong: authorizing again will not help.
+# Codes that mean the client, its registration or its request is wrong: authorizing again will not
+# help (RFC 6749 section 5.2: invalid_scope is a scope the grant does not cover or the client may not
+# ask for, invalid_request a malformed request).
 _MISCONFIGURED = frozenset(
     {
         "invalid_client",
+        "invalid_scope",
+        "invalid_request",
         "unauthorized_client",
         "unsupported_grant_type",
         "unsupported_token_type",

@@ -7,6 +7,7 @@ change feed then invalidates the Resolve cache. Nothing here returns a secret va
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -25,6 +26,7 @@ from broker.model import (
     ConnectionStatus,
     LeaseFilter,
     LeaseState,
+    Outcome,
     TestResult,
     TestStatus,
     new_id,
@@ -46,6 +48,9 @@ Clock = Callable[[], datetime]
 _NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9 ._:/@-]{0,126}[A-Za-z0-9._-])?$")
 _LABEL_KEY = re.compile(r"^[a-z0-9](?:[a-z0-9._/-]{0,61}[a-z0-9])?$")
 MAX_LABELS = 64
+# How long a revoke or purge waits for the provider's revocation before answering (it goes on
+# after): less than brokerctl's default deadline of 10 s.
+UPSTREAM_REVOCATION_WAIT = 5.0
 MAX_LABEL_VALUE = 256
 MAX_SECRET_BYTES = 64 * 1024
 MAX_SECRET_FIELDS = 64
@@ -195,6 +200,8 @@ class ConnectionService:
         self._keyring = keyring
         self._clock = clock
         self._tests = tests
+        # Provider revocations under way; referenced so that they finish when their caller went away.
+        self._upstream_revocations: set[asyncio.Task[None]] = set()
 
     async def _test_before_save(self, call: Call, validated: catalog.Validated) -> TestResult:
         if self._tests is None:
@@ -363,7 +370,11 @@ class ConnectionService:
         return record
 
     async def purge(self, call: Call, connection_id: str) -> None:
-        """Destroy the wrapped data key (and ciphertext) of a soft-deleted connection, and its grants."""
+        """Destroy the wrapped data key (and ciphertext) of a soft-deleted connection, and its grants.
+
+        An OAuth2 connection's tokens are revoked at the provider first: after the purge nobody
+        holds them, so nobody could revoke them any more (a refresh token may live for years).
+        """
         current = await self.get(call, connection_id)
         if current.live:
             raise FailedPrecondition(f"connection {current.id} must be deleted before it can be purged")
@@ -374,6 +385,8 @@ class ConnectionService:
         await self._commit(
             record, current, self._event(call, "connection.purge", current.id), drop_grants=True
         )
+        # `current` still holds the sealed tokens in memory: the one copy left.
+        await self._revoke_upstream(call, current)
 
     async def _leases_dropped(self, call: Call, connection_id: str, now: datetime) -> None:
         """Refuse to purge while a lease's database user still waits to be dropped: that needs the
@@ -403,17 +416,46 @@ class ConnectionService:
         record = replace(
             current, status=ConnectionStatus.REVOKED, version=current.version + 1, updated_at=self._clock()
         )
-        details = {}
-        if self._egress is not None:
-            # The provider's answer is recorded; the local revoke happens whatever it was.
-            upstream = await revoke_upstream(self._keyring, self._egress, current)
-            if upstream:
-                details["upstream_revocation"] = upstream
-        event = call.audit_event(
-            self._clock(), "connection.revoke", current.id, reason=reason, details=details
-        )
+        event = call.audit_event(self._clock(), "connection.revoke", current.id, reason=reason)
         await self._commit(record, current, event)
+        await self._revoke_upstream(call, current)
         return record
+
+    async def _revoke_upstream(self, call: Call, record: ConnectionRecord) -> None:
+        """Ask an oauth2 connection's provider to revoke its tokens, after the local change committed.
+
+        The local revoke or purge never waits for the provider: one slow to answer (up to the egress
+        timeout, longer than brokerctl's deadline) would otherwise keep a leaked credential
+        resolvable. The caller waits for the provider `UPSTREAM_REVOCATION_WAIT` seconds at most;
+        the call goes on without it, and its outcome is an audit event of its own,
+        `connection.upstream_revocation`.
+        """
+        if self._egress is None or record.type != "oauth2":
+            return
+        task = asyncio.create_task(self._revoke_upstream_audited(call, record, self._egress))
+        self._upstream_revocations.add(task)
+        task.add_done_callback(self._upstream_revocations.discard)
+        # asyncio.wait neither cancels the task at its timeout nor when this caller is cancelled.
+        await asyncio.wait({task}, timeout=UPSTREAM_REVOCATION_WAIT)
+
+    async def _revoke_upstream_audited(
+        self, call: Call, record: ConnectionRecord, egress: EgressPolicy
+    ) -> None:
+        upstream = await revoke_upstream(self._keyring, egress, record)
+        if not upstream:
+            return
+        failed = upstream.startswith("failed")
+        outcome = Outcome.FAILED if failed else Outcome.SUCCEEDED
+        reason = upstream.removeprefix("failed: ") if failed else ""
+        event = call.audit_event(
+            self._clock(),
+            "connection.upstream_revocation",
+            record.id,
+            outcome,
+            reason,
+            details={"upstream_revocation": upstream},
+        )
+        await self._audit.append(event)
 
     async def _commit(
         self,

@@ -1,8 +1,8 @@
 """OAuth2 lifecycle: authorization code with PKCE, client credentials, single-flight refresh.
 
 Tokens live in the connection's sealed secrets (`access_token`, `refresh_token`, next to
-`client_secret`); `expires_at` and the granted `scopes` are plain config. The rules that
-keep a connection alive:
+`client_secret`); `expires_at`, the scopes asked for (`scopes`) and those granted
+(`granted_scopes`) are plain config. The rules that keep a connection alive:
 
 - one refresh at a time per connection in this process (concurrent callers share it), one
   process at a time across replicas (`Coordination.refresh_lock`; the waiters then re-read the row
@@ -10,8 +10,11 @@ keep a connection alive:
   lost a race never overwrites a newer token;
 - a rotated refresh token is stored durably before any caller sees the new access token;
 - expiry is never unknown (`expires_in`, else the JWT `exp`, else a default lifetime);
-- `invalid_grant` marks the connection expired (re-authorize); transient failures are
-  retried, and while the current token is valid it is still served.
+- `invalid_grant` marks an authorization-code connection expired (re-authorize); a client
+  credentials connection has nothing to re-authorize, so its refusals, like `invalid_client` or
+  `invalid_scope` for any connection, are FAILED_PRECONDITION naming the error and leave the
+  connection as it is; transient failures are retried; while the current token is valid it is
+  still served, and a caller holding it waits `refresh_wait` at most for a refresh under way.
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ class OAuthSettings:
     refresh_interval_seconds: float = 30.0
     # Pauses before the second and third attempt at a transiently failing token endpoint.
     retry_delays: tuple[float, ...] = (0.25, 1.0)
+    # How long a caller holding a still-valid token waits for its refresh before being given the
+    # valid one (the refresh goes on): a token endpoint may take the egress timeout, three times.
+    refresh_wait: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,19 @@ def _client(config: Mapping[str, Any], secrets: Mapping[str, str]) -> oauth.Clie
     return oauth.ClientCredentials(str(config.get("client_id", "")), secrets.get("client_secret", ""))
 
 
+def _exchange_failed(exc: Exception, detail: str) -> str:
+    """What a failed code exchange means to the person who just signed in, and what to do."""
+    if isinstance(exc, oauth.OAuthError) and exc.kind == "invalid_config":
+        # invalid_client and its kin: the code may well be good, the client is not.
+        return (
+            f"the provider refused the token request ({detail}): check the connection's client_id,"
+            " client_secret, token_auth_method and token_url, then start the authorization again"
+        )
+    if isinstance(exc, oauth.OAuthError) and exc.kind == "invalid_grant":
+        return f"the provider did not accept the authorization code ({detail}); start the authorization again"
+    return f"the token endpoint could not be used ({detail}); start the authorization again"
+
+
 async def revoke_upstream(keyring: Keyring, egress: EgressPolicy, record: ConnectionRecord) -> str:
     """Ask the provider to revoke the connection's tokens; returns the outcome for the audit record.
 
@@ -125,12 +144,21 @@ async def revoke_upstream(keyring: Keyring, egress: EgressPolicy, record: Connec
 
 
 def token_config(config: Mapping[str, Any], tokens: oauth.TokenSet) -> dict[str, Any]:
-    """Config with the token's issue and expiry times and granted scopes (non-secret metadata)."""
+    """Config with the token's issue and expiry times and granted scopes (non-secret metadata).
+
+    The granted scopes go to `granted_scopes`, never over `scopes`: those are what the next
+    authorization or client credentials request asks for, and a provider that granted less (an
+    OpenID provider drops offline_access without prompt=consent) or names them differently must
+    not shrink or rewrite the request for good.
+    """
     updated = dict(config)
     updated["expires_at"] = tokens.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ")
     updated["issued_at"] = tokens.issued_at.strftime("%Y-%m-%dT%H:%M:%SZ")
     if tokens.scopes:
-        updated["scopes"] = list(tokens.scopes)
+        updated["granted_scopes"] = list(tokens.scopes)
+    else:
+        # RFC 6749 5.1: no scope in the answer means the scopes requested.
+        updated.pop("granted_scopes", None)
     return updated
 
 
@@ -206,14 +234,29 @@ class OAuthService:
             provider_name, config = record.provider, record.config
             event = call.audit_event(self._clock(), "oauth.begin", record.id)
             secrets = (await open_secrets_audited(self._keyring, record, self._audit, event)).reveal()
-        provider = oauth.provider_for(provider_name, config)
+        if config.get("grant_type") == CLIENT_CREDENTIALS:
+            if draft is not None:
+                raise InvalidArgument.field(
+                    "draft.config.grant_type", "is client_credentials: such a connection needs no sign-in"
+                )
+            raise FailedPrecondition(
+                f"connection {connection_id} uses the client_credentials grant: it gets its tokens without"
+                " anyone signing in"
+            )
         state = oauth.new_state()
         verifier, challenge = oauth.new_pkce()
-        wanted = scopes or list(config.get("scopes") or provider.default_scopes)
-        url = oauth.authorization_url(
-            provider, _client(config, secrets).client_id, redirect_uri, wanted, state, challenge
-        )
+        try:
+            provider = oauth.provider_for(provider_name, config)
+            wanted = scopes or list(config.get("scopes") or provider.default_scopes)
+            url = oauth.authorization_url(
+                provider, _client(config, secrets).client_id, redirect_uri, wanted, state, challenge
+            )
+        except oauth.OAuthError as exc:
+            # The connection's (or the provider table's) endpoints, not the request, are wrong.
+            raise FailedPrecondition(f"cannot start an authorization: {exc}") from None
         payload["verifier"] = verifier
+        # Stored on the connection when the flow completes: a re-authorization asks for them again.
+        payload["scopes"] = wanted
         now = self._clock()
         state_hash = _state_hash(state)
         sealed = crypto.seal(
@@ -232,8 +275,12 @@ class OAuthService:
         await self._oauth_states.put_oauth_state(pending, event)
         return url, state, pending.expires_at
 
-    async def complete(self, call: Call, state: str, code: str) -> ConnectionRecord:
-        """Exchange the code (with the sealed verifier) and store the tokens on the connection."""
+    async def complete(self, call: Call, state: str, code: str, iss: str = "") -> ConnectionRecord:
+        """Exchange the code (with the sealed verifier) and store the tokens on the connection.
+
+        `iss` is the redirect's RFC 9207 issuer: when the connection names its `issuer`, they must
+        be equal, checked before the code goes anywhere.
+        """
         if not state:
             raise InvalidArgument.field("state", "is required")
         if not code:
@@ -261,16 +308,35 @@ class OAuthService:
         except DecryptionFailed:
             raise InvalidArgument.field("state", _STATE_ERROR) from None
         draft = payload.get("draft")
+        asked = payload.get("scopes")  # absent from flows begun before the broker stored them
         record: ConnectionRecord | None = None
         if draft is not None:
             provider_name, config, secrets = draft["provider"], draft["config"], draft["secrets"]
+            if asked:
+                config = {**config, "scopes": asked}
         else:
             record = await live_connection(
                 self._connections, call.tenant, pending.connection_id, field="state"
             )
+            if asked:
+                record = replace(record, config={**record.config, "scopes": asked})
             provider_name, config = record.provider, record.config
             event = call.audit_event(now, "oauth.complete", record.id)
             secrets = (await open_secrets_audited(self._keyring, record, self._audit, event)).reveal()
+        expected = str(config.get("issuer") or "")
+        if expected and iss != expected:
+            # RFC 9207 section 2.4: a response naming another server (or none, from a server that
+            # names itself) may be a mix-up; its code must not reach this token endpoint.
+            reason = "iss_mismatch" if iss else "iss_missing"
+            await self._audit.append(
+                call.audit_event(now, "oauth.complete", pending.connection_id, Outcome.FAILED, reason)
+            )
+            problem = "does not match" if iss else "is missing: it must match"
+            raise InvalidArgument.field(
+                "iss",
+                f"{problem} the connection's issuer; the response may come from another authorization"
+                " server (RFC 9207); start the authorization again",
+            )
         provider = oauth.provider_for(provider_name, config)
         try:
             tokens = await oauth.exchange_code(
@@ -288,9 +354,7 @@ class OAuthService:
             await self._audit.append(
                 call.audit_event(now, "oauth.complete", pending.connection_id, Outcome.FAILED, str(detail))
             )
-            raise FailedPrecondition(
-                f"the provider did not accept the authorization code ({detail})"
-            ) from None
+            raise FailedPrecondition(_exchange_failed(exc, str(detail))) from None
         if record is None:
             if self._create_connection is None:
                 raise FailedPrecondition("creating oauth2 connections is not configured on this broker")
@@ -337,7 +401,15 @@ class OAuthService:
             if values.get("access_token") and (expires is None or expires > self._clock()):
                 return record, secrets  # cannot refresh; still valid
             raise FailedPrecondition(f"connection {record.id} needs re-authorization (no refresh token)")
-        refreshed = await self._single_flight(record.tenant, record.id)
+        task = self._refresh_task(record.tenant, record.id)
+        expires = record.token_expires_at
+        if values.get("access_token") and expires is not None:
+            valid_for = (expires - self._clock()).total_seconds()
+            if valid_for > 0:
+                done, _ = await asyncio.wait({task}, timeout=min(self.settings.refresh_wait, valid_for))
+                if not done:
+                    return record, secrets  # still valid; the refresh goes on and stores its token
+        refreshed = await asyncio.shield(task)
         if refreshed.reauth_required_at is not None:
             raise FailedPrecondition(f"connection {record.id} needs re-authorization")
         return refreshed, open_secrets(self._keyring, refreshed)
@@ -356,14 +428,27 @@ class OAuthService:
         return refreshed, open_secrets(self._keyring, refreshed)
 
     async def _single_flight(self, tenant: str, connection_id: str, rejected: str = "") -> ConnectionRecord:
+        # Shielded: a caller that gives up must not cancel the refresh others are waiting for.
+        return await asyncio.shield(self._refresh_task(tenant, connection_id, rejected))
+
+    def _refresh_task(
+        self, tenant: str, connection_id: str, rejected: str = ""
+    ) -> asyncio.Task[ConnectionRecord]:
+        """The refresh under way for the connection, started if there is none."""
         key = (tenant, connection_id)
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.create_task(self._refresh_as_the_only_replica(tenant, connection_id, rejected))
             self._inflight[key] = task
-            task.add_done_callback(lambda _: self._inflight.pop(key, None))
-        # Shielded: a caller that gives up must not cancel the refresh others are waiting for.
-        return await asyncio.shield(task)
+            task.add_done_callback(lambda done: self._refresh_ended(key, done))
+        return task
+
+    def _refresh_ended(self, key: tuple[str, str], task: asyncio.Task[ConnectionRecord]) -> None:
+        self._inflight.pop(key, None)
+        # Retrieved here, as a refresh nobody waited for to the end may fail: its failure is
+        # audited and logged by the refresh itself.
+        if not task.cancelled():
+            task.exception()
 
     async def _refresh_as_the_only_replica(
         self, tenant: str, connection_id: str, rejected: str = ""
@@ -385,12 +470,13 @@ class OAuthService:
             return record  # another refresh (here or in another process) got there first
         provider = oauth.provider_for(record.provider, record.config)
         client = _client(record.config, secrets)
-        failure = ""
+        cc = record.config.get("grant_type") == CLIENT_CREDENTIALS
+        failure, refused = "", False
         for delay in (0.0, *self.settings.retry_delays):
             await asyncio.sleep(delay)
             now = self._clock()
             try:
-                if record.config.get("grant_type") == CLIENT_CREDENTIALS:
+                if cc:
                     scopes = list(record.config.get("scopes") or provider.default_scopes)
                     tokens = await oauth.client_credentials_token(
                         self._egress,
@@ -410,10 +496,13 @@ class OAuthService:
                         default_lifetime=self.settings.default_lifetime,
                     )
             except oauth.OAuthError as exc:
-                if exc.kind == "invalid_grant":
+                # A client credentials grant has no user grant to lose: signing in again is no cure,
+                # whatever the provider calls its refusal.
+                if exc.kind == "invalid_grant" and not cc:
                     return await self._mark_expired(record, exc.error or exc.kind)
                 failure = exc.error or exc.kind
                 if exc.kind != "transient":
+                    refused = True
                     break
                 continue
             except (Blocked, DnsFailure) as exc:
@@ -421,10 +510,16 @@ class OAuthService:
                 break
             metrics.OAUTH_REFRESHES.labels("refreshed").inc()
             return await self._store_tokens(record, secrets, tokens, "oauth.refresh", SYSTEM_ACTOR, "")
-        return await self._refresh_failed(record, failure)
+        return await self._refresh_failed(record, failure, refused=refused)
 
-    async def _refresh_failed(self, record: ConnectionRecord, failure: str) -> ConnectionRecord:
-        """A refresh that could not complete: keep serving a still-valid token, else report unavailable."""
+    async def _refresh_failed(
+        self, record: ConnectionRecord, failure: str, *, refused: bool = False
+    ) -> ConnectionRecord:
+        """A refresh that could not complete: keep serving a still-valid token, else say why not.
+
+        `refused`: the provider answered with an error that retrying will not change (the client,
+        its secret or its scopes): FAILED_PRECONDITION naming the error; otherwise UNAVAILABLE.
+        """
         now = self._clock()
         await self._audit.append(self._system_event(record, "oauth.refresh", Outcome.FAILED, failure))
         log.warning("oauth_refresh_failed", connection_id=record.id, reason=failure)
@@ -435,6 +530,11 @@ class OAuthService:
             metrics.OAUTH_REFRESHES.labels("served_stale").inc()
             return record
         metrics.OAUTH_REFRESHES.labels("failed").inc()
+        if refused:
+            raise FailedPrecondition(
+                f"the provider refused to issue a token for connection {record.id} ({failure}); check its"
+                " client_id, client_secret, token_auth_method and scopes"
+            )
         raise Unavailable(
             f"the token of connection {record.id} expired and the provider could not refresh it"
         )

@@ -54,6 +54,10 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Identity encoding keeps the byte cap a cap on what the server sends, not on what it inflates to.
 _BASE_HEADERS = {"User-Agent": "secrets-broker-tester", "Accept-Encoding": "identity"}
 NOT_AUTHORIZED = "no access token stored; authorize first"
+# A client credentials connection has nobody to authorize: its first Resolve or proxied call fetches one.
+NO_TOKEN_YET = (
+    "no access token yet: a client_credentials connection fetches one at its first Resolve or proxied call"  # noqa: S105
+)
 
 
 @dataclass(frozen=True)
@@ -411,7 +415,10 @@ async def test_oauth2(target: Target, egress: EgressPolicy) -> TestResult:
     """`oauth2` (stored tokens): call the provider's user-info endpoint or `verify_url` with the token."""
     token = target.secret("access_token")
     if not token:
-        raise TestFailure(TestCategory.INVALID_CONFIG, TestStage.RESOLVE_ADDRESS, NOT_AUTHORIZED)
+        cc = target.config.get("grant_type") == "client_credentials"
+        raise TestFailure(
+            TestCategory.INVALID_CONFIG, TestStage.RESOLVE_ADDRESS, NO_TOKEN_YET if cc else NOT_AUTHORIZED
+        )
     endpoint = OAUTH2_USERINFO.get(target.provider, CUSTOM_USERINFO)
     url = target.config.get("verify_url") or endpoint.url
     if not url:
