@@ -69,12 +69,11 @@ def _server_context(ca: bytes, ca_key: bytes, host: str, folder: Path) -> ssl.SS
 
 
 @pytest.fixture
-def tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Tls:
-    """A CA the tester trusts (via smtp.CAFILE) and server contexts for localhost and another name."""
+def tls(tmp_path: Path) -> Tls:
+    """A CA (for a connection's `ssl_ca`) and server contexts for localhost and another name."""
     ca, ca_key = pki.create_ca("smtp test CA")
     cafile = tmp_path / "ca.pem"
     cafile.write_bytes(ca)
-    monkeypatch.setattr(smtp_tester, "CAFILE", str(cafile))
     return Tls(
         str(cafile),
         _server_context(ca, ca_key, "localhost", tmp_path),
@@ -133,13 +132,17 @@ def _policy(**settings: Any) -> EgressPolicy:
     return EgressPolicy(EgressSettings(**{"allow_loopback": True, **settings}), resolver=_loopback)
 
 
-async def _test(port: int, encryption: str, *, credentials: bool = True, **settings: Any) -> TestResult:
+async def _test(
+    port: int, encryption: str, *, credentials: bool = True, ssl_ca: str | None = None, **settings: Any
+) -> TestResult:
     config: dict[str, Any] = {
         "host": "localhost",
         "port": port,
         "encryption": encryption,
         "from_address": "robot@example.com",
     }
+    if ssl_ca:
+        config["ssl_ca"] = ssl_ca
     secrets = {}
     if credentials:
         config["username"] = USER
@@ -197,7 +200,7 @@ async def test_starttls_with_auth(smtp_server: Server, recorder: Recorder, tls: 
     # auth_require_tls: the server offers AUTH only once the channel is encrypted.
     port = await smtp_server(starttls=tls.server)
 
-    result = await _test(port, "tls")
+    result = await _test(port, "tls", ssl_ca=tls.cafile)
 
     assert result.success, result
     assert result.stage is TestStage.AUTHENTICATE
@@ -211,7 +214,7 @@ async def test_implicit_tls_with_auth(smtp_server: Server, recorder: Recorder, t
     # aiosmtpd only counts STARTTLS as TLS for auth_require_tls, not a TLS listener.
     port = await smtp_server(implicit=tls.server, auth_require_tls=False)
 
-    result = await _test(port, "ssl")
+    result = await _test(port, "ssl", ssl_ca=tls.cafile)
 
     assert result.success, result
     assert result.stage is TestStage.AUTHENTICATE
@@ -240,7 +243,7 @@ async def test_starttls_not_offered_is_tls_error_and_sends_no_password(
 ) -> None:
     port = await smtp_server(auth_require_tls=False)  # no tls_context: no STARTTLS
 
-    result = await _test(port, "tls")
+    result = await _test(port, "tls", ssl_ca=tls.cafile)
 
     assert not result.success
     assert result.category is TestCategory.TLS_ERROR
@@ -261,7 +264,7 @@ async def test_certificate_for_another_name_is_tls_error(
     else:
         port = await smtp_server(implicit=tls.wrong_name, auth_require_tls=False)
 
-    result = await _test(port, encryption)
+    result = await _test(port, encryption, ssl_ca=tls.cafile)
 
     assert not result.success
     assert result.category is TestCategory.TLS_ERROR
@@ -271,18 +274,58 @@ async def test_certificate_for_another_name_is_tls_error(
     _assert_no_mail(recorder)
 
 
-async def test_implicit_tls_untrusted_certificate_is_tls_error(
-    smtp_server: Server, tls: Tls, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+@pytest.mark.parametrize("trust", ["system CAs", "another CA"])
+@pytest.mark.parametrize("encryption", ["tls", "ssl"])
+async def test_untrusted_certificate_is_tls_error_and_sends_no_password(
+    trust: str, encryption: str, smtp_server: Server, recorder: Recorder, tls: Tls, tmp_path: Path
 ) -> None:
     other_ca, _ = pki.create_ca("someone else")
     (tmp_path / "other.pem").write_bytes(other_ca)
-    monkeypatch.setattr(smtp_tester, "CAFILE", str(tmp_path / "other.pem"))
-    port = await smtp_server(implicit=tls.server)
+    if encryption == "tls":
+        port = await smtp_server(starttls=tls.server)
+    else:
+        port = await smtp_server(implicit=tls.server, auth_require_tls=False)
 
-    result = await _test(port, "ssl")
+    result = await _test(
+        port, encryption, ssl_ca=None if trust == "system CAs" else str(tmp_path / "other.pem")
+    )
 
     assert result.category is TestCategory.TLS_ERROR
     assert result.stage is TestStage.TLS
+    assert "certificate not valid for localhost" in result.message
+    assert recorder.logins == []
+
+
+@pytest.mark.parametrize("form", ["pem", "path"])
+async def test_ssl_ca_as_pem_or_path_is_trusted(
+    form: str, smtp_server: Server, recorder: Recorder, tls: Tls
+) -> None:
+    # Before ssl_ca, an SMTP connection could only trust the system CAs: a private mail CA failed.
+    port = await smtp_server(starttls=tls.server)
+
+    result = await _test(port, "tls", ssl_ca=Path(tls.cafile).read_text() if form == "pem" else tls.cafile)
+
+    assert result.success, result
+    assert recorder.logins == [(USER, PASSWORD)]
+
+
+@pytest.mark.parametrize(
+    ("ssl_ca", "words"),
+    [
+        ("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n", "not a readable PEM"),
+        ("/no/such/ca.pem", "does not exist"),
+    ],
+)
+async def test_unusable_ssl_ca_is_invalid_config_before_connecting(
+    ssl_ca: str, words: str, smtp_server: Server, recorder: Recorder, tls: Tls
+) -> None:
+    port = await smtp_server(starttls=tls.server)
+
+    result = await _test(port, "tls", ssl_ca=ssl_ca)
+
+    assert result.category is TestCategory.INVALID_CONFIG
+    assert words in result.message
+    assert recorder.connections == 0
 
 
 async def test_auth_not_offered_is_protocol_error(smtp_server: Server, recorder: Recorder, tls: Tls) -> None:

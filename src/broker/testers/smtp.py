@@ -2,7 +2,8 @@
 
 The host is resolved through the egress policy and aiosmtplib connects to the checked
 address; the TLS context is pinned to the configured host name, so the certificate is
-verified (and SNI sent) for the name the user typed, never for the IP.
+verified (and SNI sent) for the name the user typed, never for the IP, against `ssl_ca` when
+the connection has one, else the system's CAs.
 """
 
 from __future__ import annotations
@@ -14,14 +15,9 @@ from contextlib import contextmanager, suppress
 import aiosmtplib
 
 from broker.egress import EgressPolicy
-from broker.egress.tcp import pinned_tls_context
+from broker.egress.tcp import UnusableCa, ca_tls_context
 from broker.model import TestCategory, TestResult, TestStage
 from broker.testers.base import Target, TestFailure, passed
-
-# Extra trust for server certificates: a CA bundle file used *instead of* the system store.
-# The catalog has no CA field for SMTP; tests (and a deployment with a private mail CA)
-# set this. None: the system trust store.
-CAFILE: str | None = None
 
 # Server text is echoed into details; keep it short.
 _MAX_TEXT = 200
@@ -43,12 +39,15 @@ async def test_smtp(target: Target, egress: EgressPolicy) -> TestResult:
             TestStage.RESOLVE_ADDRESS,
             "username and password must be set together for SMTP AUTH",
         )
+    try:
+        # A trailing dot is valid DNS but would never match a certificate's name.
+        tls = ca_tls_context(host.rstrip("."), config.get("ssl_ca") or None) if encryption != "none" else None
+    except UnusableCa as exc:
+        raise TestFailure(TestCategory.INVALID_CONFIG, TestStage.TLS, str(exc)) from None
     if username:
         # aiosmtplib composes the AUTH payloads itself; declare every one it may send.
         target.sent.smtp_auth(username, password)
     addresses = (await egress.resolve(host, port))[:_MAX_ATTEMPTS]
-    # A trailing dot is valid DNS but would never match a certificate's name.
-    tls = pinned_tls_context(host.rstrip("."), cafile=CAFILE) if encryption != "none" else None
     for attempt, address in enumerate(addresses, start=1):
         details = {"endpoint": f"{host}:{port}", "address": str(address), "encryption": encryption}
         client = aiosmtplib.SMTP(
