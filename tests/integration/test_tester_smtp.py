@@ -52,6 +52,26 @@ class Recorder:
         return AuthResult(success=login == (USER, PASSWORD), handled=False)
 
 
+@dataclass
+class CramMd5Refused(Recorder):
+    """Advertises CRAM-MD5 but refuses it with 504, as servers whose password store cannot do it do."""
+
+    refused: int = 0
+
+    async def auth_CRAM__MD5(self, server: SMTP, args: list[str]) -> None:
+        self.refused += 1
+        await server.push("504 5.5.4 CRAM-MD5 not available")
+
+
+class ClosingSMTP(SMTP):
+    """aiosmtpd that closes the connection after a rejected AUTH, as some servers do."""
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        await super().smtp_AUTH(arg)
+        if self.session is not None and not self.session.authenticated and self.transport is not None:
+            self.transport.close()
+
+
 @dataclass(frozen=True)
 class Tls:
     cafile: str
@@ -95,15 +115,19 @@ async def smtp_server(recorder: Recorder) -> AsyncIterator[Server]:
         starttls: ssl.SSLContext | None = None,
         implicit: ssl.SSLContext | None = None,
         auth_require_tls: bool = True,
+        handler: Recorder | None = None,
+        close_after_failed_auth: bool = False,
     ) -> int:
+        handler = handler or recorder
+
         def factory() -> SMTP:
-            recorder.connections += 1
-            return SMTP(
-                recorder,
+            handler.connections += 1
+            return (ClosingSMTP if close_after_failed_auth else SMTP)(
+                handler,
                 hostname=SERVER_NAME,
                 ident="test-smtpd",
                 tls_context=starttls,
-                authenticator=recorder.authenticate,
+                authenticator=handler.authenticate,
                 auth_require_tls=auth_require_tls,
                 loop=loop,
             )
@@ -235,7 +259,48 @@ async def test_wrong_password_is_auth_failed(smtp_server: Server, recorder: Reco
     assert result.stage is TestStage.AUTHENTICATE
     assert "535" in result.message
     assert "not-the-password" not in result.message
+    # One rejected login, not one per mechanism offered (aiosmtpd offers LOGIN and PLAIN): each
+    # failure counts against the account on a real server (Exim logs one per mechanism).
+    assert recorder.logins == [(USER, "not-the-password")]
     _assert_no_mail(recorder)
+
+
+@pytest.mark.parametrize("encryption", ["none", "tls"])
+async def test_server_closing_after_a_rejected_login_is_auth_failed(
+    encryption: str, smtp_server: Server, recorder: Recorder, tls: Tls
+) -> None:
+    # Was protocol_error "server closed the connection": the 535 was lost to a second mechanism's try.
+    port = await smtp_server(
+        starttls=tls.server if encryption == "tls" else None,
+        auth_require_tls=encryption == "tls",
+        close_after_failed_auth=True,
+    )
+    config = {
+        "host": "localhost",
+        "port": port,
+        "encryption": encryption,
+        "username": USER,
+        "ssl_ca": tls.cafile,
+    }
+
+    result = await _run(config, {"password": "not-the-password"}, _policy())
+
+    assert result.category is TestCategory.AUTH_FAILED, result
+    assert result.stage is TestStage.AUTHENTICATE
+    assert "535" in result.message
+    assert len(recorder.logins) == 1
+
+
+async def test_mechanism_refused_by_the_server_falls_back_to_the_next(smtp_server: Server) -> None:
+    handler = CramMd5Refused()
+    port = await smtp_server(auth_require_tls=False, handler=handler)
+
+    result = await _test(port, "none")
+
+    assert result.success, result
+    assert handler.refused == 1  # in clear, CRAM-MD5 is tried first
+    assert handler.logins == [(USER, PASSWORD)]
+    assert result.details["auth_mechanism"] == "PLAIN"
 
 
 async def test_starttls_not_offered_is_tls_error_and_sends_no_password(

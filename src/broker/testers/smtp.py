@@ -26,6 +26,20 @@ _MAX_TEXT = 200
 _PLACEHOLDER_NAME = "localhost"
 # Addresses tried when a connection is refused; each may take the connect timeout.
 _MAX_ATTEMPTS = 3
+# AUTH mechanisms in the order tried. Over TLS the channel protects the password and PLAIN works
+# with every password backend; in clear, CRAM-MD5 keeps the password itself off the wire.
+_OVER_TLS = ("plain", "login", "cram-md5")
+_IN_CLEAR = ("cram-md5", "plain", "login")
+_AUTH = {
+    "plain": aiosmtplib.SMTP.auth_plain,
+    "login": aiosmtplib.SMTP.auth_login,
+    "cram-md5": aiosmtplib.SMTP.auth_crammd5,
+}
+# Answers that refuse the mechanism, not the credentials (RFC 4954: unrecognised, too weak,
+# needs encryption): only then is the next one tried. Anything else, 535 above all, is the
+# server's verdict on the credentials; asking again with another mechanism would only count
+# one more failed login against the account (fail2ban, lockouts) and may meet a closed connection.
+_MECHANISM_REFUSED = frozenset({504, 534, 538})
 
 
 async def test_smtp(target: Target, egress: EgressPolicy) -> TestResult:
@@ -120,7 +134,7 @@ async def _session(
 
     stage = TestStage.CONNECT if encryption == "none" else TestStage.TLS
     if username:
-        await _authenticate(client, host, username, password, details)
+        await _authenticate(client, host, username, password, details, encrypted=encryption != "none")
         verified.append("credentials (AUTH accepted)")
         stage = TestStage.AUTHENTICATE
     else:
@@ -150,8 +164,9 @@ async def _ehlo(client: aiosmtplib.SMTP, details: dict[str, str]) -> None:
 
 
 async def _authenticate(
-    client: aiosmtplib.SMTP, host: str, username: str, password: str, details: dict[str, str]
+    client: aiosmtplib.SMTP, host: str, username: str, password: str, details: dict[str, str], encrypted: bool
 ) -> None:
+    """AUTH with one mechanism the server offers; the next only when the server refuses that mechanism."""
     if not client.supports_extension("auth"):
         hint = " (it offers STARTTLS: try encryption tls)" if client.supports_extension("starttls") else ""
         # Sending mail with these credentials would fail the same way, so this is a failure.
@@ -161,15 +176,24 @@ async def _authenticate(
             f"server does not offer AUTH, so the credentials cannot be used{hint}",
             details,
         )
-    if not client.supported_auth_methods:
+    offered = client.supported_auth_methods
+    mechanisms = [m for m in (_OVER_TLS if encrypted else _IN_CLEAR) if m in offered]
+    if not mechanisms:
         raise TestFailure(
             TestCategory.UNSUPPORTED,
             TestStage.AUTHENTICATE,
             "server offers no AUTH mechanism the broker supports (PLAIN, LOGIN, CRAM-MD5)",
             details,
         )
-    with _step(TestStage.AUTHENTICATE, host, details):
-        await client.login(username, password)
+    for mechanism in mechanisms:
+        details["auth_mechanism"] = mechanism.upper()
+        with _step(TestStage.AUTHENTICATE, host, details):
+            try:
+                await _AUTH[mechanism](client, username, password)
+                return
+            except aiosmtplib.SMTPAuthenticationError as exc:
+                if exc.code not in _MECHANISM_REFUSED or mechanism == mechanisms[-1]:
+                    raise
 
 
 @contextmanager
