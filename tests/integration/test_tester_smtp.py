@@ -393,6 +393,32 @@ async def test_unusable_ssl_ca_is_invalid_config_before_connecting(
     assert recorder.connections == 0
 
 
+async def test_starttls_on_an_implicit_tls_port_times_out_with_a_hint(smtp_server: Server, tls: Tls) -> None:
+    # Exim's 465 waits for the handshake in silence: a bare "did not answer in time" sent users
+    # looking at firewalls.
+    port = await smtp_server(implicit=tls.server, auth_require_tls=False)
+
+    result = await _test(port, "tls", ssl_ca=tls.cafile, connect_timeout=0.3, total_timeout=2.0)
+
+    assert result.category is TestCategory.TIMEOUT
+    assert result.stage is TestStage.CONNECT
+    assert "try encryption ssl" in result.message
+
+
+async def test_implicit_tls_on_a_starttls_port_is_tls_error_with_a_hint(
+    smtp_server: Server, recorder: Recorder, tls: Tls
+) -> None:
+    # Was "TLS handshake failed: WRONG_VERSION_NUMBER" alone.
+    port = await smtp_server(starttls=tls.server)
+
+    result = await _test(port, "ssl", ssl_ca=tls.cafile)
+
+    assert result.category is TestCategory.TLS_ERROR
+    assert result.stage is TestStage.TLS
+    assert "try encryption tls" in result.message
+    assert recorder.logins == []
+
+
 async def test_auth_not_offered_is_protocol_error(smtp_server: Server, recorder: Recorder, tls: Tls) -> None:
     # The server offers AUTH only after STARTTLS, and the connection is configured unencrypted.
     port = await smtp_server(starttls=tls.server, auth_require_tls=True)

@@ -98,11 +98,14 @@ async def _session(
 ) -> TestResult:
     verified = ["tcp reachable"]
     not_verified = ["mail delivery (no message is sent)"]
-    # An implicit-TLS handshake happens inside connect(): its failures belong to the TLS stage.
-    with _step(TestStage.TLS if encryption == "ssl" else TestStage.CONNECT, host, details):
-        greeting = await client.connect()
-        details["greeting"] = _first_line(greeting.message)
-        await _ehlo(client, details)
+    try:
+        # An implicit-TLS handshake happens inside connect(): its failures belong to the TLS stage.
+        with _step(TestStage.TLS if encryption == "ssl" else TestStage.CONNECT, host, details):
+            greeting = await client.connect()
+            details["greeting"] = _first_line(greeting.message)
+            await _ehlo(client, details)
+    except TestFailure as failure:
+        raise _with_mode_hint(failure, encryption) from None
     verified.append("smtp greeting and EHLO")
 
     if encryption == "tls":
@@ -194,6 +197,26 @@ async def _authenticate(
             except aiosmtplib.SMTPAuthenticationError as exc:
                 if exc.code not in _MECHANISM_REFUSED or mechanism == mechanisms[-1]:
                     raise
+
+
+def _with_mode_hint(failure: TestFailure, encryption: str) -> TestFailure:
+    """`failure` of the opening exchange, with a hint when it looks like the other kind of TLS.
+
+    The two kinds fail in ways that name neither: a port that expects implicit TLS waits for a
+    handshake in silence (a timeout), and a STARTTLS or plain port answers a handshake in text.
+    """
+    result = failure.result
+    if encryption != "ssl" and result.category is TestCategory.TIMEOUT and "greeting" not in result.details:
+        hint = "; if the port expects implicit TLS (usually 465), try encryption ssl"
+    elif (
+        encryption == "ssl"
+        and result.category is TestCategory.TLS_ERROR
+        and "WRONG_VERSION" in result.message
+    ):
+        hint = "; the port answered in plain text: if it expects STARTTLS (usually 587), try encryption tls"
+    else:
+        return failure
+    return TestFailure(result.category, result.stage, result.message + hint, result.details)
 
 
 @contextmanager
