@@ -63,6 +63,17 @@ class CramMd5Refused(Recorder):
         await server.push("504 5.5.4 CRAM-MD5 not available")
 
 
+@dataclass
+class EncryptionRequired(Recorder):
+    """Offers AUTH in clear but answers every mechanism with 538, as RFC 4954 lets a server do."""
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> None:
+        await server.push("538 5.7.11 Encryption required for requested authentication mechanism")
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> None:
+        await server.push("538 5.7.11 Encryption required for requested authentication mechanism")
+
+
 class ClosingSMTP(SMTP):
     """aiosmtpd that closes the connection after a rejected AUTH, as some servers do."""
 
@@ -289,6 +300,19 @@ async def test_server_closing_after_a_rejected_login_is_auth_failed(
     assert result.stage is TestStage.AUTHENTICATE
     assert "535" in result.message
     assert len(recorder.logins) == 1
+
+
+async def test_encryption_required_for_auth_is_not_auth_failed(smtp_server: Server) -> None:
+    # Was auth_failed "server rejected the credentials: 538 ...": the password was never checked.
+    handler = EncryptionRequired()
+    port = await smtp_server(auth_require_tls=False, handler=handler)
+
+    result = await _test(port, "none")
+
+    assert result.category is TestCategory.PROTOCOL_ERROR, result
+    assert result.stage is TestStage.AUTHENTICATE
+    assert "538" in result.message
+    assert "try encryption tls" in result.message
 
 
 async def test_mechanism_refused_by_the_server_falls_back_to_the_next(smtp_server: Server) -> None:

@@ -240,6 +240,12 @@ def _classify(exc: BaseException, host: str) -> tuple[TestCategory, str]:
         return TestCategory.TLS_ERROR, f"TLS handshake failed: {cause.reason or type(cause).__name__}"
     if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
         return TestCategory.TIMEOUT, f"SMTP server did not answer in time ({_text(str(exc))})"
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError) and exc.code == 538:
+        # RFC 4954: the mechanism needs an encrypted channel; the credentials were never judged.
+        return (
+            TestCategory.PROTOCOL_ERROR,
+            f"server requires encryption for AUTH (try encryption tls): {exc.code} {_text(exc.message)}",
+        )
     if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
         category = TestCategory.UNEXPECTED_RESPONSE if exc.code < 500 else TestCategory.AUTH_FAILED
         return category, f"server rejected the credentials: {exc.code} {_text(exc.message)}"
