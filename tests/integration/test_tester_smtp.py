@@ -52,6 +52,37 @@ class Recorder:
         return AuthResult(success=login == (USER, PASSWORD), handled=False)
 
 
+@dataclass
+class CramMd5Refused(Recorder):
+    """Advertises CRAM-MD5 but refuses it with 504, as servers whose password store cannot do it do."""
+
+    refused: int = 0
+
+    async def auth_CRAM__MD5(self, server: SMTP, args: list[str]) -> None:
+        self.refused += 1
+        await server.push("504 5.5.4 CRAM-MD5 not available")
+
+
+@dataclass
+class EncryptionRequired(Recorder):
+    """Offers AUTH in clear but answers every mechanism with 538, as RFC 4954 lets a server do."""
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> None:
+        await server.push("538 5.7.11 Encryption required for requested authentication mechanism")
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> None:
+        await server.push("538 5.7.11 Encryption required for requested authentication mechanism")
+
+
+class ClosingSMTP(SMTP):
+    """aiosmtpd that closes the connection after a rejected AUTH, as some servers do."""
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        await super().smtp_AUTH(arg)
+        if self.session is not None and not self.session.authenticated and self.transport is not None:
+            self.transport.close()
+
+
 @dataclass(frozen=True)
 class Tls:
     cafile: str
@@ -69,12 +100,11 @@ def _server_context(ca: bytes, ca_key: bytes, host: str, folder: Path) -> ssl.SS
 
 
 @pytest.fixture
-def tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Tls:
-    """A CA the tester trusts (via smtp.CAFILE) and server contexts for localhost and another name."""
+def tls(tmp_path: Path) -> Tls:
+    """A CA (for a connection's `ssl_ca`) and server contexts for localhost and another name."""
     ca, ca_key = pki.create_ca("smtp test CA")
     cafile = tmp_path / "ca.pem"
     cafile.write_bytes(ca)
-    monkeypatch.setattr(smtp_tester, "CAFILE", str(cafile))
     return Tls(
         str(cafile),
         _server_context(ca, ca_key, "localhost", tmp_path),
@@ -96,15 +126,19 @@ async def smtp_server(recorder: Recorder) -> AsyncIterator[Server]:
         starttls: ssl.SSLContext | None = None,
         implicit: ssl.SSLContext | None = None,
         auth_require_tls: bool = True,
+        handler: Recorder | None = None,
+        close_after_failed_auth: bool = False,
     ) -> int:
+        handler = handler or recorder
+
         def factory() -> SMTP:
-            recorder.connections += 1
-            return SMTP(
-                recorder,
+            handler.connections += 1
+            return (ClosingSMTP if close_after_failed_auth else SMTP)(
+                handler,
                 hostname=SERVER_NAME,
                 ident="test-smtpd",
                 tls_context=starttls,
-                authenticator=recorder.authenticate,
+                authenticator=handler.authenticate,
                 auth_require_tls=auth_require_tls,
                 loop=loop,
             )
@@ -133,13 +167,17 @@ def _policy(**settings: Any) -> EgressPolicy:
     return EgressPolicy(EgressSettings(**{"allow_loopback": True, **settings}), resolver=_loopback)
 
 
-async def _test(port: int, encryption: str, *, credentials: bool = True, **settings: Any) -> TestResult:
+async def _test(
+    port: int, encryption: str, *, credentials: bool = True, ssl_ca: str | None = None, **settings: Any
+) -> TestResult:
     config: dict[str, Any] = {
         "host": "localhost",
         "port": port,
         "encryption": encryption,
         "from_address": "robot@example.com",
     }
+    if ssl_ca:
+        config["ssl_ca"] = ssl_ca
     secrets = {}
     if credentials:
         config["username"] = USER
@@ -197,7 +235,7 @@ async def test_starttls_with_auth(smtp_server: Server, recorder: Recorder, tls: 
     # auth_require_tls: the server offers AUTH only once the channel is encrypted.
     port = await smtp_server(starttls=tls.server)
 
-    result = await _test(port, "tls")
+    result = await _test(port, "tls", ssl_ca=tls.cafile)
 
     assert result.success, result
     assert result.stage is TestStage.AUTHENTICATE
@@ -211,7 +249,7 @@ async def test_implicit_tls_with_auth(smtp_server: Server, recorder: Recorder, t
     # aiosmtpd only counts STARTTLS as TLS for auth_require_tls, not a TLS listener.
     port = await smtp_server(implicit=tls.server, auth_require_tls=False)
 
-    result = await _test(port, "ssl")
+    result = await _test(port, "ssl", ssl_ca=tls.cafile)
 
     assert result.success, result
     assert result.stage is TestStage.AUTHENTICATE
@@ -232,7 +270,61 @@ async def test_wrong_password_is_auth_failed(smtp_server: Server, recorder: Reco
     assert result.stage is TestStage.AUTHENTICATE
     assert "535" in result.message
     assert "not-the-password" not in result.message
+    # One rejected login, not one per mechanism offered (aiosmtpd offers LOGIN and PLAIN): each
+    # failure counts against the account on a real server (Exim logs one per mechanism).
+    assert recorder.logins == [(USER, "not-the-password")]
     _assert_no_mail(recorder)
+
+
+@pytest.mark.parametrize("encryption", ["none", "tls"])
+async def test_server_closing_after_a_rejected_login_is_auth_failed(
+    encryption: str, smtp_server: Server, recorder: Recorder, tls: Tls
+) -> None:
+    # Was protocol_error "server closed the connection": the 535 was lost to a second mechanism's try.
+    port = await smtp_server(
+        starttls=tls.server if encryption == "tls" else None,
+        auth_require_tls=encryption == "tls",
+        close_after_failed_auth=True,
+    )
+    config = {
+        "host": "localhost",
+        "port": port,
+        "encryption": encryption,
+        "username": USER,
+        "ssl_ca": tls.cafile,
+    }
+
+    result = await _run(config, {"password": "not-the-password"}, _policy())
+
+    assert result.category is TestCategory.AUTH_FAILED, result
+    assert result.stage is TestStage.AUTHENTICATE
+    assert "535" in result.message
+    assert len(recorder.logins) == 1
+
+
+async def test_encryption_required_for_auth_is_not_auth_failed(smtp_server: Server) -> None:
+    # Was auth_failed "server rejected the credentials: 538 ...": the password was never checked.
+    handler = EncryptionRequired()
+    port = await smtp_server(auth_require_tls=False, handler=handler)
+
+    result = await _test(port, "none")
+
+    assert result.category is TestCategory.PROTOCOL_ERROR, result
+    assert result.stage is TestStage.AUTHENTICATE
+    assert "538" in result.message
+    assert "try encryption tls" in result.message
+
+
+async def test_mechanism_refused_by_the_server_falls_back_to_the_next(smtp_server: Server) -> None:
+    handler = CramMd5Refused()
+    port = await smtp_server(auth_require_tls=False, handler=handler)
+
+    result = await _test(port, "none")
+
+    assert result.success, result
+    assert handler.refused == 1  # in clear, CRAM-MD5 is tried first
+    assert handler.logins == [(USER, PASSWORD)]
+    assert result.details["auth_mechanism"] == "PLAIN"
 
 
 async def test_starttls_not_offered_is_tls_error_and_sends_no_password(
@@ -240,7 +332,7 @@ async def test_starttls_not_offered_is_tls_error_and_sends_no_password(
 ) -> None:
     port = await smtp_server(auth_require_tls=False)  # no tls_context: no STARTTLS
 
-    result = await _test(port, "tls")
+    result = await _test(port, "tls", ssl_ca=tls.cafile)
 
     assert not result.success
     assert result.category is TestCategory.TLS_ERROR
@@ -261,7 +353,7 @@ async def test_certificate_for_another_name_is_tls_error(
     else:
         port = await smtp_server(implicit=tls.wrong_name, auth_require_tls=False)
 
-    result = await _test(port, encryption)
+    result = await _test(port, encryption, ssl_ca=tls.cafile)
 
     assert not result.success
     assert result.category is TestCategory.TLS_ERROR
@@ -271,18 +363,84 @@ async def test_certificate_for_another_name_is_tls_error(
     _assert_no_mail(recorder)
 
 
-async def test_implicit_tls_untrusted_certificate_is_tls_error(
-    smtp_server: Server, tls: Tls, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+@pytest.mark.parametrize("trust", ["system CAs", "another CA"])
+@pytest.mark.parametrize("encryption", ["tls", "ssl"])
+async def test_untrusted_certificate_is_tls_error_and_sends_no_password(
+    trust: str, encryption: str, smtp_server: Server, recorder: Recorder, tls: Tls, tmp_path: Path
 ) -> None:
     other_ca, _ = pki.create_ca("someone else")
     (tmp_path / "other.pem").write_bytes(other_ca)
-    monkeypatch.setattr(smtp_tester, "CAFILE", str(tmp_path / "other.pem"))
-    port = await smtp_server(implicit=tls.server)
+    if encryption == "tls":
+        port = await smtp_server(starttls=tls.server)
+    else:
+        port = await smtp_server(implicit=tls.server, auth_require_tls=False)
 
-    result = await _test(port, "ssl")
+    result = await _test(
+        port, encryption, ssl_ca=None if trust == "system CAs" else str(tmp_path / "other.pem")
+    )
 
     assert result.category is TestCategory.TLS_ERROR
     assert result.stage is TestStage.TLS
+    assert "certificate not valid for localhost" in result.message
+    assert recorder.logins == []
+
+
+@pytest.mark.parametrize("form", ["pem", "path"])
+async def test_ssl_ca_as_pem_or_path_is_trusted(
+    form: str, smtp_server: Server, recorder: Recorder, tls: Tls
+) -> None:
+    # Before ssl_ca, an SMTP connection could only trust the system CAs: a private mail CA failed.
+    port = await smtp_server(starttls=tls.server)
+
+    result = await _test(port, "tls", ssl_ca=Path(tls.cafile).read_text() if form == "pem" else tls.cafile)
+
+    assert result.success, result
+    assert recorder.logins == [(USER, PASSWORD)]
+
+
+@pytest.mark.parametrize(
+    ("ssl_ca", "words"),
+    [
+        ("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n", "not a readable PEM"),
+        ("/no/such/ca.pem", "does not exist"),
+    ],
+)
+async def test_unusable_ssl_ca_is_invalid_config_before_connecting(
+    ssl_ca: str, words: str, smtp_server: Server, recorder: Recorder, tls: Tls
+) -> None:
+    port = await smtp_server(starttls=tls.server)
+
+    result = await _test(port, "tls", ssl_ca=ssl_ca)
+
+    assert result.category is TestCategory.INVALID_CONFIG
+    assert words in result.message
+    assert recorder.connections == 0
+
+
+async def test_starttls_on_an_implicit_tls_port_times_out_with_a_hint(smtp_server: Server, tls: Tls) -> None:
+    # Exim's 465 waits for the handshake in silence: a bare "did not answer in time" sent users
+    # looking at firewalls.
+    port = await smtp_server(implicit=tls.server, auth_require_tls=False)
+
+    result = await _test(port, "tls", ssl_ca=tls.cafile, connect_timeout=0.3, total_timeout=2.0)
+
+    assert result.category is TestCategory.TIMEOUT
+    assert result.stage is TestStage.CONNECT
+    assert "try encryption ssl" in result.message
+
+
+async def test_implicit_tls_on_a_starttls_port_is_tls_error_with_a_hint(
+    smtp_server: Server, recorder: Recorder, tls: Tls
+) -> None:
+    # Was "TLS handshake failed: WRONG_VERSION_NUMBER" alone.
+    port = await smtp_server(starttls=tls.server)
+
+    result = await _test(port, "ssl", ssl_ca=tls.cafile)
+
+    assert result.category is TestCategory.TLS_ERROR
+    assert result.stage is TestStage.TLS
+    assert "try encryption tls" in result.message
+    assert recorder.logins == []
 
 
 async def test_auth_not_offered_is_protocol_error(smtp_server: Server, recorder: Recorder, tls: Tls) -> None:

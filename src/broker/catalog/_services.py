@@ -234,6 +234,11 @@ SMTP = ConnectionType(
             choices=("tls", "ssl", "none"),
             description="tls (STARTTLS), ssl (implicit TLS) or none.",
         ),
+        FieldSpec(
+            "ssl_ca",
+            FieldKind.STRING,
+            description="CA certificate (PEM) or its path, to verify the server; default: the system CAs.",
+        ),
     ),
     defaults=(
         Default("port", 587, (is_("encryption", "tls"),)),

@@ -15,11 +15,9 @@ from typing import Any, Protocol
 
 from broker.egress import EgressPolicy, parse_host
 from broker.egress.hosts import host_text
-from broker.egress.tcp import pinned_tls_context, resolve_one
+from broker.egress.tcp import UnusableCa, ca_tls_context, resolve_one
 
 __all__ = ["DatabaseTarget", "Server", "UnusableCa", "resolve_server", "tls_context"]
-
-PEM_MARKER = "-----BEGIN"
 
 
 class DatabaseTarget(Protocol):
@@ -29,10 +27,6 @@ class DatabaseTarget(Protocol):
     def config(self) -> Mapping[str, Any]: ...
 
     def secret(self, name: str) -> str: ...
-
-
-class UnusableCa(Exception):
-    """`ssl_ca` cannot be used (the message says why, in our words); nothing was sent."""
 
 
 @dataclass(frozen=True)
@@ -95,13 +89,4 @@ def tls_context(server: Server) -> ssl.SSLContext:
     """A TLS context that verifies the certificate for the host name the user typed, although
     the driver's socket goes to the checked IP. `ssl_ca` (PEM text or a file path on the broker
     host) replaces the system trust store; without it the system CAs are used. Raises `UnusableCa`."""
-    ca = server.ssl_ca
-    pem = ca is not None and ca.lstrip().startswith(PEM_MARKER)
-    try:
-        return pinned_tls_context(
-            server.tls_name, cafile=None if pem else ca, cadata=ca.strip() if pem and ca else None
-        )
-    except FileNotFoundError:
-        raise UnusableCa("ssl_ca names a file that does not exist") from None
-    except (ssl.SSLError, ValueError, OSError):
-        raise UnusableCa("ssl_ca is not a readable PEM CA certificate") from None
+    return ca_tls_context(server.tls_name, server.ssl_ca)

@@ -18,6 +18,11 @@ from broker.egress.policy import EgressPolicy
 # Each address gets the full connect timeout, so trying every answer of a long list
 # could outlast the total timeout; a few are enough for an IPv6/IPv4 fallback.
 _MAX_ATTEMPTS = 3
+PEM_MARKER = "-----BEGIN"
+
+
+class UnusableCa(Exception):
+    """A connection's CA setting cannot be used (the message says why, in our words); nothing was sent."""
 
 
 class PinnedHostnameContext(ssl.SSLContext):
@@ -76,6 +81,20 @@ def pinned_tls_context(
     else:
         context.load_default_certs()
     return context
+
+
+def ca_tls_context(hostname: str, ca: str | None) -> ssl.SSLContext:
+    """`pinned_tls_context` trusting `ca`, a connection's `ssl_ca`: PEM text or a file path on the
+    broker host, in place of the system trust store (None: the system CAs). Raises `UnusableCa`."""
+    pem = ca is not None and ca.lstrip().startswith(PEM_MARKER)
+    try:
+        return pinned_tls_context(
+            hostname, cafile=None if pem else ca, cadata=ca.strip() if pem and ca else None
+        )
+    except FileNotFoundError:
+        raise UnusableCa("ssl_ca names a file that does not exist") from None
+    except (ssl.SSLError, ValueError, OSError):
+        raise UnusableCa("ssl_ca is not a readable PEM CA certificate") from None
 
 
 async def resolve_one(policy: EgressPolicy, host: str, port: int) -> IPAddress:

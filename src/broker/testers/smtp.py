@@ -2,7 +2,8 @@
 
 The host is resolved through the egress policy and aiosmtplib connects to the checked
 address; the TLS context is pinned to the configured host name, so the certificate is
-verified (and SNI sent) for the name the user typed, never for the IP.
+verified (and SNI sent) for the name the user typed, never for the IP, against `ssl_ca` when
+the connection has one, else the system's CAs.
 """
 
 from __future__ import annotations
@@ -14,14 +15,9 @@ from contextlib import contextmanager, suppress
 import aiosmtplib
 
 from broker.egress import EgressPolicy
-from broker.egress.tcp import pinned_tls_context
+from broker.egress.tcp import UnusableCa, ca_tls_context
 from broker.model import TestCategory, TestResult, TestStage
 from broker.testers.base import Target, TestFailure, passed
-
-# Extra trust for server certificates: a CA bundle file used *instead of* the system store.
-# The catalog has no CA field for SMTP; tests (and a deployment with a private mail CA)
-# set this. None: the system trust store.
-CAFILE: str | None = None
 
 # Server text is echoed into details; keep it short.
 _MAX_TEXT = 200
@@ -30,6 +26,20 @@ _MAX_TEXT = 200
 _PLACEHOLDER_NAME = "localhost"
 # Addresses tried when a connection is refused; each may take the connect timeout.
 _MAX_ATTEMPTS = 3
+# AUTH mechanisms in the order tried. Over TLS the channel protects the password and PLAIN works
+# with every password backend; in clear, CRAM-MD5 keeps the password itself off the wire.
+_OVER_TLS = ("plain", "login", "cram-md5")
+_IN_CLEAR = ("cram-md5", "plain", "login")
+_AUTH = {
+    "plain": aiosmtplib.SMTP.auth_plain,
+    "login": aiosmtplib.SMTP.auth_login,
+    "cram-md5": aiosmtplib.SMTP.auth_crammd5,
+}
+# Answers that refuse the mechanism, not the credentials (RFC 4954: unrecognised, too weak,
+# needs encryption): only then is the next one tried. Anything else, 535 above all, is the
+# server's verdict on the credentials; asking again with another mechanism would only count
+# one more failed login against the account (fail2ban, lockouts) and may meet a closed connection.
+_MECHANISM_REFUSED = frozenset({504, 534, 538})
 
 
 async def test_smtp(target: Target, egress: EgressPolicy) -> TestResult:
@@ -43,12 +53,15 @@ async def test_smtp(target: Target, egress: EgressPolicy) -> TestResult:
             TestStage.RESOLVE_ADDRESS,
             "username and password must be set together for SMTP AUTH",
         )
+    try:
+        # A trailing dot is valid DNS but would never match a certificate's name.
+        tls = ca_tls_context(host.rstrip("."), config.get("ssl_ca") or None) if encryption != "none" else None
+    except UnusableCa as exc:
+        raise TestFailure(TestCategory.INVALID_CONFIG, TestStage.TLS, str(exc)) from None
     if username:
         # aiosmtplib composes the AUTH payloads itself; declare every one it may send.
         target.sent.smtp_auth(username, password)
     addresses = (await egress.resolve(host, port))[:_MAX_ATTEMPTS]
-    # A trailing dot is valid DNS but would never match a certificate's name.
-    tls = pinned_tls_context(host.rstrip("."), cafile=CAFILE) if encryption != "none" else None
     for attempt, address in enumerate(addresses, start=1):
         details = {"endpoint": f"{host}:{port}", "address": str(address), "encryption": encryption}
         client = aiosmtplib.SMTP(
@@ -85,11 +98,14 @@ async def _session(
 ) -> TestResult:
     verified = ["tcp reachable"]
     not_verified = ["mail delivery (no message is sent)"]
-    # An implicit-TLS handshake happens inside connect(): its failures belong to the TLS stage.
-    with _step(TestStage.TLS if encryption == "ssl" else TestStage.CONNECT, host, details):
-        greeting = await client.connect()
-        details["greeting"] = _first_line(greeting.message)
-        await _ehlo(client, details)
+    try:
+        # An implicit-TLS handshake happens inside connect(): its failures belong to the TLS stage.
+        with _step(TestStage.TLS if encryption == "ssl" else TestStage.CONNECT, host, details):
+            greeting = await client.connect()
+            details["greeting"] = _first_line(greeting.message)
+            await _ehlo(client, details)
+    except TestFailure as failure:
+        raise _with_mode_hint(failure, encryption) from None
     verified.append("smtp greeting and EHLO")
 
     if encryption == "tls":
@@ -121,7 +137,7 @@ async def _session(
 
     stage = TestStage.CONNECT if encryption == "none" else TestStage.TLS
     if username:
-        await _authenticate(client, host, username, password, details)
+        await _authenticate(client, host, username, password, details, encrypted=encryption != "none")
         verified.append("credentials (AUTH accepted)")
         stage = TestStage.AUTHENTICATE
     else:
@@ -151,8 +167,9 @@ async def _ehlo(client: aiosmtplib.SMTP, details: dict[str, str]) -> None:
 
 
 async def _authenticate(
-    client: aiosmtplib.SMTP, host: str, username: str, password: str, details: dict[str, str]
+    client: aiosmtplib.SMTP, host: str, username: str, password: str, details: dict[str, str], encrypted: bool
 ) -> None:
+    """AUTH with one mechanism the server offers; the next only when the server refuses that mechanism."""
     if not client.supports_extension("auth"):
         hint = " (it offers STARTTLS: try encryption tls)" if client.supports_extension("starttls") else ""
         # Sending mail with these credentials would fail the same way, so this is a failure.
@@ -162,15 +179,44 @@ async def _authenticate(
             f"server does not offer AUTH, so the credentials cannot be used{hint}",
             details,
         )
-    if not client.supported_auth_methods:
+    offered = client.supported_auth_methods
+    mechanisms = [m for m in (_OVER_TLS if encrypted else _IN_CLEAR) if m in offered]
+    if not mechanisms:
         raise TestFailure(
             TestCategory.UNSUPPORTED,
             TestStage.AUTHENTICATE,
             "server offers no AUTH mechanism the broker supports (PLAIN, LOGIN, CRAM-MD5)",
             details,
         )
-    with _step(TestStage.AUTHENTICATE, host, details):
-        await client.login(username, password)
+    for mechanism in mechanisms:
+        details["auth_mechanism"] = mechanism.upper()
+        with _step(TestStage.AUTHENTICATE, host, details):
+            try:
+                await _AUTH[mechanism](client, username, password)
+                return
+            except aiosmtplib.SMTPAuthenticationError as exc:
+                if exc.code not in _MECHANISM_REFUSED or mechanism == mechanisms[-1]:
+                    raise
+
+
+def _with_mode_hint(failure: TestFailure, encryption: str) -> TestFailure:
+    """`failure` of the opening exchange, with a hint when it looks like the other kind of TLS.
+
+    The two kinds fail in ways that name neither: a port that expects implicit TLS waits for a
+    handshake in silence (a timeout), and a STARTTLS or plain port answers a handshake in text.
+    """
+    result = failure.result
+    if encryption != "ssl" and result.category is TestCategory.TIMEOUT and "greeting" not in result.details:
+        hint = "; if the port expects implicit TLS (usually 465), try encryption ssl"
+    elif (
+        encryption == "ssl"
+        and result.category is TestCategory.TLS_ERROR
+        and "WRONG_VERSION" in result.message
+    ):
+        hint = "; the port answered in plain text: if it expects STARTTLS (usually 587), try encryption tls"
+    else:
+        return failure
+    return TestFailure(result.category, result.stage, result.message + hint, result.details)
 
 
 @contextmanager
@@ -194,6 +240,12 @@ def _classify(exc: BaseException, host: str) -> tuple[TestCategory, str]:
         return TestCategory.TLS_ERROR, f"TLS handshake failed: {cause.reason or type(cause).__name__}"
     if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
         return TestCategory.TIMEOUT, f"SMTP server did not answer in time ({_text(str(exc))})"
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError) and exc.code == 538:
+        # RFC 4954: the mechanism needs an encrypted channel; the credentials were never judged.
+        return (
+            TestCategory.PROTOCOL_ERROR,
+            f"server requires encryption for AUTH (try encryption tls): {exc.code} {_text(exc.message)}",
+        )
     if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
         category = TestCategory.UNEXPECTED_RESPONSE if exc.code < 500 else TestCategory.AUTH_FAILED
         return category, f"server rejected the credentials: {exc.code} {_text(exc.message)}"
