@@ -112,6 +112,22 @@ def expired_count() -> float:
     return metrics.REGISTRY.get_sample_value("broker_oauth_refreshes_total", {"outcome": "expired"}) or 0.0
 
 
+async def machine_connection(
+    running: Running, server: oauthserver.OAuthTestServer, **config: Any
+) -> pb.Connection:
+    """A client_credentials connection `machine` to the test server, with `config` added."""
+    base = {"client_id": server.client_id, "token_url": server.token_url, "grant_type": "client_credentials"}
+    return await running.admin().CreateConnection(
+        pb.CreateConnectionRequest(
+            name="machine",
+            type="oauth2",
+            provider="custom",
+            config=struct({**base, **config}),
+            secrets={"client_secret": server.client_secret},
+        )
+    )
+
+
 async def resolve(running: Running, connection_id: str) -> pb.ResolveResponse:
     return await running.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id))
 
@@ -498,18 +514,8 @@ async def test_a_transient_failure_serves_the_still_valid_token(
 async def test_client_credentials_fetch_on_demand_and_keep_until_near_expiry(
     broker: Running, server: oauthserver.OAuthTestServer
 ) -> None:
-    admin = broker.admin()
-    config = {
-        "client_id": server.client_id, "token_url": server.token_url, "grant_type": "client_credentials",
-        "scopes": ["reports"],
-    }  # fmt: skip
-    created = await admin.CreateConnection(
-        pb.CreateConnectionRequest(
-            name="machine", type="oauth2", provider="custom", config=struct(config),
-            secrets={"client_secret": server.client_secret},
-        )
-    )  # fmt: skip
-    await admin.GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
+    created = await machine_connection(broker, server, scopes=["reports"])
+    await broker.admin().GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
     first = await resolve(broker, created.id)
     second = await resolve(broker, created.id)
     assert first.secrets["access_token"] == second.secrets["access_token"]
@@ -522,17 +528,7 @@ async def test_a_refused_client_credentials_request_says_why_and_never_asks_for_
 ) -> None:
     """Nobody can sign in again for a client credentials connection: it is never marked expired."""
     admin = broker.admin()
-    config = {
-        "client_id": server.client_id,
-        "token_url": server.token_url,
-        "grant_type": "client_credentials",
-    }
-    created = await admin.CreateConnection(
-        pb.CreateConnectionRequest(
-            name="machine", type="oauth2", provider="custom", config=struct(config),
-            secrets={"client_secret": server.client_secret},
-        )
-    )  # fmt: skip
+    created = await machine_connection(broker, server)
     await admin.GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
     untested = await admin.TestConnection(pb.TestConnectionRequest(id=created.id))
     assert (
@@ -579,28 +575,15 @@ async def test_revoke_calls_the_providers_revocation_endpoint(
 async def test_a_client_credentials_connection_cannot_begin_an_authorization_and_says_why(
     broker: Running, server: oauthserver.OAuthTestServer
 ) -> None:
-    config = {
-        "client_id": server.client_id,
-        "token_url": server.token_url,
-        "grant_type": "client_credentials",
-    }
     admin = broker.admin()
-    created = await admin.CreateConnection(
-        pb.CreateConnectionRequest(
-            name="machine", type="oauth2", provider="custom", config=struct(config),
-            secrets={"client_secret": server.client_secret},
-        )
-    )  # fmt: skip
+    created = await machine_connection(broker, server)
     stored = await rpc_error(
         admin.BeginAuthorization(
             pb.BeginAuthorizationRequest(connection_id=created.id, redirect_uri=REDIRECT)
         )
     )
     assert stored.code() == grpc.StatusCode.FAILED_PRECONDITION and "client_credentials" in stored.details()
-    drafted = pb.ConnectionDraft(
-        name="m2", type="oauth2", provider="custom", config=struct(config),
-        secrets={"client_secret": server.client_secret},
-    )  # fmt: skip
+    drafted = draft(server, "m2", grant_type="client_credentials")
     draft_error = await rpc_error(
         admin.BeginAuthorization(pb.BeginAuthorizationRequest(draft=drafted, redirect_uri=REDIRECT))
     )

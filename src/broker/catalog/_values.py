@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from broker.catalog._spec import Check, FieldKind, FieldSpec, Problem
+from broker.catalog.oauth_providers import FLOW_PARAMS
 from broker.egress import InvalidTarget, parse_host, parse_url
 
 MAX_STRING = 65_536
@@ -317,21 +318,6 @@ def http_headers(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
-# What the authorization flow sets itself (RFC 6749 4.1.1, RFC 7636 4.3), and the secret it must
-# never put in a URL: extra parameters cannot replace or add these.
-_FLOW_PARAMS = frozenset(
-    {
-        "response_type",
-        "client_id",
-        "redirect_uri",
-        "scope",
-        "state",
-        "code_challenge",
-        "code_challenge_method",
-        "client_secret",
-        "code_verifier",
-    }
-)
 _QUERY_NAME = re.compile(r"[A-Za-z0-9_.~-]{1,64}")
 
 
@@ -339,7 +325,7 @@ def authorize_params(value: dict[str, str]) -> dict[str, str]:
     """Check: extra authorization request parameters (prompt, audience, resource, ...), none the flow sets."""
     if not all(_QUERY_NAME.fullmatch(name) for name in value):
         raise Problem("parameter names must be 1 to 64 letters, digits or -._~")
-    taken = sorted(name for name in value if name.lower() in _FLOW_PARAMS)
+    taken = sorted(name for name in value if name.lower() in FLOW_PARAMS)
     if taken:
         raise Problem(f"must not set {', '.join(taken)}: the authorization flow sets it")
     return value

@@ -19,6 +19,22 @@ from typing import Literal
 
 TokenAuthMethod = Literal["client_secret_basic", "client_secret_post", "none"]
 TOKEN_AUTH_METHODS: tuple[TokenAuthMethod, ...] = ("client_secret_basic", "client_secret_post", "none")
+# What the authorization flow sets itself (RFC 6749 4.1.1, RFC 7636 4.3), and the secrets it must
+# never put in a URL: a provider's or a connection's extra authorization parameters never replace
+# or add these.
+FLOW_PARAMS = frozenset(
+    {
+        "response_type",
+        "client_id",
+        "redirect_uri",
+        "scope",
+        "state",
+        "code_challenge",
+        "code_challenge_method",
+        "client_secret",
+        "code_verifier",
+    }
+)
 
 
 @dataclass(frozen=True)

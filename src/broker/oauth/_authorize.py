@@ -10,22 +10,16 @@ from typing import Any, cast
 from authlib.oauth2.rfc6749.parameters import prepare_grant_uri
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
-from broker.catalog.oauth_providers import PROVIDERS, TOKEN_AUTH_METHODS, OAuthProvider, TokenAuthMethod
+from broker.catalog.oauth_providers import (
+    FLOW_PARAMS,
+    PROVIDERS,
+    TOKEN_AUTH_METHODS,
+    OAuthProvider,
+    TokenAuthMethod,
+)
 from broker.oauth._types import OAuthError
 
 CUSTOM = "custom"
-# Parameters the flow itself sets; a provider's extra parameters never replace them.
-_CORE_PARAMS = frozenset(
-    {
-        "response_type",
-        "client_id",
-        "redirect_uri",
-        "scope",
-        "state",
-        "code_challenge",
-        "code_challenge_method",
-    }
-)
 
 
 def provider_for(provider_name: str, config: Mapping[str, Any]) -> OAuthProvider:
@@ -100,7 +94,7 @@ def authorization_url(
     """
     if not provider.authorize_url:
         raise OAuthError("invalid_config", f"provider {provider.name} has no authorization endpoint")
-    extra = {k: v for k, v in provider.extra_authorize_params.items() if k not in _CORE_PARAMS}
+    extra = {k: v for k, v in provider.extra_authorize_params.items() if k not in FLOW_PARAMS}
     scope = provider.scope_separator.join(scopes) or None
     return str(
         prepare_grant_uri(
