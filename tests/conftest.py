@@ -30,6 +30,7 @@ from broker import pki
 from broker._proto import broker_pb2_grpc
 from broker.config import CLIENT_VARIABLES, Settings, TlsFiles
 from broker.server import Broker
+from broker.store.sqlite import SqliteStore
 
 TRUST_DOMAIN = "broker.local"
 TESTS = Path(__file__).resolve().parent
@@ -178,6 +179,17 @@ def write_settings(tmp_path: Path, test_pki: TestPki, **overrides: object) -> Se
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    """An opened SQLite store in this test's temp dir, closed afterwards."""
+    backend = SqliteStore(tmp_path / "broker.db")
+    await backend.open()
+    try:
+        yield backend
+    finally:
+        await backend.close()
 
 
 class Running:

@@ -53,16 +53,6 @@ def event(i: int = 0, tenant: str = "acme", time: datetime = T0, **fields: Any) 
     return AuditEvent(time=time, tenant=tenant, actor="spiffe://x/tenant/acme/executor/e", **values)
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "broker.db")
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
 def edit_db(path: Path, *statements: tuple[str, tuple[Any, ...]]) -> None:
     """Change the database behind the broker's back, as an attacker with file access would."""
     db = sqlite3.connect(path)
@@ -156,49 +146,55 @@ def _swap(a: int, b: int, columns: str) -> list[tuple[str, tuple[Any, ...]]]:
     ]
 
 
-async def test_an_unreadable_row_is_a_break_not_a_crash(store: SqliteStore) -> None:
-    await store.append_audit([event(i) for i in range(3)])
-    edit_db(store.path, ("UPDATE audit_events SET details = 'not json', outcome = 'nope' WHERE id = 2", ()))
-    report = await store.verify_audit_chain(no_seals)
+async def test_an_unreadable_row_is_a_break_not_a_crash(sqlite_store: SqliteStore) -> None:
+    await sqlite_store.append_audit([event(i) for i in range(3)])
+    edit_db(
+        sqlite_store.path, ("UPDATE audit_events SET details = 'not json', outcome = 'nope' WHERE id = 2", ())
+    )
+    report = await sqlite_store.verify_audit_chain(no_seals)
     assert (report.ok, report.first_broken_id, report.problem) == (False, 2, chain.PROBLEM_UNREADABLE)
 
 
-async def test_verify_walks_in_pages(store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_verify_walks_in_pages(sqlite_store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("broker.store.audit._AUDIT_PAGE", 7)
-    await store.append_audit([event(i) for i in range(30)])
-    assert (await store.verify_audit_chain(no_seals)).events_checked == 30
-    edit_db(store.path, ("UPDATE audit_events SET reason = 'x' WHERE id = 22", ()))
-    report = await store.verify_audit_chain(no_seals)
+    await sqlite_store.append_audit([event(i) for i in range(30)])
+    assert (await sqlite_store.verify_audit_chain(no_seals)).events_checked == 30
+    edit_db(sqlite_store.path, ("UPDATE audit_events SET reason = 'x' WHERE id = 22", ()))
+    report = await sqlite_store.verify_audit_chain(no_seals)
     assert (report.first_broken_id, report.events_checked) == (22, 22)
 
 
-async def test_events_written_with_a_change_join_the_same_chain(store: SqliteStore) -> None:
+async def test_events_written_with_a_change_join_the_same_chain(sqlite_store: SqliteStore) -> None:
     from tests.integration.test_store import make_connection
 
-    await store.append_audit([event(1)])
+    await sqlite_store.append_audit([event(1)])
     record = make_connection()
-    await store.create_connection(record, event(2, connection_id=record.id, action="connection.create"))
-    await store.append_audit([event(3)])
-    events = list(reversed(await store.list_audit("acme", AuditFilter(), 10, None)))
+    await sqlite_store.create_connection(
+        record, event(2, connection_id=record.id, action="connection.create")
+    )
+    await sqlite_store.append_audit([event(3)])
+    events = list(reversed(await sqlite_store.list_audit("acme", AuditFilter(), 10, None)))
     assert [e.id for e in events] == [1, 2, 3]
     assert [e.prev_hash for e in events] == [chain.GENESIS, events[0].hash, events[1].hash]
-    assert (await store.verify_audit_chain(no_seals)).ok
+    assert (await sqlite_store.verify_audit_chain(no_seals)).ok
 
 
-async def test_two_processes_appending_to_one_file_keep_one_chain(store: SqliteStore, tmp_path: Path) -> None:
+async def test_two_processes_appending_to_one_file_keep_one_chain(
+    sqlite_store: SqliteStore, tmp_path: Path
+) -> None:
     # A second store on the same file, as the `broker` CLI's key commands open it while the broker
     # serves: each append reads the chain's tail in its own transaction, so neither forks the chain.
-    other = SqliteStore(store.path)
+    other = SqliteStore(sqlite_store.path)
     await other.open()
     try:
         for i in range(5):
             await asyncio.gather(
-                store.append_audit([event(10 * i + j) for j in range(3)]),
+                sqlite_store.append_audit([event(10 * i + j) for j in range(3)]),
                 other.append_audit([event(10 * i + 5 + j) for j in range(2)]),
             )
     finally:
         await other.close()
-    report = await store.verify_audit_chain(no_seals)
+    report = await sqlite_store.verify_audit_chain(no_seals)
     assert (report.ok, report.events_checked) == (True, 25)
 
 
@@ -228,28 +224,28 @@ async def test_events_from_before_the_chain_are_hashed_on_open(tmp_path: Path) -
                 " '', '', '', '', ?)",
                 (1_714_979_289_000_000 + i, f'{{"i":"{i}"}}'),
             )
-    store = SqliteStore(path)
-    await store.open()
+    sqlite_store = SqliteStore(path)
+    await sqlite_store.open()
     try:
-        events = list(reversed(await store.list_audit("acme", AuditFilter(), 10, None)))
+        events = list(reversed(await sqlite_store.list_audit("acme", AuditFilter(), 10, None)))
         assert [e.details["i"] for e in events] == ["0", "1", "2", "3", "4"]
         assert events[0].prev_hash == chain.GENESIS
         assert all(e.hash == chain.event_hash(e) for e in events)
-        await store.append_audit([event(5)])
-        report = await store.verify_audit_chain(no_seals)
+        await sqlite_store.append_audit([event(5)])
+        report = await sqlite_store.verify_audit_chain(no_seals)
         assert (report.ok, report.events_checked) == (True, 6)
     finally:
-        await store.close()
+        await sqlite_store.close()
 
     # Once the chain has begun, a missing hash is tampering to report, never something to re-hash.
     edit_db(path, ("UPDATE audit_events SET hash = NULL, reason = 'edited' WHERE id = 2", ()))
-    store = SqliteStore(path)
-    await store.open()
+    sqlite_store = SqliteStore(path)
+    await sqlite_store.open()
     try:
-        report = await store.verify_audit_chain(no_seals)
+        report = await sqlite_store.verify_audit_chain(no_seals)
         assert (report.ok, report.first_broken_id, report.problem) == (False, 2, chain.PROBLEM_MISSING)
     finally:
-        await store.close()
+        await sqlite_store.close()
 
 
 # ----------------------------------------------------------------- export
@@ -276,15 +272,15 @@ async def test_export_streams_the_tenants_events_oldest_first(running: Running) 
 
 
 async def test_export_pages_through_more_than_one_read(
-    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+    sqlite_store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("broker.service.audit._EXPORT_PAGE", 4)
-    await store.append_audit([event(i, tenant="acme" if i % 3 else "other") for i in range(20)])
+    await sqlite_store.append_audit([event(i, tenant="acme" if i % 3 else "other") for i in range(20)])
     from broker.model import Principal, Role
     from broker.service.context import Call
 
     call = Call(Principal("broker.local", "acme", Role.ADMIN, "cli"))
-    exported = [e async for e in AuditLog(store).export(call, AuditFilter())]
+    exported = [e async for e in AuditLog(sqlite_store).export(call, AuditFilter())]
     assert [int(e.details["i"]) for e in exported] == [i for i in range(20) if i % 3]
 
 
@@ -310,51 +306,53 @@ async def _drain(stream: Any) -> list[Any]:
 # -------------------------------------------------------------- retention
 
 
-async def test_pruning_keeps_the_rest_verifiable_behind_a_checkpoint(store: SqliteStore) -> None:
+async def test_pruning_keeps_the_rest_verifiable_behind_a_checkpoint(sqlite_store: SqliteStore) -> None:
     day = timedelta(days=1)
     now = T0 + 400 * day
     old = [event(i, time=T0 + i * day) for i in range(10)]  # 400..391 days old
     recent = [event(10 + i, time=now - i * day) for i in range(5)]
     # Times are not monotonic in id: a recent event in the middle stops the prune there.
-    await store.append_audit([*old[:7], recent[0], *old[7:], *recent[1:]])
-    log = AuditLog(store, clock=lambda: now, retention=timedelta(days=365))
+    await sqlite_store.append_audit([*old[:7], recent[0], *old[7:], *recent[1:]])
+    log = AuditLog(sqlite_store, clock=lambda: now, retention=timedelta(days=365))
     assert await log.prune() == 7
-    with sqlite3.connect(store.path) as db:
+    with sqlite3.connect(sqlite_store.path) as db:
         [(last_id, last_hash, count)] = db.execute(
             "SELECT last_id, last_hash, pruned_count FROM audit_checkpoints"
         ).fetchall()
         assert db.execute("SELECT min(id), count(*) FROM audit_events").fetchone() == (8, 8)
     assert (last_id, count) == (7, 7) and len(last_hash) == 64
-    report = await store.verify_audit_chain(no_seals)
+    report = await sqlite_store.verify_audit_chain(no_seals)
     assert (report.ok, report.events_checked) == (True, 8)
     assert await log.prune() == 0  # event 8 is recent: nothing before it may go
 
-    edit_db(store.path, ("UPDATE audit_events SET actor = 'someone else' WHERE id = 9", ()))
-    report = await store.verify_audit_chain(no_seals)
+    edit_db(sqlite_store.path, ("UPDATE audit_events SET actor = 'someone else' WHERE id = 9", ()))
+    report = await sqlite_store.verify_audit_chain(no_seals)
     assert (report.ok, report.first_broken_id) == (False, 9)
 
 
-async def test_pruning_in_batches_and_appending_after_everything_was_pruned(store: SqliteStore) -> None:
-    await store.append_audit([event(i, time=T0) for i in range(25)])
-    assert await store.prune_audit(T0 + timedelta(seconds=1), T0, batch_size=10) == 25
-    with sqlite3.connect(store.path) as db:
+async def test_pruning_in_batches_and_appending_after_everything_was_pruned(
+    sqlite_store: SqliteStore,
+) -> None:
+    await sqlite_store.append_audit([event(i, time=T0) for i in range(25)])
+    assert await sqlite_store.prune_audit(T0 + timedelta(seconds=1), T0, batch_size=10) == 25
+    with sqlite3.connect(sqlite_store.path) as db:
         assert db.execute("SELECT last_id, pruned_count FROM audit_checkpoints").fetchall() == [(25, 25)]
-    assert (await store.verify_audit_chain(no_seals)).ok
-    await store.append_audit([event(99)])  # continues from the checkpoint
-    [latest] = await store.list_audit("acme", AuditFilter(), 10, None)
+    assert (await sqlite_store.verify_audit_chain(no_seals)).ok
+    await sqlite_store.append_audit([event(99)])  # continues from the checkpoint
+    [latest] = await sqlite_store.list_audit("acme", AuditFilter(), 10, None)
     assert latest.id == 26 and latest.prev_hash != chain.GENESIS
-    report = await store.verify_audit_chain(no_seals)
+    report = await sqlite_store.verify_audit_chain(no_seals)
     assert (report.ok, report.events_checked) == (True, 1)
 
 
-async def test_pruning_stops_at_a_broken_link_and_keeps_the_evidence(store: SqliteStore) -> None:
-    await store.append_audit([event(i, time=T0) for i in range(10)])
-    edit_db(store.path, ("DELETE FROM audit_events WHERE id = 6", ()))
+async def test_pruning_stops_at_a_broken_link_and_keeps_the_evidence(sqlite_store: SqliteStore) -> None:
+    await sqlite_store.append_audit([event(i, time=T0) for i in range(10)])
+    edit_db(sqlite_store.path, ("DELETE FROM audit_events WHERE id = 6", ()))
     with pytest.raises(FailedPrecondition, match="event 7"):
-        await store.prune_audit(T0 + timedelta(seconds=1), T0, batch_size=3)
-    with sqlite3.connect(store.path) as db:
+        await sqlite_store.prune_audit(T0 + timedelta(seconds=1), T0, batch_size=3)
+    with sqlite3.connect(sqlite_store.path) as db:
         assert db.execute("SELECT min(id) FROM audit_events").fetchone() == (4,)  # batches 1-3 went
-    assert (await store.verify_audit_chain(no_seals)).first_broken_id == 7
+    assert (await sqlite_store.verify_audit_chain(no_seals)).first_broken_id == 7
 
 
 def test_retention_has_a_floor() -> None:
@@ -402,8 +400,8 @@ async def test_resolves_fail_closed_while_the_audit_store_is_unwritable(running:
         await resolver.Resolve(request)
         acknowledged += 1
 
-    store = running.broker.store
-    real = store.engine.transaction
+    sqlite_store = running.broker.store
+    real = sqlite_store.engine.transaction
     attempts = 0
 
     @contextlib.asynccontextmanager
@@ -413,7 +411,7 @@ async def test_resolves_fail_closed_while_the_audit_store_is_unwritable(running:
         raise sqlite3.OperationalError("disk I/O error")
         yield  # pragma: no cover
 
-    store.engine.transaction = unwritable  # type: ignore[method-assign]
+    sqlite_store.engine.transaction = unwritable  # type: ignore[method-assign]
     try:
         # One after another (each its own group-commit batch) and a burst: every one fails
         # promptly, so a failed batch never holds up the next.
@@ -443,7 +441,7 @@ async def test_resolves_fail_closed_while_the_audit_store_is_unwritable(running:
         ]
         assert (await verify(running)).ok
     finally:
-        store.engine.transaction = real  # type: ignore[method-assign]
+        sqlite_store.engine.transaction = real  # type: ignore[method-assign]
 
     # The fault cleared: Resolves succeed again, and every acknowledged one is on record.
     for _ in range(5):
@@ -472,14 +470,14 @@ class _FlakyStore:
 
 
 async def test_a_stuck_or_failing_audit_write_does_not_stall_later_batches() -> None:
-    store = _FlakyStore()
-    log = AuditLog(store, write_timeout=0.2)  # type: ignore[arg-type]
+    sqlite_store = _FlakyStore()
+    log = AuditLog(sqlite_store, write_timeout=0.2)  # type: ignore[arg-type]
     with pytest.raises(Unavailable, match="audit log cannot be written"):
         await asyncio.wait_for(log.append(event(1)), 5)
-    store.mode = "fail"
+    sqlite_store.mode = "fail"
     results = await asyncio.gather(*(log.append(event(i)) for i in range(10)), return_exceptions=True)
     assert all(isinstance(r, Unavailable) for r in results)
-    store.mode = "ok"
+    sqlite_store.mode = "ok"
     await asyncio.wait_for(asyncio.gather(*(log.append(event(i)) for i in range(10))), 5)
-    assert len(store.written) == 10
+    assert len(sqlite_store.written) == 10
     await log.close()

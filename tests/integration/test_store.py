@@ -98,16 +98,6 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             await backend.close()
 
 
-@pytest.fixture
-async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    backend = SqliteStore(tmp_path / "broker.db")
-    await backend.open()
-    try:
-        yield backend
-    finally:
-        await backend.close()
-
-
 # ----------------------------------------------------------------- factories
 
 _counter = iter(range(1, 1_000_000))

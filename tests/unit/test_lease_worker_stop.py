@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from broker.crypto import Kek, Keyring
 from broker.egress import EgressPolicy, EgressSettings
 from broker.service.audit import AuditLog
 from broker.service.leases import LeaseService
 from broker.store.sqlite import SqliteStore
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "leases.db")
-    await s.open()
-    yield s
-    await s.close()
 
 
 class SwallowingQueue:
@@ -46,15 +34,15 @@ class SwallowingQueue:
         return 0
 
 
-async def test_close_stops_a_worker_whose_cancellation_a_driver_swallowed(store: SqliteStore) -> None:
-    queue = SwallowingQueue(store)
+async def test_close_stops_a_worker_whose_cancellation_a_driver_swallowed(sqlite_store: SqliteStore) -> None:
+    queue = SwallowingQueue(sqlite_store)
     leases = LeaseService(
-        store=store,
+        store=sqlite_store,
         revocations=queue,  # type: ignore[arg-type]
-        connections=store,
-        grants=store,
+        connections=sqlite_store,
+        grants=sqlite_store,
         keyring=Keyring(Kek(bytes(32))),
-        audit=AuditLog(store),
+        audit=AuditLog(sqlite_store),
         egress=EgressPolicy(EgressSettings()),
         clock=lambda: datetime.now(UTC),
     )

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -181,46 +179,44 @@ def record(connection_id: str = "conn_1") -> ConnectionRecord:
     )
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "m.db")
-    await s.open()
-    yield s
-    await s.close()
-
-
-async def rules(store: SqliteStore, tenant: str = "default") -> list[tuple[str, str]]:
-    events = await store.list_security_events(tenant, SecurityEventFilter(), 100, None)
+async def rules(sqlite_store: SqliteStore, tenant: str = "default") -> list[tuple[str, str]]:
+    events = await sqlite_store.list_security_events(tenant, SecurityEventFilter(), 100, None)
     return [(e.rule, e.action) for e in events]
 
 
-async def test_denied_burst_blocks_for_the_cool_down(store: SqliteStore) -> None:
+async def test_denied_burst_blocks_for_the_cool_down(sqlite_store: SqliteStore) -> None:
     clock = FakeClock()
     settings = MonitorSettings(denied_resolves=3, denied_window_seconds=10, block_seconds=30)
-    monitor = Monitor(store, store, store, clock, settings)
+    monitor = Monitor(sqlite_store, sqlite_store, sqlite_store, clock, settings)
     for _ in range(2):
         monitor.resolve_denied(call(), "conn_x", "no_grant", clock.advance(1))
     monitor.resolve_denied(call(), "conn_x", "principal_blocked", clock.advance(1))  # not probing
     await monitor.settle()
-    assert await rules(store) == []
+    assert await rules(sqlite_store) == []
     assert not monitor.blocked("default", EXECUTOR.spiffe_id, clock())
     monitor.resolve_denied(call(), "conn_x", "unknown_connection", clock.advance(1))
     await monitor.settle()
-    assert await rules(store) == [("denied_burst", "principal_blocked")]
+    assert await rules(sqlite_store) == [("denied_burst", "principal_blocked")]
     assert monitor.blocked("default", EXECUTOR.spiffe_id, clock.advance(29))
     assert not monitor.blocked("default", ADMIN.spiffe_id, clock())
     assert not monitor.blocked("default", EXECUTOR.spiffe_id, clock.advance(1))
 
 
-async def test_failed_tests_suspend_with_compare_and_swap(store: SqliteStore) -> None:
+async def test_failed_tests_suspend_with_compare_and_swap(sqlite_store: SqliteStore) -> None:
     clock = FakeClock()
     cache = ResolveCache(public_part=resolve_public_part)
     monitor = Monitor(
-        store, store, store, clock, MonitorSettings(failed_tests=2, failed_tests_window_seconds=60)
+        sqlite_store,
+        sqlite_store,
+        sqlite_store,
+        clock,
+        MonitorSettings(failed_tests=2, failed_tests_window_seconds=60),
     )
-    await store.watch(ReplicaChanges(cache, monitor, Recorder()))  # as the server does: the feed invalidates
+    await sqlite_store.watch(
+        ReplicaChanges(cache, monitor, Recorder())
+    )  # as the server does: the feed invalidates
     stored = record()
-    await store.create_connection(
+    await sqlite_store.create_connection(
         stored, AuditEvent(T0, "default", "t", "connection.create", Outcome.SUCCEEDED)
     )
     cache.put_connection(stored, cache.generation)
@@ -228,64 +224,66 @@ async def test_failed_tests_suspend_with_compare_and_swap(store: SqliteStore) ->
     clock.advance(70)  # the first failure leaves the window
     await monitor.test_finished(call(ADMIN), stored.id, True, "ok")
     await monitor.test_finished(call(ADMIN), stored.id, False, "auth_failed")
-    assert (await store.get_connection("default", stored.id)).suspended_at is None  # type: ignore[union-attr]
+    assert (await sqlite_store.get_connection("default", stored.id)).suspended_at is None  # type: ignore[union-attr]
     await monitor.test_finished(call(ADMIN), stored.id, False, "timeout")
-    after = await store.get_connection("default", stored.id)
+    after = await sqlite_store.get_connection("default", stored.id)
     assert after is not None and after.suspended_at == clock() and after.version == 2
     assert after.presented_status is ConnectionStatus.SUSPENDED
     assert cache.connection("default", stored.id) is None  # invalidated
-    (event,) = await store.list_security_events("default", SecurityEventFilter(), 10, None)
+    (event,) = await sqlite_store.list_security_events("default", SecurityEventFilter(), 10, None)
     assert (event.rule, event.action, event.severity) == ("failed_tests", "connection_suspended", "critical")
     assert event.details == {"count": "2", "window_seconds": "60", "last_category": "timeout"}
-    assert await store.list_security_events("other", SecurityEventFilter(), 10, None) == []
+    assert await sqlite_store.list_security_events("other", SecurityEventFilter(), 10, None) == []
 
     reinstated = await monitor.reinstate(call(ADMIN), stored.id, "false alarm")
     assert reinstated.suspended_at is None and reinstated.version == 3
-    assert reinstated == await store.get_connection("default", stored.id)
+    assert reinstated == await sqlite_store.get_connection("default", stored.id)
 
 
-async def test_new_principal_peer_is_remembered_across_restarts(store: SqliteStore) -> None:
+async def test_new_principal_peer_is_remembered_across_restarts(sqlite_store: SqliteStore) -> None:
     clock = FakeClock()
-    monitor = Monitor(store, store, store, clock)
+    monitor = Monitor(sqlite_store, sqlite_store, sqlite_store, clock)
     monitor.resolve_allowed(call(), "conn_a", clock())  # new principal, new peer: alert
     monitor.resolve_allowed(call(), "conn_b", clock())  # new principal for conn_b, known peer
     monitor.resolve_allowed(call(peer="ipv4:10.9.9.9:1"), "conn_a", clock())  # known pair, new peer
     await monitor.close()
-    assert await rules(store) == [("new_principal_peer", "alerted")]
+    assert await rules(sqlite_store) == [("new_principal_peer", "alerted")]
 
-    again = Monitor(store, store, store, clock)
+    again = Monitor(sqlite_store, sqlite_store, sqlite_store, clock)
     await again.open()
     again.resolve_allowed(call(peer="ipv4:10.9.9.9:2"), "conn_b", clock())
     again.resolve_allowed(call(peer="ipv4:10.0.0.5:3"), "conn_c", clock())
     await again.close()
-    assert len(await rules(store)) == 1
+    assert len(await rules(sqlite_store)) == 1
     again.resolve_allowed(call(peer="ipv4:172.16.0.1:3"), "conn_d", clock())
     await again.settle()
-    assert len(await rules(store)) == 2
+    assert len(await rules(sqlite_store)) == 2
 
 
-async def test_oauth_refresh_failures_alert_at_the_threshold(store: SqliteStore) -> None:
+async def test_oauth_refresh_failures_alert_at_the_threshold(sqlite_store: SqliteStore) -> None:
     clock = FakeClock()
-    monitor = Monitor(store, store, store, clock, MonitorSettings(oauth_refresh_failures=2))
+    monitor = Monitor(
+        sqlite_store, sqlite_store, sqlite_store, clock, MonitorSettings(oauth_refresh_failures=2)
+    )
     monitor.oauth_refresh_failed(record(), "invalid_client")
     await monitor.settle()
-    assert await rules(store) == []
+    assert await rules(sqlite_store) == []
     monitor.oauth_refresh_failed(record(), "server said: <b>no</b> token=abc")
     await monitor.settle()
-    (event,) = await store.list_security_events("default", SecurityEventFilter(), 10, None)
+    (event,) = await sqlite_store.list_security_events("default", SecurityEventFilter(), 10, None)
     assert event.rule == "oauth_refresh_failures" and event.connection_id == "conn_1"
     assert event.details["last_failure"] == "other"  # only a short, plain code is repeated
 
 
-async def test_wrong_role_alerts_once_per_window_and_blocks_nothing(store: SqliteStore) -> None:
+async def test_wrong_role_alerts_once_per_window_and_blocks_nothing(sqlite_store: SqliteStore) -> None:
     clock = FakeClock()
     settings = MonitorSettings(wrong_role=3, wrong_role_window_seconds=10)
-    monitor = Monitor(store, store, store, clock, settings)
+    monitor = Monitor(sqlite_store, sqlite_store, sqlite_store, clock, settings)
     for _ in range(50):  # a flood within one window: one event
         monitor.wrong_role(call(), "ListConnections", clock.advance(0.1))
     monitor.wrong_role(call(ADMIN), "Resolve", clock())  # another principal: its own count
     await monitor.settle()
-    (event,) = await store.list_security_events("default", SecurityEventFilter(), 10, None)
+    (event,) = await sqlite_store.list_security_events("default", SecurityEventFilter(), 10, None)
     assert (event.rule, event.principal, event.details["last_method"]) == (
         "wrong_role_burst",
         EXECUTOR.spiffe_id,
@@ -296,13 +294,15 @@ async def test_wrong_role_alerts_once_per_window_and_blocks_nothing(store: Sqlit
     for _ in range(3):
         monitor.wrong_role(call(), "GetConnection", clock.advance(0.1))
     await monitor.settle()
-    assert await rules(store) == [("wrong_role_burst", "alerted")] * 2
+    assert await rules(sqlite_store) == [("wrong_role_burst", "alerted")] * 2
 
 
-async def test_wrong_role_audit_keeps_one_window_per_principal_under_concurrency(store: SqliteStore) -> None:
+async def test_wrong_role_audit_keeps_one_window_per_principal_under_concurrency(
+    sqlite_store: SqliteStore,
+) -> None:
     clock = FakeClock()
-    audit = AuditLog(store, clock=clock)
-    monitor = Monitor(store, store, store, clock, MonitorSettings(wrong_role=0))
+    audit = AuditLog(sqlite_store, clock=clock)
+    monitor = Monitor(sqlite_store, sqlite_store, sqlite_store, clock, MonitorSettings(wrong_role=0))
     refusals = DenialAudit(audit, monitor, clock, per_window=4)
     method = "/broker.v1.AdminService/ListConnections"
     await asyncio.gather(*(refusals.wrong_role(call(), method) for _ in range(30)))
@@ -315,7 +315,7 @@ async def test_wrong_role_audit_keeps_one_window_per_principal_under_concurrency
     def actions(events: list[AuditEvent]) -> list[tuple[str, str, str]]:
         return [(e.action, e.actor.rpartition("/")[2], e.details.get("count", "")) for e in events]
 
-    events = await store.export_audit("default", AuditFilter(), 100, None)
+    events = await sqlite_store.export_audit("default", AuditFilter(), 100, None)
     assert actions(events) == [
         *[("rpc.denied", "demo", "")] * 4,
         ("rpc.denied", "cli", ""),
