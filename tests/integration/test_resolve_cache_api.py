@@ -3,8 +3,7 @@ serialised part, and a cache smaller than the working set still answers every ca
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -65,34 +64,29 @@ async def test_a_small_cache_evicts_and_still_answers_every_connection(
     assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_a_cache_miss_reads_the_record_and_the_callers_grant_together(
+async def test_a_cache_miss_reads_the_record_and_the_callers_grant_in_one_statement(
     running: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     admin, resolver = running.admin(), running.resolver()
     created = await admin.CreateConnection(db_request(name="warehouse", password="pw-1"))
     await admin.GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
     running.broker.services.cache.clear()
-    store = running.broker.store
-    read_connection, read_grant = store.get_connection, store.get_grant
-    grant_asked = asyncio.Event()
+    engine = running.broker.store.engine
     reads: list[str] = []
 
-    async def get_connection(tenant: str, connection_id: str) -> Any:
-        # Answers only once the grant was asked for: a miss that read one after the other would wait.
-        async with asyncio.timeout(5):
-            await grant_asked.wait()
-        reads.append("connection")
-        return await read_connection(tenant, connection_id)
+    def counted(read: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def fetch(sql: str, *args: Any) -> Any:
+            if "FROM connections" in sql or "FROM grants" in sql:
+                reads.append(sql)
+            return await read(sql, *args)
 
-    async def get_grant(tenant: str, connection_id: str, principal: str) -> Any:
-        grant_asked.set()
-        reads.append("grant")
-        return await read_grant(tenant, connection_id, principal)
+        return fetch
 
-    monkeypatch.setattr(store, "get_connection", get_connection)
-    monkeypatch.setattr(store, "get_grant", get_grant)
+    for name in ("fetch", "fetch_by_key"):
+        monkeypatch.setattr(engine, name, counted(getattr(engine, name)))
     answer = await resolver.Resolve(pb.ResolveRequest(connection_id=created.id))
-    assert dict(answer.secrets) == {"password": "pw-1"} and reads == ["grant", "connection"]
+    # A miss waits for one turn of the store, not one for the record and then one for the grant.
+    assert dict(answer.secrets) == {"password": "pw-1"} and len(reads) == 1
     # Both are cached now: the next Resolve reads neither.
     assert await resolver.Resolve(pb.ResolveRequest(connection_id=created.id)) == answer
-    assert reads == ["grant", "connection"]
+    assert len(reads) == 1

@@ -521,6 +521,33 @@ async def test_a_grant_keeps_its_mode_and_scope_and_a_put_replaces_them(store: S
     assert await store.get_grant(TENANT, conn.id, principal) == back
 
 
+async def test_a_connection_is_read_with_one_principals_grant_on_it(store: Store) -> None:
+    conn = await create(store)
+    other = await create(store, OTHER)
+    agent, someone = (
+        "spiffe://example.org/tenant/acme/executor/agent",
+        "spiffe://example.org/tenant/acme/executor/b",
+    )
+    scoped = make_grant(conn.id, agent, mode=GrantMode.PROXY, scope=GrantScope(("GET",), ("/v1/",), ()))
+    await store.put_grant(scoped, make_event(action="grant.put"))
+    await store.put_grant(make_grant(conn.id, someone), make_event(action="grant.put"))
+    await store.put_grant(make_grant(other.id, agent, tenant=OTHER), make_event(OTHER, action="grant.put"))
+
+    assert await store.get_connection_with_grant(TENANT, conn.id, agent) == (conn, scoped)
+    # Another principal's grant, a principal without one, another tenant's row: never mixed up.
+    assert await store.get_connection_with_grant(TENANT, conn.id, someone) == (
+        conn,
+        make_grant(conn.id, someone),
+    )
+    assert await store.get_connection_with_grant(TENANT, conn.id, "spiffe://x/none") == (conn, None)
+    assert await store.get_connection_with_grant(TENANT, other.id, agent) == (None, None)
+    assert await store.get_connection_with_grant(TENANT, "conn_missing", agent) == (None, None)
+    assert await store.get_connection_with_grant(OTHER, other.id, agent) == (
+        other,
+        make_grant(other.id, agent, tenant=OTHER),
+    )
+
+
 async def test_grant_for_unknown_connection_is_not_found(store: Store) -> None:
     with pytest.raises(NotFound, match="connection conn_missing not found"):
         await store.put_grant(make_grant("conn_missing", "spiffe://x"), make_event())
@@ -1224,6 +1251,30 @@ async def test_purge_leaves_no_wrapped_key_bytes_on_disk(sqlite_store: SqliteSto
     assert record.sealed.wrapped_dek not in content
     assert record.sealed.ciphertext not in content
     assert b"-CANARY-7f3a9c" not in content
+
+
+async def test_a_read_by_key_that_finds_the_database_busy_waits_on_the_readers_thread(
+    sqlite_store: SqliteStore, tmp_path: Path
+) -> None:
+    # Reads by key run on the event loop's thread with no lock timeout, so they never stop the
+    # loop: one that meets a lock is handed to the reader's thread, which waits (busy_timeout).
+    record = await create(sqlite_store)
+    locked = tmp_path / "locked.db"
+    holder = sqlite3.connect(locked, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    busy = sqlite3.connect(locked, isolation_level=None, timeout=0)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        busy.execute("SELECT * FROM t")  # what the inline connection meets on a busy database
+    engine = sqlite_store.engine
+    inline, engine._inline = engine._inline, busy  # type: ignore[attr-defined]
+    try:
+        assert await sqlite_store.get_connection(TENANT, record.id) == record
+        assert await sqlite_store.get_connection_with_grant(TENANT, record.id, "p") == (record, None)
+    finally:
+        engine._inline = inline  # type: ignore[attr-defined]
+        busy.close()
+        holder.close()
 
 
 async def test_migrations_are_recorded_and_idempotent(tmp_path: Path) -> None:

@@ -259,11 +259,10 @@ class Resolver:
                 _CACHE_HIT.inc()
                 return entry
             generation = cache.generation
-            # A record not cached has no cached grant either: read the caller's alongside it, so a
-            # miss waits for one turn of the store instead of two in a row.
-            record, grant = await asyncio.gather(
-                self._connections.get_connection(tenant, connection_id),
-                self._grants.get_grant(tenant, connection_id, principal),
+            # A record not cached has no cached grant either: the caller's is read with it, in one
+            # statement, so a miss waits for one turn of the store, not two in a row.
+            record, grant = await self._connections.get_connection_with_grant(
+                tenant, connection_id, principal
             )
             _CACHE_MISS.inc()
             if record is None:

@@ -71,7 +71,7 @@ class Access(EngineStore):
         return deleted > 0
 
     async def get_grant(self, tenant: str, connection_id: str, principal: str) -> Grant | None:
-        rows = await self._engine.fetch(_GRANT_BY_KEY, tenant, connection_id, principal)
+        rows = await self._engine.fetch_by_key(_GRANT_BY_KEY, tenant, connection_id, principal)
         return codec.GRANTS.from_row(rows[0]) if rows else None
 
     async def list_grants(

@@ -12,6 +12,7 @@ from broker.model import (
     ConnectionFilter,
     ConnectionRecord,
     ConnectionStatus,
+    Grant,
     McpTool,
     TestResult,
     TestStatus,
@@ -25,6 +26,17 @@ _TABLE = codec.CONNECTIONS
 # Resolve's reads on a cache miss: built once, so translated once.
 _BY_ID = _TABLE.select + " WHERE tenant = ? AND id = ?"
 _BY_LIVE_NAME = _TABLE.select + " WHERE tenant = ? AND name = ? AND deleted_at IS NULL"
+# The record and one principal's grant on it in one statement (one round trip on PostgreSQL); the
+# grant's columns come back as grant_<column>, NULL when there is none.
+_BY_ID_WITH_GRANT = (
+    "SELECT "  # noqa: S608 (names from the models' fields, never from input)
+    + ", ".join(f"c.{col} AS {col}" for col in _TABLE.columns)
+    + ", "
+    + ", ".join(f"g.{col} AS grant_{col}" for col in codec.GRANTS.columns)
+    + " FROM connections c LEFT JOIN grants g"
+    " ON g.tenant = c.tenant AND g.connection_id = c.id AND g.principal = ?"
+    " WHERE c.tenant = ? AND c.id = ?"
+)
 # What a replace writes. last_used_at is flushed out of band by `record_last_used`, which
 # leaves the version alone: a replace based on an older read must not move it backwards.
 # Test results are written only by `record_test_result`. `broker keys rewrap` re-wraps a
@@ -107,11 +119,23 @@ class Connections(EngineStore):
             raise
 
     async def get_connection(self, tenant: str, connection_id: str) -> ConnectionRecord | None:
-        rows = await self._engine.fetch(_BY_ID, tenant, connection_id)
+        rows = await self._engine.fetch_by_key(_BY_ID, tenant, connection_id)
         return _TABLE.from_row(rows[0]) if rows else None
 
+    async def get_connection_with_grant(
+        self, tenant: str, connection_id: str, principal: str
+    ) -> tuple[ConnectionRecord | None, Grant | None]:
+        rows = await self._engine.fetch_by_key(_BY_ID_WITH_GRANT, principal, tenant, connection_id)
+        if not rows:
+            return None, None
+        row = rows[0]
+        if row["grant_principal"] is None:
+            return _TABLE.from_row(row), None
+        grant = codec.GRANTS.from_row({col: row[f"grant_{col}"] for col in codec.GRANTS.columns})
+        return _TABLE.from_row(row), grant
+
     async def find_connection_by_name(self, tenant: str, name: str) -> ConnectionRecord | None:
-        rows = await self._engine.fetch(_BY_LIVE_NAME, tenant, name)
+        rows = await self._engine.fetch_by_key(_BY_LIVE_NAME, tenant, name)
         return _TABLE.from_row(rows[0]) if rows else None
 
     async def list_connections(

@@ -87,6 +87,11 @@ class Engine(Protocol):
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         """A read: one statement in autocommit."""
 
+    async def fetch_by_key(self, sql: str, *args: Any) -> list[Row]:
+        """`fetch` for a read of the few rows one key names through an index (what a Resolve cache
+        miss reads): an engine may run it on the caller's thread, where a hop to another costs
+        more than the read itself."""
+
     async def watch(self, sink: ChangeSink) -> None:
         """Hand committed changes to `sink` from now on: this process's, and other replicas'."""
 

@@ -105,6 +105,12 @@ class ConnectionStore(Protocol):
     async def get_connection(self, tenant: str, connection_id: str) -> ConnectionRecord | None:
         """The connection in any state (active, revoked, deleted, purged), or None."""
 
+    async def get_connection_with_grant(
+        self, tenant: str, connection_id: str, principal: str
+    ) -> tuple[ConnectionRecord | None, Grant | None]:
+        """`get_connection` and the principal's grant on it (`GrantStore.get_grant`), read together
+        (a Resolve cache miss needs both); (None, None) when there is no such connection."""
+
     async def find_connection_by_name(self, tenant: str, name: str) -> ConnectionRecord | None:
         """The live (not soft-deleted) connection with this name, or None."""
 

@@ -271,3 +271,6 @@ class PostgresEngine:
             return list(await pool.fetch(sql, *args))
         except _UNAVAILABLE as exc:
             raise Unavailable(_RETRY) from exc
+
+    # A read by key is a round trip like any other: asyncpg's own I/O runs on the event loop.
+    fetch_by_key = fetch
