@@ -248,3 +248,42 @@ def test_lease_commands_exit_statuses(dev_broker: DevBroker) -> None:
     assert unknown_connection.returncode == 1 and json.loads(unknown_connection.stderr)["code"] == "NOT_FOUND"
     queued, _ = dev_broker.ok("leases", "revoke", "--run-id", "nobody")
     assert queued == {"revoked": 0}
+
+
+def test_ungrant_all_cuts_a_principal_off_every_connection(dev_broker: DevBroker, tmp_path: Path) -> None:
+    other = "spiffe://broker.local/tenant/default/executor/other"
+    password = f"password=@{_write(tmp_path / 'pw', 'pw')}"
+    config = ["--type", "database", "--config", "driver=postgresql", "--config", "host=db.internal"]
+    config += ["--config", "database=app", "--config", "username=app", "--secret", password]
+    names = [f"cut-{i}" for i in range(3)]
+    for name in names:
+        dev_broker.ok("create", name, *config)
+        dev_broker.ok("grant", name, EXECUTOR)
+        assert dev_broker.ok("resolve", name)[0]["secrets"] == {"password": "pw"}
+    dev_broker.ok("grant", names[0], other)
+
+    cut = dev_broker.ctl("ungrant", "--all", EXECUTOR, json_output=False)
+    assert (cut.returncode, cut.stdout) == (
+        0,
+        f"{EXECUTOR} can no longer use any connection: removed 3 grants; its leases end with them\n",
+    )
+    for name in names:
+        refused = dev_broker.ctl("resolve", name)
+        assert refused.returncode == 1 and json.loads(refused.stderr)["code"] == "PERMISSION_DENIED"
+    assert "grants" not in dev_broker.ok("grants", "--principal", EXECUTOR)[0]  # none left
+    kept = dev_broker.ok("grants", "--principal", other)[0]["grants"]
+    assert [g["principal"] for g in kept] == [other]
+    audit = dev_broker.ok("audit", "--action", "grant.revoke")[0]["events"]
+    assert len(audit) == 3 and {e["details"]["every_connection"] for e in audit} == {"true"}
+
+    # Again: nothing left is no error, and a script reads the 0.
+    assert dev_broker.ok("ungrant", "--all", EXECUTOR)[0] == {"grants_removed": 0}
+    again = dev_broker.ctl("ungrant", "--all", EXECUTOR, json_output=False)
+    assert again.stdout == f"{EXECUTOR} held no grants; nothing removed\n"
+    # A malformed principal: the broker names the field; a connection with --all: usage.
+    bad = dev_broker.ctl("ungrant", "--all", "demo")
+    assert bad.returncode == 1
+    assert [v["field"] for v in json.loads(bad.stderr)["violations"]] == ["principal"]
+    both = dev_broker.ctl("ungrant", "--all", names[1], other)
+    assert both.returncode == 2 and json.loads(both.stderr)["code"] == "USAGE"
+    assert [g["principal"] for g in dev_broker.ok("grants")[0]["grants"]] == [other]

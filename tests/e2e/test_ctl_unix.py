@@ -153,7 +153,7 @@ def test_every_command_takes_an_id_or_a_name(dev_broker: DevBroker, tmp_path: Pa
     reauthorize = dev_broker.ctl("oauth", "reauthorize", "names-db", "--paste", stdin="")
     assert json.loads(reauthorize.stderr)["message"] == f"connection {first} is not an oauth2 connection"
     assert same("reinstate", "names-db", "--reason", "checked")["id"] == first
-    assert same("ungrant", "names-db", EXECUTOR) == {}
+    assert same("ungrant", "names-db", EXECUTOR) == {"grants_removed": 1}
     assert same("revoke", "names-db")["status"] == "CONNECTION_STATUS_REVOKED"
     audit = same("audit", "--connection", "names-db")["events"]
     assert {e["connection_id"] for e in audit} == {first}

@@ -148,10 +148,10 @@ async def create_granted(clients: Clients, name: str, password: str = OLD, on: i
     return str(created.id)
 
 
-async def answer(clients: Clients, index: int, connection_id: str) -> Answer:
-    """What Resolve on replica `index` says: the password, or the error's status code."""
+async def answer(clients: Clients, index: int, connection_id: str, principal: str = EXECUTOR) -> Answer:
+    """What Resolve on replica `index` says (to `principal`): the password, or the error's status code."""
     try:
-        reply = await clients.resolver(index).Resolve(
+        reply = await clients.resolver(index, principal).Resolve(
             pb.ResolveRequest(connection_id=connection_id), timeout=5
         )
     except grpc.aio.AioRpcError as exc:
@@ -171,12 +171,13 @@ async def until(
     before: Answer,
     since: float | None = None,
     limit: float = 3.0,
+    principal: str = EXECUTOR,
 ) -> float:
     """Poll replica `index` until it answers `wanted`; the seconds that took (counted from `since`, a
     `time.monotonic()`, or now). Until then every answer must be `before` (anything else is a bug)."""
     began = time.monotonic() if since is None else since
     while True:
-        got = await answer(clients, index, connection_id)
+        got = await answer(clients, index, connection_id, principal)
         elapsed = time.monotonic() - began
         if got == wanted:
             return elapsed
@@ -258,6 +259,38 @@ async def test_a_change_through_one_replica_reaches_resolve_on_the_others_within
     assert max(took) < SEEN_WITHIN, f"{change} through replica 0 not seen within {SEEN_WITHIN}s: {report}"
     for index in range(REPLICAS):  # and it stays seen
         assert await answer(clients, index, cid) == wanted
+
+
+async def test_a_principal_cut_off_through_one_replica_is_refused_by_every_replica_within_a_second(
+    clients: Clients,
+) -> None:
+    cut = "spiffe://broker.local/tenant/default/executor/compromised"
+    cids = [await create_granted(clients, f"cut-{i}") for i in range(3)]  # EXECUTOR's, kept
+    granting = clients.admin(2, new_admin("grant"))
+    for cid in cids:
+        await granting.GrantAccess(pb.GrantAccessRequest(connection_id=cid, principal=cut))
+    for index in range(REPLICAS):  # every replica has the answer cached
+        for cid in cids:
+            assert await answer(clients, index, cid, cut) == ok(OLD)
+
+    request = pb.RevokeAccessRequest(principal=cut, every_connection=True)
+    reply = await clients.admin(1, new_admin("cut")).RevokeAccess(request)
+    written = time.monotonic()
+    assert reply.grants_removed == len(cids)
+    for cid in cids:  # the replica that made the change knows at once...
+        assert await answer(clients, 1, cid, cut) == (DENIED.name, None)
+    took = await asyncio.gather(  # ...and the others within a second, on every connection
+        *(
+            until(clients, index, cid, (DENIED.name, None), before=ok(OLD), since=written, principal=cut)
+            for index in (0, 2)
+            for cid in cids
+        )
+    )
+    assert max(took) < SEEN_WITHIN, f"cut off not seen everywhere within {SEEN_WITHIN}s: {took}"
+    for index in range(REPLICAS):  # it stays seen, and the other executor keeps its grants
+        for cid in cids:
+            assert await answer(clients, index, cid, cut) == (DENIED.name, None)
+            assert await answer(clients, index, cid) == ok(OLD)
 
 
 # ------------------------------------------------------------------ b. one token request across replicas

@@ -57,7 +57,7 @@ from broker.store import _chain as chain
 from broker.store._migrate import load_migrations
 from broker.store.postgres import PostgresStore
 from broker.store.sqlite import SqliteStore
-from tests.helpers import no_seals
+from tests.helpers import Recorder, no_seals
 from tests.postgres_db import fresh_database, reset, shared_postgres, with_database  # noqa: F401 (fixture)
 
 T0 = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
@@ -500,6 +500,44 @@ async def test_grants_put_get_list_and_delete(store: Store) -> None:
         TENANT, "conn_missing", principals[1], make_event(action="grant.delete")
     )
     assert await audit_count(store) == events + 1
+
+
+async def test_every_grant_of_a_principal_goes_in_one_write_with_an_event_and_a_change_each(
+    store: Store,
+) -> None:
+    conns = [await create(store) for _ in range(3)]
+    theirs = await create(store, OTHER)
+    cut, kept = (
+        "spiffe://example.org/tenant/acme/executor/cut",
+        "spiffe://example.org/tenant/acme/executor/kept",
+    )
+    for conn in conns:
+        for principal in (cut, kept):
+            await store.put_grant(make_grant(conn.id, principal), make_event(action="grant.put"))
+    # The same principal text in another tenant's grant: never touched from this tenant.
+    await store.put_grant(make_grant(theirs.id, cut, tenant=OTHER), make_event(OTHER, action="grant.put"))
+    sink = Recorder()
+    await store.watch(sink)
+    events = await audit_count(store)
+
+    template = make_event(action="grant.revoke", connection_id="", details={"principal": cut})
+    removed = await store.delete_principal_grants(TENANT, cut, template)
+
+    assert removed == sorted(c.id for c in conns)
+    assert await store.list_grants(TENANT, GrantFilter(principal=cut), 100, None) == []
+    assert len(await store.list_grants(TENANT, GrantFilter(principal=kept), 100, None)) == 3
+    assert await store.get_grant(OTHER, theirs.id, cut) is not None
+    audit = await store.list_audit(TENANT, AuditFilter(action="grant.revoke"), 100, None)
+    assert sorted(e.connection_id for e in audit) == removed
+    assert all(e.details == {"principal": cut} for e in audit)
+    assert await audit_count(store) == events + 3
+    # Delivered before the call returned, one per grant, as `delete_grant` announces one
+    # (PostgreSQL's listener may repeat them later: harmless).
+    assert {("grant", TENANT, c, cut) for c in removed} <= set(sink.calls)
+
+    # None left: nothing removed, nothing written.
+    assert await store.delete_principal_grants(TENANT, cut, template) == []
+    assert await audit_count(store) == events + 3
 
 
 async def test_a_grant_keeps_its_mode_and_scope_and_a_put_replaces_them(store: Store) -> None:

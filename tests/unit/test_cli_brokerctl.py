@@ -207,6 +207,30 @@ def test_update_sends_only_what_was_given(fake: Any, monkeypatch: pytest.MonkeyP
     assert list(request.clear_secrets) == ["sslkey"] and request.etag == "3"
 
 
+def test_ungrant_all_asks_for_every_connection_and_never_names_one(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    principal = "spiffe://broker.local/tenant/default/executor/demo"
+    session = fake(RevokeAccess=[pb.RevokeAccessResponse(grants_removed=3), pb.RevokeAccessResponse()])
+    assert brokerctl.main(["ungrant", "--all", principal]) == 0
+    assert brokerctl.main(["ungrant", principal, "--all", "--json"]) == 0
+    requests = [request for _, request in session.admin.calls]
+    assert requests == [pb.RevokeAccessRequest(principal=principal, every_connection=True)] * 2
+    text, json_line = capsys.readouterr().out.splitlines()
+    assert text == f"{principal} can no longer use any connection: removed 3 grants; its leases end with them"
+    assert json.loads(json_line) == {"grants_removed": 0}  # written out, although proto3 JSON drops 0
+    # One connection and --all, or neither: a usage error, and nothing is called.
+    session = fake()
+    assert brokerctl.main(["ungrant", "--all", ID1, principal]) == 2
+    assert brokerctl.main(["ungrant", principal]) == 2
+    assert session.admin.calls == []
+    usage = capsys.readouterr().err.splitlines()
+    assert usage == [
+        "brokerctl: error: ungrant --all takes the principal only, not a connection",
+        "brokerctl: error: ungrant needs ID_OR_NAME and PRINCIPAL, or --all PRINCIPAL",
+    ]
+
+
 def test_update_clear_labels_sends_an_empty_label_set(fake: Any) -> None:
     session = fake(UpdateConnection=connection())
     assert brokerctl.main(["update", ID1, "--clear-labels"]) == 0

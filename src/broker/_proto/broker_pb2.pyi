@@ -402,16 +402,20 @@ class GrantAccessRequest(_message.Message):
     def __init__(self, connection_id: _Optional[str] = ..., principal: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mode: _Optional[_Union[GrantMode, str]] = ..., scope: _Optional[_Union[GrantScope, _Mapping]] = ...) -> None: ...
 
 class RevokeAccessRequest(_message.Message):
-    __slots__ = ("connection_id", "principal")
+    __slots__ = ("connection_id", "principal", "every_connection")
     CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
     PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    EVERY_CONNECTION_FIELD_NUMBER: _ClassVar[int]
     connection_id: str
     principal: str
-    def __init__(self, connection_id: _Optional[str] = ..., principal: _Optional[str] = ...) -> None: ...
+    every_connection: bool
+    def __init__(self, connection_id: _Optional[str] = ..., principal: _Optional[str] = ..., every_connection: _Optional[bool] = ...) -> None: ...
 
 class RevokeAccessResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("grants_removed",)
+    GRANTS_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    grants_removed: int
+    def __init__(self, grants_removed: _Optional[int] = ...) -> None: ...
 
 class ListGrantsRequest(_message.Message):
     __slots__ = ("connection_id", "principal", "page_size", "page_token")

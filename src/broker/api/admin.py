@@ -144,8 +144,13 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
         return convert.grant(grant)
 
     async def RevokeAccess(self, request: pb.RevokeAccessRequest, context: Any) -> Any:
-        await self._access.revoke(current_call(), request.connection_id, request.principal)
-        return pb.RevokeAccessResponse()
+        removed = await self._access.revoke(
+            current_call(),
+            request.connection_id,
+            request.principal,
+            every_connection=request.every_connection,
+        )
+        return pb.RevokeAccessResponse(grants_removed=removed)
 
     async def ListGrants(self, request: pb.ListGrantsRequest, context: Any) -> Any:
         filter = GrantFilter(connection_id=request.connection_id, principal=request.principal)

@@ -17,6 +17,7 @@ examples:
       --config host=db.internal --config database=orders --config username=app --secret password
   brokerctl list --label team=payments
   brokerctl grant orders-db spiffe://broker.local/tenant/default/executor/demo --expires-in 7d
+  brokerctl ungrant --all spiffe://broker.local/tenant/default/executor/demo
   brokerctl audit --connection orders-db --since 1h
   brokerctl audit verify
   brokerctl audit export --since 30d > audit.jsonl
@@ -178,9 +179,18 @@ def build_parser(*, raising: bool = False) -> argparse.ArgumentParser:
     )
     scope.add_argument("--tool", action="append", default=[], help="an MCP tool name")
 
-    p = command("ungrant", "Take a grant away.")
-    _add_ref(p)
-    p.add_argument("principal")
+    p = command(
+        "ungrant",
+        "Take a grant away; with --all, every grant of the principal at once (a leaked certificate"
+        " or a compromised executor), its leases ending with them.",
+    )
+    p.usage = "brokerctl ungrant [options] ID_OR_NAME PRINCIPAL | --all PRINCIPAL"
+    # Optional only so that `--all PRINCIPAL` parses; `_ungrant` insists on exactly one of the two.
+    p.add_argument("ref", nargs="?", metavar="ID_OR_NAME", help="a connection's id or its name")
+    p.add_argument("principal", metavar="PRINCIPAL", help="the executor's SPIFFE id")
+    p.add_argument(
+        "--all", action="store_true", help="remove the principal's grants on every connection (no ID_OR_NAME)"
+    )
 
     p = command("grants", "List grants; STATE says which have expired.")
     p.add_argument("--connection", default="", metavar="ID_OR_NAME")

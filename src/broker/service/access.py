@@ -75,8 +75,13 @@ class AccessService:
         await self._grants.put_grant(grant, event)
         return grant
 
-    async def revoke(self, call: Call, connection_id: str, principal: str) -> None:
-        """Remove a grant; NOT_FOUND when there was none."""
+    async def revoke(
+        self, call: Call, connection_id: str, principal: str, *, every_connection: bool = False
+    ) -> int:
+        """Remove a grant (NOT_FOUND when there was none), or with `every_connection` every grant
+        of the principal in the caller's tenant; how many were removed."""
+        if every_connection:
+            return await self._revoke_everywhere(call, connection_id, principal)
         if not connection_id:
             raise InvalidArgument.field("connection_id", "is required")
         if not principal:
@@ -87,6 +92,24 @@ class AccessService:
         )
         if not await self._grants.delete_grant(call.tenant, connection_id, principal, event):
             raise NotFound(f"no grant of connection {shown_id(connection_id)} to that principal")
+        return 1
+
+    async def _revoke_everywhere(self, call: Call, connection_id: str, principal: str) -> int:
+        """Cut a principal off (its certificate or machine is compromised): every grant in one
+        transaction, none of another tenant's. None at all is success (0): the call can be repeated.
+        The change feed takes each grant out of every replica's Resolve cache and queues the
+        principal's leases on that connection, exactly as that many single revocations would."""
+        if connection_id:
+            raise InvalidArgument.field("connection_id", "must be empty with every_connection")
+        # The rules a grantee was checked against when granted (an executor of the caller's
+        # tenant), so a mistyped principal is an error rather than a silent "0 removed".
+        self._check_grantee(call, principal)
+        # One event per grant, as a single revocation writes: the connection's own audit trail
+        # shows who lost access; `every_connection` tells the two kinds of revocation apart.
+        event = call.audit_event(
+            self._clock(), "grant.revoke", "", details={"principal": principal, "every_connection": "true"}
+        )
+        return len(await self._grants.delete_principal_grants(call.tenant, principal, event))
 
     async def list(
         self, call: Call, filter: GrantFilter, page_size: int, page_token: str

@@ -70,6 +70,22 @@ class Access(EngineStore):
         )
         return deleted > 0
 
+    async def delete_principal_grants(self, tenant: str, principal: str, event: AuditEvent) -> list[str]:
+        async with self._engine.transaction() as tx:
+            rows = await tx.fetch(
+                "DELETE FROM grants WHERE tenant = ? AND principal = ? RETURNING connection_id",
+                tenant,
+                principal,
+            )
+            removed = sorted(str(row["connection_id"]) for row in rows)
+            # What a single delete_grant says, once per grant: every replica's cache and lease
+            # service hear exactly what they would from that many ungrants.
+            for connection_id in removed:
+                await tx.changed(changes.grant_changed(tenant, connection_id, principal))
+            if removed:
+                await self._insert_audit(tx, [replace(event, connection_id=c) for c in removed])
+        return removed
+
     async def get_grant(self, tenant: str, connection_id: str, principal: str) -> Grant | None:
         rows = await self._engine.fetch_by_key(_GRANT_BY_KEY, tenant, connection_id, principal)
         return codec.GRANTS.from_row(rows[0]) if rows else None

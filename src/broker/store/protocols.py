@@ -179,6 +179,11 @@ class GrantStore(Protocol):
     async def delete_grant(self, tenant: str, connection_id: str, principal: str, event: AuditEvent) -> bool:
         """Delete one grant and write `event`; False (and nothing written) when there was none."""
 
+    async def delete_principal_grants(self, tenant: str, principal: str, event: AuditEvent) -> list[str]:
+        """Delete every grant of `principal` in `tenant` in one transaction, writing `event` once per
+        grant with that grant's connection id; the connection ids, sorted ([] and nothing written
+        when there were none). Each grant's change is announced as `delete_grant` announces one."""
+
     async def get_grant(self, tenant: str, connection_id: str, principal: str) -> Grant | None:
         """The grant, expired or not, or None."""
 
