@@ -79,7 +79,7 @@ from broker.service import (
     Resolver,
     TestingService,
     parse_target,
-    rebind_unbound,
+    rebind_legacy,
     utc_now,
     verify_keyring,
 )
@@ -357,8 +357,8 @@ class Broker:
         await self.store.open()
         try:
             await verify_keyring(self.store, keyring)
-            # Before any listener opens: rows sealed before the destination binding are re-sealed.
-            await rebind_unbound(self.store, self.store, keyring, self._clock)
+            # Before any listener opens: rows sealed in an older format are re-sealed in the current one.
+            await rebind_legacy(self.store, self.store, keyring, self._clock)
             self.services = services = build_services(settings, self.store, keyring, self._clock)
             await services.monitor.open()
             await self.store.watch(services.changes)

@@ -4,7 +4,8 @@ Someone with write access to the database but not the master key re-points a sea
 row at their own listener: every path that would open the secret fails closed as
 decrypt_failed (DATA_LOSS, audited) and nothing ever connects to the new destination.
 Legitimate changes (updates, token refresh, rotation) keep working, and rows sealed
-before the binding (format 1) are re-sealed at start.
+before the binding (format 1) are re-sealed at start. How the secret travels (TLS, CA,
+driver options) is bound too: tests/integration/test_transport_binding.py.
 """
 
 from __future__ import annotations
@@ -307,7 +308,7 @@ async def test_legitimate_changes_re_seal_and_keep_working(
     assert resolved.config["url"] == upstream + "/new" and resolved.secret_version == 2
     assert (await admin.TestConnection(pb.TestConnectionRequest(id=http.id))).success
 
-    # All of it survives a restart (the start-up pass leaves format-2 rows alone).
+    # All of it survives a restart (the start-up pass leaves rows of the current format alone).
     await stop(running)
     running = await start()
     try:
@@ -355,7 +356,7 @@ async def test_rows_sealed_before_the_binding_are_re_sealed_at_start_then_bound(
             "SELECT ciphertext, secret_version FROM connections WHERE id = ?", (http.id,)
         ).fetchone()
         db.close()
-        assert ciphertext[0] == 2 and version == 1  # re-sealed, same secret version
+        assert ciphertext[0] == 3 and version == 1  # re-sealed in the current format, same secret version
         resolved = await running.resolver().Resolve(pb.ResolveRequest(connection_id=http.id))
         assert resolved.secrets["token"] == TOKEN
         events = await running.admin().ListAuditEvents(pb.ListAuditEventsRequest(action="connection.rebind"))

@@ -224,6 +224,22 @@ def test_registry_check_refuses_inconsistent_data() -> None:
         _check_type(dataclasses.replace(base, rules=(forbid("port", when=(is_("host", "x"),)),)))
 
 
+@pytest.mark.parametrize("name", ["ssl", "ssl_ca", "tls_mode", "client_ca", "encryption"])
+def test_a_field_that_says_how_the_wire_is_secured_must_be_marked_transport(name: str) -> None:
+    """Forgetting the mark would leave it out of the digest bound into the ciphertext."""
+    base = get_type("ssh")
+    unmarked = FieldSpec(name, FieldKind.STRING)
+    fields = (*(f for f in base.fields if f.name != name), unmarked)
+    with pytest.raises(ValueError, match="transport field"):
+        _check_type(dataclasses.replace(base, fields=fields))
+    _check_type(
+        dataclasses.replace(base, fields=(*fields[:-1], dataclasses.replace(unmarked, transport=True)))
+    )
+    with pytest.raises(ValueError, match="transport field"):
+        both = dataclasses.replace(unmarked, transport=True, destination=True)
+        _check_type(dataclasses.replace(base, fields=(*fields[:-1], both)))
+
+
 # ------------------------------------------------------------------------- every type
 
 

@@ -17,10 +17,14 @@ from broker.catalog import destination_digest, destination_fields
 from broker.crypto import Binding, DecryptionFailed, Kek, KeyError_, Keyring, Sealed
 
 _VECTOR_DIR = Path(__file__).parent.parent / "vectors"
-# Format 1 (no destination bound): still opened, for the migration, but never written.
+# Formats 1 (no destination bound) and 2 (destination digest v1): still opened, for the
+# migration, but never written.
 V1_VECTORS = json.loads((_VECTOR_DIR / "envelope_v1.json").read_text())["cases"]
-VECTORS = json.loads((_VECTOR_DIR / "envelope_v2.json").read_text())["cases"]
-ALL_VECTORS = [*V1_VECTORS, *VECTORS]
+V2_VECTORS = json.loads((_VECTOR_DIR / "envelope_v2.json").read_text())["cases"]
+VECTORS = json.loads((_VECTOR_DIR / "envelope_v3.json").read_text())["cases"]
+ALL_VECTORS = [*V1_VECTORS, *V2_VECTORS, *VECTORS]
+# The destination digest version each format's vectors name.
+DIGESTS = [*((1, case) for case in V2_VECTORS), *((2, case) for case in VECTORS)]
 
 
 def det_random(seed: bytes) -> Callable[[int], bytes]:
@@ -62,7 +66,7 @@ def test_seal_reproduces_vector(case: dict[str, object]) -> None:
 @pytest.mark.parametrize("case", VECTORS, ids=lambda c: c["description"])
 def test_open_vector(case: dict[str, object]) -> None:
     keyring, binding, sealed = vector_parts(case)
-    assert sealed.format_version == crypto.FORMAT_VERSION == 2
+    assert sealed.format_version == crypto.FORMAT_VERSION == 3
     assert crypto.open(keyring, sealed, binding) == bytes.fromhex(str(case["plaintext"]))
 
 
@@ -73,33 +77,61 @@ def test_format_1_opens_only_when_unbound_is_accepted(case: dict[str, object]) -
     with pytest.raises(DecryptionFailed):
         crypto.open(keyring, sealed, binding)
     plaintext = bytes.fromhex(str(case["plaintext"]))
-    assert crypto.open(keyring, sealed, binding, accept_unbound=True) == plaintext
+    assert crypto.open(keyring, sealed, binding, formats=(1,)) == plaintext
     # Format 1 binds no destination: whatever the caller names is not checked.
     elsewhere = dataclasses.replace(binding, destination=b"\xff" * 32)
-    assert crypto.open(keyring, sealed, elsewhere, accept_unbound=True) == plaintext
+    assert crypto.open(keyring, sealed, elsewhere, formats=(1,)) == plaintext
     # Rotation keeps the format: the re-wrapped key is still format 1 and opens the same way.
     rotated = Keyring(Kek(bytes(range(32))), older=[keyring.active])
     rewrapped = crypto.rewrap(rotated, sealed, binding)
     assert rewrapped.wrapped_dek[0] == rewrapped.format_version == 1
-    assert crypto.open(rotated, rewrapped, binding, accept_unbound=True) == plaintext
+    assert crypto.open(rotated, rewrapped, binding, formats=(1,)) == plaintext
 
 
-@pytest.mark.parametrize("case", VECTORS, ids=lambda c: c["description"])
-def test_destination_digest_matches_vector(case: dict[str, object]) -> None:
-    """The digest is pinned: a change to it would make every stored row fail to open."""
+@pytest.mark.parametrize("case", V2_VECTORS, ids=lambda c: c["description"])
+def test_format_2_opens_only_when_asked_for_and_still_binds_its_destination(case: dict[str, object]) -> None:
+    keyring, binding, sealed = vector_parts(case)
+    assert sealed.format_version == 2
+    with pytest.raises(DecryptionFailed):
+        crypto.open(keyring, sealed, binding)
+    plaintext = bytes.fromhex(str(case["plaintext"]))
+    assert crypto.open(keyring, sealed, binding, formats=(2,)) == plaintext
+    assert crypto.open(keyring, sealed, binding, formats=crypto.FORMATS) == plaintext
+    # Unlike format 1, the destination it was sealed with is checked.
+    elsewhere = dataclasses.replace(binding, destination=b"\xff" * 32)
+    with pytest.raises(DecryptionFailed):
+        crypto.open(keyring, sealed, elsewhere, formats=(2,))
+    rotated = Keyring(Kek(bytes(range(32))), older=[keyring.active])
+    rewrapped = crypto.rewrap(rotated, sealed, binding)
+    assert rewrapped.wrapped_dek[0] == rewrapped.format_version == 2
+    assert crypto.open(rotated, rewrapped, binding, formats=(2,)) == plaintext
+
+
+@pytest.mark.parametrize(
+    ("version", "case"), DIGESTS, ids=lambda c: c if isinstance(c, int) else c["description"]
+)
+def test_destination_digest_matches_vector(version: int, case: dict[str, object]) -> None:
+    """The digests are pinned: a change to one would make every row sealed with it fail to open."""
     where = case["destination_of"]
     if where is None:
         assert case["destination"] == ""
         return
     assert isinstance(where, dict)
-    digest = destination_digest(where["type"], where["provider"], where["config"])
+    digest = destination_digest(where["type"], where["provider"], where["config"], version)
     assert digest.hex() == case["destination"]
     # An independent computation of what broker/catalog/_destination.py documents.
     fields = destination_fields(where["type"])
+    if version == 2:
+        fields += TRANSPORT_FIELDS.get(where["type"], ())
     chosen = where["config"] if where["type"] == "custom" else {f: where["config"].get(f) for f in fields}
     doc = {"config": chosen, "provider": where["provider"], "type": where["type"]}
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    assert hashlib.sha256(b"broker.destination.v1\n" + canonical.encode()).hexdigest() == case["destination"]
+    domain = f"broker.destination.v{version}\n".encode()
+    assert hashlib.sha256(domain + canonical.encode()).hexdigest() == case["destination"]
+
+
+# What decides how a secret travels to its destination, per type (digest version 2 binds them too).
+TRANSPORT_FIELDS = {"database": ("ssl", "ssl_ca", "options"), "smtp": ("encryption", "ssl_ca")}
 
 
 @pytest.mark.parametrize("case", ALL_VECTORS, ids=lambda c: f"v{c['ciphertext'][:2]} {c['description']}")
@@ -108,7 +140,7 @@ def test_vector_opens_with_plain_aes_gcm(case: dict[str, object]) -> None:
     kek = bytes.fromhex(str(case["kek"]))
     wrapped = bytes.fromhex(str(case["wrapped_dek"]))
     ciphertext = bytes.fromhex(str(case["ciphertext"]))
-    assert wrapped[0] == ciphertext[0] in (1, 2)
+    assert wrapped[0] == ciphertext[0] in (1, 2, 3)
     dek = AESGCM(kek).decrypt(wrapped[1:13], wrapped[13:], bytes.fromhex(str(case["dek_aad"])))
     plain = AESGCM(dek).decrypt(ciphertext[1:13], ciphertext[13:], bytes.fromhex(str(case["secret_aad"])))
     assert plain == bytes.fromhex(str(case["plaintext"]))
@@ -167,12 +199,15 @@ def test_bound_to_its_row(keyring: Keyring, other: Binding) -> None:
         crypto.open(keyring, sealed, other)
 
 
-def test_relabelling_as_format_1_does_not_drop_the_destination(keyring: Keyring) -> None:
-    """A downgrade: both version bytes set to 1 (no destination bound) must not open, even unbound."""
+@pytest.mark.parametrize("older", [1, 2])
+def test_relabelling_as_an_older_format_does_not_drop_what_it_binds(keyring: Keyring, older: int) -> None:
+    """A downgrade: both version bytes set to an older format's must not open, even when that
+    format is accepted (format 2 has the same layout: only the version byte differs)."""
     sealed = crypto.seal(keyring, b"secret", BINDING)
-    relabelled = Sealed(b"\x01" + sealed.ciphertext[1:], b"\x01" + sealed.wrapped_dek[1:], sealed.kek_id)
+    prefix = bytes([older])
+    relabelled = Sealed(prefix + sealed.ciphertext[1:], prefix + sealed.wrapped_dek[1:], sealed.kek_id)
     with pytest.raises(DecryptionFailed):
-        crypto.open(keyring, relabelled, BINDING, accept_unbound=True)
+        crypto.open(keyring, relabelled, BINDING, formats=crypto.FORMATS)
 
 
 def test_swapped_ciphertexts_between_rows_fail(keyring: Keyring) -> None:

@@ -10,7 +10,8 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from broker import crypto
-from broker.catalog import destination_digest, destination_fields
+from broker.catalog import destination_digest, destination_fields, list_types
+from broker.catalog._destination import bound_fields
 from broker.crypto import DecryptionFailed, Kek, Keyring
 from broker.errors import SecretUnavailable
 from broker.model import ConnectionRecord, ConnectionStatus
@@ -45,20 +46,54 @@ def test_the_catalog_marks_where_secrets_are_sent() -> None:
     assert destination_fields("custom") == destination_fields("aws") == ()
 
 
+def test_the_catalog_marks_how_secrets_travel() -> None:
+    """Digest version 2 also covers what decides whether the wire is encrypted and whom the broker
+    trusts at the far end; every other type has no such field."""
+    assert bound_fields("database") == ("driver", "host", "port", "ssl", "ssl_ca", "options")
+    assert bound_fields("smtp") == ("host", "port", "encryption", "ssl_ca")
+    for ctype in list_types():
+        if ctype.name not in ("database", "smtp"):
+            assert bound_fields(ctype.name) == destination_fields(ctype.name), ctype.name
+        assert bound_fields(ctype.name, 1) == destination_fields(ctype.name)
+
+
+PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+
 @pytest.mark.parametrize(
     ("changed", "moves"),
     [
         ({"host": "evil.example"}, True),
         ({"port": 6432}, True),
         ({"driver": "mysql"}, True),
+        ({"ssl": False}, True),
+        ({"ssl_ca": PEM}, True),
+        ({"options": {"sslmode": "disable"}}, True),
         ({"username": "other"}, False),
-        ({"ssl": False}, False),
+        ({"database": "other"}, False),
     ],
 )
-def test_the_digest_covers_destination_fields_only(changed: dict[str, Any], moves: bool) -> None:
-    base = {"driver": "postgresql", "host": "db.internal", "port": 5432, "username": "app"}
+def test_the_digest_covers_destination_and_transport_fields_only(
+    changed: dict[str, Any], moves: bool
+) -> None:
+    base = {"driver": "postgresql", "host": "db.internal", "port": 5432, "username": "app", "ssl": True}
     before = destination_digest("database", "", base)
     assert (destination_digest("database", "", {**base, **changed}) != before) is moves
+    # Digest version 1 (envelope format 2) covered where only: a change of how stays unseen there.
+    where_moved = any(name in changed for name in ("host", "port", "driver"))
+    assert (
+        destination_digest("database", "", {**base, **changed}, 1)
+        != destination_digest("database", "", base, 1)
+    ) is where_moved
+
+
+@pytest.mark.parametrize(
+    "changed", [{"encryption": "none"}, {"encryption": "ssl"}, {"ssl_ca": PEM}, {"ssl_ca": "/etc/evil.pem"}]
+)
+def test_smtp_encryption_and_ca_move_the_digest(changed: dict[str, Any]) -> None:
+    base = {"host": "mail.example", "port": 587, "encryption": "tls", "username": "u"}
+    assert destination_digest("smtp", "", {**base, **changed}) != destination_digest("smtp", "", base)
+    assert destination_digest("smtp", "", {**base, "username": "v"}) == destination_digest("smtp", "", base)
 
 
 def test_the_digest_names_type_and_provider_and_missing_fields() -> None:
@@ -86,32 +121,64 @@ def test_a_record_carries_its_digest_and_recomputes_it_on_change() -> None:
     assert "destination" not in repr(r)
 
 
-def test_only_the_bound_destination_opens() -> None:
+@pytest.mark.parametrize(
+    "changed",
+    [{"host": "evil.example"}, {"ssl": False}, {"ssl_ca": PEM}, {"options": {"sslmode": "disable"}}],
+    ids=["host", "ssl", "ssl_ca", "options"],
+)
+def test_only_the_bound_destination_opens(changed: dict[str, Any]) -> None:
     r = record()
     assert sealing.open_secrets(KEYRING, r).reveal() == {"password": "pw"}
-    moved = dataclasses.replace(r, config={**r.config, "host": "evil.example"})
+    moved = dataclasses.replace(r, config={**r.config, **changed})
     with pytest.raises(SecretUnavailable):
         sealing.open_secrets(KEYRING, moved)
 
 
-def test_format_1_rows_open_only_for_the_migration() -> None:
-    r = record()
+def test_each_format_binds_the_digest_it_says_and_the_current_one_is_the_records() -> None:
+    assert sealing.DIGEST_OF_FORMAT[crypto.FORMAT_VERSION] == 2  # catalog's current digest version
+    assert set(sealing.DIGEST_OF_FORMAT) == set(crypto.FORMATS)
+    assert sealing.LEGACY_FORMATS == (1, 2)
+    r = record(ssl=True, ssl_ca=PEM, driver="postgresql", host="db.internal", port=5432)
+    assert r.destination == destination_digest(r.type, r.provider, r.config, 2)
+
+
+def sealed_as(version: int, r: ConnectionRecord, destination: bytes = b"") -> ConnectionRecord:
+    """`r` with its secrets sealed the way an older broker did, in format `version`."""
     old = crypto.envelope
-    binding = r.binding
+    binding = dataclasses.replace(r.binding, destination=destination)
     dek = bytes(32)
     nonce = bytes(12)
-    ciphertext = (
-        b"\x01" + nonce + AESGCM(dek).encrypt(nonce, b'{"password":"pw"}', old.secret_aad(binding, 1))
-    )
+    prefix = bytes([version])
+    aad = old.secret_aad(binding, version)
+    ciphertext = prefix + nonce + AESGCM(dek).encrypt(nonce, b'{"password":"pw"}', aad)
     wrapped = (
-        b"\x01"
+        prefix
         + nonce
-        + AESGCM(bytes(range(32))).encrypt(nonce, dek, old.dek_aad(KEYRING.active.id, binding, 1))
+        + AESGCM(bytes(range(32))).encrypt(nonce, dek, old.dek_aad(KEYRING.active.id, binding, version))
     )
-    v1 = dataclasses.replace(r, sealed=crypto.Sealed(ciphertext, wrapped, KEYRING.active.id))
+    return dataclasses.replace(r, sealed=crypto.Sealed(ciphertext, wrapped, KEYRING.active.id))
+
+
+def test_format_1_rows_open_only_for_the_migration() -> None:
+    v1 = sealed_as(1, record())
     with pytest.raises(SecretUnavailable):
         sealing.open_secrets(KEYRING, v1)
-    assert sealing.open_secrets(KEYRING, v1, accept_unbound=True).reveal() == {"password": "pw"}
+    assert sealing.open_legacy_secrets(KEYRING, v1).reveal() == {"password": "pw"}
+
+
+def test_format_2_rows_open_only_for_the_migration_with_the_digest_they_were_sealed_with() -> None:
+    r = record(driver="postgresql", host="db.internal", port=5432, ssl=True)
+    v2 = sealed_as(2, r, destination_digest(r.type, r.provider, r.config, 1))
+    with pytest.raises(SecretUnavailable):
+        sealing.open_secrets(KEYRING, v2)
+    assert sealing.open_legacy_secrets(KEYRING, v2).reveal() == {"password": "pw"}
+    # Format 2 bound where the secret goes: a host changed before the upgrade does not open ...
+    moved = dataclasses.replace(v2, config={**r.config, "host": "evil.example"})
+    with pytest.raises(SecretUnavailable):
+        sealing.open_legacy_secrets(KEYRING, moved)
+    # ... and a row of the current format is never opened as a legacy one.
+    with pytest.raises(SecretUnavailable):
+        sealing.open_legacy_secrets(KEYRING, r)
 
 
 @pytest.mark.parametrize("value", ["text", 12345, 1 << 40, None, b""])

@@ -6,11 +6,16 @@ field would reject) fails at import, not on the first request that happens to hi
 
 from __future__ import annotations
 
+import re
+
 from broker.catalog._accounts import ACCOUNT_TYPES
 from broker.catalog._services import SERVICE_TYPES
 from broker.catalog._spec import PROVIDER, ConnectionType, FieldKind, Problem
 from broker.catalog._values import parse
 from broker.errors import InvalidArgument
+
+# Names that say how the wire is secured: forgetting the `transport` mark would leave them unbound.
+_TRANSPORT_NAME = re.compile(r"(ssl|tls)(_\w+)?|\w+_ca|encryption")
 
 
 def _check_type(ctype: ConnectionType) -> None:
@@ -32,6 +37,10 @@ def _check_type(ctype: ConnectionType) -> None:
         # A URL says where something is sent: forgetting the mark would leave it unbound.
         if (spec.kind is FieldKind.URL and not spec.destination) or (spec.secret and spec.destination):
             raise fail(f"{spec.name}: a URL is a destination field, a secret never is")
+        if spec.transport and (spec.secret or spec.destination):
+            raise fail(f"{spec.name}: a transport field is neither a secret nor a destination field")
+        if _TRANSPORT_NAME.fullmatch(spec.name) and not spec.transport and not spec.secret:
+            raise fail(f"{spec.name}: says how the wire is secured, so it is a transport field")
     derived = {d.field for d in ctype.defaults}
     conds = [c for r in ctype.rules for c in r.when] + [c for d in ctype.defaults for c in d.when]
     for cond in conds:

@@ -161,11 +161,17 @@ DATABASE = ConnectionType(
             FieldKind.BOOLEAN,
             default=True,
             description="Use TLS; defaults to false for localhost, 127.0.0.1, ::1 and sqlite, else true.",
+            transport=True,
         ),
         FieldSpec(
-            "ssl_ca", FieldKind.STRING, description="CA certificate (PEM) or its path, to verify the server."
+            "ssl_ca",
+            FieldKind.STRING,
+            description="CA certificate (PEM) or its path, to verify the server.",
+            transport=True,
         ),
-        FieldSpec("options", FieldKind.STRING_MAP, description="Extra driver connection options."),
+        FieldSpec(
+            "options", FieldKind.STRING_MAP, description="Extra driver connection options.", transport=True
+        ),
         *_DYNAMIC_FIELDS,
     ),
     rules=(
@@ -233,11 +239,13 @@ SMTP = ConnectionType(
             default="tls",
             choices=("tls", "ssl", "none"),
             description="tls (STARTTLS), ssl (implicit TLS) or none.",
+            transport=True,
         ),
         FieldSpec(
             "ssl_ca",
             FieldKind.STRING,
             description="CA certificate (PEM) or its path, to verify the server; default: the system CAs.",
+            transport=True,
         ),
     ),
     defaults=(

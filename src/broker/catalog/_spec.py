@@ -46,6 +46,10 @@ class FieldSpec:
     kind (ranges, formats); it is not part of the API's view of the field. `destination`
     marks a field that says where the secrets are sent (a URL, host, port, driver): a
     change to it needs the secrets again, and its value is bound into their ciphertext.
+    `transport` marks a field that says how they travel there (whether the wire is
+    encrypted, which CA vouches for the server, driver options): its value is bound into
+    the ciphertext too, so a row whose TLS was turned off or whose CA was swapped in the
+    database does not open.
     """
 
     name: str
@@ -57,6 +61,7 @@ class FieldSpec:
     description: str = ""
     check: Check | None = field(default=None, repr=False, compare=False)
     destination: bool = False
+    transport: bool = False
 
 
 def secret(name: str, description: str, *, required: bool = False, check: Check | None = None) -> FieldSpec:

@@ -6,6 +6,7 @@ This package imports nothing from the rest of `broker`.
 from broker.crypto.aead import DecryptionFailed
 from broker.crypto.envelope import (
     FORMAT_VERSION,
+    FORMATS,
     UNBOUND_FORMAT_VERSION,
     Binding,
     Sealed,
@@ -16,6 +17,7 @@ from broker.crypto.envelope import (
 from broker.crypto.keyring import Kek, KeyError_, Keyring
 
 __all__ = [
+    "FORMATS",
     "FORMAT_VERSION",
     "UNBOUND_FORMAT_VERSION",
     "Binding",

@@ -7,28 +7,38 @@
 connection id and secret version, so a ciphertext or wrapped key copied to another
 row fails to open; the wrapped DEK is also bound to the id of the KEK that wrapped it.
 
-Format 2 (current) adds the binding's `destination` (a digest of where the secret
-may be sent) to the ciphertext's associated data, so a row re-pointed elsewhere
-without re-sealing fails to open. The wrapped DEK's associated data does not carry
-it, so master-key rotation re-wraps without reading any config. Format 1 (no
-destination) is opened only when the caller asks for it (`accept_unbound`): to
-migrate old rows and to read values that have no destination. The layouts are
-pinned by the JSON vectors in tests/vectors/.
+Formats 2 and 3 add the binding's `destination` (a digest of where the secret may be
+sent) to the ciphertext's associated data, so a row re-pointed elsewhere without
+re-sealing fails to open. Their layouts are the same; the version byte says which
+digest the caller must name, which is the caller's business (for connections:
+`broker.service.sealing.DIGEST_OF_FORMAT`): a digest that came to cover more
+(format 3: also how the secret travels) is a new format, so the reader knows which
+digest to compute and a re-labelled blob fails like any other tampering. The wrapped
+DEK's associated data does not carry the destination, so master-key rotation re-wraps
+without reading any config.
+
+`seal` writes format 3 (current). `open` opens the formats the caller accepts
+(`formats`, by default the current one only): older ones to migrate old rows, any
+for values that have no destination. The layouts are pinned by the JSON vectors in
+tests/vectors/.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Container
 from dataclasses import dataclass
 
 from broker.crypto import aead
 from broker.crypto.aead import DecryptionFailed, Random
 from broker.crypto.keyring import KeyError_, Keyring
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 UNBOUND_FORMAT_VERSION = 1  # sealed before the destination was bound
-_PREFIX = {version: bytes([version]) for version in (UNBOUND_FORMAT_VERSION, FORMAT_VERSION)}
+FORMATS = (UNBOUND_FORMAT_VERSION, 2, FORMAT_VERSION)  # every format `open` knows
+_CURRENT = (FORMAT_VERSION,)
+_PREFIX = {version: bytes([version]) for version in FORMATS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +46,8 @@ class Binding:
     """Where a sealed secret belongs; bound into the associated data.
 
     `destination` is an opaque digest of where the secret may be sent (empty for
-    values that are never sent anywhere); format 1 does not bind it.
+    values that are never sent anywhere); format 1 does not bind it. The format the
+    blob was sealed in decides which digest it must be (see the module's docstring).
     """
 
     tenant: str
@@ -106,13 +117,14 @@ def _unwrap(keyring: Keyring, sealed: Sealed, binding: Binding) -> tuple[int, by
     return version, aead.decrypt(kek._key, sealed.wrapped_dek[1:], dek_aad(kek.id, binding, version))
 
 
-def open(keyring: Keyring, sealed: Sealed, binding: Binding, *, accept_unbound: bool = False) -> bytes:
+def open(keyring: Keyring, sealed: Sealed, binding: Binding, *, formats: Container[int] = _CURRENT) -> bytes:
     """Unwrap the DEK and open the ciphertext; any mismatch raises `DecryptionFailed`.
 
-    Format 1 (destination not bound) opens only with `accept_unbound`.
+    Only a blob of one of `formats` opens (by default the current format): an older
+    one is opened only by a caller that asks for it, with the binding of that format.
     """
     version, dek = _unwrap(keyring, sealed, binding)
-    if version == UNBOUND_FORMAT_VERSION and not accept_unbound:
+    if version not in formats:
         raise DecryptionFailed()
     return aead.decrypt(dek, sealed.ciphertext[1:], secret_aad(binding, version))
 

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from broker.service.oauth import DraftAuthorization, OAuthService, OAuthSettings
     from broker.service.proxy import ProxyService
     from broker.service.ratelimit import Limit, RateLimits
-    from broker.service.rebind import rebind_unbound
+    from broker.service.rebind import rebind_legacy
     from broker.service.replicas import ReplicaChanges
     from broker.service.resolve import Released, Resolver
     from broker.service.testing import TestingService
@@ -56,7 +56,7 @@ _MODULES = {
     "parse_target": "alerts",
     "ProxyService": "proxy",
     "RateLimits": "ratelimit",
-    "rebind_unbound": "rebind",
+    "rebind_legacy": "rebind",
     "Released": "resolve",
     "ReplicaChanges": "replicas",
     "ResolveCache": "cache",
@@ -93,7 +93,7 @@ __all__ = [
     "TestingService",
     "UpstreamRequest",
     "parse_target",
-    "rebind_unbound",
+    "rebind_legacy",
     "utc_now",
     "verify_keyring",
 ]

@@ -161,6 +161,8 @@ def _check_secrets_follow_destination(
 
     Otherwise an admin who may edit but never read a secret could aim the
     connection at a server they control and test it, sending the stored secret there.
+    How the secret travels to the same destination (TLS, CA, driver options) is bound
+    too but re-sealed without asking: the server stays the one the secrets were given for.
     """
     moved = [
         f for f in catalog.destination_fields(current.type) if new_config.get(f) != current.config.get(f)
@@ -323,7 +325,8 @@ class ConnectionService:
             version=current.version + 1,
             updated_at=self._clock(),
         )
-        # The destination is bound into the ciphertext: moving it re-seals, secrets changed or not.
+        # The destination (where, and how: TLS, the trusted CA, driver options) is bound into the
+        # ciphertext: changing it re-seals, secrets changed or not.
         if secrets_changed or record.destination != current.destination:
             record = replace(record, secret_version=current.secret_version + 1)
             record = replace(record, sealed=seal(self._keyring, secrets, record))

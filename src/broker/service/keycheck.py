@@ -33,7 +33,7 @@ async def verify_keyring(store: KeyStore, keyring: Keyring) -> None:
         return
     try:
         # The canary has no destination: the format it was sealed in does not matter.
-        crypto.open(keyring, _decode(raw), _BINDING, accept_unbound=True)
+        crypto.open(keyring, _decode(raw), _BINDING, formats=crypto.FORMATS)
     except (DecryptionFailed, ValueError, KeyError):
         raise ConfigError(
             "the master key cannot open this store's key check: it is not the key this store was created with"

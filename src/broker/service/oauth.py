@@ -296,13 +296,14 @@ class OAuthService:
             await self._audit.append(call.audit_event(now, "oauth.complete", "", Outcome.FAILED, reason))
             raise InvalidArgument.field("state", _STATE_ERROR)
         try:
-            # A flow begun before the destination binding (format 1) still completes.
+            # A flow begun by an older broker (any format) still completes: a pending
+            # authorization has no destination, so every format binds the same.
             payload = json.loads(
                 crypto.open(
                     self._keyring,
                     pending.sealed,
                     state_binding(call.tenant, pending.state_hash),
-                    accept_unbound=True,
+                    formats=crypto.FORMATS,
                 )
             )
         except DecryptionFailed:

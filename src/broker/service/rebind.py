@@ -1,12 +1,16 @@
-"""Re-seal connections sealed before their destination was bound (format 1) as format 2.
+"""Re-seal connections sealed in an older format (1 or 2) in the current one (3).
 
-Runs at every start, before the listeners open, so no request ever reads a row of
-format 1: outside this pass such a row does not open (`open_secrets` refuses it).
-Each row found is opened (format 1 binds no destination), sealed again under a fresh
-data key bound to the destination it holds now, with the same secret version (the
+Each format binds more of the row than the one before (`service.sealing.DIGEST_OF_FORMAT`):
+format 1 no destination, format 2 where the secrets are sent, format 3 also how they
+travel there (TLS, the trusted CA, driver options). Runs at every start, before the
+listeners open, so no request ever reads a row of an older format: outside this pass
+such a row does not open (`open_secrets` takes the current format only). Each row
+found is opened with its own format's binding (`open_legacy_secrets`), sealed again
+under a fresh data key bound to what it holds now, with the same secret version (the
 value did not change), and written with a compare-and-swap on its version and an
-audit event; two replicas starting together each skip what the other did. A row
-that does not open stays as it is and keeps failing closed as decrypt_failed.
+audit event naming both formats; two replicas starting together each skip what the
+other did. A row that does not open stays as it is and keeps failing closed as
+decrypt_failed.
 
 Format 1 also means "written before servers' echoes of composed credentials were
 scrubbed": the row's last test result and its stored MCP tools are scrubbed again
@@ -14,7 +18,7 @@ scrubbed": the row's last test result and its stored MCP tools are scrubbed agai
 at rest.
 
 The pass pages through the stored data keys (`KeyStore.list_deks_not_under` with no
-key excluded) and reads nothing else once every row has format 2.
+key excluded) and reads nothing else once every row has the current format.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from datetime import datetime
 
 import structlog
 
-from broker.crypto import UNBOUND_FORMAT_VERSION, Keyring
+from broker.crypto import FORMAT_VERSION, UNBOUND_FORMAT_VERSION, Keyring
 from broker.errors import Aborted, NotFound, SecretUnavailable
 from broker.model import AuditEvent, ConnectionRecord
+from broker.sensitive import SecretFields
 from broker.service.context import system_event
-from broker.service.sealing import open_secrets, seal
+from broker.service.sealing import LEGACY_FORMATS, open_legacy_secrets, seal
 from broker.store import ConnectionStore, KeyStore
 from broker.testers import Target, scrub_stored
 
@@ -49,7 +54,7 @@ class RebindReport:
     failed: list[str] = field(default_factory=list)  # "tenant id" of rows that did not open
 
 
-async def rebind_unbound(
+async def rebind_legacy(
     connections: ConnectionStore,
     key_store: KeyStore,
     keyring: Keyring,
@@ -57,47 +62,58 @@ async def rebind_unbound(
     *,
     batch: int = 500,
 ) -> RebindReport:
-    """Re-seal every connection of format 1 so its ciphertext binds its destination."""
+    """Re-seal every connection of an older format so its ciphertext binds what the current one does."""
     report = RebindReport()
     after: tuple[str, str, str] | None = None
     while rows := await key_store.list_deks_not_under("", batch, after):
         after = (rows[-1].kind, rows[-1].tenant, rows[-1].key)
         for dek in rows:
-            if dek.kind != "connection" or dek.sealed.format_version != UNBOUND_FORMAT_VERSION:
+            old_format = dek.sealed.format_version
+            if dek.kind != "connection" or old_format not in LEGACY_FORMATS:
                 continue
             record = await connections.get_connection(dek.tenant, dek.key)
             if record is None or record.sealed != dek.sealed:
                 report.skipped += 1
                 continue
             try:
-                secrets = open_secrets(keyring, record, accept_unbound=True)
+                secrets = open_legacy_secrets(keyring, record)
             except SecretUnavailable:
                 report.failed.append(f"{record.tenant} {record.id}")
                 log.warning("rebind_failed", tenant=record.tenant, connection_id=record.id)
                 continue
-            target = Target(record.type, record.provider, record.config, secrets)
-            tools, discovered_at = await connections.list_mcp_tools(record.tenant, record.id)
-            last_test, scrubbed_tools = scrub_stored(target, record.last_test, tools)
             # The etag moves (caches and other replicas must see the new row); updated_at
             # stays: nothing an admin set has changed.
             updated = replace(record, version=record.version + 1)
             updated = replace(updated, sealed=seal(keyring, secrets, updated))
             try:
-                rebound = _event(clock(), record, ACTION, {"format": "2"})
+                details = {"from_format": str(old_format), "format": str(FORMAT_VERSION)}
+                rebound = _event(clock(), record, ACTION, details)
                 await connections.replace_connection(updated, record.version, rebound)
                 report.rebound += 1
-                if last_test is not None and last_test != record.last_test and last_test.tested_at:
-                    rescrubbed = _event(clock(), record, RESCRUB, {"field": "last_test"})
-                    await connections.record_test_result(record.tenant, record.id, last_test, rescrubbed)
-                if scrubbed_tools != tools and discovered_at is not None:
-                    await connections.replace_mcp_tools(
-                        record.tenant, record.id, scrubbed_tools, discovered_at, None
-                    )
+                if old_format == UNBOUND_FORMAT_VERSION:
+                    await _rescrub(connections, record, secrets, clock)
             except (Aborted, NotFound):
                 report.skipped += 1
     if report.rebound or report.failed:
         log.info("rebind_done", rebound=report.rebound, skipped=report.skipped, failed=len(report.failed))
     return report
+
+
+async def _rescrub(
+    connections: ConnectionStore,
+    record: ConnectionRecord,
+    secrets: SecretFields,
+    clock: Callable[[], datetime],
+) -> None:
+    """Scrub a format-1 row's stored test result and MCP tools again (see the module's docstring)."""
+    target = Target(record.type, record.provider, record.config, secrets)
+    tools, discovered_at = await connections.list_mcp_tools(record.tenant, record.id)
+    last_test, scrubbed_tools = scrub_stored(target, record.last_test, tools)
+    if last_test is not None and last_test != record.last_test and last_test.tested_at:
+        rescrubbed = _event(clock(), record, RESCRUB, {"field": "last_test"})
+        await connections.record_test_result(record.tenant, record.id, last_test, rescrubbed)
+    if scrubbed_tools != tools and discovered_at is not None:
+        await connections.replace_mcp_tools(record.tenant, record.id, scrubbed_tools, discovered_at, None)
 
 
 def _event(now: datetime, record: ConnectionRecord, action: str, details: dict[str, str]) -> AuditEvent:

@@ -2,9 +2,10 @@
 
 The binding (`ConnectionRecord.binding`) names the tenant, connection id, secret
 version and the record's destination digest, so secrets of a row whose
-destination was changed in the database without re-sealing do not open. Rows
-sealed before the destination was bound (format 1) are opened only by the
-start-up migration (`service.rebind`), which re-seals them.
+destination (or the way the secret travels there) was changed in the database
+without re-sealing do not open. Rows sealed in an older format are opened only by
+the start-up migration (`service.rebind`, through `open_legacy_secrets`), which
+re-seals them in the current one.
 
 A stored data key is wrapped with its owner's binding without the destination: a
 connection row's (`row_binding`) or a pending OAuth authorization's (`state_binding`);
@@ -16,7 +17,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Protocol
 
-from broker import crypto
+from broker import catalog, crypto
 from broker.crypto import Binding, DecryptionFailed, Keyring
 from broker.errors import SecretUnavailable
 from broker.model import AuditEvent, ConnectionRecord, Outcome
@@ -24,6 +25,15 @@ from broker.sensitive import SecretFields
 from broker.service.audit import AuditLog
 
 DECRYPT_FAILED = "decrypt_failed"
+
+# Which envelope format binds what of a connection row, beyond the row itself (tenant, id,
+# secret version): the version of `catalog.destination_digest` in its associated data.
+#   1: nothing more (re-sealed at start)
+#   2: digest v1, where the secrets are sent: URLs, host, port, driver (re-sealed at start)
+#   3: digest v2, where and how: also TLS on or off, the trusted CA, driver options (current)
+# `ConnectionRecord.binding` holds the current format's, computed once per record.
+DIGEST_OF_FORMAT: dict[int, int | None] = {1: None, 2: 1, 3: 2}
+LEGACY_FORMATS = tuple(f for f in crypto.FORMATS if f != crypto.FORMAT_VERSION)
 
 
 class SealedRow(Protocol):
@@ -54,21 +64,41 @@ def seal(keyring: Keyring, secrets: SecretFields, record: ConnectionRecord) -> c
     return crypto.seal(keyring, secrets.to_bytes(), record.binding)
 
 
-def open_secrets(keyring: Keyring, record: SealedRow, *, accept_unbound: bool = False) -> SecretFields:
-    """Open the record's secrets; any failure is one opaque `SecretUnavailable`.
-
-    `accept_unbound` also opens format 1 (no destination bound): for the migration only.
-    """
+def open_secrets(keyring: Keyring, record: SealedRow) -> SecretFields:
+    """Open the record's secrets, sealed in the current format; any failure is one opaque
+    `SecretUnavailable`."""
     if record.sealed is None:
         raise SecretUnavailable("the connection's secret was purged")
     try:
-        plaintext = crypto.open(keyring, record.sealed, record.binding, accept_unbound=accept_unbound)
-        return SecretFields.from_bytes(plaintext)
+        return SecretFields.from_bytes(crypto.open(keyring, record.sealed, record.binding))
     except (DecryptionFailed, ValueError):
-        raise SecretUnavailable(
-            f"the secret of connection {record.id} cannot be decrypted "
-            "(tampered with, re-pointed without re-sealing, or wrong master key)"
-        ) from None
+        raise _unavailable(record.id) from None
+
+
+def open_legacy_secrets(keyring: Keyring, record: ConnectionRecord) -> SecretFields:
+    """Open secrets sealed in an older format, with that format's binding: for the migration only."""
+    sealed = record.sealed
+    version = sealed.format_version if sealed is not None else 0
+    if sealed is None or version not in LEGACY_FORMATS:
+        raise _unavailable(record.id)
+    digest_version = DIGEST_OF_FORMAT[version]
+    destination = (
+        b""
+        if digest_version is None
+        else catalog.destination_digest(record.type, record.provider, record.config, digest_version)
+    )
+    binding = replace(record.binding, destination=destination)
+    try:
+        return SecretFields.from_bytes(crypto.open(keyring, sealed, binding, formats=(version,)))
+    except (DecryptionFailed, ValueError):
+        raise _unavailable(record.id) from None
+
+
+def _unavailable(connection_id: str) -> SecretUnavailable:
+    return SecretUnavailable(
+        f"the secret of connection {connection_id} cannot be decrypted "
+        "(tampered with, re-pointed without re-sealing, or wrong master key)"
+    )
 
 
 async def open_secrets_audited(
