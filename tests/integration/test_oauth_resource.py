@@ -1,9 +1,13 @@
 """OAuth2 connections for audience-bound APIs and MCP servers, against the test authorization server:
-RFC 8707 resource indicators on every request, and why a connection is EXPIRED."""
+RFC 8707 resource indicators on every request, why a connection is EXPIRED, and provider revocations
+that a shutdown waits for."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import sqlite3
 from datetime import UTC, timedelta
 from typing import Any
 
@@ -171,3 +175,42 @@ async def test_a_connection_needing_no_reauthorization_shows_no_reason(
     created = await authorize(broker, server)
     assert not created.HasField("reauthorization")
     assert "expired:" not in render_connection(created)
+
+
+async def test_shutdown_waits_for_a_slow_provider_revocation_and_cuts_off_one_past_the_grace(
+    start: Any,
+) -> None:
+    """Revoke answers after 5 s, the provider later: shutdown waits for that answer within the grace
+    (audited `revoked`); one slower still is cut off at the grace, logged and audited as such."""
+    running: Running = await start()
+    with oauthserver.running() as slow, oauthserver.running() as stuck:
+        slow_conn = await authorize(running, slow)
+        stuck_conn = await authorize(running, stuck, name="stuck")
+        slow.revoke_delay, stuck.revoke_delay = 6.5, 60.0
+        admin = running.admin()
+        await asyncio.gather(
+            *(
+                admin.RevokeConnection(pb.RevokeConnectionRequest(id=c.id, reason="leaked"), timeout=9)
+                for c in (slow_conn, stuck_conn)
+            )
+        )
+        assert not slow.revoked  # the 5 s the caller waits are over; the revocations go on
+        await running.close()
+        began = asyncio.get_running_loop().time()
+        await running.broker.stop(grace=4.0)
+        took = asyncio.get_running_loop().time() - began
+        assert slow.revoked and not stuck.revoked
+        assert took < 4.0
+    logs = [json.loads(line) for line in running.logs.getvalue().splitlines() if line.startswith("{")]
+    cut = [e for e in logs if e.get("event") == "upstream_revocation_cut_off"]
+    assert [e["connection_id"] for e in cut] == [stuck_conn.id]
+    (drained,) = [e for e in logs if e.get("event") == "upstream_revocations_drained"]
+    assert (drained["completed"], drained["cut_off"]) == (1, 1)
+    with contextlib.closing(sqlite3.connect(running.broker.settings.storage_path)) as db:
+        rows = db.execute(
+            "SELECT connection_id, outcome, reason FROM audit_events"
+            " WHERE action = 'connection.upstream_revocation'"
+        ).fetchall()
+    assert sorted(rows) == sorted(
+        [(slow_conn.id, "succeeded", ""), (stuck_conn.id, "failed", "cut_off_at_shutdown")]
+    )
