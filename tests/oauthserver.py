@@ -15,13 +15,19 @@ Hand-written on Starlette (it is test code, and every rule it enforces is visibl
 - Authorization responses carry `iss` (RFC 9207, the server's `url`) unless `send_iss=False`.
 - `GET|POST /userinfo` answers a valid, unexpired, unrevoked bearer token; `POST /revoke` is
   RFC 7009.
+- RFC 8707 resource indicators: every request's `resource` parameters are recorded, in order, in
+  `resources_seen` (`("authorize" or the grant type, (resource, ...))`). With `resources` set, a
+  request naming another is refused with `invalid_target`; a code or refresh token remembers what
+  its authorization asked for, and a token request may narrow it, never widen it. Each access
+  token's audience is kept in `AccessToken.resources`.
 
 Access tokens are opaque, or with `jwt_tokens` HS256 JWTs carrying `exp`. `expires_in` is
 their lifetime; `send_expires_in=False` leaves it out of the answer. Faults for the token
 endpoint: `fail_next`, `invalid_grant_next`, `error_next`, `delay`, and `before_reply`, an async callback
 awaited (on the server's own event loop, in its thread: block it with threading primitives,
 e.g. `await asyncio.to_thread(event.wait)`) after the request is counted and before any
-answer. Every token request is counted in `token_requests[grant_type]`, faults included.
+answer. Every token request is counted in `token_requests[grant_type]`, faults included;
+`error_next` takes the `error_description` to answer with (a provider may echo what it got).
 
 uvicorn runs in a background thread on a port chosen by the kernel, as in `tests/mcpserver.py`.
 """
@@ -62,6 +68,7 @@ class _Code:
     challenge: str | None
     scope: str
     expires: float
+    resources: tuple[str, ...] = ()
 
 
 @dataclass
@@ -69,6 +76,7 @@ class AccessToken:
     client_id: str
     scope: str
     expires: float
+    resources: tuple[str, ...] = ()
 
 
 def _b64url(data: bytes) -> str:
@@ -95,6 +103,7 @@ class OAuthTestServer:
         redirect_uris: tuple[str, ...] | None = None,
         offline_access_needs_consent: bool = False,
         send_iss: bool = True,
+        resources: tuple[str, ...] | None = None,
     ) -> None:
         self.client_id = "test-client-" + secrets.token_hex(4)
         self.client_secret = "cs-" + secrets.token_urlsafe(24)
@@ -106,6 +115,9 @@ class OAuthTestServer:
         self.rotate_refresh_tokens = rotate_refresh_tokens
         self.offline_access_needs_consent = offline_access_needs_consent
         self.send_iss = send_iss
+        # None accepts any resource indicator (and none); otherwise these only (RFC 8707).
+        self.resources = resources
+        self.resources_seen: list[tuple[str, tuple[str, ...]]] = []
         # None accepts any http(s) redirect URI.
         self.redirect_uris = redirect_uris
         self.delay = 0.0
@@ -118,9 +130,10 @@ class OAuthTestServer:
         self.client_auth_seen: list[str] = []  # "basic", "post" or "none" per token/revoke request
         self.access_tokens: dict[str, AccessToken] = {}
         self.refresh_tokens: dict[str, str] = {}  # refresh token -> scope
+        self._refresh_resources: dict[str, tuple[str, ...]] = {}  # refresh token -> its grant's resources
         self.revoked: list[str] = []
         self._codes: dict[str, _Code] = {}
-        self._faults: list[tuple[int, dict[str, str], str]] = []
+        self._faults: list[tuple[int, dict[str, str], str, str | None]] = []
         self._jwt_key = secrets.token_bytes(32)
         self._lock = threading.Lock()
         self._app = Starlette(
@@ -162,16 +175,17 @@ class OAuthTestServer:
         """The next `n` token requests answer `status` with `temporarily_unavailable`."""
         headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
         with self._lock:
-            self._faults.extend([(status, headers, "temporarily_unavailable")] * n)
+            self._faults.extend([(status, headers, "temporarily_unavailable", None)] * n)
 
     def invalid_grant_next(self) -> None:
         """The next token request answers 400 invalid_grant, whatever it carries."""
         self.error_next("invalid_grant")
 
-    def error_next(self, error: str, status: int = 400) -> None:
-        """The next token request answers `status` with the RFC 6749 error code `error`."""
+    def error_next(self, error: str, status: int = 400, description: str | None = None) -> None:
+        """The next token request answers `status` with the RFC 6749 error code `error` (and
+        `description` as its error_description, when given)."""
         with self._lock:
-            self._faults.append((status, {}, error))
+            self._faults.append((status, {}, error, description))
 
     def valid_access_tokens(self) -> set[str]:
         """The access tokens that are neither expired nor revoked."""
@@ -180,9 +194,16 @@ class OAuthTestServer:
 
     # ------------------------------------------------------------------ endpoints
 
+    def _resources(self, kind: str, pairs: list[tuple[str, str]]) -> tuple[tuple[str, ...], bool]:
+        """The request's resource indicators (recorded), and whether this server serves them all."""
+        resources = tuple(value for name, value in pairs if name == "resource")
+        self.resources_seen.append((kind, resources))
+        return resources, self.resources is None or set(resources) <= set(self.resources)
+
     async def _authorize(self, request: Request) -> Response:
         query = dict(request.query_params)
         self.authorize_requests.append(query)
+        resources, served = self._resources("authorize", request.query_params.multi_items())
         if query.get("client_id") != self.client_id:
             return PlainTextResponse("unknown client", status_code=400)
         redirect_uri = query.get("redirect_uri", "")
@@ -206,6 +227,8 @@ class OAuthTestServer:
             return back(error="unsupported_response_type")
         if not state:
             return back(error="invalid_request")
+        if not served:
+            return back(error="invalid_target")
         challenge = query.get("code_challenge")
         method = query.get("code_challenge_method")
         if (challenge is None and self.require_pkce) or (challenge is not None and method != "S256"):
@@ -214,7 +237,9 @@ class OAuthTestServer:
         if self.offline_access_needs_consent and "consent" not in query.get("prompt", "").split():
             scope = " ".join(s for s in scope.split() if s != "offline_access")
         code = secrets.token_urlsafe(24)
-        self._codes[code] = _Code(self.client_id, redirect_uri, challenge, scope, time.time() + CODE_LIFETIME)
+        self._codes[code] = _Code(
+            self.client_id, redirect_uri, challenge, scope, time.time() + CODE_LIFETIME, resources
+        )
         return back(code=code)
 
     def _client_authenticated(self, request: Request, form: dict[str, str]) -> bool:
@@ -236,18 +261,22 @@ class OAuthTestServer:
         return self.client_auth == "none" and form.get("client_id") == self.client_id
 
     @staticmethod
-    def _error(error: str, status: int = 400, headers: dict[str, str] | None = None) -> Response:
+    def _error(
+        error: str, status: int = 400, headers: dict[str, str] | None = None, description: str | None = None
+    ) -> Response:
         return JSONResponse(
-            {"error": error, "error_description": f"{error} (test server)"},
+            {"error": error, "error_description": description or f"{error} (test server)"},
             status_code=status,
             headers={"Cache-Control": "no-store", **(headers or {})},
         )
 
     async def _token(self, request: Request) -> Response:
-        form = dict(parse_qsl((await request.body()).decode(), keep_blank_values=True))
+        pairs = parse_qsl((await request.body()).decode(), keep_blank_values=True)
+        form = dict(pairs)
         grant = form.get("grant_type", "")
         self.token_requests[grant] += 1
         self.token_forms.append(form)
+        resources, served = self._resources(grant, pairs)
         if self.before_reply is not None:
             await self.before_reply(grant)
         if self.delay:
@@ -255,19 +284,28 @@ class OAuthTestServer:
         with self._lock:
             fault = self._faults.pop(0) if self._faults else None
         if fault is not None:
-            status, headers, error = fault
-            return self._error(error, status, headers)
+            status, headers, error, description = fault
+            return self._error(error, status, headers, description)
         if not self._client_authenticated(request, form):
             return self._error("invalid_client", 401, {"WWW-Authenticate": 'Basic realm="test"'})
+        if not served:
+            return self._error("invalid_target")
         if grant == "authorization_code":
-            return self._code_grant(form)
+            return self._code_grant(form, resources)
         if grant == "refresh_token":
-            return self._refresh_grant(form)
+            return self._refresh_grant(form, resources)
         if grant == "client_credentials":
-            return self._issue(form.get("scope", ""), with_refresh=False)
+            return self._issue(form.get("scope", ""), with_refresh=False, resources=resources)
         return self._error("unsupported_grant_type")
 
-    def _code_grant(self, form: dict[str, str]) -> Response:
+    @staticmethod
+    def _audience(granted: tuple[str, ...], asked: tuple[str, ...]) -> tuple[str, ...] | None:
+        """RFC 8707 section 2.2: a token request may narrow the grant's resources, not widen them."""
+        if not asked:
+            return granted
+        return asked if set(asked) <= set(granted) or not granted else None
+
+    def _code_grant(self, form: dict[str, str], resources: tuple[str, ...]) -> Response:
         # Popped before any check: a code is single-use even when the attempt fails.
         code = self._codes.pop(form.get("code", ""), None)
         if code is None or code.expires < time.time() or code.redirect_uri != form.get("redirect_uri"):
@@ -277,27 +315,44 @@ class OAuthTestServer:
         if challenge is not None and (verifier is None or not hmac.compare_digest(s256(verifier), challenge)):
             return self._error("invalid_grant")
         offline = not self.offline_access_needs_consent or "offline_access" in code.scope.split()
-        return self._issue(code.scope, with_refresh=offline)
+        audience = self._audience(code.resources, resources)
+        if audience is None:
+            return self._error("invalid_target")
+        return self._issue(code.scope, with_refresh=offline, resources=audience, granted=code.resources)
 
-    def _refresh_grant(self, form: dict[str, str]) -> Response:
+    def _refresh_grant(self, form: dict[str, str], resources: tuple[str, ...]) -> Response:
         token = form.get("refresh_token", "")
         with self._lock:
             if self.rotate_refresh_tokens:
                 scope = self.refresh_tokens.pop(token, None)
+                granted = self._refresh_resources.pop(token, ())
             else:
                 scope = self.refresh_tokens.get(token)
+                granted = self._refresh_resources.get(token, ())
         if scope is None:
             return self._error("invalid_grant")
-        return self._issue(scope, with_refresh=self.rotate_refresh_tokens)
+        audience = self._audience(granted, resources)
+        if audience is None:
+            return self._error("invalid_target")
+        return self._issue(
+            scope, with_refresh=self.rotate_refresh_tokens, resources=audience, granted=granted
+        )
 
-    def _issue(self, scope: str, *, with_refresh: bool) -> Response:
+    def _issue(
+        self,
+        scope: str,
+        *,
+        with_refresh: bool,
+        resources: tuple[str, ...] = (),
+        granted: tuple[str, ...] = (),
+    ) -> Response:
         now = time.time()
         expires = now + self.expires_in
         if self.jwt_tokens:
             access = self._jwt({"sub": USER["sub"], "iat": int(now), "exp": int(expires), "scope": scope})
         else:
             access = "at-" + secrets.token_urlsafe(24)
-        self.access_tokens[access] = AccessToken(self.client_id, scope, expires)
+        self.access_tokens[access] = AccessToken(self.client_id, scope, expires, resources)
         body: dict[str, Any] = {"access_token": access, "token_type": "Bearer"}
         if self.send_expires_in:
             body["expires_in"] = self.expires_in
@@ -306,6 +361,7 @@ class OAuthTestServer:
         if with_refresh:
             refresh = "rt-" + secrets.token_urlsafe(24)
             self.refresh_tokens[refresh] = scope
+            self._refresh_resources[refresh] = granted
             body["refresh_token"] = refresh
         return JSONResponse(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 

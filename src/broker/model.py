@@ -114,6 +114,21 @@ class TestResult:
 
 
 @dataclass(frozen=True, slots=True)
+class ReauthReason:
+    """Why a connection needs re-authorization (it shows as EXPIRED; since `reauth_required_at`).
+
+    `reason` is the broker's token (`refresh_refused`: the provider refused the refresh token),
+    `error` the provider's error code when it sent a well-formed one, `description` its
+    error_description, scrubbed of every secret the connection holds or the request carried and
+    cut short. Comes back to admins: nothing else from the provider is kept.
+    """
+
+    reason: str
+    error: str = ""
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class McpTool:
     """A tool an MCP server offers; `definition_hash` changes when anything about it changes."""
 
@@ -155,6 +170,8 @@ class ConnectionRecord:
     last_test: TestResult | None = None
     # Set when an OAuth2 refresh was refused (invalid_grant); cleared by re-authorization.
     reauth_required_at: datetime | None = None
+    # Why, when `reauth_required_at` is set (None on rows expired before the reason was kept).
+    reauth_reason: ReauthReason | None = None
     # Set by the security monitor; cleared only by ReinstateConnection.
     suspended_at: datetime | None = None
     # What the sealed secrets are bound to: this row, its secret version and where the

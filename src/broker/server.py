@@ -18,7 +18,8 @@ answer the other's services (invariant 9).
 
 Shutdown (SIGTERM or SIGINT): NOT_SERVING; serve what was already sent, then
 refuse new calls with UNAVAILABLE while those under way finish (`broker.api.drain`);
-stop the listeners once that work is done; then stop the background work, flush
+stop the listeners once that work is done; let the provider revocations under way
+finish (until the listeners' deadline, the rest cut off and logged); then stop the background work, flush
 the batched writes (last-used times, security-monitor state, audit events) and
 close the store, in that order; all within `server.grace_seconds`.
 """
@@ -539,6 +540,9 @@ class Broker:
         # what they batch (last-used times, monitor state, then the audit events every step may
         # have appended) and close the store last. A failing step does not skip the ones after it.
         services = self.services
+        # Provider revocations a revoke or purge left running (its caller waits 5 s at most) end
+        # before the grace does, or are cut off and logged; their audit events are flushed below.
+        await self._shutdown_step("upstream_revocations", services.connections.close(closed_by))
         await self._shutdown_step("oauth", services.oauth.close())
         await self._shutdown_step("proxy", services.proxy.close())
         await self._shutdown_step("leases", services.leases.close())

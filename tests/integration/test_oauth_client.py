@@ -219,6 +219,73 @@ async def test_invalid_grant_is_classified(server: OAuthTestServer) -> None:
     )
 
 
+async def test_the_providers_description_is_kept_scrubbed_of_what_the_request_carried(
+    server: OAuthTestServer,
+) -> None:
+    """A provider may quote what it refused: the refresh token, the client's Basic credentials. The
+    description keeps none of them in any form, on one line, cut short; the message never has it."""
+    code, verifier, _ = await authorize(server)
+    tokens = await exchange(server, code, verifier)
+    assert tokens.refresh_token is not None
+    basic = base64.b64encode(f"{server.client_id}:{server.client_secret}".encode()).decode()
+    server.error_next(
+        "invalid_grant",
+        description=f"token\t{tokens.refresh_token} refused\nfor Basic {basic} ({server.client_secret}) "
+        + "x" * 300,
+    )
+    with pytest.raises(oauth.OAuthError) as caught:
+        await do_refresh(server, tokens.refresh_token)
+    described = caught.value.description
+    assert described.startswith("token [redacted] refused for Basic [redacted] ([redacted]) xxx")
+    assert len(described) <= 200
+    for secret in (tokens.refresh_token, basic, server.client_secret):
+        assert secret not in described
+    assert "refused" not in str(caught.value) + repr(caught.value)
+
+
+async def test_a_secret_cut_in_two_at_the_end_of_the_description_is_masked_from_its_start(
+    server: OAuthTestServer,
+) -> None:
+    code, verifier, _ = await authorize(server)
+    tokens = await exchange(server, code, verifier)
+    assert tokens.refresh_token is not None
+    server.error_next("invalid_grant", description="y" * 190 + tokens.refresh_token)
+    with pytest.raises(oauth.OAuthError) as caught:
+        await do_refresh(server, tokens.refresh_token)
+    assert caught.value.description == "y" * 190 + "[redacted]"
+
+
+async def test_resource_indicators_go_on_every_token_request() -> None:
+    resources = ("https://mcp.example.com/mcp", "urn:example:api")
+    with running(resources=resources) as srv:
+        with_resources = provider(srv, resource=list(resources))
+        state = oauth.new_state()
+        verifier, challenge = oauth.new_pkce()
+        url = oauth.authorization_url(with_resources, srv.client_id, REDIRECT, (), state, challenge)
+        async with httpx.AsyncClient() as browser:
+            location = (await browser.get(url)).headers["location"]
+        code = parse_qs(urlsplit(location).query)["code"][0]
+        now = datetime.now(UTC)
+        args = (LOOPBACK, with_resources, client(srv))
+        first = await oauth.exchange_code(
+            *args, code, REDIRECT, verifier, now=now, default_lifetime=DEFAULT_LIFETIME
+        )
+        assert first.refresh_token is not None
+        await oauth.refresh(*args, first.refresh_token, now=now, default_lifetime=DEFAULT_LIFETIME)
+        await oauth.client_credentials_token(*args, (), now=now, default_lifetime=DEFAULT_LIFETIME)
+        assert srv.resources_seen == [
+            (kind, resources)
+            for kind in ("authorize", "authorization_code", "refresh_token", "client_credentials")
+        ]
+        # A resource the server does not serve: invalid_target (RFC 8707), the client's configuration.
+        elsewhere = provider(srv, resource=["https://elsewhere.example.com"])
+        with pytest.raises(oauth.OAuthError) as caught:
+            await oauth.client_credentials_token(
+                LOOPBACK, elsewhere, client(srv), (), now=now, default_lifetime=DEFAULT_LIFETIME
+            )
+        assert (caught.value.kind, caught.value.error) == ("invalid_config", "invalid_target")
+
+
 @pytest.mark.parametrize(("status", "retry_after", "expected"), [(503, "7", 7.0), (429, "120", 120.0)])
 async def test_busy_token_endpoint_is_transient_with_retry_after(
     server: OAuthTestServer, status: int, retry_after: str, expected: float

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import re
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
@@ -115,6 +116,31 @@ def test_extra_params_cannot_replace_the_flows_own() -> None:
     assert found["code_challenge_method"] == ["S256"]
     assert found["state"] == ["mine"]
     assert found["owner"] == ["user"]
+
+
+def test_each_resource_indicator_is_its_own_parameter_and_extra_params_cannot_add_one() -> None:
+    """RFC 8707 section 2: repeated `resource` parameters; only the typed field sets them."""
+    custom = oauth.provider_for(
+        "custom",
+        {
+            "authorize_url": "https://id.example.com/auth",
+            "token_url": "https://t/x",
+            "resource": ["https://mcp.example.com/mcp", "urn:example:api"],
+        },
+    )
+    hostile = replace(custom, extra_authorize_params={"Resource": "https://evil.example.com"})
+    found = query(oauth.authorization_url(hostile, "cid", "https://a/cb", [], "s", "c"))
+    assert found["resource"] == ["https://mcp.example.com/mcp", "urn:example:api"]
+    assert "Resource" not in found
+
+
+def test_a_resource_saved_among_the_authorize_params_becomes_the_connections_resource() -> None:
+    """Saved before `resource` was a field: it was meant as the audience, so every token request
+    carries it from now on (the catalog refuses it among authorize_params for new writes)."""
+    legacy = {"token_url": "https://t/x", "authorize_params": {"resource": "https://api.example.com"}}
+    assert oauth.provider_for("custom", legacy).resources == ("https://api.example.com",)
+    typed = {**legacy, "resource": ["https://mcp.example.com"]}
+    assert oauth.provider_for("custom", typed).resources == ("https://mcp.example.com",)
 
 
 def test_authorization_url_needs_an_endpoint() -> None:

@@ -12,6 +12,7 @@ REVIEWED = {
     "id", "name", "type", "provider", "config", "secret_fields", "labels", "status", "etag",
     "created_at", "updated_at", "last_used_at", "last_tested_at", "test_status", "deleted_at",
     "last_test", "stale",  # last_test.message and .details are scrubbed of every secret value
+    "reauthorization",  # reauthorization.description is scrubbed of every secret value
 }  # fmt: skip
 
 

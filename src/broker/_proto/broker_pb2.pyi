@@ -172,7 +172,7 @@ class ListConnectionTypesResponse(_message.Message):
     def __init__(self, types: _Optional[_Iterable[_Union[ConnectionType, _Mapping]]] = ...) -> None: ...
 
 class Connection(_message.Message):
-    __slots__ = ("id", "name", "type", "provider", "config", "secret_fields", "labels", "status", "etag", "created_at", "updated_at", "last_used_at", "last_tested_at", "test_status", "deleted_at", "last_test", "stale")
+    __slots__ = ("id", "name", "type", "provider", "config", "secret_fields", "labels", "status", "etag", "created_at", "updated_at", "last_used_at", "last_tested_at", "test_status", "deleted_at", "last_test", "stale", "reauthorization")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +197,7 @@ class Connection(_message.Message):
     DELETED_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_TEST_FIELD_NUMBER: _ClassVar[int]
     STALE_FIELD_NUMBER: _ClassVar[int]
+    REAUTHORIZATION_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     type: str
@@ -214,7 +215,20 @@ class Connection(_message.Message):
     deleted_at: _timestamp_pb2.Timestamp
     last_test: TestResult
     stale: bool
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., provider: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., secret_fields: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., status: _Optional[_Union[ConnectionStatus, str]] = ..., etag: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_tested_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., test_status: _Optional[_Union[TestStatus, str]] = ..., deleted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_test: _Optional[_Union[TestResult, _Mapping]] = ..., stale: _Optional[bool] = ...) -> None: ...
+    reauthorization: Reauthorization
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., provider: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., secret_fields: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., status: _Optional[_Union[ConnectionStatus, str]] = ..., etag: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_tested_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., test_status: _Optional[_Union[TestStatus, str]] = ..., deleted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_test: _Optional[_Union[TestResult, _Mapping]] = ..., stale: _Optional[bool] = ..., reauthorization: _Optional[_Union[Reauthorization, _Mapping]] = ...) -> None: ...
+
+class Reauthorization(_message.Message):
+    __slots__ = ("reason", "error", "description", "since")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    error: str
+    description: str
+    since: _timestamp_pb2.Timestamp
+    def __init__(self, reason: _Optional[str] = ..., error: _Optional[str] = ..., description: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class CreateConnectionRequest(_message.Message):
     __slots__ = ("name", "type", "provider", "config", "secrets", "labels", "test_before_save")

@@ -161,6 +161,20 @@ def connection(record: ConnectionRecord, stale: bool = False) -> pb.Connection:
         deleted_at=timestamp(record.deleted_at),
         last_test=test_result(record.last_test) if record.last_test is not None else None,
         stale=stale,
+        reauthorization=reauthorization(record),
+    )
+
+
+def reauthorization(record: ConnectionRecord) -> pb.Reauthorization | None:
+    """Why the connection is EXPIRED and since when; None while it needs no re-authorization."""
+    if record.reauth_required_at is None:
+        return None
+    why = record.reauth_reason
+    return pb.Reauthorization(
+        reason=why.reason if why is not None else "unrecorded",
+        error=why.error if why is not None else "",
+        description=why.description if why is not None else "",
+        since=timestamp(record.reauth_required_at),
     )
 
 

@@ -115,8 +115,17 @@ OAUTH2 = ConnectionType(
             FieldKind.STRING_MAP,
             description="Extra authorization request parameters, added to (or replacing) the provider's "
             "own: prompt=consent for an OpenID Connect provider to issue a refresh token for "
-            "offline_access, audience or resource for the API the tokens are for.",
+            "offline_access, audience for the API the tokens are for (resource is a field of its own).",
             check=v.authorize_params,
+        ),
+        FieldSpec(
+            "resource",
+            FieldKind.STRING_LIST,
+            description="RFC 8707 resource indicators: the API or MCP server the tokens are for, by its "
+            "canonical URI (like https://mcp.example.com/mcp). Sent on the authorization request and on "
+            "every token request (code exchange, refresh, client credentials), so a refreshed token keeps "
+            "its audience. Absolute URIs without a fragment, at most 16.",
+            check=v.resource_indicators,
         ),
         FieldSpec(
             "verify_url",

@@ -322,13 +322,54 @@ _QUERY_NAME = re.compile(r"[A-Za-z0-9_.~-]{1,64}")
 
 
 def authorize_params(value: dict[str, str]) -> dict[str, str]:
-    """Check: extra authorization request parameters (prompt, audience, resource, ...), none the flow sets."""
+    """Check: extra authorization request parameters (prompt, audience, ...), none the flow sets."""
     if not all(_QUERY_NAME.fullmatch(name) for name in value):
         raise Problem("parameter names must be 1 to 64 letters, digits or -._~")
+    if any(name.lower() == "resource" for name in value):
+        # Here it would reach the authorization request only, and a refreshed token would lose it.
+        raise Problem(
+            "must not set resource: use the connection's resource field, which is sent on the token"
+            " and refresh requests too"
+        )
     taken = sorted(name for name in value if name.lower() in FLOW_PARAMS)
     if taken:
         raise Problem(f"must not set {', '.join(taken)}: the authorization flow sets it")
     return value
+
+
+# RFC 3986 section 3.1.
+_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+MAX_RESOURCES = 16
+
+
+def resource_indicators(values: list[str]) -> list[str]:
+    """Check: RFC 8707 section 2 resource indicators: absolute URIs (RFC 3986 section 4.3), no fragment.
+
+    A query is allowed (RFC 8707 discourages it, not forbids it); an http(s) URI needs a host, as
+    an MCP server's canonical URI does. Non-ASCII is refused: a URI is ASCII, an IRI is not sent.
+    """
+    if not values:
+        raise Problem("must list at least one absolute URI, or be left out")
+    if len(values) > MAX_RESOURCES:
+        raise Problem(f"must have at most {MAX_RESOURCES} items")
+    if len(set(values)) != len(values):
+        raise Problem("must not list a URI twice")
+    for value in values:
+        if len(value) > MAX_URL:
+            raise Problem(f"must hold URIs of at most {MAX_URL} characters")
+        if _SPACE_OR_CONTROL.search(value) or not value.isascii():
+            raise Problem("must hold URIs without whitespace, control or non-ASCII characters")
+        scheme, colon, rest = value.partition(":")
+        if not colon or not rest or not _URI_SCHEME.fullmatch(scheme):
+            raise Problem("must hold absolute URIs with a scheme, like https://mcp.example.com/mcp")
+        if "#" in value:
+            raise Problem("must hold URIs without a fragment (#...): RFC 8707 section 2 forbids one")
+        if scheme.lower() in ("http", "https"):
+            try:
+                _url(value)
+            except Problem as problem:
+                raise Problem(f"must hold valid http(s) URIs: each {problem}") from None
+    return values
 
 
 def service_account_json(value: str) -> str:

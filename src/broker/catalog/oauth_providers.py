@@ -19,12 +19,14 @@ from typing import Literal
 
 TokenAuthMethod = Literal["client_secret_basic", "client_secret_post", "none"]
 TOKEN_AUTH_METHODS: tuple[TokenAuthMethod, ...] = ("client_secret_basic", "client_secret_post", "none")
-# What the authorization flow sets itself (RFC 6749 4.1.1, RFC 7636 4.3), and the secrets it must
+# What the authorization flow sets itself (RFC 6749 4.1.1, RFC 7636 4.3, RFC 8707 2.1 from the
+# connection's typed `resource`, which the token requests must repeat), and the secrets it must
 # never put in a URL: a provider's or a connection's extra authorization parameters never replace
 # or add these.
 FLOW_PARAMS = frozenset(
     {
         "response_type",
+        "resource",
         "client_id",
         "redirect_uri",
         "scope",
@@ -62,6 +64,10 @@ class OAuthProvider:
     userinfo_headers: Mapping[str, str] = field(default_factory=dict)
     # Where proxied API calls go, when that is not the origin of `userinfo_url`.
     api_base_url: str | None = None
+    # RFC 8707 resource indicators, from a connection's `resource`: sent on the authorization
+    # request and on every token request (code, refresh, client credentials), so a refreshed
+    # token keeps the audience the first one had.
+    resources: tuple[str, ...] = ()
 
 
 _GITHUB_HEADERS = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": "2022-11-28"}

@@ -134,6 +134,7 @@ def _field_facts(f: broker_pb2.FieldSpec) -> str:
 
 def render_connection(c: broker_pb2.Connection) -> str:
     """A connection's summary as a key/value block (it holds secret field names, never values)."""
+    expired = [("expired", _reauthorization(c.reauthorization))] if c.HasField("reauthorization") else []
     return fields(
         [
             ("id", c.id),
@@ -141,6 +142,7 @@ def render_connection(c: broker_pb2.Connection) -> str:
             ("type", c.type),
             ("provider", c.provider or _NONE),
             ("status", _enum(broker_pb2.ConnectionStatus, c.status, "CONNECTION_STATUS_")),
+            *expired,
             ("config", struct_text(c.config)),
             ("secrets", ", ".join(c.secret_fields) or _NONE),
             ("labels", _labels(c.labels)),
@@ -347,6 +349,12 @@ def _enum(enum: Any, value: int, prefix: str) -> str:
 
 def _labels(labels: Any) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or _NONE
+
+
+def _reauthorization(r: broker_pb2.Reauthorization) -> str:
+    """Why and since when a connection needs re-authorization: `reason (error) at time: description`."""
+    text = r.reason + (f" ({r.error})" if r.error else "") + f" at {timestamp(r, 'since')}"
+    return text + (f": {r.description}" if r.description else "")
 
 
 def _tested(c: broker_pb2.Connection) -> str:

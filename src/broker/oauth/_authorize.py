@@ -59,11 +59,16 @@ def provider_for(provider_name: str, config: Mapping[str, Any]) -> OAuthProvider
     if scopes:
         changes["default_scopes"] = tuple(str(s) for s in scopes)
     params = config.get("authorize_params")
-    if isinstance(params, Mapping) and params:
-        changes["extra_authorize_params"] = {
-            **base.extra_authorize_params,
-            **{str(k): str(v) for k, v in params.items()},
-        }
+    params = {str(k): str(v) for k, v in params.items()} if isinstance(params, Mapping) else {}
+    if params:
+        changes["extra_authorize_params"] = {**base.extra_authorize_params, **params}
+    resources = config.get("resource")
+    if resources:
+        changes["resources"] = tuple(str(r) for r in resources)
+    elif params.get("resource"):
+        # Saved before `resource` was a field of its own (the catalog refuses it there now): it
+        # was meant as the audience, so it goes on the token requests too, not only the first.
+        changes["resources"] = (params["resource"],)
     return dataclasses.replace(base, **changes)
 
 
@@ -90,11 +95,15 @@ def authorization_url(
     """The URL to send the user to: an authorization code request with `state` and PKCE S256.
 
     `scopes` are sent as given (joined with the provider's separator; omitted when empty),
-    plus the provider's extra parameters.
+    plus one `resource` per RFC 8707 indicator and the provider's extra parameters.
     """
     if not provider.authorize_url:
         raise OAuthError("invalid_config", f"provider {provider.name} has no authorization endpoint")
-    extra = {k: v for k, v in provider.extra_authorize_params.items() if k not in FLOW_PARAMS}
+    extra: dict[str, str | list[str]] = {
+        k: v for k, v in provider.extra_authorize_params.items() if k.lower() not in FLOW_PARAMS
+    }
+    if provider.resources:
+        extra["resource"] = list(provider.resources)  # repeated, one parameter per indicator
     scope = provider.scope_separator.join(scopes) or None
     return str(
         prepare_grant_uri(

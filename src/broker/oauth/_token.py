@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import parse_qsl, unquote_plus
+from urllib.parse import parse_qsl, unquote_plus, urlencode
 
 import certifi
 import httpx
@@ -37,6 +37,7 @@ from broker.egress import EgressPolicy, InvalidTarget, ResponseTooLarge
 from broker.egress.http import http_client, request
 from broker.oauth._expiry import infer_expiry
 from broker.oauth._types import ClientCredentials, ErrorKind, OAuthError, TokenSet
+from broker.testers.scrub import Scrubber
 
 _HEADERS = {
     "Accept": "application/json",  # GitHub answers form data without it
@@ -45,6 +46,9 @@ _HEADERS = {
 }
 # What an error code may look like to be repeated in messages, audit and logs.
 _ERROR_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# How much of a provider's error_description is kept (scrubbed) for the connection's summary.
+DESCRIPTION_LENGTH = 200
+_WHITESPACE = re.compile(r"[\s\x00-\x1f\x7f]+")
 # Request fields that carry a secret (RFC 6749, RFC 7636, RFC 7009).
 _SECRET_FIELDS = frozenset({"code", "code_verifier", "refresh_token", "client_secret", "token"})
 # Codes that mean the grant itself is dead, including GitHub's and Slack's own words.
@@ -73,6 +77,7 @@ _MISCONFIGURED = frozenset(
         "unsupported_token_type",
         "incorrect_client_credentials",
         "redirect_uri_mismatch",
+        "invalid_target",  # RFC 8707 section 2: the resource indicator is not one this server serves
         "bad_redirect_uri",
         "invalid_client_id",
         "bad_client_secret",
@@ -107,6 +112,7 @@ async def exchange_code(
     body = prepare_token_request(
         "authorization_code", redirect_uri=redirect_uri, code=code, code_verifier=code_verifier
     )
+    body = _with_resources(body, provider)
     document = await _token_call(egress, provider, client, body, now)
     return _token_set(document, now, default_lifetime, None)
 
@@ -123,7 +129,7 @@ async def refresh(
     """New tokens for a refresh token; when the answer has no refresh token, the given one is kept."""
     if not refresh_token:
         raise OAuthError("invalid_grant", "no refresh token to refresh with; authorize again")
-    body = prepare_token_request("refresh_token", refresh_token=refresh_token)
+    body = _with_resources(prepare_token_request("refresh_token", refresh_token=refresh_token), provider)
     document = await _token_call(egress, provider, client, body, now)
     return _token_set(document, now, default_lifetime, refresh_token)
 
@@ -139,6 +145,7 @@ async def client_credentials_token(
 ) -> TokenSet:
     """A token for the client itself (client credentials grant), with `scopes` when given."""
     body = prepare_token_request("client_credentials", scope=provider.scope_separator.join(scopes))
+    body = _with_resources(body, provider)
     document = await _token_call(egress, provider, client, body, now)
     return _token_set(document, now, default_lifetime, None)
 
@@ -160,6 +167,18 @@ async def revoke(
     response = await _post(egress, provider, client, provider.revocation_url, body, "revocation endpoint")
     if not 200 <= response.status_code < 300:
         raise _failure(response, _document(response), "revocation endpoint", datetime.now(UTC))
+
+
+def _with_resources(body: str, provider: OAuthProvider) -> str:
+    """The token request body with one `resource` per RFC 8707 indicator (section 2.2).
+
+    Sent on every token request, refresh included: an authorization server that binds the audience
+    from the request alone would otherwise issue the refreshed token for no resource, or all.
+    """
+    if not provider.resources:
+        return body
+    # Authlib's body encoder takes no repeated parameter; it is appended, encoded the same way.
+    return body + "&" + urlencode([("resource", value) for value in provider.resources])
 
 
 async def _token_call(
@@ -295,14 +314,18 @@ def _failure(
         message = f"the {what}'s answer (HTTP {status}) is not a token response"
     else:
         message = f"the {what} answered HTTP {status}" + (f" {code}" if code else "")
-    return OAuthError(kind, message, error=code, status=status, retry_after=retry_after)
+    return OAuthError(
+        kind,
+        message,
+        error=code,
+        status=status,
+        retry_after=retry_after,
+        description=_description(document, response.request),
+    )
 
 
-def _echoes_a_secret(code: str, sent: httpx.Request) -> bool:
-    """Whether an error "code" repeats a secret the request carried (form field or Basic header).
-
-    Such a code is no code: repeated in messages, audit and logs, it would leak what it echoes.
-    """
+def _sent_secrets(sent: httpx.Request) -> list[str]:
+    """The secrets a request carried: its secret form fields and its Basic credentials, both forms."""
     form = parse_qsl(sent.content.decode("utf-8", "replace"), keep_blank_values=True)
     secrets = [value for name, value in form if name in _SECRET_FIELDS]
     scheme, _, credentials = sent.headers.get("authorization", "").partition(" ")
@@ -311,10 +334,30 @@ def _echoes_a_secret(code: str, sent: httpx.Request) -> bool:
         with contextlib.suppress(ValueError):
             # RFC 6749 section 2.3.1: id and secret are form-encoded, then joined and base64-encoded.
             secrets.append(unquote_plus(base64.b64decode(credentials).decode("latin-1").partition(":")[2]))
+    return secrets
+
+
+def _echoes_a_secret(code: str, sent: httpx.Request) -> bool:
+    """Whether an error "code" repeats a secret the request carried (form field or Basic header).
+
+    Such a code is no code: repeated in messages, audit and logs, it would leak what it echoes.
+    """
     # Both ways: a code that holds a secret, or one long enough to be a piece of one.
     return any(
-        len(secret) >= 4 and (secret in code or (len(code) >= 8 and code in secret)) for secret in secrets
+        len(secret) >= 4 and (secret in code or (len(code) >= 8 and code in secret))
+        for secret in _sent_secrets(sent)
     )
+
+
+def _description(document: dict[str, Any] | None, sent: httpx.Request) -> str:
+    """The provider's error_description on one line, cut to `DESCRIPTION_LENGTH`, every form of
+    what the request carried masked (a provider may quote the refresh token it refused)."""
+    raw = document.get("error_description") if document is not None else None
+    if not isinstance(raw, str) or not raw:
+        return ""
+    line = _WHITESPACE.sub(" ", raw).strip()[:DESCRIPTION_LENGTH]
+    # cut_text: a secret cut in two at the end is masked from its first characters on.
+    return Scrubber(_sent_secrets(sent)).cut_text(line)
 
 
 def _retry_after(value: str | None, now: datetime) -> float | None:

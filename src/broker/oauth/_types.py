@@ -66,6 +66,9 @@ class OAuthError(Exception):
     `invalid_config` (the connection's client or endpoints are wrong). `error` is the
     provider's error code when it sent a well-formed one (never its description, which
     may echo what was sent); `status` the HTTP status when there was an answer.
+    `description` is the provider's error_description scrubbed of every secret the request
+    carried and cut short: for the connection's summary only, never in the message, a log or
+    the audit trail.
     """
 
     def __init__(
@@ -76,12 +79,14 @@ class OAuthError(Exception):
         error: str | None = None,
         status: int | None = None,
         retry_after: float | None = None,
+        description: str = "",
     ) -> None:
         super().__init__(message)
         self.kind: ErrorKind = kind
         self.error = error
         self.status = status
         self.retry_after = retry_after
+        self.description = description
 
     def __repr__(self) -> str:
         return (

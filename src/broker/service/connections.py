@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
+
+import structlog
 
 from broker import catalog, oauth
 from broker.crypto import Keyring
@@ -51,6 +54,10 @@ MAX_LABELS = 64
 # How long a revoke or purge waits for the provider's revocation before answering (it goes on
 # after): less than brokerctl's default deadline of 10 s.
 UPSTREAM_REVOCATION_WAIT = 5.0
+# The outcome audited for a provider revocation that shutdown cut off before it was answered.
+CUT_OFF = "cut_off_at_shutdown"
+
+log = structlog.get_logger("broker.connections")
 MAX_LABEL_VALUE = 256
 MAX_SECRET_BYTES = 64 * 1024
 MAX_SECRET_FIELDS = 64
@@ -202,8 +209,9 @@ class ConnectionService:
         self._keyring = keyring
         self._clock = clock
         self._tests = tests
-        # Provider revocations under way; referenced so that they finish when their caller went away.
-        self._upstream_revocations: set[asyncio.Task[None]] = set()
+        # Provider revocations under way, by the connection each revokes: referenced so that they
+        # finish when their caller went away, and so that shutdown waits for them (`close`).
+        self._upstream_revocations: dict[asyncio.Task[None], str] = {}
 
     async def _test_before_save(self, call: Call, validated: catalog.Validated) -> TestResult:
         if self._tests is None:
@@ -436,15 +444,50 @@ class ConnectionService:
         if self._egress is None or record.type != "oauth2":
             return
         task = asyncio.create_task(self._revoke_upstream_audited(call, record, self._egress))
-        self._upstream_revocations.add(task)
-        task.add_done_callback(self._upstream_revocations.discard)
+        self._upstream_revocations[task] = record.id
+        task.add_done_callback(self._upstream_revocation_ended)
         # asyncio.wait neither cancels the task at its timeout nor when this caller is cancelled.
         await asyncio.wait({task}, timeout=UPSTREAM_REVOCATION_WAIT)
+
+    def _upstream_revocation_ended(self, task: asyncio.Task[None]) -> None:
+        self._upstream_revocations.pop(task, None)
+        # Retrieved here so that an unexpected failure is logged, not left to the loop's handler.
+        if not task.cancelled() and task.exception() is not None:
+            log.error("upstream_revocation_failed", error_type=type(task.exception()).__name__)
 
     async def _revoke_upstream_audited(
         self, call: Call, record: ConnectionRecord, egress: EgressPolicy
     ) -> None:
-        upstream = await revoke_upstream(self._keyring, egress, record)
+        try:
+            upstream = await revoke_upstream(self._keyring, egress, record)
+        except asyncio.CancelledError:
+            # Only `close` cancels this task: the trail must say the provider may still hold the
+            # tokens (revoke them there by hand), so the event is written, then the task ends.
+            await self._audit_upstream_revocation(call, record, f"failed: {CUT_OFF}")
+            raise
+        await self._audit_upstream_revocation(call, record, upstream)
+
+    async def close(self, deadline: float) -> None:
+        """Let the provider revocations under way finish until `deadline` (`time.monotonic()`).
+
+        Those still unanswered then are cancelled, each logged (`upstream_revocation_cut_off`) and
+        audited as `connection.upstream_revocation` failed with `cut_off_at_shutdown`.
+        """
+        pending = dict(self._upstream_revocations)
+        if not pending:
+            return
+        left = max(deadline - time.monotonic(), 0.0)
+        log.info("upstream_revocations_draining", count=len(pending), wait_seconds=round(left, 3))
+        _, cut = await asyncio.wait(pending, timeout=left)
+        for task in cut:
+            log.warning("upstream_revocation_cut_off", connection_id=pending[task])
+            task.cancel()
+        if cut:
+            # Each writes its audit event as it ends; the audit log is flushed after this step.
+            await asyncio.wait(cut)
+        log.info("upstream_revocations_drained", completed=len(pending) - len(cut), cut_off=len(cut))
+
+    async def _audit_upstream_revocation(self, call: Call, record: ConnectionRecord, upstream: str) -> None:
         if not upstream:
             return
         failed = upstream.startswith("failed")

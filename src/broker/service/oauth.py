@@ -35,7 +35,14 @@ from broker import catalog, crypto, metrics, oauth
 from broker.crypto import DecryptionFailed, Keyring
 from broker.egress import Blocked, DnsFailure, EgressPolicy
 from broker.errors import Aborted, FailedPrecondition, InvalidArgument, SecretUnavailable, Unavailable
-from broker.model import AuditEvent, ConnectionRecord, ConnectionStatus, Outcome, PendingAuthorization
+from broker.model import (
+    AuditEvent,
+    ConnectionRecord,
+    ConnectionStatus,
+    Outcome,
+    PendingAuthorization,
+    ReauthReason,
+)
 from broker.sensitive import SecretFields
 from broker.service.audit import AuditLog
 from broker.service.context import Call, system_event
@@ -43,6 +50,7 @@ from broker.service.fingerprint import fingerprint
 from broker.service.lookup import live_connection
 from broker.service.sealing import DECRYPT_FAILED, open_secrets, open_secrets_audited, seal, state_binding
 from broker.store import ConnectionStore, Coordination, OAuthStateStore
+from broker.testers.scrub import Scrubber
 
 log = structlog.get_logger("broker.oauth")
 
@@ -500,7 +508,7 @@ class OAuthService:
                 # A client credentials grant has no user grant to lose: signing in again is no cure,
                 # whatever the provider calls its refusal.
                 if exc.kind == "invalid_grant" and not cc:
-                    return await self._mark_expired(record, exc.error or exc.kind)
+                    return await self._mark_expired(record, exc, secrets)
                 failure = exc.error or exc.kind
                 if exc.kind != "transient":
                     refused = True
@@ -546,10 +554,23 @@ class OAuthService:
         now = self._clock()
         return system_event(now, SYSTEM_ACTOR, record.tenant, record.id, action, outcome, reason, details)
 
-    async def _mark_expired(self, record: ConnectionRecord, reason: str) -> ConnectionRecord:
-        """The provider refused the refresh token: the connection needs re-authorization."""
+    async def _mark_expired(
+        self, record: ConnectionRecord, refusal: oauth.OAuthError, secrets: Mapping[str, str]
+    ) -> ConnectionRecord:
+        """The provider refused the refresh token: the connection needs re-authorization.
+
+        Why is kept on the row for the admin summary: the error code, and the description scrubbed
+        once more of every secret the connection holds (the request did not carry the access token,
+        but the provider issued it and may quote it).
+        """
         now = self._clock()
-        marked = replace(record, reauth_required_at=now, version=record.version + 1, updated_at=now)
+        reason = refusal.error or refusal.kind
+        why = ReauthReason(
+            "refresh_refused", refusal.error or "", Scrubber(secrets.values()).cut_text(refusal.description)
+        )
+        marked = replace(
+            record, reauth_required_at=now, reauth_reason=why, version=record.version + 1, updated_at=now
+        )
         event = self._system_event(record, "oauth.expired", Outcome.FAILED, reason)
         try:
             await self._connections.replace_connection(marked, record.version, event)
@@ -582,6 +603,7 @@ class OAuthService:
                 version=record.version + 1,
                 updated_at=now,
                 reauth_required_at=None,
+                reauth_reason=None,
             )
             updated = replace(updated, sealed=seal(self._keyring, secrets, updated))
             details = {
