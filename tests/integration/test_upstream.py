@@ -13,10 +13,10 @@ import pytest
 
 from broker.egress import Blocked, EgressPolicy, EgressSettings
 from broker.errors import FailedPrecondition, InvalidArgument
+from broker.scrub import MASK
 from broker.sensitive import SecretFields
 from broker.service.upstream import Injection, UpstreamRequest, call, injection, pooled_client, under_base
 from broker.testers import webhook
-from broker.testers.scrub import MASK
 from tests.httpservers import Answer, Seen, serve
 
 TOKEN = "tok-Secret/With+Slash-4711"

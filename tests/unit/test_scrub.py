@@ -6,8 +6,8 @@ import base64
 import urllib.parse
 
 from broker.model import McpTool
+from broker.scrub import MASK, Scrubber
 from broker.testers.mcp import scrub_tools, tool_definition_hash
-from broker.testers.scrub import MASK, Scrubber
 from broker.testers.sent import SentCredentials
 
 USER = "ada-lo"  # `user:` is then not whole base64 groups, so the pair hides the password's own base64

@@ -6,7 +6,7 @@ import base64
 import itertools
 import random
 
-from broker.testers.scrub import MASK, Scrubber
+from broker.scrub import MASK, Scrubber
 
 SECRET = "s3cr3t-Token/with+chars"
 

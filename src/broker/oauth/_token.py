@@ -37,7 +37,7 @@ from broker.egress import EgressPolicy, InvalidTarget, ResponseTooLarge
 from broker.egress.http import http_client, request
 from broker.oauth._expiry import infer_expiry
 from broker.oauth._types import ClientCredentials, ErrorKind, OAuthError, TokenSet
-from broker.testers.scrub import Scrubber
+from broker.scrub import Scrubber
 
 _HEADERS = {
     "Accept": "application/json",  # GitHub answers form data without it

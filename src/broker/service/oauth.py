@@ -43,6 +43,7 @@ from broker.model import (
     PendingAuthorization,
     ReauthReason,
 )
+from broker.scrub import Scrubber
 from broker.sensitive import SecretFields
 from broker.service.audit import AuditLog
 from broker.service.context import Call, system_event
@@ -50,7 +51,6 @@ from broker.service.fingerprint import fingerprint
 from broker.service.lookup import live_connection
 from broker.service.sealing import DECRYPT_FAILED, open_secrets, open_secrets_audited, seal, state_binding
 from broker.store import ConnectionStore, Coordination, OAuthStateStore
-from broker.testers.scrub import Scrubber
 
 log = structlog.get_logger("broker.oauth")
 

@@ -47,11 +47,11 @@ from broker.egress.errors import ResponseTooLarge
 from broker.egress.http import PolicyClient, http_client, read_body
 from broker.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from broker.model import plain_path
+from broker.scrub import Scrubber
 from broker.sensitive import SecretFields
 from broker.testers import webhook
 from broker.testers.http import trust
 from broker.testers.providers import API_KEY_PROVIDERS, KeyStyle
-from broker.testers.scrub import Scrubber
 from broker.testers.sent import SentCredentials
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

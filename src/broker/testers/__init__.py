@@ -13,9 +13,9 @@ import structlog
 from broker.egress import Blocked, DnsFailure, EgressPolicy
 from broker.egress.errors import InvalidTarget
 from broker.model import McpTool, TestCategory, TestResult, TestStage
+from broker.scrub import Scrubber
 from broker.testers.base import Target, Tester, TestFailure
 from broker.testers.mcp import scrub_tools
-from broker.testers.scrub import Scrubber
 
 log = structlog.get_logger("broker.testers")
 

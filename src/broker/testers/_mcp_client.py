@@ -28,10 +28,10 @@ from pydantic import ValidationError
 from broker.egress import Blocked, DnsFailure, EgressPolicy
 from broker.egress.http import http_client
 from broker.model import McpTool, TestCategory, TestResult, TestStage
+from broker.scrub import Scrubber
 from broker.testers._mcp_transport import EgressTransport, ExchangeLog
 from broker.testers.base import Target, TestFailure, passed
 from broker.testers.mcp import ToolCall, ToolChanged, ToolError, scrub_tools, tool_definition_hash
-from broker.testers.scrub import Scrubber
 
 # Bounds on one listing: a server that pages forever must not hold a test open.
 MAX_PAGES = 50

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from broker.model import McpTool
-from broker.testers.scrub import Scrubber, distinct
+from broker.scrub import Scrubber, distinct
 
 if TYPE_CHECKING:
     from types import ModuleType
