@@ -5,6 +5,7 @@ called. Against the real loopback MCP server of tests/mcpserver.py."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from google.protobuf.json_format import MessageToDict
 
 from broker._proto import broker_pb2 as pb
 from broker.egress import EgressSettings
+from broker.testers.mcp import tool_definition_hash
 from tests import mcpserver
 from tests.conftest import Running
 from tests.helpers import EXECUTOR, rpc_error, struct
@@ -174,3 +176,26 @@ async def test_a_tool_that_runs_only_as_a_task_is_shown_but_never_granted_or_cal
     assert list(kept.scope.tools) == []  # the refused grant changed nothing
     audited = await admin.ListAuditEvents(pb.ListAuditEventsRequest(action="mcp.call_tool"))
     assert [(e.outcome, e.reason) for e in audited.events] == [("failed", "task_required")]
+
+
+async def test_after_an_upgrade_only_the_tools_that_carry_metadata_need_approving_again(
+    make_broker: Callable[..., object],
+) -> None:
+    running: Running = await make_broker(egress=EgressSettings(allow_loopback=True))  # type: ignore[misc]
+    admin = running.admin()
+    with mcpserver.running(token=TOKEN, tool_count=3, metadata=METADATA) as server:
+        conn = await _connection(running, server)
+        # The rows as an older broker left them, migrated: no metadata, hashed without it.
+        with sqlite3.connect(running.broker.settings.storage_path, timeout=10) as db:
+            for name, description in (("tool_01", "Tool number 1."), ("tool_02", "Tool number 2.")):
+                db.execute(
+                    "UPDATE mcp_tools SET title = '', annotations = NULL, output_schema = NULL,"
+                    " execution = NULL, definition_hash = ? WHERE connection_id = ? AND name = ?",
+                    (tool_definition_hash(name, description, mcpserver.SCHEMA), conn, name),
+                )
+        assert not (await _call(running, "tool_02")).is_error  # plain: its approval holds
+        changed = await rpc_error(_call(running, "tool_01"))  # it has hints the approval did not see
+        assert "tool definition changed since it was approved" in (changed.details() or "")
+        refreshed = await admin.RefreshMcpTools(pb.RefreshMcpToolsRequest(id=conn))
+        assert list(refreshed.changed) == ["tool_01"]
+        assert not (await _call(running, "tool_01")).is_error
