@@ -7,7 +7,9 @@ response mode, and over the older HTTP+SSE transport at `/sse` +
 `/messages/`. A small ASGI middleware records every request and, when a token
 is set, answers 401 without it. With `echo_header`, the server behaves like one that
 reflects what it was sent: that header's value goes into its name and into an extra
-tool's name, description and input schema. With `behaviours`, extra tools
+tool's name, description, input schema, title and annotation title. With `metadata`, a tool is
+listed with what MCP lets a server say of it beside those (title, annotations, output schema,
+execution), changeable while the server runs. With `behaviours`, extra tools
 (listed first, with an open input schema) do what a real server's tools do: ask the client to
 sample or elicit, send progress or log notifications, answer at length or slowly. `/html` and
 `/notjsonrpc` are plain HTTP endpoints that are not MCP servers. uvicorn runs in a background thread on a
@@ -110,6 +112,8 @@ class McpTestServer:
     With `tls` (certificate file, key file), it serves HTTPS.
     With `echo_header`, that request header is echoed into the server name and an extra tool.
     With `behaviours`, each named tool is listed first and does what its behaviour does.
+    With `metadata`, a tool is listed with those `types.Tool` fields too (`title`, `annotations`,
+    `output_schema`, `execution`, `icons`, `meta`); `self.metadata` may be changed at any time.
     """
 
     def __init__(
@@ -124,6 +128,7 @@ class McpTestServer:
         tls: tuple[str, str] | None = None,
         echo_header: str | None = None,
         behaviours: Mapping[str, ToolBehaviour] | None = None,
+        metadata: Mapping[str, dict[str, Any]] | None = None,
     ) -> None:
         self.page_size = page_size
         self.echo_header = echo_header.lower() if echo_header else None
@@ -134,6 +139,7 @@ class McpTestServer:
         self.tls = tls
         self.descriptions = {f"tool_{i:02d}": f"Tool number {i}." for i in range(tool_count)}
         self.behaviours = dict(behaviours or {})
+        self.metadata = {name: dict(fields) for name, fields in (metadata or {}).items()}
         self.seen: list[Seen] = []
         self.responses: list[Answered] = []
         self.list_calls = 0
@@ -174,10 +180,20 @@ class McpTestServer:
         start = int(params.cursor) if params is not None and params.cursor else 0
         names = sorted(self.descriptions)
         page = names[start : start + self.page_size]
-        tools = [types.Tool(name=n, description=self.descriptions[n], input_schema=SCHEMA) for n in page]
+        tools = [
+            types.Tool(
+                name=n, description=self.descriptions[n], input_schema=SCHEMA, **self.metadata.get(n, {})
+            )
+            for n in page
+        ]
         if start == 0:
             tools[:0] = [
-                types.Tool(name=n, description=f"Edge case: {n}.", input_schema=OPEN_SCHEMA)
+                types.Tool(
+                    name=n,
+                    description=f"Edge case: {n}.",
+                    input_schema=OPEN_SCHEMA,
+                    **self.metadata.get(n, {}),
+                )
                 for n in sorted(self.behaviours)
             ]
         if self.echoed is not None and start == 0:
@@ -188,7 +204,13 @@ class McpTestServer:
                 "required": [value],
             }
             tools.append(
-                types.Tool(name=f"echo_{value}", description=f"Uses {value} for you.", input_schema=schema)
+                types.Tool(
+                    name=f"echo_{value}",
+                    description=f"Uses {value} for you.",
+                    input_schema=schema,
+                    title=f"Echo {value}",
+                    annotations=types.ToolAnnotations(title=f"Echoes {value}", read_only_hint=True),
+                )
             )
         following = start + self.page_size
         cursor = str(following) if following < len(names) else None

@@ -130,12 +130,38 @@ class ReauthReason:
 
 @dataclass(frozen=True, slots=True)
 class McpTool:
-    """A tool an MCP server offers; `definition_hash` changes when anything about it changes."""
+    """A tool an MCP server offers; `definition_hash` changes when anything about it changes.
+
+    Beside name, description and input schema, what the server says of the tool, as the MCP
+    spec spells it: `title` ("" when not given), `annotations` (the hints `title`, `readOnlyHint`,
+    `destructiveHint`, `idempotentHint`, `openWorldHint`, only those the server set),
+    `output_schema`, and `execution` (`taskSupport`); None when the server sent none.
+    """
 
     name: str
     description: str
     input_schema: dict[str, Any]
     definition_hash: str
+    title: str = ""
+    annotations: dict[str, Any] | None = None
+    output_schema: dict[str, Any] | None = None
+    execution: dict[str, Any] | None = None
+
+    @property
+    def task_support(self) -> str:
+        """`execution.taskSupport` as the server said it; "" when it did not (MCP: "forbidden")."""
+        value = (self.execution or {}).get("taskSupport")
+        return value if isinstance(value, str) else ""
+
+    @property
+    def not_callable(self) -> str:
+        """Why the broker will not call this tool; "" when it may."""
+        if self.task_support == "required":
+            return (
+                "the server runs this tool only as an MCP task (execution.taskSupport is"
+                ' "required"), and the broker does not run MCP tasks'
+            )
+        return ""
 
 
 @dataclass(frozen=True, slots=True)

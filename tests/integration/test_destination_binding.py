@@ -461,7 +461,9 @@ async def test_echoes_stored_before_scrubbing_knew_composed_credentials_are_scru
             (*sealed, json.dumps(last_test), created.id),
         )
         db.execute(
-            "INSERT INTO mcp_tools VALUES ('default', ?, ?, ?, ?, 'h', 1)",
+            # The columns an older broker wrote; those added since (0013) take their defaults.
+            "INSERT INTO mcp_tools (tenant, connection_id, name, description, input_schema,"
+            " definition_hash, discovered_at) VALUES ('default', ?, ?, ?, ?, 'h', 1)",
             (created.id, f"echo_{basic}", f"Uses Basic {basic}", json.dumps({basic: {"default": password}})),
         )
     db.close()

@@ -27,8 +27,9 @@ from broker._proto import broker_pb2 as pb
 from broker.egress import EgressSettings
 from tests import mcpserver
 from tests.conftest import Running
-from tests.helpers import struct
+from tests.helpers import EXECUTOR, struct
 from tests.httpservers import Answer, Seen, serve
+from tests.integration.test_proxy_api import proxy
 from tests.postgres_db import fresh_database
 
 pytestmark = pytest.mark.integration
@@ -89,7 +90,7 @@ def _assert_nowhere(running: Running, secret: str, responses: Iterable[Message])
     _assert_absent(running.logs.getvalue(), secret, "logs")
     db_path = Path(running.broker.settings.storage_path)
     with sqlite3.connect(db_path) as db:
-        rows = db.execute("SELECT name, description, input_schema FROM mcp_tools").fetchall()
+        rows = db.execute("SELECT * FROM mcp_tools").fetchall()
         audit = db.execute("SELECT * FROM audit_events").fetchall()
     _assert_absent(repr(rows), secret, "mcp_tools rows")
     _assert_absent(repr(audit), secret, "audit rows")
@@ -123,10 +124,19 @@ async def test_an_mcp_server_echoing_the_api_key_into_its_tools_stores_and_retur
         assert echo.name == "echo_[redacted]" and echo.description == "Uses [redacted] for you."
         assert dict(echo.input_schema["properties"]).keys() == {"[redacted]"}
         assert list(echo.input_schema["required"]) == ["[redacted]"]
+        # The title and the annotations' title are the server's words too.
+        assert echo.title == "Echo [redacted]" and echo.annotations.title == "Echoes [redacted]"
+        assert echo.annotations.read_only_hint
         assert "echo_[redacted]" in refreshed.added and len(refreshed.tools) == 26
 
         listed = await admin.ListMcpTools(pb.ListMcpToolsRequest(id=created.id))
         assert list(listed.tools) == list(refreshed.tools)
+        await admin.GrantAccess(
+            pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR, mode=pb.GRANT_MODE_PROXY)
+        )
+        listing = pb.ListGrantedMcpToolsRequest(connection_id=created.id)
+        granted = await proxy(broker).ListGrantedMcpTools(listing)
+        assert echo in granted.tools  # the executor's listing: the same scrubbed tool
         discovered = await admin.DiscoverMcpTools(pb.DiscoverMcpToolsRequest(id=created.id))
         assert {t.name: t.definition_hash for t in discovered.tools} == {
             t.name: t.definition_hash for t in refreshed.tools
@@ -144,7 +154,7 @@ async def test_an_mcp_server_echoing_the_api_key_into_its_tools_stores_and_retur
         assert (list(rotated.added), list(rotated.removed), list(rotated.changed)) == ([], [], [])
         audit = await admin.ListAuditEvents(pb.ListAuditEventsRequest(connection_id=created.id))
 
-    responses = [refreshed, listed, discovered, tested, fetched, again, rotated, audit]
+    responses = [refreshed, listed, granted, discovered, tested, fetched, again, rotated, audit]
     for secret in (KEY, ROTATED):
         _assert_nowhere(broker, secret, responses)
 

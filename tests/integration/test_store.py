@@ -706,12 +706,22 @@ async def test_mcp_tools_replace_and_list(store: Store) -> None:
         McpTool(
             "search", "Search the web", {"type": "object", "properties": {"q": {"type": "string"}}}, "h1"
         ),
-        McpTool("fetch", "Fetch a URL", {"type": "object"}, "h2"),
+        McpTool(
+            "fetch",
+            "Fetch a URL",
+            {"type": "object"},
+            "h2",
+            title="Fetch — a page",
+            annotations={"readOnlyHint": True, "openWorldHint": False, "title": "Fetcher"},
+            output_schema={"type": "object", "properties": {"body": {"type": "string"}}},
+            execution={"taskSupport": "optional"},
+        ),
     ]
     await store.replace_mcp_tools(TENANT, record.id, tools, T0, make_event(action="mcp.refresh"))
     listed, when = await store.list_mcp_tools(TENANT, record.id)
     assert [t.name for t in listed] == ["fetch", "search"] and when == T0
-    assert listed[1] == tools[0]
+    assert listed == [tools[1], tools[0]]  # the metadata as written, and none where there was none
+    assert listed[1].title == "" and listed[1].annotations is None and listed[1].execution is None
     await store.replace_mcp_tools(TENANT, record.id, tools[:1], T0 + timedelta(days=1), None)
     listed, when = await store.list_mcp_tools(TENANT, record.id)
     assert [t.name for t in listed] == ["search"] and when == T0 + timedelta(days=1)

@@ -900,3 +900,49 @@ def test_leases_revoke_keeps_filters_given_before_revoke(fake: Any) -> None:
     assert brokerctl.main(["leases", "--connection", ID1, "revoke", "--run-id", "r"]) == 0
     [(_, request)] = session.admin.calls
     assert (request.connection_id, request.run_id) == (ID1, "r")
+
+
+def test_mcp_tools_shows_the_servers_hints_compactly_and_json_has_them(
+    fake: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    drop = pb.McpTool(
+        name="drop_table",
+        description="Drops a table.",
+        title="Drop a table",
+        annotations=pb.McpToolAnnotations(read_only_hint=False, destructive_hint=True, open_world_hint=False),
+        task_support="optional",
+    )
+    drop.output_schema.update({"type": "object"})
+    read = pb.McpTool(
+        name="read", description="Reads.", annotations=pb.McpToolAnnotations(read_only_hint=True)
+    )
+    export = pb.McpTool(name="export", task_support="required", not_callable="runs only as an MCP task")
+    plain = pb.McpTool(name="plain", description="Nothing said.")
+    fake(ListMcpTools=pb.ListMcpToolsResponse(tools=[drop, read, export, plain]))
+    assert brokerctl.main(["mcp", "tools", ID1]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["TOOL", "HINTS", "PARAMETERS", "DESCRIPTION"]
+    rows = {line.split()[0]: line.split()[1] for line in lines[1:]}
+    assert rows == {
+        "drop_table": "writes,destructive,closed-world,task-optional",
+        "read": "read-only",
+        "export": "task-required,not-callable",
+        "plain": "-",
+    }
+    assert "Drop a table: Drops a table." in lines[1]
+
+    fake(ListMcpTools=pb.ListMcpToolsResponse(tools=[drop, export]))
+    assert brokerctl.main(["mcp", "tools", ID1, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["tools"]
+    # A hint set to false is there: unset and false are different statements.
+    assert shown[0]["annotations"] == {
+        "read_only_hint": False,
+        "destructive_hint": True,
+        "open_world_hint": False,
+    }
+    assert (shown[0]["title"], shown[0]["task_support"], shown[0]["output_schema"]) == (
+        "Drop a table",
+        "optional",
+        {"type": "object"},
+    )
+    assert shown[1]["not_callable"] == "runs only as an MCP task"

@@ -571,16 +571,40 @@ class TestConnectionRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., draft: _Optional[_Union[ConnectionDraft, _Mapping]] = ...) -> None: ...
 
 class McpTool(_message.Message):
-    __slots__ = ("name", "description", "input_schema", "definition_hash")
+    __slots__ = ("name", "description", "input_schema", "definition_hash", "title", "annotations", "output_schema", "task_support", "not_callable")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     INPUT_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     DEFINITION_HASH_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    ANNOTATIONS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    TASK_SUPPORT_FIELD_NUMBER: _ClassVar[int]
+    NOT_CALLABLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     input_schema: _struct_pb2.Struct
     definition_hash: str
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., input_schema: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., definition_hash: _Optional[str] = ...) -> None: ...
+    title: str
+    annotations: McpToolAnnotations
+    output_schema: _struct_pb2.Struct
+    task_support: str
+    not_callable: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., input_schema: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., definition_hash: _Optional[str] = ..., title: _Optional[str] = ..., annotations: _Optional[_Union[McpToolAnnotations, _Mapping]] = ..., output_schema: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., task_support: _Optional[str] = ..., not_callable: _Optional[str] = ...) -> None: ...
+
+class McpToolAnnotations(_message.Message):
+    __slots__ = ("title", "read_only_hint", "destructive_hint", "idempotent_hint", "open_world_hint")
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_HINT_FIELD_NUMBER: _ClassVar[int]
+    DESTRUCTIVE_HINT_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENT_HINT_FIELD_NUMBER: _ClassVar[int]
+    OPEN_WORLD_HINT_FIELD_NUMBER: _ClassVar[int]
+    title: str
+    read_only_hint: bool
+    destructive_hint: bool
+    idempotent_hint: bool
+    open_world_hint: bool
+    def __init__(self, title: _Optional[str] = ..., read_only_hint: _Optional[bool] = ..., destructive_hint: _Optional[bool] = ..., idempotent_hint: _Optional[bool] = ..., open_world_hint: _Optional[bool] = ...) -> None: ...
 
 class DiscoverMcpToolsRequest(_message.Message):
     __slots__ = ("id", "draft")

@@ -133,12 +133,40 @@ def test_result(result: TestResult) -> pb.TestResult:
 
 
 def mcp_tool(tool: McpTool) -> pb.McpTool:
-    return pb.McpTool(
+    message = pb.McpTool(
         name=tool.name,
         description=tool.description,
         input_schema=struct(tool.input_schema),
         definition_hash=tool.definition_hash,
+        title=tool.title,
+        task_support=tool.task_support,
+        not_callable=tool.not_callable,
     )
+    if tool.annotations is not None:
+        message.annotations.CopyFrom(_annotations(tool.annotations))
+    if tool.output_schema is not None:
+        message.output_schema.CopyFrom(struct(tool.output_schema))
+    return message
+
+
+# MCP's annotation keys and their fields in `McpToolAnnotations`.
+_HINTS = {
+    "readOnlyHint": "read_only_hint",
+    "destructiveHint": "destructive_hint",
+    "idempotentHint": "idempotent_hint",
+    "openWorldHint": "open_world_hint",
+}
+
+
+def _annotations(stored: dict[str, Any]) -> pb.McpToolAnnotations:
+    """The stored hints; a hint that is not a boolean (the SDK admits none) is left unset."""
+    title = stored.get("title")
+    message = pb.McpToolAnnotations(title=title if isinstance(title, str) else "")
+    for key, field in _HINTS.items():
+        value = stored.get(key)
+        if isinstance(value, bool):
+            setattr(message, field, value)
+    return message
 
 
 def connection(record: ConnectionRecord, stale: bool = False) -> pb.Connection:

@@ -302,14 +302,37 @@ def render_test_result(r: broker_pb2.TestResult) -> str:
 
 
 def render_tools(tools: Iterable[broker_pb2.McpTool]) -> str:
-    """MCP tools: name, a one-line description, and the input schema's parameters."""
+    """MCP tools: name, the server's hints (`tool_hints`), the input schema's parameters, and a
+    one-line description after the tool's title, if it has one."""
     rows = []
     for tool in tools:
         schema = struct_to_dict(tool.input_schema)
         params = ", ".join(sorted(schema.get("properties", {}))) if isinstance(schema, dict) else ""
-        description = " ".join(tool.description.split())
-        rows.append((tool.name, params or _NONE, description[:80] or _NONE))
-    return table(("TOOL", "PARAMETERS", "DESCRIPTION"), rows) if rows else "no tools"
+        title = tool.title or tool.annotations.title
+        description = " ".join((f"{title}: {tool.description}" if title else tool.description).split())
+        rows.append((tool.name, tool_hints(tool), params or _NONE, description[:80] or _NONE))
+    return table(("TOOL", "HINTS", "PARAMETERS", "DESCRIPTION"), rows) if rows else "no tools"
+
+
+def tool_hints(tool: broker_pb2.McpTool) -> str:
+    """What the server says of a tool, compactly: only the hints it set (MCP's defaults when it
+    sets none: may modify, may destroy, not idempotent, open world), then its task support; a
+    tool the broker will not call says so."""
+    hints = tool.annotations
+    said = []
+    if hints.HasField("read_only_hint"):
+        said.append("read-only" if hints.read_only_hint else "writes")
+    if hints.HasField("destructive_hint"):
+        said.append("destructive" if hints.destructive_hint else "additive")
+    if hints.HasField("idempotent_hint") and hints.idempotent_hint:
+        said.append("idempotent")
+    if hints.HasField("open_world_hint"):
+        said.append("open-world" if hints.open_world_hint else "closed-world")
+    if tool.task_support in ("optional", "required"):
+        said.append(f"task-{tool.task_support}")
+    if tool.not_callable:
+        said.append("not-callable")
+    return ",".join(said) or _NONE
 
 
 def render_tool_changes(r: broker_pb2.RefreshMcpToolsResponse) -> str:

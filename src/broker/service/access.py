@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from broker import catalog
-from broker.errors import FieldViolation, InvalidArgument, NotFound
+from broker.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from broker.identity import InvalidSpiffeId, parse_spiffe_id
 from broker.model import UNSCOPED, Grant, GrantFilter, GrantMode, GrantScope, Role, plain_path, shown_id
 from broker.service import paging
@@ -55,6 +55,7 @@ class AccessService:
             raise InvalidArgument.field("expires_at", "must be in the future")
         record = await live_connection(self._connections, call.tenant, connection_id, field="connection_id")
         scope = checked_scope(record.type, mode, scope)
+        await self._check_callable(record.tenant, connection_id, scope)
         grant = Grant(
             tenant=call.tenant,
             connection_id=connection_id,
@@ -74,6 +75,21 @@ class AccessService:
         event = call.audit_event(now, "grant.create", connection_id, details=details)
         await self._grants.put_grant(grant, event)
         return grant
+
+    async def _check_callable(self, tenant: str, connection_id: str, scope: GrantScope) -> None:
+        """FAILED_PRECONDITION when the scope names a stored tool the broker will not call (one
+        that runs only as an MCP task): granting it would approve a call that can never be made.
+        A tool not discovered yet may be named; it is checked again when called."""
+        if not scope.tools:
+            return
+        tools, _ = await self._connections.list_mcp_tools(tenant, connection_id)
+        refused = [t for t in tools if t.name in scope.tools and t.not_callable]
+        if refused:
+            more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+            raise FailedPrecondition(
+                f"scope.tools names {refused[0].name!r}{more}, which cannot be granted:"
+                f" {refused[0].not_callable}"
+            )
 
     async def revoke(
         self, call: Call, connection_id: str, principal: str, *, every_connection: bool = False

@@ -12,6 +12,8 @@ HTTP: `service.upstream` (injected credential, no redirects, no retries, capped 
 answer). MCP: a tool is called only if the stored list (the last admin refresh) has it and
 the server still describes it exactly so (`testers.mcp.call_tool` compares the definition
 hashes); otherwise FAILED_PRECONDITION and, for a changed or vanished tool, a security event.
+A tool that runs only as an MCP task is never called (FAILED_PRECONDITION, before any key is
+unwrapped) nor listed to executors.
 """
 
 from __future__ import annotations
@@ -65,6 +67,14 @@ from broker.testers import mcp
 from broker.testers.base import Target, TestFailure
 
 PROXY_HTTP = "connection.proxy"
+
+
+class _TaskRequired(FailedPrecondition):
+    """The approved tool runs only as an MCP task (`execution.taskSupport` "required"): a plain
+    `tools/call` would fail, and the broker does not run tasks: a task's result is fetched by
+    later requests (`tasks/result`), outside the one audited call."""
+
+
 # Methods a 401 may repeat once after a token refresh (RFC 9110 idempotent methods).
 _REPEATABLE = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 # What a call through `service.upstream` can fail with, besides the checks before it.
@@ -197,6 +207,10 @@ class ProxyService:
                     f"the tool {tool!r} is not approved: an admin approves a server's tools with"
                     " `brokerctl mcp refresh`"
                 )
+            if approved[tool].not_callable:
+                raise _TaskRequired(
+                    f"the tool {tool!r} cannot be called through the broker: {approved[tool].not_callable}"
+                )
             secrets = await self._open(use, record)
             target = Target(record.type, record.provider, record.config, secrets)
             async with self._within(use, started, time_left):
@@ -210,6 +224,9 @@ class ProxyService:
             raise FailedPrecondition(
                 f"{TOOL_CHANGED}; an admin reviews it with `brokerctl mcp refresh`"
             ) from None
+        except _TaskRequired as exc:
+            await self._failed(use, "task_required", started)
+            raise exc from None
         except NotInjectable as exc:
             await self._failed(use, "not_callable", started)
             raise exc from None
@@ -229,10 +246,15 @@ class ProxyService:
         return result
 
     async def granted_tools(self, call_: Call, *, connection_id: str = "", name: str = "") -> list[McpTool]:
-        """The approved tools of an MCP connection that the caller's grant lets it call."""
+        """The approved tools of an MCP connection that the caller's grant lets it call (and that
+        the broker can call: not those that run only as MCP tasks)."""
         use = _Use(call_, LIST_TOOLS, {}, self._clock())
         record, grant = await self._authorize(use, connection_id, name, "", lambda _, s: True)
-        return [t for t in await self._approved_tools(record) if grant.scope.allows_tool(t.name)]
+        return [
+            t
+            for t in await self._approved_tools(record)
+            if grant.scope.allows_tool(t.name) and not t.not_callable
+        ]
 
     async def _approved_tools(self, record: ConnectionRecord) -> list[McpTool]:
         if record.type != "mcp":

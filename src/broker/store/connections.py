@@ -64,6 +64,16 @@ _UPDATE = (
     + " WHERE tenant = ? AND id = ? AND version = ?"
 )
 _UPDATE_VALUES = [value for _, values in _SETS for value in values]
+# A tool row: the model's columns (from `McpTool`'s fields) between its connection and when it was seen.
+_MCP_TOOL_COLUMNS = ("tenant", "connection_id", *codec.MCP_TOOLS.columns, "discovered_at")
+_INSERT_MCP_TOOL = (
+    f"INSERT INTO mcp_tools ({', '.join(_MCP_TOOL_COLUMNS)})"  # noqa: S608 (names from the model)
+    f" VALUES ({', '.join('?' * len(_MCP_TOOL_COLUMNS))})"
+)
+_MCP_TOOLS_OF = (
+    f"SELECT {', '.join(codec.MCP_TOOLS.columns)}, discovered_at FROM mcp_tools"  # noqa: S608
+    " WHERE tenant = ? AND connection_id = ? ORDER BY name"
+)
 # A unique constraint as each engine names it: SQLite by its columns, PostgreSQL by its name.
 _NAME_TAKEN = {"connections.tenant, connections.name", "connections_live_name"}
 _ID_TAKEN = {"connections.tenant, connections.id", "connections_pkey"}
@@ -248,8 +258,7 @@ class Connections(EngineStore):
                     "DELETE FROM mcp_tools WHERE tenant = ? AND connection_id = ?", tenant, connection_id
                 )
                 await tx.executemany(
-                    "INSERT INTO mcp_tools (tenant, connection_id, name, description, input_schema,"
-                    " definition_hash, discovered_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    _INSERT_MCP_TOOL,
                     [(tenant, connection_id, *codec.MCP_TOOLS.params(t), when) for t in tools],
                 )
                 if event is not None:
@@ -259,8 +268,7 @@ class Connections(EngineStore):
 
     async def list_mcp_tools(self, tenant: str, connection_id: str) -> tuple[list[McpTool], datetime | None]:
         rows = await self._engine.fetch(
-            "SELECT name, description, input_schema, definition_hash, discovered_at FROM mcp_tools"
-            " WHERE tenant = ? AND connection_id = ? ORDER BY name",
+            _MCP_TOOLS_OF,
             tenant,
             connection_id,
         )

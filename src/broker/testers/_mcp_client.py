@@ -31,7 +31,7 @@ from broker.model import McpTool, TestCategory, TestResult, TestStage
 from broker.scrub import Scrubber
 from broker.testers._mcp_transport import EgressTransport, ExchangeLog
 from broker.testers.base import Target, TestFailure, passed
-from broker.testers.mcp import ToolCall, ToolChanged, ToolError, scrub_tools, tool_definition_hash
+from broker.testers.mcp import ToolCall, ToolChanged, ToolError, hashed, scrub_tools, tool_definition_hash
 
 # Bounds on one listing: a server that pages forever must not hold a test open.
 MAX_PAGES = 50
@@ -69,10 +69,27 @@ class _BrokerSession(ClientSession):
 
 
 def _to_tool(tool: types.Tool) -> McpTool:
-    wire = tool.model_dump(mode="json", by_alias=True)
-    description = tool.description or ""
-    schema: dict[str, Any] = wire.get("inputSchema") or {}
-    return McpTool(tool.name, description, schema, tool_definition_hash(tool.name, description, schema))
+    """The tool as the broker keeps it: what a caller needs to judge it, in the spec's spelling.
+
+    Annotations and execution keep only the fields the spec defines (the SDK's models drop any
+    other) and only those the server set: an absent hint and a hint at its default are different
+    statements. `icons` and `_meta` are dropped: icons are addresses (or data) for a user
+    interface to fetch and draw, which the broker does not do and would not send through its
+    egress policy, and `_meta` is free-form data for the protocol's own extensions; neither
+    changes what a call does.
+    """
+    wire = tool.model_dump(mode="json", by_alias=True, exclude_none=True)
+    described = McpTool(
+        tool.name,
+        tool.description or "",
+        wire.get("inputSchema") or {},
+        "",
+        title=tool.title or "",
+        annotations=wire.get("annotations") or None,
+        output_schema=wire.get("outputSchema"),
+        execution=wire.get("execution") or None,
+    )
+    return hashed(described)
 
 
 def _auth_headers(target: Target) -> dict[str, str]:

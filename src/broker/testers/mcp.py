@@ -10,6 +10,7 @@ calls), and the first test or discovery loads it if that has not happened yet.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -61,19 +62,50 @@ class ToolCall:
     structured: Any
 
 
-def tool_definition_hash(name: str, description: str, input_schema: Mapping[str, Any]) -> str:
-    """SHA-256 hex of the canonical JSON of a tool's name, description and input schema."""
-    canonical = json.dumps(
-        {"name": name, "description": description, "inputSchema": input_schema},
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+def tool_definition_hash(
+    name: str,
+    description: str,
+    input_schema: Mapping[str, Any],
+    *,
+    title: str = "",
+    annotations: Mapping[str, Any] | None = None,
+    output_schema: Mapping[str, Any] | None = None,
+    execution: Mapping[str, Any] | None = None,
+) -> str:
+    """SHA-256 hex of the canonical JSON of a tool's definition: what the server presents that
+    changes what a call does or how a caller should judge it.
+
+    Keys as the MCP spec spells them; `title`, `annotations`, `outputSchema` and `execution`
+    only when the server gave them, so a tool without them hashes exactly as before they were
+    kept (approvals of such tools survive the upgrade). `icons` and `_meta` are not part of it:
+    neither is kept (see `_mcp_client._to_tool`).
+    """
+    definition: dict[str, Any] = {"name": name, "description": description, "inputSchema": input_schema}
+    if title:
+        definition["title"] = title
+    optional = {"annotations": annotations, "outputSchema": output_schema, "execution": execution}
+    definition |= {key: value for key, value in optional.items() if value is not None}
+    canonical = json.dumps(definition, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def hashed(tool: McpTool) -> McpTool:
+    """`tool` with the hash of its definition as it stands."""
+    digest = tool_definition_hash(
+        tool.name,
+        tool.description,
+        tool.input_schema,
+        title=tool.title,
+        annotations=tool.annotations,
+        output_schema=tool.output_schema,
+        execution=tool.execution,
+    )
+    return dataclasses.replace(tool, definition_hash=digest)
+
+
 def scrub_tools(tools: Iterable[McpTool], scrubber: Scrubber) -> tuple[list[McpTool], int]:
-    """The tools with every secret form masked (name, description, schema), and how many had one.
+    """The tools with every secret form masked (every text the server wrote: name, description,
+    title, schemas, annotations, execution), and how many had one.
 
     A scrubbed tool's hash is of its scrubbed form, so it stays the same from one refresh to the
     next (even across a secret rotation) and change detection works on what is stored. A tool
@@ -82,14 +114,29 @@ def scrub_tools(tools: Iterable[McpTool], scrubber: Scrubber) -> tuple[list[McpT
     kept: dict[str, McpTool] = {}
     redacted = 0
     for tool in tools:
-        original = (tool.name, tool.description, tool.input_schema)
-        masked = (scrubber.text(tool.name), scrubber.text(tool.description), scrubber.json(tool.input_schema))
-        redacted += masked != original
-        name, description, schema = distinct(masked[0], kept), masked[1], masked[2]
-        if (name, description, schema) != original:
-            tool = McpTool(name, description, schema, tool_definition_hash(name, description, schema))
-        kept[name] = tool
+        masked = dataclasses.replace(
+            tool,
+            name=scrubber.text(tool.name),
+            description=scrubber.text(tool.description),
+            input_schema=scrubber.json(tool.input_schema),
+            title=scrubber.text(tool.title),
+            annotations=_scrubbed_json(tool.annotations, scrubber),
+            output_schema=_scrubbed_json(tool.output_schema, scrubber),
+            execution=_scrubbed_json(tool.execution, scrubber),
+        )
+        redacted += masked != tool
+        masked = dataclasses.replace(masked, name=distinct(masked.name, kept))
+        if masked != tool:
+            tool = hashed(masked)
+        kept[tool.name] = tool
     return list(kept.values()), redacted
+
+
+def _scrubbed_json(value: dict[str, Any] | None, scrubber: Scrubber) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    scrubbed: dict[str, Any] = scrubber.json(value)
+    return scrubbed
 
 
 async def preload() -> None:
