@@ -8,6 +8,8 @@ Without the variable, the test is skipped with the reason; CI sets it.
 * the `shared_postgres` fixture: one database for the whole session, emptied by
   `reset()` before each contract test (far cheaper than creating and migrating a
   database per test).
+* `lease_roles(tag)`: a group role and a user-name prefix of their own on the server, for
+  tests whose leases create database users; every role left with the prefix is dropped.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import threading
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -124,3 +128,49 @@ def shared_postgres() -> Iterator[str]:
     """One database for the session's contract tests; dropped at the end."""
     with fresh_database_blocking() as dsn:
         yield dsn
+
+
+@dataclass(frozen=True)
+class Roles:
+    """A group role for leased users, and the prefix their names carry."""
+
+    dsn: str  # the shared server, `postgres` maintenance database
+    group: str
+    prefix: str
+
+    async def named(self) -> set[str]:
+        """Roles on the server that carry this prefix."""
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            rows = await conn.fetch(
+                "SELECT rolname FROM pg_roles WHERE left(rolname, char_length($1)) = $1", self.prefix
+            )
+        finally:
+            await conn.close()
+        return {str(row[0]) for row in rows}
+
+
+async def as_postgres(dsn: str, *statements: str) -> None:
+    """Run `statements` in order on one connection to `dsn`."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@contextlib.contextmanager
+def lease_roles(tag: str) -> Iterator[Roles]:
+    """A fresh group role `<tag>_grp_<hex>` and user prefix `<tag[0]><hex>_` (skips without the server);
+    the group and every role with the prefix are dropped afterwards. For module-scoped fixtures."""
+    dsn = with_database(base_dsn(), "postgres")
+    unique = secrets.token_hex(3)
+    found = Roles(dsn, f"{tag}_grp_{unique}", f"{tag[0]}{unique}_")
+    asyncio.run(as_postgres(dsn, f'CREATE ROLE "{found.group}" NOLOGIN'))
+    try:
+        yield found
+    finally:
+        left = sorted(asyncio.run(found.named()))
+        drops = (f'DROP ROLE IF EXISTS "{name}"' for name in left)
+        asyncio.run(as_postgres(dsn, *drops, f'DROP ROLE "{found.group}"'))

@@ -20,11 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -40,7 +39,7 @@ from broker.model import Lease, LeaseState
 from broker.service.leases import LeaseService
 from tests.conftest import Running
 from tests.helpers import EXECUTOR, db_request, struct
-from tests.postgres_db import base_dsn, fresh_database, with_database
+from tests.postgres_db import Roles, fresh_database, lease_roles
 
 pytestmark = pytest.mark.integration
 
@@ -50,48 +49,10 @@ STORM = 2000
 STORM_P99_BOUND = 1.0  # seconds: generous; the figure itself is printed
 
 
-@dataclass(frozen=True)
-class Roles:
-    dsn: str  # the shared server, `postgres` maintenance database
-    group: str
-    prefix: str
-
-    async def named(self) -> set[str]:
-        """Roles on the server that carry this module's prefix."""
-        conn = await asyncpg.connect(self.dsn)
-        try:
-            rows = await conn.fetch(
-                "SELECT rolname FROM pg_roles WHERE left(rolname, char_length($1)) = $1", self.prefix
-            )
-        finally:
-            await conn.close()
-        return {str(row[0]) for row in rows}
-
-
-async def _as_postgres(dsn: str, *statements: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="module")
 def roles() -> Iterator[Roles]:
-    dsn = with_database(base_dsn(), "postgres")
-    tag = secrets.token_hex(3)
-    found = Roles(dsn, f"lease_grp_{tag}", f"r{tag}_")
-    asyncio.run(_as_postgres(dsn, f'CREATE ROLE "{found.group}" NOLOGIN'))
-    try:
+    with lease_roles("lease") as found:
         yield found
-    finally:
-        left = asyncio.run(found.named())
-        asyncio.run(
-            _as_postgres(
-                dsn, *(f'DROP ROLE IF EXISTS "{name}"' for name in sorted(left)), f'DROP ROLE "{found.group}"'
-            )
-        )
 
 
 @pytest.fixture

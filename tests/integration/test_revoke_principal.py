@@ -13,12 +13,9 @@ The lease part is skipped without BROKER_TEST_POSTGRES_DSN (CI sets it).
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 
-import asyncpg
 import grpc
 import pytest
 
@@ -27,54 +24,17 @@ from broker.config import LeaseSettings
 from broker.egress import EgressSettings
 from tests.conftest import Running
 from tests.helpers import EXECUTOR, EXECUTOR2, EXECUTOR_B, db_request, field_violations, rpc_error, struct
-from tests.postgres_db import base_dsn, fresh_database, with_database
+from tests.postgres_db import Roles, fresh_database, lease_roles
 
 pytestmark = pytest.mark.integration
 
 EVERYWHERE = pb.RevokeAccessRequest(principal=EXECUTOR, every_connection=True)
 
 
-@dataclass(frozen=True)
-class Roles:
-    dsn: str  # the shared server, `postgres` maintenance database
-    group: str
-    prefix: str
-
-    async def named(self) -> set[str]:
-        conn = await asyncpg.connect(self.dsn)
-        try:
-            rows = await conn.fetch(
-                "SELECT rolname FROM pg_roles WHERE left(rolname, char_length($1)) = $1", self.prefix
-            )
-        finally:
-            await conn.close()
-        return {str(row[0]) for row in rows}
-
-
-async def _as_postgres(dsn: str, *statements: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="module")
 def roles() -> Iterator[Roles]:
-    dsn = with_database(base_dsn(), "postgres")  # skips without BROKER_TEST_POSTGRES_DSN
-    tag = secrets.token_hex(3)
-    found = Roles(dsn, f"cut_grp_{tag}", f"c{tag}_")
-    asyncio.run(_as_postgres(dsn, f'CREATE ROLE "{found.group}" NOLOGIN'))
-    try:
+    with lease_roles("cut") as found:
         yield found
-    finally:
-        left = asyncio.run(found.named())
-        asyncio.run(
-            _as_postgres(
-                dsn, *(f'DROP ROLE IF EXISTS "{name}"' for name in sorted(left)), f'DROP ROLE "{found.group}"'
-            )
-        )
 
 
 @pytest.fixture
