@@ -214,8 +214,7 @@ class _Base:
         files: CertificateFiles | None = None,
         open_channel: Callable[[TlsMaterial], Any] | None = None,
     ) -> None:
-        self._channel = channel
-        self._stub = broker_pb2_grpc.ResolveServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._use(channel)
         # The TLS files, to move to renewed ones (None for a channel built by the caller), and the
         # channel before the last renewal, where calls under way finish; closed at the next one.
         self._files, self._open_channel = files, open_channel
@@ -262,16 +261,24 @@ class _Base:
         if material is not None and self._open_channel is not None:
             channel = self._open_channel(material)
             retired, self._retired = self._retired, self._channel
-            self._channel = channel
-            self._stub = broker_pb2_grpc.ResolveServiceStub(channel)  # type: ignore[no-untyped-call]
+            self._use(channel)
             if retired is not None:
                 self._close_retired(retired)
             log.info("the client's TLS files changed: new calls use them")
         return self._stub
 
+    def _use(self, channel: Any) -> None:
+        """New calls go over `channel`; its stubs are made once per channel, not per call."""
+        self._channel = channel
+        self._stub = broker_pb2_grpc.ResolveServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._proxy: Any = None  # made by the first proxied call
+
     def _proxy_stub(self) -> Any:
+        """The proxy stub, on a channel with the newest usable TLS files."""
         self._current()
-        return broker_pb2_grpc.ProxyServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        if self._proxy is None:
+            self._proxy = broker_pb2_grpc.ProxyServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        return self._proxy
 
     def _close_retired(self, channel: Any) -> None:
         """Close a channel replaced two renewals ago (each client type closes its own way)."""
