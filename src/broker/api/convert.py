@@ -22,6 +22,7 @@ from broker.model import (
     Lease,
     LeaseState,
     McpTool,
+    ReauthReason,
     SecurityEvent,
     TestCategory,
     TestResult,
@@ -197,11 +198,11 @@ def reauthorization(record: ConnectionRecord) -> pb.Reauthorization | None:
     """Why the connection is EXPIRED and since when; None while it needs no re-authorization."""
     if record.reauth_required_at is None:
         return None
-    why = record.reauth_reason
+    why = record.reauth_reason or ReauthReason("unrecorded")  # expired before reasons were kept
     return pb.Reauthorization(
-        reason=why.reason if why is not None else "unrecorded",
-        error=why.error if why is not None else "",
-        description=why.description if why is not None else "",
+        reason=why.reason,
+        error=why.error,
+        description=why.description,
         since=timestamp(record.reauth_required_at),
     )
 

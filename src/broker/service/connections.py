@@ -51,6 +51,10 @@ Clock = Callable[[], datetime]
 _NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9 ._:/@-]{0,126}[A-Za-z0-9._-])?$")
 _LABEL_KEY = re.compile(r"^[a-z0-9](?:[a-z0-9._/-]{0,61}[a-z0-9])?$")
 MAX_LABELS = 64
+MAX_LABEL_VALUE = 256
+MAX_SECRET_BYTES = 64 * 1024
+MAX_SECRET_FIELDS = 64
+MAX_CONFIG_BYTES = 64 * 1024
 # How long a revoke or purge waits for the provider's revocation before answering (it goes on
 # after): less than brokerctl's default deadline of 10 s.
 UPSTREAM_REVOCATION_WAIT = 5.0
@@ -58,10 +62,6 @@ UPSTREAM_REVOCATION_WAIT = 5.0
 CUT_OFF = "cut_off_at_shutdown"
 
 log = structlog.get_logger("broker.connections")
-MAX_LABEL_VALUE = 256
-MAX_SECRET_BYTES = 64 * 1024
-MAX_SECRET_FIELDS = 64
-MAX_CONFIG_BYTES = 64 * 1024
 
 
 def utc_now() -> datetime:

@@ -14,7 +14,7 @@ decrypt_failed.
 
 Format 1 also means "written before servers' echoes of composed credentials were
 scrubbed": the row's last test result and its stored MCP tools are scrubbed again
-(`broker.scrub_stored`) in the same pass, so no echo kept from before stays
+(`broker.testers.scrub_stored`) in the same pass, so no echo kept from before stays
 at rest.
 
 The pass pages through the stored data keys (`KeyStore.list_deks_not_under` with no
