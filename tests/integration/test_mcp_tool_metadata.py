@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf.json_format import MessageToDict
 
 from broker._proto import broker_pb2 as pb
@@ -39,6 +40,13 @@ METADATA: dict[str, dict[str, Any]] = {
 # tool_02's definition hash as the broker computed it before it kept any metadata: an approval
 # of a plain tool survives the upgrade (the test server's description and input schema).
 PLAIN_TOOL_02 = "e6521d4f32cf445be0d15e7940daa5cb215e981408cd17d218b6ce537931a0de"
+
+
+@pytest.fixture
+async def running(make_broker: Callable[..., object]) -> Running:
+    """A broker whose egress policy lets it reach the test MCP server on loopback."""
+    broker: Running = await make_broker(egress=EgressSettings(allow_loopback=True))  # type: ignore[misc]
+    return broker
 
 
 async def _connection(running: Running, server: mcpserver.McpTestServer, *tools: str) -> str:
@@ -71,9 +79,8 @@ def _call(running: Running, tool: str) -> Any:
 
 
 async def test_the_metadata_reaches_the_admin_answers_and_the_executors_listing(
-    make_broker: Callable[..., object],
+    running: Running,
 ) -> None:
-    running: Running = await make_broker(egress=EgressSettings(allow_loopback=True))  # type: ignore[misc]
     admin = running.admin()
     with mcpserver.running(token=TOKEN, tool_count=4, metadata=METADATA) as server:
         conn = await _connection(running, server, "tool_00", "tool_01", "tool_02")
@@ -105,9 +112,8 @@ async def test_the_metadata_reaches_the_admin_answers_and_the_executors_listing(
 
 
 async def test_a_changed_annotation_or_output_schema_voids_the_approval(
-    make_broker: Callable[..., object],
+    running: Running,
 ) -> None:
-    running: Running = await make_broker(egress=EgressSettings(allow_loopback=True))  # type: ignore[misc]
     admin = running.admin()
     with mcpserver.running(token=TOKEN, tool_count=3, metadata=METADATA) as server:
         conn = await _connection(running, server)
@@ -142,9 +148,8 @@ async def test_a_changed_annotation_or_output_schema_voids_the_approval(
 
 
 async def test_a_tool_that_runs_only_as_a_task_is_shown_but_never_granted_or_called(
-    make_broker: Callable[..., object],
+    running: Running,
 ) -> None:
-    running: Running = await make_broker(egress=EgressSettings(allow_loopback=True))  # type: ignore[misc]
     admin = running.admin()
     with mcpserver.running(token=TOKEN, tool_count=4, metadata=METADATA) as server:
         conn = await _connection(running, server)  # unscoped: every approved tool
@@ -179,9 +184,8 @@ async def test_a_tool_that_runs_only_as_a_task_is_shown_but_never_granted_or_cal
 
 
 async def test_after_an_upgrade_only_the_tools_that_carry_metadata_need_approving_again(
-    make_broker: Callable[..., object],
+    running: Running,
 ) -> None:
-    running: Running = await make_broker(egress=EgressSettings(allow_loopback=True))  # type: ignore[misc]
     admin = running.admin()
     with mcpserver.running(token=TOKEN, tool_count=3, metadata=METADATA) as server:
         conn = await _connection(running, server)
