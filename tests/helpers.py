@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
+import os
 import socket
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from broker._proto import broker_pb2 as pb
+from broker.crypto import Binding, Kek
+from broker.crypto.envelope import dek_aad, secret_aad
 
 EXECUTOR = "spiffe://broker.local/tenant/default/executor/demo"
 EXECUTOR2 = "spiffe://broker.local/tenant/default/executor/other"
@@ -111,3 +118,29 @@ def free_port() -> int:
 def no_seals(seal: object) -> None:
     """A `SealCheck` for store tests that hold no master key: every seal is unverifiable."""
     return None
+
+
+def set_stored_config(path: Path, connection_id: str, key: str, value: Any) -> None:
+    """Change one config value of a connection straight in a SQLite store's file, as someone with
+    write access to the database (but not the master key) would."""
+    db = sqlite3.connect(path)
+    with db:
+        db.execute(
+            "UPDATE connections SET config = json_set(config, ?, json(?)) WHERE id = ?",
+            (f"$.{key}", json.dumps(value), connection_id),
+        )
+    db.close()
+
+
+def seal_as_format(
+    raw_kek: bytes, plaintext: bytes, binding: Binding, version: int
+) -> tuple[bytes, bytes, str]:
+    """(ciphertext, wrapped_dek, kek_id) exactly as an older broker sealed them in envelope format
+    `version`, with `binding` as that format bound it."""
+    kek_id, dek = Kek(raw_kek).id, AESGCM.generate_key(256)
+    prefix, nonce, wrap_nonce = bytes([version]), os.urandom(12), os.urandom(12)
+    ciphertext = prefix + nonce + AESGCM(dek).encrypt(nonce, plaintext, secret_aad(binding, version))
+    wrapped = (
+        prefix + wrap_nonce + AESGCM(raw_kek).encrypt(wrap_nonce, dek, dek_aad(kek_id, binding, version))
+    )
+    return ciphertext, wrapped, kek_id

@@ -24,14 +24,12 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from broker._proto import broker_pb2 as pb
-from broker.crypto import Binding, Kek
-from broker.crypto.envelope import dek_aad, secret_aad
+from broker.crypto import Binding
 from broker.egress import EgressSettings
 from tests.conftest import Running
-from tests.helpers import EXECUTOR, rpc_error, struct
+from tests.helpers import EXECUTOR, rpc_error, seal_as_format, set_stored_config, struct
 from tests.httpservers import Answer, serve
 from tests.postgres_db import fresh_database
 
@@ -155,16 +153,6 @@ async def failed_events(running: Running, connection_id: str) -> set[tuple[str, 
     return {(e.action, e.reason) for e in events.events if e.outcome == "failed"}
 
 
-def repoint_sqlite(path: Path, connection_id: str, key: str, url: str) -> None:
-    db = sqlite3.connect(path)
-    with db:
-        db.execute(
-            "UPDATE connections SET config = json_set(config, ?, ?) WHERE id = ?",
-            (f"$.{key}", url, connection_id),
-        )
-    db.close()
-
-
 async def expect_decrypt_failed(call: Any) -> None:
     error = await rpc_error(call)
     assert error.code() == grpc.StatusCode.DATA_LOSS, error
@@ -216,9 +204,9 @@ async def test_a_row_re_pointed_in_sqlite_fails_closed_and_nothing_reaches_the_n
     path = running.broker.settings.storage_path
     await stop(running)
 
-    repoint_sqlite(path, http.id, "base_url", attacker.url)
-    repoint_sqlite(path, mcp.id, "server_url", attacker.url + "/mcp")
-    repoint_sqlite(path, oauth.id, "token_url", attacker.url + "/token")
+    set_stored_config(path, http.id, "base_url", attacker.url)
+    set_stored_config(path, mcp.id, "server_url", attacker.url + "/mcp")
+    set_stored_config(path, oauth.id, "token_url", attacker.url + "/token")
 
     running = await start()
     try:
@@ -321,14 +309,9 @@ async def test_legitimate_changes_re_seal_and_keep_working(
     assert attacker.accepted == []
 
 
-def seal_format_1(key_file: Path, plaintext: bytes, binding: Binding) -> tuple[bytes, bytes, str]:
-    """(ciphertext, wrapped_dek, kek_id) exactly as the broker sealed them before format 2."""
-    raw = base64.b64decode(key_file.read_text())
-    kek_id = Kek(raw).id
-    dek, nonce, wrap_nonce = AESGCM.generate_key(256), b"\x01" * 12, b"\x02" * 12
-    ciphertext = b"\x01" + nonce + AESGCM(dek).encrypt(nonce, plaintext, secret_aad(binding, 1))
-    wrapped = b"\x01" + wrap_nonce + AESGCM(raw).encrypt(wrap_nonce, dek, dek_aad(kek_id, binding, 1))
-    return ciphertext, wrapped, kek_id
+def _raw(key_file: Path) -> bytes:
+    """The master key as the key file holds it (base64)."""
+    return base64.b64decode(key_file.read_text())
 
 
 async def test_rows_sealed_before_the_binding_are_re_sealed_at_start_then_bound(
@@ -341,7 +324,9 @@ async def test_rows_sealed_before_the_binding_are_re_sealed_at_start_then_bound(
     await stop(running)
 
     # Turn the row into one an older broker wrote: format 1, no destination bound.
-    old = seal_format_1(key_file, b'{"token":"' + TOKEN.encode() + b'"}', Binding("default", http.id, 1))
+    old = seal_as_format(
+        _raw(key_file), b'{"token":"' + TOKEN.encode() + b'"}', Binding("default", http.id, 1), 1
+    )
     db = sqlite3.connect(path)
     with db:
         db.execute(
@@ -365,7 +350,7 @@ async def test_rows_sealed_before_the_binding_are_re_sealed_at_start_then_bound(
         await stop(running)
 
     # From now on the row is bound: re-pointing it fails closed.
-    repoint_sqlite(path, http.id, "base_url", attacker.url)
+    set_stored_config(path, http.id, "base_url", attacker.url)
     running = await start()
     try:
         await expect_decrypt_failed(running.resolver().Resolve(pb.ResolveRequest(connection_id=http.id)))
@@ -439,9 +424,8 @@ async def test_echoes_stored_before_scrubbing_knew_composed_credentials_are_scru
     await stop(running)
 
     # What an older broker kept: a format-1 row whose last test and tools echo the Basic header.
-    sealed = seal_format_1(
-        key_file, b'{"password":"' + password.encode() + b'"}', Binding("default", created.id, 1)
-    )
+    plaintext = b'{"password":"' + password.encode() + b'"}'
+    sealed = seal_as_format(_raw(key_file), plaintext, Binding("default", created.id, 1), 1)
     echoed = f"redirected to https://x/?auth=Basic {basic}"
     last_test = {
         "success": False,

@@ -26,19 +26,17 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.protobuf import json_format
 
 from broker import crypto, pki
 from broker._proto import broker_pb2 as pb
 from broker.crypto import Binding, Kek, Keyring
-from broker.crypto.envelope import dek_aad, secret_aad
 from broker.model import AuditFilter, ConnectionRecord
 from broker.service.rebind import rebind_legacy
 from broker.service.sealing import open_secrets
 from broker.store import Store
 from tests.conftest import Running
-from tests.helpers import struct
+from tests.helpers import seal_as_format, set_stored_config, struct
 from tests.integration import test_destination_binding as binding
 from tests.integration.test_destination_binding import (
     TOKEN,
@@ -93,16 +91,6 @@ TAMPERED: list[tuple[str, Callable[[int], pb.CreateConnectionRequest], str, Any]
 ]
 
 
-def tamper_sqlite(path: Path, connection_id: str, field: str, value: Any) -> None:
-    db = sqlite3.connect(path)
-    with db:
-        db.execute(
-            "UPDATE connections SET config = json_set(config, ?, json(?)) WHERE id = ?",
-            (f"$.{field}", json.dumps(value), connection_id),
-        )
-    db.close()
-
-
 async def tamper_postgres(dsn: str, connection_id: str, field: str, value: Any) -> None:
     db = await asyncpg.connect(dsn)
     try:
@@ -149,7 +137,7 @@ async def test_a_row_whose_transport_was_changed_in_the_database_fails_closed_an
         await stop(running)
 
         if engine == "sqlite":
-            tamper_sqlite(path, created.id, field, value)
+            set_stored_config(path, created.id, field, value)
         else:
             await tamper_postgres(settings["storage_url"], created.id, field, value)
 
@@ -180,15 +168,6 @@ def digest_v1(type_name: str, config: dict[str, Any]) -> bytes:
     doc = {"config": {f: config.get(f) for f in fields}, "provider": "", "type": type_name}
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(b"broker.destination.v1\n" + canonical.encode()).digest()
-
-
-def seal_format_2(raw_kek: bytes, plaintext: bytes, binding: Binding) -> tuple[bytes, bytes, str]:
-    """(ciphertext, wrapped_dek, kek_id) exactly as the broker sealed them in format 2."""
-    kek_id = Kek(raw_kek).id
-    dek, nonce, wrap_nonce = AESGCM.generate_key(256), b"\x03" * 12, b"\x04" * 12
-    ciphertext = b"\x02" + nonce + AESGCM(dek).encrypt(nonce, plaintext, secret_aad(binding, 2))
-    wrapped = b"\x02" + wrap_nonce + AESGCM(raw_kek).encrypt(wrap_nonce, dek, dek_aad(kek_id, binding, 2))
-    return ciphertext, wrapped, kek_id
 
 
 def sealed_columns(path: Path) -> dict[str, tuple[bytes, int, int]]:
@@ -225,7 +204,7 @@ async def test_rows_of_format_2_are_re_sealed_at_start_audited_once_then_bound_t
                 "SELECT type, config FROM connections WHERE id = ?", (connection.id,)
             ).fetchone()
             binding = Binding("default", connection.id, 1, digest_v1(type_name, json.loads(config)))
-            old = seal_format_2(raw_kek, b'{"password":"' + TOKEN.encode() + b'"}', binding)
+            old = seal_as_format(raw_kek, b'{"password":"' + TOKEN.encode() + b'"}', binding, 2)
             sqlite_db.execute(
                 "UPDATE connections SET ciphertext = ?, wrapped_dek = ?, kek_id = ? WHERE id = ?",
                 (*old, connection.id),
@@ -255,8 +234,8 @@ async def test_rows_of_format_2_are_re_sealed_at_start_audited_once_then_bound_t
         await stop(running)
 
     # From now on how the secret travels is bound: turning TLS off fails closed.
-    tamper_sqlite(path, db.id, "ssl", False)
-    tamper_sqlite(path, mail.id, "encryption", "none")
+    set_stored_config(path, db.id, "ssl", False)
+    set_stored_config(path, mail.id, "encryption", "none")
     running = await start()
     try:
         for connection in (db, mail):
@@ -282,7 +261,7 @@ async def test_replicas_starting_together_re_seal_each_format_2_row_once(tmp_pat
         for n in range(20):
             record = make_connection("acme", f"db-{n}", type="database", provider="", config=config)
             binding = Binding("acme", record.id, 1, digest_v1("database", config))
-            ciphertext, wrapped, kek_id = seal_format_2(raw_kek, b'{"password":"pw"}', binding)
+            ciphertext, wrapped, kek_id = seal_as_format(raw_kek, b'{"password":"pw"}', binding, 2)
             record = replace(record, sealed=crypto.Sealed(ciphertext, wrapped, kek_id))
             await a.create_connection(record, make_event("acme", connection_id=record.id))
             rows.append(record)
