@@ -27,6 +27,10 @@ class SecretFields:
         """The plain values. Call only where a secret is released (Resolve) or re-sealed."""
         return dict(self._values)
 
+    def without(self, names: frozenset[str]) -> SecretFields:
+        """These secrets less the fields in `names`."""
+        return SecretFields({k: v for k, v in self._values.items() if k not in names})
+
     def to_bytes(self) -> bytes:
         return json.dumps(self._values, sort_keys=True, separators=(",", ":")).encode()
 

@@ -35,6 +35,8 @@ async def test_list_connection_types_describes_secret_fields(running: Running) -
     fields = {f.name: f for f in types["database"].fields}
     assert fields["password"].secret and not fields["host"].secret
     assert fields["port"].kind == pb.FIELD_KIND_INTEGER
+    withheld = {f.name for f in types["oauth2"].fields if f.withheld}
+    assert withheld == {"client_secret", "refresh_token"} and not fields["password"].withheld
 
 
 async def test_create_returns_redacted_summary_with_defaults(running: Running) -> None:

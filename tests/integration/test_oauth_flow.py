@@ -146,8 +146,18 @@ async def test_authorization_code_with_pkce_creates_a_working_connection(
     assert oauthserver.s256(exchange["code_verifier"]) == asked["code_challenge"]
 
     released = await resolve(broker, created.id)
+    # The access token only: with the client secret and the refresh token an executor could mint
+    # tokens for itself after its grant is gone, and spend the refresh token the broker relies on.
+    assert list(released.secrets) == ["access_token"]
     assert released.secrets["access_token"] in server.valid_access_tokens()
     assert released.HasField("expires_at") and 0 < released.cache_ttl_seconds <= 60
+    (refresh_token,) = server.refresh_tokens
+    for withheld in (refresh_token, server.client_secret):
+        assert withheld.encode() not in released.SerializeToString()
+    (event,) = (
+        await broker.admin().ListAuditEvents(pb.ListAuditEventsRequest(action="connection.resolve"))
+    ).events
+    assert [key for key in event.details if key.startswith("fp.")] == ["fp.access_token"]
     test = await broker.admin().TestConnection(pb.TestConnectionRequest(id=created.id))
     assert test.success, test
 
@@ -520,6 +530,7 @@ async def test_client_credentials_fetch_on_demand_and_keep_until_near_expiry(
     second = await resolve(broker, created.id)
     assert first.secrets["access_token"] == second.secrets["access_token"]
     assert server.token_requests["client_credentials"] == 1
+    assert list(first.secrets) == ["access_token"]  # never the client secret
 
 
 @pytest.mark.parametrize("error", ["invalid_scope", "invalid_client", "invalid_grant"])
@@ -639,7 +650,7 @@ async def test_purge_revokes_the_tokens_at_the_provider_before_destroying_them(
 ) -> None:
     """Delete then purge: afterwards nobody holds the refresh token, so it is revoked first."""
     created = await authorize(broker, server)
-    refresh_token = (await resolve(broker, created.id)).secrets["refresh_token"]
+    (refresh_token,) = server.refresh_tokens
     admin = broker.admin()
     await admin.DeleteConnection(pb.DeleteConnectionRequest(id=created.id))
     assert server.revocation_requests == 0  # a soft delete can be undone: the tokens stay

@@ -131,7 +131,7 @@ async def test_an_expired_connection_says_why_and_since_when_with_the_providers_
     server.expires_in = SHORT_LIFE
     created = await authorize(broker, server)
     released = await resolve(broker, created.id)
-    refresh_token, access_token = released.secrets["refresh_token"], released.secrets["access_token"]
+    (refresh_token,), access_token = server.refresh_tokens, released.secrets["access_token"]
     # A provider quoting what it refused, and the token it issued, in its error_description.
     server.error_next(
         "invalid_grant",

@@ -21,6 +21,7 @@ from broker.catalog import (
     statement_placeholders,
     statement_problem,
     validate,
+    withheld_fields,
 )
 from broker.catalog._registry import _check_type
 from broker.catalog._spec import Default, forbid, is_, require
@@ -162,6 +163,7 @@ def test_all_is_complete() -> None:
         "statement_problem",
         "validate",
         "validate_field",
+        "withheld_fields",
     ]
 
 
@@ -238,6 +240,16 @@ def test_a_field_that_says_how_the_wire_is_secured_must_be_marked_transport(name
     with pytest.raises(ValueError, match="transport field"):
         both = dataclasses.replace(unmarked, transport=True, destination=True)
         _check_type(dataclasses.replace(base, fields=(*fields[:-1], both)))
+
+
+def test_only_an_oauth2_client_secret_and_refresh_token_are_withheld_and_only_secrets_can_be() -> None:
+    """What Resolve keeps back: the broker's means of getting tokens, never an executor's."""
+    withheld = {t.name: sorted(t.withheld) for t in list_types() if t.withheld}
+    assert withheld == {"oauth2": ["client_secret", "refresh_token"]}
+    assert withheld_fields("oauth2") == {"client_secret", "refresh_token"} and not withheld_fields("nope")
+    base = get_type("ssh")
+    with pytest.raises(ValueError, match="only a secret can be withheld"):
+        _check_type(dataclasses.replace(base, fields=(FieldSpec("hint", FieldKind.STRING, withheld=True),)))
 
 
 # ------------------------------------------------------------------------- every type

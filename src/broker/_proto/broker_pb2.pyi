@@ -132,7 +132,7 @@ LEASE_STATE_REVOKING: LeaseState
 LEASE_STATE_REVOKED: LeaseState
 
 class FieldSpec(_message.Message):
-    __slots__ = ("name", "kind", "secret", "required", "default_value", "choices", "description")
+    __slots__ = ("name", "kind", "secret", "required", "default_value", "choices", "description", "withheld")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SECRET_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,7 @@ class FieldSpec(_message.Message):
     DEFAULT_VALUE_FIELD_NUMBER: _ClassVar[int]
     CHOICES_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    WITHHELD_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: FieldKind
     secret: bool
@@ -147,7 +148,8 @@ class FieldSpec(_message.Message):
     default_value: _struct_pb2.Value
     choices: _containers.RepeatedScalarFieldContainer[str]
     description: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[FieldKind, str]] = ..., secret: _Optional[bool] = ..., required: _Optional[bool] = ..., default_value: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., choices: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ...) -> None: ...
+    withheld: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[FieldKind, str]] = ..., secret: _Optional[bool] = ..., required: _Optional[bool] = ..., default_value: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., choices: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., withheld: _Optional[bool] = ...) -> None: ...
 
 class ConnectionType(_message.Message):
     __slots__ = ("name", "description", "fields", "providers")

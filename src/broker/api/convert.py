@@ -313,6 +313,7 @@ def connection_type(value: catalog.ConnectionType) -> pb.ConnectionType:
             name=spec.name,
             kind=_KIND_TO_PB[spec.kind],
             secret=spec.secret,
+            withheld=spec.withheld,
             required=spec.required,
             choices=list(spec.choices),
             description=spec.description,

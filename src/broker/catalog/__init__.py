@@ -6,7 +6,7 @@ secrets are sent. No I/O, no grpc.
 """
 
 from broker.catalog._destination import destination_digest, destination_fields
-from broker.catalog._registry import get_type, list_types
+from broker.catalog._registry import get_type, list_types, withheld_fields
 from broker.catalog._spec import ConnectionType, FieldKind, FieldSpec, Validated
 from broker.catalog._validate import NAME as FIELD_NAME
 from broker.catalog._validate import validate, validate_field
@@ -33,4 +33,5 @@ __all__ = [
     "statement_problem",
     "validate",
     "validate_field",
+    "withheld_fields",
 ]

@@ -87,7 +87,8 @@ OAUTH2 = ConnectionType(
         ),
         FieldSpec("client_id", FieldKind.STRING, required=True, description="OAuth2 client id."),
         # Public clients (PKCE, native apps) have no secret.
-        secret("client_secret", description="Client secret; none for public clients."),
+        # The broker's, to get and refresh tokens: an executor gets the access token only.
+        secret("client_secret", description="Client secret; none for public clients.", withheld=True),
         FieldSpec(
             "scopes",
             FieldKind.STRING_LIST,
@@ -135,7 +136,7 @@ OAUTH2 = ConnectionType(
             "user-info endpoint, required to test provider custom.",
         ),
         secret("access_token", description="Current access token."),
-        secret("refresh_token", description="Refresh token."),
+        secret("refresh_token", description="Refresh token.", withheld=True),
         FieldSpec(
             "expires_at",
             FieldKind.TIMESTAMP,

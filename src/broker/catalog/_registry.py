@@ -37,6 +37,8 @@ def _check_type(ctype: ConnectionType) -> None:
         # A URL says where something is sent: forgetting the mark would leave it unbound.
         if (spec.kind is FieldKind.URL and not spec.destination) or (spec.secret and spec.destination):
             raise fail(f"{spec.name}: a URL is a destination field, a secret never is")
+        if spec.withheld and not spec.secret:
+            raise fail(f"{spec.name}: only a secret can be withheld")
         if spec.transport and (spec.secret or spec.destination):
             raise fail(f"{spec.name}: a transport field is neither a secret nor a destination field")
         if _TRANSPORT_NAME.fullmatch(spec.name) and not spec.transport and not spec.secret:
@@ -96,3 +98,9 @@ def get_type(name: str) -> ConnectionType:
     if ctype is None:
         raise InvalidArgument.field("type", "unknown connection type; known types: " + ", ".join(_REGISTRY))
     return ctype
+
+
+def withheld_fields(type_name: str) -> frozenset[str]:
+    """The secrets of `type_name` that Resolve never releases (none for a name the catalog lacks)."""
+    ctype = _REGISTRY.get(type_name)
+    return frozenset() if ctype is None else ctype.withheld

@@ -8,6 +8,7 @@ that data; nothing else in the catalog knows about a particular type.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -49,7 +50,9 @@ class FieldSpec:
     `transport` marks a field that says how they travel there (whether the wire is
     encrypted, which CA vouches for the server, driver options): its value is bound into
     the ciphertext too, so a row whose TLS was turned off or whose CA was swapped in the
-    database does not open.
+    database does not open. `withheld` marks a secret the broker keeps for its own use and
+    never releases to an executor (an OAuth2 client secret or refresh token: with them an
+    executor could mint tokens for itself long after its grant is gone).
     """
 
     name: str
@@ -62,12 +65,26 @@ class FieldSpec:
     check: Check | None = field(default=None, repr=False, compare=False)
     destination: bool = False
     transport: bool = False
+    withheld: bool = False
 
 
-def secret(name: str, description: str, *, required: bool = False, check: Check | None = None) -> FieldSpec:
+def secret(
+    name: str,
+    description: str,
+    *,
+    required: bool = False,
+    check: Check | None = None,
+    withheld: bool = False,
+) -> FieldSpec:
     """Shorthand for a secret string field."""
     return FieldSpec(
-        name, FieldKind.STRING, secret=True, required=required, description=description, check=check
+        name,
+        FieldKind.STRING,
+        secret=True,
+        required=required,
+        description=description,
+        check=check,
+        withheld=withheld,
     )
 
 
@@ -162,6 +179,11 @@ class ConnectionType:
     # What the broker can do with it on an executor's behalf (proxy grants): "http" requests
     # with the credential injected, "mcp" tool calls, or "" (nothing: the secret is only resolved).
     proxy: Literal["http", "mcp", ""] = ""
+
+    @functools.cached_property
+    def withheld(self) -> frozenset[str]:
+        """The secret fields Resolve never releases (`FieldSpec.withheld`)."""
+        return frozenset(f.name for f in self.fields if f.withheld)
 
     def spec(self, name: str) -> FieldSpec | None:
         """The field called `name`, or None."""

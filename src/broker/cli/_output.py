@@ -124,7 +124,7 @@ def render_type(t: broker_pb2.ConnectionType, width: int) -> str:
 def _field_facts(f: broker_pb2.FieldSpec) -> str:
     facts = [_enum(broker_pb2.FieldKind, f.kind, "FIELD_KIND_"), "required" if f.required else "optional"]
     if f.secret:
-        facts.append("SECRET")
+        facts.append("SECRET, never resolved" if f.withheld else "SECRET")
     if f.HasField("default_value"):
         facts.append("default " + json.dumps(plain_value(f.default_value), ensure_ascii=False))
     if f.choices:

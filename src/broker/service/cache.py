@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
 
-from broker import metrics
+from broker import catalog, metrics
 from broker.crypto import Binding, Sealed
 from broker.model import ConnectionRecord, Grant, GrantMode
 from broker.service.lookup import refusal
@@ -82,6 +82,7 @@ class CachedConnection:
         "refusal",
         "sealed",
         "tenant",
+        "withheld",
     )
 
     def __init__(self, record: ConnectionRecord, public: bytes) -> None:
@@ -96,6 +97,9 @@ class CachedConnection:
         self.sealed = sealed
         self.binding = Binding(self.tenant, self.id, record.secret_version, record.binding.destination)
         self.public = public
+        # The secrets Resolve keeps back (an OAuth2 client secret and refresh token): one shared
+        # set per type.
+        self.withheld = catalog.withheld_fields(record.type)
         # OAuth2 decides per call whether to refresh from the token times in the config: those
         # few connections keep their whole record.
         self.oauth = record if record.type == "oauth2" else None

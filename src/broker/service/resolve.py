@@ -164,6 +164,8 @@ class Resolver:
                 call.audit_event(now, RESOLVE, ref_id, Outcome.FAILED, DECRYPT_FAILED, details)
             )
             raise
+        if entry.withheld:
+            secrets = secrets.without(entry.withheld)
         if lease is None:  # a lease's release was audited with its activation
             # Which values went out, without the values: after a leak, `broker audit fingerprint
             # --search` finds every executor that received the leaked one.
