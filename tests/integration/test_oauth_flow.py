@@ -533,6 +533,40 @@ async def test_client_credentials_fetch_on_demand_and_keep_until_near_expiry(
     assert list(first.secrets) == ["access_token"]  # never the client secret
 
 
+async def test_a_client_credentials_test_asks_for_a_token_and_keeps_nothing(
+    broker: Running, server: oauthserver.OAuthTestServer
+) -> None:
+    """The token request is what tests a client id and secret: before the first Resolve too."""
+    admin = broker.admin()
+    draft = {"client_id": server.client_id, "token_url": server.token_url, "grant_type": "client_credentials"}
+    created = await admin.CreateConnection(
+        pb.CreateConnectionRequest(
+            name="tested",
+            type="oauth2",
+            provider="custom",
+            config=struct({**draft, "verify_url": server.userinfo_url}),
+            secrets={"client_secret": server.client_secret},
+            test_before_save=True,
+        )
+    )
+    assert created.last_test.success and created.last_test.message.startswith("read the verification URL")
+    assert server.token_requests["client_credentials"] == 1
+    assert "access_token" not in created.secret_fields  # the test's token was not stored
+
+    def test_draft(client_secret: str) -> Any:
+        config = struct(draft)
+        secrets = {"client_secret": client_secret}
+        as_drafted = pb.ConnectionDraft(type="oauth2", provider="custom", config=config, secrets=secrets)
+        return admin.TestConnection(pb.TestConnectionRequest(draft=as_drafted))
+
+    without_verify_url = await test_draft(server.client_secret)
+    assert without_verify_url.success and without_verify_url.stage == pb.TEST_STAGE_AUTHENTICATE
+    assert "verify_url" in " ".join(without_verify_url.not_verified)
+    wrong = await test_draft("not-the-secret")
+    assert not wrong.success and wrong.category == pb.TEST_CATEGORY_AUTH_FAILED
+    assert "invalid_client" in wrong.message and "not-the-secret" not in str(wrong)
+
+
 @pytest.mark.parametrize("error", ["invalid_scope", "invalid_client", "invalid_grant"])
 async def test_a_refused_client_credentials_request_says_why_and_never_asks_for_a_sign_in(
     broker: Running, server: oauthserver.OAuthTestServer, error: str
@@ -541,15 +575,15 @@ async def test_a_refused_client_credentials_request_says_why_and_never_asks_for_
     admin = broker.admin()
     created = await machine_connection(broker, server)
     await admin.GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
-    untested = await admin.TestConnection(pb.TestConnectionRequest(id=created.id))
-    assert (
-        not untested.success and "authorize" not in untested.message and "first Resolve" in untested.message
-    )
+    server.error_next(error, 401 if error == "invalid_client" else 400)
+    tested = await admin.TestConnection(pb.TestConnectionRequest(id=created.id))
+    assert not tested.success and tested.category == pb.TEST_CATEGORY_AUTH_FAILED
+    assert error in tested.message and "authoriz" not in tested.message
     server.error_next(error, 401 if error == "invalid_client" else 400)
     refused = await rpc_error(resolve(broker, created.id))
     assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error in refused.details() and "re-authoriz" not in refused.details()
-    assert server.token_requests["client_credentials"] == 1  # not retried
+    assert server.token_requests["client_credentials"] == 2  # the test's, then Resolve's: not retried
     status = (await admin.GetConnection(pb.GetConnectionRequest(id=created.id))).status
     assert status == pb.CONNECTION_STATUS_ACTIVE
     assert (await resolve(broker, created.id)).secrets["access_token"] in server.valid_access_tokens()

@@ -452,12 +452,16 @@ async def test_oauth2_without_token_or_url_is_invalid_config() -> None:
     result = await run(http_tester.test_oauth2, oauth_target("github", token=None))
     assert result.category is TestCategory.INVALID_CONFIG
     assert result.message == "no access token stored; authorize first"
-    custom = oauth_target(
-        "custom", token_url="https://idp.example.com/token", grant_type="client_credentials"
-    )
+    endpoints = {"token_url": "https://idp.invalid/token", "authorize_url": "https://idp.invalid/authorize"}
+    custom = oauth_target("custom", **endpoints)
     result = await run(http_tester.test_oauth2, custom)
     assert result.category is TestCategory.INVALID_CONFIG
     assert "verify_url" in result.message
+    # A client credentials connection has nobody to authorize: its test asks the token endpoint.
+    grant = {"token_url": "https://idp.invalid/token", "grant_type": "client_credentials"}
+    machine = oauth_target("custom", None, **grant)
+    result = await run(http_tester.test_oauth2, machine)
+    assert result.category is TestCategory.DNS_FAILURE and "authorize" not in result.message
 
 
 async def test_oauth2_default_userinfo_endpoint() -> None:

@@ -101,12 +101,25 @@ def test_the_check_finds_a_private_testers_import(tmp_path: Path) -> None:
     ]
 
 
-def test_the_database_connections_sit_below_testers_and_lease_users() -> None:
-    imported = {path.name: imported_modules(path) for path in sorted((SOURCE / "dbconnect").glob("*.py"))}
-    assert "broker.egress.tcp" in imported["__init__.py"]  # the walk finds its imports
-    above = ("broker.testers", "broker.dbusers", "broker.service", "broker.store", "broker.api")
+_ABOVE = ("broker.testers", "broker.dbusers", "broker.service", "broker.store", "broker.api")
+
+
+def imports_from_above(package: str) -> dict[str, list[str]]:
+    """Per module of `package`, what it imports from testers, dbusers or the layers above them."""
+    imported = {path.name: imported_modules(path) for path in sorted((SOURCE / package).glob("*.py"))}
     found = {
-        name: sorted(m for m in modules if any(m == up or m.startswith(up + ".") for up in above))
+        name: sorted(m for m in modules if any(m == up or m.startswith(up + ".") for up in _ABOVE))
         for name, modules in imported.items()
     }
-    assert {name: modules for name, modules in found.items() if modules} == {}
+    return {name: modules for name, modules in found.items() if modules}
+
+
+def test_the_database_connections_sit_below_testers_and_lease_users() -> None:
+    assert "broker.egress.tcp" in imported_modules(SOURCE / "dbconnect" / "__init__.py")  # the walk works
+    assert imports_from_above("dbconnect") == {}
+
+
+def test_the_oauth_protocol_sits_below_the_testers_that_use_it() -> None:
+    """`testers/` asks for a client credentials token through `oauth/`: never the other way round."""
+    assert "broker.egress" in imported_modules(SOURCE / "oauth" / "_token.py")  # the walk works
+    assert imports_from_above("oauth") == {}

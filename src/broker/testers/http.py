@@ -1,5 +1,6 @@
 """HTTP testers: `http` (a base URL with optional auth), `api_key` (a provider's verification
-endpoint) and `oauth2` (a stored access token against a user-info endpoint).
+endpoint) and `oauth2` (a stored access token against a user-info endpoint, or for the client
+credentials grant a token asked for by the test).
 
 Every request goes through `broker.egress.http.http_client`, so each connection goes to a
 policy-checked address. Redirects are followed hop by hop, at most
@@ -28,12 +29,13 @@ import json
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import certifi
 import httpx
 
+from broker import oauth
 from broker.egress import EgressPolicy, InvalidTarget, parse_url
 from broker.egress.http import http_client, redirect_url
 from broker.model import TestCategory, TestResult, TestStage
@@ -54,10 +56,8 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Identity encoding keeps the byte cap a cap on what the server sends, not on what it inflates to.
 _BASE_HEADERS = {"User-Agent": "secrets-broker-tester", "Accept-Encoding": "identity"}
 NOT_AUTHORIZED = "no access token stored; authorize first"
-# A client credentials connection has nobody to authorize: its first Resolve or proxied call fetches one.
-NO_TOKEN_YET = (
-    "no access token yet: a client_credentials connection fetches one at its first Resolve or proxied call"  # noqa: S105
-)
+# A test's token is used at once and thrown away: its lifetime does not matter.
+_ANY_LIFETIME = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -412,14 +412,27 @@ def _expiry(target: Target) -> dict[str, str]:
 
 
 async def test_oauth2(target: Target, egress: EgressPolicy) -> TestResult:
-    """`oauth2` (stored tokens): call the provider's user-info endpoint or `verify_url` with the token."""
-    token = target.secret("access_token")
-    if not token:
-        cc = target.config.get("grant_type") == "client_credentials"
-        raise TestFailure(
-            TestCategory.INVALID_CONFIG, TestStage.RESOLVE_ADDRESS, NO_TOKEN_YET if cc else NOT_AUTHORIZED
-        )
-    endpoint = OAUTH2_USERINFO.get(target.provider, CUSTOM_USERINFO)
+    """`oauth2`: call the provider's user-info endpoint or `verify_url` with the stored token.
+
+    A client_credentials connection asks the token endpoint for a token first: that request is
+    what tests its client id and secret. The token serves this test only (testing is not editing);
+    with no `verify_url` the test ends there, as there is no user whose info could be read.
+    """
+    if target.config.get("grant_type") == "client_credentials":
+        token = await _client_credentials_token(target, egress)
+        if not target.config.get("verify_url"):
+            return passed(
+                "the token endpoint issued a token for the client credentials",
+                TestStage.AUTHENTICATE,
+                verified=("token endpoint reachable", "client credentials accepted"),
+                not_verified=("the token against an API (set verify_url)",),
+            )
+        endpoint, expiry = CUSTOM_USERINFO, {}
+    else:
+        token = target.secret("access_token")
+        if not token:
+            raise TestFailure(TestCategory.INVALID_CONFIG, TestStage.RESOLVE_ADDRESS, NOT_AUTHORIZED)
+        endpoint, expiry = OAUTH2_USERINFO.get(target.provider, CUSTOM_USERINFO), _expiry(target)
     url = target.config.get("verify_url") or endpoint.url
     if not url:
         raise TestFailure(
@@ -427,7 +440,6 @@ async def test_oauth2(target: Target, egress: EgressPolicy) -> TestResult:
             TestStage.RESOLVE_ADDRESS,
             "provider custom needs a verify_url to test",
         )
-    expiry = _expiry(target)
     reply = await _call(egress, endpoint, url, _key_headers(endpoint, token, target.sent))
     details = details_of(reply, provider=target.provider, **expiry)
     try:
@@ -445,3 +457,23 @@ async def test_oauth2(target: Target, egress: EgressPolicy) -> TestResult:
     return passed(
         result.message, details=result.details, verified=result.verified, not_verified=("refresh token",)
     )
+
+
+async def _client_credentials_token(target: Target, egress: EgressPolicy) -> str:
+    """A token from the client credentials grant, kept in `target.sent` so that echoes are scrubbed."""
+    provider = oauth.provider_for(target.provider, target.config)
+    client = oauth.ClientCredentials(str(target.config.get("client_id", "")), target.secret("client_secret"))
+    scopes = list(target.config.get("scopes") or provider.default_scopes)
+    try:
+        tokens = await oauth.client_credentials_token(
+            egress, provider, client, scopes, now=datetime.now(UTC), default_lifetime=_ANY_LIFETIME
+        )
+    except oauth.OAuthError as exc:
+        # The message never carries the provider's description (it may echo what was sent).
+        if exc.kind == "transient":
+            raise TestFailure(TestCategory.UNEXPECTED_RESPONSE, TestStage.AUTHENTICATE, str(exc)) from None
+        if exc.error:  # the provider's error code, a validated token: invalid_client, invalid_scope...
+            refused = f"the token endpoint refused the client credentials ({exc.error})"
+            raise TestFailure(TestCategory.AUTH_FAILED, TestStage.AUTHENTICATE, refused) from None
+        raise TestFailure(TestCategory.INVALID_CONFIG, TestStage.AUTHENTICATE, str(exc)) from None
+    return target.sent.obtained(tokens.access_token)

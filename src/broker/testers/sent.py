@@ -42,6 +42,11 @@ class SentCredentials:
         self._forms.add(header)
         return header
 
+    def obtained(self, token: str) -> str:
+        """A credential the test obtained itself (a client credentials token): not among the secrets."""
+        self._forms.add(token)
+        return token
+
     def query(self, name: str, value: str) -> str:
         """A query-string parameter `name=value`, URL-encoded."""
         pair = urllib.parse.urlencode({name: value})
