@@ -3,19 +3,13 @@
 Our other MCP tests talk to tests/mcpserver.py, which is built with the Python SDK, the same SDK
 the broker's client uses: a disagreement between the two SDKs would not show there. This server
 (`@modelcontextprotocol/server-everything`, pinned) is what an MCP client is expected to work
-with. It is installed from the npm registry once per machine into ~/.cache; without Node.js, or
-when the install fails, these tests skip with the reason.
+with. It runs under Node.js, installed by tests/nodeservers.py.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import time
+import contextlib
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -23,92 +17,35 @@ from google.protobuf.json_format import MessageToDict
 
 from broker._proto import broker_pb2 as pb
 from broker.egress import EgressSettings
+from tests import nodeservers
 from tests.conftest import Running
 from tests.helpers import EXECUTOR, free_port, rpc_error, struct
 from tests.integration.test_proxy_api import proxy
 
 pytestmark = pytest.mark.integration
 
-PACKAGE = "@modelcontextprotocol/server-everything@2026.8.31"
-CACHE = Path.home() / ".cache" / "broker-tests" / "mcp-everything-2026.8.31"
-ENTRY = CACHE / "node_modules" / "@modelcontextprotocol" / "server-everything" / "dist" / "index.js"
-# The server listens on every interface and has a tool that prints its environment: loaded
-# before it, this makes its listen() bind loopback only.
-LOOPBACK_ONLY = """
-const net = require("net");
-const listen = net.Server.prototype.listen;
-net.Server.prototype.listen = function (...args) {
-  if (typeof args[0] === "number" || /^[0-9]+$/.test(String(args[0]))) {
-    if (typeof args[1] !== "string") args.splice(1, 0, "127.0.0.1");
-  }
-  return listen.apply(this, args);
-};
-"""
+PACKAGE, VERSION = "@modelcontextprotocol/server-everything", "2026.8.31"
 CALLABLE = ["echo", "get-sum", "get-structured-content"]
 TASK_ONLY = "simulate-research-query"
 
 
 @pytest.fixture(scope="module")
-def installed() -> Path:
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.skip("Node.js (node and npm) is not installed: the reference MCP server cannot run")
-    if not ENTRY.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(
-            [npm, "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(CACHE), PACKAGE],
-            capture_output=True,
-            text=True,
-            timeout=240,
-            check=False,
-        )
-        if done.returncode != 0 or not ENTRY.exists():
-            pytest.skip(f"npm could not install {PACKAGE}: {done.stderr.strip()[-500:]}")
-    (CACHE / "loopback-only.cjs").write_text(LOOPBACK_ONLY)
-    return ENTRY
-
-
-@pytest.fixture(scope="module")
-def reference(installed: Path) -> Iterator[Callable[[str], str]]:
+def reference() -> Iterator[Callable[[str], str]]:
     """The server's URL for a transport ("streamableHttp": /mcp, "sse": /sse), one process each."""
-    processes: list[subprocess.Popen[bytes]] = []
+    home = nodeservers.installed(PACKAGE, VERSION)
+    entry = home / "node_modules" / PACKAGE / "dist" / "index.js"
     urls: dict[str, str] = {}
+    with contextlib.ExitStack() as running:
 
-    def url(transport: str) -> str:
-        if transport not in urls:
-            port = free_port()
-            processes.append(
-                subprocess.Popen(
-                    ["node", "--require", str(CACHE / "loopback-only.cjs"), str(installed), transport],
-                    env={"PATH": os.environ.get("PATH", ""), "PORT": str(port)},
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-            _wait_for_port(port)
-            urls[transport] = f"http://127.0.0.1:{port}/" + (
-                "mcp" if transport == "streamableHttp" else "sse"
-            )
-        return urls[transport]
+        def url(transport: str) -> str:
+            if transport not in urls:
+                port = free_port()
+                running.enter_context(nodeservers.serving(home, [str(entry), transport], port))
+                path = "mcp" if transport == "streamableHttp" else "sse"
+                urls[transport] = f"http://127.0.0.1:{port}/{path}"
+            return urls[transport]
 
-    yield url
-    for process in processes:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-
-
-def _wait_for_port(port: int) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"the reference MCP server did not listen on 127.0.0.1:{port} within 20 s")
+        yield url
 
 
 @pytest.fixture
