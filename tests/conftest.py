@@ -107,9 +107,17 @@ class TestPki:
         return Identity(*pki.issue_principal_cert(self.ca, self.ca_key, spiffe_id))
 
 
-def client_cert(ca: bytes, ca_key: bytes, san: x509.GeneralName, not_after: dt.datetime) -> Identity:
-    """A client certificate from `ca` with the one SAN `san`, valid from five minutes ago until
-    `not_after`: for certificates `broker.pki` does not make (no SPIFFE id, a lifetime in seconds)."""
+def client_cert(
+    ca: bytes,
+    ca_key: bytes,
+    san: x509.GeneralName | list[x509.GeneralName],
+    not_after: dt.datetime,
+    *,
+    is_ca: bool = False,
+) -> Identity:
+    """A client certificate from `ca` with the SAN (or SANs) `san`, valid from five minutes ago until
+    `not_after`: for certificates `broker.pki` does not make (no SPIFFE id, several, a CA's, a lifetime
+    in seconds)."""
     issuer = x509.load_pem_x509_certificate(ca)
     signer = serialization.load_pem_private_key(ca_key, None)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -121,7 +129,8 @@ def client_cert(ca: bytes, ca_key: bytes, san: x509.GeneralName, not_after: dt.d
         .serial_number(x509.random_serial_number())
         .not_valid_before(dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5))
         .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(san if isinstance(san, list) else [san]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
         .sign(signer, hashes.SHA256())  # type: ignore[arg-type]
     )
     key_pem = key.private_bytes(
@@ -139,6 +148,7 @@ def test_pki() -> TestPki:
 @pytest.fixture(scope="session")
 def identities(test_pki: TestPki) -> dict[str, Identity]:
     other_ca, other_key = pki.create_ca("some other CA")
+    admin, tomorrow = spiffe("default", "admin", "cli"), dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
     return {
         "admin": test_pki.principal(spiffe("default", "admin", "cli")),
         "executor": test_pki.principal(spiffe("default", "executor", "demo")),
@@ -149,11 +159,19 @@ def identities(test_pki: TestPki) -> dict[str, Identity]:
         "other_ca_admin": Identity(
             *pki.issue_principal_cert(other_ca, other_key, spiffe("default", "admin", "cli"))
         ),
-        "no_spiffe": client_cert(
+        "no_spiffe": client_cert(test_pki.ca, test_pki.ca_key, x509.DNSName("client.example"), tomorrow),
+        # Which of two names would be the caller? An X.509 SVID has exactly one URI.
+        "two_uris": client_cert(
             test_pki.ca,
             test_pki.ca_key,
-            x509.DNSName("client.example"),
-            dt.datetime.now(dt.UTC) + dt.timedelta(days=1),
+            [
+                x509.UniformResourceIdentifier(admin),
+                x509.UniformResourceIdentifier("https://client.example/"),
+            ],
+            tomorrow,
+        ),
+        "ca_certificate": client_cert(
+            test_pki.ca, test_pki.ca_key, x509.UniformResourceIdentifier(admin), tomorrow, is_ca=True
         ),
     }
 

@@ -38,7 +38,7 @@ async def test_certificate_from_another_ca_is_refused(running: Running) -> None:
     assert error.code() == grpc.StatusCode.UNAVAILABLE
 
 
-@pytest.mark.parametrize("who", ["no_spiffe", "foreign_domain"])
+@pytest.mark.parametrize("who", ["no_spiffe", "foreign_domain", "two_uris", "ca_certificate"])
 async def test_certificate_without_an_accepted_spiffe_id_is_unauthenticated(
     running: Running, who: str
 ) -> None:

@@ -14,13 +14,15 @@ import datetime as dt
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 
 from broker.errors import Unauthenticated
 from broker.identity import InvalidSpiffeId, parse_spiffe_id
 from broker.model import Principal
+
+_E = TypeVar("_E", bound=x509.ExtensionType)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,19 +38,31 @@ def _certified(pem: bytes, trust_domain: str) -> _Certified:
     UNAUTHENTICATED for anything else."""
     try:
         cert = x509.load_pem_x509_certificate(pem)
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = [
-            u for u in san.get_values_for_type(x509.UniformResourceIdentifier) if u.startswith("spiffe://")
-        ]
-    except (ValueError, x509.ExtensionNotFound):
-        raise Unauthenticated("the client certificate carries no SPIFFE id") from None
+        san = _extension(cert, x509.SubjectAlternativeName)
+        constraints = _extension(cert, x509.BasicConstraints)
+    except ValueError:  # a malformed certificate or extension
+        raise Unauthenticated("the client certificate cannot be read") from None
+    uris = [] if san is None else san.get_values_for_type(x509.UniformResourceIdentifier)
+    if not any(u.startswith("spiffe://") for u in uris):
+        raise Unauthenticated("the client certificate carries no SPIFFE id")
+    # An X.509 SVID has exactly one URI SAN, and is not a CA (SPIFFE X509-SVID, sections 2 and 4.1):
+    # which of several names would be the caller is not for the broker to guess.
     if len(uris) != 1:
-        raise Unauthenticated("the client certificate must carry exactly one SPIFFE id")
+        raise Unauthenticated("the client certificate must carry exactly one URI, its SPIFFE id")
+    if constraints is not None and constraints.ca:
+        raise Unauthenticated("the client certificate is a CA certificate, not an identity")
     try:
         principal = parse_spiffe_id(uris[0], trust_domain)
     except InvalidSpiffeId as exc:
         raise Unauthenticated(f"the client certificate's SPIFFE id is not accepted: {exc}") from None
     return _Certified(principal, cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp())
+
+
+def _extension(cert: x509.Certificate, kind: type[_E]) -> _E | None:
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
 
 
 def principal_from_context(context: Any, trust_domain: str) -> Principal:
