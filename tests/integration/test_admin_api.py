@@ -261,6 +261,70 @@ async def test_invalid_update_changes_nothing(running: Running) -> None:
     assert await admin.GetConnection(pb.GetConnectionRequest(id=created.id)) == created
 
 
+async def test_clearing_a_secret_the_connection_does_not_hold_is_refused_not_ignored(
+    running: Running,
+) -> None:
+    admin = running.admin()
+    created = await admin.CreateConnection(
+        pb.CreateConnectionRequest(
+            name="ssh",
+            type="ssh",
+            config=struct({"host": "ssh.example.com", "username": "deploy"}),
+            secrets={"password": "pw-1", "private_key": "key-1"},
+        )
+    )
+    before = await audit_count(running)
+    refusals = {
+        "clear_secrets[0]": pb.UpdateConnectionRequest(id=created.id, clear_secrets=["pasword"]),  # a typo
+        "clear_secrets[1]": pb.UpdateConnectionRequest(
+            id=created.id,
+            clear_secrets=["private_key", "passphrase"],  # a field it does not hold
+        ),
+        "clear_secrets[2]": pb.UpdateConnectionRequest(
+            id=created.id,
+            clear_secrets=["private_key", "private_key", "password"],
+            secrets={"password": "pw-2"},
+        ),
+    }
+    for field, request in refusals.items():
+        error = await rpc_error(admin.UpdateConnection(request))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        violations = field_violations(error)
+        assert list(violations) == [field], violations
+    assert (
+        "it holds: password, private_key"
+        in field_violations(await rpc_error(admin.UpdateConnection(refusals["clear_secrets[0]"])))[
+            "clear_secrets[0]"
+        ]
+    )
+    assert await audit_count(running) == before
+    assert await admin.GetConnection(pb.GetConnectionRequest(id=created.id)) == created
+
+    cleared = await admin.UpdateConnection(
+        pb.UpdateConnectionRequest(id=created.id, clear_secrets=["password"])
+    )
+    assert list(cleared.secret_fields) == ["private_key"]
+
+
+async def test_an_update_that_changes_nothing_writes_nothing(running: Running) -> None:
+    """A no-op update keeps the etag other admins hold valid, and adds no audit event."""
+    admin = running.admin()
+    created = await admin.CreateConnection(db_request(team="a"))
+    before = await audit_count(running)
+    same = [
+        pb.UpdateConnectionRequest(id=created.id),
+        pb.UpdateConnectionRequest(id=created.id, name=created.name, labels=pb.Labels(values={"team": "a"})),
+        pb.UpdateConnectionRequest(id=created.id, config=struct({"host": "db.internal", "port": 5432})),
+    ]
+    for request in same:
+        assert await admin.UpdateConnection(request) == created
+    assert await audit_count(running) == before
+    renamed = await admin.UpdateConnection(
+        pb.UpdateConnectionRequest(id=created.id, name="other", etag=created.etag)
+    )
+    assert renamed.name == "other" and renamed.etag != created.etag
+
+
 async def test_delete_restore_revoke_purge_lifecycle(running: Running) -> None:
     admin = running.admin()
     created = await admin.CreateConnection(db_request())
