@@ -200,6 +200,36 @@ async def test_label_filters_are_capped(running: Running) -> None:
     assert len(found.connections) == 1
 
 
+async def test_filters_longer_than_any_stored_value_or_of_unknown_enums_are_refused(running: Running) -> None:
+    """A 1 MB filter matches nothing and only costs a query; an unknown status number read as
+    "unspecified" would list what the caller did not ask for."""
+    admin = running.admin()
+    created = await admin.CreateConnection(db_request())
+    long = "c" * 100_000
+    calls = {
+        "name_prefix": admin.ListConnections(pb.ListConnectionsRequest(name_prefix=long)),
+        "type": admin.ListConnections(pb.ListConnectionsRequest(type=long)),
+        "status": admin.ListConnections(pb.ListConnectionsRequest(status=99)),
+        "actor": admin.ListAuditEvents(pb.ListAuditEventsRequest(actor=long)),
+        "action": admin.ListAuditEvents(pb.ListAuditEventsRequest(action=long)),
+        "principal": admin.ListGrants(pb.ListGrantsRequest(principal=long)),
+        "connection_id": admin.ListSecurityEvents(pb.ListSecurityEventsRequest(connection_id=long)),
+        "id": admin.GetConnection(pb.GetConnectionRequest(id=long)),
+    }
+    for field, call in calls.items():
+        error = await rpc_error(call)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, error.details())
+        assert field in field_violations(error), (field, error.details())
+    # At the bound, a filter is still a filter (and an unknown id still NOT_FOUND).
+    assert not (await admin.ListConnections(pb.ListConnectionsRequest(name_prefix="c" * 2048))).connections
+    deleted = await admin.ListConnections(pb.ListConnectionsRequest(status=pb.CONNECTION_STATUS_DELETED))
+    assert not deleted.connections
+    listed = await admin.ListConnections(pb.ListConnectionsRequest(status=pb.CONNECTION_STATUS_UNSPECIFIED))
+    assert [c.id for c in listed.connections] == [created.id]
+    missing = await rpc_error(admin.GetConnection(pb.GetConnectionRequest(id="c" * 2048)))
+    assert missing.code() == grpc.StatusCode.NOT_FOUND
+
+
 async def test_other_repeated_fields_are_capped(running: Running) -> None:
     admin = running.admin()
     created = await admin.CreateConnection(db_request())

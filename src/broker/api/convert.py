@@ -37,7 +37,20 @@ _STATUS_TO_PB = {
     ConnectionStatus.EXPIRED: pb.CONNECTION_STATUS_EXPIRED,
     ConnectionStatus.SUSPENDED: pb.CONNECTION_STATUS_SUSPENDED,
 }
-STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
+_STATUS_FROM_PB: dict[int, ConnectionStatus] = {int(v): k for k, v in _STATUS_TO_PB.items()}
+
+
+def connection_status(value: int) -> ConnectionStatus | None:
+    """A request's status filter; UNSPECIFIED is the default listing, an unknown number is INVALID_ARGUMENT
+    (read as UNSPECIFIED it would list what the caller did not ask for)."""
+    if value == pb.CONNECTION_STATUS_UNSPECIFIED:
+        return None
+    status = _STATUS_FROM_PB.get(value)
+    if status is None:
+        raise InvalidArgument.field("status", "is not a ConnectionStatus")
+    return status
+
+
 _TEST_STATUS_TO_PB = {
     TestStatus.UNTESTED: pb.TEST_STATUS_UNTESTED,
     TestStatus.SUCCESS: pb.TEST_STATUS_SUCCESS,
