@@ -287,3 +287,56 @@ def test_ungrant_all_cuts_a_principal_off_every_connection(dev_broker: DevBroker
     both = dev_broker.ctl("ungrant", "--all", names[1], other)
     assert both.returncode == 2 and json.loads(both.stderr)["code"] == "USAGE"
     assert [g["principal"] for g in dev_broker.ok("grants")[0]["grants"]] == [other]
+
+
+def test_numbers_and_invisible_characters_arrive_and_show_as_typed(
+    dev_broker: DevBroker, tmp_path: Path
+) -> None:
+    exact = 2**53 - 1  # the largest integer a request's number (a double) carries exactly
+    key = ["--type", "custom", "--secret", f"k=@{_write(tmp_path / 'k', 'v')}"]
+    created, _ = dev_broker.ok(
+        "create", "ids", *key, "--config", f"account={exact}", "--config-json", f'{{"n": [-{exact}, 0.5]}}'
+    )
+    assert created["config"] == {"account": exact, "n": [-exact, 0.5]}
+    assert type(created["config"]["account"]) is int
+
+    # An integer a double cannot hold is refused before anything is sent, naming where it is.
+    refusals = {
+        "--config account": ("create", "ids2", *key, "--config", f"account={2**53 + 1}"),
+        "--config-json n[1]": ("update", "ids", "--config-json", f'{{"n": [1, {2**70}]}}'),
+        "--config huge": ("update", "ids", "--config", f"huge={10**400}"),
+        "--config-json": ("update", "ids", "--config-json", "[" * 5000 + "]" * 5000),
+        "--config deep": ("update", "ids", "--config", "deep=" + '{"a":' * 40 + "1" + "}" * 40),
+        "--config-json a.a": ("update", "ids", "--config-json", '{"a":' * 900 + "1" + "}" * 900),
+    }
+    for where, argv in refusals.items():
+        refused = dev_broker.ctl(*argv)
+        error = json.loads(refused.stderr)
+        assert (refused.returncode, error["code"]) == (2, "USAGE"), refused.stderr
+        assert error["message"].startswith(where) or f" {where}" in error["message"], error["message"]
+        assert "Traceback" not in refused.stderr
+
+    # What reaches the broker anyway (a float beyond 2**53, half a port) is INVALID_ARGUMENT naming the field.
+    beyond = dev_broker.ctl("update", "ids", "--config", "account=1e300")
+    assert beyond.returncode == 1
+    assert [v["field"] for v in json.loads(beyond.stderr)["violations"]] == ["config.account"]
+    half = dev_broker.ctl(
+        "create", "db", "--type", "database", "--config", "driver=postgresql", "--config", "host=db.internal",
+        "--config", "database=app", "--config", "username=app", "--config", "port=5432.5",
+        "--secret", f"password=@{_write(tmp_path / 'pw', 'pw')}",
+    )  # fmt: skip
+    assert half.returncode == 1
+    assert {v["field"]: v["description"] for v in json.loads(half.stderr)["violations"]} == {
+        "config.port": "must be an integer"
+    }
+    assert dev_broker.ok("get", "ids")[0]["config"] == {"account": exact, "n": [-exact, 0.5]}
+    assert [c["name"] for c in dev_broker.ok("list")[0]["connections"]] == ["ids"]
+
+    # A zero-width space makes "ops\u200bteam" look like "opsteam": shown escaped, and refused in a label.
+    dev_broker.ok("update", "ids", "--config", "owner=ops\u200bteam\u200e")
+    shown = dev_broker.ctl("get", "ids", json_output=False)
+    assert shown.returncode == 0 and "ops\\u200bteam\\u200e" in shown.stdout, shown.stdout
+    assert "\u200b" not in shown.stdout and "\u200e" not in shown.stdout
+    label = dev_broker.ctl("update", "ids", "--label", "team=ops\u200b")
+    assert label.returncode == 1
+    assert [v["field"] for v in json.loads(label.stderr)["violations"]] == ["labels.team"]

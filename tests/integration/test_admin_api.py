@@ -83,6 +83,79 @@ async def test_invalid_input_names_fields_and_writes_nothing(running: Running) -
     assert await audit_count(running) == before
 
 
+async def test_a_credential_pasted_into_config_is_refused_never_stored_or_shown(running: Running) -> None:
+    """Config is stored in clear and shown to every admin: a credential put there by mistake
+    (in a URL's query, a header, a driver option, a CA field, a custom value) is refused, its
+    field named, the value never echoed, nothing written."""
+    admin = running.admin()
+    leaked = "sk-live-5f1c0ffee0ddba11"
+    pem_key = f"-----BEGIN RSA PRIVATE KEY-----\n{leaked}\n-----END RSA PRIVATE KEY-----\n"
+
+    def http(**config: object) -> pb.CreateConnectionRequest:
+        config = {"base_url": "https://api.example.com/v1", "auth_type": "bearer", **config}
+        return pb.CreateConnectionRequest(
+            name="h", type="http", config=struct(config), secrets={"token": "t"}
+        )
+
+    def database(**config: object) -> pb.CreateConnectionRequest:
+        request = db_request(name="d")
+        request.config.update(config)
+        return request
+
+    def custom(**config: object) -> pb.CreateConnectionRequest:
+        return pb.CreateConnectionRequest(name="c", type="custom", config=struct(config), secrets={"k": "v"})
+
+    hook = {"url": f"https://hooks.example.com/in?sig={leaked}", "auth_type": "none"}
+    mcp = {"server_url": f"https://mcp.example.com/mcp?api_key={leaked}"}
+    requests = {
+        "config.base_url": [
+            http(base_url=f"https://api.example.com/v1?access_token={leaked}"),
+            http(base_url=f"https://api.example.com/v1?q=1&key={leaked}"),
+            http(base_url=f"https://api.example.com/v1#X-Amz-Signature={leaked}"),
+        ],
+        "config.url": [pb.CreateConnectionRequest(name="w", type="webhook", config=struct(hook))],
+        "config.server_url": [pb.CreateConnectionRequest(name="m", type="mcp", config=struct(mcp))],
+        "config.headers": [
+            http(headers={"Private-Token": leaked}),
+            http(headers={"X-Goog-Api-Key": leaked}),
+            http(headers={"X-Forwarded-Auth": f"Bearer {leaked}"}),
+        ],
+        "config.options": [database(options={"sslpassword": leaked})],
+        "config.ssl_ca": [database(ssl_ca=pem_key)],
+        "config.dsn": [custom(dsn=f"postgres://app:{leaked}@db.internal/app")],
+        "config.nested": [custom(nested={"pem": [pem_key]})],
+    }
+    for field, made in requests.items():
+        for request in made:
+            error = await rpc_error(admin.CreateConnection(request))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, error.details())
+            assert field in field_violations(error), (field, error.details())
+            assert leaked not in error.details() and leaked not in str(error.trailing_metadata())
+
+    # Nor through an update of a connection that is fine: it stays as it was.
+    created = await admin.CreateConnection(http())
+    before = await audit_count(running)
+    update = pb.UpdateConnectionRequest(
+        id=created.id, config=struct({"base_url": f"https://api.example.com/v1?password={leaked}"})
+    )
+    error = await rpc_error(admin.UpdateConnection(update))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "config.base_url" in field_violations(error)
+    assert await audit_count(running) == before
+    assert await admin.GetConnection(pb.GetConnectionRequest(id=created.id)) == created
+    listed = await admin.ListConnections(pb.ListConnectionsRequest())
+    assert [c.name for c in listed.connections] == ["h"] and leaked not in str(listed)
+
+    # What only looks alike is still config: a token *URL*, a sort key, ordinary headers and options.
+    fine = [
+        http(base_url="https://api.example.com/v1?sort_key=name&page=2", headers={"X-Request-Source": "ci"}),
+        database(options={"application_name": "broker", "connect_timeout": "5"}),
+        custom(token_url="https://auth.example.com/token", owner="ops"),
+    ]
+    for i, request in enumerate(fine):
+        request.name = f"fine-{i}"
+        await admin.CreateConnection(request)
+
+
 async def test_names_are_unique_among_live_connections(running: Running) -> None:
     admin = running.admin()
     first = await admin.CreateConnection(db_request(name="dup"))
@@ -188,6 +261,70 @@ async def test_invalid_update_changes_nothing(running: Running) -> None:
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert await admin.GetConnection(pb.GetConnectionRequest(id=created.id)) == created
+
+
+async def test_clearing_a_secret_the_connection_does_not_hold_is_refused_not_ignored(
+    running: Running,
+) -> None:
+    admin = running.admin()
+    created = await admin.CreateConnection(
+        pb.CreateConnectionRequest(
+            name="ssh",
+            type="ssh",
+            config=struct({"host": "ssh.example.com", "username": "deploy"}),
+            secrets={"password": "pw-1", "private_key": "key-1"},
+        )
+    )
+    before = await audit_count(running)
+    refusals = {
+        "clear_secrets[0]": pb.UpdateConnectionRequest(id=created.id, clear_secrets=["pasword"]),  # a typo
+        "clear_secrets[1]": pb.UpdateConnectionRequest(
+            id=created.id,
+            clear_secrets=["private_key", "passphrase"],  # a field it does not hold
+        ),
+        "clear_secrets[2]": pb.UpdateConnectionRequest(
+            id=created.id,
+            clear_secrets=["private_key", "private_key", "password"],
+            secrets={"password": "pw-2"},
+        ),
+    }
+    for field, request in refusals.items():
+        error = await rpc_error(admin.UpdateConnection(request))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        violations = field_violations(error)
+        assert list(violations) == [field], violations
+    assert (
+        "it holds: password, private_key"
+        in field_violations(await rpc_error(admin.UpdateConnection(refusals["clear_secrets[0]"])))[
+            "clear_secrets[0]"
+        ]
+    )
+    assert await audit_count(running) == before
+    assert await admin.GetConnection(pb.GetConnectionRequest(id=created.id)) == created
+
+    cleared = await admin.UpdateConnection(
+        pb.UpdateConnectionRequest(id=created.id, clear_secrets=["password"])
+    )
+    assert list(cleared.secret_fields) == ["private_key"]
+
+
+async def test_an_update_that_changes_nothing_writes_nothing(running: Running) -> None:
+    """A no-op update keeps the etag other admins hold valid, and adds no audit event."""
+    admin = running.admin()
+    created = await admin.CreateConnection(db_request(team="a"))
+    before = await audit_count(running)
+    same = [
+        pb.UpdateConnectionRequest(id=created.id),
+        pb.UpdateConnectionRequest(id=created.id, name=created.name, labels=pb.Labels(values={"team": "a"})),
+        pb.UpdateConnectionRequest(id=created.id, config=struct({"host": "db.internal", "port": 5432})),
+    ]
+    for request in same:
+        assert await admin.UpdateConnection(request) == created
+    assert await audit_count(running) == before
+    renamed = await admin.UpdateConnection(
+        pb.UpdateConnectionRequest(id=created.id, name="other", etag=created.etag)
+    )
+    assert renamed.name == "other" and renamed.etag != created.etag
 
 
 async def test_delete_restore_revoke_purge_lifecycle(running: Running) -> None:

@@ -83,6 +83,64 @@ async def test_a_key_that_is_no_field_name_is_not_quoted(running: Running) -> No
     assert "config" in field_violations(error)
 
 
+# ----------------------------------------------------------------- numbers a double cannot carry exactly
+
+EXACT = 2**53 - 1  # the largest integer every number in a Struct (a double) holds exactly
+
+
+async def test_integers_beyond_2_53_or_not_whole_are_refused_naming_the_field(running: Running) -> None:
+    # 2**53 + 1 arrives as 2**53: stored, it would silently be another number than the one sent.
+    admin = running.admin()
+    custom = pb.CreateConnectionRequest(
+        name="ids",
+        type="custom",
+        config=struct({"account": EXACT, "nested": {"n": [-EXACT]}}),
+        secrets={"k": "v"},
+    )
+    created = await admin.CreateConnection(custom)
+    assert created.config["account"] == EXACT and created.config["nested"]["n"][0] == -EXACT
+    before = await audit_count(running)
+
+    too_big = pb.CreateConnectionRequest(
+        name="ids2", type="custom", config=struct({"account": 2**53 + 1}), secrets={"k": "v"}
+    )
+    update = pb.UpdateConnectionRequest(
+        id=created.id,
+        config=struct({"nested": {"n": [1, -(2**60)]}, "other": 1}),
+        labels=pb.Labels(values={"a": "b"}),
+    )
+    port = db_request(name="port")
+    port.config["port"] = 2.0**64
+    fraction = db_request(name="fraction")
+    fraction.config.update({"port": 5432.5, "dynamic": True, "default_ttl": 3600.25})
+    http = {"base_url": "https://api.example.com", "timeout_seconds": 1e300}
+    calls = {
+        ("config.account",): admin.CreateConnection(too_big),
+        ("config.nested.n[1]",): admin.UpdateConnection(update),
+        ("config.port",): admin.CreateConnection(port),
+        ("config.port", "config.default_ttl"): admin.CreateConnection(fraction),
+        ("draft.config.timeout_seconds",): admin.TestConnection(pb.TestConnectionRequest(draft=draft(http))),
+    }
+    for fields, call in calls.items():
+        error = await rpc_error(call)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (fields, error.details())
+        violations = field_violations(error)
+        for field in fields:
+            assert field in violations, (field, violations)
+        if fields != ("config.port", "config.default_ttl"):
+            assert "9007199254740991" in violations[fields[0]]
+    assert (
+        "must be an integer"
+        in field_violations(await rpc_error(admin.CreateConnection(fraction)))["config.default_ttl"]
+    )
+
+    # Nothing was written: no audit event, the connection as it was, no new connection.
+    assert await audit_count(running) == before
+    got = await admin.GetConnection(pb.GetConnectionRequest(id=created.id))
+    assert got.etag == created.etag and got.config["nested"]["n"][0] == -EXACT
+    assert [c.name for c in (await admin.ListConnections(pb.ListConnectionsRequest())).connections] == ["ids"]
+
+
 # ----------------------------------------------------------------- forged page tokens
 
 
@@ -140,6 +198,36 @@ async def test_label_filters_are_capped(running: Running) -> None:
     assert not (await admin.ListConnections(pb.ListConnectionsRequest(labels=at_cap))).connections
     found = await admin.ListConnections(pb.ListConnectionsRequest(labels={"team": "payments"}))
     assert len(found.connections) == 1
+
+
+async def test_filters_longer_than_any_stored_value_or_of_unknown_enums_are_refused(running: Running) -> None:
+    """A 1 MB filter matches nothing and only costs a query; an unknown status number read as
+    "unspecified" would list what the caller did not ask for."""
+    admin = running.admin()
+    created = await admin.CreateConnection(db_request())
+    long = "c" * 100_000
+    calls = {
+        "name_prefix": admin.ListConnections(pb.ListConnectionsRequest(name_prefix=long)),
+        "type": admin.ListConnections(pb.ListConnectionsRequest(type=long)),
+        "status": admin.ListConnections(pb.ListConnectionsRequest(status=99)),
+        "actor": admin.ListAuditEvents(pb.ListAuditEventsRequest(actor=long)),
+        "action": admin.ListAuditEvents(pb.ListAuditEventsRequest(action=long)),
+        "principal": admin.ListGrants(pb.ListGrantsRequest(principal=long)),
+        "connection_id": admin.ListSecurityEvents(pb.ListSecurityEventsRequest(connection_id=long)),
+        "id": admin.GetConnection(pb.GetConnectionRequest(id=long)),
+    }
+    for field, call in calls.items():
+        error = await rpc_error(call)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, error.details())
+        assert field in field_violations(error), (field, error.details())
+    # At the bound, a filter is still a filter (and an unknown id still NOT_FOUND).
+    assert not (await admin.ListConnections(pb.ListConnectionsRequest(name_prefix="c" * 2048))).connections
+    deleted = await admin.ListConnections(pb.ListConnectionsRequest(status=pb.CONNECTION_STATUS_DELETED))
+    assert not deleted.connections
+    listed = await admin.ListConnections(pb.ListConnectionsRequest(status=pb.CONNECTION_STATUS_UNSPECIFIED))
+    assert [c.id for c in listed.connections] == [created.id]
+    missing = await rpc_error(admin.GetConnection(pb.GetConnectionRequest(id="c" * 2048)))
+    assert missing.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_other_repeated_fields_are_capped(running: Running) -> None:

@@ -450,6 +450,24 @@ def test_tables_show_non_ascii_as_it_is() -> None:
     assert '"db": "héllo\\u202e"' in shown and "team=équipe" in shown  # bidi still escaped
 
 
+def test_invisible_characters_are_escaped_so_different_text_never_looks_the_same() -> None:
+    # Bidi marks, zero-width characters, odd spaces and separators, a private-use character.
+    for char, escaped in {
+        "\u200b": "\\u200b",
+        "\u200e": "\\u200e",
+        "\u061c": "\\u061c",
+        "\ufeff": "\\ufeff",
+        "\u00a0": "\\xa0",
+        "\u2028": "\\u2028",
+        "\U000e0041": "\\U000e0041",
+    }.items():
+        assert out.shown(f"ops{char}team") == f"ops{escaped}team"
+    c = connection()
+    c.config.update({"owner": "ops\u200bteam"})
+    assert '"owner": "ops\\u200bteam"' in out.render_connection(c)
+    assert out.shown("日本語 é ü 😀") == "日本語 é ü 😀"
+
+
 # ------------------------------------------------------------------- errors
 
 

@@ -204,3 +204,21 @@ def test_secret_from_a_closed_stdin_is_a_usage_error(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr("sys.stdin", None)  # what Python makes of `<&-`
     with pytest.raises(UsageError, match=r"^--secret token=@- reads standard input, but it is closed$"):
         parse_secrets(["token=@-"])
+
+
+def test_integers_a_request_cannot_carry_exactly_are_refused_naming_where() -> None:
+    exact = 2**53 - 1
+    assert parse_config([f"n={exact}", f"m=-{exact}"]) == {"n": exact, "m": -exact}
+    cases = {
+        "--config n": ([f"n={2**53 + 1}"], None),
+        "--config n.a[1]": ([f'n={{"a": [1, {2**64}]}}'], None),
+        "--config-json x": ([], f'{{"x": -{2**53 + 1}}}'),
+        "--config big": ([f"big={10**400}"], None),
+        "--config-json": ([], '{"a":' * 5000 + "1" + "}" * 5000),
+        "--config deep": (["deep=" + "[" * 40 + "]" * 40], None),
+    }
+    for where, (pairs, doc) in cases.items():
+        with pytest.raises(UsageError) as info:
+            parse_config(pairs, doc)
+        assert str(info.value).startswith(where), str(info.value)
+    assert parse_config(['n="18446744073709551617"']) == {"n": "18446744073709551617"}  # as text, it is kept

@@ -94,7 +94,7 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
         filter = ConnectionFilter(
             type=request.type,
             provider=request.provider,
-            status=convert.STATUS_FROM_PB.get(request.status),
+            status=convert.connection_status(request.status),
             labels=dict(request.labels),
             name_prefix=request.name_prefix,
         )

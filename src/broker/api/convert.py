@@ -37,7 +37,20 @@ _STATUS_TO_PB = {
     ConnectionStatus.EXPIRED: pb.CONNECTION_STATUS_EXPIRED,
     ConnectionStatus.SUSPENDED: pb.CONNECTION_STATUS_SUSPENDED,
 }
-STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
+_STATUS_FROM_PB: dict[int, ConnectionStatus] = {int(v): k for k, v in _STATUS_TO_PB.items()}
+
+
+def connection_status(value: int) -> ConnectionStatus | None:
+    """A request's status filter; UNSPECIFIED is the default listing, an unknown number is INVALID_ARGUMENT
+    (read as UNSPECIFIED it would list what the caller did not ask for)."""
+    if value == pb.CONNECTION_STATUS_UNSPECIFIED:
+        return None
+    status = _STATUS_FROM_PB.get(value)
+    if status is None:
+        raise InvalidArgument.field("status", "is not a ConnectionStatus")
+    return status
+
+
 _TEST_STATUS_TO_PB = {
     TestStatus.UNTESTED: pb.TEST_STATUS_UNTESTED,
     TestStatus.SUCCESS: pb.TEST_STATUS_SUCCESS,
@@ -79,22 +92,32 @@ def struct(values: dict[str, Any]) -> struct_pb2.Struct:
     return message
 
 
-def from_struct(message: struct_pb2.Struct, field: str) -> dict[str, Any]:
-    """The Struct in request field `field` as plain values; NaN or Infinity is INVALID_ARGUMENT.
+# A Struct carries every number as a double, which holds each integer exactly only up to 2**53 - 1
+# (JavaScript's Number.MAX_SAFE_INTEGER): 2**53 + 1 arrives as 2**53. Past that bound a request's
+# number may not be the one the caller wrote, so it is refused rather than silently changed.
+MAX_EXACT_NUMBER = 2**53 - 1
+_NOT_FINITE = "must be a finite number, not NaN or Infinity"
+_NOT_EXACT = (
+    f"must be a number between -{MAX_EXACT_NUMBER} and {MAX_EXACT_NUMBER} (2^53 - 1): a larger one"
+    " cannot arrive exactly; send a large id as a string"
+)
 
-    JSON has no such numbers, so they cannot be stored or sent anywhere; each one found is
-    named by its path (`config.port`, `config.headers[2]`).
+
+def from_struct(message: struct_pb2.Struct, field: str) -> dict[str, Any]:
+    """The Struct in request field `field` as plain values; a number that is NaN, Infinity or
+    beyond +-(2**53 - 1) (so maybe not the one sent) is INVALID_ARGUMENT.
+
+    Each one found is named by its path (`config.port`, `config.headers[2]`); nothing is stored
+    or sent anywhere with a number the caller did not write.
     """
-    bad: list[str] = []
+    bad: list[FieldViolation] = []
     values = _from_fields(message, field, bad)
     if bad:
-        raise InvalidArgument(
-            FieldViolation(path, "must be a finite number, not NaN or Infinity") for path in bad
-        )
+        raise InvalidArgument(bad)
     return values
 
 
-def _from_fields(message: struct_pb2.Struct, path: str, bad: list[str]) -> dict[str, Any]:
+def _from_fields(message: struct_pb2.Struct, path: str, bad: list[FieldViolation]) -> dict[str, Any]:
     # A key that is not even a plausible field name may be a pasted secret: not quoted in a path.
     return {
         key: _from_value(value, f"{path}.{key}" if catalog.FIELD_NAME.fullmatch(key) else path, bad)
@@ -102,12 +125,15 @@ def _from_fields(message: struct_pb2.Struct, path: str, bad: list[str]) -> dict[
     }
 
 
-def _from_value(value: struct_pb2.Value, path: str, bad: list[str]) -> Any:
+def _from_value(value: struct_pb2.Value, path: str, bad: list[FieldViolation]) -> Any:
     kind = value.WhichOneof("kind")
     if kind == "number_value":
-        if not math.isfinite(value.number_value):
-            bad.append(path)
-        return value.number_value
+        number = value.number_value
+        if not math.isfinite(number):
+            bad.append(FieldViolation(path, _NOT_FINITE))
+        elif abs(number) > MAX_EXACT_NUMBER:
+            bad.append(FieldViolation(path, _NOT_EXACT))
+        return number
     if kind == "string_value":
         return value.string_value
     if kind == "bool_value":

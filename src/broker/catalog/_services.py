@@ -170,7 +170,11 @@ DATABASE = ConnectionType(
             transport=True,
         ),
         FieldSpec(
-            "options", FieldKind.STRING_MAP, description="Extra driver connection options.", transport=True
+            "options",
+            FieldKind.STRING_MAP,
+            description="Extra driver connection options; no credentials.",
+            transport=True,
+            check=v.no_secret_names,
         ),
         *_DYNAMIC_FIELDS,
     ),

@@ -15,28 +15,15 @@ from typing import Any
 
 from broker.catalog._registry import get_type
 from broker.catalog._spec import PROVIDER, Cond, ConnectionType, FieldSpec, Problem, Rule, RuleKind, Validated
-from broker.catalog._values import MAX_STRING, json_value, parse
+from broker.catalog._values import MAX_STRING, json_value, looks_secret, parse
 from broker.errors import FieldViolation, InvalidArgument
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 
-# For `custom`, where any config key is allowed: key names that say "I am a credential".
-# Matched on the last word of the name, so `token_url` passes and `access_token` does not.
-_SECRET_WORDS = frozenset(
-    {"password", "passwd", "secret", "token", "passphrase", "credential", "credentials"}
-)
-_SECRET_SUFFIXES = ("apikey", "privatekey", "secretkey", "clientsecret")
-
-
-def _looks_secret(name: str) -> bool:
-    words = [w for w in re.split(r"[_.\-\s]+", name.lower()) if w]
-    squashed = "".join(words)
-    return bool(words) and (words[-1] in _SECRET_WORDS or squashed.endswith(_SECRET_SUFFIXES))
-
 
 def _nested_secret_key(value: Any) -> bool:
     if isinstance(value, Mapping):
-        return any(_looks_secret(str(k)) or _nested_secret_key(v) for k, v in value.items())
+        return any(looks_secret(str(k)) or _nested_secret_key(v) for k, v in value.items())
     if isinstance(value, list | tuple):
         return any(_nested_secret_key(v) for v in value)
     return False
@@ -105,7 +92,7 @@ class _Run:
                     self.fail(f"config.{key}", str(problem), key)
 
     def _read_open(self, key: str, value: Any) -> None:
-        if _looks_secret(key):
+        if looks_secret(key):
             self.fail(f"config.{key}", "looks like a secret: pass it in secrets, not config", key)
         elif _nested_secret_key(value):
             self.fail(f"config.{key}", "contains a key that looks like a secret: pass it in secrets", key)

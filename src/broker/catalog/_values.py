@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from broker.catalog._spec import Check, FieldKind, FieldSpec, Problem
 from broker.catalog.oauth_providers import FLOW_PARAMS
@@ -28,11 +28,35 @@ MAX_DEPTH = 32
 _SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
 _LINE_BREAK_OR_NUL = re.compile(r"[\r\n\x00]")
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+# A header value that is an Authorization credential, whatever the header's name.
+_AUTH_SCHEME = re.compile(r"\s*(bearer|basic|digest|token)\s+\S", re.IGNORECASE)
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # Headers that carry credentials belong in the secret fields, where they are sealed.
 _CREDENTIAL_HEADERS = frozenset(
     {"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key", "x-auth-token"}
 )
+
+
+# Names that say "I am a credential": config keys of `custom`, URL query parameters, header
+# names, driver options. Matched on the last word of the name, so `token_url` passes and
+# `access_token` does not; run together, `x-api-key` and `sslpassword` are caught too.
+_SECRET_WORDS = frozenset(
+    {"password", "passwd", "secret", "token", "passphrase", "credential", "credentials", "signature"}
+)
+_SECRET_SUFFIXES = ("apikey", "privatekey", "secretkey", "clientsecret", "password", "passwd")
+# Query parameters that carry a credential under a short name (Google's `key`, signed URLs' `sig`).
+_CREDENTIAL_PARAMS = frozenset({"key", "sig", "auth"})
+# Config is stored in clear and shown to every admin: a credential pasted there would be too.
+_PRIVATE_KEY = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
+_URL_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s@:]*:[^/?#\s@]+@")
+_IN_SECRETS = "pass it in the secret fields, which are sealed, not in config"
+
+
+def looks_secret(name: str) -> bool:
+    """Whether a key, parameter or header name says it holds a credential."""
+    words = [w for w in re.split(r"[_.\-\s]+", name.lower()) if w]
+    squashed = "".join(words)
+    return bool(words) and (words[-1] in _SECRET_WORDS or squashed.endswith(_SECRET_SUFFIXES))
 
 
 def _string(value: Any) -> str:
@@ -42,6 +66,10 @@ def _string(value: Any) -> str:
         raise Problem(f"must be at most {MAX_STRING} characters")
     if "\x00" in value:
         raise Problem("must not contain NUL characters")
+    if _PRIVATE_KEY.search(value):
+        raise Problem(f"holds a private key: {_IN_SECRETS}")
+    if _URL_PASSWORD.search(value):
+        raise Problem(f"holds a URL with a password (user:password@): {_IN_SECRETS}")
     return value
 
 
@@ -86,6 +114,13 @@ def _url(value: Any) -> str:
         raise Problem("must be an http or https URL with a host")
     if "@" in parts.netloc:
         raise Problem("must not contain credentials (user:password@): use the secret fields")
+    names = [name for name, _ in parse_qsl(parts.query, keep_blank_values=True)]
+    names += [name for name, _ in parse_qsl(parts.fragment, keep_blank_values=True)]
+    if any(looks_secret(name) or name.lower() in _CREDENTIAL_PARAMS for name in names):
+        raise Problem(
+            "must not carry a credential in its query or fragment (a key, token or password parameter):"
+            " use the secret fields"
+        )
     if not port_ok:
         raise Problem("has an invalid port")
     try:
@@ -310,15 +345,25 @@ def email(value: str) -> str:
 
 
 def http_headers(value: dict[str, str]) -> dict[str, str]:
-    """Check: valid header names, none of them a credential header."""
+    """Check: valid header names, none of them a credential header or holding an Authorization value."""
     if not all(_HEADER_NAME.fullmatch(name) for name in value):
         raise Problem("header names must be HTTP tokens (letters, digits and -_.!#$%&'*+^`|~)")
-    if any(name.lower() in _CREDENTIAL_HEADERS for name in value):
+    if any(
+        name.lower() in _CREDENTIAL_HEADERS or looks_secret(name) or _AUTH_SCHEME.match(text)
+        for name, text in value.items()
+    ):
         raise Problem("must not carry credentials (Authorization, Cookie, API key headers): use auth_type")
     return value
 
 
 _QUERY_NAME = re.compile(r"[A-Za-z0-9_.~-]{1,64}")
+
+
+def no_secret_names(value: dict[str, str]) -> dict[str, str]:
+    """Check: no map entry named like a credential (a driver's `password` or `sslpassword` option)."""
+    if any(looks_secret(name) for name in value):
+        raise Problem(f"must not hold a credential (an entry named like a password or key): {_IN_SECRETS}")
+    return value
 
 
 def authorize_params(value: dict[str, str]) -> dict[str, str]:

@@ -27,7 +27,8 @@ def parse_config(
     the option in messages: `--arg` for a tool's arguments).
 
     A value is JSON when it parses as JSON (`5432`, `true`, `["a"]`, `null`),
-    otherwise the text itself.
+    otherwise the text itself. An integer a request cannot carry exactly is refused (see
+    `_exact_numbers`).
     """
     config: dict[str, Any] = {}
     if json_text is not None:
@@ -36,8 +37,11 @@ def parse_config(
             doc = json.loads(text)
         except json.JSONDecodeError as exc:
             raise UsageError(f"{flag}-json is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise UsageError(f"{flag}-json nests too deeply") from None
         if not isinstance(doc, dict):
             raise UsageError(f"{flag}-json must be a JSON object")
+        _exact_numbers(doc, f"{flag}-json")
         config.update(doc)
     for pair in pairs:
         key, value = _split(pair, flag)
@@ -45,7 +49,34 @@ def parse_config(
             config[key] = json.loads(value)
         except json.JSONDecodeError:
             config[key] = value
+        except RecursionError:
+            raise UsageError(f"{flag} {key} nests too deeply") from None
+        _exact_numbers(config[key], flag, key)
     return config
+
+
+# A request carries every config number as a double, exact for integers up to 2**53 - 1 only (the
+# broker refuses larger ones, since it cannot know what was meant); said here before anything is sent.
+MAX_EXACT_INTEGER = 2**53 - 1
+# The broker's own bound on nesting in a config (catalog MAX_DEPTH); deeper is refused there anyway.
+MAX_DEPTH = 32
+
+
+def _exact_numbers(value: Any, flag: str, path: str = "", depth: int = 0) -> None:
+    """A `UsageError` naming `flag` and the path in the value for an integer beyond +-(2**53 - 1)."""
+    if depth > MAX_DEPTH:
+        raise UsageError(f"{flag} {path}".rstrip() + f": nests deeper than {MAX_DEPTH} levels")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_EXACT_INTEGER:
+        raise UsageError(
+            f"{flag} {path}".rstrip() + f": an integer beyond {MAX_EXACT_INTEGER} (2^53 - 1) cannot be"
+            ' sent exactly; quote it as a JSON string ("...") to send it as text'
+        )
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _exact_numbers(item, flag, f"{path}.{key}" if path else str(key), depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _exact_numbers(item, flag, f"{path}[{i}]", depth + 1)
 
 
 def parse_labels(pairs: Sequence[str]) -> dict[str, str]:

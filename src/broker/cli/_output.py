@@ -4,16 +4,16 @@ Only `render_resolved` prints secret values; every other reply type has no field
 that could hold one (the admin API is redacted by construction).
 
 Much of what is shown was written by someone else: an MCP server's tool descriptions,
-a test's error text, another admin's labels. Tables and key/value blocks show control
-characters and bidirectional overrides escaped (`\x1b`, `\u202e`), so no reply can move
-the cursor, retitle the terminal or reorder what the reader sees. JSON escapes them itself.
+a test's error text, another admin's labels or config. Tables and key/value blocks show every
+character that is not printable escaped (controls, bidirectional overrides and marks, zero-width
+characters: `\x1b`, `\u202e`, `\u200b`), so no reply can move the cursor, retitle the terminal,
+reorder what the reader sees or make two different names look alike. JSON escapes them itself.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import re
 import textwrap
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -29,18 +29,22 @@ _NONE = "-"
 _MIN_WRAP = 20
 
 
-# C0 and C1 controls (DEL included) and the bidirectional embeddings, overrides and isolates.
-_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def _escape(char: re.Match[str]) -> str:
-    code = ord(char.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def shown(text: str) -> str:
-    """`text` safe for a terminal: control characters and bidi overrides escaped, the rest as is."""
-    return _UNSHOWABLE.sub(_escape, text)
+    """`text` safe for a terminal, every character that is not printable escaped, the rest as is.
+
+    Not printable (`str.isprintable`): C0 and C1 controls, bidi overrides, isolates and marks,
+    zero-width and other format characters, separators other than the space (U+2028, U+00A0),
+    unassigned code points. So no reply moves the cursor or reorders what is read, and two
+    names that differ only by an invisible character never look the same.
+    """
+    if text.isprintable():
+        return text  # the common case, without building a new string
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:

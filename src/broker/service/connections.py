@@ -185,6 +185,29 @@ def _check_secrets_follow_destination(
         )
 
 
+def _check_clear_secrets(current: ConnectionRecord, patch: ConnectionPatch) -> None:
+    """Each name to clear is a secret the connection holds, and is not given a new value too.
+
+    Otherwise a typo (`pasword`) would be a silent no-op that still re-seals, and the admin would
+    believe the secret gone. The names given are not quoted: they may be a secret pasted there.
+    """
+    if len(patch.clear_secrets) > MAX_SECRET_FIELDS:
+        raise InvalidArgument.field("clear_secrets", f"at most {MAX_SECRET_FIELDS} names")
+    held = ", ".join(current.secret_fields) or "none"
+    violations = [
+        FieldViolation(
+            f"clear_secrets[{i}]",
+            "is also given in secrets: clear a secret or set it, not both"
+            if name in patch.secrets.names
+            else f"is not a secret this connection holds (it holds: {held})",
+        )
+        for i, name in enumerate(patch.clear_secrets)
+        if name in patch.secrets.names or name not in current.secret_fields
+    ]
+    if violations:
+        raise InvalidArgument(violations)
+
+
 def _target(validated: catalog.Validated) -> Target:
     return Target(validated.type, validated.provider, validated.config, SecretFields(validated.secrets))
 
@@ -310,8 +333,7 @@ class ConnectionService:
                 config.pop(key, None)
             else:
                 config[key] = value
-        if len(patch.clear_secrets) > MAX_SECRET_FIELDS:
-            raise InvalidArgument.field("clear_secrets", f"at most {MAX_SECRET_FIELDS} names")
+        _check_clear_secrets(current, patch)
         secrets_changed = bool(patch.secrets.names or patch.clear_secrets)
         event = self._event(call, "connection.update", current.id)
         old_secrets = (await open_secrets_audited(self._keyring, current, self._audit, event)).reveal()
@@ -348,8 +370,12 @@ class ConnectionService:
             )
             if differs
         ]
-        event = self._event(call, "connection.update", current.id, changed=",".join(changed))
-        await self._commit(record, current, event)
+        if changed:
+            event = self._event(call, "connection.update", current.id, changed=",".join(changed))
+            await self._commit(record, current, event)
+        else:
+            # Nothing to change: no write, no audit event, and the etag others hold stays valid.
+            record = current
         if tested is not None:
             test_event = call.audit_event(
                 self._clock(), "connection.test", record.id, details={"before_save": "true"}
