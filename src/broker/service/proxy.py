@@ -52,6 +52,7 @@ from broker.service.sealing import DECRYPT_FAILED, open_secrets
 from broker.service.upstream import (
     AnswerTooLarge,
     NotInjectable,
+    UnreadableAnswer,
     UpstreamAnswer,
     UpstreamRequest,
     base_url,
@@ -455,6 +456,8 @@ def _failure_reason(exc: BaseException) -> str:
         return "upstream_timeout"
     if isinstance(exc, AnswerTooLarge):
         return "answer_too_large"
+    if isinstance(exc, UnreadableAnswer):
+        return "answer_unreadable"
     if isinstance(exc, NotInjectable):
         return "not_injectable"
     return "upstream_unreachable"

@@ -18,7 +18,10 @@ policy and returns the answer with every form of every secret masked:
 * The exchange is bounded by the policy's total timeout (and by the caller's deadline,
   which the caller applies around `call`); the body by `max_bytes`, counted decoded so
   compression cannot inflate past it. The answer's body is decoded, so `Content-Encoding`
-  and the framing headers are dropped.
+  and the framing headers are dropped. The broker asks for the codings it decodes (gzip,
+  deflate), whatever `Accept-Encoding` the caller sent, and refuses an answer in any other
+  (`UnreadableAnswer`): undecoded, a secret in it would pass the scrubber.
+* Every header of the answer is scrubbed, its name as well as its value.
 
 A webhook connection takes calls to its one URL by its one method, each body signed (hmac)
 or with its bearer token; an `oauth2` connection's calls go to its provider's API with the
@@ -43,8 +46,8 @@ import httpx
 
 from broker import oauth
 from broker.egress import EgressPolicy
-from broker.egress.errors import ResponseTooLarge
-from broker.egress.http import PolicyClient, http_client, read_body
+from broker.egress.errors import ResponseTooLarge, UnreadableBody
+from broker.egress.http import PolicyClient, body_chunks, http_client, read_body
 from broker.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from broker.model import plain_path
 from broker.scrub import Scrubber
@@ -89,6 +92,10 @@ class NotInjectable(FailedPrecondition):
 
 class AnswerTooLarge(FailedPrecondition):
     """The upstream's answer is over the proxy's byte limit."""
+
+
+class UnreadableAnswer(FailedPrecondition):
+    """The upstream's answer is in a content coding the broker does not decode, or broken in it."""
 
 
 @functools.cache
@@ -341,7 +348,11 @@ async def _exchange(
         url = connection.base_url + request.path + (f"?{request.query}" if request.query else "")
     sent = {name.lower() for name, _ in request.headers}
     defaults = [(name, value) for name, value in connection.defaults.items() if name.lower() not in sent]
-    headers = [*defaults, *request.headers, *connection.credentials.items()]
+    # The broker decodes the answer, so the codings are its to ask for (`egress.http.ACCEPT_ENCODING`,
+    # set on every client): the caller's Accept-Encoding is left out.
+    asked = [(name, value) for name, value in request.headers if name.lower() != "accept-encoding"]
+    defaults = [(name, value) for name, value in defaults if name.lower() != "accept-encoding"]
+    headers = [*defaults, *asked, *connection.credentials.items()]
     if connection.sign is not None:
         headers += connection.sign(request.body).items()
     async with _client(egress) as client:
@@ -359,13 +370,23 @@ async def _exchange(
 
 
 def _head(connection: Injection, response: httpx.Response) -> UpstreamAnswer:
-    """The status and the scrubbed headers (the framing ones dropped), with no body yet."""
+    """The status and the headers, names and values scrubbed (the framing ones dropped), with
+    no body yet."""
+    # Scrubbed as received: httpx lower-cases names (a secret in one would no longer match) and
+    # may read the bytes as latin-1 (a non-ASCII secret would no longer match).
+    scrubber, encoding = connection.scrubber, response.headers.encoding
     headers = [
-        (name, connection.scrubber.text(value))
-        for name, value in response.headers.multi_items()
-        if name.lower() not in _DROPPED_ANSWER_HEADERS
+        (scrubber.data(name).decode(encoding).lower(), scrubber.text(scrubber.data(value).decode(encoding)))
+        for name, value in response.headers.raw
+        if name.decode(encoding).lower() not in _DROPPED_ANSWER_HEADERS
     ]
     return UpstreamAnswer(response.status_code, headers, b"")
+
+
+def _unreadable() -> UnreadableAnswer:
+    return UnreadableAnswer(
+        "the upstream's answer is in a content encoding the broker does not read (it reads gzip and deflate)"
+    )
 
 
 async def call(
@@ -394,6 +415,8 @@ async def call(
             raise AnswerTooLarge(
                 f"the upstream's answer is larger than {max_bytes} bytes, the proxy's limit"
             ) from None
+        except UnreadableBody:
+            raise _unreadable() from None
         head = _head(connection, response)
     return UpstreamAnswer(head.status, head.headers, connection.scrubber.data(body))
 
@@ -406,13 +429,16 @@ async def stream(
     async with _exchange(egress, connection, request) as response:
         yield _head(connection, response)
         scrubber, size = connection.scrubber.stream(), 0
-        async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > max_bytes:
-                raise AnswerTooLarge(
-                    f"the upstream's answer is larger than {max_bytes} bytes, the proxy's limit"
-                )
-            if released := scrubber.feed(chunk):
-                yield released
+        try:
+            async for chunk in body_chunks(response):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise AnswerTooLarge(
+                        f"the upstream's answer is larger than {max_bytes} bytes, the proxy's limit"
+                    )
+                if released := scrubber.feed(chunk):
+                    yield released
+        except UnreadableBody:
+            raise _unreadable() from None
         if rest := scrubber.end():
             yield rest
