@@ -343,3 +343,12 @@ async def test_header_names_are_scrubbed_too() -> None:
         assert isinstance(head, UpstreamAnswer)
         assert secret not in str(head.headers)
         assert {"x-[redacted]", "x-echo-[redacted]-b"} <= {name.lower() for name, _ in head.headers}
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/..;/admin", "/v1/.;/x", "/v1/%252e%252e/admin", "/v1/%252F", "/v1/%255c"]
+)
+async def test_paths_an_upstream_may_still_resolve_elsewhere_are_refused(path: str) -> None:
+    with serve(echo) as upstream, pytest.raises(InvalidArgument) as caught:
+        await call(LOOPBACK, bearer(upstream.url), UpstreamRequest("GET", path), max_bytes=100)
+    assert violations(caught) == {"path"} and upstream.requests == []
