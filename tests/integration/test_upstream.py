@@ -352,3 +352,19 @@ async def test_paths_an_upstream_may_still_resolve_elsewhere_are_refused(path: s
     with serve(echo) as upstream, pytest.raises(InvalidArgument) as caught:
         await call(LOOPBACK, bearer(upstream.url), UpstreamRequest("GET", path), max_bytes=100)
     assert violations(caught) == {"path"} and upstream.requests == []
+
+
+async def test_a_header_spelled_with_underscores_cannot_stand_in_for_the_credentials() -> None:
+    # WSGI/CGI servers read `X_Api_Key` and `X-Api-Key` as the same header.
+    with serve(echo) as upstream:
+        api_key = injection(
+            "http",
+            "",
+            {"base_url": upstream.url, "auth_type": "api_key", "api_key_header": "X-Api-Key"},
+            SecretFields({"api_key_value": TOKEN}),
+        )
+        with pytest.raises(InvalidArgument) as caught:
+            headers = (("X_Api_Key", "mine"), ("Proxy_Authorization", "x"), ("X_Custom", "ok"))
+            await call(LOOPBACK, api_key, UpstreamRequest("GET", "/", headers=headers), max_bytes=100)
+    assert violations(caught) == {"headers[0].name", "headers[1].name"}
+    assert upstream.requests == []

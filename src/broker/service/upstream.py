@@ -9,8 +9,8 @@ policy and returns the answer with every form of every secret masked:
   with no dot segments or encoded dots and slashes (which an upstream might resolve
   elsewhere), no backslash and no scheme-relative `//`.
 * The caller may not set the credential's header, `Authorization`, `Cookie`, `Host`, the
-  framing or hop-by-hop headers: refused (INVALID_ARGUMENT naming the header), never
-  silently replaced.
+  framing or hop-by-hop headers, nor any of them spelled with `_` for `-`: refused
+  (INVALID_ARGUMENT naming the header), never silently replaced.
 * No redirect is followed: a 3xx is the answer, its `Location` scrubbed like every other
   header. Following it would be another call, checked again (scope included).
 * Nothing is retried (a 429 or 503 comes back at once, `Retry-After` and all): a retry
@@ -297,9 +297,9 @@ def check_request(request: UpstreamRequest, connection: Injection | None = None)
         raise InvalidArgument([*bad, FieldViolation("headers", f"at most {MAX_HEADER_BYTES} bytes in all")])
     reserved = set(_REFUSED_HEADERS)
     if connection is not None:
-        reserved |= {name.lower() for name in connection.credentials}
+        reserved |= {_header_key(name) for name in connection.credentials}
         if connection.sign is not None:
-            reserved |= {webhook.TIMESTAMP_HEADER.lower(), webhook.SIGNATURE_HEADER.lower()}
+            reserved |= {_header_key(webhook.TIMESTAMP_HEADER), _header_key(webhook.SIGNATURE_HEADER)}
         if connection.only_method and request.method != connection.only_method:
             bad.append(FieldViolation("method", f"must be {connection.only_method}, this webhook's method"))
         if connection.only_method and (path != "/" or request.query):
@@ -309,12 +309,18 @@ def check_request(request: UpstreamRequest, connection: Injection | None = None)
     for i, (name, value) in enumerate(request.headers):
         if not _HEADER_NAME.fullmatch(name):
             bad.append(FieldViolation(f"headers[{i}].name", "must be an HTTP header name"))
-        elif name.lower() in reserved:
+        elif _header_key(name) in reserved:
             bad.append(FieldViolation(f"headers[{i}].name", f"{name} is set by the broker, not the caller"))
         if not value.isprintable() or not value.isascii():
             bad.append(FieldViolation(f"headers[{i}].value", "must be printable ASCII"))
     if bad:
         raise InvalidArgument(bad)
+
+
+def _header_key(name: str) -> str:
+    # Servers behind CGI/WSGI read `X_Api_Key` as `X-Api-Key`: a caller's header that a server may
+    # take for a reserved one is refused as that one.
+    return name.lower().replace("_", "-")
 
 
 def pooled_client(egress: EgressPolicy) -> PolicyClient:
