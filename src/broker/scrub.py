@@ -1,8 +1,9 @@
 """Remove secret values, and what the broker composed from them, from what a server sent back.
 
 Each secret and each composed credential (`broker.testers.sent`) is masked plain, URL-encoded,
-base64 (standard, URL-safe, unpadded) and hex. Text is scrubbed as a whole string; JSON (an MCP
-tool's input schema) in every string it holds, keys included.
+base64 (standard, URL-safe, unpadded; also where it sits inside a longer base64 text) and hex.
+Text is scrubbed as a whole string; JSON (an MCP tool's input schema) in every string it holds,
+keys included.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ def _forms(value: str) -> set[str]:
         json.dumps(value, ensure_ascii=False)[1:-1],
         value.replace("/", "\\/"),
     }
+    # Inside a longer base64 text (a blob, a token, an echoed header block) the value starts at
+    # any of three offsets and its ends share groups with its neighbours: the whole groups it
+    # fills alone, at each offset, are masked (at most two bytes at either end stay readable).
+    for skip in range(3):
+        alone = raw[skip:][: (len(raw) - skip) // 3 * 3]
+        forms |= {base64.b64encode(alone).decode(), base64.urlsafe_b64encode(alone).decode()}
     return {f for f in forms if len(f) >= MIN_LENGTH}
 
 

@@ -7,6 +7,8 @@ server (tests/mcpserver.py), so no Node is needed."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +25,7 @@ from broker._proto import broker_pb2 as pb
 from broker.egress import EgressSettings
 from tests import mcpserver
 from tests.conftest import Running
-from tests.helpers import EXECUTOR, field_violations, rpc_error, struct
+from tests.helpers import EXECUTOR, base64_reveals, field_violations, rpc_error, struct
 from tests.httpservers import Answer, Seen, serve
 from tests.integration.test_proxy_api import proxy
 
@@ -291,3 +293,38 @@ async def test_content_of_every_kind_and_notifications_during_the_call_come_thro
     assert link == {"type": "resource_link", "uri": "file:///c", "name": "c", "mimeType": "text/plain"}
     assert MessageToDict(answer.structured_content) == {"temperature": 21.5, "conditions": "dry"}
     assert not answer.is_error
+
+
+async def test_a_tool_result_echoing_the_token_nested_or_inside_base64_gives_nothing_away(
+    make_broker: Callable[..., object],
+) -> None:
+    running = await _started(make_broker)
+
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    claim = json.dumps({"t": TOKEN})
+
+    async def leaky(ctx: ServerRequestContext[Any], arguments: dict[str, Any]) -> types.CallToolResult:
+        return types.CallToolResult(
+            content=[
+                types.ImageContent(type="image", data=b64(f"x{TOKEN}y"), mime_type="image/png"),
+                types.EmbeddedResource(
+                    type="resource",
+                    resource=types.BlobResourceContents(
+                        uri="file:///req",
+                        blob=b64(f"GET / HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"),
+                    ),
+                ),
+                types.TextContent(type="text", text=f"jwt-ish {b64(claim).rstrip('=')}"),
+            ],
+            structured_content={"deep": {"list": [{"token": TOKEN}, b64(f"ab{TOKEN}")]}, TOKEN: 1},
+        )
+
+    with mcpserver.running(token=TOKEN, tool_count=1, behaviours={"leaky": leaky}) as server:
+        await _tools_connection(running, server, "streamable_http")
+        answer = await _call(running, "leaky", timeout=20)
+    said = str(MessageToDict(answer))
+    assert TOKEN not in said and not base64_reveals(said, TOKEN)
+    assert MessageToDict(answer.structured_content)["deep"]["list"][0] == {"token": "[redacted]"}
+    assert await _audited(running) == [("allowed", "")]

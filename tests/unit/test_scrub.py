@@ -9,6 +9,7 @@ from broker.model import McpTool
 from broker.scrub import MASK, Scrubber
 from broker.testers.mcp import scrub_tools, tool_definition_hash
 from broker.testers.sent import SentCredentials
+from tests.helpers import base64_reveals
 
 USER = "ada-lo"  # `user:` is then not whole base64 groups, so the pair hides the password's own base64
 PASSWORD = "pw/Lovelace+1815="
@@ -145,3 +146,16 @@ def test_text_no_store_accepts_becomes_the_replacement_character() -> None:
     assert scrubber.text("a\x00b\ud800c\udfffd") == "a\ufffdb\ufffdc\ufffdd"
     schema = scrubber.json({"k\x00": ["\ud83d", 1]})
     assert schema == {"k\ufffd": ["\ufffd", 1]}
+
+
+def test_a_secret_inside_a_longer_base64_text_is_masked_at_every_offset() -> None:
+    scrubber = Scrubber([PASSWORD, TOKEN])
+    for secret in (PASSWORD, TOKEN):
+        for prefix in ("", "a", "ab", "Authorization: Bearer ", "token=", '{"k":"'):
+            for suffix in ("", "x", "\n", '"}'):
+                inner = f"{prefix}{secret}{suffix}".encode()
+                for encoded in (base64.b64encode(inner), base64.urlsafe_b64encode(inner).rstrip(b"=")):
+                    blob = encoded.decode()
+                    assert base64_reveals(blob, secret)  # the helper finds it when nothing is masked
+                    assert not base64_reveals(scrubber.text(f"blob: {blob}"), secret), (prefix, suffix)
+                    assert not base64_reveals(scrubber.data(encoded).decode(), secret), (prefix, suffix)
