@@ -328,3 +328,67 @@ async def test_a_tool_result_echoing_the_token_nested_or_inside_base64_gives_not
     assert TOKEN not in said and not base64_reveals(said, TOKEN)
     assert MessageToDict(answer.structured_content)["deep"]["list"][0] == {"token": "[redacted]"}
     assert await _audited(running) == [("allowed", "")]
+
+
+async def test_a_streamed_call_cut_short_by_the_callers_deadline_is_audited(
+    make_broker: Callable[..., object],
+) -> None:
+    """A slow head (the upstream has the request, with the credential) and a slow body: both
+    calls are audited, as failed, and neither is an internal error."""
+    running = await _started(make_broker)
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        path = (await reader.readline()).split()[1]
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        if path == b"/slow-head":
+            await release.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await release.wait()  # slow-loris: the rest of the body never comes in time
+        writer.close()
+
+    release = asyncio.Event()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        admin = running.admin()
+        config = {"base_url": f"http://127.0.0.1:{port}", "auth_type": "bearer"}
+        created = await admin.CreateConnection(
+            pb.CreateConnectionRequest(
+                name="api", type="http", config=struct(config), secrets={"token": TOKEN}
+            )
+        )
+        await admin.GrantAccess(
+            pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR, mode=pb.GRANT_MODE_PROXY)
+        )
+        for path in ("/slow-head", "/slow-body"):
+            request = pb.ProxyHttpRequest(name="api", method="GET", path=path)
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                async for _ in proxy(running).ProxyHttpStream(request, timeout=1.0):
+                    pass
+            assert cut.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, path
+        events: list[Any] = []
+        for _ in range(60):
+            listed = await admin.ListAuditEvents(pb.ListAuditEventsRequest(action="connection.proxy"))
+            events = list(reversed(listed.events))
+            if len(events) >= 3:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        release.set()
+        await asyncio.sleep(0.1)
+        server.close()
+        await server.wait_closed()
+    outcomes = [(e.details["path"], e.outcome, e.reason) for e in events]
+    assert outcomes[0] in (
+        ("/slow-head", "failed", "deadline_exceeded"),
+        ("/slow-head", "failed", "cancelled"),
+    )
+    assert outcomes[1] == ("/slow-body", "allowed", "")  # the head came: audited before it was sent
+    assert outcomes[2] in (
+        ("/slow-body", "failed", "deadline_exceeded"),
+        ("/slow-body", "failed", "cancelled"),
+    )
+    assert "unexpected_error" not in running.logs.getvalue()

@@ -38,7 +38,7 @@ import http.cookiejar
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -429,7 +429,7 @@ async def call(
 
 async def stream(
     egress: EgressPolicy | PolicyClient, connection: Injection, request: UpstreamRequest, *, max_bytes: int
-) -> AsyncIterator[UpstreamAnswer | bytes]:
+) -> AsyncGenerator[UpstreamAnswer | bytes, None]:
     """As `call`, the answer streamed: its head (an `UpstreamAnswer` without body), then the
     body in scrubbed chunks as they arrive (`StreamScrubber`), at most `max_bytes` of it."""
     async with _exchange(egress, connection, request) as response:
