@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import time
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +24,10 @@ from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
 
 from broker._proto import broker_pb2 as pb
-from broker.egress import EgressSettings
+from broker.egress import EgressPolicy, EgressSettings
+from broker.sensitive import SecretFields
+from broker.testers import Target, run_discovery
+from broker.testers import _mcp_client as mcp_tester
 from tests import mcpserver
 from tests.conftest import Running
 from tests.helpers import EXECUTOR, base64_reveals, field_violations, rpc_error, struct
@@ -392,3 +397,30 @@ async def test_a_streamed_call_cut_short_by_the_callers_deadline_is_audited(
         ("/slow-body", "failed", "cancelled"),
     )
     assert "unexpected_error" not in running.logs.getvalue()
+
+
+@pytest.mark.parametrize("coding", ["gzip", "gzip, gzip"])
+async def test_a_compressed_answer_from_an_mcp_server_is_capped_decoded_not_inflated_whole(
+    coding: str,
+) -> None:
+    """The byte cap counts what the SDK parses: a small compressed answer (one layer or two) is not
+    inflated to hundreds of megabytes before anything looks at its size."""
+    inner = gzip.compress(b" " * 90_000_000, compresslevel=9)  # ~90 kB: under the cap as sent
+    bomb = gzip.compress(inner) if coding == "gzip, gzip" else inner
+
+    def answers(seen: Seen) -> Answer:
+        return Answer(200, bomb, {"Content-Type": "application/json", "Content-Encoding": coding})
+
+    policy = EgressPolicy(EgressSettings(allow_loopback=True, max_response_bytes=100_000))
+    with serve(answers) as server:
+        target = Target(
+            "mcp", "", {"server_url": f"{server.url}/mcp", "timeout_seconds": 10}, SecretFields({})
+        )
+        tracemalloc.start()
+        try:
+            result, tools = await run_discovery(mcp_tester.discover_tools, target, policy)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert not result.success and tools == []
+    assert peak < 30_000_000
