@@ -368,3 +368,31 @@ async def test_a_header_spelled_with_underscores_cannot_stand_in_for_the_credent
             await call(LOOPBACK, api_key, UpstreamRequest("GET", "/", headers=headers), max_bytes=100)
     assert violations(caught) == {"headers[0].name", "headers[1].name"}
     assert upstream.requests == []
+
+
+async def test_headers_that_make_an_upstream_act_on_another_method_path_or_client_are_refused() -> None:
+    # A grant scoped to GET /v1/ must not reach DELETE /admin through a framework's override
+    # headers (Symfony, IIS, Express and many gateways honour these), nor pass for another
+    # client (upstreams that trust forwarded addresses).
+    refused = [
+        ("X-HTTP-Method-Override", "DELETE"),
+        ("X-HTTP-Method", "DELETE"),
+        ("X-Method-Override", "DELETE"),
+        ("X-Original-URL", "/admin"),
+        ("X-Rewrite-URL", "/admin"),
+        ("Forwarded", "for=127.0.0.1"),
+        ("X-Forwarded-For", "127.0.0.1"),
+        ("X-Forwarded-Host", "internal.example"),
+        ("x_forwarded_prefix", "/admin"),
+        ("X-Real-IP", "127.0.0.1"),
+    ]
+    with serve(echo) as upstream, pytest.raises(InvalidArgument) as caught:
+        headers = (*refused, ("X-Request-Id", "fine"))
+        await call(
+            LOOPBACK,
+            bearer(upstream.url),
+            UpstreamRequest("GET", "/v1/x", headers=headers),
+            max_bytes=100,
+        )
+    assert violations(caught) == {f"headers[{i}].name" for i in range(len(refused))}
+    assert upstream.requests == []

@@ -9,7 +9,9 @@ policy and returns the answer with every form of every secret masked:
   with no dot segments or encoded dots and slashes (which an upstream might resolve
   elsewhere), no backslash and no scheme-relative `//`.
 * The caller may not set the credential's header, `Authorization`, `Cookie`, `Host`, the
-  framing or hop-by-hop headers, nor any of them spelled with `_` for `-`: refused
+  framing or hop-by-hop headers, the method and URL overrides (`X-HTTP-Method-Override`,
+  `X-Original-URL`, ...) that would take the call outside the scope checked, `Forwarded`,
+  `X-Forwarded-*` or `X-Real-IP`, nor any of them spelled with `_` for `-`: refused
   (INVALID_ARGUMENT naming the header), never silently replaced.
 * No redirect is followed: a 3xx is the answer, its `Location` scrubbed like every other
   header. Following it would be another call, checked again (scope included).
@@ -76,8 +78,19 @@ _REFUSED_HEADERS = frozenset(
         "trailer",
         "upgrade",
         "expect",
+        # What makes an upstream act on another method or path than the one the grant's scope
+        # was checked against (framework and gateway overrides)...
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-original-url",
+        "x-rewrite-url",
+        # ...or take the call for another client's (upstreams that trust forwarded addresses).
+        "forwarded",
+        "x-real-ip",
     }
 )
+_REFUSED_PREFIXES = ("x-forwarded-",)
 # Not passed back: they describe the upstream's encoding of a body we decoded and re-framed.
 _DROPPED_ANSWER_HEADERS = frozenset(
     {"content-encoding", "content-length", "transfer-encoding", "connection", "keep-alive", "trailer"}
@@ -309,7 +322,7 @@ def check_request(request: UpstreamRequest, connection: Injection | None = None)
     for i, (name, value) in enumerate(request.headers):
         if not _HEADER_NAME.fullmatch(name):
             bad.append(FieldViolation(f"headers[{i}].name", "must be an HTTP header name"))
-        elif _header_key(name) in reserved:
+        elif _header_key(name) in reserved or _header_key(name).startswith(_REFUSED_PREFIXES):
             bad.append(FieldViolation(f"headers[{i}].name", f"{name} is set by the broker, not the caller"))
         if not value.isprintable() or not value.isascii():
             bad.append(FieldViolation(f"headers[{i}].value", "must be printable ASCII"))
