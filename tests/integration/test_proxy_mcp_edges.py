@@ -26,6 +26,7 @@ from mcp.shared.message import ServerMessageMetadata
 from broker._proto import broker_pb2 as pb
 from broker.egress import EgressPolicy, EgressSettings
 from broker.sensitive import SecretFields
+from broker.service.proxy import MAX_RESULT_DEPTH
 from broker.testers import Target, run_discovery
 from broker.testers import _mcp_client as mcp_tester
 from tests import mcpserver
@@ -424,3 +425,38 @@ async def test_a_compressed_answer_from_an_mcp_server_is_capped_decoded_not_infl
             tracemalloc.stop()
     assert not result.success and tools == []
     assert peak < 30_000_000
+
+
+async def test_a_result_nested_deeper_than_an_executor_can_read_is_refused_and_audited(
+    make_broker: Callable[..., object],
+) -> None:
+    """Protobuf readers stop at 100 levels of messages (a JSON level is two): the broker used to
+    send such a result, audited as allowed, and the executor's SDK could not read it."""
+    running = await _started(make_broker)
+
+    def nested(depth: int) -> Any:
+        value: Any = "leaf"
+        for level in range(depth - 1):
+            value = {"a": value} if level % 2 else [value]
+        return value
+
+    async def deep(ctx: ServerRequestContext[Any], arguments: dict[str, Any]) -> types.CallToolResult:
+        return types.CallToolResult(
+            content=[types.TextContent(type="text", text="x")],
+            structured_content={"d": nested(int(arguments["depth"]))},
+        )
+
+    with mcpserver.running(token=TOKEN, tool_count=1, behaviours={"deep": deep}) as server:
+        await _tools_connection(running, server, "streamable_http")
+        fine = await _call(running, "deep", timeout=20, depth=MAX_RESULT_DEPTH)
+        error = await rpc_error(_call(running, "deep", timeout=20, depth=MAX_RESULT_DEPTH + 1))
+        far = await rpc_error(_call(running, "deep", timeout=20, depth=60))
+    assert "leaf" in str(fine.structured_content)
+    for refused in (error, far):
+        assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"nested more than {MAX_RESULT_DEPTH} levels" in (refused.details() or "")
+    assert await _audited(running) == [
+        ("allowed", ""),
+        ("failed", "answer_too_deep"),
+        ("failed", "answer_too_deep"),
+    ]
