@@ -37,6 +37,11 @@ def _forms(value: str) -> set[str]:
         # Inside a JSON string: `/`, quotes, backslashes and non-ASCII may come escaped.
         json.dumps(value)[1:-1],
         json.dumps(value, ensure_ascii=False)[1:-1],
+        # As HTML-safe encoders write it (Go's encoding/json by default).
+        json.dumps(value, ensure_ascii=False)[1:-1]
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026"),
         value.replace("/", "\\/"),
     }
     # Inside a longer base64 text (a blob, a token, an echoed header block) the value starts at

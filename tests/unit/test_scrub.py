@@ -159,3 +159,11 @@ def test_a_secret_inside_a_longer_base64_text_is_masked_at_every_offset() -> Non
                     assert base64_reveals(blob, secret)  # the helper finds it when nothing is masked
                     assert not base64_reveals(scrubber.text(f"blob: {blob}"), secret), (prefix, suffix)
                     assert not base64_reveals(scrubber.data(encoded).decode(), secret), (prefix, suffix)
+
+
+def test_a_secret_in_json_written_by_an_html_safe_encoder_is_masked() -> None:
+    # Go's encoding/json (and others) escape <, > and & as \u003c, \u003e, \u0026 by default.
+    secret = "pa<ss>&w/rd-42"
+    said = '{"you_sent":"pa\\u003css\\u003e\\u0026w/rd-42"}'
+    assert Scrubber([secret]).text(said) == f'{{"you_sent":"{MASK}"}}'
+    assert Scrubber([secret]).data(said.encode()) == f'{{"you_sent":"{MASK}"}}'.encode()
