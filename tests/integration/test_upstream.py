@@ -396,3 +396,25 @@ async def test_headers_that_make_an_upstream_act_on_another_method_path_or_clien
         )
     assert violations(caught) == {f"headers[{i}].name" for i in range(len(refused))}
     assert upstream.requests == []
+
+
+async def test_a_session_cookie_the_upstream_issues_for_the_credential_is_not_passed_on() -> None:
+    # Set for the broker's credential (Grafana, Jenkins and many apps log a Basic or bearer
+    # caller in this way), the cookie would let the executor call the upstream directly,
+    # outside the grant, its scope and the audit. The proxy never sends caller cookies anyway.
+    def logs_in(seen: Seen) -> Answer:
+        return Answer(
+            200, b"ok", {"Set-Cookie": "grafana_session=9f8e7d6c5b4a; Path=/; HttpOnly", "X-Ok": "1"}
+        )
+
+    with serve(logs_in) as upstream:
+        answer = await call(LOOPBACK, bearer(upstream.url), UpstreamRequest("GET", "/"), max_bytes=100)
+        parts = [
+            p
+            async for p in stream(LOOPBACK, bearer(upstream.url), UpstreamRequest("GET", "/"), max_bytes=100)
+        ]
+    for head in (answer, parts[0]):
+        assert isinstance(head, UpstreamAnswer)
+        names = {name for name, _ in head.headers}
+        assert "x-ok" in names and "set-cookie" not in names
+        assert "9f8e7d6c5b4a" not in str(head.headers)

@@ -23,7 +23,8 @@ policy and returns the answer with every form of every secret masked:
   and the framing headers are dropped. The broker asks for the codings it decodes (gzip,
   deflate), whatever `Accept-Encoding` the caller sent, and refuses an answer in any other
   (`UnreadableAnswer`): undecoded, a secret in it would pass the scrubber.
-* Every header of the answer is scrubbed, its name as well as its value.
+* Every header of the answer is scrubbed, its name as well as its value; `Set-Cookie` is
+  dropped (a session the upstream opened for the credential is the credential's to use).
 
 A webhook connection takes calls to its one URL by its one method, each body signed (hmac)
 or with its bearer token; an `oauth2` connection's calls go to its provider's API with the
@@ -91,9 +92,20 @@ _REFUSED_HEADERS = frozenset(
     }
 )
 _REFUSED_PREFIXES = ("x-forwarded-",)
-# Not passed back: they describe the upstream's encoding of a body we decoded and re-framed.
+# Not passed back: what describes the upstream's encoding of a body we decoded and re-framed, and
+# cookies, which an upstream may set for the broker's credential (a session): the executor could
+# use one to call the upstream directly, outside its grant and the audit.
 _DROPPED_ANSWER_HEADERS = frozenset(
-    {"content-encoding", "content-length", "transfer-encoding", "connection", "keep-alive", "trailer"}
+    {
+        "content-encoding",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "trailer",
+        "set-cookie",
+        "set-cookie2",
+    }
 )
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
 MAX_HEADERS, MAX_HEADER_BYTES, MAX_PATH, MAX_QUERY = 64, 16 * 1024, 2048, 8192
