@@ -19,15 +19,18 @@ MASK = "[redacted]"
 # Shorter values would mask ordinary words; validation keeps real secrets longer.
 MIN_LENGTH = 4
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+_PERCENT = re.compile("%[0-9A-F]{2}")
+_UNICODE_ESCAPE = re.compile(r"\\u[0-9a-f]{4}")
 
 
 def _forms(value: str) -> set[str]:
     raw = value.encode()
+    quoted = {urllib.parse.quote(value, safe=""), urllib.parse.quote_plus(value), urllib.parse.quote(value)}
     forms = {
         value,
-        urllib.parse.quote(value, safe=""),
-        urllib.parse.quote_plus(value),
-        urllib.parse.quote(value),
+        *quoted,
+        # Lower-case percent escapes, as .NET's HttpUtility.UrlEncode writes them.
+        *(_PERCENT.sub(lambda m: m[0].lower(), q) for q in quoted),
         base64.b64encode(raw).decode(),
         base64.urlsafe_b64encode(raw).decode(),
         base64.b64encode(raw).decode().rstrip("="),
@@ -42,6 +45,7 @@ def _forms(value: str) -> set[str]:
         .replace("<", "\\u003c")
         .replace(">", "\\u003e")
         .replace("&", "\\u0026"),
+        _dotnet_json(value),
         value.replace("/", "\\/"),
     }
     # Inside a longer base64 text (a blob, a token, an echoed header block) the value starts at
@@ -51,6 +55,16 @@ def _forms(value: str) -> set[str]:
         alone = raw[skip:][: (len(raw) - skip) // 3 * 3]
         forms |= {base64.b64encode(alone).decode(), base64.urlsafe_b64encode(alone).decode()}
     return {f for f in forms if len(f) >= MIN_LENGTH}
+
+
+def _dotnet_json(value: str) -> str:
+    """`value` inside a JSON string as System.Text.Json writes it by default: quotes, `&'+<>` and
+    the backtick, and all that is not ASCII, as `\\uXXXX` with upper-case hex."""
+    text = json.dumps(value)[1:-1].replace('\\"', "\\u0022")
+    text = _UNICODE_ESCAPE.sub(lambda m: m[0].upper().replace("\\U", "\\u"), text)
+    for char in "&'+<>`":
+        text = text.replace(char, f"\\u{ord(char):04X}")
+    return text
 
 
 class Scrubber:

@@ -167,3 +167,16 @@ def test_a_secret_in_json_written_by_an_html_safe_encoder_is_masked() -> None:
     said = '{"you_sent":"pa\\u003css\\u003e\\u0026w/rd-42"}'
     assert Scrubber([secret]).text(said) == f'{{"you_sent":"{MASK}"}}'
     assert Scrubber([secret]).data(said.encode()) == f'{{"you_sent":"{MASK}"}}'.encode()
+
+
+def test_a_secret_as_dotnet_writes_it_in_json_or_url_encoded_is_masked() -> None:
+    # AWS-style secret keys hold '/' and '+'. ASP.NET Core's System.Text.Json escapes '+', quotes,
+    # HTML characters and non-ASCII as \uXXXX (upper-case hex); HttpUtility.UrlEncode writes
+    # lower-case percent escapes.
+    secret = "wJalr/K7MDENG+bPxR'fi<CY>&é"
+    dotnet = "wJalr/K7MDENG\\u002BbPxR\\u0027fi\\u003CCY\\u003E\\u0026\\u00E9"
+    lower = "wJalr%2fK7MDENG%2bbPxR%27fi%3cCY%3e%26%c3%a9"
+    scrubber = Scrubber([secret])
+    for said in (f'{{"key":"{dotnet}"}}', f"https://x.example/?key={lower}"):
+        assert MASK in scrubber.text(said), said
+        assert "K7MDENG" not in scrubber.text(said) and b"K7MDENG" not in scrubber.data(said.encode())
