@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import json
 import os
+import re
 import socket
 import sqlite3
 import time
@@ -144,3 +146,17 @@ def seal_as_format(
         prefix + wrap_nonce + AESGCM(raw_kek).encrypt(wrap_nonce, dek, dek_aad(kek_id, binding, version))
     )
     return ciphertext, wrapped, kek_id
+
+
+def base64_reveals(text: str, secret: str) -> bool:
+    """Whether base64-decoding a run of `text` between masks, at any offset, in either alphabet,
+    gives `secret` away (but for its first and last two characters, which masking whole base64
+    groups may leave readable)."""
+    middle = secret.encode()[2:-2]
+    standard = text.replace("-", "+").replace("_", "/").replace("[redacted]", " ")
+    for run in re.findall(r"[A-Za-z0-9+/]+", standard):
+        for start in range(4):
+            whole = run[start:][: (len(run) - start) // 4 * 4]
+            if middle in base64.b64decode(whole):
+                return True
+    return False

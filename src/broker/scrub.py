@@ -1,8 +1,9 @@
 """Remove secret values, and what the broker composed from them, from what a server sent back.
 
 Each secret and each composed credential (`broker.testers.sent`) is masked plain, URL-encoded,
-base64 (standard, URL-safe, unpadded) and hex. Text is scrubbed as a whole string; JSON (an MCP
-tool's input schema) in every string it holds, keys included.
+base64 (standard, URL-safe, unpadded; also where it sits inside a longer base64 text) and hex.
+Text is scrubbed as a whole string; JSON (an MCP tool's input schema) in every string it holds,
+keys included.
 """
 
 from __future__ import annotations
@@ -18,15 +19,18 @@ MASK = "[redacted]"
 # Shorter values would mask ordinary words; validation keeps real secrets longer.
 MIN_LENGTH = 4
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+_PERCENT = re.compile("%[0-9A-F]{2}")
+_UNICODE_ESCAPE = re.compile(r"\\u[0-9a-f]{4}")
 
 
 def _forms(value: str) -> set[str]:
     raw = value.encode()
+    quoted = {urllib.parse.quote(value, safe=""), urllib.parse.quote_plus(value), urllib.parse.quote(value)}
     forms = {
         value,
-        urllib.parse.quote(value, safe=""),
-        urllib.parse.quote_plus(value),
-        urllib.parse.quote(value),
+        *quoted,
+        # Lower-case percent escapes, as .NET's HttpUtility.UrlEncode writes them.
+        *(_PERCENT.sub(lambda m: m[0].lower(), q) for q in quoted),
         base64.b64encode(raw).decode(),
         base64.urlsafe_b64encode(raw).decode(),
         base64.b64encode(raw).decode().rstrip("="),
@@ -36,9 +40,31 @@ def _forms(value: str) -> set[str]:
         # Inside a JSON string: `/`, quotes, backslashes and non-ASCII may come escaped.
         json.dumps(value)[1:-1],
         json.dumps(value, ensure_ascii=False)[1:-1],
+        # As HTML-safe encoders write it (Go's encoding/json by default).
+        json.dumps(value, ensure_ascii=False)[1:-1]
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026"),
+        _dotnet_json(value),
         value.replace("/", "\\/"),
     }
+    # Inside a longer base64 text (a blob, a token, an echoed header block) the value starts at
+    # any of three offsets and its ends share groups with its neighbours: the whole groups it
+    # fills alone, at each offset, are masked (at most two bytes at either end stay readable).
+    for skip in range(3):
+        alone = raw[skip:][: (len(raw) - skip) // 3 * 3]
+        forms |= {base64.b64encode(alone).decode(), base64.urlsafe_b64encode(alone).decode()}
     return {f for f in forms if len(f) >= MIN_LENGTH}
+
+
+def _dotnet_json(value: str) -> str:
+    """`value` inside a JSON string as System.Text.Json writes it by default: quotes, `&'+<>` and
+    the backtick, and all that is not ASCII, as `\\uXXXX` with upper-case hex."""
+    text = json.dumps(value)[1:-1].replace('\\"', "\\u0022")
+    text = _UNICODE_ESCAPE.sub(lambda m: m[0].upper().replace("\\U", "\\u"), text)
+    for char in "&'+<>`":
+        text = text.replace(char, f"\\u{ord(char):04X}")
+    return text
 
 
 class Scrubber:

@@ -5,6 +5,7 @@ audited."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import sqlite3
 from collections.abc import Callable
@@ -455,3 +456,35 @@ async def test_a_token_that_cannot_be_refreshed_is_one_audited_failure(
     assert [(e.outcome, e.reason) for e in await proxy_events(running)] == [
         ("failed", "oauth_refresh_failed")
     ]
+
+
+async def test_an_answer_the_broker_cannot_decode_never_reaches_the_executor_and_is_audited(
+    make_broker: Callable[..., object],
+) -> None:
+    running: Running = await make_broker(egress=EgressSettings(allow_loopback=True))  # type: ignore[misc]
+
+    def packs(seen: Seen) -> Answer:
+        # Labelled with a coding the broker does not read: undecoded, no scrubber sees the token.
+        packed = gzip.compress(seen.headers.get("authorization", "").encode())
+        return Answer(200, packed, {"Content-Encoding": "br", f"X-{TOKEN}": "named"})
+
+    with serve(packs) as upstream:
+        await api_connection(running, upstream, pb.GRANT_MODE_PROXY)
+        # The executor's own httpx asks for br; the broker asks for what it reads.
+        request = pb.ProxyHttpRequest(
+            name="api", method="GET", path="/", headers=[pb.HttpHeader(name="Accept-Encoding", value="br")]
+        )
+        error = await rpc_error(proxy(running).ProxyHttp(request))
+        parts: list[pb.ProxyHttpChunk] = []
+        with pytest.raises(grpc.aio.AioRpcError) as streamed:
+            async for part in proxy(running).ProxyHttpStream(request):
+                parts.append(part)
+    assert [seen.headers["accept-encoding"] for seen in upstream.requests] == ["gzip, deflate"] * 2
+    for failed in (error, streamed.value):
+        assert failed.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "content encoding" in (failed.details() or "")
+    [head] = parts  # the head came, no byte of the body
+    assert head.WhichOneof("part") == "head" and TOKEN.lower() not in str(head).lower()
+    assert "x-[redacted]" in [h.name for h in head.head.headers]
+    reasons = [(e.outcome, e.reason) for e in reversed(await proxy_events(running))]
+    assert reasons == [("failed", "answer_unreadable"), ("allowed", ""), ("failed", "answer_unreadable")]

@@ -7,7 +7,11 @@ server (tests/mcpserver.py), so no Node is needed."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import gzip
+import json
 import time
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -20,10 +24,14 @@ from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
 
 from broker._proto import broker_pb2 as pb
-from broker.egress import EgressSettings
+from broker.egress import EgressPolicy, EgressSettings
+from broker.sensitive import SecretFields
+from broker.service.proxy import MAX_RESULT_DEPTH
+from broker.testers import Target, run_discovery
+from broker.testers import _mcp_client as mcp_tester
 from tests import mcpserver
 from tests.conftest import Running
-from tests.helpers import EXECUTOR, field_violations, rpc_error, struct
+from tests.helpers import EXECUTOR, base64_reveals, field_violations, rpc_error, struct
 from tests.httpservers import Answer, Seen, serve
 from tests.integration.test_proxy_api import proxy
 
@@ -291,3 +299,164 @@ async def test_content_of_every_kind_and_notifications_during_the_call_come_thro
     assert link == {"type": "resource_link", "uri": "file:///c", "name": "c", "mimeType": "text/plain"}
     assert MessageToDict(answer.structured_content) == {"temperature": 21.5, "conditions": "dry"}
     assert not answer.is_error
+
+
+async def test_a_tool_result_echoing_the_token_nested_or_inside_base64_gives_nothing_away(
+    make_broker: Callable[..., object],
+) -> None:
+    running = await _started(make_broker)
+
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    claim = json.dumps({"t": TOKEN})
+
+    async def leaky(ctx: ServerRequestContext[Any], arguments: dict[str, Any]) -> types.CallToolResult:
+        return types.CallToolResult(
+            content=[
+                types.ImageContent(type="image", data=b64(f"x{TOKEN}y"), mime_type="image/png"),
+                types.EmbeddedResource(
+                    type="resource",
+                    resource=types.BlobResourceContents(
+                        uri="file:///req",
+                        blob=b64(f"GET / HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"),
+                    ),
+                ),
+                types.TextContent(type="text", text=f"jwt-ish {b64(claim).rstrip('=')}"),
+            ],
+            structured_content={"deep": {"list": [{"token": TOKEN}, b64(f"ab{TOKEN}")]}, TOKEN: 1},
+        )
+
+    with mcpserver.running(token=TOKEN, tool_count=1, behaviours={"leaky": leaky}) as server:
+        await _tools_connection(running, server, "streamable_http")
+        answer = await _call(running, "leaky", timeout=20)
+    said = str(MessageToDict(answer))
+    assert TOKEN not in said and not base64_reveals(said, TOKEN)
+    assert MessageToDict(answer.structured_content)["deep"]["list"][0] == {"token": "[redacted]"}
+    assert await _audited(running) == [("allowed", "")]
+
+
+async def test_a_streamed_call_cut_short_by_the_callers_deadline_is_audited(
+    make_broker: Callable[..., object],
+) -> None:
+    """A slow head (the upstream has the request, with the credential) and a slow body: both
+    calls are audited, as failed, and neither is an internal error."""
+    running = await _started(make_broker)
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        path = (await reader.readline()).split()[1]
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        if path == b"/slow-head":
+            await release.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await release.wait()  # slow-loris: the rest of the body never comes in time
+        writer.close()
+
+    release = asyncio.Event()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        admin = running.admin()
+        config = {"base_url": f"http://127.0.0.1:{port}", "auth_type": "bearer"}
+        created = await admin.CreateConnection(
+            pb.CreateConnectionRequest(
+                name="api", type="http", config=struct(config), secrets={"token": TOKEN}
+            )
+        )
+        await admin.GrantAccess(
+            pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR, mode=pb.GRANT_MODE_PROXY)
+        )
+        for path in ("/slow-head", "/slow-body"):
+            request = pb.ProxyHttpRequest(name="api", method="GET", path=path)
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                async for _ in proxy(running).ProxyHttpStream(request, timeout=1.0):
+                    pass
+            assert cut.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, path
+        events: list[Any] = []
+        for _ in range(60):
+            listed = await admin.ListAuditEvents(pb.ListAuditEventsRequest(action="connection.proxy"))
+            events = list(reversed(listed.events))
+            if len(events) >= 3:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        release.set()
+        await asyncio.sleep(0.1)
+        server.close()
+        await server.wait_closed()
+    outcomes = [(e.details["path"], e.outcome, e.reason) for e in events]
+    assert outcomes[0] in (
+        ("/slow-head", "failed", "deadline_exceeded"),
+        ("/slow-head", "failed", "cancelled"),
+    )
+    assert outcomes[1] == ("/slow-body", "allowed", "")  # the head came: audited before it was sent
+    assert outcomes[2] in (
+        ("/slow-body", "failed", "deadline_exceeded"),
+        ("/slow-body", "failed", "cancelled"),
+    )
+    assert "unexpected_error" not in running.logs.getvalue()
+
+
+@pytest.mark.parametrize("coding", ["gzip", "gzip, gzip"])
+async def test_a_compressed_answer_from_an_mcp_server_is_capped_decoded_not_inflated_whole(
+    coding: str,
+) -> None:
+    """The byte cap counts what the SDK parses: a small compressed answer (one layer or two) is not
+    inflated to hundreds of megabytes before anything looks at its size."""
+    inner = gzip.compress(b" " * 90_000_000, compresslevel=9)  # ~90 kB: under the cap as sent
+    bomb = gzip.compress(inner) if coding == "gzip, gzip" else inner
+
+    def answers(seen: Seen) -> Answer:
+        return Answer(200, bomb, {"Content-Type": "application/json", "Content-Encoding": coding})
+
+    policy = EgressPolicy(EgressSettings(allow_loopback=True, max_response_bytes=100_000))
+    with serve(answers) as server:
+        target = Target(
+            "mcp", "", {"server_url": f"{server.url}/mcp", "timeout_seconds": 10}, SecretFields({})
+        )
+        tracemalloc.start()
+        try:
+            result, tools = await run_discovery(mcp_tester.discover_tools, target, policy)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert not result.success and tools == []
+    assert peak < 30_000_000
+
+
+async def test_a_result_nested_deeper_than_an_executor_can_read_is_refused_and_audited(
+    make_broker: Callable[..., object],
+) -> None:
+    """Protobuf readers stop at 100 levels of messages (a JSON level is two): the broker used to
+    send such a result, audited as allowed, and the executor's SDK could not read it."""
+    running = await _started(make_broker)
+
+    def nested(depth: int) -> Any:
+        value: Any = "leaf"
+        for level in range(depth - 1):
+            value = {"a": value} if level % 2 else [value]
+        return value
+
+    async def deep(ctx: ServerRequestContext[Any], arguments: dict[str, Any]) -> types.CallToolResult:
+        return types.CallToolResult(
+            content=[types.TextContent(type="text", text="x")],
+            structured_content={"d": nested(int(arguments["depth"]))},
+        )
+
+    with mcpserver.running(token=TOKEN, tool_count=1, behaviours={"deep": deep}) as server:
+        await _tools_connection(running, server, "streamable_http")
+        fine = await _call(running, "deep", timeout=20, depth=MAX_RESULT_DEPTH)
+        error = await rpc_error(_call(running, "deep", timeout=20, depth=MAX_RESULT_DEPTH + 1))
+        far = await rpc_error(_call(running, "deep", timeout=20, depth=60))
+    assert "leaf" in str(fine.structured_content)
+    for refused in (error, far):
+        assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"nested more than {MAX_RESULT_DEPTH} levels" in (refused.details() or "")
+    assert await _audited(running) == [
+        ("allowed", ""),
+        ("failed", "answer_too_deep"),
+        ("failed", "answer_too_deep"),
+    ]

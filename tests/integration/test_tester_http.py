@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -469,3 +471,26 @@ async def test_oauth2_default_userinfo_endpoint() -> None:
     result = await run(http_tester.test_oauth2, oauth_target("google"), only_local)
     assert result.category is TestCategory.BLOCKED_BY_POLICY
     assert "openidconnect.googleapis.com" in result.message
+
+
+@pytest.mark.parametrize("coding", ["gzip", "gzip, gzip"])
+async def test_a_compressed_answer_is_read_in_bounded_steps_not_inflated_whole(
+    servers: Servers, coding: str
+) -> None:
+    inner = gzip.compress(b" " * 90_000_000, compresslevel=9)  # ~90 kB as sent
+    bomb = gzip.compress(inner) if coding == "gzip, gzip" else inner
+    server = servers(
+        lambda seen: Answer(200, bomb, {"Content-Type": "application/json", "Content-Encoding": coding})
+    )
+    tracemalloc.start()
+    try:
+        result = await run(
+            http_tester.test_api_key, target("api_key", "github", {"base_url": server.url}, {"api_key": KEY})
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # One layer is read (the key was accepted); two are a coding the broker does not read.
+    expected = TestCategory.OK if coding == "gzip" else TestCategory.PROTOCOL_ERROR
+    assert result.category is expected, result
+    assert peak < 30_000_000

@@ -7,6 +7,8 @@ import base64
 import gzip
 import json
 import time
+import tracemalloc
+import zlib
 from typing import Any
 
 import pytest
@@ -15,7 +17,16 @@ from broker.egress import Blocked, EgressPolicy, EgressSettings
 from broker.errors import FailedPrecondition, InvalidArgument
 from broker.scrub import MASK
 from broker.sensitive import SecretFields
-from broker.service.upstream import Injection, UpstreamRequest, call, injection, pooled_client, under_base
+from broker.service.upstream import (
+    Injection,
+    UpstreamAnswer,
+    UpstreamRequest,
+    call,
+    injection,
+    pooled_client,
+    stream,
+    under_base,
+)
 from broker.testers import webhook
 from tests.httpservers import Answer, Seen, serve
 
@@ -259,3 +270,151 @@ def test_a_url_under_the_base_url_becomes_a_path_and_any_other_is_refused() -> N
     with pytest.raises(InvalidArgument) as both:
         made("https://api.example.com/v1/items", "a=1")
     assert violations(both) == {"query"}
+
+
+@pytest.mark.parametrize("coding", ["br", "x-compress", "gzip, gzip", "zstd"])
+async def test_an_answer_in_an_encoding_the_broker_cannot_read_is_refused_not_passed_on(coding: str) -> None:
+    # Compressed bytes pass the scrubber untouched: the executor would decompress the token.
+    packed = gzip.compress(f"token={TOKEN}".encode())
+
+    def packs(seen: Seen) -> Answer:
+        return Answer(200, packed, {"Content-Encoding": coding})
+
+    with serve(packs) as upstream, pytest.raises(FailedPrecondition, match="content encoding"):
+        await call(LOOPBACK, bearer(upstream.url), UpstreamRequest("GET", "/"), max_bytes=65536)
+    streamed = []
+    with serve(packs) as upstream, pytest.raises(FailedPrecondition, match="content encoding"):
+        async for part in stream(
+            LOOPBACK, bearer(upstream.url), UpstreamRequest("GET", "/"), max_bytes=65536
+        ):
+            streamed.append(part)
+    assert not any(isinstance(p, bytes) for p in streamed)
+
+
+async def test_the_broker_asks_only_for_encodings_it_reads_whatever_the_caller_accepts() -> None:
+    with serve(echo) as upstream:
+        request = UpstreamRequest("GET", "/", headers=(("Accept-Encoding", "br, zstd"),))
+        answer = await call(LOOPBACK, bearer(upstream.url), request, max_bytes=65536)
+    assert answer.status == 200
+    assert upstream.requests[0].headers["accept-encoding"] == "gzip, deflate"
+
+
+async def test_raw_deflate_and_x_gzip_are_read_and_scrubbed() -> None:
+    squeezer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    raw_deflate = squeezer.compress(f"token={TOKEN}".encode()) + squeezer.flush()
+    answers = {"/raw": (raw_deflate, "deflate"), "/x": (gzip.compress(f"token={TOKEN}".encode()), "x-gzip")}
+
+    def packs(seen: Seen) -> Answer:
+        body, coding = answers[seen.path]
+        return Answer(200, body, {"Content-Encoding": coding})
+
+    with serve(packs) as upstream:
+        for path in answers:
+            answer = await call(LOOPBACK, bearer(upstream.url), UpstreamRequest("GET", path), max_bytes=4096)
+            assert answer.body == f"token={MASK}".encode(), path
+
+
+async def test_a_compression_bomb_is_stopped_at_the_cap_without_inflating_it_whole() -> None:
+    bomb = gzip.compress(b"\0" * 200_000_000, compresslevel=9)  # ~200 kB on the wire
+    with serve(lambda seen: Answer(200, bomb, {"Content-Encoding": "gzip"})) as upstream:
+        tracemalloc.start()
+        try:
+            with pytest.raises(FailedPrecondition, match="larger than 1000000 bytes"):
+                await call(LOOPBACK, bearer(upstream.url), UpstreamRequest("GET", "/"), max_bytes=1_000_000)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 20_000_000
+
+
+async def test_header_names_are_scrubbed_too() -> None:
+    secret = "tokHeaderNameCanary4711"
+
+    def names_it(seen: Seen) -> Answer:
+        return Answer(200, b"ok", {f"X-{secret}": "1", f"X-Echo-{seen.headers['authorization'][7:]}-b": "2"})
+
+    with serve(names_it) as upstream:
+        named = injection(
+            "http", "", {"base_url": upstream.url, "auth_type": "bearer"}, SecretFields({"token": secret})
+        )
+        answer = await call(LOOPBACK, named, UpstreamRequest("GET", "/"), max_bytes=100)
+        parts = [p async for p in stream(LOOPBACK, named, UpstreamRequest("GET", "/"), max_bytes=100)]
+    for head in (answer, parts[0]):
+        assert isinstance(head, UpstreamAnswer)
+        assert secret not in str(head.headers)
+        assert {"x-[redacted]", "x-echo-[redacted]-b"} <= {name.lower() for name, _ in head.headers}
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/..;/admin", "/v1/.;/x", "/v1/%252e%252e/admin", "/v1/%252F", "/v1/%255c"]
+)
+async def test_paths_an_upstream_may_still_resolve_elsewhere_are_refused(path: str) -> None:
+    with serve(echo) as upstream, pytest.raises(InvalidArgument) as caught:
+        await call(LOOPBACK, bearer(upstream.url), UpstreamRequest("GET", path), max_bytes=100)
+    assert violations(caught) == {"path"} and upstream.requests == []
+
+
+async def test_a_header_spelled_with_underscores_cannot_stand_in_for_the_credentials() -> None:
+    # WSGI/CGI servers read `X_Api_Key` and `X-Api-Key` as the same header.
+    with serve(echo) as upstream:
+        api_key = injection(
+            "http",
+            "",
+            {"base_url": upstream.url, "auth_type": "api_key", "api_key_header": "X-Api-Key"},
+            SecretFields({"api_key_value": TOKEN}),
+        )
+        with pytest.raises(InvalidArgument) as caught:
+            headers = (("X_Api_Key", "mine"), ("Proxy_Authorization", "x"), ("X_Custom", "ok"))
+            await call(LOOPBACK, api_key, UpstreamRequest("GET", "/", headers=headers), max_bytes=100)
+    assert violations(caught) == {"headers[0].name", "headers[1].name"}
+    assert upstream.requests == []
+
+
+async def test_headers_that_make_an_upstream_act_on_another_method_path_or_client_are_refused() -> None:
+    # A grant scoped to GET /v1/ must not reach DELETE /admin through a framework's override
+    # headers (Symfony, IIS, Express and many gateways honour these), nor pass for another
+    # client (upstreams that trust forwarded addresses).
+    refused = [
+        ("X-HTTP-Method-Override", "DELETE"),
+        ("X-HTTP-Method", "DELETE"),
+        ("X-Method-Override", "DELETE"),
+        ("X-Original-URL", "/admin"),
+        ("X-Rewrite-URL", "/admin"),
+        ("Forwarded", "for=127.0.0.1"),
+        ("X-Forwarded-For", "127.0.0.1"),
+        ("X-Forwarded-Host", "internal.example"),
+        ("x_forwarded_prefix", "/admin"),
+        ("X-Real-IP", "127.0.0.1"),
+    ]
+    with serve(echo) as upstream, pytest.raises(InvalidArgument) as caught:
+        headers = (*refused, ("X-Request-Id", "fine"))
+        await call(
+            LOOPBACK,
+            bearer(upstream.url),
+            UpstreamRequest("GET", "/v1/x", headers=headers),
+            max_bytes=100,
+        )
+    assert violations(caught) == {f"headers[{i}].name" for i in range(len(refused))}
+    assert upstream.requests == []
+
+
+async def test_a_session_cookie_the_upstream_issues_for_the_credential_is_not_passed_on() -> None:
+    # Set for the broker's credential (Grafana, Jenkins and many apps log a Basic or bearer
+    # caller in this way), the cookie would let the executor call the upstream directly,
+    # outside the grant, its scope and the audit. The proxy never sends caller cookies anyway.
+    def logs_in(seen: Seen) -> Answer:
+        return Answer(
+            200, b"ok", {"Set-Cookie": "grafana_session=9f8e7d6c5b4a; Path=/; HttpOnly", "X-Ok": "1"}
+        )
+
+    with serve(logs_in) as upstream:
+        answer = await call(LOOPBACK, bearer(upstream.url), UpstreamRequest("GET", "/"), max_bytes=100)
+        parts = [
+            p
+            async for p in stream(LOOPBACK, bearer(upstream.url), UpstreamRequest("GET", "/"), max_bytes=100)
+        ]
+    for head in (answer, parts[0]):
+        assert isinstance(head, UpstreamAnswer)
+        names = {name for name, _ in head.headers}
+        assert "x-ok" in names and "set-cookie" not in names
+        assert "9f8e7d6c5b4a" not in str(head.headers)

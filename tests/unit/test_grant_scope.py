@@ -28,6 +28,14 @@ from broker.service.access import checked_scope
         ("/repos/x%5c..%5cadmin", False),
         ("/repos\\..\\admin", False),
         ("/repos/file..txt", True),  # dots inside a segment are fine
+        ("/repos/..;/admin", False),  # Tomcat and Spring drop `;params`, then resolve the `..`
+        ("/repos/..;jsessionid=1/admin", False),
+        ("/repos/.;/x", False),
+        ("/repos/x;v=1", True),  # a parameter on an ordinary segment is fine
+        ("/repos/%252e%252e/admin", False),  # double encoded, for a server that decodes twice
+        ("/repos/%252F..", False),
+        ("/repos/%25252e%25252e", False),
+        ("/repos/100%25", True),  # a percent sign itself is fine
     ],
 )
 def test_path_prefixes_match_whole_segments_and_never_ambiguous_paths(path: str, allowed: bool) -> None:

@@ -9,6 +9,7 @@ from broker.model import McpTool
 from broker.scrub import MASK, Scrubber
 from broker.testers.mcp import scrub_tools, tool_definition_hash
 from broker.testers.sent import SentCredentials
+from tests.helpers import base64_reveals
 
 USER = "ada-lo"  # `user:` is then not whole base64 groups, so the pair hides the password's own base64
 PASSWORD = "pw/Lovelace+1815="
@@ -145,3 +146,37 @@ def test_text_no_store_accepts_becomes_the_replacement_character() -> None:
     assert scrubber.text("a\x00b\ud800c\udfffd") == "a\ufffdb\ufffdc\ufffdd"
     schema = scrubber.json({"k\x00": ["\ud83d", 1]})
     assert schema == {"k\ufffd": ["\ufffd", 1]}
+
+
+def test_a_secret_inside_a_longer_base64_text_is_masked_at_every_offset() -> None:
+    scrubber = Scrubber([PASSWORD, TOKEN])
+    for secret in (PASSWORD, TOKEN):
+        for prefix in ("", "a", "ab", "Authorization: Bearer ", "token=", '{"k":"'):
+            for suffix in ("", "x", "\n", '"}'):
+                inner = f"{prefix}{secret}{suffix}".encode()
+                for encoded in (base64.b64encode(inner), base64.urlsafe_b64encode(inner).rstrip(b"=")):
+                    blob = encoded.decode()
+                    assert base64_reveals(blob, secret)  # the helper finds it when nothing is masked
+                    assert not base64_reveals(scrubber.text(f"blob: {blob}"), secret), (prefix, suffix)
+                    assert not base64_reveals(scrubber.data(encoded).decode(), secret), (prefix, suffix)
+
+
+def test_a_secret_in_json_written_by_an_html_safe_encoder_is_masked() -> None:
+    # Go's encoding/json (and others) escape <, > and & as \u003c, \u003e, \u0026 by default.
+    secret = "pa<ss>&w/rd-42"
+    said = '{"you_sent":"pa\\u003css\\u003e\\u0026w/rd-42"}'
+    assert Scrubber([secret]).text(said) == f'{{"you_sent":"{MASK}"}}'
+    assert Scrubber([secret]).data(said.encode()) == f'{{"you_sent":"{MASK}"}}'.encode()
+
+
+def test_a_secret_as_dotnet_writes_it_in_json_or_url_encoded_is_masked() -> None:
+    # AWS-style secret keys hold '/' and '+'. ASP.NET Core's System.Text.Json escapes '+', quotes,
+    # HTML characters and non-ASCII as \uXXXX (upper-case hex); HttpUtility.UrlEncode writes
+    # lower-case percent escapes.
+    secret = "wJalr/K7MDENG+bPxR'fi<CY>&é"
+    dotnet = "wJalr/K7MDENG\\u002BbPxR\\u0027fi\\u003CCY\\u003E\\u0026\\u00E9"
+    lower = "wJalr%2fK7MDENG%2bbPxR%27fi%3cCY%3e%26%c3%a9"
+    scrubber = Scrubber([secret])
+    for said in (f'{{"key":"{dotnet}"}}', f"https://x.example/?key={lower}"):
+        assert MASK in scrubber.text(said), said
+        assert "K7MDENG" not in scrubber.text(said) and b"K7MDENG" not in scrubber.data(said.encode())

@@ -38,6 +38,7 @@ class ProxyServicer(broker_pb2_grpc.ProxyServiceServicer):
             connection_id=request.connection_id,
             name=request.name,
             purpose=request.purpose,
+            time_left=context.time_remaining(),
         )
         async for part in chunks:
             if isinstance(part, bytes):

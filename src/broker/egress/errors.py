@@ -4,13 +4,20 @@
      ├── Blocked              the policy refused the target; nothing was sent to it
      │    └── InvalidTarget   (also a ValueError) the host or URL is malformed or carries credentials
      ├── DnsFailure           the host name did not resolve (or resolving timed out)
-     └── ResponseTooLarge     a response body passed `max_response_bytes`
+     ├── ResponseTooLarge     a response body passed `max_response_bytes`
+     └── httpx.DecodingError
+          └── UnreadableBody  a response body in a content coding the broker does not decode
+
+`UnreadableBody` is an httpx error so that code which treats httpx's errors as a failed
+exchange treats it so too.
 
 `InvalidTarget` is a `Blocked` so that code which only knows `Blocked` still refuses
 it without connecting; callers that can tell "invalid config" apart catch it first.
 """
 
 from __future__ import annotations
+
+import httpx
 
 
 class Blocked(Exception):
@@ -35,3 +42,8 @@ class ResponseTooLarge(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"response body exceeds {limit} bytes")
         self.limit = limit
+
+
+class UnreadableBody(httpx.DecodingError):
+    """A response body in a content coding the broker does not decode (or broken in it): it is
+    never passed on undecoded, where nothing could look for a secret in it."""

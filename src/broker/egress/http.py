@@ -16,6 +16,11 @@ original origin (scheme, host, port) no credentials travel any further: no
 `auth`, and only a few harmless headers (so `Authorization`, `Cookie` and custom
 API-key headers are dropped), and a 307/308 that would resend a body there is
 refused. Bodies are read up to `max_response_bytes` (see `read_body`).
+
+Content codings: the client asks for `gzip, deflate` only (`ACCEPT_ENCODING`), and
+`body_chunks` decodes one of them in bounded steps; a body in any other coding (or
+several stacked) raises `UnreadableBody` rather than come back undecoded, where no
+scrubber could find a secret in it.
 """
 
 from __future__ import annotations
@@ -23,18 +28,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncGenerator
+import zlib
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any, cast
 
 import httpcore
 import httpx
 
-from broker.egress.errors import Blocked, InvalidTarget, ResponseTooLarge
+from broker.egress.errors import Blocked, InvalidTarget, ResponseTooLarge, UnreadableBody
 from broker.egress.hosts import parse_url
 from broker.egress.policy import EgressPolicy
 
-__all__ = ["PolicyClient", "http_client", "read_body", "redirect_url", "request"]
+__all__ = [
+    "ACCEPT_ENCODING",
+    "PolicyClient",
+    "body_chunks",
+    "http_client",
+    "read_body",
+    "redirect_url",
+    "request",
+]
 
 # Keyword arguments httpx only honours on the transport: passed there, not silently ignored.
 _TRANSPORT_KWARGS = ("verify", "cert", "http1", "http2", "limits", "local_address", "socket_options")
@@ -48,6 +62,13 @@ _CROSS_ORIGIN_HEADERS = frozenset(
 _ABSOLUTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 # Each address gets the full connect timeout; a few are enough for an IPv6/IPv4 fallback.
 _MAX_ATTEMPTS = 3
+# The content codings `body_chunks` decodes (zlib's window bits for each), and what every
+# request asks for: httpx's own default would follow whichever codecs happen to be installed.
+_CODINGS = {"gzip": zlib.MAX_WBITS | 16, "x-gzip": zlib.MAX_WBITS | 16, "deflate": zlib.MAX_WBITS}
+ACCEPT_ENCODING = "gzip, deflate"
+# At most this many decoded bytes per step: a highly compressed chunk is inflated a step at a
+# time, so a reader that stops at its cap never holds more than the cap plus one step.
+_STEP = 64 * 1024
 
 
 class _PolicyBackend(httpcore.AsyncNetworkBackend):
@@ -136,11 +157,80 @@ def http_client(policy: EgressPolicy, **kwargs: Any) -> httpx.AsyncClient:
     hooks = dict(kwargs.pop("event_hooks", None) or {})
     hooks["request"] = [_request_hook(policy), *hooks.get("request", [])]
     hooks["response"] = [_standard_location, *hooks.get("response", [])]
+    headers = httpx.Headers(kwargs.pop("headers", None))
+    headers["Accept-Encoding"] = ACCEPT_ENCODING
     settings = policy.settings
     kwargs.setdefault("timeout", httpx.Timeout(settings.total_timeout, connect=settings.connect_timeout))
     kwargs.setdefault("follow_redirects", False)
     kwargs.setdefault("max_redirects", settings.max_redirects)
-    return PolicyClient(policy, transport=transport, trust_env=False, event_hooks=hooks, **kwargs)
+    return PolicyClient(
+        policy, transport=transport, trust_env=False, event_hooks=hooks, headers=headers, **kwargs
+    )
+
+
+async def body_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body of a streamed response, decoded from its content coding, in pieces of at most
+    64 KiB however compressed it is. `UnreadableBody` for a body (an empty one is fine) in a
+    coding not in `ACCEPT_ENCODING` (`x-gzip` is gzip), in several stacked, or broken."""
+    codings = [
+        value.strip().lower()
+        for value in response.headers.get_list("content-encoding", split_commas=True)
+        if value.strip().lower() not in ("", "identity")
+    ]
+    if hasattr(response, "_content"):  # read already (a response made with its content), decoded
+        yield response.content
+        return
+    decoder: _Inflater | None = None
+    try:
+        async for chunk in response.aiter_raw():
+            if not codings:
+                yield chunk
+                continue
+            if not chunk:
+                continue
+            if decoder is None:
+                if len(codings) > 1 or codings[0] not in _CODINGS:
+                    raise UnreadableBody(
+                        f"the content encoding {', '.join(codings)} is not one the broker reads"
+                    )
+                decoder = _Inflater(_CODINGS[codings[0]], raw_fallback=codings[0] == "deflate")
+            data = chunk
+            while data and not decoder.eof:
+                piece, data = decoder.step(data)
+                if piece:
+                    yield piece
+        if decoder is not None and (rest := decoder.flush()):
+            yield rest
+    except zlib.error:
+        raise UnreadableBody(f"the body is not valid {codings[0]}") from None
+
+
+class _Inflater:
+    """zlib's decompressor, one bounded step at a time; "deflate" is often sent raw, without
+    its zlib header, so that is tried when the header is not there (httpx reads both too)."""
+
+    def __init__(self, wbits: int, *, raw_fallback: bool) -> None:
+        self._zlib = zlib.decompressobj(wbits)
+        self._raw_fallback = raw_fallback
+
+    @property
+    def eof(self) -> bool:
+        return self._zlib.eof
+
+    def step(self, data: bytes) -> tuple[bytes, bytes]:
+        """At most `_STEP` decoded bytes, and the part of `data` not consumed yet."""
+        try:
+            piece = self._zlib.decompress(data, _STEP)
+        except zlib.error:
+            if not self._raw_fallback:
+                raise
+            self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+            piece = self._zlib.decompress(data, _STEP)
+        self._raw_fallback = False
+        return piece, self._zlib.unconsumed_tail
+
+    def flush(self) -> bytes:
+        return self._zlib.flush()
 
 
 async def read_body(response: httpx.Response, limit: int, *, truncate: bool = False) -> bytes:
@@ -154,7 +244,7 @@ async def read_body(response: httpx.Response, limit: int, *, truncate: bool = Fa
     size = 0
     try:
         # Counted after decoding, so a small compressed body cannot expand past the cap.
-        async with aclosing(cast(AsyncGenerator[bytes, None], response.aiter_bytes())) as chunks:
+        async with aclosing(cast(AsyncGenerator[bytes, None], body_chunks(response))) as chunks:
             async for chunk in chunks:
                 parts.append(chunk)
                 size += len(chunk)

@@ -52,6 +52,7 @@ from broker.service.sealing import DECRYPT_FAILED, open_secrets
 from broker.service.upstream import (
     AnswerTooLarge,
     NotInjectable,
+    UnreadableAnswer,
     UpstreamAnswer,
     UpstreamRequest,
     base_url,
@@ -91,6 +92,10 @@ CALL_TOOL = "mcp.call_tool"
 LIST_TOOLS = "mcp.list_granted_tools"
 TOOL_CHANGED = "tool definition changed since it was approved"
 MAX_REF, MAX_TOOL, MAX_ARGUMENTS = 256, 128, 256 * 1024  # MAX_PURPOSE is Resolve's
+# How deep objects and arrays may nest in a tool's content item or structured content (each is a
+# Struct): each level is two protobuf messages (Struct or ListValue, and Value), and protobuf
+# readers stop at 100 messages deep.
+MAX_RESULT_DEPTH = 32
 # The upstream part of a call stops this long before the caller's deadline, so that its failure is
 # audited and answered (DEADLINE_EXCEEDED, with what happened) before gRPC cancels the call.
 DEADLINE_MARGIN = 0.1
@@ -138,7 +143,7 @@ class ProxyService:
         """Make `request` with the connection's credential; see the module docstring. `time_left`: the
         seconds left of the caller's deadline, which bounds the upstream part (None: unbounded)."""
         use, target, request, started = await self._http_target(call_, request, connection_id, name, purpose)
-        async with self._within(use, started, time_left):
+        async with self._within(use, started, _timeout(time_left)):
             answer = await self._send(use, target, request, started)
             if answer.status == 401 and target.oauth_token and request.method in _REPEATABLE:
                 # The provider refused a token it issued (revoked, rotated early): one refresh and
@@ -160,25 +165,36 @@ class ProxyService:
         connection_id: str = "",
         name: str = "",
         purpose: str = "",
+        time_left: float | None = None,
     ) -> AsyncIterator[UpstreamAnswer | bytes]:
         """As `http`, the answer streamed: its head, audited before it is yielded, then scrubbed
-        chunks of the body (at most `max_stream_bytes`)."""
+        chunks of the body (at most `max_stream_bytes`), all within `time_left` as for `http`."""
         use, target, request, started = await self._http_target(call_, request, connection_id, name, purpose)
-        try:
-            chunks = stream(self._http, target.injection, request, max_bytes=self._max_stream_bytes)
-            head = await anext(chunks)
+        timeout = _timeout(time_left)
+        chunks = stream(self._http, target.injection, request, max_bytes=self._max_stream_bytes)
+        async with contextlib.aclosing(chunks):
+            try:
+                async with self._within(use, started, timeout):
+                    head = await anext(chunks)
+            except _UPSTREAM_FAILURES as exc:
+                raise await self._upstream_failed(use, exc, started) from None
             assert isinstance(head, UpstreamAnswer)  # `stream` yields its head first
-        except _UPSTREAM_FAILURES as exc:
-            raise await self._upstream_failed(use, exc, started) from None
-        use.details.update(status=str(head.status), streamed="true")
-        await self._done(use, started)
-        yield head
-        try:
-            async for chunk in chunks:
+            use.details.update(status=str(head.status), streamed="true")
+            await self._done(use, started)
+            yield head
+            while True:
+                # Each step within the caller's deadline (a timeout must not span a `yield`, where
+                # the code reading the chunks runs). A failure is audited again: the call was
+                # allowed, then its answer broke off.
+                try:
+                    async with self._within(use, started, timeout):
+                        chunk = await anext(chunks, None)
+                except _UPSTREAM_FAILURES as exc:
+                    raise await self._upstream_failed(use, exc, started) from None
+                if chunk is None:
+                    break
+                assert isinstance(chunk, bytes)
                 yield chunk
-        except _UPSTREAM_FAILURES as exc:
-            # Audited again: the call was allowed, then its answer broke off.
-            raise await self._upstream_failed(use, exc, started) from None
 
     async def call_tool(
         self,
@@ -213,7 +229,7 @@ class ProxyService:
                 )
             secrets = await self._open(use, record)
             target = Target(record.type, record.provider, record.config, secrets)
-            async with self._within(use, started, time_left):
+            async with self._within(use, started, _timeout(time_left)):
                 result = await mcp.call_tool(
                     target, self._egress, tool, arguments, approved[tool].definition_hash
                 )
@@ -241,6 +257,12 @@ class ProxyService:
         except TestFailure as exc:
             await self._failed(use, exc.result.category.value, started)
             raise Unavailable(f"the MCP server call failed ({exc.result.category.value})") from None
+        if max(map(_depth, [*result.content, result.structured])) > MAX_RESULT_DEPTH:
+            await self._failed(use, "answer_too_deep", started)
+            raise FailedPrecondition(
+                f"the tool's result is nested more than {MAX_RESULT_DEPTH} levels deep, more than an"
+                " executor can read"
+            )
         use.details["is_error"] = str(result.is_error).lower()
         await self._done(use, started)
         return result
@@ -397,13 +419,16 @@ class ProxyService:
         return _caller_error(exc, reason)
 
     @contextlib.asynccontextmanager
-    async def _within(self, use: _Use, started: float, time_left: float | None) -> AsyncIterator[None]:
-        """The upstream part of a call, bounded by the caller's deadline. A call cut short (the
-        deadline, or the caller gone) is audited as failed: the upstream may have acted on it."""
+    async def _within(self, use: _Use, started: float, until: float | None) -> AsyncIterator[None]:
+        """The upstream part of a call, bounded by the caller's deadline (`until`, see `_timeout`). A
+        call cut short (the deadline, or the caller gone) is audited as failed: the upstream may
+        have acted on it. Another timeout (the egress policy's) is raised as it is."""
         try:
-            async with asyncio.timeout(None if time_left is None else max(time_left - DEADLINE_MARGIN, 0.0)):
+            async with asyncio.timeout_at(until) as deadline:
                 yield
         except TimeoutError:
+            if not deadline.expired():
+                raise
             await self._failed(use, "deadline_exceeded", started)
             raise DeadlineExceeded("the upstream did not answer before the call's deadline") from None
         except asyncio.CancelledError:
@@ -446,6 +471,27 @@ class _Use:
         self.ref_id = ""
 
 
+def _depth(value: Any) -> int:
+    """How deep objects and arrays nest in `value` (JSON; 0 for a scalar), counted no further
+    than one past `MAX_RESULT_DEPTH`."""
+    deepest, level = 0, [value]
+    while deepest <= MAX_RESULT_DEPTH:
+        containers = [node for node in level if isinstance(node, dict | list)]
+        if not containers:
+            break
+        deepest += 1
+        level = [item for node in containers for item in (node.values() if isinstance(node, dict) else node)]
+    return deepest
+
+
+def _timeout(time_left: float | None) -> float | None:
+    """When (event loop time) the upstream part of a call with `time_left` seconds must stop;
+    None: no deadline."""
+    if time_left is None:
+        return None
+    return asyncio.get_running_loop().time() + max(time_left - DEADLINE_MARGIN, 0.0)
+
+
 def _failure_reason(exc: BaseException) -> str:
     if isinstance(exc, Blocked | InvalidTarget):
         return "egress_blocked"
@@ -455,6 +501,8 @@ def _failure_reason(exc: BaseException) -> str:
         return "upstream_timeout"
     if isinstance(exc, AnswerTooLarge):
         return "answer_too_large"
+    if isinstance(exc, UnreadableAnswer):
+        return "answer_unreadable"
     if isinstance(exc, NotInjectable):
         return "not_injectable"
     return "upstream_unreachable"

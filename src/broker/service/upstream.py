@@ -9,8 +9,10 @@ policy and returns the answer with every form of every secret masked:
   with no dot segments or encoded dots and slashes (which an upstream might resolve
   elsewhere), no backslash and no scheme-relative `//`.
 * The caller may not set the credential's header, `Authorization`, `Cookie`, `Host`, the
-  framing or hop-by-hop headers: refused (INVALID_ARGUMENT naming the header), never
-  silently replaced.
+  framing or hop-by-hop headers, the method and URL overrides (`X-HTTP-Method-Override`,
+  `X-Original-URL`, ...) that would take the call outside the scope checked, `Forwarded`,
+  `X-Forwarded-*` or `X-Real-IP`, nor any of them spelled with `_` for `-`: refused
+  (INVALID_ARGUMENT naming the header), never silently replaced.
 * No redirect is followed: a 3xx is the answer, its `Location` scrubbed like every other
   header. Following it would be another call, checked again (scope included).
 * Nothing is retried (a 429 or 503 comes back at once, `Retry-After` and all): a retry
@@ -18,7 +20,11 @@ policy and returns the answer with every form of every secret masked:
 * The exchange is bounded by the policy's total timeout (and by the caller's deadline,
   which the caller applies around `call`); the body by `max_bytes`, counted decoded so
   compression cannot inflate past it. The answer's body is decoded, so `Content-Encoding`
-  and the framing headers are dropped.
+  and the framing headers are dropped. The broker asks for the codings it decodes (gzip,
+  deflate), whatever `Accept-Encoding` the caller sent, and refuses an answer in any other
+  (`UnreadableAnswer`): undecoded, a secret in it would pass the scrubber.
+* Every header of the answer is scrubbed, its name as well as its value; `Set-Cookie` is
+  dropped (a session the upstream opened for the credential is the credential's to use).
 
 A webhook connection takes calls to its one URL by its one method, each body signed (hmac)
 or with its bearer token; an `oauth2` connection's calls go to its provider's API with the
@@ -35,7 +41,7 @@ import http.cookiejar
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -43,8 +49,8 @@ import httpx
 
 from broker import oauth
 from broker.egress import EgressPolicy
-from broker.egress.errors import ResponseTooLarge
-from broker.egress.http import PolicyClient, http_client, read_body
+from broker.egress.errors import ResponseTooLarge, UnreadableBody
+from broker.egress.http import PolicyClient, body_chunks, http_client, read_body
 from broker.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from broker.model import plain_path
 from broker.scrub import Scrubber
@@ -73,11 +79,33 @@ _REFUSED_HEADERS = frozenset(
         "trailer",
         "upgrade",
         "expect",
+        # What makes an upstream act on another method or path than the one the grant's scope
+        # was checked against (framework and gateway overrides)...
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-original-url",
+        "x-rewrite-url",
+        # ...or take the call for another client's (upstreams that trust forwarded addresses).
+        "forwarded",
+        "x-real-ip",
     }
 )
-# Not passed back: they describe the upstream's encoding of a body we decoded and re-framed.
+_REFUSED_PREFIXES = ("x-forwarded-",)
+# Not passed back: what describes the upstream's encoding of a body we decoded and re-framed, and
+# cookies, which an upstream may set for the broker's credential (a session): the executor could
+# use one to call the upstream directly, outside its grant and the audit.
 _DROPPED_ANSWER_HEADERS = frozenset(
-    {"content-encoding", "content-length", "transfer-encoding", "connection", "keep-alive", "trailer"}
+    {
+        "content-encoding",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "trailer",
+        "set-cookie",
+        "set-cookie2",
+    }
 )
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
 MAX_HEADERS, MAX_HEADER_BYTES, MAX_PATH, MAX_QUERY = 64, 16 * 1024, 2048, 8192
@@ -89,6 +117,10 @@ class NotInjectable(FailedPrecondition):
 
 class AnswerTooLarge(FailedPrecondition):
     """The upstream's answer is over the proxy's byte limit."""
+
+
+class UnreadableAnswer(FailedPrecondition):
+    """The upstream's answer is in a content coding the broker does not decode, or broken in it."""
 
 
 @functools.cache
@@ -290,9 +322,9 @@ def check_request(request: UpstreamRequest, connection: Injection | None = None)
         raise InvalidArgument([*bad, FieldViolation("headers", f"at most {MAX_HEADER_BYTES} bytes in all")])
     reserved = set(_REFUSED_HEADERS)
     if connection is not None:
-        reserved |= {name.lower() for name in connection.credentials}
+        reserved |= {_header_key(name) for name in connection.credentials}
         if connection.sign is not None:
-            reserved |= {webhook.TIMESTAMP_HEADER.lower(), webhook.SIGNATURE_HEADER.lower()}
+            reserved |= {_header_key(webhook.TIMESTAMP_HEADER), _header_key(webhook.SIGNATURE_HEADER)}
         if connection.only_method and request.method != connection.only_method:
             bad.append(FieldViolation("method", f"must be {connection.only_method}, this webhook's method"))
         if connection.only_method and (path != "/" or request.query):
@@ -302,12 +334,18 @@ def check_request(request: UpstreamRequest, connection: Injection | None = None)
     for i, (name, value) in enumerate(request.headers):
         if not _HEADER_NAME.fullmatch(name):
             bad.append(FieldViolation(f"headers[{i}].name", "must be an HTTP header name"))
-        elif name.lower() in reserved:
+        elif _header_key(name) in reserved or _header_key(name).startswith(_REFUSED_PREFIXES):
             bad.append(FieldViolation(f"headers[{i}].name", f"{name} is set by the broker, not the caller"))
         if not value.isprintable() or not value.isascii():
             bad.append(FieldViolation(f"headers[{i}].value", "must be printable ASCII"))
     if bad:
         raise InvalidArgument(bad)
+
+
+def _header_key(name: str) -> str:
+    # Servers behind CGI/WSGI read `X_Api_Key` as `X-Api-Key`: a caller's header that a server may
+    # take for a reserved one is refused as that one.
+    return name.lower().replace("_", "-")
 
 
 def pooled_client(egress: EgressPolicy) -> PolicyClient:
@@ -341,7 +379,11 @@ async def _exchange(
         url = connection.base_url + request.path + (f"?{request.query}" if request.query else "")
     sent = {name.lower() for name, _ in request.headers}
     defaults = [(name, value) for name, value in connection.defaults.items() if name.lower() not in sent]
-    headers = [*defaults, *request.headers, *connection.credentials.items()]
+    # The broker decodes the answer, so the codings are its to ask for (`egress.http.ACCEPT_ENCODING`,
+    # set on every client): the caller's Accept-Encoding is left out.
+    asked = [(name, value) for name, value in request.headers if name.lower() != "accept-encoding"]
+    defaults = [(name, value) for name, value in defaults if name.lower() != "accept-encoding"]
+    headers = [*defaults, *asked, *connection.credentials.items()]
     if connection.sign is not None:
         headers += connection.sign(request.body).items()
     async with _client(egress) as client:
@@ -359,13 +401,23 @@ async def _exchange(
 
 
 def _head(connection: Injection, response: httpx.Response) -> UpstreamAnswer:
-    """The status and the scrubbed headers (the framing ones dropped), with no body yet."""
+    """The status and the headers, names and values scrubbed (the framing ones dropped), with
+    no body yet."""
+    # Scrubbed as received: httpx lower-cases names (a secret in one would no longer match) and
+    # may read the bytes as latin-1 (a non-ASCII secret would no longer match).
+    scrubber, encoding = connection.scrubber, response.headers.encoding
     headers = [
-        (name, connection.scrubber.text(value))
-        for name, value in response.headers.multi_items()
-        if name.lower() not in _DROPPED_ANSWER_HEADERS
+        (scrubber.data(name).decode(encoding).lower(), scrubber.text(scrubber.data(value).decode(encoding)))
+        for name, value in response.headers.raw
+        if name.decode(encoding).lower() not in _DROPPED_ANSWER_HEADERS
     ]
     return UpstreamAnswer(response.status_code, headers, b"")
+
+
+def _unreadable() -> UnreadableAnswer:
+    return UnreadableAnswer(
+        "the upstream's answer is in a content encoding the broker does not read (it reads gzip and deflate)"
+    )
 
 
 async def call(
@@ -394,25 +446,30 @@ async def call(
             raise AnswerTooLarge(
                 f"the upstream's answer is larger than {max_bytes} bytes, the proxy's limit"
             ) from None
+        except UnreadableBody:
+            raise _unreadable() from None
         head = _head(connection, response)
     return UpstreamAnswer(head.status, head.headers, connection.scrubber.data(body))
 
 
 async def stream(
     egress: EgressPolicy | PolicyClient, connection: Injection, request: UpstreamRequest, *, max_bytes: int
-) -> AsyncIterator[UpstreamAnswer | bytes]:
+) -> AsyncGenerator[UpstreamAnswer | bytes, None]:
     """As `call`, the answer streamed: its head (an `UpstreamAnswer` without body), then the
     body in scrubbed chunks as they arrive (`StreamScrubber`), at most `max_bytes` of it."""
     async with _exchange(egress, connection, request) as response:
         yield _head(connection, response)
         scrubber, size = connection.scrubber.stream(), 0
-        async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > max_bytes:
-                raise AnswerTooLarge(
-                    f"the upstream's answer is larger than {max_bytes} bytes, the proxy's limit"
-                )
-            if released := scrubber.feed(chunk):
-                yield released
+        try:
+            async for chunk in body_chunks(response):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise AnswerTooLarge(
+                        f"the upstream's answer is larger than {max_bytes} bytes, the proxy's limit"
+                    )
+                if released := scrubber.feed(chunk):
+                    yield released
+        except UnreadableBody:
+            raise _unreadable() from None
         if rest := scrubber.end():
             yield rest

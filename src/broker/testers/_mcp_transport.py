@@ -21,6 +21,11 @@ from dataclasses import dataclass, field
 import httpx
 import httpx2
 
+from broker.egress.http import body_chunks
+
+# Headers that describe the body as it was sent, not as `_Body` passes it on.
+_DECODED_AWAY = frozenset({b"content-encoding", b"content-length"})
+
 
 class BodyLimitExceeded(httpx2.ReadError):
     """A response body passed the egress policy's byte cap.
@@ -72,7 +77,7 @@ def _translate(exc: httpx.HTTPError, request: httpx2.Request) -> Exception:
 
 
 class _Body(httpx2.AsyncByteStream):
-    """A streamed response body, read from the egress client, capped at `limit` bytes."""
+    """A streamed response body, read from the egress client, decoded, capped at `limit` bytes."""
 
     def __init__(
         self, response: httpx.Response, request: httpx2.Request, log: ExchangeLog, limit: int
@@ -85,8 +90,9 @@ class _Body(httpx2.AsyncByteStream):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         read = 0
         try:
-            # Raw bytes: httpx2 decodes any content-encoding itself from the headers passed on.
-            async for chunk in self._response.aiter_raw():
+            # Decoded here, in bounded steps, and counted decoded: a server may compress whatever
+            # it was asked for, and httpx2 would inflate each read whole before the count.
+            async for chunk in body_chunks(self._response):
                 read += len(chunk)
                 if read > self._limit:
                     self._log.too_large = True
@@ -129,9 +135,11 @@ class EgressTransport(httpx2.AsyncBaseTransport):
                 response.headers.get("content-type", "").lower(),
             )
         )
+        # The body is passed on decoded (`_Body`): httpx2 must not decode it again.
+        headers_in = [(k, v) for k, v in response.headers.raw if k.lower() not in _DECODED_AWAY]
         return httpx2.Response(
             status_code=response.status_code,
-            headers=response.headers.raw,
+            headers=headers_in,
             stream=_Body(response, request, self.log, self._limit),
             extensions={"http_version": response.extensions.get("http_version", b"HTTP/1.1")},
         )

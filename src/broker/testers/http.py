@@ -37,7 +37,7 @@ import httpx
 
 from broker import oauth
 from broker.egress import EgressPolicy, InvalidTarget, parse_url
-from broker.egress.http import http_client, redirect_url
+from broker.egress.http import body_chunks, http_client, redirect_url
 from broker.model import TestCategory, TestResult, TestStage
 from broker.testers.base import Target, TestFailure, passed
 from broker.testers.providers import (
@@ -123,7 +123,8 @@ async def _send(
     try:
         if limit > 0 and method != "HEAD":
             size = 0
-            async for chunk in response.aiter_bytes():
+            # Decoded in bounded steps: a small compressed answer is not inflated whole.
+            async for chunk in body_chunks(response):
                 chunks.append(chunk[: limit - size])
                 size += len(chunk)
                 if size >= limit:
