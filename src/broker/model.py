@@ -128,6 +128,25 @@ class ReauthReason:
     description: str = ""
 
 
+# How deep objects and arrays may nest in JSON the broker passes on as a protobuf Struct (a tool's
+# schema, a tool's result): each level is two protobuf messages (Struct or ListValue, and Value),
+# and protobuf readers stop at 100 messages deep.
+MAX_JSON_DEPTH = 32
+
+
+def json_depth(value: Any) -> int:
+    """How deep objects and arrays nest in `value` (JSON; 0 for a scalar), counted no further
+    than one past `MAX_JSON_DEPTH`."""
+    deepest, level = 0, [value]
+    while deepest <= MAX_JSON_DEPTH:
+        containers = [node for node in level if isinstance(node, dict | list)]
+        if not containers:
+            break
+        deepest += 1
+        level = [item for node in containers for item in (node.values() if isinstance(node, dict) else node)]
+    return deepest
+
+
 @dataclass(frozen=True, slots=True)
 class McpTool:
     """A tool an MCP server offers; `definition_hash` changes when anything about it changes.

@@ -25,8 +25,8 @@ from mcp.shared.message import ServerMessageMetadata
 
 from broker._proto import broker_pb2 as pb
 from broker.egress import EgressPolicy, EgressSettings
+from broker.model import MAX_JSON_DEPTH
 from broker.sensitive import SecretFields
-from broker.service.proxy import MAX_RESULT_DEPTH
 from broker.testers import Target, run_discovery
 from broker.testers import _mcp_client as mcp_tester
 from tests import mcpserver
@@ -448,13 +448,13 @@ async def test_a_result_nested_deeper_than_an_executor_can_read_is_refused_and_a
 
     with mcpserver.running(token=TOKEN, tool_count=1, behaviours={"deep": deep}) as server:
         await _tools_connection(running, server, "streamable_http")
-        fine = await _call(running, "deep", timeout=20, depth=MAX_RESULT_DEPTH)
-        error = await rpc_error(_call(running, "deep", timeout=20, depth=MAX_RESULT_DEPTH + 1))
+        fine = await _call(running, "deep", timeout=20, depth=MAX_JSON_DEPTH)
+        error = await rpc_error(_call(running, "deep", timeout=20, depth=MAX_JSON_DEPTH + 1))
         far = await rpc_error(_call(running, "deep", timeout=20, depth=60))
     assert "leaf" in str(fine.structured_content)
     for refused in (error, far):
         assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert f"nested more than {MAX_RESULT_DEPTH} levels" in (refused.details() or "")
+        assert f"nested more than {MAX_JSON_DEPTH} levels" in (refused.details() or "")
     assert await _audited(running) == [
         ("allowed", ""),
         ("failed", "answer_too_deep"),

@@ -15,7 +15,7 @@ import pytest
 
 from broker import catalog, pki
 from broker.egress import EgressPolicy, EgressSettings
-from broker.model import McpTool, TestCategory, TestResult, TestStage
+from broker.model import MAX_JSON_DEPTH, McpTool, TestCategory, TestResult, TestStage
 from broker.sensitive import SecretFields
 from broker.testers import Target, run_discovery, run_tester
 from broker.testers import _mcp_client as mcp_tester
@@ -319,3 +319,15 @@ async def test_oversized_response_is_unexpected_response(server: McpTestServer) 
 
     assert result.category is TestCategory.UNEXPECTED_RESPONSE, result
     assert "too large" in result.message
+
+
+async def test_a_tool_described_deeper_than_the_brokers_clients_can_read_fails_discovery() -> None:
+    """Stored, it would make every tool listing unreadable to a protobuf client (100 messages deep)."""
+    deep: dict[str, Any] = {"type": "object"}
+    for _ in range(MAX_JSON_DEPTH // 2 + 1):  # two JSON levels each: {"properties": {"a": ...}}
+        deep = {"type": "object", "properties": {"a": deep}}
+    with running(tool_count=2, metadata={"tool_01": {"output_schema": deep}}) as server:
+        result, tools = await _discover(_target(server.url))
+    assert not result.success and result.category is TestCategory.PROTOCOL_ERROR
+    assert "'tool_01'" in result.message and f"more than {MAX_JSON_DEPTH} levels" in result.message
+    assert tools == []

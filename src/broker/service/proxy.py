@@ -40,7 +40,7 @@ from broker.errors import (
     SecretUnavailable,
     Unavailable,
 )
-from broker.model import ConnectionRecord, Grant, GrantScope, McpTool, Outcome
+from broker.model import MAX_JSON_DEPTH, ConnectionRecord, Grant, GrantScope, McpTool, Outcome, json_depth
 from broker.sensitive import SecretFields
 from broker.service.audit import AuditLog
 from broker.service.context import Call
@@ -92,10 +92,6 @@ CALL_TOOL = "mcp.call_tool"
 LIST_TOOLS = "mcp.list_granted_tools"
 TOOL_CHANGED = "tool definition changed since it was approved"
 MAX_REF, MAX_TOOL, MAX_ARGUMENTS = 256, 128, 256 * 1024  # MAX_PURPOSE is Resolve's
-# How deep objects and arrays may nest in a tool's content item or structured content (each is a
-# Struct): each level is two protobuf messages (Struct or ListValue, and Value), and protobuf
-# readers stop at 100 messages deep.
-MAX_RESULT_DEPTH = 32
 # The upstream part of a call stops this long before the caller's deadline, so that its failure is
 # audited and answered (DEADLINE_EXCEEDED, with what happened) before gRPC cancels the call.
 DEADLINE_MARGIN = 0.1
@@ -257,10 +253,10 @@ class ProxyService:
         except TestFailure as exc:
             await self._failed(use, exc.result.category.value, started)
             raise Unavailable(f"the MCP server call failed ({exc.result.category.value})") from None
-        if max(map(_depth, [*result.content, result.structured])) > MAX_RESULT_DEPTH:
+        if max(map(json_depth, [*result.content, result.structured])) > MAX_JSON_DEPTH:
             await self._failed(use, "answer_too_deep", started)
             raise FailedPrecondition(
-                f"the tool's result is nested more than {MAX_RESULT_DEPTH} levels deep, more than an"
+                f"the tool's result is nested more than {MAX_JSON_DEPTH} levels deep, more than an"
                 " executor can read"
             )
         use.details["is_error"] = str(result.is_error).lower()
@@ -469,19 +465,6 @@ class _Use:
     def __init__(self, call_: Call, action: str, details: dict[str, str], now: datetime) -> None:
         self.call, self.action, self.details, self.now = call_, action, details, now
         self.ref_id = ""
-
-
-def _depth(value: Any) -> int:
-    """How deep objects and arrays nest in `value` (JSON; 0 for a scalar), counted no further
-    than one past `MAX_RESULT_DEPTH`."""
-    deepest, level = 0, [value]
-    while deepest <= MAX_RESULT_DEPTH:
-        containers = [node for node in level if isinstance(node, dict | list)]
-        if not containers:
-            break
-        deepest += 1
-        level = [item for node in containers for item in (node.values() if isinstance(node, dict) else node)]
-    return deepest
 
 
 def _timeout(time_left: float | None) -> float | None:

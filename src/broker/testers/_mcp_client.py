@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from broker.egress import Blocked, DnsFailure, EgressPolicy
 from broker.egress.http import http_client
-from broker.model import McpTool, TestCategory, TestResult, TestStage
+from broker.model import MAX_JSON_DEPTH, McpTool, TestCategory, TestResult, TestStage, json_depth
 from broker.scrub import Scrubber
 from broker.testers._mcp_transport import EgressTransport, ExchangeLog
 from broker.testers.base import Target, TestFailure, passed
@@ -174,7 +174,15 @@ async def _list_all(session: ClientSession, progress: _Progress) -> list[McpTool
                     TestStage.SAMPLE_OPERATION,
                     f"the server listed the tool {tool.name!r} twice",
                 )
-            tools[tool.name] = _to_tool(tool)
+            described = _to_tool(tool)
+            if max(json_depth(described.input_schema), json_depth(described.output_schema)) > MAX_JSON_DEPTH:
+                raise TestFailure(
+                    TestCategory.PROTOCOL_ERROR,
+                    TestStage.SAMPLE_OPERATION,
+                    f"the server describes the tool {tool.name!r} nested more than {MAX_JSON_DEPTH}"
+                    " levels deep, more than the broker's clients can read",
+                )
+            tools[tool.name] = described
         if len(tools) > MAX_TOOLS:
             raise TestFailure(
                 TestCategory.UNEXPECTED_RESPONSE,
