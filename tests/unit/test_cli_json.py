@@ -47,4 +47,8 @@ def test_whole_struct_numbers_are_integers_and_the_rest_are_kept() -> None:
 def test_json_lines_keep_non_ascii_and_pretty_json_escapes_it() -> None:
     event = pb.AuditEvent(id=1, reason="héllo")
     assert json_line(event) == '{"id":1,"reason":"héllo"}'
+    hidden = pb.AuditEvent(id=1, reason="a\u202eb\x85c\u200bd\U000e0041e")  # bidi, C1, zero-width, tag
+    line = json_line(hidden)
+    assert line == '{"id":1,"reason":"a\\u202eb\\u0085c\\u200bd\\udb40\\udc41e"}'
+    assert json.loads(line)["reason"] == hidden.reason
     assert json.loads(to_json(event)) == {"id": 1, "reason": "héllo"} and "h\\u00e9llo" in to_json(event)

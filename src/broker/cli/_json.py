@@ -10,6 +10,7 @@ text: an int64 field becomes a JSON integer, and a Struct number that is exactly
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
@@ -39,8 +40,23 @@ def to_json(message: Message) -> str:
 
 
 def json_line(message: Message) -> str:
-    """The message as one line of compact JSON (for JSON Lines files)."""
-    return json.dumps(json_doc(message), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    """The message as one line of compact JSON (for JSON Lines files): readable text kept as it
+    is, anything not printable (C1 controls, bidi marks, zero-width characters) escaped, so an
+    export read at a terminal cannot drive it or hide text."""
+    text = json.dumps(json_doc(message), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return _NOT_PRINTABLE.sub(_escaped, text)
+
+
+# JSON escapes what is below U+0020 itself; these can only occur inside strings.
+_NOT_PRINTABLE = re.compile("[^\x00-\x7e]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match[0]
+    if char.isprintable():
+        return char
+    # json.dumps with ensure_ascii's own spelling: \uXXXX, a surrogate pair beyond U+FFFF.
+    return json.dumps(char)[1:-1]
 
 
 # Fields are typed Any: protobuf's upb and pure-Python descriptors are distinct types to mypy.
