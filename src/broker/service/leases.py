@@ -434,6 +434,13 @@ class LeaseService:
             return
         try:
             async with self._session(record) as db:
+                if db.revocation_replaced:
+                    log.warning(
+                        "lease_revocation_statements_unusable",
+                        connection_id=connection_id,
+                        placeholder=db.revocation_replaced,
+                        using="default",
+                    )
                 for lease in leases:
                     try:
                         await db.drop(lease.username)
@@ -442,6 +449,10 @@ class LeaseService:
                         continue
                     now = self._clock()
                     details = {"lease_id": lease.id, "username": lease.username}
+                    if db.revocation_replaced:
+                        # What ran is not what the connection says: the operator must hear why.
+                        details["revocation_statements"] = "default"
+                        details["unusable_placeholder"] = db.revocation_replaced
                     event = system_event(
                         now,
                         ACTOR,
