@@ -22,8 +22,11 @@ import pytest
 from broker._proto import broker_pb2 as pb
 from broker.config import LeaseSettings
 from broker.egress import EgressSettings
+from broker.model import GrantFilter
+from broker.store.postgres import PostgresStore
 from tests.conftest import Running
 from tests.helpers import EXECUTOR, EXECUTOR2, EXECUTOR_B, db_request, field_violations, rpc_error, struct
+from tests.integration.test_store import TENANT, create, make_event, make_grant
 from tests.postgres_db import Roles, fresh_database, lease_roles
 
 pytestmark = pytest.mark.integration
@@ -199,3 +202,31 @@ async def test_bad_input_names_the_field_and_changes_nothing(running: Running) -
     # A single ungrant answers how many it removed too.
     single = await admin.RevokeAccess(pb.RevokeAccessRequest(connection_id=created.id, principal=EXECUTOR))
     assert single.grants_removed == 1
+
+
+async def test_two_replicas_cutting_the_same_principal_off_at_once_both_succeed(database: str) -> None:
+    """`brokerctl ungrant --all` sent twice at once, through two replicas whose plans read the
+    grants in opposite orders (one by the principal's index, one in table order, laid out in
+    reverse): neither call is aborted as a deadlock victim (UNAVAILABLE); each grant goes once."""
+    by_index = PostgresStore(database + "?enable_seqscan=off&enable_bitmapscan=off", pool_max=2)
+    by_table = PostgresStore(
+        database + "?enable_indexscan=off&enable_indexonlyscan=off&enable_bitmapscan=off", pool_max=2
+    )
+    await by_index.open()
+    await by_table.open()
+    try:
+        connections = sorted([(await create(by_index)).id for _ in range(150)], reverse=True)
+        for attempt in range(6):
+            principal = f"spiffe://example.org/tenant/{TENANT}/executor/cut{attempt}"
+            for connection_id in connections:  # table order: the reverse of the index's
+                await by_index.put_grant(make_grant(connection_id, principal), make_event(action="grant.put"))
+            template = make_event(action="grant.revoke", connection_id="", details={"principal": principal})
+            first, second = await asyncio.gather(
+                by_index.delete_principal_grants(TENANT, principal, template),
+                by_table.delete_principal_grants(TENANT, principal, template),
+            )
+            assert sorted(first + second) == sorted(connections), attempt
+            assert await by_index.list_grants(TENANT, GrantFilter(principal=principal), 10, None) == []
+    finally:
+        await by_index.close()
+        await by_table.close()
