@@ -230,3 +230,56 @@ async def test_two_replicas_cutting_the_same_principal_off_at_once_both_succeed(
     finally:
         await by_index.close()
         await by_table.close()
+
+
+async def test_a_grant_revoked_while_its_lease_is_being_created_leaves_no_user_behind(
+    broker: Running, roles: Roles
+) -> None:
+    """The grant goes while the lease's user is being created (a slow creation statement): the
+    Resolve is refused, and the lease is revoked and its user dropped at once, not at the next
+    reconciliation (an hour here)."""
+    config = {
+        "driver": "postgresql", "host": "127.0.0.1", "port": 5432, "database": "postgres",
+        "username": "postgres", "dynamic": True, "group_role": roles.group,
+        "username_prefix": roles.prefix, "default_ttl": 600, "max_ttl": 1200,
+        "creation_statements": [
+            "CREATE ROLE {{name}} WITH LOGIN PASSWORD {{password}} VALID UNTIL {{expiration}}",
+            "SELECT pg_sleep(1.5)",
+        ],
+    }  # fmt: skip
+    admin = broker.admin()
+    created = await admin.CreateConnection(
+        pb.CreateConnectionRequest(
+            name="slow", type="database", config=struct(config), secrets={"password": "unused"}
+        )
+    )
+    await admin.GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
+
+    async def resolve() -> pb.ResolveResponse:
+        return await broker.resolver().Resolve(pb.ResolveRequest(connection_id=created.id))
+
+    resolving = asyncio.create_task(resolve())
+
+    async def creating() -> bool:
+        page = await admin.ListLeases(pb.ListLeasesRequest(connection_id=created.id))
+        return [lease.state for lease in page.leases] == [pb.LEASE_STATE_CREATING]
+
+    await wait_for(creating, 5, "the lease being created")
+    await admin.RevokeAccess(pb.RevokeAccessRequest(connection_id=created.id, principal=EXECUTOR))
+
+    error = await rpc_error(resolving)
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED, error.details()
+
+    async def dropped() -> bool:
+        page = await admin.ListLeases(pb.ListLeasesRequest(connection_id=created.id))
+        return [(lease.state, lease.revoke_reason) for lease in page.leases] == [
+            (pb.LEASE_STATE_REVOKED, "grant_revoked")
+        ]
+
+    await wait_for(dropped, 10, "the lease revoked")
+    (lease,) = (await admin.ListLeases(pb.ListLeasesRequest(connection_id=created.id))).leases
+    assert lease.username not in await roles.named()
+    events = await admin.ListAuditEvents(pb.ListAuditEventsRequest(action="lease.create"))
+    assert [(e.outcome, e.reason) for e in events.events if e.connection_id == created.id] == [
+        ("failed", "grant_revoked")
+    ]
