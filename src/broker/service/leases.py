@@ -211,8 +211,9 @@ class LeaseService:
         if not activated:
             if await self._grants.get_grant(lease.tenant, lease.connection_id, lease.principal) is None:
                 await self._ungranted(call, lease, details)
-            # Creating took longer than creation_grace: the worker has claimed it and drops the user.
-            raise Unavailable("creating the database user took too long; try again")
+            # Creating took longer than creation_grace, or the connection or the caller's standing
+            # changed meanwhile (a revocation, a block): the lease was ended, its user dropped.
+            raise Unavailable("the lease ended while its database user was being created; try again")
         metrics.LEASE_OPERATIONS.labels("create", "ok").inc()
         metrics.LEASE_CREATE_SECONDS.observe(asyncio.get_running_loop().time() - started)
         return replace(lease, state=LeaseState.ACTIVE), credentials
