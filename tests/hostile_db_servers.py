@@ -8,8 +8,9 @@ ask a client for its password in a form the server can read, and to record what 
   `"odd_error"` with one whose SQLSTATE is 5000 characters and a terminal escape.
 * `FakeMysql(plugin)`: a handshake without the SSL capability whose plugin is
   caching_sha2_password (the fast path fails: "perform full authentication", then the server's RSA
-  public key on request) or sha256_password, or an auth switch to `dialog` or
-  `mysql_clear_password`; `recovered` is the password as the server could read it, if it could.
+  public key on request) or sha256_password, or an auth switch to `dialog`,
+  `mysql_clear_password` or `mysql_old_password`; `recovered` is what the server could read
+  back (the password, or the answer to the switch), if anything was sent.
 
 Both record every byte the client sent (`received`).
 """
@@ -155,7 +156,8 @@ class FakeMysql(_Fake):
         self.recovered = bytes(b ^ self.SALT[i % len(self.SALT)] for i, b in enumerate(xored)).rstrip(b"\0")
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        first = "mysql_native_password" if self.plugin in ("dialog", "mysql_clear_password") else self.plugin
+        switched = ("dialog", "mysql_clear_password", "mysql_old_password")
+        first = "mysql_native_password" if self.plugin in switched else self.plugin
         writer.write(_packet(0, self._greeting(first)))
         seq, _ = await self._packet(reader)  # the handshake response
         pem = self._key.public_key().public_bytes(

@@ -54,7 +54,8 @@ def lease_target(driver: str, port: int) -> Target:
 
 
 @pytest.mark.parametrize(
-    "plugin", ["caching_sha2_password", "sha256_password", "mysql_clear_password", "dialog"]
+    "plugin",
+    ["caching_sha2_password", "sha256_password", "mysql_clear_password", "dialog", "mysql_old_password"],
 )
 async def test_mysql_a_server_asking_for_a_readable_password_without_tls_never_gets_it(plugin: str) -> None:
     fake = FakeMysql(plugin)

@@ -39,6 +39,8 @@ DB_ACCESS_DENIED = 1044
 HOST_NOT_ALLOWED = 1130
 UNKNOWN_DATABASE = 1049
 CANNOT_CONNECT = 2003
+# Plugins whose answer a server (or anyone between) can turn back into the password without TLS.
+_READABLE_PLUGINS = (b"mysql_clear_password", b"dialog", b"mysql_old_password")
 # caching_sha2_password's answer to the fast-path scramble: accepted (else 4, full authentication).
 _FAST_AUTH_OK = 3
 
@@ -70,8 +72,9 @@ class _StrictConnection(aiomysql.Connection):  # type: ignore[misc]
 
     async def _process_auth(self, plugin_name: bytes, auth_packet: Any) -> Any:
         # dialog (MariaDB's PAM plugin) asks for the password in clear too: aiomysql does not
-        # speak it, but without TLS the answer is the one this refusal gives.
-        if plugin_name in (b"mysql_clear_password", b"dialog") and not self._secure:
+        # speak it, but without TLS the answer is the one this refusal gives. mysql_old_password's
+        # pre-4.1 scramble is weak enough to give the password back to whoever chose the salt.
+        if plugin_name in _READABLE_PLUGINS and not self._secure:
             raise CleartextRefused
         return await super()._process_auth(plugin_name, auth_packet)
 
