@@ -56,9 +56,9 @@ async def connect(server: Server, tls: ssl.SSLContext | None, timeout: float, **
     try:
         # A directory as the host: asyncpg connects to its socket .s.PGSQL.<port>.
         return await asyncpg.connect(host=guard.directory, ssl=False, **settings)
-    except Exception:
+    except BaseException as exc:  # a cancellation too: nothing may keep listening
         guard.close()
-        if guard.refused:
+        if guard.refused and isinstance(exc, Exception):
             raise CleartextRefused from None
         raise
 
