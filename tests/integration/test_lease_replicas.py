@@ -296,6 +296,8 @@ class GatedDrops:
         outer = self
 
         class Session:
+            revocation_replaced = real.revocation_replaced
+
             async def __aenter__(self) -> Session:
                 await real.__aenter__()
                 return self

@@ -10,6 +10,7 @@ broker makes carries a prefix unique to this module; everything is dropped at th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import os
 import secrets
@@ -28,7 +29,7 @@ from broker._proto import broker_pb2_grpc
 from broker.config import LeaseSettings
 from broker.egress import EgressSettings
 from tests.conftest import Running
-from tests.helpers import EXECUTOR, EXECUTOR2, field_violations, rpc_error, struct
+from tests.helpers import EXECUTOR, EXECUTOR2, field_violations, rpc_error, set_stored_config, struct
 from tests.mariadb_server import throwaway_mariadb
 
 DSN = os.environ.get("BROKER_TEST_MYSQL_DSN", "")
@@ -550,3 +551,36 @@ async def test_leases_of_a_database_gone_for_good_can_be_abandoned_and_the_conne
     assert [e.connection_id for e in events.events] == [connection_id]
     # Abandoned means left as it is: the user is still there, for someone to remove by hand.
     assert await server.can_log_in(answer.config["username"], answer.secrets["password"])
+
+
+async def test_a_legacy_revocation_statement_asking_for_the_password_still_drops_the_user(
+    make_broker: Callable[..., Awaitable[Running]], server: Server
+) -> None:
+    """A row saved before the catalog refused {{password}} outside creation_statements: the broker
+    keeps no password, so those statements can never run. The user is dropped with the driver's
+    default revocation instead (never retried forever, never left behind), and the lease's
+    audit event says so, naming the placeholder."""
+    # No kept sessions: the drop must read the row as it is now.
+    running = await make_broker(
+        egress=EgressSettings(allow_loopback=True), leases=dataclasses.replace(FAST, admin_idle_seconds=0)
+    )
+    connection_id = await dynamic_connection(running, server)
+    answer = await running.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id))
+    assert await server.can_log_in(answer.config["username"], answer.secrets["password"])
+    legacy = ["SET PASSWORD FOR {{name}}@'%' = PASSWORD({{password}})", "DROP USER {{name}}@'%'"]
+    set_stored_config(running.broker.settings.storage_path, connection_id, "revocation_statements", legacy)
+
+    revoked = await running.resolver().RevokeLease(pb.RevokeLeaseRequest(lease_id=answer.lease.id))
+
+    assert (revoked.state, revoked.revoke_reason) == (pb.LEASE_STATE_REVOKED, "revoked"), revoked
+    assert not await server.can_log_in(answer.config["username"], answer.secrets["password"])
+    assert answer.config["username"] not in await users_named(server.prefix)
+    events = await running.admin().ListAuditEvents(pb.ListAuditEventsRequest(action="lease.revoked"))
+    (event,) = [e for e in events.events if e.details.get("lease_id") == answer.lease.id]
+    assert dict(event.details) == {
+        "lease_id": answer.lease.id,
+        "username": answer.config["username"],
+        "revocation_statements": "default",
+        "unusable_placeholder": "{{password}}",
+    }
+    assert "lease_revocation_statements_unusable" in running.logs.getvalue()

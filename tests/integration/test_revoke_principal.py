@@ -22,8 +22,11 @@ import pytest
 from broker._proto import broker_pb2 as pb
 from broker.config import LeaseSettings
 from broker.egress import EgressSettings
+from broker.model import GrantFilter
+from broker.store.postgres import PostgresStore
 from tests.conftest import Running
 from tests.helpers import EXECUTOR, EXECUTOR2, EXECUTOR_B, db_request, field_violations, rpc_error, struct
+from tests.integration.test_store import TENANT, create, make_event, make_grant
 from tests.postgres_db import Roles, fresh_database, lease_roles
 
 pytestmark = pytest.mark.integration
@@ -199,3 +202,84 @@ async def test_bad_input_names_the_field_and_changes_nothing(running: Running) -
     # A single ungrant answers how many it removed too.
     single = await admin.RevokeAccess(pb.RevokeAccessRequest(connection_id=created.id, principal=EXECUTOR))
     assert single.grants_removed == 1
+
+
+async def test_two_replicas_cutting_the_same_principal_off_at_once_both_succeed(database: str) -> None:
+    """`brokerctl ungrant --all` sent twice at once, through two replicas whose plans read the
+    grants in opposite orders (one by the principal's index, one in table order, laid out in
+    reverse): neither call is aborted as a deadlock victim (UNAVAILABLE); each grant goes once."""
+    by_index = PostgresStore(database + "?enable_seqscan=off&enable_bitmapscan=off", pool_max=2)
+    by_table = PostgresStore(
+        database + "?enable_indexscan=off&enable_indexonlyscan=off&enable_bitmapscan=off", pool_max=2
+    )
+    await by_index.open()
+    await by_table.open()
+    try:
+        connections = sorted([(await create(by_index)).id for _ in range(150)], reverse=True)
+        for attempt in range(6):
+            principal = f"spiffe://example.org/tenant/{TENANT}/executor/cut{attempt}"
+            for connection_id in connections:  # table order: the reverse of the index's
+                await by_index.put_grant(make_grant(connection_id, principal), make_event(action="grant.put"))
+            template = make_event(action="grant.revoke", connection_id="", details={"principal": principal})
+            first, second = await asyncio.gather(
+                by_index.delete_principal_grants(TENANT, principal, template),
+                by_table.delete_principal_grants(TENANT, principal, template),
+            )
+            assert sorted(first + second) == sorted(connections), attempt
+            assert await by_index.list_grants(TENANT, GrantFilter(principal=principal), 10, None) == []
+    finally:
+        await by_index.close()
+        await by_table.close()
+
+
+async def test_a_grant_revoked_while_its_lease_is_being_created_leaves_no_user_behind(
+    broker: Running, roles: Roles
+) -> None:
+    """The grant goes while the lease's user is being created (a slow creation statement): the
+    Resolve is refused, and the lease is revoked and its user dropped at once, not at the next
+    reconciliation (an hour here)."""
+    config = {
+        "driver": "postgresql", "host": "127.0.0.1", "port": 5432, "database": "postgres",
+        "username": "postgres", "dynamic": True, "group_role": roles.group,
+        "username_prefix": roles.prefix, "default_ttl": 600, "max_ttl": 1200,
+        "creation_statements": [
+            "CREATE ROLE {{name}} WITH LOGIN PASSWORD {{password}} VALID UNTIL {{expiration}}",
+            "SELECT pg_sleep(1.5)",
+        ],
+    }  # fmt: skip
+    admin = broker.admin()
+    created = await admin.CreateConnection(
+        pb.CreateConnectionRequest(
+            name="slow", type="database", config=struct(config), secrets={"password": "unused"}
+        )
+    )
+    await admin.GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
+
+    async def resolve() -> pb.ResolveResponse:
+        return await broker.resolver().Resolve(pb.ResolveRequest(connection_id=created.id))
+
+    resolving = asyncio.create_task(resolve())
+
+    async def creating() -> bool:
+        page = await admin.ListLeases(pb.ListLeasesRequest(connection_id=created.id))
+        return [lease.state for lease in page.leases] == [pb.LEASE_STATE_CREATING]
+
+    await wait_for(creating, 5, "the lease being created")
+    await admin.RevokeAccess(pb.RevokeAccessRequest(connection_id=created.id, principal=EXECUTOR))
+
+    error = await rpc_error(resolving)
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED, error.details()
+
+    async def dropped() -> bool:
+        page = await admin.ListLeases(pb.ListLeasesRequest(connection_id=created.id))
+        return [(lease.state, lease.revoke_reason) for lease in page.leases] == [
+            (pb.LEASE_STATE_REVOKED, "grant_revoked")
+        ]
+
+    await wait_for(dropped, 10, "the lease revoked")
+    (lease,) = (await admin.ListLeases(pb.ListLeasesRequest(connection_id=created.id))).leases
+    assert lease.username not in await roles.named()
+    events = await admin.ListAuditEvents(pb.ListAuditEventsRequest(action="lease.create"))
+    assert [(e.outcome, e.reason) for e in events.events if e.connection_id == created.id] == [
+        ("failed", "grant_revoked")
+    ]

@@ -1009,10 +1009,14 @@ def make_lease(username: str, tenant: str = TENANT, **changes: Any) -> Lease:
 
 
 async def test_a_lease_is_created_activated_renewed_within_its_max_and_read_back(store: Store) -> None:
-    lease = make_lease("brk_aaaaaaaaaaaaaaaa", run_id="run-1")
+    connection = await create(store)
+    lease = make_lease("brk_aaaaaaaaaaaaaaaa", run_id="run-1", connection_id=connection.id)
     await store.insert_lease(lease)
     assert await store.get_lease(TENANT, lease.id) == lease
     assert await store.get_lease(OTHER, lease.id) is None  # another tenant's looks unknown
+    # Activated only while the grant it was made under exists (revoked while the user was made).
+    assert not await store.activate_lease(TENANT, lease.id, [make_event(action="lease.create")])
+    await store.put_grant(make_grant(connection.id, lease.principal), make_event(action="grant.put"))
     assert await store.activate_lease(TENANT, lease.id, [make_event(action="lease.create")])
     assert not await store.activate_lease(TENANT, lease.id, [make_event(action="lease.create")])
     later = T0 + timedelta(minutes=90)
@@ -1025,7 +1029,7 @@ async def test_a_lease_is_created_activated_renewed_within_its_max_and_read_back
     expired = T0 + timedelta(hours=2)  # at its end: too late to renew
     assert not await store.renew_lease(TENANT, lease.id, later, expired, make_event(action="lease.renew"))
     actions = [e.action for e in await store.list_audit(TENANT, AuditFilter(), 10, None)]
-    assert sorted(actions) == ["lease.create", "lease.renew"]
+    assert sorted(actions) == ["connection.create", "grant.put", "lease.create", "lease.renew"]
 
 
 async def test_due_leases_are_claimed_once_and_failures_retried_later(store: Store) -> None:

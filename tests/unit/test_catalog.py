@@ -148,6 +148,7 @@ def test_all_is_complete() -> None:
     # `oauth_providers` is a public submodule (the provider table), not a re-exported name.
     assert set(broker.catalog.__all__) == public - {"annotations", "oauth_providers"}
     assert sorted(broker.catalog.__all__) == [
+        "CREATION_ONLY_PLACEHOLDERS",
         "ConnectionType",
         "FIELD_NAME",
         "FieldKind",

@@ -11,6 +11,7 @@ from broker.catalog._spec import ConnectionType, FieldKind, FieldSpec, Validated
 from broker.catalog._validate import NAME as FIELD_NAME
 from broker.catalog._validate import validate, validate_field
 from broker.catalog._values import (
+    CREATION_ONLY_PLACEHOLDERS,
     STATEMENT_PLACEHOLDERS,
     fill_statement,
     statement_placeholders,
@@ -18,6 +19,7 @@ from broker.catalog._values import (
 )
 
 __all__ = [
+    "CREATION_ONLY_PLACEHOLDERS",
     "FIELD_NAME",
     "STATEMENT_PLACEHOLDERS",
     "ConnectionType",

@@ -17,7 +17,14 @@ from broker.egress import EgressPolicy, parse_host
 from broker.egress.hosts import host_text
 from broker.egress.tcp import UnusableCa, ca_tls_context, resolve_one
 
-__all__ = ["DatabaseTarget", "Server", "UnusableCa", "resolve_server", "tls_context"]
+__all__ = ["CleartextRefused", "DatabaseTarget", "Server", "UnusableCa", "resolve_server", "tls_context"]
+
+
+class CleartextRefused(Exception):
+    """Over a connection without TLS, the server asked for the password in a form it can read: in
+    clear (PostgreSQL's AuthenticationCleartextPassword; MySQL's mysql_clear_password, dialog) or
+    encrypted under an RSA key it sends itself (MySQL's sha256_password and the full authentication
+    of caching_sha2_password). Raised before the password is sent."""
 
 
 class DatabaseTarget(Protocol):

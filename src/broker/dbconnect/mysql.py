@@ -13,9 +13,10 @@ import ssl
 from typing import Any
 
 import aiomysql
+from pymysql._auth import scramble_caching_sha2
 from pymysql.constants import CLIENT
 
-from broker.dbconnect import Server
+from broker.dbconnect import CleartextRefused, Server
 
 __all__ = [
     "ACCESS_DENIED",
@@ -38,6 +39,10 @@ DB_ACCESS_DENIED = 1044
 HOST_NOT_ALLOWED = 1130
 UNKNOWN_DATABASE = 1049
 CANNOT_CONNECT = 2003
+# Plugins whose answer a server (or anyone between) can turn back into the password without TLS.
+_READABLE_PLUGINS = (b"mysql_clear_password", b"dialog", b"mysql_old_password")
+# caching_sha2_password's answer to the fast-path scramble: accepted (else 4, full authentication).
+_FAST_AUTH_OK = 3
 
 
 def error_code(exc: BaseException) -> int:
@@ -48,10 +53,6 @@ def error_code(exc: BaseException) -> int:
 
 class TlsNotOffered(Exception):
     """The server's handshake lacks the SSL capability although TLS is required."""
-
-
-class CleartextRefused(Exception):
-    """The server asked for the password in clear text over a connection without TLS."""
 
 
 class _StrictConnection(aiomysql.Connection):  # type: ignore[misc]
@@ -70,9 +71,38 @@ class _StrictConnection(aiomysql.Connection):  # type: ignore[misc]
         await super()._request_authentication()
 
     async def _process_auth(self, plugin_name: bytes, auth_packet: Any) -> Any:
-        if plugin_name == b"mysql_clear_password" and not self._secure:
+        # dialog (MariaDB's PAM plugin) asks for the password in clear too: aiomysql does not
+        # speak it, but without TLS the answer is the one this refusal gives. mysql_old_password's
+        # pre-4.1 scramble is weak enough to give the password back to whoever chose the salt.
+        if plugin_name in _READABLE_PLUGINS and not self._secure:
             raise CleartextRefused
         return await super()._process_auth(plugin_name, auth_packet)
+
+    # Without TLS these plugins send the password encrypted under the public key the server hands
+    # over on request: a server (or anyone between) that asks for them decrypts the password.
+    # libmysqlclient refuses the same unless told to fetch the key (get-server-public-key).
+
+    async def sha256_password_auth(self, pkt: Any) -> Any:
+        if not self._secure and self._password:
+            raise CleartextRefused
+        return await super().sha256_password_auth(pkt)
+
+    async def caching_sha2_password_auth(self, pkt: Any) -> Any:
+        if self._secure or not self._password:
+            return await super().caching_sha2_password_auth(pkt)
+        # Only the fast path, a scramble the server checks against its cache, works without TLS.
+        if pkt.is_auth_switch_request():
+            self.salt = pkt.read_all()
+            self.write_packet(scramble_caching_sha2(self._password.encode("latin1"), self.salt))
+            pkt = await self._read_packet()
+            pkt.check_error()
+        if pkt.is_extra_auth_data():
+            pkt.advance(1)
+            if pkt.read_uint8() == _FAST_AUTH_OK:
+                pkt = await self._read_packet()
+                pkt.check_error()
+                return pkt
+        raise CleartextRefused  # "perform full authentication": the password itself
 
 
 def strict_connection(server: Server, tls: ssl.SSLContext | None, timeout: float, **options: Any) -> Any:

@@ -89,6 +89,12 @@ class UserAdmin:
         self._check_name(name)
         await self._session.run(await self._render(self._statements.renewal, name, None, expires_at))
 
+    @property
+    def revocation_replaced(self) -> str:
+        """The placeholder ("{{password}}") that makes the connection's revocation statements
+        unusable, so that `drop` runs the driver's defaults instead; "" when they are its own."""
+        return self._statements.revocation_replaced
+
     async def drop(self, name: str) -> None:
         """End the user's sessions and drop it; a user already gone is success."""
         self._check_name(name)

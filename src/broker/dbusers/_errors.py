@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 REASONS = frozenset(
     {
         "blocked",
@@ -18,6 +20,11 @@ REASONS = frozenset(
 )
 
 
+# What a code may be: a SQLSTATE, a MySQL error number, a placeholder. It reaches the executor's
+# UNAVAILABLE message, and a server writes its SQLSTATE as it likes (any length, any bytes).
+_CODE = re.compile(r"[0-9A-Z]{5}|[0-9]{1,5}|\{\{[a-z_]{1,32}\}\}")
+
+
 class LeaseDbError(Exception):
     """A step failed. `reason` is a short token for metrics/ListLeases, never containing a secret
     or server text: "blocked" (egress policy), "dns", "connect_failed", "timeout", "tls",
@@ -30,8 +37,8 @@ class LeaseDbError(Exception):
         if reason not in REASONS:
             raise ValueError(f"unknown reason {reason!r}")
         self.reason = reason
-        self.code = code
-        super().__init__(f"{reason} ({code})" if code else reason)
+        self.code = code if not code or _CODE.fullmatch(code) else "unrecognised"
+        super().__init__(f"{reason} ({self.code})" if self.code else reason)
 
     def __repr__(self) -> str:
         return f"LeaseDbError({self.reason!r}, {self.code!r})"

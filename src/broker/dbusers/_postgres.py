@@ -21,6 +21,7 @@ import asyncpg
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
+from broker.dbconnect import CleartextRefused
 from broker.dbconnect.postgres import connect
 from broker.dbusers._errors import LeaseDbError
 from broker.dbusers._session import checked_server, tls_for, transport_reason
@@ -216,6 +217,8 @@ def _connect_error(exc: Exception, tls: bool) -> LeaseDbError:
     """A connect-time error as a reason: SQLSTATE for what the server said, never its text."""
     if isinstance(exc, LeaseDbError):
         return exc
+    if isinstance(exc, CleartextRefused):  # as MySQL's: the password stays ours, TLS would fix it
+        return LeaseDbError("tls")
     if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, asyncpg.PostgresConnectionError):
         state = str(exc.sqlstate or "")
         return LeaseDbError("auth_failed" if state in _AUTH_STATES else "connect_failed", state)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from broker.catalog import statement_placeholders, statement_problem
+from broker.catalog import CREATION_ONLY_PLACEHOLDERS, statement_placeholders, statement_problem
 
 # The placeholders' grammar is the catalog's (broker.catalog.statement_problem and friends).
 # {{password}}: what the default templates always meant (PostgreSQL: the SCRAM verifier; MySQL and
@@ -29,6 +29,9 @@ class Statements:
     creation: tuple[str, ...]
     renewal: tuple[str, ...]
     revocation: tuple[str, ...]
+    # Set when the connection's own revocation statements could never run and the driver's
+    # defaults stand in for them: the placeholder that made them unusable (e.g. "{{password}}").
+    revocation_replaced: str = ""
 
 
 _PG_DEFAULT = Statements(
@@ -64,7 +67,9 @@ def statements_for(
     creates the user from the password's hash (UserAdmin passes what the server reports). Raises
     ValueError for a bad template. A placeholder with no value where it is used ({{password_hash}}
     on a server that takes none) is left for UserAdmin to refuse when it renders the statement:
-    the revocation statements must run whatever the creation statements say."""
+    the revocation statements must run whatever the creation statements say. Revocation statements
+    that ask for a password (saved before the catalog refused that) are replaced by the driver's
+    default, named in `revocation_replaced`."""
     if driver == "postgresql":
         default = _PG_DEFAULT
         group: tuple[str, ...] = _PG_GROUP
@@ -89,7 +94,22 @@ def statements_for(
             if problem is not None:
                 raise ValueError(f"{key}[{index}]: {problem}")
         chosen[field] = tuple(given) or getattr(default, field)
-    return Statements(**chosen)
+    replaced = _unfillable_at_revocation(chosen["revocation"])
+    if replaced:
+        # A row saved before the catalog refused this (later_statement_template): the broker keeps
+        # no password, so these statements could never run and the user would outlive its lease.
+        # The defaults drop the user; the caller says so in the lease's audit event.
+        chosen["revocation"] = default.revocation
+    return Statements(**chosen, revocation_replaced=replaced)
+
+
+def _unfillable_at_revocation(templates: tuple[str, ...]) -> str:
+    """The first creation-only placeholder the revocation templates use, as "{{name}}", or ""."""
+    for template in templates:
+        for name in CREATION_ONLY_PLACEHOLDERS:
+            if name in statement_placeholders(template):
+                return "{{" + name + "}}"
+    return ""
 
 
 def expiration_text(expires_at: datetime, *, postgresql: bool) -> str:

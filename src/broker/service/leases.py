@@ -43,6 +43,7 @@ from broker.errors import (
     Unavailable,
 )
 from broker.model import (
+    LIVE_LEASE_STATES,
     AuditEvent,
     ConnectionRecord,
     Lease,
@@ -178,9 +179,21 @@ class LeaseService:
         }
         if run_id:
             details["run_id"] = run_id
+        credentials = SecretFields({"password": password})
+        released = replace(
+            released, details=released.details | details | self._fingerprints.released(credentials)
+        )
+        created = call.audit_event(now, "lease.create", record.id, Outcome.SUCCEEDED, "", details)
         try:
             async with self._session(record, admin) as db:
                 await db.create(lease.username, password, lease.expires_at)
+                activated = await self._store.activate_lease(lease.tenant, lease.id, [released, created])
+                if not activated:
+                    # The lease was ended while its user was being created, and the worker may have
+                    # dropped it before the creation committed (a DROP of a user not there yet
+                    # succeeds): drop it now that it exists. The worker's drop follows, harmless.
+                    with contextlib.suppress(LeaseDbError):
+                        await db.drop(lease.username)
         except LeaseDbError as exc:
             metrics.LEASE_OPERATIONS.labels("create", exc.reason).inc()
             # The user may exist in part (a statement of several failed): the worker drops it.
@@ -195,17 +208,31 @@ class LeaseService:
             raise Unavailable(
                 f"could not create a database user for connection {record.id} ({exc})"
             ) from None
-        credentials = SecretFields({"password": password})
-        released = replace(
-            released, details=released.details | details | self._fingerprints.released(credentials)
-        )
-        created = call.audit_event(now, "lease.create", record.id, Outcome.SUCCEEDED, "", details)
-        if not await self._store.activate_lease(lease.tenant, lease.id, [released, created]):
-            # Creating took longer than creation_grace: the worker has claimed it and drops the user.
-            raise Unavailable("creating the database user took too long; try again")
+        if not activated:
+            if await self._grants.get_grant(lease.tenant, lease.connection_id, lease.principal) is None:
+                await self._ungranted(call, lease, details)
+            # Creating took longer than creation_grace, or the connection or the caller's standing
+            # changed meanwhile (a revocation, a block): the lease was ended, its user dropped.
+            raise Unavailable("the lease ended while its database user was being created; try again")
         metrics.LEASE_OPERATIONS.labels("create", "ok").inc()
         metrics.LEASE_CREATE_SECONDS.observe(asyncio.get_running_loop().time() - started)
         return replace(lease, state=LeaseState.ACTIVE), credentials
+
+    async def _ungranted(self, call: Call, lease: Lease, details: dict[str, str]) -> None:
+        """The grant went while the user was being created: the lease is never handed out, and
+        its user is dropped now. PERMISSION_DENIED, as the Resolve would have been a moment later."""
+        now = self._clock()
+        metrics.LEASE_OPERATIONS.labels("create", "grant_revoked").inc()
+        await self._store.revoke_leases(
+            lease.tenant, LeaseFilter(lease_id=lease.id), "grant_revoked", now, None
+        )
+        self._wake.set()
+        await self._audit.append(
+            call.audit_event(
+                now, "lease.create", lease.connection_id, Outcome.FAILED, "grant_revoked", details
+            )
+        )
+        raise PermissionDenied("not permitted to resolve this connection: its grant was revoked meanwhile")
 
     # ------------------------------------------------------ executor: renew, revoke
 
@@ -317,7 +344,7 @@ class LeaseService:
         now = self._clock()
         for tenant, connection_id, principal in checks:
             selector = LeaseFilter(connection_id=connection_id, principal=principal)
-            if not await self._store.list_leases(tenant, replace(selector, state=LeaseState.ACTIVE), 1, None):
+            if not await self._has_live_leases(tenant, selector):
                 continue  # most changes are to connections without leases: no write for them
             if connection_id:
                 reason = await self._end_reason(tenant, connection_id, principal, now)
@@ -325,6 +352,13 @@ class LeaseService:
                 reason = "principal_blocked"
             if reason:
                 await self._queue(tenant, selector, reason, now)
+
+    async def _has_live_leases(self, tenant: str, selector: LeaseFilter) -> bool:
+        """Whether a lease matches that is active or still being created (its user may exist already)."""
+        for state in LIVE_LEASE_STATES:
+            if await self._store.list_leases(tenant, replace(selector, state=state), 1, None):
+                return True
+        return False
 
     async def _end_reason(self, tenant: str, connection_id: str, principal: str, now: datetime) -> str:
         """Why the connection's leases (of `principal`, or all when "") may not live on, or "":
@@ -434,6 +468,13 @@ class LeaseService:
             return
         try:
             async with self._session(record) as db:
+                if db.revocation_replaced:
+                    log.warning(
+                        "lease_revocation_statements_unusable",
+                        connection_id=connection_id,
+                        placeholder=db.revocation_replaced,
+                        using="default",
+                    )
                 for lease in leases:
                     try:
                         await db.drop(lease.username)
@@ -442,6 +483,10 @@ class LeaseService:
                         continue
                     now = self._clock()
                     details = {"lease_id": lease.id, "username": lease.username}
+                    if db.revocation_replaced:
+                        # What ran is not what the connection says: the operator must hear why.
+                        details["revocation_statements"] = "default"
+                        details["unusable_placeholder"] = db.revocation_replaced
                     event = system_event(
                         now,
                         ACTOR,

@@ -72,12 +72,27 @@ class Access(EngineStore):
 
     async def delete_principal_grants(self, tenant: str, principal: str, event: AuditEvent) -> list[str]:
         async with self._engine.transaction() as tx:
+            # Locked in connection order first: a DELETE locks rows in whatever order its plan reads
+            # them, and two replicas cutting the same principal off at once could take them in
+            # opposite orders and deadlock (one aborted: UNAVAILABLE). Only the rows locked here
+            # are deleted, so a grant made meanwhile cannot bring a second order back in.
             rows = await tx.fetch(
-                "DELETE FROM grants WHERE tenant = ? AND principal = ? RETURNING connection_id",
+                "SELECT connection_id FROM grants WHERE tenant = ? AND principal = ?"  # noqa: S608
+                f" ORDER BY connection_id{self._engine.lock_rows_sql}",
                 tenant,
                 principal,
             )
-            removed = sorted(str(row["connection_id"]) for row in rows)
+            locked = [str(row["connection_id"]) for row in rows]
+            removed = []
+            for connection_id in locked:
+                # A row another caller deleted while this one waited for its lock is not ours to count.
+                if await tx.execute(
+                    "DELETE FROM grants WHERE tenant = ? AND connection_id = ? AND principal = ?",
+                    tenant,
+                    connection_id,
+                    principal,
+                ):
+                    removed.append(connection_id)
             # What a single delete_grant says, once per grant: every replica's cache and lease
             # service hear exactly what they would from that many ungrants.
             for connection_id in removed:

@@ -71,6 +71,10 @@ class Engine(Protocol):
     # transaction holds (PostgreSQL), so concurrent claimers take disjoint rows; "" where writers
     # are serialised anyway (SQLite).
     skip_locked_sql: str
+    # Appended to a SELECT ... ORDER BY in a write transaction: lock the rows read, in that order
+    # (PostgreSQL), so two writers of the same rows wait for each other instead of deadlocking;
+    # "" where writers are serialised anyway (SQLite).
+    lock_rows_sql: str
 
     async def open(self) -> None:
         """Connect and apply pending migrations."""

@@ -55,9 +55,13 @@ class Leases(EngineStore):
         await self._write(codec.LEASES.insert, *codec.LEASES.params(lease))
 
     async def activate_lease(self, tenant: str, lease_id: str, events: Sequence[AuditEvent]) -> bool:
+        # Only while the grant it was made under is there: one revoked while the user was being
+        # created must not see its lease handed out (the change feed's check may have run before
+        # this row was written, or while it was still `creating`).
         activated = await self._write(
             "UPDATE leases SET state = 'active' WHERE tenant = ? AND id = ? AND state = 'creating'"
-            " AND claimed_until IS NULL",
+            " AND claimed_until IS NULL AND EXISTS (SELECT 1 FROM grants WHERE grants.tenant = leases.tenant"
+            " AND grants.connection_id = leases.connection_id AND grants.principal = leases.principal)",
             tenant,
             lease_id,
             events=events,

@@ -327,8 +327,9 @@ class LeaseStore(Protocol):
         """Write a new lease, in state `creating`, before its user is created."""
 
     async def activate_lease(self, tenant: str, lease_id: str, events: Sequence[AuditEvent]) -> bool:
-        """`creating` -> `active` with the events of its release; False when it was claimed for
-        revocation meanwhile (its creator took too long) or is gone."""
+        """`creating` -> `active` with the events of its release; False when it was queued for
+        revocation meanwhile (its creator took too long, or something ended it), is gone, or the
+        grant it was made under (tenant, connection, principal) is gone."""
 
     async def get_lease(self, tenant: str, lease_id: str) -> Lease | None: ...
 

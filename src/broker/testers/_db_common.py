@@ -83,6 +83,20 @@ def tls_not_offered(server: Server) -> TestFailure:
     )
 
 
+def cleartext_refused(server: Server) -> TestFailure:
+    """Without TLS the server asked for the password in a form it can read (`CleartextRefused`);
+    it was not sent."""
+    return TestFailure(
+        TestCategory.AUTH_FAILED,
+        TestStage.AUTHENTICATE,
+        "the server asked for the password in a form it can read (in clear text, or encrypted"
+        " under an RSA key of its own) without TLS; refused (enable ssl)",
+        server.details(),
+        verified=("address allowed by egress policy", "tcp connect"),
+        not_verified=("credentials",),
+    )
+
+
 def success_notes(server: Server, login_checked: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(verified, not_verified) for a successful network database test, said honestly."""
     verified = ["address allowed by egress policy", "tcp connect"]

@@ -29,7 +29,13 @@ from broker.dbconnect.mysql import (
 )
 from broker.egress import EgressPolicy
 from broker.model import TestCategory, TestResult, TestStage
-from broker.testers._db_common import success_notes, tls_context, tls_not_offered, transport_failure
+from broker.testers._db_common import (
+    cleartext_refused,
+    success_notes,
+    tls_context,
+    tls_not_offered,
+    transport_failure,
+)
 from broker.testers.base import Target, TestFailure, passed
 
 log = structlog.get_logger("broker.testers.database")
@@ -117,14 +123,7 @@ def _classify(exc: Exception, server: Server, timeout: float) -> TestFailure:
     if isinstance(exc, TlsNotOffered):
         return tls_not_offered(server)
     if isinstance(exc, CleartextRefused):
-        return TestFailure(
-            TestCategory.AUTH_FAILED,
-            TestStage.AUTHENTICATE,
-            "the server asked for the password in clear text without TLS; refused (enable ssl)",
-            server.details(),
-            verified=("address allowed by egress policy", "tcp connect"),
-            not_verified=("credentials",),
-        )
+        return cleartext_refused(server)
     # aiomysql wraps TCP and TLS failures in error 2003; the cause says what happened.
     cause = exc.__cause__ if error_code(exc) == CANNOT_CONNECT and exc.__cause__ is not None else exc
     failure = transport_failure(cause, server, timeout)

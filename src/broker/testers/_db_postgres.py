@@ -14,11 +14,11 @@ from typing import Any
 import asyncpg
 import structlog
 
-from broker.dbconnect import Server, resolve_server
+from broker.dbconnect import CleartextRefused, Server, resolve_server
 from broker.dbconnect.postgres import connect
 from broker.egress import EgressPolicy
 from broker.model import TestCategory, TestResult, TestStage
-from broker.testers._db_common import success_notes, tls_context, transport_failure
+from broker.testers._db_common import cleartext_refused, success_notes, tls_context, transport_failure
 from broker.testers._db_common import tls_not_offered as _tls_not_offered
 from broker.testers.base import Target, TestFailure, passed
 
@@ -89,6 +89,8 @@ def _classify(exc: Exception, server: Server, timeout: float) -> TestFailure:
     """A connect-time error as a test failure, in our words (driver text only in details)."""
     if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, asyncpg.PostgresConnectionError):
         return _server_error(exc, server)
+    if isinstance(exc, CleartextRefused):
+        return cleartext_refused(server)
     # asyncpg reports a refused or failed SSLRequest as a bare ConnectionError.
     if server.ssl and type(exc) is ConnectionError:
         return _tls_not_offered(server)

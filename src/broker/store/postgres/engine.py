@@ -113,6 +113,7 @@ class PostgresEngine:
 
     now_sql = "extract(epoch FROM clock_timestamp())::float8"
     skip_locked_sql = " FOR UPDATE SKIP LOCKED"
+    lock_rows_sql = " FOR UPDATE"
 
     def __init__(
         self,

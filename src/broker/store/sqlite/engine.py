@@ -117,6 +117,7 @@ class SqliteEngine:
     # The system clock to the millisecond (SQLite 3.40 has no `unixepoch('subsec')`).
     now_sql = "((julianday('now') - 2440587.5) * 86400.0)"
     skip_locked_sql = ""  # one writer at a time: nothing to skip
+    lock_rows_sql = ""  # nor to wait for
 
     def __init__(self, path: Path, *, busy_timeout_ms: int = 5000) -> None:
         self.path = Path(path)
