@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import datetime
 import json
 import os
@@ -23,8 +24,10 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from broker._proto import broker_pb2 as pb
-from broker.crypto import Binding, Kek
+from broker.crypto import Binding, Kek, Keyring
 from broker.crypto.envelope import dek_aad, secret_aad
+from broker.service.sealing import open_secrets, seal
+from broker.store._codec import CONNECTIONS, to_json
 
 EXECUTOR = "spiffe://broker.local/tenant/default/executor/demo"
 EXECUTOR2 = "spiffe://broker.local/tenant/default/executor/other"
@@ -130,6 +133,24 @@ def set_stored_config(path: Path, connection_id: str, key: str, value: Any) -> N
         db.execute(
             "UPDATE connections SET config = json_set(config, ?, json(?)) WHERE id = ?",
             (f"$.{key}", json.dumps(value), connection_id),
+        )
+    db.close()
+
+
+def set_stored_config_sealed(path: Path, connection_id: str, key: str, value: Any, keyring: Keyring) -> None:
+    """Change one config value of a connection in a SQLite store's file and seal its secrets again
+    for what the row then holds, as a broker that stored it so would have: for data an older
+    broker kept that today's API refuses (`set_stored_config` is the tampering without the key)."""
+    db = sqlite3.connect(path)
+    db.row_factory = sqlite3.Row
+    with db:
+        row = db.execute("SELECT * FROM connections WHERE id = ?", (connection_id,)).fetchone()
+        before = CONNECTIONS.from_row(row)
+        after = dataclasses.replace(before, config={**before.config, key: value})
+        sealed = seal(keyring, open_secrets(keyring, before), after)
+        db.execute(
+            "UPDATE connections SET config = ?, ciphertext = ?, wrapped_dek = ? WHERE id = ?",
+            (to_json(after.config), sealed.ciphertext, sealed.wrapped_dek, connection_id),
         )
     db.close()
 

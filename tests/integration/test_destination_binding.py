@@ -26,7 +26,7 @@ import grpc
 import pytest
 
 from broker._proto import broker_pb2 as pb
-from broker.crypto import Binding
+from broker.crypto import FORMAT_VERSION, Binding
 from broker.egress import EgressSettings
 from tests.conftest import Running
 from tests.helpers import EXECUTOR, rpc_error, seal_as_format, set_stored_config, struct
@@ -341,7 +341,8 @@ async def test_rows_sealed_before_the_binding_are_re_sealed_at_start_then_bound(
             "SELECT ciphertext, secret_version FROM connections WHERE id = ?", (http.id,)
         ).fetchone()
         db.close()
-        assert ciphertext[0] == 3 and version == 1  # re-sealed in the current format, same secret version
+        # Re-sealed in the current format, same secret version.
+        assert ciphertext[0] == FORMAT_VERSION and version == 1
         resolved = await running.resolver().Resolve(pb.ResolveRequest(connection_id=http.id))
         assert resolved.secrets["token"] == TOKEN
         events = await running.admin().ListAuditEvents(pb.ListAuditEventsRequest(action="connection.rebind"))

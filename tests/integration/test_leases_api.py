@@ -29,7 +29,7 @@ from broker._proto import broker_pb2_grpc
 from broker.config import LeaseSettings
 from broker.egress import EgressSettings
 from tests.conftest import Running
-from tests.helpers import EXECUTOR, EXECUTOR2, field_violations, rpc_error, set_stored_config, struct
+from tests.helpers import EXECUTOR, EXECUTOR2, field_violations, rpc_error, set_stored_config_sealed, struct
 from tests.mariadb_server import throwaway_mariadb
 
 DSN = os.environ.get("BROKER_TEST_MYSQL_DSN", "")
@@ -568,7 +568,10 @@ async def test_a_legacy_revocation_statement_asking_for_the_password_still_drops
     answer = await running.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id))
     assert await server.can_log_in(answer.config["username"], answer.secrets["password"])
     legacy = ["SET PASSWORD FOR {{name}}@'%' = PASSWORD({{password}})", "DROP USER {{name}}@'%'"]
-    set_stored_config(running.broker.settings.storage_path, connection_id, "revocation_statements", legacy)
+    # As an older broker stored them (and the start-up re-seal bound them): not tampering.
+    keyring = running.broker.settings.load_keyring()
+    path = running.broker.settings.storage_path
+    set_stored_config_sealed(path, connection_id, "revocation_statements", legacy, keyring)
 
     revoked = await running.resolver().RevokeLease(pb.RevokeLeaseRequest(lease_id=answer.lease.id))
 

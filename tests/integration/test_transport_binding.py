@@ -1,4 +1,5 @@
-"""How a connection's secret travels is bound into its ciphertext too (envelope format 3).
+"""How a connection's secret travels is bound into its ciphertext too (envelope format 3), and
+what a dynamic database connection does with it (format 4).
 
 Someone with write access to the database but not the master key turns a database's TLS
 off, loosens its driver options, drops a mail server's encryption or puts their own CA in
@@ -30,13 +31,13 @@ from google.protobuf import json_format
 
 from broker import crypto, pki
 from broker._proto import broker_pb2 as pb
-from broker.crypto import Binding, Kek, Keyring
+from broker.crypto import FORMAT_VERSION, Binding, Kek, Keyring
 from broker.model import AuditFilter, ConnectionRecord
 from broker.service.rebind import rebind_legacy
 from broker.service.sealing import open_secrets
 from broker.store import Store
 from tests.conftest import Running
-from tests.helpers import seal_as_format, set_stored_config, struct
+from tests.helpers import field_violations, rpc_error, seal_as_format, set_stored_config, struct
 from tests.integration import test_destination_binding as binding
 from tests.integration.test_destination_binding import (
     TOKEN,
@@ -217,11 +218,13 @@ async def test_rows_of_format_2_are_re_sealed_at_start_audited_once_then_bound_t
         after = sealed_columns(path)
         for connection in (db, mail):
             ciphertext, secret_version, version = after[connection.id]
-            # Re-sealed in format 3, same secret version, the etag moved for caches and replicas.
-            assert ciphertext[0] == 3 and secret_version == 1 and version == before[connection.id][2] + 1
+            # Re-sealed in the current format, same secret version, the etag moved for caches and replicas.
+            assert ciphertext[0] == FORMAT_VERSION and secret_version == 1
+            assert version == before[connection.id][2] + 1
             resolved = await running.resolver().Resolve(pb.ResolveRequest(connection_id=connection.id))
             assert resolved.secrets["password"] == TOKEN
-        assert await rebind_events(running) == sorted((c.id, "broker:rebind", "2", "3") for c in (db, mail))
+        rebound = sorted((c.id, "broker:rebind", "2", str(FORMAT_VERSION)) for c in (db, mail))
+        assert await rebind_events(running) == rebound
     finally:
         await stop(running)
 
@@ -275,7 +278,7 @@ async def test_replicas_starting_together_re_seal_each_format_2_row_once(tmp_pat
         for record in rows:
             stored = await b.get_connection("acme", record.id)
             assert stored is not None and stored.sealed is not None
-            assert stored.sealed.format_version == 3 and stored.version == record.version + 1
+            assert stored.sealed.format_version == FORMAT_VERSION and stored.version == record.version + 1
             assert open_secrets(keyring, stored).reveal() == {"password": "pw"}
         events = await audit_actions(b, "connection.rebind")
         assert sorted(events) == sorted(r.id for r in rows)  # one event per row, not two
@@ -411,3 +414,66 @@ async def test_updating_database_options_and_ssl_re_seals_and_the_connection_sti
     version, tested = await resolve_and_test(running, db.id)
     assert version == 3 and not tested.success, tested
     await stop(running)
+
+
+# ------------------------------------------------ what a dynamic connection does is bound too
+
+
+# (field, value an attacker writes): each makes the stored administrator do their bidding.
+USE_TAMPERED: list[tuple[str, Any]] = [
+    ("dynamic", False),  # the administrator's password would be released to executors
+    ("creation_statements", ["CREATE ROLE {{name}} SUPERUSER LOGIN PASSWORD {{password}}"]),
+    ("revocation_statements", ["SELECT 1"]),  # users would never be dropped
+    ("group_role", "pg_write_all_data"),
+    ("max_ttl", 31_536_000),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), USE_TAMPERED, ids=[f for f, _ in USE_TAMPERED])
+async def test_a_dynamic_connection_whose_use_was_changed_in_the_database_fails_closed(
+    field: str, value: Any, start: Callable[..., Any], attacker: RecordingListener
+) -> None:
+    running: Running = await start()
+    request = database_request("admin-db", attacker.port, dynamic=True, group_role="app_readers")
+    created = await create_and_grant(running, request)
+    path = running.broker.settings.storage_path
+    await stop(running)
+
+    set_stored_config(path, created.id, field, value)
+    running = await start()
+    try:
+        await expect_decrypt_failed(running.resolver().Resolve(pb.ResolveRequest(connection_id=created.id)))
+        assert await failed_events(running, created.id) == {("connection.resolve", "decrypt_failed")}
+        assert TOKEN not in running.logs.getvalue()
+    finally:
+        await stop(running)
+    assert attacker.accepted == []  # no lease was attempted with the administrator's credentials
+
+
+async def test_changing_what_a_dynamic_connection_does_needs_its_secrets_again(
+    start: Callable[..., Any], attacker: RecordingListener
+) -> None:
+    """An admin who may edit but not read the administrator's password cannot have it run their SQL."""
+    running: Running = await start()
+    try:
+        admin = running.admin()
+        request = database_request("admin-db", attacker.port, dynamic=True, group_role="app_readers")
+        created = await create_and_grant(running, request)
+        statements = ["CREATE ROLE {{name}} LOGIN PASSWORD {{password}} IN ROLE {{group}}"]
+        change = pb.UpdateConnectionRequest(id=created.id, config=struct({"creation_statements": statements}))
+        refused = await rpc_error(admin.UpdateConnection(change))
+        assert field_violations(refused) == {
+            "secrets.password": "must be given again: changing config.creation_statements changes what the"
+            " broker does with the secrets"
+        }
+        change.secrets["password"] = TOKEN
+        updated = await admin.UpdateConnection(change)
+        assert list(updated.config["creation_statements"]) == statements
+        _, secret_version, _ = sealed_columns(running.broker.settings.storage_path)[created.id]
+        assert secret_version == 2  # re-sealed for what it now does
+        # The lifetime is bound but, like every use field, asks for the secrets too.
+        ttl = pb.UpdateConnectionRequest(id=created.id, config=struct({"default_ttl": 60}))
+        assert "secrets.password" in field_violations(await rpc_error(admin.UpdateConnection(ttl)))
+    finally:
+        await stop(running)
+    assert attacker.accepted == []

@@ -157,6 +157,7 @@ def test_all_is_complete() -> None:
         "Validated",
         "destination_digest",
         "destination_fields",
+        "fields_needing_secrets",
         "fill_statement",
         "get_type",
         "list_types",
@@ -249,6 +250,10 @@ def test_only_an_oauth2_client_secret_and_refresh_token_are_withheld_and_only_se
     assert withheld == {"oauth2": ["client_secret", "refresh_token"]}
     assert withheld_fields("oauth2") == {"client_secret", "refresh_token"} and not withheld_fields("nope")
     base = get_type("ssh")
+    with pytest.raises(ValueError, match="a use field is neither"):
+        _check_type(
+            dataclasses.replace(base, fields=(FieldSpec("x", FieldKind.STRING, use=True, transport=True),))
+        )
     with pytest.raises(ValueError, match="only a secret can be withheld"):
         _check_type(dataclasses.replace(base, fields=(FieldSpec("hint", FieldKind.STRING, withheld=True),)))
 

@@ -17,14 +17,19 @@ from broker.catalog import destination_digest, destination_fields
 from broker.crypto import Binding, DecryptionFailed, Kek, KeyError_, Keyring, Sealed
 
 _VECTOR_DIR = Path(__file__).parent.parent / "vectors"
-# Formats 1 (no destination bound) and 2 (destination digest v1): still opened, for the
-# migration, but never written.
+# Formats 1 (no destination bound), 2 (destination digest v1) and 3 (digest v2): still opened,
+# for the migration, but never written.
 V1_VECTORS = json.loads((_VECTOR_DIR / "envelope_v1.json").read_text())["cases"]
 V2_VECTORS = json.loads((_VECTOR_DIR / "envelope_v2.json").read_text())["cases"]
-VECTORS = json.loads((_VECTOR_DIR / "envelope_v3.json").read_text())["cases"]
-ALL_VECTORS = [*V1_VECTORS, *V2_VECTORS, *VECTORS]
+V3_VECTORS = json.loads((_VECTOR_DIR / "envelope_v3.json").read_text())["cases"]
+VECTORS = json.loads((_VECTOR_DIR / "envelope_v4.json").read_text())["cases"]
+ALL_VECTORS = [*V1_VECTORS, *V2_VECTORS, *V3_VECTORS, *VECTORS]
 # The destination digest version each format's vectors name.
-DIGESTS = [*((1, case) for case in V2_VECTORS), *((2, case) for case in VECTORS)]
+DIGESTS = [
+    *((1, case) for case in V2_VECTORS),
+    *((2, case) for case in V3_VECTORS),
+    *((3, case) for case in VECTORS),
+]
 
 
 def det_random(seed: bytes) -> Callable[[int], bytes]:
@@ -66,7 +71,7 @@ def test_seal_reproduces_vector(case: dict[str, object]) -> None:
 @pytest.mark.parametrize("case", VECTORS, ids=lambda c: c["description"])
 def test_open_vector(case: dict[str, object]) -> None:
     keyring, binding, sealed = vector_parts(case)
-    assert sealed.format_version == crypto.FORMAT_VERSION == 3
+    assert sealed.format_version == crypto.FORMAT_VERSION == 4
     assert crypto.open(keyring, sealed, binding) == bytes.fromhex(str(case["plaintext"]))
 
 
@@ -88,23 +93,28 @@ def test_format_1_opens_only_when_unbound_is_accepted(case: dict[str, object]) -
     assert crypto.open(rotated, rewrapped, binding, formats=(1,)) == plaintext
 
 
-@pytest.mark.parametrize("case", V2_VECTORS, ids=lambda c: c["description"])
-def test_format_2_opens_only_when_asked_for_and_still_binds_its_destination(case: dict[str, object]) -> None:
+@pytest.mark.parametrize(
+    "case", [*V2_VECTORS, *V3_VECTORS], ids=lambda c: f"v{c['ciphertext'][:2]} {c['description']}"
+)
+def test_formats_2_and_3_open_only_when_asked_for_and_still_bind_their_destination(
+    case: dict[str, object],
+) -> None:
     keyring, binding, sealed = vector_parts(case)
-    assert sealed.format_version == 2
+    version = sealed.format_version
+    assert version in (2, 3)
     with pytest.raises(DecryptionFailed):
         crypto.open(keyring, sealed, binding)
     plaintext = bytes.fromhex(str(case["plaintext"]))
-    assert crypto.open(keyring, sealed, binding, formats=(2,)) == plaintext
+    assert crypto.open(keyring, sealed, binding, formats=(version,)) == plaintext
     assert crypto.open(keyring, sealed, binding, formats=crypto.FORMATS) == plaintext
     # Unlike format 1, the destination it was sealed with is checked.
     elsewhere = dataclasses.replace(binding, destination=b"\xff" * 32)
     with pytest.raises(DecryptionFailed):
-        crypto.open(keyring, sealed, elsewhere, formats=(2,))
+        crypto.open(keyring, sealed, elsewhere, formats=(version,))
     rotated = Keyring(Kek(bytes(range(32))), older=[keyring.active])
     rewrapped = crypto.rewrap(rotated, sealed, binding)
-    assert rewrapped.wrapped_dek[0] == rewrapped.format_version == 2
-    assert crypto.open(rotated, rewrapped, binding, formats=(2,)) == plaintext
+    assert rewrapped.wrapped_dek[0] == rewrapped.format_version == version
+    assert crypto.open(rotated, rewrapped, binding, formats=(version,)) == plaintext
 
 
 @pytest.mark.parametrize(
@@ -121,8 +131,10 @@ def test_destination_digest_matches_vector(version: int, case: dict[str, object]
     assert digest.hex() == case["destination"]
     # An independent computation of what broker/catalog/_destination.py documents.
     fields = destination_fields(where["type"])
-    if version == 2:
+    if version >= 2:
         fields += TRANSPORT_FIELDS.get(where["type"], ())
+    if version >= 3:
+        fields += USE_FIELDS.get(where["type"], ())
     chosen = where["config"] if where["type"] == "custom" else {f: where["config"].get(f) for f in fields}
     doc = {"config": chosen, "provider": where["provider"], "type": where["type"]}
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -132,6 +144,19 @@ def test_destination_digest_matches_vector(version: int, case: dict[str, object]
 
 # What decides how a secret travels to its destination, per type (digest version 2 binds them too).
 TRANSPORT_FIELDS = {"database": ("ssl", "ssl_ca", "options"), "smtp": ("encryption", "ssl_ca")}
+# What decides what is done with it there (digest version 3 binds them too).
+USE_FIELDS = {
+    "database": (
+        "dynamic",
+        "default_ttl",
+        "max_ttl",
+        "username_prefix",
+        "group_role",
+        "creation_statements",
+        "renewal_statements",
+        "revocation_statements",
+    )
+}
 
 
 @pytest.mark.parametrize("case", ALL_VECTORS, ids=lambda c: f"v{c['ciphertext'][:2]} {c['description']}")
@@ -140,7 +165,7 @@ def test_vector_opens_with_plain_aes_gcm(case: dict[str, object]) -> None:
     kek = bytes.fromhex(str(case["kek"]))
     wrapped = bytes.fromhex(str(case["wrapped_dek"]))
     ciphertext = bytes.fromhex(str(case["ciphertext"]))
-    assert wrapped[0] == ciphertext[0] in (1, 2, 3)
+    assert wrapped[0] == ciphertext[0] in (1, 2, 3, 4)
     dek = AESGCM(kek).decrypt(wrapped[1:13], wrapped[13:], bytes.fromhex(str(case["dek_aad"])))
     plain = AESGCM(dek).decrypt(ciphertext[1:13], ciphertext[13:], bytes.fromhex(str(case["secret_aad"])))
     assert plain == bytes.fromhex(str(case["plaintext"]))
@@ -199,10 +224,10 @@ def test_bound_to_its_row(keyring: Keyring, other: Binding) -> None:
         crypto.open(keyring, sealed, other)
 
 
-@pytest.mark.parametrize("older", [1, 2])
+@pytest.mark.parametrize("older", [1, 2, 3])
 def test_relabelling_as_an_older_format_does_not_drop_what_it_binds(keyring: Keyring, older: int) -> None:
     """A downgrade: both version bytes set to an older format's must not open, even when that
-    format is accepted (format 2 has the same layout: only the version byte differs)."""
+    format is accepted (formats 2 and 3 have the same layout: only the version byte differs)."""
     sealed = crypto.seal(keyring, b"secret", BINDING)
     prefix = bytes([older])
     relabelled = Sealed(prefix + sealed.ciphertext[1:], prefix + sealed.wrapped_dek[1:], sealed.kek_id)

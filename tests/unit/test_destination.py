@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from broker import crypto
-from broker.catalog import destination_digest, destination_fields, list_types
+from broker.catalog import destination_digest, destination_fields, fields_needing_secrets, list_types
 from broker.catalog._destination import bound_fields
 from broker.crypto import DecryptionFailed, Kek, Keyring
 from broker.errors import SecretUnavailable
@@ -46,15 +46,32 @@ def test_the_catalog_marks_where_secrets_are_sent() -> None:
     assert destination_fields("custom") == destination_fields("aws") == ()
 
 
-def test_the_catalog_marks_how_secrets_travel() -> None:
+DYNAMIC = (
+    "dynamic",
+    "default_ttl",
+    "max_ttl",
+    "username_prefix",
+    "group_role",
+    "creation_statements",
+    "renewal_statements",
+    "revocation_statements",
+)
+
+
+def test_the_catalog_marks_how_secrets_travel_and_what_is_done_with_them() -> None:
     """Digest version 2 also covers what decides whether the wire is encrypted and whom the broker
-    trusts at the far end; every other type has no such field."""
-    assert bound_fields("database") == ("driver", "host", "port", "ssl", "ssl_ca", "options")
-    assert bound_fields("smtp") == ("host", "port", "encryption", "ssl_ca")
+    trusts at the far end; version 3 also what a dynamic connection does with the administrator's
+    credentials. Every other type has no such field."""
+    assert bound_fields("database", 2) == ("driver", "host", "port", "ssl", "ssl_ca", "options")
+    assert bound_fields("database") == ("driver", "host", "port", "ssl", "ssl_ca", "options", *DYNAMIC)
+    assert bound_fields("smtp") == bound_fields("smtp", 2) == ("host", "port", "encryption", "ssl_ca")
     for ctype in list_types():
         if ctype.name not in ("database", "smtp"):
             assert bound_fields(ctype.name) == destination_fields(ctype.name), ctype.name
         assert bound_fields(ctype.name, 1) == destination_fields(ctype.name)
+    # What an edit without the secrets may not change: where they go and what is done with them.
+    assert fields_needing_secrets("database") == ("driver", "host", "port", *DYNAMIC)
+    assert fields_needing_secrets("smtp") == ("host", "port")
 
 
 PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
@@ -69,14 +86,21 @@ PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
         ({"ssl": False}, True),
         ({"ssl_ca": PEM}, True),
         ({"options": {"sslmode": "disable"}}, True),
+        ({"dynamic": False}, True),
+        ({"creation_statements": ["ALTER ROLE \"admin\" PASSWORD 'x'"]}, True),
+        ({"revocation_statements": ["SELECT 1"]}, True),
+        ({"group_role": "pg_write_all_data"}, True),
+        ({"username_prefix": "app"}, True),
+        ({"max_ttl": 31_536_000}, True),
         ({"username": "other"}, False),
         ({"database": "other"}, False),
     ],
 )
-def test_the_digest_covers_destination_and_transport_fields_only(
+def test_the_digest_covers_destination_transport_and_use_fields_only(
     changed: dict[str, Any], moves: bool
 ) -> None:
     base = {"driver": "postgresql", "host": "db.internal", "port": 5432, "username": "app", "ssl": True}
+    base |= {"dynamic": True, "group_role": "app_readers", "creation_statements": []}
     before = destination_digest("database", "", base)
     assert (destination_digest("database", "", {**base, **changed}) != before) is moves
     # Digest version 1 (envelope format 2) covered where only: a change of how stays unseen there.
@@ -135,11 +159,11 @@ def test_only_the_bound_destination_opens(changed: dict[str, Any]) -> None:
 
 
 def test_each_format_binds_the_digest_it_says_and_the_current_one_is_the_records() -> None:
-    assert sealing.DIGEST_OF_FORMAT[crypto.FORMAT_VERSION] == 2  # catalog's current digest version
+    assert sealing.DIGEST_OF_FORMAT[crypto.FORMAT_VERSION] == 3  # catalog's current digest version
     assert set(sealing.DIGEST_OF_FORMAT) == set(crypto.FORMATS)
-    assert sealing.LEGACY_FORMATS == (1, 2)
-    r = record(ssl=True, ssl_ca=PEM, driver="postgresql", host="db.internal", port=5432)
-    assert r.destination == destination_digest(r.type, r.provider, r.config, 2)
+    assert sealing.LEGACY_FORMATS == (1, 2, 3)
+    r = record(ssl=True, ssl_ca=PEM, driver="postgresql", host="db.internal", port=5432, dynamic=True)
+    assert r.destination == destination_digest(r.type, r.provider, r.config, 3)
 
 
 def sealed_as(version: int, r: ConnectionRecord, destination: bytes = b"") -> ConnectionRecord:
@@ -166,13 +190,16 @@ def test_format_1_rows_open_only_for_the_migration() -> None:
     assert sealing.open_legacy_secrets(KEYRING, v1).reveal() == {"password": "pw"}
 
 
-def test_format_2_rows_open_only_for_the_migration_with_the_digest_they_were_sealed_with() -> None:
+@pytest.mark.parametrize("version", [2, 3])
+def test_format_2_and_3_rows_open_only_for_the_migration_with_the_digest_they_were_sealed_with(
+    version: int,
+) -> None:
     r = record(driver="postgresql", host="db.internal", port=5432, ssl=True)
-    v2 = sealed_as(2, r, destination_digest(r.type, r.provider, r.config, 1))
+    v2 = sealed_as(version, r, destination_digest(r.type, r.provider, r.config, version - 1))
     with pytest.raises(SecretUnavailable):
         sealing.open_secrets(KEYRING, v2)
     assert sealing.open_legacy_secrets(KEYRING, v2).reveal() == {"password": "pw"}
-    # Format 2 bound where the secret goes: a host changed before the upgrade does not open ...
+    # Formats 2 and 3 bound where the secret goes: a host changed before the upgrade does not open ...
     moved = dataclasses.replace(v2, config={**r.config, "host": "evil.example"})
     with pytest.raises(SecretUnavailable):
         sealing.open_legacy_secrets(KEYRING, moved)

@@ -5,7 +5,7 @@ place a connection's content is checked; `destination_digest` says where a conne
 secrets are sent. No I/O, no grpc.
 """
 
-from broker.catalog._destination import destination_digest, destination_fields
+from broker.catalog._destination import destination_digest, destination_fields, fields_needing_secrets
 from broker.catalog._registry import get_type, list_types, withheld_fields
 from broker.catalog._spec import ConnectionType, FieldKind, FieldSpec, Validated
 from broker.catalog._validate import NAME as FIELD_NAME
@@ -28,6 +28,7 @@ __all__ = [
     "Validated",
     "destination_digest",
     "destination_fields",
+    "fields_needing_secrets",
     "fill_statement",
     "get_type",
     "list_types",

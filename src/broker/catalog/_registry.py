@@ -39,6 +39,8 @@ def _check_type(ctype: ConnectionType) -> None:
             raise fail(f"{spec.name}: a URL is a destination field, a secret never is")
         if spec.withheld and not spec.secret:
             raise fail(f"{spec.name}: only a secret can be withheld")
+        if spec.use and (spec.secret or spec.destination or spec.transport):
+            raise fail(f"{spec.name}: a use field is neither a secret, a destination nor a transport field")
         if spec.transport and (spec.secret or spec.destination):
             raise fail(f"{spec.name}: a transport field is neither a secret nor a destination field")
         if _TRANSPORT_NAME.fullmatch(spec.name) and not spec.transport and not spec.secret:

@@ -91,6 +91,7 @@ def _statements(when: str, purpose: str) -> FieldSpec:
         description=f"Dynamic: the SQL that {purpose} a lease's user, one statement each, with "
         f"{{{{name}}}}, {passwords}{{{{expiration}}}}, {{{{group}}}}; empty: the driver's defaults.",
         check=v.each(v.statement_template if creation else v.later_statement_template),
+        use=True,
     )
 
 
@@ -103,18 +104,21 @@ _DYNAMIC_FIELDS = (
         description="Make a fresh, short-lived database user per Resolve (a lease); the stored "
         "credentials are then the administrator's and are never released. postgresql and mysql "
         "only; defaults to false.",
+        use=True,
     ),
     FieldSpec(
         "default_ttl",
         FieldKind.INTEGER,
         description="Dynamic: seconds a lease lasts unless renewed (capped at max_ttl); defaults to 3600.",
         check=v.integer_between(1, 366 * 86400),
+        use=True,
     ),
     FieldSpec(
         "max_ttl",
         FieldKind.INTEGER,
         description="Dynamic: seconds a lease may last in all, renewals included; defaults to 86400.",
         check=v.integer_between(1, 366 * 86400),
+        use=True,
     ),
     FieldSpec(
         "username_prefix",
@@ -122,11 +126,13 @@ _DYNAMIC_FIELDS = (
         description="Dynamic: the start of every user name the broker makes (defaults to brk_); the "
         "reconciler drops users named so with no live lease, and never touches any other user.",
         check=v.matching(r"[a-z][a-z0-9_]{0,11}", "a lower-case letter then up to 11 of a-z, 0-9, _"),
+        use=True,
     ),
     FieldSpec(
         "group_role",
         FieldKind.STRING,
         description="Dynamic: the role whose privileges a lease's user gets (the default statements).",
+        use=True,
     ),
     _statements("creation", "creates"),
     _statements("renewal", "extends"),

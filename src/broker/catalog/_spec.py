@@ -50,7 +50,12 @@ class FieldSpec:
     `transport` marks a field that says how they travel there (whether the wire is
     encrypted, which CA vouches for the server, driver options): its value is bound into
     the ciphertext too, so a row whose TLS was turned off or whose CA was swapped in the
-    database does not open. `withheld` marks a secret the broker keeps for its own use and
+    database does not open. `use` marks a field that says what the broker does with the secrets
+    where they go (a dynamic database connection: whether the stored credentials are released at
+    all or only used to make users, the SQL run with them, the role and lifetime of those users):
+    bound like a destination and, like one, a change needs the secrets again, or someone who may
+    edit a connection, or write the database, would have the stored administrator run their SQL.
+    `withheld` marks a secret the broker keeps for its own use and
     never releases to an executor (an OAuth2 client secret or refresh token: with them an
     executor could mint tokens for itself long after its grant is gone).
     """
@@ -65,6 +70,7 @@ class FieldSpec:
     check: Check | None = field(default=None, repr=False, compare=False)
     destination: bool = False
     transport: bool = False
+    use: bool = False
     withheld: bool = False
 
 

@@ -7,17 +7,18 @@
 connection id and secret version, so a ciphertext or wrapped key copied to another
 row fails to open; the wrapped DEK is also bound to the id of the KEK that wrapped it.
 
-Formats 2 and 3 add the binding's `destination` (a digest of where the secret may be
+Formats 2, 3 and 4 add the binding's `destination` (a digest of where the secret may be
 sent) to the ciphertext's associated data, so a row re-pointed elsewhere without
 re-sealing fails to open. Their layouts are the same; the version byte says which
 digest the caller must name, which is the caller's business (for connections:
 `broker.service.sealing.DIGEST_OF_FORMAT`): a digest that came to cover more
-(format 3: also how the secret travels) is a new format, so the reader knows which
+(format 3: also how the secret travels; format 4: also what is done with it there) is a new
+format, so the reader knows which
 digest to compute and a re-labelled blob fails like any other tampering. The wrapped
 DEK's associated data does not carry the destination, so master-key rotation re-wraps
 without reading any config.
 
-`seal` writes format 3 (current). `open` opens the formats the caller accepts
+`seal` writes format 4 (current). `open` opens the formats the caller accepts
 (`formats`, by default the current one only): older ones to migrate old rows, any
 for values that have no destination. The layouts are pinned by the JSON vectors in
 tests/vectors/.
@@ -34,9 +35,9 @@ from broker.crypto import aead
 from broker.crypto.aead import DecryptionFailed, Random
 from broker.crypto.keyring import KeyError_, Keyring
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 UNBOUND_FORMAT_VERSION = 1  # sealed before the destination was bound
-FORMATS = (UNBOUND_FORMAT_VERSION, 2, FORMAT_VERSION)  # every format `open` knows
+FORMATS = (UNBOUND_FORMAT_VERSION, 2, 3, FORMAT_VERSION)  # every format `open` knows
 _CURRENT = (FORMAT_VERSION,)
 _PREFIX = {version: bytes([version]) for version in FORMATS}
 

@@ -164,22 +164,28 @@ def _validate(
 def _check_secrets_follow_destination(
     current: ConnectionRecord, new_config: Mapping[str, Any], given: SecretFields
 ) -> None:
-    """Pointing a connection elsewhere needs its secrets again.
+    """Pointing a connection elsewhere, or changing what is done with its secrets there, needs
+    them again.
 
-    Otherwise an admin who may edit but never read a secret could aim the
-    connection at a server they control and test it, sending the stored secret there.
-    How the secret travels to the same destination (TLS, CA, driver options) is bound
-    too but re-sealed without asking: the server stays the one the secrets were given for.
+    Otherwise an admin who may edit but never read a secret could aim the connection at a server
+    they control and test it, sending the stored secret there, or have a dynamic connection's
+    stored administrator run their SQL. How the secret travels to the same destination (TLS, CA,
+    driver options) is bound too but re-sealed without asking: the server stays the one the
+    secrets were given for, and so does what they are used for.
     """
     moved = [
-        f for f in catalog.destination_fields(current.type) if new_config.get(f) != current.config.get(f)
+        f for f in catalog.fields_needing_secrets(current.type) if new_config.get(f) != current.config.get(f)
     ]
     missing = sorted(set(current.secret_fields) - set(given.names))
     if moved and missing:
+        what = (
+            "where the secrets are sent"
+            if moved[0] in catalog.destination_fields(current.type)
+            else ("what the broker does with the secrets")
+        )
         raise InvalidArgument(
             FieldViolation(
-                f"secrets.{name}",
-                f"must be given again: changing config.{moved[0]} changes where the secrets are sent",
+                f"secrets.{name}", f"must be given again: changing config.{moved[0]} changes {what}"
             )
             for name in missing
         )
@@ -355,8 +361,8 @@ class ConnectionService:
             version=current.version + 1,
             updated_at=self._clock(),
         )
-        # The destination (where, and how: TLS, the trusted CA, driver options) is bound into the
-        # ciphertext: changing it re-seals, secrets changed or not.
+        # The destination (where, how: TLS, the trusted CA, driver options; and to do what) is bound
+        # into the ciphertext: changing it re-seals, secrets changed or not.
         if secrets_changed or record.destination != current.destination:
             record = replace(record, secret_version=current.secret_version + 1)
             record = replace(record, sealed=seal(self._keyring, secrets, record))

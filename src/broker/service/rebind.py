@@ -1,8 +1,9 @@
-"""Re-seal connections sealed in an older format (1 or 2) in the current one (3).
+"""Re-seal connections sealed in an older format (1, 2 or 3) in the current one (4).
 
 Each format binds more of the row than the one before (`service.sealing.DIGEST_OF_FORMAT`):
 format 1 no destination, format 2 where the secrets are sent, format 3 also how they
-travel there (TLS, the trusted CA, driver options). Runs at every start, before the
+travel there (TLS, the trusted CA, driver options), format 4 also what is done with them
+there (a dynamic database connection's statements, role and lifetimes). Runs at every start, before the
 listeners open, so no request ever reads a row of an older format: outside this pass
 such a row does not open (`open_secrets` takes the current format only). Each row
 found is opened with its own format's binding (`open_legacy_secrets`), sealed again

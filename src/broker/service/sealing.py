@@ -30,9 +30,11 @@ DECRYPT_FAILED = "decrypt_failed"
 # secret version): the version of `catalog.destination_digest` in its associated data.
 #   1: nothing more (re-sealed at start)
 #   2: digest v1, where the secrets are sent: URLs, host, port, driver (re-sealed at start)
-#   3: digest v2, where and how: also TLS on or off, the trusted CA, driver options (current)
+#   3: digest v2, where and how: also TLS on or off, the trusted CA, driver options (re-sealed at start)
+#   4: digest v3, where, how and to do what: also a dynamic connection's statements, role and
+#      lifetimes (current)
 # `ConnectionRecord.binding` holds the current format's, computed once per record.
-DIGEST_OF_FORMAT: dict[int, int | None] = {1: None, 2: 1, 3: 2}
+DIGEST_OF_FORMAT: dict[int, int | None] = {1: None, 2: 1, 3: 2, 4: 3}
 LEGACY_FORMATS = tuple(f for f in crypto.FORMATS if f != crypto.FORMAT_VERSION)
 
 
