@@ -8,6 +8,8 @@ Tokens live in the connection's sealed secrets (`access_token`, `refresh_token`,
   process at a time across replicas (`Coordination.refresh_lock`; the waiters then re-read the row
   and use the holder's token), and a compare-and-swap on the row version so a writer that
   lost a race never overwrites a newer token;
+- a pending authorization completes with what its Begin sent (redirect URI, scopes), or not at all
+  when a setting it depends on (`AUTHORIZATION_FIELDS`) changed on the connection since;
 - a rotated refresh token is stored durably before any caller sees the new access token;
 - expiry is never unknown (`expires_in`, else the JWT `exp`, else a default lifetime);
 - `invalid_grant` marks an authorization-code connection expired (re-authorize); a client
@@ -57,6 +59,19 @@ log = structlog.get_logger("broker.oauth")
 SYSTEM_ACTOR = "broker:oauth"
 CLIENT_CREDENTIALS = "client_credentials"
 _STATE_ERROR = "unknown, expired or already used; start the authorization again"
+# The connection settings an authorization depends on: what Begin sent the user to, and what the code
+# exchange must send with the code. A pending authorization remembers them; Complete refuses when
+# they changed (the code would reach another token endpoint, or buy a token for another audience).
+AUTHORIZATION_FIELDS = (
+    "client_id",
+    "authorize_url",
+    "token_url",
+    "token_auth_method",
+    "resource",
+    "authorize_params",
+    "issuer",
+    "grant_type",
+)
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,11 @@ def _check_redirect_uri(uri: str) -> None:
         raise InvalidArgument.field("redirect_uri", "must be an https URL, or http on a loopback address")
     if parts.username or parts.password or parts.fragment:
         raise InvalidArgument.field("redirect_uri", "must not carry credentials or a fragment")
+
+
+def _authorization_settings(provider_name: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """What of a connection an authorization is bound to (`AUTHORIZATION_FIELDS` and the provider)."""
+    return {"provider": provider_name, **{name: config.get(name) for name in AUTHORIZATION_FIELDS}}
 
 
 def _client(config: Mapping[str, Any], secrets: Mapping[str, str]) -> oauth.ClientCredentials:
@@ -263,6 +283,7 @@ class OAuthService:
             # The connection's (or the provider table's) endpoints, not the request, are wrong.
             raise FailedPrecondition(f"cannot start an authorization: {exc}") from None
         payload["verifier"] = verifier
+        payload["settings"] = _authorization_settings(provider_name, config)
         # Stored on the connection when the flow completes: a re-authorization asks for them again.
         payload["scopes"] = wanted
         now = self._clock()
@@ -327,6 +348,21 @@ class OAuthService:
             record = await live_connection(
                 self._connections, call.tenant, pending.connection_id, field="state"
             )
+            # Absent from flows begun before the broker kept them: those complete as they always did.
+            began = payload.get("settings")
+            if began is not None:
+                current = _authorization_settings(record.provider, record.config)
+                changed = sorted(name for name in current if current[name] != began.get(name))
+                if changed:
+                    await self._audit.append(
+                        call.audit_event(
+                            now, "oauth.complete", record.id, Outcome.FAILED, "connection_changed"
+                        )
+                    )
+                    raise FailedPrecondition(
+                        f"connection {record.id} changed since the authorization began"
+                        f" ({', '.join(changed)}); the code was not used: start the authorization again"
+                    )
             if asked:
                 record = replace(record, config={**record.config, "scopes": asked})
             provider_name, config = record.provider, record.config
