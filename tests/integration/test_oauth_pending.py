@@ -79,3 +79,32 @@ async def test_a_connection_changed_between_begin_and_complete_is_refused_before
         done = await admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=state, code=code))
         assert done.status == pb.CONNECTION_STATUS_ACTIVE and list(done.config["scopes"]) == ["calendar"]
         assert [r for kind, r in server.resources_seen if kind == "authorization_code"][-1] == (MCP,)
+
+
+def pieces(secret: str) -> list[str]:
+    return [secret[i : i + 4] for i in range(len(secret) - 3)]
+
+
+async def test_a_provider_quoting_secrets_shortened_keeps_none_of_their_characters(
+    broker: Running, server: oauthserver.OAuthTestServer, clock: ShiftedClock
+) -> None:
+    """Providers shorten what they quote ("token abcd...wxyz"): the reason an expired connection shows
+    keeps no four characters of the refresh token, the access token or the client secret."""
+    server.expires_in = flow.SHORT_LIFE
+    created = await authorize(broker, server)
+    released = await flow.resolve(broker, created.id)
+    refresh_token, access_token = released.secrets["refresh_token"], released.secrets["access_token"]
+    secret = server.client_secret
+    server.error_next(
+        "invalid_grant",
+        description=f"refresh token {refresh_token[:6]}...{refresh_token[-4:]} revoked (issued for"
+        f" {access_token[:10]}\u2026), client {secret[:4]}****{secret[-5:]}; sign in again",
+    )
+    flow.age_past_half_life(clock)
+    await rpc_error(flow.resolve(broker, created.id))
+    got = await broker.admin().GetConnection(pb.GetConnectionRequest(id=created.id))
+    described = got.reauthorization.description
+    assert described.startswith("refresh token [redacted]...[redacted] revoked (issued for [redacted]")
+    assert described.endswith("sign in again")
+    for piece in pieces(refresh_token) + pieces(access_token) + pieces(secret):
+        assert piece not in described, piece

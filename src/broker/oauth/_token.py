@@ -355,9 +355,11 @@ def _description(document: dict[str, Any] | None, sent: httpx.Request) -> str:
     raw = document.get("error_description") if document is not None else None
     if not isinstance(raw, str) or not raw:
         return ""
-    line = _WHITESPACE.sub(" ", raw).strip()[:DESCRIPTION_LENGTH]
-    # cut_text: a secret cut in two at the end is masked from its first characters on.
-    return Scrubber(_sent_secrets(sent)).cut_text(line)
+    # Scrubbed before it is cut, so a secret cut in two by the limit is masked whole; bounded
+    # first, as the provider decides how long it is.
+    line = _WHITESPACE.sub(" ", raw[: 8 * DESCRIPTION_LENGTH]).strip()
+    # fragments: a provider may quote a secret shortened (`abcd...wxyz`), not only whole.
+    return Scrubber(_sent_secrets(sent)).fragments(line)[:DESCRIPTION_LENGTH]
 
 
 def _retry_after(value: str | None, now: datetime) -> float | None:

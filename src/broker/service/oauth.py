@@ -602,7 +602,7 @@ class OAuthService:
         now = self._clock()
         reason = refusal.error or refusal.kind
         why = ReauthReason(
-            "refresh_refused", refusal.error or "", Scrubber(secrets.values()).cut_text(refusal.description)
+            "refresh_refused", refusal.error or "", Scrubber(secrets.values()).fragments(refusal.description)
         )
         marked = replace(
             record, reauth_required_at=now, reauth_reason=why, version=record.version + 1, updated_at=now
