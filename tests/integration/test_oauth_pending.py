@@ -5,14 +5,17 @@ secrets, granted scopes that quote a secret, an authorization endpoint carrying 
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
+import pytest
 
 from broker._proto import broker_pb2 as pb
 from tests import oauthserver
 from tests.conftest import Running
-from tests.helpers import ShiftedClock, rpc_error, struct
+from tests.helpers import EXECUTOR, ShiftedClock, rpc_error, struct
+from tests.httpservers import Answer, serve
 from tests.integration import test_oauth_flow as flow
 from tests.integration.test_oauth_flow import REDIRECT, authorize, follow_authorization
 
@@ -108,3 +111,96 @@ async def test_a_provider_quoting_secrets_shortened_keeps_none_of_their_characte
     assert described.endswith("sign in again")
     for piece in pieces(refresh_token) + pieces(access_token) + pieces(secret):
         assert piece not in described, piece
+
+
+SECRET = "cs-Hostile-9q8w7e6r5t4y"
+
+
+async def hostile_machine(running: Running, url: str) -> pb.Connection:
+    """A client_credentials connection whose token endpoint is `url` (a hostile server)."""
+    created = await running.admin().CreateConnection(
+        pb.CreateConnectionRequest(
+            name="machine",
+            type="oauth2",
+            provider="custom",
+            config=struct({"client_id": "c1", "token_url": url, "grant_type": "client_credentials"}),
+            secrets={"client_secret": SECRET},
+        )
+    )
+    await running.admin().GrantAccess(pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR))
+    return created
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [
+        (
+            Answer(200, b"{not json", {"Content-Type": "application/json"}),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        ),
+        (
+            Answer(200, b"<html>sign in</html>", {"Content-Type": "text/html"}),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        ),
+        (Answer.json({"token_type": "Bearer"}), grpc.StatusCode.FAILED_PRECONDITION),
+        (Answer.json({"access_token": 12345}), grpc.StatusCode.FAILED_PRECONDITION),
+        (Answer.json(["at-1"]), grpc.StatusCode.FAILED_PRECONDITION),
+        (Answer(200, b"x" * 3_000_000, {"Content-Type": "text/plain"}), grpc.StatusCode.FAILED_PRECONDITION),
+        (Answer(500, b"<html>oops</html>", {"Content-Type": "text/html"}), grpc.StatusCode.UNAVAILABLE),
+    ],
+)
+async def test_a_token_endpoint_answering_nonsense_gets_a_deliberate_error_and_changes_nothing(
+    broker: Running, answer: Answer, status: grpc.StatusCode
+) -> None:
+    with serve(lambda seen: answer) as hostile:
+        created = await hostile_machine(broker, hostile.url + "/token")
+        refused = await rpc_error(flow.resolve(broker, created.id))
+    assert refused.code() == status, refused.details()
+    got = await broker.admin().GetConnection(pb.GetConnectionRequest(id=created.id))
+    assert "access_token" not in got.secret_fields and "expires_at" not in got.config
+    assert SECRET not in refused.details() + broker.logs.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "lives"),
+    [
+        (-30, timedelta(hours=1)),
+        (0, timedelta(hours=1)),
+        ("600", timedelta(seconds=600)),
+        (600.5, timedelta(seconds=600.5)),
+        ("soon", timedelta(hours=1)),
+        (10**30, timedelta(days=365)),
+        (float("1e308"), timedelta(days=365)),
+    ],
+)
+async def test_odd_expires_in_values_never_leave_the_expiry_unknown_or_absurd(
+    broker: Running, expires_in: Any, lives: timedelta
+) -> None:
+    document = {"access_token": "at-odd-1", "token_type": "Bearer", "expires_in": expires_in}
+    with serve(lambda seen: Answer.json(document)) as hostile:
+        created = await hostile_machine(broker, hostile.url + "/token")
+        released = await flow.resolve(broker, created.id)
+    assert released.secrets["access_token"] == "at-odd-1"
+    got = await broker.admin().GetConnection(pb.GetConnectionRequest(id=created.id))
+    issued = datetime.fromisoformat(got.config["issued_at"])
+    expires = datetime.fromisoformat(got.config["expires_at"])
+    assert abs((expires - issued) - lives) <= timedelta(seconds=1)
+
+
+async def test_granted_scopes_that_quote_a_secret_or_flood_the_config_are_not_stored(broker: Running) -> None:
+    """The token answer's `scope` becomes `granted_scopes`, plain config every admin reads: a provider
+    quoting the client secret (or the token it issues) there must not put it in the config, and a
+    flood of scopes must not fill it."""
+    scopes = ["read", SECRET, f"x{SECRET[3:12]}", "at-Z9x8c7v6b5n4m3", "write"] + [
+        f"s{n}" for n in range(500)
+    ]
+    document = {"access_token": "at-Z9x8c7v6b5n4m3", "token_type": "Bearer", "scope": " ".join(scopes)}
+    with serve(lambda seen: Answer.json(document)) as hostile:
+        created = await hostile_machine(broker, hostile.url + "/token")
+        await flow.resolve(broker, created.id)
+    got = await broker.admin().GetConnection(pb.GetConnectionRequest(id=created.id))
+    granted = list(got.config["granted_scopes"])
+    assert granted[:2] == ["read", "write"] and len(granted) <= 100
+    shown = str(got)
+    for piece in pieces(SECRET) + pieces("at-Z9x8c7v6b5n4m3"):
+        assert piece not in shown, piece
