@@ -14,7 +14,7 @@ import pytest
 from broker._proto import broker_pb2 as pb
 from tests import oauthserver
 from tests.conftest import Running
-from tests.helpers import EXECUTOR, ShiftedClock, rpc_error, struct
+from tests.helpers import EXECUTOR, ShiftedClock, field_violations, rpc_error, struct
 from tests.httpservers import Answer, serve
 from tests.integration import test_oauth_flow as flow
 from tests.integration.test_oauth_flow import REDIRECT, authorize, follow_authorization
@@ -204,3 +204,23 @@ async def test_granted_scopes_that_quote_a_secret_or_flood_the_config_are_not_st
     shown = str(got)
     for piece in pieces(SECRET) + pieces("at-Z9x8c7v6b5n4m3"):
         assert piece not in shown, piece
+
+
+@pytest.mark.parametrize("name", ["redirect_uri", "client_id", "state", "Scope", "response_type", "resource"])
+async def test_an_authorization_endpoint_carrying_the_flows_own_parameters_is_refused(
+    broker: Running, server: oauthserver.OAuthTestServer, name: str
+) -> None:
+    """The flow sets redirect_uri, client_id, state, scope...: a second copy in the endpoint's own query
+    (which many servers read first) would send the user, and the code, where the URL says."""
+    url = f"{server.authorize_url}?tenant=t1&{name}=https%3A%2F%2Fevil.example%2Fcb"
+    begin = pb.BeginAuthorizationRequest(draft=flow.draft(server, authorize_url=url), redirect_uri=REDIRECT)
+    refused = await rpc_error(broker.admin().BeginAuthorization(begin))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "config.authorize_url" in field_violations(refused) and name in refused.details()
+    assert not server.authorize_requests
+    # The endpoint's own parameters are kept.
+    plain = pb.BeginAuthorizationRequest(
+        draft=flow.draft(server, authorize_url=f"{server.authorize_url}?tenant=t1"), redirect_uri=REDIRECT
+    )
+    begun = await broker.admin().BeginAuthorization(plain)
+    assert "tenant=t1" in begun.authorization_url
