@@ -5,6 +5,8 @@ secrets, granted scopes that quote a secret, an authorization endpoint carrying 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -224,3 +226,62 @@ async def test_an_authorization_endpoint_carrying_the_flows_own_parameters_is_re
     )
     begun = await broker.admin().BeginAuthorization(plain)
     assert "tenant=t1" in begun.authorization_url
+
+
+@pytest.mark.parametrize(
+    "redirect_uri",
+    [
+        "https://app.example/" + "x" * 3_000_000,
+        "https://app.example/cb\r\nSet-Cookie: a=b",
+        "https://app .example/cb",
+        "https://app.example/c b",
+        "https://app.example/\x00cb",
+    ],
+)
+async def test_a_malformed_or_oversized_redirect_uri_is_refused_and_nothing_is_kept(
+    broker: Running, server: oauthserver.OAuthTestServer, redirect_uri: str
+) -> None:
+    begin = pb.BeginAuthorizationRequest(draft=flow.draft(server), redirect_uri=redirect_uri)
+    refused = await rpc_error(broker.admin().BeginAuthorization(begin))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "redirect_uri" in field_violations(refused) and len(refused.details()) < 200
+    with contextlib.closing(sqlite3.connect(broker.broker.settings.storage_path)) as db:
+        assert db.execute("SELECT count(*) FROM oauth_states").fetchone() == (0,)
+
+
+async def test_an_oversized_code_is_refused_before_the_state_is_used(
+    broker: Running, server: oauthserver.OAuthTestServer
+) -> None:
+    admin = broker.admin()
+    begun = await admin.BeginAuthorization(
+        pb.BeginAuthorizationRequest(draft=flow.draft(server), redirect_uri=REDIRECT)
+    )
+    code, state = await asyncio.to_thread(follow_authorization, begun.authorization_url)
+    refused = await rpc_error(
+        admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=state, code="c" * 3_000_000))
+    )
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and "code" in field_violations(refused)
+    assert server.token_requests["authorization_code"] == 0
+    # The flow is still there: the real code completes it.
+    done = await admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=state, code=code))
+    assert done.status == pb.CONNECTION_STATUS_ACTIVE
+
+
+async def test_concurrent_completes_with_one_state_exchange_the_code_once(
+    broker: Running, server: oauthserver.OAuthTestServer
+) -> None:
+    admin = broker.admin()
+    begun = await admin.BeginAuthorization(
+        pb.BeginAuthorizationRequest(draft=flow.draft(server), redirect_uri=REDIRECT)
+    )
+    code, state = await asyncio.to_thread(follow_authorization, begun.authorization_url)
+    complete = pb.CompleteAuthorizationRequest(state=state, code=code)
+    results = await asyncio.gather(
+        *(admin.CompleteAuthorization(complete) for _ in range(8)), return_exceptions=True
+    )
+    done = [r for r in results if isinstance(r, pb.Connection)]
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(done) == 1 and len(refused) == 7
+    assert {r.code() for r in refused} == {grpc.StatusCode.INVALID_ARGUMENT}
+    assert server.token_requests["authorization_code"] == 1
+    assert len((await admin.ListConnections(pb.ListConnectionsRequest())).connections) == 1

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -105,7 +106,19 @@ def _state_hash(state: str) -> str:
     return hashlib.sha256(state.encode()).hexdigest()
 
 
+# Generous bounds on what a caller hands over: a redirect URI as long as any URL the catalog keeps,
+# an authorization code longer than any provider issues (Microsoft's run to ~1.5 kB).
+MAX_REDIRECT_URI = 2_048
+MAX_CODE = 8_192
+_NOT_IN_A_URL = re.compile(r"[\x00-\x20\x7f]")
+
+
 def _check_redirect_uri(uri: str) -> None:
+    if len(uri) > MAX_REDIRECT_URI:
+        raise InvalidArgument.field("redirect_uri", f"must be at most {MAX_REDIRECT_URI} characters")
+    if _NOT_IN_A_URL.search(uri):
+        # urlsplit would quietly drop a CR or LF; the provider would be sent the URI as given.
+        raise InvalidArgument.field("redirect_uri", "must not contain spaces or control characters")
     try:
         parts = urlsplit(uri)
     except ValueError:  # an unclosed IPv6 bracket, for one
@@ -314,6 +327,8 @@ class OAuthService:
             raise InvalidArgument.field("state", "is required")
         if not code:
             raise InvalidArgument.field("code", "is required")
+        if len(code) > MAX_CODE:
+            raise InvalidArgument.field("code", f"must be at most {MAX_CODE} characters")
         now = self._clock()
         pending = await self._oauth_states.take_oauth_state(_state_hash(state), call.tenant, call.actor)
         reason = ""
