@@ -7,13 +7,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
 import pytest
 
+from broker import oauth
 from broker._proto import broker_pb2 as pb
+from broker.egress import EgressPolicy, EgressSettings
 from tests import oauthserver
 from tests.conftest import Running
 from tests.helpers import EXECUTOR, ShiftedClock, field_violations, rpc_error, struct
@@ -285,3 +287,30 @@ async def test_concurrent_completes_with_one_state_exchange_the_code_once(
     assert {r.code() for r in refused} == {grpc.StatusCode.INVALID_ARGUMENT}
     assert server.token_requests["authorization_code"] == 1
     assert len((await admin.ListConnections(pb.ListConnectionsRequest())).connections) == 1
+
+
+@pytest.mark.parametrize("shorten", [lambda s: f"{s[:4]}...{s[-4:]}", lambda s: s[2:9], lambda s: s[-6:]])
+async def test_an_error_code_quoting_a_secret_shortened_is_not_repeated(shorten: Any) -> None:
+    """The error code goes into messages, audit records and logs: a "code" made of a piece of the
+    refresh token or the client secret is no code. Known codes are kept whatever the secrets hold."""
+    refresh_token = "rt-Q7w8E9r0T1y2U3i4"
+    for secret in (refresh_token, SECRET):
+
+        def answer(seen: Any, secret: str = secret) -> Answer:
+            return Answer.json({"error": shorten(secret)}, status=400)
+
+        with serve(answer) as hostile:
+            provider = oauth.provider_for("custom", {"token_url": hostile.url + "/token"})
+            with pytest.raises(oauth.OAuthError) as caught:
+                await oauth.refresh(
+                    EgressPolicy(EgressSettings(allow_loopback=True)),
+                    provider,
+                    oauth.ClientCredentials("c1", SECRET),
+                    refresh_token,
+                    now=datetime.now(UTC),
+                    default_lifetime=timedelta(hours=1),
+                )
+        error = caught.value
+        assert error.error is None and (error.kind, error.status) == ("invalid_grant", 400)
+        for piece in pieces(secret):
+            assert piece not in str(error) + repr(error), piece

@@ -9,7 +9,8 @@ Answers are classified once, in `_failure`: the provider's error code (RFC 6749 
 or the 200-with-error dialects of GitHub and Slack) and the HTTP status decide the kind. No
 token, code, verifier or client secret is ever put into an exception: messages name the
 endpoint, the status and a well-formed error code, never the provider's description, which
-may echo what was sent; a "code" that repeats a secret the request carried is dropped too.
+may echo what was sent; a "code" that repeats a secret the request carried, or four characters of
+one, is dropped too.
 """
 
 from __future__ import annotations
@@ -358,15 +359,15 @@ def _sent_secrets(sent: httpx.Request) -> list[str]:
 
 
 def _echoes_a_secret(code: str, sent: httpx.Request) -> bool:
-    """Whether an error "code" repeats a secret the request carried (form field or Basic header).
+    """Whether an error "code" repeats a secret the request carried (form field or Basic header),
+    whole or any four characters of it (`abcd...wxyz`).
 
     Such a code is no code: repeated in messages, audit and logs, it would leak what it echoes.
+    The codes this module knows are words of the protocol, kept whatever a secret holds.
     """
-    # Both ways: a code that holds a secret, or one long enough to be a piece of one.
-    return any(
-        len(secret) >= 4 and (secret in code or (len(code) >= 8 and code in secret))
-        for secret in _sent_secrets(sent)
-    )
+    if code in _REAUTHORIZE or code in _MISCONFIGURED or code in _BUSY:
+        return False
+    return Scrubber(_sent_secrets(sent)).fragments(code) != code
 
 
 def _description(document: dict[str, Any] | None, sent: httpx.Request) -> str:
