@@ -314,3 +314,27 @@ async def test_an_error_code_quoting_a_secret_shortened_is_not_repeated(shorten:
         assert error.error is None and (error.kind, error.status) == ("invalid_grant", 400)
         for piece in pieces(secret):
             assert piece not in str(error) + repr(error), piece
+
+
+async def test_a_draft_whose_name_is_taken_is_refused_before_its_code_buys_tokens(
+    broker: Running, server: oauthserver.OAuthTestServer
+) -> None:
+    """Two flows begun for one new name: the second used to exchange its code, get tokens, then fail
+    to create the connection, leaving a live grant at the provider that nobody holds or can revoke."""
+    admin = broker.admin()
+    begin = pb.BeginAuthorizationRequest(draft=flow.draft(server), redirect_uri=REDIRECT)
+    first, second = await admin.BeginAuthorization(begin), await admin.BeginAuthorization(begin)
+    for begun in (first, second):
+        code, state = await asyncio.to_thread(follow_authorization, begun.authorization_url)
+        complete = admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=state, code=code))
+        if begun is first:
+            await complete
+            continue
+        refused = await rpc_error(complete)
+        assert refused.code() == grpc.StatusCode.ALREADY_EXISTS and "calendar" in refused.details()
+    assert server.token_requests["authorization_code"] == 1
+    assert len(server.valid_access_tokens()) == 1
+    # Once the name is taken, a new flow for it is refused at once.
+    again = await rpc_error(admin.BeginAuthorization(begin))
+    assert again.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert len(server.authorize_requests) == 2

@@ -37,7 +37,14 @@ import structlog
 from broker import catalog, crypto, metrics, oauth
 from broker.crypto import DecryptionFailed, Keyring
 from broker.egress import Blocked, DnsFailure, EgressPolicy
-from broker.errors import Aborted, FailedPrecondition, InvalidArgument, SecretUnavailable, Unavailable
+from broker.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    SecretUnavailable,
+    Unavailable,
+)
 from broker.model import (
     AuditEvent,
     ConnectionRecord,
@@ -258,6 +265,7 @@ class OAuthService:
             scopes = catalog.validate_field("oauth2", "scopes", scopes, path="scopes")
         payload: dict[str, Any] = {"redirect_uri": redirect_uri}
         if draft is not None:
+            await self._check_name_free(call, draft.name)
             provider_name, config, secrets = draft.provider, draft.config, draft.secrets.reveal()
             payload["draft"] = {
                 "name": draft.name,
@@ -356,6 +364,14 @@ class OAuthService:
         asked = payload.get("scopes")  # absent from flows begun before the broker stored them
         record: ConnectionRecord | None = None
         if draft is not None:
+            # Taken since Begin: refused before the code buys tokens nobody could keep or revoke.
+            try:
+                await self._check_name_free(call, draft["name"])
+            except AlreadyExists:
+                await self._audit.append(
+                    call.audit_event(now, "oauth.complete", "", Outcome.FAILED, "name_taken")
+                )
+                raise
             provider_name, config, secrets = draft["provider"], draft["config"], draft["secrets"]
             if asked:
                 config = {**config, "scopes": asked}
@@ -428,6 +444,10 @@ class OAuthService:
         if record.reauth_required_at is not None:
             log.info("oauth_connection_recovered", connection_id=record.id)
         return stored
+
+    async def _check_name_free(self, call: Call, name: str) -> None:
+        if await self._connections.find_connection_by_name(call.tenant, name) is not None:
+            raise AlreadyExists(f"a connection named '{name}' already exists")
 
     # ---------------------------------------------------------- resolve path
 
