@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -338,3 +339,36 @@ async def test_a_draft_whose_name_is_taken_is_refused_before_its_code_buys_token
     again = await rpc_error(admin.BeginAuthorization(begin))
     assert again.code() == grpc.StatusCode.ALREADY_EXISTS
     assert len(server.authorize_requests) == 2
+
+
+async def test_tokens_for_a_connection_that_could_not_be_created_are_revoked(
+    broker: Running, server: oauthserver.OAuthTestServer
+) -> None:
+    """The name is taken while the code is being exchanged (checked before, it was free): the tokens
+    the provider just issued belong to no connection, so they are given back, not left live."""
+    admin = broker.admin()
+    begun = await admin.BeginAuthorization(
+        pb.BeginAuthorizationRequest(draft=flow.draft(server), redirect_uri=REDIRECT)
+    )
+    code, state = await asyncio.to_thread(follow_authorization, begun.authorization_url)
+    exchanging, go_on = threading.Event(), threading.Event()
+
+    async def hold(grant: str) -> None:
+        exchanging.set()
+        await asyncio.to_thread(go_on.wait, 10)
+
+    server.before_reply = hold
+    complete = asyncio.ensure_future(
+        admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=state, code=code))
+    )
+    await asyncio.to_thread(exchanging.wait, 10)
+    await admin.CreateConnection(
+        pb.CreateConnectionRequest(
+            name="calendar", type="http", config=struct({"base_url": "https://a.example"})
+        )
+    )
+    go_on.set()
+    refused = await rpc_error(complete)
+    assert refused.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert server.valid_access_tokens() == set() and not server.refresh_tokens
+    assert len(server.revoked) == 2

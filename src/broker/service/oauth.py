@@ -40,6 +40,7 @@ from broker.egress import Blocked, DnsFailure, EgressPolicy
 from broker.errors import (
     Aborted,
     AlreadyExists,
+    BrokerError,
     FailedPrecondition,
     InvalidArgument,
     SecretUnavailable,
@@ -437,13 +438,32 @@ class OAuthService:
             new = DraftAuthorization(
                 draft["name"], provider_name, config, SecretFields(secrets), dict(draft.get("labels") or {})
             )
-            return await self._create_connection(call, new, tokens)
+            try:
+                return await self._create_connection(call, new, tokens)
+            except BrokerError:
+                # The name was taken during the exchange, say: the tokens belong to no connection.
+                await self._give_back(provider, _client(config, secrets), tokens)
+                raise
         stored = await self._store_tokens(
             record, secrets, tokens, "oauth.authorize", call.actor, call.request_id
         )
         if record.reauth_required_at is not None:
             log.info("oauth_connection_recovered", connection_id=record.id)
         return stored
+
+    async def _give_back(
+        self, provider: oauth.OAuthProvider, client: oauth.ClientCredentials, tokens: oauth.TokenSet
+    ) -> None:
+        """Revoke tokens nobody will hold (RFC 7009), as far as the provider lets us; never raises."""
+        for token, hint in ((tokens.refresh_token, "refresh_token"), (tokens.access_token, "access_token")):
+            if not token:
+                continue
+            try:
+                await oauth.revoke(self._egress, provider, client, token, hint)
+            except (oauth.OAuthError, Blocked, DnsFailure) as exc:
+                reason = exc.error or exc.kind if isinstance(exc, oauth.OAuthError) else type(exc).__name__
+                log.warning("oauth_unused_tokens_not_revoked", reason=reason)
+                return
 
     async def _check_name_free(self, call: Call, name: str) -> None:
         if await self._connections.find_connection_by_name(call.tenant, name) is not None:
