@@ -71,13 +71,17 @@ class Scrubber:
     """Masks every form of the given secrets and composed credentials, built once per test."""
 
     def __init__(self, secrets: Iterable[str], composed: Iterable[str] = ()) -> None:
+        values = [value for value in (*secrets, *composed) if len(value) >= MIN_LENGTH]
         forms: set[str] = set()
-        for value in (*secrets, *composed):
-            if len(value) >= MIN_LENGTH:
-                forms |= _forms(value)
+        for value in values:
+            forms |= _forms(value)
         # Longest first, so a form that contains another is masked whole; one pass over the text.
         ordered = sorted(forms, key=lambda f: (-len(f), f))
         self._forms = ordered
+        # Every run of MIN_LENGTH characters of each value itself, for `fragments`.
+        self._pieces = {
+            value[i : i + MIN_LENGTH] for value in values for i in range(len(value) - MIN_LENGTH + 1)
+        }
         self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
         self._data_pattern: re.Pattern[bytes] | None = None
 
@@ -111,6 +115,38 @@ class Scrubber:
         first part still gives the secret's first characters away.
         """
         text = self.text(text)
+        cut = self._cut_form_at_the_end(text)
+        return text if cut == len(text) else text[:cut] + MASK
+
+    def fragments(self, text: str) -> str:
+        """`text` scrubbed as `cut_text` does, and every run of `MIN_LENGTH` or more characters that
+        a secret or composed value contains masked too.
+
+        For a short text a server wrote about what it received (an OAuth provider's
+        error_description): it may quote a secret shortened, `abcd...wxyz`, or by its first or
+        last characters, which no whole form matches. Ordinary words that happen to share four
+        characters with a secret are masked as well; such texts are worth less than the secret.
+        """
+        text = storable(text)
+        spans = [m.span() for m in self._pattern.finditer(text)] if self._pattern is not None else []
+        spans += [
+            (i, i + MIN_LENGTH)
+            for i in range(len(text) - MIN_LENGTH + 1)
+            if text[i : i + MIN_LENGTH] in self._pieces
+        ]
+        spans.append((self._cut_form_at_the_end(text), len(text)))
+        masked: list[str] = []
+        end = 0
+        for start, stop in sorted(spans):
+            if start >= stop:
+                continue
+            if start > end or not masked:
+                masked += [text[end:start], MASK]
+            end = max(end, stop)
+        return "".join(masked) + text[end:]
+
+    def _cut_form_at_the_end(self, text: str) -> int:
+        """Where a form's beginning left at the very end of `text` starts (`len(text)` if none)."""
         cut = len(text)
         for form in self._forms:
             head = form[:MIN_LENGTH]
@@ -120,7 +156,7 @@ class Scrubber:
                     cut = at
                     break
                 at = text.find(head, at + 1)
-        return text if cut == len(text) else text[:cut] + MASK
+        return cut
 
     def json(self, value: Any) -> Any:
         """A JSON value with every string masked, object keys included; a number that spells a secret too.

@@ -402,3 +402,17 @@ def test_reprs_mask_secrets() -> None:
     assert "cid" in repr(credentials)
     no_refresh = oauth.TokenSet("at", None, NOW, (), "Bearer", "default", NOW)
     assert "refresh_token=<unset>" in repr(no_refresh)
+
+
+def test_an_authorization_endpoint_saved_with_the_flows_own_parameters_is_never_used() -> None:
+    """The catalog refuses such an endpoint now; a row saved before gets no URL with two redirect_uris."""
+    saved = oauth.provider_for(
+        "custom",
+        {
+            "authorize_url": "https://id.example.com/auth?REDIRECT_URI=https://evil.example/",
+            "token_url": "https://t/x",
+        },
+    )
+    with pytest.raises(oauth.OAuthError) as caught:
+        oauth.authorization_url(saved, "cid", "https://a/cb", [], "s", "c")
+    assert caught.value.kind == "invalid_config" and "REDIRECT_URI" in str(caught.value)

@@ -180,3 +180,31 @@ def test_a_secret_as_dotnet_writes_it_in_json_or_url_encoded_is_masked() -> None
     for said in (f'{{"key":"{dotnet}"}}', f"https://x.example/?key={lower}"):
         assert MASK in scrubber.text(said), said
         assert "K7MDENG" not in scrubber.text(said) and b"K7MDENG" not in scrubber.data(said.encode())
+
+
+def test_fragments_masks_a_secret_quoted_shortened_anywhere_and_keeps_the_rest() -> None:
+    """A provider may quote a secret as `abcd...wxyz`, by its first or last characters, or cut in the
+    middle: no whole form matches, yet each piece gives characters away. Four or more of them are
+    masked, wherever they are."""
+    canary = "cs-CANARY-7f3k9QzX2wLp"
+    scrubber = Scrubber([canary, TOKEN])
+    for quoted in (
+        f"{canary[:4]}...{canary[-4:]}",
+        f"{canary[:8]}…",
+        f"…{canary[-6:]}",
+        f"{canary[:5]}*****{canary[12:]}",
+        f"prefix{canary[3:11]}suffix",
+        canary,
+        _b64(canary.encode()),
+    ):
+        described = scrubber.fragments(f"client secret {quoted} is not valid")
+        assert described.startswith("client secret ") and described.endswith(" is not valid"), quoted
+        for i in range(len(canary) - 3):
+            assert canary[i : i + 4] not in described, (quoted, described)
+    assert scrubber.fragments(f"{canary[:4]}...{canary[-4:]}") == f"{MASK}...{MASK}"
+    # Three characters are not masked (they would mask ordinary words), nor is unrelated text.
+    assert scrubber.fragments(f"got {canary[:3]} and {TOKEN[-3:]}") == f"got {canary[:3]} and {TOKEN[-3:]}"
+    assert scrubber.fragments("the grant was revoked") == "the grant was revoked"
+    # A form's beginning cut at the very end is masked, as cut_text does.
+    assert scrubber.fragments("said " + _b64(canary.encode())[:9]) == f"said {MASK}"
+    assert Scrubber([]).fragments("a\x00b") == "a\ufffdb"

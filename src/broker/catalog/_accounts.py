@@ -64,7 +64,9 @@ OAUTH2 = ConnectionType(
             "authorize_url",
             FieldKind.URL,
             destination=True,
-            description="Authorization endpoint; known for named providers, required for custom.",
+            description="Authorization endpoint; known for named providers, required for custom. Its "
+            "query may not set the flow's own parameters (redirect_uri, client_id, state, scope...).",
+            check=v.authorization_endpoint,
         ),
         FieldSpec(
             "token_url",

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from broker.catalog._spec import Check, FieldKind, FieldSpec, Problem
-from broker.catalog.oauth_providers import FLOW_PARAMS
+from broker.catalog.oauth_providers import FLOW_PARAMS, flow_params_in
 from broker.egress import InvalidTarget, parse_host, parse_url
 
 MAX_STRING = 65_536
@@ -379,6 +379,14 @@ def authorize_params(value: dict[str, str]) -> dict[str, str]:
     taken = sorted(name for name in value if name.lower() in FLOW_PARAMS)
     if taken:
         raise Problem(f"must not set {', '.join(taken)}: the authorization flow sets it")
+    return value
+
+
+def authorization_endpoint(value: str) -> str:
+    """Check: an authorization endpoint whose own query sets none of the flow's parameters."""
+    taken = flow_params_in(value)
+    if taken:
+        raise Problem(f"must not set {', '.join(taken)} in its query: the authorization flow sets it")
     return value
 
 

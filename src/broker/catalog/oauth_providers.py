@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
+from urllib.parse import parse_qsl, urlsplit
 
 TokenAuthMethod = Literal["client_secret_basic", "client_secret_post", "none"]
 TOKEN_AUTH_METHODS: tuple[TokenAuthMethod, ...] = ("client_secret_basic", "client_secret_post", "none")
@@ -37,6 +38,16 @@ FLOW_PARAMS = frozenset(
         "code_verifier",
     }
 )
+
+
+def flow_params_in(url: str) -> list[str]:
+    """The flow's own parameters an endpoint URL's query already sets, sorted.
+
+    The flow adds them after the endpoint's query: a second copy (which many servers read first)
+    would send the user, and the code, wherever the URL says.
+    """
+    query = parse_qsl(urlsplit(url).query, keep_blank_values=True)
+    return sorted({name for name, _ in query if name.lower() in FLOW_PARAMS})
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,13 @@
 """The browser half of `brokerctl oauth connect`: a one-shot loopback listener for the redirect.
 
 The provider sends the user's browser to `http://127.0.0.1:<port>/callback?code=...&state=...`;
-the listener takes that one request, answers a short page, and hands the code and state
-back. Alternatively the user pastes the URL the browser ended up on.
+the listener takes the one request carrying this authorization's state, answers a short page, and
+hands the code and state back. Alternatively the user pastes the URL the browser ended up on.
 """
 
 from __future__ import annotations
 
+import hmac
 import http.server
 import threading
 from dataclasses import dataclass
@@ -45,10 +46,16 @@ def _printable(text: str) -> str:
 
 
 class CallbackListener:
-    """Listens on 127.0.0.1 for exactly one request to /callback."""
+    """Listens on 127.0.0.1 for exactly one request to /callback with the expected state.
+
+    Requests with another state (or before `expect`) are refused and the listener keeps waiting:
+    any local process, or a web page the user has open, can reach a loopback port, and must not be
+    able to end the authorization before the provider's redirect arrives.
+    """
 
     def __init__(self, port: int = 0) -> None:
         self._received: list[str] = []
+        self._state = ""
         self._done = threading.Event()
         listener = self
 
@@ -56,6 +63,10 @@ class CallbackListener:
             def do_GET(self) -> None:
                 if urlsplit(self.path).path != "/callback":
                     self.send_error(404)
+                    return
+                state = parse_qs(urlsplit(self.path).query).get("state", [""])[0]
+                if not listener._state or not hmac.compare_digest(state.encode(), listener._state.encode()):
+                    self.send_error(400, "not the authorization this listener is waiting for")
                     return
                 listener._received.append(self.path)
                 self.send_response(200)
@@ -81,6 +92,10 @@ class CallbackListener:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def expect(self, state: str) -> None:
+        """Accept only a redirect carrying `state` (BeginAuthorization's), from now on."""
+        self._state = state
 
     def wait(self, timeout: float) -> Redirect:
         """The code and state of the first redirect, within `timeout` seconds."""

@@ -564,6 +564,8 @@ def _begin_and_wait(
     s: Session, request: broker_pb2.BeginAuthorizationRequest, listener: CallbackListener | None, wait: float
 ) -> Redirect:
     begun = s.admin.BeginAuthorization(request, timeout=s.timeout)
+    if listener is not None:
+        listener.expect(begun.state)
     print(
         f"Open this URL in a browser and sign in:\n\n  {begun.authorization_url}\n",
         file=sys.stderr,

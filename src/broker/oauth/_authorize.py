@@ -16,6 +16,7 @@ from broker.catalog.oauth_providers import (
     TOKEN_AUTH_METHODS,
     OAuthProvider,
     TokenAuthMethod,
+    flow_params_in,
 )
 from broker.oauth._types import OAuthError
 
@@ -99,6 +100,13 @@ def authorization_url(
     """
     if not provider.authorize_url:
         raise OAuthError("invalid_config", f"provider {provider.name} has no authorization endpoint")
+    taken = flow_params_in(provider.authorize_url)
+    if taken:
+        # The catalog refuses such an endpoint; this is for rows saved before it did.
+        raise OAuthError(
+            "invalid_config",
+            f"the authorization endpoint's query sets {', '.join(taken)}, which the flow sets",
+        )
     extra: dict[str, str | list[str]] = {
         k: v for k, v in provider.extra_authorize_params.items() if k.lower() not in FLOW_PARAMS
     }

@@ -9,7 +9,8 @@ Answers are classified once, in `_failure`: the provider's error code (RFC 6749 
 or the 200-with-error dialects of GitHub and Slack) and the HTTP status decide the kind. No
 token, code, verifier or client secret is ever put into an exception: messages name the
 endpoint, the status and a well-formed error code, never the provider's description, which
-may echo what was sent; a "code" that repeats a secret the request carried is dropped too.
+may echo what was sent; a "code" that repeats a secret the request carried, or four characters of
+one, is dropped too.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ _ERROR_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # How much of a provider's error_description is kept (scrubbed) for the connection's summary.
 DESCRIPTION_LENGTH = 200
 _WHITESPACE = re.compile(r"[\s\x00-\x1f\x7f]+")
+# Granted scopes kept from a token answer (they become plain config): RFC 6749 scope tokens, bounded.
+_SCOPE = re.compile(r"[!#-\[\]-~]{1,256}")
+MAX_GRANTED_SCOPES = 100
 # Request fields that carry a secret (RFC 6749, RFC 7636, RFC 7009).
 _SECRET_FIELDS = frozenset({"code", "code_verifier", "refresh_token", "client_secret", "token"})
 # Codes that mean the grant itself is dead, including GitHub's and Slack's own words.
@@ -113,8 +117,8 @@ async def exchange_code(
         "authorization_code", redirect_uri=redirect_uri, code=code, code_verifier=code_verifier
     )
     body = _with_resources(body, provider)
-    document = await _token_call(egress, provider, client, body, now)
-    return _token_set(document, now, default_lifetime, None)
+    document, sent = await _token_call(egress, provider, client, body, now)
+    return _token_set(document, now, default_lifetime, None, sent=_sent_secrets(sent))
 
 
 async def refresh(
@@ -130,8 +134,8 @@ async def refresh(
     if not refresh_token:
         raise OAuthError("invalid_grant", "no refresh token to refresh with; authorize again")
     body = _with_resources(prepare_token_request("refresh_token", refresh_token=refresh_token), provider)
-    document = await _token_call(egress, provider, client, body, now)
-    return _token_set(document, now, default_lifetime, refresh_token)
+    document, sent = await _token_call(egress, provider, client, body, now)
+    return _token_set(document, now, default_lifetime, refresh_token, sent=_sent_secrets(sent))
 
 
 async def client_credentials_token(
@@ -146,8 +150,8 @@ async def client_credentials_token(
     """A token for the client itself (client credentials grant), with `scopes` when given."""
     body = prepare_token_request("client_credentials", scope=provider.scope_separator.join(scopes))
     body = _with_resources(body, provider)
-    document = await _token_call(egress, provider, client, body, now)
-    return _token_set(document, now, default_lifetime, None)
+    document, sent = await _token_call(egress, provider, client, body, now)
+    return _token_set(document, now, default_lifetime, None, sent=_sent_secrets(sent))
 
 
 async def revoke(
@@ -183,7 +187,8 @@ def _with_resources(body: str, provider: OAuthProvider) -> str:
 
 async def _token_call(
     egress: EgressPolicy, provider: OAuthProvider, client: ClientCredentials, body: str, now: datetime
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], httpx.Request]:
+    """The token answer as a JSON object, and the request that was sent; raises `OAuthError`."""
     response = await _post(egress, provider, client, provider.token_url, body, "token endpoint")
     document = _document(response)
     # GitHub and Slack report errors in 200 answers: `error`, or Slack's `"ok": false`.
@@ -194,7 +199,7 @@ async def _token_call(
         or document.get("ok") is False
     ):
         raise _failure(response, document, "token endpoint", now)
-    return document
+    return document, response.request
 
 
 async def _post(
@@ -259,8 +264,14 @@ def _document(response: httpx.Response) -> dict[str, Any] | None:
 
 
 def _token_set(
-    document: dict[str, Any], now: datetime, default_lifetime: timedelta, kept_refresh: str | None
+    document: dict[str, Any],
+    now: datetime,
+    default_lifetime: timedelta,
+    kept_refresh: str | None,
+    *,
+    sent: Sequence[str] = (),
 ) -> TokenSet:
+    """The tokens of a successful answer; `sent` are the secrets the request carried."""
     access = document.get("access_token")
     if not isinstance(access, str) or not access:
         raise OAuthError("invalid_config", "the token endpoint's answer has no access_token")
@@ -273,20 +284,30 @@ def _token_set(
         access_token=access,
         refresh_token=refresh_token,
         expires_at=expires_at,
-        scopes=_scopes(document.get("scope")),
+        scopes=_granted_scopes(document.get("scope"), [*sent, access, refresh_token or ""]),
         token_type=token_type if isinstance(token_type, str) and token_type else "Bearer",
         expiry_source=source,
         issued_at=now,
     )
 
 
-def _scopes(value: object) -> tuple[str, ...]:
+def _granted_scopes(value: object, secrets: Sequence[str]) -> tuple[str, ...]:
+    """The scopes a token answer says were granted, as far as they can be kept in plain config.
+
+    A scope that is no RFC 6749 scope token, or that holds four characters of a secret the request
+    carried or the answer issued (a hostile or careless provider may echo them), is dropped; at most
+    `MAX_GRANTED_SCOPES` are kept.
+    """
     # RFC 6749 separates granted scopes with spaces; GitHub and Slack answer with commas.
     if isinstance(value, str):
-        return tuple(s for s in re.split(r"[\s,]+", value) if s)
-    if isinstance(value, list):
-        return tuple(s for s in value if isinstance(s, str) and s)
-    return ()
+        found = [s for s in re.split(r"[\s,]+", value[:100_000]) if s]
+    elif isinstance(value, list):
+        found = [s for s in value if isinstance(s, str) and s]
+    else:
+        return ()
+    scrubber = Scrubber(secrets)
+    kept = [s for s in found if _SCOPE.fullmatch(s) and scrubber.fragments(s) == s]
+    return tuple(dict.fromkeys(kept))[:MAX_GRANTED_SCOPES]
 
 
 def _failure(
@@ -338,15 +359,15 @@ def _sent_secrets(sent: httpx.Request) -> list[str]:
 
 
 def _echoes_a_secret(code: str, sent: httpx.Request) -> bool:
-    """Whether an error "code" repeats a secret the request carried (form field or Basic header).
+    """Whether an error "code" repeats a secret the request carried (form field or Basic header),
+    whole or any four characters of it (`abcd...wxyz`).
 
     Such a code is no code: repeated in messages, audit and logs, it would leak what it echoes.
+    The codes this module knows are words of the protocol, kept whatever a secret holds.
     """
-    # Both ways: a code that holds a secret, or one long enough to be a piece of one.
-    return any(
-        len(secret) >= 4 and (secret in code or (len(code) >= 8 and code in secret))
-        for secret in _sent_secrets(sent)
-    )
+    if code in _REAUTHORIZE or code in _MISCONFIGURED or code in _BUSY:
+        return False
+    return Scrubber(_sent_secrets(sent)).fragments(code) != code
 
 
 def _description(document: dict[str, Any] | None, sent: httpx.Request) -> str:
@@ -355,9 +376,11 @@ def _description(document: dict[str, Any] | None, sent: httpx.Request) -> str:
     raw = document.get("error_description") if document is not None else None
     if not isinstance(raw, str) or not raw:
         return ""
-    line = _WHITESPACE.sub(" ", raw).strip()[:DESCRIPTION_LENGTH]
-    # cut_text: a secret cut in two at the end is masked from its first characters on.
-    return Scrubber(_sent_secrets(sent)).cut_text(line)
+    # Scrubbed before it is cut, so a secret cut in two by the limit is masked whole; bounded
+    # first, as the provider decides how long it is.
+    line = _WHITESPACE.sub(" ", raw[: 8 * DESCRIPTION_LENGTH]).strip()
+    # fragments: a provider may quote a secret shortened (`abcd...wxyz`), not only whole.
+    return Scrubber(_sent_secrets(sent)).fragments(line)[:DESCRIPTION_LENGTH]
 
 
 def _retry_after(value: str | None, now: datetime) -> float | None:

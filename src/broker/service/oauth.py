@@ -8,6 +8,8 @@ Tokens live in the connection's sealed secrets (`access_token`, `refresh_token`,
   process at a time across replicas (`Coordination.refresh_lock`; the waiters then re-read the row
   and use the holder's token), and a compare-and-swap on the row version so a writer that
   lost a race never overwrites a newer token;
+- a pending authorization completes with what its Begin sent (redirect URI, scopes), or not at all
+  when a setting it depends on (`AUTHORIZATION_FIELDS`) changed on the connection since;
 - a rotated refresh token is stored durably before any caller sees the new access token;
 - expiry is never unknown (`expires_in`, else the JWT `exp`, else a default lifetime);
 - `invalid_grant` marks an authorization-code connection expired (re-authorize); a client
@@ -23,6 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -34,7 +37,15 @@ import structlog
 from broker import catalog, crypto, metrics, oauth
 from broker.crypto import DecryptionFailed, Keyring
 from broker.egress import Blocked, DnsFailure, EgressPolicy
-from broker.errors import Aborted, FailedPrecondition, InvalidArgument, SecretUnavailable, Unavailable
+from broker.errors import (
+    Aborted,
+    AlreadyExists,
+    BrokerError,
+    FailedPrecondition,
+    InvalidArgument,
+    SecretUnavailable,
+    Unavailable,
+)
 from broker.model import (
     AuditEvent,
     ConnectionRecord,
@@ -57,6 +68,19 @@ log = structlog.get_logger("broker.oauth")
 SYSTEM_ACTOR = "broker:oauth"
 CLIENT_CREDENTIALS = "client_credentials"
 _STATE_ERROR = "unknown, expired or already used; start the authorization again"
+# The connection settings an authorization depends on: what Begin sent the user to, and what the code
+# exchange must send with the code. A pending authorization remembers them; Complete refuses when
+# they changed (the code would reach another token endpoint, or buy a token for another audience).
+AUTHORIZATION_FIELDS = (
+    "client_id",
+    "authorize_url",
+    "token_url",
+    "token_auth_method",
+    "resource",
+    "authorize_params",
+    "issuer",
+    "grant_type",
+)
 
 
 @dataclass(frozen=True)
@@ -90,7 +114,19 @@ def _state_hash(state: str) -> str:
     return hashlib.sha256(state.encode()).hexdigest()
 
 
+# Generous bounds on what a caller hands over: a redirect URI as long as any URL the catalog keeps,
+# an authorization code longer than any provider issues (Microsoft's run to ~1.5 kB).
+MAX_REDIRECT_URI = 2_048
+MAX_CODE = 8_192
+_NOT_IN_A_URL = re.compile(r"[\x00-\x20\x7f]")
+
+
 def _check_redirect_uri(uri: str) -> None:
+    if len(uri) > MAX_REDIRECT_URI:
+        raise InvalidArgument.field("redirect_uri", f"must be at most {MAX_REDIRECT_URI} characters")
+    if _NOT_IN_A_URL.search(uri):
+        # urlsplit would quietly drop a CR or LF; the provider would be sent the URI as given.
+        raise InvalidArgument.field("redirect_uri", "must not contain spaces or control characters")
     try:
         parts = urlsplit(uri)
     except ValueError:  # an unclosed IPv6 bracket, for one
@@ -104,6 +140,11 @@ def _check_redirect_uri(uri: str) -> None:
         raise InvalidArgument.field("redirect_uri", "must be an https URL, or http on a loopback address")
     if parts.username or parts.password or parts.fragment:
         raise InvalidArgument.field("redirect_uri", "must not carry credentials or a fragment")
+
+
+def _authorization_settings(provider_name: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """What of a connection an authorization is bound to (`AUTHORIZATION_FIELDS` and the provider)."""
+    return {"provider": provider_name, **{name: config.get(name) for name in AUTHORIZATION_FIELDS}}
 
 
 def _client(config: Mapping[str, Any], secrets: Mapping[str, str]) -> oauth.ClientCredentials:
@@ -225,6 +266,7 @@ class OAuthService:
             scopes = catalog.validate_field("oauth2", "scopes", scopes, path="scopes")
         payload: dict[str, Any] = {"redirect_uri": redirect_uri}
         if draft is not None:
+            await self._check_name_free(call, draft.name)
             provider_name, config, secrets = draft.provider, draft.config, draft.secrets.reveal()
             payload["draft"] = {
                 "name": draft.name,
@@ -263,6 +305,7 @@ class OAuthService:
             # The connection's (or the provider table's) endpoints, not the request, are wrong.
             raise FailedPrecondition(f"cannot start an authorization: {exc}") from None
         payload["verifier"] = verifier
+        payload["settings"] = _authorization_settings(provider_name, config)
         # Stored on the connection when the flow completes: a re-authorization asks for them again.
         payload["scopes"] = wanted
         now = self._clock()
@@ -293,6 +336,8 @@ class OAuthService:
             raise InvalidArgument.field("state", "is required")
         if not code:
             raise InvalidArgument.field("code", "is required")
+        if len(code) > MAX_CODE:
+            raise InvalidArgument.field("code", f"must be at most {MAX_CODE} characters")
         now = self._clock()
         pending = await self._oauth_states.take_oauth_state(_state_hash(state), call.tenant, call.actor)
         reason = ""
@@ -320,6 +365,14 @@ class OAuthService:
         asked = payload.get("scopes")  # absent from flows begun before the broker stored them
         record: ConnectionRecord | None = None
         if draft is not None:
+            # Taken since Begin: refused before the code buys tokens nobody could keep or revoke.
+            try:
+                await self._check_name_free(call, draft["name"])
+            except AlreadyExists:
+                await self._audit.append(
+                    call.audit_event(now, "oauth.complete", "", Outcome.FAILED, "name_taken")
+                )
+                raise
             provider_name, config, secrets = draft["provider"], draft["config"], draft["secrets"]
             if asked:
                 config = {**config, "scopes": asked}
@@ -327,6 +380,21 @@ class OAuthService:
             record = await live_connection(
                 self._connections, call.tenant, pending.connection_id, field="state"
             )
+            # Absent from flows begun before the broker kept them: those complete as they always did.
+            began = payload.get("settings")
+            if began is not None:
+                current = _authorization_settings(record.provider, record.config)
+                changed = sorted(name for name in current if current[name] != began.get(name))
+                if changed:
+                    await self._audit.append(
+                        call.audit_event(
+                            now, "oauth.complete", record.id, Outcome.FAILED, "connection_changed"
+                        )
+                    )
+                    raise FailedPrecondition(
+                        f"connection {record.id} changed since the authorization began"
+                        f" ({', '.join(changed)}); the code was not used: start the authorization again"
+                    )
             if asked:
                 record = replace(record, config={**record.config, "scopes": asked})
             provider_name, config = record.provider, record.config
@@ -370,13 +438,36 @@ class OAuthService:
             new = DraftAuthorization(
                 draft["name"], provider_name, config, SecretFields(secrets), dict(draft.get("labels") or {})
             )
-            return await self._create_connection(call, new, tokens)
+            try:
+                return await self._create_connection(call, new, tokens)
+            except BrokerError:
+                # The name was taken during the exchange, say: the tokens belong to no connection.
+                await self._give_back(provider, _client(config, secrets), tokens)
+                raise
         stored = await self._store_tokens(
             record, secrets, tokens, "oauth.authorize", call.actor, call.request_id
         )
         if record.reauth_required_at is not None:
             log.info("oauth_connection_recovered", connection_id=record.id)
         return stored
+
+    async def _give_back(
+        self, provider: oauth.OAuthProvider, client: oauth.ClientCredentials, tokens: oauth.TokenSet
+    ) -> None:
+        """Revoke tokens nobody will hold (RFC 7009), as far as the provider lets us; never raises."""
+        for token, hint in ((tokens.refresh_token, "refresh_token"), (tokens.access_token, "access_token")):
+            if not token:
+                continue
+            try:
+                await oauth.revoke(self._egress, provider, client, token, hint)
+            except (oauth.OAuthError, Blocked, DnsFailure) as exc:
+                reason = exc.error or exc.kind if isinstance(exc, oauth.OAuthError) else type(exc).__name__
+                log.warning("oauth_unused_tokens_not_revoked", reason=reason)
+                return
+
+    async def _check_name_free(self, call: Call, name: str) -> None:
+        if await self._connections.find_connection_by_name(call.tenant, name) is not None:
+            raise AlreadyExists(f"a connection named '{name}' already exists")
 
     # ---------------------------------------------------------- resolve path
 
@@ -566,7 +657,7 @@ class OAuthService:
         now = self._clock()
         reason = refusal.error or refusal.kind
         why = ReauthReason(
-            "refresh_refused", refusal.error or "", Scrubber(secrets.values()).cut_text(refusal.description)
+            "refresh_refused", refusal.error or "", Scrubber(secrets.values()).fragments(refusal.description)
         )
         marked = replace(
             record, reauth_required_at=now, reauth_reason=why, version=record.version + 1, updated_at=now
