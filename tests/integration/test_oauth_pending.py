@@ -101,7 +101,7 @@ async def test_a_provider_quoting_secrets_shortened_keeps_none_of_their_characte
     server.expires_in = flow.SHORT_LIFE
     created = await authorize(broker, server)
     released = await flow.resolve(broker, created.id)
-    refresh_token, access_token = released.secrets["refresh_token"], released.secrets["access_token"]
+    (refresh_token,), access_token = server.refresh_tokens, released.secrets["access_token"]
     secret = server.client_secret
     server.error_next(
         "invalid_grant",
