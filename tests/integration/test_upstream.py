@@ -418,3 +418,50 @@ async def test_a_session_cookie_the_upstream_issues_for_the_credential_is_not_pa
         names = {name for name, _ in head.headers}
         assert "x-ok" in names and "set-cookie" not in names
         assert "9f8e7d6c5b4a" not in str(head.headers)
+
+
+FORM = ("Content-Type", "application/x-www-form-urlencoded")
+JSON = ("Content-Type", "application/json; charset=utf-8")
+MULTIPART = ("Content-Type", "multipart/form-data; boundary=b")
+
+
+def _multipart(name: str, value: str) -> bytes:
+    return f'--b\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n--b--\r\n'.encode()
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (UpstreamRequest("GET", "/v1/x", query="a=1&_method=DELETE"), "query"),
+        (UpstreamRequest("GET", "/v1/x", query="_METHOD=delete"), "query"),
+        (UpstreamRequest("POST", "/v1/x", headers=(FORM,), body=b"a=1&_method=DELETE"), "body"),
+        (UpstreamRequest("POST", "/v1/x", headers=(JSON,), body=b'{"a": 1, "_method": "DELETE"}'), "body"),
+        (
+            UpstreamRequest("POST", "/v1/x", headers=(MULTIPART,), body=_multipart("_method", "DELETE")),
+            "body",
+        ),
+    ],
+)
+async def test_a_method_named_in_a_parameter_is_refused(request_: UpstreamRequest, field: str) -> None:
+    """A grant scoped to POST must not become a DELETE on Rails, Laravel or Symfony, which take
+    the method from a `_method` form field, query parameter or JSON key."""
+    with serve(echo) as upstream, pytest.raises(InvalidArgument) as caught:
+        await call(LOOPBACK, bearer(upstream.url), request_, max_bytes=100)
+    assert violations(caught) == {field}
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        UpstreamRequest("GET", "/v1/x", query="x_method=1&method=GET"),
+        UpstreamRequest("POST", "/v1/x", headers=(JSON,), body=b'{"note": "send _method=DELETE"}'),
+        UpstreamRequest("POST", "/v1/x", headers=(("Content-Type", "text/plain"),), body=b"_method=DELETE"),
+        UpstreamRequest("POST", "/v1/x", headers=(MULTIPART,), body=_multipart("_method_x", "1")),
+        UpstreamRequest("POST", "/v1/x", headers=(FORM,), body=b"a=_method"),
+    ],
+)
+async def test_text_that_only_mentions_method_is_sent(request_: UpstreamRequest) -> None:
+    with serve(echo) as upstream:
+        answer = await call(LOOPBACK, bearer(upstream.url), request_, max_bytes=10_000)
+    assert answer.status == 200 and len(upstream.requests) == 1

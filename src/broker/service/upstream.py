@@ -12,7 +12,9 @@ policy and returns the answer with every form of every secret masked:
   framing or hop-by-hop headers, the method and URL overrides (`X-HTTP-Method-Override`,
   `X-Original-URL`, ...) that would take the call outside the scope checked, `Forwarded`,
   `X-Forwarded-*` or `X-Real-IP`, nor any of them spelled with `_` for `-`: refused
-  (INVALID_ARGUMENT naming the header), never silently replaced.
+  (INVALID_ARGUMENT naming the header), never silently replaced. For the same reason a
+  `_method` parameter, which Rails, Laravel and Symfony read as the request's method, is
+  refused in the query and in a form, multipart or JSON body.
 * No redirect is followed: a 3xx is the answer, its `Location` scrubbed like every other
   header. Following it would be another call, checked again (scope included).
 * Nothing is retried (a 429 or 503 comes back at once, `Retry-After` and all): a retry
@@ -38,9 +40,11 @@ import asyncio
 import contextlib
 import functools
 import http.cookiejar
+import json
 import re
 import ssl
 import time
+import urllib.parse
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -331,6 +335,7 @@ def check_request(request: UpstreamRequest, connection: Injection | None = None)
             bad.append(
                 FieldViolation("path", "must be '/' with no query: a webhook takes calls to its one URL")
             )
+    bad += _method_overrides(request)
     for i, (name, value) in enumerate(request.headers):
         if not _HEADER_NAME.fullmatch(name):
             bad.append(FieldViolation(f"headers[{i}].name", "must be an HTTP header name"))
@@ -340,6 +345,43 @@ def check_request(request: UpstreamRequest, connection: Injection | None = None)
             bad.append(FieldViolation(f"headers[{i}].value", "must be printable ASCII"))
     if bad:
         raise InvalidArgument(bad)
+
+
+_METHOD_PARAMETER = "_method"
+_OVERRIDES = "must not carry a _method parameter: frameworks take it for the request's method"
+_ANY_METHOD_PARAMETER = re.compile(rb"_method", re.IGNORECASE)
+_MULTIPART_METHOD = re.compile(rb'name\s*=\s*"?_method"?[\s;]', re.IGNORECASE)
+
+
+def _method_overrides(request: UpstreamRequest) -> list[FieldViolation]:
+    """The parts of `request` that name another method in a `_method` parameter (Rails and Symfony
+    read it from a form, Laravel and Symfony from the query too, Laravel from a JSON body)."""
+    found = []
+    if _names_method(urllib.parse.parse_qsl(request.query, keep_blank_values=True)):
+        found.append(FieldViolation("query", _OVERRIDES))
+    if _ANY_METHOD_PARAMETER.search(request.body):  # most bodies stop here
+        kind = next((v for n, v in request.headers if n.lower() == "content-type"), "").lower()
+        if _body_names_method(kind.split(";")[0].strip(), request.body):
+            found.append(FieldViolation("body", _OVERRIDES))
+    return found
+
+
+def _names_method(pairs: Sequence[tuple[str, str]]) -> bool:
+    return any(name.lower() == _METHOD_PARAMETER for name, _ in pairs)
+
+
+def _body_names_method(content_type: str, body: bytes) -> bool:
+    if content_type == "application/x-www-form-urlencoded":
+        return _names_method(urllib.parse.parse_qsl(body.decode("latin-1"), keep_blank_values=True))
+    if content_type == "multipart/form-data":
+        return _MULTIPART_METHOD.search(body) is not None
+    if content_type == "application/json" or content_type.endswith("+json"):
+        try:
+            document = json.loads(body)
+        except ValueError:
+            return False  # the upstream cannot read it either
+        return isinstance(document, dict) and _names_method([(str(k), "") for k in document])
+    return False
 
 
 def _header_key(name: str) -> str:
