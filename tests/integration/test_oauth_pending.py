@@ -33,9 +33,19 @@ API = "https://api.example.com/v2"
 
 async def begin_again(running: Running, connection_id: str) -> tuple[str, str]:
     """Re-authorize a connection up to the redirect: (code, state)."""
-    begun = await running.admin().BeginAuthorization(
-        pb.BeginAuthorizationRequest(connection_id=connection_id, redirect_uri=REDIRECT)
+    begin = pb.BeginAuthorizationRequest(connection_id=connection_id, redirect_uri=REDIRECT)
+    return await signed_in(running, begin)
+
+
+async def begin_new(running: Running, server: oauthserver.OAuthTestServer) -> tuple[str, str]:
+    """Authorize a new connection (the test server's draft) up to the redirect: (code, state)."""
+    return await signed_in(
+        running, pb.BeginAuthorizationRequest(draft=flow.draft(server), redirect_uri=REDIRECT)
     )
+
+
+async def signed_in(running: Running, begin: pb.BeginAuthorizationRequest) -> tuple[str, str]:
+    begun = await running.admin().BeginAuthorization(begin)
     return await asyncio.to_thread(follow_authorization, begun.authorization_url)
 
 
@@ -256,10 +266,7 @@ async def test_an_oversized_code_is_refused_before_the_state_is_used(
     broker: Running, server: oauthserver.OAuthTestServer
 ) -> None:
     admin = broker.admin()
-    begun = await admin.BeginAuthorization(
-        pb.BeginAuthorizationRequest(draft=flow.draft(server), redirect_uri=REDIRECT)
-    )
-    code, state = await asyncio.to_thread(follow_authorization, begun.authorization_url)
+    code, state = await begin_new(broker, server)
     refused = await rpc_error(
         admin.CompleteAuthorization(pb.CompleteAuthorizationRequest(state=state, code="c" * 3_000_000))
     )
@@ -274,10 +281,7 @@ async def test_concurrent_completes_with_one_state_exchange_the_code_once(
     broker: Running, server: oauthserver.OAuthTestServer
 ) -> None:
     admin = broker.admin()
-    begun = await admin.BeginAuthorization(
-        pb.BeginAuthorizationRequest(draft=flow.draft(server), redirect_uri=REDIRECT)
-    )
-    code, state = await asyncio.to_thread(follow_authorization, begun.authorization_url)
+    code, state = await begin_new(broker, server)
     complete = pb.CompleteAuthorizationRequest(state=state, code=code)
     results = await asyncio.gather(
         *(admin.CompleteAuthorization(complete) for _ in range(8)), return_exceptions=True
@@ -347,10 +351,7 @@ async def test_tokens_for_a_connection_that_could_not_be_created_are_revoked(
     """The name is taken while the code is being exchanged (checked before, it was free): the tokens
     the provider just issued belong to no connection, so they are given back, not left live."""
     admin = broker.admin()
-    begun = await admin.BeginAuthorization(
-        pb.BeginAuthorizationRequest(draft=flow.draft(server), redirect_uri=REDIRECT)
-    )
-    code, state = await asyncio.to_thread(follow_authorization, begun.authorization_url)
+    code, state = await begin_new(broker, server)
     exchanging, go_on = threading.Event(), threading.Event()
 
     async def hold(grant: str) -> None:

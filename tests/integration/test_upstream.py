@@ -39,6 +39,12 @@ def bearer(url: str, **config: Any) -> Injection:
     return injection("http", "", config, SecretFields({"token": TOKEN}))
 
 
+def x_api_key(url: str) -> Injection:
+    """An `http` connection sending its key in `X-Api-Key`."""
+    config = {"base_url": url, "auth_type": "api_key", "api_key_header": "X-Api-Key"}
+    return injection("http", "", config, SecretFields({"api_key_value": TOKEN}))
+
+
 def violations(caught: pytest.ExceptionInfo[InvalidArgument]) -> set[str]:
     return {v.field for v in caught.value.violations}
 
@@ -112,12 +118,7 @@ async def test_a_providers_default_headers_give_way_to_the_callers() -> None:
 
 async def test_the_caller_cannot_set_the_credential_or_framing_headers() -> None:
     with serve(echo) as upstream:
-        api_key = injection(
-            "http",
-            "",
-            {"base_url": upstream.url, "auth_type": "api_key", "api_key_header": "X-Api-Key"},
-            SecretFields({"api_key_value": TOKEN}),
-        )
+        api_key = x_api_key(upstream.url)
         refused = (
             ("x-API-key", "mine"),
             ("Authorization", "Bearer mine"),
@@ -357,12 +358,7 @@ async def test_paths_an_upstream_may_still_resolve_elsewhere_are_refused(path: s
 async def test_a_header_spelled_with_underscores_cannot_stand_in_for_the_credentials() -> None:
     # WSGI/CGI servers read `X_Api_Key` and `X-Api-Key` as the same header.
     with serve(echo) as upstream:
-        api_key = injection(
-            "http",
-            "",
-            {"base_url": upstream.url, "auth_type": "api_key", "api_key_header": "X-Api-Key"},
-            SecretFields({"api_key_value": TOKEN}),
-        )
+        api_key = x_api_key(upstream.url)
         with pytest.raises(InvalidArgument) as caught:
             headers = (("X_Api_Key", "mine"), ("Proxy_Authorization", "x"), ("X_Custom", "ok"))
             await call(LOOPBACK, api_key, UpstreamRequest("GET", "/", headers=headers), max_bytes=100)

@@ -3,9 +3,11 @@ which holds no secret values, so redaction is a property of the types."""
 
 from __future__ import annotations
 
+import enum
 import math
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
@@ -39,16 +41,23 @@ _STATUS_TO_PB = {
 }
 _STATUS_FROM_PB: dict[int, ConnectionStatus] = {int(v): k for k, v in _STATUS_TO_PB.items()}
 
+_Enum = TypeVar("_Enum", bound=enum.Enum)
+
+
+def _enum_filter(value: int, known: Mapping[int, _Enum], field: str, kind: str) -> _Enum | None:
+    """A request's enum filter: UNSPECIFIED (0) is none, an unknown number is INVALID_ARGUMENT (read as
+    UNSPECIFIED it would list what the caller did not ask for)."""
+    if value == 0:
+        return None
+    found = known.get(value)
+    if found is None:
+        raise InvalidArgument.field(field, f"is not a {kind}")
+    return found
+
 
 def connection_status(value: int) -> ConnectionStatus | None:
-    """A request's status filter; UNSPECIFIED is the default listing, an unknown number is INVALID_ARGUMENT
-    (read as UNSPECIFIED it would list what the caller did not ask for)."""
-    if value == pb.CONNECTION_STATUS_UNSPECIFIED:
-        return None
-    status = _STATUS_FROM_PB.get(value)
-    if status is None:
-        raise InvalidArgument.field("status", "is not a ConnectionStatus")
-    return status
+    """A request's status filter; UNSPECIFIED is the default listing."""
+    return _enum_filter(value, _STATUS_FROM_PB, "status", "ConnectionStatus")
 
 
 _TEST_STATUS_TO_PB = {
@@ -280,13 +289,8 @@ def lease(value: Lease) -> pb.Lease:
 
 
 def lease_state(value: int) -> LeaseState | None:
-    """A request's lease state filter; UNSPECIFIED is any, an unknown number is INVALID_ARGUMENT."""
-    if value == pb.LEASE_STATE_UNSPECIFIED:
-        return None
-    state = _LEASE_STATE_FROM_PB.get(value)
-    if state is None:
-        raise InvalidArgument.field("state", "is not a LeaseState")
-    return state
+    """A request's lease state filter; UNSPECIFIED is any."""
+    return _enum_filter(value, _LEASE_STATE_FROM_PB, "state", "LeaseState")
 
 
 def grant_mode(value: int) -> GrantMode:
