@@ -12,10 +12,11 @@ import base64
 import json
 import re
 import urllib.parse
-from collections.abc import Container, Iterable
-from typing import Any
+from collections.abc import Container, Iterable, Sequence
+from typing import Any, AnyStr
 
 MASK = "[redacted]"
+_MASK_BYTES = MASK.encode()
 # Shorter values would mask ordinary words; validation keeps real secrets longer.
 MIN_LENGTH = 4
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
@@ -84,6 +85,7 @@ class Scrubber:
         }
         self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
         self._data_pattern: re.Pattern[bytes] | None = None
+        self._encoded_forms: list[bytes] | None = None
 
     def text(self, text: str) -> str:
         """`text` with every known form masked, made storable (see `storable`)."""
@@ -95,17 +97,27 @@ class Scrubber:
     def data(self, data: bytes) -> bytes:
         """`data` (a body, any encoding that keeps ASCII as it is) with every known form masked."""
         pattern = self._bytes_pattern()
-        return data if pattern is None else pattern.sub(MASK.encode(), data)
+        return data if pattern is None else pattern.sub(_MASK_BYTES, data)
+
+    def body(self, data: bytes) -> bytes:
+        """A whole answer's body scrubbed as `data` does, and a form's beginning left at its very
+        end masked too: an answer can stop inside an echoed secret (a Content-Length one short, a
+        Range, a dropped connection), and what it holds of it would give most of it away."""
+        return _masked_cut(self.data(data), self._byte_forms(), _MASK_BYTES)
 
     def stream(self) -> StreamScrubber:
         """A scrubber for a body that arrives in chunks: a form split between two is masked too."""
-        longest = max((len(f.encode()) for f in self._forms), default=0)
-        return StreamScrubber(self._bytes_pattern(), longest)
+        forms = self._byte_forms()
+        return StreamScrubber(self._bytes_pattern(), forms)
+
+    def _byte_forms(self) -> list[bytes]:
+        if self._encoded_forms is None:
+            self._encoded_forms = sorted((f.encode() for f in self._forms), key=lambda f: (-len(f), f))
+        return self._encoded_forms
 
     def _bytes_pattern(self) -> re.Pattern[bytes] | None:
         if self._forms and self._data_pattern is None:
-            encoded = sorted((f.encode() for f in self._forms), key=lambda f: (-len(f), f))
-            self._data_pattern = re.compile(b"|".join(map(re.escape, encoded)))
+            self._data_pattern = re.compile(b"|".join(map(re.escape, self._byte_forms())))
         return self._data_pattern
 
     def cut_text(self, text: str) -> str:
@@ -114,9 +126,7 @@ class Scrubber:
         Testers shorten what servers say; a form cut there would pass `text` whole, and its
         first part still gives the secret's first characters away.
         """
-        text = self.text(text)
-        cut = self._cut_form_at_the_end(text)
-        return text if cut == len(text) else text[:cut] + MASK
+        return _masked_cut(self.text(text), self._forms, MASK)
 
     def fragments(self, text: str) -> str:
         """`text` scrubbed as `cut_text` does, and every run of `MIN_LENGTH` or more characters that
@@ -134,7 +144,7 @@ class Scrubber:
             for i in range(len(text) - MIN_LENGTH + 1)
             if text[i : i + MIN_LENGTH] in self._pieces
         ]
-        spans.append((self._cut_form_at_the_end(text), len(text)))
+        spans.append((_cut_at_the_end(text, self._forms), len(text)))
         masked: list[str] = []
         end = 0
         for start, stop in sorted(spans):
@@ -144,19 +154,6 @@ class Scrubber:
                 masked += [text[end:start], MASK]
             end = max(end, stop)
         return "".join(masked) + text[end:]
-
-    def _cut_form_at_the_end(self, text: str) -> int:
-        """Where a form's beginning left at the very end of `text` starts (`len(text)` if none)."""
-        cut = len(text)
-        for form in self._forms:
-            head = form[:MIN_LENGTH]
-            at = text.find(head, max(0, len(text) - len(form) + 1))
-            while at != -1 and at < cut:
-                if form.startswith(text[at:]):
-                    cut = at
-                    break
-                at = text.find(head, at + 1)
-        return cut
 
     def json(self, value: Any) -> Any:
         """A JSON value with every string masked, object keys included; a number that spells a secret too.
@@ -177,12 +174,35 @@ class Scrubber:
         return value
 
 
+def _cut_at_the_end(text: AnyStr, forms: Sequence[AnyStr]) -> int:
+    """Where a form's beginning (`MIN_LENGTH` or more of it) left at the very end of `text` starts;
+    `len(text)` if none is."""
+    cut = len(text)
+    for form in forms:
+        head = form[:MIN_LENGTH]
+        at = text.find(head, max(0, len(text) - len(form) + 1))
+        while at != -1 and at < cut:
+            if form.startswith(text[at:]):
+                cut = at
+                break
+            at = text.find(head, at + 1)
+    return cut
+
+
+def _masked_cut(text: AnyStr, forms: Sequence[AnyStr], mask: AnyStr) -> AnyStr:
+    """`text` with a form's beginning left at its very end replaced by `mask`."""
+    cut = _cut_at_the_end(text, forms)
+    return text if cut == len(text) else text[:cut] + mask
+
+
 class StreamScrubber:
     """Masks forms in a chunked body: what may be the start of a form is held back until the
-    next chunk (or `end`) shows whether it is one, so a form split across chunks is masked."""
+    next chunk (or `end`) shows whether it is one, so a form split across chunks is masked, and a
+    body that ends inside one (cut short) has that beginning masked too."""
 
-    def __init__(self, pattern: re.Pattern[bytes] | None, longest: int) -> None:
-        self._pattern, self._hold, self._carry = pattern, max(longest - 1, 0), b""
+    def __init__(self, pattern: re.Pattern[bytes] | None, forms: Sequence[bytes]) -> None:
+        longest = max(map(len, forms), default=0)
+        self._pattern, self._forms, self._hold, self._carry = pattern, forms, max(longest - 1, 0), b""
 
     def feed(self, chunk: bytes) -> bytes:
         """The scrubbed bytes that can be released now (possibly none)."""
@@ -198,12 +218,14 @@ class StreamScrubber:
                 break
             end = max(end, match.end())
         self._carry = buffer[end:]
-        return self._pattern.sub(MASK.encode(), buffer[:end])
+        return self._pattern.sub(_MASK_BYTES, buffer[:end])
 
     def end(self) -> bytes:
         """The scrubbed rest, once the body is complete."""
         rest, self._carry = self._carry, b""
-        return rest if self._pattern is None else self._pattern.sub(MASK.encode(), rest)
+        if self._pattern is None:
+            return rest
+        return _masked_cut(self._pattern.sub(_MASK_BYTES, rest), self._forms, _MASK_BYTES)
 
 
 def storable(text: str) -> str:

@@ -208,3 +208,16 @@ def test_fragments_masks_a_secret_quoted_shortened_anywhere_and_keeps_the_rest()
     # A form's beginning cut at the very end is masked, as cut_text does.
     assert scrubber.fragments("said " + _b64(canary.encode())[:9]) == f"said {MASK}"
     assert Scrubber([]).fragments("a\x00b") == "a\ufffdb"
+
+
+def test_a_body_that_stops_inside_a_form_has_that_beginning_masked_whole_or_streamed() -> None:
+    scrubber = Scrubber([TOKEN])
+    cut_short = b'{"echo": "' + TOKEN[:-1].encode()
+    assert scrubber.body(cut_short) == b'{"echo": "[redacted]'
+    stream = scrubber.stream()
+    streamed = b"".join([stream.feed(cut_short[:7]), stream.feed(cut_short[7:]), stream.end()])
+    assert streamed == b'{"echo": "[redacted]'
+    # Fewer than MIN_LENGTH characters of a form are not taken for one; a whole body keeps its end.
+    assert scrubber.body(b"ends with " + TOKEN[:3].encode()) == b"ends with " + TOKEN[:3].encode()
+    whole = b"a full echo " + TOKEN.encode() + b" then more"
+    assert scrubber.body(whole) == b"a full echo [redacted] then more"

@@ -491,7 +491,7 @@ async def call(
         except UnreadableBody:
             raise _unreadable() from None
         head = _head(connection, response)
-    return UpstreamAnswer(head.status, head.headers, connection.scrubber.data(body))
+    return UpstreamAnswer(head.status, head.headers, connection.scrubber.body(body))
 
 
 async def stream(
