@@ -284,7 +284,7 @@ async def test_replace_with_stale_version_is_aborted_and_changes_nothing(store: 
     await store.replace_connection(current, record.version, make_event(action="connection.update"))
 
     stale = next_version(record, name="stale-write")
-    with pytest.raises(Aborted, match="etag mismatch"):
+    with pytest.raises(Aborted, match="another write came first"):
         await store.replace_connection(stale, record.version, make_event(action="connection.update"))
 
     assert await store.get_connection(TENANT, record.id) == current

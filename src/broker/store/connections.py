@@ -198,8 +198,10 @@ class Connections(EngineStore):
                     )
                     if found is None:
                         raise NotFound(f"connection {record.id} not found")
+                    # Whether or not the caller sent an etag (so not "etag mismatch"): a write in between.
                     raise Aborted(
-                        "the connection changed since it was read (etag mismatch); read it again and retry"
+                        "the connection changed since it was read (another write came first); read it again"
+                        " and retry"
                     )
                 await _write_labels(tx, record)
                 if drop_grants:
