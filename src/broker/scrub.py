@@ -26,6 +26,7 @@ _UNICODE_ESCAPE = re.compile(r"\\u[0-9a-f]{4}")
 
 def _forms(value: str) -> set[str]:
     raw = value.encode()
+    in_json = json.dumps(value, ensure_ascii=False)[1:-1]
     quoted = {urllib.parse.quote(value, safe=""), urllib.parse.quote_plus(value), urllib.parse.quote(value)}
     forms = {
         value,
@@ -40,12 +41,9 @@ def _forms(value: str) -> set[str]:
         raw.hex().upper(),
         # Inside a JSON string: `/`, quotes, backslashes and non-ASCII may come escaped.
         json.dumps(value)[1:-1],
-        json.dumps(value, ensure_ascii=False)[1:-1],
+        in_json,
         # As HTML-safe encoders write it (Go's encoding/json by default).
-        json.dumps(value, ensure_ascii=False)[1:-1]
-        .replace("<", "\\u003c")
-        .replace(">", "\\u003e")
-        .replace("&", "\\u0026"),
+        in_json.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"),
         _dotnet_json(value),
         value.replace("/", "\\/"),
     }
@@ -79,10 +77,7 @@ class Scrubber:
         # Longest first, so a form that contains another is masked whole; one pass over the text.
         ordered = sorted(forms, key=lambda f: (-len(f), f))
         self._forms = ordered
-        # Every run of MIN_LENGTH characters of each value itself, for `fragments`.
-        self._pieces = {
-            value[i : i + MIN_LENGTH] for value in values for i in range(len(value) - MIN_LENGTH + 1)
-        }
+        self._values = values  # for `fragments`, which most scrubbers never use
         self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
         self._data_pattern: re.Pattern[bytes] | None = None
         self._encoded_forms: list[bytes] | None = None
@@ -107,8 +102,7 @@ class Scrubber:
 
     def stream(self) -> StreamScrubber:
         """A scrubber for a body that arrives in chunks: a form split between two is masked too."""
-        forms = self._byte_forms()
-        return StreamScrubber(self._bytes_pattern(), forms)
+        return StreamScrubber(self._bytes_pattern(), self._byte_forms())
 
     def _byte_forms(self) -> list[bytes]:
         if self._encoded_forms is None:
@@ -138,12 +132,11 @@ class Scrubber:
         characters with a secret are masked as well; such texts are worth less than the secret.
         """
         text = storable(text)
+        # Every run of MIN_LENGTH characters of each value itself.
+        pieces = {v[i : i + MIN_LENGTH] for v in self._values for i in range(len(v) - MIN_LENGTH + 1)}
         spans = [m.span() for m in self._pattern.finditer(text)] if self._pattern is not None else []
-        spans += [
-            (i, i + MIN_LENGTH)
-            for i in range(len(text) - MIN_LENGTH + 1)
-            if text[i : i + MIN_LENGTH] in self._pieces
-        ]
+        starts = range(len(text) - MIN_LENGTH + 1)
+        spans += [(i, i + MIN_LENGTH) for i in starts if text[i : i + MIN_LENGTH] in pieces]
         spans.append((_cut_at_the_end(text, self._forms), len(text)))
         masked: list[str] = []
         end = 0

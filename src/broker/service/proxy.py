@@ -139,7 +139,7 @@ class ProxyService:
         """Make `request` with the connection's credential; see the module docstring. `time_left`: the
         seconds left of the caller's deadline, which bounds the upstream part (None: unbounded)."""
         use, target, request, started = await self._http_target(call_, request, connection_id, name, purpose)
-        async with self._within(use, started, _timeout(time_left)):
+        async with self._within(use, started, _deadline(time_left)):
             answer = await self._send(use, target, request, started)
             if answer.status == 401 and target.oauth_token and request.method in _REPEATABLE:
                 # The provider refused a token it issued (revoked, rotated early): one refresh and
@@ -166,11 +166,11 @@ class ProxyService:
         """As `http`, the answer streamed: its head, audited before it is yielded, then scrubbed
         chunks of the body (at most `max_stream_bytes`), all within `time_left` as for `http`."""
         use, target, request, started = await self._http_target(call_, request, connection_id, name, purpose)
-        timeout = _timeout(time_left)
+        until = _deadline(time_left)
         chunks = stream(self._http, target.injection, request, max_bytes=self._max_stream_bytes)
         async with contextlib.aclosing(chunks):
             try:
-                async with self._within(use, started, timeout):
+                async with self._within(use, started, until):
                     head = await anext(chunks)
             except _UPSTREAM_FAILURES as exc:
                 raise await self._upstream_failed(use, exc, started) from None
@@ -183,7 +183,7 @@ class ProxyService:
                 # the code reading the chunks runs). A failure is audited again: the call was
                 # allowed, then its answer broke off.
                 try:
-                    async with self._within(use, started, timeout):
+                    async with self._within(use, started, until):
                         chunk = await anext(chunks, None)
                 except _UPSTREAM_FAILURES as exc:
                     raise await self._upstream_failed(use, exc, started) from None
@@ -225,7 +225,7 @@ class ProxyService:
                 )
             secrets = await self._open(use, record)
             target = Target(record.type, record.provider, record.config, secrets)
-            async with self._within(use, started, _timeout(time_left)):
+            async with self._within(use, started, _deadline(time_left)):
                 result = await mcp.call_tool(
                     target, self._egress, tool, arguments, approved[tool].definition_hash
                 )
@@ -416,7 +416,7 @@ class ProxyService:
 
     @contextlib.asynccontextmanager
     async def _within(self, use: _Use, started: float, until: float | None) -> AsyncIterator[None]:
-        """The upstream part of a call, bounded by the caller's deadline (`until`, see `_timeout`). A
+        """The upstream part of a call, bounded by the caller's deadline (`until`, see `_deadline`). A
         call cut short (the deadline, or the caller gone) is audited as failed: the upstream may
         have acted on it. Another timeout (the egress policy's) is raised as it is."""
         try:
@@ -467,7 +467,7 @@ class _Use:
         self.ref_id = ""
 
 
-def _timeout(time_left: float | None) -> float | None:
+def _deadline(time_left: float | None) -> float | None:
     """When (event loop time) the upstream part of a call with `time_left` seconds must stop;
     None: no deadline."""
     if time_left is None:

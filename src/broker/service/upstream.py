@@ -419,12 +419,11 @@ async def _exchange(
         url = connection.base_url
     else:
         url = connection.base_url + request.path + (f"?{request.query}" if request.query else "")
-    sent = {name.lower() for name, _ in request.headers}
-    defaults = [(name, value) for name, value in connection.defaults.items() if name.lower() not in sent]
     # The broker decodes the answer, so the codings are its to ask for (`egress.http.ACCEPT_ENCODING`,
-    # set on every client): the caller's Accept-Encoding is left out.
+    # set on every client): any other Accept-Encoding, the caller's or a default, is left out.
     asked = [(name, value) for name, value in request.headers if name.lower() != "accept-encoding"]
-    defaults = [(name, value) for name, value in defaults if name.lower() != "accept-encoding"]
+    left_out = {name.lower() for name, _ in request.headers} | {"accept-encoding"}
+    defaults = [(name, value) for name, value in connection.defaults.items() if name.lower() not in left_out]
     headers = [*defaults, *asked, *connection.credentials.items()]
     if connection.sign is not None:
         headers += connection.sign(request.body).items()
