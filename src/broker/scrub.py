@@ -9,6 +9,7 @@ keys included.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
 import urllib.parse
@@ -132,8 +133,7 @@ class Scrubber:
         characters with a secret are masked as well; such texts are worth less than the secret.
         """
         text = storable(text)
-        # Every run of MIN_LENGTH characters of each value itself.
-        pieces = {v[i : i + MIN_LENGTH] for v in self._values for i in range(len(v) - MIN_LENGTH + 1)}
+        pieces = self._pieces
         spans = [m.span() for m in self._pattern.finditer(text)] if self._pattern is not None else []
         starts = range(len(text) - MIN_LENGTH + 1)
         spans += [(i, i + MIN_LENGTH) for i in starts if text[i : i + MIN_LENGTH] in pieces]
@@ -147,6 +147,11 @@ class Scrubber:
                 masked += [text[end:start], MASK]
             end = max(end, stop)
         return "".join(masked) + text[end:]
+
+    @functools.cached_property
+    def _pieces(self) -> frozenset[str]:
+        """Every run of MIN_LENGTH characters of each value itself, built once `fragments` needs it."""
+        return frozenset(v[i : i + MIN_LENGTH] for v in self._values for i in range(len(v) - MIN_LENGTH + 1))
 
     def json(self, value: Any) -> Any:
         """A JSON value with every string masked, object keys included; a number that spells a secret too.
