@@ -419,9 +419,6 @@ class LeaseState(enum.StrEnum):
     REVOKED = "revoked"  # the user was dropped (or never created)
 
 
-LIVE_LEASE_STATES = (LeaseState.CREATING, LeaseState.ACTIVE)
-
-
 @dataclass(frozen=True, slots=True)
 class Lease:
     """A database user the broker created for one executor on a dynamic connection. The row
@@ -456,6 +453,7 @@ class LeaseFilter:
     username_prefix: str = ""
     state: LeaseState | None = None
     lease_id: str = ""
+    live: bool = False  # only leases still being created or active (whose user may exist)
 
 
 @dataclass(frozen=True, slots=True)

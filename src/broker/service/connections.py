@@ -181,7 +181,7 @@ def _check_secrets_follow_destination(
         what = (
             "where the secrets are sent"
             if moved[0] in catalog.destination_fields(current.type)
-            else ("what the broker does with the secrets")
+            else "what the broker does with the secrets"
         )
         raise InvalidArgument(
             FieldViolation(

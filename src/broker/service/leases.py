@@ -43,7 +43,6 @@ from broker.errors import (
     Unavailable,
 )
 from broker.model import (
-    LIVE_LEASE_STATES,
     AuditEvent,
     ConnectionRecord,
     Lease,
@@ -343,8 +342,9 @@ class LeaseService:
         checks, self._to_check = self._to_check, set()
         now = self._clock()
         for tenant, connection_id, principal in checks:
-            selector = LeaseFilter(connection_id=connection_id, principal=principal)
-            if not await self._has_live_leases(tenant, selector):
+            # Active or still being created: a user may exist already.
+            selector = LeaseFilter(connection_id=connection_id, principal=principal, live=True)
+            if not await self._store.list_leases(tenant, selector, 1, None):
                 continue  # most changes are to connections without leases: no write for them
             if connection_id:
                 reason = await self._end_reason(tenant, connection_id, principal, now)
@@ -352,13 +352,6 @@ class LeaseService:
                 reason = "principal_blocked"
             if reason:
                 await self._queue(tenant, selector, reason, now)
-
-    async def _has_live_leases(self, tenant: str, selector: LeaseFilter) -> bool:
-        """Whether a lease matches that is active or still being created (its user may exist already)."""
-        for state in LIVE_LEASE_STATES:
-            if await self._store.list_leases(tenant, replace(selector, state=state), 1, None):
-                return True
-        return False
 
     async def _end_reason(self, tenant: str, connection_id: str, principal: str, now: datetime) -> str:
         """Why the connection's leases (of `principal`, or all when "") may not live on, or "":

@@ -41,6 +41,8 @@ def _matching(tenant: str, filter: LeaseFilter) -> Where:
     where.equals("run_id", filter.run_id)
     if filter.state is not None:
         where.add("state = ?", filter.state.value)
+    if filter.live:
+        where.add(_LIVE)
     if filter.username_prefix:
         # Not LIKE: `_` and `%` would be wildcards.
         where.add("substr(username, 1, ?) = ?", len(filter.username_prefix), filter.username_prefix)
