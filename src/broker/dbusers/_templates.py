@@ -106,8 +106,9 @@ def statements_for(
 def _unfillable_at_revocation(templates: tuple[str, ...]) -> str:
     """The first creation-only placeholder the revocation templates use, as "{{name}}", or ""."""
     for template in templates:
+        used = statement_placeholders(template)
         for name in CREATION_ONLY_PLACEHOLDERS:
-            if name in statement_placeholders(template):
+            if name in used:
                 return "{{" + name + "}}"
     return ""
 
