@@ -198,7 +198,7 @@ class Connections(EngineStore):
                     )
                     if found is None:
                         raise NotFound(f"connection {record.id} not found")
-                    # Whether or not the caller sent an etag (so not "etag mismatch"): a write in between.
+                    # Said so whether or not the caller sent an etag: another write came in between.
                     raise Aborted(
                         "the connection changed since it was read (another write came first); read it again"
                         " and retry"
@@ -269,11 +269,7 @@ class Connections(EngineStore):
             raise NotFound(f"connection {connection_id} not found") from exc
 
     async def list_mcp_tools(self, tenant: str, connection_id: str) -> tuple[list[McpTool], datetime | None]:
-        rows = await self._engine.fetch(
-            _MCP_TOOLS_OF,
-            tenant,
-            connection_id,
-        )
+        rows = await self._engine.fetch(_MCP_TOOLS_OF, tenant, connection_id)
         when = codec.from_micros(rows[0]["discovered_at"]) if rows else None
         return [codec.MCP_TOOLS.from_row(row) for row in rows], when
 
