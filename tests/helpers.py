@@ -141,9 +141,12 @@ def set_stored_config_sealed(path: Path, connection_id: str, key: str, value: An
     """Change one config value of a connection in a SQLite store's file and seal its secrets again
     for what the row then holds, as a broker that stored it so would have: for data an older
     broker kept that today's API refuses (`set_stored_config` is the tampering without the key)."""
-    db = sqlite3.connect(path)
+    db = sqlite3.connect(path, isolation_level=None, timeout=10)
     db.row_factory = sqlite3.Row
-    with db:
+    try:
+        # The write lock first: a read that became a write while the running broker committed
+        # would fail at once (WAL's SQLITE_BUSY_SNAPSHOT) instead of waiting its turn.
+        db.execute("BEGIN IMMEDIATE")
         row = db.execute("SELECT * FROM connections WHERE id = ?", (connection_id,)).fetchone()
         before = CONNECTIONS.from_row(row)
         after = dataclasses.replace(before, config={**before.config, key: value})
@@ -152,7 +155,11 @@ def set_stored_config_sealed(path: Path, connection_id: str, key: str, value: An
             "UPDATE connections SET config = ?, ciphertext = ?, wrapped_dek = ? WHERE id = ?",
             (to_json(after.config), sealed.ciphertext, sealed.wrapped_dek, connection_id),
         )
-    db.close()
+        db.execute("COMMIT")
+    finally:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        db.close()
 
 
 def seal_as_format(

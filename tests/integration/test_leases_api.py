@@ -571,7 +571,10 @@ async def test_a_legacy_revocation_statement_asking_for_the_password_still_drops
     # As an older broker stored them (and the start-up re-seal bound them): not tampering.
     keyring = running.broker.settings.load_keyring()
     path = running.broker.settings.storage_path
-    set_stored_config_sealed(path, connection_id, "revocation_statements", legacy, keyring)
+    # Off the event loop: the broker runs on it, and may be inside a write this waits for.
+    await asyncio.to_thread(
+        set_stored_config_sealed, path, connection_id, "revocation_statements", legacy, keyring
+    )
 
     revoked = await running.resolver().RevokeLease(pb.RevokeLeaseRequest(lease_id=answer.lease.id))
 
