@@ -218,6 +218,29 @@ async def test_postgresql_drop_ends_the_session_removes_the_user_and_can_be_repe
             await pg.login(name, password)
 
 
+# The connection's own revocation, rejected by the server every time (an admin's typo): the lease
+# stays revoking and is retried until someone puts the statements right.
+FAILING_PG_REVOCATION = ["SELECT * FROM no_such_table", "DROP ROLE IF EXISTS {{name}}"]
+FAILING_MY_REVOCATION = ["SELECT * FROM no_such_table", "DROP USER IF EXISTS {{name}}@'%'"]
+
+
+async def test_postgresql_a_revocation_the_server_rejects_still_leaves_a_user_nobody_can_log_in_as(
+    pg: Pg,
+) -> None:
+    name, password = new_username("brk_"), new_password()
+    async with pg_admin(pg, revocation_statements=FAILING_PG_REVOCATION) as admin:
+        await admin.create(name, password, hour())
+        with pytest.raises(LeaseDbError) as failed:
+            await admin.drop(name)
+        assert failed.value.reason == "statement_failed"
+    assert name in await pg_roles(pg)  # not dropped: that is retried
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):  # not permitted to log in
+        await pg.login(name, password)
+    async with pg_admin(pg) as admin:
+        await admin.drop(name)  # the statements put right: the user goes
+    assert name not in await pg_roles(pg)
+
+
 async def test_postgresql_drop_by_a_createrole_admin_ends_the_users_session_too(pg: Pg) -> None:
     """The least-privilege administrator (CREATEROLE; not a superuser, not in pg_signal_backend)
     may end only sessions of roles whose privileges it has: the drop still ends the user's session
@@ -570,6 +593,33 @@ async def test_mysql_drop_ends_the_session_removes_the_user_and_can_be_repeated(
     with pytest.raises(pymysql.err.OperationalError) as refused:
         await my.login(name, password)
     assert refused.value.args[0] in (1045, 1698)  # MariaDB: 1698 for a user that does not exist
+
+
+async def test_mysql_a_revocation_the_server_rejects_still_leaves_a_user_nobody_can_log_in_as(
+    my: My,
+) -> None:
+    """MySQL has no login expiry: without the account locked first, a user whose revocation fails
+    would keep logging in for as long as the statements stay wrong."""
+    name, password = new_username("brk_"), new_password()
+    async with my_admin(my, revocation_statements=FAILING_MY_REVOCATION) as admin:
+        await admin.create(name, password, hour())
+        session = await my.login(name, password)
+        try:
+            with pytest.raises(LeaseDbError) as failed:
+                await admin.drop(name)
+            assert failed.value.reason == "statement_failed"
+            with pytest.raises(pymysql.err.OperationalError):  # 2013: lost connection (KILLed)
+                async with session.cursor() as cur:
+                    await cur.execute("SELECT 1")
+        finally:
+            session.close()
+    assert await my_users(my, name) != []  # not dropped: that is retried
+    with pytest.raises(pymysql.err.OperationalError) as refused:
+        await my.login(name, password)
+    assert refused.value.args[0] in (3118, 4151)  # MySQL, MariaDB: the account is locked
+    async with my_admin(my) as admin:
+        await admin.drop(name)  # the statements put right: the user goes
+    assert await my_users(my, name) == []
 
 
 async def test_mysql_prefixed_users_lists_exactly_the_prefixed_users(my: My) -> None:

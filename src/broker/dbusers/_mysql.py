@@ -151,6 +151,17 @@ class MysqlSession:
             await self._bounded(self._execute(statement))
 
     async def revoke(self, name: str, statements: Sequence[str]) -> None:
+        """Lock the account, end its sessions, run the revocation, then end any session that
+        logged in meanwhile.
+
+        The lock comes first, as PostgreSQL's NOLOGIN does: MySQL has no login expiry, so a
+        revocation the server rejects (the connection's own statements, retried until they are put
+        right) would otherwise leave a user its lease holder could still log in as. Best effort:
+        a user the connection's creation statements made at another host than '%' is not found
+        here, and the revocation is what must succeed.
+        """
+        with contextlib.suppress(LeaseDbError):
+            await self._bounded(self._execute("ALTER USER %s@'%%' ACCOUNT LOCK", (name,)))
         await self._kill_sessions(name)
         await self.run(statements)
         # A session that logged in between the kill and DROP USER would outlive the user.
