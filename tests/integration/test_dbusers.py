@@ -193,6 +193,7 @@ async def test_postgresql_expiry_refuses_login_and_renew_extends_it(pg: Pg) -> N
 async def test_postgresql_drop_ends_the_session_removes_the_user_and_can_be_repeated(pg: Pg) -> None:
     name, password = new_username("brk_"), new_password()
     async with pg_admin(pg) as admin:
+        assert not admin.own_revocation  # the driver's defaults: nothing to fall back to
         await admin.create(name, password, hour())
         user = await pg.login(name, password)
         try:
@@ -229,15 +230,15 @@ async def test_postgresql_a_revocation_the_server_rejects_still_leaves_a_user_no
 ) -> None:
     name, password = new_username("brk_"), new_password()
     async with pg_admin(pg, revocation_statements=FAILING_PG_REVOCATION) as admin:
+        assert admin.own_revocation
         await admin.create(name, password, hour())
         with pytest.raises(LeaseDbError) as failed:
             await admin.drop(name)
         assert failed.value.reason == "statement_failed"
-    assert name in await pg_roles(pg)  # not dropped: that is retried
-    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):  # not permitted to log in
-        await pg.login(name, password)
-    async with pg_admin(pg) as admin:
-        await admin.drop(name)  # the statements put right: the user goes
+        assert name in await pg_roles(pg)  # not dropped: that is retried
+        with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):  # not permitted to log in
+            await pg.login(name, password)
+        await admin.drop(name, driver_default=True)  # what the lease service falls back to
     assert name not in await pg_roles(pg)
 
 
@@ -579,6 +580,7 @@ async def test_mysql_user_logs_in_and_can_do_what_the_group_grants_and_no_more(m
 async def test_mysql_drop_ends_the_session_removes_the_user_and_can_be_repeated(my: My) -> None:
     name, password = new_username("brk_"), new_password()
     async with my_admin(my) as admin:
+        assert not admin.own_revocation  # the driver's defaults: nothing to fall back to
         await admin.create(name, password, hour())
         user = await my.login(name, password)
         try:
@@ -602,6 +604,7 @@ async def test_mysql_a_revocation_the_server_rejects_still_leaves_a_user_nobody_
     would keep logging in for as long as the statements stay wrong."""
     name, password = new_username("brk_"), new_password()
     async with my_admin(my, revocation_statements=FAILING_MY_REVOCATION) as admin:
+        assert admin.own_revocation
         await admin.create(name, password, hour())
         session = await my.login(name, password)
         try:
@@ -613,12 +616,11 @@ async def test_mysql_a_revocation_the_server_rejects_still_leaves_a_user_nobody_
                     await cur.execute("SELECT 1")
         finally:
             session.close()
-    assert await my_users(my, name) != []  # not dropped: that is retried
-    with pytest.raises(pymysql.err.OperationalError) as refused:
-        await my.login(name, password)
-    assert refused.value.args[0] in (3118, 4151)  # MySQL, MariaDB: the account is locked
-    async with my_admin(my) as admin:
-        await admin.drop(name)  # the statements put right: the user goes
+        assert await my_users(my, name) != []  # not dropped: that is retried
+        with pytest.raises(pymysql.err.OperationalError) as refused:
+            await my.login(name, password)
+        assert refused.value.args[0] in (3118, 4151)  # MySQL, MariaDB: the account is locked
+        await admin.drop(name, driver_default=True)  # what the lease service falls back to
     assert await my_users(my, name) == []
 
 

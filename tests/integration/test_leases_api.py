@@ -52,7 +52,9 @@ class Server:
         try:
             conn = await self.login(user, password)
         except pymysql.err.OperationalError as exc:
-            assert exc.args[0] in (1045, 1698), exc  # access denied, nothing else
+            # Access denied (MariaDB: 1698 for a user that does not exist); the account locked
+            # (MySQL 3118, MariaDB 4151). Nothing else.
+            assert exc.args[0] in (1045, 1698, 3118, 4151), exc
             return False
         conn.close()
         return True
@@ -590,3 +592,39 @@ async def test_a_legacy_revocation_statement_asking_for_the_password_still_drops
         "unusable_placeholder": "{{password}}",
     }
     assert "lease_revocation_statements_unusable" in running.logs.getvalue()
+
+
+async def test_revocation_statements_the_server_keeps_rejecting_give_way_to_the_default_drop(
+    broker: Running, server: Server
+) -> None:
+    """The connection's own revocation fails at the server every time (here: a table that does not
+    exist). The user cannot log in meanwhile (its account is locked first), and after the third
+    refusal in a row the driver's default drop runs instead: the user does not outlive its lease
+    (DESIGN.md invariant 11), and the lease's audit event says what ran and why."""
+    rejected = ["SELECT * FROM no_such_table", "DROP USER IF EXISTS {{name}}@'%'"]
+    connection_id = await dynamic_connection(broker, server, revocation_statements=rejected)
+    answer = await broker.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id))
+    username, password = answer.config["username"], answer.secrets["password"]
+    assert await server.can_log_in(username, password)
+
+    revoking = await broker.resolver().RevokeLease(pb.RevokeLeaseRequest(lease_id=answer.lease.id))
+
+    assert (revoking.state, revoking.last_error) == (pb.LEASE_STATE_REVOKING, "statement_failed")
+    assert username in await users_named(server.prefix)  # kept for now, but locked
+    assert not await server.can_log_in(username, password)
+
+    async def revoked() -> bool:
+        return (await lease_state(broker, answer.lease.id)).state == pb.LEASE_STATE_REVOKED
+
+    await wait_for(revoked, 10, "the default drop after the third refusal")
+    assert username not in await users_named(server.prefix)
+    assert (await lease_state(broker, answer.lease.id)).revocation_attempts == 2
+    events = await broker.admin().ListAuditEvents(pb.ListAuditEventsRequest(action="lease.revoked"))
+    (event,) = [e for e in events.events if e.details.get("lease_id") == answer.lease.id]
+    assert dict(event.details) == {
+        "lease_id": answer.lease.id,
+        "username": username,
+        "revocation_statements": "default",
+        "own_statements_failed": "1146",  # ER_NO_SUCH_TABLE
+    }
+    assert "lease_revocation_statements_rejected" in broker.logs.getvalue()

@@ -95,11 +95,18 @@ class UserAdmin:
         unusable, so that `drop` runs the driver's defaults instead; "" when they are its own."""
         return self._statements.revocation_replaced
 
-    async def drop(self, name: str) -> None:
-        """End the user's sessions and drop it; a user already gone is success."""
+    @property
+    def own_revocation(self) -> bool:
+        """Whether the connection has revocation statements of its own (which `drop` runs unless
+        told to run the driver's defaults)."""
+        return self._statements.own_revocation
+
+    async def drop(self, name: str, *, driver_default: bool = False) -> None:
+        """End the user's sessions and drop it; a user already gone is success. With
+        `driver_default`, the driver's default revocation runs instead of the connection's."""
         self._check_name(name)
-        statements = await self._render(self._statements.revocation, name, None, None)
-        await self._session.revoke(name, statements)
+        templates = self._statements.default_revocation if driver_default else self._statements.revocation
+        await self._session.revoke(name, await self._render(templates, name, None, None))
 
     async def prefixed_users(self, prefix: str) -> list[str]:
         """The users whose name starts with `prefix`, and no other."""

@@ -32,6 +32,13 @@ class Statements:
     # Set when the connection's own revocation statements could never run and the driver's
     # defaults stand in for them: the placeholder that made them unusable (e.g. "{{password}}").
     revocation_replaced: str = ""
+    # The driver's own revocation: what runs when the connection's keeps being refused.
+    default_revocation: tuple[str, ...] = ()
+
+    @property
+    def own_revocation(self) -> bool:
+        """Whether the revocation statements are the connection's own, not the driver's defaults."""
+        return self.revocation != self.default_revocation
 
 
 _PG_DEFAULT = Statements(
@@ -100,7 +107,7 @@ def statements_for(
         # no password, so these statements could never run and the user would outlive its lease.
         # The defaults drop the user; the caller says so in the lease's audit event.
         chosen["revocation"] = default.revocation
-    return Statements(**chosen, revocation_replaced=replaced)
+    return Statements(**chosen, revocation_replaced=replaced, default_revocation=default.revocation)
 
 
 def _unfillable_at_revocation(templates: tuple[str, ...]) -> str:

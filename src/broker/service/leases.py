@@ -70,6 +70,10 @@ _PRUNE_BATCH = 1000
 DEFAULT_TTL = 3600
 DEFAULT_MAX_TTL = 86400
 DEFAULT_PREFIX = "brk_"
+# Refusals in a row of a connection's own revocation statements after which the driver's default
+# drop runs instead: a user must not outlive its lease for as long as a typo stays unfixed, and a
+# refusal that was only a moment's (a lock, a deadlock) has had its retries.
+OWN_REVOCATION_TRIES = 3
 MAX_FILTER = 512  # a SPIFFE id, an id, a run id or a prefix is far shorter
 
 # UserAdmin.open(target, egress, timeout=...): a seam for tests that need a database to fail.
@@ -470,16 +474,19 @@ class LeaseService:
                     )
                 for lease in leases:
                     try:
-                        await db.drop(lease.username)
+                        rejected = await self._drop_user(db, lease)
                     except LeaseDbError as exc:
                         await self._failed([lease], exc.reason)
                         continue
                     now = self._clock()
                     details = {"lease_id": lease.id, "username": lease.username}
+                    # What ran is not what the connection says: the operator must hear why.
                     if db.revocation_replaced:
-                        # What ran is not what the connection says: the operator must hear why.
                         details["revocation_statements"] = "default"
                         details["unusable_placeholder"] = db.revocation_replaced
+                    elif rejected is not None:
+                        details["revocation_statements"] = "default"
+                        details["own_statements_failed"] = rejected.code or rejected.reason
                     event = system_event(
                         now,
                         ACTOR,
@@ -493,6 +500,32 @@ class LeaseService:
                         metrics.LEASE_OPERATIONS.labels("revoke", "ok").inc()  # once, like the event
         except LeaseDbError as exc:  # opening the session (or the credentials): nothing was dropped
             await self._failed(leases, exc.reason)
+
+    async def _drop_user(self, db: UserAdmin, lease: Lease) -> LeaseDbError | None:
+        """Drop the lease's user with the connection's revocation statements, or with the driver's
+        default once the server has refused the connection's own `OWN_REVOCATION_TRIES` times in
+        a row; the refusal that was given way to (None when the connection's own ran)."""
+        try:
+            await db.drop(lease.username)
+            return None
+        except LeaseDbError as exc:
+            refused_before = lease.last_error == "statement_failed"
+            if not (
+                exc.reason == "statement_failed"
+                and db.own_revocation
+                and refused_before
+                and lease.attempts + 1 >= OWN_REVOCATION_TRIES
+            ):
+                raise
+            log.warning(
+                "lease_revocation_statements_rejected",
+                lease_id=lease.id,
+                code=exc.code,
+                attempts=lease.attempts + 1,
+                using="default",
+            )
+            await db.drop(lease.username, driver_default=True)
+            return exc
 
     async def _failed(self, leases: Sequence[Lease], reason: str) -> None:
         settings = self._settings
