@@ -628,3 +628,25 @@ async def test_revocation_statements_the_server_keeps_rejecting_give_way_to_the_
         "own_statements_failed": "1146",  # ER_NO_SUCH_TABLE
     }
     assert "lease_revocation_statements_rejected" in broker.logs.getvalue()
+
+
+async def test_the_reconciler_drops_an_orphan_even_when_the_revocation_statements_are_refused(
+    broker: Running, server: Server
+) -> None:
+    """An orphan (no lease accounts for it) has no lease to retry through: when the connection's own
+    revocation statements are refused, the reconciler drops it with the driver's default."""
+    rejected = ["SELECT * FROM no_such_table", "DROP USER IF EXISTS {{name}}@'%'"]
+    connection_id = await dynamic_connection(broker, server, revocation_statements=rejected)
+    # The reconciler visits the databases of connections that have leases.
+    await broker.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id))
+    orphan = f"{server.prefix}{secrets.token_hex(8)}"
+    await _as_root(f"CREATE USER `{orphan}`@'%' IDENTIFIED BY 'x'")
+    try:
+
+        async def orphan_gone() -> bool:
+            return orphan not in await users_named(server.prefix)
+
+        await wait_for(orphan_gone, 5, "the orphan dropped by the reconciler")
+        assert "lease_orphan_revocation_statements_rejected" in broker.logs.getvalue()
+    finally:
+        await _as_root(f"DROP USER IF EXISTS `{orphan}`@'%'")

@@ -583,7 +583,7 @@ class LeaseService:
                     names = [name for name in await db.prefixed_users(terms.prefix) if terms.ours(name)]
                     orphans = set(names) - await self._revocations.live_lease_usernames(names)
                     for name in sorted(orphans):
-                        await db.drop(name)
+                        await _drop_orphan(db, connection_id, name)
                         dropped += 1
                         log.warning("lease_orphan_dropped", connection_id=connection_id, username=name)
                         metrics.LEASE_OPERATIONS.labels("orphan_drop", "ok").inc()
@@ -638,3 +638,21 @@ def _check_filter(filter: LeaseFilter) -> None:
 def _filter_fields(filter: LeaseFilter) -> dict[str, str]:
     """The filter's set fields, as an audit event's details."""
     return {name: str(value) for name, value in dataclasses.asdict(filter).items() if value}
+
+
+async def _drop_orphan(db: UserAdmin, connection_id: str, name: str) -> None:
+    """Drop a user no lease accounts for. It has no lease to retry through, so when the server
+    refuses the connection's own revocation statements, the driver's default drop runs at once."""
+    try:
+        await db.drop(name)
+    except LeaseDbError as exc:
+        if exc.reason != "statement_failed" or not db.own_revocation:
+            raise
+        log.warning(
+            "lease_orphan_revocation_statements_rejected",
+            connection_id=connection_id,
+            username=name,
+            code=exc.code,
+            using="default",
+        )
+        await db.drop(name, driver_default=True)
