@@ -289,10 +289,13 @@ class GrantMode(enum.StrEnum):
 
 
 # Request paths a proxy grant's path prefixes never match: dot segments (also with `;params`,
-# which Tomcat and Spring strip before resolving them: `/a/..;/b` is `/b` there), and encoded
-# dots, slashes, backslashes or percent signs encoding those (`%252e`: a server or a proxy in
-# front of it that decodes twice), which an upstream may resolve to a path outside the prefix.
-_AMBIGUOUS_PATH = re.compile(r"(^|/)\.{1,2}(;[^/]*)?(/|$)|%2e|%2f|%5c|%25(2e|2f|5c|25)|\\", re.IGNORECASE)
+# which Tomcat and Spring strip before resolving them: `/a/..;/b` is `/b` there, and with the `;`
+# percent-encoded, which they decode first), and encoded dots, slashes, backslashes or percent
+# signs encoding those (`%252e`: a server or a proxy in front of it that decodes twice), which an
+# upstream may resolve to a path outside the prefix.
+_AMBIGUOUS_PATH = re.compile(
+    r"(^|/)\.{1,2}((;|%3b)[^/]*)?(/|$)|%2e|%2f|%5c|%25(2e|2f|5c|25|3b)|\\", re.IGNORECASE
+)
 
 
 def ambiguous_path(path: str) -> bool:

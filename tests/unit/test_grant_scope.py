@@ -31,6 +31,12 @@ from broker.service.access import checked_scope
         ("/repos/..;/admin", False),  # Tomcat and Spring drop `;params`, then resolve the `..`
         ("/repos/..;jsessionid=1/admin", False),
         ("/repos/.;/x", False),
+        ("/repos/..%3b/admin", False),  # the `;` encoded: decoded, then dropped with its params
+        ("/repos/..%3Bjsessionid=1/admin", False),
+        ("/repos/.%3b/x", False),
+        ("/repos/..%3b", False),
+        ("/repos/..%253b/admin", False),  # and double encoded
+        ("/repos/x%3bv=1", True),  # an encoded `;` on an ordinary segment is fine
         ("/repos/x;v=1", True),  # a parameter on an ordinary segment is fine
         ("/repos/%252e%252e/admin", False),  # double encoded, for a server that decodes twice
         ("/repos/%252F..", False),
