@@ -598,8 +598,8 @@ async def test_revocation_statements_the_server_keeps_rejecting_give_way_to_the_
     broker: Running, server: Server
 ) -> None:
     """The connection's own revocation fails at the server every time (here: a table that does not
-    exist). The user cannot log in meanwhile (its account is locked first), and after the third
-    refusal in a row the driver's default drop runs instead: the user does not outlive its lease
+    exist). The user cannot log in meanwhile (its account is locked first), and on the third try
+    the driver's default drop runs instead: the user does not outlive its lease
     (DESIGN.md invariant 11), and the lease's audit event says what ran and why."""
     rejected = ["SELECT * FROM no_such_table", "DROP USER IF EXISTS {{name}}@'%'"]
     connection_id = await dynamic_connection(broker, server, revocation_statements=rejected)
@@ -616,7 +616,7 @@ async def test_revocation_statements_the_server_keeps_rejecting_give_way_to_the_
     async def revoked() -> bool:
         return (await lease_state(broker, answer.lease.id)).state == pb.LEASE_STATE_REVOKED
 
-    await wait_for(revoked, 10, "the default drop after the third refusal")
+    await wait_for(revoked, 10, "the default drop on the third try")
     assert username not in await users_named(server.prefix)
     assert (await lease_state(broker, answer.lease.id)).revocation_attempts == 2
     events = await broker.admin().ListAuditEvents(pb.ListAuditEventsRequest(action="lease.revoked"))

@@ -70,9 +70,10 @@ _PRUNE_BATCH = 1000
 DEFAULT_TTL = 3600
 DEFAULT_MAX_TTL = 86400
 DEFAULT_PREFIX = "brk_"
-# Refusals in a row of a connection's own revocation statements after which the driver's default
-# drop runs instead: a user must not outlive its lease for as long as a typo stays unfixed, and a
-# refusal that was only a moment's (a lock, a deadlock) has had its retries.
+# From this try of a lease's drop on, a refusal of the connection's own revocation statements that
+# follows another refusal runs the driver's default drop instead: a user must not outlive its lease
+# for as long as a typo stays unfixed, and a refusal that was only a moment's (a lock, a deadlock)
+# has had its retries.
 OWN_REVOCATION_TRIES = 3
 MAX_FILTER = 512  # a SPIFFE id, an id, a run id or a prefix is far shorter
 
@@ -503,8 +504,8 @@ class LeaseService:
 
     async def _drop_user(self, db: UserAdmin, lease: Lease) -> LeaseDbError | None:
         """Drop the lease's user with the connection's revocation statements, or with the driver's
-        default once the server has refused the connection's own `OWN_REVOCATION_TRIES` times in
-        a row; the refusal that was given way to (None when the connection's own ran)."""
+        default when the server refuses them again on try `OWN_REVOCATION_TRIES` or later; the
+        refusal that was given way to (None when the connection's own ran)."""
         try:
             await db.drop(lease.username)
             return None
