@@ -647,6 +647,6 @@ async def test_the_reconciler_drops_an_orphan_even_when_the_revocation_statement
             return orphan not in await users_named(server.prefix)
 
         await wait_for(orphan_gone, 5, "the orphan dropped by the reconciler")
-        assert "lease_orphan_revocation_statements_rejected" in broker.logs.getvalue()
+        assert "lease_revocation_statements_rejected" in broker.logs.getvalue()
     finally:
         await _as_root(f"DROP USER IF EXISTS `{orphan}`@'%'")

@@ -475,7 +475,13 @@ class LeaseService:
                     )
                 for lease in leases:
                     try:
-                        rejected = await self._drop_user(db, lease)
+                        refused_before = lease.last_error == "statement_failed"
+                        rejected = await _drop_user(
+                            db,
+                            lease.username,
+                            fall_back=refused_before and lease.attempts + 1 >= OWN_REVOCATION_TRIES,
+                            lease_id=lease.id,
+                        )
                     except LeaseDbError as exc:
                         await self._failed([lease], exc.reason)
                         continue
@@ -501,32 +507,6 @@ class LeaseService:
                         metrics.LEASE_OPERATIONS.labels("revoke", "ok").inc()  # once, like the event
         except LeaseDbError as exc:  # opening the session (or the credentials): nothing was dropped
             await self._failed(leases, exc.reason)
-
-    async def _drop_user(self, db: UserAdmin, lease: Lease) -> LeaseDbError | None:
-        """Drop the lease's user with the connection's revocation statements, or with the driver's
-        default when the server refuses them again on try `OWN_REVOCATION_TRIES` or later; the
-        refusal that was given way to (None when the connection's own ran)."""
-        try:
-            await db.drop(lease.username)
-            return None
-        except LeaseDbError as exc:
-            refused_before = lease.last_error == "statement_failed"
-            if not (
-                exc.reason == "statement_failed"
-                and db.own_revocation
-                and refused_before
-                and lease.attempts + 1 >= OWN_REVOCATION_TRIES
-            ):
-                raise
-            log.warning(
-                "lease_revocation_statements_rejected",
-                lease_id=lease.id,
-                code=exc.code,
-                attempts=lease.attempts + 1,
-                using="default",
-            )
-            await db.drop(lease.username, driver_default=True)
-            return exc
 
     async def _failed(self, leases: Sequence[Lease], reason: str) -> None:
         settings = self._settings
@@ -584,7 +564,8 @@ class LeaseService:
                     names = [name for name in await db.prefixed_users(terms.prefix) if terms.ours(name)]
                     orphans = set(names) - await self._revocations.live_lease_usernames(names)
                     for name in sorted(orphans):
-                        await _drop_orphan(db, connection_id, name)
+                        # No lease to retry through: a refusal gives way to the default at once.
+                        await _drop_user(db, name, fall_back=True, connection_id=connection_id)
                         dropped += 1
                         log.warning("lease_orphan_dropped", connection_id=connection_id, username=name)
                         metrics.LEASE_OPERATIONS.labels("orphan_drop", "ok").inc()
@@ -641,19 +622,17 @@ def _filter_fields(filter: LeaseFilter) -> dict[str, str]:
     return {name: str(value) for name, value in dataclasses.asdict(filter).items() if value}
 
 
-async def _drop_orphan(db: UserAdmin, connection_id: str, name: str) -> None:
-    """Drop a user no lease accounts for. It has no lease to retry through, so when the server
-    refuses the connection's own revocation statements, the driver's default drop runs at once."""
+async def _drop_user(db: UserAdmin, name: str, *, fall_back: bool, **context: str) -> LeaseDbError | None:
+    """Drop user `name` with the connection's revocation statements; when the server refuses them
+    and `fall_back`, with the driver's default instead. The refusal given way to, else None."""
     try:
         await db.drop(name)
+        return None
     except LeaseDbError as exc:
-        if exc.reason != "statement_failed" or not db.own_revocation:
+        if not (fall_back and exc.reason == "statement_failed" and db.own_revocation):
             raise
         log.warning(
-            "lease_orphan_revocation_statements_rejected",
-            connection_id=connection_id,
-            username=name,
-            code=exc.code,
-            using="default",
+            "lease_revocation_statements_rejected", username=name, code=exc.code, using="default", **context
         )
         await db.drop(name, driver_default=True)
+        return exc
