@@ -10,6 +10,7 @@ driver options) is bound too: tests/integration/test_transport_binding.py.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -26,6 +27,7 @@ import grpc
 import pytest
 
 from broker._proto import broker_pb2 as pb
+from broker.cli import broker as broker_cli
 from broker.crypto import FORMAT_VERSION, Binding
 from broker.egress import EgressSettings
 from tests.conftest import Running
@@ -359,6 +361,81 @@ async def test_rows_sealed_before_the_binding_are_re_sealed_at_start_then_bound(
     finally:
         await stop(running)
     assert attacker.accepted == []
+
+
+async def test_a_legacy_row_beside_current_ones_is_left_failing_closed_until_an_operator_rebinds_it(
+    start: Callable[..., Any],
+    upstream: str,
+    attacker: RecordingListener,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An upgrade re-seals every row before the broker serves, so a row of an older format found
+    beside current ones was not left by an upgrade: it may be a backup's ciphertext written back
+    and re-pointed by someone with write access to the database, who needs only a restart for the
+    start-up pass to bind the secret to their listener. That pass leaves such a row alone (it keeps
+    failing closed) and says so; `broker keys rebind`, run by an operator who vouches for the
+    row, re-seals it."""
+    running: Running = await start()
+    kept = await create_and_grant(running, http_request("kept", upstream))
+    replayed = await create_and_grant(running, http_request("api", upstream))
+    settings = running.broker.settings
+    path, key_file = settings.storage_path, settings.master_key_file
+    await stop(running)
+
+    old = seal_as_format(
+        _raw(key_file), b'{"token":"' + TOKEN.encode() + b'"}', Binding("default", replayed.id, 1), 1
+    )
+    db = sqlite3.connect(path)
+    with db:
+        db.execute(
+            "UPDATE connections SET ciphertext = ?, wrapped_dek = ?, kek_id = ? WHERE id = ?",
+            (*old, replayed.id),
+        )
+    db.close()
+    set_stored_config(path, replayed.id, "base_url", attacker.url)
+
+    running = await start()
+    try:
+        assert _format_of(path, replayed.id) == 1  # left as it was
+        await expect_decrypt_failed(running.resolver().Resolve(pb.ResolveRequest(connection_id=replayed.id)))
+        await expect_decrypt_failed(running.admin().TestConnection(pb.TestConnectionRequest(id=replayed.id)))
+        assert await running.resolver().Resolve(pb.ResolveRequest(connection_id=kept.id))
+        events = await running.admin().ListAuditEvents(pb.ListAuditEventsRequest(action="connection.rebind"))
+        assert list(events.events) == []
+        assert "rebind_refused" in running.logs.getvalue() and replayed.id in running.logs.getvalue()
+    finally:
+        await stop(running)
+    assert attacker.accepted == []
+
+    # The operator's command re-seals it, bound to what the row holds now, and audits it.
+    config = tmp_path / "rebind.toml"
+    tls = settings.tls
+    config.write_text(
+        "\n".join(
+            [
+                f'[tls]\ncert = "{tls.cert}"\nkey = "{tls.key}"\nclient_ca = "{tls.client_ca}"',
+                f'[storage]\npath = "{path}"',
+                f'[master_key]\nfile = "{key_file}"\n',
+            ]
+        )
+    )
+    assert await asyncio.to_thread(broker_cli.main, ["keys", "rebind", "--config", str(config)]) == 0
+    assert "re-sealed 1 connection" in capsys.readouterr().out
+    assert _format_of(path, replayed.id) == FORMAT_VERSION
+    running = await start()
+    try:
+        events = await running.admin().ListAuditEvents(pb.ListAuditEventsRequest(action="connection.rebind"))
+        assert [(e.connection_id, e.actor) for e in events.events] == [(replayed.id, "broker:rebind")]
+    finally:
+        await stop(running)
+
+
+def _format_of(path: Path, connection_id: str) -> int:
+    db = sqlite3.connect(path)
+    (ciphertext,) = db.execute("SELECT ciphertext FROM connections WHERE id = ?", (connection_id,)).fetchone()
+    db.close()
+    return int(ciphertext[0])
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@
     rewrap   re-wrap every stored data key under the active key (resumable)
     status   what each key wraps, and how many encryptions it has made
     retire   delete an old key's file, only when nothing uses it any more
+    rebind   re-seal connections of an older envelope format that the start-up pass left alone
 
 They work on the store file directly and may run next to a running broker (the
 store serialises writers; the rewrap changes a row only if it still holds what
@@ -66,6 +67,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     command("status", "show the active key and, per key, the data keys it wraps and its encryption count")
     p = command("retire", "delete a master key's file; refused while anything still uses that key")
     p.add_argument("kek_id", metavar="ID")
+    command(
+        "rebind",
+        "re-seal connections of an older envelope format that the broker's start left failing closed "
+        "(logged rebind_refused), bound to what they hold now: only for rows you know are genuine",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     action = args.keys_command
     if action == "init":
         return _init(settings, args.imports)
+    if action == "rebind":  # any master-key mode
+        return _on_store(_rebind(settings))
     key_dir = _require_dir(settings)
     if action == "rotate":
         return _rotate(settings, key_dir)
@@ -191,6 +199,21 @@ async def _rewrap(settings: Settings, batch: int, pause: float) -> int:
     if left:
         print(f"{PROG}: {left} data key(s) still use older keys; run rewrap again", file=sys.stderr)
     return 1 if report.failed or left else 0
+
+
+async def _rebind(settings: Settings) -> int:
+    from broker.service.connections import utc_now
+    from broker.service.rebind import rebind_legacy
+
+    keyring = settings.load_keyring()
+    async with _opened_store(settings) as store:
+        report = await rebind_legacy(store, store, keyring, utc_now, vouched=True)
+    print(f"{PROG}: re-sealed {report.rebound} connection(s) in the current format")
+    for where in report.failed:
+        print(f"{PROG}: cannot open the secrets of {where} (tampered, or its key is gone)", file=sys.stderr)
+    if report.rebound:
+        print(f"{PROG}: a running broker on SQLite sees them after a restart", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 async def _status(settings: Settings) -> int:

@@ -13,6 +13,15 @@ audit event naming both formats; two replicas starting together each skip what t
 other did. A row that does not open stays as it is and keeps failing closed as
 decrypt_failed.
 
+Only an upgrade leaves rows of an older format: its first start re-seals them all before
+serving. So once the database holds a connection of the current format, a row of an older
+format beside it was written back afterwards (a backup's ciphertext, re-pointed by someone
+with write access to the database, who would need only a restart for this pass to bind the
+secret to their server). Such rows are left as they are, failing closed, and logged
+(`rebind_refused`); `broker keys rebind` re-seals them for an operator who vouches for them
+(`vouched`): an upgrade interrupted half way, rows an older replica wrote during a rolling
+upgrade.
+
 Format 1 also means "written before servers' echoes of composed credentials were
 scrubbed": the row's last test result and its stored MCP tools are scrubbed again
 (`broker.testers.scrub_stored`) in the same pass, so no echo kept from before stays
@@ -36,7 +45,7 @@ from broker.model import AuditEvent, ConnectionRecord
 from broker.sensitive import SecretFields
 from broker.service.context import system_event
 from broker.service.sealing import LEGACY_FORMATS, open_legacy_secrets, seal
-from broker.store import ConnectionStore, KeyStore
+from broker.store import ConnectionStore, KeyStore, WrappedDek
 from broker.testers import Target, scrub_stored
 
 log = structlog.get_logger("broker.rebind")
@@ -53,6 +62,7 @@ class RebindReport:
     rebound: int = 0
     skipped: int = 0  # changed meanwhile (another replica re-sealed it, an update, a purge)
     failed: list[str] = field(default_factory=list)  # "tenant id" of rows that did not open
+    refused: list[str] = field(default_factory=list)  # "tenant id" of rows beside current ones
 
 
 async def rebind_legacy(
@@ -62,42 +72,71 @@ async def rebind_legacy(
     clock: Callable[[], datetime],
     *,
     batch: int = 500,
+    vouched: bool = False,
 ) -> RebindReport:
-    """Re-seal every connection of an older format so its ciphertext binds what the current one does."""
+    """Re-seal every connection of an older format so its ciphertext binds what the current one
+    does: all of them when no connection has the current format yet (an upgrade) or when
+    `vouched`; else none (see the module's docstring)."""
     report = RebindReport()
+    legacy, current = await _legacy_connections(key_store, batch)
+    if current and not vouched:
+        for dek in legacy:
+            report.refused.append(f"{dek.tenant} {dek.key}")
+            log.warning(
+                "rebind_refused",
+                tenant=dek.tenant,
+                connection_id=dek.key,
+                format=dek.sealed.format_version,
+                why="rows of the current format exist: not left by an upgrade",
+                vouch_with="broker keys rebind",
+            )
+        return report
+    for dek in legacy:
+        old_format = dek.sealed.format_version
+        record = await connections.get_connection(dek.tenant, dek.key)
+        if record is None or record.sealed != dek.sealed:
+            report.skipped += 1
+            continue
+        try:
+            secrets = open_legacy_secrets(keyring, record)
+        except SecretUnavailable:
+            report.failed.append(f"{record.tenant} {record.id}")
+            log.warning("rebind_failed", tenant=record.tenant, connection_id=record.id)
+            continue
+        # The etag moves (caches and other replicas must see the new row); updated_at
+        # stays: nothing an admin set has changed.
+        updated = replace(record, version=record.version + 1)
+        updated = replace(updated, sealed=seal(keyring, secrets, updated))
+        try:
+            details = {"from_format": str(old_format), "format": str(FORMAT_VERSION)}
+            rebound = _event(clock(), record, ACTION, details)
+            await connections.replace_connection(updated, record.version, rebound)
+            report.rebound += 1
+            if old_format == UNBOUND_FORMAT_VERSION:
+                await _rescrub(connections, record, secrets, clock)
+        except (Aborted, NotFound):
+            report.skipped += 1
+    if report.rebound or report.failed:
+        log.info("rebind_done", rebound=report.rebound, skipped=report.skipped, failed=len(report.failed))
+    return report
+
+
+async def _legacy_connections(key_store: KeyStore, batch: int) -> tuple[list[WrappedDek], bool]:
+    """The stored keys of connections sealed in an older format, and whether any connection has the
+    current one (the whole table is read before anything is re-sealed)."""
+    legacy: list[WrappedDek] = []
+    current = False
     after: tuple[str, str, str] | None = None
     while rows := await key_store.list_deks_not_under("", batch, after):
         after = (rows[-1].kind, rows[-1].tenant, rows[-1].key)
         for dek in rows:
-            old_format = dek.sealed.format_version
-            if dek.kind != "connection" or old_format not in LEGACY_FORMATS:
+            if dek.kind != "connection":
                 continue
-            record = await connections.get_connection(dek.tenant, dek.key)
-            if record is None or record.sealed != dek.sealed:
-                report.skipped += 1
-                continue
-            try:
-                secrets = open_legacy_secrets(keyring, record)
-            except SecretUnavailable:
-                report.failed.append(f"{record.tenant} {record.id}")
-                log.warning("rebind_failed", tenant=record.tenant, connection_id=record.id)
-                continue
-            # The etag moves (caches and other replicas must see the new row); updated_at
-            # stays: nothing an admin set has changed.
-            updated = replace(record, version=record.version + 1)
-            updated = replace(updated, sealed=seal(keyring, secrets, updated))
-            try:
-                details = {"from_format": str(old_format), "format": str(FORMAT_VERSION)}
-                rebound = _event(clock(), record, ACTION, details)
-                await connections.replace_connection(updated, record.version, rebound)
-                report.rebound += 1
-                if old_format == UNBOUND_FORMAT_VERSION:
-                    await _rescrub(connections, record, secrets, clock)
-            except (Aborted, NotFound):
-                report.skipped += 1
-    if report.rebound or report.failed:
-        log.info("rebind_done", rebound=report.rebound, skipped=report.skipped, failed=len(report.failed))
-    return report
+            if dek.sealed.format_version in LEGACY_FORMATS:
+                legacy.append(dek)
+            elif dek.sealed.format_version == FORMAT_VERSION:
+                current = True
+    return legacy, current
 
 
 async def _rescrub(
