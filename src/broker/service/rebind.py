@@ -20,7 +20,8 @@ with write access to the database, who would need only a restart for this pass t
 secret to their server). Such rows are left as they are, failing closed, and logged
 (`rebind_refused`); `broker keys rebind` re-seals them for an operator who vouches for them
 (`vouched`): an upgrade interrupted half way, rows an older replica wrote during a rolling
-upgrade.
+upgrade. (A replica that starts while another is half way through the upgrade's pass sees
+its re-sealed rows and leaves the rest to it, logging them as refused.)
 
 Format 1 also means "written before servers' echoes of composed credentials were
 scrubbed": the row's last test result and its stored MCP tools are scrubbed again
