@@ -316,6 +316,20 @@ def _raw(key_file: Path) -> bytes:
     return base64.b64decode(key_file.read_text())
 
 
+def write_as_format_1(path: Path, key_file: Path, connection_id: str) -> None:
+    """Turn the row into one an older broker wrote: the token in format 1, no destination bound."""
+    old = seal_as_format(
+        _raw(key_file), b'{"token":"' + TOKEN.encode() + b'"}', Binding("default", connection_id, 1), 1
+    )
+    db = sqlite3.connect(path)
+    with db:
+        db.execute(
+            "UPDATE connections SET ciphertext = ?, wrapped_dek = ?, kek_id = ? WHERE id = ?",
+            (*old, connection_id),
+        )
+    db.close()
+
+
 async def test_rows_sealed_before_the_binding_are_re_sealed_at_start_then_bound(
     start: Callable[..., Any], upstream: str, attacker: RecordingListener, tmp_path: Path
 ) -> None:
@@ -325,16 +339,7 @@ async def test_rows_sealed_before_the_binding_are_re_sealed_at_start_then_bound(
     key_file = running.broker.settings.master_key_file
     await stop(running)
 
-    # Turn the row into one an older broker wrote: format 1, no destination bound.
-    old = seal_as_format(
-        _raw(key_file), b'{"token":"' + TOKEN.encode() + b'"}', Binding("default", http.id, 1), 1
-    )
-    db = sqlite3.connect(path)
-    with db:
-        db.execute(
-            "UPDATE connections SET ciphertext = ?, wrapped_dek = ?, kek_id = ? WHERE id = ?", (*old, http.id)
-        )
-    db.close()
+    write_as_format_1(path, key_file, http.id)
 
     running = await start()
     try:
@@ -383,16 +388,7 @@ async def test_a_legacy_row_beside_current_ones_is_left_failing_closed_until_an_
     path, key_file = settings.storage_path, settings.master_key_file
     await stop(running)
 
-    old = seal_as_format(
-        _raw(key_file), b'{"token":"' + TOKEN.encode() + b'"}', Binding("default", replayed.id, 1), 1
-    )
-    db = sqlite3.connect(path)
-    with db:
-        db.execute(
-            "UPDATE connections SET ciphertext = ?, wrapped_dek = ?, kek_id = ? WHERE id = ?",
-            (*old, replayed.id),
-        )
-    db.close()
+    write_as_format_1(path, key_file, replayed.id)  # as a backup from before the binding holds it
     set_stored_config(path, replayed.id, "base_url", attacker.url)
 
     running = await start()
