@@ -63,7 +63,6 @@ class RebindReport:
     rebound: int = 0
     skipped: int = 0  # changed meanwhile (another replica re-sealed it, an update, a purge)
     failed: list[str] = field(default_factory=list)  # "tenant id" of rows that did not open
-    refused: list[str] = field(default_factory=list)  # "tenant id" of rows beside current ones
 
 
 async def rebind_legacy(
@@ -82,7 +81,6 @@ async def rebind_legacy(
     legacy, current = await _legacy_connections(key_store, batch)
     if current and not vouched:
         for dek in legacy:
-            report.refused.append(f"{dek.tenant} {dek.key}")
             log.warning(
                 "rebind_refused",
                 tenant=dek.tenant,
