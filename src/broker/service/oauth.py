@@ -297,7 +297,7 @@ class OAuthService:
         verifier, challenge = oauth.new_pkce()
         try:
             provider = oauth.provider_for(provider_name, config)
-            wanted = scopes or list(config.get("scopes") or provider.default_scopes)
+            wanted = scopes or list(provider.default_scopes)  # the config's, when it sets them
             url = oauth.authorization_url(
                 provider, _client(config, secrets).client_id, redirect_uri, wanted, state, challenge
             )
@@ -577,7 +577,7 @@ class OAuthService:
             now = self._clock()
             try:
                 if cc:
-                    scopes = list(record.config.get("scopes") or provider.default_scopes)
+                    scopes = list(provider.default_scopes)
                     tokens = await oauth.client_credentials_token(
                         self._egress,
                         provider,

@@ -464,7 +464,7 @@ async def _client_credentials_token(target: Target, egress: EgressPolicy) -> str
     """A token from the client credentials grant, kept in `target.sent` so that echoes are scrubbed."""
     provider = oauth.provider_for(target.provider, target.config)
     client = oauth.ClientCredentials(str(target.config.get("client_id", "")), target.secret("client_secret"))
-    scopes = list(target.config.get("scopes") or provider.default_scopes)
+    scopes = list(provider.default_scopes)  # the config's `scopes` when it sets them (`provider_for`)
     try:
         tokens = await oauth.client_credentials_token(
             egress, provider, client, scopes, now=datetime.now(UTC), default_lifetime=_ANY_LIFETIME
