@@ -172,14 +172,12 @@ async def body_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
     """The body of a streamed response, decoded from its content coding, in pieces of at most
     64 KiB however compressed it is. `UnreadableBody` for a body (an empty one is fine) in a
     coding not in `ACCEPT_ENCODING` (`x-gzip` is gzip), in several stacked, or broken."""
-    codings = [
-        value.strip().lower()
-        for value in response.headers.get_list("content-encoding", split_commas=True)
-        if value.strip().lower() not in ("", "identity")
-    ]
     if hasattr(response, "_content"):  # read already (a response made with its content), decoded
         yield response.content
         return
+    listed = response.headers.get_list("content-encoding", split_commas=True)
+    named = (value.strip().lower() for value in listed)
+    codings = [coding for coding in named if coding not in ("", "identity")]
     decoder: _Inflater | None = None
     try:
         async for chunk in response.aiter_raw():
