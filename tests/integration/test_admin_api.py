@@ -411,6 +411,30 @@ async def test_list_filters_and_pages(running: Running) -> None:
 
     bad_token = await rpc_error(admin.ListConnections(pb.ListConnectionsRequest(page_token="garbage!")))
     assert "page_token" in field_violations(bad_token)
+
+    # A token goes with the filters of the call that returned it (AIP-158): with others its
+    # position would silently skip or repeat connections.
+    first = await admin.ListConnections(
+        pb.ListConnectionsRequest(type="database", labels={"env": "prod"}, page_size=1)
+    )
+    assert first.next_page_token
+    for other in (
+        pb.ListConnectionsRequest(type="api_key", labels={"env": "prod"}),
+        pb.ListConnectionsRequest(labels={"env": "prod"}),
+        pb.ListConnectionsRequest(type="database", labels={"env": "dev"}),
+        pb.ListConnectionsRequest(type="database"),
+    ):
+        other.page_token = first.next_page_token
+        moved = await rpc_error(admin.ListConnections(other))
+        assert moved.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "other filters" in field_violations(moved)["page_token"]
+    # The same filters with another page size: the next page.
+    same = await admin.ListConnections(
+        pb.ListConnectionsRequest(
+            type="database", labels={"env": "prod"}, page_size=5, page_token=first.next_page_token
+        )
+    )
+    assert [c.id for c in same.connections] == [ids[i] for i in (3, 5, 7, 9, 11)]
     bad_size = await rpc_error(admin.ListConnections(pb.ListConnectionsRequest(page_size=-1)))
     assert "page_size" in field_violations(bad_size)
 

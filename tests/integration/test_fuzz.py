@@ -27,6 +27,7 @@ from google.protobuf.message import Message
 
 from broker._proto import broker_pb2 as pb
 from broker.egress.policy import EgressSettings
+from broker.model import AuditFilter, GrantFilter
 from broker.service import paging
 from tests.conftest import Running
 from tests.helpers import EXECUTOR, EXECUTOR2, db_request, field_violations, rpc_error, struct
@@ -123,6 +124,7 @@ class Fuzzer:
             return paging.encode_token(
                 rng.choice(["connections", "grants", "audit", "security"]),
                 rng.choice([*NUMBERS, "x", ["a", "b"], True, 1.5]),
+                rng.choice([GrantFilter(), AuditFilter(), GrantFilter(principal=rng.choice(WORDS))]),
             )
         if roll < 0.75:
             return "".join(chr(rng.randrange(0x20, 0xD7FF)) for _ in range(rng.randrange(1, 40)))

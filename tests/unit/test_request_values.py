@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 
 import pytest
@@ -9,6 +11,7 @@ from google.protobuf import json_format, struct_pb2
 
 from broker.api import convert
 from broker.errors import InvalidArgument
+from broker.model import AuditFilter, ConnectionFilter, GrantFilter
 from broker.service import paging
 
 
@@ -58,14 +61,45 @@ def test_a_key_that_is_no_field_name_is_left_out_of_the_path() -> None:
     ],
 )
 def test_a_position_of_the_wrong_shape_is_a_forged_token(kind: str, position: object, shape: object) -> None:
-    token = paging.encode_token(kind, position)
+    token = paging.encode_token(kind, position, GrantFilter())
     with pytest.raises(InvalidArgument) as info:
-        paging.decode_token(kind, token, shape)  # type: ignore[arg-type]
+        paging.decode_token(kind, token, shape, GrantFilter())  # type: ignore[arg-type]
     assert info.value.violations[0].field == "page_token"
 
 
 def test_positions_the_broker_makes_round_trip() -> None:
-    assert paging.decode_token("audit", paging.encode_token("audit", 2**63 - 1), paging.event_id) == 2**63 - 1
+    unfiltered = AuditFilter()
+    token = paging.encode_token("audit", 2**63 - 1, unfiltered)
+    assert paging.decode_token("audit", token, paging.event_id, unfiltered) == 2**63 - 1
     pair = ["conn_01", "spiffe://broker.local/tenant/t/executor/e"]
-    assert paging.decode_token("grants", paging.encode_token("grants", pair), paging.text_pair) == pair
-    assert paging.decode_token("audit", "", paging.event_id) is None
+    grants = GrantFilter(principal=pair[1])
+    assert (
+        paging.decode_token("grants", paging.encode_token("grants", pair, grants), paging.text_pair, grants)
+        == pair
+    )
+    assert paging.decode_token("audit", "", paging.event_id, unfiltered) is None
+
+
+def test_a_token_goes_with_the_filters_it_was_returned_for() -> None:
+    labelled = ConnectionFilter(type="http", labels={"env": "prod", "team": "a"})
+    token = paging.encode_token("connections", "conn_01", labelled)
+    same = ConnectionFilter(type="http", labels={"team": "a", "env": "prod"})  # labels in another order
+    assert paging.decode_token("connections", token, paging.text, same) == "conn_01"
+    for other in (
+        ConnectionFilter(type="http", labels={"env": "prod"}),
+        ConnectionFilter(labels={"env": "prod", "team": "a"}),
+        ConnectionFilter(),
+    ):
+        with pytest.raises(InvalidArgument) as info:
+            paging.decode_token("connections", token, paging.text, other)
+        assert info.value.violations[0].field == "page_token"
+        assert "other filters" in info.value.violations[0].description
+
+
+def test_a_token_from_before_filters_were_bound_is_refused_as_forged() -> None:
+    old = paging.encode_token("connections", "conn_01", ConnectionFilter())
+    raw = json.loads(base64.urlsafe_b64decode(old + "=" * (-len(old) % 4)))
+    two = base64.urlsafe_b64encode(json.dumps(raw[:2]).encode()).decode().rstrip("=")
+    with pytest.raises(InvalidArgument) as info:
+        paging.decode_token("connections", two, paging.text, ConnectionFilter())
+    assert "not a token returned" in info.value.violations[0].description

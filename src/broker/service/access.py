@@ -133,13 +133,13 @@ class AccessService:
         """One page of grants ordered by (connection id, principal)."""
         limit = paging.page_size(page_size)
         require_printable(connection_id=filter.connection_id, principal=filter.principal)
-        after = paging.decode_token("grants", page_token, paging.text_pair)
+        after = paging.decode_token("grants", page_token, paging.text_pair, filter)
         grants = await self._grants.list_grants(
             call.tenant, filter, limit + 1, tuple(after) if after else None
         )
         if len(grants) > limit:
             last = grants[limit - 1]
-            return grants[:limit], paging.encode_token("grants", [last.connection_id, last.principal])
+            return grants[:limit], paging.encode_token("grants", [last.connection_id, last.principal], filter)
         return grants, ""
 
 

@@ -178,8 +178,7 @@ class AuditLog:
             return self._store.list_audit(call.tenant, filter, limit, before)
 
         _check_filter(filter)
-        window = (filter.start_time, filter.end_time)
-        return await paging.newest_first("audit", window, page_size, page_token, fetch)
+        return await paging.newest_first("audit", filter, page_size, page_token, fetch)
 
     async def verify(self, call: Call) -> AuditChainReport:
         """Walk the whole (global) chain; the report holds ids and a generic problem only."""

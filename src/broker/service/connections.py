@@ -320,10 +320,11 @@ class ConnectionService:
         _check_labels(filter.labels, violations)
         if violations:
             raise InvalidArgument(violations)
-        after = paging.decode_token("connections", page_token, paging.text)
+        after = paging.decode_token("connections", page_token, paging.text, filter)
         records = await self._connections.list_connections(call.tenant, filter, limit + 1, after)
-        next_token = paging.encode_token("connections", records[limit - 1].id) if len(records) > limit else ""
-        return records[:limit], next_token
+        if len(records) > limit:
+            return records[:limit], paging.encode_token("connections", records[limit - 1].id, filter)
+        return records, ""
 
     async def update(self, call: Call, patch: ConnectionPatch) -> ConnectionRecord:
         """Apply a partial update; secrets are re-sealed under a new data key only when they change."""

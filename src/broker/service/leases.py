@@ -306,10 +306,10 @@ class LeaseService:
     ) -> tuple[list[Lease], str]:
         _check_filter(filter)
         limit = paging.page_size(page_size)
-        after = paging.decode_token("leases", page_token, paging.text) if page_token else None
+        after = paging.decode_token("leases", page_token, paging.text, filter)
         leases = await self._store.list_leases(call.tenant, filter, limit + 1, after)
         if len(leases) > limit:
-            return leases[:limit], paging.encode_token("leases", leases[limit - 1].id)
+            return leases[:limit], paging.encode_token("leases", leases[limit - 1].id, filter)
         return leases, ""
 
     async def revoke_matching(self, call: Call, filter: LeaseFilter, abandon: bool = False) -> int:

@@ -590,5 +590,4 @@ class Monitor:
             return self._events.list_security_events(call.tenant, filter, limit, before)
 
         require_printable(rule=filter.rule, connection_id=filter.connection_id, principal=filter.principal)
-        window = (filter.start_time, filter.end_time)
-        return await paging.newest_first("security", window, page_size, page_token, fetch)
+        return await paging.newest_first("security", filter, page_size, page_token, fetch)
