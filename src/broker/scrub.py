@@ -97,9 +97,11 @@ class Scrubber:
 
     def body(self, data: bytes) -> bytes:
         """A whole answer's body scrubbed as `data` does, and a form's beginning left at its very
-        end masked too: an answer can stop inside an echoed secret (a Content-Length one short, a
-        Range, a dropped connection), and what it holds of it would give most of it away."""
-        return _masked_cut(self.data(data), self._byte_forms(), _MASK_BYTES)
+        end masked too, and a form's end at its very start: an answer can stop inside an echoed
+        secret (a Content-Length one short, a dropped connection) or begin inside one (a part of
+        a file), and what it holds of it would give most of it away."""
+        forms = self._byte_forms()
+        return _masked_cut(_masked_start(self.data(data), forms, _MASK_BYTES), forms, _MASK_BYTES)
 
     def stream(self) -> StreamScrubber:
         """A scrubber for a body that arrives in chunks: a form split between two is masked too."""
@@ -187,6 +189,32 @@ def _cut_at_the_end(text: AnyStr, forms: Sequence[AnyStr]) -> int:
     return cut
 
 
+def _cut_at_the_start(text: bytes, forms: Sequence[bytes]) -> int:
+    """Where a form's end (`MIN_LENGTH` or more of it, not all of it) at the very start of `text`
+    ends, or `len(text)` if all of `text` lies inside a form; 0 if neither."""
+    head = text[:MIN_LENGTH]
+    if len(head) < MIN_LENGTH:
+        return 0
+    cut = 0
+    for form in forms:
+        at = form.find(head, 1)
+        while at != -1:
+            rest = form[at:]
+            if rest.startswith(text):
+                return len(text)
+            if text.startswith(rest):
+                cut = max(cut, len(rest))
+                break  # the first match is the longest piece of this form
+            at = form.find(head, at + 1)
+    return cut
+
+
+def _masked_start(data: bytes, forms: Sequence[bytes], mask: bytes) -> bytes:
+    """`data` with a form's end left at its very start replaced by `mask`."""
+    cut = _cut_at_the_start(data, forms)
+    return data if not cut else mask + data[cut:]
+
+
 def _masked_cut(text: AnyStr, forms: Sequence[AnyStr], mask: AnyStr) -> AnyStr:
     """`text` with a form's beginning left at its very end replaced by `mask`."""
     cut = _cut_at_the_end(text, forms)
@@ -196,17 +224,27 @@ def _masked_cut(text: AnyStr, forms: Sequence[AnyStr], mask: AnyStr) -> AnyStr:
 class StreamScrubber:
     """Masks forms in a chunked body: what may be the start of a form is held back until the
     next chunk (or `end`) shows whether it is one, so a form split across chunks is masked, and a
-    body that ends inside one (cut short) has that beginning masked too."""
+    body that ends inside one (cut short) has that beginning masked too; as `Scrubber.body`, a
+    body that begins inside one has that end masked."""
 
     def __init__(self, pattern: re.Pattern[bytes] | None, forms: Sequence[bytes]) -> None:
         longest = max(map(len, forms), default=0)
         self._pattern, self._forms, self._hold, self._carry = pattern, forms, max(longest - 1, 0), b""
+        self._started = False  # whether the body's first bytes were checked for a form's end
 
     def feed(self, chunk: bytes) -> bytes:
         """The scrubbed bytes that can be released now (possibly none)."""
         if self._pattern is None:
             return chunk
         buffer = self._carry + chunk
+        if not self._started:
+            if len(buffer) <= self._hold:  # a form's end there could still be longer than the buffer
+                self._carry = buffer
+                return b""
+            # As `Scrubber.body`: a whole form at the start is the pattern's to mask.
+            if not self._pattern.match(buffer):
+                buffer = _masked_start(buffer, self._forms, _MASK_BYTES)
+            self._started = True
         # A match starting before `cut` is complete here (no form is longer than hold + 1), so
         # everything up to the later of `cut` and the end of such a match can go out.
         cut = len(buffer) - self._hold
@@ -223,7 +261,10 @@ class StreamScrubber:
         rest, self._carry = self._carry, b""
         if self._pattern is None:
             return rest
-        return _masked_cut(self._pattern.sub(_MASK_BYTES, rest), self._forms, _MASK_BYTES)
+        rest = self._pattern.sub(_MASK_BYTES, rest)
+        if not self._started:
+            rest, self._started = _masked_start(rest, self._forms, _MASK_BYTES), True
+        return _masked_cut(rest, self._forms, _MASK_BYTES)
 
 
 def storable(text: str) -> str:

@@ -464,10 +464,33 @@ async def test_text_that_only_mentions_method_is_sent(request_: UpstreamRequest)
     assert answer.status == 200 and len(upstream.requests) == 1
 
 
+async def test_a_range_of_the_callers_choosing_is_refused() -> None:
+    # An honest file server (nginx, S3) answers a Range with that part of a file: one that echoes
+    # the credential could be read from inside the secret, where no form of it is left to mask.
+    with serve(echo) as upstream, pytest.raises(InvalidArgument) as caught:
+        headers = (("Range", "bytes=29-"), ("if_range", '"etag"'), ("Accept", "text/plain"))
+        await call(
+            LOOPBACK, bearer(upstream.url), UpstreamRequest("GET", "/v1/x", headers=headers), max_bytes=100
+        )
+    assert violations(caught) == {"headers[0].name", "headers[1].name"}
+    assert upstream.requests == []
+
+
+async def test_an_answer_that_begins_inside_an_echoed_secret_gives_none_of_it_away() -> None:
+    said = TOKEN[3:].encode() + b" was the token you sent"
+    get = UpstreamRequest("GET", "/v1/x")
+    with serve(lambda seen: Answer(206, said)) as upstream:
+        answer = await call(LOOPBACK, bearer(upstream.url), get, max_bytes=1000)
+        streamed = [part async for part in stream(LOOPBACK, bearer(upstream.url), get, max_bytes=1000)]
+    body = b"".join(part for part in streamed if isinstance(part, bytes))
+    for got in (answer.body, body):
+        assert got == b"[redacted] was the token you sent", got
+
+
 @pytest.mark.parametrize("cut", [1, 5, len(TOKEN) - 4])
 async def test_an_answer_that_stops_inside_an_echoed_secret_gives_none_of_it_away(cut: int) -> None:
-    """An upstream's answer can end inside what it echoes (a Content-Length one short, a Range,
-    a dropped connection): what it holds of the secret is masked, buffered or streamed."""
+    """An upstream's answer can end inside what it echoes (a Content-Length one short, a dropped
+    connection): what it holds of the secret is masked, buffered or streamed."""
     said = b"you sent Bearer " + TOKEN[:-cut].encode()
     get = UpstreamRequest("GET", "/v1/x")
     with serve(lambda seen: Answer(200, said)) as upstream:
