@@ -123,6 +123,9 @@ def _request_hook(policy: EgressPolicy) -> Any:
     return check
 
 
+_RECEIVED_HEADERS = "broker.received_headers"
+
+
 async def _standard_location(response: httpx.Response) -> None:
     # httpx reads a redirect's Location itself, even when not following it (to offer
     # `next_request`), and fails the whole exchange on a spelling of an address it does not
@@ -130,7 +133,16 @@ async def _standard_location(response: httpx.Response) -> None:
     location = response.headers.get("location")
     if location is not None:
         with contextlib.suppress(InvalidTarget):
+            received = list(response.headers.raw)
             response.headers["location"] = str(redirect_url(response.request.url, location))
+            response.extensions[_RECEIVED_HEADERS] = received
+
+
+def received_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
+    """The headers as the server sent them: the Location not made absolute and re-encoded (a
+    secret in it would be in none of the forms a scrubber knows)."""
+    received: list[tuple[bytes, bytes]] | None = response.extensions.get(_RECEIVED_HEADERS)
+    return list(response.headers.raw) if received is None else received
 
 
 def http_client(policy: EgressPolicy, **kwargs: Any) -> httpx.AsyncClient:

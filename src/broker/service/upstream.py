@@ -54,7 +54,7 @@ import httpx
 from broker import oauth
 from broker.egress import EgressPolicy
 from broker.egress.errors import ResponseTooLarge, UnreadableBody
-from broker.egress.http import PolicyClient, body_chunks, http_client, read_body
+from broker.egress.http import PolicyClient, body_chunks, http_client, read_body, received_headers
 from broker.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from broker.model import plain_path
 from broker.scrub import Scrubber
@@ -459,7 +459,7 @@ def _head(connection: Injection, response: httpx.Response) -> UpstreamAnswer:
     scrubber, encoding = connection.scrubber, response.headers.encoding
     headers = [
         (scrubber.data(name).decode(encoding).lower(), scrubber.text(scrubber.data(value).decode(encoding)))
-        for name, value in response.headers.raw
+        for name, value in received_headers(response)
         if name.decode(encoding).lower() not in _DROPPED_ANSWER_HEADERS
     ]
     return UpstreamAnswer(response.status_code, headers, b"")
