@@ -1,7 +1,8 @@
 """Remove secret values, and what the broker composed from them, from what a server sent back.
 
 Each secret and each composed credential (`broker.testers.sent`) is masked plain, URL-encoded,
-base64 (standard, URL-safe, unpadded; also where it sits inside a longer base64 text) and hex.
+base64 (standard, URL-safe, unpadded; also where it sits inside a longer base64 text), hex,
+JSON-escaped and HTML-escaped.
 Text is scrubbed as a whole string; JSON (an MCP tool's input schema) in every string it holds,
 keys included.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import html
 import json
 import re
 import urllib.parse
@@ -47,6 +49,12 @@ def _forms(value: str) -> set[str]:
         in_json.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"),
         _dotnet_json(value),
         value.replace("/", "\\/"),
+        # In an HTML or XML page (an error page quoting what it was sent), as the common escapers
+        # write `&<>"'`: Python's and Jinja's, PHP's htmlspecialchars, Go's html/template.
+        html.escape(value, quote=False),
+        html.escape(value),
+        html.escape(value).replace("&#x27;", "&#39;"),
+        html.escape(value).replace("&quot;", "&#34;").replace("&#x27;", "&#39;"),
     }
     # Inside a longer base64 text (a blob, a token, an echoed header block) the value starts at
     # any of three offsets and its ends share groups with its neighbours: the whole groups it

@@ -169,6 +169,22 @@ def test_a_secret_in_json_written_by_an_html_safe_encoder_is_masked() -> None:
     assert Scrubber([secret]).data(said.encode()) == f'{{"you_sent":"{MASK}"}}'.encode()
 
 
+def test_a_secret_quoted_in_an_html_page_is_masked() -> None:
+    # An error page quoting what it was sent, through the usual escapers of `&<>"'`.
+    secret = "Sup3r Secret!&<x>\"q'z"
+    scrubber = Scrubber([secret])
+    escaped = [
+        "Sup3r Secret!&amp;&lt;x&gt;&quot;q&#x27;z",  # Python's html.escape, Jinja
+        "Sup3r Secret!&amp;&lt;x&gt;&quot;q&#39;z",  # PHP's htmlspecialchars with ENT_QUOTES
+        "Sup3r Secret!&amp;&lt;x&gt;&#34;q&#39;z",  # Go's html/template
+        "Sup3r Secret!&amp;&lt;x&gt;\"q'z",  # text content, quotes left as they are
+    ]
+    for quoted in escaped:
+        page = f"<p>bad token {quoted}</p>"
+        assert scrubber.text(page) == f"<p>bad token {MASK}</p>", quoted
+        assert scrubber.body(page.encode()) == f"<p>bad token {MASK}</p>".encode(), quoted
+
+
 def test_a_secret_as_dotnet_writes_it_in_json_or_url_encoded_is_masked() -> None:
     # AWS-style secret keys hold '/' and '+'. ASP.NET Core's System.Text.Json escapes '+', quotes,
     # HTML characters and non-ASCII as \uXXXX (upper-case hex); HttpUtility.UrlEncode writes
