@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from broker.catalog import destination_digest
+from broker.catalog import MAX_JSON_DEPTH, destination_digest
 from broker.crypto.envelope import Binding, Sealed
 
 
@@ -126,12 +126,6 @@ class ReauthReason:
     reason: str
     error: str = ""
     description: str = ""
-
-
-# How deep objects and arrays may nest in JSON the broker passes on as a protobuf Struct (a tool's
-# schema, a tool's result): each level is two protobuf messages (Struct or ListValue, and Value),
-# and protobuf readers stop at 100 messages deep.
-MAX_JSON_DEPTH = 32
 
 
 def json_depth(value: Any) -> int:

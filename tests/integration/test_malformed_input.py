@@ -10,6 +10,7 @@ import pytest
 
 from broker import metrics
 from broker._proto import broker_pb2 as pb
+from broker.catalog import MAX_JSON_DEPTH
 from broker.model import AuditFilter, ConnectionFilter, GrantFilter, SecurityEventFilter
 from broker.service import paging
 from tests.conftest import Running
@@ -140,6 +141,42 @@ async def test_integers_beyond_2_53_or_not_whole_are_refused_naming_the_field(ru
     got = await admin.GetConnection(pb.GetConnectionRequest(id=created.id))
     assert got.etag == created.etag and got.config["nested"]["n"][0] == -EXACT
     assert [c.name for c in (await admin.ListConnections(pb.ListConnectionsRequest())).connections] == ["ids"]
+
+
+def nested(levels: int) -> dict[str, object]:
+    """A config whose objects nest `levels` deep, itself counted."""
+    value: dict[str, object] = {"leaf": 1}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
+async def test_a_config_nested_deeper_than_any_client_reads_back_is_refused(running: Running) -> None:
+    # One stored connection that a client's protobuf reader cannot read would make every listing
+    # of its tenant unreadable (INTERNAL "Exception deserializing response!" in every Python client).
+    admin = running.admin()
+    deepest = await admin.CreateConnection(
+        pb.CreateConnectionRequest(
+            name="deep", type="custom", config=struct(nested(MAX_JSON_DEPTH)), secrets={"k": "v"}
+        )
+    )
+    listed = await admin.ListConnections(pb.ListConnectionsRequest())
+    assert [c.id for c in listed.connections] == [deepest.id]
+    before = await audit_count(running)
+    deeper = struct(nested(MAX_JSON_DEPTH + 1))
+    calls = [
+        admin.CreateConnection(
+            pb.CreateConnectionRequest(name="deeper", type="custom", config=deeper, secrets={"k": "v"})
+        ),
+        admin.UpdateConnection(pb.UpdateConnectionRequest(id=deepest.id, config=deeper)),
+    ]
+    for call in calls:
+        error = await rpc_error(call)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        assert f"deeper than {MAX_JSON_DEPTH - 1} levels" in field_violations(error)["config.a"]
+    assert await audit_count(running) == before
+    listed = await admin.ListConnections(pb.ListConnectionsRequest())
+    assert [(c.id, c.etag) for c in listed.connections] == [(deepest.id, deepest.etag)]
 
 
 # ----------------------------------------------------------------- forged page tokens

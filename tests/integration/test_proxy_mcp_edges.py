@@ -24,8 +24,8 @@ from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
 
 from broker._proto import broker_pb2 as pb
+from broker.catalog import MAX_JSON_DEPTH
 from broker.egress import EgressPolicy, EgressSettings
-from broker.model import MAX_JSON_DEPTH
 from broker.sensitive import SecretFields
 from broker.testers import Target, run_discovery
 from broker.testers import _mcp_client as mcp_tester

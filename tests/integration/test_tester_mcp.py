@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from broker import catalog, pki
+from broker.catalog import MAX_JSON_DEPTH
 from broker.egress import EgressPolicy, EgressSettings
-from broker.model import MAX_JSON_DEPTH, McpTool, TestCategory, TestResult, TestStage
+from broker.model import McpTool, TestCategory, TestResult, TestStage
 from broker.sensitive import SecretFields
 from broker.testers import Target, run_discovery, run_tester
 from broker.testers import _mcp_client as mcp_tester

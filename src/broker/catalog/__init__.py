@@ -12,6 +12,7 @@ from broker.catalog._validate import NAME as FIELD_NAME
 from broker.catalog._validate import validate, validate_field
 from broker.catalog._values import (
     CREATION_ONLY_PLACEHOLDERS,
+    MAX_JSON_DEPTH,
     STATEMENT_PLACEHOLDERS,
     fill_statement,
     statement_placeholders,
@@ -21,6 +22,7 @@ from broker.catalog._values import (
 __all__ = [
     "CREATION_ONLY_PLACEHOLDERS",
     "FIELD_NAME",
+    "MAX_JSON_DEPTH",
     "STATEMENT_PLACEHOLDERS",
     "ConnectionType",
     "FieldKind",

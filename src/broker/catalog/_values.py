@@ -22,7 +22,10 @@ from broker.egress import InvalidTarget, parse_host, parse_url
 MAX_STRING = 65_536
 MAX_URL = 2_048
 MAX_LIST = 256
-MAX_DEPTH = 32
+# How deep objects and arrays may nest in JSON the broker passes on as a protobuf Struct (a config,
+# a tool's schema, a tool's result): each level is two protobuf messages (Struct or ListValue, and
+# Value), and protobuf readers stop at 100 messages deep, the messages around the Struct counted.
+MAX_JSON_DEPTH = 32
 
 # `[^\S]` style classes would miss control characters; a URL or host may contain neither.
 _SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
@@ -171,10 +174,18 @@ def _timestamp(value: Any) -> str:
     return parsed.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def json_value(value: Any, depth: int = 0) -> Any:
-    """A deep copy of a JSON-able value (as a protobuf Struct carries it); raises Problem otherwise."""
-    if depth > MAX_DEPTH:
-        raise Problem(f"must not nest deeper than {MAX_DEPTH} levels")
+def json_value(value: Any, enclosing: int = 1) -> Any:
+    """A deep copy of a JSON-able value (as a protobuf Struct carries it) inside `enclosing` objects
+    (the config, by default); raises Problem otherwise.
+
+    Objects and arrays nest no deeper than `MAX_JSON_DEPTH` in all, the config counted: a client's
+    protobuf reader could not read a deeper one back, and one such connection would make every
+    listing of its tenant unreadable.
+    """
+    if isinstance(value, list | tuple | Mapping) and enclosing >= MAX_JSON_DEPTH:
+        raise Problem(
+            f"must not nest deeper than {MAX_JSON_DEPTH - 1} levels ({MAX_JSON_DEPTH} with the config)"
+        )
     if value is None or isinstance(value, bool | int):
         return value
     if isinstance(value, float):
@@ -184,11 +195,11 @@ def json_value(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
         return _string(value)
     if isinstance(value, list | tuple):
-        return [json_value(v, depth + 1) for v in value]
+        return [json_value(v, enclosing + 1) for v in value]
     if isinstance(value, Mapping):
         if not all(isinstance(k, str) for k in value):
             raise Problem("must have string keys")
-        return {k: json_value(v, depth + 1) for k, v in value.items()}
+        return {k: json_value(v, enclosing + 1) for k, v in value.items()}
     raise Problem("must be a JSON value")
 
 

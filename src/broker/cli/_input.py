@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from broker.catalog import MAX_JSON_DEPTH
+
 
 class UsageError(ValueError):
     """The command line is wrong; the CLI prints the message and exits with status 2."""
@@ -58,14 +60,12 @@ def parse_config(
 # A request carries every config number as a double, exact for integers up to 2**53 - 1 only (the
 # broker refuses larger ones, since it cannot know what was meant); said here before anything is sent.
 MAX_EXACT_INTEGER = 2**53 - 1
-# The broker's own bound on nesting in a config (catalog MAX_DEPTH); deeper is refused there anyway.
-MAX_DEPTH = 32
 
 
 def _exact_numbers(value: Any, flag: str, path: str = "", depth: int = 0) -> None:
     """A `UsageError` naming `flag` and the path in the value for an integer beyond +-(2**53 - 1)."""
-    if depth > MAX_DEPTH:
-        raise UsageError(f"{flag} {path}".rstrip() + f": nests deeper than {MAX_DEPTH} levels")
+    if depth > MAX_JSON_DEPTH:  # the broker refuses less deep ones anyway: a bound on the recursion
+        raise UsageError(f"{flag} {path}".rstrip() + f": nests deeper than {MAX_JSON_DEPTH} levels")
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_EXACT_INTEGER:
         raise UsageError(
             f"{flag} {path}".rstrip() + f": an integer beyond {MAX_EXACT_INTEGER} (2^53 - 1) cannot be"

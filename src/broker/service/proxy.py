@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 
 from broker import metrics
+from broker.catalog import MAX_JSON_DEPTH
 from broker.crypto import Keyring
 from broker.egress import Blocked, DnsFailure, EgressPolicy, InvalidTarget
 from broker.errors import (
@@ -40,7 +41,7 @@ from broker.errors import (
     SecretUnavailable,
     Unavailable,
 )
-from broker.model import MAX_JSON_DEPTH, ConnectionRecord, Grant, GrantScope, McpTool, Outcome, json_depth
+from broker.model import ConnectionRecord, Grant, GrantScope, McpTool, Outcome, json_depth
 from broker.sensitive import SecretFields
 from broker.service.audit import AuditLog
 from broker.service.context import Call

@@ -25,9 +25,10 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from pydantic import ValidationError
 
+from broker.catalog import MAX_JSON_DEPTH
 from broker.egress import Blocked, DnsFailure, EgressPolicy
 from broker.egress.http import http_client
-from broker.model import MAX_JSON_DEPTH, McpTool, TestCategory, TestResult, TestStage, json_depth
+from broker.model import McpTool, TestCategory, TestResult, TestStage, json_depth
 from broker.scrub import Scrubber
 from broker.testers._mcp_transport import EgressTransport, ExchangeLog
 from broker.testers.base import Target, TestFailure, passed
