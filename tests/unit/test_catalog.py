@@ -153,6 +153,7 @@ def test_all_is_complete() -> None:
         "FIELD_NAME",
         "FieldKind",
         "FieldSpec",
+        "MAX_JSON_DEPTH",
         "STATEMENT_PLACEHOLDERS",
         "Validated",
         "destination_digest",
