@@ -42,11 +42,13 @@ def _text(text: str) -> types.CallToolResult:
     return types.CallToolResult(content=[types.TextContent(type="text", text=text)])
 
 
-async def _tools_connection(running: Running, server: mcpserver.McpTestServer, transport: str) -> None:
+async def _tools_connection(
+    running: Running, server: mcpserver.McpTestServer, transport: str, **more: Any
+) -> None:
     """An `mcp` connection named "edge" to `server`, its tools approved, granted in proxy mode."""
     admin = running.admin()
     url = server.sse_url if transport == "sse" else server.url
-    config = {"server_url": url, "auth_type": "bearer", "transport": transport}
+    config = {"server_url": url, "auth_type": "bearer", "transport": transport, **more}
     created = await admin.CreateConnection(
         pb.CreateConnectionRequest(name="edge", type="mcp", config=struct(config), secrets={"token": TOKEN})
     )
@@ -137,12 +139,30 @@ async def test_a_json_rpc_error_for_the_call_is_told_scrubbed_and_bad_arguments_
     async def picky(ctx: ServerRequestContext[Any], arguments: dict[str, Any]) -> types.CallToolResult:
         raise MCPError(code=types.INVALID_PARAMS, message=f"x must be a number\n(auth {TOKEN})")
 
-    with mcpserver.running(
-        token=TOKEN, tool_count=1, behaviours={"raises": raises, "picky": picky}
-    ) as server:
+    # -32000 and -32001 are JSON-RPC's generic server errors too, not only the SDK's own codes for a
+    # closed connection and a timeout: sent by the server, they answered the call.
+    async def generic(ctx: ServerRequestContext[Any], arguments: dict[str, Any]) -> types.CallToolResult:
+        raise MCPError(code=types.CONNECTION_CLOSED, message="quota exceeded for this project")
+
+    async def upstream(ctx: ServerRequestContext[Any], arguments: dict[str, Any]) -> types.CallToolResult:
+        raise MCPError(code=types.REQUEST_TIMEOUT, message="the search backend timed out")
+
+    behaviours = {"raises": raises, "picky": picky, "generic": generic, "upstream": upstream}
+    with mcpserver.running(token=TOKEN, tool_count=1, behaviours=behaviours) as server:
         await _tools_connection(running, server, "streamable_http")
         failed = await rpc_error(_call(running, "raises", timeout=20))
         refused = await rpc_error(_call(running, "picky", timeout=20, x="seven"))
+        told = [await rpc_error(_call(running, tool, timeout=20)) for tool in ("generic", "upstream")]
+    assert [(e.code(), e.details()) for e in told] == [
+        (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "the MCP server answered the call with error -32000: quota exceeded for this project",
+        ),
+        (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "the MCP server answered the call with error -32001: the search backend timed out",
+        ),
+    ]
     assert failed.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "the MCP server answered the call with error" in (failed.details() or "")
     assert "database down, token [redacted]" in (failed.details() or "")
@@ -154,7 +174,33 @@ async def test_a_json_rpc_error_for_the_call_is_told_scrubbed_and_bad_arguments_
     # The only log line with the token is the test server's own (it runs in this process).
     logged = [line for line in running.logs.getvalue().splitlines() if TOKEN in line]
     assert all("handler for 'tools/call' raised" in line for line in logged), logged
-    assert await _audited(running) == [("failed", "mcp_error"), ("failed", "invalid_arguments")]
+    assert await _audited(running) == [
+        ("failed", "mcp_error"),
+        ("failed", "invalid_arguments"),
+        ("failed", "mcp_error"),
+        ("failed", "mcp_error"),
+    ]
+
+
+@pytest.mark.parametrize("transport", ["streamable_http", "sse"])
+async def test_a_server_that_does_not_answer_in_time_is_no_answer_from_it(
+    make_broker: Callable[..., object], transport: str
+) -> None:
+    """The SDK gives up on the call with the codes a server may send too (-32000, -32001) and a
+    message of its own: that is a failure to reach the server, not an answer to tell."""
+    running = await _started(make_broker)
+
+    async def slow(ctx: ServerRequestContext[Any], arguments: dict[str, Any]) -> types.CallToolResult:
+        await asyncio.sleep(4)
+        return _text("too late")
+
+    with mcpserver.running(token=TOKEN, tool_count=1, behaviours={"slow": slow}) as server:
+        await _tools_connection(running, server, transport, timeout_seconds=1)
+        error = await rpc_error(_call(running, "slow", timeout=20))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+    assert "answered the call" not in (error.details() or "")
+    [(outcome, reason)] = await _audited(running)
+    assert outcome == "failed" and reason != "mcp_error"
 
 
 @pytest.mark.parametrize("transport", ["streamable_http", "sse"])

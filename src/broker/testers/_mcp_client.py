@@ -10,6 +10,7 @@ the tools, each with a hash of its definition so a silent change is visible;
 from __future__ import annotations
 
 import contextlib
+import re
 import ssl
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -359,10 +360,20 @@ def _classify(exc: Exception, log: ExchangeLog, progress: _Progress) -> Exceptio
     )
 
 
+# How the SDK resolves a call it gave up on (the connection closed, its own timeout, an SSE stream
+# that ended or failed), with code CONNECTION_CLOSED or REQUEST_TIMEOUT. A server may send those
+# codes itself (-32000 is JSON-RPC's generic server error): then it answered the call, and its
+# message is told. A test of a server too slow to answer pins the timeout's message.
+_SDK_GAVE_UP = re.compile(
+    r"Connection closed|Request '.*' timed out|SSE stream |server answered a request with 202"
+)
+
+
 def _tool_error(exc: MCPError, refused: list[str], log: ExchangeLog, scrubber: Scrubber) -> Exception:
     """What a JSON-RPC error answering `tools/call` means for the executor; a failure of the exchange
     itself (the connection, a timeout, the byte cap) is left to `_classify`."""
-    if log.too_large or exc.code in (types.CONNECTION_CLOSED, types.REQUEST_TIMEOUT):
+    gave_up = exc.code in (types.CONNECTION_CLOSED, types.REQUEST_TIMEOUT) and _SDK_GAVE_UP.match(exc.message)
+    if log.too_large or gave_up:
         return exc
     said = f"error {exc.code}: {_first_line(scrubber.text(exc.message))}"
     if refused:
