@@ -286,9 +286,16 @@ class GrantMode(enum.StrEnum):
 # which Tomcat and Spring strip before resolving them: `/a/..;/b` is `/b` there, and with the `;`
 # percent-encoded, which they decode first), and encoded dots, slashes, backslashes or percent
 # signs encoding those (`%252e`: a server or a proxy in front of it that decodes twice), which an
-# upstream may resolve to a path outside the prefix.
+# upstream may resolve to a path outside the prefix. So are other spellings older or lenient
+# decoders read as a dot or a slash: IIS's `%u002e`, overlong UTF-8 (`%c0%ae`; `%c0`, `%c1` and
+# `%e0%80` begin no valid UTF-8), the full-width dot and solidus (`%ef%bc%8e`, `%ef%bc%8f`: U+FF0E
+# and U+FF0F, which Unicode normalisation makes `.` and `/`), and encoded control characters (`%00`
+# ends a path in C-based servers, `%09` is dropped by some), each also double-encoded.
 _AMBIGUOUS_PATH = re.compile(
-    r"(^|/)\.{1,2}((;|%3b)[^/]*)?(/|$)|%2e|%2f|%5c|%25(2e|2f|5c|25|3b)|\\", re.IGNORECASE
+    r"(^|/)\.{1,2}((;|%3b)[^/]*)?(/|$)|\\"
+    r"|%(25)?(2e|2f|5c|u|c0|c1|e0%(25)?80|ef%(25)?bc%(25)?8[ef]|[01][0-9a-f]|7f)"
+    r"|%25(25|3b)",
+    re.IGNORECASE,
 )
 
 

@@ -42,6 +42,26 @@ from broker.service.access import checked_scope
         ("/repos/%252F..", False),
         ("/repos/%25252e%25252e", False),
         ("/repos/100%25", True),  # a percent sign itself is fine
+        # What older or lenient decoders read as a dot or a slash, and control characters.
+        ("/repos/%u002e%u002e/admin", False),  # IIS
+        ("/repos/%U002E%u002F", False),
+        ("/repos/%c0%ae%c0%ae/admin", False),  # overlong UTF-8
+        ("/repos/%C0%AF", False),
+        ("/repos/%c1%9c", False),
+        ("/repos/%e0%80%ae", False),
+        ("/repos/%ef%bc%8e%ef%bc%8e/admin", False),  # full-width dots, normalised to ".."
+        ("/repos/x%EF%BC%8Fadmin", False),  # a full-width solidus
+        ("/repos/x%00/../admin", False),  # NUL ends the path in C-based servers
+        ("/repos/.%09./admin", False),  # a tab some servers drop
+        ("/repos/x%1f", False),
+        ("/repos/x%7f", False),
+        ("/repos/%25c0%25ae%25c0%25ae/admin", False),  # each double encoded
+        ("/repos/%25u002e", False),
+        ("/repos/%2500", False),
+        ("/repos/%25ef%25bc%258e", False),
+        ("/repos/%e2%82%ac", True),  # other UTF-8 is fine
+        ("/repos/caf%c3%a9", True),
+        ("/repos/a%20b", True),  # so is an encoded space
     ],
 )
 def test_path_prefixes_match_whole_segments_and_never_ambiguous_paths(path: str, allowed: bool) -> None:
