@@ -24,7 +24,8 @@ class InvalidSpiffeId(ValueError):
 def parse_spiffe_id(text: str, trust_domain: str | None = None) -> Principal:
     """Parse a SPIFFE id; when `trust_domain` is given, it must match."""
     match = _SPIFFE.fullmatch(text)
-    if match is None or match["tenant"] in (".", ".."):
+    # The SPIFFE spec forbids dot segments: anything that normalises paths would read another id.
+    if match is None or {match["tenant"], match["name"]} & {".", ".."}:
         raise InvalidSpiffeId("expected spiffe://<trust-domain>/tenant/<tenant>/<admin|executor>/<name>")
     if trust_domain is not None and match["domain"] != trust_domain:
         raise InvalidSpiffeId(f"trust domain must be {trust_domain}")
