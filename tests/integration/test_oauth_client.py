@@ -329,6 +329,35 @@ async def test_connection_refused_is_transient() -> None:
     assert caught.value.kind == "transient"
 
 
+@pytest.mark.parametrize(
+    "headers", [{"Content-Encoding": "br"}, {"Content-Encoding": "gzip"}, {"Content-Encoding": "gzip, gzip"}]
+)
+async def test_an_answer_in_a_coding_the_broker_does_not_read_is_a_config_error(
+    headers: dict[str, str],
+) -> None:
+    """Before: `UnreadableBody` escaped as it was, and the caller got INTERNAL (and an upstream
+    revocation no audit event)."""
+
+    def unreadable(seen: Seen) -> Answer:
+        return Answer(200, b"\x8b\x00 not what it says", {"Content-Type": "application/json", **headers})
+
+    with serve(unreadable) as upstream:
+        endpoints = {"token_url": f"{upstream.url}/token", "revocation_url": f"{upstream.url}/revoke"}
+        unread = oauth.provider_for("custom", endpoints)
+        secrets = oauth.ClientCredentials("c", "s")
+        now, lifetime = datetime.now(UTC), DEFAULT_LIFETIME
+        calls = [
+            oauth.refresh(LOOPBACK, unread, secrets, "rt", now=now, default_lifetime=lifetime),
+            oauth.client_credentials_token(LOOPBACK, unread, secrets, (), now=now, default_lifetime=lifetime),
+            oauth.revoke(LOOPBACK, unread, secrets, "rt", "refresh_token"),
+        ]
+        for call in calls:
+            with pytest.raises(oauth.OAuthError) as caught:
+                await call
+            assert caught.value.kind == "invalid_config"
+            assert "content coding the broker does not decode" in str(caught.value)
+
+
 async def test_before_reply_sees_each_token_request(server: OAuthTestServer) -> None:
     seen: list[str] = []
 

@@ -242,6 +242,12 @@ async def _post(
         raise OAuthError("invalid_config", f"the {what} redirects too often") from None
     except ResponseTooLarge:
         raise OAuthError("invalid_config", f"the {what}'s answer is too large") from None
+    except httpx.DecodingError:  # `UnreadableBody` among them
+        raise OAuthError(
+            "invalid_config",
+            f"the {what}'s answer cannot be read: in a content coding the broker does not decode"
+            " (it reads gzip and deflate), or broken in it",
+        ) from None
     except (httpx.InvalidURL, InvalidTarget):
         raise OAuthError("invalid_config", f"the {what} redirected to a URL that is not valid") from None
     except httpx.TransportError as exc:

@@ -498,6 +498,10 @@ class ConnectionService:
             # tokens (revoke them there by hand), so the event is written, then the task ends.
             await self._audit_upstream_revocation(call, record, f"failed: {CUT_OFF}")
             raise
+        except Exception:
+            # A failure nobody foresaw still leaves its trail (and is logged by the done callback).
+            await self._audit_upstream_revocation(call, record, "failed: unexpected_error")
+            raise
         await self._audit_upstream_revocation(call, record, upstream)
 
     async def close(self, deadline: float) -> None:
