@@ -219,6 +219,52 @@ async def test_postgresql_drop_ends_the_session_removes_the_user_and_can_be_repe
             await pg.login(name, password)
 
 
+async def _owns_a_table(pg: Pg, name: str, password: str, grantor: tuple[str, str] | None = None) -> str:
+    """Let user `name` create a table in schema public (a grant of its own, which a DROP ROLE must
+    also see gone; made by `grantor`, a user and its password, else the superuser), and have it
+    create one with a row; the table's name."""
+    granting = await (pg.superuser() if grantor is None else pg.login(*grantor))
+    try:
+        await granting.execute(
+            await granting.fetchval("SELECT format('GRANT CREATE ON SCHEMA public TO %I', $1::text)", name)
+        )
+    finally:
+        await granting.close()
+    table = f"made_by_{name}"
+    user = await pg.login(name, password)
+    try:
+        await user.execute(f"CREATE TABLE {table} (note text)")
+        await user.execute(f"INSERT INTO {table} VALUES ('a workflow wrote this')")
+    finally:
+        await user.close()
+    return table
+
+
+async def _kept_for(pg: Pg, table: str) -> tuple[str, list[str]]:
+    """The owner and the rows of `table`, which is dropped."""
+    root = await pg.superuser()
+    try:
+        owner = await root.fetchval("SELECT tableowner FROM pg_tables WHERE tablename = $1", table)
+        rows = [r["note"] for r in await root.fetch(f"SELECT note FROM {table}")]
+        await root.execute(f"DROP TABLE {table}")
+    finally:
+        await root.close()
+    return str(owner), rows
+
+
+async def test_postgresql_drop_of_a_user_that_owns_a_table_hands_it_to_the_administrator(pg: Pg) -> None:
+    """DROP ROLE refuses a role that owns objects or holds grants (2BP01): before, such a lease
+    stayed revoking for ever. Its objects are kept (they may hold a workflow's data)."""
+    name, password = new_username("brk_"), new_password()
+    async with pg_admin(pg) as admin:
+        await admin.create(name, password, hour())
+        table = await _owns_a_table(pg, name, password)
+        await admin.drop(name)
+        assert name not in await pg_roles(pg)
+        await admin.drop(name)  # already gone: success
+    assert await _kept_for(pg, table) == ("postgres", ["a workflow wrote this"])
+
+
 # The connection's own revocation, rejected by the server every time (an admin's typo): the lease
 # stays revoking and is retried until someone puts the statements right.
 FAILING_PG_REVOCATION = ["SELECT * FROM no_such_table", "DROP ROLE IF EXISTS {{name}}"]
@@ -255,9 +301,15 @@ async def test_postgresql_drop_by_a_createrole_admin_ends_the_users_session_too(
             await root.execute(
                 await root.fetchval("SELECT format($1::text, $2::text, $3::text)", template, *args)
             )
+        # What an administrator's creation statements could pass on to a user (a superuser's grant
+        # to the user would be one this administrator cannot take back).
+        grant = "SELECT format('GRANT CREATE ON SCHEMA public TO %I WITH GRANT OPTION', $1::text)"
+        await root.execute(await root.fetchval(grant, admin_name))
         target = admin_target(admin_password, **pg.config(username=admin_name))
         async with await UserAdmin.open(target, loopback(), timeout=TIMEOUT) as admin:
             await admin.create(name, password, hour())
+            # So the drop needs the user's objects and grants taken too.
+            table = await _owns_a_table(pg, name, password, grantor=(admin_name, admin_password))
             user = await pg.login(name, password)
             try:
                 assert await user.fetchval("SELECT x FROM granted") == 1
@@ -275,7 +327,10 @@ async def test_postgresql_drop_by_a_createrole_admin_ends_the_users_session_too(
             finally:
                 user.terminate()
         assert name not in await pg_roles(pg)
+        assert await _kept_for(pg, table) == (admin_name, ["a workflow wrote this"])
     finally:
+        revoke = "SELECT format('REVOKE ALL ON SCHEMA public FROM %I CASCADE', $1::text)"
+        await root.execute(await root.fetchval(revoke, admin_name))
         for role in (name, admin_name):
             await root.execute(await root.fetchval("SELECT format('DROP ROLE IF EXISTS %I', $1::text)", role))
         await root.close()

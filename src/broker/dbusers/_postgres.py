@@ -147,7 +147,15 @@ class PostgresSession:
                 )
                 await self._bounded(self._conn.fetch(alter))
         ended = await self._terminate_sessions_of(name)
-        await self.run(statements)
+        try:
+            await self.run(statements)
+        except LeaseDbError as exc:
+            if exc.code != "2BP01" or oid is None:
+                raise
+            # The role owns objects (a table it created) or holds privileges on others': DROP ROLE
+            # refuses until they are gone, and would be refused at every retry.
+            await self._hand_over_owned(name)
+            await self.run(statements)
         if oid is not None:
             await self._bounded(
                 self._conn.fetch(
@@ -158,11 +166,36 @@ class PostgresSession:
                 )
             )
 
+    async def _hand_over_owned(self, name: str) -> None:
+        """Give what role `name` owns in this database to the administrator (kept, not dropped: it
+        may hold a workflow's data) and revoke the privileges it was granted, as Vault's default
+        revocation does. Its objects in other databases still keep the role from being dropped."""
+        statements = [
+            await self._bounded(self._conn.fetchval(f"SELECT format('{template}', $1::text)", name))
+            for template in ("REASSIGN OWNED BY %I TO CURRENT_USER", "DROP OWNED BY %I")
+        ]
+        try:
+            await self.run(statements)
+        except LeaseDbError as exc:
+            if exc.code != "42501":
+                raise
+            await self._take_privileges_of(name)
+            await self.run(statements)
+
+    async def _take_privileges_of(self, name: str) -> None:
+        """Make the administrator a member of role `name` (CREATEROLE allows it; dropping the role
+        undoes it), for what needs the role's privileges: ending its sessions, taking its objects."""
+        # The server's own quoting of the name (format %I), never ours.
+        grant = await self._bounded(
+            self._conn.fetchval("SELECT format('GRANT %I TO CURRENT_USER', $1::text)", name)
+        )
+        await self._bounded(self._conn.fetch(grant))
+
     async def _terminate_sessions_of(self, name: str) -> list[int]:
         """End the sessions of role `name`; their pids. An administrator that is neither a superuser
         nor in pg_signal_backend may only end sessions of roles whose privileges it has (42501, and
-        the drop would fail for as long as the user stays connected): it then makes itself a member
-        of the role, which CREATEROLE allows and the drop undoes, and tries again."""
+        the drop would fail for as long as the user stays connected): it then takes them, and tries
+        again."""
         terminate = (
             "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
             " WHERE usename = $1 AND pid <> pg_backend_pid()"
@@ -172,11 +205,7 @@ class PostgresSession:
         except LeaseDbError as exc:
             if exc.code != "42501":
                 raise
-            # The server's own quoting of the name (format %I), never ours.
-            grant = await self._bounded(
-                self._conn.fetchval("SELECT format('GRANT %I TO CURRENT_USER', $1::text)", name)
-            )
-            await self._bounded(self._conn.fetch(grant))
+            await self._take_privileges_of(name)
             rows = await self._bounded(self._conn.fetch(terminate, name))
         return [int(row[0]) for row in rows]
 
