@@ -1096,3 +1096,21 @@ def test_defaults_per_driver() -> None:
     name = new_username("brk_")
     assert re.fullmatch(r"brk_[a-z0-9]{16}", name), name
     assert len(new_password()) >= 32 and new_password() != new_password()
+
+
+@pytest.mark.parametrize(
+    ("code", "for_now"),
+    [
+        ("40001", True),  # PostgreSQL: serialization failure
+        ("40P01", True),  # deadlock
+        ("55P03", True),  # lock not available (lock_timeout)
+        ("1205", True),  # MySQL: lock wait timeout
+        ("1213", True),  # deadlock
+        ("42P01", False),  # undefined table: the statements are wrong
+        ("1146", False),
+        ("2BP01", False),
+    ],
+)
+def test_a_refusal_for_a_lock_or_a_conflict_is_only_for_now(code: str, for_now: bool) -> None:
+    assert LeaseDbError("statement_failed", code).refused_for_now is for_now
+    assert not LeaseDbError("timeout", code).refused_for_now

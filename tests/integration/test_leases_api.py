@@ -28,6 +28,7 @@ from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc
 from broker.config import LeaseSettings
 from broker.egress import EgressSettings
+from broker.service.leases import OWN_REVOCATION_TRIES
 from tests.conftest import Running
 from tests.helpers import EXECUTOR, EXECUTOR2, field_violations, rpc_error, set_stored_config_sealed, struct
 from tests.mariadb_server import throwaway_mariadb
@@ -628,6 +629,48 @@ async def test_revocation_statements_the_server_keeps_rejecting_give_way_to_the_
         "own_statements_failed": "1146",  # ER_NO_SUCH_TABLE
     }
     assert "lease_revocation_statements_rejected" in broker.logs.getvalue()
+
+
+async def test_revocation_statements_refused_for_a_lock_are_retried_not_replaced(
+    broker: Running, server: Server
+) -> None:
+    """A lock wait that times out (1205) says nothing about the statements: they are retried as
+    they are, however many tries it takes, and never give way to the default drop."""
+    statements = [
+        "SET SESSION innodb_lock_wait_timeout = 1",
+        f"SELECT x FROM `{server.database}`.granted FOR UPDATE",
+        "DROP USER IF EXISTS {{name}}@'%'",
+    ]
+    connection_id = await dynamic_connection(broker, server, revocation_statements=statements)
+    answer = await broker.resolver().Resolve(pb.ResolveRequest(connection_id=connection_id))
+    username = answer.config["username"]
+    holder = await aiomysql.connect(host="127.0.0.1", port=3306, user="root", password="", autocommit=False)
+    try:
+        async with holder.cursor() as cur:
+            await cur.execute(f"SELECT x FROM `{server.database}`.granted FOR UPDATE")
+        await broker.resolver().RevokeLease(pb.RevokeLeaseRequest(lease_id=answer.lease.id))
+
+        async def tried_often() -> bool:
+            return (
+                await lease_state(broker, answer.lease.id)
+            ).revocation_attempts >= OWN_REVOCATION_TRIES + 1
+
+        await wait_for(tried_often, 20, "tries past the point where a refusal gives way")
+        lease = await lease_state(broker, answer.lease.id)
+        assert (lease.state, lease.last_error) == (pb.LEASE_STATE_REVOKING, "statement_failed")
+        assert username in await users_named(server.prefix)
+    finally:
+        await holder.rollback()
+        holder.close()
+
+    async def revoked() -> bool:
+        return (await lease_state(broker, answer.lease.id)).state == pb.LEASE_STATE_REVOKED
+
+    await wait_for(revoked, 10, "the connection's own statements, once the lock is gone")
+    assert username not in await users_named(server.prefix)
+    events = await broker.admin().ListAuditEvents(pb.ListAuditEventsRequest(action="lease.revoked"))
+    (event,) = [e for e in events.events if e.details.get("lease_id") == answer.lease.id]
+    assert dict(event.details) == {"lease_id": answer.lease.id, "username": username}
 
 
 async def test_the_reconciler_drops_an_orphan_even_when_the_revocation_statements_are_refused(

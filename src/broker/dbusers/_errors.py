@@ -20,6 +20,11 @@ REASONS = frozenset(
 )
 
 
+# Refusals that say nothing about the statements, only about this moment: PostgreSQL's class 40
+# (a serialization failure, a deadlock) and 55P03 (a lock not available), MySQL's 1205 (a lock wait
+# timed out) and 1213 (a deadlock).
+_FOR_NOW = frozenset({"55P03", "1205", "1213"})
+
 # What a code may be: a SQLSTATE, a MySQL error number, a placeholder. It reaches the executor's
 # UNAVAILABLE message, and a server writes its SQLSTATE as it likes (any length, any bytes).
 _CODE = re.compile(r"[0-9A-Z]{5}|[0-9]{1,5}|\{\{[a-z_]{1,32}\}\}")
@@ -39,6 +44,11 @@ class LeaseDbError(Exception):
         self.reason = reason
         self.code = code if not code or _CODE.fullmatch(code) else "unrecognised"
         super().__init__(f"{reason} ({self.code})" if self.code else reason)
+
+    @property
+    def refused_for_now(self) -> bool:
+        """A statement refused for a lock or a conflict: the same statements may well run next time."""
+        return self.reason == "statement_failed" and (self.code in _FOR_NOW or self.code.startswith("40"))
 
     def __repr__(self) -> str:
         return f"LeaseDbError({self.reason!r}, {self.code!r})"

@@ -624,12 +624,15 @@ def _filter_fields(filter: LeaseFilter) -> dict[str, str]:
 
 async def _drop_user(db: UserAdmin, name: str, *, fall_back: bool, **context: str) -> LeaseDbError | None:
     """Drop user `name` with the connection's revocation statements; when the server refuses them
-    and `fall_back`, with the driver's default instead. The refusal given way to, else None."""
+    (not only for now: a lock, a deadlock) and `fall_back`, with the driver's default instead. The
+    refusal given way to, else None."""
     try:
         await db.drop(name)
         return None
     except LeaseDbError as exc:
-        if not (fall_back and exc.reason == "statement_failed" and db.own_revocation):
+        if not (
+            fall_back and exc.reason == "statement_failed" and not exc.refused_for_now and db.own_revocation
+        ):
             raise
         log.warning(
             "lease_revocation_statements_rejected", username=name, code=exc.code, using="default", **context
