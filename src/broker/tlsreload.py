@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -87,9 +88,17 @@ def load_material(files: TlsFiles) -> TlsMaterial:
     except ValueError:
         raise TlsFilesInvalid(f"tls.client_ca: {files.client_ca} holds no PEM certificate") from None
     raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if chain[0].public_key().public_bytes(*raw) != private_key.public_key().public_bytes(*raw):
+    leaf = chain[0]
+    if leaf.public_key().public_bytes(*raw) != private_key.public_key().public_bytes(*raw):
         raise TlsFilesInvalid(f"tls.key: {files.key} does not match the certificate in {files.cert}")
-    return TlsMaterial(cert, key, client_ca, chain[0].serial_number)
+    # Every client would refuse it: serving it would cut off every new connection.
+    start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+    if not start <= datetime.now(UTC) <= end:
+        raise TlsFilesInvalid(
+            f"tls.cert: the certificate in {files.cert} is valid from {start:%Y-%m-%dT%H:%M:%SZ}"
+            f" to {end:%Y-%m-%dT%H:%M:%SZ}, not now"
+        )
+    return TlsMaterial(cert, key, client_ca, leaf.serial_number)
 
 
 def _digest(files: TlsFiles) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from pathlib import Path
 
@@ -83,6 +84,28 @@ def test_half_rotated_files_are_refused_until_the_key_arrives(tmp_path: Path) ->
     assert reloader.check() is False  # same files: not re-read, not logged again
     files.key.write_bytes(key)
     assert reloader.check() is True and reloader.serial != before
+
+
+def test_a_certificate_not_valid_now_is_refused_at_start_and_reload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every client refuses an expired or not yet valid certificate: taken up, it would cut off
+    # every new connection (before: reloaded, logged tls_reloaded).
+    now = dt.datetime.now(dt.UTC)
+    monkeypatch.setattr(pki, "_now", lambda: now - dt.timedelta(days=400))
+    expired = server_pair()  # valid for 365 days, from 400 days ago
+    monkeypatch.setattr(pki, "_now", lambda: now + dt.timedelta(days=2))
+    future = server_pair()
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match=r"tls\.cert: the certificate in .* is valid from .*, not now"):
+        TlsReloader(write(tmp_path, *expired))
+    files = write(tmp_path, *server_pair())
+    reloader = TlsReloader(files, check_interval=0)
+    for cert, key in (expired, future):
+        files.cert.write_bytes(cert)
+        files.key.write_bytes(key)
+        assert reloader.check() is False
+    assert reloader.generation == 0
 
 
 def test_missing_or_garbage_files_keep_the_old_material(tmp_path: Path) -> None:
