@@ -131,7 +131,7 @@ class Resolver:
                 raise InvalidArgument.field(field_name, "must not contain control characters")
         now = self._clock()
         entry = await self._lookup(call.tenant, connection_id, name, call.actor)
-        reason = await self._denial_reason(call, entry, now)
+        reason, grant_ends = await self._denial_reason(call, entry, now)
         ref_id = entry.id if entry is not None else connection_id
         details = {"purpose": purpose} if purpose else {}
         if name and entry is None:
@@ -176,9 +176,10 @@ class Resolver:
         _ALLOWED.inc()
         self.note_used(entry.tenant, entry.id, now)
         ttl = self._cache_ttl
-        if expires_at is not None:
-            # Never let an executor cache a token past its expiry.
-            ttl = max(0, min(ttl, int((expires_at - now).total_seconds())))
+        # Never let an executor cache a token or a lease past its expiry, nor anything past its grant.
+        for end in (expires_at, grant_ends):
+            if end is not None:  # a grant without an end ends at FOREVER: far past any TTL
+                ttl = max(0, min(ttl, int((end - now).total_seconds())))
         superseded_at = None
         if 0 < known_secret_version < secret_version:
             # Only for an executor holding an old version: no extra read on the common path. The
@@ -287,25 +288,28 @@ class Resolver:
         self._cache.put_grant(tenant, connection_id, principal, grant, generation)
         return grant_terms(grant)
 
-    async def _denial_reason(self, call: Call, entry: CachedConnection | None, now: datetime) -> str:
+    async def _denial_reason(
+        self, call: Call, entry: CachedConnection | None, now: datetime
+    ) -> tuple[str, datetime]:
+        """Why the caller gets nothing ("" if it may have the secret), and when its grant ends."""
         if self._monitor is not None and self._monitor.blocked(call.tenant, call.actor, now):
-            return "principal_blocked"
+            return "principal_blocked", now
         if entry is None:
-            return "unknown_connection"
+            return "unknown_connection", now
         if entry.refusal:  # deleted, revoked, suspended (`lookup.refusal`, kept on the entry)
-            return entry.refusal
+            return entry.refusal, now
         cached = entry.grant(call.actor)  # `_lookup` just returned the entry: nothing changed it since
         if cached is MISSING:
             terms = await self._grant_terms(call.tenant, entry.id, call.actor)
         else:
             terms = cast(GrantTerms | None, cached)
         if terms is None:
-            return "no_grant"
+            return "no_grant", now
         if now >= terms.ends:
-            return "grant_expired"
+            return "grant_expired", now
         if terms.mode is GrantMode.PROXY:
-            return "proxy_only"  # the broker may make calls with it; the executor never holds it
-        return ""
+            return "proxy_only", now  # the broker may make calls with it; the executor never holds it
+        return "", terms.ends
 
     # ------------------------------------------------------------- last used
 
