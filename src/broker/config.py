@@ -264,11 +264,17 @@ class Settings:
         return dataclasses.replace(settings, unknown_variables=_unknown_variables(env))
 
     def warnings(self) -> list[str]:
-        """One line per unknown BROKER_* variable, for the operator."""
-        return [
+        """One line per unknown BROKER_* variable, and per key file others may read, for the operator."""
+        unknown = [
             f"{name} is not a broker setting and is ignored" + (f"; did you mean {near}?" if near else "")
             for name, near in self.unknown_variables
         ]
+        keys = [("tls.key", self.tls.key)]
+        if self.master_key_file is not None and not self.master_key_env:
+            keys.append(("master_key.file", self.master_key_file))
+        if self.master_key_dir is not None:
+            keys += [("master_key.dir", path) for path in sorted(self.master_key_dir.glob("*.key"))]
+        return unknown + [line for setting, path in keys if (line := _loose_key_file(setting, path))]
 
     @classmethod
     def for_dev(cls, data_dir: Path, admin_addr: str, resolve_addr: str) -> Settings:
@@ -306,6 +312,18 @@ def _parse_key(text: str, setting: str) -> Kek:
         return Kek.from_base64(text)
     except KeyError_ as exc:
         raise ConfigError(f"{setting}: {exc}") from None
+
+
+def _loose_key_file(setting: str, path: Path) -> str:
+    """A warning when users other than the file's owner and group may read or write it, or its
+    group may write it (a group read is how Kubernetes hands a secret to a pod's fsGroup); else ""."""
+    try:
+        mode = path.stat().st_mode  # through the symlinks a mounted secret is made of
+    except OSError:
+        return ""  # a missing file is an error of its own, when it is read
+    if mode & 0o027 == 0:
+        return ""
+    return f"{setting}: {path} is open to other users (mode {mode & 0o777:04o}); make it 0600 or 0640"
 
 
 def _read_key(path: Path, setting: str) -> Kek:

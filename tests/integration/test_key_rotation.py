@@ -289,6 +289,27 @@ async def test_a_rewrap_that_meets_a_busy_store_says_so_in_one_line_and_can_be_r
         await cli.close()
 
 
+async def test_a_rewrap_without_the_key_the_canary_needs_names_it_in_one_line(
+    make_broker: Callable[..., object], tmp_path: Path
+) -> None:
+    """Before: a traceback (DecryptionFailed from the key-check canary's re-wrap)."""
+    key_dir = tmp_path / "keys"
+    old = keydir.init(key_dir, [])
+    cli = KeysCli(write_config(tmp_path, key_dir), tmp_path / "cli", asyncio.get_running_loop().time() + 50)
+    running: Running = await make_broker(master_key_file=None, master_key_dir=key_dir)  # type: ignore[misc]
+    try:
+        await create_many(running.broker.store, keydir.load(key_dir), 2)
+        code, _, err = await cli.run("rotate")
+        assert code == 0, err
+        (key_dir / f"{old.id}.key").rename(tmp_path / "moved-away.key")
+        code, _, err = await cli.run("rewrap")
+        assert code == 1 and "Traceback" not in err, err
+        assert f"the key-check canary is wrapped by master key {old.id}, which is not configured" in err
+        assert await running.broker.store.deks_by_kek() == {old.id: 2}  # nothing half done
+    finally:
+        await cli.close()
+
+
 async def test_rotate_master_key_rpc_is_for_operators_only(
     make_broker: Callable[..., object], tmp_path: Path
 ) -> None:

@@ -299,3 +299,33 @@ def test_the_resolve_cache_bound_defaults_to_100k_and_is_set_by_file_or_variable
     assert in_file.resolve_cache_entries == 5000
     by_env = Settings.load(write(tmp_path, MINIMAL), environ={"BROKER_RESOLVE_CACHE_ENTRIES": "20000"})
     assert by_env.resolve_cache_entries == 20000
+
+
+def test_key_files_open_to_other_users_are_warned_about(tmp_path: Path) -> None:
+    # Group read is how Kubernetes hands a secret to the pod's fsGroup (deploy/ uses 0440): fine.
+    (tmp_path / "tls").mkdir()
+    tls_key, master = tmp_path / "tls" / "server-key.pem", tmp_path / "master.key"
+    for path in (tls_key, master):
+        path.write_text("x")
+    settings = Settings.load(write(tmp_path, MINIMAL), environ={})
+    for mode in (0o600, 0o640, 0o440, 0o400):
+        tls_key.chmod(mode)
+        master.chmod(mode)
+        assert settings.warnings() == [], oct(mode)
+    tls_key.chmod(0o644)
+    master.chmod(0o660)
+    assert settings.warnings() == [
+        f"tls.key: {tls_key} is open to other users (mode 0644); make it 0600 or 0640",
+        f"master_key.file: {master} is open to other users (mode 0660); make it 0600 or 0640",
+    ]
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "0123456789abcdef.key").write_text("x")
+    (keys / "0123456789abcdef.key").chmod(0o604)
+    in_dir = Settings.load(
+        write(tmp_path, MINIMAL.replace('file = "master.key"', 'dir = "keys"')), environ={}
+    )
+    assert in_dir.warnings()[1:] == [
+        f"master_key.dir: {keys / '0123456789abcdef.key'} is open to other users (mode 0604);"
+        " make it 0600 or 0640"
+    ]

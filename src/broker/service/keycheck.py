@@ -54,7 +54,14 @@ async def rewrap_canary(store: KeyStore, keyring: Keyring) -> bool:
     sealed = _decode(raw)
     if sealed.kek_id == keyring.active.id:
         return False
-    await store.put_meta(_META_KEY, _encode(crypto.rewrap(keyring, sealed, _BINDING)))
+    try:
+        rewrapped = crypto.rewrap(keyring, sealed, _BINDING)
+    except DecryptionFailed:
+        raise ConfigError(
+            f"the key-check canary is wrapped by master key {sealed.kek_id}, which is not configured"
+            " (or not the key it was): configure it, as start-up would ask too, and re-wrap again"
+        ) from None
+    await store.put_meta(_META_KEY, _encode(rewrapped))
     return True
 
 
