@@ -101,6 +101,30 @@ async def test_every_event_is_chained_and_the_chain_verifies(running: Running) -
     assert (await verify(running, "admin_b")) == report
 
 
+async def test_admins_verifying_at_once_share_walks_and_each_sees_its_own_events_checked(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A walk reads every event of every tenant: twelve admins asking at once must not start twelve.
+    await populate(running)
+    store = running.broker.store
+    walk = store.verify_audit_chain
+    walks = 0
+
+    async def counted(*args: Any) -> Any:
+        nonlocal walks
+        walks += 1
+        await asyncio.sleep(0.5)  # a long chain: every caller asks while the first walk runs
+        return await walk(*args)
+
+    monkeypatch.setattr(store, "verify_audit_chain", counted)
+    reports = await asyncio.gather(*(verify(running, who) for who in ("admin", "admin_b") * 6))
+    assert all(report.ok for report in reports) and walks <= 2
+    # An event appended after a walk began is in the next one, not in a report shared from before.
+    checked = reports[0].events_checked
+    await running.admin().CreateConnection(db_request(name="after-the-walks"))
+    assert (await verify(running)).events_checked > checked and walks <= 3
+
+
 @pytest.mark.parametrize(
     "tamper", ["edit", "edit_details", "delete", "swap_contents", "swap_fields", "unhash"]
 )

@@ -86,6 +86,10 @@ class AuditLog:
         self._sealed_up_to = 0
         # Told of each event as it is appended (the security monitor); must not block.
         self._watch = watch
+        # One walk of the chain at a time; callers that asked while one ran share the next one.
+        self._walk_lock = asyncio.Lock()
+        self._walks_asked = 0
+        self._last_walk: tuple[int, AuditChainReport] | None = None  # (walks asked when it began, report)
 
     async def append(self, event: AuditEvent) -> None:
         """Return once `event` is durably stored; raise `Unavailable` if it could not be."""
@@ -181,8 +185,19 @@ class AuditLog:
         return await paging.newest_first("audit", filter, page_size, page_token, fetch)
 
     async def verify(self, call: Call) -> AuditChainReport:
-        """Walk the whole (global) chain; the report holds ids and a generic problem only."""
-        report = await self._store.verify_audit_chain(auditseal.checker(self._keyring))
+        """Walk the whole (global) chain; the report holds ids and a generic problem only.
+
+        A walk reads every event, so any tenant's admins asking at once must not start one each:
+        walks run one at a time, and a caller gets the report of a walk that began after it asked.
+        """
+        self._walks_asked += 1
+        asked = self._walks_asked
+        async with self._walk_lock:
+            if self._last_walk is not None and self._last_walk[0] >= asked:
+                return self._last_walk[1]
+            began = self._walks_asked
+            report = await self._store.verify_audit_chain(auditseal.checker(self._keyring))
+            self._last_walk = (began, report)
         if not report.ok:
             log.warning("audit_chain_broken", first_broken_id=report.first_broken_id, problem=report.problem)
         return report
