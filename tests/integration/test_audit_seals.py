@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import structlog.testing
 
 from broker._proto import broker_pb2 as pb
 from broker.crypto import Kek, Keyring
@@ -157,6 +158,31 @@ async def test_the_audit_log_seals_when_the_tail_moved_and_on_close(tmp_path: An
         await log.close()  # seals what is there
         report = await backend.verify_audit_chain(CHECK)
         assert (report.seals_checked, report.unsealed_events) == (2, 0)
+    finally:
+        await backend.close()
+
+
+async def test_a_seal_planted_where_the_next_one_goes_is_reported_not_passed_over(tmp_path: Any) -> None:
+    """A seal row written ahead, at the id the broker's next seal will cover, used to make that seal
+    a silent no-op (ON CONFLICT DO NOTHING) while the log said `audit_sealed`."""
+    backend = SqliteStore(tmp_path / "broker.db")
+    await backend.open()
+    try:
+        log = AuditLog(backend, clock=lambda: T0, keyring=KEYRING)
+        await log.append(event(1))
+        planted = auditseal.make_seal(Kek(os.urandom(32)), 2, "0" * 64, T0)  # no key the broker has
+        await backend.add_audit_seal(planted)
+        await log.append(event(2))
+        with structlog.testing.capture_logs() as logs:
+            assert await log.seal() is None
+        assert [e["event"] for e in logs] == ["audit_seal_conflict"]
+        assert (logs[0]["last_id"], logs[0]["found_kek_id"]) == (2, planted.kek_id)
+        # Another replica's seal of the same tail is no conflict: the same MAC under the same key.
+        await log.append(event(3))
+        await backend.add_audit_seal(auditseal.make_seal(KEK, *await backend.audit_tail(), T0))
+        with structlog.testing.capture_logs() as logs:
+            assert await log.seal() is not None
+        assert [e["event"] for e in logs] == ["audit_sealed"]
     finally:
         await backend.close()
 

@@ -152,7 +152,12 @@ class AuditLog:
         if last_id <= self._sealed_up_to:
             return None
         made = auditseal.make_seal(self._keyring.active, last_id, last_hash, self._clock())
-        await self._store.add_audit_seal(made)
+        stored = await self._store.add_audit_seal(made)
+        if stored.last_hash != last_hash or auditseal.checker(self._keyring)(stored) is not True:
+            # Not another replica's seal of the same tail: one written into the table by someone
+            # without the master key, where it takes this seal's place.
+            log.error("audit_seal_conflict", last_id=last_id, last_hash=last_hash, found_kek_id=stored.kek_id)
+            return None
         self._sealed_up_to = last_id
         # The log's copy is the one the database cannot take back (see service/auditseal.py).
         log.info("audit_sealed", last_id=last_id, last_hash=last_hash, kek_id=made.kek_id, mac=made.mac)

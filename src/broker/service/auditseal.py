@@ -7,10 +7,11 @@ newest event's id and hash and stores HMAC-SHA256 over them under a key derived
 (HKDF-SHA256, info `SEAL_INFO`) from the active master key. A rewritten chain no
 longer matches its seals, and a new seal cannot be made without the master key.
 
-What it does not stop: deleting seals along with the events after them. Each seal
-is also logged (`audit_sealed`), so the log pipeline holds a copy the database
-cannot take back; and `unsealed_events` in the verification report says how many
-of the newest events no seal covers yet.
+What it does not stop: seals deleted or relabelled, or a pruning checkpoint written in
+place of the oldest events, by someone with write access (README, "The audit trail").
+Each seal is also logged (`audit_sealed`), so the log pipeline holds a copy the database
+cannot take back; and `unsealed_events` in the verification report says how many of the
+newest events no seal covers yet.
 """
 
 from __future__ import annotations

@@ -112,11 +112,13 @@ class Audit(EngineStore):
     async def audit_tail(self) -> tuple[int, str]:
         return await chain_tail(self._engine.fetch)
 
-    async def add_audit_seal(self, seal: AuditSeal) -> None:
+    async def add_audit_seal(self, seal: AuditSeal) -> AuditSeal:
         async with self._engine.transaction() as tx:
             await tx.execute(
                 codec.SEALS.insert + " ON CONFLICT (last_id) DO NOTHING", *codec.SEALS.params(seal)
             )
+            rows = await tx.fetch(f"{codec.SEALS.select} WHERE last_id = ?", seal.last_id)
+        return codec.SEALS.from_row(rows[0])
 
     async def prune_audit(self, before: datetime, now: datetime, batch_size: int = 1000) -> int:
         """Delete the oldest events before `before`, batch by batch, each with its checkpoint.

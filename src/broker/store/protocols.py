@@ -268,8 +268,9 @@ class AuditLogStore(Protocol):
     async def audit_tail(self) -> tuple[int, str]:
         """(id, hash) of the newest audit event (or of the newest checkpoint; (0, GENESIS) if none)."""
 
-    async def add_audit_seal(self, seal: AuditSeal) -> None:
-        """Store a seal; a seal of the same `last_id` already stored (another replica's) stays."""
+    async def add_audit_seal(self, seal: AuditSeal) -> AuditSeal:
+        """Store a seal; a seal of the same `last_id` already stored (another replica's, or one
+        planted there) stays. The seal stored for `last_id`, this one or that one."""
 
     async def prune_audit(self, before: datetime, now: datetime, batch_size: int = 1000) -> int:
         """Delete the oldest events, up to the first one at or after `before`, in batches.
