@@ -7,12 +7,13 @@ operator would run it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import shutil
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -261,17 +262,29 @@ async def _rotation_scenario(
         await again.broker.stop(grace=0)
 
 
-async def test_a_rewrap_that_meets_a_busy_store_says_so_in_one_line_and_can_be_run_again(
-    make_broker: Callable[..., object], tmp_path: Path
-) -> None:
+@contextlib.asynccontextmanager
+async def rotated(
+    make_broker: Callable[..., object], tmp_path: Path, connections: int
+) -> AsyncIterator[tuple[KeysCli, Running, str, str]]:
+    """A broker on a key directory with `connections` connections, its master key rotated by
+    `broker keys rotate`: the CLI, the broker, the old key's id and the new one's."""
     key_dir = tmp_path / "keys"
     old = keydir.init(key_dir, [])
     cli = KeysCli(write_config(tmp_path, key_dir), tmp_path / "cli", asyncio.get_running_loop().time() + 50)
     running: Running = await make_broker(master_key_file=None, master_key_dir=key_dir)  # type: ignore[misc]
     try:
-        await create_many(running.broker.store, keydir.load(key_dir), 3)
+        await create_many(running.broker.store, keydir.load(key_dir), connections)
         code, new, err = await cli.run("rotate")
         assert code == 0, err
+        yield cli, running, old.id, new.strip()
+    finally:
+        await cli.close()
+
+
+async def test_a_rewrap_that_meets_a_busy_store_says_so_in_one_line_and_can_be_run_again(
+    make_broker: Callable[..., object], tmp_path: Path
+) -> None:
+    async with rotated(make_broker, tmp_path, 3) as (cli, running, old, new):
         # Another writer holds the store past the busy timeout (5 s) while the rewrap runs.
         holder = sqlite3.connect(tmp_path / "broker.db", isolation_level=None)
         try:
@@ -281,33 +294,22 @@ async def test_a_rewrap_that_meets_a_busy_store_says_so_in_one_line_and_can_be_r
             holder.close()
         assert code == 1 and "Traceback" not in err, err
         assert "broker keys: error: the database is busy" in err and "run the command again" in err
-        assert await running.broker.store.deks_by_kek() == {old.id: 3}
+        assert await running.broker.store.deks_by_kek() == {old: 3}
         code, _, err = await cli.run("rewrap")
         assert code == 0, err
-        assert await running.broker.store.deks_by_kek() == {new.strip(): 3}
-    finally:
-        await cli.close()
+        assert await running.broker.store.deks_by_kek() == {new: 3}
 
 
 async def test_a_rewrap_without_the_key_the_canary_needs_names_it_in_one_line(
     make_broker: Callable[..., object], tmp_path: Path
 ) -> None:
     """Before: a traceback (DecryptionFailed from the key-check canary's re-wrap)."""
-    key_dir = tmp_path / "keys"
-    old = keydir.init(key_dir, [])
-    cli = KeysCli(write_config(tmp_path, key_dir), tmp_path / "cli", asyncio.get_running_loop().time() + 50)
-    running: Running = await make_broker(master_key_file=None, master_key_dir=key_dir)  # type: ignore[misc]
-    try:
-        await create_many(running.broker.store, keydir.load(key_dir), 2)
-        code, _, err = await cli.run("rotate")
-        assert code == 0, err
-        (key_dir / f"{old.id}.key").rename(tmp_path / "moved-away.key")
+    async with rotated(make_broker, tmp_path, 2) as (cli, running, old, _):
+        (tmp_path / "keys" / f"{old}.key").rename(tmp_path / "moved-away.key")
         code, _, err = await cli.run("rewrap")
         assert code == 2 and "Traceback" not in err, err  # a configuration error, as at start-up
-        assert f"the key-check canary is wrapped by master key {old.id}, which is not configured" in err
-        assert await running.broker.store.deks_by_kek() == {old.id: 2}  # nothing half done
-    finally:
-        await cli.close()
+        assert f"the key-check canary is wrapped by master key {old}, which is not configured" in err
+        assert await running.broker.store.deks_by_kek() == {old: 2}  # nothing half done
 
 
 async def test_rotate_master_key_rpc_is_for_operators_only(
