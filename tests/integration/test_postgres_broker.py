@@ -112,3 +112,31 @@ async def test_a_principal_blocked_by_one_replica_is_blocked_by_the_other(
         for running in (a, b):
             await running.close()
             await running.broker.stop(grace=0)
+
+
+async def test_a_database_that_cannot_be_written_is_unavailable_not_an_internal_error(
+    make_broker: Callable[..., Any], database: str
+) -> None:
+    """A read-only server (a standby after a failover, a full disk set read-only) answers writes
+    with 25006: the storage's fault, which a retry may cure (before: INTERNAL)."""
+    running: Running = await make_broker(storage_path=None, storage_url=database, storage_pool_max=2)
+    name = database.rsplit("/", 1)[1]
+    root = await asyncpg.connect(database)
+    try:
+        await root.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        # The broker's sessions end, and the ones it opens next are read-only.
+        await root.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        codes = set()
+        for i in range(3):  # the first may meet a session that was just ended
+            error = await rpc_error(running.admin().CreateConnection(db_request(name=f"ro-{i}")))
+            codes.add(error.code())
+        assert codes == {grpc.StatusCode.UNAVAILABLE}, codes
+        assert "unexpected_error" not in running.logs.getvalue()
+        await root.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+    finally:
+        await root.close()
+        await running.close()
+        await running.broker.stop(grace=0)

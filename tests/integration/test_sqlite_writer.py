@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.errors import Unavailable
 from broker.store.engine import Duplicate
 from broker.store.sqlite.engine import SqliteEngine
 
@@ -68,3 +69,19 @@ async def test_a_body_that_fails_or_is_cancelled_leaves_nothing_behind(engine: S
     async with engine.transaction() as tx:
         await tx.execute("INSERT INTO t (k) VALUES ('after')")
     assert await _keys(engine) == ["after"]
+
+
+async def test_a_database_that_cannot_be_written_is_unavailable_not_an_internal_error(
+    engine: SqliteEngine,
+) -> None:
+    # A failing or full disk, or a file made read-only: the storage's fault, not the call's, and
+    # the caller may retry (before: the raw sqlite3 error, INTERNAL at the API).
+    assert engine.writer is not None
+    await engine.writer.execute("PRAGMA query_only = ON")  # SQLITE_READONLY, as a real error
+    with pytest.raises(Unavailable, match="cannot be written"):
+        async with engine.transaction() as tx:
+            await tx.execute("INSERT INTO t (k) VALUES ('lost')")
+    await engine.writer.execute("PRAGMA query_only = OFF")
+    async with engine.transaction() as tx:
+        await tx.execute("INSERT INTO t (k) VALUES ('kept')")
+    assert await _keys(engine) == ["kept"]

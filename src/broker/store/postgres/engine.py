@@ -37,6 +37,8 @@ _UNAVAILABLE = (
     asyncpg.exceptions.OperatorInterventionError,  # shutdown, query cancelled or timed out
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
     asyncpg.exceptions.TransactionRollbackError,  # deadlock or serialization failure
+    asyncpg.exceptions.PostgresSystemError,  # class 58: the server's I/O failed
+    asyncpg.exceptions.ReadOnlySQLTransactionError,  # a read-only server (a standby after failover)
     # What a pooled connection whose server backend was just terminated can raise on its next
     # use (seen: "cannot switch to state 11; another operation is in progress").
     asyncpg.exceptions.InternalClientError,

@@ -265,10 +265,20 @@ class SqliteEngine:
             raise
 
 
+# What the storage did, not the request: the file cannot be written (a failing or full disk, a
+# file made read-only, a directory gone). Retrying later may work; nothing about the call was wrong.
+_UNWRITABLE = ("SQLITE_IOERR", "SQLITE_FULL", "SQLITE_READONLY", "SQLITE_CANTOPEN")
+
+
 def _raise_mapped(exc: BaseException) -> None:
     """Raise the store's error for an SQLite one; return when there is none."""
-    if isinstance(exc, sqlite3.OperationalError) and exc.sqlite_errorname.startswith("SQLITE_BUSY"):
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    if isinstance(exc, sqlite3.OperationalError) and name.startswith("SQLITE_BUSY"):
         raise Unavailable("the database is busy; retry shortly") from exc
+    if isinstance(exc, sqlite3.OperationalError) and name.startswith(_UNWRITABLE):
+        raise Unavailable(
+            "the broker's database cannot be written; retry once its storage is writable again"
+        ) from exc
     if isinstance(exc, sqlite3.IntegrityError):
         message = str(exc)
         if message.startswith("UNIQUE constraint failed: "):
