@@ -341,11 +341,12 @@ def check_request(request: UpstreamRequest, connection: Injection | None = None)
             )
     bad += _method_overrides(request)
     for i, (name, value) in enumerate(request.headers):
+        key = _header_key(name)
         if not _HEADER_NAME.fullmatch(name):
             bad.append(FieldViolation(f"headers[{i}].name", "must be an HTTP header name"))
-        elif _header_key(name) in reserved or _header_key(name).startswith(_REFUSED_PREFIXES):
+        elif key in reserved or key.startswith(_REFUSED_PREFIXES):
             bad.append(FieldViolation(f"headers[{i}].name", f"{name} is set by the broker, not the caller"))
-        elif _header_key(name) in _PARTIAL:
+        elif key in _PARTIAL:
             bad.append(
                 FieldViolation(
                     f"headers[{i}].name", f"{name} is refused: a part of an answer could hide a secret"

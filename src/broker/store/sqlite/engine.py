@@ -272,13 +272,14 @@ _UNWRITABLE = ("SQLITE_IOERR", "SQLITE_FULL", "SQLITE_READONLY", "SQLITE_CANTOPE
 
 def _raise_mapped(exc: BaseException) -> None:
     """Raise the store's error for an SQLite one; return when there is none."""
-    name = getattr(exc, "sqlite_errorname", None) or ""
-    if isinstance(exc, sqlite3.OperationalError) and name.startswith("SQLITE_BUSY"):
-        raise Unavailable("the database is busy; retry shortly") from exc
-    if isinstance(exc, sqlite3.OperationalError) and name.startswith(_UNWRITABLE):
-        raise Unavailable(
-            "the broker's database cannot be written; retry once its storage is writable again"
-        ) from exc
+    if isinstance(exc, sqlite3.OperationalError):
+        name = getattr(exc, "sqlite_errorname", None) or ""  # None on one raised by hand
+        if name.startswith("SQLITE_BUSY"):
+            raise Unavailable("the database is busy; retry shortly") from exc
+        if name.startswith(_UNWRITABLE):
+            raise Unavailable(
+                "the broker's database cannot be written; retry once its storage is writable again"
+            ) from exc
     if isinstance(exc, sqlite3.IntegrityError):
         message = str(exc)
         if message.startswith("UNIQUE constraint failed: "):
