@@ -26,6 +26,7 @@ from grpc_status import rpc_status
 from broker._proto import broker_pb2 as pb
 from broker.crypto import Binding, Kek, Keyring
 from broker.crypto.envelope import dek_aad, secret_aad
+from broker.model import AuditCheckpoint, AuditSeal
 from broker.service.sealing import open_secrets, seal
 from broker.store._codec import CONNECTIONS, to_json
 
@@ -120,9 +121,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def no_seals(seal: object) -> None:
-    """A `SealCheck` for store tests that hold no master key: every seal is unverifiable."""
-    return None
+class _NoKeys:
+    """`AnchorKeys` for store tests that hold no master key: every seal is unverifiable, every
+    checkpoint passes and is left unsigned."""
+
+    def seal(self, seal: AuditSeal) -> bool | None:
+        return None
+
+    def checkpoint(self, checkpoint: AuditCheckpoint) -> str:
+        return ""
+
+    def sign_checkpoint(self, checkpoint: AuditCheckpoint) -> AuditCheckpoint:
+        return checkpoint
+
+
+no_seals = _NoKeys()
 
 
 def set_stored_config(path: Path, connection_id: str, key: str, value: Any) -> None:

@@ -12,10 +12,9 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from broker.catalog import MAX_JSON_DEPTH, destination_digest
 from broker.crypto.envelope import Binding, Sealed
@@ -492,7 +491,8 @@ class AuditChainReport:
 
     Seals (`AuditSeal`) met on the way are checked too: `seals_checked` matched,
     `seals_unverifiable` were made under a master key no longer configured, and
-    `unsealed_events` are the newest events no seal covers yet.
+    `unsealed_events` are the newest events no seal covers yet. `newest_seal` is the seal of
+    the highest id (None without one), for the judgement of its age (`service/auditseal.py`).
     """
 
     ok: bool
@@ -502,22 +502,66 @@ class AuditChainReport:
     seals_checked: int = 0
     seals_unverifiable: int = 0
     unsealed_events: int = 0
+    newest_seal: AuditSeal | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class AuditSeal:
     """A MAC over the audit chain's tail (`last_id`, `last_hash`) under a key derived from the
-    master key `kek_id`: whoever rewrites the chain without that key cannot make it match."""
+    master key `kek_id`: whoever rewrites the chain without that key cannot make it match.
+
+    `format` 2 MACs `sealed_at` too, so the newest seal's age can be trusted; format 1 seals
+    (before seals were re-signed every interval) MAC the tail only."""
 
     last_id: int
     last_hash: str
     kek_id: str
     mac: str
     sealed_at: datetime
+    format: int = 2
 
 
-# A seal's verdict: True (its MAC verifies), False (it does not), None (its key is not configured).
-SealCheck = Callable[[AuditSeal], bool | None]
+@dataclass(frozen=True, slots=True)
+class AuditCheckpoint:
+    """What a pruning run leaves of the events it deleted: the id and hash of the last one, how
+    many, and the time of the newest. `kek_id` and `mac` sign all of it under a key derived from
+    a master key (None on checkpoints from before they were signed); `id` is the row's."""
+
+    id: int
+    last_id: int
+    last_hash: str
+    pruned_count: int
+    created_at: datetime
+    newest_pruned_at: datetime | None = None
+    kek_id: str | None = None
+    mac: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditAnchors:
+    """What the audit chain is anchored to, read together: its tail, the newest seal with the
+    hash the chain now holds at that seal's id (None when that event is gone), and the newest
+    checkpoint."""
+
+    tail_id: int
+    tail_hash: str
+    seal: AuditSeal | None
+    hash_at_seal: str | None
+    checkpoint: AuditCheckpoint | None
+
+
+class AnchorKeys(Protocol):
+    """How the store judges the audit chain's anchors and signs checkpoints, with keys it never
+    holds (`service/auditseal.Anchors`)."""
+
+    def seal(self, seal: AuditSeal) -> bool | None:
+        """True (its MAC verifies), False (it does not), None (its key is not configured)."""
+
+    def checkpoint(self, checkpoint: AuditCheckpoint) -> str:
+        """The problem with a checkpoint the chain continues from; "" when there is none."""
+
+    def sign_checkpoint(self, checkpoint: AuditCheckpoint) -> AuditCheckpoint:
+        """`checkpoint` with its signature (`kek_id`, `mac`)."""
 
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"

@@ -406,7 +406,7 @@ class Broker:
         services.monitor.start()
         services.denials.start()
         services.audit.start_pruning()
-        services.audit.start_sealing()
+        await services.audit.start_sealing()
         services.keys.start()
         services.leases.start()
         await self._refresh_gauges()

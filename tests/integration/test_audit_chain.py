@@ -358,7 +358,7 @@ async def test_pruning_in_batches_and_appending_after_everything_was_pruned(
     sqlite_store: SqliteStore,
 ) -> None:
     await sqlite_store.append_audit([event(i, time=T0) for i in range(25)])
-    assert await sqlite_store.prune_audit(T0 + timedelta(seconds=1), T0, batch_size=10) == 25
+    assert await sqlite_store.prune_audit(T0 + timedelta(seconds=1), T0, no_seals, batch_size=10) == 25
     with sqlite3.connect(sqlite_store.path) as db:
         assert db.execute("SELECT last_id, pruned_count FROM audit_checkpoints").fetchall() == [(25, 25)]
     assert (await sqlite_store.verify_audit_chain(no_seals)).ok
@@ -373,7 +373,7 @@ async def test_pruning_stops_at_a_broken_link_and_keeps_the_evidence(sqlite_stor
     await sqlite_store.append_audit([event(i, time=T0) for i in range(10)])
     edit_db(sqlite_store.path, ("DELETE FROM audit_events WHERE id = 6", ()))
     with pytest.raises(FailedPrecondition, match="event 7"):
-        await sqlite_store.prune_audit(T0 + timedelta(seconds=1), T0, batch_size=3)
+        await sqlite_store.prune_audit(T0 + timedelta(seconds=1), T0, no_seals, batch_size=3)
     with sqlite3.connect(sqlite_store.path) as db:
         assert db.execute("SELECT min(id) FROM audit_events").fetchone() == (4,)  # batches 1-3 went
     assert (await sqlite_store.verify_audit_chain(no_seals)).first_broken_id == 7

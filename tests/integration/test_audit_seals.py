@@ -10,17 +10,20 @@ from __future__ import annotations
 import dataclasses
 import os
 import sqlite3
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import pytest
 import structlog.testing
 
 from broker._proto import broker_pb2 as pb
 from broker.crypto import Kek, Keyring
-from broker.model import AuditEvent, AuditFilter, Outcome
+from broker.errors import FailedPrecondition
+from broker.model import AuditEvent, AuditFilter, AuditSeal, Outcome, Principal, Role
 from broker.service import auditseal
-from broker.service.audit import AuditLog
+from broker.service.audit import MIN_RETENTION, AuditLog
+from broker.service.context import Call
 from broker.store import Store
 from broker.store import _chain as chain
 from broker.store.postgres import PostgresStore
@@ -34,7 +37,7 @@ store = contract.store  # each backend in turn
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 KEK = Kek(os.urandom(32))
 KEYRING = Keyring(KEK)
-CHECK = auditseal.checker(KEYRING)
+ANCHORS = auditseal.Anchors(KEYRING, MIN_RETENTION)
 
 
 def event(i: int) -> AuditEvent:
@@ -45,9 +48,9 @@ def event(i: int) -> AuditEvent:
 
 
 async def seal_now(store: Store, kek: Kek = KEK) -> int:
-    last_id, last_hash = await store.audit_tail()
-    await store.add_audit_seal(auditseal.make_seal(kek, last_id, last_hash, T0))
-    return last_id
+    anchors = await store.audit_anchors()
+    await store.add_audit_seal(auditseal.make_seal(kek, anchors.tail_id, anchors.tail_hash, T0))
+    return anchors.tail_id
 
 
 async def rewrite(store: Store, from_id: int) -> None:
@@ -86,12 +89,12 @@ async def test_a_rewritten_chain_verifies_without_seals_and_fails_with_them(stor
     await store.append_audit([event(i) for i in range(10)])
     sealed_id = await seal_now(store)
     await store.append_audit([event(i) for i in range(10, 13)])
-    report = await store.verify_audit_chain(CHECK)
+    report = await store.verify_audit_chain(ANCHORS)
     assert (report.ok, report.seals_checked, report.unsealed_events) == (True, 1, 3)
 
     await rewrite(store, 4)
     assert (await store.verify_audit_chain(no_seals)).ok  # the chain alone cannot tell
-    report = await store.verify_audit_chain(CHECK)
+    report = await store.verify_audit_chain(ANCHORS)
     assert (report.ok, report.first_broken_id, report.problem) == (
         False,
         sealed_id,
@@ -102,10 +105,12 @@ async def test_a_rewritten_chain_verifies_without_seals_and_fails_with_them(stor
 async def test_a_seal_without_the_master_key_is_forged(store: Store) -> None:
     await store.append_audit([event(i) for i in range(5)])
     await rewrite(store, 2)
-    last_id, last_hash = await store.audit_tail()
-    forged = dataclasses.replace(auditseal.make_seal(KEK, last_id, last_hash, T0), mac="0" * 64)
+    anchors = await store.audit_anchors()
+    forged = dataclasses.replace(
+        auditseal.make_seal(KEK, anchors.tail_id, anchors.tail_hash, T0), mac="0" * 64
+    )
     await store.add_audit_seal(forged)
-    report = await store.verify_audit_chain(CHECK)
+    report = await store.verify_audit_chain(ANCHORS)
     assert (report.ok, report.first_broken_id, report.problem) == (False, 5, chain.PROBLEM_SEAL_FORGED)
 
 
@@ -114,7 +119,7 @@ async def test_cutting_off_sealed_events_is_caught(store: Store) -> None:
     sealed_id = await seal_now(store)
     await _execute(store, "DELETE FROM audit_events WHERE id > ?", [(5,)])
     assert (await store.verify_audit_chain(no_seals)).ok  # a shorter chain is still a chain
-    report = await store.verify_audit_chain(CHECK)
+    report = await store.verify_audit_chain(ANCHORS)
     assert (report.ok, report.first_broken_id, report.problem) == (
         False,
         sealed_id,
@@ -125,8 +130,8 @@ async def test_cutting_off_sealed_events_is_caught(store: Store) -> None:
 async def test_seals_under_a_key_no_longer_configured_are_counted_not_failed(store: Store) -> None:
     await store.append_audit([event(i) for i in range(3)])
     await seal_now(store, Kek(os.urandom(32)))  # a retired master key
-    await store.add_audit_seal(auditseal.make_seal(KEK, *await store.audit_tail(), T0))  # same tail: kept
-    report = await store.verify_audit_chain(CHECK)
+    await seal_now(store)  # the same tail: the first seal stays
+    report = await store.verify_audit_chain(ANCHORS)
     assert (report.ok, report.seals_checked, report.seals_unverifiable) == (True, 0, 1)
 
 
@@ -136,55 +141,212 @@ async def test_pruning_takes_the_seals_of_the_events_it_deletes(store: Store) ->
     await seal_now(store)
     await store.append_audit([event(i) for i in range(4, 6)])
     last = await seal_now(store)
-    assert await store.prune_audit(datetime(2021, 1, 1, tzinfo=UTC), T0) == 4
-    report = await store.verify_audit_chain(CHECK)
+    assert await store.prune_audit(datetime(2021, 1, 1, tzinfo=UTC), T0, ANCHORS) == 4
+    report = await store.verify_audit_chain(ANCHORS)
     assert (report.ok, report.seals_checked, report.events_checked) == (True, 1, 2) and last == 6
+
+
+async def test_an_old_seal_relabelled_under_an_unknown_key_changes_nothing(store: Store) -> None:
+    """The newest seal vouches for every event before it (each hash covers the ones before), so
+    an older seal that can no longer be checked hides nothing."""
+    await store.append_audit([event(i) for i in range(3)])
+    await seal_now(store)
+    await store.append_audit([event(i) for i in range(3, 5)])
+    await seal_now(store)
+    await _execute(store, "UPDATE audit_seals SET kek_id = ? WHERE last_id = ?", [("gone", 3)])
+    report = await store.verify_audit_chain(ANCHORS)
+    assert (report.ok, report.seals_checked, report.seals_unverifiable) == (True, 1, 1)
+    assert report.newest_seal is not None and report.newest_seal.last_id == 5
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+async def _events(store: Store) -> list[AuditEvent]:
+    return list(reversed(await store.list_audit("acme", AuditFilter(), 10_000, None)))
+
+
+async def test_a_checkpoint_written_without_the_broker_is_caught_and_not_pruned_from(store: Store) -> None:
+    """Deleting the oldest events and writing a checkpoint in their place, to hide them, used to
+    leave a chain that verified: checkpoints carried no MAC."""
+    await store.append_audit([event(i) for i in range(6)])
+    hidden = (await _events(store))[2]
+    await _execute(store, "DELETE FROM audit_events WHERE id <= ?", [(hidden.id,)])
+    await _execute(
+        store,
+        "INSERT INTO audit_checkpoints (last_id, last_hash, pruned_count, created_at) VALUES (?, ?, ?, ?)",
+        [(hidden.id, hidden.hash, 3, 0)],
+    )
+    assert (await store.verify_audit_chain(no_seals)).ok  # without the master key nothing can tell
+    report = await store.verify_audit_chain(ANCHORS)
+    assert (report.ok, report.first_broken_id, report.problem) == (
+        False,
+        hidden.id,
+        auditseal.PROBLEM_CHECKPOINT_UNSIGNED,
+    )
+    # A prune continuing from it would write a signed checkpoint over it: refused.
+    with pytest.raises(FailedPrecondition, match="not signed"):
+        await store.prune_audit(datetime(2030, 1, 1, tzinfo=UTC), datetime(2030, 1, 1, tzinfo=UTC), ANCHORS)
+    assert len(await _events(store)) == 3
+
+
+async def test_a_checkpoint_must_verify_under_a_configured_key(store: Store) -> None:
+    old = datetime(2020, 1, 1, tzinfo=UTC)
+    await store.append_audit([dataclasses.replace(event(i), time=old) for i in range(4)] + [event(4)])
+    assert await store.prune_audit(datetime(2021, 1, 1, tzinfo=UTC), T0, ANCHORS) == 4
+    report = await store.verify_audit_chain(ANCHORS)
+    assert (report.ok, report.events_checked) == (True, 1)
+
+    await _execute(store, "UPDATE audit_checkpoints SET pruned_count = ?", [(1,)])
+    report = await store.verify_audit_chain(ANCHORS)
+    assert (report.ok, report.first_broken_id, report.problem) == (
+        False,
+        4,
+        auditseal.PROBLEM_CHECKPOINT_FORGED,
+    )
+    await _execute(store, "UPDATE audit_checkpoints SET pruned_count = ?, kek_id = ?", [(4, "gone")])
+    report = await store.verify_audit_chain(ANCHORS)
+    assert (report.ok, report.problem) == (False, auditseal.PROBLEM_CHECKPOINT_UNCHECKABLE)
+
+
+async def test_a_checkpoint_that_pruned_events_younger_than_the_retention_floor_is_caught(
+    store: Store,
+) -> None:
+    """The store prunes what it is told to; only the service holds the 90-day floor. A checkpoint
+    past it (a prune run with the master key by hand, or a bug) is reported."""
+    await store.append_audit([event(i) for i in range(3)])  # all at T0
+    assert await store.prune_audit(T0 + timedelta(seconds=1), T0 + timedelta(days=89), ANCHORS) == 3
+    await store.append_audit([event(3)])
+    report = await store.verify_audit_chain(ANCHORS)
+    assert (report.ok, report.problem) == (False, auditseal.PROBLEM_CHECKPOINT_TOO_YOUNG)
 
 
 # ------------------------------------------------------------------ the service and the broker
 
 
-async def test_the_audit_log_seals_when_the_tail_moved_and_on_close(tmp_path: Any) -> None:
-    backend = SqliteStore(tmp_path / "broker.db")
-    await backend.open()
-    try:
-        log = AuditLog(backend, clock=lambda: T0, keyring=KEYRING)
-        assert await log.seal() is None  # nothing to seal yet
-        await log.append(event(1))
-        first = await log.seal()
-        assert first is not None and (first.last_id, first.kek_id) == (1, KEK.id)
-        assert await log.seal() is None  # the tail has not moved
-        await log.append(event(2))
-        await log.close()  # seals what is there
-        report = await backend.verify_audit_chain(CHECK)
-        assert (report.seals_checked, report.unsealed_events) == (2, 0)
-    finally:
-        await backend.close()
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
 
 
-async def test_a_seal_planted_where_the_next_one_goes_is_reported_not_passed_over(tmp_path: Any) -> None:
-    """A seal row written ahead, at the id the broker's next seal will cover, used to make that seal
-    a silent no-op (ON CONFLICT DO NOTHING) while the log said `audit_sealed`."""
-    backend = SqliteStore(tmp_path / "broker.db")
-    await backend.open()
-    try:
-        log = AuditLog(backend, clock=lambda: T0, keyring=KEYRING)
-        await log.append(event(1))
-        planted = auditseal.make_seal(Kek(os.urandom(32)), 2, "0" * 64, T0)  # no key the broker has
-        await backend.add_audit_seal(planted)
-        await log.append(event(2))
-        with structlog.testing.capture_logs() as logs:
-            assert await log.seal() is None
-        assert [e["event"] for e in logs] == ["audit_seal_conflict"]
-        assert (logs[0]["last_id"], logs[0]["found_kek_id"]) == (2, planted.kek_id)
-        # Another replica's seal of the same tail is no conflict: the same MAC under the same key.
-        await log.append(event(3))
-        await backend.add_audit_seal(auditseal.make_seal(KEK, *await backend.audit_tail(), T0))
-        with structlog.testing.capture_logs() as logs:
-            assert await log.seal() is not None
-        assert [e["event"] for e in logs] == ["audit_sealed"]
-    finally:
-        await backend.close()
+CALL = Call(Principal("broker.local", "acme", Role.ADMIN, "cli"))
+
+
+async def test_the_audit_log_seals_each_new_tail_and_re_signs_the_newest_in_place(store: Store) -> None:
+    clock = Clock()
+    log = AuditLog(store, clock=clock, keyring=KEYRING)
+    first = await log.seal()  # an empty chain is sealed too: a seal to keep recent from the start
+    assert first is not None and first.last_id == 0
+    await log.append(event(1))
+    with structlog.testing.capture_logs() as logs:
+        second = await log.seal()
+    assert second is not None and (second.last_id, second.kek_id) == (1, KEK.id)
+    assert [e["event"] for e in logs] == ["audit_sealed"] and logs[0]["mac"] == second.mac
+
+    clock.now = T0 + timedelta(minutes=1)
+    assert await log.seal() is not None  # the tail has not moved: the newest seal is re-signed
+    newest = (await store.audit_anchors()).seal
+    assert newest is not None and (newest.last_id, newest.sealed_at, newest.format) == (1, clock.now, 2)
+
+    rotated = Kek(os.urandom(32))
+    log = AuditLog(store, clock=clock, keyring=Keyring(rotated, [KEK]))
+    assert await log.seal() is not None
+    newest = (await store.audit_anchors()).seal
+    assert newest is not None and newest.kek_id == rotated.id
+    await log.append(event(2))
+    await log.close()  # seals what is there
+    report = await log.verify(CALL)
+    assert (report.ok, report.seals_checked, report.unsealed_events) == (True, 2, 0)
+
+
+async def test_deleting_every_seal_is_reported(store: Store) -> None:
+    log = AuditLog(store, clock=lambda: T0, keyring=KEYRING)
+    for i in range(4):
+        await log.append(event(i))
+    await log.seal()
+    await rewrite(store, 2)
+    await _execute(store, "DELETE FROM audit_seals WHERE last_id >= ?", [(0,)])
+    report = await log.verify(CALL)
+    assert (report.ok, report.problem) == (False, auditseal.PROBLEM_NO_SEAL)
+
+
+async def test_deleting_the_newest_seals_to_rewrite_after_an_older_one_is_reported_and_not_sealed_over(
+    store: Store,
+) -> None:
+    clock = Clock()
+    log = AuditLog(store, clock=clock, keyring=KEYRING, seal_interval=60)
+    for i in range(3):
+        await log.append(event(i))
+    older = await log.seal()
+    for i in range(3, 6):
+        await log.append(event(i))
+    clock.now += timedelta(minutes=1)
+    assert await log.seal() is not None
+    assert (await log.verify(CALL)).ok
+
+    clock.now += timedelta(minutes=10)  # ticks re-signed the newest seal meanwhile; now the attack:
+    assert await log.seal() is not None
+    await _execute(store, "DELETE FROM audit_seals WHERE last_id > ?", [(3,)])
+    await rewrite(store, 4)
+    with structlog.testing.capture_logs() as logs:
+        assert await log.seal() is None  # this broker saw the seal of event 6: it does not seal over
+    assert [(e["event"], e["newest_seal_id"]) for e in logs] == [("audit_seal_refused", 3)]
+    assert "were deleted" in logs[0]["reason"]
+    report = await log.verify(CALL)
+    assert older is not None and (report.ok, report.first_broken_id, report.problem) == (
+        False,
+        older.last_id,
+        auditseal.PROBLEM_SEAL_STALE,
+    )
+
+
+async def test_relabelling_the_newest_seal_is_reported_and_not_sealed_over(store: Store) -> None:
+    log = AuditLog(store, clock=lambda: T0, keyring=KEYRING)
+    for i in range(3):
+        await log.append(event(i))
+    await log.seal()
+    await rewrite(store, 2)
+    await _execute(store, "UPDATE audit_seals SET kek_id = ?", [("retired",)])
+    assert (await store.verify_audit_chain(ANCHORS)).ok  # an unverifiable seal alone proves nothing
+    report = await log.verify(CALL)
+    assert (report.ok, report.problem) == (False, auditseal.PROBLEM_SEAL_UNCHECKABLE)
+    await log.append(event(3))
+    with structlog.testing.capture_logs() as logs:
+        assert await log.seal() is None
+    assert [e["event"] for e in logs] == ["audit_seal_refused"] and "'retired'" in logs[0]["reason"]
+
+
+async def test_a_seal_planted_where_the_next_one_goes_is_reported_not_passed_over(store: Store) -> None:
+    """A seal row written at the id the broker is about to seal (between its read and its write) used
+    to make that seal a silent no-op (ON CONFLICT DO NOTHING) while the log said `audit_sealed`."""
+    planted = auditseal.make_seal(Kek(os.urandom(32)), 1, "0" * 64, T0)  # no key the broker has
+
+    class Planting:
+        """The store, with someone writing a seal just before the broker's own."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        async def add_audit_seal(self, seal: AuditSeal) -> AuditSeal:
+            await store.add_audit_seal(planted)
+            return await store.add_audit_seal(seal)
+
+    log = AuditLog(store, clock=lambda: T0, keyring=KEYRING)
+    await log.append(event(1))
+    with structlog.testing.capture_logs() as logs:
+        assert await AuditLog(Planting(), clock=lambda: T0, keyring=KEYRING).seal() is None  # type: ignore[arg-type]
+    assert [(e["event"], e["last_id"], e["found_kek_id"]) for e in logs] == [
+        ("audit_seal_conflict", 1, planted.kek_id)
+    ]
+    # Another replica's seal of the same tail is no conflict: the same MAC under the same key.
+    await log.append(event(2))
+    anchors = await store.audit_anchors()
+    await _execute(store, "DELETE FROM audit_seals WHERE last_id = ?", [(1,)])
+    await store.add_audit_seal(auditseal.make_seal(KEK, anchors.tail_id, anchors.tail_hash, T0))
+    assert await log.seal() is not None  # re-signs that replica's seal of the tail
 
 
 async def test_verify_audit_log_reports_seals(running: Running) -> None:
@@ -194,4 +356,11 @@ async def test_verify_audit_log_reports_seals(running: Running) -> None:
     await admin.CreateConnection(db_request(name="after"))
     report = await admin.VerifyAuditLog(pb.VerifyAuditLogRequest())
     assert (report.ok, report.seals_checked, report.unsealed_events) == (True, 1, 1)
+    assert report.sealed_through_id == report.events_checked - 1
     assert "audit_sealed" in running.logs.getvalue()
+
+
+async def test_the_broker_seals_as_it_starts(running: Running) -> None:
+    """A seal from the first moment: verification right after start must not find none."""
+    anchors = await running.broker.store.audit_anchors()
+    assert anchors.seal is not None and anchors.seal.last_id == anchors.tail_id

@@ -926,13 +926,13 @@ async def test_the_chain_verifies_and_pruning_keeps_the_rest_verifiable(store: S
     assert await store.verify_audit_chain(no_seals) == AuditChainReport(True, 31, unsealed_events=31)
 
     # Everything before T0 + 10 min: the create event and events 0..9, in batches of 4.
-    assert await store.prune_audit(T0 + 10 * minute, now=T0 + timedelta(days=1), batch_size=4) == 11
+    assert await store.prune_audit(T0 + 10 * minute, T0 + timedelta(days=1), no_seals, batch_size=4) == 11
     assert await store.verify_audit_chain(no_seals) == AuditChainReport(True, 20, unsealed_events=20)
     oldest = await store.export_audit(TENANT, AuditFilter(), 1, None)
     assert oldest[0].details == {"i": "10"}
 
     # Prune everything, then append: the new event links to the checkpoint.
-    assert await store.prune_audit(T0 + timedelta(days=1), now=T0 + timedelta(days=1)) == 20
+    assert await store.prune_audit(T0 + timedelta(days=1), T0 + timedelta(days=1), no_seals) == 20
     assert await store.verify_audit_chain(no_seals) == AuditChainReport(True, 0, unsealed_events=0)
     await store.append_audit([make_event(time=T0 + timedelta(days=2))])
     [last] = await store.list_audit(TENANT, AuditFilter(), 10, None)

@@ -726,7 +726,7 @@ class VerifyAuditLogRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class VerifyAuditLogResponse(_message.Message):
-    __slots__ = ("ok", "events_checked", "first_broken_id", "problem", "seals_checked", "seals_unverifiable", "unsealed_events")
+    __slots__ = ("ok", "events_checked", "first_broken_id", "problem", "seals_checked", "seals_unverifiable", "unsealed_events", "sealed_through_id")
     OK_FIELD_NUMBER: _ClassVar[int]
     EVENTS_CHECKED_FIELD_NUMBER: _ClassVar[int]
     FIRST_BROKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -734,6 +734,7 @@ class VerifyAuditLogResponse(_message.Message):
     SEALS_CHECKED_FIELD_NUMBER: _ClassVar[int]
     SEALS_UNVERIFIABLE_FIELD_NUMBER: _ClassVar[int]
     UNSEALED_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    SEALED_THROUGH_ID_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     events_checked: int
     first_broken_id: int
@@ -741,7 +742,8 @@ class VerifyAuditLogResponse(_message.Message):
     seals_checked: int
     seals_unverifiable: int
     unsealed_events: int
-    def __init__(self, ok: _Optional[bool] = ..., events_checked: _Optional[int] = ..., first_broken_id: _Optional[int] = ..., problem: _Optional[str] = ..., seals_checked: _Optional[int] = ..., seals_unverifiable: _Optional[int] = ..., unsealed_events: _Optional[int] = ...) -> None: ...
+    sealed_through_id: int
+    def __init__(self, ok: _Optional[bool] = ..., events_checked: _Optional[int] = ..., first_broken_id: _Optional[int] = ..., problem: _Optional[str] = ..., seals_checked: _Optional[int] = ..., seals_unverifiable: _Optional[int] = ..., unsealed_events: _Optional[int] = ..., sealed_through_id: _Optional[int] = ...) -> None: ...
 
 class ExportAuditEventsRequest(_message.Message):
     __slots__ = ("start_time", "end_time", "connection_id")

@@ -201,6 +201,7 @@ class AdminServicer(broker_pb2_grpc.AdminServiceServicer):
             seals_checked=report.seals_checked,
             seals_unverifiable=report.seals_unverifiable,
             unsealed_events=report.unsealed_events,
+            sealed_through_id=report.newest_seal.last_id if report.newest_seal else 0,
         )
 
     async def ExportAuditEvents(

@@ -251,10 +251,25 @@ async def _retire(settings: Settings, key_dir: Path, kek_id: str) -> int:
         raise ConfigError(f"no key file for {kek_id} in {key_dir}")
     async with _opened_store(settings) as store:
         in_use = (await key_status(store, keyring)).deks.get(kek_id, 0)
+        anchors = await store.audit_anchors()
     if in_use:
         print(
             f"{PROG}: refusing to retire {kek_id}: {in_use} stored data key(s) still use it; "
             "run `broker keys rewrap` first",
+            file=sys.stderr,
+        )
+        return 1
+    signed = [
+        what
+        for what, anchor in (("seal", anchors.seal), ("checkpoint", anchors.checkpoint))
+        if anchor is not None and anchor.kek_id == kek_id
+    ]
+    if signed:
+        # Without the key that signed the newest anchor, verification could no longer check it.
+        print(
+            f"{PROG}: refusing to retire {kek_id}: the audit trail's newest {' and '.join(signed)} "
+            "is signed under it; a running broker re-signs it under the active key within "
+            "audit.seal_interval_seconds: start one (or wait for it), then retry",
             file=sys.stderr,
         )
         return 1

@@ -226,7 +226,10 @@ def render_verify(r: broker_pb2.VerifyAuditLogResponse) -> str:
     """The verdict of VerifyAuditLog: ok with counts, or the first broken event and why."""
     if not r.ok:
         return f"BROKEN at event {r.first_broken_id}: {r.problem} ({r.events_checked} events checked)"
-    seals = f"{r.seals_checked} seals matched, {r.unsealed_events} newest events not sealed yet"
+    seals = (
+        f"{r.seals_checked} seals matched, sealed through event {r.sealed_through_id},"
+        f" {r.unsealed_events} newest events not sealed yet"
+    )
     if r.seals_unverifiable:
         seals += f", {r.seals_unverifiable} seals under master keys no longer configured"
     return f"ok: the audit chain is intact ({r.events_checked} events checked; {seals})"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import structlog
@@ -30,7 +31,7 @@ import structlog
 from broker import metrics
 from broker.crypto import Keyring
 from broker.errors import BrokerError, InvalidArgument, Unavailable
-from broker.model import AuditChainReport, AuditEvent, AuditFilter, AuditSeal
+from broker.model import AuditAnchors, AuditChainReport, AuditEvent, AuditFilter, AuditSeal
 from broker.service import auditseal, paging
 from broker.service.context import Call
 from broker.service.inputs import require_printable
@@ -83,7 +84,10 @@ class AuditLog:
         self._keyring = keyring
         self._seal_interval = seal_interval
         self._sealer: asyncio.Task[None] | None = None
-        self._sealed_up_to = 0
+        self._anchors = auditseal.Anchors(keyring, MIN_RETENTION)
+        # The highest id a seal covered that this process made or read: fewer later means seals were
+        # deleted, and extending the chain from an older seal would vouch for what came after it.
+        self._highest_seal_seen = 0
         # Told of each event as it is appended (the security monitor); must not block.
         self._watch = watch
         # One walk of the chain at a time; callers that asked while one ran share the next one.
@@ -145,26 +149,79 @@ class AuditLog:
     # ----------------------------------------------------------------- seals
 
     async def seal(self) -> AuditSeal | None:
-        """Seal the chain's tail if it moved since the last seal; the seal made, else None."""
+        """Anchor the chain (see service/auditseal.py): seal its tail if it moved, else re-sign
+        the newest seal (its time, under the active key); re-sign the newest checkpoint if
+        another master key signed it. Returns the seal made or re-signed, else None.
+
+        An anchor that does not verify is never extended or re-signed: that would vouch for
+        a chain rewritten by someone else. It is logged (`audit_seal_refused`) and left for
+        verification to report.
+        """
         if self._keyring is None:
             return None
-        last_id, last_hash = await self._store.audit_tail()
-        if last_id <= self._sealed_up_to:
+        active = self._keyring.active
+        found = await self._store.audit_anchors()
+        checkpoint = found.checkpoint
+        if (
+            checkpoint is not None
+            and checkpoint.mac is not None
+            and checkpoint.kek_id != active.id
+            and not self._anchors.checkpoint(checkpoint)
+        ):
+            await self._store.replace_audit_checkpoint(
+                checkpoint.mac, self._anchors.sign_checkpoint(checkpoint)
+            )
+        refusal = self._refusal(found)
+        if refusal:
+            newest_id = found.seal.last_id if found.seal else 0
+            log.error("audit_seal_refused", newest_seal_id=newest_id, reason=refusal)
             return None
-        made = auditseal.make_seal(self._keyring.active, last_id, last_hash, self._clock())
+        newest = found.seal
+        self._highest_seal_seen = max(self._highest_seal_seen, newest.last_id if newest else 0)
+        made = auditseal.make_seal(active, found.tail_id, found.tail_hash, self._clock())
+        if newest is not None and newest.last_id == found.tail_id:
+            # Nothing new to seal: keep the newest seal recent, under the active key.
+            return made if await self._store.replace_audit_seal(newest.mac, made) else None
         stored = await self._store.add_audit_seal(made)
-        if stored.last_hash != last_hash or auditseal.checker(self._keyring)(stored) is not True:
+        self._highest_seal_seen = max(self._highest_seal_seen, stored.last_id)
+        if stored.last_hash != made.last_hash or self._anchors.seal(stored) is not True:
             # Not another replica's seal of the same tail: one written into the table by someone
             # without the master key, where it takes this seal's place.
-            log.error("audit_seal_conflict", last_id=last_id, last_hash=last_hash, found_kek_id=stored.kek_id)
+            log.error(
+                "audit_seal_conflict",
+                last_id=made.last_id,
+                last_hash=made.last_hash,
+                found_kek_id=stored.kek_id,
+            )
             return None
-        self._sealed_up_to = last_id
         # The log's copy is the one the database cannot take back (see service/auditseal.py).
-        log.info("audit_sealed", last_id=last_id, last_hash=last_hash, kek_id=made.kek_id, mac=made.mac)
+        log.info(
+            "audit_sealed", last_id=made.last_id, last_hash=made.last_hash, kek_id=made.kek_id, mac=made.mac
+        )
         return made
 
-    def start_sealing(self) -> None:
-        """Seal every `seal_interval` seconds, in the background."""
+    def _refusal(self, found: AuditAnchors) -> str:
+        """Why the chain's newest seal must not be extended or re-signed ("" when it may be)."""
+        newest = found.seal
+        # Pruning deletes seals only together with the events behind a (verified) checkpoint.
+        pruned_up_to = found.checkpoint.last_id if found.checkpoint else 0
+        if max(newest.last_id if newest else 0, pruned_up_to) < self._highest_seal_seen:
+            return f"seals up to event {self._highest_seal_seen}, seen by this broker, were deleted"
+        if newest is None:
+            return ""
+        verdict = self._anchors.seal(newest)
+        if verdict is None:
+            return f"the newest seal's master key {newest.kek_id!r} is not configured"
+        if not verdict:
+            return "the newest seal does not verify: it was forged or edited"
+        if found.hash_at_seal != newest.last_hash:
+            return "the chain no longer holds the event the newest seal sealed"
+        return ""
+
+    async def start_sealing(self) -> None:
+        """Seal now (a chain is never without a recent seal while a broker runs), then every
+        `seal_interval` seconds in the background."""
+        await self._seal_logging_failure()
         self._sealer = asyncio.create_task(self._seal_periodically())
 
     async def _seal_periodically(self) -> None:
@@ -201,7 +258,16 @@ class AuditLog:
             if self._last_walk is not None and self._last_walk[0] >= asked:
                 return self._last_walk[1]
             began = self._walks_asked
-            report = await self._store.verify_audit_chain(auditseal.checker(self._keyring))
+            report = await self._store.verify_audit_chain(self._anchors)
+            if report.ok and report.events_checked:
+                problem = self._anchors.stale_seal_problem(
+                    report.newest_seal, self._clock(), self._seal_interval
+                )
+                if problem:
+                    newest = report.newest_seal
+                    report = replace(
+                        report, ok=False, first_broken_id=newest.last_id if newest else 0, problem=problem
+                    )
             self._last_walk = (began, report)
         if not report.ok:
             log.warning("audit_chain_broken", first_broken_id=report.first_broken_id, problem=report.problem)
@@ -224,7 +290,7 @@ class AuditLog:
     async def prune(self) -> int:
         """Delete events older than the retention period (in batches, behind a checkpoint)."""
         now = self._clock()
-        pruned = await self._store.prune_audit(now - self.retention, now)
+        pruned = await self._store.prune_audit(now - self.retention, now, self._anchors)
         if pruned:
             log.info("audit_pruned", events=pruned, retention_days=self.retention.days)
         return pruned

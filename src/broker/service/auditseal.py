@@ -1,54 +1,167 @@
-"""Audit seals: a MAC over the chain's tail under a key the database never holds.
+"""The audit chain's anchors: seals and signed checkpoints, under a key the database never holds.
 
 The hash chain shows an edited or deleted event, unless whoever edited it also
-recomputed every hash after it, which needs only write access to the database.
-A seal closes that gap: every `audit.seal_interval_seconds` the broker takes the
-newest event's id and hash and stores HMAC-SHA256 over them under a key derived
-(HKDF-SHA256, info `SEAL_INFO`) from the active master key. A rewritten chain no
-longer matches its seals, and a new seal cannot be made without the master key.
+recomputed every hash after it, which needs only write access to the database. The
+anchors close that gap with HMAC-SHA256 under a key derived (HKDF-SHA256, info
+`SEAL_INFO`) from a master key:
 
-What it does not stop: seals deleted or relabelled, or a pruning checkpoint written in
-place of the oldest events, by someone with write access (README, "The audit trail").
-Each seal is also logged (`audit_sealed`), so the log pipeline holds a copy the database
-cannot take back; and `unsealed_events` in the verification report says how many of the
-newest events no seal covers yet.
+- A **seal** MACs the chain's tail (the newest event's id and hash) and the time it was
+  made. Because each event's hash covers every event before it, one seal that verifies
+  vouches for the whole history up to its event. Every `audit.seal_interval_seconds` the
+  broker seals a tail that moved, or else re-signs the newest seal in place (its time, under
+  the active master key). So while a broker runs, the newest seal is never older than a few
+  intervals: a newest seal that is older means newer seals were deleted (and the events
+  after the old one may have been rewritten), or sealing is failing; one under a master key
+  not configured was relabelled (or its key removed too early). Verification reports both
+  (`stale_seal_problem`).
+- A **checkpoint**, written when pruning deletes the oldest events, is signed over all its
+  fields, including the time of the newest event it pruned. Verification starts from the
+  newest checkpoint, so one that is unsigned, forged, or pruned events younger than the
+  minimum retention period fails it.
+
+The broker never extends or re-signs an anchor it cannot verify: that would vouch for a
+chain someone else rewrote. What anchors cannot stop, someone with write access cutting off
+the newest events together with their seals, or replacing the whole log, is seen only from
+outside the database: each new seal is also logged (`audit_sealed`), and verification
+reports `sealed_through_id` to compare with the newest such line (README, "The audit trail").
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from datetime import datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 from broker.crypto import Kek, KeyError_, Keyring
-from broker.model import AuditSeal, SealCheck
+from broker.model import AuditCheckpoint, AuditSeal
 
 SEAL_INFO = b"broker audit seal v1"
+SEAL_FORMAT = 2
+# A newest seal older than this many intervals (plus clock skew between replicas) was left behind.
+STALE_AFTER_INTERVALS = 3
+CLOCK_SKEW = timedelta(seconds=60)
+
+PROBLEM_NO_SEAL = "no seal covers the chain: seals were deleted, or sealing is failing (audit_seal_failed)"
+PROBLEM_SEAL_UNCHECKABLE = (
+    "the newest seal was made under a master key that is not configured: it was relabelled,"
+    " or its key was removed before the broker re-signed the seal under the active one"
+)
+PROBLEM_SEAL_STALE = (
+    "the newest seal is older than the broker lets it become: newer seals were deleted,"
+    " or sealing is failing (audit_seal_failed, audit_seal_refused)"
+)
+PROBLEM_CHECKPOINT_UNSIGNED = (
+    "the checkpoint the chain starts from is not signed: it was written without the broker"
+)
+PROBLEM_CHECKPOINT_UNCHECKABLE = (
+    "the checkpoint the chain starts from was signed under a master key that is not configured"
+)
+PROBLEM_CHECKPOINT_FORGED = (
+    "the checkpoint the chain starts from does not verify under its master key: forged or edited"
+)
+PROBLEM_CHECKPOINT_TOO_YOUNG = (
+    "the checkpoint the chain starts from pruned events younger than the minimum retention period"
+)
 
 
-def _mac(seal_key: bytes, last_id: int, last_hash: str) -> str:
-    """HMAC-SHA256 (hex) of the tail."""
-    return hmac.new(seal_key, f"{last_id}\n{last_hash}".encode(), hashlib.sha256).hexdigest()
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _micros(value: datetime) -> int:
+    """Microseconds since the epoch: what the store keeps of a time, so a MAC survives the round trip."""
+    return (value - _EPOCH) // timedelta(microseconds=1)
+
+
+def _hmac(key: bytes, text: str) -> str:
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def _seal_text(seal: AuditSeal) -> str:
+    if seal.format == 1:
+        return f"{seal.last_id}\n{seal.last_hash}"
+    return f"seal {seal.format}\n{seal.last_id}\n{seal.last_hash}\n{_micros(seal.sealed_at)}"
+
+
+def _checkpoint_text(checkpoint: AuditCheckpoint) -> str:
+    newest = -1 if checkpoint.newest_pruned_at is None else _micros(checkpoint.newest_pruned_at)
+    return (
+        f"checkpoint 1\n{checkpoint.last_id}\n{checkpoint.last_hash}\n{checkpoint.pruned_count}"
+        f"\n{_micros(checkpoint.created_at)}\n{newest}"
+    )
 
 
 def make_seal(kek: Kek, last_id: int, last_hash: str, now: datetime) -> AuditSeal:
-    """A seal of the tail (last_id, last_hash) under `kek` (the active master key)."""
-    return AuditSeal(last_id, last_hash, kek.id, _mac(kek.derive(SEAL_INFO), last_id, last_hash), now)
+    """A seal of the tail (last_id, last_hash) made at `now` under `kek` (the active master key)."""
+    seal = AuditSeal(last_id, last_hash, kek.id, "", now, SEAL_FORMAT)
+    return replace(seal, mac=_hmac(kek.derive(SEAL_INFO), _seal_text(seal)))
 
 
-def checker(keyring: Keyring | None) -> SealCheck:
-    """Judges seals with the keyring's keys: None for a key no longer (or never) configured."""
-    keys: dict[str, bytes] = {}
+class Anchors:
+    """Judges seals and checkpoints with the keyring's keys (`model.AnchorCheck`).
 
-    def check(seal: AuditSeal) -> bool | None:
-        if keyring is None:
-            return None
-        try:
-            kek = keyring.get(seal.kek_id)
-        except KeyError_:
-            return None
-        if seal.kek_id not in keys:
-            keys[seal.kek_id] = kek.derive(SEAL_INFO)
-        return hmac.compare_digest(_mac(keys[seal.kek_id], seal.last_id, seal.last_hash), seal.mac)
+    Without a keyring nothing can be judged: every seal is unverifiable and checkpoints pass
+    (such a broker makes no anchors either).
+    """
 
-    return check
+    def __init__(self, keyring: Keyring | None, min_retention: timedelta) -> None:
+        self._keyring = keyring
+        self._min_retention = min_retention
+        self._keys: dict[str, bytes] = {}
+
+    def _verify(self, kek_id: str, mac: str, text: str) -> bool | None:
+        key = self._key(kek_id)
+        return None if key is None else hmac.compare_digest(_hmac(key, text), mac)
+
+    def _key(self, kek_id: str) -> bytes | None:
+        if kek_id not in self._keys:
+            if self._keyring is None:
+                return None
+            try:
+                self._keys[kek_id] = self._keyring.get(kek_id).derive(SEAL_INFO)
+            except KeyError_:
+                return None
+        return self._keys[kek_id]
+
+    def seal(self, seal: AuditSeal) -> bool | None:
+        return self._verify(seal.kek_id, seal.mac, _seal_text(seal))
+
+    def checkpoint(self, checkpoint: AuditCheckpoint) -> str:
+        if self._keyring is None:
+            return ""
+        if checkpoint.mac is None or checkpoint.kek_id is None or checkpoint.newest_pruned_at is None:
+            return PROBLEM_CHECKPOINT_UNSIGNED
+        verdict = self._verify(checkpoint.kek_id, checkpoint.mac, _checkpoint_text(checkpoint))
+        if verdict is None:
+            return PROBLEM_CHECKPOINT_UNCHECKABLE
+        if not verdict:
+            return PROBLEM_CHECKPOINT_FORGED
+        if checkpoint.newest_pruned_at > checkpoint.created_at - self._min_retention:
+            return PROBLEM_CHECKPOINT_TOO_YOUNG
+        return ""
+
+    def sign_checkpoint(self, checkpoint: AuditCheckpoint) -> AuditCheckpoint:
+        """`checkpoint` signed under the active master key (unsigned without a keyring)."""
+        if self._keyring is None:
+            return checkpoint
+        kek = self._keyring.active
+        return replace(
+            checkpoint, kek_id=kek.id, mac=_hmac(kek.derive(SEAL_INFO), _checkpoint_text(checkpoint))
+        )
+
+    def stale_seal_problem(self, newest: AuditSeal | None, now: datetime, interval_seconds: float) -> str:
+        """What is wrong with the newest seal of a chain that has events ("" when nothing is).
+
+        It must exist, verify, and be of a format that MACs its time, made within
+        `STALE_AFTER_INTERVALS` intervals (plus clock skew) of `now`.
+        """
+        if self._keyring is None:
+            return ""
+        if newest is None:
+            return PROBLEM_NO_SEAL
+        if self.seal(newest) is None:
+            return PROBLEM_SEAL_UNCHECKABLE
+        oldest_fresh = now - STALE_AFTER_INTERVALS * timedelta(seconds=interval_seconds) - CLOCK_SKEW
+        if newest.format < SEAL_FORMAT or newest.sealed_at < oldest_fresh:
+            return PROBLEM_SEAL_STALE
+        return ""

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.model import AuditChainReport, AuditEvent, AuditSeal, SealCheck
+from broker.model import AnchorKeys, AuditChainReport, AuditEvent, AuditSeal
 from broker.store._codec import AUDIT, Row, to_json, to_micros
 
 FORMAT_VERSION = 1
@@ -158,40 +158,40 @@ class ChainWalk:
             return False
         self.checked += 1
         if not event.hash:
-            return self._broken(event.id, PROBLEM_MISSING)
+            return self.broken(event.id, PROBLEM_MISSING)
         if event.prev_hash != self.expected_prev:
-            return self._broken(event.id, PROBLEM_LINK)
+            return self.broken(event.id, PROBLEM_LINK)
         if event_hash(event) != event.hash:
-            return self._broken(event.id, PROBLEM_HASH)
+            return self.broken(event.id, PROBLEM_HASH)
         self.expected_prev = event.hash
         self.last_id = event.id
         self.since_seal += 1
         sealed = self._sealed.pop(event.id, None)
         if sealed is not None:
             if sealed != event.hash:
-                return self._broken(event.id, PROBLEM_SEAL_MISMATCH)
+                return self.broken(event.id, PROBLEM_SEAL_MISMATCH)
             self.seals_checked += 1
             self.since_seal = 0
         return True
 
-    def add_seals(self, seals: Iterable[AuditSeal], seal_ok: SealCheck) -> bool:
+    def add_seals(self, seals: Iterable[AuditSeal], anchors: AnchorKeys) -> bool:
         """Seals for events still ahead of the walk; False (a break) when one's MAC fails."""
         for seal in seals:
-            verdict = seal_ok(seal)
+            verdict = anchors.seal(seal)
             if verdict is None:
                 self.seals_unverifiable += 1
             elif not verdict:
-                return self._broken(seal.last_id, PROBLEM_SEAL_FORGED)
+                return self.broken(seal.last_id, PROBLEM_SEAL_FORGED)
             else:
                 self._sealed[seal.last_id] = seal.last_hash
         return self.ok
 
-    def finish(self, seals_beyond_the_end: Iterable[AuditSeal], seal_ok: SealCheck) -> None:
+    def finish(self, seals_beyond_the_end: Iterable[AuditSeal], anchors: AnchorKeys) -> None:
         """After the last event: a verified seal of an event that is not there means a cut tail."""
-        if self.ok and self.add_seals(seals_beyond_the_end, seal_ok) and self._sealed:
-            self._broken(min(self._sealed), PROBLEM_SEAL_MISSING)
+        if self.ok and self.add_seals(seals_beyond_the_end, anchors) and self._sealed:
+            self.broken(min(self._sealed), PROBLEM_SEAL_MISSING)
 
-    def report(self) -> AuditChainReport:
+    def report(self, newest_seal: AuditSeal | None = None) -> AuditChainReport:
         return AuditChainReport(
             self.ok,
             self.checked,
@@ -200,6 +200,7 @@ class ChainWalk:
             seals_checked=self.seals_checked,
             seals_unverifiable=self.seals_unverifiable,
             unsealed_events=self.since_seal if self.ok else 0,
+            newest_seal=newest_seal,
         )
 
     def check_row(self, row: Row) -> bool:
@@ -214,9 +215,10 @@ class ChainWalk:
         """Record an event whose stored fields no longer parse."""
         if self.ok:
             self.checked += 1
-            self._broken(event_id, PROBLEM_UNREADABLE)
+            self.broken(event_id, PROBLEM_UNREADABLE)
         return False
 
-    def _broken(self, event_id: int, problem: str) -> bool:
+    def broken(self, event_id: int, problem: str) -> bool:
+        """Record a break (found by the walk, or outside it: the checkpoint it starts from)."""
         self.broken_id, self.problem = event_id, problem
         return False

@@ -23,6 +23,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from broker.crypto.envelope import Sealed
 from broker.model import (
+    AuditCheckpoint,
     AuditEvent,
     AuditSeal,
     ConnectionRecord,
@@ -212,6 +213,7 @@ OAUTH_STATES = Table("oauth_states", PendingAuthorization)
 SECURITY_EVENTS = Table("security_events", SecurityEvent, generated=("id",))
 SEEN = Table("monitor_seen", SeenFact)
 SEALS = Table("audit_seals", AuditSeal)
+CHECKPOINTS = Table("audit_checkpoints", AuditCheckpoint, generated=("id",))
 # The tool list of a connection: `tenant`, `connection_id` and `discovered_at` are written around it.
 MCP_TOOLS = Table("mcp_tools", McpTool)
 LEASES = Table("leases", Lease)

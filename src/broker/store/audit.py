@@ -4,17 +4,29 @@ any event listing (audit events or security events)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 from broker.errors import FailedPrecondition
-from broker.model import AuditChainReport, AuditEvent, AuditFilter, AuditSeal, SealCheck, SecurityEventFilter
+from broker.model import (
+    AnchorKeys,
+    AuditAnchors,
+    AuditChainReport,
+    AuditCheckpoint,
+    AuditEvent,
+    AuditFilter,
+    AuditSeal,
+    SecurityEventFilter,
+)
 from broker.store import _chain as chain
 from broker.store import _codec as codec
 from broker.store.engine import Tx
-from broker.store.lifecycle import CHECKPOINT_SELECT, EngineStore, Where, chain_tail, check_limit
+from broker.store.lifecycle import EngineStore, Where, check_limit
 
 _AUDIT_PAGE = 1000
+_NEWEST_CHECKPOINT = f"{codec.CHECKPOINTS.select} ORDER BY last_id DESC LIMIT 1"
+_NEWEST_SEAL = f"{codec.SEALS.select} ORDER BY last_id DESC LIMIT 1"
 
 
 def event_page(
@@ -57,6 +69,16 @@ async def _seals(tx: Tx, after_id: int, up_to_id: int) -> list[AuditSeal]:
     return [codec.SEALS.from_row(row) for row in rows]
 
 
+async def _newest_checkpoint(tx: Tx) -> AuditCheckpoint | None:
+    rows = await tx.fetch(_NEWEST_CHECKPOINT)
+    return codec.CHECKPOINTS.from_row(rows[0]) if rows else None
+
+
+def _start(checkpoint: AuditCheckpoint | None) -> tuple[int, str]:
+    """Where a walk starts: after the checkpoint's last event, linked to its hash."""
+    return (checkpoint.last_id, checkpoint.last_hash) if checkpoint else (0, chain.GENESIS)
+
+
 class Audit(EngineStore):
     """The audit log (`protocols.AuditLogStore`); every change's own event is written by `_insert_audit`."""
 
@@ -81,7 +103,7 @@ class Audit(EngineStore):
         sql, args = event_page(codec.AUDIT.select, tenant, filter, limit, cursor=after_id, oldest_first=True)
         return [codec.AUDIT.from_row(row) for row in await self._engine.fetch(sql, *args)]
 
-    async def verify_audit_chain(self, seal_ok: SealCheck) -> AuditChainReport:
+    async def verify_audit_chain(self, anchors: AnchorKeys) -> AuditChainReport:
         """Walk the chain from the newest checkpoint, with the seals of each page's events, in
         pages of `_AUDIT_PAGE` (bounded memory), all in one snapshot.
 
@@ -90,15 +112,19 @@ class Audit(EngineStore):
         the audit lock), so a snapshot always holds a prefix of the chain.
         """
         async with self._engine.snapshot() as tx:
-            start = await tx.fetch(CHECKPOINT_SELECT)
-            after, expected = (start[0]["last_id"], start[0]["last_hash"]) if start else (0, chain.GENESIS)
-            sealed_up_to = await tx.fetchval("SELECT coalesce(max(last_id), 0) FROM audit_seals")
+            checkpoint = await _newest_checkpoint(tx)
+            after, expected = _start(checkpoint)
+            newest_seals = await tx.fetch(_NEWEST_SEAL)
+            newest_seal = codec.SEALS.from_row(newest_seals[0]) if newest_seals else None
             walk = chain.ChainWalk(expected)
+            problem = "" if checkpoint is None else anchors.checkpoint(checkpoint)
+            if checkpoint is not None and problem:
+                walk.broken(checkpoint.last_id, problem)
             while walk.ok:
                 rows = await tx.fetch(
                     f"{codec.AUDIT.select} WHERE id > ? ORDER BY id LIMIT ?", after, _AUDIT_PAGE
                 )
-                if rows and not walk.add_seals(await _seals(tx, after, rows[-1]["id"]), seal_ok):
+                if rows and not walk.add_seals(await _seals(tx, after, rows[-1]["id"]), anchors):
                     break
                 for row in rows:
                     if not walk.check_row(row):
@@ -106,11 +132,26 @@ class Audit(EngineStore):
                 if len(rows) < _AUDIT_PAGE:
                     break
                 after = rows[-1]["id"]
-            walk.finish(await _seals(tx, max(after, walk.last_id), sealed_up_to), seal_ok)
-        return walk.report()
+            sealed_up_to = newest_seal.last_id if newest_seal else 0
+            walk.finish(await _seals(tx, max(after, walk.last_id), sealed_up_to), anchors)
+        return walk.report(newest_seal)
 
-    async def audit_tail(self) -> tuple[int, str]:
-        return await chain_tail(self._engine.fetch)
+    async def audit_anchors(self) -> AuditAnchors:
+        async with self._engine.snapshot() as tx:
+            last_id, last_hash = chain.tail(await tx.fetch(chain.TAIL_QUERY))
+            seals = await tx.fetch(_NEWEST_SEAL)
+            seal = codec.SEALS.from_row(seals[0]) if seals else None
+            checkpoint = await _newest_checkpoint(tx)
+            hash_at_seal = None
+            if seal is not None:
+                rows = await tx.fetch("SELECT hash FROM audit_events WHERE id = ?", seal.last_id)
+                if rows:
+                    hash_at_seal = rows[0]["hash"]
+                elif checkpoint is not None and checkpoint.last_id == seal.last_id:
+                    hash_at_seal = checkpoint.last_hash  # the sealed event was pruned behind it
+                elif seal.last_id == 0:
+                    hash_at_seal = chain.GENESIS  # the seal of an empty chain
+        return AuditAnchors(last_id, last_hash, seal, hash_at_seal, checkpoint)
 
     async def add_audit_seal(self, seal: AuditSeal) -> AuditSeal:
         async with self._engine.transaction() as tx:
@@ -120,23 +161,59 @@ class Audit(EngineStore):
             rows = await tx.fetch(f"{codec.SEALS.select} WHERE last_id = ?", seal.last_id)
         return codec.SEALS.from_row(rows[0])
 
-    async def prune_audit(self, before: datetime, now: datetime, batch_size: int = 1000) -> int:
+    async def replace_audit_seal(self, old_mac: str, seal: AuditSeal) -> bool:
+        async with self._engine.transaction() as tx:
+            replaced = await tx.execute(
+                "UPDATE audit_seals SET kek_id = ?, mac = ?, sealed_at = ?, format = ?"
+                " WHERE last_id = ? AND last_hash = ? AND mac = ?",
+                seal.kek_id,
+                seal.mac,
+                codec.to_micros(seal.sealed_at),
+                seal.format,
+                seal.last_id,
+                seal.last_hash,
+                old_mac,
+            )
+        return replaced == 1
+
+    async def replace_audit_checkpoint(self, old_mac: str, checkpoint: AuditCheckpoint) -> bool:
+        async with self._engine.transaction() as tx:
+            replaced = await tx.execute(
+                "UPDATE audit_checkpoints SET kek_id = ?, mac = ? WHERE id = ? AND mac = ?",
+                checkpoint.kek_id,
+                checkpoint.mac,
+                checkpoint.id,
+                old_mac,
+            )
+        return replaced == 1
+
+    async def prune_audit(
+        self,
+        before: datetime,
+        now: datetime,
+        anchors: AnchorKeys,
+        batch_size: int = 1000,
+    ) -> int:
         """Delete the oldest events before `before`, batch by batch, each with its checkpoint.
 
         Each batch holds the audit lock (appends wait for it), so the chain's tail never
-        moves under a prune; batches keep that wait short.
+        moves under a prune; batches keep that wait short. A prune never continues from a
+        checkpoint that `anchors` rejects: its own would vouch for one written by someone else.
         """
         check_limit(batch_size)
         cutoff = codec.to_micros(before)
         pruned = 0
-        run_id: int | None = None
+        run: AuditCheckpoint | None = None  # this run's checkpoint, once its first batch is written
         while True:
             async with self._engine.transaction() as tx:
                 await tx.lock_audit()
-                start = await tx.fetch(CHECKPOINT_SELECT)
-                after, expected = (
-                    (start[0]["last_id"], start[0]["last_hash"]) if start else (0, chain.GENESIS)
-                )
+                start = await _newest_checkpoint(tx)
+                problem = "" if start is None or start == run else anchors.checkpoint(start)
+                if start is not None and problem:
+                    raise FailedPrecondition(
+                        f"pruning refused: {problem} (checkpoint at event {start.last_id})"
+                    )
+                after, expected = _start(start)
                 rows = await tx.fetch(
                     f"{codec.AUDIT.select} WHERE id > ? ORDER BY id LIMIT ?", after, batch_size
                 )
@@ -155,26 +232,32 @@ class Audit(EngineStore):
                             f"the audit chain is broken at event {walk.broken_id} ({walk.problem}); "
                             "pruning stopped there so the evidence is kept"
                         )
-                last_id, last_hash = batch[-1]["id"], batch[-1]["hash"]
-                await tx.execute("DELETE FROM audit_events WHERE id <= ?", last_id)
-                await tx.execute("DELETE FROM audit_seals WHERE last_id <= ?", last_id)
-                if run_id is None:
-                    run_id = await tx.fetchval(
-                        "INSERT INTO audit_checkpoints (last_id, last_hash, pruned_count, created_at)"
-                        " VALUES (?, ?, ?, ?) RETURNING id",
-                        last_id,
-                        last_hash,
-                        len(batch),
-                        codec.to_micros(now),
+                newest = codec.from_micros(max(row["time"] for row in batch))
+                if run is not None and run.newest_pruned_at is not None:
+                    newest = max(newest, run.newest_pruned_at)
+                run = anchors.sign_checkpoint(
+                    AuditCheckpoint(
+                        run.id if run else 0,
+                        batch[-1]["id"],
+                        batch[-1]["hash"],
+                        len(batch) + (run.pruned_count if run else 0),
+                        now,
+                        newest,
+                    )
+                )
+                await tx.execute("DELETE FROM audit_events WHERE id <= ?", run.last_id)
+                await tx.execute("DELETE FROM audit_seals WHERE last_id <= ?", run.last_id)
+                if not run.id:
+                    params = codec.CHECKPOINTS.params(run)
+                    run = replace(
+                        run, id=await tx.fetchval(f"{codec.CHECKPOINTS.insert} RETURNING id", *params)
                     )
                 else:
                     await tx.execute(
-                        "UPDATE audit_checkpoints SET last_id = ?, last_hash = ?,"
-                        " pruned_count = pruned_count + ? WHERE id = ?",
-                        last_id,
-                        last_hash,
-                        len(batch),
-                        run_id,
+                        "UPDATE audit_checkpoints SET last_id = ?, last_hash = ?, pruned_count = ?,"
+                        " newest_pruned_at = ?, kek_id = ?, mac = ? WHERE id = ?",
+                        *(run.last_id, run.last_hash, run.pruned_count, codec.to_micros(newest)),
+                        *(run.kek_id, run.mac, run.id),
                     )
             pruned += len(batch)
             if len(batch) < batch_size:

@@ -3,7 +3,7 @@ writes (`_write`), and the one place audit rows are written."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -11,11 +11,8 @@ from broker.model import AuditEvent
 from broker.store import _chain as chain
 from broker.store import _codec as codec
 from broker.store import changes
-from broker.store._codec import Row
 from broker.store.engine import Engine, Tx
 from broker.store.protocols import ChangeSink
-
-CHECKPOINT_SELECT = "SELECT last_id, last_hash FROM audit_checkpoints ORDER BY last_id DESC LIMIT 1"
 
 
 class EngineStore:
@@ -72,11 +69,6 @@ class EngineStore:
         # sees the previous holder's committed events. One step, so SQLite sends the read, the
         # INSERTs and the COMMIT to its writer's thread together.
         await tx.write_from(chain.TAIL_QUERY, codec.AUDIT.insert, chain.linker(events))
-
-
-async def chain_tail(fetch: Callable[..., Awaitable[list[Row]]]) -> tuple[int, str]:
-    """(id, hash) of the newest event, else of the newest checkpoint, else (0, GENESIS)."""
-    return chain.tail(await fetch(chain.TAIL_QUERY))
 
 
 class Where:

@@ -25,7 +25,10 @@ from typing import Literal, Protocol
 
 from broker.crypto import Sealed
 from broker.model import (
+    AnchorKeys,
+    AuditAnchors,
     AuditChainReport,
+    AuditCheckpoint,
     AuditEvent,
     AuditFilter,
     AuditSeal,
@@ -37,7 +40,6 @@ from broker.model import (
     LeaseFilter,
     McpTool,
     PendingAuthorization,
-    SealCheck,
     SecurityEvent,
     SecurityEventFilter,
     SeenFact,
@@ -256,29 +258,42 @@ class AuditLogStore(Protocol):
     ) -> list[AuditEvent]:
         """Like `list_audit`, but oldest first (ascending id), with id > after_id when given."""
 
-    async def verify_audit_chain(self, seal_ok: SealCheck) -> AuditChainReport:
+    async def verify_audit_chain(self, anchors: AnchorKeys) -> AuditChainReport:
         """Walk the whole hash chain from the newest checkpoint, in id order and in pages.
 
-        Every event's prev_hash must be its predecessor's hash and its hash must match
-        its canonical form; the report names the first event where either fails. Each
-        seal of an event on the way is judged by `seal_ok` and, when it verifies, must
-        match the event's hash; a verified seal of an event that is gone is a cut tail.
+        The checkpoint must pass `anchors.checkpoint`. Every event's prev_hash must be its
+        predecessor's hash and its hash must match its canonical form; the report names the
+        first event where either fails. Each seal of an event on the way is judged by
+        `anchors.seal` and, when it verifies, must match the event's hash; a verified seal
+        of an event that is gone is a cut tail. The report carries the newest seal.
         """
 
-    async def audit_tail(self) -> tuple[int, str]:
-        """(id, hash) of the newest audit event (or of the newest checkpoint; (0, GENESIS) if none)."""
+    async def audit_anchors(self) -> AuditAnchors:
+        """The chain's tail (of the newest checkpoint when no event is left; (0, GENESIS) for
+        none), its newest seal and the hash now at that seal's id, and its newest checkpoint,
+        from one snapshot."""
 
     async def add_audit_seal(self, seal: AuditSeal) -> AuditSeal:
         """Store a seal; a seal of the same `last_id` already stored (another replica's, or one
         planted there) stays. The seal stored for `last_id`, this one or that one."""
 
-    async def prune_audit(self, before: datetime, now: datetime, batch_size: int = 1000) -> int:
+    async def replace_audit_seal(self, old_mac: str, seal: AuditSeal) -> bool:
+        """Re-sign the stored seal of `seal.last_id` and `seal.last_hash` (its key, MAC, time and
+        format) if it still holds `old_mac`; False when it does not (changed meanwhile)."""
+
+    async def replace_audit_checkpoint(self, old_mac: str, checkpoint: AuditCheckpoint) -> bool:
+        """Re-sign checkpoint `checkpoint.id` (its `kek_id` and `mac`) if it still holds `old_mac`."""
+
+    async def prune_audit(
+        self, before: datetime, now: datetime, anchors: AnchorKeys, batch_size: int = 1000
+    ) -> int:
         """Delete the oldest events, up to the first one at or after `before`, in batches.
 
         Each batch is checked against the chain first and deleted in one transaction
-        with a checkpoint (id and hash of its last event). Raises `FailedPrecondition`
-        (keeping the evidence) when the chain is broken in the part to delete.
-        Returns how many events were deleted.
+        with a checkpoint signed by `anchors` (id and hash of its last event, the time of
+        the newest). Raises `FailedPrecondition` (keeping the evidence) when the chain is
+        broken in the part to delete, or the checkpoint it continues from is rejected by
+        `anchors`. Returns how many events were deleted.
         """
 
 
