@@ -121,6 +121,7 @@ class OAuthTestServer:
         # None accepts any http(s) redirect URI.
         self.redirect_uris = redirect_uris
         self.delay = 0.0
+        self.token_type = "Bearer"  # what token answers say the token is
         self.revoke_delay = 0.0  # seconds the revocation endpoint takes to answer
         self.before_reply: Callable[[str], Awaitable[None]] | None = None
         self.token_requests: Counter[str] = Counter()
@@ -353,7 +354,7 @@ class OAuthTestServer:
         else:
             access = "at-" + secrets.token_urlsafe(24)
         self.access_tokens[access] = AccessToken(self.client_id, scope, expires, resources)
-        body: dict[str, Any] = {"access_token": access, "token_type": "Bearer"}
+        body: dict[str, Any] = {"access_token": access, "token_type": self.token_type}
         if self.send_expires_in:
             body["expires_in"] = self.expires_in
         if scope:

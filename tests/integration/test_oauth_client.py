@@ -119,6 +119,22 @@ async def test_authorization_code_round_trip(server: OAuthTestServer) -> None:
     assert server.token_requests == {"authorization_code": 1}
 
 
+async def test_a_token_of_a_type_other_than_bearer_is_refused_not_stored(server: OAuthTestServer) -> None:
+    """The broker sends tokens as `Authorization: Bearer`; a DPoP- or MAC-bound token used that way
+    fails at every call (RFC 6749, 7.1: a client must not use a token type it does not understand)."""
+    server.token_type = "DPoP"
+    code, verifier, _ = await authorize(server)
+    with pytest.raises(oauth.OAuthError) as caught:
+        await exchange(server, code, verifier)
+    assert caught.value.kind == "invalid_config"
+    assert str(caught.value) == (
+        "the token endpoint issued a token of type 'DPoP'; the broker can use only Bearer tokens"
+    )
+    server.token_type = "bearer"  # any case
+    code, verifier, _ = await authorize(server)
+    assert (await exchange(server, code, verifier)).token_type == "bearer"
+
+
 async def test_wrong_verifier_is_refused(server: OAuthTestServer) -> None:
     code, _, _ = await authorize(server)
     other, _ = oauth.new_pkce()

@@ -384,6 +384,14 @@ def test_form_encoded_token_answer() -> None:
     assert (tokens.expires_at, tokens.expiry_source) == (NOW + HOUR, "default")
 
 
+def test_a_token_type_the_broker_cannot_send_is_refused_and_never_quoted_unless_plain() -> None:
+    assert _token._token_set({"access_token": "at"}, NOW, HOUR, None).token_type == "Bearer"
+    for value, shown in (("mac", "'mac'"), ("at-SECRET value", "an unknown type"), (7, "an unknown type")):
+        with pytest.raises(oauth.OAuthError) as caught:
+            _token._token_set({"access_token": "at", "token_type": value}, NOW, HOUR, None)
+        assert caught.value.kind == "invalid_config" and f"of type {shown};" in str(caught.value)
+
+
 def test_answer_without_an_access_token_is_invalid_config() -> None:
     with pytest.raises(oauth.OAuthError) as caught:
         _token._token_set({"token_type": "Bearer"}, NOW, HOUR, None)

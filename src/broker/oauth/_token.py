@@ -284,16 +284,35 @@ def _token_set(
     refresh_token = document.get("refresh_token")
     if not isinstance(refresh_token, str) or not refresh_token:
         refresh_token = kept_refresh
-    token_type = document.get("token_type")
+    token_type = _bearer(document.get("token_type"))
     expires_at, source = infer_expiry(access, document.get("expires_in"), now, default_lifetime)
     return TokenSet(
         access_token=access,
         refresh_token=refresh_token,
         expires_at=expires_at,
         scopes=_granted_scopes(document.get("scope"), [*sent, access, refresh_token or ""]),
-        token_type=token_type if isinstance(token_type, str) and token_type else "Bearer",
+        token_type=token_type,
         expiry_source=source,
         issued_at=now,
+    )
+
+
+_TOKEN_TYPE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+
+
+def _bearer(value: object) -> str:
+    """The answer's `token_type` when it is Bearer (any case; "Bearer" when absent, as some
+    providers send none). A client must not use a token of a type it does not understand
+    (RFC 6749, 7.1), and the broker sends tokens only as `Authorization: Bearer` (RFC 6750):
+    a DPoP- or MAC-bound token sent that way would fail at every call, or be refused by design."""
+    if value is None or value == "":
+        return "Bearer"
+    if isinstance(value, str) and value.lower() == "bearer":
+        return value
+    shown = repr(value) if isinstance(value, str) and _TOKEN_TYPE.fullmatch(value) else "an unknown type"
+    raise OAuthError(
+        "invalid_config",
+        f"the token endpoint issued a token of type {shown}; the broker can use only Bearer tokens",
     )
 
 

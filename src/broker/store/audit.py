@@ -208,7 +208,7 @@ class Audit(EngineStore):
             async with self._engine.transaction() as tx:
                 await tx.lock_audit()
                 start = await _newest_checkpoint(tx)
-                problem = "" if start is None or start == run else anchors.checkpoint(start)
+                problem = "" if start is None else anchors.checkpoint(start)
                 if start is not None and problem:
                     raise FailedPrecondition(
                         f"pruning refused: {problem} (checkpoint at event {start.last_id})"
