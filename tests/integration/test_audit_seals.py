@@ -7,17 +7,24 @@ under a key derived from the master key; the store tests run on both backends.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import hashlib
+import hmac
 import os
 import sqlite3
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 import structlog.testing
 
+from broker import pki
 from broker._proto import broker_pb2 as pb
+from broker.cli import broker as broker_cli
+from broker.config import Settings
 from broker.crypto import Kek, Keyring
 from broker.errors import FailedPrecondition
 from broker.model import AuditEvent, AuditFilter, AuditSeal, Outcome, Principal, Role
@@ -364,3 +371,55 @@ async def test_the_broker_seals_as_it_starts(running: Running) -> None:
     """A seal from the first moment: verification right after start must not find none."""
     anchors = await running.broker.store.audit_anchors()
     assert anchors.seal is not None and anchors.seal.last_id == anchors.tail_id
+
+
+async def test_a_checkpoint_from_before_signatures_is_signed_when_an_operator_vouches(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checkpoints written before they were signed fail verification and stop pruning, like one
+    written to hide events; `broker audit sign-checkpoint` is the operator's way to vouch for it."""
+    pki.ensure_dev_layout(tmp_path)
+    keyring = Settings.for_dev(tmp_path, "127.0.0.1:0", "127.0.0.1:0").load_keyring()
+    backend = SqliteStore(tmp_path / "broker.db")
+    await backend.open()
+    try:
+        old = datetime(2020, 1, 1, tzinfo=UTC)
+        await backend.append_audit([dataclasses.replace(event(i), time=old) for i in range(3)] + [event(3)])
+        assert await backend.prune_audit(datetime(2021, 1, 1, tzinfo=UTC), T0, no_seals) == 3
+        await _execute(
+            backend, "UPDATE audit_checkpoints SET newest_pruned_at = NULL", [()]
+        )  # as before 0014
+        log = AuditLog(backend, clock=lambda: T0, keyring=keyring)
+        await log.seal()
+        report = await log.verify(CALL)
+        assert (report.ok, report.problem) == (False, auditseal.PROBLEM_CHECKPOINT_UNSIGNED)
+        with pytest.raises(FailedPrecondition, match="not signed"):
+            await log.prune()
+
+        capsys.readouterr()
+        command = ["audit", "sign-checkpoint", "--data-dir", str(tmp_path)]
+        assert await asyncio.to_thread(broker_cli.main, command) == 0
+        assert "signed the checkpoint of 3 events pruned up to event 3" in capsys.readouterr().err
+        report = await log.verify(CALL)
+        assert (report.ok, report.events_checked) == (True, 1)
+        assert await asyncio.to_thread(broker_cli.main, command) == 0
+        assert "nothing to sign" in capsys.readouterr().err
+    finally:
+        await backend.close()
+
+
+async def test_a_seal_from_before_format_2_verifies_and_is_re_signed_with_its_time(store: Store) -> None:
+    """Format 1 (before this release) MACs the tail only: it still pins the chain, but its time
+    cannot be trusted, so the broker's first seal after the upgrade re-signs it in format 2."""
+    await store.append_audit([event(i) for i in range(2)])
+    tail = await store.audit_anchors()
+    text = f"{tail.tail_id}\n{tail.tail_hash}".encode()
+    mac = hmac.new(KEK.derive(auditseal.SEAL_INFO), text, hashlib.sha256).hexdigest()
+    await store.add_audit_seal(AuditSeal(tail.tail_id, tail.tail_hash, KEK.id, mac, T0, format=1))
+    log = AuditLog(store, clock=lambda: T0, keyring=KEYRING)
+    report = await log.verify(CALL)
+    assert (report.ok, report.seals_checked, report.problem) == (False, 1, auditseal.PROBLEM_SEAL_STALE)
+    assert await log.seal() is not None
+    newest = (await store.audit_anchors()).seal
+    assert newest is not None and (newest.last_id, newest.format) == (tail.tail_id, 2)
+    assert (await log.verify(CALL)).ok

@@ -110,7 +110,7 @@ def _on_store(action: Coroutine[Any, Any, int]) -> int:
 
 
 @contextlib.asynccontextmanager
-async def _opened_store(settings: Settings) -> AsyncIterator[Store]:
+async def opened_store(settings: Settings) -> AsyncIterator[Store]:
     """The store the broker uses (SQLite file or PostgreSQL), open for the block, closed after it."""
     from broker.store.open import store_for
 
@@ -177,7 +177,7 @@ async def _rewrap(settings: Settings, batch: int, pause: float) -> int:
     from broker.service.keys import key_status, rewrap_all
 
     keyring = settings.load_keyring()
-    async with _opened_store(settings) as store:
+    async with opened_store(settings) as store:
         report = await rewrap_all(
             store, keyring, batch=batch, progress=_progress(time.monotonic()), pause=pause
         )
@@ -206,7 +206,7 @@ async def _rebind(settings: Settings) -> int:
     from broker.service.rebind import rebind_legacy
 
     keyring = settings.load_keyring()
-    async with _opened_store(settings) as store:
+    async with opened_store(settings) as store:
         report = await rebind_legacy(store, store, keyring, utc_now, vouched=True)
     print(f"{PROG}: re-sealed {report.rebound} connection(s) in the current format")
     for where in report.failed:
@@ -220,7 +220,7 @@ async def _status(settings: Settings) -> int:
     from broker.service.keys import key_status
 
     keyring = settings.load_keyring()
-    async with _opened_store(settings) as store:
+    async with opened_store(settings) as store:
         status = await key_status(store, keyring)
     _print_usage(status.active, status.deks, status.wraps, status.available)
     return 0
@@ -249,7 +249,7 @@ async def _retire(settings: Settings, key_dir: Path, kek_id: str) -> int:
         raise ConfigError(f"master key {kek_id} is the active key; rotate to a new key first")
     if kek_id not in keydir.key_ids(key_dir):
         raise ConfigError(f"no key file for {kek_id} in {key_dir}")
-    async with _opened_store(settings) as store:
+    async with opened_store(settings) as store:
         in_use = (await key_status(store, keyring)).deks.get(kek_id, 0)
         anchors = await store.audit_anchors()
     if in_use:

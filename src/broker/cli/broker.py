@@ -9,6 +9,7 @@ and 2 for a bad setting, a bad master key or a file that would be overwritten.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import getpass
 import json
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "certs":
             return _certs(args)
         if args.command == "audit":
+            if args.audit_command == "sign-checkpoint":
+                return asyncio.run(_audit_sign_checkpoint(_settings_for(args)))
             return _audit_fingerprint(args)
         if args.command == "keys":
             return _keys.run(args)
@@ -172,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
         "configured master key: who received a leaked value",
     )
 
+    p = asub.add_parser(
+        "sign-checkpoint",
+        help="vouch for an audit checkpoint written before checkpoints were signed",
+        description="Pruning keeps a checkpoint of what it deleted; since checkpoints are signed, "
+        "an unsigned one fails verification and stops pruning, because it is what someone without "
+        "the master key would write to hide the oldest events. One written by a broker before this "
+        "release is unsigned too: after checking it (its last event id, count and time are printed), "
+        "sign it under the active master key with this command. Run it with brokers stopped or running.",
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", type=Path, metavar="FILE", help="the broker's TOML settings file")
+    where.add_argument("--data-dir", type=Path, metavar="DIR", help="a `broker dev` data directory")
+
     _keys.add_parser(sub)
     _health.add_parser(sub)
     return parser
@@ -186,7 +202,6 @@ def _worker_spec(text: str) -> tuple[int, int, int]:
 def _serve_as_worker(settings: Settings, spec: tuple[int, int, int]) -> int:
     """One worker of `broker serve --workers`: listeners shared with its siblings, no metrics listener
     of its own (the supervisor serves them all), SERVING told through the ready pipe."""
-    import asyncio
     import os
     import signal
 
@@ -300,6 +315,23 @@ def _audit_fingerprint(args: argparse.Namespace) -> int:
         return 0
     print("no match: this value does not have that fingerprint")
     return 1
+
+
+async def _audit_sign_checkpoint(settings: Settings) -> int:
+    from broker.service.audit import sign_unsigned_checkpoint
+
+    keyring = settings.load_keyring()
+    async with _keys.opened_store(settings) as store:
+        signed = await sign_unsigned_checkpoint(store, keyring)
+    if signed is None:
+        print(f"{PROG}: no unsigned checkpoint: nothing to sign", file=sys.stderr)
+        return 0
+    print(
+        f"{PROG}: signed the checkpoint of {signed.pruned_count} events pruned up to event {signed.last_id}"
+        f" on {signed.created_at.isoformat()} under {signed.kek_id}",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def _search_export(path: Path, fingerprints: set[str]) -> int:

@@ -31,7 +31,7 @@ import structlog
 from broker import metrics
 from broker.crypto import Keyring
 from broker.errors import BrokerError, InvalidArgument, Unavailable
-from broker.model import AuditAnchors, AuditChainReport, AuditEvent, AuditFilter, AuditSeal
+from broker.model import AuditAnchors, AuditChainReport, AuditCheckpoint, AuditEvent, AuditFilter, AuditSeal
 from broker.service import auditseal, paging
 from broker.service.context import Call
 from broker.service.inputs import require_printable
@@ -307,3 +307,16 @@ class AuditLog:
                 message = exc.message if isinstance(exc, BrokerError) else ""
                 log.error("audit_prune_failed", error_type=type(exc).__name__, error=message)
             await asyncio.sleep(interval_seconds)
+
+
+async def sign_unsigned_checkpoint(store: AuditLogStore, keyring: Keyring) -> AuditCheckpoint | None:
+    """Sign the newest checkpoint if it is unsigned (written before checkpoints were signed):
+    what `broker audit sign-checkpoint` does when an operator vouches for it. The time of the
+    newest event it pruned was not recorded then; the retention floor before it is assumed.
+    The checkpoint signed, else None (there is none, or it is signed already)."""
+    checkpoint = (await store.audit_anchors()).checkpoint
+    if checkpoint is None or checkpoint.mac is not None:
+        return None
+    vouched = replace(checkpoint, newest_pruned_at=checkpoint.created_at - MIN_RETENTION)
+    signed = auditseal.Anchors(keyring, MIN_RETENTION).sign_checkpoint(vouched)
+    return signed if await store.replace_audit_checkpoint(None, signed) else None

@@ -176,14 +176,18 @@ class Audit(EngineStore):
             )
         return replaced == 1
 
-    async def replace_audit_checkpoint(self, old_mac: str, checkpoint: AuditCheckpoint) -> bool:
+    async def replace_audit_checkpoint(self, old_mac: str | None, checkpoint: AuditCheckpoint) -> bool:
         async with self._engine.transaction() as tx:
             replaced = await tx.execute(
-                "UPDATE audit_checkpoints SET kek_id = ?, mac = ? WHERE id = ? AND mac = ?",
+                "UPDATE audit_checkpoints SET newest_pruned_at = ?, kek_id = ?, mac = ?"
+                " WHERE id = ? AND last_id = ? AND last_hash = ? AND coalesce(mac, '') = ?",
+                None if checkpoint.newest_pruned_at is None else codec.to_micros(checkpoint.newest_pruned_at),
                 checkpoint.kek_id,
                 checkpoint.mac,
                 checkpoint.id,
-                old_mac,
+                checkpoint.last_id,
+                checkpoint.last_hash,
+                old_mac or "",
             )
         return replaced == 1
 

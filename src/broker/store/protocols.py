@@ -281,8 +281,9 @@ class AuditLogStore(Protocol):
         """Re-sign the stored seal of `seal.last_id` and `seal.last_hash` (its key, MAC, time and
         format) if it still holds `old_mac`; False when it does not (changed meanwhile)."""
 
-    async def replace_audit_checkpoint(self, old_mac: str, checkpoint: AuditCheckpoint) -> bool:
-        """Re-sign checkpoint `checkpoint.id` (its `kek_id` and `mac`) if it still holds `old_mac`."""
+    async def replace_audit_checkpoint(self, old_mac: str | None, checkpoint: AuditCheckpoint) -> bool:
+        """Sign checkpoint `checkpoint.id` again (its `newest_pruned_at`, `kek_id` and `mac`) if it
+        still holds `old_mac` (None: unsigned) and the same last event; False when it does not."""
 
     async def prune_audit(
         self, before: datetime, now: datetime, anchors: AnchorKeys, batch_size: int = 1000
