@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from broker.cli import settings_source
 from broker.cli._hints import HEALTH, connection_hint
 from broker.config import Settings
 from broker.errors import ConfigError
@@ -32,9 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         description="One grpc.health.v1 Check over mTLS against a listener of the broker these "
         "settings describe. Prints the status; exit 0 when SERVING, 1 otherwise (2: bad settings).",
     )
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--config", type=Path, metavar="FILE", help="the broker's TOML settings file")
-    where.add_argument("--data-dir", type=Path, metavar="DIR", help="a `broker dev` data directory")
+    settings_source.add_arguments(p)
     p.add_argument(
         "--service",
         default="",

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from broker import pki
-from broker.cli import _health, _init, _keys
+from broker.cli import _health, _init, _keys, settings_source
 from broker.config import DEFAULT_ADMIN_ADDR, DEFAULT_METRICS_ADDR, DEFAULT_RESOLVE_ADDR, Settings
 from broker.errors import ConfigError
 
@@ -49,12 +49,12 @@ def main(argv: list[str] | None = None) -> int:
             return _certs(args)
         if args.command == "audit":
             if args.audit_command == "sign-checkpoint":
-                return asyncio.run(_audit_sign_checkpoint(_settings_for(args)))
+                return asyncio.run(_audit_sign_checkpoint(settings_source.settings(args)))
             return _audit_fingerprint(args)
         if args.command == "keys":
             return _keys.run(args)
         if args.command == "health":
-            return _health.run(args, _settings_for(args))
+            return _health.run(args, settings_source.settings(args))
         dev = args.command == "dev"
         workers = 1
         if dev:
@@ -160,9 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "from the audit log (exit 0 match, 1 no match), or --search to list every event of an "
         "export (`brokerctl audit export`) that names it (exit 0 found, 1 none).",
     )
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--config", type=Path, metavar="FILE", help="the broker's TOML settings file")
-    where.add_argument("--data-dir", type=Path, metavar="DIR", help="a `broker dev` data directory")
+    settings_source.add_arguments(p)
     what = p.add_mutually_exclusive_group()
     what.add_argument(
         "--check", metavar="FINGERPRINT", help="compare with this fingerprint instead of printing"
@@ -181,12 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pruning keeps a checkpoint of what it deleted; since checkpoints are signed, "
         "an unsigned one fails verification and stops pruning, because it is what someone without "
         "the master key would write to hide the oldest events. One written by a broker before this "
-        "release is unsigned too: after checking it (its last event id, count and time are printed), "
-        "sign it under the active master key with this command. Run it with brokers stopped or running.",
+        "release is unsigned too: after checking it (`brokerctl audit verify` names the event it ends "
+        "at), sign it under the active master key with this command, which prints what it signed.",
     )
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--config", type=Path, metavar="FILE", help="the broker's TOML settings file")
-    where.add_argument("--data-dir", type=Path, metavar="DIR", help="a `broker dev` data directory")
+    settings_source.add_arguments(p)
 
     _keys.add_parser(sub)
     _health.add_parser(sub)
@@ -233,13 +229,6 @@ def _serve_as_worker(settings: Settings, spec: tuple[int, int, int]) -> int:
         return run(dataclasses.replace(settings, metrics_listen=""), on_serving, reuse_port=True)
     except ConfigError as exc:
         return _fail(exc)
-
-
-def _settings_for(args: argparse.Namespace) -> Settings:
-    """The settings of `--config FILE`, or of the `broker dev` layout in `--data-dir DIR`."""
-    if args.config is not None:
-        return Settings.load(args.config)
-    return Settings.for_dev(args.data_dir, DEFAULT_ADMIN_ADDR, DEFAULT_RESOLVE_ADDR)
 
 
 def _prepare_dev(
@@ -298,7 +287,7 @@ def _banner(data_dir: Path, admin_addr: str, resolve_addr: str, created: bool) -
 def _audit_fingerprint(args: argparse.Namespace) -> int:
     from broker.service.fingerprint import all_fingerprints, fingerprint, matches
 
-    keyring = _settings_for(args).load_keyring()
+    keyring = settings_source.settings(args).load_keyring()
     if sys.stdin.isatty():
         value = getpass.getpass("value (not echoed): ")
     else:
