@@ -278,6 +278,13 @@ async def test_deleting_every_seal_is_reported(store: Store) -> None:
     await _execute(store, "DELETE FROM audit_seals WHERE last_id >= ?", [(0,)])
     report = await log.verify(CALL)
     assert (report.ok, report.problem) == (False, auditseal.PROBLEM_NO_SEAL)
+    with structlog.testing.capture_logs() as logs:
+        assert await log.seal() is None  # this broker saw a seal: it does not seal over the gap
+    assert [e["event"] for e in logs] == ["audit_seal_refused"]
+    # A broker started afterwards cannot know; it seals, and the log says what it found.
+    with structlog.testing.capture_logs() as logs:
+        assert await AuditLog(store, clock=lambda: T0, keyring=KEYRING).seal() is not None
+    assert [(e["event"], e["last_id"]) for e in logs] == [("audit_seal_first", 4), ("audit_sealed", 4)]
 
 
 async def test_deleting_the_newest_seals_to_rewrite_after_an_older_one_is_reported_and_not_sealed_over(
@@ -342,6 +349,7 @@ async def test_a_seal_planted_where_the_next_one_goes_is_reported_not_passed_ove
             return await store.add_audit_seal(seal)
 
     log = AuditLog(store, clock=lambda: T0, keyring=KEYRING)
+    await log.seal()  # as the broker starts
     await log.append(event(1))
     with structlog.testing.capture_logs() as logs:
         assert await AuditLog(Planting(), clock=lambda: T0, keyring=KEYRING).seal() is None  # type: ignore[arg-type]

@@ -177,6 +177,10 @@ class AuditLog:
             log.error("audit_seal_refused", newest_seal_id=newest_id, reason=refusal)
             return None
         newest = found.seal
+        if newest is None and found.tail_id:
+            # Legitimate at a first start on events written without a broker or before seals existed;
+            # otherwise seals were deleted while no broker ran, and the log is the only witness.
+            log.warning("audit_seal_first", last_id=found.tail_id, reason="no seal covered the chain")
         self._highest_seal_seen = max(self._highest_seal_seen, newest.last_id if newest else 0)
         made = auditseal.make_seal(active, found.tail_id, found.tail_hash, self._clock())
         if newest is not None and newest.last_id == found.tail_id:
