@@ -138,6 +138,27 @@ class _NoKeys:
 no_seals = _NoKeys()
 
 
+class _TrustingKeys(_NoKeys):
+    """`AnchorKeys` for store tests of pruning, which deletes only what a verified seal covers:
+    every seal verifies (`seal_for_pruning` writes them without a key)."""
+
+    def seal(self, seal: AuditSeal) -> bool | None:
+        return True
+
+
+trusted_seals = _TrustingKeys()
+
+
+async def seal_for_pruning(store: Any, event_id: int | None = None) -> None:
+    """A seal of event `event_id` (default: the tail) that `trusted_seals` takes as verified."""
+    anchors = await store.audit_anchors([event_id] if event_id is not None else [])
+    last_id = anchors.tail_id if event_id is None else event_id
+    last_hash = anchors.tail_hash if event_id is None else anchors.hashes[event_id]
+    await store.add_audit_seal(
+        AuditSeal(last_id, last_hash, "test", "-", datetime.datetime.now(datetime.UTC))
+    )
+
+
 def set_stored_config(path: Path, connection_id: str, key: str, value: Any) -> None:
     """Change one config value of a connection straight in a SQLite store's file, as someone with
     write access to the database (but not the master key) would."""

@@ -539,15 +539,15 @@ class AuditCheckpoint:
 
 @dataclass(frozen=True, slots=True)
 class AuditAnchors:
-    """What the audit chain is anchored to, read together: its tail, the newest seal with the
-    hash the chain now holds at that seal's id (None when that event is gone), and the newest
-    checkpoint."""
+    """What the audit chain is anchored to, read together: its tail, the newest seal, the newest
+    checkpoint, and the hashes the chain now holds at the ids asked for and at the newest seal's
+    (an id whose event is gone has none)."""
 
     tail_id: int
     tail_hash: str
     seal: AuditSeal | None
-    hash_at_seal: str | None
     checkpoint: AuditCheckpoint | None
+    hashes: dict[int, str]
 
 
 class AnchorKeys(Protocol):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker._proto import broker_pb2 as pb
+from broker.crypto import Kek, Keyring
 from broker.errors import FailedPrecondition, Unavailable
 from broker.model import AuditEvent, AuditFilter, Outcome
 from broker.service.audit import AuditLog
@@ -26,7 +28,16 @@ from broker.store._migrate import apply_sqlite, load_migrations
 from broker.store.sqlite import SqliteStore
 from tests import oauthserver
 from tests.conftest import Running
-from tests.helpers import EXECUTOR, ShiftedClock, db_request, field_violations, no_seals, rpc_error
+from tests.helpers import (
+    EXECUTOR,
+    ShiftedClock,
+    db_request,
+    field_violations,
+    no_seals,
+    rpc_error,
+    seal_for_pruning,
+    trusted_seals,
+)
 from tests.integration.test_oauth_flow import (  # noqa: F401 (fixtures)
     SHORT_LIFE,
     age_past_half_life,
@@ -336,8 +347,13 @@ async def test_pruning_keeps_the_rest_verifiable_behind_a_checkpoint(sqlite_stor
     old = [event(i, time=T0 + i * day) for i in range(10)]  # 400..391 days old
     recent = [event(10 + i, time=now - i * day) for i in range(5)]
     # Times are not monotonic in id: a recent event in the middle stops the prune there.
-    await sqlite_store.append_audit([*old[:7], recent[0], *old[7:], *recent[1:]])
-    log = AuditLog(sqlite_store, clock=lambda: now, retention=timedelta(days=365))
+    log = AuditLog(
+        sqlite_store, clock=lambda: now, retention=timedelta(days=365), keyring=Keyring(Kek(os.urandom(32)))
+    )
+    await sqlite_store.append_audit(old[:7])
+    await log.seal()  # pruning goes no further than a seal that verifies
+    await sqlite_store.append_audit([recent[0], *old[7:], *recent[1:]])
+    await log.seal()
     assert await log.prune() == 7
     with sqlite3.connect(sqlite_store.path) as db:
         [(last_id, last_hash, count)] = db.execute(
@@ -358,7 +374,8 @@ async def test_pruning_in_batches_and_appending_after_everything_was_pruned(
     sqlite_store: SqliteStore,
 ) -> None:
     await sqlite_store.append_audit([event(i, time=T0) for i in range(25)])
-    assert await sqlite_store.prune_audit(T0 + timedelta(seconds=1), T0, no_seals, batch_size=10) == 25
+    await seal_for_pruning(sqlite_store)
+    assert await sqlite_store.prune_audit(T0 + timedelta(seconds=1), T0, trusted_seals, batch_size=10) == 25
     with sqlite3.connect(sqlite_store.path) as db:
         assert db.execute("SELECT last_id, pruned_count FROM audit_checkpoints").fetchall() == [(25, 25)]
     assert (await sqlite_store.verify_audit_chain(no_seals)).ok
@@ -371,11 +388,12 @@ async def test_pruning_in_batches_and_appending_after_everything_was_pruned(
 
 async def test_pruning_stops_at_a_broken_link_and_keeps_the_evidence(sqlite_store: SqliteStore) -> None:
     await sqlite_store.append_audit([event(i, time=T0) for i in range(10)])
+    await seal_for_pruning(sqlite_store)
     edit_db(sqlite_store.path, ("DELETE FROM audit_events WHERE id = 6", ()))
     with pytest.raises(FailedPrecondition, match="event 7"):
-        await sqlite_store.prune_audit(T0 + timedelta(seconds=1), T0, no_seals, batch_size=3)
+        await sqlite_store.prune_audit(T0 + timedelta(seconds=1), T0, trusted_seals, batch_size=3)
     with sqlite3.connect(sqlite_store.path) as db:
-        assert db.execute("SELECT min(id) FROM audit_events").fetchone() == (4,)  # batches 1-3 went
+        assert db.execute("SELECT min(id) FROM audit_events").fetchone() == (1,)  # walked first: none went
     assert (await sqlite_store.verify_audit_chain(no_seals)).first_broken_id == 7
 
 

@@ -29,14 +29,14 @@ from broker.crypto import Kek, Keyring
 from broker.errors import FailedPrecondition
 from broker.model import AuditEvent, AuditFilter, AuditSeal, Outcome, Principal, Role
 from broker.service import auditseal
-from broker.service.audit import MIN_RETENTION, AuditLog
+from broker.service.audit import MIN_RETENTION, PROBLEM_SEEN_CHANGED, AuditLog
 from broker.service.context import Call
 from broker.store import Store
 from broker.store import _chain as chain
 from broker.store.postgres import PostgresStore
 from broker.store.sqlite import SqliteStore
 from tests.conftest import Running
-from tests.helpers import db_request, no_seals
+from tests.helpers import db_request, no_seals, seal_for_pruning, trusted_seals
 from tests.integration import test_store as contract
 from tests.postgres_db import shared_postgres  # noqa: F401 (fixture)
 
@@ -192,14 +192,16 @@ async def test_a_checkpoint_written_without_the_broker_is_caught_and_not_pruned_
         auditseal.PROBLEM_CHECKPOINT_UNSIGNED,
     )
     # A prune continuing from it would write a signed checkpoint over it: refused.
-    with pytest.raises(FailedPrecondition, match="not signed"):
+    with pytest.raises(FailedPrecondition, match="no signature"):
         await store.prune_audit(datetime(2030, 1, 1, tzinfo=UTC), datetime(2030, 1, 1, tzinfo=UTC), ANCHORS)
     assert len(await _events(store)) == 3
 
 
 async def test_a_checkpoint_must_verify_under_a_configured_key(store: Store) -> None:
     old = datetime(2020, 1, 1, tzinfo=UTC)
-    await store.append_audit([dataclasses.replace(event(i), time=old) for i in range(4)] + [event(4)])
+    await store.append_audit([dataclasses.replace(event(i), time=old) for i in range(4)])
+    await seal_now(store)
+    await store.append_audit([event(4)])
     assert await store.prune_audit(datetime(2021, 1, 1, tzinfo=UTC), T0, ANCHORS) == 4
     report = await store.verify_audit_chain(ANCHORS)
     assert (report.ok, report.events_checked) == (True, 1)
@@ -222,6 +224,7 @@ async def test_a_checkpoint_that_pruned_events_younger_than_the_retention_floor_
     """The store prunes what it is told to; only the service holds the 90-day floor. A checkpoint
     past it (a prune run with the master key by hand, or a bug) is reported."""
     await store.append_audit([event(i) for i in range(3)])  # all at T0
+    await seal_now(store)
     assert await store.prune_audit(T0 + timedelta(seconds=1), T0 + timedelta(days=89), ANCHORS) == 3
     await store.append_audit([event(3)])
     report = await store.verify_audit_chain(ANCHORS)
@@ -308,7 +311,7 @@ async def test_deleting_the_newest_seals_to_rewrite_after_an_older_one_is_report
     with structlog.testing.capture_logs() as logs:
         assert await log.seal() is None  # this broker saw the seal of event 6: it does not seal over
     assert [(e["event"], e["newest_seal_id"]) for e in logs] == [("audit_seal_refused", 3)]
-    assert "were deleted" in logs[0]["reason"]
+    assert logs[0]["reason"] == PROBLEM_SEEN_CHANGED
     report = await log.verify(CALL)
     assert older is not None and (report.ok, report.first_broken_id, report.problem) == (
         False,
@@ -328,8 +331,8 @@ async def test_relabelling_the_newest_seal_is_reported_and_not_sealed_over(store
     report = await log.verify(CALL)
     assert (report.ok, report.problem) == (False, auditseal.PROBLEM_SEAL_UNCHECKABLE)
     await log.append(event(3))
-    with structlog.testing.capture_logs() as logs:
-        assert await log.seal() is None
+    with structlog.testing.capture_logs() as logs:  # a broker started since, which saw no seal yet
+        assert await AuditLog(store, clock=lambda: T0, keyring=KEYRING).seal() is None
     assert [e["event"] for e in logs] == ["audit_seal_refused"] and "'retired'" in logs[0]["reason"]
 
 
@@ -392,22 +395,31 @@ async def test_a_checkpoint_from_before_signatures_is_signed_when_an_operator_vo
     await backend.open()
     try:
         old = datetime(2020, 1, 1, tzinfo=UTC)
-        await backend.append_audit([dataclasses.replace(event(i), time=old) for i in range(3)] + [event(3)])
-        assert await backend.prune_audit(datetime(2021, 1, 1, tzinfo=UTC), T0, no_seals) == 3
-        await _execute(
-            backend, "UPDATE audit_checkpoints SET newest_pruned_at = NULL", [()]
-        )  # as before 0014
+        await backend.append_audit([dataclasses.replace(event(i), time=old) for i in range(3)])
+        await seal_for_pruning(backend)
+        await backend.append_audit([event(3)])
+        assert await backend.prune_audit(datetime(2021, 1, 1, tzinfo=UTC), T0, trusted_seals) == 3
+        # As before 0014, without the seal the test made without a key.
+        await _execute(backend, "UPDATE audit_checkpoints SET newest_pruned_at = NULL", [()])
+        await _execute(backend, "DELETE FROM audit_seals", [()])
         log = AuditLog(backend, clock=lambda: T0, keyring=keyring)
         await log.seal()
         report = await log.verify(CALL)
         assert (report.ok, report.problem) == (False, auditseal.PROBLEM_CHECKPOINT_UNSIGNED)
-        with pytest.raises(FailedPrecondition, match="not signed"):
+        with pytest.raises(FailedPrecondition, match="no signature"):
             await log.prune()
 
         capsys.readouterr()
         command = ["audit", "sign-checkpoint", "--data-dir", str(tmp_path)]
-        assert await asyncio.to_thread(broker_cli.main, command) == 0
+        assert await asyncio.to_thread(broker_cli.main, command) == 1  # shown, not signed
+        shown = capsys.readouterr().err
+        assert "unsigned: the checkpoint of 3 events pruned up to event 3" in shown and "--last-id 3" in shown
+        assert await asyncio.to_thread(broker_cli.main, [*command, "--last-id", "2"]) == 1
+        assert "ends at event 3, not 2" in capsys.readouterr().err
+        assert not (await log.verify(CALL)).ok
+        assert await asyncio.to_thread(broker_cli.main, [*command, "--last-id", "3"]) == 0
         assert "signed the checkpoint of 3 events pruned up to event 3" in capsys.readouterr().err
+        await log.seal()  # refused while the checkpoint was unsigned; the next interval seals
         report = await log.verify(CALL)
         assert (report.ok, report.events_checked) == (True, 1)
         assert await asyncio.to_thread(broker_cli.main, command) == 0
@@ -430,4 +442,187 @@ async def test_a_seal_from_before_format_2_verifies_and_is_re_signed_with_its_ti
     assert await log.seal() is not None
     newest = (await store.audit_anchors()).seal
     assert newest is not None and (newest.last_id, newest.format) == (tail.tail_id, 2)
+    assert (await log.verify(CALL)).ok
+
+
+# ------------------------------------------------------------------ found by attacking the anchors
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def micros(value: datetime) -> int:
+    return (value - EPOCH) // timedelta(microseconds=1)
+
+
+async def test_a_newest_seal_that_does_not_verify_or_is_dated_ahead_is_reported(store: Store) -> None:
+    """A seal row at id 0 with any MAC and a date far ahead used to keep verification at ok for good."""
+    clock = Clock()
+    log = AuditLog(store, clock=clock, keyring=KEYRING)
+    for i in range(6):
+        await log.append(event(i))
+    await log.seal()
+    await rewrite(store, 2)
+    await _execute(store, "DELETE FROM audit_seals", [()])
+    insert = (
+        "INSERT INTO audit_seals (last_id, last_hash, kek_id, mac, sealed_at, format) VALUES (?,?,?,?,?,?)"
+    )
+    far = micros(datetime(9000, 1, 1, tzinfo=UTC))
+    await _execute(store, insert, [(0, chain.GENESIS, KEK.id, "0" * 64, far, 2)])
+    clock.now += timedelta(days=365)
+    assert (await log.verify(CALL)).problem == auditseal.PROBLEM_SEAL_FORGED
+    ahead = auditseal.make_seal(KEK, 0, chain.GENESIS, clock.now + timedelta(hours=1))  # a replica's clock
+    await _execute(
+        store, "UPDATE audit_seals SET mac = ?, sealed_at = ?", [(ahead.mac, micros(ahead.sealed_at))]
+    )
+    assert (await log.verify(CALL)).problem == auditseal.PROBLEM_SEAL_AHEAD
+
+
+async def test_a_planted_checkpoint_does_not_let_the_broker_seal_over_a_rewrite(store: Store) -> None:
+    """A checkpoint past the seal the broker saw used to count as pruning it, and the broker sealed
+    the rewritten tail."""
+    clock = Clock()
+    log = AuditLog(store, clock=clock, keyring=KEYRING)
+    for i in range(3):
+        await log.append(event(i))
+    await log.seal()
+    for i in range(3, 6):
+        await log.append(event(i))
+    clock.now += timedelta(minutes=1)
+    await log.seal()
+    await _execute(store, "DELETE FROM audit_seals WHERE last_id > ?", [(3,)])
+    await rewrite(store, 4)
+    insert = (
+        "INSERT INTO audit_checkpoints (last_id, last_hash, pruned_count, created_at) VALUES (?, ?, ?, ?)"
+    )
+    await _execute(store, insert, [(10**9, "0" * 64, 0, 0)])
+    with structlog.testing.capture_logs() as logs:
+        assert await log.seal() is None
+    assert logs[0]["reason"] == f"the newest checkpoint: {auditseal.PROBLEM_CHECKPOINT_UNSIGNED}"
+    await _execute(store, "DELETE FROM audit_checkpoints WHERE last_id = ?", [(10**9,)])
+    with structlog.testing.capture_logs() as logs:
+        assert await log.seal() is None
+    assert logs[0]["reason"] == PROBLEM_SEEN_CHANGED
+    assert not (await log.verify(CALL)).ok
+
+
+async def test_a_broker_that_saw_a_seal_reports_the_rewrite_even_after_another_sealed_over_it(
+    store: Store,
+) -> None:
+    clock = Clock()
+    first = AuditLog(store, clock=clock, keyring=KEYRING)
+    for i in range(3):
+        await first.append(event(i))
+    await first.seal()
+    for i in range(3, 6):
+        await first.append(event(i))
+    clock.now += timedelta(minutes=1)
+    await first.seal()
+    await _execute(store, "DELETE FROM audit_seals WHERE last_id > ?", [(3,)])
+    await rewrite(store, 4)
+    started_since = AuditLog(store, clock=clock, keyring=KEYRING)  # never saw the seal of event 6
+    assert await started_since.seal() is not None  # the documented limit: it seals what it finds
+    assert (await started_since.verify(CALL)).ok
+    report = await first.verify(CALL)
+    assert (report.ok, report.first_broken_id, report.problem) == (False, 6, PROBLEM_SEEN_CHANGED)
+
+
+async def test_pruning_refuses_a_chain_rewritten_to_look_old_and_deletes_nothing(store: Store) -> None:
+    """Pruning used to check only the links of what it deleted: events rewritten (with their hashes)
+    to look older than the retention period were deleted, and a signed checkpoint covered them."""
+    clock = Clock()
+    clock.now = datetime.now(UTC)
+    log = AuditLog(store, clock=clock, keyring=KEYRING)
+    for i in range(6):
+        await log.append(dataclasses.replace(event(i), time=clock.now))
+    await log.seal()
+    old = clock.now - timedelta(days=800)
+    previous, rows = chain.GENESIS, []
+    for e in await _events(store):
+        linked = dataclasses.replace(e, time=old, prev_hash=previous)
+        previous = chain.event_hash(linked)
+        rows.append((micros(old), linked.prev_hash, previous, e.id))
+    await _execute(store, "UPDATE audit_events SET time = ?, prev_hash = ?, hash = ? WHERE id = ?", rows)
+    with pytest.raises(FailedPrecondition, match="nothing was pruned"):
+        await log.prune()
+    assert len(await _events(store)) == 6
+
+
+async def test_pruning_everything_keeps_the_newest_seal(store: Store) -> None:
+    """After a stop longer than the retention period, the start-up prune used to delete the seal
+    the start had just made: verification then found none until the next interval."""
+    clock = Clock()
+    clock.now = T0 + timedelta(days=400)
+    log = AuditLog(store, clock=clock, keyring=KEYRING)
+    for i in range(3):
+        await log.append(event(i))  # at T0
+    await log.seal()
+    assert await log.prune() == 3
+    await log.append(dataclasses.replace(event(3), time=clock.now))
+    report = await log.verify(CALL)
+    assert (report.ok, report.events_checked, report.unsealed_events) == (True, 1, 1)
+
+
+async def test_an_event_inserted_before_where_the_walk_starts_is_reported(store: Store) -> None:
+    await store.append_audit([event(i) for i in range(3)])
+    row = (
+        0,
+        micros(T0),
+        "acme",
+        "someone",
+        "connection.resolve",
+        "allowed",
+        "",
+        "",
+        "",
+        "",
+        "{}",
+        "f" * 64,
+        "0",
+    )
+    columns = "id, time, tenant, actor, action, outcome, connection_id, reason, request_id, peer, details"
+    placeholders = ", ".join("?" * len(row))
+    await _execute(
+        store, f"INSERT INTO audit_events ({columns}, hash, prev_hash) VALUES ({placeholders})", [row]
+    )
+    report = await store.verify_audit_chain(ANCHORS)
+    assert (report.ok, report.first_broken_id, report.problem) == (False, 0, chain.PROBLEM_BEFORE_START)
+
+
+async def test_rows_edited_beyond_what_they_can_hold_are_reported_not_an_internal_error(store: Store) -> None:
+    log = AuditLog(store, clock=lambda: T0, keyring=KEYRING)
+    for i in range(3):
+        await log.append(event(i))
+    await log.seal()
+    for table, column, value in (
+        ("audit_seals", "sealed_at", 2**63 - 1),
+        ("audit_seals", "mac", "é" * 64),
+        ("audit_events", "time", 2**63 - 1),
+    ):
+        before = await store.audit_anchors()
+        await _execute(store, f"UPDATE {table} SET {column} = ?", [(value,)])
+        report = await log.verify(CALL)
+        assert not report.ok and report.problem, (table, column)
+        await _execute(store, "DELETE FROM audit_seals", [()])
+        assert before.seal is not None
+        await store.add_audit_seal(before.seal)
+        await _execute(store, "UPDATE audit_events SET time = ?", [(micros(T0),)])
+
+
+async def test_a_long_walk_is_judged_against_the_time_it_started(store: Store) -> None:
+    clock = Clock()
+
+    class Slow:
+        """The store, with a walk that takes five minutes."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        async def verify_audit_chain(self, anchors: Any) -> Any:
+            report = await store.verify_audit_chain(anchors)
+            clock.now += timedelta(minutes=5)
+            return report
+
+    log = AuditLog(Slow(), clock=clock, keyring=KEYRING)  # type: ignore[arg-type]
+    await log.append(event(1))
+    await log.seal()
     assert (await log.verify(CALL)).ok

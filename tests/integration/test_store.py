@@ -57,7 +57,7 @@ from broker.store import _chain as chain
 from broker.store._migrate import load_migrations
 from broker.store.postgres import PostgresStore
 from broker.store.sqlite import SqliteStore
-from tests.helpers import Recorder, no_seals
+from tests.helpers import Recorder, no_seals, seal_for_pruning, trusted_seals
 from tests.postgres_db import fresh_database, reset, shared_postgres, with_database  # noqa: F401 (fixture)
 
 T0 = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
@@ -925,19 +925,31 @@ async def test_the_chain_verifies_and_pruning_keeps_the_rest_verifiable(store: S
     await store.append_audit([make_event(time=T0 + i * minute, details={"i": str(i)}) for i in range(30)])
     assert await store.verify_audit_chain(no_seals) == AuditChainReport(True, 31, unsealed_events=31)
 
-    # Everything before T0 + 10 min: the create event and events 0..9, in batches of 4.
-    assert await store.prune_audit(T0 + 10 * minute, T0 + timedelta(days=1), no_seals, batch_size=4) == 11
-    assert await store.verify_audit_chain(no_seals) == AuditChainReport(True, 20, unsealed_events=20)
+    # Pruning deletes no further than a verified seal: nothing without one.
+    assert await store.prune_audit(T0 + 10 * minute, T0 + timedelta(days=1), trusted_seals) == 0
+    # Everything before T0 + 10 min: the create event and events 0..9, in batches of 4, up to the
+    # seal of event 11 (one of event 9 makes the bound 9).
+    await seal_for_pruning(store, 9)
+    await seal_for_pruning(store, 11)
+    await seal_for_pruning(store, 20)
+    assert (
+        await store.prune_audit(T0 + 10 * minute, T0 + timedelta(days=1), trusted_seals, batch_size=4) == 11
+    )
+    assert await store.verify_audit_chain(trusted_seals) == AuditChainReport(
+        True, 20, seals_checked=1, unsealed_events=11, newest_seal=(await store.audit_anchors()).seal
+    )
     oldest = await store.export_audit(TENANT, AuditFilter(), 1, None)
     assert oldest[0].details == {"i": "10"}
 
     # Prune everything, then append: the new event links to the checkpoint.
-    assert await store.prune_audit(T0 + timedelta(days=1), T0 + timedelta(days=1), no_seals) == 20
-    assert await store.verify_audit_chain(no_seals) == AuditChainReport(True, 0, unsealed_events=0)
+    await seal_for_pruning(store)
+    assert await store.prune_audit(T0 + timedelta(days=1), T0 + timedelta(days=1), trusted_seals) == 20
+    assert (await store.verify_audit_chain(trusted_seals)).events_checked == 0
     await store.append_audit([make_event(time=T0 + timedelta(days=2))])
     [last] = await store.list_audit(TENANT, AuditFilter(), 10, None)
     assert last.id == 32 and last.prev_hash != chain.GENESIS
-    assert await store.verify_audit_chain(no_seals) == AuditChainReport(True, 1, unsealed_events=1)
+    report = await store.verify_audit_chain(no_seals)
+    assert (report.ok, report.events_checked, report.unsealed_events) == (True, 1, 1)
 
 
 # ------------------------------------------------------------- master keys

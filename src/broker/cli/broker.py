@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             return _certs(args)
         if args.command == "audit":
             if args.audit_command == "sign-checkpoint":
-                return asyncio.run(_audit_sign_checkpoint(settings_source.settings(args)))
+                return asyncio.run(_audit_sign_checkpoint(settings_source.settings(args), args.last_id))
             return _audit_fingerprint(args)
         if args.command == "keys":
             return _keys.run(args)
@@ -179,10 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pruning keeps a checkpoint of what it deleted; since checkpoints are signed, "
         "an unsigned one fails verification and stops pruning, because it is what someone without "
         "the master key would write to hide the oldest events. One written by a broker before this "
-        "release is unsigned too: after checking it (`brokerctl audit verify` names the event it ends "
-        "at), sign it under the active master key with this command, which prints what it signed.",
+        "release is unsigned too. Without --last-id this prints the newest checkpoint if it is "
+        "unsigned (exit 1); check it against your exports and logs, then sign it under the active "
+        "master key with --last-id set to the event it ends at.",
     )
     settings_source.add_arguments(p)
+    p.add_argument(
+        "--last-id", type=int, metavar="ID", help="sign the unsigned checkpoint ending at this event"
+    )
 
     _keys.add_parser(sub)
     _health.add_parser(sub)
@@ -306,20 +310,37 @@ def _audit_fingerprint(args: argparse.Namespace) -> int:
     return 1
 
 
-async def _audit_sign_checkpoint(settings: Settings) -> int:
-    from broker.service.audit import sign_unsigned_checkpoint
+async def _audit_sign_checkpoint(settings: Settings, last_id: int | None) -> int:
+    from broker.service.audit import sign_checkpoint, unsigned_checkpoint
 
     keyring = settings.load_keyring()
     async with _keys.opened_store(settings) as store:
-        signed = await sign_unsigned_checkpoint(store, keyring)
+        found = await unsigned_checkpoint(store)
+        if found is None:
+            print(
+                f"{PROG}: the newest checkpoint is signed (or there is none): nothing to sign",
+                file=sys.stderr,
+            )
+            return 0
+        described = (
+            f"the checkpoint of {found.pruned_count} events pruned up to event {found.last_id}"
+            f" (hash {found.last_hash}) on {found.created_at.isoformat()}"
+        )
+        if last_id is None:
+            print(
+                f"{PROG}: unsigned: {described}; check it against your exports and logs, then run "
+                f"again with --last-id {found.last_id} to sign it",
+                file=sys.stderr,
+            )
+            return 1
+        signed = await sign_checkpoint(store, keyring, last_id)
     if signed is None:
-        print(f"{PROG}: no unsigned checkpoint: nothing to sign", file=sys.stderr)
-        return 0
-    print(
-        f"{PROG}: signed the checkpoint of {signed.pruned_count} events pruned up to event {signed.last_id}"
-        f" on {signed.created_at.isoformat()} under {signed.kek_id}",
-        file=sys.stderr,
-    )
+        print(
+            f"{PROG}: refused: the unsigned checkpoint ends at event {found.last_id}, not {last_id}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"{PROG}: signed {described} under {signed.kek_id}", file=sys.stderr)
     return 0
 
 

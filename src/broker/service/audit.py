@@ -47,6 +47,7 @@ DEFAULT_RETENTION = timedelta(days=365)
 MIN_RETENTION = timedelta(days=90)
 PRUNE_INTERVAL_SECONDS = 86400.0
 _EXPORT_PAGE = 500
+PROBLEM_SEEN_CHANGED = "an event this broker saw sealed was rewritten or cut off, with the seals after it"
 
 
 def _utc_now() -> datetime:
@@ -85,9 +86,10 @@ class AuditLog:
         self._seal_interval = seal_interval
         self._sealer: asyncio.Task[None] | None = None
         self._anchors = auditseal.Anchors(keyring, MIN_RETENTION)
-        # The highest id a seal covered that this process made or read: fewer later means seals were
-        # deleted, and extending the chain from an older seal would vouch for what came after it.
-        self._highest_seal_seen = 0
+        # The (id, hash) of the highest event a verified seal covered that this process made or read.
+        # The chain must still hold it (or a verified checkpoint behind which it was pruned): else
+        # events were rewritten or cut off with their seals, and sealing on would vouch for that.
+        self._seen: tuple[int, str] | None = None
         # Told of each event as it is appended (the security monitor); must not block.
         self._watch = watch
         # One walk of the chain at a time; callers that asked while one ran share the next one.
@@ -160,34 +162,27 @@ class AuditLog:
         if self._keyring is None:
             return None
         active = self._keyring.active
-        found = await self._store.audit_anchors()
-        checkpoint = found.checkpoint
-        if (
-            checkpoint is not None
-            and checkpoint.mac is not None
-            and checkpoint.kek_id != active.id
-            and not self._anchors.checkpoint(checkpoint)
-        ):
-            await self._store.replace_audit_checkpoint(
-                checkpoint.mac, self._anchors.sign_checkpoint(checkpoint)
-            )
+        found = await self._store.audit_anchors([self._seen[0]] if self._seen else [])
         refusal = self._refusal(found)
         if refusal:
             newest_id = found.seal.last_id if found.seal else 0
             log.error("audit_seal_refused", newest_seal_id=newest_id, reason=refusal)
             return None
-        newest = found.seal
+        checkpoint, newest = found.checkpoint, found.seal
+        if checkpoint is not None and checkpoint.mac is not None and checkpoint.kek_id != active.id:
+            resigned = self._anchors.sign_checkpoint(checkpoint)
+            await self._store.replace_audit_checkpoint(checkpoint.mac, resigned)
         if newest is None and found.tail_id:
             # Legitimate at a first start on events written without a broker or before seals existed;
             # otherwise seals were deleted while no broker ran, and the log is the only witness.
             log.warning("audit_seal_first", last_id=found.tail_id, reason="no seal covered the chain")
-        self._highest_seal_seen = max(self._highest_seal_seen, newest.last_id if newest else 0)
         made = auditseal.make_seal(active, found.tail_id, found.tail_hash, self._clock())
         if newest is not None and newest.last_id == found.tail_id:
             # Nothing new to seal: keep the newest seal recent, under the active key.
-            return made if await self._store.replace_audit_seal(newest.mac, made) else None
+            replaced = await self._store.replace_audit_seal(newest.mac, made)
+            self._saw(made)
+            return made if replaced else None
         stored = await self._store.add_audit_seal(made)
-        self._highest_seal_seen = max(self._highest_seal_seen, stored.last_id)
         if stored.last_hash != made.last_hash or self._anchors.seal(stored) is not True:
             # Not another replica's seal of the same tail: one written into the table by someone
             # without the master key, where it takes this seal's place.
@@ -198,19 +193,26 @@ class AuditLog:
                 found_kek_id=stored.kek_id,
             )
             return None
+        self._saw(made)
         # The log's copy is the one the database cannot take back (see service/auditseal.py).
         log.info(
             "audit_sealed", last_id=made.last_id, last_hash=made.last_hash, kek_id=made.kek_id, mac=made.mac
         )
         return made
 
+    def _saw(self, seal: AuditSeal) -> None:
+        if self._seen is None or seal.last_id >= self._seen[0]:
+            self._seen = (seal.last_id, seal.last_hash)
+
     def _refusal(self, found: AuditAnchors) -> str:
-        """Why the chain's newest seal must not be extended or re-signed ("" when it may be)."""
+        """Why the chain's anchors must not be extended or re-signed ("" when they may be)."""
+        checkpoint = found.checkpoint
+        problem = self._anchors.checkpoint(checkpoint) if checkpoint else ""
+        if problem:
+            return f"the newest checkpoint: {problem}"
+        if self._seen_lost(found):
+            return PROBLEM_SEEN_CHANGED
         newest = found.seal
-        # Pruning deletes seals only together with the events behind a (verified) checkpoint.
-        pruned_up_to = found.checkpoint.last_id if found.checkpoint else 0
-        if max(newest.last_id if newest else 0, pruned_up_to) < self._highest_seal_seen:
-            return f"seals up to event {self._highest_seal_seen}, seen by this broker, were deleted"
         if newest is None:
             return ""
         verdict = self._anchors.seal(newest)
@@ -218,8 +220,9 @@ class AuditLog:
             return f"the newest seal's master key {newest.kek_id!r} is not configured"
         if not verdict:
             return "the newest seal does not verify: it was forged or edited"
-        if found.hash_at_seal != newest.last_hash:
+        if found.hashes.get(newest.last_id) != newest.last_hash:
             return "the chain no longer holds the event the newest seal sealed"
+        self._saw(newest)
         return ""
 
     async def start_sealing(self) -> None:
@@ -262,20 +265,41 @@ class AuditLog:
             if self._last_walk is not None and self._last_walk[0] >= asked:
                 return self._last_walk[1]
             began = self._walks_asked
+            now = self._clock()  # before the walk: the newest seal it reports is as of its start
             report = await self._store.verify_audit_chain(self._anchors)
-            if report.ok and report.events_checked:
-                problem = self._anchors.stale_seal_problem(
-                    report.newest_seal, self._clock(), self._seal_interval
-                )
-                if problem:
-                    newest = report.newest_seal
-                    report = replace(
-                        report, ok=False, first_broken_id=newest.last_id if newest else 0, problem=problem
-                    )
+            if report.ok:
+                report = await self._judge_anchors(report, now)
             self._last_walk = (began, report)
         if not report.ok:
             log.warning("audit_chain_broken", first_broken_id=report.first_broken_id, problem=report.problem)
         return report
+
+    async def _judge_anchors(self, report: AuditChainReport, now: datetime) -> AuditChainReport:
+        """`report` broken where what only this service knows says so: a newest seal that is
+        missing, does not verify or is not recent, or an event this broker saw sealed and the
+        chain no longer holds."""
+        newest = report.newest_seal
+        if report.events_checked:
+            problem = self._anchors.stale_seal_problem(newest, now, self._seal_interval)
+            if problem:
+                broken_id = newest.last_id if newest else 0
+                return replace(report, ok=False, first_broken_id=broken_id, problem=problem)
+        if self._seen is not None and self._seen_lost(await self._store.audit_anchors([self._seen[0]])):
+            return replace(report, ok=False, first_broken_id=self._seen[0], problem=PROBLEM_SEEN_CHANGED)
+        return report
+
+    def _seen_lost(self, found: AuditAnchors) -> bool:
+        """Whether the chain no longer holds the event this broker saw sealed (nor was it pruned)."""
+        if self._seen is None:
+            return False
+        seen_id, seen_hash = self._seen
+        checkpoint = found.checkpoint
+        pruned = (
+            checkpoint is not None
+            and checkpoint.last_id >= seen_id
+            and not self._anchors.checkpoint(checkpoint)
+        )
+        return not pruned and found.hashes.get(seen_id) != seen_hash
 
     async def export(self, call: Call, filter: AuditFilter) -> AsyncIterator[AuditEvent]:
         """Every event of the caller's tenant matching `filter`, oldest first, read page by page."""
@@ -313,13 +337,20 @@ class AuditLog:
             await asyncio.sleep(interval_seconds)
 
 
-async def sign_unsigned_checkpoint(store: AuditLogStore, keyring: Keyring) -> AuditCheckpoint | None:
-    """Sign the newest checkpoint if it is unsigned (written before checkpoints were signed):
-    what `broker audit sign-checkpoint` does when an operator vouches for it. The time of the
-    newest event it pruned was not recorded then; the retention floor before it is assumed.
-    The checkpoint signed, else None (there is none, or it is signed already)."""
+async def unsigned_checkpoint(store: AuditLogStore) -> AuditCheckpoint | None:
+    """The newest checkpoint if it is unsigned (written before checkpoints were signed, or
+    without the broker), for an operator to check before vouching for it."""
     checkpoint = (await store.audit_anchors()).checkpoint
-    if checkpoint is None or checkpoint.mac is not None:
+    return checkpoint if checkpoint is not None and checkpoint.mac is None else None
+
+
+async def sign_checkpoint(store: AuditLogStore, keyring: Keyring, last_id: int) -> AuditCheckpoint | None:
+    """What `broker audit sign-checkpoint --last-id` does when an operator vouches for the newest
+    checkpoint: sign it if it is unsigned and ends at `last_id`. The time of the newest event it
+    pruned was not recorded then; the retention floor before it is assumed. The checkpoint
+    signed, else None (none such, or it changed meanwhile)."""
+    checkpoint = await unsigned_checkpoint(store)
+    if checkpoint is None or checkpoint.last_id != last_id:
         return None
     vouched = replace(checkpoint, newest_pruned_at=checkpoint.created_at - MIN_RETENTION)
     signed = auditseal.Anchors(keyring, MIN_RETENTION).sign_checkpoint(vouched)

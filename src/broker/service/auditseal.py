@@ -47,12 +47,17 @@ PROBLEM_SEAL_UNCHECKABLE = (
     "the newest seal was made under a master key that is not configured: it was relabelled,"
     " or its key was removed before the broker re-signed the seal under the active one"
 )
+PROBLEM_SEAL_FORGED = "the newest seal does not verify under its master key: it was forged or edited"
+PROBLEM_SEAL_AHEAD = (
+    "the newest seal is dated ahead of this broker's clock by more than the skew allowed:"
+    " a replica's clock is wrong"
+)
 PROBLEM_SEAL_STALE = (
     "the newest seal is older than the broker lets it become: newer seals were deleted,"
     " or sealing is failing (audit_seal_failed, audit_seal_refused)"
 )
 PROBLEM_CHECKPOINT_UNSIGNED = (
-    "the checkpoint the chain starts from is not signed: it was written without the broker"
+    "the checkpoint the chain starts from carries no signature: it was written without the broker"
 )
 PROBLEM_CHECKPOINT_UNCHECKABLE = (
     "the checkpoint the chain starts from was signed under a master key that is not configured"
@@ -111,7 +116,10 @@ class Anchors:
 
     def _verify(self, kek_id: str, mac: str, text: str) -> bool | None:
         key = self._key(kek_id)
-        return None if key is None else hmac.compare_digest(_hmac(key, text), mac)
+        if key is None:
+            return None
+        # compare_digest refuses non-ASCII text: a MAC edited into any is simply wrong.
+        return mac.isascii() and hmac.compare_digest(_hmac(key, text), mac)
 
     def _key(self, kek_id: str) -> bytes | None:
         if kek_id not in self._keys:
@@ -124,6 +132,8 @@ class Anchors:
         return self._keys[kek_id]
 
     def seal(self, seal: AuditSeal) -> bool | None:
+        if seal.format not in (1, SEAL_FORMAT):
+            return False  # no broker writes another format (0: the store could not read the row)
         return self._verify(seal.kek_id, seal.mac, _seal_text(seal))
 
     def checkpoint(self, checkpoint: AuditCheckpoint) -> str:
@@ -153,14 +163,19 @@ class Anchors:
         """What is wrong with the newest seal of a chain that has events ("" when nothing is).
 
         It must exist, verify, and be of a format that MACs its time, made within
-        `STALE_AFTER_INTERVALS` intervals (plus clock skew) of `now`.
+        `STALE_AFTER_INTERVALS` intervals (plus clock skew) before `now` and not after it.
         """
         if self._keyring is None:
             return ""
         if newest is None:
             return PROBLEM_NO_SEAL
-        if self.seal(newest) is None:
+        verdict = self.seal(newest)
+        if verdict is None:
             return PROBLEM_SEAL_UNCHECKABLE
+        if not verdict:
+            return PROBLEM_SEAL_FORGED
+        if newest.sealed_at > now + CLOCK_SKEW:
+            return PROBLEM_SEAL_AHEAD
         oldest_fresh = now - STALE_AFTER_INTERVALS * timedelta(seconds=interval_seconds) - CLOCK_SKEW
         if newest.format < SEAL_FORMAT or newest.sealed_at < oldest_fresh:
             return PROBLEM_SEAL_STALE

@@ -51,6 +51,7 @@ PROBLEM_SEAL_MISMATCH = (
 )
 PROBLEM_SEAL_FORGED = "a seal does not verify under its master key: it was forged or edited"
 PROBLEM_SEAL_MISSING = "a sealed event is missing: the newest events were cut off"
+PROBLEM_BEFORE_START = "an event lies before where the chain starts (its checkpoint): it was inserted"
 
 
 def _doc(event: AuditEvent) -> dict[str, Any]:
@@ -146,6 +147,7 @@ class ChainWalk:
     seals_checked: int = 0
     seals_unverifiable: int = 0
     since_seal: int = 0  # events checked after the newest seal that matched
+    sealed_through: int = 0  # the id of the newest event a verified seal matched
     _sealed: dict[int, str] = field(default_factory=dict)  # id -> hash, seals not yet reached
 
     @property
@@ -172,6 +174,7 @@ class ChainWalk:
                 return self.broken(event.id, PROBLEM_SEAL_MISMATCH)
             self.seals_checked += 1
             self.since_seal = 0
+            self.sealed_through = event.id
         return True
 
     def add_seals(self, seals: Iterable[AuditSeal], anchors: AnchorKeys) -> bool:
@@ -207,7 +210,7 @@ class ChainWalk:
         """`check` a stored row; a row whose fields no longer parse is a break."""
         try:
             event = AUDIT.from_row(row)
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, OverflowError):
             return self.unreadable(int(row["id"]))
         return self.check(event)
 

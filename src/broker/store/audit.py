@@ -21,6 +21,7 @@ from broker.model import (
 )
 from broker.store import _chain as chain
 from broker.store import _codec as codec
+from broker.store._codec import Row
 from broker.store.engine import Tx
 from broker.store.lifecycle import EngineStore, Where, check_limit
 
@@ -61,22 +62,80 @@ def event_page(
     return where.page(select, "id" if oldest_first else "id DESC", limit)
 
 
+_UNREADABLE = (ValueError, TypeError, KeyError, OverflowError)
+
+
+def _seal(row: Row) -> AuditSeal:
+    """A seal row; one whose fields no longer parse reads as a seal of format 0, which never
+    verifies (edited behind the broker's back), so every reader fails closed on it."""
+    try:
+        return codec.SEALS.from_row(row)
+    except _UNREADABLE:
+        return AuditSeal(int(row["last_id"]), "", "", "", codec.from_micros(0), format=0)
+
+
 async def _seals(tx: Tx, after_id: int, up_to_id: int) -> list[AuditSeal]:
     """Seals of events with after_id < id <= up_to_id."""
     rows = await tx.fetch(
         f"{codec.SEALS.select} WHERE last_id > ? AND last_id <= ? ORDER BY last_id", after_id, up_to_id
     )
-    return [codec.SEALS.from_row(row) for row in rows]
+    return [_seal(row) for row in rows]
+
+
+async def _newest_seal(tx: Tx) -> AuditSeal | None:
+    rows = await tx.fetch(_NEWEST_SEAL)
+    return _seal(rows[0]) if rows else None
 
 
 async def _newest_checkpoint(tx: Tx) -> AuditCheckpoint | None:
+    """The newest checkpoint; one whose fields no longer parse reads as unsigned (fails closed)."""
     rows = await tx.fetch(_NEWEST_CHECKPOINT)
-    return codec.CHECKPOINTS.from_row(rows[0]) if rows else None
+    if not rows:
+        return None
+    try:
+        return codec.CHECKPOINTS.from_row(rows[0])
+    except _UNREADABLE:
+        return AuditCheckpoint(int(rows[0]["id"]), int(rows[0]["last_id"]), "", 0, codec.from_micros(0))
 
 
 def _start(checkpoint: AuditCheckpoint | None) -> tuple[int, str]:
     """Where a walk starts: after the checkpoint's last event, linked to its hash."""
     return (checkpoint.last_id, checkpoint.last_hash) if checkpoint else (0, chain.GENESIS)
+
+
+async def _walk(
+    tx: Tx, anchors: AnchorKeys, checkpoint: AuditCheckpoint | None, *, before: int | None = None
+) -> chain.ChainWalk:
+    """Walk the chain from `checkpoint` (which must pass `anchors`), in pages of `_AUDIT_PAGE`
+    with the seals of each page's events; with `before` (microseconds), only the events before the
+    first one at or after that time. The caller calls `finish` for the seals beyond the end."""
+    after, expected = _start(checkpoint)
+    walk = chain.ChainWalk(expected)
+    problem = "" if checkpoint is None else anchors.checkpoint(checkpoint)
+    if checkpoint is not None and problem:
+        walk.broken(checkpoint.last_id, problem)
+        return walk
+    # Events numbered at or before the start are outside every walk: only an insertion puts one there.
+    stray = await tx.fetchval("SELECT min(id) FROM audit_events")
+    if stray is not None and stray <= after:
+        walk.broken(int(stray), chain.PROBLEM_BEFORE_START)
+        return walk
+    while walk.ok:
+        rows = await tx.fetch(f"{codec.AUDIT.select} WHERE id > ? ORDER BY id LIMIT ?", after, _AUDIT_PAGE)
+        full = len(rows) == _AUDIT_PAGE
+        if before is not None:
+            young = next((i for i, row in enumerate(rows) if row["time"] >= before), None)
+            if young is not None:
+                rows, full = rows[:young], False
+        if rows and not walk.add_seals(await _seals(tx, after, rows[-1]["id"]), anchors):
+            break
+        for row in rows:
+            if not walk.check_row(row):
+                break
+        if not full:
+            break
+        after = rows[-1]["id"]
+    return walk
 
 
 class Audit(EngineStore):
@@ -113,45 +172,29 @@ class Audit(EngineStore):
         """
         async with self._engine.snapshot() as tx:
             checkpoint = await _newest_checkpoint(tx)
-            after, expected = _start(checkpoint)
-            newest_seals = await tx.fetch(_NEWEST_SEAL)
-            newest_seal = codec.SEALS.from_row(newest_seals[0]) if newest_seals else None
-            walk = chain.ChainWalk(expected)
-            problem = "" if checkpoint is None else anchors.checkpoint(checkpoint)
-            if checkpoint is not None and problem:
-                walk.broken(checkpoint.last_id, problem)
-            while walk.ok:
-                rows = await tx.fetch(
-                    f"{codec.AUDIT.select} WHERE id > ? ORDER BY id LIMIT ?", after, _AUDIT_PAGE
-                )
-                if rows and not walk.add_seals(await _seals(tx, after, rows[-1]["id"]), anchors):
-                    break
-                for row in rows:
-                    if not walk.check_row(row):
-                        break
-                if len(rows) < _AUDIT_PAGE:
-                    break
-                after = rows[-1]["id"]
-            sealed_up_to = newest_seal.last_id if newest_seal else 0
-            walk.finish(await _seals(tx, max(after, walk.last_id), sealed_up_to), anchors)
+            newest_seal = await _newest_seal(tx)
+            walk = await _walk(tx, anchors, checkpoint)
+            if walk.ok:
+                sealed_up_to = newest_seal.last_id if newest_seal else 0
+                start = _start(checkpoint)[0]
+                walk.finish(await _seals(tx, max(start, walk.last_id), sealed_up_to), anchors)
         return walk.report(newest_seal)
 
-    async def audit_anchors(self) -> AuditAnchors:
+    async def audit_anchors(self, at: Sequence[int] = ()) -> AuditAnchors:
         async with self._engine.snapshot() as tx:
             last_id, last_hash = chain.tail(await tx.fetch(chain.TAIL_QUERY))
-            seals = await tx.fetch(_NEWEST_SEAL)
-            seal = codec.SEALS.from_row(seals[0]) if seals else None
+            seal = await _newest_seal(tx)
             checkpoint = await _newest_checkpoint(tx)
-            hash_at_seal = None
-            if seal is not None:
-                rows = await tx.fetch("SELECT hash FROM audit_events WHERE id = ?", seal.last_id)
-                if rows:
-                    hash_at_seal = rows[0]["hash"]
-                elif checkpoint is not None and checkpoint.last_id == seal.last_id:
-                    hash_at_seal = checkpoint.last_hash  # the sealed event was pruned behind it
-                elif seal.last_id == 0:
-                    hash_at_seal = chain.GENESIS  # the seal of an empty chain
-        return AuditAnchors(last_id, last_hash, seal, hash_at_seal, checkpoint)
+            hashes = {}
+            for event_id in {*at, *([seal.last_id] if seal else [])}:
+                held = await tx.fetchval("SELECT hash FROM audit_events WHERE id = ?", event_id)
+                if held is None and checkpoint is not None and checkpoint.last_id == event_id:
+                    held = checkpoint.last_hash  # pruned behind the checkpoint, which says what it was
+                elif held is None and event_id == 0:
+                    held = chain.GENESIS  # before the first event
+                if held is not None:
+                    hashes[event_id] = str(held)
+        return AuditAnchors(last_id, last_hash, seal, checkpoint, hashes)
 
     async def add_audit_seal(self, seal: AuditSeal) -> AuditSeal:
         async with self._engine.transaction() as tx:
@@ -198,42 +241,54 @@ class Audit(EngineStore):
         anchors: AnchorKeys,
         batch_size: int = 1000,
     ) -> int:
-        """Delete the oldest events before `before`, batch by batch, each with its checkpoint.
+        """Delete the oldest events before `before`, up to the newest one a verified seal matches,
+        batch by batch, each with its checkpoint.
 
-        Each batch holds the audit lock (appends wait for it), so the chain's tail never
-        moves under a prune; batches keep that wait short. A prune never continues from a
-        checkpoint that `anchors` rejects: its own would vouch for one written by someone else.
+        The part to delete is walked first, in one snapshot, with its seals: a chain rewritten
+        there (to make recent events look old, say) no longer matches them, and nothing is
+        deleted. What a seal matched in that walk is fixed by the seal, so changes made after
+        it cannot widen what is deleted. Each batch holds the audit lock (appends wait for it),
+        so the chain's tail never moves under a prune; batches keep that wait short. A prune
+        never continues from a checkpoint that `anchors` rejects: its own would vouch for one
+        written by someone else.
         """
         check_limit(batch_size)
         cutoff = codec.to_micros(before)
+        async with self._engine.snapshot() as tx:
+            start = await _newest_checkpoint(tx)
+            walk = await _walk(tx, anchors, start, before=cutoff)
+        if not walk.ok:
+            raise FailedPrecondition(
+                f"the audit chain is broken at event {walk.broken_id} ({walk.problem}); "
+                "nothing was pruned, so the evidence is kept"
+            )
+        through = walk.sealed_through
         pruned = 0
         run: AuditCheckpoint | None = None  # this run's checkpoint, once its first batch is written
         while True:
             async with self._engine.transaction() as tx:
                 await tx.lock_audit()
                 start = await _newest_checkpoint(tx)
-                problem = "" if start is None else anchors.checkpoint(start)
+                own = run is not None and start is not None and (start.id, start.mac) == (run.id, run.mac)
+                problem = "" if start is None or own else anchors.checkpoint(start)
                 if start is not None and problem:
                     raise FailedPrecondition(
-                        f"pruning refused: {problem} (checkpoint at event {start.last_id})"
+                        f"pruning refused: {problem} (the checkpoint at event {start.last_id})"
                     )
                 after, expected = _start(start)
-                rows = await tx.fetch(
-                    f"{codec.AUDIT.select} WHERE id > ? ORDER BY id LIMIT ?", after, batch_size
+                batch = await tx.fetch(
+                    f"{codec.AUDIT.select} WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+                    after,
+                    through,
+                    batch_size,
                 )
-                # A prefix only: the chain must stay contiguous even where times are not monotonic.
-                batch = []
-                for row in rows:
-                    if row["time"] >= cutoff:
-                        break
-                    batch.append(row)
                 if not batch:
                     return pruned
-                walk = chain.ChainWalk(expected)
+                batch_walk = chain.ChainWalk(expected)
                 for row in batch:
-                    if not walk.check_row(row):
+                    if row["time"] >= cutoff or not batch_walk.check_row(row):
                         raise FailedPrecondition(
-                            f"the audit chain is broken at event {walk.broken_id} ({walk.problem}); "
+                            f"the audit chain changed at event {row['id']} while it was pruned; "
                             "pruning stopped there so the evidence is kept"
                         )
                 newest = codec.from_micros(max(row["time"] for row in batch))
@@ -250,12 +305,11 @@ class Audit(EngineStore):
                     )
                 )
                 await tx.execute("DELETE FROM audit_events WHERE id <= ?", run.last_id)
-                await tx.execute("DELETE FROM audit_seals WHERE last_id <= ?", run.last_id)
+                # The seal of the last pruned event stays: it may be the newest, kept recent.
+                await tx.execute("DELETE FROM audit_seals WHERE last_id < ?", run.last_id)
                 if not run.id:
-                    params = codec.CHECKPOINTS.params(run)
-                    run = replace(
-                        run, id=await tx.fetchval(f"{codec.CHECKPOINTS.insert} RETURNING id", *params)
-                    )
+                    insert = f"{codec.CHECKPOINTS.insert} RETURNING id"
+                    run = replace(run, id=await tx.fetchval(insert, *codec.CHECKPOINTS.params(run)))
                 else:
                     await tx.execute(
                         "UPDATE audit_checkpoints SET last_id = ?, last_hash = ?, pruned_count = ?,"
@@ -264,5 +318,3 @@ class Audit(EngineStore):
                         *(run.kek_id, run.mac, run.id),
                     )
             pruned += len(batch)
-            if len(batch) < batch_size:
-                return pruned

@@ -268,10 +268,10 @@ class AuditLogStore(Protocol):
         of an event that is gone is a cut tail. The report carries the newest seal.
         """
 
-    async def audit_anchors(self) -> AuditAnchors:
+    async def audit_anchors(self, at: Sequence[int] = ()) -> AuditAnchors:
         """The chain's tail (of the newest checkpoint when no event is left; (0, GENESIS) for
-        none), its newest seal and the hash now at that seal's id, and its newest checkpoint,
-        from one snapshot."""
+        none), its newest seal and checkpoint, and the hashes now held at the ids `at` and at
+        the newest seal's, from one snapshot."""
 
     async def add_audit_seal(self, seal: AuditSeal) -> AuditSeal:
         """Store a seal; a seal of the same `last_id` already stored (another replica's, or one
@@ -288,13 +288,14 @@ class AuditLogStore(Protocol):
     async def prune_audit(
         self, before: datetime, now: datetime, anchors: AnchorKeys, batch_size: int = 1000
     ) -> int:
-        """Delete the oldest events, up to the first one at or after `before`, in batches.
+        """Delete the oldest events, up to the first one at or after `before` and no further
+        than the newest one a verified seal matches, in batches.
 
-        Each batch is checked against the chain first and deleted in one transaction
-        with a checkpoint signed by `anchors` (id and hash of its last event, the time of
-        the newest). Raises `FailedPrecondition` (keeping the evidence) when the chain is
-        broken in the part to delete, or the checkpoint it continues from is rejected by
-        `anchors`. Returns how many events were deleted.
+        The part to delete is walked with its seals first; each batch is checked against the
+        chain again and deleted in one transaction with a checkpoint signed by `anchors` (id and
+        hash of its last event, the time of the newest). Raises `FailedPrecondition` (keeping
+        the evidence) when the chain is broken in the part to delete, or the checkpoint it
+        continues from is rejected by `anchors`. Returns how many events were deleted.
         """
 
 
