@@ -290,32 +290,42 @@ async def test_deleting_every_seal_is_reported(store: Store) -> None:
     assert [(e["event"], e["last_id"]) for e in logs] == [("audit_seal_first", 4), ("audit_sealed", 4)]
 
 
-async def test_deleting_the_newest_seals_to_rewrite_after_an_older_one_is_reported_and_not_sealed_over(
-    store: Store,
-) -> None:
-    clock = Clock()
+async def sealed_at_3_and_6(store: Store, clock: Clock) -> AuditLog:
+    """A broker's audit log with events 1-6, sealed at 3 and, a minute later, at 6."""
     log = AuditLog(store, clock=clock, keyring=KEYRING, seal_interval=60)
     for i in range(3):
         await log.append(event(i))
-    older = await log.seal()
+    await log.seal()
     for i in range(3, 6):
         await log.append(event(i))
     clock.now += timedelta(minutes=1)
     assert await log.seal() is not None
-    assert (await log.verify(CALL)).ok
+    return log
 
-    clock.now += timedelta(minutes=10)  # ticks re-signed the newest seal meanwhile; now the attack:
-    assert await log.seal() is not None
+
+async def cut_the_seal_of_6_and_rewrite(store: Store) -> None:
+    """The attack: delete the seals after event 3, then rewrite from event 4 (hashes recomputed)."""
     await _execute(store, "DELETE FROM audit_seals WHERE last_id > ?", [(3,)])
     await rewrite(store, 4)
+
+
+async def test_deleting_the_newest_seals_to_rewrite_after_an_older_one_is_reported_and_not_sealed_over(
+    store: Store,
+) -> None:
+    clock = Clock()
+    log = await sealed_at_3_and_6(store, clock)
+    assert (await log.verify(CALL)).ok
+    clock.now += timedelta(minutes=10)  # ticks re-signed the newest seal meanwhile; now the attack:
+    assert await log.seal() is not None
+    await cut_the_seal_of_6_and_rewrite(store)
     with structlog.testing.capture_logs() as logs:
         assert await log.seal() is None  # this broker saw the seal of event 6: it does not seal over
     assert [(e["event"], e["newest_seal_id"]) for e in logs] == [("audit_seal_refused", 3)]
     assert logs[0]["reason"] == PROBLEM_SEEN_CHANGED
     report = await log.verify(CALL)
-    assert older is not None and (report.ok, report.first_broken_id, report.problem) == (
+    assert (report.ok, report.first_broken_id, report.problem) == (
         False,
-        older.last_id,
+        3,
         auditseal.PROBLEM_SEAL_STALE,
     )
 
@@ -481,16 +491,8 @@ async def test_a_planted_checkpoint_does_not_let_the_broker_seal_over_a_rewrite(
     """A checkpoint past the seal the broker saw used to count as pruning it, and the broker sealed
     the rewritten tail."""
     clock = Clock()
-    log = AuditLog(store, clock=clock, keyring=KEYRING)
-    for i in range(3):
-        await log.append(event(i))
-    await log.seal()
-    for i in range(3, 6):
-        await log.append(event(i))
-    clock.now += timedelta(minutes=1)
-    await log.seal()
-    await _execute(store, "DELETE FROM audit_seals WHERE last_id > ?", [(3,)])
-    await rewrite(store, 4)
+    log = await sealed_at_3_and_6(store, clock)
+    await cut_the_seal_of_6_and_rewrite(store)
     insert = (
         "INSERT INTO audit_checkpoints (last_id, last_hash, pruned_count, created_at) VALUES (?, ?, ?, ?)"
     )
@@ -509,16 +511,8 @@ async def test_a_broker_that_saw_a_seal_reports_the_rewrite_even_after_another_s
     store: Store,
 ) -> None:
     clock = Clock()
-    first = AuditLog(store, clock=clock, keyring=KEYRING)
-    for i in range(3):
-        await first.append(event(i))
-    await first.seal()
-    for i in range(3, 6):
-        await first.append(event(i))
-    clock.now += timedelta(minutes=1)
-    await first.seal()
-    await _execute(store, "DELETE FROM audit_seals WHERE last_id > ?", [(3,)])
-    await rewrite(store, 4)
+    first = await sealed_at_3_and_6(store, clock)
+    await cut_the_seal_of_6_and_rewrite(store)
     started_since = AuditLog(store, clock=clock, keyring=KEYRING)  # never saw the seal of event 6
     assert await started_since.seal() is not None  # the documented limit: it seals what it finds
     assert (await started_since.verify(CALL)).ok
