@@ -49,6 +49,10 @@ naming the setting, raised at start-up.
     max_connection_age_seconds = 3600 # BROKER_SERVER_MAX_CONNECTION_AGE_SECONDS: a client connection is
                                     #   asked to reconnect after this (calls under way finish), so a
                                     #   client CA dropped by a TLS reload stops working on open ones too
+    max_connection_age_grace_seconds = 300 # BROKER_SERVER_MAX_CONNECTION_AGE_GRACE_SECONDS: how long
+                                    #   those calls may take to finish before the connection is closed
+    max_connection_idle_seconds = 300 # BROKER_SERVER_MAX_CONNECTION_IDLE_SECONDS: a connection with no
+                                    #   call under way for this long is closed (the client reconnects)
     [health]
     store_probe_seconds = 5         # BROKER_HEALTH_STORE_PROBE_SECONDS: store ping; NOT_SERVING on failure
     cert = "tls/probe.pem"          # BROKER_HEALTH_CERT (no default): the client certificate and key
@@ -71,6 +75,7 @@ naming the setting, raised at start-up.
     resolve_burst = 400
     proxy_per_second = 50           # sustained proxied calls per executor (burst: proxy_burst)
     proxy_burst = 100
+    proxy_in_flight = 16            # proxied calls one executor may have under way at once, per process
     admin_writes_per_minute = 600   # creates, updates, grants... per admin (burst: a minute's worth)
     tests_per_minute = 30           # connection tests and tool discovery per admin
     denied_audits_per_minute = 10   # calls refused for the caller's role or over a rate limit, audited
@@ -203,6 +208,8 @@ class Settings:
     drain_delay_seconds: float = 1.0
     handshake_timeout_seconds: float = 10.0
     max_connection_age_seconds: float = 3600.0
+    max_connection_age_grace_seconds: float = 300.0
+    max_connection_idle_seconds: float = 300.0
     tls_reload_seconds: float = 5.0
     health_probe_seconds: float = 5.0
     health_cert: Path | None = None
@@ -213,6 +220,7 @@ class Settings:
     resolve_burst: int = 400
     proxy_per_second: float = 50.0
     proxy_burst: int = 100
+    proxy_in_flight: int = 16
     admin_writes_per_minute: int = 600
     denied_audits_per_minute: int = 10
     metrics_listen: str = DEFAULT_METRICS_ADDR
@@ -719,6 +727,10 @@ def _build(src: _Source) -> Settings:
         drain_delay_seconds=src.number("server", "drain_delay_seconds", 1.0, 0, 600),
         handshake_timeout_seconds=src.number("server", "handshake_timeout_seconds", 10.0, 0.1, 600),
         max_connection_age_seconds=src.number("server", "max_connection_age_seconds", 3600.0, 1, 86400 * 7),
+        max_connection_age_grace_seconds=src.number(
+            "server", "max_connection_age_grace_seconds", 300.0, 1, 86400
+        ),
+        max_connection_idle_seconds=src.number("server", "max_connection_idle_seconds", 300.0, 1, 86400 * 7),
         tls_reload_seconds=src.number("tls", "reload_interval_seconds", 5.0, 0, 3600),
         health_probe_seconds=src.number("health", "store_probe_seconds", 5.0, 0.1, 3600),
         health_cert=src.path("health", "cert"),
@@ -729,6 +741,7 @@ def _build(src: _Source) -> Settings:
         resolve_burst=int(src.number("limits", "resolve_burst", 400, 1, 1_000_000)),
         proxy_per_second=src.number("limits", "proxy_per_second", 50, 0.01, 1_000_000),
         proxy_burst=int(src.number("limits", "proxy_burst", 100, 1, 1_000_000)),
+        proxy_in_flight=int(src.number("limits", "proxy_in_flight", 16, 1, 100_000)),
         admin_writes_per_minute=int(src.number("limits", "admin_writes_per_minute", 600, 1, 1_000_000)),
         denied_audits_per_minute=int(src.number("limits", "denied_audits_per_minute", 10, 0, 1_000_000)),
         metrics_listen=_metrics_address(src),

@@ -158,7 +158,9 @@ def _rate_limits(settings: Settings, coordination: Coordination, denials: Denial
     return RateLimits(
         {
             "resolve": Limit(settings.resolve_per_second, settings.resolve_burst),
-            "proxy": Limit(settings.proxy_per_second, settings.proxy_burst),
+            "proxy": Limit(
+                settings.proxy_per_second, settings.proxy_burst, in_flight=settings.proxy_in_flight
+            ),
             "admin_write": Limit(per_minute[0] / 60, per_minute[0], shared=True),
             "test": Limit(per_minute[1] / 60, per_minute[1], shared=True),
         },
@@ -317,6 +319,9 @@ def build_services(settings: Settings, store: Store, keyring: Keyring, clock: Cl
         keys=keys,
         leases=leases,
     )
+
+
+MAX_STREAMS_PER_CONNECTION = 1000
 
 
 class Broker:
@@ -484,22 +489,36 @@ class Broker:
             raise ListenError(setting, addr, problem)
         gate = DrainGate()
         self._gates.append(gate)
+        settings = self.settings
+
+        def milliseconds(seconds: float) -> int:
+            return int(seconds * 1000)
+
         server = grpc.aio.server(
             # Identity, then the rate limit for the known caller, and the error mapping: one layer.
             interceptors=[
                 gate,  # outermost: counts calls under way, refuses new ones while draining
                 CallInterceptor(
-                    self.settings.trust_domain, _ROLES, self.services.denials.wrong_role, self.services.limits
+                    settings.trust_domain, _ROLES, self.services.denials.wrong_role, self.services.limits
                 ),
             ],
             options=[
                 # gRPC sets SO_REUSEPORT by default: a second broker would silently share the port.
                 ("grpc.so_reuseport", int(self._reuse_port)),
                 # Anyone who can reach the port can hold a socket until this ends, with no certificate.
-                ("grpc.server_handshake_timeout_ms", int(self.settings.handshake_timeout_seconds * 1000)),
+                ("grpc.server_handshake_timeout_ms", milliseconds(settings.handshake_timeout_seconds)),
                 # TLS checks a client's chain once, at the handshake: a GOAWAY after this long makes
                 # every client handshake again, against the client CA of the day (calls under way finish).
-                ("grpc.max_connection_age_ms", int(self.settings.max_connection_age_seconds * 1000)),
+                ("grpc.max_connection_age_ms", milliseconds(settings.max_connection_age_seconds)),
+                # ... and closes it this long after, with whatever is still under way: a client that
+                # never reads its answers cannot hold the connection, or them, past it.
+                ("grpc.max_connection_age_grace_ms", milliseconds(settings.max_connection_age_grace_seconds)),
+                ("grpc.max_connection_idle_ms", milliseconds(settings.max_connection_idle_seconds)),
+                # HTTP/2 streams a client may open on one connection. Unlimited by default: streams
+                # opened without a request cost memory (~18 KB each, measured) before any identity
+                # check or rate limit runs. Clients queue beyond it once they know it; calls sent on
+                # a new connection before its settings arrive fail UNAVAILABLE, so it is not small.
+                ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
             ],
         )
         self._servers.append(server)

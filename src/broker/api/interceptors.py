@@ -257,8 +257,8 @@ class _Guard:
                 caller = call.actor
                 if call.principal.role is not self.role or request is _MALFORMED:
                     await self._refuse(call, request)
-                if limits is not None:
-                    await limits.enforce(call, kind)
+                if limits is not None and (ended := await limits.enforce(call, kind)) is not None:
+                    context.add_done_callback(lambda _: ended())  # once gRPC has ended the call
                 token = _CURRENT_CALL.set(call)
                 try:
                     response = await behaviour(request, context)
@@ -292,8 +292,8 @@ class _Guard:
                 caller = call.actor
                 if call.principal.role is not self.role or request is _MALFORMED:
                     await self._refuse(call, request)
-                if limits is not None:
-                    await limits.enforce(call, kind)
+                if limits is not None and (ended := await limits.enforce(call, kind)) is not None:
+                    context.add_done_callback(lambda _: ended())  # once gRPC has ended the call
                 token = _CURRENT_CALL.set(call)
                 try:
                     async for response in behaviour(request, context):
