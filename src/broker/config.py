@@ -95,6 +95,8 @@ naming the setting, raised at start-up.
     total_timeout = 15.0            # BROKER_EGRESS_TOTAL_TIMEOUT (seconds, a whole test)
     max_response_bytes = 1048576    # BROKER_EGRESS_MAX_RESPONSE_BYTES
     max_redirects = 3               # BROKER_EGRESS_MAX_REDIRECTS
+    proxy_connections = 200         # BROKER_EGRESS_PROXY_CONNECTIONS: the proxy's connections to
+                                    #   upstreams, shared by every executor (see limits.proxy_in_flight)
     [leases]                        # dynamic database credentials (a database user per Resolve)
     poll_seconds = 1                # how often the revocation worker looks for expired leases
     batch_size = 50                 # leases dropped per batch (a restart with many due goes batch by batch)
@@ -534,6 +536,7 @@ def _egress(src: _Source) -> EgressSettings:
         total_timeout=total,
         max_response_bytes=_count(src, "max_response_bytes", 1024 * 1024, 1, 1 << 30),
         max_redirects=_count(src, "max_redirects", 3, 0, 20),
+        proxy_connections=_count(src, "proxy_connections", 200, 1, 100_000),
     )
 
 

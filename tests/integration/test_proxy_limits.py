@@ -86,6 +86,26 @@ async def test_an_executor_at_its_cap_of_calls_under_way_is_refused_and_others_a
             call.cancel()
 
 
+async def test_a_full_upstream_pool_is_named_as_such(make_broker: Callable[..., Awaitable[Running]]) -> None:
+    """Waiting for a connection of the pool used to end as "the upstream did not answer in time",
+    although nothing was sent to it."""
+    egress = EgressSettings(allow_loopback=True, proxy_connections=1, connect_timeout=0.5, total_timeout=5)
+    running = await make_broker(egress=egress)
+    with serve(lambda _: BIG) as hostile, serve(lambda _: Answer(body=b"ok")) as other:
+        await grant(running, "big", hostile, EXECUTOR)
+        await grant(running, "other", other, EXECUTOR2)
+        holding = proxy(running, "executor").ProxyHttpStream(small("big"))
+        await holding.read()  # the pool's one connection, held
+        with pytest.raises(grpc.aio.AioRpcError) as waited:
+            await proxy(running, "executor2").ProxyHttp(small("other"), timeout=10)
+        assert waited.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert (
+            waited.value.details() == "every connection the broker keeps to upstreams is in use; retry later"
+        )
+        assert other.requests == []
+        holding.cancel()
+
+
 async def test_a_connection_past_its_age_is_closed_after_the_grace_with_what_nobody_read(
     make_broker: Callable[..., Awaitable[Running]],
 ) -> None:

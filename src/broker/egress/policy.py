@@ -76,6 +76,8 @@ class EgressSettings:
     total_timeout: float = 15.0
     max_response_bytes: int = 1024 * 1024
     max_redirects: int = 3
+    # Connections the proxy keeps to upstreams, shared by every executor; a call waits for one.
+    proxy_connections: int = 200
 
     def __post_init__(self) -> None:
         for name in ("allow_cidrs", "deny_cidrs"):

@@ -481,6 +481,8 @@ def _failure_reason(exc: BaseException) -> str:
         return "egress_blocked"
     if isinstance(exc, DnsFailure):
         return "dns_failed"
+    if isinstance(exc, httpx.PoolTimeout):  # before its base class: nothing was sent upstream
+        return "upstream_pool_full"
     if isinstance(exc, TimeoutError | httpx.TimeoutException):
         return "upstream_timeout"
     if isinstance(exc, AnswerTooLarge):
@@ -498,6 +500,8 @@ def _caller_error(exc: BaseException, reason: str) -> BrokerError:
         return exc
     if reason == "egress_blocked":
         return FailedPrecondition("the egress policy does not allow this connection's address")
+    if reason == "upstream_pool_full":
+        return Unavailable("every connection the broker keeps to upstreams is in use; retry later")
     if reason == "upstream_timeout":
         return Unavailable("the upstream did not answer in time")
     if reason == "dns_failed":

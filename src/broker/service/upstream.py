@@ -404,11 +404,20 @@ def _header_key(name: str) -> str:
 def pooled_client(egress: EgressPolicy) -> PolicyClient:
     """One client for every proxied call: its connections are kept alive and reused, each one
     opened to an address the policy checked, and every request's URL checked by its hook."""
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+    size = egress.settings.proxy_connections
+    limits = httpx.Limits(max_connections=size, max_keepalive_connections=min(size, 50))
     # No cookie jar: one client serves every tenant and executor, and an upstream's Set-Cookie
     # must never ride along on someone else's next call.
     jar = http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-    return cast(PolicyClient, http_client(egress, verify=_trust(), limits=limits, cookies=jar))
+    # A call waits for a free connection no longer than opening one may take, so that a full pool is
+    # told as such (httpx.PoolTimeout) before the call's own time runs out.
+    settings = egress.settings
+    timeout = httpx.Timeout(
+        settings.total_timeout, connect=settings.connect_timeout, pool=settings.connect_timeout
+    )
+    return cast(
+        PolicyClient, http_client(egress, verify=_trust(), limits=limits, cookies=jar, timeout=timeout)
+    )
 
 
 @contextlib.asynccontextmanager
