@@ -103,7 +103,7 @@ def make_seal(kek: Kek, last_id: int, last_hash: str, now: datetime) -> AuditSea
 
 
 class Anchors:
-    """Judges seals and checkpoints with the keyring's keys (`model.AnchorCheck`).
+    """Judges seals and signs checkpoints with the keyring's keys (`model.AnchorKeys`).
 
     Without a keyring nothing can be judged: every seal is unverifiable and checkpoints pass
     (such a broker makes no anchors either).
