@@ -333,12 +333,15 @@ async def _audit_sign_checkpoint(settings: Settings, last_id: int | None) -> int
                 file=sys.stderr,
             )
             return 1
-        signed = await sign_checkpoint(store, keyring, last_id)
+        if last_id != found.last_id:
+            print(
+                f"{PROG}: refused: the unsigned checkpoint ends at event {found.last_id}, not {last_id}",
+                file=sys.stderr,
+            )
+            return 1
+        signed = await sign_checkpoint(store, keyring, found)
     if signed is None:
-        print(
-            f"{PROG}: refused: the unsigned checkpoint ends at event {found.last_id}, not {last_id}",
-            file=sys.stderr,
-        )
+        print(f"{PROG}: refused: the checkpoint changed meanwhile; run the command again", file=sys.stderr)
         return 1
     print(f"{PROG}: signed {described} under {signed.kek_id}", file=sys.stderr)
     return 0

@@ -169,6 +169,8 @@ class AuditLog:
             log.error("audit_seal_refused", newest_seal_id=newest_id, reason=refusal)
             return None
         checkpoint, newest = found.checkpoint, found.seal
+        if newest is not None:
+            self._saw(newest)
         if checkpoint is not None and checkpoint.mac is not None and checkpoint.kek_id != active.id:
             resigned = self._anchors.sign_checkpoint(checkpoint)
             await self._store.replace_audit_checkpoint(checkpoint.mac, resigned)
@@ -222,7 +224,6 @@ class AuditLog:
             return "the newest seal does not verify: it was forged or edited"
         if found.hashes.get(newest.last_id) != newest.last_hash:
             return "the chain no longer holds the event the newest seal sealed"
-        self._saw(newest)
         return ""
 
     async def start_sealing(self) -> None:
@@ -344,14 +345,13 @@ async def unsigned_checkpoint(store: AuditLogStore) -> AuditCheckpoint | None:
     return checkpoint if checkpoint is not None and checkpoint.mac is None else None
 
 
-async def sign_checkpoint(store: AuditLogStore, keyring: Keyring, last_id: int) -> AuditCheckpoint | None:
-    """What `broker audit sign-checkpoint --last-id` does when an operator vouches for the newest
-    checkpoint: sign it if it is unsigned and ends at `last_id`. The time of the newest event it
-    pruned was not recorded then; the retention floor before it is assumed. The checkpoint
-    signed, else None (none such, or it changed meanwhile)."""
-    checkpoint = await unsigned_checkpoint(store)
-    if checkpoint is None or checkpoint.last_id != last_id:
-        return None
+async def sign_checkpoint(
+    store: AuditLogStore, keyring: Keyring, checkpoint: AuditCheckpoint
+) -> AuditCheckpoint | None:
+    """What `broker audit sign-checkpoint --last-id` does when an operator vouches for the unsigned
+    `checkpoint` (`unsigned_checkpoint`): sign it. The time of the newest event it pruned was not
+    recorded then; the retention floor before it is assumed. The checkpoint signed, else None (it
+    changed meanwhile)."""
     vouched = replace(checkpoint, newest_pruned_at=checkpoint.created_at - MIN_RETENTION)
     signed = auditseal.Anchors(keyring, MIN_RETENTION).sign_checkpoint(vouched)
     return signed if await store.replace_audit_checkpoint(None, signed) else None
