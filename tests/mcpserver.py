@@ -89,6 +89,14 @@ class _Gate:
             status = self._owner.reject_status
             await JSONResponse({"error": "no"}, status_code=status)(scope, receive, send)
             return
+        accepts = self._owner.accepts
+        bearer = headers.get("authorization", "")
+        if accepts is not None and not accepts(bearer[7:] if bearer.startswith("Bearer ") else None):
+            challenge = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+            await JSONResponse({"error": "invalid_token"}, status_code=401, headers=challenge)(
+                scope, receive, send
+            )
+            return
         answered = self._owner.responses
 
         async def recording_send(message: Message) -> None:
@@ -108,6 +116,9 @@ class McpTestServer:
     """An MCP server with `tool_count` tools served `page_size` at a time.
 
     With `token`, requests without `Authorization: Bearer <token>` get `reject_status`.
+    With `accepts`, a request is served only if `accepts(bearer token or None)` is true, as a
+    resource server asks its authorization server; otherwise it gets 401 with `WWW-Authenticate:
+    Bearer` (RFC 6750).
     With `loop_cursor`, every page points to the second one (a broken server).
     With `tls` (certificate file, key file), it serves HTTPS.
     With `echo_header`, that request header is echoed into the server name and an extra tool.
@@ -124,6 +135,7 @@ class McpTestServer:
         json_response: bool = False,
         token: str | None = None,
         reject_status: int = 401,
+        accepts: Callable[[str | None], bool] | None = None,
         loop_cursor: bool = False,
         tls: tuple[str, str] | None = None,
         echo_header: str | None = None,
@@ -135,6 +147,7 @@ class McpTestServer:
         self.echoed: str | None = None
         self.token = token
         self.reject_status = reject_status
+        self.accepts = accepts
         self.loop_cursor = loop_cursor
         self.tls = tls
         self.descriptions = {f"tool_{i:02d}": f"Tool number {i}." for i in range(tool_count)}
