@@ -79,6 +79,7 @@ from broker.service import (
     ResolveCache,
     Resolver,
     TestingService,
+    TokenRefresher,
     parse_target,
     rebind_legacy,
     utc_now,
@@ -192,6 +193,7 @@ class Services:
     changes: ReplicaChanges
     tests: TestingService
     connections: ConnectionService
+    tokens: TokenRefresher
     oauth: OAuthService
     resolver: Resolver
     proxy: ProxyService
@@ -242,6 +244,17 @@ def build_services(settings: Settings, store: Store, keyring: Keyring, clock: Cl
     # this cache, blocks announced by any replica's monitor reach this one, and changes that end
     # leases reach the lease service.
     changes = ReplicaChanges(cache, monitor, leases)
+    tokens = TokenRefresher(
+        connections=store,
+        oauth_states=store,
+        coordination=store,
+        keyring=keyring,
+        audit=audit,
+        egress=egress,
+        clock=clock,
+        settings=_oauth_settings(settings),
+        on_refresh_failure=monitor.oauth_refresh_failed,
+    )
     tests = TestingService(
         connections=store,
         keyring=keyring,
@@ -258,14 +271,12 @@ def build_services(settings: Settings, store: Store, keyring: Keyring, clock: Cl
     oauth = OAuthService(
         connections=store,
         oauth_states=store,
-        coordination=store,
         keyring=keyring,
         audit=audit,
         egress=egress,
         clock=clock,
-        settings=_oauth_settings(settings),
+        tokens=tokens,
         create_connection=connections.create_authorized,  # a flow begun from a draft ends in a new row
-        on_refresh_failure=monitor.oauth_refresh_failed,
     )
     resolver = Resolver(
         connections=store,
@@ -276,7 +287,7 @@ def build_services(settings: Settings, store: Store, keyring: Keyring, clock: Cl
         audit=audit,
         clock=clock,
         cache_ttl_seconds=settings.cache_ttl_seconds,
-        oauth=oauth,
+        tokens=tokens,
         monitor=monitor,
         superseded_grace=timedelta(seconds=settings.superseded_grace_seconds),
         leases=leases,  # a dynamic database connection's Resolve makes a lease
@@ -301,6 +312,7 @@ def build_services(settings: Settings, store: Store, keyring: Keyring, clock: Cl
         changes=changes,
         tests=tests,
         connections=connections,
+        tokens=tokens,
         oauth=oauth,
         resolver=resolver,
         proxy=ProxyService(
@@ -313,7 +325,7 @@ def build_services(settings: Settings, store: Store, keyring: Keyring, clock: Cl
             max_response_bytes=settings.egress.max_response_bytes,
             monitor=monitor,
             note_used=resolver.note_used,  # proxied calls count in last_used_at as Resolves do
-            oauth=oauth,  # OAuth2 tokens refreshed when due, and once after a 401
+            tokens=tokens,  # OAuth2 tokens refreshed when due, and once after a 401
         ),
         access=AccessService(connections=store, grants=store, clock=clock),
         keys=keys,
@@ -407,7 +419,7 @@ class Broker:
             await self.store.close()
             raise
         services.resolver.start()
-        services.oauth.start()
+        services.tokens.start()
         services.monitor.start()
         services.denials.start()
         services.audit.start_pruning()
@@ -562,7 +574,7 @@ class Broker:
         # Provider revocations a revoke or purge left running (its caller waits 5 s at most) end
         # before the grace does, or are cut off and logged; their audit events are flushed below.
         await self._shutdown_step("upstream_revocations", services.connections.close(closed_by))
-        await self._shutdown_step("oauth", services.oauth.close())
+        await self._shutdown_step("oauth", services.tokens.close())
         await self._shutdown_step("proxy", services.proxy.close())
         await self._shutdown_step("leases", services.leases.close())
         await self._shutdown_step("last_used", services.resolver.close())

@@ -175,7 +175,7 @@ async def assert_every_path_fails_closed(
     await expect_decrypt_failed(admin.DiscoverMcpTools(pb.DiscoverMcpToolsRequest(id=mcp.id)))
     await expect_decrypt_failed(admin.RefreshMcpTools(pb.RefreshMcpToolsRequest(id=mcp.id)))
     # The background refresher reads the row itself: it too sends nothing.
-    await running.broker.services.oauth.refresh_due()
+    await running.broker.services.tokens.refresh_due()
 
     assert attacker.accepted == []
     assert await failed_events(running, http.id) == {

@@ -722,8 +722,8 @@ async def test_the_background_refresher_renews_tokens_before_anyone_asks(
     created = await authorize(broker, server)
     age_past_half_life(clock)
     server.expires_in = 3600
-    assert await broker.broker.services.oauth.refresh_due() == 1
+    assert await broker.broker.services.tokens.refresh_due() == 1
     assert server.token_requests["refresh_token"] == 1
     await resolve(broker, created.id)  # served from the renewed token: no refresh on the hot path
     assert server.token_requests["refresh_token"] == 1
-    assert await broker.broker.services.oauth.refresh_due() == 0
+    assert await broker.broker.services.tokens.refresh_due() == 0

@@ -26,13 +26,14 @@ if TYPE_CHECKING:
     from broker.service.keys import MasterKeys
     from broker.service.leases import LeaseService
     from broker.service.monitor import Monitor
-    from broker.service.oauth import DraftAuthorization, OAuthService, OAuthSettings
+    from broker.service.oauth import DraftAuthorization, OAuthService
     from broker.service.proxy import ProxyService
     from broker.service.ratelimit import Limit, RateLimits
     from broker.service.rebind import rebind_legacy
     from broker.service.replicas import ReplicaChanges
     from broker.service.resolve import Released, Resolver
     from broker.service.testing import TestingService
+    from broker.service.tokens import OAuthSettings, TokenRefresher
     from broker.service.upstream import UpstreamRequest
 
 # Public name -> the module that defines it.
@@ -52,7 +53,7 @@ _MODULES = {
     "Monitor": "monitor",
     "NewConnection": "connections",
     "OAuthService": "oauth",
-    "OAuthSettings": "oauth",
+    "OAuthSettings": "tokens",
     "parse_target": "alerts",
     "ProxyService": "proxy",
     "RateLimits": "ratelimit",
@@ -62,6 +63,7 @@ _MODULES = {
     "ResolveCache": "cache",
     "Resolver": "resolve",
     "TestingService": "testing",
+    "TokenRefresher": "tokens",
     "UpstreamRequest": "upstream",
     "utc_now": "connections",
     "verify_keyring": "keycheck",
@@ -91,6 +93,7 @@ __all__ = [
     "ResolveCache",
     "Resolver",
     "TestingService",
+    "TokenRefresher",
     "UpstreamRequest",
     "parse_target",
     "rebind_legacy",

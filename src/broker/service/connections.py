@@ -40,9 +40,10 @@ from broker.service.audit import AuditLog
 from broker.service.context import Call
 from broker.service.inputs import require_printable
 from broker.service.lookup import existing_connection
-from broker.service.oauth import DraftAuthorization, revoke_upstream, token_config, token_secrets
+from broker.service.oauth import DraftAuthorization, revoke_upstream
 from broker.service.sealing import open_secrets_audited, seal
 from broker.service.testing import TestingService
+from broker.service.tokens import token_config, token_secrets
 from broker.store import ConnectionStore, LeaseStore
 from broker.testers import Target
 

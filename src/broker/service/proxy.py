@@ -47,9 +47,9 @@ from broker.service.audit import AuditLog
 from broker.service.context import Call
 from broker.service.lookup import refusal
 from broker.service.monitor import Monitor
-from broker.service.oauth import OAuthService
 from broker.service.resolve import DENIED_MESSAGE, MAX_PURPOSE
 from broker.service.sealing import DECRYPT_FAILED, open_secrets
+from broker.service.tokens import TokenRefresher
 from broker.service.upstream import (
     AnswerTooLarge,
     NotInjectable,
@@ -111,7 +111,7 @@ class ProxyService:
         monitor: Monitor | None = None,
         max_stream_bytes: int = 256 * 1024 * 1024,
         note_used: Callable[[str, str, datetime], None] | None = None,
-        oauth: OAuthService | None = None,
+        tokens: TokenRefresher | None = None,
     ) -> None:
         self._connections = connections
         self._grants = grants
@@ -124,7 +124,7 @@ class ProxyService:
         self._max_stream_bytes = max_stream_bytes
         # Where a call counts as a use of the connection (last_used_at): Resolve's batched writer.
         self._note_used = note_used
-        self._oauth = oauth  # refreshes OAuth2 tokens: when due, and once after a 401
+        self._tokens = tokens  # refreshes OAuth2 tokens: when due, and once after a 401
         self._monitor = monitor
 
     async def http(
@@ -145,8 +145,8 @@ class ProxyService:
             if answer.status == 401 and target.oauth_token and request.method in _REPEATABLE:
                 # The provider refused a token it issued (revoked, rotated early): one refresh and
                 # one more try, never more. A non-idempotent call is not repeated.
-                assert self._oauth is not None
-                refreshed = self._oauth.after_rejection(target.record, target.oauth_token)
+                assert self._tokens is not None
+                refreshed = self._tokens.after_rejection(target.record, target.oauth_token)
                 target = _Target(*await self._token(use, refreshed, started))
                 use.details["retried"] = "after_401"
                 answer = await self._send(use, target, request, started)
@@ -307,8 +307,8 @@ class ProxyService:
         record, _ = await self._authorize(use, connection_id, name, purpose, allows)
         secrets = await self._open(use, record)
         started = time.monotonic()
-        if record.type == "oauth2" and self._oauth is not None:
-            record, secrets = await self._token(use, self._oauth.fresh(record, secrets), started)
+        if record.type == "oauth2" and self._tokens is not None:
+            record, secrets = await self._token(use, self._tokens.fresh(record, secrets), started)
         try:
             target = _Target(record, secrets)
         except NotInjectable as exc:

@@ -36,8 +36,8 @@ from broker.service.context import Call
 from broker.service.fingerprint import Fingerprinter
 from broker.service.leases import LeaseService
 from broker.service.monitor import Monitor
-from broker.service.oauth import OAuthService
 from broker.service.sealing import DECRYPT_FAILED, open_secrets
+from broker.service.tokens import TokenRefresher
 from broker.store import ConnectionStore, GrantStore, SecretVersionStore
 
 log = structlog.get_logger("broker.resolve")
@@ -80,7 +80,7 @@ class Resolver:
         clock: Callable[[], datetime],
         cache_ttl_seconds: int = 60,
         last_used_flush_seconds: float = 5.0,
-        oauth: OAuthService | None = None,
+        tokens: TokenRefresher | None = None,
         monitor: Monitor | None = None,
         superseded_grace: timedelta = timedelta(hours=1),
         leases: LeaseService | None = None,
@@ -89,7 +89,7 @@ class Resolver:
         self._monitor = monitor
         self._superseded_grace = superseded_grace
         self._fingerprints = Fingerprinter(keyring)
-        self._oauth = oauth
+        self._tokens = tokens
         self._connections = connections
         self._grants = grants
         self._versions = versions
@@ -152,9 +152,9 @@ class Resolver:
                 lease, secrets = await self._lease(call, entry.dynamic, secrets, now, ref_id, details, run_id)
                 expires_at = lease.expires_at
             if record is not None:
-                if self._oauth is not None:
+                if self._tokens is not None:
                     # A refresh re-reads the row: it too may fail to open.
-                    record, secrets = await self._oauth_fresh(call, now, ref_id, details, record, secrets)
+                    record, secrets = await self._fresh_token(call, now, ref_id, details, record, secrets)
                 if record is not entry.oauth:  # refreshed: a new version, not (yet) the cached one
                     public, secret_version = self._cache.public_part(record), record.secret_version
                 expires_at = record.token_expires_at
@@ -218,7 +218,7 @@ class Resolver:
             metrics.RESOLVES.labels("failed", "lease_failed").inc()
             raise
 
-    async def _oauth_fresh(
+    async def _fresh_token(
         self,
         call: Call,
         now: datetime,
@@ -228,9 +228,9 @@ class Resolver:
         secrets: SecretFields,
     ) -> tuple[ConnectionRecord, SecretFields]:
         """The record and secrets with a fresh token; a refusal or outage is audited and raised."""
-        assert self._oauth is not None
+        assert self._tokens is not None
         try:
-            return await self._oauth.fresh(record, secrets)
+            return await self._tokens.fresh(record, secrets)
         except FailedPrecondition:
             metrics.RESOLVES.labels("denied", "reauthorization_required").inc()
             event = call.audit_event(
