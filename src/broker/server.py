@@ -264,6 +264,7 @@ def build_services(settings: Settings, store: Store, keyring: Keyring, clock: Cl
         stale_after=timedelta(days=settings.stale_after_days),
         discover=mcp.discover_tools,
         monitor=monitor,
+        tokens=tokens,  # an MCP connection linked to an oauth2 connection tests with its token
     )
     connections = ConnectionService(
         connections=store, keyring=keyring, audit=audit, clock=clock, tests=tests, egress=egress, leases=store

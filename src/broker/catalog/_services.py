@@ -307,7 +307,15 @@ MCP = ConnectionType(
             choices=("streamable_http", "sse"),
             description="MCP transport.",
         ),
-        _auth_type("api_key", "bearer", "basic"),
+        _auth_type("api_key", "bearer", "basic", "oauth2"),
+        FieldSpec(
+            "oauth_connection",
+            FieldKind.STRING,
+            description="With auth_type oauth2: the oauth2 connection whose access token authenticates to "
+            "the server, by id or name (kept as its id). Its resource indicators must list server_url; "
+            "the broker refreshes the token as for that connection, and Resolve never releases it here.",
+            check=v.matching(r"[!-~][ -~]{0,127}", "a connection id or name"),
+        ),
         FieldSpec(
             "api_key_header",
             FieldKind.STRING,
@@ -321,7 +329,14 @@ MCP = ConnectionType(
         secret("password", "Password; required when auth_type is basic."),
         _timeout(),
     ),
-    rules=auth_rules({"api_key": ("api_key",), "bearer": ("token",), "basic": ("username", "password")}),
+    rules=auth_rules(
+        {
+            "api_key": ("api_key",),
+            "bearer": ("token",),
+            "basic": ("username", "password"),
+            "oauth2": ("oauth_connection",),
+        }
+    ),
 )
 
 SSH = ConnectionType(

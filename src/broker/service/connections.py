@@ -30,6 +30,7 @@ from broker.model import (
     LeaseFilter,
     LeaseState,
     Outcome,
+    ReauthReason,
     TestResult,
     TestStatus,
     new_id,
@@ -39,11 +40,12 @@ from broker.service import paging
 from broker.service.audit import AuditLog
 from broker.service.context import Call
 from broker.service.inputs import require_printable
+from broker.service.linked import is_linked, link
 from broker.service.lookup import existing_connection
 from broker.service.oauth import DraftAuthorization, revoke_upstream
 from broker.service.sealing import open_secrets_audited, seal
 from broker.service.testing import TestingService
-from broker.service.tokens import token_config, token_secrets
+from broker.service.tokens import CLIENT_CREDENTIALS, token_config, token_secrets
 from broker.store import ConnectionStore, LeaseStore
 from broker.testers import Target
 
@@ -215,6 +217,21 @@ def _check_clear_secrets(current: ConnectionRecord, patch: ConnectionPatch) -> N
         raise InvalidArgument(violations)
 
 
+def _tokens_asked_for_another_audience(
+    current: ConnectionRecord, config: Mapping[str, Any], secrets: dict[str, str], given: tuple[str, ...]
+) -> bool:
+    """An oauth2 connection whose `resource` indicators change drops its tokens (from `secrets`)
+    unless the same update gives them: they were asked for the old ones (RFC 8707), and an MCP
+    connection linked to it (`service.linked`) must never send a server a token that was not asked
+    for it. Returns whether the connection must now be authorized again; a client credentials one
+    just gets a new token."""
+    if current.type != "oauth2" or config.get("resource") == current.config.get("resource"):
+        return False
+    held = [name for name in ("access_token", "refresh_token") if name in secrets and name not in given]
+    dropped = [secrets.pop(name) for name in held]
+    return bool(dropped) and config.get("grant_type") != CLIENT_CREDENTIALS
+
+
 def _target(validated: catalog.Validated) -> Target:
     return Target(validated.type, validated.provider, validated.config, SecretFields(validated.secrets))
 
@@ -243,6 +260,12 @@ class ConnectionService:
         # finish when their caller went away, and so that shutdown waits for them (`close`).
         self._upstream_revocations: dict[asyncio.Task[None], str] = {}
 
+    async def _linked(self, call: Call, validated: catalog.Validated) -> catalog.Validated:
+        """An MCP connection's `oauth_connection` checked and kept as the linked connection's id."""
+        if not is_linked(validated.type, validated.config):
+            return validated
+        return replace(validated, config=await link(self._connections, call.tenant, validated.config))
+
     async def _test_before_save(self, call: Call, validated: catalog.Validated) -> TestResult:
         if self._tests is None:
             raise FailedPrecondition("connection testing is not configured on this broker")
@@ -259,7 +282,9 @@ class ConnectionService:
 
     async def create(self, call: Call, new: NewConnection) -> ConnectionRecord:
         """Validate, seal and store a new connection; the reply is its redacted record."""
-        validated = _validate(new.name, new.type, new.provider, new.config, new.secrets, new.labels)
+        validated = await self._linked(
+            call, _validate(new.name, new.type, new.provider, new.config, new.secrets, new.labels)
+        )
         tested = await self._test_before_save(call, validated) if new.test_before_save else None
         secrets = SecretFields(validated.secrets)
         now = self._clock()
@@ -342,18 +367,20 @@ class ConnectionService:
             else:
                 config[key] = value
         _check_clear_secrets(current, patch)
-        secrets_changed = bool(patch.secrets.names or patch.clear_secrets)
         event = self._event(call, "connection.update", current.id)
         old_secrets = (await open_secrets_audited(self._keyring, current, self._audit, event)).reveal()
         merged = {k: v for k, v in old_secrets.items() if k not in patch.clear_secrets}
         merged.update(patch.secrets.reveal())
         name = current.name if patch.name is None else patch.name
         labels = current.labels if patch.labels is None else patch.labels
+        reauthorize = _tokens_asked_for_another_audience(current, config, merged, patch.secrets.names)
         validated = _validate(name, current.type, current.provider, config, SecretFields(merged), labels)
+        validated = await self._linked(call, validated)
         _check_secrets_follow_destination(current, validated.config, patch.secrets)
         tested = await self._test_before_save(call, validated) if patch.test_before_save else None
 
         secrets = SecretFields(validated.secrets)
+        secrets_changed = bool(patch.secrets.names or patch.clear_secrets or reauthorize)
         record = replace(
             current,
             name=name,
@@ -363,6 +390,10 @@ class ConnectionService:
             version=current.version + 1,
             updated_at=self._clock(),
         )
+        if reauthorize:
+            record = replace(
+                record, reauth_required_at=record.updated_at, reauth_reason=ReauthReason("resource_changed")
+            )
         # The destination (where, how: TLS, the trusted CA, driver options; and to do what) is bound
         # into the ciphertext: changing it re-seals, secrets changed or not.
         if secrets_changed or record.destination != current.destination:

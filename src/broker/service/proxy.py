@@ -41,10 +41,20 @@ from broker.errors import (
     SecretUnavailable,
     Unavailable,
 )
-from broker.model import ConnectionRecord, Grant, GrantScope, McpTool, Outcome, json_depth
+from broker.model import (
+    ConnectionRecord,
+    Grant,
+    GrantScope,
+    McpTool,
+    Outcome,
+    TestCategory,
+    TestStage,
+    json_depth,
+)
 from broker.sensitive import SecretFields
 from broker.service.audit import AuditLog
 from broker.service.context import Call
+from broker.service.linked import LinkBroken, bearer, is_linked, linked_connection
 from broker.service.lookup import refusal
 from broker.service.monitor import Monitor
 from broker.service.resolve import DENIED_MESSAGE, MAX_PURPOSE
@@ -224,12 +234,24 @@ class ProxyService:
                 raise _TaskRequired(
                     f"the tool {tool!r} cannot be called through the broker: {approved[tool].not_callable}"
                 )
-            secrets = await self._open(use, record)
+            linked = await self._linked_token(use, record, started)
+            secrets = bearer(linked[1]) if linked else await self._open(use, record)
             target = Target(record.type, record.provider, record.config, secrets)
+            approved_hash = approved[tool].definition_hash
             async with self._within(use, started, _deadline(time_left)):
-                result = await mcp.call_tool(
-                    target, self._egress, tool, arguments, approved[tool].definition_hash
-                )
+                try:
+                    result = await mcp.call_tool(target, self._egress, tool, arguments, approved_hash)
+                except TestFailure as exc:
+                    if linked is None or not _refused_before_the_session(exc):
+                        raise
+                    # The server refused a token its authorization server issued (revoked, rotated
+                    # early) before anything was called: one refresh and one more try, never more.
+                    assert self._tokens is not None
+                    refreshed = self._tokens.after_rejection(linked[0], target.secret("access_token"))
+                    linked = await self._token(use, refreshed, started)
+                    target = Target(record.type, record.provider, record.config, bearer(linked[1]))
+                    use.details["retried"] = "after_401"
+                    result = await mcp.call_tool(target, self._egress, tool, arguments, approved_hash)
         except mcp.ToolChanged as exc:
             await self._failed(use, "tool_changed", started)
             if self._monitor is not None:
@@ -334,6 +356,25 @@ class ProxyService:
         except (FailedPrecondition, Unavailable):
             await self._failed(use, "oauth_refresh_failed", started)
             raise
+
+    async def _linked_token(
+        self, use: _Use, record: ConnectionRecord, started: float
+    ) -> tuple[ConnectionRecord, SecretFields] | None:
+        """For an MCP connection linked to an oauth2 connection (`service.linked`): that connection
+        and its secrets with a token refreshed when due; None for any other connection. A link that
+        no longer holds is audited as `oauth_link_broken`."""
+        if not is_linked(record.type, record.config):
+            return None
+        if self._tokens is None:
+            raise FailedPrecondition("OAuth2 tokens are not kept on this broker")
+        try:
+            linked = await linked_connection(self._connections, use.call.tenant, record.config)
+        except LinkBroken:
+            await self._failed(use, "oauth_link_broken", started)
+            raise
+        use.details["oauth_connection"] = linked.id
+        secrets = await self._open(use, linked)
+        return await self._token(use, self._tokens.fresh(linked, secrets), started)
 
     async def _authorize(
         self,
@@ -466,6 +507,13 @@ class _Use:
     def __init__(self, call_: Call, action: str, details: dict[str, str], now: datetime) -> None:
         self.call, self.action, self.details, self.now = call_, action, details, now
         self.ref_id = ""
+
+
+def _refused_before_the_session(failure: TestFailure) -> bool:
+    """The MCP server answered 401 before the session was initialized: no tool was called."""
+    return (
+        failure.result.category is TestCategory.AUTH_FAILED and failure.result.stage is TestStage.AUTHENTICATE
+    )
 
 
 def _deadline(time_left: float | None) -> float | None:

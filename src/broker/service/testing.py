@@ -22,9 +22,11 @@ from broker.errors import ConnectionTestFailed, FailedPrecondition
 from broker.model import ConnectionRecord, McpTool, Outcome, TestResult, TestStatus
 from broker.service.audit import AuditLog
 from broker.service.context import Call
+from broker.service.linked import bearer, is_linked, linked_connection
 from broker.service.lookup import existing_connection, live_connection
 from broker.service.monitor import Monitor
 from broker.service.sealing import open_secrets_audited
+from broker.service.tokens import TokenRefresher
 from broker.store import ConnectionStore
 from broker.testers import Discover, Target, run_discovery, run_test
 
@@ -65,8 +67,11 @@ class TestingService:
         stale_after: timedelta = timedelta(days=7),
         discover: Discover | None = None,
         monitor: Monitor | None = None,
+        tokens: TokenRefresher | None = None,
     ) -> None:
         self._monitor = monitor
+        # The token of the oauth2 connection an MCP connection is linked to, refreshed when due.
+        self._tokens = tokens
         self._connections = connections
         self._keyring = keyring
         self._audit = audit
@@ -92,7 +97,21 @@ class TestingService:
         secrets = await open_secrets_audited(self._keyring, record, self._audit, event)
         return record, Target(record.type, record.provider, record.config, secrets)
 
+    async def _with_token(self, call: Call, target: Target) -> Target:
+        """An MCP connection linked to an oauth2 connection (`service.linked`) with that
+        connection's access token, refreshed first when due; any other target as it is."""
+        if not is_linked(target.type, target.config):
+            return target
+        if self._tokens is None:
+            raise FailedPrecondition("OAuth2 tokens are not kept on this broker")
+        record = await linked_connection(self._connections, call.tenant, target.config)
+        event = call.audit_event(self._clock(), "oauth.use", record.id)
+        secrets = await open_secrets_audited(self._keyring, record, self._audit, event)
+        _, secrets = await self._tokens.fresh(record, secrets)
+        return Target(target.type, target.provider, target.config, bearer(secrets))
+
     async def _run(self, call: Call, target: Target) -> TestResult:
+        target = await self._with_token(call, target)
         result = await run_test(target, self._egress)
         metrics.CONNECTION_TESTS.labels(target.type, result.category.value).inc()
         return result
@@ -137,6 +156,7 @@ class TestingService:
     async def _discover_tools(self, call: Call, target: Target) -> tuple[TestResult, list[McpTool]]:
         if target.type != "mcp" or self._discover is None:
             raise FailedPrecondition("tool discovery needs an mcp connection")
+        target = await self._with_token(call, target)
         # The runner gives discovery the same timeout, classification and scrubbing as a test.
         return await run_discovery(self._discover, target, self._egress)
 

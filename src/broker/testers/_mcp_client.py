@@ -105,6 +105,8 @@ def _auth_headers(target: Target) -> dict[str, str]:
         return {
             "Authorization": target.sent.basic(str(config.get("username", "")), target.secret("password"))
         }
+    if auth == "oauth2":  # the linked oauth2 connection's access token (`service.linked`)
+        return {"Authorization": target.sent.bearer(target.secret("access_token"))}
     return {}
 
 
@@ -312,7 +314,10 @@ def _classify(exc: Exception, log: ExchangeLog, progress: _Progress) -> Exceptio
         details["http_status"] = str(bad.status)
         bad_status = bad.status
     if bad_status in _STATUS:
-        return failure(*_STATUS[bad_status])
+        category, stage, message = _STATUS[bad_status]
+        if bad_status == 401 and progress.stage is not TestStage.CONNECT:
+            stage = progress.stage  # the session had begun: refused mid-way, not at the start
+        return failure(category, stage, message)
     if bad_status:
         return failure(
             TestCategory.UNEXPECTED_RESPONSE, progress.stage, f"the server answered HTTP {bad_status}"
