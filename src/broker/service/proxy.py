@@ -156,8 +156,13 @@ class ProxyService:
                 # The provider refused a token it issued (revoked, rotated early): one refresh and
                 # one more try, never more. A non-idempotent call is not repeated.
                 assert self._tokens is not None
-                refreshed = self._tokens.after_rejection(target.record, target.oauth_token)
-                target = _Target(*await self._token(use, refreshed, started))
+                rejected = target.oauth_token
+                refreshed = self._tokens.after_rejection(target.record, rejected)
+                record, secrets = await self._token(use, refreshed, started)
+                # The refused token was sent and may still be good (a hostile API can refuse a good
+                # one to be sent a second): the second answer is scrubbed of it too.
+                kept = SecretFields({**secrets.reveal(), "rejected_access_token": rejected})
+                target = _Target(record, kept)
                 use.details["retried"] = "after_401"
                 answer = await self._send(use, target, request, started)
         use.details.update(status=str(answer.status), bytes=str(len(answer.body)))
@@ -247,9 +252,11 @@ class ProxyService:
                     # The server refused a token its authorization server issued (revoked, rotated
                     # early) before anything was called: one refresh and one more try, never more.
                     assert self._tokens is not None
-                    refreshed = self._tokens.after_rejection(linked[0], target.secret("access_token"))
+                    rejected = target.secret("access_token")
+                    refreshed = self._tokens.after_rejection(linked[0], rejected)
                     linked = await self._token(use, refreshed, started)
-                    target = Target(record.type, record.provider, record.config, bearer(linked[1]))
+                    secrets = bearer(linked[1], rejected)  # the answer is scrubbed of both tokens
+                    target = Target(record.type, record.provider, record.config, secrets)
                     use.details["retried"] = "after_401"
                     result = await mcp.call_tool(target, self._egress, tool, arguments, approved_hash)
         except mcp.ToolChanged as exc:
