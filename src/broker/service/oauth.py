@@ -375,9 +375,14 @@ class OAuthService:
                 # The name was taken during the exchange, say: the tokens belong to no connection.
                 await self._give_back(provider, oauth_client(config, secrets), tokens)
                 raise
-        stored = await self._tokens.store_tokens(
-            record, secrets, tokens, "oauth.authorize", call.actor, call.request_id
-        )
+        try:
+            stored = await self._tokens.store_tokens(
+                record, secrets, tokens, "oauth.authorize", call.actor, call.request_id
+            )
+        except FailedPrecondition:
+            # The connection changed under the exchange (its resource, say): nobody keeps the tokens.
+            await self._give_back(provider, oauth_client(config, secrets), tokens)
+            raise
         if record.reauth_required_at is not None:
             log.info("oauth_connection_recovered", connection_id=record.id)
         return stored

@@ -381,6 +381,20 @@ class TokenRefresher:
                 latest_secrets = open_secrets(self._keyring, latest).reveal()
                 if latest_secrets.get("refresh_token") != used_refresh_token and action == "oauth.refresh":
                     return latest  # someone else refreshed: theirs is newer, ours is dropped
+                if latest.config.get("resource") != record.config.get("resource"):
+                    # Our tokens were asked for the resource indicators the connection listed then
+                    # (RFC 8707); the change that won lists others and dropped the tokens it held
+                    # (`ConnectionService.update`). Putting ours on top would let an MCP connection
+                    # linked to it (`service.linked`) send them to a server they were not asked for.
+                    if action == "oauth.refresh":  # a client credentials token: the next use asks anew
+                        raise Unavailable(
+                            f"the resource of connection {record.id} changed while its token was being"
+                            " refreshed; retry"
+                        ) from None
+                    raise FailedPrecondition(
+                        f"the resource of connection {record.id} changed while it was being authorized;"
+                        " start the authorization again"
+                    ) from None
                 # Another kind of change won (labels, a rename): put our tokens on top of it.
                 record, old_secrets = latest, latest_secrets
         raise Unavailable(f"connection {record.id} kept changing while its token was being stored; retry")
