@@ -73,7 +73,12 @@ async def linked_connection(
     connections: ConnectionStore, tenant: str, config: Mapping[str, Any]
 ) -> ConnectionRecord:
     """At use: the active oauth2 connection to take the token from; `LinkBroken` saying why not."""
-    record = await _find(connections, tenant, str(config[LINK]))
+    return still_linked(await _find(connections, tenant, str(config[LINK])), config)
+
+
+def still_linked(record: ConnectionRecord | None, config: Mapping[str, Any]) -> ConnectionRecord:
+    """`record` if the MCP connection with `config` may take its token; `LinkBroken` saying why not.
+    Asked again of the record a refresh returns: it may carry a change stored meanwhile."""
     problem = _problem(record, str(config["server_url"]))
     if problem:
         raise LinkBroken(f"this MCP connection's {LINK} {problem}")

@@ -54,7 +54,7 @@ from broker.model import (
 from broker.sensitive import SecretFields
 from broker.service.audit import AuditLog
 from broker.service.context import Call
-from broker.service.linked import LinkBroken, bearer, is_linked, linked_connection
+from broker.service.linked import LinkBroken, bearer, is_linked, linked_connection, still_linked
 from broker.service.lookup import refusal
 from broker.service.monitor import Monitor
 from broker.service.resolve import DENIED_MESSAGE, MAX_PURPOSE
@@ -251,10 +251,9 @@ class ProxyService:
                         raise
                     # The server refused a token its authorization server issued (revoked, rotated
                     # early) before anything was called: one refresh and one more try, never more.
-                    assert self._tokens is not None
                     rejected = target.secret("access_token")
-                    refreshed = self._tokens.after_rejection(linked[0], rejected)
-                    linked = await self._token(use, refreshed, started)
+                    linked = await self._linked_token(use, record, started, rejected)
+                    assert linked is not None
                     secrets = bearer(linked[1], rejected)  # the answer is scrubbed of both tokens
                     target = Target(record.type, record.provider, record.config, secrets)
                     use.details["retried"] = "after_401"
@@ -365,23 +364,31 @@ class ProxyService:
             raise
 
     async def _linked_token(
-        self, use: _Use, record: ConnectionRecord, started: float
+        self, use: _Use, record: ConnectionRecord, started: float, rejected: str = ""
     ) -> tuple[ConnectionRecord, SecretFields] | None:
         """For an MCP connection linked to an oauth2 connection (`service.linked`): that connection
-        and its secrets with a token refreshed when due; None for any other connection. A link that
-        no longer holds is audited as `oauth_link_broken`."""
+        and its secrets with a token refreshed when due (or, after the server refused `rejected`,
+        a new one); None for any other connection. A link that no longer holds, before or after the
+        refresh, is audited as `oauth_link_broken`."""
         if not is_linked(record.type, record.config):
             return None
         if self._tokens is None:
             raise FailedPrecondition("OAuth2 tokens are not kept on this broker")
         try:
             linked = await linked_connection(self._connections, use.call.tenant, record.config)
+            use.details["oauth_connection"] = linked.id
+            secrets = await self._open(use, linked)
+            refresh = (
+                self._tokens.after_rejection(linked, rejected)
+                if rejected
+                else self._tokens.fresh(linked, secrets)
+            )
+            linked, secrets = await self._token(use, refresh, started)
+            still_linked(linked, record.config)
         except LinkBroken:
             await self._failed(use, "oauth_link_broken", started)
             raise
-        use.details["oauth_connection"] = linked.id
-        secrets = await self._open(use, linked)
-        return await self._token(use, self._tokens.fresh(linked, secrets), started)
+        return linked, secrets
 
     async def _authorize(
         self,

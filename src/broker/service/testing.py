@@ -22,7 +22,7 @@ from broker.errors import ConnectionTestFailed, FailedPrecondition
 from broker.model import ConnectionRecord, McpTool, Outcome, TestResult, TestStatus
 from broker.service.audit import AuditLog
 from broker.service.context import Call
-from broker.service.linked import bearer, is_linked, linked_connection
+from broker.service.linked import bearer, is_linked, linked_connection, still_linked
 from broker.service.lookup import existing_connection, live_connection
 from broker.service.monitor import Monitor
 from broker.service.sealing import open_secrets_audited
@@ -107,7 +107,8 @@ class TestingService:
         record = await linked_connection(self._connections, call.tenant, target.config)
         event = call.audit_event(self._clock(), "oauth.use", record.id)
         secrets = await open_secrets_audited(self._keyring, record, self._audit, event)
-        _, secrets = await self._tokens.fresh(record, secrets)
+        record, secrets = await self._tokens.fresh(record, secrets)
+        still_linked(record, target.config)
         return Target(target.type, target.provider, target.config, bearer(secrets))
 
     async def _run(self, call: Call, target: Target) -> TestResult:
