@@ -9,6 +9,9 @@ only a live token issued for its URL (RFC 8707) passes. Hostile cases run broker
 from __future__ import annotations
 
 import json
+import re
+import secrets
+import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,9 +22,9 @@ import httpx
 import pytest
 
 from broker.cli import brokerctl
-from tests import httpservers, mcpserver, oauthserver
+from tests import httpservers, mcpserver, nodeservers, oauthserver
 from tests.devbroker import DevBroker, start_dev_broker
-from tests.helpers import EXECUTOR
+from tests.helpers import EXECUTOR, free_port
 
 INITIALIZE = {
     "jsonrpc": "2.0",
@@ -325,3 +328,93 @@ def test_usage_errors_are_said_before_any_request(dev_broker: DevBroker, servers
     result = dev_broker.ctl("oauth", "connect", "x", "--mcp-server", "http://mcp.example.com/mcp")
     assert result.returncode == 2 and "only https" in result.stderr
     assert servers.mcp.seen == []
+
+
+# ------------------------------------------------------------------ a third-party authorization server
+
+OIDC_PROVIDER = ("oidc-provider", "9.13.3")  # as in tests/integration/test_oauth_reference_server.py
+OIDC_SERVER = Path(__file__).parents[1] / "node" / "oidc_provider.mjs"
+
+
+def _sign_in_at_the_provider(url: str, redirect_uri: str) -> str:
+    """A browser at panva's oidc-provider: its development sign-in and consent, up to the redirect."""
+    with httpx.Client(follow_redirects=False, timeout=10) as browser:  # it keeps the provider's cookies
+        response = browser.get(url)
+        for _ in range(12):
+            if response.is_redirect:
+                location = str(response.url.join(response.headers["location"]))
+                if location.startswith(redirect_uri):
+                    return location
+                response = browser.get(location)
+                continue
+            assert response.status_code == 200, response.text[-2000:]
+            form = re.search(r'<form[^>]*action="([^"]+)"[^>]*>(.*?)</form>', response.text, re.S)
+            assert form is not None, response.text[-2000:]
+            fields = dict(re.findall(r'<input[^>]*name="([^"]+)"[^>]*value="([^"]*)"', form[2]))
+            if 'name="login"' in form[2]:
+                fields.update(login="ada", password="any")  # the development sign-in takes anyone
+            response = browser.post(str(response.url.join(form[1])), data=fields)
+    raise AssertionError("the provider never redirected back")
+
+
+def test_discovery_and_registration_at_oidc_provider(dev_broker: DevBroker) -> None:
+    """panva's oidc-provider (a certified OpenID Provider): OpenID Connect Discovery only, RFC 7591
+    registration, RFC 9207 iss, RFC 8707 audiences. The MCP server asks it (RFC 7662) about tokens."""
+    home = nodeservers.installed(*OIDC_PROVIDER)
+    shutil.copy(OIDC_SERVER, home / OIDC_SERVER.name)
+    port, inspector = free_port(), secrets.token_urlsafe(24)
+    issuer = f"http://127.0.0.1:{port}"
+
+    def accepts(token: str | None) -> bool:
+        if token is None:
+            return False
+        seen = httpx.post(
+            f"{issuer}/token/introspection", data={"token": token}, auth=("inspector", inspector), timeout=10
+        ).json()
+        return seen.get("active") is True and seen.get("aud") == mcp.url
+
+    with mcpserver.running(accepts=accepts, json_response=True) as mcp:
+        mcp.protected_resource = {"resource": mcp.url, "authorization_servers": [issuer]}
+        env = {
+            "WEB_SECRET": secrets.token_urlsafe(24),
+            "MACHINE_SECRET": inspector,
+            "REDIRECT_URI": "http://127.0.0.1:9/unused",
+            "API": mcp.url,
+            "TOKEN_TTL": "300",
+            "REGISTRATION": "1",
+        }
+        with nodeservers.serving(home, [OIDC_SERVER.name], port, env):
+            callback_port = free_port()  # nothing listens: the browser stops at the redirect, pasted
+            callback = f"http://127.0.0.1:{callback_port}/callback"
+            argv = [
+                *dev_broker.ctl_argv(), "oauth", "connect", "oidc-tools", "--mcp-server", mcp.url,
+                "--scope", "openid", "--scope", "api:read", "--paste", "--port", str(callback_port),
+            ]  # fmt: skip
+            process = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            try:
+                assert process.stderr is not None and process.stdin is not None
+                said: list[str] = []
+                for line in process.stderr:
+                    said.append(line)
+                    if line.strip().startswith("http"):
+                        break
+                process.stdin.write(_sign_in_at_the_provider(said[-1].strip(), callback) + "\n")
+                process.stdin.flush()
+                out, err = process.communicate(timeout=30)
+                err = "".join(said) + err
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.communicate()
+            assert process.returncode == 0, err + dev_broker.logs()
+            assert f"registered the client {json.loads(out)['config']['client_id']} at {issuer}/reg" in err
+            config = json.loads(out)["config"]
+            assert config["authorize_url"] == f"{issuer}/auth" and config["token_url"] == f"{issuer}/token"
+            assert config["issuer"] == issuer and config["resource"] == [mcp.url]
+            assert config["token_auth_method"] == "client_secret_basic"
+            dev_broker.ok("grant", "oidc-tools", EXECUTOR)
+            token = dev_broker.ok("resolve", "oidc-tools")[0]["secrets"]["access_token"]
+            assert _initialize(mcp.url, token).status_code == 200
+            assert _initialize(mcp.url, "not-a-token").status_code == 401
