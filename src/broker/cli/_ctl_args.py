@@ -37,7 +37,8 @@ exit status:
   130  interrupted (Ctrl-C)
   141  standard output closed early (e.g. `| head`): stopped quietly, as Unix tools do
 With --json, errors are one JSON object on standard error: {"code", "message",
-"violations" (INVALID_ARGUMENT only), "hint" (when there is one)}; usage errors have code USAGE.
+"violations" (INVALID_ARGUMENT only), "hint" (when there is one)}; usage errors have code USAGE,
+a refused `oauth connect --mcp-server` discovery DISCOVERY_FAILED (with the "url" at fault).
 """
 
 _SEALED_FIELD_HELP = (
