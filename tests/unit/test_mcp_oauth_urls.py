@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from broker.cli import _discovery_http as h
 from broker.cli import _mcp_oauth as m
 
 
@@ -70,15 +71,15 @@ def test_urls_are_compared_after_rfc_3986_normalisation_only() -> None:
     ],
 )
 def test_urls_that_are_not_followed(url: str) -> None:
-    with pytest.raises(m.DiscoveryError):
-        m.check_url(url, "x")
+    with pytest.raises(h.DiscoveryError):
+        h.check_url(url, "x")
 
 
 @pytest.mark.parametrize(
     "url", ["https://a.example/x", "http://127.0.0.1:8/x", "http://[::1]:8/", "http://localhost/"]
 )
 def test_urls_that_are_followed(url: str) -> None:
-    assert m.check_url(url, "x") == url
+    assert h.check_url(url, "x") == url
 
 
 def test_the_token_endpoint_auth_method() -> None:
@@ -90,7 +91,7 @@ def test_the_token_endpoint_auth_method() -> None:
     assert m.auth_method(("client_secret_post", "none")) == "client_secret_post"
     assert m.auth_method(("none",)) == "none"
     assert m.auth_method(("client_secret_basic",), has_secret=False) == "none"
-    with pytest.raises(m.DiscoveryError, match="private_key_jwt"):
+    with pytest.raises(h.DiscoveryError, match="private_key_jwt"):
         m.auth_method(("private_key_jwt",))
 
 
@@ -104,15 +105,15 @@ def test_a_body_beyond_the_cap_is_refused_even_without_a_length() -> None:
             yield b"x" * 4096
 
     client = _client(httpx.MockTransport(lambda request: httpx.Response(200, content=chunks())))
-    with pytest.raises(m.DiscoveryError, match="larger than 64 KiB"):
-        m.fetch(client, "GET", "https://a.example/x", "the metadata")
+    with pytest.raises(h.DiscoveryError, match="larger than 64 KiB"):
+        h.fetch(client, "GET", "https://a.example/x", "the metadata")
 
 
 def test_a_declared_length_beyond_the_cap_is_refused_before_reading() -> None:
     response = httpx.Response(200, headers={"Content-Length": str(10**9)}, content=b"{}")
     client = _client(httpx.MockTransport(lambda request: response))
-    with pytest.raises(m.DiscoveryError, match="larger than 64 KiB"):
-        m.fetch(client, "GET", "https://a.example/x", "the metadata")
+    with pytest.raises(h.DiscoveryError, match="larger than 64 KiB"):
+        h.fetch(client, "GET", "https://a.example/x", "the metadata")
 
 
 def test_a_compressed_answer_is_refused_and_identity_is_asked_for() -> None:
@@ -122,19 +123,19 @@ def test_a_compressed_answer_is_refused_and_identity_is_asked_for() -> None:
         asked.append(request.headers["accept-encoding"])
         return httpx.Response(200, headers={"Content-Encoding": "gzip"}, content=b"\x1f\x8b")
 
-    with pytest.raises(m.DiscoveryError, match="content coding"):
-        m.fetch(_client(httpx.MockTransport(handler)), "GET", "https://a.example/x", "the metadata")
+    with pytest.raises(h.DiscoveryError, match="content coding"):
+        h.fetch(_client(httpx.MockTransport(handler)), "GET", "https://a.example/x", "the metadata")
     assert asked == ["identity"]
 
 
 def test_json_must_be_an_object_and_fields_typed() -> None:
-    def answer(body: bytes) -> m.Answer:
-        return m.Answer("https://a.example/x", 200, httpx.Headers(), body)
+    def answer(body: bytes) -> h.Answer:
+        return h.Answer("https://a.example/x", 200, httpx.Headers(), body)
 
     for body in (b"", b"nope", b"\xff\xfe", b"[" * 100_000, b"[]", b"null", b'"s"'):
-        with pytest.raises(m.DiscoveryError, match=r"not (a )?JSON"):
-            m.json_object(answer(body), "the metadata")
-    assert m.json_object(answer(b'{"a": 1}'), "the metadata") == {"a": 1}
+        with pytest.raises(h.DiscoveryError, match=r"not (a )?JSON"):
+            h.json_object(answer(body), "the metadata")
+    assert h.json_object(answer(b'{"a": 1}'), "the metadata") == {"a": 1}
 
 
 def test_a_registered_client_never_shows_its_secret() -> None:
@@ -145,5 +146,5 @@ def test_a_registered_client_never_shows_its_secret() -> None:
 
 
 def test_shown_escapes_terminal_control_and_bounds_length() -> None:
-    assert m.shown("a\x1b[31mb\n") == "a\\x1b[31mb\\n"
-    assert len(m.shown("x" * 10_000)) == 203
+    assert h.shown("a\x1b[31mb\n") == "a\\x1b[31mb\\n"
+    assert len(h.shown("x" * 10_000)) == 203

@@ -14,9 +14,8 @@ brokerctl on the admin's machine before the broker's usual authorization flow:
    this run uses. Client ID Metadata Documents (2025-11-25) are not supported.
 
 The result is the config of a `custom` oauth2 connection whose RFC 8707 `resource` is the server.
-Every URL followed must be https (http only to a loopback host); no redirect is followed; each
-answer is capped at `MAX_BODY` bytes and `TIMEOUT` seconds. Every problem is a `DiscoveryError`
-naming what was wrong and at which URL; an answer's text is never shown beyond a short quote.
+Every request goes through `_discovery_http` (https only, no redirects, bounded answers); every
+problem is a `DiscoveryError` naming what was wrong and at which URL.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,12 +30,22 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from broker.cli._discovery_http import (
+    Answer,
+    DiscoveryError,
+    check_url,
+    fetch,
+    json_object,
+    open_client,
+    shown,
+    text_field,
+    text_list,
+)
 from broker.cli._input import UsageError
 from broker.cli._www_authenticate import ChallengeError, bearer_params
 
-MAX_BODY = 64 * 1024
-TIMEOUT = 10.0
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+__all__ = ["DiscoveryError", "mcp_connection_command", "open_client", "settings"]
+
 MCP_PROTOCOL_VERSION = "2025-06-18"
 # Config keys discovery sets: given with --mcp-server they would contradict it.
 DISCOVERED_KEYS = frozenset(
@@ -49,47 +57,6 @@ _METHODS = ("client_secret_basic", "client_secret_post", "none")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 Say = Callable[[str], None]
-
-
-class DiscoveryError(Exception):
-    """Discovery stopped; the message says what was wrong and where. `url` is the URL at fault."""
-
-    def __init__(self, message: str, url: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.url = url
-
-
-def shown(text: str, limit: int = 200) -> str:
-    """`text` for a terminal: non-printable characters escaped, cut to `limit` characters."""
-    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-# ------------------------------------------------------------------ URLs
-
-
-def check_url(url: str, what: str, where: str = "") -> str:
-    """`url` if it may be followed: https, or http to a loopback host; a host, no user info or fragment."""
-    at = f" (from {shown(where)})" if where else ""
-    if not url or len(url) > 2000 or any(c <= " " or c == "\x7f" or not c.isascii() for c in url):
-        raise DiscoveryError(f"{what} {shown(url)!r}{at} is not a URL", where)
-    try:
-        parts = urlsplit(url)
-        host, _ = parts.hostname, parts.port
-    except ValueError:
-        raise DiscoveryError(f"{what} {shown(url)!r}{at} is not a URL", where) from None
-    if parts.scheme.lower() not in ("http", "https") or not host:
-        raise DiscoveryError(f"{what} {shown(url)!r}{at} is not an http(s) URL with a host", where)
-    if parts.scheme.lower() == "http" and host not in LOOPBACK_HOSTS:
-        raise DiscoveryError(
-            f"{what} {shown(url)!r}{at} is plain http: only https is accepted (http only on 127.0.0.1, "
-            "::1 or localhost)",
-            where,
-        )
-    if parts.username is not None or parts.password is not None or "#" in url:
-        raise DiscoveryError(f"{what} {shown(url)!r}{at} has user info or a fragment", where)
-    return url
 
 
 def normalised(url: str) -> str:
@@ -134,87 +101,6 @@ def authorization_server_metadata_urls(issuer: str) -> list[str]:
 
 
 # ------------------------------------------------------------------ HTTP
-
-
-@dataclass(frozen=True)
-class Answer:
-    url: str
-    status: int
-    headers: httpx.Headers
-    body: bytes
-
-
-def fetch(
-    client: httpx.Client, method: str, url: str, what: str, *, body: Any = None, read: bool = True
-) -> Answer:
-    """One request, no redirect followed, the answer's body capped at MAX_BODY and TIMEOUT."""
-    deadline = time.monotonic() + TIMEOUT
-    headers = {"Accept-Encoding": "identity"}
-    if method == "GET":
-        headers["Accept"] = "application/json"
-    try:
-        with client.stream(method, url, json=body, headers=headers) as response:
-            if 300 <= response.status_code < 400:
-                location = shown(response.headers.get("location", ""))
-                raise DiscoveryError(
-                    f"{what} at {shown(url)} redirects (HTTP {response.status_code} to {location!r});"
-                    " redirects are not followed: give the final URL",
-                    url,
-                )
-            coding = response.headers.get("content-encoding", "identity").strip().lower()
-            if coding not in ("", "identity"):
-                raise DiscoveryError(
-                    f"{what} at {shown(url)} came in a content coding ({shown(coding)})", url
-                )
-            length = response.headers.get("content-length", "")
-            if length.isdigit() and int(length) > MAX_BODY:
-                raise DiscoveryError(f"{what} at {shown(url)} is larger than {MAX_BODY // 1024} KiB", url)
-            received = bytearray()
-            for chunk in response.iter_raw() if read else ():
-                received += chunk
-                if len(received) > MAX_BODY:
-                    raise DiscoveryError(f"{what} at {shown(url)} is larger than {MAX_BODY // 1024} KiB", url)
-                if time.monotonic() > deadline:
-                    raise httpx.ReadTimeout("the answer took too long")
-            return Answer(url, response.status_code, response.headers, bytes(received))
-    except httpx.TimeoutException:
-        raise DiscoveryError(f"{what} at {shown(url)}: no answer within {TIMEOUT:g} s", url) from None
-    except httpx.HTTPError as exc:
-        raise DiscoveryError(
-            f"{what} at {shown(url)}: cannot reach it ({shown(str(exc), 120)})", url
-        ) from None
-    finally:
-        client.cookies.clear()  # nothing one server set travels to the next
-
-
-def json_object(answer: Answer, what: str) -> dict[str, Any]:
-    """The answer's body as a JSON object, or a `DiscoveryError` saying it is not one."""
-    try:
-        document = json.loads(answer.body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise DiscoveryError(f"{what} at {shown(answer.url)} is not JSON", answer.url) from None
-    if not isinstance(document, dict):
-        raise DiscoveryError(f"{what} at {shown(answer.url)} is not a JSON object", answer.url)
-    return document
-
-
-def _text(document: Mapping[str, Any], key: str, what: str, url: str, *, required: bool = True) -> str:
-    value = document.get(key)
-    if value is None and not required:
-        return ""
-    if not isinstance(value, str) or not value:
-        problem = "has no" if value is None else "has a wrong-typed"
-        raise DiscoveryError(f"{what} at {shown(url)} {problem} {key} (a non-empty string)", url)
-    return value
-
-
-def _texts(document: Mapping[str, Any], key: str, what: str, url: str) -> tuple[str, ...] | None:
-    value = document.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise DiscoveryError(f"{what} at {shown(url)} has a wrong-typed {key} (a list of strings)", url)
-    return tuple(value)
 
 
 # ------------------------------------------------------------------ discovery
@@ -280,17 +166,17 @@ def protected_resource(
     candidates = [metadata_url] if metadata_url else resource_metadata_urls(server_url)
     answer = _first_found(client, candidates, what)
     document = json_object(answer, what)
-    resource = _text(document, "resource", what, answer.url)
+    resource = text_field(document, "resource", what, answer.url)
     if normalised(resource) != normalised(server_url):
         raise DiscoveryError(
             f"{what} at {shown(answer.url)} is for {shown(resource)!r}, not {shown(server_url)!r}: "
             "RFC 9728 3.3 says it must not be used (it may describe another server)",
             answer.url,
         )
-    servers = _texts(document, "authorization_servers", what, answer.url)
+    servers = text_list(document, "authorization_servers", what, answer.url)
     if not servers:
         raise DiscoveryError(f"{what} at {shown(answer.url)} names no authorization_servers", answer.url)
-    scopes = _texts(document, "scopes_supported", what, answer.url) or ()
+    scopes = text_list(document, "scopes_supported", what, answer.url) or ()
     issuer = check_url(servers[0], "the authorization server", answer.url)
     return answer.url, issuer, scopes
 
@@ -302,14 +188,14 @@ def authorization_server(client: httpx.Client, issuer: str) -> AuthorizationServ
         raise DiscoveryError(f"the authorization server {shown(issuer)!r} has a query (RFC 8414 2)", issuer)
     answer = _first_found(client, authorization_server_metadata_urls(issuer), what)
     document, url = json_object(answer, what), answer.url
-    named = _text(document, "issuer", what, url)
+    named = text_field(document, "issuer", what, url)
     if normalised(named) != normalised(issuer):
         raise DiscoveryError(
             f"{what} at {shown(url)} names the issuer {shown(named)!r}, not {shown(issuer)!r}: "
             "RFC 8414 3.3 says it must not be used",
             url,
         )
-    methods = _texts(document, "code_challenge_methods_supported", what, url) or ()
+    methods = text_list(document, "code_challenge_methods_supported", what, url) or ()
     if "S256" not in methods:
         raise DiscoveryError(
             f"{what} at {shown(url)} does not offer PKCE S256 (code_challenge_methods_supported); "
@@ -318,14 +204,16 @@ def authorization_server(client: httpx.Client, issuer: str) -> AuthorizationServ
         )
     endpoints = {}
     for key in ("authorization_endpoint", "token_endpoint", "revocation_endpoint", "registration_endpoint"):
-        value = _text(document, key, what, url, required=key in ("authorization_endpoint", "token_endpoint"))
+        value = text_field(
+            document, key, what, url, required=key in ("authorization_endpoint", "token_endpoint")
+        )
         endpoints[key] = check_url(value, key, url) if value else ""
     sends_iss = document.get("authorization_response_iss_parameter_supported") is True
     return AuthorizationServer(
         named,
         url,
         **endpoints,
-        token_auth_methods=_texts(document, "token_endpoint_auth_methods_supported", what, url),
+        token_auth_methods=text_list(document, "token_endpoint_auth_methods_supported", what, url),
         sends_iss=sends_iss,
     )
 
@@ -409,9 +297,9 @@ def register(client: httpx.Client, server: AuthorizationServer, *, name: str, re
     if answer.status not in (200, 201):
         raise DiscoveryError(f"{what} at {shown(url)} was refused: {_refusal(answer)}", url)
     document = json_object(answer, what)
-    client_id = _text(document, "client_id", what, url)
-    secret = _text(document, "client_secret", what, url, required=False)
-    granted = _text(document, "token_endpoint_auth_method", what, url, required=False) or method
+    client_id = text_field(document, "client_id", what, url)
+    secret = text_field(document, "client_secret", what, url, required=False)
+    granted = text_field(document, "token_endpoint_auth_method", what, url, required=False) or method
     if granted not in _METHODS or (granted != "none" and not secret):
         raise DiscoveryError(
             f"{what} at {shown(url)} registered a client authenticating by {shown(granted)!r}"
@@ -501,15 +389,6 @@ def settings(
     if chosen.client_secret:
         own["client_secret"] = chosen.client_secret
     return Settings(values, own, registered=not client_id)
-
-
-def open_client() -> httpx.Client:
-    """The HTTP client discovery uses: no redirects followed, TIMEOUT per step, no credentials."""
-    return httpx.Client(
-        timeout=TIMEOUT,
-        follow_redirects=False,
-        headers={"User-Agent": "brokerctl", "Accept": "application/json, text/event-stream"},
-    )
 
 
 def mcp_connection_command(name: str, server_url: str) -> str:
