@@ -141,7 +141,7 @@ def test_json_must_be_an_object_and_fields_typed() -> None:
 def test_a_registered_client_never_shows_its_secret() -> None:
     client = m.Client("id-1", "client_secret_basic", "s3cret-value")
     assert "s3cret-value" not in repr(client)
-    settings = m.Settings({"client_id": "id-1"}, {"client_secret": "s3cret-value"}, registered=True)
+    settings = m.Settings({"client_id": "id-1"}, {"client_secret": "s3cret-value"})
     assert "s3cret-value" not in repr(settings)
 
 

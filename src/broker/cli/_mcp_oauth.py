@@ -100,9 +100,6 @@ def authorization_server_metadata_urls(issuer: str) -> list[str]:
     ]
 
 
-# ------------------------------------------------------------------ HTTP
-
-
 # ------------------------------------------------------------------ discovery
 
 
@@ -328,11 +325,10 @@ def _refusal(answer: Answer) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    """A `custom` oauth2 connection's config and secrets, and the words for the user."""
+    """A `custom` oauth2 connection's config and secrets (never in its `repr`)."""
 
     config: dict[str, Any]
     secrets: dict[str, str] = field(repr=False)
-    registered: bool
 
 
 def chosen_scopes(explicit: Sequence[str], found: Discovery) -> list[str]:
@@ -388,7 +384,7 @@ def settings(
     own = dict(secrets)
     if chosen.client_secret:
         own["client_secret"] = chosen.client_secret
-    return Settings(values, own, registered=not client_id)
+    return Settings(values, own)
 
 
 def mcp_connection_command(name: str, server_url: str) -> str:
