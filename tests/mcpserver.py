@@ -12,8 +12,11 @@ listed with what MCP lets a server say of it beside those (title, annotations, o
 execution), changeable while the server runs. With `behaviours`, extra tools
 (listed first, with an open input schema) do what a real server's tools do: ask the client to
 sample or elicit, send progress or log notifications, answer at length or slowly. `/html` and
-`/notjsonrpc` are plain HTTP endpoints that are not MCP servers. uvicorn runs in a background thread on a
-port chosen by the kernel and is stopped, and its socket closed, by `stop()`.
+`/notjsonrpc` are plain HTTP endpoints that are not MCP servers. With `protected_resource` (RFC 9728
+metadata, settable once the port is known), the server serves it, without authentication, at
+the well-known URIs in `prm_paths` and names the first in its 401 challenges' `resource_metadata`
+(unless `challenge_metadata` is off), with `challenge_scope` as their `scope`. uvicorn runs in a
+background thread on a port chosen by the kernel and is stopped, and its socket closed, by `stop()`.
 """
 
 from __future__ import annotations
@@ -84,6 +87,10 @@ class _Gate:
         echoed = headers.get(self._owner.echo_header or "")
         if echoed:
             self._owner.echo(echoed)
+        owner = self._owner
+        if owner.protected_resource is not None and scope["path"] in owner.prm_paths:
+            await JSONResponse(owner.protected_resource)(scope, receive, send)
+            return
         token = self._owner.token
         if token is not None and headers.get("authorization") != f"Bearer {token}":
             status = self._owner.reject_status
@@ -92,7 +99,7 @@ class _Gate:
         accepts = self._owner.accepts
         bearer = headers.get("authorization", "")
         if accepts is not None and not accepts(bearer[7:] if bearer.startswith("Bearer ") else None):
-            challenge = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+            challenge = {"WWW-Authenticate": owner.challenge()}
             await JSONResponse({"error": "invalid_token"}, status_code=401, headers=challenge)(
                 scope, receive, send
             )
@@ -141,6 +148,10 @@ class McpTestServer:
         echo_header: str | None = None,
         behaviours: Mapping[str, ToolBehaviour] | None = None,
         metadata: Mapping[str, dict[str, Any]] | None = None,
+        protected_resource: dict[str, Any] | None = None,
+        prm_paths: tuple[str, ...] = ("/.well-known/oauth-protected-resource/mcp",),
+        challenge_metadata: bool = True,
+        challenge_scope: str | None = None,
     ) -> None:
         self.page_size = page_size
         self.echo_header = echo_header.lower() if echo_header else None
@@ -148,6 +159,10 @@ class McpTestServer:
         self.token = token
         self.reject_status = reject_status
         self.accepts = accepts
+        self.protected_resource = protected_resource
+        self.prm_paths = prm_paths
+        self.challenge_metadata = challenge_metadata
+        self.challenge_scope = challenge_scope
         self.loop_cursor = loop_cursor
         self.tls = tls
         self.descriptions = {f"tool_{i:02d}": f"Tool number {i}." for i in range(tool_count)}
@@ -170,6 +185,15 @@ class McpTestServer:
         self.echoed = value
         self._server.name = f"echo {value}"
         self._server.version = value
+
+    def challenge(self) -> str:
+        """The `WWW-Authenticate` value of a 401 (RFC 6750 3, RFC 9728 5.1)."""
+        params = ['error="invalid_token"']
+        if self.protected_resource is not None and self.challenge_metadata:
+            params.append(f'resource_metadata="{self.base}{self.prm_paths[0]}"')
+        if self.challenge_scope is not None:
+            params.append(f'scope="{self.challenge_scope}"')
+        return "Bearer " + ", ".join(params)
 
     @property
     def base(self) -> str:

@@ -15,6 +15,12 @@ Hand-written on Starlette (it is test code, and every rule it enforces is visibl
 - Authorization responses carry `iss` (RFC 9207, the server's `url`) unless `send_iss=False`.
 - `GET|POST /userinfo` answers a valid, unexpired, unrevoked bearer token; `POST /revoke` is
   RFC 7009.
+- Opt-in discovery and registration, as the MCP authorization spec has clients use them: with
+  `metadata`, RFC 8414 metadata at `/.well-known/oauth-authorization-server` followed by the
+  issuer's path (`issuer_path`; the issuer is `url` + `issuer_path`), with `metadata_overrides`
+  laid over it (a value of None removes the key); with `registration`, an RFC 7591 endpoint
+  `POST /register` whose clients then work at /authorize, /token and /revoke like the first one
+  (`registration_reply` may change each answer, `registrations` records each request).
 - RFC 8707 resource indicators: every request's `resource` parameters are recorded, in order, in
   `resources_seen` (`("authorize" or the grant type, (resource, ...))`). With `resources` set, a
   request naming another is refused with `invalid_target`; a code or refresh token remembers what
@@ -72,6 +78,14 @@ class _Code:
 
 
 @dataclass
+class _Client:
+    client_id: str
+    secret: str
+    auth: str  # client_secret_basic, client_secret_post or none
+    redirect_uris: tuple[str, ...] | None
+
+
+@dataclass
 class AccessToken:
     client_id: str
     scope: str
@@ -104,6 +118,9 @@ class OAuthTestServer:
         offline_access_needs_consent: bool = False,
         send_iss: bool = True,
         resources: tuple[str, ...] | None = None,
+        metadata: bool = False,
+        registration: bool = False,
+        issuer_path: str = "",
     ) -> None:
         self.client_id = "test-client-" + secrets.token_hex(4)
         self.client_secret = "cs-" + secrets.token_urlsafe(24)
@@ -115,6 +132,11 @@ class OAuthTestServer:
         self.rotate_refresh_tokens = rotate_refresh_tokens
         self.offline_access_needs_consent = offline_access_needs_consent
         self.send_iss = send_iss
+        self.issuer_path = issuer_path
+        self.metadata_overrides: dict[str, Any] = {}
+        self.registration_reply: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+        self.registrations: list[Any] = []  # the body of each registration request
+        self.registered: dict[str, _Client] = {}
         # None accepts any resource indicator (and none); otherwise these only (RFC 8707).
         self.resources = resources
         self.resources_seen: list[tuple[str, tuple[str, ...]]] = []
@@ -143,8 +165,15 @@ class OAuthTestServer:
                 Route("/token", self._token, methods=["POST"]),
                 Route("/userinfo", self._userinfo, methods=["GET", "POST"]),
                 Route("/revoke", self._revoke, methods=["POST"]),
+                *(
+                    [Route(f"/.well-known/oauth-authorization-server{issuer_path}", self._metadata)]
+                    if metadata
+                    else []
+                ),
+                *([Route("/register", self._register, methods=["POST"])] if registration else []),
             ]
         )
+        self.registration = registration
         self._http: ThreadedUvicorn | None = None
         self.port = 0
 
@@ -153,6 +182,11 @@ class OAuthTestServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def issuer(self) -> str:
+        """The issuer identifier (RFC 8414): `url` and `issuer_path`."""
+        return f"{self.url}{self.issuer_path}"
 
     @property
     def authorize_url(self) -> str:
@@ -205,11 +239,12 @@ class OAuthTestServer:
         query = dict(request.query_params)
         self.authorize_requests.append(query)
         resources, served = self._resources("authorize", request.query_params.multi_items())
-        if query.get("client_id") != self.client_id:
+        client = self._client(query.get("client_id", ""))
+        if client is None:
             return PlainTextResponse("unknown client", status_code=400)
         redirect_uri = query.get("redirect_uri", "")
         allowed = redirect_uri.startswith(("http://", "https://"))
-        if not allowed or (self.redirect_uris is not None and redirect_uri not in self.redirect_uris):
+        if not allowed or (client.redirect_uris is not None and redirect_uri not in client.redirect_uris):
             # Never redirect to an unchecked URI: an open redirector leaks codes.
             return PlainTextResponse("redirect_uri not registered", status_code=400)
         state = query.get("state")
@@ -219,7 +254,7 @@ class OAuthTestServer:
             params = {
                 **params,
                 **({"state": state} if state else {}),
-                **({"iss": self.url} if self.send_iss else {}),
+                **({"iss": self.issuer} if self.send_iss else {}),
             }
             sep = "&" if "?" in redirect_uri else "?"
             return RedirectResponse(f"{redirect_uri}{sep}{urlencode(params)}", status_code=302)
@@ -239,27 +274,40 @@ class OAuthTestServer:
             scope = " ".join(s for s in scope.split() if s != "offline_access")
         code = secrets.token_urlsafe(24)
         self._codes[code] = _Code(
-            self.client_id, redirect_uri, challenge, scope, time.time() + CODE_LIFETIME, resources
+            client.client_id, redirect_uri, challenge, scope, time.time() + CODE_LIFETIME, resources
         )
         return back(code=code)
 
-    def _client_authenticated(self, request: Request, form: dict[str, str]) -> bool:
+    def _client(self, client_id: str) -> _Client | None:
+        """The first client (as its attributes are now) or a registered one."""
+        if client_id == self.client_id:
+            return _Client(self.client_id, self.client_secret, self.client_auth, self.redirect_uris)
+        return self.registered.get(client_id)
+
+    def _client_authenticated(self, request: Request, form: dict[str, str]) -> str:
+        """The id of the client the request authenticates as; "" when it does not."""
         header = request.headers.get("authorization", "")
         if header.lower().startswith("basic "):
             try:
                 pair = base64.b64decode(header[6:], validate=True).decode()
             except (binascii.Error, UnicodeDecodeError):
-                return False
+                return ""
             client_id, _, secret = pair.partition(":")
             self.client_auth_seen.append("basic")
-            ok = self.client_auth == "client_secret_basic" and client_id == self.client_id
-            return ok and hmac.compare_digest(secret, self.client_secret)
+            client = self._client(client_id)
+            ok = client is not None and client.auth == "client_secret_basic"
+            return client_id if ok and client and hmac.compare_digest(secret, client.secret) else ""
+        client = self._client(form.get("client_id", ""))
         if "client_secret" in form:
             self.client_auth_seen.append("post")
-            ok = self.client_auth == "client_secret_post" and form.get("client_id") == self.client_id
-            return ok and hmac.compare_digest(form["client_secret"], self.client_secret)
+            ok = client is not None and client.auth == "client_secret_post"
+            return (
+                client.client_id
+                if ok and client and hmac.compare_digest(form["client_secret"], client.secret)
+                else ""
+            )
         self.client_auth_seen.append("none")
-        return self.client_auth == "none" and form.get("client_id") == self.client_id
+        return client.client_id if client is not None and client.auth == "none" else ""
 
     @staticmethod
     def _error(
@@ -287,16 +335,17 @@ class OAuthTestServer:
         if fault is not None:
             status, headers, error, description = fault
             return self._error(error, status, headers, description)
-        if not self._client_authenticated(request, form):
+        client_id = self._client_authenticated(request, form)
+        if not client_id:
             return self._error("invalid_client", 401, {"WWW-Authenticate": 'Basic realm="test"'})
         if not served:
             return self._error("invalid_target")
         if grant == "authorization_code":
-            return self._code_grant(form, resources)
+            return self._code_grant(form, resources, client_id)
         if grant == "refresh_token":
-            return self._refresh_grant(form, resources)
+            return self._refresh_grant(form, resources, client_id)
         if grant == "client_credentials":
-            return self._issue(form.get("scope", ""), with_refresh=False, resources=resources)
+            return self._issue(form.get("scope", ""), client_id, with_refresh=False, resources=resources)
         return self._error("unsupported_grant_type")
 
     @staticmethod
@@ -306,10 +355,12 @@ class OAuthTestServer:
             return granted
         return asked if set(asked) <= set(granted) or not granted else None
 
-    def _code_grant(self, form: dict[str, str], resources: tuple[str, ...]) -> Response:
+    def _code_grant(self, form: dict[str, str], resources: tuple[str, ...], client_id: str) -> Response:
         # Popped before any check: a code is single-use even when the attempt fails.
         code = self._codes.pop(form.get("code", ""), None)
         if code is None or code.expires < time.time() or code.redirect_uri != form.get("redirect_uri"):
+            return self._error("invalid_grant")
+        if code.client_id != client_id:
             return self._error("invalid_grant")
         verifier = form.get("code_verifier")
         challenge = code.challenge
@@ -319,9 +370,11 @@ class OAuthTestServer:
         audience = self._audience(code.resources, resources)
         if audience is None:
             return self._error("invalid_target")
-        return self._issue(code.scope, with_refresh=offline, resources=audience, granted=code.resources)
+        return self._issue(
+            code.scope, client_id, with_refresh=offline, resources=audience, granted=code.resources
+        )
 
-    def _refresh_grant(self, form: dict[str, str], resources: tuple[str, ...]) -> Response:
+    def _refresh_grant(self, form: dict[str, str], resources: tuple[str, ...], client_id: str) -> Response:
         token = form.get("refresh_token", "")
         with self._lock:
             if self.rotate_refresh_tokens:
@@ -336,12 +389,13 @@ class OAuthTestServer:
         if audience is None:
             return self._error("invalid_target")
         return self._issue(
-            scope, with_refresh=self.rotate_refresh_tokens, resources=audience, granted=granted
+            scope, client_id, with_refresh=self.rotate_refresh_tokens, resources=audience, granted=granted
         )
 
     def _issue(
         self,
         scope: str,
+        client_id: str,
         *,
         with_refresh: bool,
         resources: tuple[str, ...] = (),
@@ -353,7 +407,7 @@ class OAuthTestServer:
             access = self._jwt({"sub": USER["sub"], "iat": int(now), "exp": int(expires), "scope": scope})
         else:
             access = "at-" + secrets.token_urlsafe(24)
-        self.access_tokens[access] = AccessToken(self.client_id, scope, expires, resources)
+        self.access_tokens[access] = AccessToken(client_id, scope, expires, resources)
         body: dict[str, Any] = {"access_token": access, "token_type": self.token_type}
         if self.send_expires_in:
             body["expires_in"] = self.expires_in
@@ -381,6 +435,66 @@ class OAuthTestServer:
                 {"error": "invalid_token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
             )
         return JSONResponse(USER)
+
+    def metadata_document(self) -> dict[str, Any]:
+        """RFC 8414 metadata of this server, `metadata_overrides` laid over it."""
+        document: dict[str, Any] = {
+            "issuer": self.issuer,
+            "authorization_endpoint": self.authorize_url,
+            "token_endpoint": self.token_url,
+            "revocation_endpoint": self.revocation_url,
+            "userinfo_endpoint": self.userinfo_url,
+            "response_types_supported": ["code"],
+            "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
+            "code_challenge_methods_supported": ["S256"],
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
+            "authorization_response_iss_parameter_supported": self.send_iss,
+        }
+        if self.registration:
+            document["registration_endpoint"] = f"{self.url}/register"
+        document.update(self.metadata_overrides)
+        return {key: value for key, value in document.items() if value is not None}
+
+    async def _metadata(self, request: Request) -> Response:
+        return JSONResponse(self.metadata_document())
+
+    async def _register(self, request: Request) -> Response:
+        """RFC 7591: any client with http(s) redirect URIs; the answer echoes its metadata."""
+        try:
+            asked = json.loads(await request.body())
+        except ValueError:
+            asked = None
+        self.registrations.append(asked)
+        if not isinstance(asked, dict):
+            return JSONResponse({"error": "invalid_client_metadata"}, status_code=400)
+        uris = asked.get("redirect_uris")
+        if (
+            not isinstance(uris, list)
+            or not uris
+            or not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in uris)
+        ):
+            return JSONResponse({"error": "invalid_redirect_uri"}, status_code=400)
+        auth = asked.get("token_endpoint_auth_method", "client_secret_basic")
+        if auth not in ("client_secret_basic", "client_secret_post", "none"):
+            return JSONResponse({"error": "invalid_client_metadata"}, status_code=400)
+        client = _Client(
+            "dcr-" + secrets.token_hex(6),
+            "" if auth == "none" else "dcs-" + secrets.token_urlsafe(24),
+            auth,
+            tuple(uris),
+        )
+        self.registered[client.client_id] = client
+        answer: dict[str, Any] = {
+            **asked,
+            "client_id": client.client_id,
+            "client_id_issued_at": int(time.time()),
+            "token_endpoint_auth_method": auth,
+        }
+        if client.secret:
+            answer |= {"client_secret": client.secret, "client_secret_expires_at": 0}
+        if self.registration_reply is not None:
+            answer = self.registration_reply(answer)
+        return JSONResponse(answer, status_code=201, headers={"Cache-Control": "no-store"})
 
     async def _revoke(self, request: Request) -> Response:
         form = dict(parse_qsl((await request.body()).decode(), keep_blank_values=True))

@@ -32,6 +32,8 @@ const provider = new Provider(issuer, {
     clientCredentials: { enabled: true },
     revocation: { enabled: true },
     introspection: { enabled: true },
+    // RFC 7591, for tests/integration/test_mcp_oauth_discovery.py: open registration when asked.
+    registration: { enabled: env.REGISTRATION === "1" },
     resourceIndicators: {
       enabled: true,
       // A token request without `resource` gets no API audience: the client must ask every time.

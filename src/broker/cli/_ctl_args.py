@@ -37,7 +37,8 @@ exit status:
   130  interrupted (Ctrl-C)
   141  standard output closed early (e.g. `| head`): stopped quietly, as Unix tools do
 With --json, errors are one JSON object on standard error: {"code", "message",
-"violations" (INVALID_ARGUMENT only), "hint" (when there is one)}; usage errors have code USAGE.
+"violations" (INVALID_ARGUMENT only), "hint" (when there is one)}; usage errors have code USAGE,
+a refused `oauth connect --mcp-server` discovery DISCOVERY_FAILED (with the "url" at fault).
 """
 
 _SEALED_FIELD_HELP = (
@@ -327,8 +328,22 @@ def build_parser(*, raising: bool = False) -> argparse.ArgumentParser:
         "connect", help="create an oauth2 connection by signing in at the provider", parents=[common]
     )
     q.add_argument("name", help="the new connection's name")
+    where = q.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--provider", default="", help="google, microsoft, github, slack, notion, ... or custom"
+    )
+    where.add_argument(
+        "--mcp-server",
+        default="",
+        metavar="URL",
+        help="an MCP server (its https URL): discover its authorization server (RFC 9728, RFC 8414) and "
+        "register a client there (RFC 7591) unless --client-id is given; the tokens are for this URL",
+    )
     q.add_argument(
-        "--provider", required=True, help="google, microsoft, github, slack, notion, ... or custom"
+        "--client-id",
+        default="",
+        metavar="ID",
+        help="with --mcp-server: a client registered at its authorization server (no dynamic registration)",
     )
     _add_config_options(q)
     q.add_argument(

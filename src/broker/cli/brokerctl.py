@@ -18,6 +18,7 @@ import os
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import shutil
@@ -29,6 +30,7 @@ import grpc
 
 from broker._proto import broker_pb2
 from broker.cli import _ctl_settings
+from broker.cli import _mcp_oauth as mcp_oauth
 from broker.cli import _output as out
 from broker.cli._ctl_args import ArgumentsError, build_parser
 from broker.cli._input import (
@@ -94,6 +96,10 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except UnknownConnection as exc:
         return _unknown(args, exc)
+    except mcp_oauth.DiscoveryError as exc:
+        doc = {"code": "DISCOVERY_FAILED", "message": exc.message, "url": exc.url}
+        _print_error(args.json, doc, f"{PROG}: error: {exc.message}")
+        return 1
     except grpc.RpcError as exc:
         if _ref_given(args) and is_unknown_connection(exc):
             # The broker's words for an unknown id, in the words used for an unknown name.
@@ -541,23 +547,55 @@ def _mcp(args: argparse.Namespace, s: Session) -> int:
 
 def _oauth(args: argparse.Namespace, s: Session) -> int:
     request = broker_pb2.BeginAuthorizationRequest(scopes=args.scope)
+    mcp_server = getattr(args, "mcp_server", "")
     if args.oauth_command == "connect":
-        request.draft.CopyFrom(_draft(args, name=args.name, type_="oauth2"))
+        if args.client_id and not mcp_server:
+            raise UsageError("--client-id goes with --mcp-server; otherwise use --config client_id=ID")
+        if not mcp_server:
+            request.draft.CopyFrom(_draft(args, name=args.name, type_="oauth2"))
         request.labels.update(parse_labels(args.label))
     else:
         request.connection_id = _ref(args, s)
-    if args.paste:
-        request.redirect_uri = f"http://127.0.0.1:{args.port or 8976}/callback"
-        redirect = _begin_and_wait(s, request, None, args.wait)
-    else:
-        with CallbackListener(args.port) as listener:
-            request.redirect_uri = listener.redirect_uri
-            redirect = _begin_and_wait(s, request, listener, args.wait)
+    with contextlib.ExitStack() as stack:
+        listener = None if args.paste else stack.enter_context(CallbackListener(args.port))
+        request.redirect_uri = (
+            listener.redirect_uri if listener else f"http://127.0.0.1:{args.port or 8976}/callback"
+        )
+        if mcp_server:
+            # Discovered now: a registered client's redirect URI must be the one this run uses.
+            request.draft.CopyFrom(_mcp_draft(args, request.redirect_uri))
+        redirect = _begin_and_wait(s, request, listener, args.wait)
     complete = broker_pb2.CompleteAuthorizationRequest(
         state=redirect.state, code=redirect.code, iss=redirect.iss
     )
     reply = s.admin.CompleteAuthorization(complete, timeout=s.timeout)
-    return _show(args, reply, out.render_connection)
+    _show(args, reply, out.render_connection)
+    if mcp_server:
+        command = mcp_oauth.mcp_connection_command(args.name, mcp_server)
+        print(f"{PROG}: now create the MCP connection that uses it:\n\n  {command}\n", file=sys.stderr)
+    return 0
+
+
+def _mcp_draft(args: argparse.Namespace, redirect_uri: str) -> broker_pb2.ConnectionDraft:
+    """The oauth2 draft for `--mcp-server`: endpoints and client found by `_mcp_oauth`."""
+    config = parse_config(args.config, args.config_json)
+    secrets = parse_secrets(args.secret, PROG)
+    with mcp_oauth.open_client() as client:
+        found = mcp_oauth.settings(
+            client,
+            args.mcp_server,
+            name=args.name,
+            redirect_uri=redirect_uri,
+            client_id=args.client_id,
+            secrets=secrets,
+            scopes=args.scope,
+            config=config,
+            say=lambda line: print(f"{PROG}: {line}", file=sys.stderr, flush=True),
+        )
+    draft = broker_pb2.ConnectionDraft(name=args.name, type="oauth2", provider="custom")
+    draft.config.update(found.config)
+    draft.secrets.update(found.secrets)
+    return draft
 
 
 def _begin_and_wait(
