@@ -22,6 +22,7 @@ from broker.service.keys import rewrap_all
 from tests import oauthserver
 from tests.conftest import Running, spiffe
 from tests.helpers import EXECUTOR, ShiftedClock, field_violations, rpc_error, struct
+from tests.integration.test_proxy_api import proxy
 
 REDIRECT = "http://127.0.0.1:8976/callback"
 
@@ -727,3 +728,75 @@ async def test_the_background_refresher_renews_tokens_before_anyone_asks(
     await resolve(broker, created.id)  # served from the renewed token: no refresh on the hot path
     assert server.token_requests["refresh_token"] == 1
     assert await broker.broker.services.tokens.refresh_due() == 0
+
+
+async def test_a_token_that_cannot_be_refreshed_shows_expired_once_it_lapses(
+    start: Callable[..., Any], clock: ShiftedClock
+) -> None:
+    """A provider that issued no refresh token (OpenID Connect without offline_access): once the
+    access token lapses the connection needs signing in again, and says so to admins; the
+    background refresher marks it once and then leaves it alone."""
+    with oauthserver.running(offline_access_needs_consent=True) as server:
+        running: Running = await start()
+        try:
+            created = await authorize(running, server)
+            assert "refresh_token" not in created.secret_fields
+            clock.advance(3600 + 1)
+            assert await running.broker.services.tokens.refresh_due() == 1
+            assert "oauth_background_refresh_failed" not in running.logs.getvalue()
+            got = await running.admin().GetConnection(pb.GetConnectionRequest(id=created.id))
+            assert got.status == pb.CONNECTION_STATUS_EXPIRED
+            assert got.reauthorization.reason == "no_refresh_token"
+            error = await rpc_error(resolve(running, created.id))
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "needs re-authorization (no refresh token)" in (error.details() or "")
+            assert await running.broker.services.tokens.refresh_due() == 0
+            assert server.token_requests["refresh_token"] == 0
+        finally:
+            await running.close()
+            await running.broker.stop(grace=0)
+
+
+async def test_lapsed_tokens_do_not_keep_the_background_refresher_from_those_it_can_still_save(
+    broker: Running, server: oauthserver.OAuthTestServer, clock: ShiftedClock
+) -> None:
+    """Connections whose refresh keeps failing (a client secret the provider no longer takes) keep
+    their lapsed tokens; however many there are, a token that is due but still valid is renewed
+    first."""
+    server.expires_in = SHORT_LIFE
+    broken = [await authorize(broker, server, name=f"broken-{i}") for i in range(2)]
+    for connection in broken:
+        await broker.admin().UpdateConnection(
+            pb.UpdateConnectionRequest(id=connection.id, secrets={"client_secret": "no-longer-valid"})
+        )
+    clock.advance(SHORT_LIFE + 1)
+    saved = await authorize(broker, server, name="saved")
+    age_past_half_life(clock)
+    assert await broker.broker.services.tokens.refresh_due(batch=2) == 2
+    got = await broker.admin().GetConnection(pb.GetConnectionRequest(id=saved.id))
+    assert server.token_requests["refresh_token"] >= 1
+    assert got.config["expires_at"] != saved.config["expires_at"], "the savable token was not renewed"
+
+
+async def test_a_token_refused_by_an_api_with_nothing_to_refresh_it_asks_for_signing_in_again(
+    start: Callable[..., Any],
+) -> None:
+    """A proxied call whose token an API refuses (401), on a connection without a refresh token:
+    FAILED_PRECONDITION saying why (before: INTERNAL, the refresh looked for a refresh token)."""
+    with oauthserver.running(offline_access_needs_consent=True) as server:
+        running: Running = await start()
+        try:
+            created = await authorize(running, server)
+            await running.admin().GrantAccess(
+                pb.GrantAccessRequest(connection_id=created.id, principal=EXECUTOR, mode=pb.GRANT_MODE_PROXY)
+            )
+            server.access_tokens.clear()  # the provider revokes the token early
+            request = pb.ProxyHttpRequest(connection_id=created.id, method="GET", path="/userinfo")
+            error = await rpc_error(proxy(running).ProxyHttp(request))
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error.details()
+            assert "needs re-authorization (no refresh token)" in (error.details() or "")
+            got = await running.admin().GetConnection(pb.GetConnectionRequest(id=created.id))
+            assert got.reauthorization.reason == "no_refresh_token"
+        finally:
+            await running.close()
+            await running.broker.stop(grace=0)

@@ -49,6 +49,8 @@ log = structlog.get_logger("broker.oauth")
 
 SYSTEM_ACTOR = "broker:oauth"
 CLIENT_CREDENTIALS = "client_credentials"
+# Why a connection whose provider issued no refresh token needs signing in again once its token lapsed.
+NO_REFRESH_TOKEN = "no_refresh_token"  # noqa: S105 (a reason, not a credential)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,12 @@ def token_secrets(secrets: Mapping[str, str], tokens: oauth.TokenSet) -> dict[st
     if tokens.refresh_token:
         updated["refresh_token"] = tokens.refresh_token
     return updated
+
+
+def _needs_reauthorization(record: ConnectionRecord) -> FailedPrecondition:
+    why = record.reauth_reason
+    cause = " (no refresh token)" if why is not None and why.reason == NO_REFRESH_TOKEN else ""
+    return FailedPrecondition(f"connection {record.id} needs re-authorization{cause}")
 
 
 class TokenRefresher:
@@ -146,7 +154,7 @@ class TokenRefresher:
     ) -> tuple[ConnectionRecord, SecretFields]:
         """The record and secrets with a token good for at least the refresh margin."""
         if record.reauth_required_at is not None:
-            raise FailedPrecondition(f"connection {record.id} needs re-authorization")
+            raise _needs_reauthorization(record)
         values = secrets.reveal()
         if not self._needs_token(record, values):
             return record, secrets
@@ -155,7 +163,7 @@ class TokenRefresher:
             expires = record.token_expires_at
             if values.get("access_token") and (expires is None or expires > self._clock()):
                 return record, secrets  # cannot refresh; still valid
-            raise FailedPrecondition(f"connection {record.id} needs re-authorization (no refresh token)")
+            # Lapsed, and nothing to refresh it with: the refresh marks the connection expired.
         task = self._refresh_task(record.tenant, record.id)
         expires = record.token_expires_at
         if values.get("access_token") and expires is not None:
@@ -166,7 +174,7 @@ class TokenRefresher:
                     return record, secrets  # still valid; the refresh goes on and stores its token
         refreshed = await asyncio.shield(task)
         if refreshed.reauth_required_at is not None:
-            raise FailedPrecondition(f"connection {record.id} needs re-authorization")
+            raise _needs_reauthorization(refreshed)
         return refreshed, open_secrets(self._keyring, refreshed)
 
     async def after_rejection(
@@ -179,7 +187,7 @@ class TokenRefresher:
         """
         refreshed = await self._single_flight(record.tenant, record.id, rejected_token)
         if refreshed.reauth_required_at is not None:
-            raise FailedPrecondition(f"connection {record.id} needs re-authorization")
+            raise _needs_reauthorization(refreshed)
         return refreshed, open_secrets(self._keyring, refreshed)
 
     async def _single_flight(self, tenant: str, connection_id: str, rejected: str = "") -> ConnectionRecord:
@@ -223,9 +231,16 @@ class TokenRefresher:
         refused = bool(rejected) and secrets.get("access_token") == rejected
         if not refused and not self._needs_token(record, secrets):
             return record  # another refresh (here or in another process) got there first
+        cc = record.config.get("grant_type") == CLIENT_CREDENTIALS
+        if not cc and not secrets.get("refresh_token"):
+            # The provider issued no refresh token (OpenID Connect without offline_access, say): a
+            # token that lapsed, or that an API refused, leaves only signing in again.
+            expires = record.token_expires_at
+            if not refused and expires is not None and expires > self._clock():
+                return record  # still valid: served until it lapses
+            return await self._mark_expired(record, ReauthReason(NO_REFRESH_TOKEN), NO_REFRESH_TOKEN)
         provider = oauth.provider_for(record.provider, record.config)
         client = oauth_client(record.config, secrets)
-        cc = record.config.get("grant_type") == CLIENT_CREDENTIALS
         failure, refused = "", False
         for delay in (0.0, *self.settings.retry_delays):
             await asyncio.sleep(delay)
@@ -254,7 +269,12 @@ class TokenRefresher:
                 # A client credentials grant has no user grant to lose: signing in again is no cure,
                 # whatever the provider calls its refusal.
                 if exc.kind == "invalid_grant" and not cc:
-                    return await self._mark_expired(record, exc, secrets)
+                    # Kept for the admin summary: the provider's code, and its description scrubbed
+                    # once more of every secret the connection holds (the request did not carry
+                    # the access token, but the provider issued it and may quote it).
+                    description = Scrubber(secrets.values()).fragments(exc.description)
+                    why = ReauthReason("refresh_refused", exc.error or "", description)
+                    return await self._mark_expired(record, why, exc.error or exc.kind)
                 failure = exc.error or exc.kind
                 if exc.kind != "transient":
                     refused = True
@@ -301,19 +321,10 @@ class TokenRefresher:
         return system_event(now, SYSTEM_ACTOR, record.tenant, record.id, action, outcome, reason, details)
 
     async def _mark_expired(
-        self, record: ConnectionRecord, refusal: oauth.OAuthError, secrets: Mapping[str, str]
+        self, record: ConnectionRecord, why: ReauthReason, reason: str
     ) -> ConnectionRecord:
-        """The provider refused the refresh token: the connection needs re-authorization.
-
-        Why is kept on the row for the admin summary: the error code, and the description scrubbed
-        once more of every secret the connection holds (the request did not carry the access token,
-        but the provider issued it and may quote it).
-        """
+        """The connection needs re-authorization, for `why` (kept on the row for the admin summary)."""
         now = self._clock()
-        reason = refusal.error or refusal.kind
-        why = ReauthReason(
-            "refresh_refused", refusal.error or "", Scrubber(secrets.values()).fragments(refusal.description)
-        )
         marked = replace(
             record, reauth_required_at=now, reauth_reason=why, version=record.version + 1, updated_at=now
         )
@@ -410,10 +421,19 @@ class TokenRefresher:
             await asyncio.sleep(self.settings.refresh_interval_seconds)
             await self.refresh_due()
 
-    async def refresh_due(self) -> int:
-        """Refresh every token expiring within twice the margin; returns how many were attempted."""
+    async def refresh_due(self, batch: int = 100) -> int:
+        """Refresh up to `batch` tokens expiring within twice the margin, those still valid first;
+        returns how many were attempted.
+
+        Lapsed tokens come after: a connection whose refresh keeps failing keeps its lapsed token,
+        and however many such connections there are (of any tenant), they must not take the turns
+        of tokens that can still be renewed before anyone waits for them.
+        """
         now = self._clock()
-        due = await self._connections.list_expiring_tokens(now + 2 * self.settings.refresh_margin, limit=100)
+        horizon = now + 2 * self.settings.refresh_margin
+        due = await self._connections.list_expiring_tokens(horizon, limit=batch, after=now)
+        if len(due) < batch:
+            due += await self._connections.list_expiring_tokens(now, limit=batch - len(due))
         for tenant, connection_id in due:
             try:
                 await self._single_flight(tenant, connection_id)

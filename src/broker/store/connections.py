@@ -273,12 +273,16 @@ class Connections(EngineStore):
         when = codec.from_micros(rows[0]["discovered_at"]) if rows else None
         return [codec.MCP_TOOLS.from_row(row) for row in rows], when
 
-    async def list_expiring_tokens(self, before: datetime, limit: int) -> list[tuple[str, str]]:
+    async def list_expiring_tokens(
+        self, before: datetime, limit: int, after: datetime | None = None
+    ) -> list[tuple[str, str]]:
         check_limit(limit)
         rows = await self._engine.fetch(
             f"SELECT tenant, id FROM connections WHERE {STATUS_WHERE[ConnectionStatus.ACTIVE]}"  # noqa: S608
-            " AND secret_expires_at IS NOT NULL AND secret_expires_at < ? ORDER BY secret_expires_at LIMIT ?",
+            " AND secret_expires_at IS NOT NULL AND secret_expires_at < ? AND secret_expires_at >= ?"
+            " ORDER BY secret_expires_at LIMIT ?",
             codec.to_micros(before),
+            codec.to_micros(after) if after is not None else 0,
             limit,
         )
         return [(row["tenant"], row["id"]) for row in rows]

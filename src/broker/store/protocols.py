@@ -165,8 +165,11 @@ class ConnectionStore(Protocol):
     async def list_mcp_tools(self, tenant: str, connection_id: str) -> tuple[list[McpTool], datetime | None]:
         """The stored MCP tools ordered by name, and when they were discovered."""
 
-    async def list_expiring_tokens(self, before: datetime, limit: int) -> list[tuple[str, str]]:
-        """(tenant, id) of live, active, not-expired connections whose token expires before `before`."""
+    async def list_expiring_tokens(
+        self, before: datetime, limit: int, after: datetime | None = None
+    ) -> list[tuple[str, str]]:
+        """(tenant, id) of live, active, not-expired connections whose token expires before `before`
+        (and at or after `after`, when given), soonest first."""
 
     async def count_connections(self) -> dict[tuple[str, str], int]:
         """Connections (not purged) by (type, presented status), across tenants: for metrics."""
