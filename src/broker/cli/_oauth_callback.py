@@ -78,7 +78,15 @@ class CallbackListener:
             def log_message(self, format: str, *args: object) -> None:
                 return  # the query holds the code: keep it off the terminal
 
-        self._server = http.server.HTTPServer(("127.0.0.1", port), Handler)
+        try:
+            self._server = http.server.HTTPServer(("127.0.0.1", port), Handler)
+        except OSError as exc:
+            # A port given (or the one a client was registered with) may be taken: say which, not a
+            # traceback. An authorization server that matches redirect URIs exactly needs that port.
+            raise UsageError(
+                f"cannot listen on 127.0.0.1:{port} for the redirect: {exc.strerror or exc}; "
+                "free that port, or use --paste"
+            ) from None
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property

@@ -39,6 +39,21 @@ class UnknownConnection(LookupError):
         self.message = f"no connection named or with id {shown(ref)}"
 
 
+class NameTaken(LookupError):
+    """A live connection has this name already; the CLI prints `message` and exits with status 1."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.message = f"a connection named {shown(name)} already exists"
+
+
+def check_name_free(admin: Any, name: str, timeout: float) -> None:
+    """`NameTaken` when a live connection has `name`: for a command that must not start (and leave
+    something behind elsewhere, such as a registered client) only to be refused at the end."""
+    if _named(admin, name, _LIVE, timeout):
+        raise NameTaken(name)
+
+
 def looks_like_id(ref: str) -> bool:
     """True when `ref` has the shape of a connection id (a name of that shape is taken as an id)."""
     return _ID.fullmatch(ref) is not None

@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -45,7 +46,14 @@ from broker.cli._input import (
 )
 from broker.cli._json import json_line, to_json
 from broker.cli._oauth_callback import CallbackListener, Redirect, parse_redirect
-from broker.cli._refs import UnknownConnection, connection_id, is_unknown_connection, looks_like_id
+from broker.cli._refs import (
+    NameTaken,
+    UnknownConnection,
+    check_name_free,
+    connection_id,
+    is_unknown_connection,
+    looks_like_id,
+)
 from broker.cli._rpc import Session, describe_error, error_doc, pages
 
 PROG = "brokerctl"
@@ -65,6 +73,11 @@ _LEASE_STATE = {
 }
 
 Handler = Callable[[argparse.Namespace, Session], int]
+
+# The label `oauth connect --mcp-server` puts on a connection whose client it registered: the one
+# redirect URI that client has, which `oauth reauthorize` uses again (a listener's URI only).
+REDIRECT_LABEL = "brokerctl/redirect_uri"
+_REGISTERED_REDIRECT = re.compile(r"http://127\.0\.0\.1:([0-9]{1,5})/callback")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +109,9 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except UnknownConnection as exc:
         return _unknown(args, exc)
+    except NameTaken as exc:
+        _print_error(args.json, {"code": "ALREADY_EXISTS", "message": exc.message}, f"{PROG}: {exc.message}")
+        return 1
     except mcp_oauth.DiscoveryError as exc:
         doc = {"code": "DISCOVERY_FAILED", "message": exc.message, "url": exc.url}
         _print_error(args.json, doc, f"{PROG}: error: {exc.message}")
@@ -554,16 +570,24 @@ def _oauth(args: argparse.Namespace, s: Session) -> int:
         if not mcp_server:
             request.draft.CopyFrom(_draft(args, name=args.name, type_="oauth2"))
         request.labels.update(parse_labels(args.label))
+        if mcp_server:
+            # Before discovery: a client registered for a name the broker then refuses would stay
+            # registered at the authorization server for nothing. (Begin checks again.)
+            check_name_free(s.admin, args.name, s.timeout)
     else:
         request.connection_id = _ref(args, s)
+    port = args.port or (0 if args.oauth_command == "connect" else _registered_port(s, request.connection_id))
     with contextlib.ExitStack() as stack:
-        listener = None if args.paste else stack.enter_context(CallbackListener(args.port))
-        request.redirect_uri = (
-            listener.redirect_uri if listener else f"http://127.0.0.1:{args.port or 8976}/callback"
-        )
+        listener = None if args.paste else stack.enter_context(CallbackListener(port))
+        pasted = f"http://127.0.0.1:{port or 8976}/callback"
+        request.redirect_uri = listener.redirect_uri if listener else pasted
         if mcp_server:
             # Discovered now: a registered client's redirect URI must be the one this run uses.
             request.draft.CopyFrom(_mcp_draft(args, request.redirect_uri))
+            if not args.client_id:
+                # Kept for `oauth reauthorize`: many authorization servers take only the redirect
+                # URI a client registered, port included (RFC 8252 7.3 asks them not to insist).
+                request.labels[REDIRECT_LABEL] = request.redirect_uri
         redirect = _begin_and_wait(s, request, listener, args.wait)
     complete = broker_pb2.CompleteAuthorizationRequest(
         state=redirect.state, code=redirect.code, iss=redirect.iss
@@ -574,6 +598,14 @@ def _oauth(args: argparse.Namespace, s: Session) -> int:
         command = mcp_oauth.mcp_connection_command(args.name, mcp_server)
         print(f"{PROG}: now create the MCP connection that uses it:\n\n  {command}\n", file=sys.stderr)
     return 0
+
+
+def _registered_port(s: Session, connection_id: str) -> int:
+    """The loopback port of the redirect URI `oauth connect --mcp-server` registered the
+    connection's client with (its REDIRECT_LABEL); 0 (any free port) when it did not."""
+    reply = s.admin.GetConnection(broker_pb2.GetConnectionRequest(id=connection_id), timeout=s.timeout)
+    found = _REGISTERED_REDIRECT.fullmatch(reply.labels.get(REDIRECT_LABEL, ""))
+    return int(found[1]) if found and 0 < int(found[1]) < 65536 else 0
 
 
 def _mcp_draft(args: argparse.Namespace, redirect_uri: str) -> broker_pb2.ConnectionDraft:
