@@ -77,3 +77,32 @@ def test_a_taken_name_is_refused_before_a_client_is_registered(
     error = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert status == 1 and error["code"] == "ALREADY_EXISTS", error
     assert len(servers.auth.registrations) == 1  # no stray client left at the authorization server
+
+
+def test_a_url_that_is_not_the_mcp_server_is_named_in_plain_words(
+    dev_broker: DevBroker, servers: Servers, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing at the URL (404 everywhere): the error asks whether the URL is right."""
+    typo = servers.hostile.url + "/mpc"
+    status = brokerctl.main(
+        [*dev_broker.ctl_argv()[3:], "oauth", "connect", "typo", "--mcp-server", typo, "--paste"]
+    )
+    error = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert status == 1 and error["code"] == "DISCOVERY_FAILED", error
+    assert error["message"].startswith("no protected resource metadata found"), error
+    assert error["message"].endswith(f"is {typo} the MCP server's URL?"), error
+
+
+def test_metadata_for_another_url_names_the_url_to_use(
+    dev_broker: DevBroker, servers: Servers, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same server by another name (127.0.0.1 for localhost, a path with a typo the server
+    also answers): refused, as RFC 9728 3.3 says, with the URL its metadata names."""
+    other = servers.mcp.url.replace("/mcp", "/mpc")
+    status = brokerctl.main(
+        [*dev_broker.ctl_argv()[3:], "oauth", "connect", "alias", "--mcp-server", other, "--paste"]
+    )
+    error = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert status == 1 and error["code"] == "DISCOVERY_FAILED", error
+    assert error["message"].endswith(f"use it: --mcp-server {servers.mcp.url}"), error
+    assert servers.auth.registrations == []

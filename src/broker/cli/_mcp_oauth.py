@@ -161,13 +161,22 @@ def protected_resource(
     """RFC 9728 metadata: (where it was found, the first authorization server, scopes_supported)."""
     what = "the protected resource metadata"
     candidates = [metadata_url] if metadata_url else resource_metadata_urls(server_url)
-    answer = _first_found(client, candidates, what)
+    try:
+        answer = _first_found(client, candidates, what)
+    except DiscoveryError as exc:
+        if metadata_url:
+            raise
+        # Neither a challenge nor metadata: most often a mistyped URL, not a server without OAuth.
+        asked = f"is {shown(server_url)} the MCP server's URL?"
+        raise DiscoveryError(f"{exc.message}; {asked}", exc.url) from None
     document = json_object(answer, what)
     resource = text_field(document, "resource", what, answer.url)
     if normalised(resource) != normalised(server_url):
         raise DiscoveryError(
             f"{what} at {shown(answer.url)} is for {shown(resource)!r}, not {shown(server_url)!r}: "
-            "RFC 9728 3.3 says it must not be used (it may describe another server)",
+            "RFC 9728 3.3 says it must not be used (it may describe another server); if that is "
+            "this server's own URL (localhost and 127.0.0.1 differ), use it: "
+            f"--mcp-server {shlex.quote(shown(resource))}",
             answer.url,
         )
     servers = text_list(document, "authorization_servers", what, answer.url)
@@ -223,7 +232,7 @@ def _first_found(client: httpx.Client, urls: Sequence[str], what: str) -> Answer
         if answer.status == 200:
             return answer
         statuses.append(f"{shown(url)} answered HTTP {answer.status}")
-    raise DiscoveryError(f"no {what} found: " + "; ".join(statuses), urls[-1])
+    raise DiscoveryError(f"no {what.removeprefix('the ')} found: " + "; ".join(statuses), urls[-1])
 
 
 def discover(client: httpx.Client, server_url: str, say: Say) -> Discovery:
