@@ -48,11 +48,14 @@ def _problem(record: ConnectionRecord | None, server_url: str) -> str:
         return f"names connection {record.id}, which is deleted"
     if record.type != "oauth2":
         return f"names a {record.type} connection ({record.id}); it must name an oauth2 connection"
-    if server_url not in (record.config.get("resource") or []):
+    listed = [str(uri) for uri in record.config.get("resource") or []]
+    if server_url not in listed:
+        # Both URLs first, the remedy last: a field violation is clipped to 200 characters, and
+        # the usual mistake (localhost for 127.0.0.1, a trailing slash) shows only side by side.
         return (
-            f"names oauth2 connection {record.id}, whose resource indicators do not list {server_url}:"
-            " add it to that connection's resource and authorize it again, so that its tokens are"
-            " asked for this server"
+            f"names {record.id}, whose resource indicators do not list {server_url}, "
+            + (f"only {', '.join(listed)}" if listed else "none at all")
+            + ": set server_url to one, or add it there and sign in again"
         )
     return ""
 
