@@ -44,7 +44,7 @@ class NameTaken(LookupError):
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
-        self.message = f"a connection named {shown(name)} already exists"
+        self.message = f"a connection named {shown(name)!r} already exists"
 
 
 def check_name_free(admin: Any, name: str, timeout: float) -> None:
