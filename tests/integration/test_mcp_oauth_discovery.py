@@ -9,7 +9,6 @@ only a live token issued for its URL (RFC 8707) passes. Hostile cases run broker
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ from broker.cli import brokerctl
 from tests import httpservers, mcpserver, nodeservers, oauthserver
 from tests.devbroker import DevBroker, start_dev_broker
 from tests.helpers import EXECUTOR, free_port
+from tests.integration.test_oauth_reference_server import sign_in_at_the_provider
 
 INITIALIZE = {
     "jsonrpc": "2.0",
@@ -336,27 +336,6 @@ OIDC_PROVIDER = ("oidc-provider", "9.13.3")  # as in tests/integration/test_oaut
 OIDC_SERVER = Path(__file__).parents[1] / "node" / "oidc_provider.mjs"
 
 
-def _sign_in_at_the_provider(url: str, redirect_uri: str) -> str:
-    """A browser at panva's oidc-provider: its development sign-in and consent, up to the redirect."""
-    with httpx.Client(follow_redirects=False, timeout=10) as browser:  # it keeps the provider's cookies
-        response = browser.get(url)
-        for _ in range(12):
-            if response.is_redirect:
-                location = str(response.url.join(response.headers["location"]))
-                if location.startswith(redirect_uri):
-                    return location
-                response = browser.get(location)
-                continue
-            assert response.status_code == 200, response.text[-2000:]
-            form = re.search(r'<form[^>]*action="([^"]+)"[^>]*>(.*?)</form>', response.text, re.S)
-            assert form is not None, response.text[-2000:]
-            fields = dict(re.findall(r'<input[^>]*name="([^"]+)"[^>]*value="([^"]*)"', form[2]))
-            if 'name="login"' in form[2]:
-                fields.update(login="ada", password="any")  # the development sign-in takes anyone
-            response = browser.post(str(response.url.join(form[1])), data=fields)
-    raise AssertionError("the provider never redirected back")
-
-
 def test_discovery_and_registration_at_oidc_provider(dev_broker: DevBroker) -> None:
     """panva's oidc-provider (a certified OpenID Provider): OpenID Connect Discovery only, RFC 7591
     registration, RFC 9207 iss, RFC 8707 audiences. The MCP server asks it (RFC 7662) about tokens."""
@@ -400,7 +379,7 @@ def test_discovery_and_registration_at_oidc_provider(dev_broker: DevBroker) -> N
                     said.append(line)
                     if line.strip().startswith("http"):
                         break
-                process.stdin.write(_sign_in_at_the_provider(said[-1].strip(), callback) + "\n")
+                process.stdin.write(sign_in_at_the_provider(said[-1].strip(), callback) + "\n")
                 process.stdin.flush()
                 out, err = process.communicate(timeout=30)
                 err = "".join(said) + err

@@ -79,16 +79,17 @@ async def broker(make_broker: Callable[..., object]) -> AsyncIterator[Running]:
     yield running
 
 
-async def sign_in(url: str) -> dict[str, str]:
-    """What a person's browser does at the provider: sign in, consent, land on the redirect."""
-    async with httpx.AsyncClient(follow_redirects=False) as browser:  # it keeps the provider's cookies
-        response = await browser.get(url)
+def sign_in_at_the_provider(url: str, redirect_uri: str) -> str:
+    """What a person's browser does at the provider: its development sign-in and consent, up to
+    the redirect to `redirect_uri` (returned, not followed)."""
+    with httpx.Client(follow_redirects=False, timeout=10) as browser:  # it keeps the provider's cookies
+        response = browser.get(url)
         for _ in range(12):
             if response.is_redirect:
                 location = str(response.url.join(response.headers["location"]))
-                if location.startswith(REDIRECT_URI):
-                    return dict(parse_qsl(urlsplit(location).query))
-                response = await browser.get(location)
+                if location.startswith(redirect_uri):
+                    return location
+                response = browser.get(location)
                 continue
             assert response.status_code == 200, response.text[-2000:]
             form = re.search(r'<form[^>]*action="([^"]+)"[^>]*>(.*?)</form>', response.text, re.S)
@@ -96,8 +97,14 @@ async def sign_in(url: str) -> dict[str, str]:
             fields = dict(re.findall(r'<input[^>]*name="([^"]+)"[^>]*value="([^"]*)"', form[2]))
             if 'name="login"' in form[2]:
                 fields.update(login="ada", password="any")  # the development sign-in takes anyone
-            response = await browser.post(str(response.url.join(form[1])), data=fields)
+            response = browser.post(str(response.url.join(form[1])), data=fields)
     raise AssertionError("the provider never redirected back")
+
+
+async def sign_in(url: str) -> dict[str, str]:
+    """The code and state the provider redirects with, after signing in and consenting."""
+    location = await asyncio.to_thread(sign_in_at_the_provider, url, REDIRECT_URI)
+    return dict(parse_qsl(urlsplit(location).query))
 
 
 async def resolve_token(broker: Running, connection_id: str) -> str:
