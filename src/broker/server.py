@@ -575,7 +575,7 @@ class Broker:
         # Provider revocations a revoke or purge left running (its caller waits 5 s at most) end
         # before the grace does, or are cut off and logged; their audit events are flushed below.
         await self._shutdown_step("upstream_revocations", services.connections.close(closed_by))
-        await self._shutdown_step("oauth", services.tokens.close())
+        await self._shutdown_step("tokens", services.tokens.close())
         await self._shutdown_step("proxy", services.proxy.close())
         await self._shutdown_step("leases", services.leases.close())
         await self._shutdown_step("last_used", services.resolver.close())

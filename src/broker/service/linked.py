@@ -94,13 +94,6 @@ def still_linked(record: ConnectionRecord | None, config: Mapping[str, Any]) -> 
     return record
 
 
-def bearer(secrets: SecretFields, rejected: str = "") -> SecretFields:
-    """Of an oauth2 connection's secrets, the access token only: what an MCP session sends.
-
-    After a 401, `rejected` is the token the server refused. It is not sent again, but it was sent
-    and may still be good (a hostile server can refuse a good token to be sent a second one), so it
-    stays among the secrets the server's answers are scrubbed of."""
-    fields = {"access_token": secrets.reveal().get("access_token", "")}
-    if rejected:
-        fields["rejected_access_token"] = rejected
-    return SecretFields(fields)
+def bearer(secrets: SecretFields) -> SecretFields:
+    """Of an oauth2 connection's secrets, the access token only: what an MCP session sends."""
+    return SecretFields({"access_token": secrets.reveal().get("access_token", "")})

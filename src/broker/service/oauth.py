@@ -176,7 +176,7 @@ class OAuthService:
         self._clock = clock
         # Stores the tokens a re-authorization obtained, as a refresh would.
         self._tokens = tokens
-        self.settings = tokens.settings
+        self._settings = tokens.settings
         # Creates the connection a flow begun from a draft ends in (`ConnectionService`).
         self._create_connection = create_connection
 
@@ -250,7 +250,7 @@ class OAuthService:
             actor=call.actor,
             connection_id=connection_id,
             created_at=now,
-            expires_at=now + self.settings.state_ttl,
+            expires_at=now + self._settings.state_ttl,
             sealed=sealed,
         )
         event = call.audit_event(now, "oauth.begin", connection_id, details={"provider": provider.name})
@@ -355,7 +355,7 @@ class OAuthService:
                 payload["redirect_uri"],
                 payload["verifier"],
                 now=now,
-                default_lifetime=self.settings.default_lifetime,
+                default_lifetime=self._settings.default_lifetime,
             )
         except (oauth.OAuthError, Blocked, DnsFailure) as exc:
             detail = exc.error or exc.kind if isinstance(exc, oauth.OAuthError) else type(exc).__name__

@@ -159,10 +159,7 @@ class ProxyService:
                 rejected = target.oauth_token
                 refreshed = self._tokens.after_rejection(target.record, rejected)
                 record, secrets = await self._token(use, refreshed, started)
-                # The refused token was sent and may still be good (a hostile API can refuse a good
-                # one to be sent a second): the second answer is scrubbed of it too.
-                kept = SecretFields({**secrets.reveal(), "rejected_access_token": rejected})
-                target = _Target(record, kept)
+                target = _Target(record, _also_scrubbing(secrets, rejected))
                 use.details["retried"] = "after_401"
                 answer = await self._send(use, target, request, started)
         use.details.update(status=str(answer.status), bytes=str(len(answer.body)))
@@ -254,7 +251,7 @@ class ProxyService:
                     rejected = target.secret("access_token")
                     linked = await self._linked_token(use, record, started, rejected)
                     assert linked is not None
-                    secrets = bearer(linked[1], rejected)  # the answer is scrubbed of both tokens
+                    secrets = _also_scrubbing(bearer(linked[1]), rejected)
                     target = Target(record.type, record.provider, record.config, secrets)
                     use.details["retried"] = "after_401"
                     result = await mcp.call_tool(target, self._egress, tool, arguments, approved_hash)
@@ -377,11 +374,10 @@ class ProxyService:
         try:
             linked = await linked_connection(self._connections, use.call.tenant, record.config)
             use.details["oauth_connection"] = linked.id
-            secrets = await self._open(use, linked)
             refresh = (
                 self._tokens.after_rejection(linked, rejected)
                 if rejected
-                else self._tokens.fresh(linked, secrets)
+                else self._tokens.fresh(linked, await self._open(use, linked))
             )
             linked, secrets = await self._token(use, refresh, started)
             still_linked(linked, record.config)
@@ -521,6 +517,13 @@ class _Use:
     def __init__(self, call_: Call, action: str, details: dict[str, str], now: datetime) -> None:
         self.call, self.action, self.details, self.now = call_, action, details, now
         self.ref_id = ""
+
+
+def _also_scrubbing(secrets: SecretFields, refused: str) -> SecretFields:
+    """`secrets` for a retry after a 401, with the refused token among the values its answer is
+    scrubbed of: that token was sent and may still be good (a hostile upstream can refuse a good
+    token to be sent a second one). It is never sent again."""
+    return SecretFields({**secrets.reveal(), "rejected_access_token": refused})
 
 
 def _refused_before_the_session(failure: TestFailure) -> bool:

@@ -149,6 +149,11 @@ class TokenRefresher:
             margin = min(margin, (expires - issued) / 2)
         return expires - self._clock() <= margin
 
+    def _still_valid(self, record: ConnectionRecord, secrets: Mapping[str, str]) -> bool:
+        """There is an access token, and it has not lapsed (or says no end)."""
+        expires = record.token_expires_at
+        return bool(secrets.get("access_token")) and (expires is None or expires > self._clock())
+
     async def fresh(
         self, record: ConnectionRecord, secrets: SecretFields
     ) -> tuple[ConnectionRecord, SecretFields]:
@@ -159,11 +164,8 @@ class TokenRefresher:
         if not self._needs_token(record, values):
             return record, secrets
         cc = record.config.get("grant_type") == CLIENT_CREDENTIALS
-        if not cc and not values.get("refresh_token"):
-            expires = record.token_expires_at
-            if values.get("access_token") and (expires is None or expires > self._clock()):
-                return record, secrets  # cannot refresh; still valid
-            # Lapsed, and nothing to refresh it with: the refresh marks the connection expired.
+        if not cc and not values.get("refresh_token") and self._still_valid(record, values):
+            return record, secrets  # cannot refresh; still valid (lapsed: the refresh marks it expired)
         task = self._refresh_task(record.tenant, record.id)
         expires = record.token_expires_at
         if values.get("access_token") and expires is not None:
@@ -235,9 +237,8 @@ class TokenRefresher:
         if not cc and not secrets.get("refresh_token"):
             # The provider issued no refresh token (OpenID Connect without offline_access, say): a
             # token that lapsed, or that an API refused, leaves only signing in again.
-            expires = record.token_expires_at
-            if not refused and expires is not None and expires > self._clock():
-                return record  # still valid: served until it lapses
+            if not refused and self._still_valid(record, secrets):
+                return record  # served until it lapses
             return await self._mark_expired(record, ReauthReason(NO_REFRESH_TOKEN), NO_REFRESH_TOKEN)
         provider = oauth.provider_for(record.provider, record.config)
         client = oauth_client(record.config, secrets)
